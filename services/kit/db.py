@@ -1,0 +1,121 @@
+"""SQLAlchemy engine and sessions, and the migrations every service applies at start.
+
+Services keep domain code synchronous and run it in a worker thread (`Database.run`), so the event loop
+never blocks on the database, whichever one it is: a SQLite file by default, PostgreSQL in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+class Database:
+    """One service's database: its engine, a session factory and its migrations."""
+
+    def __init__(self, url: str, service: str) -> None:
+        self.url = url
+        self.service = service
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A unit of work: commits when the block ends normally, rolls back on any error."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        """Runs `fn` in one transaction on a worker thread."""
+
+        def _call() -> T:
+            with self.session() as s:
+                return fn(s)
+
+        return await asyncio.to_thread(_call)
+
+    def migrate(self, migrations_dir: Path) -> None:
+        """Applies the service's Alembic migrations up to head (idempotent; safe on every start)."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(migrations_dir))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        cfg.attributes["version_table"] = f"alembic_version_{self.service}"
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def run_migration_env(target_metadata: Any) -> None:
+    """Body of every service's migrations/env.py: online migrations on the connection the caller passes."""
+    from alembic import context
+
+    config = context.config
+    version_table = config.attributes.get("version_table", "alembic_version")
+    connection = config.attributes.get("connection")
+    if connection is None:
+        engine = make_engine(config.get_main_option("sqlalchemy.url") or "")
+        with engine.begin() as conn:
+            _configure(context, conn, target_metadata, version_table)
+        return
+    _configure(context, connection, target_metadata, version_table)
+
+
+def _configure(context: Any, connection: Any, target_metadata: Any, version_table: str) -> None:
+    context.configure(connection=connection, target_metadata=target_metadata, version_table=version_table,
+                      render_as_batch=connection.dialect.name == "sqlite", compare_type=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def autogenerate_revision(url: str, service: str, migrations_dir: Path, message: str) -> None:
+    """Writes a new migration from the difference between the models and a database at head."""
+    db = Database(url, service)
+    db.migrate(migrations_dir)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir))
+    cfg.attributes["version_table"] = f"alembic_version_{service}"
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.revision(cfg, message=message, autogenerate=True)

@@ -1,0 +1,51 @@
+"""Settings shared by every TuneForge process, read from TUNEFORGE_* environment variables.
+
+Every default is an embedded one (a local folder for data and objects, SQLite, a nats-server the platform
+starts itself), and every one can be pointed at real infrastructure without touching code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KitSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_", env_file=None, extra="ignore")
+
+    # Root folder for embedded state: SQLite files, the local object store, nats-server data, work dirs.
+    data_dir: Path = Field(default=Path(".tuneforge"))
+    # NATS server URL. Empty means: `tuneforge up` starts an embedded nats-server and fills this in.
+    nats_url: str = ""
+    # SQLAlchemy URL shared by all services (each uses its own tables), e.g.
+    # postgresql+psycopg://user:pass@host:5432/tuneforge. Empty: one SQLite file per service in data_dir.
+    database_url: str = ""
+    # Object storage: file:///abs/path for a local folder, or s3://bucket/prefix. Empty: data_dir/objects.
+    storage_url: str = ""
+    # S3 client settings (credentials come from the standard AWS variables or instance profiles).
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    # gRPC listen address of a service process; port 0 picks a free port.
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    # Seconds in-flight RPCs get to finish on shutdown.
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+    # Addresses of the other services, for services that call each other. Empty: this process' own server.
+    datasets_address: str = ""
+    jobs_address: str = ""
+    # How long a worker may go without an in-progress ack before its job is delivered to another worker.
+    work_ack_wait_s: float = 60.0
+    # Deliveries of a job before it is failed as WORKER_LOST.
+    work_max_deliver: int = 5
+
+    def sqlite_url(self, service: str) -> str:
+        return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    def database_url_for(self, service: str) -> str:
+        return self.database_url or self.sqlite_url(service)
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or (self.data_dir / "objects").resolve().as_uri()

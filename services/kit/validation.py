@@ -1,0 +1,29 @@
+"""Checks shared by every service's request validation."""
+
+from __future__ import annotations
+
+import re
+
+from services.kit.errors import Violations
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+def check_organization(v: Violations, value: str, field: str = "organization") -> None:
+    if not value:
+        v.add(field, "is required (every resource belongs to an organization)")
+    elif not NAME_RE.match(value):
+        v.add(field, "must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+
+
+def check_name(v: Violations, value: str, field: str = "name", *, required: bool = True) -> None:
+    if not value:
+        if required:
+            v.add(field, "is required")
+    elif not NAME_RE.match(value):
+        v.add(field, "must be 1-63 characters of a-z, 0-9, '.', '_' or '-', starting with a letter or digit")
+
+
+def check_request_id(v: Violations, value: str, field: str = "request_id") -> None:
+    if len(value) > 128:
+        v.add(field, "must be at most 128 characters")

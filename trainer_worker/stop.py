@@ -1,0 +1,54 @@
+"""Stop requests for a training process: SIGTERM/SIGINT from the agent, or the agent itself dying.
+
+Training only stops between optimizer steps (the recipe polls :attr:`StopSignal.requested`), so a stop never
+leaves a half-applied update behind. When the parent is gone no one will wait for a clean exit, so after a
+grace period the watcher thread ends the process outright instead of letting an orphan train on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from types import FrameType
+
+EXIT_CANCELLED = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+EXIT_ORPHANED = 129
+
+
+class StopSignal:
+    """Set once by a signal handler or the parent watcher; read by the training loop."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def request(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def install(self, *, poll_seconds: float = 0.5, orphan_grace_seconds: float = 30.0) -> StopSignal:
+        """Handle SIGTERM/SIGINT and start watching the parent process."""
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            self.request(f"received {signal.Signals(signum).name}")
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        parent = os.getppid()
+
+        def watch_parent() -> None:
+            while os.getppid() == parent:
+                time.sleep(poll_seconds)
+            self.request("parent exited")
+            time.sleep(orphan_grace_seconds)
+            os._exit(EXIT_ORPHANED)
+
+        threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+        return self
