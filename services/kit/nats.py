@@ -103,3 +103,14 @@ async def publish(js: JetStreamContext, subject: str, message: Message | bytes, 
             log.warning("publish to %s failed (attempt %d): %s", subject, attempt, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+async def ensure_trainers_consumer(js: JetStreamContext, ack_wait_s: float, max_deliver: int) -> None:
+    """The work queue's one consumer, shared by every worker; the jobs service and workers both ensure it
+    with the same settings (TUNEFORGE_WORK_ACK_WAIT_S, TUNEFORGE_WORK_MAX_DELIVER)."""
+    await ensure_pull_consumer(js, subjects.STREAM_WORK, subjects.TRAINERS_CONSUMER, subjects.WORK_JOBS,
+                               ack_wait_s=ack_wait_s, max_deliver=max_deliver)
+
+
+def max_deliveries_advisory(stream: str, consumer: str) -> str:
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"

@@ -1,0 +1,82 @@
+"""The jobs service as a runnable component: servicer, outbox relay, worker-update consumer, and the
+watch for jobs that ran out of deliveries."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from nats.aio.msg import Msg
+from tuneforge.events.v1 import events_pb2
+from tuneforge.v1 import job_service_pb2_grpc
+
+from services.jobs.datasets_client import DatasetLookup
+from services.jobs.manager import JobManager
+from services.jobs.models import JobOutbox
+from services.jobs.servicer import JobServicer
+from services.kit import subjects
+from services.kit.consumer import PermanentError, consume
+from services.kit.db import Database
+from services.kit.nats import ensure_trainers_consumer, max_deliveries_advisory
+from services.kit.outbox import OutboxRelay
+from services.kit.runtime import Component, Registration, Runtime
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class JobsComponent(Component):
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        settings = runtime.settings
+        self.db = Database(settings.database_url_for("jobs"), "jobs")
+        self.db.migrate(MIGRATIONS)
+        self.relay = OutboxRelay(self.db, runtime.js, JobOutbox)
+        self.manager = JobManager(self.db, self.relay,
+                                  DatasetLookup(runtime.channel(settings.datasets_address)),
+                                  runtime.store, runtime.nc)
+        self._advisory_sub = None
+
+    def registrations(self) -> Sequence[Registration]:
+        return [Registration("tuneforge.v1.JobService", JobServicer(self.manager),
+                             job_service_pb2_grpc.add_JobServiceServicer_to_server)]
+
+    async def start(self) -> None:
+        settings = self.runtime.settings
+        await ensure_trainers_consumer(self.runtime.js, settings.work_ack_wait_s, settings.work_max_deliver)
+        self.spawn(self.relay.run(), "jobs-outbox-relay")
+        self.spawn(consume(self.runtime.js, stream=subjects.STREAM_WORKER,
+                           durable=subjects.JOBS_STATUS_CONSUMER, subject=subjects.ALL_WORKER_STATUS,
+                           handler=self._on_worker_update), "jobs-worker-updates")
+        advisory = max_deliveries_advisory(subjects.STREAM_WORK, subjects.TRAINERS_CONSUMER)
+        self._advisory_sub = await self.runtime.nc.subscribe(advisory, cb=self._on_max_deliveries)
+
+    async def stop(self) -> None:
+        if self._advisory_sub is not None:
+            await self._advisory_sub.unsubscribe()
+        await super().stop()
+        self.db.dispose()
+
+    async def _on_worker_update(self, msg: Msg) -> None:
+        try:
+            update = events_pb2.WorkerJobUpdate.FromString(msg.data)
+        except Exception as exc:
+            raise PermanentError(f"undecodable WorkerJobUpdate: {exc}") from exc
+        if not update.event_id or not update.job_id:
+            raise PermanentError("WorkerJobUpdate without event_id or job_id")
+        await self.manager.apply_worker_update(update)
+
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        try:
+            advisory = json.loads(msg.data)
+            seq = int(advisory["stream_seq"])
+            raw = await self.runtime.js.get_msg(subjects.STREAM_WORK, seq)
+            assignment = events_pb2.JobAssignment.FromString(raw.data or b"")
+            if await self.manager.fail_lost(assignment.job_id, int(advisory.get("deliveries", 0))):
+                log.warning("job %s failed: no worker finished it", assignment.job_id)
+            await self.runtime.js.delete_msg(subjects.STREAM_WORK, seq)
+        except Exception:
+            log.exception("could not handle max-deliveries advisory")
