@@ -1,0 +1,320 @@
+"""The `tuneforge` command: run the platform, and talk to it over gRPC."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from google.protobuf import json_format
+from rich.console import Console
+from tuneforge.v1 import dataset_pb2, job_pb2
+
+from services.cli.render import as_json as to_json
+from services.cli.render import dataset_table, job_table, outcome, watch
+from services.client import TuneForgeClient, TuneForgeError
+from services.platform.supervisor import Platform, PlatformConfig
+
+app = typer.Typer(help="TuneForge: fine-tune LLMs with validated data, estimates and live metrics.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+datasets_app = typer.Typer(help="Upload and inspect datasets.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Create, follow and cancel fine-tuning jobs.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+
+console = Console()
+err_console = Console(stderr=True)
+
+Address = Annotated[str, typer.Option("--address", envvar="TUNEFORGE_ADDRESS",
+                                      help="gRPC address of the platform.")]
+Org = Annotated[str, typer.Option("--org", envvar="TUNEFORGE_ORGANIZATION", help="Organization.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the resource as JSON.")]
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _client(address: str, org: str) -> TuneForgeClient:
+    return TuneForgeClient(address, org)
+
+
+def _fail(err: TuneForgeError) -> None:
+    err_console.print(f"[red]error[/red] {err}")
+    raise typer.Exit(2 if err.code.name in ("INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS",
+                                            "FAILED_PRECONDITION") else 1)
+
+
+# -- platform ------------------------------------------------------------------------------------
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option(envvar="TUNEFORGE_DATA_DIR")] = Path(".tuneforge"),
+    port: Annotated[int, typer.Option(help="gRPC port (0: a free port).")] = 50051,
+    workers: Annotated[int, typer.Option(help="CPU/GPU trainer workers to start.")] = 1,
+    nats_url: Annotated[str, typer.Option(envvar="TUNEFORGE_NATS_URL",
+                                          help="Use this NATS instead of an embedded one.")] = "",
+) -> None:
+    """Start the platform and keep it running until Ctrl-C."""
+    platform = Platform(PlatformConfig(data_dir=data_dir, grpc_port=port, workers=workers,
+                                       nats_url=nats_url))
+    platform.start()
+    console.print(f"TuneForge is up on [bold]{platform.address}[/bold] (NATS {platform.nats_url}, "
+                  f"data in {platform.data_dir}, logs in {platform.logs_dir}). Ctrl-C stops it.")
+    stopping = False
+
+    def _stop(*_args: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stopping:
+            problem = platform.check_alive()
+            if problem:
+                err_console.print(f"[red]{problem}[/red]; stopping")
+                break
+            time.sleep(0.5)
+    finally:
+        console.print("stopping…")
+        platform.stop()
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path, typer.Option()] = Path(".tuneforge/demo"),
+    examples: Annotated[int, typer.Option(help="Rows in the generated chat dataset.")] = 300,
+    epochs: Annotated[int, typer.Option()] = 3,
+) -> None:
+    """Run the main job end to end on embedded defaults: platform up, upload, LoRA SFT, watch, stop."""
+    from services.cli.demo import run_demo
+
+    raise typer.Exit(run_demo(data_dir, examples=examples, epochs=epochs, console=console))
+
+
+# -- datasets ------------------------------------------------------------------------------------
+
+@datasets_app.command("upload")
+def datasets_upload(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    name: Annotated[str, typer.Option(help="Unique within the organization.")],
+    description: Annotated[str, typer.Option()] = "",
+    train: Annotated[float, typer.Option(help="Train fraction.")] = 0.8,
+    validation: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,
+    test: Annotated[float, typer.Option(help="Test fraction.")] = 0.05,
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 42,
+    min_examples: Annotated[int | None, typer.Option(help="Fewer is an error (default 100).")] = None,
+    address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False,
+) -> None:
+    """Upload a JSONL dataset; it is validated and split before the command returns."""
+    split = dataset_pb2.SplitConfig(train_fraction=train, validation_fraction=validation,
+                                    test_fraction=test, seed=seed)
+    try:
+        with _client(address, org) as client:
+            response = client.upload_dataset(path, name, description=description, split=split,
+                                             min_examples=min_examples, request_id=str(uuid.uuid4()))
+    except TuneForgeError as err:
+        _fail(err)
+        return
+    if as_json:
+        console.print_json(to_json(response.dataset))
+        return
+    console.print(dataset_table([response.dataset]))
+    for issue in response.report.issues:
+        console.print(f"[yellow]warning[/yellow] {issue.code} line {issue.line}: {issue.message}")
+
+
+@datasets_app.command("get")
+def datasets_get(ref: Annotated[str, typer.Argument(help="Dataset id or name.")],
+                 address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False) -> None:
+    """Show one dataset."""
+    try:
+        with _client(address, org) as client:
+            dataset = client.get_dataset(ref)
+    except TuneForgeError as err:
+        _fail(err)
+        return
+    console.print_json(to_json(dataset)) if as_json else console.print(dataset_table([dataset]))
+
+
+@datasets_app.command("list")
+def datasets_list(page_size: Annotated[int, typer.Option()] = 50,
+                  page_token: Annotated[str, typer.Option()] = "",
+                  address: Address = DEFAULT_ADDRESS, org: Org = "default") -> None:
+    """List datasets, newest first."""
+    try:
+        with _client(address, org) as client:
+            response = client.list_datasets(page_size, page_token)
+    except TuneForgeError as err:
+        _fail(err)
+        return
+    console.print(dataset_table(list(response.datasets)))
+    if response.next_page_token:
+        console.print(f"next page: --page-token {response.next_page_token}")
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+def build_spec(spec_file: Path | None, **flags: object) -> job_pb2.JobSpec:
+    """A JobSpec from a JSON file (JobSpec in proto JSON), with command-line flags taking precedence."""
+    spec = job_pb2.JobSpec()
+    if spec_file is not None:
+        try:
+            json_format.Parse(spec_file.read_text(), spec)
+        except (json_format.ParseError, ValueError) as exc:
+            raise typer.BadParameter(f"{spec_file}: {exc}", param_hint="--spec") from exc
+    hp, lora = spec.hyperparameters, spec.lora
+    setters = {
+        "model": lambda v: setattr(spec, "base_model", v),
+        "dataset": lambda v: setattr(spec, "dataset", v),
+        "method": lambda v: setattr(spec, "method",
+                                    job_pb2.TrainingMethod.Value(f"TRAINING_METHOD_{v.upper()}")),
+        "adapter": lambda v: setattr(spec, "adapter",
+                                     job_pb2.AdapterType.Value(f"ADAPTER_TYPE_{v.upper()}")),
+        "epochs": lambda v: setattr(hp, "epochs", v),
+        "max_steps": lambda v: setattr(hp, "max_steps", v),
+        "batch_size": lambda v: setattr(hp, "batch_size", v),
+        "learning_rate": lambda v: setattr(hp, "learning_rate", v),
+        "max_seq_length": lambda v: setattr(hp, "max_seq_length", v),
+        "logging_steps": lambda v: setattr(hp, "logging_steps", v),
+        "seed": lambda v: setattr(hp, "seed", v),
+        "lora_rank": lambda v: setattr(lora, "rank", v),
+        "lora_alpha": lambda v: setattr(lora, "alpha", v),
+        "lora_dropout": lambda v: setattr(lora, "dropout", v),
+        "merge": lambda v: setattr(spec.output, "merge_adapter", v),
+    }
+    for key, value in flags.items():
+        if value is not None:
+            try:
+                setters[key](value)
+            except ValueError as exc:
+                raise typer.BadParameter(f"unknown value '{value}'", param_hint=f"--{key}") from exc
+    return spec
+
+
+@jobs_app.command("create")
+def jobs_create(
+    model: Annotated[str | None, typer.Option(help="HF id, local path or s3:// URI.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset id or name.")] = None,
+    spec_file: Annotated[Path | None, typer.Option("--spec", exists=True, help="JobSpec as JSON.")] = None,
+    name: Annotated[str, typer.Option()] = "",
+    method: Annotated[str | None, typer.Option(help="sft, dpo, grpo, distillation.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="lora, qlora, full, prompt_tuning.")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    max_steps: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    learning_rate: Annotated[float | None, typer.Option()] = None,
+    max_seq_length: Annotated[int | None, typer.Option()] = None,
+    logging_steps: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    lora_rank: Annotated[int | None, typer.Option()] = None,
+    lora_alpha: Annotated[int | None, typer.Option()] = None,
+    lora_dropout: Annotated[float | None, typer.Option()] = None,
+    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also store merged weights.")]
+    = None,
+    validate_only: Annotated[bool, typer.Option(help="Check the spec, create nothing.")] = False,
+    follow: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
+    address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False,
+) -> None:
+    """Validate a job spec and queue the job."""
+    spec = build_spec(spec_file, model=model, dataset=dataset, method=method, adapter=adapter, epochs=epochs,
+                      max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate,
+                      max_seq_length=max_seq_length, logging_steps=logging_steps, seed=seed,
+                      lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge=merge)
+    try:
+        with _client(address, org) as client:
+            job = client.create_job(spec, name=name, request_id=str(uuid.uuid4()),
+                                    validate_only=validate_only)
+            if as_json:
+                console.print_json(to_json(job))
+            else:
+                console.print(job_table([job]))
+            if follow and not validate_only:
+                final = watch(client, job, console)
+                outcome(final, console)
+                if final.state != job_pb2.JOB_STATE_SUCCEEDED:
+                    raise typer.Exit(1)
+    except TuneForgeError as err:
+        _fail(err)
+
+
+@jobs_app.command("get")
+def jobs_get(ref: Annotated[str, typer.Argument(help="Job id or name.")],
+             address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False) -> None:
+    """Show one job."""
+    try:
+        with _client(address, org) as client:
+            job = client.get_job(ref)
+    except TuneForgeError as err:
+        _fail(err)
+        return
+    if as_json:
+        console.print_json(to_json(job))
+    else:
+        console.print(job_table([job]))
+        if job.error.message:
+            console.print(f"error: {job.error.message}")
+        if job.output.adapter_uri:
+            console.print(f"adapter: {job.output.adapter_uri}")
+
+
+@jobs_app.command("list")
+def jobs_list(state: Annotated[list[str] | None, typer.Option(help="Only jobs in this state.")] = None,
+              page_size: Annotated[int, typer.Option()] = 50,
+              page_token: Annotated[str, typer.Option()] = "",
+              address: Address = DEFAULT_ADDRESS, org: Org = "default") -> None:
+    """List jobs, newest first."""
+    try:
+        states = [job_pb2.JobState.Value(f"JOB_STATE_{s.upper()}") for s in state or []]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--state") from exc
+    try:
+        with _client(address, org) as client:
+            response = client.list_jobs(page_size, page_token, states)
+    except TuneForgeError as err:
+        _fail(err)
+        return
+    console.print(job_table(list(response.jobs)))
+    if response.next_page_token:
+        console.print(f"next page: --page-token {response.next_page_token}")
+
+
+@jobs_app.command("watch")
+def jobs_watch(ref: Annotated[str, typer.Argument(help="Job id or name.")],
+               address: Address = DEFAULT_ADDRESS, org: Org = "default") -> None:
+    """Follow a job's progress and metrics until it ends; exits non-zero unless it SUCCEEDED."""
+    try:
+        with _client(address, org) as client:
+            final = watch(client, client.get_job(ref), console)
+    except TuneForgeError as err:
+        _fail(err)
+        return
+    outcome(final, console)
+    if final.state != job_pb2.JOB_STATE_SUCCEEDED:
+        raise typer.Exit(1)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(ref: Annotated[str, typer.Argument(help="Job id or name.")],
+                address: Address = DEFAULT_ADDRESS, org: Org = "default") -> None:
+    """Request cancellation of a job."""
+    try:
+        with _client(address, org) as client:
+            job = client.cancel_job(ref)
+    except TuneForgeError as err:
+        _fail(err)
+        return
+    console.print(job_table([job]))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

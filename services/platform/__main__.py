@@ -1,0 +1,32 @@
+"""`python -m services.platform`: all four services in one process, one gRPC address.
+
+Writes the bound address to $TUNEFORGE_READY_FILE once serving (port 0 picks a free port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from services.kit.runtime import configure_logging, serve
+from services.kit.settings import KitSettings
+from services.platform.components import all_components
+
+
+def main() -> None:
+    settings = KitSettings()
+    configure_logging(settings.log_level)
+    ready_file = os.environ.get("TUNEFORGE_READY_FILE")
+
+    def on_ready(address: str) -> None:
+        if ready_file:
+            tmp = Path(ready_file + ".tmp")
+            tmp.write_text(address)
+            tmp.replace(ready_file)
+
+    asyncio.run(serve(all_components(), settings, name="tuneforge", on_ready=on_ready))
+
+
+if __name__ == "__main__":
+    main()
