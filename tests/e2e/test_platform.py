@@ -1,0 +1,126 @@
+"""The spine, end to end through the gRPC stubs against the running platform."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+from tuneforge.v1 import dataset_pb2, job_pb2, metrics_pb2
+
+from services.client import InvalidArgumentError, NotFoundError, TuneForgeClient
+from services.platform.supervisor import Platform
+from tests.e2e.conftest import lora_spec, start_platform, wait_final, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def upload(client: TuneForgeClient, path: Path, name: str) -> dataset_pb2.Dataset:
+    return client.upload_dataset(path, name, request_id=str(uuid.uuid4())).dataset
+
+
+def test_upload_train_stream_and_load_adapter(client: TuneForgeClient, tiny_assets: tuple[Path, Path]
+                                              ) -> None:
+    model, data = tiny_assets
+    ds = upload(client, data, "chat")
+    assert ds.state == dataset_pb2.DATASET_STATE_READY
+    counts = {s.kind: s.example_count for s in ds.splits}
+    assert sum(counts.values()) == 240 and counts[dataset_pb2.DATASET_SPLIT_KIND_TRAIN] > 150
+
+    spec = lora_spec(model, ds.id, epochs=3)
+    spec.output.merge_adapter = True
+    job = client.create_job(spec, name="slice")
+    assert job.state == job_pb2.JOB_STATE_QUEUED
+    final = wait_final(client, job.id)
+    assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
+    assert final.attempt == 1 and final.progress.total_steps > 0
+
+    points = [p for p in client.stream_metrics(job.id, follow=False)
+              if p.kind == metrics_pb2.METRIC_KIND_TRAIN]
+    steps = [p.step for p in points]
+    assert steps == sorted(set(steps)) and len(points) >= 5
+    losses = [p.loss for p in points]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, f"loss did not fall: {losses}"
+    assert all(p.HasField("learning_rate") and p.HasField("tokens_per_second") for p in points)
+
+    adapter_dir = Path(final.output.adapter_uri.removeprefix("file://"))
+    assert (adapter_dir / "adapter_config.json").exists()
+    assert (adapter_dir / "adapter_model.safetensors").exists()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model)
+    tuned = PeftModel.from_pretrained(base, adapter_dir)
+    assert any("lora_A" in name for name, _ in tuned.named_parameters())
+    merged = Path(final.output.merged_model_uri.removeprefix("file://"))
+    assert (merged / "config.json").exists()
+
+
+def test_bad_input_gets_clear_errors_and_leaves_nothing(client: TuneForgeClient, tmp_path: Path,
+                                                        tiny_assets: tuple[Path, Path]) -> None:
+    model, data = tiny_assets
+    lines = data.read_text().splitlines()
+    lines[6] = '{"messages": [{"role": "user", "content": "hi"}'  # line 7 is cut short
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    before = len(client.list_datasets().datasets)
+    with pytest.raises(InvalidArgumentError) as info:
+        client.upload_dataset(bad, "bad-data")
+    assert any("line 7" in v.field for v in info.value.violations), info.value
+    assert len(client.list_datasets().datasets) == before
+    with pytest.raises(NotFoundError):
+        client.get_dataset("bad-data")
+
+    with pytest.raises(NotFoundError):
+        client.get_job("job_does_not_exist")
+
+    ds = upload(client, data, "chat-for-bad-spec")
+    jobs_before = len(client.list_jobs().jobs)
+    spec = lora_spec(model, ds.id)
+    spec.lora.rank = 0
+    with pytest.raises(InvalidArgumentError) as info:
+        client.create_job(spec)
+    assert "spec.lora.rank" in {v.field for v in info.value.violations}
+    assert len(client.list_jobs().jobs) == jobs_before
+
+    with pytest.raises(NotFoundError):
+        client.create_job(lora_spec(model, "no-such-dataset"))
+    assert len(client.list_jobs().jobs) == jobs_before
+
+
+def test_cancel_running_job_then_worker_takes_the_next(client: TuneForgeClient,
+                                                       tiny_assets: tuple[Path, Path]) -> None:
+    model, data = tiny_assets
+    ds = upload(client, data, "chat-cancel")
+    long_job = client.create_job(lora_spec(model, ds.id, epochs=40))
+    wait_for(client, long_job.id, lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.progress.step > 0)
+    assert client.cancel_job(long_job.id).state == job_pb2.JOB_STATE_CANCELLING
+    final = wait_final(client, long_job.id, timeout_s=120)
+    assert final.state == job_pb2.JOB_STATE_CANCELLED
+    assert final.progress.step < final.progress.total_steps
+
+    next_job = client.create_job(lora_spec(model, ds.id, epochs=1))
+    assert wait_final(client, next_job.id).state == job_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_worker_killed_mid_job_is_redelivered(tmp_path: Path, tiny_assets: tuple[Path, Path]) -> None:
+    model, data = tiny_assets
+    platform: Platform = start_platform(tmp_path / "p", workers=0, TUNEFORGE_WORK_ACK_WAIT_S="4")
+    try:
+        first = platform.start_worker("worker-a")
+        with TuneForgeClient(platform.address, "e2e") as client:
+            ds = upload(client, data, "chat-kill")
+            job = client.create_job(lora_spec(model, ds.id, epochs=12))
+            wait_for(client, job.id, lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.progress.step > 0)
+            os.killpg(first.pid, signal.SIGKILL)  # the agent and its training child, as a crash would
+            first.wait()
+            platform.start_worker("worker-b")
+            final = wait_final(client, job.id, timeout_s=300)
+            assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
+            assert final.attempt >= 2 and final.worker_id == "worker-b"
+    finally:
+        platform.stop()
+    assert json.loads((tmp_path / "p" / "platform.json").read_text())["address"] == platform.address
