@@ -1,0 +1,42 @@
+"""The datasets service as a runnable component: its database, servicer and outbox relay."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tuneforge.v1 import dataset_service_pb2_grpc
+
+from services.datasets.manager import DatasetManager
+from services.datasets.models import DatasetOutbox
+from services.datasets.servicer import DatasetServicer
+from services.datasets.settings import DatasetSettings
+from services.kit.db import Database
+from services.kit.outbox import OutboxRelay
+from services.kit.runtime import Component, Registration, Runtime
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SERVICE_NAME = "tuneforge.v1.DatasetService"
+
+
+class DatasetsComponent(Component):
+    """Migrates its tables when built (before the server accepts calls), then serves DatasetService."""
+
+    def __init__(self, runtime: Runtime, settings: DatasetSettings | None = None) -> None:
+        super().__init__(runtime)
+        self.settings = settings or DatasetSettings.from_kit(runtime.settings)
+        self.db = Database(self.settings.database_url_for("datasets"), "datasets")
+        self.db.migrate(MIGRATIONS)
+        self.relay = OutboxRelay(self.db, runtime.js, DatasetOutbox)
+        self.manager = DatasetManager(self.db, runtime.store, self.settings, notify=self.relay.notify)
+
+    def registrations(self) -> Sequence[Registration]:
+        return [Registration(SERVICE_NAME, DatasetServicer(self.manager),
+                             dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server)]
+
+    async def start(self) -> None:
+        self.spawn(self.relay.run(), "datasets-outbox-relay")
+
+    async def stop(self) -> None:
+        await super().stop()
+        self.db.dispose()

@@ -1,0 +1,492 @@
+"""The rules of the datasets service. Knows nothing of gRPC: takes domain values, raises kit errors.
+
+An upload is all or nothing: the bytes go to a temp file, are validated and split in a worker thread,
+the objects are stored, and only then one transaction inserts the READY dataset, its splits and its
+DatasetChanged event. Any failure on the way (bad data, checksum, size, a lost race for the name, the
+client going away) removes the temp file and every object stored so far, and leaves no row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from tuneforge.events.v1 import events_pb2
+from tuneforge.v1 import dataset_pb2
+
+from services.datasets.converters import dataset_to_proto, report_from_proto, report_to_proto
+from services.datasets.domain import (
+    DatasetRecord,
+    DatasetState,
+    Issue,
+    SplitConfig,
+    SplitPlan,
+    UploadSpec,
+    ValidationReport,
+)
+from services.datasets.processing import (
+    Processed,
+    dataset_prefix,
+    resplit_prefix,
+    source_key,
+    validate_and_split,
+)
+from services.datasets.repository import DatasetRepository, ListCursor
+from services.datasets.settings import DatasetSettings
+from services.datasets.splitting import resolve_split
+from services.datasets.validation import CHECKERS, DEFAULT_MIN_EXAMPLES, validate_file
+from services.kit import subjects
+from services.kit.db import Database
+from services.kit.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    ResourceExhausted,
+    Violations,
+    not_found,
+)
+from services.kit.ids import new_id
+from services.kit.outbox import utcnow
+from services.kit.paging import decode_token, encode_token, page_size
+from services.kit.protos import to_timestamp
+from services.kit.storage import ObjectStore
+from services.kit.validation import check_name, check_organization, check_request_id
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_DESCRIPTION = 1024
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+UPDATABLE_FIELDS = ("description",)
+# Bytes of BadRequest field violations in a DATASET_INVALID status; see bounded_violations.
+VIOLATIONS_BUDGET_BYTES = 5000
+
+
+@dataclass(frozen=True)
+class ReceivedFile:
+    path: Path
+    size_bytes: int
+    sha256: str
+
+
+async def _to_the_end(work: Awaitable[T]) -> T:
+    """Awaits `work` even when the caller is cancelled meanwhile (then re-raises the cancellation).
+
+    Threads cannot be stopped: a thread still storing objects or committing after a cancelled RPC gave
+    up would escape the cleanup that follows. Waiting for it keeps cleanup after the last write.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise
+
+
+def _succeeded(task: asyncio.Future[Any] | None) -> bool:
+    return task is not None and task.done() and not task.cancelled() and task.exception() is None
+
+
+def _write_chunk(f: IO[bytes], digest: Any, chunk: bytes) -> None:
+    f.write(chunk)
+    digest.update(chunk)
+
+
+def _human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _too_large(limit: int, declared: bool) -> ResourceExhausted:
+    what = "metadata.size_bytes is" if declared else "The upload is"
+    return ResourceExhausted(
+        f"{what} larger than this server's upload limit of {_human_bytes(limit)}; "
+        "split the file or ask an operator to raise TUNEFORGE_MAX_UPLOAD_BYTES.",
+        reason="UPLOAD_TOO_LARGE", metadata={"limit_bytes": str(limit)},
+        violations=[FieldViolation("metadata.size_bytes", f"must be at most {limit}")] if declared else None)
+
+
+def bounded_violations(errors: Sequence[Issue],
+                       budget: int = VIOLATIONS_BUDGET_BYTES) -> list[FieldViolation]:
+    """One violation per error, in order, within `budget` bytes: the full sentence while the rest still fit
+    with their code alone, else the code alone; errors that do not fit even so are left out.
+
+    The status travels in a trailer, and gRPC clients reject trailers over 8 KiB by default (the call
+    then fails with RESOURCE_EXHAUSTED and the caller learns nothing), so the size is bounded here.
+    """
+    def size(field: str, description: str) -> int:
+        return len(field.encode()) + len(description.encode()) + 8  # tags and lengths
+
+    minimal = [size(i.location(), i.code) for i in errors]
+    rest = [0] * (len(errors) + 1)
+    for k in range(len(errors) - 1, -1, -1):
+        rest[k] = rest[k + 1] + minimal[k]
+    out: list[FieldViolation] = []
+    used = 0
+    for k, issue in enumerate(errors):
+        full = f"{issue.code}: {issue.message}"
+        if used + size(issue.location(), full) + rest[k + 1] <= budget:
+            description = full
+        elif used + minimal[k] <= budget:
+            description = issue.code
+        else:
+            break
+        out.append(FieldViolation(issue.location(), description))
+        used += size(issue.location(), description)
+    return out
+
+
+def _invalid_dataset(name: str, report: ValidationReport) -> InvalidArgument:
+    violations = bounded_violations(report.errors)
+    noun = "error" if report.error_count == 1 else "errors"
+    listed = (f"; the first {len(violations)} are listed (ValidateDataset returns the full report)"
+              if report.error_count > len(violations) else "")
+    first = report.errors[0] if report.errors else None
+    first_text = f" First: {first.location()}: {first.message}" if first else ""
+    return InvalidArgument(
+        f"Dataset '{name}' is invalid: {report.error_count} {noun}{listed}.{first_text}",
+        reason="DATASET_INVALID", violations=violations,
+        metadata={"error_count": str(report.error_count), "warning_count": str(report.warning_count),
+                  "format": report.format.value})
+
+
+def _check_ref(organization: str, ref: str) -> None:
+    v = Violations()
+    check_organization(v, organization)
+    v.check(bool(ref), "dataset", "is required (a dataset id or name)")
+    v.raise_if_any("invalid request")
+
+
+class DatasetManager:
+    def __init__(self, db: Database, store: ObjectStore, settings: DatasetSettings,
+                 notify: Callable[[], None] = lambda: None) -> None:
+        self.db = db
+        self.store = store
+        self.settings = settings
+        # Called after a commit that added events, so the outbox relay sends them now.
+        self.notify = notify
+        self.tmp_dir = settings.data_dir.resolve() / "tmp"
+
+    # -- upload and validation -------------------------------------------------------------------------
+
+    def check_upload(self, spec: UploadSpec, *, upload: bool) -> SplitPlan:
+        """Every problem of the metadata at once; then the declared size against the limit."""
+        v = Violations()
+        check_organization(v, spec.organization, "metadata.organization")
+        if upload:
+            check_name(v, spec.name, "metadata.name")
+            check_request_id(v, spec.request_id, "metadata.request_id")
+            v.check(len(spec.description) <= MAX_DESCRIPTION, "metadata.description",
+                    f"must be at most {MAX_DESCRIPTION} characters")
+        if spec.format is not None and spec.format not in CHECKERS:
+            v.add("metadata.format", f"{spec.format.value} is not accepted yet; accepted: "
+                  f"{', '.join(f.value for f in CHECKERS)} (or leave it unset to detect it)")
+        v.check(spec.size_bytes >= 0, "metadata.size_bytes", "must not be negative")
+        v.check(not spec.sha256 or bool(SHA256_RE.match(spec.sha256)), "metadata.sha256",
+                "must be 64 hexadecimal characters (the SHA-256 of the whole file)")
+        v.check(spec.min_examples is None or spec.min_examples >= 1, "metadata.min_examples",
+                "must be at least 1")
+        v.check(spec.max_length >= 0, "metadata.max_length", "must not be negative")
+        plan = resolve_split(spec.split, v, "metadata.split")
+        v.raise_if_any("invalid upload metadata")
+        if spec.size_bytes > self.settings.max_upload_bytes:
+            raise _too_large(self.settings.max_upload_bytes, declared=True)
+        return plan
+
+    async def receive(self, spec: UploadSpec, chunks: AsyncIterator[bytes]) -> ReceivedFile:
+        """Streams the chunks to a temp file, hashing and counting; the caller deletes the file."""
+        limit = self.settings.max_upload_bytes
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        path = self.tmp_dir / f"upload-{new_id('up')}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with path.open("wb") as f:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit, declared=False)
+                    await _to_the_end(asyncio.to_thread(_write_chunk, f, digest, chunk))
+            actual = digest.hexdigest()
+            if spec.size_bytes and size != spec.size_bytes:
+                raise DataLoss(f"Received {size} bytes, but metadata.size_bytes is {spec.size_bytes}: the "
+                               "upload was cut short or the size is wrong; upload it again.",
+                               reason="CHECKSUM_MISMATCH",
+                               metadata={"expected_size_bytes": str(spec.size_bytes),
+                                         "received_size_bytes": str(size)})
+            if spec.sha256 and actual != spec.sha256.lower():
+                raise DataLoss(f"The SHA-256 of the {size} bytes received is {actual}, but metadata.sha256 "
+                               f"is {spec.sha256.lower()}: the file changed or was corrupted in transit; "
+                               "upload it again.", reason="CHECKSUM_MISMATCH",
+                               metadata={"expected_sha256": spec.sha256.lower(), "actual_sha256": actual})
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return ReceivedFile(path, size, actual)
+
+    async def upload(self, spec: UploadSpec,
+                     chunks: AsyncIterator[bytes]) -> tuple[DatasetRecord, ValidationReport]:
+        """Creates a READY dataset from the stream, or returns the one an earlier call with the same
+        request_id created (without reading the stream again)."""
+        plan = self.check_upload(spec, upload=True)
+        existing = await self.db.run(lambda s: self._precheck(s, spec))
+        if existing is not None:
+            return existing, await self._stored_report(existing)
+        received = await self.receive(spec, chunks)
+        try:
+            return await self._create(spec, plan, received)
+        finally:
+            received.path.unlink(missing_ok=True)
+
+    async def validate(self, spec: UploadSpec, chunks: AsyncIterator[bytes]) -> ValidationReport:
+        """Validates the stream and forgets it: the report is the only result."""
+        self.check_upload(spec, upload=False)
+        received = await self.receive(spec, chunks)
+        try:
+            return await _to_the_end(asyncio.to_thread(
+                validate_file, received.path, format=spec.format,
+                min_examples=spec.min_examples or DEFAULT_MIN_EXAMPLES))
+        finally:
+            received.path.unlink(missing_ok=True)
+
+    def _precheck(self, session: Session, spec: UploadSpec) -> DatasetRecord | None:
+        repo = DatasetRepository(session)
+        existing = repo.find_by_request_id(spec.organization, spec.request_id)
+        if existing is not None:
+            if existing.name != spec.name or (spec.sha256 and spec.sha256.lower() != existing.sha256):
+                raise AlreadyExists(
+                    f"request_id '{spec.request_id}' was already used to upload dataset '{existing.name}' "
+                    "with different content; use a new request_id for a new upload.",
+                    reason="REQUEST_ID_REUSED",
+                    metadata={"request_id": spec.request_id, "dataset_id": existing.id},
+                    violations=[FieldViolation("metadata.request_id", "already used for another upload")])
+            return existing
+        if repo.name_taken(spec.organization, spec.name):
+            raise self._name_taken(spec)
+        return None
+
+    @staticmethod
+    def _name_taken(spec: UploadSpec) -> AlreadyExists:
+        return AlreadyExists(
+            f"A dataset named '{spec.name}' already exists in organization '{spec.organization}'.",
+            metadata={"resource_type": "dataset", "resource": spec.name, "organization": spec.organization},
+            violations=[FieldViolation("metadata.name", "already used in this organization")])
+
+    async def _create(self, spec: UploadSpec, plan: SplitPlan,
+                      received: ReceivedFile) -> tuple[DatasetRecord, ValidationReport]:
+        dataset_id = new_id("ds")
+        prefix = dataset_prefix(spec.organization, dataset_id)
+        insert: asyncio.Future[DatasetRecord] | None = None
+        try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="process-") as work:
+                processed = await _to_the_end(asyncio.to_thread(
+                    self._process_upload, received.path, Path(work), spec, plan, prefix))
+            report = processed.report
+            if not report.valid:
+                raise _invalid_dataset(spec.name, report)
+            now = utcnow()
+            record = DatasetRecord(
+                id=dataset_id, organization=spec.organization, name=spec.name,
+                description=spec.description, state=DatasetState.READY, format=report.format,
+                source_filename=spec.filename, source_key=source_key(spec.organization, dataset_id),
+                size_bytes=received.size_bytes, sha256=received.sha256, statistics=report.statistics,
+                splits=processed.splits, error_count=report.error_count, warning_count=report.warning_count,
+                split_plan=plan, create_time=now, update_time=now, request_id=spec.request_id)
+            report_bytes = report_to_proto(report, dataset_id).SerializeToString()
+            insert = asyncio.ensure_future(self.db.run(lambda s: self._insert(s, record, report_bytes)))
+            try:
+                created = await _to_the_end(insert)
+            except IntegrityError:
+                # Lost a race: the same request_id (return the winner) or the same name.
+                winner = await self.db.run(lambda s: DatasetRepository(s).find_by_request_id(
+                    spec.organization, spec.request_id))
+                if winner is not None:
+                    return winner, await self._stored_report(winner)
+                raise self._name_taken(spec) from None
+            self.notify()
+            return created, report
+        finally:
+            if not _succeeded(insert):
+                await _to_the_end(asyncio.to_thread(self._delete_objects, prefix))
+
+    def _process_upload(self, source: Path, work: Path, spec: UploadSpec, plan: SplitPlan,
+                        prefix: str) -> Processed:
+        processed = validate_and_split(
+            source, work_dir=work, store=self.store, split_prefix=prefix, plan=plan, format=spec.format,
+            min_examples=spec.min_examples or DEFAULT_MIN_EXAMPLES)
+        if processed.report.valid:
+            self.store.put_file(f"{prefix}source.jsonl", source)
+        return processed
+
+    def _insert(self, session: Session, record: DatasetRecord, report: bytes) -> DatasetRecord:
+        repo = DatasetRepository(session)
+        created = repo.insert(record, report)
+        self._add_event(repo, created)
+        return created
+
+    def _delete_objects(self, prefix: str) -> None:
+        try:
+            self.store.delete_prefix(prefix)
+        except Exception:
+            log.exception("could not delete objects under %s; they are orphaned", prefix)
+
+    # -- reads -----------------------------------------------------------------------------------------
+
+    async def get(self, organization: str, ref: str) -> DatasetRecord:
+        _check_ref(organization, ref)
+        record = await self.db.run(lambda s: DatasetRepository(s).find(organization, ref))
+        if record is None:
+            raise not_found("dataset", ref, organization)
+        return record
+
+    async def list(self, organization: str, requested_page_size: int, page_token: str,
+                   state: DatasetState | None) -> tuple[list[DatasetRecord], str]:
+        """Newest first; the token is bound to the organization and the state filter."""
+        v = Violations()
+        check_organization(v, organization)
+        v.raise_if_any("invalid request")
+        size = page_size(requested_page_size)
+        query = {"organization": organization, "state": state.value if state else ""}
+        after = self._cursor(decode_token(page_token, query))
+        records = await self.db.run(lambda s: DatasetRepository(s).list(
+            organization, state=state, after=after, limit=size + 1))
+        if len(records) <= size:
+            return records, ""
+        records = records[:size]
+        last = records[-1]
+        return records, encode_token([last.create_time.isoformat(), last.id], query)
+
+    @staticmethod
+    def _cursor(raw: Any) -> ListCursor | None:
+        if raw is None:
+            return None
+        try:
+            time, last_id = raw
+            return datetime.fromisoformat(time), str(last_id)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(
+                "page_token is invalid or belongs to a different query", reason="INVALID_PAGE_TOKEN",
+                violations=[FieldViolation("page_token", "not a token this query returned")]) from exc
+
+    async def validation_report(self, organization: str, ref: str) -> tuple[DatasetRecord, ValidationReport]:
+        record = await self.get(organization, ref)
+        return record, await self._stored_report(record)
+
+    async def _stored_report(self, record: DatasetRecord) -> ValidationReport:
+        data = await self.db.run(lambda s: DatasetRepository(s).validation_report(record.organization,
+                                                                                 record.id))
+        return report_from_proto(dataset_pb2.ValidationReport.FromString(data))
+
+    # -- changes ---------------------------------------------------------------------------------------
+
+    async def update(self, organization: str, ref: str, description: str,
+                     paths: list[str]) -> DatasetRecord:
+        """Only the description changes; an empty mask means every updatable field (AIP-134)."""
+        _check_ref(organization, ref)
+        v = Violations()
+        for path in paths:
+            v.check(path in UPDATABLE_FIELDS, "update_mask",
+                    f"'{path}' cannot be updated; only {', '.join(UPDATABLE_FIELDS)} can")
+        v.check(len(description) <= MAX_DESCRIPTION, "description",
+                f"must be at most {MAX_DESCRIPTION} characters")
+        v.raise_if_any("invalid update")
+
+        def apply(session: Session) -> DatasetRecord:
+            repo = DatasetRepository(session)
+            current = repo.find(organization, ref)
+            if current is None:
+                raise not_found("dataset", ref, organization)
+            updated = repo.update_description(organization, current.id, description)
+            assert updated is not None
+            self._add_event(repo, updated)
+            return updated
+
+        record = await self.db.run(apply)
+        self.notify()
+        return record
+
+    async def delete(self, organization: str, ref: str) -> DatasetRecord:
+        """Deletes the row and announces it in one transaction, then the objects (best effort: orphaned
+        objects are harmless, a row pointing at deleted objects would not be)."""
+        _check_ref(organization, ref)
+
+        def apply(session: Session) -> DatasetRecord:
+            repo = DatasetRepository(session)
+            current = repo.find(organization, ref)
+            if current is None:
+                raise not_found("dataset", ref, organization)
+            repo.delete(organization, current.id)
+            self._add_event(repo, current, deleted=True)
+            return current
+
+        record = await self.db.run(apply)
+        self.notify()
+        await asyncio.to_thread(self._delete_objects, dataset_prefix(organization, record.id))
+        return record
+
+    async def split(self, organization: str, ref: str, config: SplitConfig) -> DatasetRecord:
+        """Re-splits a READY dataset from its stored source into new, never-overwritten split files."""
+        _check_ref(organization, ref)
+        v = Violations()
+        plan = resolve_split(config, v, "split")
+        v.raise_if_any("invalid split")
+        record = await self.get(organization, ref)
+        if record.state is not DatasetState.READY:
+            raise FailedPrecondition(f"Dataset '{record.name}' is {record.state.value}, not READY.",
+                                     reason="DATASET_NOT_READY",
+                                     metadata={"dataset_id": record.id, "state": record.state.value})
+        prefix = resplit_prefix(organization, record.id, new_id("v"))
+        commit: asyncio.Future[DatasetRecord | None] | None = None
+        try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="resplit-") as work:
+                processed = await _to_the_end(asyncio.to_thread(
+                    self._process_resplit, record, Path(work), plan, prefix))
+            if not processed.report.valid:
+                raise RuntimeError(f"stored source of {record.id} no longer validates: "
+                                   f"{processed.report.errors[:1]}")
+
+            def apply(session: Session) -> DatasetRecord | None:
+                repo = DatasetRepository(session)
+                updated = repo.replace_splits(organization, record.id, plan, processed.splits)
+                if updated is not None:
+                    self._add_event(repo, updated)
+                return updated
+
+            commit = asyncio.ensure_future(self.db.run(apply))
+            updated = await _to_the_end(commit)
+            if updated is None:
+                raise not_found("dataset", ref, organization)  # deleted meanwhile
+        finally:
+            if not (_succeeded(commit) and commit is not None and commit.result() is not None):
+                await _to_the_end(asyncio.to_thread(self._delete_objects, prefix))
+        self.notify()
+        return updated
+
+    def _process_resplit(self, record: DatasetRecord, work: Path, plan: SplitPlan,
+                         prefix: str) -> Processed:
+        source = self.store.get_file(record.source_key, work / "source.jsonl")
+        return validate_and_split(source, work_dir=work, store=self.store, split_prefix=prefix, plan=plan,
+                                  format=record.format, min_examples=1)
+
+    def _add_event(self, repo: DatasetRepository, record: DatasetRecord, *, deleted: bool = False) -> None:
+        event = events_pb2.DatasetChanged(event_id=new_id("evt"), time=to_timestamp(utcnow()),
+                                          dataset=dataset_to_proto(record, self.store.uri), deleted=deleted)
+        repo.add_event(subjects.dataset_events(record.id), event, event.event_id)

@@ -1,0 +1,40 @@
+"""Fixtures of the datasets tests: the component served over real gRPC in the test's event loop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc.aio
+import pytest
+from tuneforge.v1 import dataset_service_pb2_grpc
+
+from services.datasets.settings import DatasetSettings
+from services.kit.settings import KitSettings
+from tests.datasets.helpers import UPLOAD_LIMIT, serving
+
+
+@pytest.fixture
+def datasets_settings(kit_settings: KitSettings) -> DatasetSettings:
+    return DatasetSettings(**{**kit_settings.model_dump(), "max_upload_bytes": UPLOAD_LIMIT})
+
+
+@pytest.fixture
+def objects_root(datasets_settings: DatasetSettings) -> Path:
+    from services.kit.storage import LocalObjectStore, store_from_settings
+
+    store = store_from_settings(datasets_settings)
+    assert isinstance(store, LocalObjectStore)
+    return store.root
+
+
+@pytest.fixture
+async def datasets_address(datasets_settings: DatasetSettings) -> AsyncIterator[str]:
+    async with serving(datasets_settings) as address:
+        yield address
+
+
+@pytest.fixture
+async def stub(datasets_address: str) -> AsyncIterator[dataset_service_pb2_grpc.DatasetServiceStub]:
+    async with grpc.aio.insecure_channel(datasets_address) as channel:
+        yield dataset_service_pb2_grpc.DatasetServiceStub(channel)

@@ -1,0 +1,73 @@
+"""The datasets migrations and one upload/get on PostgreSQL, in a schema of its own that is dropped after."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import grpc.aio
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import Engine
+from tuneforge.v1 import dataset_pb2
+from tuneforge.v1 import dataset_service_pb2 as pb
+from tuneforge.v1.dataset_service_pb2_grpc import DatasetServiceStub
+
+from services.datasets.component import MIGRATIONS
+from services.datasets.settings import DatasetSettings
+from services.kit.db import Database
+from tests.datasets.helpers import chat_lines, jsonl, meta, serving, upload_requests
+
+pytestmark = pytest.mark.postgres
+
+POSTGRES_URL = os.environ.get("TUNEFORGE_TEST_POSTGRES_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A URL whose connections use a fresh schema (search_path), dropped with everything in it after."""
+    try:
+        admin: Engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+        with admin.begin() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL} ({type(exc).__name__}); "
+                    "set TUNEFORGE_TEST_POSTGRES_URL to run this test")
+    schema = f"datasets_test_{uuid.uuid4().hex[:12]}"
+    with admin.begin() as conn:
+        conn.execute(text(f'create schema "{schema}"'))
+    sep = "&" if "?" in POSTGRES_URL else "?"
+    try:
+        yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'drop schema "{schema}" cascade'))
+        admin.dispose()
+
+
+def test_migrations_apply_twice_and_create_the_tables(postgres_url: str) -> None:
+    db = Database(postgres_url, "datasets")
+    try:
+        db.migrate(MIGRATIONS)
+        db.migrate(MIGRATIONS)
+        tables = set(inspect(db.engine).get_table_names())
+        assert {"datasets_datasets", "datasets_splits", "datasets_outbox",
+                "alembic_version_datasets"} <= tables
+    finally:
+        db.dispose()
+
+
+async def test_upload_and_get_on_postgres(postgres_url: str, datasets_settings: DatasetSettings) -> None:
+    settings = DatasetSettings(**{**datasets_settings.model_dump(), "database_url": postgres_url})
+    async with serving(settings) as address, grpc.aio.insecure_channel(address) as channel:
+        stub = DatasetServiceStub(channel)
+        created = await stub.UploadDataset(upload_requests(meta(request_id="r1"), jsonl(chat_lines(120))))
+        assert created.dataset.state == dataset_pb2.DATASET_STATE_READY
+        got = await stub.GetDataset(pb.GetDatasetRequest(organization="acme", dataset="support-chats"))
+        assert got.dataset == created.dataset
+        again = await stub.UploadDataset(upload_requests(meta(request_id="r1"), jsonl(chat_lines(120))))
+        assert again.dataset.id == created.dataset.id
+        page = await stub.ListDatasets(pb.ListDatasetsRequest(organization="acme", page_size=1))
+        assert [d.id for d in page.datasets] == [created.dataset.id] and page.next_page_token == ""
