@@ -126,8 +126,11 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
     """
     stop = stop or asyncio.Event()
     runtime = await open_runtime(settings, name)
-    components = [factory(runtime) for factory in factories]
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=GRPC_OPTIONS)
+    # Bind first: components may open channels to this process' own address while they are built.
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    runtime.address = f"{settings.grpc_host}:{port}"
+    components = [factory(runtime) for factory in factories]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = []
@@ -136,8 +139,6 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
             reg.add_to_server(reg.servicer, server)
             names.append(reg.name)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
-    runtime.address = f"{settings.grpc_host}:{port}"
     await server.start()
     for component in components:
         await component.start()
