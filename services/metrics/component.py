@@ -1,0 +1,52 @@
+"""The metrics service as a kit Component: its servicer, its database and its two ingest consumers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tuneforge.v1 import metrics_service_pb2_grpc
+
+from services.kit import subjects
+from services.kit.consumer import consume
+from services.kit.db import Database
+from services.kit.runtime import Component, Registration, Runtime
+from services.metrics.ingest import IngestHandlers
+from services.metrics.jobs_client import GrpcJobLookup
+from services.metrics.live import NatsLiveFeed
+from services.metrics.manager import MetricsManager
+from services.metrics.servicer import MetricsServicer
+from services.metrics.settings import MetricsSettings
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SERVICE_NAME = "tuneforge.v1.MetricsService"
+
+
+class MetricsComponent(Component):
+    def __init__(self, runtime: Runtime, settings: MetricsSettings | None = None) -> None:
+        super().__init__(runtime)
+        self.settings = settings or MetricsSettings()
+        self.db = Database(runtime.settings.database_url_for("metrics"), "metrics")
+        # Before the server takes calls: a request must never meet a missing table.
+        self.db.migrate(MIGRATIONS_DIR)
+        jobs_address = runtime.settings.jobs_address
+        jobs = GrpcJobLookup(lambda: runtime.channel(jobs_address), timeout_s=self.settings.jobs_timeout_s)
+        self.manager = MetricsManager(self.db, jobs, NatsLiveFeed(runtime.nc), self.settings)
+        self.handlers = IngestHandlers(self.manager)
+
+    def registrations(self) -> Sequence[Registration]:
+        return [Registration(SERVICE_NAME, MetricsServicer(self.manager),
+                             metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server)]
+
+    async def start(self) -> None:
+        js = self.runtime.js
+        self.spawn(consume(js, stream=subjects.STREAM_WORKER, durable=subjects.METRICS_INGEST_CONSUMER,
+                           subject=subjects.ALL_WORKER_METRICS, handler=self.handlers.on_metrics),
+                   name="metrics-ingest")
+        self.spawn(consume(js, stream=subjects.STREAM_WORKER, durable=subjects.LOGS_INGEST_CONSUMER,
+                           subject=subjects.ALL_WORKER_LOGS, handler=self.handlers.on_logs),
+                   name="logs-ingest")
+
+    async def stop(self) -> None:
+        await super().stop()
+        self.db.dispose()

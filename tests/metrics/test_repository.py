@@ -1,0 +1,104 @@
+"""The repository's upserts and keyset reads, on SQLite and on PostgreSQL with the real migrations applied."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from tuneforge.v1 import metrics_pb2
+
+from services.kit.db import Database
+from services.kit.ids import new_id
+from services.metrics.component import MIGRATIONS_DIR
+from services.metrics.repository import MetricsRepository
+from tests.metrics.conftest import EVAL, TRAIN, point
+
+POSTGRES_URL = os.environ.get("TUNEFORGE_TEST_POSTGRES_URL",
+                              "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_schema_db() -> Iterator[Database]:
+    """A private schema in the test PostgreSQL, dropped afterwards; skipped where none is reachable."""
+    schema = new_id("t").lower()
+    admin = sa.create_engine(POSTGRES_URL)
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} ({exc.__class__.__name__})")
+    db = Database(f"{POSTGRES_URL}?options=-csearch_path%3D{schema}", "metrics")
+    try:
+        yield db
+    finally:
+        db.dispose()
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    if request.param == "sqlite":
+        database = Database(f"sqlite:///{tmp_path / 'metrics.db'}", "metrics")
+        database.migrate(MIGRATIONS_DIR)
+        yield database
+        database.dispose()
+        return
+    for database in _postgres_schema_db():
+        database.migrate(MIGRATIONS_DIR)
+        database.migrate(MIGRATIONS_DIR)  # idempotent: every process start applies them
+        yield database
+
+
+def test_points_upsert_by_key_and_newest_attempt_wins(db: Database) -> None:
+    repo = MetricsRepository()
+    job = "job_a"
+
+    def stamped(p: metrics_pb2.MetricPoint) -> metrics_pb2.MetricPoint:
+        p.job_id = job
+        p.time.FromSeconds(1_700_000_000 + p.step)
+        p.values["custom"] = p.step * 10.0
+        return p
+
+    with db.session() as s:
+        repo.upsert_points(s, [stamped(point(1)), stamped(point(2)), stamped(point(2, EVAL, loss=0.2))])
+    with db.session() as s:
+        # Same key again (replaced), a newer attempt (replaces), an older attempt (ignored), twice in a batch.
+        repo.upsert_points(s, [stamped(point(1, loss=7.0)), stamped(point(2, loss=8.0, attempt=2)),
+                               stamped(point(2, loss=9.0, attempt=1)), stamped(point(3, loss=3.0)),
+                               stamped(point(3, loss=3.5))])
+    with db.session() as s:
+        repo.upsert_points(s, [stamped(point(2, loss=1.0, attempt=1))])
+        stored = repo.list_points(s, job)
+    assert [(p.step, p.kind, p.loss, p.attempt) for p in stored] == [
+        (1, TRAIN, 7.0, 1), (2, TRAIN, 8.0, 2), (2, EVAL, 0.2, 1), (3, TRAIN, 3.5, 1)]
+    assert stored[0].time.seconds == 1_700_000_001 and stored[0].values["custom"] == 10.0
+    assert not stored[0].HasField("grad_norm")
+
+    with db.session() as s:
+        assert [p.step for p in repo.list_points(s, job, after=(2, TRAIN), limit=2)] == [2, 3]
+        assert [p.step for p in repo.list_points(s, job, kinds=[EVAL])] == [2]
+        assert [p.step for p in repo.list_points(s, job, start_step=3)] == [3]
+        assert repo.list_points(s, "job_other") == []
+
+
+def test_log_entries_upsert_and_filters(db: Database) -> None:
+    repo = MetricsRepository()
+    info, error = metrics_pb2.LOG_LEVEL_INFO, metrics_pb2.LOG_LEVEL_ERROR
+    worker, training = metrics_pb2.LOG_SOURCE_WORKER, metrics_pb2.LOG_SOURCE_TRAINING
+    entries = [metrics_pb2.LogEntry(job_id="job_a", attempt=a, sequence=q, level=lvl, source=src, message=m)
+               for a, q, lvl, src, m in [(1, 1, info, worker, "claimed"), (1, 2, error, training, "boom"),
+                                         (2, 1, info, training, "again"), (1, 2, error, training, "boom!")]]
+    with db.session() as s:
+        repo.upsert_entries(s, entries)
+    with db.session() as s:
+        stored = repo.list_entries(s, "job_a")
+        assert [(e.attempt, e.sequence, e.message) for e in stored] == [
+            (1, 1, "claimed"), (1, 2, "boom!"), (2, 1, "again")]
+        assert [e.sequence for e in repo.list_entries(s, "job_a", min_level=error)] == [2]
+        assert [e.attempt for e in repo.list_entries(s, "job_a", sources=[training])] == [1, 2]
+        assert [e.attempt for e in repo.list_entries(s, "job_a", after=(1, 2))] == [2]
