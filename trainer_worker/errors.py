@@ -27,7 +27,7 @@ class TrainingError(Exception):
         self.message = message
 
 
-class Cancelled(Exception):  # noqa: N818 - a stop request, not an error
+class Cancelled(Exception):
     """Training stopped because SIGTERM arrived or the parent (the agent) went away."""
 
 

@@ -16,6 +16,7 @@ strict JSON.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from trainer_worker.errors import Reason
+
+log = logging.getLogger(__name__)
 
 
 def _finite(value: Any) -> Any:
@@ -85,4 +88,10 @@ class EventTail:
             chunk = f.read()
         self._offset += len(chunk)
         *lines, self._partial = (self._partial + chunk).split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()]
+        events = []
+        for line in filter(bytes.strip, lines):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                log.warning("skipping an unreadable line of %s: %r", self._path, line[:200])
+        return events

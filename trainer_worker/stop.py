@@ -1,8 +1,12 @@
 """Stop requests for a training process: SIGTERM/SIGINT from the agent, or the agent itself dying.
 
-Training only stops between optimizer steps (the recipe polls :attr:`StopSignal.requested`), so a stop never
-leaves a half-applied update behind. When the parent is gone no one will wait for a clean exit, so after a
-grace period the watcher thread ends the process outright instead of letting an orphan train on.
+Before training starts (imports, model loading, tokenizing) there is nothing to keep, so a stop request
+interrupts at once by raising :class:`~trainer_worker.errors.Cancelled` from the signal handler. Once the
+training loop runs, a request only sets a flag that the loop reads between optimizer steps, so a stop never
+leaves a half-applied update or a half-written file behind.
+
+When the parent is gone no one will wait for a clean exit: the watcher thread delivers SIGTERM to its own
+process and, after a grace period, ends the process outright rather than let an orphan train on.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import signal
 import threading
 import time
 from types import FrameType
+
+from trainer_worker.errors import Cancelled
 
 EXIT_CANCELLED = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 EXIT_ORPHANED = 129
@@ -23,6 +29,8 @@ class StopSignal:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason = ""
+        # True until training starts: the signal handler raises instead of only setting the flag.
+        self.interruptible = True
 
     @property
     def requested(self) -> bool:
@@ -38,6 +46,9 @@ class StopSignal:
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             self.request(f"received {signal.Signals(signum).name}")
+            if self.interruptible:
+                self.interruptible = False  # raise once; cleanup code must not be interrupted again
+                raise Cancelled(self.reason)
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
@@ -47,6 +58,7 @@ class StopSignal:
             while os.getppid() == parent:
                 time.sleep(poll_seconds)
             self.request("parent exited")
+            os.kill(os.getpid(), signal.SIGTERM)  # handled on the main thread, like the agent's own SIGTERM
             time.sleep(orphan_grace_seconds)
             os._exit(EXIT_ORPHANED)
 

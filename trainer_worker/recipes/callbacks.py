@@ -82,7 +82,8 @@ class MetricsCallback(TrainerCallback):
             eta_seconds=eta,
             token_accuracy=logs.get("mean_token_accuracy"),
         )
-        self._last_time, self._last_step, self._last_tokens = now, state.global_step, state.num_input_tokens_seen
+        self._last_time, self._last_step = now, state.global_step
+        self._last_tokens = state.num_input_tokens_seen
 
 
 class DivergenceWatchdog(TrainerCallback):
@@ -114,6 +115,11 @@ class StopCallback(TrainerCallback):
 
     def __init__(self, stop: StopSignal) -> None:
         self._stop = stop
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._stop.interruptible = False  # from here on, stop between steps only
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

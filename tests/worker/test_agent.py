@@ -1,0 +1,263 @@
+"""The worker agent against a real nats-server: a job runs to SUCCEEDED with metrics, logs and a stored
+adapter; a cancelled job stops and the agent takes the next one; a stopping agent hands its job back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf.json_format import ParseDict
+from google.rpc import error_details_pb2
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from tuneforge.events.v1 import events_pb2
+from tuneforge.v1 import job_pb2, metrics_pb2
+
+from services.kit import nats as kit_nats
+from services.kit import subjects
+from services.kit.ids import new_id
+from services.kit.storage import LocalObjectStore
+from tests.worker.helpers import FAST_HYPERPARAMETERS
+
+U = events_pb2.WorkerUpdateKind
+ACK_WAIT_S = 3.0  # shorter than a job, so only in-progress acks keep the claim
+
+
+class WorkerEvents:
+    """Everything the agents publish on TF_WORKER, decoded, in arrival order."""
+
+    def __init__(self) -> None:
+        self.updates: list[events_pb2.WorkerJobUpdate] = []
+        self.points: list[metrics_pb2.MetricPoint] = []
+        self.entries: list[metrics_pb2.LogEntry] = []
+
+    async def on_message(self, msg: Msg) -> None:
+        if msg.subject.endswith(".status"):
+            self.updates.append(events_pb2.WorkerJobUpdate.FromString(msg.data))
+        elif msg.subject.endswith(".metrics"):
+            self.points.extend(events_pb2.MetricsReported.FromString(msg.data).points)
+        else:
+            self.entries.extend(events_pb2.LogsReported.FromString(msg.data).entries)
+
+    def kinds(self, job_id: str) -> list[str]:
+        return [
+            U.Name(u.kind).removeprefix("WORKER_UPDATE_KIND_") for u in self.updates if u.job_id == job_id
+        ]
+
+    def update(self, job_id: str, kind: int) -> events_pb2.WorkerJobUpdate:
+        return next(u for u in self.updates if u.job_id == job_id and u.kind == kind)
+
+    async def wait_for(self, job_id: str, kind: str, within_s: float = 60.0) -> None:
+        deadline = time.monotonic() + within_s
+        while kind not in self.kinds(job_id):
+            assert time.monotonic() < deadline, f"no {kind} for {job_id}; saw {self.kinds(job_id)}"
+            await asyncio.sleep(0.1)
+
+
+class Platform:
+    """The parts of TuneForge the agent talks to: NATS streams and a local object store."""
+
+    def __init__(self, tmp_path: Path, nats_url: str, nc: NATS, js: JetStreamContext) -> None:
+        self.tmp_path, self.nats_url, self.nc, self.js = tmp_path, nats_url, nc, js
+        self.store = LocalObjectStore(tmp_path / "objects")
+        self.events = WorkerEvents()
+        self._agents: list[subprocess.Popen[bytes]] = []
+
+    async def assign(
+        self,
+        job_id: str,
+        hyperparameters: dict[str, Any],
+        *,
+        merge: bool = False,
+        method: str = "TRAINING_METHOD_SFT",
+        dataset: str = "datasets/acme/ds_1/train.jsonl",
+    ) -> None:
+        spec = {
+            "base_model": self.store.uri("models/tiny"),
+            "method": method,
+            "hyperparameters": hyperparameters,
+            "output": {"merge_adapter": merge},
+        }
+        assignment = events_pb2.JobAssignment(
+            event_id=new_id("evt"),
+            job_id=job_id,
+            organization="acme",
+            spec=ParseDict(spec, job_pb2.JobSpec()),
+            train_uri=self.store.uri(dataset),
+            output_prefix=self.store.uri(f"jobs/acme/{job_id}"),
+        )
+        await kit_nats.publish(self.js, subjects.WORK_JOBS, assignment, assignment.event_id)
+
+    async def change_state(self, job_id: str, state: int) -> None:
+        changed = events_pb2.JobChanged(event_id=new_id("evt"), job=job_pb2.Job(id=job_id, state=state))
+        await kit_nats.publish(self.js, subjects.job_events(job_id), changed, changed.event_id)
+
+    def start_agent(self, name: str) -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "TUNEFORGE_NATS_URL": self.nats_url,
+            "TUNEFORGE_STORAGE_URL": self.store.root.as_uri(),
+            "TUNEFORGE_DATA_DIR": str(self.tmp_path / name),
+            "TUNEFORGE_WORKER_ID": name,
+            "TUNEFORGE_WORK_ACK_WAIT_S": str(ACK_WAIT_S),
+            "TUNEFORGE_WORKER_PROGRESS_INTERVAL_S": "0.3",
+            "TUNEFORGE_WORKER_RETRY_DELAY_S": "0.5",
+        }
+        with (self.tmp_path / f"{name}.log").open("wb") as log:
+            agent = subprocess.Popen(
+                [sys.executable, "-m", "trainer_worker"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._agents.append(agent)
+        return agent
+
+    def stop_agents(self) -> None:
+        for agent in self._agents:
+            if agent.poll() is None:
+                agent.send_signal(signal.SIGTERM)
+        for agent in self._agents:
+            try:
+                agent.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text() for p in sorted(self.tmp_path.glob("*.log")))
+
+    async def pending_work(self) -> int:
+        return (await self.js.stream_info(subjects.STREAM_WORK)).state.messages
+
+
+@pytest.fixture
+async def platform(
+    tmp_path: Path, nats_url: str, tiny_model: Path, chat_data: Path
+) -> AsyncIterator[Platform]:
+    nc = await kit_nats.connect(nats_url, name="test")
+    js = nc.jetstream()
+    await kit_nats.ensure_streams(js)
+    platform = Platform(tmp_path, nats_url, nc, js)
+    platform.store.put_dir("models/tiny", tiny_model)
+    platform.store.put_file("datasets/acme/ds_1/train.jsonl", chat_data)
+    watch = await js.subscribe(
+        "tuneforge.worker.jobs.>",
+        stream=subjects.STREAM_WORKER,
+        cb=platform.events.on_message,
+        ordered_consumer=True,
+    )
+    try:
+        yield platform
+    finally:
+        platform.stop_agents()
+        await watch.unsubscribe()
+        await nc.drain()
+
+
+def test_agent_module_never_imports_torch() -> None:
+    script = (
+        "import sys, trainer_worker.agent; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 0
+
+
+@pytest.mark.slow
+async def test_job_runs_to_succeeded_with_metrics_logs_and_stored_adapter(platform: Platform) -> None:
+    platform.start_agent("w1")
+    platform.start_agent("w2")  # idle, ready to take the job should the claim lapse
+    await platform.assign("job_ok", FAST_HYPERPARAMETERS, merge=True)
+
+    await platform.events.wait_for("job_ok", "SUCCEEDED", within_s=90)
+    kinds = platform.events.kinds("job_ok")
+    assert kinds[:2] == ["PREPARING", "RUNNING"] and kinds[-1] == "SUCCEEDED", kinds
+    assert set(kinds[2:-1]) == {"PROGRESS"}, "one attempt, kept alive by in-progress acks"
+    assert {(u.attempt, u.worker_id) for u in platform.events.updates} in ({(1, "w1")}, {(1, "w2")})
+    info = await platform.js.consumer_info(subjects.STREAM_WORK, subjects.TRAINERS_CONSUMER)
+    assert info.num_redelivered == 0 and info.config.ack_wait == ACK_WAIT_S
+
+    done = platform.events.update("job_ok", U.WORKER_UPDATE_KIND_SUCCEEDED)
+    adapter = platform.store.key_of(done.output.adapter_uri)
+    merged = platform.store.key_of(done.output.merged_model_uri)
+    assert (adapter, merged) == ("jobs/acme/job_ok/adapter", "jobs/acme/job_ok/merged")
+    assert platform.store.exists(f"{adapter}/adapter_model.safetensors")
+    assert platform.store.exists(f"{merged}/model.safetensors")
+    assert done.output.final_metrics["train_loss"] > 0 and done.progress.step == 40
+
+    train = [p for p in platform.events.points if p.kind == metrics_pb2.METRIC_KIND_TRAIN]
+    assert [p.step for p in train] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert train[-1].loss < train[0].loss and all(p.tokens_per_second > 0 for p in train)
+    assert all(p.job_id == "job_ok" and p.attempt == 1 and p.total_steps == 40 for p in train)
+    progress = platform.events.update("job_ok", U.WORKER_UPDATE_KIND_PROGRESS).progress
+    assert progress.total_steps == 40 and progress.HasField("loss")
+
+    entries = platform.events.entries
+    assert [e.sequence for e in entries] == list(range(1, len(entries) + 1))
+    assert {e.source for e in entries} == {metrics_pb2.LOG_SOURCE_WORKER, metrics_pb2.LOG_SOURCE_TRAINING}
+    assert await platform.pending_work() == 0
+
+
+@pytest.mark.slow
+async def test_failures_and_cancellations_end_jobs_and_the_agent_goes_on(platform: Platform) -> None:
+    await platform.change_state("job_gone", job_pb2.JOB_STATE_CANCELLED)
+    await platform.assign("job_gone", FAST_HYPERPARAMETERS)
+    await platform.assign("job_dpo", FAST_HYPERPARAMETERS, method="TRAINING_METHOD_DPO")
+    await platform.assign("job_nodata", FAST_HYPERPARAMETERS, dataset="datasets/acme/missing/train.jsonl")
+    await platform.assign("job_long", {**FAST_HYPERPARAMETERS, "max_steps": 100_000})
+    await platform.assign("job_next", {**FAST_HYPERPARAMETERS, "max_steps": 5})
+    platform.start_agent("w1")
+
+    await platform.events.wait_for("job_long", "RUNNING")
+    assert platform.events.kinds("job_gone") == ["CANCELLED"], "cancelled before it started: never prepared"
+    assert _failure(platform.events.update("job_dpo", U.WORKER_UPDATE_KIND_FAILED)) == (
+        13,
+        "TRAINING_FAILED",
+        "Training method DPO is not supported by this worker yet.",
+    )
+    assert _failure(platform.events.update("job_nodata", U.WORKER_UPDATE_KIND_FAILED))[:2] == (
+        3,
+        "BAD_TRAINING_DATA",
+    )
+    await platform.change_state("job_long", job_pb2.JOB_STATE_CANCELLING)
+    started = time.monotonic()
+    await platform.events.wait_for("job_long", "CANCELLED", within_s=30)
+    assert time.monotonic() - started < 15
+    cancelled = platform.events.update("job_long", U.WORKER_UPDATE_KIND_CANCELLED)
+    assert cancelled.error.code == 1 and cancelled.attempt == 1
+
+    await platform.events.wait_for("job_next", "SUCCEEDED", within_s=90)
+    assert platform.events.kinds("job_next")[:2] == ["PREPARING", "RUNNING"]
+    assert not platform.store.list_keys("jobs/acme/job_long/")
+    assert await platform.pending_work() == 0
+
+
+@pytest.mark.slow
+async def test_stopping_agent_hands_its_job_to_another(platform: Platform) -> None:
+    await platform.assign("job_moved", {**FAST_HYPERPARAMETERS, "max_steps": 100_000})
+    first = platform.start_agent("w1")
+    await platform.events.wait_for("job_moved", "RUNNING")
+
+    first.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(first.wait, 20) == 0, platform.logs()
+    assert "FAILED" not in platform.events.kinds("job_moved")
+    platform.start_agent("w2")
+    deadline = time.monotonic() + 30
+    while not any(u.worker_id == "w2" for u in platform.events.updates):
+        assert time.monotonic() < deadline, platform.logs()
+        await asyncio.sleep(0.1)
+    second = next(u for u in platform.events.updates if u.worker_id == "w2")
+    assert (second.kind, second.attempt) == (U.WORKER_UPDATE_KIND_PREPARING, 2)
+
+
+def _failure(update: events_pb2.WorkerJobUpdate) -> tuple[int, str, str]:
+    """(code, ErrorInfo reason, message) of a FAILED update; the ErrorInfo must be TuneForge's."""
+    (detail,) = update.error.details
+    info = error_details_pb2.ErrorInfo()
+    assert detail.Unpack(info) and info.domain == "tuneforge.dev"
+    return update.error.code, info.reason, update.error.message

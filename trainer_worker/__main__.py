@@ -1,0 +1,5 @@
+"""``python -m trainer_worker``: run the worker agent."""
+
+from trainer_worker.agent import main
+
+main()

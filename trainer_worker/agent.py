@@ -1,0 +1,458 @@
+"""The worker agent: pulls job assignments from NATS, trains each in a child process, reports back.
+
+    python -m trainer_worker          # settings from TUNEFORGE_* environment variables
+
+One job at a time, from the durable pull consumer ``trainers`` on TF_WORK (explicit acks):
+
+1. Skip the job if its latest JobChanged (TF_EVENTS) says it is cancelled or final.
+2. PREPARING: fetch the data (and an s3:// or file:// model) through the object store, write RUN.json.
+3. RUNNING: start ``python -m trainer_worker.train``, tail its events file, forward metrics and logs to
+   TF_WORKER, send PROGRESS at most every couple of seconds, and keep the claim alive with in-progress acks.
+4. SUCCEEDED (outputs uploaded under the assignment's output_prefix), FAILED (an ErrorInfo with the reason),
+   or CANCELLED (a JobChanged CANCELLING arrived: the child gets SIGTERM, then SIGKILL); then ack.
+
+Infrastructure hiccups (storage or NATS unreachable) NAK the job instead of failing it, so another delivery
+retries it; the jobs service fails a job that runs out of deliveries as WORKER_LOST. On SIGTERM/SIGINT the
+agent stops pulling, stops the child and NAKs the job it holds, so another worker takes it at once.
+
+This module never imports torch: the training stack loads only in the child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import socket
+from enum import Enum
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
+from tuneforge.events.v1 import events_pb2
+from tuneforge.v1 import job_pb2, metrics_pb2
+
+from services.kit import subjects
+from services.kit.errors import InvalidArgument
+from services.kit.nats import connect, ensure_streams, ensure_trainers_consumer
+from services.kit.settings import KitSettings
+from services.kit.storage import ObjectStore, open_store, store_from_settings
+from trainer_worker.errors import TrainingError
+from trainer_worker.events import EventTail
+from trainer_worker.launcher import TrainingProcess
+from trainer_worker.reporting import (
+    JobReporter,
+    cancelled_status,
+    failure_status,
+    metric_point,
+    progress_of,
+)
+from trainer_worker.run_config import RunConfig
+
+log = logging.getLogger("trainer_worker.agent")
+
+U = events_pb2.WorkerUpdateKind
+S = job_pb2.JobState
+CANCEL_STATES = {S.JOB_STATE_CANCELLING, S.JOB_STATE_CANCELLED}
+FINAL_STATES = {S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED}
+TRAIN_LOG_TAIL_BYTES = 4000
+
+
+class AgentSettings(KitSettings):
+    """Worker settings on top of the shared kit's (same TUNEFORGE_ prefix)."""
+
+    # Empty: "<hostname>-<pid>".
+    worker_id: str = ""
+    # Seconds between PROGRESS updates of a running job (at most).
+    worker_progress_interval_s: float = 2.0
+    # Seconds a training process gets to stop after SIGTERM before it is killed.
+    worker_stop_grace_s: float = 10.0
+    # Seconds between reads of the events file while training runs.
+    worker_poll_interval_s: float = 0.25
+    # NAK delay after an infrastructure failure, so the retry does not spin.
+    worker_retry_delay_s: float = 10.0
+    # Keep each attempt's work dir (RUN.json, events, train.log, outputs) after it ends, for debugging.
+    worker_keep_work_dirs: bool = False
+
+
+class Verdict(Enum):
+    ACK = "ack"
+    NAK = "nak"
+
+
+class Transient(Exception):
+    """An infrastructure failure the job is not to blame for; the job goes back to the queue."""
+
+
+class Agent:
+    """Pulls one assignment at a time and sees it through to a final update."""
+
+    def __init__(self, settings: AgentSettings, js: JetStreamContext, store: ObjectStore) -> None:
+        self.settings, self.js, self.store = settings, js, store
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.stopping = asyncio.Event()
+        self.work_root = settings.data_dir.resolve() / "worker"
+        self.ack_wait_s = settings.work_ack_wait_s
+
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("stop requested: finishing the current pull, returning any held job to the queue")
+            self.stopping.set()
+
+    async def run(self) -> None:
+        await ensure_streams(self.js)
+        await ensure_trainers_consumer(self.js, self.settings.work_ack_wait_s, self.settings.work_max_deliver)
+        info = await self.js.consumer_info(subjects.STREAM_WORK, subjects.TRAINERS_CONSUMER)
+        self.ack_wait_s = info.config.ack_wait or self.ack_wait_s
+        sub = await self.js.pull_subscribe(
+            subjects.WORK_JOBS, durable=subjects.TRAINERS_CONSUMER, stream=subjects.STREAM_WORK
+        )
+        log.info("worker %s waiting for jobs", self.worker_id)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    messages = await sub.fetch(1, timeout=1.0)
+                except (TimeoutError, NatsTimeoutError):
+                    continue
+                except Exception:  # e.g. while reconnecting; the client reconnects by itself
+                    log.warning("fetching work failed; retrying", exc_info=True)
+                    await asyncio.sleep(1.0)
+                    continue
+                for msg in messages:
+                    await self.handle(msg)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def handle(self, msg: Msg) -> None:
+        """Run one delivery of an assignment, then ack it or hand it back."""
+        if self.stopping.is_set():
+            await msg.nak()
+            return
+        try:
+            assignment = events_pb2.JobAssignment.FromString(msg.data)
+        except Exception:
+            log.exception("dropping an undecodable assignment")
+            await msg.term()
+            return
+        heartbeat = asyncio.create_task(self._keep_claim(msg))
+        try:
+            verdict = await JobRun(self, assignment, msg.metadata.num_delivered).execute()
+        except Transient as exc:
+            log.warning("job %s goes back to the queue: %s", assignment.job_id, exc)
+            verdict = Verdict.NAK
+        except Exception:
+            log.exception("job %s failed inside the worker; it goes back to the queue", assignment.job_id)
+            verdict = Verdict.NAK
+        finally:
+            heartbeat.cancel()
+        try:
+            if verdict is Verdict.ACK:
+                await msg.ack_sync()
+            else:
+                await msg.nak(delay=None if self.stopping.is_set() else self.settings.worker_retry_delay_s)
+        except Exception:  # the server redelivers after ack_wait anyway
+            log.warning("could not %s job %s", verdict.value, assignment.job_id, exc_info=True)
+
+    async def _keep_claim(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.ack_wait_s / 3)
+            try:
+                await msg.in_progress()
+            except Exception:
+                log.warning("in-progress ack failed; will retry", exc_info=True)
+
+    def locate(self, uri: str) -> tuple[ObjectStore, str]:
+        """The store and key of a URI: the platform's store, or another bucket or folder reached with the
+        same settings (a model kept elsewhere)."""
+        with contextlib.suppress(InvalidArgument):
+            return self.store, self.store.key_of(uri)
+        parsed = urlparse(uri)
+        if parsed.scheme not in ("s3", "file"):
+            raise TrainingError(
+                "TRAINING_FAILED", f"The worker cannot read {uri!r}: not a file:// or s3:// URI."
+            )
+        root = open_store(
+            f"{parsed.scheme}://{parsed.netloc}/",
+            endpoint_url=self.settings.s3_endpoint_url,
+            region=self.settings.s3_region,
+        )
+        return root, unquote(parsed.path).strip("/")
+
+
+class JobRun:
+    """One delivery of one job: prepare, train, report, clean up."""
+
+    def __init__(self, agent: Agent, assignment: events_pb2.JobAssignment, attempt: int) -> None:
+        self.agent, self.assignment, self.attempt = agent, assignment, attempt
+        self.job_id = assignment.job_id
+        self.settings = agent.settings
+        self.reporter = JobReporter(agent.js, self.job_id, attempt, agent.worker_id)
+        self.work_dir = agent.work_root / "jobs" / self.job_id / f"attempt-{attempt}"
+        self.cancelled = asyncio.Event()
+        self.progress: job_pb2.JobProgress | None = None
+        self._progress_sent: job_pb2.JobProgress | None = None
+        self._progress_sent_at = 0.0
+
+    async def execute(self) -> Verdict:
+        watch = await self._watch_cancellation()
+        try:
+            state = await self._latest_state()
+            if state in CANCEL_STATES:
+                log.info("job %s was cancelled before it started", self.job_id)
+                self.reporter.log("The job was cancelled before it started.")
+                await self.reporter.status(U.WORKER_UPDATE_KIND_CANCELLED, error=cancelled_status())
+                return Verdict.ACK
+            if state in FINAL_STATES:
+                log.info("job %s is already %s; dropping the stale delivery", self.job_id, S.Name(state))
+                return Verdict.ACK
+            return await self._run()
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.unsubscribe()
+            if not self.settings.worker_keep_work_dirs:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    async def _run(self) -> Verdict:
+        log.info("job %s attempt %d: preparing", self.job_id, self.attempt)
+        await self.reporter.status(U.WORKER_UPDATE_KIND_PREPARING)
+        self.reporter.log(f"Worker {self.agent.worker_id} claimed the job (attempt {self.attempt}).")
+        try:
+            config = await self._prepare()
+            if self.agent.stopping.is_set():
+                return Verdict.NAK
+            if self.cancelled.is_set():
+                return await self._report_cancelled()
+            return await self._train(config)
+        except TrainingError as exc:  # the job's fault (bad input), not the worker's: no retry
+            return await self._fail(exc.reason, exc.message)
+
+    # -- preparing --------------------------------------------------------------------------------------
+
+    async def _prepare(self) -> RunConfig:
+        spec = self.assignment.spec
+        data_dir = self.work_dir / "data"
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        train_file = await self._download(self.assignment.train_uri, data_dir / "train.jsonl")
+        validation_file = None
+        if self.assignment.validation_uri:
+            validation_file = await self._download(
+                self.assignment.validation_uri, data_dir / "validation.jsonl"
+            )
+        config = RunConfig(
+            job_id=self.job_id,
+            attempt=self.attempt,
+            spec=RunConfig.spec_to_dict(spec),
+            model_path=await self._model_path(spec.base_model),
+            train_file=train_file,
+            validation_file=validation_file,
+            output_dir=self.work_dir / "out",
+            events_file=self.work_dir / "events.jsonl",
+        )
+        config.dump(self.work_dir / "RUN.json")
+        return config
+
+    async def _download(self, uri: str, dest: Path) -> Path:
+        self.reporter.log(f"Fetching {uri}.")
+        store, key = self.agent.locate(uri)
+        try:
+            return await asyncio.to_thread(store.get_file, key, dest)
+        except FileNotFoundError as exc:
+            raise TrainingError("BAD_TRAINING_DATA", f"The training data {uri} does not exist.") from exc
+        except Exception as exc:
+            raise Transient(f"could not fetch {uri}: {exc}") from exc
+
+    async def _model_path(self, base_model: str) -> str:
+        """A local folder for stored models (cached across jobs); anything else goes to from_pretrained."""
+        if urlparse(base_model).scheme not in ("s3", "file"):
+            return base_model
+        cached = self.agent.work_root / "models" / hashlib.sha256(base_model.encode()).hexdigest()[:24]
+        if cached.is_dir():
+            return str(cached)
+        self.reporter.log(f"Fetching the base model {base_model}.")
+        partial = cached.with_name(f".partial-{cached.name}-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        store, key = self.agent.locate(base_model)
+        try:
+            await asyncio.to_thread(store.get_dir, key, partial)
+        except FileNotFoundError as exc:
+            raise TrainingError("MODEL_NOT_FOUND", f"No model is stored at {base_model}.") from exc
+        except Exception as exc:
+            raise Transient(f"could not fetch {base_model}: {exc}") from exc
+        try:
+            partial.rename(cached)
+        except OSError:  # another agent on this host cached it first
+            shutil.rmtree(partial, ignore_errors=True)
+        return str(cached)
+
+    # -- training ---------------------------------------------------------------------------------------
+
+    async def _train(self, config: RunConfig) -> Verdict:
+        process = await TrainingProcess.start(self.work_dir / "RUN.json", self.work_dir / "train.log")
+        self.reporter.log(f"Started the training process (pid {process.pid}).")
+        tail = EventTail(config.events_file)
+        outcome: dict[str, Any] = {}
+        try:
+            await self._supervise(process, tail, outcome)
+        finally:
+            if process.returncode is None:  # the agent failed: never leave a recipe training unwatched
+                await process.stop(self.settings.worker_stop_grace_s)
+
+        if self.cancelled.is_set():
+            return await self._report_cancelled()
+        if self.agent.stopping.is_set():
+            self.reporter.log("The worker shut down; the job goes back to the queue.", "warning")
+            await self.reporter.flush(force=True)
+            return Verdict.NAK
+        if "result" in outcome and process.returncode == 0:
+            return await self._succeed(outcome["result"])
+        if "error" in outcome:
+            return await self._fail(outcome["error"]["reason"], outcome["error"]["message"])
+        return await self._fail(*self._crash_reason(process.returncode))
+
+    async def _supervise(self, process: TrainingProcess, tail: EventTail, outcome: dict[str, Any]) -> None:
+        """Forward the child's events until it exits; stop it on cancellation or shutdown."""
+        while not await process.wait_exit(self.settings.worker_poll_interval_s):
+            await self._forward(tail, outcome)
+            if self.cancelled.is_set() or self.agent.stopping.is_set():
+                why = "cancellation was requested" if self.cancelled.is_set() else "the worker is stopping"
+                self.reporter.log(f"Stopping the training process: {why}.")
+                await process.stop(self.settings.worker_stop_grace_s)
+        await self._forward(tail, outcome)
+
+    async def _forward(self, tail: EventTail, outcome: dict[str, Any]) -> None:
+        for event in tail.read():
+            await self._on_event(event, outcome)
+        await self._send_progress()
+        await self.reporter.flush()
+
+    async def _on_event(self, event: dict[str, Any], outcome: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "metric":
+            point = metric_point(event, self.job_id, self.attempt)
+            self.reporter.metric(point)
+            if point.kind == metrics_pb2.METRIC_KIND_TRAIN:
+                self.progress = progress_of(point)
+        elif kind == "log":
+            level = event.get("level", "info")
+            source = metrics_pb2.LOG_SOURCE_TRAINING
+            self.reporter.log(event.get("message", ""), level, source, event.get("time"))
+        elif kind == "state" and event.get("state") == "running":
+            await self.reporter.status(U.WORKER_UPDATE_KIND_RUNNING)
+        elif kind in ("result", "error"):
+            outcome[kind] = event
+
+    async def _send_progress(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if self.progress is None or self.progress == self._progress_sent:
+            return
+        if now - self._progress_sent_at < self.settings.worker_progress_interval_s:
+            return
+        self._progress_sent, self._progress_sent_at = self.progress, now
+        await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
+
+    def _crash_reason(self, returncode: int | None) -> tuple[str, str]:
+        """Why a training process that wrote no error line ended; its output's tail goes to the job log."""
+        log_path = self.work_dir / "train.log"
+        if log_path.exists():
+            with log_path.open("rb") as f:
+                f.seek(max(0, log_path.stat().st_size - TRAIN_LOG_TAIL_BYTES))
+                tail = f.read().decode(errors="replace")
+            self.reporter.log(f"Last output of the training process:\n{tail}", "error")
+        if returncode == -signal.SIGKILL:
+            return "OUT_OF_MEMORY", "The training process was killed, most likely for running out of memory."
+        return "TRAINING_FAILED", f"The training process exited with code {returncode} without a result."
+
+    # -- outcomes ---------------------------------------------------------------------------------------
+
+    async def _succeed(self, result: dict[str, Any]) -> Verdict:
+        store, prefix = self.agent.locate(self.assignment.output_prefix)
+        adapter_dir = Path(result["adapter_dir"])
+        uploads = [(adapter_dir, f"{prefix}/{adapter_dir.name}")]
+        if result.get("merged_dir"):
+            uploads.append((Path(result["merged_dir"]), f"{prefix}/merged"))
+        uris = []
+        for directory, key in uploads:
+            self.reporter.log(f"Uploading {directory.name} to {store.uri(key)}.")
+            try:
+                uris.append(await asyncio.to_thread(store.put_dir, key, directory))
+            except Exception as exc:
+                raise Transient(f"could not upload {directory.name}: {exc}") from exc
+        metrics = {k: float(v) for k, v in result.get("final_metrics", {}).items() if v is not None}
+        output = job_pb2.JobOutput(
+            adapter_uri=uris[0], merged_model_uri=uris[1] if len(uris) > 1 else "", final_metrics=metrics
+        )
+        self.reporter.log("Training succeeded.")
+        await self.reporter.status(U.WORKER_UPDATE_KIND_SUCCEEDED, progress=self.progress, output=output)
+        log.info("job %s attempt %d: succeeded", self.job_id, self.attempt)
+        return Verdict.ACK
+
+    async def _fail(self, reason: str, message: str) -> Verdict:
+        self.reporter.log(f"Training failed ({reason}): {message}", "error")
+        await self.reporter.status(U.WORKER_UPDATE_KIND_FAILED, error=failure_status(reason, message))
+        log.info("job %s attempt %d: failed with %s", self.job_id, self.attempt, reason)
+        return Verdict.ACK
+
+    async def _report_cancelled(self) -> Verdict:
+        self.reporter.log("The job was cancelled.")
+        await self.reporter.status(U.WORKER_UPDATE_KIND_CANCELLED, error=cancelled_status())
+        log.info("job %s attempt %d: cancelled", self.job_id, self.attempt)
+        return Verdict.ACK
+
+    # -- cancellation -----------------------------------------------------------------------------------
+
+    async def _latest_state(self) -> job_pb2.JobState.ValueType | None:
+        try:
+            raw = await self.agent.js.get_last_msg(subjects.STREAM_EVENTS, subjects.job_events(self.job_id))
+        except NotFoundError:
+            return None
+        return events_pb2.JobChanged.FromString(raw.data or b"").job.state
+
+    async def _watch_cancellation(self) -> Any:
+        """Follow the job's JobChanged events (the latest one first) and flag a cancellation."""
+
+        async def on_change(msg: Msg) -> None:
+            with contextlib.suppress(Exception):
+                if events_pb2.JobChanged.FromString(msg.data).job.state in CANCEL_STATES:
+                    self.cancelled.set()
+
+        return await self.agent.js.subscribe(
+            subjects.job_events(self.job_id),
+            stream=subjects.STREAM_EVENTS,
+            cb=on_change,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        )
+
+
+async def run_agent(settings: AgentSettings) -> None:
+    """Connect, serve jobs until SIGTERM/SIGINT, then drain the connection."""
+    if not settings.nats_url:
+        raise SystemExit("TUNEFORGE_NATS_URL is not set: the worker needs the platform's NATS server.")
+    nc = await connect(settings.nats_url, name="trainer-worker")
+    agent = Agent(settings, nc.jetstream(), store_from_settings(settings))
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, agent.request_stop)
+    try:
+        await agent.run()
+    finally:
+        await nc.drain()
+        log.info("worker %s stopped", agent.worker_id)
+
+
+def main() -> None:
+    settings = AgentSettings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(run_agent(settings))

@@ -1,0 +1,187 @@
+"""What a worker tells the platform about one job attempt, as the NATS events of events.proto.
+
+Status updates go out at once, each with an event id that is also its Nats-Msg-Id (deterministic for the
+transitions, so a retried publish is dropped as a duplicate). Metric points and log lines are batched and
+sent at least once a second, so a chatty run costs a few messages a second, not one per line.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import status_pb2
+from nats.js import JetStreamContext
+from tuneforge.events.v1 import events_pb2
+from tuneforge.v1 import job_pb2, metrics_pb2
+
+from services.kit import subjects
+from services.kit.errors import error_status
+from services.kit.ids import new_id
+from services.kit.nats import publish
+
+U = events_pb2.WorkerUpdateKind
+
+# Canonical codes of the reasons a training process reports; the reason itself is what clients branch on.
+REASON_CODES: dict[str, grpc.StatusCode] = {
+    "OUT_OF_MEMORY": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "MODEL_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "BAD_TRAINING_DATA": grpc.StatusCode.INVALID_ARGUMENT,
+    "LOSS_DIVERGED": grpc.StatusCode.ABORTED,
+    "DEPENDENCY_ERROR": grpc.StatusCode.FAILED_PRECONDITION,
+    "TRAINING_FAILED": grpc.StatusCode.INTERNAL,
+}
+LOG_LEVELS = {
+    "debug": metrics_pb2.LOG_LEVEL_DEBUG,
+    "info": metrics_pb2.LOG_LEVEL_INFO,
+    "warning": metrics_pb2.LOG_LEVEL_WARNING,
+    "error": metrics_pb2.LOG_LEVEL_ERROR,
+    "critical": metrics_pb2.LOG_LEVEL_CRITICAL,
+}
+METRIC_KINDS = {"train": metrics_pb2.METRIC_KIND_TRAIN, "eval": metrics_pb2.METRIC_KIND_EVAL}
+# Event fields that are MetricPoint fields; any other number goes to MetricPoint.values.
+POINT_FIELDS = frozenset(
+    {
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "samples_per_second",
+        "eta_seconds",
+        "eval_loss",
+        "eval_token_accuracy",
+    }
+)
+ENVELOPE_FIELDS = frozenset({"type", "kind", "step", "total_steps", "epoch", "time"})
+
+
+def timestamp(unix_seconds: float | None = None) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int((time.time() if unix_seconds is None else unix_seconds) * 1e9))
+    return ts
+
+
+def failure_status(reason: str, message: str) -> status_pb2.Status:
+    return error_status(REASON_CODES.get(reason, grpc.StatusCode.INTERNAL), message, reason)
+
+
+def cancelled_status() -> status_pb2.Status:
+    return error_status(grpc.StatusCode.CANCELLED, "The job was cancelled.", "CANCELLED")
+
+
+def metric_point(event: dict[str, Any], job_id: str, attempt: int) -> metrics_pb2.MetricPoint:
+    """A MetricPoint from a ``metric`` line of the events file."""
+    point = metrics_pb2.MetricPoint(
+        job_id=job_id,
+        kind=METRIC_KINDS.get(event.get("kind", ""), metrics_pb2.METRIC_KIND_UNSPECIFIED),
+        step=int(event["step"]),
+        total_steps=int(event.get("total_steps") or 0),
+        epoch=float(event.get("epoch") or 0.0),
+        time=timestamp(event.get("time")),
+        attempt=attempt,
+    )
+    for name, value in event.items():
+        if name in ENVELOPE_FIELDS or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if name in POINT_FIELDS:
+            setattr(point, name, float(value))
+        else:
+            point.values[name] = float(value)
+    return point
+
+
+def progress_of(point: metrics_pb2.MetricPoint) -> job_pb2.JobProgress:
+    progress = job_pb2.JobProgress(step=point.step, total_steps=point.total_steps, epoch=point.epoch)
+    for name in ("loss", "learning_rate", "tokens_per_second", "eta_seconds"):
+        if point.HasField(name):
+            setattr(progress, name, getattr(point, name))
+    return progress
+
+
+class JobReporter:
+    """Publishes the updates, metric points and log lines of one attempt of one job."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        job_id: str,
+        attempt: int,
+        worker_id: str,
+        *,
+        flush_interval_s: float = 1.0,
+    ) -> None:
+        self._js = js
+        self.job_id, self.attempt, self.worker_id = job_id, attempt, worker_id
+        self._flush_interval_s = flush_interval_s
+        self._points: list[metrics_pb2.MetricPoint] = []
+        self._entries: list[metrics_pb2.LogEntry] = []
+        self._sequence = 0
+        self._last_flush = time.monotonic()
+
+    async def status(
+        self,
+        kind: events_pb2.WorkerUpdateKind.ValueType,
+        *,
+        progress: job_pb2.JobProgress | None = None,
+        output: job_pb2.JobOutput | None = None,
+        error: status_pb2.Status | None = None,
+    ) -> None:
+        """Sends one WorkerJobUpdate, after the metrics and logs buffered before it."""
+        await self.flush(force=True)
+        name = U.Name(kind).removeprefix("WORKER_UPDATE_KIND_").lower()
+        event_id = (
+            new_id("evt") if kind == U.WORKER_UPDATE_KIND_PROGRESS else f"{self.job_id}:{self.attempt}:{name}"
+        )
+        update = events_pb2.WorkerJobUpdate(
+            event_id=event_id,
+            time=timestamp(),
+            job_id=self.job_id,
+            worker_id=self.worker_id,
+            attempt=self.attempt,
+            kind=kind,
+            progress=progress,
+            output=output,
+            error=error,
+        )
+        await publish(self._js, subjects.worker_status(self.job_id), update, event_id)
+
+    def metric(self, point: metrics_pb2.MetricPoint) -> None:
+        self._points.append(point)
+
+    def log(
+        self,
+        message: str,
+        level: str = "info",
+        source: metrics_pb2.LogSource.ValueType = metrics_pb2.LOG_SOURCE_WORKER,
+        unix_seconds: float | None = None,
+    ) -> None:
+        self._sequence += 1
+        self._entries.append(
+            metrics_pb2.LogEntry(
+                job_id=self.job_id,
+                sequence=self._sequence,
+                time=timestamp(unix_seconds),
+                level=LOG_LEVELS.get(level, metrics_pb2.LOG_LEVEL_INFO),
+                source=source,
+                message=message,
+                attempt=self.attempt,
+            )
+        )
+
+    async def flush(self, *, force: bool = False) -> None:
+        """Sends the buffered points and lines once a second (or now, with ``force``)."""
+        if not force and time.monotonic() - self._last_flush < self._flush_interval_s:
+            return
+        self._last_flush = time.monotonic()
+        if self._points:
+            points, self._points = self._points, []
+            event_id = new_id("evt")
+            message = events_pb2.MetricsReported(event_id=event_id, points=points)
+            await publish(self._js, subjects.worker_metrics(self.job_id), message, event_id)
+        if self._entries:
+            entries, self._entries = self._entries, []
+            event_id = new_id("evt")
+            logs = events_pb2.LogsReported(event_id=event_id, entries=entries)
+            await publish(self._js, subjects.worker_logs(self.job_id), logs, event_id)
