@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import grpc
 import grpc.aio
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
 
-from services.kit.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from services.kit.errors import error_from_rpc_error
 
 
 class DatasetLookup:
@@ -14,16 +13,10 @@ class DatasetLookup:
         self._stub = dataset_service_pb2_grpc.DatasetServiceStub(channel)
 
     async def get(self, organization: str, ref: str, field: str) -> dataset_pb2.Dataset:
+        """The dataset, or the datasets service's error with its field renamed to ours (`spec.dataset`)."""
         try:
             response = await self._stub.GetDataset(
                 dataset_service_pb2.GetDatasetRequest(organization=organization, dataset=ref), timeout=30)
         except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"{field}: dataset '{ref}' was not found in organization '{organization}'",
-                               metadata={"resource_type": "dataset", "resource": ref, "field": field},
-                               violations=[FieldViolation(field, "no such dataset")]) from err
-            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgument(f"{field}: {err.details()}",
-                                      violations=[FieldViolation(field, err.details() or "invalid")]) from err
-            raise Unavailable(f"the datasets service could not be reached ({err.code().name})") from err
+            raise error_from_rpc_error(err, service="datasets", field_map={"dataset": field}) from err
         return response.dataset

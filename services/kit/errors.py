@@ -199,8 +199,58 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+# -- errors of other services ----------------------------------------------------------------------
+
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_PROPAGATED: dict[grpc.StatusCode, type[TuneForgeError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+}
+# Codes about the caller's request or identity: passed on as they are, not blamed on the dependency.
+_PASSED_ON = {*_PROPAGATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+              grpc.StatusCode.OUT_OF_RANGE}
+
+
+def _rich_status(exc: grpc.aio.AioRpcError) -> status_pb2.Status | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+def error_from_rpc_error(exc: grpc.aio.AioRpcError, *, service: str,
+                         field_map: Mapping[str, str] | None = None) -> TuneForgeError:
+    """The kit error equivalent to another service's error status, for services calling each other.
+
+    `field_map` renames violation fields from the callee's request to ours ("job" -> "job_id").
+    """
+    code = exc.code()
+    if code not in _PASSED_ON:
+        return Unavailable(f"The {service} service is unavailable ({code.name}); retry later.",
+                           metadata={"service": service, "code": code.name})
+    reason, metadata, violations = "", {}, []
+    rich = _rich_status(exc)
+    for detail in rich.details if rich else ():
+        info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        if detail.Unpack(info):
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Unpack(bad):
+            violations = [FieldViolation((field_map or {}).get(v.field, v.field), v.description)
+                          for v in bad.field_violations]
+    cls = _PROPAGATED.get(code, TuneForgeError)
+    error = cls(exc.details() or code.name, reason=reason or None, violations=violations, metadata=metadata)
+    if cls is TuneForgeError:
+        error.code = code
+        error.reason = reason or code.name
+    return error
+
+
 __all__ = [
     "ERROR_DOMAIN", "AlreadyExists", "DataLoss", "ErrorMappingInterceptor", "FailedPrecondition",
     "FieldViolation", "InvalidArgument", "NotFound", "ResourceExhausted", "TuneForgeError", "Unavailable",
-    "Unimplemented", "Violations", "error_status", "not_found", "status_from_exception",
+    "Unimplemented", "Violations", "error_from_rpc_error", "error_status", "not_found",
+    "status_from_exception",
 ]
