@@ -20,7 +20,7 @@ from services.kit.errors import InvalidArgument
 
 def _check_key(key: str) -> str:
     parts = PurePosixPath(key).parts
-    if not key or key.startswith("/") or any(p in ("..", ".", "") for p in parts) or "\\" in key:
+    if not key or key.startswith("/") or "//" in key or any(p in ("..", ".") for p in parts) or "\\" in key:
         raise InvalidArgument(f"invalid object key '{key}'")
     return key
 

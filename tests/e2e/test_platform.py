@@ -124,3 +124,23 @@ def test_worker_killed_mid_job_is_redelivered(tmp_path: Path, tiny_assets: tuple
     finally:
         platform.stop()
     assert json.loads((tmp_path / "p" / "platform.json").read_text())["address"] == platform.address
+
+
+def test_cli_talks_to_the_platform(platform: Platform, tiny_assets: tuple[Path, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli.main import app
+
+    model, data = tiny_assets
+    runner = CliRunner()
+    common = ["--address", platform.address, "--org", "cli"]
+    result = runner.invoke(app, ["datasets", "upload", str(data), "--name", "cli-chat", *common])
+    assert result.exit_code == 0, result.output
+    assert "cli-chat" in result.output and "READY" in result.output
+    result = runner.invoke(app, ["jobs", "create", "--model", str(model), "--dataset", "cli-chat",
+                                 "--lora-rank", "0", *common])
+    assert result.exit_code == 2 and "spec.lora.rank" in result.output
+    result = runner.invoke(app, ["jobs", "get", "job_missing", *common])
+    assert result.exit_code == 2 and "NOT_FOUND" in result.output
+    result = runner.invoke(app, ["jobs", "list", *common])
+    assert result.exit_code == 0, result.output
