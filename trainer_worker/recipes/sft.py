@@ -220,10 +220,15 @@ class SFTRecipe:
         )
 
     def _compute_dtype(self) -> torch.dtype:
+        """job.proto's default: bf16 where the hardware has it, else fp16 on a GPU and fp32 on a CPU."""
         precision = self.hp.precision
         if precision == job_pb2.PRECISION_UNSPECIFIED:
-            bf16 = not self.cuda or torch.cuda.is_bf16_supported()
-            precision = job_pb2.PRECISION_BF16 if bf16 else job_pb2.PRECISION_FP16
+            if self.cuda:
+                bf16 = torch.cuda.is_bf16_supported()
+                precision = job_pb2.PRECISION_BF16 if bf16 else job_pb2.PRECISION_FP16
+            else:
+                bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+                precision = job_pb2.PRECISION_BF16 if bf16 else job_pb2.PRECISION_FP32
         if precision == job_pb2.PRECISION_FP16 and not self.cuda:
             self.sink.log("fp16 needs a GPU; training in fp32 on this CPU worker.", "warning")
             precision = job_pb2.PRECISION_FP32
