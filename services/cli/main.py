@@ -6,6 +6,8 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -33,17 +35,23 @@ Address = Annotated[str, typer.Option("--address", envvar="TUNEFORGE_ADDRESS",
                                       help="gRPC address of the platform.")]
 Org = Annotated[str, typer.Option("--org", envvar="TUNEFORGE_ORGANIZATION", help="Organization.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the resource as JSON.")]
+MergeFlag = Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also store merged weights.")]
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
-def _client(address: str, org: str) -> TuneForgeClient:
-    return TuneForgeClient(address, org)
+USER_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION"}
 
 
-def _fail(err: TuneForgeError) -> None:
-    err_console.print(f"[red]error[/red] {err}")
-    raise typer.Exit(2 if err.code.name in ("INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS",
-                                            "FAILED_PRECONDITION") else 1)
+@contextmanager
+def api(address: str, org: str) -> Iterator[TuneForgeClient]:
+    """A client for one command; an API error is printed with its field violations and exits 2 for the
+    caller's mistakes (bad input, unknown names) and 1 for everything else."""
+    try:
+        with TuneForgeClient(address, org) as client:
+            yield client
+    except TuneForgeError as err:
+        err_console.print(f"[red]error[/red] {err}")
+        raise typer.Exit(2 if err.code.name in USER_ERRORS else 1) from None
 
 
 # -- platform ------------------------------------------------------------------------------------
@@ -111,13 +119,9 @@ def datasets_upload(
     """Upload a JSONL dataset; it is validated and split before the command returns."""
     split = dataset_pb2.SplitConfig(train_fraction=train, validation_fraction=validation,
                                     test_fraction=test, seed=seed)
-    try:
-        with _client(address, org) as client:
-            response = client.upload_dataset(path, name, description=description, split=split,
-                                             min_examples=min_examples, request_id=str(uuid.uuid4()))
-    except TuneForgeError as err:
-        _fail(err)
-        return
+    with api(address, org) as client:
+        response = client.upload_dataset(path, name, description=description, split=split,
+                                         min_examples=min_examples, request_id=str(uuid.uuid4()))
     if as_json:
         console.print_json(to_json(response.dataset))
         return
@@ -130,12 +134,8 @@ def datasets_upload(
 def datasets_get(ref: Annotated[str, typer.Argument(help="Dataset id or name.")],
                  address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False) -> None:
     """Show one dataset."""
-    try:
-        with _client(address, org) as client:
-            dataset = client.get_dataset(ref)
-    except TuneForgeError as err:
-        _fail(err)
-        return
+    with api(address, org) as client:
+        dataset = client.get_dataset(ref)
     console.print_json(to_json(dataset)) if as_json else console.print(dataset_table([dataset]))
 
 
@@ -144,12 +144,8 @@ def datasets_list(page_size: Annotated[int, typer.Option()] = 50,
                   page_token: Annotated[str, typer.Option()] = "",
                   address: Address = DEFAULT_ADDRESS, org: Org = "default") -> None:
     """List datasets, newest first."""
-    try:
-        with _client(address, org) as client:
-            response = client.list_datasets(page_size, page_token)
-    except TuneForgeError as err:
-        _fail(err)
-        return
+    with api(address, org) as client:
+        response = client.list_datasets(page_size, page_token)
     console.print(dataset_table(list(response.datasets)))
     if response.next_page_token:
         console.print(f"next page: --page-token {response.next_page_token}")
@@ -212,8 +208,7 @@ def jobs_create(
     lora_rank: Annotated[int | None, typer.Option()] = None,
     lora_alpha: Annotated[int | None, typer.Option()] = None,
     lora_dropout: Annotated[float | None, typer.Option()] = None,
-    merge: Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also store merged weights.")]
-    = None,
+    merge: MergeFlag = None,
     validate_only: Annotated[bool, typer.Option(help="Check the spec, create nothing.")] = False,
     follow: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
     address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False,
@@ -223,33 +218,26 @@ def jobs_create(
                       max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate,
                       max_seq_length=max_seq_length, logging_steps=logging_steps, seed=seed,
                       lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge=merge)
-    try:
-        with _client(address, org) as client:
-            job = client.create_job(spec, name=name, request_id=str(uuid.uuid4()),
-                                    validate_only=validate_only)
-            if as_json:
-                console.print_json(to_json(job))
-            else:
-                console.print(job_table([job]))
-            if follow and not validate_only:
-                final = watch(client, job, console)
-                outcome(final, console)
-                if final.state != job_pb2.JOB_STATE_SUCCEEDED:
-                    raise typer.Exit(1)
-    except TuneForgeError as err:
-        _fail(err)
+    with api(address, org) as client:
+        job = client.create_job(spec, name=name, request_id=str(uuid.uuid4()),
+                                validate_only=validate_only)
+        if as_json:
+            console.print_json(to_json(job))
+        else:
+            console.print(job_table([job]))
+        if follow and not validate_only:
+            final = watch(client, job, console)
+            outcome(final, console)
+            if final.state != job_pb2.JOB_STATE_SUCCEEDED:
+                raise typer.Exit(1)
 
 
 @jobs_app.command("get")
 def jobs_get(ref: Annotated[str, typer.Argument(help="Job id or name.")],
              address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False) -> None:
     """Show one job."""
-    try:
-        with _client(address, org) as client:
-            job = client.get_job(ref)
-    except TuneForgeError as err:
-        _fail(err)
-        return
+    with api(address, org) as client:
+        job = client.get_job(ref)
     if as_json:
         console.print_json(to_json(job))
     else:
@@ -270,12 +258,8 @@ def jobs_list(state: Annotated[list[str] | None, typer.Option(help="Only jobs in
         states = [job_pb2.JobState.Value(f"JOB_STATE_{s.upper()}") for s in state or []]
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--state") from exc
-    try:
-        with _client(address, org) as client:
-            response = client.list_jobs(page_size, page_token, states)
-    except TuneForgeError as err:
-        _fail(err)
-        return
+    with api(address, org) as client:
+        response = client.list_jobs(page_size, page_token, states)
     console.print(job_table(list(response.jobs)))
     if response.next_page_token:
         console.print(f"next page: --page-token {response.next_page_token}")
@@ -285,12 +269,8 @@ def jobs_list(state: Annotated[list[str] | None, typer.Option(help="Only jobs in
 def jobs_watch(ref: Annotated[str, typer.Argument(help="Job id or name.")],
                address: Address = DEFAULT_ADDRESS, org: Org = "default") -> None:
     """Follow a job's progress and metrics until it ends; exits non-zero unless it SUCCEEDED."""
-    try:
-        with _client(address, org) as client:
-            final = watch(client, client.get_job(ref), console)
-    except TuneForgeError as err:
-        _fail(err)
-        return
+    with api(address, org) as client:
+        final = watch(client, client.get_job(ref), console)
     outcome(final, console)
     if final.state != job_pb2.JOB_STATE_SUCCEEDED:
         raise typer.Exit(1)
@@ -300,12 +280,8 @@ def jobs_watch(ref: Annotated[str, typer.Argument(help="Job id or name.")],
 def jobs_cancel(ref: Annotated[str, typer.Argument(help="Job id or name.")],
                 address: Address = DEFAULT_ADDRESS, org: Org = "default") -> None:
     """Request cancellation of a job."""
-    try:
-        with _client(address, org) as client:
-            job = client.cancel_job(ref)
-    except TuneForgeError as err:
-        _fail(err)
-        return
+    with api(address, org) as client:
+        job = client.cancel_job(ref)
     console.print(job_table([job]))
 
 

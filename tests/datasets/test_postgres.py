@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
-
 import grpc.aio
 import pytest
-from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import Engine
+from sqlalchemy import inspect
 from tuneforge.v1 import dataset_pb2
 from tuneforge.v1 import dataset_service_pb2 as pb
 from tuneforge.v1.dataset_service_pb2_grpc import DatasetServiceStub
@@ -20,32 +15,6 @@ from services.kit.db import Database
 from tests.datasets.helpers import chat_lines, jsonl, meta, serving, upload_requests
 
 pytestmark = pytest.mark.postgres
-
-POSTGRES_URL = os.environ.get("TUNEFORGE_TEST_POSTGRES_URL",
-                              "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A URL whose connections use a fresh schema (search_path), dropped with everything in it after."""
-    try:
-        admin: Engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-        with admin.begin() as conn:
-            conn.execute(text("select 1"))
-    except Exception as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL} ({type(exc).__name__}); "
-                    "set TUNEFORGE_TEST_POSTGRES_URL to run this test")
-    schema = f"datasets_test_{uuid.uuid4().hex[:12]}"
-    with admin.begin() as conn:
-        conn.execute(text(f'create schema "{schema}"'))
-    sep = "&" if "?" in POSTGRES_URL else "?"
-    try:
-        yield f"{POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'drop schema "{schema}" cascade'))
-        admin.dispose()
-
 
 def test_migrations_apply_twice_and_create_the_tables(postgres_url: str) -> None:
     db = Database(postgres_url, "datasets")

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
-
 import pytest
-from sqlalchemy import create_engine, text
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2
 
@@ -18,32 +13,8 @@ from services.kit.db import Database
 from services.kit.outbox import OutboxRelay
 
 pytestmark = pytest.mark.postgres
-PG_URL = os.environ.get("TUNEFORGE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A private schema on the local PostgreSQL, dropped afterwards; skips when none is reachable."""
-    try:
-        admin = create_engine(PG_URL)
-        with admin.connect() as conn:
-            conn.execute(text("select 1"))
-    except Exception as exc:
-        pytest.skip(f"no PostgreSQL reachable at {PG_URL}: {exc.__class__.__name__}")
-    schema = f"tf_jobs_{uuid.uuid4().hex[:8]}"
-    with admin.begin() as conn:
-        conn.execute(text(f'create schema "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'drop schema "{schema}" cascade'))
-        admin.dispose()
-
-
-async def test_migrations_and_lifecycle_on_postgres(pg_url: str) -> None:
-    db = Database(pg_url, "jobs")
+async def test_migrations_and_lifecycle_on_postgres(postgres_url: str) -> None:
+    db = Database(postgres_url, "jobs")
     db.migrate(MIGRATIONS)
     db.migrate(MIGRATIONS)
     manager = JobManager(db, OutboxRelay(db, js=None, model=JobOutbox),  # type: ignore[arg-type]

@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from tuneforge.v1 import metrics_pb2
 
 from services.kit.db import Database
-from services.kit.ids import new_id
 from services.metrics.component import MIGRATIONS_DIR
 from services.metrics.repository import MetricsRepository
 from tests.metrics.conftest import EVAL, TRAIN, point
-
-POSTGRES_URL = os.environ.get("TUNEFORGE_TEST_POSTGRES_URL",
-                              "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def _postgres_schema_db() -> Iterator[Database]:
-    """A private schema in the test PostgreSQL, dropped afterwards; skipped where none is reachable."""
-    schema = new_id("t").lower()
-    admin = sa.create_engine(POSTGRES_URL)
-    try:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"no PostgreSQL at {POSTGRES_URL} ({exc.__class__.__name__})")
-    db = Database(f"{POSTGRES_URL}?options=-csearch_path%3D{schema}", "metrics")
-    try:
-        yield db
-    finally:
-        db.dispose()
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -48,10 +22,11 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
         yield database
         database.dispose()
         return
-    for database in _postgres_schema_db():
-        database.migrate(MIGRATIONS_DIR)
-        database.migrate(MIGRATIONS_DIR)  # idempotent: every process start applies them
-        yield database
+    database = Database(request.getfixturevalue("postgres_url"), "metrics")
+    database.migrate(MIGRATIONS_DIR)
+    database.migrate(MIGRATIONS_DIR)  # idempotent: every process start applies them
+    yield database
+    database.dispose()
 
 
 def test_points_upsert_by_key_and_newest_attempt_wins(db: Database) -> None:
