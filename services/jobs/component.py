@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_service_pb2_grpc
 
@@ -19,7 +20,7 @@ from services.jobs.servicer import JobServicer
 from services.kit import subjects
 from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
-from services.kit.nats import ensure_trainers_consumer, max_deliveries_advisory
+from services.kit.nats import ensure_trainers_consumer
 from services.kit.outbox import OutboxRelay
 from services.kit.runtime import Component, Registration, Runtime
 
@@ -38,7 +39,6 @@ class JobsComponent(Component):
         self.manager = JobManager(self.db, self.relay,
                                   DatasetLookup(runtime.channel(settings.datasets_address)),
                                   runtime.store, runtime.nc)
-        self._advisory_sub = None
 
     def registrations(self) -> Sequence[Registration]:
         return [Registration("tuneforge.v1.JobService", JobServicer(self.manager),
@@ -51,12 +51,11 @@ class JobsComponent(Component):
         self.spawn(consume(self.runtime.js, stream=subjects.STREAM_WORKER,
                            durable=subjects.JOBS_STATUS_CONSUMER, subject=subjects.ALL_WORKER_STATUS,
                            handler=self._on_worker_update), "jobs-worker-updates")
-        advisory = max_deliveries_advisory(subjects.STREAM_WORK, subjects.TRAINERS_CONSUMER)
-        self._advisory_sub = await self.runtime.nc.subscribe(advisory, cb=self._on_max_deliveries)
+        self.spawn(consume(self.runtime.js, stream=subjects.STREAM_ADVISORIES,
+                           durable=subjects.JOBS_LOST_CONSUMER, subject=subjects.WORK_MAX_DELIVERIES,
+                           handler=self._on_max_deliveries), "jobs-lost-work")
 
     async def stop(self) -> None:
-        if self._advisory_sub is not None:
-            await self._advisory_sub.unsubscribe()
         await super().stop()
         self.db.dispose()
 
@@ -70,13 +69,21 @@ class JobsComponent(Component):
         await self.manager.apply_worker_update(update)
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
+        """Fails the job whose assignment no worker finished, then drops the assignment from the queue.
+
+        Redelivery of the advisory is harmless: failing a final job is a no-op, and an assignment that is
+        already gone means an earlier delivery did the work.
+        """
         try:
             advisory = json.loads(msg.data)
             seq = int(advisory["stream_seq"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PermanentError(f"undecodable max-deliveries advisory: {exc}") from exc
+        try:
             raw = await self.runtime.js.get_msg(subjects.STREAM_WORK, seq)
-            assignment = events_pb2.JobAssignment.FromString(raw.data or b"")
-            if await self.manager.fail_lost(assignment.job_id, int(advisory.get("deliveries", 0))):
-                log.warning("job %s failed: no worker finished it", assignment.job_id)
-            await self.runtime.js.delete_msg(subjects.STREAM_WORK, seq)
-        except Exception:
-            log.exception("could not handle max-deliveries advisory")
+        except NotFoundError:
+            return
+        assignment = events_pb2.JobAssignment.FromString(raw.data or b"")
+        if await self.manager.fail_lost(assignment.job_id, int(advisory.get("deliveries", 0))):
+            log.warning("job %s failed: no worker finished it", assignment.job_id)
+        await self.runtime.js.delete_msg(subjects.STREAM_WORK, seq)

@@ -54,6 +54,10 @@ def stream_configs(max_deliver_age_s: float = 7 * 24 * 3600) -> list[StreamConfi
             duplicate_window=DUPLICATE_WINDOW_S,
         ),
         StreamConfig(
+            name=subjects.STREAM_ADVISORIES, subjects=[subjects.WORK_MAX_DELIVERIES],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, max_age=max_deliver_age_s,
+        ),
+        StreamConfig(
             name=subjects.STREAM_EVENTS, subjects=["tuneforge.events.>"],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, max_age=max_deliver_age_s,
             duplicate_window=DUPLICATE_WINDOW_S,
@@ -111,6 +115,3 @@ async def ensure_trainers_consumer(js: JetStreamContext, ack_wait_s: float, max_
     await ensure_pull_consumer(js, subjects.STREAM_WORK, subjects.TRAINERS_CONSUMER, subjects.WORK_JOBS,
                                ack_wait_s=ack_wait_s, max_deliver=max_deliver)
 
-
-def max_deliveries_advisory(stream: str, consumer: str) -> str:
-    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"

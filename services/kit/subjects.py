@@ -7,6 +7,7 @@ TF_WORKER  tuneforge.worker.jobs.<job_id>.status       WorkerJobUpdate  -> jobs 
            tuneforge.worker.jobs.<job_id>.logs         LogsReported     -> metrics service
 TF_EVENTS  tuneforge.events.jobs.<job_id>              JobChanged (jobs outbox) -> watchers, workers, metrics
            tuneforge.events.datasets.<dataset_id>      DatasetChanged (datasets outbox)
+TF_ADVISORIES  $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TF_WORK.trainers  -> jobs service (WORKER_LOST)
 core NATS  tuneforge.live.metrics.<job_id>             MetricsStored, after the metrics service stored points
            tuneforge.live.logs.<job_id>                LogsStored
 """
@@ -16,11 +17,16 @@ from __future__ import annotations
 STREAM_WORK = "TF_WORK"
 STREAM_WORKER = "TF_WORKER"
 STREAM_EVENTS = "TF_EVENTS"
+# JetStream's own advisory that a work item ran out of deliveries, captured in a stream so that a jobs
+# service that was down when it was sent still sees it.
+STREAM_ADVISORIES = "TF_ADVISORIES"
+WORK_MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TF_WORK.trainers"
 
 WORK_JOBS = "tuneforge.work.jobs"
 TRAINERS_CONSUMER = "trainers"
 
 JOBS_STATUS_CONSUMER = "jobs-service-status"
+JOBS_LOST_CONSUMER = "jobs-service-lost-work"
 METRICS_INGEST_CONSUMER = "metrics-service-ingest"
 LOGS_INGEST_CONSUMER = "metrics-service-logs"
 METRICS_JOB_EVENTS_CONSUMER = "metrics-service-job-events"

@@ -144,3 +144,26 @@ def test_cli_talks_to_the_platform(platform: Platform, tiny_assets: tuple[Path, 
     assert result.exit_code == 2 and "NOT_FOUND" in result.output
     result = runner.invoke(app, ["jobs", "list", *common])
     assert result.exit_code == 0, result.output
+
+
+def test_job_fails_as_worker_lost_when_deliveries_run_out(tmp_path: Path,
+                                                          tiny_assets: tuple[Path, Path]) -> None:
+    from google.rpc import error_details_pb2
+
+    model, data = tiny_assets
+    platform = start_platform(tmp_path / "p", workers=0, TUNEFORGE_WORK_ACK_WAIT_S="3",
+                              TUNEFORGE_WORK_MAX_DELIVER="1")
+    try:
+        worker = platform.start_worker("doomed")
+        with TuneForgeClient(platform.address, "e2e") as client:
+            ds = upload(client, data, "chat-lost")
+            job = client.create_job(lora_spec(model, ds.id, epochs=12))
+            wait_for(client, job.id, lambda j: j.state == job_pb2.JOB_STATE_RUNNING)
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+            final = wait_final(client, job.id, timeout_s=120)
+        assert final.state == job_pb2.JOB_STATE_FAILED
+        info = error_details_pb2.ErrorInfo()
+        assert final.error.details[0].Unpack(info) and info.reason == "WORKER_LOST"
+    finally:
+        platform.stop()
