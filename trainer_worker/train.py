@@ -13,8 +13,7 @@ import logging
 import traceback
 from pathlib import Path
 
-from tuneforge.v1 import job_pb2
-
+from trainer_worker import distributed, recipes
 from trainer_worker.errors import Cancelled, TrainingError, classify
 from trainer_worker.events import EventSink
 from trainer_worker.run_config import RunConfig
@@ -23,31 +22,13 @@ from trainer_worker.stop import EXIT_CANCELLED, StopSignal
 EXIT_FAILED = 1
 
 
-def check_supported(spec: job_pb2.JobSpec) -> None:
-    """Reject what no recipe here trains yet, with a sentence the user can act on."""
-    if spec.method != job_pb2.TRAINING_METHOD_SFT:
-        name = job_pb2.TrainingMethod.Name(spec.method).removeprefix("TRAINING_METHOD_")
-        raise TrainingError("TRAINING_FAILED", f"Training method {name} is not supported by this worker yet.")
-    if spec.adapter not in (job_pb2.ADAPTER_TYPE_LORA, job_pb2.ADAPTER_TYPE_FULL):
-        name = job_pb2.AdapterType.Name(spec.adapter).removeprefix("ADAPTER_TYPE_")
-        raise TrainingError("TRAINING_FAILED", f"Adapter type {name} is not supported by this worker yet.")
-    hardware = spec.hardware
-    single = job_pb2.DISTRIBUTED_STRATEGY_UNSPECIFIED, job_pb2.DISTRIBUTED_STRATEGY_NONE
-    if hardware.strategy not in single or hardware.gpu_count > 1 or hardware.node_count > 1:
-        raise TrainingError(
-            "TRAINING_FAILED",
-            "Distributed training (several GPUs, nodes, DDP, ZeRO, FSDP) is not supported yet.",
-        )
-
-
 def run(cfg: RunConfig, sink: EventSink, stop: StopSignal) -> int:
     """Run one attempt and return the process exit code; every outcome is also written to ``sink``."""
     try:
         spec = cfg.job_spec()
-        check_supported(spec)
-        from trainer_worker.recipes.sft import SFTRecipe  # imports torch: only for specs we can train
-
-        adapter_dir, merged_dir, final_metrics = SFTRecipe(cfg, spec, sink, stop).run()
+        recipes.check_supported(spec)
+        distributed.check_supported(spec)
+        adapter_dir, merged_dir, final_metrics = recipes.build(cfg, spec, sink, stop).run()
     except Cancelled as exc:
         sink.log(f"Training stopped: {exc}.")
         sink.state("cancelled")

@@ -22,6 +22,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template
 from tuneforge.v1 import job_pb2
 
+from trainer_worker import checkpointing, distributed
 from trainer_worker.errors import Cancelled, TrainingError
 from trainer_worker.events import EventSink
 from trainer_worker.recipes.callbacks import DivergenceWatchdog, MetricsCallback, StopCallback
@@ -79,6 +80,7 @@ class SFTRecipe:
         model = self._load_model()
         self._check_stop()
         callbacks = [self.metrics, self.watchdog, StopCallback(self.stop)]
+        callbacks += checkpointing.callbacks(self.cfg, self.sink)
         args = self._training_args(has_validation=validation is not None)
         if args.load_best_model_at_end:
             early = self.hp.early_stopping
@@ -299,6 +301,7 @@ class SFTRecipe:
             greater_is_better=False if early_stopping else None,
             report_to="none",
             disable_tqdm=True,
+            **distributed.trainer_kwargs(self.spec),
         )
 
     # -- train ------------------------------------------------------------------------------------------
@@ -307,7 +310,7 @@ class SFTRecipe:
         assert self.trainer is not None
         length = f"{self.hp.max_steps} steps" if self.hp.max_steps else f"{self.hp.epochs} epochs"
         self.sink.log(f"Training for {length}.")
-        self.trainer.train()
+        self.trainer.train(resume_from_checkpoint=checkpointing.resume_checkpoint(self.cfg))
         if self.watchdog.diverged_at is not None:
             raise TrainingError(
                 "LOSS_DIVERGED", f"The loss became NaN or infinite by step {self.watchdog.diverged_at}."

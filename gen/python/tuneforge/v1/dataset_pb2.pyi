@@ -373,6 +373,7 @@ class TokenStatistics(_message.Message):
     TOTAL_FIELD_NUMBER: _builtins.int
     TRUNCATED_COUNT_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
+    TRAIN_TOKENS_FIELD_NUMBER: _builtins.int
     tokenizer: _builtins.str
     """The tokenizer (model id or path) the counts were made with."""
     min: _builtins.int
@@ -383,6 +384,10 @@ class TokenStatistics(_message.Message):
     truncated_count: _builtins.int
     """Examples longer than max_length tokens, which training would truncate."""
     max_length: _builtins.int
+    train_tokens: _builtins.int
+    """Tokens one epoch trains on: the train split's examples, each cut at max_length. The estimation
+    service turns this into time and cost.
+    """
     def __init__(
         self,
         *,
@@ -394,10 +399,11 @@ class TokenStatistics(_message.Message):
         total: _builtins.int = ...,
         truncated_count: _builtins.int = ...,
         max_length: _builtins.int = ...,
+        train_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "max_length", b"max_length", "median", b"median", "min", b"min", "p95", b"p95", "tokenizer", b"tokenizer", "total", b"total", "truncated_count", b"truncated_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "max_length", b"max_length", "median", b"median", "min", b"min", "p95", b"p95", "tokenizer", b"tokenizer", "total", b"total", "train_tokens", b"train_tokens", "truncated_count", b"truncated_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
