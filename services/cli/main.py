@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -14,7 +15,7 @@ from typing import Annotated
 import typer
 from google.protobuf import json_format
 from rich.console import Console
-from tuneforge.v1 import dataset_pb2, job_pb2
+from tuneforge.v1 import dataset_pb2, dataset_service_pb2, job_pb2
 
 from services.cli.render import as_json as to_json
 from services.cli.render import dataset_table, job_table, outcome, watch
@@ -128,6 +129,60 @@ def datasets_upload(
     console.print(dataset_table([response.dataset]))
     for issue in response.report.issues:
         console.print(f"[yellow]warning[/yellow] {issue.code} line {issue.line}: {issue.message}")
+
+
+def dataset_source(uri: str, **options: object) -> dataset_pb2.DatasetSource:
+    """s3://bucket/key, gs://bucket/object, or a Hugging Face dataset id (hf://owner/name or owner/name)."""
+    if uri.startswith("s3://"):
+        return dataset_pb2.DatasetSource(s3_uri=uri, **options)  # type: ignore[arg-type]
+    if uri.startswith("gs://"):
+        return dataset_pb2.DatasetSource(gcs_uri=uri, **options)  # type: ignore[arg-type]
+    return dataset_pb2.DatasetSource(huggingface_id=uri.removeprefix("hf://"), **options)  # type: ignore[arg-type]
+
+
+def credentials_from_env(source: dataset_pb2.DatasetSource) -> dataset_service_pb2.SourceCredentials:
+    """The caller's secrets for `source`, from the environment (flags would stay in shell history)."""
+    if source.WhichOneof("source") == "huggingface_id":
+        return dataset_service_pb2.SourceCredentials(huggingface_token=os.environ.get("HF_TOKEN", ""))
+    return dataset_service_pb2.SourceCredentials(
+        access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", ""),
+        secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+        session_token=os.environ.get("AWS_SESSION_TOKEN", ""))
+
+
+@datasets_app.command("import")
+def datasets_import(
+    source: Annotated[str, typer.Argument(help="s3://bucket/key, gs://bucket/object or a Hugging Face id.")],
+    name: Annotated[str, typer.Option(help="Unique within the organization.")],
+    description: Annotated[str, typer.Option()] = "",
+    region: Annotated[str, typer.Option(help="S3/GCS: the bucket's region.")] = "",
+    endpoint_url: Annotated[str, typer.Option(help="S3/GCS: an S3-compatible endpoint.")] = "",
+    hf_config: Annotated[str, typer.Option(help="Hugging Face: the configuration.")] = "",
+    hf_split: Annotated[str, typer.Option(help="Hugging Face: the split (default train).")] = "",
+    streaming: Annotated[bool, typer.Option(help="Hugging Face: stream rows, no full download.")] = False,
+    max_rows: Annotated[int, typer.Option(help="Hugging Face: at most this many rows (0: all).")] = 0,
+    env_credentials: Annotated[bool, typer.Option(
+        "--env-credentials", help="Send AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (S3; "
+        "GCS HMAC keys) or HF_TOKEN from the environment. Secrets are never taken as flags.")] = False,
+    min_examples: Annotated[int | None, typer.Option(help="Fewer is an error (default 100).")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until READY or FAILED.")] = True,
+    address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False,
+) -> None:
+    """Import a dataset from S3, GCS or the Hugging Face Hub; it is validated and split like an upload."""
+    options = {"region": region, "endpoint_url": endpoint_url, "huggingface_config": hf_config,
+               "huggingface_split": hf_split, "streaming": streaming, "max_rows": max_rows}
+    where = dataset_source(source, **options)
+    with api(address, org) as client:
+        dataset = client.import_dataset(name, where, description=description,
+                                        credentials=credentials_from_env(where) if env_credentials else None,
+                                        min_examples=min_examples, request_id=str(uuid.uuid4()))
+        while wait and dataset.state == dataset_pb2.DATASET_STATE_PROCESSING:
+            time.sleep(0.5)
+            dataset = client.get_dataset(dataset.id)
+    console.print_json(to_json(dataset)) if as_json else console.print(dataset_table([dataset]))
+    if dataset.state == dataset_pb2.DATASET_STATE_FAILED:
+        err_console.print(f"[red]failed[/red] {dataset.failure_message}")
+        raise typer.Exit(1)
 
 
 @datasets_app.command("get")

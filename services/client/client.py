@@ -91,6 +91,18 @@ class TuneForgeClient:
 
         return _call(lambda: self.datasets.UploadDataset(requests(), timeout=max(self.timeout_s, 600)))
 
+    def import_dataset(self, name: str, source: dataset_pb2.DatasetSource, *, description: str = "",
+                       credentials: dataset_service_pb2.SourceCredentials | None = None,
+                       split: dataset_pb2.SplitConfig | None = None, min_examples: int | None = None,
+                       request_id: str = "") -> dataset_pb2.Dataset:
+        """Starts importing from S3, GCS or Hugging Face; returns the dataset, PROCESSING until it ends."""
+        request = dataset_service_pb2.CreateDatasetRequest(
+            organization=self.organization, name=name, description=description, source=source,
+            credentials=credentials, split=split, request_id=request_id)
+        if min_examples is not None:
+            request.min_examples = min_examples
+        return _call(lambda: self.datasets.CreateDataset(request, timeout=self.timeout_s)).dataset
+
     def get_dataset(self, ref: str) -> dataset_pb2.Dataset:
         request = dataset_service_pb2.GetDatasetRequest(organization=self.organization, dataset=ref)
         return _call(lambda: self.datasets.GetDataset(request, timeout=self.timeout_s)).dataset

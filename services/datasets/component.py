@@ -36,7 +36,14 @@ class DatasetsComponent(Component):
 
     async def start(self) -> None:
         self.spawn(self.relay.run(), "datasets-outbox-relay")
+        # Imports an earlier run left PROCESSING (it stopped or crashed mid-import) start again.
+        self.spawn(self._resume_imports(), "datasets-resume-imports")
+
+    async def _resume_imports(self) -> None:
+        await self.manager.resume_imports()
 
     async def stop(self) -> None:
+        # Running imports stop first; each keeps only its sealed request, for the next start.
+        await self.manager.close_imports()
         await super().stop()
         self.db.dispose()

@@ -8,6 +8,7 @@ from tuneforge.v1 import dataset_pb2, dataset_service_pb2
 
 from services.datasets.domain import (
     DatasetFormat,
+    DatasetOptions,
     DatasetRecord,
     DatasetState,
     Issue,
@@ -15,6 +16,7 @@ from services.datasets.domain import (
     SplitConfig,
     SplitKind,
     Statistics,
+    TokenStats,
     UploadSpec,
     ValidationReport,
 )
@@ -64,25 +66,71 @@ def split_kind_to_proto(kind: SplitKind) -> dataset_pb2.DatasetSplitKind.ValueTy
     return dataset_pb2.DatasetSplitKind.Value(f"DATASET_SPLIT_KIND_{kind.name}")
 
 
+def tokens_to_proto(tokens: TokenStats) -> dataset_pb2.TokenStatistics:
+    return dataset_pb2.TokenStatistics(
+        tokenizer=tokens.tokenizer, min=tokens.min, median=tokens.median, p95=tokens.p95, max=tokens.max,
+        total=tokens.total, truncated_count=tokens.truncated_count, max_length=tokens.max_length,
+        train_tokens=tokens.train_tokens)
+
+
+def tokens_from_proto(proto: dataset_pb2.TokenStatistics) -> TokenStats:
+    return TokenStats(tokenizer=proto.tokenizer, min=proto.min, median=proto.median, p95=proto.p95,
+                      max=proto.max, total=proto.total, truncated_count=proto.truncated_count,
+                      max_length=proto.max_length, train_tokens=proto.train_tokens)
+
+
 def statistics_to_proto(stats: Statistics) -> dataset_pb2.DatasetStatistics:
-    # Token statistics need a tokenizer: a later issue. `tokens` stays unset, which estimation treats as
-    # "unknown" rather than zero.
+    # Without a tokenizer `tokens` stays unset, which estimation treats as "unknown" rather than zero.
     return dataset_pb2.DatasetStatistics(
         example_count=stats.example_count, mean_messages_per_example=stats.mean_messages_per_example,
-        total_characters=stats.total_characters, duplicate_count=stats.duplicate_count)
+        total_characters=stats.total_characters, duplicate_count=stats.duplicate_count,
+        tokens=tokens_to_proto(stats.tokens) if stats.tokens else None,
+        dropped_by_max_samples=stats.dropped_by_max_samples)
 
 
 def statistics_from_proto(proto: dataset_pb2.DatasetStatistics) -> Statistics:
     return Statistics(example_count=proto.example_count,
                       mean_messages_per_example=proto.mean_messages_per_example,
-                      total_characters=proto.total_characters, duplicate_count=proto.duplicate_count)
+                      total_characters=proto.total_characters, duplicate_count=proto.duplicate_count,
+                      tokens=tokens_from_proto(proto.tokens) if proto.HasField("tokens") else None,
+                      dropped_by_max_samples=proto.dropped_by_max_samples)
+
+
+def options_to_proto(options: DatasetOptions) -> dataset_pb2.DatasetOptions:
+    return dataset_pb2.DatasetOptions(
+        max_samples=options.max_samples, system_prompt=options.system_prompt,
+        prompt_template=options.prompt_template, max_prompt_length=options.max_prompt_length,
+        lazy_tokenize=options.lazy_tokenize, streaming=options.streaming)
+
+
+def options_from_proto(proto: dataset_pb2.DatasetOptions) -> DatasetOptions:
+    return DatasetOptions(
+        max_samples=proto.max_samples if proto.HasField("max_samples") else None,
+        system_prompt=proto.system_prompt, prompt_template=proto.prompt_template,
+        max_prompt_length=proto.max_prompt_length, lazy_tokenize=proto.lazy_tokenize,
+        streaming=proto.streaming)
+
+
+def source_to_proto(descriptor: str) -> dataset_pb2.DatasetSource:
+    """Dataset.source from the stored source_filename: an import's URI (s3://, gs://, hf://, as
+    services.datasets.sources writes them) or an upload's file name."""
+    if descriptor.startswith("s3://"):
+        return dataset_pb2.DatasetSource(s3_uri=descriptor)
+    if descriptor.startswith("gs://"):
+        return dataset_pb2.DatasetSource(gcs_uri=descriptor)
+    if descriptor.startswith("hf://"):
+        return dataset_pb2.DatasetSource(huggingface_id=descriptor.removeprefix("hf://"))
+    return dataset_pb2.DatasetSource(upload_filename=descriptor)
 
 
 def dataset_to_proto(record: DatasetRecord, uri_for: UriFor) -> dataset_pb2.Dataset:
     return dataset_pb2.Dataset(
         id=record.id, organization=record.organization, name=record.name, description=record.description,
-        state=state_to_proto(record.state), format=format_to_proto(record.format),
-        source=dataset_pb2.DatasetSource(upload_filename=record.source_filename),
+        state=state_to_proto(record.state),
+        # An import's format is not known until it has read the content.
+        format=(dataset_pb2.DATASET_FORMAT_UNSPECIFIED if record.state is DatasetState.PROCESSING
+                else format_to_proto(record.format)),
+        source=source_to_proto(record.source_filename),
         size_bytes=record.size_bytes, sha256=record.sha256,
         statistics=statistics_to_proto(record.statistics),
         splits=[dataset_pb2.DatasetSplit(kind=split_kind_to_proto(s.kind), example_count=s.example_count,
@@ -92,6 +140,7 @@ def dataset_to_proto(record: DatasetRecord, uri_for: UriFor) -> dataset_pb2.Data
                                                  warning_count=record.warning_count),
         failure_message=record.failure_message,
         create_time=to_timestamp(record.create_time), update_time=to_timestamp(record.update_time),
+        options=options_to_proto(record.options), validation_dataset_id=record.validation_dataset_id,
     )
 
 
@@ -116,7 +165,8 @@ def report_to_proto(report: ValidationReport, dataset_id: str = "") -> dataset_p
         dataset_id=dataset_id, format=format_to_proto(report.format), valid=report.valid,
         examples_checked=report.examples_checked, error_count=report.error_count,
         warning_count=report.warning_count, issues=[issue_to_proto(i) for i in report.issues],
-        issues_truncated=report.issues_truncated, statistics=statistics_to_proto(report.statistics))
+        issues_truncated=report.issues_truncated, statistics=statistics_to_proto(report.statistics),
+        issue_limit=report.issue_limit)
 
 
 def report_from_proto(proto: dataset_pb2.ValidationReport) -> ValidationReport:
@@ -124,7 +174,8 @@ def report_from_proto(proto: dataset_pb2.ValidationReport) -> ValidationReport:
         format=format_from_proto(proto.format) or DatasetFormat.OPENAI_CHAT,
         examples_checked=proto.examples_checked, error_count=proto.error_count,
         warning_count=proto.warning_count, issues=tuple(issue_from_proto(i) for i in proto.issues),
-        issues_truncated=proto.issues_truncated, statistics=statistics_from_proto(proto.statistics))
+        issues_truncated=proto.issues_truncated, statistics=statistics_from_proto(proto.statistics),
+        issue_limit=proto.issue_limit or 100)
 
 
 def split_config_from_proto(proto: dataset_pb2.SplitConfig) -> SplitConfig:
@@ -143,4 +194,7 @@ def upload_spec_from_proto(meta: dataset_service_pb2.UploadDatasetMetadata) -> U
         size_bytes=meta.size_bytes,
         sha256=meta.sha256, split=split_config_from_proto(meta.split), request_id=meta.request_id,
         min_examples=meta.min_examples if meta.HasField("min_examples") else None,
-        tokenizer=meta.tokenizer, max_length=meta.max_length)
+        tokenizer=meta.tokenizer, max_length=meta.max_length, options=options_from_proto(meta.options),
+        column_mapping=dict(meta.column_mapping.columns),
+        issue_limit=meta.issue_limit if meta.HasField("issue_limit") else None,
+        validation_dataset=meta.validation_dataset)

@@ -26,6 +26,7 @@ class DatasetFormat(StrEnum):
     PREFERENCE = "PREFERENCE"
     OPENAI_PREFERENCE = "OPENAI_PREFERENCE"
     PROMPT_ONLY = "PROMPT_ONLY"
+    KTO = "KTO"
 
 
 class SplitKind(StrEnum):
@@ -56,10 +57,26 @@ class Issue:
     message_index: int | None = None
 
     def location(self) -> str:
-        """How a BadRequest FieldViolation names it: "line 7", "line 7: messages[2].role" or "file"."""
+        """How a BadRequest FieldViolation names it: "line 7", "line 7: messages[2].role", "file" or, for
+        a file-level issue about one part (a ZIP entry, the column mapping), "file: ../evil.txt"."""
         if self.line <= 0:
-            return "file"
+            return f"file: {self.field}" if self.field else "file"
         return f"line {self.line}: {self.field}" if self.field else f"line {self.line}"
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Tokens per example with one tokenizer; `train_tokens` sums the train split, each cut at max_length."""
+
+    tokenizer: str
+    min: int
+    median: int
+    p95: int
+    max: int
+    total: int
+    truncated_count: int
+    max_length: int
+    train_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,20 @@ class Statistics:
     mean_messages_per_example: float = 0.0
     total_characters: int = 0
     duplicate_count: int = 0
+    tokens: TokenStats | None = None
+    dropped_by_max_samples: int = 0
+
+
+@dataclass(frozen=True)
+class DatasetOptions:
+    """UploadDatasetMetadata.options; see DatasetOptions in dataset.proto for what each one does."""
+
+    max_samples: int | None = None
+    system_prompt: str = ""
+    prompt_template: str = ""
+    max_prompt_length: int = 0
+    lazy_tokenize: bool = False
+    streaming: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +112,7 @@ class ValidationReport:
     issues: tuple[Issue, ...]
     issues_truncated: bool
     statistics: Statistics
+    issue_limit: int = 100
 
     @property
     def valid(self) -> bool:
@@ -132,6 +164,12 @@ class UploadSpec:
     min_examples: int | None = None
     tokenizer: str = ""
     max_length: int = 0
+    options: DatasetOptions = field(default_factory=DatasetOptions)
+    # CSV/Parquet: format field -> column name.
+    column_mapping: dict[str, str] = field(default_factory=dict)
+    issue_limit: int | None = None
+    # Another dataset (id or name) whose examples are the validation split.
+    validation_dataset: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,3 +193,5 @@ class DatasetRecord:
     update_time: datetime
     failure_message: str = ""
     request_id: str = ""
+    options: DatasetOptions = field(default_factory=DatasetOptions)
+    validation_dataset_id: str = ""

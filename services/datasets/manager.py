@@ -13,39 +13,61 @@ import contextlib
 import hashlib
 import logging
 import re
+import string
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
-from tuneforge.v1 import dataset_pb2
+from tuneforge.v1 import dataset_pb2, dataset_service_pb2
 
 from services.datasets.converters import dataset_to_proto, report_from_proto, report_to_proto
+from services.datasets.credentials import CredentialCipher, CredentialsKeyError
 from services.datasets.domain import (
+    DatasetFormat,
     DatasetRecord,
     DatasetState,
     Issue,
     SplitConfig,
     SplitPlan,
+    Statistics,
     UploadSpec,
     ValidationReport,
 )
+from services.datasets.formats import TEMPLATE_FIELDS, same_family
 from services.datasets.processing import (
+    NORMALIZED,
     Processed,
+    ProcessOptions,
     dataset_prefix,
+    resplit,
     resplit_prefix,
     source_key,
     validate_and_split,
+    validate_only,
 )
 from services.datasets.repository import DatasetRepository, ListCursor
 from services.datasets.settings import DatasetSettings
-from services.datasets.splitting import resolve_split
-from services.datasets.validation import CHECKERS, DEFAULT_MIN_EXAMPLES, validate_file
+from services.datasets.sources import (
+    FetchSettings,
+    ImportRequest,
+    Source,
+    SourceReader,
+    UnreadableSource,
+    import_request_from_proto,
+    open_reader,
+    parse_source,
+)
+from services.datasets.splitting import DEFAULT_FRACTIONS, EXTERNAL_VALIDATION_FRACTIONS, resolve_split
+from services.datasets.tokens import DEFAULT_MAX_LENGTH, load_tokenizer
+from services.datasets.validation import CHECKERS, DEFAULT_MIN_EXAMPLES, ISSUE_LIMIT, MAX_ISSUE_LIMIT
 from services.kit import subjects
 from services.kit.db import Database
 from services.kit.errors import (
@@ -55,6 +77,7 @@ from services.kit.errors import (
     FieldViolation,
     InvalidArgument,
     ResourceExhausted,
+    TuneForgeError,
     Violations,
     not_found,
 )
@@ -166,6 +189,33 @@ def _invalid_dataset(name: str, report: ValidationReport) -> InvalidArgument:
                   "format": report.format.value})
 
 
+def _check_options(v: Violations, spec: UploadSpec) -> None:
+    """The dataset options, issue limit and column mapping of the upload metadata."""
+    options = spec.options
+    v.check(options.max_samples is None or options.max_samples >= 1, "metadata.options.max_samples",
+            "must be at least 1 (leave it unset to keep every example)")
+    v.check(options.max_prompt_length >= 0, "metadata.options.max_prompt_length", "must not be negative")
+    if options.prompt_template:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(options.prompt_template)
+                     if name is not None}
+        except ValueError as exc:
+            v.add("metadata.options.prompt_template",
+                  f"is not a valid template ({exc}); write literal braces as {{{{ and }}}}")
+        else:
+            unknown = sorted(names - TEMPLATE_FIELDS)
+            v.check(not unknown, "metadata.options.prompt_template",
+                    f"uses unknown placeholders {', '.join('{' + n + '}' for n in unknown)}; "
+                    "use {prompt} and {system_prompt}")
+            v.check("prompt" in names, "metadata.options.prompt_template",
+                    "must contain {prompt}, where each prompt goes")
+    v.check(spec.issue_limit is None or 1 <= spec.issue_limit <= MAX_ISSUE_LIMIT, "metadata.issue_limit",
+            f"must be between 1 and {MAX_ISSUE_LIMIT}")
+    for target, column in spec.column_mapping.items():
+        v.check(bool(target.strip()) and bool(column.strip()), f"metadata.column_mapping.columns[{target}]",
+                "field and column names must not be empty")
+
+
 def _check_ref(organization: str, ref: str) -> None:
     v = Violations()
     check_organization(v, organization)
@@ -203,7 +253,13 @@ class DatasetManager:
         v.check(spec.min_examples is None or spec.min_examples >= 1, "metadata.min_examples",
                 "must be at least 1")
         v.check(spec.max_length >= 0, "metadata.max_length", "must not be negative")
-        plan = resolve_split(spec.split, v, "metadata.split")
+        _check_options(v, spec)
+        if spec.validation_dataset:
+            v.check(upload, "metadata.validation_dataset", "is only used by UploadDataset")
+            v.check(not spec.split.validation_fraction, "metadata.split.validation_fraction",
+                    "must be 0 when metadata.validation_dataset gives the validation examples")
+        plan = resolve_split(spec.split, v, "metadata.split", defaults=EXTERNAL_VALIDATION_FRACTIONS
+                             if spec.validation_dataset else DEFAULT_FRACTIONS)
         v.raise_if_any("invalid upload metadata")
         if spec.size_bytes > self.settings.max_upload_bytes:
             raise _too_large(self.settings.max_upload_bytes, declared=True)
@@ -248,6 +304,7 @@ class DatasetManager:
         existing = await self.db.run(lambda s: self._precheck(s, spec))
         if existing is not None:
             return existing, await self._stored_report(existing)
+        await self.check_tokenizer(spec)
         received = await self.receive(spec, chunks)
         try:
             return await self._create(spec, plan, received)
@@ -257,13 +314,31 @@ class DatasetManager:
     async def validate(self, spec: UploadSpec, chunks: AsyncIterator[bytes]) -> ValidationReport:
         """Validates the stream and forgets it: the report is the only result."""
         self.check_upload(spec, upload=False)
+        await self.check_tokenizer(spec)
         received = await self.receive(spec, chunks)
         try:
-            return await _to_the_end(asyncio.to_thread(
-                validate_file, received.path, format=spec.format,
-                min_examples=spec.min_examples or DEFAULT_MIN_EXAMPLES))
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="validate-") as work:
+                return await _to_the_end(asyncio.to_thread(
+                    validate_only, received.path, work_dir=Path(work), opts=self.process_options(spec)))
         finally:
             received.path.unlink(missing_ok=True)
+
+    @staticmethod
+    async def check_tokenizer(spec: UploadSpec) -> None:
+        """Loads metadata.tokenizer before any byte is read, so a bad one fails the call at once rather
+        than after a long upload (processing then finds it in load_tokenizer's cache)."""
+        if spec.tokenizer:
+            await _to_the_end(asyncio.to_thread(load_tokenizer, spec.tokenizer))
+
+    def process_options(self, spec: UploadSpec) -> ProcessOptions:
+        """How the upload's file becomes examples: its metadata, with this server's limits."""
+        return ProcessOptions(
+            format=spec.format, options=spec.options, column_mapping=dict(spec.column_mapping),
+            min_examples=spec.min_examples or DEFAULT_MIN_EXAMPLES,
+            issue_limit=spec.issue_limit or ISSUE_LIMIT, max_line_bytes=self.settings.max_line_bytes,
+            max_extracted_bytes=self.settings.max_extracted_bytes,
+            tokenizer=spec.tokenizer, max_length=spec.max_length or DEFAULT_MAX_LENGTH)
 
     def _precheck(self, session: Session, spec: UploadSpec) -> DatasetRecord | None:
         repo = DatasetRepository(session)
@@ -293,22 +368,30 @@ class DatasetManager:
         dataset_id = new_id("ds")
         prefix = dataset_prefix(spec.organization, dataset_id)
         insert: asyncio.Future[DatasetRecord] | None = None
+        validation = await self._validation_dataset(spec) if spec.validation_dataset else None
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="process-") as work:
                 processed = await _to_the_end(asyncio.to_thread(
-                    self._process_upload, received.path, Path(work), spec, plan, prefix))
+                    self._process_upload, received.path, Path(work), spec, plan, prefix, validation))
             report = processed.report
             if not report.valid:
                 raise _invalid_dataset(spec.name, report)
+            if validation is not None and not same_family(report.format, validation.format):
+                raise InvalidArgument(
+                    f"The validation dataset '{validation.name}' is {validation.format.value}, which does "
+                    f"not normalize to the same shape as this {report.format.value} data.",
+                    violations=[FieldViolation("metadata.validation_dataset", "is of another format family")])
             now = utcnow()
             record = DatasetRecord(
                 id=dataset_id, organization=spec.organization, name=spec.name,
                 description=spec.description, state=DatasetState.READY, format=report.format,
-                source_filename=spec.filename, source_key=source_key(spec.organization, dataset_id),
+                source_filename=spec.filename,
+                source_key=source_key(spec.organization, dataset_id, processed.kind),
                 size_bytes=received.size_bytes, sha256=received.sha256, statistics=report.statistics,
                 splits=processed.splits, error_count=report.error_count, warning_count=report.warning_count,
-                split_plan=plan, create_time=now, update_time=now, request_id=spec.request_id)
+                split_plan=plan, create_time=now, update_time=now, request_id=spec.request_id,
+                options=spec.options, validation_dataset_id=validation.id if validation else "")
             report_bytes = report_to_proto(report, dataset_id).SerializeToString()
             insert = asyncio.ensure_future(self.db.run(lambda s: self._insert(s, record, report_bytes)))
             try:
@@ -326,14 +409,30 @@ class DatasetManager:
             if not _succeeded(insert):
                 await _to_the_end(asyncio.to_thread(self._delete_objects, prefix))
 
-    def _process_upload(self, source: Path, work: Path, spec: UploadSpec, plan: SplitPlan,
-                        prefix: str) -> Processed:
-        processed = validate_and_split(
-            source, work_dir=work, store=self.store, split_prefix=prefix, plan=plan, format=spec.format,
-            min_examples=spec.min_examples or DEFAULT_MIN_EXAMPLES)
-        if processed.report.valid:
-            self.store.put_file(f"{prefix}source.jsonl", source)
-        return processed
+    def _process_upload(self, source: Path, work: Path, spec: UploadSpec, plan: SplitPlan, prefix: str,
+                        validation: DatasetRecord | None = None) -> Processed:
+        """The one pipeline every new dataset goes through, whatever brought its file here: detect the
+        container and format, validate, normalize, count tokens, split, and store everything under
+        `prefix` (the dataset's). Runs in a worker thread; `work` is a scratch folder it may fill."""
+        work.mkdir(parents=True, exist_ok=True)
+        validation_file = None
+        if validation is not None:
+            validation_file = self.store.get_file(
+                dataset_prefix(validation.organization, validation.id) + NORMALIZED,
+                work / "external-validation.jsonl")
+        return validate_and_split(source, work_dir=work, store=self.store, prefix=prefix, split_prefix=prefix,
+                                  plan=plan, opts=self.process_options(spec), validation_file=validation_file)
+
+    async def _validation_dataset(self, spec: UploadSpec) -> DatasetRecord:
+        """The READY dataset metadata.validation_dataset names."""
+        record = await self.db.run(lambda s: DatasetRepository(s).find(spec.organization,
+                                                                       spec.validation_dataset))
+        if record is None or record.state is not DatasetState.READY:
+            why = "was not found" if record is None else f"is {record.state.value}, not READY"
+            raise InvalidArgument(
+                f"The validation dataset '{spec.validation_dataset}' {why} in organization "
+                f"'{spec.organization}'.", violations=[FieldViolation("metadata.validation_dataset", why)])
+        return record
 
     def _insert(self, session: Session, record: DatasetRecord, report: bytes) -> DatasetRecord:
         repo = DatasetRepository(session)
@@ -456,16 +555,18 @@ class DatasetManager:
         commit: asyncio.Future[DatasetRecord | None] | None = None
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            stored = await self._stored_report(record)
             with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="resplit-") as work:
                 processed = await _to_the_end(asyncio.to_thread(
-                    self._process_resplit, record, Path(work), plan, prefix))
-            if not processed.report.valid:
-                raise RuntimeError(f"stored source of {record.id} no longer validates: "
-                                   f"{processed.report.errors[:1]}")
+                    resplit, stored, work_dir=Path(work), store=self.store,
+                    prefix=dataset_prefix(organization, record.id), split_prefix=prefix, plan=plan,
+                    source_key=record.source_key))
+            report_bytes = report_to_proto(processed.report, record.id).SerializeToString()
 
             def apply(session: Session) -> DatasetRecord | None:
                 repo = DatasetRepository(session)
-                updated = repo.replace_splits(organization, record.id, plan, processed.splits)
+                updated = repo.replace_splits(organization, record.id, plan, processed.splits,
+                                              processed.report.statistics, report_bytes)
                 if updated is not None:
                     self._add_event(repo, updated)
                 return updated
@@ -480,13 +581,241 @@ class DatasetManager:
         self.notify()
         return updated
 
-    def _process_resplit(self, record: DatasetRecord, work: Path, plan: SplitPlan,
-                         prefix: str) -> Processed:
-        source = self.store.get_file(record.source_key, work / "source.jsonl")
-        return validate_and_split(source, work_dir=work, store=self.store, split_prefix=prefix, plan=plan,
-                                  format=record.format, min_examples=1)
-
     def _add_event(self, repo: DatasetRepository, record: DatasetRecord, *, deleted: bool = False) -> None:
         event = events_pb2.DatasetChanged(event_id=new_id("evt"), time=to_timestamp(utcnow()),
                                           dataset=dataset_to_proto(record, self.store.uri), deleted=deleted)
         repo.add_event(subjects.dataset_events(record.id), event, event.event_id)
+
+    # -- imports (CreateDataset) -----------------------------------------------------------------------
+    # An import records a PROCESSING dataset at once and fills it in the background: the source is read
+    # to a temp file and goes through the same validation and splitting as an upload; one transaction then
+    # turns the row READY or FAILED. The request, credentials included, waits sealed under the dataset's
+    # prefix until then (IMPORT_MANIFEST), so a restarted service resumes the import; whatever the way an
+    # import ends, its temp files and the objects it stored are removed, and so is the sealed request.
+
+    IMPORT_MANIFEST = "import-request.sealed"
+
+    @cached_property
+    def _imports(self) -> dict[str, tuple[asyncio.Task[None], threading.Event]]:
+        """Running imports by dataset id, each with the event that stops its fetch thread."""
+        return {}
+
+    @cached_property
+    def _cipher(self) -> CredentialCipher:
+        return CredentialCipher.from_settings(self.settings.credentials_key.get_secret_value(),
+                                              self.settings.data_dir)
+
+    def _fetch_settings(self) -> FetchSettings:
+        return FetchSettings(limit=self.settings.max_upload_bytes,
+                             multipart_threshold=self.settings.import_multipart_threshold_bytes,
+                             multipart_chunk=self.settings.import_multipart_chunk_bytes)
+
+    @staticmethod
+    def _as_create_fields(exc: TuneForgeError) -> TuneForgeError:
+        """The error with UploadDatasetMetadata's field paths ("metadata.name") renamed to the paths of
+        CreateDatasetRequest ("name"), whose fields carry the same names at the top level."""
+        exc.message = exc.message.replace("metadata.", "")
+        exc.violations = [FieldViolation(v.field.removeprefix("metadata."), v.description)
+                          for v in exc.violations]
+        return exc
+
+    def check_import(self, request: ImportRequest) -> tuple[SplitPlan, Source]:
+        """Every problem of a CreateDataset request at once: the upload rules, then the source's."""
+        v = Violations()
+        plan: SplitPlan | None = None
+        try:
+            plan = self.check_upload(request.spec, upload=True)
+        except InvalidArgument as exc:
+            v.items.extend(self._as_create_fields(exc).violations)
+        source = parse_source(v, request.source, request.credentials, self.settings.hf_local_root)
+        v.raise_if_any("invalid CreateDataset request")
+        assert plan is not None and source is not None
+        return plan, source
+
+    async def create_import(self, request: ImportRequest, manifest: bytes) -> DatasetRecord:
+        """Checks the request and that the source can be read, records a PROCESSING dataset and starts
+        the import; or returns the dataset an earlier call with the same request_id created.
+
+        `manifest` is the request as the caller sent it (secrets included); it is stored sealed only.
+        """
+        plan, source = self.check_import(request)
+        spec = replace(request.spec, filename=source.uri)
+        try:
+            existing = await self.db.run(lambda s: self._precheck(s, spec))
+        except AlreadyExists as exc:
+            raise self._as_create_fields(exc) from None
+        if existing is not None:
+            return existing
+        reader = open_reader(source, request.credentials, self._fetch_settings())
+        await _to_the_end(asyncio.to_thread(reader.check))
+        now = utcnow()
+        dataset_id = new_id("ds")
+        record = DatasetRecord(
+            id=dataset_id, organization=spec.organization, name=spec.name, description=spec.description,
+            state=DatasetState.PROCESSING,
+            # A placeholder until the content is read; Dataset.format shows UNSPECIFIED while PROCESSING.
+            format=spec.format or DatasetFormat.OPENAI_CHAT,
+            source_filename=source.uri, source_key=source_key(spec.organization, dataset_id), size_bytes=0,
+            sha256="", statistics=Statistics(), splits=(), error_count=0, warning_count=0, split_plan=plan,
+            create_time=now, update_time=now, request_id=spec.request_id, options=spec.options)
+        prefix = dataset_prefix(spec.organization, dataset_id)
+        insert: asyncio.Future[DatasetRecord] | None = None
+        try:
+            sealed = self._cipher.seal(manifest)
+            await _to_the_end(asyncio.to_thread(self.store.put_bytes, prefix + self.IMPORT_MANIFEST, sealed))
+            insert = asyncio.ensure_future(self.db.run(lambda s: self._insert(s, record, b"")))
+            try:
+                created = await _to_the_end(insert)
+            except IntegrityError:
+                winner = await self.db.run(lambda s: DatasetRepository(s).find_by_request_id(
+                    spec.organization, spec.request_id))
+                if winner is not None:
+                    return winner
+                raise self._as_create_fields(self._name_taken(spec)) from None
+        finally:
+            if not _succeeded(insert):
+                await _to_the_end(asyncio.to_thread(self._delete_objects, prefix))
+        self.notify()
+        log.info("dataset %s: importing from %s", created.id, source.uri)
+        self._start_import(created, spec, plan, reader)
+        return created
+
+    def _start_import(self, record: DatasetRecord, spec: UploadSpec, plan: SplitPlan,
+                      reader: SourceReader) -> None:
+        stop = threading.Event()
+        task = asyncio.create_task(self._run_import(record, spec, plan, reader, stop),
+                                   name=f"import-{record.id}")
+        self._imports[record.id] = (task, stop)
+        task.add_done_callback(lambda _: self._imports.pop(record.id, None))
+
+    @staticmethod
+    async def _until_done(work: Awaitable[T], stop: threading.Event) -> T:
+        """_to_the_end for a fetch: on cancellation it first tells the thread to stop (the fetch checks
+        `stop` on every chunk), so a cancelled import ends within a chunk rather than a whole download."""
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            stop.set()
+            with contextlib.suppress(BaseException):
+                await task
+            raise
+
+    async def _run_import(self, record: DatasetRecord, spec: UploadSpec, plan: SplitPlan,
+                          reader: SourceReader, stop: threading.Event) -> None:
+        prefix = dataset_prefix(record.organization, record.id)
+        report_bytes = b""
+        try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="import-") as work_name:
+                work = Path(work_name)
+                (work / "process").mkdir()
+                size, digest = await self._until_done(asyncio.to_thread(
+                    reader.fetch, work / "source.jsonl", work, stop), stop)
+                processed = await _to_the_end(asyncio.to_thread(
+                    self._process_upload, work / "source.jsonl", work / "process", spec, plan, prefix))
+            report = processed.report
+            report_bytes = report_to_proto(report, record.id).SerializeToString()
+            failure = "" if report.valid else _invalid_dataset(spec.name, report).message
+            done = replace(record, state=DatasetState.READY if report.valid else DatasetState.FAILED,
+                           format=report.format, size_bytes=size, sha256=digest, statistics=report.statistics,
+                           splits=processed.splits, error_count=report.error_count,
+                           warning_count=report.warning_count, failure_message=failure,
+                           source_key=source_key(record.organization, record.id, processed.kind))
+        except asyncio.CancelledError:
+            # Shutdown: nothing of this run is kept but the sealed request, from which a restart resumes.
+            keep = prefix + self.IMPORT_MANIFEST
+            await _to_the_end(asyncio.to_thread(self._delete_import_objects, prefix, keep))
+            raise
+        except TuneForgeError as exc:
+            done = replace(record, state=DatasetState.FAILED, failure_message=exc.message)
+        except Exception:
+            incident = new_id("err")
+            log.exception("dataset %s: import failed (incident %s)", record.id, incident)
+            done = replace(record, state=DatasetState.FAILED,
+                           failure_message=f"The import failed on an internal error; the server logged it as "
+                                           f"incident {incident}.")
+        done = replace(done, update_time=utcnow())
+        try:
+            kept = await _to_the_end(self.db.run(lambda s: self._finish_import(s, done, report_bytes)))
+        except Exception:
+            # The row stays PROCESSING beside its sealed request, so the next start imports it again.
+            log.exception("dataset %s: could not record the end of its import", record.id)
+            keep = prefix + self.IMPORT_MANIFEST
+            await _to_the_end(asyncio.to_thread(self._delete_import_objects, prefix, keep))
+            return
+        ready = kept and done.state is DatasetState.READY
+        # A READY dataset keeps its objects but the sealed request; any other end keeps nothing.
+        await _to_the_end(asyncio.to_thread(self._delete_objects, prefix + self.IMPORT_MANIFEST if ready
+                                            else prefix))
+        if kept:
+            self.notify()
+        log.info("dataset %s: import ended %s", record.id, done.state.value if kept else "(dataset deleted)")
+
+    def _delete_import_objects(self, prefix: str, keep: str) -> None:
+        """Deletes the objects under `prefix` except `keep` (best effort, like _delete_objects)."""
+        try:
+            for key in self.store.list_keys(prefix):
+                if key != keep:
+                    self.store.delete_prefix(key)
+        except Exception:
+            log.exception("could not delete objects under %s; they are orphaned", prefix)
+
+    def _finish_import(self, session: Session, done: DatasetRecord, report: bytes) -> bool:
+        """Replaces the PROCESSING row by the final one and announces it; False if the dataset was deleted
+        (or finished) meanwhile. Delete-and-insert reuses the repository's full mapping of a record."""
+        repo = DatasetRepository(session)
+        current = repo.find(done.organization, done.id)
+        if current is None or current.state is not DatasetState.PROCESSING:
+            return False
+        repo.delete(done.organization, done.id)
+        # The description may have been updated while the import ran.
+        created = repo.insert(replace(done, description=current.description), report)
+        self._add_event(repo, created)
+        return True
+
+    async def resume_imports(self) -> int:
+        """Restarts the imports an earlier run of the service left PROCESSING (it stopped or crashed
+        mid-import), from their sealed requests; returns how many. Call once when the service starts.
+
+        An import that cannot be resumed (its request no longer opens with this server's key, or no
+        longer passes the checks) ends FAILED; a sealed request whose dataset is gone or finished is
+        deleted.
+        """
+        keys = await asyncio.to_thread(self.store.list_keys, "datasets/")
+        resumed = 0
+        for key in keys:
+            org, _, rest = key.removeprefix("datasets/").partition("/")
+            dataset_id, _, name = rest.partition("/")
+            if name != self.IMPORT_MANIFEST or dataset_id in self._imports:
+                continue
+            record = await self.db.run(lambda s, o=org, d=dataset_id: DatasetRepository(s).find(o, d))
+            if record is None or record.state is not DatasetState.PROCESSING:
+                await asyncio.to_thread(self._delete_objects, key)
+                continue
+            try:
+                sealed = await asyncio.to_thread(self.store.get_bytes, key)
+                request = import_request_from_proto(
+                    dataset_service_pb2.CreateDatasetRequest.FromString(self._cipher.open(sealed)))
+                plan, source = self.check_import(request)
+            except (CredentialsKeyError, TuneForgeError) as exc:
+                message = exc.message if isinstance(exc, TuneForgeError) else str(exc)
+                log.warning("dataset %s: import cannot resume: %s", dataset_id, message)
+                reader = UnreadableSource(f"The import was interrupted and cannot resume: {message}")
+                self._start_import(record, UploadSpec(record.organization), record.split_plan, reader)
+                continue
+            spec = replace(request.spec, filename=source.uri)
+            log.info("dataset %s: resuming the import from %s", dataset_id, source.uri)
+            self._start_import(record, spec, plan, open_reader(source, request.credentials,
+                                                               self._fetch_settings()))
+            resumed += 1
+        return resumed
+
+    async def close_imports(self) -> None:
+        """Stops the running imports (at shutdown): each removes what it stored but its sealed request."""
+        tasks = [task for task, _ in self._imports.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

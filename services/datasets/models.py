@@ -59,6 +59,12 @@ class DatasetRow(Base):
     mean_messages_per_example: Mapped[float] = mapped_column(Float, default=0.0)
     total_characters: Mapped[int] = mapped_column(BigInteger, default=0)
     duplicate_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    dropped_by_max_samples: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # tuneforge.v1.TokenStatistics, when a tokenizer was given.
+    token_statistics: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # tuneforge.v1.DatasetOptions
+    options: Mapped[bytes] = mapped_column(LargeBinary, default=b"", server_default="")
+    validation_dataset_id: Mapped[str] = mapped_column(String(40), default="", server_default="")
     error_count: Mapped[int] = mapped_column(Integer, default=0)
     warning_count: Mapped[int] = mapped_column(Integer, default=0)
     # tuneforge.v1.ValidationReport

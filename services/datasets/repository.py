@@ -12,7 +12,14 @@ from datetime import datetime
 from google.protobuf.message import Message
 from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session
+from tuneforge.v1 import dataset_pb2
 
+from services.datasets.converters import (
+    options_from_proto,
+    options_to_proto,
+    tokens_from_proto,
+    tokens_to_proto,
+)
 from services.datasets.domain import (
     SPLIT_KINDS,
     DatasetFormat,
@@ -39,15 +46,24 @@ def _record(row: DatasetRow) -> DatasetRecord:
         state=DatasetState(row.state), format=DatasetFormat(row.format),
         source_filename=row.source_filename, source_key=row.source_key, size_bytes=row.size_bytes,
         sha256=row.sha256,
-        statistics=Statistics(example_count=row.example_count,
-                              mean_messages_per_example=row.mean_messages_per_example,
-                              total_characters=row.total_characters, duplicate_count=row.duplicate_count),
+        statistics=Statistics(
+            example_count=row.example_count, mean_messages_per_example=row.mean_messages_per_example,
+            total_characters=row.total_characters, duplicate_count=row.duplicate_count,
+            tokens=tokens_from_proto(dataset_pb2.TokenStatistics.FromString(row.token_statistics))
+            if row.token_statistics else None,
+            dropped_by_max_samples=row.dropped_by_max_samples),
         splits=splits, error_count=row.error_count, warning_count=row.warning_count,
         split_plan=SplitPlan((row.train_fraction, row.validation_fraction, row.test_fraction),
                              int(row.split_seed)),
         create_time=as_utc(row.create_time), update_time=as_utc(row.update_time),
         failure_message=row.failure_message, request_id=row.request_id or "",
+        options=options_from_proto(dataset_pb2.DatasetOptions.FromString(row.options or b"")),
+        validation_dataset_id=row.validation_dataset_id or "",
     )
+
+
+def _tokens_bytes(stats: Statistics) -> bytes | None:
+    return tokens_to_proto(stats.tokens).SerializeToString() if stats.tokens else None
 
 
 def _split_rows(splits: Sequence[SplitFile]) -> list[SplitRow]:
@@ -97,6 +113,10 @@ class DatasetRepository:
             mean_messages_per_example=record.statistics.mean_messages_per_example,
             total_characters=record.statistics.total_characters,
             duplicate_count=record.statistics.duplicate_count,
+            dropped_by_max_samples=record.statistics.dropped_by_max_samples,
+            token_statistics=_tokens_bytes(record.statistics),
+            options=options_to_proto(record.options).SerializeToString(),
+            validation_dataset_id=record.validation_dataset_id,
             error_count=record.error_count, warning_count=record.warning_count, validation_report=report,
             train_fraction=plan.fractions[0], validation_fraction=plan.fractions[1],
             test_fraction=plan.fractions[2], split_seed=str(plan.seed),
@@ -132,10 +152,17 @@ class DatasetRepository:
         return _record(row)
 
     def replace_splits(self, organization: str, dataset_id: str, plan: SplitPlan,
-                       splits: Sequence[SplitFile]) -> DatasetRecord | None:
+                       splits: Sequence[SplitFile], statistics: Statistics | None = None,
+                       report: bytes = b"") -> DatasetRecord | None:
+        """New splits; with `statistics` and `report`, the token statistics and the stored report too
+        (train_tokens follows the train split)."""
         row = self._row(organization, dataset_id)
         if row is None:
             return None
+        if statistics is not None:
+            row.token_statistics = _tokens_bytes(statistics)
+        if report:
+            row.validation_report = report
         row.splits.clear()
         self.session.flush()
         row.splits.extend(_split_rows(splits))

@@ -18,7 +18,8 @@ from services.datasets.converters import (
     upload_spec_from_proto,
 )
 from services.datasets.manager import DatasetManager
-from services.kit.errors import FieldViolation, InvalidArgument, Unimplemented
+from services.datasets.sources import import_request_from_proto
+from services.kit.errors import FieldViolation, InvalidArgument
 
 Context = grpc.aio.ServicerContext
 
@@ -63,9 +64,11 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
 
     async def CreateDataset(self, request: pb.CreateDatasetRequest,
                             context: Context) -> pb.CreateDatasetResponse:
-        raise Unimplemented("Importing datasets from S3, GCS or the Hugging Face Hub is not available yet; "
-                            "upload the file with UploadDataset instead.", reason="NOT_IMPLEMENTED",
-                            metadata={"method": "CreateDataset"})
+        # The request as sent, credentials included, is kept only sealed (the manager encrypts it), so an
+        # interrupted import can resume; no response carries it.
+        record = await self.manager.create_import(import_request_from_proto(request),
+                                                  request.SerializeToString())
+        return pb.CreateDatasetResponse(dataset=self._dataset(record))
 
     async def GetDataset(self, request: pb.GetDatasetRequest, context: Context) -> pb.GetDatasetResponse:
         record = await self.manager.get(request.organization, request.dataset)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 
 from services.kit.settings import KitSettings
 
@@ -13,6 +15,23 @@ class DatasetSettings(KitSettings):
     # TUNEFORGE_MAX_UPLOAD_BYTES: the largest file UploadDataset/ValidateDataset accept. Larger uploads fail
     # with RESOURCE_EXHAUSTED (UPLOAD_TOO_LARGE), before reading when the client declared the size.
     max_upload_bytes: int = Field(default=2 * GIB, gt=0)
+    # TUNEFORGE_MAX_LINE_BYTES: the longest JSONL line (one example) or CSV field read; a longer one is a
+    # LINE_TOO_LONG error on its line and is skipped without being held in memory.
+    max_line_bytes: int = Field(default=16 * 1024 ** 2, gt=0)
+    # TUNEFORGE_MAX_EXTRACTED_BYTES: what a ZIP upload may expand to; more is refused as a zip bomb.
+    max_extracted_bytes: int = Field(default=8 * GIB, gt=0)
+    # TUNEFORGE_CREDENTIALS_KEY: Fernet key(s) that encrypt the source credentials of running imports,
+    # comma-separated, newest first (older keys still decrypt, for rotation). Empty: a key generated on
+    # first use and kept in <data_dir>/credentials.key (mode 0600), enough for the embedded setup.
+    credentials_key: SecretStr = SecretStr("")
+    # TUNEFORGE_HF_LOCAL_ROOT: the folder under which CreateDataset may read local Hugging Face datasets
+    # (save_to_disk folders, data files). Empty: local paths are refused, only hub ids are imported, so a
+    # caller can never make the server read its own files.
+    hf_local_root: Path | None = None
+    # TUNEFORGE_IMPORT_MULTIPART_THRESHOLD_BYTES / _CHUNK_BYTES: S3/GCS objects at least this large are
+    # downloaded as concurrent ranged GETs of this many bytes each.
+    import_multipart_threshold_bytes: int = Field(default=8 * 1024 ** 2, gt=0)
+    import_multipart_chunk_bytes: int = Field(default=8 * 1024 ** 2, gt=0)
 
     @classmethod
     def from_kit(cls, settings: KitSettings) -> DatasetSettings:

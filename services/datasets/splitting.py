@@ -17,16 +17,19 @@ from services.datasets.domain import SPLIT_KINDS, SplitConfig, SplitPlan
 from services.kit.errors import Violations
 
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.15, 0.05)
+# With a separate validation dataset: nothing is split off for validation.
+EXTERNAL_VALIDATION_FRACTIONS: tuple[float, float, float] = (0.95, 0.0, 0.05)
 # Unset seed: a fixed one, so uploading the same file twice gives the same split.
 DEFAULT_SEED = 0
 SUM_TOLERANCE = 1e-6
 MAX_SEED = 2 ** 64 - 1
 
 
-def resolve_split(config: SplitConfig, violations: Violations, field_prefix: str = "split") -> SplitPlan:
+def resolve_split(config: SplitConfig, violations: Violations, field_prefix: str = "split", *,
+                  defaults: tuple[float, float, float] = DEFAULT_FRACTIONS) -> SplitPlan:
     """Fills defaults and checks the fractions, adding a violation per bad field to `violations`."""
     given = (config.train_fraction, config.validation_fraction, config.test_fraction)
-    fractions = tuple(d if f is None else f for f, d in zip(given, DEFAULT_FRACTIONS, strict=True))
+    fractions = tuple(d if f is None else f for f, d in zip(given, defaults, strict=True))
     in_range = True
     for kind, value in zip(SPLIT_KINDS, fractions, strict=True):
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
@@ -39,7 +42,7 @@ def resolve_split(config: SplitConfig, violations: Violations, field_prefix: str
         parts = " + ".join(f"{kind.value} {value:g}{' (default)' if g is None else ''}"
                            for kind, value, g in zip(SPLIT_KINDS, fractions, given, strict=True))
         violations.add(field_prefix, f"the fractions must sum to 1, but {parts} = {total:g}; unset "
-                       "fractions default to 0.8 / 0.15 / 0.05, so set all three")
+                       f"fractions default to {' / '.join(f'{d:g}' for d in defaults)}, so set all three")
     seed = DEFAULT_SEED if config.seed is None else config.seed
     if not 0 <= seed <= MAX_SEED:
         violations.add(f"{field_prefix}.seed", "must be an unsigned 64-bit integer")

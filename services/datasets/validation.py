@@ -1,248 +1,102 @@
-"""Content validation of dataset files: one streaming pass over JSONL, no gRPC, no I/O but the file.
+"""Validates an uploaded file in one streaming pass and writes its normalized examples.
 
-The driver (`validate_file`) handles what every JSONL format shares: UTF-8, JSON, one object per line,
-counting, duplicates and the dataset-level rules. What an example must look like is a `FormatChecker`,
-registered in `CHECKERS`; a new format is one more checker (and its signature in `SIGNATURES` is already
-there for detection).
-
-Decisions worth knowing:
-- Blank (whitespace-only) lines are ignored, not flagged: editors and `cat a.jsonl b.jsonl` leave them,
-  and they carry no data. They still count for line numbers, which are 1-based lines of the file.
-- A UTF-8 byte-order mark at the start of the file is ignored; any other non-UTF-8 line is an error.
-- Every problem on a line is reported (not only the first), so one round of fixes is enough.
+- Line numbers are 1-based lines of the file (JSONL, and CSV where a record starts), Parquet row
+  numbers, or lines of train.jsonl inside a ZIP. Blank lines are ignored but counted; a UTF-8 BOM is
+  ignored.
+- The format is named by the user or detected from the first 100 objects; every line is then classified
+  by its keys, and a line that clearly belongs to another format is a FORMAT_MISMATCH error on that line
+  plus one MIXED_FORMATS error saying which lines look like which format.
+- Every problem on a line is reported (not only the first), so one round of fixes is enough. The report
+  lists at most `issue_limit` issues (errors first) and counts all of them.
 - Duplicates are exact duplicates of the *normalized* example (key order and whitespace do not matter);
-  more than 10% of them is a warning, not an error.
-- The normalized example (what the splits contain) keeps only what training uses: for chat, each
-  message's role, content and weight (when given). Other keys are dropped.
+  more than 10% of them is a warning. Classification-style data (targets from at most 50 short labels)
+  whose most and least common labels differ by more than 10:1 is a warning.
+- The normalized example (what the splits contain) is the family's canonical shape (see formats.py),
+  with DatasetOptions.system_prompt / prompt_template applied, and only the first max_samples kept.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from abc import ABC, abstractmethod
+import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
+
 from services.datasets.domain import (
     DatasetFormat,
+    DatasetOptions,
     Issue,
     Severity,
     Statistics,
     ValidationReport,
 )
-
-ISSUE_LIMIT = 100
-DEFAULT_MIN_EXAMPLES = 100
-DUPLICATE_WARNING_FRACTION = 0.10
-DETECTION_SAMPLE_LINES = 100
-BOM = b"\xef\xbb\xbf"
-
-# Stable issue codes (ValidationIssue.code); clients may branch on them.
-INVALID_UTF8 = "INVALID_UTF8"
-INVALID_JSON = "INVALID_JSON"
-NOT_AN_OBJECT = "NOT_AN_OBJECT"
-MISSING_MESSAGES = "MISSING_MESSAGES"
-MESSAGES_NOT_A_LIST = "MESSAGES_NOT_A_LIST"
-EMPTY_MESSAGES = "EMPTY_MESSAGES"
-MESSAGE_NOT_AN_OBJECT = "MESSAGE_NOT_AN_OBJECT"
-MISSING_ROLE = "MISSING_ROLE"
-INVALID_ROLE = "INVALID_ROLE"
-MISSING_CONTENT = "MISSING_CONTENT"
-CONTENT_NOT_A_STRING = "CONTENT_NOT_A_STRING"
-EMPTY_CONTENT = "EMPTY_CONTENT"
-INVALID_WEIGHT = "INVALID_WEIGHT"
-MISSING_ASSISTANT_TURN = "MISSING_ASSISTANT_TURN"
-NO_TRAINABLE_TURN = "NO_TRAINABLE_TURN"  # warning: every assistant message has weight 0
-TOO_FEW_EXAMPLES = "TOO_FEW_EXAMPLES"
-DUPLICATE_EXAMPLES = "DUPLICATE_EXAMPLES"  # warning
-UNSUPPORTED_FORMAT = "UNSUPPORTED_FORMAT"
-
-
-@dataclass(frozen=True)
-class Example:
-    """A valid example: its normalized record, and what the statistics count."""
-
-    record: dict[str, Any]
-    messages: int
-    characters: int
-
-
-IssueSink = Callable[..., None]
-"""`add(code, message, field="", message_index=None, severity=Severity.ERROR)` for the current line."""
-
-
-class FormatChecker(ABC):
-    """The rules of one format for one parsed JSON object."""
-
-    format: DatasetFormat
-
-    @abstractmethod
-    def check(self, obj: dict[str, Any], add: IssueSink) -> Example | None:
-        """Reports the object's problems through `add`; returns the normalized example if it has no error."""
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
-
-
-def _show(value: Any, limit: int = 40) -> str:
-    """A user's value quoted in a message, short enough for an error listing."""
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-class OpenAIChatChecker(FormatChecker):
-    """{"messages": [{"role": "system|user|assistant|tool", "content": str, "weight": 0|1 (optional)}]}"""
-
-    format = DatasetFormat.OPENAI_CHAT
-    ROLES = ("system", "user", "assistant", "tool")
-
-    def check(self, obj: dict[str, Any], add: IssueSink) -> Example | None:
-        if "messages" not in obj:
-            add(MISSING_MESSAGES, 'The example has no "messages" field; each line must look like '
-                '{"messages": [{"role": "user", "content": "..."}, '
-                '{"role": "assistant", "content": "..."}]}.', "messages")
-            return None
-        messages = obj["messages"]
-        if not isinstance(messages, list):
-            add(MESSAGES_NOT_A_LIST, f'"messages" must be a list of messages, not {_json_type(messages)}.',
-                "messages")
-            return None
-        if not messages:
-            add(EMPTY_MESSAGES, '"messages" is empty; an example needs at least a user and an assistant '
-                "message.", "messages")
-            return None
-        ok = True
-        role_problem = False
-        normalized: list[dict[str, Any]] = []
-        assistant_weights: list[int] = []
-        characters = 0
-        for i, message in enumerate(messages):
-            path = f"messages[{i}]"
-            if not isinstance(message, dict):
-                add(MESSAGE_NOT_AN_OBJECT, f"Message {i} must be an object with role and content, not "
-                    f"{_json_type(message)}.", path, i)
-                ok, role_problem = False, True
-                continue
-            role, content = message.get("role"), message.get("content")
-            if "role" not in message:
-                add(MISSING_ROLE, f'Message {i} has no "role"; use one of {", ".join(self.ROLES)}.',
-                    f"{path}.role", i)
-                ok, role_problem = False, True
-            elif not isinstance(role, str) or role not in self.ROLES:
-                add(INVALID_ROLE, f"Message {i} has role {_show(role)}; use one of "
-                    f"{', '.join(self.ROLES)}.", f"{path}.role", i)
-                ok, role_problem = False, True
-            if "content" not in message:
-                add(MISSING_CONTENT, f'Message {i} has no "content".', f"{path}.content", i)
-                ok = False
-            elif not isinstance(content, str):
-                hint = " (content parts are not supported yet)" if isinstance(content, list) else ""
-                add(CONTENT_NOT_A_STRING, f"Message {i} content must be a string, not "
-                    f"{_json_type(content)}{hint}.", f"{path}.content", i)
-                ok = False
-            elif not content.strip():
-                add(EMPTY_CONTENT, f"Message {i} content is empty.", f"{path}.content", i)
-                ok = False
-            weight = message.get("weight")
-            if "weight" in message and (isinstance(weight, bool) or not isinstance(weight, int | float)
-                                        or weight not in (0, 1)):
-                add(INVALID_WEIGHT, f"Message {i} weight is {_show(weight)}; it must be 0 (do not "
-                    "train on this message) or 1.", f"{path}.weight", i)
-                ok = False
-            if not ok:
-                continue
-            entry: dict[str, Any] = {"role": role, "content": content}
-            if "weight" in message:
-                entry["weight"] = int(weight)
-            if role == "assistant":
-                assistant_weights.append(entry.get("weight", 1))
-            characters += len(content)
-            normalized.append(entry)
-        if not role_problem and not any(isinstance(m, dict) and m.get("role") == "assistant"
-                                        for m in messages):
-            add(MISSING_ASSISTANT_TURN, "The example has no assistant message, so there is nothing to "
-                "train on; add at least one message with role \"assistant\".", "messages")
-            ok = False
-        if not ok:
-            return None
-        if not any(assistant_weights):
-            add(NO_TRAINABLE_TURN, "Every assistant message has weight 0, so training learns nothing from "
-                "this example.", "messages", severity=Severity.WARNING)
-        return Example({"messages": normalized}, len(normalized), characters)
-
-
-CHECKERS: dict[DatasetFormat, FormatChecker] = {
-    DatasetFormat.OPENAI_CHAT: OpenAIChatChecker(),
-}
-
-# Detection signatures, most specific first: the keys an object of each format must have.
-SIGNATURES: tuple[tuple[DatasetFormat, frozenset[str]], ...] = (
-    (DatasetFormat.OPENAI_CHAT, frozenset({"messages"})),
-    (DatasetFormat.SHAREGPT, frozenset({"conversations"})),
-    (DatasetFormat.OPENAI_PREFERENCE, frozenset({"input", "preferred_output", "non_preferred_output"})),
-    (DatasetFormat.PREFERENCE, frozenset({"chosen", "rejected"})),
-    (DatasetFormat.ALPACA, frozenset({"instruction", "output"})),
-    (DatasetFormat.PROMPT_COMPLETION, frozenset({"prompt", "completion"})),
-    (DatasetFormat.PROMPT_ONLY, frozenset({"prompt"})),
-    (DatasetFormat.TEXT, frozenset({"text"})),
+from services.datasets.formats import (
+    CHECKERS,
+    SIGNATURES,
+    Example,
+    apply_options,
+    classify,
+    detect,
+    fast_chats,
+    json_type,
+)
+from services.datasets.readers import (
+    DETECTION_SAMPLE_LINES,
+    EMPTY_FILE,
+    MAX_LINE_BYTES,
+    MISSING_IMAGE,
+    UNREADABLE,
+    SourceKind,
+    csv_records,
+    extract_zip,
+    image_problem,
+    jsonl_lines,
+    parquet_records,
+    parse_json_line,
+    sniff,
 )
 
+ISSUE_LIMIT = 100
+FAST_BATCH = 256
+WRITE_BATCH = 1024
+MAX_ISSUE_LIMIT = 1000
+DEFAULT_MIN_EXAMPLES = 100
+DUPLICATE_WARNING_FRACTION = 0.10
+# Classification-style data: targets drawn from at most this many labels of at most this many characters.
+MAX_CLASSES = 50
+MAX_LABEL_CHARS = 40
+MIN_CLASSIFICATION_EXAMPLES = 20
+IMBALANCE_RATIO = 10.0
 
-def supported_formats() -> tuple[DatasetFormat, ...]:
-    return tuple(CHECKERS)
+NOT_AN_OBJECT = "NOT_AN_OBJECT"
+FORMAT_MISMATCH = "FORMAT_MISMATCH"
+MIXED_FORMATS = "MIXED_FORMATS"
+TOO_FEW_EXAMPLES = "TOO_FEW_EXAMPLES"
+DUPLICATE_EXAMPLES = "DUPLICATE_EXAMPLES"  # warning
+CLASS_IMBALANCE = "CLASS_IMBALANCE"  # warning
+
+SIGNATURE_KEYS = dict(SIGNATURES)
+
+ImageUri = Callable[[str], str]
+"""Maps an image path inside a ZIP (relative to train.jsonl) to what the normalized example holds."""
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw line without its end-of-line) for every non-blank line."""
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
-            line = raw.rstrip(b"\r\n")
-            if line.strip():
-                yield number, line
+def normalized_line(record: Any) -> bytes:
+    """A normalized record as one canonical JSONL line: compact, UTF-8, insertion-ordered keys."""
+    return msgspec.json.encode(record) + b"\n"
 
 
 def detect_format(path: Path, sample_lines: int = DETECTION_SAMPLE_LINES) -> DatasetFormat | None:
-    """The format most of the first parsable objects match, or None when none matches any signature."""
-    votes: dict[DatasetFormat, int] = {}
-    seen = 0
-    for _, line in _lines(path):
-        if seen >= sample_lines:
-            break
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(obj, dict):
-            continue
-        seen += 1
-        for fmt, keys in SIGNATURES:
-            if keys <= obj.keys():
-                votes[fmt] = votes.get(fmt, 0) + 1
-                break
-    if not votes:
-        return None
-    return max(votes, key=lambda f: votes[f])  # ties: the first counted, which is the first line's
-
-
-def normalized_line(example: Example) -> bytes:
-    """The example as one canonical JSONL line: compact, UTF-8, insertion-ordered keys."""
-    return json.dumps(example.record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    """The format most of the first parsable JSONL objects match, or None when none matches any."""
+    objects = (
+        obj for _, obj in _JsonlRecords(path, MAX_LINE_BYTES, lambda *a, **k: None) if isinstance(obj, dict)
+    )
+    return detect(islice(objects, sample_lines))
 
 
 class _Collector:
@@ -265,89 +119,335 @@ class _Collector:
             if len(self.warnings) < self.limit:
                 self.warnings.append(issue)
 
+    def file_issue(
+        self, code: str, message: str, line: int = 0, field: str = "", severity: Severity = Severity.ERROR
+    ) -> None:
+        self.add(Issue(severity, code, line, message, field))
+
     def listed(self) -> tuple[Issue, ...]:
         errors = self.errors[: self.limit]
         warnings = self.warnings[: self.limit - len(errors)]
         return tuple(sorted(errors + warnings, key=lambda i: (i.line, i.message_index or 0)))
 
 
-def validate_file(path: Path, *, format: DatasetFormat | None = None,
-                  min_examples: int = DEFAULT_MIN_EXAMPLES, issue_limit: int = ISSUE_LIMIT,
-                  normalized_out: IO[bytes] | None = None) -> ValidationReport:
-    """Validates a JSONL file; writes each valid example's normalized line to `normalized_out` if given.
+class _LineSink:
+    """The IssueSink of the line being checked: one object for the whole file, not a closure per line."""
+
+    def __init__(self, issues: _Collector) -> None:
+        self.issues = issues
+        self.line = 0
+
+    def __call__(
+        self,
+        code: str,
+        message: str,
+        field: str = "",
+        message_index: int | None = None,
+        severity: Severity = Severity.ERROR,
+    ) -> None:
+        self.issues.add(Issue(severity, code, self.line, message, field, message_index))
+
+
+class _JsonlRecords:
+    """The objects of a JSONL file. Once `fast` is set (after detection), lines are offered to it in
+    batches of FAST_BATCH; an Example it returns is yielded instead of the parsed object."""
+
+    def __init__(self, path: Path, max_line_bytes: int, add: Callable[..., None]) -> None:
+        self.path, self.max_line_bytes, self.add = path, max_line_bytes, add
+        self.fast: Callable[[list[bytes]], list[Example | None]] | None = None
+
+    def _slow(self, number: int, line: bytes | None, unterminated: bool) -> Any:
+        return UNREADABLE if line is None else parse_json_line(line, unterminated, number, self.add)
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        batch: list[tuple[int, bytes | None, bool]] = []
+        for item in jsonl_lines(self.path, self.max_line_bytes, self.add):
+            if self.fast is None:
+                yield item[0], self._slow(*item)
+                continue
+            batch.append(item)
+            if len(batch) == FAST_BATCH:
+                yield from self._batch(batch)
+                batch = []
+        yield from self._batch(batch)
+
+    def _batch(self, batch: list[tuple[int, bytes | None, bool]]) -> Iterator[tuple[int, Any]]:
+        if not batch:
+            return
+        assert self.fast is not None
+        if all(line is not None for _, line, _ in batch):
+            examples = self.fast([line for _, line, _ in batch])  # type: ignore[misc]
+        else:
+            examples = [None] * len(batch)
+        for (number, line, unterminated), example in zip(batch, examples, strict=True):
+            yield number, example if example is not None else self._slow(number, line, unterminated)
+
+
+@dataclass
+class Validated:
+    """A report, and the ZIP images the valid examples refer to (paths relative to `image_root`)."""
+
+    report: ValidationReport
+    kind: SourceKind
+    image_root: Path | None = None
+    images: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Mismatch:
+    count: int = 0
+    lines: list[int] = field(default_factory=list)
+
+
+def validate_source(
+    path: Path,
+    *,
+    work_dir: Path,
+    format: DatasetFormat | None = None,
+    options: DatasetOptions = DatasetOptions(),
+    column_mapping: dict[str, str] | None = None,
+    min_examples: int = DEFAULT_MIN_EXAMPLES,
+    issue_limit: int = ISSUE_LIMIT,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    max_extracted_bytes: int = 2**31,
+    normalized_out: IO[bytes] | None = None,
+    image_uri: ImageUri | None = None,
+) -> Validated:
+    """Validates any accepted container; writes each kept example's normalized line to `normalized_out`.
 
     `format` None means detect it from content; when nothing matches, the file is checked as OpenAI chat
-    (the must-have format), which tells the user what a line should look like.
+    (the must-have format), which tells the user what a line should look like. ZIPs are extracted into
+    `work_dir`, which the caller owns.
     """
     issues = _Collector(issue_limit)
-    detected = format or detect_format(path) or DatasetFormat.OPENAI_CHAT
-    checker = CHECKERS.get(detected)
-    if checker is None:
-        names = ", ".join(f.value for f in CHECKERS)
-        issues.add(Issue(Severity.ERROR, UNSUPPORTED_FORMAT, 0,
-                         f"The file looks like {detected.value} data, which is not accepted yet; "
-                         f"convert it to one of: {names}."))
-        return _report(detected, 0, issues, Statistics())
 
-    checked = examples = messages = characters = duplicates = first_duplicate = 0
-    # 64-bit digests, not the examples: millions of examples fit in a few hundred MB; a collision
-    # (odds ~n²/2⁶⁵) would only miscount a warning.
+    def add_file(code: str, message: str, line: int = 0, field: str = "") -> None:
+        issues.file_issue(code, message, line, field)
+
+    mapping = column_mapping or {}
+    kind = sniff(path, has_mapping=bool(mapping))
+    result = Validated(
+        ValidationReport(format or DatasetFormat.OPENAI_CHAT, 0, 0, 0, (), False, Statistics(), issue_limit),
+        kind,
+    )
+    if path.stat().st_size == 0:
+        add_file(EMPTY_FILE, "The file is empty (0 bytes); upload a file with one example per line.")
+        result.report = _report(format or DatasetFormat.OPENAI_CHAT, 0, issues, Statistics())
+        return result
+    records: Iterator[tuple[int, Any]]
+    jsonl: _JsonlRecords | None = None
+    if kind is SourceKind.ZIP:
+        archive = extract_zip(path, work_dir / "archive", max_extracted_bytes, add_file)
+        if archive is None:
+            result.report = _report(format or DatasetFormat.OPENAI_CHAT, 0, issues, Statistics())
+            return result
+        result.image_root = archive.root
+        jsonl = _JsonlRecords(archive.master, max_line_bytes, add_file)
+        records = iter(jsonl)
+    elif kind is SourceKind.CSV:
+        records = csv_records(path, mapping, max_line_bytes, add_file)
+    elif kind is SourceKind.PARQUET:
+        records = parquet_records(path, mapping, add_file)
+    else:
+        jsonl = _JsonlRecords(path, max_line_bytes, add_file)
+        records = iter(jsonl)
+
+    head = list(islice(records, DETECTION_SAMPLE_LINES))
+    detected = format or detect(obj for _, obj in head if isinstance(obj, dict)) or DatasetFormat.OPENAI_CHAT
+    checker = CHECKERS[detected]
+    expected_keys = SIGNATURE_KEYS[detected]
+    how = "named in metadata.format" if format else "detected from most lines"
+    mismatches: dict[DatasetFormat, _Mismatch] = {}
+    if (
+        jsonl is not None
+        and detected is DatasetFormat.OPENAI_CHAT
+        and not (options.system_prompt or options.prompt_template)
+    ):
+        jsonl.fast = fast_chats
+    add = _LineSink(issues)
+
+    checked = examples = kept = dropped = messages = characters = duplicates = first_duplicate = 0
+    targets: Counter[str] | None = Counter()
+    # 64-bit hashes (SipHash, seeded per process), not the examples: millions of examples fit in a few
+    # hundred MB; a collision (odds ~n²/2⁶⁵) would only miscount a warning.
     seen: set[int] = set()
-    for number, line in _lines(path):
+    pending: list[bytes] = []
+    max_samples = options.max_samples
+    for number, obj in chain(head, records):
         checked += 1
-
-        def add(code: str, message: str, field: str = "", message_index: int | None = None,
-                severity: Severity = Severity.ERROR, _line: int = number) -> None:
-            issues.add(Issue(severity, code, _line, message, field, message_index))
-
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            add(INVALID_UTF8, f"The line is not valid UTF-8 (byte 0x{line[exc.start]:02x} at position "
-                f"{exc.start + 1}); save the file as UTF-8.")
+        add.line = number
+        if obj.__class__ is Example:
+            example = obj
+        elif obj is UNREADABLE:
             continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            add(INVALID_JSON, f"The line is not valid JSON: {exc.msg} at column {exc.colno}.")
+        elif not isinstance(obj, dict):
+            add(NOT_AN_OBJECT, f"Each line must be one JSON object, not {json_type(obj)}.")
             continue
-        if not isinstance(obj, dict):
-            add(NOT_AN_OBJECT, f"Each line must be one JSON object, not {_json_type(obj)}.")
-            continue
-        example = checker.check(obj, add)
-        if example is None:
-            continue
+        else:
+            shape = classify(obj)
+            # A line with another format's keys is a mismatch, unless it merely lacks some of this format's
+            # keys (a prompt-only line in a prompt/completion file): then the checker says what is missing.
+            if (
+                shape is not None
+                and shape is not detected
+                and not expected_keys <= obj.keys()
+                and not SIGNATURE_KEYS[shape] < expected_keys
+            ):
+                add(
+                    FORMAT_MISMATCH,
+                    f"The line looks like {shape.value} (it has "
+                    f"{', '.join(sorted(SIGNATURE_KEYS[shape]))}), but the file is {detected.value} ({how}); "
+                    "one file must hold one format.",
+                )
+                seen_shape = mismatches.setdefault(shape, _Mismatch())
+                seen_shape.count += 1
+                if len(seen_shape.lines) < 5:
+                    seen_shape.lines.append(number)
+                continue
+            example = checker.check(obj, add)
+            if example is None or not _images_ok(example, result, add):
+                continue
         examples += 1
+        if max_samples is not None and kept >= max_samples:
+            dropped += 1
+            continue
+        record = example.record
+        if options.system_prompt or options.prompt_template:
+            record = apply_options(record, detected, options.system_prompt, options.prompt_template)
+        if example.images and image_uri is not None:
+            record["images"] = [image_uri(p) for p in example.images]
+        kept += 1
         messages += example.messages
         characters += example.characters
-        data = normalized_line(example)
-        digest = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+        data = normalized_line(record)
+        digest = hash(data)
         if digest in seen:
             duplicates += 1
             first_duplicate = first_duplicate or number
         else:
             seen.add(digest)
+        if targets is not None:
+            label = example.target
+            if (
+                label is None
+                or len(label) > MAX_LABEL_CHARS
+                or (label not in targets and len(targets) >= MAX_CLASSES)
+            ):
+                targets = None
+            else:
+                targets[label] += 1
         if normalized_out is not None:
-            normalized_out.write(data)
+            pending.append(data)
+            if len(pending) == WRITE_BATCH:
+                normalized_out.writelines(pending)
+                pending.clear()
+    if normalized_out is not None:
+        normalized_out.writelines(pending)
 
+    if mismatches:
+        parts = [
+            f"{f.value} on {m.count} line(s) (first: {', '.join(map(str, m.lines))})"
+            for f, m in mismatches.items()
+        ]
+        add_file(
+            MIXED_FORMATS,
+            f"The file mixes formats: it is {detected.value} ({how}), but lines look like "
+            f"{'; '.join(parts)}. Split it into one file per format.",
+        )
     if checked < min_examples:
-        issues.add(Issue(Severity.ERROR, TOO_FEW_EXAMPLES, 0,
-                         f"The file has {checked} example{'s' if checked != 1 else ''}; at least "
-                         f"{min_examples} are required (metadata.min_examples)."))
-    if examples and duplicates > DUPLICATE_WARNING_FRACTION * examples and first_duplicate:
-        issues.add(Issue(Severity.WARNING, DUPLICATE_EXAMPLES, 0,
-                         f"{duplicates} of {examples} examples ({100 * duplicates / examples:.0f}%) "
-                         f"repeat an earlier example exactly (the first on line {first_duplicate}); "
-                         "duplicates weigh those examples more in training."))
-    stats = Statistics(example_count=examples,
-                       mean_messages_per_example=messages / examples if examples else 0.0,
-                       total_characters=characters, duplicate_count=duplicates)
-    return _report(detected, checked, issues, stats)
+        add_file(
+            TOO_FEW_EXAMPLES,
+            f"The file has {checked} example{'s' if checked != 1 else ''}; at least "
+            f"{min_examples} are required (metadata.min_examples).",
+        )
+    if kept and duplicates > DUPLICATE_WARNING_FRACTION * kept and first_duplicate:
+        issues.file_issue(
+            DUPLICATE_EXAMPLES,
+            f"{duplicates} of {kept} examples ({100 * duplicates / kept:.0f}%) repeat an earlier "
+            f"example exactly (the first on line {first_duplicate}); duplicates weigh those "
+            "examples more in training.",
+            severity=Severity.WARNING,
+        )
+    _check_balance(targets, kept, issues)
+    stats = Statistics(
+        example_count=kept,
+        mean_messages_per_example=messages / kept if kept else 0.0,
+        total_characters=characters,
+        duplicate_count=duplicates,
+        dropped_by_max_samples=dropped,
+    )
+    result.report = _report(detected, checked, issues, stats)
+    return result
+
+
+def _images_ok(example: Example, result: Validated, add: Callable[..., None]) -> bool:
+    ok = True
+    for k, image in enumerate(example.images):
+        if result.image_root is None:
+            add(
+                MISSING_IMAGE,
+                f"Image {image!r} cannot be found: examples with images must be uploaded as a "
+                "ZIP holding train.jsonl and the images.",
+                f"images[{k}]",
+            )
+            ok = False
+            continue
+        problem = image_problem(result.image_root, image)
+        if problem is not None:
+            add(problem[0], problem[1], f"images[{k}]")
+            ok = False
+        else:
+            result.images.add(image)
+    return ok
+
+
+def _check_balance(targets: Counter[str] | None, kept: int, issues: _Collector) -> None:
+    """Warns when classification-style targets are imbalanced beyond IMBALANCE_RATIO."""
+    if targets is None or len(targets) < 2 or kept < MIN_CLASSIFICATION_EXAMPLES or len(targets) * 2 > kept:
+        return
+    ((common, most),) = targets.most_common(1)
+    rare, least = min(targets.items(), key=lambda kv: kv[1])
+    if most > IMBALANCE_RATIO * least:
+        issues.file_issue(
+            CLASS_IMBALANCE,
+            f"The targets look like {len(targets)} class labels, and they are imbalanced: {common!r} has "
+            f"{most} examples but {rare!r} only {least} ({most / least:.0f}:1, more than "
+            f"{IMBALANCE_RATIO:.0f}:1); the model may learn to always answer {common!r}.",
+            severity=Severity.WARNING,
+        )
+
+
+def validate_file(
+    path: Path,
+    *,
+    format: DatasetFormat | None = None,
+    min_examples: int = DEFAULT_MIN_EXAMPLES,
+    issue_limit: int = ISSUE_LIMIT,
+    normalized_out: IO[bytes] | None = None,
+    **kwargs: Any,
+) -> ValidationReport:
+    """validate_source with a throwaway work folder: the report only."""
+    with tempfile.TemporaryDirectory(prefix="validate-") as work:
+        return validate_source(
+            path,
+            work_dir=Path(work),
+            format=format,
+            min_examples=min_examples,
+            issue_limit=issue_limit,
+            normalized_out=normalized_out,
+            **kwargs,
+        ).report
 
 
 def _report(fmt: DatasetFormat, checked: int, issues: _Collector, stats: Statistics) -> ValidationReport:
     listed = issues.listed()
-    return ValidationReport(format=fmt, examples_checked=checked, error_count=issues.error_count,
-                            warning_count=issues.warning_count, issues=listed,
-                            issues_truncated=len(listed) < issues.error_count + issues.warning_count,
-                            statistics=stats)
+    return ValidationReport(
+        format=fmt,
+        examples_checked=checked,
+        error_count=issues.error_count,
+        warning_count=issues.warning_count,
+        issues=listed,
+        issues_truncated=len(listed) < issues.error_count + issues.warning_count,
+        statistics=stats,
+        issue_limit=issues.limit,
+    )

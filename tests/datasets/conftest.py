@@ -11,12 +11,13 @@ from tuneforge.v1 import dataset_service_pb2_grpc
 
 from services.datasets.settings import DatasetSettings
 from services.kit.settings import KitSettings
-from tests.datasets.helpers import UPLOAD_LIMIT, serving
+from tests.datasets.helpers import MAX_LINE_BYTES, UPLOAD_LIMIT, serving
 
 
 @pytest.fixture
 def datasets_settings(kit_settings: KitSettings) -> DatasetSettings:
-    return DatasetSettings(**{**kit_settings.model_dump(), "max_upload_bytes": UPLOAD_LIMIT})
+    return DatasetSettings(**{**kit_settings.model_dump(), "max_upload_bytes": UPLOAD_LIMIT,
+                              "max_line_bytes": MAX_LINE_BYTES})
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ from services.kit.settings import KitSettings
 
 # The upload limit the integration tests run the service with.
 UPLOAD_LIMIT = 256 * 1024
+# The longest line they accept, so a "huge single line" fits within the upload limit.
+MAX_LINE_BYTES = 64 * 1024
 
 
 def chat_example(i: int, *, system: bool = False) -> dict[str, object]:

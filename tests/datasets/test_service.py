@@ -270,11 +270,6 @@ async def test_update_split_and_delete(stub: DatasetServiceStub, objects_root: P
     assert err.code == grpc.StatusCode.NOT_FOUND
 
 
-async def test_create_dataset_is_not_implemented_yet(stub: DatasetServiceStub) -> None:
-    err = await failure(stub.CreateDataset(pb.CreateDatasetRequest(organization="acme", name="x")))
-    assert (err.code, err.reason) == (grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED")
-
-
 async def test_dataset_changed_events_arrive_on_nats(stub: DatasetServiceStub, nats_url: str) -> None:
     dataset = (await upload(stub, jsonl(chat_lines(100)))).dataset
     await stub.DeleteDataset(pb.DeleteDatasetRequest(organization="acme", dataset=dataset.id))
@@ -331,3 +326,14 @@ async def test_metadata_may_come_only_first(stub: DatasetServiceStub) -> None:
                 pb.UploadDatasetRequest(metadata=meta())]
     err = await failure(stub.UploadDataset(iter(requests)))
     assert (err.code, err.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["metadata"])
+
+
+async def test_resplit_of_a_dataset_stored_without_normalized_examples(stub: DatasetServiceStub) -> None:
+    """Datasets uploaded before normalized.jsonl was kept are normalized again from their source."""
+    dataset = (await upload(stub, jsonl(chat_lines(100)))).dataset
+    root = local_path(dataset.splits[0].uri).parent
+    (root / "normalized.jsonl").unlink()
+    resplit = await stub.SplitDataset(pb.SplitDatasetRequest(
+        organization="acme", dataset=dataset.id,
+        split=dataset_pb2.SplitConfig(train_fraction=0.5, validation_fraction=0.5, test_fraction=0.0)))
+    assert split_counts(resplit.dataset) == {"train": 50, "validation": 50}

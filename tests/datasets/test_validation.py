@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from services.datasets import formats as f
+from services.datasets import readers as r
 from services.datasets import validation as v
 from services.datasets.domain import DatasetFormat, Severity
 from tests.datasets.helpers import chat_lines, write_jsonl
@@ -27,25 +29,25 @@ USER = {"role": "user", "content": "hi"}
 ASSISTANT = {"role": "assistant", "content": "hello"}
 
 DEFECTS = [
-    ('{"messages": [', v.INVALID_JSON, "", None),
+    ('{"messages": [', r.INVALID_JSON, "", None),
     ("[1, 2, 3]", v.NOT_AN_OBJECT, "", None),
     ('"just a string"', v.NOT_AN_OBJECT, "", None),
-    (json.dumps({"conversation": []}), v.MISSING_MESSAGES, "messages", None),
-    (json.dumps({"messages": "hi"}), v.MESSAGES_NOT_A_LIST, "messages", None),
-    (json.dumps({"messages": []}), v.EMPTY_MESSAGES, "messages", None),
-    (_msgs(USER, "hello"), v.MESSAGE_NOT_AN_OBJECT, "messages[1]", 1),
-    (_msgs({"content": "hi"}, ASSISTANT), v.MISSING_ROLE, "messages[0].role", 0),
-    (_msgs(USER, {"role": "bot", "content": "x"}), v.INVALID_ROLE, "messages[1].role", 1),
-    (_msgs(USER, {"role": 3, "content": "x"}), v.INVALID_ROLE, "messages[1].role", 1),
-    (_msgs({"role": "user"}, ASSISTANT), v.MISSING_CONTENT, "messages[0].content", 0),
-    (_msgs(USER, {"role": "assistant", "content": None}), v.CONTENT_NOT_A_STRING, "messages[1].content", 1),
-    (_msgs(USER, {"role": "assistant", "content": [{"type": "text"}]}), v.CONTENT_NOT_A_STRING,
-     "messages[1].content", 1),
-    (_msgs(USER, {"role": "assistant", "content": "  "}), v.EMPTY_CONTENT, "messages[1].content", 1),
-    (_msgs(USER, {**ASSISTANT, "weight": 0.5}), v.INVALID_WEIGHT, "messages[1].weight", 1),
-    (_msgs(USER, {**ASSISTANT, "weight": True}), v.INVALID_WEIGHT, "messages[1].weight", 1),
-    (_msgs(USER, {**ASSISTANT, "weight": "1"}), v.INVALID_WEIGHT, "messages[1].weight", 1),
-    (_msgs(USER, {"role": "system", "content": "x"}), v.MISSING_ASSISTANT_TURN, "messages", None),
+    (json.dumps({"conversation": []}), f.MISSING_MESSAGES, "messages", None),
+    (json.dumps({"messages": "hi"}), f.MESSAGES_NOT_A_LIST, "messages", None),
+    (json.dumps({"messages": []}), f.EMPTY_MESSAGES, "messages", None),
+    (_msgs(USER, "hello"), f.MESSAGE_NOT_AN_OBJECT, "messages[1]", 1),
+    (_msgs({"content": "hi"}, ASSISTANT), f.MISSING_ROLE, "messages[0].role", 0),
+    (_msgs(USER, {"role": "bot", "content": "x"}), f.INVALID_ROLE, "messages[1].role", 1),
+    (_msgs(USER, {"role": 3, "content": "x"}), f.INVALID_ROLE, "messages[1].role", 1),
+    (_msgs({"role": "user"}, ASSISTANT), f.MISSING_CONTENT, "messages[0].content", 0),
+    (_msgs(USER, {"role": "assistant", "content": None}), f.CONTENT_NOT_A_STRING, "messages[1].content", 1),
+    (_msgs(USER, {"role": "assistant", "content": [{"type": "text"}]}), f.INVALID_CONTENT_PART,
+     "messages[1].content[0]", 1),
+    (_msgs(USER, {"role": "assistant", "content": "  "}), f.EMPTY_CONTENT, "messages[1].content", 1),
+    (_msgs(USER, {**ASSISTANT, "weight": 0.5}), f.INVALID_WEIGHT, "messages[1].weight", 1),
+    (_msgs(USER, {**ASSISTANT, "weight": True}), f.INVALID_WEIGHT, "messages[1].weight", 1),
+    (_msgs(USER, {**ASSISTANT, "weight": "1"}), f.INVALID_WEIGHT, "messages[1].weight", 1),
+    (_msgs(USER, {"role": "system", "content": "x"}), f.MISSING_ASSISTANT_TURN, "messages", None),
 ]
 
 
@@ -69,7 +71,7 @@ def test_non_utf8_line(tmp_path: Path) -> None:
     lines[1] = b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'
     path.write_bytes(b"\n".join(lines) + b"\n")
     report = v.validate_file(path, min_examples=1)
-    assert [(i.code, i.line) for i in report.issues] == [(v.INVALID_UTF8, 2)]
+    assert [(i.code, i.line) for i in report.issues] == [(r.INVALID_UTF8, 2)]
     assert "0xe9" in report.issues[0].message
 
 
@@ -77,8 +79,8 @@ def test_every_problem_of_a_line_is_reported(tmp_path: Path) -> None:
     line = _msgs({"role": "usr", "content": ""}, {"role": "assistant", "content": "x", "weight": 2})
     report = v.validate_file(_with_line_3(tmp_path, line), min_examples=1)
     assert [(i.code, i.field) for i in report.issues] == [
-        (v.INVALID_ROLE, "messages[0].role"), (v.EMPTY_CONTENT, "messages[0].content"),
-        (v.INVALID_WEIGHT, "messages[1].weight")]
+        (f.INVALID_ROLE, "messages[0].role"), (f.EMPTY_CONTENT, "messages[0].content"),
+        (f.INVALID_WEIGHT, "messages[1].weight")]
     assert report.issues[0].location() == "line 3: messages[0].role"
 
 
@@ -88,7 +90,7 @@ def test_blank_lines_and_a_bom_are_ignored_but_keep_line_numbers(tmp_path: Path)
     path.write_bytes(b"\xef\xbb\xbf" + f"{lines[0]}\r\n\n   \n{lines[1]}\n{{bad\n\n{lines[2]}\n\n".encode())
     report = v.validate_file(path, min_examples=1)
     assert report.examples_checked == 4 and report.statistics.example_count == 3
-    assert [(i.code, i.line) for i in report.issues] == [(v.INVALID_JSON, 5)]
+    assert [(i.code, i.line) for i in report.issues] == [(r.INVALID_JSON, 5)]
 
 
 def test_too_few_examples_is_a_dataset_level_error(tmp_path: Path) -> None:
@@ -98,7 +100,7 @@ def test_too_few_examples_is_a_dataset_level_error(tmp_path: Path) -> None:
     assert v.validate_file(write_jsonl(tmp_path / "e.jsonl", chat_lines(100))).valid
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    assert v.validate_file(empty, min_examples=1).issues[0].code == v.TOO_FEW_EXAMPLES
+    assert v.validate_file(empty, min_examples=1).issues[0].code == r.EMPTY_FILE
 
 
 def test_more_than_ten_percent_duplicates_is_a_warning(tmp_path: Path) -> None:
@@ -121,7 +123,7 @@ def test_all_weights_zero_is_a_warning(tmp_path: Path) -> None:
     report = v.validate_file(_with_line_3(tmp_path, line), min_examples=1)
     assert report.valid
     assert [(i.code, i.line, i.severity) for i in report.issues] == [
-        (v.NO_TRAINABLE_TURN, 3, Severity.WARNING)]
+        (f.NO_TRAINABLE_TURN, 3, Severity.WARNING)]
 
 
 def test_issues_are_capped_but_counted(tmp_path: Path) -> None:
@@ -163,16 +165,8 @@ def test_format_detection(tmp_path: Path, record: dict[str, object], expected: D
     assert v.detect_format(path) is expected
 
 
-def test_a_recognized_but_unsupported_format_says_so(tmp_path: Path) -> None:
-    lines = [json.dumps({"conversations": [{"from": "human", "value": "hi"}]})] * 3
-    report = v.validate_file(write_jsonl(tmp_path / "d.jsonl", lines), min_examples=1)
-    assert report.format is DatasetFormat.SHAREGPT
-    assert [(i.code, i.line) for i in report.issues] == [(v.UNSUPPORTED_FORMAT, 0)]
-    assert "OPENAI_CHAT" in report.issues[0].message
-
-
 def test_unrecognized_content_is_checked_as_chat(tmp_path: Path) -> None:
     lines = [json.dumps({"question": "q", "answer": "a"})] * 3
     report = v.validate_file(write_jsonl(tmp_path / "d.jsonl", lines), min_examples=1)
     assert report.format is DatasetFormat.OPENAI_CHAT
-    assert [(i.code, i.line) for i in report.issues] == [(v.MISSING_MESSAGES, n) for n in (1, 2, 3)]
+    assert [(i.code, i.line) for i in report.issues] == [(f.MISSING_MESSAGES, n) for n in (1, 2, 3)]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atuneforge/v1/dataset.proto\x12\x0ctuneforge.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x88\x04\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0corganization\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12)\n\x05state\x18\x05 \x01(\x0e\x32\x1a.tuneforge.v1.DatasetState\x12+\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x1b.tuneforge.v1.DatasetFormat\x12+\n\x06source\x18\x07 \x01(\x0b\x32\x1b.tuneforge.v1.DatasetSource\x12\x12\n\nsize_bytes\x18\x08 \x01(\x03\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x33\n\nstatistics\x18\n \x01(\x0b\x32\x1f.tuneforge.v1.DatasetStatistics\x12*\n\x06splits\x18\x0b \x03(\x0b\x32\x1a.tuneforge.v1.DatasetSplit\x12\x33\n\nvalidation\x18\x0c \x01(\x0b\x32\x1f.tuneforge.v1.ValidationSummary\x12\x17\n\x0f\x66\x61ilure_message\x18\r \x01(\t\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x0c\x44\x61tasetSplit\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.tuneforge.v1.DatasetSplitKind\x12\x15\n\rexample_count\x18\x02 \x01(\x03\x12\x0b\n\x03uri\x18\x03 \x01(\t\"\xc1\x01\n\x0bSplitConfig\x12\x1b\n\x0etrain_fraction\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13validation_fraction\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rtest_fraction\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x11\n\x0f_train_fractionB\x16\n\x14_validation_fractionB\x10\n\x0e_test_fractionB\x07\n\x05_seed\"s\n\rDatasetSource\x12\x19\n\x0fupload_filename\x18\x01 \x01(\tH\x00\x12\x10\n\x06s3_uri\x18\x02 \x01(\tH\x00\x12\x11\n\x07gcs_uri\x18\x03 \x01(\tH\x00\x12\x18\n\x0ehuggingface_id\x18\x04 \x01(\tH\x00\x42\x08\n\x06source\"\xaf\x01\n\x11\x44\x61tasetStatistics\x12\x15\n\rexample_count\x18\x01 \x01(\x03\x12!\n\x19mean_messages_per_example\x18\x02 \x01(\x01\x12\x18\n\x10total_characters\x18\x03 \x01(\x03\x12-\n\x06tokens\x18\x04 \x01(\x0b\x32\x1d.tuneforge.v1.TokenStatistics\x12\x17\n\x0f\x64uplicate_count\x18\x05 \x01(\x03\"\xad\x01\n\x0fTokenStatistics\x12\x11\n\ttokenizer\x18\x01 \x01(\t\x12\x0b\n\x03min\x18\x02 \x01(\x03\x12\x0e\n\x06median\x18\x03 \x01(\x03\x12\x0b\n\x03p95\x18\x04 \x01(\x03\x12\x0b\n\x03max\x18\x05 \x01(\x03\x12\r\n\x05total\x18\x06 \x01(\x03\x12\x17\n\x0ftruncated_count\x18\x07 \x01(\x03\x12\x12\n\nmax_length\x18\x08 \x01(\x03\x12\x14\n\x0ctrain_tokens\x18\t \x01(\x03\"N\n\x11ValidationSummary\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x13\n\x0b\x65rror_count\x18\x02 \x01(\x03\x12\x15\n\rwarning_count\x18\x03 \x01(\x03\"\xaa\x01\n\x0fValidationIssue\x12-\n\x08severity\x18\x01 \x01(\x0e\x32\x1b.tuneforge.v1.IssueSeverity\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\x03\x12\x1a\n\rmessage_index\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05\x66ield\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\tB\x10\n\x0e_message_index\"\xa6\x02\n\x10ValidationReport\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12+\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1b.tuneforge.v1.DatasetFormat\x12\r\n\x05valid\x18\x03 \x01(\x08\x12\x18\n\x10\x65xamples_checked\x18\x04 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x05 \x01(\x03\x12\x15\n\rwarning_count\x18\x06 \x01(\x03\x12-\n\x06issues\x18\x07 \x03(\x0b\x32\x1d.tuneforge.v1.ValidationIssue\x12\x18\n\x10issues_truncated\x18\x08 \x01(\x08\x12\x33\n\nstatistics\x18\t \x01(\x0b\x32\x1f.tuneforge.v1.DatasetStatistics*~\n\x0c\x44\x61tasetState\x12\x1d\n\x19\x44\x41TASET_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x41TASET_STATE_PROCESSING\x10\x01\x12\x17\n\x13\x44\x41TASET_STATE_READY\x10\x02\x12\x18\n\x14\x44\x41TASET_STATE_FAILED\x10\x03*\xab\x02\n\rDatasetFormat\x12\x1e\n\x1a\x44\x41TASET_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x41TASET_FORMAT_OPENAI_CHAT\x10\x01\x12\x1b\n\x17\x44\x41TASET_FORMAT_SHAREGPT\x10\x02\x12\x19\n\x15\x44\x41TASET_FORMAT_ALPACA\x10\x03\x12$\n DATASET_FORMAT_PROMPT_COMPLETION\x10\x04\x12\x17\n\x13\x44\x41TASET_FORMAT_TEXT\x10\x05\x12\x1d\n\x19\x44\x41TASET_FORMAT_PREFERENCE\x10\x06\x12$\n DATASET_FORMAT_OPENAI_PREFERENCE\x10\x07\x12\x1e\n\x1a\x44\x41TASET_FORMAT_PROMPT_ONLY\x10\x08*\x94\x01\n\x10\x44\x61tasetSplitKind\x12\"\n\x1e\x44\x41TASET_SPLIT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x41TASET_SPLIT_KIND_TRAIN\x10\x01\x12!\n\x1d\x44\x41TASET_SPLIT_KIND_VALIDATION\x10\x02\x12\x1b\n\x17\x44\x41TASET_SPLIT_KIND_TEST\x10\x03*e\n\rIssueSeverity\x12\x1e\n\x1aISSUE_SEVERITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16ISSUE_SEVERITY_WARNING\x10\x01\x12\x18\n\x14ISSUE_SEVERITY_ERROR\x10\x02\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atuneforge/v1/dataset.proto\x12\x0ctuneforge.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x04\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0corganization\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12)\n\x05state\x18\x05 \x01(\x0e\x32\x1a.tuneforge.v1.DatasetState\x12+\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x1b.tuneforge.v1.DatasetFormat\x12+\n\x06source\x18\x07 \x01(\x0b\x32\x1b.tuneforge.v1.DatasetSource\x12\x12\n\nsize_bytes\x18\x08 \x01(\x03\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x33\n\nstatistics\x18\n \x01(\x0b\x32\x1f.tuneforge.v1.DatasetStatistics\x12*\n\x06splits\x18\x0b \x03(\x0b\x32\x1a.tuneforge.v1.DatasetSplit\x12\x33\n\nvalidation\x18\x0c \x01(\x0b\x32\x1f.tuneforge.v1.ValidationSummary\x12\x17\n\x0f\x66\x61ilure_message\x18\r \x01(\t\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07options\x18\x10 \x01(\x0b\x32\x1c.tuneforge.v1.DatasetOptions\x12\x1d\n\x15validation_dataset_id\x18\x11 \x01(\t\"\xaf\x01\n\x0e\x44\x61tasetOptions\x12\x18\n\x0bmax_samples\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\x17\n\x0fprompt_template\x18\x03 \x01(\t\x12\x19\n\x11max_prompt_length\x18\x04 \x01(\x03\x12\x15\n\rlazy_tokenize\x18\x05 \x01(\x08\x12\x11\n\tstreaming\x18\x06 \x01(\x08\x42\x0e\n\x0c_max_samples\"z\n\rColumnMapping\x12\x39\n\x07\x63olumns\x18\x01 \x03(\x0b\x32(.tuneforge.v1.ColumnMapping.ColumnsEntry\x1a.\n\x0c\x43olumnsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"`\n\x0c\x44\x61tasetSplit\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.tuneforge.v1.DatasetSplitKind\x12\x15\n\rexample_count\x18\x02 \x01(\x03\x12\x0b\n\x03uri\x18\x03 \x01(\t\"\xc1\x01\n\x0bSplitConfig\x12\x1b\n\x0etrain_fraction\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13validation_fraction\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rtest_fraction\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x11\n\x0f_train_fractionB\x16\n\x14_validation_fractionB\x10\n\x0e_test_fractionB\x07\n\x05_seed\"\xf5\x01\n\rDatasetSource\x12\x19\n\x0fupload_filename\x18\x01 \x01(\tH\x00\x12\x10\n\x06s3_uri\x18\x02 \x01(\tH\x00\x12\x11\n\x07gcs_uri\x18\x03 \x01(\tH\x00\x12\x18\n\x0ehuggingface_id\x18\x04 \x01(\tH\x00\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x06 \x01(\t\x12\x1a\n\x12huggingface_config\x18\x07 \x01(\t\x12\x19\n\x11huggingface_split\x18\x08 \x01(\t\x12\x11\n\tstreaming\x18\t \x01(\x08\x12\x10\n\x08max_rows\x18\n \x01(\x03\x42\x08\n\x06source\"\xcf\x01\n\x11\x44\x61tasetStatistics\x12\x15\n\rexample_count\x18\x01 \x01(\x03\x12!\n\x19mean_messages_per_example\x18\x02 \x01(\x01\x12\x18\n\x10total_characters\x18\x03 \x01(\x03\x12-\n\x06tokens\x18\x04 \x01(\x0b\x32\x1d.tuneforge.v1.TokenStatistics\x12\x17\n\x0f\x64uplicate_count\x18\x05 \x01(\x03\x12\x1e\n\x16\x64ropped_by_max_samples\x18\x06 \x01(\x03\"\xad\x01\n\x0fTokenStatistics\x12\x11\n\ttokenizer\x18\x01 \x01(\t\x12\x0b\n\x03min\x18\x02 \x01(\x03\x12\x0e\n\x06median\x18\x03 \x01(\x03\x12\x0b\n\x03p95\x18\x04 \x01(\x03\x12\x0b\n\x03max\x18\x05 \x01(\x03\x12\r\n\x05total\x18\x06 \x01(\x03\x12\x17\n\x0ftruncated_count\x18\x07 \x01(\x03\x12\x12\n\nmax_length\x18\x08 \x01(\x03\x12\x14\n\x0ctrain_tokens\x18\t \x01(\x03\"N\n\x11ValidationSummary\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x13\n\x0b\x65rror_count\x18\x02 \x01(\x03\x12\x15\n\rwarning_count\x18\x03 \x01(\x03\"\xaa\x01\n\x0fValidationIssue\x12-\n\x08severity\x18\x01 \x01(\x0e\x32\x1b.tuneforge.v1.IssueSeverity\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0c\n\x04line\x18\x03 \x01(\x03\x12\x1a\n\rmessage_index\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05\x66ield\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\tB\x10\n\x0e_message_index\"\xbb\x02\n\x10ValidationReport\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12+\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1b.tuneforge.v1.DatasetFormat\x12\r\n\x05valid\x18\x03 \x01(\x08\x12\x18\n\x10\x65xamples_checked\x18\x04 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x05 \x01(\x03\x12\x15\n\rwarning_count\x18\x06 \x01(\x03\x12-\n\x06issues\x18\x07 \x03(\x0b\x32\x1d.tuneforge.v1.ValidationIssue\x12\x18\n\x10issues_truncated\x18\x08 \x01(\x08\x12\x33\n\nstatistics\x18\t \x01(\x0b\x32\x1f.tuneforge.v1.DatasetStatistics\x12\x13\n\x0bissue_limit\x18\n \x01(\x05*~\n\x0c\x44\x61tasetState\x12\x1d\n\x19\x44\x41TASET_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x41TASET_STATE_PROCESSING\x10\x01\x12\x17\n\x13\x44\x41TASET_STATE_READY\x10\x02\x12\x18\n\x14\x44\x41TASET_STATE_FAILED\x10\x03*\xc3\x02\n\rDatasetFormat\x12\x1e\n\x1a\x44\x41TASET_FORMAT_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x41TASET_FORMAT_OPENAI_CHAT\x10\x01\x12\x1b\n\x17\x44\x41TASET_FORMAT_SHAREGPT\x10\x02\x12\x19\n\x15\x44\x41TASET_FORMAT_ALPACA\x10\x03\x12$\n DATASET_FORMAT_PROMPT_COMPLETION\x10\x04\x12\x17\n\x13\x44\x41TASET_FORMAT_TEXT\x10\x05\x12\x1d\n\x19\x44\x41TASET_FORMAT_PREFERENCE\x10\x06\x12$\n DATASET_FORMAT_OPENAI_PREFERENCE\x10\x07\x12\x1e\n\x1a\x44\x41TASET_FORMAT_PROMPT_ONLY\x10\x08\x12\x16\n\x12\x44\x41TASET_FORMAT_KTO\x10\t*\x94\x01\n\x10\x44\x61tasetSplitKind\x12\"\n\x1e\x44\x41TASET_SPLIT_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x41TASET_SPLIT_KIND_TRAIN\x10\x01\x12!\n\x1d\x44\x41TASET_SPLIT_KIND_VALIDATION\x10\x02\x12\x1b\n\x17\x44\x41TASET_SPLIT_KIND_TEST\x10\x03*e\n\rIssueSeverity\x12\x1e\n\x1aISSUE_SEVERITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16ISSUE_SEVERITY_WARNING\x10\x01\x12\x18\n\x14ISSUE_SEVERITY_ERROR\x10\x02\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,38 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tuneforge.v1.dataset_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tuneforge.v1P\001Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1'
-  _globals['_DATASETSTATE']._serialized_start=1915
-  _globals['_DATASETSTATE']._serialized_end=2041
-  _globals['_DATASETFORMAT']._serialized_start=2044
-  _globals['_DATASETFORMAT']._serialized_end=2343
-  _globals['_DATASETSPLITKIND']._serialized_start=2346
-  _globals['_DATASETSPLITKIND']._serialized_end=2494
-  _globals['_ISSUESEVERITY']._serialized_start=2496
-  _globals['_ISSUESEVERITY']._serialized_end=2597
+  _globals['_COLUMNMAPPING_COLUMNSENTRY']._loaded_options = None
+  _globals['_COLUMNMAPPING_COLUMNSENTRY']._serialized_options = b'8\001'
+  _globals['_DATASETSTATE']._serialized_start=2479
+  _globals['_DATASETSTATE']._serialized_end=2605
+  _globals['_DATASETFORMAT']._serialized_start=2608
+  _globals['_DATASETFORMAT']._serialized_end=2931
+  _globals['_DATASETSPLITKIND']._serialized_start=2934
+  _globals['_DATASETSPLITKIND']._serialized_end=3082
+  _globals['_ISSUESEVERITY']._serialized_start=3084
+  _globals['_ISSUESEVERITY']._serialized_end=3185
   _globals['_DATASET']._serialized_start=78
-  _globals['_DATASET']._serialized_end=598
-  _globals['_DATASETSPLIT']._serialized_start=600
-  _globals['_DATASETSPLIT']._serialized_end=696
-  _globals['_SPLITCONFIG']._serialized_start=699
-  _globals['_SPLITCONFIG']._serialized_end=892
-  _globals['_DATASETSOURCE']._serialized_start=894
-  _globals['_DATASETSOURCE']._serialized_end=1009
-  _globals['_DATASETSTATISTICS']._serialized_start=1012
-  _globals['_DATASETSTATISTICS']._serialized_end=1187
-  _globals['_TOKENSTATISTICS']._serialized_start=1190
-  _globals['_TOKENSTATISTICS']._serialized_end=1363
-  _globals['_VALIDATIONSUMMARY']._serialized_start=1365
-  _globals['_VALIDATIONSUMMARY']._serialized_end=1443
-  _globals['_VALIDATIONISSUE']._serialized_start=1446
-  _globals['_VALIDATIONISSUE']._serialized_end=1616
-  _globals['_VALIDATIONREPORT']._serialized_start=1619
-  _globals['_VALIDATIONREPORT']._serialized_end=1913
+  _globals['_DATASET']._serialized_end=676
+  _globals['_DATASETOPTIONS']._serialized_start=679
+  _globals['_DATASETOPTIONS']._serialized_end=854
+  _globals['_COLUMNMAPPING']._serialized_start=856
+  _globals['_COLUMNMAPPING']._serialized_end=978
+  _globals['_COLUMNMAPPING_COLUMNSENTRY']._serialized_start=932
+  _globals['_COLUMNMAPPING_COLUMNSENTRY']._serialized_end=978
+  _globals['_DATASETSPLIT']._serialized_start=980
+  _globals['_DATASETSPLIT']._serialized_end=1076
+  _globals['_SPLITCONFIG']._serialized_start=1079
+  _globals['_SPLITCONFIG']._serialized_end=1272
+  _globals['_DATASETSOURCE']._serialized_start=1275
+  _globals['_DATASETSOURCE']._serialized_end=1520
+  _globals['_DATASETSTATISTICS']._serialized_start=1523
+  _globals['_DATASETSTATISTICS']._serialized_end=1730
+  _globals['_TOKENSTATISTICS']._serialized_start=1733
+  _globals['_TOKENSTATISTICS']._serialized_end=1906
+  _globals['_VALIDATIONSUMMARY']._serialized_start=1908
+  _globals['_VALIDATIONSUMMARY']._serialized_end=1986
+  _globals['_VALIDATIONISSUE']._serialized_start=1989
+  _globals['_VALIDATIONISSUE']._serialized_end=2159
+  _globals['_VALIDATIONREPORT']._serialized_start=2162
+  _globals['_VALIDATIONREPORT']._serialized_end=2477
 # @@protoc_insertion_point(module_scope)

@@ -69,6 +69,8 @@ class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dataset
     """{"input": ..., "preferred_output": ..., "non_preferred_output": ...}"""
     DATASET_FORMAT_PROMPT_ONLY: _DatasetFormat.ValueType  # 8
     """{"prompt": ..., <extra columns for reward functions>}"""
+    DATASET_FORMAT_KTO: _DatasetFormat.ValueType  # 9
+    """Unpaired preference (KTO): {"prompt": ..., "completion": ..., "label": true|false}"""
 
 class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper): ...
 
@@ -90,6 +92,8 @@ DATASET_FORMAT_OPENAI_PREFERENCE: DatasetFormat.ValueType  # 7
 """{"input": ..., "preferred_output": ..., "non_preferred_output": ...}"""
 DATASET_FORMAT_PROMPT_ONLY: DatasetFormat.ValueType  # 8
 """{"prompt": ..., <extra columns for reward functions>}"""
+DATASET_FORMAT_KTO: DatasetFormat.ValueType  # 9
+"""Unpaired preference (KTO): {"prompt": ..., "completion": ..., "label": true|false}"""
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
 
 class _DatasetSplitKind:
@@ -151,6 +155,8 @@ class Dataset(_message.Message):
     FAILURE_MESSAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    VALIDATION_DATASET_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Server-assigned, globally unique id ("ds_" + 26 characters)."""
     organization: _builtins.str
@@ -168,6 +174,10 @@ class Dataset(_message.Message):
     sha256: _builtins.str
     failure_message: _builtins.str
     """Output only. Filled when state is FAILED."""
+    validation_dataset_id: _builtins.str
+    """The id of the dataset whose examples form this dataset's validation split, when the upload named one
+    (UploadDatasetMetadata.validation_dataset) instead of splitting one off.
+    """
     @_builtins.property
     def source(self) -> Global___DatasetSource:
         """Output only. Where the source file came from."""
@@ -188,6 +198,12 @@ class Dataset(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def options(self) -> Global___DatasetOptions:
+        """The options the dataset was uploaded with. Those that act on the data (max_samples, system_prompt,
+        prompt_template) are already applied to the splits; the others are kept for the trainer.
+        """
+
     def __init__(
         self,
         *,
@@ -206,14 +222,133 @@ class Dataset(_message.Message):
         failure_message: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        options: Global___DatasetOptions | None = ...,
+        validation_dataset_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "source", b"source", "statistics", b"statistics", "update_time", b"update_time", "validation", b"validation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "options", b"options", "source", b"source", "statistics", b"statistics", "update_time", b"update_time", "validation", b"validation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "failure_message", b"failure_message", "format", b"format", "id", b"id", "name", b"name", "organization", b"organization", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "splits", b"splits", "state", b"state", "statistics", b"statistics", "update_time", b"update_time", "validation", b"validation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "failure_message", b"failure_message", "format", b"format", "id", b"id", "name", b"name", "options", b"options", "organization", b"organization", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "splits", b"splits", "state", b"state", "statistics", b"statistics", "update_time", b"update_time", "validation", b"validation", "validation_dataset_id", b"validation_dataset_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
+
+@_typing.final
+class DatasetOptions(_message.Message):
+    """The normalized examples the split files hold (one JSON object per line, UTF-8, compact), one shape per
+    family whatever the source format; trainers read only these:
+      chat (OPENAI_CHAT, SHAREGPT, ALPACA):
+        {"messages": [{"role": "system|user|assistant|tool", "content": str, "weight": 0|1 (only when
+         given), "tool_calls": [{"id": str (when given), "type": "function", "function": {"name": str,
+         "arguments": object}}] (assistant, only when given)}, ...]}
+        Alpaca: user = instruction + "\\n\\n" + input (input non-empty) else instruction; assistant = output.
+        Vision-language rows (ZIP uploads) add "images": [URI, ...] and a user content may then be a list
+        of parts [{"type": "text", "text": str} | {"type": "image"}], one image part per image, in order.
+      PROMPT_COMPLETION: {"prompt": str, "completion": str}, or both message lists when the source had
+        lists (TRL's conversational prompt-completion: completion holds the assistant turns)
+      TEXT: {"text": str}
+      PREFERENCE, OPENAI_PREFERENCE: {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+        when conversational (chosen/rejected hold the assistant turns), or {"prompt": str, "chosen": str,
+        "rejected": str} when the source had strings (TRL's preference format).
+      PROMPT_ONLY: {"prompt": str | [messages], <the extra columns as they were>}
+      KTO: {"prompt", "completion", "label": bool}, prompt and completion as for PROMPT_COMPLETION
+
+    Options of a dataset, from the seeds' dataset configuration. max_samples, system_prompt and
+    prompt_template change the normalized examples; the others are stored for the trainer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_SAMPLES_FIELD_NUMBER: _builtins.int
+    SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    PROMPT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    MAX_PROMPT_LENGTH_FIELD_NUMBER: _builtins.int
+    LAZY_TOKENIZE_FIELD_NUMBER: _builtins.int
+    STREAMING_FIELD_NUMBER: _builtins.int
+    max_samples: _builtins.int
+    """Keep only the first max_samples valid examples (in file order) before splitting. Unset: all."""
+    system_prompt: _builtins.str
+    """Prepended to every example: a system message for chat data and conversational prompts (unless the
+    example has one), else "<system_prompt>\\n\\n" before the prompt (or text). With a prompt_template
+    that uses {system_prompt}, the template places it instead.
+    """
+    prompt_template: _builtins.str
+    """Wraps every string prompt (and each user message of chat data), e.g.
+    "<system> {system_prompt} <user> {prompt}". Placeholders: {prompt} (required), {system_prompt};
+    write literal braces as {{ and }}.
+    """
+    max_prompt_length: _builtins.int
+    """Maximum tokens of the prompt part (DPO/ORPO-style max_prompt_length); 0: the trainer's default."""
+    lazy_tokenize: _builtins.bool
+    """Tokenize on the fly in the trainer instead of up front."""
+    streaming: _builtins.bool
+    """Stream records in the trainer instead of loading the split into memory."""
+    def __init__(
+        self,
+        *,
+        max_samples: _builtins.int | None = ...,
+        system_prompt: _builtins.str = ...,
+        prompt_template: _builtins.str = ...,
+        max_prompt_length: _builtins.int = ...,
+        lazy_tokenize: _builtins.bool = ...,
+        streaming: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_samples", b"_max_samples", "max_samples", b"max_samples"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_samples", b"_max_samples", "lazy_tokenize", b"lazy_tokenize", "max_prompt_length", b"max_prompt_length", "max_samples", b"max_samples", "prompt_template", b"prompt_template", "streaming", b"streaming", "system_prompt", b"system_prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_samples: _TypeAlias = _typing.Literal["max_samples"]  # noqa: Y015
+    _WhichOneofArgType__max_samples: _TypeAlias = _typing.Literal["_max_samples", b"_max_samples"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_samples) -> _WhichOneofReturnType__max_samples | None: ...
+
+Global___DatasetOptions: _TypeAlias = DatasetOptions  # noqa: Y015
+
+@_typing.final
+class ColumnMapping(_message.Message):
+    """How the columns of a CSV or Parquet file map onto the fields of the dataset format: field name ->
+    column name, e.g. {"prompt": "question", "completion": "answer"}. Unmapped columns keep their own name,
+    so a file whose header already names the fields needs no mapping. CSV cells of list/object fields
+    (messages, conversations, chosen, rejected, input, preferred_output, non_preferred_output, images) are
+    parsed as JSON; a CSV "label" of true/false becomes a boolean.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ColumnsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def columns(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        columns: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ColumnMapping: _TypeAlias = ColumnMapping  # noqa: Y015
 
 @_typing.final
 class DatasetSplit(_message.Message):
@@ -293,20 +428,54 @@ Global___SplitConfig: _TypeAlias = SplitConfig  # noqa: Y015
 
 @_typing.final
 class DatasetSource(_message.Message):
+    """Where a dataset's bytes come from. Never holds a secret: CreateDataset takes credentials beside it
+    (CreateDatasetRequest.credentials), so a Dataset that echoes its source cannot leak them.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     UPLOAD_FILENAME_FIELD_NUMBER: _builtins.int
     S3_URI_FIELD_NUMBER: _builtins.int
     GCS_URI_FIELD_NUMBER: _builtins.int
     HUGGINGFACE_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    HUGGINGFACE_CONFIG_FIELD_NUMBER: _builtins.int
+    HUGGINGFACE_SPLIT_FIELD_NUMBER: _builtins.int
+    STREAMING_FIELD_NUMBER: _builtins.int
+    MAX_ROWS_FIELD_NUMBER: _builtins.int
     upload_filename: _builtins.str
     """Streamed to UploadDataset; the original file name, informational only."""
     s3_uri: _builtins.str
-    """s3://bucket/key"""
+    """s3://bucket/key: one dataset file (any container UploadDataset takes: JSONL, CSV, Parquet, ZIP) in
+    S3 or an S3-compatible store.
+    """
     gcs_uri: _builtins.str
-    """gs://bucket/object"""
+    """gs://bucket/object: one dataset file in Google Cloud Storage, read through its S3-compatible XML API
+    with HMAC keys (CreateDatasetRequest.credentials).
+    """
     huggingface_id: _builtins.str
-    """A Hugging Face Hub dataset id, optionally with ":split"."""
+    """A Hugging Face Hub dataset id ("owner/name"), optionally with ":split"; or an absolute path under
+    the server's TUNEFORGE_HF_LOCAL_ROOT: a folder written by `save_to_disk`, or files load_dataset reads.
+    """
+    region: _builtins.str
+    """S3 and GCS: the bucket's region. Empty: us-east-1 for S3, "auto" for GCS."""
+    endpoint_url: _builtins.str
+    """S3 and GCS: the endpoint of an S3-compatible server (http or https, no user info in the URL).
+    Empty: AWS for s3_uri, https://storage.googleapis.com for gcs_uri.
+    """
+    huggingface_config: _builtins.str
+    """Hugging Face only: the configuration (subset) to load. Empty: the dataset's default."""
+    huggingface_split: _builtins.str
+    """Hugging Face only: the split to import; wins over a ":split" suffix of huggingface_id. Empty: "train"
+    when the dataset has it, or its only split.
+    """
+    streaming: _builtins.bool
+    """Hugging Face only: read rows as they arrive instead of downloading and preparing the whole dataset
+    first. For large public sets, with max_rows.
+    """
+    max_rows: _builtins.int
+    """Hugging Face only: import at most this many rows (the first ones). 0: all of them."""
     def __init__(
         self,
         *,
@@ -314,10 +483,16 @@ class DatasetSource(_message.Message):
         s3_uri: _builtins.str = ...,
         gcs_uri: _builtins.str = ...,
         huggingface_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        endpoint_url: _builtins.str = ...,
+        huggingface_config: _builtins.str = ...,
+        huggingface_split: _builtins.str = ...,
+        streaming: _builtins.bool = ...,
+        max_rows: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gcs_uri", b"gcs_uri", "huggingface_id", b"huggingface_id", "s3_uri", b"s3_uri", "source", b"source", "upload_filename", b"upload_filename"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gcs_uri", b"gcs_uri", "huggingface_id", b"huggingface_id", "s3_uri", b"s3_uri", "source", b"source", "upload_filename", b"upload_filename"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_url", b"endpoint_url", "gcs_uri", b"gcs_uri", "huggingface_config", b"huggingface_config", "huggingface_id", b"huggingface_id", "huggingface_split", b"huggingface_split", "max_rows", b"max_rows", "region", b"region", "s3_uri", b"s3_uri", "source", b"source", "streaming", b"streaming", "upload_filename", b"upload_filename"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["upload_filename", "s3_uri", "gcs_uri", "huggingface_id"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -334,12 +509,15 @@ class DatasetStatistics(_message.Message):
     TOTAL_CHARACTERS_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
+    DROPPED_BY_MAX_SAMPLES_FIELD_NUMBER: _builtins.int
     example_count: _builtins.int
     mean_messages_per_example: _builtins.float
     """Messages per example (chat formats) and characters per example."""
     total_characters: _builtins.int
     duplicate_count: _builtins.int
     """Exact duplicate examples (same normalized content)."""
+    dropped_by_max_samples: _builtins.int
+    """Valid examples left out because of DatasetOptions.max_samples."""
     @_builtins.property
     def tokens(self) -> Global___TokenStatistics:
         """Filled when token statistics were computed with a tokenizer."""
@@ -352,10 +530,11 @@ class DatasetStatistics(_message.Message):
         total_characters: _builtins.int = ...,
         tokens: Global___TokenStatistics | None = ...,
         duplicate_count: _builtins.int = ...,
+        dropped_by_max_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate_count", b"duplicate_count", "example_count", b"example_count", "mean_messages_per_example", b"mean_messages_per_example", "tokens", b"tokens", "total_characters", b"total_characters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_by_max_samples", b"dropped_by_max_samples", "duplicate_count", b"duplicate_count", "example_count", b"example_count", "mean_messages_per_example", b"mean_messages_per_example", "tokens", b"tokens", "total_characters", b"total_characters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -490,6 +669,7 @@ class ValidationReport(_message.Message):
     ISSUES_FIELD_NUMBER: _builtins.int
     ISSUES_TRUNCATED_FIELD_NUMBER: _builtins.int
     STATISTICS_FIELD_NUMBER: _builtins.int
+    ISSUE_LIMIT_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     format: Global___DatasetFormat.ValueType
     valid: _builtins.bool
@@ -497,6 +677,8 @@ class ValidationReport(_message.Message):
     error_count: _builtins.int
     warning_count: _builtins.int
     issues_truncated: _builtins.bool
+    issue_limit: _builtins.int
+    """The cap on `issues` this report was made with (UploadDatasetMetadata.issue_limit, default 100)."""
     @_builtins.property
     def issues(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValidationIssue]:
         """At most `issue_limit` issues are listed; the counts above include all of them."""
@@ -515,10 +697,11 @@ class ValidationReport(_message.Message):
         issues: _abc.Iterable[Global___ValidationIssue] | None = ...,
         issues_truncated: _builtins.bool = ...,
         statistics: Global___DatasetStatistics | None = ...,
+        issue_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "error_count", b"error_count", "examples_checked", b"examples_checked", "format", b"format", "issues", b"issues", "issues_truncated", b"issues_truncated", "statistics", b"statistics", "valid", b"valid", "warning_count", b"warning_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id", "error_count", b"error_count", "examples_checked", b"examples_checked", "format", b"format", "issue_limit", b"issue_limit", "issues", b"issues", "issues_truncated", b"issues_truncated", "statistics", b"statistics", "valid", b"valid", "warning_count", b"warning_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

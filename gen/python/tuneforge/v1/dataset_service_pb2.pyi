@@ -36,6 +36,10 @@ class UploadDatasetMetadata(_message.Message):
     TOKENIZER_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
     MIN_EXAMPLES_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    COLUMN_MAPPING_FIELD_NUMBER: _builtins.int
+    ISSUE_LIMIT_FIELD_NUMBER: _builtins.int
+    VALIDATION_DATASET_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
     name: _builtins.str
     description: _builtins.str
@@ -49,13 +53,31 @@ class UploadDatasetMetadata(_message.Message):
     request_id: _builtins.str
     """Idempotency key: retrying with the same request_id returns the dataset created the first time."""
     tokenizer: _builtins.str
-    """Optional tokenizer (model id, path or s3:// URI) for token statistics."""
+    """Optional tokenizer for token statistics: a local model folder or a model id already in the local
+    Hugging Face cache (loaded offline, never with remote code). Its chat template formats chat data.
+    One that cannot be loaded fails the call with INVALID_ARGUMENT naming metadata.tokenizer.
+    """
     max_length: _builtins.int
-    """Maximum sequence length for the truncation count; default 2048."""
+    """The cutoff length: examples with more tokens are counted as truncated; default 2048."""
     min_examples: _builtins.int
     """Fewer examples than this is an error; default 100."""
+    issue_limit: _builtins.int
+    """How many issues the report lists (1-1000); unset: 100. Every issue is counted regardless."""
+    validation_dataset: _builtins.str
+    """A READY dataset (id or name, same organization, same format family) whose examples become this
+    dataset's validation split instead of splitting one off; split.validation_fraction must then be 0
+    (unset fractions default to 0.95 train / 0 validation / 0.05 test).
+    """
     @_builtins.property
     def split(self) -> _dataset_pb2.SplitConfig: ...
+    @_builtins.property
+    def options(self) -> _dataset_pb2.DatasetOptions:
+        """Options stored with the dataset; some are applied to the examples (see DatasetOptions)."""
+
+    @_builtins.property
+    def column_mapping(self) -> _dataset_pb2.ColumnMapping:
+        """CSV and Parquet uploads: which columns hold which fields."""
+
     def __init__(
         self,
         *,
@@ -71,13 +93,22 @@ class UploadDatasetMetadata(_message.Message):
         tokenizer: _builtins.str = ...,
         max_length: _builtins.int = ...,
         min_examples: _builtins.int | None = ...,
+        options: _dataset_pb2.DatasetOptions | None = ...,
+        column_mapping: _dataset_pb2.ColumnMapping | None = ...,
+        issue_limit: _builtins.int | None = ...,
+        validation_dataset: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_examples", b"_min_examples", "min_examples", b"min_examples", "split", b"split"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_issue_limit", b"_issue_limit", "_min_examples", b"_min_examples", "column_mapping", b"column_mapping", "issue_limit", b"issue_limit", "min_examples", b"min_examples", "options", b"options", "split", b"split"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_examples", b"_min_examples", "description", b"description", "filename", b"filename", "format", b"format", "max_length", b"max_length", "min_examples", b"min_examples", "name", b"name", "organization", b"organization", "request_id", b"request_id", "sha256", b"sha256", "size_bytes", b"size_bytes", "split", b"split", "tokenizer", b"tokenizer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_issue_limit", b"_issue_limit", "_min_examples", b"_min_examples", "column_mapping", b"column_mapping", "description", b"description", "filename", b"filename", "format", b"format", "issue_limit", b"issue_limit", "max_length", b"max_length", "min_examples", b"min_examples", "name", b"name", "options", b"options", "organization", b"organization", "request_id", b"request_id", "sha256", b"sha256", "size_bytes", b"size_bytes", "split", b"split", "tokenizer", b"tokenizer", "validation_dataset", b"validation_dataset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__issue_limit: _TypeAlias = _typing.Literal["issue_limit"]  # noqa: Y015
+    _WhichOneofArgType__issue_limit: _TypeAlias = _typing.Literal["_issue_limit", b"_issue_limit"]  # noqa: Y015
     _WhichOneofReturnType__min_examples: _TypeAlias = _typing.Literal["min_examples"]  # noqa: Y015
     _WhichOneofArgType__min_examples: _TypeAlias = _typing.Literal["_min_examples", b"_min_examples"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__issue_limit) -> _WhichOneofReturnType__issue_limit | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__min_examples) -> _WhichOneofReturnType__min_examples | None: ...
 
 Global___UploadDatasetMetadata: _TypeAlias = UploadDatasetMetadata  # noqa: Y015
@@ -147,17 +178,46 @@ class CreateDatasetRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TOKENIZER_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    MIN_EXAMPLES_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    COLUMN_MAPPING_FIELD_NUMBER: _builtins.int
+    ISSUE_LIMIT_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
     name: _builtins.str
     description: _builtins.str
     format: _dataset_pb2.DatasetFormat.ValueType
+    """Unset: detect from content."""
     request_id: _builtins.str
+    """Idempotency key: retrying with the same request_id returns the dataset created the first time."""
     tokenizer: _builtins.str
     max_length: _builtins.int
+    min_examples: _builtins.int
+    """Fewer examples than this is an error; default 100."""
+    issue_limit: _builtins.int
     @_builtins.property
-    def source(self) -> _dataset_pb2.DatasetSource: ...
+    def source(self) -> _dataset_pb2.DatasetSource:
+        """Required: where to import from. The server checks it can read the source (it exists, the credentials
+        work, it is within the size limit) before it returns.
+        """
+
     @_builtins.property
     def split(self) -> _dataset_pb2.SplitConfig: ...
+    @_builtins.property
+    def credentials(self) -> Global___SourceCredentials:
+        """Input only, never returned by any RPC and never logged: the secrets that open the source. Stored
+        encrypted with the server's key while the import runs, deleted when it ends. Without them, S3 and
+        GCS are read anonymously (public objects only); the server never lends its own cloud identity.
+        """
+
+    @_builtins.property
+    def options(self) -> _dataset_pb2.DatasetOptions:
+        """As in UploadDatasetMetadata: options stored with the dataset, the column mapping of a CSV or Parquet
+        source, and how many issues the report lists.
+        """
+
+    @_builtins.property
+    def column_mapping(self) -> _dataset_pb2.ColumnMapping: ...
     def __init__(
         self,
         *,
@@ -170,14 +230,60 @@ class CreateDatasetRequest(_message.Message):
         request_id: _builtins.str = ...,
         tokenizer: _builtins.str = ...,
         max_length: _builtins.int = ...,
+        credentials: Global___SourceCredentials | None = ...,
+        min_examples: _builtins.int | None = ...,
+        options: _dataset_pb2.DatasetOptions | None = ...,
+        column_mapping: _dataset_pb2.ColumnMapping | None = ...,
+        issue_limit: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "split", b"split"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_issue_limit", b"_issue_limit", "_min_examples", b"_min_examples", "column_mapping", b"column_mapping", "credentials", b"credentials", "issue_limit", b"issue_limit", "min_examples", b"min_examples", "options", b"options", "source", b"source", "split", b"split"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "format", b"format", "max_length", b"max_length", "name", b"name", "organization", b"organization", "request_id", b"request_id", "source", b"source", "split", b"split", "tokenizer", b"tokenizer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_issue_limit", b"_issue_limit", "_min_examples", b"_min_examples", "column_mapping", b"column_mapping", "credentials", b"credentials", "description", b"description", "format", b"format", "issue_limit", b"issue_limit", "max_length", b"max_length", "min_examples", b"min_examples", "name", b"name", "options", b"options", "organization", b"organization", "request_id", b"request_id", "source", b"source", "split", b"split", "tokenizer", b"tokenizer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__issue_limit: _TypeAlias = _typing.Literal["issue_limit"]  # noqa: Y015
+    _WhichOneofArgType__issue_limit: _TypeAlias = _typing.Literal["_issue_limit", b"_issue_limit"]  # noqa: Y015
+    _WhichOneofReturnType__min_examples: _TypeAlias = _typing.Literal["min_examples"]  # noqa: Y015
+    _WhichOneofArgType__min_examples: _TypeAlias = _typing.Literal["_min_examples", b"_min_examples"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__issue_limit) -> _WhichOneofReturnType__issue_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_examples) -> _WhichOneofReturnType__min_examples | None: ...
+
+Global___CreateDatasetRequest: _TypeAlias = CreateDatasetRequest  # noqa: Y015
+
+@_typing.final
+class SourceCredentials(_message.Message):
+    """Input only: secrets for a source of CreateDatasetRequest. Never part of a response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCESS_KEY_ID_FIELD_NUMBER: _builtins.int
+    SECRET_ACCESS_KEY_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    HUGGINGFACE_TOKEN_FIELD_NUMBER: _builtins.int
+    access_key_id: _builtins.str
+    """S3: an AWS access key id; GCS: an HMAC key's access id."""
+    secret_access_key: _builtins.str
+    """S3: the secret access key; GCS: the HMAC key's secret."""
+    session_token: _builtins.str
+    """S3: the session token of temporary (STS) credentials."""
+    huggingface_token: _builtins.str
+    """Hugging Face: a user access token, for gated or private datasets."""
+    def __init__(
+        self,
+        *,
+        access_key_id: _builtins.str = ...,
+        secret_access_key: _builtins.str = ...,
+        session_token: _builtins.str = ...,
+        huggingface_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key_id", b"access_key_id", "huggingface_token", b"huggingface_token", "secret_access_key", b"secret_access_key", "session_token", b"session_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CreateDatasetRequest: _TypeAlias = CreateDatasetRequest  # noqa: Y015
+Global___SourceCredentials: _TypeAlias = SourceCredentials  # noqa: Y015
 
 @_typing.final
 class CreateDatasetResponse(_message.Message):

@@ -51,6 +51,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A dependency (database, NATS, object storage, another service) is unreachable. Code: UNAVAILABLE."""
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 13
     """An unexpected server fault; the message never carries internals. Code: INTERNAL."""
+    ERROR_REASON_SOURCE_ACCESS_DENIED: _ErrorReason.ValueType  # 14
+    """A dataset source (S3, GCS, Hugging Face) refused the credentials given for it, or they may not read
+    it. Code: UNAUTHENTICATED (BadRequest names the credentials field) or PERMISSION_DENIED (names the
+    source field).
+    """
     ERROR_REASON_OUT_OF_MEMORY: _ErrorReason.ValueType  # 20
     """Reasons a training job ends FAILED; found in Job.error's ErrorInfo.
     The training process ran out of accelerator memory.
@@ -106,6 +111,11 @@ ERROR_REASON_DEPENDENCY_UNAVAILABLE: ErrorReason.ValueType  # 12
 """A dependency (database, NATS, object storage, another service) is unreachable. Code: UNAVAILABLE."""
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 13
 """An unexpected server fault; the message never carries internals. Code: INTERNAL."""
+ERROR_REASON_SOURCE_ACCESS_DENIED: ErrorReason.ValueType  # 14
+"""A dataset source (S3, GCS, Hugging Face) refused the credentials given for it, or they may not read
+it. Code: UNAUTHENTICATED (BadRequest names the credentials field) or PERMISSION_DENIED (names the
+source field).
+"""
 ERROR_REASON_OUT_OF_MEMORY: ErrorReason.ValueType  # 20
 """Reasons a training job ends FAILED; found in Job.error's ErrorInfo.
 The training process ran out of accelerator memory.

@@ -1,0 +1,80 @@
+"""Encryption of the secrets a dataset import needs while it runs.
+
+An import outlives its CreateDataset call (it runs in the background, and resumes after a restart), so
+the request that started it, credentials included, is kept as an object next to the dataset, sealed with
+Fernet (AES-128-CBC plus HMAC-SHA256: tampering or a wrong key fails loudly instead of yielding garbage).
+The key comes from TUNEFORGE_CREDENTIALS_KEY; the embedded setup generates one on first use and keeps it
+in the data dir, readable by its owner only. Several comma-separated keys allow rotation: the first
+encrypts, any of them decrypts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+KEY_FILE = "credentials.key"
+
+
+class CredentialsKeyError(RuntimeError):
+    """The configured key is malformed, or a sealed object was written with a key this server lacks."""
+
+
+def _load_or_create_key(data_dir: Path) -> str:
+    """The key in data_dir/credentials.key, created with mode 0600 if absent.
+
+    O_EXCL makes creation race-free when several service processes share the data dir: exactly one
+    writes the file, the others read it.
+    """
+    path = data_dir / KEY_FILE
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        key = Fernet.generate_key()
+        tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # atomic, and fails if another process got there first
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
+class CredentialCipher:
+    """Seals and opens byte strings with the server's credentials key(s)."""
+
+    def __init__(self, keys: str) -> None:
+        parts = [k.strip() for k in keys.split(",") if k.strip()]
+        if not parts:
+            raise CredentialsKeyError("TUNEFORGE_CREDENTIALS_KEY holds no key")
+        try:
+            self._fernet = MultiFernet([Fernet(k) for k in parts])
+        except ValueError as exc:
+            raise CredentialsKeyError(
+                "TUNEFORGE_CREDENTIALS_KEY must be one or more comma-separated Fernet keys (32 url-safe "
+                "base64-encoded bytes each, e.g. from `python -c 'from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())'`)"
+            ) from exc
+
+    @classmethod
+    def from_settings(cls, configured: str, data_dir: Path) -> CredentialCipher:
+        return cls(configured or _load_or_create_key(data_dir))
+
+    def seal(self, plaintext: bytes) -> bytes:
+        return self._fernet.encrypt(plaintext)
+
+    def open(self, sealed: bytes) -> bytes:
+        try:
+            return self._fernet.decrypt(sealed)
+        except InvalidToken as exc:
+            raise CredentialsKeyError(
+                "sealed credentials do not open with this server's credentials key "
+                "(the key changed, or the object was altered)"
+            ) from exc

@@ -1,0 +1,414 @@
+"""Reading an uploaded file, whatever its container: JSONL, CSV, Parquet, or a ZIP of images + train.jsonl.
+
+The container is found from the bytes, never from the file name: ZIP and Parquet by their magic
+numbers, JSONL when one of the first non-blank lines starts with "{", CSV otherwise (or when a column
+mapping is given). Every reader yields `(line, object)` pairs and reports what it cannot read through an
+`IssueSink`, with a 1-based line (the CSV line a record starts on, the Parquet row number).
+
+ZIP archives are untrusted: entries with `..`, absolute paths, drive letters or backslashes, symbolic
+links, encrypted entries, too many entries, and anything that would expand past the extraction limit
+or with a compression ratio no real data has (a zip bomb) are refused before a byte is written, and the
+sizes are enforced again while extracting (declared sizes can lie). Files are only ever written inside
+the caller's work folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import stat
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import msgspec
+
+BOM = b"\xef\xbb\xbf"
+MAX_LINE_BYTES = 16 * 1024 * 1024
+DETECTION_SAMPLE_LINES = 100
+MASTER_FILE = "train.jsonl"
+MAX_ARCHIVE_ENTRIES = 10_000
+MAX_COMPRESSION_RATIO = 100
+PARQUET_BATCH_ROWS = 4096
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+
+# Issue codes of reading (stable, like the format codes).
+EMPTY_FILE = "EMPTY_FILE"
+INVALID_UTF8 = "INVALID_UTF8"
+INVALID_JSON = "INVALID_JSON"
+TRUNCATED_LINE = "TRUNCATED_LINE"
+LINE_TOO_LONG = "LINE_TOO_LONG"
+INVALID_CSV = "INVALID_CSV"
+CSV_COLUMN_COUNT = "CSV_COLUMN_COUNT"
+MISSING_COLUMN = "MISSING_COLUMN"
+INVALID_PARQUET = "INVALID_PARQUET"
+INVALID_ARCHIVE = "INVALID_ARCHIVE"
+UNSAFE_ARCHIVE_ENTRY = "UNSAFE_ARCHIVE_ENTRY"
+ARCHIVE_TOO_LARGE = "ARCHIVE_TOO_LARGE"
+MISSING_MASTER_FILE = "MISSING_MASTER_FILE"
+MISSING_IMAGE = "MISSING_IMAGE"
+INVALID_IMAGE = "INVALID_IMAGE"
+
+# Fields whose CSV cells (and Parquet strings) hold JSON lists or objects.
+STRUCTURED_FIELDS = frozenset(
+    {
+        "messages",
+        "conversations",
+        "chosen",
+        "rejected",
+        "prompt",
+        "input",
+        "preferred_output",
+        "non_preferred_output",
+        "images",
+        "tools",
+    }
+)
+
+# A one-column CSV is recognized by a header naming one of these fields.
+FIELD_NAMES = frozenset({"messages", "conversations", "text", "prompt"})
+
+IssueSink = Callable[..., None]
+"""`add(code, message, line=0, field="")` records one problem of the file."""
+
+# Yielded instead of an object for a record that could not be read (already reported): it still counts
+# as an example checked.
+UNREADABLE: Any = object()
+
+
+class SourceKind(StrEnum):
+    JSONL = "jsonl"
+    CSV = "csv"
+    PARQUET = "parquet"
+    ZIP = "zip"
+
+
+def sniff(path: Path, *, has_mapping: bool = False) -> SourceKind:
+    """The container of a file, from its first bytes (and its last four, for Parquet)."""
+    with path.open("rb") as f:
+        head = f.read(64 * 1024)
+        if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+            return SourceKind.ZIP
+        if head.startswith(b"PAR1"):
+            f.seek(-4, io.SEEK_END)
+            if f.read(4) == b"PAR1":
+                return SourceKind.PARQUET
+    if has_mapping:
+        return SourceKind.CSV
+    lines = [line.strip() for line in head.removeprefix(BOM).splitlines() if line.strip()]
+    if not lines or any(line.startswith(b"{") for line in lines[:DETECTION_SAMPLE_LINES]):
+        return SourceKind.JSONL
+    first = lines[0]
+    single_column = first.decode("utf-8", "replace") in FIELD_NAMES
+    return SourceKind.CSV if b"," in first or b"\t" in first or single_column else SourceKind.JSONL
+
+
+# -- JSONL ---------------------------------------------------------------------------------------------
+
+
+def jsonl_lines(path: Path, max_line_bytes: int, add: IssueSink) -> Iterator[tuple[int, bytes | None, bool]]:
+    """(line number, raw line without its end, whether it was the last line and had no line end) for
+    every non-blank line; a line longer than `max_line_bytes` is reported and yielded as None, without
+    ever being in memory whole."""
+    with path.open("rb") as f:
+        number = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            number += 1
+            if number == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM) :]
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                size = len(raw)
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(1024 * 1024)
+                    size += len(raw)
+                add(
+                    LINE_TOO_LONG,
+                    f"The line is {size} bytes long; lines may be at most {max_line_bytes} "
+                    "bytes (one example per line).",
+                    number,
+                )
+                yield number, None, False
+                continue
+            unterminated = not raw.endswith(b"\n")
+            line = raw.rstrip(b"\r\n")
+            if line.strip():
+                yield number, line, unterminated
+
+
+_decode = msgspec.json.Decoder().decode
+
+
+def parse_json_line(line: bytes, unterminated: bool, number: int, add: IssueSink) -> Any:
+    """The JSON value of one line, or UNREADABLE after reporting why it has none.
+
+    msgspec parses the common case fast; anything it refuses is parsed again by the standard library,
+    which accepts a little more (NaN) and says precisely what is wrong.
+    """
+    try:
+        return _decode(line)
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError, RecursionError):
+        pass
+    import json
+
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        add(
+            INVALID_UTF8,
+            f"The line is not valid UTF-8 (byte 0x{line[exc.start]:02x} at position "
+            f"{exc.start + 1}); save the file as UTF-8.",
+            number,
+        )
+        return UNREADABLE
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        if unterminated:
+            add(
+                TRUNCATED_LINE,
+                f"The last line is not complete JSON ({exc.msg} at column {exc.colno}) and "
+                "has no line end: the file looks cut short; upload the whole file again.",
+                number,
+            )
+        else:
+            add(INVALID_JSON, f"The line is not valid JSON: {exc.msg} at column {exc.colno}.", number)
+        return UNREADABLE
+    except RecursionError:
+        add(INVALID_JSON, "The line nests lists or objects too deeply to be parsed.", number)
+        return UNREADABLE
+
+
+# -- CSV and Parquet -----------------------------------------------------------------------------------
+
+
+def _cell(field: str, value: Any) -> Any:
+    """A CSV/Parquet value as the format expects it: JSON text of structured fields parsed, labels as
+    booleans."""
+    if isinstance(value, str):
+        text = value.strip()
+        if field in STRUCTURED_FIELDS and text[:1] in ("[", "{"):
+            try:
+                return _decode(text.encode())
+            except (msgspec.DecodeError, ValueError, RecursionError):
+                return value  # the format check reports the wrong type
+        if field == "label" and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+    return value
+
+
+def _columns(header: list[str], mapping: dict[str, str], line: int, add: IssueSink) -> list[str] | None:
+    """The field name of each column: mapped columns renamed, the others kept."""
+    missing = [f"{field} <- {column}" for field, column in mapping.items() if column not in header]
+    if missing:
+        add(
+            MISSING_COLUMN,
+            f"The column mapping names columns the file does not have ({', '.join(missing)}); "
+            f"its columns are: {', '.join(header)}.",
+            line,
+            "column_mapping",
+        )
+        return None
+    renamed = {column: field for field, column in mapping.items()}
+    return [renamed.get(column, column) for column in header]
+
+
+def _row(fields: list[str], values: list[Any]) -> dict[str, Any]:
+    return {f: _cell(f, v) for f, v in zip(fields, values, strict=True) if v is not None}
+
+
+def csv_records(
+    path: Path, mapping: dict[str, str], max_line_bytes: int, add: IssueSink
+) -> Iterator[tuple[int, Any]]:
+    csv.field_size_limit(max_line_bytes)
+    with path.open("r", encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        start = 1
+        fields: list[str] | None = None
+        try:
+            for values in reader:
+                line, start = start, reader.line_num + 1
+                if not any(v.strip() for v in values):
+                    continue
+                if fields is None:
+                    fields = _columns([v.strip() for v in values], mapping, line, add)
+                    if fields is None:
+                        return
+                    continue
+                if len(values) != len(fields):
+                    add(
+                        CSV_COLUMN_COUNT,
+                        f"The record has {len(values)} columns; the header has {len(fields)}.",
+                        line,
+                    )
+                    yield line, UNREADABLE
+                    continue
+                yield line, _row(fields, values)
+        except UnicodeDecodeError as exc:
+            add(
+                INVALID_UTF8,
+                f"The file is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x}) after line "
+                f"{start - 1}; save it as UTF-8.",
+                start,
+            )
+        except csv.Error as exc:
+            add(INVALID_CSV, f"The CSV cannot be read: {exc}.", start)
+
+
+def parquet_records(path: Path, mapping: dict[str, str], add: IssueSink) -> Iterator[tuple[int, Any]]:
+    """Rows in batches of PARQUET_BATCH_ROWS, so a large file is never in memory whole; line = row + 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        fields = _columns(list(parquet.schema_arrow.names), mapping, 0, add)
+        if fields is None:
+            return
+        row = 0
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+            for values in zip(*columns, strict=True):
+                row += 1
+                yield row, _row(fields, list(values))
+    except (pa.ArrowException, OSError) as exc:
+        add(INVALID_PARQUET, f"The Parquet file cannot be read: {exc}.", 0)
+
+
+# -- ZIP -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Archive:
+    """An extracted ZIP: its master file, and the folder image paths are relative to."""
+
+    master: Path
+    root: Path
+
+
+def _unsafe(info: zipfile.ZipInfo) -> str | None:
+    name = info.filename
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link"
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "has an absolute path"
+    if "\\" in name or ".." in PurePosixPath(name).parts or "\x00" in name:
+        return "points outside the archive"
+    if info.flag_bits & 0x1:
+        return "is encrypted"
+    return None
+
+
+def extract_zip(path: Path, dest: Path, max_bytes: int, add: IssueSink) -> Archive | None:
+    """Extracts a vision-language ZIP into `dest` after checking every entry; None after reporting why
+    it cannot be used."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            if len(infos) > MAX_ARCHIVE_ENTRIES:
+                add(
+                    ARCHIVE_TOO_LARGE,
+                    f"The archive has {len(infos)} entries; at most {MAX_ARCHIVE_ENTRIES} are accepted.",
+                    0,
+                )
+                return None
+            bad = [(i.filename, why) for i in infos if (why := _unsafe(i))]
+            for name, why in bad:
+                add(
+                    UNSAFE_ARCHIVE_ENTRY,
+                    f"The entry {name!r} {why}; archives may only hold plain files with relative paths.",
+                    0,
+                    name,
+                )
+            if bad:
+                return None
+            total = sum(i.file_size for i in infos)
+            bomb = [
+                i.filename
+                for i in infos
+                if i.file_size > 1024 * 1024 and i.file_size > MAX_COMPRESSION_RATIO * max(i.compress_size, 1)
+            ]
+            if total > max_bytes or bomb:
+                what = (
+                    f"entry {bomb[0]!r} expands more than {MAX_COMPRESSION_RATIO}x"
+                    if bomb
+                    else f"its entries expand to {total} bytes, over the limit of {max_bytes}"
+                )
+                add(
+                    ARCHIVE_TOO_LARGE,
+                    f"The archive looks like a zip bomb: {what}.",
+                    0,
+                    bomb[0] if bomb else "",
+                )
+                return None
+            files = {i.filename: i for i in infos if not i.is_dir()}
+            master = _master(files)
+            if master is None:
+                add(
+                    MISSING_MASTER_FILE,
+                    f"The archive has no {MASTER_FILE} at its top (or in its one top "
+                    "folder); put the training examples there and the images beside them.",
+                    0,
+                    MASTER_FILE,
+                )
+                return None
+            written = 0
+            for name, info in files.items():
+                target = dest.joinpath(*PurePosixPath(name).parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as src, target.open("wb") as out:
+                    while chunk := src.read(1024 * 1024):
+                        written += len(chunk)
+                        if written > max_bytes or written > total:
+                            add(
+                                ARCHIVE_TOO_LARGE,
+                                "The archive expands to more bytes than its entries "
+                                "declare: it looks like a zip bomb.",
+                                0,
+                                name,
+                            )
+                            return None
+                        out.write(chunk)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as exc:
+        add(INVALID_ARCHIVE, f"The ZIP archive cannot be read: {exc}.", 0)
+        return None
+    master_path = dest.joinpath(*PurePosixPath(master).parts)
+    return Archive(master_path, master_path.parent)
+
+
+def _master(files: dict[str, zipfile.ZipInfo]) -> str | None:
+    if MASTER_FILE in files:
+        return MASTER_FILE
+    tops = {PurePosixPath(n).parts[0] for n in files}
+    if len(tops) == 1:
+        candidate = f"{tops.pop()}/{MASTER_FILE}"
+        if candidate in files:
+            return candidate
+    return None
+
+
+def image_problem(root: Path, relative: str) -> tuple[str, str] | None:
+    """(code, sentence) when `relative` is not an image file inside `root`, else None."""
+    parts = PurePosixPath(relative).parts
+    if relative.startswith("/") or ".." in parts or "\\" in relative:
+        return (
+            MISSING_IMAGE,
+            f"Image path {relative!r} must be relative to {MASTER_FILE}, inside the archive.",
+        )
+    path = root.joinpath(*parts)
+    if not path.is_file():
+        return (
+            MISSING_IMAGE,
+            f"Image {relative!r} is not in the archive (paths are relative to {MASTER_FILE}).",
+        )
+    with path.open("rb") as f:
+        head = f.read(16)
+    if not (head.startswith(IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
+        return INVALID_IMAGE, f"{relative!r} is not a PNG, JPEG, GIF, WebP or BMP image."
+    return None

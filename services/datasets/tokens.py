@@ -1,0 +1,154 @@
+"""Token statistics of the normalized examples with the job's tokenizer and its chat template.
+
+Chat data (and conversational prompts) is rendered with the tokenizer's chat template, as the trainer
+renders it, then all texts of a batch are tokenized in one call of the fast (Rust) tokenizer. An example
+counts as its longest sequence: prompt + chosen or prompt + rejected for preference pairs, the whole
+conversation for chat, prompt + completion, the text, or the prompt alone for prompt-only data.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from services.datasets.domain import DatasetFormat, TokenStats
+from services.datasets.formats import CHAT_FAMILY
+from services.kit.errors import FieldViolation, InvalidArgument
+
+BATCH = 256
+TOKENIZER_CACHE = 4
+DEFAULT_MAX_LENGTH = 2048
+
+
+@functools.lru_cache(maxsize=TOKENIZER_CACHE)
+def load_tokenizer(name: str, field: str = "metadata.tokenizer") -> Any:
+    """A tokenizer from a local folder or the local Hugging Face cache, never from the network and never
+    with remote code; INVALID_ARGUMENT naming `field` when it cannot be loaded.
+
+    Cached (failures are not): the upload checks it before reading the stream and processing uses it
+    again. Sharing one between threads is safe here because every call tokenizes with the same settings,
+    so the Rust tokenizer is never reconfigured while another thread uses it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad tokenizer
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise InvalidArgument(
+            f"The tokenizer '{name}' cannot be loaded ({reason}); give a local model folder or a model id "
+            "that is in this server's Hugging Face cache.",
+            violations=[FieldViolation(field, "cannot be loaded offline as a tokenizer")],
+        ) from None
+
+
+def _plain(messages: Sequence[dict[str, Any]]) -> str:
+    return "\n".join(f"{m['role']}: {_text(m['content'])}" for m in messages)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content)
+
+
+class _Renderer:
+    """Turns normalized records into the texts the trainer would tokenize."""
+
+    def __init__(self, tokenizer: Any, fmt: DatasetFormat) -> None:
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        self.templated = bool(getattr(tokenizer, "chat_template", None))
+
+    def chat(self, messages: list[dict[str, Any]], tools: Any = None, *, prompt_only: bool = False) -> str:
+        if self.templated:
+            plain = [{**m, "content": _text(m["content"])} for m in messages]
+            try:
+                return str(
+                    self.tokenizer.apply_chat_template(
+                        plain, tools=tools, tokenize=False, add_generation_prompt=prompt_only
+                    )
+                )
+            except Exception:  # a template that refuses a conversation (e.g. no tool role): count it plainly
+                pass
+        return _plain(messages)
+
+    def _joined(self, prompt: Any, answer: Any) -> str:
+        if isinstance(prompt, list):
+            return self.chat([*prompt, *answer])
+        return f"{prompt}{answer}"
+
+    def texts(self, record: dict[str, Any]) -> list[str]:
+        if self.fmt in CHAT_FAMILY:
+            return [self.chat(record["messages"], record.get("tools"))]
+        if self.fmt is DatasetFormat.TEXT:
+            return [record["text"]]
+        if "chosen" in record:
+            return [
+                self._joined(record["prompt"], record["chosen"]),
+                self._joined(record["prompt"], record["rejected"]),
+            ]
+        if "completion" in record:
+            return [self._joined(record["prompt"], record["completion"])]
+        prompt = record["prompt"]
+        return [self.chat(prompt, prompt_only=True) if isinstance(prompt, list) else prompt]
+
+
+def _batches(lines: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    it = iter(lines)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+def token_lengths(normalized: Path, fmt: DatasetFormat, tokenizer: Any) -> list[int]:
+    """Tokens of each example of a normalized JSONL file, in file order."""
+    renderer = _Renderer(tokenizer, fmt)
+    decode = msgspec.json.Decoder().decode
+    lengths: list[int] = []
+    with normalized.open("rb") as f:
+        for batch in _batches(f, BATCH):
+            texts: list[str] = []
+            owners: list[int] = []
+            for k, line in enumerate(batch):
+                for text in renderer.texts(decode(line)):
+                    texts.append(text)
+                    owners.append(k)
+            # Templates already hold the special tokens; plain strings get them like the trainer adds them.
+            ids = tokenizer(
+                texts,
+                add_special_tokens=not renderer.templated or fmt not in CHAT_FAMILY,
+                return_attention_mask=False,
+            )["input_ids"]
+            best = [0] * len(batch)
+            for owner, tokens in zip(owners, ids, strict=True):
+                best[owner] = max(best[owner], len(tokens))
+            lengths.extend(best)
+    return lengths
+
+
+def token_stats(
+    lengths: Sequence[int], tokenizer: str, max_length: int, train: Iterable[bool] = ()
+) -> TokenStats:
+    """Min, median, p95 (nearest rank), max and total of `lengths`; `train` flags the train split's
+    examples, whose lengths cut at max_length sum to train_tokens."""
+    if not lengths:
+        return TokenStats(tokenizer, 0, 0, 0, 0, 0, 0, max_length, 0)
+    ordered = sorted(lengths)
+    p95 = ordered[max(0, -(-95 * len(ordered) // 100) - 1)]
+    train_tokens = sum(min(n, max_length) for n, is_train in zip(lengths, train, strict=False) if is_train)
+    return TokenStats(
+        tokenizer=tokenizer,
+        min=ordered[0],
+        median=int(statistics.median_low(ordered)),
+        p95=p95,
+        max=ordered[-1],
+        total=sum(ordered),
+        truncated_count=sum(1 for n in ordered if n > max_length),
+        max_length=max_length,
+        train_tokens=train_tokens,
+    )
