@@ -32,14 +32,3 @@ class DatasetSettings(KitSettings):
     # downloaded as concurrent ranged GETs of this many bytes each.
     import_multipart_threshold_bytes: int = Field(default=8 * 1024 ** 2, gt=0)
     import_multipart_chunk_bytes: int = Field(default=8 * 1024 ** 2, gt=0)
-
-    @classmethod
-    def from_kit(cls, settings: KitSettings) -> DatasetSettings:
-        """The process' settings as DatasetSettings; the datasets-only fields come from the environment.
-
-        The platform runner builds one KitSettings for all services; explicit kit values win over the
-        environment, so nothing the runner set is lost.
-        """
-        if isinstance(settings, cls):
-            return settings
-        return cls(**settings.model_dump())

@@ -7,6 +7,7 @@ starts itself), and every one can be pointed at real infrastructure without touc
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,3 +50,14 @@ class KitSettings(BaseSettings):
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or (self.data_dir / "objects").resolve().as_uri()
+
+    @classmethod
+    def from_kit(cls, settings: KitSettings) -> Self:
+        """The process' settings as this service's settings; its own fields come from the environment.
+
+        The platform runner builds one KitSettings for all services; explicit kit values win over the
+        environment, so nothing the runner set is lost.
+        """
+        if isinstance(settings, cls):
+            return settings
+        return cls(**settings.model_dump())
