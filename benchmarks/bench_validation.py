@@ -1,16 +1,21 @@
 """Validation throughput of the datasets service, in MB/s per core, on a generated chat JSONL.
 
-    .venv/bin/python benchmarks/bench_validation.py              # 200 MB
-    .venv/bin/python benchmarks/bench_validation.py --mb 50      # smaller, on a busy machine
+    .venv/bin/python benchmarks/bench_validation.py                # 200 MB
+    .venv/bin/python benchmarks/bench_validation.py --size-mb 50   # smaller, on a busy machine
 
-Prints, over the same file and each in one thread (so MB/s of CPU time is MB/s per core):
-  floor       a plain `json.loads` loop over the lines (what any Python validator pays to parse)
-  msgspec     msgspec's decoder over the lines (the parser validation uses)
-  structural  the full validation: parse, check every format rule, normalize, hash for duplicates,
-              write the normalized file (services.datasets.validation.validate_source)
-  + tokens    structural validation plus token statistics with the tiny model's tokenizer and chat
-              template (trainer_worker.tiny), the path an upload with metadata.tokenizer takes
-Each figure is the median of --repeat runs; MB are 10^6 bytes of the input file.
+Prints, over the same file and each in one process (MB/s of CPU time, all threads counted, is MB/s per
+core), the median of --repeat rounds, each round running every measurement once (so a machine whose
+load changes during the run slows them alike), and each figure's ratio to the json.loads floor:
+  json floor      a plain `json.loads` loop over the lines (what any Python validator pays to parse)
+  msgspec floor   msgspec's untyped decoder over the lines (the parser of the slow path)
+  structural      validate_source without output: parse, check every format rule, count duplicates and
+                  statistics, build the report
+  + write         the same, also normalizing each example and writing normalized.jsonl (what an upload
+                  does)
+  + tokens        + write, then token statistics with the tiny model's tokenizer and chat template
+                  (trainer_worker.tiny): the path of an upload with metadata.tokenizer; on a smaller
+                  file (--token-mb), since tokenizing is ~40x slower, beside that file's own floor
+MB are 10^6 bytes of the input file.
 """
 
 from __future__ import annotations
@@ -62,12 +67,6 @@ def generate(path: Path, megabytes: float, seed: int = 0) -> int:
     return lines
 
 
-def cpu_seconds(work: Callable[[], object]) -> float:
-    start = time.process_time()
-    work()
-    return time.process_time() - start
-
-
 def json_floor(path: Path) -> None:
     with path.open("rb") as f:
         for line in f:
@@ -82,60 +81,98 @@ def msgspec_floor(path: Path) -> None:
 
 
 def structural(path: Path, work: Path) -> None:
+    report = validate_source(path, work_dir=work, format=None, min_examples=1).report
+    assert report.valid and report.format is DatasetFormat.OPENAI_CHAT, report.issues[:3]
+
+
+def with_write(path: Path, work: Path) -> None:
     with (work / "normalized.jsonl").open("wb") as out:
         report = validate_source(path, work_dir=work, format=None, min_examples=1, normalized_out=out).report
     assert report.valid and report.format is DatasetFormat.OPENAI_CHAT, report.issues[:3]
 
 
 def with_tokens(path: Path, work: Path, tokenizer: object) -> None:
-    structural(path, work)
+    with_write(path, work)
     token_lengths(work / "normalized.jsonl", DatasetFormat.OPENAI_CHAT, tokenizer)
+
+
+def measure(
+    works: dict[str, Callable[[], object]], repeat: int, tmp_outputs: tuple[Path, ...]
+) -> dict[str, float]:
+    """Median CPU seconds of each work over `repeat` rounds; a round runs every work once, each after
+    removing `tmp_outputs` (untimed)."""
+    seconds: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(repeat):
+        for name, work in works.items():
+            for old in tmp_outputs:  # an upload writes a new file: do not time truncating the last one
+                old.unlink(missing_ok=True)
+            start = time.process_time()
+            work()
+            seconds[name].append(time.process_time() - start)
+    return {name: statistics.median(times) for name, times in seconds.items()}
+
+
+def show(label: str, what: str, mb: float, seconds: float, floor: float) -> None:
+    rate = mb / seconds
+    print(f"{label:14s} {what:36s} {rate:8.1f} MB/s/core  {seconds:6.2f} s CPU  {rate / floor:5.2f}x floor")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--mb", type=float, default=200.0, help="size of the generated file in MB")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the median is shown")
+    parser.add_argument(
+        "--size-mb", "--mb", dest="size_mb", type=float, default=200.0, help="size of the file in MB"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is shown")
     parser.add_argument(
         "--token-mb",
         type=float,
         default=20.0,
-        help="size of the file for the token-statistics run (tokenizing is ~10x slower)",
+        help="size of the file for the token-statistics run (tokenizing is ~40x slower)",
     )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-validation-") as tmp:
         root = Path(tmp)
         data = root / "chat.jsonl"
-        lines = generate(data, args.mb)
-        size_mb = data.stat().st_size / 1e6
-        print(f"file: {size_mb:.1f} MB, {lines} chat examples, python {sys.version.split()[0]}")
-
-        def rate(work: Callable[[], object], mb: float = size_mb) -> str:
-            seconds = statistics.median(cpu_seconds(work) for _ in range(args.repeat))
-            return f"{mb / seconds:8.1f} MB/s per core ({seconds:.2f} s CPU)"
-
-        floor = rate(lambda: json_floor(data))
-        print(f"floor       json.loads loop        {floor}")
-        print(f"msgspec     decoder loop           {rate(lambda: msgspec_floor(data))}")
-        print(f"structural  validate_source        {rate(lambda: structural(data, root))}")
+        lines = generate(data, args.size_mb)
+        mb = data.stat().st_size / 1e6
+        print(f"file: {mb:.1f} MB, {lines} chat examples, python {sys.version.split()[0]}")
+        times = measure(
+            {
+                "json": lambda: json_floor(data),
+                "msgspec": lambda: msgspec_floor(data),
+                "structural": lambda: structural(data, root),
+                "write": lambda: with_write(data, root),
+            },
+            args.repeat,
+            (root / "normalized.jsonl",),
+        )
+        floor = mb / times["json"]
+        show("json floor", "json.loads loop", mb, times["json"], floor)
+        show("msgspec floor", "msgspec decoder loop", mb, times["msgspec"], floor)
+        show("structural", "validate_source, no output", mb, times["structural"], floor)
+        show("+ write", "+ normalize, write normalized.jsonl", mb, times["write"], floor)
 
         from trainer_worker.tiny import build_tiny_chat_model
 
-        model = build_tiny_chat_model(root / "tiny")
-        tokenizer = load_tokenizer(str(model))
+        tokenizer = load_tokenizer(str(build_tiny_chat_model(root / "tiny")))
         small = root / "small.jsonl"
-        generate(small, min(args.token_mb, args.mb), seed=1)
+        generate(small, min(args.token_mb, args.size_mb), seed=1)
         small_mb = small.stat().st_size / 1e6
-        print(f"(token run on {small_mb:.1f} MB of the same kind of data)")
-        print(f"floor       json.loads loop        {rate(lambda: json_floor(small), small_mb)}")
-        print(f"structural  validate_source        {rate(lambda: structural(small, root), small_mb)}")
-        print(
-            f"+ tokens    with token statistics  "
-            f"{rate(lambda: with_tokens(small, root, tokenizer), small_mb)}"
+        print(f"(token statistics on {small_mb:.1f} MB of the same kind of data)")
+        times = measure(
+            {
+                "json": lambda: json_floor(small),
+                "tokens": lambda: with_tokens(small, root, tokenizer),
+            },
+            args.repeat,
+            (root / "normalized.jsonl",),
         )
+        floor = small_mb / times["json"]
+        show("json floor", "json.loads loop", small_mb, times["json"], floor)
+        show("+ tokens", "+ write + token statistics", small_mb, times["tokens"], floor)
 
 
 if __name__ == "__main__":

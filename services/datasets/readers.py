@@ -109,36 +109,95 @@ def sniff(path: Path, *, has_mapping: bool = False) -> SourceKind:
 # -- JSONL ---------------------------------------------------------------------------------------------
 
 
+BLOCK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class LineBlock:
+    """Consecutive whole lines of a JSONL file, the first numbered `start`: each had a line end, which
+    is removed (trailing carriage returns too); blank lines are kept, so line k is `start + k`."""
+
+    start: int
+    lines: list[bytes]
+
+
+def jsonl_chunks(
+    path: Path, max_line_bytes: int, add: IssueSink
+) -> Iterator[LineBlock | tuple[int, bytes | None, bool]]:
+    """The lines of a JSONL file as LineBlocks (read a block at a time and split in C), or, for what needs
+    a closer look (the first line's BOM, a line over `max_line_bytes`, a last line without a line end, a
+    line longer than a block), one `(number, line or None, unterminated)` item as `jsonl_lines` gives."""
+    with path.open("rb") as f:
+        number = pos = 0
+        while True:
+            f.seek(pos)
+            block = f.read(BLOCK_BYTES)
+            if not block:
+                return
+            end = block.rfind(b"\n")
+            if end >= 0 and not (pos == 0 and block.startswith(BOM)):
+                lines = block[:end].split(b"\n")
+                whole = len(lines)
+                if end > max_line_bytes and max(lengths := list(map(len, lines))) > max_line_bytes:
+                    # The lines before the long one are read here, the long one on its own below.
+                    whole = next(k for k, n in enumerate(lengths) if n > max_line_bytes)
+                    lines = lines[:whole]
+                    end = sum(lengths[:whole]) + whole - 1
+                if lines:
+                    if b"\r" in block:
+                        lines = [line.rstrip(b"\r") for line in lines]
+                    yield LineBlock(number + 1, lines)
+                    number += whole
+                    pos += end + 1
+                    continue
+            f.seek(pos)
+            step = _one_line(f, number, max_line_bytes, add)
+            if step is None:
+                return
+            number, item = step
+            pos = f.tell()
+            if item is not None:
+                yield item
+
+
+def _one_line(
+    f: Any, number: int, max_line_bytes: int, add: IssueSink
+) -> tuple[int, tuple[int, bytes | None, bool] | None] | None:
+    """Reads the line at f's position: (its number, its item or None when blank), or None at the end."""
+    raw = f.readline(max_line_bytes + 1)
+    if not raw:
+        return None
+    number += 1
+    if number == 1 and raw.startswith(BOM):
+        raw = raw[len(BOM) :]
+    if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+        size = len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(1024 * 1024)
+            size += len(raw)
+        add(
+            LINE_TOO_LONG,
+            f"The line is {size} bytes long; lines may be at most {max_line_bytes} "
+            "bytes (one example per line).",
+            number,
+        )
+        return number, (number, None, False)
+    unterminated = not raw.endswith(b"\n")
+    line = raw.rstrip(b"\r\n")
+    return number, ((number, line, unterminated) if line.strip() else None)
+
+
 def jsonl_lines(path: Path, max_line_bytes: int, add: IssueSink) -> Iterator[tuple[int, bytes | None, bool]]:
     """(line number, raw line without its end, whether it was the last line and had no line end) for
     every non-blank line; a line longer than `max_line_bytes` is reported and yielded as None, without
     ever being in memory whole."""
-    with path.open("rb") as f:
-        number = 0
-        while True:
-            raw = f.readline(max_line_bytes + 1)
-            if not raw:
-                return
-            number += 1
-            if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM) :]
-            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                size = len(raw)
-                while raw and not raw.endswith(b"\n"):
-                    raw = f.readline(1024 * 1024)
-                    size += len(raw)
-                add(
-                    LINE_TOO_LONG,
-                    f"The line is {size} bytes long; lines may be at most {max_line_bytes} "
-                    "bytes (one example per line).",
-                    number,
-                )
-                yield number, None, False
-                continue
-            unterminated = not raw.endswith(b"\n")
-            line = raw.rstrip(b"\r\n")
-            if line.strip():
-                yield number, line, unterminated
+    for chunk in jsonl_chunks(path, max_line_bytes, add):
+        if isinstance(chunk, LineBlock):
+            for k, line in enumerate(chunk.lines, chunk.start):
+                if line.strip():
+                    yield k, line, False
+        else:
+            yield chunk
 
 
 _decode = msgspec.json.Decoder().decode

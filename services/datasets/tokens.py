@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import statistics
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,11 @@ class _Renderer:
 
     def chat(self, messages: list[dict[str, Any]], tools: Any = None, *, prompt_only: bool = False) -> str:
         if self.templated:
-            plain = [{**m, "content": _text(m["content"])} for m in messages]
+            plain = (
+                messages
+                if all(isinstance(m["content"], str) for m in messages)
+                else [{**m, "content": _text(m["content"])} for m in messages]
+            )
             try:
                 return str(
                     self.tokenizer.apply_chat_template(
@@ -105,28 +109,51 @@ def _batches(lines: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
         yield batch
 
 
+def _counter(tokenizer: Any) -> Callable[[list[str], bool], list[int]]:
+    """Counts the tokens of each text as `tokenizer(texts)["input_ids"]` would, but straight from the Rust
+    tokenizer's `encode_batch_fast` (no offsets, no Python conversion of each encoding: about 1.3x
+    faster) when the wrapper would not change its settings: no truncation, no padding, special tokens
+    not split. Otherwise through the wrapper."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+
+    def wrapped(texts: list[str], special: bool) -> list[int]:
+        ids = tokenizer(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]
+        return list(map(len, ids))
+
+    def direct(texts: list[str], special: bool) -> list[int]:
+        if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens:
+            return wrapped(texts, special)
+        return list(map(len, encode(texts, add_special_tokens=special)))
+
+    if encode is None or getattr(tokenizer, "split_special_tokens", False):
+        return wrapped
+    return direct
+
+
 def token_lengths(normalized: Path, fmt: DatasetFormat, tokenizer: Any) -> list[int]:
     """Tokens of each example of a normalized JSONL file, in file order."""
     renderer = _Renderer(tokenizer, fmt)
+    count = _counter(tokenizer)
+    # Templates already hold the special tokens; plain strings get them like the trainer adds them.
+    special = not renderer.templated or fmt not in CHAT_FAMILY
     decode = msgspec.json.Decoder().decode
     lengths: list[int] = []
     with normalized.open("rb") as f:
         for batch in _batches(f, BATCH):
+            records = list(map(decode, batch))
+            if fmt in CHAT_FAMILY or fmt is DatasetFormat.TEXT:  # one text per example
+                lengths.extend(count([renderer.texts(r)[0] for r in records], special))
+                continue
             texts: list[str] = []
             owners: list[int] = []
-            for k, line in enumerate(batch):
-                for text in renderer.texts(decode(line)):
+            for k, record in enumerate(records):
+                for text in renderer.texts(record):
                     texts.append(text)
                     owners.append(k)
-            # Templates already hold the special tokens; plain strings get them like the trainer adds them.
-            ids = tokenizer(
-                texts,
-                add_special_tokens=not renderer.templated or fmt not in CHAT_FAMILY,
-                return_attention_mask=False,
-            )["input_ids"]
             best = [0] * len(batch)
-            for owner, tokens in zip(owners, ids, strict=True):
-                best[owner] = max(best[owner], len(tokens))
+            for owner, n in zip(owners, count(texts, special), strict=True):
+                best[owner] = max(best[owner], n)
             lengths.extend(best)
     return lengths
 

@@ -39,11 +39,17 @@ from services.datasets.formats import (
     CHECKERS,
     SIGNATURES,
     Example,
+    FastBatch,
+    FastChat,
     apply_options,
+    chat_counts,
+    chat_digest,
     classify,
     detect,
-    fast_chats,
+    fast_chat,
+    fast_chat_batch,
     json_type,
+    last_assistant,
 )
 from services.datasets.readers import (
     DETECTION_SAMPLE_LINES,
@@ -51,11 +57,12 @@ from services.datasets.readers import (
     MAX_LINE_BYTES,
     MISSING_IMAGE,
     UNREADABLE,
+    LineBlock,
     SourceKind,
     csv_records,
     extract_zip,
     image_problem,
-    jsonl_lines,
+    jsonl_chunks,
     parquet_records,
     parse_json_line,
     sniff,
@@ -84,6 +91,9 @@ SIGNATURE_KEYS = dict(SIGNATURES)
 
 ImageUri = Callable[[str], str]
 """Maps an image path inside a ZIP (relative to train.jsonl) to what the normalized example holds."""
+
+
+_encode_lines = msgspec.json.Encoder().encode_lines
 
 
 def normalized_line(record: Any) -> bytes:
@@ -149,38 +159,82 @@ class _LineSink:
 
 
 class _JsonlRecords:
-    """The objects of a JSONL file. Once `fast` is set (after detection), lines are offered to it in
-    batches of FAST_BATCH; an Example it returns is yielded instead of the parsed object."""
+    """The objects of a JSONL file, a line at a time. Once `fast` is set (after detection), lines are
+    taken in windows of FAST_BATCH (non-blank) lines: a window of plain chat lines is yielded as one
+    FastBatch (with its first line number), any other window line by line, as fast_chat's Example or as
+    the parsed object.
+
+    A window is read whole before any of its lines is checked, so a LINE_TOO_LONG in it is reported
+    before the issues of the lines above it, as it always was: which issues a truncated report lists
+    does not change."""
 
     def __init__(self, path: Path, max_line_bytes: int, add: Callable[..., None]) -> None:
         self.path, self.max_line_bytes, self.add = path, max_line_bytes, add
-        self.fast: Callable[[list[bytes]], list[Example | None]] | None = None
+        self.fast = False
 
     def _slow(self, number: int, line: bytes | None, unterminated: bool) -> Any:
         return UNREADABLE if line is None else parse_json_line(line, unterminated, number, self.add)
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
-        batch: list[tuple[int, bytes | None, bool]] = []
-        for item in jsonl_lines(self.path, self.max_line_bytes, self.add):
-            if self.fast is None:
-                yield item[0], self._slow(*item)
+        chunks = jsonl_chunks(self.path, self.max_line_bytes, self.add)
+        lines: list[bytes] = []  # lines of the LineBlock being read: lines[k] is line start + k
+        start = k = 0
+        ahead: tuple[int, bytes | None, bool] | None = None  # an item read after `lines`
+        done = False
+        while True:
+            if not self.fast:
+                if k < len(lines):
+                    line = lines[k]
+                    k += 1
+                    if line.strip():
+                        yield start + k - 1, self._slow(start + k - 1, line, False)
+                    continue
+                chunk = next(chunks, None)
+                if chunk is None:
+                    return
+                if isinstance(chunk, LineBlock):
+                    lines, start, k = chunk.lines, chunk.start, 0
+                else:
+                    yield chunk[0], self._slow(*chunk)
                 continue
-            batch.append(item)
-            if len(batch) == FAST_BATCH:
-                yield from self._batch(batch)
-                batch = []
-        yield from self._batch(batch)
-
-    def _batch(self, batch: list[tuple[int, bytes | None, bool]]) -> Iterator[tuple[int, Any]]:
-        if not batch:
-            return
-        assert self.fast is not None
-        if all(line is not None for _, line, _ in batch):
-            examples = self.fast([line for _, line, _ in batch])  # type: ignore[misc]
-        else:
-            examples = [None] * len(batch)
-        for (number, line, unterminated), example in zip(batch, examples, strict=True):
-            yield number, example if example is not None else self._slow(number, line, unterminated)
+            while ahead is None and not done and len(lines) - k < FAST_BATCH:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    done = True
+                elif isinstance(chunk, LineBlock):  # the lines right after lines[k:]: join them
+                    rest = lines[k:]
+                    lines, start, k = rest + chunk.lines, chunk.start - len(rest), 0
+                else:
+                    ahead = chunk
+            window = lines[k : k + FAST_BATCH]
+            if window and (len(window) == FAST_BATCH or (ahead is None and done)):
+                clean = fast_chat_batch(start + k, window)
+                if clean is not None:
+                    k += len(window)
+                    yield clean.start, clean
+                    continue
+            items: list[tuple[int, bytes | None, bool]] = []
+            while len(items) < FAST_BATCH:
+                if k < len(lines):
+                    if lines[k].strip():
+                        items.append((start + k, lines[k], False))
+                    k += 1
+                elif ahead is not None:
+                    items.append(ahead)
+                    ahead = None
+                elif done:
+                    break
+                elif (chunk := next(chunks, None)) is None:
+                    done = True
+                elif isinstance(chunk, LineBlock):
+                    lines, start, k = chunk.lines, chunk.start, 0
+                else:
+                    items.append(chunk)
+            if not items:
+                return
+            for number, line, unterminated in items:
+                example = None if line is None else fast_chat(line)
+                yield number, example if example is not None else self._slow(number, line, unterminated)
 
 
 @dataclass
@@ -263,7 +317,8 @@ def validate_source(
         and detected is DatasetFormat.OPENAI_CHAT
         and not (options.system_prompt or options.prompt_template)
     ):
-        jsonl.fast = fast_chats
+        jsonl.fast = True
+    fast = jsonl is not None and jsonl.fast
     add = _LineSink(issues)
 
     checked = examples = kept = dropped = messages = characters = duplicates = first_duplicate = 0
@@ -274,6 +329,45 @@ def validate_source(
     pending: list[bytes] = []
     max_samples = options.max_samples
     for number, obj in chain(head, records):
+        if obj.__class__ is FastBatch:
+            # Lines with no issue, normalized by encoding their structs: counted and written in bulk.
+            rows = obj.rows
+            n = len(rows)
+            checked += n
+            examples += n
+            take = n if max_samples is None else min(n, max(0, max_samples - kept))
+            if take < n:
+                dropped += n - take
+                rows = rows[:take]
+                batch_messages, batch_characters = chat_counts(rows)
+            else:
+                batch_messages, batch_characters = obj.messages, obj.characters
+            if not take:
+                continue
+            kept += take
+            messages += batch_messages
+            characters += batch_characters
+            digests = list(map(hash, rows))
+            fresh = set(digests)
+            if len(fresh) == take and seen.isdisjoint(fresh):
+                seen |= fresh
+            else:
+                for line_number, digest in enumerate(digests, number):
+                    if digest in seen:
+                        duplicates += 1
+                        first_duplicate = first_duplicate or line_number
+                    else:
+                        seen.add(digest)
+            if targets is not None:
+                for row in rows:
+                    targets = _count_target(targets, last_assistant(row))
+                    if targets is None:
+                        break
+            if normalized_out is not None:
+                pending.append(_encode_lines(rows))
+                normalized_out.writelines(pending)
+                pending.clear()
+            continue
         checked += 1
         add.line = number
         if obj.__class__ is Example:
@@ -319,25 +413,20 @@ def validate_source(
         kept += 1
         messages += example.messages
         characters += example.characters
-        data = normalized_line(record)
-        digest = hash(data)
+        encoded = msgspec.json.encode(record)
+        if record.__class__ is FastChat:
+            digest = hash(record)
+        else:
+            digest = chat_digest(encoded) if fast else hash(encoded)
         if digest in seen:
             duplicates += 1
             first_duplicate = first_duplicate or number
         else:
             seen.add(digest)
         if targets is not None:
-            label = example.target
-            if (
-                label is None
-                or len(label) > MAX_LABEL_CHARS
-                or (label not in targets and len(targets) >= MAX_CLASSES)
-            ):
-                targets = None
-            else:
-                targets[label] += 1
+            targets = _count_target(targets, example.target)
         if normalized_out is not None:
-            pending.append(data)
+            pending.append(encoded + b"\n")
             if len(pending) == WRITE_BATCH:
                 normalized_out.writelines(pending)
                 pending.clear()
@@ -378,6 +467,18 @@ def validate_source(
     )
     result.report = _report(detected, checked, issues, stats)
     return result
+
+
+def _count_target(targets: Counter[str], label: str | None) -> Counter[str] | None:
+    """Counts one example's target; None once the targets no longer look like class labels."""
+    if (
+        label is None
+        or len(label) > MAX_LABEL_CHARS
+        or (label not in targets and len(targets) >= MAX_CLASSES)
+    ):
+        return None
+    targets[label] += 1
+    return targets
 
 
 def _images_ok(example: Example, result: Validated, add: Callable[..., None]) -> bool:

@@ -170,3 +170,15 @@ def test_unrecognized_content_is_checked_as_chat(tmp_path: Path) -> None:
     report = v.validate_file(write_jsonl(tmp_path / "d.jsonl", lines), min_examples=1)
     assert report.format is DatasetFormat.OPENAI_CHAT
     assert [(i.code, i.line) for i in report.issues] == [(f.MISSING_MESSAGES, n) for n in (1, 2, 3)]
+
+
+def test_two_objects_on_one_line_past_the_detection_window_is_invalid_json(tmp_path: Path) -> None:
+    """Past the first 100 lines the fast path takes over; a line holding two objects must still be one
+    INVALID_JSON on its own line, and the lines around it keep their own numbers (an earlier batch decoder
+    read such a line as two rows and crashed)."""
+    lines = chat_lines(150)
+    lines[119] = f"{lines[0]}, {lines[1]}"
+    lines[129] = _msgs({"role": "robot", "content": "x"}, ASSISTANT)
+    report = v.validate_file(write_jsonl(tmp_path / "data.jsonl", lines), min_examples=1)
+    assert [(i.code, i.line) for i in report.errors] == [(r.INVALID_JSON, 120), (f.INVALID_ROLE, 130)]
+    assert report.statistics.example_count == 148
