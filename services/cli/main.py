@@ -18,7 +18,7 @@ from rich.console import Console
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2, job_pb2
 
 from services.cli.render import as_json as to_json
-from services.cli.render import dataset_table, job_table, outcome, watch
+from services.cli.render import dataset_table, job_table, outcome, plan_table, watch
 from services.client import TuneForgeClient, TuneForgeError
 from services.platform.supervisor import Platform, PlatformConfig
 
@@ -251,7 +251,7 @@ def jobs_create(
     dataset: Annotated[str | None, typer.Option(help="Dataset id or name.")] = None,
     spec_file: Annotated[Path | None, typer.Option("--spec", exists=True, help="JobSpec as JSON.")] = None,
     name: Annotated[str, typer.Option()] = "",
-    method: Annotated[str | None, typer.Option(help="sft, dpo, grpo, distillation.")] = None,
+    method: Annotated[str | None, typer.Option(help="sft, dpo, grpo, distillation, orpo, kto.")] = None,
     adapter: Annotated[str | None, typer.Option(help="lora, qlora, full, prompt_tuning.")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
     max_steps: Annotated[int | None, typer.Option()] = None,
@@ -285,6 +285,36 @@ def jobs_create(
             outcome(final, console)
             if final.state != job_pb2.JOB_STATE_SUCCEEDED:
                 raise typer.Exit(1)
+
+
+@app.command("plan")
+def plan(
+    model: Annotated[str | None, typer.Option(help="HF id, local path or s3:// URI.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset id or name.")] = None,
+    spec_file: Annotated[Path | None, typer.Option("--spec", exists=True, help="JobSpec as JSON.")] = None,
+    method: Annotated[str | None, typer.Option(help="sft, dpo, grpo, distillation, orpo, kto.")] = None,
+    adapter: Annotated[str | None, typer.Option(help="lora, qlora, full, prompt_tuning.")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    max_seq_length: Annotated[int | None, typer.Option()] = None,
+    address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False,
+) -> None:
+    """Before committing: does the job fit each GPU type, how long it runs and what it costs."""
+    spec = build_spec(spec_file, model=model, dataset=dataset, method=method, adapter=adapter, epochs=epochs,
+                      batch_size=batch_size, max_seq_length=max_seq_length)
+    with api(address, org) as client:
+        response = client.plan_job(spec)
+    if as_json:
+        console.print_json(to_json(response))
+        return
+    console.print(f"training tokens: {response.training_tokens:,} ({response.tokens_per_epoch:,} per epoch)")
+    console.print(plan_table(response))
+    if response.cheapest_fit.gpu_type:
+        best = response.cheapest_fit
+        console.print(f"cheapest fit: {best.gpu_count} x {best.gpu_type}, "
+                      f"{best.time.total_seconds / 3600:.2f} h, ${best.cost.total_usd:.2f}")
+    for note in [*response.notes, *response.suggestions]:
+        console.print(f"[yellow]note[/yellow] {note}")
 
 
 @jobs_app.command("get")

@@ -9,7 +9,7 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from tuneforge.v1 import dataset_pb2, job_pb2, metrics_pb2
+from tuneforge.v1 import dataset_pb2, estimation_pb2, estimation_service_pb2, job_pb2, metrics_pb2
 
 from services.client import TuneForgeClient, TuneForgeError
 
@@ -49,6 +49,19 @@ def job_table(jobs: list[job_pb2.Job]) -> Table:
                       enum_name(job_pb2.TrainingMethod, j.spec.method, "TRAINING_METHOD_") + "/" +
                       enum_name(job_pb2.AdapterType, j.spec.adapter, "ADAPTER_TYPE_"),
                       step, j.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+    return table
+
+
+def plan_table(plan: estimation_service_pb2.PlanJobResponse) -> Table:
+    """One row per GPU type the plan fitted, cheapest first as the service ordered them."""
+    table = Table("GPU", "COUNT", "FITS", "GiB/GPU", "HOURS", "USD", "BASIS")
+    for fit in plan.fits:
+        table.add_row(
+            fit.gpu_type, str(fit.gpu_count), "yes" if fit.fits else "no",
+            f"{fit.memory_per_gpu.total / 2**30:.1f}", f"{fit.time.total_seconds / 3600:.2f}",
+            f"{fit.cost.total_usd:.2f}",
+            enum_name(estimation_pb2.EstimateSource, fit.source, "ESTIMATE_SOURCE_"),
+        )
     return table
 
 

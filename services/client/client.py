@@ -153,3 +153,8 @@ class TuneForgeClient:
     def estimate_job(self, spec: job_pb2.JobSpec) -> estimation_service_pb2.EstimateJobResponse:
         request = estimation_service_pb2.EstimateJobRequest(organization=self.organization, spec=spec)
         return _call(lambda: self.estimation.EstimateJob(request, timeout=self.timeout_s))
+
+    def plan_job(self, spec: job_pb2.JobSpec) -> estimation_service_pb2.PlanJobResponse:
+        """What a client checks before committing: token counts, fit per GPU type, time and cost."""
+        request = estimation_service_pb2.PlanJobRequest(organization=self.organization, spec=spec)
+        return _call(lambda: self.estimation.PlanJob(request, timeout=self.timeout_s))

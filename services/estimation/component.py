@@ -1,19 +1,32 @@
-"""The estimation service as a kit Component: the catalog loaded once at start, and its servicer."""
+"""The estimation service as a kit Component: the catalog loaded once at start, its database of
+calibration measurements, its servicer, and the consumer that records finished jobs."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from pathlib import Path
 
-from tuneforge.v1 import estimation_service_pb2_grpc
+from nats.aio.msg import Msg
+from tuneforge.events.v1 import events_pb2
+from tuneforge.v1 import estimation_service_pb2_grpc, job_pb2
 
+from services.estimation.calibration import CalibrationStore, measure
 from services.estimation.catalog import Catalog
 from services.estimation.datasets_client import GrpcDatasetLookup
+from services.estimation.jobs_client import GrpcJobLookup
 from services.estimation.manager import EstimationManager
 from services.estimation.servicer import EstimationServicer
 from services.estimation.settings import EstimationSettings
+from services.kit import subjects
+from services.kit.consumer import PermanentError, consume
+from services.kit.db import Database
 from services.kit.runtime import Component, Registration, Runtime
 
+log = logging.getLogger(__name__)
+
 SERVICE_NAME = "tuneforge.v1.EstimationService"
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
 class EstimationComponent(Component):
@@ -22,11 +35,52 @@ class EstimationComponent(Component):
         self.settings = settings or EstimationSettings()
         # A malformed catalog stops the process at start, not at the first request.
         self.catalog = Catalog.load(self.settings.catalog_dir, self.settings.hourly_usd)
-        address = runtime.settings.datasets_address
-        datasets = GrpcDatasetLookup(lambda: runtime.channel(address),
-                                     timeout_s=self.settings.datasets_timeout_s)
-        self.manager = EstimationManager(self.catalog, datasets)
+        self.db = Database(runtime.settings.database_url_for("estimation"), "estimation")
+        # Before the server takes calls: a request must never meet a missing table.
+        self.db.migrate(MIGRATIONS_DIR)
+        self.calibrations = CalibrationStore(self.db)
+        kit = runtime.settings
+        timeout = self.settings.datasets_timeout_s
+        datasets = GrpcDatasetLookup(lambda: runtime.channel(kit.datasets_address), timeout_s=timeout)
+        jobs = GrpcJobLookup(lambda: runtime.channel(kit.jobs_address), timeout_s=timeout)
+        self.manager = EstimationManager(self.catalog, datasets, jobs, self.calibrations)
 
     def registrations(self) -> Sequence[Registration]:
-        return [Registration(SERVICE_NAME, EstimationServicer(self.manager),
-                             estimation_service_pb2_grpc.add_EstimationServiceServicer_to_server)]
+        return [
+            Registration(
+                SERVICE_NAME,
+                EstimationServicer(self.manager),
+                estimation_service_pb2_grpc.add_EstimationServiceServicer_to_server,
+            )
+        ]
+
+    async def start(self) -> None:
+        self.spawn(
+            consume(
+                self.runtime.js,
+                stream=subjects.STREAM_EVENTS,
+                durable=subjects.ESTIMATION_JOB_EVENTS_CONSUMER,
+                subject=subjects.ALL_JOB_EVENTS,
+                handler=self.on_job_changed,
+            ),
+            "estimation-calibration",
+        )
+
+    async def stop(self) -> None:
+        await super().stop()
+        self.db.dispose()
+
+    async def on_job_changed(self, msg: Msg) -> None:
+        """Records the measurements of a job that just SUCCEEDED; every other change is acked unread."""
+        try:
+            event = events_pb2.JobChanged.FromString(msg.data)
+        except Exception as exc:
+            raise PermanentError(f"undecodable JobChanged: {exc}") from exc
+        job = event.job
+        if job.state != job_pb2.JOB_STATE_SUCCEEDED or not job.id:
+            return
+        measurement = measure(job, self.catalog)
+        if measurement is not None and await self.calibrations.record(measurement):
+            log.info(
+                "calibration: job %s (%s on %s) recorded", job.id, measurement.family, measurement.gpu_type
+            )

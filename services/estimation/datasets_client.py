@@ -28,6 +28,7 @@ class GrpcDatasetLookup:
         try:
             response = await stub.GetDataset(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc_error(exc, service="datasets",
-                                       field_map={"dataset": "spec.dataset"}) from exc
+            raise error_from_rpc_error(
+                exc, service="datasets", field_map={"dataset": "spec.dataset"}
+            ) from exc
         return response.dataset

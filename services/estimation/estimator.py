@@ -1,11 +1,15 @@
 """The arithmetic of an estimate: parameters, memory per GPU, FLOPs, time and cost. Pure functions, no I/O.
 
-Every figure is a PRIOR: architecture arithmetic plus the published rules of thumb below, so the numbers can
-be checked by hand. Calibration against finished jobs (a later issue) adjusts `Priors`, not the formulas.
+A PRIOR is architecture arithmetic plus the published rules of thumb below, so the numbers can be checked
+by hand; a `Calibration` from finished jobs (services.estimation.calibration) scales the throughput and the
+peak memory of the same model family on the same GPU type, never the formulas.
 
-Memory follows the usual accounting (ZeRO paper, Korthikanti et al. 2022) for one optimizer step:
-  weights + trainable copies + gradients + optimizer states + activations + logits + framework overhead,
-with ZeRO/FSDP dividing the sharded parts by the number of GPUs.
+Memory follows the usual accounting (ZeRO paper, Korthikanti et al. 2022) for one optimizer step, in the
+layout the trainer worker really uses:
+  weights + trainable copies + gradients + optimizer states + activations + logits + transient buffers
+  + framework overhead,
+with ZeRO/FSDP dividing the sharded parts by the number of GPUs. The peak is the larger of the backward pass
+(activations alive) and the optimizer step (its temporaries alive), not their sum.
 """
 
 from __future__ import annotations
@@ -23,18 +27,34 @@ Strategy = Literal["none", "ddp", "zero1", "zero2", "zero2_offload", "zero3", "z
 
 PRECISION_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 # Optimizer state bytes per trainable parameter. AdamW keeps two fp32 moments (8); bitsandbytes' 8-bit
-# variants two 1-byte moments (2); HF's "sgd" has no momentum buffer (0); Adafactor keeps factored second
-# moments, a few bytes per row and column of each matrix (well under 1 byte per parameter; 0.5 is a bound).
+# variants two 1-byte moments plus an fp32 absmax per 256-value block of each (2 + 8/256); HF's "sgd" has
+# no momentum buffer (0); Adafactor keeps factored second moments, a few bytes per row and column of each
+# matrix (well under 1 byte per parameter; 0.5 is a bound). Paged variants hold the same bytes in memory the
+# driver can evict to the host under pressure: counted on the GPU, as that is where they are when it fits.
+EIGHT_BIT_STATE_BYTES = 2 + 2 * 4 / 256
 OPTIMIZER_BYTES: dict[str, float] = {
-    "adamw": 8.0, "paged_adamw": 8.0, "adamw_8bit": 2.0, "paged_adamw_8bit": 2.0, "sgd": 0.0,
+    "adamw": 8.0,
+    "paged_adamw": 8.0,
+    "adamw_8bit": EIGHT_BIT_STATE_BYTES,
+    "paged_adamw_8bit": EIGHT_BIT_STATE_BYTES,
+    "sgd": 0.0,
     "adafactor": 0.5,
 }
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MLP_MODULES = frozenset({"gate_proj", "up_proj", "down_proj"})
 # Other names users give LoRA targets for the same matrices (fused Phi-3 projections, Mixtral experts).
 MODULE_ALIASES: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
-    "w1": ("gate_proj",), "w3": ("up_proj",), "w2": ("down_proj",),
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "w1": ("gate_proj",),
+    "w3": ("up_proj",),
+    "w2": ("down_proj",),
+    "query_key_value": ("q_proj", "k_proj", "v_proj"),
+    "dense": ("o_proj",),
+    "dense_h_to_4h": ("up_proj",),
+    "dense_4h_to_h": ("down_proj",),
+    "fc1": ("up_proj",),
+    "fc2": ("down_proj",),
 }
 
 
@@ -42,17 +62,31 @@ MODULE_ALIASES: dict[str, tuple[str, ...]] = {
 class Priors:
     """The rules of thumb, in one place so calibration can replace them."""
 
-    # CUDA context, allocator fragmentation and library workspaces, per GPU.
-    framework_overhead_bytes: int = GIB
+    # CUDA context and library workspaces per GPU, which torch.cuda.max_memory_allocated does not see ...
+    framework_overhead_bytes: int = 768 * MIB
+    # ... and the caching allocator's slack (reserved but not allocated), as a fraction of the rest. Together
+    # they are the margin that keeps an admitted job from running out of memory when the prior is a little
+    # short (the CPU measurement's largest under-estimate was 12%).
+    allocator_slack: float = 0.15
     # Model FLOPs utilisation per method on one GPU (HF Trainer-class stacks). QLoRA pays for dequantising.
-    utilization: dict[str, float] = field(default_factory=lambda: {
-        "full": 0.40, "lora": 0.35, "qlora": 0.25, "prompt_tuning": 0.35})
+    utilization: dict[str, float] = field(
+        default_factory=lambda: {"full": 0.40, "lora": 0.35, "qlora": 0.25, "prompt_tuning": 0.35}
+    )
     # GRPO spends most of its time generating, far below peak.
     grpo_utilization_factor: float = 0.4
     # Throughput kept per GPU when training on several (communication), by strategy family.
-    scaling_efficiency: dict[str, float] = field(default_factory=lambda: {
-        "none": 0.90, "ddp": 0.90, "zero1": 0.90, "zero2": 0.88, "zero3": 0.80, "fsdp": 0.80,
-        "zero2_offload": 0.50, "zero3_offload": 0.45})
+    scaling_efficiency: dict[str, float] = field(
+        default_factory=lambda: {
+            "none": 0.90,
+            "ddp": 0.90,
+            "zero1": 0.90,
+            "zero2": 0.88,
+            "zero3": 0.80,
+            "fsdp": 0.80,
+            "zero2_offload": 0.50,
+            "zero3_offload": 0.45,
+        }
+    )
     multi_node_efficiency: float = 0.90
     # Setup, evaluation and export on top of the training time (the 20-30% competitors quote) ...
     overhead_fraction: float = 0.20
@@ -81,6 +115,23 @@ class Architecture:
     num_experts_per_token: int = 0
     attention_bias: bool = False
     norms_per_layer: int = 2
+    # False for a plain up/down MLP (Falcon), True for SwiGLU/GeGLU (gate, up, down).
+    gated_mlp: bool = True
+    # LayerNorm with a bias (Falcon) instead of RMSNorm: two vectors per norm.
+    norm_bias: bool = False
+    # A VLM's vision tower and projector: counted in memory, never quantised, not multiplied by text tokens.
+    vision_parameters: int = 0
+    # One projection for q, k and v (Phi-3, Falcon), one for gate and up (Phi-3): what LoRA adapts.
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    # Bytes per head and key position each query keeps when transformers runs the attention without a fused
+    # kernel (Gemma 2's logit soft-capping runs eager; Falcon passes SDPA a materialised float mask).
+    attention_score_bytes: int = 0
+    # Norms that scale in fp32 and keep that fp32 output for their weight's gradient (Gemma's (1 + w) x).
+    fp32_norm_scale: bool = False
+    # Gemma 2 soft-caps its logits (divide, tanh, multiply): tanh's output is kept for backward, one more
+    # 16-bit logit-sized tensor at the loss.
+    logit_softcapping: bool = False
 
     @property
     def head_size(self) -> int:
@@ -97,9 +148,18 @@ class Architecture:
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear module of one layer (one expert's for the MLP)."""
         h, i = self.hidden_size, self.intermediate_size
-        return {"q_proj": (h, self.attention_dim), "k_proj": (h, self.kv_dim),
-                "v_proj": (h, self.kv_dim), "o_proj": (self.attention_dim, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        shapes = {
+            "q_proj": (h, self.attention_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.attention_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+        if not self.gated_mlp:
+            del shapes["gate_proj"]
+        return shapes
 
     def module_copies(self, name: str) -> int:
         return max(self.num_experts, 1) if name in MLP_MODULES else 1
@@ -119,13 +179,20 @@ class Architecture:
 
     @property
     def parameter_count(self) -> int:
-        per_layer = self.layer_linear_parameters() + self.norms_per_layer * self.hidden_size
+        norm = self.hidden_size * (2 if self.norm_bias else 1)
+        per_layer = self.layer_linear_parameters() + self.norms_per_layer * norm
         if self.attention_bias:
             per_layer += self.attention_dim + 2 * self.kv_dim
         if self.num_experts:
             per_layer += self.hidden_size * self.num_experts  # router
         lm_head = 0 if self.tied_embeddings else self.embedding_parameters
-        return self.num_layers * per_layer + self.embedding_parameters + lm_head + self.hidden_size
+        return (
+            self.num_layers * per_layer + self.embedding_parameters + lm_head + norm + self.vision_parameters
+        )
+
+    @property
+    def largest_matrix(self) -> int:
+        return max(n_in * n_out for n_in, n_out in self.module_shapes().values())
 
     @property
     def quantizable_parameters(self) -> int:
@@ -207,12 +274,17 @@ class Setup:
 
     @property
     def sequence_length(self) -> int:
-        return self.max_seq_length + (self.max_completion_length if self.method == "grpo" else 0)
+        """Positions the model runs per sequence: the completion too for GRPO, the soft prompt too for
+        prompt tuning."""
+        extra = self.max_completion_length if self.method == "grpo" else 0
+        if self.adapter == "prompt_tuning":
+            extra += self.num_virtual_tokens
+        return self.max_seq_length + extra
 
 
 @dataclass(frozen=True)
 class Memory:
-    """Bytes on ONE GPU."""
+    """Bytes on ONE GPU. `total` sums every term but the parts-of and the offloaded bytes."""
 
     weights: int
     trainable_parameters: int
@@ -221,11 +293,44 @@ class Memory:
     activations: int
     logits: int
     framework_overhead: int
+    transient: int = 0
+    calibration_adjustment: int = 0
+    # Parts of `weights`, shown apart.
+    reference_weights: int = 0
+    quantization_constants: int = 0
+    # Host memory per GPU that ZeRO offload holds instead.
+    offloaded_to_cpu: int = 0
 
     @property
     def total(self) -> int:
-        return (self.weights + self.trainable_parameters + self.gradients + self.optimizer_states
-                + self.activations + self.logits + self.framework_overhead)
+        return (
+            self.weights
+            + self.trainable_parameters
+            + self.gradients
+            + self.optimizer_states
+            + self.activations
+            + self.logits
+            + self.transient
+            + self.framework_overhead
+            + self.calibration_adjustment
+        )
+
+    @property
+    def measured_part(self) -> int:
+        """What torch.cuda.max_memory_allocated sees: everything but the CUDA context and allocator slack."""
+        return self.total - self.framework_overhead - self.calibration_adjustment
+
+    def largest_terms(self, count: int = 2) -> list[tuple[str, int]]:
+        terms = {
+            "weights": self.weights,
+            "trainable parameters": self.trainable_parameters,
+            "gradients": self.gradients,
+            "optimizer states": self.optimizer_states,
+            "activations": self.activations,
+            "logits": self.logits,
+            "transient buffers": self.transient,
+        }
+        return sorted(terms.items(), key=lambda item: -item[1])[:count]
 
 
 @dataclass(frozen=True)
@@ -235,6 +340,7 @@ class Time:
     utilization: float
     training_seconds: float
     overhead_seconds: float
+    tokens_per_second: float = 0.0
 
     @property
     def total_seconds(self) -> float:
@@ -249,6 +355,19 @@ class Cost:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """Measured-over-predicted ratios of finished jobs of one model family on one GPU type.
+
+    `throughput` multiplies the utilisation prior (the median ratio: time is a best guess). `memory`
+    multiplies the predicted peak (the largest ratio seen: memory must not be under-estimated).
+    """
+
+    jobs: int
+    throughput: float | None = None
+    memory: float | None = None
+
+
+@dataclass(frozen=True)
 class Fit:
     hardware: Hardware
     gpu_count: int
@@ -257,14 +376,18 @@ class Fit:
     reason: str
     time: Time | None
     cost: Cost
+    strategy: Strategy = "none"
+    calibration: Calibration | None = None
 
 
 # ---- parameters -------------------------------------------------------------------------------------
 
+
 def lora_targets(arch: Architecture, targets: tuple[str, ...]) -> tuple[set[str], list[str]]:
     """The linear modules a target list names, and the names not recognised."""
+    present = set(arch.module_shapes())
     if not targets or "all-linear" in targets:
-        return set(LINEAR_MODULES), []  # PEFT's all-linear: every linear of the layers, not lm_head
+        return present, []  # PEFT's all-linear: every linear of the layers, not lm_head
     chosen: set[str] = set()
     unknown: list[str] = []
     for name in targets:
@@ -274,17 +397,68 @@ def lora_targets(arch: Architecture, targets: tuple[str, ...]) -> tuple[set[str]
             chosen.update(MODULE_ALIASES[name])
         else:
             unknown.append(name)
-    return chosen, unknown
+    return chosen & present, unknown
+
+
+@dataclass(frozen=True)
+class AdaptedMatrix:
+    """One weight LoRA adapts in each layer, as PEFT sees it: a fused projection is one matrix."""
+
+    copies: int
+    n_in: int
+    n_out: int
+    # Inputs its LoRA dropout keeps per token (0 for a mixture's experts: counted with the active ones).
+    mlp: bool
+    # Reads a norm's output (q, k, v, gate, up), which the fp32 parameters' autocast already keeps in fp32.
+    norm_fed: bool = True
+
+
+def adapted_matrices(arch: Architecture, modules: set[str], all_linear: bool) -> list[AdaptedMatrix]:
+    """The matrices of one layer that LoRA on `modules` adapts.
+
+    Fused projections (Phi-3's qkv_proj and gate_up_proj, Falcon's query_key_value) take one adapter for
+    the whole fused output. A mixture's experts are one 3-D tensor per projection in transformers 5; PEFT
+    0.21 adapts gate_up with rank x 2E and down with rank x E (as counted on a real model by
+    benchmarks/measure_memory.py), and all-linear also adapts the router.
+    """
+    shapes = arch.module_shapes()
+    h, i = arch.hidden_size, arch.intermediate_size
+    out: list[AdaptedMatrix] = []
+    attention = [m for m in ("q_proj", "k_proj", "v_proj") if m in modules]
+    if arch.fused_qkv and attention:
+        out.append(AdaptedMatrix(1, h, arch.attention_dim + 2 * arch.kv_dim, False))
+    else:
+        out += [AdaptedMatrix(1, *shapes[m], False) for m in attention]
+    if "o_proj" in modules:
+        out.append(AdaptedMatrix(1, *shapes["o_proj"], False, norm_fed=False))
+    gate_up = [m for m in ("gate_proj", "up_proj") if m in modules]
+    if arch.num_experts:
+        if gate_up:
+            out.append(AdaptedMatrix(2 * arch.num_experts, h, 2 * i, True))
+        if "down_proj" in modules:
+            out.append(AdaptedMatrix(arch.num_experts, i, h, True, norm_fed=False))
+        if all_linear:
+            out.append(AdaptedMatrix(1, h, arch.num_experts, False))
+        return out
+    if arch.fused_gate_up and gate_up:
+        out.append(AdaptedMatrix(1, h, 2 * i, True))
+    else:
+        out += [AdaptedMatrix(1, *shapes[m], True) for m in gate_up]
+    if "down_proj" in modules:
+        out.append(AdaptedMatrix(1, *shapes["down_proj"], True, norm_fed=False))
+    return out
+
+
+def _adapted(arch: Architecture, targets: tuple[str, ...]) -> list[AdaptedMatrix]:
+    modules, _ = lora_targets(arch, targets)
+    return adapted_matrices(arch, modules, not targets or "all-linear" in targets)
 
 
 def lora_parameters(arch: Architecture, rank: int, targets: tuple[str, ...], use_dora: bool = False) -> int:
     """rank x (in + out) per adapted matrix (A is in x r, B is r x out); DoRA adds a magnitude per output."""
-    modules, _ = lora_targets(arch, targets)
-    shapes = arch.module_shapes()
-    per_layer = 0
-    for name in modules:
-        n_in, n_out = shapes[name]
-        per_layer += arch.module_copies(name) * (rank * (n_in + n_out) + (n_out if use_dora else 0))
+    per_layer = sum(
+        m.copies * (rank * (m.n_in + m.n_out) + (m.n_out if use_dora else 0)) for m in _adapted(arch, targets)
+    )
     return arch.num_layers * per_layer
 
 
@@ -296,25 +470,50 @@ def trainable_parameters(arch: Architecture, setup: Setup) -> int:
     return lora_parameters(arch, setup.lora_rank, setup.lora_targets, setup.use_dora)
 
 
-def quantized_weight_bytes(arch: Architecture, bits: int, double_quantization: bool) -> int:
-    """bitsandbytes storage of the base model: quantised layer linears plus their constants; embeddings,
-    lm_head and norms stay in 16-bit.
+def largest_trainable_tensor(arch: Architecture, setup: Setup) -> int:
+    """Elements of the largest tensor that trains."""
+    if setup.adapter == "full":
+        return max(arch.embedding_parameters, arch.largest_matrix)
+    if setup.adapter == "prompt_tuning":
+        return setup.num_virtual_tokens * arch.hidden_size
+    adapted = _adapted(arch, setup.lora_targets)
+    return max((setup.lora_rank * m.copies * max(m.n_in, m.n_out) for m in adapted), default=0)
+
+
+def quantization_constant_bytes(arch: Architecture, bits: int, double_quantization: bool) -> int:
+    """bitsandbytes' constants beside the quantised layer linears.
 
     4-bit (NF4/FP4) stores one fp32 absmax per 64-weight block (0.5 bit per weight); double quantisation
     stores it as 1 byte plus one fp32 constant per 256 blocks (~0.127 bit). 8-bit (LLM.int8) stores one fp32
     scale per output row.
     """
-    quantized = arch.quantizable_parameters
-    rest = arch.parameter_count - quantized
     if bits == 8:
         rows = sum(arch.module_copies(n) * out for n, (_, out) in arch.module_shapes().items())
-        return quantized + 4 * rows * arch.num_layers + 2 * rest
-    blocks = quantized / 64
-    constants = blocks * (1 + 4 / 256) if double_quantization else blocks * 4
-    return int(quantized / 2 + constants) + 2 * rest
+        return 4 * rows * arch.num_layers
+    blocks = arch.quantizable_parameters / 64
+    return int(blocks * (1 + 4 / 256) if double_quantization else blocks * 4)
+
+
+def quantized_weight_bytes(arch: Architecture, bits: int, double_quantization: bool) -> int:
+    """bitsandbytes storage of the base model: the layers' linears at `bits` plus their constants; the rest
+    (embeddings, lm_head, norms, a vision tower) in fp32, because PEFT's prepare_model_for_kbit_training,
+    which TRL applies to every k-bit model, upcasts each parameter it did not quantise."""
+    quantized = arch.quantizable_parameters
+    rest = arch.parameter_count - quantized
+    payload = quantized if bits == 8 else quantized // 2
+    return payload + quantization_constant_bytes(arch, bits, double_quantization) + 4 * rest
 
 
 # ---- memory -------------------------------------------------------------------------------------------
+
+# Bytes per logit element at the loss: the 16-bit logits the model returns, the fp32 copy the loss takes and
+# the fp32 log-softmax cross-entropy keeps for backward (in fp32 training the copy is the logits themselves).
+LOGIT_BYTES = {"bf16": 2 + 4 + 4, "fp16": 2 + 4 + 4, "fp32": 4 + 4}
+OFFLOAD_STRATEGIES = ("zero2_offload", "zero3_offload")
+SHARDED_OPTIMIZER = ("zero1", "zero2", "zero3", "fsdp")
+SHARDED_GRADIENTS = ("zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp")
+SHARDED_WEIGHTS = ("zero3", "zero3_offload", "fsdp")
+
 
 def resolve_precision(setup: Setup, hardware: Hardware) -> Precision:
     """As the worker resolves it: bf16 where the hardware has it, else fp16; fp16 needs a GPU."""
@@ -325,79 +524,177 @@ def resolve_precision(setup: Setup, hardware: Hardware) -> Precision:
     return "bf16" if hardware.supports_bf16 else "fp16"
 
 
-def activation_elements_per_token_layer(arch: Architecture, setup: Setup) -> int:
-    """Tensors one decoder layer keeps per token for its backward pass, with fused (flash/SDPA) attention,
-    so no seq x seq scores: the residual input and norm output of both blocks, q, k, v and the attention
-    output, and the gated MLP's gate, up, activation and product (per active expert). LoRA with dropout
-    also keeps each adapted module's dropped-out input."""
+def fp32_parameters(setup: Setup, hardware: Hardware) -> bool:
+    """Whether the worker holds the model's parameters in fp32: for full fine-tuning (they are the master
+    weights; autocast computes in 16-bit) and on a CPU. Adapters on a GPU sit on a 16-bit base, and DeepSpeed
+    keeps 16-bit parameters beside its own fp32 master copy."""
+    return not setup.strategy.startswith("zero") and (hardware.is_cpu or setup.adapter == "full")
+
+
+def activation_bytes_per_token_layer(
+    arch: Architecture, setup: Setup, precision: Precision, in_fp32: bool
+) -> int:
+    """Bytes one decoder layer keeps per token for its backward pass, with fused (flash/SDPA) attention (no
+    seq x seq scores unless the model forces them), as counted with saved-tensor hooks on transformers'
+    layers (benchmarks/measure_memory.py's figures):
+
+    - attention: q and k after rotary, v, the attention output (GQA's k and v are not repeated), plus
+      `attention_score_bytes` per head and key position where the attention runs unfused;
+    - every norm keeps its fp32-upcast input (and its fp32 output when the parameters are fp32 under
+      autocast);
+    - training all weights, each linear keeps its input: the residual and norm outputs, and the MLP's gate,
+      up, activation and product (up and activation for a plain MLP), per active expert;
+    - with a frozen base, the frozen linears keep no input: the MLP keeps gate, up and activation, and each
+      LoRA matrix keeps its input cast to fp32 (already fp32 for a norm's output under autocast) and, with
+      dropout, the dropped-out copy, 4 bytes per input feature each, and its rank-r intermediate.
+    """
+    width = 4 if precision == "fp32" else 2
+    autocast = in_fp32 and precision != "fp32"
     h, i = arch.hidden_size, arch.intermediate_size
     experts = arch.num_experts_per_token if arch.num_experts else 1
-    elements = 4 * h + 2 * arch.attention_dim + 2 * arch.kv_dim + 4 * i * experts
-    if setup.adapter in ("lora", "qlora") and setup.lora_dropout > 0:
-        modules, _ = lora_targets(arch, setup.lora_targets)
-        shapes = arch.module_shapes()
-        elements += sum(shapes[m][0] * (experts if m in MLP_MODULES else 1) for m in modules)
-    return elements
+    attention = 2 * arch.attention_dim + 2 * arch.kv_dim
+    scores = arch.num_attention_heads * setup.sequence_length * arch.attention_score_bytes
+    norm_bytes = arch.norms_per_layer * h * (8 if autocast else 4)
+    if setup.adapter == "full":
+        mlp = (4 if arch.gated_mlp else 2) * i * experts
+        if arch.fp32_norm_scale:
+            norm_bytes += arch.norms_per_layer * h * 2  # its scaled output in fp32, not 16-bit
+        if arch.num_experts:
+            mlp += 2 * h * experts  # each active expert's gathered input and weighted output
+        return width * (4 * h + attention + mlp) + norm_bytes + scores
+    mlp = (3 if arch.gated_mlp else 2) * i * experts
+    total = width * (attention + mlp) + norm_bytes + scores
+    if setup.adapter in ("lora", "qlora"):
+        dropout = 4 if setup.lora_dropout > 0 else 0
+        for matrix in _adapted(arch, setup.lora_targets):
+            share = experts if matrix.mlp and arch.num_experts else 1
+            cast = 0 if autocast and matrix.norm_fed else 4
+            total += share * (matrix.n_in * (cast + dropout) + setup.lora_rank * 4)
+    return total
 
 
-def memory_per_gpu(arch: Architecture, setup: Setup, hardware: Hardware,
-                   priors: Priors = PRIORS) -> Memory:
+def memory_per_gpu(arch: Architecture, setup: Setup, hardware: Hardware, priors: Priors = PRIORS) -> Memory:
     precision = resolve_precision(setup, hardware)
     width = PRECISION_BYTES[precision]
+    mixed = precision != "fp32"
     n = arch.parameter_count
     trainable = trainable_parameters(arch, setup)
     full = setup.adapter == "full"
-    mixed = precision != "fp32"
+    in_fp32 = fp32_parameters(setup, hardware)
+    deepspeed = setup.strategy.startswith("zero")
 
+    constants = 0
     if setup.adapter == "qlora":
         weights = quantized_weight_bytes(arch, setup.quantization_bits, setup.double_quantization)
+        constants = quantization_constant_bytes(arch, setup.quantization_bits, setup.double_quantization)
     else:
-        weights = n * width
-    if full and setup.needs_reference_model:
-        weights += n * width  # a frozen copy of the starting weights
+        weights = n * (4 if in_fp32 else width)
+    reference = n * width if full and setup.needs_reference_model else 0  # the frozen starting weights
     if setup.method == "distillation":
-        weights += (setup.teacher or arch).parameter_count * 2  # teacher in 16-bit, inference only
+        reference += (setup.teacher or arch).parameter_count * 2  # teacher in 16-bit, inference only
+    weights += reference
 
     if full:
-        # Mixed precision keeps an fp32 master copy next to the 16-bit working weights (DeepSpeed's
-        # layout; the worker's fp32-weights + autocast layout costs the same 16 bytes per parameter).
-        trainable_bytes = n * 4 if mixed else 0
-        gradients = n * width
+        trainable_bytes = n * 4 if mixed and not in_fp32 else 0  # DeepSpeed's fp32 master copy
+        gradients = n * (4 if in_fp32 else width)
     else:
         trainable_bytes = trainable * 4  # PEFT keeps adapters in fp32
         gradients = trainable * 4
     optimizer = int(trainable * OPTIMIZER_BYTES.get(setup.optimizer, 8.0))
+    # torch's AdamW step takes the second moment's square root into a new fp32 buffer: for all trained
+    # tensors at once on a GPU (its foreach path), one tensor at a time on a CPU. The 8-bit and SGD steps
+    # work in place, and DeepSpeed's fused Adam allocates none.
+    step_buffers = 0
+    if setup.optimizer in ("adamw", "paged_adamw") and not deepspeed:
+        step_buffers = 4 * (largest_trainable_tensor(arch, setup) if hardware.is_cpu else trainable)
 
     world = setup.world_size
     strategy = setup.strategy
-    if strategy in ("zero1", "zero2", "zero3", "fsdp"):
-        optimizer, trainable_bytes = optimizer // world, trainable_bytes // world
-    if strategy in ("zero2_offload", "zero3_offload"):
-        optimizer, trainable_bytes = 0, 0  # optimizer step on the CPU
-    if strategy in ("zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp"):
+    offloaded = 0
+    if strategy in SHARDED_OPTIMIZER:
+        optimizer, trainable_bytes, step_buffers = (
+            optimizer // world,
+            trainable_bytes // world,
+            step_buffers // world,
+        )
+    if strategy in OFFLOAD_STRATEGIES:
+        offloaded = (optimizer + trainable_bytes) // world  # the optimizer step runs on the CPU
+        optimizer, trainable_bytes, step_buffers = 0, 0, 0
+    if strategy in SHARDED_GRADIENTS:
         gradients //= world
-    if strategy in ("zero3", "zero3_offload", "fsdp"):
-        weights //= world
+    if strategy in SHARDED_WEIGHTS:
+        weights, reference, constants = weights // world, reference // world, constants // world
 
-    act_width = 4 if precision == "fp32" else 2
     sequences = setup.batch_size * setup.sequences_per_example
     tokens = sequences * setup.sequence_length
-    per_layer = activation_elements_per_token_layer(arch, setup) * act_width
-    if setup.gradient_checkpointing:
-        # Only each layer's input is kept; one layer's activations are rebuilt at a time in backward.
-        activations = tokens * (arch.num_layers * arch.hidden_size * act_width + per_layer)
-    else:
-        activations = tokens * arch.num_layers * per_layer
-    logits = tokens * arch.vocab_size * 4  # fp32 logits for the loss
+    per_layer = activation_bytes_per_token_layer(arch, setup, precision, in_fp32)
+    # PEFT's LoRA on a mixture's fused expert tensors builds each layer's whole delta weight (all experts,
+    # in the compute dtype) and keeps it for backward.
+    expert_delta = 0
+    if setup.adapter in ("lora", "qlora") and arch.num_experts:
+        if any(m.mlp and m.copies > 1 for m in _adapted(arch, setup.lora_targets)):
+            expert_delta = (
+                width
+                * arch.num_experts
+                * sum(
+                    n_in * n_out
+                    for name, (n_in, n_out) in arch.module_shapes().items()
+                    if name in MLP_MODULES
+                )
+            )
+    logit_bytes = LOGIT_BYTES[precision] + (width if arch.logit_softcapping else 0)
+    logits = tokens * arch.vocab_size * logit_bytes
     if setup.method == "distillation":
-        logits += tokens * (setup.teacher or arch).vocab_size * 4
+        logits += tokens * (setup.teacher or arch).vocab_size * LOGIT_BYTES[precision]
 
-    return Memory(weights=int(weights), trainable_parameters=int(trainable_bytes), gradients=int(gradients),
-                  optimizer_states=optimizer, activations=int(activations), logits=int(logits),
-                  framework_overhead=priors.framework_overhead_bytes)
+    # Autocast's 16-bit copies of fp32 weights, which matmuls keep for backward, and bitsandbytes'
+    # dequantised matrix of the layer at work.
+    autocast = in_fp32 and mixed
+    layer_casts = 2 * arch.layer_linear_parameters(active_only=True) if autocast else 0
+    casts = 2 * arch.embedding_parameters if autocast else 0  # the lm_head's
+    if setup.adapter == "qlora":
+        casts += width * arch.largest_matrix
+    if setup.gradient_checkpointing:
+        # Only each layer's input (the residual stream: fp32 when the parameters are) is kept. One layer is
+        # rebuilt at a time in backward, once the loss has freed its fp32 log-softmax (4 bytes a logit):
+        # only the rebuilt layer's excess over that adds to the peak (measured on CPU within -10%/+8%).
+        residual = 4 if in_fp32 or precision == "fp32" else 2
+        rebuilt = tokens * per_layer + layer_casts + expert_delta
+        freed = tokens * arch.vocab_size * 4
+        activations = tokens * arch.num_layers * arch.hidden_size * residual + max(0, rebuilt - freed)
+    else:
+        activations = tokens * arch.num_layers * per_layer + arch.num_layers * expert_delta
+        casts += arch.num_layers * layer_casts
+    # The step's buffers come after backward has freed the activations: only their excess adds to the peak.
+    transient = casts + max(0, step_buffers - activations - logits - casts)
+    allocated = weights + trainable_bytes + gradients + optimizer + activations + logits + transient
+    overhead = priors.framework_overhead_bytes + int(priors.allocator_slack * allocated)
+
+    return Memory(
+        weights=int(weights),
+        trainable_parameters=int(trainable_bytes),
+        gradients=int(gradients),
+        optimizer_states=optimizer,
+        activations=int(activations),
+        logits=int(logits),
+        framework_overhead=overhead,
+        transient=int(transient),
+        reference_weights=int(reference),
+        quantization_constants=int(constants),
+        offloaded_to_cpu=int(offloaded),
+    )
+
+
+def calibrated_memory(memory: Memory, calibration: Calibration | None) -> Memory:
+    """The prior scaled by the measured-over-predicted ratio, as a term of its own."""
+    if calibration is None or calibration.memory is None:
+        return memory
+    adjustment = int(memory.measured_part * (calibration.memory - 1.0))
+    return replace(memory, calibration_adjustment=adjustment)
 
 
 # ---- time and cost -----------------------------------------------------------------------------------
+
 
 def training_tokens(setup: Setup, tokens_per_epoch: int, examples_per_epoch: int | None) -> int:
     """Tokens the trainer processes: epochs x tokens per epoch (each example truncated to max_seq_length),
@@ -434,12 +731,16 @@ def flops_per_token(arch: Architecture, setup: Setup, context_tokens: int) -> fl
         total += forward  # generating the completions
     if setup.method == "distillation":
         teacher = setup.teacher or arch
-        total += (2.0 * teacher.matmul_parameters
-                  + 2.0 * teacher.num_layers * context_tokens * teacher.attention_dim)
+        total += (
+            2.0 * teacher.matmul_parameters
+            + 2.0 * teacher.num_layers * context_tokens * teacher.attention_dim
+        )
     return total
 
 
-def utilization(setup: Setup, hardware: Hardware, priors: Priors = PRIORS) -> float:
+def utilization(
+    setup: Setup, hardware: Hardware, priors: Priors = PRIORS, calibration: Calibration | None = None
+) -> float:
     value = priors.utilization[setup.adapter]
     if setup.method == "grpo":
         value *= priors.grpo_utilization_factor
@@ -447,50 +748,127 @@ def utilization(setup: Setup, hardware: Hardware, priors: Priors = PRIORS) -> fl
         value *= priors.scaling_efficiency[setup.strategy]
     if setup.node_count > 1:
         value *= priors.multi_node_efficiency
-    return value
+    if calibration is not None and calibration.throughput is not None:
+        value *= calibration.throughput
+    return min(value, 1.0)
 
 
-def estimate_time(arch: Architecture, setup: Setup, hardware: Hardware, tokens: int, context_tokens: int,
-                  weights_bytes: int, priors: Priors = PRIORS) -> Time:
+def tokens_per_second(
+    arch: Architecture,
+    setup: Setup,
+    hardware: Hardware,
+    context_tokens: int,
+    priors: Priors = PRIORS,
+    calibration: Calibration | None = None,
+) -> float:
+    """Training throughput over all GPUs: peak x utilisation / FLOPs per token."""
+    util = utilization(setup, hardware, priors, calibration)
+    peak = hardware.peak_tflops * 1e12 * setup.world_size
+    return peak * util / flops_per_token(arch, setup, context_tokens)
+
+
+def estimate_time(
+    arch: Architecture,
+    setup: Setup,
+    hardware: Hardware,
+    tokens: int,
+    context_tokens: int,
+    weights_bytes: int,
+    priors: Priors = PRIORS,
+    calibration: Calibration | None = None,
+) -> Time:
     per_token = flops_per_token(arch, setup, context_tokens)
-    util = utilization(setup, hardware, priors)
-    throughput = hardware.peak_tflops * 1e12 * setup.world_size * util
-    training = tokens * per_token / throughput
-    overhead = (priors.overhead_fraction * training + priors.setup_seconds
-                + weights_bytes / priors.load_bytes_per_second)
-    return Time(training_tokens=tokens, flops_per_token=per_token, utilization=util,
-                training_seconds=training, overhead_seconds=overhead)
+    util = utilization(setup, hardware, priors, calibration)
+    throughput = tokens_per_second(arch, setup, hardware, context_tokens, priors, calibration)
+    training = tokens / throughput
+    overhead = (
+        priors.overhead_fraction * training
+        + priors.setup_seconds
+        + weights_bytes / priors.load_bytes_per_second
+    )
+    return Time(
+        training_tokens=tokens,
+        flops_per_token=per_token,
+        utilization=util,
+        training_seconds=training,
+        overhead_seconds=overhead,
+        tokens_per_second=throughput,
+    )
 
 
 def estimate_cost(hardware: Hardware, setup: Setup, seconds: float | None) -> Cost:
     hours = (seconds or 0.0) / 3600
-    return Cost(hourly_usd=hardware.hourly_usd, gpu_count=setup.world_size,
-                total_usd=hours * hardware.hourly_usd * setup.world_size)
+    return Cost(
+        hourly_usd=hardware.hourly_usd,
+        gpu_count=setup.world_size,
+        total_usd=hours * hardware.hourly_usd * setup.world_size,
+    )
 
 
-def evaluate(arch: Architecture, setup: Setup, hardware: Hardware, tokens: int | None,
-             context_tokens: int | None = None, priors: Priors = PRIORS) -> Fit:
+def evaluate(
+    arch: Architecture,
+    setup: Setup,
+    hardware: Hardware,
+    tokens: int | None,
+    context_tokens: int | None = None,
+    priors: Priors = PRIORS,
+    calibration: Calibration | None = None,
+) -> Fit:
     """Memory, fit, time (when the token count is known) and cost of `setup` on `hardware`."""
-    memory = memory_per_gpu(arch, setup, hardware, priors)
+    memory = calibrated_memory(memory_per_gpu(arch, setup, hardware, priors), calibration)
     fits = memory.total <= hardware.memory_bytes
-    reason = "" if fits else (
-        f"needs {memory.total / GIB:.1f} GiB per GPU but the {hardware.display_name} has "
-        f"{hardware.memory_bytes / GIB:.1f} GiB")
+    reason = ""
+    if not fits:
+        terms = ", ".join(f"{name} {size / GIB:.1f} GiB" for name, size in memory.largest_terms())
+        reason = (
+            f"needs {memory.total / GIB:.1f} GiB per GPU but the {hardware.display_name} has "
+            f"{hardware.memory_bytes / GIB:.1f} GiB; the largest terms are {terms}"
+        )
     time = None
     if tokens is not None:
         load_bytes = arch.parameter_count * 2
-        time = estimate_time(arch, setup, hardware, tokens, context_tokens or setup.sequence_length,
-                             load_bytes, priors)
-    return Fit(hardware=hardware, gpu_count=setup.world_size, memory=memory, fits=fits, reason=reason,
-               time=time, cost=estimate_cost(hardware, setup, time.total_seconds if time else None))
+        time = estimate_time(
+            arch,
+            setup,
+            hardware,
+            tokens,
+            context_tokens or setup.sequence_length,
+            load_bytes,
+            priors,
+            calibration,
+        )
+    return Fit(
+        hardware=hardware,
+        gpu_count=setup.world_size,
+        memory=memory,
+        fits=fits,
+        reason=reason,
+        time=time,
+        cost=estimate_cost(hardware, setup, time.total_seconds if time else None),
+        strategy=setup.strategy,
+        calibration=calibration,
+    )
 
 
-def smallest_fit(arch: Architecture, setup: Setup, hardware: Hardware, tokens: int | None,
-                 context_tokens: int | None = None) -> Fit:
-    """The fewest GPUs of this type (per node, as allowed) that fit; the largest count when none does."""
+def smallest_fit(
+    arch: Architecture,
+    setup: Setup,
+    hardware: Hardware,
+    tokens: int | None,
+    context_tokens: int | None = None,
+    calibration: Calibration | None = None,
+) -> Fit:
+    """The fewest GPUs of this type (per node, as allowed) that fit; the largest count when none does.
+
+    More GPUs only help memory when they shard it: a spec without a sharding strategy is tried with ZeRO-3
+    on more than one GPU (and the fit says so in its strategy)."""
     fit: Fit | None = None
     for count in sorted(hardware.allowed_gpu_counts):
-        fit = evaluate(arch, replace(setup, gpu_count=count), hardware, tokens, context_tokens)
+        strategy = setup.strategy
+        if count > 1 and strategy not in SHARDED_WEIGHTS:
+            strategy = "zero3"
+        candidate = replace(setup, gpu_count=count, strategy=strategy if count > 1 else setup.strategy)
+        fit = evaluate(arch, candidate, hardware, tokens, context_tokens, calibration=calibration)
         if fit.fits:
             return fit
     assert fit is not None, "a hardware option allows at least one GPU count"

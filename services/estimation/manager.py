@@ -1,8 +1,10 @@
-"""Rules of the estimation service behind each RPC; no gRPC here (datasets come through `DatasetLookup`)."""
+"""Rules of the estimation service behind each RPC; no gRPC here (datasets, jobs and calibration come
+through small protocols, so tests and the servicer plug in what they have)."""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -12,27 +14,45 @@ from services.estimation.advice import suggestions
 from services.estimation.catalog import Catalog, CatalogModel, Hardware
 from services.estimation.estimator import (
     Architecture,
+    Calibration,
     Fit,
-    Memory,
     Setup,
     cost_key,
     evaluate,
-    memory_per_gpu,
     smallest_fit,
     training_tokens,
 )
-from services.estimation.spec import ADAPTERS, ResolvedSpec, resolve_spec
+from services.estimation.spec import ADAPTERS, METHODS, ResolvedSpec, resolve_spec
 from services.kit.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations, not_found
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.validation import check_organization
 
 CHARS_PER_TOKEN = 4
 MODEL_TYPES = {1: "llm", 2: "vlm"}
+RUNNING_STATES = (job_pb2.JOB_STATE_PREPARING, job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_CANCELLING)
+FINAL_STATES = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
 
 
 class DatasetLookup(Protocol):
     async def get_dataset(self, organization: str, dataset: str) -> dataset_pb2.Dataset:
         """The dataset by id or name; NotFound / InvalidArgument as the datasets service says."""
+
+
+class JobLookup(Protocol):
+    async def get_job(self, organization: str, job: str) -> job_pb2.Job:
+        """The job by id or name; NotFound / InvalidArgument as the jobs service says."""
+
+
+class CalibrationSource(Protocol):
+    async def for_family(self, family: str) -> dict[str, Calibration]:
+        """Calibration per GPU type for a model family (empty: every estimate is a prior)."""
+
+
+class NoCalibration:
+    """A CalibrationSource with no measurements, for a deployment (or a test) without a database."""
+
+    async def for_family(self, family: str) -> dict[str, Calibration]:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,7 @@ class Tokens:
     # Tokens of the longest example, when the dataset was tokenized.
     longest: int | None = None
     notes: tuple[str, ...] = ()
+    validation: dataset_pb2.ValidationSummary | None = None
 
     @property
     def context(self) -> int | None:
@@ -63,109 +84,225 @@ class HardwareCheck:
     requested: Fit
     cheapest: Fit | None
     suggestions: list[str]
+    notes: list[str]
 
 
 @dataclass(frozen=True)
 class CostReport:
     fit: Fit
     current_usd: float
+    projected_usd: float
+    elapsed_seconds: float
+    fraction_complete: float
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class AdapterNeeds:
+    adapter: int
+    fit: Fit
+    cheapest: Fit | None
+
+
+@dataclass(frozen=True)
+class Requirements:
+    model: CatalogModel
+    requested: AdapterNeeds
+    adapters: list[AdapterNeeds]
 
 
 @dataclass(frozen=True)
 class Plan:
     tokens_per_epoch: int
     training_tokens: int
+    train_examples: int
     fits: list[Fit]
     cheapest: Fit | None
+    requested: Fit | None
+    suggestions: list[str]
+    validation: dataset_pb2.ValidationSummary | None
     notes: list[str]
 
 
 class EstimationManager:
-    def __init__(self, catalog: Catalog, datasets: DatasetLookup) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        datasets: DatasetLookup,
+        jobs: JobLookup | None = None,
+        calibrations: CalibrationSource | None = None,
+    ) -> None:
         self.catalog = catalog
         self.datasets = datasets
+        self.jobs = jobs
+        self.calibrations: CalibrationSource = calibrations or NoCalibration()
 
     # ---- catalog ------------------------------------------------------------------------------------
 
     def list_hardware(self) -> list[Hardware]:
         return self.catalog.hardware_options()
 
-    def list_models(self, family: str, model_type: int, size: int,
-                    token: str) -> tuple[list[CatalogModel], str]:
+    def list_models(
+        self, family: str, model_type: int, size: int, token: str
+    ) -> tuple[list[CatalogModel], str]:
         limit = page_size(size)
         query = {"family": family.lower(), "type": model_type}
         after = decode_token(token, query)
         wanted_type = MODEL_TYPES.get(model_type)
         if model_type and wanted_type is None:
             raise _invalid("type", "is not a ModelType")
-        models = [m for m in self.catalog.models()
-                  if (not family or m.family.lower() == family.lower())
-                  and (not wanted_type or m.model_type == wanted_type)
-                  and (after is None or m.id.lower() > str(after))]
+        models = [
+            m
+            for m in self.catalog.models()
+            if (not family or m.family.lower() == family.lower())
+            and (not wanted_type or m.model_type == wanted_type)
+            and (after is None or m.id.lower() > str(after))
+        ]
         page = models[:limit]
         next_token = encode_token(page[-1].id.lower(), query) if len(models) > limit else ""
         return page, next_token
 
-    def model_requirements(self, model_id: str, adapter: int, max_seq_length: int,
-                           batch_size: int) -> tuple[CatalogModel, Memory, Fit | None]:
-        """Memory of the model with the spec defaults on one GPU, and the cheapest GPU setup that fits."""
+    async def model_requirements(
+        self,
+        model_id: str,
+        adapter: int,
+        method: int,
+        max_seq_length: int,
+        batch_size: int,
+        gradient_checkpointing: bool,
+    ) -> Requirements:
+        """Memory of the model for each adapter type on one GPU, and the cheapest GPU setup that fits it."""
         v = Violations()
         v.check(bool(model_id), "model_id", "is required")
         v.check(adapter in ADAPTERS, "adapter", "is not an AdapterType")
-        v.check(max_seq_length == 0 or 16 <= max_seq_length <= 131072, "max_seq_length",
-                "must be between 16 and 131072")
+        v.check(method in METHODS, "method", "is not a TrainingMethod")
+        v.check(
+            max_seq_length == 0 or 16 <= max_seq_length <= 131072,
+            "max_seq_length",
+            "must be between 16 and 131072",
+        )
         v.check(0 <= batch_size <= 256, "batch_size", "must be between 1 and 256")
         v.raise_if_any("Invalid GetModelRequirements request")
         model = self.catalog.model(model_id)
         if model is None:
             raise not_found("base model", model_id)
-        setup = Setup(adapter=ADAPTERS[adapter], max_seq_length=max_seq_length or 2048,
-                      batch_size=batch_size or 1)
-        cheapest = self._cheapest(model.architecture, setup, None)
-        reference = cheapest.hardware if cheapest else max(self.catalog.gpus(), key=lambda h: h.memory_bytes)
-        return model, memory_per_gpu(model.architecture, setup, reference), cheapest
+        calibrations = await self.calibrations.for_family(model.family)
+        base = Setup(
+            method=METHODS[method],
+            max_seq_length=max_seq_length or 2048,
+            batch_size=batch_size or 1,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        requested = adapter or 1
+        needs: list[AdapterNeeds] = []
+        for kind in (1, 2, 3, 4):  # LoRA, QLoRA, full, prompt tuning, in job.proto's order
+            setup = replace(base, adapter=ADAPTERS[kind])
+            cheapest = self._cheapest(model.architecture, setup, None, calibrations)
+            if cheapest is not None:
+                needs.append(AdapterNeeds(kind, cheapest, cheapest))
+                continue
+            largest = max(self.catalog.gpus(), key=lambda h: h.memory_bytes)
+            fit = evaluate(
+                model.architecture, setup, largest, None, calibration=calibrations.get(largest.gpu_type)
+            )
+            needs.append(AdapterNeeds(kind, fit, None))
+        chosen = next(n for n in needs if n.adapter == requested)
+        return Requirements(model=model, requested=chosen, adapters=needs)
 
     # ---- estimates ----------------------------------------------------------------------------------
 
-    async def estimate_job(self, organization: str, spec: job_pb2.JobSpec,
-                           tokens_per_epoch: int) -> JobEstimate:
+    async def estimate_job(
+        self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int
+    ) -> JobEstimate:
         resolved = self._resolve(organization, spec, tokens_per_epoch)
         tokens = await self._tokens(organization, spec, tokens_per_epoch, required=False)
         notes = [*resolved.notes, *(tokens.notes if tokens else ())]
         resolved = _at_longest_example(resolved, tokens, notes)
         if tokens is None:
             notes.append("no dataset and no tokens_per_epoch: time and cost are not estimated")
-        fit = self._on_spec_hardware(resolved, tokens, notes)
+        calibrations = await self.calibrations.for_family(resolved.model.family)
+        fit = self._on_spec_hardware(resolved, tokens, notes, calibrations)
         return JobEstimate(fit=fit, notes=notes)
 
-    async def validate_hardware(self, organization: str, spec: job_pb2.JobSpec,
-                                tokens_per_epoch: int) -> HardwareCheck:
+    async def validate_hardware(
+        self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int
+    ) -> HardwareCheck:
         resolved = self._resolve(organization, spec, tokens_per_epoch)
         hardware = resolved.hardware
         if hardware is None:
             raise _invalid("spec.hardware.gpu_type", "is required to validate hardware")
         tokens = await self._tokens(organization, spec, tokens_per_epoch, required=False)
-        resolved = _at_longest_example(resolved, tokens, [])
+        notes = [*resolved.notes, *(tokens.notes if tokens else ())]
+        resolved = _at_longest_example(resolved, tokens, notes)
         arch, setup = resolved.model.architecture, resolved.setup
-        requested = self._evaluate(resolved, hardware, tokens)
+        calibrations = await self.calibrations.for_family(resolved.model.family)
+        requested = self._evaluate(resolved, hardware, tokens, calibrations)
         if requested.fits:
-            return HardwareCheck(requested=requested, cheapest=None, suggestions=[])
-        cheapest = self._cheapest(arch, setup, tokens)
-        return HardwareCheck(requested=requested, cheapest=cheapest,
-                             suggestions=suggestions(arch, setup, hardware))
+            return HardwareCheck(requested=requested, cheapest=None, suggestions=[], notes=notes)
+        cheapest = self._cheapest(arch, setup, tokens, calibrations)
+        return HardwareCheck(
+            requested=requested,
+            cheapest=cheapest,
+            notes=notes,
+            suggestions=suggestions(arch, setup, hardware),
+        )
 
-    async def estimate_cost(self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int,
-                            elapsed_seconds: float) -> CostReport:
+    async def estimate_cost(
+        self,
+        organization: str,
+        spec: job_pb2.JobSpec,
+        tokens_per_epoch: int,
+        elapsed_seconds: float,
+        job_id: str = "",
+    ) -> CostReport:
+        """The projected total and the cost so far: of a spec given the seconds it has run, or of a job
+        of the jobs service, whose own spec, start time and progress are used."""
         v = Violations()
-        v.check(math.isfinite(elapsed_seconds) and elapsed_seconds >= 0, "elapsed_seconds",
-                "must be a non-negative number of seconds")
+        v.check(
+            math.isfinite(elapsed_seconds) and elapsed_seconds >= 0,
+            "elapsed_seconds",
+            "must be a non-negative number of seconds",
+        )
         v.raise_if_any("Invalid EstimateCost request")
+        job: job_pb2.Job | None = None
+        if job_id:
+            check = Violations()
+            check_organization(check, organization)
+            check.raise_if_any("Invalid request")
+            if self.jobs is None:
+                raise _invalid("job_id", "cannot be looked up: this deployment has no jobs service")
+            job = await self.jobs.get_job(organization, job_id)
+            spec = job.spec
         resolved = self._resolve(organization, spec, tokens_per_epoch)
-        tokens = await self._tokens(organization, spec, tokens_per_epoch, required=True)
-        resolved = _at_longest_example(resolved, tokens, [])
-        fit = self._on_spec_hardware(resolved, tokens, [])
-        current = elapsed_seconds / 3600 * fit.cost.hourly_usd * fit.gpu_count
-        return CostReport(fit=fit, current_usd=current)
+        tokens = await self._tokens(organization, spec, tokens_per_epoch, required=job is None)
+        notes = [*resolved.notes, *(tokens.notes if tokens else ())]
+        resolved = _at_longest_example(resolved, tokens, notes)
+        calibrations = await self.calibrations.for_family(resolved.model.family)
+        fit = self._on_spec_hardware(resolved, tokens, notes, calibrations)
+        rate = fit.cost.hourly_usd * fit.gpu_count / 3600
+        estimated_seconds = fit.time.total_seconds if fit.time else None
+        if job is None:
+            projected = fit.cost.total_usd
+            fraction = min(1.0, elapsed_seconds / estimated_seconds) if estimated_seconds else 0.0
+            return CostReport(
+                fit=fit,
+                current_usd=elapsed_seconds * rate,
+                projected_usd=projected,
+                elapsed_seconds=elapsed_seconds,
+                fraction_complete=fraction,
+                notes=notes,
+            )
+        elapsed, fraction, remaining = _job_pace(job, estimated_seconds, notes)
+        current = elapsed * rate
+        projected = current + remaining * rate if remaining is not None else fit.cost.total_usd
+        return CostReport(
+            fit=fit,
+            current_usd=current,
+            projected_usd=projected,
+            elapsed_seconds=elapsed,
+            fraction_complete=fraction,
+            notes=notes,
+        )
 
     async def plan_job(self, organization: str, spec: job_pb2.JobSpec) -> Plan:
         resolved = self._resolve(organization, spec, 0)
@@ -174,13 +311,32 @@ class EstimationManager:
         notes = [*resolved.notes, *tokens.notes]
         resolved = _at_longest_example(resolved, tokens, notes)
         arch, setup = resolved.model.architecture, resolved.setup
+        calibrations = await self.calibrations.for_family(resolved.model.family)
         total = training_tokens(setup, tokens.per_epoch, tokens.examples)
-        fits = [smallest_fit(arch, setup, hw, total, tokens.context)
-                for hw in self.catalog.hardware_options()]
+        fits = [
+            smallest_fit(
+                arch, replace(setup, gpu_count=1), hw, total, tokens.context, calibrations.get(hw.gpu_type)
+            )
+            for hw in self.catalog.hardware_options()
+        ]
         gpu_fits = [f for f in fits if f.fits and not f.hardware.is_cpu]
         cheapest = min(gpu_fits, key=cost_key) if gpu_fits else None
-        return Plan(tokens_per_epoch=tokens.per_epoch, training_tokens=total, fits=fits, cheapest=cheapest,
-                    notes=notes)
+        requested, advice = None, []
+        if resolved.hardware is not None:
+            requested = self._evaluate(resolved, resolved.hardware, tokens, calibrations)
+            if not requested.fits:
+                advice = suggestions(arch, setup, resolved.hardware)
+        return Plan(
+            tokens_per_epoch=tokens.per_epoch,
+            training_tokens=total,
+            train_examples=tokens.examples or 0,
+            fits=fits,
+            cheapest=cheapest,
+            requested=requested,
+            suggestions=advice,
+            validation=tokens.validation,
+            notes=notes,
+        )
 
     # ---- helpers ------------------------------------------------------------------------------------
 
@@ -191,63 +347,131 @@ class EstimationManager:
         v.raise_if_any("Invalid request")
         return resolve_spec(spec, self.catalog)
 
-    def _evaluate(self, resolved: ResolvedSpec, hardware: Hardware, tokens: Tokens | None) -> Fit:
+    def _evaluate(
+        self,
+        resolved: ResolvedSpec,
+        hardware: Hardware,
+        tokens: Tokens | None,
+        calibrations: dict[str, Calibration],
+    ) -> Fit:
         setup = resolved.setup
         total = training_tokens(setup, tokens.per_epoch, tokens.examples) if tokens else None
-        return evaluate(resolved.model.architecture, setup, hardware, total,
-                        tokens.context if tokens else None)
+        return evaluate(
+            resolved.model.architecture,
+            setup,
+            hardware,
+            total,
+            tokens.context if tokens else None,
+            calibration=calibrations.get(hardware.gpu_type),
+        )
 
-    def _on_spec_hardware(self, resolved: ResolvedSpec, tokens: Tokens | None, notes: list[str]) -> Fit:
+    def _on_spec_hardware(
+        self,
+        resolved: ResolvedSpec,
+        tokens: Tokens | None,
+        notes: list[str],
+        calibrations: dict[str, Calibration],
+    ) -> Fit:
         """The estimate on the spec's GPU type, or on the cheapest that fits when the spec names none."""
         if resolved.hardware is not None:
-            return self._evaluate(resolved, resolved.hardware, tokens)
-        cheapest = self._cheapest(resolved.model.architecture, resolved.setup, tokens)
+            return self._evaluate(resolved, resolved.hardware, tokens, calibrations)
+        cheapest = self._cheapest(resolved.model.architecture, resolved.setup, tokens, calibrations)
         if cheapest is not None:
-            notes.append("spec.hardware.gpu_type is empty: estimated on the cheapest configuration that "
-                         f"fits, {cheapest.gpu_count} x {cheapest.hardware.display_name}")
+            notes.append(
+                "spec.hardware.gpu_type is empty: estimated on the cheapest configuration that "
+                f"fits, {cheapest.gpu_count} x {cheapest.hardware.display_name}"
+            )
             return cheapest
         largest = max(self.catalog.gpus(), key=lambda h: h.memory_bytes)
         notes.append(f"no hardware option fits this spec; estimated on {largest.display_name}")
-        return self._evaluate(resolved, largest, tokens)
+        return self._evaluate(resolved, largest, tokens, calibrations)
 
-    def _cheapest(self, arch: Architecture, setup: Setup, tokens: Tokens | None) -> Fit | None:
+    def _cheapest(
+        self, arch: Architecture, setup: Setup, tokens: Tokens | None, calibrations: dict[str, Calibration]
+    ) -> Fit | None:
         """The cheapest GPU configuration that fits (the CPU option is for development, never advised)."""
         total = training_tokens(setup, tokens.per_epoch, tokens.examples) if tokens else None
         context = tokens.context if tokens else None
-        fits = [smallest_fit(arch, replace(setup, gpu_count=1), hw, total, context)
-                for hw in self.catalog.gpus()]
+        fits = [
+            smallest_fit(arch, replace(setup, gpu_count=1), hw, total, context, calibrations.get(hw.gpu_type))
+            for hw in self.catalog.gpus()
+        ]
         fitting = [f for f in fits if f.fits]
         return min(fitting, key=cost_key) if fitting else None
 
-    async def _tokens(self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int,
-                      *, required: bool) -> Tokens | None:
-        """Tokens per epoch: as given, else from the dataset's statistics (its train split's share)."""
+    async def _tokens(
+        self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int, *, required: bool
+    ) -> Tokens | None:
+        """Tokens per epoch: as given, else the dataset's train_tokens (its train split, each example cut at
+        the tokenizer's max length), else its total scaled to the train split, else characters / 4."""
         if tokens_per_epoch > 0:
             return Tokens(per_epoch=tokens_per_epoch, examples=None)
         if not spec.dataset:
             if required:
-                raise _invalid("spec.dataset",
-                               "is required to count training tokens (or set tokens_per_epoch)")
+                raise _invalid(
+                    "spec.dataset", "is required to count training tokens (or set tokens_per_epoch)"
+                )
             return None
         dataset = await self.datasets.get_dataset(organization, spec.dataset)
         if dataset.state != dataset_pb2.DATASET_STATE_READY:
-            raise FailedPrecondition(f"Dataset '{spec.dataset}' is not READY, so its size is not known yet.",
-                                     reason="DATASET_NOT_READY",
-                                     metadata={"dataset": dataset.id, "organization": organization})
+            raise FailedPrecondition(
+                f"Dataset '{spec.dataset}' is not READY, so its size is not known yet.",
+                reason="DATASET_NOT_READY",
+                metadata={"dataset": dataset.id, "organization": organization},
+            )
         stats = dataset.statistics
         notes: list[str] = []
-        total = stats.tokens.total
-        if total <= 0:
-            total = math.ceil(stats.total_characters / CHARS_PER_TOKEN)
-            notes.append(f"dataset '{spec.dataset}' has no token statistics: assumed {CHARS_PER_TOKEN} "
-                         "characters per token")
         train = sum(s.example_count for s in dataset.splits if s.kind == dataset_pb2.DATASET_SPLIT_KIND_TRAIN)
-        examples = stats.example_count or None
-        if train and stats.example_count:
-            total = round(total * train / stats.example_count)
-            examples = train
-        return Tokens(per_epoch=int(total), examples=examples, longest=stats.tokens.max or None,
-                      notes=tuple(notes))
+        examples = train or stats.example_count or None
+        share = train / stats.example_count if train and stats.example_count else 1.0
+        if stats.tokens.train_tokens > 0:
+            total = stats.tokens.train_tokens
+        elif stats.tokens.total > 0:
+            total = round(stats.tokens.total * share)
+            notes.append(
+                f"dataset '{spec.dataset}' has no train_tokens: its token total scaled to the train "
+                f"split ({share:.0%} of the examples)"
+            )
+        else:
+            total = round(math.ceil(stats.total_characters / CHARS_PER_TOKEN) * share)
+            notes.append(
+                f"dataset '{spec.dataset}' has no token statistics: assumed {CHARS_PER_TOKEN} "
+                "characters per token"
+            )
+        return Tokens(
+            per_epoch=int(total),
+            examples=examples,
+            longest=stats.tokens.max or None,
+            notes=tuple(notes),
+            validation=dataset.validation,
+        )
+
+
+def _job_pace(
+    job: job_pb2.Job, estimated_seconds: float | None, notes: list[str]
+) -> tuple[float, float, float | None]:
+    """Seconds run, fraction of steps done, and seconds still to go (None: use the estimate), from the
+    job's own record: a finished job's end time, else its progress (ETA, or steps done at its pace)."""
+    if not job.HasField("start_time"):
+        notes.append(f"job {job.id} has not started: the projection is the estimate")
+        return 0.0, 0.0, None
+    start = job.start_time.ToDatetime().timestamp()
+    final = job.state in FINAL_STATES
+    end = job.end_time.ToDatetime().timestamp() if final and job.HasField("end_time") else time.time()
+    elapsed = max(0.0, end - start)
+    progress = job.progress
+    fraction = min(1.0, progress.step / progress.total_steps) if progress.total_steps > 0 else 0.0
+    if final:
+        notes.append(f"job {job.id} has finished: the projected total is what it cost")
+        return elapsed, 1.0 if job.state == job_pb2.JOB_STATE_SUCCEEDED else fraction, 0.0
+    if progress.HasField("eta_seconds"):
+        notes.append(f"projected from the job's reported ETA ({progress.eta_seconds:.0f} s)")
+        return elapsed, fraction, max(0.0, progress.eta_seconds)
+    if fraction > 0:
+        notes.append(f"projected from the job's pace: {fraction:.0%} of its steps in {elapsed:.0f} s")
+        return elapsed, fraction, elapsed * (1 - fraction) / fraction
+    notes.append("the job reports no progress yet: the rest is the estimate less the time run")
+    return elapsed, fraction, max(0.0, (estimated_seconds or elapsed) - elapsed)
 
 
 def _at_longest_example(resolved: ResolvedSpec, tokens: Tokens | None, notes: list[str]) -> ResolvedSpec:
@@ -256,11 +480,14 @@ def _at_longest_example(resolved: ResolvedSpec, tokens: Tokens | None, notes: li
     setup = resolved.setup
     if tokens is None or not tokens.longest or setup.packing or tokens.longest >= setup.max_seq_length:
         return resolved
-    notes.append(f"memory peaks at the dataset's longest example ({tokens.longest} tokens), below "
-                 f"max_seq_length {setup.max_seq_length}")
+    notes.append(
+        f"memory peaks at the dataset's longest example ({tokens.longest} tokens), below "
+        f"max_seq_length {setup.max_seq_length}"
+    )
     return replace(resolved, setup=replace(setup, max_seq_length=tokens.longest))
 
 
 def _invalid(field: str, description: str) -> InvalidArgument:
-    return InvalidArgument(f"Invalid request: {field}: {description}",
-                           violations=[FieldViolation(field, description)])
+    return InvalidArgument(
+        f"Invalid request: {field}: {description}", violations=[FieldViolation(field, description)]
+    )

@@ -36,21 +36,41 @@ class ResolvedModel:
 def resolve_model(catalog: Catalog, ref: str, field: str = "spec.base_model") -> ResolvedModel:
     entry = catalog.model(ref)
     if entry is not None:
-        return ResolvedModel(entry.id, entry.family, entry.model_type, entry.architecture,
-                             entry.max_context_length, entry.license, "")
+        return ResolvedModel(
+            entry.id,
+            entry.family,
+            entry.model_type,
+            entry.architecture,
+            entry.max_context_length,
+            entry.license,
+            "",
+        )
     folder = _local_folder(ref)
     if folder is not None and (folder / "config.json").is_file():
         return _from_config(folder / "config.json", ref, field)
     guessed = guess_from_name(ref)
     if guessed is not None:
         params = guessed.parameter_count
-        return ResolvedModel(ref, "unknown", "llm", guessed, 0, "",
-                             f"architecture of '{ref}' is unknown: estimated as a Llama-like model of "
-                             f"~{params / 1e9:.2f}B parameters guessed from its name")
+        return ResolvedModel(
+            ref,
+            "unknown",
+            "llm",
+            guessed,
+            0,
+            "",
+            f"architecture of '{ref}' is unknown: estimated as a Llama-like model of "
+            f"~{params / 1e9:.2f}B parameters guessed from its name",
+        )
     raise InvalidArgument(
-        f"{field}: model '{ref}' is unknown", violations=[FieldViolation(
-            field, "is not in the catalog (see ListBaseModels), not a local folder with a config.json, "
-                   "and has no parameter count in its name (like '7B') to estimate from")])
+        f"{field}: model '{ref}' is unknown",
+        violations=[
+            FieldViolation(
+                field,
+                "is not in the catalog (see ListBaseModels), not a local folder with a config.json, "
+                "and has no parameter count in its name (like '7B') to estimate from",
+            )
+        ],
+    )
 
 
 def _local_folder(ref: str) -> Path | None:
@@ -69,14 +89,21 @@ def _from_config(path: Path, ref: str, field: str) -> ResolvedModel:
         config = json.loads(path.read_text(encoding="utf-8"))
         arch, model_type = architecture_from_config(config)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise InvalidArgument(f"{field}: cannot read the architecture from {path}",
-                              violations=[FieldViolation(field,
-                                                         f"{path} is not a usable config.json: {exc}")],
-                              ) from exc
+        raise InvalidArgument(
+            f"{field}: cannot read the architecture from {path}",
+            violations=[FieldViolation(field, f"{path} is not a usable config.json: {exc}")],
+        ) from exc
     family = str(config.get("model_type", "unknown"))
     context = int(config.get("max_position_embeddings") or 0)
-    return ResolvedModel(ref, family, model_type, arch, context, "",
-                         f"architecture read from {path} ({arch.parameter_count / 1e6:.1f}M parameters)")
+    return ResolvedModel(
+        ref,
+        family,
+        model_type,
+        arch,
+        context,
+        "",
+        f"architecture read from {path} ({arch.parameter_count / 1e6:.1f}M parameters)",
+    )
 
 
 def architecture_from_config(config: dict[str, Any]) -> tuple[Architecture, str]:
@@ -104,7 +131,9 @@ def architecture_from_config(config: dict[str, Any]) -> tuple[Architecture, str]
     tied_default = str(config.get("model_type", "")).startswith("gemma")
     arch = Architecture(
         num_layers=int(first("num_hidden_layers", "n_layer", "num_layers")),
-        hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         intermediate_size=int(first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
         vocab_size=int(first("vocab_size")),
         tied_embeddings=bool(config.get("tie_word_embeddings", tied_default)),

@@ -1,15 +1,37 @@
-"""EstimationService over gRPC: unpacks requests, calls the manager, packs responses. Every answer is a
-PRIOR until calibration lands."""
+"""EstimationService over gRPC: unpacks requests, calls the manager, packs responses. Every estimate says
+whether it is a PRIOR or CALIBRATED (the response's `source`, and each fit's own)."""
 
 from __future__ import annotations
 
 import grpc.aio
 from tuneforge.v1 import estimation_pb2, estimation_service_pb2, estimation_service_pb2_grpc
 
-from services.estimation.converters import fit_to_proto, hardware_to_proto, memory_to_proto, model_to_proto
-from services.estimation.manager import EstimationManager
+from services.estimation.converters import (
+    fit_to_proto,
+    hardware_to_proto,
+    memory_to_proto,
+    model_to_proto,
+    source_of,
+)
+from services.estimation.estimator import Fit
+from services.estimation.manager import AdapterNeeds, EstimationManager
 
-SOURCE = estimation_pb2.ESTIMATE_SOURCE_PRIOR
+
+def _source(*fits: Fit | None) -> estimation_pb2.EstimateSource.ValueType:
+    """CALIBRATED when the answer's main figures rest on measurements, else PRIOR."""
+    known = [source_of(f) for f in fits if f is not None]
+    calibrated = estimation_pb2.ESTIMATE_SOURCE_CALIBRATED
+    return calibrated if known and known[0] == calibrated else estimation_pb2.ESTIMATE_SOURCE_PRIOR
+
+
+def _requirement(needs: AdapterNeeds) -> estimation_service_pb2.AdapterRequirement:
+    out = estimation_service_pb2.AdapterRequirement(
+        adapter=needs.adapter,  # type: ignore[arg-type]
+        memory_per_gpu=memory_to_proto(needs.fit.memory),
+    )
+    if needs.cheapest is not None:
+        out.recommended.CopyFrom(fit_to_proto(needs.cheapest))
+    return out
 
 
 class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
@@ -17,63 +39,109 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
         self.manager = manager
 
     async def ListBaseModels(
-            self, request: estimation_service_pb2.ListBaseModelsRequest,
-            context: grpc.aio.ServicerContext) -> estimation_service_pb2.ListBaseModelsResponse:
-        models, token = self.manager.list_models(request.family, request.type, request.page_size,
-                                                 request.page_token)
-        return estimation_service_pb2.ListBaseModelsResponse(models=[model_to_proto(m) for m in models],
-                                                             next_page_token=token)
+        self, request: estimation_service_pb2.ListBaseModelsRequest, context: grpc.aio.ServicerContext
+    ) -> estimation_service_pb2.ListBaseModelsResponse:
+        models, token = self.manager.list_models(
+            request.family, request.type, request.page_size, request.page_token
+        )
+        return estimation_service_pb2.ListBaseModelsResponse(
+            models=[model_to_proto(m) for m in models], next_page_token=token
+        )
 
     async def ListHardwareOptions(
-            self, request: estimation_service_pb2.ListHardwareOptionsRequest,
-            context: grpc.aio.ServicerContext) -> estimation_service_pb2.ListHardwareOptionsResponse:
+        self, request: estimation_service_pb2.ListHardwareOptionsRequest, context: grpc.aio.ServicerContext
+    ) -> estimation_service_pb2.ListHardwareOptionsResponse:
         return estimation_service_pb2.ListHardwareOptionsResponse(
-            options=[hardware_to_proto(h) for h in self.manager.list_hardware()])
+            options=[hardware_to_proto(h) for h in self.manager.list_hardware()]
+        )
 
     async def GetModelRequirements(
-            self, request: estimation_service_pb2.GetModelRequirementsRequest,
-            context: grpc.aio.ServicerContext) -> estimation_service_pb2.GetModelRequirementsResponse:
-        model, memory, cheapest = self.manager.model_requirements(request.model_id, request.adapter,
-                                                                  request.max_seq_length, request.batch_size)
-        response = estimation_service_pb2.GetModelRequirementsResponse(model=model_to_proto(model),
-                                                                       memory_per_gpu=memory_to_proto(memory))
-        if cheapest is not None:
-            response.recommended.CopyFrom(fit_to_proto(cheapest))
+        self, request: estimation_service_pb2.GetModelRequirementsRequest, context: grpc.aio.ServicerContext
+    ) -> estimation_service_pb2.GetModelRequirementsResponse:
+        needs = await self.manager.model_requirements(
+            request.model_id,
+            request.adapter,
+            request.method,
+            request.max_seq_length,
+            request.batch_size,
+            request.gradient_checkpointing,
+        )
+        response = estimation_service_pb2.GetModelRequirementsResponse(
+            model=model_to_proto(needs.model),
+            memory_per_gpu=memory_to_proto(needs.requested.fit.memory),
+            adapters=[_requirement(n) for n in needs.adapters],
+        )
+        if needs.requested.cheapest is not None:
+            response.recommended.CopyFrom(fit_to_proto(needs.requested.cheapest))
         return response
 
-    async def EstimateJob(self, request: estimation_service_pb2.EstimateJobRequest,
-                          context: grpc.aio.ServicerContext) -> estimation_service_pb2.EstimateJobResponse:
-        estimate = await self.manager.estimate_job(request.organization, request.spec,
-                                                   request.tokens_per_epoch)
-        return estimation_service_pb2.EstimateJobResponse(estimate=fit_to_proto(estimate.fit), source=SOURCE,
-                                                          notes=estimate.notes)
+    async def EstimateJob(
+        self, request: estimation_service_pb2.EstimateJobRequest, context: grpc.aio.ServicerContext
+    ) -> estimation_service_pb2.EstimateJobResponse:
+        estimate = await self.manager.estimate_job(
+            request.organization, request.spec, request.tokens_per_epoch
+        )
+        return estimation_service_pb2.EstimateJobResponse(
+            estimate=fit_to_proto(estimate.fit), source=_source(estimate.fit), notes=estimate.notes
+        )
 
     async def ValidateHardware(
-            self, request: estimation_service_pb2.ValidateHardwareRequest,
-            context: grpc.aio.ServicerContext) -> estimation_service_pb2.ValidateHardwareResponse:
-        check = await self.manager.validate_hardware(request.organization, request.spec,
-                                                     request.tokens_per_epoch)
-        response = estimation_service_pb2.ValidateHardwareResponse(requested=fit_to_proto(check.requested),
-                                                                   suggestions=check.suggestions)
+        self, request: estimation_service_pb2.ValidateHardwareRequest, context: grpc.aio.ServicerContext
+    ) -> estimation_service_pb2.ValidateHardwareResponse:
+        check = await self.manager.validate_hardware(
+            request.organization, request.spec, request.tokens_per_epoch
+        )
+        response = estimation_service_pb2.ValidateHardwareResponse(
+            requested=fit_to_proto(check.requested),
+            suggestions=check.suggestions,
+            source=_source(check.requested),
+            notes=check.notes,
+        )
         if check.cheapest is not None:
             response.cheapest_fit.CopyFrom(fit_to_proto(check.cheapest))
         return response
 
-    async def EstimateCost(self, request: estimation_service_pb2.EstimateCostRequest,
-                           context: grpc.aio.ServicerContext) -> estimation_service_pb2.EstimateCostResponse:
-        report = await self.manager.estimate_cost(request.organization, request.spec,
-                                                  request.tokens_per_epoch, request.elapsed_seconds)
+    async def EstimateCost(
+        self, request: estimation_service_pb2.EstimateCostRequest, context: grpc.aio.ServicerContext
+    ) -> estimation_service_pb2.EstimateCostResponse:
+        report = await self.manager.estimate_cost(
+            request.organization,
+            request.spec,
+            request.tokens_per_epoch,
+            request.elapsed_seconds,
+            request.job_id,
+        )
         fit = fit_to_proto(report.fit)
-        return estimation_service_pb2.EstimateCostResponse(projected_total=fit.cost,
-                                                           current_usd=report.current_usd, time=fit.time,
-                                                           source=SOURCE)
+        projected = estimation_pb2.CostEstimate(
+            hourly_usd=fit.cost.hourly_usd, gpu_count=fit.cost.gpu_count, total_usd=report.projected_usd
+        )
+        return estimation_service_pb2.EstimateCostResponse(
+            projected_total=projected,
+            current_usd=report.current_usd,
+            time=fit.time,
+            source=_source(report.fit),
+            notes=report.notes,
+            elapsed_seconds=report.elapsed_seconds,
+            fraction_complete=report.fraction_complete,
+        )
 
-    async def PlanJob(self, request: estimation_service_pb2.PlanJobRequest,
-                      context: grpc.aio.ServicerContext) -> estimation_service_pb2.PlanJobResponse:
+    async def PlanJob(
+        self, request: estimation_service_pb2.PlanJobRequest, context: grpc.aio.ServicerContext
+    ) -> estimation_service_pb2.PlanJobResponse:
         plan = await self.manager.plan_job(request.organization, request.spec)
         response = estimation_service_pb2.PlanJobResponse(
-            tokens_per_epoch=plan.tokens_per_epoch, training_tokens=plan.training_tokens,
-            fits=[fit_to_proto(f) for f in plan.fits], source=SOURCE, notes=plan.notes)
+            tokens_per_epoch=plan.tokens_per_epoch,
+            training_tokens=plan.training_tokens,
+            fits=[fit_to_proto(f) for f in plan.fits],
+            source=_source(plan.requested or plan.cheapest),
+            notes=plan.notes,
+            train_examples=plan.train_examples,
+            suggestions=plan.suggestions,
+        )
         if plan.cheapest is not None:
             response.cheapest_fit.CopyFrom(fit_to_proto(plan.cheapest))
+        if plan.requested is not None:
+            response.requested.CopyFrom(fit_to_proto(plan.requested))
+        if plan.validation is not None:
+            response.dataset_validation.CopyFrom(plan.validation)
         return response

@@ -25,31 +25,45 @@ from services.estimation.resolver import ResolvedModel, resolve_model
 from services.kit.errors import TuneForgeError, Violations
 
 ADAPTERS: dict[int, Adapter] = {
-    job_pb2.ADAPTER_TYPE_UNSPECIFIED: "lora", job_pb2.ADAPTER_TYPE_LORA: "lora",
-    job_pb2.ADAPTER_TYPE_QLORA: "qlora", job_pb2.ADAPTER_TYPE_FULL: "full",
+    job_pb2.ADAPTER_TYPE_UNSPECIFIED: "lora",
+    job_pb2.ADAPTER_TYPE_LORA: "lora",
+    job_pb2.ADAPTER_TYPE_QLORA: "qlora",
+    job_pb2.ADAPTER_TYPE_FULL: "full",
     job_pb2.ADAPTER_TYPE_PROMPT_TUNING: "prompt_tuning",
 }
 METHODS: dict[int, Method] = {
-    job_pb2.TRAINING_METHOD_UNSPECIFIED: "sft", job_pb2.TRAINING_METHOD_SFT: "sft",
-    job_pb2.TRAINING_METHOD_DPO: "dpo", job_pb2.TRAINING_METHOD_GRPO: "grpo",
-    job_pb2.TRAINING_METHOD_DISTILLATION: "distillation", job_pb2.TRAINING_METHOD_ORPO: "orpo",
+    job_pb2.TRAINING_METHOD_UNSPECIFIED: "sft",
+    job_pb2.TRAINING_METHOD_SFT: "sft",
+    job_pb2.TRAINING_METHOD_DPO: "dpo",
+    job_pb2.TRAINING_METHOD_GRPO: "grpo",
+    job_pb2.TRAINING_METHOD_DISTILLATION: "distillation",
+    job_pb2.TRAINING_METHOD_ORPO: "orpo",
     job_pb2.TRAINING_METHOD_KTO: "kto",
 }
 PRECISIONS: dict[int, Precision | None] = {
-    job_pb2.PRECISION_UNSPECIFIED: None, job_pb2.PRECISION_BF16: "bf16", job_pb2.PRECISION_FP16: "fp16",
+    job_pb2.PRECISION_UNSPECIFIED: None,
+    job_pb2.PRECISION_BF16: "bf16",
+    job_pb2.PRECISION_FP16: "fp16",
     job_pb2.PRECISION_FP32: "fp32",
 }
 OPTIMIZERS: dict[int, str] = {
-    job_pb2.OPTIMIZER_UNSPECIFIED: "adamw", job_pb2.OPTIMIZER_ADAMW: "adamw",
-    job_pb2.OPTIMIZER_ADAMW_8BIT: "adamw_8bit", job_pb2.OPTIMIZER_PAGED_ADAMW: "paged_adamw",
-    job_pb2.OPTIMIZER_PAGED_ADAMW_8BIT: "paged_adamw_8bit", job_pb2.OPTIMIZER_SGD: "sgd",
+    job_pb2.OPTIMIZER_UNSPECIFIED: "adamw",
+    job_pb2.OPTIMIZER_ADAMW: "adamw",
+    job_pb2.OPTIMIZER_ADAMW_8BIT: "adamw_8bit",
+    job_pb2.OPTIMIZER_PAGED_ADAMW: "paged_adamw",
+    job_pb2.OPTIMIZER_PAGED_ADAMW_8BIT: "paged_adamw_8bit",
+    job_pb2.OPTIMIZER_SGD: "sgd",
     job_pb2.OPTIMIZER_ADAFACTOR: "adafactor",
 }
 STRATEGIES: dict[int, Strategy] = {
-    job_pb2.DISTRIBUTED_STRATEGY_UNSPECIFIED: "none", job_pb2.DISTRIBUTED_STRATEGY_NONE: "none",
-    job_pb2.DISTRIBUTED_STRATEGY_DDP: "ddp", job_pb2.DISTRIBUTED_STRATEGY_ZERO1: "zero1",
-    job_pb2.DISTRIBUTED_STRATEGY_ZERO2: "zero2", job_pb2.DISTRIBUTED_STRATEGY_ZERO2_OFFLOAD: "zero2_offload",
-    job_pb2.DISTRIBUTED_STRATEGY_ZERO3: "zero3", job_pb2.DISTRIBUTED_STRATEGY_ZERO3_OFFLOAD: "zero3_offload",
+    job_pb2.DISTRIBUTED_STRATEGY_UNSPECIFIED: "none",
+    job_pb2.DISTRIBUTED_STRATEGY_NONE: "none",
+    job_pb2.DISTRIBUTED_STRATEGY_DDP: "ddp",
+    job_pb2.DISTRIBUTED_STRATEGY_ZERO1: "zero1",
+    job_pb2.DISTRIBUTED_STRATEGY_ZERO2: "zero2",
+    job_pb2.DISTRIBUTED_STRATEGY_ZERO2_OFFLOAD: "zero2_offload",
+    job_pb2.DISTRIBUTED_STRATEGY_ZERO3: "zero3",
+    job_pb2.DISTRIBUTED_STRATEGY_ZERO3_OFFLOAD: "zero3_offload",
     job_pb2.DISTRIBUTED_STRATEGY_FSDP: "fsdp",
 }
 
@@ -95,8 +109,11 @@ def check_spec(v: Violations, spec: job_pb2.JobSpec, catalog: Catalog, field: st
     _range(v, spec.grpo, "num_generations", f"{field}.grpo.num_generations", 2, 64)
     _range(v, spec.grpo, "max_completion_length", f"{field}.grpo.max_completion_length", 1, 8192)
     if spec.method == job_pb2.TRAINING_METHOD_DISTILLATION:
-        v.check(bool(spec.distillation.teacher_model), f"{field}.distillation.teacher_model",
-                "is required for distillation")
+        v.check(
+            bool(spec.distillation.teacher_model),
+            f"{field}.distillation.teacher_model",
+            "is required for distillation",
+        )
 
     hw, hw_path = spec.hardware, f"{field}.hardware"
     v.check(hw.strategy in STRATEGIES, f"{hw_path}.strategy", "is not a DistributedStrategy")
@@ -126,21 +143,24 @@ def resolve_spec(spec: job_pb2.JobSpec, catalog: Catalog, field: str = "spec") -
     teacher = None
     if spec.method == job_pb2.TRAINING_METHOD_DISTILLATION:
         try:
-            resolved = resolve_model(catalog, spec.distillation.teacher_model,
-                                     f"{field}.distillation.teacher_model")
+            resolved = resolve_model(
+                catalog, spec.distillation.teacher_model, f"{field}.distillation.teacher_model"
+            )
             teacher = resolved.architecture
             if resolved.note:
                 notes.append(resolved.note)
         except TuneForgeError:
-            notes.append(f"teacher '{spec.distillation.teacher_model}' is unknown: assumed the size of the "
-                         "student")
+            notes.append(
+                f"teacher '{spec.distillation.teacher_model}' is unknown: assumed the size of the student"
+            )
     hp, lora, quant = spec.hyperparameters, spec.lora, spec.quantization
     adapter = ADAPTERS[spec.adapter]
     precision = PRECISIONS[hp.precision]
     if adapter == "qlora" and quant.compute_dtype in (job_pb2.PRECISION_BF16, job_pb2.PRECISION_FP16):
         precision = PRECISIONS[quant.compute_dtype]
     setup = Setup(
-        adapter=adapter, method=METHODS[spec.method],
+        adapter=adapter,
+        method=METHODS[spec.method],
         lora_rank=int(_optional(lora, "rank", 16)),
         lora_targets=tuple(lora.target_modules) or ("all-linear",),
         lora_dropout=float(_optional(lora, "dropout", 0.05)),
@@ -148,13 +168,15 @@ def resolve_spec(spec: job_pb2.JobSpec, catalog: Catalog, field: str = "spec") -
         quantization_bits=int(_optional(quant, "bits", 4)),
         double_quantization=bool(_optional(quant, "double_quantization", True)),
         num_virtual_tokens=int(_optional(spec.prompt_tuning, "num_virtual_tokens", 20)),
-        precision=precision, optimizer=OPTIMIZERS[hp.optimizer],
+        precision=precision,
+        optimizer=OPTIMIZERS[hp.optimizer],
         batch_size=int(_optional(hp, "batch_size", 4)),
         gradient_accumulation_steps=int(_optional(hp, "gradient_accumulation_steps", 1)),
         max_seq_length=int(_optional(hp, "max_seq_length", 2048)),
         gradient_checkpointing=bool(_optional(hp, "gradient_checkpointing", False)),
         packing=bool(_optional(hp, "packing", False)),
-        epochs=int(_optional(hp, "epochs", 3)), max_steps=int(_optional(hp, "max_steps", 0)),
+        epochs=int(_optional(hp, "epochs", 3)),
+        max_steps=int(_optional(hp, "max_steps", 0)),
         strategy=STRATEGIES[spec.hardware.strategy],
         gpu_count=int(_optional(spec.hardware, "gpu_count", 1)),
         node_count=int(_optional(spec.hardware, "node_count", 1)),
@@ -167,8 +189,14 @@ def resolve_spec(spec: job_pb2.JobSpec, catalog: Catalog, field: str = "spec") -
         _, unknown = lora_targets(model.architecture, setup.lora_targets)
         if unknown:
             notes.append(f"LoRA target modules not recognised and not counted: {', '.join(unknown)}")
+        if model.architecture.num_experts and setup.lora_dropout > 0:
+            notes.append(
+                "PEFT adapts a mixture's fused expert tensors only with spec.lora.dropout = 0; "
+                "estimated as given"
+            )
     if setup.method == "grpo":
-        notes.append("GRPO estimates are coarse: generating completions dominates and varies with the "
-                     "rewards")
+        notes.append(
+            "GRPO estimates are coarse: generating completions dominates and varies with the rewards"
+        )
     hardware = catalog.hardware(spec.hardware.gpu_type) if spec.hardware.gpu_type else None
     return ResolvedSpec(model=model, setup=setup, hardware=hardware, notes=tuple(notes))

@@ -5,7 +5,8 @@ TF_WORK    tuneforge.work.jobs                         JobAssignment; work-queue
 TF_WORKER  tuneforge.worker.jobs.<job_id>.status       WorkerJobUpdate  -> jobs service
            tuneforge.worker.jobs.<job_id>.metrics      MetricsReported  -> metrics service
            tuneforge.worker.jobs.<job_id>.logs         LogsReported     -> metrics service
-TF_EVENTS  tuneforge.events.jobs.<job_id>              JobChanged (jobs outbox) -> watchers, workers, metrics
+TF_EVENTS  tuneforge.events.jobs.<job_id>              JobChanged (jobs outbox) -> watchers, workers, metrics,
+                                                        estimation (calibration)
            tuneforge.events.datasets.<dataset_id>      DatasetChanged (datasets outbox)
 TF_ADVISORIES  $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TF_WORK.trainers  -> jobs service (WORKER_LOST)
 core NATS  tuneforge.live.metrics.<job_id>             MetricsStored, after the metrics service stored points
@@ -30,6 +31,7 @@ JOBS_LOST_CONSUMER = "jobs-service-lost-work"
 METRICS_INGEST_CONSUMER = "metrics-service-ingest"
 LOGS_INGEST_CONSUMER = "metrics-service-logs"
 METRICS_JOB_EVENTS_CONSUMER = "metrics-service-job-events"
+ESTIMATION_JOB_EVENTS_CONSUMER = "estimation-service-job-events"
 
 
 def worker_status(job_id: str) -> str:

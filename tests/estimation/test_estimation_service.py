@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import grpc.aio
 import pytest
@@ -28,9 +30,12 @@ def error_details(exc: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
     return reason, fields
 
 
-def spec(base_model: str = "meta-llama/Llama-3.2-1B-Instruct", gpu_type: str = "nvidia-a100-40gb",
-         **hardware: int) -> job_pb2.JobSpec:
+def spec(
+    base_model: str = "meta-llama/Llama-3.2-1B-Instruct", gpu_type: str = "nvidia-a100-40gb", **hardware: int
+) -> job_pb2.JobSpec:
+    """A LoRA spec with gradient checkpointing (4 x 2048 tokens a step do not fit a 40 GB card without)."""
     out = job_pb2.JobSpec(base_model=base_model, dataset="support-chats")
+    out.hyperparameters.gradient_checkpointing = True
     if gpu_type:
         out.hardware.gpu_type = gpu_type
     for name, value in hardware.items():
@@ -40,7 +45,8 @@ def spec(base_model: str = "meta-llama/Llama-3.2-1B-Instruct", gpu_type: str = "
 
 async def test_list_hardware_options(estimation_stack: EstimationStack) -> None:
     response = await estimation_stack.estimation.ListHardwareOptions(
-        estimation_service_pb2.ListHardwareOptionsRequest())
+        estimation_service_pb2.ListHardwareOptionsRequest()
+    )
     options = {o.gpu_type: o for o in response.options}
     assert len(options) == 9 and "cpu" in options
     h200 = options["nvidia-h200"]
@@ -53,85 +59,181 @@ async def test_list_hardware_options(estimation_stack: EstimationStack) -> None:
 async def test_list_base_models_filters_and_pages(estimation_stack: EstimationStack) -> None:
     stub = estimation_stack.estimation
     qwen = await stub.ListBaseModels(estimation_service_pb2.ListBaseModelsRequest(family="Qwen"))
-    assert [m.id for m in qwen.models] == ["Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct",
-                                           "Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B-Instruct"]
+    ids = [m.id for m in qwen.models]
+    assert ids[:3] == ["Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B"]
+    assert "Qwen/Qwen2.5-VL-7B-Instruct" in ids and len(ids) == 18
     small = qwen.models[0]
-    assert (small.parameter_count, small.num_layers, small.hidden_size, small.num_key_value_heads,
-            small.tied_embeddings) == (494_032_768, 24, 896, 2, True)
-    assert small.type == estimation_pb2.MODEL_TYPE_LLM
+    assert (
+        small.parameter_count,
+        small.num_layers,
+        small.hidden_size,
+        small.num_key_value_heads,
+        small.tied_embeddings,
+        small.head_dim,
+        small.gated_mlp,
+    ) == (494_032_768, 24, 896, 2, True, 64, True)
+    assert small.type == estimation_pb2.MODEL_TYPE_LLM and small.license == "apache-2.0"
 
     ids, token = [], ""
     while True:
-        page = await stub.ListBaseModels(estimation_service_pb2.ListBaseModelsRequest(page_size=6,
-                                                                                      page_token=token))
+        page = await stub.ListBaseModels(
+            estimation_service_pb2.ListBaseModelsRequest(page_size=20, page_token=token)
+        )
         ids += [m.id for m in page.models]
         token = page.next_page_token
         if not token:
             break
-    assert len(ids) == len(set(ids)) == 15
+    assert len(ids) == len(set(ids)) == 74 and ids == sorted(ids, key=str.lower)
     vlm = await stub.ListBaseModels(
-        estimation_service_pb2.ListBaseModelsRequest(type=estimation_pb2.MODEL_TYPE_VLM))
-    assert list(vlm.models) == []
+        estimation_service_pb2.ListBaseModelsRequest(type=estimation_pb2.MODEL_TYPE_VLM)
+    )
+    assert {m.id for m in vlm.models} == {
+        "meta-llama/Llama-3.2-11B-Vision",
+        "meta-llama/Llama-3.2-11B-Vision-Instruct",
+        "meta-llama/Llama-3.2-90B-Vision",
+        "meta-llama/Llama-3.2-90B-Vision-Instruct",
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+    }
+    assert all(m.vision_parameter_count > 0 for m in vlm.models)
+    gemma = await stub.ListBaseModels(estimation_service_pb2.ListBaseModelsRequest(family="gemma"))
+    assert {m.head_dim for m in gemma.models} == {128, 256}
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ListBaseModels(estimation_service_pb2.ListBaseModelsRequest(family="qwen", page_token="x"))
     assert error_details(caught.value)[0] == "INVALID_PAGE_TOKEN"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListBaseModels(estimation_service_pb2.ListBaseModelsRequest(type=7))  # type: ignore[arg-type]
+    assert error_details(caught.value) == ("INVALID_ARGUMENT", ["type"])
 
 
 async def test_get_model_requirements(estimation_stack: EstimationStack) -> None:
     stub = estimation_stack.estimation
-    response = await stub.GetModelRequirements(estimation_service_pb2.GetModelRequirementsRequest(
-        model_id="meta-llama/Llama-3.1-8B", adapter=job_pb2.ADAPTER_TYPE_QLORA))
+    response = await stub.GetModelRequirements(
+        estimation_service_pb2.GetModelRequirementsRequest(
+            model_id="meta-llama/Llama-3.1-8B", adapter=job_pb2.ADAPTER_TYPE_QLORA
+        )
+    )
     assert response.model.parameter_count == 8_030_261_248
-    # 1 x 2048 tokens without checkpointing: ~15 GiB of activations beside ~5 GiB of 4-bit weights pass
-    # the 24 GB cards, so the cheapest with room is the L40S.
-    assert 22.5 * GIB < response.memory_per_gpu.total < 40 * GIB
+    # 1 x 2048 tokens without checkpointing: ~28 GiB of activations beside ~7 GiB of 4-bit weights (and the
+    # fp32 embeddings) pass the 24 GB cards, so the cheapest with room is the L40S (one, not two A100s).
+    assert 40 * GIB < response.memory_per_gpu.total < 46 * GIB
     recommended = response.recommended
     assert recommended.fits and recommended.gpu_count == 1 and recommended.gpu_type == "nvidia-l40s"
     assert recommended.memory_per_gpu == response.memory_per_gpu
+    assert recommended.source == PRIOR and recommended.memory_per_gpu.quantization_constants > 0
 
-    # A shorter sequence fits the L4, at the deployment's overridden price.
-    response = await stub.GetModelRequirements(estimation_service_pb2.GetModelRequirementsRequest(
-        model_id="meta-llama/Llama-3.1-8B", adapter=job_pb2.ADAPTER_TYPE_QLORA, max_seq_length=512))
+    # The table per adapter type: QLoRA needs least, full fine-tuning most (and more than one GPU).
+    table = {a.adapter: a for a in response.adapters}
+    assert list(table) == [
+        job_pb2.ADAPTER_TYPE_LORA,
+        job_pb2.ADAPTER_TYPE_QLORA,
+        job_pb2.ADAPTER_TYPE_FULL,
+        job_pb2.ADAPTER_TYPE_PROMPT_TUNING,
+    ]
+    totals = {k: v.memory_per_gpu.total for k, v in table.items()}
+    assert totals[job_pb2.ADAPTER_TYPE_QLORA] < totals[job_pb2.ADAPTER_TYPE_LORA]
+    full = table[job_pb2.ADAPTER_TYPE_FULL].recommended
+    assert full.fits and full.gpu_count > 1 and full.strategy == job_pb2.DISTRIBUTED_STRATEGY_ZERO3
+
+    # A shorter sequence fits the L4, at the deployment's overridden price, and so does checkpointing.
+    response = await stub.GetModelRequirements(
+        estimation_service_pb2.GetModelRequirementsRequest(
+            model_id="meta-llama/Llama-3.1-8B", adapter=job_pb2.ADAPTER_TYPE_QLORA, max_seq_length=512
+        )
+    )
     assert response.recommended.gpu_type == "nvidia-l4" and response.recommended.cost.hourly_usd == 0.8
+    response = await stub.GetModelRequirements(
+        estimation_service_pb2.GetModelRequirementsRequest(
+            model_id="meta-llama/Llama-3.1-8B",
+            adapter=job_pb2.ADAPTER_TYPE_QLORA,
+            gradient_checkpointing=True,
+        )
+    )
+    assert response.recommended.gpu_type == "nvidia-l4"  # checkpointing: ~13 GiB, the cheapest card here
+    dpo = await stub.GetModelRequirements(
+        estimation_service_pb2.GetModelRequirementsRequest(
+            model_id="meta-llama/Llama-3.1-8B",
+            adapter=job_pb2.ADAPTER_TYPE_QLORA,
+            gradient_checkpointing=True,
+            method=job_pb2.TRAINING_METHOD_DPO,
+        )
+    )
+    assert dpo.memory_per_gpu.activations == 2 * response.memory_per_gpu.activations  # chosen + rejected
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.GetModelRequirements(
-            estimation_service_pb2.GetModelRequirementsRequest(model_id="acme/x-7B"))
+            estimation_service_pb2.GetModelRequirementsRequest(model_id="acme/x-7B")
+        )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetModelRequirements(
+            estimation_service_pb2.GetModelRequirementsRequest(
+                model_id="meta-llama/Llama-3.1-8B", max_seq_length=8, method=99
+            )
+        )  # type: ignore[arg-type]
+    assert error_details(caught.value) == ("INVALID_ARGUMENT", ["method", "max_seq_length"])
 
 
 async def test_estimate_job_from_tokens_or_from_the_dataset(estimation_stack: EstimationStack) -> None:
     stub = estimation_stack.estimation
-    response = await stub.EstimateJob(estimation_service_pb2.EstimateJobRequest(
-        organization=ORG, spec=spec(), tokens_per_epoch=1_000_000))
+    response = await stub.EstimateJob(
+        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec(), tokens_per_epoch=1_000_000)
+    )
     estimate = response.estimate
     assert response.source == PRIOR
     assert estimate.fits and estimate.gpu_type == "nvidia-a100-40gb" and estimate.gpu_count == 1
     assert estimate.time.training_tokens == 3_000_000  # three epochs by default
-    assert estimate.time.total_seconds == pytest.approx(estimate.time.training_seconds
-                                                        + estimate.time.overhead_seconds)
+    assert estimate.time.total_seconds == pytest.approx(
+        estimate.time.training_seconds + estimate.time.overhead_seconds
+    )
     assert estimate.cost.total_usd == pytest.approx(estimate.time.total_seconds / 3600 * 3.30)
     m = estimate.memory_per_gpu
-    assert m.total == (m.weights + m.trainable_parameters + m.gradients + m.optimizer_states + m.activations
-                       + m.logits + m.framework_overhead)
+    assert m.total == (
+        m.weights
+        + m.trainable_parameters
+        + m.gradients
+        + m.optimizer_states
+        + m.activations
+        + m.logits
+        + m.framework_overhead
+    )
 
     # From the dataset: its train split's share of the token count (800 of 1000 examples).
     estimation_stack.datasets.add("support-chats", examples=1000, train=800, tokens=500_000, longest=900)
     response = await stub.EstimateJob(
-        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec()))
+        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec())
+    )
     assert response.estimate.time.training_tokens == 3 * 400_000
     assert any("longest example (900 tokens)" in note for note in response.notes)
+    assert any("no train_tokens" in note for note in response.notes)
+
+    # train_tokens, when the datasets service counted them, is the train split's own count (no scaling).
+    estimation_stack.datasets.add(
+        "support-chats", examples=1000, train=800, tokens=500_000, train_tokens=350_000
+    )
+    response = await stub.EstimateJob(
+        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec())
+    )
+    assert response.estimate.time.training_tokens == 3 * 350_000
+    assert not any("train_tokens" in note for note in response.notes)
+    assert response.estimate.time.tokens_per_second == pytest.approx(
+        response.estimate.time.training_tokens / response.estimate.time.training_seconds
+    )
 
     # No token statistics: characters / 4, said in a note.
     estimation_stack.datasets.add("support-chats", examples=1000, train=1000, characters=4_000_000)
     response = await stub.EstimateJob(
-        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec()))
+        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec())
+    )
     assert response.estimate.time.training_tokens == 3 * 1_000_000
     assert any("4 characters per token" in note for note in response.notes)
 
     # No GPU type: the cheapest configuration that fits, said in a note.
-    response = await stub.EstimateJob(estimation_service_pb2.EstimateJobRequest(
-        organization=ORG, spec=spec(gpu_type=""), tokens_per_epoch=1_000_000))
+    response = await stub.EstimateJob(
+        estimation_service_pb2.EstimateJobRequest(
+            organization=ORG, spec=spec(gpu_type=""), tokens_per_epoch=1_000_000
+        )
+    )
     assert response.estimate.fits and any("cheapest" in note for note in response.notes)
 
 
@@ -139,14 +241,20 @@ async def test_estimate_job_rejects_bad_specs_naming_the_field(estimation_stack:
     stub = estimation_stack.estimation
     for count in (0, 9):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.EstimateJob(estimation_service_pb2.EstimateJobRequest(
-                organization=ORG, spec=spec(gpu_count=count), tokens_per_epoch=1000))
+            await stub.EstimateJob(
+                estimation_service_pb2.EstimateJobRequest(
+                    organization=ORG, spec=spec(gpu_count=count), tokens_per_epoch=1000
+                )
+            )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error_details(caught.value) == ("INVALID_ARGUMENT", ["spec.hardware.gpu_count"])
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.EstimateJob(estimation_service_pb2.EstimateJobRequest(
-            organization=ORG, spec=spec(base_model="gpt2"), tokens_per_epoch=1000))
+        await stub.EstimateJob(
+            estimation_service_pb2.EstimateJobRequest(
+                organization=ORG, spec=spec(base_model="gpt2"), tokens_per_epoch=1000
+            )
+        )
     assert error_details(caught.value) == ("INVALID_ARGUMENT", ["spec.base_model"])
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -157,8 +265,9 @@ async def test_estimate_job_rejects_bad_specs_naming_the_field(estimation_stack:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.EstimateJob(estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec()))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND and error_details(caught.value)[0] == "NOT_FOUND"
-    estimation_stack.datasets.add("support-chats", examples=0, train=0,
-                                  state=dataset_pb2.DATASET_STATE_PROCESSING)
+    estimation_stack.datasets.add(
+        "support-chats", examples=0, train=0, state=dataset_pb2.DATASET_STATE_PROCESSING
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.EstimateJob(estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec()))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -167,52 +276,164 @@ async def test_estimate_job_rejects_bad_specs_naming_the_field(estimation_stack:
 
 async def test_validate_hardware(estimation_stack: EstimationStack) -> None:
     stub = estimation_stack.estimation
-    too_small = await stub.ValidateHardware(estimation_service_pb2.ValidateHardwareRequest(
-        organization=ORG, spec=spec("meta-llama/Llama-3.1-8B", "nvidia-t4"), tokens_per_epoch=1_000_000))
+    too_small = await stub.ValidateHardware(
+        estimation_service_pb2.ValidateHardwareRequest(
+            organization=ORG, spec=spec("meta-llama/Llama-3.1-8B", "nvidia-t4"), tokens_per_epoch=1_000_000
+        )
+    )
     assert not too_small.requested.fits and "T4" in too_small.requested.reason
     assert too_small.cheapest_fit.fits and too_small.cheapest_fit.cost.total_usd > 0
     assert any("QLoRA" in s for s in too_small.suggestions)
 
-    fits = await stub.ValidateHardware(estimation_service_pb2.ValidateHardwareRequest(
-        organization=ORG, spec=spec(), tokens_per_epoch=1_000_000))
+    fits = await stub.ValidateHardware(
+        estimation_service_pb2.ValidateHardwareRequest(
+            organization=ORG, spec=spec(), tokens_per_epoch=1_000_000
+        )
+    )
     assert fits.requested.fits and not fits.HasField("cheapest_fit") and list(fits.suggestions) == []
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.ValidateHardware(estimation_service_pb2.ValidateHardwareRequest(
-            organization=ORG, spec=spec(gpu_type="")))
+        await stub.ValidateHardware(
+            estimation_service_pb2.ValidateHardwareRequest(organization=ORG, spec=spec(gpu_type=""))
+        )
     assert error_details(caught.value) == ("INVALID_ARGUMENT", ["spec.hardware.gpu_type"])
 
 
 async def test_estimate_cost_projects_and_reports_the_cost_so_far(estimation_stack: EstimationStack) -> None:
     stub = estimation_stack.estimation
-    response = await stub.EstimateCost(estimation_service_pb2.EstimateCostRequest(
-        organization=ORG, spec=spec(gpu_count=2), tokens_per_epoch=5_000_000, elapsed_seconds=1800))
+    response = await stub.EstimateCost(
+        estimation_service_pb2.EstimateCostRequest(
+            organization=ORG, spec=spec(gpu_count=2), tokens_per_epoch=5_000_000, elapsed_seconds=1800
+        )
+    )
     assert response.source == PRIOR
     assert response.projected_total.gpu_count == 2 and response.projected_total.hourly_usd == 3.30
     assert response.projected_total.total_usd == pytest.approx(response.time.total_seconds / 3600 * 3.30 * 2)
     assert response.current_usd == pytest.approx(0.5 * 3.30 * 2)
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.EstimateCost(estimation_service_pb2.EstimateCostRequest(
-            organization=ORG, spec=job_pb2.JobSpec(base_model="Qwen/Qwen2.5-0.5B"), elapsed_seconds=-1))
+        await stub.EstimateCost(
+            estimation_service_pb2.EstimateCostRequest(
+                organization=ORG, spec=job_pb2.JobSpec(base_model="Qwen/Qwen2.5-0.5B"), elapsed_seconds=-1
+            )
+        )
     assert error_details(caught.value) == ("INVALID_ARGUMENT", ["elapsed_seconds"])
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.EstimateCost(estimation_service_pb2.EstimateCostRequest(
-            organization=ORG, spec=job_pb2.JobSpec(base_model="Qwen/Qwen2.5-0.5B")))
+        await stub.EstimateCost(
+            estimation_service_pb2.EstimateCostRequest(
+                organization=ORG, spec=job_pb2.JobSpec(base_model="Qwen/Qwen2.5-0.5B")
+            )
+        )
     assert error_details(caught.value) == ("INVALID_ARGUMENT", ["spec.dataset"])
+
+
+async def test_estimate_cost_of_a_running_job_follows_its_pace(estimation_stack: EstimationStack) -> None:
+    """Given a job id, the spec, the time run and the progress come from the jobs service: the cost so far
+    is the time run at the rate, and the rest is priced at the job's own pace."""
+    stub = estimation_stack.estimation
+    estimation_stack.datasets.add("support-chats", examples=1000, train=800, tokens=500_000)
+    job = job_pb2.Job(
+        id="job_1",
+        organization=ORG,
+        spec=spec(gpu_count=2),
+        state=job_pb2.JOB_STATE_RUNNING,
+        progress=job_pb2.JobProgress(step=25, total_steps=100),
+    )
+    job.start_time.FromSeconds(int(time.time()) - 3600)
+    estimation_stack.jobs.jobs["job_1"] = job
+    response = await stub.EstimateCost(
+        estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="job_1")
+    )
+    rate = 3.30 * 2
+    assert response.elapsed_seconds == pytest.approx(3600, abs=5)
+    assert response.current_usd == pytest.approx(rate, rel=0.01)
+    assert response.fraction_complete == 0.25
+    # A quarter done in an hour: three more hours at the same pace.
+    assert response.projected_total.total_usd == pytest.approx(4 * rate, rel=0.01)
+    assert any("pace" in note for note in response.notes)
+
+    # With an ETA reported, the rest is the ETA.
+    job.progress.eta_seconds = 1800
+    response = await stub.EstimateCost(
+        estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="job_1")
+    )
+    assert response.projected_total.total_usd == pytest.approx(1.5 * rate, rel=0.01)
+
+    # A finished job cost what it ran.
+    job.state = job_pb2.JOB_STATE_SUCCEEDED
+    job.end_time.FromSeconds(job.start_time.seconds + 7200)
+    response = await stub.EstimateCost(
+        estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="job_1")
+    )
+    assert response.current_usd == response.projected_total.total_usd == pytest.approx(2 * rate)
+    assert response.fraction_complete == 1.0
+
+    # Not started: the estimate.
+    estimation_stack.jobs.jobs["job_2"] = job_pb2.Job(
+        id="job_2", organization=ORG, spec=spec(), state=job_pb2.JOB_STATE_QUEUED
+    )
+    response = await stub.EstimateCost(
+        estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="job_2")
+    )
+    assert response.current_usd == 0 and response.projected_total.total_usd == pytest.approx(
+        response.time.total_seconds / 3600 * 3.30
+    )
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.EstimateCost(estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="job_9"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_plan_job(estimation_stack: EstimationStack) -> None:
     estimation_stack.datasets.add("support-chats", examples=2000, train=1600, tokens=1_000_000)
-    response = await estimation_stack.estimation.PlanJob(estimation_service_pb2.PlanJobRequest(
-        organization=ORG, spec=spec("mistralai/Mistral-7B-Instruct-v0.3", gpu_type="")))
+    response = await estimation_stack.estimation.PlanJob(
+        estimation_service_pb2.PlanJobRequest(
+            organization=ORG, spec=spec("mistralai/Mistral-7B-Instruct-v0.3", gpu_type="")
+        )
+    )
     assert response.source == PRIOR
     assert response.tokens_per_epoch == 800_000 and response.training_tokens == 2_400_000
     fits = {f.gpu_type: f for f in response.fits}
     assert len(fits) == 9
-    assert not fits["nvidia-t4"].fits and fits["nvidia-t4"].reason
+    # One T4 is too small for a 7B LoRA; the fewest that fit shard it with ZeRO-3.
+    t4 = fits["nvidia-t4"]
+    assert t4.fits and t4.gpu_count > 1 and t4.strategy == job_pb2.DISTRIBUTED_STRATEGY_ZERO3
     assert fits["nvidia-h100"].fits and fits["nvidia-h100"].time.total_seconds > 0
     cheapest = response.cheapest_fit
     assert cheapest.fits and cheapest.gpu_type != "cpu"
     gpu_costs = [f.cost.total_usd for f in response.fits if f.fits and f.gpu_type != "cpu"]
     assert cheapest.cost.total_usd == min(gpu_costs)
+
+
+async def test_plan_job_on_the_spec_hardware(estimation_stack: EstimationStack) -> None:
+    """The plan also judges the spec's own GPU type, says what to change when it does not fit, and carries
+    the dataset's validation summary."""
+    estimation_stack.datasets.add("support-chats", examples=2000, train=1600, tokens=1_000_000, warnings=3)
+    response = await estimation_stack.estimation.PlanJob(
+        estimation_service_pb2.PlanJobRequest(
+            organization=ORG, spec=spec("meta-llama/Llama-3.1-8B", gpu_type="nvidia-t4")
+        )
+    )
+    assert response.train_examples == 1600 and response.dataset_validation.warning_count == 3
+    assert not response.requested.fits and response.requested.gpu_type == "nvidia-t4"
+    assert "largest terms are" in response.requested.reason and response.suggestions
+    assert response.cheapest_fit.fits
+
+
+async def test_notes_say_what_the_estimate_assumed(estimation_stack: EstimationStack) -> None:
+    stub = estimation_stack.estimation
+    mixtral = spec("mistralai/Mixtral-8x7B-Instruct-v0.1", gpu_type="nvidia-h100", gpu_count=8)
+    mixtral.hardware.strategy = job_pb2.DISTRIBUTED_STRATEGY_ZERO3
+    response = await stub.EstimateJob(
+        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=mixtral, tokens_per_epoch=10_000)
+    )
+    assert any("spec.lora.dropout = 0" in note for note in response.notes)
+    assert (
+        response.estimate.strategy == job_pb2.DISTRIBUTED_STRATEGY_ZERO3 and response.estimate.gpu_count == 8
+    )
+    guessed = await stub.EstimateJob(
+        estimation_service_pb2.EstimateJobRequest(
+            organization=ORG, spec=spec("acme/support-13B"), tokens_per_epoch=10_000
+        )
+    )
+    assert any("guessed from its name" in note for note in guessed.notes)

@@ -19,9 +19,17 @@ from services.kit.errors import InvalidArgument
 CATALOG = Catalog.load()
 
 LLAMA_1B_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-    "intermediate_size": 8192, "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
-    "vocab_size": 128256, "tie_word_embeddings": True, "max_position_embeddings": 131072, "head_dim": 64,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 16,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 131072,
+    "head_dim": 64,
 }
 
 
@@ -31,8 +39,17 @@ def fields(exc: InvalidArgument) -> list[str]:
 
 def test_catalog_has_the_hardware_table_and_price_overrides(tmp_path: Path) -> None:
     gpus = {h.gpu_type: h for h in CATALOG.hardware_options()}
-    assert set(gpus) == {"nvidia-t4", "nvidia-l4", "nvidia-a10g", "nvidia-l40s", "nvidia-a100-40gb",
-                         "nvidia-a100-80gb", "nvidia-h100", "nvidia-h200", "cpu"}
+    assert set(gpus) == {
+        "nvidia-t4",
+        "nvidia-l4",
+        "nvidia-a10g",
+        "nvidia-l40s",
+        "nvidia-a100-40gb",
+        "nvidia-a100-80gb",
+        "nvidia-h100",
+        "nvidia-h200",
+        "cpu",
+    }
     assert not gpus["nvidia-t4"].supports_bf16 and gpus["nvidia-h100"].peak_tflops == 989.0
     assert gpus["nvidia-a100-80gb"].allowed_gpu_counts == (1, 2, 3, 4, 5, 6, 7, 8)
     assert (gpus["nvidia-l4"].min_storage_gb, gpus["nvidia-l4"].max_storage_gb) == (50, 1000)
@@ -77,7 +94,8 @@ def test_an_unknown_name_with_a_size_is_guessed_and_noted() -> None:
     assert resolved.architecture.parameter_count == pytest.approx(13e9, rel=0.05)
     assert "unknown" in resolved.note and "13" in resolved.note
     assert resolve_model(CATALOG, "s3://models/tiny-135M").architecture.parameter_count == pytest.approx(
-        135e6, rel=0.1)
+        135e6, rel=0.1
+    )
     with pytest.raises(InvalidArgument) as caught:
         resolve_model(CATALOG, "gpt2")
     assert fields(caught.value) == ["spec.base_model"]
@@ -88,27 +106,46 @@ def test_spec_defaults_follow_job_proto() -> None:
     resolved = resolve_spec(job_pb2.JobSpec(base_model="meta-llama/Llama-3.1-8B-Instruct"), CATALOG)
     assert resolved.setup == Setup()
     setup = resolved.setup
-    assert (setup.batch_size, setup.max_seq_length, setup.lora_rank, setup.epochs, setup.adapter,
-            setup.method) == (4, 2048, 16, 3, "lora", "sft")
+    assert (
+        setup.batch_size,
+        setup.max_seq_length,
+        setup.lora_rank,
+        setup.epochs,
+        setup.adapter,
+        setup.method,
+    ) == (4, 2048, 16, 3, "lora", "sft")
     assert resolved.hardware is None and resolved.notes == ()
 
     quantization = job_pb2.QuantizationConfig(bits=8, compute_dtype=job_pb2.PRECISION_FP16)
-    spec = job_pb2.JobSpec(base_model="Qwen/Qwen2.5-7B", adapter=job_pb2.ADAPTER_TYPE_QLORA,
-                           quantization=quantization,
-                           hardware=job_pb2.HardwareConfig(gpu_type="nvidia-l4", gpu_count=2,
-                                                           strategy=job_pb2.DISTRIBUTED_STRATEGY_ZERO2))
+    spec = job_pb2.JobSpec(
+        base_model="Qwen/Qwen2.5-7B",
+        adapter=job_pb2.ADAPTER_TYPE_QLORA,
+        quantization=quantization,
+        hardware=job_pb2.HardwareConfig(
+            gpu_type="nvidia-l4", gpu_count=2, strategy=job_pb2.DISTRIBUTED_STRATEGY_ZERO2
+        ),
+    )
     spec.hyperparameters.batch_size = 8
     spec.hyperparameters.gradient_checkpointing = True
     spec.lora.target_modules.extend(["q_proj", "lm_head_x"])
     setup = resolve_spec(spec, CATALOG).setup
-    assert (setup.adapter, setup.quantization_bits, setup.precision, setup.gpu_count, setup.strategy,
-            setup.batch_size, setup.gradient_checkpointing) == ("qlora", 8, "fp16", 2, "zero2", 8, True)
+    assert (
+        setup.adapter,
+        setup.quantization_bits,
+        setup.precision,
+        setup.gpu_count,
+        setup.strategy,
+        setup.batch_size,
+        setup.gradient_checkpointing,
+    ) == ("qlora", 8, "fp16", 2, "zero2", 8, True)
     assert any("lm_head_x" in note for note in resolve_spec(spec, CATALOG).notes)
 
 
 def test_spec_checks_name_every_bad_field() -> None:
-    spec = job_pb2.JobSpec(hardware=job_pb2.HardwareConfig(gpu_type="nvidia-b200", gpu_count=9),
-                           method=job_pb2.TRAINING_METHOD_DISTILLATION)
+    spec = job_pb2.JobSpec(
+        hardware=job_pb2.HardwareConfig(gpu_type="nvidia-b200", gpu_count=9),
+        method=job_pb2.TRAINING_METHOD_DISTILLATION,
+    )
     spec.hyperparameters.batch_size = 0
     spec.hyperparameters.max_seq_length = 8
     spec.lora.rank = 0
@@ -116,12 +153,19 @@ def test_spec_checks_name_every_bad_field() -> None:
     with pytest.raises(InvalidArgument) as caught:
         resolve_spec(spec, CATALOG)
     assert set(fields(caught.value)) == {
-        "spec.base_model", "spec.hyperparameters.batch_size", "spec.hyperparameters.max_seq_length",
-        "spec.lora.rank", "spec.quantization.bits", "spec.distillation.teacher_model",
-        "spec.hardware.gpu_type", "spec.hardware.gpu_count"}
+        "spec.base_model",
+        "spec.hyperparameters.batch_size",
+        "spec.hyperparameters.max_seq_length",
+        "spec.lora.rank",
+        "spec.quantization.bits",
+        "spec.distillation.teacher_model",
+        "spec.hardware.gpu_type",
+        "spec.hardware.gpu_count",
+    }
 
-    cpu = job_pb2.JobSpec(base_model="Qwen/Qwen2.5-0.5B", hardware=job_pb2.HardwareConfig(gpu_type="cpu",
-                                                                                          gpu_count=2))
+    cpu = job_pb2.JobSpec(
+        base_model="Qwen/Qwen2.5-0.5B", hardware=job_pb2.HardwareConfig(gpu_type="cpu", gpu_count=2)
+    )
     with pytest.raises(InvalidArgument) as caught:
         resolve_spec(cpu, CATALOG)
     assert fields(caught.value) == ["spec.hardware.gpu_count"]

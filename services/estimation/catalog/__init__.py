@@ -15,9 +15,28 @@ from typing import Any
 from services.estimation.estimator import MIB, Architecture, Hardware
 
 CATALOG_DIR = Path(__file__).parent
-_ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                      "intermediate_size", "vocab_size", "tied_embeddings", "head_dim", "num_experts",
-                      "num_experts_per_token", "attention_bias", "norms_per_layer")
+_ARCHITECTURE_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "tied_embeddings",
+    "head_dim",
+    "num_experts",
+    "num_experts_per_token",
+    "attention_bias",
+    "norms_per_layer",
+    "gated_mlp",
+    "norm_bias",
+    "vision_parameters",
+    "fused_qkv",
+    "fused_gate_up",
+    "attention_score_bytes",
+    "fp32_norm_scale",
+    "logit_softcapping",
+)
 
 
 @dataclass(frozen=True)
@@ -43,14 +62,14 @@ class Catalog:
         self._by_id = {m.id.lower(): m for m in self._models}
 
     @classmethod
-    def load(cls, directory: Path | None = None,
-             hourly_usd: Mapping[str, float] | None = None) -> Catalog:
+    def load(cls, directory: Path | None = None, hourly_usd: Mapping[str, float] | None = None) -> Catalog:
         directory = directory or CATALOG_DIR
         try:
             hw_doc = json.loads((directory / "hardware.json").read_text(encoding="utf-8"))
             model_doc = json.loads((directory / "models.json").read_text(encoding="utf-8"))
-            hardware = [_hardware(entry, hw_doc.get("defaults", {}), hourly_usd or {})
-                        for entry in hw_doc["options"]]
+            hardware = [
+                _hardware(entry, hw_doc.get("defaults", {}), hourly_usd or {}) for entry in hw_doc["options"]
+            ]
             models = [m for entry in model_doc["models"] for m in _models(entry)]
         except (OSError, KeyError, TypeError, ValueError) as exc:
             raise CatalogError(f"catalog in {directory} is invalid: {exc!r}") from exc
@@ -79,22 +98,39 @@ class Catalog:
 def _hardware(entry: dict[str, Any], defaults: dict[str, Any], prices: Mapping[str, float]) -> Hardware:
     merged = {**defaults, **entry}
     return Hardware(
-        gpu_type=merged["gpu_type"], display_name=merged["display_name"],
-        memory_bytes=int(merged["memory_mib"]) * MIB, peak_tflops=float(merged["peak_tflops"]),
+        gpu_type=merged["gpu_type"],
+        display_name=merged["display_name"],
+        memory_bytes=int(merged["memory_mib"]) * MIB,
+        peak_tflops=float(merged["peak_tflops"]),
         supports_bf16=bool(merged["supports_bf16"]),
         hourly_usd=float(prices.get(merged["gpu_type"], merged["hourly_usd"])),
         allowed_gpu_counts=tuple(int(c) for c in merged["allowed_gpu_counts"]),
-        min_storage_gb=int(merged["min_storage_gb"]), max_storage_gb=int(merged["max_storage_gb"]),
+        min_storage_gb=int(merged["min_storage_gb"]),
+        max_storage_gb=int(merged["max_storage_gb"]),
     )
 
 
 def _models(entry: dict[str, Any]) -> list[CatalogModel]:
     arch = Architecture(**{k: entry[k] for k in _ARCHITECTURE_KEYS if k in entry})
-    base = CatalogModel(id=entry["id"], family=entry["family"], model_type=entry.get("type", "llm"),
-                        parameter_count=int(entry["parameter_count"]), architecture=arch,
-                        max_context_length=int(entry["max_context_length"]), license=entry["license"])
-    variants = [CatalogModel(id=v, family=base.family, model_type=base.model_type,
-                             parameter_count=base.parameter_count, architecture=arch,
-                             max_context_length=base.max_context_length, license=base.license)
-                for v in entry.get("variants", [])]
+    base = CatalogModel(
+        id=entry["id"],
+        family=entry["family"],
+        model_type=entry.get("type", "llm"),
+        parameter_count=int(entry["parameter_count"]),
+        architecture=arch,
+        max_context_length=int(entry["max_context_length"]),
+        license=entry["license"],
+    )
+    variants = [
+        CatalogModel(
+            id=v,
+            family=base.family,
+            model_type=base.model_type,
+            parameter_count=base.parameter_count,
+            architecture=arch,
+            max_context_length=base.max_context_length,
+            license=base.license,
+        )
+        for v in entry.get("variants", [])
+    ]
     return [base, *variants]

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from tuneforge.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -50,7 +51,8 @@ class _EstimateSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Estima
     ESTIMATE_SOURCE_CALIBRATED: _EstimateSource.ValueType  # 2
     """Adjusted by measurements of finished jobs of the same model family and hardware."""
 
-class EstimateSource(_EstimateSource, metaclass=_EstimateSourceEnumTypeWrapper): ...
+class EstimateSource(_EstimateSource, metaclass=_EstimateSourceEnumTypeWrapper):
+    """The basis of an estimate's figures."""
 
 ESTIMATE_SOURCE_UNSPECIFIED: EstimateSource.ValueType  # 0
 ESTIMATE_SOURCE_PRIOR: EstimateSource.ValueType  # 1
@@ -80,6 +82,9 @@ class BaseModel(_message.Message):
     NUM_EXPERTS_PER_TOKEN_FIELD_NUMBER: _builtins.int
     MAX_CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     LICENSE_FIELD_NUMBER: _builtins.int
+    HEAD_DIM_FIELD_NUMBER: _builtins.int
+    VISION_PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
+    GATED_MLP_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Hugging Face id, e.g. "meta-llama/Llama-3.1-8B-Instruct"."""
     family: _builtins.str
@@ -97,6 +102,13 @@ class BaseModel(_message.Message):
     num_experts_per_token: _builtins.int
     max_context_length: _builtins.int
     license: _builtins.str
+    """License of the weights, as the model card names it, with a note where it restricts use."""
+    head_dim: _builtins.int
+    """Width of one attention head; usually hidden_size / num_attention_heads (Gemma sets it apart)."""
+    vision_parameter_count: _builtins.int
+    """Parameters of the vision tower and projector of a VLM (included in parameter_count); 0 for an LLM."""
+    gated_mlp: _builtins.bool
+    """Whether the MLP is gated (SwiGLU/GeGLU: gate, up and down projections) or plain (up and down)."""
     def __init__(
         self,
         *,
@@ -115,10 +127,13 @@ class BaseModel(_message.Message):
         num_experts_per_token: _builtins.int = ...,
         max_context_length: _builtins.int = ...,
         license: _builtins.str = ...,
+        head_dim: _builtins.int = ...,
+        vision_parameter_count: _builtins.int = ...,
+        gated_mlp: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "hidden_size", b"hidden_size", "id", b"id", "intermediate_size", b"intermediate_size", "license", b"license", "max_context_length", b"max_context_length", "num_attention_heads", b"num_attention_heads", "num_experts", b"num_experts", "num_experts_per_token", b"num_experts_per_token", "num_key_value_heads", b"num_key_value_heads", "num_layers", b"num_layers", "parameter_count", b"parameter_count", "tied_embeddings", b"tied_embeddings", "type", b"type", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "gated_mlp", b"gated_mlp", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "id", b"id", "intermediate_size", b"intermediate_size", "license", b"license", "max_context_length", b"max_context_length", "num_attention_heads", b"num_attention_heads", "num_experts", b"num_experts", "num_experts_per_token", b"num_experts_per_token", "num_key_value_heads", b"num_key_value_heads", "num_layers", b"num_layers", "parameter_count", b"parameter_count", "tied_embeddings", b"tied_embeddings", "type", b"type", "vision_parameter_count", b"vision_parameter_count", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -185,6 +200,11 @@ class MemoryBreakdown(_message.Message):
     LOGITS_FIELD_NUMBER: _builtins.int
     FRAMEWORK_OVERHEAD_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    REFERENCE_WEIGHTS_FIELD_NUMBER: _builtins.int
+    OFFLOADED_TO_CPU_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_CONSTANTS_FIELD_NUMBER: _builtins.int
+    TRANSIENT_FIELD_NUMBER: _builtins.int
+    CALIBRATION_ADJUSTMENT_FIELD_NUMBER: _builtins.int
     weights: _builtins.int
     trainable_parameters: _builtins.int
     gradients: _builtins.int
@@ -193,6 +213,27 @@ class MemoryBreakdown(_message.Message):
     logits: _builtins.int
     framework_overhead: _builtins.int
     total: _builtins.int
+    """The sum of the terms above: what one GPU must hold at its peak."""
+    reference_weights: _builtins.int
+    """Part of `weights`: frozen copies beside the trained model (a DPO/KTO/GRPO reference model for full
+    fine-tuning, a distillation teacher).
+    """
+    offloaded_to_cpu: _builtins.int
+    """Host (CPU) memory per GPU that ZeRO offload moves out of the GPU (optimizer states and fp32 master
+    weights); not part of `total`.
+    """
+    quantization_constants: _builtins.int
+    """Part of `weights`: the quantization constants of a 4- or 8-bit base (absmax per block, and the
+    second-level constants with double quantization).
+    """
+    transient: _builtins.int
+    """Short-lived buffers at the peak: autocast's 16-bit copies of fp32 weights kept for backward, and the
+    optimizer step's temporaries (one fp32 buffer per trained parameter for AdamW). Included in `total`.
+    """
+    calibration_adjustment: _builtins.int
+    """Measured minus predicted peak of finished jobs of this model family on this GPU type, scaled to this
+    spec (negative when they needed less). Included in `total`; 0 for a prior.
+    """
     def __init__(
         self,
         *,
@@ -204,10 +245,15 @@ class MemoryBreakdown(_message.Message):
         logits: _builtins.int = ...,
         framework_overhead: _builtins.int = ...,
         total: _builtins.int = ...,
+        reference_weights: _builtins.int = ...,
+        offloaded_to_cpu: _builtins.int = ...,
+        quantization_constants: _builtins.int = ...,
+        transient: _builtins.int = ...,
+        calibration_adjustment: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "framework_overhead", b"framework_overhead", "gradients", b"gradients", "logits", b"logits", "optimizer_states", b"optimizer_states", "total", b"total", "trainable_parameters", b"trainable_parameters", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "calibration_adjustment", b"calibration_adjustment", "framework_overhead", b"framework_overhead", "gradients", b"gradients", "logits", b"logits", "offloaded_to_cpu", b"offloaded_to_cpu", "optimizer_states", b"optimizer_states", "quantization_constants", b"quantization_constants", "reference_weights", b"reference_weights", "total", b"total", "trainable_parameters", b"trainable_parameters", "transient", b"transient", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,6 +269,7 @@ class TimeEstimate(_message.Message):
     TRAINING_SECONDS_FIELD_NUMBER: _builtins.int
     OVERHEAD_SECONDS_FIELD_NUMBER: _builtins.int
     TOTAL_SECONDS_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     training_tokens: _builtins.int
     flops_per_token: _builtins.float
     utilization: _builtins.float
@@ -230,6 +277,8 @@ class TimeEstimate(_message.Message):
     overhead_seconds: _builtins.float
     """Setup, evaluation and export."""
     total_seconds: _builtins.float
+    tokens_per_second: _builtins.float
+    """Training throughput the estimate assumes, in tokens per second over all GPUs."""
     def __init__(
         self,
         *,
@@ -239,10 +288,11 @@ class TimeEstimate(_message.Message):
         training_seconds: _builtins.float = ...,
         overhead_seconds: _builtins.float = ...,
         total_seconds: _builtins.float = ...,
+        tokens_per_second: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["flops_per_token", b"flops_per_token", "overhead_seconds", b"overhead_seconds", "total_seconds", b"total_seconds", "training_seconds", b"training_seconds", "training_tokens", b"training_tokens", "utilization", b"utilization"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flops_per_token", b"flops_per_token", "overhead_seconds", b"overhead_seconds", "tokens_per_second", b"tokens_per_second", "total_seconds", b"total_seconds", "training_seconds", b"training_seconds", "training_tokens", b"training_tokens", "utilization", b"utilization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -284,11 +334,22 @@ class HardwareFit(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CALIBRATION_JOBS_FIELD_NUMBER: _builtins.int
     gpu_type: _builtins.str
     gpu_count: _builtins.int
     fits: _builtins.bool
     reason: _builtins.str
     """Why it does not fit, in a sentence."""
+    strategy: _job_pb2.DistributedStrategy.ValueType
+    """The distributed strategy the figures assume (a fit found on several GPUs shards with ZeRO-3 when the
+    spec asked for none).
+    """
+    source: Global___EstimateSource.ValueType
+    """PRIOR, or CALIBRATED when finished jobs of the same model family on this GPU type adjusted it."""
+    calibration_jobs: _builtins.int
+    """Finished jobs the calibration of this fit rests on; 0 for a prior."""
     @_builtins.property
     def memory_per_gpu(self) -> Global___MemoryBreakdown: ...
     @_builtins.property
@@ -305,10 +366,13 @@ class HardwareFit(_message.Message):
         reason: _builtins.str = ...,
         time: Global___TimeEstimate | None = ...,
         cost: Global___CostEstimate | None = ...,
+        strategy: _job_pb2.DistributedStrategy.ValueType = ...,
+        source: Global___EstimateSource.ValueType = ...,
+        calibration_jobs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "memory_per_gpu", b"memory_per_gpu", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "fits", b"fits", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "memory_per_gpu", b"memory_per_gpu", "reason", b"reason", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_jobs", b"calibration_jobs", "cost", b"cost", "fits", b"fits", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "memory_per_gpu", b"memory_per_gpu", "reason", b"reason", "source", b"source", "strategy", b"strategy", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

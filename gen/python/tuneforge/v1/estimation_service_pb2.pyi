@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from tuneforge.v1 import dataset_pb2 as _dataset_pb2
 from tuneforge.v1 import estimation_pb2 as _estimation_pb2
 from tuneforge.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
@@ -115,11 +116,17 @@ class GetModelRequirementsRequest(_message.Message):
     ADAPTER_FIELD_NUMBER: _builtins.int
     MAX_SEQ_LENGTH_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     adapter: _job_pb2.AdapterType.ValueType
     max_seq_length: _builtins.int
     """Sequence length and micro-batch to assume; defaults 2048 and 1."""
     batch_size: _builtins.int
+    method: _job_pb2.TrainingMethod.ValueType
+    """Default SFT."""
+    gradient_checkpointing: _builtins.bool
+    """Default false, as in job.proto."""
     def __init__(
         self,
         *,
@@ -127,12 +134,16 @@ class GetModelRequirementsRequest(_message.Message):
         adapter: _job_pb2.AdapterType.ValueType = ...,
         max_seq_length: _builtins.int = ...,
         batch_size: _builtins.int = ...,
+        method: _job_pb2.TrainingMethod.ValueType = ...,
+        gradient_checkpointing: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "gradient_checkpointing", b"gradient_checkpointing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "batch_size", b"batch_size", "max_seq_length", b"max_seq_length", "model_id", b"model_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing", "adapter", b"adapter", "batch_size", b"batch_size", "gradient_checkpointing", b"gradient_checkpointing", "max_seq_length", b"max_seq_length", "method", b"method", "model_id", b"model_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
+    _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_checkpointing) -> _WhichOneofReturnType__gradient_checkpointing | None: ...
 
 Global___GetModelRequirementsRequest: _TypeAlias = GetModelRequirementsRequest  # noqa: Y015
 
@@ -143,13 +154,20 @@ class GetModelRequirementsResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     MEMORY_PER_GPU_FIELD_NUMBER: _builtins.int
     RECOMMENDED_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def model(self) -> _estimation_pb2.BaseModel: ...
     @_builtins.property
-    def memory_per_gpu(self) -> _estimation_pb2.MemoryBreakdown: ...
+    def memory_per_gpu(self) -> _estimation_pb2.MemoryBreakdown:
+        """For the requested adapter, on the GPU of `recommended` (or the largest when none fits)."""
+
     @_builtins.property
     def recommended(self) -> _estimation_pb2.HardwareFit:
-        """The cheapest hardware that fits."""
+        """The cheapest hardware that fits the requested adapter."""
+
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterRequirement]:
+        """The same for every adapter type (LoRA, QLoRA, full, prompt tuning): the table a user picks from."""
 
     def __init__(
         self,
@@ -157,14 +175,46 @@ class GetModelRequirementsResponse(_message.Message):
         model: _estimation_pb2.BaseModel | None = ...,
         memory_per_gpu: _estimation_pb2.MemoryBreakdown | None = ...,
         recommended: _estimation_pb2.HardwareFit | None = ...,
+        adapters: _abc.Iterable[Global___AdapterRequirement] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory_per_gpu", b"memory_per_gpu", "model", b"model", "recommended", b"recommended"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_per_gpu", b"memory_per_gpu", "model", b"model", "recommended", b"recommended"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "memory_per_gpu", b"memory_per_gpu", "model", b"model", "recommended", b"recommended"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelRequirementsResponse: _TypeAlias = GetModelRequirementsResponse  # noqa: Y015
+
+@_typing.final
+class AdapterRequirement(_message.Message):
+    """What one adapter type needs for the model, with the request's method, length and batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    MEMORY_PER_GPU_FIELD_NUMBER: _builtins.int
+    RECOMMENDED_FIELD_NUMBER: _builtins.int
+    adapter: _job_pb2.AdapterType.ValueType
+    @_builtins.property
+    def memory_per_gpu(self) -> _estimation_pb2.MemoryBreakdown: ...
+    @_builtins.property
+    def recommended(self) -> _estimation_pb2.HardwareFit:
+        """The cheapest configuration that fits; unset when none does."""
+
+    def __init__(
+        self,
+        *,
+        adapter: _job_pb2.AdapterType.ValueType = ...,
+        memory_per_gpu: _estimation_pb2.MemoryBreakdown | None = ...,
+        recommended: _estimation_pb2.HardwareFit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory_per_gpu", b"memory_per_gpu", "recommended", b"recommended"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "memory_per_gpu", b"memory_per_gpu", "recommended", b"recommended"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdapterRequirement: _TypeAlias = AdapterRequirement  # noqa: Y015
 
 @_typing.final
 class EstimateJobRequest(_message.Message):
@@ -255,6 +305,9 @@ class ValidateHardwareResponse(_message.Message):
     REQUESTED_FIELD_NUMBER: _builtins.int
     CHEAPEST_FIT_FIELD_NUMBER: _builtins.int
     SUGGESTIONS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    source: _estimation_pb2.EstimateSource.ValueType
     @_builtins.property
     def requested(self) -> _estimation_pb2.HardwareFit: ...
     @_builtins.property
@@ -265,16 +318,20 @@ class ValidateHardwareResponse(_message.Message):
     def suggestions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """A change to the spec that would make the requested hardware fit, in a sentence."""
 
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         requested: _estimation_pb2.HardwareFit | None = ...,
         cheapest_fit: _estimation_pb2.HardwareFit | None = ...,
         suggestions: _abc.Iterable[_builtins.str] | None = ...,
+        source: _estimation_pb2.EstimateSource.ValueType = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cheapest_fit", b"cheapest_fit", "requested", b"requested"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cheapest_fit", b"cheapest_fit", "requested", b"requested", "suggestions", b"suggestions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cheapest_fit", b"cheapest_fit", "notes", b"notes", "requested", b"requested", "source", b"source", "suggestions", b"suggestions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -288,12 +345,19 @@ class EstimateCostRequest(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     TOKENS_PER_EPOCH_FIELD_NUMBER: _builtins.int
     ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
     tokens_per_epoch: _builtins.int
     elapsed_seconds: _builtins.float
-    """For a running job: seconds it has run so far, to report the cost so far."""
+    """For a running job given by its spec: seconds it has run so far, to report the cost so far."""
+    job_id: _builtins.str
+    """A job of the organization (id or name): its spec, the time it has run and its progress are read from
+    the jobs service, and the projection follows its measured pace.
+    """
     @_builtins.property
-    def spec(self) -> _job_pb2.JobSpec: ...
+    def spec(self) -> _job_pb2.JobSpec:
+        """The job to price; ignored when job_id is set (the job's own spec is used)."""
+
     def __init__(
         self,
         *,
@@ -301,10 +365,11 @@ class EstimateCostRequest(_message.Message):
         spec: _job_pb2.JobSpec | None = ...,
         tokens_per_epoch: _builtins.int = ...,
         elapsed_seconds: _builtins.float = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_seconds", b"elapsed_seconds", "organization", b"organization", "spec", b"spec", "tokens_per_epoch", b"tokens_per_epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_seconds", b"elapsed_seconds", "job_id", b"job_id", "organization", b"organization", "spec", b"spec", "tokens_per_epoch", b"tokens_per_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -318,12 +383,27 @@ class EstimateCostResponse(_message.Message):
     CURRENT_USD_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    NOTES_FIELD_NUMBER: _builtins.int
+    ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
+    FRACTION_COMPLETE_FIELD_NUMBER: _builtins.int
     current_usd: _builtins.float
     source: _estimation_pb2.EstimateSource.ValueType
+    elapsed_seconds: _builtins.float
+    """Seconds the job has run (as given, or from the job's start time)."""
+    fraction_complete: _builtins.float
+    """Fraction of the training steps done, 0-1, when the job reports progress."""
     @_builtins.property
-    def projected_total(self) -> _estimation_pb2.CostEstimate: ...
+    def projected_total(self) -> _estimation_pb2.CostEstimate:
+        """What the whole job costs: the estimate, or for a running job its cost so far plus the rest at its
+        measured pace.
+        """
+
     @_builtins.property
     def time(self) -> _estimation_pb2.TimeEstimate: ...
+    @_builtins.property
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """How the figures were reached (progress used, fallbacks taken)."""
+
     def __init__(
         self,
         *,
@@ -331,10 +411,13 @@ class EstimateCostResponse(_message.Message):
         current_usd: _builtins.float = ...,
         time: _estimation_pb2.TimeEstimate | None = ...,
         source: _estimation_pb2.EstimateSource.ValueType = ...,
+        notes: _abc.Iterable[_builtins.str] | None = ...,
+        elapsed_seconds: _builtins.float = ...,
+        fraction_complete: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["projected_total", b"projected_total", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_usd", b"current_usd", "projected_total", b"projected_total", "source", b"source", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_usd", b"current_usd", "elapsed_seconds", b"elapsed_seconds", "fraction_complete", b"fraction_complete", "notes", b"notes", "projected_total", b"projected_total", "source", b"source", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,15 +456,33 @@ class PlanJobResponse(_message.Message):
     CHEAPEST_FIT_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
+    DATASET_VALIDATION_FIELD_NUMBER: _builtins.int
+    REQUESTED_FIELD_NUMBER: _builtins.int
+    TRAIN_EXAMPLES_FIELD_NUMBER: _builtins.int
+    SUGGESTIONS_FIELD_NUMBER: _builtins.int
     tokens_per_epoch: _builtins.int
     training_tokens: _builtins.int
     source: _estimation_pb2.EstimateSource.ValueType
+    train_examples: _builtins.int
+    """Examples in the train split, when known."""
     @_builtins.property
     def fits(self) -> _containers.RepeatedCompositeFieldContainer[_estimation_pb2.HardwareFit]: ...
     @_builtins.property
     def cheapest_fit(self) -> _estimation_pb2.HardwareFit: ...
     @_builtins.property
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def dataset_validation(self) -> _dataset_pb2.ValidationSummary:
+        """The dataset's validation summary (errors and warnings found at upload)."""
+
+    @_builtins.property
+    def requested(self) -> _estimation_pb2.HardwareFit:
+        """The fit on the spec's own hardware, when it names a GPU type."""
+
+    @_builtins.property
+    def suggestions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A change to the spec that would make the requested hardware fit, when it does not."""
+
     def __init__(
         self,
         *,
@@ -391,10 +492,14 @@ class PlanJobResponse(_message.Message):
         cheapest_fit: _estimation_pb2.HardwareFit | None = ...,
         source: _estimation_pb2.EstimateSource.ValueType = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
+        dataset_validation: _dataset_pb2.ValidationSummary | None = ...,
+        requested: _estimation_pb2.HardwareFit | None = ...,
+        train_examples: _builtins.int = ...,
+        suggestions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cheapest_fit", b"cheapest_fit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cheapest_fit", b"cheapest_fit", "dataset_validation", b"dataset_validation", "requested", b"requested"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cheapest_fit", b"cheapest_fit", "fits", b"fits", "notes", b"notes", "source", b"source", "tokens_per_epoch", b"tokens_per_epoch", "training_tokens", b"training_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cheapest_fit", b"cheapest_fit", "dataset_validation", b"dataset_validation", "fits", b"fits", "notes", b"notes", "requested", b"requested", "source", b"source", "suggestions", b"suggestions", "tokens_per_epoch", b"tokens_per_epoch", "train_examples", b"train_examples", "training_tokens", b"training_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,177 @@
+"""Calibration: what finished jobs measured, turned into factors on later estimates of the same model family
+on the same GPU type.
+
+A job's SUCCEEDED JobChanged event carries its spec and `output.final_metrics`; the worker reports
+`train_tokens_per_second` (else `num_input_tokens_seen` / `train_runtime`), `peak_gpu_memory_bytes` (peak of
+torch.cuda.max_memory_allocated) and `peak_rss_bytes` (the training process on a CPU worker). Each is stored
+beside what the prior predicted for that very spec, and an estimate uses
+
+- throughput: the median of measured / predicted over the most recent jobs (a best guess of time), and
+- memory: the largest measured / predicted seen, never below `MIN_MEMORY_FACTOR` (admission must not let a
+  job through that then runs out of memory, so one bad surprise outweighs many comfortable runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from tuneforge.v1 import job_pb2
+
+from services.estimation.catalog import Catalog
+from services.estimation.estimator import Calibration, memory_per_gpu, tokens_per_second
+from services.estimation.models import CalibrationRow
+from services.estimation.spec import resolve_spec
+from services.kit.db import Database
+from services.kit.errors import TuneForgeError
+
+log = logging.getLogger(__name__)
+
+# Most recent jobs a factor is computed from: old hardware drivers and library versions age out.
+WINDOW = 20
+MIN_MEMORY_FACTOR = 0.9
+# Ratios outside these bounds are measurement errors (a job that barely ran), not calibration.
+RATIO_BOUNDS = (0.05, 20.0)
+CPU = "cpu"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one finished job measured, and what the prior had predicted for it."""
+
+    job_id: str
+    family: str
+    gpu_type: str
+    gpu_count: int
+    adapter: str
+    method: str
+    base_model: str
+    measured_tokens_per_second: float | None
+    predicted_tokens_per_second: float
+    measured_peak_bytes: int | None
+    predicted_peak_bytes: int
+    # When the job finished (its end time); None: when it is recorded.
+    recorded_at: datetime | None = None
+
+
+def measure(job: job_pb2.Job, catalog: Catalog) -> Measurement | None:
+    """The measurement of a SUCCEEDED job, or None when it measured nothing usable or its model or
+    hardware is unknown here (the reason is logged: such a job simply does not calibrate)."""
+    metrics = job.output.final_metrics
+    try:
+        resolved = resolve_spec(job.spec, catalog)
+    except TuneForgeError as exc:
+        log.info("job %s does not calibrate: its spec does not resolve here (%s)", job.id, exc)
+        return None
+    gpu_type = job.spec.hardware.gpu_type or (CPU if "peak_gpu_memory_bytes" not in metrics else "")
+    hardware = catalog.hardware(gpu_type) if gpu_type else None
+    if hardware is None:
+        log.info("job %s does not calibrate: its GPU type is not known", job.id)
+        return None
+    setup = resolved.setup
+    arch = resolved.model.architecture
+
+    measured_tps = metrics.get("train_tokens_per_second")
+    seen, runtime = metrics.get("num_input_tokens_seen"), metrics.get("train_runtime")
+    if not measured_tps and seen and runtime:
+        measured_tps = seen / runtime
+    context = setup.sequence_length
+    global_batch = setup.batch_size * setup.gradient_accumulation_steps * setup.world_size
+    if seen and job.progress.total_steps:
+        context = max(1, min(context, round(seen / (job.progress.total_steps * global_batch))))
+    predicted_tps = tokens_per_second(arch, setup, hardware, context)
+
+    memory = memory_per_gpu(arch, setup, hardware)
+    if hardware.is_cpu:
+        # The process' resident set: interpreter, libraries and all, which the framework overhead stands for.
+        measured_peak, predicted_peak = metrics.get("peak_rss_bytes"), memory.total
+    else:
+        measured_peak, predicted_peak = metrics.get("peak_gpu_memory_bytes"), memory.measured_part
+    if not measured_tps and not measured_peak:
+        log.info("job %s does not calibrate: its final metrics hold no throughput or peak memory", job.id)
+        return None
+    return Measurement(
+        job_id=job.id,
+        family=resolved.model.family,
+        gpu_type=hardware.gpu_type,
+        gpu_count=setup.world_size,
+        adapter=setup.adapter,
+        method=setup.method,
+        base_model=job.spec.base_model[:255],
+        measured_tokens_per_second=float(measured_tps) if measured_tps else None,
+        predicted_tokens_per_second=predicted_tps,
+        measured_peak_bytes=int(measured_peak) if measured_peak else None,
+        predicted_peak_bytes=predicted_peak,
+        recorded_at=job.end_time.ToDatetime(tzinfo=UTC) if job.HasField("end_time") else None,
+    )
+
+
+def _ratio(measured: float | None, predicted: float | None) -> float | None:
+    if not measured or not predicted:
+        return None
+    ratio = measured / predicted
+    return ratio if RATIO_BOUNDS[0] <= ratio <= RATIO_BOUNDS[1] else None
+
+
+def factors(rows: list[CalibrationRow]) -> Calibration | None:
+    """The calibration the rows support; None without a usable ratio."""
+    throughput = [
+        r
+        for r in (_ratio(x.measured_tokens_per_second, x.predicted_tokens_per_second) for x in rows)
+        if r is not None
+    ]
+    memory = [
+        r for r in (_ratio(x.measured_peak_bytes, x.predicted_peak_bytes) for x in rows) if r is not None
+    ]
+    if not throughput and not memory:
+        return None
+    return Calibration(
+        jobs=len(rows),
+        throughput=statistics.median(throughput) if throughput else None,
+        memory=max(MIN_MEMORY_FACTOR, max(memory)) if memory else None,
+    )
+
+
+class CalibrationStore:
+    """The measurements, in the estimation service's own tables."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def record(self, measurement: Measurement) -> bool:
+        """Stores a job's measurement once; False when the job was already recorded."""
+
+        def _record(session: Session) -> bool:
+            if session.get(CalibrationRow, measurement.job_id) is not None:
+                return False
+            fields = {k: v for k, v in measurement.__dict__.items() if v is not None or k != "recorded_at"}
+            session.add(CalibrationRow(**fields))
+            return True
+
+        return await self.db.run(_record)
+
+    async def for_family(self, family: str) -> dict[str, Calibration]:
+        """Calibration per GPU type for one model family, from its most recent jobs on each."""
+
+        def _load(session: Session) -> dict[str, list[CalibrationRow]]:
+            rows = session.scalars(
+                select(CalibrationRow)
+                .where(CalibrationRow.family == family)
+                .order_by(CalibrationRow.recorded_at.desc())
+            ).all()
+            by_gpu: dict[str, list[CalibrationRow]] = {}
+            for row in rows:
+                if len(by_gpu.setdefault(row.gpu_type, [])) < WINDOW:
+                    by_gpu[row.gpu_type].append(row)
+            return by_gpu
+
+        out: dict[str, Calibration] = {}
+        for gpu_type, rows in (await self.db.run(_load)).items():
+            calibration = factors(rows)
+            if calibration is not None:
+                out[gpu_type] = calibration
+        return out
