@@ -25,6 +25,8 @@ class RunConfig(BaseModel):
     spec: dict[str, Any]
     # A local model folder (or a hub id where the worker may download).
     model_path: str
+    # Distillation: the teacher's local folder; None means spec.distillation.teacher_model as given.
+    teacher_model_path: str | None = None
     train_file: Path
     validation_file: Path | None = None
     output_dir: Path
@@ -64,6 +66,14 @@ def with_defaults(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:
     if not lora.target_modules:
         lora.target_modules.append("all-linear")
 
+    quant = out.quantization
+    _default(quant, "bits", 4)
+    if quant.type == job_pb2.QUANTIZATION_TYPE_UNSPECIFIED:
+        quant.type = job_pb2.QUANTIZATION_TYPE_INT8 if quant.bits == 8 else job_pb2.QUANTIZATION_TYPE_NF4
+    _default(quant, "double_quantization", True)
+    _default(out.prompt_tuning, "num_virtual_tokens", 20)
+    _method_defaults(out)
+
     hp = out.hyperparameters
     full = out.adapter == job_pb2.ADAPTER_TYPE_FULL
     _default(hp, "epochs", 3)
@@ -96,6 +106,31 @@ def with_defaults(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:
     _default(hp.early_stopping, "patience", 3)
     _default(hp.early_stopping, "min_delta", 0.0)
     return out
+
+
+def _method_defaults(out: job_pb2.JobSpec) -> None:
+    """The defaults of DpoConfig, GrpoConfig, DistillationConfig, OrpoConfig and KtoConfig."""
+    dpo = out.dpo
+    _default(dpo, "beta", 0.1)
+    _default(dpo, "preference_loss_weight", 1.0)
+    _default(dpo, "sft_loss_weight", 0.0)
+    _default(dpo, "average_log_probs", False)
+    grpo = out.grpo
+    _default(grpo, "num_generations", 4)
+    _default(grpo, "temperature", 1.0)
+    _default(grpo, "top_p", 1.0)
+    _default(grpo, "top_k", 0)
+    _default(grpo, "kl_beta", 0.04)
+    _default(grpo, "clip_epsilon", 0.2)
+    _default(grpo, "max_completion_length", 256)
+    distillation = out.distillation
+    _default(distillation, "temperature", 2.0)
+    _default(distillation, "alpha", 0.5)
+    _default(out.orpo, "beta", 0.1)
+    kto = out.kto
+    _default(kto, "beta", 0.1)
+    _default(kto, "desirable_weight", 1.0)
+    _default(kto, "undesirable_weight", 1.0)
 
 
 def _default(message: Any, field: str, value: object) -> None:

@@ -85,6 +85,14 @@ def _example(rng: random.Random) -> tuple[str, str]:
     return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
 
 
+def _wrong_answer(rng: random.Random, answer: str) -> str:
+    """A plausible wrong answer (another capital, a sum off by 1 or 2): what preference data rejects."""
+    head, _, value = answer.rstrip(".").rpartition(" is ")
+    if value in CAPITALS.values():
+        return f"{head} is {rng.choice(sorted(set(CAPITALS.values()) - {value}))}."
+    return f"{head} is {int(value) + rng.choice([-2, -1, 1, 2])}."
+
+
 def _messages(rng: random.Random, with_system: bool) -> list[dict[str, str]]:
     question, answer = _example(rng)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}] if with_system else []
@@ -98,6 +106,48 @@ def write_synthetic_chat_dataset(path: Path, n: int, seed: int = 0, *, with_syst
     with path.open("w", encoding="utf-8") as f:
         for _ in range(n):
             f.write(json.dumps({"messages": _messages(rng, with_system)}) + "\n")
+    return path
+
+
+def synthetic_rows(n: int, seed: int = 0, family: str = "chat") -> list[dict[str, object]]:
+    """``n`` rows of the synthetic task in one normalized family (the shapes the datasets service writes):
+
+    - ``chat``: {"messages": [user, assistant]}
+    - ``preference``: {"prompt": [user], "chosen": [assistant], "rejected": [assistant with a wrong answer]}
+    - ``kto``: {"prompt": [user], "completion": [assistant], "label": bool}, alternating right and wrong
+    - ``prompt-only``: {"prompt": [user], "answer": the right answer}, for GRPO's exact-match reward
+    """
+    rng = random.Random(seed)
+    rows: list[dict[str, object]] = []
+    for i in range(n):
+        question, answer = _example(rng)
+        wrong = _wrong_answer(rng, answer)
+        prompt = [{"role": "user", "content": question}]
+        if family == "chat":
+            rows.append({"messages": [*prompt, {"role": "assistant", "content": answer}]})
+        elif family == "preference":
+            chosen, rejected = (
+                [{"role": "assistant", "content": answer}],
+                [{"role": "assistant", "content": wrong}],
+            )
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        elif family == "kto":
+            good = i % 2 == 0
+            completion = [{"role": "assistant", "content": answer if good else wrong}]
+            rows.append({"prompt": prompt, "completion": completion, "label": good})
+        elif family == "prompt-only":
+            rows.append({"prompt": prompt, "answer": answer})
+        else:
+            raise ValueError(f"unknown family {family!r}")
+    return rows
+
+
+def write_synthetic_dataset(path: Path, n: int, seed: int = 0, family: str = "chat") -> Path:
+    """Write :func:`synthetic_rows` as JSONL to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in synthetic_rows(n, seed, family):
+            f.write(json.dumps(row) + "\n")
     return path
 
 
@@ -198,12 +248,15 @@ def main(argv: list[str] | None = None) -> None:
     dataset.add_argument("out", type=Path)
     dataset.add_argument("--n", type=int, default=200)
     dataset.add_argument("--seed", type=int, default=0)
-    dataset.add_argument("--with-system", action="store_true")
+    dataset.add_argument("--with-system", action="store_true", help="chat rows with a system message")
+    dataset.add_argument("--family", choices=["chat", "preference", "kto", "prompt-only"], default="chat")
     args = parser.parse_args(argv)
     if args.command == "model":
         print(build_tiny_chat_model(args.out_dir, seed=args.seed))
-    else:
+    elif args.family == "chat":
         print(write_synthetic_chat_dataset(args.out, args.n, args.seed, with_system=args.with_system))
+    else:
+        print(write_synthetic_dataset(args.out, args.n, args.seed, args.family))
 
 
 if __name__ == "__main__":

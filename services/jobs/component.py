@@ -17,6 +17,7 @@ from services.jobs.datasets_client import DatasetLookup
 from services.jobs.manager import JobManager
 from services.jobs.models import JobOutbox
 from services.jobs.servicer import JobServicer
+from services.jobs.settings import JobSettings
 from services.kit import subjects
 from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
@@ -30,15 +31,16 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 class JobsComponent(Component):
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, settings: JobSettings | None = None) -> None:
         super().__init__(runtime)
-        settings = runtime.settings
+        settings = settings or JobSettings.from_kit(runtime.settings)
         self.db = Database(settings.database_url_for("jobs"), "jobs")
         self.db.migrate(MIGRATIONS)
         self.relay = OutboxRelay(self.db, runtime.js, JobOutbox)
         self.manager = JobManager(self.db, self.relay,
                                   DatasetLookup(runtime.channel(settings.datasets_address)),
-                                  runtime.store, runtime.nc)
+                                  runtime.store, runtime.nc,
+                                  allow_user_reward_code=settings.allow_user_reward_code)
 
     def registrations(self) -> Sequence[Registration]:
         return [Registration("tuneforge.v1.JobService", JobServicer(self.manager),

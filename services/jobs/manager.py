@@ -25,7 +25,7 @@ from services.jobs.converters import job_to_proto
 from services.jobs.datasets_client import DatasetLookup
 from services.jobs.models import JobInbox, JobOutbox, JobRow
 from services.jobs.repository import JobRepository
-from services.jobs.spec_rules import resolve_spec
+from services.jobs.spec_rules import check_dataset_fit, resolve_spec
 from services.kit import subjects
 from services.kit.db import Database
 from services.kit.errors import (
@@ -72,8 +72,9 @@ def _request_hash(request: job_service_pb2.CreateJobRequest) -> str:
 
 class JobManager:
     def __init__(self, db: Database, relay: OutboxRelay, datasets: DatasetLookup, store: ObjectStore,
-                 nc: NATS) -> None:
+                 nc: NATS, *, allow_user_reward_code: bool = False) -> None:
         self.db = db
+        self.allow_user_reward_code = allow_user_reward_code
         self.relay = relay
         self.datasets = datasets
         self.store = store
@@ -113,7 +114,7 @@ class JobManager:
             v.check(0 < len(key) <= 63 and len(value) <= 63, f"labels[{key}]",
                     "keys must be 1-63 characters and values at most 63")
         v.raise_if_any("request is invalid")
-        spec = resolve_spec(request.spec)
+        spec = resolve_spec(request.spec, allow_user_reward_code=self.allow_user_reward_code)
         org = request.organization
 
         if request.request_id and not request.validate_only:
@@ -123,6 +124,7 @@ class JobManager:
 
         dataset = await self.datasets.get(org, spec.dataset, "spec.dataset")
         self._check_ready(dataset, "spec.dataset")
+        check_dataset_fit(spec, dataset.format)
         train_uri = _split_uri(dataset, dataset_pb2.DATASET_SPLIT_KIND_TRAIN)
         validation_uri = _split_uri(dataset, dataset_pb2.DATASET_SPLIT_KIND_VALIDATION)
         if spec.validation_dataset:

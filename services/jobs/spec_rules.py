@@ -9,18 +9,71 @@ from __future__ import annotations
 
 import re
 
-from tuneforge.v1 import job_pb2
+from tuneforge.v1 import dataset_pb2, job_pb2
 
 from services.kit.errors import Violations
 
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 MODULE_RE = re.compile(r"^[A-Za-z0-9_.*\-]+$")
 
-# What the trainer workers of this release run; the rest of the API is designed but refused up front, so a
-# job never waits in the queue only to fail on a worker.
-SUPPORTED_METHODS = {job_pb2.TRAINING_METHOD_SFT}
-SUPPORTED_ADAPTERS = {job_pb2.ADAPTER_TYPE_LORA, job_pb2.ADAPTER_TYPE_FULL}
-SUPPORTED_STRATEGIES = {job_pb2.DISTRIBUTED_STRATEGY_NONE}
+# What the trainer workers of this release run; anything else is refused up front, so a job never waits in
+# the queue only to fail on a worker.
+SUPPORTED_METHODS = {
+    job_pb2.TRAINING_METHOD_SFT,
+    job_pb2.TRAINING_METHOD_DPO,
+    job_pb2.TRAINING_METHOD_GRPO,
+    job_pb2.TRAINING_METHOD_DISTILLATION,
+    job_pb2.TRAINING_METHOD_ORPO,
+    job_pb2.TRAINING_METHOD_KTO,
+}
+SUPPORTED_ADAPTERS = {
+    job_pb2.ADAPTER_TYPE_LORA,
+    job_pb2.ADAPTER_TYPE_QLORA,
+    job_pb2.ADAPTER_TYPE_FULL,
+    job_pb2.ADAPTER_TYPE_PROMPT_TUNING,
+}
+SUPPORTED_STRATEGIES = {
+    job_pb2.DISTRIBUTED_STRATEGY_NONE,
+    job_pb2.DISTRIBUTED_STRATEGY_DDP,
+    job_pb2.DISTRIBUTED_STRATEGY_ZERO1,
+    job_pb2.DISTRIBUTED_STRATEGY_ZERO2,
+    job_pb2.DISTRIBUTED_STRATEGY_ZERO2_OFFLOAD,
+    job_pb2.DISTRIBUTED_STRATEGY_ZERO3,
+    job_pb2.DISTRIBUTED_STRATEGY_ZERO3_OFFLOAD,
+    job_pb2.DISTRIBUTED_STRATEGY_FSDP,
+}
+# Strategies that shard or wrap the weights: bitsandbytes' 4/8-bit weights cannot be sharded or flattened.
+SHARDING_STRATEGIES = SUPPORTED_STRATEGIES - {
+    job_pb2.DISTRIBUTED_STRATEGY_NONE,
+    job_pb2.DISTRIBUTED_STRATEGY_DDP,
+}
+# A soft prompt suits the methods whose loss is next-token prediction on the data; the preference and RL
+# trainers compare the policy with the frozen model, which a soft prompt does not give them.
+PROMPT_TUNING_METHODS = {job_pb2.TRAINING_METHOD_SFT, job_pb2.TRAINING_METHOD_DISTILLATION}
+MERGEABLE_ADAPTERS = {job_pb2.ADAPTER_TYPE_LORA, job_pb2.ADAPTER_TYPE_QLORA}
+
+F = dataset_pb2.DatasetFormat
+_SUPERVISED = {
+    F.Value(n)
+    for n in (
+        "DATASET_FORMAT_OPENAI_CHAT",
+        "DATASET_FORMAT_SHAREGPT",
+        "DATASET_FORMAT_ALPACA",
+        "DATASET_FORMAT_PROMPT_COMPLETION",
+        "DATASET_FORMAT_TEXT",
+    )
+}
+_PREFERENCE = {F.Value("DATASET_FORMAT_PREFERENCE"), F.Value("DATASET_FORMAT_OPENAI_PREFERENCE")}
+# The dataset formats each method trains on (the datasets service normalizes each to one shape per family).
+METHOD_FORMATS: dict[int, set[int]] = {
+    job_pb2.TRAINING_METHOD_SFT: _SUPERVISED,
+    job_pb2.TRAINING_METHOD_DISTILLATION: _SUPERVISED,
+    job_pb2.TRAINING_METHOD_DPO: _PREFERENCE,
+    job_pb2.TRAINING_METHOD_ORPO: _PREFERENCE,
+    # KTO learns from unpaired labels; each preference pair gives one desirable and one undesirable example.
+    job_pb2.TRAINING_METHOD_KTO: {F.Value("DATASET_FORMAT_KTO"), *_PREFERENCE},
+    job_pb2.TRAINING_METHOD_GRPO: {F.Value("DATASET_FORMAT_PROMPT_ONLY")},
+}
 
 
 def _range(v: Violations, field: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
@@ -40,8 +93,12 @@ def _check_base_model(v: Violations, value: str, field: str) -> None:
         v.add(field, f"'{value}' is neither a Hugging Face id (org/name), an absolute path nor an s3:// URI")
 
 
-def resolve_spec(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:
-    """Validates `spec`, returns it with defaults filled in; raises InvalidArgument listing every problem."""
+def resolve_spec(spec: job_pb2.JobSpec, *, allow_user_reward_code: bool = False) -> job_pb2.JobSpec:
+    """Validates `spec`, returns it with defaults filled in; raises InvalidArgument listing every problem.
+
+    `allow_user_reward_code` is the deployment's choice to run GRPO reward code written by users (off unless
+    the operator turns it on; the workers have their own switch too).
+    """
     v = Violations()
     out = job_pb2.JobSpec()
     out.CopyFrom(spec)
@@ -53,23 +110,68 @@ def resolve_spec(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:
         out.method = job_pb2.TRAINING_METHOD_SFT
     if out.adapter == job_pb2.ADAPTER_TYPE_UNSPECIFIED:
         out.adapter = job_pb2.ADAPTER_TYPE_LORA
-    method_name = job_pb2.TrainingMethod.Name(out.method) if out.method in job_pb2.TrainingMethod.values() \
-        else str(out.method)
-    adapter_name = job_pb2.AdapterType.Name(out.adapter) if out.adapter in job_pb2.AdapterType.values() \
-        else str(out.adapter)
-    v.check(out.method in SUPPORTED_METHODS, "spec.method",
-            f"{method_name} is not supported by this deployment yet (supported: TRAINING_METHOD_SFT)")
-    v.check(out.adapter in SUPPORTED_ADAPTERS, "spec.adapter",
-            f"{adapter_name} is not supported by this deployment yet "
-            "(supported: ADAPTER_TYPE_LORA, ADAPTER_TYPE_FULL)")
+    method_ok = v.check(
+        out.method in SUPPORTED_METHODS,
+        "spec.method",
+        f"{_name(job_pb2.TrainingMethod, out.method)} is not a training method this deployment "
+        f"runs (supported: {', '.join(sorted(job_pb2.TrainingMethod.Name(m) for m in SUPPORTED_METHODS))})",
+    )
+    v.check(
+        out.adapter in SUPPORTED_ADAPTERS,
+        "spec.adapter",
+        f"{_name(job_pb2.AdapterType, out.adapter)} is not an adapter type this deployment trains",
+    )
+    if out.adapter == job_pb2.ADAPTER_TYPE_PROMPT_TUNING and method_ok:
+        v.check(
+            out.method in PROMPT_TUNING_METHODS,
+            "spec.adapter",
+            f"prompt tuning works with TRAINING_METHOD_SFT and TRAINING_METHOD_DISTILLATION only, not "
+            f"{_name(job_pb2.TrainingMethod, out.method)}; use LoRA",
+        )
 
     _resolve_lora(v, out)
+    _resolve_quantization(v, out)
+    _resolve_prompt_tuning(v, out)
     _resolve_hyperparameters(v, out)
     _resolve_hardware(v, out)
-    if out.output.merge_adapter and out.adapter != job_pb2.ADAPTER_TYPE_LORA:
-        v.add("spec.output.merge_adapter", "only a LoRA adapter can be merged into the base weights")
+    _resolve_method(v, out, allow_user_reward_code=allow_user_reward_code)
+    if out.output.merge_adapter and out.adapter not in MERGEABLE_ADAPTERS:
+        why = (
+            "full fine-tuning already produces a whole model"
+            if out.adapter == job_pb2.ADAPTER_TYPE_FULL
+            else "a soft prompt cannot be folded into the weights"
+        )
+        v.add(
+            "spec.output.merge_adapter",
+            f"only a LoRA or QLoRA adapter can be merged into the base weights: {why}",
+        )
     v.raise_if_any("job spec is invalid")
     return out
+
+
+def check_dataset_fit(spec: job_pb2.JobSpec, dataset_format: int, field: str = "spec.dataset") -> None:
+    """Raises InvalidArgument on `field` when the dataset's format is not one the spec's method trains on.
+
+    Runs at CreateJob once the dataset is known, so a DPO job on chat data fails there, not on a worker.
+    """
+    wanted = METHOD_FORMATS.get(spec.method)
+    if wanted is None or dataset_format == F.Value("DATASET_FORMAT_UNSPECIFIED") or dataset_format in wanted:
+        return
+    v = Violations()
+    v.add(
+        field,
+        f"the dataset is {_name(F, dataset_format)} but {_name(job_pb2.TrainingMethod, spec.method)} "
+        f"trains on {' or '.join(sorted(F.Name(f) for f in wanted))}",
+    )
+    v.raise_if_any("the dataset does not fit the training method")
+
+
+def _name(enum: object, value: int) -> str:
+    """The enum value's name, or its number when it has none (a newer client's value)."""
+    try:
+        return enum.Name(value)  # type: ignore[attr-defined]
+    except ValueError:
+        return str(value)
 
 
 def _resolve_lora(v: Violations, out: job_pb2.JobSpec) -> None:
@@ -88,12 +190,175 @@ def _resolve_lora(v: Violations, out: job_pb2.JobSpec) -> None:
     if not lora.target_modules:
         lora.target_modules.append("all-linear")
     for i, module in enumerate(lora.target_modules):
-        v.check(bool(MODULE_RE.match(module)), f"spec.lora.target_modules[{i}]",
-                f"'{module}' is not a module name (letters, digits, '_', '.', '-', '*') or 'all-linear'")
+        v.check(
+            bool(MODULE_RE.match(module)),
+            f"spec.lora.target_modules[{i}]",
+            f"'{module}' is not a module name (letters, digits, '_', '.', '-', '*') or 'all-linear'",
+        )
     if "all-linear" in lora.target_modules and len(lora.target_modules) > 1:
         v.add("spec.lora.target_modules", "'all-linear' cannot be combined with other module names")
     if not lora.HasField("use_dora"):
         lora.use_dora = False
+
+
+def _resolve_quantization(v: Violations, out: job_pb2.JobSpec) -> None:
+    if out.adapter != job_pb2.ADAPTER_TYPE_QLORA:
+        return
+    q, f = out.quantization, "spec.quantization."
+    if not q.HasField("bits"):
+        q.bits = 8 if q.type == job_pb2.QUANTIZATION_TYPE_INT8 else 4
+    if not v.check(q.bits in (4, 8), f + "bits", f"must be 4 or 8, got {q.bits}"):
+        return
+    if q.type == job_pb2.QUANTIZATION_TYPE_UNSPECIFIED:
+        q.type = job_pb2.QUANTIZATION_TYPE_NF4 if q.bits == 4 else job_pb2.QUANTIZATION_TYPE_INT8
+    if q.type not in job_pb2.QuantizationType.values():
+        v.add(f + "type", "is not a known value")
+    elif q.bits == 4:
+        v.check(
+            q.type != job_pb2.QUANTIZATION_TYPE_INT8, f + "type", "INT8 needs bits = 8; 4-bit is NF4 or FP4"
+        )
+    else:
+        v.check(
+            q.type == job_pb2.QUANTIZATION_TYPE_INT8,
+            f + "type",
+            f"{job_pb2.QuantizationType.Name(q.type)} needs bits = 4; 8-bit is INT8",
+        )
+    if not q.HasField("double_quantization"):
+        q.double_quantization = True
+    v.check(q.compute_dtype in job_pb2.Precision.values(), f + "compute_dtype", "is not a known value")
+
+
+def _resolve_prompt_tuning(v: Violations, out: job_pb2.JobSpec) -> None:
+    if out.adapter != job_pb2.ADAPTER_TYPE_PROMPT_TUNING:
+        return
+    pt = out.prompt_tuning
+    if not pt.HasField("num_virtual_tokens"):
+        pt.num_virtual_tokens = 20
+    _range(v, "spec.prompt_tuning.num_virtual_tokens", pt.num_virtual_tokens, 1, 512)
+    v.check(
+        not out.hyperparameters.packing,
+        "spec.hyperparameters.packing",
+        "cannot be used with prompt tuning: the soft prompt is prepended once per sequence, so packed "
+        "examples after the first would train without it",
+    )
+    v.check(
+        len(pt.init_text) <= 2000,
+        "spec.prompt_tuning.init_text",
+        f"must be at most 2000 characters, got {len(pt.init_text)}",
+    )
+
+
+def _resolve_method(v: Violations, out: job_pb2.JobSpec, *, allow_user_reward_code: bool) -> None:
+    """Defaults and ranges of the chosen method's own settings; other methods' settings are left as sent."""
+    if out.method == job_pb2.TRAINING_METHOD_DPO:
+        dpo, f = out.dpo, "spec.dpo."
+        _defaults(dpo, beta=0.1, preference_loss_weight=1.0, sft_loss_weight=0.0, average_log_probs=False)
+        _range(v, f + "beta", dpo.beta, 0.0, 10.0, lo_open=True)
+        _range(v, f + "preference_loss_weight", dpo.preference_loss_weight, 0.0, 10.0)
+        _range(v, f + "sft_loss_weight", dpo.sft_loss_weight, 0.0, 10.0)
+        v.check(
+            dpo.preference_loss_weight > 0 or dpo.sft_loss_weight > 0,
+            f + "preference_loss_weight",
+            "preference_loss_weight and sft_loss_weight cannot both be 0",
+        )
+    elif out.method == job_pb2.TRAINING_METHOD_ORPO:
+        _defaults(out.orpo, beta=0.1)
+        _range(v, "spec.orpo.beta", out.orpo.beta, 0.0, 10.0, lo_open=True)
+    elif out.method == job_pb2.TRAINING_METHOD_KTO:
+        kto, f = out.kto, "spec.kto."
+        _defaults(kto, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
+            _range(v, f + name, getattr(kto, name), 0.0, 10.0, lo_open=True)
+        v.check(
+            out.hyperparameters.batch_size >= 2,
+            "spec.hyperparameters.batch_size",
+            "KTO needs at least 2 examples per batch: it estimates its KL term from mismatched pairs",
+        )
+    elif out.method == job_pb2.TRAINING_METHOD_DISTILLATION:
+        d, f = out.distillation, "spec.distillation."
+        _check_base_model(v, d.teacher_model, f + "teacher_model")
+        _defaults(d, temperature=2.0, alpha=0.5)
+        _range(v, f + "temperature", d.temperature, 0.0, 20.0, lo_open=True)
+        _range(v, f + "alpha", d.alpha, 0.0, 1.0)
+    elif out.method == job_pb2.TRAINING_METHOD_GRPO:
+        _resolve_grpo(v, out, allow_user_reward_code=allow_user_reward_code)
+
+
+def _resolve_grpo(v: Violations, out: job_pb2.JobSpec, *, allow_user_reward_code: bool) -> None:
+    g, f = out.grpo, "spec.grpo."
+    _defaults(
+        g,
+        num_generations=4,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        kl_beta=0.04,
+        clip_epsilon=0.2,
+        max_completion_length=256,
+    )
+    _range(v, f + "num_generations", g.num_generations, 2, 64)
+    _range(v, f + "temperature", g.temperature, 0.0, 2.0, lo_open=True)
+    _range(v, f + "top_p", g.top_p, 0.0, 1.0, lo_open=True)
+    v.check(g.top_k >= 0, f + "top_k", "must not be negative (0 disables top-k)")
+    _range(v, f + "kl_beta", g.kl_beta, 0.0, 10.0)
+    _range(v, f + "clip_epsilon", g.clip_epsilon, 0.0, 1.0, lo_open=True)
+    v.check(g.clip_epsilon < 1.0, f + "clip_epsilon", "must be below 1")
+    _range(v, f + "max_completion_length", g.max_completion_length, 1, 8192)
+    hp, hw = out.hyperparameters, out.hardware
+    processes = hw.gpu_count * hw.node_count
+    if g.num_generations >= 2 and hp.batch_size >= 1 and (hp.batch_size * processes) % g.num_generations:
+        v.add(
+            "spec.hyperparameters.batch_size",
+            f"for GRPO, batch_size x GPUs ({hp.batch_size} x {processes}) must be a multiple of "
+            f"grpo.num_generations ({g.num_generations}): every batch holds whole groups of completions",
+        )
+    kinds = list(g.reward_functions)
+    if not kinds:
+        v.add(f + "reward_functions", "GRPO needs at least one reward function")
+    for i, kind in enumerate(kinds):
+        field = f"{f}reward_functions[{i}]"
+        if kind not in job_pb2.RewardFunction.values() or kind == job_pb2.REWARD_FUNCTION_UNSPECIFIED:
+            v.add(field, "is not a known reward function")
+        elif kinds.index(kind) != i:
+            v.add(field, f"{job_pb2.RewardFunction.Name(kind)} is listed twice")
+    if job_pb2.REWARD_FUNCTION_REGEX in kinds:
+        try:
+            re.compile(g.reward_regex)
+        except re.error as exc:
+            v.add(f + "reward_regex", f"is not a valid regular expression: {exc}")
+        else:
+            v.check(bool(g.reward_regex), f + "reward_regex", "is required by REWARD_FUNCTION_REGEX")
+    if job_pb2.REWARD_FUNCTION_LENGTH in kinds:
+        if v.check(g.HasField("target_length"), f + "target_length", "is required by REWARD_FUNCTION_LENGTH"):
+            _range(v, f + "target_length", g.target_length, 1, 100_000)
+    if job_pb2.REWARD_FUNCTION_USER_CODE in kinds:
+        if not allow_user_reward_code:
+            v.add(
+                f"{f}reward_functions[{kinds.index(job_pb2.REWARD_FUNCTION_USER_CODE)}]",
+                "user reward code is disabled in this deployment; use the built-in reward functions",
+            )
+        elif v.check(
+            bool(g.reward_code.strip()), f + "reward_code", "is required by REWARD_FUNCTION_USER_CODE"
+        ):
+            try:
+                compile(g.reward_code, "<reward_code>", "exec")  # syntax only: nothing runs here
+            except SyntaxError as exc:
+                v.add(f + "reward_code", f"line {exc.lineno}: {exc.msg}")
+            else:
+                v.check(
+                    re.search(r"^def reward\(", g.reward_code, re.MULTILINE) is not None,
+                    f + "reward_code",
+                    "must define `def reward(prompts, completions, **columns)`",
+                )
+    elif g.reward_code:
+        v.add(f + "reward_code", "is only used with REWARD_FUNCTION_USER_CODE")
+
+
+def _defaults(message: object, **values: float | int | bool) -> None:
+    """Set each `optional` field the sender left unset (0 and false stay as sent)."""
+    for name, value in values.items():
+        if not message.HasField(name):  # type: ignore[attr-defined]
+            setattr(message, name, value)
 
 
 def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
@@ -101,11 +366,25 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
     f = "spec.hyperparameters."
     full = out.adapter == job_pb2.ADAPTER_TYPE_FULL
     defaults: dict[str, float | int | bool] = {
-        "epochs": 3, "max_steps": 0, "batch_size": 4, "gradient_accumulation_steps": 1,
-        "learning_rate": 2e-5 if full else 2e-4, "adam_beta1": 0.9, "adam_beta2": 0.999,
-        "weight_decay": 0.01, "max_grad_norm": 1.0, "gradient_checkpointing": False, "packing": False,
-        "group_by_length": False, "max_seq_length": 2048, "seed": 42, "dataloader_workers": 0,
-        "logging_steps": 10, "eval_steps": 0, "save_steps": 0, "save_total_limit": 2,
+        "epochs": 3,
+        "max_steps": 0,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 2e-5 if full else 2e-4,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "gradient_checkpointing": False,
+        "packing": False,
+        "group_by_length": False,
+        "max_seq_length": 2048,
+        "seed": 42,
+        "dataloader_workers": 0,
+        "logging_steps": 10,
+        "eval_steps": 0,
+        "save_steps": 0,
+        "save_total_limit": 2,
         "assistant_only_loss": True,
     }
     for name, value in defaults.items():
@@ -127,8 +406,11 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
     _range(v, f + "batch_size", hp.batch_size, 1, 256)
     _range(v, f + "gradient_accumulation_steps", hp.gradient_accumulation_steps, 1, 256)
     _range(v, f + "learning_rate", hp.learning_rate, 0.0, 1e-2, lo_open=True)
-    v.check(0 <= hp.min_learning_rate < hp.learning_rate, f + "min_learning_rate",
-            "must be at least 0 and lower than learning_rate")
+    v.check(
+        0 <= hp.min_learning_rate < hp.learning_rate,
+        f + "min_learning_rate",
+        "must be at least 0 and lower than learning_rate",
+    )
     if hp.HasField("warmup_steps"):
         v.check(hp.warmup_steps >= 0, f + "warmup_steps", "must not be negative")
     if hp.HasField("warmup_ratio"):
@@ -146,11 +428,12 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
     v.check(hp.eval_steps >= 0, f + "eval_steps", "must not be negative (0 means once per epoch)")
     v.check(hp.save_steps >= 0, f + "save_steps", "must not be negative (0 means once per epoch)")
     _range(v, f + "save_total_limit", hp.save_total_limit, 1, 100)
-    for name, enum in (("lr_scheduler", job_pb2.LrScheduler), ("optimizer", job_pb2.Optimizer),
-                       ("precision", job_pb2.Precision)):
+    for name, enum in (
+        ("lr_scheduler", job_pb2.LrScheduler),
+        ("optimizer", job_pb2.Optimizer),
+        ("precision", job_pb2.Precision),
+    ):
         v.check(getattr(hp, name) in enum.values(), f + name, "is not a known value")
-    if hp.optimizer not in (job_pb2.OPTIMIZER_ADAMW, job_pb2.OPTIMIZER_SGD, job_pb2.OPTIMIZER_ADAFACTOR):
-        v.add(f + "optimizer", "8-bit and paged optimizers need a GPU worker and are not supported yet")
     es = hp.early_stopping
     if es.enabled:
         if not es.HasField("patience"):
@@ -170,7 +453,16 @@ def _resolve_hardware(v: Violations, out: job_pb2.JobSpec) -> None:
     _range(v, "spec.hardware.gpu_count", hw.gpu_count, 1, 8)
     _range(v, "spec.hardware.node_count", hw.node_count, 1, 64)
     if hw.strategy == job_pb2.DISTRIBUTED_STRATEGY_UNSPECIFIED:
-        hw.strategy = job_pb2.DISTRIBUTED_STRATEGY_NONE if hw.gpu_count * hw.node_count == 1 \
+        hw.strategy = (
+            job_pb2.DISTRIBUTED_STRATEGY_NONE
+            if hw.gpu_count * hw.node_count == 1
             else job_pb2.DISTRIBUTED_STRATEGY_DDP
-    v.check(hw.strategy in SUPPORTED_STRATEGIES, "spec.hardware.strategy",
-            "multi-process training is not supported by this deployment yet; use one GPU and one node")
+        )
+    if not v.check(hw.strategy in SUPPORTED_STRATEGIES, "spec.hardware.strategy", "is not a known value"):
+        return
+    if out.adapter == job_pb2.ADAPTER_TYPE_QLORA and hw.strategy in SHARDING_STRATEGIES:
+        v.add(
+            "spec.hardware.strategy",
+            f"{job_pb2.DistributedStrategy.Name(hw.strategy)} cannot train QLoRA: DeepSpeed ZeRO and FSDP "
+            "shard or flatten the weights, and bitsandbytes' 4/8-bit weights cannot be; use DDP or LoRA",
+        )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tuneforge.v1 import job_pb2
+from tuneforge.v1 import dataset_pb2, job_pb2
 
-from services.jobs.spec_rules import resolve_spec
+from services.jobs.spec_rules import check_dataset_fit, resolve_spec
 from services.kit.errors import InvalidArgument
 
 
@@ -43,24 +43,27 @@ def test_full_fine_tuning_gets_a_lower_learning_rate() -> None:
     assert resolve_spec(spec).hyperparameters.learning_rate == 2e-5
 
 
-@pytest.mark.parametrize(("mutate", "field"), [
-    (lambda s: setattr(s.lora, "rank", 0), "spec.lora.rank"),
-    (lambda s: setattr(s.lora, "rank", 512), "spec.lora.rank"),
-    (lambda s: setattr(s.lora, "dropout", 0.9), "spec.lora.dropout"),
-    (lambda s: s.lora.target_modules.append("bad module!"), "spec.lora.target_modules[0]"),
-    (lambda s: setattr(s.hyperparameters, "learning_rate", 0.5), "spec.hyperparameters.learning_rate"),
-    (lambda s: setattr(s.hyperparameters, "epochs", 0), "spec.hyperparameters.epochs"),
-    (lambda s: setattr(s.hyperparameters, "batch_size", 0), "spec.hyperparameters.batch_size"),
-    (lambda s: setattr(s.hyperparameters, "max_seq_length", 8), "spec.hyperparameters.max_seq_length"),
-    (lambda s: setattr(s.hyperparameters, "weight_decay", -1), "spec.hyperparameters.weight_decay"),
-    (lambda s: setattr(s.hyperparameters, "adam_beta1", 1.0), "spec.hyperparameters.adam_beta1"),
-    (lambda s: setattr(s.hardware, "gpu_count", 9), "spec.hardware.gpu_count"),
-    (lambda s: setattr(s, "base_model", ""), "spec.base_model"),
-    (lambda s: setattr(s, "base_model", "not a model"), "spec.base_model"),
-    (lambda s: setattr(s, "dataset", ""), "spec.dataset"),
-    (lambda s: setattr(s, "method", job_pb2.TRAINING_METHOD_DPO), "spec.method"),
-    (lambda s: setattr(s, "adapter", job_pb2.ADAPTER_TYPE_QLORA), "spec.adapter"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda s: setattr(s.lora, "rank", 0), "spec.lora.rank"),
+        (lambda s: setattr(s.lora, "rank", 512), "spec.lora.rank"),
+        (lambda s: setattr(s.lora, "dropout", 0.9), "spec.lora.dropout"),
+        (lambda s: s.lora.target_modules.append("bad module!"), "spec.lora.target_modules[0]"),
+        (lambda s: setattr(s.hyperparameters, "learning_rate", 0.5), "spec.hyperparameters.learning_rate"),
+        (lambda s: setattr(s.hyperparameters, "epochs", 0), "spec.hyperparameters.epochs"),
+        (lambda s: setattr(s.hyperparameters, "batch_size", 0), "spec.hyperparameters.batch_size"),
+        (lambda s: setattr(s.hyperparameters, "max_seq_length", 8), "spec.hyperparameters.max_seq_length"),
+        (lambda s: setattr(s.hyperparameters, "weight_decay", -1), "spec.hyperparameters.weight_decay"),
+        (lambda s: setattr(s.hyperparameters, "adam_beta1", 1.0), "spec.hyperparameters.adam_beta1"),
+        (lambda s: setattr(s.hardware, "gpu_count", 9), "spec.hardware.gpu_count"),
+        (lambda s: setattr(s, "base_model", ""), "spec.base_model"),
+        (lambda s: setattr(s, "base_model", "not a model"), "spec.base_model"),
+        (lambda s: setattr(s, "dataset", ""), "spec.dataset"),
+        (lambda s: setattr(s, "method", 99), "spec.method"),
+        (lambda s: setattr(s, "adapter", 99), "spec.adapter"),
+    ],
+)
 def test_bad_fields_are_named(mutate, field: str) -> None:
     spec = valid_spec()
     mutate(spec)
@@ -77,8 +80,11 @@ def test_every_problem_is_reported_at_once() -> None:
     spec.hyperparameters.learning_rate = 1.0
     with pytest.raises(InvalidArgument) as info:
         resolve_spec(spec)
-    assert {"spec.lora.rank", "spec.hyperparameters.epochs",
-            "spec.hyperparameters.learning_rate"} <= fields_of(info.value)
+    assert {
+        "spec.lora.rank",
+        "spec.hyperparameters.epochs",
+        "spec.hyperparameters.learning_rate",
+    } <= fields_of(info.value)
 
 
 def test_warmup_steps_and_ratio_are_exclusive() -> None:
@@ -104,3 +110,277 @@ def test_model_forms_accepted(model: str) -> None:
     spec = valid_spec()
     spec.base_model = model
     assert resolve_spec(spec).base_model == model
+
+
+def spec_for(method: str, adapter: str = "LORA", **fields: object) -> job_pb2.JobSpec:
+    spec = valid_spec()
+    spec.method = job_pb2.TrainingMethod.Value(f"TRAINING_METHOD_{method}")
+    spec.adapter = job_pb2.AdapterType.Value(f"ADAPTER_TYPE_{adapter}")
+    if method == "GRPO":
+        spec.grpo.reward_functions.append(job_pb2.REWARD_FUNCTION_JSON_VALID)
+    if method == "DISTILLATION":
+        spec.distillation.teacher_model = "org/teacher"
+    for name, value in fields.items():
+        spec.MergeFrom(job_pb2.JobSpec(**{name: value}))
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("method", "adapter"),
+    [(m, a) for m in ("SFT", "DPO", "GRPO", "DISTILLATION", "ORPO", "KTO") for a in ("LORA", "QLORA", "FULL")]
+    + [("SFT", "PROMPT_TUNING"), ("DISTILLATION", "PROMPT_TUNING")],
+)
+def test_every_trained_combination_is_accepted(method: str, adapter: str) -> None:
+    assert resolve_spec(spec_for(method, adapter)).method == job_pb2.TrainingMethod.Value(
+        f"TRAINING_METHOD_{method}"
+    )
+
+
+def test_method_defaults_follow_job_proto() -> None:
+    dpo = resolve_spec(spec_for("DPO")).dpo
+    assert (dpo.beta, dpo.preference_loss_weight, dpo.sft_loss_weight, dpo.average_log_probs) == (
+        0.1,
+        1,
+        0,
+        False,
+    )
+    grpo = resolve_spec(spec_for("GRPO")).grpo
+    assert (grpo.num_generations, grpo.temperature, grpo.top_p, grpo.top_k) == (4, 1.0, 1.0, 0)
+    assert (grpo.kl_beta, grpo.clip_epsilon, grpo.max_completion_length) == (0.04, 0.2, 256)
+    distillation = resolve_spec(spec_for("DISTILLATION")).distillation
+    assert (distillation.temperature, distillation.alpha) == (2.0, 0.5)
+    assert resolve_spec(spec_for("ORPO")).orpo.beta == 0.1
+    kto = resolve_spec(spec_for("KTO")).kto
+    assert (kto.beta, kto.desirable_weight, kto.undesirable_weight) == (0.1, 1.0, 1.0)
+    quantization = resolve_spec(spec_for("SFT", "QLORA")).quantization
+    assert (quantization.bits, quantization.type, quantization.double_quantization) == (
+        4,
+        job_pb2.QUANTIZATION_TYPE_NF4,
+        True,
+    )
+    assert (
+        resolve_spec(
+            spec_for("SFT", "QLORA", quantization=job_pb2.QuantizationConfig(bits=8))
+        ).quantization.type
+        == job_pb2.QUANTIZATION_TYPE_INT8
+    )
+    assert resolve_spec(spec_for("SFT", "PROMPT_TUNING")).prompt_tuning.num_virtual_tokens == 20
+    # Another method's settings are not filled in.
+    assert not resolve_spec(spec_for("SFT")).dpo.HasField("beta")
+
+
+def _grpo(**fields: object) -> job_pb2.GrpoConfig:
+    return job_pb2.GrpoConfig(**fields)
+
+
+def _hardware(strategy: str, gpus: int = 2) -> job_pb2.HardwareConfig:
+    return job_pb2.HardwareConfig(
+        gpu_count=gpus, strategy=job_pb2.DistributedStrategy.Value(f"DISTRIBUTED_STRATEGY_{strategy}")
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "why"),
+    [
+        (
+            spec_for("SFT", "PROMPT_TUNING", hyperparameters=job_pb2.Hyperparameters(packing=True)),
+            "spec.hyperparameters.packing",
+            "cannot be used with prompt tuning",
+        ),
+        (spec_for("DPO", "PROMPT_TUNING"), "spec.adapter", "prompt tuning works with TRAINING_METHOD_SFT"),
+        (spec_for("GRPO", "PROMPT_TUNING"), "spec.adapter", "use LoRA"),
+        (
+            spec_for("SFT", "PROMPT_TUNING", output=job_pb2.OutputConfig(merge_adapter=True)),
+            "spec.output.merge_adapter",
+            "a soft prompt cannot be folded",
+        ),
+        (
+            spec_for("SFT", "PROMPT_TUNING", prompt_tuning=job_pb2.PromptTuningConfig(num_virtual_tokens=0)),
+            "spec.prompt_tuning.num_virtual_tokens",
+            "[1, 512]",
+        ),
+        (
+            spec_for("SFT", "QLORA", quantization=job_pb2.QuantizationConfig(bits=3)),
+            "spec.quantization.bits",
+            "4 or 8",
+        ),
+        (
+            spec_for(
+                "SFT",
+                "QLORA",
+                quantization=job_pb2.QuantizationConfig(bits=8, type=job_pb2.QUANTIZATION_TYPE_NF4),
+            ),
+            "spec.quantization.type",
+            "needs bits = 4",
+        ),
+        (
+            spec_for(
+                "SFT",
+                "QLORA",
+                quantization=job_pb2.QuantizationConfig(bits=4, type=job_pb2.QUANTIZATION_TYPE_INT8),
+            ),
+            "spec.quantization.type",
+            "INT8 needs bits = 8",
+        ),
+        (
+            spec_for("SFT", "QLORA", hardware=_hardware("ZERO3")),
+            "spec.hardware.strategy",
+            "DISTRIBUTED_STRATEGY_ZERO3 cannot train QLoRA",
+        ),
+        (
+            spec_for("SFT", "QLORA", hardware=_hardware("FSDP")),
+            "spec.hardware.strategy",
+            "cannot train QLoRA",
+        ),
+        (spec_for("DPO", dpo=job_pb2.DpoConfig(beta=0)), "spec.dpo.beta", "(0, 10]"),
+        (
+            spec_for("DPO", dpo=job_pb2.DpoConfig(preference_loss_weight=0)),
+            "spec.dpo.preference_loss_weight",
+            "cannot both be 0",
+        ),
+        (spec_for("ORPO", orpo=job_pb2.OrpoConfig(beta=11)), "spec.orpo.beta", "(0, 10]"),
+        (spec_for("KTO", kto=job_pb2.KtoConfig(desirable_weight=0)), "spec.kto.desirable_weight", "(0, 10]"),
+        (
+            spec_for("KTO", hyperparameters=job_pb2.Hyperparameters(batch_size=1)),
+            "spec.hyperparameters.batch_size",
+            "at least 2 examples",
+        ),
+        (
+            spec_for("DISTILLATION", distillation=job_pb2.DistillationConfig(teacher_model="not a model")),
+            "spec.distillation.teacher_model",
+            "neither a Hugging Face id",
+        ),
+        (
+            spec_for("DISTILLATION", distillation=job_pb2.DistillationConfig(temperature=0)),
+            "spec.distillation.temperature",
+            "(0, 20]",
+        ),
+        (
+            spec_for("DISTILLATION", distillation=job_pb2.DistillationConfig(alpha=1.5)),
+            "spec.distillation.alpha",
+            "[0, 1]",
+        ),
+        (spec_for("GRPO", grpo=_grpo(num_generations=1)), "spec.grpo.num_generations", "[2, 64]"),
+        (spec_for("GRPO", grpo=_grpo(temperature=0)), "spec.grpo.temperature", "(0, 2]"),
+        (spec_for("GRPO", grpo=_grpo(top_p=1.5)), "spec.grpo.top_p", "(0, 1]"),
+        (spec_for("GRPO", grpo=_grpo(top_k=-1)), "spec.grpo.top_k", "must not be negative"),
+        (spec_for("GRPO", grpo=_grpo(clip_epsilon=1.0)), "spec.grpo.clip_epsilon", "below 1"),
+        (
+            spec_for("GRPO", grpo=_grpo(max_completion_length=0)),
+            "spec.grpo.max_completion_length",
+            "[1, 8192]",
+        ),
+        (
+            spec_for("GRPO", grpo=_grpo(num_generations=3)),
+            "spec.hyperparameters.batch_size",
+            "multiple of grpo.num_generations (3)",
+        ),
+        (
+            spec_for("GRPO", grpo=_grpo(reward_functions=[job_pb2.REWARD_FUNCTION_JSON_VALID])),
+            "spec.grpo.reward_functions[1]",
+            "listed twice",
+        ),
+        (
+            spec_for("GRPO", grpo=_grpo(reward_functions=[job_pb2.REWARD_FUNCTION_REGEX], reward_regex="(")),
+            "spec.grpo.reward_regex",
+            "not a valid regular expression",
+        ),
+        (
+            spec_for("GRPO", grpo=_grpo(reward_functions=[job_pb2.REWARD_FUNCTION_LENGTH])),
+            "spec.grpo.target_length",
+            "required by REWARD_FUNCTION_LENGTH",
+        ),
+        (
+            spec_for(
+                "GRPO",
+                grpo=_grpo(reward_functions=[job_pb2.REWARD_FUNCTION_USER_CODE], reward_code="def reward("),
+            ),
+            "spec.grpo.reward_functions[1]",
+            "user reward code is disabled",
+        ),
+        (
+            spec_for("GRPO", grpo=_grpo(reward_code="def reward(p, c): return []")),
+            "spec.grpo.reward_code",
+            "only used with REWARD_FUNCTION_USER_CODE",
+        ),
+    ],
+)
+def test_method_settings_are_checked(spec: job_pb2.JobSpec, field: str, why: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(spec)
+    descriptions = {v.field: v.description for v in info.value.violations}
+    assert field in descriptions, descriptions
+    assert why in descriptions[field]
+
+
+def test_grpo_without_reward_functions_is_refused() -> None:
+    spec = spec_for("GRPO")
+    spec.grpo.ClearField("reward_functions")
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(spec)
+    assert "spec.grpo.reward_functions" in fields_of(info.value)
+
+
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [
+        ("def reward(prompts, completions:\n", "line 1"),
+        ("def score(prompts, completions, **columns):\n    return []\n", "must define `def reward("),
+    ],
+)
+def test_user_reward_code_is_checked_where_the_deployment_allows_it(code: str, why: str) -> None:
+    spec = spec_for("GRPO", grpo=_grpo(reward_code=code))
+    spec.grpo.reward_functions[:] = [job_pb2.REWARD_FUNCTION_USER_CODE]
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(spec, allow_user_reward_code=True)
+    (violation,) = info.value.violations
+    assert violation.field == "spec.grpo.reward_code" and why in violation.description
+    spec.grpo.reward_code = (
+        "def reward(prompts, completions, **columns):\n    return [0.0] * len(completions)\n"
+    )
+    assert resolve_spec(spec, allow_user_reward_code=True).grpo.reward_code == spec.grpo.reward_code
+
+
+@pytest.mark.parametrize(
+    "strategy", ["DDP", "ZERO1", "ZERO2", "ZERO2_OFFLOAD", "ZERO3", "ZERO3_OFFLOAD", "FSDP"]
+)
+def test_multi_process_strategies_are_accepted_even_on_one_gpu(strategy: str) -> None:
+    for gpus in (1, 4):
+        assert resolve_spec(spec_for("SFT", hardware=_hardware(strategy, gpus))).hardware.gpu_count == gpus
+    assert (
+        resolve_spec(spec_for("SFT", "QLORA", hardware=_hardware("DDP"))).adapter
+        == job_pb2.ADAPTER_TYPE_QLORA
+    )
+
+
+F = dataset_pb2.DatasetFormat
+
+
+@pytest.mark.parametrize(
+    ("method", "fits", "misfits"),
+    [
+        (
+            "SFT",
+            ["OPENAI_CHAT", "SHAREGPT", "ALPACA", "PROMPT_COMPLETION", "TEXT"],
+            ["PREFERENCE", "PROMPT_ONLY", "KTO"],
+        ),
+        ("DISTILLATION", ["OPENAI_CHAT", "TEXT"], ["OPENAI_PREFERENCE"]),
+        ("DPO", ["PREFERENCE", "OPENAI_PREFERENCE"], ["OPENAI_CHAT", "KTO", "PROMPT_ONLY"]),
+        ("ORPO", ["PREFERENCE"], ["TEXT"]),
+        ("KTO", ["KTO", "PREFERENCE", "OPENAI_PREFERENCE"], ["OPENAI_CHAT"]),
+        ("GRPO", ["PROMPT_ONLY"], ["OPENAI_CHAT", "PREFERENCE", "PROMPT_COMPLETION"]),
+    ],
+)
+def test_dataset_must_fit_the_method(method: str, fits: list[str], misfits: list[str]) -> None:
+    spec = resolve_spec(spec_for(method))
+    for name in [*fits, "UNSPECIFIED"]:
+        check_dataset_fit(spec, F.Value(f"DATASET_FORMAT_{name}"))
+    for name in misfits:
+        with pytest.raises(InvalidArgument) as info:
+            check_dataset_fit(spec, F.Value(f"DATASET_FORMAT_{name}"))
+        (violation,) = info.value.violations
+        assert violation.field == "spec.dataset"
+        assert (
+            f"the dataset is DATASET_FORMAT_{name} but TRAINING_METHOD_{method} trains on"
+            in violation.description
+        )

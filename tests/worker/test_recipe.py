@@ -102,15 +102,33 @@ def test_sigterm_before_training_interrupts_setup(tmp_path: Path, tiny_model: Pa
     assert not any(e["type"] == "metric" for e in events)
 
 
-def test_unsupported_method_fails_before_loading_anything(tmp_path: Path, chat_data: Path) -> None:
-    cfg = make_run_config(tmp_path, tmp_path / "no-model", chat_data, {"method": "TRAINING_METHOD_DPO"})
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"method": "TRAINING_METHOD_DISTILLATION"}, "Distillation needs distillation.teacher_model."),
+        (
+            {"method": "TRAINING_METHOD_DPO", "adapter": "ADAPTER_TYPE_PROMPT_TUNING"},
+            "Prompt tuning is not supported with DPO.",
+        ),
+        (
+            {"method": "TRAINING_METHOD_GRPO", "grpo": {"reward_functions": ["REWARD_FUNCTION_USER_CODE"]}},
+            "This worker does not run user reward code; set TUNEFORGE_WORKER_ALLOW_USER_REWARD_CODE=true "
+            "to allow it.",
+        ),
+    ],
+)
+def test_unsupported_spec_fails_before_loading_anything(
+    tmp_path: Path, chat_data: Path, spec: dict, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TUNEFORGE_WORKER_ALLOW_USER_REWARD_CODE", raising=False)
+    cfg = make_run_config(tmp_path, tmp_path / "no-model", chat_data, spec)
     started = time.monotonic()
     assert start_recipe(cfg, tmp_path).wait(timeout=60) == EXIT_FAILED
     assert time.monotonic() - started < 15
 
     (error,) = _errors(cfg.events_file)
     assert error["reason"] == "TRAINING_FAILED"
-    assert error["message"] == "Training method DPO is not supported by this worker yet."
+    assert error["message"] == message
 
 
 def _run_in_process(cfg) -> int:
@@ -279,3 +297,35 @@ def test_every_knob_together_builds_and_trains(tmp_path: Path, tiny_model: Path,
     evals = [e["step"] for e in events if e["type"] == "metric" and e["kind"] == "eval"]
     assert evals and all(step % 2 == 0 for step in evals)
     assert "eval_loss" in events[-1]["final_metrics"]
+
+
+@pytest.mark.parametrize(
+    ("method", "rows", "expected"),
+    [
+        (
+            "TRAINING_METHOD_DPO",
+            [{"messages": [{"role": "user", "content": "hi"}]}],
+            "train.jsonl line 1 is chat data; DPO trains on rows with 'prompt'+'chosen'+'rejected'.",
+        ),
+        (
+            "TRAINING_METHOD_GRPO",
+            [{"prompt": "a", "chosen": "b", "rejected": "c"}],
+            "train.jsonl line 1 is preference data; GRPO trains on rows with 'prompt'.",
+        ),
+        (
+            "TRAINING_METHOD_SFT",
+            [{"text": "a"}, {"prompt": "q", "completion": "a"}],
+            "train.jsonl line 2 is prompt/completion data; earlier lines are text.",
+        ),
+    ],
+)
+def test_rows_of_the_wrong_family_are_bad_training_data(
+    tmp_path: Path, tiny_model: Path, method: str, rows: list[dict], expected: str
+) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = {"method": method, "grpo": {"reward_functions": ["REWARD_FUNCTION_JSON_VALID"]}}
+    cfg = make_run_config(tmp_path, tiny_model, train, spec)
+    assert _run_in_process(cfg) == EXIT_FAILED
+    (error,) = _errors(cfg.events_file)
+    assert (error["reason"], error["message"]) == ("BAD_TRAINING_DATA", expected)

@@ -8,6 +8,7 @@ import pytest
 from google.protobuf.json_format import ParseError
 from tuneforge.v1 import job_pb2
 
+from services.jobs.spec_rules import resolve_spec
 from trainer_worker.run_config import RunConfig, with_defaults
 
 
@@ -58,3 +59,42 @@ def test_run_config_round_trips_and_rejects_unknown_spec_fields(tmp_path: Path) 
     assert loaded.job_spec().hyperparameters.lr_scheduler == job_pb2.LR_SCHEDULER_LINEAR
     with pytest.raises(ParseError):
         loaded.model_copy(update={"spec": {"no_such_field": 1}}).job_spec()
+
+
+def test_method_adapter_defaults_match_the_jobs_service() -> None:
+    """The worker's defaults and the jobs service's resolve_spec agree field by field."""
+    for method in ("DPO", "GRPO", "DISTILLATION", "ORPO", "KTO"):
+        for adapter in ("QLORA", "PROMPT_TUNING") if method == "DISTILLATION" else ("QLORA",):
+            spec = job_pb2.JobSpec(
+                base_model="org/model",
+                dataset="ds_1",
+                method=job_pb2.TrainingMethod.Value(f"TRAINING_METHOD_{method}"),
+                adapter=job_pb2.AdapterType.Value(f"ADAPTER_TYPE_{adapter}"),
+            )
+            spec.distillation.teacher_model = "org/teacher"
+            spec.grpo.reward_functions.append(job_pb2.REWARD_FUNCTION_JSON_VALID)
+            resolved, worker = resolve_spec(spec), with_defaults(spec)
+            config = method.lower()
+            assert getattr(worker, config) == getattr(resolved, config), method
+            if adapter == "QLORA":
+                assert worker.quantization == resolved.quantization
+            else:
+                assert worker.prompt_tuning == resolved.prompt_tuning
+
+
+def test_teacher_model_path_is_optional(tmp_path: Path) -> None:
+    cfg = RunConfig(
+        job_id="job_1",
+        spec={"method": "TRAINING_METHOD_DISTILLATION", "distillation": {"teacher_model": "org/teacher"}},
+        model_path="/models/x",
+        teacher_model_path="/models/teacher",
+        train_file=tmp_path / "train.jsonl",
+        output_dir=tmp_path / "out",
+        events_file=tmp_path / "events.jsonl",
+    )
+    loaded = RunConfig.load(cfg.dump(tmp_path / "RUN.json"))
+    assert loaded.teacher_model_path == "/models/teacher"
+    assert loaded.job_spec().distillation.temperature == 2.0
+    assert (
+        RunConfig.model_validate({**cfg.model_dump(), "teacher_model_path": None}).teacher_model_path is None
+    )

@@ -73,3 +73,34 @@ def test_cli_writes_a_dataset(tmp_path: Path) -> None:
         capture_output=True,
     )
     assert len(out.read_text().splitlines()) == 7
+    preference = tmp_path / "preference.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "trainer_worker.tiny", "dataset", str(preference), "--family", "preference"],
+        check=True,
+        capture_output=True,
+    )
+    assert {"prompt", "chosen", "rejected"} == json.loads(preference.read_text().splitlines()[0]).keys()
+
+
+def test_every_family_of_synthetic_rows_has_its_normalized_shape(tmp_path: Path) -> None:
+    from trainer_worker.recipes.data import family_of
+    from trainer_worker.tiny import synthetic_rows, write_synthetic_dataset
+
+    expected = {"chat": "chat", "preference": "preference", "kto": "KTO", "prompt-only": "prompt-only"}
+    for family, detected in expected.items():
+        rows = synthetic_rows(20, seed=2, family=family)
+        assert {family_of(row) for row in rows} == {detected}
+    for row in synthetic_rows(20, seed=2, family="preference"):
+        assert row["chosen"] != row["rejected"]
+    labels = [row["label"] for row in synthetic_rows(20, family="kto")]
+    assert labels.count(True) == labels.count(False) == 10
+    path = write_synthetic_dataset(tmp_path / "p.jsonl", 5, seed=2, family="prompt-only")
+    assert [json.loads(line) for line in path.read_text().splitlines()] == synthetic_rows(5, 2, "prompt-only")
+
+
+def test_a_wider_model_with_the_same_seed_shares_the_tokenizer(tmp_path: Path) -> None:
+    """What distillation needs of a teacher; the tests build one this way."""
+    small = build_tiny_chat_model(tmp_path / "small")
+    wide = build_tiny_chat_model(tmp_path / "wide", hidden_size=96)
+    assert (small / "tokenizer.json").read_bytes() == (wide / "tokenizer.json").read_bytes()
+    assert AutoModelForCausalLM.from_pretrained(wide).config.hidden_size == 96

@@ -5,11 +5,13 @@ This module must not import torch: :func:`check_supported` runs before it, so a 
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Protocol
 
 from tuneforge.v1 import job_pb2
 
 from trainer_worker.errors import TrainingError
+from trainer_worker.recipes import rewards
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -18,6 +20,16 @@ if TYPE_CHECKING:
     from trainer_worker.run_config import RunConfig
     from trainer_worker.stop import StopSignal
 
+ADAPTERS = {
+    job_pb2.ADAPTER_TYPE_LORA,
+    job_pb2.ADAPTER_TYPE_QLORA,
+    job_pb2.ADAPTER_TYPE_FULL,
+    job_pb2.ADAPTER_TYPE_PROMPT_TUNING,
+}
+# Every method trains with LoRA, QLoRA or all weights; a soft prompt only where the loss is plain next-token
+# prediction (the preference and RL trainers compare against the frozen model, which a soft prompt is not).
+PROMPT_TUNING_METHODS = {job_pb2.TRAINING_METHOD_SFT, job_pb2.TRAINING_METHOD_DISTILLATION}
+
 
 class Recipe(Protocol):
     def run(self) -> tuple[Path, Path | None, dict[str, float]]:
@@ -25,18 +37,48 @@ class Recipe(Protocol):
         ...
 
 
+def _name(enum: object, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix)  # type: ignore[attr-defined]
+
+
 def check_supported(spec: job_pb2.JobSpec) -> None:
-    """Reject what no recipe here trains yet, with a sentence the user can act on."""
-    if spec.method != job_pb2.TRAINING_METHOD_SFT:
-        name = job_pb2.TrainingMethod.Name(spec.method).removeprefix("TRAINING_METHOD_")
-        raise TrainingError("TRAINING_FAILED", f"Training method {name} is not supported by this worker yet.")
-    if spec.adapter not in (job_pb2.ADAPTER_TYPE_LORA, job_pb2.ADAPTER_TYPE_FULL):
-        name = job_pb2.AdapterType.Name(spec.adapter).removeprefix("ADAPTER_TYPE_")
-        raise TrainingError("TRAINING_FAILED", f"Adapter type {name} is not supported by this worker yet.")
+    """Reject what no recipe here trains, with a sentence the user can act on (the jobs service checks the
+    same at CreateJob; this is the worker's own line of defence)."""
+    if spec.method not in RECIPES:
+        name = _name(job_pb2.TrainingMethod, spec.method, "TRAINING_METHOD_")
+        raise TrainingError("TRAINING_FAILED", f"Training method {name} is not supported by this worker.")
+    if spec.adapter not in ADAPTERS:
+        name = _name(job_pb2.AdapterType, spec.adapter, "ADAPTER_TYPE_")
+        raise TrainingError("TRAINING_FAILED", f"Adapter type {name} is not supported by this worker.")
+    if spec.adapter == job_pb2.ADAPTER_TYPE_PROMPT_TUNING and spec.method not in PROMPT_TUNING_METHODS:
+        method = _name(job_pb2.TrainingMethod, spec.method, "TRAINING_METHOD_")
+        raise TrainingError("TRAINING_FAILED", f"Prompt tuning is not supported with {method}.")
+    if spec.method == job_pb2.TRAINING_METHOD_DISTILLATION and not spec.distillation.teacher_model:
+        raise TrainingError("TRAINING_FAILED", "Distillation needs distillation.teacher_model.")
+    if (
+        spec.method == job_pb2.TRAINING_METHOD_GRPO
+        and job_pb2.REWARD_FUNCTION_USER_CODE in spec.grpo.reward_functions
+        and not rewards.user_code_allowed()
+    ):
+        raise TrainingError(
+            "TRAINING_FAILED",
+            f"This worker does not run user reward code; set {rewards.ALLOW_USER_CODE_ENV}=true to allow it.",
+        )
+
+
+# Method -> "module:class", imported only when built (each import pulls in torch and TRL).
+RECIPES = {
+    job_pb2.TRAINING_METHOD_SFT: "sft:SFTRecipe",
+    job_pb2.TRAINING_METHOD_DPO: "dpo:DPORecipe",
+    job_pb2.TRAINING_METHOD_GRPO: "grpo:GRPORecipe",
+    job_pb2.TRAINING_METHOD_DISTILLATION: "distillation:DistillationRecipe",
+    job_pb2.TRAINING_METHOD_ORPO: "orpo:ORPORecipe",
+    job_pb2.TRAINING_METHOD_KTO: "kto:KTORecipe",
+}
 
 
 def build(cfg: RunConfig, spec: job_pb2.JobSpec, sink: EventSink, stop: StopSignal) -> Recipe:
     """The recipe for the spec's method (imports torch)."""
-    from trainer_worker.recipes.sft import SFTRecipe
-
-    return SFTRecipe(cfg, spec, sink, stop)
+    module, name = RECIPES[spec.method].split(":")
+    recipe: type[Recipe] = getattr(importlib.import_module(f"trainer_worker.recipes.{module}"), name)
+    return recipe(cfg, spec, sink, stop)  # type: ignore[call-arg]

@@ -8,8 +8,34 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from trainer_worker import distributed
 from trainer_worker.events import EventSink
 from trainer_worker.stop import StopSignal
+
+# Method metrics forwarded with each point (MetricPoint.values): DPO/ORPO/KTO rewards and margins, GRPO
+# rewards per function and KL, distillation's two loss terms. Anything else the trainers log stays local.
+METHOD_METRIC_PREFIXES = (
+    "reward",
+    "rewards/",
+    "kl",
+    "logps/",
+    "log_odds",
+    "nll_loss",
+    "completions/mean_length",
+    "distillation_loss",
+    "hard_loss",
+)
+
+
+def method_metrics(logs: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """The method-specific numbers of a Trainer log dict (``prefix`` "eval_" for evaluation logs)."""
+    return {
+        key: value
+        for key, value in logs.items()
+        if key.startswith(prefix)
+        and key.removeprefix(prefix).startswith(METHOD_METRIC_PREFIXES)
+        and isinstance(value, int | float)
+    }
 
 
 def _halt(control: TrainerControl) -> None:
@@ -58,6 +84,7 @@ class MetricsCallback(TrainerCallback):
                 epoch=state.epoch,
                 eval_loss=logs["eval_loss"],
                 eval_token_accuracy=logs.get("eval_mean_token_accuracy"),
+                **method_metrics(logs, "eval_"),
             )
         elif "train_runtime" in logs:
             self.summary = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
@@ -81,6 +108,7 @@ class MetricsCallback(TrainerCallback):
             samples_per_second=samples / window,
             eta_seconds=eta,
             token_accuracy=logs.get("mean_token_accuracy"),
+            **method_metrics(logs),
         )
         self._last_time, self._last_step = now, state.global_step
         self._last_tokens = state.num_input_tokens_seen
@@ -124,7 +152,7 @@ class StopCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self._stop.requested:
+        if distributed.any_rank(self._stop.requested):  # every rank leaves the loop at the same step
             _halt(control)
 
     on_epoch_end = on_step_end

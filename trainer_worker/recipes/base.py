@@ -1,0 +1,406 @@
+"""What every recipe shares: model and adapter loading, the TrainingArguments mapping, train, save.
+
+A method recipe (sft.py, dpo.py, ...) says only which data it reads and which TRL trainer it builds; this
+base runs it like a torchtune recipe: ``setup`` loads the tokenizer, data, model and trainer from the job
+spec, ``train`` runs it, ``save`` writes the adapter (and, if asked, the merged model), ``cleanup`` releases
+memory. The three seams of the distributed/checkpointing work live here, once: the checkpoint callbacks,
+``distributed.trainer_kwargs`` in the TRL config, and ``resume_from_checkpoint``. Metrics leave only through
+the :class:`~trainer_worker.events.EventSink`.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import math
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, PromptTuningInit
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    EarlyStoppingCallback,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+)
+from tuneforge.v1 import job_pb2
+
+from trainer_worker import checkpointing, distributed
+from trainer_worker.errors import Cancelled, TrainingError
+from trainer_worker.events import EventSink
+from trainer_worker.recipes.callbacks import DivergenceWatchdog, MetricsCallback, StopCallback
+from trainer_worker.recipes.data import CHAT, read_rows
+from trainer_worker.run_config import RunConfig
+from trainer_worker.stop import StopSignal
+
+SCHEDULERS = {
+    job_pb2.LR_SCHEDULER_COSINE: "cosine",
+    job_pb2.LR_SCHEDULER_LINEAR: "linear",
+    job_pb2.LR_SCHEDULER_CONSTANT: "constant",
+    job_pb2.LR_SCHEDULER_POLYNOMIAL: "polynomial",
+    job_pb2.LR_SCHEDULER_COSINE_WITH_MIN_LR: "cosine_with_min_lr",
+    job_pb2.LR_SCHEDULER_CONSTANT_WITH_WARMUP: "constant_with_warmup",
+}
+OPTIMIZERS = {
+    job_pb2.OPTIMIZER_ADAMW: "adamw_torch",
+    job_pb2.OPTIMIZER_SGD: "sgd",
+    job_pb2.OPTIMIZER_ADAFACTOR: "adafactor",
+    job_pb2.OPTIMIZER_ADAMW_8BIT: "adamw_bnb_8bit",
+    job_pb2.OPTIMIZER_PAGED_ADAMW: "paged_adamw_32bit",
+    job_pb2.OPTIMIZER_PAGED_ADAMW_8BIT: "paged_adamw_8bit",
+}
+BITSANDBYTES_OPTIMIZERS = {"adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw_8bit"}
+DTYPES = {job_pb2.PRECISION_BF16: torch.bfloat16, job_pb2.PRECISION_FP16: torch.float16}
+
+
+class BaseRecipe(ABC):
+    """One run of one job attempt; subclasses set ``method`` and ``families`` and build the trainer."""
+
+    #: The method's name in messages ("SFT", "DPO", ...).
+    method: ClassVar[str]
+    #: The data families (trainer_worker.recipes.data) the method trains on.
+    families: ClassVar[tuple[str, ...]]
+
+    def __init__(self, cfg: RunConfig, spec: job_pb2.JobSpec, sink: EventSink, stop: StopSignal) -> None:
+        self.cfg, self.spec, self.sink, self.stop = cfg, spec, sink, stop
+        self.hp = spec.hyperparameters
+        self.full = spec.adapter == job_pb2.ADAPTER_TYPE_FULL
+        self.quantized = spec.adapter == job_pb2.ADAPTER_TYPE_QLORA
+        self.cuda = torch.cuda.is_available()
+        self.metrics = MetricsCallback(sink)
+        self.watchdog = DivergenceWatchdog()
+        self.trainer: Trainer | None = None
+        self.family = ""  # the data family found in the training file
+        self.conversational = False  # whether its rows hold messages that the chat template renders
+
+    def run(self) -> tuple[Path, Path | None, dict[str, float]]:
+        """setup -> train -> save -> cleanup; returns (adapter_dir, merged_dir, final_metrics)."""
+        try:
+            self.setup()
+            self.train()
+            adapter_dir, merged_dir = self.save()
+            return adapter_dir, merged_dir, self.final_metrics()
+        finally:
+            self.cleanup()
+
+    # -- what a method recipe provides ------------------------------------------------------------------
+
+    def prepare(self, rows: list[dict[str, Any]]) -> Dataset:
+        """Rows of one split as the method's trainer wants them (by default: as they are)."""
+        return Dataset.from_list(rows)
+
+    @abstractmethod
+    def build_trainer(
+        self,
+        model: PreTrainedModel,
+        args: dict[str, Any],
+        train: Dataset,
+        validation: Dataset | None,
+        callbacks: list[TrainerCallback],
+    ) -> Trainer:
+        """The TRL trainer, with ``args`` (common TrainingArguments) passed into its config."""
+
+    # -- setup ------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.tokenizer = self.load_tokenizer(self.cfg.model_path)
+        train, validation = self.load_data()  # before the model: bad data should fail fast
+        model = self.load_model()
+        self._check_stop()
+        callbacks: list[TrainerCallback] = [self.metrics, self.watchdog, StopCallback(self.stop)]
+        callbacks += checkpointing.callbacks(self.cfg, self.sink)
+        args = self.training_args(has_validation=validation is not None)
+        if args["load_best_model_at_end"]:
+            early = self.hp.early_stopping
+            callbacks.append(EarlyStoppingCallback(early.patience, early.min_delta))
+        wanted = self.spec.hardware.gpu_type
+        if wanted and wanted != "cpu" and not self.cuda:
+            self.sink.log(
+                f"The job asked for {wanted} but this worker has no GPU; training on CPU.", "warning"
+            )
+        device = "cuda" if self.cuda else "cpu"
+        self.sink.log(f"Building the {self.method} trainer: {len(train)} training rows on {device}.")
+        self.trainer = self.build_trainer(model, args, train, validation, callbacks)
+        if len(self.trainer.train_dataset) == 0:  # type: ignore[arg-type]
+            raise TrainingError("BAD_TRAINING_DATA", "No training examples were left after tokenization.")
+        self._check_stop()
+
+    def load_tokenizer(self, path: str) -> PreTrainedTokenizerBase:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise TrainingError("MODEL_NOT_FOUND", f"Could not load the tokenizer of {path}: {exc}") from exc
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def load_data(self) -> tuple[Dataset, Dataset | None]:
+        rows, self.family = read_rows(self.cfg.train_file, self.families, self.method)
+        self.conversational = self.family == CHAT or isinstance(rows[0].get("prompt"), list)
+        validation = None
+        if self.cfg.validation_file:
+            validation_rows, family = read_rows(self.cfg.validation_file, self.families, self.method)
+            if family != self.family:
+                raise TrainingError(
+                    "BAD_TRAINING_DATA",
+                    f"The validation data is {family} data but the training data is {self.family} data.",
+                )
+            validation = self.prepare(validation_rows)
+        if self.conversational and not self.tokenizer.chat_template:
+            raise TrainingError(
+                "BAD_TRAINING_DATA",
+                "The training data is chat-formatted but the base model's tokenizer has no chat template.",
+            )
+        self.sink.log(
+            f"Loaded {len(rows)} training and {len(validation or [])} validation rows ({self.family})."
+        )
+        return self.prepare(rows), validation
+
+    def load_model(self, path: str | None = None, *, trainable: bool = True) -> PreTrainedModel:
+        """The base model (or, with ``path``, another one such as a teacher), from safetensors only."""
+        path = path or self.cfg.model_path
+        self.sink.log(f"Loading {'the base model' if trainable else 'a frozen model'} from {path}.")
+        kwargs: dict[str, Any] = {"dtype": self.model_dtype()}
+        if self.quantized and trainable:
+            kwargs["quantization_config"] = self._quantization_config()
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                path, trust_remote_code=False, use_safetensors=True, **kwargs
+            )
+        except (OSError, ValueError) as exc:
+            raise TrainingError("MODEL_NOT_FOUND", f"Could not load the model at {path}: {exc}") from exc
+
+    def model_dtype(self) -> torch.dtype:
+        """Adapters on a GPU train in the compute dtype; full fine-tuning keeps fp32 master weights."""
+        if self.quantized:
+            return self.quantization_compute_dtype()
+        return self.compute_dtype() if self.cuda and not self.full else torch.float32
+
+    def _quantization_config(self) -> BitsAndBytesConfig:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainingError("DEPENDENCY_ERROR", "QLoRA needs bitsandbytes on the worker.")
+        quant = self.spec.quantization
+        if quant.bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="fp4" if quant.type == job_pb2.QUANTIZATION_TYPE_FP4 else "nf4",
+            bnb_4bit_use_double_quant=quant.double_quantization,
+            bnb_4bit_compute_dtype=self.quantization_compute_dtype(),
+        )
+
+    def quantization_compute_dtype(self) -> torch.dtype:
+        """QuantizationConfig.compute_dtype, or the training precision when unset."""
+        wanted = self.spec.quantization.compute_dtype
+        return self.compute_dtype(wanted) if wanted else self.compute_dtype()
+
+    def compute_dtype(self, precision: int | None = None) -> torch.dtype:
+        """job.proto's default: bf16 where the hardware has it, else fp16 on a GPU and fp32 on a CPU."""
+        precision = precision or self.hp.precision
+        if precision == job_pb2.PRECISION_UNSPECIFIED:
+            if self.cuda:
+                bf16 = torch.cuda.is_bf16_supported()
+                precision = job_pb2.PRECISION_BF16 if bf16 else job_pb2.PRECISION_FP16
+            else:
+                bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+                precision = job_pb2.PRECISION_BF16 if bf16 else job_pb2.PRECISION_FP32
+        if precision == job_pb2.PRECISION_FP16 and not self.cuda:
+            self.sink.log("fp16 needs a GPU; training in fp32 on this CPU worker.", "warning")
+            precision = job_pb2.PRECISION_FP32
+        return DTYPES.get(precision, torch.float32)
+
+    def peft_config(self) -> PeftConfig | None:
+        """LoRA (also on a quantized base for QLoRA), a soft prompt, or None for full fine-tuning."""
+        if self.full:
+            return None
+        if self.spec.adapter == job_pb2.ADAPTER_TYPE_PROMPT_TUNING:
+            prompt = self.spec.prompt_tuning
+            return PromptTuningConfig(
+                task_type="CAUSAL_LM",
+                num_virtual_tokens=prompt.num_virtual_tokens,
+                prompt_tuning_init=PromptTuningInit.TEXT if prompt.init_text else PromptTuningInit.RANDOM,
+                prompt_tuning_init_text=prompt.init_text or None,
+                tokenizer_name_or_path=self.cfg.model_path if prompt.init_text else None,
+            )
+        lora = self.spec.lora
+        targets = list(lora.target_modules)
+        return LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            use_dora=lora.use_dora,
+            task_type="CAUSAL_LM",
+        )
+
+    def training_args(self, *, has_validation: bool) -> dict[str, Any]:
+        """Every Hyperparameters field as TrainingArguments keywords, shared by all TRL configs."""
+        hp = self.hp
+        optim = OPTIMIZERS[hp.optimizer]
+        if optim in BITSANDBYTES_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainingError(
+                "DEPENDENCY_ERROR", f"The {optim} optimizer needs bitsandbytes on the worker."
+            )
+        dtype = self.compute_dtype()
+        # "0 steps" in the spec means once per epoch.
+        eval_strategy = "no" if not has_validation else ("steps" if hp.eval_steps else "epoch")
+        save_strategy = "steps" if hp.save_steps else "epoch"
+        save_steps = hp.save_steps or None
+        early_stopping = has_validation and hp.early_stopping.enabled
+        if hp.early_stopping.enabled and not has_validation:
+            self.sink.log("Early stopping needs validation data; training without it.", "warning")
+        if early_stopping:
+            # load_best_model_at_end needs checkpoints exactly where evaluations happen.
+            save_strategy, save_steps = eval_strategy, hp.eval_steps or None
+        return {
+            "output_dir": str(self.cfg.output_dir / "checkpoints"),
+            "num_train_epochs": hp.epochs,
+            "max_steps": hp.max_steps or -1,
+            "per_device_train_batch_size": hp.batch_size,
+            "per_device_eval_batch_size": hp.batch_size,
+            "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+            "learning_rate": hp.learning_rate,
+            "lr_scheduler_type": SCHEDULERS[hp.lr_scheduler],
+            "lr_scheduler_kwargs": (
+                {"min_lr": hp.min_learning_rate}
+                if hp.lr_scheduler == job_pb2.LR_SCHEDULER_COSINE_WITH_MIN_LR
+                else None
+            ),
+            # transformers 5 reads a float below 1 as a ratio of all steps.
+            "warmup_steps": hp.warmup_steps if hp.HasField("warmup_steps") else hp.warmup_ratio,
+            "optim": optim,
+            "adam_beta1": hp.adam_beta1,
+            "adam_beta2": hp.adam_beta2,
+            "weight_decay": hp.weight_decay,
+            "max_grad_norm": hp.max_grad_norm,
+            "bf16": dtype == torch.bfloat16,
+            "fp16": dtype == torch.float16,
+            "use_cpu": not self.cuda,
+            "activation_checkpointing": hp.gradient_checkpointing,
+            "train_sampling_strategy": "group_by_length" if hp.group_by_length else "random",
+            "seed": hp.seed,
+            "dataloader_num_workers": hp.dataloader_workers,
+            "logging_steps": hp.logging_steps,
+            "logging_first_step": True,
+            "logging_nan_inf_filter": False,
+            "include_num_input_tokens_seen": "non_padding",
+            "eval_strategy": eval_strategy,
+            "eval_steps": hp.eval_steps or None,
+            "save_strategy": save_strategy,
+            "save_steps": save_steps,
+            "save_total_limit": hp.save_total_limit,
+            "load_best_model_at_end": early_stopping,
+            "metric_for_best_model": "eval_loss" if early_stopping else None,
+            "greater_is_better": False if early_stopping else None,
+            "report_to": "none",
+            "disable_tqdm": True,
+            **distributed.trainer_kwargs(self.spec),
+        }
+
+    # -- train ------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        assert self.trainer is not None
+        length = f"{self.hp.max_steps} steps" if self.hp.max_steps else f"{self.hp.epochs} epochs"
+        self.sink.log(f"Training for {length}.")
+        self.trainer.train(resume_from_checkpoint=checkpointing.resume_checkpoint(self.cfg))
+        if self.watchdog.diverged_at is not None:
+            raise TrainingError(
+                "LOSS_DIVERGED", f"The loss became NaN or infinite by step {self.watchdog.diverged_at}."
+            )
+        self._check_stop()
+        train_loss = self.metrics.summary.get("train_loss")
+        if train_loss is not None and not math.isfinite(train_loss):
+            raise TrainingError("LOSS_DIVERGED", "The average training loss is NaN or infinite.")
+
+    # -- save -------------------------------------------------------------------------------------------
+
+    def save(self) -> tuple[Path, Path | None]:
+        """The adapter (or the whole model) and, on request, the adapter merged into dequantized base weights.
+
+        Full and merged models get the chat template's end-of-turn token among their generation config's
+        ``eos_token_id``, so a server that reads the model folder stops where training taught it to.
+        """
+        assert self.trainer is not None
+        model = self.trainer.model
+        adapter_dir = self.cfg.output_dir / ("model" if self.full else "adapter")
+        if self.full:
+            self._stop_at_end_of_turn(model)
+        self.trainer.save_model(str(adapter_dir))  # gathers ZeRO-3/FSDP shards; writes on rank 0 only
+        if not distributed.world().is_main:
+            return adapter_dir, None
+        (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle, not an output
+        self.tokenizer.save_pretrained(adapter_dir)
+        self.sink.log(f"Saved the {'model' if self.full else 'adapter'} to {adapter_dir}.")
+        if not self.spec.output.merge_adapter:
+            return adapter_dir, None
+        if self.full or self.spec.adapter == job_pb2.ADAPTER_TYPE_PROMPT_TUNING:
+            self.sink.log("merge_adapter applies to LoRA and QLoRA only; nothing to merge.", "warning")
+            return adapter_dir, None
+        # Merge from the saved adapter into a fresh, unquantized base: a 4/8-bit base cannot take the merge,
+        # and the trainer's model stays untouched.
+        dtype = self.quantization_compute_dtype() if self.quantized else self.model_dtype()
+        base = AutoModelForCausalLM.from_pretrained(
+            self.cfg.model_path, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        self._stop_at_end_of_turn(merged)
+        merged_dir = self.cfg.output_dir / "merged"
+        merged.save_pretrained(merged_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(merged_dir)
+        self.sink.log(f"Saved the merged model ({str(dtype).removeprefix('torch.')}) to {merged_dir}.")
+        return adapter_dir, merged_dir
+
+    def _stop_at_end_of_turn(self, model: PreTrainedModel) -> None:
+        token = end_of_turn_token(self.tokenizer)
+        if token is None:
+            return
+        config = model.generation_config
+        ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        ids = [i for i in ids if i is not None]
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id not in ids:
+            config.eos_token_id = [*ids, token_id] if ids else token_id
+
+    def final_metrics(self) -> dict[str, float]:
+        assert self.trainer is not None
+        metrics = {k: v for k, v in self.metrics.summary.items() if math.isfinite(v)}
+        metrics.update({k: v for k, v in self.metrics.last_eval.items() if k.startswith("eval_")})
+        metrics["global_step"] = float(self.trainer.state.global_step)
+        metrics["num_input_tokens_seen"] = float(self.trainer.state.num_input_tokens_seen)
+        if metrics.get("train_runtime") and metrics["num_input_tokens_seen"]:
+            metrics["train_tokens_per_second"] = metrics["num_input_tokens_seen"] / metrics["train_runtime"]
+        return metrics
+
+    # -- cleanup ----------------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        self.trainer = None
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def _check_stop(self) -> None:
+        if self.stop.requested:
+            raise Cancelled(self.stop.reason)
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token the chat template puts right after an assistant message (ChatML's <|im_end|>,
+    Llama 3's <|eot_id|>), or None when the template has none; serving must stop on it."""
+    if not tokenizer.chat_template:
+        return None
+    marker = "TUNEFORGE_END_OF_ANSWER"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "?"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    after = str(rendered).split(marker, 1)[-1].lstrip()
+    specials = sorted(tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()), key=len, reverse=True)
+    return next((token for token in specials if token and after.startswith(token)), None)

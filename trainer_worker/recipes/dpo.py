@@ -1,0 +1,54 @@
+"""Direct preference optimization with TRL's DPOTrainer, on {"prompt", "chosen", "rejected"} rows.
+
+DpoConfig maps onto TRL's loss list: the sigmoid preference loss (``sigmoid_norm`` when log-probabilities
+are averaged over tokens) weighted by ``preference_loss_weight``, plus an SFT loss on the chosen answers when
+``sft_loss_weight`` is above 0. With an adapter the reference model is the base with the adapter switched
+off, so no second copy is loaded; full fine-tuning keeps a frozen copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedModel, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+
+from trainer_worker.recipes.base import BaseRecipe
+from trainer_worker.recipes.data import PREFERENCE
+
+
+class DPORecipe(BaseRecipe):
+    method = "DPO"
+    families = (PREFERENCE,)
+
+    def build_trainer(
+        self,
+        model: PreTrainedModel,
+        args: dict[str, Any],
+        train: Dataset,
+        validation: Dataset | None,
+        callbacks: list[TrainerCallback],
+    ) -> DPOTrainer:
+        dpo = self.spec.dpo
+        loss_type = ["sigmoid_norm" if dpo.average_log_probs else "sigmoid"]
+        loss_weights = [dpo.preference_loss_weight]
+        if dpo.sft_loss_weight > 0:
+            loss_type.append("sft")
+            loss_weights.append(dpo.sft_loss_weight)
+        config = DPOConfig(
+            **args,
+            beta=dpo.beta,
+            loss_type=loss_type,
+            loss_weights=loss_weights,
+            max_length=self.hp.max_seq_length,
+        )
+        return DPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=train,
+            eval_dataset=validation,
+            processing_class=self.tokenizer,
+            peft_config=self.peft_config(),
+            callbacks=callbacks,
+        )

@@ -1,0 +1,55 @@
+"""Group relative policy optimization with TRL's GRPOTrainer, on prompt-only rows and built-in graders.
+
+For each prompt the policy samples ``num_generations`` completions (plain ``generate``; no vLLM on these
+workers), the reward functions score them, and each completion's advantage is its reward against its
+group's. ``kl_beta`` > 0 keeps a reference model: the base with the adapter off, or a frozen copy for full
+fine-tuning. Extra columns of the rows (such as ``answer``) reach the reward functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedModel, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from trainer_worker.recipes import rewards
+from trainer_worker.recipes.base import BaseRecipe
+from trainer_worker.recipes.data import PROMPT_ONLY
+
+
+class GRPORecipe(BaseRecipe):
+    method = "GRPO"
+    families = (PROMPT_ONLY,)
+
+    def build_trainer(
+        self,
+        model: PreTrainedModel,
+        args: dict[str, Any],
+        train: Dataset,
+        validation: Dataset | None,
+        callbacks: list[TrainerCallback],
+    ) -> GRPOTrainer:
+        grpo = self.spec.grpo
+        reward_funcs = rewards.build(grpo, train.column_names)
+        config = GRPOConfig(
+            **args,
+            num_generations=grpo.num_generations,
+            temperature=grpo.temperature,
+            top_p=grpo.top_p,
+            top_k=grpo.top_k,
+            beta=grpo.kl_beta,
+            epsilon=grpo.clip_epsilon,
+            max_completion_length=grpo.max_completion_length,
+        )
+        return GRPOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=config,
+            train_dataset=train,
+            eval_dataset=validation,
+            processing_class=self.tokenizer,
+            peft_config=self.peft_config(),
+            callbacks=callbacks,
+        )

@@ -1,0 +1,57 @@
+"""Kahneman-Tversky optimization with TRL's KTOTrainer, on {"prompt", "completion", "label"} rows.
+
+KTO learns from single completions marked desirable (label true) or not, so it also takes preference pairs:
+each pair becomes one desirable and one undesirable row (TRL's ``unpair_preference_dataset``). KTO estimates
+its KL term from the mismatched pairs of each batch in a fixed order, so the rows are shuffled once with the
+job's seed and then read sequentially (``group_by_length`` does not apply).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedModel, TrainerCallback
+from trl import KTOConfig, KTOTrainer
+from trl.data_utils import unpair_preference_dataset
+
+from trainer_worker.recipes.base import BaseRecipe
+from trainer_worker.recipes.data import KTO, PREFERENCE
+
+
+class KTORecipe(BaseRecipe):
+    method = "KTO"
+    families = (KTO, PREFERENCE)
+
+    def prepare(self, rows: list[dict[str, Any]]) -> Dataset:
+        data = Dataset.from_list(rows)
+        data = unpair_preference_dataset(data) if self.family == PREFERENCE else data
+        return data.shuffle(seed=self.hp.seed)
+
+    def build_trainer(
+        self,
+        model: PreTrainedModel,
+        args: dict[str, Any],
+        train: Dataset,
+        validation: Dataset | None,
+        callbacks: list[TrainerCallback],
+    ) -> KTOTrainer:
+        kto = self.spec.kto
+        if self.hp.group_by_length:
+            self.sink.log("group_by_length does not apply to KTO, which reads its rows in order.", "warning")
+        config = KTOConfig(
+            **{**args, "train_sampling_strategy": "sequential"},
+            beta=kto.beta,
+            desirable_weight=kto.desirable_weight,
+            undesirable_weight=kto.undesirable_weight,
+            max_length=self.hp.max_seq_length,
+        )
+        return KTOTrainer(
+            model=model,
+            args=config,
+            train_dataset=train,
+            eval_dataset=validation,
+            processing_class=self.tokenizer,
+            peft_config=self.peft_config(),
+            callbacks=callbacks,
+        )
