@@ -6,8 +6,11 @@ One job at a time, from the durable pull consumer ``trainers`` on TF_WORK (expli
 
 1. Skip the job if its latest JobChanged (TF_EVENTS) says it is cancelled or final.
 2. PREPARING: fetch the data (and an s3:// or file:// model) through the object store, write RUN.json.
-3. RUNNING: start ``python -m trainer_worker.train``, tail its events file, forward metrics and logs to
-   TF_WORKER, send PROGRESS at most every couple of seconds, and keep the claim alive with in-progress acks.
+   If an earlier delivery left a complete checkpoint under the job's output prefix, fetch the newest one:
+   the training resumes from it instead of from step 0.
+3. RUNNING: start the training (one process, or torchrun ranks), tail its events file, forward metrics and
+   logs to TF_WORKER, upload each checkpoint it stages, send PROGRESS at most every couple of seconds, and
+   keep the claim alive with in-progress acks.
 4. SUCCEEDED (outputs uploaded under the assignment's output_prefix), FAILED (an ErrorInfo with the reason),
    or CANCELLED (a JobChanged CANCELLING arrived: the child gets SIGTERM, then SIGKILL); then ack.
 
@@ -46,6 +49,7 @@ from services.kit.errors import InvalidArgument
 from services.kit.nats import connect, ensure_streams, ensure_trainers_consumer
 from services.kit.settings import KitSettings
 from services.kit.storage import ObjectStore, open_store, store_from_settings
+from trainer_worker.checkpointing import CheckpointStore
 from trainer_worker.errors import TrainingError
 from trainer_worker.events import EventTail
 from trainer_worker.launcher import TrainingProcess
@@ -56,7 +60,7 @@ from trainer_worker.reporting import (
     metric_point,
     progress_of,
 )
-from trainer_worker.run_config import RunConfig
+from trainer_worker.run_config import RunConfig, with_defaults
 
 log = logging.getLogger("trainer_worker.agent")
 
@@ -202,6 +206,7 @@ class JobRun:
         self.progress: job_pb2.JobProgress | None = None
         self._progress_sent: job_pb2.JobProgress | None = None
         self._progress_sent_at = 0.0
+        self._uploads: asyncio.Task[None] | None = None  # the chain of checkpoint uploads, in step order
 
     async def execute(self) -> Verdict:
         watch = await self._watch_cancellation()
@@ -253,13 +258,33 @@ class JobRun:
             attempt=self.attempt,
             spec=RunConfig.spec_to_dict(spec),
             model_path=await self._model_path(spec.base_model),
+            teacher_model_path=(
+                await self._model_path(spec.distillation.teacher_model)
+                if spec.method == job_pb2.TRAINING_METHOD_DISTILLATION
+                else None
+            ),
             train_file=train_file,
             validation_file=validation_file,
             output_dir=self.work_dir / "out",
             events_file=self.work_dir / "events.jsonl",
         )
+        await self._fetch_checkpoint(config.output_dir)
         config.dump(self.work_dir / "RUN.json")
         return config
+
+    def _checkpoints(self) -> CheckpointStore:
+        store, prefix = self.agent.locate(self.assignment.output_prefix)
+        return CheckpointStore(store, prefix)
+
+    async def _fetch_checkpoint(self, output_dir: Path) -> None:
+        """Put the newest complete checkpoint of an earlier delivery where the recipe resumes from it."""
+        try:
+            step = await asyncio.to_thread(self._checkpoints().download_latest, output_dir)
+        except Exception as exc:
+            raise Transient(f"could not fetch the job's checkpoints: {exc}") from exc
+        if step is not None:
+            self.reporter.log(f"Resuming from the checkpoint of step {step}.")
+            log.info("job %s attempt %d: resuming from step %d", self.job_id, self.attempt, step)
 
     async def _download(self, uri: str, dest: Path) -> Path:
         self.reporter.log(f"Fetching {uri}.")
@@ -297,7 +322,9 @@ class JobRun:
     # -- training ---------------------------------------------------------------------------------------
 
     async def _train(self, config: RunConfig) -> Verdict:
-        process = await TrainingProcess.start(self.work_dir / "RUN.json", self.work_dir / "train.log")
+        process = await TrainingProcess.start(
+            self.work_dir / "RUN.json", self.work_dir / "train.log", self.assignment.spec, self._child_env()
+        )
         self.reporter.log(f"Started the training process (pid {process.pid}).")
         tail = EventTail(config.events_file)
         outcome: dict[str, Any] = {}
@@ -306,6 +333,8 @@ class JobRun:
         finally:
             if process.returncode is None:  # the agent failed: never leave a recipe training unwatched
                 await process.stop(self.settings.worker_stop_grace_s)
+            if self._uploads is not None:  # what was saved is kept, whatever happens next
+                await self._uploads
 
         if self.cancelled.is_set():
             return await self._report_cancelled()
@@ -318,6 +347,12 @@ class JobRun:
         if "error" in outcome:
             return await self._fail(outcome["error"]["reason"], outcome["error"]["message"])
         return await self._fail(*self._crash_reason(process.returncode))
+
+    def _child_env(self) -> dict[str, str]:
+        """DeepSpeed compiles a few ops on first use; keep them across jobs unless the deployment chose."""
+        if os.environ.get("TORCH_EXTENSIONS_DIR"):
+            return {}
+        return {"TORCH_EXTENSIONS_DIR": str(self.agent.work_root / "torch_extensions")}
 
     async def _supervise(self, process: TrainingProcess, tail: EventTail, outcome: dict[str, Any]) -> None:
         """Forward the child's events until it exits; stop it on cancellation or shutdown."""
@@ -348,8 +383,40 @@ class JobRun:
             self.reporter.log(event.get("message", ""), level, source, event.get("time"))
         elif kind == "state" and event.get("state") == "running":
             await self.reporter.status(U.WORKER_UPDATE_KIND_RUNNING)
-        elif kind in ("result", "error"):
+        elif kind == "rank":
+            self.reporter.log(
+                f"Training rank {event.get('rank')} of {event.get('world_size')} started on "
+                f"{event.get('host')} (pid {event.get('pid')}).",
+                "debug",
+                metrics_pb2.LOG_SOURCE_TRAINING,
+                event.get("time"),
+            )
+        elif kind == "checkpoint":
+            self._upload_checkpoint(int(event["step"]), Path(event["dir"]))
+        elif kind == "result":
             outcome[kind] = event
+        elif kind == "error" and ("error" not in outcome or event.get("rank", 0) == 0):
+            outcome[kind] = event  # the main rank's account wins over a peer's "connection lost"
+
+    def _upload_checkpoint(self, step: int, directory: Path) -> None:
+        """Queue the upload behind earlier ones; a failed upload costs progress on a retry, not the job."""
+        previous = self._uploads
+        keep = with_defaults(self.assignment.spec).hyperparameters.save_total_limit
+
+        async def upload() -> None:
+            if previous is not None:
+                await previous
+            try:
+                uri = await asyncio.to_thread(self._checkpoints().upload, step, directory, keep)
+            except Exception as exc:
+                log.warning("job %s: checkpoint %d was not stored: %s", self.job_id, step, exc)
+                self.reporter.log(f"Could not store the checkpoint of step {step}: {exc}", "warning")
+                return
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+            self.reporter.log(f"Stored the checkpoint of step {step} at {uri}.")
+
+        self._uploads = asyncio.create_task(upload())
 
     async def _send_progress(self) -> None:
         now = asyncio.get_running_loop().time()

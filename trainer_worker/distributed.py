@@ -1,21 +1,44 @@
 """Distributed training: which processes a job runs as, and what the HF Trainer needs to know about them.
 
-Seam between the recipes and the launcher. Recipes call :func:`trainer_kwargs` when they build their
-TrainingArguments/TRL config and :func:`world` to decide who writes events and artifacts; the launcher
-decides from the spec whether to start one process or ``torchrun``.
+One accelerator (or, on a CPU worker, one CPU rank) is one training process. A job with one process and no
+strategy runs as ``python -m trainer_worker.train``; anything else runs under ``torchrun``, one rank per
+GPU (``hardware.gpu_count``), as DDP, DeepSpeed ZeRO 1/2/3 (optionally offloading to CPU) or FSDP. The
+strategy is a launcher setting, never a fork of the recipe: recipes call :func:`trainer_kwargs` when they
+build their TrainingArguments and :func:`world` to decide who writes artifacts.
+
+Multi-node jobs use torchrun's own environment (``PET_NNODES``, ``PET_NODE_RANK``, ``PET_RDZV_ENDPOINT``,
+...): the launcher passes only what the environment leaves open, so the same code runs one node or many
+(see docs/multinode.md). This module imports neither torch nor deepspeed at import time: the agent uses it
+to build the command line.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tuneforge.v1 import job_pb2
 
 from trainer_worker.errors import TrainingError
 
-SINGLE_PROCESS = (job_pb2.DISTRIBUTED_STRATEGY_UNSPECIFIED, job_pb2.DISTRIBUTED_STRATEGY_NONE)
+D = job_pb2.DistributedStrategy
+SINGLE_PROCESS = (D.DISTRIBUTED_STRATEGY_UNSPECIFIED, D.DISTRIBUTED_STRATEGY_NONE)
+# ZeRO stage and what it offloads to CPU memory: (stage, optimizer state, parameters).
+ZERO: dict[int, tuple[int, bool, bool]] = {
+    D.DISTRIBUTED_STRATEGY_ZERO1: (1, False, False),
+    D.DISTRIBUTED_STRATEGY_ZERO2: (2, False, False),
+    D.DISTRIBUTED_STRATEGY_ZERO2_OFFLOAD: (2, True, False),
+    D.DISTRIBUTED_STRATEGY_ZERO3: (3, False, False),
+    D.DISTRIBUTED_STRATEGY_ZERO3_OFFLOAD: (3, True, True),
+}
+# torchrun reads its arguments from PET_<NAME> when they are not on the command line; any of these means the
+# deployment runs a multi-node rendezvous.
+MULTINODE_ENV = ("PET_RDZV_ENDPOINT", "PET_MASTER_ADDR")
 
 
 @dataclass(frozen=True)
@@ -25,6 +48,7 @@ class World:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    node_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -36,23 +60,201 @@ class World:
             rank=int(os.environ.get("RANK", "0")),
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),
             world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            node_rank=int(os.environ.get("GROUP_RANK", "0")),
         )
+
+    def describe(self) -> dict[str, Any]:
+        """Who this rank is, for the events file: proof of how many processes trained, and where."""
+        return {
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "world_size": self.world_size,
+            "node_rank": self.node_rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
 
 
 def world() -> World:
     return World.from_env()
 
 
+def process_count(spec: job_pb2.JobSpec) -> int:
+    """Training processes per node: one per GPU asked for (CPU workers run as many gloo ranks)."""
+    return max(1, spec.hardware.gpu_count)
+
+
+def node_count(spec: job_pb2.JobSpec) -> int:
+    return max(1, spec.hardware.node_count)
+
+
+def strategy(spec: job_pb2.JobSpec) -> int:
+    """The effective strategy: job.proto's "UNSPECIFIED means DDP once there are several processes"."""
+    chosen = spec.hardware.strategy
+    if chosen in SINGLE_PROCESS and (process_count(spec) > 1 or node_count(spec) > 1):
+        return D.DISTRIBUTED_STRATEGY_DDP
+    return chosen
+
+
+def needs_launcher(spec: job_pb2.JobSpec) -> bool:
+    """Whether the job runs under torchrun (several ranks, or a strategy that wants a process group)."""
+    return strategy(spec) not in SINGLE_PROCESS
+
+
 def check_supported(spec: job_pb2.JobSpec) -> None:
     """Reject distributed settings this worker cannot run, before torch is imported."""
-    hardware = spec.hardware
-    if hardware.strategy not in SINGLE_PROCESS or hardware.gpu_count > 1 or hardware.node_count > 1:
+    chosen = strategy(spec)
+    name = D.Name(chosen).removeprefix("DISTRIBUTED_STRATEGY_")
+    quantized = spec.adapter == job_pb2.ADAPTER_TYPE_QLORA
+    if quantized and (chosen in ZERO or chosen == D.DISTRIBUTED_STRATEGY_FSDP):
         raise TrainingError(
             "TRAINING_FAILED",
-            "Distributed training (several GPUs, nodes, DDP, ZeRO, FSDP) is not supported yet.",
+            f"QLoRA cannot train under {name}: a bitsandbytes-quantized base model cannot be sharded. "
+            "Use DDP (or one GPU), or LoRA without quantization.",
         )
+    if chosen in ZERO and importlib.util.find_spec("deepspeed") is None:
+        raise TrainingError("DEPENDENCY_ERROR", f"The {name} strategy needs DeepSpeed on the worker.")
+    if node_count(spec) > 1 and not any(os.environ.get(v) for v in MULTINODE_ENV):
+        raise TrainingError(
+            "TRAINING_FAILED",
+            f"The job asks for {node_count(spec)} nodes but this worker was not started as part of a "
+            "multi-node group (no PET_RDZV_ENDPOINT or PET_MASTER_ADDR; see docs/multinode.md).",
+        )
+
+
+def launch_command(spec: job_pb2.JobSpec, config: Path) -> list[str]:
+    """The command line of the training process(es) for one attempt."""
+    train = ["-m", "trainer_worker.train", "--config", str(config)]
+    if not needs_launcher(spec):
+        return [sys.executable, *train]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={process_count(spec)}"]
+    if any(os.environ.get(v) for v in MULTINODE_ENV):
+        # The deployment owns the rendezvous (endpoint, node rank); fill in only what it left open.
+        defaults = {"PET_NNODES": f"--nnodes={node_count(spec)}", "PET_RDZV_BACKEND": "--rdzv-backend=c10d"}
+        command += [arg for var, arg in defaults.items() if not os.environ.get(var)]
+    else:
+        # One node: a private rendezvous on a free port, so several workers can share a host.
+        command += ["--standalone", "--nnodes=1"]
+    return [*command, *train]
+
+
+def init_process_group(spec: job_pb2.JobSpec) -> None:
+    """Join the job's process group before the recipe loads anything (imports torch).
+
+    DeepSpeed ZeRO-3 needs its process group before a model is built (``zero.Init``), and on CPU it must be
+    gloo, which DeepSpeed would not pick by itself when asked through the Trainer. Accelerate and DeepSpeed
+    reuse a group that already exists.
+    """
+    if not needs_launcher(spec) or "RANK" not in os.environ:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world().local_rank)
+    if strategy(spec) in ZERO:
+        import deepspeed
+
+        torch.serialization.add_safe_globals(deepspeed_checkpoint_types())
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        dist.init_process_group(backend=backend)
+
+
+def deepspeed_checkpoint_types() -> list[type]:
+    """The few DeepSpeed classes its checkpoints pickle besides tensors and containers.
+
+    The training process forces ``weights_only`` on every ``torch.load`` (``train.main``); DeepSpeed asks for
+    full unpickling when it resumes, so its own plain-data classes are allowed by name instead.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def deepspeed_config(spec: job_pb2.JobSpec, *, cuda: bool) -> dict[str, Any]:
+    """A DeepSpeed config whose batch, precision and clipping follow the TrainingArguments ("auto")."""
+    stage, offload_optimizer, offload_params = ZERO[strategy(spec)]
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": cuda, "contiguous_gradients": True}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cuda}
+    if stage == 3:
+        # Without it, the saved model of a ZeRO-3 run holds empty shards instead of weights.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 1_000_000_000,  # the recipe reports progress; keep DeepSpeed's own log quiet
+        "wall_clock_breakdown": False,
+    }
 
 
 def trainer_kwargs(spec: job_pb2.JobSpec) -> dict[str, Any]:
     """Extra TrainingArguments for the job's strategy (deepspeed config, fsdp, ddp backend...)."""
-    return {}
+    chosen = strategy(spec)
+    if chosen in SINGLE_PROCESS:
+        return {}
+    import torch
+
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = {
+        "ddp_backend": "nccl" if cuda else "gloo",
+        # Adapters leave most of the model frozen; searching for unused parameters every step is waste.
+        "ddp_find_unused_parameters": False,
+    }
+    if chosen in ZERO:
+        kwargs["deepspeed"] = deepspeed_config(spec, cuda=cuda)
+    elif chosen == D.DISTRIBUTED_STRATEGY_FSDP:
+        kwargs["fsdp"] = True
+        kwargs["fsdp_config"] = {
+            # FSDP2 (per-parameter sharding) takes PEFT's frozen and trainable weights in one module as is.
+            "version": 2,
+            "reshard_after_forward": True,  # full shard
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "state_dict_type": "FULL_STATE_DICT",  # one loadable model file on save
+            "cpu_ram_efficient_loading": False,
+        }
+    return kwargs
+
+
+def caveats(spec: job_pb2.JobSpec) -> list[str]:
+    """What the job asked for that this machine runs differently, for the job log (imports torch)."""
+    import torch
+
+    if strategy(spec) == D.DISTRIBUTED_STRATEGY_FSDP and not torch.cuda.is_available():
+        return ["FSDP needs GPUs: on this CPU worker Accelerate runs the ranks as DDP (unsharded)."]
+    return []
+
+
+def leave_process_group() -> None:
+    """Tear the process group down so a rank exits without hanging on, or warning about, a live group."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (a collective: every rank must call it at the same point).
+
+    Stops between steps must be agreed: a rank that leaves the loop alone leaves the others waiting in
+    their next all-reduce. One tiny all-reduce per step costs nothing next to the step.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return flag
+    device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())

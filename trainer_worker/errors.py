@@ -31,6 +31,14 @@ class Cancelled(Exception):
     """Training stopped because SIGTERM arrived or the parent (the agent) went away."""
 
 
+# Exception class names (matched without importing their libraries) that say the model is not there.
+MODEL_MISSING = frozenset({"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"})
+OUT_OF_MEMORY_ADVICE = (
+    "Lower batch_size (raise gradient_accumulation_steps to keep the effective batch), shorten "
+    "max_seq_length, turn on gradient_checkpointing, use QLoRA, or choose a GPU with more memory."
+)
+
+
 def classify(exc: BaseException) -> Reason:
     """Map an unexpected exception to a reason without importing torch."""
     if isinstance(exc, TrainingError):
@@ -41,4 +49,21 @@ def classify(exc: BaseException) -> Reason:
         return "OUT_OF_MEMORY"
     if isinstance(exc, ImportError):
         return "DEPENDENCY_ERROR"
+    if type(exc).__name__ in MODEL_MISSING:
+        return "MODEL_NOT_FOUND"
     return "TRAINING_FAILED"
+
+
+def describe(exc: BaseException) -> tuple[Reason, str]:
+    """The reason and a plain sentence for the job's error field: what happened and what to change."""
+    reason = classify(exc)
+    if isinstance(exc, TrainingError):
+        return reason, exc.message
+    if reason == "OUT_OF_MEMORY":
+        where = "host" if isinstance(exc, MemoryError) else "GPU"
+        return reason, f"Training ran out of {where} memory. {OUT_OF_MEMORY_ADVICE}"
+    if reason == "DEPENDENCY_ERROR":
+        return reason, f"A library the training needs is missing or broken on the worker: {exc}"
+    if reason == "MODEL_NOT_FOUND":
+        return reason, f"The base model could not be found: {exc}"
+    return reason, f"Training failed: {type(exc).__name__}: {exc}"

@@ -1,40 +1,65 @@
 """Starts and stops the training process of one job attempt.
 
-One process today (``python -m trainer_worker.train``); several ranks under torchrun later, as another
-command here rather than a fork of the recipe. The child gets its own session so that a Ctrl-C meant for
-the agent does not reach it: the agent decides how the child stops.
+One process (``python -m trainer_worker.train``), or ``torchrun`` with one rank per GPU: the command comes
+from :func:`trainer_worker.distributed.launch_command`, so a distributed strategy is another command line,
+not a fork of the recipe. The child gets its own session (and so its own process group) so that a Ctrl-C
+meant for the agent does not reach it, and so that a stop reaches every rank at once. On Linux the child
+also gets SIGTERM when the agent dies (``PR_SET_PDEATHSIG``): torchrun would otherwise outlive the agent,
+and its ranks, whose parent is torchrun, would never notice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+from tuneforge.v1 import job_pb2
 
-def training_command(config: Path) -> list[str]:
-    return [sys.executable, "-m", "trainer_worker.train", "--config", str(config)]
+from trainer_worker.distributed import launch_command
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def training_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: the agent's, unbuffered output, and whatever the agent adds."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
 class TrainingProcess:
-    """The running recipe; its stdout and stderr go to a log file in the attempt's work dir."""
+    """The running recipe (all its ranks); stdout and stderr go to a log file in the attempt's work dir."""
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self._process = process
 
     @classmethod
-    async def start(cls, config: Path, log_path: Path) -> TrainingProcess:
+    async def start(
+        cls,
+        config: Path,
+        log_path: Path,
+        spec: job_pb2.JobSpec,
+        env: Mapping[str, str] | None = None,
+    ) -> TrainingProcess:
         with log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
-                *training_command(config),
+                *launch_command(spec, config),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=_die_with_parent,
+                env=training_env(env),
             )
         return cls(process)
 
@@ -52,12 +77,16 @@ class TrainingProcess:
             await asyncio.wait_for(self._process.wait(), seconds)
         return self._process.returncode is not None
 
+    def _signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, signum)
+
     async def stop(self, grace_s: float) -> int:
-        """SIGTERM (the recipe stops between steps), then SIGKILL once ``grace_s`` has passed."""
+        """SIGTERM to every rank (the recipe stops between steps), SIGKILL once ``grace_s`` has passed."""
         if self._process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._process.send_signal(signal.SIGTERM)
+            self._signal_group(signal.SIGTERM)
             if not await self.wait_exit(grace_s):
-                with contextlib.suppress(ProcessLookupError):
-                    self._process.kill()
-        return await self._process.wait()
+                self._signal_group(signal.SIGKILL)
+        code = await self._process.wait()
+        self._signal_group(signal.SIGKILL)  # no rank outlives its launcher
+        return code

@@ -40,7 +40,11 @@ LOG_LEVELS = {
     "error": metrics_pb2.LOG_LEVEL_ERROR,
     "critical": metrics_pb2.LOG_LEVEL_CRITICAL,
 }
-METRIC_KINDS = {"train": metrics_pb2.METRIC_KIND_TRAIN, "eval": metrics_pb2.METRIC_KIND_EVAL}
+METRIC_KINDS = {
+    "train": metrics_pb2.METRIC_KIND_TRAIN,
+    "eval": metrics_pb2.METRIC_KIND_EVAL,
+    "system": metrics_pb2.METRIC_KIND_SYSTEM,
+}
 # Event fields that are MetricPoint fields; any other number goes to MetricPoint.values.
 POINT_FIELDS = frozenset(
     {
@@ -52,6 +56,11 @@ POINT_FIELDS = frozenset(
         "eta_seconds",
         "eval_loss",
         "eval_token_accuracy",
+        "gpu_utilization",
+        "gpu_memory_bytes",
+        "gpu_temperature_celsius",
+        "cpu_percent",
+        "memory_bytes",
     }
 )
 ENVELOPE_FIELDS = frozenset({"type", "kind", "step", "total_steps", "epoch", "time"})

@@ -4,22 +4,30 @@ Started by the agent, one process per job attempt. It picks the recipe for the s
 the outcome through the events file: a ``result`` line and exit 0, an ``error`` line and exit 1, or a
 ``cancelled`` state and exit 143 after SIGTERM. Unsupported specs are rejected before torch is imported,
 so a bad job fails in well under a second.
+
+Under torchrun the same entry point runs once per rank (``distributed.launch_command``): every rank writes
+a ``rank`` line (who it is: rank, pid, host), and only the main rank writes metrics, logs and the result.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 
 from trainer_worker import distributed, recipes
-from trainer_worker.errors import Cancelled, TrainingError, classify
-from trainer_worker.events import EventSink
+from trainer_worker.errors import Cancelled, TrainingError, describe
+from trainer_worker.events import EventLogHandler, EventSink
 from trainer_worker.run_config import RunConfig
 from trainer_worker.stop import EXIT_CANCELLED, StopSignal
+from trainer_worker.sysmetrics import SystemSampler, peak_metrics
 
 EXIT_FAILED = 1
+# Loggers whose WARNING+ records go to the job log: the root, and the libraries that do not propagate to it.
+LIBRARY_LOGGERS = ("", "transformers", "DeepSpeed")
 
 
 def run(cfg: RunConfig, sink: EventSink, stop: StopSignal) -> int:
@@ -28,6 +36,9 @@ def run(cfg: RunConfig, sink: EventSink, stop: StopSignal) -> int:
         spec = cfg.job_spec()
         recipes.check_supported(spec)
         distributed.check_supported(spec)
+        distributed.init_process_group(spec)
+        for caveat in distributed.caveats(spec):
+            sink.log(caveat, "warning")
         adapter_dir, merged_dir, final_metrics = recipes.build(cfg, spec, sink, stop).run()
     except Cancelled as exc:
         sink.log(f"Training stopped: {exc}.")
@@ -37,15 +48,26 @@ def run(cfg: RunConfig, sink: EventSink, stop: StopSignal) -> int:
         if stop.requested:  # a failure while stopping is still a cancellation
             sink.state("cancelled")
             return EXIT_CANCELLED
-        if isinstance(exc, TrainingError):
-            message = exc.message
-        else:
-            message = f"Training failed: {type(exc).__name__}: {exc}"
+        if not isinstance(exc, TrainingError):
             sink.log(traceback.format_exc(), "error")
-        sink.error(classify(exc), message[:2000])
+        reason, message = describe(exc)
+        sink.error(reason, message[:2000])
         return EXIT_FAILED
-    sink.result(adapter_dir, merged_dir, final_metrics)
+    finally:
+        distributed.leave_process_group()
+    sink.result(adapter_dir, merged_dir, with_run_metrics(final_metrics))
     return 0
+
+
+def with_run_metrics(final_metrics: Mapping[str, float]) -> dict[str, float]:
+    """The recipe's final metrics plus the keys every run reports (the estimation service calibrates on
+    them): peak host and GPU memory, and tokens per second over the whole run."""
+    metrics = dict(final_metrics)
+    metrics.update(peak_metrics())
+    tokens, runtime = metrics.get("num_input_tokens_seen"), metrics.get("train_runtime")
+    if "train_tokens_per_second" not in metrics and tokens and runtime:
+        metrics["train_tokens_per_second"] = tokens / runtime
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,15 +76,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", type=Path, required=True, help="RUN.json written by the agent")
     args = parser.parse_args(argv)
+    # Every torch.load in this process (optimizer, scheduler, RNG state, DeepSpeed shards) unpickles only
+    # tensors and allow-listed types, whatever its caller asked for: checkpoints come back from storage.
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = RunConfig.load(args.config)
-    sink = EventSink(cfg.events_file)
+    me = distributed.world()
+    sink = EventSink(cfg.events_file, main=me.is_main, rank=me.rank, sampler=SystemSampler(me.local_rank))
+    sink.rank(**me.describe())
+    forward = EventLogHandler(sink)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).addHandler(forward)
     try:
         return run(cfg, sink, StopSignal().install())
     except Cancelled:  # a signal that arrived before run() was ready to catch it
         sink.state("cancelled")
         return EXIT_CANCELLED
     finally:
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).removeHandler(forward)
         sink.close()
 
 

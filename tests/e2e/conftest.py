@@ -54,8 +54,9 @@ def lora_spec(model: Path, dataset_id: str, *, epochs: int = 2, lr: float = 3e-3
     return spec
 
 
-def wait_for(client: TuneForgeClient, job_id: str, predicate: Callable[[job_pb2.Job], bool],
-             timeout_s: float = 240) -> job_pb2.Job:
+def wait_for(
+    client: TuneForgeClient, job_id: str, predicate: Callable[[job_pb2.Job], bool], timeout_s: float = 240
+) -> job_pb2.Job:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         job = client.get_job(job_id)

@@ -22,8 +22,9 @@ def upload(client: TuneForgeClient, path: Path, name: str) -> dataset_pb2.Datase
     return client.upload_dataset(path, name, request_id=str(uuid.uuid4())).dataset
 
 
-def test_upload_train_stream_and_load_adapter(client: TuneForgeClient, tiny_assets: tuple[Path, Path]
-                                              ) -> None:
+def test_upload_train_stream_and_load_adapter(
+    client: TuneForgeClient, tiny_assets: tuple[Path, Path]
+) -> None:
     model, data = tiny_assets
     ds = upload(client, data, "chat")
     assert ds.state == dataset_pb2.DATASET_STATE_READY
@@ -38,8 +39,9 @@ def test_upload_train_stream_and_load_adapter(client: TuneForgeClient, tiny_asse
     assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
     assert final.attempt == 1 and final.progress.total_steps > 0
 
-    points = [p for p in client.stream_metrics(job.id, follow=False)
-              if p.kind == metrics_pb2.METRIC_KIND_TRAIN]
+    points = [
+        p for p in client.stream_metrics(job.id, follow=False) if p.kind == metrics_pb2.METRIC_KIND_TRAIN
+    ]
     steps = [p.step for p in points]
     assert steps == sorted(set(steps)) and len(points) >= 5
     losses = [p.loss for p in points]
@@ -59,8 +61,9 @@ def test_upload_train_stream_and_load_adapter(client: TuneForgeClient, tiny_asse
     assert (merged / "config.json").exists()
 
 
-def test_bad_input_gets_clear_errors_and_leaves_nothing(client: TuneForgeClient, tmp_path: Path,
-                                                        tiny_assets: tuple[Path, Path]) -> None:
+def test_bad_input_gets_clear_errors_and_leaves_nothing(
+    client: TuneForgeClient, tmp_path: Path, tiny_assets: tuple[Path, Path]
+) -> None:
     model, data = tiny_assets
     lines = data.read_text().splitlines()
     lines[6] = '{"messages": [{"role": "user", "content": "hi"}'  # line 7 is cut short
@@ -86,13 +89,21 @@ def test_bad_input_gets_clear_errors_and_leaves_nothing(client: TuneForgeClient,
     assert "spec.lora.rank" in {v.field for v in info.value.violations}
     assert len(client.list_jobs().jobs) == jobs_before
 
+    dpo = lora_spec(model, ds.id)
+    dpo.method = job_pb2.TRAINING_METHOD_DPO  # chat data cannot train DPO: refused before queueing
+    with pytest.raises(InvalidArgumentError) as info:
+        client.create_job(dpo)
+    assert [v.field for v in info.value.violations] == ["spec.dataset"]
+    assert len(client.list_jobs().jobs) == jobs_before
+
     with pytest.raises(NotFoundError):
         client.create_job(lora_spec(model, "no-such-dataset"))
     assert len(client.list_jobs().jobs) == jobs_before
 
 
-def test_cancel_running_job_then_worker_takes_the_next(client: TuneForgeClient,
-                                                       tiny_assets: tuple[Path, Path]) -> None:
+def test_cancel_running_job_then_worker_takes_the_next(
+    client: TuneForgeClient, tiny_assets: tuple[Path, Path]
+) -> None:
     model, data = tiny_assets
     ds = upload(client, data, "chat-cancel")
     long_job = client.create_job(lora_spec(model, ds.id, epochs=40))
@@ -106,23 +117,33 @@ def test_cancel_running_job_then_worker_takes_the_next(client: TuneForgeClient,
     assert wait_final(client, next_job.id).state == job_pb2.JOB_STATE_SUCCEEDED
 
 
-def test_worker_killed_mid_job_is_redelivered(tmp_path: Path, tiny_assets: tuple[Path, Path]) -> None:
+def test_worker_killed_mid_job_resumes_from_its_checkpoint(
+    tmp_path: Path, tiny_assets: tuple[Path, Path]
+) -> None:
     model, data = tiny_assets
     platform: Platform = start_platform(tmp_path / "p", workers=0, TUNEFORGE_WORK_ACK_WAIT_S="4")
     try:
         first = platform.start_worker("worker-a")
         with TuneForgeClient(platform.address, "e2e") as client:
             ds = upload(client, data, "chat-kill")
-            job = client.create_job(lora_spec(model, ds.id, epochs=12))
-            wait_for(client, job.id, lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.progress.step > 0)
-            os.killpg(first.pid, signal.SIGKILL)  # the agent and its training child, as a crash would
+            spec = lora_spec(model, ds.id, epochs=12)
+            spec.hyperparameters.save_steps = 5
+            job = client.create_job(spec)
+            wait_for(client, job.id, lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.progress.step >= 12)
+            os.killpg(first.pid, signal.SIGKILL)  # the agent, as a crash would; its child notices and stops
             first.wait()
             platform.start_worker("worker-b")
             final = wait_final(client, job.id, timeout_s=300)
             assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
             assert final.attempt >= 2 and final.worker_id == "worker-b"
+            points = list(client.stream_metrics(job.id, follow=False, kinds=[metrics_pb2.METRIC_KIND_TRAIN]))
     finally:
         platform.stop()
+    steps = [p.step for p in points]
+    assert steps == sorted(set(steps)) and steps[-1] == final.progress.total_steps, "no step twice, none lost"
+    resumed = [p.step for p in points if p.attempt == final.attempt]
+    # The last delivery started right after a stored checkpoint (every 5 steps), not at step 1.
+    assert resumed[0] > 5 and (resumed[0] - 1) % 5 == 0, resumed[:3]
     assert json.loads((tmp_path / "p" / "platform.json").read_text())["address"] == platform.address
 
 
@@ -137,22 +158,31 @@ def test_cli_talks_to_the_platform(platform: Platform, tiny_assets: tuple[Path, 
     result = runner.invoke(app, ["datasets", "upload", str(data), "--name", "cli-chat", *common])
     assert result.exit_code == 0, result.output
     assert "cli-chat" in result.output and "READY" in result.output
-    result = runner.invoke(app, ["jobs", "create", "--model", str(model), "--dataset", "cli-chat",
-                                 "--lora-rank", "0", *common])
+    result = runner.invoke(
+        app, ["jobs", "create", "--model", str(model), "--dataset", "cli-chat", "--lora-rank", "0", *common]
+    )
     assert result.exit_code == 2 and "spec.lora.rank" in result.output
     result = runner.invoke(app, ["jobs", "get", "job_missing", *common])
     assert result.exit_code == 2 and "NOT_FOUND" in result.output
     result = runner.invoke(app, ["jobs", "list", *common])
     assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["plan", "--model", str(model), "--dataset", "cli-chat", "--json", *common])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert int(plan["training_tokens"]) > 0 and plan["fits"], plan
+    result = runner.invoke(app, ["plan", "--model", str(model), "--dataset", "cli-chat", *common])
+    assert result.exit_code == 0 and "cheapest fit" in result.output, result.output
 
 
-def test_job_fails_as_worker_lost_when_deliveries_run_out(tmp_path: Path,
-                                                          tiny_assets: tuple[Path, Path]) -> None:
+def test_job_fails_as_worker_lost_when_deliveries_run_out(
+    tmp_path: Path, tiny_assets: tuple[Path, Path]
+) -> None:
     from google.rpc import error_details_pb2
 
     model, data = tiny_assets
-    platform = start_platform(tmp_path / "p", workers=0, TUNEFORGE_WORK_ACK_WAIT_S="3",
-                              TUNEFORGE_WORK_MAX_DELIVER="1")
+    platform = start_platform(
+        tmp_path / "p", workers=0, TUNEFORGE_WORK_ACK_WAIT_S="3", TUNEFORGE_WORK_MAX_DELIVER="1"
+    )
     try:
         worker = platform.start_worker("doomed")
         with TuneForgeClient(platform.address, "e2e") as client:

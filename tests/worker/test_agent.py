@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from google.protobuf.json_format import ParseDict
 from google.rpc import error_details_pb2
@@ -26,7 +27,8 @@ from services.kit import nats as kit_nats
 from services.kit import subjects
 from services.kit.ids import new_id
 from services.kit.storage import LocalObjectStore
-from tests.worker.helpers import FAST_HYPERPARAMETERS
+from tests.worker.helpers import FAST_HYPERPARAMETERS, make_run_config, start_recipe
+from trainer_worker.checkpointing import CheckpointStore
 
 U = events_pb2.WorkerUpdateKind
 ACK_WAIT_S = 3.0  # shorter than a job, so only in-progress acks keep the claim
@@ -80,12 +82,14 @@ class Platform:
         merge: bool = False,
         method: str = "TRAINING_METHOD_SFT",
         dataset: str = "datasets/acme/ds_1/train.jsonl",
+        hardware: dict[str, Any] | None = None,
     ) -> None:
         spec = {
             "base_model": self.store.uri("models/tiny"),
             "method": method,
             "hyperparameters": hyperparameters,
             "output": {"merge_adapter": merge},
+            "hardware": hardware or {},
         }
         assignment = events_pb2.JobAssignment(
             event_id=new_id("evt"),
@@ -133,8 +137,14 @@ class Platform:
     def logs(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.tmp_path.glob("*.log")))
 
-    async def pending_work(self) -> int:
-        return (await self.js.stream_info(subjects.STREAM_WORK)).state.messages
+    async def pending_work(self, within_s: float = 10.0) -> int:
+        """Messages left in the work queue, once the acks that follow a final update have landed."""
+        deadline = time.monotonic() + within_s
+        while True:
+            left = (await self.js.stream_info(subjects.STREAM_WORK)).state.messages
+            if not left or time.monotonic() > deadline:
+                return left
+            await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -207,7 +217,7 @@ async def test_job_runs_to_succeeded_with_metrics_logs_and_stored_adapter(platfo
 async def test_failures_and_cancellations_end_jobs_and_the_agent_goes_on(platform: Platform) -> None:
     await platform.change_state("job_gone", job_pb2.JOB_STATE_CANCELLED)
     await platform.assign("job_gone", FAST_HYPERPARAMETERS)
-    await platform.assign("job_dpo", FAST_HYPERPARAMETERS, method="TRAINING_METHOD_DPO")
+    await platform.assign("job_nodes", FAST_HYPERPARAMETERS, hardware={"node_count": 2})
     await platform.assign("job_nodata", FAST_HYPERPARAMETERS, dataset="datasets/acme/missing/train.jsonl")
     await platform.assign("job_long", {**FAST_HYPERPARAMETERS, "max_steps": 100_000})
     await platform.assign("job_next", {**FAST_HYPERPARAMETERS, "max_steps": 5})
@@ -215,10 +225,11 @@ async def test_failures_and_cancellations_end_jobs_and_the_agent_goes_on(platfor
 
     await platform.events.wait_for("job_long", "RUNNING")
     assert platform.events.kinds("job_gone") == ["CANCELLED"], "cancelled before it started: never prepared"
-    assert _failure(platform.events.update("job_dpo", U.WORKER_UPDATE_KIND_FAILED)) == (
+    assert _failure(platform.events.update("job_nodes", U.WORKER_UPDATE_KIND_FAILED)) == (
         13,
         "TRAINING_FAILED",
-        "Training method DPO is not supported by this worker yet.",
+        "The job asks for 2 nodes but this worker was not started as part of a multi-node group "
+        "(no PET_RDZV_ENDPOINT or PET_MASTER_ADDR; see docs/multinode.md).",
     )
     assert _failure(platform.events.update("job_nodata", U.WORKER_UPDATE_KIND_FAILED))[:2] == (
         3,
@@ -261,3 +272,53 @@ def _failure(update: events_pb2.WorkerJobUpdate) -> tuple[int, str, str]:
     info = error_details_pb2.ErrorInfo()
     assert detail.Unpack(info) and info.domain == "tuneforge.dev"
     return update.error.code, info.reason, update.error.message
+
+
+@pytest.mark.slow
+async def test_killed_worker_resumes_from_its_last_checkpoint(
+    platform: Platform, tmp_path: Path, tiny_model: Path, chat_data: Path
+) -> None:
+    """A crash mid-run costs only the steps since the last stored checkpoint, and the result is the same
+    as a run that was never interrupted."""
+    hp = {**FAST_HYPERPARAMETERS, "max_steps": 60, "save_steps": 10, "logging_steps": 1}
+    hp["save_total_limit"] = 2
+    (tmp_path / "ref").mkdir()
+    reference = make_run_config(tmp_path / "ref", tiny_model, chat_data, {"hyperparameters": hp})
+    uninterrupted = start_recipe(reference, tmp_path / "ref")  # trains beside the agents
+
+    await platform.assign("job_resumed", hp)
+    first = platform.start_agent("w1")
+    checkpoints = CheckpointStore(platform.store, "jobs/acme/job_resumed")
+    deadline = time.monotonic() + 90
+    while not (await asyncio.to_thread(checkpoints.steps))[0]:
+        assert time.monotonic() < deadline, platform.logs()
+        await asyncio.sleep(0.05)
+    for process in [*psutil.Process(first.pid).children(recursive=True), psutil.Process(first.pid)]:
+        process.kill()  # a crash: the agent and the training process, no chance to clean up
+    first.wait()
+    platform.start_agent("w2")
+
+    await platform.events.wait_for("job_resumed", "SUCCEEDED", within_s=240)
+    done = platform.events.update("job_resumed", U.WORKER_UPDATE_KIND_SUCCEEDED)
+    assert (done.worker_id, done.attempt) == ("w2", 2)
+    resumed = [e.message for e in platform.events.entries if e.message.startswith("Resuming from")]
+    (message,) = resumed
+    step = int(message.removeprefix("Resuming from the checkpoint of step ").rstrip("."))
+    assert step > 0 and step % 10 == 0
+    train = [p for p in platform.events.points if p.kind == metrics_pb2.METRIC_KIND_TRAIN]
+    second = [p.step for p in train if p.attempt == 2]
+    assert second[0] == step + 1 and second[-1] == 60, "attempt 2 starts where the checkpoint left off"
+    assert {p.kind for p in platform.events.points} >= {metrics_pb2.METRIC_KIND_SYSTEM}
+
+    complete, _ = checkpoints.steps()
+    assert len(complete) == 2 and complete[-1] == 60, complete  # save_total_limit, newest kept
+
+    assert uninterrupted.wait(timeout=240) == 0
+    from safetensors.torch import load_file
+
+    expected = load_file(tmp_path / "ref" / "out" / "adapter" / "adapter_model.safetensors")
+    adapter = platform.store.key_of(done.output.adapter_uri)
+    got = load_file(platform.store.root / adapter / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    worst = max(float((expected[k].float() - got[k].float()).abs().max()) for k in expected)
+    assert worst < 1e-4, f"resumed weights differ from an uninterrupted run by {worst}"

@@ -30,3 +30,11 @@ def test_metric_line_becomes_a_point_with_extras_in_values() -> None:
     progress = progress_of(point)
     assert (progress.step, progress.total_steps, progress.loss) == (7, 20, 1.25)
     assert not progress.HasField("tokens_per_second")
+
+
+def test_system_line_fills_the_resource_fields_of_a_system_point() -> None:
+    event = {"type": "metric", "kind": "system", "step": 4, "cpu_percent": 180.0, "memory_bytes": 6.5e8}
+    point = metric_point(event, "job_1", 1)
+    assert point.kind == metrics_pb2.METRIC_KIND_SYSTEM
+    assert (point.cpu_percent, point.memory_bytes) == (180.0, 6.5e8) and not point.values
+    assert not point.HasField("gpu_utilization")

@@ -235,7 +235,11 @@ class _RewardFunctionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reward
     REWARD_FUNCTION_JSON_VALID: _RewardFunction.ValueType  # 3
     """1 when the completion parses as JSON."""
     REWARD_FUNCTION_LENGTH: _RewardFunction.ValueType  # 4
-    """Closer to `target_length` characters scores higher."""
+    """Closer to `target_length` characters scores higher: 1 - |length - target| / target, floored at 0."""
+    REWARD_FUNCTION_USER_CODE: _RewardFunction.ValueType  # 5
+    """The Python function in GrpoConfig.reward_code. Refused unless the deployment enables user reward code
+    (jobs service and worker: TUNEFORGE_WORKER_ALLOW_USER_REWARD_CODE / allow_user_reward_code).
+    """
 
 class RewardFunction(_RewardFunction, metaclass=_RewardFunctionEnumTypeWrapper): ...
 
@@ -247,7 +251,11 @@ REWARD_FUNCTION_REGEX: RewardFunction.ValueType  # 2
 REWARD_FUNCTION_JSON_VALID: RewardFunction.ValueType  # 3
 """1 when the completion parses as JSON."""
 REWARD_FUNCTION_LENGTH: RewardFunction.ValueType  # 4
-"""Closer to `target_length` characters scores higher."""
+"""Closer to `target_length` characters scores higher: 1 - |length - target| / target, floored at 0."""
+REWARD_FUNCTION_USER_CODE: RewardFunction.ValueType  # 5
+"""The Python function in GrpoConfig.reward_code. Refused unless the deployment enables user reward code
+(jobs service and worker: TUNEFORGE_WORKER_ALLOW_USER_REWARD_CODE / allow_user_reward_code).
+"""
 Global___RewardFunction: _TypeAlias = RewardFunction  # noqa: Y015
 
 class _DistributedStrategy:
@@ -415,6 +423,8 @@ class JobSpec(_message.Message):
     DISTILLATION_FIELD_NUMBER: _builtins.int
     HARDWARE_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
+    ORPO_FIELD_NUMBER: _builtins.int
+    KTO_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """A Hugging Face model id ("org/name"), a local path, or an s3:// URI of a saved model folder."""
     dataset: _builtins.str
@@ -443,6 +453,10 @@ class JobSpec(_message.Message):
     def hardware(self) -> Global___HardwareConfig: ...
     @_builtins.property
     def output(self) -> Global___OutputConfig: ...
+    @_builtins.property
+    def orpo(self) -> Global___OrpoConfig: ...
+    @_builtins.property
+    def kto(self) -> Global___KtoConfig: ...
     def __init__(
         self,
         *,
@@ -460,10 +474,12 @@ class JobSpec(_message.Message):
         distillation: Global___DistillationConfig | None = ...,
         hardware: Global___HardwareConfig | None = ...,
         output: Global___OutputConfig | None = ...,
+        orpo: Global___OrpoConfig | None = ...,
+        kto: Global___KtoConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["distillation", b"distillation", "dpo", b"dpo", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "lora", b"lora", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["distillation", b"distillation", "dpo", b"dpo", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "dataset", b"dataset", "distillation", b"distillation", "dpo", b"dpo", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "lora", b"lora", "method", b"method", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "validation_dataset", b"validation_dataset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "dataset", b"dataset", "distillation", b"distillation", "dpo", b"dpo", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "method", b"method", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "validation_dataset", b"validation_dataset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -537,11 +553,13 @@ class QuantizationConfig(_message.Message):
     bits: _builtins.int
     """4 or 8; default 4."""
     type: Global___QuantizationType.ValueType
-    """Default NF4 (4-bit) or INT8 (8-bit)."""
+    """Default NF4 (4-bit) or INT8 (8-bit). NF4 and FP4 need 4 bits, INT8 needs 8."""
     double_quantization: _builtins.bool
-    """Quantize the quantization constants; default true."""
+    """Quantize the quantization constants (4-bit only); default true."""
     compute_dtype: Global___Precision.ValueType
-    """Compute dtype; default bf16."""
+    """Compute dtype, also the dtype a merged model is saved in; default: the training precision
+    (Hyperparameters.precision, so bf16 where the hardware has it).
+    """
     def __init__(
         self,
         *,
@@ -567,6 +585,8 @@ Global___QuantizationConfig: _TypeAlias = QuantizationConfig  # noqa: Y015
 
 @_typing.final
 class PromptTuningConfig(_message.Message):
+    """Used with ADAPTER_TYPE_PROMPT_TUNING (SFT and distillation only). A soft prompt cannot be merged."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NUM_VIRTUAL_TOKENS_FIELD_NUMBER: _builtins.int
@@ -574,7 +594,7 @@ class PromptTuningConfig(_message.Message):
     num_virtual_tokens: _builtins.int
     """Number of virtual tokens, 1-512; default 20."""
     init_text: _builtins.str
-    """Optional text to initialize the soft prompt from."""
+    """Optional text to initialize the soft prompt from (at most 2000 characters); random init when empty."""
     def __init__(
         self,
         *,
@@ -898,6 +918,7 @@ class GrpoConfig(_message.Message):
     REWARD_FUNCTIONS_FIELD_NUMBER: _builtins.int
     REWARD_REGEX_FIELD_NUMBER: _builtins.int
     TARGET_LENGTH_FIELD_NUMBER: _builtins.int
+    REWARD_CODE_FIELD_NUMBER: _builtins.int
     num_generations: _builtins.int
     """Completions per prompt, 2-64; default 4."""
     temperature: _builtins.float
@@ -913,9 +934,17 @@ class GrpoConfig(_message.Message):
     max_completion_length: _builtins.int
     """Tokens per completion, 1-8192; default 256."""
     reward_regex: _builtins.str
+    """Python regular expression for REWARD_FUNCTION_REGEX (searched anywhere in the completion)."""
     target_length: _builtins.int
+    """Characters, 1-100000; required by REWARD_FUNCTION_LENGTH."""
+    reward_code: _builtins.str
+    """Python source defining `def reward(prompts, completions, **columns) -> list[float]` for
+    REWARD_FUNCTION_USER_CODE; `columns` holds the dataset's extra columns, one list per column.
+    """
     @_builtins.property
-    def reward_functions(self) -> _containers.RepeatedScalarFieldContainer[Global___RewardFunction.ValueType]: ...
+    def reward_functions(self) -> _containers.RepeatedScalarFieldContainer[Global___RewardFunction.ValueType]:
+        """At least one; their rewards are summed."""
+
     def __init__(
         self,
         *,
@@ -929,10 +958,11 @@ class GrpoConfig(_message.Message):
         reward_functions: _abc.Iterable[Global___RewardFunction.ValueType] | None = ...,
         reward_regex: _builtins.str = ...,
         target_length: _builtins.int | None = ...,
+        reward_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_num_generations", b"_num_generations", "_target_length", b"_target_length", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "clip_epsilon", b"clip_epsilon", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "num_generations", b"num_generations", "target_length", b"target_length", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_num_generations", b"_num_generations", "_target_length", b"_target_length", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "clip_epsilon", b"clip_epsilon", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "num_generations", b"num_generations", "reward_functions", b"reward_functions", "reward_regex", b"reward_regex", "target_length", b"target_length", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_num_generations", b"_num_generations", "_target_length", b"_target_length", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "clip_epsilon", b"clip_epsilon", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "num_generations", b"num_generations", "reward_code", b"reward_code", "reward_functions", b"reward_functions", "reward_regex", b"reward_regex", "target_length", b"target_length", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clip_epsilon: _TypeAlias = _typing.Literal["clip_epsilon"]  # noqa: Y015
     _WhichOneofArgType__clip_epsilon: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon"]  # noqa: Y015
@@ -968,6 +998,70 @@ class GrpoConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
 
 Global___GrpoConfig: _TypeAlias = GrpoConfig  # noqa: Y015
+
+@_typing.final
+class OrpoConfig(_message.Message):
+    """Odds-ratio preference optimization (ORPO): SFT and preference loss in one, no reference model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BETA_FIELD_NUMBER: _builtins.int
+    beta: _builtins.float
+    """Weight of the odds-ratio loss (lambda in the paper, beta in TRL), (0, 10]; default 0.1."""
+    def __init__(
+        self,
+        *,
+        beta: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "beta", b"beta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "beta", b"beta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
+    _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta) -> _WhichOneofReturnType__beta | None: ...
+
+Global___OrpoConfig: _TypeAlias = OrpoConfig  # noqa: Y015
+
+@_typing.final
+class KtoConfig(_message.Message):
+    """Kahneman-Tversky optimization (KTO) on completions labelled desirable or not."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BETA_FIELD_NUMBER: _builtins.int
+    DESIRABLE_WEIGHT_FIELD_NUMBER: _builtins.int
+    UNDESIRABLE_WEIGHT_FIELD_NUMBER: _builtins.int
+    beta: _builtins.float
+    """KL penalty (beta), (0, 10]; default 0.1."""
+    desirable_weight: _builtins.float
+    """Weights of the desirable and undesirable losses, (0, 10]; default 1.0 each."""
+    undesirable_weight: _builtins.float
+    def __init__(
+        self,
+        *,
+        beta: _builtins.float | None = ...,
+        desirable_weight: _builtins.float | None = ...,
+        undesirable_weight: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_desirable_weight", b"_desirable_weight", "_undesirable_weight", b"_undesirable_weight", "beta", b"beta", "desirable_weight", b"desirable_weight", "undesirable_weight", b"undesirable_weight"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_beta", b"_beta", "_desirable_weight", b"_desirable_weight", "_undesirable_weight", b"_undesirable_weight", "beta", b"beta", "desirable_weight", b"desirable_weight", "undesirable_weight", b"undesirable_weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__beta: _TypeAlias = _typing.Literal["beta"]  # noqa: Y015
+    _WhichOneofArgType__beta: _TypeAlias = _typing.Literal["_beta", b"_beta"]  # noqa: Y015
+    _WhichOneofReturnType__desirable_weight: _TypeAlias = _typing.Literal["desirable_weight"]  # noqa: Y015
+    _WhichOneofArgType__desirable_weight: _TypeAlias = _typing.Literal["_desirable_weight", b"_desirable_weight"]  # noqa: Y015
+    _WhichOneofReturnType__undesirable_weight: _TypeAlias = _typing.Literal["undesirable_weight"]  # noqa: Y015
+    _WhichOneofArgType__undesirable_weight: _TypeAlias = _typing.Literal["_undesirable_weight", b"_undesirable_weight"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta) -> _WhichOneofReturnType__beta | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__desirable_weight) -> _WhichOneofReturnType__desirable_weight | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__undesirable_weight) -> _WhichOneofReturnType__undesirable_weight | None: ...
+
+Global___KtoConfig: _TypeAlias = KtoConfig  # noqa: Y015
 
 @_typing.final
 class DistillationConfig(_message.Message):
@@ -1151,7 +1245,11 @@ class JobOutput(_message.Message):
     """Storage URI of the merged model folder, when OutputConfig.merge_adapter was set."""
     @_builtins.property
     def final_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Final metrics of the run (train_loss, eval_loss, train_runtime, ...)."""
+        """Final metrics of the run (train_loss, eval_loss, train_runtime, global_step, ...). Stable keys that
+        every run reports: peak_rss_bytes (peak resident memory of the main training process),
+        train_tokens_per_second (non-padding training tokens over the training loop's runtime, all ranks),
+        and peak_gpu_memory_bytes (peak memory torch allocated on the main rank's GPU) on CUDA workers.
+        """
 
     def __init__(
         self,
