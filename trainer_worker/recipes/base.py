@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
+    TrainingArguments,
 )
 from tuneforge.v1 import job_pb2
 
@@ -67,6 +68,8 @@ class BaseRecipe(ABC):
     method: ClassVar[str]
     #: The data families (trainer_worker.recipes.data) the method trains on.
     families: ClassVar[tuple[str, ...]]
+    #: The TRL trainer the method runs; build_trainer gives it what every method shares.
+    trainer_class: ClassVar[type[Trainer]]
 
     def __init__(self, cfg: RunConfig, spec: job_pb2.JobSpec, sink: EventSink, stop: StopSignal) -> None:
         self.cfg, self.spec, self.sink, self.stop = cfg, spec, sink, stop
@@ -97,6 +100,13 @@ class BaseRecipe(ABC):
         return Dataset.from_list(rows)
 
     @abstractmethod
+    def trainer_config(self, args: dict[str, Any]) -> TrainingArguments:
+        """The method's TRL config: ``args`` (the common TrainingArguments) plus the method's own settings."""
+
+    def trainer_extras(self, train: Dataset) -> dict[str, Any]:
+        """Keyword arguments only this method's trainer takes (reward functions, a teacher...)."""
+        return {}
+
     def build_trainer(
         self,
         model: PreTrainedModel,
@@ -105,7 +115,17 @@ class BaseRecipe(ABC):
         validation: Dataset | None,
         callbacks: list[TrainerCallback],
     ) -> Trainer:
-        """The TRL trainer, with ``args`` (common TrainingArguments) passed into its config."""
+        """The method's TRL trainer (``trainer_class``), the same way for every method."""
+        return self.trainer_class(
+            model=model,
+            args=self.trainer_config(args),
+            train_dataset=train,
+            eval_dataset=validation,
+            processing_class=self.tokenizer,
+            peft_config=self.peft_config(),
+            callbacks=callbacks,
+            **self.trainer_extras(train),
+        )
 
     # -- setup ------------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 from trl import SFTTrainer
 
 from trainer_worker.errors import TrainingError
@@ -72,30 +72,17 @@ class DistillationTrainer(SFTTrainer):
 
 class DistillationRecipe(SFTRecipe):
     method = "distillation"
+    trainer_class = DistillationTrainer
 
-    def build_trainer(
-        self,
-        model: PreTrainedModel,
-        args: dict[str, Any],
-        train: Dataset,
-        validation: Dataset | None,
-        callbacks: list[TrainerCallback],
-    ) -> SFTTrainer:
+    def trainer_extras(self, train: Dataset) -> dict[str, Any]:
         distillation = self.spec.distillation
         teacher_path = self.cfg.teacher_model_path or distillation.teacher_model
         self._check_same_tokenizer(teacher_path)
-        return DistillationTrainer(
-            model=model,
-            args=self.sft_config(args),
-            train_dataset=train,
-            eval_dataset=validation,
-            processing_class=self.tokenizer,
-            peft_config=self.peft_config(),
-            callbacks=callbacks,
-            teacher=self.load_model(teacher_path, trainable=False),
-            temperature=distillation.temperature,
-            alpha=distillation.alpha,
-        )
+        return {
+            "teacher": self.load_model(teacher_path, trainable=False),
+            "temperature": distillation.temperature,
+            "alpha": distillation.alpha,
+        }
 
     def _check_same_tokenizer(self, teacher_path: str) -> None:
         teacher = self.load_tokenizer(teacher_path)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from datasets import Dataset
-from transformers import PreTrainedModel, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from trainer_worker.recipes.base import BaseRecipe
@@ -20,35 +18,20 @@ from trainer_worker.recipes.data import PREFERENCE
 
 class DPORecipe(BaseRecipe):
     method = "DPO"
+    trainer_class = DPOTrainer
     families = (PREFERENCE,)
 
-    def build_trainer(
-        self,
-        model: PreTrainedModel,
-        args: dict[str, Any],
-        train: Dataset,
-        validation: Dataset | None,
-        callbacks: list[TrainerCallback],
-    ) -> DPOTrainer:
+    def trainer_config(self, args: dict[str, Any]) -> DPOConfig:
         dpo = self.spec.dpo
         loss_type = ["sigmoid_norm" if dpo.average_log_probs else "sigmoid"]
         loss_weights = [dpo.preference_loss_weight]
         if dpo.sft_loss_weight > 0:
             loss_type.append("sft")
             loss_weights.append(dpo.sft_loss_weight)
-        config = DPOConfig(
+        return DPOConfig(
             **args,
             beta=dpo.beta,
             loss_type=loss_type,
             loss_weights=loss_weights,
             max_length=self.hp.max_seq_length,
-        )
-        return DPOTrainer(
-            model=model,
-            args=config,
-            train_dataset=train,
-            eval_dataset=validation,
-            processing_class=self.tokenizer,
-            peft_config=self.peft_config(),
-            callbacks=callbacks,
         )

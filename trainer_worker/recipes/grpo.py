@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from datasets import Dataset
-from transformers import PreTrainedModel, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trainer_worker.recipes import rewards
@@ -21,19 +20,12 @@ from trainer_worker.recipes.data import PROMPT_ONLY
 
 class GRPORecipe(BaseRecipe):
     method = "GRPO"
+    trainer_class = GRPOTrainer
     families = (PROMPT_ONLY,)
 
-    def build_trainer(
-        self,
-        model: PreTrainedModel,
-        args: dict[str, Any],
-        train: Dataset,
-        validation: Dataset | None,
-        callbacks: list[TrainerCallback],
-    ) -> GRPOTrainer:
+    def trainer_config(self, args: dict[str, Any]) -> GRPOConfig:
         grpo = self.spec.grpo
-        reward_funcs = rewards.build(grpo, train.column_names)
-        config = GRPOConfig(
+        return GRPOConfig(
             **args,
             num_generations=grpo.num_generations,
             temperature=grpo.temperature,
@@ -43,13 +35,6 @@ class GRPORecipe(BaseRecipe):
             epsilon=grpo.clip_epsilon,
             max_completion_length=grpo.max_completion_length,
         )
-        return GRPOTrainer(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=config,
-            train_dataset=train,
-            eval_dataset=validation,
-            processing_class=self.tokenizer,
-            peft_config=self.peft_config(),
-            callbacks=callbacks,
-        )
+
+    def trainer_extras(self, train: Dataset) -> dict[str, Any]:
+        return {"reward_funcs": rewards.build(self.spec.grpo, train.column_names)}

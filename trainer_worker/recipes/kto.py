@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from datasets import Dataset
-from transformers import PreTrainedModel, TrainerCallback
 from trl import KTOConfig, KTOTrainer
 from trl.data_utils import unpair_preference_dataset
 
@@ -21,6 +20,7 @@ from trainer_worker.recipes.data import KTO, PREFERENCE
 
 class KTORecipe(BaseRecipe):
     method = "KTO"
+    trainer_class = KTOTrainer
     families = (KTO, PREFERENCE)
 
     def prepare(self, rows: list[dict[str, Any]]) -> Dataset:
@@ -28,30 +28,14 @@ class KTORecipe(BaseRecipe):
         data = unpair_preference_dataset(data) if self.family == PREFERENCE else data
         return data.shuffle(seed=self.hp.seed)
 
-    def build_trainer(
-        self,
-        model: PreTrainedModel,
-        args: dict[str, Any],
-        train: Dataset,
-        validation: Dataset | None,
-        callbacks: list[TrainerCallback],
-    ) -> KTOTrainer:
+    def trainer_config(self, args: dict[str, Any]) -> KTOConfig:
         kto = self.spec.kto
         if self.hp.group_by_length:
             self.sink.log("group_by_length does not apply to KTO, which reads its rows in order.", "warning")
-        config = KTOConfig(
+        return KTOConfig(
             **{**args, "train_sampling_strategy": "sequential"},
             beta=kto.beta,
             desirable_weight=kto.desirable_weight,
             undesirable_weight=kto.undesirable_weight,
             max_length=self.hp.max_seq_length,
-        )
-        return KTOTrainer(
-            model=model,
-            args=config,
-            train_dataset=train,
-            eval_dataset=validation,
-            processing_class=self.tokenizer,
-            peft_config=self.peft_config(),
-            callbacks=callbacks,
         )

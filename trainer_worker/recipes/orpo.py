@@ -9,9 +9,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from datasets import Dataset
-from transformers import PreTrainedModel, TrainerCallback
-
 from trainer_worker.recipes.base import BaseRecipe
 from trainer_worker.recipes.data import PREFERENCE
 
@@ -22,23 +19,8 @@ with warnings.catch_warnings():  # TRL warns on every import of its experimental
 
 class ORPORecipe(BaseRecipe):
     method = "ORPO"
+    trainer_class = ORPOTrainer
     families = (PREFERENCE,)
 
-    def build_trainer(
-        self,
-        model: PreTrainedModel,
-        args: dict[str, Any],
-        train: Dataset,
-        validation: Dataset | None,
-        callbacks: list[TrainerCallback],
-    ) -> ORPOTrainer:
-        config = ORPOConfig(**args, beta=self.spec.orpo.beta, max_length=self.hp.max_seq_length)
-        return ORPOTrainer(
-            model=model,
-            args=config,
-            train_dataset=train,
-            eval_dataset=validation,
-            processing_class=self.tokenizer,
-            peft_config=self.peft_config(),
-            callbacks=callbacks,
-        )
+    def trainer_config(self, args: dict[str, Any]) -> ORPOConfig:
+        return ORPOConfig(**args, beta=self.spec.orpo.beta, max_length=self.hp.max_seq_length)

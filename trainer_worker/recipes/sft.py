@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from datasets import Dataset
-from transformers import PreTrainedModel, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import get_training_chat_template
 from tuneforge.v1 import job_pb2
@@ -24,6 +23,7 @@ class SFTRecipe(BaseRecipe):
     """One SFT run of one job attempt."""
 
     method = "SFT"
+    trainer_class = SFTTrainer
     families = (CHAT, PROMPT_COMPLETION, TEXT)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -47,7 +47,7 @@ class SFTRecipe(BaseRecipe):
             self.assistant_only_loss = False  # the mask now travels in the data, as TRL's assistant_masks
         return train, validation
 
-    def sft_config(self, args: dict[str, Any]) -> SFTConfig:
+    def trainer_config(self, args: dict[str, Any]) -> SFTConfig:
         """The common arguments plus SFT's own: packing, sequence length, assistant-only loss."""
         packing = self.hp.packing
         if packing and self.spec.adapter == job_pb2.ADAPTER_TYPE_PROMPT_TUNING:
@@ -59,24 +59,6 @@ class SFTRecipe(BaseRecipe):
             packing=packing,
             max_length=self.hp.max_seq_length,
             assistant_only_loss=self.assistant_only_loss,
-        )
-
-    def build_trainer(
-        self,
-        model: PreTrainedModel,
-        args: dict[str, Any],
-        train: Dataset,
-        validation: Dataset | None,
-        callbacks: list[TrainerCallback],
-    ) -> SFTTrainer:
-        return SFTTrainer(
-            model=model,
-            args=self.sft_config(args),
-            train_dataset=train,
-            eval_dataset=validation,
-            processing_class=self.tokenizer,
-            peft_config=self.peft_config(),
-            callbacks=callbacks,
         )
 
     def _tokenize_weighted(self, data: Dataset) -> Dataset:
