@@ -37,17 +37,25 @@ def run_demo(data_dir: Path, *, examples: int, epochs: int, console: Console) ->
     try:
         with TuneForgeClient(platform.address, "demo") as client:
             upload = client.upload_dataset(dataset_file, "demo-chat", description="synthetic chat demo",
+                                           tokenizer=str(model_dir.resolve()), max_length=512,
                                            request_id=str(uuid.uuid4()))
             ds = upload.dataset
             splits = "/".join(str(s.example_count) for s in ds.splits)
+            tokens = ds.statistics.tokens
             console.print(f"[bold]3/5[/bold] dataset {ds.id} READY: {ds.statistics.example_count} examples, "
-                          f"splits {splits}")
+                          f"splits {splits}; tokens per example {tokens.min}-{tokens.max} "
+                          f"(median {tokens.median}), {tokens.train_tokens:,} training tokens per epoch")
             spec = job_pb2.JobSpec(base_model=str(model_dir.resolve()), dataset=ds.id,
                                    method=job_pb2.TRAINING_METHOD_SFT, adapter=job_pb2.ADAPTER_TYPE_LORA)
             spec.lora.rank = 16
             hp = spec.hyperparameters
             hp.epochs, hp.batch_size, hp.learning_rate, hp.logging_steps = epochs, 8, 3e-3, 2
             spec.output.merge_adapter = True
+            plan = client.plan_job(spec)
+            best = plan.cheapest_fit
+            console.print(f"     plan: {plan.training_tokens:,} training tokens; cheapest GPU that fits: "
+                          f"{best.gpu_count} x {best.gpu_type}, {best.memory_per_gpu.total / 2**30:.1f} GiB, "
+                          f"{best.time.total_seconds / 60:.1f} min, ${best.cost.total_usd:.2f}")
             job = client.create_job(spec, name="demo-lora-sft", request_id=str(uuid.uuid4()))
             console.print(f"[bold]4/5[/bold] job {job.id} queued; training on a CPU worker")
             final = watch(client, job, console)

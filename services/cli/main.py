@@ -115,14 +115,17 @@ def datasets_upload(
     test: Annotated[float, typer.Option(help="Test fraction.")] = 0.05,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 42,
     min_examples: Annotated[int | None, typer.Option(help="Fewer is an error (default 100).")] = None,
+    tokenizer: Annotated[str, typer.Option(help="Count tokens with this model's tokenizer.")] = "",
+    max_length: Annotated[int, typer.Option(help="Token cutoff for the statistics (0: 2048).")] = 0,
     address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False,
 ) -> None:
-    """Upload a JSONL dataset; it is validated and split before the command returns."""
+    """Upload a dataset file; it is validated and split before the command returns."""
     split = dataset_pb2.SplitConfig(train_fraction=train, validation_fraction=validation,
                                     test_fraction=test, seed=seed)
     with api(address, org) as client:
         response = client.upload_dataset(path, name, description=description, split=split,
-                                         min_examples=min_examples, request_id=str(uuid.uuid4()))
+                                         min_examples=min_examples, tokenizer=tokenizer,
+                                         max_length=max_length, request_id=str(uuid.uuid4()))
     if as_json:
         console.print_json(to_json(response.dataset))
         return

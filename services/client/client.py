@@ -74,10 +74,13 @@ class TuneForgeClient:
 
     def upload_dataset(self, path: Path, name: str, *, description: str = "",
                        split: dataset_pb2.SplitConfig | None = None, min_examples: int | None = None,
+                       tokenizer: str = "", max_length: int = 0,
                        request_id: str = "") -> dataset_service_pb2.UploadDatasetResponse:
+        """Streams the file; ``tokenizer`` (a model the service can load) adds token statistics."""
         metadata = dataset_service_pb2.UploadDatasetMetadata(
             organization=self.organization, name=name, description=description, filename=path.name,
-            size_bytes=path.stat().st_size, sha256=file_sha256(path), request_id=request_id)
+            size_bytes=path.stat().st_size, sha256=file_sha256(path), request_id=request_id,
+            tokenizer=tokenizer, max_length=max_length)
         if split is not None:
             metadata.split.CopyFrom(split)
         if min_examples is not None:
