@@ -53,9 +53,12 @@ class StopSignal:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         parent = os.getppid()
+        # A parent that died while this process was still importing has already handed it to init (pid 1):
+        # watching for a change of parent would then wait forever.
+        orphaned = parent == 1
 
         def watch_parent() -> None:
-            while os.getppid() == parent:
+            while not orphaned and os.getppid() == parent:
                 time.sleep(poll_seconds)
             self.request("parent exited")
             os.kill(os.getpid(), signal.SIGTERM)  # handled on the main thread, like the agent's own SIGTERM
