@@ -34,6 +34,13 @@ def test_process_orphaned_before_install_stops_within_the_grace(tmp_path: Path) 
         time.sleep(0.05)
     pid = int(marker.read_text())
     deadline = time.monotonic() + 20
-    while Path(f"/proc/{pid}").exists() and "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text():
+    while _alive(pid):
         assert time.monotonic() < deadline, "the orphaned training process kept running"
         time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
