@@ -51,12 +51,52 @@ def run(cfg: RunConfig, sink: EventSink, stop: StopSignal) -> int:
         if not isinstance(exc, TrainingError):
             sink.log(traceback.format_exc(), "error")
         reason, message = describe(exc)
+        if reason == "OUT_OF_MEMORY":
+            message = f"{message} {memory_estimate(cfg)}".strip()
         sink.error(reason, message[:2000])
         return EXIT_FAILED
     finally:
         distributed.leave_process_group()
     sink.result(adapter_dir, merged_dir, with_run_metrics(final_metrics))
     return 0
+
+
+def memory_estimate(cfg: RunConfig) -> str:
+    """The estimation service's memory breakdown for this job on this GPU, for an out-of-memory message.
+
+    The same arithmetic that admitted the job (services.estimation), run on the model folder the worker
+    loaded; empty when the model's architecture cannot be read, since the message must not fail itself.
+    """
+    try:
+        import torch
+
+        from services.estimation.catalog import Catalog
+        from services.estimation.estimator import Hardware, memory_per_gpu
+        from services.estimation.spec import resolve_spec
+
+        spec = cfg.job_spec()
+        spec.base_model = cfg.model_path
+        resolved = resolve_spec(spec, Catalog.load())
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            hardware = Hardware(
+                props.name, props.name, props.total_memory, 0.0, torch.cuda.is_bf16_supported(), 0.0
+            )
+        elif resolved.hardware is not None:
+            hardware = resolved.hardware
+        else:
+            return ""
+        memory = memory_per_gpu(resolved.model.architecture, resolved.setup, hardware)
+    except Exception:  # an estimate is a courtesy: the failure itself is already reported
+        return ""
+    gib = 2**30
+    return (
+        f"Estimated need: {memory.total / gib:.1f} GiB per GPU (weights {memory.weights / gib:.1f}, "
+        f"activations {memory.activations / gib:.1f}, logits {memory.logits / gib:.1f}, optimizer states "
+        f"{memory.optimizer_states / gib:.1f}) against {hardware.memory_bytes / gib:.1f} GiB on "
+        f"{hardware.display_name}; EstimationService.ValidateHardware names the cheapest configuration "
+        "that fits."
+    )
 
 
 def with_run_metrics(final_metrics: Mapping[str, float]) -> dict[str, float]:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.worker.helpers import read_events
+from tests.worker.helpers import make_run_config, read_events
 from trainer_worker.errors import TrainingError, classify, describe
 from trainer_worker.events import EventLogHandler, EventSink
 from trainer_worker.sysmetrics import PEAK_GPU_MEMORY, PEAK_RSS, SystemSampler, peak_metrics
-from trainer_worker.train import with_run_metrics
+from trainer_worker.train import memory_estimate, with_run_metrics
 
 
 def test_out_of_gpu_memory_says_what_to_change() -> None:
@@ -22,6 +22,18 @@ def test_out_of_gpu_memory_says_what_to_change() -> None:
     for advice in ("batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "QLoRA"):
         assert advice in message
     assert describe(MemoryError())[1].startswith("Training ran out of host memory.")
+
+
+def test_out_of_memory_message_carries_the_estimate(tmp_path: Path, tiny_model: Path) -> None:
+    """The same arithmetic that admitted the job, on the model the worker loaded and the spec's GPU."""
+    spec = {"hyperparameters": {"batch_size": 8, "max_seq_length": 512},
+            "hardware": {"gpu_type": "nvidia-t4"}}
+    cfg = make_run_config(tmp_path, tiny_model, tmp_path / "train.jsonl", spec)
+    message = memory_estimate(cfg)
+    assert message.startswith("Estimated need: ") and "GiB per GPU" in message and "activations" in message
+    assert "NVIDIA T4" in message or "nvidia-t4" in message.lower(), message
+    unknown = make_run_config(tmp_path, tmp_path / "no-model-here", tmp_path / "train.jsonl", spec)
+    assert memory_estimate(unknown) == ""  # never a failure of its own
 
 
 @pytest.mark.parametrize(
