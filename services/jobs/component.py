@@ -14,6 +14,7 @@ from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_service_pb2_grpc
 
 from services.jobs.datasets_client import DatasetLookup
+from services.jobs.estimation_client import HardwareCheck
 from services.jobs.manager import JobManager
 from services.jobs.models import JobOutbox
 from services.jobs.servicer import JobServicer
@@ -40,6 +41,7 @@ class JobsComponent(Component):
         self.manager = JobManager(self.db, self.relay,
                                   DatasetLookup(runtime.channel(settings.datasets_address)),
                                   runtime.store, runtime.nc,
+                                  hardware=HardwareCheck(runtime.channel(settings.estimation_address)),
                                   allow_user_reward_code=settings.allow_user_reward_code)
 
     def registrations(self) -> Sequence[Registration]:

@@ -23,6 +23,7 @@ from tuneforge.v1 import dataset_pb2, job_pb2, job_service_pb2
 
 from services.jobs.converters import job_to_proto
 from services.jobs.datasets_client import DatasetLookup
+from services.jobs.estimation_client import HardwareCheck
 from services.jobs.models import JobInbox, JobOutbox, JobRow
 from services.jobs.repository import JobRepository
 from services.jobs.spec_rules import check_dataset_fit, resolve_spec
@@ -72,8 +73,10 @@ def _request_hash(request: job_service_pb2.CreateJobRequest) -> str:
 
 class JobManager:
     def __init__(self, db: Database, relay: OutboxRelay, datasets: DatasetLookup, store: ObjectStore,
-                 nc: NATS, *, allow_user_reward_code: bool = False) -> None:
+                 nc: NATS, *, hardware: HardwareCheck | None = None,
+                 allow_user_reward_code: bool = False) -> None:
         self.db = db
+        self.hardware = hardware
         self.allow_user_reward_code = allow_user_reward_code
         self.relay = relay
         self.datasets = datasets
@@ -125,6 +128,8 @@ class JobManager:
         dataset = await self.datasets.get(org, spec.dataset, "spec.dataset")
         self._check_ready(dataset, "spec.dataset")
         check_dataset_fit(spec, dataset.format)
+        if self.hardware is not None:  # the fit on the GPU the job asked for, by its own estimate
+            await self.hardware.check(org, spec)
         train_uri = _split_uri(dataset, dataset_pb2.DATASET_SPLIT_KIND_TRAIN)
         validation_uri = _split_uri(dataset, dataset_pb2.DATASET_SPLIT_KIND_VALIDATION)
         if spec.validation_dataset:

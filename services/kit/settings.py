@@ -37,6 +37,7 @@ class KitSettings(BaseSettings):
     # Addresses of the other services, for services that call each other. Empty: this process' own server.
     datasets_address: str = ""
     jobs_address: str = ""
+    estimation_address: str = ""
     # How long a worker may go without an in-progress ack before its job is delivered to another worker.
     work_ack_wait_s: float = 60.0
     # Deliveries of a job before it is failed as WORKER_LOST.

@@ -147,6 +147,30 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(
     assert json.loads((tmp_path / "p" / "platform.json").read_text())["address"] == platform.address
 
 
+def test_a_job_that_does_not_fit_the_gpu_it_names_is_not_admitted(
+    client: TuneForgeClient, tiny_assets: tuple[Path, Path]
+) -> None:
+    """CreateJob asks the estimation service; a job its own estimate says would run out of memory on the
+    requested GPU never reaches the queue, and the error says what would fit."""
+    model, data = tiny_assets
+    ds = upload(client, data, "chat-for-hardware")
+    jobs_before = len(client.list_jobs().jobs)
+    too_big = lora_spec(model, ds.id)
+    too_big.base_model = "meta-llama/Llama-3.1-70B"  # a catalog architecture: 140 GB of bf16 weights
+    too_big.hardware.gpu_type = "nvidia-t4"
+    with pytest.raises(InvalidArgumentError) as info:
+        client.create_job(too_big)
+    assert info.value.reason == "INSUFFICIENT_HARDWARE"
+    (violation,) = info.value.violations
+    assert violation.field == "spec.hardware.gpu_type"
+    assert "GiB per GPU" in violation.description and "nvidia-t4" in violation.description
+    assert len(client.list_jobs().jobs) == jobs_before
+
+    fits = lora_spec(model, ds.id)  # the tiny model fits anywhere
+    fits.hardware.gpu_type = "nvidia-t4"
+    assert client.create_job(fits, validate_only=True).state == job_pb2.JOB_STATE_QUEUED
+
+
 def test_cli_talks_to_the_platform(platform: Platform, tiny_assets: tuple[Path, Path]) -> None:
     from typer.testing import CliRunner
 

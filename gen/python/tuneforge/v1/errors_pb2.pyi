@@ -56,6 +56,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     it. Code: UNAUTHENTICATED (BadRequest names the credentials field) or PERMISSION_DENIED (names the
     source field).
     """
+    ERROR_REASON_INSUFFICIENT_HARDWARE: _ErrorReason.ValueType  # 15
+    """CreateJob: the job's memory estimate does not fit the GPU type and count it asked for. Code:
+    INVALID_ARGUMENT; BadRequest names spec.hardware.gpu_type with the estimate, the cheapest
+    configuration that fits and the changes that would make the requested one fit.
+    """
     ERROR_REASON_OUT_OF_MEMORY: _ErrorReason.ValueType  # 20
     """Reasons a training job ends FAILED; found in Job.error's ErrorInfo.
     The training process ran out of accelerator memory.
@@ -115,6 +120,11 @@ ERROR_REASON_SOURCE_ACCESS_DENIED: ErrorReason.ValueType  # 14
 """A dataset source (S3, GCS, Hugging Face) refused the credentials given for it, or they may not read
 it. Code: UNAUTHENTICATED (BadRequest names the credentials field) or PERMISSION_DENIED (names the
 source field).
+"""
+ERROR_REASON_INSUFFICIENT_HARDWARE: ErrorReason.ValueType  # 15
+"""CreateJob: the job's memory estimate does not fit the GPU type and count it asked for. Code:
+INVALID_ARGUMENT; BadRequest names spec.hardware.gpu_type with the estimate, the cheapest
+configuration that fits and the changes that would make the requested one fit.
 """
 ERROR_REASON_OUT_OF_MEMORY: ErrorReason.ValueType  # 20
 """Reasons a training job ends FAILED; found in Job.error's ErrorInfo.
