@@ -106,6 +106,11 @@ class TuneForgeClient:
             request.min_examples = min_examples
         return _call(lambda: self.datasets.CreateDataset(request, timeout=self.timeout_s)).dataset
 
+    def delete_dataset(self, ref: str) -> None:
+        """Deletes the dataset and its stored files; refused while jobs that have not ended use it."""
+        request = dataset_service_pb2.DeleteDatasetRequest(organization=self.organization, dataset=ref)
+        _call(lambda: self.datasets.DeleteDataset(request, timeout=self.timeout_s))
+
     def get_dataset(self, ref: str) -> dataset_pb2.Dataset:
         request = dataset_service_pb2.GetDatasetRequest(organization=self.organization, dataset=ref)
         return _call(lambda: self.datasets.GetDataset(request, timeout=self.timeout_s)).dataset

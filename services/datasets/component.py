@@ -12,6 +12,7 @@ from services.datasets.models import DatasetOutbox
 from services.datasets.servicer import DatasetServicer
 from services.datasets.settings import DatasetSettings
 from services.kit.db import Database
+from services.kit.jobs_client import JobsClient
 from services.kit.outbox import OutboxRelay
 from services.kit.runtime import Component, Registration, Runtime
 
@@ -28,7 +29,9 @@ class DatasetsComponent(Component):
         self.db = Database(self.settings.database_url_for("datasets"), "datasets")
         self.db.migrate(MIGRATIONS)
         self.relay = OutboxRelay(self.db, runtime.js, DatasetOutbox)
-        self.manager = DatasetManager(self.db, runtime.store, self.settings, notify=self.relay.notify)
+        jobs = JobsClient(lambda: runtime.channel(self.settings.jobs_address))
+        self.manager = DatasetManager(self.db, runtime.store, self.settings, notify=self.relay.notify,
+                                      jobs=jobs)
 
     def registrations(self) -> Sequence[Registration]:
         return [Registration(SERVICE_NAME, DatasetServicer(self.manager),

@@ -82,6 +82,7 @@ from services.kit.errors import (
     not_found,
 )
 from services.kit.ids import new_id
+from services.kit.jobs_client import JobsClient
 from services.kit.outbox import utcnow
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.protos import to_timestamp
@@ -225,10 +226,12 @@ def _check_ref(organization: str, ref: str) -> None:
 
 class DatasetManager:
     def __init__(self, db: Database, store: ObjectStore, settings: DatasetSettings,
-                 notify: Callable[[], None] = lambda: None) -> None:
+                 notify: Callable[[], None] = lambda: None, jobs: JobsClient | None = None) -> None:
         self.db = db
         self.store = store
         self.settings = settings
+        # Asked before a delete whether jobs that have not ended still need the dataset.
+        self.jobs = jobs
         # Called after a commit that added events, so the outbox relay sends them now.
         self.notify = notify
         self.tmp_dir = settings.data_dir.resolve() / "tmp"
@@ -525,6 +528,15 @@ class DatasetManager:
         """Deletes the row and announces it in one transaction, then the objects (best effort: orphaned
         objects are harmless, a row pointing at deleted objects would not be)."""
         _check_ref(organization, ref)
+        if self.jobs is not None:
+            record = await self.get(organization, ref)
+            users = await self.jobs.active_jobs_using(organization, record.id)
+            if users:
+                listed = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+                raise FailedPrecondition(
+                    f"dataset '{record.name}' is used by jobs that have not ended ({listed}); cancel them "
+                    "or wait for them to end, then delete it",
+                    reason="DATASET_IN_USE", metadata={"jobs": ",".join(users[:20])})
 
         def apply(session: Session) -> DatasetRecord:
             repo = DatasetRepository(session)

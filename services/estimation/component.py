@@ -14,13 +14,13 @@ from tuneforge.v1 import estimation_service_pb2_grpc, job_pb2
 from services.estimation.calibration import CalibrationStore, measure
 from services.estimation.catalog import Catalog
 from services.estimation.datasets_client import GrpcDatasetLookup
-from services.estimation.jobs_client import GrpcJobLookup
 from services.estimation.manager import EstimationManager
 from services.estimation.servicer import EstimationServicer
 from services.estimation.settings import EstimationSettings
 from services.kit import subjects
 from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
+from services.kit.jobs_client import JobsClient
 from services.kit.runtime import Component, Registration, Runtime
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class EstimationComponent(Component):
         kit = runtime.settings
         timeout = self.settings.datasets_timeout_s
         datasets = GrpcDatasetLookup(lambda: runtime.channel(kit.datasets_address), timeout_s=timeout)
-        jobs = GrpcJobLookup(lambda: runtime.channel(kit.jobs_address), timeout_s=timeout)
+        jobs = JobsClient(lambda: runtime.channel(kit.jobs_address), timeout_s=timeout)
         self.manager = EstimationManager(self.catalog, datasets, jobs, self.calibrations)
 
     def registrations(self) -> Sequence[Registration]:

@@ -10,9 +10,9 @@ from tuneforge.v1 import metrics_service_pb2_grpc
 from services.kit import subjects
 from services.kit.consumer import consume
 from services.kit.db import Database
+from services.kit.jobs_client import JobsClient
 from services.kit.runtime import Component, Registration, Runtime
 from services.metrics.ingest import IngestHandlers
-from services.metrics.jobs_client import GrpcJobLookup
 from services.metrics.live import NatsLiveFeed
 from services.metrics.manager import MetricsManager
 from services.metrics.servicer import MetricsServicer
@@ -30,7 +30,7 @@ class MetricsComponent(Component):
         # Before the server takes calls: a request must never meet a missing table.
         self.db.migrate(MIGRATIONS_DIR)
         jobs_address = runtime.settings.jobs_address
-        jobs = GrpcJobLookup(lambda: runtime.channel(jobs_address), timeout_s=self.settings.jobs_timeout_s)
+        jobs = JobsClient(lambda: runtime.channel(jobs_address), timeout_s=self.settings.jobs_timeout_s)
         self.manager = MetricsManager(self.db, jobs, NatsLiveFeed(runtime.nc), self.settings)
         self.handlers = IngestHandlers(self.manager)
 

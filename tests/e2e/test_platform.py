@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tuneforge.v1 import dataset_pb2, job_pb2, metrics_pb2
 
-from services.client import InvalidArgumentError, NotFoundError, TuneForgeClient
+from services.client import FailedPreconditionError, InvalidArgumentError, NotFoundError, TuneForgeClient
 from services.platform.supervisor import Platform
 from tests.e2e.conftest import lora_spec, start_platform, wait_final, wait_for
 
@@ -108,6 +108,9 @@ def test_cancel_running_job_then_worker_takes_the_next(
     ds = upload(client, data, "chat-cancel")
     long_job = client.create_job(lora_spec(model, ds.id, epochs=40))
     wait_for(client, long_job.id, lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.progress.step > 0)
+    with pytest.raises(FailedPreconditionError) as info:  # a running job still needs its data
+        client.delete_dataset(ds.id)
+    assert info.value.reason == "DATASET_IN_USE" and long_job.id in str(info.value)
     assert client.cancel_job(long_job.id).state == job_pb2.JOB_STATE_CANCELLING
     final = wait_final(client, long_job.id, timeout_s=120)
     assert final.state == job_pb2.JOB_STATE_CANCELLED
@@ -115,6 +118,9 @@ def test_cancel_running_job_then_worker_takes_the_next(
 
     next_job = client.create_job(lora_spec(model, ds.id, epochs=1))
     assert wait_final(client, next_job.id).state == job_pb2.JOB_STATE_SUCCEEDED
+    client.delete_dataset(ds.id)  # every job using it has ended
+    with pytest.raises(NotFoundError):
+        client.get_dataset(ds.id)
 
 
 def test_worker_killed_mid_job_resumes_from_its_checkpoint(

@@ -61,6 +61,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     INVALID_ARGUMENT; BadRequest names spec.hardware.gpu_type with the estimate, the cheapest
     configuration that fits and the changes that would make the requested one fit.
     """
+    ERROR_REASON_DATASET_IN_USE: _ErrorReason.ValueType  # 16
+    """DeleteDataset: jobs that have not ended train or validate on the dataset. Code: FAILED_PRECONDITION;
+    ErrorInfo metadata "jobs" lists their ids.
+    """
     ERROR_REASON_OUT_OF_MEMORY: _ErrorReason.ValueType  # 20
     """Reasons a training job ends FAILED; found in Job.error's ErrorInfo.
     The training process ran out of accelerator memory.
@@ -125,6 +129,10 @@ ERROR_REASON_INSUFFICIENT_HARDWARE: ErrorReason.ValueType  # 15
 """CreateJob: the job's memory estimate does not fit the GPU type and count it asked for. Code:
 INVALID_ARGUMENT; BadRequest names spec.hardware.gpu_type with the estimate, the cheapest
 configuration that fits and the changes that would make the requested one fit.
+"""
+ERROR_REASON_DATASET_IN_USE: ErrorReason.ValueType  # 16
+"""DeleteDataset: jobs that have not ended train or validate on the dataset. Code: FAILED_PRECONDITION;
+ErrorInfo metadata "jobs" lists their ids.
 """
 ERROR_REASON_OUT_OF_MEMORY: ErrorReason.ValueType  # 20
 """Reasons a training job ends FAILED; found in Job.error's ErrorInfo.
