@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_worker.py                 # 3 interleaved repeats, 40 steps each
     .venv/bin/python benchmarks/bench_worker.py --steps 8 --repeats 2 --max-length 128   # a busy 2-core box
+    .venv/bin/python benchmarks/bench_worker.py --padding-free   # + plain TRL padding_free=True, no packing
 
 Builds a ~11M-parameter Llama-architecture chat model locally (the tiny model's builder, wider and deeper)
 and a synthetic chat dataset, then trains it the same way twice per repeat, each in a fresh process:
@@ -10,7 +11,11 @@ and a synthetic chat dataset, then trains it the same way twice per repeat, each
   file, metrics and system sampling, the NaN watchdog, checkpoint staging, the worker's hyperparameter
   mapping);
 - **plain TRL**: this file's ``plain`` sub-command, a straight ``SFTTrainer`` script with the same model,
-  data, LoRA settings and hyperparameters.
+  data, LoRA settings and hyperparameters, written out in full: SFTConfig's defaults are not the job spec's
+  (TRL turns activation checkpointing on, ~1.5x slower here; transformers picks the fused AdamW), so the
+  script sets what the worker sets. Each mode's first repeat diffs the TrainingArguments both runs saved
+  with their checkpoint and prints any setting that differs ("none" when the comparison is fair).
+  ``--plain-override KEY=JSON`` changes one for the plain script only, e.g. to reproduce an unfair run.
 
 Throughput is training tokens (non-padding) over the Trainer's ``train_runtime``, as both report it, so
 process start-up and model loading are left out. Runs alternate worker/plain and the figures are medians:
@@ -107,27 +112,39 @@ def plain_trl(options: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(options["model"])
     model = AutoModelForCausalLM.from_pretrained(options["model"], dtype=torch.float32)
     dataset = load_dataset("json", data_files=options["data"], split="train")
-    config = SFTConfig(
-        output_dir=str(Path(options["work"]) / "out"),
-        max_steps=options["steps"],
-        per_device_train_batch_size=options["batch_size"],
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.03,
-        weight_decay=0.01,
-        bf16=bf16_on_this_machine(),
-        use_cpu=not torch.cuda.is_available(),
-        packing=options["packing"],
-        max_length=options["max_length"],
-        assistant_only_loss=True,
-        seed=SEED,
-        logging_steps=10,
-        save_strategy="steps",  # the worker's cadence: one checkpoint, at the end
-        save_steps=options["steps"] * 10,
-        report_to="none",
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
-    )
+    settings: dict[str, Any] = {
+        "output_dir": str(Path(options["work"]) / "out"),
+        "max_steps": options["steps"],
+        "per_device_train_batch_size": options["batch_size"],
+        "learning_rate": LEARNING_RATE,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.03,
+        "weight_decay": 0.01,
+        "bf16": bf16_on_this_machine(),
+        "use_cpu": not torch.cuda.is_available(),
+        # SFTConfig's own defaults differ from the job spec's: TRL turns activation checkpointing ON and
+        # transformers picks the fused AdamW. The worker maps gradient_checkpointing=false and OPTIMIZER_ADAMW
+        # to these, and a user writing the same job by hand must too, or the "same settings" are not the same.
+        "activation_checkpointing": False,
+        "optim": "adamw_torch",
+        "packing": options["packing"],
+        "padding_free": options.get("padding_free", False),
+        "max_length": options["max_length"],
+        "assistant_only_loss": True,
+        "seed": SEED,
+        "logging_steps": 10,
+        "logging_first_step": True,
+        "logging_nan_inf_filter": False,
+        "save_strategy": "steps",  # the worker's cadence: one checkpoint, at the end
+        "save_steps": options["steps"] * 10,
+        "save_total_limit": 2,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "include_num_input_tokens_seen": "non_padding",
+    }
+    if settings["padding_free"] and not settings["packing"]:
+        settings["max_length"] = None  # TRL: padding-free without packing does not truncate; rows must fit
+    config = SFTConfig(**{**settings, **options.get("overrides", {})})
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -137,6 +154,7 @@ def plain_trl(options: dict[str, Any]) -> None:
     )
     metrics = trainer.train().metrics
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
+    metrics["threads"] = torch.get_num_threads()
     (Path(options["work"]) / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -152,6 +170,26 @@ def tokens_per_second(metrics: dict[str, float]) -> float:
     return float(metrics["num_input_tokens_seen"]) / float(metrics["train_runtime"])
 
 
+# TrainingArguments fields that name the run rather than set how it trains.
+NOT_SETTINGS = {"output_dir", "logging_dir", "run_name", "hub_model_id"}
+
+
+def used_settings(work: Path) -> dict[str, Any]:
+    """The TrainingArguments/SFTConfig a run really trained with, from its checkpoint's training_args.bin."""
+    import torch
+
+    saved = next(work.rglob("checkpoint-*/training_args.bin"))
+    # Our own file, written a moment ago by a run of this benchmark; it is a pickle of the config object.
+    return torch.load(saved, weights_only=False).to_dict()
+
+
+def differing_settings(worker: Path, plain: Path) -> list[str]:
+    """'key: worker value | plain value' for every setting that differs between the two runs."""
+    a, b = used_settings(worker), used_settings(plain)
+    keys = sorted((set(a) | set(b)) - NOT_SETTINGS)
+    return [f"{k}: {a.get(k)!r} | {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -159,7 +197,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512, help="max_seq_length, and the packed length")
+    parser.add_argument(
+        "--padding-free",
+        action="store_true",
+        help="also time plain TRL with padding_free=True and no packing (the worker has no such setting)",
+    )
+    parser.add_argument(
+        "--plain-override",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help='an SFTConfig setting for the plain script only, e.g. optim="adamw_torch_fused" (repeatable)',
+    )
     args = parser.parse_args()
+    overrides = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.plain_override)}
 
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         root = Path(tmp)
@@ -172,14 +223,22 @@ def main() -> None:
             f"{_parameters(model) / 1e6:.1f}M parameters; data: {args.rows} chat rows; "
             f"{args.steps} steps of batch {args.batch_size}, max length {args.max_length}, "
             f"LoRA r{LORA['r']} all-linear, "
-            f"bf16={bf16_on_this_machine()}"
+            f"bf16={bf16_on_this_machine()}" + (f"; plain TRL overrides {overrides}" if overrides else "")
         )
-        results: dict[tuple[bool, str], list[float]] = {}
-        for packing in (False, True):
+        both = [("worker", run_worker), ("plain TRL", run_plain)]
+        # (label, packing, padding_free, runners)
+        modes: list[tuple[str, bool, bool, list[Any]]] = [
+            ("off", False, False, both),
+            ("packing", True, False, both),
+        ]
+        if args.padding_free:
+            modes.append(("pad-free", False, True, both[1:]))
+        results: dict[tuple[str, str], list[float]] = {}
+        for label, packing, padding_free, runners in modes:
             for repeat in range(args.repeats):
-                runners = [("worker", run_worker), ("plain TRL", run_plain)]
+                works: dict[str, Path] = {}
                 for name, runner in runners if repeat % 2 == 0 else runners[::-1]:
-                    work = root / f"{name.replace(' ', '_')}-{packing}-{repeat}"
+                    work = works[name] = root / f"{name.replace(' ', '_')}-{label}-{repeat}"
                     work.mkdir()
                     started = time.monotonic()
                     shape = {
@@ -188,21 +247,35 @@ def main() -> None:
                         "max_length": args.max_length,
                         "packing": packing,
                     }
+                    if name == "plain TRL":
+                        shape.update(padding_free=padding_free, overrides=overrides)
                     tps = tokens_per_second(runner(model, data, work, shape))
-                    results.setdefault((packing, name), []).append(tps)
+                    results.setdefault((label, name), []).append(tps)
                     print(
-                        f"  packing={packing!s:5} {name:9} repeat {repeat}: {tps:8.0f} tokens/s "
+                        f"  {label:8} {name:9} repeat {repeat}: {tps:8.0f} tokens/s "
                         f"({time.monotonic() - started:.0f} s with start-up)",
                         flush=True,
                     )
+                if repeat == 0 and len(works) == 2:
+                    differ = differing_settings(works["worker"], works["plain TRL"])
+                    differ_text = "; ".join(differ) or "none"
+                    print(f"  {label:8} settings that differ (worker | plain TRL): {differ_text}")
         print("\nmedian training tokens/s (non-padding tokens / train_runtime)")
-        print(f"{'packing':8} {'worker':>10} {'plain TRL':>10} {'worker/TRL':>11}")
+        print(f"{'batching':8} {'worker':>10} {'plain TRL':>10} {'worker/TRL':>11}")
         median = {key: statistics.median(values) for key, values in results.items()}
-        for packing in (False, True):
-            worker, plain = median[(packing, "worker")], median[(packing, "plain TRL")]
-            print(f"{packing!s:8} {worker:10.0f} {plain:10.0f} {worker / plain:11.3f}")
-        gain = median[(True, "worker")] / median[(False, "plain TRL")]
+        for label, _, _, runners in modes:
+            plain = median[(label, "plain TRL")]
+            if len(runners) == 2:
+                worker = median[(label, "worker")]
+                print(f"{label:8} {worker:10.0f} {plain:10.0f} {worker / plain:11.3f}")
+            else:
+                print(f"{label:8} {'-':>10} {plain:10.0f} {'-':>11}")
+        off = median[("off", "plain TRL")]
+        gain = median[("packing", "worker")] / off
         print(f"worker with packing vs plain TRL without: {gain:.2f}x")
+        if args.padding_free:
+            free = median[("pad-free", "plain TRL")] / off
+            print(f"plain TRL padding-free vs plain TRL without: {free:.2f}x")
 
 
 def _parameters(model: Path) -> int:
