@@ -46,11 +46,24 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-
 MODEL = {"hidden_size": 384, "num_layers": 6, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1024}
 
 
-def build_assets(root: Path, rows: int) -> tuple[Path, Path]:
+def build_assets(root: Path, rows: int, varied: int = 0) -> tuple[Path, Path]:
+    """The model and the chat rows; with ``varied`` > 1 each answer is repeated 1..varied times (seeded),
+    so rows differ in length the way real data does and padded batches carry real padding."""
+    import random
+
     from trainer_worker.tiny import build_tiny_chat_model, write_synthetic_chat_dataset
 
     model = build_tiny_chat_model(root / "model", **MODEL)
     data = write_synthetic_chat_dataset(root / "train.jsonl", rows)
+    if varied > 1:
+        rng = random.Random(SEED)
+        lines = []
+        for line in data.read_text().splitlines():
+            row = json.loads(line)
+            answer = row["messages"][-1]
+            answer["content"] = " ".join([answer["content"]] * rng.randint(1, varied))
+            lines.append(json.dumps(row))
+        data.write_text("\n".join(lines) + "\n")
     return model, data
 
 
@@ -198,6 +211,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512, help="max_seq_length, and the packed length")
     parser.add_argument(
+        "--varied-lengths",
+        type=int,
+        default=0,
+        metavar="N",
+        help="repeat each answer 1..N times, so rows vary in length (padding to remove)",
+    )
+    parser.add_argument(
         "--padding-free",
         action="store_true",
         help="also time plain TRL with padding_free=True and no packing (the worker has no such setting)",
@@ -214,13 +234,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         root = Path(tmp)
-        model, data = build_assets(root, args.rows)
+        model, data = build_assets(root, args.rows, args.varied_lengths)
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model)
         print(
             f"model: Llama, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-            f"{_parameters(model) / 1e6:.1f}M parameters; data: {args.rows} chat rows; "
+            f"{_parameters(model) / 1e6:.1f}M parameters; data: {args.rows} chat rows"
+            + (f" (answers repeated 1-{args.varied_lengths}x)" if args.varied_lengths > 1 else "")
+            + "; "
             f"{args.steps} steps of batch {args.batch_size}, max length {args.max_length}, "
             f"LoRA r{LORA['r']} all-linear, "
             f"bf16={bf16_on_this_machine()}" + (f"; plain TRL overrides {overrides}" if overrides else "")
