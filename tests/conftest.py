@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from services.kit.embedded import EmbeddedNats
-from services.kit.settings import KitSettings
+from tuneforge_core.settings import KitSettings
 
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

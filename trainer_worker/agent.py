@@ -44,11 +44,6 @@ from nats.js.errors import NotFoundError
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
-from services.kit import subjects
-from services.kit.errors import InvalidArgument
-from services.kit.nats import connect, ensure_streams, ensure_trainers_consumer
-from services.kit.settings import KitSettings
-from services.kit.storage import ObjectStore, open_store, store_from_settings
 from trainer_worker.checkpointing import CheckpointStore
 from trainer_worker.errors import TrainingError
 from trainer_worker.events import EventTail
@@ -60,7 +55,13 @@ from trainer_worker.reporting import (
     metric_point,
     progress_of,
 )
-from trainer_worker.run_config import RunConfig, with_defaults
+from trainer_worker.run_config import RunConfig
+from tuneforge_core import subjects
+from tuneforge_core.errors import InvalidArgument
+from tuneforge_core.nats import connect, ensure_streams, ensure_trainers_consumer
+from tuneforge_core.reasons import Reason
+from tuneforge_core.settings import KitSettings
+from tuneforge_core.storage import ObjectStore, open_store, store_from_settings
 
 log = logging.getLogger("trainer_worker.agent")
 
@@ -183,7 +184,7 @@ class Agent:
         parsed = urlparse(uri)
         if parsed.scheme not in ("s3", "file"):
             raise TrainingError(
-                "TRAINING_FAILED", f"The worker cannot read {uri!r}: not a file:// or s3:// URI."
+                Reason.TRAINING_FAILED, f"The worker cannot read {uri!r}: not a file:// or s3:// URI."
             )
         root = open_store(
             f"{parsed.scheme}://{parsed.netloc}/",
@@ -292,7 +293,7 @@ class JobRun:
         try:
             return await asyncio.to_thread(store.get_file, key, dest)
         except FileNotFoundError as exc:
-            raise TrainingError("BAD_TRAINING_DATA", f"The training data {uri} does not exist.") from exc
+            raise TrainingError(Reason.BAD_TRAINING_DATA, f"The training data {uri} does not exist.") from exc
         except Exception as exc:
             raise Transient(f"could not fetch {uri}: {exc}") from exc
 
@@ -310,7 +311,7 @@ class JobRun:
         try:
             await asyncio.to_thread(store.get_dir, key, partial)
         except FileNotFoundError as exc:
-            raise TrainingError("MODEL_NOT_FOUND", f"No model is stored at {base_model}.") from exc
+            raise TrainingError(Reason.MODEL_NOT_FOUND, f"No model is stored at {base_model}.") from exc
         except Exception as exc:
             raise Transient(f"could not fetch {base_model}: {exc}") from exc
         try:
@@ -401,7 +402,7 @@ class JobRun:
     def _upload_checkpoint(self, step: int, directory: Path) -> None:
         """Queue the upload behind earlier ones; a failed upload costs progress on a retry, not the job."""
         previous = self._uploads
-        keep = with_defaults(self.assignment.spec).hyperparameters.save_total_limit
+        keep = self.assignment.spec.hyperparameters.save_total_limit
 
         async def upload() -> None:
             if previous is not None:
@@ -436,8 +437,10 @@ class JobRun:
                 tail = f.read().decode(errors="replace")
             self.reporter.log(f"Last output of the training process:\n{tail}", "error")
         if returncode == -signal.SIGKILL:
-            return "OUT_OF_MEMORY", "The training process was killed, most likely for running out of memory."
-        return "TRAINING_FAILED", f"The training process exited with code {returncode} without a result."
+            return Reason.OUT_OF_MEMORY, (
+                "The training process was killed, most likely for running out of memory."
+            )
+        return Reason.TRAINING_FAILED, f"The training process exited with code {returncode} without a result."
 
     # -- outcomes ---------------------------------------------------------------------------------------
 

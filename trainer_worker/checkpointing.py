@@ -29,9 +29,10 @@ from trainer_worker import distributed
 from trainer_worker.errors import TrainingError
 from trainer_worker.events import EventSink
 from trainer_worker.run_config import RunConfig
+from tuneforge_core.reasons import Reason
 
 if TYPE_CHECKING:
-    from services.kit.storage import ObjectStore
+    from tuneforge_core.storage import ObjectStore
 
 COMPLETE = "COMPLETE"
 STAGING_DIR = "checkpoint-uploads"
@@ -89,7 +90,7 @@ def resume_checkpoint(cfg: RunConfig) -> str | None:
     pickled = [name for name in PICKLED_WEIGHTS if (latest / name).exists()]
     if pickled:
         raise TrainingError(
-            "TRAINING_FAILED",
+            Reason.TRAINING_FAILED,
             f"The checkpoint {latest.name} holds pickled weights ({', '.join(pickled)}); "
             "the worker resumes from safetensors only.",
         )

@@ -25,6 +25,7 @@ from typing import Any
 from tuneforge.v1 import job_pb2
 
 from trainer_worker.errors import TrainingError
+from tuneforge_core.reasons import Reason
 
 D = job_pb2.DistributedStrategy
 SINGLE_PROCESS = (D.DISTRIBUTED_STRATEGY_UNSPECIFIED, D.DISTRIBUTED_STRATEGY_NONE)
@@ -108,15 +109,15 @@ def check_supported(spec: job_pb2.JobSpec) -> None:
     quantized = spec.adapter == job_pb2.ADAPTER_TYPE_QLORA
     if quantized and (chosen in ZERO or chosen == D.DISTRIBUTED_STRATEGY_FSDP):
         raise TrainingError(
-            "TRAINING_FAILED",
+            Reason.TRAINING_FAILED,
             f"QLoRA cannot train under {name}: a bitsandbytes-quantized base model cannot be sharded. "
             "Use DDP (or one GPU), or LoRA without quantization.",
         )
     if chosen in ZERO and importlib.util.find_spec("deepspeed") is None:
-        raise TrainingError("DEPENDENCY_ERROR", f"The {name} strategy needs DeepSpeed on the worker.")
+        raise TrainingError(Reason.DEPENDENCY_ERROR, f"The {name} strategy needs DeepSpeed on the worker.")
     if node_count(spec) > 1 and not any(os.environ.get(v) for v in MULTINODE_ENV):
         raise TrainingError(
-            "TRAINING_FAILED",
+            Reason.TRAINING_FAILED,
             f"The job asks for {node_count(spec)} nodes but this worker was not started as part of a "
             "multi-node group (no PET_RDZV_ENDPOINT or PET_MASTER_ADDR; see docs/multinode.md).",
         )

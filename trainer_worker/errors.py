@@ -6,16 +6,7 @@ reason in one place (:func:`classify`), so the agent never parses message text.
 
 from __future__ import annotations
 
-from typing import Literal
-
-Reason = Literal[
-    "OUT_OF_MEMORY",
-    "MODEL_NOT_FOUND",
-    "BAD_TRAINING_DATA",
-    "LOSS_DIVERGED",
-    "DEPENDENCY_ERROR",
-    "TRAINING_FAILED",
-]
+from tuneforge_core.reasons import Reason
 
 
 class TrainingError(Exception):
@@ -44,14 +35,14 @@ def classify(exc: BaseException) -> Reason:
     if isinstance(exc, TrainingError):
         return exc.reason
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return "OUT_OF_MEMORY"
+        return Reason.OUT_OF_MEMORY
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
-        return "OUT_OF_MEMORY"
+        return Reason.OUT_OF_MEMORY
     if isinstance(exc, ImportError):
-        return "DEPENDENCY_ERROR"
+        return Reason.DEPENDENCY_ERROR
     if type(exc).__name__ in MODEL_MISSING:
-        return "MODEL_NOT_FOUND"
-    return "TRAINING_FAILED"
+        return Reason.MODEL_NOT_FOUND
+    return Reason.TRAINING_FAILED
 
 
 def describe(exc: BaseException) -> tuple[Reason, str]:
@@ -59,11 +50,11 @@ def describe(exc: BaseException) -> tuple[Reason, str]:
     reason = classify(exc)
     if isinstance(exc, TrainingError):
         return reason, exc.message
-    if reason == "OUT_OF_MEMORY":
+    if reason == Reason.OUT_OF_MEMORY:
         where = "host" if isinstance(exc, MemoryError) else "GPU"
         return reason, f"Training ran out of {where} memory. {OUT_OF_MEMORY_ADVICE}"
-    if reason == "DEPENDENCY_ERROR":
+    if reason == Reason.DEPENDENCY_ERROR:
         return reason, f"A library the training needs is missing or broken on the worker: {exc}"
-    if reason == "MODEL_NOT_FOUND":
+    if reason == Reason.MODEL_NOT_FOUND:
         return reason, f"The base model could not be found: {exc}"
     return reason, f"Training failed: {type(exc).__name__}: {exc}"

@@ -17,21 +17,22 @@ from nats.js import JetStreamContext
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
-from services.kit import subjects
-from services.kit.errors import error_status
-from services.kit.ids import new_id
-from services.kit.nats import publish
+from tuneforge_core import subjects
+from tuneforge_core.errors import error_status
+from tuneforge_core.ids import new_id
+from tuneforge_core.nats import publish
+from tuneforge_core.reasons import Reason
 
 U = events_pb2.WorkerUpdateKind
 
 # Canonical codes of the reasons a training process reports; the reason itself is what clients branch on.
 REASON_CODES: dict[str, grpc.StatusCode] = {
-    "OUT_OF_MEMORY": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "MODEL_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-    "BAD_TRAINING_DATA": grpc.StatusCode.INVALID_ARGUMENT,
-    "LOSS_DIVERGED": grpc.StatusCode.ABORTED,
-    "DEPENDENCY_ERROR": grpc.StatusCode.FAILED_PRECONDITION,
-    "TRAINING_FAILED": grpc.StatusCode.INTERNAL,
+    Reason.OUT_OF_MEMORY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.BAD_TRAINING_DATA: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.LOSS_DIVERGED: grpc.StatusCode.ABORTED,
+    Reason.DEPENDENCY_ERROR: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.TRAINING_FAILED: grpc.StatusCode.INTERNAL,
 }
 LOG_LEVELS = {
     "debug": metrics_pb2.LOG_LEVEL_DEBUG,
@@ -77,7 +78,7 @@ def failure_status(reason: str, message: str) -> status_pb2.Status:
 
 
 def cancelled_status() -> status_pb2.Status:
-    return error_status(grpc.StatusCode.CANCELLED, "The job was cancelled.", "CANCELLED")
+    return error_status(grpc.StatusCode.CANCELLED, "The job was cancelled.", Reason.CANCELLED)
 
 
 def metric_point(event: dict[str, Any], job_id: str, attempt: int) -> metrics_pb2.MetricPoint:

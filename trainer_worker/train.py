@@ -24,6 +24,7 @@ from trainer_worker.events import EventLogHandler, EventSink
 from trainer_worker.run_config import RunConfig
 from trainer_worker.stop import EXIT_CANCELLED, StopSignal
 from trainer_worker.sysmetrics import SystemSampler, peak_metrics
+from tuneforge_core.reasons import Reason
 
 EXIT_FAILED = 1
 # Loggers whose WARNING+ records go to the job log: the root, and the libraries that do not propagate to it.
@@ -51,7 +52,7 @@ def run(cfg: RunConfig, sink: EventSink, stop: StopSignal) -> int:
         if not isinstance(exc, TrainingError):
             sink.log(traceback.format_exc(), "error")
         reason, message = describe(exc)
-        if reason == "OUT_OF_MEMORY":
+        if reason == Reason.OUT_OF_MEMORY:
             message = f"{message} {memory_estimate(cfg)}".strip()
         sink.error(reason, message[:2000])
         return EXIT_FAILED

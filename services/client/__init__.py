@@ -2,15 +2,19 @@
 
 from services.client.client import TuneForgeClient
 from services.client.errors import (
-    AlreadyExistsError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Reason,
+    ResourceExhausted,
     TuneForgeError,
-    UnavailableError,
+    Unauthenticated,
+    Unavailable,
 )
 
 __all__ = [
-    "AlreadyExistsError", "FailedPreconditionError", "InvalidArgumentError", "NotFoundError",
-    "TuneForgeClient", "TuneForgeError", "UnavailableError",
+    "AlreadyExists", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied", "Reason",
+    "ResourceExhausted", "TuneForgeClient", "TuneForgeError", "Unauthenticated", "Unavailable",
 ]

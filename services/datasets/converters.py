@@ -20,8 +20,8 @@ from services.datasets.domain import (
     UploadSpec,
     ValidationReport,
 )
-from services.kit.errors import FieldViolation, InvalidArgument
 from services.kit.protos import to_timestamp
+from tuneforge_core.errors import FieldViolation, InvalidArgument
 
 UriFor = Callable[[str], str]
 """Maps an object key to the URI clients and workers read it by (ObjectStore.uri)."""

@@ -68,9 +68,14 @@ from services.datasets.sources import (
 from services.datasets.splitting import DEFAULT_FRACTIONS, EXTERNAL_VALIDATION_FRACTIONS, resolve_split
 from services.datasets.tokens import DEFAULT_MAX_LENGTH, load_tokenizer
 from services.datasets.validation import CHECKERS, DEFAULT_MIN_EXAMPLES, ISSUE_LIMIT, MAX_ISSUE_LIMIT
-from services.kit import subjects
 from services.kit.db import Database
-from services.kit.errors import (
+from services.kit.jobs_client import JobsClient
+from services.kit.outbox import utcnow
+from services.kit.paging import decode_token, encode_token, page_size
+from services.kit.protos import to_timestamp
+from services.kit.validation import check_name, check_organization, check_request_id
+from tuneforge_core import subjects
+from tuneforge_core.errors import (
     AlreadyExists,
     DataLoss,
     FailedPrecondition,
@@ -81,13 +86,9 @@ from services.kit.errors import (
     Violations,
     not_found,
 )
-from services.kit.ids import new_id
-from services.kit.jobs_client import JobsClient
-from services.kit.outbox import utcnow
-from services.kit.paging import decode_token, encode_token, page_size
-from services.kit.protos import to_timestamp
-from services.kit.storage import ObjectStore
-from services.kit.validation import check_name, check_organization, check_request_id
+from tuneforge_core.ids import new_id
+from tuneforge_core.reasons import Reason
+from tuneforge_core.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -142,7 +143,7 @@ def _too_large(limit: int, declared: bool) -> ResourceExhausted:
     return ResourceExhausted(
         f"{what} larger than this server's upload limit of {_human_bytes(limit)}; "
         "split the file or ask an operator to raise TUNEFORGE_MAX_UPLOAD_BYTES.",
-        reason="UPLOAD_TOO_LARGE", metadata={"limit_bytes": str(limit)},
+        reason=Reason.UPLOAD_TOO_LARGE, metadata={"limit_bytes": str(limit)},
         violations=[FieldViolation("metadata.size_bytes", f"must be at most {limit}")] if declared else None)
 
 
@@ -185,7 +186,7 @@ def _invalid_dataset(name: str, report: ValidationReport) -> InvalidArgument:
     first_text = f" First: {first.location()}: {first.message}" if first else ""
     return InvalidArgument(
         f"Dataset '{name}' is invalid: {report.error_count} {noun}{listed}.{first_text}",
-        reason="DATASET_INVALID", violations=violations,
+        reason=Reason.DATASET_INVALID, violations=violations,
         metadata={"error_count": str(report.error_count), "warning_count": str(report.warning_count),
                   "format": report.format.value})
 
@@ -286,13 +287,13 @@ class DatasetManager:
             if spec.size_bytes and size != spec.size_bytes:
                 raise DataLoss(f"Received {size} bytes, but metadata.size_bytes is {spec.size_bytes}: the "
                                "upload was cut short or the size is wrong; upload it again.",
-                               reason="CHECKSUM_MISMATCH",
+                               reason=Reason.CHECKSUM_MISMATCH,
                                metadata={"expected_size_bytes": str(spec.size_bytes),
                                          "received_size_bytes": str(size)})
             if spec.sha256 and actual != spec.sha256.lower():
                 raise DataLoss(f"The SHA-256 of the {size} bytes received is {actual}, but metadata.sha256 "
                                f"is {spec.sha256.lower()}: the file changed or was corrupted in transit; "
-                               "upload it again.", reason="CHECKSUM_MISMATCH",
+                               "upload it again.", reason=Reason.CHECKSUM_MISMATCH,
                                metadata={"expected_sha256": spec.sha256.lower(), "actual_sha256": actual})
         except BaseException:
             path.unlink(missing_ok=True)
@@ -351,7 +352,7 @@ class DatasetManager:
                 raise AlreadyExists(
                     f"request_id '{spec.request_id}' was already used to upload dataset '{existing.name}' "
                     "with different content; use a new request_id for a new upload.",
-                    reason="REQUEST_ID_REUSED",
+                    reason=Reason.REQUEST_ID_REUSED,
                     metadata={"request_id": spec.request_id, "dataset_id": existing.id},
                     violations=[FieldViolation("metadata.request_id", "already used for another upload")])
             return existing
@@ -484,7 +485,7 @@ class DatasetManager:
             return datetime.fromisoformat(time), str(last_id)
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(
-                "page_token is invalid or belongs to a different query", reason="INVALID_PAGE_TOKEN",
+                "page_token is invalid or belongs to a different query", reason=Reason.INVALID_PAGE_TOKEN,
                 violations=[FieldViolation("page_token", "not a token this query returned")]) from exc
 
     async def validation_report(self, organization: str, ref: str) -> tuple[DatasetRecord, ValidationReport]:
@@ -536,7 +537,7 @@ class DatasetManager:
                 raise FailedPrecondition(
                     f"dataset '{record.name}' is used by jobs that have not ended ({listed}); cancel them "
                     "or wait for them to end, then delete it",
-                    reason="DATASET_IN_USE", metadata={"jobs": ",".join(users[:20])})
+                    reason=Reason.DATASET_IN_USE, metadata={"jobs": ",".join(users[:20])})
 
         def apply(session: Session) -> DatasetRecord:
             repo = DatasetRepository(session)
@@ -561,7 +562,7 @@ class DatasetManager:
         record = await self.get(organization, ref)
         if record.state is not DatasetState.READY:
             raise FailedPrecondition(f"Dataset '{record.name}' is {record.state.value}, not READY.",
-                                     reason="DATASET_NOT_READY",
+                                     reason=Reason.DATASET_NOT_READY,
                                      metadata={"dataset_id": record.id, "state": record.state.value})
         prefix = resplit_prefix(organization, record.id, new_id("v"))
         commit: asyncio.Future[DatasetRecord | None] | None = None

@@ -41,7 +41,7 @@ from services.datasets.validation import (
     Validated,
     validate_source,
 )
-from services.kit.storage import ObjectStore
+from tuneforge_core.storage import ObjectStore
 
 
 def dataset_prefix(organization: str, dataset_id: str) -> str:

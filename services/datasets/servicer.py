@@ -19,7 +19,7 @@ from services.datasets.converters import (
 )
 from services.datasets.manager import DatasetManager
 from services.datasets.sources import import_request_from_proto
-from services.kit.errors import FieldViolation, InvalidArgument
+from tuneforge_core.errors import FieldViolation, InvalidArgument
 
 Context = grpc.aio.ServicerContext
 

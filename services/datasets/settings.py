@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr
 
-from services.kit.settings import KitSettings
+from tuneforge_core.settings import KitSettings
 
 GIB = 1024 ** 3
 

@@ -26,20 +26,22 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal, Protocol
 from urllib.parse import urlparse
 
-import grpc
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2
 
 from services.datasets.converters import format_from_proto, options_from_proto, split_config_from_proto
 from services.datasets.domain import UploadSpec
-from services.kit.errors import (
+from tuneforge_core.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     TuneForgeError,
+    Unauthenticated,
     Unavailable,
     Violations,
 )
+from tuneforge_core.reasons import Reason
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 # Bucket names of S3 (3-63) and GCS (up to 222 with dots); the server gives the precise rule on use.
@@ -50,18 +52,6 @@ SPLIT_RE = re.compile(r"^[\w.-]{1,64}$")
 # A folder written by Dataset.save_to_disk / DatasetDict.save_to_disk holds one of these.
 SAVED_MARKERS = ("dataset_dict.json", "state.json")
 PROVIDER_NAMES = {"s3": "S3", "gcs": "GCS"}
-
-
-class PermissionDenied(TuneForgeError):
-    """The credentials are valid but may not read the source."""
-
-    code, default_reason = grpc.StatusCode.PERMISSION_DENIED, "SOURCE_ACCESS_DENIED"
-
-
-class Unauthenticated(TuneForgeError):
-    """The source rejected the credentials themselves (unknown key, wrong secret, expired token)."""
-
-    code, default_reason = grpc.StatusCode.UNAUTHENTICATED, "SOURCE_ACCESS_DENIED"
 
 
 class ImportCancelled(Exception):
@@ -314,7 +304,7 @@ def too_large(source: Source, limit: int, size: int | None = None) -> ResourceEx
     return ResourceExhausted(
         f"{source.uri} {what}, more than this server's import limit of {limit} bytes; import a smaller "
         "file (max_rows for Hugging Face sources) or ask an operator to raise TUNEFORGE_MAX_UPLOAD_BYTES.",
-        reason="UPLOAD_TOO_LARGE",
+        reason=Reason.UPLOAD_TOO_LARGE,
         metadata={"limit_bytes": str(limit), "source": source.uri},
         violations=[FieldViolation(source.field, f"larger than the import limit of {limit} bytes")],
     )

@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterator
 
 from services.datasets.domain import SPLIT_KINDS, SplitConfig, SplitPlan
-from services.kit.errors import Violations
+from tuneforge_core.errors import Violations
 
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.15, 0.05)
 # With a separate validation dataset: nothing is split off for validation.

@@ -19,7 +19,7 @@ import msgspec
 
 from services.datasets.domain import DatasetFormat, TokenStats
 from services.datasets.formats import CHAT_FAMILY
-from services.kit.errors import FieldViolation, InvalidArgument
+from tuneforge_core.errors import FieldViolation, InvalidArgument
 
 BATCH = 256
 TOKENIZER_CACHE = 4

@@ -27,7 +27,7 @@ from services.estimation.estimator import Calibration, memory_per_gpu, tokens_pe
 from services.estimation.models import CalibrationRow
 from services.estimation.spec import resolve_spec
 from services.kit.db import Database
-from services.kit.errors import TuneForgeError
+from tuneforge_core.errors import TuneForgeError
 
 log = logging.getLogger(__name__)
 

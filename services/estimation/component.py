@@ -17,11 +17,11 @@ from services.estimation.datasets_client import GrpcDatasetLookup
 from services.estimation.manager import EstimationManager
 from services.estimation.servicer import EstimationServicer
 from services.estimation.settings import EstimationSettings
-from services.kit import subjects
 from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
 from services.kit.jobs_client import JobsClient
 from services.kit.runtime import Component, Registration, Runtime
+from tuneforge_core import subjects
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2, dataset_service_pb2_grpc
 
-from services.kit.errors import error_from_rpc_error
+from tuneforge_core.errors import error_from_rpc_error
 
 
 class GrpcDatasetLookup:

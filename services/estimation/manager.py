@@ -23,9 +23,10 @@ from services.estimation.estimator import (
     training_tokens,
 )
 from services.estimation.spec import ADAPTERS, METHODS, ResolvedSpec, resolve_spec
-from services.kit.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations, not_found
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.validation import check_organization
+from tuneforge_core.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations, not_found
+from tuneforge_core.reasons import Reason
 
 CHARS_PER_TOKEN = 4
 MODEL_TYPES = {1: "llm", 2: "vlm"}
@@ -416,7 +417,7 @@ class EstimationManager:
         if dataset.state != dataset_pb2.DATASET_STATE_READY:
             raise FailedPrecondition(
                 f"Dataset '{spec.dataset}' is not READY, so its size is not known yet.",
-                reason="DATASET_NOT_READY",
+                reason=Reason.DATASET_NOT_READY,
                 metadata={"dataset": dataset.id, "organization": organization},
             )
         stats = dataset.statistics

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlparse
 
 from services.estimation.catalog import Catalog
 from services.estimation.estimator import Architecture
-from services.kit.errors import FieldViolation, InvalidArgument
+from tuneforge_core.errors import FieldViolation, InvalidArgument
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 # "7B", "0.5b", "135M", and mixtures of experts "8x7B" (counted as all experts: memory needs them all).

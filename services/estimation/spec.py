@@ -22,7 +22,7 @@ from services.estimation.estimator import (
     lora_targets,
 )
 from services.estimation.resolver import ResolvedModel, resolve_model
-from services.kit.errors import TuneForgeError, Violations
+from tuneforge_core.errors import TuneForgeError, Violations
 
 ADAPTERS: dict[int, Adapter] = {
     job_pb2.ADAPTER_TYPE_UNSPECIFIED: "lora",

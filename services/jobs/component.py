@@ -19,12 +19,12 @@ from services.jobs.manager import JobManager
 from services.jobs.models import JobOutbox
 from services.jobs.servicer import JobServicer
 from services.jobs.settings import JobSettings
-from services.kit import subjects
 from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
-from services.kit.nats import ensure_trainers_consumer
 from services.kit.outbox import OutboxRelay
 from services.kit.runtime import Component, Registration, Runtime
+from tuneforge_core import subjects
+from tuneforge_core.nats import ensure_trainers_consumer
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ import logging
 import grpc.aio
 from tuneforge.v1 import estimation_service_pb2, estimation_service_pb2_grpc, job_pb2
 
-from services.kit.errors import FieldViolation, InvalidArgument, error_from_rpc_error
+from tuneforge_core.errors import FieldViolation, InvalidArgument, error_from_rpc_error
+from tuneforge_core.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,6 @@ class HardwareCheck:
             sentence += "; or: " + "; ".join(response.suggestions)
         raise InvalidArgument(
             f"The job does not fit {gpu_type}.",
-            reason="INSUFFICIENT_HARDWARE",
+            reason=Reason.INSUFFICIENT_HARDWARE,
             violations=[FieldViolation("spec.hardware.gpu_type", sentence)],
         )

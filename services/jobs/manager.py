@@ -26,37 +26,29 @@ from services.jobs.datasets_client import DatasetLookup
 from services.jobs.estimation_client import HardwareCheck
 from services.jobs.models import JobInbox, JobOutbox, JobRow
 from services.jobs.repository import JobRepository
-from services.jobs.spec_rules import check_dataset_fit, resolve_spec
-from services.kit import subjects
 from services.kit.db import Database
-from services.kit.errors import (
+from services.kit.outbox import OutboxRelay, add_event, first_time, utcnow
+from services.kit.paging import decode_token, encode_token, page_size
+from services.kit.protos import to_timestamp
+from services.kit.validation import check_name, check_organization, check_request_id
+from tuneforge_core import subjects
+from tuneforge_core.errors import (
     AlreadyExists,
     FailedPrecondition,
     Violations,
     error_status,
     not_found,
 )
-from services.kit.ids import new_id
-from services.kit.outbox import OutboxRelay, add_event, first_time, utcnow
-from services.kit.paging import decode_token, encode_token, page_size
-from services.kit.protos import to_timestamp
-from services.kit.storage import ObjectStore
-from services.kit.validation import check_name, check_organization, check_request_id
+from tuneforge_core.ids import new_id
+from tuneforge_core.reasons import Reason
+from tuneforge_core.spec import check_dataset_fit, resolve_spec
+from tuneforge_core.states import FINAL, cancelled_status
+from tuneforge_core.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
 S = job_pb2.JobState
-FINAL = frozenset({S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED})
-ACTIVE = frozenset({S.JOB_STATE_QUEUED, S.JOB_STATE_PREPARING, S.JOB_STATE_RUNNING})
 U = events_pb2.WorkerUpdateKind
-
-
-def is_final(state: int) -> bool:
-    return state in FINAL
-
-
-def cancelled_status() -> status_pb2.Status:
-    return error_status(grpc.StatusCode.CANCELLED, "The job was cancelled by a user.", "CANCELLED")
 
 
 def _split_uri(dataset: dataset_pb2.Dataset, kind: int) -> str:
@@ -140,7 +132,7 @@ class JobManager:
         spec.dataset = dataset.id
         if not train_uri:
             raise FailedPrecondition(f"dataset '{dataset.name}' has no training examples",
-                                     reason="DATASET_NOT_READY")
+                                     reason=Reason.DATASET_NOT_READY)
 
         job_id = new_id("job")
         now = utcnow()
@@ -191,7 +183,7 @@ class JobManager:
             return None
         if row.request_hash != _request_hash(request):
             raise AlreadyExists("request_id was already used for a different request",
-                                reason="REQUEST_ID_REUSED", metadata={"request_id": request.request_id})
+                                reason=Reason.REQUEST_ID_REUSED, metadata={"request_id": request.request_id})
         return job_to_proto(row)
 
     @staticmethod
@@ -199,7 +191,7 @@ class JobManager:
         if dataset.state != dataset_pb2.DATASET_STATE_READY:
             state = dataset_pb2.DatasetState.Name(dataset.state)
             raise FailedPrecondition(f"{field}: dataset '{dataset.name}' is {state}, not READY",
-                                     reason="DATASET_NOT_READY", metadata={"dataset": dataset.id})
+                                     reason=Reason.DATASET_NOT_READY, metadata={"dataset": dataset.id})
 
     async def get(self, organization: str, ref: str) -> job_pb2.Job:
         self._check_ref(organization, ref)
@@ -308,7 +300,7 @@ class JobManager:
             return True
         if kind == U.WORKER_UPDATE_KIND_FAILED:
             error = update.error if update.HasField("error") else error_status(
-                grpc.StatusCode.INTERNAL, "The training process failed.", "TRAINING_FAILED")
+                grpc.StatusCode.INTERNAL, "The training process failed.", Reason.TRAINING_FAILED)
             self._move(session, row, S.JOB_STATE_FAILED, error=error)
             return True
         if kind == U.WORKER_UPDATE_KIND_CANCELLED:
@@ -330,7 +322,7 @@ class JobManager:
             self._move(session, row, S.JOB_STATE_FAILED, error=error_status(
                 grpc.StatusCode.UNAVAILABLE,
                 f"The job was delivered {deliveries} times and no worker finished it; the workers died or "
-                "stopped sending heartbeats.", "WORKER_LOST", {"deliveries": str(deliveries)}))
+                "stopped sending heartbeats.", Reason.WORKER_LOST, {"deliveries": str(deliveries)}))
             return True
 
         changed = await self.db.run(apply)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.kit.settings import KitSettings
+from tuneforge_core.settings import KitSettings
 
 
 class JobSettings(KitSettings):

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
-from services.kit.nats import ensure_pull_consumer
+from tuneforge_core.nats import ensure_pull_consumer
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 from tuneforge.v1 import job_pb2, job_service_pb2, job_service_pb2_grpc
 
-from services.kit.errors import error_from_rpc_error
+from tuneforge_core.errors import error_from_rpc_error
 
 log = logging.getLogger(__name__)
 

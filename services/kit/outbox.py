@@ -19,7 +19,7 @@ from sqlalchemy import DateTime, Integer, LargeBinary, String, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from services.kit.db import Database
-from services.kit.nats import publish
+from tuneforge_core.nats import publish
 
 log = logging.getLogger(__name__)
 

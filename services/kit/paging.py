@@ -7,7 +7,8 @@ import hashlib
 import json
 from typing import Any
 
-from services.kit.errors import FieldViolation, InvalidArgument
+from tuneforge_core.errors import FieldViolation, InvalidArgument
+from tuneforge_core.reasons import Reason
 
 MAX_PAGE_SIZE = 1000
 
@@ -39,6 +40,6 @@ def decode_token(token: str, query: Any) -> Any:
         return data["c"]
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidArgument("page_token is invalid or belongs to a different query",
-                              reason="INVALID_PAGE_TOKEN",
+                              reason=Reason.INVALID_PAGE_TOKEN,
                               violations=[FieldViolation("page_token", "not a token this query returned")],
                               ) from exc

@@ -21,10 +21,10 @@ from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from services.kit.errors import ErrorMappingInterceptor
-from services.kit.nats import connect, ensure_streams
-from services.kit.settings import KitSettings
-from services.kit.storage import ObjectStore, store_from_settings
+from services.kit.interceptors import ErrorMappingInterceptor
+from tuneforge_core.nats import connect, ensure_streams
+from tuneforge_core.settings import KitSettings
+from tuneforge_core.storage import ObjectStore, store_from_settings
 
 log = logging.getLogger(__name__)
 

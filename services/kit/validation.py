@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from services.kit.errors import Violations
+from tuneforge_core.errors import Violations
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from tuneforge.v1 import metrics_service_pb2_grpc
 
-from services.kit import subjects
 from services.kit.consumer import consume
 from services.kit.db import Database
 from services.kit.jobs_client import JobsClient
@@ -17,6 +16,7 @@ from services.metrics.live import NatsLiveFeed
 from services.metrics.manager import MetricsManager
 from services.metrics.servicer import MetricsServicer
 from services.metrics.settings import MetricsSettings
+from tuneforge_core import subjects
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SERVICE_NAME = "tuneforge.v1.MetricsService"

@@ -11,8 +11,8 @@ from nats.aio.msg import Msg
 from tuneforge.events.v1 import events_pb2
 
 from services.kit.consumer import PermanentError
-from services.kit.errors import InvalidArgument
 from services.metrics.manager import MetricsManager
+from tuneforge_core.errors import InvalidArgument
 
 
 def job_id_of(subject: str, suffix: str) -> str:

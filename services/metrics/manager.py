@@ -19,14 +19,15 @@ from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
-from services.kit import subjects
 from services.kit.db import Database
-from services.kit.errors import FieldViolation, InvalidArgument, Unavailable, Violations
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.validation import check_organization
 from services.metrics.live import LiveMessage
 from services.metrics.repository import MetricsRepository
 from services.metrics.settings import MetricsSettings
+from tuneforge_core import subjects
+from tuneforge_core.errors import FieldViolation, InvalidArgument, Unavailable, Violations
+from tuneforge_core.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ def _cursor(raw: object) -> tuple[int, int] | None:
     if isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, int) for x in raw):
         return raw[0], raw[1]
     raise InvalidArgument("page_token is invalid or belongs to a different query",
-                          reason="INVALID_PAGE_TOKEN",
+                          reason=Reason.INVALID_PAGE_TOKEN,
                           violations=[FieldViolation("page_token", "not a token this query returned")])
 
 

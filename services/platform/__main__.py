@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 from services.kit.runtime import configure_logging, serve
-from services.kit.settings import KitSettings
 from services.platform.components import all_components
+from tuneforge_core.settings import KitSettings
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ import pytest
 from tuneforge.v1 import dataset_service_pb2_grpc
 
 from services.datasets.settings import DatasetSettings
-from services.kit.settings import KitSettings
 from tests.datasets.helpers import MAX_LINE_BYTES, UPLOAD_LIMIT, serving
+from tuneforge_core.settings import KitSettings
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def datasets_settings(kit_settings: KitSettings) -> DatasetSettings:
 
 @pytest.fixture
 def objects_root(datasets_settings: DatasetSettings) -> Path:
-    from services.kit.storage import LocalObjectStore, store_from_settings
+    from tuneforge_core.storage import LocalObjectStore, store_from_settings
 
     store = store_from_settings(datasets_settings)
     assert isinstance(store, LocalObjectStore)

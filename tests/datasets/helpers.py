@@ -19,7 +19,7 @@ from tuneforge.v1 import dataset_service_pb2 as pb
 
 from services.datasets.component import DatasetsComponent
 from services.kit.runtime import serve
-from services.kit.settings import KitSettings
+from tuneforge_core.settings import KitSettings
 
 # The upload limit the integration tests run the service with.
 UPLOAD_LIMIT = 256 * 1024

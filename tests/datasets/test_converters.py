@@ -23,7 +23,7 @@ from services.datasets.domain import (
     ValidationReport,
 )
 from services.datasets.manager import bounded_violations
-from services.kit.errors import InvalidArgument
+from tuneforge_core.errors import InvalidArgument
 
 NOW = datetime(2025, 5, 1, 12, 30, tzinfo=UTC)
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from services.datasets import formats, validation
 from services.datasets.domain import DatasetFormat, SplitConfig
 from services.datasets.splitting import assign_splits, resolve_split, split_counts
-from services.kit.errors import Violations
+from tuneforge_core.errors import Violations
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -17,7 +17,6 @@ from tuneforge.v1 import dataset_service_pb2 as pb
 from tuneforge.v1.dataset_service_pb2_grpc import DatasetServiceStub
 
 from services.datasets.settings import DatasetSettings
-from services.kit import subjects
 from tests.datasets.helpers import (
     UPLOAD_LIMIT,
     ErrorDetails,
@@ -31,6 +30,7 @@ from tests.datasets.helpers import (
     upload_requests,
     validate_requests,
 )
+from tuneforge_core import subjects
 
 READY = dataset_pb2.DATASET_STATE_READY
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from services.datasets.settings import GIB, DatasetSettings
-from services.kit.settings import KitSettings
+from tuneforge_core.settings import KitSettings
 
 
 def test_from_kit_keeps_kit_values_and_reads_the_limit(monkeypatch: pytest.MonkeyPatch,

@@ -40,9 +40,6 @@ from services.datasets.sources import (
     parse_source,
 )
 from services.kit.db import Database
-from services.kit.errors import ResourceExhausted, Violations
-from services.kit.settings import KitSettings
-from services.kit.storage import LocalObjectStore
 from tests.datasets.helpers import (
     ErrorDetails,
     chat_lines,
@@ -53,6 +50,9 @@ from tests.datasets.helpers import (
     split_counts,
 )
 from tests.seaweed import free_port, seaweedfs
+from tuneforge_core.errors import ResourceExhausted, Violations
+from tuneforge_core.settings import KitSettings
+from tuneforge_core.storage import LocalObjectStore
 
 OWNER_KEY, OWNER_SECRET = "OWNERKEY", "owner-secret-7f3a9c1e5b"
 OUTSIDER_KEY, OUTSIDER_SECRET = "OUTSIDERKEY", "outsider-secret-1c4e"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from services.datasets.domain import SplitConfig, SplitPlan
 from services.datasets.splitting import assign_splits, resolve_split, split_counts
-from services.kit.errors import InvalidArgument, Violations
+from tuneforge_core.errors import InvalidArgument, Violations
 
 
 def _resolve(config: SplitConfig) -> tuple[SplitPlan, list[str]]:

@@ -15,7 +15,6 @@ from tuneforge.v1.dataset_service_pb2_grpc import DatasetServiceStub
 from services.datasets.domain import DatasetFormat
 from services.datasets.settings import DatasetSettings
 from services.datasets.tokens import load_tokenizer, token_lengths, token_stats
-from services.kit.errors import InvalidArgument
 from tests.datasets.helpers import (
     ErrorDetails,
     chat_lines,
@@ -28,6 +27,7 @@ from tests.datasets.helpers import (
     write_jsonl,
 )
 from trainer_worker.tiny import build_tiny_chat_model, synthetic_rows
+from tuneforge_core.errors import InvalidArgument
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tuneforge.v1 import dataset_pb2, job_pb2, metrics_pb2
 
-from services.client import FailedPreconditionError, InvalidArgumentError, NotFoundError, TuneForgeClient
+from services.client import FailedPrecondition, InvalidArgument, NotFound, TuneForgeClient
 from services.platform.supervisor import Platform
 from tests.e2e.conftest import lora_spec, start_platform, wait_final, wait_for
 
@@ -124,33 +124,33 @@ def test_bad_input_gets_clear_errors_and_leaves_nothing(
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
     before = len(client.list_datasets().datasets)
-    with pytest.raises(InvalidArgumentError) as info:
+    with pytest.raises(InvalidArgument) as info:
         client.upload_dataset(bad, "bad-data")
     assert any("line 7" in v.field for v in info.value.violations), info.value
     assert len(client.list_datasets().datasets) == before
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFound):
         client.get_dataset("bad-data")
 
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFound):
         client.get_job("job_does_not_exist")
 
     ds = upload(client, data, "chat-for-bad-spec")
     jobs_before = len(client.list_jobs().jobs)
     spec = lora_spec(model, ds.id)
     spec.lora.rank = 0
-    with pytest.raises(InvalidArgumentError) as info:
+    with pytest.raises(InvalidArgument) as info:
         client.create_job(spec)
     assert "spec.lora.rank" in {v.field for v in info.value.violations}
     assert len(client.list_jobs().jobs) == jobs_before
 
     dpo = lora_spec(model, ds.id)
     dpo.method = job_pb2.TRAINING_METHOD_DPO  # chat data cannot train DPO: refused before queueing
-    with pytest.raises(InvalidArgumentError) as info:
+    with pytest.raises(InvalidArgument) as info:
         client.create_job(dpo)
     assert [v.field for v in info.value.violations] == ["spec.dataset"]
     assert len(client.list_jobs().jobs) == jobs_before
 
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFound):
         client.create_job(lora_spec(model, "no-such-dataset"))
     assert len(client.list_jobs().jobs) == jobs_before
 
@@ -162,7 +162,7 @@ def test_cancel_running_job_then_worker_takes_the_next(
     ds = upload(client, data, "chat-cancel")
     long_job = client.create_job(lora_spec(model, ds.id, epochs=40))
     wait_for(client, long_job.id, lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.progress.step > 0)
-    with pytest.raises(FailedPreconditionError) as info:  # a running job still needs its data
+    with pytest.raises(FailedPrecondition) as info:  # a running job still needs its data
         client.delete_dataset(ds.id)
     assert info.value.reason == "DATASET_IN_USE" and long_job.id in str(info.value)
     assert client.cancel_job(long_job.id).state == job_pb2.JOB_STATE_CANCELLING
@@ -173,7 +173,7 @@ def test_cancel_running_job_then_worker_takes_the_next(
     next_job = client.create_job(lora_spec(model, ds.id, epochs=1))
     assert wait_final(client, next_job.id).state == job_pb2.JOB_STATE_SUCCEEDED
     client.delete_dataset(ds.id)  # every job using it has ended
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFound):
         client.get_dataset(ds.id)
 
 
@@ -218,7 +218,7 @@ def test_a_job_that_does_not_fit_the_gpu_it_names_is_not_admitted(
     too_big = lora_spec(model, ds.id)
     too_big.base_model = "meta-llama/Llama-3.1-70B"  # a catalog architecture: 140 GB of bf16 weights
     too_big.hardware.gpu_type = "nvidia-t4"
-    with pytest.raises(InvalidArgumentError) as info:
+    with pytest.raises(InvalidArgument) as info:
         client.create_job(too_big)
     assert info.value.reason == "INSUFFICIENT_HARDWARE"
     (violation,) = info.value.violations

@@ -24,10 +24,10 @@ from tuneforge.v1 import (
 
 from services.estimation.component import EstimationComponent
 from services.estimation.settings import EstimationSettings
-from services.kit.errors import not_found
-from services.kit.nats import connect
 from services.kit.runtime import Component, Registration, Runtime, serve
-from services.kit.settings import KitSettings
+from tuneforge_core.errors import not_found
+from tuneforge_core.nats import connect
+from tuneforge_core.settings import KitSettings
 
 ORG = "acme"
 

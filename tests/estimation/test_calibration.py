@@ -18,10 +18,10 @@ from services.estimation.component import MIGRATIONS_DIR
 from services.estimation.estimator import memory_per_gpu, tokens_per_second, utilization
 from services.estimation.models import CalibrationRow
 from services.estimation.spec import resolve_spec
-from services.kit import subjects
 from services.kit.db import Database
-from services.kit.nats import publish
 from tests.estimation.conftest import ORG, EstimationStack
+from tuneforge_core import subjects
+from tuneforge_core.nats import publish
 
 CATALOG = Catalog.load()
 CALIBRATED = estimation_pb2.ESTIMATE_SOURCE_CALIBRATED

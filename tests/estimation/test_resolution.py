@@ -14,7 +14,7 @@ from services.estimation.catalog import CATALOG_DIR, Catalog, CatalogError
 from services.estimation.estimator import Setup, memory_per_gpu
 from services.estimation.resolver import resolve_model
 from services.estimation.spec import resolve_spec
-from services.kit.errors import InvalidArgument
+from tuneforge_core.errors import InvalidArgument
 
 CATALOG = Catalog.load()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.jobs.settings import JobSettings
-from services.kit.settings import KitSettings
+from tuneforge_core.settings import KitSettings
 
 
 def test_user_reward_code_is_off_unless_the_operator_turns_it_on(monkeypatch: pytest.MonkeyPatch) -> None:

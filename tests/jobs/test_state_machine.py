@@ -13,8 +13,8 @@ from services.jobs.component import MIGRATIONS
 from services.jobs.manager import JobManager
 from services.jobs.models import JobOutbox, JobRow
 from services.kit.db import Database
-from services.kit.errors import FailedPrecondition, NotFound
 from services.kit.outbox import OutboxRelay
+from tuneforge_core.errors import FailedPrecondition, NotFound
 
 S = job_pb2.JobState
 U = events_pb2.WorkerUpdateKind

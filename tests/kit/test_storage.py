@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from services.kit.errors import InvalidArgument
-from services.kit.storage import LocalObjectStore, ObjectStore, S3ObjectStore
 from tests.seaweed import seaweedfs
+from tuneforge_core.errors import InvalidArgument
+from tuneforge_core.storage import LocalObjectStore, ObjectStore, S3ObjectStore
 
 
 @pytest.fixture(scope="module")

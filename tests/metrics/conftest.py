@@ -26,14 +26,14 @@ from tuneforge.v1 import (
     metrics_service_pb2_grpc,
 )
 
-from services.kit import subjects
-from services.kit.errors import FieldViolation, InvalidArgument, not_found
-from services.kit.ids import new_id
-from services.kit.nats import connect, publish
 from services.kit.runtime import Component, Registration, Runtime, serve
-from services.kit.settings import KitSettings
 from services.metrics.component import MetricsComponent
 from services.metrics.settings import MetricsSettings
+from tuneforge_core import subjects
+from tuneforge_core.errors import FieldViolation, InvalidArgument, not_found
+from tuneforge_core.ids import new_id
+from tuneforge_core.nats import connect, publish
+from tuneforge_core.settings import KitSettings
 
 ORG = "acme"
 TRAIN = metrics_pb2.METRIC_KIND_TRAIN

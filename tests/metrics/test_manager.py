@@ -11,12 +11,12 @@ import pytest
 from tuneforge.v1 import job_pb2, metrics_pb2
 
 from services.kit.db import Database
-from services.kit.errors import InvalidArgument, Unavailable, not_found
 from services.metrics.component import MIGRATIONS_DIR
 from services.metrics.live import LiveMessage
 from services.metrics.manager import MetricsManager
 from services.metrics.settings import MetricsSettings
 from tests.metrics.conftest import point
+from tuneforge_core.errors import InvalidArgument, Unavailable, not_found
 
 
 class DictJobs:

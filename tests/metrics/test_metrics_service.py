@@ -11,9 +11,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tuneforge.v1 import job_pb2, metrics_pb2, metrics_service_pb2
 
-from services.kit import subjects
-from services.kit.ids import new_id
 from tests.metrics.conftest import EVAL, ORG, SYSTEM, TRAIN, Stack, point, wait_until
+from tuneforge_core import subjects
+from tuneforge_core.ids import new_id
 
 
 def error_details(exc: grpc.aio.AioRpcError) -> tuple[str, list[str]]:

@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
+from tuneforge.v1 import job_pb2
+
 from trainer_worker.run_config import RunConfig
+from tuneforge_core.spec import resolve_spec
 
 # A learning rate that moves the tiny random-init model visibly within a couple of short epochs.
 FAST_HYPERPARAMETERS: dict[str, Any] = {
@@ -22,13 +26,21 @@ FAST_HYPERPARAMETERS: dict[str, Any] = {
 }
 
 
+def resolved(spec: dict[str, Any], model: Path | str) -> dict[str, Any]:
+    """A partial spec as the jobs service queues it: resolved, with the model as its base model."""
+    proto = json_format.ParseDict(spec, job_pb2.JobSpec())
+    proto.base_model = proto.base_model or str(model)
+    out = resolve_spec(proto, allow_user_reward_code=True, require_dataset=False)
+    return RunConfig.spec_to_dict(out)
+
+
 def make_run_config(
     tmp_path: Path, model: Path | str, train_file: Path, spec: dict[str, Any] | None = None
 ) -> RunConfig:
     spec = spec or {"method": "TRAINING_METHOD_SFT", "hyperparameters": FAST_HYPERPARAMETERS}
     return RunConfig(
         job_id="job_test",
-        spec=spec,
+        spec=resolved(spec, model),
         model_path=str(model),
         train_file=train_file,
         output_dir=tmp_path / "out",

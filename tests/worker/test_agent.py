@@ -23,12 +23,12 @@ from nats.js import JetStreamContext
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
-from services.kit import nats as kit_nats
-from services.kit import subjects
-from services.kit.ids import new_id
-from services.kit.storage import LocalObjectStore
 from tests.worker.helpers import FAST_HYPERPARAMETERS, make_run_config, start_recipe
 from trainer_worker.checkpointing import CheckpointStore
+from tuneforge_core import nats as kit_nats
+from tuneforge_core import subjects
+from tuneforge_core.ids import new_id
+from tuneforge_core.storage import LocalObjectStore
 
 U = events_pb2.WorkerUpdateKind
 ACK_WAIT_S = 3.0  # shorter than a job, so only in-progress acks keep the claim

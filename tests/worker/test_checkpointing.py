@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from services.kit.storage import LocalObjectStore, ObjectStore
 from tests.kit.test_storage import s3_endpoint, store  # noqa: F401  (the real local and S3 stores)
 from tests.worker.helpers import make_run_config
 from trainer_worker.checkpointing import COMPLETE, CheckpointStore, resume_checkpoint, resume_dir
 from trainer_worker.errors import TrainingError
+from tuneforge_core.storage import LocalObjectStore, ObjectStore
 
 
 def _checkpoint(root: Path, step: int) -> Path:

@@ -18,12 +18,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from tuneforge.v1 import job_pb2
 
-from services.jobs.spec_rules import resolve_spec
 from tests.worker.helpers import make_run_config, read_events, start_recipe
 from trainer_worker.events import EventSink
 from trainer_worker.stop import StopSignal
 from trainer_worker.tiny import build_tiny_chat_model, write_synthetic_dataset
 from trainer_worker.train import run
+from tuneforge_core.spec import resolve_spec
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,9 @@ from tuneforge.v1 import job_pb2
 
 from trainer_worker.errors import TrainingError
 from trainer_worker.recipes import rewards
+from tuneforge_core.errors import InvalidArgument
+from tuneforge_core.reasons import Reason
+from tuneforge_core.spec import ensure_resolved
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -19,17 +22,6 @@ if TYPE_CHECKING:
     from trainer_worker.events import EventSink
     from trainer_worker.run_config import RunConfig
     from trainer_worker.stop import StopSignal
-
-ADAPTERS = {
-    job_pb2.ADAPTER_TYPE_LORA,
-    job_pb2.ADAPTER_TYPE_QLORA,
-    job_pb2.ADAPTER_TYPE_FULL,
-    job_pb2.ADAPTER_TYPE_PROMPT_TUNING,
-}
-# Every method trains with LoRA, QLoRA or all weights; a soft prompt only where the loss is plain next-token
-# prediction (the preference and RL trainers compare against the frozen model, which a soft prompt is not).
-PROMPT_TUNING_METHODS = {job_pb2.TRAINING_METHOD_SFT, job_pb2.TRAINING_METHOD_DISTILLATION}
-
 
 class Recipe(Protocol):
     def run(self) -> tuple[Path, Path | None, dict[str, float]]:
@@ -42,26 +34,22 @@ def _name(enum: object, value: int, prefix: str) -> str:
 
 
 def check_supported(spec: job_pb2.JobSpec) -> None:
-    """Reject what no recipe here trains, with a sentence the user can act on (the jobs service checks the
-    same at CreateJob; this is the worker's own line of defence)."""
+    """Reject a spec that did not come resolved from the jobs service, or that no recipe here trains, with
+    a sentence the user can act on (CreateJob checks the same; this is the worker's own line of defence)."""
+    try:
+        ensure_resolved(spec)
+    except InvalidArgument as exc:
+        raise TrainingError(Reason.TRAINING_FAILED, f"The job spec cannot be trained: {exc.message}") from exc
     if spec.method not in RECIPES:
-        name = _name(job_pb2.TrainingMethod, spec.method, "TRAINING_METHOD_")
-        raise TrainingError("TRAINING_FAILED", f"Training method {name} is not supported by this worker.")
-    if spec.adapter not in ADAPTERS:
-        name = _name(job_pb2.AdapterType, spec.adapter, "ADAPTER_TYPE_")
-        raise TrainingError("TRAINING_FAILED", f"Adapter type {name} is not supported by this worker.")
-    if spec.adapter == job_pb2.ADAPTER_TYPE_PROMPT_TUNING and spec.method not in PROMPT_TUNING_METHODS:
-        method = _name(job_pb2.TrainingMethod, spec.method, "TRAINING_METHOD_")
-        raise TrainingError("TRAINING_FAILED", f"Prompt tuning is not supported with {method}.")
-    if spec.method == job_pb2.TRAINING_METHOD_DISTILLATION and not spec.distillation.teacher_model:
-        raise TrainingError("TRAINING_FAILED", "Distillation needs distillation.teacher_model.")
+        name = job_pb2.TrainingMethod.Name(spec.method).removeprefix("TRAINING_METHOD_")
+        raise TrainingError(Reason.TRAINING_FAILED, f"Training method {name} is not run by this worker.")
     if (
         spec.method == job_pb2.TRAINING_METHOD_GRPO
         and job_pb2.REWARD_FUNCTION_USER_CODE in spec.grpo.reward_functions
         and not rewards.user_code_allowed()
     ):
         raise TrainingError(
-            "TRAINING_FAILED",
+            Reason.TRAINING_FAILED,
             f"This worker does not run user reward code; set {rewards.ALLOW_USER_CODE_ENV}=true to allow it.",
         )
 

@@ -40,6 +40,7 @@ from trainer_worker.recipes.callbacks import DivergenceWatchdog, MetricsCallback
 from trainer_worker.recipes.data import CHAT, read_rows
 from trainer_worker.run_config import RunConfig
 from trainer_worker.stop import StopSignal
+from tuneforge_core.reasons import Reason
 
 SCHEDULERS = {
     job_pb2.LR_SCHEDULER_COSINE: "cosine",
@@ -149,14 +150,18 @@ class BaseRecipe(ABC):
         self.sink.log(f"Building the {self.method} trainer: {len(train)} training rows on {device}.")
         self.trainer = self.build_trainer(model, args, train, validation, callbacks)
         if len(self.trainer.train_dataset) == 0:  # type: ignore[arg-type]
-            raise TrainingError("BAD_TRAINING_DATA", "No training examples were left after tokenization.")
+            raise TrainingError(
+                Reason.BAD_TRAINING_DATA, "No training examples were left after tokenization."
+            )
         self._check_stop()
 
     def load_tokenizer(self, path: str) -> PreTrainedTokenizerBase:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError) as exc:
-            raise TrainingError("MODEL_NOT_FOUND", f"Could not load the tokenizer of {path}: {exc}") from exc
+            raise TrainingError(
+                Reason.MODEL_NOT_FOUND, f"Could not load the tokenizer of {path}: {exc}"
+            ) from exc
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
@@ -169,13 +174,13 @@ class BaseRecipe(ABC):
             validation_rows, family = read_rows(self.cfg.validation_file, self.families, self.method)
             if family != self.family:
                 raise TrainingError(
-                    "BAD_TRAINING_DATA",
+                    Reason.BAD_TRAINING_DATA,
                     f"The validation data is {family} data but the training data is {self.family} data.",
                 )
             validation = self.prepare(validation_rows)
         if self.conversational and not self.tokenizer.chat_template:
             raise TrainingError(
-                "BAD_TRAINING_DATA",
+                Reason.BAD_TRAINING_DATA,
                 "The training data is chat-formatted but the base model's tokenizer has no chat template.",
             )
         self.sink.log(
@@ -195,7 +200,7 @@ class BaseRecipe(ABC):
                 path, trust_remote_code=False, use_safetensors=True, **kwargs
             )
         except (OSError, ValueError) as exc:
-            raise TrainingError("MODEL_NOT_FOUND", f"Could not load the model at {path}: {exc}") from exc
+            raise TrainingError(Reason.MODEL_NOT_FOUND, f"Could not load the model at {path}: {exc}") from exc
 
     def model_dtype(self) -> torch.dtype:
         """Adapters on a GPU train in the compute dtype; full fine-tuning keeps fp32 master weights."""
@@ -205,7 +210,7 @@ class BaseRecipe(ABC):
 
     def _quantization_config(self) -> BitsAndBytesConfig:
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise TrainingError("DEPENDENCY_ERROR", "QLoRA needs bitsandbytes on the worker.")
+            raise TrainingError(Reason.DEPENDENCY_ERROR, "QLoRA needs bitsandbytes on the worker.")
         quant = self.spec.quantization
         if quant.bits == 8:
             return BitsAndBytesConfig(load_in_8bit=True)
@@ -266,7 +271,7 @@ class BaseRecipe(ABC):
         optim = OPTIMIZERS[hp.optimizer]
         if optim in BITSANDBYTES_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
             raise TrainingError(
-                "DEPENDENCY_ERROR", f"The {optim} optimizer needs bitsandbytes on the worker."
+                Reason.DEPENDENCY_ERROR, f"The {optim} optimizer needs bitsandbytes on the worker."
             )
         dtype = self.compute_dtype()
         # "0 steps" in the spec means once per epoch.
@@ -333,12 +338,12 @@ class BaseRecipe(ABC):
         self.trainer.train(resume_from_checkpoint=checkpointing.resume_checkpoint(self.cfg))
         if self.watchdog.diverged_at is not None:
             raise TrainingError(
-                "LOSS_DIVERGED", f"The loss became NaN or infinite by step {self.watchdog.diverged_at}."
+                Reason.LOSS_DIVERGED, f"The loss became NaN or infinite by step {self.watchdog.diverged_at}."
             )
         self._check_stop()
         train_loss = self.metrics.summary.get("train_loss")
         if train_loss is not None and not math.isfinite(train_loss):
-            raise TrainingError("LOSS_DIVERGED", "The average training loss is NaN or infinite.")
+            raise TrainingError(Reason.LOSS_DIVERGED, "The average training loss is NaN or infinite.")
 
     # -- save -------------------------------------------------------------------------------------------
 

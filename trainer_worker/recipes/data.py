@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer_worker.errors import TrainingError
+from tuneforge_core.reasons import Reason
 
 CHAT = "chat"
 PROMPT_COMPLETION = "prompt/completion"
@@ -57,26 +58,26 @@ def read_rows(path: Path, accepted: tuple[str, ...], method: str) -> tuple[list[
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise TrainingError(
-                    "BAD_TRAINING_DATA", f"{path.name} line {number} is not JSON: {exc}."
+                    Reason.BAD_TRAINING_DATA, f"{path.name} line {number} is not JSON: {exc}."
                 ) from exc
             family = family_of(row) if isinstance(row, dict) else None
             if family is None:
                 raise TrainingError(
-                    "BAD_TRAINING_DATA", f"{path.name} line {number} has none of {describe(accepted)}."
+                    Reason.BAD_TRAINING_DATA, f"{path.name} line {number} has none of {describe(accepted)}."
                 )
             if family not in accepted:
                 raise TrainingError(
-                    "BAD_TRAINING_DATA",
+                    Reason.BAD_TRAINING_DATA,
                     f"{path.name} line {number} is {family} data; {method} trains on rows with "
                     f"{describe(accepted)}.",
                 )
             if found is not None and family != found:
                 raise TrainingError(
-                    "BAD_TRAINING_DATA",
+                    Reason.BAD_TRAINING_DATA,
                     f"{path.name} line {number} is {family} data; earlier lines are {found}.",
                 )
             found = family
             rows.append(row)
     if found is None:
-        raise TrainingError("BAD_TRAINING_DATA", f"{path.name} holds no examples.")
+        raise TrainingError(Reason.BAD_TRAINING_DATA, f"{path.name} holds no examples.")
     return rows, found

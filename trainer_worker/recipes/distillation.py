@@ -20,6 +20,7 @@ from trl import SFTTrainer
 
 from trainer_worker.errors import TrainingError
 from trainer_worker.recipes.sft import SFTRecipe
+from tuneforge_core.reasons import Reason
 
 FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -88,7 +89,7 @@ class DistillationRecipe(SFTRecipe):
         teacher = self.load_tokenizer(teacher_path)
         if teacher.get_vocab() != self.tokenizer.get_vocab():
             raise TrainingError(
-                "TRAINING_FAILED",
+                Reason.TRAINING_FAILED,
                 f"The teacher model {teacher_path} does not share the base model's tokenizer "
                 f"({len(teacher)} vs {len(self.tokenizer)} tokens, or the same size with different ids); "
                 "distillation needs both to map text to the same token ids.",

@@ -16,6 +16,7 @@ from typing import Any
 from tuneforge.v1 import job_pb2
 
 from trainer_worker.errors import TrainingError
+from tuneforge_core.reasons import Reason
 
 RewardFunc = Callable[..., list[float]]
 
@@ -75,16 +76,17 @@ def user_code(source: str) -> RewardFunc:
     """The ``reward`` function defined by ``source``; runs user code, so only where the worker allows it."""
     if not user_code_allowed():
         raise TrainingError(
-            "TRAINING_FAILED", f"This worker does not run user reward code ({ALLOW_USER_CODE_ENV} is off)."
+            Reason.TRAINING_FAILED,
+            f"This worker does not run user reward code ({ALLOW_USER_CODE_ENV} is off).",
         )
     namespace: dict[str, Any] = {"__name__": "tuneforge_user_reward"}
     try:
         exec(compile(source, "<reward_code>", "exec"), namespace)
     except Exception as exc:
-        raise TrainingError("TRAINING_FAILED", f"The reward code failed to load: {exc!r}") from exc
+        raise TrainingError(Reason.TRAINING_FAILED, f"The reward code failed to load: {exc!r}") from exc
     function = namespace.get("reward")
     if not callable(function):
-        raise TrainingError("TRAINING_FAILED", "The reward code must define a function named `reward`.")
+        raise TrainingError(Reason.TRAINING_FAILED, "The reward code must define a function named `reward`.")
 
     def user_reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
         scores = function(prompts, completions, **columns)
@@ -100,7 +102,7 @@ def build(grpo: job_pb2.GrpoConfig, columns: list[str]) -> list[RewardFunc]:
         if kind == job_pb2.REWARD_FUNCTION_EXACT_MATCH:
             if "answer" not in columns:
                 raise TrainingError(
-                    "BAD_TRAINING_DATA",
+                    Reason.BAD_TRAINING_DATA,
                     "The exact-match reward needs an 'answer' column in every prompt row.",
                 )
             functions.append(exact_match)
@@ -113,7 +115,7 @@ def build(grpo: job_pb2.GrpoConfig, columns: list[str]) -> list[RewardFunc]:
         elif kind == job_pb2.REWARD_FUNCTION_USER_CODE:
             functions.append(user_code(grpo.reward_code))
         else:
-            raise TrainingError("TRAINING_FAILED", f"Unknown reward function {kind}.")
+            raise TrainingError(Reason.TRAINING_FAILED, f"Unknown reward function {kind}.")
     if not functions:
-        raise TrainingError("TRAINING_FAILED", "GRPO needs at least one reward function.")
+        raise TrainingError(Reason.TRAINING_FAILED, "GRPO needs at least one reward function.")
     return functions

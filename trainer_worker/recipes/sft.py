@@ -17,6 +17,7 @@ from tuneforge.v1 import job_pb2
 from trainer_worker.errors import TrainingError
 from trainer_worker.recipes.base import BaseRecipe
 from trainer_worker.recipes.data import CHAT, PROMPT_COMPLETION, TEXT
+from tuneforge_core.reasons import Reason
 
 
 class SFTRecipe(BaseRecipe):
@@ -82,7 +83,7 @@ class SFTRecipe(BaseRecipe):
             runs = _runs_of_ones(mask)
             if len(runs) != len(weights):
                 raise TrainingError(
-                    "BAD_TRAINING_DATA",
+                    Reason.BAD_TRAINING_DATA,
                     "Per-message weights cannot be applied: the base model's chat template does not mark "
                     "each assistant message separately.",
                 )

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from services.kit.errors import InvalidArgument
+from tuneforge_core.errors import InvalidArgument
 
 
 def _check_key(key: str) -> str:

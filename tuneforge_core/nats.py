@@ -23,7 +23,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
-from services.kit import subjects
+from tuneforge_core import subjects
 
 log = logging.getLogger(__name__)
 

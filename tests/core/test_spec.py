@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from tuneforge.v1 import dataset_pb2, job_pb2
 
-from services.jobs.spec_rules import check_dataset_fit, resolve_spec
-from services.kit.errors import InvalidArgument
+from tuneforge_core.errors import InvalidArgument
+from tuneforge_core.spec import check_dataset_fit, resolve_spec
 
 
 def valid_spec() -> job_pb2.JobSpec:
@@ -384,3 +384,35 @@ def test_dataset_must_fit_the_method(method: str, fits: list[str], misfits: list
             f"the dataset is DATASET_FORMAT_{name} but TRAINING_METHOD_{method} trains on"
             in violation.description
         )
+def test_empty_spec_gets_documented_defaults() -> None:
+    spec = resolve_spec(job_pb2.JobSpec(base_model="org/model"), require_dataset=False)
+    hp = spec.hyperparameters
+
+    assert spec.method == job_pb2.TRAINING_METHOD_SFT
+    assert spec.adapter == job_pb2.ADAPTER_TYPE_LORA
+    assert (spec.lora.rank, spec.lora.alpha, spec.lora.dropout) == (16, 32, 0.05)
+    assert list(spec.lora.target_modules) == ["all-linear"]
+    assert (hp.epochs, hp.batch_size, hp.learning_rate, hp.max_seq_length) == (3, 4, 2e-4, 2048)
+    assert hp.warmup_ratio == 0.03 and not hp.HasField("warmup_steps")
+    assert hp.lr_scheduler == job_pb2.LR_SCHEDULER_COSINE
+    assert hp.optimizer == job_pb2.OPTIMIZER_ADAMW
+    assert hp.assistant_only_loss and hp.seed == 42 and hp.logging_steps == 10
+
+
+def test_values_sent_stay_even_when_zero_or_false() -> None:
+    spec = job_pb2.JobSpec(adapter=job_pb2.ADAPTER_TYPE_FULL)
+    spec.hyperparameters.warmup_steps = 0
+    spec.hyperparameters.assistant_only_loss = False
+    spec.lora.rank = 8
+
+    spec.base_model = "org/model"
+    out = resolve_spec(spec, require_dataset=False)
+    assert out.hyperparameters.learning_rate == 2e-5  # full fine-tuning default
+    assert out.hyperparameters.HasField("warmup_steps") and not out.hyperparameters.HasField("warmup_ratio")
+    assert out.hyperparameters.assistant_only_loss is False
+    assert not out.lora.HasField("alpha")  # a full fine-tune's LoRA settings stay as sent
+    lora = job_pb2.JobSpec(base_model="org/model")
+    lora.lora.rank = 8
+    assert resolve_spec(lora, require_dataset=False).lora.alpha == 16
+
+

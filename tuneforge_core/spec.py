@@ -1,80 +1,42 @@
-"""Job spec validation and defaults: every field checked at submission, every problem reported at once.
+"""Job spec resolution: every default and every range of a JobSpec, said once.
 
-`resolve_spec` returns a copy of the spec with every default filled in, so the worker, the estimate and the
-stored job all see the same numbers. Defaults follow the seeds' platforms (LoRA r=16, alpha=2r, lr 2e-4,
-batch 4, 3 epochs, max length 2048) where they agree, and the TRL/PEFT defaults where they do not.
+`resolve_spec` returns a copy of the spec with every default filled in and every field checked, each
+problem naming its field, all of them at once. It is the single source: the jobs service resolves a spec at
+CreateJob and stores and queues the resolved copy; the estimation service resolves the drafts it is asked
+about with the same function; the worker trains the resolved spec it is handed and fills in nothing
+(`ensure_resolved` refuses one that is not). Resolving a resolved spec changes nothing.
+
+Defaults follow the seeds' platforms (LoRA r=16, alpha=2r, lr 2e-4, batch 4, 3 epochs, max length 2048)
+where they agree, and the TRL/PEFT defaults where they do not.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
-from tuneforge.v1 import dataset_pb2, job_pb2
+from tuneforge.v1 import job_pb2
 
-from services.kit.errors import Violations
+from tuneforge_core.compat import (
+    LORA_ADAPTERS,
+    MERGEABLE_ADAPTERS,
+    METHOD_FAMILIES,
+    PROMPT_TUNING_METHODS,
+    SHARDING_STRATEGIES,
+    SUPPORTED_ADAPTERS,
+    SUPPORTED_METHODS,
+    SUPPORTED_STRATEGIES,
+    family_of_format,
+    format_name,
+    formats_for,
+)
+from tuneforge_core.errors import InvalidArgument, Violations
 
+# Upper bounds that keep every number a worker is handed meaningful (and within 32-bit counters).
+MAX_STEPS = 10_000_000
+MAX_SEED = 2**32 - 1
 MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 MODULE_RE = re.compile(r"^[A-Za-z0-9_.*\-]+$")
-
-# What the trainer workers of this release run; anything else is refused up front, so a job never waits in
-# the queue only to fail on a worker.
-SUPPORTED_METHODS = {
-    job_pb2.TRAINING_METHOD_SFT,
-    job_pb2.TRAINING_METHOD_DPO,
-    job_pb2.TRAINING_METHOD_GRPO,
-    job_pb2.TRAINING_METHOD_DISTILLATION,
-    job_pb2.TRAINING_METHOD_ORPO,
-    job_pb2.TRAINING_METHOD_KTO,
-}
-SUPPORTED_ADAPTERS = {
-    job_pb2.ADAPTER_TYPE_LORA,
-    job_pb2.ADAPTER_TYPE_QLORA,
-    job_pb2.ADAPTER_TYPE_FULL,
-    job_pb2.ADAPTER_TYPE_PROMPT_TUNING,
-}
-SUPPORTED_STRATEGIES = {
-    job_pb2.DISTRIBUTED_STRATEGY_NONE,
-    job_pb2.DISTRIBUTED_STRATEGY_DDP,
-    job_pb2.DISTRIBUTED_STRATEGY_ZERO1,
-    job_pb2.DISTRIBUTED_STRATEGY_ZERO2,
-    job_pb2.DISTRIBUTED_STRATEGY_ZERO2_OFFLOAD,
-    job_pb2.DISTRIBUTED_STRATEGY_ZERO3,
-    job_pb2.DISTRIBUTED_STRATEGY_ZERO3_OFFLOAD,
-    job_pb2.DISTRIBUTED_STRATEGY_FSDP,
-}
-# Strategies that shard or wrap the weights: bitsandbytes' 4/8-bit weights cannot be sharded or flattened.
-SHARDING_STRATEGIES = SUPPORTED_STRATEGIES - {
-    job_pb2.DISTRIBUTED_STRATEGY_NONE,
-    job_pb2.DISTRIBUTED_STRATEGY_DDP,
-}
-# A soft prompt suits the methods whose loss is next-token prediction on the data; the preference and RL
-# trainers compare the policy with the frozen model, which a soft prompt does not give them.
-PROMPT_TUNING_METHODS = {job_pb2.TRAINING_METHOD_SFT, job_pb2.TRAINING_METHOD_DISTILLATION}
-MERGEABLE_ADAPTERS = {job_pb2.ADAPTER_TYPE_LORA, job_pb2.ADAPTER_TYPE_QLORA}
-
-F = dataset_pb2.DatasetFormat
-_SUPERVISED = {
-    F.Value(n)
-    for n in (
-        "DATASET_FORMAT_OPENAI_CHAT",
-        "DATASET_FORMAT_SHAREGPT",
-        "DATASET_FORMAT_ALPACA",
-        "DATASET_FORMAT_PROMPT_COMPLETION",
-        "DATASET_FORMAT_TEXT",
-    )
-}
-_PREFERENCE = {F.Value("DATASET_FORMAT_PREFERENCE"), F.Value("DATASET_FORMAT_OPENAI_PREFERENCE")}
-# The dataset formats each method trains on (the datasets service normalizes each to one shape per family).
-METHOD_FORMATS: dict[int, set[int]] = {
-    job_pb2.TRAINING_METHOD_SFT: _SUPERVISED,
-    job_pb2.TRAINING_METHOD_DISTILLATION: _SUPERVISED,
-    job_pb2.TRAINING_METHOD_DPO: _PREFERENCE,
-    job_pb2.TRAINING_METHOD_ORPO: _PREFERENCE,
-    # KTO learns from unpaired labels; each preference pair gives one desirable and one undesirable example.
-    job_pb2.TRAINING_METHOD_KTO: {F.Value("DATASET_FORMAT_KTO"), *_PREFERENCE},
-    job_pb2.TRAINING_METHOD_GRPO: {F.Value("DATASET_FORMAT_PROMPT_ONLY")},
-}
-
 
 def _range(v: Violations, field: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
     ok = (value > lo if lo_open else value >= lo) and value <= hi
@@ -93,18 +55,22 @@ def _check_base_model(v: Violations, value: str, field: str) -> None:
         v.add(field, f"'{value}' is neither a Hugging Face id (org/name), an absolute path nor an s3:// URI")
 
 
-def resolve_spec(spec: job_pb2.JobSpec, *, allow_user_reward_code: bool = False) -> job_pb2.JobSpec:
+def resolve_spec(
+    spec: job_pb2.JobSpec, *, allow_user_reward_code: bool = False, require_dataset: bool = True
+) -> job_pb2.JobSpec:
     """Validates `spec`, returns it with defaults filled in; raises InvalidArgument listing every problem.
 
     `allow_user_reward_code` is the deployment's choice to run GRPO reward code written by users (off unless
-    the operator turns it on; the workers have their own switch too).
+    the operator turns it on; the workers have their own switch too). `require_dataset` is off for the
+    estimation service's drafts, which may count tokens without naming a dataset.
     """
     v = Violations()
     out = job_pb2.JobSpec()
     out.CopyFrom(spec)
 
     _check_base_model(v, out.base_model, "spec.base_model")
-    v.check(bool(out.dataset), "spec.dataset", "is required: the id or name of a READY dataset")
+    if require_dataset:
+        v.check(bool(out.dataset), "spec.dataset", "is required: the id or name of a READY dataset")
 
     if out.method == job_pb2.TRAINING_METHOD_UNSPECIFIED:
         out.method = job_pb2.TRAINING_METHOD_SFT
@@ -154,16 +120,32 @@ def check_dataset_fit(spec: job_pb2.JobSpec, dataset_format: int, field: str = "
 
     Runs at CreateJob once the dataset is known, so a DPO job on chat data fails there, not on a worker.
     """
-    wanted = METHOD_FORMATS.get(spec.method)
-    if wanted is None or dataset_format == F.Value("DATASET_FORMAT_UNSPECIFIED") or dataset_format in wanted:
+    families = METHOD_FAMILIES.get(spec.method)
+    if families is None or dataset_format == 0 or family_of_format(dataset_format) in families:
         return
     v = Violations()
     v.add(
         field,
-        f"the dataset is {_name(F, dataset_format)} but {_name(job_pb2.TrainingMethod, spec.method)} "
-        f"trains on {' or '.join(sorted(F.Name(f) for f in wanted))}",
+        f"the dataset is DATASET_FORMAT_{format_name(dataset_format)} but "
+        f"{_name(job_pb2.TrainingMethod, spec.method)} trains on "
+        + " or ".join(f"DATASET_FORMAT_{f}" for f in formats_for(spec.method)),
     )
     v.raise_if_any("the dataset does not fit the training method")
+
+
+def ensure_resolved(spec: job_pb2.JobSpec) -> None:
+    """Raises InvalidArgument unless `spec` is what `resolve_spec` returns for it (every default filled).
+
+    The worker calls this instead of filling defaults itself: a spec that did not come through CreateJob's
+    resolution is refused, never trained with guessed values.
+    """
+    resolved = resolve_spec(spec, allow_user_reward_code=True, require_dataset=False)
+    if resolved != spec:
+        missing = sorted({f.name for f, _ in resolved.ListFields()} - {f.name for f, _ in spec.ListFields()})
+        raise InvalidArgument(
+            "the job spec was not resolved by the jobs service"
+            + (f" (unset: {', '.join(missing)})" if missing else " (some defaults are unset)")
+        )
 
 
 def _name(enum: object, value: int) -> str:
@@ -176,7 +158,7 @@ def _name(enum: object, value: int) -> str:
 
 def _resolve_lora(v: Violations, out: job_pb2.JobSpec) -> None:
     lora = out.lora
-    if out.adapter not in (job_pb2.ADAPTER_TYPE_LORA, job_pb2.ADAPTER_TYPE_QLORA):
+    if out.adapter not in LORA_ADAPTERS:
         return
     if not lora.HasField("rank"):
         lora.rank = 16
@@ -402,17 +384,17 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
         hp.optimizer = job_pb2.OPTIMIZER_ADAMW
 
     _range(v, f + "epochs", hp.epochs, 1, 50)
-    v.check(hp.max_steps >= 0, f + "max_steps", "must not be negative (0 means: run all epochs)")
+    _range(v, f + "max_steps", hp.max_steps, 0, MAX_STEPS)
     _range(v, f + "batch_size", hp.batch_size, 1, 256)
     _range(v, f + "gradient_accumulation_steps", hp.gradient_accumulation_steps, 1, 256)
     _range(v, f + "learning_rate", hp.learning_rate, 0.0, 1e-2, lo_open=True)
     v.check(
-        0 <= hp.min_learning_rate < hp.learning_rate,
+        0 <= hp.min_learning_rate < hp.learning_rate and math.isfinite(hp.min_learning_rate),
         f + "min_learning_rate",
         "must be at least 0 and lower than learning_rate",
     )
     if hp.HasField("warmup_steps"):
-        v.check(hp.warmup_steps >= 0, f + "warmup_steps", "must not be negative")
+        _range(v, f + "warmup_steps", hp.warmup_steps, 0, MAX_STEPS)
     if hp.HasField("warmup_ratio"):
         _range(v, f + "warmup_ratio", hp.warmup_ratio, 0.0, 0.5)
     _range(v, f + "adam_beta1", hp.adam_beta1, 0.0, 1.0, lo_open=True)
@@ -420,13 +402,13 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
     _range(v, f + "adam_beta2", hp.adam_beta2, 0.0, 1.0, lo_open=True)
     v.check(hp.adam_beta2 < 1.0, f + "adam_beta2", "must be below 1")
     _range(v, f + "weight_decay", hp.weight_decay, 0.0, 1.0)
-    v.check(hp.max_grad_norm > 0, f + "max_grad_norm", "must be positive")
+    _range(v, f + "max_grad_norm", hp.max_grad_norm, 0.0, 1e4, lo_open=True)
     _range(v, f + "max_seq_length", hp.max_seq_length, 16, 131072)
-    v.check(hp.seed >= 0, f + "seed", "must not be negative")
+    _range(v, f + "seed", hp.seed, 0, MAX_SEED)
     _range(v, f + "dataloader_workers", hp.dataloader_workers, 0, 16)
-    v.check(hp.logging_steps >= 1, f + "logging_steps", "must be at least 1")
-    v.check(hp.eval_steps >= 0, f + "eval_steps", "must not be negative (0 means once per epoch)")
-    v.check(hp.save_steps >= 0, f + "save_steps", "must not be negative (0 means once per epoch)")
+    _range(v, f + "logging_steps", hp.logging_steps, 1, MAX_STEPS)
+    _range(v, f + "eval_steps", hp.eval_steps, 0, MAX_STEPS)  # 0: once per epoch
+    _range(v, f + "save_steps", hp.save_steps, 0, MAX_STEPS)  # 0: once per epoch
     _range(v, f + "save_total_limit", hp.save_total_limit, 1, 100)
     for name, enum in (
         ("lr_scheduler", job_pb2.LrScheduler),
@@ -440,8 +422,8 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
             es.patience = 3
         if not es.HasField("min_delta"):
             es.min_delta = 0.0
-        v.check(es.patience >= 1, f + "early_stopping.patience", "must be at least 1")
-        v.check(es.min_delta >= 0, f + "early_stopping.min_delta", "must not be negative")
+        _range(v, f + "early_stopping.patience", es.patience, 1, 1000)
+        _range(v, f + "early_stopping.min_delta", es.min_delta, 0.0, 1e3)
 
 
 def _resolve_hardware(v: Violations, out: job_pb2.JobSpec) -> None:
