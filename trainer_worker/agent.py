@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -45,18 +46,23 @@ from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
 from trainer_worker.checkpointing import CheckpointStore
-from trainer_worker.errors import TrainingError
-from trainer_worker.events import EventTail
-from trainer_worker.launcher import TrainingProcess
-from trainer_worker.reporting import (
-    JobReporter,
-    cancelled_status,
-    failure_status,
-    metric_point,
-    progress_of,
+from trainer_worker.errors import TrainingError, Transient, is_retryable
+from trainer_worker.events import (
+    AnyEvent,
+    CheckpointEvent,
+    ErrorEvent,
+    EventTail,
+    LogEvent,
+    MalformedEvent,
+    MetricEvent,
+    RankEvent,
+    ResultEvent,
+    StateEvent,
 )
+from trainer_worker.launcher import TrainingProcess
+from trainer_worker.reporting import JobReporter, failure_status, metric_point, progress_of
 from trainer_worker.run_config import RunConfig
-from tuneforge_core import subjects
+from tuneforge_core import states, subjects
 from tuneforge_core.errors import InvalidArgument
 from tuneforge_core.nats import connect, ensure_streams, ensure_trainers_consumer
 from tuneforge_core.reasons import Reason
@@ -67,8 +73,6 @@ log = logging.getLogger("trainer_worker.agent")
 
 U = events_pb2.WorkerUpdateKind
 S = job_pb2.JobState
-CANCEL_STATES = {S.JOB_STATE_CANCELLING, S.JOB_STATE_CANCELLED}
-FINAL_STATES = {S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED}
 TRAIN_LOG_TAIL_BYTES = 4000
 
 
@@ -92,10 +96,6 @@ class AgentSettings(KitSettings):
 class Verdict(Enum):
     ACK = "ack"
     NAK = "nak"
-
-
-class Transient(Exception):
-    """An infrastructure failure the job is not to blame for; the job goes back to the queue."""
 
 
 class Agent:
@@ -150,14 +150,16 @@ class Agent:
             await msg.term()
             return
         heartbeat = asyncio.create_task(self._keep_claim(msg))
+        run = JobRun(self, assignment, msg.metadata.num_delivered)
         try:
-            verdict = await JobRun(self, assignment, msg.metadata.num_delivered).execute()
-        except Transient as exc:
-            log.warning("job %s goes back to the queue: %s", assignment.job_id, exc)
-            verdict = Verdict.NAK
-        except Exception:
-            log.exception("job %s failed inside the worker; it goes back to the queue", assignment.job_id)
-            verdict = Verdict.NAK
+            verdict = await run.execute()
+        except Exception as exc:
+            if is_retryable(exc):  # infrastructure: another delivery may well succeed
+                log.warning("job %s goes back to the queue: %s", assignment.job_id, exc)
+                verdict = Verdict.NAK
+            else:  # our own bug or the job's input: retrying on another worker would fail the same way
+                log.exception("job %s failed inside the worker; no retry", assignment.job_id)
+                verdict = await run.fail_internal(exc)
         finally:
             heartbeat.cancel()
         try:
@@ -194,6 +196,16 @@ class Agent:
         return root, unquote(parsed.path).strip("/")
 
 
+@dataclass
+class Outcome:
+    """What the training process said about how it ended."""
+
+    result: ResultEvent | None = None
+    error: ErrorEvent | None = None
+    # Set when it wrote a line that is not an event: the job fails at once (our bug, not worth a retry).
+    malformed: str | None = None
+
+
 class JobRun:
     """One delivery of one job: prepare, train, report, clean up."""
 
@@ -213,12 +225,12 @@ class JobRun:
         watch = await self._watch_cancellation()
         try:
             state = await self._latest_state()
-            if state in CANCEL_STATES:
+            if state in states.CANCEL_REQUESTED:
                 log.info("job %s was cancelled before it started", self.job_id)
                 self.reporter.log("The job was cancelled before it started.")
-                await self.reporter.status(U.WORKER_UPDATE_KIND_CANCELLED, error=cancelled_status())
+                await self.reporter.status(U.WORKER_UPDATE_KIND_CANCELLED, error=states.cancelled_status())
                 return Verdict.ACK
-            if state in FINAL_STATES:
+            if states.is_final(state):
                 log.info("job %s is already %s; dropping the stale delivery", self.job_id, S.Name(state))
                 return Verdict.ACK
             return await self._run()
@@ -268,6 +280,11 @@ class JobRun:
             validation_file=validation_file,
             output_dir=self.work_dir / "out",
             events_file=self.work_dir / "events.jsonl",
+            admission_estimate=(
+                RunConfig.fit_to_dict(self.assignment.admission_estimate)
+                if self.assignment.HasField("admission_estimate")
+                else None
+            ),
         )
         await self._fetch_checkpoint(config.output_dir)
         config.dump(self.work_dir / "RUN.json")
@@ -328,7 +345,7 @@ class JobRun:
         )
         self.reporter.log(f"Started the training process (pid {process.pid}).")
         tail = EventTail(config.events_file)
-        outcome: dict[str, Any] = {}
+        outcome = Outcome()
         try:
             await self._supervise(process, tail, outcome)
         finally:
@@ -343,10 +360,16 @@ class JobRun:
             self.reporter.log("The worker shut down; the job goes back to the queue.", "warning")
             await self.reporter.flush(force=True)
             return Verdict.NAK
-        if "result" in outcome and process.returncode == 0:
-            return await self._succeed(outcome["result"])
-        if "error" in outcome:
-            return await self._fail(outcome["error"]["reason"], outcome["error"]["message"])
+        if outcome.malformed is not None:
+            return await self._fail(
+                Reason.TRAINING_FAILED,
+                f"The worker could not read what the training process reported ({outcome.malformed}); "
+                "this is a bug in TuneForge, not in the job.",
+            )
+        if outcome.result is not None and process.returncode == 0:
+            return await self._succeed(outcome.result)
+        if outcome.error is not None:
+            return await self._fail(outcome.error.reason, outcome.error.message)
         return await self._fail(*self._crash_reason(process.returncode))
 
     def _child_env(self) -> dict[str, str]:
@@ -355,49 +378,61 @@ class JobRun:
             return {}
         return {"TORCH_EXTENSIONS_DIR": str(self.agent.work_root / "torch_extensions")}
 
-    async def _supervise(self, process: TrainingProcess, tail: EventTail, outcome: dict[str, Any]) -> None:
-        """Forward the child's events until it exits; stop it on cancellation or shutdown."""
+    async def _supervise(self, process: TrainingProcess, tail: EventTail, outcome: Outcome) -> None:
+        """Forward the child's events until it exits; stop it on cancellation, shutdown or a bad event."""
         while not await process.wait_exit(self.settings.worker_poll_interval_s):
             await self._forward(tail, outcome)
-            if self.cancelled.is_set() or self.agent.stopping.is_set():
-                why = "cancellation was requested" if self.cancelled.is_set() else "the worker is stopping"
+            if self.cancelled.is_set() or self.agent.stopping.is_set() or outcome.malformed is not None:
+                why = (
+                    "cancellation was requested" if self.cancelled.is_set()
+                    else "the worker is stopping" if self.agent.stopping.is_set()
+                    else "it reported something the worker cannot read"
+                )
                 self.reporter.log(f"Stopping the training process: {why}.")
                 await process.stop(self.settings.worker_stop_grace_s)
         await self._forward(tail, outcome)
 
-    async def _forward(self, tail: EventTail, outcome: dict[str, Any]) -> None:
-        for event in tail.read():
-            await self._on_event(event, outcome)
+    async def _forward(self, tail: EventTail, outcome: Outcome) -> None:
+        while outcome.malformed is None:
+            try:
+                events = tail.read()
+            except MalformedEvent as exc:
+                log.error("job %s: malformed event from the training process: %s", self.job_id, exc)
+                outcome.malformed = str(exc)
+                break
+            if not events:
+                break
+            for event in events:
+                await self._on_event(event, outcome)
         await self._send_progress()
         await self.reporter.flush()
 
-    async def _on_event(self, event: dict[str, Any], outcome: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if kind == "metric":
-            point = metric_point(event, self.job_id, self.attempt)
-            self.reporter.metric(point)
-            if point.kind == metrics_pb2.METRIC_KIND_TRAIN:
-                self.progress = progress_of(point)
-        elif kind == "log":
-            level = event.get("level", "info")
-            source = metrics_pb2.LOG_SOURCE_TRAINING
-            self.reporter.log(event.get("message", ""), level, source, event.get("time"))
-        elif kind == "state" and event.get("state") == "running":
-            await self.reporter.status(U.WORKER_UPDATE_KIND_RUNNING)
-        elif kind == "rank":
-            self.reporter.log(
-                f"Training rank {event.get('rank')} of {event.get('world_size')} started on "
-                f"{event.get('host')} (pid {event.get('pid')}).",
-                "debug",
-                metrics_pb2.LOG_SOURCE_TRAINING,
-                event.get("time"),
-            )
-        elif kind == "checkpoint":
-            self._upload_checkpoint(int(event["step"]), Path(event["dir"]))
-        elif kind == "result":
-            outcome[kind] = event
-        elif kind == "error" and ("error" not in outcome or event.get("rank", 0) == 0):
-            outcome[kind] = event  # the main rank's account wins over a peer's "connection lost"
+    async def _on_event(self, event: AnyEvent, outcome: Outcome) -> None:
+        training = metrics_pb2.LOG_SOURCE_TRAINING
+        match event:
+            case MetricEvent():
+                point = metric_point(event, self.job_id, self.attempt)
+                self.reporter.metric(point)
+                if point.kind == metrics_pb2.METRIC_KIND_TRAIN:
+                    self.progress = progress_of(point)
+            case LogEvent():
+                self.reporter.log(event.message, event.level, training, event.time or None)
+            case StateEvent(state="running"):
+                await self.reporter.status(U.WORKER_UPDATE_KIND_RUNNING)
+            case StateEvent():
+                pass  # "cancelled": the exit code and the cancel flag tell the rest
+            case RankEvent():
+                self.reporter.log(
+                    f"Training rank {event.rank} of {event.world_size} started on {event.host} "
+                    f"(pid {event.pid}).", "debug", training, event.time or None,
+                )
+            case CheckpointEvent():
+                self._upload_checkpoint(event.step, Path(event.dir))
+            case ResultEvent():
+                outcome.result = event
+            case ErrorEvent():
+                if outcome.error is None or event.rank == 0:
+                    outcome.error = event  # the main rank's account wins over a peer's "connection lost"
 
     def _upload_checkpoint(self, step: int, directory: Path) -> None:
         """Queue the upload behind earlier ones; a failed upload costs progress on a retry, not the job."""
@@ -428,7 +463,7 @@ class JobRun:
         self._progress_sent, self._progress_sent_at = self.progress, now
         await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
 
-    def _crash_reason(self, returncode: int | None) -> tuple[str, str]:
+    def _crash_reason(self, returncode: int | None) -> tuple[Reason, str]:
         """Why a training process that wrote no error line ended; its output's tail goes to the job log."""
         log_path = self.work_dir / "train.log"
         if log_path.exists():
@@ -444,12 +479,12 @@ class JobRun:
 
     # -- outcomes ---------------------------------------------------------------------------------------
 
-    async def _succeed(self, result: dict[str, Any]) -> Verdict:
+    async def _succeed(self, result: ResultEvent) -> Verdict:
         store, prefix = self.agent.locate(self.assignment.output_prefix)
-        adapter_dir = Path(result["adapter_dir"])
+        adapter_dir = Path(result.adapter_dir)
         uploads = [(adapter_dir, f"{prefix}/{adapter_dir.name}")]
-        if result.get("merged_dir"):
-            uploads.append((Path(result["merged_dir"]), f"{prefix}/merged"))
+        if result.merged_dir:
+            uploads.append((Path(result.merged_dir), f"{prefix}/merged"))
         uris = []
         for directory, key in uploads:
             self.reporter.log(f"Uploading {directory.name} to {store.uri(key)}.")
@@ -457,7 +492,7 @@ class JobRun:
                 uris.append(await asyncio.to_thread(store.put_dir, key, directory))
             except Exception as exc:
                 raise Transient(f"could not upload {directory.name}: {exc}") from exc
-        metrics = {k: float(v) for k, v in result.get("final_metrics", {}).items() if v is not None}
+        metrics = {k: v for k, v in result.final_metrics.items() if v is not None}
         output = job_pb2.JobOutput(
             adapter_uri=uris[0], merged_model_uri=uris[1] if len(uris) > 1 else "", final_metrics=metrics
         )
@@ -466,7 +501,21 @@ class JobRun:
         log.info("job %s attempt %d: succeeded", self.job_id, self.attempt)
         return Verdict.ACK
 
-    async def _fail(self, reason: str, message: str) -> Verdict:
+    async def fail_internal(self, exc: BaseException) -> Verdict:
+        """Fail the job for a fault of the worker's own that a retry would repeat (our bug, or input that
+        slipped past CreateJob's checks); NAK instead if even the failure cannot be reported."""
+        try:
+            return await self._fail(
+                Reason.TRAINING_FAILED,
+                f"The worker failed while handling the job ({type(exc).__name__}: {exc}); this is a bug in "
+                "TuneForge, not in the job.",
+            )
+        except Exception:
+            log.warning("could not report job %s as failed; it goes back to the queue", self.job_id,
+                        exc_info=True)
+            return Verdict.NAK
+
+    async def _fail(self, reason: Reason, message: str) -> Verdict:
         self.reporter.log(f"Training failed ({reason}): {message}", "error")
         await self.reporter.status(U.WORKER_UPDATE_KIND_FAILED, error=failure_status(reason, message))
         log.info("job %s attempt %d: failed with %s", self.job_id, self.attempt, reason)
@@ -474,7 +523,7 @@ class JobRun:
 
     async def _report_cancelled(self) -> Verdict:
         self.reporter.log("The job was cancelled.")
-        await self.reporter.status(U.WORKER_UPDATE_KIND_CANCELLED, error=cancelled_status())
+        await self.reporter.status(U.WORKER_UPDATE_KIND_CANCELLED, error=states.cancelled_status())
         log.info("job %s attempt %d: cancelled", self.job_id, self.attempt)
         return Verdict.ACK
 
@@ -492,7 +541,7 @@ class JobRun:
 
         async def on_change(msg: Msg) -> None:
             with contextlib.suppress(Exception):
-                if events_pb2.JobChanged.FromString(msg.data).job.state in CANCEL_STATES:
+                if events_pb2.JobChanged.FromString(msg.data).job.state in states.CANCEL_REQUESTED:
                     self.cancelled.set()
 
         return await self.agent.js.subscribe(

@@ -1,7 +1,9 @@
 """Why a training run failed, in the vocabulary of ``tuneforge.v1.ErrorReason``.
 
 Recipes raise :class:`TrainingError` with a reason; ``trainer_worker.train`` maps any other exception to a
-reason in one place (:func:`classify`), so the agent never parses message text.
+reason in one place (:func:`classify`), so the agent never parses message text. In the agent, a
+:class:`Transient` failure hands the job back for another delivery; anything else fails it at once
+(:func:`is_retryable`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,23 @@ class TrainingError(Exception):
         super().__init__(message)
         self.reason: Reason = reason
         self.message = message
+
+
+class Transient(Exception):
+    """An infrastructure failure the job is not to blame for (storage or NATS unreachable): the job goes back
+    to the queue and another delivery retries it."""
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Whether a failure inside the agent is worth another delivery.
+
+    Only infrastructure is: a Transient, or the NATS connection or network failing under us. Everything
+    else (a bug of ours, input that slipped past CreateJob) would fail the same way on every worker, so the
+    job fails at once with a reason instead of being retried until it is WORKER_LOST.
+    """
+    import nats.errors  # the training process never needs NATS
+
+    return isinstance(exc, Transient | nats.errors.Error | ConnectionError | TimeoutError)
 
 
 class Cancelled(Exception):

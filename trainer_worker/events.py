@@ -1,15 +1,18 @@
 """The events file: the one channel from a training process to the agent that started it.
 
 The recipe appends one JSON object per line and flushes each line, so the agent can tail the file while
-training runs and a crash loses at most the line being written. Line types:
+training runs and a crash loses at most the line being written. Every line is one of the typed events
+below (msgspec structs tagged by ``type``); the writer can only write these, and the reader decodes each
+line into exactly one of them or fails with :class:`MalformedEvent`, which the agent treats as our own bug:
+the job fails at once with a reason, it is not retried on another worker.
 
-- ``{"type": "state", "state": "running" | "cancelled"}``
-- ``{"type": "rank", "rank": ..., "world_size": ..., "pid": ..., "host": ...}`` (one per training process)
-- ``{"type": "metric", "kind": "train" | "eval" | "system", "step": ..., ...}``
-- ``{"type": "log", "level": "debug" | "info" | "warning" | "error" | "critical", "message": ...}``
-- ``{"type": "checkpoint", "step": ..., "dir": ...}`` (a staged checkpoint for the agent to upload)
-- ``{"type": "result", "adapter_dir": ..., "merged_dir": ... | None, "final_metrics": {...}}``
-- ``{"type": "error", "reason": <ErrorReason name without prefix>, "message": ..., "rank": ...}``
+- ``state``: the run started training (``running``) or stopped on a signal (``cancelled``)
+- ``rank``: one per training process (rank, world size, pid, host)
+- ``metric``: a ``train``, ``eval`` or ``system`` point of one step
+- ``log``: a log line of the training process (debug ... critical)
+- ``checkpoint``: a staged checkpoint folder for the agent to upload
+- ``result``: the output folders and the final metrics
+- ``error``: why the run failed (a ``Reason`` of the worker's vocabulary) and a sentence for the user
 
 Every line also carries ``time`` (unix seconds). Non-finite floats are written as null to keep the file
 strict JSON. Under torchrun every rank opens the file, but only the main rank reports; the others write
@@ -18,31 +21,114 @@ their ``rank`` line and their errors only, so a job's metrics and result are wri
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Literal
 
-from trainer_worker.errors import Reason
+import msgspec
+
+from tuneforge_core.reasons import Reason
 
 log = logging.getLogger(__name__)
 
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error", "critical")
+MetricKind = Literal["train", "eval", "system"]
 
 
-LEVELS = ("debug", "info", "warning", "error", "critical")
+class Event(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    time: float = 0.0
+
+
+class StateEvent(Event, tag="state", kw_only=True):
+    state: Literal["running", "cancelled"]
+
+
+class RankEvent(Event, tag="rank", kw_only=True):
+    rank: int
+    world_size: int = 1
+    local_rank: int = 0
+    node_rank: int = 0
+    host: str = ""
+    pid: int = 0
+
+
+class MetricEvent(Event, tag="metric", kw_only=True):
+    """One point; the named fields are MetricPoint's own, any other number goes to ``values``."""
+
+    kind: MetricKind
+    step: int
+    total_steps: int = 0
+    epoch: float = 0.0
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    samples_per_second: float | None = None
+    eta_seconds: float | None = None
+    eval_loss: float | None = None
+    eval_token_accuracy: float | None = None
+    gpu_utilization: float | None = None
+    gpu_memory_bytes: float | None = None
+    gpu_temperature_celsius: float | None = None
+    cpu_percent: float | None = None
+    memory_bytes: float | None = None
+    values: dict[str, float | None] = {}
+
+
+class LogEvent(Event, tag="log", kw_only=True):
+    level: LogLevel = "info"
+    message: str
+
+
+class CheckpointEvent(Event, tag="checkpoint", kw_only=True):
+    step: int
+    dir: str
+
+
+class ResultEvent(Event, tag="result", kw_only=True):
+    adapter_dir: str
+    merged_dir: str | None = None
+    final_metrics: dict[str, float | None] = {}
+
+
+class ErrorEvent(Event, tag="error", kw_only=True):
+    reason: Reason
+    message: str
+    rank: int = 0
+
+
+AnyEvent = StateEvent | RankEvent | MetricEvent | LogEvent | CheckpointEvent | ResultEvent | ErrorEvent
+# MetricPoint's own fields among a metric's keyword arguments; the rest are method-specific values.
+POINT_FIELDS = frozenset(MetricEvent.__struct_fields__) - {"kind", "step", "total_steps", "epoch", "values",
+                                                           "time"}
 # What a rank other than the main one still writes.
-EVERY_RANK = frozenset({"rank", "error"})
+EVERY_RANK: tuple[type[Event], ...] = (RankEvent, ErrorEvent)
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AnyEvent)
+
+
+class MalformedEvent(Exception):
+    """A complete line of the events file that is not one of the events above: a bug on our side."""
+
+
+def decode(line: bytes) -> AnyEvent:
+    try:
+        return _decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MalformedEvent(f"{exc} in {line[:200]!r}") from exc
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def _number(value: float | int | None) -> float | None:
+    return None if value is None else float(value)
 
 
 class EventSink:
@@ -62,43 +148,53 @@ class EventSink:
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # O_APPEND: lines of several ranks never overwrite each other.
-        self._file: IO[str] = path.open("a", encoding="utf-8")
+        self._file: IO[bytes] = path.open("ab")
         self.main, self._rank, self._sampler = main, rank, sampler
 
-    def emit(self, type_: str, **fields: Any) -> None:
-        if not self.main and type_ not in EVERY_RANK:
+    def emit(self, event: Event) -> None:
+        if not self.main and not isinstance(event, EVERY_RANK):
             return
-        line = {"type": type_, **_finite(fields), "time": time.time()}
-        self._file.write(json.dumps(line, allow_nan=False) + "\n")
+        event.time = time.time()
+        self._file.write(encode(event) + b"\n")
         self._file.flush()
 
-    def state(self, state: str) -> None:
-        self.emit("state", state=state)
+    def state(self, state: Literal["running", "cancelled"]) -> None:
+        self.emit(StateEvent(state=state))
 
-    def rank(self, **info: Any) -> None:
-        self.emit("rank", **info)
+    def rank(self, **info: int | str) -> None:
+        self.emit(msgspec.convert(info, RankEvent))
 
-    def metric(self, kind: str, step: int, **values: float | int | None) -> None:
-        self.emit("metric", kind=kind, step=step, **values)
+    def metric(
+        self,
+        kind: MetricKind,
+        step: int,
+        *,
+        total_steps: int = 0,
+        epoch: float | None = 0.0,
+        **values: float | int | None,
+    ) -> None:
+        named = {k: _number(v) for k, v in values.items() if k in POINT_FIELDS}
+        extra = {k: _number(v) for k, v in values.items() if k not in POINT_FIELDS}
+        self.emit(MetricEvent(kind=kind, step=step, total_steps=total_steps or 0, epoch=float(epoch or 0.0),
+                              values=extra, **named))  # type: ignore[arg-type]
         if kind == "train" and self._sampler is not None and self.main:
-            self.emit("metric", kind="system", step=step, **self._sampler())
+            self.metric("system", step, total_steps=total_steps, epoch=epoch, **self._sampler())
 
     def log(self, message: str, level: str = "info") -> None:
-        self.emit("log", level=level if level in LEVELS else "info", message=message)
+        self.emit(LogEvent(level=level if level in LEVELS else "info", message=message))  # type: ignore[arg-type]
 
     def checkpoint(self, step: int, directory: Path) -> None:
-        self.emit("checkpoint", step=step, dir=str(directory))
+        self.emit(CheckpointEvent(step=step, dir=str(directory)))
 
     def result(self, adapter_dir: Path, merged_dir: Path | None, final_metrics: Mapping[str, float]) -> None:
-        self.emit(
-            "result",
+        self.emit(ResultEvent(
             adapter_dir=str(adapter_dir),
             merged_dir=str(merged_dir) if merged_dir else None,
-            final_metrics=dict(final_metrics),
-        )
+            final_metrics={k: _number(v) for k, v in final_metrics.items()},
+        ))
 
     def error(self, reason: Reason, message: str) -> None:
-        self.emit("error", reason=reason, message=message, rank=self._rank)
+        self.emit(ErrorEvent(reason=reason, message=message, rank=self._rank))
 
     def close(self) -> None:
         self._file.close()
@@ -125,25 +221,36 @@ class EventLogHandler(logging.Handler):
 
 
 class EventTail:
-    """Reads the complete lines appended to an events file since the last call."""
+    """Reads the complete lines appended to an events file since the last call, as typed events.
+
+    A complete line that is not an event raises :class:`MalformedEvent` (after the events before it are
+    kept for the next call), so the agent can fail the job with a clear reason instead of guessing.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._offset = 0
         self._partial = b""
+        self._pending: list[bytes] = []
 
-    def read(self) -> list[dict[str, Any]]:
-        if not self._path.exists():
-            return []
-        with self._path.open("rb") as f:
-            f.seek(self._offset)
-            chunk = f.read()
-        self._offset += len(chunk)
-        *lines, self._partial = (self._partial + chunk).split(b"\n")
-        events = []
-        for line in filter(bytes.strip, lines):
+    def read(self) -> list[AnyEvent]:
+        if self._path.exists():
+            with self._path.open("rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+            self._offset += len(chunk)
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+            self._pending += [line for line in lines if line.strip()]
+        events: list[AnyEvent] = []
+        while self._pending:
+            line = self._pending[0]
             try:
-                events.append(json.loads(line))
-            except ValueError:
-                log.warning("skipping an unreadable line of %s: %r", self._path, line[:200])
+                event = decode(line)
+            except MalformedEvent:
+                if events:
+                    return events  # hand over what came before; the bad line raises on the next call
+                self._pending.pop(0)
+                raise
+            self._pending.pop(0)
+            events.append(event)
         return events

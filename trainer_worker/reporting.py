@@ -8,7 +8,6 @@ sent at least once a second, so a chatty run costs a few messages a second, not 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -17,6 +16,7 @@ from nats.js import JetStreamContext
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
+from trainer_worker.events import POINT_FIELDS, MetricEvent
 from tuneforge_core import subjects
 from tuneforge_core.errors import error_status
 from tuneforge_core.ids import new_id
@@ -26,7 +26,7 @@ from tuneforge_core.reasons import Reason
 U = events_pb2.WorkerUpdateKind
 
 # Canonical codes of the reasons a training process reports; the reason itself is what clients branch on.
-REASON_CODES: dict[str, grpc.StatusCode] = {
+REASON_CODES: dict[Reason, grpc.StatusCode] = {
     Reason.OUT_OF_MEMORY: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Reason.BAD_TRAINING_DATA: grpc.StatusCode.INVALID_ARGUMENT,
@@ -46,25 +46,6 @@ METRIC_KINDS = {
     "eval": metrics_pb2.METRIC_KIND_EVAL,
     "system": metrics_pb2.METRIC_KIND_SYSTEM,
 }
-# Event fields that are MetricPoint fields; any other number goes to MetricPoint.values.
-POINT_FIELDS = frozenset(
-    {
-        "loss",
-        "learning_rate",
-        "grad_norm",
-        "tokens_per_second",
-        "samples_per_second",
-        "eta_seconds",
-        "eval_loss",
-        "eval_token_accuracy",
-        "gpu_utilization",
-        "gpu_memory_bytes",
-        "gpu_temperature_celsius",
-        "cpu_percent",
-        "memory_bytes",
-    }
-)
-ENVELOPE_FIELDS = frozenset({"type", "kind", "step", "total_steps", "epoch", "time"})
 
 
 def timestamp(unix_seconds: float | None = None) -> Timestamp:
@@ -73,32 +54,28 @@ def timestamp(unix_seconds: float | None = None) -> Timestamp:
     return ts
 
 
-def failure_status(reason: str, message: str) -> status_pb2.Status:
+def failure_status(reason: Reason, message: str) -> status_pb2.Status:
     return error_status(REASON_CODES.get(reason, grpc.StatusCode.INTERNAL), message, reason)
 
 
-def cancelled_status() -> status_pb2.Status:
-    return error_status(grpc.StatusCode.CANCELLED, "The job was cancelled.", Reason.CANCELLED)
-
-
-def metric_point(event: dict[str, Any], job_id: str, attempt: int) -> metrics_pb2.MetricPoint:
-    """A MetricPoint from a ``metric`` line of the events file."""
+def metric_point(event: MetricEvent, job_id: str, attempt: int) -> metrics_pb2.MetricPoint:
+    """A MetricPoint from a ``metric`` event of the events file (null values are left unset)."""
     point = metrics_pb2.MetricPoint(
         job_id=job_id,
-        kind=METRIC_KINDS.get(event.get("kind", ""), metrics_pb2.METRIC_KIND_UNSPECIFIED),
-        step=int(event["step"]),
-        total_steps=int(event.get("total_steps") or 0),
-        epoch=float(event.get("epoch") or 0.0),
-        time=timestamp(event.get("time")),
+        kind=METRIC_KINDS[event.kind],
+        step=event.step,
+        total_steps=event.total_steps,
+        epoch=event.epoch,
+        time=timestamp(event.time or None),
         attempt=attempt,
     )
-    for name, value in event.items():
-        if name in ENVELOPE_FIELDS or isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        if name in POINT_FIELDS:
-            setattr(point, name, float(value))
-        else:
-            point.values[name] = float(value)
+    for name in POINT_FIELDS:
+        value = getattr(event, name)
+        if value is not None:
+            setattr(point, name, value)
+    for name, value in event.values.items():
+        if value is not None:
+            point.values[name] = value
     return point
 
 

@@ -28,6 +28,7 @@ from trainer_worker.checkpointing import CheckpointStore
 from tuneforge_core import nats as kit_nats
 from tuneforge_core import subjects
 from tuneforge_core.ids import new_id
+from tuneforge_core.spec import resolve_spec
 from tuneforge_core.storage import LocalObjectStore
 
 U = events_pb2.WorkerUpdateKind
@@ -95,7 +96,8 @@ class Platform:
             event_id=new_id("evt"),
             job_id=job_id,
             organization="acme",
-            spec=ParseDict(spec, job_pb2.JobSpec()),
+            # As the jobs service queues it: resolved (the worker fills in no default itself).
+            spec=resolve_spec(ParseDict(spec, job_pb2.JobSpec()), require_dataset=False),
             train_uri=self.store.uri(dataset),
             output_prefix=self.store.uri(f"jobs/acme/{job_id}"),
         )
@@ -105,9 +107,10 @@ class Platform:
         changed = events_pb2.JobChanged(event_id=new_id("evt"), job=job_pb2.Job(id=job_id, state=state))
         await kit_nats.publish(self.js, subjects.job_events(job_id), changed, changed.event_id)
 
-    def start_agent(self, name: str) -> subprocess.Popen[bytes]:
+    def start_agent(self, name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
+            **(extra_env or {}),
             "TUNEFORGE_NATS_URL": self.nats_url,
             "TUNEFORGE_STORAGE_URL": self.store.root.as_uri(),
             "TUNEFORGE_DATA_DIR": str(self.tmp_path / name),
@@ -246,6 +249,42 @@ async def test_failures_and_cancellations_end_jobs_and_the_agent_goes_on(platfor
     assert platform.events.kinds("job_next")[:2] == ["PREPARING", "RUNNING"]
     assert not platform.store.list_keys("jobs/acme/job_long/")
     assert await platform.pending_work() == 0
+
+
+# Loaded into the training process through PYTHONPATH: after "running" it writes a line that is no event,
+# as a bug in our own recipe code would.
+BROKEN_SINK = """
+from trainer_worker import events
+
+_state = events.EventSink.state
+
+def state(self, value):
+    _state(self, value)
+    self._file.write(b'{"type": "metric", "kind": "train", "step": "seven"}\\n')
+    self._file.flush()
+
+events.EventSink.state = state
+"""
+
+
+@pytest.mark.slow
+async def test_a_malformed_event_fails_the_job_on_its_first_delivery(platform: Platform) -> None:
+    """Our own bug is not a lost worker: the job fails at once with a reason, it is not retried."""
+    hooks = platform.tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(BROKEN_SINK)
+    path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    platform.start_agent("w1", {"PYTHONPATH": path})
+    await platform.assign("job_garbled", {**FAST_HYPERPARAMETERS, "max_steps": 100_000})
+
+    await platform.events.wait_for("job_garbled", "FAILED", within_s=60)
+    code, reason, message = _failure(platform.events.update("job_garbled", U.WORKER_UPDATE_KIND_FAILED))
+    assert (code, reason) == (13, "TRAINING_FAILED")
+    assert "could not read what the training process reported" in message and "step" in message
+    assert {u.attempt for u in platform.events.updates if u.job_id == "job_garbled"} == {1}
+    assert await platform.pending_work() == 0, "acked: no other delivery"
+    info = await platform.js.consumer_info(subjects.STREAM_WORK, subjects.TRAINERS_CONSUMER)
+    assert info.num_redelivered == 0
 
 
 @pytest.mark.slow
