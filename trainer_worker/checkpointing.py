@@ -69,7 +69,7 @@ def callbacks(cfg: RunConfig, sink: EventSink) -> list[Any]:
             _wait_for_all_ranks()  # every rank has written its shard and RNG state
             if not distributed.world().is_main:
                 return
-            source = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            source = Path(args.output_dir or cfg.output_dir) / f"checkpoint-{state.global_step}"
             if not source.is_dir():
                 return
             staged = staging_dir(cfg.output_dir) / source.name

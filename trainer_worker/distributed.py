@@ -89,12 +89,9 @@ def node_count(spec: job_pb2.JobSpec) -> int:
     return max(1, spec.hardware.node_count)
 
 
-def strategy(spec: job_pb2.JobSpec) -> int:
-    """The effective strategy: job.proto's "UNSPECIFIED means DDP once there are several processes"."""
-    chosen = spec.hardware.strategy
-    if chosen in SINGLE_PROCESS and (process_count(spec) > 1 or node_count(spec) > 1):
-        return D.DISTRIBUTED_STRATEGY_DDP
-    return chosen
+def strategy(spec: job_pb2.JobSpec) -> job_pb2.DistributedStrategy.ValueType:
+    """The spec's strategy, as the jobs service resolved it (never UNSPECIFIED; NONE means one process)."""
+    return spec.hardware.strategy
 
 
 def needs_launcher(spec: job_pb2.JobSpec) -> bool:
@@ -165,7 +162,7 @@ def init_process_group(spec: job_pb2.JobSpec) -> None:
         dist.init_process_group(backend=backend)
 
 
-def deepspeed_checkpoint_types() -> list[type]:
+def deepspeed_checkpoint_types() -> list[Any]:
     """The few DeepSpeed classes its checkpoints pickle besides tensors and containers.
 
     The training process forces ``weights_only`` on every ``torch.load`` (``train.main``); DeepSpeed asks for

@@ -181,7 +181,8 @@ class EventSink:
             self.metric("system", step, total_steps=total_steps, epoch=epoch, **self._sampler())
 
     def log(self, message: str, level: str = "info") -> None:
-        self.emit(LogEvent(level=level if level in LEVELS else "info", message=message))  # type: ignore[arg-type]
+        known: LogLevel = next((name for name in LEVELS if name == level), "info")
+        self.emit(LogEvent(level=known, message=message))
 
     def checkpoint(self, step: int, directory: Path) -> None:
         self.emit(CheckpointEvent(step=step, dir=str(directory)))

@@ -16,6 +16,7 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -163,7 +164,7 @@ def _tokenizer_corpus(seed: int) -> Iterator[str]:
         )
 
 
-def _build_tokenizer(seed: int, vocab_size: int):
+def _build_tokenizer(seed: int, vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -222,9 +222,9 @@ def error_from_status(code: grpc.StatusCode, message: str, status: status_pb2.St
 
 def from_rpc_error(err: grpc.RpcError) -> TuneForgeError:
     """The typed error of a failed call, with the server's code kept (what the Python client raises)."""
-    code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
-    message: str = err.details() or code.name  # type: ignore[attr-defined]
-    return error_from_status(code, message, rpc_status.from_call(err))  # type: ignore[arg-type]
+    code: grpc.StatusCode = err.code()
+    message: str = err.details() or code.name
+    return error_from_status(code, message, rpc_status.from_call(err))
 
 
 # Codes about the caller's request or identity: passed on as they are, not blamed on the dependency.

@@ -68,6 +68,7 @@ def stream_configs(max_deliver_age_s: float = 7 * 24 * 3600) -> list[StreamConfi
 async def ensure_streams(js: JetStreamContext) -> None:
     """Creates the streams, or updates them to this config; safe to call from every process at start."""
     for config in stream_configs():
+        assert config.name is not None
         try:
             await js.stream_info(config.name)
         except NotFoundError:

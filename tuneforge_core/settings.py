@@ -42,6 +42,10 @@ class KitSettings(BaseSettings):
     work_ack_wait_s: float = 60.0
     # Deliveries of a job before it is failed as WORKER_LOST.
     work_max_deliver: int = 5
+    # Secret that signs page tokens (services.kit.paging); several comma-separated keys rotate: the first
+    # signs, any verifies. Empty: a key generated once in data_dir/page_token.key (mode 0600). Processes
+    # serving the same API behind one address need the same key.
+    page_token_key: str = Field(default="", repr=False)
 
     def sqlite_url(self, service: str) -> str:
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"

@@ -80,7 +80,7 @@ def resolve_spec(
         out.method in SUPPORTED_METHODS,
         "spec.method",
         f"{_name(job_pb2.TrainingMethod, out.method)} is not a training method this deployment "
-        f"runs (supported: {', '.join(sorted(job_pb2.TrainingMethod.Name(m) for m in SUPPORTED_METHODS))})",
+        f"runs (supported: {', '.join(sorted(_name(job_pb2.TrainingMethod, m) for m in SUPPORTED_METHODS))})",
     )
     v.check(
         out.adapter in SUPPORTED_ADAPTERS,
@@ -369,9 +369,7 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
         "save_total_limit": 2,
         "assistant_only_loss": True,
     }
-    for name, value in defaults.items():
-        if not hp.HasField(name):
-            setattr(hp, name, value)
+    _defaults(hp, **defaults)
     if hp.HasField("warmup_steps") and hp.HasField("warmup_ratio"):
         v.add(f + "warmup_ratio", "set warmup_steps or warmup_ratio, not both")
     if not hp.HasField("warmup_steps") and not hp.HasField("warmup_ratio"):
@@ -442,6 +440,13 @@ def _resolve_hardware(v: Violations, out: job_pb2.JobSpec) -> None:
         )
     if not v.check(hw.strategy in SUPPORTED_STRATEGIES, "spec.hardware.strategy", "is not a known value"):
         return
+    processes = hw.gpu_count * hw.node_count
+    v.check(
+        hw.strategy != job_pb2.DISTRIBUTED_STRATEGY_NONE or processes == 1,
+        "spec.hardware.strategy",
+        f"DISTRIBUTED_STRATEGY_NONE trains in one process, but the job asks for {processes} GPUs; use "
+        "DISTRIBUTED_STRATEGY_DDP (or leave it unset)",
+    )
     if out.adapter == job_pb2.ADAPTER_TYPE_QLORA and hw.strategy in SHARDING_STRATEGIES:
         v.add(
             "spec.hardware.strategy",

@@ -15,6 +15,8 @@ FAILED and CANCELLED are final: nothing moves a job out of them.
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import grpc
 from google.rpc import status_pb2
 from tuneforge.v1 import job_pb2
@@ -23,7 +25,7 @@ from tuneforge_core.errors import error_status
 from tuneforge_core.reasons import Reason
 
 S = job_pb2.JobState
-State = job_pb2.JobState.ValueType
+State: TypeAlias = job_pb2.JobState.ValueType
 
 FINAL: frozenset[State] = frozenset({S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED})
 # Jobs that have not ended: they still hold their dataset, a queue slot or a worker.

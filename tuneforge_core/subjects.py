@@ -32,6 +32,9 @@ METRICS_INGEST_CONSUMER = "metrics-service-ingest"
 LOGS_INGEST_CONSUMER = "metrics-service-logs"
 METRICS_JOB_EVENTS_CONSUMER = "metrics-service-job-events"
 ESTIMATION_JOB_EVENTS_CONSUMER = "estimation-service-job-events"
+DATASETS_JOB_EVENTS_CONSUMER = "datasets-service-job-events"
+# The estimation service's copy of each job (what EstimateCost(job_id) reads), from the same events.
+ESTIMATION_JOBS_CONSUMER = "estimation-service-jobs"
 
 
 def worker_status(job_id: str) -> str:

@@ -78,7 +78,7 @@ def _eta(seconds: float | None) -> str:
 
 def watch(client: TuneForgeClient, job: job_pb2.Job, console: Console) -> job_pb2.Job:
     """Shows the job's progress until it ends: a live bar on a terminal, one line per point otherwise."""
-    fields = {"state": job_state(job), "loss": "-", "lr": "-", "tps": "-", "eta": "-"}
+    fields: dict[str, Any] = {"state": job_state(job), "loss": "-", "lr": "-", "tps": "-", "eta": "-"}
     live = console.is_terminal
     progress = Progress(
         TextColumn("[bold]{task.fields[state]:<10}"), BarColumn(), MofNCompleteColumn(),
@@ -97,7 +97,7 @@ def watch(client: TuneForgeClient, job: job_pb2.Job, console: Console) -> job_pb
         if point.kind != metrics_pb2.METRIC_KIND_TRAIN:
             return
         get = point.HasField
-        values = {
+        values: dict[str, Any] = {
             "loss": _fmt(point.loss if get("loss") else None, ".4f"),
             "lr": _fmt(point.learning_rate if get("learning_rate") else None, ".2e"),
             "tps": _fmt(point.tokens_per_second if get("tokens_per_second") else None, ",.0f"),

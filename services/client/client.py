@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -135,7 +135,8 @@ class TuneForgeClient:
         return _call(lambda: self.jobs.GetJob(request, timeout=self.timeout_s)).job
 
     def list_jobs(self, page_size: int = 50, page_token: str = "",
-                  states: list[int] | None = None) -> job_service_pb2.ListJobsResponse:
+                  states: Sequence[job_pb2.JobState.ValueType] | None = None
+                  ) -> job_service_pb2.ListJobsResponse:
         request = job_service_pb2.ListJobsRequest(organization=self.organization, page_size=page_size,
                                                   page_token=page_token, states=states or [])
         return _call(lambda: self.jobs.ListJobs(request, timeout=self.timeout_s))
@@ -152,7 +153,8 @@ class TuneForgeClient:
     # -- metrics and estimates -------------------------------------------------------------------
 
     def stream_metrics(self, job_id: str, *, follow: bool = True,
-                       kinds: list[int] | None = None) -> Iterator[metrics_pb2.MetricPoint]:
+                       kinds: Sequence[metrics_pb2.MetricKind.ValueType] | None = None,
+                       ) -> Iterator[metrics_pb2.MetricPoint]:
         request = metrics_service_pb2.StreamMetricsRequest(organization=self.organization, job_id=job_id,
                                                            follow=follow, kinds=kinds or [])
         for response in _stream(self.metrics.StreamMetrics(request)):

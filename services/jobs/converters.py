@@ -12,7 +12,8 @@ from services.kit.protos import to_timestamp
 def job_to_proto(row: JobRow) -> job_pb2.Job:
     job = job_pb2.Job(
         id=row.id, organization=row.organization, name=row.name, description=row.description,
-        state=row.state, attempt=row.attempt, worker_id=row.worker_id, revision=row.revision,
+        state=job_pb2.JobState.ValueType(row.state), attempt=row.attempt, worker_id=row.worker_id,
+        revision=row.revision,
         labels=row.labels or {},
     )
     job.spec.ParseFromString(row.spec)
@@ -24,7 +25,6 @@ def job_to_proto(row: JobRow) -> job_pb2.Job:
         job.output.ParseFromString(row.output)
     for field, value in (("create_time", row.create_time), ("start_time", row.start_time),
                          ("end_time", row.end_time), ("update_time", row.update_time)):
-        ts = to_timestamp(value)
-        if ts is not None:
-            getattr(job, field).CopyFrom(ts)
+        if value is not None:
+            getattr(job, field).CopyFrom(to_timestamp(value))
     return job

@@ -52,7 +52,7 @@ def downgrade() -> None:
 def main(argv: list[str]) -> None:
     service, message = argv[0], argv[1]
     package = importlib.import_module(f"services.{service}")
-    migrations = Path(package.__file__).parent / "migrations"
+    migrations = Path(package.__file__ or "").parent / "migrations"
     (migrations / "versions").mkdir(parents=True, exist_ok=True)
     if not (migrations / "env.py").exists():
         (migrations / "env.py").write_text(ENV_PY.format(service=service))

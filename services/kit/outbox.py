@@ -45,14 +45,18 @@ class InboxMixin:
 
 def add_event(session: Session, model: type[OutboxMixin], subject: str, message: Message,
               event_id: str) -> None:
-    session.add(model(event_id=event_id, subject=subject, payload=message.SerializeToString()))
+    row = model()
+    row.event_id, row.subject, row.payload = event_id, subject, message.SerializeToString()
+    session.add(row)
 
 
 def first_time(session: Session, model: type[InboxMixin], event_id: str) -> bool:
     """Records `event_id` as processed in this transaction; False if it was processed before."""
     if session.get(model, event_id) is not None:
         return False
-    session.add(model(event_id=event_id))
+    row = model()
+    row.event_id = event_id
+    session.add(row)
     return True
 
 

@@ -7,9 +7,7 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 
-def to_timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
+def to_timestamp(value: datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(value if value.tzinfo else value.replace(tzinfo=UTC))
     return ts

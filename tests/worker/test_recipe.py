@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.worker.helpers import FAST_HYPERPARAMETERS, make_run_config, read_events, start_recipe
+from tests.worker.helpers import FAST_HYPERPARAMETERS, make_run_config, read_events, resolved, start_recipe
 from trainer_worker.events import EventSink
 from trainer_worker.recipes.sft import SFTRecipe
 from trainer_worker.stop import EXIT_CANCELLED, StopSignal
@@ -105,13 +105,30 @@ def test_sigterm_before_training_interrupts_setup(tmp_path: Path, tiny_model: Pa
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"method": "TRAINING_METHOD_DISTILLATION"}, "Distillation needs distillation.teacher_model."),
+        # Specs that never came through CreateJob's resolution: refused, by field, before anything loads.
         (
-            {"method": "TRAINING_METHOD_DPO", "adapter": "ADAPTER_TYPE_PROMPT_TUNING"},
-            "Prompt tuning is not supported with DPO.",
+            {"base_model": "/no-model", "method": "TRAINING_METHOD_DISTILLATION"},
+            "The job spec cannot be trained: job spec is invalid: spec.distillation.teacher_model: is "
+            "required",
         ),
         (
-            {"method": "TRAINING_METHOD_GRPO", "grpo": {"reward_functions": ["REWARD_FUNCTION_USER_CODE"]}},
+            {"base_model": "/no-model", "method": "TRAINING_METHOD_DPO",
+             "adapter": "ADAPTER_TYPE_PROMPT_TUNING"},
+            "The job spec cannot be trained: job spec is invalid: spec.adapter: prompt tuning works with",
+        ),
+        # A resolved spec this worker will not run.
+        (
+            resolved(
+                {
+                    "method": "TRAINING_METHOD_GRPO",
+                    "grpo": {
+                        "reward_functions": ["REWARD_FUNCTION_USER_CODE"],
+                        "reward_code": "def reward(prompts, completions, **columns):\n    return [0.0]\n",
+                    },
+                    "hyperparameters": {"batch_size": 4},
+                },
+                "/no-model",
+            ),
             "This worker does not run user reward code; set TUNEFORGE_WORKER_ALLOW_USER_REWARD_CODE=true "
             "to allow it.",
         ),
@@ -121,14 +138,14 @@ def test_unsupported_spec_fails_before_loading_anything(
     tmp_path: Path, chat_data: Path, spec: dict, message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("TUNEFORGE_WORKER_ALLOW_USER_REWARD_CODE", raising=False)
-    cfg = make_run_config(tmp_path, tmp_path / "no-model", chat_data, spec)
+    cfg = make_run_config(tmp_path, tmp_path / "no-model", chat_data).model_copy(update={"spec": spec})
     started = time.monotonic()
     assert start_recipe(cfg, tmp_path).wait(timeout=60) == EXIT_FAILED
     assert time.monotonic() - started < 15
 
     (error,) = _errors(cfg.events_file)
     assert error["reason"] == "TRAINING_FAILED"
-    assert error["message"] == message
+    assert error["message"].startswith(message), error["message"]
 
 
 def _run_in_process(cfg) -> int:

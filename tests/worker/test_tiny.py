@@ -83,8 +83,8 @@ def test_cli_writes_a_dataset(tmp_path: Path) -> None:
 
 
 def test_every_family_of_synthetic_rows_has_its_normalized_shape(tmp_path: Path) -> None:
-    from trainer_worker.recipes.data import family_of
     from trainer_worker.tiny import synthetic_rows, write_synthetic_dataset
+    from tuneforge_core.compat import family_of_row as family_of
 
     expected = {"chat": "chat", "preference": "preference", "kto": "KTO", "prompt-only": "prompt-only"}
     for family, detected in expected.items():

@@ -37,9 +37,10 @@ from trainer_worker import checkpointing, distributed
 from trainer_worker.errors import Cancelled, TrainingError
 from trainer_worker.events import EventSink
 from trainer_worker.recipes.callbacks import DivergenceWatchdog, MetricsCallback, StopCallback
-from trainer_worker.recipes.data import CHAT, read_rows
+from trainer_worker.recipes.data import read_rows
 from trainer_worker.run_config import RunConfig
 from trainer_worker.stop import StopSignal
+from tuneforge_core.compat import METHOD_FAMILIES, Family
 from tuneforge_core.reasons import Reason
 
 SCHEDULERS = {
@@ -63,14 +64,13 @@ DTYPES = {job_pb2.PRECISION_BF16: torch.bfloat16, job_pb2.PRECISION_FP16: torch.
 
 
 class BaseRecipe(ABC):
-    """One run of one job attempt; subclasses set ``method`` and ``families`` and build the trainer."""
+    """One run of one job attempt; subclasses set ``method`` and build the trainer."""
 
     #: The method's name in messages ("SFT", "DPO", ...).
     method: ClassVar[str]
-    #: The data families (trainer_worker.recipes.data) the method trains on.
-    families: ClassVar[tuple[str, ...]]
     #: The TRL trainer the method runs; build_trainer gives it what every method shares.
-    trainer_class: ClassVar[type[Trainer]]
+    # Any TRL trainer class; typed loosely since each takes its own config and extras (peft_config, ...).
+    trainer_class: ClassVar[type[Any]]
 
     def __init__(self, cfg: RunConfig, spec: job_pb2.JobSpec, sink: EventSink, stop: StopSignal) -> None:
         self.cfg, self.spec, self.sink, self.stop = cfg, spec, sink, stop
@@ -167,11 +167,12 @@ class BaseRecipe(ABC):
         return tokenizer
 
     def load_data(self) -> tuple[Dataset, Dataset | None]:
-        rows, self.family = read_rows(self.cfg.train_file, self.families, self.method)
-        self.conversational = self.family == CHAT or isinstance(rows[0].get("prompt"), list)
+        families = METHOD_FAMILIES[self.spec.method]
+        rows, self.family = read_rows(self.cfg.train_file, families, self.method)
+        self.conversational = self.family == Family.CHAT or isinstance(rows[0].get("prompt"), list)
         validation = None
         if self.cfg.validation_file:
-            validation_rows, family = read_rows(self.cfg.validation_file, self.families, self.method)
+            validation_rows, family = read_rows(self.cfg.validation_file, families, self.method)
             if family != self.family:
                 raise TrainingError(
                     Reason.BAD_TRAINING_DATA,
@@ -239,7 +240,7 @@ class BaseRecipe(ABC):
         if precision == job_pb2.PRECISION_FP16 and not self.cuda:
             self.sink.log("fp16 needs a GPU; training in fp32 on this CPU worker.", "warning")
             precision = job_pb2.PRECISION_FP32
-        return DTYPES.get(precision, torch.float32)
+        return DTYPES.get(job_pb2.Precision.ValueType(precision), torch.float32)
 
     def peft_config(self) -> PeftConfig | None:
         """LoRA (also on a quantized base for QLoRA), a soft prompt, or None for full fine-tuning."""
@@ -356,7 +357,7 @@ class BaseRecipe(ABC):
         assert self.trainer is not None
         model = self.trainer.model
         adapter_dir = self.cfg.output_dir / ("model" if self.full else "adapter")
-        if self.full:
+        if self.full and isinstance(model, PreTrainedModel):
             self._stop_at_end_of_turn(model)
         self.trainer.save_model(str(adapter_dir))  # gathers ZeRO-3/FSDP shards; writes on rank 0 only
         if not distributed.world().is_main:

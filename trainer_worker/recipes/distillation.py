@@ -30,7 +30,7 @@ class DistillationTrainer(SFTTrainer):
 
     def __init__(self, *args: Any, teacher: PreTrainedModel, temperature: float, alpha: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)  # type: ignore[arg-type]
         self.temperature, self.alpha = temperature, alpha
 
     def compute_loss(
@@ -73,7 +73,7 @@ class DistillationTrainer(SFTTrainer):
 
 class DistillationRecipe(SFTRecipe):
     method = "distillation"
-    trainer_class = DistillationTrainer
+    trainer_class = DistillationTrainer  # type: ignore[assignment]
 
     def trainer_extras(self, train: Dataset) -> dict[str, Any]:
         distillation = self.spec.distillation

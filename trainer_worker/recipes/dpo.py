@@ -13,13 +13,11 @@ from typing import Any
 from trl import DPOConfig, DPOTrainer
 
 from trainer_worker.recipes.base import BaseRecipe
-from trainer_worker.recipes.data import PREFERENCE
 
 
 class DPORecipe(BaseRecipe):
     method = "DPO"
     trainer_class = DPOTrainer
-    families = (PREFERENCE,)
 
     def trainer_config(self, args: dict[str, Any]) -> DPOConfig:
         dpo = self.spec.dpo

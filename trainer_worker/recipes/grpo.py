@@ -15,13 +15,11 @@ from trl import GRPOConfig, GRPOTrainer
 
 from trainer_worker.recipes import rewards
 from trainer_worker.recipes.base import BaseRecipe
-from trainer_worker.recipes.data import PROMPT_ONLY
 
 
 class GRPORecipe(BaseRecipe):
     method = "GRPO"
     trainer_class = GRPOTrainer
-    families = (PROMPT_ONLY,)
 
     def trainer_config(self, args: dict[str, Any]) -> GRPOConfig:
         grpo = self.spec.grpo

@@ -15,17 +15,16 @@ from trl import KTOConfig, KTOTrainer
 from trl.data_utils import unpair_preference_dataset
 
 from trainer_worker.recipes.base import BaseRecipe
-from trainer_worker.recipes.data import KTO, PREFERENCE
+from tuneforge_core.compat import Family
 
 
 class KTORecipe(BaseRecipe):
     method = "KTO"
     trainer_class = KTOTrainer
-    families = (KTO, PREFERENCE)
 
     def prepare(self, rows: list[dict[str, Any]]) -> Dataset:
         data = Dataset.from_list(rows)
-        data = unpair_preference_dataset(data) if self.family == PREFERENCE else data
+        data = unpair_preference_dataset(data) if self.family == Family.PREFERENCE else data
         return data.shuffle(seed=self.hp.seed)
 
     def trainer_config(self, args: dict[str, Any]) -> KTOConfig:

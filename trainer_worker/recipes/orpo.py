@@ -10,7 +10,6 @@ import warnings
 from typing import Any
 
 from trainer_worker.recipes.base import BaseRecipe
-from trainer_worker.recipes.data import PREFERENCE
 
 with warnings.catch_warnings():  # TRL warns on every import of its experimental package
     warnings.simplefilter("ignore")
@@ -20,7 +19,6 @@ with warnings.catch_warnings():  # TRL warns on every import of its experimental
 class ORPORecipe(BaseRecipe):
     method = "ORPO"
     trainer_class = ORPOTrainer
-    families = (PREFERENCE,)
 
     def trainer_config(self, args: dict[str, Any]) -> ORPOConfig:
         return ORPOConfig(**args, beta=self.spec.orpo.beta, max_length=self.hp.max_seq_length)

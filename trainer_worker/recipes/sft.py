@@ -16,7 +16,6 @@ from tuneforge.v1 import job_pb2
 
 from trainer_worker.errors import TrainingError
 from trainer_worker.recipes.base import BaseRecipe
-from trainer_worker.recipes.data import CHAT, PROMPT_COMPLETION, TEXT
 from tuneforge_core.reasons import Reason
 
 
@@ -25,7 +24,6 @@ class SFTRecipe(BaseRecipe):
 
     method = "SFT"
     trainer_class = SFTTrainer
-    families = (CHAT, PROMPT_COMPLETION, TEXT)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -71,7 +69,7 @@ class SFTRecipe(BaseRecipe):
         template = get_training_chat_template(self.tokenizer)  # None: the model's own template has markers
 
         def tokenize(row: dict[str, Any]) -> dict[str, list[int]]:
-            out = self.tokenizer.apply_chat_template(
+            out: Any = self.tokenizer.apply_chat_template(
                 row["messages"],
                 chat_template=template,
                 tokenize=True,
