@@ -15,12 +15,13 @@ from typing import Annotated
 import typer
 from google.protobuf import json_format
 from rich.console import Console
+from rich.markup import escape
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2, job_pb2
 
 from services.cli.render import as_json as to_json
 from services.cli.render import dataset_table, job_table, outcome, plan_table, watch
 from services.client import TuneForgeClient, TuneForgeError
-from services.platform.supervisor import Platform, PlatformConfig
+from services.platform.supervisor import Platform, PlatformConfig, PlatformStartError
 
 app = typer.Typer(help="TuneForge: fine-tune LLMs with validated data, estimates and live metrics.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -60,15 +61,21 @@ def api(address: str, org: str) -> Iterator[TuneForgeClient]:
 @app.command()
 def up(
     data_dir: Annotated[Path, typer.Option(envvar="TUNEFORGE_DATA_DIR")] = Path(".tuneforge"),
-    port: Annotated[int, typer.Option(help="gRPC port (0: a free port).")] = 50051,
+    host: Annotated[str, typer.Option(envvar="TUNEFORGE_GRPC_HOST", help="gRPC listen host.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="TUNEFORGE_GRPC_PORT",
+                                      help="gRPC port (0: a free port).")] = 50051,
     workers: Annotated[int, typer.Option(help="CPU/GPU trainer workers to start.")] = 1,
     nats_url: Annotated[str, typer.Option(envvar="TUNEFORGE_NATS_URL",
                                           help="Use this NATS instead of an embedded one.")] = "",
 ) -> None:
     """Start the platform and keep it running until Ctrl-C."""
-    platform = Platform(PlatformConfig(data_dir=data_dir, grpc_port=port, workers=workers,
+    platform = Platform(PlatformConfig(data_dir=data_dir, grpc_host=host, grpc_port=port, workers=workers,
                                        nats_url=nats_url))
-    platform.start()
+    try:
+        platform.start()
+    except PlatformStartError as exc:
+        err_console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     console.print(f"TuneForge is up on [bold]{platform.address}[/bold] (NATS {platform.nats_url}, "
                   f"data in {platform.data_dir}, logs in {platform.logs_dir}). Ctrl-C stops it.")
     stopping = False
@@ -100,7 +107,12 @@ def demo(
     """Run the main job end to end on embedded defaults: platform up, upload, LoRA SFT, watch, stop."""
     from services.cli.demo import run_demo
 
-    raise typer.Exit(run_demo(data_dir, examples=examples, epochs=epochs, console=console))
+    try:
+        code = run_demo(data_dir, examples=examples, epochs=epochs, console=console)
+    except PlatformStartError as exc:
+        err_console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
 
 
 # -- datasets ------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from rich.table import Table
 from tuneforge.v1 import dataset_pb2, estimation_pb2, estimation_service_pb2, job_pb2, metrics_pb2
 
 from services.client import TuneForgeClient, TuneForgeError
+from tuneforge_core import states
 
 JS = job_pb2.JobState
-FINAL = {JS.JOB_STATE_SUCCEEDED, JS.JOB_STATE_FAILED, JS.JOB_STATE_CANCELLED}
 
 
 def enum_name(enum: Any, value: int, prefix: str) -> str:
@@ -136,7 +136,7 @@ def watch(client: TuneForgeClient, job: job_pb2.Job, console: Console) -> job_pb
                     progress.update(task, state=state, total=total, completed=total)
                 else:
                     progress.update(task, state=state, total=total)
-            if update.state in FINAL:
+            if states.is_final(update.state):
                 break
     return final
 

@@ -10,11 +10,11 @@ encrypts, any of them decrypts.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from services.kit.keyfiles import load_or_create_key
 
 KEY_FILE = "credentials.key"
 
@@ -24,27 +24,8 @@ class CredentialsKeyError(RuntimeError):
 
 
 def _load_or_create_key(data_dir: Path) -> str:
-    """The key in data_dir/credentials.key, created with mode 0600 if absent.
-
-    O_EXCL makes creation race-free when several service processes share the data dir: exactly one
-    writes the file, the others read it.
-    """
-    path = data_dir / KEY_FILE
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        key = Fernet.generate_key()
-        tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, key)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # atomic, and fails if another process got there first
-        finally:
-            tmp.unlink(missing_ok=True)
-    return path.read_text().strip()
+    """The key in data_dir/credentials.key, created with mode 0600 if absent (see services.kit.keyfiles)."""
+    return load_or_create_key(data_dir / KEY_FILE, Fernet.generate_key)
 
 
 class CredentialCipher:

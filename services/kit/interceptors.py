@@ -1,4 +1,5 @@
-"""The one place where exceptions become gRPC statuses, for every RPC shape.
+"""The kit's server interceptors: exceptions become gRPC statuses in one place, for every RPC shape, and a
+request that does not even parse is answered as the caller's error.
 
 Domain code raises `tuneforge_core.errors` exceptions (it knows nothing of gRPC); this interceptor turns
 them, and anything unexpected, into a google.rpc.Status (see `status_from_exception`).
@@ -6,14 +7,16 @@ them, and anything unexpected, into a google.rpc.Status (see `status_from_except
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
-from tuneforge_core.errors import status_from_exception
+from tuneforge_core.errors import InvalidArgument, status_from_exception
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -36,7 +39,7 @@ def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in behavior(request, context):
+            async for item in _responses(behavior(request, context)):
                 yield item
         except grpc.aio.AbortError:
             raise
@@ -68,4 +71,89 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             return grpc.stream_stream_rpc_method_handler(
                 _wrap_stream(handler.stream_stream), handler.request_deserializer,
                 handler.response_serializer)
+        return handler
+
+
+class _Undecodable:
+    """What the guarded deserializer hands on instead of raising (grpcio would answer UNKNOWN)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+async def _responses(result: Any) -> AsyncIterator[Any]:
+    """A streaming handler's responses, whether it yields them or writes them with `context.write` (as
+    grpcio's own health servicer does) and returns a coroutine."""
+    if inspect.isawaitable(result):
+        await result
+        return
+    async for item in result:
+        yield item
+
+
+class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
+    """A request that does not parse (bad UTF-8 in a string field, truncated bytes) is the caller's error.
+
+    grpcio runs the request deserializer outside any handler and answers UNKNOWN with the parser's
+    exception text. Here the deserializer never raises: it passes a marker on, and the handler raises
+    InvalidArgument for it, which `ErrorMappingInterceptor` (outside this one) maps like any other error.
+    """
+
+    async def intercept_service(self, continuation: Callable[..., Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        method = handler_call_details.method
+
+        def guarded(raw: bytes) -> Any:
+            try:
+                return deserialize(raw)
+            except Exception as exc:
+                return _Undecodable(exc)
+
+        def check(request: Any) -> Any:
+            if isinstance(request, _Undecodable):
+                detail = f" ({request.error})" if isinstance(request.error, DecodeError) else ""
+                raise InvalidArgument(f"the request to {method} is not a valid protobuf message{detail}")
+            return request
+
+        async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
+                yield check(request)
+
+        if handler.unary_unary:
+            behavior = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await behavior(check(request), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, guarded, handler.response_serializer)
+        if handler.unary_stream:
+            stream = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for item in _responses(stream(check(request), context)):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, guarded, handler.response_serializer)
+        if handler.stream_unary:
+            collect = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                return await collect(checked(requests), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, guarded, handler.response_serializer)
+        if handler.stream_stream:
+            both = handler.stream_stream
+
+            async def stream_stream(requests: AsyncIterator[Any],
+                                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async for item in _responses(both(checked(requests), context)):
+                    yield item
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, guarded, handler.response_serializer)
         return handler

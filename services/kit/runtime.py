@@ -2,26 +2,40 @@
 
 A service is a `Component`: servicers to register plus background tasks (consumers, relays). One process
 can host one component (`python -m services.jobs`) or all four (`tuneforge up`); the code is the same.
+
+Every server the kit builds listens with SO_REUSEPORT off (grpcio turns it on by default, which lets a
+second server start on a port already in use and take half the connections): a taken address is
+`AddressInUse`, and the entry points exit with `EXIT_ADDRESS_IN_USE` and one clear line. The server
+answers gRPC reflection in both versions, `grpc.reflection.v1` and the older `v1alpha`, and its pool
+holds errors.proto, so `tuneforge.v1.ErrorReason` can be looked up like the services. A request that
+does not even parse is INVALID_ARGUMENT (`UndecodableRequestInterceptor`), not grpcio's UNKNOWN. The
+process-wide page token key (`services.kit.paging`) is set from the settings before anything is served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from tuneforge.v1 import errors_pb2
 
-from services.kit.interceptors import ErrorMappingInterceptor
+from services.kit import paging
+from services.kit.interceptors import ErrorMappingInterceptor, UndecodableRequestInterceptor
 from tuneforge_core.nats import connect, ensure_streams
 from tuneforge_core.settings import KitSettings
 from tuneforge_core.storage import ObjectStore, store_from_settings
@@ -34,6 +48,27 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
 ]
+# A server owns its port: with SO_REUSEPORT on (grpcio's default) a second server binds the same
+# address and the kernel splits connections between the two.
+SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+# The exit status of a service process whose address is taken (EADDRINUSE on Linux).
+EXIT_ADDRESS_IN_USE = 98
+
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+_REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
+# Files reflection describes although no service method uses them: clients look up ErrorReason to read
+# ErrorInfo.reason. Importing the generated module puts the file into the default pool.
+REFLECTED_FILES = (errors_pb2.DESCRIPTOR,)
+
+
+class ListenError(RuntimeError):
+    """The server could not listen on its address; the message says which and why."""
+
+
+class AddressInUse(ListenError):
+    def __init__(self, address: str) -> None:
+        super().__init__(f"address {address} is already in use")
+        self.address = address
 
 
 @dataclass
@@ -116,6 +151,86 @@ async def open_runtime(settings: KitSettings, name: str) -> Runtime:
     return Runtime(settings=settings, nc=nc, js=js, store=store_from_settings(settings))
 
 
+def check_address(host: str, port: int) -> None:
+    """Raises AddressInUse if `host:port` is taken; any other bind problem is left to the server to report.
+
+    A plain bind and close, as the gRPC server binds (SO_REUSEADDR on, SO_REUSEPORT off). The server and
+    the supervisor ask before they bind, for one clear line instead of grpcio's generic RuntimeError and
+    log; the server asks again after a failed bind, for the race between the two.
+    """
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError:
+        return
+    for family, kind, proto, _name, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"{host}:{port}") from None
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Binds `host:port` (port 0: a free one) and returns the port, or raises a ListenError that says why."""
+    if port:
+        check_address(host, port)
+    try:
+        return server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        if port:
+            check_address(host, port)
+        raise ListenError(f"cannot listen on {host}:{port} (grpcio logged why)") from None
+
+
+def _reflection_v1_file(pool: descriptor_pool.DescriptorPool) -> None:
+    """Adds grpc/reflection/v1/reflection.proto to `pool`, made from the v1alpha file grpcio ships.
+
+    grpcio-reflection implements v1alpha only (grpc/grpc#38576); v1 is the same protocol, message for
+    message and field number for field number, under another package. So one servicer answers both, and
+    this descriptor lets reflection describe the v1 service too.
+    """
+    try:
+        pool.FindFileByName(_REFLECTION_V1_FILE)
+        return
+    except KeyError:
+        pass
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name, proto.package = _REFLECTION_V1_FILE, "grpc.reflection.v1"
+    proto.options.java_package = "io.grpc.reflection.v1"
+    proto.options.go_package = "google.golang.org/grpc/reflection/grpc_reflection_v1"
+    proto.options.ClearField("deprecated")
+    for message in proto.message_type:
+        for f in message.field:
+            if f.HasField("type_name"):
+                f.type_name = f.type_name.replace(old, new)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.AddSerializedFile(proto.SerializeToString())
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
+    """Serves reflection as grpc.reflection.v1 and v1alpha, listing `service_names` and both versions."""
+    pool = descriptor_pool.Default()
+    _reflection_v1_file(pool)
+    for file in REFLECTED_FILES:
+        pool.FindFileByName(file.name)  # a KeyError here: the generated module is not in this pool
+    servicer = reflection.aio.ReflectionServicer(
+        [*service_names, reflection.SERVICE_NAME, REFLECTION_V1_SERVICE], pool=pool)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString),
+    }),))
+
+
 async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *, name: str,
                 on_ready: Callable[[str], None] | None = None,
                 stop: asyncio.Event | None = None) -> None:
@@ -125,10 +240,14 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
     `shutdown_grace_s` to finish, then background tasks stop and NATS drains.
     """
     stop = stop or asyncio.Event()
+    paging.configure_from_settings(settings)
+    # Outermost first: errors raised by the guard are mapped like every other error.
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(), UndecodableRequestInterceptor()],
+                             options=SERVER_OPTIONS)
+    # Bind first: a taken address fails before anything starts, and components may open channels to
+    # this process' own address while they are built.
+    port = _bind(server, settings.grpc_host, settings.grpc_port)
     runtime = await open_runtime(settings, name)
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=GRPC_OPTIONS)
-    # Bind first: components may open channels to this process' own address while they are built.
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
     runtime.address = f"{settings.grpc_host}:{port}"
     components = [factory(runtime) for factory in factories]
     health_servicer = health.aio.HealthServicer()
@@ -138,7 +257,7 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
         for reg in component.registrations():
             reg.add_to_server(reg.servicer, server)
             names.append(reg.name)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection(server, [*names, health.SERVICE_NAME])
     await server.start()
     for component in components:
         await component.start()
@@ -169,8 +288,18 @@ def configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def run_until_stopped(coro: Coroutine[Any, Any, None]) -> None:
+    """Runs a serving coroutine; an address it cannot listen on is one line on stderr and a non-zero exit
+    (`EXIT_ADDRESS_IN_USE` when the address is taken), not a traceback."""
+    try:
+        asyncio.run(coro)
+    except ListenError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_ADDRESS_IN_USE if isinstance(exc, AddressInUse) else 1) from None
+
+
 def main(factories: Sequence[ComponentFactory], name: str) -> None:
     """Entry point of `python -m services.<name>`."""
     settings = KitSettings()
     configure_logging(settings.log_level)
-    asyncio.run(serve(factories, settings, name=name))
+    run_until_stopped(serve(factories, settings, name=name))

@@ -9,9 +9,9 @@ from tuneforge.v1 import metrics_service_pb2_grpc
 
 from services.kit.consumer import consume
 from services.kit.db import Database
-from services.kit.jobs_client import JobsClient
 from services.kit.runtime import Component, Registration, Runtime
 from services.metrics.ingest import IngestHandlers
+from services.metrics.jobs_client import JobsClient
 from services.metrics.live import NatsLiveFeed
 from services.metrics.manager import MetricsManager
 from services.metrics.servicer import MetricsServicer

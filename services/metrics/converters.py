@@ -25,8 +25,9 @@ def point_to_values(point: metrics_pb2.MetricPoint) -> dict[str, Any]:
         "time": from_timestamp(point.time) if point.HasField("time") else None,
         "values": dict(point.values),
     }
+    present = {field.name for field, _ in point.ListFields()}
     for name in OPTIONAL_VALUES:
-        values[name] = getattr(point, name) if point.HasField(name) else None
+        values[name] = getattr(point, name) if name in present else None
     return values
 
 

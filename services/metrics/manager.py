@@ -25,15 +25,13 @@ from services.kit.validation import check_organization
 from services.metrics.live import LiveMessage
 from services.metrics.repository import MetricsRepository
 from services.metrics.settings import MetricsSettings
-from tuneforge_core import subjects
-from tuneforge_core.errors import FieldViolation, InvalidArgument, Unavailable, Violations
-from tuneforge_core.reasons import Reason
+from tuneforge_core import states, subjects
+from tuneforge_core.errors import InvalidArgument, Unavailable, Violations
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-FINAL_STATES = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
 METRIC_KINDS = frozenset(v for v in metrics_pb2.MetricKind.values() if v)
 LOG_LEVELS = frozenset(metrics_pb2.LogLevel.values())
 LOG_SOURCES = frozenset(v for v in metrics_pb2.LogSource.values() if v)
@@ -67,7 +65,7 @@ class _Feed(Generic[T]):
 
 
 def _is_final(state: int) -> bool:
-    return state in FINAL_STATES
+    return states.is_final(state)
 
 
 class MetricsManager:
@@ -129,7 +127,7 @@ class MetricsManager:
         limit = page_size(size, default=LIST_DEFAULT_PAGE, maximum=LIST_MAX_PAGE)
         job_id = (await self.jobs.get_job(organization, job)).id
         query = {"organization": organization, "job": job_id, "kinds": sorted(set(kinds))}
-        after = _cursor(decode_token(token, query))
+        after = decode_token(token, query, cursor_type=tuple[int, int])  # (step, kind) of the last point
         points = await self.db.run(partial(self.repo.list_points, job_id=job_id, kinds=sorted(set(kinds)),
                                            after=after, limit=limit + 1))
         if len(points) <= limit:
@@ -298,16 +296,5 @@ def _check_job_ref(v: Violations, organization: str, job: str) -> None:
 def _check_kinds(v: Violations, kinds: Sequence[int]) -> None:
     for i, kind in enumerate(kinds):
         v.check(kind in METRIC_KINDS, f"kinds[{i}]", "is not a MetricKind")
-
-
-def _cursor(raw: object) -> tuple[int, int] | None:
-    """The (int, int) position in a decoded page token; a token of another shape is rejected."""
-    if raw is None:
-        return None
-    if isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, int) for x in raw):
-        return raw[0], raw[1]
-    raise InvalidArgument("page_token is invalid or belongs to a different query",
-                          reason=Reason.INVALID_PAGE_TOKEN,
-                          violations=[FieldViolation("page_token", "not a token this query returned")])
 
 

@@ -1,15 +1,15 @@
 """`python -m services.platform`: all four services in one process, one gRPC address.
 
-Writes the bound address to $TUNEFORGE_READY_FILE once serving (port 0 picks a free port).
+Writes the bound address to $TUNEFORGE_READY_FILE once serving (port 0 picks a free port). An address
+that is taken ends the process with `EXIT_ADDRESS_IN_USE` and one line on stderr.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
-from services.kit.runtime import configure_logging, serve
+from services.kit.runtime import configure_logging, run_until_stopped, serve
 from services.platform.components import all_components
 from tuneforge_core.settings import KitSettings
 
@@ -25,7 +25,7 @@ def main() -> None:
             tmp.write_text(address)
             tmp.replace(ready_file)
 
-    asyncio.run(serve(all_components(), settings, name="tuneforge", on_ready=on_ready))
+    run_until_stopped(serve(all_components(), settings, name="tuneforge", on_ready=on_ready))
 
 
 if __name__ == "__main__":

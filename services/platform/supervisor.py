@@ -18,6 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.kit.embedded import EmbeddedNats
+from services.kit.runtime import EXIT_ADDRESS_IN_USE, AddressInUse, check_address
+
+
+class PlatformStartError(RuntimeError):
+    """The platform did not come up; the message says why in a sentence fit for a user."""
+
+
+_HINT = " (another TuneForge may be running there; choose another with --port or TUNEFORGE_GRPC_PORT)"
 
 
 @dataclass
@@ -64,21 +72,34 @@ class Platform:
 
     def start(self, timeout_s: float = 120.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.grpc_port:  # fail before starting anything; the child's exit status covers a race
+            try:
+                check_address(self.config.grpc_host, self.config.grpc_port)
+            except AddressInUse as exc:
+                raise PlatformStartError(f"{exc}{_HINT}") from None
         try:
             if not self.nats_url:
                 self.nats = EmbeddedNats(self.data_dir / "nats")
-                self.nats_url = self.nats.start()
+                try:
+                    self.nats_url = self.nats.start()
+                except RuntimeError as exc:
+                    raise PlatformStartError(str(exc)) from exc
             ready = self.data_dir / "services.address"
             ready.unlink(missing_ok=True)
             self.services = self._spawn(["-m", "services.platform"], "services.log",
                                         {"TUNEFORGE_READY_FILE": str(ready)})
             deadline = time.monotonic() + timeout_s
             while not ready.exists():
-                if self.services.poll() is not None:
-                    raise RuntimeError(f"the services process exited with {self.services.returncode}; "
-                                       f"see {self.logs_dir / 'services.log'}")
+                code = self.services.poll()
+                if code == EXIT_ADDRESS_IN_USE:
+                    raise PlatformStartError(f"address {self.config.grpc_host}:{self.config.grpc_port} is "
+                                             f"already in use{_HINT}")
+                if code is not None:
+                    raise PlatformStartError(f"the services process exited with {code}; "
+                                             f"see {self.logs_dir / 'services.log'}")
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the services did not start in time")
+                    raise PlatformStartError("the services did not start in time; "
+                                             f"see {self.logs_dir / 'services.log'}")
                 time.sleep(0.05)
             self.address = ready.read_text().strip()
             for _ in range(self.config.workers):
