@@ -230,8 +230,8 @@ class JobRun:
                 self.reporter.log("The job was cancelled before it started.")
                 await self.reporter.status(U.WORKER_UPDATE_KIND_CANCELLED, error=states.cancelled_status())
                 return Verdict.ACK
-            if states.is_final(state):
-                log.info("job %s is already %s; dropping the stale delivery", self.job_id, S.Name(state))
+            if state is not None and states.is_final(state):
+                log.info("job %s is already %s; dropping the stale delivery", self.job_id, states.name(state))
                 return Verdict.ACK
             return await self._run()
         finally:

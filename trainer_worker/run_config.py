@@ -3,6 +3,8 @@
 The spec travels as the JSON form of ``tuneforge.v1.JobSpec`` (proto field names, enum value names), as the
 jobs service resolved it (``tuneforge_core.spec.resolve_spec``): every default is already filled in, and the
 worker fills in none (``trainer_worker.recipes.check_supported`` refuses a spec that is not resolved).
+The estimate the job was admitted with travels the same way (a ``tuneforge.v1.HardwareFit``), so that an
+out-of-memory failure can say what was expected without the worker importing the estimation service.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict
-from tuneforge.v1 import job_pb2
+from tuneforge.v1 import estimation_pb2, job_pb2
 
 
 class RunConfig(BaseModel):
@@ -31,6 +33,8 @@ class RunConfig(BaseModel):
     validation_file: Path | None = None
     output_dir: Path
     events_file: Path
+    # JobAssignment.admission_estimate as JSON (proto field names); None when CreateJob checked no hardware.
+    admission_estimate: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
@@ -47,3 +51,15 @@ class RunConfig(BaseModel):
     @staticmethod
     def spec_to_dict(spec: job_pb2.JobSpec) -> dict[str, Any]:
         return json_format.MessageToDict(spec, preserving_proto_field_name=True)
+
+    def admitted_fit(self) -> estimation_pb2.HardwareFit | None:
+        """The estimate the job was admitted with, as a proto; None when there is none."""
+        if self.admission_estimate is None:
+            return None
+        return json_format.ParseDict(
+            self.admission_estimate, estimation_pb2.HardwareFit(), ignore_unknown_fields=True
+        )
+
+    @staticmethod
+    def fit_to_dict(fit: estimation_pb2.HardwareFit) -> dict[str, Any]:
+        return json_format.MessageToDict(fit, preserving_proto_field_name=True)

@@ -63,41 +63,43 @@ def run(cfg: RunConfig, sink: EventSink, stop: StopSignal) -> int:
 
 
 def memory_estimate(cfg: RunConfig) -> str:
-    """The estimation service's memory breakdown for this job on this GPU, for an out-of-memory message.
+    """The estimate the job was admitted with, for an out-of-memory message: its memory per GPU by term on
+    the GPU type the spec names, and what the GPU this process ran on holds.
 
-    The same arithmetic that admitted the job (services.estimation), run on the model folder the worker
-    loaded; empty when the model's architecture cannot be read, since the message must not fail itself.
+    It comes with the assignment (EstimationService.ValidateHardware's fit at CreateJob); empty when there
+    was none (no GPU type named, or a model the estimator does not know), since the message must not fail
+    itself.
     """
+    try:
+        fit = cfg.admitted_fit()
+    except Exception:  # an estimate is a courtesy: the failure itself is already reported
+        return ""
+    if fit is None or not fit.memory_per_gpu.total:
+        return ""
+    gib = 2**30
+    memory = fit.memory_per_gpu
+    sentence = (
+        f"Estimated need: {memory.total / gib:.1f} GiB per GPU on {fit.gpu_count} x {fit.gpu_type} (weights "
+        f"{memory.weights / gib:.1f}, activations {memory.activations / gib:.1f}, logits "
+        f"{memory.logits / gib:.1f}, optimizer states {memory.optimizer_states / gib:.1f})"
+    )
+    device = _device_memory()
+    if device is not None:
+        sentence += f" against {device[1] / gib:.1f} GiB on this {device[0]}"
+    return f"{sentence}; EstimationService.ValidateHardware names the cheapest configuration that fits."
+
+
+def _device_memory() -> tuple[str, int] | None:
+    """Name and memory of the GPU this process trains on; None on a CPU (or when torch cannot say)."""
     try:
         import torch
 
-        from services.estimation.catalog import Catalog
-        from services.estimation.estimator import Hardware, memory_per_gpu
-        from services.estimation.spec import resolve_spec
-
-        spec = cfg.job_spec()
-        spec.base_model = cfg.model_path
-        resolved = resolve_spec(spec, Catalog.load())
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(torch.cuda.current_device())
-            hardware = Hardware(
-                props.name, props.name, props.total_memory, 0.0, torch.cuda.is_bf16_supported(), 0.0
-            )
-        elif resolved.hardware is not None:
-            hardware = resolved.hardware
-        else:
-            return ""
-        memory = memory_per_gpu(resolved.model.architecture, resolved.setup, hardware)
-    except Exception:  # an estimate is a courtesy: the failure itself is already reported
-        return ""
-    gib = 2**30
-    return (
-        f"Estimated need: {memory.total / gib:.1f} GiB per GPU (weights {memory.weights / gib:.1f}, "
-        f"activations {memory.activations / gib:.1f}, logits {memory.logits / gib:.1f}, optimizer states "
-        f"{memory.optimizer_states / gib:.1f}) against {hardware.memory_bytes / gib:.1f} GiB on "
-        f"{hardware.display_name}; EstimationService.ValidateHardware names the cheapest configuration "
-        "that fits."
-    )
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return str(props.name), int(props.total_memory)
+    except Exception:
+        return None
 
 
 def with_run_metrics(final_metrics: Mapping[str, float]) -> dict[str, float]:

@@ -97,7 +97,7 @@ def _candidates(setup: Setup, hardware: Hardware) -> list[list[tuple[str, Setup]
             )
         )
     out.append(lengths)
-    if setup.strategy not in ("zero3", "zero3_offload", "fsdp"):
+    if setup.strategy not in ("zero3", "zero3_offload", "fsdp") and setup.adapter != "qlora":
         out.append(
             [
                 (

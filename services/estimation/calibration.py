@@ -25,7 +25,7 @@ from tuneforge.v1 import job_pb2
 from services.estimation.catalog import Catalog
 from services.estimation.estimator import Calibration, memory_per_gpu, tokens_per_second
 from services.estimation.models import CalibrationRow
-from services.estimation.spec import resolve_spec
+from services.estimation.spec import resolve_setup
 from services.kit.db import Database
 from tuneforge_core.errors import TuneForgeError
 
@@ -63,7 +63,7 @@ def measure(job: job_pb2.Job, catalog: Catalog) -> Measurement | None:
     hardware is unknown here (the reason is logged: such a job simply does not calibrate)."""
     metrics = job.output.final_metrics
     try:
-        resolved = resolve_spec(job.spec, catalog)
+        resolved = resolve_setup(job.spec, catalog)
     except TuneForgeError as exc:
         log.info("job %s does not calibrate: its spec does not resolve here (%s)", job.id, exc)
         return None

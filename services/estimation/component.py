@@ -1,5 +1,12 @@
-"""The estimation service as a kit Component: the catalog loaded once at start, its database of
-calibration measurements, its servicer, and the consumer that records finished jobs."""
+"""The estimation service as a kit Component: the catalog loaded once at start, its database (calibration
+measurements and its copy of each job), its servicer, and two consumers of JobChanged: one keeps each job's
+latest state for EstimateCost(job_id), one records what finished jobs measured. They are separate durable
+consumers so that neither waits on the other, and so that the job copy, when first deployed, starts from
+the oldest event TF_EVENTS still holds.
+
+It calls the datasets service (GetDataset, when a request does not carry the dataset's size) and never the
+jobs service: the jobs service calls this one.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +21,12 @@ from tuneforge.v1 import estimation_service_pb2_grpc, job_pb2
 from services.estimation.calibration import CalibrationStore, measure
 from services.estimation.catalog import Catalog
 from services.estimation.datasets_client import GrpcDatasetLookup
+from services.estimation.jobs import JobStore
 from services.estimation.manager import EstimationManager
 from services.estimation.servicer import EstimationServicer
 from services.estimation.settings import EstimationSettings
 from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
-from services.kit.jobs_client import JobsClient
 from services.kit.runtime import Component, Registration, Runtime
 from tuneforge_core import subjects
 
@@ -39,11 +46,11 @@ class EstimationComponent(Component):
         # Before the server takes calls: a request must never meet a missing table.
         self.db.migrate(MIGRATIONS_DIR)
         self.calibrations = CalibrationStore(self.db)
+        self.jobs = JobStore(self.db)
         kit = runtime.settings
         timeout = self.settings.datasets_timeout_s
         datasets = GrpcDatasetLookup(lambda: runtime.channel(kit.datasets_address), timeout_s=timeout)
-        jobs = JobsClient(lambda: runtime.channel(kit.jobs_address), timeout_s=timeout)
-        self.manager = EstimationManager(self.catalog, datasets, jobs, self.calibrations)
+        self.manager = EstimationManager(self.catalog, datasets, self.jobs, self.calibrations)
 
     def registrations(self) -> Sequence[Registration]:
         return [
@@ -59,6 +66,16 @@ class EstimationComponent(Component):
             consume(
                 self.runtime.js,
                 stream=subjects.STREAM_EVENTS,
+                durable=subjects.ESTIMATION_JOBS_CONSUMER,
+                subject=subjects.ALL_JOB_EVENTS,
+                handler=self.keep_job,
+            ),
+            "estimation-jobs",
+        )
+        self.spawn(
+            consume(
+                self.runtime.js,
+                stream=subjects.STREAM_EVENTS,
                 durable=subjects.ESTIMATION_JOB_EVENTS_CONSUMER,
                 subject=subjects.ALL_JOB_EVENTS,
                 handler=self.on_job_changed,
@@ -70,13 +87,16 @@ class EstimationComponent(Component):
         await super().stop()
         self.db.dispose()
 
+    async def keep_job(self, msg: Msg) -> None:
+        """Keeps the job as the event says it, unless a newer revision is already kept."""
+        job = _job_of(msg)
+        if not job.id or not job.organization:
+            raise PermanentError("a JobChanged without a job id or organization")
+        await self.jobs.record(job)
+
     async def on_job_changed(self, msg: Msg) -> None:
         """Records the measurements of a job that just SUCCEEDED; every other change is acked unread."""
-        try:
-            event = events_pb2.JobChanged.FromString(msg.data)
-        except Exception as exc:
-            raise PermanentError(f"undecodable JobChanged: {exc}") from exc
-        job = event.job
+        job = _job_of(msg)
         if job.state != job_pb2.JOB_STATE_SUCCEEDED or not job.id:
             return
         measurement = measure(job, self.catalog)
@@ -84,3 +104,10 @@ class EstimationComponent(Component):
             log.info(
                 "calibration: job %s (%s on %s) recorded", job.id, measurement.family, measurement.gpu_type
             )
+
+
+def _job_of(msg: Msg) -> job_pb2.Job:
+    try:
+        return events_pb2.JobChanged.FromString(msg.data).job
+    except Exception as exc:
+        raise PermanentError(f"undecodable JobChanged: {exc}") from exc

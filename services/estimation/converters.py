@@ -39,7 +39,7 @@ def model_to_proto(model: CatalogModel) -> estimation_pb2.BaseModel:
     return estimation_pb2.BaseModel(
         id=model.id,
         family=model.family,
-        type=MODEL_TYPES.get(model.model_type, 0),
+        type=MODEL_TYPES.get(model.model_type, estimation_pb2.MODEL_TYPE_UNSPECIFIED),
         parameter_count=model.parameter_count,
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,

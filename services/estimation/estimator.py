@@ -861,12 +861,13 @@ def smallest_fit(
     """The fewest GPUs of this type (per node, as allowed) that fit; the largest count when none does.
 
     More GPUs only help memory when they shard it: a spec without a sharding strategy is tried with ZeRO-3
-    on more than one GPU (and the fit says so in its strategy)."""
+    on more than one GPU (and the fit says so in its strategy). QLoRA's quantized weights cannot be sharded
+    (tuneforge_core.compat.SHARDING_STRATEGIES), so QLoRA is tried with DDP instead."""
     fit: Fit | None = None
     for count in sorted(hardware.allowed_gpu_counts):
         strategy = setup.strategy
         if count > 1 and strategy not in SHARDED_WEIGHTS:
-            strategy = "zero3"
+            strategy = "ddp" if setup.adapter == "qlora" else "zero3"
         candidate = replace(setup, gpu_count=count, strategy=strategy if count > 1 else setup.strategy)
         fit = evaluate(arch, candidate, hardware, tokens, context_tokens, calibration=calibration)
         if fit.fits:

@@ -1,5 +1,11 @@
 """Rules of the estimation service behind each RPC; no gRPC here (datasets, jobs and calibration come
-through small protocols, so tests and the servicer plug in what they have)."""
+through small protocols, so tests and the servicer plug in what they have).
+
+Jobs are read from this service's own copy (`services.estimation.jobs`, kept from JobChanged events), never
+from the jobs service: the jobs service calls this one, so a call back would make each depend on the other.
+A dataset's size comes with the request when the caller has read the dataset already (CreateJob's hardware
+check), else from the datasets service.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from tuneforge.v1 import dataset_pb2, job_pb2
+from tuneforge.v1 import dataset_pb2, estimation_pb2, job_pb2
 
 from services.estimation.advice import suggestions
 from services.estimation.catalog import Catalog, CatalogModel, Hardware
@@ -22,10 +28,18 @@ from services.estimation.estimator import (
     smallest_fit,
     training_tokens,
 )
-from services.estimation.spec import ADAPTERS, METHODS, ResolvedSpec, resolve_spec
+from services.estimation.jobs import JobRecord
+from services.estimation.spec import ADAPTERS, METHODS, ResolvedSetup, resolve_setup
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.validation import check_organization
-from tuneforge_core.errors import FailedPrecondition, FieldViolation, InvalidArgument, Violations, not_found
+from tuneforge_core.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Violations,
+    not_found,
+)
 from tuneforge_core.reasons import Reason
 
 CHARS_PER_TOKEN = 4
@@ -40,8 +54,9 @@ class DatasetLookup(Protocol):
 
 
 class JobLookup(Protocol):
-    async def get_job(self, organization: str, job: str) -> job_pb2.Job:
-        """The job by id or name; NotFound / InvalidArgument as the jobs service says."""
+    async def get(self, organization: str, job: str) -> JobRecord | None:
+        """The organization's job by id or name as its latest JobChanged event said it; None when no event
+        of it has arrived (see services.estimation.jobs for the window right after CreateJob)."""
 
 
 class CalibrationSource(Protocol):
@@ -148,7 +163,7 @@ class EstimationManager:
     ) -> tuple[list[CatalogModel], str]:
         limit = page_size(size)
         query = {"family": family.lower(), "type": model_type}
-        after = decode_token(token, query)
+        after = decode_token(token, query, cursor_type=str)
         wanted_type = MODEL_TYPES.get(model_type)
         if model_type and wanted_type is None:
             raise _invalid("type", "is not a ModelType")
@@ -173,6 +188,8 @@ class EstimationManager:
         gradient_checkpointing: bool,
     ) -> Requirements:
         """Memory of the model for each adapter type on one GPU, and the cheapest GPU setup that fits it."""
+        adapter = adapter or job_pb2.ADAPTER_TYPE_LORA
+        method = method or job_pb2.TRAINING_METHOD_SFT
         v = Violations()
         v.check(bool(model_id), "model_id", "is required")
         v.check(adapter in ADAPTERS, "adapter", "is not an AdapterType")
@@ -194,9 +211,8 @@ class EstimationManager:
             batch_size=batch_size or 1,
             gradient_checkpointing=gradient_checkpointing,
         )
-        requested = adapter or 1
         needs: list[AdapterNeeds] = []
-        for kind in (1, 2, 3, 4):  # LoRA, QLoRA, full, prompt tuning, in job.proto's order
+        for kind in sorted(ADAPTERS):  # LoRA, QLoRA, full, prompt tuning, in job.proto's order
             setup = replace(base, adapter=ADAPTERS[kind])
             cheapest = self._cheapest(model.architecture, setup, None, calibrations)
             if cheapest is not None:
@@ -207,16 +223,20 @@ class EstimationManager:
                 model.architecture, setup, largest, None, calibration=calibrations.get(largest.gpu_type)
             )
             needs.append(AdapterNeeds(kind, fit, None))
-        chosen = next(n for n in needs if n.adapter == requested)
+        chosen = next(n for n in needs if n.adapter == adapter)
         return Requirements(model=model, requested=chosen, adapters=needs)
 
     # ---- estimates ----------------------------------------------------------------------------------
 
     async def estimate_job(
-        self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int
+        self,
+        organization: str,
+        spec: job_pb2.JobSpec,
+        tokens_per_epoch: int,
+        dataset_size: estimation_pb2.DatasetSize | None = None,
     ) -> JobEstimate:
         resolved = self._resolve(organization, spec, tokens_per_epoch)
-        tokens = await self._tokens(organization, spec, tokens_per_epoch, required=False)
+        tokens = await self._tokens(organization, spec, tokens_per_epoch, dataset_size, required=False)
         notes = [*resolved.notes, *(tokens.notes if tokens else ())]
         resolved = _at_longest_example(resolved, tokens, notes)
         if tokens is None:
@@ -226,13 +246,17 @@ class EstimationManager:
         return JobEstimate(fit=fit, notes=notes)
 
     async def validate_hardware(
-        self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int
+        self,
+        organization: str,
+        spec: job_pb2.JobSpec,
+        tokens_per_epoch: int,
+        dataset_size: estimation_pb2.DatasetSize | None = None,
     ) -> HardwareCheck:
         resolved = self._resolve(organization, spec, tokens_per_epoch)
         hardware = resolved.hardware
         if hardware is None:
             raise _invalid("spec.hardware.gpu_type", "is required to validate hardware")
-        tokens = await self._tokens(organization, spec, tokens_per_epoch, required=False)
+        tokens = await self._tokens(organization, spec, tokens_per_epoch, dataset_size, required=False)
         notes = [*resolved.notes, *(tokens.notes if tokens else ())]
         resolved = _at_longest_example(resolved, tokens, notes)
         arch, setup = resolved.model.architecture, resolved.setup
@@ -256,8 +280,8 @@ class EstimationManager:
         elapsed_seconds: float,
         job_id: str = "",
     ) -> CostReport:
-        """The projected total and the cost so far: of a spec given the seconds it has run, or of a job
-        of the jobs service, whose own spec, start time and progress are used."""
+        """The projected total and the cost so far: of a spec given the seconds it has run, or of a job,
+        whose own spec, start time and progress are used as its latest JobChanged event said them."""
         v = Violations()
         v.check(
             math.isfinite(elapsed_seconds) and elapsed_seconds >= 0,
@@ -265,17 +289,19 @@ class EstimationManager:
             "must be a non-negative number of seconds",
         )
         v.raise_if_any("Invalid EstimateCost request")
-        job: job_pb2.Job | None = None
+        job: JobRecord | None = None
         if job_id:
             check = Violations()
             check_organization(check, organization)
             check.raise_if_any("Invalid request")
             if self.jobs is None:
-                raise _invalid("job_id", "cannot be looked up: this deployment has no jobs service")
-            job = await self.jobs.get_job(organization, job_id)
+                raise _invalid("job_id", "cannot be looked up: this deployment keeps no record of jobs")
+            job = await self.jobs.get(organization, job_id)
+            if job is None:
+                raise _job_not_found(organization, job_id)
             spec = job.spec
         resolved = self._resolve(organization, spec, tokens_per_epoch)
-        tokens = await self._tokens(organization, spec, tokens_per_epoch, required=job is None)
+        tokens = await self._tokens(organization, spec, tokens_per_epoch, None, required=job is None)
         notes = [*resolved.notes, *(tokens.notes if tokens else ())]
         resolved = _at_longest_example(resolved, tokens, notes)
         calibrations = await self.calibrations.for_family(resolved.model.family)
@@ -307,7 +333,7 @@ class EstimationManager:
 
     async def plan_job(self, organization: str, spec: job_pb2.JobSpec) -> Plan:
         resolved = self._resolve(organization, spec, 0)
-        tokens = await self._tokens(organization, spec, 0, required=True)
+        tokens = await self._tokens(organization, spec, 0, None, required=True)
         assert tokens is not None
         notes = [*resolved.notes, *tokens.notes]
         resolved = _at_longest_example(resolved, tokens, notes)
@@ -341,16 +367,16 @@ class EstimationManager:
 
     # ---- helpers ------------------------------------------------------------------------------------
 
-    def _resolve(self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int) -> ResolvedSpec:
+    def _resolve(self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int) -> ResolvedSetup:
         v = Violations()
         check_organization(v, organization)
         v.check(tokens_per_epoch >= 0, "tokens_per_epoch", "must not be negative")
         v.raise_if_any("Invalid request")
-        return resolve_spec(spec, self.catalog)
+        return resolve_setup(spec, self.catalog)
 
     def _evaluate(
         self,
-        resolved: ResolvedSpec,
+        resolved: ResolvedSetup,
         hardware: Hardware,
         tokens: Tokens | None,
         calibrations: dict[str, Calibration],
@@ -368,7 +394,7 @@ class EstimationManager:
 
     def _on_spec_hardware(
         self,
-        resolved: ResolvedSpec,
+        resolved: ResolvedSetup,
         tokens: Tokens | None,
         notes: list[str],
         calibrations: dict[str, Calibration],
@@ -401,12 +427,20 @@ class EstimationManager:
         return min(fitting, key=cost_key) if fitting else None
 
     async def _tokens(
-        self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int, *, required: bool
+        self,
+        organization: str,
+        spec: job_pb2.JobSpec,
+        tokens_per_epoch: int,
+        dataset_size: estimation_pb2.DatasetSize | None,
+        *,
+        required: bool,
     ) -> Tokens | None:
-        """Tokens per epoch: as given, else the dataset's train_tokens (its train split, each example cut at
-        the tokenizer's max length), else its total scaled to the train split, else characters / 4."""
+        """Tokens per epoch: as given, else from the dataset's size (sent with the request, else read from
+        the datasets service, which must say the dataset is READY)."""
         if tokens_per_epoch > 0:
             return Tokens(per_epoch=tokens_per_epoch, examples=None)
+        if dataset_size is not None:
+            return tokens_of(dataset_size)
         if not spec.dataset:
             if required:
                 raise _invalid(
@@ -420,45 +454,84 @@ class EstimationManager:
                 reason=Reason.DATASET_NOT_READY,
                 metadata={"dataset": dataset.id, "organization": organization},
             )
-        stats = dataset.statistics
-        notes: list[str] = []
-        train = sum(s.example_count for s in dataset.splits if s.kind == dataset_pb2.DATASET_SPLIT_KIND_TRAIN)
-        examples = train or stats.example_count or None
-        share = train / stats.example_count if train and stats.example_count else 1.0
-        if stats.tokens.train_tokens > 0:
-            total = stats.tokens.train_tokens
-        elif stats.tokens.total > 0:
-            total = round(stats.tokens.total * share)
-            notes.append(
-                f"dataset '{spec.dataset}' has no train_tokens: its token total scaled to the train "
-                f"split ({share:.0%} of the examples)"
-            )
-        else:
-            total = round(math.ceil(stats.total_characters / CHARS_PER_TOKEN) * share)
-            notes.append(
-                f"dataset '{spec.dataset}' has no token statistics: assumed {CHARS_PER_TOKEN} "
-                "characters per token"
-            )
-        return Tokens(
-            per_epoch=int(total),
-            examples=examples,
-            longest=stats.tokens.max or None,
-            notes=tuple(notes),
-            validation=dataset.validation,
+        return replace(tokens_of(size_of(dataset, spec.dataset)), validation=dataset.validation)
+
+
+def size_of(dataset: dataset_pb2.Dataset, ref: str = "") -> estimation_pb2.DatasetSize:
+    """What an estimate reads of a dataset."""
+    train = sum(s.example_count for s in dataset.splits if s.kind == dataset_pb2.DATASET_SPLIT_KIND_TRAIN)
+    return estimation_pb2.DatasetSize(
+        dataset=ref or dataset.id, statistics=dataset.statistics, train_examples=train
+    )
+
+
+def check_dataset_size(size: estimation_pb2.DatasetSize) -> None:
+    """Raises InvalidArgument naming each negative count (a caller's bug: no dataset has one)."""
+    v = Violations()
+    stats = size.statistics
+    for path, value in (
+        ("dataset_size.train_examples", size.train_examples),
+        ("dataset_size.statistics.example_count", stats.example_count),
+        ("dataset_size.statistics.total_characters", stats.total_characters),
+        ("dataset_size.statistics.tokens.train_tokens", stats.tokens.train_tokens),
+        ("dataset_size.statistics.tokens.total", stats.tokens.total),
+        ("dataset_size.statistics.tokens.max", stats.tokens.max),
+    ):
+        v.check(value >= 0, path, f"must not be negative, got {value}")
+    v.raise_if_any("Invalid request")
+
+
+def tokens_of(size: estimation_pb2.DatasetSize) -> Tokens:
+    """Tokens one epoch trains on: the dataset's train_tokens (its train split, each example cut at the
+    tokenizer's max length), else its total scaled to the train split, else characters / 4."""
+    check_dataset_size(size)
+    stats, name = size.statistics, size.dataset
+    notes: list[str] = []
+    train = size.train_examples
+    examples = train or stats.example_count or None
+    share = min(1.0, train / stats.example_count) if train and stats.example_count else 1.0
+    if stats.tokens.train_tokens > 0:
+        total = stats.tokens.train_tokens
+    elif stats.tokens.total > 0:
+        total = round(stats.tokens.total * share)
+        notes.append(
+            f"dataset '{name}' has no train_tokens: its token total scaled to the train "
+            f"split ({share:.0%} of the examples)"
         )
+    else:
+        total = round(math.ceil(stats.total_characters / CHARS_PER_TOKEN) * share)
+        notes.append(
+            f"dataset '{name}' has no token statistics: assumed {CHARS_PER_TOKEN} characters per token"
+        )
+    return Tokens(
+        per_epoch=int(total),
+        examples=examples,
+        longest=stats.tokens.max or None,
+        notes=tuple(notes),
+    )
+
+
+def _job_not_found(organization: str, job_id: str) -> NotFound:
+    """NOT_FOUND for `job_id`, saying why a job created a moment ago may not be known yet."""
+    return NotFound(
+        f"job '{job_id}' (job_id) was not found in organization '{organization}'. A job is known to the "
+        "estimation service once its first event has arrived, normally within a second of CreateJob: "
+        "retry shortly if it was just created.",
+        metadata={"resource_type": "job", "resource": job_id, "organization": organization},
+    )
 
 
 def _job_pace(
-    job: job_pb2.Job, estimated_seconds: float | None, notes: list[str]
+    job: JobRecord, estimated_seconds: float | None, notes: list[str]
 ) -> tuple[float, float, float | None]:
     """Seconds run, fraction of steps done, and seconds still to go (None: use the estimate), from the
     job's own record: a finished job's end time, else its progress (ETA, or steps done at its pace)."""
-    if not job.HasField("start_time"):
+    if job.start_time is None:
         notes.append(f"job {job.id} has not started: the projection is the estimate")
         return 0.0, 0.0, None
-    start = job.start_time.ToDatetime().timestamp()
+    start = job.start_time.timestamp()
     final = job.state in FINAL_STATES
-    end = job.end_time.ToDatetime().timestamp() if final and job.HasField("end_time") else time.time()
+    end = job.end_time.timestamp() if final and job.end_time is not None else time.time()
     elapsed = max(0.0, end - start)
     progress = job.progress
     fraction = min(1.0, progress.step / progress.total_steps) if progress.total_steps > 0 else 0.0
@@ -475,7 +548,7 @@ def _job_pace(
     return elapsed, fraction, max(0.0, (estimated_seconds or elapsed) - elapsed)
 
 
-def _at_longest_example(resolved: ResolvedSpec, tokens: Tokens | None, notes: list[str]) -> ResolvedSpec:
+def _at_longest_example(resolved: ResolvedSetup, tokens: Tokens | None, notes: list[str]) -> ResolvedSetup:
     """Without packing a batch is padded to its longest example, so when the dataset's longest example is
     shorter than max_seq_length, memory peaks at that length instead."""
     setup = resolved.setup

@@ -1,4 +1,6 @@
-"""Tables of the estimation service: one row per finished job measured, the evidence calibration rests on.
+"""Tables of the estimation service, filled from the JobChanged events it consumes (it never asks the jobs
+service): one row per finished job measured, the evidence calibration rests on; and one row per job with what
+EstimateCost(job_id) reads of it.
 
 Both the measurement and the prior's prediction for the same job are stored, so a calibration factor is a
 ratio of stored numbers and a later change of the formulas does not rewrite history silently.
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Float, Index, Integer, String
+from sqlalchemy import BigInteger, DateTime, Float, Index, Integer, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.kit.outbox import utcnow
@@ -35,3 +37,23 @@ class CalibrationRow(Base):
     measured_peak_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     predicted_peak_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JobRow(Base):
+    """A job as its latest JobChanged event said it; spec and progress as their proto bytes (the proto is
+    the schema of record, as in the jobs service's own table)."""
+
+    __tablename__ = "estimation_jobs"
+    __table_args__ = (Index("ix_estimation_jobs_org_name", "organization", "name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(63))
+    name: Mapped[str] = mapped_column(String(63))
+    spec: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[int] = mapped_column(Integer)
+    start_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    end_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    progress: Mapped[bytes] = mapped_column(LargeBinary)
+    # Job.revision of the event the row holds: an event with a lower or equal one changes nothing.
+    revision: Mapped[int] = mapped_column(BigInteger)
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -24,6 +24,12 @@ def _source(*fits: Fit | None) -> estimation_pb2.EstimateSource.ValueType:
     return calibrated if known and known[0] == calibrated else estimation_pb2.ESTIMATE_SOURCE_PRIOR
 
 
+def _dataset_size(
+    request: estimation_service_pb2.EstimateJobRequest | estimation_service_pb2.ValidateHardwareRequest,
+) -> estimation_pb2.DatasetSize | None:
+    return request.dataset_size if request.HasField("dataset_size") else None
+
+
 def _requirement(needs: AdapterNeeds) -> estimation_service_pb2.AdapterRequirement:
     out = estimation_service_pb2.AdapterRequirement(
         adapter=needs.adapter,  # type: ignore[arg-type]
@@ -79,7 +85,7 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
         self, request: estimation_service_pb2.EstimateJobRequest, context: grpc.aio.ServicerContext
     ) -> estimation_service_pb2.EstimateJobResponse:
         estimate = await self.manager.estimate_job(
-            request.organization, request.spec, request.tokens_per_epoch
+            request.organization, request.spec, request.tokens_per_epoch, _dataset_size(request)
         )
         return estimation_service_pb2.EstimateJobResponse(
             estimate=fit_to_proto(estimate.fit), source=_source(estimate.fit), notes=estimate.notes
@@ -89,7 +95,7 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
         self, request: estimation_service_pb2.ValidateHardwareRequest, context: grpc.aio.ServicerContext
     ) -> estimation_service_pb2.ValidateHardwareResponse:
         check = await self.manager.validate_hardware(
-            request.organization, request.spec, request.tokens_per_epoch
+            request.organization, request.spec, request.tokens_per_epoch, _dataset_size(request)
         )
         response = estimation_service_pb2.ValidateHardwareResponse(
             requested=fit_to_proto(check.requested),

@@ -15,5 +15,5 @@ class EstimationSettings(BaseSettings):
     catalog_dir: Path | None = None
     # Hourly USD per GPU type, overriding the catalog's defaults, as JSON: {"nvidia-a100-80gb": 1.8}.
     hourly_usd: dict[str, float] = Field(default_factory=dict)
-    # Deadline of each call to the datasets and jobs services.
+    # Deadline of each call to the datasets service.
     datasets_timeout_s: float = Field(default=10.0, gt=0.0)

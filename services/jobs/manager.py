@@ -31,7 +31,7 @@ from services.kit.outbox import OutboxRelay, add_event, first_time, utcnow
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.protos import to_timestamp
 from services.kit.validation import check_name, check_organization, check_request_id
-from tuneforge_core import subjects
+from tuneforge_core import states, subjects
 from tuneforge_core.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -81,7 +81,8 @@ class JobManager:
         row.revision += 1
         row.update_time = utcnow()
         session.flush()
-        event = events_pb2.JobChanged(event_id=new_id("evt"), previous_state=previous_state,
+        event = events_pb2.JobChanged(event_id=new_id("evt"),
+                                      previous_state=job_pb2.JobState.ValueType(previous_state),
                                       job=job_to_proto(row))
         event.time.CopyFrom(to_timestamp(row.update_time))
         add_event(session, JobOutbox, subjects.job_events(row.id), event, event.event_id)
@@ -120,8 +121,9 @@ class JobManager:
         dataset = await self.datasets.get(org, spec.dataset, "spec.dataset")
         self._check_ready(dataset, "spec.dataset")
         check_dataset_fit(spec, dataset.format)
+        admitted = None
         if self.hardware is not None:  # the fit on the GPU the job asked for, by its own estimate
-            await self.hardware.check(org, spec)
+            admitted = await self.hardware.check(org, spec, dataset)
         train_uri = _split_uri(dataset, dataset_pb2.DATASET_SPLIT_KIND_TRAIN)
         validation_uri = _split_uri(dataset, dataset_pb2.DATASET_SPLIT_KIND_VALIDATION)
         if spec.validation_dataset:
@@ -150,6 +152,7 @@ class JobManager:
             event_id=f"{job_id}.assignment", job_id=job_id, organization=org, spec=spec,
             train_uri=train_uri, validation_uri=validation_uri, dataset_format=dataset.format,
             output_prefix=self.store.uri(f"jobs/{org}/{job_id}"),
+            admission_estimate=admitted,
         )
         assignment.create_time.CopyFrom(to_timestamp(now))
 
@@ -214,7 +217,7 @@ class JobManager:
         v.raise_if_any("request is invalid")
         limit = page_size(size)
         query = {"org": organization, "states": sorted(states)}
-        cursor = decode_token(token, query)
+        cursor = decode_token(token, query, cursor_type=str)  # id of the last job returned
 
         def load(session: Session) -> tuple[list[job_pb2.Job], str]:
             rows = JobRepository(session).list(organization, states, cursor, limit + 1)
@@ -233,8 +236,8 @@ class JobManager:
                 raise not_found("job", ref, organization)
             if row.state in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED):
                 raise FailedPrecondition(
-                    f"job '{row.name}' already ended {S.Name(row.state)} and cannot be cancelled",
-                    metadata={"job": row.id, "state": S.Name(row.state)})
+                    f"job '{row.name}' already ended {states.name(row.state)} and cannot be cancelled",
+                    metadata={"job": row.id, "state": states.name(row.state)})
             if row.state == S.JOB_STATE_QUEUED:
                 # No worker holds it: it is final at once; a worker that pulls it later sees the state.
                 self._move(session, row, S.JOB_STATE_CANCELLED, error=cancelled_status())

@@ -1,5 +1,6 @@
-"""The estimation service served for real (gRPC on port 0, its SQLite database, a real nats-server) beside
-fake DatasetService and JobService answering Get* from dicts with the real services' error shapes."""
+"""The estimation service served for real (gRPC on port 0, its SQLite database, a real nats-server) beside a
+fake DatasetService answering GetDataset from a dict with the real service's error shapes. Jobs reach it as
+they do in production: JobChanged events on TF_EVENTS (there is no JobService to ask)."""
 
 from __future__ import annotations
 
@@ -12,21 +13,21 @@ import grpc.aio
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import (
     dataset_pb2,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
     estimation_service_pb2_grpc,
     job_pb2,
-    job_service_pb2,
-    job_service_pb2_grpc,
 )
 
 from services.estimation.component import EstimationComponent
 from services.estimation.settings import EstimationSettings
 from services.kit.runtime import Component, Registration, Runtime, serve
+from tuneforge_core import subjects
 from tuneforge_core.errors import not_found
-from tuneforge_core.nats import connect
+from tuneforge_core.nats import connect, publish
 from tuneforge_core.settings import KitSettings
 
 ORG = "acme"
@@ -35,6 +36,8 @@ ORG = "acme"
 class FakeDatasetService(dataset_service_pb2_grpc.DatasetServiceServicer):
     def __init__(self) -> None:
         self.datasets: dict[str, dataset_pb2.Dataset] = {}
+        # GetDataset calls answered, to show when a request's dataset_size spared one.
+        self.calls = 0
 
     def add(
         self,
@@ -73,30 +76,17 @@ class FakeDatasetService(dataset_service_pb2_grpc.DatasetServiceServicer):
     async def GetDataset(
         self, request: dataset_service_pb2.GetDatasetRequest, context: grpc.aio.ServicerContext
     ) -> dataset_service_pb2.GetDatasetResponse:
+        self.calls += 1
         for dataset in self.datasets.values():
             if dataset.organization == request.organization and request.dataset in (dataset.id, dataset.name):
                 return dataset_service_pb2.GetDatasetResponse(dataset=dataset)
         raise not_found("dataset", request.dataset, request.organization)
 
 
-class FakeJobService(job_service_pb2_grpc.JobServiceServicer):
-    def __init__(self) -> None:
-        self.jobs: dict[str, job_pb2.Job] = {}
-
-    async def GetJob(
-        self, request: job_service_pb2.GetJobRequest, context: grpc.aio.ServicerContext
-    ) -> job_service_pb2.GetJobResponse:
-        job = self.jobs.get(request.job)
-        if job is None or job.organization != request.organization:
-            raise not_found("job", request.job, request.organization)
-        return job_service_pb2.GetJobResponse(job=job)
-
-
 class FakesComponent(Component):
-    def __init__(self, runtime: Runtime, datasets: FakeDatasetService, jobs: FakeJobService) -> None:
+    def __init__(self, runtime: Runtime, datasets: FakeDatasetService) -> None:
         super().__init__(runtime)
         self.datasets = datasets
-        self.jobs = jobs
 
     def registrations(self) -> Sequence[Registration]:
         return [
@@ -105,24 +95,28 @@ class FakesComponent(Component):
                 self.datasets,
                 dataset_service_pb2_grpc.add_DatasetServiceServicer_to_server,
             ),
-            Registration(
-                "tuneforge.v1.JobService", self.jobs, job_service_pb2_grpc.add_JobServiceServicer_to_server
-            ),
         ]
 
 
 @dataclass
 class EstimationStack:
     estimation: estimation_service_pb2_grpc.EstimationServiceStub
+    # The channel the stub uses, for other clients of the service (the jobs service's HardwareCheck).
+    channel: grpc.aio.Channel
     datasets: FakeDatasetService
-    jobs: FakeJobService
     # A client of the same nats-server, to publish events as the jobs service's outbox relay does.
     js: JetStreamContext
 
 
+async def publish_job(stack: EstimationStack, job: job_pb2.Job, event_id: str) -> None:
+    """Publishes the job's JobChanged, as the jobs service's outbox relay does after a committed change."""
+    event = events_pb2.JobChanged(event_id=event_id, job=job, previous_state=job_pb2.JOB_STATE_RUNNING)
+    await publish(stack.js, subjects.job_events(job.id), event, event_id)
+
+
 @pytest.fixture
 async def estimation_stack(kit_settings: KitSettings) -> AsyncIterator[EstimationStack]:
-    datasets, jobs = FakeDatasetService(), FakeJobService()
+    datasets = FakeDatasetService()
     settings = EstimationSettings(hourly_usd={"nvidia-l4": 0.8})
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
@@ -130,7 +124,7 @@ async def estimation_stack(kit_settings: KitSettings) -> AsyncIterator[Estimatio
         serve(
             [
                 lambda runtime: EstimationComponent(runtime, settings),
-                lambda runtime: FakesComponent(runtime, datasets, jobs),
+                lambda runtime: FakesComponent(runtime, datasets),
             ],
             kit_settings,
             name="estimation-test",
@@ -143,7 +137,7 @@ async def estimation_stack(kit_settings: KitSettings) -> AsyncIterator[Estimatio
     nc: NATS = await connect(kit_settings.nats_url, "estimation-test-client")
     try:
         yield EstimationStack(
-            estimation_service_pb2_grpc.EstimationServiceStub(channel), datasets, jobs, nc.jetstream()
+            estimation_service_pb2_grpc.EstimationServiceStub(channel), channel, datasets, nc.jetstream()
         )
     finally:
         await nc.close()

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import estimation_pb2, estimation_service_pb2, job_pb2
 
 from services.estimation.calibration import MIN_MEMORY_FACTOR, WINDOW, CalibrationStore, factors, measure
@@ -17,11 +16,9 @@ from services.estimation.catalog import Catalog
 from services.estimation.component import MIGRATIONS_DIR
 from services.estimation.estimator import memory_per_gpu, tokens_per_second, utilization
 from services.estimation.models import CalibrationRow
-from services.estimation.spec import resolve_spec
+from services.estimation.spec import resolve_setup
 from services.kit.db import Database
-from tests.estimation.conftest import ORG, EstimationStack
-from tuneforge_core import subjects
-from tuneforge_core.nats import publish
+from tests.estimation.conftest import ORG, EstimationStack, publish_job
 
 CATALOG = Catalog.load()
 CALIBRATED = estimation_pb2.ESTIMATE_SOURCE_CALIBRATED
@@ -39,7 +36,7 @@ def job_spec(
 
 def prior_of(spec: job_pb2.JobSpec) -> tuple[float, int]:
     """What the prior predicts for the spec: tokens/s at full length, and the peak torch would measure."""
-    resolved = resolve_spec(spec, CATALOG)
+    resolved = resolve_setup(spec, CATALOG)
     hardware = CATALOG.hardware(spec.hardware.gpu_type or "cpu")
     assert hardware is not None
     arch, setup = resolved.model.architecture, resolved.setup
@@ -100,7 +97,7 @@ def test_measure_a_finished_job() -> None:
     cpu_job = finished("job_c", job_spec(gpu_type=""), peak_rss_bytes=3e9, train_tokens_per_second=50.0)
     measurement = measure(cpu_job, CATALOG)
     assert measurement is not None and measurement.gpu_type == "cpu"
-    resolved = resolve_spec(cpu_job.spec, CATALOG)
+    resolved = resolve_setup(cpu_job.spec, CATALOG)
     cpu = CATALOG.hardware("cpu")
     assert cpu is not None
     assert (
@@ -111,11 +108,6 @@ def test_measure_a_finished_job() -> None:
     # Nothing measured, or a model this service cannot size: no calibration, no error.
     assert measure(finished("job_d", spec), CATALOG) is None
     assert measure(finished("job_e", job_spec("acme/unknown"), train_tokens_per_second=1.0), CATALOG) is None
-
-
-async def publish_job(stack: EstimationStack, job: job_pb2.Job, event_id: str) -> None:
-    event = events_pb2.JobChanged(event_id=event_id, job=job, previous_state=job_pb2.JOB_STATE_RUNNING)
-    await publish(stack.js, subjects.job_events(job.id), event, event_id)
 
 
 async def estimate(
@@ -164,7 +156,7 @@ async def test_finished_jobs_calibrate_later_estimates(estimation_stack: Estimat
     other = job_spec("meta-llama/Llama-3.2-3B-Instruct")
     other.hyperparameters.max_seq_length = 2048
     response = await wait_calibrated(stack, other, 1)
-    resolved = resolve_spec(other, CATALOG)
+    resolved = resolve_setup(other, CATALOG)
     a100 = CATALOG.hardware("nvidia-a100-40gb")
     assert a100 is not None
     assert response.estimate.time.utilization == pytest.approx(0.5 * utilization(resolved.setup, a100))
@@ -187,7 +179,7 @@ async def test_finished_jobs_calibrate_later_estimates(estimation_stack: Estimat
     await publish_job(stack, second, "evt_second")
     response = await wait_calibrated(stack, spec, 2)
     assert response.estimate.time.utilization == pytest.approx(
-        0.6 * utilization(resolve_spec(spec, CATALOG).setup, a100)
+        0.6 * utilization(resolve_setup(spec, CATALOG).setup, a100)
     )  # median of 0.5 and 0.7
 
 

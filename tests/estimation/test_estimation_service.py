@@ -1,8 +1,11 @@
-"""EstimationService through real gRPC stubs, with a fake DatasetService for token statistics."""
+"""EstimationService through real gRPC stubs, with a fake DatasetService for token statistics and jobs
+arriving as JobChanged events on a real nats-server."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 
 import grpc
 import grpc.aio
@@ -12,7 +15,9 @@ from grpc_status import rpc_status
 from tuneforge.v1 import dataset_pb2, estimation_pb2, estimation_service_pb2, job_pb2
 
 from services.estimation.estimator import GIB
-from tests.estimation.conftest import ORG, EstimationStack
+from services.jobs.estimation_client import HardwareCheck
+from tests.estimation.conftest import ORG, EstimationStack, publish_job
+from tuneforge_core.errors import InvalidArgument
 
 PRIOR = estimation_pb2.ESTIMATE_SOURCE_PRIOR
 
@@ -299,6 +304,64 @@ async def test_validate_hardware(estimation_stack: EstimationStack) -> None:
     assert error_details(caught.value) == ("INVALID_ARGUMENT", ["spec.hardware.gpu_type"])
 
 
+async def test_a_dataset_size_sent_with_the_request_spares_reading_the_dataset(
+    estimation_stack: EstimationStack,
+) -> None:
+    """EstimateJob and ValidateHardware count tokens from the request's dataset_size when it is there, with
+    the same arithmetic as from the dataset, and never ask the datasets service."""
+    stack = estimation_stack
+    dataset = stack.datasets.add("support-chats", examples=1000, train=800, tokens=500_000, longest=900)
+    read = await stack.estimation.EstimateJob(
+        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec())
+    )
+    assert stack.datasets.calls == 1
+    size = estimation_pb2.DatasetSize(
+        dataset="support-chats", statistics=dataset.statistics, train_examples=800
+    )
+    sent = await stack.estimation.EstimateJob(
+        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec(), dataset_size=size)
+    )
+    assert sent.estimate == read.estimate and list(sent.notes) == list(read.notes)
+    assert sent.estimate.time.training_tokens == 3 * 400_000
+    checked = await stack.estimation.ValidateHardware(
+        estimation_service_pb2.ValidateHardwareRequest(organization=ORG, spec=spec(), dataset_size=size)
+    )
+    assert checked.requested == sent.estimate
+    assert stack.datasets.calls == 1  # neither call read the dataset
+
+    # A spec naming a dataset the datasets service does not know is sized from the request alone.
+    other = spec()
+    other.dataset = "not-there"
+    await stack.estimation.EstimateJob(
+        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=other, dataset_size=size)
+    )
+    bad = estimation_pb2.DatasetSize(dataset="support-chats", train_examples=-1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.estimation.EstimateJob(
+            estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec(), dataset_size=bad)
+        )
+    assert error_details(caught.value) == ("INVALID_ARGUMENT", ["dataset_size.train_examples"])
+    assert stack.datasets.calls == 1
+
+
+async def test_the_hardware_check_of_create_job_sends_its_dataset(estimation_stack: EstimationStack) -> None:
+    """The jobs service's client of ValidateHardware against the real service: the dataset CreateJob read
+    travels with the request (the datasets service is not asked again), the fit that admits the job comes
+    back for its assignment, and a job that does not fit is INSUFFICIENT_HARDWARE."""
+    stack = estimation_stack
+    dataset = stack.datasets.add("support-chats", examples=1000, train=800, tokens=500_000)
+    check = HardwareCheck(stack.channel)
+    admitted = await check.check(ORG, spec(), dataset)
+    assert admitted is not None and admitted.fits and admitted.gpu_type == "nvidia-a100-40gb"
+    assert admitted.memory_per_gpu.total > 0 and admitted.time.training_tokens == 3 * 400_000
+    assert await check.check(ORG, spec(gpu_type=""), dataset) is None  # no GPU named: nothing to check
+    with pytest.raises(InvalidArgument) as caught:
+        await check.check(ORG, spec("meta-llama/Llama-3.1-8B", "nvidia-t4"), dataset)
+    assert caught.value.reason == "INSUFFICIENT_HARDWARE"
+    assert [v.field for v in caught.value.violations] == ["spec.hardware.gpu_type"]
+    assert stack.datasets.calls == 0
+
+
 async def test_estimate_cost_projects_and_reports_the_cost_so_far(estimation_stack: EstimationStack) -> None:
     stub = estimation_stack.estimation
     response = await stub.EstimateCost(
@@ -328,53 +391,84 @@ async def test_estimate_cost_projects_and_reports_the_cost_so_far(estimation_sta
 
 
 async def test_estimate_cost_of_a_running_job_follows_its_pace(estimation_stack: EstimationStack) -> None:
-    """Given a job id, the spec, the time run and the progress come from the jobs service: the cost so far
-    is the time run at the rate, and the rest is priced at the job's own pace."""
-    stub = estimation_stack.estimation
-    estimation_stack.datasets.add("support-chats", examples=1000, train=800, tokens=500_000)
+    """Given a job id, the spec, the time run and the progress are those of the job's latest JobChanged
+    event: the cost so far is the time run at the rate, and the rest is priced at the job's own pace."""
+    stack = estimation_stack
+    stub = stack.estimation
+    stack.datasets.add("support-chats", examples=1000, train=800, tokens=500_000)
     job = job_pb2.Job(
         id="job_1",
         organization=ORG,
+        name="nightly",
         spec=spec(gpu_count=2),
         state=job_pb2.JOB_STATE_RUNNING,
         progress=job_pb2.JobProgress(step=25, total_steps=100),
+        revision=3,
     )
     job.start_time.FromSeconds(int(time.time()) - 3600)
-    estimation_stack.jobs.jobs["job_1"] = job
-    response = await stub.EstimateCost(
-        estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="job_1")
-    )
+
+    # Right after CreateJob, before the job's first event: NOT_FOUND, naming the job.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.EstimateCost(estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="job_1"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "job_1" in (caught.value.details() or "")
+
+    await publish_job(stack, job, "evt_1")
+    response = await wait_for_cost(stack, "job_1", lambda r: r.fraction_complete == 0.25)
     rate = 3.30 * 2
     assert response.elapsed_seconds == pytest.approx(3600, abs=5)
     assert response.current_usd == pytest.approx(rate, rel=0.01)
-    assert response.fraction_complete == 0.25
     # A quarter done in an hour: three more hours at the same pace.
     assert response.projected_total.total_usd == pytest.approx(4 * rate, rel=0.01)
     assert any("pace" in note for note in response.notes)
+    # By name too; a job of another organization is not found.
+    by_name = await stub.EstimateCost(
+        estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="nightly")
+    )
+    assert by_name.fraction_complete == 0.25
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.EstimateCost(
+            estimation_service_pb2.EstimateCostRequest(organization="other-org", job_id="job_1")
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
     # With an ETA reported, the rest is the ETA.
     job.progress.eta_seconds = 1800
-    response = await stub.EstimateCost(
-        estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="job_1")
+    job.revision = 4
+    await publish_job(stack, job, "evt_2")
+    response = await wait_for_cost(
+        stack, "job_1", lambda r: r.projected_total.total_usd == pytest.approx(1.5 * rate, rel=0.01)
     )
-    assert response.projected_total.total_usd == pytest.approx(1.5 * rate, rel=0.01)
 
     # A finished job cost what it ran.
     job.state = job_pb2.JOB_STATE_SUCCEEDED
     job.end_time.FromSeconds(job.start_time.seconds + 7200)
+    job.revision = 6
+    await publish_job(stack, job, "evt_3")
+    response = await wait_for_cost(stack, "job_1", lambda r: r.fraction_complete == 1.0)
+    assert response.current_usd == response.projected_total.total_usd == pytest.approx(2 * rate)
+
+    # An older revision arriving late (a redelivery, another replica's relay) changes nothing.
+    stale = job_pb2.Job()
+    stale.CopyFrom(job)
+    stale.state = job_pb2.JOB_STATE_RUNNING
+    stale.ClearField("end_time")
+    stale.revision = 5
+    await publish_job(stack, stale, "evt_stale")
+    # A later event of another job, consumed after the stale one, shows the stale one was handled.
+    marker = job_pb2.Job(id="job_marker", organization=ORG, spec=spec(), state=job_pb2.JOB_STATE_QUEUED)
+    await publish_job(stack, marker, "evt_marker")
+    await wait_for_cost(stack, "job_marker", lambda r: True)
     response = await stub.EstimateCost(
         estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="job_1")
     )
-    assert response.current_usd == response.projected_total.total_usd == pytest.approx(2 * rate)
-    assert response.fraction_complete == 1.0
+    assert response.fraction_complete == 1.0 and response.current_usd == pytest.approx(2 * rate)
 
     # Not started: the estimate.
-    estimation_stack.jobs.jobs["job_2"] = job_pb2.Job(
-        id="job_2", organization=ORG, spec=spec(), state=job_pb2.JOB_STATE_QUEUED
+    queued = job_pb2.Job(
+        id="job_2", organization=ORG, spec=spec(), state=job_pb2.JOB_STATE_QUEUED, revision=1
     )
-    response = await stub.EstimateCost(
-        estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="job_2")
-    )
+    await publish_job(stack, queued, "evt_4")
+    response = await wait_for_cost(stack, "job_2", lambda r: True)
     assert response.current_usd == 0 and response.projected_total.total_usd == pytest.approx(
         response.time.total_seconds / 3600 * 3.30
     )
@@ -382,6 +476,25 @@ async def test_estimate_cost_of_a_running_job_follows_its_pace(estimation_stack:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.EstimateCost(estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id="job_9"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def wait_for_cost(
+    stack: EstimationStack,
+    job_id: str,
+    ready: Callable[[estimation_service_pb2.EstimateCostResponse], bool],
+) -> estimation_service_pb2.EstimateCostResponse:
+    """EstimateCost of a job once the service has consumed the events that make `ready` true."""
+    request = estimation_service_pb2.EstimateCostRequest(organization=ORG, job_id=job_id)
+    for _ in range(200):
+        try:
+            response = await stack.estimation.EstimateCost(request)
+            if ready(response):
+                return response
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the estimation service never caught up with job {job_id}'s events")
 
 
 async def test_plan_job(estimation_stack: EstimationStack) -> None:

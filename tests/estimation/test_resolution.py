@@ -1,4 +1,5 @@
-"""Catalog loading, model resolution (catalog, config.json, name), spec defaults and checks, suggestions."""
+"""Catalog loading, model resolution (catalog, config.json, name), a spec's `Setup` (its defaults are
+tuneforge_core.spec.resolve_spec's, the same CreateJob stores) and catalog checks, suggestions."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from services.estimation.advice import suggestions
 from services.estimation.catalog import CATALOG_DIR, Catalog, CatalogError
 from services.estimation.estimator import Setup, memory_per_gpu
 from services.estimation.resolver import resolve_model
-from services.estimation.spec import resolve_spec
+from services.estimation.spec import resolve_setup, to_setup
 from tuneforge_core.errors import InvalidArgument
+from tuneforge_core.spec import resolve_spec
 
 CATALOG = Catalog.load()
 
@@ -103,7 +105,7 @@ def test_an_unknown_name_with_a_size_is_guessed_and_noted() -> None:
 
 
 def test_spec_defaults_follow_job_proto() -> None:
-    resolved = resolve_spec(job_pb2.JobSpec(base_model="meta-llama/Llama-3.1-8B-Instruct"), CATALOG)
+    resolved = resolve_setup(job_pb2.JobSpec(base_model="meta-llama/Llama-3.1-8B-Instruct"), CATALOG)
     assert resolved.setup == Setup()
     setup = resolved.setup
     assert (
@@ -122,13 +124,13 @@ def test_spec_defaults_follow_job_proto() -> None:
         adapter=job_pb2.ADAPTER_TYPE_QLORA,
         quantization=quantization,
         hardware=job_pb2.HardwareConfig(
-            gpu_type="nvidia-l4", gpu_count=2, strategy=job_pb2.DISTRIBUTED_STRATEGY_ZERO2
+            gpu_type="nvidia-l4", gpu_count=2, strategy=job_pb2.DISTRIBUTED_STRATEGY_DDP
         ),
     )
     spec.hyperparameters.batch_size = 8
     spec.hyperparameters.gradient_checkpointing = True
     spec.lora.target_modules.extend(["q_proj", "lm_head_x"])
-    setup = resolve_spec(spec, CATALOG).setup
+    setup = resolve_setup(spec, CATALOG).setup
     assert (
         setup.adapter,
         setup.quantization_bits,
@@ -137,26 +139,82 @@ def test_spec_defaults_follow_job_proto() -> None:
         setup.strategy,
         setup.batch_size,
         setup.gradient_checkpointing,
-    ) == ("qlora", 8, "fp16", 2, "zero2", 8, True)
-    assert any("lm_head_x" in note for note in resolve_spec(spec, CATALOG).notes)
+    ) == ("qlora", 8, "fp16", 2, "ddp", 8, True)
+    assert any("lm_head_x" in note for note in resolve_setup(spec, CATALOG).notes)
+
+
+def test_an_int8_qlora_spec_is_8_bits_as_create_job_resolves_it() -> None:
+    """The regression that made one resolver: QLoRA with quantization.type INT8 and bits unset was 8-bit at
+    CreateJob and 4-bit in the estimator."""
+    spec = job_pb2.JobSpec(
+        base_model="Qwen/Qwen2.5-7B",
+        adapter=job_pb2.ADAPTER_TYPE_QLORA,
+        quantization=job_pb2.QuantizationConfig(type=job_pb2.QUANTIZATION_TYPE_INT8),
+    )
+    assert not spec.quantization.HasField("bits")
+    resolved = resolve_spec(spec, require_dataset=False)
+    assert resolved.quantization.bits == 8
+    assert resolve_setup(spec, CATALOG).setup.quantization_bits == 8
+    # 4-bit when the type says so or is left to the resolver.
+    spec.quantization.type = job_pb2.QUANTIZATION_TYPE_NF4
+    assert resolve_setup(spec, CATALOG).setup.quantization_bits == 4
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        job_pb2.JobSpec(base_model="meta-llama/Llama-3.1-8B-Instruct"),
+        job_pb2.JobSpec(
+            base_model="Qwen/Qwen2.5-7B",
+            adapter=job_pb2.ADAPTER_TYPE_QLORA,
+            quantization=job_pb2.QuantizationConfig(type=job_pb2.QUANTIZATION_TYPE_INT8),
+            hardware=job_pb2.HardwareConfig(gpu_type="nvidia-l4", gpu_count=2),
+        ),
+        job_pb2.JobSpec(base_model="Qwen/Qwen2.5-0.5B", adapter=job_pb2.ADAPTER_TYPE_FULL),
+        job_pb2.JobSpec(base_model="Qwen/Qwen2.5-0.5B", adapter=job_pb2.ADAPTER_TYPE_PROMPT_TUNING),
+        job_pb2.JobSpec(
+            base_model="Qwen/Qwen2.5-0.5B",
+            method=job_pb2.TRAINING_METHOD_GRPO,
+            grpo=job_pb2.GrpoConfig(reward_functions=[job_pb2.REWARD_FUNCTION_LENGTH], target_length=100),
+        ),
+    ],
+)
+def test_a_draft_and_the_spec_create_job_stores_estimate_the_same(spec: job_pb2.JobSpec) -> None:
+    """The estimator reads the resolved spec only: estimating a draft, or the resolved copy CreateJob stored
+    and the worker trains, is the same `Setup`, field for field."""
+    stored = resolve_spec(spec, require_dataset=False)
+    setup = resolve_setup(spec, CATALOG).setup
+    assert setup == resolve_setup(stored, CATALOG).setup == to_setup(stored)
+    hp = stored.hyperparameters
+    assert (setup.batch_size, setup.epochs, setup.max_seq_length, setup.gpu_count) == (
+        hp.batch_size,
+        hp.epochs,
+        hp.max_seq_length,
+        stored.hardware.gpu_count,
+    )
+    if stored.method == job_pb2.TRAINING_METHOD_GRPO:
+        assert (setup.num_generations, setup.kl_beta) == (stored.grpo.num_generations, stored.grpo.kl_beta)
 
 
 def test_spec_checks_name_every_bad_field() -> None:
+    """The resolver's violations and the catalog's come together, all at once."""
     spec = job_pb2.JobSpec(
         hardware=job_pb2.HardwareConfig(gpu_type="nvidia-b200", gpu_count=9),
         method=job_pb2.TRAINING_METHOD_DISTILLATION,
+        adapter=job_pb2.ADAPTER_TYPE_QLORA,
     )
     spec.hyperparameters.batch_size = 0
     spec.hyperparameters.max_seq_length = 8
     spec.lora.rank = 0
     spec.quantization.bits = 3
     with pytest.raises(InvalidArgument) as caught:
-        resolve_spec(spec, CATALOG)
+        resolve_setup(spec, CATALOG)
     assert set(fields(caught.value)) == {
         "spec.base_model",
         "spec.hyperparameters.batch_size",
         "spec.hyperparameters.max_seq_length",
         "spec.lora.rank",
+        "spec.lora.alpha",  # 2 x rank unless set: the resolver checks the value it derived too
         "spec.quantization.bits",
         "spec.distillation.teacher_model",
         "spec.hardware.gpu_type",
@@ -167,8 +225,9 @@ def test_spec_checks_name_every_bad_field() -> None:
         base_model="Qwen/Qwen2.5-0.5B", hardware=job_pb2.HardwareConfig(gpu_type="cpu", gpu_count=2)
     )
     with pytest.raises(InvalidArgument) as caught:
-        resolve_spec(cpu, CATALOG)
+        resolve_setup(cpu, CATALOG)
     assert fields(caught.value) == ["spec.hardware.gpu_count"]
+    assert "allows 1 GPUs" in caught.value.violations[0].description
 
 
 def test_suggestions_only_offer_changes_that_fit() -> None:

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tuneforge.v1 import estimation_pb2
 
 from tests.worker.helpers import make_run_config, read_events
 from trainer_worker.errors import TrainingError, classify, describe
 from trainer_worker.events import EventLogHandler, EventSink
+from trainer_worker.run_config import RunConfig
 from trainer_worker.sysmetrics import PEAK_GPU_MEMORY, PEAK_RSS, SystemSampler, peak_metrics
 from trainer_worker.train import memory_estimate, with_run_metrics
 
@@ -24,16 +26,27 @@ def test_out_of_gpu_memory_says_what_to_change() -> None:
     assert describe(MemoryError())[1].startswith("Training ran out of host memory.")
 
 
-def test_out_of_memory_message_carries_the_estimate(tmp_path: Path, tiny_model: Path) -> None:
-    """The same arithmetic that admitted the job, on the model the worker loaded and the spec's GPU."""
-    spec = {"hyperparameters": {"batch_size": 8, "max_seq_length": 512},
-            "hardware": {"gpu_type": "nvidia-t4"}}
-    cfg = make_run_config(tmp_path, tiny_model, tmp_path / "train.jsonl", spec)
-    message = memory_estimate(cfg)
-    assert message.startswith("Estimated need: ") and "GiB per GPU" in message and "activations" in message
-    assert "NVIDIA T4" in message or "nvidia-t4" in message.lower(), message
-    unknown = make_run_config(tmp_path, tmp_path / "no-model-here", tmp_path / "train.jsonl", spec)
-    assert memory_estimate(unknown) == ""  # never a failure of its own
+def test_out_of_memory_message_carries_the_estimate(tmp_path: Path) -> None:
+    """The estimate the job was admitted with (JobAssignment.admission_estimate, carried in RUN.json), by
+    term; nothing when the job was admitted unchecked."""
+    gib = 2**30
+    fit = estimation_pb2.HardwareFit(
+        gpu_type="nvidia-t4",
+        gpu_count=1,
+        fits=True,
+        memory_per_gpu=estimation_pb2.MemoryBreakdown(
+            total=int(12.5 * gib), weights=6 * gib, activations=3 * gib, logits=gib, optimizer_states=gib
+        ),
+    )
+    cfg = make_run_config(tmp_path, "/models/x", tmp_path / "train.jsonl")
+    admitted = cfg.model_copy(update={"admission_estimate": RunConfig.fit_to_dict(fit)})
+    admitted = RunConfig.load(admitted.dump(tmp_path / "RUN.json"))  # as the training process reads it
+    message = memory_estimate(admitted)
+    assert message.startswith("Estimated need: 12.5 GiB per GPU on 1 x nvidia-t4"), message
+    assert "weights 6.0" in message and "activations 3.0" in message and "optimizer states 1.0" in message
+    assert memory_estimate(cfg) == ""  # admitted unchecked: nothing to say, and never a failure of its own
+    broken = cfg.model_copy(update={"admission_estimate": {"memory_per_gpu": "not a message"}})
+    assert memory_estimate(broken) == ""
 
 
 @pytest.mark.parametrize(

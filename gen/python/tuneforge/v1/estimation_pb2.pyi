@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from tuneforge.v1 import dataset_pb2 as _dataset_pb2
 from tuneforge.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
@@ -377,3 +378,42 @@ class HardwareFit(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HardwareFit: _TypeAlias = HardwareFit  # noqa: Y015
+
+@_typing.final
+class DatasetSize(_message.Message):
+    """How much a dataset trains on, as an estimate reads it. A caller that has read the dataset already (the jobs
+    service at CreateJob) sends it with its request, so the estimation service does not read the same dataset
+    from the datasets service again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    STATISTICS_FIELD_NUMBER: _builtins.int
+    TRAIN_EXAMPLES_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    """The dataset's id or name, as notes name it."""
+    train_examples: _builtins.int
+    """Examples in the dataset's train split (the DATASET_SPLIT_KIND_TRAIN entries of Dataset.splits); 0 when
+    not known, and then every example counts as training.
+    """
+    @_builtins.property
+    def statistics(self) -> _dataset_pb2.DatasetStatistics:
+        """The dataset's Dataset.statistics: example_count, total_characters and the token counts (train_tokens,
+        else total scaled to the train split, else characters / 4; max, the longest example) are read.
+        """
+
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        statistics: _dataset_pb2.DatasetStatistics | None = ...,
+        train_examples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["statistics", b"statistics"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "statistics", b"statistics", "train_examples", b"train_examples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatasetSize: _TypeAlias = DatasetSize  # noqa: Y015

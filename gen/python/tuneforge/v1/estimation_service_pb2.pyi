@@ -223,21 +223,30 @@ class EstimateJobRequest(_message.Message):
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     TOKENS_PER_EPOCH_FIELD_NUMBER: _builtins.int
+    DATASET_SIZE_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
     tokens_per_epoch: _builtins.int
     """Training tokens per epoch; when 0 the dataset's token statistics are used."""
     @_builtins.property
     def spec(self) -> _job_pb2.JobSpec: ...
+    @_builtins.property
+    def dataset_size(self) -> _estimation_pb2.DatasetSize:
+        """The size of spec.dataset, for a caller that has read the dataset already: used instead of reading it
+        from the datasets service (which would also check it is READY: the caller has). Ignored when
+        tokens_per_epoch is set.
+        """
+
     def __init__(
         self,
         *,
         organization: _builtins.str = ...,
         spec: _job_pb2.JobSpec | None = ...,
         tokens_per_epoch: _builtins.int = ...,
+        dataset_size: _estimation_pb2.DatasetSize | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset_size", b"dataset_size", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization", b"organization", "spec", b"spec", "tokens_per_epoch", b"tokens_per_epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_size", b"dataset_size", "organization", b"organization", "spec", b"spec", "tokens_per_epoch", b"tokens_per_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -279,20 +288,27 @@ class ValidateHardwareRequest(_message.Message):
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     TOKENS_PER_EPOCH_FIELD_NUMBER: _builtins.int
+    DATASET_SIZE_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
     tokens_per_epoch: _builtins.int
+    """Training tokens per epoch; when 0 the dataset's token statistics are used."""
     @_builtins.property
     def spec(self) -> _job_pb2.JobSpec: ...
+    @_builtins.property
+    def dataset_size(self) -> _estimation_pb2.DatasetSize:
+        """As in EstimateJobRequest: the size of spec.dataset, so that CreateJob's check reads the dataset once."""
+
     def __init__(
         self,
         *,
         organization: _builtins.str = ...,
         spec: _job_pb2.JobSpec | None = ...,
         tokens_per_epoch: _builtins.int = ...,
+        dataset_size: _estimation_pb2.DatasetSize | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset_size", b"dataset_size", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization", b"organization", "spec", b"spec", "tokens_per_epoch", b"tokens_per_epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_size", b"dataset_size", "organization", b"organization", "spec", b"spec", "tokens_per_epoch", b"tokens_per_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,8 +367,9 @@ class EstimateCostRequest(_message.Message):
     elapsed_seconds: _builtins.float
     """For a running job given by its spec: seconds it has run so far, to report the cost so far."""
     job_id: _builtins.str
-    """A job of the organization (id or name): its spec, the time it has run and its progress are read from
-    the jobs service, and the projection follows its measured pace.
+    """A job of the organization (id or name): its spec, the time it has run and its progress are those of
+    the job's latest JobChanged event, and the projection follows its measured pace. A job is known here
+    once its first event has arrived (normally within a second of CreateJob): until then, NOT_FOUND.
     """
     @_builtins.property
     def spec(self) -> _job_pb2.JobSpec:

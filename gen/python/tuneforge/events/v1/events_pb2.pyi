@@ -14,6 +14,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.rpc import status_pb2 as _status_pb2
 from tuneforge.v1 import dataset_pb2 as _dataset_pb2
+from tuneforge.v1 import estimation_pb2 as _estimation_pb2
 from tuneforge.v1 import job_pb2 as _job_pb2
 from tuneforge.v1 import metrics_pb2 as _metrics_pb2
 import builtins as _builtins
@@ -145,6 +146,7 @@ class JobAssignment(_message.Message):
     DATASET_FORMAT_FIELD_NUMBER: _builtins.int
     OUTPUT_PREFIX_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ADMISSION_ESTIMATE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     job_id: _builtins.str
     organization: _builtins.str
@@ -160,6 +162,13 @@ class JobAssignment(_message.Message):
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def admission_estimate(self) -> _estimation_pb2.HardwareFit:
+        """The estimate the job was admitted with: EstimationService.ValidateHardware's fit on the GPU type the
+        spec names (its memory per GPU, by term). Unset when CreateJob checked no hardware (no GPU type named,
+        or a model the estimator does not know). The worker words an out-of-memory failure with it.
+        """
+
     def __init__(
         self,
         *,
@@ -172,10 +181,11 @@ class JobAssignment(_message.Message):
         dataset_format: _dataset_pb2.DatasetFormat.ValueType = ...,
         output_prefix: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        admission_estimate: _estimation_pb2.HardwareFit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admission_estimate", b"admission_estimate", "create_time", b"create_time", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dataset_format", b"dataset_format", "event_id", b"event_id", "job_id", b"job_id", "organization", b"organization", "output_prefix", b"output_prefix", "spec", b"spec", "train_uri", b"train_uri", "validation_uri", b"validation_uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_estimate", b"admission_estimate", "create_time", b"create_time", "dataset_format", b"dataset_format", "event_id", b"event_id", "job_id", b"job_id", "organization", b"organization", "output_prefix", b"output_prefix", "spec", b"spec", "train_uri", b"train_uri", "validation_uri", b"validation_uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
