@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+from tuneforge_core.compat import Family, family_of_format
+
 
 class DatasetState(StrEnum):
     PROCESSING = "PROCESSING"
@@ -27,6 +29,19 @@ class DatasetFormat(StrEnum):
     OPENAI_PREFERENCE = "OPENAI_PREFERENCE"
     PROMPT_ONLY = "PROMPT_ONLY"
     KTO = "KTO"
+
+
+def family(fmt: DatasetFormat) -> Family:
+    """The one row shape a format is normalized to, from tuneforge_core.compat's table (the jobs service and
+    the worker read the same one)."""
+    found = family_of_format(fmt.value)
+    if found is None:
+        raise ValueError(f"{fmt.value} has no family in tuneforge_core.compat.FORMAT_FAMILY")
+    return found
+
+
+# The formats whose rows are conversations: normalized to {"messages": [...]}, rendered with a chat template.
+CHAT_FORMATS: frozenset[DatasetFormat] = frozenset(f for f in DatasetFormat if family(f) is Family.CHAT)
 
 
 class SplitKind(StrEnum):

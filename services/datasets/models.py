@@ -7,6 +7,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -99,3 +100,24 @@ class DatasetOutbox(OutboxMixin, Base):
     """DatasetChanged events waiting for the relay."""
 
     __tablename__ = "datasets_outbox"
+
+
+class JobUsageRow(Base):
+    """What the datasets service knows of a job, from its JobChanged events (job_usage.py): the datasets
+    it trains and validates on, and whether it has ended. Rows of ended jobs stay, so that an older event
+    delivered late cannot bring the job back (its revision is lower than the row's)."""
+
+    __tablename__ = "datasets_job_usage"
+    __table_args__ = (
+        Index("ix_datasets_job_usage_org_dataset", "organization", "dataset_id"),
+        Index("ix_datasets_job_usage_org_validation_dataset", "organization", "validation_dataset_id"),
+    )
+
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(63))
+    dataset_id: Mapped[str] = mapped_column(String(40))
+    validation_dataset_id: Mapped[str] = mapped_column(String(40), default="")
+    ended: Mapped[bool] = mapped_column(Boolean)
+    # Job.revision of the event the row was last written from.
+    revision: Mapped[int] = mapped_column(BigInteger)
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -26,6 +26,8 @@ from typing import Any
 
 import msgspec
 
+from services.datasets.issues import IssueCode
+
 BOM = b"\xef\xbb\xbf"
 MAX_LINE_BYTES = 16 * 1024 * 1024
 DETECTION_SAMPLE_LINES = 100
@@ -34,23 +36,6 @@ MAX_ARCHIVE_ENTRIES = 10_000
 MAX_COMPRESSION_RATIO = 100
 PARQUET_BATCH_ROWS = 4096
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
-
-# Issue codes of reading (stable, like the format codes).
-EMPTY_FILE = "EMPTY_FILE"
-INVALID_UTF8 = "INVALID_UTF8"
-INVALID_JSON = "INVALID_JSON"
-TRUNCATED_LINE = "TRUNCATED_LINE"
-LINE_TOO_LONG = "LINE_TOO_LONG"
-INVALID_CSV = "INVALID_CSV"
-CSV_COLUMN_COUNT = "CSV_COLUMN_COUNT"
-MISSING_COLUMN = "MISSING_COLUMN"
-INVALID_PARQUET = "INVALID_PARQUET"
-INVALID_ARCHIVE = "INVALID_ARCHIVE"
-UNSAFE_ARCHIVE_ENTRY = "UNSAFE_ARCHIVE_ENTRY"
-ARCHIVE_TOO_LARGE = "ARCHIVE_TOO_LARGE"
-MISSING_MASTER_FILE = "MISSING_MASTER_FILE"
-MISSING_IMAGE = "MISSING_IMAGE"
-INVALID_IMAGE = "INVALID_IMAGE"
 
 # Fields whose CSV cells (and Parquet strings) hold JSON lists or objects.
 STRUCTURED_FIELDS = frozenset(
@@ -176,7 +161,7 @@ def _one_line(
             raw = f.readline(1024 * 1024)
             size += len(raw)
         add(
-            LINE_TOO_LONG,
+            IssueCode.LINE_TOO_LONG,
             f"The line is {size} bytes long; lines may be at most {max_line_bytes} "
             "bytes (one example per line).",
             number,
@@ -219,7 +204,7 @@ def parse_json_line(line: bytes, unterminated: bool, number: int, add: IssueSink
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         add(
-            INVALID_UTF8,
+            IssueCode.INVALID_UTF8,
             f"The line is not valid UTF-8 (byte 0x{line[exc.start]:02x} at position "
             f"{exc.start + 1}); save the file as UTF-8.",
             number,
@@ -230,16 +215,20 @@ def parse_json_line(line: bytes, unterminated: bool, number: int, add: IssueSink
     except json.JSONDecodeError as exc:
         if unterminated:
             add(
-                TRUNCATED_LINE,
+                IssueCode.TRUNCATED_LINE,
                 f"The last line is not complete JSON ({exc.msg} at column {exc.colno}) and "
                 "has no line end: the file looks cut short; upload the whole file again.",
                 number,
             )
         else:
-            add(INVALID_JSON, f"The line is not valid JSON: {exc.msg} at column {exc.colno}.", number)
+            add(
+                IssueCode.INVALID_JSON,
+                f"The line is not valid JSON: {exc.msg} at column {exc.colno}.",
+                number,
+            )
         return UNREADABLE
     except RecursionError:
-        add(INVALID_JSON, "The line nests lists or objects too deeply to be parsed.", number)
+        add(IssueCode.INVALID_JSON, "The line nests lists or objects too deeply to be parsed.", number)
         return UNREADABLE
 
 
@@ -266,7 +255,7 @@ def _columns(header: list[str], mapping: dict[str, str], line: int, add: IssueSi
     missing = [f"{field} <- {column}" for field, column in mapping.items() if column not in header]
     if missing:
         add(
-            MISSING_COLUMN,
+            IssueCode.MISSING_COLUMN,
             f"The column mapping names columns the file does not have ({', '.join(missing)}); "
             f"its columns are: {', '.join(header)}.",
             line,
@@ -301,7 +290,7 @@ def csv_records(
                     continue
                 if len(values) != len(fields):
                     add(
-                        CSV_COLUMN_COUNT,
+                        IssueCode.CSV_COLUMN_COUNT,
                         f"The record has {len(values)} columns; the header has {len(fields)}.",
                         line,
                     )
@@ -310,13 +299,13 @@ def csv_records(
                 yield line, _row(fields, values)
         except UnicodeDecodeError as exc:
             add(
-                INVALID_UTF8,
+                IssueCode.INVALID_UTF8,
                 f"The file is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x}) after line "
                 f"{start - 1}; save it as UTF-8.",
                 start,
             )
         except csv.Error as exc:
-            add(INVALID_CSV, f"The CSV cannot be read: {exc}.", start)
+            add(IssueCode.INVALID_CSV, f"The CSV cannot be read: {exc}.", start)
 
 
 def parquet_records(path: Path, mapping: dict[str, str], add: IssueSink) -> Iterator[tuple[int, Any]]:
@@ -336,7 +325,7 @@ def parquet_records(path: Path, mapping: dict[str, str], add: IssueSink) -> Iter
                 row += 1
                 yield row, _row(fields, list(values))
     except (pa.ArrowException, OSError) as exc:
-        add(INVALID_PARQUET, f"The Parquet file cannot be read: {exc}.", 0)
+        add(IssueCode.INVALID_PARQUET, f"The Parquet file cannot be read: {exc}.", 0)
 
 
 # -- ZIP -----------------------------------------------------------------------------------------------
@@ -372,7 +361,7 @@ def extract_zip(path: Path, dest: Path, max_bytes: int, add: IssueSink) -> Archi
             infos = archive.infolist()
             if len(infos) > MAX_ARCHIVE_ENTRIES:
                 add(
-                    ARCHIVE_TOO_LARGE,
+                    IssueCode.ARCHIVE_TOO_LARGE,
                     f"The archive has {len(infos)} entries; at most {MAX_ARCHIVE_ENTRIES} are accepted.",
                     0,
                 )
@@ -380,7 +369,7 @@ def extract_zip(path: Path, dest: Path, max_bytes: int, add: IssueSink) -> Archi
             bad = [(i.filename, why) for i in infos if (why := _unsafe(i))]
             for name, why in bad:
                 add(
-                    UNSAFE_ARCHIVE_ENTRY,
+                    IssueCode.UNSAFE_ARCHIVE_ENTRY,
                     f"The entry {name!r} {why}; archives may only hold plain files with relative paths.",
                     0,
                     name,
@@ -400,7 +389,7 @@ def extract_zip(path: Path, dest: Path, max_bytes: int, add: IssueSink) -> Archi
                     else f"its entries expand to {total} bytes, over the limit of {max_bytes}"
                 )
                 add(
-                    ARCHIVE_TOO_LARGE,
+                    IssueCode.ARCHIVE_TOO_LARGE,
                     f"The archive looks like a zip bomb: {what}.",
                     0,
                     bomb[0] if bomb else "",
@@ -410,7 +399,7 @@ def extract_zip(path: Path, dest: Path, max_bytes: int, add: IssueSink) -> Archi
             master = _master(files)
             if master is None:
                 add(
-                    MISSING_MASTER_FILE,
+                    IssueCode.MISSING_MASTER_FILE,
                     f"The archive has no {MASTER_FILE} at its top (or in its one top "
                     "folder); put the training examples there and the images beside them.",
                     0,
@@ -426,7 +415,7 @@ def extract_zip(path: Path, dest: Path, max_bytes: int, add: IssueSink) -> Archi
                         written += len(chunk)
                         if written > max_bytes or written > total:
                             add(
-                                ARCHIVE_TOO_LARGE,
+                                IssueCode.ARCHIVE_TOO_LARGE,
                                 "The archive expands to more bytes than its entries "
                                 "declare: it looks like a zip bomb.",
                                 0,
@@ -435,7 +424,7 @@ def extract_zip(path: Path, dest: Path, max_bytes: int, add: IssueSink) -> Archi
                             return None
                         out.write(chunk)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError) as exc:
-        add(INVALID_ARCHIVE, f"The ZIP archive cannot be read: {exc}.", 0)
+        add(IssueCode.INVALID_ARCHIVE, f"The ZIP archive cannot be read: {exc}.", 0)
         return None
     master_path = dest.joinpath(*PurePosixPath(master).parts)
     return Archive(master_path, master_path.parent)
@@ -452,22 +441,22 @@ def _master(files: dict[str, zipfile.ZipInfo]) -> str | None:
     return None
 
 
-def image_problem(root: Path, relative: str) -> tuple[str, str] | None:
+def image_problem(root: Path, relative: str) -> tuple[IssueCode, str] | None:
     """(code, sentence) when `relative` is not an image file inside `root`, else None."""
     parts = PurePosixPath(relative).parts
     if relative.startswith("/") or ".." in parts or "\\" in relative:
         return (
-            MISSING_IMAGE,
+            IssueCode.MISSING_IMAGE,
             f"Image path {relative!r} must be relative to {MASTER_FILE}, inside the archive.",
         )
     path = root.joinpath(*parts)
     if not path.is_file():
         return (
-            MISSING_IMAGE,
+            IssueCode.MISSING_IMAGE,
             f"Image {relative!r} is not in the archive (paths are relative to {MASTER_FILE}).",
         )
     with path.open("rb") as f:
         head = f.read(16)
     if not (head.startswith(IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
-        return INVALID_IMAGE, f"{relative!r} is not a PNG, JPEG, GIF, WebP or BMP image."
+        return IssueCode.INVALID_IMAGE, f"{relative!r} is not a PNG, JPEG, GIF, WebP or BMP image."
     return None

@@ -9,14 +9,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from google.protobuf.message import Message
 from sqlalchemy import and_, delete, or_, select
 from sqlalchemy.orm import Session
+from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import dataset_pb2
 
 from services.datasets.converters import (
+    UriFor,
+    dataset_to_proto,
     options_from_proto,
     options_to_proto,
+    report_from_proto,
     tokens_from_proto,
     tokens_to_proto,
 )
@@ -29,10 +32,13 @@ from services.datasets.domain import (
     SplitKind,
     SplitPlan,
     Statistics,
+    ValidationReport,
 )
 from services.datasets.models import DatasetOutbox, DatasetRow, SplitRow
 from services.kit.outbox import add_event, utcnow
-from services.kit.protos import as_utc
+from services.kit.protos import as_utc, to_timestamp
+from tuneforge_core import subjects
+from tuneforge_core.ids import new_id
 
 ListCursor = tuple[datetime, str]
 
@@ -98,9 +104,11 @@ class DatasetRepository:
         return self.session.scalar(select(DatasetRow.id).where(DatasetRow.organization == organization,
                                                                DatasetRow.name == name)) is not None
 
-    def validation_report(self, organization: str, dataset_id: str) -> bytes:
-        return self.session.scalar(select(DatasetRow.validation_report).where(
+    def validation_report(self, organization: str, dataset_id: str) -> ValidationReport:
+        """The report stored with the dataset (an empty one for a dataset that has none yet)."""
+        data = self.session.scalar(select(DatasetRow.validation_report).where(
             DatasetRow.organization == organization, DatasetRow.id == dataset_id)) or b""
+        return report_from_proto(dataset_pb2.ValidationReport.FromString(data))
 
     def insert(self, record: DatasetRecord, report: bytes) -> DatasetRecord:
         plan = record.split_plan
@@ -177,5 +185,8 @@ class DatasetRepository:
                                                                DatasetRow.id == dataset_id))
         return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    def add_event(self, subject: str, message: Message, event_id: str) -> None:
-        add_event(self.session, DatasetOutbox, subject, message, event_id)
+    def add_changed(self, record: DatasetRecord, uri_for: UriFor, *, deleted: bool = False) -> None:
+        """The DatasetChanged event announcing `record` as it is now, in this transaction's outbox."""
+        event = events_pb2.DatasetChanged(event_id=new_id("evt"), time=to_timestamp(utcnow()),
+                                          dataset=dataset_to_proto(record, uri_for), deleted=deleted)
+        add_event(self.session, DatasetOutbox, subjects.dataset_events(record.id), event, event.event_id)

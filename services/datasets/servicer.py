@@ -4,7 +4,7 @@ are raised as kit errors and mapped to statuses by the kit's interceptor."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc.aio
 from tuneforge.v1 import dataset_service_pb2 as pb
@@ -21,7 +21,7 @@ from services.datasets.manager import DatasetManager
 from services.datasets.sources import import_request_from_proto
 from tuneforge_core.errors import FieldViolation, InvalidArgument
 
-Context = grpc.aio.ServicerContext
+Context: TypeAlias = grpc.aio.ServicerContext
 
 
 async def _open_upload(requests: AsyncIterator[Any]) -> tuple[pb.UploadDatasetMetadata, AsyncIterator[bytes]]:
@@ -52,22 +52,22 @@ class DatasetServicer(dataset_service_pb2_grpc.DatasetServiceServicer):
     async def UploadDataset(self, request_iterator: AsyncIterator[pb.UploadDatasetRequest],
                             context: Context) -> pb.UploadDatasetResponse:
         metadata, chunks = await _open_upload(request_iterator)
-        record, report = await self.manager.upload(upload_spec_from_proto(metadata), chunks)
+        record, report = await self.manager.uploads.upload(upload_spec_from_proto(metadata), chunks)
         return pb.UploadDatasetResponse(dataset=self._dataset(record),
                                         report=report_to_proto(report, record.id))
 
     async def ValidateDataset(self, request_iterator: AsyncIterator[pb.ValidateDatasetRequest],
                               context: Context) -> pb.ValidateDatasetResponse:
         metadata, chunks = await _open_upload(request_iterator)
-        report = await self.manager.validate(upload_spec_from_proto(metadata), chunks)
+        report = await self.manager.uploads.validate(upload_spec_from_proto(metadata), chunks)
         return pb.ValidateDatasetResponse(report=report_to_proto(report))
 
     async def CreateDataset(self, request: pb.CreateDatasetRequest,
                             context: Context) -> pb.CreateDatasetResponse:
         # The request as sent, credentials included, is kept only sealed (the manager encrypts it), so an
         # interrupted import can resume; no response carries it.
-        record = await self.manager.create_import(import_request_from_proto(request),
-                                                  request.SerializeToString())
+        record = await self.manager.imports.create(import_request_from_proto(request),
+                                                   request.SerializeToString())
         return pb.CreateDatasetResponse(dataset=self._dataset(record))
 
     async def GetDataset(self, request: pb.GetDatasetRequest, context: Context) -> pb.GetDatasetResponse:

@@ -17,8 +17,7 @@ from typing import Any
 
 import msgspec
 
-from services.datasets.domain import DatasetFormat, TokenStats
-from services.datasets.formats import CHAT_FAMILY
+from services.datasets.domain import CHAT_FORMATS, DatasetFormat, TokenStats
 from tuneforge_core.errors import FieldViolation, InvalidArgument
 
 BATCH = 256
@@ -88,7 +87,7 @@ class _Renderer:
         return f"{prompt}{answer}"
 
     def texts(self, record: dict[str, Any]) -> list[str]:
-        if self.fmt in CHAT_FAMILY:
+        if self.fmt in CHAT_FORMATS:
             return [self.chat(record["messages"], record.get("tools"))]
         if self.fmt is DatasetFormat.TEXT:
             return [record["text"]]
@@ -122,7 +121,13 @@ def _counter(tokenizer: Any) -> Callable[[list[str], bool], list[int]]:
         return list(map(len, ids))
 
     def direct(texts: list[str], special: bool) -> list[int]:
-        if backend.truncation is not None or backend.padding is not None or backend.encode_special_tokens:
+        if (
+            encode is None
+            or backend is None
+            or backend.truncation is not None
+            or backend.padding is not None
+            or backend.encode_special_tokens
+        ):
             return wrapped(texts, special)
         return list(map(len, encode(texts, add_special_tokens=special)))
 
@@ -136,13 +141,13 @@ def token_lengths(normalized: Path, fmt: DatasetFormat, tokenizer: Any) -> list[
     renderer = _Renderer(tokenizer, fmt)
     count = _counter(tokenizer)
     # Templates already hold the special tokens; plain strings get them like the trainer adds them.
-    special = not renderer.templated or fmt not in CHAT_FAMILY
+    special = not renderer.templated or fmt not in CHAT_FORMATS
     decode = msgspec.json.Decoder().decode
     lengths: list[int] = []
     with normalized.open("rb") as f:
         for batch in _batches(f, BATCH):
             records = list(map(decode, batch))
-            if fmt in CHAT_FAMILY or fmt is DatasetFormat.TEXT:  # one text per example
+            if fmt in CHAT_FORMATS or fmt is DatasetFormat.TEXT:  # one text per example
                 lengths.extend(count([renderer.texts(r)[0] for r in records], special))
                 continue
             texts: list[str] = []

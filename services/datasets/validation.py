@@ -11,7 +11,7 @@
 - Duplicates are exact duplicates of the *normalized* example (key order and whitespace do not matter);
   more than 10% of them is a warning. Classification-style data (targets from at most 50 short labels)
   whose most and least common labels differ by more than 10:1 is a warning.
-- The normalized example (what the splits contain) is the family's canonical shape (see formats.py),
+- The normalized example (what the splits contain) is the family's canonical shape (see checkers.py),
   with DatasetOptions.system_prompt / prompt_template applied, and only the first max_samples kept.
 """
 
@@ -27,6 +27,8 @@ from typing import IO, Any
 
 import msgspec
 
+from services.datasets.checkers import CHECKERS, Example
+from services.datasets.detection import SIGNATURES, classify, detect
 from services.datasets.domain import (
     DatasetFormat,
     DatasetOptions,
@@ -35,27 +37,20 @@ from services.datasets.domain import (
     Statistics,
     ValidationReport,
 )
-from services.datasets.formats import (
-    CHECKERS,
-    SIGNATURES,
-    Example,
+from services.datasets.fast_chat import (
     FastBatch,
     FastChat,
-    apply_options,
     chat_counts,
     chat_digest,
-    classify,
-    detect,
     fast_chat,
     fast_chat_batch,
-    json_type,
     last_assistant,
 )
+from services.datasets.issues import IssueCode, json_type
+from services.datasets.options import apply_options
 from services.datasets.readers import (
     DETECTION_SAMPLE_LINES,
-    EMPTY_FILE,
     MAX_LINE_BYTES,
-    MISSING_IMAGE,
     UNREADABLE,
     LineBlock,
     SourceKind,
@@ -79,13 +74,6 @@ MAX_CLASSES = 50
 MAX_LABEL_CHARS = 40
 MIN_CLASSIFICATION_EXAMPLES = 20
 IMBALANCE_RATIO = 10.0
-
-NOT_AN_OBJECT = "NOT_AN_OBJECT"
-FORMAT_MISMATCH = "FORMAT_MISMATCH"
-MIXED_FORMATS = "MIXED_FORMATS"
-TOO_FEW_EXAMPLES = "TOO_FEW_EXAMPLES"
-DUPLICATE_EXAMPLES = "DUPLICATE_EXAMPLES"  # warning
-CLASS_IMBALANCE = "CLASS_IMBALANCE"  # warning
 
 SIGNATURE_KEYS = dict(SIGNATURES)
 
@@ -232,9 +220,9 @@ class _JsonlRecords:
                     items.append(chunk)
             if not items:
                 return
-            for number, line, unterminated in items:
-                example = None if line is None else fast_chat(line)
-                yield number, example if example is not None else self._slow(number, line, unterminated)
+            for number, raw, unterminated in items:
+                example = None if raw is None else fast_chat(raw)
+                yield number, example if example is not None else self._slow(number, raw, unterminated)
 
 
 @dataclass
@@ -285,7 +273,9 @@ def validate_source(
         kind,
     )
     if path.stat().st_size == 0:
-        add_file(EMPTY_FILE, "The file is empty (0 bytes); upload a file with one example per line.")
+        add_file(
+            IssueCode.EMPTY_FILE, "The file is empty (0 bytes); upload a file with one example per line."
+        )
         result.report = _report(format or DatasetFormat.OPENAI_CHAT, 0, issues, Statistics())
         return result
     records: Iterator[tuple[int, Any]]
@@ -370,12 +360,13 @@ def validate_source(
             continue
         checked += 1
         add.line = number
+        example: Example | None
         if obj.__class__ is Example:
             example = obj
         elif obj is UNREADABLE:
             continue
         elif not isinstance(obj, dict):
-            add(NOT_AN_OBJECT, f"Each line must be one JSON object, not {json_type(obj)}.")
+            add(IssueCode.NOT_AN_OBJECT, f"Each line must be one JSON object, not {json_type(obj)}.")
             continue
         else:
             shape = classify(obj)
@@ -388,7 +379,7 @@ def validate_source(
                 and not SIGNATURE_KEYS[shape] < expected_keys
             ):
                 add(
-                    FORMAT_MISMATCH,
+                    IssueCode.FORMAT_MISMATCH,
                     f"The line looks like {shape.value} (it has "
                     f"{', '.join(sorted(SIGNATURE_KEYS[shape]))}), but the file is {detected.value} ({how}); "
                     "one file must hold one format.",
@@ -414,7 +405,7 @@ def validate_source(
         messages += example.messages
         characters += example.characters
         encoded = msgspec.json.encode(record)
-        if record.__class__ is FastChat:
+        if isinstance(record, FastChat):
             digest = hash(record)
         else:
             digest = chat_digest(encoded) if fast else hash(encoded)
@@ -439,19 +430,19 @@ def validate_source(
             for f, m in mismatches.items()
         ]
         add_file(
-            MIXED_FORMATS,
+            IssueCode.MIXED_FORMATS,
             f"The file mixes formats: it is {detected.value} ({how}), but lines look like "
             f"{'; '.join(parts)}. Split it into one file per format.",
         )
     if checked < min_examples:
         add_file(
-            TOO_FEW_EXAMPLES,
+            IssueCode.TOO_FEW_EXAMPLES,
             f"The file has {checked} example{'s' if checked != 1 else ''}; at least "
             f"{min_examples} are required (metadata.min_examples).",
         )
     if kept and duplicates > DUPLICATE_WARNING_FRACTION * kept and first_duplicate:
         issues.file_issue(
-            DUPLICATE_EXAMPLES,
+            IssueCode.DUPLICATE_EXAMPLES,
             f"{duplicates} of {kept} examples ({100 * duplicates / kept:.0f}%) repeat an earlier "
             f"example exactly (the first on line {first_duplicate}); duplicates weigh those "
             "examples more in training.",
@@ -486,7 +477,7 @@ def _images_ok(example: Example, result: Validated, add: Callable[..., None]) ->
     for k, image in enumerate(example.images):
         if result.image_root is None:
             add(
-                MISSING_IMAGE,
+                IssueCode.MISSING_IMAGE,
                 f"Image {image!r} cannot be found: examples with images must be uploaded as a "
                 "ZIP holding train.jsonl and the images.",
                 f"images[{k}]",
@@ -510,7 +501,7 @@ def _check_balance(targets: Counter[str] | None, kept: int, issues: _Collector) 
     rare, least = min(targets.items(), key=lambda kv: kv[1])
     if most > IMBALANCE_RATIO * least:
         issues.file_issue(
-            CLASS_IMBALANCE,
+            IssueCode.CLASS_IMBALANCE,
             f"The targets look like {len(targets)} class labels, and they are imbalanced: {common!r} has "
             f"{most} examples but {rare!r} only {least} ({most / least:.0f}:1, more than "
             f"{IMBALANCE_RATIO:.0f}:1); the model may learn to always answer {common!r}.",

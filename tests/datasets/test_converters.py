@@ -22,7 +22,7 @@ from services.datasets.domain import (
     Statistics,
     ValidationReport,
 )
-from services.datasets.manager import bounded_violations
+from services.datasets.uploads import bounded_violations
 from tuneforge_core.errors import InvalidArgument
 
 NOW = datetime(2025, 5, 1, 12, 30, tzinfo=UTC)

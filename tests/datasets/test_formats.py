@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from services.datasets import formats as f
 from services.datasets import readers as r
 from services.datasets import validation as v
 from services.datasets.domain import DatasetFormat, DatasetOptions, Severity, ValidationReport
+from services.datasets.issues import IssueCode
 from tests.datasets.helpers import chat_lines, write_jsonl
 
 U = {"role": "user", "content": "q"}
@@ -136,17 +136,17 @@ def _first(tmp_path: Path, row: Any, fmt: DatasetFormat) -> list[tuple[str, int,
         (
             {"messages": [U, A, {"role": "assistant", "content": "again"}]},
             DatasetFormat.OPENAI_CHAT,
-            [(f.ROLES_NOT_ALTERNATING, 1, "messages[2].role")],
+            [(IssueCode.ROLES_NOT_ALTERNATING, 1, "messages[2].role")],
         ),
         (
             {"messages": [U, {"role": "system", "content": "s"}, A]},
             DatasetFormat.OPENAI_CHAT,
-            [(f.SYSTEM_NOT_FIRST, 1, "messages[1].role")],
+            [(IssueCode.SYSTEM_NOT_FIRST, 1, "messages[1].role")],
         ),
         (
             {"messages": [U, {"role": "tool", "content": "x"}, A]},
             DatasetFormat.OPENAI_CHAT,
-            [(f.TOOL_WITHOUT_CALL, 1, "messages[1].role")],
+            [(IssueCode.TOOL_WITHOUT_CALL, 1, "messages[1].role")],
         ),
         (
             {
@@ -156,53 +156,57 @@ def _first(tmp_path: Path, row: Any, fmt: DatasetFormat) -> list[tuple[str, int,
                 ]
             },
             DatasetFormat.OPENAI_CHAT,
-            [(f.INVALID_TOOL_CALL, 1, "messages[1].tool_calls[0].function.arguments")],
+            [(IssueCode.INVALID_TOOL_CALL, 1, "messages[1].tool_calls[0].function.arguments")],
         ),
         (
             {"messages": [U, {**A, "mood": "happy"}]},
             DatasetFormat.OPENAI_CHAT,
-            [(f.UNKNOWN_FIELD, 1, "messages[1].mood")],
+            [(IssueCode.UNKNOWN_FIELD, 1, "messages[1].mood")],
         ),
         (
             {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
             DatasetFormat.SHAREGPT,
-            [(f.INVALID_ROLE, 1, "conversations[1].from")],
+            [(IssueCode.INVALID_ROLE, 1, "conversations[1].from")],
         ),
-        ({"instruction": "q", "output": 3}, DatasetFormat.ALPACA, [(f.WRONG_TYPE, 1, "output")]),
-        ({"instruction": " ", "output": "a"}, DatasetFormat.ALPACA, [(f.EMPTY_VALUE, 1, "instruction")]),
-        ({"text": ""}, DatasetFormat.TEXT, [(f.EMPTY_VALUE, 1, "text")]),
-        ({"prompt": "p"}, DatasetFormat.PROMPT_COMPLETION, [(f.MISSING_FIELD, 1, "completion")]),
+        ({"instruction": "q", "output": 3}, DatasetFormat.ALPACA, [(IssueCode.WRONG_TYPE, 1, "output")]),
+        (
+            {"instruction": " ", "output": "a"},
+            DatasetFormat.ALPACA,
+            [(IssueCode.EMPTY_VALUE, 1, "instruction")],
+        ),
+        ({"text": ""}, DatasetFormat.TEXT, [(IssueCode.EMPTY_VALUE, 1, "text")]),
+        ({"prompt": "p"}, DatasetFormat.PROMPT_COMPLETION, [(IssueCode.MISSING_FIELD, 1, "completion")]),
         (
             {"prompt": "p", "completion": [A]},
             DatasetFormat.PROMPT_COMPLETION,
-            [(f.MIXED_SHAPES, 1, "prompt")],
+            [(IssueCode.MIXED_SHAPES, 1, "prompt")],
         ),
         (
             {"prompt": "p", "completion": "c", "label": "yes"},
             DatasetFormat.KTO,
-            [(f.INVALID_LABEL, 1, "label")],
+            [(IssueCode.INVALID_LABEL, 1, "label")],
         ),
         (
             {"prompt": "p", "chosen": "a", "rejected": [B]},
             DatasetFormat.PREFERENCE,
-            [(f.MIXED_SHAPES, 1, "prompt")],
+            [(IssueCode.MIXED_SHAPES, 1, "prompt")],
         ),
         (
             {"prompt": [U], "chosen": [U], "rejected": [B]},
             DatasetFormat.PREFERENCE,
-            [(f.MISSING_ASSISTANT_TURN, 1, "chosen")],
+            [(IssueCode.MISSING_ASSISTANT_TURN, 1, "chosen")],
         ),
         (
             {"prompt": "p", "chosen": "a", "rejected": "a"},
             DatasetFormat.PREFERENCE,
-            [(f.IDENTICAL_PAIR, 1, "chosen")],
+            [(IssueCode.IDENTICAL_PAIR, 1, "chosen")],
         ),
         (
             {"input": [U], "preferred_output": [A], "non_preferred_output": [B]},
             DatasetFormat.OPENAI_PREFERENCE,
-            [(f.WRONG_TYPE, 1, "input")],
+            [(IssueCode.WRONG_TYPE, 1, "input")],
         ),
-        ({"prompt": 7}, DatasetFormat.PROMPT_ONLY, [(f.WRONG_TYPE, 1, "prompt")]),
+        ({"prompt": 7}, DatasetFormat.PROMPT_ONLY, [(IssueCode.WRONG_TYPE, 1, "prompt")]),
     ],
 )
 def test_format_defects(
@@ -218,9 +222,9 @@ def test_a_file_mixing_formats_says_which_lines_look_like_what(tmp_path: Path) -
     report, out = _validate(tmp_path, rows)
     assert report.format is DatasetFormat.OPENAI_CHAT and len(out) == 4
     assert [(i.code, i.line) for i in report.issues] == [
-        (v.MIXED_FORMATS, 0),
-        (v.FORMAT_MISMATCH, 3),
-        (v.FORMAT_MISMATCH, 5),
+        (IssueCode.MIXED_FORMATS, 0),
+        (IssueCode.FORMAT_MISMATCH, 3),
+        (IssueCode.FORMAT_MISMATCH, 5),
     ]
     mixed = report.issues[0].message
     assert "ALPACA on 1 line(s) (first: 3)" in mixed and "PREFERENCE on 1 line(s) (first: 5)" in mixed
@@ -230,7 +234,7 @@ def test_a_file_mixing_formats_says_which_lines_look_like_what(tmp_path: Path) -
 def test_a_named_format_is_checked_even_if_content_says_otherwise(tmp_path: Path) -> None:
     report, _ = _validate(tmp_path, [{"text": "t"}], format=DatasetFormat.OPENAI_CHAT)
     assert report.format is DatasetFormat.OPENAI_CHAT
-    assert [i.code for i in report.issues] == [v.MIXED_FORMATS, v.FORMAT_MISMATCH]
+    assert [i.code for i in report.issues] == [IssueCode.MIXED_FORMATS, IssueCode.FORMAT_MISMATCH]
     assert "named in metadata.format" in report.issues[1].message
 
 
@@ -258,7 +262,7 @@ def test_class_imbalance_is_a_warning(tmp_path: Path) -> None:
     rows = [{"prompt": f"review {i}", "completion": "positive" if i % 12 else "negative"} for i in range(120)]
     report, _ = _validate(tmp_path, rows)
     assert report.valid
-    issue = next(i for i in report.issues if i.code == v.CLASS_IMBALANCE)
+    issue = next(i for i in report.issues if i.code == IssueCode.CLASS_IMBALANCE)
     assert (
         issue.severity is Severity.WARNING
         and "'positive' has 110" in issue.message
@@ -267,9 +271,9 @@ def test_class_imbalance_is_a_warning(tmp_path: Path) -> None:
     balanced = [
         {"prompt": f"review {i}", "completion": "positive" if i % 2 else "negative"} for i in range(120)
     ]
-    assert v.CLASS_IMBALANCE not in [i.code for i in _validate(tmp_path, balanced)[0].issues]
+    assert IssueCode.CLASS_IMBALANCE not in [i.code for i in _validate(tmp_path, balanced)[0].issues]
     free_text = [{"prompt": f"q {i}", "completion": f"answer {i}"} for i in range(120)]
-    assert v.CLASS_IMBALANCE not in [i.code for i in _validate(tmp_path, free_text)[0].issues]
+    assert IssueCode.CLASS_IMBALANCE not in [i.code for i in _validate(tmp_path, free_text)[0].issues]
 
 
 def test_csv_with_a_column_mapping(tmp_path: Path) -> None:
@@ -285,14 +289,15 @@ def test_csv_with_a_column_mapping(tmp_path: Path) -> None:
     assert report.format is DatasetFormat.PROMPT_COMPLETION and report.examples_checked == 3
     # Unmapped columns are unknown to this format: a warning each, and dropped.
     assert [(i.code, i.line) for i in report.issues if i.severity is Severity.ERROR] == [
-        (r.CSV_COLUMN_COUNT, 5)
+        (IssueCode.CSV_COLUMN_COUNT, 5)
     ]
     assert [json.loads(x) for x in out.getvalue().splitlines()] == [
         {"prompt": "What is 1+1?", "completion": "2"},
         {"prompt": "multi\nline", "completion": "x"},
     ]
     missing = v.validate_file(path, min_examples=1, column_mapping={"prompt": "nope"})
-    assert (r.MISSING_COLUMN, 1, "column_mapping") in [(i.code, i.line, i.field) for i in missing.issues]
+    issues = [(i.code, i.line, i.field) for i in missing.issues]
+    assert (IssueCode.MISSING_COLUMN, 1, "column_mapping") in issues
 
 
 def test_csv_cells_holding_json_messages(tmp_path: Path) -> None:
@@ -321,7 +326,9 @@ def test_parquet_in_batches_with_nested_messages(tmp_path: Path, monkeypatch: py
     out = io.BytesIO()
     report = v.validate_file(path, min_examples=1, normalized_out=out, column_mapping={"messages": "msgs"})
     assert report.format is DatasetFormat.OPENAI_CHAT and report.examples_checked == 7
-    assert [(i.code, i.line, i.field) for i in report.issues] == [(f.EMPTY_CONTENT, 5, "messages[1].content")]
+    assert [(i.code, i.line, i.field) for i in report.issues] == [
+        (IssueCode.EMPTY_CONTENT, 5, "messages[1].content")
+    ]
     assert len(out.getvalue().splitlines()) == 6
 
 

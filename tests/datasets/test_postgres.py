@@ -22,7 +22,7 @@ def test_migrations_apply_twice_and_create_the_tables(postgres_url: str) -> None
         db.migrate(MIGRATIONS)
         db.migrate(MIGRATIONS)
         tables = set(inspect(db.engine).get_table_names())
-        assert {"datasets_datasets", "datasets_splits", "datasets_outbox",
+        assert {"datasets_datasets", "datasets_splits", "datasets_outbox", "datasets_job_usage",
                 "alembic_version_datasets"} <= tables
     finally:
         db.dispose()

@@ -13,8 +13,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.datasets import formats, validation
+from services.datasets import validation
+from services.datasets.checkers import CHECKERS
+from services.datasets.detection import classify, detect
 from services.datasets.domain import DatasetFormat, SplitConfig
+from services.datasets.fast_chat import fast_chat
 from services.datasets.splitting import assign_splits, resolve_split, split_counts
 from tuneforge_core.errors import Violations
 
@@ -82,7 +85,7 @@ def _chat(draw: st.DrawFn) -> list[dict[str, str]]:
 @st.composite
 def rows(draw: st.DrawFn) -> tuple[DatasetFormat, dict[str, Any]]:
     """A valid row of a random format, with extra keys that belong to no format."""
-    fmt = draw(st.sampled_from(list(formats.CHECKERS)))
+    fmt = draw(st.sampled_from(list(CHECKERS)))
     messages = _chat(draw)
     prompt, answer, other = messages[:-1], messages[-1:], [{"role": "assistant", "content": draw(TEXT) + "!"}]
     row: dict[str, Any] = {
@@ -120,7 +123,7 @@ def rows(draw: st.DrawFn) -> tuple[DatasetFormat, dict[str, Any]]:
 @given(row=rows())
 def test_the_detector_recognizes_every_valid_row(row: tuple[DatasetFormat, dict[str, Any]]) -> None:
     fmt, obj = row
-    assert formats.classify(obj) is fmt
+    assert classify(obj) is fmt
 
 
 @FAST
@@ -128,7 +131,7 @@ def test_the_detector_recognizes_every_valid_row(row: tuple[DatasetFormat, dict[
 def test_detection_follows_the_majority(data: list[tuple[DatasetFormat, dict[str, Any]]]) -> None:
     votes = Counter(fmt for fmt, _ in data)
     top = max(votes.values())
-    assert votes[formats.detect(obj for _, obj in data)] == top
+    assert votes[detect(obj for _, obj in data)] == top
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -177,9 +180,9 @@ def test_the_fast_path_agrees_with_the_checker(messages: list[dict[str, Any]], e
     """A line the fast path accepts has no issue at all in the full checker and the same normalized line;
     anything else is left to the checker."""
     obj = {"messages": messages, **extra}
-    fast = formats.fast_chat(json.dumps(obj).encode())
+    fast = fast_chat(json.dumps(obj).encode())
     found: list[str] = []
-    example = formats.CHECKERS[DatasetFormat.OPENAI_CHAT].check(obj, lambda code, *a, **k: found.append(code))
+    example = CHECKERS[DatasetFormat.OPENAI_CHAT].check(obj, lambda code, *a, **k: found.append(code))
     if fast is not None:
         assert found == [] and example is not None
         assert validation.normalized_line(fast.record) == validation.normalized_line(example.record)

@@ -25,6 +25,7 @@ from services.datasets.component import MIGRATIONS
 from services.datasets.converters import source_to_proto
 from services.datasets.credentials import KEY_FILE, CredentialCipher, CredentialsKeyError
 from services.datasets.domain import DatasetState
+from services.datasets.imports import IMPORT_MANIFEST
 from services.datasets.manager import DatasetManager
 from services.datasets.settings import DatasetSettings
 from services.datasets.sources import (
@@ -622,29 +623,29 @@ async def test_interrupted_import_leaves_only_its_sealed_request_and_resumes(
     try:
         first = DatasetManager(db, store, settings)
         request = s3_request(uri, s3_endpoint, name="resumed")
-        record = await first.create_import(import_request_from_proto(request), request.SerializeToString())
+        record = await first.imports.create(import_request_from_proto(request), request.SerializeToString())
         partial = settings.data_dir / "tmp"
         for _ in range(3000):  # until the download is under way (or the import ended: asserted below)
-            if record.id not in first._imports or any(
+            if record.id not in first.imports.running or any(
                 p.name == "source.jsonl" and p.stat().st_size for p in object_files(partial)
             ):
                 break
             await asyncio.sleep(0.01)
-        await first.close_imports()
+        await first.imports.close()
         prefix = f"datasets/acme/{record.id}/"
-        assert store.list_keys(prefix) == [prefix + DatasetManager.IMPORT_MANIFEST]
-        assert OWNER_SECRET.encode() not in store.get_bytes(prefix + DatasetManager.IMPORT_MANIFEST)
+        assert store.list_keys(prefix) == [prefix + IMPORT_MANIFEST]
+        assert OWNER_SECRET.encode() not in store.get_bytes(prefix + IMPORT_MANIFEST)
         assert object_files(settings.data_dir / "tmp") == []
         assert (await first.get("acme", record.id)).state is DatasetState.PROCESSING
 
         second = DatasetManager(db, store, settings)  # the service started again
-        assert await second.resume_imports() == 1
-        await asyncio.gather(*(task for task, _ in second._imports.values()))
+        assert await second.imports.resume() == 1
+        await asyncio.gather(*(task for task, _ in second.imports.running.values()))
         done = await second.get("acme", record.id)
         assert done.state is DatasetState.READY, done.failure_message
         assert done.sha256 == sha256(data)
-        assert DatasetManager.IMPORT_MANIFEST not in " ".join(store.list_keys(prefix))
-        assert await second.resume_imports() == 0
+        assert IMPORT_MANIFEST not in " ".join(store.list_keys(prefix))
+        assert await second.imports.resume() == 0
     finally:
         db.dispose()
 

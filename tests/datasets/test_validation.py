@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from services.datasets import formats as f
-from services.datasets import readers as r
 from services.datasets import validation as v
 from services.datasets.domain import DatasetFormat, Severity
+from services.datasets.issues import IssueCode
 from tests.datasets.helpers import chat_lines, write_jsonl
 
 
@@ -29,25 +28,26 @@ USER = {"role": "user", "content": "hi"}
 ASSISTANT = {"role": "assistant", "content": "hello"}
 
 DEFECTS = [
-    ('{"messages": [', r.INVALID_JSON, "", None),
-    ("[1, 2, 3]", v.NOT_AN_OBJECT, "", None),
-    ('"just a string"', v.NOT_AN_OBJECT, "", None),
-    (json.dumps({"conversation": []}), f.MISSING_MESSAGES, "messages", None),
-    (json.dumps({"messages": "hi"}), f.MESSAGES_NOT_A_LIST, "messages", None),
-    (json.dumps({"messages": []}), f.EMPTY_MESSAGES, "messages", None),
-    (_msgs(USER, "hello"), f.MESSAGE_NOT_AN_OBJECT, "messages[1]", 1),
-    (_msgs({"content": "hi"}, ASSISTANT), f.MISSING_ROLE, "messages[0].role", 0),
-    (_msgs(USER, {"role": "bot", "content": "x"}), f.INVALID_ROLE, "messages[1].role", 1),
-    (_msgs(USER, {"role": 3, "content": "x"}), f.INVALID_ROLE, "messages[1].role", 1),
-    (_msgs({"role": "user"}, ASSISTANT), f.MISSING_CONTENT, "messages[0].content", 0),
-    (_msgs(USER, {"role": "assistant", "content": None}), f.CONTENT_NOT_A_STRING, "messages[1].content", 1),
-    (_msgs(USER, {"role": "assistant", "content": [{"type": "text"}]}), f.INVALID_CONTENT_PART,
+    ('{"messages": [', IssueCode.INVALID_JSON, "", None),
+    ("[1, 2, 3]", IssueCode.NOT_AN_OBJECT, "", None),
+    ('"just a string"', IssueCode.NOT_AN_OBJECT, "", None),
+    (json.dumps({"conversation": []}), IssueCode.MISSING_MESSAGES, "messages", None),
+    (json.dumps({"messages": "hi"}), IssueCode.MESSAGES_NOT_A_LIST, "messages", None),
+    (json.dumps({"messages": []}), IssueCode.EMPTY_MESSAGES, "messages", None),
+    (_msgs(USER, "hello"), IssueCode.MESSAGE_NOT_AN_OBJECT, "messages[1]", 1),
+    (_msgs({"content": "hi"}, ASSISTANT), IssueCode.MISSING_ROLE, "messages[0].role", 0),
+    (_msgs(USER, {"role": "bot", "content": "x"}), IssueCode.INVALID_ROLE, "messages[1].role", 1),
+    (_msgs(USER, {"role": 3, "content": "x"}), IssueCode.INVALID_ROLE, "messages[1].role", 1),
+    (_msgs({"role": "user"}, ASSISTANT), IssueCode.MISSING_CONTENT, "messages[0].content", 0),
+    (_msgs(USER, {"role": "assistant", "content": None}), IssueCode.CONTENT_NOT_A_STRING,
+     "messages[1].content", 1),
+    (_msgs(USER, {"role": "assistant", "content": [{"type": "text"}]}), IssueCode.INVALID_CONTENT_PART,
      "messages[1].content[0]", 1),
-    (_msgs(USER, {"role": "assistant", "content": "  "}), f.EMPTY_CONTENT, "messages[1].content", 1),
-    (_msgs(USER, {**ASSISTANT, "weight": 0.5}), f.INVALID_WEIGHT, "messages[1].weight", 1),
-    (_msgs(USER, {**ASSISTANT, "weight": True}), f.INVALID_WEIGHT, "messages[1].weight", 1),
-    (_msgs(USER, {**ASSISTANT, "weight": "1"}), f.INVALID_WEIGHT, "messages[1].weight", 1),
-    (_msgs(USER, {"role": "system", "content": "x"}), f.MISSING_ASSISTANT_TURN, "messages", None),
+    (_msgs(USER, {"role": "assistant", "content": "  "}), IssueCode.EMPTY_CONTENT, "messages[1].content", 1),
+    (_msgs(USER, {**ASSISTANT, "weight": 0.5}), IssueCode.INVALID_WEIGHT, "messages[1].weight", 1),
+    (_msgs(USER, {**ASSISTANT, "weight": True}), IssueCode.INVALID_WEIGHT, "messages[1].weight", 1),
+    (_msgs(USER, {**ASSISTANT, "weight": "1"}), IssueCode.INVALID_WEIGHT, "messages[1].weight", 1),
+    (_msgs(USER, {"role": "system", "content": "x"}), IssueCode.MISSING_ASSISTANT_TURN, "messages", None),
 ]
 
 
@@ -71,7 +71,7 @@ def test_non_utf8_line(tmp_path: Path) -> None:
     lines[1] = b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'
     path.write_bytes(b"\n".join(lines) + b"\n")
     report = v.validate_file(path, min_examples=1)
-    assert [(i.code, i.line) for i in report.issues] == [(r.INVALID_UTF8, 2)]
+    assert [(i.code, i.line) for i in report.issues] == [(IssueCode.INVALID_UTF8, 2)]
     assert "0xe9" in report.issues[0].message
 
 
@@ -79,8 +79,8 @@ def test_every_problem_of_a_line_is_reported(tmp_path: Path) -> None:
     line = _msgs({"role": "usr", "content": ""}, {"role": "assistant", "content": "x", "weight": 2})
     report = v.validate_file(_with_line_3(tmp_path, line), min_examples=1)
     assert [(i.code, i.field) for i in report.issues] == [
-        (f.INVALID_ROLE, "messages[0].role"), (f.EMPTY_CONTENT, "messages[0].content"),
-        (f.INVALID_WEIGHT, "messages[1].weight")]
+        (IssueCode.INVALID_ROLE, "messages[0].role"), (IssueCode.EMPTY_CONTENT, "messages[0].content"),
+        (IssueCode.INVALID_WEIGHT, "messages[1].weight")]
     assert report.issues[0].location() == "line 3: messages[0].role"
 
 
@@ -90,17 +90,18 @@ def test_blank_lines_and_a_bom_are_ignored_but_keep_line_numbers(tmp_path: Path)
     path.write_bytes(b"\xef\xbb\xbf" + f"{lines[0]}\r\n\n   \n{lines[1]}\n{{bad\n\n{lines[2]}\n\n".encode())
     report = v.validate_file(path, min_examples=1)
     assert report.examples_checked == 4 and report.statistics.example_count == 3
-    assert [(i.code, i.line) for i in report.issues] == [(r.INVALID_JSON, 5)]
+    assert [(i.code, i.line) for i in report.issues] == [(IssueCode.INVALID_JSON, 5)]
 
 
 def test_too_few_examples_is_a_dataset_level_error(tmp_path: Path) -> None:
     report = v.validate_file(write_jsonl(tmp_path / "d.jsonl", chat_lines(99)))
-    assert [(i.code, i.line, i.location()) for i in report.issues] == [(v.TOO_FEW_EXAMPLES, 0, "file")]
+    assert [(i.code, i.line, i.location()) for i in report.issues] == [
+        (IssueCode.TOO_FEW_EXAMPLES, 0, "file")]
     assert "99 examples" in report.issues[0].message and "100" in report.issues[0].message
     assert v.validate_file(write_jsonl(tmp_path / "e.jsonl", chat_lines(100))).valid
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    assert v.validate_file(empty, min_examples=1).issues[0].code == r.EMPTY_FILE
+    assert v.validate_file(empty, min_examples=1).issues[0].code == IssueCode.EMPTY_FILE
 
 
 def test_more_than_ten_percent_duplicates_is_a_warning(tmp_path: Path) -> None:
@@ -113,7 +114,7 @@ def test_more_than_ten_percent_duplicates_is_a_warning(tmp_path: Path) -> None:
     report = v.validate_file(write_jsonl(tmp_path / "b.jsonl", more), min_examples=1)
     assert report.valid and report.warning_count == 1
     issue = report.issues[0]
-    assert (issue.code, issue.severity, issue.line) == (v.DUPLICATE_EXAMPLES, Severity.WARNING, 0)
+    assert (issue.code, issue.severity, issue.line) == (IssueCode.DUPLICATE_EXAMPLES, Severity.WARNING, 0)
     assert "(the first on line 18)" in issue.message
     assert report.statistics.duplicate_count == 3
 
@@ -123,7 +124,7 @@ def test_all_weights_zero_is_a_warning(tmp_path: Path) -> None:
     report = v.validate_file(_with_line_3(tmp_path, line), min_examples=1)
     assert report.valid
     assert [(i.code, i.line, i.severity) for i in report.issues] == [
-        (f.NO_TRAINABLE_TURN, 3, Severity.WARNING)]
+        (IssueCode.NO_TRAINABLE_TURN, 3, Severity.WARNING)]
 
 
 def test_issues_are_capped_but_counted(tmp_path: Path) -> None:
@@ -169,7 +170,7 @@ def test_unrecognized_content_is_checked_as_chat(tmp_path: Path) -> None:
     lines = [json.dumps({"question": "q", "answer": "a"})] * 3
     report = v.validate_file(write_jsonl(tmp_path / "d.jsonl", lines), min_examples=1)
     assert report.format is DatasetFormat.OPENAI_CHAT
-    assert [(i.code, i.line) for i in report.issues] == [(f.MISSING_MESSAGES, n) for n in (1, 2, 3)]
+    assert [(i.code, i.line) for i in report.issues] == [(IssueCode.MISSING_MESSAGES, n) for n in (1, 2, 3)]
 
 
 def test_two_objects_on_one_line_past_the_detection_window_is_invalid_json(tmp_path: Path) -> None:
@@ -180,5 +181,6 @@ def test_two_objects_on_one_line_past_the_detection_window_is_invalid_json(tmp_p
     lines[119] = f"{lines[0]}, {lines[1]}"
     lines[129] = _msgs({"role": "robot", "content": "x"}, ASSISTANT)
     report = v.validate_file(write_jsonl(tmp_path / "data.jsonl", lines), min_examples=1)
-    assert [(i.code, i.line) for i in report.errors] == [(r.INVALID_JSON, 120), (f.INVALID_ROLE, 130)]
+    assert [(i.code, i.line) for i in report.errors] == [
+        (IssueCode.INVALID_JSON, 120), (IssueCode.INVALID_ROLE, 130)]
     assert report.statistics.example_count == 148
