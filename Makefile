@@ -10,7 +10,7 @@ BUF ?= npx --yes @bufbuild/buf@1.75.0
 PYTEST_ARGS ?=
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: venv proto proto-check proto-lint lint test test-fast demo up lock clean
+.PHONY: venv proto proto-check proto-lint lint typecheck test test-fast demo up lock clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,11 @@ proto-lint:
 lint: venv proto-lint
 	$(BIN)/ruff check .
 
-test: venv proto-check lint
+# mypy over services/, trainer_worker/ and tuneforge_core/ (settings in pyproject.toml); zero errors.
+typecheck: venv
+	$(BIN)/mypy
+
+test: venv proto-check lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: venv

@@ -100,6 +100,34 @@ def test_the_package_graph_is_a_tree() -> None:
     assert not problems, "\n".join(problems)
 
 
+# Which service may call which over gRPC: jobs asks datasets and estimation, metrics asks jobs, and nothing
+# calls back (datasets and estimation learn about jobs from JobChanged events).
+ALLOWED_CALLS = {
+    "jobs": {"DatasetService", "EstimationService"},
+    "metrics": {"JobService"},
+    "estimation": {"DatasetService"},
+    "datasets": set(),
+}
+
+
+def test_the_service_call_graph_has_no_cycle() -> None:
+    calls: dict[str, set[str]] = {service: set() for service in SERVICES}
+    for service in SERVICES:
+        for path in _python_files(f"services/{service}"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Attribute) and node.attr.endswith("ServiceStub"):
+                    calls[service].add(node.attr.removesuffix("Stub"))
+    for service, callees in calls.items():
+        assert callees <= ALLOWED_CALLS[service], (service, callees)
+    owner = {"DatasetService": "datasets", "EstimationService": "estimation", "JobService": "jobs"}
+    edges = {s: {owner[c] for c in cs} for s, cs in calls.items()}
+
+    def reaches(start: str, goal: str, seen: frozenset[str] = frozenset()) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges[start])
+
+    assert not [s for s in SERVICES if reaches(s, s)]
+
+
 def _int8_qlora() -> job_pb2.JobSpec:
     spec = job_pb2.JobSpec(base_model="meta-llama/Llama-3.2-1B-Instruct", dataset="ds_1",
                            adapter=job_pb2.ADAPTER_TYPE_QLORA)
