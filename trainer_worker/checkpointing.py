@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 COMPLETE = "COMPLETE"
 STAGING_DIR = "checkpoint-uploads"
 RESUME_DIR = "resume"
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)\Z")
 # Model weights that would be unpickled to resume; a checkpoint is resumed from safetensors only.
 PICKLED_WEIGHTS = ("pytorch_model.bin", "adapter_model.bin", "model.bin")
 

@@ -35,8 +35,8 @@ from tuneforge_core.errors import InvalidArgument, Violations
 # Upper bounds that keep every number a worker is handed meaningful (and within 32-bit counters).
 MAX_STEPS = 10_000_000
 MAX_SEED = 2**32 - 1
-MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-MODULE_RE = re.compile(r"^[A-Za-z0-9_.*\-]+$")
+MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+MODULE_RE = re.compile(r"^[A-Za-z0-9_.*\-]+\Z")
 
 def _range(v: Violations, field: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
     ok = (value > lo if lo_open else value >= lo) and value <= hi

@@ -45,10 +45,10 @@ from tuneforge_core.reasons import Reason
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
 # Bucket names of S3 (3-63) and GCS (up to 222 with dots); the server gives the precise rule on use.
-BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]\Z")
 MAX_KEY_BYTES = 1024
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
-SPLIT_RE = re.compile(r"^[\w.-]{1,64}$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?\Z")
+SPLIT_RE = re.compile(r"^[\w.-]{1,64}\Z")
 # A folder written by Dataset.save_to_disk / DatasetDict.save_to_disk holds one of these.
 SAVED_MARKERS = ("dataset_dict.json", "state.json")
 PROVIDER_NAMES = {"s3": "S3", "gcs": "GCS"}

@@ -66,7 +66,7 @@ from tuneforge_core.reasons import Reason
 from tuneforge_core.storage import ObjectStore
 
 MAX_DESCRIPTION = 1024
-SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
 # Bytes of BadRequest field violations in a DATASET_INVALID status; see bounded_violations.
 VIOLATIONS_BUDGET_BYTES = 5000
 

@@ -6,7 +6,7 @@ import re
 
 from tuneforge_core.errors import Violations
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}\Z")
 
 
 def check_organization(v: Violations, value: str, field: str = "organization") -> None:
