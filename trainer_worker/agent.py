@@ -4,8 +4,13 @@
 
 One job at a time, from the durable pull consumer ``trainers`` on TF_WORK (explicit acks):
 
+0. Hand the job straight back (NAK, with a log line) if it names a GPU type this worker does not have:
+   a job for an H100 is never trained on a CPU or on another GPU instead (`WorkerHardware`).
 1. Skip the job if its latest JobChanged (TF_EVENTS) says it is cancelled or final.
-2. PREPARING: fetch the data (and an s3:// or file:// model) through the object store, write RUN.json.
+2. PREPARING: fetch the data through the object store, and the model as `tuneforge_core.models` allows it
+   for the job's organization: a hub id as it is, a folder under a model root in place, the
+   organization's own stored outputs copied into a private cache (0700). Nothing outside the object store
+   and the model roots is ever read; write RUN.json.
    If an earlier delivery left a complete checkpoint under the job's output prefix, fetch the newest one:
    the training resumes from it instead of from step 0.
 3. RUNNING: start the training (one process, or torchrun ranks), tail its events file, forward metrics and
@@ -15,8 +20,11 @@ One job at a time, from the durable pull consumer ``trainers`` on TF_WORK (expli
    or CANCELLED (a JobChanged CANCELLING arrived: the child gets SIGTERM, then SIGKILL); then ack.
 
 Infrastructure hiccups (storage or NATS unreachable) NAK the job instead of failing it, so another delivery
-retries it; the jobs service fails a job that runs out of deliveries as WORKER_LOST. On SIGTERM/SIGINT the
-agent stops pulling, stops the child and NAKs the job it holds, so another worker takes it at once.
+retries it; the jobs service fails a job that runs out of deliveries as WORKER_LOST. A hardware NAK counts
+as a delivery too: a job whose GPU type no worker has ends WORKER_LOST after TUNEFORGE_WORK_MAX_DELIVER
+deliveries, with each refusal in the workers' logs (the queue has no per-GPU-type routing yet).
+On SIGTERM/SIGINT the agent stops pulling, stops the child and NAKs the job it holds, so another worker
+takes it at once.
 
 This module never imports torch: the training stack loads only in the child.
 """
@@ -35,7 +43,6 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -64,10 +71,11 @@ from trainer_worker.reporting import JobReporter, failure_status, metric_point, 
 from trainer_worker.run_config import RunConfig
 from tuneforge_core import states, subjects
 from tuneforge_core.errors import InvalidArgument
+from tuneforge_core.models import ModelKind, ModelPolicy, ModelSource
 from tuneforge_core.nats import connect, ensure_streams, ensure_trainers_consumer
 from tuneforge_core.reasons import Reason
 from tuneforge_core.settings import KitSettings
-from tuneforge_core.storage import ObjectStore, open_store, store_from_settings
+from tuneforge_core.storage import ObjectStore, store_from_settings
 
 log = logging.getLogger("trainer_worker.agent")
 
@@ -91,6 +99,44 @@ class AgentSettings(KitSettings):
     worker_retry_delay_s: float = 10.0
     # Keep each attempt's work dir (RUN.json, events, train.log, outputs) after it ends, for debugging.
     worker_keep_work_dirs: bool = False
+    # The hardware option this worker's GPUs are (as in ListHardwareOptions, e.g. "nvidia-h100"), or "cpu"
+    # for a worker without one. Empty: "cpu" when no NVIDIA GPU is visible, else a GPU of unknown type,
+    # which takes a job for any GPU type (set it on a fleet that mixes GPU types).
+    worker_gpu_type: str = ""
+
+
+def _sees_a_gpu() -> bool:
+    """Whether an NVIDIA GPU is visible to this process, without importing torch (or waking the driver)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+
+
+@dataclass(frozen=True)
+class WorkerHardware:
+    """What a worker trains on, and so which jobs it takes.
+
+    A job that names no GPU type, or "cpu", goes to any worker (a GPU does not downgrade a CPU job). A job
+    that names a GPU type goes only to a worker with a GPU of that type, or with a GPU of unknown type;
+    anything else would train it on other hardware than it asked for, which CreateJob promised not to do.
+    """
+
+    gpu_type: str  # "cpu", a hardware option, or "" for a GPU of unknown type
+
+    @classmethod
+    def from_settings(cls, settings: AgentSettings) -> WorkerHardware:
+        configured = settings.worker_gpu_type.strip().lower()
+        return cls(configured or ("" if _sees_a_gpu() else "cpu"))
+
+    def refusal(self, wanted: str) -> str | None:
+        """Why this worker must not train a job asking for `wanted`, or None when it may."""
+        wanted = wanted.strip().lower()
+        if wanted in ("", "cpu") or wanted == self.gpu_type or (self.gpu_type == "" and wanted != ""):
+            return None
+        have = "no GPU" if self.gpu_type == "cpu" else f"{self.gpu_type} GPUs"
+        return f"the job asks for {wanted} and this worker has {have}"
 
 
 class Verdict(Enum):
@@ -107,6 +153,8 @@ class Agent:
         self.stopping = asyncio.Event()
         self.work_root = settings.data_dir.resolve() / "worker"
         self.ack_wait_s = settings.work_ack_wait_s
+        self.models = ModelPolicy.from_settings(settings, store)
+        self.hardware = WorkerHardware.from_settings(settings)
 
     def request_stop(self) -> None:
         if not self.stopping.is_set():
@@ -121,7 +169,8 @@ class Agent:
         sub = await self.js.pull_subscribe(
             subjects.WORK_JOBS, durable=subjects.TRAINERS_CONSUMER, stream=subjects.STREAM_WORK
         )
-        log.info("worker %s waiting for jobs", self.worker_id)
+        log.info("worker %s waiting for jobs (hardware: %s)", self.worker_id,
+                 self.hardware.gpu_type or "a GPU of unknown type")
         try:
             while not self.stopping.is_set():
                 try:
@@ -148,6 +197,13 @@ class Agent:
         except Exception:
             log.exception("dropping an undecodable assignment")
             await msg.term()
+            return
+        refusal = self.hardware.refusal(assignment.spec.hardware.gpu_type)
+        if refusal is not None:  # never trained on other hardware than it asked for: back to the queue
+            log.info("job %s goes back to the queue (delivery %d): %s", assignment.job_id,
+                     msg.metadata.num_delivered, refusal)
+            with contextlib.suppress(Exception):  # the server redelivers after ack_wait anyway
+                await msg.nak(delay=self.settings.worker_retry_delay_s)
             return
         heartbeat = asyncio.create_task(self._keep_claim(msg))
         run = JobRun(self, assignment, msg.metadata.num_delivered)
@@ -179,21 +235,15 @@ class Agent:
                 log.warning("in-progress ack failed; will retry", exc_info=True)
 
     def locate(self, uri: str) -> tuple[ObjectStore, str]:
-        """The store and key of a URI: the platform's store, or another bucket or folder reached with the
-        same settings (a model kept elsewhere)."""
-        with contextlib.suppress(InvalidArgument):
+        """The platform's object store and the key of `uri` in it. The worker reads and writes nothing
+        else: another bucket or folder would be read with the platform's identity on a caller's behalf."""
+        try:
             return self.store, self.store.key_of(uri)
-        parsed = urlparse(uri)
-        if parsed.scheme not in ("s3", "file"):
+        except InvalidArgument:
             raise TrainingError(
-                Reason.TRAINING_FAILED, f"The worker cannot read {uri!r}: not a file:// or s3:// URI."
-            )
-        root = open_store(
-            f"{parsed.scheme}://{parsed.netloc}/",
-            endpoint_url=self.settings.s3_endpoint_url,
-            region=self.settings.s3_region,
-        )
-        return root, unquote(parsed.path).strip("/")
+                Reason.TRAINING_FAILED, f"The worker reads only this deployment's object storage; {uri!r} "
+                "is not in it."
+            ) from None
 
 
 @dataclass
@@ -270,9 +320,9 @@ class JobRun:
             job_id=self.job_id,
             attempt=self.attempt,
             spec=RunConfig.spec_to_dict(spec),
-            model_path=await self._model_path(spec.base_model),
+            model_path=await self._model_path(spec.base_model, "spec.base_model"),
             teacher_model_path=(
-                await self._model_path(spec.distillation.teacher_model)
+                await self._model_path(spec.distillation.teacher_model, "spec.distillation.teacher_model")
                 if spec.method == job_pb2.TRAINING_METHOD_DISTILLATION
                 else None
             ),
@@ -314,23 +364,50 @@ class JobRun:
         except Exception as exc:
             raise Transient(f"could not fetch {uri}: {exc}") from exc
 
-    async def _model_path(self, base_model: str) -> str:
-        """A local folder for stored models (cached across jobs); anything else goes to from_pretrained."""
-        if urlparse(base_model).scheme not in ("s3", "file"):
-            return base_model
-        cached = self.agent.work_root / "models" / hashlib.sha256(base_model.encode()).hexdigest()[:24]
+    def _model_source(self, ref: str, field: str) -> ModelSource:
+        try:
+            source = self.agent.models.source(ref, self.assignment.organization, field)
+        except InvalidArgument as exc:
+            why = exc.violations[0].description if exc.violations else exc.message
+            raise TrainingError(
+                Reason.MODEL_NOT_FOUND, f"The worker does not read {field} {ref!r}: {why}."
+            ) from None
+        if source.kind is ModelKind.HUB and Path(ref).exists():
+            # from_pretrained would read that folder of the working directory instead of asking the hub.
+            raise TrainingError(
+                Reason.MODEL_NOT_FOUND,
+                f"{field} {ref!r} names a folder in the worker's working directory, so it cannot be read "
+                "as a hub id.",
+            )
+        return source
+
+    async def _model_path(self, ref: str, field: str) -> str:
+        """What the recipe loads for a model reference, under the same rule as CreateJob's, applied again
+        before anything is read: a hub id as it is, a folder under a model root in place (resolved), and
+        the organization's own stored output copied into the private model cache (cached across jobs)."""
+        source = self._model_source(ref, field)
+        if source.kind is ModelKind.HUB:
+            return ref
+        if source.kind is ModelKind.LOCAL:
+            assert source.path is not None
+            return str(source.path)
+        cache = _private_dir(self.agent.work_root / "models")
+        cached = cache / hashlib.sha256(ref.encode()).hexdigest()[:24]
         if cached.is_dir():
             return str(cached)
-        self.reporter.log(f"Fetching the base model {base_model}.")
-        partial = cached.with_name(f".partial-{cached.name}-{os.getpid()}")
+        self.reporter.log(f"Fetching the model {ref}.")
+        partial = cache / f".partial-{cached.name}-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
-        store, key = self.agent.locate(base_model)
+        _private_dir(partial)
         try:
-            await asyncio.to_thread(store.get_dir, key, partial)
+            await asyncio.to_thread(self.agent.store.get_dir, source.key, partial)
         except FileNotFoundError as exc:
-            raise TrainingError(Reason.MODEL_NOT_FOUND, f"No model is stored at {base_model}.") from exc
+            shutil.rmtree(partial, ignore_errors=True)
+            raise TrainingError(Reason.MODEL_NOT_FOUND, f"No model is stored at {ref}.") from exc
         except Exception as exc:
-            raise Transient(f"could not fetch {base_model}: {exc}") from exc
+            shutil.rmtree(partial, ignore_errors=True)
+            raise Transient(f"could not fetch {ref}: {exc}") from exc
+        _make_private(partial)
         try:
             partial.rename(cached)
         except OSError:  # another agent on this host cached it first
@@ -551,6 +628,23 @@ class JobRun:
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         )
+
+
+def _private_dir(path: Path) -> Path:
+    """`path` as a folder only this user can enter (0700), created if missing."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def _make_private(root: Path) -> None:
+    """Folders 0700 and files 0600 under `root`: a cached model is readable by the worker's user only."""
+    for folder, dirs, files in os.walk(root):
+        os.chmod(folder, 0o700)
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o700)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o600)
 
 
 async def run_agent(settings: AgentSettings) -> None:

@@ -39,7 +39,7 @@ LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error", "critical")
 MetricKind = Literal["train", "eval", "system"]
 
 
-class Event(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+class Event(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True):
     time: float = 0.0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,6 +46,19 @@ class KitSettings(BaseSettings):
     # signs, any verifies. Empty: a key generated once in data_dir/page_token.key (mode 0600). Processes
     # serving the same API behind one address need the same key.
     page_token_key: str = Field(default="", repr=False)
+    # Absolute folders, comma-separated, under which a job's base model or distillation teacher may be a
+    # local path (or a file:// URI); paths are compared after resolving ".." and symlinks. Empty: no local
+    # paths at all, only hub ids and the organization's own outputs in object storage
+    # (tuneforge_core.models says the whole rule). `tuneforge up` and the demo use <data_dir>/models.
+    model_roots: str = ""
+
+    @field_validator("model_roots")
+    @classmethod
+    def _absolute_roots(cls, value: str) -> str:
+        for root in (r.strip() for r in value.split(",")):
+            if root and not Path(root).is_absolute():
+                raise ValueError(f"'{root}' is not an absolute folder (TUNEFORGE_MODEL_ROOTS)")
+        return value
 
     def sqlite_url(self, service: str) -> str:
         return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 
+from google.protobuf.message import Message
 from tuneforge.v1 import job_pb2
 
 from tuneforge_core.compat import (
@@ -31,11 +32,11 @@ from tuneforge_core.compat import (
     formats_for,
 )
 from tuneforge_core.errors import InvalidArgument, Violations
+from tuneforge_core.models import ref_problem
 
 # Upper bounds that keep every number a worker is handed meaningful (and within 32-bit counters).
 MAX_STEPS = 10_000_000
 MAX_SEED = 2**32 - 1
-MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 MODULE_RE = re.compile(r"^[A-Za-z0-9_.*\-]+\Z")
 
 def _range(v: Violations, field: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
@@ -45,14 +46,13 @@ def _range(v: Violations, field: str, value: float, lo: float, hi: float, *, lo_
 
 
 def _check_base_model(v: Violations, value: str, field: str) -> None:
-    if not value:
-        v.add(field, "is required: a Hugging Face model id (org/name), a local path or an s3:// URI")
-    elif value.startswith("s3://"):
-        v.check(bool(value[5:].strip("/")), field, "an s3:// URI must name a bucket and a folder")
-    elif value.startswith(("/", "./", "../", "file://")):
-        pass
-    elif not MODEL_ID_RE.match(value):
-        v.add(field, f"'{value}' is neither a Hugging Face id (org/name), an absolute path nor an s3:// URI")
+    """The form of a model reference only (hub id, absolute path, file:// or s3:// URI). Whether this
+    deployment lets an organization use it (model roots, its own outputs in storage) needs the settings and
+    the organization: `tuneforge_core.models.ModelPolicy`, which CreateJob, the estimator and the worker
+    apply."""
+    problem = ref_problem(value)
+    if problem is not None:
+        v.add(field, problem)
 
 
 def resolve_spec(
@@ -101,6 +101,7 @@ def resolve_spec(
     _resolve_hyperparameters(v, out)
     _resolve_hardware(v, out)
     _resolve_method(v, out, allow_user_reward_code=allow_user_reward_code)
+    _check_precision_on_cpu(v, out)
     if out.output.merge_adapter and out.adapter not in MERGEABLE_ADAPTERS:
         why = (
             "full fine-tuning already produces a whole model"
@@ -111,6 +112,7 @@ def resolve_spec(
             "spec.output.merge_adapter",
             f"only a LoRA or QLoRA adapter can be merged into the base weights: {why}",
         )
+    _check_enums(v, spec, "spec")
     v.raise_if_any("job spec is invalid")
     return out
 
@@ -156,6 +158,26 @@ def _name(enum: object, value: int) -> str:
         return str(value)
 
 
+def _check_enums(v: Violations, message: Message, path: str) -> None:
+    """Names every enum field of `message`, at any depth, set to a number its enum does not define (a
+    newer client's value, or garbage), even in settings the chosen method or adapter ignores: such a spec
+    is refused, never trained or estimated with the number read as something else. A field some rule
+    above has already named is left to that rule's sentence."""
+    named = {item.field for item in v.items}
+    for field, value in message.ListFields():
+        where = f"{path}.{field.name}"
+        items = list(value) if field.is_repeated else [value]
+        enum, nested = field.enum_type, field.message_type
+        if enum is not None:
+            for i, number in enumerate(items):
+                at = f"{where}[{i}]" if field.is_repeated else where
+                if number not in enum.values_by_number and at not in named:
+                    v.add(at, f"{number} is not a known {enum.name} value")
+        elif nested is not None and not nested.GetOptions().map_entry:
+            for i, item in enumerate(items):
+                _check_enums(v, item, f"{where}[{i}]" if field.is_repeated else where)
+
+
 def _resolve_lora(v: Violations, out: job_pb2.JobSpec) -> None:
     lora = out.lora
     if out.adapter not in LORA_ADAPTERS:
@@ -164,7 +186,9 @@ def _resolve_lora(v: Violations, out: job_pb2.JobSpec) -> None:
         lora.rank = 16
     _range(v, "spec.lora.rank", lora.rank, 1, 256)
     if not lora.HasField("alpha"):
-        lora.alpha = 2 * lora.rank
+        # 2 x rank, saturated to the int32 field: 2 x 2**31-1 does not fit it (a rank out of range is
+        # reported on rank, and on the alpha it implies, as for any other rank out of range).
+        lora.alpha = max(-(2**31), min(2 * lora.rank, 2**31 - 1))
     _range(v, "spec.lora.alpha", lora.alpha, 1, 512)
     if not lora.HasField("dropout"):
         lora.dropout = 0.05
@@ -194,7 +218,7 @@ def _resolve_quantization(v: Violations, out: job_pb2.JobSpec) -> None:
     if q.type == job_pb2.QUANTIZATION_TYPE_UNSPECIFIED:
         q.type = job_pb2.QUANTIZATION_TYPE_NF4 if q.bits == 4 else job_pb2.QUANTIZATION_TYPE_INT8
     if q.type not in job_pb2.QuantizationType.values():
-        v.add(f + "type", "is not a known value")
+        pass  # an unknown number: _check_enums names it
     elif q.bits == 4:
         v.check(
             q.type != job_pb2.QUANTIZATION_TYPE_INT8, f + "type", "INT8 needs bits = 8; 4-bit is NF4 or FP4"
@@ -207,7 +231,6 @@ def _resolve_quantization(v: Violations, out: job_pb2.JobSpec) -> None:
         )
     if not q.HasField("double_quantization"):
         q.double_quantization = True
-    v.check(q.compute_dtype in job_pb2.Precision.values(), f + "compute_dtype", "is not a known value")
 
 
 def _resolve_prompt_tuning(v: Violations, out: job_pb2.JobSpec) -> None:
@@ -408,12 +431,6 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
     _range(v, f + "eval_steps", hp.eval_steps, 0, MAX_STEPS)  # 0: once per epoch
     _range(v, f + "save_steps", hp.save_steps, 0, MAX_STEPS)  # 0: once per epoch
     _range(v, f + "save_total_limit", hp.save_total_limit, 1, 100)
-    for name, enum in (
-        ("lr_scheduler", job_pb2.LrScheduler),
-        ("optimizer", job_pb2.Optimizer),
-        ("precision", job_pb2.Precision),
-    ):
-        v.check(getattr(hp, name) in enum.values(), f + name, "is not a known value")
     es = hp.early_stopping
     if es.enabled:
         if not es.HasField("patience"):
@@ -422,6 +439,34 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
             es.min_delta = 0.0
         _range(v, f + "early_stopping.patience", es.patience, 1, 1000)
         _range(v, f + "early_stopping.min_delta", es.min_delta, 0.0, 1e3)
+
+
+# GPU types that promise no GPU: "cpu", and none at all (any worker takes the job, CPU workers included).
+CPU_ONLY_GPU_TYPES = frozenset({"", "cpu"})
+GPU_PRECISIONS = frozenset({job_pb2.PRECISION_FP16, job_pb2.PRECISION_BF16})
+
+
+def _check_precision_on_cpu(v: Violations, out: job_pb2.JobSpec) -> None:
+    """A stated half precision needs a GPU: refused on a spec that may land on a CPU worker.
+
+    Workers used to train such a job in fp32 with a warning, which is not what was asked for. A spec with
+    no gpu_type may go to any worker, CPU ones included, so it cannot promise fp16/bf16 either; naming a
+    GPU type (or leaving precision unset: bf16 where the hardware has it) is the way out. The worker
+    refuses the same case (`trainer_worker.recipes.base`), for specs that did not come through here.
+    """
+    if out.hardware.gpu_type.strip().lower() not in CPU_ONLY_GPU_TYPES:
+        return
+    stated = [("spec.hyperparameters.precision", out.hyperparameters.precision)]
+    if out.adapter == job_pb2.ADAPTER_TYPE_QLORA:
+        stated.append(("spec.quantization.compute_dtype", out.quantization.compute_dtype))
+    for field, precision in stated:
+        if precision in GPU_PRECISIONS:
+            where = "'cpu'" if out.hardware.gpu_type else "empty (any worker, CPU ones included)"
+            v.add(
+                field,
+                f"{_name(job_pb2.Precision, precision)} needs a GPU, but spec.hardware.gpu_type is {where}; "
+                "name a GPU type, or leave the precision unset (bf16 where the hardware has it)",
+            )
 
 
 def _resolve_hardware(v: Violations, out: job_pb2.JobSpec) -> None:

@@ -31,7 +31,9 @@ def run_demo(data_dir: Path, *, examples: int, epochs: int, console: Console) ->
     dataset_file = write_synthetic_chat_dataset(data_dir / "inputs" / "chat.jsonl", examples)
     console.print(f"[bold]1/5[/bold] built a tiny chat model at {model_dir} and {examples} chat examples")
 
-    platform = Platform(PlatformConfig(data_dir=data_dir / "platform", grpc_port=0, workers=1))
+    # The model's folder is the one place on this disk the platform may read a model from.
+    roots = {"TUNEFORGE_MODEL_ROOTS": str(model_dir.parent.resolve())}
+    platform = Platform(PlatformConfig(data_dir=data_dir / "platform", grpc_port=0, workers=1, env=roots))
     platform.start()
     console.print(f"[bold]2/5[/bold] platform up on {platform.address} (NATS {platform.nats_url})")
     try:

@@ -37,6 +37,7 @@ from services.datasets.domain import (
 from services.datasets.processing import dataset_prefix, source_key
 from services.datasets.repository import DatasetRepository
 from services.datasets.sources import (
+    EndpointAllowlist,
     FetchSettings,
     ImportRequest,
     Source,
@@ -46,7 +47,7 @@ from services.datasets.sources import (
     open_reader,
     parse_source,
 )
-from services.datasets.uploads import UploadManager, invalid_dataset
+from services.datasets.uploads import UploadManager, invalid_dataset, request_fingerprint
 from services.kit.outbox import utcnow
 from tuneforge_core.errors import AlreadyExists, FieldViolation, InvalidArgument, TuneForgeError, Violations
 from tuneforge_core.ids import new_id
@@ -108,7 +109,8 @@ class ImportManager:
             plan = self.uploads.check_upload(request.spec, upload=True)
         except InvalidArgument as exc:
             v.items.extend(_as_create_fields(exc).violations)
-        source = parse_source(v, request.source, request.credentials, self.settings.hf_local_root)
+        source = parse_source(v, request.source, request.credentials, self.settings.hf_local_root,
+                              EndpointAllowlist.parse(self.settings.import_endpoint_allowlist))
         v.raise_if_any("invalid CreateDataset request")
         assert plan is not None and source is not None
         return plan, source
@@ -138,7 +140,8 @@ class ImportManager:
             format=spec.format or DatasetFormat.OPENAI_CHAT,
             source_filename=source.uri, source_key=source_key(spec.organization, dataset_id), size_bytes=0,
             sha256="", statistics=Statistics(), splits=(), error_count=0, warning_count=0, split_plan=plan,
-            create_time=now, update_time=now, request_id=spec.request_id, options=spec.options)
+            create_time=now, update_time=now, request_id=spec.request_id, options=spec.options,
+            request_fingerprint=request_fingerprint(spec) if spec.request_id else "")
         prefix = dataset_prefix(spec.organization, dataset_id)
         insert: asyncio.Future[DatasetRecord] | None = None
         try:

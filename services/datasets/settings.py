@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from tuneforge_core.settings import KitSettings
 
@@ -32,3 +32,16 @@ class DatasetSettings(KitSettings):
     # downloaded as concurrent ranged GETs of this many bytes each.
     import_multipart_threshold_bytes: int = Field(default=8 * 1024 ** 2, gt=0)
     import_multipart_chunk_bytes: int = Field(default=8 * 1024 ** 2, gt=0)
+    # TUNEFORGE_IMPORT_ENDPOINT_ALLOWLIST: where CreateDataset may send S3/GCS requests (source.endpoint_url)
+    # besides AWS S3 and Google Cloud Storage themselves: comma-separated hosts ("minio.internal",
+    # "10.0.0.5:9000") or URL prefixes ("https://s3.example.com/tenant-a"). Empty: AWS and GCS only, so a
+    # caller cannot make the server send requests into its own network (server-side request forgery).
+    import_endpoint_allowlist: str = ""
+
+    @field_validator("import_endpoint_allowlist")
+    @classmethod
+    def _parsable_allowlist(cls, value: str) -> str:
+        from services.datasets.sources import EndpointAllowlist
+
+        EndpointAllowlist.parse(value)  # a malformed entry stops the service at start
+        return value

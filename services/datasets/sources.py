@@ -11,11 +11,18 @@ Secrets never reach a log line, an exception message or a Dataset: they live in 
 repr) and in the boto3 / datasets calls that need them. Without credentials, S3 and GCS are read
 anonymously: the server never lends its own cloud identity to a caller (that would let anyone read the
 platform's buckets).
+
+Nor does the server send requests wherever a caller points it: `source.endpoint_url` must be AWS S3's or
+GCS's own endpoint (https), or one the operator allows (`EndpointAllowlist`,
+TUNEFORGE_IMPORT_ENDPOINT_ALLOWLIST). Anything else, a loopback or private address above all, is
+INVALID_ARGUMENT before any request is made (server-side request forgery: cloud metadata services, admin
+ports, other tenants' services on the server's network).
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import re
 import threading
@@ -44,6 +51,11 @@ from tuneforge_core.errors import (
 from tuneforge_core.reasons import Reason
 
 GCS_ENDPOINT = "https://storage.googleapis.com"
+# S3's own endpoints: s3.amazonaws.com, s3.<region>.amazonaws.com, s3-<region>..., dualstack and FIPS
+# variants, virtual-hosted <bucket>.s3..., and the China regions' amazonaws.com.cn.
+AWS_S3_HOST_RE = re.compile(r"^(?:[a-z0-9][a-z0-9.-]*\.)?s3(?:[.-][a-z0-9-]+)*\.amazonaws\.com(?:\.cn)?\Z")
+GCS_HOSTS = frozenset({"storage.googleapis.com"})
+ALLOWLIST_SETTING = "TUNEFORGE_IMPORT_ENDPOINT_ALLOWLIST"
 # Bucket names of S3 (3-63) and GCS (up to 222 with dots); the server gives the precise rule on use.
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]\Z")
 MAX_KEY_BYTES = 1024
@@ -143,12 +155,115 @@ def import_request_from_proto(request: dataset_service_pb2.CreateDatasetRequest)
     )
 
 
-def _check_endpoint(v: Violations, endpoint: str) -> None:
+def _port(parsed: Any) -> int | None:
+    """The URL's port, the scheme's default when it names none; None when it is not a port."""
+    try:
+        port = parsed.port
+    except ValueError:
+        return None
+    return port or {"http": 80, "https": 443}.get(parsed.scheme)
+
+
+def _host(parsed: Any) -> str:
+    return (parsed.hostname or "").rstrip(".").lower()
+
+
+@dataclass(frozen=True)
+class AllowedEndpoint:
+    """One allowlist entry: a host (any port, or the one given) or a URL prefix (scheme, host, port and
+    leading path segments must all match)."""
+
+    host: str
+    port: int | None = None
+    scheme: str = ""
+    path: str = ""
+
+    @classmethod
+    def parse(cls, entry: str) -> AllowedEndpoint:
+        if "://" in entry:
+            parsed = urlparse(entry)
+            if parsed.scheme not in ("http", "https") or not _host(parsed) or _port(parsed) is None:
+                raise ValueError(f"'{entry}' is not an http(s) URL prefix with a host")
+            return cls(_host(parsed), _port(parsed), parsed.scheme, parsed.path.rstrip("/"))
+        parsed = urlparse(f"//{entry}")
+        try:
+            port = parsed.port
+        except ValueError:
+            port = -1
+        if not _host(parsed) or port == -1 or parsed.path or parsed.username is not None:
+            raise ValueError(f"'{entry}' is not a host or host:port")
+        return cls(_host(parsed), port)
+
+    def matches(self, parsed: Any) -> bool:
+        if _host(parsed) != self.host:
+            return False
+        if self.port is not None and _port(parsed) != self.port:
+            return False
+        if self.scheme and parsed.scheme != self.scheme:
+            return False
+        path = parsed.path.rstrip("/")
+        return not self.path or path == self.path or path.startswith(self.path + "/")
+
+
+@dataclass(frozen=True)
+class EndpointAllowlist:
+    """Where CreateDataset may send S3/GCS requests besides AWS S3 and GCS themselves (over https).
+
+    Parsed from TUNEFORGE_IMPORT_ENDPOINT_ALLOWLIST: comma-separated hosts ("minio.internal",
+    "10.0.0.5:9000", "[::1]:8333") or URL prefixes ("https://s3.example.com/tenant-a"). Empty: AWS and GCS
+    only. Names are compared as written, never resolved: an allowed name is the operator's to keep pointed
+    at the right address.
+    """
+
+    entries: tuple[AllowedEndpoint, ...] = ()
+
+    @classmethod
+    def parse(cls, value: str) -> EndpointAllowlist:
+        return cls(tuple(AllowedEndpoint.parse(e.strip()) for e in value.split(",") if e.strip()))
+
+    @classmethod
+    def from_environment(cls) -> EndpointAllowlist:
+        from services.datasets.settings import DatasetSettings
+
+        return cls.parse(DatasetSettings().import_endpoint_allowlist)
+
+    def problem(self, endpoint: str) -> str | None:
+        """Why the server must not send requests to `endpoint` (a well-formed http(s) URL), or None."""
+        parsed = urlparse(endpoint)
+        host = _host(parsed)
+        if any(entry.matches(parsed) for entry in self.entries):
+            return None
+        if AWS_S3_HOST_RE.match(host) or host in GCS_HOSTS:
+            https = parsed.scheme == "https"
+            return None if https else "AWS S3 and GCS endpoints are reached over https only"
+        if _is_internal(host):
+            return (
+                f"'{host}' is a loopback, private or link-local address, which this server does not contact "
+                f"unless the operator allows it ({ALLOWLIST_SETTING})"
+            )
+        return (
+            f"'{host}' is not AWS S3, Google Cloud Storage or an endpoint this deployment allows "
+            f"({ALLOWLIST_SETTING})"
+        )
+
+
+def _is_internal(host: str) -> bool:
+    """A loopback, private, link-local or otherwise non-public literal address, or localhost."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return not address.is_global
+
+
+def _check_endpoint(v: Violations, endpoint: str, allowlist: EndpointAllowlist | None) -> None:
     if not endpoint:
         return
     parsed = urlparse(endpoint)
-    v.check(
-        parsed.scheme in ("http", "https") and bool(parsed.hostname),
+    well_formed = v.check(
+        parsed.scheme in ("http", "https") and bool(parsed.hostname) and _port(parsed) is not None,
         "source.endpoint_url",
         "must be an http:// or https:// URL with a host",
     )
@@ -160,6 +275,12 @@ def _check_endpoint(v: Violations, endpoint: str) -> None:
     v.check(
         not parsed.query and not parsed.fragment, "source.endpoint_url", "must not have a query or a fragment"
     )
+    if well_formed:
+        problem = (allowlist if allowlist is not None else EndpointAllowlist.from_environment()).problem(
+            endpoint
+        )
+        if problem is not None:
+            v.add("source.endpoint_url", problem)
 
 
 def _parse_object_uri(
@@ -243,9 +364,17 @@ def _parse_hub(v: Violations, proto: dataset_pb2.DatasetSource, local_root: Path
 
 
 def parse_source(
-    v: Violations, proto: dataset_pb2.DatasetSource, credentials: Credentials, local_root: Path | None
+    v: Violations,
+    proto: dataset_pb2.DatasetSource,
+    credentials: Credentials,
+    local_root: Path | None,
+    endpoint_allowlist: EndpointAllowlist | None = None,
 ) -> Source | None:
-    """The checked source of a CreateDataset call, or None with every problem added to `v`."""
+    """The checked source of a CreateDataset call, or None with every problem added to `v`.
+
+    `endpoint_allowlist` is the service's TUNEFORGE_IMPORT_ENDPOINT_ALLOWLIST; None reads it from the
+    environment (where a DatasetSettings' own fields come from too).
+    """
     kind = proto.WhichOneof("source")
     if kind is None:
         v.add("source", "is required: set one of s3_uri, gcs_uri or huggingface_id")
@@ -287,7 +416,7 @@ def parse_source(
         "source.region",
         "must be a region name such as 'eu-west-1'",
     )
-    _check_endpoint(v, proto.endpoint_url)
+    _check_endpoint(v, proto.endpoint_url, endpoint_allowlist)
     where = _parse_object_uri(v, getattr(proto, kind), provider, f"source.{kind}")
     if where is None or v:
         return None

@@ -28,6 +28,7 @@ from services.estimation.models import CalibrationRow
 from services.estimation.spec import resolve_setup
 from services.kit.db import Database
 from tuneforge_core.errors import TuneForgeError
+from tuneforge_core.models import ModelPolicy
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,13 @@ class Measurement:
     recorded_at: datetime | None = None
 
 
-def measure(job: job_pb2.Job, catalog: Catalog) -> Measurement | None:
+def measure(job: job_pb2.Job, catalog: Catalog, models: ModelPolicy | None = None) -> Measurement | None:
     """The measurement of a SUCCEEDED job, or None when it measured nothing usable or its model or
-    hardware is unknown here (the reason is logged: such a job simply does not calibrate)."""
+    hardware is unknown here (the reason is logged: such a job simply does not calibrate). A local or
+    stored model's config.json is read only as `models` allows it for the job's organization."""
     metrics = job.output.final_metrics
     try:
-        resolved = resolve_setup(job.spec, catalog)
+        resolved = resolve_setup(job.spec, catalog, models=models, organization=job.organization)
     except TuneForgeError as exc:
         log.info("job %s does not calibrate: its spec does not resolve here (%s)", job.id, exc)
         return None

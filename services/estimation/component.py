@@ -29,6 +29,7 @@ from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
 from services.kit.runtime import Component, Registration, Runtime
 from tuneforge_core import subjects
+from tuneforge_core.models import ModelPolicy
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class EstimationComponent(Component):
         kit = runtime.settings
         timeout = self.settings.datasets_timeout_s
         datasets = GrpcDatasetLookup(lambda: runtime.channel(kit.datasets_address), timeout_s=timeout)
-        self.manager = EstimationManager(self.catalog, datasets, self.jobs, self.calibrations)
+        self.models = ModelPolicy.from_settings(kit, runtime.store)
+        self.manager = EstimationManager(self.catalog, datasets, self.jobs, self.calibrations, self.models)
 
     def registrations(self) -> Sequence[Registration]:
         return [
@@ -99,7 +101,7 @@ class EstimationComponent(Component):
         job = _job_of(msg)
         if job.state != job_pb2.JOB_STATE_SUCCEEDED or not job.id:
             return
-        measurement = measure(job, self.catalog)
+        measurement = measure(job, self.catalog, self.models)
         if measurement is not None and await self.calibrations.record(measurement):
             log.info(
                 "calibration: job %s (%s on %s) recorded", job.id, measurement.family, measurement.gpu_type

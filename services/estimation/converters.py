@@ -7,6 +7,7 @@ from tuneforge.v1 import estimation_pb2, job_pb2
 from services.estimation.catalog import CatalogModel
 from services.estimation.estimator import Cost, Fit, Hardware, Memory, Time
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MODEL_TYPES = {"llm": estimation_pb2.MODEL_TYPE_LLM, "vlm": estimation_pb2.MODEL_TYPE_VLM}
 STRATEGIES = {
     "none": job_pb2.DISTRIBUTED_STRATEGY_NONE,
@@ -58,27 +59,37 @@ def model_to_proto(model: CatalogModel) -> estimation_pb2.BaseModel:
     )
 
 
+def int64(value: int) -> int:
+    """A byte or token figure as an int64 field holds it: saturated at the int64 bounds.
+
+    Only specs whose fields are each within range but absurd together get there (max_steps x a global
+    batch of millions x 131k-token sequences, or a client's tokens_per_epoch near 2**63): the estimate then
+    says what is true (it does not fit, it takes forever) instead of failing the call.
+    """
+    return max(INT64_MIN, min(INT64_MAX, int(value)))
+
+
 def memory_to_proto(memory: Memory) -> estimation_pb2.MemoryBreakdown:
     return estimation_pb2.MemoryBreakdown(
-        weights=memory.weights,
-        trainable_parameters=memory.trainable_parameters,
-        gradients=memory.gradients,
-        optimizer_states=memory.optimizer_states,
-        activations=memory.activations,
-        logits=memory.logits,
-        framework_overhead=memory.framework_overhead,
-        total=memory.total,
-        reference_weights=memory.reference_weights,
-        offloaded_to_cpu=memory.offloaded_to_cpu,
-        quantization_constants=memory.quantization_constants,
-        transient=memory.transient,
-        calibration_adjustment=memory.calibration_adjustment,
+        weights=int64(memory.weights),
+        trainable_parameters=int64(memory.trainable_parameters),
+        gradients=int64(memory.gradients),
+        optimizer_states=int64(memory.optimizer_states),
+        activations=int64(memory.activations),
+        logits=int64(memory.logits),
+        framework_overhead=int64(memory.framework_overhead),
+        total=int64(memory.total),
+        reference_weights=int64(memory.reference_weights),
+        offloaded_to_cpu=int64(memory.offloaded_to_cpu),
+        quantization_constants=int64(memory.quantization_constants),
+        transient=int64(memory.transient),
+        calibration_adjustment=int64(memory.calibration_adjustment),
     )
 
 
 def time_to_proto(time: Time) -> estimation_pb2.TimeEstimate:
     return estimation_pb2.TimeEstimate(
-        training_tokens=time.training_tokens,
+        training_tokens=int64(time.training_tokens),
         flops_per_token=time.flops_per_token,
         utilization=time.utilization,
         training_seconds=time.training_seconds,

@@ -40,6 +40,7 @@ from tuneforge_core.errors import (
     Violations,
     not_found,
 )
+from tuneforge_core.models import ModelPolicy
 from tuneforge_core.reasons import Reason
 
 CHARS_PER_TOKEN = 4
@@ -147,8 +148,11 @@ class EstimationManager:
         datasets: DatasetLookup,
         jobs: JobLookup | None = None,
         calibrations: CalibrationSource | None = None,
+        models: ModelPolicy | None = None,
     ) -> None:
         self.catalog = catalog
+        # Which local or stored models an organization's spec may name (config.json is read only there).
+        self.models = models
         self.datasets = datasets
         self.jobs = jobs
         self.calibrations: CalibrationSource = calibrations or NoCalibration()
@@ -372,7 +376,7 @@ class EstimationManager:
         check_organization(v, organization)
         v.check(tokens_per_epoch >= 0, "tokens_per_epoch", "must not be negative")
         v.raise_if_any("Invalid request")
-        return resolve_setup(spec, self.catalog)
+        return resolve_setup(spec, self.catalog, models=self.models, organization=organization)
 
     def _evaluate(
         self,

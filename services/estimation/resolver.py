@@ -1,5 +1,11 @@
-"""Which architecture a spec's `base_model` has: a catalog id, a local folder's config.json, or a guess from
-a size in its name ("...-7B-..."). Reads JSON only; this service never imports torch or transformers."""
+"""Which architecture a spec's `base_model` has: a catalog id, a model folder's config.json, or a guess from
+a size in its name ("...-7B-..."). Reads JSON only; this service never imports torch or transformers.
+
+A config.json is read only where `tuneforge_core.models.ModelPolicy` lets the organization use the model
+(a folder under a model root, or its own outputs in object storage), the file itself resolved and checked
+too, so a link inside a model folder does not lead out. Errors say what is wrong with the file, never what
+it holds.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,12 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from services.estimation.catalog import Catalog
 from services.estimation.estimator import Architecture
 from tuneforge_core.errors import FieldViolation, InvalidArgument
+from tuneforge_core.models import ModelKind, ModelPolicy, ModelSource
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 # "7B", "0.5b", "135M", and mixtures of experts "8x7B" (counted as all experts: memory needs them all).
@@ -33,7 +38,20 @@ class ResolvedModel:
     note: str
 
 
-def resolve_model(catalog: Catalog, ref: str, field: str = "spec.base_model") -> ResolvedModel:
+# No model roots and no storage: what a caller that passes no policy gets (hub ids only).
+NO_LOCAL_MODELS = ModelPolicy()
+
+
+def resolve_model(
+    catalog: Catalog,
+    ref: str,
+    field: str = "spec.base_model",
+    *,
+    models: ModelPolicy | None = None,
+    organization: str = "",
+) -> ResolvedModel:
+    """The architecture of `ref`. A reference `models` refuses for `organization` is INVALID_ARGUMENT on
+    `field` before anything is read; without `models`, no local or stored model is read at all."""
     entry = catalog.model(ref)
     if entry is not None:
         return ResolvedModel(
@@ -45,9 +63,11 @@ def resolve_model(catalog: Catalog, ref: str, field: str = "spec.base_model") ->
             entry.license,
             "",
         )
-    folder = _local_folder(ref)
-    if folder is not None and (folder / "config.json").is_file():
-        return _from_config(folder / "config.json", ref, field)
+    if _is_location(ref):  # a path or URI: only where the rule lets the organization read it
+        policy = models or NO_LOCAL_MODELS
+        config = _read_config(policy, policy.source(ref, organization, field), organization, field)
+        if config is not None:
+            return _from_config(config, ref, field)
     guessed = guess_from_name(ref)
     if guessed is not None:
         params = guessed.parameter_count
@@ -73,28 +93,67 @@ def resolve_model(catalog: Catalog, ref: str, field: str = "spec.base_model") ->
     )
 
 
-def _local_folder(ref: str) -> Path | None:
-    if ref.startswith("file://"):
-        return Path(unquote(urlparse(ref).path))
-    if "://" in ref:
-        return None  # s3:// and the like: not readable here
-    path = Path(ref).expanduser()
-    return path if path.is_absolute() or ref.startswith(".") else None
+def _is_location(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~", "file:")) or "://" in ref
 
 
-def _from_config(path: Path, ref: str, field: str) -> ResolvedModel:
+def _read_config(policy: ModelPolicy, source: ModelSource, organization: str, field: str) -> bytes | None:
+    """The bytes of the model's config.json (at most MAX_CONFIG_BYTES), or None when it has none."""
+    if source.kind is ModelKind.LOCAL:
+        assert source.path is not None
+        path = source.path / "config.json"
+        if not path.is_file():
+            return None
+        # The file, resolved, must pass the same rule: a config.json linking out of the roots is refused.
+        real = policy.source(str(path.resolve()), organization, field).path
+        assert real is not None
+        try:
+            with real.open("rb") as f:
+                data = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise _unusable(source.ref, field, f"cannot be read ({type(exc).__name__})") from None
+    elif source.kind is ModelKind.STORED:
+        assert policy.store is not None
+        key = f"{source.key}/config.json"
+        try:
+            if not policy.store.exists(key):
+                return None
+            data = policy.store.get_bytes(key)
+        except OSError as exc:
+            raise _unusable(source.ref, field, f"cannot be read ({type(exc).__name__})") from None
+    else:
+        return None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise _unusable(source.ref, field, "is larger than 4 MiB")
+    return data
+
+
+def _unusable(ref: str, field: str, why: str) -> InvalidArgument:
+    description = f"the config.json of '{ref}' {why}"
+    return InvalidArgument(f"{field}: cannot read the architecture of '{ref}'",
+                           violations=[FieldViolation(field, description)])
+
+
+def _from_config(data: bytes, ref: str, field: str) -> ResolvedModel:
+    """The architecture in a config.json; a problem is described by kind and key name, never by value."""
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ValueError("config.json is larger than 4 MiB")
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _unusable(ref, field, "is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise _unusable(ref, field, f"is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(config, dict):
+        raise _unusable(ref, field, "is not a JSON object")
+    try:
         arch, model_type = architecture_from_config(config)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise InvalidArgument(
-            f"{field}: cannot read the architecture from {path}",
-            violations=[FieldViolation(field, f"{path} is not a usable config.json: {exc}")],
-        ) from exc
-    family = str(config.get("model_type", "unknown"))
-    context = int(config.get("max_position_embeddings") or 0)
+        family = str(config.get("model_type", "unknown"))[:64]
+        context = int(config.get("max_position_embeddings") or 0)
+    except KeyError as exc:  # the keys are ours: "none of hidden_size, n_embd, d_model"
+        raise _unusable(ref, field, f"has {exc.args[0] if exc.args else 'a missing key'}") from None
+    except (ValueError, TypeError, OverflowError):
+        raise _unusable(
+            ref, field, "holds a value that is not a usable number where the architecture needs one"
+        ) from None
     return ResolvedModel(
         ref,
         family,
@@ -102,7 +161,7 @@ def _from_config(path: Path, ref: str, field: str) -> ResolvedModel:
         arch,
         context,
         "",
-        f"architecture read from {path} ({arch.parameter_count / 1e6:.1f}M parameters)",
+        f"architecture read from the config.json of '{ref}' ({arch.parameter_count / 1e6:.1f}M parameters)",
     )
 
 

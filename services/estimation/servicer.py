@@ -9,6 +9,7 @@ from tuneforge.v1 import estimation_pb2, estimation_service_pb2, estimation_serv
 from services.estimation.converters import (
     fit_to_proto,
     hardware_to_proto,
+    int64,
     memory_to_proto,
     model_to_proto,
     source_of,
@@ -136,8 +137,8 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
     ) -> estimation_service_pb2.PlanJobResponse:
         plan = await self.manager.plan_job(request.organization, request.spec)
         response = estimation_service_pb2.PlanJobResponse(
-            tokens_per_epoch=plan.tokens_per_epoch,
-            training_tokens=plan.training_tokens,
+            tokens_per_epoch=int64(plan.tokens_per_epoch),
+            training_tokens=int64(plan.training_tokens),
             fits=[fit_to_proto(f) for f in plan.fits],
             source=_source(plan.requested or plan.cheapest),
             notes=plan.notes,

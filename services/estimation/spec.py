@@ -27,9 +27,10 @@ from services.estimation.estimator import (
     Strategy,
     lora_targets,
 )
-from services.estimation.resolver import ResolvedModel, resolve_model
+from services.estimation.resolver import NO_LOCAL_MODELS, ResolvedModel, resolve_model
 from tuneforge_core.compat import LORA_ADAPTERS, SUPPORTED_ADAPTERS, SUPPORTED_METHODS, SUPPORTED_STRATEGIES
 from tuneforge_core.errors import InvalidArgument, TuneForgeError, Violations
+from tuneforge_core.models import ModelPolicy
 from tuneforge_core.spec import resolve_spec
 
 
@@ -100,12 +101,15 @@ def check_hardware(v: Violations, hardware: job_pb2.HardwareConfig, catalog: Cat
         v.add(f"{path}.gpu_count", f"{option.display_name} allows {allowed} GPUs, got {count}")
 
 
-def resolve_setup(spec: job_pb2.JobSpec, catalog: Catalog) -> ResolvedSetup:
+def resolve_setup(
+    spec: job_pb2.JobSpec, catalog: Catalog, *, models: ModelPolicy | None = None, organization: str = ""
+) -> ResolvedSetup:
     """Resolves the spec (tuneforge_core.spec.resolve_spec, for a draft: no dataset needed, user reward code
     allowed since nothing runs here), checks it against the catalog, and builds the estimator's `Setup`.
 
     Raises InvalidArgument listing every problem, the resolver's and the catalog's together, each naming its
     `spec.…` field. Resolving an already resolved spec (what CreateJob stored) gives the same `Setup`.
+    Models are looked up under `models`' rule for `organization` (no local or stored model without one).
     """
     v = Violations()
     resolved: job_pb2.JobSpec | None = None
@@ -118,14 +122,20 @@ def resolve_setup(spec: job_pb2.JobSpec, catalog: Catalog) -> ResolvedSetup:
     assert resolved is not None
 
     notes: list[str] = []
-    model = resolve_model(catalog, resolved.base_model, "spec.base_model")
+    policy = models or NO_LOCAL_MODELS
+    model = resolve_model(catalog, resolved.base_model, "spec.base_model", models=policy,
+                          organization=organization)
     if model.note:
         notes.append(model.note)
     teacher = None
     if resolved.method == job_pb2.TRAINING_METHOD_DISTILLATION:
         teacher_id = resolved.distillation.teacher_model
+        teacher_field = "spec.distillation.teacher_model"
+        policy.source(teacher_id, organization, teacher_field)  # a refused teacher is an error, not a guess
         try:
-            found = resolve_model(catalog, teacher_id, "spec.distillation.teacher_model")
+            found = resolve_model(
+                catalog, teacher_id, teacher_field, models=policy, organization=organization
+            )
             teacher = found.architecture
             if found.note:
                 notes.append(found.note)

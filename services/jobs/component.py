@@ -24,6 +24,7 @@ from services.kit.db import Database
 from services.kit.outbox import OutboxRelay
 from services.kit.runtime import Component, Registration, Runtime
 from tuneforge_core import subjects
+from tuneforge_core.models import ModelPolicy
 from tuneforge_core.nats import ensure_trainers_consumer
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class JobsComponent(Component):
                                   DatasetLookup(runtime.channel(settings.datasets_address)),
                                   runtime.store, runtime.nc,
                                   hardware=HardwareCheck(runtime.channel(settings.estimation_address)),
-                                  allow_user_reward_code=settings.allow_user_reward_code)
+                                  allow_user_reward_code=settings.allow_user_reward_code,
+                                  models=ModelPolicy.from_settings(settings, runtime.store))
 
     def registrations(self) -> Sequence[Registration]:
         return [Registration("tuneforge.v1.JobService", JobServicer(self.manager),

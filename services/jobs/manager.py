@@ -3,6 +3,11 @@
 Every change of a job happens in one transaction with the JobChanged event that announces it (the outbox);
 the relay then publishes it. Worker updates are applied at most once (the inbox) and only when the state
 machine allows them, so redelivered, late or stale updates change nothing.
+
+CreateJob refuses what could never be honoured, rather than letting a worker quietly do something else:
+a model the organization may not use, or that is not there (`tuneforge_core.models`); half precision on a
+spec that may land on a CPU worker (`resolve_spec`); early stopping without validation data, which only
+this service can tell, since it reads the dataset's splits here.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from tuneforge_core.errors import (
     not_found,
 )
 from tuneforge_core.ids import new_id
+from tuneforge_core.models import ModelPolicy
 from tuneforge_core.reasons import Reason
 from tuneforge_core.spec import check_dataset_fit, resolve_spec
 from tuneforge_core.states import FINAL, cancelled_status
@@ -66,9 +72,11 @@ def _request_hash(request: job_service_pb2.CreateJobRequest) -> str:
 class JobManager:
     def __init__(self, db: Database, relay: OutboxRelay, datasets: DatasetLookup, store: ObjectStore,
                  nc: NATS, *, hardware: HardwareCheck | None = None,
-                 allow_user_reward_code: bool = False) -> None:
+                 allow_user_reward_code: bool = False, models: ModelPolicy | None = None) -> None:
         self.db = db
         self.hardware = hardware
+        # Without a policy: hub ids and the organization's own outputs only, no local paths.
+        self.models = models or ModelPolicy(store=store)
         self.allow_user_reward_code = allow_user_reward_code
         self.relay = relay
         self.datasets = datasets
@@ -118,6 +126,8 @@ class JobManager:
             if existing is not None:
                 return existing
 
+        # Before anything else is read: the models' rule, then that a local or stored model is there.
+        await asyncio.to_thread(self.models.check_spec, spec, org)
         dataset = await self.datasets.get(org, spec.dataset, "spec.dataset")
         self._check_ready(dataset, "spec.dataset")
         check_dataset_fit(spec, dataset.format)
@@ -135,6 +145,7 @@ class JobManager:
         if not train_uri:
             raise FailedPrecondition(f"dataset '{dataset.name}' has no training examples",
                                      reason=Reason.DATASET_NOT_READY)
+        self._check_early_stopping(spec, dataset, validation_uri)
 
         job_id = new_id("job")
         now = utcnow()
@@ -188,6 +199,25 @@ class JobManager:
             raise AlreadyExists("request_id was already used for a different request",
                                 reason=Reason.REQUEST_ID_REUSED, metadata={"request_id": request.request_id})
         return job_to_proto(row)
+
+    @staticmethod
+    def _check_early_stopping(spec: job_pb2.JobSpec, dataset: dataset_pb2.Dataset,
+                              validation_uri: str) -> None:
+        """Early stopping watches the validation loss: without validation data it could never stop early.
+
+        Workers used to switch it off and train to the end with a warning; the job now says what it
+        needs, and a job that cannot have it is refused here, where the dataset's splits are known."""
+        if not spec.hyperparameters.early_stopping.enabled or validation_uri:
+            return
+        lacking = (
+            f"spec.validation_dataset '{spec.validation_dataset}' has no examples" if spec.validation_dataset
+            else f"dataset '{dataset.name or dataset.id}' has no validation split"
+        )
+        v = Violations()
+        v.add("spec.hyperparameters.early_stopping.enabled",
+              f"early stopping needs validation data, and {lacking}; set spec.validation_dataset, give the "
+              "dataset a validation split, or turn early stopping off")
+        v.raise_if_any("the job cannot be honoured")
 
     @staticmethod
     def _check_ready(dataset: dataset_pb2.Dataset, field: str) -> None:

@@ -4,6 +4,10 @@ end-to-end tests run.
 Processes: a nats-server (unless a NATS URL is given), one services process hosting the four services,
 and N trainer workers. Each default (NATS, database, storage) can point at real infrastructure through the
 same TUNEFORGE_* variables the services read.
+
+Local base models: unless TUNEFORGE_MODEL_ROOTS is set (in the environment or `PlatformConfig.env`), the
+embedded platform allows the folders under `<data_dir>/models` and nothing else on its disk
+(tuneforge_core.models has the rule).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Platform:
             "PYTHONUNBUFFERED": "1",
             "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
         })
+        env.setdefault("TUNEFORGE_MODEL_ROOTS", str(self.data_dir / "models"))
         env.update(self.config.env)
         return env
 

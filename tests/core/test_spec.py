@@ -105,11 +105,56 @@ def test_merging_needs_lora() -> None:
     assert "spec.output.merge_adapter" in fields_of(info.value)
 
 
-@pytest.mark.parametrize("model", ["org/name", "/abs/path/model", "s3://bucket/models/x", "./rel"])
+@pytest.mark.parametrize(
+    "model", ["org/name", "/abs/path/model", "file:///abs/path/model", "s3://bucket/models/x"]
+)
 def test_model_forms_accepted(model: str) -> None:
+    """The form only: which paths and URIs a deployment lets an organization use is
+    tuneforge_core.models' rule (tests/core/test_models.py), applied at CreateJob and by the worker."""
     spec = valid_spec()
     spec.base_model = model
     assert resolve_spec(spec).base_model == model
+
+
+@pytest.mark.parametrize("model", ["./rel", "../../etc", "file://host/etc", "gpt2"])
+def test_relative_and_malformed_models_are_refused(model: str) -> None:
+    spec = valid_spec()
+    spec.base_model = model
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(spec)
+    assert fields_of(info.value) == {"spec.base_model"}
+
+
+@pytest.mark.parametrize("gpu_type", ["", "cpu", "CPU"])
+@pytest.mark.parametrize("precision", [job_pb2.PRECISION_FP16, job_pb2.PRECISION_BF16])
+def test_half_precision_is_refused_on_a_spec_that_may_train_on_a_cpu(gpu_type: str, precision: int) -> None:
+    spec = valid_spec()
+    spec.hardware.gpu_type = gpu_type
+    spec.hyperparameters.precision = precision  # type: ignore[assignment]
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(spec)
+    assert fields_of(info.value) == {"spec.hyperparameters.precision"}
+    assert "needs a GPU" in info.value.violations[0].description
+
+    qlora = valid_spec()
+    qlora.hardware.gpu_type = gpu_type
+    qlora.adapter = job_pb2.ADAPTER_TYPE_QLORA
+    qlora.quantization.compute_dtype = precision  # type: ignore[assignment]
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(qlora)
+    assert fields_of(info.value) == {"spec.quantization.compute_dtype"}
+
+
+def test_half_precision_on_a_named_gpu_and_fp32_anywhere_are_accepted() -> None:
+    spec = valid_spec()
+    spec.hardware.gpu_type = "nvidia-t4"
+    spec.hyperparameters.precision = job_pb2.PRECISION_FP16
+    assert resolve_spec(spec).hyperparameters.precision == job_pb2.PRECISION_FP16
+    cpu = valid_spec()
+    cpu.hardware.gpu_type = "cpu"
+    cpu.hyperparameters.precision = job_pb2.PRECISION_FP32
+    assert resolve_spec(cpu).hyperparameters.precision == job_pb2.PRECISION_FP32
+    assert resolve_spec(valid_spec()).hyperparameters.precision == job_pb2.PRECISION_UNSPECIFIED
 
 
 def spec_for(method: str, adapter: str = "LORA", **fields: object) -> job_pb2.JobSpec:
@@ -248,7 +293,7 @@ def _hardware(strategy: str, gpus: int = 2) -> job_pb2.HardwareConfig:
         (
             spec_for("DISTILLATION", distillation=job_pb2.DistillationConfig(teacher_model="not a model")),
             "spec.distillation.teacher_model",
-            "neither a Hugging Face id",
+            "is not a hub id (org/name)",
         ),
         (
             spec_for("DISTILLATION", distillation=job_pb2.DistillationConfig(temperature=0)),

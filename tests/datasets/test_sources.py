@@ -31,6 +31,7 @@ from services.datasets.settings import DatasetSettings
 from services.datasets.sources import (
     HUB_ID_RE,
     Credentials,
+    EndpointAllowlist,
     FetchSettings,
     HubSource,
     ImportCancelled,
@@ -121,9 +122,15 @@ def big_chat_file(min_bytes: int) -> bytes:
 # -- the service -----------------------------------------------------------------------------------------
 
 
+# seaweedfs listens on loopback, which imports may reach only where the operator allows it.
+LOOPBACK_ALLOWED = "127.0.0.1"
+
+
 @pytest.fixture
-def settings(kit_settings: KitSettings, tmp_path: Path) -> DatasetSettings:
+def settings(kit_settings: KitSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> DatasetSettings:
     (tmp_path / "hf").mkdir()
+    # Both ways the service may read it: its settings, and the environment its own fields come from.
+    monkeypatch.setenv("TUNEFORGE_IMPORT_ENDPOINT_ALLOWLIST", LOOPBACK_ALLOWED)
     return DatasetSettings(
         **{
             **kit_settings.model_dump(),
@@ -131,6 +138,7 @@ def settings(kit_settings: KitSettings, tmp_path: Path) -> DatasetSettings:
             "hf_local_root": tmp_path / "hf",
             "import_multipart_threshold_bytes": 256 * 1024,
             "import_multipart_chunk_bytes": 256 * 1024,
+            "import_endpoint_allowlist": LOOPBACK_ALLOWED,
         }
     )
 
@@ -700,6 +708,67 @@ def test_malformed_sources_name_their_field(source: dataset_pb2.DatasetSource, f
     v = Violations()
     assert parse_source(v, source, Credentials(), None) is None
     assert field in [item.field for item in v.items]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "allowlist", "why"),
+    [
+        ("http://169.254.169.254", "", "loopback, private or link-local"),  # cloud metadata
+        ("http://127.0.0.1:8333", "", "loopback, private or link-local"),
+        ("http://localhost:9000", "", "loopback, private or link-local"),
+        ("http://[::1]:9000", "", "loopback, private or link-local"),
+        ("http://10.0.0.5:9000", "127.0.0.1", "loopback, private or link-local"),
+        ("https://minio.example.com", "", "not AWS S3, Google Cloud Storage"),
+        ("https://s3-amazonaws.com", "", "not AWS S3, Google Cloud Storage"),  # a look-alike, not AWS
+        ("http://s3.eu-west-1.amazonaws.com", "", "over https only"),
+        ("http://minio.internal:9001", "minio.internal:9000", "not AWS S3, Google Cloud Storage"),
+        ("https://s3.example.com/tenant-b", "https://s3.example.com/tenant-a", "not AWS S3"),
+    ],
+)
+def test_endpoints_outside_the_allowlist_are_refused(endpoint: str, allowlist: str, why: str) -> None:
+    v = Violations()
+    source = dataset_pb2.DatasetSource(s3_uri="s3://bucket/key.jsonl", endpoint_url=endpoint)
+    assert parse_source(v, source, Credentials(), None, EndpointAllowlist.parse(allowlist)) is None
+    (item,) = v.items
+    assert item.field == "source.endpoint_url" and why in item.description, item.description
+    assert "TUNEFORGE_IMPORT_ENDPOINT_ALLOWLIST" in item.description or "https" in item.description
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "allowlist"),
+    [
+        ("", ""),
+        ("https://s3.eu-west-1.amazonaws.com", ""),
+        ("https://my-bucket.s3.dualstack.us-east-1.amazonaws.com", ""),
+        ("https://storage.googleapis.com", ""),
+        ("http://127.0.0.1:8333", "127.0.0.1"),
+        ("http://minio.internal:9000", "minio.internal:9000, 10.0.0.5"),
+        ("http://10.0.0.5:1234", "minio.internal:9000, 10.0.0.5"),
+        ("https://s3.example.com/tenant-a/", "https://s3.example.com/tenant-a"),
+    ],
+)
+def test_default_and_allowed_endpoints_are_accepted(endpoint: str, allowlist: str) -> None:
+    v = Violations()
+    source = dataset_pb2.DatasetSource(s3_uri="s3://bucket/key.jsonl", endpoint_url=endpoint)
+    parsed = parse_source(v, source, Credentials(), None, EndpointAllowlist.parse(allowlist))
+    assert not v.items and parsed is not None
+
+
+def test_the_allowlist_setting_is_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="not a host"):
+        DatasetSettings(import_endpoint_allowlist="host/with/path")
+    monkeypatch.setenv("TUNEFORGE_IMPORT_ENDPOINT_ALLOWLIST", "10.1.2.3:9000")
+    v = Violations()  # without an allowlist passed in, the environment's is used
+    source = dataset_pb2.DatasetSource(s3_uri="s3://bucket/key.jsonl", endpoint_url="http://10.1.2.3:9000")
+    assert parse_source(v, source, Credentials(), None) is not None and not v.items
+
+
+async def test_create_dataset_refuses_an_internal_endpoint(stub: DatasetServiceStub) -> None:
+    """Before any request leaves the server: the metadata service is never asked for anything."""
+    request = s3_request("s3://imports/a.jsonl", "http://169.254.169.254/latest/meta-data")
+    err = await failure(stub.CreateDataset(request))
+    assert (err.code, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    assert err.fields == ["source.endpoint_url"], err.fields
 
 
 def test_well_formed_sources_and_what_datasets_show() -> None:

@@ -26,15 +26,17 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return model, data
 
 
-def start_platform(root: Path, workers: int, **env: str) -> Platform:
+def start_platform(root: Path, workers: int, model: Path, **env: str) -> Platform:
+    """The platform, allowed to read local models from the tiny model's folder and nowhere else."""
+    env = {"TUNEFORGE_MODEL_ROOTS": str(model.parent.resolve()), **env}
     platform = Platform(PlatformConfig(data_dir=root, grpc_port=0, workers=workers, env=env))
     platform.start()
     return platform
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    p = start_platform(tmp_path_factory.mktemp("platform"), workers=1)
+def platform(tmp_path_factory: pytest.TempPathFactory, tiny_assets: tuple[Path, Path]) -> Iterator[Platform]:
+    p = start_platform(tmp_path_factory.mktemp("platform"), workers=1, model=tiny_assets[0])
     try:
         yield p
     finally:

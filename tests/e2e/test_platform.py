@@ -154,6 +154,20 @@ def test_bad_input_gets_clear_errors_and_leaves_nothing(
         client.create_job(lora_spec(model, "no-such-dataset"))
     assert len(client.list_jobs().jobs) == jobs_before
 
+    # Server paths are not models: neither the server's own folders nor anything outside the model roots.
+    for path in ("/etc", "../../", "file:///etc", str(tmp_path)):
+        outside = lora_spec(model, ds.id)
+        outside.base_model = path
+        with pytest.raises(InvalidArgument) as info:
+            client.create_job(outside)
+        assert [v.field for v in info.value.violations] == ["spec.base_model"], (path, info.value)
+    fp16_on_any_worker = lora_spec(model, ds.id)
+    fp16_on_any_worker.hyperparameters.precision = job_pb2.PRECISION_FP16
+    with pytest.raises(InvalidArgument) as info:
+        client.create_job(fp16_on_any_worker)
+    assert [v.field for v in info.value.violations] == ["spec.hyperparameters.precision"]
+    assert len(client.list_jobs().jobs) == jobs_before
+
 
 def test_cancel_running_job_then_worker_takes_the_next(
     client: TuneForgeClient, tiny_assets: tuple[Path, Path]
@@ -181,7 +195,7 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(
     tmp_path: Path, tiny_assets: tuple[Path, Path]
 ) -> None:
     model, data = tiny_assets
-    platform: Platform = start_platform(tmp_path / "p", workers=0, TUNEFORGE_WORK_ACK_WAIT_S="4")
+    platform: Platform = start_platform(tmp_path / "p", workers=0, model=model, TUNEFORGE_WORK_ACK_WAIT_S="4")
     try:
         first = platform.start_worker("worker-a")
         with TuneForgeClient(platform.address, "e2e") as client:
@@ -265,7 +279,7 @@ def test_job_fails_as_worker_lost_when_deliveries_run_out(
 
     model, data = tiny_assets
     platform = start_platform(
-        tmp_path / "p", workers=0, TUNEFORGE_WORK_ACK_WAIT_S="3", TUNEFORGE_WORK_MAX_DELIVER="1"
+        tmp_path / "p", workers=0, model=model, TUNEFORGE_WORK_ACK_WAIT_S="3", TUNEFORGE_WORK_MAX_DELIVER="1"
     )
     try:
         worker = platform.start_worker("doomed")

@@ -16,7 +16,9 @@ from services.estimation.estimator import Setup, memory_per_gpu
 from services.estimation.resolver import resolve_model
 from services.estimation.spec import resolve_setup, to_setup
 from tuneforge_core.errors import InvalidArgument
+from tuneforge_core.models import S3_OUTSIDE, ModelPolicy
 from tuneforge_core.spec import resolve_spec
+from tuneforge_core.storage import LocalObjectStore
 
 CATALOG = Catalog.load()
 
@@ -70,10 +72,11 @@ def test_catalog_has_the_hardware_table_and_price_overrides(tmp_path: Path) -> N
 
 
 def test_a_local_folder_is_read_from_its_config_json(tmp_path: Path) -> None:
+    models = ModelPolicy(str(tmp_path))
     folder = tmp_path / "my-model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(LLAMA_1B_CONFIG))
-    resolved = resolve_model(CATALOG, str(folder))
+    resolved = resolve_model(CATALOG, str(folder), models=models)
     assert resolved.architecture.parameter_count == 1_235_814_400  # the same figures as Llama-3.2-1B
     assert resolved.family == "llama" and resolved.max_context_length == 131072
     assert "config.json" in resolved.note
@@ -81,23 +84,79 @@ def test_a_local_folder_is_read_from_its_config_json(tmp_path: Path) -> None:
     vlm = tmp_path / "vlm"
     vlm.mkdir()
     (vlm / "config.json").write_text(json.dumps({"model_type": "mllama", "text_config": LLAMA_1B_CONFIG}))
-    assert resolve_model(CATALOG, vlm.as_uri()).model_type == "vlm"
+    assert resolve_model(CATALOG, vlm.as_uri(), models=models).model_type == "vlm"
 
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     with pytest.raises(InvalidArgument) as caught:
-        resolve_model(CATALOG, str(bad))
+        resolve_model(CATALOG, str(bad), models=models)
     assert fields(caught.value) == ["spec.base_model"]
+
+
+def test_config_json_is_read_only_under_the_model_roots_and_never_echoed(tmp_path: Path) -> None:
+    """EstimateJob used to read a config.json anywhere and quote its values in the error."""
+    root, outside = tmp_path / "models", tmp_path / "outside"
+    outside.mkdir()
+    secret = "root:$6$hash-that-must-not-leak"
+    (outside / "config.json").write_text(json.dumps({**LLAMA_1B_CONFIG, "hidden_size": secret}))
+    root.mkdir()
+    models = ModelPolicy(str(root))
+    for ref in ("/etc", str(outside), outside.as_uri(), f"{root}/../outside"):
+        with pytest.raises(InvalidArgument) as caught:
+            resolve_model(CATALOG, ref, models=models)
+        assert fields(caught.value) == ["spec.base_model"] and "model roots" in str(caught.value)
+    with pytest.raises(InvalidArgument) as caught:  # no policy: no local paths at all
+        resolve_model(CATALOG, str(outside))
+    assert "allows none" in str(caught.value)
+
+    linked = root / "linked"
+    linked.mkdir()
+    (linked / "config.json").symlink_to(outside / "config.json")  # a link out of the root
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_model(CATALOG, str(linked), models=models)
+    assert secret not in str(caught.value)
+
+    inside = root / "inside"
+    inside.mkdir()
+    (inside / "config.json").write_text(json.dumps({**LLAMA_1B_CONFIG, "hidden_size": secret}))
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_model(CATALOG, str(inside), models=models)
+    assert secret not in str(caught.value) and "hash" not in str(caught.value)
+    assert "not a usable number" in caught.value.violations[0].description
+    (inside / "config.json").write_text(secret)
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_model(CATALOG, str(inside), models=models)
+    assert secret not in str(caught.value) and "not valid JSON" in str(caught.value)
+
+    teacher = job_pb2.JobSpec(
+        base_model="meta-llama/Llama-3.2-1B", method=job_pb2.TRAINING_METHOD_DISTILLATION
+    )
+    teacher.distillation.teacher_model = str(outside)
+    with pytest.raises(InvalidArgument) as caught:  # a refused teacher is an error, not "assumed the size"
+        resolve_setup(teacher, CATALOG, models=models)
+    assert fields(caught.value) == ["spec.distillation.teacher_model"]
+
+
+def test_an_organizations_stored_output_is_read_from_the_object_store(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    store.put_bytes("jobs/acme/job_1/merged/config.json", json.dumps(LLAMA_1B_CONFIG).encode())
+    models = ModelPolicy((), store)
+    ref = store.uri("jobs/acme/job_1/merged")
+    resolved = resolve_model(CATALOG, ref, models=models, organization="acme")
+    assert resolved.architecture.parameter_count == 1_235_814_400
+    with pytest.raises(InvalidArgument) as caught:
+        resolve_model(CATALOG, ref, models=models, organization="other")
+    assert "another organization" in caught.value.violations[0].description
 
 
 def test_an_unknown_name_with_a_size_is_guessed_and_noted() -> None:
     resolved = resolve_model(CATALOG, "acme/support-bot-13B-v2")
     assert resolved.architecture.parameter_count == pytest.approx(13e9, rel=0.05)
     assert "unknown" in resolved.note and "13" in resolved.note
-    assert resolve_model(CATALOG, "s3://models/tiny-135M").architecture.parameter_count == pytest.approx(
-        135e6, rel=0.1
-    )
+    with pytest.raises(InvalidArgument) as caught:  # never read with the platform's identity, nor guessed
+        resolve_model(CATALOG, "s3://models/tiny-135M")
+    assert caught.value.violations[0].description == S3_OUTSIDE
     with pytest.raises(InvalidArgument) as caught:
         resolve_model(CATALOG, "gpt2")
     assert fields(caught.value) == ["spec.base_model"]

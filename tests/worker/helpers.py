@@ -29,7 +29,7 @@ FAST_HYPERPARAMETERS: dict[str, Any] = {
 def resolved(spec: dict[str, Any], model: Path | str) -> dict[str, Any]:
     """A partial spec as the jobs service queues it: resolved, with the model as its base model."""
     proto = json_format.ParseDict(spec, job_pb2.JobSpec())
-    proto.base_model = proto.base_model or str(model)
+    proto.base_model = proto.base_model or str(Path(model).absolute())
     out = resolve_spec(proto, allow_user_reward_code=True, require_dataset=False)
     return RunConfig.spec_to_dict(out)
 

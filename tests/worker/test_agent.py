@@ -86,7 +86,8 @@ class Platform:
         hardware: dict[str, Any] | None = None,
     ) -> None:
         spec = {
-            "base_model": self.store.uri("models/tiny"),
+            # The organization's own output: the one kind of stored model a worker reads.
+            "base_model": self.store.uri("jobs/acme/job_base/merged"),
             "method": method,
             "hyperparameters": hyperparameters,
             "output": {"merge_adapter": merge},
@@ -158,7 +159,7 @@ async def platform(
     js = nc.jetstream()
     await kit_nats.ensure_streams(js)
     platform = Platform(tmp_path, nats_url, nc, js)
-    platform.store.put_dir("models/tiny", tiny_model)
+    platform.store.put_dir("jobs/acme/job_base/merged", tiny_model)
     platform.store.put_file("datasets/acme/ds_1/train.jsonl", chat_data)
     watch = await js.subscribe(
         "tuneforge.worker.jobs.>",
@@ -179,6 +180,20 @@ def test_agent_module_never_imports_torch() -> None:
         "import sys, trainer_worker.agent; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 0
+
+
+async def test_a_job_for_a_gpu_this_worker_lacks_goes_back_to_the_queue(platform: Platform) -> None:
+    """A job that names a GPU type is never trained on other hardware: the agent hands it back (NAK) with a
+    log line and reports nothing, so a worker with that GPU can take it."""
+    await platform.assign("job_h100", FAST_HYPERPARAMETERS, hardware={"gpu_type": "nvidia-h100"})
+    platform.start_agent("w1", {"TUNEFORGE_WORKER_GPU_TYPE": "cpu"})
+    deadline = time.monotonic() + 30
+    while platform.logs().count("job job_h100 goes back to the queue") < 2:  # delivered again, refused again
+        assert time.monotonic() < deadline, platform.logs()
+        await asyncio.sleep(0.1)
+    assert "the job asks for nvidia-h100 and this worker has no GPU" in platform.logs()
+    assert platform.events.kinds("job_h100") == [], "never PREPARING: nothing was fetched or trained"
+    assert await platform.pending_work(within_s=0) == 1
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from tests.worker.helpers import make_run_config, read_events
 from trainer_worker import distributed
 from trainer_worker.errors import TrainingError
 from trainer_worker.launcher import TrainingProcess
+from tuneforge_core.spec import resolve_spec
 
 REPO = Path(__file__).resolve().parents[2]
 # DeepSpeed JIT-compiles a communication op on first use (about half a minute); keep it across runs.
@@ -32,7 +33,9 @@ TORCH_EXTENSIONS_DIR = REPO / ".cache" / "torch_extensions"
 
 
 def _spec(**hardware: Any) -> job_pb2.JobSpec:
-    return ParseDict({"hardware": hardware}, job_pb2.JobSpec())
+    """A spec as the jobs service queues it: resolved (UNSPECIFIED strategy is NONE or DDP by then)."""
+    spec = ParseDict({"base_model": "org/model", "hardware": hardware}, job_pb2.JobSpec())
+    return resolve_spec(spec, require_dataset=False)
 
 
 def test_one_process_without_a_strategy_needs_no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -146,7 +146,7 @@ def test_dpo_runs_through_the_training_entry_point(tmp_path: Path, tiny_model: P
     assert events[-1]["type"] == "result" and events[-1]["merged_dir"]
     train = [e for e in events if e["type"] == "metric" and e["kind"] == "train"]
     # DPO's own metrics travel with the loss (MetricPoint.values).
-    assert {"rewards/margins", "rewards/accuracies"} <= train[-1].keys()
+    assert {"rewards/margins", "rewards/accuracies"} <= train[-1]["values"].keys()
     assert any(e["type"] == "metric" and e["kind"] == "eval" for e in events)
 
 
@@ -175,7 +175,7 @@ def test_grpo_runs_user_reward_code_where_the_worker_allows_it(
         sink.close()
     assert calls.read_text().split() == ["4", "4"], "one call per generation batch of 4 completions"
     train = [e for e in read_events(cfg.events_file) if e["type"] == "metric" and e["kind"] == "train"]
-    assert "rewards/user_reward/mean" in train[-1]
+    assert "rewards/user_reward/mean" in train[-1]["values"]
 
 
 def test_distillation_refuses_a_teacher_with_another_tokenizer(

@@ -14,8 +14,10 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
+from tuneforge.v1 import job_pb2
 
 from tests.worker.helpers import FAST_HYPERPARAMETERS, make_run_config, read_events, resolved, start_recipe
+from trainer_worker.errors import TrainingError
 from trainer_worker.events import EventSink
 from trainer_worker.recipes.sft import SFTRecipe
 from trainer_worker.stop import EXIT_CANCELLED, StopSignal
@@ -204,7 +206,6 @@ def test_full_fine_tuning_saves_a_whole_model(tmp_path: Path, tiny_model: Path, 
     spec = {
         "adapter": "ADAPTER_TYPE_FULL",
         "hyperparameters": {**FAST_HYPERPARAMETERS, "max_steps": 3},
-        "output": {"merge_adapter": True},
     }
     cfg = make_run_config(tmp_path, tiny_model, chat_data, spec)
     assert _run_in_process(cfg) == 0
@@ -346,3 +347,61 @@ def test_rows_of_the_wrong_family_are_bad_training_data(
     assert _run_in_process(cfg) == EXIT_FAILED
     (error,) = _errors(cfg.events_file)
     assert (error["reason"], error["message"]) == ("BAD_TRAINING_DATA", expected)
+
+
+# -- what a job states is honoured or refused, never quietly changed -------------------------------------
+
+
+def test_early_stopping_without_validation_data_is_refused_not_dropped(
+    tmp_path: Path, tiny_model: Path, chat_data: Path
+) -> None:
+    """It used to be switched off with a warning; CreateJob refuses such jobs, and so does the worker."""
+    spec = {"hyperparameters": {**FAST_HYPERPARAMETERS, "early_stopping": {"enabled": True}}}
+    cfg = make_run_config(tmp_path, tiny_model, chat_data, spec)
+    assert cfg.validation_file is None
+    assert _run_in_process(cfg) == EXIT_FAILED
+    (error,) = _errors(cfg.events_file)
+    assert error["reason"] == "TRAINING_FAILED"
+    assert error["message"].startswith("spec.hyperparameters.early_stopping.enabled needs validation data")
+    assert not any(e["type"] == "metric" for e in read_events(cfg.events_file))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU worker's refusal")
+def test_unsupported_gpu_type_is_refused_on_a_cpu_worker(tmp_path: Path, chat_data: Path) -> None:
+    """A job for an H100 is not trained on a CPU (the agent hands it back; the recipe refuses it too),
+    before the model or the data are read."""
+    spec = {"hyperparameters": FAST_HYPERPARAMETERS, "hardware": {"gpu_type": "nvidia-h100"}}
+    cfg = make_run_config(tmp_path, tmp_path / "no-model", chat_data, spec)
+    assert _run_in_process(cfg) == EXIT_FAILED
+    (error,) = _errors(cfg.events_file)
+    assert error["reason"] == "TRAINING_FAILED"
+    assert error["message"].startswith("spec.hardware.gpu_type is nvidia-h100, but this worker has no GPU")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU worker's refusal")
+@pytest.mark.parametrize("precision", ["PRECISION_FP16", "PRECISION_BF16"])
+def test_stated_half_precision_is_refused_on_a_cpu_worker_not_downgraded(
+    tmp_path: Path, tiny_model: Path, chat_data: Path, precision: str
+) -> None:
+    # A spec that claims to be resolved but was not resolved as CreateJob resolves it now.
+    cfg = make_run_config(tmp_path, tiny_model, chat_data)
+    raw = {**cfg.spec, "hyperparameters": {**cfg.spec["hyperparameters"], "precision": precision}}
+    refused = cfg.model_copy(update={"spec": raw})
+    assert _run_in_process(refused) == EXIT_FAILED
+    (error,) = _errors(refused.events_file)
+    assert error["reason"] == "TRAINING_FAILED" and "spec.hyperparameters.precision" in error["message"]
+
+    # The recipe's own check, for a spec that got past resolution: fp16/bf16 never becomes fp32.
+    recipe = SFTRecipe(refused, refused.job_spec(), EventSink(tmp_path / "unit.jsonl"), StopSignal())
+    with pytest.raises(TrainingError) as info:
+        recipe.check_hardware()
+    wanted = f"spec.hyperparameters.precision is {precision.removeprefix('PRECISION_')}, which needs a GPU"
+    assert info.value.message.startswith(wanted)
+    qlora = refused.job_spec()
+    qlora.hyperparameters.precision = job_pb2.PRECISION_FP32
+    qlora.adapter = job_pb2.ADAPTER_TYPE_QLORA
+    qlora.quantization.compute_dtype = job_pb2.Precision.Value(precision)
+    recipe = SFTRecipe(refused, qlora, EventSink(tmp_path / "unit.jsonl"), StopSignal())
+    with pytest.raises(TrainingError) as info:
+        recipe.check_hardware()
+    assert info.value.message.startswith("spec.quantization.compute_dtype")

@@ -131,8 +131,10 @@ class BaseRecipe(ABC):
     # -- setup ------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        self.check_hardware()  # before anything loads: a job this worker cannot honour fails at once
         self.tokenizer = self.load_tokenizer(self.cfg.model_path)
         train, validation = self.load_data()  # before the model: bad data should fail fast
+        self.check_early_stopping(has_validation=validation is not None)
         model = self.load_model()
         self._check_stop()
         callbacks: list[TrainerCallback] = [self.metrics, self.watchdog, StopCallback(self.stop)]
@@ -141,11 +143,6 @@ class BaseRecipe(ABC):
         if args["load_best_model_at_end"]:
             early = self.hp.early_stopping
             callbacks.append(EarlyStoppingCallback(early.patience, early.min_delta))
-        wanted = self.spec.hardware.gpu_type
-        if wanted and wanted != "cpu" and not self.cuda:
-            self.sink.log(
-                f"The job asked for {wanted} but this worker has no GPU; training on CPU.", "warning"
-            )
         device = "cuda" if self.cuda else "cpu"
         self.sink.log(f"Building the {self.method} trainer: {len(train)} training rows on {device}.")
         self.trainer = self.build_trainer(model, args, train, validation, callbacks)
@@ -154,6 +151,33 @@ class BaseRecipe(ABC):
                 Reason.BAD_TRAINING_DATA, "No training examples were left after tokenization."
             )
         self._check_stop()
+
+    def check_hardware(self) -> None:
+        """Refuse what this worker cannot train as asked, instead of training something else.
+
+        A job that names a GPU type never trains on a CPU (the agent hands such jobs back before they get
+        here; this is the recipe's own line of defence), and fp16/bf16 is never swapped for fp32 on a CPU
+        (CreateJob refuses such specs, so one arriving here did not come through it as it is now).
+        """
+        wanted = self.spec.hardware.gpu_type.strip().lower()
+        if wanted not in ("", "cpu") and not self.cuda:
+            raise TrainingError(
+                Reason.TRAINING_FAILED,
+                f"spec.hardware.gpu_type is {wanted}, but this worker has no GPU; the job is not trained on "
+                "a CPU instead.",
+            )
+        self.compute_dtype()
+        if self.quantized and self.spec.quantization.compute_dtype:
+            self.quantization_compute_dtype()
+
+    def check_early_stopping(self, *, has_validation: bool) -> None:
+        """Early stopping watches the validation loss; without validation data it is refused, not dropped."""
+        if self.hp.early_stopping.enabled and not has_validation:
+            raise TrainingError(
+                Reason.TRAINING_FAILED,
+                "spec.hyperparameters.early_stopping.enabled needs validation data, and this job has none "
+                "(no validation split and no spec.validation_dataset); it is not trained without it.",
+            )
 
     def load_tokenizer(self, path: str) -> PreTrainedTokenizerBase:
         try:
@@ -225,11 +249,26 @@ class BaseRecipe(ABC):
     def quantization_compute_dtype(self) -> torch.dtype:
         """QuantizationConfig.compute_dtype, or the training precision when unset."""
         wanted = self.spec.quantization.compute_dtype
-        return self.compute_dtype(wanted) if wanted else self.compute_dtype()
+        if not wanted:
+            return self.compute_dtype()
+        return self.compute_dtype(wanted, "spec.quantization.compute_dtype")
 
-    def compute_dtype(self, precision: int | None = None) -> torch.dtype:
-        """job.proto's default: bf16 where the hardware has it, else fp16 on a GPU and fp32 on a CPU."""
+    def compute_dtype(
+        self, precision: int | None = None, field: str = "spec.hyperparameters.precision"
+    ) -> torch.dtype:
+        """job.proto's default: bf16 where the hardware has it, else fp16 on a GPU and fp32 on a CPU.
+
+        A precision the spec states is honoured or refused: fp16 or bf16 on a worker without a GPU is a
+        TrainingError naming `field`, never fp32 in its place.
+        """
         precision = precision or self.hp.precision
+        if precision in (job_pb2.PRECISION_FP16, job_pb2.PRECISION_BF16) and not self.cuda:
+            name = job_pb2.Precision.Name(job_pb2.Precision.ValueType(precision)).removeprefix("PRECISION_")
+            raise TrainingError(
+                Reason.TRAINING_FAILED,
+                f"{field} is {name}, which needs a GPU, and this worker has none; it is not trained in fp32 "
+                "instead.",
+            )
         if precision == job_pb2.PRECISION_UNSPECIFIED:
             if self.cuda:
                 bf16 = torch.cuda.is_bf16_supported()
@@ -237,9 +276,6 @@ class BaseRecipe(ABC):
             else:
                 bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
                 precision = job_pb2.PRECISION_BF16 if bf16 else job_pb2.PRECISION_FP32
-        if precision == job_pb2.PRECISION_FP16 and not self.cuda:
-            self.sink.log("fp16 needs a GPU; training in fp32 on this CPU worker.", "warning")
-            precision = job_pb2.PRECISION_FP32
         return DTYPES.get(job_pb2.Precision.ValueType(precision), torch.float32)
 
     def peft_config(self) -> PeftConfig | None:
@@ -279,9 +315,8 @@ class BaseRecipe(ABC):
         eval_strategy = "no" if not has_validation else ("steps" if hp.eval_steps else "epoch")
         save_strategy = "steps" if hp.save_steps else "epoch"
         save_steps = hp.save_steps or None
-        early_stopping = has_validation and hp.early_stopping.enabled
-        if hp.early_stopping.enabled and not has_validation:
-            self.sink.log("Early stopping needs validation data; training without it.", "warning")
+        self.check_early_stopping(has_validation=has_validation)
+        early_stopping = hp.early_stopping.enabled
         if early_stopping:
             # load_best_model_at_end needs checkpoints exactly where evaluations happen.
             save_strategy, save_steps = eval_strategy, hp.eval_steps or None

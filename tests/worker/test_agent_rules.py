@@ -1,0 +1,127 @@
+"""The agent's own line of defence, without NATS: it applies the models rule before it reads anything, copies
+only the organization's own stored outputs into a private cache, reads no store but the platform's, and
+takes only jobs whose GPU type it has."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from tuneforge.events.v1 import events_pb2
+from tuneforge.v1 import job_pb2
+
+from trainer_worker.agent import Agent, AgentSettings, JobRun, WorkerHardware
+from trainer_worker.errors import TrainingError
+from tuneforge_core.reasons import Reason
+from tuneforge_core.storage import LocalObjectStore
+
+ORG = "acme"
+
+
+def model_folder(path: Path) -> Path:
+    (path / "nested").mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"\0")
+    (path / "nested" / "extra.json").write_text("{}")
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalObjectStore:
+    return LocalObjectStore(tmp_path / "objects")
+
+
+@pytest.fixture
+def run(tmp_path: Path, store: LocalObjectStore) -> JobRun:
+    model_folder(tmp_path / "models" / "tiny")
+    settings = AgentSettings(data_dir=tmp_path / "data", storage_url=store.root.as_uri(),
+                             model_roots=str(tmp_path / "models"), worker_id="w1")
+    agent = Agent(settings, None, store)  # type: ignore[arg-type]
+    assignment = events_pb2.JobAssignment(job_id="job_1", organization=ORG, spec=job_pb2.JobSpec())
+    return JobRun(agent, assignment, 1)
+
+
+async def refused(run: JobRun, ref: str) -> str:
+    with pytest.raises(TrainingError) as info:
+        await run._model_path(ref, "spec.base_model")
+    assert info.value.reason == Reason.MODEL_NOT_FOUND
+    return info.value.message
+
+
+async def test_server_folders_and_other_organizations_outputs_are_never_read(
+    run: JobRun, store: LocalObjectStore, tmp_path: Path
+) -> None:
+    theirs = model_folder(store.root / "jobs" / "other" / "job_9" / "merged")
+    for ref in ("/etc", "file:///etc", "../../etc", str(theirs), theirs.as_uri(), "s3://private/models/x",
+                f"{tmp_path}/models/../objects/jobs/other/job_9/merged"):
+        assert "The worker does not read spec.base_model" in await refused(run, ref), ref
+    cache = run.agent.work_root / "models"
+    assert not cache.exists() or not any(cache.iterdir()), "nothing was copied"
+
+
+async def test_a_folder_under_a_root_is_used_in_place(run: JobRun, tmp_path: Path) -> None:
+    assert await run._model_path(f"{tmp_path}/models/x/../tiny", "spec.base_model") == str(
+        (tmp_path / "models" / "tiny").resolve()
+    )
+    assert not (run.agent.work_root / "models").exists()
+
+
+async def test_the_organizations_stored_output_is_cached_privately(
+    run: JobRun, store: LocalObjectStore
+) -> None:
+    ours = model_folder(store.root / "jobs" / ORG / "job_2" / "merged")
+    path = Path(await run._model_path(ours.as_uri(), "spec.base_model"))
+    assert (path / "model.safetensors").read_bytes() == b"\0"
+    assert path.parent == run.agent.work_root / "models"
+    assert_private(path.parent, path)
+    assert await run._model_path(ours.as_uri(), "spec.base_model") == str(path)  # cached across jobs
+
+
+def assert_private(*roots: Path) -> None:
+    for item in [*roots, *roots[-1].rglob("*")]:
+        mode = stat.S_IMODE(item.stat().st_mode)
+        assert mode == (0o700 if item.is_dir() else 0o600), (item, oct(mode))
+
+
+async def test_a_hub_id_naming_a_local_folder_is_refused(
+    run: JobRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert await run._model_path("org/model", "spec.base_model") == "org/model"
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    assert "working directory" in await refused(run, "org/model")
+
+
+def test_only_the_platforms_object_store_is_located(run: JobRun, store: LocalObjectStore) -> None:
+    key = "datasets/acme/ds_1/train.jsonl"
+    assert run.agent.locate(store.uri(key)) == (store, key)
+    for uri in ("file:///etc/shadow", "s3://someone-elses-bucket/data.jsonl"):
+        with pytest.raises(TrainingError) as info:
+            run.agent.locate(uri)
+        assert "reads only this deployment's object storage" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("worker", "job", "takes"),
+    [
+        ("cpu", "", True),
+        ("cpu", "cpu", True),
+        ("cpu", "nvidia-h100", False),
+        ("nvidia-h100", "nvidia-h100", True),
+        ("nvidia-h100", "NVIDIA-H100", True),
+        ("nvidia-h100", "nvidia-t4", False),
+        ("nvidia-h100", "cpu", True),
+        ("", "nvidia-t4", True),  # a GPU of unknown type takes any GPU job
+    ],
+)
+def test_a_worker_takes_only_jobs_for_its_hardware(worker: str, job: str, takes: bool) -> None:
+    refusal = WorkerHardware(worker).refusal(job)
+    assert (refusal is None) == takes, refusal
+
+
+def test_the_worker_gpu_type_setting_wins_over_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    configured = AgentSettings(worker_gpu_type="NVIDIA-H100")
+    assert WorkerHardware.from_settings(configured).gpu_type == "nvidia-h100"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert WorkerHardware.from_settings(AgentSettings()).gpu_type == "cpu"
