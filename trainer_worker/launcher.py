@@ -32,9 +32,28 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# The training process runs user-supplied models, data and (where allowed) reward code, so it gets none of
+# the platform's credentials: not the TUNEFORGE_* settings (database URL, NATS URL, keys), not the cloud
+# identities the agent reads storage with, not anything named like a secret. What it needs (PATH, CUDA,
+# torch and Hugging Face settings, torchrun's PET_* variables) passes through.
+KEPT_TUNEFORGE = frozenset({"TUNEFORGE_WORKER_ALLOW_USER_REWARD_CODE"})
+DROPPED_PREFIXES = ("TUNEFORGE_", "AWS_", "AZURE_", "GOOGLE_", "GCS_", "GCP_", "NATS_", "PG", "DATABASE_")
+DROPPED_WORDS = ("PASSWORD", "PASSWD", "SECRET", "CREDENTIAL", "PRIVATE_KEY", "ACCESS_KEY", "API_KEY")
+
+
+def is_platform_secret(name: str) -> bool:
+    """Whether an environment variable is the platform's to keep from the training process."""
+    upper = name.upper()
+    if upper in KEPT_TUNEFORGE:
+        return False
+    return upper.startswith(DROPPED_PREFIXES) or any(word in upper for word in DROPPED_WORDS)
+
+
 def training_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: the agent's, unbuffered output, and whatever the agent adds."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
+    """The child's environment: the agent's less the platform's credentials, unbuffered output, and
+    whatever the agent adds."""
+    kept = {k: v for k, v in os.environ.items() if not is_platform_secret(k)}
+    return {**kept, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
 class TrainingProcess:
