@@ -26,6 +26,13 @@ from services.client.errors import from_rpc_error
 
 T = TypeVar("T")
 CHUNK_BYTES = 1024 * 1024
+# The servers' limit on one message, each way (services.kit.runtime.MAX_MESSAGE_BYTES); uploads stream
+# CHUNK_BYTES at a time. A larger message fails at once with RESOURCE_EXHAUSTED, on either side.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 def _call(fn: Callable[[], T]) -> T:
@@ -54,8 +61,7 @@ class TuneForgeClient:
     def __init__(self, address: str, organization: str = "default", *, timeout_s: float = 60.0) -> None:
         self.organization = organization
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024)])
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(self.channel)
         self.jobs = job_service_pb2_grpc.JobServiceStub(self.channel)
         self.metrics = metrics_service_pb2_grpc.MetricsServiceStub(self.channel)
@@ -140,6 +146,11 @@ class TuneForgeClient:
         request = job_service_pb2.ListJobsRequest(organization=self.organization, page_size=page_size,
                                                   page_token=page_token, states=states or [])
         return _call(lambda: self.jobs.ListJobs(request, timeout=self.timeout_s))
+
+    def list_workers(self, page_size: int = 50, page_token: str = "") -> job_service_pb2.ListWorkersResponse:
+        request = job_service_pb2.ListWorkersRequest(organization=self.organization, page_size=page_size,
+                                                     page_token=page_token)
+        return _call(lambda: self.jobs.ListWorkers(request, timeout=self.timeout_s))
 
     def cancel_job(self, ref: str) -> job_pb2.Job:
         request = job_service_pb2.CancelJobRequest(organization=self.organization, job=ref)

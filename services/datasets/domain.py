@@ -210,3 +210,6 @@ class DatasetRecord:
     request_id: str = ""
     options: DatasetOptions = field(default_factory=DatasetOptions)
     validation_dataset_id: str = ""
+    # What the request_id was first used for: a hash of the request's metadata (not of its content, which
+    # `sha256` is).
+    request_fingerprint: str = ""

@@ -75,7 +75,7 @@ def fast_chat_batch(start: int, lines: list[bytes]) -> FastBatch | None:
     train on: those lines take the per-line check)."""
     try:
         rows = list(map(_decode_fast_chat, lines))
-    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+    except (ValueError, RecursionError):  # DecodeError (and ValidationError), and UnicodeDecodeError
         return None
     conversations = list(map(_messages, rows))
     messages = list(chain.from_iterable(conversations))
@@ -110,7 +110,7 @@ def chat_digest(encoded: bytes) -> int:
     row encodes to its normalized line and back), else the hash of the bytes. Equal lines, equal digests."""
     try:
         return hash(_decode_fast_chat(encoded))
-    except (msgspec.DecodeError, RecursionError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError too: not UTF-8
         return hash(encoded)
 
 
@@ -121,7 +121,7 @@ def fast_chat(line: bytes) -> Example | None:
     OpenAIChatChecker's normalized record encodes to."""
     try:
         row = _decode_fast_chat(line)
-    except (msgspec.DecodeError, RecursionError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError too: not UTF-8
         return None
     return _fast_example(row)
 

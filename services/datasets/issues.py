@@ -32,6 +32,7 @@ class IssueCode(StrEnum):
     MISSING_MASTER_FILE = "MISSING_MASTER_FILE"
     MISSING_IMAGE = "MISSING_IMAGE"
     INVALID_IMAGE = "INVALID_IMAGE"
+    DECODED_TOO_LARGE = "DECODED_TOO_LARGE"
     # -- the file as a whole (validation.py) ---------------------------------------------------------------
     NOT_AN_OBJECT = "NOT_AN_OBJECT"
     FORMAT_MISMATCH = "FORMAT_MISMATCH"

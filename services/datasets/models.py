@@ -77,6 +77,9 @@ class DatasetRow(Base):
     split_seed: Mapped[str] = mapped_column(String(20))
     failure_message: Mapped[str] = mapped_column(Text, default="")
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # SHA-256 of the metadata the request_id was first used with (uploads.request_fingerprint); "" for
+    # rows from before it was kept, and without a request_id.
+    request_fingerprint: Mapped[str] = mapped_column(String(64), default="", server_default="")
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -73,6 +73,8 @@ class ProcessOptions:
     issue_limit: int = ISSUE_LIMIT
     max_line_bytes: int = MAX_LINE_BYTES
     max_extracted_bytes: int = 2**31
+    # What the examples may decode to (the upload limit): Parquet and the options can multiply the bytes.
+    max_decoded_bytes: int = 2**31
     tokenizer: str = ""
     max_length: int = DEFAULT_MAX_LENGTH
 
@@ -151,6 +153,7 @@ def _validate_and_count(
             issue_limit=opts.issue_limit,
             max_line_bytes=opts.max_line_bytes,
             max_extracted_bytes=opts.max_extracted_bytes,
+            max_decoded_bytes=opts.max_decoded_bytes,
             normalized_out=out,
             image_uri=image_uri,
         )

@@ -7,9 +7,10 @@ mapping is given). Every reader yields `(line, object)` pairs and reports what i
 
 ZIP archives are untrusted: entries with `..`, absolute paths, drive letters or backslashes, symbolic
 links, encrypted entries, too many entries, and anything that would expand past the extraction limit
-or with a compression ratio no real data has (a zip bomb) are refused before a byte is written, and the
-sizes are enforced again while extracting (declared sizes can lie). Files are only ever written inside
-the caller's work folder.
+or with a compression ratio no real data has (a zip bomb: over MAX_COMPRESSION_RATIO for any entry, or
+for the archive as a whole, whatever the size) are refused before a byte is written, and the sizes are
+enforced again while extracting (declared sizes can lie). Files are only ever written inside the
+caller's work folder. Parquet counts what it decodes against a limit the same way (`parquet_records`).
 """
 
 from __future__ import annotations
@@ -192,7 +193,9 @@ def parse_json_line(line: bytes, unterminated: bool, number: int, add: IssueSink
     """The JSON value of one line, or UNREADABLE after reporting why it has none.
 
     msgspec parses the common case fast; anything it refuses is parsed again by the standard library,
-    which accepts a little more (NaN) and says precisely what is wrong.
+    which accepts a little more (NaN) and says precisely what is wrong. What the standard library accepts
+    but no UTF-8 output can hold (a lone surrogate escape, "\\ud800") or Python will not convert (an
+    integer of over 4300 digits) is an issue on the line too, never an error of the server.
     """
     try:
         return _decode(line)
@@ -211,7 +214,7 @@ def parse_json_line(line: bytes, unterminated: bool, number: int, add: IssueSink
         )
         return UNREADABLE
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         if unterminated:
             add(
@@ -230,6 +233,29 @@ def parse_json_line(line: bytes, unterminated: bool, number: int, add: IssueSink
     except RecursionError:
         add(IssueCode.INVALID_JSON, "The line nests lists or objects too deeply to be parsed.", number)
         return UNREADABLE
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        add(
+            IssueCode.INVALID_JSON,
+            "The line holds a number with too many digits to be read; write numbers of at most 4300 "
+            "digits (or as strings).",
+            number,
+        )
+        return UNREADABLE
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        add(
+            IssueCode.INVALID_JSON,
+            "The line holds a \\u escape of a lone UTF-16 surrogate (\\ud800-\\udfff without its pair), "
+            "which is no character; escape characters outside the BMP as a surrogate pair, or write them "
+            "as UTF-8.",
+            number,
+        )
+        return UNREADABLE
+    except RecursionError:
+        add(IssueCode.INVALID_JSON, "The line nests lists or objects too deeply to be parsed.", number)
+        return UNREADABLE
+    return value
 
 
 # -- CSV and Parquet -----------------------------------------------------------------------------------
@@ -308,23 +334,55 @@ def csv_records(
             add(IssueCode.INVALID_CSV, f"The CSV cannot be read: {exc}.", start)
 
 
-def parquet_records(path: Path, mapping: dict[str, str], add: IssueSink) -> Iterator[tuple[int, Any]]:
-    """Rows in batches of PARQUET_BATCH_ROWS, so a large file is never in memory whole; line = row + 1."""
+def decoded_too_large(add: IssueSink, limit: int, what: str, line: int = 0) -> None:
+    """Reports a file whose content decodes to more than `limit` bytes (the upload limit, or the
+    extraction limit for a ZIP)."""
+    add(
+        IssueCode.DECODED_TOO_LARGE,
+        f"The file decodes to more than {limit} bytes ({what}), the most a file may expand to "
+        "(TUNEFORGE_MAX_UPLOAD_BYTES; TUNEFORGE_MAX_EXTRACTED_BYTES for a ZIP); the rest was not read. "
+        "Split it into smaller files.",
+        line,
+    )
+
+
+def parquet_records(
+    path: Path, mapping: dict[str, str], add: IssueSink, max_bytes: int = 2**31
+) -> Iterator[tuple[int, Any]]:
+    """Rows in batches of PARQUET_BATCH_ROWS, so a large file is never in memory whole; line = row + 1.
+
+    Parquet compresses and dictionary-encodes, so a few kilobytes can decode to gigabytes: the sizes the
+    file declares for its decompressed column chunks, and then the bytes each batch actually decodes to,
+    count against `max_bytes` from the first byte, and reading stops at the limit.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
+        meta = parquet.metadata
+        declared = sum(
+            meta.row_group(g).column(c).total_uncompressed_size
+            for g in range(meta.num_row_groups)
+            for c in range(meta.num_columns)
+        )
+        if declared > max_bytes:
+            decoded_too_large(add, max_bytes, f"its column chunks declare {declared} bytes uncompressed")
+            return
         fields = _columns(list(parquet.schema_arrow.names), mapping, 0, add)
         if fields is None:
             return
-        row = 0
+        row = decoded = 0
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            decoded += batch.nbytes
+            if decoded > max_bytes:
+                decoded_too_large(add, max_bytes, f"rows up to {row + batch.num_rows}", row + 1)
+                return
             columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
             for values in zip(*columns, strict=True):
                 row += 1
                 yield row, _row(fields, list(values))
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: e.g. a string that is not UTF-8
         add(IssueCode.INVALID_PARQUET, f"The Parquet file cannot be read: {exc}.", 0)
 
 
@@ -377,17 +435,21 @@ def extract_zip(path: Path, dest: Path, max_bytes: int, add: IssueSink) -> Archi
             if bad:
                 return None
             total = sum(i.file_size for i in infos)
-            bomb = [
-                i.filename
-                for i in infos
-                if i.file_size > 1024 * 1024 and i.file_size > MAX_COMPRESSION_RATIO * max(i.compress_size, 1)
-            ]
+            # The ratio holds from the first byte: per entry (declared sizes), and for the whole archive
+            # against its real size (a declared compressed size may lie).
+            ratio = MAX_COMPRESSION_RATIO
+            bomb = [i.filename for i in infos if i.file_size > ratio * max(i.compress_size, 1)]
+            archive_bytes = path.stat().st_size
+            if not bomb and total > ratio * max(archive_bytes, 1):
+                bomb = [""]
             if total > max_bytes or bomb:
-                what = (
-                    f"entry {bomb[0]!r} expands more than {MAX_COMPRESSION_RATIO}x"
-                    if bomb
-                    else f"its entries expand to {total} bytes, over the limit of {max_bytes}"
-                )
+                if total > max_bytes:
+                    what = f"its entries expand to {total} bytes, over the limit of {max_bytes}"
+                elif bomb[0]:
+                    what = f"entry {bomb[0]!r} expands more than {MAX_COMPRESSION_RATIO}x"
+                else:
+                    what = (f"its {archive_bytes} bytes expand to {total}, more than "
+                            f"{MAX_COMPRESSION_RATIO}x")
                 add(
                     IssueCode.ARCHIVE_TOO_LARGE,
                     f"The archive looks like a zip bomb: {what}.",

@@ -65,6 +65,7 @@ def _record(row: DatasetRow) -> DatasetRecord:
         failure_message=row.failure_message, request_id=row.request_id or "",
         options=options_from_proto(dataset_pb2.DatasetOptions.FromString(row.options or b"")),
         validation_dataset_id=row.validation_dataset_id or "",
+        request_fingerprint=row.request_fingerprint or "",
     )
 
 
@@ -129,6 +130,7 @@ class DatasetRepository:
             train_fraction=plan.fractions[0], validation_fraction=plan.fractions[1],
             test_fraction=plan.fractions[2], split_seed=str(plan.seed),
             failure_message=record.failure_message, request_id=record.request_id or None,
+            request_fingerprint=record.request_fingerprint,
             create_time=record.create_time, update_time=record.update_time,
             splits=_split_rows(record.splits),
         )

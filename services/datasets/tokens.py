@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -23,6 +24,16 @@ from tuneforge_core.errors import FieldViolation, InvalidArgument
 BATCH = 256
 TOKENIZER_CACHE = 4
 DEFAULT_MAX_LENGTH = 2048
+# transformers' first import is not safe from two threads at once: its lazy module, half set up by one
+# thread, told the other "cannot import name 'AutoTokenizer'" (two uploads naming tokenizers on a fresh
+# server answered INTERNAL). So it is imported under this lock.
+_IMPORTING = threading.Lock()
+
+
+def _auto_tokenizer() -> Any:
+    with _IMPORTING:
+        from transformers import AutoTokenizer
+    return AutoTokenizer
 
 
 @functools.lru_cache(maxsize=TOKENIZER_CACHE)
@@ -33,10 +44,9 @@ def load_tokenizer(name: str, field: str = "metadata.tokenizer") -> Any:
     Cached (failures are not): the upload checks it before reading the stream and processing uses it
     again. Sharing one between threads is safe here because every call tokenizes with the same settings,
     so the Rust tokenizer is never reconfigured while another thread uses it."""
-    from transformers import AutoTokenizer
-
+    auto_tokenizer = _auto_tokenizer()
     try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=False, local_files_only=True)
+        return auto_tokenizer.from_pretrained(name, trust_remote_code=False, local_files_only=True)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad tokenizer
         reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise InvalidArgument(

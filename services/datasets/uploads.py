@@ -11,9 +11,10 @@ client going away) removes the temp file and every object stored so far, and lea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import json
 import re
-import string
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from services.datasets.domain import (
     UploadSpec,
     ValidationReport,
 )
-from services.datasets.options import TEMPLATE_FIELDS
+from services.datasets.options import template_problems
 from services.datasets.processing import (
     NORMALIZED,
     Processed,
@@ -66,6 +67,11 @@ from tuneforge_core.reasons import Reason
 from tuneforge_core.storage import ObjectStore
 
 MAX_DESCRIPTION = 1024
+# What a dataset carries into every Dataset message, and so into its DatasetChanged events, whose payload
+# NATS caps (1 MiB by default; one over it would block the outbox behind it): the file name and the text
+# options are bounded, each far above any real one.
+MAX_FILENAME = 1024
+MAX_OPTION_TEXT = 32 * 1024
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
 # Bytes of BadRequest field violations in a DATASET_INVALID status; see bounded_violations.
 VIOLATIONS_BUDGET_BYTES = 5000
@@ -144,26 +150,49 @@ def invalid_dataset(name: str, report: ValidationReport) -> InvalidArgument:
                   "format": report.format.value})
 
 
+def request_fingerprint(spec: UploadSpec) -> str:
+    """SHA-256 of the metadata a request_id is used with, less what describes the content (size_bytes and
+    sha256: the content's own checksum is compared instead). A retry sends the same metadata, so another
+    fingerprint means the request_id is being reused for another request."""
+    fields = dataclasses.asdict(dataclasses.replace(spec, size_bytes=0, sha256=""))
+    canonical = json.dumps(fields, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def request_id_reused(spec: UploadSpec, existing: DatasetRecord) -> AlreadyExists:
+    return AlreadyExists(
+        f"request_id '{spec.request_id}' was already used to create dataset '{existing.name}' with other "
+        "metadata or content; use a new request_id for a new dataset.",
+        reason=Reason.REQUEST_ID_REUSED,
+        metadata={"request_id": spec.request_id, "dataset_id": existing.id},
+        violations=[FieldViolation("metadata.request_id", "already used for another upload")])
+
+
+def same_request(existing: DatasetRecord, spec: UploadSpec, sha256: str = "") -> bool:
+    """Whether `spec` (and content of checksum `sha256`, when known) is a retry of what created `existing`:
+    the same metadata fingerprint (the same name, for rows from before fingerprints were kept) and, where
+    both are known, the same content checksum (metadata.sha256, or the checksum of the bytes received)."""
+    if existing.request_fingerprint:
+        if existing.request_fingerprint != request_fingerprint(spec):
+            return False
+    elif existing.name != spec.name:
+        return False
+    return all(not given or not existing.sha256 or given.lower() == existing.sha256
+               for given in (spec.sha256, sha256))
+
+
 def _check_options(v: Violations, spec: UploadSpec) -> None:
     """The dataset options, issue limit and column mapping of the upload metadata."""
     options = spec.options
     v.check(options.max_samples is None or options.max_samples >= 1, "metadata.options.max_samples",
             "must be at least 1 (leave it unset to keep every example)")
     v.check(options.max_prompt_length >= 0, "metadata.options.max_prompt_length", "must not be negative")
-    if options.prompt_template:
-        try:
-            names = {name for _, name, _, _ in string.Formatter().parse(options.prompt_template)
-                     if name is not None}
-        except ValueError as exc:
-            v.add("metadata.options.prompt_template",
-                  f"is not a valid template ({exc}); write literal braces as {{{{ and }}}}")
-        else:
-            unknown = sorted(names - TEMPLATE_FIELDS)
-            v.check(not unknown, "metadata.options.prompt_template",
-                    f"uses unknown placeholders {', '.join('{' + n + '}' for n in unknown)}; "
-                    "use {prompt} and {system_prompt}")
-            v.check("prompt" in names, "metadata.options.prompt_template",
-                    "must contain {prompt}, where each prompt goes")
+    for name in ("system_prompt", "prompt_template"):
+        v.check(len(getattr(options, name)) <= MAX_OPTION_TEXT, f"metadata.options.{name}",
+                f"must be at most {MAX_OPTION_TEXT} characters")
+    if options.prompt_template and len(options.prompt_template) <= MAX_OPTION_TEXT:
+        for problem in template_problems(options.prompt_template):
+            v.add("metadata.options.prompt_template", problem)
     v.check(spec.issue_limit is None or 1 <= spec.issue_limit <= MAX_ISSUE_LIMIT, "metadata.issue_limit",
             f"must be between 1 and {MAX_ISSUE_LIMIT}")
     for target, column in spec.column_mapping.items():
@@ -192,6 +221,8 @@ class UploadManager:
             check_request_id(v, spec.request_id, "metadata.request_id")
             v.check(len(spec.description) <= MAX_DESCRIPTION, "metadata.description",
                     f"must be at most {MAX_DESCRIPTION} characters")
+        v.check(len(spec.filename) <= MAX_FILENAME, "metadata.filename",
+                f"must be at most {MAX_FILENAME} characters")
         if spec.format is not None and spec.format not in CHECKERS:
             v.add("metadata.format", f"{spec.format.value} is not accepted yet; accepted: "
                   f"{', '.join(f.value for f in CHECKERS)} (or leave it unset to detect it)")
@@ -247,10 +278,17 @@ class UploadManager:
     async def upload(self, spec: UploadSpec,
                      chunks: AsyncIterator[bytes]) -> tuple[DatasetRecord, ValidationReport]:
         """Creates a READY dataset from the stream, or returns the one an earlier call with the same
-        request_id created (without reading the stream again)."""
+        request_id created: REQUEST_ID_REUSED unless the metadata and the content are the same (the
+        content's checksum is metadata.sha256, else that of the bytes received, which are then read and
+        hashed but not processed again)."""
         plan = self.check_upload(spec, upload=True)
         existing = await self.db.run(lambda s: self.precheck(s, spec))
         if existing is not None:
+            if not spec.sha256:
+                received = await self.receive(spec, chunks)
+                received.path.unlink(missing_ok=True)
+                if not same_request(existing, spec, received.sha256):
+                    raise request_id_reused(spec, existing)
             return existing, await self.stored_report(existing)
         await self.check_tokenizer(spec)
         received = await self.receive(spec, chunks)
@@ -286,21 +324,18 @@ class UploadManager:
             min_examples=spec.min_examples or DEFAULT_MIN_EXAMPLES,
             issue_limit=spec.issue_limit or ISSUE_LIMIT, max_line_bytes=self.settings.max_line_bytes,
             max_extracted_bytes=self.settings.max_extracted_bytes,
+            max_decoded_bytes=self.settings.max_upload_bytes,
             tokenizer=spec.tokenizer, max_length=spec.max_length or DEFAULT_MAX_LENGTH)
 
     def precheck(self, session: Session, spec: UploadSpec) -> DatasetRecord | None:
         """The dataset an earlier call with this request_id created, or None for a new one; ALREADY_EXISTS
-        when the request_id was used for other content, or the name is taken."""
+        when the request_id was used for other metadata (or content of another metadata.sha256), or the
+        name is taken."""
         repo = DatasetRepository(session)
         existing = repo.find_by_request_id(spec.organization, spec.request_id)
         if existing is not None:
-            if existing.name != spec.name or (spec.sha256 and spec.sha256.lower() != existing.sha256):
-                raise AlreadyExists(
-                    f"request_id '{spec.request_id}' was already used to upload dataset '{existing.name}' "
-                    "with different content; use a new request_id for a new upload.",
-                    reason=Reason.REQUEST_ID_REUSED,
-                    metadata={"request_id": spec.request_id, "dataset_id": existing.id},
-                    violations=[FieldViolation("metadata.request_id", "already used for another upload")])
+            if not same_request(existing, spec):
+                raise request_id_reused(spec, existing)
             return existing
         if repo.name_taken(spec.organization, spec.name):
             raise self.name_taken(spec)
@@ -341,10 +376,11 @@ class UploadManager:
                 size_bytes=received.size_bytes, sha256=received.sha256, statistics=report.statistics,
                 splits=processed.splits, error_count=report.error_count, warning_count=report.warning_count,
                 split_plan=plan, create_time=now, update_time=now, request_id=spec.request_id,
-                options=spec.options, validation_dataset_id=validation.id if validation else "")
+                options=spec.options, validation_dataset_id=validation.id if validation else "",
+                request_fingerprint=request_fingerprint(spec) if spec.request_id else "")
             report_bytes = report_to_proto(report, dataset_id).SerializeToString()
             insert = asyncio.ensure_future(self.db.run(lambda s: self.insert(s, record, report_bytes)))
-            created, new = await self.inserted(spec, insert)
+            created, new = await self.inserted(spec, insert, received.sha256)
             if not new:
                 return created, await self.stored_report(created)
             self.notify()
@@ -385,11 +421,12 @@ class UploadManager:
         repo.add_changed(created, self.store.uri)
         return created
 
-    async def inserted(self, spec: UploadSpec,
-                       insert: asyncio.Future[DatasetRecord]) -> tuple[DatasetRecord, bool]:
+    async def inserted(self, spec: UploadSpec, insert: asyncio.Future[DatasetRecord],
+                       sha256: str = "") -> tuple[DatasetRecord, bool]:
         """The dataset `insert` (a run of `insert`) created, and True; or, when it lost a race with an
-        earlier call of the same request_id, the dataset that call created, and False. ALREADY_EXISTS when
-        it lost the race for the name."""
+        earlier call of the same request_id (same metadata, and content of checksum `sha256` when given),
+        the dataset that call created, and False. ALREADY_EXISTS when it lost the race for the name, or
+        the request_id to another request."""
         try:
             return await to_the_end(insert), True
         except IntegrityError:
@@ -397,6 +434,8 @@ class UploadManager:
                 spec.organization, spec.request_id))
             if winner is None:
                 raise self.name_taken(spec) from None
+            if not same_request(winner, spec, sha256):
+                raise request_id_reused(spec, winner) from None
             return winner, False
 
     async def stored_report(self, record: DatasetRecord) -> ValidationReport:

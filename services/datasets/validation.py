@@ -55,6 +55,7 @@ from services.datasets.readers import (
     LineBlock,
     SourceKind,
     csv_records,
+    decoded_too_large,
     extract_zip,
     image_problem,
     jsonl_chunks,
@@ -252,6 +253,7 @@ def validate_source(
     issue_limit: int = ISSUE_LIMIT,
     max_line_bytes: int = MAX_LINE_BYTES,
     max_extracted_bytes: int = 2**31,
+    max_decoded_bytes: int = 2**31,
     normalized_out: IO[bytes] | None = None,
     image_uri: ImageUri | None = None,
 ) -> Validated:
@@ -260,6 +262,10 @@ def validate_source(
     `format` None means detect it from content; when nothing matches, the file is checked as OpenAI chat
     (the must-have format), which tells the user what a line should look like. ZIPs are extracted into
     `work_dir`, which the caller owns.
+
+    The normalized examples may be at most `max_decoded_bytes` (the upload limit), whatever the container
+    and the options (a Parquet file or a system prompt can multiply the bytes), or `max_extracted_bytes`
+    for a ZIP, which may expand that far: past it, reading stops with a DECODED_TOO_LARGE error.
     """
     issues = _Collector(issue_limit)
 
@@ -291,7 +297,7 @@ def validate_source(
     elif kind is SourceKind.CSV:
         records = csv_records(path, mapping, max_line_bytes, add_file)
     elif kind is SourceKind.PARQUET:
-        records = parquet_records(path, mapping, add_file)
+        records = parquet_records(path, mapping, add_file, max_decoded_bytes)
     else:
         jsonl = _JsonlRecords(path, max_line_bytes, add_file)
         records = iter(jsonl)
@@ -312,6 +318,8 @@ def validate_source(
     add = _LineSink(issues)
 
     checked = examples = kept = dropped = messages = characters = duplicates = first_duplicate = 0
+    decoded = 0  # bytes of the normalized examples
+    budget = max_extracted_bytes if kind is SourceKind.ZIP else max_decoded_bytes
     targets: Counter[str] | None = Counter()
     # 64-bit hashes (SipHash, seeded per process), not the examples: millions of examples fit in a few
     # hundred MB; a collision (odds ~n²/2⁶⁵) would only miscount a warning.
@@ -353,8 +361,13 @@ def validate_source(
                     targets = _count_target(targets, last_assistant(row))
                     if targets is None:
                         break
+            encoded_rows = _encode_lines(rows)
+            decoded += len(encoded_rows)
+            if decoded > budget:
+                decoded_too_large(add_file, budget, f"the examples up to line {number + n - 1}", number)
+                break
             if normalized_out is not None:
-                pending.append(_encode_lines(rows))
+                pending.append(encoded_rows)
                 normalized_out.writelines(pending)
                 pending.clear()
             continue
@@ -405,6 +418,10 @@ def validate_source(
         messages += example.messages
         characters += example.characters
         encoded = msgspec.json.encode(record)
+        decoded += len(encoded) + 1
+        if decoded > budget:
+            decoded_too_large(add_file, budget, f"the examples up to line {number}", number)
+            break
         if isinstance(record, FastChat):
             digest = hash(record)
         else:

@@ -2,7 +2,8 @@
 request that does not even parse is answered as the caller's error.
 
 Domain code raises `tuneforge_core.errors` exceptions (it knows nothing of gRPC); this interceptor turns
-them, and anything unexpected, into a google.rpc.Status (see `status_from_exception`).
+them, and anything unexpected, into a google.rpc.Status (see `status_from_exception`), bounded so that it
+fits the trailers a client accepts (`bounded_status`) however much of the request it quotes.
 """
 
 from __future__ import annotations
@@ -14,13 +15,72 @@ from typing import Any
 import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tuneforge_core.errors import InvalidArgument, status_from_exception
 
+# What a status may take of the trailers: gRPC clients refuse trailers over 8 KiB by default, and the call
+# then fails with RESOURCE_EXHAUSTED and says nothing of why it was refused.
+TRAILER_BUDGET_BYTES = 7800
+MESSAGE_BYTES = 512
+TEXT_BYTES = 256
+
+
+def _cut(text: str, limit: int) -> str:
+    """`text` within `limit` UTF-8 bytes, marked where it was cut."""
+    data = text.encode(errors="replace")
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode(errors="ignore") + "…"
+
+
+def _trailer_bytes(status: status_pb2.Status) -> int:
+    """What `status` takes of the trailers: grpc-status-details-bin (base64) and grpc-message, whose bytes
+    outside printable ASCII are percent-encoded."""
+    message = status.message.encode(errors="replace")
+    encoded = sum(1 if 0x20 <= b < 0x7F and b != 0x25 else 3 for b in message)
+    return (status.ByteSize() + 2) // 3 * 4 + encoded
+
+
+def bounded_status(status: status_pb2.Status) -> status_pb2.Status:
+    """`status` as it is when it fits the trailers, else with what echoes the request cut to size.
+
+    A message or a field violation may quote what the caller sent (a megabyte-long id, module name or
+    template); past the budget, the message and every ErrorInfo value, violation field and description are
+    cut, and the violations that still do not fit are left out (the message says how many). The code and
+    the reason never change, so the caller still learns which error it was.
+    """
+    if _trailer_bytes(status) <= TRAILER_BUDGET_BYTES:
+        return status
+    out = status_pb2.Status(code=status.code, message=_cut(status.message, MESSAGE_BYTES))
+    violations: error_details_pb2.BadRequest | None = None
+    for detail in status.details:
+        info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) and detail.Unpack(info):
+            for key in list(info.metadata):
+                info.metadata[key] = _cut(info.metadata[key], TEXT_BYTES)
+            out.details.add().Pack(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR) and detail.Unpack(bad):
+            violations = error_details_pb2.BadRequest(field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=_cut(v.field, TEXT_BYTES),
+                                                            description=_cut(v.description, TEXT_BYTES))
+                for v in bad.field_violations])
+    if violations is not None:
+        total = len(violations.field_violations)
+        packed = out.details.add()
+        packed.Pack(violations)
+        while _trailer_bytes(out) > TRAILER_BUDGET_BYTES and violations.field_violations:
+            violations.field_violations.pop()
+            packed.Pack(violations)
+        left_out = total - len(violations.field_violations)
+        if left_out:
+            out.message = _cut(out.message, MESSAGE_BYTES - 64) + f" ({left_out} more violations left out)"
+    return out
+
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    status = status_from_exception(exc)
+    status = bounded_status(status_from_exception(exc))
     await context.abort_with_status(rpc_status.to_status(status))
 
 

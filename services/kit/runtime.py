@@ -10,6 +10,11 @@ answers gRPC reflection in both versions, `grpc.reflection.v1` and the older `v1
 holds errors.proto, so `tuneforge.v1.ErrorReason` can be looked up like the services. A request that
 does not even parse is INVALID_ARGUMENT (`UndecodableRequestInterceptor`), not grpcio's UNKNOWN. The
 process-wide page token key (`services.kit.paging`) is set from the settings before anything is served.
+
+A message is at most MAX_MESSAGE_BYTES (16 MiB) each way, on the server and on the channels between
+services (the Python client sets the same): a larger one is RESOURCE_EXHAUSTED, refused before it is
+parsed. UploadDataset and ValidateDataset stream the file, so only each frame counts, never the file.
+Every call one service makes to another carries a deadline.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from tuneforge_core.storage import ObjectStore, store_from_settings
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The options of the server and of every channel between services.
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

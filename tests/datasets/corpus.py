@@ -88,6 +88,31 @@ def _bomb() -> bytes:
     return zip_bytes([("train.jsonl", (good(0) + "\n").encode()), ("zeros.bin", b"\x00" * (3 * 1024 * 1024))])
 
 
+def _mib_entries() -> bytes:
+    """Entries of exactly 1 MiB: the ratio check used to start above 1 MiB, so 1024 of them expanded a
+    1 MiB archive to 1 GiB."""
+    pad = b"\x00" * (1024 * 1024)
+    return zip_bytes([("train.jsonl", (good(0) + "\n").encode()), ("pad-0.bin", pad), ("pad-1.bin", pad)])
+
+
+def _parquet_expanding() -> bytes:
+    """A few KB of Parquet (one dictionary value, compressed) that decodes to over the tests' upload limit
+    (256 KiB): a 23 KB file once became 387 MiB of stored examples."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 400
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["p" * 2000] * rows, "completion": [f"c{i}" for i in range(rows)]}),
+                   buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+# Past the first 100 lines (format detection) plain chat lines take the fast path, which meets a defect
+# with other code than the first 100 lines do.
+FAST = 110
+
+
 CSV_MAPPING = {"column_mapping": {"columns": {"prompt": "question", "completion": "answer"}}}
 
 CORPUS: list[Bad] = [
@@ -286,4 +311,36 @@ CORPUS: list[Bad] = [
         "line 3: images",
     ),
     Bad("corrupt zip", b"PK\x03\x04" + b"\x00" * 200, "INVALID_ARCHIVE", "file"),
+    # Hostile input: each of these once made the service answer INTERNAL or expand without bound.
+    Bad(
+        "non-utf8 on the fast path",
+        around(msgs(U, {"role": "assistant", "content": "cafe"}).encode().replace(b"cafe", b"caf\xe9"),
+               before=FAST),
+        "INVALID_UTF8",
+        f"line {FAST + 1}",
+    ),
+    Bad("lone surrogate escape", around(msgs(U, {"role": "assistant", "content": "\ud800"})), "INVALID_JSON",
+        "line 3"),
+    Bad(
+        "lone surrogate escape on the fast path",
+        around(msgs(U, {"role": "assistant", "content": "\udfff"}), before=FAST),
+        "INVALID_JSON",
+        f"line {FAST + 1}",
+    ),
+    Bad("5000-digit integer", around('{"messages": [], "n": ' + "9" * 5000 + "}"), "INVALID_JSON", "line 3"),
+    Bad("zip of 1 MiB entries", _mib_entries(), "ARCHIVE_TOO_LARGE", "file: pad-0.bin"),
+    Bad(
+        "small zip entry over the ratio",
+        zip_bytes([("train.jsonl", (good(0) + "\n").encode()), ("zeros.bin", b"\x00" * (200 * 1024))]),
+        "ARCHIVE_TOO_LARGE",
+        "file: zeros.bin",
+    ),
+    Bad("parquet decoding past the limit", _parquet_expanding(), "DECODED_TOO_LARGE", "line 1"),
+    Bad(
+        "system prompt multiplying the examples past the limit",
+        b"".join((good(i) + "\n").encode() for i in range(12)),
+        "DECODED_TOO_LARGE",
+        "line 9",
+        {"options": {"system_prompt": "s" * 30_000}},
+    ),
 ]
