@@ -37,6 +37,8 @@ from tuneforge_core.models import ref_problem
 # Upper bounds that keep every number a worker is handed meaningful (and within 32-bit counters).
 MAX_STEPS = 10_000_000
 MAX_SEED = 2**32 - 1
+MAX_SPEC_BYTES = 64 * 1024
+MAX_TARGET_MODULES = 64
 MODULE_RE = re.compile(r"^[A-Za-z0-9_.*\-]+\Z")
 
 def _range(v: Violations, field: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
@@ -65,6 +67,10 @@ def resolve_spec(
     estimation service's drafts, which may count tokens without naming a dataset.
     """
     v = Violations()
+    size = spec.ByteSize()
+    if size > MAX_SPEC_BYTES:  # a job's spec travels in every JobChanged event, below NATS' 1 MiB limit
+        v.add("spec", f"is {size} bytes; a job spec may be at most {MAX_SPEC_BYTES} bytes")
+        v.raise_if_any("job spec is invalid")
     out = job_pb2.JobSpec()
     out.CopyFrom(spec)
 
@@ -195,11 +201,14 @@ def _resolve_lora(v: Violations, out: job_pb2.JobSpec) -> None:
     _range(v, "spec.lora.dropout", lora.dropout, 0.0, 0.5)
     if not lora.target_modules:
         lora.target_modules.append("all-linear")
-    for i, module in enumerate(lora.target_modules):
+    v.check(len(lora.target_modules) <= MAX_TARGET_MODULES, "spec.lora.target_modules",
+            f"at most {MAX_TARGET_MODULES} module names, got {len(lora.target_modules)}")
+    for i, module in enumerate(lora.target_modules[:MAX_TARGET_MODULES]):
         v.check(
-            bool(MODULE_RE.match(module)),
+            len(module) <= 128 and bool(MODULE_RE.match(module)),
             f"spec.lora.target_modules[{i}]",
-            f"'{module}' is not a module name (letters, digits, '_', '.', '-', '*') or 'all-linear'",
+            f"'{module[:128]}' is not a module name (at most 128 letters, digits, '_', '.', '-', '*') or "
+            "'all-linear'",
         )
     if "all-linear" in lora.target_modules and len(lora.target_modules) > 1:
         v.add("spec.lora.target_modules", "'all-linear' cannot be combined with other module names")

@@ -461,3 +461,16 @@ def test_values_sent_stay_even_when_zero_or_false() -> None:
     assert resolve_spec(lora, require_dataset=False).lora.alpha == 16
 
 
+
+
+def test_a_spec_is_bounded_so_its_events_fit_nats() -> None:
+    big = job_pb2.JobSpec(base_model="org/model", dataset="ds_1")
+    big.lora.target_modules.append("q" * (1 << 20))
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(big)
+    assert [v.field for v in info.value.violations] == ["spec"]
+    many = job_pb2.JobSpec(base_model="org/model", dataset="ds_1")
+    many.lora.target_modules.extend(["q_proj"] * 65 + ["x" * 129])
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(many)
+    assert [v.field for v in info.value.violations] == ["spec.lora.target_modules"]

@@ -760,10 +760,6 @@ def test_no_dataset_event_outgrows_nats(fuzz_platform: Seeded) -> None:
     assert _refused_events(fuzz_platform, "tuneforge.events.datasets.")[:3] == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open: CreateJob stores JobSpec strings of any length (lora.target_modules of 1 MiB is a valid module "
-    "name; settings of methods and adapters the spec does not use are kept as sent), so a JobChanged event "
-    "can outgrow NATS' 1 MiB payload and block the jobs outbox; the bound belongs in "
-    "tuneforge_core.spec.resolve_spec / the jobs service"))
 def test_no_job_event_outgrows_nats(fuzz_platform: Seeded) -> None:
+    """Likewise for JobChanged: a job spec is bounded (64 KiB) when CreateJob resolves it."""
     assert _refused_events(fuzz_platform, "tuneforge.events.jobs.")[:3] == []
