@@ -63,6 +63,7 @@ from tuneforge_core.errors import (
     Violations,
 )
 from tuneforge_core.ids import new_id
+from tuneforge_core.models import ModelKind, ModelPolicy
 from tuneforge_core.reasons import Reason
 from tuneforge_core.storage import ObjectStore
 
@@ -310,12 +311,23 @@ class UploadManager:
         finally:
             received.path.unlink(missing_ok=True)
 
-    @staticmethod
-    async def check_tokenizer(spec: UploadSpec) -> None:
+    async def check_tokenizer(self, spec: UploadSpec) -> None:
         """Loads metadata.tokenizer before any byte is read, so a bad one fails the call at once rather
-        than after a long upload (processing then finds it in load_tokenizer's cache)."""
-        if spec.tokenizer:
-            await to_the_end(asyncio.to_thread(load_tokenizer, spec.tokenizer))
+        than after a long upload (processing then finds it in load_tokenizer's cache).
+
+        A tokenizer is a model reference like any other (tuneforge_core.models): a hub id in this server's
+        Hugging Face cache or an absolute folder under a model root; never any other server path (/proc,
+        /etc, the data dir, another organization's outputs)."""
+        if not spec.tokenizer:
+            return
+        field = "metadata.tokenizer"
+        source = ModelPolicy.from_settings(self.settings, self.store).source(
+            spec.tokenizer, spec.organization, field)
+        if source.kind is ModelKind.STORED or spec.tokenizer.startswith("file:"):
+            why = "must be a hub id or an absolute folder under a model root (TUNEFORGE_MODEL_ROOTS)"
+            raise InvalidArgument(f"{field}: {why}", violations=[FieldViolation(field, why)])
+        name = spec.tokenizer
+        await to_the_end(asyncio.to_thread(load_tokenizer, name))
 
     def process_options(self, spec: UploadSpec) -> ProcessOptions:
         """How the upload's file becomes examples: its metadata, with this server's limits."""

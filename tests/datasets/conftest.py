@@ -15,9 +15,11 @@ from tuneforge_core.settings import KitSettings
 
 
 @pytest.fixture
-def datasets_settings(kit_settings: KitSettings) -> DatasetSettings:
+def datasets_settings(kit_settings: KitSettings, tmp_path_factory: pytest.TempPathFactory) -> DatasetSettings:
+    # Tokenizers are model references: the tests' tiny models live under pytest's base temp folder.
     return DatasetSettings(**{**kit_settings.model_dump(), "max_upload_bytes": UPLOAD_LIMIT,
-                              "max_line_bytes": MAX_LINE_BYTES})
+                              "max_line_bytes": MAX_LINE_BYTES,
+                              "model_roots": str(tmp_path_factory.getbasetemp())})
 
 
 @pytest.fixture

@@ -145,3 +145,13 @@ async def test_validate_dataset_reports_token_statistics_without_storing(
     assert tokens.max_length == 16 and tokens.truncated_count == 100 and tokens.total > 0
     assert tokens.train_tokens == 0  # no split without an upload
     assert object_files(objects_root) == []
+
+
+@pytest.mark.parametrize("where", ["/proc/kmsg", "/etc", "relative/../../etc", "file:///etc"])
+async def test_a_tokenizer_outside_the_model_roots_is_refused_before_any_byte_is_read(
+    stub: DatasetServiceStub, where: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.UploadDataset(upload_requests(meta(tokenizer=where), jsonl(chat_lines(100))))  # type: ignore[arg-type]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tokenizer" in (caught.value.details() or "")
