@@ -2,10 +2,16 @@
 
     python -m trainer_worker          # settings from TUNEFORGE_* environment variables
 
-One job at a time, from the durable pull consumer ``trainers`` on TF_WORK (explicit acks):
+One job at a time, pulled from TF_WORK (explicit acks). Jobs are queued by GPU type
+(`tuneforge_core.subjects`): a worker pulls from its own type's consumer ``trainers-<gpu type>`` first, then
+from ``trainers-any`` (jobs that name no GPU type, or "cpu"). A CPU worker pulls from ``trainers-any``
+only, so a job for an H100 waits in the queue for a worker with one instead of being handed to workers
+that must refuse it. A worker with a GPU of unknown type (TUNEFORGE_WORKER_GPU_TYPE unset on a GPU host)
+takes jobs of every GPU type: it also pulls from each GPU type that has jobs waiting, found from the
+stream's subjects every little while.
 
 0. Hand the job straight back (NAK, with a log line) if it names a GPU type this worker does not have:
-   a job for an H100 is never trained on a CPU or on another GPU instead (`WorkerHardware`).
+   routing makes this the exception (an assignment published on the wrong subject), not the rule.
 1. Skip the job if its latest JobChanged (TF_EVENTS) says it is cancelled or final.
 2. PREPARING: fetch the data through the object store, and the model as `tuneforge_core.models` allows it
    for the job's organization: a hub id as it is, a folder under a model root in place, the
@@ -20,9 +26,12 @@ One job at a time, from the durable pull consumer ``trainers`` on TF_WORK (expli
    or CANCELLED (a JobChanged CANCELLING arrived: the child gets SIGTERM, then SIGKILL); then ack.
 
 Infrastructure hiccups (storage or NATS unreachable) NAK the job instead of failing it, so another delivery
-retries it; the jobs service fails a job that runs out of deliveries as WORKER_LOST. A hardware NAK counts
-as a delivery too: a job whose GPU type no worker has ends WORKER_LOST after TUNEFORGE_WORK_MAX_DELIVER
-deliveries, with each refusal in the workers' logs (the queue has no per-GPU-type routing yet).
+retries it; the jobs service fails a job that runs out of deliveries as WORKER_LOST.
+
+Heartbeats: every TUNEFORGE_WORKER_HEARTBEAT_INTERVAL_S the agent publishes a WorkerHeartbeat (core NATS,
+`subjects.WORKER_HEARTBEATS`): its id, host, GPU type and count, IDLE or BUSY with the job and attempt it
+runs. The jobs service lists workers from them, and puts a job back to QUEUED (with a reason) when the
+worker holding it goes quiet; a last heartbeat says STOPPED when the agent shuts down cleanly.
 On SIGTERM/SIGINT the agent stops pulling, stops the child and NAKs the job it holds, so another worker
 takes it at once.
 
@@ -44,6 +53,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -67,12 +77,12 @@ from trainer_worker.events import (
     StateEvent,
 )
 from trainer_worker.launcher import TrainingProcess
-from trainer_worker.reporting import JobReporter, failure_status, metric_point, progress_of
+from trainer_worker.reporting import JobReporter, failure_status, metric_point, progress_of, timestamp
 from trainer_worker.run_config import RunConfig
 from tuneforge_core import states, subjects
 from tuneforge_core.errors import InvalidArgument
 from tuneforge_core.models import ModelKind, ModelPolicy, ModelSource
-from tuneforge_core.nats import connect, ensure_streams, ensure_trainers_consumer
+from tuneforge_core.nats import connect, ensure_streams, ensure_trainers_consumer, queued_routes
 from tuneforge_core.reasons import Reason
 from tuneforge_core.settings import KitSettings
 from tuneforge_core.storage import ObjectStore, store_from_settings
@@ -81,6 +91,9 @@ log = logging.getLogger("trainer_worker.agent")
 
 U = events_pb2.WorkerUpdateKind
 S = job_pb2.JobState
+W = job_pb2.WorkerState
+# How often a worker with a GPU of unknown type looks for GPU types with jobs waiting.
+ROUTE_REFRESH_S = 10.0
 TRAIN_LOG_TAIL_BYTES = 4000
 
 
@@ -103,6 +116,28 @@ class AgentSettings(KitSettings):
     # for a worker without one. Empty: "cpu" when no NVIDIA GPU is visible, else a GPU of unknown type,
     # which takes a job for any GPU type (set it on a fleet that mixes GPU types).
     worker_gpu_type: str = ""
+    # GPUs this worker has, as its heartbeats report them; 0: count the visible NVIDIA GPUs.
+    worker_gpu_count: int = 0
+    # Seconds between heartbeats (WorkerHeartbeat). The jobs service calls a worker gone after
+    # TUNEFORGE_WORK_ACK_WAIT_S or three of these without one, whichever is longer.
+    worker_heartbeat_interval_s: float = 5.0
+
+
+def _visible_gpu_count() -> int:
+    """NVIDIA GPUs visible to this process, without importing torch: CUDA_VISIBLE_DEVICES when set (up to
+    the first "-1", which hides the rest), else the driver's list."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = []
+        for item in (v.strip() for v in visible.split(",")):
+            if not item or item == "-1":
+                break
+            ids.append(item)
+        return len(ids)
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if gpus.is_dir():
+        return sum(1 for _ in gpus.iterdir())
+    return 1 if Path("/dev/nvidia0").exists() else 0
 
 
 def _sees_a_gpu() -> bool:
@@ -124,11 +159,30 @@ class WorkerHardware:
     """
 
     gpu_type: str  # "cpu", a hardware option, or "" for a GPU of unknown type
+    gpu_count: int = 0
 
     @classmethod
     def from_settings(cls, settings: AgentSettings) -> WorkerHardware:
         configured = settings.worker_gpu_type.strip().lower()
-        return cls(configured or ("" if _sees_a_gpu() else "cpu"))
+        gpu_type = configured or ("" if _sees_a_gpu() else "cpu")
+        count = settings.worker_gpu_count or (0 if gpu_type == "cpu" else _visible_gpu_count())
+        return cls(gpu_type, count)
+
+    @property
+    def takes_every_gpu_type(self) -> bool:
+        return self.gpu_type == ""
+
+    def routes(self) -> list[str]:
+        """The routes (`subjects.gpu_route`) this worker pulls from, its own GPU type's before "any"; a GPU
+        of unknown type adds the GPU types that have jobs waiting as it finds them."""
+        own = subjects.gpu_route(self.gpu_type)
+        return [subjects.ANY_ROUTE] if own == subjects.ANY_ROUTE else [own, subjects.ANY_ROUTE]
+
+    def describe(self) -> str:
+        if self.gpu_type == "cpu":
+            return "cpu"
+        kind = self.gpu_type or "GPUs of unknown type"
+        return f"{kind} x{self.gpu_count}" if self.gpu_count else kind
 
     def refusal(self, wanted: str) -> str | None:
         """Why this worker must not train a job asking for `wanted`, or None when it may."""
@@ -147,14 +201,19 @@ class Verdict(Enum):
 class Agent:
     """Pulls one assignment at a time and sees it through to a final update."""
 
-    def __init__(self, settings: AgentSettings, js: JetStreamContext, store: ObjectStore) -> None:
-        self.settings, self.js, self.store = settings, js, store
+    def __init__(self, settings: AgentSettings, js: JetStreamContext, store: ObjectStore,
+                 nc: NATS | None = None) -> None:
+        self.settings, self.js, self.store, self.nc = settings, js, store, nc
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.stopping = asyncio.Event()
         self.work_root = settings.data_dir.resolve() / "worker"
         self.ack_wait_s = settings.work_ack_wait_s
         self.models = ModelPolicy.from_settings(settings, store)
         self.hardware = WorkerHardware.from_settings(settings)
+        self.started_at = timestamp()
+        # The job and delivery this worker runs now, as its heartbeats say.
+        self.current: tuple[str, int] | None = None
+        self._subs: dict[str, Any] = {}  # route -> pull subscription, in the order they are tried
 
     def request_stop(self) -> None:
         if not self.stopping.is_set():
@@ -163,29 +222,105 @@ class Agent:
 
     async def run(self) -> None:
         await ensure_streams(self.js)
-        await ensure_trainers_consumer(self.js, self.settings.work_ack_wait_s, self.settings.work_max_deliver)
-        info = await self.js.consumer_info(subjects.STREAM_WORK, subjects.TRAINERS_CONSUMER)
-        self.ack_wait_s = info.config.ack_wait or self.ack_wait_s
-        sub = await self.js.pull_subscribe(
-            subjects.WORK_JOBS, durable=subjects.TRAINERS_CONSUMER, stream=subjects.STREAM_WORK
-        )
-        log.info("worker %s waiting for jobs (hardware: %s)", self.worker_id,
-                 self.hardware.gpu_type or "a GPU of unknown type")
+        heartbeats = asyncio.create_task(self._heartbeats()) if self.nc is not None else None
         try:
+            await self._subscribe(self.hardware.routes())
+            log.info("worker %s waiting for jobs (hardware: %s; queues: %s)", self.worker_id,
+                     self.hardware.describe(), ", ".join(self._subs))
+            refreshed = 0.0
             while not self.stopping.is_set():
-                try:
-                    messages = await sub.fetch(1, timeout=1.0)
-                except (TimeoutError, NatsTimeoutError):
-                    continue
-                except Exception:  # e.g. while reconnecting; the client reconnects by itself
-                    log.warning("fetching work failed; retrying", exc_info=True)
-                    await asyncio.sleep(1.0)
-                    continue
-                for msg in messages:
+                now = asyncio.get_running_loop().time()
+                if self.hardware.takes_every_gpu_type and now - refreshed > ROUTE_REFRESH_S:
+                    refreshed = now
+                    await self._find_routes()
+                msg = await self._next()
+                if msg is not None:
                     await self.handle(msg)
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            for sub in self._subs.values():
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            if heartbeats is not None:
+                heartbeats.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await heartbeats
+                with contextlib.suppress(Exception):  # the jobs service then stops counting on this worker
+                    await self._send_heartbeat(stopped=True)
+
+    async def _subscribe(self, routes: list[str]) -> None:
+        """Ensure each route's consumer (with this deployment's ack wait and max deliveries) and pull from
+        it; the claim is renewed often enough for the shortest ack wait among them."""
+        for route in routes:
+            if route in self._subs:
+                continue
+            durable = await ensure_trainers_consumer(self.js, route, self.settings.work_ack_wait_s,
+                                                     self.settings.work_max_deliver)
+            info = await self.js.consumer_info(subjects.STREAM_WORK, durable)
+            self.ack_wait_s = min(self.ack_wait_s, info.config.ack_wait or self.ack_wait_s)
+            self._subs[route] = await self.js.pull_subscribe(
+                subjects.work_jobs(route), durable=durable, stream=subjects.STREAM_WORK
+            )
+        if subjects.ANY_ROUTE in self._subs:  # GPU jobs first: "any" is tried last
+            self._subs[subjects.ANY_ROUTE] = self._subs.pop(subjects.ANY_ROUTE)
+
+    async def _find_routes(self) -> None:
+        """A GPU of unknown type takes jobs of every GPU type: pull from each route with jobs waiting."""
+        try:
+            waiting = [r for r in await queued_routes(self.js) if r not in self._subs]
+            if waiting:
+                log.info("worker %s also takes jobs for %s", self.worker_id, ", ".join(waiting))
+                await self._subscribe(waiting)
+        except Exception:
+            log.warning("could not look for GPU types with jobs waiting; will retry", exc_info=True)
+
+    async def _next(self) -> Msg | None:
+        """The next assignment: from the routes in order (this worker's GPU type before "any"), waiting
+        about a second in all when none has one."""
+        timeout = max(0.2, 1.0 / max(1, len(self._subs)))
+        for sub in list(self._subs.values()):
+            if self.stopping.is_set():
+                return None
+            try:
+                messages = await sub.fetch(1, timeout=timeout)
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            except Exception:  # e.g. while reconnecting; the client reconnects by itself
+                log.warning("fetching work failed; retrying", exc_info=True)
+                await asyncio.sleep(1.0)
+                return None
+            if messages:
+                return messages[0]
+        return None
+
+    # -- heartbeats -------------------------------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        interval = self.settings.worker_heartbeat_interval_s
+        while True:
+            try:
+                await self._send_heartbeat()
+            except Exception:  # the client buffers while reconnecting; anything else is worth a line
+                log.warning("could not send a heartbeat; will retry", exc_info=True)
+            await asyncio.sleep(interval)
+
+    def heartbeat(self, *, stopped: bool = False) -> events_pb2.WorkerHeartbeat:
+        """What this worker is doing now, as the jobs service reads it."""
+        state = W.WORKER_STATE_STOPPED if stopped else (
+            W.WORKER_STATE_BUSY if self.current is not None else W.WORKER_STATE_IDLE
+        )
+        job_id, attempt = self.current if self.current is not None and not stopped else ("", 0)
+        return events_pb2.WorkerHeartbeat(
+            worker_id=self.worker_id, hostname=socket.gethostname(), gpu_type=self.hardware.gpu_type,
+            gpu_count=self.hardware.gpu_count, state=state, job_id=job_id, attempt=attempt,
+            started_at=self.started_at, time=timestamp(),
+            interval_seconds=self.settings.worker_heartbeat_interval_s,
+        )
+
+    async def _send_heartbeat(self, *, stopped: bool = False) -> None:
+        assert self.nc is not None
+        await self.nc.publish(subjects.WORKER_HEARTBEATS, self.heartbeat(stopped=stopped).SerializeToString())
+        if stopped:
+            await self.nc.flush(timeout=2)
 
     async def handle(self, msg: Msg) -> None:
         """Run one delivery of an assignment, then ack it or hand it back."""
@@ -199,14 +334,15 @@ class Agent:
             await msg.term()
             return
         refusal = self.hardware.refusal(assignment.spec.hardware.gpu_type)
-        if refusal is not None:  # never trained on other hardware than it asked for: back to the queue
-            log.info("job %s goes back to the queue (delivery %d): %s", assignment.job_id,
-                     msg.metadata.num_delivered, refusal)
+        if refusal is not None:  # queued on the wrong subject: never trained on other hardware than it asked
+            log.warning("job %s goes back to the queue (delivery %d, subject %s): %s", assignment.job_id,
+                        msg.metadata.num_delivered, msg.subject, refusal)
             with contextlib.suppress(Exception):  # the server redelivers after ack_wait anyway
                 await msg.nak(delay=self.settings.worker_retry_delay_s)
             return
-        heartbeat = asyncio.create_task(self._keep_claim(msg))
+        claim = asyncio.create_task(self._keep_claim(msg))
         run = JobRun(self, assignment, msg.metadata.num_delivered)
+        self.current = (assignment.job_id, run.attempt)
         try:
             verdict = await run.execute()
         except Exception as exc:
@@ -217,7 +353,7 @@ class Agent:
                 log.exception("job %s failed inside the worker; no retry", assignment.job_id)
                 verdict = await run.fail_internal(exc)
         finally:
-            heartbeat.cancel()
+            claim.cancel()
         try:
             if verdict is Verdict.ACK:
                 await msg.ack_sync()
@@ -225,6 +361,8 @@ class Agent:
                 await msg.nak(delay=None if self.stopping.is_set() else self.settings.worker_retry_delay_s)
         except Exception:  # the server redelivers after ack_wait anyway
             log.warning("could not %s job %s", verdict.value, assignment.job_id, exc_info=True)
+        finally:
+            self.current = None
 
     async def _keep_claim(self, msg: Msg) -> None:
         while True:
@@ -652,7 +790,7 @@ async def run_agent(settings: AgentSettings) -> None:
     if not settings.nats_url:
         raise SystemExit("TUNEFORGE_NATS_URL is not set: the worker needs the platform's NATS server.")
     nc = await connect(settings.nats_url, name="trainer-worker")
-    agent = Agent(settings, nc.jetstream(), store_from_settings(settings))
+    agent = Agent(settings, nc.jetstream(), store_from_settings(settings), nc)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, agent.request_stop)

@@ -7,11 +7,13 @@ that retries after a lost ack (or an outbox relay that crashed after publishing)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import nats
 from google.protobuf.message import Message
 from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -22,6 +24,7 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import BadRequestError, NotFoundError
+from tuneforge.events.v1 import events_pb2
 
 from tuneforge_core import subjects
 
@@ -44,7 +47,8 @@ async def connect(url: str, name: str) -> NATS:
 def stream_configs(max_deliver_age_s: float = 7 * 24 * 3600) -> list[StreamConfig]:
     return [
         StreamConfig(
-            name=subjects.STREAM_WORK, subjects=[subjects.WORK_JOBS],
+            # The legacy subject stays so that what an older version queued there can be moved on.
+            name=subjects.STREAM_WORK, subjects=[subjects.ALL_WORK_JOBS, subjects.LEGACY_WORK_JOBS],
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
         ),
@@ -110,9 +114,63 @@ async def publish(js: JetStreamContext, subject: str, message: Message | bytes, 
             delay = min(delay * 2, 2.0)
 
 
-async def ensure_trainers_consumer(js: JetStreamContext, ack_wait_s: float, max_deliver: int) -> None:
-    """The work queue's one consumer, shared by every worker; the jobs service and workers both ensure it
-    with the same settings (TUNEFORGE_WORK_ACK_WAIT_S, TUNEFORGE_WORK_MAX_DELIVER)."""
-    await ensure_pull_consumer(js, subjects.STREAM_WORK, subjects.TRAINERS_CONSUMER, subjects.WORK_JOBS,
+async def ensure_trainers_consumer(js: JetStreamContext, gpu_type: str, ack_wait_s: float,
+                                   max_deliver: int) -> str:
+    """The consumer that hands out the jobs asking for `gpu_type` ("trainers-<route>", filtered on that
+    route's subject alone, as a work-queue stream requires); returns its name. The jobs service and the
+    workers ensure them with the same settings (TUNEFORGE_WORK_ACK_WAIT_S, TUNEFORGE_WORK_MAX_DELIVER)."""
+    durable = subjects.trainers_consumer(gpu_type)
+    await ensure_pull_consumer(js, subjects.STREAM_WORK, durable, subjects.work_jobs(gpu_type),
                                ack_wait_s=ack_wait_s, max_deliver=max_deliver)
+    return durable
 
+
+async def queued_routes(js: JetStreamContext) -> list[str]:
+    """The routes that have jobs waiting in the work queue (delivered or not), from the stream's
+    per-subject counts."""
+    info = await js.stream_info(subjects.STREAM_WORK, subjects_filter=subjects.ALL_WORK_JOBS)
+    prefix = subjects.WORK_JOBS_PREFIX + "."
+    return sorted(subject.removeprefix(prefix) for subject, count in (info.state.subjects or {}).items()
+                  if count and subject.startswith(prefix))
+
+
+async def reroute_legacy_work(js: JetStreamContext) -> int:
+    """Moves the assignments an older version queued on the one shared subject ("tuneforge.work.jobs",
+    consumer "trainers") to their GPU type's subject, then deletes that consumer; returns how many moved.
+
+    Each is published under a new Nats-Msg-Id (the old one may still be inside the duplicate window) before
+    the old copy is acked, so a crash in between leaves a duplicate, never a lost job: a worker drops a
+    delivery of a job that has already ended. Delivery counts start again on the new subject.
+    """
+    try:
+        await js.consumer_info(subjects.STREAM_WORK, subjects.LEGACY_TRAINERS_CONSUMER)
+    except NotFoundError:
+        return 0
+    sub = await js.pull_subscribe(subjects.LEGACY_WORK_JOBS, durable=subjects.LEGACY_TRAINERS_CONSUMER,
+                                  stream=subjects.STREAM_WORK)
+    moved = 0
+    try:
+        while True:
+            try:
+                messages = await sub.fetch(100, timeout=1.0)
+            except (TimeoutError, NatsTimeoutError):
+                break
+            for msg in messages:
+                try:
+                    assignment = events_pb2.JobAssignment.FromString(msg.data)
+                except Exception:
+                    log.error("dropping an undecodable assignment from the legacy work subject")
+                    await msg.term()
+                    continue
+                await publish(js, subjects.work_jobs(assignment.spec.hardware.gpu_type), msg.data,
+                              f"{assignment.event_id or assignment.job_id}.routed")
+                await msg.ack_sync()
+                moved += 1
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    await js.delete_consumer(subjects.STREAM_WORK, subjects.LEGACY_TRAINERS_CONSUMER)
+    if moved:
+        log.info("moved %d queued job(s) from %s to their GPU type's subject", moved,
+                 subjects.LEGACY_WORK_JOBS)
+    return moved

@@ -7,10 +7,17 @@
    │  └────────┴──┴──────────┘  └──▶ CANCELLING ──▶ CANCELLED
    └──────────── cancel ──────────────────────────▶ CANCELLED
 ```
+(the arrow back into QUEUED: the worker holding the job was lost and deliveries are left)
 
 A new delivery of the job (another attempt) may move PREPARING or RUNNING back to PREPARING; any state
 that has not ended may fail (a worker's failure, or WORKER_LOST when deliveries ran out). SUCCEEDED,
 FAILED and CANCELLED are final: nothing moves a job out of them.
+
+PREPARING or RUNNING may also go back to QUEUED: the jobs service does so when the worker holding the job
+stopped sending heartbeats (or shut down) while deliveries are left, with Job.status_message saying which
+worker and which attempt comes next. The job's attempt stays that of the lost delivery until a worker
+takes the next one (QUEUED -> PREPARING, attempt + 1). A heartbeat from that same worker still running that
+same attempt moves it back to where it was (QUEUED -> PREPARING or RUNNING).
 """
 
 from __future__ import annotations
@@ -43,12 +50,12 @@ TRANSITIONS: dict[State, frozenset[State]] = {
         {S.JOB_STATE_PREPARING, S.JOB_STATE_RUNNING, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED}
     ),
     S.JOB_STATE_PREPARING: frozenset({
-        S.JOB_STATE_PREPARING, S.JOB_STATE_RUNNING, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED,
-        S.JOB_STATE_CANCELLING, S.JOB_STATE_CANCELLED,
+        S.JOB_STATE_QUEUED, S.JOB_STATE_PREPARING, S.JOB_STATE_RUNNING, S.JOB_STATE_SUCCEEDED,
+        S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLING, S.JOB_STATE_CANCELLED,
     }),
     S.JOB_STATE_RUNNING: frozenset({
-        S.JOB_STATE_PREPARING, S.JOB_STATE_RUNNING, S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED,
-        S.JOB_STATE_CANCELLING, S.JOB_STATE_CANCELLED,
+        S.JOB_STATE_QUEUED, S.JOB_STATE_PREPARING, S.JOB_STATE_RUNNING, S.JOB_STATE_SUCCEEDED,
+        S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLING, S.JOB_STATE_CANCELLED,
     }),
     S.JOB_STATE_CANCELLING: frozenset({S.JOB_STATE_CANCELLED, S.JOB_STATE_FAILED, S.JOB_STATE_SUCCEEDED}),
     S.JOB_STATE_SUCCEEDED: frozenset(),

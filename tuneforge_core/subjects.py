@@ -1,19 +1,29 @@
 """NATS streams and subjects: the one place their names live.
 
-TF_WORK    tuneforge.work.jobs                         JobAssignment; work-queue retention, pull consumer
-                                                        "trainers" shared by all workers.
+TF_WORK    tuneforge.work.jobs.<route>                 JobAssignment; work-queue retention. <route> is the
+                                                        job's GPU type made NATS-safe (`gpu_route`), "any"
+                                                        for a job that names none or "cpu". One durable
+                                                        pull consumer per route, "trainers-<route>"; a worker
+                                                        pulls from its own GPU type's and from "trainers-any",
+                                                        so a job waits for a worker that has its GPU instead
+                                                        of being handed back and forth.
 TF_WORKER  tuneforge.worker.jobs.<job_id>.status       WorkerJobUpdate  -> jobs service
            tuneforge.worker.jobs.<job_id>.metrics      MetricsReported  -> metrics service
            tuneforge.worker.jobs.<job_id>.logs         LogsReported     -> metrics service
 TF_EVENTS  tuneforge.events.jobs.<job_id>              JobChanged (jobs outbox) -> watchers, workers, metrics,
                                                         estimation (calibration)
            tuneforge.events.datasets.<dataset_id>      DatasetChanged (datasets outbox)
-TF_ADVISORIES  $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TF_WORK.trainers  -> jobs service (WORKER_LOST)
+TF_ADVISORIES  $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TF_WORK.*  -> jobs service (WORKER_LOST), for
+                                                        every trainers-<route> consumer
 core NATS  tuneforge.live.metrics.<job_id>             MetricsStored, after the metrics service stored points
            tuneforge.live.logs.<job_id>                LogsStored
+           tuneforge.worker.heartbeats                 WorkerHeartbeat, every few seconds from each worker
+                                                        -> jobs service (queue group "jobs-service")
 """
 
 from __future__ import annotations
+
+import re
 
 STREAM_WORK = "TF_WORK"
 STREAM_WORKER = "TF_WORKER"
@@ -21,10 +31,21 @@ STREAM_EVENTS = "TF_EVENTS"
 # JetStream's own advisory that a work item ran out of deliveries, captured in a stream so that a jobs
 # service that was down when it was sent still sees it.
 STREAM_ADVISORIES = "TF_ADVISORIES"
-WORK_MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TF_WORK.trainers"
+# The last token is the consumer's name: one subject covers every trainers-<route> consumer.
+WORK_MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TF_WORK.*"
 
-WORK_JOBS = "tuneforge.work.jobs"
-TRAINERS_CONSUMER = "trainers"
+WORK_JOBS_PREFIX = "tuneforge.work.jobs"
+ALL_WORK_JOBS = "tuneforge.work.jobs.*"
+# The route of jobs any worker may take (no GPU type, or "cpu": a GPU does not downgrade a CPU job).
+ANY_ROUTE = "any"
+TRAINERS_CONSUMER_PREFIX = "trainers-"
+# Before routing by GPU type, every assignment went to this one subject and consumer; the jobs service
+# moves what is left there to the routed subjects when it starts (tuneforge_core.nats.reroute_legacy_work).
+LEGACY_WORK_JOBS = "tuneforge.work.jobs"
+LEGACY_TRAINERS_CONSUMER = "trainers"
+
+WORKER_HEARTBEATS = "tuneforge.worker.heartbeats"
+JOBS_HEARTBEATS_QUEUE = "jobs-service"
 
 JOBS_STATUS_CONSUMER = "jobs-service-status"
 JOBS_LOST_CONSUMER = "jobs-service-lost-work"
@@ -35,6 +56,26 @@ ESTIMATION_JOB_EVENTS_CONSUMER = "estimation-service-job-events"
 DATASETS_JOB_EVENTS_CONSUMER = "datasets-service-job-events"
 # The estimation service's copy of each job (what EstimateCost(job_id) reads), from the same events.
 ESTIMATION_JOBS_CONSUMER = "estimation-service-jobs"
+
+
+def gpu_route(gpu_type: str) -> str:
+    """The route token of a job's (or a worker's) GPU type: lower case, with anything but letters, digits,
+    "-" and "_" replaced by "_" so it is one NATS subject token and a valid consumer name; "any" for no
+    GPU type and for "cpu"."""
+    clean = gpu_type.strip().lower()
+    if clean in ("", "cpu", ANY_ROUTE):
+        return ANY_ROUTE
+    return re.sub(r"[^a-z0-9_-]", "_", clean)
+
+
+def work_jobs(gpu_type: str) -> str:
+    """The subject a job asking for `gpu_type` is queued on."""
+    return f"{WORK_JOBS_PREFIX}.{gpu_route(gpu_type)}"
+
+
+def trainers_consumer(gpu_type: str) -> str:
+    """The durable pull consumer that hands out the jobs asking for `gpu_type`."""
+    return f"{TRAINERS_CONSUMER_PREFIX}{gpu_route(gpu_type)}"
 
 
 def worker_status(job_id: str) -> str:

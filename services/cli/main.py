@@ -16,6 +16,7 @@ import typer
 from google.protobuf import json_format
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2, job_pb2
 
 from services.cli.render import as_json as to_json
@@ -68,7 +69,8 @@ def up(
     nats_url: Annotated[str, typer.Option(envvar="TUNEFORGE_NATS_URL",
                                           help="Use this NATS instead of an embedded one.")] = "",
 ) -> None:
-    """Start the platform and keep it running until Ctrl-C."""
+    """Start the platform and keep it running until Ctrl-C; a worker or the embedded nats-server that dies
+    is restarted (with a line here and in logs/platform.log)."""
     platform = Platform(PlatformConfig(data_dir=data_dir, grpc_host=host, grpc_port=port, workers=workers,
                                        nats_url=nats_url))
     try:
@@ -88,6 +90,8 @@ def up(
     signal.signal(signal.SIGINT, _stop)
     try:
         while not stopping:
+            for line in platform.supervise():  # a dead worker or nats-server is restarted
+                err_console.print(f"[yellow]{escape(line)}[/yellow]", highlight=False, soft_wrap=True)
             problem = platform.check_alive()
             if problem:
                 err_console.print(f"[red]{problem}[/red]; stopping")
@@ -342,6 +346,8 @@ def jobs_get(ref: Annotated[str, typer.Argument(help="Job id or name.")],
         console.print_json(to_json(job))
     else:
         console.print(job_table([job]))
+        if job.status_message:
+            console.print(f"status: {escape(job.status_message)}")
         if job.error.message:
             console.print(f"error: {job.error.message}")
         if job.output.adapter_uri:
@@ -383,6 +389,29 @@ def jobs_cancel(ref: Annotated[str, typer.Argument(help="Job id or name.")],
     with api(address, org) as client:
         job = client.cancel_job(ref)
     console.print(job_table([job]))
+
+
+@app.command("workers")
+def workers(page_size: Annotated[int, typer.Option()] = 50,
+            page_token: Annotated[str, typer.Option()] = "",
+            address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False) -> None:
+    """List the trainer workers heard from recently: hardware, what each runs, and whether it is alive."""
+    with api(address, org) as client:
+        response = client.list_workers(page_size, page_token)
+    if as_json:
+        console.print_json(to_json(response))
+        return
+    table = Table("ID", "HOST", "GPU", "STATE", "JOB", "LAST HEARTBEAT", "ALIVE")
+    for w in response.workers:
+        gpu = "cpu" if w.gpu_type == "cpu" else f"{w.gpu_type or 'unknown GPU'} x{w.gpu_count}"
+        state = job_pb2.WorkerState.Name(w.state).removeprefix("WORKER_STATE_")
+        job = f"{w.job} (attempt {w.attempt})" if w.job else "-"
+        seen = w.last_heartbeat_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(escape(w.id), escape(w.hostname), escape(gpu), state, job, seen,
+                      "yes" if w.alive else "[red]no[/red]")
+    console.print(table)
+    if response.next_page_token:
+        console.print(f"next page: --page-token {response.next_page_token}")
 
 
 def main() -> None:

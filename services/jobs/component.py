@@ -1,12 +1,16 @@
-"""The jobs service as a runnable component: servicer, outbox relay, worker-update consumer, and the
-watch for jobs that ran out of deliveries."""
+"""The jobs service as a runnable component: servicer, outbox relay, worker-update consumer, the watch
+for jobs that ran out of deliveries, and the workers' heartbeats with the periodic check that reads them
+(services.jobs.workers)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -19,13 +23,14 @@ from services.jobs.manager import JobManager
 from services.jobs.models import JobOutbox
 from services.jobs.servicer import JobServicer
 from services.jobs.settings import JobSettings
+from services.jobs.workers import WorkerRules
 from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
-from services.kit.outbox import OutboxRelay
+from services.kit.outbox import OutboxRelay, utcnow
 from services.kit.runtime import Component, Registration, Runtime
 from tuneforge_core import subjects
 from tuneforge_core.models import ModelPolicy
-from tuneforge_core.nats import ensure_trainers_consumer
+from tuneforge_core.nats import ensure_trainers_consumer, reroute_legacy_work
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ class JobsComponent(Component):
     def __init__(self, runtime: Runtime, settings: JobSettings | None = None) -> None:
         super().__init__(runtime)
         settings = settings or JobSettings.from_kit(runtime.settings)
+        self.settings = settings
         self.db = Database(settings.database_url_for("jobs"), "jobs")
         self.db.migrate(MIGRATIONS)
         self.relay = OutboxRelay(self.db, runtime.js, JobOutbox)
@@ -44,7 +50,12 @@ class JobsComponent(Component):
                                   runtime.store, runtime.nc,
                                   hardware=HardwareCheck(runtime.channel(settings.estimation_address)),
                                   allow_user_reward_code=settings.allow_user_reward_code,
-                                  models=ModelPolicy.from_settings(settings, runtime.store))
+                                  models=ModelPolicy.from_settings(settings, runtime.store),
+                                  workers=WorkerRules(ack_wait_s=settings.work_ack_wait_s,
+                                                      max_deliver=settings.work_max_deliver,
+                                                      seen_window_s=settings.worker_seen_window_s,
+                                                      forget_after_s=settings.worker_forget_after_s))
+        self._heartbeats: Any = None
 
     def registrations(self) -> Sequence[Registration]:
         return [Registration("tuneforge.v1.JobService", JobServicer(self.manager),
@@ -52,7 +63,14 @@ class JobsComponent(Component):
 
     async def start(self) -> None:
         settings = self.runtime.settings
-        await ensure_trainers_consumer(self.runtime.js, settings.work_ack_wait_s, settings.work_max_deliver)
+        # Jobs that name no GPU type; each GPU type's consumer is ensured by the workers that have it.
+        await ensure_trainers_consumer(self.runtime.js, subjects.ANY_ROUTE, settings.work_ack_wait_s,
+                                       settings.work_max_deliver)
+        await reroute_legacy_work(self.runtime.js)
+        self._heartbeats = await self.runtime.nc.subscribe(
+            subjects.WORKER_HEARTBEATS, queue=subjects.JOBS_HEARTBEATS_QUEUE, cb=self._on_heartbeat)
+        self.manager.listening_since = utcnow()
+        self.spawn(self._watch_workers(), "jobs-worker-watch")
         self.spawn(self.relay.run(), "jobs-outbox-relay")
         self.spawn(consume(self.runtime.js, stream=subjects.STREAM_WORKER,
                            durable=subjects.JOBS_STATUS_CONSUMER, subject=subjects.ALL_WORKER_STATUS,
@@ -62,8 +80,45 @@ class JobsComponent(Component):
                            handler=self._on_max_deliveries), "jobs-lost-work")
 
     async def stop(self) -> None:
+        if self._heartbeats is not None:
+            with contextlib.suppress(Exception):
+                await self._heartbeats.unsubscribe()
         await super().stop()
         self.db.dispose()
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            heartbeat = events_pb2.WorkerHeartbeat.FromString(msg.data)
+        except Exception:
+            log.warning("dropping an undecodable worker heartbeat")
+            return
+        if not 0 < len(heartbeat.worker_id) <= 255:  # the id column's size (and Job.worker_id's)
+            log.warning("dropping a worker heartbeat without a usable worker id")
+            return
+        try:
+            await self.manager.record_heartbeat(heartbeat)
+        except Exception:  # the next heartbeat comes in a few seconds
+            log.exception("could not record the heartbeat of worker %s", heartbeat.worker_id)
+
+    async def _watch_workers(self) -> None:
+        """Runs the workers check every few seconds, while connected: heartbeats missed while this
+        service was cut off from NATS are no sign of a lost worker, so the silence counts again from the
+        reconnect."""
+        nc = self.runtime.nc
+        reconnects = nc.stats["reconnects"]
+        while True:
+            await asyncio.sleep(self.settings.worker_check_interval_s)
+            if not nc.is_connected:
+                continue
+            if nc.stats["reconnects"] != reconnects:
+                reconnects = nc.stats["reconnects"]
+                self.manager.listening_since = utcnow()
+                log.info("reconnected to NATS: workers' silence counts from now")
+                continue
+            try:
+                await self.manager.check_workers()
+            except Exception:
+                log.exception("the workers check failed; will retry")
 
     async def _on_worker_update(self, msg: Msg) -> None:
         try:

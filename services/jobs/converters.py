@@ -1,11 +1,11 @@
-"""Conversions between JobRow and tuneforge.v1.Job."""
+"""Conversions between the jobs service's rows and tuneforge.v1 messages (Job, Worker)."""
 
 from __future__ import annotations
 
 from google.rpc import status_pb2
 from tuneforge.v1 import job_pb2
 
-from services.jobs.models import JobRow
+from services.jobs.models import JobRow, WorkerRow
 from services.kit.protos import to_timestamp
 
 
@@ -14,7 +14,7 @@ def job_to_proto(row: JobRow) -> job_pb2.Job:
         id=row.id, organization=row.organization, name=row.name, description=row.description,
         state=job_pb2.JobState.ValueType(row.state), attempt=row.attempt, worker_id=row.worker_id,
         revision=row.revision,
-        labels=row.labels or {},
+        labels=row.labels or {}, status_message=row.status_message or "",
     )
     job.spec.ParseFromString(row.spec)
     if row.error:
@@ -28,3 +28,17 @@ def job_to_proto(row: JobRow) -> job_pb2.Job:
         if value is not None:
             getattr(job, field).CopyFrom(to_timestamp(value))
     return job
+
+
+def worker_to_proto(row: WorkerRow, organization: str, alive: bool) -> job_pb2.Worker:
+    """A worker as `organization` sees it: its job only when that job is the organization's own."""
+    worker = job_pb2.Worker(
+        id=row.id, hostname=row.hostname, gpu_type=row.gpu_type, gpu_count=row.gpu_count,
+        state=job_pb2.WorkerState.ValueType(row.state), alive=alive,
+    )
+    if row.job_id and row.job_organization == organization:
+        worker.job, worker.attempt = row.job_id, row.attempt
+    if row.started_at is not None:
+        worker.start_time.CopyFrom(to_timestamp(row.started_at))
+    worker.last_heartbeat_time.CopyFrom(to_timestamp(row.last_heartbeat))
+    return worker

@@ -4,6 +4,11 @@ Every change of a job happens in one transaction with the JobChanged event that 
 the relay then publishes it. Worker updates are applied at most once (the inbox) and only when the state
 machine allows them, so redelivered, late or stale updates change nothing.
 
+A job never strands silently: the workers' heartbeats (`services.jobs.workers` has the rules) put a job
+whose worker was lost back to QUEUED, or fail it WORKER_LOST after its last delivery, and a queued job that
+no alive worker would take says why in Job.status_message (set at CreateJob, kept current by
+`check_workers`, cleared when a worker takes it).
+
 CreateJob refuses what could never be honoured, rather than letting a worker quietly do something else:
 a model the organization may not use, or that is not there (`tuneforge_core.models`); half precision on a
 spec that may land on a CPU worker (`resolve_spec`); early stopping without validation data, which only
@@ -13,10 +18,12 @@ this service can tell, since it reads the dataset's splits here.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime, timedelta
 
 import grpc
 from google.rpc import status_pb2
@@ -26,15 +33,23 @@ from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import dataset_pb2, job_pb2, job_service_pb2
 
-from services.jobs.converters import job_to_proto
+from services.jobs.converters import job_to_proto, worker_to_proto
 from services.jobs.datasets_client import DatasetLookup
 from services.jobs.estimation_client import HardwareCheck
-from services.jobs.models import JobInbox, JobOutbox, JobRow
-from services.jobs.repository import JobRepository
+from services.jobs.models import JobInbox, JobOutbox, JobRow, WorkerRow
+from services.jobs.repository import JobRepository, WorkerRepository
+from services.jobs.workers import (
+    WorkerRules,
+    is_alive,
+    lost_note,
+    queued_message,
+    waiting_note,
+    when,
+)
 from services.kit.db import Database
 from services.kit.outbox import OutboxRelay, add_event, first_time, utcnow
 from services.kit.paging import decode_token, encode_token, page_size
-from services.kit.protos import to_timestamp
+from services.kit.protos import as_utc, from_timestamp, to_timestamp
 from services.kit.validation import check_name, check_organization, check_request_id
 from tuneforge_core import states, subjects
 from tuneforge_core.errors import (
@@ -55,6 +70,7 @@ log = logging.getLogger(__name__)
 
 S = job_pb2.JobState
 U = events_pb2.WorkerUpdateKind
+W = job_pb2.WorkerState
 
 
 def _split_uri(dataset: dataset_pb2.Dataset, kind: int) -> str:
@@ -72,8 +88,13 @@ def _request_hash(request: job_service_pb2.CreateJobRequest) -> str:
 class JobManager:
     def __init__(self, db: Database, relay: OutboxRelay, datasets: DatasetLookup, store: ObjectStore,
                  nc: NATS, *, hardware: HardwareCheck | None = None,
-                 allow_user_reward_code: bool = False, models: ModelPolicy | None = None) -> None:
+                 allow_user_reward_code: bool = False, models: ModelPolicy | None = None,
+                 workers: WorkerRules | None = None) -> None:
         self.db = db
+        self.worker_rules = workers or WorkerRules()
+        # Since when this process hears heartbeats (the component resets it after a NATS reconnect): a
+        # worker's silence only counts from here.
+        self.listening_since = utcnow()
         self.hardware = hardware
         # Without a policy: hub ids and the organization's own outputs only, no local paths.
         self.models = models or ModelPolicy(store=store)
@@ -96,9 +117,12 @@ class JobManager:
         add_event(session, JobOutbox, subjects.job_events(row.id), event, event.event_id)
 
     def _move(self, session: Session, row: JobRow, state: int, *,
-              error: status_pb2.Status | None = None) -> None:
+              error: status_pb2.Status | None = None, requeue_note: str = "",
+              status_message: str = "") -> None:
         previous = row.state
         row.state = state
+        # Only a queued job waits for something; a move clears what it waited for unless it says anew.
+        row.requeue_note, row.status_message = requeue_note, status_message
         if error is not None:
             row.error = error.SerializeToString()
         if state in FINAL:
@@ -172,9 +196,13 @@ class JobManager:
             if repo.name_taken(org, row.name):
                 raise AlreadyExists(f"a job named '{row.name}' already exists in organization '{org}'",
                                     metadata={"resource_type": "job", "resource": row.name})
+            row.status_message = waiting_note(spec.hardware, WorkerRepository(session).all(), utcnow(),
+                                              self.listening_since, self.worker_rules)
             repo.add(row)
             self._record_change(session, row, S.JOB_STATE_UNSPECIFIED)
-            add_event(session, JobOutbox, subjects.WORK_JOBS, assignment, assignment.event_id)
+            # Queued by GPU type: only workers that have it (or any worker, when it names none) pull it.
+            add_event(session, JobOutbox, subjects.work_jobs(spec.hardware.gpu_type), assignment,
+                      assignment.event_id)
             return job_to_proto(row)
 
         try:
@@ -305,6 +333,9 @@ class JobManager:
         if row.state in FINAL or update.attempt < row.attempt:
             return False  # final states never change; a superseded delivery has no say
         kind = update.kind
+        if (row.state == S.JOB_STATE_QUEUED and row.requeue_note and update.attempt == row.attempt
+                and update.worker_id == row.worker_id and kind != U.WORKER_UPDATE_KIND_PREPARING):
+            self._revive(session, row)  # the worker thought lost still runs this delivery
         if kind in (U.WORKER_UPDATE_KIND_PREPARING, U.WORKER_UPDATE_KIND_RUNNING):
             if row.state == S.JOB_STATE_CANCELLING:
                 return False
@@ -362,6 +393,160 @@ class JobManager:
         if changed:
             self.relay.notify()
         return changed
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    async def record_heartbeat(self, heartbeat: events_pb2.WorkerHeartbeat,
+                               now: datetime | None = None) -> bool:
+        """Keeps a worker's latest heartbeat; returns whether a job changed because of it.
+
+        A worker that came back as a new process (another started_at under the same id), or that says it
+        shut down, holds none of the jobs the old one did: they go back to the queue at once. A worker
+        that still runs the delivery of a job that was put back in the queue for it takes it back.
+        """
+        at = now or utcnow()
+
+        def apply(session: Session) -> bool:
+            workers = WorkerRepository(session)
+            row = workers.get(heartbeat.worker_id, for_update=True)
+            started = from_timestamp(heartbeat.started_at) if heartbeat.HasField("started_at") else None
+            restarted = (row is not None and started is not None and row.started_at is not None
+                         and as_utc(row.started_at) != started)
+            previous_heartbeat = as_utc(row.last_heartbeat) if row is not None else at
+            if row is None:
+                row = WorkerRow(id=heartbeat.worker_id)
+                workers.add(row)
+            # Cut to the columns' sizes: a heartbeat is a worker's word, not validated input.
+            row.hostname, row.gpu_type = heartbeat.hostname[:255], heartbeat.gpu_type.strip().lower()[:63]
+            row.gpu_count, row.state = heartbeat.gpu_count, heartbeat.state
+            row.job_id, row.attempt, row.job_organization = heartbeat.job_id[:40], heartbeat.attempt, ""
+            row.started_at, row.last_heartbeat = started, at
+            row.lost_after_s = self.worker_rules.lost_after(heartbeat.interval_seconds)
+            changed = False
+            jobs = JobRepository(session)
+            if heartbeat.job_id:
+                job = jobs.get(heartbeat.job_id, for_update=True)
+                if job is not None:
+                    row.job_organization = job.organization
+                    if (job.state == S.JOB_STATE_QUEUED and job.requeue_note and job.worker_id == row.id
+                            and job.attempt == heartbeat.attempt):
+                        self._revive(session, job)
+                        changed = True
+            stopped = heartbeat.state == W.WORKER_STATE_STOPPED
+            if restarted or stopped:
+                how, since = ("shut down", at) if stopped else ("stopped responding", previous_heartbeat)
+                known = workers.all()
+                for job in jobs.in_states(states.ON_WORKER, worker_id=row.id, for_update=True):
+                    if job.id != heartbeat.job_id:  # the new process may already run its next delivery
+                        changed |= self._lose(session, job, row.id, how, since, known, at)
+            return changed
+
+        changed = await self.db.run(apply)
+        if changed:
+            self.relay.notify()
+        return changed
+
+    async def check_workers(self, now: datetime | None = None) -> int:
+        """The periodic pass: jobs whose worker is gone go back to the queue (or end), each queued job's
+        reason is brought up to date, and long-gone workers are forgotten. Returns how many jobs changed."""
+        at = now or utcnow()
+        rules = self.worker_rules
+
+        def apply(session: Session) -> int:
+            workers = WorkerRepository(session)
+            workers.forget_before(at - timedelta(seconds=rules.forget_after_s))
+            all_workers = workers.all()
+            known = {w.id: w for w in all_workers}
+            jobs = JobRepository(session)
+            changed = 0
+            lost: set[str] = set()
+            # Read without locks; a job is locked (and read again) only when it is about to change.
+            for job in jobs.in_states(states.ON_WORKER):
+                worker = known.get(job.worker_id)
+                if worker is None:  # never heard from (a worker from before heartbeats, or long gone)
+                    silent_since = max(as_utc(job.update_time), self.listening_since)
+                    if at - silent_since <= timedelta(seconds=rules.lost_after(0)):
+                        continue
+                    how, since = "stopped responding", as_utc(job.update_time)
+                elif is_alive(worker, at, self.listening_since):
+                    continue
+                else:
+                    how = "shut down" if worker.state == W.WORKER_STATE_STOPPED else "stopped responding"
+                    since = as_utc(worker.last_heartbeat)
+                held = (job.worker_id, job.attempt)
+                fresh = jobs.get(job.id, for_update=True)
+                if (fresh is None or fresh.state not in states.ON_WORKER
+                        or (fresh.worker_id, fresh.attempt) != held):
+                    continue  # a worker took it meanwhile
+                changed += self._lose(session, fresh, held[0], how, since, all_workers, at)
+                lost.add(job.id)
+            for job in jobs.in_states([S.JOB_STATE_QUEUED]):
+                if job.id in lost:
+                    continue  # its message was written with the move
+                hardware = job_pb2.JobSpec.FromString(job.spec).hardware
+                note = waiting_note(hardware, all_workers, at, self.listening_since, rules)
+                if queued_message(job.requeue_note, note) == job.status_message:
+                    continue
+                fresh = jobs.get(job.id, for_update=True)
+                if fresh is None or fresh.state != S.JOB_STATE_QUEUED:
+                    continue
+                fresh.status_message = queued_message(fresh.requeue_note, note)
+                self._record_change(session, fresh, fresh.state)
+                changed += 1
+            return changed
+
+        changed = await self.db.run(apply)
+        if changed:
+            self.relay.notify()
+        return changed
+
+    def _lose(self, session: Session, row: JobRow, worker_id: str, how: str, at: datetime,
+              workers: Sequence[WorkerRow], now: datetime) -> bool:
+        """The worker holding `row` is gone: back to QUEUED for the next delivery, FAILED WORKER_LOST after
+        the last one, CANCELLED if it was being cancelled."""
+        if row.state == S.JOB_STATE_CANCELLING:
+            self._move(session, row, S.JOB_STATE_CANCELLED, error=cancelled_status())
+            return True
+        rules = self.worker_rules
+        if 0 < rules.max_deliver <= row.attempt:
+            self._move(session, row, S.JOB_STATE_FAILED, error=error_status(
+                grpc.StatusCode.UNAVAILABLE,
+                f"The job was delivered {row.attempt} times and no worker finished it; the last, worker "
+                f"{worker_id}, {how} at {when(at)}.", Reason.WORKER_LOST,
+                {"deliveries": str(row.attempt), "worker": worker_id}))
+            log.warning("job %s failed: worker %s %s on its last delivery", row.id, worker_id, how)
+            return True
+        note = lost_note(worker_id, how, at, row.attempt + 1, rules)
+        hardware = job_pb2.JobSpec.FromString(row.spec).hardware
+        self._move(session, row, S.JOB_STATE_QUEUED, requeue_note=note, status_message=queued_message(
+            note, waiting_note(hardware, workers, now, self.listening_since, rules)))
+        log.warning("job %s back in the queue: %s", row.id, note)
+        return True
+
+    def _revive(self, session: Session, row: JobRow) -> None:
+        """A job put back in the queue whose worker turns out to run it still: back where it was."""
+        target = S.JOB_STATE_RUNNING if row.progress else S.JOB_STATE_PREPARING
+        log.info("job %s: worker %s still runs attempt %d", row.id, row.worker_id, row.attempt)
+        self._move(session, row, target)
+
+    async def list_workers(self, organization: str, size: int, token: str,
+                           now: datetime | None = None) -> tuple[builtins.list[job_pb2.Worker], str]:
+        v = Violations()
+        check_organization(v, organization)
+        v.raise_if_any("request is invalid")
+        limit = page_size(size)
+        query = {"org": organization, "list": "workers"}
+        cursor = decode_token(token, query, cursor_type=str)  # id of the last worker returned
+        at = now or utcnow()
+
+        def load(session: Session) -> tuple[builtins.list[job_pb2.Worker], str]:
+            rows = WorkerRepository(session).list(cursor, limit + 1)
+            more = len(rows) > limit
+            rows = rows[:limit]
+            out = [worker_to_proto(r, organization, is_alive(r, at, self.listening_since)) for r in rows]
+            return out, encode_token(rows[-1].id, query) if more else ""
+
+        return await self.db.run(load)
 
     # -- watching --------------------------------------------------------------------------------
 

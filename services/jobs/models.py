@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Float, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.kit.outbox import InboxMixin, OutboxMixin, utcnow
@@ -42,6 +42,33 @@ class JobRow(Base):
     start_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     end_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Job.status_message: why a QUEUED job is still waiting (requeue_note, then what the worker check found).
+    status_message: Mapped[str] = mapped_column(Text, default="")
+    # Set when the job went back to QUEUED because its worker was lost; cleared when a worker takes it.
+    requeue_note: Mapped[str] = mapped_column(Text, default="")
+
+
+class WorkerRow(Base):
+    """A trainer worker as its latest heartbeat described it (services.jobs.workers has the rules)."""
+
+    __tablename__ = "jobs_workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255), default="")
+    gpu_type: Mapped[str] = mapped_column(String(63), default="")
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    # tuneforge.v1.WorkerState
+    state: Mapped[int] = mapped_column(Integer, default=0)
+    job_id: Mapped[str] = mapped_column(String(40), default="")
+    # The organization of job_id, so ListWorkers shows a job only to its own organization.
+    job_organization: Mapped[str] = mapped_column(String(63), default="")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # When the worker process started: it tells one process from the next under the same id.
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # When the jobs service received the latest heartbeat (its own clock, not the worker's).
+    last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # Seconds after last_heartbeat at which the worker counts as gone.
+    lost_after_s: Mapped[float] = mapped_column(Float, default=60.0)
 
 
 class JobOutbox(OutboxMixin, Base):

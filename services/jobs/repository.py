@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import builtins
+from collections.abc import Collection, Sequence
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from services.jobs.models import JobRow
+from services.jobs.models import JobRow, WorkerRow
 
 
 class JobRepository:
@@ -29,9 +31,10 @@ class JobRepository:
         return row
 
     def get(self, job_id: str, *, for_update: bool = False) -> JobRow | None:
+        """By id; with `for_update`, locked and read again even if this session read it before."""
         query = select(JobRow).where(JobRow.id == job_id)
         if for_update:
-            query = query.with_for_update()
+            query = query.with_for_update().execution_options(populate_existing=True)
         return self.session.scalars(query).first()
 
     def by_request_id(self, organization: str, request_id: str) -> JobRow | None:
@@ -55,3 +58,45 @@ class JobRepository:
         if before_id:
             query = query.where(JobRow.id < before_id)
         return list(self.session.scalars(query.order_by(JobRow.id.desc()).limit(limit)))
+
+    def in_states(self, states: Collection[int], *, worker_id: str | None = None,
+                  for_update: bool = False) -> builtins.list[JobRow]:
+        """Jobs in `states` (of every organization), oldest first; only those of `worker_id` when given."""
+        query = select(JobRow).where(JobRow.state.in_(list(states)))
+        if worker_id is not None:
+            query = query.where(JobRow.worker_id == worker_id)
+        if for_update:
+            query = query.with_for_update()
+        return list(self.session.scalars(query.order_by(JobRow.id)))
+
+
+class WorkerRepository:
+    """The latest heartbeat of each worker."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, worker_id: str, *, for_update: bool = False) -> WorkerRow | None:
+        query = select(WorkerRow).where(WorkerRow.id == worker_id)
+        if for_update:
+            query = query.with_for_update()
+        return self.session.scalars(query).first()
+
+    def add(self, row: WorkerRow) -> None:
+        self.session.add(row)
+        self.session.flush()
+
+    def all(self) -> list[WorkerRow]:
+        return list(self.session.scalars(select(WorkerRow).order_by(WorkerRow.id)))
+
+    def list(self, after_id: str | None, limit: int) -> list[WorkerRow]:
+        """By id; the last id of a page is the cursor of the next."""
+        query = select(WorkerRow)
+        if after_id:
+            query = query.where(WorkerRow.id > after_id)
+        return list(self.session.scalars(query.order_by(WorkerRow.id).limit(limit)))
+
+    def forget_before(self, cutoff: datetime) -> int:
+        """Deletes the workers last heard from before `cutoff`; returns how many."""
+        result = self.session.execute(delete(WorkerRow).where(WorkerRow.last_heartbeat < cutoff))
+        return int(getattr(result, "rowcount", 0) or 0)

@@ -37,3 +37,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[job_service_pb2.WatchJobResponse]:
         async for job in self.manager.watch(request.organization, request.job):
             yield job_service_pb2.WatchJobResponse(job=job)
+
+    async def ListWorkers(self, request: job_service_pb2.ListWorkersRequest,
+                          context: grpc.aio.ServicerContext) -> job_service_pb2.ListWorkersResponse:
+        workers, token = await self.manager.list_workers(request.organization, request.page_size,
+                                                         request.page_token)
+        return job_service_pb2.ListWorkersResponse(workers=workers, next_page_token=token)

@@ -5,6 +5,13 @@ Processes: a nats-server (unless a NATS URL is given), one services process host
 and N trainer workers. Each default (NATS, database, storage) can point at real infrastructure through the
 same TUNEFORGE_* variables the services read.
 
+Supervision: `Platform.supervise()`, called every half second by `tuneforge up`, restarts a worker that
+died (same worker id setting, same log file) and the embedded nats-server if it died (same port and
+JetStream folder, so every client reconnects by itself and nothing queued is lost), and returns one line
+per restart for the caller to print; the lines also go to logs/platform.log. A child that keeps dying
+soon after it started is restarted less and less often (doubling from `restart_delay_s` up to a minute),
+so a broken setup does not spin. The services process is not restarted: `check_alive` reports it.
+
 Local base models: unless TUNEFORGE_MODEL_ROOTS is set (in the environment or `PlatformConfig.env`), the
 embedded platform allows the folders under `<data_dir>/models` and nothing else on its disk
 (tuneforge_core.models has the rule).
@@ -19,7 +26,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlparse
 
 from services.kit.embedded import EmbeddedNats
 from services.kit.runtime import EXIT_ADDRESS_IN_USE, AddressInUse, check_address
@@ -41,17 +50,62 @@ class PlatformConfig:
     workers: int = 1
     # Extra TUNEFORGE_* (or other) variables for every child, e.g. DATABASE_URL, STORAGE_URL.
     env: dict[str, str] = field(default_factory=dict)
+    # Seconds before the first restart of a child that died; doubles while it keeps dying soon after
+    # each start, up to MAX_RESTART_DELAY_S.
+    restart_delay_s: float = 1.0
+
+
+# A child that ran this long before it died is restarted after restart_delay_s again, not after longer.
+STABLE_AFTER_S = 60.0
+MAX_RESTART_DELAY_S = 60.0
+
+
+class _Nats(EmbeddedNats):
+    """The embedded nats-server, plus whether it still runs (EmbeddedNats does not say)."""
+
+    def exit_code(self) -> int | None:
+        return self._proc.poll() if self._proc is not None else None
+
+
+@dataclass
+class _Restarts:
+    """When a supervised child last started, and when it may start again after dying."""
+
+    delay_s: float
+    started_at: float = field(default_factory=time.monotonic)
+    due_at: float | None = None  # set while it is dead and waiting to be restarted
+    count: int = 0
+
+    def schedule(self, now: float, base_s: float) -> float:
+        """The delay before the next start: the base again after a long run, else twice the last one."""
+        self.delay_s = base_s if now - self.started_at >= STABLE_AFTER_S else min(
+            MAX_RESTART_DELAY_S, self.delay_s * 2 if self.count else base_s)
+        self.due_at = now + self.delay_s
+        return self.delay_s
+
+    def started(self, now: float) -> None:
+        self.started_at, self.due_at, self.count = now, None, self.count + 1
+
+
+@dataclass
+class _WorkerSlot:
+    index: int
+    worker_id: str
+    restarts: _Restarts
 
 
 class Platform:
     def __init__(self, config: PlatformConfig) -> None:
         self.config = config
         self.data_dir = config.data_dir.resolve()
-        self.nats: EmbeddedNats | None = None
+        self.nats: _Nats | None = None
         self.nats_url = config.nats_url
         self.address = ""
         self.services: subprocess.Popen[bytes] | None = None
+        # One entry per worker slot; a restarted worker replaces its slot's process.
         self.workers: list[subprocess.Popen[bytes]] = []
+        self._slots: list[_WorkerSlot] = []
+        self._nats_restarts = _Restarts(config.restart_delay_s)
         self.logs_dir = self.data_dir / "logs"
 
     def child_env(self) -> dict[str, str]:
@@ -84,7 +138,7 @@ class Platform:
                 raise PlatformStartError(f"{exc}{_HINT}") from None
         try:
             if not self.nats_url:
-                self.nats = EmbeddedNats(self.data_dir / "nats")
+                self.nats = _Nats(self.data_dir / "nats")
                 try:
                     self.nats_url = self.nats.start()
                 except RuntimeError as exc:
@@ -109,19 +163,89 @@ class Platform:
             self.address = ready.read_text().strip()
             for _ in range(self.config.workers):
                 self.start_worker()
-            (self.data_dir / "platform.json").write_text(json.dumps({
-                "address": self.address, "nats_url": self.nats_url,
-                "services_pid": self.services.pid, "worker_pids": [w.pid for w in self.workers]}))
+            self._write_state()
         except BaseException:
             self.stop()
             raise
 
+    def _write_state(self) -> None:
+        assert self.services is not None
+        (self.data_dir / "platform.json").write_text(json.dumps({
+            "address": self.address, "nats_url": self.nats_url,
+            "nats_pid": self.nats.pid if self.nats else None,
+            "services_pid": self.services.pid, "worker_pids": [w.pid for w in self.workers]}))
+
+    def _spawn_worker(self, index: int, worker_id: str) -> subprocess.Popen[bytes]:
+        env = {"TUNEFORGE_WORKER_ID": worker_id} if worker_id else {}
+        return self._spawn(["-m", "trainer_worker"], f"worker-{index}.log", env)
+
     def start_worker(self, worker_id: str = "") -> subprocess.Popen[bytes]:
         index = len(self.workers)
-        env = {"TUNEFORGE_WORKER_ID": worker_id} if worker_id else {}
-        worker = self._spawn(["-m", "trainer_worker"], f"worker-{index}.log", env)
+        worker = self._spawn_worker(index, worker_id)
         self.workers.append(worker)
+        self._slots.append(_WorkerSlot(index, worker_id, _Restarts(self.config.restart_delay_s)))
+        if self.services is not None and self.address:
+            self._write_state()
         return worker
+
+    def supervise(self) -> list[str]:
+        """Restarts what died among the workers and the embedded nats-server (each when its delay is up);
+        returns a line for each death and restart, also written to logs/platform.log."""
+        lines: list[str] = []
+        now = time.monotonic()
+        if self.nats is not None:
+            lines += self._supervise_nats(now)
+        for slot in self._slots:
+            worker = self.workers[slot.index]
+            code = worker.poll()
+            if code is None:
+                continue
+            name = f"worker {slot.index}" + (f" ({slot.worker_id})" if slot.worker_id else "")
+            if slot.restarts.due_at is None:
+                delay = slot.restarts.schedule(now, self.config.restart_delay_s)
+                lines.append(f"{name} (pid {worker.pid}) exited with {_exit(code)}; restarting it in "
+                             f"{delay:g} s")
+            elif now >= slot.restarts.due_at:
+                self.workers[slot.index] = self._spawn_worker(slot.index, slot.worker_id)
+                slot.restarts.started(now)
+                lines.append(f"{name} restarted (pid {self.workers[slot.index].pid}, restart "
+                             f"{slot.restarts.count})")
+                self._write_state()
+        self._log(lines)
+        return lines
+
+    def _supervise_nats(self, now: float) -> list[str]:
+        assert self.nats is not None
+        code = self.nats.exit_code()
+        if code is None:
+            return []
+        restarts = self._nats_restarts
+        if restarts.due_at is None:
+            delay = restarts.schedule(now, self.config.restart_delay_s)
+            return [f"nats-server (pid {self.nats.pid}) exited with {_exit(code)}; restarting it in "
+                    f"{delay:g} s on the same port"]
+        if now < restarts.due_at:
+            return []
+        # The same port and JetStream folder: clients reconnect to it, and the streams are as they were.
+        self.nats.port = urlparse(self.nats_url).port or self.nats.port
+        try:
+            self.nats.start()
+        except RuntimeError as exc:
+            restarts.started(now)  # counts as a start that died at once: the next wait is longer
+            delay = restarts.schedule(now, self.config.restart_delay_s)
+            return [f"nats-server did not restart ({exc}); trying again in {delay:g} s"]
+        restarts.started(now)
+        if self.services is not None:
+            self._write_state()
+        return [f"nats-server restarted (pid {self.nats.pid}, {self.nats.url}, restart {restarts.count})"]
+
+    def _log(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        with open(self.logs_dir / "platform.log", "a") as log:
+            log.writelines(f"{stamp} {line}\n" for line in lines)
 
     def check_alive(self) -> str | None:
         """A sentence naming the first child that died, or None."""
@@ -153,3 +277,13 @@ class Platform:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def _exit(code: int) -> str:
+    """An exit status in words: "code 1", "signal SIGKILL"."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"code {code}"

@@ -14,6 +14,11 @@ from services.client import TuneForgeClient
 from services.platform.supervisor import Platform, PlatformConfig
 
 FINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
+# Heartbeats and the jobs service's pass over them every half second, so a lost worker shows in seconds.
+FAST_WORKER_CHECKS = {
+    "TUNEFORGE_WORKER_HEARTBEAT_INTERVAL_S": "0.5",
+    "TUNEFORGE_WORKER_CHECK_INTERVAL_S": "0.5",
+}
 
 
 @pytest.fixture(scope="session")

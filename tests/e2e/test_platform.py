@@ -13,7 +13,7 @@ from tuneforge.v1 import dataset_pb2, job_pb2, metrics_pb2
 
 from services.client import FailedPrecondition, InvalidArgument, NotFound, TuneForgeClient
 from services.platform.supervisor import Platform
-from tests.e2e.conftest import lora_spec, start_platform, wait_final, wait_for
+from tests.e2e.conftest import FAST_WORKER_CHECKS, lora_spec, start_platform, wait_final, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -194,8 +194,11 @@ def test_cancel_running_job_then_worker_takes_the_next(
 def test_worker_killed_mid_job_resumes_from_its_checkpoint(
     tmp_path: Path, tiny_assets: tuple[Path, Path]
 ) -> None:
+    """SIGKILL a worker mid-job: the job shows QUEUED again with the attempt it lost and why, and finishes
+    on another worker from its last checkpoint."""
     model, data = tiny_assets
-    platform: Platform = start_platform(tmp_path / "p", workers=0, model=model, TUNEFORGE_WORK_ACK_WAIT_S="4")
+    platform: Platform = start_platform(tmp_path / "p", workers=0, model=model, TUNEFORGE_WORK_ACK_WAIT_S="4",
+                                        **FAST_WORKER_CHECKS)
     try:
         first = platform.start_worker("worker-a")
         with TuneForgeClient(platform.address, "e2e") as client:
@@ -206,10 +209,14 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(
             wait_for(client, job.id, lambda j: j.state == job_pb2.JOB_STATE_RUNNING and j.progress.step >= 12)
             os.killpg(first.pid, signal.SIGKILL)  # the agent, as a crash would; its child notices and stops
             first.wait()
+            requeued = wait_for(client, job.id, lambda j: j.state == job_pb2.JOB_STATE_QUEUED, timeout_s=30)
+            assert requeued.attempt == 1 and requeued.worker_id == "worker-a"
+            assert requeued.status_message.startswith("worker worker-a stopped responding at "), requeued
+            assert "waiting for another delivery (attempt 2 of 5)" in requeued.status_message
             platform.start_worker("worker-b")
             final = wait_final(client, job.id, timeout_s=300)
             assert final.state == job_pb2.JOB_STATE_SUCCEEDED, final.error
-            assert final.attempt >= 2 and final.worker_id == "worker-b"
+            assert final.attempt >= 2 and final.worker_id == "worker-b" and final.status_message == ""
             points = list(client.stream_metrics(job.id, follow=False, kinds=[metrics_pb2.METRIC_KIND_TRAIN]))
     finally:
         platform.stop()

@@ -20,10 +20,12 @@ from google.rpc import error_details_pb2
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
 from tests.worker.helpers import FAST_HYPERPARAMETERS, make_run_config, start_recipe
+from trainer_worker.agent import Agent, AgentSettings, WorkerHardware
 from trainer_worker.checkpointing import CheckpointStore
 from tuneforge_core import nats as kit_nats
 from tuneforge_core import subjects
@@ -66,6 +68,27 @@ class WorkerEvents:
             await asyncio.sleep(0.1)
 
 
+class Heartbeats:
+    """The WorkerHeartbeats the agents send (core NATS), in arrival order."""
+
+    def __init__(self) -> None:
+        self.received: list[events_pb2.WorkerHeartbeat] = []
+
+    async def on_message(self, msg: Msg) -> None:
+        self.received.append(events_pb2.WorkerHeartbeat.FromString(msg.data))
+
+    async def wait_for(self, worker_id: str, state: int, *, count: int = 1,
+                       within_s: float = 30.0) -> events_pb2.WorkerHeartbeat:
+        """The `count`-th heartbeat of `worker_id` in `state`."""
+        deadline = time.monotonic() + within_s
+        while True:
+            seen = [h for h in self.received if h.worker_id == worker_id and h.state == state]
+            if len(seen) >= count:
+                return seen[count - 1]
+            assert time.monotonic() < deadline, f"{worker_id}: {self.received}"
+            await asyncio.sleep(0.05)
+
+
 class Platform:
     """The parts of TuneForge the agent talks to: NATS streams and a local object store."""
 
@@ -102,7 +125,9 @@ class Platform:
             train_uri=self.store.uri(dataset),
             output_prefix=self.store.uri(f"jobs/acme/{job_id}"),
         )
-        await kit_nats.publish(self.js, subjects.WORK_JOBS, assignment, assignment.event_id)
+        # Queued as the jobs service queues it: on the subject of the GPU type it asks for.
+        subject = subjects.work_jobs(assignment.spec.hardware.gpu_type)
+        await kit_nats.publish(self.js, subject, assignment, assignment.event_id)
 
     async def change_state(self, job_id: str, state: int) -> None:
         changed = events_pb2.JobChanged(event_id=new_id("evt"), job=job_pb2.Job(id=job_id, state=state))
@@ -119,6 +144,7 @@ class Platform:
             "TUNEFORGE_WORK_ACK_WAIT_S": str(ACK_WAIT_S),
             "TUNEFORGE_WORKER_PROGRESS_INTERVAL_S": "0.3",
             "TUNEFORGE_WORKER_RETRY_DELAY_S": "0.5",
+            "TUNEFORGE_WORKER_HEARTBEAT_INTERVAL_S": "0.5",
         }
         with (self.tmp_path / f"{name}.log").open("wb") as log:
             agent = subprocess.Popen(
@@ -137,6 +163,11 @@ class Platform:
             except subprocess.TimeoutExpired:
                 agent.kill()
                 agent.wait()
+
+    async def heartbeats(self) -> Heartbeats:
+        heartbeats = Heartbeats()
+        await self.nc.subscribe(subjects.WORKER_HEARTBEATS, cb=heartbeats.on_message)
+        return heartbeats
 
     def logs(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.tmp_path.glob("*.log")))
@@ -182,18 +213,57 @@ def test_agent_module_never_imports_torch() -> None:
     assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 0
 
 
-async def test_a_job_for_a_gpu_this_worker_lacks_goes_back_to_the_queue(platform: Platform) -> None:
-    """A job that names a GPU type is never trained on other hardware: the agent hands it back (NAK) with a
-    log line and reports nothing, so a worker with that GPU can take it."""
+async def test_a_job_for_a_gpu_this_worker_lacks_is_never_delivered_to_it(platform: Platform) -> None:
+    """Jobs are queued by GPU type: a CPU worker pulls only the jobs any worker may take, so a job for an
+    H100 waits in its own queue, undelivered (no NAK, no delivery spent), while the worker keeps pulling."""
+    heartbeats = await platform.heartbeats()
     await platform.assign("job_h100", FAST_HYPERPARAMETERS, hardware={"gpu_type": "nvidia-h100"})
     platform.start_agent("w1", {"TUNEFORGE_WORKER_GPU_TYPE": "cpu"})
-    deadline = time.monotonic() + 30
-    while platform.logs().count("job job_h100 goes back to the queue") < 2:  # delivered again, refused again
-        assert time.monotonic() < deadline, platform.logs()
-        await asyncio.sleep(0.1)
-    assert "the job asks for nvidia-h100 and this worker has no GPU" in platform.logs()
-    assert platform.events.kinds("job_h100") == [], "never PREPARING: nothing was fetched or trained"
-    assert await platform.pending_work(within_s=0) == 1
+    await heartbeats.wait_for("w1", job_pb2.WORKER_STATE_IDLE)
+    await asyncio.sleep(2 * ACK_WAIT_S)  # long enough for a refusal and a redelivery, were it delivered
+    assert "job_h100" not in platform.logs() and platform.events.kinds("job_h100") == []
+    info = await platform.js.stream_info(subjects.STREAM_WORK, subjects_filter=subjects.ALL_WORK_JOBS)
+    assert info.state.subjects == {"tuneforge.work.jobs.nvidia-h100": 1}
+    with pytest.raises(NotFoundError):  # nobody pulls that queue, so nothing was ever delivered from it
+        await platform.js.consumer_info(subjects.STREAM_WORK, subjects.trainers_consumer("nvidia-h100"))
+    consumer = await platform.js.consumer_info(subjects.STREAM_WORK, subjects.trainers_consumer(""))
+    assert consumer.delivered.stream_seq == 0 and consumer.num_pending == 0
+    assert platform.logs().count("queues: any") == 1, platform.logs()
+
+
+async def test_a_gpu_of_unknown_type_also_pulls_each_gpu_type_with_jobs_waiting(platform: Platform) -> None:
+    await platform.assign("job_t4", FAST_HYPERPARAMETERS, hardware={"gpu_type": "nvidia-t4"})
+    settings = AgentSettings(nats_url=platform.nats_url, data_dir=platform.tmp_path / "unknown",
+                             storage_url=platform.store.root.as_uri(), worker_id="w-gpu")
+    agent = Agent(settings, platform.js, platform.store)
+    agent.hardware = WorkerHardware("", 1)  # as on a GPU host without TUNEFORGE_WORKER_GPU_TYPE
+    try:
+        await agent._subscribe(agent.hardware.routes())
+        assert list(agent._subs) == ["any"]
+        await agent._find_routes()
+        assert list(agent._subs) == ["nvidia-t4", "any"], "GPU jobs first"
+        msg = await agent._next()
+        assert msg is not None and events_pb2.JobAssignment.FromString(msg.data).job_id == "job_t4"
+        await msg.nak()
+    finally:
+        for sub in agent._subs.values():
+            await sub.unsubscribe()
+
+
+async def test_heartbeats_say_what_a_worker_has_and_a_last_one_says_it_stopped(platform: Platform) -> None:
+    heartbeats = await platform.heartbeats()
+    agent = platform.start_agent("w1", {"TUNEFORGE_WORKER_GPU_TYPE": "nvidia-h100",
+                                        "TUNEFORGE_WORKER_GPU_COUNT": "2"})
+    first = await heartbeats.wait_for("w1", job_pb2.WORKER_STATE_IDLE)
+    assert (first.gpu_type, first.gpu_count, first.interval_seconds) == ("nvidia-h100", 2, 0.5)
+    assert first.hostname and first.started_at.seconds > 0 and not first.job_id
+    await heartbeats.wait_for("w1", job_pb2.WORKER_STATE_IDLE, count=3)  # every interval
+    # A GPU worker pulls its own GPU type's queue first, then the one any worker may take.
+    assert "queues: nvidia-h100, any" in platform.logs()
+    agent.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(agent.wait, 20) == 0
+    last = await heartbeats.wait_for("w1", job_pb2.WORKER_STATE_STOPPED)
+    assert last.started_at == first.started_at
 
 
 @pytest.mark.slow
@@ -207,7 +277,7 @@ async def test_job_runs_to_succeeded_with_metrics_logs_and_stored_adapter(platfo
     assert kinds[:2] == ["PREPARING", "RUNNING"] and kinds[-1] == "SUCCEEDED", kinds
     assert set(kinds[2:-1]) == {"PROGRESS"}, "one attempt, kept alive by in-progress acks"
     assert {(u.attempt, u.worker_id) for u in platform.events.updates} in ({(1, "w1")}, {(1, "w2")})
-    info = await platform.js.consumer_info(subjects.STREAM_WORK, subjects.TRAINERS_CONSUMER)
+    info = await platform.js.consumer_info(subjects.STREAM_WORK, subjects.trainers_consumer(""))
     assert info.num_redelivered == 0 and info.config.ack_wait == ACK_WAIT_S
 
     done = platform.events.update("job_ok", U.WORKER_UPDATE_KIND_SUCCEEDED)
@@ -298,7 +368,7 @@ async def test_a_malformed_event_fails_the_job_on_its_first_delivery(platform: P
     assert "could not read what the training process reported" in message and "step" in message
     assert {u.attempt for u in platform.events.updates if u.job_id == "job_garbled"} == {1}
     assert await platform.pending_work() == 0, "acked: no other delivery"
-    info = await platform.js.consumer_info(subjects.STREAM_WORK, subjects.TRAINERS_CONSUMER)
+    info = await platform.js.consumer_info(subjects.STREAM_WORK, subjects.trainers_consumer(""))
     assert info.num_redelivered == 0
 
 

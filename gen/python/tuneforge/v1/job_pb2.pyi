@@ -289,6 +289,31 @@ DISTRIBUTED_STRATEGY_ZERO3_OFFLOAD: DistributedStrategy.ValueType  # 7
 DISTRIBUTED_STRATEGY_FSDP: DistributedStrategy.ValueType  # 8
 Global___DistributedStrategy: _TypeAlias = DistributedStrategy  # noqa: Y015
 
+class _WorkerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WorkerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WORKER_STATE_UNSPECIFIED: _WorkerState.ValueType  # 0
+    WORKER_STATE_IDLE: _WorkerState.ValueType  # 1
+    """Waiting for a job."""
+    WORKER_STATE_BUSY: _WorkerState.ValueType  # 2
+    """Running a job."""
+    WORKER_STATE_STOPPED: _WorkerState.ValueType  # 3
+    """Shut down cleanly (its last heartbeat said so); a job it held went back to the queue."""
+
+class WorkerState(_WorkerState, metaclass=_WorkerStateEnumTypeWrapper): ...
+
+WORKER_STATE_UNSPECIFIED: WorkerState.ValueType  # 0
+WORKER_STATE_IDLE: WorkerState.ValueType  # 1
+"""Waiting for a job."""
+WORKER_STATE_BUSY: WorkerState.ValueType  # 2
+"""Running a job."""
+WORKER_STATE_STOPPED: WorkerState.ValueType  # 3
+"""Shut down cleanly (its last heartbeat said so); a job it held went back to the queue."""
+Global___WorkerState: _TypeAlias = WorkerState  # noqa: Y015
+
 @_typing.final
 class Job(_message.Message):
     """A fine-tuning job: a resource with a state. CreateJob returns it QUEUED; workers move it along."""
@@ -332,6 +357,7 @@ class Job(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Server-assigned, globally unique id ("job_" + 26 characters)."""
     organization: _builtins.str
@@ -346,6 +372,12 @@ class Job(_message.Message):
     """Output only. The worker that runs (or last ran) the job."""
     revision: _builtins.int
     """Output only. Increases by one with every change; WatchJob uses it to order updates."""
+    status_message: _builtins.str
+    """Output only. Why a QUEUED job is still waiting, in a sentence for people, e.g. "worker w1 stopped
+    responding at 2026-12-01T10:00:00Z; waiting for another delivery (attempt 2 of 5)" or "waiting for a
+    worker with nvidia-h100 x2; none seen in the last 5 minutes". Empty when nothing holds it up; cleared
+    when a worker takes the job. Not meant to be parsed: branch on state, attempt and error.
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
         """What to train. Immutable after creation."""
@@ -396,10 +428,11 @@ class Job(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        status_message: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "output", b"output", "progress", b"progress", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "description", b"description", "end_time", b"end_time", "error", b"error", "id", b"id", "labels", b"labels", "name", b"name", "organization", b"organization", "output", b"output", "progress", b"progress", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "state", b"state", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "description", b"description", "end_time", b"end_time", "error", b"error", "id", b"id", "labels", b"labels", "name", b"name", "organization", b"organization", "output", b"output", "progress", b"progress", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "state", b"state", "status_message", b"status_message", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1265,3 +1298,68 @@ class JobOutput(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobOutput: _TypeAlias = JobOutput  # noqa: Y015
+
+@_typing.final
+class Worker(_message.Message):
+    """A trainer worker as the jobs service last heard of it: each worker sends a heartbeat every few seconds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    GPU_COUNT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    LAST_HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
+    ALIVE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The worker's id (TUNEFORGE_WORKER_ID, or "<hostname>-<pid>")."""
+    hostname: _builtins.str
+    gpu_type: _builtins.str
+    """The hardware option of its GPUs (as in ListHardwareOptions, e.g. "nvidia-h100"), "cpu" for a worker
+    without one, or empty for a GPU of unknown type (which takes jobs for any GPU type).
+    """
+    gpu_count: _builtins.int
+    """GPUs it sees; 0 on a CPU worker."""
+    state: Global___WorkerState.ValueType
+    """What its latest heartbeat said."""
+    job: _builtins.str
+    """The job it runs while BUSY, when that job belongs to the caller's organization (empty otherwise)."""
+    attempt: _builtins.int
+    """The delivery of that job it runs."""
+    alive: _builtins.bool
+    """Whether it still sends heartbeats: false once it stopped, or went quiet for longer than a job's claim
+    lasts (TUNEFORGE_WORK_ACK_WAIT_S, or three of its heartbeat intervals if that is longer).
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the worker process started."""
+
+    @_builtins.property
+    def last_heartbeat_time(self) -> _timestamp_pb2.Timestamp:
+        """When the jobs service last heard from it."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        gpu_type: _builtins.str = ...,
+        gpu_count: _builtins.int = ...,
+        state: Global___WorkerState.ValueType = ...,
+        job: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        last_heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
+        alive: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_time", b"last_heartbeat_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "attempt", b"attempt", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "hostname", b"hostname", "id", b"id", "job", b"job", "last_heartbeat_time", b"last_heartbeat_time", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Worker: _TypeAlias = Worker  # noqa: Y015

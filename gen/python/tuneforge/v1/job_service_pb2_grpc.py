@@ -60,6 +60,11 @@ class JobServiceStub:
                 request_serializer=tuneforge_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/tuneforge.v1.JobService/ListWorkers',
+                request_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -101,6 +106,14 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkers(self, request, context):
+        """The trainer workers heard from recently (alive or not), ordered by id. Workers serve every
+        organization; a worker's current job is shown only to the organization that owns it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.WatchJobRequest.FromString,
                     response_serializer=tuneforge_dot_v1_dot_job__service__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class JobService:
             '/tuneforge.v1.JobService/WatchJob',
             tuneforge_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
             tuneforge_dot_v1_dot_job__service__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.v1.JobService/ListWorkers',
+            tuneforge_dot_v1_dot_job__service__pb2.ListWorkersRequest.SerializeToString,
+            tuneforge_dot_v1_dot_job__service__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,10 @@ class JobServiceStub:
     """
     WatchJob: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]
     """Sends the job as it is now, then every change, and ends after the job reaches a final state."""
+    ListWorkers: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListWorkersRequest, _job_service_pb2.ListWorkersResponse]
+    """The trainer workers heard from recently (alive or not), ordered by id. Workers serve every
+    organization; a worker's current job is shown only to the organization that owns it.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -61,6 +65,10 @@ class JobServiceAsyncStub(JobServiceStub):
     """
     WatchJob: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Sends the job as it is now, then every change, and ends after the job reaches a final state."""
+    ListWorkers: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListWorkersRequest, _job_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    """The trainer workers heard from recently (alive or not), ordered by id. Workers serve every
+    organization; a worker's current job is shown only to the organization that owns it.
+    """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     """Create, inspect, cancel and follow fine-tuning jobs."""
@@ -105,5 +113,15 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_job_service_pb2.WatchJobResponse], _abc.AsyncIterator[_job_service_pb2.WatchJobResponse]]:
         """Sends the job as it is now, then every change, and ends after the job reaches a final state."""
+
+    @_abc_1.abstractmethod
+    def ListWorkers(
+        self,
+        request: _job_service_pb2.ListWorkersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListWorkersResponse, _abc.Awaitable[_job_service_pb2.ListWorkersResponse]]:
+        """The trainer workers heard from recently (alive or not), ordered by id. Workers serve every
+        organization; a worker's current job is shown only to the organization that owns it.
+        """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -131,8 +131,10 @@ Global___DatasetChanged: _TypeAlias = DatasetChanged  # noqa: Y015
 
 @_typing.final
 class JobAssignment(_message.Message):
-    """Subject tuneforge.work.jobs, stream TF_WORK (work-queue retention), durable pull consumer "trainers".
-    Everything a worker needs to run the job without calling back.
+    """Subject tuneforge.work.jobs.<route>, stream TF_WORK (work-queue retention), where <route> is the job's
+    spec.hardware.gpu_type made NATS-safe, or "any" for a job that names none (or "cpu"). Each route has its
+    own durable pull consumer "trainers-<route>"; a worker pulls from its GPU type's and from
+    "trainers-any" (tuneforge_core.subjects). Everything a worker needs to run the job without calling back.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -340,3 +342,66 @@ class LogsStored(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogsStored: _TypeAlias = LogsStored  # noqa: Y015
+
+@_typing.final
+class WorkerHeartbeat(_message.Message):
+    """Core NATS subject tuneforge.worker.heartbeats (not stored: only the latest matters), consumed by the
+    jobs service (queue group). Sent by every worker every few seconds, and once more with STOPPED when it
+    shuts down cleanly. The jobs service records workers from it (ListWorkers), puts back in the queue a job
+    whose worker went quiet, and tells a queued job when no worker of its GPU type is alive.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    GPU_COUNT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    hostname: _builtins.str
+    gpu_type: _builtins.str
+    """The hardware option of its GPUs (e.g. "nvidia-h100"), "cpu", or empty for a GPU of unknown type."""
+    gpu_count: _builtins.int
+    state: _job_pb2.WorkerState.ValueType
+    job_id: _builtins.str
+    """While BUSY: the job it runs and the delivery (attempt) of it."""
+    attempt: _builtins.int
+    interval_seconds: _builtins.float
+    """Seconds until the next heartbeat; the jobs service waits at least three of them before it calls the
+    worker gone.
+    """
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the worker process started: a new value under the same worker_id means a new process, which
+        holds none of the jobs the old one did.
+        """
+
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        gpu_type: _builtins.str = ...,
+        gpu_count: _builtins.int = ...,
+        state: _job_pb2.WorkerState.ValueType = ...,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        interval_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "hostname", b"hostname", "interval_seconds", b"interval_seconds", "job_id", b"job_id", "started_at", b"started_at", "state", b"state", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerHeartbeat: _TypeAlias = WorkerHeartbeat  # noqa: Y015
