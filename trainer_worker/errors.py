@@ -37,8 +37,12 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, Transient | nats.errors.Error | ConnectionError | TimeoutError)
 
 
-class Cancelled(Exception):
-    """Training stopped because SIGTERM arrived or the parent (the agent) went away."""
+class Cancelled(BaseException):
+    """Training stopped because SIGTERM arrived or the parent (the agent) went away.
+
+    A BaseException, like KeyboardInterrupt: the signal handler raises it wherever setup happens to be, often
+    inside a library's import, and a library's ``except Exception`` must not swallow it (it did, and the
+    stop then waited for the whole setup)."""
 
 
 # Exception class names (matched without importing their libraries) that say the model is not there.
