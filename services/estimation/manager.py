@@ -32,6 +32,7 @@ from services.estimation.jobs import JobRecord
 from services.estimation.spec import ADAPTERS, METHODS, ResolvedSetup, resolve_setup
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.validation import check_organization
+from tuneforge_core import states
 from tuneforge_core.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -45,8 +46,6 @@ from tuneforge_core.reasons import Reason
 
 CHARS_PER_TOKEN = 4
 MODEL_TYPES = {1: "llm", 2: "vlm"}
-RUNNING_STATES = (job_pb2.JOB_STATE_PREPARING, job_pb2.JOB_STATE_RUNNING, job_pb2.JOB_STATE_CANCELLING)
-FINAL_STATES = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
 
 
 class DatasetLookup(Protocol):
@@ -534,7 +533,7 @@ def _job_pace(
         notes.append(f"job {job.id} has not started: the projection is the estimate")
         return 0.0, 0.0, None
     start = job.start_time.timestamp()
-    final = job.state in FINAL_STATES
+    final = states.is_final(job.state)
     end = job.end_time.timestamp() if final and job.end_time is not None else time.time()
     elapsed = max(0.0, end - start)
     progress = job.progress

@@ -40,7 +40,11 @@ def chat_file(path: Path, rows: int = 120) -> Path:
 
 @pytest.fixture(scope="session")
 def seeded_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
-    root = tmp_path_factory.mktemp("platform")
+    yield from seed_platform(tmp_path_factory.mktemp("platform"))
+
+
+def seed_platform(root: Path) -> Iterator[Seeded]:
+    """A platform with no workers, two datasets and two jobs of ORG; stopped when the generator closes."""
     platform = Platform(PlatformConfig(data_dir=root / "data", grpc_port=0, workers=0))
     platform.start()
     try:
