@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from services.kit.embedded import EmbeddedNats
+from tests.auth import SERVICE_TOKEN
 from tuneforge_core.settings import KitSettings
 
 # Tests never reach a model hub.
@@ -40,7 +41,7 @@ def nats_url(nats_server: EmbeddedNats) -> str:
 def kit_settings(tmp_path: Path, nats_url: str) -> KitSettings:
     """Settings for an in-test service process: SQLite and local storage under tmp_path, port 0."""
     return KitSettings(data_dir=tmp_path / "data", nats_url=nats_url, grpc_port=0, shutdown_grace_s=1.0,
-                       storage_url=(tmp_path / "objects").resolve().as_uri())
+                       storage_url=(tmp_path / "objects").resolve().as_uri(), service_token=SERVICE_TOKEN)
 
 
 POSTGRES_URL = os.environ.get("TUNEFORGE_TEST_POSTGRES_URL",

@@ -20,6 +20,12 @@ class KitSettings(BaseSettings):
     data_dir: Path = Field(default=Path(".tuneforge"))
     # NATS server URL. Empty means: `tuneforge up` starts an embedded nats-server and fills this in.
     nats_url: str = ""
+    # NATS user and password of this process (tuneforge_core.nats.connect sends them). `tuneforge up` sets
+    # them for each child from the credentials it generated for its embedded nats-server ("services" for
+    # the services process, "worker" for each trainer worker); with an external NATS, set them yourself
+    # (empty: connect without credentials, or with those in the URL).
+    nats_user: str = ""
+    nats_password: str = Field(default="", repr=False)
     # SQLAlchemy URL shared by all services (each uses its own tables), e.g.
     # postgresql+psycopg://user:pass@host:5432/tuneforge. Empty: one SQLite file per service in data_dir.
     database_url: str = ""
@@ -51,6 +57,34 @@ class KitSettings(BaseSettings):
     # paths at all, only hub ids and the organization's own outputs in object storage
     # (tuneforge_core.models says the whole rule). `tuneforge up` and the demo use <data_dir>/models.
     model_roots: str = ""
+
+    # -- authentication (services.kit.auth) --
+    # The secret the services present to each other ("authorization: Bearer <token>"); it acts in any
+    # organization, so guard it like the database password. Empty: one generated once in
+    # <data_dir>/service.token (mode 0600), shared by every process on that data dir.
+    service_token: str = Field(default="", repr=False)
+    # OIDC issuers whose bearer tokens are accepted, as a JSON list of objects (services.kit.oidc): issuer,
+    # audience, jwks_url, and organization or organization_claim, role_claim, default_role.
+    oidc_issuers: str = ""
+    # Seconds a verified API key is trusted before it is looked up again (a revocation made through
+    # another process takes effect within this time; through this one, at once).
+    auth_cache_s: float = 5.0
+    # Calls per second one organization may make to one service process (a burst of twice as many is
+    # allowed); beyond it RESOURCE_EXHAUSTED names this setting. 0: unlimited.
+    api_calls_per_second: float = 50.0
+    # API key lifetimes: the default when CreateApiKey leaves ttl unset, and the longest allowed.
+    api_key_default_ttl_days: int = 90
+    api_key_max_ttl_days: int = 365
+    # Where the identity service writes the default organization's first admin key (mode 0600) when the
+    # file does not exist and the organization has no key yet. `tuneforge up` sets <data_dir>/admin.key.
+    bootstrap_admin_key_file: str = ""
+    # TLS for the gRPC server: PEM certificate chain and private key. With a client CA, clients must show
+    # a certificate it signed (mutual TLS). Channels between services trust tls_ca_file (else the system
+    # roots) and present the server's own certificate when a client CA is set.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    tls_ca_file: str = ""
 
     @field_validator("model_roots")
     @classmethod

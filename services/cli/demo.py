@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from tuneforge.v1 import job_pb2
 
+from services.cli.credentials import read_admin_key
 from services.cli.render import outcome, watch
 from services.client import TuneForgeClient, TuneForgeError
 from services.platform.supervisor import Platform, PlatformConfig
@@ -37,7 +38,8 @@ def run_demo(data_dir: Path, *, examples: int, epochs: int, console: Console) ->
     platform.start()
     console.print(f"[bold]2/5[/bold] platform up on {platform.address} (NATS {platform.nats_url})")
     try:
-        with TuneForgeClient(platform.address, "demo") as client:
+        # `tuneforge up` wrote the default organization's first admin key into its data dir.
+        with TuneForgeClient(platform.address, api_key=read_admin_key(platform.data_dir)) as client:
             upload = client.upload_dataset(dataset_file, "demo-chat", description="synthetic chat demo",
                                            tokenizer=str(model_dir.resolve()), max_length=512,
                                            request_id=str(uuid.uuid4()))

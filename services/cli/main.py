@@ -14,11 +14,13 @@ from typing import Annotated
 
 import typer
 from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from tuneforge.v1 import dataset_pb2, dataset_service_pb2, job_pb2
+from tuneforge.v1 import dataset_pb2, dataset_service_pb2, identity_pb2, job_pb2
 
+from services.cli.credentials import admin_key_path, api_key
 from services.cli.render import as_json as to_json
 from services.cli.render import dataset_table, job_table, outcome, plan_table, watch
 from services.client import TuneForgeClient, TuneForgeError
@@ -28,32 +30,41 @@ app = typer.Typer(help="TuneForge: fine-tune LLMs with validated data, estimates
                   no_args_is_help=True, pretty_exceptions_enable=False)
 datasets_app = typer.Typer(help="Upload and inspect datasets.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Create, follow and cancel fine-tuning jobs.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list and revoke the organization's API keys (admin).",
+                       no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err_console = Console(stderr=True)
 
 Address = Annotated[str, typer.Option("--address", envvar="TUNEFORGE_ADDRESS",
                                       help="gRPC address of the platform.")]
-Org = Annotated[str, typer.Option("--org", envvar="TUNEFORGE_ORGANIZATION", help="Organization.")]
+Org = Annotated[str, typer.Option("--org", envvar="TUNEFORGE_ORGANIZATION",
+                                  help="Organization (default: the API key's; another is refused).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the resource as JSON.")]
 MergeFlag = Annotated[bool | None, typer.Option("--merge/--no-merge", help="Also store merged weights.")]
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
-USER_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION"}
+USER_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION", "UNAUTHENTICATED",
+               "PERMISSION_DENIED"}
 
 
 @contextmanager
 def api(address: str, org: str) -> Iterator[TuneForgeClient]:
     """A client for one command; an API error is printed with its field violations and exits 2 for the
     caller's mistakes (bad input, unknown names) and 1 for everything else."""
+    key = api_key()
     try:
-        with TuneForgeClient(address, org) as client:
+        with TuneForgeClient(address, org, api_key=key) as client:
             yield client
     except TuneForgeError as err:
-        err_console.print(f"[red]error[/red] {err}")
+        err_console.print(f"[red]error[/red] {escape(str(err))}", highlight=False)
+        if err.code.name == "UNAUTHENTICATED" and not key:
+            err_console.print(f"set TUNEFORGE_API_KEY, or run where `tuneforge up` keeps its data "
+                              f"({admin_key_path()} holds the first admin key)", highlight=False)
         raise typer.Exit(2 if err.code.name in USER_ERRORS else 1) from None
 
 
@@ -69,10 +80,13 @@ def up(
     nats_url: Annotated[str, typer.Option(envvar="TUNEFORGE_NATS_URL",
                                           help="Use this NATS instead of an embedded one.")] = "",
 ) -> None:
-    """Start the platform and keep it running until Ctrl-C; a worker or the embedded nats-server that dies
-    is restarted (with a line here and in logs/platform.log)."""
+    """Start the platform and keep it running until Ctrl-C; a worker, the services process or the embedded
+    nats-server that dies is restarted (with a line here and in logs/platform.log). The first start on a
+    data dir prints the default organization's admin API key, kept in <data dir>/admin.key for the CLI."""
     platform = Platform(PlatformConfig(data_dir=data_dir, grpc_host=host, grpc_port=port, workers=workers,
                                        nats_url=nats_url))
+    key_file = admin_key_path(data_dir)
+    had_key = key_file.exists()
     try:
         platform.start()
     except PlatformStartError as exc:
@@ -80,6 +94,9 @@ def up(
         raise typer.Exit(1) from None
     console.print(f"TuneForge is up on [bold]{platform.address}[/bold] (NATS {platform.nats_url}, "
                   f"data in {platform.data_dir}, logs in {platform.logs_dir}). Ctrl-C stops it.")
+    if not had_key and key_file.exists():
+        console.print(f"Created the first admin API key of organization 'default' (shown once; the CLI "
+                      f"reads it from {key_file}):\n  {key_file.read_text().strip()}", highlight=False)
     stopping = False
 
     def _stop(*_args: object) -> None:
@@ -133,7 +150,7 @@ def datasets_upload(
     min_examples: Annotated[int | None, typer.Option(help="Fewer is an error (default 100).")] = None,
     tokenizer: Annotated[str, typer.Option(help="Count tokens with this model's tokenizer.")] = "",
     max_length: Annotated[int, typer.Option(help="Token cutoff for the statistics (0: 2048).")] = 0,
-    address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False,
+    address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False,
 ) -> None:
     """Upload a dataset file; it is validated and split before the command returns."""
     split = dataset_pb2.SplitConfig(train_fraction=train, validation_fraction=validation,
@@ -185,7 +202,7 @@ def datasets_import(
         "GCS HMAC keys) or HF_TOKEN from the environment. Secrets are never taken as flags.")] = False,
     min_examples: Annotated[int | None, typer.Option(help="Fewer is an error (default 100).")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until READY or FAILED.")] = True,
-    address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False,
+    address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False,
 ) -> None:
     """Import a dataset from S3, GCS or the Hugging Face Hub; it is validated and split like an upload."""
     options = {"region": region, "endpoint_url": endpoint_url, "huggingface_config": hf_config,
@@ -206,7 +223,7 @@ def datasets_import(
 
 @datasets_app.command("get")
 def datasets_get(ref: Annotated[str, typer.Argument(help="Dataset id or name.")],
-                 address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False) -> None:
+                 address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False) -> None:
     """Show one dataset."""
     with api(address, org) as client:
         dataset = client.get_dataset(ref)
@@ -216,7 +233,7 @@ def datasets_get(ref: Annotated[str, typer.Argument(help="Dataset id or name.")]
 @datasets_app.command("list")
 def datasets_list(page_size: Annotated[int, typer.Option()] = 50,
                   page_token: Annotated[str, typer.Option()] = "",
-                  address: Address = DEFAULT_ADDRESS, org: Org = "default") -> None:
+                  address: Address = DEFAULT_ADDRESS, org: Org = "") -> None:
     """List datasets, newest first."""
     with api(address, org) as client:
         response = client.list_datasets(page_size, page_token)
@@ -285,7 +302,7 @@ def jobs_create(
     merge: MergeFlag = None,
     validate_only: Annotated[bool, typer.Option(help="Check the spec, create nothing.")] = False,
     follow: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
-    address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False,
+    address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False,
 ) -> None:
     """Validate a job spec and queue the job."""
     spec = build_spec(spec_file, model=model, dataset=dataset, method=method, adapter=adapter, epochs=epochs,
@@ -316,7 +333,7 @@ def plan(
     epochs: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     max_seq_length: Annotated[int | None, typer.Option()] = None,
-    address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False,
+    address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False,
 ) -> None:
     """Before committing: does the job fit each GPU type, how long it runs and what it costs."""
     spec = build_spec(spec_file, model=model, dataset=dataset, method=method, adapter=adapter, epochs=epochs,
@@ -338,7 +355,7 @@ def plan(
 
 @jobs_app.command("get")
 def jobs_get(ref: Annotated[str, typer.Argument(help="Job id or name.")],
-             address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False) -> None:
+             address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False) -> None:
     """Show one job."""
     with api(address, org) as client:
         job = client.get_job(ref)
@@ -358,7 +375,7 @@ def jobs_get(ref: Annotated[str, typer.Argument(help="Job id or name.")],
 def jobs_list(state: Annotated[list[str] | None, typer.Option(help="Only jobs in this state.")] = None,
               page_size: Annotated[int, typer.Option()] = 50,
               page_token: Annotated[str, typer.Option()] = "",
-              address: Address = DEFAULT_ADDRESS, org: Org = "default") -> None:
+              address: Address = DEFAULT_ADDRESS, org: Org = "") -> None:
     """List jobs, newest first."""
     try:
         states = [job_pb2.JobState.Value(f"JOB_STATE_{s.upper()}") for s in state or []]
@@ -373,7 +390,7 @@ def jobs_list(state: Annotated[list[str] | None, typer.Option(help="Only jobs in
 
 @jobs_app.command("watch")
 def jobs_watch(ref: Annotated[str, typer.Argument(help="Job id or name.")],
-               address: Address = DEFAULT_ADDRESS, org: Org = "default") -> None:
+               address: Address = DEFAULT_ADDRESS, org: Org = "") -> None:
     """Follow a job's progress and metrics until it ends; exits non-zero unless it SUCCEEDED."""
     with api(address, org) as client:
         final = watch(client, client.get_job(ref), console)
@@ -384,7 +401,7 @@ def jobs_watch(ref: Annotated[str, typer.Argument(help="Job id or name.")],
 
 @jobs_app.command("cancel")
 def jobs_cancel(ref: Annotated[str, typer.Argument(help="Job id or name.")],
-                address: Address = DEFAULT_ADDRESS, org: Org = "default") -> None:
+                address: Address = DEFAULT_ADDRESS, org: Org = "") -> None:
     """Request cancellation of a job."""
     with api(address, org) as client:
         job = client.cancel_job(ref)
@@ -394,7 +411,7 @@ def jobs_cancel(ref: Annotated[str, typer.Argument(help="Job id or name.")],
 @app.command("workers")
 def workers(page_size: Annotated[int, typer.Option()] = 50,
             page_token: Annotated[str, typer.Option()] = "",
-            address: Address = DEFAULT_ADDRESS, org: Org = "default", as_json: AsJson = False) -> None:
+            address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False) -> None:
     """List the trainer workers heard from recently: hardware, what each runs, and whether it is alive."""
     with api(address, org) as client:
         response = client.list_workers(page_size, page_token)
@@ -409,6 +426,107 @@ def workers(page_size: Annotated[int, typer.Option()] = 50,
         seen = w.last_heartbeat_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(escape(w.id), escape(w.hostname), escape(gpu), state, job, seen,
                       "yes" if w.alive else "[red]no[/red]")
+    console.print(table)
+    if response.next_page_token:
+        console.print(f"next page: --page-token {response.next_page_token}")
+
+
+# -- keys and audit ------------------------------------------------------------------------------
+
+ROLES = {"viewer": identity_pb2.ROLE_VIEWER, "member": identity_pb2.ROLE_MEMBER,
+         "admin": identity_pb2.ROLE_ADMIN}
+
+
+def _key_table(keys: list[identity_pb2.ApiKey]) -> Table:
+    table = Table("ID", "NAME", "ROLE", "PREFIX", "CREATED", "EXPIRES", "STATE", "LAST USED")
+    now = time.time()
+    for k in keys:
+        state = ("[red]revoked[/red]" if k.HasField("revoke_time") else
+                 "[red]expired[/red]" if k.expire_time.seconds <= now else "active")
+        table.add_row(k.id, escape(k.name), identity_pb2.Role.Name(k.role).removeprefix("ROLE_").lower(),
+                      k.prefix + "…", _when(k.create_time), _when(k.expire_time), state,
+                      _when(k.last_use_time) if k.HasField("last_use_time") else "-")
+    return table
+
+
+def _when(ts: Timestamp) -> str:
+    return ts.ToDatetime().strftime("%Y-%m-%d %H:%M")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="Unique among the organization's keys.")],
+    role: Annotated[str, typer.Option(help="viewer, member or admin.")] = "member",
+    ttl_days: Annotated[int, typer.Option(help="Days the key lives (0: the platform's default, 90).")] = 0,
+    address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False,
+) -> None:
+    """Create an API key; its secret is printed once, and only here."""
+    if role not in ROLES:
+        raise typer.BadParameter(f"'{role}' is not one of viewer, member, admin", param_hint="--role")
+    with api(address, org) as client:
+        response = client.create_api_key(name, ROLES[role], ttl_s=ttl_days * 86400)
+    if as_json:
+        console.print_json(to_json(response))
+        return
+    console.print(_key_table([response.api_key]))
+    console.print("secret (shown once; send it as TUNEFORGE_API_KEY):")
+    console.print(response.secret, highlight=False, soft_wrap=True)
+
+
+@keys_app.command("list")
+def keys_list(show_all: Annotated[bool, typer.Option("--all", help="Also revoked and expired keys.")] = False,
+              page_size: Annotated[int, typer.Option()] = 50,
+              page_token: Annotated[str, typer.Option()] = "",
+              address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False) -> None:
+    """List the organization's API keys, newest first (never their secrets)."""
+    with api(address, org) as client:
+        response = client.list_api_keys(page_size, page_token, show_inactive=show_all)
+    if as_json:
+        console.print_json(to_json(response))
+        return
+    console.print(_key_table(list(response.api_keys)))
+    if response.next_page_token:
+        console.print(f"next page: --page-token {response.next_page_token}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(ref: Annotated[str, typer.Argument(help="Key id or name.")],
+                address: Address = DEFAULT_ADDRESS, org: Org = "") -> None:
+    """Revoke an API key at once."""
+    with api(address, org) as client:
+        key = client.revoke_api_key(ref)
+    console.print(_key_table([key]))
+
+
+@app.command("whoami")
+def whoami(address: Address = DEFAULT_ADDRESS, as_json: AsJson = False) -> None:
+    """The organization, role and principal of the API key the CLI uses."""
+    with api(address, "") as client:
+        caller = client.whoami()
+    if as_json:
+        console.print_json(to_json(caller))
+        return
+    role = identity_pb2.Role.Name(caller.role).removeprefix("ROLE_").lower()
+    console.print(f"{escape(caller.principal)} in organization {escape(caller.organization)} (role {role})")
+
+
+@app.command("audit")
+def audit(method: Annotated[str, typer.Option(help="Only calls of this RPC, e.g. CreateJob.")] = "",
+          failures: Annotated[bool, typer.Option("--failures", help="Only refused or failed calls.")] = False,
+          page_size: Annotated[int, typer.Option()] = 50,
+          page_token: Annotated[str, typer.Option()] = "",
+          address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False) -> None:
+    """The organization's audit log, newest first: every change and every refused call (admin)."""
+    with api(address, org) as client:
+        response = client.list_audit_events(page_size, page_token, method=method, failures_only=failures)
+    if as_json:
+        console.print_json(to_json(response))
+        return
+    table = Table("TIME", "PRINCIPAL", "METHOD", "RESOURCE", "CODE", "PEER")
+    for e in response.events:
+        code = e.code if e.code == "OK" else f"[red]{escape(e.code)}[/red]"
+        table.add_row(e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"), escape(e.principal),
+                      escape(e.method.rsplit("/", 1)[-1]), escape(e.resource) or "-", code, escape(e.peer))
     console.print(table)
     if response.next_page_token:
         console.print(f"next page: --page-token {response.next_page_token}")

@@ -1,19 +1,32 @@
-"""A synchronous client for the four services (the CLI's, and any Python caller's)."""
+"""A synchronous client for the services (the CLI's, and any Python caller's).
+
+Every call carries `authorization: Bearer <api_key>`: the `api_key` argument, else TUNEFORGE_API_KEY.
+The organization is the key's; `organization`, when given, must be that organization (the server refuses
+another with PERMISSION_DENIED). `tls_ca_file` (or TUNEFORGE_TLS_CA_FILE) connects with TLS, trusting that
+CA; `tls=True` trusts the system roots; a client certificate and key add mutual TLS.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from tuneforge.v1 import (
+    api_key_service_pb2,
+    api_key_service_pb2_grpc,
+    audit_service_pb2,
+    audit_service_pb2_grpc,
     dataset_pb2,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
     estimation_service_pb2,
     estimation_service_pb2_grpc,
+    identity_pb2,
     job_pb2,
     job_service_pb2,
     job_service_pb2_grpc,
@@ -57,18 +70,76 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the credential to every call of a channel."""
+
+    def __init__(self, api_key: str) -> None:
+        self._header = ("authorization", f"Bearer {api_key}")
+
+    def _details(self, details: Any) -> Any:
+        return _CallDetails(details.method, details.timeout, [*(details.metadata or ()), self._header],
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation: Any, client_call_details: Any,
+                               request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, client_call_details: Any,
+                                request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method: str, timeout: float | None, metadata: Any, credentials: Any,
+                 wait_for_ready: bool | None, compression: Any) -> None:
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
+def with_api_key(channel: grpc.Channel, api_key: str) -> grpc.Channel:
+    """`channel` with `authorization: Bearer <api_key>` on every call (for callers using the stubs)."""
+    return grpc.intercept_channel(channel, _Bearer(api_key))
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 class TuneForgeClient:
-    def __init__(self, address: str, organization: str = "default", *, timeout_s: float = 60.0) -> None:
+    def __init__(self, address: str, organization: str = "", *, api_key: str | None = None,
+                 timeout_s: float = 60.0, tls: bool = False, tls_ca_file: str | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None) -> None:
         self.organization = organization
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.api_key = api_key if api_key is not None else os.environ.get("TUNEFORGE_API_KEY", "")
+        ca_file = tls_ca_file if tls_ca_file is not None else os.environ.get("TUNEFORGE_TLS_CA_FILE", "")
+        if tls or ca_file or tls_cert_file:
+            credentials = grpc.ssl_channel_credentials(
+                _read(ca_file) if ca_file else None,
+                _read(tls_key_file) if tls_key_file else None,
+                _read(tls_cert_file) if tls_cert_file else None)
+            channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        else:
+            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = with_api_key(channel, self.api_key) if self.api_key else channel
+        self._raw_channel = channel
+        self.keys = api_key_service_pb2_grpc.ApiKeyServiceStub(self.channel)
+        self.audit = audit_service_pb2_grpc.AuditServiceStub(self.channel)
         self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(self.channel)
         self.jobs = job_service_pb2_grpc.JobServiceStub(self.channel)
         self.metrics = metrics_service_pb2_grpc.MetricsServiceStub(self.channel)
         self.estimation = estimation_service_pb2_grpc.EstimationServiceStub(self.channel)
 
     def close(self) -> None:
-        self.channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> TuneForgeClient:
         return self
@@ -179,3 +250,36 @@ class TuneForgeClient:
         """What a client checks before committing: token counts, fit per GPU type, time and cost."""
         request = estimation_service_pb2.PlanJobRequest(organization=self.organization, spec=spec)
         return _call(lambda: self.estimation.PlanJob(request, timeout=self.timeout_s))
+
+    # -- keys and audit --------------------------------------------------------------------------
+
+    def whoami(self) -> identity_pb2.Caller:
+        """The organization, role and principal of this client's credential."""
+        return _call(lambda: self.keys.GetCaller(api_key_service_pb2.GetCallerRequest(),
+                                                 timeout=self.timeout_s)).caller
+
+    def create_api_key(self, name: str, role: identity_pb2.Role.ValueType, *, ttl_s: int = 0
+                       ) -> api_key_service_pb2.CreateApiKeyResponse:
+        """A new key of this organization; the response's `secret` is shown only this once."""
+        request = api_key_service_pb2.CreateApiKeyRequest(organization=self.organization, name=name,
+                                                          role=role)
+        if ttl_s:
+            request.ttl.CopyFrom(Duration(seconds=ttl_s))
+        return _call(lambda: self.keys.CreateApiKey(request, timeout=self.timeout_s))
+
+    def list_api_keys(self, page_size: int = 50, page_token: str = "", *, show_inactive: bool = False
+                      ) -> api_key_service_pb2.ListApiKeysResponse:
+        request = api_key_service_pb2.ListApiKeysRequest(organization=self.organization, page_size=page_size,
+                                                         page_token=page_token, show_inactive=show_inactive)
+        return _call(lambda: self.keys.ListApiKeys(request, timeout=self.timeout_s))
+
+    def revoke_api_key(self, ref: str) -> identity_pb2.ApiKey:
+        request = api_key_service_pb2.RevokeApiKeyRequest(organization=self.organization, api_key=ref)
+        return _call(lambda: self.keys.RevokeApiKey(request, timeout=self.timeout_s)).api_key
+
+    def list_audit_events(self, page_size: int = 50, page_token: str = "", *, method: str = "",
+                          failures_only: bool = False) -> audit_service_pb2.ListAuditEventsResponse:
+        request = audit_service_pb2.ListAuditEventsRequest(
+            organization=self.organization, page_size=page_size, page_token=page_token, method=method,
+            failures_only=failures_only)
+        return _call(lambda: self.audit.ListAuditEvents(request, timeout=self.timeout_s))

@@ -1,6 +1,7 @@
-"""The jobs service as a runnable component: servicer, outbox relay, worker-update consumer, the watch
-for jobs that ran out of deliveries, and the workers' heartbeats with the periodic check that reads them
-(services.jobs.workers)."""
+"""The jobs service as a runnable component: servicer, outbox relay, worker-update consumer (fenced: see
+services.jobs.manager), the watch for jobs that ran out of deliveries, and the workers' heartbeats with the
+periodic check that reads them (services.jobs.workers) and dispatches jobs held by their organization's
+running limit (services.jobs.quotas)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from services.jobs.datasets_client import DatasetLookup
 from services.jobs.estimation_client import HardwareCheck
 from services.jobs.manager import JobManager
 from services.jobs.models import JobOutbox
+from services.jobs.quotas import JobQuotas
 from services.jobs.servicer import JobServicer
 from services.jobs.settings import JobSettings
 from services.jobs.workers import WorkerRules
 from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
+from services.kit.identity import AuditRecord
 from services.kit.outbox import OutboxRelay, utcnow
 from services.kit.runtime import Component, Registration, Runtime
 from tuneforge_core import subjects
@@ -54,8 +57,18 @@ class JobsComponent(Component):
                                   workers=WorkerRules(ack_wait_s=settings.work_ack_wait_s,
                                                       max_deliver=settings.work_max_deliver,
                                                       seen_window_s=settings.worker_seen_window_s,
-                                                      forget_after_s=settings.worker_forget_after_s))
+                                                      forget_after_s=settings.worker_forget_after_s),
+                                  quotas=JobQuotas(max_queued_jobs_per_org=settings.max_queued_jobs_per_org,
+                                                   max_running_jobs_per_org=settings.max_running_jobs_per_org))
+        self.manager.on_rejected_update = self._audit_refused_update
         self._heartbeats: Any = None
+
+    def _audit_refused_update(self, job_id: str, organization: str, worker_id: str, reason: str) -> None:
+        """A worker update the fence refused goes to the organization's audit log (read by an admin with
+        ListAuditEvents / `tuneforge audit --failures`)."""
+        self.runtime.identity.record([AuditRecord(
+            method=f"nats:{subjects.worker_status(job_id)}", code="PERMISSION_DENIED",
+            organization=organization, principal=f"worker:{worker_id}", resource=job_id, message=reason)])
 
     def registrations(self) -> Sequence[Registration]:
         return [Registration("tuneforge.v1.JobService", JobServicer(self.manager),
@@ -127,7 +140,7 @@ class JobsComponent(Component):
             raise PermanentError(f"undecodable WorkerJobUpdate: {exc}") from exc
         if not update.event_id or not update.job_id:
             raise PermanentError("WorkerJobUpdate without event_id or job_id")
-        await self.manager.apply_worker_update(update)
+        await self.manager.apply_worker_update(update, subject=msg.subject)
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
         """Fails the job whose assignment no worker finished, then drops the assignment from the queue.

@@ -15,6 +15,13 @@ A message is at most MAX_MESSAGE_BYTES (16 MiB) each way, on the server and on t
 services (the Python client sets the same): a larger one is RESOURCE_EXHAUSTED, refused before it is
 parsed. UploadDataset and ValidateDataset stream the file, so only each frame counts, never the file.
 Every call one service makes to another carries a deadline.
+
+Every call is authenticated (services.kit.auth): the server refuses to start when one of its RPCs does
+not declare its access, and the channels between services carry the service token
+(`KitSettings.service_token`, else `<data_dir>/service.token`). With `tls_cert_file` and `tls_key_file`
+the server listens with TLS (mutual TLS with `tls_client_ca_file`) and the channels between services
+use TLS too; without TLS on an address other than loopback it says at start that credentials travel in
+plaintext.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
+import secrets
 import signal
 import socket
 import sys
@@ -39,7 +48,15 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from tuneforge.v1 import errors_pb2
 
-from services.kit import paging
+from services.kit import keyfiles, paging
+from services.kit.auth import (
+    Authenticator,
+    AuthInterceptor,
+    OidcLike,
+    bearer_interceptors,
+    check_access_declared,
+)
+from services.kit.identity import IdentityStore
 from services.kit.interceptors import ErrorMappingInterceptor, UndecodableRequestInterceptor
 from tuneforge_core.nats import connect, ensure_streams
 from tuneforge_core.settings import KitSettings
@@ -94,19 +111,28 @@ class Runtime:
     nc: NATS
     js: JetStreamContext
     store: ObjectStore
+    identity: IdentityStore
+    service_token: str
     address: str = ""
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        """A channel to another service; an empty address means this process' own server."""
+        """A channel to another service, carrying the service token; an empty address means this
+        process' own server."""
         target = address or self.address
         if target not in self._channels:
-            self._channels[target] = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+            interceptors = bearer_interceptors(self.service_token)
+            credentials = channel_credentials(self.settings)
+            self._channels[target] = (
+                grpc.aio.secure_channel(target, credentials, options=GRPC_OPTIONS, interceptors=interceptors)
+                if credentials is not None
+                else grpc.aio.insecure_channel(target, options=GRPC_OPTIONS, interceptors=interceptors))
         return self._channels[target]
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
+        self.identity.close()
         with contextlib.suppress(Exception):
             await self.nc.drain()
 
@@ -147,14 +173,90 @@ class Component:
 ComponentFactory = Callable[[Runtime], Component]
 
 
-async def open_runtime(settings: KitSettings, name: str) -> Runtime:
+async def open_runtime(settings: KitSettings, name: str, identity: IdentityStore | None = None) -> Runtime:
     if not settings.nats_url:
         raise RuntimeError("TUNEFORGE_NATS_URL is not set (tuneforge up starts an embedded nats-server)")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if identity is None:
+        identity = await open_identity(settings)
     nc = await connect(settings.nats_url, name)
     js = nc.jetstream()
     await ensure_streams(js)
-    return Runtime(settings=settings, nc=nc, js=js, store=store_from_settings(settings))
+    return Runtime(settings=settings, nc=nc, js=js, store=store_from_settings(settings), identity=identity,
+                   service_token=service_token(settings))
+
+
+SERVICE_TOKEN_FILE = "service.token"
+
+
+async def open_identity(settings: KitSettings) -> IdentityStore:
+    """The API keys and audit log every service process checks calls against (migrated to head)."""
+    return await asyncio.to_thread(IdentityStore.open, settings.database_url_for("identity"),
+                                   cache_s=settings.auth_cache_s)
+
+
+def service_token(settings: KitSettings) -> str:
+    """The token the services present to each other: the setting, else one generated once in the data dir."""
+    if settings.service_token:
+        return settings.service_token
+    return keyfiles.load_or_create_key(settings.data_dir / SERVICE_TOKEN_FILE,
+                                       lambda: ("tfs_" + secrets.token_urlsafe(32)).encode())
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def tls_enabled(settings: KitSettings) -> bool:
+    return bool(settings.tls_cert_file and settings.tls_key_file)
+
+
+def server_credentials(settings: KitSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials of the server from the settings (mutual TLS with a client CA), or None."""
+    if not tls_enabled(settings):
+        if settings.tls_cert_file or settings.tls_key_file or settings.tls_client_ca_file:
+            raise ListenError("TLS needs both TUNEFORGE_TLS_CERT_FILE and TUNEFORGE_TLS_KEY_FILE")
+        return None
+    try:
+        pair = (_read(settings.tls_key_file), _read(settings.tls_cert_file))
+        client_ca = _read(settings.tls_client_ca_file) if settings.tls_client_ca_file else None
+    except OSError as exc:
+        raise ListenError(f"cannot read a TLS file: {exc}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def channel_credentials(settings: KitSettings) -> grpc.ChannelCredentials | None:
+    """TLS credentials of the channels between services, or None when the server runs without TLS.
+
+    They trust `tls_ca_file` (else the system roots) and, where the servers ask for client certificates,
+    present the server's own certificate and key."""
+    if not tls_enabled(settings):
+        return None
+    root = _read(settings.tls_ca_file) if settings.tls_ca_file else None
+    if settings.tls_client_ca_file:
+        return grpc.ssl_channel_credentials(root, _read(settings.tls_key_file), _read(settings.tls_cert_file))
+    return grpc.ssl_channel_credentials(root)
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def oidc_verifier(settings: KitSettings) -> OidcLike | None:
+    """The OIDC verifier of the configured issuers, or None when there are none."""
+    if not settings.oidc_issuers.strip():
+        return None
+    from services.kit.oidc import OidcVerifier, parse_issuers
+
+    return OidcVerifier(parse_issuers(settings.oidc_issuers))
 
 
 def check_address(host: str, port: int) -> None:
@@ -178,11 +280,14 @@ def check_address(host: str, port: int) -> None:
                 raise AddressInUse(f"{host}:{port}") from None
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+def _bind(server: grpc.aio.Server, host: str, port: int,
+          credentials: grpc.ServerCredentials | None = None) -> int:
     """Binds `host:port` (port 0: a free one) and returns the port, or raises a ListenError that says why."""
     if port:
         check_address(host, port)
     try:
+        if credentials is not None:
+            return server.add_secure_port(f"{host}:{port}", credentials)
         return server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         if port:
@@ -247,13 +352,27 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
     """
     stop = stop or asyncio.Event()
     paging.configure_from_settings(settings)
-    # Outermost first: errors raised by the guard are mapped like every other error.
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(), UndecodableRequestInterceptor()],
-                             options=SERVER_OPTIONS)
+    credentials = server_credentials(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    identity = await open_identity(settings)
+    auth = AuthInterceptor(Authenticator(identity, service_token(settings), oidc_verifier(settings)),
+                           calls_per_second=settings.api_calls_per_second)
+    # Outermost first: errors raised by the guards are mapped like every other error, and a call is
+    # authenticated before its request is parsed.
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor(), auth, UndecodableRequestInterceptor()],
+        options=SERVER_OPTIONS)
     # Bind first: a taken address fails before anything starts, and components may open channels to
     # this process' own address while they are built.
-    port = _bind(server, settings.grpc_host, settings.grpc_port)
-    runtime = await open_runtime(settings, name)
+    port = _bind(server, settings.grpc_host, settings.grpc_port, credentials)
+    if credentials is None and not is_loopback(settings.grpc_host):
+        log.warning("%s listens on %s without TLS: API keys and data travel in plaintext; set "
+                    "TUNEFORGE_TLS_CERT_FILE and TUNEFORGE_TLS_KEY_FILE", name, settings.grpc_host)
+    try:
+        runtime = await open_runtime(settings, name, identity)
+    except BaseException:
+        identity.close()
+        raise
     runtime.address = f"{settings.grpc_host}:{port}"
     components = [factory(runtime) for factory in factories]
     health_servicer = health.aio.HealthServicer()
@@ -263,6 +382,7 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
         for reg in component.registrations():
             reg.add_to_server(reg.servicer, server)
             names.append(reg.name)
+    check_access_declared(names)
     enable_reflection(server, [*names, health.SERVICE_NAME])
     await server.start()
     for component in components:

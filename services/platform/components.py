@@ -1,4 +1,4 @@
-"""The four services, hosted together behind one gRPC address."""
+"""The services, hosted together behind one gRPC address."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from services.kit.runtime import ComponentFactory
 def all_components() -> list[ComponentFactory]:
     from services.datasets.component import DatasetsComponent
     from services.estimation.component import EstimationComponent
+    from services.identity.component import IdentityComponent
     from services.jobs.component import JobsComponent
     from services.metrics.component import MetricsComponent
 
-    return [DatasetsComponent, JobsComponent, EstimationComponent, MetricsComponent]
+    return [IdentityComponent, DatasetsComponent, JobsComponent, EstimationComponent, MetricsComponent]

@@ -15,7 +15,7 @@ from tuneforge_core.spec import ensure_resolved, resolve_spec
 
 REPO = Path(__file__).resolve().parents[2]
 CODE = ("services", "trainer_worker", "tuneforge_core")
-SERVICES = ("datasets", "jobs", "estimation", "metrics")
+SERVICES = ("datasets", "jobs", "estimation", "metrics", "identity")
 
 
 def _python_files(*roots: str) -> list[Path]:
@@ -107,6 +107,7 @@ ALLOWED_CALLS = {
     "metrics": {"JobService"},
     "estimation": {"DatasetService"},
     "datasets": set(),
+    "identity": set(),
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 from tuneforge.v1 import dataset_service_pb2_grpc
 
 from services.datasets.settings import DatasetSettings
+from tests.auth import service_credentials
 from tests.datasets.helpers import MAX_LINE_BYTES, UPLOAD_LIMIT, serving
 from tuneforge_core.settings import KitSettings
 
@@ -39,5 +40,5 @@ async def datasets_address(datasets_settings: DatasetSettings) -> AsyncIterator[
 
 @pytest.fixture
 async def stub(datasets_address: str) -> AsyncIterator[dataset_service_pb2_grpc.DatasetServiceStub]:
-    async with grpc.aio.insecure_channel(datasets_address) as channel:
+    async with grpc.aio.insecure_channel(datasets_address, interceptors=service_credentials()) as channel:
         yield dataset_service_pb2_grpc.DatasetServiceStub(channel)

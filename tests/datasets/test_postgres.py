@@ -12,6 +12,7 @@ from tuneforge.v1.dataset_service_pb2_grpc import DatasetServiceStub
 from services.datasets.component import MIGRATIONS
 from services.datasets.settings import DatasetSettings
 from services.kit.db import Database
+from tests.auth import service_credentials
 from tests.datasets.helpers import chat_lines, jsonl, meta, serving, upload_requests
 
 pytestmark = pytest.mark.postgres
@@ -30,7 +31,8 @@ def test_migrations_apply_twice_and_create_the_tables(postgres_url: str) -> None
 
 async def test_upload_and_get_on_postgres(postgres_url: str, datasets_settings: DatasetSettings) -> None:
     settings = DatasetSettings(**{**datasets_settings.model_dump(), "database_url": postgres_url})
-    async with serving(settings) as address, grpc.aio.insecure_channel(address) as channel:
+    async with serving(settings) as address, grpc.aio.insecure_channel(
+            address, interceptors=service_credentials()) as channel:
         stub = DatasetServiceStub(channel)
         created = await stub.UploadDataset(upload_requests(meta(request_id="r1"), jsonl(chat_lines(120))))
         assert created.dataset.state == dataset_pb2.DATASET_STATE_READY

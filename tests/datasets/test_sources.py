@@ -42,6 +42,7 @@ from services.datasets.sources import (
     parse_source,
 )
 from services.kit.db import Database
+from tests.auth import service_credentials
 from tests.datasets.helpers import (
     ErrorDetails,
     chat_lines,
@@ -145,7 +146,8 @@ def settings(kit_settings: KitSettings, tmp_path: Path, monkeypatch: pytest.Monk
 
 @pytest.fixture
 async def stub(settings: DatasetSettings) -> AsyncIterator[DatasetServiceStub]:
-    async with serving(settings) as address, grpc.aio.insecure_channel(address) as channel:
+    async with serving(settings) as address, grpc.aio.insecure_channel(
+            address, interceptors=service_credentials()) as channel:
         yield DatasetServiceStub(channel)
 
 
@@ -557,7 +559,8 @@ async def test_hugging_face_import_on_postgresql(
     settings: DatasetSettings, saved_dataset: Path, postgres_url: str
 ) -> None:
     on_postgres = DatasetSettings(**{**settings.model_dump(), "database_url": postgres_url})
-    async with serving(on_postgres) as address, grpc.aio.insecure_channel(address) as channel:
+    async with serving(on_postgres) as address, grpc.aio.insecure_channel(
+            address, interceptors=service_credentials()) as channel:
         stub = DatasetServiceStub(channel)
         created = await stub.CreateDataset(hf_request(str(saved_dataset), max_rows=20))
         dataset = await settled(stub, created.dataset.id)

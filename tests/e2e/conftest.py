@@ -12,6 +12,7 @@ from tuneforge.v1 import job_pb2
 
 from services.client import TuneForgeClient
 from services.platform.supervisor import Platform, PlatformConfig
+from tests.auth import org_client
 
 FINAL = {job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED}
 # Heartbeats and the jobs service's pass over them every half second, so a lost worker shows in seconds.
@@ -50,7 +51,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory, tiny_assets: tuple[Path, 
 
 @pytest.fixture
 def client(platform: Platform) -> Iterator[TuneForgeClient]:
-    with TuneForgeClient(platform.address, "e2e") as c:
+    with org_client(platform.address, platform.data_dir, "e2e") as c:
         yield c
 
 

@@ -13,6 +13,7 @@ from tuneforge.v1 import dataset_pb2, job_pb2, metrics_pb2
 
 from services.client import FailedPrecondition, InvalidArgument, NotFound, TuneForgeClient
 from services.platform.supervisor import Platform
+from tests.auth import make_key, org_client
 from tests.e2e.conftest import FAST_WORKER_CHECKS, lora_spec, start_platform, wait_final, wait_for
 
 pytestmark = pytest.mark.slow
@@ -201,7 +202,7 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint(
                                         **FAST_WORKER_CHECKS)
     try:
         first = platform.start_worker("worker-a")
-        with TuneForgeClient(platform.address, "e2e") as client:
+        with org_client(platform.address, platform.data_dir, "e2e") as client:
             ds = upload(client, data, "chat-kill")
             spec = lora_spec(model, ds.id, epochs=12)
             spec.hyperparameters.save_steps = 5
@@ -258,7 +259,9 @@ def test_cli_talks_to_the_platform(platform: Platform, tiny_assets: tuple[Path, 
     from services.cli.main import app
 
     model, data = tiny_assets
-    runner = CliRunner()
+    # A member key of organization cli, as a user would export it.
+    member = make_key(platform.address, platform.data_dir, "cli", "member")
+    runner = CliRunner(env={"TUNEFORGE_API_KEY": member})
     common = ["--address", platform.address, "--org", "cli"]
     result = runner.invoke(app, ["datasets", "upload", str(data), "--name", "cli-chat", *common])
     assert result.exit_code == 0, result.output
@@ -290,7 +293,7 @@ def test_job_fails_as_worker_lost_when_deliveries_run_out(
     )
     try:
         worker = platform.start_worker("doomed")
-        with TuneForgeClient(platform.address, "e2e") as client:
+        with org_client(platform.address, platform.data_dir, "e2e") as client:
             ds = upload(client, data, "chat-lost")
             job = client.create_job(lora_spec(model, ds.id, epochs=12))
             wait_for(client, job.id, lambda j: j.state == job_pb2.JOB_STATE_RUNNING)

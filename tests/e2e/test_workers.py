@@ -17,8 +17,8 @@ from typing import TypeVar
 import pytest
 from tuneforge.v1 import job_pb2
 
-from services.client import TuneForgeClient
 from services.platform.supervisor import Platform
+from tests.auth import org_client
 from tests.e2e.conftest import FAST_WORKER_CHECKS, lora_spec, start_platform, wait_final
 
 T = TypeVar("T")
@@ -51,7 +51,7 @@ def test_a_gpu_job_with_only_a_cpu_worker_waits_queued_with_a_reason(
     """Nothing but a CPU worker: a job for a T4 is never delivered to it (no attempt, no worker, no
     WORKER_LOST later), and says what it waits for; `tuneforge workers` shows the worker it is not for."""
     model, data = tiny_assets
-    with TuneForgeClient(fast_platform.address, "e2e") as client:
+    with org_client(fast_platform.address, fast_platform.data_dir, "e2e") as client:
         workers = eventually(lambda: [w for w in client.list_workers().workers if w.alive], what="a worker")
         (cpu,) = workers
         assert (cpu.gpu_type, cpu.gpu_count, cpu.state) == ("cpu", 0, job_pb2.WORKER_STATE_IDLE)
@@ -72,9 +72,10 @@ def test_a_gpu_job_with_only_a_cpu_worker_waits_queued_with_a_reason(
         from services.cli.main import app
 
         common = ["--address", fast_platform.address, "--org", "e2e"]
-        result = CliRunner().invoke(app, ["workers", *common])
+        env = {"TUNEFORGE_API_KEY": client.api_key}
+        result = CliRunner().invoke(app, ["workers", *common], env=env)
         assert result.exit_code == 0 and cpu.id in result.output and "IDLE" in result.output, result.output
-        result = CliRunner().invoke(app, ["jobs", "get", job.id, *common])
+        result = CliRunner().invoke(app, ["jobs", "get", job.id, *common], env=env)
         assert "status: waiting for a worker with nvidia-t4" in result.output, result.output
         assert client.cancel_job(job.id).state == job_pb2.JOB_STATE_CANCELLED
         assert client.get_job(job.id).status_message == ""
@@ -87,7 +88,7 @@ def test_with_no_worker_left_a_job_waits_until_the_supervisor_restarts_one(
     model, data = tiny_assets
     platform = start_platform(tmp_path / "p", workers=1, model=model, **FAST)
     try:
-        with TuneForgeClient(platform.address, "e2e") as client:
+        with org_client(platform.address, platform.data_dir, "e2e") as client:
             (first,) = eventually(lambda: [w for w in client.list_workers().workers if w.alive])
             ds = client.upload_dataset(data, "chat-restart", request_id=str(uuid.uuid4())).dataset
             pid = platform.workers[0].pid
@@ -136,7 +137,7 @@ def test_tuneforge_up_restarts_a_dead_worker_and_nats_server(
         state_file = data_dir / "platform.json"
         eventually(lambda: state_file.exists() and "TuneForge is up" in output.read_text(), 120, "up")
         state = json.loads(state_file.read_text())
-        with TuneForgeClient(state["address"], "e2e") as client:
+        with org_client(state["address"], data_dir, "e2e") as client:
             eventually(lambda: any(w.alive for w in client.list_workers().workers), what="a worker")
             os.killpg(state["worker_pids"][0], signal.SIGKILL)
             eventually(lambda: "worker 0 restarted" in output.read_text(), 30, "the worker's restart")

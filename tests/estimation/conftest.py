@@ -25,6 +25,7 @@ from tuneforge.v1 import (
 from services.estimation.component import EstimationComponent
 from services.estimation.settings import EstimationSettings
 from services.kit.runtime import Component, Registration, Runtime, serve
+from tests.auth import service_credentials
 from tuneforge_core import subjects
 from tuneforge_core.errors import not_found
 from tuneforge_core.nats import connect, publish
@@ -133,7 +134,7 @@ async def estimation_stack(kit_settings: KitSettings) -> AsyncIterator[Estimatio
         )
     )
     address = await asyncio.wait_for(ready, 15)
-    channel = grpc.aio.insecure_channel(address)
+    channel = grpc.aio.insecure_channel(address, interceptors=service_credentials())
     nc: NATS = await connect(kit_settings.nats_url, "estimation-test-client")
     try:
         yield EstimationStack(

@@ -43,6 +43,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2, estimation_service_pb2
 
+from tests.auth import keyed_channel, make_key
 from tests.platform.conftest import ORG, Seeded
 
 MIB = 1024 * 1024
@@ -502,7 +503,8 @@ TEMPLATES = ["", "{prompt}", "<s>{system_prompt} {prompt}", "{prompt:>50000}", "
 def channel(fuzz_platform: Seeded) -> Iterator[grpc.Channel]:
     options = [("grpc.max_receive_message_length", 64 * MIB)]  # the server's limits are what is tested
     with grpc.insecure_channel(fuzz_platform.address, options=options) as ch:
-        yield ch
+        # An admin key of ORG: every RPC, key management included, gets past authentication.
+        yield keyed_channel(ch, make_key(fuzz_platform.address, fuzz_platform.platform.data_dir, ORG))
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from tuneforge.v1 import (
 from services.kit.runtime import Component, Registration, Runtime, serve
 from services.metrics.component import MetricsComponent
 from services.metrics.settings import MetricsSettings
+from tests.auth import service_credentials
 from tuneforge_core import subjects
 from tuneforge_core.errors import FieldViolation, InvalidArgument, not_found
 from tuneforge_core.ids import new_id
@@ -174,7 +175,7 @@ async def stack(kit_settings: KitSettings) -> AsyncIterator[Stack]:
         name="metrics-test", on_ready=ready.set_result, stop=stop))
     address = await asyncio.wait_for(ready, 15)
     nc = await connect(kit_settings.nats_url, "test-worker")
-    channel = grpc.aio.insecure_channel(address)
+    channel = grpc.aio.insecure_channel(address, interceptors=service_credentials())
     stack = Stack(metrics_service_pb2_grpc.MetricsServiceStub(channel), fake, components[0], nc,
                   nc.jetstream())
     try:

@@ -14,8 +14,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tuneforge.v1 import job_pb2
 
-from services.client import TuneForgeClient
 from services.platform.supervisor import Platform, PlatformConfig
+from tests.auth import org_client
 
 ORG = "acme"
 
@@ -45,10 +45,12 @@ def seeded_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded
 
 def seed_platform(root: Path) -> Iterator[Seeded]:
     """A platform with no workers, two datasets and two jobs of ORG; stopped when the generator closes."""
-    platform = Platform(PlatformConfig(data_dir=root / "data", grpc_port=0, workers=0))
+    # No calls-per-second limit: the page token and hostile-input tests call as fast as they can.
+    platform = Platform(PlatformConfig(data_dir=root / "data", grpc_port=0, workers=0,
+                                       env={"TUNEFORGE_API_CALLS_PER_SECOND": "0"}))
     platform.start()
     try:
-        with TuneForgeClient(platform.address, ORG) as client:
+        with org_client(platform.address, platform.data_dir, ORG) as client:
             datasets = [client.upload_dataset(chat_file(root / f"chat{i}.jsonl"), f"chat-{i}").dataset
                         for i in range(2)]
             jobs = [client.create_job(job_pb2.JobSpec(base_model="Qwen/Qwen2.5-0.5B", dataset=d.id),

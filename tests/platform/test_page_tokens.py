@@ -21,6 +21,7 @@ from google.protobuf.internal import encoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.auth import keyed_channel, make_key
 from tests.platform.conftest import ORG, Failure, Seeded
 
 pytestmark = pytest.mark.slow
@@ -110,7 +111,8 @@ def build_rpcs(channel: grpc.Channel, seeded: Seeded) -> list[Rpc]:
 @pytest.fixture(scope="module")
 def rpcs(seeded_platform: Seeded) -> Iterator[list[Rpc]]:
     with grpc.insecure_channel(seeded_platform.address) as channel:
-        yield build_rpcs(channel, seeded_platform)
+        key = make_key(seeded_platform.address, seeded_platform.platform.data_dir, ORG)
+        yield build_rpcs(keyed_channel(channel, key), seeded_platform)
 
 
 @pytest.fixture(scope="module")

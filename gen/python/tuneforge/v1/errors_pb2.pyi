@@ -65,6 +65,20 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """DeleteDataset: jobs that have not ended train or validate on the dataset. Code: FAILED_PRECONDITION;
     ErrorInfo metadata "jobs" lists their ids.
     """
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 17
+    """The call carries no credential, or one the platform does not accept: unknown, malformed, expired or
+    revoked API key, or an OIDC token that fails verification. Code: UNAUTHENTICATED; the message says
+    which, never echoing the secret.
+    """
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 18
+    """The credential is valid but its role does not allow the RPC, or the request names an organization
+    other than the credential's. Code: PERMISSION_DENIED; ErrorInfo metadata "required" names the access
+    the RPC needs and "role" the caller's role.
+    """
+    ERROR_REASON_QUOTA_EXCEEDED: _ErrorReason.ValueType  # 19
+    """The organization is at one of its limits (calls per second, queued or running jobs, stored dataset
+    bytes). Code: RESOURCE_EXHAUSTED; ErrorInfo metadata "limit" names the setting and "value" its value.
+    """
     ERROR_REASON_OUT_OF_MEMORY: _ErrorReason.ValueType  # 20
     """Reasons a training job ends FAILED; found in Job.error's ErrorInfo.
     The training process ran out of accelerator memory.
@@ -133,6 +147,20 @@ configuration that fits and the changes that would make the requested one fit.
 ERROR_REASON_DATASET_IN_USE: ErrorReason.ValueType  # 16
 """DeleteDataset: jobs that have not ended train or validate on the dataset. Code: FAILED_PRECONDITION;
 ErrorInfo metadata "jobs" lists their ids.
+"""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 17
+"""The call carries no credential, or one the platform does not accept: unknown, malformed, expired or
+revoked API key, or an OIDC token that fails verification. Code: UNAUTHENTICATED; the message says
+which, never echoing the secret.
+"""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 18
+"""The credential is valid but its role does not allow the RPC, or the request names an organization
+other than the credential's. Code: PERMISSION_DENIED; ErrorInfo metadata "required" names the access
+the RPC needs and "role" the caller's role.
+"""
+ERROR_REASON_QUOTA_EXCEEDED: ErrorReason.ValueType  # 19
+"""The organization is at one of its limits (calls per second, queued or running jobs, stored dataset
+bytes). Code: RESOURCE_EXHAUSTED; ErrorInfo metadata "limit" names the setting and "value" its value.
 """
 ERROR_REASON_OUT_OF_MEMORY: ErrorReason.ValueType  # 20
 """Reasons a training job ends FAILED; found in Job.error's ErrorInfo.

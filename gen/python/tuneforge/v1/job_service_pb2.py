@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from tuneforge.v1 import access_pb2 as tuneforge_dot_v1_dot_access__pb2
 from tuneforge.v1 import job_pb2 as tuneforge_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etuneforge/v1/job_service.proto\x12\x0ctuneforge.v1\x1a\x16tuneforge/v1/job.proto\"\x86\x02\n\x10\x43reateJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.tuneforge.v1.CreateJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x15\n\rvalidate_only\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x11\x43reateJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"2\n\rGetJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"0\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"v\n\x0fListJobsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x06states\x18\x04 \x03(\x0e\x32\x16.tuneforge.v1.JobState\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.tuneforge.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x10\x43\x61ncelJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"3\n\x11\x43\x61ncelJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"4\n\x0fWatchJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"2\n\x10WatchJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"Q\n\x12ListWorkersRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListWorkersResponse\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.tuneforge.v1.Worker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xd9\x03\n\nJobService\x12L\n\tCreateJob\x12\x1e.tuneforge.v1.CreateJobRequest\x1a\x1f.tuneforge.v1.CreateJobResponse\x12\x43\n\x06GetJob\x12\x1b.tuneforge.v1.GetJobRequest\x1a\x1c.tuneforge.v1.GetJobResponse\x12I\n\x08ListJobs\x12\x1d.tuneforge.v1.ListJobsRequest\x1a\x1e.tuneforge.v1.ListJobsResponse\x12L\n\tCancelJob\x12\x1e.tuneforge.v1.CancelJobRequest\x1a\x1f.tuneforge.v1.CancelJobResponse\x12K\n\x08WatchJob\x12\x1d.tuneforge.v1.WatchJobRequest\x1a\x1e.tuneforge.v1.WatchJobResponse0\x01\x12R\n\x0bListWorkers\x12 .tuneforge.v1.ListWorkersRequest\x1a!.tuneforge.v1.ListWorkersResponseBT\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etuneforge/v1/job_service.proto\x12\x0ctuneforge.v1\x1a\x19tuneforge/v1/access.proto\x1a\x16tuneforge/v1/job.proto\"\x86\x02\n\x10\x43reateJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.tuneforge.v1.CreateJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x15\n\rvalidate_only\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x11\x43reateJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"2\n\rGetJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"0\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"v\n\x0fListJobsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x06states\x18\x04 \x03(\x0e\x32\x16.tuneforge.v1.JobState\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.tuneforge.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x10\x43\x61ncelJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"3\n\x11\x43\x61ncelJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"4\n\x0fWatchJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"2\n\x10WatchJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"Q\n\x12ListWorkersRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListWorkersResponse\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.tuneforge.v1.Worker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xfd\x03\n\nJobService\x12R\n\tCreateJob\x12\x1e.tuneforge.v1.CreateJobRequest\x1a\x1f.tuneforge.v1.CreateJobResponse\"\x04\xc8\xf3\x18\x02\x12I\n\x06GetJob\x12\x1b.tuneforge.v1.GetJobRequest\x1a\x1c.tuneforge.v1.GetJobResponse\"\x04\xc8\xf3\x18\x01\x12O\n\x08ListJobs\x12\x1d.tuneforge.v1.ListJobsRequest\x1a\x1e.tuneforge.v1.ListJobsResponse\"\x04\xc8\xf3\x18\x01\x12R\n\tCancelJob\x12\x1e.tuneforge.v1.CancelJobRequest\x1a\x1f.tuneforge.v1.CancelJobResponse\"\x04\xc8\xf3\x18\x02\x12Q\n\x08WatchJob\x12\x1d.tuneforge.v1.WatchJobRequest\x1a\x1e.tuneforge.v1.WatchJobResponse\"\x04\xc8\xf3\x18\x01\x30\x01\x12X\n\x0bListWorkers\x12 .tuneforge.v1.ListWorkersRequest\x1a!.tuneforge.v1.ListWorkersResponse\"\x04\xc8\xf3\x18\x01\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,32 +36,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tuneforge.v1P\001Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1'
   _globals['_CREATEJOBREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_CREATEJOBREQUEST']._serialized_start=73
-  _globals['_CREATEJOBREQUEST']._serialized_end=335
-  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_start=290
-  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_end=335
-  _globals['_CREATEJOBRESPONSE']._serialized_start=337
-  _globals['_CREATEJOBRESPONSE']._serialized_end=388
-  _globals['_GETJOBREQUEST']._serialized_start=390
-  _globals['_GETJOBREQUEST']._serialized_end=440
-  _globals['_GETJOBRESPONSE']._serialized_start=442
-  _globals['_GETJOBRESPONSE']._serialized_end=490
-  _globals['_LISTJOBSREQUEST']._serialized_start=492
-  _globals['_LISTJOBSREQUEST']._serialized_end=610
-  _globals['_LISTJOBSRESPONSE']._serialized_start=612
-  _globals['_LISTJOBSRESPONSE']._serialized_end=688
-  _globals['_CANCELJOBREQUEST']._serialized_start=690
-  _globals['_CANCELJOBREQUEST']._serialized_end=743
-  _globals['_CANCELJOBRESPONSE']._serialized_start=745
-  _globals['_CANCELJOBRESPONSE']._serialized_end=796
-  _globals['_WATCHJOBREQUEST']._serialized_start=798
-  _globals['_WATCHJOBREQUEST']._serialized_end=850
-  _globals['_WATCHJOBRESPONSE']._serialized_start=852
-  _globals['_WATCHJOBRESPONSE']._serialized_end=902
-  _globals['_LISTWORKERSREQUEST']._serialized_start=904
-  _globals['_LISTWORKERSREQUEST']._serialized_end=985
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=987
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1072
-  _globals['_JOBSERVICE']._serialized_start=1075
-  _globals['_JOBSERVICE']._serialized_end=1548
+  _globals['_JOBSERVICE'].methods_by_name['CreateJob']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['CreateJob']._serialized_options = b'\310\363\030\002'
+  _globals['_JOBSERVICE'].methods_by_name['GetJob']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['GetJob']._serialized_options = b'\310\363\030\001'
+  _globals['_JOBSERVICE'].methods_by_name['ListJobs']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['ListJobs']._serialized_options = b'\310\363\030\001'
+  _globals['_JOBSERVICE'].methods_by_name['CancelJob']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['CancelJob']._serialized_options = b'\310\363\030\002'
+  _globals['_JOBSERVICE'].methods_by_name['WatchJob']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['WatchJob']._serialized_options = b'\310\363\030\001'
+  _globals['_JOBSERVICE'].methods_by_name['ListWorkers']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['ListWorkers']._serialized_options = b'\310\363\030\001'
+  _globals['_CREATEJOBREQUEST']._serialized_start=100
+  _globals['_CREATEJOBREQUEST']._serialized_end=362
+  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_start=317
+  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_end=362
+  _globals['_CREATEJOBRESPONSE']._serialized_start=364
+  _globals['_CREATEJOBRESPONSE']._serialized_end=415
+  _globals['_GETJOBREQUEST']._serialized_start=417
+  _globals['_GETJOBREQUEST']._serialized_end=467
+  _globals['_GETJOBRESPONSE']._serialized_start=469
+  _globals['_GETJOBRESPONSE']._serialized_end=517
+  _globals['_LISTJOBSREQUEST']._serialized_start=519
+  _globals['_LISTJOBSREQUEST']._serialized_end=637
+  _globals['_LISTJOBSRESPONSE']._serialized_start=639
+  _globals['_LISTJOBSRESPONSE']._serialized_end=715
+  _globals['_CANCELJOBREQUEST']._serialized_start=717
+  _globals['_CANCELJOBREQUEST']._serialized_end=770
+  _globals['_CANCELJOBRESPONSE']._serialized_start=772
+  _globals['_CANCELJOBRESPONSE']._serialized_end=823
+  _globals['_WATCHJOBREQUEST']._serialized_start=825
+  _globals['_WATCHJOBREQUEST']._serialized_end=877
+  _globals['_WATCHJOBRESPONSE']._serialized_start=879
+  _globals['_WATCHJOBRESPONSE']._serialized_end=929
+  _globals['_LISTWORKERSREQUEST']._serialized_start=931
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1012
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1014
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1099
+  _globals['_JOBSERVICE']._serialized_start=1102
+  _globals['_JOBSERVICE']._serialized_end=1611
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,513 @@
+"""Authentication, authorization and the audit trail of every RPC, in one server interceptor.
+
+Each call carries `authorization: Bearer <credential>`: an API key (services.kit.identity), an OIDC token
+of a configured issuer (services.kit.oidc), or the platform's service token (the services' calls to each
+other). `AuthInterceptor` checks it before the request is even parsed, then:
+
+- the RPC's `(tuneforge.v1.access)` option (protos/tuneforge/v1/access.proto) says what it needs; a
+  viewer may READ, a member also WRITE, an admin also ADMIN. A role without the right is
+  PERMISSION_DENIED. `check_access_declared` refuses to serve a method that does not state its access.
+- the organization comes from the credential: every `organization` field of the request (top level, or
+  in a message the request holds, like UploadDataset's metadata) is filled with it, and a request that
+  names another organization is PERMISSION_DENIED naming the field. So every lookup below runs in the
+  caller's organization, and another organization's resources are simply not found. Only the service
+  principal acts in the organization its request names.
+- an organization may make `api_calls_per_second` calls per second to one process (burst of twice as
+  many); past that, RESOURCE_EXHAUSTED with reason QUOTA_EXCEEDED names the setting.
+- every call that may change something (WRITE and ADMIN RPCs) and every refused credential or role is
+  written to the audit log: principal, organization, method, resource, status code, peer.
+
+Health checking and reflection stay open, as load balancers and grpcurl expect; they reveal no data.
+The principal of the running call is `current_principal()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+import grpc
+import grpc.aio
+from google.protobuf import descriptor, descriptor_pool
+from google.protobuf.message import Message
+from tuneforge.v1 import access_pb2
+
+from services.kit.identity import (
+    ROLE_NAMES,
+    ROLES_BY_NAME,
+    SERVICE_PRINCIPAL,
+    AuditRecord,
+    IdentityStore,
+    Principal,
+    is_api_key,
+    unauthenticated,
+)
+from services.kit.interceptors import _responses
+from tuneforge_core.errors import (
+    FieldViolation,
+    PermissionDenied,
+    ResourceExhausted,
+    TuneForgeError,
+    status_from_exception,
+)
+from tuneforge_core.reasons import Reason
+
+log = logging.getLogger(__name__)
+
+AUTH_HEADER = "authorization"
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1.", "/grpc.reflection.v1alpha.")
+ACCESS_NAMES: dict[int, str] = {access_pb2.ACCESS_READ: "READ", access_pb2.ACCESS_WRITE: "WRITE",
+                access_pb2.ACCESS_ADMIN: "ADMIN"}
+# The least role that has each access (roles and accesses are both ordered).
+_LEAST_ROLE: dict[int, str] = {access_pb2.ACCESS_READ: "viewer", access_pb2.ACCESS_WRITE: "member",
+               access_pb2.ACCESS_ADMIN: "admin"}
+# Request and response fields that name the resource a call is about, for the audit log.
+_RESOURCE_FIELDS = ("job", "dataset", "api_key", "name")
+
+_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("tuneforge_principal",
+                                                                             default=None)
+
+
+def current_principal() -> Principal:
+    """The principal of the call being served (set by AuthInterceptor)."""
+    principal = _principal.get()
+    if principal is None:
+        raise unauthenticated("this call was not authenticated")
+    return principal
+
+
+# -- what each method needs -----------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=512)
+def method_access(method: str) -> int:
+    """The `access` option of "/package.Service/Method", or ACCESS_UNSPECIFIED."""
+    service_name, _, name = method.lstrip("/").partition("/")
+    try:
+        service = descriptor_pool.Default().FindServiceByName(service_name)
+    except KeyError:
+        return access_pb2.ACCESS_UNSPECIFIED
+    found = service.methods_by_name.get(name)
+    if found is None:
+        return access_pb2.ACCESS_UNSPECIFIED
+    return int(found.GetOptions().Extensions[access_pb2.access])
+
+
+def check_access_declared(service_names: Sequence[str]) -> None:
+    """Raises RuntimeError naming every method of these services without an `access` option."""
+    missing = []
+    for service_name in service_names:
+        service = descriptor_pool.Default().FindServiceByName(service_name)
+        for method in service.methods:
+            if method_access(f"/{service_name}/{method.name}") == access_pb2.ACCESS_UNSPECIFIED:
+                missing.append(f"{service_name}.{method.name}")
+    if missing:
+        raise RuntimeError("these RPCs do not declare their (tuneforge.v1.access) option: "
+                           + ", ".join(missing))
+
+
+def mutating(access: int) -> bool:
+    return access in (access_pb2.ACCESS_WRITE, access_pb2.ACCESS_ADMIN)
+
+
+# -- who is calling ---------------------------------------------------------------------------------
+
+class OidcLike(Protocol):
+    """What the authenticator needs of an OIDC verifier (services.kit.oidc.OidcVerifier)."""
+
+    def verify(self, token: str) -> Any: ...
+
+
+def _looks_like_jwt(token: str) -> bool:
+    parts = token.split(".")
+    return len(parts) == 3 and all(parts) and all(
+        c.isalnum() or c in "-_" for part in parts for c in part)
+
+
+class Authenticator:
+    """Turns the `authorization` metadata of a call into a Principal, or raises Unauthenticated."""
+
+    def __init__(self, store: IdentityStore, service_token: str, oidc: OidcLike | None = None) -> None:
+        self.store = store
+        self._service_token = service_token
+        self.oidc = oidc
+
+    @staticmethod
+    def credential(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+        """The bearer credential of `metadata`: None when there is none, raises when it is malformed."""
+        values = [v for k, v in (metadata or ()) if k.lower() == AUTH_HEADER]
+        if not values:
+            return None
+        if len(values) > 1:
+            raise unauthenticated("the call carries more than one authorization header")
+        value = values[0] if isinstance(values[0], str) else ""
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise unauthenticated("the authorization header must be 'Bearer <API key or token>'")
+        return token.strip()
+
+    @staticmethod
+    def describe(token: str | None) -> str:
+        """What a refused credential looked like, for the audit log (never the secret itself)."""
+        if token is None:
+            return "none"
+        if is_api_key(token):
+            return f"key prefix {token[:15]}…"
+        return "bearer token"
+
+    def authenticate(self, token: str | None) -> Principal:
+        if token is None:
+            raise unauthenticated("this call carries no credential: send 'authorization: Bearer <API key>' "
+                                  "(an admin makes keys with `tuneforge keys create`; the CLI and the "
+                                  "Python client read TUNEFORGE_API_KEY)")
+        if self._service_token and hmac.compare_digest(token.encode(), self._service_token.encode()):
+            return SERVICE_PRINCIPAL
+        if is_api_key(token):
+            return self.store.authenticate_key(token)
+        if self.oidc is not None and _looks_like_jwt(token):
+            from services.kit.oidc import TokenRejected  # the optional dependency, imported when used
+
+            try:
+                identity = self.oidc.verify(token)
+            except TokenRejected as exc:
+                raise unauthenticated(f"the bearer token was refused: {exc}") from None
+            return Principal(organization=identity.organization, role=ROLES_BY_NAME[identity.role],
+                             name=f"oidc:{identity.issuer}#{identity.subject}",
+                             expires_at=_expiry(identity.expires_at))
+        raise unauthenticated("the credential is neither a TuneForge API key nor a token of a configured "
+                              "OIDC issuer")
+
+
+def _expiry(epoch: float | None) -> Any:
+    from datetime import UTC, datetime
+
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+# -- calls per second -------------------------------------------------------------------------------
+
+class RateLimiter:
+    """A token bucket per organization: `rate` calls a second, bursts of twice that."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, 2 * rate)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, organization: str) -> bool:
+        if self.rate <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            tokens, at = self._buckets.get(organization, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            if tokens < 1:
+                self._buckets[organization] = (tokens, now)
+                return False
+            self._buckets[organization] = (tokens - 1, now)
+            return True
+
+
+# -- the organization of a request --------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=512)
+def _organization_paths(message_type: descriptor.Descriptor) -> tuple[tuple[str, ...], ...]:
+    """Paths to the `organization` string fields of a request: its own, and those of the singular
+    message fields it holds (one level down)."""
+    paths: list[tuple[str, ...]] = []
+    own = message_type.fields_by_name.get("organization")
+    if own is not None and own.type == descriptor.FieldDescriptor.TYPE_STRING:
+        paths.append(("organization",))
+    for field in message_type.fields:
+        if field.type != descriptor.FieldDescriptor.TYPE_MESSAGE or _repeated(field):
+            continue
+        inner = field.message_type.fields_by_name.get("organization") if field.message_type else None
+        if inner is not None and inner.type == descriptor.FieldDescriptor.TYPE_STRING:
+            paths.append((field.name, "organization"))
+    return tuple(paths)
+
+
+def _repeated(field: Any) -> bool:
+    return bool(field.is_repeated)
+
+
+def scope_request(request: Any, principal: Principal) -> None:
+    """Fills every organization field of `request` with the principal's organization; a request naming
+    another one is PERMISSION_DENIED. The service principal's requests keep the organization they name."""
+    if not isinstance(request, Message) or principal.service:
+        return
+    for path in _organization_paths(request.DESCRIPTOR):
+        holder: Any = request
+        if len(path) == 2:
+            if not request.HasField(path[0]):
+                continue
+            holder = getattr(request, path[0])
+        value = holder.organization
+        if value and value != principal.organization:
+            field = ".".join(path)
+            raise PermissionDenied(
+                f"this credential belongs to organization '{principal.organization}' and cannot act in "
+                f"organization '{value}'", reason=Reason.PERMISSION_DENIED,
+                violations=[FieldViolation(field, "must be empty or the credential's organization")])
+        holder.organization = principal.organization
+
+
+def _resource(message: Any) -> str:
+    if not isinstance(message, Message):
+        return ""
+    for name in _RESOURCE_FIELDS:
+        field = message.DESCRIPTOR.fields_by_name.get(name)
+        if field is None or _repeated(field):
+            continue
+        value = getattr(message, name)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, Message) and message.HasField(name):
+            inner = getattr(value, "id", "")
+            if isinstance(inner, str) and inner:
+                return inner
+    return ""
+
+
+# -- the interceptor ----------------------------------------------------------------------------------
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates, authorizes, scopes, rate-limits and audits every call; see the module docstring."""
+
+    def __init__(self, authenticator: Authenticator, *, calls_per_second: float = 0.0) -> None:
+        self.authenticator = authenticator
+        self.limiter = RateLimiter(calls_per_second)
+        self.calls_per_second = calls_per_second
+
+    async def intercept_service(self, continuation: Callable[..., Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        access = method_access(method)
+        token: str | None = None
+        try:
+            token = self.authenticator.credential(handler_call_details.invocation_metadata)
+            principal = await asyncio.to_thread(self.authenticator.authenticate, token)
+        except TuneForgeError as exc:
+            organization = str(exc.metadata.get("organization", "")) if exc.metadata else ""
+            return _refusing(handler, self._auditor(method, organization, self.authenticator.describe(token)),
+                             exc)
+        try:
+            self._authorize(principal, access, method)
+        except TuneForgeError as exc:
+            return _refusing(handler, self._auditor(method, principal.organization, principal.name), exc)
+        return self._wrap(handler, principal, method, access)
+
+    def _authorize(self, principal: Principal, access: int, method: str) -> None:
+        if principal.service:
+            return
+        if access == access_pb2.ACCESS_UNSPECIFIED or principal.role < access:
+            role = ROLE_NAMES.get(principal.role, "unknown")
+            needed = _LEAST_ROLE.get(access, "an access this method does not declare")
+            raise PermissionDenied(
+                f"role {role} may not call {method.rsplit('/', 1)[-1]} (it needs {needed} or above)",
+                reason=Reason.PERMISSION_DENIED,
+                metadata={"role": role, "required": ACCESS_NAMES.get(access, "UNSPECIFIED")})
+        if not self.limiter.allow(principal.organization):
+            raise ResourceExhausted(
+                f"organization '{principal.organization}' is over its limit of {self.calls_per_second:g} "
+                "calls per second (TUNEFORGE_API_CALLS_PER_SECOND); retry after a short wait",
+                reason=Reason.QUOTA_EXCEEDED,
+                metadata={"limit": "api_calls_per_second", "value": f"{self.calls_per_second:g}"})
+
+    def _auditor(self, method: str, organization: str, who: str) -> Callable[..., Any]:
+        store = self.authenticator.store
+
+        async def audit(context: grpc.aio.ServicerContext, code: str, message: str = "",
+                        resource: str = "") -> None:
+            record = AuditRecord(method=method, code=code, organization=organization, principal=who,
+                                 resource=resource, message=message, peer=_peer(context))
+            try:
+                await asyncio.to_thread(store.record, [record])
+            except Exception:
+                log.exception("could not write the audit event of %s", method)
+
+        return audit
+
+    def _wrap(self, handler: Any, principal: Principal, method: str, access: int) -> Any:
+        audit = self._auditor(method, principal.organization, principal.name) if mutating(access) else None
+
+        def enter(request: Any) -> None:
+            _principal.set(principal)
+            scope_request(request, principal)
+
+        async def outcome(context: grpc.aio.ServicerContext, resource: str, response: Any,
+                          exc: BaseException | None) -> None:
+            if audit is None:
+                return
+            if exc is None:
+                await audit(context, "OK", "", _resource(response) or resource)
+                return
+            code, message = _code_of(exc, context)
+            await audit(context, code, message, resource)
+
+        if handler.unary_unary or handler.unary_stream:
+            unary = handler.unary_unary or handler.unary_stream
+
+            if handler.unary_unary:
+                async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    enter(request)
+                    resource = _resource(request)
+                    try:
+                        response = await unary(request, context)
+                    except BaseException as exc:
+                        await outcome(context, resource, None, exc)
+                        raise
+                    await outcome(context, resource, response, None)
+                    return response
+
+                return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
+                                                           handler.response_serializer)
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                enter(request)
+                resource = _resource(request)
+                try:
+                    async for item in _responses(unary(request, context)):
+                        yield item
+                except BaseException as exc:
+                    await outcome(context, resource, None, exc)
+                    raise
+                await outcome(context, resource, None, None)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+
+        async def scoped(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            async for request in requests:
+                scope_request(request, principal)
+                yield request
+
+        if handler.stream_unary:
+            collect = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                _principal.set(principal)
+                try:
+                    response = await collect(scoped(requests), context)
+                except BaseException as exc:
+                    await outcome(context, "", None, exc)
+                    raise
+                await outcome(context, "", response, None)
+                return response
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
+                                                        handler.response_serializer)
+        if handler.stream_stream:
+            both = handler.stream_stream
+
+            async def stream_stream(requests: AsyncIterator[Any],
+                                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                _principal.set(principal)
+                try:
+                    async for item in _responses(both(scoped(requests), context)):
+                        yield item
+                except BaseException as exc:
+                    await outcome(context, "", None, exc)
+                    raise
+                await outcome(context, "", None, None)
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
+                                                         handler.response_serializer)
+        return handler
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    try:
+        return str(context.peer())
+    except Exception:
+        return ""
+
+
+def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+    if isinstance(exc, grpc.aio.AbortError):
+        code = context.code() if hasattr(context, "code") else None
+        return (code.name if isinstance(code, grpc.StatusCode) else "ABORTED"), ""
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED", ""
+    if isinstance(exc, Exception):
+        status = status_from_exception(exc)
+        names = {code.value[0]: code.name for code in grpc.StatusCode}
+        return names.get(status.code, "UNKNOWN"), status.message
+    return "UNKNOWN", ""
+
+
+def _refusing(handler: Any, audit: Callable[..., Any], exc: TuneForgeError) -> Any:
+    """A handler of `handler`'s shape that never parses the request and answers `exc` (audited)."""
+    code = exc.code.name
+
+    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await audit(context, code, exc.message)
+        raise exc
+
+    async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await audit(context, code, exc.message)
+        raise exc
+        yield  # pragma: no cover - makes this an async generator
+
+    def ignore(_raw: bytes) -> None:
+        return None
+
+    serializer = handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, ignore, serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, ignore, serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, ignore, serializer)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, ignore, serializer)
+
+
+# -- the client side: services calling services ------------------------------------------------------
+
+class _Bearer:
+    def __init__(self, token: str) -> None:
+        self._value = f"Bearer {token}"
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata[AUTH_HEADER] = self._value
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+
+class _UnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _UnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+
+class _StreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any,
+                                     request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _StreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any,
+                                      request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def bearer_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that add `authorization: Bearer <token>` to every call of an aio channel, one per
+    call shape (grpc.aio files an interceptor under the first shape it implements only)."""
+    return [_UnaryUnary(token), _UnaryStream(token), _StreamUnary(token), _StreamStream(token)]
