@@ -2,6 +2,11 @@
 
 Every message TuneForge publishes to JetStream carries a Nats-Msg-Id equal to its event id, so a publisher
 that retries after a lost ack (or an outbox relay that crashed after publishing) never stores it twice.
+
+Credentials: `connect` sends TUNEFORGE_NATS_USER / TUNEFORGE_NATS_PASSWORD when set (callers pass only the
+URL), and then uses the inbox prefix "_INBOX.<user>", so a user's subscribe permission can be limited to its
+own replies. The embedded nats-server of `tuneforge up` (services.kit.embedded) has two users: "services",
+allowed everything, and "worker", allowed exactly what a trainer worker does (`worker_permissions`).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 
 import nats
 from google.protobuf.message import Message
@@ -27,6 +33,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from tuneforge.events.v1 import events_pb2
 
 from tuneforge_core import subjects
+from tuneforge_core.settings import KitSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +41,63 @@ log = logging.getLogger(__name__)
 DUPLICATE_WINDOW_S = 600.0
 
 
-async def connect(url: str, name: str) -> NATS:
+# The embedded nats-server's users (services.kit.embedded.NatsAuth generates their passwords).
+SERVICES_USER = "services"
+WORKER_USER = "worker"
+
+
+def inbox_prefix(user: str) -> str:
+    """The reply-subject prefix of a connection as `user`: "_INBOX.<user>" for a user name that is one
+    plain subject token, else nats-py's default "_INBOX"."""
+    return f"_INBOX.{user}" if re.fullmatch(r"[A-Za-z0-9_-]+", user) else "_INBOX"
+
+
+def worker_permissions() -> dict[str, dict[str, list[str]]]:
+    """What the "worker" user may publish and subscribe to: pull its jobs from TF_WORK (and ack them),
+    publish its updates, metrics, logs and heartbeats, follow its job's JobChanged events in TF_EVENTS
+    through JetStream (cancellation), and read its own replies. Nothing else: no core subscription to any
+    tuneforge.* subject, no stream created, updated or deleted, no other stream's consumers."""
+    work, events = subjects.STREAM_WORK, subjects.STREAM_EVENTS
+    return {
+        "publish": {"allow": [
+            # ensure_streams reads each stream's config (and changes none that already matches).
+            *(f"$JS.API.STREAM.INFO.{config.name}" for config in stream_configs()),
+            # The work queue: the trainers-<route> consumers, their pulls and acks (ack/nak/progress/term).
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{work}.*",
+            f"$JS.API.CONSUMER.CREATE.{work}.*.{subjects.ALL_WORK_JOBS}",
+            f"$JS.API.CONSUMER.INFO.{work}.*",
+            f"$JS.API.CONSUMER.MSG.NEXT.{work}.*",
+            f"$JS.ACK.{work}.>",
+            # A job's latest JobChanged, and an ordered consumer on it (with its flow-control replies).
+            f"$JS.API.STREAM.MSG.GET.{events}",
+            f"$JS.API.CONSUMER.CREATE.{events}",
+            f"$JS.FC.{events}.>",
+            # What a worker reports.
+            subjects.ALL_WORKER_STATUS,
+            subjects.ALL_WORKER_METRICS,
+            subjects.ALL_WORKER_LOGS,
+            subjects.WORKER_HEARTBEATS,
+        ]},
+        "subscribe": {"allow": [f"{inbox_prefix(WORKER_USER)}.>"]},
+    }
+
+
+async def connect(url: str, name: str, *, user: str | None = None, password: str | None = None) -> NATS:
+    """A connection that reconnects forever. `user`/`password` default to TUNEFORGE_NATS_USER and
+    TUNEFORGE_NATS_PASSWORD; with neither, it connects without credentials (or with those in `url`)."""
+    if user is None and password is None:
+        settings = KitSettings()
+        user, password = settings.nats_user, settings.nats_password
+
     async def _on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
 
+    credentials: dict[str, str] = {}
+    if user:
+        credentials = {"user": user, "password": password or "", "inbox_prefix": inbox_prefix(user)}
     return await nats.connect(
         servers=[url], name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-        error_cb=_on_error,
+        error_cb=_on_error, **credentials,
     )
 
 
@@ -69,12 +126,31 @@ def stream_configs(max_deliver_age_s: float = 7 * 24 * 3600) -> list[StreamConfi
     ]
 
 
+def _stream_differs(want: StreamConfig, have: StreamConfig) -> bool:
+    """Whether a stream's config lacks something `want` sets (the fields stream_configs sets)."""
+    for name in ("retention", "storage", "max_age", "duplicate_window"):
+        wanted, found = getattr(want, name), getattr(have, name)
+        if wanted is None or (name == "duplicate_window" and not wanted):  # unset: the server's default
+            continue
+        if isinstance(wanted, (int, float)) and isinstance(found, (int, float)):
+            if abs(wanted - found) > 1e-3:
+                return True
+        elif wanted != found:
+            return True
+    return sorted(want.subjects or []) != sorted(have.subjects or [])
+
+
 async def ensure_streams(js: JetStreamContext) -> None:
-    """Creates the streams, or updates them to this config; safe to call from every process at start."""
+    """Creates the streams, or updates them to this config; safe to call from every process at start.
+
+    A stream whose config already matches is left alone, so a process without the right to create or
+    update streams (the "worker" user) only reads them."""
     for config in stream_configs():
         assert config.name is not None
         try:
-            await js.stream_info(config.name)
+            info = await js.stream_info(config.name)
+            if not _stream_differs(config, info.config):
+                continue
         except NotFoundError:
             try:
                 await js.add_stream(config)

@@ -5,12 +5,32 @@ Processes: a nats-server (unless a NATS URL is given), one services process host
 and N trainer workers. Each default (NATS, database, storage) can point at real infrastructure through the
 same TUNEFORGE_* variables the services read.
 
+One platform per data dir: `Platform.start` takes an exclusive lock (flock) on <data_dir>/platform.lock,
+which holds the supervisor's pid, and a second platform on the same data dir fails at once naming that
+pid. The children inherit the locked descriptor, so the lock is free only once the supervisor *and* every
+child it started are gone: a platform started right after another one's supervisor was killed waits a few
+seconds for the old children to go instead of sharing the port and the JetStream folder with them.
+
+Children die with the supervisor however it dies (SIGKILL included): on Linux each gets SIGTERM when the
+supervisor dies (PR_SET_PDEATHSIG), so the services stop serving, a worker hands its job back and stops its
+training process, and the nats-server shuts down cleanly. The signal follows the thread that started the
+child: call `start` and `supervise` from the main thread (as `tuneforge up` does), not from a thread that
+ends before the platform stops.
+
+NATS credentials: the embedded nats-server refuses anonymous connections. Its two users' passwords are
+generated once into <data_dir>/nats/auth/ (mode 0600); the services process gets the "services" user's
+(TUNEFORGE_NATS_USER / TUNEFORGE_NATS_PASSWORD) and each worker the "worker" user's, which may only do what
+a worker does (tuneforge_core.nats.worker_permissions); neither gets the other's. With an external NATS
+(a NATS URL given) the children get whatever credentials the environment holds.
+
 Supervision: `Platform.supervise()`, called every half second by `tuneforge up`, restarts a worker that
-died (same worker id setting, same log file) and the embedded nats-server if it died (same port and
-JetStream folder, so every client reconnects by itself and nothing queued is lost), and returns one line
-per restart for the caller to print; the lines also go to logs/platform.log. A child that keeps dying
-soon after it started is restarted less and less often (doubling from `restart_delay_s` up to a minute),
-so a broken setup does not spin. The services process is not restarted: `check_alive` reports it.
+died (same worker id setting, same log file), the services process if it died (on the same address: the
+same ready-file handshake as at start, then clients simply reconnect), and the embedded nats-server if it
+died (same port and JetStream folder, so every client reconnects by itself and nothing queued is lost),
+and returns one line per death and restart for the caller to print; the lines also go to
+logs/platform.log. A child that keeps dying soon after it started is restarted less and less often
+(doubling from `restart_delay_s` up to a minute), so a broken setup does not spin. `check_alive` reports
+only what a restart cannot mend: the services' address taken by another process.
 
 Local base models: unless TUNEFORGE_MODEL_ROOTS is set (in the environment or `PlatformConfig.env`), the
 embedded platform allows the folders under `<data_dir>/models` and nothing else on its disk
@@ -19,6 +39,7 @@ embedded platform allows the folders under `<data_dir>/models` and nothing else 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -30,8 +51,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
-from services.kit.embedded import EmbeddedNats
+from services.kit.embedded import EmbeddedNats, NatsAuth, die_with_parent
 from services.kit.runtime import EXIT_ADDRESS_IN_USE, AddressInUse, check_address
+from tuneforge_core.nats import SERVICES_USER, WORKER_USER
 
 
 class PlatformStartError(RuntimeError):
@@ -55,9 +77,26 @@ class PlatformConfig:
     restart_delay_s: float = 1.0
 
 
+# Where the embedded platform keeps the first admin key of the default organization (mode 0600); the CLI
+# reads it from the same data dir when TUNEFORGE_API_KEY is not set.
+ADMIN_KEY_FILE = "admin.key"
+
+# The data-dir lock (holds the supervisor's pid) and the folder of the embedded nats-server's credentials.
+LOCK_FILE = "platform.lock"
+NATS_AUTH_DIR = Path("nats") / "auth"
+NATS_CREDENTIAL_VARS = ("TUNEFORGE_NATS_USER", "TUNEFORGE_NATS_PASSWORD")
+# How long a new platform waits for the lock when the supervisor that holds it has died (its children are
+# still stopping); a live holder fails the start at once.
+ORPHAN_LOCK_WAIT_S = 30.0
+# What every child gets when the supervisor dies: a clean stop, not a kill.
+PARENT_DEATH_SIGNAL = signal.SIGTERM
+
 # A child that ran this long before it died is restarted after restart_delay_s again, not after longer.
 STABLE_AFTER_S = 60.0
 MAX_RESTART_DELAY_S = 60.0
+# Restarts of the services process in a row that found its address taken by another process: then the
+# platform stops (check_alive), since clients of that address would reach someone else.
+MAX_ADDRESS_IN_USE = 3
 
 
 class _Nats(EmbeddedNats):
@@ -106,9 +145,21 @@ class Platform:
         self.workers: list[subprocess.Popen[bytes]] = []
         self._slots: list[_WorkerSlot] = []
         self._nats_restarts = _Restarts(config.restart_delay_s)
+        self._services_restarts = _Restarts(config.restart_delay_s)
+        self._services_serving = False  # whether the current services process wrote its address
+        self._address_in_use = 0  # restarts in a row that found the address taken
+        self._fatal: str | None = None
         self.logs_dir = self.data_dir / "logs"
+        self.nats_auth: NatsAuth | None = None
+        self._lock_fd: int | None = None
 
-    def child_env(self) -> dict[str, str]:
+    @property
+    def lock_path(self) -> Path:
+        return self.data_dir / LOCK_FILE
+
+    def child_env(self, nats_user: str = "") -> dict[str, str]:
+        """The environment of a child; with the embedded nats-server, `nats_user`'s credentials and no
+        other's (none for an empty `nats_user`)."""
         env = dict(os.environ)
         env.update({
             "TUNEFORGE_DATA_DIR": str(self.data_dir),
@@ -119,37 +170,83 @@ class Platform:
             "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
         })
         env.setdefault("TUNEFORGE_MODEL_ROOTS", str(self.data_dir / "models"))
+        # The identity service creates the default organization's first admin key here, once.
+        env.setdefault("TUNEFORGE_BOOTSTRAP_ADMIN_KEY_FILE", str(self.data_dir / ADMIN_KEY_FILE))
         env.update(self.config.env)
+        if self.nats_auth is not None:
+            for name in NATS_CREDENTIAL_VARS:
+                env.pop(name, None)
+            if nats_user:
+                env.update(self.nats_auth.env(nats_user))
         return env
 
-    def _spawn(self, args: list[str], log_name: str, extra_env: dict[str, str] | None = None
-               ) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], log_name: str, extra_env: dict[str, str] | None = None, *,
+               nats_user: str = "") -> subprocess.Popen[bytes]:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         with open(self.logs_dir / log_name, "ab") as log:
-            return subprocess.Popen([sys.executable, *args], env={**self.child_env(), **(extra_env or {})},
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            return subprocess.Popen([sys.executable, *args],
+                                    env={**self.child_env(nats_user), **(extra_env or {})},
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    pass_fds=self._inherited_fds(),
+                                    preexec_fn=die_with_parent(PARENT_DEATH_SIGNAL))
+
+    def _inherited_fds(self) -> tuple[int, ...]:
+        return (self._lock_fd,) if self._lock_fd is not None else ()
+
+    def _lock(self) -> None:
+        """Takes the data dir's lock, or raises PlatformStartError naming the TuneForge that holds it."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + ORPHAN_LOCK_WAIT_S
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = _read_pid(fd)
+                    # A dead holder's children still hold it while they stop: wait for them a little.
+                    if _alive(holder) or time.monotonic() > deadline:
+                        who = f"pid {holder}" if holder else "pid unknown"
+                        gone = "" if _alive(holder) else ", which has exited while its processes still run"
+                        raise PlatformStartError(
+                            f"another TuneForge ({who}{gone}) holds {self.data_dir} (lock "
+                            f"{self.lock_path}); stop it first, or choose another --data-dir") from None
+                    time.sleep(0.1)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the lock goes once the children that inherited it are gone too
+            self._lock_fd = None
 
     def start(self, timeout_s: float = 120.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.config.grpc_port:  # fail before starting anything; the child's exit status covers a race
-            try:
-                check_address(self.config.grpc_host, self.config.grpc_port)
-            except AddressInUse as exc:
-                raise PlatformStartError(f"{exc}{_HINT}") from None
+        self._lock()
         try:
+            if self.config.grpc_port:  # fail before starting anything; the child's exit status covers a race
+                try:
+                    check_address(self.config.grpc_host, self.config.grpc_port)
+                except AddressInUse as exc:
+                    raise PlatformStartError(f"{exc}{_HINT}") from None
             if not self.nats_url:
-                self.nats = _Nats(self.data_dir / "nats")
+                self.nats_auth = NatsAuth.load_or_create(self.data_dir / NATS_AUTH_DIR)
+                self.nats = _Nats(self.data_dir / "nats", auth=self.nats_auth, pass_fds=self._inherited_fds(),
+                                  parent_death_signal=PARENT_DEATH_SIGNAL)
                 try:
                     self.nats_url = self.nats.start()
                 except RuntimeError as exc:
                     raise PlatformStartError(str(exc)) from exc
-            ready = self.data_dir / "services.address"
-            ready.unlink(missing_ok=True)
-            self.services = self._spawn(["-m", "services.platform"], "services.log",
-                                        {"TUNEFORGE_READY_FILE": str(ready)})
+            ready = self._start_services()
+            services = self.services
+            assert services is not None
             deadline = time.monotonic() + timeout_s
             while not ready.exists():
-                code = self.services.poll()
+                code = services.poll()
                 if code == EXIT_ADDRESS_IN_USE:
                     raise PlatformStartError(f"address {self.config.grpc_host}:{self.config.grpc_port} is "
                                              f"already in use{_HINT}")
@@ -161,12 +258,26 @@ class Platform:
                                              f"see {self.logs_dir / 'services.log'}")
                 time.sleep(0.05)
             self.address = ready.read_text().strip()
+            self._services_serving = True
             for _ in range(self.config.workers):
                 self.start_worker()
             self._write_state()
         except BaseException:
             self.stop()
             raise
+
+    def _start_services(self) -> Path:
+        """Starts the services process; it writes its address to the returned file once it serves. A
+        restart asks for the port it served on before, so the platform's address stays the same."""
+        ready = self.data_dir / "services.address"
+        ready.unlink(missing_ok=True)
+        env = {"TUNEFORGE_READY_FILE": str(ready)}
+        if self.address:
+            env["TUNEFORGE_GRPC_PORT"] = self.address.rsplit(":", 1)[1]
+        self.services = self._spawn(["-m", "services.platform"], "services.log", env,
+                                    nats_user=SERVICES_USER)
+        self._services_serving = False
+        return ready
 
     def _write_state(self) -> None:
         assert self.services is not None
@@ -177,7 +288,7 @@ class Platform:
 
     def _spawn_worker(self, index: int, worker_id: str) -> subprocess.Popen[bytes]:
         env = {"TUNEFORGE_WORKER_ID": worker_id} if worker_id else {}
-        return self._spawn(["-m", "trainer_worker"], f"worker-{index}.log", env)
+        return self._spawn(["-m", "trainer_worker"], f"worker-{index}.log", env, nats_user=WORKER_USER)
 
     def start_worker(self, worker_id: str = "") -> subprocess.Popen[bytes]:
         index = len(self.workers)
@@ -189,12 +300,15 @@ class Platform:
         return worker
 
     def supervise(self) -> list[str]:
-        """Restarts what died among the workers and the embedded nats-server (each when its delay is up);
-        returns a line for each death and restart, also written to logs/platform.log."""
+        """Restarts what died among the workers, the services process and the embedded nats-server (each
+        when its delay is up); returns a line for each death and restart, also written to
+        logs/platform.log."""
         lines: list[str] = []
         now = time.monotonic()
         if self.nats is not None:
             lines += self._supervise_nats(now)
+        if self.services is not None:
+            lines += self._supervise_services(now)
         for slot in self._slots:
             worker = self.workers[slot.index]
             code = worker.poll()
@@ -213,6 +327,37 @@ class Platform:
                 self._write_state()
         self._log(lines)
         return lines
+
+    def _supervise_services(self, now: float) -> list[str]:
+        assert self.services is not None
+        if self._fatal:
+            return []
+        restarts = self._services_restarts
+        code = self.services.poll()
+        if code is None:
+            ready = self.data_dir / "services.address"
+            if self._services_serving or not ready.exists():
+                return []
+            self.address = ready.read_text().strip()
+            self._services_serving, self._address_in_use = True, 0
+            self._write_state()
+            return [f"services restarted (pid {self.services.pid}, {self.address}, restart {restarts.count})"]
+        if restarts.due_at is None:
+            if code == EXIT_ADDRESS_IN_USE and not self._services_serving:
+                self._address_in_use += 1
+                if self._address_in_use >= MAX_ADDRESS_IN_USE:
+                    self._fatal = (f"the services process cannot listen on {self.address} again: another "
+                                   "process has taken that address")
+                    return [f"services (pid {self.services.pid}) exited with {_exit(code)}: {self.address} "
+                            "is taken by another process; not restarting it"]
+            delay = restarts.schedule(now, self.config.restart_delay_s)
+            return [f"services (pid {self.services.pid}) exited with {_exit(code)}; restarting it in "
+                    f"{delay:g} s on {self.address}"]
+        if now < restarts.due_at:
+            return []
+        self._start_services()
+        restarts.started(now)
+        return []
 
     def _supervise_nats(self, now: float) -> list[str]:
         assert self.nats is not None
@@ -248,10 +393,9 @@ class Platform:
             log.writelines(f"{stamp} {line}\n" for line in lines)
 
     def check_alive(self) -> str | None:
-        """A sentence naming the first child that died, or None."""
-        if self.services and self.services.poll() is not None:
-            return f"the services process exited with {self.services.returncode}"
-        return None
+        """A sentence saying what went wrong that no restart mends (the platform should stop), or None.
+        A child that died is not such a thing: `supervise` restarts it."""
+        return self._fatal
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM everything (workers first, so they hand their jobs back), wait, then SIGKILL."""
@@ -270,6 +414,7 @@ class Platform:
         if self.nats:
             self.nats.stop()
             self.nats = None
+        self._unlock()
 
     def __enter__(self) -> Platform:
         self.start()
@@ -277,6 +422,27 @@ class Platform:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def _read_pid(fd: int) -> int:
+    """The pid written in the lock file (0: none yet)."""
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists (an unknown pid counts as alive: fail rather than wait)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _exit(code: int) -> str:
