@@ -1,12 +1,16 @@
 """What a worker tells the platform about one job attempt, as the NATS events of events.proto.
 
-Status updates go out at once, each with an event id that is also its Nats-Msg-Id (deterministic for the
-transitions, so a retried publish is dropped as a duplicate). Metric points and log lines are batched and
-sent at least once a second, so a chatty run costs a few messages a second, not one per line.
+Status updates go out at once, each with an event id that is also its Nats-Msg-Id (fixed per delivery for
+the transitions, so a retried publish is dropped as a duplicate; a random part drawn per delivery keeps
+it unguessable, so nobody can publish a forged update under it first and have the genuine one dropped).
+The jobs service accepts them only from the delivery that holds the job (services.jobs.manager). Metric
+points and log lines are batched and sent at least once a second, so a chatty run costs a few messages a
+second, not one per line.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import grpc
@@ -106,6 +110,7 @@ class JobReporter:
         self._entries: list[metrics_pb2.LogEntry] = []
         self._sequence = 0
         self._last_flush = time.monotonic()
+        self._delivery_key = secrets.token_hex(8)
 
     async def status(
         self,
@@ -119,7 +124,8 @@ class JobReporter:
         await self.flush(force=True)
         name = U.Name(kind).removeprefix("WORKER_UPDATE_KIND_").lower()
         event_id = (
-            new_id("evt") if kind == U.WORKER_UPDATE_KIND_PROGRESS else f"{self.job_id}:{self.attempt}:{name}"
+            new_id("evt") if kind == U.WORKER_UPDATE_KIND_PROGRESS
+            else f"{self.job_id}:{self.attempt}:{self._delivery_key}:{name}"
         )
         update = events_pb2.WorkerJobUpdate(
             event_id=event_id,

@@ -4,6 +4,13 @@ Every change of a job happens in one transaction with the JobChanged event that 
 the relay then publishes it. Worker updates are applied at most once (the inbox) and only when the state
 machine allows them, so redelivered, late or stale updates change nothing.
 
+Worker updates are fenced: the job's row records the delivery that holds it (worker_id and attempt, the
+work queue's delivery count), and an update is accepted only from that holder, or as the first update
+(PREPARING or RUNNING) of a newer delivery, which then becomes the holder; nothing is accepted for a job
+that has ended, and a SUCCEEDED update's artifacts must lie under the job's own output prefix
+(jobs/<organization>/<job id>/ in the object store). Anything else is refused: logged at WARNING and passed
+to `JobManager.on_rejected_update` (`_fence` has the exact rules).
+
 A job never strands silently: the workers' heartbeats (`services.jobs.workers` has the rules) put a job
 whose worker was lost back to QUEUED, or fail it WORKER_LOST after its last delivery, and a queued job that
 no alive worker would take says why in Job.status_message (set at CreateJob, kept current by
@@ -12,7 +19,9 @@ no alive worker would take says why in Job.status_message (set at CreateJob, kep
 CreateJob refuses what could never be honoured, rather than letting a worker quietly do something else:
 a model the organization may not use, or that is not there (`tuneforge_core.models`); half precision on a
 spec that may land on a CPU worker (`resolve_spec`); early stopping without validation data, which only
-this service can tell, since it reads the dataset's splits here.
+this service can tell, since it reads the dataset's splits here. It also keeps the organization's quotas
+(`services.jobs.quotas`): too many QUEUED jobs is refused, and a job beyond the running limit waits QUEUED
+with its assignment held back until one of the organization's jobs ends.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ import builtins
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import grpc
@@ -37,6 +47,7 @@ from services.jobs.converters import job_to_proto, worker_to_proto
 from services.jobs.datasets_client import DatasetLookup
 from services.jobs.estimation_client import HardwareCheck
 from services.jobs.models import JobInbox, JobOutbox, JobRow, WorkerRow
+from services.jobs.quotas import SLOT_STATES, JobQuotas, held_note
 from services.jobs.repository import JobRepository, WorkerRepository
 from services.jobs.workers import (
     WorkerRules,
@@ -55,6 +66,8 @@ from tuneforge_core import states, subjects
 from tuneforge_core.errors import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
     Violations,
     error_status,
     not_found,
@@ -71,6 +84,14 @@ log = logging.getLogger(__name__)
 S = job_pb2.JobState
 U = events_pb2.WorkerUpdateKind
 W = job_pb2.WorkerState
+# The first updates of a delivery: only these may establish a newer delivery as the job's holder.
+DELIVERY_STARTS = frozenset({U.WORKER_UPDATE_KIND_PREPARING, U.WORKER_UPDATE_KIND_RUNNING})
+# Where rejected worker updates go besides the log: (job_id, organization, worker_id, reason).
+RejectionHook = Callable[[str, str, str, str], None]
+
+
+def _no_audit(job_id: str, organization: str, worker_id: str, reason: str) -> None:
+    pass
 
 
 def _split_uri(dataset: dataset_pb2.Dataset, kind: int) -> str:
@@ -85,13 +106,25 @@ def _request_hash(request: job_service_pb2.CreateJobRequest) -> str:
     return hashlib.sha256(clean.SerializeToString(deterministic=True)).hexdigest()
 
 
+@dataclass(frozen=True)
+class _Refusal:
+    """A worker update the fence refused, and why."""
+
+    organization: str
+    reason: str
+
+
 class JobManager:
     def __init__(self, db: Database, relay: OutboxRelay, datasets: DatasetLookup, store: ObjectStore,
                  nc: NATS, *, hardware: HardwareCheck | None = None,
                  allow_user_reward_code: bool = False, models: ModelPolicy | None = None,
-                 workers: WorkerRules | None = None) -> None:
+                 workers: WorkerRules | None = None, quotas: JobQuotas | None = None) -> None:
         self.db = db
         self.worker_rules = workers or WorkerRules()
+        self.quotas = quotas or JobQuotas()
+        # Called (after the transaction) for every worker update refused by the fence; a no-op until an
+        # audit log is wired in. Its failures are logged, never raised into the update consumer.
+        self.on_rejected_update: RejectionHook = _no_audit
         # Since when this process hears heartbeats (the component resets it after a NATS reconnect): a
         # worker's silence only counts from here.
         self.listening_since = utcnow()
@@ -128,6 +161,54 @@ class JobManager:
         if state in FINAL:
             row.end_time = utcnow()
         self._record_change(session, row, previous)
+        if state in FINAL and previous not in FINAL and row.dispatched:
+            self._dispatch_held(session, row.organization)  # it held a running slot: the next may start
+
+    # -- quotas (services.jobs.quotas) -----------------------------------------------------------
+
+    def _check_queued_quota(self, repo: JobRepository, org: str) -> None:
+        limit = self.quotas.max_queued_jobs_per_org
+        if limit <= 0:
+            return
+        queued = repo.count(org, [S.JOB_STATE_QUEUED])
+        if queued >= limit:
+            raise ResourceExhausted(
+                f"organization {org} has {queued} queued jobs, its limit (max_queued_jobs_per_org = "
+                f"{limit}); wait for some to start or cancel some",
+                reason=Reason.QUOTA_EXCEEDED,
+                metadata={"limit": "max_queued_jobs_per_org", "value": str(limit), "queued": str(queued)})
+
+    def _running(self, repo: JobRepository, org: str) -> int:
+        """The organization's jobs that hold a running slot: dispatched and not ended."""
+        return repo.count(org, SLOT_STATES, dispatched=True)
+
+    def _dispatch_held(self, session: Session, org: str) -> int:
+        """Publishes the organization's oldest held jobs into the running slots free now; returns how many.
+        Locks the organization first (callers hold no lock on a held job)."""
+        repo = JobRepository(session)
+        repo.lock_organization(org)
+        limit = self.quotas.max_running_jobs_per_org
+        free = None if limit <= 0 else limit - self._running(repo, org)
+        if free is not None and free <= 0:
+            return 0
+        held = repo.held(org, limit=free, for_update=True)
+        if not held:
+            return 0
+        workers = WorkerRepository(session).all()
+        for row in held:
+            assert row.assignment is not None, f"held job {row.id} has no assignment"
+            assignment = events_pb2.JobAssignment.FromString(row.assignment)
+            row.dispatched, row.assignment = True, None
+            row.status_message = waiting_note(assignment.spec.hardware, workers, utcnow(),
+                                              self.listening_since, self.worker_rules)
+            self._record_change(session, row, row.state)
+            add_event(session, JobOutbox, subjects.work_jobs(assignment.spec.hardware.gpu_type), assignment,
+                      assignment.event_id)
+            log.info("job %s of organization %s dispatched: a running slot freed", row.id, org)
+        return len(held)
+
+    def _held_message(self, repo: JobRepository, org: str) -> str:
+        return held_note(org, self._running(repo, org), self.quotas.max_running_jobs_per_org)
 
     # -- API -------------------------------------------------------------------------------------
 
@@ -180,6 +261,7 @@ class JobManager:
             request_hash=_request_hash(request), create_time=now, update_time=now,
         )
         if request.validate_only:
+            await self.db.run(lambda s: self._check_queued_quota(JobRepository(s), org))
             row.revision = 1
             return job_to_proto(row)
 
@@ -193,16 +275,25 @@ class JobManager:
 
         def insert(session: Session) -> job_pb2.Job:
             repo = JobRepository(session)
+            repo.lock_organization(org)  # first: the quota decisions of one organization take turns
             if repo.name_taken(org, row.name):
                 raise AlreadyExists(f"a job named '{row.name}' already exists in organization '{org}'",
                                     metadata={"resource_type": "job", "resource": row.name})
-            row.status_message = waiting_note(spec.hardware, WorkerRepository(session).all(), utcnow(),
-                                              self.listening_since, self.worker_rules)
+            self._check_queued_quota(repo, org)
+            limit = self.quotas.max_running_jobs_per_org
+            row.dispatched = limit <= 0 or self._running(repo, org) < limit
+            if row.dispatched:
+                row.status_message = waiting_note(spec.hardware, WorkerRepository(session).all(), utcnow(),
+                                                  self.listening_since, self.worker_rules)
+            else:  # held: published when one of the organization's jobs ends
+                row.assignment = assignment.SerializeToString()
+                row.status_message = self._held_message(repo, org)
             repo.add(row)
             self._record_change(session, row, S.JOB_STATE_UNSPECIFIED)
-            # Queued by GPU type: only workers that have it (or any worker, when it names none) pull it.
-            add_event(session, JobOutbox, subjects.work_jobs(spec.hardware.gpu_type), assignment,
-                      assignment.event_id)
+            if row.dispatched:
+                # Queued by GPU type: only workers that have it (or any worker, when it names none) pull it.
+                add_event(session, JobOutbox, subjects.work_jobs(spec.hardware.gpu_type), assignment,
+                          assignment.event_id)
             return job_to_proto(row)
 
         try:
@@ -316,22 +407,43 @@ class JobManager:
 
     # -- worker updates --------------------------------------------------------------------------
 
-    async def apply_worker_update(self, update: events_pb2.WorkerJobUpdate) -> bool:
-        """Applies one update from a worker; returns whether it changed the job."""
-        changed = await self.db.run(lambda s: self._apply(s, update))
-        if changed:
-            self.relay.notify()
-        return changed
+    async def apply_worker_update(self, update: events_pb2.WorkerJobUpdate, subject: str | None = None
+                                  ) -> bool:
+        """Applies one update from a worker; returns whether it changed the job.
 
-    def _apply(self, session: Session, update: events_pb2.WorkerJobUpdate) -> bool:
-        if not first_time(session, JobInbox, update.event_id):
+        An update the fence refuses (`_fence`; also one that came on another job's `subject`, when given)
+        changes nothing, is not recorded as applied (a forged copy cannot use up a genuine update's event
+        id), and is logged at WARNING and passed to `on_rejected_update`."""
+        result = await self.db.run(lambda s: self._apply(s, update, subject))
+        if isinstance(result, _Refusal):
+            self._refused(update, result.organization, result.reason)
             return False
+        if result:
+            self.relay.notify()
+        return result
+
+    def _refused(self, update: events_pb2.WorkerJobUpdate, organization: str, reason: str) -> None:
+        log.warning("worker update refused: job %s (organization %s), worker %r, attempt %d, %s: %s",
+                    update.job_id, organization or "?", update.worker_id, update.attempt,
+                    U.Name(update.kind) if update.kind in U.values() else update.kind, reason)
+        try:
+            self.on_rejected_update(update.job_id, organization, update.worker_id, reason)
+        except Exception:
+            log.exception("could not record the refused update %s of job %s", update.event_id, update.job_id)
+
+    def _apply(self, session: Session, update: events_pb2.WorkerJobUpdate,
+               subject: str | None = None) -> bool | _Refusal:
+        if session.get(JobInbox, update.event_id) is not None:
+            return False  # applied before: a redelivery
         row = JobRepository(session).get(update.job_id, for_update=True)
         if row is None:
-            log.warning("update %s for unknown job %s ignored", update.event_id, update.job_id)
-            return False
-        if row.state in FINAL or update.attempt < row.attempt:
-            return False  # final states never change; a superseded delivery has no say
+            return _Refusal("", "the job does not exist")
+        if subject is not None and subject != subjects.worker_status(row.id):
+            return _Refusal(row.organization, f"it came on subject {subject}, not the job's own")
+        refusal = self._fence(row, update)
+        if refusal is not None:
+            return _Refusal(row.organization, refusal)
+        first_time(session, JobInbox, update.event_id)
         kind = update.kind
         if (row.state == S.JOB_STATE_QUEUED and row.requeue_note and update.attempt == row.attempt
                 and update.worker_id == row.worker_id and kind != U.WORKER_UPDATE_KIND_PREPARING):
@@ -372,6 +484,67 @@ class JobManager:
             return True
         log.warning("update %s has unknown kind %s", update.event_id, kind)
         return False
+
+    def _fence(self, row: JobRow, update: events_pb2.WorkerJobUpdate) -> str | None:
+        """Why the update must not touch the job, or None when it comes from the delivery holding it.
+
+        The job's row is the record: `(worker_id, attempt)` of the delivery that holds it (attempt 0 and
+        no worker before the first). An update is accepted when
+        - the job has not ended (a final state never changes, whoever asks), and its assignment was
+          published (a job held back by its organization's running limit has no delivery at all);
+        - it claims the holder's attempt from the holder's worker id, or it claims a newer attempt (a
+          delivery count the work queue has gone on to: the old delivery's claim lapsed) with the first
+          update of a delivery, PREPARING or RUNNING, which makes it the holder; an older attempt, another
+          worker's id on the holder's attempt, or any other kind on a newer attempt is refused. A worker
+          thought lost that still runs the job keeps it only while no newer delivery took it;
+        - a newer attempt stays within the work queue's deliveries (TUNEFORGE_WORK_MAX_DELIVER), so a
+          made-up attempt cannot fence out every genuine delivery to come;
+        - a SUCCEEDED's artifact URIs (adapter, merged model) are in this deployment's object store under
+          the job's own output prefix, jobs/<organization>/<job id>/, where the worker puts them.
+        """
+        if row.state in FINAL:
+            return f"the job already ended {states.name(row.state)}"
+        if not row.dispatched:
+            return "the job was never handed to the work queue (its organization's running limit holds it)"
+        worker, attempt = update.worker_id, update.attempt
+        if not 0 < len(worker) <= 255:
+            return "the update names no usable worker id"
+        if attempt < row.attempt:
+            return (f"attempt {attempt} is stale: the job's current delivery is attempt {row.attempt}, "
+                    f"on worker {row.worker_id}")
+        if attempt == row.attempt:
+            if attempt <= 0:
+                return f"attempt {attempt} is no delivery of the job"
+            if worker != row.worker_id:
+                return (f"worker {worker} does not hold the job: attempt {attempt} is on worker "
+                        f"{row.worker_id}")
+        else:
+            if update.kind not in DELIVERY_STARTS:
+                return (f"attempt {attempt} is a delivery the job has no record of (its current one is "
+                        f"attempt {row.attempt}), and a delivery starts with PREPARING or RUNNING")
+            limit = self.worker_rules.max_deliver
+            if 0 < limit < attempt:
+                return f"attempt {attempt} is beyond the work queue's {limit} deliveries"
+        if update.kind == U.WORKER_UPDATE_KIND_SUCCEEDED:
+            return self._check_artifacts(row, update.output)
+        return None
+
+    def _check_artifacts(self, row: JobRow, output: job_pb2.JobOutput) -> str | None:
+        """Why a SUCCEEDED's output must not be recorded, or None when every artifact URI it names is the
+        canonical URI of an object-store key under jobs/<organization>/<job id>/."""
+        prefix = f"jobs/{row.organization}/{row.id}/"
+        for field in ("adapter_uri", "merged_model_uri"):
+            uri = getattr(output, field)
+            if not uri:
+                continue
+            try:
+                key = self.store.key_of(uri)
+                canonical = self.store.uri(key) == uri  # no "..", no query, no second spelling
+            except InvalidArgument:
+                return f"output.{field} {uri!r} is not in this deployment's object store"
+            if not canonical or not key.startswith(prefix) or len(key) == len(prefix):
+                return f"output.{field} {uri!r} is not under the job's output prefix {self.store.uri(prefix)}"
+        return None
 
     async def fail_lost(self, job_id: str, deliveries: int) -> bool:
         """Fails a job whose assignment ran out of deliveries (every worker died or timed out)."""
@@ -447,8 +620,9 @@ class JobManager:
         return changed
 
     async def check_workers(self, now: datetime | None = None) -> int:
-        """The periodic pass: jobs whose worker is gone go back to the queue (or end), each queued job's
-        reason is brought up to date, and long-gone workers are forgotten. Returns how many jobs changed."""
+        """The periodic pass: jobs whose worker is gone go back to the queue (or end), held jobs whose
+        organization has a running slot free are dispatched, each queued job's reason is brought up to
+        date, and long-gone workers are forgotten. Returns how many jobs changed."""
         at = now or utcnow()
         rules = self.worker_rules
 
@@ -480,15 +654,24 @@ class JobManager:
                     continue  # a worker took it meanwhile
                 changed += self._lose(session, fresh, held[0], how, since, all_workers, at)
                 lost.add(job.id)
+            # A slot freed without a turn taken (a limit raised, a transaction that lost its turn).
+            for org in sorted({job.organization for job in jobs.held()}):
+                changed += self._dispatch_held(session, org)
+            held_notes: dict[str, str] = {}
             for job in jobs.in_states([S.JOB_STATE_QUEUED]):
                 if job.id in lost:
                     continue  # its message was written with the move
-                hardware = job_pb2.JobSpec.FromString(job.spec).hardware
-                note = waiting_note(hardware, all_workers, at, self.listening_since, rules)
+                if job.dispatched:
+                    hardware = job_pb2.JobSpec.FromString(job.spec).hardware
+                    note = waiting_note(hardware, all_workers, at, self.listening_since, rules)
+                else:
+                    if job.organization not in held_notes:
+                        held_notes[job.organization] = self._held_message(jobs, job.organization)
+                    note = held_notes[job.organization]
                 if queued_message(job.requeue_note, note) == job.status_message:
                     continue
                 fresh = jobs.get(job.id, for_update=True)
-                if fresh is None or fresh.state != S.JOB_STATE_QUEUED:
+                if fresh is None or fresh.state != S.JOB_STATE_QUEUED or fresh.dispatched != job.dispatched:
                     continue
                 fresh.status_message = queued_message(fresh.requeue_note, note)
                 self._record_change(session, fresh, fresh.state)

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Float, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.kit.outbox import InboxMixin, OutboxMixin, utcnow
@@ -46,6 +57,10 @@ class JobRow(Base):
     status_message: Mapped[str] = mapped_column(Text, default="")
     # Set when the job went back to QUEUED because its worker was lost; cleared when a worker takes it.
     requeue_note: Mapped[str] = mapped_column(Text, default="")
+    # Whether its JobAssignment went to the work queue. A job beyond its organization's running limit
+    # waits QUEUED without (services.jobs.quotas); its assignment is kept here until a slot frees.
+    dispatched: Mapped[bool] = mapped_column(Boolean, default=True)
+    assignment: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class WorkerRow(Base):
@@ -69,6 +84,15 @@ class WorkerRow(Base):
     last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     # Seconds after last_heartbeat at which the worker counts as gone.
     lost_after_s: Mapped[float] = mapped_column(Float, default=60.0)
+
+
+class OrganizationLock(Base):
+    """One row per organization that created a job: CreateJob and the dispatch of waiting jobs lock it, so
+    two transactions never both take an organization's last queued or running slot."""
+
+    __tablename__ = "jobs_org_locks"
+
+    organization: Mapped[str] = mapped_column(String(63), primary_key=True)
 
 
 class JobOutbox(OutboxMixin, Base):

@@ -6,10 +6,14 @@ import builtins
 from collections.abc import Collection, Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from tuneforge.v1 import job_pb2
 
-from services.jobs.models import JobRow, WorkerRow
+from services.jobs.models import JobRow, OrganizationLock, WorkerRow
+
+QUEUED = job_pb2.JOB_STATE_QUEUED
 
 
 class JobRepository:
@@ -68,6 +72,45 @@ class JobRepository:
         if for_update:
             query = query.with_for_update()
         return list(self.session.scalars(query.order_by(JobRow.id)))
+
+    # -- quotas (services.jobs.quotas) -----------------------------------------------------------
+
+    def lock_organization(self, organization: str) -> None:
+        """Locks the organization's quota row (created on first use) until the transaction ends: the
+        decisions that count its jobs (CreateJob, dispatching a held job) then take turns. Done first in a
+        transaction, this is its first write too, so SQLite serializes it the same way."""
+        dialect = self.session.get_bind().dialect.name
+        values = {"organization": organization}
+        if dialect == "postgresql":
+            self.session.execute(postgresql.insert(OrganizationLock).values(values).on_conflict_do_nothing())
+        elif dialect == "sqlite":
+            self.session.execute(sqlite.insert(OrganizationLock).values(values).on_conflict_do_nothing())
+        elif self.session.get(OrganizationLock, organization) is None:
+            self.session.add(OrganizationLock(organization=organization))
+            self.session.flush()
+        self.session.scalars(select(OrganizationLock).where(OrganizationLock.organization == organization)
+                             .with_for_update()).first()
+
+    def count(self, organization: str, states: Collection[int], *, dispatched: bool | None = None) -> int:
+        query = select(func.count()).select_from(JobRow).where(
+            JobRow.organization == organization, JobRow.state.in_(list(states)))
+        if dispatched is not None:
+            query = query.where(JobRow.dispatched.is_(dispatched))
+        return int(self.session.scalar(query) or 0)
+
+    def held(self, organization: str | None = None, *, limit: int | None = None,
+             for_update: bool = False) -> builtins.list[JobRow]:
+        """QUEUED jobs whose assignment waits for a running slot, oldest first (of one organization when
+        given); with `for_update`, locked and read again."""
+        query = select(JobRow).where(JobRow.dispatched.is_(False), JobRow.state == QUEUED)
+        if organization is not None:
+            query = query.where(JobRow.organization == organization)
+        query = query.order_by(JobRow.create_time, JobRow.id)
+        if limit is not None:
+            query = query.limit(limit)
+        if for_update:
+            query = query.with_for_update().execution_options(populate_existing=True)
+        return list(self.session.scalars(query))
 
 
 class WorkerRepository:

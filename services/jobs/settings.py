@@ -1,7 +1,10 @@
-"""Settings of the jobs service: the kit's TUNEFORGE_* settings plus what CreateJob admits and how it
-watches workers (services.jobs.workers)."""
+"""Settings of the jobs service: the kit's TUNEFORGE_* settings plus what CreateJob admits, how many jobs
+each organization may have waiting and running (services.jobs.quotas), and how it watches workers
+(services.jobs.workers)."""
 
 from __future__ import annotations
+
+from pydantic import Field
 
 from tuneforge_core.settings import KitSettings
 
@@ -18,3 +21,9 @@ class JobSettings(KitSettings):
     worker_seen_window_s: float = 300.0
     # Workers not heard from for this long leave ListWorkers.
     worker_forget_after_s: float = 24 * 3600.0
+    # TUNEFORGE_MAX_QUEUED_JOBS_PER_ORG: QUEUED jobs an organization may have; CreateJob beyond it answers
+    # RESOURCE_EXHAUSTED (reason QUOTA_EXCEEDED). 0: no limit.
+    max_queued_jobs_per_org: int = Field(default=20, ge=0)
+    # TUNEFORGE_MAX_RUNNING_JOBS_PER_ORG: jobs of an organization handed to the work queue at once (running,
+    # or queued for a worker); the next ones wait, QUEUED, until one of them ends. 0: no limit.
+    max_running_jobs_per_org: int = Field(default=4, ge=0)

@@ -15,6 +15,7 @@ from services.jobs.models import JobOutbox, JobRow
 from services.kit.db import Database
 from services.kit.outbox import OutboxRelay
 from tuneforge_core.errors import FailedPrecondition, NotFound
+from tuneforge_core.storage import LocalObjectStore
 
 S = job_pb2.JobState
 U = events_pb2.WorkerUpdateKind
@@ -26,7 +27,8 @@ def manager(tmp_path: Path) -> JobManager:
     db.migrate(MIGRATIONS)
     db.migrate(MIGRATIONS)  # idempotent
     relay = OutboxRelay(db, js=None, model=JobOutbox)  # type: ignore[arg-type]
-    return JobManager(db, relay, datasets=None, store=None, nc=None)  # type: ignore[arg-type]
+    store = LocalObjectStore(tmp_path / "objects")
+    return JobManager(db, relay, datasets=None, store=store, nc=None)  # type: ignore[arg-type]
 
 
 def insert_job(manager: JobManager, job_id: str = "job_1", state: int = S.JOB_STATE_QUEUED) -> None:
@@ -55,11 +57,11 @@ async def test_happy_path_and_events(manager: JobManager) -> None:
     progress.progress.step, progress.progress.total_steps = 5, 10
     assert await manager.apply_worker_update(progress)
     done = update(U.WORKER_UPDATE_KIND_SUCCEEDED)
-    done.output.adapter_uri = "file:///x/adapter"
+    done.output.adapter_uri = manager.store.uri("jobs/acme/job_1/adapter")  # under the job's prefix
     assert await manager.apply_worker_update(done)
     job = await manager.get("acme", "job_1")
     assert job.state == S.JOB_STATE_SUCCEEDED
-    assert job.output.adapter_uri == "file:///x/adapter"
+    assert job.output.adapter_uri == done.output.adapter_uri
     assert job.progress.step == 5 and job.end_time.seconds > 0
     assert job.revision == 5
     assert outbox_count(manager) == 4  # one JobChanged per change
