@@ -14,6 +14,7 @@ from tuneforge.v1 import identity_pb2
 from services.client import TuneForgeClient
 from services.client.client import with_api_key
 from services.kit.auth import bearer_interceptors
+from services.kit.keyfiles import secret_file
 from services.kit.runtime import SERVICE_TOKEN_FILE
 
 # Given to every in-test service process through `kit_settings` (tests/conftest.py).
@@ -30,7 +31,7 @@ def service_credentials() -> list[grpc.aio.ClientInterceptor]:
 
 def platform_token(data_dir: Path) -> str:
     """The service token a platform started by `Platform` generated in its data dir."""
-    return (data_dir / SERVICE_TOKEN_FILE).read_text().strip()
+    return secret_file(data_dir, SERVICE_TOKEN_FILE).read_text().strip()
 
 
 def make_key(address: str, data_dir: Path, org: str, role: str = "admin") -> str:

@@ -61,7 +61,7 @@ class KitSettings(BaseSettings):
     # -- authentication (services.kit.auth) --
     # The secret the services present to each other ("authorization: Bearer <token>"); it acts in any
     # organization, so guard it like the database password. Empty: one generated once in
-    # <data_dir>/service.token (mode 0600), shared by every process on that data dir.
+    # <data_dir>/secrets/service.token (mode 0600), shared by every process on that data dir.
     service_token: str = Field(default="", repr=False)
     # OIDC issuers whose bearer tokens are accepted, as a JSON list of objects (services.kit.oidc): issuer,
     # audience, jwks_url, and organization or organization_claim, role_claim, default_role.

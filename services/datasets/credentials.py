@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-from services.kit.keyfiles import load_or_create_key
+from services.kit.keyfiles import load_or_create_key, secret_file
 
 KEY_FILE = "credentials.key"
 
@@ -24,8 +24,8 @@ class CredentialsKeyError(RuntimeError):
 
 
 def _load_or_create_key(data_dir: Path) -> str:
-    """The key in data_dir/credentials.key, created with mode 0600 if absent (see services.kit.keyfiles)."""
-    return load_or_create_key(data_dir / KEY_FILE, Fernet.generate_key)
+    """The key in data_dir/secrets/credentials.key, made with mode 0600 if absent (services.kit.keyfiles)."""
+    return load_or_create_key(secret_file(data_dir, KEY_FILE), Fernet.generate_key)
 
 
 class CredentialCipher:

@@ -11,8 +11,8 @@ INVALID_PAGE_TOKEN and a violation on `page_token`: a client learns nothing from
 The key is process-wide. `configure_from_settings(settings)` sets it once when a service process starts
 (`services.kit.runtime.serve` calls it): TUNEFORGE_PAGE_TOKEN_KEY if set (several comma-separated keys
 rotate: the first signs, any verifies), else a key generated once and kept in
-`<data_dir>/page_token.key` (mode 0600), shared by every process on that data dir. Processes that serve
-the same API behind one address need the same key. Until something configures it (unit tests, scripts)
+`<data_dir>/secrets/page_token.key` (mode 0600), shared by every process on that data dir. Processes that
+serve the same API behind one address need the same key. Until something configures it (unit tests, scripts)
 the key is a random one made for this process, so tokens work within the process and nowhere else.
 """
 
@@ -81,8 +81,9 @@ def configure_from_settings(settings: Any) -> None:
 
 
 def load_or_create_key(data_dir: Path) -> str:
-    """The key in data_dir/page_token.key, created with mode 0600 if absent (see services.kit.keyfiles)."""
-    return keyfiles.load_or_create_key(data_dir / KEY_FILE, lambda: secrets.token_hex(32).encode())
+    """The key in data_dir/secrets/page_token.key, made with mode 0600 if absent (services.kit.keyfiles)."""
+    return keyfiles.load_or_create_key(keyfiles.secret_file(data_dir, KEY_FILE),
+                                       lambda: secrets.token_hex(32).encode())
 
 
 # ---- tokens -------------------------------------------------------------------------------------

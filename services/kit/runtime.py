@@ -18,10 +18,10 @@ Every call one service makes to another carries a deadline.
 
 Every call is authenticated (services.kit.auth): the server refuses to start when one of its RPCs does
 not declare its access, and the channels between services carry the service token
-(`KitSettings.service_token`, else `<data_dir>/service.token`). With `tls_cert_file` and `tls_key_file`
-the server listens with TLS (mutual TLS with `tls_client_ca_file`) and the channels between services
-use TLS too; without TLS on an address other than loopback it says at start that credentials travel in
-plaintext.
+(`KitSettings.service_token`, else `<data_dir>/secrets/service.token`). With `tls_cert_file` and
+`tls_key_file` the server listens with TLS (mutual TLS with `tls_client_ca_file`) and the channels
+between services use TLS too; without TLS on an address other than loopback it says at start that
+credentials travel in plaintext.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def service_token(settings: KitSettings) -> str:
     """The token the services present to each other: the setting, else one generated once in the data dir."""
     if settings.service_token:
         return settings.service_token
-    return keyfiles.load_or_create_key(settings.data_dir / SERVICE_TOKEN_FILE,
+    return keyfiles.load_or_create_key(keyfiles.secret_file(settings.data_dir, SERVICE_TOKEN_FILE),
                                        lambda: ("tfs_" + secrets.token_urlsafe(32)).encode())
 
 

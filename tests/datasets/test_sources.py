@@ -666,7 +666,7 @@ async def test_interrupted_import_leaves_only_its_sealed_request_and_resumes(
 
 def test_credentials_cipher_seals_rotates_and_refuses_wrong_keys(tmp_path: Path) -> None:
     generated = CredentialCipher.from_settings("", tmp_path)
-    key_file = tmp_path / KEY_FILE
+    key_file = tmp_path / "secrets" / KEY_FILE
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     sealed = generated.seal(b"secret")
     assert b"secret" not in sealed

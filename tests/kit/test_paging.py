@@ -175,12 +175,12 @@ def test_configured_key_must_be_long_enough(bad: str) -> None:
 
 def test_settings_key_wins_and_empty_means_a_key_file_kept_private(tmp_path: Path) -> None:
     paging.configure_from_settings(KitSettings(data_dir=tmp_path / "a", page_token_key="s" * 20))
-    assert not (tmp_path / "a" / paging.KEY_FILE).exists()
+    assert not (tmp_path / "a" / "secrets" / paging.KEY_FILE).exists()
     token = encode_token("x", QUERY)
     assert decode_token(token, QUERY, cursor_type=str) == "x"
 
     paging.configure_from_settings(KitSettings(data_dir=tmp_path / "b"))
-    key_file = tmp_path / "b" / paging.KEY_FILE
+    key_file = tmp_path / "b" / "secrets" / paging.KEY_FILE
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert_rejected(token, cursor_type=str)  # another key now
     token = encode_token("x", QUERY)
@@ -188,7 +188,7 @@ def test_settings_key_wins_and_empty_means_a_key_file_kept_private(tmp_path: Pat
     paging.configure(KEY)
     paging.configure_from_settings(KitSettings(data_dir=tmp_path / "b"))
     assert decode_token(token, QUERY, cursor_type=str) == "x"
-    assert list((tmp_path / "b").iterdir()) == [key_file]  # no temporary file left behind
+    assert list((tmp_path / "b" / "secrets").iterdir()) == [key_file]  # no temporary file left behind
 
 
 def test_settings_read_the_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
