@@ -48,13 +48,13 @@ class ApiKeyServicer(api_key_service_pb2_grpc.ApiKeyServiceServicer):
             v.add("role", "must be ROLE_VIEWER, ROLE_MEMBER or ROLE_ADMIN")
         ttl = self.default_ttl
         if request.HasField("ttl"):
-            if request.ttl.nanos < 0 or request.ttl.seconds < 0:
-                v.add("ttl", "must be positive")
+            seconds = request.ttl.seconds
+            in_range = MIN_TTL.total_seconds() <= seconds <= self.max_ttl.total_seconds()
+            if not in_range or request.ttl.nanos < 0:
+                v.add("ttl", f"must be between 1 hour and {self.max_ttl.days} days "
+                             "(TUNEFORGE_API_KEY_MAX_TTL_DAYS)")
             else:
-                ttl = timedelta(seconds=request.ttl.seconds)
-                if not MIN_TTL <= ttl <= self.max_ttl:
-                    v.add("ttl", f"must be between 1 hour and {self.max_ttl.days} days "
-                                 "(TUNEFORGE_API_KEY_MAX_TTL_DAYS)")
+                ttl = timedelta(seconds=seconds)
         v.raise_if_any("the API key request is invalid")
         key, secret = await asyncio.to_thread(self.store.create_key, request.organization, request.name,
                                               request.role, ttl, current_principal().name)

@@ -41,7 +41,7 @@ from google.protobuf.internal import encoder
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tuneforge.v1 import dataset_pb2, dataset_service_pb2, estimation_service_pb2
+from tuneforge.v1 import dataset_pb2, dataset_service_pb2, estimation_service_pb2, identity_pb2
 
 from tests.auth import keyed_channel, make_key
 from tests.platform.conftest import ORG, Seeded
@@ -68,7 +68,8 @@ def service_methods() -> list[descriptor.MethodDescriptor]:
 
 
 METHODS = service_methods()
-DESTRUCTIVE = ("DeleteDataset", "CancelJob")
+# RevokeApiKey: its base names no key (a revoked fuzz key would end the run), so it is not judged OK.
+DESTRUCTIVE = ("DeleteDataset", "CancelJob", "RevokeApiKey")
 
 
 def destructive_last(item: Any) -> tuple[bool, str]:
@@ -432,6 +433,8 @@ class Bases:
             message.hardware.gpu_type = self.gpu_type  # type: ignore[attr-defined]
         if desc.full_name == "tuneforge.v1.UploadDatasetMetadata":
             message.min_examples = 1  # type: ignore[attr-defined]
+        if desc.full_name == "tuneforge.v1.CreateApiKeyRequest":
+            message.role = identity_pb2.ROLE_VIEWER  # type: ignore[attr-defined]
         return message
 
     def payload(self, method: descriptor.MethodDescriptor, message: Message) -> bytes | list[bytes]:

@@ -113,6 +113,8 @@ async def test_key_requests_are_validated_field_by_field(kit_settings: KitSettin
                                                      ttl=Duration(seconds=10 * 365 * 86400)), "ttl"),
             (api_key_service_pb2.CreateApiKeyRequest(name="x", role=identity_pb2.ROLE_MEMBER,
                                                      ttl=Duration(seconds=-3600)), "ttl"),
+            (api_key_service_pb2.CreateApiKeyRequest(name="x", role=identity_pb2.ROLE_MEMBER,
+                                                     ttl=Duration(seconds=2**63 - 1)), "ttl"),
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as bad:
                 await stub.CreateApiKey(request, metadata=bearer(admin))
