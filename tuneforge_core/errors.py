@@ -2,8 +2,10 @@
 
 Domain code raises these (it knows nothing of gRPC servers); the kit's `ErrorMappingInterceptor` turns them
 into a google.rpc.Status with an ErrorInfo (domain "tuneforge.dev", reason a `Reason`) and, for invalid
-input, a BadRequest listing every field violation. Anything else becomes INTERNAL with a generic message:
-internals never leak to callers, and the traceback goes to the log with an incident id.
+input, a BadRequest listing every field violation. A full disk or database (ENOSPC, EDQUOT, SQLITE_FULL,
+PostgreSQL's disk_full) becomes RESOURCE_EXHAUSTED saying so, for the caller to retry later. Anything else
+becomes INTERNAL with a generic message: internals never leak to callers, and the traceback goes to the log
+with an incident id.
 
 The way back is the same classes: `error_from_status` rebuilds the typed error from an RPC's status, so the
 Python client raises `NotFound` with `.reason` and `.violations`, and a service calling another one re-raises
@@ -12,7 +14,9 @@ the callee's error as its own (`error_from_rpc_error`).
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -175,10 +179,52 @@ def error_status(code: grpc.StatusCode, message: str, reason: Reason | str,
     return status_pb2.Status(code=code.value[0], message=message, details=details)
 
 
+# errno values of a full disk, and SQLSTATE disk_full (PostgreSQL).
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_PG_DISK_FULL = "53100"
+
+
+def full_storage(exc: BaseException) -> str | None:
+    """What is full when `exc` (or an error it wraps, SQLAlchemy's `.orig` or a cause) says space ran out:
+    "disk" for an OSError ENOSPC/EDQUOT, "database" for SQLite's "database or disk is full" (SQLITE_FULL)
+    or PostgreSQL's disk_full; None for anything else."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+            return "disk"
+        if isinstance(current, sqlite3.Error) and (
+                getattr(current, "sqlite_errorcode", -1) & 0xFF == sqlite3.SQLITE_FULL
+                or "database or disk is full" in str(current)):
+            return "database"
+        if _PG_DISK_FULL in (getattr(current, "sqlstate", None), getattr(current, "pgcode", None)):
+            return "database"
+        orig = getattr(current, "orig", None)  # sqlalchemy.exc.DBAPIError wraps the driver's error
+        todo += [orig if isinstance(orig, BaseException) else None, current.__cause__,
+                 None if current.__suppress_context__ else current.__context__]
+    return None
+
+
 def status_from_exception(exc: BaseException) -> status_pb2.Status:
+    """The status an RPC that raised `exc` answers: a TuneForgeError's own; RESOURCE_EXHAUSTED
+    (QUOTA_EXCEEDED, metadata "resource": disk or database) when the server's disk or database is full
+    (`full_storage`), so the caller retries later; INTERNAL with an incident id for anything else. The
+    last two are logged with their incident id and traceback."""
     if isinstance(exc, TuneForgeError):
         return error_status(exc.code, exc.message, exc.reason, exc.metadata, exc.violations)
     incident = new_id("err")
+    full = full_storage(exc)
+    if full is not None:
+        log.error("the server's %s is full (incident %s)", full, incident, exc_info=exc)
+        what = "disk" if full == "disk" else "database (its disk)"
+        return error_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"The server's {what} is full, so the request could not be completed; retry "
+                            f"later (incident {incident}).",
+                            Reason.QUOTA_EXCEEDED, {"resource": full, "incident": incident})
     log.error("unhandled error (incident %s)", incident, exc_info=exc)
     return error_status(grpc.StatusCode.INTERNAL,
                         f"Internal error; the server logged it as incident {incident}.",
@@ -254,5 +300,6 @@ __all__ = [
     "ERROR_CLASSES", "ERROR_DOMAIN", "AlreadyExists", "DataLoss", "FailedPrecondition", "FieldViolation",
     "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "TuneForgeError",
     "Unauthenticated", "Unavailable", "Unimplemented", "Violations", "error_from_rpc_error",
-    "error_from_status", "error_status", "from_rpc_error", "invalid", "not_found", "status_from_exception",
+    "error_from_status", "error_status", "from_rpc_error", "full_storage", "invalid", "not_found",
+    "status_from_exception",
 ]

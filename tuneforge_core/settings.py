@@ -85,6 +85,9 @@ class KitSettings(BaseSettings):
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
     tls_ca_file: str = ""
+    # Threads each service's database calls run on (services.kit.db), apart from any other work; calls
+    # beyond them wait for one. Keep it within the database's connection pool (10 + 10 overflow).
+    db_workers: int = Field(default=8, gt=0)
 
     @field_validator("model_roots")
     @classmethod

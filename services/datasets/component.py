@@ -30,7 +30,7 @@ class DatasetsComponent(Component):
     def __init__(self, runtime: Runtime, settings: DatasetSettings | None = None) -> None:
         super().__init__(runtime)
         self.settings = settings or DatasetSettings.from_kit(runtime.settings)
-        self.db = Database(self.settings.database_url_for("datasets"), "datasets")
+        self.db = Database(self.settings.database_url_for("datasets"), "datasets", self.settings.db_workers)
         self.db.migrate(MIGRATIONS)
         self.relay = OutboxRelay(self.db, runtime.js, DatasetOutbox)
         self.job_usage = JobUsageConsumer(self.db, runtime.js)
@@ -52,6 +52,6 @@ class DatasetsComponent(Component):
 
     async def stop(self) -> None:
         # Running imports stop first; each keeps only its sealed request, for the next start.
-        await self.manager.imports.close()
+        await self.manager.close()
         await super().stop()
         self.db.dispose()

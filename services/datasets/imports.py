@@ -5,6 +5,13 @@ temp file and goes through the same pipeline as an upload (`UploadManager.proces
 turns the row READY or FAILED. The request, credentials included, waits sealed under the dataset's prefix
 until then (IMPORT_MANIFEST), so a restarted service resumes the import; whatever the way an import ends,
 its temp files and the objects it stored are removed, and so is the sealed request.
+
+Imports run on a pool of their own (`ImportManager.pool`, TUNEFORGE_IMPORT_WORKERS places), never on the
+threads the database or other services use: at most that many imports check, read or process their
+sources at once, each holding one place from its check to its end, and one more CreateDataset is refused
+at once with RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) naming the setting. Every S3/GCS read has connect and
+read timeouts (TUNEFORGE_IMPORT_CONNECT_TIMEOUT_S / _READ_TIMEOUT_S), so a source that never answers fails
+its import and gives its place back.
 """
 
 from __future__ import annotations
@@ -49,7 +56,15 @@ from services.datasets.sources import (
 )
 from services.datasets.uploads import UploadManager, invalid_dataset, request_fingerprint
 from services.kit.outbox import utcnow
-from tuneforge_core.errors import AlreadyExists, FieldViolation, InvalidArgument, TuneForgeError, Violations
+from services.kit.pools import BoundedPool, Slot
+from tuneforge_core.errors import (
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    TuneForgeError,
+    Violations,
+    full_storage,
+)
 from tuneforge_core.ids import new_id
 
 log = logging.getLogger(__name__)
@@ -88,6 +103,9 @@ class ImportManager:
         self.db = uploads.db
         self.store = uploads.store
         self.settings = uploads.settings
+        # One place per import, from its check to its end; the import's blocking calls run on these threads.
+        self.pool = BoundedPool("dataset imports", self.settings.import_workers, 0,
+                                setting="TUNEFORGE_IMPORT_WORKERS")
         # Running imports by dataset id, each with the event that stops its fetch thread.
         self.running: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
 
@@ -99,7 +117,9 @@ class ImportManager:
     def _fetch_settings(self) -> FetchSettings:
         return FetchSettings(limit=self.settings.max_upload_bytes,
                              multipart_threshold=self.settings.import_multipart_threshold_bytes,
-                             multipart_chunk=self.settings.import_multipart_chunk_bytes)
+                             multipart_chunk=self.settings.import_multipart_chunk_bytes,
+                             connect_timeout=self.settings.import_connect_timeout_s,
+                             read_timeout=self.settings.import_read_timeout_s)
 
     def check(self, request: ImportRequest) -> tuple[SplitPlan, Source]:
         """Every problem of a CreateDataset request at once: the upload rules, then the source's."""
@@ -120,6 +140,7 @@ class ImportManager:
         the import; or returns the dataset an earlier call with the same request_id created.
 
         `manifest` is the request as the caller sent it (secrets included); it is stored sealed only.
+        RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) at once when TUNEFORGE_IMPORT_WORKERS imports already run.
         """
         plan, source = self.check(request)
         spec = replace(request.spec, filename=source.uri)
@@ -129,8 +150,20 @@ class ImportManager:
             raise _as_create_fields(exc) from None
         if existing is not None:
             return existing
+        slot = self.pool.reserve()
+        started = False
+        try:
+            created, started = await self._create(request, source, spec, plan, manifest, slot)
+            return created
+        finally:
+            if not started:
+                slot.release()
+
+    async def _create(self, request: ImportRequest, source: Source, spec: UploadSpec, plan: SplitPlan,
+                      manifest: bytes, slot: Slot) -> tuple[DatasetRecord, bool]:
+        """create() within its place in the pool; True when the import started, and took the place over."""
         reader = open_reader(source, request.credentials, self._fetch_settings())
-        await to_the_end(asyncio.to_thread(reader.check))
+        await to_the_end(slot.run(reader.check))
         now = utcnow()
         dataset_id = new_id("ds")
         record = DatasetRecord(
@@ -146,30 +179,38 @@ class ImportManager:
         insert: asyncio.Future[DatasetRecord] | None = None
         try:
             sealed = self._cipher.seal(manifest)
-            await to_the_end(asyncio.to_thread(self.store.put_bytes, prefix + IMPORT_MANIFEST, sealed))
+            await to_the_end(slot.run(self.store.put_bytes, prefix + IMPORT_MANIFEST, sealed))
             insert = asyncio.ensure_future(self.db.run(lambda s: self.uploads.insert(s, record, b"")))
             try:
                 created, new = await self.uploads.inserted(spec, insert)
             except AlreadyExists as exc:
                 raise _as_create_fields(exc) from None
             if not new:
-                return created
+                return created, False
         finally:
             if not succeeded(insert):
-                await to_the_end(asyncio.to_thread(delete_objects, self.store, prefix))
+                await to_the_end(slot.run(delete_objects, self.store, prefix))
         self.uploads.notify()
         log.info("dataset %s: importing from %s", created.id, source.uri)
-        self._start(created, spec, plan, reader)
-        return created
+        self._start(created, spec, plan, reader, slot)
+        return created, True
 
-    def _start(self, record: DatasetRecord, spec: UploadSpec, plan: SplitPlan, reader: SourceReader) -> None:
+    def _start(self, record: DatasetRecord, spec: UploadSpec, plan: SplitPlan, reader: SourceReader,
+               slot: Slot) -> None:
+        """Runs the import in the background; it gives `slot` back when it ends, however it ends."""
         stop = threading.Event()
-        task = asyncio.create_task(self._run(record, spec, plan, reader, stop), name=f"import-{record.id}")
+        task = asyncio.create_task(self._run(record, spec, plan, reader, stop, slot),
+                                   name=f"import-{record.id}")
         self.running[record.id] = (task, stop)
-        task.add_done_callback(lambda _: self.running.pop(record.id, None))
+
+        def ended(_: asyncio.Task[None]) -> None:
+            self.running.pop(record.id, None)
+            slot.release()
+
+        task.add_done_callback(ended)
 
     async def _run(self, record: DatasetRecord, spec: UploadSpec, plan: SplitPlan,
-                   reader: SourceReader, stop: threading.Event) -> None:
+                   reader: SourceReader, stop: threading.Event, slot: Slot) -> None:
         prefix = dataset_prefix(record.organization, record.id)
         keep = prefix + IMPORT_MANIFEST
         report_bytes = b""
@@ -179,9 +220,9 @@ class ImportManager:
             with tempfile.TemporaryDirectory(dir=tmp_dir, prefix="import-") as work_name:
                 work = Path(work_name)
                 (work / "process").mkdir()
-                size, digest = await _until_done(asyncio.to_thread(
+                size, digest = await _until_done(slot.run(
                     reader.fetch, work / "source.jsonl", work, stop), stop)
-                processed = await to_the_end(asyncio.to_thread(
+                processed = await to_the_end(slot.run(
                     self.uploads.process, work / "source.jsonl", work / "process", spec, plan, prefix))
             report = processed.report
             report_bytes = report_to_proto(report, record.id).SerializeToString()
@@ -193,15 +234,17 @@ class ImportManager:
                            source_key=source_key(record.organization, record.id, processed.kind))
         except asyncio.CancelledError:
             # Shutdown: nothing of this run is kept but the sealed request, from which a restart resumes.
-            await to_the_end(asyncio.to_thread(self._delete_objects_but, prefix, keep))
+            await to_the_end(slot.run(self._delete_objects_but, prefix, keep))
             raise
         except TuneForgeError as exc:
             done = replace(record, state=DatasetState.FAILED, failure_message=exc.message)
-        except Exception:
+        except Exception as exc:
             incident = new_id("err")
             log.exception("dataset %s: import failed (incident %s)", record.id, incident)
+            full = full_storage(exc)
+            why = f"the server's {full} is full; import it again later" if full else "an internal error"
             done = replace(record, state=DatasetState.FAILED,
-                           failure_message=f"The import failed on an internal error; the server logged it as "
+                           failure_message=f"The import failed on {why}; the server logged it as "
                                            f"incident {incident}.")
         done = replace(done, update_time=utcnow())
         try:
@@ -209,11 +252,11 @@ class ImportManager:
         except Exception:
             # The row stays PROCESSING beside its sealed request, so the next start imports it again.
             log.exception("dataset %s: could not record the end of its import", record.id)
-            await to_the_end(asyncio.to_thread(self._delete_objects_but, prefix, keep))
+            await to_the_end(slot.run(self._delete_objects_but, prefix, keep))
             return
         ready = kept and done.state is DatasetState.READY
         # A READY dataset keeps its objects but the sealed request; any other end keeps nothing.
-        await to_the_end(asyncio.to_thread(delete_objects, self.store, keep if ready else prefix))
+        await to_the_end(slot.run(delete_objects, self.store, keep if ready else prefix))
         if kept:
             self.uploads.notify()
         log.info("dataset %s: import ended %s", record.id, done.state.value if kept else "(dataset deleted)")
@@ -244,11 +287,13 @@ class ImportManager:
         """Restarts the imports an earlier run of the service left PROCESSING (it stopped or crashed
         mid-import), from their sealed requests; returns how many. Call once when the service starts.
 
+        A resumed import waits for a place in the pool rather than being refused (it was accepted before).
         An import that cannot be resumed (its request no longer opens with this server's key, or no
         longer passes the checks) ends FAILED; a sealed request whose dataset is gone or finished is
         deleted.
         """
-        keys = await asyncio.to_thread(self.store.list_keys, "datasets/")
+        storage = self.uploads.storage
+        keys = await storage.run(self.store.list_keys, "datasets/")
         resumed = 0
         for key in keys:
             org, _, rest = key.removeprefix("datasets/").partition("/")
@@ -257,10 +302,10 @@ class ImportManager:
                 continue
             record = await self._find(org, dataset_id)
             if record is None or record.state is not DatasetState.PROCESSING:
-                await asyncio.to_thread(delete_objects, self.store, key)
+                await storage.run(delete_objects, self.store, key)
                 continue
             try:
-                sealed = await asyncio.to_thread(self.store.get_bytes, key)
+                sealed = await storage.run(self.store.get_bytes, key)
                 request = import_request_from_proto(
                     dataset_service_pb2.CreateDatasetRequest.FromString(self._cipher.open(sealed)))
                 plan, source = self.check(request)
@@ -268,11 +313,13 @@ class ImportManager:
                 message = exc.message if isinstance(exc, TuneForgeError) else str(exc)
                 log.warning("dataset %s: import cannot resume: %s", dataset_id, message)
                 reader = UnreadableSource(f"The import was interrupted and cannot resume: {message}")
-                self._start(record, UploadSpec(record.organization), record.split_plan, reader)
+                self._start(record, UploadSpec(record.organization), record.split_plan, reader,
+                            await self.pool.reserve_waiting())
                 continue
             spec = replace(request.spec, filename=source.uri)
             log.info("dataset %s: resuming the import from %s", dataset_id, source.uri)
-            self._start(record, spec, plan, open_reader(source, request.credentials, self._fetch_settings()))
+            self._start(record, spec, plan, open_reader(source, request.credentials, self._fetch_settings()),
+                        await self.pool.reserve_waiting())
             resumed += 1
         return resumed
 

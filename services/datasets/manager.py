@@ -3,6 +3,8 @@ raises kit errors.
 
 `DatasetManager` reads, updates, deletes and re-splits datasets itself; new datasets come from its
 `uploads` (uploads.py: UploadDataset, ValidateDataset) and its `imports` (imports.py: CreateDataset).
+Blocking work runs on the pools those own (the database's, uploads', imports', storage's), never on the
+event loop's default executor that the process' other services share.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from services.datasets.cleanup import delete_objects, succeeded, to_the_end
 from services.datasets.converters import report_to_proto
-from services.datasets.domain import DatasetRecord, DatasetState, SplitConfig, ValidationReport
+from services.datasets.domain import DatasetRecord, DatasetState, SplitConfig, SplitPlan, ValidationReport
 from services.datasets.imports import ImportManager
 from services.datasets.job_usage import JobUsageRepository
 from services.datasets.processing import dataset_prefix, resplit, resplit_prefix
@@ -27,6 +29,7 @@ from services.datasets.splitting import resolve_split
 from services.datasets.uploads import MAX_DESCRIPTION, UploadManager
 from services.kit.db import Database
 from services.kit.paging import decode_token, encode_token, page_size
+from services.kit.pools import Slot
 from services.kit.validation import check_organization
 from tuneforge_core.errors import FailedPrecondition, Violations, not_found
 from tuneforge_core.ids import new_id
@@ -166,11 +169,12 @@ class DatasetManager:
                 raise
             record = await self.db.run(apply)  # refused again if the jobs still have not ended
         self.notify()
-        await asyncio.to_thread(delete_objects, self.store, dataset_prefix(organization, record.id))
+        await self.uploads.storage.run(delete_objects, self.store, dataset_prefix(organization, record.id))
         return record
 
     async def split(self, organization: str, ref: str, config: SplitConfig) -> DatasetRecord:
-        """Re-splits a READY dataset from its stored source into new, never-overwritten split files."""
+        """Re-splits a READY dataset from its stored source into new, never-overwritten split files, on the
+        uploads' pool: RESOURCE_EXHAUSTED at once when TUNEFORGE_PROCESSING_WORKERS of them already run."""
         _check_ref(organization, ref)
         v = Violations()
         plan = resolve_split(config, v, "split")
@@ -181,12 +185,17 @@ class DatasetManager:
                                      reason=Reason.DATASET_NOT_READY,
                                      metadata={"dataset_id": record.id, "state": record.state.value})
         prefix = resplit_prefix(organization, record.id, new_id("v"))
+        with self.uploads.processing.reserve() as slot:
+            return await self._split(organization, ref, record, plan, prefix, slot)
+
+    async def _split(self, organization: str, ref: str, record: DatasetRecord, plan: SplitPlan, prefix: str,
+                     slot: Slot) -> DatasetRecord:
         commit: asyncio.Future[DatasetRecord | None] | None = None
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             stored = await self.uploads.stored_report(record)
             with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="resplit-") as work:
-                processed = await to_the_end(asyncio.to_thread(
+                processed = await to_the_end(slot.run(
                     resplit, stored, work_dir=Path(work), store=self.store,
                     prefix=dataset_prefix(organization, record.id), split_prefix=prefix, plan=plan,
                     source_key=record.source_key))
@@ -206,6 +215,12 @@ class DatasetManager:
                 raise not_found("dataset", ref, organization)  # deleted meanwhile
         finally:
             if not (succeeded(commit) and commit is not None and commit.result() is not None):
-                await to_the_end(asyncio.to_thread(delete_objects, self.store, prefix))
+                await to_the_end(slot.run(delete_objects, self.store, prefix))
         self.notify()
         return updated
+
+    async def close(self) -> None:
+        """Stops the running imports (see ImportManager.close), then lets the pools' threads end."""
+        await self.imports.close()
+        for pool in (self.imports.pool, self.uploads.processing, self.uploads.storage):
+            pool.shutdown()

@@ -1,4 +1,4 @@
-"""Settings of the datasets service: the kit's TUNEFORGE_* settings plus the upload limit."""
+"""Settings of the datasets service: the kit's TUNEFORGE_* settings plus the upload and import limits."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class DatasetSettings(KitSettings):
     max_extracted_bytes: int = Field(default=8 * GIB, gt=0)
     # TUNEFORGE_CREDENTIALS_KEY: Fernet key(s) that encrypt the source credentials of running imports,
     # comma-separated, newest first (older keys still decrypt, for rotation). Empty: a key generated on
-    # first use and kept in <data_dir>/credentials.key (mode 0600), enough for the embedded setup.
+    # first use and kept in <data_dir>/secrets/credentials.key (mode 0600), enough for the embedded setup.
     credentials_key: SecretStr = SecretStr("")
     # TUNEFORGE_HF_LOCAL_ROOT: the folder under which CreateDataset may read local Hugging Face datasets
     # (save_to_disk folders, data files). Empty: local paths are refused, only hub ids are imported, so a
@@ -37,6 +37,20 @@ class DatasetSettings(KitSettings):
     # "10.0.0.5:9000") or URL prefixes ("https://s3.example.com/tenant-a"). Empty: AWS and GCS only, so a
     # caller cannot make the server send requests into its own network (server-side request forgery).
     import_endpoint_allowlist: str = ""
+    # TUNEFORGE_IMPORT_WORKERS: CreateDataset imports that may run at once (checking, reading or processing
+    # their source), each on a thread of their own pool (services.kit.pools); one more is refused at once
+    # with RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) naming this setting, never queued.
+    import_workers: int = Field(default=4, gt=0)
+    # TUNEFORGE_PROCESSING_WORKERS: uploads, validations and re-splits that may run at once (from their
+    # first byte received to their commit; tokenizer loading too), on a pool of their own; one more is
+    # refused at once with RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) naming this setting.
+    processing_workers: int = Field(default=4, gt=0)
+    # TUNEFORGE_IMPORT_CONNECT_TIMEOUT_S / _READ_TIMEOUT_S: how long an S3/GCS import waits to connect, and
+    # for each read of a response, before that attempt fails (boto3 tries 3 times, so a source that never
+    # answers fails an import after about 3 times the sum). Hugging Face reads have the hub client's own
+    # timeouts (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT: 10 s by default).
+    import_connect_timeout_s: float = Field(default=10.0, gt=0)
+    import_read_timeout_s: float = Field(default=60.0, gt=0)
 
     @field_validator("import_endpoint_allowlist")
     @classmethod

@@ -464,9 +464,14 @@ class Sink:
 
 @dataclass(frozen=True)
 class FetchSettings:
+    """How a source is read: the size limit, S3/GCS multipart sizes, and the S3/GCS network timeouts in
+    seconds (to connect, and for each read of a response; TUNEFORGE_IMPORT_*_TIMEOUT_S)."""
+
     limit: int
     multipart_threshold: int
     multipart_chunk: int
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
 
 
 class SourceReader(Protocol):
@@ -503,7 +508,14 @@ _WRONG_REGION = {
 
 def object_error(exc: Exception, source: ObjectSource) -> TuneForgeError:
     """The kit error for a boto3 failure reading `source`. Provider messages carry no secrets."""
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, ParamValidationError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        ConnectTimeoutError,
+        HTTPClientError,
+        ParamValidationError,
+        ReadTimeoutError,
+    )
 
     name, where = PROVIDER_NAMES[source.provider], source.uri
     meta = {"source": where}
@@ -555,8 +567,10 @@ def object_error(exc: Exception, source: ObjectSource) -> TuneForgeError:
         )
     if isinstance(exc, ConnectionError | HTTPClientError):
         endpoint = source.endpoint_url or "AWS"
+        slow = isinstance(exc, ConnectTimeoutError | ReadTimeoutError)
+        timed_out = " (it did not answer in time)" if slow else ""
         return Unavailable(
-            f"Could not reach {name} at {endpoint} to read {where}; check "
+            f"Could not reach {name} at {endpoint} to read {where}{timed_out}; check "
             "source.endpoint_url, or retry later.",
             metadata={**meta, "endpoint": endpoint},
         )
@@ -578,10 +592,12 @@ class ObjectReader:
         from botocore import UNSIGNED
         from botocore.config import Config
 
+        # Every request has both timeouts, so a source that accepts and never answers (or stops
+        # answering) fails the attempt instead of holding an import thread for ever.
         options: dict[str, Any] = {
             "retries": {"max_attempts": 3, "mode": "standard"},
-            "connect_timeout": 10,
-            "read_timeout": 60,
+            "connect_timeout": self.settings.connect_timeout,
+            "read_timeout": self.settings.read_timeout,
         }
         if self.source.provider == "gcs":
             # GCS's XML API takes SigV4 with HMAC keys and path-style URLs, but not the CRC checksums
@@ -630,10 +646,13 @@ class ObjectReader:
         from boto3.s3.transfer import TransferConfig
         from botocore.exceptions import BotoCoreError, ClientError
 
+        # s3transfer tries a download that times out again (5 times by default, each with boto3's own 3
+        # attempts): twice is enough, so a source that stopped answering ends the import sooner.
         config = TransferConfig(
             multipart_threshold=self.settings.multipart_threshold,
             multipart_chunksize=self.settings.multipart_chunk,
             max_concurrency=4,
+            num_download_attempts=2,
         )
         with dest.open("wb") as out:
             # Sink has no seek(), so s3transfer hands it the ranges in order: hashing stays sequential.

@@ -6,6 +6,12 @@ DatasetChanged event. Any failure on the way (bad data, checksum, size, a lost r
 client going away) removes the temp file and every object stored so far, and leaves no row.
 
 `UploadManager.process` is the one pipeline every new dataset goes through, imports (imports.py) too.
+
+Uploads, validations and re-splits run on a pool of their own (`UploadManager.processing`,
+TUNEFORGE_PROCESSING_WORKERS places), never on the threads the database or other services use: each holds
+one place from its first byte received to its end, and one more is refused at once with RESOURCE_EXHAUSTED
+(QUOTA_EXCEEDED) naming the setting. A disk that fills up mid-way (ENOSPC) fails the call like any other
+failure, so nothing is left behind; the kit answers it RESOURCE_EXHAUSTED (tuneforge_core.errors).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from services.datasets.tokens import DEFAULT_MAX_LENGTH, load_tokenizer
 from services.datasets.validation import DEFAULT_MIN_EXAMPLES, ISSUE_LIMIT, MAX_ISSUE_LIMIT
 from services.kit.db import Database
 from services.kit.outbox import utcnow
+from services.kit.pools import BoundedPool, Slot
 from services.kit.validation import check_name, check_organization, check_request_id
 from tuneforge_core.compat import same_family
 from tuneforge_core.errors import (
@@ -76,6 +83,9 @@ MAX_OPTION_TEXT = 32 * 1024
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
 # Bytes of BadRequest field violations in a DATASET_INVALID status; see bounded_violations.
 VIOLATIONS_BUDGET_BYTES = 5000
+# Threads for the service's own object store (deleting a dataset's objects, reading sealed import
+# requests at start); calls beyond them wait. No caller's input makes this work slow.
+STORAGE_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,10 @@ class UploadManager:
         # Called after a commit that added events, so the outbox relay sends them now.
         self.notify = notify
         self.tmp_dir = settings.data_dir.resolve() / "tmp"
+        # One place per upload, validation or re-split; their blocking calls run on these threads.
+        self.processing = BoundedPool("dataset uploads and validations", settings.processing_workers, 0,
+                                      setting="TUNEFORGE_PROCESSING_WORKERS")
+        self.storage = BoundedPool("dataset storage calls", STORAGE_WORKERS, None)
 
     def check_upload(self, spec: UploadSpec, *, upload: bool) -> SplitPlan:
         """Every problem of the metadata at once; then the declared size against the limit."""
@@ -245,8 +259,9 @@ class UploadManager:
             raise _too_large(self.settings.max_upload_bytes, declared=True)
         return plan
 
-    async def receive(self, spec: UploadSpec, chunks: AsyncIterator[bytes]) -> ReceivedFile:
-        """Streams the chunks to a temp file, hashing and counting; the caller deletes the file."""
+    async def receive(self, spec: UploadSpec, chunks: AsyncIterator[bytes], slot: Slot) -> ReceivedFile:
+        """Streams the chunks to a temp file, hashing and counting, in `slot`; the caller deletes the file.
+        On any failure (a full disk included) the partial file is deleted."""
         limit = self.settings.max_upload_bytes
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         path = self.tmp_dir / f"upload-{new_id('up')}.part"
@@ -258,7 +273,7 @@ class UploadManager:
                     size += len(chunk)
                     if size > limit:
                         raise _too_large(limit, declared=False)
-                    await to_the_end(asyncio.to_thread(_write_chunk, f, digest, chunk))
+                    await to_the_end(slot.run(_write_chunk, f, digest, chunk))
             actual = digest.hexdigest()
             if spec.size_bytes and size != spec.size_bytes:
                 raise DataLoss(f"Received {size} bytes, but metadata.size_bytes is {spec.size_bytes}: the "
@@ -281,39 +296,46 @@ class UploadManager:
         """Creates a READY dataset from the stream, or returns the one an earlier call with the same
         request_id created: REQUEST_ID_REUSED unless the metadata and the content are the same (the
         content's checksum is metadata.sha256, else that of the bytes received, which are then read and
-        hashed but not processed again)."""
+        hashed but not processed again).
+
+        RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) before any byte is read when TUNEFORGE_PROCESSING_WORKERS
+        uploads and validations already run."""
         plan = self.check_upload(spec, upload=True)
         existing = await self.db.run(lambda s: self.precheck(s, spec))
         if existing is not None:
             if not spec.sha256:
-                received = await self.receive(spec, chunks)
+                with self.processing.reserve() as slot:
+                    received = await self.receive(spec, chunks, slot)
                 received.path.unlink(missing_ok=True)
                 if not same_request(existing, spec, received.sha256):
                     raise request_id_reused(spec, existing)
             return existing, await self.stored_report(existing)
-        await self.check_tokenizer(spec)
-        received = await self.receive(spec, chunks)
-        try:
-            return await self._create(spec, plan, received)
-        finally:
-            received.path.unlink(missing_ok=True)
+        with self.processing.reserve() as slot:
+            await self.check_tokenizer(spec, slot)
+            received = await self.receive(spec, chunks, slot)
+            try:
+                return await self._create(spec, plan, received, slot)
+            finally:
+                received.path.unlink(missing_ok=True)
 
     async def validate(self, spec: UploadSpec, chunks: AsyncIterator[bytes]) -> ValidationReport:
-        """Validates the stream and forgets it: the report is the only result."""
+        """Validates the stream and forgets it: the report is the only result. RESOURCE_EXHAUSTED at once
+        when TUNEFORGE_PROCESSING_WORKERS uploads and validations already run."""
         self.check_upload(spec, upload=False)
-        await self.check_tokenizer(spec)
-        received = await self.receive(spec, chunks)
-        try:
-            self.tmp_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="validate-") as work:
-                return await to_the_end(asyncio.to_thread(
-                    validate_only, received.path, work_dir=Path(work), opts=self.process_options(spec)))
-        finally:
-            received.path.unlink(missing_ok=True)
+        with self.processing.reserve() as slot:
+            await self.check_tokenizer(spec, slot)
+            received = await self.receive(spec, chunks, slot)
+            try:
+                self.tmp_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="validate-") as work:
+                    return await to_the_end(slot.run(
+                        validate_only, received.path, work_dir=Path(work), opts=self.process_options(spec)))
+            finally:
+                received.path.unlink(missing_ok=True)
 
-    async def check_tokenizer(self, spec: UploadSpec) -> None:
-        """Loads metadata.tokenizer before any byte is read, so a bad one fails the call at once rather
-        than after a long upload (processing then finds it in load_tokenizer's cache).
+    async def check_tokenizer(self, spec: UploadSpec, slot: Slot) -> None:
+        """Loads metadata.tokenizer (in `slot`) before any byte is read, so a bad one fails the call at
+        once rather than after a long upload (processing then finds it in load_tokenizer's cache).
 
         A tokenizer is a model reference like any other (tuneforge_core.models): a hub id in this server's
         Hugging Face cache or an absolute folder under a model root; never any other server path (/proc,
@@ -327,7 +349,7 @@ class UploadManager:
             why = "must be a hub id or an absolute folder under a model root (TUNEFORGE_MODEL_ROOTS)"
             raise InvalidArgument(f"{field}: {why}", violations=[FieldViolation(field, why)])
         name = spec.tokenizer
-        await to_the_end(asyncio.to_thread(load_tokenizer, name))
+        await to_the_end(slot.run(load_tokenizer, name))
 
     def process_options(self, spec: UploadSpec) -> ProcessOptions:
         """How the upload's file becomes examples: its metadata, with this server's limits."""
@@ -360,8 +382,8 @@ class UploadManager:
             metadata={"resource_type": "dataset", "resource": spec.name, "organization": spec.organization},
             violations=[FieldViolation("metadata.name", "already used in this organization")])
 
-    async def _create(self, spec: UploadSpec, plan: SplitPlan,
-                      received: ReceivedFile) -> tuple[DatasetRecord, ValidationReport]:
+    async def _create(self, spec: UploadSpec, plan: SplitPlan, received: ReceivedFile,
+                      slot: Slot) -> tuple[DatasetRecord, ValidationReport]:
         dataset_id = new_id("ds")
         prefix = dataset_prefix(spec.organization, dataset_id)
         insert: asyncio.Future[DatasetRecord] | None = None
@@ -369,7 +391,7 @@ class UploadManager:
         try:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="process-") as work:
-                processed = await to_the_end(asyncio.to_thread(
+                processed = await to_the_end(slot.run(
                     self.process, received.path, Path(work), spec, plan, prefix, validation))
             report = processed.report
             if not report.valid:
@@ -399,7 +421,7 @@ class UploadManager:
             return created, report
         finally:
             if not succeeded(insert):
-                await to_the_end(asyncio.to_thread(delete_objects, self.store, prefix))
+                await to_the_end(slot.run(delete_objects, self.store, prefix))
 
     def process(self, source: Path, work: Path, spec: UploadSpec, plan: SplitPlan, prefix: str,
                 validation: DatasetRecord | None = None) -> Processed:

@@ -2,11 +2,13 @@
 
 Services keep domain code synchronous and run it in a worker thread (`Database.run`), so the event loop
 never blocks on the database, whichever one it is: a SQLite file by default, PostgreSQL in production.
+Those threads are the database's own (`workers` of them, TUNEFORGE_DB_WORKERS; more calls wait for one),
+never the event loop's default executor: slow work a caller can influence (an import reading a source that
+never answers) runs in pools of its own (services.kit.pools) and cannot hold up database calls.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,8 +20,12 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.kit.pools import BoundedPool
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Threads of a Database when its owner does not say (KitSettings.db_workers has the same default).
+DEFAULT_DB_WORKERS = 8
 
 
 def make_engine(url: str) -> Engine:
@@ -43,13 +49,15 @@ def make_engine(url: str) -> Engine:
 
 
 class Database:
-    """One service's database: its engine, a session factory and its migrations."""
+    """One service's database: its engine, a session factory, its migrations, and `workers` threads of
+    its own on which `run` calls it (calls beyond them wait for a thread; none is refused)."""
 
-    def __init__(self, url: str, service: str) -> None:
+    def __init__(self, url: str, service: str, workers: int = DEFAULT_DB_WORKERS) -> None:
         self.url = url
         self.service = service
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.pool = BoundedPool(f"{service} database calls", workers, None, setting="TUNEFORGE_DB_WORKERS")
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -65,13 +73,13 @@ class Database:
             session.close()
 
     async def run(self, fn: Callable[[Session], T]) -> T:
-        """Runs `fn` in one transaction on a worker thread."""
+        """Runs `fn` in one transaction on one of the database's own threads."""
 
         def _call() -> T:
             with self.session() as s:
                 return fn(s)
 
-        return await asyncio.to_thread(_call)
+        return await self.pool.run(_call)
 
     def migrate(self, migrations_dir: Path) -> None:
         """Applies the service's Alembic migrations up to head (idempotent; safe on every start)."""
@@ -84,7 +92,9 @@ class Database:
             command.upgrade(cfg, "head")
 
     def dispose(self) -> None:
+        """Closes the connections and lets the threads end (a later call opens and starts new ones)."""
         self.engine.dispose()
+        self.pool.shutdown()
 
 
 def run_migration_env(target_metadata: Any) -> None:
