@@ -43,7 +43,8 @@ class EstimationComponent(Component):
         self.settings = settings or EstimationSettings()
         # A malformed catalog stops the process at start, not at the first request.
         self.catalog = Catalog.load(self.settings.catalog_dir, self.settings.hourly_usd)
-        self.db = Database(runtime.settings.database_url_for("estimation"), "estimation")
+        self.db = Database(runtime.settings.database_url_for("estimation"), "estimation",
+                           runtime.settings.db_workers)
         # Before the server takes calls: a request must never meet a missing table.
         self.db.migrate(MIGRATIONS_DIR)
         self.calibrations = CalibrationStore(self.db)

@@ -10,7 +10,6 @@ kept elsewhere, or revoke the key.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import secrets
@@ -45,7 +44,7 @@ class IdentityComponent(Component):
     async def start(self) -> None:
         path = self.runtime.settings.bootstrap_admin_key_file
         if path:
-            await asyncio.to_thread(self.bootstrap_admin_key, Path(path))
+            await self.store.db.pool.run(self.bootstrap_admin_key, Path(path))
 
     def bootstrap_admin_key(self, path: Path) -> bool:
         """Creates the default organization's first admin key in `path`; False when there is nothing to do."""

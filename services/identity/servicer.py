@@ -7,7 +7,6 @@ the rest and call the identity store (services.kit.identity) in a worker thread.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from datetime import timedelta
 
@@ -56,7 +55,7 @@ class ApiKeyServicer(api_key_service_pb2_grpc.ApiKeyServiceServicer):
             else:
                 ttl = timedelta(seconds=seconds)
         v.raise_if_any("the API key request is invalid")
-        key, secret = await asyncio.to_thread(self.store.create_key, request.organization, request.name,
+        key, secret = await self.store.db.pool.run(self.store.create_key, request.organization, request.name,
                                               request.role, ttl, current_principal().name)
         return api_key_service_pb2.CreateApiKeyResponse(api_key=key, secret=secret)
 
@@ -66,7 +65,7 @@ class ApiKeyServicer(api_key_service_pb2_grpc.ApiKeyServiceServicer):
         check_organization(v, request.organization)
         v.raise_if_any("the request is invalid")
         size = paging.page_size(request.page_size)
-        keys, token = await asyncio.to_thread(self.store.list_keys, request.organization, size,
+        keys, token = await self.store.db.pool.run(self.store.list_keys, request.organization, size,
                                               request.page_token, request.show_inactive)
         return api_key_service_pb2.ListApiKeysResponse(api_keys=keys, next_page_token=token)
 
@@ -79,7 +78,7 @@ class ApiKeyServicer(api_key_service_pb2_grpc.ApiKeyServiceServicer):
         elif len(request.api_key) > 64:
             v.add("api_key", "is not a key id or name (at most 64 characters)")
         v.raise_if_any("the request is invalid")
-        key = await asyncio.to_thread(self.store.revoke_key, request.organization, request.api_key)
+        key = await self.store.db.pool.run(self.store.revoke_key, request.organization, request.api_key)
         return api_key_service_pb2.RevokeApiKeyResponse(api_key=key)
 
     async def GetCaller(self, request: api_key_service_pb2.GetCallerRequest,
@@ -99,7 +98,7 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
             v.add("method", f"must be at most {MAX_METHOD_CHARS} characters")
         v.raise_if_any("the request is invalid")
         size = paging.page_size(request.page_size)
-        events, token = await asyncio.to_thread(self.store.list_events, request.organization, size,
+        events, token = await self.store.db.pool.run(self.store.list_events, request.organization, size,
                                                 request.page_token, request.method, request.failures_only)
         return audit_service_pb2.ListAuditEventsResponse(events=events, next_page_token=token)
 

@@ -45,7 +45,7 @@ class JobsComponent(Component):
         super().__init__(runtime)
         settings = settings or JobSettings.from_kit(runtime.settings)
         self.settings = settings
-        self.db = Database(settings.database_url_for("jobs"), "jobs")
+        self.db = Database(settings.database_url_for("jobs"), "jobs", settings.db_workers)
         self.db.migrate(MIGRATIONS)
         self.relay = OutboxRelay(self.db, runtime.js, JobOutbox)
         self.manager = JobManager(self.db, self.relay,

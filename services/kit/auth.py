@@ -296,7 +296,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         token: str | None = None
         try:
             token = self.authenticator.credential(handler_call_details.invocation_metadata)
-            principal = await asyncio.to_thread(self.authenticator.authenticate, token)
+            principal = await self.authenticator.store.db.pool.run(self.authenticator.authenticate, token)
         except TuneForgeError as exc:
             organization = str(exc.metadata.get("organization", "")) if exc.metadata else ""
             return _refusing(handler, self._auditor(method, organization, self.authenticator.describe(token)),
@@ -332,7 +332,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             record = AuditRecord(method=method, code=code, organization=organization, principal=who,
                                  resource=resource, message=message, peer=_peer(context))
             try:
-                await asyncio.to_thread(store.record, [record])
+                await store.db.pool.run(store.record, [record])
             except Exception:
                 log.exception("could not write the audit event of %s", method)
 

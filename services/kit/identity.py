@@ -196,8 +196,9 @@ class IdentityStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, url: str, *, cache_s: float = 5.0) -> IdentityStore:
-        store = cls(Database(url, "identity"), cache_s=cache_s)
+    def open(cls, url: str, *, cache_s: float = 5.0, workers: int | None = None) -> IdentityStore:
+        database = Database(url, "identity", workers) if workers else Database(url, "identity")
+        store = cls(database, cache_s=cache_s)
         store.db.migrate(MIGRATIONS)
         return store
 

@@ -192,7 +192,7 @@ SERVICE_TOKEN_FILE = "service.token"
 async def open_identity(settings: KitSettings) -> IdentityStore:
     """The API keys and audit log every service process checks calls against (migrated to head)."""
     return await asyncio.to_thread(IdentityStore.open, settings.database_url_for("identity"),
-                                   cache_s=settings.auth_cache_s)
+                                   cache_s=settings.auth_cache_s, workers=settings.db_workers)
 
 
 def service_token(settings: KitSettings) -> str:

@@ -26,7 +26,8 @@ class MetricsComponent(Component):
     def __init__(self, runtime: Runtime, settings: MetricsSettings | None = None) -> None:
         super().__init__(runtime)
         self.settings = settings or MetricsSettings()
-        self.db = Database(runtime.settings.database_url_for("metrics"), "metrics")
+        self.db = Database(runtime.settings.database_url_for("metrics"), "metrics",
+                           runtime.settings.db_workers)
         # Before the server takes calls: a request must never meet a missing table.
         self.db.migrate(MIGRATIONS_DIR)
         jobs_address = runtime.settings.jobs_address
