@@ -222,6 +222,7 @@ class ImportManager:
                 (work / "process").mkdir()
                 size, digest = await _until_done(slot.run(
                     reader.fetch, work / "source.jsonl", work, stop), stop)
+                await self.db.run(lambda s: self.uploads.check_quota(s, record.organization, size))
                 processed = await to_the_end(slot.run(
                     self.uploads.process, work / "source.jsonl", work / "process", spec, plan, prefix))
             report = processed.report

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import dataset_pb2
@@ -100,6 +100,12 @@ class DatasetRepository:
         row = self.session.scalar(select(DatasetRow).where(DatasetRow.organization == organization,
                                                            DatasetRow.request_id == request_id))
         return _record(row) if row else None
+
+    def stored_bytes(self, organization: str) -> int:
+        """The bytes of the organization's dataset files (every state: a PROCESSING import counts what it
+        has received so far, which is 0 until it finishes)."""
+        return int(self.session.scalar(select(func.coalesce(func.sum(DatasetRow.size_bytes), 0)).where(
+            DatasetRow.organization == organization)) or 0)
 
     def name_taken(self, organization: str, name: str) -> bool:
         return self.session.scalar(select(DatasetRow.id).where(DatasetRow.organization == organization,

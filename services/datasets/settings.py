@@ -51,6 +51,10 @@ class DatasetSettings(KitSettings):
     # timeouts (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT: 10 s by default).
     import_connect_timeout_s: float = Field(default=10.0, gt=0)
     import_read_timeout_s: float = Field(default=60.0, gt=0)
+    # TUNEFORGE_MAX_DATASET_BYTES_PER_ORG: the bytes of dataset files (as uploaded or imported) one
+    # organization may keep; an upload or import that would go past it is refused with RESOURCE_EXHAUSTED
+    # (QUOTA_EXCEEDED) naming this setting, before anything is stored. 0: unlimited.
+    max_dataset_bytes_per_org: int = Field(default=50 * GIB, ge=0)
 
     @field_validator("import_endpoint_allowlist")
     @classmethod

@@ -373,7 +373,24 @@ class UploadManager:
             return existing
         if repo.name_taken(spec.organization, spec.name):
             raise self.name_taken(spec)
+        self.check_quota(session, spec.organization, spec.size_bytes)
         return None
+
+    def check_quota(self, session: Session, organization: str, adding: int) -> None:
+        """RESOURCE_EXHAUSTED when `adding` more bytes would take the organization past
+        TUNEFORGE_MAX_DATASET_BYTES_PER_ORG."""
+        limit = self.settings.max_dataset_bytes_per_org
+        if not limit:
+            return
+        used = DatasetRepository(session).stored_bytes(organization)
+        if used + adding > limit:
+            raise ResourceExhausted(
+                f"organization '{organization}' keeps {_human_bytes(used)} of datasets; "
+                f"{_human_bytes(adding)} more would pass its limit of {_human_bytes(limit)} "
+                "(TUNEFORGE_MAX_DATASET_BYTES_PER_ORG). "
+                "Delete datasets it no longer needs, or ask for a larger limit.",
+                reason=Reason.QUOTA_EXCEEDED,
+                metadata={"limit": "max_dataset_bytes_per_org", "value": str(limit), "used": str(used)})
 
     @staticmethod
     def name_taken(spec: UploadSpec) -> AlreadyExists:
@@ -449,7 +466,9 @@ class UploadManager:
         return record
 
     def insert(self, session: Session, record: DatasetRecord, report: bytes) -> DatasetRecord:
-        """Inserts the dataset and its DatasetChanged event (IntegrityError on a taken name or request_id)."""
+        """Inserts the dataset and its DatasetChanged event (IntegrityError on a taken name or request_id;
+        RESOURCE_EXHAUSTED past the organization's dataset bytes)."""
+        self.check_quota(session, record.organization, record.size_bytes)
         repo = DatasetRepository(session)
         created = repo.insert(record, report)
         repo.add_changed(created, self.store.uri)
