@@ -2,16 +2,19 @@
 
     python -m trainer_worker          # settings from TUNEFORGE_* environment variables
 
-One job at a time, pulled from TF_WORK (explicit acks). Jobs are queued by GPU type
-(`tuneforge_core.subjects`): a worker pulls from its own type's consumer ``trainers-<gpu type>`` first, then
-from ``trainers-any`` (jobs that name no GPU type, or "cpu"). A CPU worker pulls from ``trainers-any``
-only, so a job for an H100 waits in the queue for a worker with one instead of being handed to workers
+One job at a time, pulled from TF_WORK (explicit acks). Jobs are queued by GPU type and count
+(`tuneforge_core.subjects`): a worker with C GPUs of a type pulls from that type's consumers for C, C-1,
+..., 2 GPUs (``trainers-<gpu type>-x<N>``) and for one (``trainers-<gpu type>``), largest first, then from
+``trainers-any`` (jobs that name no GPU type, or "cpu"). A CPU worker pulls from ``trainers-any`` only, so
+a job for two H100s waits in the queue for a worker with at least two instead of being handed to workers
 that must refuse it. A worker with a GPU of unknown type (TUNEFORGE_WORKER_GPU_TYPE unset on a GPU host)
-takes jobs of every GPU type: it also pulls from each GPU type that has jobs waiting, found from the
-stream's subjects every little while.
+takes jobs of every GPU type, for as many GPUs as it counts: it also pulls from each such route that has
+jobs waiting, found from the stream's subjects every little while.
 
-0. Hand the job straight back (NAK, with a log line) if it names a GPU type this worker does not have:
-   routing makes this the exception (an assignment published on the wrong subject), not the rule.
+0. Hand the job straight back (NAK, with a log line) if it names a GPU type this worker does not have, or
+   more GPUs than it has: it is never trained on other or fewer GPUs than it asked for. Routing makes this
+   the exception (an assignment published on the wrong subject), not the rule. The refusal sends no
+   update (Job.attempt does not change), but it is a JetStream delivery like any other.
 1. Skip the job if its latest JobChanged (TF_EVENTS) says it is cancelled or final.
 2. PREPARING: fetch the data through the object store, and the model as `tuneforge_core.models` allows it
    for the job's organization: a hub id as it is, a folder under a model root in place, the
@@ -82,7 +85,7 @@ from trainer_worker.run_config import RunConfig
 from tuneforge_core import states, subjects
 from tuneforge_core.errors import InvalidArgument
 from tuneforge_core.models import ModelKind, ModelPolicy, ModelSource
-from tuneforge_core.nats import connect, ensure_streams, ensure_trainers_consumer, queued_routes
+from tuneforge_core.nats import connect, ensure_route_consumer, ensure_streams, queued_routes
 from tuneforge_core.reasons import Reason
 from tuneforge_core.settings import KitSettings
 from tuneforge_core.storage import ObjectStore, store_from_settings
@@ -116,7 +119,8 @@ class AgentSettings(KitSettings):
     # for a worker without one. Empty: "cpu" when no NVIDIA GPU is visible, else a GPU of unknown type,
     # which takes a job for any GPU type (set it on a fleet that mixes GPU types).
     worker_gpu_type: str = ""
-    # GPUs this worker has, as its heartbeats report them; 0: count the visible NVIDIA GPUs.
+    # GPUs this worker has, as its heartbeats report them and as many as it takes jobs for; 0: count the
+    # visible NVIDIA GPUs.
     worker_gpu_count: int = 0
     # Seconds between heartbeats (WorkerHeartbeat). The jobs service calls a worker gone after
     # TUNEFORGE_WORK_ACK_WAIT_S or three of these without one, whichever is longer.
@@ -154,8 +158,9 @@ class WorkerHardware:
     """What a worker trains on, and so which jobs it takes.
 
     A job that names no GPU type, or "cpu", goes to any worker (a GPU does not downgrade a CPU job). A job
-    that names a GPU type goes only to a worker with a GPU of that type, or with a GPU of unknown type;
-    anything else would train it on other hardware than it asked for, which CreateJob promised not to do.
+    that names a GPU type and count (per node) goes only to a worker with at least that many GPUs of that
+    type, or of unknown type; anything else would train it on other or fewer GPUs than it asked for, which
+    CreateJob promised not to do. A worker that names a GPU type but counts none takes no GPU job.
     """
 
     gpu_type: str  # "cpu", a hardware option, or "" for a GPU of unknown type
@@ -166,6 +171,11 @@ class WorkerHardware:
         configured = settings.worker_gpu_type.strip().lower()
         gpu_type = configured or ("" if _sees_a_gpu() else "cpu")
         count = settings.worker_gpu_count or (0 if gpu_type == "cpu" else _visible_gpu_count())
+        if gpu_type == "" and count < 1:  # it sees a GPU, so it has one at least
+            count = 1
+        if gpu_type not in ("", "cpu") and count < 1:
+            log.warning("TUNEFORGE_WORKER_GPU_TYPE is %s but no GPU is visible: this worker takes only jobs "
+                        "that name no GPU type (set TUNEFORGE_WORKER_GPU_COUNT)", gpu_type)
         return cls(gpu_type, count)
 
     @property
@@ -173,10 +183,26 @@ class WorkerHardware:
         return self.gpu_type == ""
 
     def routes(self) -> list[str]:
-        """The routes (`subjects.gpu_route`) this worker pulls from, its own GPU type's before "any"; a GPU
-        of unknown type adds the GPU types that have jobs waiting as it finds them."""
+        """The routes (`subjects.work_route`) this worker pulls from, in order: its GPU type's for as many
+        GPUs as it has down to one (larger jobs first: a smaller worker cannot take them), then "any". A GPU
+        of unknown type starts with "any" alone, and adds the routes with jobs waiting that it takes as it
+        finds them (`takes_route`)."""
         own = subjects.gpu_route(self.gpu_type)
-        return [subjects.ANY_ROUTE] if own == subjects.ANY_ROUTE else [own, subjects.ANY_ROUTE]
+        if own == subjects.ANY_ROUTE:
+            return [subjects.ANY_ROUTE]
+        counted = [subjects.work_route(own, n) for n in range(self.gpu_count, 0, -1)]
+        return [*counted, subjects.ANY_ROUTE]
+
+    def takes_route(self, route: str) -> bool:
+        """Whether the jobs queued on `route` are this worker's to train: its GPU type (any type, for a GPU
+        of unknown type) and no more GPUs than it has; "any" always."""
+        if route == subjects.ANY_ROUTE:
+            return True
+        count = subjects.route_gpu_count(route)
+        if not 1 <= count <= self.gpu_count or self.gpu_type == "cpu":
+            return False
+        own = subjects.gpu_route(self.gpu_type)
+        return self.takes_every_gpu_type or subjects.route_gpu_type(route) == own
 
     def describe(self) -> str:
         if self.gpu_type == "cpu":
@@ -184,13 +210,18 @@ class WorkerHardware:
         kind = self.gpu_type or "GPUs of unknown type"
         return f"{kind} x{self.gpu_count}" if self.gpu_count else kind
 
-    def refusal(self, wanted: str) -> str | None:
-        """Why this worker must not train a job asking for `wanted`, or None when it may."""
+    def refusal(self, wanted: str, wanted_count: int = 1) -> str | None:
+        """Why this worker must not train a job asking for `wanted_count` GPUs (per node; unset counts as
+        one) of type `wanted`, or None when it may. A job that names no GPU type (or "cpu") it may always."""
         wanted = wanted.strip().lower()
-        if wanted in ("", "cpu") or wanted == self.gpu_type or (self.gpu_type == "" and wanted != ""):
+        if wanted in ("", "cpu"):
             return None
-        have = "no GPU" if self.gpu_type == "cpu" else f"{self.gpu_type} GPUs"
-        return f"the job asks for {wanted} and this worker has {have}"
+        count = max(1, wanted_count)
+        other_type = self.gpu_type == "cpu" or (self.gpu_type != "" and wanted != self.gpu_type)
+        if not other_type and count <= self.gpu_count:
+            return None
+        have = "no GPU" if self.gpu_type == "cpu" else self.describe()
+        return f"the job asks for {wanted} x{count} and this worker has {have}"
 
 
 class Verdict(Enum):
@@ -249,24 +280,30 @@ class Agent:
 
     async def _subscribe(self, routes: list[str]) -> None:
         """Ensure each route's consumer (with this deployment's ack wait and max deliveries) and pull from
-        it; the claim is renewed often enough for the shortest ack wait among them."""
+        it; the claim is renewed often enough for the shortest ack wait among them. Routes are tried for
+        the most GPUs first, "any" last."""
         for route in routes:
             if route in self._subs:
                 continue
-            durable = await ensure_trainers_consumer(self.js, route, self.settings.work_ack_wait_s,
-                                                     self.settings.work_max_deliver)
+            if not self.hardware.takes_route(route):  # never pull what this worker must refuse
+                log.warning("worker %s does not pull %s: not its hardware", self.worker_id, route)
+                continue
+            durable = await ensure_route_consumer(self.js, route, self.settings.work_ack_wait_s,
+                                                  self.settings.work_max_deliver)
             info = await self.js.consumer_info(subjects.STREAM_WORK, durable)
             self.ack_wait_s = min(self.ack_wait_s, info.config.ack_wait or self.ack_wait_s)
             self._subs[route] = await self.js.pull_subscribe(
-                subjects.work_jobs(route), durable=durable, stream=subjects.STREAM_WORK
+                subjects.route_subject(route), durable=durable, stream=subjects.STREAM_WORK
             )
-        if subjects.ANY_ROUTE in self._subs:  # GPU jobs first: "any" is tried last
-            self._subs[subjects.ANY_ROUTE] = self._subs.pop(subjects.ANY_ROUTE)
+        order = sorted(self._subs, key=lambda r: (r == subjects.ANY_ROUTE, -subjects.route_gpu_count(r)))
+        self._subs = {route: self._subs[route] for route in order}
 
     async def _find_routes(self) -> None:
-        """A GPU of unknown type takes jobs of every GPU type: pull from each route with jobs waiting."""
+        """A GPU of unknown type takes jobs of every GPU type, for as many GPUs as it has: pull from each
+        such route with jobs waiting."""
         try:
-            waiting = [r for r in await queued_routes(self.js) if r not in self._subs]
+            waiting = [r for r in await queued_routes(self.js)
+                       if r not in self._subs and self.hardware.takes_route(r)]
             if waiting:
                 log.info("worker %s also takes jobs for %s", self.worker_id, ", ".join(waiting))
                 await self._subscribe(waiting)
@@ -274,8 +311,8 @@ class Agent:
             log.warning("could not look for GPU types with jobs waiting; will retry", exc_info=True)
 
     async def _next(self) -> Msg | None:
-        """The next assignment: from the routes in order (this worker's GPU type before "any"), waiting
-        about a second in all when none has one."""
+        """The next assignment: from the routes in order (this worker's GPU type, most GPUs first, before
+        "any"), waiting about a second in all when none has one."""
         timeout = max(0.2, 1.0 / max(1, len(self._subs)))
         for sub in list(self._subs.values()):
             if self.stopping.is_set():
@@ -333,8 +370,9 @@ class Agent:
             log.exception("dropping an undecodable assignment")
             await msg.term()
             return
-        refusal = self.hardware.refusal(assignment.spec.hardware.gpu_type)
-        if refusal is not None:  # queued on the wrong subject: never trained on other hardware than it asked
+        hardware = assignment.spec.hardware
+        refusal = self.hardware.refusal(hardware.gpu_type, hardware.gpu_count)
+        if refusal is not None:  # on the wrong subject: never trained on other or fewer GPUs than it asked
             log.warning("job %s goes back to the queue (delivery %d, subject %s): %s", assignment.job_id,
                         msg.metadata.num_delivered, msg.subject, refusal)
             with contextlib.suppress(Exception):  # the server redelivers after ack_wait anyway

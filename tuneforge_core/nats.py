@@ -62,9 +62,11 @@ def worker_permissions() -> dict[str, dict[str, list[str]]]:
         "publish": {"allow": [
             # ensure_streams reads each stream's config (and changes none that already matches).
             *(f"$JS.API.STREAM.INFO.{config.name}" for config in stream_configs()),
-            # The work queue: the trainers-<route> consumers, their pulls and acks (ack/nak/progress/term).
+            # The work queue: the trainers-<route> consumers (routes "<gpu type>", "<gpu type>.x<N>" and
+            # "any"), their pulls and acks (ack/nak/progress/term).
             f"$JS.API.CONSUMER.DURABLE.CREATE.{work}.*",
             f"$JS.API.CONSUMER.CREATE.{work}.*.{subjects.ALL_WORK_JOBS}",
+            f"$JS.API.CONSUMER.CREATE.{work}.*.{subjects.ALL_MULTI_GPU_WORK_JOBS}",
             f"$JS.API.CONSUMER.INFO.{work}.*",
             f"$JS.API.CONSUMER.MSG.NEXT.{work}.*",
             f"$JS.ACK.{work}.>",
@@ -105,7 +107,8 @@ def stream_configs(max_deliver_age_s: float = 7 * 24 * 3600) -> list[StreamConfi
     return [
         StreamConfig(
             # The legacy subject stays so that what an older version queued there can be moved on.
-            name=subjects.STREAM_WORK, subjects=[subjects.ALL_WORK_JOBS, subjects.LEGACY_WORK_JOBS],
+            name=subjects.STREAM_WORK,
+            subjects=[subjects.ALL_WORK_JOBS, subjects.ALL_MULTI_GPU_WORK_JOBS, subjects.LEGACY_WORK_JOBS],
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
         ),
@@ -190,34 +193,54 @@ async def publish(js: JetStreamContext, subject: str, message: Message | bytes, 
             delay = min(delay * 2, 2.0)
 
 
-async def ensure_trainers_consumer(js: JetStreamContext, gpu_type: str, ack_wait_s: float,
-                                   max_deliver: int) -> str:
-    """The consumer that hands out the jobs asking for `gpu_type` ("trainers-<route>", filtered on that
-    route's subject alone, as a work-queue stream requires); returns its name. The jobs service and the
-    workers ensure them with the same settings (TUNEFORGE_WORK_ACK_WAIT_S, TUNEFORGE_WORK_MAX_DELIVER)."""
-    durable = subjects.trainers_consumer(gpu_type)
-    await ensure_pull_consumer(js, subjects.STREAM_WORK, durable, subjects.work_jobs(gpu_type),
+async def ensure_route_consumer(js: JetStreamContext, route: str, ack_wait_s: float, max_deliver: int) -> str:
+    """The consumer that hands out the jobs of `route` (`subjects.work_route`): "trainers-<route>", filtered
+    on that route's subject alone, as a work-queue stream requires; returns its name. The jobs service and
+    the workers ensure them with the same settings (TUNEFORGE_WORK_ACK_WAIT_S, TUNEFORGE_WORK_MAX_DELIVER)."""
+    durable = subjects.route_consumer(route)
+    await ensure_pull_consumer(js, subjects.STREAM_WORK, durable, subjects.route_subject(route),
                                ack_wait_s=ack_wait_s, max_deliver=max_deliver)
     return durable
 
 
+async def ensure_trainers_consumer(js: JetStreamContext, gpu_type: str, ack_wait_s: float,
+                                   max_deliver: int, gpu_count: int = 1) -> str:
+    """The consumer that hands out the jobs asking for `gpu_count` GPUs of `gpu_type`
+    (`ensure_route_consumer`); returns its name."""
+    return await ensure_route_consumer(js, subjects.work_route(gpu_type, gpu_count), ack_wait_s, max_deliver)
+
+
 async def queued_routes(js: JetStreamContext) -> list[str]:
     """The routes that have jobs waiting in the work queue (delivered or not), from the stream's
-    per-subject counts."""
-    info = await js.stream_info(subjects.STREAM_WORK, subjects_filter=subjects.ALL_WORK_JOBS)
+    per-subject counts: "any", "<gpu type>", "<gpu type>.x<N>"."""
+    info = await js.stream_info(subjects.STREAM_WORK, subjects_filter=subjects.EVERY_WORK_ROUTE)
     prefix = subjects.WORK_JOBS_PREFIX + "."
     return sorted(subject.removeprefix(prefix) for subject, count in (info.state.subjects or {}).items()
                   if count and subject.startswith(prefix))
 
 
 async def reroute_legacy_work(js: JetStreamContext) -> int:
-    """Moves the assignments an older version queued on the one shared subject ("tuneforge.work.jobs",
-    consumer "trainers") to their GPU type's subject, then deletes that consumer; returns how many moved.
+    """Moves what older versions queued where no worker of this version looks for it; returns how many
+    moved. Two kinds:
+
+    - Assignments on the one shared subject of the version before routing ("tuneforge.work.jobs",
+      consumer "trainers"): each to its route (GPU type and count), then that consumer is deleted.
+    - Assignments for several GPUs on their GPU type's one-GPU route (the version that routed by type
+      alone put them there): each to its "<gpu type>.x<N>" route (`reroute_multi_gpu_work`).
 
     Each is published under a new Nats-Msg-Id (the old one may still be inside the duplicate window) before
-    the old copy is acked, so a crash in between leaves a duplicate, never a lost job: a worker drops a
-    delivery of a job that has already ended. Delivery counts start again on the new subject.
+    the old copy is acked or deleted, so a crash in between leaves a duplicate, never a lost job: a worker
+    drops a delivery of a job that has already ended. Delivery counts start again on the new subject.
     """
+    return await _reroute_shared_subject(js) + await reroute_multi_gpu_work(js)
+
+
+def _route_of(assignment: events_pb2.JobAssignment) -> str:
+    hardware = assignment.spec.hardware
+    return subjects.work_route(hardware.gpu_type, hardware.gpu_count)
+
+
+async def _reroute_shared_subject(js: JetStreamContext) -> int:
     try:
         await js.consumer_info(subjects.STREAM_WORK, subjects.LEGACY_TRAINERS_CONSUMER)
     except NotFoundError:
@@ -238,7 +261,7 @@ async def reroute_legacy_work(js: JetStreamContext) -> int:
                     log.error("dropping an undecodable assignment from the legacy work subject")
                     await msg.term()
                     continue
-                await publish(js, subjects.work_jobs(assignment.spec.hardware.gpu_type), msg.data,
+                await publish(js, subjects.route_subject(_route_of(assignment)), msg.data,
                               f"{assignment.event_id or assignment.job_id}.routed")
                 await msg.ack_sync()
                 moved += 1
@@ -249,4 +272,49 @@ async def reroute_legacy_work(js: JetStreamContext) -> int:
     if moved:
         log.info("moved %d queued job(s) from %s to their GPU type's subject", moved,
                  subjects.LEGACY_WORK_JOBS)
+    return moved
+
+
+async def reroute_multi_gpu_work(js: JetStreamContext) -> int:
+    """Moves each assignment for several GPUs that waits on its GPU type's one-GPU route to its
+    "<gpu type>.x<N>" route; returns how many moved. Read and deleted by stream sequence (a work-queue
+    stream allows no second consumer on a subject), skipping any that a worker may hold now: one already
+    delivered while the route's consumer has deliveries out. A worker of this version that is handed such
+    a job refuses it (`trainer_worker.agent.WorkerHardware.refusal`); a later start moves it if it is still
+    queued there. Each start reads every assignment queued on a one-GPU route once."""
+    moved = 0
+    for route in await queued_routes(js):
+        if route == subjects.ANY_ROUTE or subjects.route_gpu_count(route) != 1:
+            continue
+        held_up_to = 0
+        try:
+            consumer = await js.consumer_info(subjects.STREAM_WORK, subjects.route_consumer(route))
+            if consumer.num_ack_pending:
+                held_up_to = consumer.delivered.stream_seq or 0
+        except NotFoundError:
+            pass
+        subject, seq = subjects.route_subject(route), 1
+        while True:
+            try:
+                raw = await js.get_msg(subjects.STREAM_WORK, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                break
+            if raw.seq is None:
+                break
+            seq = raw.seq + 1
+            if raw.seq <= held_up_to:
+                continue
+            try:
+                assignment = events_pb2.JobAssignment.FromString(raw.data or b"")
+            except Exception:
+                continue  # a worker terms it
+            target = _route_of(assignment)
+            if target == route:
+                continue
+            await publish(js, subjects.route_subject(target), raw.data or b"",
+                          f"{assignment.event_id or assignment.job_id}.routed-{target}")
+            await js.delete_msg(subjects.STREAM_WORK, raw.seq)
+            moved += 1
+    if moved:
+        log.info("moved %d queued job(s) for several GPUs to their GPU count's subject", moved)
     return moved

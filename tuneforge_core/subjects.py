@@ -1,12 +1,16 @@
 """NATS streams and subjects: the one place their names live.
 
 TF_WORK    tuneforge.work.jobs.<route>                 JobAssignment; work-queue retention. <route> is the
-                                                        job's GPU type made NATS-safe (`gpu_route`), "any"
-                                                        for a job that names none or "cpu". One durable
-                                                        pull consumer per route, "trainers-<route>"; a worker
-                                                        pulls from its own GPU type's and from "trainers-any",
-                                                        so a job waits for a worker that has its GPU instead
-                                                        of being handed back and forth.
+                                                        job's GPU type made NATS-safe (`gpu_route`) for a job
+                                                        on one GPU, "<gpu type>.x<N>" for a job on N GPUs
+                                                        (`work_route`), "any" for a job that names no GPU
+                                                        type or "cpu". One durable pull consumer per route,
+                                                        "trainers-<gpu type>" / "trainers-<gpu type>-x<N>" /
+                                                        "trainers-any"; a worker with C GPUs of a type pulls
+                                                        that type's routes for C, C-1, ..., 1 GPUs (largest
+                                                        first), then "trainers-any", so a job waits for a
+                                                        worker that has its GPU type and count instead of
+                                                        being handed back and forth.
 TF_WORKER  tuneforge.worker.jobs.<job_id>.status       WorkerJobUpdate  -> jobs service
            tuneforge.worker.jobs.<job_id>.metrics      MetricsReported  -> metrics service
            tuneforge.worker.jobs.<job_id>.logs         LogsReported     -> metrics service
@@ -35,7 +39,10 @@ STREAM_ADVISORIES = "TF_ADVISORIES"
 WORK_MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TF_WORK.*"
 
 WORK_JOBS_PREFIX = "tuneforge.work.jobs"
+# The routes of jobs on one GPU (and "any"), and of jobs on several ("<gpu type>.x<N>"); every route.
 ALL_WORK_JOBS = "tuneforge.work.jobs.*"
+ALL_MULTI_GPU_WORK_JOBS = "tuneforge.work.jobs.*.*"
+EVERY_WORK_ROUTE = "tuneforge.work.jobs.>"
 # The route of jobs any worker may take (no GPU type, or "cpu": a GPU does not downgrade a CPU job).
 ANY_ROUTE = "any"
 TRAINERS_CONSUMER_PREFIX = "trainers-"
@@ -68,14 +75,54 @@ def gpu_route(gpu_type: str) -> str:
     return re.sub(r"[^a-z0-9_-]", "_", clean)
 
 
-def work_jobs(gpu_type: str) -> str:
-    """The subject a job asking for `gpu_type` is queued on."""
-    return f"{WORK_JOBS_PREFIX}.{gpu_route(gpu_type)}"
+def work_route(gpu_type: str, gpu_count: int = 1) -> str:
+    """The route of a job asking for `gpu_count` GPUs of `gpu_type`: "any" for no GPU type (or "cpu"; the
+    count is then CPU ranks, which any worker runs), "<gpu type>" for one GPU (0, unset, counts as one),
+    "<gpu type>.x<N>" for N. One GPU keeps the route that predates counting, so what was queued for it
+    before stays where its workers pull."""
+    route = gpu_route(gpu_type)
+    if route == ANY_ROUTE or gpu_count <= 1:
+        return route
+    return f"{route}.x{gpu_count}"
 
 
-def trainers_consumer(gpu_type: str) -> str:
-    """The durable pull consumer that hands out the jobs asking for `gpu_type`."""
-    return f"{TRAINERS_CONSUMER_PREFIX}{gpu_route(gpu_type)}"
+def route_gpu_count(route: str) -> int:
+    """How many GPUs the jobs on `route` ask for: N for "<gpu type>.x<N>", 1 for a GPU type's own route,
+    0 for "any" (and for a route this version does not know, which no worker pulls for its count)."""
+    if route == ANY_ROUTE:
+        return 0
+    tail = route.partition(".")[2]
+    if not tail:
+        return 1
+    if tail.startswith("x") and tail[1:].isdigit() and "." not in tail and int(tail[1:]) >= 2:
+        return int(tail[1:])
+    return 0
+
+
+def route_gpu_type(route: str) -> str:
+    """The GPU type (as `gpu_route` writes it) of the jobs on `route`; "any" for "any"."""
+    return route.partition(".")[0]
+
+
+def route_subject(route: str) -> str:
+    """The subject the jobs of `route` (`work_route`) are queued on."""
+    return f"{WORK_JOBS_PREFIX}.{route}"
+
+
+def route_consumer(route: str) -> str:
+    """The durable pull consumer of `route`: "trainers-<route>" with "." written "-" (a consumer name has
+    no dots): "trainers-nvidia-h100-x4"."""
+    return f"{TRAINERS_CONSUMER_PREFIX}{route.replace('.', '-')}"
+
+
+def work_jobs(gpu_type: str, gpu_count: int = 1) -> str:
+    """The subject a job asking for `gpu_count` GPUs of `gpu_type` is queued on."""
+    return route_subject(work_route(gpu_type, gpu_count))
+
+
+def trainers_consumer(gpu_type: str, gpu_count: int = 1) -> str:
+    """The durable pull consumer that hands out the jobs asking for `gpu_count` GPUs of `gpu_type`."""
+    return route_consumer(work_route(gpu_type, gpu_count))
 
 
 def worker_status(job_id: str) -> str:

@@ -202,8 +202,9 @@ class JobManager:
             row.status_message = waiting_note(assignment.spec.hardware, workers, utcnow(),
                                               self.listening_since, self.worker_rules)
             self._record_change(session, row, row.state)
-            add_event(session, JobOutbox, subjects.work_jobs(assignment.spec.hardware.gpu_type), assignment,
-                      assignment.event_id)
+            hardware = assignment.spec.hardware
+            add_event(session, JobOutbox, subjects.work_jobs(hardware.gpu_type, hardware.gpu_count),
+                      assignment, assignment.event_id)
             log.info("job %s of organization %s dispatched: a running slot freed", row.id, org)
         return len(held)
 
@@ -291,9 +292,11 @@ class JobManager:
             repo.add(row)
             self._record_change(session, row, S.JOB_STATE_UNSPECIFIED)
             if row.dispatched:
-                # Queued by GPU type: only workers that have it (or any worker, when it names none) pull it.
-                add_event(session, JobOutbox, subjects.work_jobs(spec.hardware.gpu_type), assignment,
-                          assignment.event_id)
+                # Queued by GPU type and count: only workers with that many of that GPU (or any worker,
+                # when it names none) pull it.
+                hardware = spec.hardware
+                add_event(session, JobOutbox, subjects.work_jobs(hardware.gpu_type, hardware.gpu_count),
+                          assignment, assignment.event_id)
             return job_to_proto(row)
 
         try:

@@ -12,12 +12,13 @@ service keeps the latest one per worker (`WorkerRow`, times on its own clock) an
 - Lost jobs: a job PREPARING or RUNNING on a worker that is gone (or that came back as a new process, or
   shut down) goes back to QUEUED with a reason and the attempt that comes next, or fails WORKER_LOST when
   that was its last delivery; a CANCELLING one is CANCELLED (nothing runs it any more).
-- Waiting jobs: a QUEUED job for which no alive worker would take it (its GPU type, or any worker for a
-  job that names none) says so in Job.status_message.
+- Waiting jobs: a QUEUED job for which no alive worker would take it (its GPU type and count, or any
+  worker for a job that names none) says so in Job.status_message.
 
-GPU types match as the queue routes them (`subjects.gpu_route`): a worker takes the jobs of its own GPU
-type and those that name none; a worker with a GPU of unknown type (empty gpu_type) takes them all. The
-GPU count a job asks for is shown, not matched: workers do not refuse a job for it.
+Jobs match workers as the queue routes them (`subjects.work_route`): a job that names a GPU type goes only
+to a worker with at least as many GPUs (`gpu_count`, per node) of that type, or of unknown type (empty
+gpu_type: it takes every GPU type, up to the GPUs it counted); a job that names none (or "cpu") goes to
+any worker. A worker never trains a job on fewer GPUs than it asked for.
 """
 
 from __future__ import annotations
@@ -64,12 +65,24 @@ def is_alive(row: WorkerRow, now: datetime, listening_since: datetime) -> bool:
     return now < quiet_since(row, listening_since) + timedelta(seconds=row.lost_after_s)
 
 
-def takes(row: WorkerRow, gpu_type: str) -> bool:
-    """Whether the worker pulls from the queue of jobs asking for `gpu_type`."""
+def has_gpu_type(row: WorkerRow, gpu_type: str) -> bool:
+    """Whether the worker's GPUs are of `gpu_type` (or of unknown type, which takes every type); True for
+    a job that names no GPU type."""
     route = subjects.gpu_route(gpu_type)
-    if route == subjects.ANY_ROUTE or row.gpu_type == "":
+    if route == subjects.ANY_ROUTE:
+        return True
+    if row.gpu_type == "":
         return True
     return subjects.gpu_route(row.gpu_type) == route
+
+
+def takes(row: WorkerRow, hardware: job_pb2.HardwareConfig) -> bool:
+    """Whether the worker pulls from the queue of jobs asking for `hardware`: its GPU type (`has_gpu_type`)
+    and at least `hardware.gpu_count` GPUs of it (unset counts as one); any worker for a job that names no
+    GPU type."""
+    if subjects.gpu_route(hardware.gpu_type) == subjects.ANY_ROUTE:
+        return True
+    return has_gpu_type(row, hardware.gpu_type) and row.gpu_count >= max(1, hardware.gpu_count)
 
 
 def wanted(hardware: job_pb2.HardwareConfig) -> str:
@@ -97,8 +110,10 @@ def span(seconds: float) -> str:
 
 def waiting_note(hardware: job_pb2.HardwareConfig, workers: Iterable[WorkerRow], now: datetime,
                  listening_since: datetime, rules: WorkerRules) -> str:
-    """Why a queued job cannot be taken now, or "" when an alive worker would take it."""
-    matching = [w for w in workers if takes(w, hardware.gpu_type)]
+    """Why a queued job cannot be taken now, or "" when an alive worker would take it. When alive workers
+    have its GPU type but too few of them, the reason ends with the most any of them has."""
+    workers = list(workers)
+    matching = [w for w in workers if takes(w, hardware)]
     if any(is_alive(w, now, listening_since) for w in matching):
         return ""
     window = timedelta(seconds=rules.seen_window_s)
@@ -106,10 +121,18 @@ def waiting_note(hardware: job_pb2.HardwareConfig, workers: Iterable[WorkerRow],
     if recent:
         last = max(recent, key=lambda w: as_utc(w.last_heartbeat))
         how = "shut down" if last.state == W.WORKER_STATE_STOPPED else "stopped responding"
-        return (f"waiting for {wanted(hardware)}; none is alive (the last one, {last.id}, {how} at "
+        note = (f"waiting for {wanted(hardware)}; none is alive (the last one, {last.id}, {how} at "
                 f"{when(last.last_heartbeat)})")
-    heard_for = min(rules.seen_window_s, max(0.0, (now - listening_since).total_seconds()))
-    return f"waiting for {wanted(hardware)}; none seen in the last {span(heard_for)}"
+    else:
+        heard_for = min(rules.seen_window_s, max(0.0, (now - listening_since).total_seconds()))
+        note = f"waiting for {wanted(hardware)}; none seen in the last {span(heard_for)}"
+    # Only a job that names a GPU type can wait for want of GPUs; these workers have its type, too few.
+    too_small = [w.gpu_count for w in workers if has_gpu_type(w, hardware.gpu_type)
+                 and is_alive(w, now, listening_since)]
+    if too_small:
+        most = max(too_small)
+        note += f"; the alive workers of that GPU type have at most {most} GPU{'s' if most != 1 else ''}"
+    return note
 
 
 def lost_note(worker_id: str, how: str, at: datetime, next_attempt: int, rules: WorkerRules) -> str:

@@ -203,9 +203,13 @@ async def test_a_queued_job_says_when_no_worker_would_take_it(manager: JobManage
     job_any = await manager.get("acme", "job_any")
     assert job_any.status_message.startswith("waiting for a worker; none is alive (the last one, ")
 
-    # A GPU of unknown type takes jobs of every GPU type.
+    # A GPU of unknown type takes jobs of every GPU type, for as many GPUs as it counts: never fewer.
     await manager.record_heartbeat(beat("gpu-x", gpu_type="", gpu_count=1), now=T0 + timedelta(seconds=21))
     await manager.check_workers(now=T0 + timedelta(seconds=22))
+    assert (await manager.get("acme", "job_h100")).status_message.endswith(
+        "; the alive workers of that GPU type have at most 1 GPU")
+    await manager.record_heartbeat(beat("gpu-y", gpu_type="", gpu_count=2), now=T0 + timedelta(seconds=23))
+    await manager.check_workers(now=T0 + timedelta(seconds=24))
     assert (await manager.get("acme", "job_h100")).status_message == ""
 
 

@@ -107,6 +107,7 @@ class Platform:
         method: str = "TRAINING_METHOD_SFT",
         dataset: str = "datasets/acme/ds_1/train.jsonl",
         hardware: dict[str, Any] | None = None,
+        subject: str | None = None,
     ) -> None:
         spec = {
             # The organization's own output: the one kind of stored model a worker reads.
@@ -125,8 +126,9 @@ class Platform:
             train_uri=self.store.uri(dataset),
             output_prefix=self.store.uri(f"jobs/acme/{job_id}"),
         )
-        # Queued as the jobs service queues it: on the subject of the GPU type it asks for.
-        subject = subjects.work_jobs(assignment.spec.hardware.gpu_type)
+        # Queued as the jobs service queues it: on the subject of the GPU type and count it asks for.
+        hw = assignment.spec.hardware
+        subject = subject or subjects.work_jobs(hw.gpu_type, hw.gpu_count)
         await kit_nats.publish(self.js, subject, assignment, assignment.event_id)
 
     async def change_state(self, job_id: str, state: int) -> None:
@@ -250,6 +252,89 @@ async def test_a_gpu_of_unknown_type_also_pulls_each_gpu_type_with_jobs_waiting(
             await sub.unsubscribe()
 
 
+async def test_a_job_for_more_gpus_than_a_worker_has_is_never_delivered_to_it(platform: Platform) -> None:
+    """Jobs are queued by GPU count too: a worker with one H100 never sees a job for four (no delivery, no
+    NAK, no delivery spent) while it pulls the one-GPU queue of its type."""
+    heartbeats = await platform.heartbeats()
+    x4 = {"gpu_type": "nvidia-h100", "gpu_count": 4}
+    await platform.assign("job_x4", FAST_HYPERPARAMETERS, hardware=x4)
+    platform.start_agent("w1", {"TUNEFORGE_WORKER_GPU_TYPE": "nvidia-h100",
+                                "TUNEFORGE_WORKER_GPU_COUNT": "1"})
+    first = await heartbeats.wait_for("w1", job_pb2.WORKER_STATE_IDLE)
+    assert (first.gpu_type, first.gpu_count) == ("nvidia-h100", 1)
+    await asyncio.sleep(2 * ACK_WAIT_S)  # long enough for a refusal and a redelivery, were it delivered
+    assert "job_x4" not in platform.logs() and platform.events.kinds("job_x4") == []
+    info = await platform.js.stream_info(subjects.STREAM_WORK, subjects_filter=subjects.EVERY_WORK_ROUTE)
+    assert info.state.subjects == {"tuneforge.work.jobs.nvidia-h100.x4": 1}
+    with pytest.raises(NotFoundError):  # nobody pulls that queue, so nothing was ever delivered from it
+        await platform.js.consumer_info(subjects.STREAM_WORK, subjects.trainers_consumer("nvidia-h100", 4))
+    assert subjects.trainers_consumer("nvidia-h100", 4) == "trainers-nvidia-h100-x4"
+    assert platform.logs().count("queues: nvidia-h100, any") == 1, platform.logs()
+    one = subjects.trainers_consumer("nvidia-h100")
+    consumer = await platform.js.consumer_info(subjects.STREAM_WORK, one)
+    assert consumer.delivered.stream_seq == 0
+
+
+def gpu_agent(platform: Platform, name: str, hardware: WorkerHardware) -> Agent:
+    settings = AgentSettings(nats_url=platform.nats_url, data_dir=platform.tmp_path / name,
+                             storage_url=platform.store.root.as_uri(), worker_id=name,
+                             worker_retry_delay_s=0.2, work_ack_wait_s=ACK_WAIT_S)
+    agent = Agent(settings, platform.js, platform.store)
+    agent.hardware = hardware  # as TUNEFORGE_WORKER_GPU_TYPE / _COUNT would set it
+    return agent
+
+
+async def test_a_worker_with_several_gpus_takes_the_largest_job_it_can_first(platform: Platform) -> None:
+    for job_id, hardware in [("job_1", {"gpu_type": "nvidia-h100"}), ("job_any", {}),
+                             ("job_8", {"gpu_type": "nvidia-h100", "gpu_count": 8}),
+                             ("job_2", {"gpu_type": "nvidia-h100", "gpu_count": 2})]:
+        await platform.assign(job_id, FAST_HYPERPARAMETERS, hardware=hardware)
+    agent = gpu_agent(platform, "w4", WorkerHardware("nvidia-h100", 4))
+    try:
+        await agent._subscribe(agent.hardware.routes())
+        assert list(agent._subs) == ["nvidia-h100.x4", "nvidia-h100.x3", "nvidia-h100.x2", "nvidia-h100",
+                                     "any"]
+        taken = []
+        for _ in range(3):
+            msg = await agent._next()
+            assert msg is not None
+            taken.append(events_pb2.JobAssignment.FromString(msg.data).job_id)
+            await msg.ack_sync()
+        assert taken == ["job_2", "job_1", "job_any"], "never job_8: four GPUs are fewer than eight"
+        assert await agent._next() is None
+    finally:
+        for sub in agent._subs.values():
+            await sub.unsubscribe()
+
+
+async def test_a_job_for_more_gpus_that_reaches_a_smaller_worker_is_refused_not_trained(
+    platform: Platform,
+) -> None:
+    """Published on the wrong subject (by hand here; an older version's queue in real life): the worker
+    hands it back without a word to the jobs service (no update, so no attempt) and never starts it."""
+    hardware = {"gpu_type": "nvidia-h100", "gpu_count": 4}
+    await platform.assign("job_x4", FAST_HYPERPARAMETERS, hardware=hardware,
+                          subject=subjects.work_jobs("nvidia-h100"))
+    agent = gpu_agent(platform, "w1", WorkerHardware("nvidia-h100", 1))
+    try:
+        await agent._subscribe(agent.hardware.routes())
+        msg = await agent._next()
+        assert msg is not None and msg.metadata.num_delivered == 1
+        await agent.handle(msg)
+        assert agent.current is None and not (agent.work_root / "jobs").exists()
+        again = None
+        for _ in range(20):  # handed back at once (after the short retry delay), not held
+            again = await agent._next()
+            if again is not None:
+                break
+        assert again is not None and again.metadata.num_delivered == 2
+        await again.term()
+        assert platform.events.kinds("job_x4") == []
+    finally:
+        for sub in agent._subs.values():
+            await sub.unsubscribe()
+
+
 async def test_heartbeats_say_what_a_worker_has_and_a_last_one_says_it_stopped(platform: Platform) -> None:
     heartbeats = await platform.heartbeats()
     agent = platform.start_agent("w1", {"TUNEFORGE_WORKER_GPU_TYPE": "nvidia-h100",
@@ -258,8 +343,8 @@ async def test_heartbeats_say_what_a_worker_has_and_a_last_one_says_it_stopped(p
     assert (first.gpu_type, first.gpu_count, first.interval_seconds) == ("nvidia-h100", 2, 0.5)
     assert first.hostname and first.started_at.seconds > 0 and not first.job_id
     await heartbeats.wait_for("w1", job_pb2.WORKER_STATE_IDLE, count=3)  # every interval
-    # A GPU worker pulls its own GPU type's queue first, then the one any worker may take.
-    assert "queues: nvidia-h100, any" in platform.logs()
+    # A GPU worker pulls its own GPU type's queues first, most GPUs first, then the one any worker may take.
+    assert "queues: nvidia-h100.x2, nvidia-h100, any" in platform.logs()
     agent.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(agent.wait, 20) == 0
     last = await heartbeats.wait_for("w1", job_pb2.WORKER_STATE_STOPPED)

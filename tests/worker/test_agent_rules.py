@@ -1,6 +1,6 @@
 """The agent's own line of defence, without NATS: it applies the models rule before it reads anything, copies
 only the organization's own stored outputs into a private cache, reads no store but the platform's, and
-takes only jobs whose GPU type it has."""
+takes only jobs whose GPU type it has, and as many GPUs of it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pytest
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2
 
+from trainer_worker import agent as agent_module
 from trainer_worker.agent import Agent, AgentSettings, JobRun, WorkerHardware
 from trainer_worker.errors import TrainingError
+from tuneforge_core import subjects
 from tuneforge_core.reasons import Reason
 from tuneforge_core.storage import LocalObjectStore
 
@@ -105,19 +107,61 @@ def test_only_the_platforms_object_store_is_located(run: JobRun, store: LocalObj
 @pytest.mark.parametrize(
     ("worker", "job", "takes"),
     [
-        ("cpu", "", True),
-        ("cpu", "cpu", True),
-        ("cpu", "nvidia-h100", False),
-        ("nvidia-h100", "nvidia-h100", True),
-        ("nvidia-h100", "NVIDIA-H100", True),
-        ("nvidia-h100", "nvidia-t4", False),
-        ("nvidia-h100", "cpu", True),
-        ("", "nvidia-t4", True),  # a GPU of unknown type takes any GPU job
+        (("cpu", 0), ("", 1), True),
+        (("cpu", 0), ("", 4), True),  # a job naming no GPU type: CPU ranks, any worker runs them
+        (("cpu", 0), ("cpu", 1), True),
+        (("cpu", 0), ("nvidia-h100", 1), False),
+        (("nvidia-h100", 1), ("nvidia-h100", 1), True),
+        (("nvidia-h100", 1), ("NVIDIA-H100", 0), True),  # unset counts as one
+        (("nvidia-h100", 1), ("nvidia-t4", 1), False),
+        (("nvidia-h100", 1), ("cpu", 1), True),
+        (("nvidia-h100", 1), ("nvidia-h100", 4), False),  # never trained on fewer GPUs than asked
+        (("nvidia-h100", 4), ("nvidia-h100", 4), True),
+        (("nvidia-h100", 8), ("nvidia-h100", 4), True),
+        (("nvidia-h100", 0), ("nvidia-h100", 1), False),  # a GPU type set, but no GPU counted
+        (("", 1), ("nvidia-t4", 1), True),  # a GPU of unknown type takes any GPU job...
+        (("", 1), ("nvidia-t4", 2), False),  # ...for as many GPUs as it counts
+        (("", 2), ("nvidia-t4", 2), True),
     ],
 )
-def test_a_worker_takes_only_jobs_for_its_hardware(worker: str, job: str, takes: bool) -> None:
-    refusal = WorkerHardware(worker).refusal(job)
+def test_a_worker_takes_only_jobs_for_its_hardware(worker: tuple[str, int], job: tuple[str, int],
+                                                    takes: bool) -> None:
+    hardware = WorkerHardware(*worker)
+    refusal = hardware.refusal(*job)
     assert (refusal is None) == takes, refusal
+    if refusal is not None:
+        assert f"x{max(1, job[1])}" in refusal, "the refusal names what the job asked for"
+    # Routing agrees with the refusal: a worker pulls exactly the routes of the GPU jobs it would take.
+    if job[0].strip().lower() not in ("", "cpu"):
+        route = subjects.work_route(*job)
+        assert hardware.takes_route(route) == takes
+        assert (route in hardware.routes()) == (takes and worker[0] != "")
+
+
+def test_a_worker_pulls_its_gpu_types_routes_for_most_gpus_first_then_any() -> None:
+    assert WorkerHardware("nvidia-h100", 4).routes() == [
+        "nvidia-h100.x4", "nvidia-h100.x3", "nvidia-h100.x2", "nvidia-h100", "any"]
+    assert WorkerHardware("nvidia-h100", 1).routes() == ["nvidia-h100", "any"]
+    assert WorkerHardware("nvidia-h100", 0).routes() == ["any"]
+    assert WorkerHardware("cpu", 0).routes() == ["any"]
+    assert WorkerHardware("", 2).routes() == ["any"], "a GPU of unknown type finds its routes as jobs wait"
+    unknown = WorkerHardware("", 2)
+    assert [r for r in ("nvidia-t4", "nvidia-t4.x2", "nvidia-a100.x3", "any") if unknown.takes_route(r)] == [
+        "nvidia-t4", "nvidia-t4.x2", "any"]
+
+
+def test_an_unknown_gpu_type_counts_at_least_the_gpu_it_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    monkeypatch.setattr(agent_module, "_sees_a_gpu", lambda: True)
+    assert WorkerHardware.from_settings(AgentSettings()) == WorkerHardware("", 3)
+    monkeypatch.setattr(agent_module, "_visible_gpu_count", lambda: 0)  # seen, but not counted
+    assert WorkerHardware.from_settings(AgentSettings()) == WorkerHardware("", 1)
+    monkeypatch.undo()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert WorkerHardware.from_settings(AgentSettings(worker_gpu_type="nvidia-h100")) == WorkerHardware(
+        "nvidia-h100", 3)
+    assert WorkerHardware.from_settings(AgentSettings(worker_gpu_type="nvidia-h100", worker_gpu_count=2)) == (
+        WorkerHardware("nvidia-h100", 2))
 
 
 def test_the_worker_gpu_type_setting_wins_over_detection(monkeypatch: pytest.MonkeyPatch) -> None:
