@@ -107,6 +107,12 @@ def nats_server_binary() -> str:
     return found
 
 
+def nats_server_env() -> dict[str, str]:
+    """The nats-server's whole environment: it needs none of the platform's settings or credentials
+    (its users come from its config file), so the database password or cloud keys never reach it."""
+    return {name: os.environ[name] for name in ("PATH", "HOME", "TZ", "LANG") if name in os.environ}
+
+
 class EmbeddedNats:
     """A nats-server with JetStream on a data folder, listening on loopback (port 0: a free port).
 
@@ -138,6 +144,7 @@ class EmbeddedNats:
              "127.0.0.1", "-p", str(self.port or -1), "--ports_file_dir", str(ports_dir)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=self.pass_fds,
             preexec_fn=die_with_parent(self.parent_death_signal) if self.parent_death_signal else None,
+            env=nats_server_env(),
         )
         log.close()
         deadline = time.monotonic() + timeout_s

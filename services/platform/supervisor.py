@@ -77,6 +77,12 @@ class PlatformConfig:
     restart_delay_s: float = 1.0
 
 
+# What a worker never gets (it runs user jobs): the database, the service token, the keys that seal import
+# credentials and sign page tokens, TLS private keys, identity settings.
+WORKER_WITHHELD = ("TUNEFORGE_DATABASE_URL", "TUNEFORGE_SERVICE_TOKEN", "TUNEFORGE_CREDENTIALS_KEY",
+                   "TUNEFORGE_PAGE_TOKEN_KEY", "TUNEFORGE_TLS_KEY_FILE", "TUNEFORGE_TLS_CLIENT_CA_FILE",
+                   "TUNEFORGE_OIDC_ISSUERS", "TUNEFORGE_BOOTSTRAP_ADMIN_KEY_FILE")
+
 # Where the embedded platform keeps the first admin key of the default organization (mode 0600); the CLI
 # reads it from the same data dir when TUNEFORGE_API_KEY is not set.
 ADMIN_KEY_FILE = "admin.key"
@@ -181,11 +187,14 @@ class Platform:
         return env
 
     def _spawn(self, args: list[str], log_name: str, extra_env: dict[str, str] | None = None, *,
-               nats_user: str = "") -> subprocess.Popen[bytes]:
+               nats_user: str = "", withhold: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
+        env = {**self.child_env(nats_user), **(extra_env or {})}
+        for name in withhold:
+            env.pop(name, None)
         with open(self.logs_dir / log_name, "ab") as log:
             return subprocess.Popen([sys.executable, *args],
-                                    env={**self.child_env(nats_user), **(extra_env or {})},
+                                    env=env,
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     pass_fds=self._inherited_fds(),
                                     preexec_fn=die_with_parent(PARENT_DEATH_SIGNAL))
@@ -288,7 +297,8 @@ class Platform:
 
     def _spawn_worker(self, index: int, worker_id: str) -> subprocess.Popen[bytes]:
         env = {"TUNEFORGE_WORKER_ID": worker_id} if worker_id else {}
-        return self._spawn(["-m", "trainer_worker"], f"worker-{index}.log", env, nats_user=WORKER_USER)
+        return self._spawn(["-m", "trainer_worker"], f"worker-{index}.log", env, nats_user=WORKER_USER,
+                           withhold=WORKER_WITHHELD)
 
     def start_worker(self, worker_id: str = "") -> subprocess.Popen[bytes]:
         index = len(self.workers)

@@ -127,3 +127,29 @@ def test_a_dead_services_process_is_restarted_on_the_same_address(tmp_path: Path
         assert platform.check_alive() is None
     finally:
         platform.stop()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def test_each_child_gets_only_the_secrets_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-server gets no setting or credential at all; a worker gets no database, service token or key
+    of the services (the training process it starts gets even less: tests/worker/test_launcher_env.py)."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "canary-aws-secret")
+    secrets = {"TUNEFORGE_SERVICE_TOKEN": "tfs_canary_service_token",
+               "TUNEFORGE_PAGE_TOKEN_KEY": "canary-page-token-key-0123456789"}
+    platform = Platform(PlatformConfig(data_dir=tmp_path / "data", grpc_port=0, workers=1, env=secrets))
+    platform.start()
+    try:
+        assert platform.nats is not None and platform.services is not None
+        nats_env = _environ(platform.nats.pid)
+        assert not [k for k in nats_env if k.startswith(("TUNEFORGE_", "AWS_"))], nats_env.keys()
+        worker_env = _environ(platform.workers[0].pid)
+        assert not set(secrets) & set(worker_env)
+        assert worker_env["TUNEFORGE_NATS_USER"] == "worker"
+        services_env = _environ(platform.services.pid)
+        assert services_env["TUNEFORGE_SERVICE_TOKEN"] == secrets["TUNEFORGE_SERVICE_TOKEN"]
+    finally:
+        platform.stop()
