@@ -276,3 +276,25 @@ async def test_the_server_speaks_tls_from_settings(kit_settings: KitSettings, tm
                 await api_key_service_pb2_grpc.ApiKeyServiceStub(plain).GetCaller(
                     api_key_service_pb2.GetCallerRequest(), metadata=SERVICE_METADATA, timeout=5)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mutual_tls_refuses_a_client_without_a_certificate(kit_settings: KitSettings,
+                                                                 tmp_path: Path) -> None:
+    """With a client CA the server asks for a certificate it signed: the services' own channels present
+    theirs; a client with none cannot even connect."""
+    cert, key = _certificate(tmp_path)
+    settings = kit_settings.model_copy(update={
+        "grpc_host": "localhost", "tls_cert_file": str(cert), "tls_key_file": str(key),
+        "tls_client_ca_file": str(cert), "tls_ca_file": str(cert)})
+    async with serving(settings) as address:
+        target = f"localhost:{address.rsplit(':', 1)[1]}"
+        with_cert = grpc.ssl_channel_credentials(cert.read_bytes(), key.read_bytes(), cert.read_bytes())
+        async with grpc.aio.secure_channel(target, with_cert) as channel:
+            caller = await api_key_service_pb2_grpc.ApiKeyServiceStub(channel).GetCaller(
+                api_key_service_pb2.GetCallerRequest(), metadata=SERVICE_METADATA)
+            assert caller.caller.principal == "service"
+        async with grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(cert.read_bytes())) as bare:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await api_key_service_pb2_grpc.ApiKeyServiceStub(bare).GetCaller(
+                    api_key_service_pb2.GetCallerRequest(), metadata=SERVICE_METADATA, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
