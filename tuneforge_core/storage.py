@@ -11,8 +11,9 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import unquote, urlparse
 
 from tuneforge_core.errors import InvalidArgument
@@ -25,9 +26,32 @@ def _check_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object: its key, its size, and a version that changes whenever its content does (the S3
+    ETag; the local file's modification time and inode)."""
+
+    key: str
+    size: int
+    version: str
+
+
 class ObjectStore(ABC):
     @abstractmethod
     def uri(self, key: str) -> str: ...
+
+    @abstractmethod
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """The objects whose keys start with `prefix`, by key, with their sizes and versions."""
+
+    @abstractmethod
+    def open_object(self, key: str) -> BinaryIO:
+        """The object's content as a stream (close it); FileNotFoundError when there is none."""
+
+    def presigned_get_url(self, key: str, ttl_s: int, filename: str = "") -> str | None:
+        """A URL that GETs the object without credentials for `ttl_s` seconds, or None where the store
+        cannot make one (a local folder: the platform serves those downloads itself)."""
+        return None
 
     @abstractmethod
     def key_of(self, uri: str) -> str:
@@ -89,6 +113,29 @@ class LocalObjectStore(ObjectStore):
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
 
+    def local_path(self, key: str) -> Path:
+        """The file of `key`, symlinks resolved; InvalidArgument when that lands outside the root."""
+        path = self._path(key).resolve()
+        if not path.is_relative_to(self.root):
+            raise InvalidArgument(f"invalid object key '{key}'")
+        return path
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        out = []
+        for key in self.list_keys(prefix):
+            try:
+                st = self._path(key).stat()
+            except FileNotFoundError:  # deleted since it was listed
+                continue
+            out.append(ObjectInfo(key, st.st_size, f"{st.st_mtime_ns}-{st.st_ino}"))
+        return out
+
+    def open_object(self, key: str) -> BinaryIO:
+        path = self.local_path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no object {path.as_uri()}")
+        return path.open("rb")
+
     def key_of(self, uri: str) -> str:
         parsed = urlparse(uri)
         path = Path(unquote(parsed.path)).resolve() if parsed.scheme == "file" else None
@@ -148,7 +195,11 @@ class S3ObjectStore(ObjectStore):
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client = client or boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region)
+        from botocore.config import Config
+
+        # SigV4 for everything, presigned URLs included (botocore would presign with the legacy SigV2).
+        self.client = client or boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region,
+                                             config=Config(signature_version="s3v4"))
 
     def _full(self, key: str) -> str:
         _check_key(key)
@@ -156,6 +207,34 @@ class S3ObjectStore(ObjectStore):
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"
+
+    def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        head = len(self.prefix) + 1 if self.prefix else 0
+        out: list[ObjectInfo] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                          Prefix=full_prefix):
+            out.extend(ObjectInfo(obj["Key"][head:], int(obj["Size"]), str(obj.get("ETag", "")).strip('"'))
+                       for obj in page.get("Contents", []))
+        return sorted(out, key=lambda o: o.key)
+
+    def open_object(self, key: str) -> BinaryIO:
+        from botocore.exceptions import ClientError
+
+        try:
+            body: BinaryIO = self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise FileNotFoundError(f"no object {self.uri(key)}") from exc
+            raise
+        return body
+
+    def presigned_get_url(self, key: str, ttl_s: int, filename: str = "") -> str | None:
+        params = {"Bucket": self.bucket, "Key": self._full(key)}
+        if filename:
+            params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
+        url: str = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=ttl_s)
+        return url
 
     def key_of(self, uri: str) -> str:
         parsed = urlparse(uri)

@@ -408,6 +408,19 @@ def jobs_cancel(ref: Annotated[str, typer.Argument(help="Job id or name.")],
     console.print(job_table([job]))
 
 
+@jobs_app.command("delete")
+def jobs_delete(ref: Annotated[str, typer.Argument(help="Job id or name.")],
+                yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask first.")] = False,
+                address: Address = DEFAULT_ADDRESS, org: Org = "") -> None:
+    """Delete a job that has ended, with its checkpoints, outputs, metrics and logs. Cannot be undone."""
+    if not yes and not typer.confirm(f"Delete job {ref} with its checkpoints, outputs, metrics and logs?"):
+        raise typer.Exit(1)
+    with api(address, org) as client:
+        response = client.delete_job(ref)
+    note = " (it was already deleted)" if response.already_deleted else ""
+    console.print(f"deleted job {escape(response.job)}{note}", highlight=False)
+
+
 @app.command("workers")
 def workers(page_size: Annotated[int, typer.Option()] = 50,
             page_token: Annotated[str, typer.Option()] = "",
@@ -429,6 +442,95 @@ def workers(page_size: Annotated[int, typer.Option()] = 50,
     console.print(table)
     if response.next_page_token:
         console.print(f"next page: --page-token {response.next_page_token}")
+
+
+# -- artifacts -----------------------------------------------------------------------------------
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@jobs_app.command("artifacts")
+def jobs_artifacts(ref: Annotated[str, typer.Argument(help="Job id or name.")],
+                   address: Address = DEFAULT_ADDRESS, org: Org = "",
+                   as_json: Annotated[bool, typer.Option(
+                       "--json", help="Print them as JSON, with the download URLs.")] = False) -> None:
+    """List the job's stored outputs (adapter, merged model, checkpoints): each file with its size and
+    SHA-256. The first listing of a large model takes a while: the platform hashes it once."""
+    from tuneforge.v1 import artifact_pb2, job_service_pb2
+
+    with api(address, org) as client:
+        artifacts = client.get_job_artifacts(ref)
+    if as_json:
+        console.print_json(to_json(job_service_pb2.GetJobArtifactsResponse(artifacts=artifacts)))
+        return
+    if not artifacts:
+        console.print(f"job {escape(ref)} has no stored artifacts yet", highlight=False)
+    for artifact in artifacts:
+        kind = artifact_pb2.ArtifactKind.Name(artifact.kind).removeprefix("ARTIFACT_KIND_").lower()
+        console.print(f"[bold]{escape(artifact.name)}[/bold] ({kind}, {len(artifact.files)} files, "
+                      f"{_size(artifact.size_bytes)})", highlight=False, soft_wrap=True)
+        for f in artifact.files:
+            console.print(f"  {escape(f.path)}  {_size(f.size_bytes)}  sha256 {f.sha256}", highlight=False,
+                          soft_wrap=True)
+
+
+@jobs_app.command("download")
+def jobs_download(
+    ref: Annotated[str, typer.Argument(help="Job id or name.")],
+    directory: Annotated[Path, typer.Argument(help="Folder for the files.", file_okay=False)],
+    merged: Annotated[bool, typer.Option("--merged", help="The merged model, not the adapter.")] = False,
+    checkpoint: Annotated[int | None, typer.Option(
+        "--checkpoint", metavar="STEP", help="The checkpoint of this step instead (0: the latest).")] = None,
+    address: Address = DEFAULT_ADDRESS, org: Org = "",
+) -> None:
+    """Download the job's adapter (or merged model, or a checkpoint) into DIRECTORY, checking every file's
+    SHA-256. An interrupted download resumes where it stopped when run again."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    from tuneforge.v1 import artifact_pb2
+
+    from services.client import ChecksumMismatch, DownloadError
+
+    if merged and checkpoint is not None:
+        raise typer.BadParameter("choose --merged or --checkpoint, not both", param_hint="--merged")
+    kind = (artifact_pb2.ARTIFACT_KIND_MERGED_MODEL if merged else artifact_pb2.ARTIFACT_KIND_CHECKPOINT
+            if checkpoint is not None else artifact_pb2.ARTIFACT_KIND_ADAPTER)
+    with api(address, org) as client:
+        artifact = client.get_job_artifact(ref, kind, checkpoint or 0)
+        done: dict[str, int] = {}
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task(artifact.name, total=artifact.size_bytes)
+
+            def progress(path: str, size: int) -> None:
+                done[path] = size
+                bar.update(task, completed=sum(done.values()))
+
+            try:
+                client.download_artifact(ref, directory, artifact=artifact, progress=progress)
+            except ChecksumMismatch as err:
+                bar.stop()
+                err_console.print(f"[red]error[/red] {escape(str(err))}; run the command again to download "
+                                  "it anew", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+            except DownloadError as err:
+                bar.stop()
+                err_console.print(f"[red]error[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+    console.print(f"{escape(artifact.name)}: {len(artifact.files)} files, {_size(artifact.size_bytes)}, "
+                  f"sha256 verified, in {escape(str(directory))}", highlight=False, soft_wrap=True)
 
 
 # -- keys and audit ------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The TuneForge Python client: typed calls over the gRPC stubs, typed exceptions from status details."""
 
 from services.client.client import TuneForgeClient
+from services.client.downloads import ChecksumMismatch, DownloadError, LinkRefused
 from services.client.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -15,6 +16,7 @@ from services.client.errors import (
 )
 
 __all__ = [
-    "AlreadyExists", "FailedPrecondition", "InvalidArgument", "NotFound", "PermissionDenied", "Reason",
-    "ResourceExhausted", "TuneForgeClient", "TuneForgeError", "Unauthenticated", "Unavailable",
+    "AlreadyExists", "ChecksumMismatch", "DownloadError", "FailedPrecondition", "InvalidArgument",
+    "LinkRefused", "NotFound", "PermissionDenied", "Reason", "ResourceExhausted", "TuneForgeClient",
+    "TuneForgeError", "Unauthenticated", "Unavailable",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ from google.protobuf.duration_pb2 import Duration
 from tuneforge.v1 import (
     api_key_service_pb2,
     api_key_service_pb2_grpc,
+    artifact_pb2,
     audit_service_pb2,
     audit_service_pb2_grpc,
     dataset_pb2,
@@ -35,7 +37,8 @@ from tuneforge.v1 import (
     metrics_service_pb2_grpc,
 )
 
-from services.client.errors import from_rpc_error
+from services.client.downloads import Progress, download_artifact_files
+from services.client.errors import NotFound, from_rpc_error
 
 T = TypeVar("T")
 CHUNK_BYTES = 1024 * 1024
@@ -131,6 +134,7 @@ class TuneForgeClient:
             channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.channel = with_api_key(channel, self.api_key) if self.api_key else channel
         self._raw_channel = channel
+        self.tls_ca_file = ca_file  # also trusted by artifact downloads (https)
         self.keys = api_key_service_pb2_grpc.ApiKeyServiceStub(self.channel)
         self.audit = audit_service_pb2_grpc.AuditServiceStub(self.channel)
         self.datasets = dataset_service_pb2_grpc.DatasetServiceStub(self.channel)
@@ -227,10 +231,75 @@ class TuneForgeClient:
         request = job_service_pb2.CancelJobRequest(organization=self.organization, job=ref)
         return _call(lambda: self.jobs.CancelJob(request, timeout=self.timeout_s)).job
 
+    def delete_job(self, ref: str) -> job_service_pb2.DeleteJobResponse:
+        """Deletes a job that has ended, with its checkpoints, outputs, metrics and logs. Deleting a job
+        again succeeds (`already_deleted`); a job that has not ended is FailedPrecondition."""
+        request = job_service_pb2.DeleteJobRequest(organization=self.organization, job=ref)
+        return _call(lambda: self.jobs.DeleteJob(request, timeout=self.timeout_s))
+
     def watch_job(self, ref: str) -> Iterator[job_pb2.Job]:
         request = job_service_pb2.WatchJobRequest(organization=self.organization, job=ref)
         for response in _stream(self.jobs.WatchJob(request)):
             yield response.job
+
+    # -- artifacts -------------------------------------------------------------------------------
+
+    def get_job_artifacts(self, ref: str, kinds: Sequence[artifact_pb2.ArtifactKind.ValueType] | None = None,
+                          *, url_ttl_s: int = 0) -> list[artifact_pb2.JobArtifact]:
+        """The job's stored outputs, each file with size, sha256 and a download URL that expires (after
+        `url_ttl_s` seconds, or the platform's default). The first listing hashes the files: it may take
+        a while for a large model."""
+        request = job_service_pb2.GetJobArtifactsRequest(organization=self.organization, job=ref,
+                                                         kinds=kinds or [])
+        if url_ttl_s:
+            request.url_ttl.CopyFrom(Duration(seconds=url_ttl_s))
+        response = _call(lambda: self.jobs.GetJobArtifacts(request, timeout=max(self.timeout_s, 600)))
+        return list(response.artifacts)
+
+    def get_job_artifact(self, ref: str,
+                         kind: artifact_pb2.ArtifactKind.ValueType = artifact_pb2.ARTIFACT_KIND_ADAPTER,
+                         step: int = 0) -> artifact_pb2.JobArtifact:
+        """One artifact: the adapter, the merged model, or the checkpoint of `step` (0: the latest);
+        NotFound saying what the job has when it is not there."""
+        artifacts = self.get_job_artifacts(ref, [kind])
+        if kind == artifact_pb2.ARTIFACT_KIND_CHECKPOINT and step:
+            artifacts = [a for a in artifacts if a.step == step]
+        if artifacts:
+            return artifacts[-1]
+        job = self.get_job(ref)
+        what = {artifact_pb2.ARTIFACT_KIND_ADAPTER: "adapter", artifact_pb2.ARTIFACT_KIND_MERGED_MODEL:
+                "merged model"}.get(kind, f"checkpoint of step {step}" if step else "complete checkpoint")
+        state = job_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+        raise NotFound(f"job '{job.id}' has no {what} (it is {state})",
+                       metadata={"resource_type": "artifact", "job": job.id})
+
+    def download_artifact(self, ref: str, directory: Path, *,
+                          kind: artifact_pb2.ArtifactKind.ValueType = artifact_pb2.ARTIFACT_KIND_ADAPTER,
+                          step: int = 0, artifact: artifact_pb2.JobArtifact | None = None,
+                          progress: Progress | None = None) -> artifact_pb2.JobArtifact:
+        """Downloads one artifact of the job (`get_job_artifact`, unless `artifact` is given) into
+        `directory`, resuming what an earlier run left and checking every file's sha256
+        (services.client.downloads: `ChecksumMismatch`, `DownloadError`). Returns the artifact."""
+        artifact = artifact or self.get_job_artifact(ref, kind, step)
+        name, chosen = artifact.name, artifact
+
+        def refresh() -> artifact_pb2.JobArtifact:
+            fresh = [a for a in self.get_job_artifacts(ref, [chosen.kind]) if a.name == name]
+            if not fresh:
+                raise NotFound(f"job '{ref}' no longer has the artifact {name}")
+            return fresh[0]
+
+        download_artifact_files(artifact, directory, progress=progress, refresh=refresh,
+                                context=self._http_context())
+        return artifact
+
+    def _http_context(self) -> ssl.SSLContext | None:
+        """The system's roots, plus the platform's CA when one is configured."""
+        if not self.tls_ca_file:
+            return None
+        context = ssl.create_default_context()
+        context.load_verify_locations(self.tls_ca_file)
+        return context
 
     # -- metrics and estimates -------------------------------------------------------------------
 

@@ -9,6 +9,9 @@ Events may arrive twice or out of order (redeliveries, several replicas): a row 
 event of a higher Job.revision, so applying is idempotent and an older event never undoes a newer one. The
 table lags the jobs service by the events in flight; `JobUsageConsumer.caught_up` lets a delete wait until
 every event already in the stream is applied before it refuses.
+
+A job DeleteJob deleted (its last JobChanged, with `deleted`) loses its row, and its id is kept in
+datasets_deleted_jobs so that an older event of it delivered later cannot bring the row back.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2
 
-from services.datasets.models import JobUsageRow
+from services.datasets.models import DeletedJobRow, JobUsageRow
 from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
 from services.kit.outbox import utcnow
@@ -67,6 +70,8 @@ class JobUsageRepository:
         values = {"organization": usage.organization, "dataset_id": usage.dataset_id,
                   "validation_dataset_id": usage.validation_dataset_id, "ended": usage.ended,
                   "revision": usage.revision, "update_time": utcnow()}
+        if self.session.get(DeletedJobRow, usage.job_id) is not None:
+            return False  # an older event of a deleted job
         result = self.session.execute(update(JobUsageRow).where(
             JobUsageRow.job_id == usage.job_id, JobUsageRow.revision < usage.revision).values(**values))
         if result.rowcount:  # type: ignore[attr-defined]
@@ -76,6 +81,15 @@ class JobUsageRepository:
         self.session.add(JobUsageRow(job_id=usage.job_id, **values))
         self.session.flush()
         return True
+
+    def forget(self, job_id: str) -> bool:
+        """Drops a deleted job's row and remembers that it was deleted; returns whether a row was there.
+        Idempotent (a concurrent first tombstone loses with an IntegrityError, and the consumer retries)."""
+        if self.session.get(DeletedJobRow, job_id) is None:
+            self.session.add(DeletedJobRow(job_id=job_id))
+        result = self.session.execute(delete(JobUsageRow).where(JobUsageRow.job_id == job_id))
+        self.session.flush()
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def active_jobs_using(self, organization: str, dataset_id: str) -> list[str]:
         """Ids of the organization's jobs that have not ended and train or validate on the dataset."""
@@ -104,6 +118,11 @@ class JobUsageConsumer:
             raise PermanentError(f"undecodable JobChanged: {exc}") from exc
         if not event.job.id:
             raise PermanentError("JobChanged without a job id")
+        if event.deleted:
+            job_id = event.job.id
+            if await self.db.run(lambda s: JobUsageRepository(s).forget(job_id)):
+                log.debug("job %s deleted: its usage row is gone", job_id)
+            return
         usage = usage_from_job(event.job)
         if await self.db.run(lambda s: JobUsageRepository(s).apply(usage)):
             log.debug("job %s (revision %d): ended=%s", usage.job_id, usage.revision, usage.ended)

@@ -124,3 +124,13 @@ class JobUsageRow(Base):
     # Job.revision of the event the row was last written from.
     revision: Mapped[int] = mapped_column(BigInteger)
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeletedJobRow(Base):
+    """A job DeleteJob deleted (its JobChanged with `deleted`): its usage row is gone, and an older event of
+    it delivered later does not bring it back (job_usage.py)."""
+
+    __tablename__ = "datasets_deleted_jobs"
+
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -18,16 +18,17 @@ import statistics
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from tuneforge.v1 import job_pb2
 
 from services.estimation.catalog import Catalog
 from services.estimation.estimator import Calibration, memory_per_gpu, tokens_per_second
-from services.estimation.models import CalibrationRow
+from services.estimation.models import CalibrationRow, DeletedJobRow
 from services.estimation.spec import resolve_setup
 from services.kit.db import Database
 from tuneforge_core.errors import TuneForgeError
+from tuneforge_core.ids import new_id
 from tuneforge_core.models import ModelPolicy
 
 log = logging.getLogger(__name__)
@@ -150,11 +151,30 @@ class CalibrationStore:
         def _record(session: Session) -> bool:
             if session.get(CalibrationRow, measurement.job_id) is not None:
                 return False
+            if session.get(DeletedJobRow, measurement.job_id) is not None:
+                return False  # an older event of a job DeleteJob deleted
             fields = {k: v for k, v in measurement.__dict__.items() if v is not None or k != "recorded_at"}
             session.add(CalibrationRow(**fields))
             return True
 
         return await self.db.run(_record)
+
+    async def detach(self, job_id: str) -> bool:
+        """A job was deleted (DeleteJob): its measurement stays, for it tells nothing of the job's data or
+        organization and later estimates of its family still need it, but no longer under the job's id
+        (an anonymous `cal_…` id instead) nor naming its base model (which may be the organization's own
+        output). Records the job as deleted, so that a late event of it is not measured again. Returns
+        whether a measurement was detached; idempotent."""
+
+        def _detach(session: Session) -> bool:
+            if session.get(DeletedJobRow, job_id) is None:
+                session.add(DeletedJobRow(job_id=job_id))
+            moved = session.execute(update(CalibrationRow).where(CalibrationRow.job_id == job_id)
+                                    .values(job_id=new_id("cal"), base_model="")
+                                    .execution_options(synchronize_session=False))
+            return bool(moved.rowcount)  # type: ignore[attr-defined]
+
+        return await self.db.run(_detach)
 
     async def for_family(self, family: str) -> dict[str, Calibration]:
         """Calibration per GPU type for one model family, from its most recent jobs on each."""

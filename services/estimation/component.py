@@ -91,15 +91,25 @@ class EstimationComponent(Component):
         self.db.dispose()
 
     async def keep_job(self, msg: Msg) -> None:
-        """Keeps the job as the event says it, unless a newer revision is already kept."""
-        job = _job_of(msg)
+        """Keeps the job as the event says it, unless a newer revision is already kept; forgets a job
+        DeleteJob deleted."""
+        event = _event_of(msg)
+        job = event.job
         if not job.id or not job.organization:
             raise PermanentError("a JobChanged without a job id or organization")
+        if event.deleted:
+            await self.jobs.forget(job.id)
+            return
         await self.jobs.record(job)
 
     async def on_job_changed(self, msg: Msg) -> None:
-        """Records the measurements of a job that just SUCCEEDED; every other change is acked unread."""
-        job = _job_of(msg)
+        """Records the measurements of a job that just SUCCEEDED, and detaches them from a job DeleteJob
+        deleted (services.estimation.calibration); every other change is acked unread."""
+        event = _event_of(msg)
+        job = event.job
+        if event.deleted and job.id:
+            await self.calibrations.detach(job.id)
+            return
         if job.state != job_pb2.JOB_STATE_SUCCEEDED or not job.id:
             return
         measurement = measure(job, self.catalog, self.models)
@@ -109,8 +119,8 @@ class EstimationComponent(Component):
             )
 
 
-def _job_of(msg: Msg) -> job_pb2.Job:
+def _event_of(msg: Msg) -> events_pb2.JobChanged:
     try:
-        return events_pb2.JobChanged.FromString(msg.data).job
+        return events_pb2.JobChanged.FromString(msg.data)
     except Exception as exc:
         raise PermanentError(f"undecodable JobChanged: {exc}") from exc

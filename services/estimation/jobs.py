@@ -10,6 +10,9 @@ likewise seen an event late. Jobs whose last event left TF_EVENTS before this ta
 
 Events may arrive twice or out of order (redeliveries, several replicas): a row only ever moves forward, to
 an event with a higher `Job.revision`.
+
+A job DeleteJob deleted (its last JobChanged, with `deleted`) is forgotten: its row goes, and its id is kept
+in estimation_deleted_jobs so that an older event of it delivered later is ignored.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tuneforge.v1 import job_pb2
 
-from services.estimation.models import JobRow
+from services.estimation.models import DeletedJobRow, JobRow
 from services.kit.db import Database
 from services.kit.outbox import utcnow
 
@@ -107,6 +110,8 @@ class JobStore:
             )
             if moved.rowcount:  # type: ignore[attr-defined]
                 return True
+            if session.get(DeletedJobRow, record.id) is not None:
+                return False  # an older event of a deleted job
             if session.get(JobRow, record.id) is not None:
                 return False  # the same or a newer revision is kept
             session.add(JobRow(id=record.id, **values))
@@ -117,6 +122,19 @@ class JobStore:
         except IntegrityError:
             # Another replica inserted the same job in between: now it is an UPDATE (or nothing).
             return await self.db.run(_record)
+
+    async def forget(self, job_id: str) -> bool:
+        """Drops a deleted job's copy and remembers that it was deleted; returns whether a copy was there.
+        Idempotent (a concurrent first tombstone loses with an IntegrityError, and the consumer retries)."""
+
+        def _forget(session: Session) -> bool:
+            if session.get(DeletedJobRow, job_id) is None:
+                session.add(DeletedJobRow(job_id=job_id))
+            gone = session.execute(delete(JobRow).where(JobRow.id == job_id)
+                                   .execution_options(synchronize_session=False))
+            return bool(gone.rowcount)  # type: ignore[attr-defined]
+
+        return await self.db.run(_forget)
 
     async def get(self, organization: str, job: str) -> JobRecord | None:
         """The organization's job by id or name; None when no event of it has arrived. A job of another

@@ -57,3 +57,13 @@ class JobRow(Base):
     # Job.revision of the event the row holds: an event with a lower or equal one changes nothing.
     revision: Mapped[int] = mapped_column(BigInteger)
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeletedJobRow(Base):
+    """A job DeleteJob deleted (its JobChanged with `deleted`): its copy is gone, its calibration measurement
+    kept under an anonymous id, and an older event of it delivered later is ignored (jobs.py)."""
+
+    __tablename__ = "estimation_deleted_jobs"
+
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -18,7 +18,10 @@ from nats.js.errors import NotFoundError
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_service_pb2_grpc
 
+from services.jobs.artifacts import ArtifactCatalog
 from services.jobs.datasets_client import DatasetLookup
+from services.jobs.deletion import JobDeletions
+from services.jobs.downloads import DownloadServer, DownloadSigner, advertised_host, server_ssl_context
 from services.jobs.estimation_client import HardwareCheck
 from services.jobs.manager import JobManager
 from services.jobs.models import JobOutbox
@@ -34,6 +37,7 @@ from services.kit.runtime import Component, Registration, Runtime
 from tuneforge_core import subjects
 from tuneforge_core.models import ModelPolicy
 from tuneforge_core.nats import ensure_trainers_consumer, reroute_legacy_work
+from tuneforge_core.storage import LocalObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,15 @@ class JobsComponent(Component):
                                   quotas=JobQuotas(max_queued_jobs_per_org=settings.max_queued_jobs_per_org,
                                                    max_running_jobs_per_org=settings.max_running_jobs_per_org))
         self.manager.on_rejected_update = self._audit_refused_update
+        # DeleteJob, and the sweep that finishes a deletion a crash interrupted (services.jobs.deletion).
+        self.deletions = JobDeletions(self.db, self.relay, runtime.store, runtime.js)
         self._heartbeats: Any = None
+        # GetJobArtifacts: S3 presigns its own download URLs; a local store's are served by this process.
+        local = isinstance(runtime.store, LocalObjectStore)
+        self.artifacts = ArtifactCatalog(
+            runtime.store, default_ttl_s=settings.download_url_ttl_s,
+            signer=DownloadSigner.from_setting(settings.download_key, settings.data_dir) if local else None)
+        self.downloads: DownloadServer | None = None
 
     def _audit_refused_update(self, job_id: str, organization: str, worker_id: str, reason: str) -> None:
         """A worker update the fence refused goes to the organization's audit log (read by an admin with
@@ -70,8 +82,29 @@ class JobsComponent(Component):
             method=f"nats:{subjects.worker_status(job_id)}", code="PERMISSION_DENIED",
             organization=organization, principal=f"worker:{worker_id}", resource=job_id, message=reason)])
 
+    def _serve_downloads(self) -> None:
+        """Starts the download server of a local store (services.jobs.downloads): on the download host
+        and port, else the gRPC host and the port after the gRPC port."""
+        store, s = self.runtime.store, self.settings
+        if not isinstance(store, LocalObjectStore) or self.artifacts.signer is None:
+            return
+        host = s.download_host or s.grpc_host
+        port = s.download_port if s.download_port is not None else (s.grpc_port + 1 if s.grpc_port else 0)
+        self.downloads = DownloadServer(store, self.artifacts.signer, host, port,
+                                        ssl_context=server_ssl_context(s.tls_cert_file, s.tls_key_file),
+                                        fallback_to_free_port=s.download_port is None)
+        self.downloads.start()
+        self.artifacts.base_url = (s.download_base_url
+                                   or f"{self.downloads.scheme}://{advertised_host(host)}:{self.downloads.port}")
+        log.info("serving artifact downloads on %s", self.artifacts.base_url)
+
+    def _servicer(self) -> JobServicer:
+        servicer = JobServicer(self.manager, self.deletions)
+        servicer.artifacts = self.artifacts
+        return servicer
+
     def registrations(self) -> Sequence[Registration]:
-        return [Registration("tuneforge.v1.JobService", JobServicer(self.manager),
+        return [Registration("tuneforge.v1.JobService", self._servicer(),
                              job_service_pb2_grpc.add_JobServiceServicer_to_server)]
 
     async def start(self) -> None:
@@ -83,8 +116,10 @@ class JobsComponent(Component):
         self._heartbeats = await self.runtime.nc.subscribe(
             subjects.WORKER_HEARTBEATS, queue=subjects.JOBS_HEARTBEATS_QUEUE, cb=self._on_heartbeat)
         self.manager.listening_since = utcnow()
+        self._serve_downloads()
         self.spawn(self._watch_workers(), "jobs-worker-watch")
         self.spawn(self.relay.run(), "jobs-outbox-relay")
+        self.spawn(self.deletions.sweep_forever(), "jobs-deletion-sweep")
         self.spawn(consume(self.runtime.js, stream=subjects.STREAM_WORKER,
                            durable=subjects.JOBS_STATUS_CONSUMER, subject=subjects.ALL_WORKER_STATUS,
                            handler=self._on_worker_update), "jobs-worker-updates")
@@ -96,6 +131,8 @@ class JobsComponent(Component):
         if self._heartbeats is not None:
             with contextlib.suppress(Exception):
                 await self._heartbeats.unsubscribe()
+        if self.downloads is not None:
+            await asyncio.to_thread(self.downloads.stop)
         await super().stop()
         self.db.dispose()
 

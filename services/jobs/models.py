@@ -95,6 +95,22 @@ class OrganizationLock(Base):
     organization: Mapped[str] = mapped_column(String(63), primary_key=True)
 
 
+class JobDeletionRow(Base):
+    """A deleted job's tombstone (DeleteJob; services.jobs.deletion has the rules): no data of the job, only
+    what finishing its deletion and answering a repeated DeleteJob need. `purged_at` is set once its
+    objects and leftover rows are gone; until then the sweep finishes what a crash interrupted."""
+
+    __tablename__ = "jobs_deletions"
+    __table_args__ = (Index("ix_jobs_deletions_org_name", "organization", "name"),)
+
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(63))
+    # So that deleting again by name is OK too (while no newer job took the name).
+    name: Mapped[str] = mapped_column(String(63))
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+
+
 class JobOutbox(OutboxMixin, Base):
     __tablename__ = "jobs_outbox"
 

@@ -7,12 +7,17 @@ from collections.abc import AsyncIterator
 import grpc.aio
 from tuneforge.v1 import job_service_pb2, job_service_pb2_grpc
 
+from services.jobs.artifacts import ArtifactCatalog
+from services.jobs.deletion import JobDeletions
 from services.jobs.manager import JobManager
 
 
 class JobServicer(job_service_pb2_grpc.JobServiceServicer):
-    def __init__(self, manager: JobManager) -> None:
+    def __init__(self, manager: JobManager, deletions: JobDeletions | None = None) -> None:
         self.manager = manager
+        self.deletions = deletions or JobDeletions(manager.db, manager.relay, manager.store)
+        # GetJobArtifacts; the component passes one wired to its download server.
+        self.artifacts = ArtifactCatalog(manager.store, default_ttl_s=3600)
 
     async def CreateJob(self, request: job_service_pb2.CreateJobRequest,
                         context: grpc.aio.ServicerContext) -> job_service_pb2.CreateJobResponse:
@@ -33,6 +38,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         return job_service_pb2.CancelJobResponse(job=await self.manager.cancel(request.organization,
                                                                                request.job))
 
+    async def DeleteJob(self, request: job_service_pb2.DeleteJobRequest,
+                        context: grpc.aio.ServicerContext) -> job_service_pb2.DeleteJobResponse:
+        deleted = await self.deletions.delete(request.organization, request.job)
+        return job_service_pb2.DeleteJobResponse(job=deleted.job_id, already_deleted=deleted.already_deleted)
+
     async def WatchJob(self, request: job_service_pb2.WatchJobRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[job_service_pb2.WatchJobResponse]:
         async for job in self.manager.watch(request.organization, request.job):
@@ -43,3 +53,11 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         workers, token = await self.manager.list_workers(request.organization, request.page_size,
                                                          request.page_token)
         return job_service_pb2.ListWorkersResponse(workers=workers, next_page_token=token)
+
+    async def GetJobArtifacts(self, request: job_service_pb2.GetJobArtifactsRequest,
+                              context: grpc.aio.ServicerContext) -> job_service_pb2.GetJobArtifactsResponse:
+        ttl_s = self.artifacts.check_request(list(request.kinds), request.url_ttl.seconds,
+                                             request.url_ttl.nanos)
+        job = await self.manager.get(request.organization, request.job)  # another organization's: NOT_FOUND
+        return job_service_pb2.GetJobArtifactsResponse(
+            artifacts=await self.artifacts.list_artifacts(job, list(request.kinds), ttl_s))

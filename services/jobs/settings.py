@@ -27,3 +27,19 @@ class JobSettings(KitSettings):
     # TUNEFORGE_MAX_RUNNING_JOBS_PER_ORG: jobs of an organization handed to the work queue at once (running,
     # or queued for a worker); the next ones wait, QUEUED, until one of them ends. 0: no limit.
     max_running_jobs_per_org: int = Field(default=4, ge=0)
+    # -- downloads of job artifacts (GetJobArtifacts; services.jobs.artifacts, services.jobs.downloads) --
+    # TUNEFORGE_DOWNLOAD_URL_TTL_S: how long download URLs stay valid, and the longest a caller may ask for
+    # (7 days at most: S3's limit for presigned URLs).
+    download_url_ttl_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    # TUNEFORGE_DOWNLOAD_HOST, TUNEFORGE_DOWNLOAD_PORT: where the jobs service serves downloads itself when
+    # object storage is a local folder (on S3, URLs are presigned and no server runs). Empty host: the
+    # gRPC host. No port: the gRPC port + 1 (a free port when that one is taken or the gRPC port is 0);
+    # 0: a free port.
+    download_host: str = ""
+    download_port: int | None = Field(default=None, ge=0, le=65535)
+    # TUNEFORGE_DOWNLOAD_BASE_URL: the download server's URL as callers reach it (behind a proxy, or on a
+    # wildcard host), e.g. https://tuneforge.example.com; empty: http(s)://<host>:<port>.
+    download_base_url: str = ""
+    # TUNEFORGE_DOWNLOAD_KEY: HMAC key(s) signing local download URLs (comma-separated: the first signs,
+    # any verifies). Empty: one generated once in <data_dir>/secrets/download.key.
+    download_key: str = Field(default="", repr=False)

@@ -1,13 +1,17 @@
-"""The metrics service as a kit Component: its servicer, its database and its two ingest consumers."""
+"""The metrics service as a kit Component: its servicer, its database, its two ingest consumers, and a
+consumer of JobChanged that deletes the points and log entries of a job DeleteJob deleted."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from nats.aio.msg import Msg
+from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import metrics_service_pb2_grpc
 
-from services.kit.consumer import consume
+from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
 from services.kit.runtime import Component, Registration, Runtime
 from services.metrics.ingest import IngestHandlers
@@ -17,6 +21,8 @@ from services.metrics.manager import MetricsManager
 from services.metrics.servicer import MetricsServicer
 from services.metrics.settings import MetricsSettings
 from tuneforge_core import subjects
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SERVICE_NAME = "tuneforge.v1.MetricsService"
@@ -47,6 +53,22 @@ class MetricsComponent(Component):
         self.spawn(consume(js, stream=subjects.STREAM_WORKER, durable=subjects.LOGS_INGEST_CONSUMER,
                            subject=subjects.ALL_WORKER_LOGS, handler=self.handlers.on_logs),
                    name="logs-ingest")
+        self.spawn(consume(js, stream=subjects.STREAM_EVENTS, durable=subjects.METRICS_JOB_EVENTS_CONSUMER,
+                           subject=subjects.ALL_JOB_EVENTS, handler=self.on_job_changed),
+                   name="metrics-job-deletions")
+
+    async def on_job_changed(self, msg: Msg) -> None:
+        """Deletes what is stored of a deleted job; every other change is acked unread."""
+        try:
+            event = events_pb2.JobChanged.FromString(msg.data)
+        except Exception as exc:
+            raise PermanentError(f"undecodable JobChanged: {exc}") from exc
+        if not event.deleted:
+            return
+        if not event.job.id:
+            raise PermanentError("a deleting JobChanged without a job id")
+        points, entries = await self.manager.delete_job(event.job.id)
+        log.info("job %s deleted: %d points and %d log entries removed", event.job.id, points, entries)
 
     async def stop(self) -> None:
         await super().stop()

@@ -95,7 +95,8 @@ class MetricsManager:
             stored.job_id = job_id
             accepted.append(stored)
         if accepted:
-            await self.db.run(partial(self.repo.upsert_points, points=accepted))
+            if not await self._store(job_id, partial(self.repo.upsert_points, points=accepted)):
+                return 0
             payload = events_pb2.MetricsStored(points=accepted).SerializeToString()
             await self.live.publish(subjects.live_metrics(job_id), payload)
         return len(accepted)
@@ -111,10 +112,34 @@ class MetricsManager:
             stored.job_id = job_id
             accepted.append(stored)
         if accepted:
-            await self.db.run(partial(self.repo.upsert_entries, entries=accepted))
+            if not await self._store(job_id, partial(self.repo.upsert_entries, entries=accepted)):
+                return 0
             payload = events_pb2.LogsStored(entries=accepted).SerializeToString()
             await self.live.publish(subjects.live_logs(job_id), payload)
         return len(accepted)
+
+    async def _store(self, job_id: str, write: Callable[[Session], None]) -> bool:
+        """Runs `write` unless the job was deleted (DeleteJob); False when it was, and nothing is kept."""
+
+        def apply(session: Session) -> bool:
+            if self.repo.is_deleted(session, job_id):
+                return False
+            write(session)
+            return True
+
+        if await self.db.run(apply) and not await self.db.run(partial(self.repo.is_deleted, job_id=job_id)):
+            return True
+        # The job is deleted; if its deletion committed while this was written, what this wrote goes too
+        # (`delete_job` marks first and deletes after, so one of the two sees the other).
+        await self.db.run(partial(self.repo.delete_job, job_id=job_id))
+        log.info("dropped points or log entries of deleted job %s", job_id)
+        return False
+
+    async def delete_job(self, job_id: str) -> tuple[int, int]:
+        """Forgets a job DeleteJob deleted: marks it deleted (ingest drops it from then on), then deletes its
+        points and log entries; returns how many of each. Idempotent."""
+        await self.db.run(partial(self.repo.mark_deleted, job_id=job_id))
+        return await self.db.run(partial(self.repo.delete_job, job_id=job_id))
 
     # ---- reads --------------------------------------------------------------------------------------
 

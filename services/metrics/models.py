@@ -61,3 +61,13 @@ class LogEntryRow(Base):
     source: Mapped[int] = mapped_column(SmallInteger, default=0)
     message: Mapped[str] = mapped_column(Text, default="")
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeletedJobRow(Base):
+    """A job DeleteJob deleted (its JobChanged with `deleted`): its points and entries are gone, and points or
+    entries of it that a worker's message delivers later are dropped, not stored."""
+
+    __tablename__ = "metrics_deleted_jobs"
+
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table, and_, or_, select
+from sqlalchemy import Table, and_, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from tuneforge.v1 import metrics_pb2
 
 from services.metrics.converters import entry_to_values, point_to_values, row_to_entry, row_to_point
-from services.metrics.models import LogEntryRow, MetricPointRow
+from services.metrics.models import DeletedJobRow, LogEntryRow, MetricPointRow
 
 # Rows per INSERT statement: well under SQLite's bound-parameter limit with ~22 columns a row.
 _CHUNK = 400
@@ -85,3 +85,20 @@ class MetricsRepository:
                                     and_(LogEntryRow.attempt == attempt, LogEntryRow.sequence > sequence)))
         query = query.order_by(LogEntryRow.attempt, LogEntryRow.sequence).limit(limit)
         return [row_to_entry(row) for row in session.scalars(query)]
+
+    # -- deleted jobs (DeleteJob) -----------------------------------------------------------------------
+
+    def is_deleted(self, session: Session, job_id: str) -> bool:
+        return session.get(DeletedJobRow, job_id) is not None
+
+    def mark_deleted(self, session: Session, job_id: str) -> None:
+        """Records the job as deleted (idempotent); ingest drops its points and entries from then on."""
+        if session.get(DeletedJobRow, job_id) is None:
+            session.add(DeletedJobRow(job_id=job_id))
+            session.flush()
+
+    def delete_job(self, session: Session, job_id: str) -> tuple[int, int]:
+        """Deletes every point and log entry of the job; returns how many of each."""
+        points = session.execute(delete(MetricPointRow).where(MetricPointRow.job_id == job_id))
+        entries = session.execute(delete(LogEntryRow).where(LogEntryRow.job_id == job_id))
+        return (int(getattr(points, "rowcount", 0) or 0), int(getattr(entries, "rowcount", 0) or 0))

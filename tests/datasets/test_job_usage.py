@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from nats.js import JetStreamContext
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import dataset_service_pb2 as pb
@@ -84,6 +85,19 @@ def test_usage_counts_validation_datasets_and_stays_in_its_organization(db: Data
     assert users(db, "ds_v") == ["job_1", "job_2"]
     assert users(db, "ds_x", organization="globex") == ["job_3"]
     assert users(db, "ds_other") == []
+
+
+def test_a_deleted_job_loses_its_row_and_a_late_event_does_not_bring_it_back(db: Database) -> None:
+    assert apply(db, usage_from_job(job(SUCCEEDED, 3)))
+    with db.session() as session:
+        assert JobUsageRepository(session).forget("job_1")
+    with db.session() as session:
+        assert not JobUsageRepository(session).forget("job_1")  # idempotent
+    # An older event delivered after the deletion (a redelivery) changes nothing.
+    assert not apply(db, usage_from_job(job(RUNNING, 2)))
+    assert users(db, "ds_x") == []
+    with db.session() as session:
+        assert session.execute(sa.text("SELECT count(*) FROM datasets_job_usage")).scalar() == 0
 
 
 # -- through the service ---------------------------------------------------------------------------------

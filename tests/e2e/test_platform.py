@@ -24,7 +24,7 @@ def upload(client: TuneForgeClient, path: Path, name: str) -> dataset_pb2.Datase
 
 
 def test_upload_train_stream_and_load_adapter(
-    client: TuneForgeClient, tiny_assets: tuple[Path, Path]
+    client: TuneForgeClient, tiny_assets: tuple[Path, Path], platform: Platform, tmp_path: Path
 ) -> None:
     model, data = tiny_assets
     ds = upload(client, data, "chat")
@@ -52,6 +52,18 @@ def test_upload_train_stream_and_load_adapter(
     adapter_dir = Path(final.output.adapter_uri.removeprefix("file://"))
     assert (adapter_dir / "adapter_config.json").exists()
     assert (adapter_dir / "adapter_model.safetensors").exists()
+    # Results out: the adapter through the CLI (checksums verified); the model loads from the download.
+    from typer.testing import CliRunner
+
+    from services.cli.main import app
+
+    downloaded = tmp_path / "downloaded-adapter"
+    result = CliRunner(env={"TUNEFORGE_API_KEY": client.api_key}).invoke(
+        app, ["jobs", "download", job.id, str(downloaded), "--address", platform.address])
+    assert result.exit_code == 0 and "sha256 verified" in result.output, result.output
+    assert (downloaded / "adapter_model.safetensors").read_bytes() == \
+        (adapter_dir / "adapter_model.safetensors").read_bytes()
+    adapter_dir = downloaded
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

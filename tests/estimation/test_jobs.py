@@ -68,3 +68,35 @@ async def test_the_job_copy_only_moves_forward(database_url: str) -> None:
         assert latest is not None and (latest.revision, latest.progress.step) == (9, 9)
     finally:
         db.dispose()
+
+
+async def test_a_deleted_job_is_forgotten_and_its_calibration_detached(database_url: str) -> None:
+    from sqlalchemy import select
+
+    from services.estimation.calibration import CalibrationStore
+    from services.estimation.models import CalibrationRow
+
+    db = Database(database_url, "estimation")
+    try:
+        db.migrate(MIGRATIONS_DIR)
+        store, calibrations = JobStore(db), CalibrationStore(db)
+        assert await store.record(job(4, job_pb2.JOB_STATE_SUCCEEDED, step=100))
+
+        def measured(session: object) -> None:
+            session.add(CalibrationRow(  # type: ignore[attr-defined]
+                job_id="job_1", family="qwen2", gpu_type="nvidia-a100", gpu_count=1, adapter="lora",
+                method="sft", base_model="file:///objects/jobs/acme/job_0/merged",
+                measured_tokens_per_second=900.0, predicted_tokens_per_second=1000.0))
+
+        await db.run(measured)
+        assert await store.forget("job_1") and not await store.forget("job_1")
+        assert await store.get("acme", "job_1") is None
+        assert not await store.record(job(3, step=50))  # a late event of the deleted job
+        assert await store.get("acme", "job_1") is None
+
+        assert await calibrations.detach("job_1") and not await calibrations.detach("job_1")
+        rows = await db.run(lambda s: [(r.job_id, r.base_model, r.measured_tokens_per_second)
+                                       for r in s.scalars(select(CalibrationRow))])
+        assert len(rows) == 1 and rows[0][0].startswith("cal_") and rows[0][1:] == ("", 900.0)
+    finally:
+        db.dispose()

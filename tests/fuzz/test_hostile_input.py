@@ -69,7 +69,7 @@ def service_methods() -> list[descriptor.MethodDescriptor]:
 
 METHODS = service_methods()
 # RevokeApiKey: its base names no key (a revoked fuzz key would end the run), so it is not judged OK.
-DESTRUCTIVE = ("DeleteDataset", "CancelJob", "RevokeApiKey")
+DESTRUCTIVE = ("DeleteDataset", "CancelJob", "DeleteJob", "RevokeApiKey")
 
 
 def destructive_last(item: Any) -> tuple[bool, str]:

@@ -22,11 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from tuneforge.v1 import access_pb2 as tuneforge_dot_v1_dot_access__pb2
+from tuneforge.v1 import artifact_pb2 as tuneforge_dot_v1_dot_artifact__pb2
 from tuneforge.v1 import job_pb2 as tuneforge_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etuneforge/v1/job_service.proto\x12\x0ctuneforge.v1\x1a\x19tuneforge/v1/access.proto\x1a\x16tuneforge/v1/job.proto\"\x86\x02\n\x10\x43reateJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.tuneforge.v1.CreateJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x15\n\rvalidate_only\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x11\x43reateJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"2\n\rGetJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"0\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"v\n\x0fListJobsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x06states\x18\x04 \x03(\x0e\x32\x16.tuneforge.v1.JobState\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.tuneforge.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x10\x43\x61ncelJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"3\n\x11\x43\x61ncelJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"4\n\x0fWatchJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"2\n\x10WatchJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"Q\n\x12ListWorkersRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListWorkersResponse\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.tuneforge.v1.Worker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xfd\x03\n\nJobService\x12R\n\tCreateJob\x12\x1e.tuneforge.v1.CreateJobRequest\x1a\x1f.tuneforge.v1.CreateJobResponse\"\x04\xc8\xf3\x18\x02\x12I\n\x06GetJob\x12\x1b.tuneforge.v1.GetJobRequest\x1a\x1c.tuneforge.v1.GetJobResponse\"\x04\xc8\xf3\x18\x01\x12O\n\x08ListJobs\x12\x1d.tuneforge.v1.ListJobsRequest\x1a\x1e.tuneforge.v1.ListJobsResponse\"\x04\xc8\xf3\x18\x01\x12R\n\tCancelJob\x12\x1e.tuneforge.v1.CancelJobRequest\x1a\x1f.tuneforge.v1.CancelJobResponse\"\x04\xc8\xf3\x18\x02\x12Q\n\x08WatchJob\x12\x1d.tuneforge.v1.WatchJobRequest\x1a\x1e.tuneforge.v1.WatchJobResponse\"\x04\xc8\xf3\x18\x01\x30\x01\x12X\n\x0bListWorkers\x12 .tuneforge.v1.ListWorkersRequest\x1a!.tuneforge.v1.ListWorkersResponse\"\x04\xc8\xf3\x18\x01\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etuneforge/v1/job_service.proto\x12\x0ctuneforge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x19tuneforge/v1/access.proto\x1a\x1btuneforge/v1/artifact.proto\x1a\x16tuneforge/v1/job.proto\"\x86\x02\n\x10\x43reateJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.tuneforge.v1.CreateJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x15\n\rvalidate_only\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x11\x43reateJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"2\n\rGetJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"0\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"v\n\x0fListJobsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x06states\x18\x04 \x03(\x0e\x32\x16.tuneforge.v1.JobState\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.tuneforge.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x10\x43\x61ncelJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"3\n\x11\x43\x61ncelJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"5\n\x10\x44\x65leteJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"9\n\x11\x44\x65leteJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_deleted\x18\x02 \x01(\x08\"4\n\x0fWatchJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"2\n\x10WatchJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"Q\n\x12ListWorkersRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListWorkersResponse\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.tuneforge.v1.Worker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x92\x01\n\x16GetJobArtifactsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12)\n\x05kinds\x18\x03 \x03(\x0e\x32\x1a.tuneforge.v1.ArtifactKind\x12*\n\x07url_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x17GetJobArtifactsResponse\x12,\n\tartifacts\x18\x01 \x03(\x0b\x32\x19.tuneforge.v1.JobArtifact2\xb7\x05\n\nJobService\x12R\n\tCreateJob\x12\x1e.tuneforge.v1.CreateJobRequest\x1a\x1f.tuneforge.v1.CreateJobResponse\"\x04\xc8\xf3\x18\x02\x12I\n\x06GetJob\x12\x1b.tuneforge.v1.GetJobRequest\x1a\x1c.tuneforge.v1.GetJobResponse\"\x04\xc8\xf3\x18\x01\x12O\n\x08ListJobs\x12\x1d.tuneforge.v1.ListJobsRequest\x1a\x1e.tuneforge.v1.ListJobsResponse\"\x04\xc8\xf3\x18\x01\x12R\n\tCancelJob\x12\x1e.tuneforge.v1.CancelJobRequest\x1a\x1f.tuneforge.v1.CancelJobResponse\"\x04\xc8\xf3\x18\x02\x12R\n\tDeleteJob\x12\x1e.tuneforge.v1.DeleteJobRequest\x1a\x1f.tuneforge.v1.DeleteJobResponse\"\x04\xc8\xf3\x18\x02\x12Q\n\x08WatchJob\x12\x1d.tuneforge.v1.WatchJobRequest\x1a\x1e.tuneforge.v1.WatchJobResponse\"\x04\xc8\xf3\x18\x01\x30\x01\x12X\n\x0bListWorkers\x12 .tuneforge.v1.ListWorkersRequest\x1a!.tuneforge.v1.ListWorkersResponse\"\x04\xc8\xf3\x18\x01\x12\x64\n\x0fGetJobArtifacts\x12$.tuneforge.v1.GetJobArtifactsRequest\x1a%.tuneforge.v1.GetJobArtifactsResponse\"\x04\xc8\xf3\x18\x01\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,36 +46,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSERVICE'].methods_by_name['ListJobs']._serialized_options = b'\310\363\030\001'
   _globals['_JOBSERVICE'].methods_by_name['CancelJob']._loaded_options = None
   _globals['_JOBSERVICE'].methods_by_name['CancelJob']._serialized_options = b'\310\363\030\002'
+  _globals['_JOBSERVICE'].methods_by_name['DeleteJob']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['DeleteJob']._serialized_options = b'\310\363\030\002'
   _globals['_JOBSERVICE'].methods_by_name['WatchJob']._loaded_options = None
   _globals['_JOBSERVICE'].methods_by_name['WatchJob']._serialized_options = b'\310\363\030\001'
   _globals['_JOBSERVICE'].methods_by_name['ListWorkers']._loaded_options = None
   _globals['_JOBSERVICE'].methods_by_name['ListWorkers']._serialized_options = b'\310\363\030\001'
-  _globals['_CREATEJOBREQUEST']._serialized_start=100
-  _globals['_CREATEJOBREQUEST']._serialized_end=362
-  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_start=317
-  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_end=362
-  _globals['_CREATEJOBRESPONSE']._serialized_start=364
-  _globals['_CREATEJOBRESPONSE']._serialized_end=415
-  _globals['_GETJOBREQUEST']._serialized_start=417
-  _globals['_GETJOBREQUEST']._serialized_end=467
-  _globals['_GETJOBRESPONSE']._serialized_start=469
-  _globals['_GETJOBRESPONSE']._serialized_end=517
-  _globals['_LISTJOBSREQUEST']._serialized_start=519
-  _globals['_LISTJOBSREQUEST']._serialized_end=637
-  _globals['_LISTJOBSRESPONSE']._serialized_start=639
-  _globals['_LISTJOBSRESPONSE']._serialized_end=715
-  _globals['_CANCELJOBREQUEST']._serialized_start=717
-  _globals['_CANCELJOBREQUEST']._serialized_end=770
-  _globals['_CANCELJOBRESPONSE']._serialized_start=772
-  _globals['_CANCELJOBRESPONSE']._serialized_end=823
-  _globals['_WATCHJOBREQUEST']._serialized_start=825
-  _globals['_WATCHJOBREQUEST']._serialized_end=877
-  _globals['_WATCHJOBRESPONSE']._serialized_start=879
-  _globals['_WATCHJOBRESPONSE']._serialized_end=929
-  _globals['_LISTWORKERSREQUEST']._serialized_start=931
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1012
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1014
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1099
-  _globals['_JOBSERVICE']._serialized_start=1102
-  _globals['_JOBSERVICE']._serialized_end=1611
+  _globals['_JOBSERVICE'].methods_by_name['GetJobArtifacts']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['GetJobArtifacts']._serialized_options = b'\310\363\030\001'
+  _globals['_CREATEJOBREQUEST']._serialized_start=161
+  _globals['_CREATEJOBREQUEST']._serialized_end=423
+  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_start=378
+  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_end=423
+  _globals['_CREATEJOBRESPONSE']._serialized_start=425
+  _globals['_CREATEJOBRESPONSE']._serialized_end=476
+  _globals['_GETJOBREQUEST']._serialized_start=478
+  _globals['_GETJOBREQUEST']._serialized_end=528
+  _globals['_GETJOBRESPONSE']._serialized_start=530
+  _globals['_GETJOBRESPONSE']._serialized_end=578
+  _globals['_LISTJOBSREQUEST']._serialized_start=580
+  _globals['_LISTJOBSREQUEST']._serialized_end=698
+  _globals['_LISTJOBSRESPONSE']._serialized_start=700
+  _globals['_LISTJOBSRESPONSE']._serialized_end=776
+  _globals['_CANCELJOBREQUEST']._serialized_start=778
+  _globals['_CANCELJOBREQUEST']._serialized_end=831
+  _globals['_CANCELJOBRESPONSE']._serialized_start=833
+  _globals['_CANCELJOBRESPONSE']._serialized_end=884
+  _globals['_DELETEJOBREQUEST']._serialized_start=886
+  _globals['_DELETEJOBREQUEST']._serialized_end=939
+  _globals['_DELETEJOBRESPONSE']._serialized_start=941
+  _globals['_DELETEJOBRESPONSE']._serialized_end=998
+  _globals['_WATCHJOBREQUEST']._serialized_start=1000
+  _globals['_WATCHJOBREQUEST']._serialized_end=1052
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1054
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1104
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1106
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1187
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1189
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1274
+  _globals['_GETJOBARTIFACTSREQUEST']._serialized_start=1277
+  _globals['_GETJOBARTIFACTSREQUEST']._serialized_end=1423
+  _globals['_GETJOBARTIFACTSRESPONSE']._serialized_start=1425
+  _globals['_GETJOBARTIFACTSRESPONSE']._serialized_end=1496
+  _globals['_JOBSERVICE']._serialized_start=1499
+  _globals['_JOBSERVICE']._serialized_end=2194
 # @@protoc_insertion_point(module_scope)

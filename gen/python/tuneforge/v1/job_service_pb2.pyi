@@ -5,8 +5,10 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from tuneforge.v1 import artifact_pb2 as _artifact_pb2
 from tuneforge.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
@@ -244,6 +246,53 @@ class CancelJobResponse(_message.Message):
 Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
 
 @_typing.final
+class DeleteJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    organization: _builtins.str
+    job: _builtins.str
+    """The job id, or its name within the organization."""
+    def __init__(
+        self,
+        *,
+        organization: _builtins.str = ...,
+        job: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "organization", b"organization"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobRequest: _TypeAlias = DeleteJobRequest  # noqa: Y015
+
+@_typing.final
+class DeleteJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    ALREADY_DELETED_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """The id of the deleted job."""
+    already_deleted: _builtins.bool
+    """True when an earlier DeleteJob had deleted it already: this call changed nothing."""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        already_deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_deleted", b"already_deleted", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteJobResponse: _TypeAlias = DeleteJobResponse  # noqa: Y015
+
+@_typing.final
 class WatchJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -335,3 +384,64 @@ class ListWorkersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
+
+@_typing.final
+class GetJobArtifactsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    URL_TTL_FIELD_NUMBER: _builtins.int
+    organization: _builtins.str
+    job: _builtins.str
+    """The job id, or its name within the organization."""
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_artifact_pb2.ArtifactKind.ValueType]:
+        """Only artifacts of these kinds, when set. The first listing of an artifact reads every byte of it to
+        compute the checksums (kept for later listings), so asking only for what you need is faster.
+        """
+
+    @_builtins.property
+    def url_ttl(self) -> _duration_pb2.Duration:
+        """How long the download URLs stay valid. Unset: the platform's TUNEFORGE_DOWNLOAD_URL_TTL_S (1 hour by
+        default), which is also the longest allowed.
+        """
+
+    def __init__(
+        self,
+        *,
+        organization: _builtins.str = ...,
+        job: _builtins.str = ...,
+        kinds: _abc.Iterable[_artifact_pb2.ArtifactKind.ValueType] | None = ...,
+        url_ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["url_ttl", b"url_ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "kinds", b"kinds", "organization", b"organization", "url_ttl", b"url_ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobArtifactsRequest: _TypeAlias = GetJobArtifactsRequest  # noqa: Y015
+
+@_typing.final
+class GetJobArtifactsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[_artifact_pb2.JobArtifact]:
+        """The adapter, then the merged model, then the checkpoints by step."""
+
+    def __init__(
+        self,
+        *,
+        artifacts: _abc.Iterable[_artifact_pb2.JobArtifact] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobArtifactsResponse: _TypeAlias = GetJobArtifactsResponse  # noqa: Y015

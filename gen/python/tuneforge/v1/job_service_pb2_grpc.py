@@ -55,6 +55,11 @@ class JobServiceStub:
                 request_serializer=tuneforge_dot_v1_dot_job__service__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/tuneforge.v1.JobService/DeleteJob',
+                request_serializer=tuneforge_dot_v1_dot_job__service__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/tuneforge.v1.JobService/WatchJob',
                 request_serializer=tuneforge_dot_v1_dot_job__service__pb2.WatchJobRequest.SerializeToString,
@@ -64,6 +69,11 @@ class JobServiceStub:
                 '/tuneforge.v1.JobService/ListWorkers',
                 request_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
+        self.GetJobArtifacts = channel.unary_unary(
+                '/tuneforge.v1.JobService/GetJobArtifacts',
+                request_serializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsResponse.FromString,
                 _registered_method=True)
 
 
@@ -99,6 +109,19 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteJob(self, request, context):
+        """Deletes a final job (SUCCEEDED, FAILED or CANCELLED) and everything it left: its checkpoints and
+        outputs in object storage (jobs/<organization>/<job id>/), its metric points and log entries, and
+        its rows. At once GetJob, ListJobs and WatchJob no longer show it; storage and the other services'
+        copies follow within moments (a deletion a crash interrupted is finished by the jobs service on its
+        next sweep). Idempotent: deleting a job that was already deleted succeeds (already_deleted). A job
+        that has not ended is FAILED_PRECONDITION with reason JOB_STATE_CONFLICT naming its state: cancel it
+        first. Another organization's job, or one that never existed, is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchJob(self, request, context):
         """Sends the job as it is now, then every change, and ends after the job reaches a final state.
         """
@@ -109,6 +132,14 @@ class JobServiceServicer:
     def ListWorkers(self, request, context):
         """The trainer workers heard from recently (alive or not), ordered by id. Workers serve every
         organization; a worker's current job is shown only to the organization that owns it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobArtifacts(self, request, context):
+        """The job's stored outputs (adapter, merged model, complete checkpoints), each file with its size, its
+        SHA-256 and a download URL that expires. A job that has not SUCCEEDED lists only its checkpoints.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +168,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.CancelJobRequest.FromString,
                     response_serializer=tuneforge_dot_v1_dot_job__service__pb2.CancelJobResponse.SerializeToString,
             ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.DeleteJobRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_job__service__pb2.DeleteJobResponse.SerializeToString,
+            ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
                     request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.WatchJobRequest.FromString,
@@ -146,6 +182,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersRequest.FromString,
                     response_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'GetJobArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobArtifacts,
+                    request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +309,33 @@ class JobService:
             _registered_method=True)
 
     @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.v1.JobService/DeleteJob',
+            tuneforge_dot_v1_dot_job__service__pb2.DeleteJobRequest.SerializeToString,
+            tuneforge_dot_v1_dot_job__service__pb2.DeleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def WatchJob(request,
             target,
             options=(),
@@ -311,6 +379,33 @@ class JobService:
             '/tuneforge.v1.JobService/ListWorkers',
             tuneforge_dot_v1_dot_job__service__pb2.ListWorkersRequest.SerializeToString,
             tuneforge_dot_v1_dot_job__service__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.v1.JobService/GetJobArtifacts',
+            tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsRequest.SerializeToString,
+            tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,11 +42,24 @@ class JobServiceStub:
     CANCELLED when its worker has stopped. Cancelling a CANCELLING or CANCELLED job is a no-op;
     cancelling a SUCCEEDED or FAILED job fails with FAILED_PRECONDITION.
     """
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]
+    """Deletes a final job (SUCCEEDED, FAILED or CANCELLED) and everything it left: its checkpoints and
+    outputs in object storage (jobs/<organization>/<job id>/), its metric points and log entries, and
+    its rows. At once GetJob, ListJobs and WatchJob no longer show it; storage and the other services'
+    copies follow within moments (a deletion a crash interrupted is finished by the jobs service on its
+    next sweep). Idempotent: deleting a job that was already deleted succeeds (already_deleted). A job
+    that has not ended is FAILED_PRECONDITION with reason JOB_STATE_CONFLICT naming its state: cancel it
+    first. Another organization's job, or one that never existed, is NOT_FOUND.
+    """
     WatchJob: _grpc.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]
     """Sends the job as it is now, then every change, and ends after the job reaches a final state."""
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListWorkersRequest, _job_service_pb2.ListWorkersResponse]
     """The trainer workers heard from recently (alive or not), ordered by id. Workers serve every
     organization; a worker's current job is shown only to the organization that owns it.
+    """
+    GetJobArtifacts: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobArtifactsRequest, _job_service_pb2.GetJobArtifactsResponse]
+    """The job's stored outputs (adapter, merged model, complete checkpoints), each file with its size, its
+    SHA-256 and a download URL that expires. A job that has not SUCCEEDED lists only its checkpoints.
     """
 
 @_typing.type_check_only
@@ -63,11 +76,24 @@ class JobServiceAsyncStub(JobServiceStub):
     CANCELLED when its worker has stopped. Cancelling a CANCELLING or CANCELLED job is a no-op;
     cancelling a SUCCEEDED or FAILED job fails with FAILED_PRECONDITION.
     """
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.DeleteJobRequest, _job_service_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """Deletes a final job (SUCCEEDED, FAILED or CANCELLED) and everything it left: its checkpoints and
+    outputs in object storage (jobs/<organization>/<job id>/), its metric points and log entries, and
+    its rows. At once GetJob, ListJobs and WatchJob no longer show it; storage and the other services'
+    copies follow within moments (a deletion a crash interrupted is finished by the jobs service on its
+    next sweep). Idempotent: deleting a job that was already deleted succeeds (already_deleted). A job
+    that has not ended is FAILED_PRECONDITION with reason JOB_STATE_CONFLICT naming its state: cancel it
+    first. Another organization's job, or one that never existed, is NOT_FOUND.
+    """
     WatchJob: _aio.UnaryStreamMultiCallable[_job_service_pb2.WatchJobRequest, _job_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Sends the job as it is now, then every change, and ends after the job reaches a final state."""
     ListWorkers: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListWorkersRequest, _job_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
     """The trainer workers heard from recently (alive or not), ordered by id. Workers serve every
     organization; a worker's current job is shown only to the organization that owns it.
+    """
+    GetJobArtifacts: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobArtifactsRequest, _job_service_pb2.GetJobArtifactsResponse]  # type: ignore[assignment]
+    """The job's stored outputs (adapter, merged model, complete checkpoints), each file with its size, its
+    SHA-256 and a download URL that expires. A job that has not SUCCEEDED lists only its checkpoints.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -107,6 +133,21 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _job_service_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.DeleteJobResponse, _abc.Awaitable[_job_service_pb2.DeleteJobResponse]]:
+        """Deletes a final job (SUCCEEDED, FAILED or CANCELLED) and everything it left: its checkpoints and
+        outputs in object storage (jobs/<organization>/<job id>/), its metric points and log entries, and
+        its rows. At once GetJob, ListJobs and WatchJob no longer show it; storage and the other services'
+        copies follow within moments (a deletion a crash interrupted is finished by the jobs service on its
+        next sweep). Idempotent: deleting a job that was already deleted succeeds (already_deleted). A job
+        that has not ended is FAILED_PRECONDITION with reason JOB_STATE_CONFLICT naming its state: cancel it
+        first. Another organization's job, or one that never existed, is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
     def WatchJob(
         self,
         request: _job_service_pb2.WatchJobRequest,
@@ -122,6 +163,16 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_job_service_pb2.ListWorkersResponse, _abc.Awaitable[_job_service_pb2.ListWorkersResponse]]:
         """The trainer workers heard from recently (alive or not), ordered by id. Workers serve every
         organization; a worker's current job is shown only to the organization that owns it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetJobArtifacts(
+        self,
+        request: _job_service_pb2.GetJobArtifactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.GetJobArtifactsResponse, _abc.Awaitable[_job_service_pb2.GetJobArtifactsResponse]]:
+        """The job's stored outputs (adapter, merged model, complete checkpoints), each file with its size, its
+        SHA-256 and a download URL that expires. A job that has not SUCCEEDED lists only its checkpoints.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

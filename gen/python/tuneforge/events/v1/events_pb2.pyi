@@ -73,8 +73,15 @@ class JobChanged(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     PREVIOUS_STATE_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     previous_state: _job_pb2.JobState.ValueType
+    deleted: _builtins.bool
+    """Set on the last event of a job: DeleteJob deleted it. `job` is then the job as it was when deleted (a
+    final state, so a consumer that does not know this field stops following it and treats it as ended),
+    with a revision above every earlier event. Consumers forget the job and whatever they keep of it, and
+    ignore any older event of it that arrives later.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -88,10 +95,11 @@ class JobChanged(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         previous_state: _job_pb2.JobState.ValueType = ...,
         job: _job_pb2.Job | None = ...,
+        deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "job", b"job", "previous_state", b"previous_state", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "event_id", b"event_id", "job", b"job", "previous_state", b"previous_state", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
