@@ -22,7 +22,7 @@ from tuneforge.v1 import dataset_pb2, dataset_service_pb2, identity_pb2, job_pb2
 
 from services.cli.credentials import admin_key_path, api_key
 from services.cli.render import as_json as to_json
-from services.cli.render import dataset_table, job_table, outcome, plan_table, watch
+from services.cli.render import dataset_table, job_table, outcome, plan_table, watch, whole_ids
 from services.client import TuneForgeClient, TuneForgeError
 from services.platform.supervisor import Platform, PlatformConfig, PlatformStartError
 
@@ -439,7 +439,7 @@ def workers(page_size: Annotated[int, typer.Option()] = 50,
         seen = w.last_heartbeat_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(escape(w.id), escape(w.hostname), escape(gpu), state, job, seen,
                       "yes" if w.alive else "[red]no[/red]")
-    console.print(table)
+    console.print(whole_ids(table))
     if response.next_page_token:
         console.print(f"next page: --page-token {response.next_page_token}")
 
@@ -548,7 +548,7 @@ def _key_table(keys: list[identity_pb2.ApiKey]) -> Table:
         table.add_row(k.id, escape(k.name), identity_pb2.Role.Name(k.role).removeprefix("ROLE_").lower(),
                       k.prefix + "…", _when(k.create_time), _when(k.expire_time), state,
                       _when(k.last_use_time) if k.HasField("last_use_time") else "-")
-    return table
+    return whole_ids(table)
 
 
 def _when(ts: Timestamp) -> str:
@@ -629,7 +629,7 @@ def audit(method: Annotated[str, typer.Option(help="Only calls of this RPC, e.g.
         code = e.code if e.code == "OK" else f"[red]{escape(e.code)}[/red]"
         table.add_row(e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"), escape(e.principal),
                       escape(e.method.rsplit("/", 1)[-1]), escape(e.resource) or "-", code, escape(e.peer))
-    console.print(table)
+    console.print(whole_ids(table))
     if response.next_page_token:
         console.print(f"next page: --page-token {response.next_page_token}")
 

@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 from google.protobuf import json_format
+from rich.cells import cell_len
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -29,6 +30,21 @@ def as_json(message: Any) -> str:
     return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2)
 
 
+# Columns printed whole however narrow the terminal: ids are copied into the next command.
+WHOLE_COLUMNS = frozenset({"ID", "JOB", "PRINCIPAL", "RESOURCE", "PREFIX", "PATH", "SHA256"})
+
+
+def whole_ids(table: Table) -> Table:
+    """`table` with its id-like columns never cut: each is as wide as its longest cell and never wraps,
+    and the other columns wrap to make room (rich would otherwise end a long id with an ellipsis)."""
+    for column in table.columns:
+        if str(column.header) in WHOLE_COLUMNS:
+            cells = [cell_len(str(c)) for c in column._cells]
+            column.no_wrap = True
+            column.min_width = max([cell_len(str(column.header)), *cells])
+    return table
+
+
 def dataset_table(datasets: list[dataset_pb2.Dataset]) -> Table:
     table = Table("ID", "NAME", "STATE", "FORMAT", "EXAMPLES", "SPLITS", "CREATED")
     for d in datasets:
@@ -38,7 +54,7 @@ def dataset_table(datasets: list[dataset_pb2.Dataset]) -> Table:
                       enum_name(dataset_pb2.DatasetFormat, d.format, "DATASET_FORMAT_"),
                       str(d.statistics.example_count), splits,
                       d.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
-    return table
+    return whole_ids(table)
 
 
 def job_table(jobs: list[job_pb2.Job]) -> Table:
@@ -49,7 +65,7 @@ def job_table(jobs: list[job_pb2.Job]) -> Table:
                       enum_name(job_pb2.TrainingMethod, j.spec.method, "TRAINING_METHOD_") + "/" +
                       enum_name(job_pb2.AdapterType, j.spec.adapter, "ADAPTER_TYPE_"),
                       step, j.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
-    return table
+    return whole_ids(table)
 
 
 def plan_table(plan: estimation_service_pb2.PlanJobResponse) -> Table:

@@ -19,9 +19,10 @@ from tests.platform.conftest import ORG, Seeded
 runner = CliRunner()
 
 
-def cli(address: str, *args: str, key: str = "", data_dir: Path | None = None) -> tuple[int, str]:
+def cli(address: str, *args: str, key: str = "", data_dir: Path | None = None,
+        columns: int = 250) -> tuple[int, str]:
     env = {"TUNEFORGE_API_KEY": key, "TUNEFORGE_DATA_DIR": str(data_dir or "/nonexistent"),
-           "COLUMNS": "250"}
+           "COLUMNS": str(columns)}
     result = runner.invoke(app, [*args, "--address", address], env=env)
     return result.exit_code, result.output
 
@@ -113,3 +114,16 @@ def test_malformed_authorization_headers_are_unauthenticated(seeded_platform: Se
         with pytest.raises(grpc.RpcError) as refused:
             stub.GetCaller(api_key_service_pb2.GetCallerRequest(), metadata=(("authorization", header),))
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+
+
+def test_tables_print_ids_whole_on_a_narrow_terminal(seeded_platform: Seeded) -> None:
+    admin = make_key(seeded_platform.address, seeded_platform.platform.data_dir, ORG, "admin")
+    for command, ids in ((("datasets", "list"), seeded_platform.dataset_ids),
+                         (("jobs", "list"), seeded_platform.job_ids)):
+        code, out = cli(seeded_platform.address, *command, key=admin, columns=72)
+        assert code == 0, out
+        assert all(i in out for i in ids), out
+    code, out = cli(seeded_platform.address, "keys", "list", key=admin, columns=72)
+    with TuneForgeClient(seeded_platform.address, api_key=admin) as client:
+        key_ids = [k.id for k in client.list_api_keys().api_keys]
+    assert code == 0 and key_ids and all(i in out for i in key_ids), out
