@@ -233,10 +233,13 @@ def datasets_get(ref: Annotated[str, typer.Argument(help="Dataset id or name.")]
 @datasets_app.command("list")
 def datasets_list(page_size: Annotated[int, typer.Option()] = 50,
                   page_token: Annotated[str, typer.Option()] = "",
-                  address: Address = DEFAULT_ADDRESS, org: Org = "") -> None:
+                  address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False) -> None:
     """List datasets, newest first."""
     with api(address, org) as client:
         response = client.list_datasets(page_size, page_token)
+    if as_json:
+        console.print_json(to_json(response))
+        return
     console.print(dataset_table(list(response.datasets)))
     if response.next_page_token:
         console.print(f"next page: --page-token {response.next_page_token}")
@@ -375,7 +378,7 @@ def jobs_get(ref: Annotated[str, typer.Argument(help="Job id or name.")],
 def jobs_list(state: Annotated[list[str] | None, typer.Option(help="Only jobs in this state.")] = None,
               page_size: Annotated[int, typer.Option()] = 50,
               page_token: Annotated[str, typer.Option()] = "",
-              address: Address = DEFAULT_ADDRESS, org: Org = "") -> None:
+              address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False) -> None:
     """List jobs, newest first."""
     try:
         states = [job_pb2.JobState.Value(f"JOB_STATE_{s.upper()}") for s in state or []]
@@ -383,6 +386,9 @@ def jobs_list(state: Annotated[list[str] | None, typer.Option(help="Only jobs in
         raise typer.BadParameter(str(exc), param_hint="--state") from exc
     with api(address, org) as client:
         response = client.list_jobs(page_size, page_token, states)
+    if as_json:
+        console.print_json(to_json(response))
+        return
     console.print(job_table(list(response.jobs)))
     if response.next_page_token:
         console.print(f"next page: --page-token {response.next_page_token}")

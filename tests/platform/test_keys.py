@@ -127,3 +127,15 @@ def test_tables_print_ids_whole_on_a_narrow_terminal(seeded_platform: Seeded) ->
     with TuneForgeClient(seeded_platform.address, api_key=admin) as client:
         key_ids = [k.id for k in client.list_api_keys().api_keys]
     assert code == 0 and key_ids and all(i in out for i in key_ids), out
+
+
+def test_every_list_command_prints_json(seeded_platform: Seeded) -> None:
+    import json
+
+    admin = make_key(seeded_platform.address, seeded_platform.platform.data_dir, ORG, "admin")
+    for command, field in ((("datasets", "list"), "datasets"), (("jobs", "list"), "jobs"),
+                           (("keys", "list"), "api_keys"), (("workers",), None), (("audit",), "events")):
+        code, out = cli(seeded_platform.address, *command, "--json", key=admin)
+        assert code == 0, (command, out)
+        parsed = json.loads(out)
+        assert field is None or parsed[field], (command, parsed)
