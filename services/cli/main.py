@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from tuneforge.v1 import dataset_pb2, dataset_service_pb2, identity_pb2, job_pb2
+from tuneforge.v1 import dataset_pb2, dataset_service_pb2, identity_pb2, job_pb2, metrics_pb2
 
 from services.cli.credentials import admin_key_path, api_key
 from services.cli.render import as_json as to_json
@@ -405,6 +405,42 @@ def jobs_watch(ref: Annotated[str, typer.Argument(help="Job id or name.")],
         raise typer.Exit(1)
 
 
+LEVELS = {"debug": 1, "info": 2, "warning": 3, "error": 4, "critical": 5}
+SOURCES = {"worker": 1, "training": 2}
+
+
+@jobs_app.command("logs")
+def jobs_logs(ref: Annotated[str, typer.Argument(help="Job id or name.")],
+              follow: Annotated[bool, typer.Option("--follow", "-f",
+                                                   help="Keep printing until the job ends.")] = False,
+              level: Annotated[str, typer.Option(help="Only this level and above: debug, info, warning, "
+                                                      "error, critical.")] = "",
+              source: Annotated[list[str] | None, typer.Option(help="Only these sources: worker, training.")]
+              = None,
+              address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False) -> None:
+    """Print the job's log (the worker's and the training process's), oldest first."""
+    if level and level not in LEVELS:
+        raise typer.BadParameter(f"'{level}' is not one of {', '.join(LEVELS)}", param_hint="--level")
+    bad = [s for s in source or [] if s not in SOURCES]
+    if bad:
+        raise typer.BadParameter(f"'{bad[0]}' is not one of {', '.join(SOURCES)}", param_hint="--source")
+    with api(address, org) as client:
+        job = client.get_job(ref)
+        entries = client.stream_logs(
+            job.id, follow=follow, min_level=metrics_pb2.LogLevel.ValueType(LEVELS.get(level, 0)),
+            sources=[metrics_pb2.LogSource.ValueType(SOURCES[s]) for s in source or []])
+        for entry in entries:
+            if as_json:
+                console.print(json_format.MessageToJson(entry, preserving_proto_field_name=True, indent=None),
+                              highlight=False, soft_wrap=True)
+                continue
+            when = entry.time.ToDatetime().strftime("%H:%M:%S")
+            name = metrics_pb2.LogLevel.Name(entry.level).removeprefix("LOG_LEVEL_")
+            where = metrics_pb2.LogSource.Name(entry.source).removeprefix("LOG_SOURCE_").lower()
+            console.print(f"{when} {name:<8} {where:<8} #{entry.attempt} {escape(entry.message)}",
+                          highlight=False, soft_wrap=True)
+
+
 @jobs_app.command("cancel")
 def jobs_cancel(ref: Annotated[str, typer.Argument(help="Job id or name.")],
                 address: Address = DEFAULT_ADDRESS, org: Org = "") -> None:
@@ -483,6 +519,38 @@ def jobs_artifacts(ref: Annotated[str, typer.Argument(help="Job id or name.")],
         for f in artifact.files:
             console.print(f"  {escape(f.path)}  {_size(f.size_bytes)}  sha256 {f.sha256}", highlight=False,
                           soft_wrap=True)
+
+
+@jobs_app.command("checkpoints")
+def jobs_checkpoints(ref: Annotated[str, typer.Argument(help="Job id or name.")],
+                     address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False) -> None:
+    """List the job's complete checkpoints: step, epoch, losses, size, the best one (*), and whether each
+    still keeps its optimizer state (needed to resume from it exactly)."""
+    with api(address, org) as client:
+        response = client.list_checkpoints(ref)
+    if as_json:
+        console.print_json(to_json(response))
+        return
+    if not response.checkpoints:
+        console.print(f"job {escape(ref)} has no complete checkpoints", highlight=False)
+        return
+
+    def loss(value: float, present: bool) -> str:
+        return f"{value:.4f}" if present else "-"
+
+    table = Table("NAME", "STEP", "EPOCH", "TRAIN LOSS", "EVAL LOSS", "SIZE", "BEST", "OPTIMIZER")
+    for c in response.checkpoints:
+        table.add_row(escape(c.name), str(c.step), f"{c.epoch:.2f}",
+                      loss(c.train_loss, c.HasField("train_loss")),
+                      loss(c.eval_loss, c.HasField("eval_loss")), _size(c.size_bytes), "*" if c.best else "",
+                      "kept" if c.optimizer_state_kept else "pruned")
+    for column in table.columns:  # names and steps are printed whole, never cut
+        if str(column.header) in ("NAME", "STEP"):
+            column.no_wrap = True
+            column.min_width = max(len(str(column.header)), *(len(str(x)) for x in column._cells))
+    console.print(table)
+    if response.best_metric:
+        console.print(f"best (*) by {response.best_metric}", highlight=False)
 
 
 @jobs_app.command("download")

@@ -256,6 +256,12 @@ class TuneForgeClient:
         response = _call(lambda: self.jobs.GetJobArtifacts(request, timeout=max(self.timeout_s, 600)))
         return list(response.artifacts)
 
+    def list_checkpoints(self, ref: str) -> job_service_pb2.ListCheckpointsResponse:
+        """The job's complete checkpoints by step: epoch, losses and evaluation metrics, size, which is the
+        best (by `best_metric`), and whether each still keeps its optimizer state."""
+        request = job_service_pb2.ListCheckpointsRequest(organization=self.organization, job=ref)
+        return _call(lambda: self.jobs.ListCheckpoints(request, timeout=self.timeout_s))
+
     def get_job_artifact(self, ref: str,
                          kind: artifact_pb2.ArtifactKind.ValueType = artifact_pb2.ARTIFACT_KIND_ADAPTER,
                          step: int = 0) -> artifact_pb2.JobArtifact:
@@ -310,6 +316,17 @@ class TuneForgeClient:
                                                            follow=follow, kinds=kinds or [])
         for response in _stream(self.metrics.StreamMetrics(request)):
             yield response.point
+
+    def stream_logs(self, job_id: str, *, follow: bool = False,
+                    min_level: metrics_pb2.LogLevel.ValueType = metrics_pb2.LOG_LEVEL_UNSPECIFIED,
+                    sources: Sequence[metrics_pb2.LogSource.ValueType] | None = None,
+                    ) -> Iterator[metrics_pb2.LogEntry]:
+        """The job's log entries in order; with `follow`, new ones as they come until the job ends."""
+        request = metrics_service_pb2.StreamLogsRequest(organization=self.organization, job_id=job_id,
+                                                        min_level=min_level, sources=sources or [],
+                                                        follow=follow)
+        for response in _stream(self.metrics.StreamLogs(request)):
+            yield response.entry
 
     def estimate_job(self, spec: job_pb2.JobSpec) -> estimation_service_pb2.EstimateJobResponse:
         request = estimation_service_pb2.EstimateJobRequest(organization=self.organization, spec=spec)

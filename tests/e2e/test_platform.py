@@ -64,6 +64,16 @@ def test_upload_train_stream_and_load_adapter(
     assert (downloaded / "adapter_model.safetensors").read_bytes() == \
         (adapter_dir / "adapter_model.safetensors").read_bytes()
     adapter_dir = downloaded
+    # The job's story as the CLI prints it: the worker's and the training process's lines, filterable.
+    logs = CliRunner(env={"TUNEFORGE_API_KEY": client.api_key}).invoke(
+        app, ["jobs", "logs", job.id, "--address", platform.address])
+    assert logs.exit_code == 0 and " worker " in logs.output and " training " in logs.output, logs.output
+    warnings = CliRunner(env={"TUNEFORGE_API_KEY": client.api_key}).invoke(
+        app, ["jobs", "logs", job.name or job.id, "--source", "worker", "--level", "warning", "--json",
+              "--address", platform.address])
+    assert warnings.exit_code == 0, warnings.output
+    assert all(json.loads(line)["source"] == "LOG_SOURCE_WORKER" for line in warnings.output.splitlines()
+               if line.strip()), warnings.output
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
