@@ -19,6 +19,7 @@ from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_service_pb2_grpc
 
 from services.jobs.artifacts import ArtifactCatalog
+from services.jobs.checkpoints import CheckpointRetention
 from services.jobs.datasets_client import DatasetLookup
 from services.jobs.deletion import JobDeletions
 from services.jobs.downloads import DownloadServer, DownloadSigner, advertised_host, server_ssl_context
@@ -67,6 +68,9 @@ class JobsComponent(Component):
         self.manager.on_rejected_update = self._audit_refused_update
         # DeleteJob, and the sweep that finishes a deletion a crash interrupted (services.jobs.deletion).
         self.deletions = JobDeletions(self.db, self.relay, runtime.store, runtime.js)
+        # Once a job ends, its non-final checkpoints lose their optimizer state (services.jobs.checkpoints).
+        self.retention = CheckpointRetention(self.db, runtime.store)
+        self.manager.on_job_ended = self.retention.wake
         self._heartbeats: Any = None
         # GetJobArtifacts: S3 presigns its own download URLs; a local store's are served by this process.
         local = isinstance(runtime.store, LocalObjectStore)
@@ -120,6 +124,7 @@ class JobsComponent(Component):
         self.spawn(self._watch_workers(), "jobs-worker-watch")
         self.spawn(self.relay.run(), "jobs-outbox-relay")
         self.spawn(self.deletions.sweep_forever(), "jobs-deletion-sweep")
+        self.spawn(self.retention.run_forever(), "jobs-checkpoint-retention")
         self.spawn(consume(self.runtime.js, stream=subjects.STREAM_WORKER,
                            durable=subjects.JOBS_STATUS_CONSUMER, subject=subjects.ALL_WORKER_STATUS,
                            handler=self._on_worker_update), "jobs-worker-updates")

@@ -38,6 +38,7 @@ from datetime import datetime, timedelta
 import grpc
 from google.rpc import status_pb2
 from nats.aio.client import Client as NATS
+from sqlalchemy import event as sa_event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
@@ -125,6 +126,9 @@ class JobManager:
         # Called (after the transaction) for every worker update refused by the fence; a no-op until an
         # audit log is wired in. Its failures are logged, never raised into the update consumer.
         self.on_rejected_update: RejectionHook = _no_audit
+        # Called (from a database thread) after each commit that ended a job: checkpoint retention
+        # (services.jobs.checkpoints) wakes on it. A no-op until one is wired in.
+        self.on_job_ended: Callable[[], None] = lambda: None
         # Since when this process hears heartbeats (the component resets it after a NATS reconnect): a
         # worker's silence only counts from here.
         self.listening_since = utcnow()
@@ -163,6 +167,9 @@ class JobManager:
         self._record_change(session, row, previous)
         if state in FINAL and previous not in FINAL and row.dispatched:
             self._dispatch_held(session, row.organization)  # it held a running slot: the next may start
+        if state in FINAL and previous not in FINAL:
+            hook = self.on_job_ended
+            sa_event.listen(session, "after_commit", lambda _session: hook(), once=True)
 
     # -- quotas (services.jobs.quotas) -----------------------------------------------------------
 

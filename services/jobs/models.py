@@ -61,6 +61,9 @@ class JobRow(Base):
     # waits QUEUED without (services.jobs.quotas); its assignment is kept here until a slot frees.
     dispatched: Mapped[bool] = mapped_column(Boolean, default=True)
     assignment: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # When checkpoint retention (services.jobs.checkpoints) finished with the ended job: the resume-only
+    # state of its non-final checkpoints pruned, or kept as the spec asked. NULL: still to do.
+    retention_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class WorkerRow(Base):

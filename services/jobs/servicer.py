@@ -8,6 +8,7 @@ import grpc.aio
 from tuneforge.v1 import job_service_pb2, job_service_pb2_grpc
 
 from services.jobs.artifacts import ArtifactCatalog
+from services.jobs.checkpoints import CheckpointCatalog
 from services.jobs.deletion import JobDeletions
 from services.jobs.manager import JobManager
 
@@ -18,6 +19,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         self.deletions = deletions or JobDeletions(manager.db, manager.relay, manager.store)
         # GetJobArtifacts; the component passes one wired to its download server.
         self.artifacts = ArtifactCatalog(manager.store, default_ttl_s=3600)
+        self.checkpoints = CheckpointCatalog(manager.store)
 
     async def CreateJob(self, request: job_service_pb2.CreateJobRequest,
                         context: grpc.aio.ServicerContext) -> job_service_pb2.CreateJobResponse:
@@ -61,3 +63,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         job = await self.manager.get(request.organization, request.job)  # another organization's: NOT_FOUND
         return job_service_pb2.GetJobArtifactsResponse(
             artifacts=await self.artifacts.list_artifacts(job, list(request.kinds), ttl_s))
+
+    async def ListCheckpoints(self, request: job_service_pb2.ListCheckpointsRequest,
+                              context: grpc.aio.ServicerContext) -> job_service_pb2.ListCheckpointsResponse:
+        job = await self.manager.get(request.organization, request.job)  # another organization's: NOT_FOUND
+        checkpoints, best_metric = await self.checkpoints.list_checkpoints(job)
+        return job_service_pb2.ListCheckpointsResponse(checkpoints=checkpoints, best_metric=best_metric)

@@ -96,6 +96,13 @@ def test_warmup_steps_and_ratio_are_exclusive() -> None:
     assert "spec.hyperparameters.warmup_ratio" in fields_of(info.value)
 
 
+def test_keeping_optimizer_state_is_an_output_option_off_by_default() -> None:
+    assert not resolve_spec(valid_spec()).output.keep_optimizer_state
+    spec = valid_spec()
+    spec.output.keep_optimizer_state = True
+    assert resolve_spec(spec).output.keep_optimizer_state
+
+
 def test_merging_needs_lora() -> None:
     spec = valid_spec()
     spec.adapter = job_pb2.ADAPTER_TYPE_FULL

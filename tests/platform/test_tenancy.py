@@ -268,6 +268,7 @@ CASES: dict[str, Callable[[str, str], list[Message | list[Message]]]] = {
     "DeleteJob": lambda d, j: [job_service_pb2.DeleteJobRequest(job=j)],
     "WatchJob": lambda d, j: [job_service_pb2.WatchJobRequest(job=j)],
     "GetJobArtifacts": lambda d, j: [job_service_pb2.GetJobArtifactsRequest(job=j)],
+    "ListCheckpoints": lambda d, j: [job_service_pb2.ListCheckpointsRequest(job=j)],
     "StreamMetrics": lambda d, j: [metrics_service_pb2.StreamMetricsRequest(job_id=j)],
     "ListMetrics": lambda d, j: [metrics_service_pb2.ListMetricsRequest(job_id=j)],
     "StreamLogs": lambda d, j: [metrics_service_pb2.StreamLogsRequest(job_id=j)],

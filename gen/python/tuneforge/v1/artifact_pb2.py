@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btuneforge/v1/artifact.proto\x12\x0ctuneforge.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x01\n\x0bJobArtifact\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.tuneforge.v1.ArtifactKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12)\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x1a.tuneforge.v1.ArtifactFile\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\"\x87\x01\n\x0c\x41rtifactFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x14\n\x0c\x64ownload_url\x18\x04 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x86\x01\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41RTIFACT_KIND_ADAPTER\x10\x01\x12\x1e\n\x1a\x41RTIFACT_KIND_MERGED_MODEL\x10\x02\x12\x1c\n\x18\x41RTIFACT_KIND_CHECKPOINT\x10\x03\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btuneforge/v1/artifact.proto\x12\x0ctuneforge.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x01\n\x0bJobArtifact\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.tuneforge.v1.ArtifactKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12)\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x1a.tuneforge.v1.ArtifactFile\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\"\x87\x01\n\x0c\x41rtifactFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x14\n\x0c\x64ownload_url\x18\x04 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xba\x02\n\nCheckpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05\x65poch\x18\x03 \x01(\x01\x12\x17\n\ntrain_loss\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\teval_loss\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12?\n\x0c\x65val_metrics\x18\x06 \x03(\x0b\x32).tuneforge.v1.Checkpoint.EvalMetricsEntry\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12\x0c\n\x04\x62\x65st\x18\x08 \x01(\x08\x12\x1c\n\x14optimizer_state_kept\x18\t \x01(\x08\x1a\x32\n\x10\x45valMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_train_lossB\x0c\n\n_eval_loss*\x86\x01\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41RTIFACT_KIND_ADAPTER\x10\x01\x12\x1e\n\x1a\x41RTIFACT_KIND_MERGED_MODEL\x10\x02\x12\x1c\n\x18\x41RTIFACT_KIND_CHECKPOINT\x10\x03\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tuneforge.v1.artifact_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tuneforge.v1P\001Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1'
-  _globals['_ARTIFACTKIND']._serialized_start=366
-  _globals['_ARTIFACTKIND']._serialized_end=500
+  _globals['_CHECKPOINT_EVALMETRICSENTRY']._loaded_options = None
+  _globals['_CHECKPOINT_EVALMETRICSENTRY']._serialized_options = b'8\001'
+  _globals['_ARTIFACTKIND']._serialized_start=683
+  _globals['_ARTIFACTKIND']._serialized_end=817
   _globals['_JOBARTIFACT']._serialized_start=79
   _globals['_JOBARTIFACT']._serialized_end=225
   _globals['_ARTIFACTFILE']._serialized_start=228
   _globals['_ARTIFACTFILE']._serialized_end=363
+  _globals['_CHECKPOINT']._serialized_start=366
+  _globals['_CHECKPOINT']._serialized_end=680
+  _globals['_CHECKPOINT_EVALMETRICSENTRY']._serialized_start=601
+  _globals['_CHECKPOINT_EVALMETRICSENTRY']._serialized_end=651
 # @@protoc_insertion_point(module_scope)

@@ -140,3 +140,93 @@ class ArtifactFile(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ArtifactFile: _TypeAlias = ArtifactFile  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """A complete training checkpoint of a job (ListCheckpoints), as its trainer_state.json describes it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EvalMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    TRAIN_LOSS_FIELD_NUMBER: _builtins.int
+    EVAL_LOSS_FIELD_NUMBER: _builtins.int
+    EVAL_METRICS_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    BEST_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_STATE_KEPT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"checkpoint-<step>": the name GetJobArtifacts lists it under."""
+    step: _builtins.int
+    """The training step it was saved at."""
+    epoch: _builtins.float
+    """The (fractional) epoch it was saved at."""
+    train_loss: _builtins.float
+    """The last training loss logged at or before its step; unset when none was logged yet."""
+    eval_loss: _builtins.float
+    """The validation loss of the evaluation at its step; unset when there was none."""
+    size_bytes: _builtins.int
+    """Its files' sizes added up (as JobArtifact.size_bytes)."""
+    best: _builtins.bool
+    """The best checkpoint by ListCheckpointsResponse.best_metric: the Trainer's own best_model_checkpoint
+    when the job tracked one (early stopping), else the one with the lowest eval_loss. At most one is.
+    """
+    optimizer_state_kept: _builtins.bool
+    """Whether its optimizer state (optimizer.pt, with the scheduler and RNG state) is stored, so that
+    training can resume from it exactly. Dropped after the job ends from every checkpoint but the last,
+    unless the spec's output.keep_optimizer_state is set.
+    """
+    @_builtins.property
+    def eval_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Every metric of the evaluation at its step, by the Trainer's name ("eval_loss", "eval_runtime", ...);
+        empty when there was none.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        step: _builtins.int = ...,
+        epoch: _builtins.float = ...,
+        train_loss: _builtins.float | None = ...,
+        eval_loss: _builtins.float | None = ...,
+        eval_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        size_bytes: _builtins.int = ...,
+        best: _builtins.bool = ...,
+        optimizer_state_kept: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_train_loss", b"_train_loss", "eval_loss", b"eval_loss", "train_loss", b"train_loss"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss", "_train_loss", b"_train_loss", "best", b"best", "epoch", b"epoch", "eval_loss", b"eval_loss", "eval_metrics", b"eval_metrics", "name", b"name", "optimizer_state_kept", b"optimizer_state_kept", "size_bytes", b"size_bytes", "step", b"step", "train_loss", b"train_loss"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__eval_loss: _TypeAlias = _typing.Literal["eval_loss"]  # noqa: Y015
+    _WhichOneofArgType__eval_loss: _TypeAlias = _typing.Literal["_eval_loss", b"_eval_loss"]  # noqa: Y015
+    _WhichOneofReturnType__train_loss: _TypeAlias = _typing.Literal["train_loss"]  # noqa: Y015
+    _WhichOneofArgType__train_loss: _TypeAlias = _typing.Literal["_train_loss", b"_train_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_loss) -> _WhichOneofReturnType__eval_loss | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__train_loss) -> _WhichOneofReturnType__train_loss | None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015

@@ -1176,16 +1176,23 @@ class OutputConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MERGE_ADAPTER_FIELD_NUMBER: _builtins.int
+    KEEP_OPTIMIZER_STATE_FIELD_NUMBER: _builtins.int
     merge_adapter: _builtins.bool
     """Also store the adapter merged into the base weights (LoRA only); default false."""
+    keep_optimizer_state: _builtins.bool
+    """Keep the optimizer, scheduler and RNG state (what only resuming reads) of every checkpoint after the
+    job ends; default false: once the job has ended it is dropped from every checkpoint but the last, which
+    stays whole so that a job continuing from it resumes exactly. Checkpoint.optimizer_state_kept tells.
+    """
     def __init__(
         self,
         *,
         merge_adapter: _builtins.bool = ...,
+        keep_optimizer_state: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["merge_adapter", b"merge_adapter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_optimizer_state", b"keep_optimizer_state", "merge_adapter", b"merge_adapter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -75,6 +75,11 @@ class JobServiceStub:
                 request_serializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsResponse.FromString,
                 _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/tuneforge.v1.JobService/ListCheckpoints',
+                request_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -145,6 +150,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCheckpoints(self, request, context):
+        """The job's complete checkpoints by step, each with its epoch, its losses and evaluation metrics, its
+        size, whether it is the best by the job's metric, and whether its optimizer state is still kept. Read
+        from the checkpoints' trainer_state.json in object storage; listed while the job runs and after it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +201,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetJobArtifacts,
                     request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsRequest.FromString,
                     response_serializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -406,6 +425,33 @@ class JobService:
             '/tuneforge.v1.JobService/GetJobArtifacts',
             tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsRequest.SerializeToString,
             tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.v1.JobService/ListCheckpoints',
+            tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsRequest.SerializeToString,
+            tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,11 @@ class JobServiceStub:
     """The job's stored outputs (adapter, merged model, complete checkpoints), each file with its size, its
     SHA-256 and a download URL that expires. A job that has not SUCCEEDED lists only its checkpoints.
     """
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListCheckpointsRequest, _job_service_pb2.ListCheckpointsResponse]
+    """The job's complete checkpoints by step, each with its epoch, its losses and evaluation metrics, its
+    size, whether it is the best by the job's metric, and whether its optimizer state is still kept. Read
+    from the checkpoints' trainer_state.json in object storage; listed while the job runs and after it ends.
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -94,6 +99,11 @@ class JobServiceAsyncStub(JobServiceStub):
     GetJobArtifacts: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobArtifactsRequest, _job_service_pb2.GetJobArtifactsResponse]  # type: ignore[assignment]
     """The job's stored outputs (adapter, merged model, complete checkpoints), each file with its size, its
     SHA-256 and a download URL that expires. A job that has not SUCCEEDED lists only its checkpoints.
+    """
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListCheckpointsRequest, _job_service_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """The job's complete checkpoints by step, each with its epoch, its losses and evaluation metrics, its
+    size, whether it is the best by the job's metric, and whether its optimizer state is still kept. Read
+    from the checkpoints' trainer_state.json in object storage; listed while the job runs and after it ends.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -173,6 +183,17 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_job_service_pb2.GetJobArtifactsResponse, _abc.Awaitable[_job_service_pb2.GetJobArtifactsResponse]]:
         """The job's stored outputs (adapter, merged model, complete checkpoints), each file with its size, its
         SHA-256 and a download URL that expires. A job that has not SUCCEEDED lists only its checkpoints.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _job_service_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListCheckpointsResponse, _abc.Awaitable[_job_service_pb2.ListCheckpointsResponse]]:
+        """The job's complete checkpoints by step, each with its epoch, its losses and evaluation metrics, its
+        size, whether it is the best by the job's metric, and whether its optimizer state is still kept. Read
+        from the checkpoints' trainer_state.json in object storage; listed while the job runs and after it ends.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
