@@ -75,12 +75,20 @@ from trainer_worker.events import (
     LogEvent,
     MalformedEvent,
     MetricEvent,
+    ProgressEvent,
     RankEvent,
     ResultEvent,
     StateEvent,
 )
 from trainer_worker.launcher import TrainingProcess
-from trainer_worker.reporting import JobReporter, failure_status, metric_point, progress_of, timestamp
+from trainer_worker.reporting import (
+    JobReporter,
+    advance_progress,
+    failure_status,
+    metric_point,
+    progress_of,
+    timestamp,
+)
 from trainer_worker.run_config import RunConfig
 from tuneforge_core import states, subjects
 from tuneforge_core.errors import InvalidArgument
@@ -668,6 +676,8 @@ class JobRun:
                 self.reporter.metric(point)
                 if point.kind == metrics_pb2.METRIC_KIND_TRAIN:
                     self.progress = progress_of(point)
+            case ProgressEvent():  # the step reached between logging steps, and the last one at the end
+                self.progress = advance_progress(self.progress, event)
             case LogEvent():
                 self.reporter.log(event.message, event.level, training, event.time or None)
             case StateEvent(state="running"):

@@ -9,6 +9,8 @@ the job fails at once with a reason, it is not retried on another worker.
 - ``state``: the run started training (``running``) or stopped on a signal (``cancelled``)
 - ``rank``: one per training process (rank, world size, pid, host)
 - ``metric``: a ``train``, ``eval`` or ``system`` point of one step
+- ``progress``: the optimizer step reached (about once a second, and once more when training ends), so the
+  job's progress is exact even between logging steps
 - ``log``: a log line of the training process (debug ... critical)
 - ``checkpoint``: a staged checkpoint folder for the agent to upload
 - ``result``: the output folders and the final metrics
@@ -79,6 +81,14 @@ class MetricEvent(Event, tag="metric", kw_only=True):
     values: dict[str, float | None] = {}
 
 
+class ProgressEvent(Event, tag="progress", kw_only=True):
+    """The optimizer step training has reached, whether or not it was a logging step."""
+
+    step: int
+    total_steps: int = 0
+    epoch: float = 0.0
+
+
 class LogEvent(Event, tag="log", kw_only=True):
     level: LogLevel = "info"
     message: str
@@ -101,7 +111,8 @@ class ErrorEvent(Event, tag="error", kw_only=True):
     rank: int = 0
 
 
-AnyEvent = StateEvent | RankEvent | MetricEvent | LogEvent | CheckpointEvent | ResultEvent | ErrorEvent
+AnyEvent = (StateEvent | RankEvent | MetricEvent | ProgressEvent | LogEvent | CheckpointEvent | ResultEvent
+            | ErrorEvent)
 # MetricPoint's own fields among a metric's keyword arguments; the rest are method-specific values.
 POINT_FIELDS = frozenset(MetricEvent.__struct_fields__) - {"kind", "step", "total_steps", "epoch", "values",
                                                            "time"}
@@ -179,6 +190,9 @@ class EventSink:
                               values=extra, **named))  # type: ignore[arg-type]
         if kind == "train" and self._sampler is not None and self.main:
             self.metric("system", step, total_steps=total_steps, epoch=epoch, **self._sampler())
+
+    def progress(self, step: int, *, total_steps: int = 0, epoch: float | None = 0.0) -> None:
+        self.emit(ProgressEvent(step=step, total_steps=total_steps or 0, epoch=float(epoch or 0.0)))
 
     def log(self, message: str, level: str = "info") -> None:
         known: LogLevel = next((name for name in LEVELS if name == level), "info")

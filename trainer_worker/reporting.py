@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
-from trainer_worker.events import POINT_FIELDS, MetricEvent
+from trainer_worker.events import POINT_FIELDS, MetricEvent, ProgressEvent
 from tuneforge_core import subjects
 from tuneforge_core.errors import error_status
 from tuneforge_core.ids import new_id
@@ -50,6 +50,9 @@ METRIC_KINDS = {
     "eval": metrics_pb2.METRIC_KIND_EVAL,
     "system": metrics_pb2.METRIC_KIND_SYSTEM,
 }
+# LogEntry.sequence is (attempt << SEQUENCE_BITS) + n, n = 1, 2, ... within the attempt: one number that
+# increases across the attempts of a job, so a job's log reads in sequence order whatever attempt wrote it.
+SEQUENCE_BITS = 32
 
 
 def timestamp(unix_seconds: float | None = None) -> Timestamp:
@@ -89,6 +92,23 @@ def progress_of(point: metrics_pb2.MetricPoint) -> job_pb2.JobProgress:
         if point.HasField(name):
             setattr(progress, name, getattr(point, name))
     return progress
+
+
+def advance_progress(progress: job_pb2.JobProgress | None, event: ProgressEvent) -> job_pb2.JobProgress:
+    """`progress` moved to the step of a ``progress`` event; loss, learning rate and throughput stay those
+    of the last train point, and the ETA is 0 once the last step ran."""
+    moved = job_pb2.JobProgress()
+    if progress is not None:
+        moved.CopyFrom(progress)
+    moved.step, moved.total_steps, moved.epoch = event.step, event.total_steps, event.epoch
+    if event.total_steps and event.step >= event.total_steps:
+        moved.eta_seconds = 0.0
+    return moved
+
+
+def log_sequence(attempt: int, n: int) -> int:
+    """The sequence of the n-th line (from 1) an attempt logs: increasing across attempts."""
+    return (max(attempt, 0) << SEQUENCE_BITS) + n
 
 
 class JobReporter:
@@ -154,7 +174,7 @@ class JobReporter:
         self._entries.append(
             metrics_pb2.LogEntry(
                 job_id=self.job_id,
-                sequence=self._sequence,
+                sequence=log_sequence(self.attempt, self._sequence),
                 time=timestamp(unix_seconds),
                 level=LOG_LEVELS.get(level, metrics_pb2.LOG_LEVEL_INFO),
                 source=source,

@@ -162,21 +162,27 @@ class MetricsManager:
 
     def stream_metrics(self, organization: str, job: str, kinds: Sequence[int], start_step: int,
                        follow: bool) -> AsyncIterator[metrics_pb2.MetricPoint]:
-        """Stored points in (step, kind) order, then (with `follow`) new ones until the job is final."""
+        """Stored points in (step, kind) order, then (with `follow`) new ones until the job is final; each
+        kind's steps only increase (a resumed attempt's repeated steps are stored, not streamed again)."""
         v = Violations()
         _check_job_ref(v, organization, job)
         _check_kinds(v, kinds)
         v.check(start_step >= 0, "start_step", "must not be negative")
         v.raise_if_any("Invalid StreamMetrics request")
         wanted = frozenset(kinds)
-        # Highest attempt sent per (kind, step): a retried job repeating a step is a replacement to send.
-        sent: dict[tuple[int, int], int] = {}
+        # Highest step sent per kind (series): each series only moves forward. The replay sends the stored
+        # points (the newest attempt's, per key) in step order; what follows is sent only past that step.
+        # A resumed attempt repeating steps up to where an earlier attempt got (401..567 after 567), a
+        # redelivered report, or a point both the replay and the live feed hold, is not sent again: it is
+        # stored (the newest attempt replaces the older point, see MetricPoint) and ListMetrics and a new
+        # stream show it, but a follower's series never goes backwards.
+        last_step: dict[int, int] = {}
 
         def fresh(point: metrics_pb2.MetricPoint) -> bool:
-            key = (int(point.kind), point.step)
-            if key in sent and point.attempt <= sent[key]:
+            kind = int(point.kind)
+            if kind in last_step and point.step <= last_step[kind]:
                 return False
-            sent[key] = point.attempt
+            last_step[kind] = point.step
             return True
 
         feed: _Feed[metrics_pb2.MetricPoint] = _Feed(

@@ -12,6 +12,7 @@ from grpc_status import rpc_status
 from tuneforge.v1 import job_pb2, metrics_pb2, metrics_service_pb2
 
 from tests.metrics.conftest import EVAL, ORG, SYSTEM, TRAIN, Stack, point, wait_until
+from trainer_worker.reporting import log_sequence
 from tuneforge_core import subjects
 from tuneforge_core.ids import new_id
 
@@ -263,3 +264,58 @@ async def test_stream_logs_replays_follows_and_filters(stack: Stack) -> None:
     await asyncio.wait_for(task, 5)
     assert [(e.attempt, e.sequence) for e in received] == [(1, 2), (1, 4), (2, 1)]
     assert received[1].message == "line 4" and received[1].job_id == job.id
+
+
+async def test_a_resumed_attempt_never_takes_a_live_stream_backwards(stack: Stack) -> None:
+    """Attempt 1 reached step 567; attempt 2 resumes from the checkpoint of step 400 and repeats 401..567.
+    A follower's series only moves forward; the store keeps the newest attempt's point per step."""
+    job = stack.jobs.add()
+    await stack.report(job.id, [point(step, loss=1.0) for step in (1, 400, 401, 500, 567)]
+                       + [point(400, SYSTEM), point(567, SYSTEM)])
+    await stack.wait_stored(job.id, 7)
+    received: list[metrics_pb2.MetricPoint] = []
+    task = stack.collect(stream_request(job.id), received)
+    await wait_until(lambda: len(received) == 7)
+
+    await stack.report(job.id, [point(step, loss=2.0, attempt=2) for step in (401, 500, 567, 568, 600)]
+                       + [point(401, SYSTEM, attempt=2), point(600, SYSTEM, attempt=2)])
+    await stack.report(job.id, [point(601, loss=2.0, attempt=2)])
+    await wait_until(lambda: len(received) == 11)
+    await stack.change_state(job, job_pb2.JOB_STATE_SUCCEEDED)
+    await asyncio.wait_for(task, 10)
+
+    for kind in (TRAIN, SYSTEM):
+        steps = [p.step for p in received if p.kind == kind]
+        assert steps == sorted(set(steps)), f"kind {kind} went backwards or repeated: {steps}"
+    assert [(p.step, p.attempt) for p in received if p.kind == TRAIN][-3:] == [(568, 2), (600, 2), (601, 2)]
+    assert [(p.step, p.attempt) for p in received if p.kind == SYSTEM] == [(400, 1), (567, 1), (600, 2)]
+    stored = {(p.step, p.kind): p for p in await stack.list_all(job.id)}
+    assert (stored[(401, TRAIN)].attempt, stored[(401, TRAIN)].loss) == (2, 2.0), "the newest attempt wins"
+    assert stored[(400, TRAIN)].attempt == 1
+
+    # A stream opened afterwards replays the stored series once, in step order.
+    replayed = [r.point async for r in stack.metrics.StreamMetrics(stream_request(job.id, kinds=(TRAIN,)))]
+    assert [(p.step, p.attempt) for p in replayed] == [(1, 1), (400, 1), (401, 2), (500, 2), (567, 2),
+                                                       (568, 2), (600, 2), (601, 2)]
+
+
+async def test_log_sequences_of_later_attempts_follow_earlier_ones(stack: Stack) -> None:
+    """A worker numbers lines (attempt << 32) + n, so a job's log is one increasing sequence."""
+    job = stack.jobs.add()
+
+    def entry(attempt: int, n: int) -> metrics_pb2.LogEntry:
+        return metrics_pb2.LogEntry(sequence=log_sequence(attempt, n), attempt=attempt,
+                                    level=metrics_pb2.LOG_LEVEL_INFO, source=metrics_pb2.LOG_SOURCE_WORKER,
+                                    message=f"attempt {attempt} line {n}")
+
+    await stack.report_logs(job.id, [entry(2, 1), entry(2, 2)])  # the later attempt's lines land first
+    await stack.report_logs(job.id, [entry(1, 1), entry(1, 2), entry(1, 3)])
+    await asyncio.sleep(0.3)
+    await stack.change_state(job, job_pb2.JOB_STATE_SUCCEEDED)
+    streamed = [r.entry async for r in stack.metrics.StreamLogs(
+        metrics_service_pb2.StreamLogsRequest(organization=ORG, job_id=job.id))]
+    assert [(e.attempt, e.message) for e in streamed] == [
+        (1, "attempt 1 line 1"), (1, "attempt 1 line 2"), (1, "attempt 1 line 3"),
+        (2, "attempt 2 line 1"), (2, "attempt 2 line 2")]
+    sequences = [e.sequence for e in streamed]
+    assert sequences == sorted(sequences) and len(set(sequences)) == 5

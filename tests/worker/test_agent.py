@@ -381,7 +381,7 @@ async def test_job_runs_to_succeeded_with_metrics_logs_and_stored_adapter(platfo
     assert progress.total_steps == 40 and progress.HasField("loss")
 
     entries = platform.events.entries
-    assert [e.sequence for e in entries] == list(range(1, len(entries) + 1))
+    assert [e.sequence for e in entries] == [(1 << 32) + n for n in range(1, len(entries) + 1)]
     assert {e.source for e in entries} == {metrics_pb2.LOG_SOURCE_WORKER, metrics_pb2.LOG_SOURCE_TRAINING}
     assert await platform.pending_work() == 0
 
@@ -518,6 +518,9 @@ async def test_killed_worker_resumes_from_its_last_checkpoint(
     second = [p.step for p in train if p.attempt == 2]
     assert second[0] == step + 1 and second[-1] == 60, "attempt 2 starts where the checkpoint left off"
     assert {p.kind for p in platform.events.points} >= {metrics_pb2.METRIC_KIND_SYSTEM}
+    assert (done.progress.step, done.progress.total_steps) == (60, 60)
+    by_attempt = {a: [e.sequence for e in platform.events.entries if e.attempt == a] for a in (1, 2)}
+    assert by_attempt[1] and by_attempt[2] and max(by_attempt[1]) < min(by_attempt[2]), "one log sequence"
 
     complete, _ = checkpoints.steps()
     assert len(complete) == 2 and complete[-1] == 60, complete  # save_total_limit, newest kept

@@ -38,6 +38,22 @@ def test_metrics_callback_writes_train_and_eval_points(tmp_path: Path) -> None:
     assert callback.summary == {"train_runtime": 9.0, "train_loss": 1.9}
 
 
+def test_metrics_callback_reports_the_step_reached_and_the_last_one(tmp_path: Path) -> None:
+    sink = EventSink(tmp_path / "events.jsonl")
+    callback = MetricsCallback(sink, progress_interval_s=3600)
+    control = TrainerControl()
+
+    callback.on_train_begin(ARGS, _state(0, 0), control)
+    for step in range(1, 6):
+        callback.on_step_end(ARGS, _state(step, 100 * step), control)
+    callback.on_train_end(ARGS, _state(5, 500), control)
+
+    progress = [e for e in read_events(tmp_path / "events.jsonl") if e["type"] == "progress"]
+    # The first step, then nothing within the interval, then the step training ended at.
+    assert [(e["step"], e["total_steps"]) for e in progress] == [(1, 100), (5, 100)]
+    assert progress[-1]["epoch"] == 0.1
+
+
 def test_watchdog_stops_on_the_first_non_finite_loss() -> None:
     watchdog = DivergenceWatchdog()
     control = TrainerControl()

@@ -18,8 +18,9 @@ from tuneforge.v1 import job_pb2
 
 from tests.worker.helpers import FAST_HYPERPARAMETERS, make_run_config, read_events, resolved, start_recipe
 from trainer_worker.errors import TrainingError
-from trainer_worker.events import EventSink
+from trainer_worker.events import EventSink, MetricEvent, ProgressEvent, decode
 from trainer_worker.recipes.sft import SFTRecipe
+from trainer_worker.reporting import advance_progress, metric_point, progress_of
 from trainer_worker.stop import EXIT_CANCELLED, StopSignal
 from trainer_worker.tiny import write_synthetic_chat_dataset
 from trainer_worker.train import EXIT_FAILED, run
@@ -218,6 +219,28 @@ def test_full_fine_tuning_saves_a_whole_model(tmp_path: Path, tiny_model: Path, 
     assert result["type"] == "result" and result["merged_dir"] is None
     model = AutoModelForCausalLM.from_pretrained(result["adapter_dir"])
     assert model.config.vocab_size == json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+
+
+def test_a_run_shorter_than_a_logging_step_ends_with_its_last_step_as_progress(
+    tmp_path: Path, tiny_model: Path, chat_data: Path
+) -> None:
+    """max_steps 5 < logging_steps 10: the only train point is step 1, yet the job shows 5/5."""
+    spec = {"hyperparameters": {**FAST_HYPERPARAMETERS, "max_steps": 5, "logging_steps": 10}}
+    cfg = make_run_config(tmp_path, tiny_model, chat_data, spec)
+    assert _run_in_process(cfg) == 0
+    events = read_events(cfg.events_file)
+    assert [e["step"] for e in events if e["type"] == "metric" and e["kind"] == "train"] == [1]
+    last = [e for e in events if e["type"] == "progress"][-1]
+    assert (last["step"], last["total_steps"]) == (5, 5)
+
+    progress = None  # as the agent folds the events into Job.progress
+    for event in map(decode, (json.dumps(e).encode() for e in events)):
+        if isinstance(event, MetricEvent) and event.kind == "train":
+            progress = progress_of(metric_point(event, "job_test", 1))
+        elif isinstance(event, ProgressEvent):
+            progress = advance_progress(progress, event)
+    assert progress is not None and (progress.step, progress.total_steps) == (5, 5)
+    assert progress.HasField("loss") and progress.eta_seconds == 0
 
 
 @pytest.mark.slow

@@ -46,10 +46,14 @@ def _halt(control: TrainerControl) -> None:
 
 
 class MetricsCallback(TrainerCallback):
-    """Turns the Trainer's log dicts into train/eval metric events with throughput and ETA."""
+    """Turns the Trainer's log dicts into train/eval metric events with throughput and ETA, and reports the
+    step reached (``progress``) about once a second and when training ends, so the job's progress is the
+    step that ran even when the run ends between logging steps (``max_steps`` < ``logging_steps``)."""
 
-    def __init__(self, sink: EventSink) -> None:
+    def __init__(self, sink: EventSink, progress_interval_s: float = 1.0) -> None:
         self._sink = sink
+        self._progress_interval_s = progress_interval_s
+        self._progress_at = 0.0
         self.summary: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self._start = self._last_time = 0.0
@@ -63,6 +67,22 @@ class MetricsCallback(TrainerCallback):
         self._start_step = self._last_step = state.global_step
         self._last_tokens = state.num_input_tokens_seen
         self._sink.state("running")
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        now = time.monotonic()
+        if now - self._progress_at >= self._progress_interval_s:
+            self._progress(state)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._progress(state)  # the step training ended at, logged or not
+
+    def _progress(self, state: TrainerState) -> None:
+        self._progress_at = time.monotonic()
+        self._sink.progress(state.global_step, total_steps=state.max_steps, epoch=state.epoch)
 
     def on_log(
         self,

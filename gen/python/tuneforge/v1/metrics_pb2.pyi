@@ -262,7 +262,9 @@ class LogEntry(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     sequence: _builtins.int
-    """Position of the entry in the job's log, increasing."""
+    """Position of the entry in the job's log, increasing across attempts: a worker numbers the lines of an
+    attempt (attempt << 32) + 1, + 2, ..., so a later attempt's lines follow an earlier one's.
+    """
     level: Global___LogLevel.ValueType
     source: Global___LogSource.ValueType
     message: _builtins.str
