@@ -1,7 +1,10 @@
 """Stop requests for a training process: SIGTERM/SIGINT from the agent, or the agent itself dying.
 
 Before training starts (imports, model loading, tokenizing) there is nothing to keep, so a stop request
-interrupts at once by raising :class:`~trainer_worker.errors.Cancelled` from the signal handler. Once the
+interrupts at once by raising :class:`~trainer_worker.errors.Cancelled` from the signal handler, except
+inside :meth:`StopSignal.deferred` (the imports of the training stack): an exception raised while a C
+extension initializes its module can abort the whole process (SIGABRT, no clean exit), so there the
+request is only noted and raised as soon as the block ends. Once the
 training loop runs, a request only sets a flag that the loop reads between optimizer steps, so a stop never
 leaves a half-applied update or a half-written file behind.
 
@@ -11,10 +14,12 @@ process and, after a grace period, ends the process outright rather than let an 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 from trainer_worker.errors import Cancelled
@@ -35,6 +40,18 @@ class StopSignal:
     @property
     def requested(self) -> bool:
         return self._event.is_set()
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A block a stop request does not interrupt; a request made inside it is raised at its end."""
+        interruptible, self.interruptible = self.interruptible, False
+        try:
+            yield
+        finally:
+            self.interruptible = interruptible
+        if interruptible and self.requested:
+            self.interruptible = False
+            raise Cancelled(self.reason)
 
     def request(self, reason: str) -> None:
         if not self._event.is_set():

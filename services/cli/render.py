@@ -30,8 +30,8 @@ def as_json(message: Any) -> str:
     return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2)
 
 
-# Columns printed whole however narrow the terminal: ids are copied into the next command.
-WHOLE_COLUMNS = frozenset({"ID", "JOB", "PRINCIPAL", "RESOURCE", "PREFIX", "PATH", "SHA256"})
+# Columns printed whole however narrow the terminal: ids and names are copied into the next command.
+WHOLE_COLUMNS = frozenset({"ID", "NAME", "JOB", "PRINCIPAL", "RESOURCE", "PREFIX", "PATH", "SHA256"})
 
 
 def whole_ids(table: Table) -> Table:

@@ -283,7 +283,7 @@ def test_cli_talks_to_the_platform(platform: Platform, tiny_assets: tuple[Path, 
     model, data = tiny_assets
     # A member key of organization cli, as a user would export it.
     member = make_key(platform.address, platform.data_dir, "cli", "member")
-    runner = CliRunner(env={"TUNEFORGE_API_KEY": member})
+    runner = CliRunner(env={"TUNEFORGE_API_KEY": member, "COLUMNS": "200"})
     common = ["--address", platform.address, "--org", "cli"]
     result = runner.invoke(app, ["datasets", "upload", str(data), "--name", "cli-chat", *common])
     assert result.exit_code == 0, result.output

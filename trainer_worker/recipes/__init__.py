@@ -68,5 +68,6 @@ RECIPES = {
 def build(cfg: RunConfig, spec: job_pb2.JobSpec, sink: EventSink, stop: StopSignal) -> Recipe:
     """The recipe for the spec's method (imports torch)."""
     module, name = RECIPES[spec.method].split(":")
-    recipe: type[Recipe] = getattr(importlib.import_module(f"trainer_worker.recipes.{module}"), name)
+    with stop.deferred():  # a stop during the C extensions' imports is raised once they are done
+        recipe: type[Recipe] = getattr(importlib.import_module(f"trainer_worker.recipes.{module}"), name)
     return recipe(cfg, spec, sink, stop)  # type: ignore[call-arg]
