@@ -19,11 +19,9 @@ the calls made per RPC and in all are printed in the terminal summary.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import math
-import pkgutil
 import threading
 import zipfile
 from collections import Counter
@@ -34,7 +32,6 @@ from typing import Any
 
 import grpc
 import pytest
-import tuneforge.v1
 from google.protobuf import descriptor, message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.internal import encoder
@@ -44,6 +41,7 @@ from hypothesis import strategies as st
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2, estimation_service_pb2, identity_pb2
 
 from tests.auth import keyed_channel, make_key
+from tests.descriptors import service_methods
 from tests.platform.conftest import ORG, Seeded
 
 MIB = 1024 * 1024
@@ -54,17 +52,6 @@ NOT_DELIBERATE = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 
 CALLS: Counter[str] = Counter()
 COUNTING = threading.Lock()
-
-
-def service_methods() -> list[descriptor.MethodDescriptor]:
-    """Every RPC of every tuneforge.v1 service."""
-    methods = []
-    for module in pkgutil.iter_modules(tuneforge.v1.__path__):
-        if module.name.endswith("_service_pb2"):
-            pb2 = importlib.import_module(f"tuneforge.v1.{module.name}")
-            for service in pb2.DESCRIPTOR.services_by_name.values():
-                methods += list(service.methods)
-    return methods
 
 
 METHODS = service_methods()

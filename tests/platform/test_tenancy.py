@@ -9,8 +9,6 @@ names a resource fails `test_every_rpc_that_names_a_resource_is_covered` until a
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,7 +16,6 @@ from typing import Any
 
 import grpc
 import pytest
-import tuneforge.v1
 from google.protobuf import descriptor
 from google.protobuf.message import Message
 from tuneforge.v1 import (
@@ -38,21 +35,12 @@ from services.client import TuneForgeClient
 from services.kit.auth import method_access
 from services.kit.identity import IdentityStore
 from tests.auth import make_key
+from tests.descriptors import service_methods
 from tests.platform.conftest import ORG, Seeded
 
 OTHER = "bravo"
 # Request fields that name a resource of the caller's organization.
 REFERENCE_FIELDS = {"dataset", "validation_dataset", "job", "job_id", "api_key"}
-
-
-def service_methods() -> list[descriptor.MethodDescriptor]:
-    methods = []
-    for module in pkgutil.iter_modules(tuneforge.v1.__path__):
-        if module.name.endswith("_service_pb2"):
-            pb2 = importlib.import_module(f"tuneforge.v1.{module.name}")
-            for service in pb2.DESCRIPTOR.services_by_name.values():
-                methods += list(service.methods)
-    return methods
 
 
 METHODS = service_methods()
