@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from google.protobuf import json_format
@@ -405,8 +405,13 @@ def jobs_watch(ref: Annotated[str, typer.Argument(help="Job id or name.")],
         raise typer.Exit(1)
 
 
-LEVELS = {"debug": 1, "info": 2, "warning": 3, "error": 4, "critical": 5}
-SOURCES = {"worker": 1, "training": 2}
+def _choices(enum: Any, prefix: str) -> dict[str, int]:
+    """A proto enum's values by lower-case short name ("warning" for LOG_LEVEL_WARNING), unset left out."""
+    return {name.removeprefix(prefix).lower(): number for name, number in enum.items() if number}
+
+
+LEVELS = _choices(metrics_pb2.LogLevel, "LOG_LEVEL_")
+SOURCES = _choices(metrics_pb2.LogSource, "LOG_SOURCE_")
 
 
 @jobs_app.command("logs")
@@ -609,8 +614,7 @@ def jobs_download(
 
 # -- keys and audit ------------------------------------------------------------------------------
 
-ROLES = {"viewer": identity_pb2.ROLE_VIEWER, "member": identity_pb2.ROLE_MEMBER,
-         "admin": identity_pb2.ROLE_ADMIN}
+ROLES = _choices(identity_pb2.Role, "ROLE_")
 
 
 def _key_table(keys: list[identity_pb2.ApiKey]) -> Table:
@@ -638,9 +642,10 @@ def keys_create(
 ) -> None:
     """Create an API key; its secret is printed once, and only here."""
     if role not in ROLES:
-        raise typer.BadParameter(f"'{role}' is not one of viewer, member, admin", param_hint="--role")
+        raise typer.BadParameter(f"'{role}' is not one of {', '.join(ROLES)}", param_hint="--role")
     with api(address, org) as client:
-        response = client.create_api_key(name, ROLES[role], ttl_s=ttl_days * 86400)
+        response = client.create_api_key(name, identity_pb2.Role.ValueType(ROLES[role]),
+                                         ttl_s=ttl_days * 86400)
     if as_json:
         console.print_json(to_json(response))
         return

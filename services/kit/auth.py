@@ -360,9 +360,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             if handler.unary_unary:
                 async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    enter(request)
                     resource = _resource(request)
                     try:
+                        enter(request)  # a request naming another organization is refused, and audited
                         response = await unary(request, context)
                     except BaseException as exc:
                         await outcome(context, resource, None, exc)
@@ -374,9 +374,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                                                            handler.response_serializer)
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                enter(request)
                 resource = _resource(request)
                 try:
+                    enter(request)
                     async for item in _responses(unary(request, context)):
                         yield item
                 except BaseException as exc:

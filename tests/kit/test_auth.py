@@ -298,3 +298,51 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(kit_settings: K
                 await api_key_service_pb2_grpc.ApiKeyServiceStub(bare).GetCaller(
                     api_key_service_pb2.GetCallerRequest(), metadata=SERVICE_METADATA, timeout=5)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_list_fields_are_honoured(kit_settings: KitSettings) -> None:
+    """show_inactive, the audit log's method and failures_only filters, and page tokens."""
+    from tuneforge.v1 import audit_service_pb2, audit_service_pb2_grpc
+
+    async with serving(kit_settings) as address, grpc.aio.insecure_channel(address) as channel:
+        keys = api_key_service_pb2_grpc.ApiKeyServiceStub(channel)
+        audit = audit_service_pb2_grpc.AuditServiceStub(channel)
+        admin = await create_key(keys, "acme", identity_pb2.ROLE_ADMIN, "boss")
+        for name in ("a", "b", "c"):
+            await keys.CreateApiKey(api_key_service_pb2.CreateApiKeyRequest(
+                name=name, role=identity_pb2.ROLE_VIEWER), metadata=bearer(admin))
+        revoked = await keys.RevokeApiKey(api_key_service_pb2.RevokeApiKeyRequest(api_key="b"),
+                                          metadata=bearer(admin))
+        active = await keys.ListApiKeys(api_key_service_pb2.ListApiKeysRequest(), metadata=bearer(admin))
+        everything = await keys.ListApiKeys(api_key_service_pb2.ListApiKeysRequest(show_inactive=True),
+                                            metadata=bearer(admin))
+        assert sorted(k.name for k in active.api_keys) == ["a", "boss", "c"]
+        assert sorted(k.name for k in everything.api_keys) == ["a", "b", "boss", "c"]
+        pages, token = [], ""
+        while True:
+            page = await keys.ListApiKeys(api_key_service_pb2.ListApiKeysRequest(
+                page_size=1, page_token=token, show_inactive=True), metadata=bearer(admin))
+            pages += [k.name for k in page.api_keys]
+            token = page.next_page_token
+            if not token:
+                break
+        assert pages == [k.name for k in everything.api_keys]  # newest first, each once
+        with pytest.raises(grpc.aio.AioRpcError) as bad:  # a token of another query
+            await keys.ListApiKeys(api_key_service_pb2.ListApiKeysRequest(page_token=(await keys.ListApiKeys(
+                api_key_service_pb2.ListApiKeysRequest(page_size=1, show_inactive=True),
+                metadata=bearer(admin))).next_page_token), metadata=bearer(admin))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError):  # a refusal for the audit log
+            await keys.ListApiKeys(api_key_service_pb2.ListApiKeysRequest(organization="bravo"),
+                                   metadata=bearer(admin))
+        creates = await audit.ListAuditEvents(audit_service_pb2.ListAuditEventsRequest(
+            method="CreateApiKey"), metadata=bearer(admin))
+        assert len(creates.events) == 3 and {e.code for e in creates.events} == {"OK"}
+        full = await audit.ListAuditEvents(audit_service_pb2.ListAuditEventsRequest(
+            method="/tuneforge.v1.ApiKeyService/RevokeApiKey"), metadata=bearer(admin))
+        assert [e.resource for e in full.events] == [revoked.api_key.id]  # the key's id, whatever was named
+        failures = await audit.ListAuditEvents(audit_service_pb2.ListAuditEventsRequest(failures_only=True),
+                                               metadata=bearer(admin))
+        assert failures.events and all(e.code != "OK" for e in failures.events)
+        assert any(e.code == "PERMISSION_DENIED" and e.method.endswith("/ListApiKeys")
+                   for e in failures.events)
