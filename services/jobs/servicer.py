@@ -11,6 +11,7 @@ from services.jobs.artifacts import ArtifactCatalog
 from services.jobs.checkpoints import CheckpointCatalog
 from services.jobs.deletion import JobDeletions
 from services.jobs.manager import JobManager
+from tuneforge_core.errors import Unimplemented
 
 
 class JobServicer(job_service_pb2_grpc.JobServiceServicer):
@@ -69,3 +70,15 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         job = await self.manager.get(request.organization, request.job)  # another organization's: NOT_FOUND
         checkpoints, best_metric = await self.checkpoints.list_checkpoints(job)
         return job_service_pb2.ListCheckpointsResponse(checkpoints=checkpoints, best_metric=best_metric)
+
+    async def ListJobEvents(self, request: job_service_pb2.ListJobEventsRequest,
+                            context: grpc.aio.ServicerContext) -> job_service_pb2.ListJobEventsResponse:
+        raise Unimplemented("ListJobEvents is not available yet")
+
+    async def GetJobEvaluation(self, request: job_service_pb2.GetJobEvaluationRequest,
+                               context: grpc.aio.ServicerContext) -> job_service_pb2.GetJobEvaluationResponse:
+        raise Unimplemented("GetJobEvaluation is not available yet")
+
+    async def GetUsage(self, request: job_service_pb2.GetUsageRequest,
+                       context: grpc.aio.ServicerContext) -> job_service_pb2.GetUsageResponse:
+        raise Unimplemented("GetUsage is not available yet")

@@ -39,6 +39,14 @@ class _ArtifactKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifact
     """A complete training checkpoint (named "checkpoint-<step>"), listed while the job runs and after it
     ends, as long as the job's output.save_total_limit keeps it.
     """
+    ARTIFACT_KIND_EVALUATION_REPORT: _ArtifactKind.ValueType  # 4
+    """The evaluation report as JSON (named "evaluation": evaluation.json), as GetJobEvaluation returns it.
+    Listed once the job SUCCEEDED with an evaluation.
+    """
+    ARTIFACT_KIND_TRAINING_LOG: _ArtifactKind.ValueType  # 5
+    """The training process's log (named "logs": training.log, one line per entry), stored when an attempt
+    ends, whatever its outcome.
+    """
 
 class ArtifactKind(_ArtifactKind, metaclass=_ArtifactKindEnumTypeWrapper):
     """What a stored output of a job is."""
@@ -56,6 +64,14 @@ ARTIFACT_KIND_CHECKPOINT: ArtifactKind.ValueType  # 3
 """A complete training checkpoint (named "checkpoint-<step>"), listed while the job runs and after it
 ends, as long as the job's output.save_total_limit keeps it.
 """
+ARTIFACT_KIND_EVALUATION_REPORT: ArtifactKind.ValueType  # 4
+"""The evaluation report as JSON (named "evaluation": evaluation.json), as GetJobEvaluation returns it.
+Listed once the job SUCCEEDED with an evaluation.
+"""
+ARTIFACT_KIND_TRAINING_LOG: ArtifactKind.ValueType  # 5
+"""The training process's log (named "logs": training.log, one line per entry), stored when an attempt
+ends, whatever its outcome.
+"""
 Global___ArtifactKind: _TypeAlias = ArtifactKind  # noqa: Y015
 
 @_typing.final
@@ -71,7 +87,7 @@ class JobArtifact(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     kind: Global___ArtifactKind.ValueType
     name: _builtins.str
-    """"adapter", "model", "merged" or "checkpoint-<step>": unique among the job's artifacts, and the folder
+    """"adapter", "model", "merged", "checkpoint-<step>", "evaluation" or "logs": unique among the job's artifacts, and the folder
     name a download uses.
     """
     step: _builtins.int

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -20,6 +21,36 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _JobPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_PHASE_UNSPECIFIED: _JobPhase.ValueType  # 0
+    JOB_PHASE_DOWNLOADING: _JobPhase.ValueType  # 1
+    """Fetching the base model and the dataset's splits."""
+    JOB_PHASE_TRAINING: _JobPhase.ValueType  # 2
+    """The training loop runs."""
+    JOB_PHASE_EVALUATING: _JobPhase.ValueType  # 3
+    """The base and the tuned model are measured on the dataset's test split (JobSpec.evaluation)."""
+    JOB_PHASE_UPLOADING: _JobPhase.ValueType  # 4
+    """The outputs are copied to object storage."""
+
+class JobPhase(_JobPhase, metaclass=_JobPhaseEnumTypeWrapper):
+    """What a job that a worker holds is doing."""
+
+JOB_PHASE_UNSPECIFIED: JobPhase.ValueType  # 0
+JOB_PHASE_DOWNLOADING: JobPhase.ValueType  # 1
+"""Fetching the base model and the dataset's splits."""
+JOB_PHASE_TRAINING: JobPhase.ValueType  # 2
+"""The training loop runs."""
+JOB_PHASE_EVALUATING: JobPhase.ValueType  # 3
+"""The base and the tuned model are measured on the dataset's test split (JobSpec.evaluation)."""
+JOB_PHASE_UPLOADING: JobPhase.ValueType  # 4
+"""The outputs are copied to object storage."""
+Global___JobPhase: _TypeAlias = JobPhase  # noqa: Y015
 
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -289,6 +320,79 @@ DISTRIBUTED_STRATEGY_ZERO3_OFFLOAD: DistributedStrategy.ValueType  # 7
 DISTRIBUTED_STRATEGY_FSDP: DistributedStrategy.ValueType  # 8
 Global___DistributedStrategy: _TypeAlias = DistributedStrategy  # noqa: Y015
 
+class _JobEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_EVENT_TYPE_UNSPECIFIED: _JobEventType.ValueType  # 0
+    JOB_EVENT_TYPE_QUEUED: _JobEventType.ValueType  # 1
+    """CreateJob accepted the job."""
+    JOB_EVENT_TYPE_WORKER_ASSIGNED: _JobEventType.ValueType  # 2
+    """A worker took the job (worker_id, attempt)."""
+    JOB_EVENT_TYPE_MODEL_DOWNLOADED: _JobEventType.ValueType  # 3
+    """The base model is on the worker (size_bytes, duration)."""
+    JOB_EVENT_TYPE_DATA_DOWNLOADED: _JobEventType.ValueType  # 4
+    """The dataset's splits are on the worker (size_bytes, duration)."""
+    JOB_EVENT_TYPE_TRAINING_STARTED: _JobEventType.ValueType  # 5
+    JOB_EVENT_TYPE_EPOCH_COMPLETED: _JobEventType.ValueType  # 6
+    """An epoch ended (epoch, step, metrics: its evaluation when one ran)."""
+    JOB_EVENT_TYPE_CHECKPOINT_SAVED: _JobEventType.ValueType  # 7
+    """A checkpoint was stored (step, size_bytes, metrics)."""
+    JOB_EVENT_TYPE_EVALUATION_STARTED: _JobEventType.ValueType  # 8
+    JOB_EVENT_TYPE_EVALUATION_COMPLETED: _JobEventType.ValueType  # 9
+    """The evaluation ended (duration, metrics: base_* and tuned_* of the report's primary metric)."""
+    JOB_EVENT_TYPE_EARLY_STOPPED: _JobEventType.ValueType  # 10
+    """Early stopping ended training (step: where it stopped; metrics: best_step, best value; message: why)."""
+    JOB_EVENT_TYPE_UPLOADING: _JobEventType.ValueType  # 11
+    """The outputs are being stored (size_bytes, duration when done)."""
+    JOB_EVENT_TYPE_RESTARTED: _JobEventType.ValueType  # 12
+    """Another delivery began after the last one ended without an outcome (reason, worker_id, step: the
+    checkpoint it resumes from).
+    """
+    JOB_EVENT_TYPE_CANCEL_REQUESTED: _JobEventType.ValueType  # 13
+    """A user asked to cancel it."""
+    JOB_EVENT_TYPE_CANCELLED: _JobEventType.ValueType  # 14
+    JOB_EVENT_TYPE_FAILED: _JobEventType.ValueType  # 15
+    """reason, message."""
+    JOB_EVENT_TYPE_SUCCEEDED: _JobEventType.ValueType  # 16
+
+class JobEventType(_JobEventType, metaclass=_JobEventTypeEnumTypeWrapper): ...
+
+JOB_EVENT_TYPE_UNSPECIFIED: JobEventType.ValueType  # 0
+JOB_EVENT_TYPE_QUEUED: JobEventType.ValueType  # 1
+"""CreateJob accepted the job."""
+JOB_EVENT_TYPE_WORKER_ASSIGNED: JobEventType.ValueType  # 2
+"""A worker took the job (worker_id, attempt)."""
+JOB_EVENT_TYPE_MODEL_DOWNLOADED: JobEventType.ValueType  # 3
+"""The base model is on the worker (size_bytes, duration)."""
+JOB_EVENT_TYPE_DATA_DOWNLOADED: JobEventType.ValueType  # 4
+"""The dataset's splits are on the worker (size_bytes, duration)."""
+JOB_EVENT_TYPE_TRAINING_STARTED: JobEventType.ValueType  # 5
+JOB_EVENT_TYPE_EPOCH_COMPLETED: JobEventType.ValueType  # 6
+"""An epoch ended (epoch, step, metrics: its evaluation when one ran)."""
+JOB_EVENT_TYPE_CHECKPOINT_SAVED: JobEventType.ValueType  # 7
+"""A checkpoint was stored (step, size_bytes, metrics)."""
+JOB_EVENT_TYPE_EVALUATION_STARTED: JobEventType.ValueType  # 8
+JOB_EVENT_TYPE_EVALUATION_COMPLETED: JobEventType.ValueType  # 9
+"""The evaluation ended (duration, metrics: base_* and tuned_* of the report's primary metric)."""
+JOB_EVENT_TYPE_EARLY_STOPPED: JobEventType.ValueType  # 10
+"""Early stopping ended training (step: where it stopped; metrics: best_step, best value; message: why)."""
+JOB_EVENT_TYPE_UPLOADING: JobEventType.ValueType  # 11
+"""The outputs are being stored (size_bytes, duration when done)."""
+JOB_EVENT_TYPE_RESTARTED: JobEventType.ValueType  # 12
+"""Another delivery began after the last one ended without an outcome (reason, worker_id, step: the
+checkpoint it resumes from).
+"""
+JOB_EVENT_TYPE_CANCEL_REQUESTED: JobEventType.ValueType  # 13
+"""A user asked to cancel it."""
+JOB_EVENT_TYPE_CANCELLED: JobEventType.ValueType  # 14
+JOB_EVENT_TYPE_FAILED: JobEventType.ValueType  # 15
+"""reason, message."""
+JOB_EVENT_TYPE_SUCCEEDED: JobEventType.ValueType  # 16
+Global___JobEventType: _TypeAlias = JobEventType  # noqa: Y015
+
 class _WorkerState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -358,6 +462,8 @@ class Job(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Server-assigned, globally unique id ("job_" + 26 characters)."""
     organization: _builtins.str
@@ -377,6 +483,11 @@ class Job(_message.Message):
     responding at 2026-12-01T10:00:00Z; waiting for another delivery (attempt 2 of 5)" or "waiting for a
     worker with nvidia-h100 x2; none seen in the last 5 minutes". Empty when nothing holds it up; cleared
     when a worker takes the job. Not meant to be parsed: branch on state, attempt and error.
+    """
+    phase: Global___JobPhase.ValueType
+    """Output only. What a PREPARING or RUNNING (or CANCELLING) job is doing now; UNSPECIFIED once it is
+    final or while it is QUEUED. Evaluation is a phase of RUNNING, so a client that knows only JobState
+    still sees a running job.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -408,6 +519,10 @@ class Job(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels for the user's own bookkeeping; keys and values at most 63 characters, at most 64 entries."""
 
+    @_builtins.property
+    def usage(self) -> Global___JobUsage:
+        """Output only. Compute used and what it cost so far, updated with progress; final once the job is."""
+
     def __init__(
         self,
         *,
@@ -429,14 +544,79 @@ class Job(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         status_message: _builtins.str = ...,
+        phase: Global___JobPhase.ValueType = ...,
+        usage: Global___JobUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "output", b"output", "progress", b"progress", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "output", b"output", "progress", b"progress", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "description", b"description", "end_time", b"end_time", "error", b"error", "id", b"id", "labels", b"labels", "name", b"name", "organization", b"organization", "output", b"output", "progress", b"progress", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "state", b"state", "status_message", b"status_message", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "description", b"description", "end_time", b"end_time", "error", b"error", "id", b"id", "labels", b"labels", "name", b"name", "organization", b"organization", "output", b"output", "phase", b"phase", "progress", b"progress", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "state", b"state", "status_message", b"status_message", "update_time", b"update_time", "usage", b"usage", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class JobUsage(_message.Message):
+    """Compute a job used and its cost, by the hardware catalog's price of what its worker ran on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HARDWARE_FIELD_NUMBER: _builtins.int
+    GPU_COUNT_FIELD_NUMBER: _builtins.int
+    HOURLY_USD_FIELD_NUMBER: _builtins.int
+    RUN_TIME_FIELD_NUMBER: _builtins.int
+    GPU_HOURS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    TOKENS_TRAINED_FIELD_NUMBER: _builtins.int
+    ESTIMATED_COST_USD_FIELD_NUMBER: _builtins.int
+    ESTIMATED_DURATION_FIELD_NUMBER: _builtins.int
+    hardware: _builtins.str
+    """The hardware option the worker ran on ("nvidia-h100", "cpu"), as its heartbeat named it; empty
+    until a worker took the job.
+    """
+    gpu_count: _builtins.int
+    """GPUs the job ran on (0 on a CPU worker)."""
+    hourly_usd: _builtins.float
+    """Hourly price of that hardware for the job, in USD: the catalog's price of one GPU times gpu_count,
+    or the deployment's CPU worker price (TUNEFORGE_CPU_HOURLY_USD) on a CPU worker.
+    """
+    gpu_hours: _builtins.float
+    """run_time in hours times gpu_count; 0 on a CPU worker."""
+    cost_usd: _builtins.float
+    """run_time priced at hourly_usd, over every attempt."""
+    tokens_trained: _builtins.int
+    """Non-padding tokens the training loop consumed (all ranks, all epochs), as the worker counted them."""
+    estimated_cost_usd: _builtins.float
+    """The estimate CreateJob admitted the job with (EstimationService.ValidateHardware's fit on the GPU type
+    the spec names): its total cost and time. 0 and unset when none was made (no GPU type named, or a
+    model the estimator does not know).
+    """
+    @_builtins.property
+    def run_time(self) -> _duration_pb2.Duration:
+        """Wall time the job held a worker (PREPARING, RUNNING, CANCELLING), over every attempt."""
+
+    @_builtins.property
+    def estimated_duration(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        hardware: _builtins.str = ...,
+        gpu_count: _builtins.int = ...,
+        hourly_usd: _builtins.float = ...,
+        run_time: _duration_pb2.Duration | None = ...,
+        gpu_hours: _builtins.float = ...,
+        cost_usd: _builtins.float = ...,
+        tokens_trained: _builtins.int = ...,
+        estimated_cost_usd: _builtins.float = ...,
+        estimated_duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["estimated_duration", b"estimated_duration", "run_time", b"run_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "estimated_cost_usd", b"estimated_cost_usd", "estimated_duration", b"estimated_duration", "gpu_count", b"gpu_count", "gpu_hours", b"gpu_hours", "hardware", b"hardware", "hourly_usd", b"hourly_usd", "run_time", b"run_time", "tokens_trained", b"tokens_trained"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobUsage: _TypeAlias = JobUsage  # noqa: Y015
 
 @_typing.final
 class JobSpec(_message.Message):
@@ -458,6 +638,8 @@ class JobSpec(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     ORPO_FIELD_NUMBER: _builtins.int
     KTO_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    WARM_START_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """A Hugging Face model id ("org/name"), a local path, or an s3:// URI of a saved model folder."""
     dataset: _builtins.str
@@ -490,6 +672,16 @@ class JobSpec(_message.Message):
     def orpo(self) -> Global___OrpoConfig: ...
     @_builtins.property
     def kto(self) -> Global___KtoConfig: ...
+    @_builtins.property
+    def evaluation(self) -> Global___EvaluationConfig:
+        """What to measure after training; on by default."""
+
+    @_builtins.property
+    def warm_start(self) -> Global___WarmStartConfig:
+        """Start from another job's weights instead of the base model's (adapter methods: the other job's
+        adapter or checkpoint; full fine-tuning: its model).
+        """
+
     def __init__(
         self,
         *,
@@ -509,14 +701,110 @@ class JobSpec(_message.Message):
         output: Global___OutputConfig | None = ...,
         orpo: Global___OrpoConfig | None = ...,
         kto: Global___KtoConfig | None = ...,
+        evaluation: Global___EvaluationConfig | None = ...,
+        warm_start: Global___WarmStartConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["distillation", b"distillation", "dpo", b"dpo", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "warm_start", b"warm_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "dataset", b"dataset", "distillation", b"distillation", "dpo", b"dpo", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "method", b"method", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "validation_dataset", b"validation_dataset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "dataset", b"dataset", "distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "method", b"method", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "validation_dataset", b"validation_dataset", "warm_start", b"warm_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class EvaluationConfig(_message.Message):
+    """Evaluation after training: the base and the tuned model on the dataset's test split (loss and
+    perplexity for SFT and distillation, reward accuracy and margin for DPO, ORPO and KTO, mean reward of
+    held-out prompts for GRPO), and a few generations side by side. A failed evaluation is reported in the
+    EvaluationReport; it never fails the job.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    MAX_EXAMPLES_FIELD_NUMBER: _builtins.int
+    NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """Default true. False skips the evaluation (the report then says SKIPPED)."""
+    max_examples: _builtins.int
+    """Test examples scored, 1-10000; default 200 (the first ones of the split)."""
+    num_samples: _builtins.int
+    """Prompts answered by both models side by side, 0-20; default 3."""
+    max_new_tokens: _builtins.int
+    """Tokens per sample answer (greedy), 1-2048; default 128."""
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool | None = ...,
+        max_examples: _builtins.int | None = ...,
+        num_samples: _builtins.int | None = ...,
+        max_new_tokens: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_max_examples", b"_max_examples", "_max_new_tokens", b"_max_new_tokens", "_num_samples", b"_num_samples", "enabled", b"enabled", "max_examples", b"max_examples", "max_new_tokens", b"max_new_tokens", "num_samples", b"num_samples"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_max_examples", b"_max_examples", "_max_new_tokens", b"_max_new_tokens", "_num_samples", b"_num_samples", "enabled", b"enabled", "max_examples", b"max_examples", "max_new_tokens", b"max_new_tokens", "num_samples", b"num_samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
+    _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
+    _WhichOneofReturnType__max_examples: _TypeAlias = _typing.Literal["max_examples"]  # noqa: Y015
+    _WhichOneofArgType__max_examples: _TypeAlias = _typing.Literal["_max_examples", b"_max_examples"]  # noqa: Y015
+    _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__num_samples: _TypeAlias = _typing.Literal["num_samples"]  # noqa: Y015
+    _WhichOneofArgType__num_samples: _TypeAlias = _typing.Literal["_num_samples", b"_num_samples"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_examples) -> _WhichOneofReturnType__max_examples | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_new_tokens) -> _WhichOneofReturnType__max_new_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__num_samples) -> _WhichOneofReturnType__num_samples | None: ...
+
+Global___EvaluationConfig: _TypeAlias = EvaluationConfig  # noqa: Y015
+
+@_typing.final
+class WarmStartConfig(_message.Message):
+    """Start a job from another job's weights ("continue from" a checkpoint). The other job must belong to the
+    same organization, have the same base model and method family, and the same adapter type and shape
+    (LoRA rank, target modules; prompt-tuning virtual tokens); anything else is INVALID_ARGUMENT naming
+    what differs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_STEP_FIELD_NUMBER: _builtins.int
+    RESTORE_OPTIMIZER_STATE_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """The job, by id or name within the organization."""
+    checkpoint_step: _builtins.int
+    """Its checkpoint at this step (ListCheckpoints). Unset: its final adapter (or model), which needs the
+    job to have SUCCEEDED.
+    """
+    restore_optimizer_state: _builtins.bool
+    """Also restore the optimizer and learning-rate scheduler state, continuing that run's training rather
+    than starting a fresh optimizer on its weights. Needs a checkpoint (checkpoint_step) whose
+    optimizer_state_kept is true and the same optimizer; default false.
+    """
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        checkpoint_step: _builtins.int | None = ...,
+        restore_optimizer_state: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "checkpoint_step", b"checkpoint_step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step", "checkpoint_step", b"checkpoint_step", "job", b"job", "restore_optimizer_state", b"restore_optimizer_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__checkpoint_step: _TypeAlias = _typing.Literal["checkpoint_step"]  # noqa: Y015
+    _WhichOneofArgType__checkpoint_step: _TypeAlias = _typing.Literal["_checkpoint_step", b"_checkpoint_step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__checkpoint_step) -> _WhichOneofReturnType__checkpoint_step | None: ...
+
+Global___WarmStartConfig: _TypeAlias = WarmStartConfig  # noqa: Y015
 
 @_typing.final
 class LoraConfig(_message.Message):
@@ -1279,10 +1567,17 @@ class JobOutput(_message.Message):
     ADAPTER_URI_FIELD_NUMBER: _builtins.int
     MERGED_MODEL_URI_FIELD_NUMBER: _builtins.int
     FINAL_METRICS_FIELD_NUMBER: _builtins.int
+    KEPT_STEP_FIELD_NUMBER: _builtins.int
+    EARLY_STOP_FIELD_NUMBER: _builtins.int
     adapter_uri: _builtins.str
     """Storage URI of the adapter folder (PEFT safetensors layout), or of the model for full fine-tuning."""
     merged_model_uri: _builtins.str
     """Storage URI of the merged model folder, when OutputConfig.merge_adapter was set."""
+    kept_step: _builtins.int
+    """The training step whose weights the adapter (and merged model) hold: the best checkpoint's when
+    training kept the best model (early stopping), else the last step. final_metrics' eval_loss and
+    eval_* keys are that step's evaluation.
+    """
     @_builtins.property
     def final_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Final metrics of the run (train_loss, eval_loss, train_runtime, global_step, ...). Stable keys that
@@ -1291,20 +1586,162 @@ class JobOutput(_message.Message):
         and peak_gpu_memory_bytes (peak memory torch allocated on the main rank's GPU) on CUDA workers.
         """
 
+    @_builtins.property
+    def early_stop(self) -> Global___EarlyStop:
+        """Set when early stopping ended training before its last step."""
+
     def __init__(
         self,
         *,
         adapter_uri: _builtins.str = ...,
         merged_model_uri: _builtins.str = ...,
         final_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        kept_step: _builtins.int = ...,
+        early_stop: Global___EarlyStop | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["early_stop", b"early_stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_uri", b"adapter_uri", "final_metrics", b"final_metrics", "merged_model_uri", b"merged_model_uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_uri", b"adapter_uri", "early_stop", b"early_stop", "final_metrics", b"final_metrics", "kept_step", b"kept_step", "merged_model_uri", b"merged_model_uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobOutput: _TypeAlias = JobOutput  # noqa: Y015
+
+@_typing.final
+class EarlyStop(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STOPPED_STEP_FIELD_NUMBER: _builtins.int
+    BEST_STEP_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    BEST_VALUE_FIELD_NUMBER: _builtins.int
+    PATIENCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    stopped_step: _builtins.int
+    """The step training stopped at."""
+    best_step: _builtins.int
+    """The step of the best evaluation, whose weights were kept."""
+    metric: _builtins.str
+    """The metric watched ("eval_loss") and its best value."""
+    best_value: _builtins.float
+    patience: _builtins.int
+    """Evaluations without an improvement of at least min_delta before stopping."""
+    reason: _builtins.str
+    """A sentence for people, e.g. "eval_loss did not improve by 0.01 for 3 evaluations after step 40"."""
+    def __init__(
+        self,
+        *,
+        stopped_step: _builtins.int = ...,
+        best_step: _builtins.int = ...,
+        metric: _builtins.str = ...,
+        best_value: _builtins.float = ...,
+        patience: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_step", b"best_step", "best_value", b"best_value", "metric", b"metric", "patience", b"patience", "reason", b"reason", "stopped_step", b"stopped_step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EarlyStop: _TypeAlias = EarlyStop  # noqa: Y015
+
+@_typing.final
+class JobEvent(_message.Message):
+    """One entry of a job's timeline (ListJobEvents, WatchJob). Events of a job are numbered 1, 2, 3... in the
+    order the jobs service recorded them; each has the fields its type lists, and a sentence for people.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Position in the job's timeline, from 1, with no gaps."""
+    type: Global___JobEventType.ValueType
+    attempt: _builtins.int
+    """The delivery it belongs to; 0 before a worker took the job."""
+    message: _builtins.str
+    """What happened, in a sentence for people. Not meant to be parsed."""
+    step: _builtins.int
+    """The training step (CHECKPOINT_SAVED, EPOCH_COMPLETED, EARLY_STOPPED, RESTARTED: the checkpoint the
+    attempt resumes from; 0 for a start from scratch).
+    """
+    epoch: _builtins.float
+    """The epoch (EPOCH_COMPLETED)."""
+    size_bytes: _builtins.int
+    """Bytes moved or stored (MODEL_DOWNLOADED, DATA_DOWNLOADED, CHECKPOINT_SAVED, UPLOADING)."""
+    worker_id: _builtins.str
+    """The worker (WORKER_ASSIGNED, RESTARTED)."""
+    reason: _builtins.str
+    """An ErrorReason name (FAILED, RESTARTED), e.g. "WORKER_LOST"."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened (on the worker for the worker's events)."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """How long it took (MODEL_DOWNLOADED, DATA_DOWNLOADED, EVALUATION_COMPLETED, UPLOADING)."""
+
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Numbers that go with it: the evaluation's metrics at a checkpoint or epoch, the early stop's best
+        value, the evaluation's summary.
+        """
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        type: Global___JobEventType.ValueType = ...,
+        attempt: _builtins.int = ...,
+        message: _builtins.str = ...,
+        step: _builtins.int = ...,
+        epoch: _builtins.float = ...,
+        size_bytes: _builtins.int = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        worker_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "duration", b"duration", "epoch", b"epoch", "message", b"message", "metrics", b"metrics", "reason", b"reason", "sequence", b"sequence", "size_bytes", b"size_bytes", "step", b"step", "time", b"time", "type", b"type", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
 
 @_typing.final
 class Worker(_message.Message):

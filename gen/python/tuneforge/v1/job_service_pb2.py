@@ -23,12 +23,14 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tuneforge.v1 import access_pb2 as tuneforge_dot_v1_dot_access__pb2
 from tuneforge.v1 import artifact_pb2 as tuneforge_dot_v1_dot_artifact__pb2
+from tuneforge.v1 import evaluation_pb2 as tuneforge_dot_v1_dot_evaluation__pb2
 from tuneforge.v1 import job_pb2 as tuneforge_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etuneforge/v1/job_service.proto\x12\x0ctuneforge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x19tuneforge/v1/access.proto\x1a\x1btuneforge/v1/artifact.proto\x1a\x16tuneforge/v1/job.proto\"\x86\x02\n\x10\x43reateJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.tuneforge.v1.CreateJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x15\n\rvalidate_only\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x11\x43reateJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"2\n\rGetJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"0\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"v\n\x0fListJobsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x06states\x18\x04 \x03(\x0e\x32\x16.tuneforge.v1.JobState\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.tuneforge.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x10\x43\x61ncelJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"3\n\x11\x43\x61ncelJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"5\n\x10\x44\x65leteJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"9\n\x11\x44\x65leteJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_deleted\x18\x02 \x01(\x08\"4\n\x0fWatchJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"2\n\x10WatchJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"Q\n\x12ListWorkersRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListWorkersResponse\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.tuneforge.v1.Worker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x92\x01\n\x16GetJobArtifactsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12)\n\x05kinds\x18\x03 \x03(\x0e\x32\x1a.tuneforge.v1.ArtifactKind\x12*\n\x07url_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x17GetJobArtifactsResponse\x12,\n\tartifacts\x18\x01 \x03(\x0b\x32\x19.tuneforge.v1.JobArtifact\";\n\x16ListCheckpointsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"]\n\x17ListCheckpointsResponse\x12-\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x18.tuneforge.v1.Checkpoint\x12\x13\n\x0b\x62\x65st_metric\x18\x02 \x01(\t2\x9d\x06\n\nJobService\x12R\n\tCreateJob\x12\x1e.tuneforge.v1.CreateJobRequest\x1a\x1f.tuneforge.v1.CreateJobResponse\"\x04\xc8\xf3\x18\x02\x12I\n\x06GetJob\x12\x1b.tuneforge.v1.GetJobRequest\x1a\x1c.tuneforge.v1.GetJobResponse\"\x04\xc8\xf3\x18\x01\x12O\n\x08ListJobs\x12\x1d.tuneforge.v1.ListJobsRequest\x1a\x1e.tuneforge.v1.ListJobsResponse\"\x04\xc8\xf3\x18\x01\x12R\n\tCancelJob\x12\x1e.tuneforge.v1.CancelJobRequest\x1a\x1f.tuneforge.v1.CancelJobResponse\"\x04\xc8\xf3\x18\x02\x12R\n\tDeleteJob\x12\x1e.tuneforge.v1.DeleteJobRequest\x1a\x1f.tuneforge.v1.DeleteJobResponse\"\x04\xc8\xf3\x18\x02\x12Q\n\x08WatchJob\x12\x1d.tuneforge.v1.WatchJobRequest\x1a\x1e.tuneforge.v1.WatchJobResponse\"\x04\xc8\xf3\x18\x01\x30\x01\x12X\n\x0bListWorkers\x12 .tuneforge.v1.ListWorkersRequest\x1a!.tuneforge.v1.ListWorkersResponse\"\x04\xc8\xf3\x18\x01\x12\x64\n\x0fGetJobArtifacts\x12$.tuneforge.v1.GetJobArtifactsRequest\x1a%.tuneforge.v1.GetJobArtifactsResponse\"\x04\xc8\xf3\x18\x01\x12\x64\n\x0fListCheckpoints\x12$.tuneforge.v1.ListCheckpointsRequest\x1a%.tuneforge.v1.ListCheckpointsResponse\"\x04\xc8\xf3\x18\x01\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etuneforge/v1/job_service.proto\x12\x0ctuneforge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tuneforge/v1/access.proto\x1a\x1btuneforge/v1/artifact.proto\x1a\x1dtuneforge/v1/evaluation.proto\x1a\x16tuneforge/v1/job.proto\"\x86\x02\n\x10\x43reateJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12:\n\x06labels\x18\x05 \x03(\x0b\x32*.tuneforge.v1.CreateJobRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x15\n\rvalidate_only\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x11\x43reateJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"2\n\rGetJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"0\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"v\n\x0fListJobsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x06states\x18\x04 \x03(\x0e\x32\x16.tuneforge.v1.JobState\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.tuneforge.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x10\x43\x61ncelJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"3\n\x11\x43\x61ncelJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\"5\n\x10\x44\x65leteJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"9\n\x11\x44\x65leteJobResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_deleted\x18\x02 \x01(\x08\"4\n\x0fWatchJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"Z\n\x10WatchJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.tuneforge.v1.Job\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.tuneforge.v1.JobEvent\"Q\n\x12ListWorkersRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x13ListWorkersResponse\x12%\n\x07workers\x18\x01 \x03(\x0b\x32\x14.tuneforge.v1.Worker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x92\x01\n\x16GetJobArtifactsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12)\n\x05kinds\x18\x03 \x03(\x0e\x32\x1a.tuneforge.v1.ArtifactKind\x12*\n\x07url_ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x17GetJobArtifactsResponse\x12,\n\tartifacts\x18\x01 \x03(\x0b\x32\x19.tuneforge.v1.JobArtifact\";\n\x16ListCheckpointsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"]\n\x17ListCheckpointsResponse\x12-\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x18.tuneforge.v1.Checkpoint\x12\x13\n\x0b\x62\x65st_metric\x18\x02 \x01(\t\"x\n\x14ListJobEventsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x05 \x01(\x03\"X\n\x15ListJobEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.tuneforge.v1.JobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x17GetJobEvaluationRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\"[\n\x18GetJobEvaluationResponse\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x32\n\nevaluation\x18\x02 \x01(\x0b\x32\x1e.tuneforge.v1.EvaluationReport\"\xb4\x01\n\x0fGetUsageRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x06period\x18\x04 \x01(\x0e\x32\x1d.tuneforge.v1.UsagePeriodUnit\"h\n\x10GetUsageResponse\x12*\n\x07periods\x18\x01 \x03(\x0b\x32\x19.tuneforge.v1.UsagePeriod\x12(\n\x05total\x18\x02 \x01(\x0b\x32\x19.tuneforge.v1.UsagePeriod\"\x89\x02\n\x0bUsagePeriod\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cjobs_created\x18\x03 \x01(\x03\x12\x32\n\rjobs_by_state\x18\x04 \x03(\x0b\x32\x1b.tuneforge.v1.JobStateCount\x12\x11\n\tgpu_hours\x18\x05 \x01(\x01\x12\x15\n\rcompute_hours\x18\x06 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x07 \x01(\x01\x12\x16\n\x0etokens_trained\x18\x08 \x01(\x03\"E\n\rJobStateCount\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.tuneforge.v1.JobState\x12\r\n\x05\x63ount\x18\x02 \x01(\x03*\x88\x01\n\x0fUsagePeriodUnit\x12!\n\x1dUSAGE_PERIOD_UNIT_UNSPECIFIED\x10\x00\x12\x19\n\x15USAGE_PERIOD_UNIT_DAY\x10\x01\x12\x1a\n\x16USAGE_PERIOD_UNIT_WEEK\x10\x02\x12\x1b\n\x17USAGE_PERIOD_UNIT_MONTH\x10\x03\x32\xb7\x08\n\nJobService\x12R\n\tCreateJob\x12\x1e.tuneforge.v1.CreateJobRequest\x1a\x1f.tuneforge.v1.CreateJobResponse\"\x04\xc8\xf3\x18\x02\x12I\n\x06GetJob\x12\x1b.tuneforge.v1.GetJobRequest\x1a\x1c.tuneforge.v1.GetJobResponse\"\x04\xc8\xf3\x18\x01\x12O\n\x08ListJobs\x12\x1d.tuneforge.v1.ListJobsRequest\x1a\x1e.tuneforge.v1.ListJobsResponse\"\x04\xc8\xf3\x18\x01\x12R\n\tCancelJob\x12\x1e.tuneforge.v1.CancelJobRequest\x1a\x1f.tuneforge.v1.CancelJobResponse\"\x04\xc8\xf3\x18\x02\x12R\n\tDeleteJob\x12\x1e.tuneforge.v1.DeleteJobRequest\x1a\x1f.tuneforge.v1.DeleteJobResponse\"\x04\xc8\xf3\x18\x02\x12Q\n\x08WatchJob\x12\x1d.tuneforge.v1.WatchJobRequest\x1a\x1e.tuneforge.v1.WatchJobResponse\"\x04\xc8\xf3\x18\x01\x30\x01\x12X\n\x0bListWorkers\x12 .tuneforge.v1.ListWorkersRequest\x1a!.tuneforge.v1.ListWorkersResponse\"\x04\xc8\xf3\x18\x01\x12\x64\n\x0fGetJobArtifacts\x12$.tuneforge.v1.GetJobArtifactsRequest\x1a%.tuneforge.v1.GetJobArtifactsResponse\"\x04\xc8\xf3\x18\x01\x12\x64\n\x0fListCheckpoints\x12$.tuneforge.v1.ListCheckpointsRequest\x1a%.tuneforge.v1.ListCheckpointsResponse\"\x04\xc8\xf3\x18\x01\x12^\n\rListJobEvents\x12\".tuneforge.v1.ListJobEventsRequest\x1a#.tuneforge.v1.ListJobEventsResponse\"\x04\xc8\xf3\x18\x01\x12g\n\x10GetJobEvaluation\x12%.tuneforge.v1.GetJobEvaluationRequest\x1a&.tuneforge.v1.GetJobEvaluationResponse\"\x04\xc8\xf3\x18\x01\x12O\n\x08GetUsage\x12\x1d.tuneforge.v1.GetUsageRequest\x1a\x1e.tuneforge.v1.GetUsageResponse\"\x04\xc8\xf3\x18\x01\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,44 +58,68 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSERVICE'].methods_by_name['GetJobArtifacts']._serialized_options = b'\310\363\030\001'
   _globals['_JOBSERVICE'].methods_by_name['ListCheckpoints']._loaded_options = None
   _globals['_JOBSERVICE'].methods_by_name['ListCheckpoints']._serialized_options = b'\310\363\030\001'
-  _globals['_CREATEJOBREQUEST']._serialized_start=161
-  _globals['_CREATEJOBREQUEST']._serialized_end=423
-  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_start=378
-  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_end=423
-  _globals['_CREATEJOBRESPONSE']._serialized_start=425
-  _globals['_CREATEJOBRESPONSE']._serialized_end=476
-  _globals['_GETJOBREQUEST']._serialized_start=478
-  _globals['_GETJOBREQUEST']._serialized_end=528
-  _globals['_GETJOBRESPONSE']._serialized_start=530
-  _globals['_GETJOBRESPONSE']._serialized_end=578
-  _globals['_LISTJOBSREQUEST']._serialized_start=580
-  _globals['_LISTJOBSREQUEST']._serialized_end=698
-  _globals['_LISTJOBSRESPONSE']._serialized_start=700
-  _globals['_LISTJOBSRESPONSE']._serialized_end=776
-  _globals['_CANCELJOBREQUEST']._serialized_start=778
-  _globals['_CANCELJOBREQUEST']._serialized_end=831
-  _globals['_CANCELJOBRESPONSE']._serialized_start=833
-  _globals['_CANCELJOBRESPONSE']._serialized_end=884
-  _globals['_DELETEJOBREQUEST']._serialized_start=886
-  _globals['_DELETEJOBREQUEST']._serialized_end=939
-  _globals['_DELETEJOBRESPONSE']._serialized_start=941
-  _globals['_DELETEJOBRESPONSE']._serialized_end=998
-  _globals['_WATCHJOBREQUEST']._serialized_start=1000
-  _globals['_WATCHJOBREQUEST']._serialized_end=1052
-  _globals['_WATCHJOBRESPONSE']._serialized_start=1054
-  _globals['_WATCHJOBRESPONSE']._serialized_end=1104
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1106
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1187
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1189
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1274
-  _globals['_GETJOBARTIFACTSREQUEST']._serialized_start=1277
-  _globals['_GETJOBARTIFACTSREQUEST']._serialized_end=1423
-  _globals['_GETJOBARTIFACTSRESPONSE']._serialized_start=1425
-  _globals['_GETJOBARTIFACTSRESPONSE']._serialized_end=1496
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1498
-  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1557
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1559
-  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1652
-  _globals['_JOBSERVICE']._serialized_start=1655
-  _globals['_JOBSERVICE']._serialized_end=2452
+  _globals['_JOBSERVICE'].methods_by_name['ListJobEvents']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['ListJobEvents']._serialized_options = b'\310\363\030\001'
+  _globals['_JOBSERVICE'].methods_by_name['GetJobEvaluation']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['GetJobEvaluation']._serialized_options = b'\310\363\030\001'
+  _globals['_JOBSERVICE'].methods_by_name['GetUsage']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['GetUsage']._serialized_options = b'\310\363\030\001'
+  _globals['_USAGEPERIODUNIT']._serialized_start=2754
+  _globals['_USAGEPERIODUNIT']._serialized_end=2890
+  _globals['_CREATEJOBREQUEST']._serialized_start=225
+  _globals['_CREATEJOBREQUEST']._serialized_end=487
+  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_start=442
+  _globals['_CREATEJOBREQUEST_LABELSENTRY']._serialized_end=487
+  _globals['_CREATEJOBRESPONSE']._serialized_start=489
+  _globals['_CREATEJOBRESPONSE']._serialized_end=540
+  _globals['_GETJOBREQUEST']._serialized_start=542
+  _globals['_GETJOBREQUEST']._serialized_end=592
+  _globals['_GETJOBRESPONSE']._serialized_start=594
+  _globals['_GETJOBRESPONSE']._serialized_end=642
+  _globals['_LISTJOBSREQUEST']._serialized_start=644
+  _globals['_LISTJOBSREQUEST']._serialized_end=762
+  _globals['_LISTJOBSRESPONSE']._serialized_start=764
+  _globals['_LISTJOBSRESPONSE']._serialized_end=840
+  _globals['_CANCELJOBREQUEST']._serialized_start=842
+  _globals['_CANCELJOBREQUEST']._serialized_end=895
+  _globals['_CANCELJOBRESPONSE']._serialized_start=897
+  _globals['_CANCELJOBRESPONSE']._serialized_end=948
+  _globals['_DELETEJOBREQUEST']._serialized_start=950
+  _globals['_DELETEJOBREQUEST']._serialized_end=1003
+  _globals['_DELETEJOBRESPONSE']._serialized_start=1005
+  _globals['_DELETEJOBRESPONSE']._serialized_end=1062
+  _globals['_WATCHJOBREQUEST']._serialized_start=1064
+  _globals['_WATCHJOBREQUEST']._serialized_end=1116
+  _globals['_WATCHJOBRESPONSE']._serialized_start=1118
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1208
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1210
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1291
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1293
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1378
+  _globals['_GETJOBARTIFACTSREQUEST']._serialized_start=1381
+  _globals['_GETJOBARTIFACTSREQUEST']._serialized_end=1527
+  _globals['_GETJOBARTIFACTSRESPONSE']._serialized_start=1529
+  _globals['_GETJOBARTIFACTSRESPONSE']._serialized_end=1600
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_start=1602
+  _globals['_LISTCHECKPOINTSREQUEST']._serialized_end=1661
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_start=1663
+  _globals['_LISTCHECKPOINTSRESPONSE']._serialized_end=1756
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=1758
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=1878
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=1880
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=1968
+  _globals['_GETJOBEVALUATIONREQUEST']._serialized_start=1970
+  _globals['_GETJOBEVALUATIONREQUEST']._serialized_end=2030
+  _globals['_GETJOBEVALUATIONRESPONSE']._serialized_start=2032
+  _globals['_GETJOBEVALUATIONRESPONSE']._serialized_end=2123
+  _globals['_GETUSAGEREQUEST']._serialized_start=2126
+  _globals['_GETUSAGEREQUEST']._serialized_end=2306
+  _globals['_GETUSAGERESPONSE']._serialized_start=2308
+  _globals['_GETUSAGERESPONSE']._serialized_end=2412
+  _globals['_USAGEPERIOD']._serialized_start=2415
+  _globals['_USAGEPERIOD']._serialized_end=2680
+  _globals['_JOBSTATECOUNT']._serialized_start=2682
+  _globals['_JOBSTATECOUNT']._serialized_end=2751
+  _globals['_JOBSERVICE']._serialized_start=2893
+  _globals['_JOBSERVICE']._serialized_end=3972
 # @@protoc_insertion_point(module_scope)

@@ -7,8 +7,11 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tuneforge.v1 import artifact_pb2 as _artifact_pb2
+from tuneforge.v1 import evaluation_pb2 as _evaluation_pb2
 from tuneforge.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +23,31 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _UsagePeriodUnit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsagePeriodUnitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsagePeriodUnit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_PERIOD_UNIT_UNSPECIFIED: _UsagePeriodUnit.ValueType  # 0
+    """Days."""
+    USAGE_PERIOD_UNIT_DAY: _UsagePeriodUnit.ValueType  # 1
+    USAGE_PERIOD_UNIT_WEEK: _UsagePeriodUnit.ValueType  # 2
+    """Weeks starting on Monday."""
+    USAGE_PERIOD_UNIT_MONTH: _UsagePeriodUnit.ValueType  # 3
+    """Calendar months."""
+
+class UsagePeriodUnit(_UsagePeriodUnit, metaclass=_UsagePeriodUnitEnumTypeWrapper): ...
+
+USAGE_PERIOD_UNIT_UNSPECIFIED: UsagePeriodUnit.ValueType  # 0
+"""Days."""
+USAGE_PERIOD_UNIT_DAY: UsagePeriodUnit.ValueType  # 1
+USAGE_PERIOD_UNIT_WEEK: UsagePeriodUnit.ValueType  # 2
+"""Weeks starting on Monday."""
+USAGE_PERIOD_UNIT_MONTH: UsagePeriodUnit.ValueType  # 3
+"""Calendar months."""
+Global___UsagePeriodUnit: _TypeAlias = UsagePeriodUnit  # noqa: Y015
 
 @_typing.final
 class CreateJobRequest(_message.Message):
@@ -319,16 +347,26 @@ class WatchJobResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> _job_pb2.Job: ...
+    def job(self) -> _job_pb2.Job:
+        """The job as it is after the change; the first response is the job as it was when the call began."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.JobEvent]:
+        """The timeline's events recorded since the previous response, by sequence (the first response carries
+        every event so far, so a watcher needs no ListJobEvents call first).
+        """
+
     def __init__(
         self,
         *,
         job: _job_pb2.Job | None = ...,
+        events: _abc.Iterable[_job_pb2.JobEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "job", b"job"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -496,3 +534,246 @@ class ListCheckpointsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListCheckpointsResponse: _TypeAlias = ListCheckpointsResponse  # noqa: Y015
+
+@_typing.final
+class ListJobEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    organization: _builtins.str
+    job: _builtins.str
+    """The job id, or its name within the organization."""
+    page_size: _builtins.int
+    """1-1000; 0 means 100."""
+    page_token: _builtins.str
+    after_sequence: _builtins.int
+    """Only events with a larger sequence (for polling); 0 means from the start."""
+    def __init__(
+        self,
+        *,
+        organization: _builtins.str = ...,
+        job: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "job", b"job", "organization", b"organization", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobEventsRequest: _TypeAlias = ListJobEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.JobEvent]:
+        """By sequence, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_job_pb2.JobEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobEventsResponse: _TypeAlias = ListJobEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetJobEvaluationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    organization: _builtins.str
+    job: _builtins.str
+    """The job id, or its name within the organization."""
+    def __init__(
+        self,
+        *,
+        organization: _builtins.str = ...,
+        job: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "organization", b"organization"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobEvaluationRequest: _TypeAlias = GetJobEvaluationRequest  # noqa: Y015
+
+@_typing.final
+class GetJobEvaluationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    """The job id."""
+    @_builtins.property
+    def evaluation(self) -> _evaluation_pb2.EvaluationReport: ...
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        evaluation: _evaluation_pb2.EvaluationReport | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetJobEvaluationResponse: _TypeAlias = GetJobEvaluationResponse  # noqa: Y015
+
+@_typing.final
+class GetUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    organization: _builtins.str
+    period: Global___UsagePeriodUnit.ValueType
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Unset: 30 days before end_time. Periods are in UTC and aligned to the unit, so the first one may
+        start before start_time.
+        """
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Unset: now. Must be after start_time; at most 366 periods."""
+
+    def __init__(
+        self,
+        *,
+        organization: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        period: Global___UsagePeriodUnit.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "organization", b"organization", "period", b"period", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class GetUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIODS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def periods(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsagePeriod]:
+        """Oldest first, every period in the range (empty ones too)."""
+
+    @_builtins.property
+    def total(self) -> Global___UsagePeriod:
+        """The periods added up."""
+
+    def __init__(
+        self,
+        *,
+        periods: _abc.Iterable[Global___UsagePeriod] | None = ...,
+        total: Global___UsagePeriod | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["periods", b"periods", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015
+
+@_typing.final
+class UsagePeriod(_message.Message):
+    """Usage of one period. A job's compute and cost count in the period it ended in, or in the current one
+    while it runs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    JOBS_CREATED_FIELD_NUMBER: _builtins.int
+    JOBS_BY_STATE_FIELD_NUMBER: _builtins.int
+    GPU_HOURS_FIELD_NUMBER: _builtins.int
+    COMPUTE_HOURS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    TOKENS_TRAINED_FIELD_NUMBER: _builtins.int
+    jobs_created: _builtins.int
+    """Jobs created in the period."""
+    gpu_hours: _builtins.float
+    compute_hours: _builtins.float
+    """Wall hours jobs held a worker, GPU or CPU."""
+    cost_usd: _builtins.float
+    tokens_trained: _builtins.int
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def jobs_by_state(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobStateCount]:
+        """Jobs that ended in the period, by final state; jobs still running, under their current state."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        jobs_created: _builtins.int = ...,
+        jobs_by_state: _abc.Iterable[Global___JobStateCount] | None = ...,
+        gpu_hours: _builtins.float = ...,
+        compute_hours: _builtins.float = ...,
+        cost_usd: _builtins.float = ...,
+        tokens_trained: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_hours", b"compute_hours", "cost_usd", b"cost_usd", "end_time", b"end_time", "gpu_hours", b"gpu_hours", "jobs_by_state", b"jobs_by_state", "jobs_created", b"jobs_created", "start_time", b"start_time", "tokens_trained", b"tokens_trained"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsagePeriod: _TypeAlias = UsagePeriod  # noqa: Y015
+
+@_typing.final
+class JobStateCount(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    state: _job_pb2.JobState.ValueType
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        state: _job_pb2.JobState.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobStateCount: _TypeAlias = JobStateCount  # noqa: Y015

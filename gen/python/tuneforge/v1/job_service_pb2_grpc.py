@@ -80,6 +80,21 @@ class JobServiceStub:
                 request_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.ListJobEvents = channel.unary_unary(
+                '/tuneforge.v1.JobService/ListJobEvents',
+                request_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListJobEventsResponse.FromString,
+                _registered_method=True)
+        self.GetJobEvaluation = channel.unary_unary(
+                '/tuneforge.v1.JobService/GetJobEvaluation',
+                request_serializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobEvaluationRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobEvaluationResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/tuneforge.v1.JobService/GetUsage',
+                request_serializer=tuneforge_dot_v1_dot_job__service__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -159,6 +174,31 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobEvents(self, request, context):
+        """The job's timeline, oldest first: queued, worker assigned, downloads, training, epochs, checkpoints,
+        evaluation, early stop, uploads, restarts, and how it ended. WatchJob sends the same events as they
+        are recorded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJobEvaluation(self, request, context):
+        """The evaluation after training (JobSpec.evaluation): base against tuned model on the test split, with
+        sample answers side by side. PENDING until the job has evaluated; SKIPPED when it did not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """The organization's jobs, compute and spend per period: jobs created and ended by state, GPU-hours,
+        cost and tokens trained (from Job.usage), for jobs that ran in [start_time, end_time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +246,21 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'ListJobEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobEvents,
+                    request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListJobEventsResponse.SerializeToString,
+            ),
+            'GetJobEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobEvaluation,
+                    request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobEvaluationRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobEvaluationResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.GetUsageRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_job__service__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -452,6 +507,87 @@ class JobService:
             '/tuneforge.v1.JobService/ListCheckpoints',
             tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsRequest.SerializeToString,
             tuneforge_dot_v1_dot_job__service__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.v1.JobService/ListJobEvents',
+            tuneforge_dot_v1_dot_job__service__pb2.ListJobEventsRequest.SerializeToString,
+            tuneforge_dot_v1_dot_job__service__pb2.ListJobEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.v1.JobService/GetJobEvaluation',
+            tuneforge_dot_v1_dot_job__service__pb2.GetJobEvaluationRequest.SerializeToString,
+            tuneforge_dot_v1_dot_job__service__pb2.GetJobEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.v1.JobService/GetUsage',
+            tuneforge_dot_v1_dot_job__service__pb2.GetUsageRequest.SerializeToString,
+            tuneforge_dot_v1_dot_job__service__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,19 @@ class JobServiceStub:
     size, whether it is the best by the job's metric, and whether its optimizer state is still kept. Read
     from the checkpoints' trainer_state.json in object storage; listed while the job runs and after it ends.
     """
+    ListJobEvents: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListJobEventsRequest, _job_service_pb2.ListJobEventsResponse]
+    """The job's timeline, oldest first: queued, worker assigned, downloads, training, epochs, checkpoints,
+    evaluation, early stop, uploads, restarts, and how it ended. WatchJob sends the same events as they
+    are recorded.
+    """
+    GetJobEvaluation: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobEvaluationRequest, _job_service_pb2.GetJobEvaluationResponse]
+    """The evaluation after training (JobSpec.evaluation): base against tuned model on the test split, with
+    sample answers side by side. PENDING until the job has evaluated; SKIPPED when it did not.
+    """
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetUsageRequest, _job_service_pb2.GetUsageResponse]
+    """The organization's jobs, compute and spend per period: jobs created and ended by state, GPU-hours,
+    cost and tokens trained (from Job.usage), for jobs that ran in [start_time, end_time).
+    """
 
 @_typing.type_check_only
 class JobServiceAsyncStub(JobServiceStub):
@@ -104,6 +117,19 @@ class JobServiceAsyncStub(JobServiceStub):
     """The job's complete checkpoints by step, each with its epoch, its losses and evaluation metrics, its
     size, whether it is the best by the job's metric, and whether its optimizer state is still kept. Read
     from the checkpoints' trainer_state.json in object storage; listed while the job runs and after it ends.
+    """
+    ListJobEvents: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobEventsRequest, _job_service_pb2.ListJobEventsResponse]  # type: ignore[assignment]
+    """The job's timeline, oldest first: queued, worker assigned, downloads, training, epochs, checkpoints,
+    evaluation, early stop, uploads, restarts, and how it ended. WatchJob sends the same events as they
+    are recorded.
+    """
+    GetJobEvaluation: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobEvaluationRequest, _job_service_pb2.GetJobEvaluationResponse]  # type: ignore[assignment]
+    """The evaluation after training (JobSpec.evaluation): base against tuned model on the test split, with
+    sample answers side by side. PENDING until the job has evaluated; SKIPPED when it did not.
+    """
+    GetUsage: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetUsageRequest, _job_service_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """The organization's jobs, compute and spend per period: jobs created and ended by state, GPU-hours,
+    cost and tokens trained (from Job.usage), for jobs that ran in [start_time, end_time).
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -194,6 +220,37 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         """The job's complete checkpoints by step, each with its epoch, its losses and evaluation metrics, its
         size, whether it is the best by the job's metric, and whether its optimizer state is still kept. Read
         from the checkpoints' trainer_state.json in object storage; listed while the job runs and after it ends.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobEvents(
+        self,
+        request: _job_service_pb2.ListJobEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListJobEventsResponse, _abc.Awaitable[_job_service_pb2.ListJobEventsResponse]]:
+        """The job's timeline, oldest first: queued, worker assigned, downloads, training, epochs, checkpoints,
+        evaluation, early stop, uploads, restarts, and how it ended. WatchJob sends the same events as they
+        are recorded.
+        """
+
+    @_abc_1.abstractmethod
+    def GetJobEvaluation(
+        self,
+        request: _job_service_pb2.GetJobEvaluationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.GetJobEvaluationResponse, _abc.Awaitable[_job_service_pb2.GetJobEvaluationResponse]]:
+        """The evaluation after training (JobSpec.evaluation): base against tuned model on the test split, with
+        sample answers side by side. PENDING until the job has evaluated; SKIPPED when it did not.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _job_service_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.GetUsageResponse, _abc.Awaitable[_job_service_pb2.GetUsageResponse]]:
+        """The organization's jobs, compute and spend per period: jobs created and ended by state, GPU-hours,
+        cost and tokens trained (from Job.usage), for jobs that ran in [start_time, end_time).
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,11 +26,12 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from tuneforge.v1 import dataset_pb2 as tuneforge_dot_v1_dot_dataset__pb2
 from tuneforge.v1 import estimation_pb2 as tuneforge_dot_v1_dot_estimation__pb2
+from tuneforge.v1 import evaluation_pb2 as tuneforge_dot_v1_dot_evaluation__pb2
 from tuneforge.v1 import job_pb2 as tuneforge_dot_v1_dot_job__pb2
 from tuneforge.v1 import metrics_pb2 as tuneforge_dot_v1_dot_metrics__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tuneforge/events/v1/events.proto\x12\x13tuneforge.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1atuneforge/v1/dataset.proto\x1a\x1dtuneforge/v1/estimation.proto\x1a\x16tuneforge/v1/job.proto\x1a\x1atuneforge/v1/metrics.proto\"\xa9\x01\n\nJobChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0eprevious_state\x18\x03 \x01(\x0e\x32\x16.tuneforge.v1.JobState\x12\x1e\n\x03job\x18\x04 \x01(\x0b\x32\x11.tuneforge.v1.Job\x12\x0f\n\x07\x64\x65leted\x18\x05 \x01(\x08\"\x85\x01\n\x0e\x44\x61tasetChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x07\x64\x61taset\x18\x03 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\x12\x0f\n\x07\x64\x65leted\x18\x04 \x01(\x08\"\xcb\x02\n\rJobAssignment\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x14\n\x0corganization\x18\x03 \x01(\t\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12\x11\n\ttrain_uri\x18\x05 \x01(\t\x12\x16\n\x0evalidation_uri\x18\x06 \x01(\t\x12\x33\n\x0e\x64\x61taset_format\x18\x07 \x01(\x0e\x32\x1b.tuneforge.v1.DatasetFormat\x12\x15\n\routput_prefix\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x12\x61\x64mission_estimate\x18\n \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\"\xaf\x02\n\x0fWorkerJobUpdate\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x33\n\x04kind\x18\x06 \x01(\x0e\x32%.tuneforge.events.v1.WorkerUpdateKind\x12+\n\x08progress\x18\x07 \x01(\x0b\x32\x19.tuneforge.v1.JobProgress\x12\'\n\x06output\x18\x08 \x01(\x0b\x32\x17.tuneforge.v1.JobOutput\x12!\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.Status\"N\n\x0fMetricsReported\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12)\n\x06points\x18\x02 \x03(\x0b\x32\x19.tuneforge.v1.MetricPoint\"I\n\x0cLogsReported\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\'\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x16.tuneforge.v1.LogEntry\":\n\rMetricsStored\x12)\n\x06points\x18\x01 \x03(\x0b\x32\x19.tuneforge.v1.MetricPoint\"5\n\nLogsStored\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.tuneforge.v1.LogEntry\"\x9a\x02\n\x0fWorkerHeartbeat\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x10\n\x08gpu_type\x18\x03 \x01(\t\x12\x11\n\tgpu_count\x18\x04 \x01(\x05\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.tuneforge.v1.WorkerState\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10interval_seconds\x18\n \x01(\x01*\xfc\x01\n\x10WorkerUpdateKind\x12\"\n\x1eWORKER_UPDATE_KIND_UNSPECIFIED\x10\x00\x12 \n\x1cWORKER_UPDATE_KIND_PREPARING\x10\x01\x12\x1e\n\x1aWORKER_UPDATE_KIND_RUNNING\x10\x02\x12\x1f\n\x1bWORKER_UPDATE_KIND_PROGRESS\x10\x03\x12 \n\x1cWORKER_UPDATE_KIND_SUCCEEDED\x10\x04\x12\x1d\n\x19WORKER_UPDATE_KIND_FAILED\x10\x05\x12 \n\x1cWORKER_UPDATE_KIND_CANCELLED\x10\x06\x42_\n\x17\x64\x65v.tuneforge.events.v1P\x01ZBgithub.com/tuneforge/tuneforge/gen/go/tuneforge/events/v1;eventsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tuneforge/events/v1/events.proto\x12\x13tuneforge.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1atuneforge/v1/dataset.proto\x1a\x1dtuneforge/v1/estimation.proto\x1a\x1dtuneforge/v1/evaluation.proto\x1a\x16tuneforge/v1/job.proto\x1a\x1atuneforge/v1/metrics.proto\"\xa9\x01\n\nJobChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0eprevious_state\x18\x03 \x01(\x0e\x32\x16.tuneforge.v1.JobState\x12\x1e\n\x03job\x18\x04 \x01(\x0b\x32\x11.tuneforge.v1.Job\x12\x0f\n\x07\x64\x65leted\x18\x05 \x01(\x08\"\x85\x01\n\x0e\x44\x61tasetChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x07\x64\x61taset\x18\x03 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\x12\x0f\n\x07\x64\x65leted\x18\x04 \x01(\x08\"\x97\x03\n\rJobAssignment\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x14\n\x0corganization\x18\x03 \x01(\t\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12\x11\n\ttrain_uri\x18\x05 \x01(\t\x12\x16\n\x0evalidation_uri\x18\x06 \x01(\t\x12\x33\n\x0e\x64\x61taset_format\x18\x07 \x01(\x0e\x32\x1b.tuneforge.v1.DatasetFormat\x12\x15\n\routput_prefix\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x12\x61\x64mission_estimate\x18\n \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12\x10\n\x08test_uri\x18\x0b \x01(\t\x12\x38\n\nwarm_start\x18\x0c \x01(\x0b\x32$.tuneforge.events.v1.WarmStartSource\"]\n\x0fWarmStartSource\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x1f\n\x17restore_optimizer_state\x18\x04 \x01(\x08\"\xca\x03\n\x0fWorkerJobUpdate\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x33\n\x04kind\x18\x06 \x01(\x0e\x32%.tuneforge.events.v1.WorkerUpdateKind\x12+\n\x08progress\x18\x07 \x01(\x0b\x32\x19.tuneforge.v1.JobProgress\x12\'\n\x06output\x18\x08 \x01(\x0b\x32\x17.tuneforge.v1.JobOutput\x12!\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.google.rpc.Status\x12&\n\x06\x65vents\x18\n \x03(\x0b\x32\x16.tuneforge.v1.JobEvent\x12%\n\x05phase\x18\x0b \x01(\x0e\x32\x16.tuneforge.v1.JobPhase\x12\x32\n\nevaluation\x18\x0c \x01(\x0b\x32\x1e.tuneforge.v1.EvaluationReport\x12\x16\n\x0etokens_trained\x18\r \x01(\x03\"N\n\x0fMetricsReported\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12)\n\x06points\x18\x02 \x03(\x0b\x32\x19.tuneforge.v1.MetricPoint\"I\n\x0cLogsReported\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\'\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x16.tuneforge.v1.LogEntry\":\n\rMetricsStored\x12)\n\x06points\x18\x01 \x03(\x0b\x32\x19.tuneforge.v1.MetricPoint\"5\n\nLogsStored\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.tuneforge.v1.LogEntry\"\x9a\x02\n\x0fWorkerHeartbeat\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x10\n\x08gpu_type\x18\x03 \x01(\t\x12\x11\n\tgpu_count\x18\x04 \x01(\x05\x12(\n\x05state\x18\x05 \x01(\x0e\x32\x19.tuneforge.v1.WorkerState\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10interval_seconds\x18\n \x01(\x01*\xfc\x01\n\x10WorkerUpdateKind\x12\"\n\x1eWORKER_UPDATE_KIND_UNSPECIFIED\x10\x00\x12 \n\x1cWORKER_UPDATE_KIND_PREPARING\x10\x01\x12\x1e\n\x1aWORKER_UPDATE_KIND_RUNNING\x10\x02\x12\x1f\n\x1bWORKER_UPDATE_KIND_PROGRESS\x10\x03\x12 \n\x1cWORKER_UPDATE_KIND_SUCCEEDED\x10\x04\x12\x1d\n\x19WORKER_UPDATE_KIND_FAILED\x10\x05\x12 \n\x1cWORKER_UPDATE_KIND_CANCELLED\x10\x06\x42_\n\x17\x64\x65v.tuneforge.events.v1P\x01ZBgithub.com/tuneforge/tuneforge/gen/go/tuneforge/events/v1;eventsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,24 +39,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tuneforge.events.v1.events_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\027dev.tuneforge.events.v1P\001ZBgithub.com/tuneforge/tuneforge/gen/go/tuneforge/events/v1;eventsv1'
-  _globals['_WORKERUPDATEKIND']._serialized_start=1730
-  _globals['_WORKERUPDATEKIND']._serialized_end=1982
-  _globals['_JOBCHANGED']._serialized_start=227
-  _globals['_JOBCHANGED']._serialized_end=396
-  _globals['_DATASETCHANGED']._serialized_start=399
-  _globals['_DATASETCHANGED']._serialized_end=532
-  _globals['_JOBASSIGNMENT']._serialized_start=535
-  _globals['_JOBASSIGNMENT']._serialized_end=866
-  _globals['_WORKERJOBUPDATE']._serialized_start=869
-  _globals['_WORKERJOBUPDATE']._serialized_end=1172
-  _globals['_METRICSREPORTED']._serialized_start=1174
-  _globals['_METRICSREPORTED']._serialized_end=1252
-  _globals['_LOGSREPORTED']._serialized_start=1254
-  _globals['_LOGSREPORTED']._serialized_end=1327
-  _globals['_METRICSSTORED']._serialized_start=1329
-  _globals['_METRICSSTORED']._serialized_end=1387
-  _globals['_LOGSSTORED']._serialized_start=1389
-  _globals['_LOGSSTORED']._serialized_end=1442
-  _globals['_WORKERHEARTBEAT']._serialized_start=1445
-  _globals['_WORKERHEARTBEAT']._serialized_end=1727
+  _globals['_WORKERUPDATEKIND']._serialized_start=2087
+  _globals['_WORKERUPDATEKIND']._serialized_end=2339
+  _globals['_JOBCHANGED']._serialized_start=258
+  _globals['_JOBCHANGED']._serialized_end=427
+  _globals['_DATASETCHANGED']._serialized_start=430
+  _globals['_DATASETCHANGED']._serialized_end=563
+  _globals['_JOBASSIGNMENT']._serialized_start=566
+  _globals['_JOBASSIGNMENT']._serialized_end=973
+  _globals['_WARMSTARTSOURCE']._serialized_start=975
+  _globals['_WARMSTARTSOURCE']._serialized_end=1068
+  _globals['_WORKERJOBUPDATE']._serialized_start=1071
+  _globals['_WORKERJOBUPDATE']._serialized_end=1529
+  _globals['_METRICSREPORTED']._serialized_start=1531
+  _globals['_METRICSREPORTED']._serialized_end=1609
+  _globals['_LOGSREPORTED']._serialized_start=1611
+  _globals['_LOGSREPORTED']._serialized_end=1684
+  _globals['_METRICSSTORED']._serialized_start=1686
+  _globals['_METRICSSTORED']._serialized_end=1744
+  _globals['_LOGSSTORED']._serialized_start=1746
+  _globals['_LOGSSTORED']._serialized_end=1799
+  _globals['_WORKERHEARTBEAT']._serialized_start=1802
+  _globals['_WORKERHEARTBEAT']._serialized_end=2084
 # @@protoc_insertion_point(module_scope)

@@ -15,6 +15,7 @@ from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.rpc import status_pb2 as _status_pb2
 from tuneforge.v1 import dataset_pb2 as _dataset_pb2
 from tuneforge.v1 import estimation_pb2 as _estimation_pb2
+from tuneforge.v1 import evaluation_pb2 as _evaluation_pb2
 from tuneforge.v1 import job_pb2 as _job_pb2
 from tuneforge.v1 import metrics_pb2 as _metrics_pb2
 import builtins as _builtins
@@ -157,6 +158,8 @@ class JobAssignment(_message.Message):
     OUTPUT_PREFIX_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     ADMISSION_ESTIMATE_FIELD_NUMBER: _builtins.int
+    TEST_URI_FIELD_NUMBER: _builtins.int
+    WARM_START_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     job_id: _builtins.str
     organization: _builtins.str
@@ -166,6 +169,10 @@ class JobAssignment(_message.Message):
     dataset_format: _dataset_pb2.DatasetFormat.ValueType
     output_prefix: _builtins.str
     """Storage URI prefix under which the worker writes checkpoints and outputs."""
+    test_uri: _builtins.str
+    """Storage URI of the normalized JSONL test split the evaluation after training reads; empty when the
+    dataset has none (the evaluation is then SKIPPED).
+    """
     @_builtins.property
     def spec(self) -> _job_pb2.JobSpec:
         """The spec with every default filled in."""
@@ -177,6 +184,12 @@ class JobAssignment(_message.Message):
         """The estimate the job was admitted with: EstimationService.ValidateHardware's fit on the GPU type the
         spec names (its memory per GPU, by term). Unset when CreateJob checked no hardware (no GPU type named,
         or a model the estimator does not know). The worker words an out-of-memory failure with it.
+        """
+
+    @_builtins.property
+    def warm_start(self) -> Global___WarmStartSource:
+        """Set when the spec asks to start from another job's weights (JobSpec.warm_start), resolved by the
+        jobs service at CreateJob.
         """
 
     def __init__(
@@ -192,14 +205,50 @@ class JobAssignment(_message.Message):
         output_prefix: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         admission_estimate: _estimation_pb2.HardwareFit | None = ...,
+        test_uri: _builtins.str = ...,
+        warm_start: Global___WarmStartSource | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["admission_estimate", b"admission_estimate", "create_time", b"create_time", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admission_estimate", b"admission_estimate", "create_time", b"create_time", "spec", b"spec", "warm_start", b"warm_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_estimate", b"admission_estimate", "create_time", b"create_time", "dataset_format", b"dataset_format", "event_id", b"event_id", "job_id", b"job_id", "organization", b"organization", "output_prefix", b"output_prefix", "spec", b"spec", "train_uri", b"train_uri", "validation_uri", b"validation_uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_estimate", b"admission_estimate", "create_time", b"create_time", "dataset_format", b"dataset_format", "event_id", b"event_id", "job_id", b"job_id", "organization", b"organization", "output_prefix", b"output_prefix", "spec", b"spec", "test_uri", b"test_uri", "train_uri", b"train_uri", "validation_uri", b"validation_uri", "warm_start", b"warm_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobAssignment: _TypeAlias = JobAssignment  # noqa: Y015
+
+@_typing.final
+class WarmStartSource(_message.Message):
+    """Where a warm-started job's weights come from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    URI_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    RESTORE_OPTIMIZER_STATE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job they come from."""
+    uri: _builtins.str
+    """Storage URI of the folder to load: a checkpoint folder, or the job's final adapter (or model)."""
+    step: _builtins.int
+    """The checkpoint's step; 0 for the final adapter."""
+    restore_optimizer_state: _builtins.bool
+    """Restore the optimizer and scheduler state from the checkpoint folder too."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        uri: _builtins.str = ...,
+        step: _builtins.int = ...,
+        restore_optimizer_state: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "restore_optimizer_state", b"restore_optimizer_state", "step", b"step", "uri", b"uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WarmStartSource: _TypeAlias = WarmStartSource  # noqa: Y015
 
 @_typing.final
 class WorkerJobUpdate(_message.Message):
@@ -216,12 +265,20 @@ class WorkerJobUpdate(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
+    TOKENS_TRAINED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     job_id: _builtins.str
     worker_id: _builtins.str
     attempt: _builtins.int
     """The JetStream delivery count of the assignment (1 on the first delivery)."""
     kind: Global___WorkerUpdateKind.ValueType
+    phase: _job_pb2.JobPhase.ValueType
+    """What the job is doing now (with PREPARING, RUNNING and PROGRESS)."""
+    tokens_trained: _builtins.int
+    """Non-padding tokens trained so far in this attempt (with PROGRESS and SUCCEEDED)."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -233,6 +290,19 @@ class WorkerJobUpdate(_message.Message):
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """With FAILED: code, message and an ErrorInfo with the reason."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.JobEvent]:
+        """Timeline events the worker saw since its previous update (model and data downloaded, epochs,
+        checkpoints, evaluation, early stop, uploading), in order. The jobs service numbers and stores them;
+        an update's events are recorded once however often the update is delivered.
+        """
+
+    @_builtins.property
+    def evaluation(self) -> _evaluation_pb2.EvaluationReport:
+        """With SUCCEEDED: the evaluation after training (status SKIPPED or FAILED when it did not run or
+        failed).
+        """
 
     def __init__(
         self,
@@ -246,10 +316,14 @@ class WorkerJobUpdate(_message.Message):
         progress: _job_pb2.JobProgress | None = ...,
         output: _job_pb2.JobOutput | None = ...,
         error: _status_pb2.Status | None = ...,
+        events: _abc.Iterable[_job_pb2.JobEvent] | None = ...,
+        phase: _job_pb2.JobPhase.ValueType = ...,
+        evaluation: _evaluation_pb2.EvaluationReport | None = ...,
+        tokens_trained: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "output", b"output", "progress", b"progress", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "evaluation", b"evaluation", "output", b"output", "progress", b"progress", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "event_id", b"event_id", "job_id", b"job_id", "kind", b"kind", "output", b"output", "progress", b"progress", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "evaluation", b"evaluation", "event_id", b"event_id", "events", b"events", "job_id", b"job_id", "kind", b"kind", "output", b"output", "phase", b"phase", "progress", b"progress", "time", b"time", "tokens_trained", b"tokens_trained", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
