@@ -7,6 +7,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -64,6 +65,40 @@ class JobRow(Base):
     # When checkpoint retention (services.jobs.checkpoints) finished with the ended job: the resume-only
     # state of its non-final checkpoints pruned, or kept as the spec asked. NULL: still to do.
     retention_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # What the worker is doing (JobPhase) while it holds the job.
+    phase: Mapped[int] = mapped_column(Integer, default=0)
+    # The EvaluationReport (proto bytes) the worker sent with SUCCEEDED; NULL until then.
+    evaluation: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # Usage (Job.usage): the hardware the current or last attempt ran on and its hourly price, the seconds
+    # of attempts that ended, when the current attempt took a worker (NULL when none holds the job),
+    # tokens trained, and the admission estimate.
+    usage_hardware: Mapped[str] = mapped_column(String(63), default="")
+    usage_gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    usage_hourly_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    usage_run_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    usage_cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    usage_running_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    usage_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    estimated_cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    estimated_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    # The last timeline sequence number given out (JobEventRow.sequence).
+    event_sequence: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class JobEventRow(Base):
+    """One entry of a job's timeline (JobEvent); `payload` is the JobEvent's proto bytes, sequence included.
+    `source` makes a worker's event idempotent: "<update event id>/<index>" (NULL for the service's own)."""
+
+    __tablename__ = "jobs_events"
+    __table_args__ = (UniqueConstraint("job_id", "source", name="uq_jobs_events_source"),)
+
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    sequence: Mapped[int] = mapped_column(Integer, primary_key=True)
+    organization: Mapped[str] = mapped_column(String(63))
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    type: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class WorkerRow(Base):
