@@ -13,7 +13,12 @@ the job fails at once with a reason, it is not retried on another worker.
   job's progress is exact even between logging steps
 - ``log``: a log line of the training process (debug ... critical)
 - ``checkpoint``: a staged checkpoint folder for the agent to upload
-- ``result``: the output folders and the final metrics
+- ``phase``: what the run does now (``training``, ``evaluating``, ``uploading``)
+- ``timeline``: an entry of the job's timeline the training process saw (an epoch ended, early stopping
+  stopped training, the evaluation started or ended); the agent adds its own (downloads, checkpoints
+  stored, uploading) and sends them all with its status updates
+- ``result``: the output folders, the final metrics, the step whose weights were kept, why training stopped
+  early (when it did), tokens trained and the evaluation report
 - ``error``: why the run failed (a ``Reason`` of the worker's vocabulary) and a sentence for the user
 
 Every line also carries ``time`` (unix seconds). Non-finite floats are written as null to keep the file
@@ -99,10 +104,50 @@ class CheckpointEvent(Event, tag="checkpoint", kw_only=True):
     dir: str
 
 
+Phase = Literal["training", "evaluating", "uploading"]
+# JobEventType names (without the JOB_EVENT_TYPE_ prefix) the training process may report.
+TimelineKind = Literal["TRAINING_STARTED", "EPOCH_COMPLETED", "EARLY_STOPPED", "EVALUATION_STARTED",
+                       "EVALUATION_COMPLETED"]
+
+
+class PhaseEvent(Event, tag="phase", kw_only=True):
+    phase: Phase
+
+
+class TimelineEvent(Event, tag="timeline", kw_only=True):
+    """One JobEvent of the timeline; the fields are JobEvent's (duration in seconds)."""
+
+    kind: TimelineKind
+    message: str
+    step: int = 0
+    epoch: float = 0.0
+    duration_s: float | None = None
+    metrics: dict[str, float | None] = {}
+
+
+class EarlyStopInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """JobOutput.early_stop's fields."""
+
+    stopped_step: int
+    best_step: int
+    metric: str
+    best_value: float
+    patience: int
+    reason: str
+
+
 class ResultEvent(Event, tag="result", kw_only=True):
     adapter_dir: str
     merged_dir: str | None = None
     final_metrics: dict[str, float | None] = {}
+    # The step whose weights the adapter holds (JobOutput.kept_step); 0 when not known.
+    kept_step: int = 0
+    early_stop: EarlyStopInfo | None = None
+    # Non-padding tokens trained (Job.usage.tokens_trained).
+    tokens_trained: int = 0
+    # The EvaluationReport in protobuf's JSON mapping (json_format.MessageToDict), or None when the
+    # process ran no evaluation code at all (the agent then reports it SKIPPED).
+    evaluation: dict[str, object] | None = None
 
 
 class ErrorEvent(Event, tag="error", kw_only=True):
@@ -112,7 +157,7 @@ class ErrorEvent(Event, tag="error", kw_only=True):
 
 
 AnyEvent = (StateEvent | RankEvent | MetricEvent | ProgressEvent | LogEvent | CheckpointEvent | ResultEvent
-            | ErrorEvent)
+            | ErrorEvent | PhaseEvent | TimelineEvent)
 # MetricPoint's own fields among a metric's keyword arguments; the rest are method-specific values.
 POINT_FIELDS = frozenset(MetricEvent.__struct_fields__) - {"kind", "step", "total_steps", "epoch", "values",
                                                            "time"}
@@ -201,11 +246,26 @@ class EventSink:
     def checkpoint(self, step: int, directory: Path) -> None:
         self.emit(CheckpointEvent(step=step, dir=str(directory)))
 
-    def result(self, adapter_dir: Path, merged_dir: Path | None, final_metrics: Mapping[str, float]) -> None:
+    def phase(self, phase: Phase) -> None:
+        self.emit(PhaseEvent(phase=phase))
+
+    def timeline(self, kind: TimelineKind, message: str, *, step: int = 0, epoch: float = 0.0,
+                 duration_s: float | None = None, metrics: Mapping[str, float | int | None] | None = None
+                 ) -> None:
+        self.emit(TimelineEvent(kind=kind, message=message, step=step, epoch=epoch, duration_s=duration_s,
+                                metrics={k: _number(v) for k, v in (metrics or {}).items()}))
+
+    def result(self, adapter_dir: Path, merged_dir: Path | None, final_metrics: Mapping[str, float], *,
+               kept_step: int = 0, early_stop: EarlyStopInfo | None = None, tokens_trained: int = 0,
+               evaluation: Mapping[str, object] | None = None) -> None:
         self.emit(ResultEvent(
             adapter_dir=str(adapter_dir),
             merged_dir=str(merged_dir) if merged_dir else None,
             final_metrics={k: _number(v) for k, v in final_metrics.items()},
+            kept_step=kept_step,
+            early_stop=early_stop,
+            tokens_trained=tokens_trained,
+            evaluation=dict(evaluation) if evaluation is not None else None,
         ))
 
     def error(self, reason: Reason, message: str) -> None:
