@@ -40,7 +40,8 @@ def run(cfg: RunConfig, sink: EventSink, stop: StopSignal) -> int:
         distributed.init_process_group(spec)
         for caveat in distributed.caveats(spec):
             sink.log(caveat, "warning")
-        adapter_dir, merged_dir, final_metrics = recipes.build(cfg, spec, sink, stop).run()
+        recipe = recipes.build(cfg, spec, sink, stop)
+        adapter_dir, merged_dir, final_metrics = recipe.run()
     except Cancelled as exc:
         sink.log(f"Training stopped: {exc}.")
         sink.state("cancelled")
@@ -58,7 +59,9 @@ def run(cfg: RunConfig, sink: EventSink, stop: StopSignal) -> int:
         return EXIT_FAILED
     finally:
         distributed.leave_process_group()
-    sink.result(adapter_dir, merged_dir, with_run_metrics(final_metrics))
+    sink.result(adapter_dir, merged_dir, with_run_metrics(final_metrics), kept_step=recipe.kept_step,
+                early_stop=recipe.early_stop, tokens_trained=recipe.tokens_trained,
+                evaluation=recipe.evaluation_report)
     return 0
 
 

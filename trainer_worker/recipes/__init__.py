@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 from tuneforge.v1 import job_pb2
 
 from trainer_worker.errors import TrainingError
+from trainer_worker.events import EarlyStopInfo
 from trainer_worker.recipes import rewards
 from tuneforge_core.errors import InvalidArgument
 from tuneforge_core.reasons import Reason
@@ -24,8 +25,14 @@ if TYPE_CHECKING:
     from trainer_worker.stop import StopSignal
 
 class Recipe(Protocol):
+    # What the result reports beside the outputs (BaseRecipe documents them).
+    kept_step: int
+    early_stop: EarlyStopInfo | None
+    tokens_trained: int
+    evaluation_report: dict[str, object] | None
+
     def run(self) -> tuple[Path, Path | None, dict[str, float]]:
-        """setup -> train -> save -> cleanup; returns (adapter_dir, merged_dir, final_metrics)."""
+        """setup -> train -> save -> evaluate -> cleanup; returns (adapter_dir, merged_dir, final_metrics)."""
         ...
 
 

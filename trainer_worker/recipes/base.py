@@ -35,7 +35,7 @@ from tuneforge.v1 import job_pb2
 
 from trainer_worker import checkpointing, distributed
 from trainer_worker.errors import Cancelled, TrainingError
-from trainer_worker.events import EventSink
+from trainer_worker.events import EarlyStopInfo, EventSink
 from trainer_worker.recipes.callbacks import DivergenceWatchdog, MetricsCallback, StopCallback
 from trainer_worker.recipes.data import read_rows
 from trainer_worker.run_config import RunConfig
@@ -83,16 +83,29 @@ class BaseRecipe(ABC):
         self.trainer: Trainer | None = None
         self.family = ""  # the data family found in the training file
         self.conversational = False  # whether its rows hold messages that the chat template renders
+        # What the result reports beside the outputs (train.py reads them after run()): the step whose
+        # weights were kept, why training stopped early, tokens trained, and the evaluation report (the
+        # EvaluationReport's JSON mapping; None when no evaluation code ran).
+        self.kept_step = 0
+        self.early_stop: EarlyStopInfo | None = None
+        self.tokens_trained = 0
+        self.evaluation_report: dict[str, object] | None = None
 
     def run(self) -> tuple[Path, Path | None, dict[str, float]]:
-        """setup -> train -> save -> cleanup; returns (adapter_dir, merged_dir, final_metrics)."""
+        """setup -> train -> save -> evaluate -> cleanup; returns (adapter_dir, merged_dir, final_metrics)."""
         try:
             self.setup()
             self.train()
             adapter_dir, merged_dir = self.save()
-            return adapter_dir, merged_dir, self.final_metrics()
+            metrics = self.final_metrics()
+            self.evaluate()
+            return adapter_dir, merged_dir, metrics
         finally:
             self.cleanup()
+
+    def evaluate(self) -> None:
+        """The evaluation after training (JobSpec.evaluation): sets ``evaluation_report``."""
+        return None
 
     # -- what a method recipe provides ------------------------------------------------------------------
 
