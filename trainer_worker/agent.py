@@ -51,6 +51,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -65,6 +66,7 @@ from nats.js.errors import NotFoundError
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
+from trainer_worker import evaluation_report, warm_start
 from trainer_worker.checkpointing import CheckpointStore
 from trainer_worker.errors import TrainingError, Transient, is_retryable
 from trainer_worker.events import (
@@ -90,6 +92,7 @@ from trainer_worker.reporting import (
     timestamp,
 )
 from trainer_worker.run_config import RunConfig
+from trainer_worker.story import AttemptStory, size_of, store_training_log
 from tuneforge_core import states, subjects
 from tuneforge_core.errors import InvalidArgument
 from tuneforge_core.models import ModelKind, ModelPolicy, ModelSource
@@ -448,6 +451,9 @@ class JobRun:
         self.job_id = assignment.job_id
         self.settings = agent.settings
         self.reporter = JobReporter(agent.js, self.job_id, attempt, agent.worker_id)
+        self.story = AttemptStory(attempt, agent.worker_id)  # phase, timeline, tokens, log lines
+        self.reporter.story = self.story
+        self._ran = False  # whether the attempt got as far as preparing (then its log is stored)
         self.work_dir = agent.work_root / "jobs" / self.job_id / f"attempt-{attempt}"
         self.cancelled = asyncio.Event()
         self.progress: job_pb2.JobProgress | None = None
@@ -471,11 +477,14 @@ class JobRun:
         finally:
             with contextlib.suppress(Exception):
                 await watch.unsubscribe()
+            if self._ran:
+                await self._store_training_log()
             if not self.settings.worker_keep_work_dirs:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
 
     async def _run(self) -> Verdict:
         log.info("job %s attempt %d: preparing", self.job_id, self.attempt)
+        self._ran = True
         await self.reporter.status(U.WORKER_UPDATE_KIND_PREPARING)
         self.reporter.log(f"Worker {self.agent.worker_id} claimed the job (attempt {self.attempt}).")
         try:
@@ -494,17 +503,29 @@ class JobRun:
         spec = self.assignment.spec
         data_dir = self.work_dir / "data"
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        data_started = time.monotonic()
         train_file = await self._download(self.assignment.train_uri, data_dir / "train.jsonl")
         validation_file = None
         if self.assignment.validation_uri:
             validation_file = await self._download(
                 self.assignment.validation_uri, data_dir / "validation.jsonl"
             )
+        test_file = None  # read only by the evaluation after training
+        if self.assignment.test_uri and spec.evaluation.enabled:
+            try:
+                test_file = await self._download(self.assignment.test_uri, data_dir / "test.jsonl")
+            except TrainingError:  # a missing test split costs the evaluation, never the job
+                self.reporter.log(f"The test split {self.assignment.test_uri} does not exist.", "warning")
+        self.story.downloaded("DATA_DOWNLOADED", "the data", size_of([data_dir]),
+                              time.monotonic() - data_started)
+        model_path = await self._base_model_path(spec.base_model)
+        warm = await warm_start.fetch(self.assignment.warm_start, self.agent.locate, self.work_dir,
+                                      self.reporter.log)  # the weights to start from, now local
         config = RunConfig(
             job_id=self.job_id,
             attempt=self.attempt,
             spec=RunConfig.spec_to_dict(spec),
-            model_path=await self._model_path(spec.base_model, "spec.base_model"),
+            model_path=model_path,
             teacher_model_path=(
                 await self._model_path(spec.distillation.teacher_model, "spec.distillation.teacher_model")
                 if spec.method == job_pb2.TRAINING_METHOD_DISTILLATION
@@ -512,6 +533,7 @@ class JobRun:
             ),
             train_file=train_file,
             validation_file=validation_file,
+            test_file=test_file,
             output_dir=self.work_dir / "out",
             events_file=self.work_dir / "events.jsonl",
             admission_estimate=(
@@ -519,6 +541,7 @@ class JobRun:
                 if self.assignment.HasField("admission_estimate")
                 else None
             ),
+            warm_start=warm,
         )
         await self._fetch_checkpoint(config.output_dir)
         config.dump(self.work_dir / "RUN.json")
@@ -534,6 +557,8 @@ class JobRun:
             step = await asyncio.to_thread(self._checkpoints().download_latest, output_dir)
         except Exception as exc:
             raise Transient(f"could not fetch the job's checkpoints: {exc}") from exc
+        if self.attempt > 1:
+            self.story.restarted(step)
         if step is not None:
             self.reporter.log(f"Resuming from the checkpoint of step {step}.")
             log.info("job %s attempt %d: resuming from step %d", self.job_id, self.attempt, step)
@@ -547,6 +572,24 @@ class JobRun:
             raise TrainingError(Reason.BAD_TRAINING_DATA, f"The training data {uri} does not exist.") from exc
         except Exception as exc:
             raise Transient(f"could not fetch {uri}: {exc}") from exc
+
+    async def _base_model_path(self, ref: str) -> str:
+        """The base model's path (``_model_path``), told as MODEL_DOWNLOADED."""
+        started = time.monotonic()
+        path = await self._model_path(ref, "spec.base_model")
+        self.story.model_ready(ref, path, time.monotonic() - started)
+        return path
+
+    async def _store_training_log(self) -> None:
+        """The attempt's log lines to ``<output_prefix>/logs/training.log``, after earlier attempts' lines.
+        Whatever goes wrong here, the job's outcome stays what it was."""
+        try:
+            store, prefix = self.agent.locate(self.assignment.output_prefix)
+            await self.reporter.flush(force=True)
+            await asyncio.to_thread(store_training_log, store, prefix, list(self.story.log_lines))
+        except Exception:
+            log.warning("job %s attempt %d: the training log was not stored", self.job_id, self.attempt,
+                        exc_info=True)
 
     def _model_source(self, ref: str, field: str) -> ModelSource:
         try:
@@ -619,6 +662,8 @@ class JobRun:
             return await self._report_cancelled()
         if self.agent.stopping.is_set():
             self.reporter.log("The worker shut down; the job goes back to the queue.", "warning")
+            if self.story.has_news and self.progress is not None:  # the timeline so far is not lost
+                await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
             await self.reporter.flush(force=True)
             return Verdict.NAK
         if outcome.malformed is not None:
@@ -670,6 +715,7 @@ class JobRun:
 
     async def _on_event(self, event: AnyEvent, outcome: Outcome) -> None:
         training = metrics_pb2.LOG_SOURCE_TRAINING
+        self.story.observe(event)  # phase, timeline events, tokens, evaluations by step
         match event:
             case MetricEvent():
                 point = metric_point(event, self.job_id, self.attempt)
@@ -706,6 +752,7 @@ class JobRun:
             if previous is not None:
                 await previous
             try:
+                size = await asyncio.to_thread(size_of, [directory])
                 uri = await asyncio.to_thread(self._checkpoints().upload, step, directory, keep)
             except Exception as exc:
                 log.warning("job %s: checkpoint %d was not stored: %s", self.job_id, step, exc)
@@ -714,14 +761,17 @@ class JobRun:
             finally:
                 shutil.rmtree(directory, ignore_errors=True)
             self.reporter.log(f"Stored the checkpoint of step {step} at {uri}.")
+            self.story.checkpoint_saved(step, size, uri)
 
         self._uploads = asyncio.create_task(upload())
 
     async def _send_progress(self) -> None:
         now = asyncio.get_running_loop().time()
-        if self.progress is None or self.progress == self._progress_sent:
+        # Also sent for news without a new step (a phase change: at once; timeline events waiting).
+        if self.progress is None or (self.progress == self._progress_sent and not self.story.has_news):
             return
-        if now - self._progress_sent_at < self.settings.worker_progress_interval_s:
+        recent = now - self._progress_sent_at < self.settings.worker_progress_interval_s
+        if recent and not self.story.phase_changed:
             return
         self._progress_sent, self._progress_sent_at = self.progress, now
         await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
@@ -748,6 +798,9 @@ class JobRun:
         uploads = [(adapter_dir, f"{prefix}/{adapter_dir.name}")]
         if result.merged_dir:
             uploads.append((Path(result.merged_dir), f"{prefix}/merged"))
+        self.story.phase = job_pb2.JOB_PHASE_UPLOADING
+        await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
+        upload_started, upload_size = time.monotonic(), size_of(d for d, _ in uploads)
         uris = []
         for directory, key in uploads:
             self.reporter.log(f"Uploading {directory.name} to {store.uri(key)}.")
@@ -755,12 +808,22 @@ class JobRun:
                 uris.append(await asyncio.to_thread(store.put_dir, key, directory))
             except Exception as exc:
                 raise Transient(f"could not upload {directory.name}: {exc}") from exc
+        self.story.uploaded(upload_size, time.monotonic() - upload_started, uris)
+        evaluation = evaluation_report.from_result(result.evaluation)
+        try:  # stored before SUCCEEDED, so the job's artifacts hold it once the job says so
+            key = f"{prefix}/{evaluation_report.OBJECT_NAME}"
+            await asyncio.to_thread(store.put_bytes, key, evaluation_report.to_json(evaluation))
+        except Exception as exc:
+            raise Transient(f"could not upload the evaluation report: {exc}") from exc
         metrics = {k: v for k, v in result.final_metrics.items() if v is not None}
         output = job_pb2.JobOutput(
             adapter_uri=uris[0], merged_model_uri=uris[1] if len(uris) > 1 else "", final_metrics=metrics
         )
+        self.story.result(output, result)  # kept step, early stop, tokens trained
         self.reporter.log("Training succeeded.")
-        await self.reporter.status(U.WORKER_UPDATE_KIND_SUCCEEDED, progress=self.progress, output=output)
+        await self.reporter.status(
+            U.WORKER_UPDATE_KIND_SUCCEEDED, progress=self.progress, output=output, evaluation=evaluation
+        )
         log.info("job %s attempt %d: succeeded", self.job_id, self.attempt)
         return Verdict.ACK
 

@@ -92,6 +92,8 @@ class ProgressEvent(Event, tag="progress", kw_only=True):
     step: int
     total_steps: int = 0
     epoch: float = 0.0
+    # Non-padding tokens trained so far (the Trainer's num_input_tokens_seen; 0 when not counted).
+    tokens_trained: int = 0
 
 
 class LogEvent(Event, tag="log", kw_only=True):
@@ -236,8 +238,10 @@ class EventSink:
         if kind == "train" and self._sampler is not None and self.main:
             self.metric("system", step, total_steps=total_steps, epoch=epoch, **self._sampler())
 
-    def progress(self, step: int, *, total_steps: int = 0, epoch: float | None = 0.0) -> None:
-        self.emit(ProgressEvent(step=step, total_steps=total_steps or 0, epoch=float(epoch or 0.0)))
+    def progress(self, step: int, *, total_steps: int = 0, epoch: float | None = 0.0,
+                 tokens_trained: int = 0) -> None:
+        self.emit(ProgressEvent(step=step, total_steps=total_steps or 0, epoch=float(epoch or 0.0),
+                                tokens_trained=int(tokens_trained or 0)))
 
     def log(self, message: str, level: str = "info") -> None:
         known: LogLevel = next((name for name in LEVELS if name == level), "info")

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import status_pb2
 from nats.js import JetStreamContext
 from tuneforge.events.v1 import events_pb2
-from tuneforge.v1 import job_pb2, metrics_pb2
+from tuneforge.v1 import evaluation_pb2, job_pb2, metrics_pb2
 
 from trainer_worker.events import POINT_FIELDS, MetricEvent, ProgressEvent
 from tuneforge_core import subjects
@@ -26,6 +27,9 @@ from tuneforge_core.errors import error_status
 from tuneforge_core.ids import new_id
 from tuneforge_core.nats import publish
 from tuneforge_core.reasons import Reason
+
+if TYPE_CHECKING:
+    from trainer_worker.story import AttemptStory
 
 U = events_pb2.WorkerUpdateKind
 
@@ -131,6 +135,9 @@ class JobReporter:
         self._sequence = 0
         self._last_flush = time.monotonic()
         self._delivery_key = secrets.token_hex(8)
+        # The attempt's phase, timeline and log (trainer_worker.story): every update carries the events
+        # waiting, and every log line is kept for the training log artifact.
+        self.story: AttemptStory | None = None
 
     async def status(
         self,
@@ -139,6 +146,7 @@ class JobReporter:
         progress: job_pb2.JobProgress | None = None,
         output: job_pb2.JobOutput | None = None,
         error: status_pb2.Status | None = None,
+        evaluation: evaluation_pb2.EvaluationReport | None = None,
     ) -> None:
         """Sends one WorkerJobUpdate, after the metrics and logs buffered before it."""
         await self.flush(force=True)
@@ -157,7 +165,10 @@ class JobReporter:
             progress=progress,
             output=output,
             error=error,
+            evaluation=evaluation,
         )
+        if self.story is not None:
+            self.story.fill(update)
         await publish(self._js, subjects.worker_status(self.job_id), update, event_id)
 
     def metric(self, point: metrics_pb2.MetricPoint) -> None:
@@ -172,7 +183,7 @@ class JobReporter:
     ) -> None:
         self._sequence += 1
         self._entries.append(
-            metrics_pb2.LogEntry(
+            entry := metrics_pb2.LogEntry(
                 job_id=self.job_id,
                 sequence=log_sequence(self.attempt, self._sequence),
                 time=timestamp(unix_seconds),
@@ -182,6 +193,8 @@ class JobReporter:
                 attempt=self.attempt,
             )
         )
+        if self.story is not None:
+            self.story.record_log(entry)
 
     async def flush(self, *, force: bool = False) -> None:
         """Sends the buffered points and lines once a second (or now, with ``force``)."""

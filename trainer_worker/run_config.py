@@ -16,6 +16,8 @@ from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict
 from tuneforge.v1 import estimation_pb2, job_pb2
 
+from trainer_worker.warm_start import WarmStart
+
 
 class RunConfig(BaseModel):
     """One attempt of one job, with every input already on local disk."""
@@ -31,10 +33,14 @@ class RunConfig(BaseModel):
     teacher_model_path: str | None = None
     train_file: Path
     validation_file: Path | None = None
+    # The test split the evaluation after training reads; None when the dataset has none or it is disabled.
+    test_file: Path | None = None
     output_dir: Path
     events_file: Path
     # JobAssignment.admission_estimate as JSON (proto field names); None when CreateJob checked no hardware.
     admission_estimate: dict[str, Any] | None = None
+    # JobAssignment.warm_start, downloaded by the agent (trainer_worker.warm_start); None: a fresh start.
+    warm_start: WarmStart | None = None
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:

@@ -107,6 +107,8 @@ def resolve_spec(
     _resolve_hyperparameters(v, out)
     _resolve_hardware(v, out)
     _resolve_method(v, out, allow_user_reward_code=allow_user_reward_code)
+    _resolve_evaluation(v, out)
+    _check_warm_start(v, out)
     _check_precision_on_cpu(v, out)
     if out.output.merge_adapter and out.adapter not in MERGEABLE_ADAPTERS:
         why = (
@@ -366,6 +368,30 @@ def _resolve_grpo(v: Violations, out: job_pb2.JobSpec, *, allow_user_reward_code
                 )
     elif g.reward_code:
         v.add(f + "reward_code", "is only used with REWARD_FUNCTION_USER_CODE")
+
+
+def _resolve_evaluation(v: Violations, out: job_pb2.JobSpec) -> None:
+    """EvaluationConfig: the evaluation after training (job.proto's defaults and ranges)."""
+    e, f = out.evaluation, "spec.evaluation."
+    _defaults(e, enabled=True, max_examples=200, num_samples=3, max_new_tokens=128)
+    _range(v, f + "max_examples", e.max_examples, 1, 10_000)
+    _range(v, f + "num_samples", e.num_samples, 0, 20)
+    _range(v, f + "max_new_tokens", e.max_new_tokens, 1, 2048)
+
+
+def _check_warm_start(v: Violations, out: job_pb2.JobSpec) -> None:
+    """WarmStartConfig's own fields; the source job is resolved by the jobs service (same organization,
+    matching model and adapter; services.jobs.warm_start)."""
+    w, f = out.warm_start, "spec.warm_start."
+    if not out.HasField("warm_start"):
+        return
+    v.check(bool(w.job) or (not w.HasField("checkpoint_step") and not w.restore_optimizer_state), f + "job",
+            "is required when warm_start sets checkpoint_step or restore_optimizer_state: a job id or name")
+    if w.HasField("checkpoint_step"):
+        v.check(w.checkpoint_step >= 1, f + "checkpoint_step", f"must be at least 1, got {w.checkpoint_step}")
+    elif w.restore_optimizer_state:
+        v.add(f + "restore_optimizer_state", "needs spec.warm_start.checkpoint_step: only a checkpoint "
+                                             "stores optimizer state")
 
 
 def _defaults(message: object, **values: float | int | bool) -> None:

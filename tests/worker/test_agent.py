@@ -417,7 +417,8 @@ async def test_failures_and_cancellations_end_jobs_and_the_agent_goes_on(platfor
 
     await platform.events.wait_for("job_next", "SUCCEEDED", within_s=90)
     assert platform.events.kinds("job_next")[:2] == ["PREPARING", "RUNNING"]
-    assert not platform.store.list_keys("jobs/acme/job_long/")
+    # Nothing but the training log (stored whatever the outcome) for the cancelled job.
+    assert platform.store.list_keys("jobs/acme/job_long/") == ["jobs/acme/job_long/logs/training.log"]
     assert await platform.pending_work() == 0
 
 
@@ -514,6 +515,9 @@ async def test_killed_worker_resumes_from_its_last_checkpoint(
     (message,) = resumed
     step = int(message.removeprefix("Resuming from the checkpoint of step ").rstrip("."))
     assert step > 0 and step % 10 == 0
+    restarted = [e for u in platform.events.updates if u.attempt == 2 for e in u.events
+                 if e.type == job_pb2.JOB_EVENT_TYPE_RESTARTED]
+    assert [(e.step, e.worker_id, e.attempt) for e in restarted] == [(step, "w2", 2)]
     train = [p for p in platform.events.points if p.kind == metrics_pb2.METRIC_KIND_TRAIN]
     second = [p.step for p in train if p.attempt == 2]
     assert second[0] == step + 1 and second[-1] == 60, "attempt 2 starts where the checkpoint left off"

@@ -33,11 +33,12 @@ from transformers import (
 )
 from tuneforge.v1 import job_pb2
 
-from trainer_worker import checkpointing, distributed
+from trainer_worker import checkpointing, distributed, warm_start
 from trainer_worker.errors import Cancelled, TrainingError
 from trainer_worker.events import EarlyStopInfo, EventSink
 from trainer_worker.recipes.callbacks import DivergenceWatchdog, MetricsCallback, StopCallback
 from trainer_worker.recipes.data import read_rows
+from trainer_worker.recipes.story import StoryCallback
 from trainer_worker.run_config import RunConfig
 from trainer_worker.stop import StopSignal
 from tuneforge_core.compat import METHOD_FAMILIES, Family
@@ -80,6 +81,7 @@ class BaseRecipe(ABC):
         self.cuda = torch.cuda.is_available()
         self.metrics = MetricsCallback(sink)
         self.watchdog = DivergenceWatchdog()
+        self.story = StoryCallback(sink)  # timeline events; the kept step and early stop after training
         self.trainer: Trainer | None = None
         self.family = ""  # the data family found in the training file
         self.conversational = False  # whether its rows hold messages that the chat template renders
@@ -105,7 +107,9 @@ class BaseRecipe(ABC):
 
     def evaluate(self) -> None:
         """The evaluation after training (JobSpec.evaluation): sets ``evaluation_report``."""
-        return None
+        from trainer_worker.evaluation import evaluate  # it imports this module
+
+        self.evaluation_report = evaluate(self)
 
     # -- what a method recipe provides ------------------------------------------------------------------
 
@@ -148,17 +152,24 @@ class BaseRecipe(ABC):
         self.tokenizer = self.load_tokenizer(self.cfg.model_path)
         train, validation = self.load_data()  # before the model: bad data should fail fast
         self.check_early_stopping(has_validation=validation is not None)
-        model = self.load_model()
+        # A warm start (trainer_worker.warm_start): full fine-tuning loads the source model, adapters go on
+        # the base model trainable.
+        model = warm_start.start_from(self.load_model(warm_start.full_model_path(self.cfg, self.spec)),
+                                      self.cfg, self.spec, self.sink.log)
         self._check_stop()
         callbacks: list[TrainerCallback] = [self.metrics, self.watchdog, StopCallback(self.stop)]
         callbacks += checkpointing.callbacks(self.cfg, self.sink)
         args = self.training_args(has_validation=validation is not None)
         if args["load_best_model_at_end"]:
             early = self.hp.early_stopping
-            callbacks.append(EarlyStoppingCallback(early.patience, early.min_delta))
+            self.story.early_stopping = EarlyStoppingCallback(early.patience, early.min_delta)
+            callbacks.append(self.story.early_stopping)
+        callbacks.append(self.story)  # after EarlyStoppingCallback: it reads whether that one stopped
         device = "cuda" if self.cuda else "cpu"
         self.sink.log(f"Building the {self.method} trainer: {len(train)} training rows on {device}.")
         self.trainer = self.build_trainer(model, args, train, validation, callbacks)
+        warm_start.restore_optimizer_state(self.trainer, self.cfg, self.sink.log,
+                                           resuming=checkpointing.resume_checkpoint(self.cfg) is not None)
         if len(self.trainer.train_dataset) == 0:  # type: ignore[arg-type]
             raise TrainingError(
                 Reason.BAD_TRAINING_DATA, "No training examples were left after tokenization."
@@ -293,7 +304,7 @@ class BaseRecipe(ABC):
 
     def peft_config(self) -> PeftConfig | None:
         """LoRA (also on a quantized base for QLoRA), a soft prompt, or None for full fine-tuning."""
-        if self.full:
+        if self.full or warm_start.loads_adapter(self.cfg, self.spec):  # a warm start brings its adapter
             return None
         if self.spec.adapter == job_pb2.ADAPTER_TYPE_PROMPT_TUNING:
             prompt = self.spec.prompt_tuning
@@ -449,6 +460,10 @@ class BaseRecipe(ABC):
         metrics.update({k: v for k, v in self.metrics.last_eval.items() if k.startswith("eval_")})
         metrics["global_step"] = float(self.trainer.state.global_step)
         metrics["num_input_tokens_seen"] = float(self.trainer.state.num_input_tokens_seen)
+        # The final metrics are the kept model's: with load_best_model_at_end, the best step's evaluation.
+        self.kept_step = self.story.conclude(self.trainer.state, self.trainer.args, metrics)
+        self.early_stop = self.story.early_stop
+        self.tokens_trained = int(self.trainer.state.num_input_tokens_seen)
         if metrics.get("train_runtime") and metrics["num_input_tokens_seen"]:
             metrics["train_tokens_per_second"] = metrics["num_input_tokens_seen"] / metrics["train_runtime"]
         return metrics

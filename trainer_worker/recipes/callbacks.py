@@ -53,7 +53,7 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, sink: EventSink, progress_interval_s: float = 1.0) -> None:
         self._sink = sink
         self._progress_interval_s = progress_interval_s
-        self._progress_at = 0.0
+        self._progress_at = float("-inf")  # the first step reports at once (monotonic() may be < interval)
         self.summary: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self._start = self._last_time = 0.0
@@ -82,7 +82,8 @@ class MetricsCallback(TrainerCallback):
 
     def _progress(self, state: TrainerState) -> None:
         self._progress_at = time.monotonic()
-        self._sink.progress(state.global_step, total_steps=state.max_steps, epoch=state.epoch)
+        self._sink.progress(state.global_step, total_steps=state.max_steps, epoch=state.epoch,
+                            tokens_trained=state.num_input_tokens_seen)
 
     def on_log(
         self,

@@ -97,7 +97,7 @@ def _has_zero_weights(*datasets: Dataset | None) -> bool:
     return any(
         message.get("weight") == 0
         for data in datasets
-        if data is not None
+        if data is not None and "messages" in data.column_names  # conversational prompt/completion: none
         for row in data["messages"]
         for message in row
     )

@@ -44,8 +44,8 @@ class _ArtifactKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifact
     Listed once the job SUCCEEDED with an evaluation.
     """
     ARTIFACT_KIND_TRAINING_LOG: _ArtifactKind.ValueType  # 5
-    """The training process's log (named "logs": training.log, one line per entry), stored when an attempt
-    ends, whatever its outcome.
+    """The training process's log (named "logs": training.log, one line per entry, "<ISO time> <LEVEL>
+    <message>", the attempts one after another), stored when an attempt ends, whatever its outcome.
     """
 
 class ArtifactKind(_ArtifactKind, metaclass=_ArtifactKindEnumTypeWrapper):
@@ -69,8 +69,8 @@ ARTIFACT_KIND_EVALUATION_REPORT: ArtifactKind.ValueType  # 4
 Listed once the job SUCCEEDED with an evaluation.
 """
 ARTIFACT_KIND_TRAINING_LOG: ArtifactKind.ValueType  # 5
-"""The training process's log (named "logs": training.log, one line per entry), stored when an attempt
-ends, whatever its outcome.
+"""The training process's log (named "logs": training.log, one line per entry, "<ISO time> <LEVEL>
+<message>", the attempts one after another), stored when an attempt ends, whatever its outcome.
 """
 Global___ArtifactKind: _TypeAlias = ArtifactKind  # noqa: Y015
 

@@ -182,8 +182,8 @@ class EvaluationSample(_message.Message):
     base_answer: _builtins.str
     tuned_answer: _builtins.str
     reference: _builtins.str
-    """The dataset's own answer for the prompt (the assistant turn, completion or chosen answer); empty
-    when it has none (GRPO prompts).
+    """The dataset's own answer for the prompt (the assistant turn, the completion, the chosen answer, or a
+    GRPO row's "answer" column); empty when it has none.
     """
     def __init__(
         self,
