@@ -5,7 +5,9 @@ Where things are (the worker's layout, trainer_worker/agent.py and trainer_worke
 `jobs/<organization>/<job id>/` holds `adapter/` (`model/` for full fine-tuning), `merged/`, and
 `checkpoints/checkpoint-<step>/`, a checkpoint counting only once its `COMPLETE` marker is there. The
 adapter and merged model are the folders the job's SUCCEEDED output names (the fence in
-services.jobs.manager already checked they lie under the job's prefix); they are listed only then.
+services.jobs.manager already checked they lie under the job's prefix); they are listed only then, as is
+`evaluation/` (evaluation.json) once stored. `logs/` (training.log, the attempts' log lines one after
+another) is listed in any state once an attempt stored it.
 
 Checksums are computed here, once: the first listing of an artifact reads it and keeps the result in
 `jobs/<organization>/<job id>/manifests/<artifact name>.json`, each file's SHA-256 beside the size and the
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 K = artifact_pb2.ArtifactKind
 COMPLETE = "COMPLETE"  # trainer_worker.checkpointing.COMPLETE: the worker's marker of a whole checkpoint
 CHECKPOINTS = "checkpoints"
+LOGS = "logs"  # the training log (trainer_worker.story: logs/training.log), stored when an attempt ends
+EVALUATION = "evaluation"  # evaluation/evaluation.json (trainer_worker.evaluation_report)
 MANIFESTS = "manifests"
 MANIFEST_VERSION = 1
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
@@ -128,6 +132,13 @@ class ArtifactCatalog:
             if any(o.key == marker for o in entry.objects):
                 entry.objects = [o for o in entry.objects if o.key != marker]
                 found.append(entry)
+        folders = [(K.ARTIFACT_KIND_TRAINING_LOG, LOGS)]
+        if job.state == job_pb2.JOB_STATE_SUCCEEDED:
+            folders.append((K.ARTIFACT_KIND_EVALUATION_REPORT, EVALUATION))
+        for kind, name in folders:
+            files = [o for o in objects if o.key.startswith(f"{prefix}{name}/")]
+            if files:
+                found.append(_Found(kind, name, f"{prefix}{name}", objects=files))
         return found
 
     def _own_key(self, prefix: str, uri: str) -> str:

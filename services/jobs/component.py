@@ -29,6 +29,7 @@ from services.jobs.models import JobOutbox
 from services.jobs.quotas import JobQuotas
 from services.jobs.servicer import JobServicer
 from services.jobs.settings import JobSettings
+from services.jobs.usage import PriceBook
 from services.jobs.workers import WorkerRules
 from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
@@ -66,6 +67,8 @@ class JobsComponent(Component):
                                   quotas=JobQuotas(max_queued_jobs_per_org=settings.max_queued_jobs_per_org,
                                                    max_running_jobs_per_org=settings.max_running_jobs_per_org))
         self.manager.on_rejected_update = self._audit_refused_update
+        # Job.usage prices (services.jobs.usage): the catalog's GPU prices and the CPU worker price.
+        self.manager.prices = PriceBook(cpu_hourly_usd=settings.cpu_hourly_usd)
         # DeleteJob, and the sweep that finishes a deletion a crash interrupted (services.jobs.deletion).
         self.deletions = JobDeletions(self.db, self.relay, runtime.store, runtime.js)
         # Once a job ends, its non-final checkpoints lose their optimizer state (services.jobs.checkpoints).
@@ -125,6 +128,8 @@ class JobsComponent(Component):
         self.spawn(self.relay.run(), "jobs-outbox-relay")
         self.spawn(self.deletions.sweep_forever(), "jobs-deletion-sweep")
         self.spawn(self.retention.run_forever(), "jobs-checkpoint-retention")
+        self.spawn(self.manager.prices.keep_fresh(self.runtime.channel(settings.estimation_address)),
+                   "jobs-hardware-prices")
         self.spawn(consume(self.runtime.js, stream=subjects.STREAM_WORKER,
                            durable=subjects.JOBS_STATUS_CONSUMER, subject=subjects.ALL_WORKER_STATUS,
                            handler=self._on_worker_update), "jobs-worker-updates")

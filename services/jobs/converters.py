@@ -6,6 +6,7 @@ from google.rpc import status_pb2
 from tuneforge.v1 import job_pb2
 
 from services.jobs.models import JobRow, WorkerRow
+from services.jobs.usage import job_usage
 from services.kit.protos import to_timestamp
 
 
@@ -15,6 +16,7 @@ def job_to_proto(row: JobRow) -> job_pb2.Job:
         state=job_pb2.JobState.ValueType(row.state), attempt=row.attempt, worker_id=row.worker_id,
         revision=row.revision,
         labels=row.labels or {}, status_message=row.status_message or "",
+        phase=job_pb2.JobPhase.ValueType(row.phase or 0),
     )
     job.spec.ParseFromString(row.spec)
     if row.error:
@@ -27,6 +29,7 @@ def job_to_proto(row: JobRow) -> job_pb2.Job:
                          ("end_time", row.end_time), ("update_time", row.update_time)):
         if value is not None:
             getattr(job, field).CopyFrom(to_timestamp(value))
+    job.usage.CopyFrom(job_usage(row))  # live: a running attempt counts up to now
     return job
 
 

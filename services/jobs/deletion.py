@@ -35,7 +35,7 @@ from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2
 
 from services.jobs.converters import job_to_proto
-from services.jobs.models import JobDeletionRow, JobOutbox, WorkerRow
+from services.jobs.models import JobDeletionRow, JobEventRow, JobOutbox, WorkerRow
 from services.jobs.repository import JobRepository
 from services.kit.db import Database
 from services.kit.outbox import OutboxRelay, add_event, utcnow
@@ -133,6 +133,7 @@ class JobDeletions:
         session.execute(update(WorkerRow).where(WorkerRow.job_id == row.id)
                         .values(job_id="", job_organization="", attempt=0))
         job_id, org = row.id, row.organization
+        session.execute(delete(JobEventRow).where(JobEventRow.job_id == job_id))  # its timeline, with it
         session.delete(row)
         session.flush()
         return Deleted(job_id, org, False, False)

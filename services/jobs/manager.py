@@ -44,12 +44,14 @@ from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import dataset_pb2, job_pb2, job_service_pb2
 
+from services.jobs import timeline, usage, warm_start
 from services.jobs.converters import job_to_proto, worker_to_proto
 from services.jobs.datasets_client import DatasetLookup
 from services.jobs.estimation_client import HardwareCheck
 from services.jobs.models import JobInbox, JobOutbox, JobRow, WorkerRow
 from services.jobs.quotas import SLOT_STATES, JobQuotas, held_note
 from services.jobs.repository import JobRepository, WorkerRepository
+from services.jobs.usage import PriceBook
 from services.jobs.workers import (
     WorkerRules,
     is_alive,
@@ -132,6 +134,9 @@ class JobManager:
         # Since when this process hears heartbeats (the component resets it after a NATS reconnect): a
         # worker's silence only counts from here.
         self.listening_since = utcnow()
+        # Hourly prices of the hardware jobs run on (Job.usage; services.jobs.usage); the component keeps
+        # them current from the estimation service's catalog.
+        self.prices = PriceBook()
         self.hardware = hardware
         # Without a policy: hub ids and the organization's own outputs only, no local paths.
         self.models = models or ModelPolicy(store=store)
@@ -164,6 +169,8 @@ class JobManager:
             row.error = error.SerializeToString()
         if state in FINAL:
             row.end_time = utcnow()
+        usage.on_move(session, row, state, self.prices)  # an attempt's clock starts or stops
+        timeline.on_move(session, row, previous, state)  # phase, and CANCEL_REQUESTED or how it ended
         self._record_change(session, row, previous)
         if state in FINAL and previous not in FINAL and row.dispatched:
             self._dispatch_held(session, row.organization)  # it held a running slot: the next may start
@@ -259,6 +266,7 @@ class JobManager:
             raise FailedPrecondition(f"dataset '{dataset.name}' has no training examples",
                                      reason=Reason.DATASET_NOT_READY)
         self._check_early_stopping(spec, dataset, validation_uri)
+        warm = await warm_start.resolve(self.db, self.store, org, spec)  # spec.warm_start's source weights
 
         job_id = new_id("job")
         now = utcnow()
@@ -268,6 +276,7 @@ class JobManager:
             labels=dict(request.labels), request_id=request.request_id or None,
             request_hash=_request_hash(request), create_time=now, update_time=now,
         )
+        usage.record_estimate(row, admitted)
         if request.validate_only:
             await self.db.run(lambda s: self._check_queued_quota(JobRepository(s), org))
             row.revision = 1
@@ -276,8 +285,9 @@ class JobManager:
         assignment = events_pb2.JobAssignment(
             event_id=f"{job_id}.assignment", job_id=job_id, organization=org, spec=spec,
             train_uri=train_uri, validation_uri=validation_uri, dataset_format=dataset.format,
+            test_uri=_split_uri(dataset, dataset_pb2.DATASET_SPLIT_KIND_TEST),
             output_prefix=self.store.uri(f"jobs/{org}/{job_id}"),
-            admission_estimate=admitted,
+            admission_estimate=admitted, warm_start=warm,
         )
         assignment.create_time.CopyFrom(to_timestamp(now))
 
@@ -297,6 +307,7 @@ class JobManager:
                 row.assignment = assignment.SerializeToString()
                 row.status_message = self._held_message(repo, org)
             repo.add(row)
+            timeline.on_created(session, row)
             self._record_change(session, row, S.JOB_STATE_UNSPECIFIED)
             if row.dispatched:
                 # Queued by GPU type and count: only workers with that many of that GPU (or any worker,
@@ -424,7 +435,7 @@ class JobManager:
         An update the fence refuses (`_fence`; also one that came on another job's `subject`, when given)
         changes nothing, is not recorded as applied (a forged copy cannot use up a genuine update's event
         id), and is logged at WARNING and passed to `on_rejected_update`."""
-        result = await self.db.run(lambda s: self._apply(s, update, subject))
+        result = await self.db.run(lambda s: self._apply_with_timeline(s, update, subject))
         if isinstance(result, _Refusal):
             self._refused(update, result.organization, result.reason)
             return False
@@ -458,6 +469,7 @@ class JobManager:
         if (row.state == S.JOB_STATE_QUEUED and row.requeue_note and update.attempt == row.attempt
                 and update.worker_id == row.worker_id and kind != U.WORKER_UPDATE_KIND_PREPARING):
             self._revive(session, row)  # the worker thought lost still runs this delivery
+        timeline.on_worker_update(session, row, update)  # events, phase, evaluation (services.jobs.timeline)
         if kind in (U.WORKER_UPDATE_KIND_PREPARING, U.WORKER_UPDATE_KIND_RUNNING):
             if row.state == S.JOB_STATE_CANCELLING:
                 return False
@@ -467,6 +479,7 @@ class JobManager:
             row.start_time = row.start_time or utcnow()
             if new_attempt:
                 row.progress = None
+                usage.end_attempt(row)  # an earlier delivery whose claim lapsed
             target = S.JOB_STATE_PREPARING if kind == U.WORKER_UPDATE_KIND_PREPARING else S.JOB_STATE_RUNNING
             if target == row.state and not new_attempt:
                 return False
@@ -474,6 +487,7 @@ class JobManager:
             return True
         if update.attempt != row.attempt:
             return False
+        usage.record_tokens(row, update.tokens_trained)
         if kind == U.WORKER_UPDATE_KIND_PROGRESS:
             row.progress = update.progress.SerializeToString()
             self._record_change(session, row, row.state)
@@ -494,6 +508,16 @@ class JobManager:
             return True
         log.warning("update %s has unknown kind %s", update.event_id, kind)
         return False
+
+    def _apply_with_timeline(self, session: Session, update: events_pb2.WorkerJobUpdate,
+                             subject: str | None = None) -> bool | _Refusal:
+        """`_apply`, and a recorded change when only the update's timeline events or phase changed the job."""
+        result = self._apply(session, update, subject)
+        row = timeline.unannounced(session)
+        if row is not None:
+            self._record_change(session, row, row.state)
+            return True
+        return result
 
     def _fence(self, row: JobRow, update: events_pb2.WorkerJobUpdate) -> str | None:
         """Why the update must not touch the job, or None when it comes from the delivery holding it.
@@ -611,6 +635,7 @@ class JobManager:
                 job = jobs.get(heartbeat.job_id, for_update=True)
                 if job is not None:
                     row.job_organization = job.organization
+                    usage.fill_hardware(job, row, self.prices)
                     if (job.state == S.JOB_STATE_QUEUED and job.requeue_note and job.worker_id == row.id
                             and job.attempt == heartbeat.attempt):
                         self._revive(session, job)

@@ -11,7 +11,8 @@ from services.jobs.artifacts import ArtifactCatalog
 from services.jobs.checkpoints import CheckpointCatalog
 from services.jobs.deletion import JobDeletions
 from services.jobs.manager import JobManager
-from tuneforge_core.errors import Unimplemented
+from services.jobs.timeline import JobTimeline
+from services.jobs.usage import get_usage
 
 
 class JobServicer(job_service_pb2_grpc.JobServiceServicer):
@@ -21,6 +22,7 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
         # GetJobArtifacts; the component passes one wired to its download server.
         self.artifacts = ArtifactCatalog(manager.store, default_ttl_s=3600)
         self.checkpoints = CheckpointCatalog(manager.store)
+        self.timeline = JobTimeline(manager.db)  # ListJobEvents, GetJobEvaluation, WatchJob's events
 
     async def CreateJob(self, request: job_service_pb2.CreateJobRequest,
                         context: grpc.aio.ServicerContext) -> job_service_pb2.CreateJobResponse:
@@ -48,8 +50,9 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     async def WatchJob(self, request: job_service_pb2.WatchJobRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[job_service_pb2.WatchJobResponse]:
-        async for job in self.manager.watch(request.organization, request.job):
-            yield job_service_pb2.WatchJobResponse(job=job)
+        jobs = self.manager.watch(request.organization, request.job)
+        async for response in self.timeline.watch(request.organization, jobs):
+            yield response
 
     async def ListWorkers(self, request: job_service_pb2.ListWorkersRequest,
                           context: grpc.aio.ServicerContext) -> job_service_pb2.ListWorkersResponse:
@@ -73,12 +76,15 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
 
     async def ListJobEvents(self, request: job_service_pb2.ListJobEventsRequest,
                             context: grpc.aio.ServicerContext) -> job_service_pb2.ListJobEventsResponse:
-        raise Unimplemented("ListJobEvents is not available yet")
+        events, token = await self.timeline.list_events(request.organization, request.job, request.page_size,
+                                                        request.page_token, request.after_sequence)
+        return job_service_pb2.ListJobEventsResponse(events=events, next_page_token=token)
 
     async def GetJobEvaluation(self, request: job_service_pb2.GetJobEvaluationRequest,
                                context: grpc.aio.ServicerContext) -> job_service_pb2.GetJobEvaluationResponse:
-        raise Unimplemented("GetJobEvaluation is not available yet")
+        job_id, report = await self.timeline.evaluation(request.organization, request.job)
+        return job_service_pb2.GetJobEvaluationResponse(job=job_id, evaluation=report)
 
     async def GetUsage(self, request: job_service_pb2.GetUsageRequest,
                        context: grpc.aio.ServicerContext) -> job_service_pb2.GetUsageResponse:
-        raise Unimplemented("GetUsage is not available yet")
+        return await get_usage(self.manager.db, request)

@@ -27,6 +27,9 @@ class JobSettings(KitSettings):
     # TUNEFORGE_MAX_RUNNING_JOBS_PER_ORG: jobs of an organization handed to the work queue at once (running,
     # or queued for a worker); the next ones wait, QUEUED, until one of them ends. 0: no limit.
     max_running_jobs_per_org: int = Field(default=4, ge=0)
+    # TUNEFORGE_CPU_HOURLY_USD: the hourly price of a CPU worker in Job.usage and GetUsage (GPU workers are
+    # priced by the estimation service's hardware catalog). Default: the catalog's nominal CPU price.
+    cpu_hourly_usd: float = Field(default=0.10, ge=0.0)
     # -- downloads of job artifacts (GetJobArtifacts; services.jobs.artifacts, services.jobs.downloads) --
     # TUNEFORGE_DOWNLOAD_URL_TTL_S: how long download URLs stay valid, and the longest a caller may ask for
     # (7 days at most: S3's limit for presigned URLs).
