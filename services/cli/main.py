@@ -20,6 +20,10 @@ from rich.markup import escape
 from rich.table import Table
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2, identity_pb2, job_pb2, metrics_pb2
 
+from services.cli import chat as chat_cli
+from services.cli import metrics as metrics_cli
+from services.cli import timeline as timeline_cli
+from services.cli import usage as usage_cli
 from services.cli.credentials import admin_key_path, api_key
 from services.cli.render import as_json as to_json
 from services.cli.render import dataset_table, job_table, outcome, plan_table, watch, whole_ids
@@ -35,6 +39,10 @@ keys_app = typer.Typer(help="Create, list and revoke the organization's API keys
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(keys_app, name="keys")
+usage_cli.register(app)  # tuneforge usage (services.cli.usage)
+metrics_cli.register(jobs_app)  # tuneforge jobs metrics (services.cli.metrics)
+timeline_cli.register(jobs_app)  # tuneforge jobs events, jobs eval (services.cli.timeline)
+chat_cli.register(app)  # tuneforge chat, tuneforge deployments (services.cli.chat)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -565,10 +573,14 @@ def jobs_download(
     merged: Annotated[bool, typer.Option("--merged", help="The merged model, not the adapter.")] = False,
     checkpoint: Annotated[int | None, typer.Option(
         "--checkpoint", metavar="STEP", help="The checkpoint of this step instead (0: the latest).")] = None,
+    logs: Annotated[bool, typer.Option("--logs", help="The training log (training.log), any state.")] = False,
+    evaluation: Annotated[bool, typer.Option(
+        "--evaluation", help="The evaluation report (evaluation.json).")] = False,
     address: Address = DEFAULT_ADDRESS, org: Org = "",
 ) -> None:
-    """Download the job's adapter (or merged model, or a checkpoint) into DIRECTORY, checking every file's
-    SHA-256. An interrupted download resumes where it stopped when run again."""
+    """Download the job's adapter (or merged model, a checkpoint, the training log or the evaluation report)
+    into DIRECTORY, checking every file's SHA-256. An interrupted download resumes where it stopped when run
+    again."""
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -581,10 +593,13 @@ def jobs_download(
 
     from services.client import ChecksumMismatch, DownloadError
 
-    if merged and checkpoint is not None:
-        raise typer.BadParameter("choose --merged or --checkpoint, not both", param_hint="--merged")
+    if sum((merged, checkpoint is not None, logs, evaluation)) > 1:
+        raise typer.BadParameter("choose one of --merged, --checkpoint, --logs and --evaluation",
+                                 param_hint="--merged")
     kind = (artifact_pb2.ARTIFACT_KIND_MERGED_MODEL if merged else artifact_pb2.ARTIFACT_KIND_CHECKPOINT
-            if checkpoint is not None else artifact_pb2.ARTIFACT_KIND_ADAPTER)
+            if checkpoint is not None else artifact_pb2.ARTIFACT_KIND_TRAINING_LOG if logs
+            else artifact_pb2.ARTIFACT_KIND_EVALUATION_REPORT if evaluation
+            else artifact_pb2.ARTIFACT_KIND_ADAPTER)
     with api(address, org) as client:
         artifact = client.get_job_artifact(ref, kind, checkpoint or 0)
         done: dict[str, int] = {}

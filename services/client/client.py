@@ -12,6 +12,7 @@ import hashlib
 import os
 import ssl
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +27,8 @@ from tuneforge.v1 import (
     dataset_pb2,
     dataset_service_pb2,
     dataset_service_pb2_grpc,
+    deployment_service_pb2,
+    deployment_service_pb2_grpc,
     estimation_service_pb2,
     estimation_service_pb2_grpc,
     identity_pb2,
@@ -141,6 +144,7 @@ class TuneForgeClient:
         self.jobs = job_service_pb2_grpc.JobServiceStub(self.channel)
         self.metrics = metrics_service_pb2_grpc.MetricsServiceStub(self.channel)
         self.estimation = estimation_service_pb2_grpc.EstimationServiceStub(self.channel)
+        self.deployments = deployment_service_pb2_grpc.DeploymentServiceStub(self.channel)
 
     def close(self) -> None:
         self._raw_channel.close()
@@ -227,6 +231,33 @@ class TuneForgeClient:
                                                      page_token=page_token)
         return _call(lambda: self.jobs.ListWorkers(request, timeout=self.timeout_s))
 
+    def get_usage(self, start: datetime | None = None, end: datetime | None = None,
+                  period: job_service_pb2.UsagePeriodUnit.ValueType = job_service_pb2.USAGE_PERIOD_UNIT_DAY
+                  ) -> job_service_pb2.GetUsageResponse:
+        """The organization's jobs, compute and cost per UTC period in [start, end) (default: the last 30
+        days, by day)."""
+        request = job_service_pb2.GetUsageRequest(organization=self.organization, period=period)
+        if start is not None:
+            request.start_time.FromDatetime(start)
+        if end is not None:
+            request.end_time.FromDatetime(end)
+        return _call(lambda: self.jobs.GetUsage(request, timeout=self.timeout_s))
+
+    def list_metrics(self, job_id: str, kinds: Sequence[metrics_pb2.MetricKind.ValueType] | None = None
+                     ) -> list[metrics_pb2.MetricPoint]:
+        """Every metric point the job reported so far (of these kinds), by kind and step, all pages."""
+        points: list[metrics_pb2.MetricPoint] = []
+        token = ""
+        while True:
+            request = metrics_service_pb2.ListMetricsRequest(organization=self.organization, job_id=job_id,
+                                                             kinds=kinds or [], page_size=10000,
+                                                             page_token=token)
+            response = _call(lambda r=request: self.metrics.ListMetrics(r, timeout=self.timeout_s))  # type: ignore[misc]
+            points.extend(response.points)
+            token = response.next_page_token
+            if not token:
+                return points
+
     def cancel_job(self, ref: str) -> job_pb2.Job:
         request = job_service_pb2.CancelJobRequest(organization=self.organization, job=ref)
         return _call(lambda: self.jobs.CancelJob(request, timeout=self.timeout_s)).job
@@ -241,6 +272,25 @@ class TuneForgeClient:
         request = job_service_pb2.WatchJobRequest(organization=self.organization, job=ref)
         for response in _stream(self.jobs.WatchJob(request)):
             yield response.job
+
+    def watch_job_events(self, ref: str) -> Iterator[job_service_pb2.WatchJobResponse]:
+        """WatchJob's responses: the job after each change, with the timeline's events recorded since the
+        previous one (the first carries every event so far); ends when the job does."""
+        request = job_service_pb2.WatchJobRequest(organization=self.organization, job=ref)
+        yield from _stream(self.jobs.WatchJob(request))
+
+    def list_job_events(self, ref: str, page_size: int = 100, page_token: str = "", *,
+                        after_sequence: int = 0) -> job_service_pb2.ListJobEventsResponse:
+        """A page of the job's timeline, oldest first; only events after `after_sequence` when given."""
+        request = job_service_pb2.ListJobEventsRequest(organization=self.organization, job=ref,
+                                                       page_size=page_size, page_token=page_token,
+                                                       after_sequence=after_sequence)
+        return _call(lambda: self.jobs.ListJobEvents(request, timeout=self.timeout_s))
+
+    def get_job_evaluation(self, ref: str) -> job_service_pb2.GetJobEvaluationResponse:
+        """The evaluation after training: PENDING until the job evaluated, SKIPPED when it did not."""
+        request = job_service_pb2.GetJobEvaluationRequest(organization=self.organization, job=ref)
+        return _call(lambda: self.jobs.GetJobEvaluation(request, timeout=self.timeout_s))
 
     # -- artifacts -------------------------------------------------------------------------------
 
@@ -274,7 +324,9 @@ class TuneForgeClient:
             return artifacts[-1]
         job = self.get_job(ref)
         what = {artifact_pb2.ARTIFACT_KIND_ADAPTER: "adapter", artifact_pb2.ARTIFACT_KIND_MERGED_MODEL:
-                "merged model"}.get(kind, f"checkpoint of step {step}" if step else "complete checkpoint")
+                "merged model", artifact_pb2.ARTIFACT_KIND_TRAINING_LOG: "training log",
+                artifact_pb2.ARTIFACT_KIND_EVALUATION_REPORT: "evaluation report"}.get(
+                    kind, f"checkpoint of step {step}" if step else "complete checkpoint")
         state = job_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
         raise NotFound(f"job '{job.id}' has no {what} (it is {state})",
                        metadata={"resource_type": "artifact", "job": job.id})
@@ -338,6 +390,33 @@ class TuneForgeClient:
         return _call(lambda: self.estimation.PlanJob(request, timeout=self.timeout_s))
 
     # -- keys and audit --------------------------------------------------------------------------
+
+    # -- deployments -----------------------------------------------------------------------------
+
+    def create_deployment(self, job: str, *, name: str = "",
+                          target: deployment_service_pb2.DeploymentTarget.ValueType = (
+                              deployment_service_pb2.DEPLOYMENT_TARGET_EMBEDDED),
+                          merged: bool = False, request_id: str = "") -> deployment_service_pb2.Deployment:
+        """Deploys a SUCCEEDED job's model; returns the deployment PENDING (get_deployment until READY)."""
+        request = deployment_service_pb2.CreateDeploymentRequest(
+            organization=self.organization, job=job, name=name, target=target, merged=merged,
+            request_id=request_id)
+        return _call(lambda: self.deployments.CreateDeployment(request, timeout=self.timeout_s)).deployment
+
+    def get_deployment(self, ref: str) -> deployment_service_pb2.Deployment:
+        request = deployment_service_pb2.GetDeploymentRequest(organization=self.organization, deployment=ref)
+        return _call(lambda: self.deployments.GetDeployment(request, timeout=self.timeout_s)).deployment
+
+    def list_deployments(self, page_size: int = 50, page_token: str = "", *, job: str = ""
+                         ) -> deployment_service_pb2.ListDeploymentsResponse:
+        request = deployment_service_pb2.ListDeploymentsRequest(
+            organization=self.organization, page_size=page_size, page_token=page_token, job=job)
+        return _call(lambda: self.deployments.ListDeployments(request, timeout=self.timeout_s))
+
+    def delete_deployment(self, ref: str) -> deployment_service_pb2.DeleteDeploymentResponse:
+        request = deployment_service_pb2.DeleteDeploymentRequest(organization=self.organization,
+                                                                 deployment=ref)
+        return _call(lambda: self.deployments.DeleteDeployment(request, timeout=self.timeout_s))
 
     def whoami(self) -> identity_pb2.Caller:
         """The organization, role and principal of this client's credential."""

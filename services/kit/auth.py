@@ -69,7 +69,7 @@ ACCESS_NAMES: dict[int, str] = {access_pb2.ACCESS_READ: "READ", access_pb2.ACCES
 _LEAST_ROLE: dict[int, str] = {access_pb2.ACCESS_READ: "viewer", access_pb2.ACCESS_WRITE: "member",
                access_pb2.ACCESS_ADMIN: "admin"}
 # Request and response fields that name the resource a call is about, for the audit log.
-_RESOURCE_FIELDS = ("job", "dataset", "api_key", "name")
+_RESOURCE_FIELDS = ("job", "dataset", "api_key", "name", "deployment")
 
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("tuneforge_principal",
                                                                              default=None)

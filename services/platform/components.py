@@ -11,5 +11,7 @@ def all_components() -> list[ComponentFactory]:
     from services.identity.component import IdentityComponent
     from services.jobs.component import JobsComponent
     from services.metrics.component import MetricsComponent
+    from services.serving.component import ServingComponent
 
-    return [IdentityComponent, DatasetsComponent, JobsComponent, EstimationComponent, MetricsComponent]
+    return [IdentityComponent, DatasetsComponent, JobsComponent, EstimationComponent, MetricsComponent,
+            ServingComponent]

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 
 SERVICES = {"tuneforge.v1.DatasetService", "tuneforge.v1.JobService", "tuneforge.v1.EstimationService",
             "tuneforge.v1.MetricsService", "tuneforge.v1.ApiKeyService", "tuneforge.v1.AuditService",
+            "tuneforge.v1.DeploymentService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
 

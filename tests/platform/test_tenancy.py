@@ -24,6 +24,7 @@ from tuneforge.v1 import (
     audit_service_pb2,
     dataset_pb2,
     dataset_service_pb2,
+    deployment_service_pb2,
     estimation_service_pb2,
     identity_pb2,
     job_pb2,
@@ -40,7 +41,7 @@ from tests.platform.conftest import ORG, Seeded
 
 OTHER = "bravo"
 # Request fields that name a resource of the caller's organization.
-REFERENCE_FIELDS = {"dataset", "validation_dataset", "job", "job_id", "api_key"}
+REFERENCE_FIELDS = {"dataset", "validation_dataset", "job", "job_id", "api_key", "deployment"}
 
 
 METHODS = service_methods()
@@ -257,6 +258,13 @@ CASES: dict[str, Callable[[str, str], list[Message | list[Message]]]] = {
     "WatchJob": lambda d, j: [job_service_pb2.WatchJobRequest(job=j)],
     "GetJobArtifacts": lambda d, j: [job_service_pb2.GetJobArtifactsRequest(job=j)],
     "ListCheckpoints": lambda d, j: [job_service_pb2.ListCheckpointsRequest(job=j)],
+    "ListJobEvents": lambda d, j: [job_service_pb2.ListJobEventsRequest(job=j)],
+    "GetJobEvaluation": lambda d, j: [job_service_pb2.GetJobEvaluationRequest(job=j)],
+    "CreateDeployment": lambda d, j: [deployment_service_pb2.CreateDeploymentRequest(job=j)],
+    # A's deployments are named like its jobs here (the seeded platform has no SUCCEEDED job to deploy).
+    "GetDeployment": lambda d, j: [deployment_service_pb2.GetDeploymentRequest(deployment=j)],
+    "ListDeployments": lambda d, j: [deployment_service_pb2.ListDeploymentsRequest(job=j)],
+    "DeleteDeployment": lambda d, j: [deployment_service_pb2.DeleteDeploymentRequest(deployment=j)],
     "StreamMetrics": lambda d, j: [metrics_service_pb2.StreamMetricsRequest(job_id=j)],
     "ListMetrics": lambda d, j: [metrics_service_pb2.ListMetricsRequest(job_id=j)],
     "StreamLogs": lambda d, j: [metrics_service_pb2.StreamLogsRequest(job_id=j)],
@@ -317,6 +325,20 @@ def test_no_answer_to_another_organization_carries_its_ids_or_names(
     blob = b"".join(outcome.responses) + outcome.details.encode()
     for secret in secrets_of_a:
         assert secret.encode() not in blob, (secret, outcome)
+
+
+def test_usage_counts_only_the_callers_own_jobs(tenants: Tenants) -> None:
+    """GetUsage names no resource (CASES lists the RPCs that do): it is scoped by the caller's organization,
+    so B's usage counts none of A's jobs, and A's counts them all."""
+    address = tenants.platform.address
+    with TuneForgeClient(address, api_key=tenants.acme_admin) as acme:
+        ours = acme.get_usage()
+    with TuneForgeClient(address, api_key=tenants.bravo_admin) as bravo:
+        theirs = bravo.get_usage()
+        own = len(bravo.list_jobs().jobs)
+    assert ours.total.jobs_created >= len(tenants.platform.job_ids)
+    assert theirs.total.jobs_created == own
+    assert sum(c.count for c in theirs.total.jobs_by_state) == own
 
 
 def test_a_model_path_into_another_organizations_outputs_is_refused(

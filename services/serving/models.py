@@ -1,0 +1,58 @@
+"""Tables of the serving service (prefix `serving_`). The self-check and the error are stored as their
+proto bytes; columns exist for what queries filter or sort on."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Boolean, DateTime, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from services.kit.outbox import utcnow
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DeploymentRow(Base):
+    __tablename__ = "serving_deployments"
+    __table_args__ = (
+        UniqueConstraint("organization", "name", name="uq_serving_org_name"),
+        UniqueConstraint("organization", "request_id", name="uq_serving_org_request_id"),
+        Index("ix_serving_org_job", "organization", "job_id"),
+    )
+
+    # "dep_" + 26 characters; ids sort by creation, so "newest first" is id descending.
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(63))
+    name: Mapped[str] = mapped_column(String(63))
+    job_id: Mapped[str] = mapped_column(String(40))
+    target: Mapped[int] = mapped_column(Integer)
+    merged: Mapped[bool] = mapped_column(Boolean, default=False)
+    state: Mapped[int] = mapped_column(Integer)
+    # google.rpc.Status bytes, when FAILED.
+    error: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    endpoint: Mapped[str] = mapped_column(Text, default="")
+    # tuneforge.v1.DeploymentCheck bytes, once the self-check ran.
+    check: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    manifest: Mapped[str] = mapped_column(Text, default="")
+    # What the model process loads (services.serving.runner's config), fixed at creation so a restarted
+    # platform loads the same model again.
+    source: Mapped[str] = mapped_column(Text, default="{}")
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeletedDeploymentRow(Base):
+    """A deleted deployment, so that deleting it again (by id or name) answers already_deleted rather than
+    NOT_FOUND; its name is free for a new deployment."""
+
+    __tablename__ = "serving_deleted_deployments"
+    __table_args__ = (Index("ix_serving_deleted_org_name", "organization", "name"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    organization: Mapped[str] = mapped_column(String(63))
+    name: Mapped[str] = mapped_column(String(63))
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
