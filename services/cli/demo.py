@@ -13,12 +13,32 @@ import uuid
 from pathlib import Path
 
 from rich.console import Console
-from tuneforge.v1 import job_pb2
+from rich.text import Text
+from tuneforge.v1 import evaluation_pb2, job_pb2
 
 from services.cli.credentials import read_admin_key
 from services.cli.render import outcome, watch
+from services.cli.timeline import metrics_table
 from services.client import TuneForgeClient, TuneForgeError
 from services.platform.supervisor import Platform, PlatformConfig
+
+
+def show_evaluation(client: TuneForgeClient, job: job_pb2.Job, console: Console) -> None:
+    """The evaluation after training, base against tuned on the test split, and one sample answer."""
+    report = client.get_job_evaluation(job.id).evaluation
+    if report.status != evaluation_pb2.EVALUATION_STATUS_SUCCEEDED:
+        name = evaluation_pb2.EvaluationStatus.Name(report.status).removeprefix("EVALUATION_STATUS_")
+        console.print(f"evaluation {name}: {report.message}")
+        return
+    verdict = "[green]improved[/green]" if report.improved else "[yellow]did not improve[/yellow]"
+    console.print(f"evaluation on {report.example_count} test examples: the tuned model {verdict} on "
+                  f"{report.primary_metric} (tuneforge jobs eval {job.id})")
+    console.print(metrics_table(report))
+    if report.samples:
+        sample = report.samples[0]
+        console.print(Text("sample prompt: ", style="bold") + Text(sample.prompt))
+        console.print(Text("base answer:   ", style="bold") + Text(sample.base_answer or "(empty)"))
+        console.print(Text("tuned answer:  ", style="bold") + Text(sample.tuned_answer or "(empty)"))
 
 
 def run_demo(data_dir: Path, *, examples: int, epochs: int, console: Console) -> int:
@@ -69,8 +89,13 @@ def run_demo(data_dir: Path, *, examples: int, epochs: int, console: Console) ->
                 console.print(f"worker logs: {platform.logs_dir}")
                 return 1
             adapter = final.output.adapter_uri.removeprefix("file://")
-            console.print(f"[green]The trained adapter is in {adapter}[/green] "
-                          f"({time.monotonic() - started:.0f} s in all)")
+            console.print(f"[green]The trained adapter is in {adapter}[/green]")
+            show_evaluation(client, final, console)
+            usage = final.usage
+            console.print(f"usage: {usage.run_time.ToTimedelta().total_seconds():.0f} s on {usage.hardware}, "
+                          f"{usage.tokens_trained:,} tokens trained, ${usage.cost_usd:.4f} at "
+                          f"${usage.hourly_usd:.2f}/h (tuneforge usage, tuneforge jobs events {final.id})")
+            console.print(f"done in {time.monotonic() - started:.0f} s")
             return 0
     except TuneForgeError as err:
         console.print(f"[red]demo failed[/red]: {err}")
