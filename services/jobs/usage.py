@@ -258,11 +258,11 @@ def check_request(request: job_service_pb2.GetUsageRequest, now: datetime | None
     check_organization(v, request.organization)
     unit = request.period or P.USAGE_PERIOD_UNIT_DAY
     v.check(unit in P.values(), "period", "is not a usage period unit")
-    for field in ("start_time", "end_time"):
-        ts = getattr(request, field)
-        if request.HasField(field) and not (0 <= ts.nanos < 1_000_000_000
-                                            and 0 <= ts.seconds < LATEST_TIMESTAMP_S):
-            v.add(field, "is not a time between 1970-01-01 and 9000-01-01 (seconds since the epoch, "
+    for name in ("start_time", "end_time"):
+        ts = getattr(request, name)
+        if request.HasField(name) and not (0 <= ts.nanos < 1_000_000_000
+                                           and 0 <= ts.seconds < LATEST_TIMESTAMP_S):
+            v.add(name, "is not a time between 1970-01-01 and 9000-01-01 (seconds since the epoch, "
                          "nanos 0-999999999)")
     v.raise_if_any("request is invalid")
     end = from_timestamp(request.end_time) if request.HasField("end_time") else (now or utcnow())
