@@ -37,8 +37,10 @@ def show_evaluation(client: TuneForgeClient, job: job_pb2.Job, console: Console)
     if report.samples:
         sample = report.samples[0]
         console.print(Text("sample prompt: ", style="bold") + Text(sample.prompt))
-        console.print(Text("base answer:   ", style="bold") + Text(sample.base_answer or "(empty)"))
-        console.print(Text("tuned answer:  ", style="bold") + Text(sample.tuned_answer or "(empty)"))
+        answers = (("base answer:   ", sample.base_answer), ("tuned answer:  ", sample.tuned_answer))
+        for label, answer in answers:
+            shown = answer if len(answer) <= 200 else answer[:200] + " [...]"  # `jobs eval` shows it whole
+            console.print(Text(label, style="bold") + Text(shown or "(empty)"))
 
 
 def run_demo(data_dir: Path, *, examples: int, epochs: int, console: Console) -> int:
