@@ -4,6 +4,10 @@ A state change and the event announcing it are written in one database transacti
 relay publishes pending events to JetStream in order with Nats-Msg-Id = event id and marks them sent. A
 crash after publishing but before marking re-publishes the same id, which JetStream drops as a duplicate.
 Consumers record the ids they applied (`InboxMixin`) so a redelivered event has no effect.
+
+A published row is never read again (the relay only reads unpublished ones), so the relay deletes rows
+published more than `retention_s` ago (a day by default), a batch at a time, at most once a minute: the
+table holds what is pending and the recent past, not every event the service ever sent.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.message import Message
 from nats.js import JetStreamContext
-from sqlalchemy import DateTime, Integer, LargeBinary, String, select, update
+from sqlalchemy import DateTime, Integer, LargeBinary, String, delete, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from services.kit.db import Database
@@ -60,15 +65,44 @@ def first_time(session: Session, model: type[InboxMixin], event_id: str) -> bool
     return True
 
 
+# How long published rows are kept, and how often the relay looks for older ones.
+OUTBOX_RETENTION_S = 24 * 3600.0
+PRUNE_INTERVAL_S = 60.0
+
+
 class OutboxRelay:
     def __init__(self, db: Database, js: JetStreamContext, model: type[OutboxMixin],
-                 poll_interval_s: float = 0.5, batch: int = 200) -> None:
+                 poll_interval_s: float = 0.5, batch: int = 200,
+                 retention_s: float = OUTBOX_RETENTION_S) -> None:
         self.db = db
         self.js = js
         self.model = model
         self.poll_interval_s = poll_interval_s
         self.batch = batch
+        # 0 keeps published rows forever.
+        self.retention_s = retention_s
         self._wake = asyncio.Event()
+        self._pruned_at = 0.0
+
+    def prune(self, session: Session, now: datetime | None = None, limit: int = 1000) -> int:
+        """Deletes up to `limit` rows published more than `retention_s` before `now`; returns how many."""
+        if self.retention_s <= 0:
+            return 0
+        cutoff = (now or utcnow()) - timedelta(seconds=self.retention_s)
+        ids = list(session.scalars(select(self.model.id).where(self.model.published_at.is_not(None),
+                                                               self.model.published_at < cutoff)
+                                   .order_by(self.model.id).limit(limit)))
+        if ids:
+            session.execute(delete(self.model).where(self.model.id.in_(ids)))
+        return len(ids)
+
+    async def _prune_now_and_then(self) -> None:
+        if time.monotonic() - self._pruned_at < PRUNE_INTERVAL_S:
+            return
+        self._pruned_at = time.monotonic()
+        pruned = await self.db.run(self.prune)
+        if pruned:
+            log.info("outbox: deleted %d events published more than %.0f s ago", pruned, self.retention_s)
 
     def notify(self) -> None:
         """Call after committing events so they go out now rather than at the next poll."""
@@ -101,6 +135,7 @@ class OutboxRelay:
             try:
                 while await self.relay_once() == self.batch:
                     pass
+                await self._prune_now_and_then()
             except asyncio.CancelledError:
                 raise
             except Exception:
