@@ -736,14 +736,14 @@ class JobRun:
                     f"(pid {event.pid}).", "debug", training, event.time or None,
                 )
             case CheckpointEvent():
-                self._upload_checkpoint(event.step, Path(event.dir))
+                self._upload_checkpoint(event.step, Path(event.dir), event.best_step)
             case ResultEvent():
                 outcome.result = event
             case ErrorEvent():
                 if outcome.error is None or event.rank == 0:
                     outcome.error = event  # the main rank's account wins over a peer's "connection lost"
 
-    def _upload_checkpoint(self, step: int, directory: Path) -> None:
+    def _upload_checkpoint(self, step: int, directory: Path, best_step: int = 0) -> None:
         """Queue the upload behind earlier ones; a failed upload costs progress on a retry, not the job."""
         previous = self._uploads
         keep = self.assignment.spec.hyperparameters.save_total_limit
@@ -753,7 +753,8 @@ class JobRun:
                 await previous
             try:
                 size = await asyncio.to_thread(size_of, [directory])
-                uri = await asyncio.to_thread(self._checkpoints().upload, step, directory, keep)
+                uri = await asyncio.to_thread(self._checkpoints().upload, step, directory, keep,
+                                              protect=best_step)
             except Exception as exc:
                 log.warning("job %s: checkpoint %d was not stored: %s", self.job_id, step, exc)
                 self.reporter.log(f"Could not store the checkpoint of step {step}: {exc}", "warning")

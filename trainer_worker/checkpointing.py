@@ -75,7 +75,8 @@ def callbacks(cfg: RunConfig, sink: EventSink) -> list[Any]:
             staged = staging_dir(cfg.output_dir) / source.name
             shutil.rmtree(staged, ignore_errors=True)
             shutil.copytree(source, staged, copy_function=_link_or_copy)
-            sink.checkpoint(state.global_step, staged)
+            best = Path(state.best_model_checkpoint).name if state.best_model_checkpoint else ""
+            sink.checkpoint(state.global_step, staged, best_step=step_of(best) or 0)
 
     return [StageCheckpoint()]
 
@@ -136,19 +137,21 @@ class CheckpointStore:
         complete = sorted(s for s, names in files.items() if COMPLETE in names)
         return complete, sorted(set(files) - set(complete))
 
-    def upload(self, step: int, directory: Path, keep: int) -> str:
-        """Upload every file, then the marker; then prune to ``keep`` complete checkpoints."""
+    def upload(self, step: int, directory: Path, keep: int, *, protect: int = 0) -> str:
+        """Upload every file, then the marker; then prune to ``keep`` complete checkpoints, never the
+        ``protect`` step (the best checkpoint so far, which the run will load at its end)."""
         key = self.key(step)
         self.store.delete_prefix(self.key(step) + "/")  # leftovers of an attempt that died uploading it
         self.store.put_dir(key, directory)
         self.store.put_bytes(f"{key}/{COMPLETE}", str(step).encode())
-        self.prune(keep)
+        self.prune(keep, protect=protect)
         return self.store.uri(key)
 
-    def prune(self, keep: int) -> None:
-        """Keep the newest ``keep`` complete checkpoints (0: all); drop stale half-uploaded ones."""
+    def prune(self, keep: int, *, protect: int = 0) -> None:
+        """Keep the newest ``keep`` complete checkpoints (0: all) and the ``protect`` step (as the Trainer
+        keeps its best checkpoint beside save_total_limit); drop stale half-uploaded ones."""
         complete, incomplete = self.steps()
-        doomed = complete[:-keep] if keep > 0 else []
+        doomed = [step for step in (complete[:-keep] if keep > 0 else []) if step != protect]
         for step in doomed:
             self.store.delete_prefix(f"{self.key(step)}/{COMPLETE}")  # unusable first, then gone
             self.store.delete_prefix(self.key(step) + "/")

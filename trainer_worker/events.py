@@ -104,6 +104,9 @@ class LogEvent(Event, tag="log", kw_only=True):
 class CheckpointEvent(Event, tag="checkpoint", kw_only=True):
     step: int
     dir: str
+    # The step of the best checkpoint so far when the run tracks one (load_best_model_at_end), which
+    # pruning to save_total_limit must keep; 0 when none.
+    best_step: int = 0
 
 
 Phase = Literal["training", "evaluating", "uploading"]
@@ -247,8 +250,8 @@ class EventSink:
         known: LogLevel = next((name for name in LEVELS if name == level), "info")
         self.emit(LogEvent(level=known, message=message))
 
-    def checkpoint(self, step: int, directory: Path) -> None:
-        self.emit(CheckpointEvent(step=step, dir=str(directory)))
+    def checkpoint(self, step: int, directory: Path, *, best_step: int = 0) -> None:
+        self.emit(CheckpointEvent(step=step, dir=str(directory), best_step=best_step))
 
     def phase(self, phase: Phase) -> None:
         self.emit(PhaseEvent(phase=phase))

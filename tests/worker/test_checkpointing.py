@@ -48,6 +48,16 @@ def test_only_marked_checkpoints_count_and_the_newest_are_kept(
     assert not store.list_keys("jobs/acme/job_1/checkpoints/checkpoint-20/")
 
 
+def test_pruning_keeps_the_best_checkpoint_beside_the_newest(tmp_path: Path) -> None:
+    """With early stopping the run loads its best checkpoint at the end, so pruning must not drop it."""
+    checkpoints = CheckpointStore(LocalObjectStore(tmp_path / "objects"), "jobs/acme/job_1")
+    for step in (10, 20, 30, 40):
+        checkpoints.upload(step, _checkpoint(tmp_path / "local", step), keep=2, protect=10)
+    assert checkpoints.steps() == ([10, 30, 40], [])
+    checkpoints.upload(50, _checkpoint(tmp_path / "local", 50), keep=2, protect=40)
+    assert checkpoints.steps() == ([40, 50], [])
+
+
 def test_no_checkpoint_means_step_zero(tmp_path: Path) -> None:
     checkpoints = CheckpointStore(LocalObjectStore(tmp_path / "objects"), "jobs/acme/job_1")
     assert checkpoints.download_latest(tmp_path / "out") is None
