@@ -66,7 +66,7 @@ from nats.js.errors import NotFoundError
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
-from trainer_worker import evaluation_report, warm_start
+from trainer_worker import evaluation_report, vision, warm_start
 from trainer_worker.checkpointing import CheckpointStore
 from trainer_worker.errors import TrainingError, Transient, is_retryable
 from trainer_worker.events import (
@@ -516,6 +516,11 @@ class JobRun:
                 test_file = await self._download(self.assignment.test_uri, data_dir / "test.jsonl")
             except TrainingError:  # a missing test split costs the evaluation, never the job
                 self.reporter.log(f"The test split {self.assignment.test_uri} does not exist.", "warning")
+        splits = [f for f in (train_file, validation_file, test_file) if f is not None]
+        images = await asyncio.to_thread(vision.localize_images, splits, self.agent.locate,
+                                         data_dir / "images")
+        if images:  # an image dataset: its rows now name local files
+            self.reporter.log(f"Fetched {images} images of the dataset.")
         self.story.downloaded("DATA_DOWNLOADED", "the data", size_of([data_dir]),
                               time.monotonic() - data_started)
         model_path = await self._base_model_path(spec.base_model)

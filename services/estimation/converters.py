@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from tuneforge.v1 import estimation_pb2, job_pb2
+from tuneforge.v1 import estimation_pb2, job_pb2, model_pb2
 
 from services.estimation.catalog import CatalogModel
 from services.estimation.estimator import Cost, Fit, Hardware, Memory, Time
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MODEL_TYPES = {"llm": estimation_pb2.MODEL_TYPE_LLM, "vlm": estimation_pb2.MODEL_TYPE_VLM}
+MODEL_TYPES = {"llm": model_pb2.MODEL_TYPE_LLM, "vlm": model_pb2.MODEL_TYPE_VLM}
 STRATEGIES = {
     "none": job_pb2.DISTRIBUTED_STRATEGY_NONE,
     "ddp": job_pb2.DISTRIBUTED_STRATEGY_DDP,
@@ -40,7 +40,7 @@ def model_to_proto(model: CatalogModel) -> estimation_pb2.BaseModel:
     return estimation_pb2.BaseModel(
         id=model.id,
         family=model.family,
-        type=MODEL_TYPES.get(model.model_type, estimation_pb2.MODEL_TYPE_UNSPECIFIED),
+        type=MODEL_TYPES.get(model.model_type, model_pb2.MODEL_TYPE_UNSPECIFIED),
         parameter_count=model.parameter_count,
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,

@@ -12,7 +12,7 @@ import grpc.aio
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from tuneforge.v1 import dataset_pb2, estimation_pb2, estimation_service_pb2, job_pb2
+from tuneforge.v1 import dataset_pb2, estimation_pb2, estimation_service_pb2, job_pb2, model_pb2
 
 from services.estimation.estimator import GIB
 from services.jobs.estimation_client import HardwareCheck
@@ -77,7 +77,7 @@ async def test_list_base_models_filters_and_pages(estimation_stack: EstimationSt
         small.head_dim,
         small.gated_mlp,
     ) == (494_032_768, 24, 896, 2, True, 64, True)
-    assert small.type == estimation_pb2.MODEL_TYPE_LLM and small.license == "apache-2.0"
+    assert small.type == model_pb2.MODEL_TYPE_LLM and small.license == "apache-2.0"
 
     ids, token = [], ""
     while True:
@@ -90,7 +90,7 @@ async def test_list_base_models_filters_and_pages(estimation_stack: EstimationSt
             break
     assert len(ids) == len(set(ids)) == 74 and ids == sorted(ids, key=str.lower)
     vlm = await stub.ListBaseModels(
-        estimation_service_pb2.ListBaseModelsRequest(type=estimation_pb2.MODEL_TYPE_VLM)
+        estimation_service_pb2.ListBaseModelsRequest(type=model_pb2.MODEL_TYPE_VLM)
     )
     assert {m.id for m in vlm.models} == {
         "meta-llama/Llama-3.2-11B-Vision",

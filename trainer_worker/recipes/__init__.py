@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from tuneforge.v1 import job_pb2
 
+from trainer_worker import vision
 from trainer_worker.errors import TrainingError
 from trainer_worker.events import EarlyStopInfo
 from trainer_worker.recipes import rewards
@@ -74,7 +75,8 @@ RECIPES = {
 
 def build(cfg: RunConfig, spec: job_pb2.JobSpec, sink: EventSink, stop: StopSignal) -> Recipe:
     """The recipe for the spec's method (imports torch)."""
-    module, name = RECIPES[spec.method].split(":")
+    # A vision-language base model or job: SFT on it trains through TRL's vision path (recipes/vlm.py).
+    module, name = (vision.recipe_override(spec, cfg.model_path) or RECIPES[spec.method]).split(":")
     with stop.deferred():  # a stop during the C extensions' imports is raised once they are done
         recipe: type[Recipe] = getattr(importlib.import_module(f"trainer_worker.recipes.{module}"), name)
     return recipe(cfg, spec, sink, stop)  # type: ignore[call-arg]

@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from tuneforge.v1 import dataset_pb2 as tuneforge_dot_v1_dot_dataset__pb2
 from tuneforge.v1 import job_pb2 as tuneforge_dot_v1_dot_job__pb2
+from tuneforge.v1 import model_pb2 as tuneforge_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtuneforge/v1/estimation.proto\x12\x0ctuneforge.v1\x1a\x1atuneforge/v1/dataset.proto\x1a\x16tuneforge/v1/job.proto\"\xb8\x03\n\tBaseModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12%\n\x04type\x18\x03 \x01(\x0e\x32\x17.tuneforge.v1.ModelType\x12\x17\n\x0fparameter_count\x18\x04 \x01(\x03\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x05\x12\x1b\n\x13num_attention_heads\x18\x07 \x01(\x05\x12\x1b\n\x13num_key_value_heads\x18\x08 \x01(\x05\x12\x19\n\x11intermediate_size\x18\t \x01(\x05\x12\x12\n\nvocab_size\x18\n \x01(\x05\x12\x17\n\x0ftied_embeddings\x18\x0b \x01(\x08\x12\x13\n\x0bnum_experts\x18\x0c \x01(\x05\x12\x1d\n\x15num_experts_per_token\x18\r \x01(\x05\x12\x1a\n\x12max_context_length\x18\x0e \x01(\x05\x12\x0f\n\x07license\x18\x0f \x01(\t\x12\x10\n\x08head_dim\x18\x10 \x01(\x05\x12\x1e\n\x16vision_parameter_count\x18\x11 \x01(\x03\x12\x11\n\tgated_mlp\x18\x12 \x01(\x08\"\xda\x01\n\x0eHardwareOption\x12\x10\n\x08gpu_type\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bpeak_tflops\x18\x04 \x01(\x01\x12\x15\n\rsupports_bf16\x18\x05 \x01(\x08\x12\x12\n\nhourly_usd\x18\x06 \x01(\x01\x12\x1a\n\x12\x61llowed_gpu_counts\x18\x07 \x03(\x05\x12\x16\n\x0emin_storage_gb\x18\x08 \x01(\x05\x12\x16\n\x0emax_storage_gb\x18\t \x01(\x05\"\xc5\x02\n\x0fMemoryBreakdown\x12\x0f\n\x07weights\x18\x01 \x01(\x03\x12\x1c\n\x14trainable_parameters\x18\x02 \x01(\x03\x12\x11\n\tgradients\x18\x03 \x01(\x03\x12\x18\n\x10optimizer_states\x18\x04 \x01(\x03\x12\x13\n\x0b\x61\x63tivations\x18\x05 \x01(\x03\x12\x0e\n\x06logits\x18\x06 \x01(\x03\x12\x1a\n\x12\x66ramework_overhead\x18\x07 \x01(\x03\x12\r\n\x05total\x18\x08 \x01(\x03\x12\x19\n\x11reference_weights\x18\t \x01(\x03\x12\x18\n\x10offloaded_to_cpu\x18\n \x01(\x03\x12\x1e\n\x16quantization_constants\x18\x0b \x01(\x03\x12\x11\n\ttransient\x18\x0c \x01(\x03\x12\x1e\n\x16\x63\x61libration_adjustment\x18\r \x01(\x03\"\xbb\x01\n\x0cTimeEstimate\x12\x17\n\x0ftraining_tokens\x18\x01 \x01(\x03\x12\x17\n\x0f\x66lops_per_token\x18\x02 \x01(\x01\x12\x13\n\x0butilization\x18\x03 \x01(\x01\x12\x18\n\x10training_seconds\x18\x04 \x01(\x01\x12\x18\n\x10overhead_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\"H\n\x0c\x43ostEstimate\x12\x12\n\nhourly_usd\x18\x01 \x01(\x01\x12\x11\n\tgpu_count\x18\x02 \x01(\x05\x12\x11\n\ttotal_usd\x18\x03 \x01(\x01\"\xd8\x02\n\x0bHardwareFit\x12\x10\n\x08gpu_type\x18\x01 \x01(\t\x12\x11\n\tgpu_count\x18\x02 \x01(\x05\x12\x0c\n\x04\x66its\x18\x03 \x01(\x08\x12\x35\n\x0ememory_per_gpu\x18\x04 \x01(\x0b\x32\x1d.tuneforge.v1.MemoryBreakdown\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.tuneforge.v1.TimeEstimate\x12(\n\x04\x63ost\x18\x07 \x01(\x0b\x32\x1a.tuneforge.v1.CostEstimate\x12\x33\n\x08strategy\x18\x08 \x01(\x0e\x32!.tuneforge.v1.DistributedStrategy\x12,\n\x06source\x18\t \x01(\x0e\x32\x1c.tuneforge.v1.EstimateSource\x12\x18\n\x10\x63\x61libration_jobs\x18\n \x01(\x05\"k\n\x0b\x44\x61tasetSize\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x33\n\nstatistics\x18\x02 \x01(\x0b\x32\x1f.tuneforge.v1.DatasetStatistics\x12\x16\n\x0etrain_examples\x18\x03 \x01(\x03*O\n\tModelType\x12\x1a\n\x16MODEL_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODEL_TYPE_LLM\x10\x01\x12\x12\n\x0eMODEL_TYPE_VLM\x10\x02*l\n\x0e\x45stimateSource\x12\x1f\n\x1b\x45STIMATE_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45STIMATE_SOURCE_PRIOR\x10\x01\x12\x1e\n\x1a\x45STIMATE_SOURCE_CALIBRATED\x10\x02\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtuneforge/v1/estimation.proto\x12\x0ctuneforge.v1\x1a\x1atuneforge/v1/dataset.proto\x1a\x16tuneforge/v1/job.proto\x1a\x18tuneforge/v1/model.proto\"\xb8\x03\n\tBaseModel\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12%\n\x04type\x18\x03 \x01(\x0e\x32\x17.tuneforge.v1.ModelType\x12\x17\n\x0fparameter_count\x18\x04 \x01(\x03\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x06 \x01(\x05\x12\x1b\n\x13num_attention_heads\x18\x07 \x01(\x05\x12\x1b\n\x13num_key_value_heads\x18\x08 \x01(\x05\x12\x19\n\x11intermediate_size\x18\t \x01(\x05\x12\x12\n\nvocab_size\x18\n \x01(\x05\x12\x17\n\x0ftied_embeddings\x18\x0b \x01(\x08\x12\x13\n\x0bnum_experts\x18\x0c \x01(\x05\x12\x1d\n\x15num_experts_per_token\x18\r \x01(\x05\x12\x1a\n\x12max_context_length\x18\x0e \x01(\x05\x12\x0f\n\x07license\x18\x0f \x01(\t\x12\x10\n\x08head_dim\x18\x10 \x01(\x05\x12\x1e\n\x16vision_parameter_count\x18\x11 \x01(\x03\x12\x11\n\tgated_mlp\x18\x12 \x01(\x08\"\xda\x01\n\x0eHardwareOption\x12\x10\n\x08gpu_type\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x13\n\x0bpeak_tflops\x18\x04 \x01(\x01\x12\x15\n\rsupports_bf16\x18\x05 \x01(\x08\x12\x12\n\nhourly_usd\x18\x06 \x01(\x01\x12\x1a\n\x12\x61llowed_gpu_counts\x18\x07 \x03(\x05\x12\x16\n\x0emin_storage_gb\x18\x08 \x01(\x05\x12\x16\n\x0emax_storage_gb\x18\t \x01(\x05\"\xc5\x02\n\x0fMemoryBreakdown\x12\x0f\n\x07weights\x18\x01 \x01(\x03\x12\x1c\n\x14trainable_parameters\x18\x02 \x01(\x03\x12\x11\n\tgradients\x18\x03 \x01(\x03\x12\x18\n\x10optimizer_states\x18\x04 \x01(\x03\x12\x13\n\x0b\x61\x63tivations\x18\x05 \x01(\x03\x12\x0e\n\x06logits\x18\x06 \x01(\x03\x12\x1a\n\x12\x66ramework_overhead\x18\x07 \x01(\x03\x12\r\n\x05total\x18\x08 \x01(\x03\x12\x19\n\x11reference_weights\x18\t \x01(\x03\x12\x18\n\x10offloaded_to_cpu\x18\n \x01(\x03\x12\x1e\n\x16quantization_constants\x18\x0b \x01(\x03\x12\x11\n\ttransient\x18\x0c \x01(\x03\x12\x1e\n\x16\x63\x61libration_adjustment\x18\r \x01(\x03\"\xbb\x01\n\x0cTimeEstimate\x12\x17\n\x0ftraining_tokens\x18\x01 \x01(\x03\x12\x17\n\x0f\x66lops_per_token\x18\x02 \x01(\x01\x12\x13\n\x0butilization\x18\x03 \x01(\x01\x12\x18\n\x10training_seconds\x18\x04 \x01(\x01\x12\x18\n\x10overhead_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\"H\n\x0c\x43ostEstimate\x12\x12\n\nhourly_usd\x18\x01 \x01(\x01\x12\x11\n\tgpu_count\x18\x02 \x01(\x05\x12\x11\n\ttotal_usd\x18\x03 \x01(\x01\"\xd8\x02\n\x0bHardwareFit\x12\x10\n\x08gpu_type\x18\x01 \x01(\t\x12\x11\n\tgpu_count\x18\x02 \x01(\x05\x12\x0c\n\x04\x66its\x18\x03 \x01(\x08\x12\x35\n\x0ememory_per_gpu\x18\x04 \x01(\x0b\x32\x1d.tuneforge.v1.MemoryBreakdown\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12(\n\x04time\x18\x06 \x01(\x0b\x32\x1a.tuneforge.v1.TimeEstimate\x12(\n\x04\x63ost\x18\x07 \x01(\x0b\x32\x1a.tuneforge.v1.CostEstimate\x12\x33\n\x08strategy\x18\x08 \x01(\x0e\x32!.tuneforge.v1.DistributedStrategy\x12,\n\x06source\x18\t \x01(\x0e\x32\x1c.tuneforge.v1.EstimateSource\x12\x18\n\x10\x63\x61libration_jobs\x18\n \x01(\x05\"k\n\x0b\x44\x61tasetSize\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\x33\n\nstatistics\x18\x02 \x01(\x0b\x32\x1f.tuneforge.v1.DatasetStatistics\x12\x16\n\x0etrain_examples\x18\x03 \x01(\x03*l\n\x0e\x45stimateSource\x12\x1f\n\x1b\x45STIMATE_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45STIMATE_SOURCE_PRIOR\x10\x01\x12\x1e\n\x1a\x45STIMATE_SOURCE_CALIBRATED\x10\x02\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +35,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tuneforge.v1.estimation_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tuneforge.v1P\001Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1'
-  _globals['_MODELTYPE']._serialized_start=1811
-  _globals['_MODELTYPE']._serialized_end=1890
-  _globals['_ESTIMATESOURCE']._serialized_start=1892
-  _globals['_ESTIMATESOURCE']._serialized_end=2000
-  _globals['_BASEMODEL']._serialized_start=100
-  _globals['_BASEMODEL']._serialized_end=540
-  _globals['_HARDWAREOPTION']._serialized_start=543
-  _globals['_HARDWAREOPTION']._serialized_end=761
-  _globals['_MEMORYBREAKDOWN']._serialized_start=764
-  _globals['_MEMORYBREAKDOWN']._serialized_end=1089
-  _globals['_TIMEESTIMATE']._serialized_start=1092
-  _globals['_TIMEESTIMATE']._serialized_end=1279
-  _globals['_COSTESTIMATE']._serialized_start=1281
-  _globals['_COSTESTIMATE']._serialized_end=1353
-  _globals['_HARDWAREFIT']._serialized_start=1356
-  _globals['_HARDWAREFIT']._serialized_end=1700
-  _globals['_DATASETSIZE']._serialized_start=1702
-  _globals['_DATASETSIZE']._serialized_end=1809
+  _globals['_ESTIMATESOURCE']._serialized_start=1837
+  _globals['_ESTIMATESOURCE']._serialized_end=1945
+  _globals['_BASEMODEL']._serialized_start=126
+  _globals['_BASEMODEL']._serialized_end=566
+  _globals['_HARDWAREOPTION']._serialized_start=569
+  _globals['_HARDWAREOPTION']._serialized_end=787
+  _globals['_MEMORYBREAKDOWN']._serialized_start=790
+  _globals['_MEMORYBREAKDOWN']._serialized_end=1115
+  _globals['_TIMEESTIMATE']._serialized_start=1118
+  _globals['_TIMEESTIMATE']._serialized_end=1305
+  _globals['_COSTESTIMATE']._serialized_start=1307
+  _globals['_COSTESTIMATE']._serialized_end=1379
+  _globals['_HARDWAREFIT']._serialized_start=1382
+  _globals['_HARDWAREFIT']._serialized_end=1726
+  _globals['_DATASETSIZE']._serialized_start=1728
+  _globals['_DATASETSIZE']._serialized_end=1835
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tuneforge.v1 import dataset_pb2 as _dataset_pb2
 from tuneforge.v1 import job_pb2 as _job_pb2
+from tuneforge.v1 import model_pb2 as _model_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,25 +21,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _ModelType:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _ModelTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelType.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    MODEL_TYPE_UNSPECIFIED: _ModelType.ValueType  # 0
-    MODEL_TYPE_LLM: _ModelType.ValueType  # 1
-    MODEL_TYPE_VLM: _ModelType.ValueType  # 2
-    """Vision-language model."""
-
-class ModelType(_ModelType, metaclass=_ModelTypeEnumTypeWrapper): ...
-
-MODEL_TYPE_UNSPECIFIED: ModelType.ValueType  # 0
-MODEL_TYPE_LLM: ModelType.ValueType  # 1
-MODEL_TYPE_VLM: ModelType.ValueType  # 2
-"""Vision-language model."""
-Global___ModelType: _TypeAlias = ModelType  # noqa: Y015
 
 class _EstimateSource:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -89,7 +71,7 @@ class BaseModel(_message.Message):
     id: _builtins.str
     """Hugging Face id, e.g. "meta-llama/Llama-3.1-8B-Instruct"."""
     family: _builtins.str
-    type: Global___ModelType.ValueType
+    type: _model_pb2.ModelType.ValueType
     parameter_count: _builtins.int
     num_layers: _builtins.int
     hidden_size: _builtins.int
@@ -115,7 +97,7 @@ class BaseModel(_message.Message):
         *,
         id: _builtins.str = ...,
         family: _builtins.str = ...,
-        type: Global___ModelType.ValueType = ...,
+        type: _model_pb2.ModelType.ValueType = ...,
         parameter_count: _builtins.int = ...,
         num_layers: _builtins.int = ...,
         hidden_size: _builtins.int = ...,

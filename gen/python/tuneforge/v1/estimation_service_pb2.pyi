@@ -10,6 +10,7 @@ from google.protobuf.internal import containers as _containers
 from tuneforge.v1 import dataset_pb2 as _dataset_pb2
 from tuneforge.v1 import estimation_pb2 as _estimation_pb2
 from tuneforge.v1 import job_pb2 as _job_pb2
+from tuneforge.v1 import model_pb2 as _model_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -31,14 +32,14 @@ class ListBaseModelsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     family: _builtins.str
     """Filters; empty matches all."""
-    type: _estimation_pb2.ModelType.ValueType
+    type: _model_pb2.ModelType.ValueType
     page_size: _builtins.int
     page_token: _builtins.str
     def __init__(
         self,
         *,
         family: _builtins.str = ...,
-        type: _estimation_pb2.ModelType.ValueType = ...,
+        type: _model_pb2.ModelType.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...

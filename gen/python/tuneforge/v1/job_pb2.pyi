@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.rpc import status_pb2 as _status_pb2
+from tuneforge.v1 import model_pb2 as _model_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -640,6 +641,7 @@ class JobSpec(_message.Message):
     KTO_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
     WARM_START_FIELD_NUMBER: _builtins.int
+    MODEL_TYPE_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """A Hugging Face model id ("org/name"), a local path, or an s3:// URI of a saved model folder."""
     dataset: _builtins.str
@@ -650,6 +652,12 @@ class JobSpec(_message.Message):
     """
     method: Global___TrainingMethod.ValueType
     adapter: Global___AdapterType.ValueType
+    model_type: _model_pb2.ModelType.ValueType
+    """What to train. UNSPECIFIED: CreateJob fills it in from the base model (the catalog's type for a hub
+    id, or a vision_config in the config.json of a local or stored model). VLM: the vision-language model
+    trains on an image dataset (ZIP upload), SFT with LoRA or QLoRA only. LLM on a VLM base: only the
+    language model's modules train, on text. An image dataset needs VLM.
+    """
     @_builtins.property
     def lora(self) -> Global___LoraConfig: ...
     @_builtins.property
@@ -703,10 +711,11 @@ class JobSpec(_message.Message):
         kto: Global___KtoConfig | None = ...,
         evaluation: Global___EvaluationConfig | None = ...,
         warm_start: Global___WarmStartConfig | None = ...,
+        model_type: _model_pb2.ModelType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "warm_start", b"warm_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "dataset", b"dataset", "distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "method", b"method", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "validation_dataset", b"validation_dataset", "warm_start", b"warm_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "dataset", b"dataset", "distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "method", b"method", "model_type", b"model_type", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "validation_dataset", b"validation_dataset", "warm_start", b"warm_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -827,7 +836,10 @@ class LoraConfig(_message.Message):
     """Weight-decomposed LoRA; default false."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Module names, or ["all-linear"] (the default)."""
+        """Module names ("q_proj": that module at any depth), NeMo-style wildcard patterns where '*' matches any
+        characters, dots included ("*.q_proj", "model.layers.*.self_attn.*"; sent to PEFT as one regular
+        expression), or ["all-linear"] (the default). A pattern of wildcards only is refused.
+        """
 
     def __init__(
         self,
@@ -965,6 +977,13 @@ class Hyperparameters(_message.Message):
     SAVE_TOTAL_LIMIT_FIELD_NUMBER: _builtins.int
     EARLY_STOPPING_FIELD_NUMBER: _builtins.int
     ASSISTANT_ONLY_LOSS_FIELD_NUMBER: _builtins.int
+    EVAL_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    HIDDEN_DROPOUT_FIELD_NUMBER: _builtins.int
+    ATTENTION_DROPOUT_FIELD_NUMBER: _builtins.int
+    EVAL_EPOCH_FRACTION_FIELD_NUMBER: _builtins.int
+    KEEP_BEST_MODEL_FIELD_NUMBER: _builtins.int
+    METRIC_FOR_BEST_MODEL_FIELD_NUMBER: _builtins.int
+    GLOBAL_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     epochs: _builtins.int
     """1-50; default 3. Ignored when max_steps > 0."""
     max_steps: _builtins.int
@@ -972,7 +991,7 @@ class Hyperparameters(_message.Message):
     batch_size: _builtins.int
     """Examples per device per forward pass, 1-256; default 4."""
     gradient_accumulation_steps: _builtins.int
-    """1-256; default 1."""
+    """1-256; default 1, or derived from global_batch_size when that is set."""
     learning_rate: _builtins.float
     """(0, 1e-2]; default 2e-4 for adapters, 2e-5 for full fine-tuning."""
     min_learning_rate: _builtins.float
@@ -994,7 +1013,9 @@ class Hyperparameters(_message.Message):
     gradient_checkpointing: _builtins.bool
     """Default false."""
     packing: _builtins.bool
-    """Pack several examples per sequence (padding-free); default false."""
+    """Pack several examples per sequence (padding-free); default false. SFT and distillation only (refused
+    for DPO, ORPO, KTO and GRPO).
+    """
     group_by_length: _builtins.bool
     max_seq_length: _builtins.int
     """Tokens per example, 16-131072; default 2048. Longer examples are truncated."""
@@ -1012,6 +1033,31 @@ class Hyperparameters(_message.Message):
     """Checkpoints kept, 1-100; default 2."""
     assistant_only_loss: _builtins.bool
     """Train on assistant tokens only (chat data); default true."""
+    eval_batch_size: _builtins.int
+    """Examples per device per evaluation forward pass, 1-256; default batch_size."""
+    hidden_dropout: _builtins.float
+    """Dropout on the model's hidden states, [0, 1); unset: the model's own (config.hidden_dropout and the
+    like). Set on the model config at load; refused for a model whose config has no such setting.
+    """
+    attention_dropout: _builtins.float
+    """Dropout on the attention weights, [0, 1); unset: the model's own (config.attention_dropout)."""
+    eval_epoch_fraction: _builtins.float
+    """Evaluate every this fraction of an epoch, [0.1, 1] (the seeds' fractional val_check_interval); unset:
+    eval_steps decides. Not with eval_steps > 0, nor with max_steps > 0 (no epoch to divide).
+    """
+    keep_best_model: _builtins.bool
+    """Keep the weights of the best evaluation (by metric_for_best_model) rather than the last step's; needs
+    validation data. Default false; early stopping always keeps the best.
+    """
+    metric_for_best_model: _builtins.str
+    """What "best" means for keep_best_model and early stopping: "eval_loss" (the default; lower is better),
+    or for DPO "eval_rewards/accuracies" or "eval_rewards/margins" (higher is better).
+    """
+    global_batch_size: _builtins.int
+    """Examples per optimizer step over all devices, 1-65536: batch_size x gradient_accumulation_steps x
+    GPUs. Set it instead of gradient_accumulation_steps to have that derived; set both and they must
+    agree. Default: what the other two give.
+    """
     @_builtins.property
     def early_stopping(self) -> Global___EarlyStoppingConfig: ...
     def __init__(
@@ -1044,10 +1090,17 @@ class Hyperparameters(_message.Message):
         save_total_limit: _builtins.int | None = ...,
         early_stopping: Global___EarlyStoppingConfig | None = ...,
         assistant_only_loss: _builtins.bool | None = ...,
+        eval_batch_size: _builtins.int | None = ...,
+        hidden_dropout: _builtins.float | None = ...,
+        attention_dropout: _builtins.float | None = ...,
+        eval_epoch_fraction: _builtins.float | None = ...,
+        keep_best_model: _builtins.bool | None = ...,
+        metric_for_best_model: _builtins.str = ...,
+        global_batch_size: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_adam_beta1", b"_adam_beta1", "_adam_beta2", b"_adam_beta2", "_assistant_only_loss", b"_assistant_only_loss", "_batch_size", b"_batch_size", "_dataloader_workers", b"_dataloader_workers", "_epochs", b"_epochs", "_eval_steps", b"_eval_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_group_by_length", b"_group_by_length", "_learning_rate", b"_learning_rate", "_logging_steps", b"_logging_steps", "_max_grad_norm", b"_max_grad_norm", "_max_seq_length", b"_max_seq_length", "_max_steps", b"_max_steps", "_min_learning_rate", b"_min_learning_rate", "_packing", b"_packing", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_warmup_steps", b"_warmup_steps", "_weight_decay", b"_weight_decay", "adam_beta1", b"adam_beta1", "adam_beta2", b"adam_beta2", "assistant_only_loss", b"assistant_only_loss", "batch_size", b"batch_size", "dataloader_workers", b"dataloader_workers", "early_stopping", b"early_stopping", "epochs", b"epochs", "eval_steps", b"eval_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "group_by_length", b"group_by_length", "learning_rate", b"learning_rate", "logging_steps", b"logging_steps", "max_grad_norm", b"max_grad_norm", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "min_learning_rate", b"min_learning_rate", "packing", b"packing", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_adam_beta1", b"_adam_beta1", "_adam_beta2", b"_adam_beta2", "_assistant_only_loss", b"_assistant_only_loss", "_attention_dropout", b"_attention_dropout", "_batch_size", b"_batch_size", "_dataloader_workers", b"_dataloader_workers", "_epochs", b"_epochs", "_eval_batch_size", b"_eval_batch_size", "_eval_epoch_fraction", b"_eval_epoch_fraction", "_eval_steps", b"_eval_steps", "_global_batch_size", b"_global_batch_size", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_group_by_length", b"_group_by_length", "_hidden_dropout", b"_hidden_dropout", "_keep_best_model", b"_keep_best_model", "_learning_rate", b"_learning_rate", "_logging_steps", b"_logging_steps", "_max_grad_norm", b"_max_grad_norm", "_max_seq_length", b"_max_seq_length", "_max_steps", b"_max_steps", "_min_learning_rate", b"_min_learning_rate", "_packing", b"_packing", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_warmup_steps", b"_warmup_steps", "_weight_decay", b"_weight_decay", "adam_beta1", b"adam_beta1", "adam_beta2", b"adam_beta2", "assistant_only_loss", b"assistant_only_loss", "attention_dropout", b"attention_dropout", "batch_size", b"batch_size", "dataloader_workers", b"dataloader_workers", "early_stopping", b"early_stopping", "epochs", b"epochs", "eval_batch_size", b"eval_batch_size", "eval_epoch_fraction", b"eval_epoch_fraction", "eval_steps", b"eval_steps", "global_batch_size", b"global_batch_size", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "group_by_length", b"group_by_length", "hidden_dropout", b"hidden_dropout", "keep_best_model", b"keep_best_model", "learning_rate", b"learning_rate", "logging_steps", b"logging_steps", "max_grad_norm", b"max_grad_norm", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "min_learning_rate", b"min_learning_rate", "packing", b"packing", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adam_beta1", b"_adam_beta1", "_adam_beta2", b"_adam_beta2", "_assistant_only_loss", b"_assistant_only_loss", "_batch_size", b"_batch_size", "_dataloader_workers", b"_dataloader_workers", "_epochs", b"_epochs", "_eval_steps", b"_eval_steps", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_group_by_length", b"_group_by_length", "_learning_rate", b"_learning_rate", "_logging_steps", b"_logging_steps", "_max_grad_norm", b"_max_grad_norm", "_max_seq_length", b"_max_seq_length", "_max_steps", b"_max_steps", "_min_learning_rate", b"_min_learning_rate", "_packing", b"_packing", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_warmup_steps", b"_warmup_steps", "_weight_decay", b"_weight_decay", "adam_beta1", b"adam_beta1", "adam_beta2", b"adam_beta2", "assistant_only_loss", b"assistant_only_loss", "batch_size", b"batch_size", "dataloader_workers", b"dataloader_workers", "early_stopping", b"early_stopping", "epochs", b"epochs", "eval_steps", b"eval_steps", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "group_by_length", b"group_by_length", "learning_rate", b"learning_rate", "logging_steps", b"logging_steps", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "min_learning_rate", b"min_learning_rate", "optimizer", b"optimizer", "packing", b"packing", "precision", b"precision", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adam_beta1", b"_adam_beta1", "_adam_beta2", b"_adam_beta2", "_assistant_only_loss", b"_assistant_only_loss", "_attention_dropout", b"_attention_dropout", "_batch_size", b"_batch_size", "_dataloader_workers", b"_dataloader_workers", "_epochs", b"_epochs", "_eval_batch_size", b"_eval_batch_size", "_eval_epoch_fraction", b"_eval_epoch_fraction", "_eval_steps", b"_eval_steps", "_global_batch_size", b"_global_batch_size", "_gradient_accumulation_steps", b"_gradient_accumulation_steps", "_gradient_checkpointing", b"_gradient_checkpointing", "_group_by_length", b"_group_by_length", "_hidden_dropout", b"_hidden_dropout", "_keep_best_model", b"_keep_best_model", "_learning_rate", b"_learning_rate", "_logging_steps", b"_logging_steps", "_max_grad_norm", b"_max_grad_norm", "_max_seq_length", b"_max_seq_length", "_max_steps", b"_max_steps", "_min_learning_rate", b"_min_learning_rate", "_packing", b"_packing", "_save_steps", b"_save_steps", "_save_total_limit", b"_save_total_limit", "_seed", b"_seed", "_warmup_ratio", b"_warmup_ratio", "_warmup_steps", b"_warmup_steps", "_weight_decay", b"_weight_decay", "adam_beta1", b"adam_beta1", "adam_beta2", b"adam_beta2", "assistant_only_loss", b"assistant_only_loss", "attention_dropout", b"attention_dropout", "batch_size", b"batch_size", "dataloader_workers", b"dataloader_workers", "early_stopping", b"early_stopping", "epochs", b"epochs", "eval_batch_size", b"eval_batch_size", "eval_epoch_fraction", b"eval_epoch_fraction", "eval_steps", b"eval_steps", "global_batch_size", b"global_batch_size", "gradient_accumulation_steps", b"gradient_accumulation_steps", "gradient_checkpointing", b"gradient_checkpointing", "group_by_length", b"group_by_length", "hidden_dropout", b"hidden_dropout", "keep_best_model", b"keep_best_model", "learning_rate", b"learning_rate", "logging_steps", b"logging_steps", "lr_scheduler", b"lr_scheduler", "max_grad_norm", b"max_grad_norm", "max_seq_length", b"max_seq_length", "max_steps", b"max_steps", "metric_for_best_model", b"metric_for_best_model", "min_learning_rate", b"min_learning_rate", "optimizer", b"optimizer", "packing", b"packing", "precision", b"precision", "save_steps", b"save_steps", "save_total_limit", b"save_total_limit", "seed", b"seed", "warmup_ratio", b"warmup_ratio", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__adam_beta1: _TypeAlias = _typing.Literal["adam_beta1"]  # noqa: Y015
     _WhichOneofArgType__adam_beta1: _TypeAlias = _typing.Literal["_adam_beta1", b"_adam_beta1"]  # noqa: Y015
@@ -1055,20 +1108,32 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__adam_beta2: _TypeAlias = _typing.Literal["_adam_beta2", b"_adam_beta2"]  # noqa: Y015
     _WhichOneofReturnType__assistant_only_loss: _TypeAlias = _typing.Literal["assistant_only_loss"]  # noqa: Y015
     _WhichOneofArgType__assistant_only_loss: _TypeAlias = _typing.Literal["_assistant_only_loss", b"_assistant_only_loss"]  # noqa: Y015
+    _WhichOneofReturnType__attention_dropout: _TypeAlias = _typing.Literal["attention_dropout"]  # noqa: Y015
+    _WhichOneofArgType__attention_dropout: _TypeAlias = _typing.Literal["_attention_dropout", b"_attention_dropout"]  # noqa: Y015
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
     _WhichOneofReturnType__dataloader_workers: _TypeAlias = _typing.Literal["dataloader_workers"]  # noqa: Y015
     _WhichOneofArgType__dataloader_workers: _TypeAlias = _typing.Literal["_dataloader_workers", b"_dataloader_workers"]  # noqa: Y015
     _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
     _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__eval_batch_size: _TypeAlias = _typing.Literal["eval_batch_size"]  # noqa: Y015
+    _WhichOneofArgType__eval_batch_size: _TypeAlias = _typing.Literal["_eval_batch_size", b"_eval_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__eval_epoch_fraction: _TypeAlias = _typing.Literal["eval_epoch_fraction"]  # noqa: Y015
+    _WhichOneofArgType__eval_epoch_fraction: _TypeAlias = _typing.Literal["_eval_epoch_fraction", b"_eval_epoch_fraction"]  # noqa: Y015
     _WhichOneofReturnType__eval_steps: _TypeAlias = _typing.Literal["eval_steps"]  # noqa: Y015
     _WhichOneofArgType__eval_steps: _TypeAlias = _typing.Literal["_eval_steps", b"_eval_steps"]  # noqa: Y015
+    _WhichOneofReturnType__global_batch_size: _TypeAlias = _typing.Literal["global_batch_size"]  # noqa: Y015
+    _WhichOneofArgType__global_batch_size: _TypeAlias = _typing.Literal["_global_batch_size", b"_global_batch_size"]  # noqa: Y015
     _WhichOneofReturnType__gradient_accumulation_steps: _TypeAlias = _typing.Literal["gradient_accumulation_steps"]  # noqa: Y015
     _WhichOneofArgType__gradient_accumulation_steps: _TypeAlias = _typing.Literal["_gradient_accumulation_steps", b"_gradient_accumulation_steps"]  # noqa: Y015
     _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
     _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015
     _WhichOneofReturnType__group_by_length: _TypeAlias = _typing.Literal["group_by_length"]  # noqa: Y015
     _WhichOneofArgType__group_by_length: _TypeAlias = _typing.Literal["_group_by_length", b"_group_by_length"]  # noqa: Y015
+    _WhichOneofReturnType__hidden_dropout: _TypeAlias = _typing.Literal["hidden_dropout"]  # noqa: Y015
+    _WhichOneofArgType__hidden_dropout: _TypeAlias = _typing.Literal["_hidden_dropout", b"_hidden_dropout"]  # noqa: Y015
+    _WhichOneofReturnType__keep_best_model: _TypeAlias = _typing.Literal["keep_best_model"]  # noqa: Y015
+    _WhichOneofArgType__keep_best_model: _TypeAlias = _typing.Literal["_keep_best_model", b"_keep_best_model"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__logging_steps: _TypeAlias = _typing.Literal["logging_steps"]  # noqa: Y015
@@ -1102,19 +1167,31 @@ class Hyperparameters(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__assistant_only_loss) -> _WhichOneofReturnType__assistant_only_loss | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__attention_dropout) -> _WhichOneofReturnType__attention_dropout | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dataloader_workers) -> _WhichOneofReturnType__dataloader_workers | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_batch_size) -> _WhichOneofReturnType__eval_batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_epoch_fraction) -> _WhichOneofReturnType__eval_epoch_fraction | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__eval_steps) -> _WhichOneofReturnType__eval_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__global_batch_size) -> _WhichOneofReturnType__global_batch_size | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_accumulation_steps) -> _WhichOneofReturnType__gradient_accumulation_steps | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_checkpointing) -> _WhichOneofReturnType__gradient_checkpointing | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__group_by_length) -> _WhichOneofReturnType__group_by_length | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hidden_dropout) -> _WhichOneofReturnType__hidden_dropout | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_best_model) -> _WhichOneofReturnType__keep_best_model | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
@@ -1240,6 +1317,15 @@ class GrpoConfig(_message.Message):
     REWARD_REGEX_FIELD_NUMBER: _builtins.int
     TARGET_LENGTH_FIELD_NUMBER: _builtins.int
     REWARD_CODE_FIELD_NUMBER: _builtins.int
+    NORMALIZE_REWARDS_FIELD_NUMBER: _builtins.int
+    USE_RLOO_FIELD_NUMBER: _builtins.int
+    OVERLONG_FILTERING_FIELD_NUMBER: _builtins.int
+    CLIP_EPSILON_HIGH_FIELD_NUMBER: _builtins.int
+    RATIO_CLIP_C_FIELD_NUMBER: _builtins.int
+    TOKEN_LEVEL_LOSS_FIELD_NUMBER: _builtins.int
+    NUM_PROMPTS_PER_STEP_FIELD_NUMBER: _builtins.int
+    GENERATION_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    IMPORTANCE_SAMPLING_CORRECTION_FIELD_NUMBER: _builtins.int
     num_generations: _builtins.int
     """Completions per prompt, 2-64; default 4."""
     temperature: _builtins.float
@@ -1261,6 +1347,45 @@ class GrpoConfig(_message.Message):
     reward_code: _builtins.str
     """Python source defining `def reward(prompts, completions, **columns) -> list[float]` for
     REWARD_FUNCTION_USER_CODE; `columns` holds the dataset's extra columns, one list per column.
+    Divide each group's advantages by its rewards' standard deviation (TRL scale_rewards "group");
+    """
+    normalize_rewards: _builtins.bool
+    """default true. False: raw reward minus the group mean (Dr. GRPO)."""
+    use_rloo: _builtins.bool
+    """Leave-one-out baseline (RLOO: each completion against the mean of the others; TRL's RLOOTrainer);
+    default false (GRPO's group mean). RLOO's loss is per sequence (token_level_loss defaults to false
+    with it; true is refused), it has no dual clip (ratio_clip_c is refused), and normalize_rewards
+    scales its advantages by the batch's standard deviation (TRL normalize_advantages).
+    """
+    overlong_filtering: _builtins.bool
+    """Leave completions cut off at max_completion_length out of the loss (TRL
+    mask_truncated_completions); default false.
+    """
+    clip_epsilon_high: _builtins.float
+    """Upper clipping epsilon of the policy ratio, (0, 10): clips to [1 - clip_epsilon, 1 +
+    clip_epsilon_high] (the seeds' ratio_clip_max; clip_epsilon is their ratio_clip_min). Default
+    clip_epsilon (symmetric).
+    """
+    ratio_clip_c: _builtins.float
+    """Dual clip: caps the ratio at this value for completions with negative advantage (TRL delta), > 1 +
+    clip_epsilon_high, at most 100; unset: off.
+    """
+    token_level_loss: _builtins.bool
+    """Average the loss over all tokens of the batch (TRL loss_type "dapo"); false: per sequence, then over
+    sequences (loss_type "grpo"). Default true.
+    """
+    num_prompts_per_step: _builtins.int
+    """Prompts sampled per generation round, 1-4096: generation_batch_size / num_generations. Set this or
+    generation_batch_size (both: they must agree). Default batch_size x GPUs x
+    gradient_accumulation_steps / num_generations.
+    """
+    generation_batch_size: _builtins.int
+    """Completions generated per generation round (TRL generation_batch_size), 1-65536: a multiple of
+    num_generations and of batch_size x GPUs.
+    """
+    importance_sampling_correction: _builtins.bool
+    """Correct for logprob differences between a separate inference engine (vLLM) and the trainer. These
+    workers generate with the trained model itself, so there is nothing to correct: true is refused.
     """
     @_builtins.property
     def reward_functions(self) -> _containers.RepeatedScalarFieldContainer[Global___RewardFunction.ValueType]:
@@ -1280,43 +1405,88 @@ class GrpoConfig(_message.Message):
         reward_regex: _builtins.str = ...,
         target_length: _builtins.int | None = ...,
         reward_code: _builtins.str = ...,
+        normalize_rewards: _builtins.bool | None = ...,
+        use_rloo: _builtins.bool | None = ...,
+        overlong_filtering: _builtins.bool | None = ...,
+        clip_epsilon_high: _builtins.float | None = ...,
+        ratio_clip_c: _builtins.float | None = ...,
+        token_level_loss: _builtins.bool | None = ...,
+        num_prompts_per_step: _builtins.int | None = ...,
+        generation_batch_size: _builtins.int | None = ...,
+        importance_sampling_correction: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_num_generations", b"_num_generations", "_target_length", b"_target_length", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "clip_epsilon", b"clip_epsilon", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "num_generations", b"num_generations", "target_length", b"target_length", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_clip_epsilon_high", b"_clip_epsilon_high", "_generation_batch_size", b"_generation_batch_size", "_importance_sampling_correction", b"_importance_sampling_correction", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_normalize_rewards", b"_normalize_rewards", "_num_generations", b"_num_generations", "_num_prompts_per_step", b"_num_prompts_per_step", "_overlong_filtering", b"_overlong_filtering", "_ratio_clip_c", b"_ratio_clip_c", "_target_length", b"_target_length", "_temperature", b"_temperature", "_token_level_loss", b"_token_level_loss", "_top_k", b"_top_k", "_top_p", b"_top_p", "_use_rloo", b"_use_rloo", "clip_epsilon", b"clip_epsilon", "clip_epsilon_high", b"clip_epsilon_high", "generation_batch_size", b"generation_batch_size", "importance_sampling_correction", b"importance_sampling_correction", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "normalize_rewards", b"normalize_rewards", "num_generations", b"num_generations", "num_prompts_per_step", b"num_prompts_per_step", "overlong_filtering", b"overlong_filtering", "ratio_clip_c", b"ratio_clip_c", "target_length", b"target_length", "temperature", b"temperature", "token_level_loss", b"token_level_loss", "top_k", b"top_k", "top_p", b"top_p", "use_rloo", b"use_rloo"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_num_generations", b"_num_generations", "_target_length", b"_target_length", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "clip_epsilon", b"clip_epsilon", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "num_generations", b"num_generations", "reward_code", b"reward_code", "reward_functions", b"reward_functions", "reward_regex", b"reward_regex", "target_length", b"target_length", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_clip_epsilon_high", b"_clip_epsilon_high", "_generation_batch_size", b"_generation_batch_size", "_importance_sampling_correction", b"_importance_sampling_correction", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_normalize_rewards", b"_normalize_rewards", "_num_generations", b"_num_generations", "_num_prompts_per_step", b"_num_prompts_per_step", "_overlong_filtering", b"_overlong_filtering", "_ratio_clip_c", b"_ratio_clip_c", "_target_length", b"_target_length", "_temperature", b"_temperature", "_token_level_loss", b"_token_level_loss", "_top_k", b"_top_k", "_top_p", b"_top_p", "_use_rloo", b"_use_rloo", "clip_epsilon", b"clip_epsilon", "clip_epsilon_high", b"clip_epsilon_high", "generation_batch_size", b"generation_batch_size", "importance_sampling_correction", b"importance_sampling_correction", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "normalize_rewards", b"normalize_rewards", "num_generations", b"num_generations", "num_prompts_per_step", b"num_prompts_per_step", "overlong_filtering", b"overlong_filtering", "ratio_clip_c", b"ratio_clip_c", "reward_code", b"reward_code", "reward_functions", b"reward_functions", "reward_regex", b"reward_regex", "target_length", b"target_length", "temperature", b"temperature", "token_level_loss", b"token_level_loss", "top_k", b"top_k", "top_p", b"top_p", "use_rloo", b"use_rloo"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clip_epsilon: _TypeAlias = _typing.Literal["clip_epsilon"]  # noqa: Y015
     _WhichOneofArgType__clip_epsilon: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon"]  # noqa: Y015
+    _WhichOneofReturnType__clip_epsilon_high: _TypeAlias = _typing.Literal["clip_epsilon_high"]  # noqa: Y015
+    _WhichOneofArgType__clip_epsilon_high: _TypeAlias = _typing.Literal["_clip_epsilon_high", b"_clip_epsilon_high"]  # noqa: Y015
+    _WhichOneofReturnType__generation_batch_size: _TypeAlias = _typing.Literal["generation_batch_size"]  # noqa: Y015
+    _WhichOneofArgType__generation_batch_size: _TypeAlias = _typing.Literal["_generation_batch_size", b"_generation_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__importance_sampling_correction: _TypeAlias = _typing.Literal["importance_sampling_correction"]  # noqa: Y015
+    _WhichOneofArgType__importance_sampling_correction: _TypeAlias = _typing.Literal["_importance_sampling_correction", b"_importance_sampling_correction"]  # noqa: Y015
     _WhichOneofReturnType__kl_beta: _TypeAlias = _typing.Literal["kl_beta"]  # noqa: Y015
     _WhichOneofArgType__kl_beta: _TypeAlias = _typing.Literal["_kl_beta", b"_kl_beta"]  # noqa: Y015
     _WhichOneofReturnType__max_completion_length: _TypeAlias = _typing.Literal["max_completion_length"]  # noqa: Y015
     _WhichOneofArgType__max_completion_length: _TypeAlias = _typing.Literal["_max_completion_length", b"_max_completion_length"]  # noqa: Y015
+    _WhichOneofReturnType__normalize_rewards: _TypeAlias = _typing.Literal["normalize_rewards"]  # noqa: Y015
+    _WhichOneofArgType__normalize_rewards: _TypeAlias = _typing.Literal["_normalize_rewards", b"_normalize_rewards"]  # noqa: Y015
     _WhichOneofReturnType__num_generations: _TypeAlias = _typing.Literal["num_generations"]  # noqa: Y015
     _WhichOneofArgType__num_generations: _TypeAlias = _typing.Literal["_num_generations", b"_num_generations"]  # noqa: Y015
+    _WhichOneofReturnType__num_prompts_per_step: _TypeAlias = _typing.Literal["num_prompts_per_step"]  # noqa: Y015
+    _WhichOneofArgType__num_prompts_per_step: _TypeAlias = _typing.Literal["_num_prompts_per_step", b"_num_prompts_per_step"]  # noqa: Y015
+    _WhichOneofReturnType__overlong_filtering: _TypeAlias = _typing.Literal["overlong_filtering"]  # noqa: Y015
+    _WhichOneofArgType__overlong_filtering: _TypeAlias = _typing.Literal["_overlong_filtering", b"_overlong_filtering"]  # noqa: Y015
+    _WhichOneofReturnType__ratio_clip_c: _TypeAlias = _typing.Literal["ratio_clip_c"]  # noqa: Y015
+    _WhichOneofArgType__ratio_clip_c: _TypeAlias = _typing.Literal["_ratio_clip_c", b"_ratio_clip_c"]  # noqa: Y015
     _WhichOneofReturnType__target_length: _TypeAlias = _typing.Literal["target_length"]  # noqa: Y015
     _WhichOneofArgType__target_length: _TypeAlias = _typing.Literal["_target_length", b"_target_length"]  # noqa: Y015
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__token_level_loss: _TypeAlias = _typing.Literal["token_level_loss"]  # noqa: Y015
+    _WhichOneofArgType__token_level_loss: _TypeAlias = _typing.Literal["_token_level_loss", b"_token_level_loss"]  # noqa: Y015
     _WhichOneofReturnType__top_k: _TypeAlias = _typing.Literal["top_k"]  # noqa: Y015
     _WhichOneofArgType__top_k: _TypeAlias = _typing.Literal["_top_k", b"_top_k"]  # noqa: Y015
     _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
     _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    _WhichOneofReturnType__use_rloo: _TypeAlias = _typing.Literal["use_rloo"]  # noqa: Y015
+    _WhichOneofArgType__use_rloo: _TypeAlias = _typing.Literal["_use_rloo", b"_use_rloo"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__clip_epsilon) -> _WhichOneofReturnType__clip_epsilon | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__clip_epsilon_high) -> _WhichOneofReturnType__clip_epsilon_high | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__generation_batch_size) -> _WhichOneofReturnType__generation_batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__importance_sampling_correction) -> _WhichOneofReturnType__importance_sampling_correction | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__kl_beta) -> _WhichOneofReturnType__kl_beta | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_completion_length) -> _WhichOneofReturnType__max_completion_length | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize_rewards) -> _WhichOneofReturnType__normalize_rewards | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_generations) -> _WhichOneofReturnType__num_generations | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__num_prompts_per_step) -> _WhichOneofReturnType__num_prompts_per_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__overlong_filtering) -> _WhichOneofReturnType__overlong_filtering | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ratio_clip_c) -> _WhichOneofReturnType__ratio_clip_c | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__target_length) -> _WhichOneofReturnType__target_length | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__token_level_loss) -> _WhichOneofReturnType__token_level_loss | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_k) -> _WhichOneofReturnType__top_k | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__use_rloo) -> _WhichOneofReturnType__use_rloo | None: ...
 
 Global___GrpoConfig: _TypeAlias = GrpoConfig  # noqa: Y015
 
