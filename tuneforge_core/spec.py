@@ -16,7 +16,7 @@ import math
 import re
 
 from google.protobuf.message import Message
-from tuneforge.v1 import job_pb2
+from tuneforge.v1 import dataset_pb2, job_pb2
 
 from tuneforge_core.compat import (
     LORA_ADAPTERS,
@@ -32,6 +32,7 @@ from tuneforge_core.compat import (
     formats_for,
 )
 from tuneforge_core.errors import InvalidArgument, Violations
+from tuneforge_core.model_types import check_model_type
 from tuneforge_core.models import ref_problem
 
 # Upper bounds that keep every number a worker is handed meaningful (and within 32-bit counters).
@@ -106,9 +107,11 @@ def resolve_spec(
     _resolve_prompt_tuning(v, out)
     _resolve_hyperparameters(v, out)
     _resolve_hardware(v, out)
+    _resolve_global_batch(v, out)
     _resolve_method(v, out, allow_user_reward_code=allow_user_reward_code)
     _resolve_evaluation(v, out)
     _check_warm_start(v, out)
+    check_model_type(v, out)  # VLM: SFT with LoRA/QLoRA only (tuneforge_core.model_types)
     _check_precision_on_cpu(v, out)
     if out.output.merge_adapter and out.adapter not in MERGEABLE_ADAPTERS:
         why = (
@@ -141,6 +144,31 @@ def check_dataset_fit(spec: job_pb2.JobSpec, dataset_format: int, field: str = "
         + " or ".join(f"DATASET_FORMAT_{f}" for f in formats_for(spec.method)),
     )
     v.raise_if_any("the dataset does not fit the training method")
+
+
+def check_dataset_options(options: dataset_pb2.DatasetOptions, field: str = "spec.dataset") -> None:
+    """Raises InvalidArgument on `field` for DatasetOptions (set at upload) that training cannot honour.
+
+    They used to be stored with the dataset and never reach the worker: a job on such a dataset would train
+    as if they were unset. Runs at CreateJob once the dataset is known.
+    - max_prompt_length: TRL 1.16's DPO, ORPO and KTO configs have no prompt limit (only max_length on
+      the whole sequence, spec.hyperparameters.max_seq_length), and SFT and GRPO never had one.
+    - lazy_tokenize, streaming: the worker reads a split's normalized file into memory and the trainer
+      tokenizes it up front; neither mode is implemented.
+    """
+    v = Violations()
+    unsupported = {
+        "max_prompt_length": "has no prompt length limit in this trainer (TRL 1.16 truncates the whole "
+        "sequence at spec.hyperparameters.max_seq_length)",
+        "lazy_tokenize": "is not implemented: the trainer tokenizes the split up front",
+        "streaming": "is not implemented: the worker loads the split into memory",
+    }
+    for name, why in unsupported.items():
+        value = getattr(options, name)
+        if value:
+            v.add(field, f"the dataset sets options.{name} ({value}), which training {why}; upload it "
+                         f"without options.{name}")
+    v.raise_if_any("the dataset's options cannot be honoured")
 
 
 def ensure_resolved(spec: job_pb2.JobSpec) -> None:
@@ -212,10 +240,45 @@ def _resolve_lora(v: Violations, out: job_pb2.JobSpec) -> None:
             f"'{module[:128]}' is not a module name (at most 128 letters, digits, '_', '.', '-', '*') or "
             "'all-linear'",
         )
+    for i, module in enumerate(lora.target_modules[:MAX_TARGET_MODULES]):
+        problem = _module_pattern_problem(module) if MODULE_RE.match(module) else None
+        if problem:
+            v.add(f"spec.lora.target_modules[{i}]", problem)
     if "all-linear" in lora.target_modules and len(lora.target_modules) > 1:
         v.add("spec.lora.target_modules", "'all-linear' cannot be combined with other module names")
     if not lora.HasField("use_dora"):
         lora.use_dora = False
+
+
+def _module_pattern_problem(module: str) -> str | None:
+    """Why a module name or NeMo-style wildcard pattern ('*.q_proj', 'model.layers.*.self_attn.*') cannot
+    be used, or None. A name without '*' is a plain module name (PEFT matches it as a name suffix)."""
+    parts = module.split(".")
+    if any(not part for part in parts):
+        return f"'{module}' has an empty name between dots"
+    if "*" not in module:
+        return None
+    if all(set(part) <= {"*"} for part in parts):
+        return (f"'{module}' matches every module (embeddings, norms and whole blocks too); name the "
+                "layers, e.g. '*.q_proj' or 'model.layers.*.self_attn.*', or use 'all-linear'")
+    if "**" in module:
+        return f"'{module}': write one '*' (it already matches dots)"
+    return None
+
+
+def target_modules_for_peft(modules: list[str]) -> str | list[str]:
+    """LoraConfig.target_modules: "all-linear", the names as a list, or, when any entry is a wildcard
+    pattern, one regular expression (PEFT full-matches a string against each module's dotted name). '*'
+    matches any characters, dots included; a plain name matches that module name at any depth, as PEFT's
+    own list form does."""
+    if modules == ["all-linear"]:
+        return "all-linear"
+    if not any("*" in m for m in modules):
+        return list(modules)
+    alternatives = [
+        re.escape(m).replace(r"\*", ".*") if "*" in m else r"(?:.*\.)?" + re.escape(m) for m in modules
+    ]
+    return "(?:" + "|".join(alternatives) + ")"
 
 
 def _resolve_quantization(v: Violations, out: job_pb2.JobSpec) -> None:
@@ -322,12 +385,23 @@ def _resolve_grpo(v: Violations, out: job_pb2.JobSpec, *, allow_user_reward_code
     _range(v, f + "max_completion_length", g.max_completion_length, 1, 8192)
     hp, hw = out.hyperparameters, out.hardware
     processes = hw.gpu_count * hw.node_count
+    groups_ok = True
     if g.num_generations >= 2 and hp.batch_size >= 1 and (hp.batch_size * processes) % g.num_generations:
+        groups_ok = False
         v.add(
             "spec.hyperparameters.batch_size",
             f"for GRPO, batch_size x GPUs ({hp.batch_size} x {processes}) must be a multiple of "
             f"grpo.num_generations ({g.num_generations}): every batch holds whole groups of completions",
         )
+    eval_batch = hp.eval_batch_size * processes
+    if (g.num_generations >= 2 and hp.eval_batch_size >= 1 and hp.eval_batch_size != hp.batch_size
+            and eval_batch % g.num_generations):  # equal to batch_size: checked on batch_size above
+        v.add(
+            "spec.hyperparameters.eval_batch_size",
+            f"for GRPO, eval_batch_size x GPUs ({hp.eval_batch_size} x {processes}) must be a multiple of "
+            f"grpo.num_generations ({g.num_generations}): evaluation also scores whole groups",
+        )
+    _resolve_grpo_knobs(v, out, groups_ok=groups_ok)
     kinds = list(g.reward_functions)
     if not kinds:
         v.add(f + "reward_functions", "GRPO needs at least one reward function")
@@ -370,6 +444,63 @@ def _resolve_grpo(v: Violations, out: job_pb2.JobSpec, *, allow_user_reward_code
         v.add(f + "reward_code", "is only used with REWARD_FUNCTION_USER_CODE")
 
 
+def _resolve_grpo_knobs(v: Violations, out: job_pb2.JobSpec, *, groups_ok: bool) -> None:
+    """The seeds' (NeMo Customizer's) GRPO knobs: advantage baseline and scaling, clipping, loss
+    aggregation, truncated completions, and how many completions one generation round makes."""
+    g, f, hp, hw = out.grpo, "spec.grpo.", out.hyperparameters, out.hardware
+    _defaults(g, use_rloo=False)
+    _defaults(g, normalize_rewards=True, overlong_filtering=False, token_level_loss=not g.use_rloo,
+              importance_sampling_correction=False)
+    if not g.HasField("clip_epsilon_high"):
+        g.clip_epsilon_high = g.clip_epsilon
+    _range(v, f + "clip_epsilon_high", g.clip_epsilon_high, 0.0, 10.0, lo_open=True)
+    v.check(g.clip_epsilon_high < 10.0, f + "clip_epsilon_high", "must be below 10")
+    if g.HasField("ratio_clip_c"):
+        if g.use_rloo:
+            v.add(f + "ratio_clip_c", "TRL's RLOO trainer has no dual clip; unset it or use_rloo")
+        else:
+            v.check(1.0 + g.clip_epsilon_high < g.ratio_clip_c <= 100.0, f + "ratio_clip_c",
+                    f"must be above 1 + clip_epsilon_high ({1.0 + g.clip_epsilon_high:g}) and at most 100, "
+                    f"got {g.ratio_clip_c:g}")
+    if g.use_rloo and g.token_level_loss:
+        v.add(f + "token_level_loss", "RLOO's loss is per sequence; leave token_level_loss unset (false) "
+                                      "with use_rloo")
+    v.check(not g.importance_sampling_correction, f + "importance_sampling_correction",
+            "corrects for a separate inference engine (vLLM); these workers generate with the trained model "
+            "itself, so there is no mismatch to correct")
+    per_step = hp.batch_size * hw.gpu_count * hw.node_count
+    in_range = (1 <= hp.batch_size <= 256 and 1 <= hp.gradient_accumulation_steps <= 256
+                and 2 <= g.num_generations <= 64 and 1 <= hw.gpu_count * hw.node_count <= 512)
+    if not groups_ok or not in_range:
+        return  # named on batch_size, gradient_accumulation_steps, num_generations or hardware already
+    if g.HasField("num_prompts_per_step"):
+        if not v.check(1 <= g.num_prompts_per_step <= 4096, f + "num_prompts_per_step",
+                       f"must be in [1, 4096], got {g.num_prompts_per_step}"):
+            return
+        implied = g.num_prompts_per_step * g.num_generations
+        if g.HasField("generation_batch_size"):
+            v.check(g.generation_batch_size == implied, f + "generation_batch_size",
+                    f"is {g.generation_batch_size}, but num_prompts_per_step x num_generations is "
+                    f"{g.num_prompts_per_step} x {g.num_generations} = {implied}; set one, or make them "
+                    "agree")
+        else:
+            g.generation_batch_size = implied
+    elif not g.HasField("generation_batch_size"):
+        accumulation = hp.gradient_accumulation_steps if hp.gradient_accumulation_steps >= 1 else 1
+        g.generation_batch_size = per_step * accumulation  # TRL's own default
+    if not v.check(1 <= g.generation_batch_size <= 65536, f + "generation_batch_size",
+                   f"must be in [1, 65536], got {g.generation_batch_size}"):
+        return
+    v.check(g.generation_batch_size % per_step == 0, f + "generation_batch_size",
+            f"{g.generation_batch_size} completions per round must be a multiple of batch_size x GPUs "
+            f"({per_step}): each round is split into whole training steps")
+    v.check(g.generation_batch_size % g.num_generations == 0, f + "generation_batch_size",
+            f"{g.generation_batch_size} completions per round must be a multiple of num_generations "
+            f"({g.num_generations}): whole groups")
+    if not g.HasField("num_prompts_per_step") and g.generation_batch_size % g.num_generations == 0:
+        g.num_prompts_per_step = g.generation_batch_size // g.num_generations
+
+
 def _resolve_evaluation(v: Violations, out: job_pb2.JobSpec) -> None:
     """EvaluationConfig: the evaluation after training (job.proto's defaults and ranges)."""
     e, f = out.evaluation, "spec.evaluation."
@@ -401,6 +532,60 @@ def _defaults(message: object, **values: float | int | bool) -> None:
             setattr(message, name, value)
 
 
+# What keep_best_model and early stopping may watch, by method (as the TRL trainers log it at evaluation);
+# loss is lower-is-better, the others higher-is-better (`greater_is_better`).
+BEST_MODEL_METRICS = {
+    job_pb2.TRAINING_METHOD_DPO: ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"),
+}
+
+
+def greater_is_better(metric: str) -> bool:
+    return metric != "eval_loss"
+
+
+def _check_method_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
+    """Hyperparameters a method's trainer cannot honour are refused, never accepted and dropped."""
+    hp, f = out.hyperparameters, "spec.hyperparameters."
+    method = _name(job_pb2.TrainingMethod, out.method)
+    sft_like = out.method in (job_pb2.TRAINING_METHOD_SFT, job_pb2.TRAINING_METHOD_DISTILLATION)
+    if not sft_like:
+        v.check(not hp.packing, f + "packing",
+                f"{method} does not pack examples (TRL packs for SFT only); leave packing off")
+        v.check(hp.assistant_only_loss, f + "assistant_only_loss",
+                f"{method} trains on the completions only by construction; false cannot be honoured")
+    if out.method in (job_pb2.TRAINING_METHOD_KTO, job_pb2.TRAINING_METHOD_GRPO):
+        why = ("KTO reads its rows in a fixed shuffled order to estimate its KL term"
+               if out.method == job_pb2.TRAINING_METHOD_KTO
+               else "GRPO samples whole groups of prompts with its own sampler")
+        v.check(not hp.group_by_length, f + "group_by_length", f"does not apply: {why}")
+
+
+def _resolve_global_batch(v: Violations, out: job_pb2.JobSpec) -> None:
+    """global_batch_size = batch_size x gradient_accumulation_steps x GPUs: one derived from the other, or
+    both checked against each other. Runs after the hardware is resolved (GPUs count)."""
+    hp, hw, f = out.hyperparameters, out.hardware, "spec.hyperparameters."
+    per_step = hp.batch_size * max(hw.gpu_count, 1) * max(hw.node_count, 1)
+    if hp.HasField("global_batch_size"):
+        if not v.check(1 <= hp.global_batch_size <= 65536, f + "global_batch_size",
+                       f"must be in [1, 65536], got {hp.global_batch_size}") or per_step < 1:
+            return
+        if not hp.HasField("gradient_accumulation_steps"):
+            if v.check(hp.global_batch_size % per_step == 0, f + "global_batch_size",
+                       f"must be a multiple of batch_size x GPUs ({hp.batch_size} x "
+                       f"{per_step // hp.batch_size} = {per_step}): gradient_accumulation_steps is derived "
+                       "from it"):
+                hp.gradient_accumulation_steps = hp.global_batch_size // per_step
+                _range(v, f + "gradient_accumulation_steps", hp.gradient_accumulation_steps, 1, 256)
+        else:
+            v.check(hp.global_batch_size == per_step * hp.gradient_accumulation_steps,
+                    f + "global_batch_size",
+                    f"is {hp.global_batch_size}, but batch_size x gradient_accumulation_steps x GPUs is "
+                    f"{hp.batch_size} x {hp.gradient_accumulation_steps} x {per_step // hp.batch_size} = "
+                    f"{per_step * hp.gradient_accumulation_steps}; set one of them, or make them agree")
+    elif hp.HasField("gradient_accumulation_steps"):
+        hp.global_batch_size = max(-(2**31), min(per_step * hp.gradient_accumulation_steps, 2**31 - 1))
+
+
 def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
     hp = out.hyperparameters
     f = "spec.hyperparameters."
@@ -409,7 +594,6 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
         "epochs": 3,
         "max_steps": 0,
         "batch_size": 4,
-        "gradient_accumulation_steps": 1,
         "learning_rate": 2e-5 if full else 2e-4,
         "adam_beta1": 0.9,
         "adam_beta2": 0.999,
@@ -427,7 +611,14 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
         "save_total_limit": 2,
         "assistant_only_loss": True,
     }
+    if not hp.HasField("global_batch_size"):  # else derived from it (_resolve_global_batch)
+        defaults["gradient_accumulation_steps"] = 1
+    eval_batch_derived = not hp.HasField("eval_batch_size")  # from batch_size, which is checked itself
+    defaults["eval_batch_size"] = hp.batch_size if hp.HasField("batch_size") else defaults["batch_size"]
+    defaults["keep_best_model"] = False
     _defaults(hp, **defaults)
+    if not hp.metric_for_best_model:
+        hp.metric_for_best_model = "eval_loss"
     if hp.HasField("warmup_steps") and hp.HasField("warmup_ratio"):
         v.add(f + "warmup_ratio", "set warmup_steps or warmup_ratio, not both")
     if not hp.HasField("warmup_steps") and not hp.HasField("warmup_ratio"):
@@ -442,7 +633,28 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
     _range(v, f + "epochs", hp.epochs, 1, 50)
     _range(v, f + "max_steps", hp.max_steps, 0, MAX_STEPS)
     _range(v, f + "batch_size", hp.batch_size, 1, 256)
-    _range(v, f + "gradient_accumulation_steps", hp.gradient_accumulation_steps, 1, 256)
+    if hp.HasField("gradient_accumulation_steps"):
+        _range(v, f + "gradient_accumulation_steps", hp.gradient_accumulation_steps, 1, 256)
+    if not eval_batch_derived or 1 <= hp.batch_size <= 256:
+        _range(v, f + "eval_batch_size", hp.eval_batch_size, 1, 256)
+    for name in ("hidden_dropout", "attention_dropout"):
+        if hp.HasField(name):
+            value = getattr(hp, name)
+            v.check(0.0 <= value < 1.0, f + name, f"must be in [0, 1), got {value:g}")
+    if hp.HasField("eval_epoch_fraction"):
+        _range(v, f + "eval_epoch_fraction", hp.eval_epoch_fraction, 0.1, 1.0)
+        v.check(hp.eval_steps == 0, f + "eval_epoch_fraction",
+                "set eval_steps or eval_epoch_fraction, not both")
+        v.check(hp.max_steps == 0, f + "eval_epoch_fraction",
+                "needs epoch-based training (max_steps 0): with max_steps, set eval_steps instead")
+    metrics = BEST_MODEL_METRICS.get(out.method, ("eval_loss",))
+    v.check(hp.metric_for_best_model in metrics, f + "metric_for_best_model",
+            f"'{hp.metric_for_best_model[:64]}' is not a metric this method evaluates; one of: "
+            + ", ".join(metrics))
+    v.check(hp.metric_for_best_model == "eval_loss" or hp.keep_best_model or hp.early_stopping.enabled,
+            f + "metric_for_best_model",
+            "is only used with keep_best_model or early_stopping; set one of them")
+    _check_method_hyperparameters(v, out)
     _range(v, f + "learning_rate", hp.learning_rate, 0.0, 1e-2, lo_open=True)
     v.check(
         0 <= hp.min_learning_rate < hp.learning_rate and math.isfinite(hp.min_learning_rate),

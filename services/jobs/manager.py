@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import dataset_pb2, job_pb2, job_service_pb2
 
-from services.jobs import timeline, usage, warm_start
+from services.jobs import model_types, timeline, usage, warm_start
 from services.jobs.converters import job_to_proto, worker_to_proto
 from services.jobs.datasets_client import DatasetLookup
 from services.jobs.estimation_client import HardwareCheck
@@ -78,7 +78,7 @@ from tuneforge_core.errors import (
 from tuneforge_core.ids import new_id
 from tuneforge_core.models import ModelPolicy
 from tuneforge_core.reasons import Reason
-from tuneforge_core.spec import check_dataset_fit, resolve_spec
+from tuneforge_core.spec import check_dataset_fit, check_dataset_options, resolve_spec
 from tuneforge_core.states import FINAL, cancelled_status
 from tuneforge_core.storage import ObjectStore
 
@@ -250,7 +250,11 @@ class JobManager:
         await asyncio.to_thread(self.models.check_spec, spec, org)
         dataset = await self.datasets.get(org, spec.dataset, "spec.dataset")
         self._check_ready(dataset, "spec.dataset")
+        # spec.model_type from the base model; an image dataset needs a VLM (services.jobs.model_types)
+        await model_types.resolve(spec, dataset, _split_uri(dataset, dataset_pb2.DATASET_SPLIT_KIND_TRAIN),
+                                  org, self.models, self.store)
         check_dataset_fit(spec, dataset.format)
+        check_dataset_options(dataset.options)
         admitted = None
         if self.hardware is not None:  # the fit on the GPU the job asked for, by its own estimate
             admitted = await self.hardware.check(org, spec, dataset)
@@ -259,6 +263,7 @@ class JobManager:
         if spec.validation_dataset:
             extra = await self.datasets.get(org, spec.validation_dataset, "spec.validation_dataset")
             self._check_ready(extra, "spec.validation_dataset")
+            check_dataset_options(extra.options, "spec.validation_dataset")
             validation_uri = _split_uri(extra, dataset_pb2.DATASET_SPLIT_KIND_TRAIN)
             spec.validation_dataset = extra.id
         spec.dataset = dataset.id
@@ -347,16 +352,19 @@ class JobManager:
 
         Workers used to switch it off and train to the end with a warning; the job now says what it
         needs, and a job that cannot have it is refused here, where the dataset's splits are known."""
-        if not spec.hyperparameters.early_stopping.enabled or validation_uri:
+        hp = spec.hyperparameters
+        if not (hp.early_stopping.enabled or hp.keep_best_model) or validation_uri:
             return
+        field, what = ("early_stopping.enabled", "early stopping") if hp.early_stopping.enabled else (
+            "keep_best_model", "keeping the best model")
         lacking = (
             f"spec.validation_dataset '{spec.validation_dataset}' has no examples" if spec.validation_dataset
             else f"dataset '{dataset.name or dataset.id}' has no validation split"
         )
         v = Violations()
-        v.add("spec.hyperparameters.early_stopping.enabled",
-              f"early stopping needs validation data, and {lacking}; set spec.validation_dataset, give the "
-              "dataset a validation split, or turn early stopping off")
+        v.add(f"spec.hyperparameters.{field}",
+              f"{what} needs validation data, and {lacking}; set spec.validation_dataset, give the "
+              f"dataset a validation split, or turn {what} off")
         v.raise_if_any("the job cannot be honoured")
 
     @staticmethod

@@ -1,7 +1,8 @@
 """CreateJob refuses what could never be honoured, naming the field: models the organization may not use or
 that are not there, half precision on a spec that may land on a CPU worker, early stopping without
-validation data. The manager runs against a real SQLite database and a local object store; the datasets
-service is a stand-in that returns READY datasets."""
+validation data (or keep_best_model without it), dataset options training cannot honour. The manager runs
+against a real SQLite database and a local object store; the datasets service is a stand-in that returns
+READY datasets."""
 
 from __future__ import annotations
 
@@ -147,3 +148,29 @@ async def test_early_stopping_needs_validation_data(manager: JobManager, roots: 
     own_split = spec(roots / "tiny", "with-validation")
     own_split.hyperparameters.early_stopping.enabled = True
     assert (await create(manager, own_split)).state == job_pb2.JOB_STATE_QUEUED
+
+
+async def test_keep_best_model_needs_validation_data(manager: JobManager, roots: Path) -> None:
+    best = spec(roots / "tiny", "train-only")
+    best.hyperparameters.keep_best_model = True
+    error = await refused(manager, best)
+    assert [v.field for v in error.violations] == ["spec.hyperparameters.keep_best_model"]
+    assert "keeping the best model needs validation data" in error.violations[0].description
+    best.dataset = "with-validation"
+    assert (await create(manager, best)).spec.hyperparameters.keep_best_model
+
+
+@pytest.mark.parametrize("option", ["max_prompt_length", "lazy_tokenize", "streaming"])
+async def test_dataset_options_training_cannot_honour_are_refused_at_create_job(
+    manager: JobManager, roots: Path, option: str
+) -> None:
+    """They were stored with the dataset and never reached the worker: a job on it trained without them."""
+    datasets = manager.datasets
+    assert isinstance(datasets, Datasets)
+    datasets.add("with-options", validation=True)
+    value = 2048 if option == "max_prompt_length" else True
+    setattr(datasets.datasets["with-options"].options, option, value)
+    error = await refused(manager, spec(roots / "tiny", "with-options"))
+    assert [v.field for v in error.violations] == ["spec.dataset"]
+    assert f"options.{option}" in error.violations[0].description
+    assert error.violations[0].description.endswith(f"upload it without options.{option}")

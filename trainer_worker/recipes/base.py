@@ -21,6 +21,7 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, PromptTuningInit
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -43,6 +44,7 @@ from trainer_worker.run_config import RunConfig
 from trainer_worker.stop import StopSignal
 from tuneforge_core.compat import METHOD_FAMILIES, Family
 from tuneforge_core.reasons import Reason
+from tuneforge_core.spec import greater_is_better, target_modules_for_peft
 
 SCHEDULERS = {
     job_pb2.LR_SCHEDULER_COSINE: "cosine",
@@ -60,6 +62,12 @@ OPTIMIZERS = {
     job_pb2.OPTIMIZER_PAGED_ADAMW: "paged_adamw_32bit",
     job_pb2.OPTIMIZER_PAGED_ADAMW_8BIT: "paged_adamw_8bit",
 }
+# Model config attributes that hold a dropout probability, by what JobSpec calls them (the first the model's
+# config has is set; GPT-2-style configs name them *_pdrop).
+DROPOUT_ATTRIBUTES = {
+    "hidden_dropout": ("hidden_dropout", "hidden_dropout_prob", "resid_pdrop"),
+    "attention_dropout": ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop"),
+}
 BITSANDBYTES_OPTIMIZERS = {"adamw_bnb_8bit", "paged_adamw_32bit", "paged_adamw_8bit"}
 DTYPES = {job_pb2.PRECISION_BF16: torch.bfloat16, job_pb2.PRECISION_FP16: torch.float16}
 
@@ -72,6 +80,8 @@ class BaseRecipe(ABC):
     #: The TRL trainer the method runs; build_trainer gives it what every method shares.
     # Any TRL trainer class; typed loosely since each takes its own config and extras (peft_config, ...).
     trainer_class: ClassVar[type[Any]]
+    #: How the base model loads (and the merged model is rebuilt); a VLM recipe loads image-text-to-text.
+    auto_model_class: ClassVar[Any] = AutoModelForCausalLM
 
     def __init__(self, cfg: RunConfig, spec: job_pb2.JobSpec, sink: EventSink, stop: StopSignal) -> None:
         self.cfg, self.spec, self.sink, self.stop = cfg, spec, sink, stop
@@ -160,9 +170,8 @@ class BaseRecipe(ABC):
         callbacks: list[TrainerCallback] = [self.metrics, self.watchdog, StopCallback(self.stop)]
         callbacks += checkpointing.callbacks(self.cfg, self.sink)
         args = self.training_args(has_validation=validation is not None)
-        if args["load_best_model_at_end"]:
-            early = self.hp.early_stopping
-            self.story.early_stopping = EarlyStoppingCallback(early.patience, early.min_delta)
+        self.story.early_stopping = self.early_stopping_callback()
+        if self.story.early_stopping is not None:
             callbacks.append(self.story.early_stopping)
         callbacks.append(self.story)  # after EarlyStoppingCallback: it reads whether that one stopped
         device = "cuda" if self.cuda else "cpu"
@@ -175,6 +184,12 @@ class BaseRecipe(ABC):
                 Reason.BAD_TRAINING_DATA, "No training examples were left after tokenization."
             )
         self._check_stop()
+
+    def early_stopping_callback(self) -> EarlyStoppingCallback | None:
+        """EarlyStoppingConfig as TRL's callback; None when off (keep_best_model alone keeps the best
+        without stopping early)."""
+        early = self.hp.early_stopping
+        return EarlyStoppingCallback(early.patience, early.min_delta) if early.enabled else None
 
     def check_hardware(self) -> None:
         """Refuse what this worker cannot train as asked, instead of training something else.
@@ -195,13 +210,16 @@ class BaseRecipe(ABC):
             self.quantization_compute_dtype()
 
     def check_early_stopping(self, *, has_validation: bool) -> None:
-        """Early stopping watches the validation loss; without validation data it is refused, not dropped."""
-        if self.hp.early_stopping.enabled and not has_validation:
-            raise TrainingError(
-                Reason.TRAINING_FAILED,
-                "spec.hyperparameters.early_stopping.enabled needs validation data, and this job has none "
-                "(no validation split and no spec.validation_dataset); it is not trained without it.",
-            )
+        """Early stopping and keeping the best model watch an evaluation metric; without validation data
+        they are refused, not dropped."""
+        for field, wanted in (("early_stopping.enabled", self.hp.early_stopping.enabled),
+                              ("keep_best_model", self.hp.keep_best_model)):
+            if wanted and not has_validation:
+                raise TrainingError(
+                    Reason.TRAINING_FAILED,
+                    f"spec.hyperparameters.{field} needs validation data, and this job has none "
+                    "(no validation split and no spec.validation_dataset); it is not trained without it.",
+                )
 
     def load_tokenizer(self, path: str) -> PreTrainedTokenizerBase:
         try:
@@ -244,12 +262,47 @@ class BaseRecipe(ABC):
         kwargs: dict[str, Any] = {"dtype": self.model_dtype()}
         if self.quantized and trainable:
             kwargs["quantization_config"] = self._quantization_config()
+        if trainable:
+            kwargs.update(self.model_overrides(path))
         try:
-            return AutoModelForCausalLM.from_pretrained(
+            return self.auto_model_class.from_pretrained(
                 path, trust_remote_code=False, use_safetensors=True, **kwargs
             )
         except (OSError, ValueError) as exc:
             raise TrainingError(Reason.MODEL_NOT_FOUND, f"Could not load the model at {path}: {exc}") from exc
+
+    def model_overrides(self, path: str | None = None) -> dict[str, float]:
+        """Model config attributes the spec overrides at load (hidden_dropout, attention_dropout); a
+        dropout the model's config has no attribute for is refused, not dropped."""
+        given = {field.name for field, _ in self.hp.ListFields()}
+        wanted = {name: getattr(self.hp, name) for name in DROPOUT_ATTRIBUTES if name in given}
+        if not wanted:
+            return {}
+        path = path or self.cfg.model_path
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        except (OSError, ValueError) as exc:
+            raise TrainingError(Reason.MODEL_NOT_FOUND,
+                                f"Could not load the config of {path}: {exc}") from exc
+        overrides: dict[str, float] = {}
+        for name, value in wanted.items():
+            attribute = next((a for a in DROPOUT_ATTRIBUTES[name] if hasattr(config, a)), None)
+            if attribute is None:
+                raise TrainingError(
+                    Reason.TRAINING_FAILED,
+                    f"spec.hyperparameters.{name} is set, but the model ({type(config).__name__}) has "
+                    f"no such dropout (none of {', '.join(DROPOUT_ATTRIBUTES[name])}); leave it unset.",
+                )
+            overrides[attribute] = value
+        return overrides
+
+    def keeps_dropout(self) -> bool:
+        """Whether the spec asks for any dropout (LoRA's, or the model's overrides). TRL's DPO, ORPO and KTO
+        configs switch every dropout off by default (disable_dropout), which would drop it silently."""
+        lora = self.spec.adapter in (job_pb2.ADAPTER_TYPE_LORA, job_pb2.ADAPTER_TYPE_QLORA)
+        return (lora and self.spec.lora.dropout > 0) or any(
+            getattr(self.hp, name) > 0 for name in DROPOUT_ATTRIBUTES  # unset reads 0
+        )
 
     def model_dtype(self) -> torch.dtype:
         """Adapters on a GPU train in the compute dtype; full fine-tuning keeps fp32 master weights."""
@@ -316,12 +369,12 @@ class BaseRecipe(ABC):
                 tokenizer_name_or_path=self.cfg.model_path if prompt.init_text else None,
             )
         lora = self.spec.lora
-        targets = list(lora.target_modules)
         return LoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            # Wildcard patterns ('*.q_proj') become one regular expression PEFT full-matches.
+            target_modules=target_modules_for_peft(list(lora.target_modules)),
             use_dora=lora.use_dora,
             task_type="CAUSAL_LM",
         )
@@ -335,21 +388,27 @@ class BaseRecipe(ABC):
                 Reason.DEPENDENCY_ERROR, f"The {optim} optimizer needs bitsandbytes on the worker."
             )
         dtype = self.compute_dtype()
-        # "0 steps" in the spec means once per epoch.
-        eval_strategy = "no" if not has_validation else ("steps" if hp.eval_steps else "epoch")
+        # "0 steps" in the spec means once per epoch, and so does a whole epoch as the fraction. A smaller
+        # fraction becomes TrainingArguments' ratio of all steps (a float below 1): fraction / epochs
+        # (max_steps is 0 with it, CreateJob checks).
+        eval_steps: float | None = hp.eval_steps or None
+        if hp.HasField("eval_epoch_fraction") and hp.eval_epoch_fraction < 1.0:
+            eval_steps = hp.eval_epoch_fraction / hp.epochs
+        eval_strategy = "no" if not has_validation else ("steps" if eval_steps else "epoch")
         save_strategy = "steps" if hp.save_steps else "epoch"
-        save_steps = hp.save_steps or None
+        save_steps: float | None = hp.save_steps or None
         self.check_early_stopping(has_validation=has_validation)
         early_stopping = hp.early_stopping.enabled
-        if early_stopping:
+        keep_best = early_stopping or hp.keep_best_model
+        if keep_best:
             # load_best_model_at_end needs checkpoints exactly where evaluations happen.
-            save_strategy, save_steps = eval_strategy, hp.eval_steps or None
+            save_strategy, save_steps = eval_strategy, eval_steps
         return {
             "output_dir": str(self.cfg.output_dir / "checkpoints"),
             "num_train_epochs": hp.epochs,
             "max_steps": hp.max_steps or -1,
             "per_device_train_batch_size": hp.batch_size,
-            "per_device_eval_batch_size": hp.batch_size,
+            "per_device_eval_batch_size": hp.eval_batch_size,
             "gradient_accumulation_steps": hp.gradient_accumulation_steps,
             "learning_rate": hp.learning_rate,
             "lr_scheduler_type": SCHEDULERS[hp.lr_scheduler],
@@ -377,13 +436,13 @@ class BaseRecipe(ABC):
             "logging_nan_inf_filter": False,
             "include_num_input_tokens_seen": "non_padding",
             "eval_strategy": eval_strategy,
-            "eval_steps": hp.eval_steps or None,
+            "eval_steps": eval_steps,
             "save_strategy": save_strategy,
             "save_steps": save_steps,
             "save_total_limit": hp.save_total_limit,
-            "load_best_model_at_end": early_stopping,
-            "metric_for_best_model": "eval_loss" if early_stopping else None,
-            "greater_is_better": False if early_stopping else None,
+            "load_best_model_at_end": keep_best,
+            "metric_for_best_model": hp.metric_for_best_model if keep_best else None,
+            "greater_is_better": greater_is_better(hp.metric_for_best_model) if keep_best else None,
             "report_to": "none",
             "disable_tqdm": True,
             **distributed.trainer_kwargs(self.spec),
@@ -432,7 +491,7 @@ class BaseRecipe(ABC):
         # Merge from the saved adapter into a fresh, unquantized base: a 4/8-bit base cannot take the merge,
         # and the trainer's model stays untouched.
         dtype = self.quantization_compute_dtype() if self.quantized else self.model_dtype()
-        base = AutoModelForCausalLM.from_pretrained(
+        base = self.auto_model_class.from_pretrained(
             self.cfg.model_path, dtype=dtype, trust_remote_code=False, use_safetensors=True
         )
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

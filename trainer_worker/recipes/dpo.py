@@ -32,4 +32,5 @@ class DPORecipe(BaseRecipe):
             loss_type=loss_type,
             loss_weights=loss_weights,
             max_length=self.hp.max_seq_length,
+            disable_dropout=not self.keeps_dropout(),  # TRL's default turns LoRA's dropout off too
         )

@@ -28,13 +28,12 @@ class KTORecipe(BaseRecipe):
         return data.shuffle(seed=self.hp.seed)
 
     def trainer_config(self, args: dict[str, Any]) -> KTOConfig:
-        kto = self.spec.kto
-        if self.hp.group_by_length:
-            self.sink.log("group_by_length does not apply to KTO, which reads its rows in order.", "warning")
+        kto = self.spec.kto  # group_by_length: refused at CreateJob (KTO reads its rows in order)
         return KTOConfig(
             **{**args, "train_sampling_strategy": "sequential"},
             beta=kto.beta,
             desirable_weight=kto.desirable_weight,
             undesirable_weight=kto.undesirable_weight,
             max_length=self.hp.max_seq_length,
+            disable_dropout=not self.keeps_dropout(),  # TRL's default turns LoRA's dropout off too
         )

@@ -21,4 +21,5 @@ class ORPORecipe(BaseRecipe):
     trainer_class = ORPOTrainer
 
     def trainer_config(self, args: dict[str, Any]) -> ORPOConfig:
-        return ORPOConfig(**args, beta=self.spec.orpo.beta, max_length=self.hp.max_seq_length)
+        return ORPOConfig(**args, beta=self.spec.orpo.beta, max_length=self.hp.max_seq_length,
+                          disable_dropout=not self.keeps_dropout())  # TRL's default drops LoRA's dropout
