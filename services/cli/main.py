@@ -21,6 +21,7 @@ from rich.table import Table
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2, identity_pb2, job_pb2, metrics_pb2
 
 from services.cli import chat as chat_cli
+from services.cli import config_create
 from services.cli import metrics as metrics_cli
 from services.cli import timeline as timeline_cli
 from services.cli import usage as usage_cli
@@ -313,16 +314,42 @@ def jobs_create(
     merge: MergeFlag = None,
     validate_only: Annotated[bool, typer.Option(help="Check the spec, create nothing.")] = False,
     follow: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
+    config_file: Annotated[Path | None, typer.Option(
+        "--config", exists=True, dir_okay=False,
+        help="A Synth TOML, ModelForge JSON or NeMo Customizer hyperparameters file.")] = None,
+    examples: Annotated[int | None, typer.Option(
+        help="--config: train on the first N rows of its file.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="--config: show the resolved spec and plan, create nothing.")] = False,
+    gpu_type: Annotated[str | None, typer.Option(
+        help="--config: the GPU type, for files that cannot say it.")] = None,
     address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False,
 ) -> None:
     """Validate a job spec and queue the job."""
+    if config_file is not None:  # services.cli.config_create
+        config_create.refuse_with_config(
+            spec=spec_file, method=method, adapter=adapter, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size, learning_rate=learning_rate, max_seq_length=max_seq_length,
+            logging_steps=logging_steps, seed=seed, lora_rank=lora_rank, lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout, merge=merge)
+    elif examples is not None or dry_run or gpu_type is not None:
+        raise typer.BadParameter("--examples, --dry-run and --gpu-type go with --config",
+                                 param_hint="--config")
     spec = build_spec(spec_file, model=model, dataset=dataset, method=method, adapter=adapter, epochs=epochs,
                       max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate,
                       max_seq_length=max_seq_length, logging_steps=logging_steps, seed=seed,
                       lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge=merge)
     with api(address, org) as client:
-        job = client.create_job(spec, name=name, request_id=str(uuid.uuid4()),
-                                validate_only=validate_only)
+        if config_file is None:
+            job = client.create_job(spec, name=name, request_id=str(uuid.uuid4()),
+                                    validate_only=validate_only)
+        else:
+            made = config_create.create_from_config(
+                client, console, config_file, dataset=dataset, model=model, gpu_type=gpu_type,
+                examples=examples, name=name, dry_run=dry_run, validate_only=validate_only, as_json=as_json)
+            if made is None:
+                return
+            job = made
         if as_json:
             console.print_json(to_json(job))
         else:

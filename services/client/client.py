@@ -40,6 +40,7 @@ from tuneforge.v1 import (
     metrics_service_pb2_grpc,
 )
 
+from services.client import config_jobs
 from services.client.downloads import Progress, download_artifact_files
 from services.client.errors import NotFound, from_rpc_error
 
@@ -159,13 +160,15 @@ class TuneForgeClient:
 
     def upload_dataset(self, path: Path, name: str, *, description: str = "",
                        split: dataset_pb2.SplitConfig | None = None, min_examples: int | None = None,
-                       tokenizer: str = "", max_length: int = 0,
-                       request_id: str = "") -> dataset_service_pb2.UploadDatasetResponse:
-        """Streams the file; ``tokenizer`` (a model the service can load) adds token statistics."""
+                       tokenizer: str = "", max_length: int = 0, request_id: str = "",
+                       options: dataset_pb2.DatasetOptions | None = None,
+                       ) -> dataset_service_pb2.UploadDatasetResponse:
+        """Streams the file; ``tokenizer`` (a model the service can load) adds token statistics;
+        ``options`` (e.g. max_samples: keep the first N examples) are stored with the dataset."""
         metadata = dataset_service_pb2.UploadDatasetMetadata(
             organization=self.organization, name=name, description=description, filename=path.name,
             size_bytes=path.stat().st_size, sha256=file_sha256(path), request_id=request_id,
-            tokenizer=tokenizer, max_length=max_length)
+            tokenizer=tokenizer, max_length=max_length, options=options)
         if split is not None:
             metadata.split.CopyFrom(split)
         if min_examples is not None:
@@ -214,6 +217,24 @@ class TuneForgeClient:
                                                    description=description, spec=spec,
                                                    request_id=request_id, validate_only=validate_only)
         return _call(lambda: self.jobs.CreateJob(request, timeout=self.timeout_s)).job
+
+    def create_job_from_config(self, path_or_text: str | Path, *, dataset: str | None = None,
+                               model: str | None = None, gpu_type: str | None = None,
+                               examples: int | None = None, name: str = "", description: str = "",
+                               request_id: str = "", validate_only: bool = False) -> job_pb2.Job:
+        """A job from a Synth TOML, ModelForge JSON or NeMo Customizer hyperparameters file (a path or its
+        text): every key maps to the spec or is an InvalidArgument violation naming it; a local dataset
+        file is uploaded first (``examples``: its first N rows). See services.client.config_jobs."""
+        return config_jobs.create_job_from_config(
+            self, path_or_text, dataset=dataset, model=model, gpu_type=gpu_type, examples=examples,
+            name=name, description=description, request_id=request_id, validate_only=validate_only)
+
+    def dry_run_config(self, path_or_text: str | Path, *, dataset: str | None = None,
+                       model: str | None = None, gpu_type: str | None = None, examples: int | None = None,
+                       name: str = "") -> config_jobs.ConfigDryRun:
+        """What create_job_from_config would do, creating nothing: the resolved spec and the plan."""
+        return config_jobs.dry_run_config(self, path_or_text, dataset=dataset, model=model,
+                                          gpu_type=gpu_type, examples=examples, name=name)
 
     def get_job(self, ref: str) -> job_pb2.Job:
         request = job_service_pb2.GetJobRequest(organization=self.organization, job=ref)
