@@ -95,7 +95,7 @@ from trainer_worker.run_config import RunConfig
 from trainer_worker.story import AttemptStory, size_of, store_training_log
 from tuneforge_core import states, subjects
 from tuneforge_core.errors import InvalidArgument
-from tuneforge_core.models import ModelKind, ModelPolicy, ModelSource
+from tuneforge_core.models import ModelKind, ModelPolicy, ModelSource, other_models
 from tuneforge_core.nats import connect, ensure_route_consumer, ensure_streams, queued_routes
 from tuneforge_core.reasons import Reason
 from tuneforge_core.settings import KitSettings
@@ -526,16 +526,16 @@ class JobRun:
         model_path = await self._base_model_path(spec.base_model)
         warm = await warm_start.fetch(self.assignment.warm_start, self.agent.locate, self.work_dir,
                                       self.reporter.log)  # the weights to start from, now local
+        # The teacher, DPO's reference model, GRPO's reward model: under the base model's rule.
+        others = {field: await self._model_path(ref, field) for field, ref in other_models(spec)}
         config = RunConfig(
             job_id=self.job_id,
             attempt=self.attempt,
             spec=RunConfig.spec_to_dict(spec),
             model_path=model_path,
-            teacher_model_path=(
-                await self._model_path(spec.distillation.teacher_model, "spec.distillation.teacher_model")
-                if spec.method == job_pb2.TRAINING_METHOD_DISTILLATION
-                else None
-            ),
+            teacher_model_path=others.get("spec.distillation.teacher_model"),
+            reference_model_path=others.get("spec.dpo.reference_model"),
+            reward_model_path=others.get("spec.grpo.reward_model"),
             train_file=train_file,
             validation_file=validation_file,
             test_file=test_file,

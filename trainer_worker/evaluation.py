@@ -433,7 +433,10 @@ class Evaluation:
 
     def _rewards(self, model: Any, rows: list[dict[str, Any]]) -> dict[str, float]:
         columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
-        functions = rewards.build(self.spec.grpo, list(rows[0]))
+        scorer = None
+        if job_pb2.REWARD_FUNCTION_REWARD_MODEL in self.spec.grpo.reward_functions:
+            scorer = self.recipe.reward_scorer()  # type: ignore[attr-defined]  # a GRPORecipe
+        functions = rewards.build(self.spec.grpo, list(rows[0]), reward_model=scorer)
         prompts = [row["prompt"] for row in rows]
         texts = self._generate(
             model, [self._prompt_text(p) for p in prompts], self.spec.grpo.max_completion_length

@@ -31,6 +31,9 @@ class RunConfig(BaseModel):
     model_path: str
     # Distillation: the teacher's local folder; None means spec.distillation.teacher_model as given.
     teacher_model_path: str | None = None
+    # DPO: spec.dpo.reference_model's local folder; GRPO: spec.grpo.reward_model's. None: as given (or unset).
+    reference_model_path: str | None = None
+    reward_model_path: str | None = None
     train_file: Path
     validation_file: Path | None = None
     # The test split the evaluation after training reads; None when the dataset has none or it is disabled.

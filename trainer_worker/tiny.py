@@ -6,6 +6,7 @@ hub model takes. The dataset task (country capitals and small sums, phrased in f
 enough that the training loss of the random-init model falls clearly within one or two short epochs.
 
     python -m trainer_worker.tiny model OUT_DIR
+    python -m trainer_worker.tiny reward-model OUT_DIR
     python -m trainer_worker.tiny dataset OUT.jsonl --n 200
 """
 
@@ -239,12 +240,47 @@ def build_tiny_chat_model(
     return out_dir
 
 
+def build_tiny_reward_model(
+    out_dir: Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2
+) -> Path:
+    """A random-init LlamaForSequenceClassification with one label (a GRPO reward model, the form
+    ``AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)`` loads) and the tiny
+    tokenizer of the same ``seed``, saved to ``out_dir``. Its scores mean nothing; they vary by text."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = _build_tokenizer(seed, 1024)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config.num_labels = 1  # one score per sequence
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # scores that differ visibly between completions
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer_worker.tiny", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     model = sub.add_parser("model", help="build the tiny chat model into OUT_DIR")
     model.add_argument("out_dir", type=Path)
     model.add_argument("--seed", type=int, default=0)
+    reward = sub.add_parser("reward-model", help="build the tiny reward model (one-label classifier)")
+    reward.add_argument("out_dir", type=Path)
+    reward.add_argument("--seed", type=int, default=0)
     dataset = sub.add_parser("dataset", help="write synthetic OpenAI-chat JSONL")
     dataset.add_argument("out", type=Path)
     dataset.add_argument("--n", type=int, default=200)
@@ -254,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "model":
         print(build_tiny_chat_model(args.out_dir, seed=args.seed))
+    elif args.command == "reward-model":
+        print(build_tiny_reward_model(args.out_dir, seed=args.seed))
     elif args.family == "chat":
         print(write_synthetic_chat_dataset(args.out, args.n, args.seed, with_system=args.with_system))
     else:

@@ -1,6 +1,6 @@
 """Where a job's models may come from: one rule for the jobs service, the estimation service and the worker.
 
-A base model (or a distillation teacher) is one of:
+A base model (or a distillation teacher, a DPO reference model, a GRPO reward model) is one of:
 
 - a hub id (``org/name``), which the worker loads from the Hugging Face Hub;
 - a folder under one of the operator's model roots (``TUNEFORGE_MODEL_ROOTS``), written as an absolute
@@ -227,11 +227,9 @@ class ModelPolicy:
 
     def check_spec(self, spec: job_pb2.JobSpec, organization: str, *, present: bool = True
                    ) -> list[ModelSource]:
-        """Checks a resolved spec's base model (and distillation teacher) against the rule and, with
+        """Checks a resolved spec's base model (and `other_models`) against the rule and, with
         `present`, that a local or stored one exists; raises InvalidArgument naming each field."""
-        fields = [("spec.base_model", spec.base_model)]
-        if spec.method == job_pb2.TRAINING_METHOD_DISTILLATION:
-            fields.append(("spec.distillation.teacher_model", spec.distillation.teacher_model))
+        fields = [("spec.base_model", spec.base_model), *other_models(spec)]
         v = Violations()
         sources = []
         for field, ref in fields:
@@ -251,6 +249,18 @@ class ModelPolicy:
         return sources
 
 
+def other_models(spec: job_pb2.JobSpec) -> list[tuple[str, str]]:
+    """(field, reference) of each model a resolved spec loads besides its base model: the distillation
+    teacher, DPO's own reference model, GRPO's reward model. Each follows the base model's rule."""
+    if spec.method == job_pb2.TRAINING_METHOD_DISTILLATION:
+        return [("spec.distillation.teacher_model", spec.distillation.teacher_model)]
+    if spec.method == job_pb2.TRAINING_METHOD_DPO and spec.dpo.reference_model:
+        return [("spec.dpo.reference_model", spec.dpo.reference_model)]
+    if spec.method == job_pb2.TRAINING_METHOD_GRPO and spec.grpo.reward_model:
+        return [("spec.grpo.reward_model", spec.grpo.reward_model)]
+    return []
+
+
 def _is_missing(description: str) -> bool:
     return description.startswith(("no model", "the folder is not a model"))
 
@@ -260,6 +270,6 @@ def _refused(field: str, description: str) -> InvalidArgument:
 
 
 __all__: Sequence[str] = [
-    "FORMS", "MODEL_ID_RE", "S3_OUTSIDE", "ModelKind", "ModelPolicy", "ModelSource", "parse_roots",
-    "ref_problem",
+    "FORMS", "MODEL_ID_RE", "S3_OUTSIDE", "ModelKind", "ModelPolicy", "ModelSource", "other_models",
+    "parse_roots", "ref_problem",
 ]

@@ -340,6 +340,8 @@ def _resolve_method(v: Violations, out: job_pb2.JobSpec, *, allow_user_reward_co
             f + "preference_loss_weight",
             "preference_loss_weight and sft_loss_weight cannot both be 0",
         )
+        if dpo.reference_model:  # unset: the base model is the reference
+            _check_base_model(v, dpo.reference_model, f + "reference_model")
     elif out.method == job_pb2.TRAINING_METHOD_ORPO:
         _defaults(out.orpo, beta=0.1)
         _range(v, "spec.orpo.beta", out.orpo.beta, 0.0, 10.0, lo_open=True)
@@ -361,6 +363,12 @@ def _resolve_method(v: Violations, out: job_pb2.JobSpec, *, allow_user_reward_co
         _range(v, f + "alpha", d.alpha, 0.0, 1.0)
     elif out.method == job_pb2.TRAINING_METHOD_GRPO:
         _resolve_grpo(v, out, allow_user_reward_code=allow_user_reward_code)
+    # A model another method would load is refused, not silently left out: it costs a download.
+    method = _name(job_pb2.TrainingMethod, out.method)
+    if out.dpo.reference_model and out.method != job_pb2.TRAINING_METHOD_DPO:
+        v.add("spec.dpo.reference_model", f"is only used by TRAINING_METHOD_DPO, not {method}")
+    if out.grpo.reward_model and out.method != job_pb2.TRAINING_METHOD_GRPO:
+        v.add("spec.grpo.reward_model", f"is only used by TRAINING_METHOD_GRPO, not {method}")
 
 
 def _resolve_grpo(v: Violations, out: job_pb2.JobSpec, *, allow_user_reward_code: bool) -> None:
@@ -442,6 +450,11 @@ def _resolve_grpo(v: Violations, out: job_pb2.JobSpec, *, allow_user_reward_code
                 )
     elif g.reward_code:
         v.add(f + "reward_code", "is only used with REWARD_FUNCTION_USER_CODE")
+    if job_pb2.REWARD_FUNCTION_REWARD_MODEL in kinds:
+        if v.check(bool(g.reward_model), f + "reward_model", "is required by REWARD_FUNCTION_REWARD_MODEL"):
+            _check_base_model(v, g.reward_model, f + "reward_model")
+    elif g.reward_model:
+        v.add(f + "reward_model", "is only used with REWARD_FUNCTION_REWARD_MODEL")
 
 
 def _resolve_grpo_knobs(v: Violations, out: job_pb2.JobSpec, *, groups_ok: bool) -> None:

@@ -252,6 +252,9 @@ class Setup:
     max_completion_length: int = 256
     kl_beta: float = 0.04
     teacher: Architecture | None = None
+    # DPO's own reference model (spec.dpo.reference_model) and GRPO's reward model; None: none is named.
+    reference: Architecture | None = None
+    reward_model: Architecture | None = None
 
     @property
     def world_size(self) -> int:
@@ -590,6 +593,10 @@ def memory_per_gpu(arch: Architecture, setup: Setup, hardware: Hardware, priors:
     else:
         weights = n * (4 if in_fp32 else width)
     reference = n * width if full and setup.needs_reference_model else 0  # the frozen starting weights
+    if setup.reference is not None:  # a named reference model is loaded frozen, adapter or not
+        reference = setup.reference.parameter_count * width
+    if setup.reward_model is not None:  # scores the completions, inference only
+        reference += setup.reward_model.parameter_count * width
     if setup.method == "distillation":
         reference += (setup.teacher or arch).parameter_count * 2  # teacher in 16-bit, inference only
     weights += reference
@@ -715,6 +722,10 @@ def training_tokens(setup: Setup, tokens_per_epoch: int, examples_per_epoch: int
     return int(setup.epochs * tokens_per_epoch)
 
 
+def _forward(arch: Architecture, context_tokens: int) -> float:
+    return 2.0 * arch.matmul_parameters + 2.0 * arch.num_layers * context_tokens * arch.attention_dim
+
+
 def flops_per_token(arch: Architecture, setup: Setup, context_tokens: int) -> float:
     """Forward: 2 FLOPs per multiplied parameter plus causal attention (2 x layers x context x attention
     width). Full fine-tuning's backward costs two forwards (6N in all); a frozen base needs gradients
@@ -726,7 +737,9 @@ def flops_per_token(arch: Architecture, setup: Setup, context_tokens: int) -> fl
     if setup.gradient_checkpointing:
         total += forward
     if setup.needs_reference_model:
-        total += forward
+        total += forward if setup.reference is None else _forward(setup.reference, context_tokens)
+    if setup.reward_model is not None:
+        total += _forward(setup.reward_model, context_tokens)
     if setup.method == "grpo":
         total += forward  # generating the completions
     if setup.method == "distillation":

@@ -5,7 +5,7 @@ function whose result CreateJob stores and queues, and `Setup` is built from the
 estimate, the admission check and the job the worker trains can never disagree about a default (they did: an
 INT8 QLoRA spec without `bits` was 8-bit at CreateJob and 4-bit here). What is added here needs the catalog:
 the GPU type must be a hardware option, the GPU count one that option allows, and the model (and a
-distillation teacher) must resolve to an architecture.
+distillation teacher, a DPO reference model, a GRPO reward model) must resolve to an architecture.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from services.estimation.catalog import Catalog
 from services.estimation.estimator import (
     OPTIMIZER_BYTES,
     Adapter,
+    Architecture,
     Hardware,
     Method,
     Precision,
@@ -30,7 +31,7 @@ from services.estimation.estimator import (
 from services.estimation.resolver import NO_LOCAL_MODELS, ResolvedModel, resolve_model
 from tuneforge_core.compat import LORA_ADAPTERS, SUPPORTED_ADAPTERS, SUPPORTED_METHODS, SUPPORTED_STRATEGIES
 from tuneforge_core.errors import InvalidArgument, TuneForgeError, Violations
-from tuneforge_core.models import ModelPolicy
+from tuneforge_core.models import ModelPolicy, other_models
 from tuneforge_core.spec import resolve_spec
 
 
@@ -100,6 +101,10 @@ def check_hardware(v: Violations, hardware: job_pb2.HardwareConfig, catalog: Cat
         allowed = ", ".join(str(c) for c in option.allowed_gpu_counts)
         v.add(f"{path}.gpu_count", f"{option.display_name} allows {allowed} GPUs, got {count}")
 
+# What a note calls each of the other models a job loads.
+ROLES = {"spec.distillation.teacher_model": "teacher", "spec.dpo.reference_model": "reference model",
+         "spec.grpo.reward_model": "reward model"}
+
 
 def resolve_setup(
     spec: job_pb2.JobSpec, catalog: Catalog, *, models: ModelPolicy | None = None, organization: str = ""
@@ -127,22 +132,27 @@ def resolve_setup(
                           organization=organization)
     if model.note:
         notes.append(model.note)
-    teacher = None
-    if resolved.method == job_pb2.TRAINING_METHOD_DISTILLATION:
-        teacher_id = resolved.distillation.teacher_model
-        teacher_field = "spec.distillation.teacher_model"
-        policy.source(teacher_id, organization, teacher_field)  # a refused teacher is an error, not a guess
+    # The other models a job loads (tuneforge_core.models.other_models): a teacher, a DPO reference model,
+    # a GRPO reward model. A refused one is an error, not a guess; an unknown one is the student's size.
+    others: dict[str, Architecture] = {}
+    for field, ref in other_models(resolved):
+        policy.source(ref, organization, field)
+        role = ROLES[field]
         try:
-            found = resolve_model(
-                catalog, teacher_id, teacher_field, models=policy, organization=organization
-            )
-            teacher = found.architecture
+            found = resolve_model(catalog, ref, field, models=policy, organization=organization)
+            others[field] = found.architecture
             if found.note:
                 notes.append(found.note)
         except TuneForgeError:
-            notes.append(f"teacher '{teacher_id}' is unknown: assumed the size of the student")
+            notes.append(f"{role} '{ref}' is unknown: assumed the size of the student")
+            others[field] = model.architecture
     setup = to_setup(resolved)
-    setup = replace(setup, teacher=teacher)
+    setup = replace(
+        setup,
+        teacher=others.get("spec.distillation.teacher_model"),
+        reference=others.get("spec.dpo.reference_model"),
+        reward_model=others.get("spec.grpo.reward_model"),
+    )
     if setup.adapter in ("lora", "qlora"):
         _, unknown = lora_targets(model.architecture, setup.lora_targets)
         if unknown:

@@ -527,6 +527,7 @@ def values(fuzz_platform: Seeded, gpu_types: list[str]) -> Values:
     return Values({
         "organization": st.just(ORG), "dataset": datasets, "validation_dataset": datasets, "job": jobs,
         "job_id": jobs, "base_model": models, "model_id": models, "teacher_model": models,
+        "reference_model": models, "reward_model": models,
         "gpu_type": st.sampled_from([*gpu_types, "cpu"]),
         "name": fresh, "request_id": fresh, "sha256": st.sampled_from(["0" * 64, "F" * 64]),
         "paths": st.sampled_from(["description", "name", "*", "state"]),

@@ -174,3 +174,22 @@ async def test_dataset_options_training_cannot_honour_are_refused_at_create_job(
     assert [v.field for v in error.violations] == ["spec.dataset"]
     assert f"options.{option}" in error.violations[0].description
     assert error.violations[0].description.endswith(f"upload it without options.{option}")
+
+
+async def test_dpo_reference_and_grpo_reward_models_are_checked_like_the_teacher(
+    manager: JobManager, roots: Path, store: LocalObjectStore
+) -> None:
+    theirs = model_folder(store.root / "jobs" / "other-org" / "job_1" / "merged")
+    dpo = spec("org/student")
+    dpo.method = job_pb2.TRAINING_METHOD_DPO
+    grpo = spec("org/student")
+    grpo.method = job_pb2.TRAINING_METHOD_GRPO
+    grpo.grpo.reward_functions.append(job_pb2.REWARD_FUNCTION_REWARD_MODEL)
+    for model in ("/etc", str(theirs), "s3://private/models/x", str(roots / "no-such-model")):
+        dpo.dpo.reference_model = model
+        error = await refused(manager, dpo)
+        assert [v.field for v in error.violations] == ["spec.dpo.reference_model"], (model, error)
+        grpo.grpo.reward_model = model
+        error = await refused(manager, grpo)
+        assert [v.field for v in error.violations] == ["spec.grpo.reward_model"], (model, error)
+    assert error.reason == Reason.MODEL_NOT_FOUND  # the last one is only missing

@@ -4,10 +4,13 @@ takes only jobs whose GPU type it has, and as many GPUs of it."""
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
+from google.protobuf.json_format import ParseDict
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2
 
@@ -16,6 +19,7 @@ from trainer_worker.agent import Agent, AgentSettings, JobRun, WorkerHardware
 from trainer_worker.errors import TrainingError
 from tuneforge_core import subjects
 from tuneforge_core.reasons import Reason
+from tuneforge_core.spec import resolve_spec
 from tuneforge_core.storage import LocalObjectStore
 
 ORG = "acme"
@@ -169,3 +173,50 @@ def test_the_worker_gpu_type_setting_wins_over_detection(monkeypatch: pytest.Mon
     assert WorkerHardware.from_settings(configured).gpu_type == "nvidia-h100"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert WorkerHardware.from_settings(AgentSettings()).gpu_type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "attribute"),
+    [
+        ({"method": "TRAINING_METHOD_DPO", "dpo": {"reference_model": "{model}"}},
+         "spec.dpo.reference_model", "reference_model_path"),
+        ({"method": "TRAINING_METHOD_GRPO", "grpo": {"reward_functions": ["REWARD_FUNCTION_REWARD_MODEL"],
+                                                     "reward_model": "{model}"}},
+         "spec.grpo.reward_model", "reward_model_path"),
+        ({"method": "TRAINING_METHOD_DISTILLATION", "distillation": {"teacher_model": "{model}"}},
+         "spec.distillation.teacher_model", "teacher_model_path"),
+    ],
+    ids=["reference", "reward", "teacher"],
+)
+async def test_the_other_models_are_fetched_under_the_same_rule(
+    run: JobRun, store: LocalObjectStore, tmp_path: Path, spec: dict[str, Any], field: str, attribute: str
+) -> None:
+    """DPO's reference model and GRPO's reward model reach RUN.json as the teacher does: the organization's
+    stored output copied into the private cache; a server folder refused, naming the field."""
+    ours = model_folder(store.root / "jobs" / ORG / "job_2" / "merged")
+    store.put_file("datasets/acme/ds_1/train.jsonl", _write(tmp_path / "train.jsonl"))
+
+    def assign(model: str) -> None:
+        body = json.loads(json.dumps(spec).replace("{model}", model))
+        resolved = resolve_spec(ParseDict({**body, "base_model": str(tmp_path / "models" / "tiny")},
+                                          job_pb2.JobSpec()), require_dataset=False)
+        run.assignment.spec.CopyFrom(resolved)
+        run.assignment.train_uri = store.uri("datasets/acme/ds_1/train.jsonl")
+        run.assignment.output_prefix = store.uri("jobs/acme/job_1")
+
+    assign(ours.as_uri())
+    config = await run._prepare()
+    path = Path(getattr(config, attribute))
+    assert path.parent == run.agent.work_root / "models" and (path / "model.safetensors").is_file()
+    others = {"reference_model_path", "reward_model_path", "teacher_model_path"} - {attribute}
+    assert all(getattr(config, name) is None for name in others)
+
+    assign("/etc")
+    with pytest.raises(TrainingError) as info:
+        await run._prepare()
+    assert f"The worker does not read {field}" in info.value.message
+
+
+def _write(path: Path) -> Path:
+    path.write_text('{"prompt": [{"role": "user", "content": "hi"}]}\n')
+    return path

@@ -15,6 +15,7 @@ given a value but no mapping fails `test_every_field_changes_the_configuration_o
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ VALUES: dict[str, tuple[Any, dict[str, Any]]] = {
     "dpo.preference_loss_weight": (0.5, {}),
     "dpo.sft_loss_weight": (0.5, {}),
     "dpo.average_log_probs": (True, {}),
+    "dpo.reference_model": ("org/other-reference", {}),
     "grpo.num_generations": (2, {}),
     "grpo.temperature": (0.7, {}),
     "grpo.top_p": (0.9, {}),
@@ -151,6 +153,10 @@ VALUES: dict[str, tuple[Any, dict[str, Any]]] = {
     "grpo.num_prompts_per_step": (2, {}),
     "grpo.generation_batch_size": (16, {}),
     "grpo.importance_sampling_correction": (True, {}),
+    "grpo.reward_model": (
+        "org/other-reward-model",
+        {"grpo": {"reward_functions": ["REWARD_FUNCTION_REWARD_MODEL"], "reward_model": "org/reward-model"}},
+    ),
     "distillation.teacher_model": ("org/other-teacher", {}),
     "distillation.temperature": (4.0, {}),
     "distillation.alpha": (0.9, {}),
@@ -243,9 +249,9 @@ class Builder:
         if self.tokenizer is None:
             self.tokenizer = recipe.load_tokenizer(str(self.model))
         recipe.tokenizer = self.tokenizer
-        # The teacher (distillation) by its path: nothing loads.
-        recipe.load_model = lambda path=None, *, trainable=True: f"{path} trainable={trainable}"  # type: ignore
-        recipe._check_same_tokenizer = lambda path: None  # type: ignore[attr-defined]
+        # The teacher, DPO's reference model, GRPO's reward model by their paths: nothing loads.
+        recipe.load_model = lambda path=None, *, trainable=True, **_: f"{path} trainable={trainable}"  # type: ignore
+        recipe._check_same_tokenizer = lambda path, role: None  # type: ignore[method-assign]
         try:
             recipe.check_hardware()
             train, _ = recipe.load_data()
@@ -271,11 +277,15 @@ class Builder:
 
 
 def _describe(value: Any) -> Any:
-    """Reward functions by what they return on fixed completions; anything else as it is."""
-    if isinstance(value, list) and value and callable(value[0]):
+    """Reward functions by what they return on fixed completions (a reward model, stubbed, by its path;
+    a reward processing class by its type); anything else as it is."""
+    if isinstance(value, list) and value and any(inspect.isfunction(f) for f in value):
         completions = ['{"a": 1}', "abc", "b" * 40, "a" * 60]
         prompts = ["q"] * len(completions)
-        return [list(f(prompts=prompts, completions=completions, answer=["abc"] * 4)) for f in value]
+        return [list(f(prompts=prompts, completions=completions, answer=["abc"] * 4))
+                if inspect.isfunction(f) else f for f in value]
+    if isinstance(value, list):
+        return [v if v is None or isinstance(v, (str, int, float)) else type(v).__name__ for v in value]
     return value
 
 

@@ -232,6 +232,27 @@ class BaseRecipe(ABC):
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
+    def _check_same_tokenizer(self, path: str, role: str) -> None:
+        """A second model the recipe loads (a distillation teacher, a DPO reference model, a GRPO reward
+        model) must map text to the base model's token ids, or its scores would be of other words."""
+        other = self.load_tokenizer(path)
+        if other.get_vocab() != self.tokenizer.get_vocab():
+            raise TrainingError(
+                Reason.TRAINING_FAILED,
+                f"The {role} {path} does not share the base model's tokenizer "
+                f"({len(other)} vs {len(self.tokenizer)} tokens, or the same size with different ids); "
+                f"{self.method} needs both to map text to the same token ids.",
+            )
+
+    def load_frozen_model(self, path: str, role: str) -> PreTrainedModel:
+        """Another model than the one trained, loaded like a teacher: frozen, in eval mode, in the training
+        dtype, after its tokenizer is checked against the base model's."""
+        self._check_same_tokenizer(path, role)
+        model = self.load_model(path, trainable=False)
+        if isinstance(model, torch.nn.Module):  # the field-mapping tests stand a string in for a model
+            model.eval().requires_grad_(False)
+        return model
+
     def load_data(self) -> tuple[Dataset, Dataset | None]:
         families = METHOD_FAMILIES[self.spec.method]
         rows, self.family = read_rows(self.cfg.train_file, families, self.method)
@@ -255,17 +276,20 @@ class BaseRecipe(ABC):
         )
         return self.prepare(rows), validation
 
-    def load_model(self, path: str | None = None, *, trainable: bool = True) -> PreTrainedModel:
-        """The base model (or, with ``path``, another one such as a teacher), from safetensors only."""
+    def load_model(
+        self, path: str | None = None, *, trainable: bool = True, model_class: Any = None, **extra: Any
+    ) -> PreTrainedModel:
+        """The base model (or, with ``path``, another one such as a teacher), from safetensors only;
+        ``model_class`` and ``extra`` (such as a reward model's class and num_labels) for another kind."""
         path = path or self.cfg.model_path
         self.sink.log(f"Loading {'the base model' if trainable else 'a frozen model'} from {path}.")
-        kwargs: dict[str, Any] = {"dtype": self.model_dtype()}
+        kwargs: dict[str, Any] = {"dtype": self.model_dtype(), **extra}
         if self.quantized and trainable:
             kwargs["quantization_config"] = self._quantization_config()
         if trainable:
             kwargs.update(self.model_overrides(path))
         try:
-            return self.auto_model_class.from_pretrained(
+            return (model_class or self.auto_model_class).from_pretrained(
                 path, trust_remote_code=False, use_safetensors=True, **kwargs
             )
         except (OSError, ValueError) as exc:

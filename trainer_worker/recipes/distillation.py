@@ -18,9 +18,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel
 from trl import SFTTrainer
 
-from trainer_worker.errors import TrainingError
 from trainer_worker.recipes.sft import SFTRecipe
-from tuneforge_core.reasons import Reason
 
 FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -78,19 +76,8 @@ class DistillationRecipe(SFTRecipe):
     def trainer_extras(self, train: Dataset) -> dict[str, Any]:
         distillation = self.spec.distillation
         teacher_path = self.cfg.teacher_model_path or distillation.teacher_model
-        self._check_same_tokenizer(teacher_path)
         return {
-            "teacher": self.load_model(teacher_path, trainable=False),
+            "teacher": self.load_frozen_model(teacher_path, "teacher model"),
             "temperature": distillation.temperature,
             "alpha": distillation.alpha,
         }
-
-    def _check_same_tokenizer(self, teacher_path: str) -> None:
-        teacher = self.load_tokenizer(teacher_path)
-        if teacher.get_vocab() != self.tokenizer.get_vocab():
-            raise TrainingError(
-                Reason.TRAINING_FAILED,
-                f"The teacher model {teacher_path} does not share the base model's tokenizer "
-                f"({len(teacher)} vs {len(self.tokenizer)} tokens, or the same size with different ids); "
-                "distillation needs both to map text to the same token ids.",
-            )

@@ -2,14 +2,17 @@
 
 DpoConfig maps onto TRL's loss list: the sigmoid preference loss (``sigmoid_norm`` when log-probabilities
 are averaged over tokens) weighted by ``preference_loss_weight``, plus an SFT loss on the chosen answers when
-``sft_loss_weight`` is above 0. With an adapter the reference model is the base with the adapter switched
-off, so no second copy is loaded; full fine-tuning keeps a frozen copy.
+``sft_loss_weight`` is above 0. The reference policy is ``reference_model`` where the spec names one: it is
+loaded frozen (eval mode, the training dtype) and handed to TRL as ``ref_model``, and must share the base
+model's tokenizer. Without one, an adapter's reference is the base with the adapter switched off, so no
+second copy is loaded; full fine-tuning keeps a frozen copy.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from trainer_worker.recipes.base import BaseRecipe
@@ -34,3 +37,10 @@ class DPORecipe(BaseRecipe):
             max_length=self.hp.max_seq_length,
             disable_dropout=not self.keeps_dropout(),  # TRL's default turns LoRA's dropout off too
         )
+
+    def trainer_extras(self, train: Dataset) -> dict[str, Any]:
+        dpo = self.spec.dpo
+        if not dpo.reference_model:
+            return {}  # TRL's own reference: the base (adapter off), or a frozen copy of it
+        path = self.cfg.reference_model_path or dpo.reference_model
+        return {"ref_model": self.load_frozen_model(path, "reference model")}

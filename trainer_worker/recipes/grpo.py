@@ -11,18 +11,34 @@ The seeds' (NeMo Customizer's) knobs map onto GRPOConfig: ``normalize_rewards`` 
 ``loss_type`` ("dapo" per token, "grpo" per sequence), ``generation_batch_size`` (``num_prompts_per_step``
 x ``num_generations``). ``use_rloo`` swaps in TRL's RLOOTrainer (leave-one-out baseline, per-sequence loss;
 ``normalize_rewards`` -> ``normalize_advantages``).
+
+REWARD_FUNCTION_REWARD_MODEL scores with ``reward_model``: a sequence-classification model with one label
+(AutoModelForSequenceClassification, num_labels=1), frozen, sharing the base model's tokenizer, handed to
+TRL among the reward functions; its mean is logged as ``rewards/reward_model/mean``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from trl.data_utils import apply_chat_template, is_conversational
+from tuneforge.v1 import job_pb2
 
 from trainer_worker.recipes import rewards
 from trainer_worker.recipes.base import BaseRecipe
+
+#: The name TRL logs a reward model's scores under (``rewards/reward_model/mean``).
+REWARD_MODEL_NAME = "reward_model"
 
 
 class GRPORecipe(BaseRecipe):
@@ -79,4 +95,57 @@ class GRPORecipe(BaseRecipe):
         return GRPOTrainer(args=config, **common)
 
     def trainer_extras(self, train: Dataset) -> dict[str, Any]:
-        return {"reward_funcs": rewards.build(self.spec.grpo, train.column_names)}
+        grpo = self.spec.grpo
+        if job_pb2.REWARD_FUNCTION_REWARD_MODEL not in grpo.reward_functions:
+            return {"reward_funcs": rewards.build(grpo, train.column_names)}
+        model = self.load_reward_model(self.cfg.reward_model_path or grpo.reward_model)
+        functions = rewards.build(grpo, train.column_names, reward_model=model)
+        # The model's texts are tokenized with the base model's tokenizer, which it shares (checked).
+        return {
+            "reward_funcs": functions,
+            "reward_processing_classes": [self.tokenizer if f is model else None for f in functions],
+        }
+
+    def reward_scorer(self) -> rewards.RewardFunc:
+        """The reward model as a plain reward function, for the evaluation after training: the trainer's
+        own copy where it has one (on its device), else loaded again."""
+        model = next((f for f in getattr(self.trainer, "reward_funcs", []) if isinstance(f, torch.nn.Module)),
+                     None)
+        if model is None:
+            model = self.load_reward_model(self.cfg.reward_model_path or self.spec.grpo.reward_model)
+        accelerator = getattr(self.trainer, "accelerator", None)
+        if accelerator is not None:
+            model = accelerator.unwrap_model(model)
+        return reward_model_function(model, self.tokenizer)
+
+    def load_reward_model(self, path: str) -> Any:
+        """spec.grpo.reward_model: one score per sequence, frozen, in the training dtype."""
+        self._check_same_tokenizer(path, "reward model")
+        model = self.load_model(path, trainable=False, model_class=AutoModelForSequenceClassification,
+                                num_labels=1)
+        if isinstance(model, torch.nn.Module):
+            model.eval().requires_grad_(False)
+            # TRL names a model's reward after its config's _name_or_path: a stable metric name instead of
+            # the folder (which is a cache hash for a stored model).
+            model.config._name_or_path = REWARD_MODEL_NAME
+            # It scores each sequence's last token before the padding, which it finds by the pad token.
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
+
+
+def reward_model_function(model: Any, tokenizer: Any) -> rewards.RewardFunc:
+    """A sequence-classification model's first logit on each prompt + completion, built as TRL's GRPOTrainer
+    builds it (the chat template over prompt + completion messages, or the two strings joined)."""
+
+    def reward_model(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        if is_conversational({"prompt": prompts[0]}):
+            texts = [apply_chat_template({"messages": p + c}, tokenizer)["text"]
+                     for p, c in zip(prompts, completions, strict=True)]
+        else:
+            texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        inputs = tokenizer(text=texts, return_tensors="pt", padding=True, padding_side="right",
+                           add_special_tokens=False).to(next(model.parameters()).device)
+        with torch.inference_mode():
+            return [float(x) for x in model(**inputs).logits[:, 0].float().tolist()]
+
+    return reward_model

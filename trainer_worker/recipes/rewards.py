@@ -95,9 +95,11 @@ def user_code(source: str) -> RewardFunc:
     return user_reward
 
 
-def build(grpo: job_pb2.GrpoConfig, columns: list[str]) -> list[RewardFunc]:
-    """The reward functions the spec names; ``columns`` are the dataset's, to check what graders need."""
-    functions: list[RewardFunc] = []
+def build(grpo: job_pb2.GrpoConfig, columns: list[str], reward_model: Any = None) -> list[Any]:
+    """The reward functions the spec names; ``columns`` are the dataset's, to check what graders need.
+    REWARD_FUNCTION_REWARD_MODEL is ``reward_model`` itself (the recipe loads it): TRL scores each prompt +
+    completion with a sequence-classification model placed among the functions."""
+    functions: list[Any] = []
     for kind in grpo.reward_functions:
         if kind == job_pb2.REWARD_FUNCTION_EXACT_MATCH:
             if "answer" not in columns:
@@ -114,6 +116,12 @@ def build(grpo: job_pb2.GrpoConfig, columns: list[str]) -> list[RewardFunc]:
             functions.append(length(grpo.target_length))
         elif kind == job_pb2.REWARD_FUNCTION_USER_CODE:
             functions.append(user_code(grpo.reward_code))
+        elif kind == job_pb2.REWARD_FUNCTION_REWARD_MODEL:
+            if reward_model is None:
+                raise TrainingError(
+                    Reason.TRAINING_FAILED, "The reward-model reward needs spec.grpo.reward_model."
+                )
+            functions.append(reward_model)
         else:
             raise TrainingError(Reason.TRAINING_FAILED, f"Unknown reward function {kind}.")
     if not functions:

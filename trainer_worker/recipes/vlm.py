@@ -103,7 +103,9 @@ class VisionSFTRecipe(SFTRecipe):
             self.tokenizer = self.tokenizer.tokenizer
         return train, validation
 
-    def load_model(self, path: str | None = None, *, trainable: bool = True) -> PreTrainedModel:
+    def load_model(
+        self, path: str | None = None, *, trainable: bool = True, model_class: Any = None, **extra: Any
+    ) -> PreTrainedModel:
         where = Path(path or self.cfg.model_path)
         if where.is_dir() and mt.folder_model_type(where) != mt.VLM:
             raise TrainingError(
@@ -111,7 +113,7 @@ class VisionSFTRecipe(SFTRecipe):
                 f"spec.model_type is {mt.name(self.spec.model_type)} for a vision-language model, but the "
                 "base model has no vision tower (no vision_config in its config.json).",
             )
-        model = super().load_model(path, trainable=trainable)
+        model = super().load_model(path, trainable=trainable, model_class=model_class, **extra)
         self.language_leaves = sorted({
             name.rsplit(".", 1)[-1]
             for name, module in model.named_modules()

@@ -272,6 +272,10 @@ class _RewardFunctionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reward
     """The Python function in GrpoConfig.reward_code. Refused unless the deployment enables user reward code
     (jobs service and worker: TUNEFORGE_WORKER_ALLOW_USER_REWARD_CODE / allow_user_reward_code).
     """
+    REWARD_FUNCTION_REWARD_MODEL: _RewardFunction.ValueType  # 6
+    """The score of the sequence-classification model in GrpoConfig.reward_model (one logit, num_labels=1)
+    on each prompt + completion.
+    """
 
 class RewardFunction(_RewardFunction, metaclass=_RewardFunctionEnumTypeWrapper): ...
 
@@ -287,6 +291,10 @@ REWARD_FUNCTION_LENGTH: RewardFunction.ValueType  # 4
 REWARD_FUNCTION_USER_CODE: RewardFunction.ValueType  # 5
 """The Python function in GrpoConfig.reward_code. Refused unless the deployment enables user reward code
 (jobs service and worker: TUNEFORGE_WORKER_ALLOW_USER_REWARD_CODE / allow_user_reward_code).
+"""
+REWARD_FUNCTION_REWARD_MODEL: RewardFunction.ValueType  # 6
+"""The score of the sequence-classification model in GrpoConfig.reward_model (one logit, num_labels=1)
+on each prompt + completion.
 """
 Global___RewardFunction: _TypeAlias = RewardFunction  # noqa: Y015
 
@@ -1263,6 +1271,7 @@ class DpoConfig(_message.Message):
     PREFERENCE_LOSS_WEIGHT_FIELD_NUMBER: _builtins.int
     SFT_LOSS_WEIGHT_FIELD_NUMBER: _builtins.int
     AVERAGE_LOG_PROBS_FIELD_NUMBER: _builtins.int
+    REFERENCE_MODEL_FIELD_NUMBER: _builtins.int
     beta: _builtins.float
     """KL penalty (beta), (0, 10]; default 0.1."""
     preference_loss_weight: _builtins.float
@@ -1271,6 +1280,11 @@ class DpoConfig(_message.Message):
     """Weight of an added SFT loss on the chosen answers; default 0."""
     average_log_probs: _builtins.bool
     """Average log-probabilities over tokens instead of summing; default false."""
+    reference_model: _builtins.str
+    """The reference policy: same forms as JobSpec.base_model; must share the base model's tokenizer. Loaded
+    frozen (eval mode, the training dtype) as a separate model. Unset: the base model itself (with an
+    adapter, the base with the adapter switched off). DPO only.
+    """
     def __init__(
         self,
         *,
@@ -1278,10 +1292,11 @@ class DpoConfig(_message.Message):
         preference_loss_weight: _builtins.float | None = ...,
         sft_loss_weight: _builtins.float | None = ...,
         average_log_probs: _builtins.bool | None = ...,
+        reference_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_average_log_probs", b"_average_log_probs", "_beta", b"_beta", "_preference_loss_weight", b"_preference_loss_weight", "_sft_loss_weight", b"_sft_loss_weight", "average_log_probs", b"average_log_probs", "beta", b"beta", "preference_loss_weight", b"preference_loss_weight", "sft_loss_weight", b"sft_loss_weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_average_log_probs", b"_average_log_probs", "_beta", b"_beta", "_preference_loss_weight", b"_preference_loss_weight", "_sft_loss_weight", b"_sft_loss_weight", "average_log_probs", b"average_log_probs", "beta", b"beta", "preference_loss_weight", b"preference_loss_weight", "sft_loss_weight", b"sft_loss_weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_average_log_probs", b"_average_log_probs", "_beta", b"_beta", "_preference_loss_weight", b"_preference_loss_weight", "_sft_loss_weight", b"_sft_loss_weight", "average_log_probs", b"average_log_probs", "beta", b"beta", "preference_loss_weight", b"preference_loss_weight", "reference_model", b"reference_model", "sft_loss_weight", b"sft_loss_weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__average_log_probs: _TypeAlias = _typing.Literal["average_log_probs"]  # noqa: Y015
     _WhichOneofArgType__average_log_probs: _TypeAlias = _typing.Literal["_average_log_probs", b"_average_log_probs"]  # noqa: Y015
@@ -1326,6 +1341,7 @@ class GrpoConfig(_message.Message):
     NUM_PROMPTS_PER_STEP_FIELD_NUMBER: _builtins.int
     GENERATION_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     IMPORTANCE_SAMPLING_CORRECTION_FIELD_NUMBER: _builtins.int
+    REWARD_MODEL_FIELD_NUMBER: _builtins.int
     num_generations: _builtins.int
     """Completions per prompt, 2-64; default 4."""
     temperature: _builtins.float
@@ -1387,6 +1403,11 @@ class GrpoConfig(_message.Message):
     """Correct for logprob differences between a separate inference engine (vLLM) and the trainer. These
     workers generate with the trained model itself, so there is nothing to correct: true is refused.
     """
+    reward_model: _builtins.str
+    """The reward model of REWARD_FUNCTION_REWARD_MODEL: same forms as JobSpec.base_model; a
+    sequence-classification model with one label that shares the base model's tokenizer. Required by that
+    reward function and refused without it.
+    """
     @_builtins.property
     def reward_functions(self) -> _containers.RepeatedScalarFieldContainer[Global___RewardFunction.ValueType]:
         """At least one; their rewards are summed."""
@@ -1414,10 +1435,11 @@ class GrpoConfig(_message.Message):
         num_prompts_per_step: _builtins.int | None = ...,
         generation_batch_size: _builtins.int | None = ...,
         importance_sampling_correction: _builtins.bool | None = ...,
+        reward_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_clip_epsilon_high", b"_clip_epsilon_high", "_generation_batch_size", b"_generation_batch_size", "_importance_sampling_correction", b"_importance_sampling_correction", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_normalize_rewards", b"_normalize_rewards", "_num_generations", b"_num_generations", "_num_prompts_per_step", b"_num_prompts_per_step", "_overlong_filtering", b"_overlong_filtering", "_ratio_clip_c", b"_ratio_clip_c", "_target_length", b"_target_length", "_temperature", b"_temperature", "_token_level_loss", b"_token_level_loss", "_top_k", b"_top_k", "_top_p", b"_top_p", "_use_rloo", b"_use_rloo", "clip_epsilon", b"clip_epsilon", "clip_epsilon_high", b"clip_epsilon_high", "generation_batch_size", b"generation_batch_size", "importance_sampling_correction", b"importance_sampling_correction", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "normalize_rewards", b"normalize_rewards", "num_generations", b"num_generations", "num_prompts_per_step", b"num_prompts_per_step", "overlong_filtering", b"overlong_filtering", "ratio_clip_c", b"ratio_clip_c", "target_length", b"target_length", "temperature", b"temperature", "token_level_loss", b"token_level_loss", "top_k", b"top_k", "top_p", b"top_p", "use_rloo", b"use_rloo"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_clip_epsilon_high", b"_clip_epsilon_high", "_generation_batch_size", b"_generation_batch_size", "_importance_sampling_correction", b"_importance_sampling_correction", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_normalize_rewards", b"_normalize_rewards", "_num_generations", b"_num_generations", "_num_prompts_per_step", b"_num_prompts_per_step", "_overlong_filtering", b"_overlong_filtering", "_ratio_clip_c", b"_ratio_clip_c", "_target_length", b"_target_length", "_temperature", b"_temperature", "_token_level_loss", b"_token_level_loss", "_top_k", b"_top_k", "_top_p", b"_top_p", "_use_rloo", b"_use_rloo", "clip_epsilon", b"clip_epsilon", "clip_epsilon_high", b"clip_epsilon_high", "generation_batch_size", b"generation_batch_size", "importance_sampling_correction", b"importance_sampling_correction", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "normalize_rewards", b"normalize_rewards", "num_generations", b"num_generations", "num_prompts_per_step", b"num_prompts_per_step", "overlong_filtering", b"overlong_filtering", "ratio_clip_c", b"ratio_clip_c", "reward_code", b"reward_code", "reward_functions", b"reward_functions", "reward_regex", b"reward_regex", "target_length", b"target_length", "temperature", b"temperature", "token_level_loss", b"token_level_loss", "top_k", b"top_k", "top_p", b"top_p", "use_rloo", b"use_rloo"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_clip_epsilon_high", b"_clip_epsilon_high", "_generation_batch_size", b"_generation_batch_size", "_importance_sampling_correction", b"_importance_sampling_correction", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_normalize_rewards", b"_normalize_rewards", "_num_generations", b"_num_generations", "_num_prompts_per_step", b"_num_prompts_per_step", "_overlong_filtering", b"_overlong_filtering", "_ratio_clip_c", b"_ratio_clip_c", "_target_length", b"_target_length", "_temperature", b"_temperature", "_token_level_loss", b"_token_level_loss", "_top_k", b"_top_k", "_top_p", b"_top_p", "_use_rloo", b"_use_rloo", "clip_epsilon", b"clip_epsilon", "clip_epsilon_high", b"clip_epsilon_high", "generation_batch_size", b"generation_batch_size", "importance_sampling_correction", b"importance_sampling_correction", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "normalize_rewards", b"normalize_rewards", "num_generations", b"num_generations", "num_prompts_per_step", b"num_prompts_per_step", "overlong_filtering", b"overlong_filtering", "ratio_clip_c", b"ratio_clip_c", "reward_code", b"reward_code", "reward_functions", b"reward_functions", "reward_model", b"reward_model", "reward_regex", b"reward_regex", "target_length", b"target_length", "temperature", b"temperature", "token_level_loss", b"token_level_loss", "top_k", b"top_k", "top_p", b"top_p", "use_rloo", b"use_rloo"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clip_epsilon: _TypeAlias = _typing.Literal["clip_epsilon"]  # noqa: Y015
     _WhichOneofArgType__clip_epsilon: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon"]  # noqa: Y015
