@@ -99,6 +99,7 @@ from tuneforge_core.models import ModelKind, ModelPolicy, ModelSource, other_mod
 from tuneforge_core.nats import connect, ensure_route_consumer, ensure_streams, queued_routes
 from tuneforge_core.reasons import Reason
 from tuneforge_core.settings import KitSettings
+from tuneforge_core.spec import upgrade_resolved
 from tuneforge_core.storage import ObjectStore, store_from_settings
 
 log = logging.getLogger("trainer_worker.agent")
@@ -381,6 +382,11 @@ class Agent:
             log.exception("dropping an undecodable assignment")
             await msg.term()
             return
+        upgraded = upgrade_resolved(assignment.spec)
+        if upgraded is not assignment.spec:  # queued before this version's spec fields existed
+            log.info("job %s was resolved by an earlier version; filling the defaults of newer fields",
+                     assignment.job_id)
+            assignment.spec.CopyFrom(upgraded)
         hardware = assignment.spec.hardware
         refusal = self.hardware.refusal(hardware.gpu_type, hardware.gpu_count)
         if refusal is not None:  # on the wrong subject: never trained on other or fewer GPUs than it asked

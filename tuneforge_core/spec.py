@@ -171,6 +171,67 @@ def check_dataset_options(options: dataset_pb2.DatasetOptions, field: str = "spe
     v.raise_if_any("the dataset's options cannot be honoured")
 
 
+# JobSpec fields added after the first release (2026-11-21), by path. A job created before an upgrade and
+# trained after it was resolved without them: its spec has none of them set. `upgrade_resolved` fills their
+# defaults for such a spec, each default being what training did before the field existed (the TRL value,
+# or off), so the job trains as it was admitted. A field added later goes here too.
+ADDED_SINCE_FIRST_RELEASE: frozenset[str] = frozenset({
+    "hyperparameters.eval_batch_size", "hyperparameters.hidden_dropout", "hyperparameters.attention_dropout",
+    "hyperparameters.eval_epoch_fraction", "hyperparameters.keep_best_model",
+    "hyperparameters.metric_for_best_model", "hyperparameters.global_batch_size",
+    "dpo.reference_model",
+    "grpo.normalize_rewards", "grpo.use_rloo", "grpo.overlong_filtering", "grpo.clip_epsilon_high",
+    "grpo.ratio_clip_c", "grpo.token_level_loss", "grpo.num_prompts_per_step", "grpo.generation_batch_size",
+    "grpo.importance_sampling_correction", "grpo.reward_model",
+    "output.keep_optimizer_state",
+    "evaluation", "warm_start", "model_type",
+})
+
+
+def differing_fields(a: Message, b: Message, prefix: str = "") -> set[str]:
+    """Paths of the fields whose values differ between two messages of one type (into singular submessages;
+    a difference inside a message field named in ADDED_SINCE_FIRST_RELEASE is reported as that field)."""
+    out: set[str] = set()
+    for field in a.DESCRIPTOR.fields:
+        path = prefix + field.name
+        if field.message_type is not None and not field.is_repeated and path not in ADDED_SINCE_FIRST_RELEASE:
+            if a.HasField(field.name) or b.HasField(field.name):
+                out |= differing_fields(getattr(a, field.name), getattr(b, field.name), path + ".")
+        elif getattr(a, field.name) != getattr(b, field.name) or (
+                field.has_presence and a.HasField(field.name) != b.HasField(field.name)):
+            out.add(path)
+    return out
+
+
+def upgrade_resolved(spec: job_pb2.JobSpec) -> job_pb2.JobSpec:
+    """The spec a worker trains: `spec` itself when it is resolved (see `ensure_resolved`); when it was
+    resolved before the fields of ADDED_SINCE_FIRST_RELEASE existed (a job queued across an upgrade), a copy
+    with only those fields' defaults filled. Anything else is left as it is, for `ensure_resolved` to refuse.
+    """
+    try:
+        resolved = resolve_spec(spec, allow_user_reward_code=True, require_dataset=False)
+    except InvalidArgument:
+        return spec
+    if resolved == spec:
+        return spec
+    first_release = not any(_is_set(spec, path) for path in ADDED_SINCE_FIRST_RELEASE)
+    if first_release and differing_fields(spec, resolved) <= ADDED_SINCE_FIRST_RELEASE:
+        return resolved
+    return spec
+
+
+def _is_set(message: Message, path: str) -> bool:
+    head, _, rest = path.partition(".")
+    field = message.DESCRIPTOR.fields_by_name[head]
+    if rest:
+        return message.HasField(head) and _is_set(getattr(message, head), rest)
+    if field.is_repeated:
+        return len(getattr(message, head)) > 0
+    if field.has_presence:
+        return message.HasField(head)
+    return bool(getattr(message, head))
+
+
 def ensure_resolved(spec: job_pb2.JobSpec) -> None:
     """Raises InvalidArgument unless `spec` is what `resolve_spec` returns for it (every default filled).
 

@@ -33,6 +33,8 @@ from tuneforge_core.ids import new_id
 from tuneforge_core.spec import resolve_spec
 from tuneforge_core.storage import LocalObjectStore
 
+LEGACY_SPECS = Path(__file__).parents[1] / "fixtures" / "legacy_specs"
+
 U = events_pb2.WorkerUpdateKind
 ACK_WAIT_S = 3.0  # shorter than a job, so only in-progress acks keep the claim
 
@@ -108,6 +110,7 @@ class Platform:
         dataset: str = "datasets/acme/ds_1/train.jsonl",
         hardware: dict[str, Any] | None = None,
         subject: str | None = None,
+        resolved: job_pb2.JobSpec | None = None,
     ) -> None:
         spec = {
             # The organization's own output: the one kind of stored model a worker reads.
@@ -122,7 +125,7 @@ class Platform:
             job_id=job_id,
             organization="acme",
             # As the jobs service queues it: resolved (the worker fills in no default itself).
-            spec=resolve_spec(ParseDict(spec, job_pb2.JobSpec()), require_dataset=False),
+            spec=resolved or resolve_spec(ParseDict(spec, job_pb2.JobSpec()), require_dataset=False),
             train_uri=self.store.uri(dataset),
             output_prefix=self.store.uri(f"jobs/acme/{job_id}"),
         )
@@ -384,6 +387,20 @@ async def test_job_runs_to_succeeded_with_metrics_logs_and_stored_adapter(platfo
     assert [e.sequence for e in entries] == [(1 << 32) + n for n in range(1, len(entries) + 1)]
     assert {e.source for e in entries} == {metrics_pb2.LOG_SOURCE_WORKER, metrics_pb2.LOG_SOURCE_TRAINING}
     assert await platform.pending_work() == 0
+
+
+async def test_a_job_queued_by_the_first_release_trains_after_an_upgrade(platform: Platform) -> None:
+    """Its spec was resolved before the newer JobSpec fields existed: the worker fills their defaults
+    (tuneforge_core.spec.upgrade_resolved) instead of refusing it as unresolved."""
+    legacy = job_pb2.JobSpec.FromString((LEGACY_SPECS / "sft_lora.binpb").read_bytes())
+    legacy.base_model = platform.store.uri("jobs/acme/job_base/merged")  # first-release fields only
+    legacy.hyperparameters.epochs = 1
+    legacy.hyperparameters.batch_size = 8
+    legacy.hyperparameters.save_steps = 1000
+    platform.start_agent("w1")
+    await platform.assign("job_legacy", {}, resolved=legacy)
+    await platform.events.wait_for("job_legacy", "SUCCEEDED", within_s=90)
+    assert "resolved by an earlier version" in platform.logs()
 
 
 @pytest.mark.slow
