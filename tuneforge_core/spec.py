@@ -146,24 +146,25 @@ def check_dataset_fit(spec: job_pb2.JobSpec, dataset_format: int, field: str = "
     v.raise_if_any("the dataset does not fit the training method")
 
 
-def check_dataset_options(options: dataset_pb2.DatasetOptions, field: str = "spec.dataset") -> None:
-    """Raises InvalidArgument on `field` for DatasetOptions (set at upload) that training cannot honour.
+# DatasetOptions training cannot honour, with why: refused at upload (datasets service) and, for datasets
+# stored before that, at CreateJob. They used to be stored with the dataset and never reach the worker.
+# - max_prompt_length: TRL 1.16's DPO, ORPO and KTO configs have no prompt limit (only max_length on the
+#   whole sequence, spec.hyperparameters.max_seq_length), and SFT and GRPO never had one.
+# - lazy_tokenize, streaming: the worker reads a split's normalized file into memory and the trainer
+#   tokenizes it up front; neither mode is implemented.
+UNHONOURED_DATASET_OPTIONS: dict[str, str] = {
+    "max_prompt_length": "has no prompt length limit in this trainer (TRL 1.16 truncates the whole "
+    "sequence at spec.hyperparameters.max_seq_length)",
+    "lazy_tokenize": "is not implemented: the trainer tokenizes the split up front",
+    "streaming": "is not implemented: the worker loads the split into memory",
+}
 
-    They used to be stored with the dataset and never reach the worker: a job on such a dataset would train
-    as if they were unset. Runs at CreateJob once the dataset is known.
-    - max_prompt_length: TRL 1.16's DPO, ORPO and KTO configs have no prompt limit (only max_length on
-      the whole sequence, spec.hyperparameters.max_seq_length), and SFT and GRPO never had one.
-    - lazy_tokenize, streaming: the worker reads a split's normalized file into memory and the trainer
-      tokenizes it up front; neither mode is implemented.
-    """
+
+def check_dataset_options(options: dataset_pb2.DatasetOptions, field: str = "spec.dataset") -> None:
+    """Raises InvalidArgument on `field` for DatasetOptions (set at upload) that training cannot honour
+    (UNHONOURED_DATASET_OPTIONS). Runs at CreateJob once the dataset is known."""
     v = Violations()
-    unsupported = {
-        "max_prompt_length": "has no prompt length limit in this trainer (TRL 1.16 truncates the whole "
-        "sequence at spec.hyperparameters.max_seq_length)",
-        "lazy_tokenize": "is not implemented: the trainer tokenizes the split up front",
-        "streaming": "is not implemented: the worker loads the split into memory",
-    }
-    for name, why in unsupported.items():
+    for name, why in UNHONOURED_DATASET_OPTIONS.items():
         value = getattr(options, name)
         if value:
             v.add(field, f"the dataset sets options.{name} ({value}), which training {why}; upload it "

@@ -72,6 +72,7 @@ from tuneforge_core.errors import (
 from tuneforge_core.ids import new_id
 from tuneforge_core.models import ModelKind, ModelPolicy
 from tuneforge_core.reasons import Reason
+from tuneforge_core.spec import UNHONOURED_DATASET_OPTIONS
 from tuneforge_core.storage import ObjectStore
 
 MAX_DESCRIPTION = 1024
@@ -198,6 +199,9 @@ def _check_options(v: Violations, spec: UploadSpec) -> None:
     v.check(options.max_samples is None or options.max_samples >= 1, "metadata.options.max_samples",
             "must be at least 1 (leave it unset to keep every example)")
     v.check(options.max_prompt_length >= 0, "metadata.options.max_prompt_length", "must not be negative")
+    for name, why in UNHONOURED_DATASET_OPTIONS.items():  # stored and never used: refused, not ignored
+        v.check(not getattr(options, name), f"metadata.options.{name}",
+                f"training {why}; leave it unset")
     for name in ("system_prompt", "prompt_template"):
         v.check(len(getattr(options, name)) <= MAX_OPTION_TEXT, f"metadata.options.{name}",
                 f"must be at most {MAX_OPTION_TEXT} characters")

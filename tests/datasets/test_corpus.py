@@ -123,7 +123,7 @@ async def test_options_and_a_separate_validation_dataset(stub: DatasetServiceStu
         name="main",
         min_examples=3,
         validation_dataset="held-out",
-        options=dataset_pb2.DatasetOptions(max_samples=8, system_prompt="Be exact.", streaming=True),
+        options=dataset_pb2.DatasetOptions(max_samples=8, system_prompt="Be exact."),
     )
     response = await stub.UploadDataset(
         upload_requests(  # type: ignore[arg-type]
@@ -140,7 +140,7 @@ async def test_options_and_a_separate_validation_dataset(stub: DatasetServiceStu
     }
     assert dataset.validation_dataset_id == held_out.dataset.id
     assert dataset.statistics.dropped_by_max_samples == 2
-    assert dataset.options.streaming and dataset.options.max_samples == 8
+    assert dataset.options.max_samples == 8 and dataset.options.system_prompt == "Be exact."
     train = [json.loads(x) for x in local_path(dataset.splits[0].uri).read_text().splitlines()]
     assert all(e["messages"][0] == {"role": "system", "content": "Be exact."} for e in train)
     fetched = await stub.GetDataset(pb.GetDatasetRequest(organization="acme", dataset="main"))
@@ -153,7 +153,8 @@ async def test_bad_options_name_their_fields(stub: DatasetServiceStub) -> None:
         validation_dataset="nope",
         issue_limit=0,
         split=dataset_pb2.SplitConfig(validation_fraction=0.1),
-        options=dataset_pb2.DatasetOptions(max_samples=0, prompt_template="{question}"),
+        options=dataset_pb2.DatasetOptions(max_samples=0, prompt_template="{question}", lazy_tokenize=True,
+                                           streaming=True, max_prompt_length=512),
     )
     try:
         await stub.UploadDataset(upload_requests(metadata, b""))  # type: ignore[arg-type]
@@ -165,6 +166,10 @@ async def test_bad_options_name_their_fields(stub: DatasetServiceStub) -> None:
         "metadata.options.prompt_template",
         "metadata.issue_limit",
         "metadata.split.validation_fraction",
+        # Stored and never used by training: refused rather than ignored.
+        "metadata.options.lazy_tokenize",
+        "metadata.options.streaming",
+        "metadata.options.max_prompt_length",
     }
     missing = meta(name="y", validation_dataset="nope", min_examples=1)
     try:

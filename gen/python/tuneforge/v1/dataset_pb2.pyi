@@ -278,11 +278,16 @@ class DatasetOptions(_message.Message):
     write literal braces as {{ and }}.
     """
     max_prompt_length: _builtins.int
-    """Maximum tokens of the prompt part (DPO/ORPO-style max_prompt_length); 0: the trainer's default."""
+    """Maximum tokens of the prompt part (DPO/ORPO-style max_prompt_length). Not honoured by the trainer
+    (TRL 1.16 has no prompt limit; JobSpec.hyperparameters.max_seq_length truncates the whole sequence):
+    any value but 0 is refused with INVALID_ARGUMENT naming the field. Kept for wire compatibility.
+    """
     lazy_tokenize: _builtins.bool
-    """Tokenize on the fly in the trainer instead of up front."""
+    """Tokenize on the fly in the trainer. Not implemented: true is refused with INVALID_ARGUMENT."""
     streaming: _builtins.bool
-    """Stream records in the trainer instead of loading the split into memory."""
+    """Stream records in the trainer instead of loading the split into memory. Not implemented: true is
+    refused with INVALID_ARGUMENT (DatasetSource.streaming, for reading a hub dataset, is another thing).
+    """
     def __init__(
         self,
         *,
