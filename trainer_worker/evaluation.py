@@ -75,9 +75,9 @@ SHARDED = (D.DISTRIBUTED_STRATEGY_ZERO3, D.DISTRIBUTED_STRATEGY_ZERO3_OFFLOAD)
 Messages = list[dict[str, Any]]
 
 
-def evaluate(recipe: BaseRecipe) -> dict[str, object] | None:
+def evaluate(recipe: BaseRecipe, kind: type[Evaluation] | None = None) -> dict[str, object] | None:
     """The EvaluationReport (its JSON mapping) of the recipe's trained model; None on ranks other than the
-    main one. Raises only :class:`Cancelled`.
+    main one. Raises only :class:`Cancelled`. `kind` replaces :class:`Evaluation` (vision-language data).
 
     Every rank prepares the test data (the SFTTrainer's preparation synchronizes the ranks); then the
     others leave and the main rank scores alone, on its own replica of the weights.
@@ -105,7 +105,7 @@ def evaluate(recipe: BaseRecipe) -> dict[str, object] | None:
     evaluation: Evaluation | None = None
     preparing: Exception | None = None
     try:
-        evaluation = Evaluation(recipe)
+        evaluation = (kind or Evaluation)(recipe)
         evaluation.prepare()
     except Exception as exc:  # raised again on the main rank, reported there
         preparing = exc
@@ -180,6 +180,7 @@ class Evaluation:
                 f"the test split is {family} data but the training data is {self.recipe.family} data"
             )
         rows = rows[: self.settings.max_examples]
+        self.rows = rows
         self.family = family
         self.conversational = family == Family.CHAT or isinstance(rows[0].get("prompt"), list)
         self.scorer = self._scorer(method, rows)
@@ -486,20 +487,24 @@ class Evaluation:
             reference = str(row.get("answer") or "")
         return self._prompt_text(prompt), shown, reference
 
-    def _generate(self, model: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy answers, stopping at the chat template's end-of-turn token (or EOS)."""
+    def _generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        """Greedy, stopping at the chat template's end-of-turn token (or EOS)."""
         from trainer_worker.recipes.base import end_of_turn_token
 
         stop_ids = [i for i in [self.tokenizer.eos_token_id] if i is not None]
         turn_end = end_of_turn_token(self.tokenizer)
         if turn_end is not None:
             stop_ids.append(self.tokenizer.convert_tokens_to_ids(turn_end))
-        config = GenerationConfig(
+        return GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop_ids or None,
             pad_token_id=self.tokenizer.pad_token_id,
         )
+
+    def _generate(self, model: Any, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy answers, stopping at the chat template's end-of-turn token (or EOS)."""
+        config = self._generation_config(max_new_tokens)
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         answers: list[str] = []

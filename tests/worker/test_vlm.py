@@ -38,8 +38,9 @@ def _adapter_keys(adapter: Path) -> list[str]:
         return list(f.keys())
 
 
-def _train(tmp_path: Path, model: Path, train_file: Path, spec: dict) -> dict:
+def _train(tmp_path: Path, model: Path, train_file: Path, spec: dict, test_file: Path | None = None) -> dict:
     cfg = make_run_config(tmp_path, model, train_file, spec)
+    cfg.test_file = test_file
     assert start_recipe(cfg, tmp_path).wait(timeout=120) == 0, (tmp_path / "train.log").read_text()
     events = read_events(cfg.events_file)
     assert events[-1]["type"] == "result", events[-3:]
@@ -53,6 +54,7 @@ def test_vlm_lora_trains_on_images_and_the_adapter_loads(tmp_path: Path, tiny_vl
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     train_file = write_image_split(tmp_path / "data", 16)
+    test_file = write_image_split(tmp_path / "test", 6, seed=1)
     spec = {
         "method": "TRAINING_METHOD_SFT",
         "model_type": "MODEL_TYPE_VLM",
@@ -60,11 +62,18 @@ def test_vlm_lora_trains_on_images_and_the_adapter_loads(tmp_path: Path, tiny_vl
         "hyperparameters": HYPERPARAMETERS,
         "output": {"merge_adapter": True},
     }
-    run = _train(tmp_path, tiny_vlm, train_file, spec)
+    run = _train(tmp_path, tiny_vlm, train_file, spec, test_file=test_file)
     train = [e for e in run["events"] if e["type"] == "metric" and e["kind"] == "train"]
     assert train[-1]["loss"] < train[0]["loss"], [p["loss"] for p in train]
     result = run["result"]
-    assert result["evaluation"]["status"] == "EVALUATION_STATUS_SKIPPED"
+    # Evaluated on the image test split, through the same collator as training.
+    report = result["evaluation"]
+    assert report["status"] == "EVALUATION_STATUS_SUCCEEDED", report
+    assert int(report["exampleCount"]) == 6 and report["primaryMetric"] == "loss"
+    assert report["tunedMetrics"]["loss"] < report["baseMetrics"]["loss"] and report["improved"]
+    samples = report["samples"]
+    assert len(samples) == 3 and all(s["prompt"] == "What colour is the square?" for s in samples), samples
+    assert all(s["reference"].startswith("The square is") and "tunedAnswer" in s for s in samples), samples
     adapter = Path(result["adapter_dir"])
     keys = _adapter_keys(adapter)
     assert any("vision_tower" in k for k in keys) and any("language_model" in k for k in keys)

@@ -12,8 +12,9 @@ Vision, ... anything ``AutoModelForImageTextToText`` loads):
   restricted to the language model's modules, so the vision tower and projector stay untouched. The adapter
   loads onto the whole vision-language model.
 
-No packing (image batches are padded), no full fine-tuning or prompt tuning (CreateJob refuses them), and
-no evaluation after training on image data yet (the report says SKIPPED). It extends SFTRecipe, whose
+No packing (image batches are padded), no full fine-tuning or prompt tuning (CreateJob refuses them). The
+evaluation after training on image data runs through the same collator (trainer_worker.vision_evaluation).
+It extends SFTRecipe, whose
 chat, weights and assistant-only handling the text path keeps; what differs is the loading of the model and
 processor, the image rows, and the LoRA targets.
 """
@@ -34,13 +35,11 @@ from transformers import (
 )
 
 from trainer_worker.errors import TrainingError
-from trainer_worker.evaluation_report import skipped, to_dict
 from trainer_worker.recipes.sft import SFTRecipe
 from tuneforge_core import model_types as mt
 from tuneforge_core.reasons import Reason
 from tuneforge_core.spec import target_modules_for_peft
 
-NO_IMAGE_EVALUATION = "not supported yet for vision-language training on images"
 # A lookahead that PEFT's full match of a module's dotted name must pass: the name runs through a
 # "language_model" module (LLaVA, Qwen2-VL/2.5-VL, Mllama, Gemma 3 ... all name their language model so).
 LANGUAGE_MODEL_ONLY = r"(?=(?:.*\.)?language_model\.)"
@@ -153,8 +152,10 @@ class VisionSFTRecipe(SFTRecipe):
         if not self.vision:
             super().evaluate()
             return
-        self.sink.log(f"No evaluation after training: {NO_IMAGE_EVALUATION}.")
-        self.evaluation_report = to_dict(skipped(NO_IMAGE_EVALUATION))
+        from trainer_worker.evaluation import evaluate  # it imports the recipes
+        from trainer_worker.vision_evaluation import VisionEvaluation
+
+        self.evaluation_report = evaluate(self, VisionEvaluation)
 
 
 def language_model_targets(targets: list[str], leaves: list[str]) -> str:
