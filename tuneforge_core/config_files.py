@@ -793,7 +793,7 @@ NEMO_RULES: dict[str, Rule] = {
     "grpo.ratio_clip_min": _nemo_clip,
     "grpo.ratio_clip_max": _nemo_clip,
     "grpo.ratio_clip_c": _nemo_optional(to("grpo.ratio_clip_c", float)),
-    "grpo.use_on_policy_kl_approximation": only(False, "the KL term is the standard per-token estimate"),
+    "grpo.use_on_policy_kl_approximation": to("grpo.on_policy_kl_approximation", bool),
     "grpo.use_importance_sampling_correction": only(False, "generation and training run in the same "
                                                            "framework, so there is nothing to correct"),
     "grpo.token_level_loss": to("grpo.token_level_loss", bool),

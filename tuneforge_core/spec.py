@@ -183,7 +183,7 @@ ADDED_SINCE_FIRST_RELEASE: frozenset[str] = frozenset({
     "dpo.reference_model",
     "grpo.normalize_rewards", "grpo.use_rloo", "grpo.overlong_filtering", "grpo.clip_epsilon_high",
     "grpo.ratio_clip_c", "grpo.token_level_loss", "grpo.num_prompts_per_step", "grpo.generation_batch_size",
-    "grpo.importance_sampling_correction", "grpo.reward_model",
+    "grpo.importance_sampling_correction", "grpo.reward_model", "grpo.on_policy_kl_approximation",
     "output.keep_optimizer_state",
     "evaluation", "warm_start", "model_type",
 })
@@ -540,6 +540,14 @@ def _resolve_grpo_knobs(v: Violations, out: job_pb2.JobSpec, *, groups_ok: bool)
     if g.use_rloo and g.token_level_loss:
         v.add(f + "token_level_loss", "RLOO's loss is per sequence; leave token_level_loss unset (false) "
                                       "with use_rloo")
+    if g.HasField("on_policy_kl_approximation") and g.on_policy_kl_approximation:
+        if g.kl_beta == 0:
+            v.add(f + "on_policy_kl_approximation", "corrects the KL term, and kl_beta is 0 (no KL term); "
+                                                    "set kl_beta above 0 or leave it unset")
+        elif g.use_rloo:
+            v.add(f + "on_policy_kl_approximation", "TRL's RLOO trainer has no KL correction; leave it unset "
+                                                    "with use_rloo")
+    _defaults(g, on_policy_kl_approximation=g.kl_beta > 0 and not g.use_rloo)
     v.check(not g.importance_sampling_correction, f + "importance_sampling_correction",
             "corrects for a separate inference engine (vLLM); these workers generate with the trained model "
             "itself, so there is no mismatch to correct")

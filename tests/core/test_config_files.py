@@ -188,6 +188,7 @@ def test_nemo_grpo_names_what_has_no_equivalent() -> None:
     assert hp.lr_scheduler == job_pb2.LR_SCHEDULER_CONSTANT_WITH_WARMUP and hp.weight_decay == 0.0
     assert (g.use_rloo, g.normalize_rewards, g.overlong_filtering) == (True, True, False)
     assert g.clip_epsilon_high == 0.2
+    assert g.HasField("on_policy_kl_approximation") and not g.on_policy_kl_approximation  # NeMo's false
     # RLOO's loss is per sequence: NeMo's token_level_loss with it is refused by name, as is its Gym env.
     assert {"grpo.environment", "grpo.token_level_loss"} <= fields(job)
     assert {n.field for n in job.notes} == {"grpo.logprob_chunk_size", "grpo.generation_batch_size",

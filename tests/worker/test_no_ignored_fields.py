@@ -153,6 +153,7 @@ VALUES: dict[str, tuple[Any, dict[str, Any]]] = {
     "grpo.num_prompts_per_step": (2, {}),
     "grpo.generation_batch_size": (16, {}),
     "grpo.importance_sampling_correction": (True, {}),
+    "grpo.on_policy_kl_approximation": (False, {}),
     "grpo.reward_model": (
         "org/other-reward-model",
         {"grpo": {"reward_functions": ["REWARD_FUNCTION_REWARD_MODEL"], "reward_model": "org/reward-model"}},
@@ -370,6 +371,9 @@ GRPO_KNOBS = [
     ({"generation_batch_size": 8}, "generation_batch_size", 8),
     ({"generation_batch_size": 8}, "steps_per_generation", 2),
     ({}, "vllm_importance_sampling_correction", False),
+    ({}, "use_bias_correction_kl", True),  # TRL's default, where there is a KL term
+    ({"on_policy_kl_approximation": False}, "use_bias_correction_kl", False),
+    ({"kl_beta": 0.0}, "use_bias_correction_kl", False),
     ({"use_rloo": True}, "normalize_advantages", True),
     ({"use_rloo": True, "normalize_rewards": False}, "normalize_advantages", False),
     ({"use_rloo": True, "overlong_filtering": True}, "mask_truncated_completions", True),
@@ -397,6 +401,8 @@ def test_grpo_knob_reaches_the_trl_config(
         ({"num_prompts_per_step": 2, "generation_batch_size": 16}, "spec.grpo.generation_batch_size"),
         ({"generation_batch_size": 6}, "spec.grpo.generation_batch_size"),  # not whole steps of 4
         ({"clip_epsilon_high": 0.0}, "spec.grpo.clip_epsilon_high"),
+        ({"kl_beta": 0.0, "on_policy_kl_approximation": True}, "spec.grpo.on_policy_kl_approximation"),
+        ({"use_rloo": True, "on_policy_kl_approximation": True}, "spec.grpo.on_policy_kl_approximation"),
     ],
     ids=lambda x: str(x),
 )

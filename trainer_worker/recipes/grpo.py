@@ -68,6 +68,7 @@ class GRPORecipe(BaseRecipe):
             loss_type="dapo" if grpo.token_level_loss else "grpo",
             delta=grpo.ratio_clip_c if grpo.HasField("ratio_clip_c") else None,
             vllm_importance_sampling_correction=grpo.importance_sampling_correction,  # no vLLM: false
+            use_bias_correction_kl=grpo.on_policy_kl_approximation,
         )
 
     def build_trainer(

@@ -1342,6 +1342,7 @@ class GrpoConfig(_message.Message):
     GENERATION_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     IMPORTANCE_SAMPLING_CORRECTION_FIELD_NUMBER: _builtins.int
     REWARD_MODEL_FIELD_NUMBER: _builtins.int
+    ON_POLICY_KL_APPROXIMATION_FIELD_NUMBER: _builtins.int
     num_generations: _builtins.int
     """Completions per prompt, 2-64; default 4."""
     temperature: _builtins.float
@@ -1363,10 +1364,11 @@ class GrpoConfig(_message.Message):
     reward_code: _builtins.str
     """Python source defining `def reward(prompts, completions, **columns) -> list[float]` for
     REWARD_FUNCTION_USER_CODE; `columns` holds the dataset's extra columns, one list per column.
-    Divide each group's advantages by its rewards' standard deviation (TRL scale_rewards "group");
     """
     normalize_rewards: _builtins.bool
-    """default true. False: raw reward minus the group mean (Dr. GRPO)."""
+    """Divide each group's advantages by its rewards' standard deviation (TRL scale_rewards "group");
+    default true. False: raw reward minus the group mean (Dr. GRPO).
+    """
     use_rloo: _builtins.bool
     """Leave-one-out baseline (RLOO: each completion against the mean of the others; TRL's RLOOTrainer);
     default false (GRPO's group mean). RLOO's loss is per sequence (token_level_loss defaults to false
@@ -1408,6 +1410,12 @@ class GrpoConfig(_message.Message):
     sequence-classification model with one label that shares the base model's tokenizer. Required by that
     reward function and refused without it.
     """
+    on_policy_kl_approximation: _builtins.bool
+    """On-policy KL approximation (the seeds' use_on_policy_kl_approximation; TRL use_bias_correction_kl):
+    multiply the per-token KL term by the policy ratio so its gradient is the unbiased reverse-KL gradient.
+    Default true where it acts (kl_beta > 0, GRPO's loss; TRL's default), false otherwise; true is refused
+    with kl_beta 0 (no KL term) and with use_rloo (TRL's RLOO has no such correction).
+    """
     @_builtins.property
     def reward_functions(self) -> _containers.RepeatedScalarFieldContainer[Global___RewardFunction.ValueType]:
         """At least one; their rewards are summed."""
@@ -1436,10 +1444,11 @@ class GrpoConfig(_message.Message):
         generation_batch_size: _builtins.int | None = ...,
         importance_sampling_correction: _builtins.bool | None = ...,
         reward_model: _builtins.str = ...,
+        on_policy_kl_approximation: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_clip_epsilon_high", b"_clip_epsilon_high", "_generation_batch_size", b"_generation_batch_size", "_importance_sampling_correction", b"_importance_sampling_correction", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_normalize_rewards", b"_normalize_rewards", "_num_generations", b"_num_generations", "_num_prompts_per_step", b"_num_prompts_per_step", "_overlong_filtering", b"_overlong_filtering", "_ratio_clip_c", b"_ratio_clip_c", "_target_length", b"_target_length", "_temperature", b"_temperature", "_token_level_loss", b"_token_level_loss", "_top_k", b"_top_k", "_top_p", b"_top_p", "_use_rloo", b"_use_rloo", "clip_epsilon", b"clip_epsilon", "clip_epsilon_high", b"clip_epsilon_high", "generation_batch_size", b"generation_batch_size", "importance_sampling_correction", b"importance_sampling_correction", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "normalize_rewards", b"normalize_rewards", "num_generations", b"num_generations", "num_prompts_per_step", b"num_prompts_per_step", "overlong_filtering", b"overlong_filtering", "ratio_clip_c", b"ratio_clip_c", "target_length", b"target_length", "temperature", b"temperature", "token_level_loss", b"token_level_loss", "top_k", b"top_k", "top_p", b"top_p", "use_rloo", b"use_rloo"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_clip_epsilon_high", b"_clip_epsilon_high", "_generation_batch_size", b"_generation_batch_size", "_importance_sampling_correction", b"_importance_sampling_correction", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_normalize_rewards", b"_normalize_rewards", "_num_generations", b"_num_generations", "_num_prompts_per_step", b"_num_prompts_per_step", "_on_policy_kl_approximation", b"_on_policy_kl_approximation", "_overlong_filtering", b"_overlong_filtering", "_ratio_clip_c", b"_ratio_clip_c", "_target_length", b"_target_length", "_temperature", b"_temperature", "_token_level_loss", b"_token_level_loss", "_top_k", b"_top_k", "_top_p", b"_top_p", "_use_rloo", b"_use_rloo", "clip_epsilon", b"clip_epsilon", "clip_epsilon_high", b"clip_epsilon_high", "generation_batch_size", b"generation_batch_size", "importance_sampling_correction", b"importance_sampling_correction", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "normalize_rewards", b"normalize_rewards", "num_generations", b"num_generations", "num_prompts_per_step", b"num_prompts_per_step", "on_policy_kl_approximation", b"on_policy_kl_approximation", "overlong_filtering", b"overlong_filtering", "ratio_clip_c", b"ratio_clip_c", "target_length", b"target_length", "temperature", b"temperature", "token_level_loss", b"token_level_loss", "top_k", b"top_k", "top_p", b"top_p", "use_rloo", b"use_rloo"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_clip_epsilon_high", b"_clip_epsilon_high", "_generation_batch_size", b"_generation_batch_size", "_importance_sampling_correction", b"_importance_sampling_correction", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_normalize_rewards", b"_normalize_rewards", "_num_generations", b"_num_generations", "_num_prompts_per_step", b"_num_prompts_per_step", "_overlong_filtering", b"_overlong_filtering", "_ratio_clip_c", b"_ratio_clip_c", "_target_length", b"_target_length", "_temperature", b"_temperature", "_token_level_loss", b"_token_level_loss", "_top_k", b"_top_k", "_top_p", b"_top_p", "_use_rloo", b"_use_rloo", "clip_epsilon", b"clip_epsilon", "clip_epsilon_high", b"clip_epsilon_high", "generation_batch_size", b"generation_batch_size", "importance_sampling_correction", b"importance_sampling_correction", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "normalize_rewards", b"normalize_rewards", "num_generations", b"num_generations", "num_prompts_per_step", b"num_prompts_per_step", "overlong_filtering", b"overlong_filtering", "ratio_clip_c", b"ratio_clip_c", "reward_code", b"reward_code", "reward_functions", b"reward_functions", "reward_model", b"reward_model", "reward_regex", b"reward_regex", "target_length", b"target_length", "temperature", b"temperature", "token_level_loss", b"token_level_loss", "top_k", b"top_k", "top_p", b"top_p", "use_rloo", b"use_rloo"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon", "_clip_epsilon_high", b"_clip_epsilon_high", "_generation_batch_size", b"_generation_batch_size", "_importance_sampling_correction", b"_importance_sampling_correction", "_kl_beta", b"_kl_beta", "_max_completion_length", b"_max_completion_length", "_normalize_rewards", b"_normalize_rewards", "_num_generations", b"_num_generations", "_num_prompts_per_step", b"_num_prompts_per_step", "_on_policy_kl_approximation", b"_on_policy_kl_approximation", "_overlong_filtering", b"_overlong_filtering", "_ratio_clip_c", b"_ratio_clip_c", "_target_length", b"_target_length", "_temperature", b"_temperature", "_token_level_loss", b"_token_level_loss", "_top_k", b"_top_k", "_top_p", b"_top_p", "_use_rloo", b"_use_rloo", "clip_epsilon", b"clip_epsilon", "clip_epsilon_high", b"clip_epsilon_high", "generation_batch_size", b"generation_batch_size", "importance_sampling_correction", b"importance_sampling_correction", "kl_beta", b"kl_beta", "max_completion_length", b"max_completion_length", "normalize_rewards", b"normalize_rewards", "num_generations", b"num_generations", "num_prompts_per_step", b"num_prompts_per_step", "on_policy_kl_approximation", b"on_policy_kl_approximation", "overlong_filtering", b"overlong_filtering", "ratio_clip_c", b"ratio_clip_c", "reward_code", b"reward_code", "reward_functions", b"reward_functions", "reward_model", b"reward_model", "reward_regex", b"reward_regex", "target_length", b"target_length", "temperature", b"temperature", "token_level_loss", b"token_level_loss", "top_k", b"top_k", "top_p", b"top_p", "use_rloo", b"use_rloo"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clip_epsilon: _TypeAlias = _typing.Literal["clip_epsilon"]  # noqa: Y015
     _WhichOneofArgType__clip_epsilon: _TypeAlias = _typing.Literal["_clip_epsilon", b"_clip_epsilon"]  # noqa: Y015
@@ -1459,6 +1468,8 @@ class GrpoConfig(_message.Message):
     _WhichOneofArgType__num_generations: _TypeAlias = _typing.Literal["_num_generations", b"_num_generations"]  # noqa: Y015
     _WhichOneofReturnType__num_prompts_per_step: _TypeAlias = _typing.Literal["num_prompts_per_step"]  # noqa: Y015
     _WhichOneofArgType__num_prompts_per_step: _TypeAlias = _typing.Literal["_num_prompts_per_step", b"_num_prompts_per_step"]  # noqa: Y015
+    _WhichOneofReturnType__on_policy_kl_approximation: _TypeAlias = _typing.Literal["on_policy_kl_approximation"]  # noqa: Y015
+    _WhichOneofArgType__on_policy_kl_approximation: _TypeAlias = _typing.Literal["_on_policy_kl_approximation", b"_on_policy_kl_approximation"]  # noqa: Y015
     _WhichOneofReturnType__overlong_filtering: _TypeAlias = _typing.Literal["overlong_filtering"]  # noqa: Y015
     _WhichOneofArgType__overlong_filtering: _TypeAlias = _typing.Literal["_overlong_filtering", b"_overlong_filtering"]  # noqa: Y015
     _WhichOneofReturnType__ratio_clip_c: _TypeAlias = _typing.Literal["ratio_clip_c"]  # noqa: Y015
@@ -1493,6 +1504,8 @@ class GrpoConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_generations) -> _WhichOneofReturnType__num_generations | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_prompts_per_step) -> _WhichOneofReturnType__num_prompts_per_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__on_policy_kl_approximation) -> _WhichOneofReturnType__on_policy_kl_approximation | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__overlong_filtering) -> _WhichOneofReturnType__overlong_filtering | None: ...
     @_typing.overload
