@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,6 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from tuneforge.v1 import job_pb2
 
+from services.estimation.cache import Expiring
 from services.estimation.catalog import Catalog
 from services.estimation.estimator import Calibration, memory_per_gpu, tokens_per_second
 from services.estimation.models import CalibrationRow, DeletedJobRow
@@ -39,6 +42,8 @@ MIN_MEMORY_FACTOR = 0.9
 # Ratios outside these bounds are measurement errors (a job that barely ran), not calibration.
 RATIO_BOUNDS = (0.05, 20.0)
 CPU = "cpu"
+# Seconds `CalibrationStore.for_family` answers from memory (see the class).
+CALIBRATION_TTL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -140,10 +145,16 @@ def factors(rows: list[CalibrationRow]) -> Calibration | None:
 
 
 class CalibrationStore:
-    """The measurements, in the estimation service's own tables."""
+    """The measurements, in the estimation service's own tables.
 
-    def __init__(self, db: Database) -> None:
+    `for_family` answers from memory for `ttl_s` seconds (every estimate reads it, and it changes only when
+    a job succeeds): a measurement this process records is seen at once, one another replica of the
+    service records within `ttl_s`."""
+
+    def __init__(self, db: Database, ttl_s: float = CALIBRATION_TTL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.db = db
+        self._families: Expiring[str, dict[str, Calibration]] = Expiring(ttl_s, clock=clock)
 
     async def record(self, measurement: Measurement) -> bool:
         """Stores a job's measurement once; False when the job was already recorded."""
@@ -157,7 +168,10 @@ class CalibrationStore:
             session.add(CalibrationRow(**fields))
             return True
 
-        return await self.db.run(_record)
+        try:
+            return await self.db.run(_record)
+        finally:
+            self._families.forget()
 
     async def detach(self, job_id: str) -> bool:
         """A job was deleted (DeleteJob): its measurement stays, for it tells nothing of the job's data or
@@ -174,10 +188,17 @@ class CalibrationStore:
                                     .execution_options(synchronize_session=False))
             return bool(moved.rowcount)  # type: ignore[attr-defined]
 
-        return await self.db.run(_detach)
+        try:
+            return await self.db.run(_detach)
+        finally:
+            self._families.forget()
 
     async def for_family(self, family: str) -> dict[str, Calibration]:
         """Calibration per GPU type for one model family, from its most recent jobs on each."""
+        known = self._families.get(family)
+        if known is not None:
+            return dict(known)
+        generation = self._families.generation()
 
         def _load(session: Session) -> dict[str, list[CalibrationRow]]:
             rows = session.scalars(
@@ -196,4 +217,5 @@ class CalibrationStore:
             calibration = factors(rows)
             if calibration is not None:
                 out[gpu_type] = calibration
-        return out
+        self._families.put(family, out, generation)
+        return dict(out)

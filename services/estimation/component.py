@@ -88,6 +88,7 @@ class EstimationComponent(Component):
 
     async def stop(self) -> None:
         await super().stop()
+        self.manager.close()
         self.db.dispose()
 
     async def keep_job(self, msg: Msg) -> None:

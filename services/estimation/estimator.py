@@ -14,7 +14,10 @@ with ZeRO/FSDP dividing the sharded parts by the number of GPUs. The peak is the
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
+from types import MappingProxyType
 from typing import Literal
 
 GIB = 1024**3
@@ -145,8 +148,17 @@ class Architecture:
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_size
 
+    # The figures below depend on the shape alone, so each is computed once per Architecture object (the
+    # catalog's are built once at start) and kept in the instance's __dict__ by cached_property, which a
+    # frozen dataclass allows: they are not fields, so equality and hashing ignore them.
+
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear module of one layer (one expert's for the MLP)."""
+        return dict(self.shapes)
+
+    @cached_property
+    def shapes(self) -> Mapping[str, tuple[int, int]]:
+        """`module_shapes()`, computed once and read-only."""
         h, i = self.hidden_size, self.intermediate_size
         shapes = {
             "q_proj": (h, self.attention_dim),
@@ -159,25 +171,36 @@ class Architecture:
         }
         if not self.gated_mlp:
             del shapes["gate_proj"]
-        return shapes
+        return MappingProxyType(shapes)
 
     def module_copies(self, name: str) -> int:
         return max(self.num_experts, 1) if name in MLP_MODULES else 1
 
     def layer_linear_parameters(self, *, active_only: bool = False) -> int:
+        return self._active_linear_parameters if active_only else self._linear_parameters
+
+    def _count_linear_parameters(self, active_only: bool) -> int:
         total = 0
-        for name, (n_in, n_out) in self.module_shapes().items():
+        for name, (n_in, n_out) in self.shapes.items():
             copies = self.module_copies(name)
             if active_only and name in MLP_MODULES and self.num_experts:
                 copies = self.num_experts_per_token
             total += copies * n_in * n_out
         return total
 
-    @property
+    @cached_property
+    def _linear_parameters(self) -> int:
+        return self._count_linear_parameters(False)
+
+    @cached_property
+    def _active_linear_parameters(self) -> int:
+        return self._count_linear_parameters(True)
+
+    @cached_property
     def embedding_parameters(self) -> int:
         return self.vocab_size * self.hidden_size
 
-    @property
+    @cached_property
     def parameter_count(self) -> int:
         norm = self.hidden_size * (2 if self.norm_bias else 1)
         per_layer = self.layer_linear_parameters() + self.norms_per_layer * norm
@@ -190,19 +213,31 @@ class Architecture:
             self.num_layers * per_layer + self.embedding_parameters + lm_head + norm + self.vision_parameters
         )
 
-    @property
+    @cached_property
     def largest_matrix(self) -> int:
-        return max(n_in * n_out for n_in, n_out in self.module_shapes().values())
+        return max(n_in * n_out for n_in, n_out in self.shapes.values())
 
-    @property
+    @cached_property
     def quantizable_parameters(self) -> int:
         """What bitsandbytes quantises: the layers' linear weights (not embeddings, lm_head or norms)."""
         return self.num_layers * self.layer_linear_parameters()
 
-    @property
+    @cached_property
     def matmul_parameters(self) -> int:
         """Parameters a token multiplies through (active experts only; the lm_head but not the lookup)."""
         return self.num_layers * self.layer_linear_parameters(active_only=True) + self.embedding_parameters
+
+    @cached_property
+    def adapted_by_targets(self) -> dict[tuple[str, ...], tuple[AdaptedMatrix, ...]]:
+        """What `_adapted` found for each LoRA target list (filled as target lists are seen)."""
+        return {}
+
+    @cached_property
+    def mlp_expert_parameters(self) -> int:
+        """Weights of one layer's MLP over all its experts (what PEFT's LoRA on fused experts rebuilds)."""
+        return self.num_experts * sum(
+            n_in * n_out for name, (n_in, n_out) in self.shapes.items() if name in MLP_MODULES
+        )
 
 
 @dataclass(frozen=True)
@@ -388,7 +423,7 @@ class Fit:
 
 def lora_targets(arch: Architecture, targets: tuple[str, ...]) -> tuple[set[str], list[str]]:
     """The linear modules a target list names, and the names not recognised."""
-    present = set(arch.module_shapes())
+    present = set(arch.shapes)
     if not targets or "all-linear" in targets:
         return present, []  # PEFT's all-linear: every linear of the layers, not lm_head
     chosen: set[str] = set()
@@ -424,7 +459,7 @@ def adapted_matrices(arch: Architecture, modules: set[str], all_linear: bool) ->
     0.21 adapts gate_up with rank x 2E and down with rank x E (as counted on a real model by
     benchmarks/measure_memory.py), and all-linear also adapts the router.
     """
-    shapes = arch.module_shapes()
+    shapes = arch.shapes
     h, i = arch.hidden_size, arch.intermediate_size
     out: list[AdaptedMatrix] = []
     attention = [m for m in ("q_proj", "k_proj", "v_proj") if m in modules]
@@ -452,9 +487,20 @@ def adapted_matrices(arch: Architecture, modules: set[str], all_linear: bool) ->
     return out
 
 
-def _adapted(arch: Architecture, targets: tuple[str, ...]) -> list[AdaptedMatrix]:
-    modules, _ = lora_targets(arch, targets)
-    return adapted_matrices(arch, modules, not targets or "all-linear" in targets)
+# Adapted matrices per target list, kept on each Architecture; a target list is the user's to choose, so
+# only the first few seen per architecture are kept (the rest are computed on each call).
+_ADAPTED_PER_ARCHITECTURE = 64
+
+
+def _adapted(arch: Architecture, targets: tuple[str, ...]) -> tuple[AdaptedMatrix, ...]:
+    known = arch.adapted_by_targets
+    found = known.get(targets)
+    if found is None:
+        modules, _ = lora_targets(arch, targets)
+        found = tuple(adapted_matrices(arch, modules, not targets or "all-linear" in targets))
+        if len(known) < _ADAPTED_PER_ARCHITECTURE:
+            known[targets] = found
+    return found
 
 
 def lora_parameters(arch: Architecture, rank: int, targets: tuple[str, ...], use_dora: bool = False) -> int:
@@ -491,7 +537,7 @@ def quantization_constant_bytes(arch: Architecture, bits: int, double_quantizati
     scale per output row.
     """
     if bits == 8:
-        rows = sum(arch.module_copies(n) * out for n, (_, out) in arch.module_shapes().items())
+        rows = sum(arch.module_copies(n) * out for n, (_, out) in arch.shapes.items())
         return 4 * rows * arch.num_layers
     blocks = arch.quantizable_parameters / 64
     return int(blocks * (1 + 4 / 256) if double_quantization else blocks * 4)
@@ -640,15 +686,7 @@ def memory_per_gpu(arch: Architecture, setup: Setup, hardware: Hardware, priors:
     expert_delta = 0
     if setup.adapter in ("lora", "qlora") and arch.num_experts:
         if any(m.mlp and m.copies > 1 for m in _adapted(arch, setup.lora_targets)):
-            expert_delta = (
-                width
-                * arch.num_experts
-                * sum(
-                    n_in * n_out
-                    for name, (n_in, n_out) in arch.module_shapes().items()
-                    if name in MLP_MODULES
-                )
-            )
+            expert_delta = width * arch.mlp_expert_parameters
     logit_bytes = LOGIT_BYTES[precision] + (width if arch.logit_softcapping else 0)
     logits = tokens * arch.vocab_size * logit_bytes
     if setup.method == "distillation":
@@ -829,6 +867,20 @@ def evaluate(
 ) -> Fit:
     """Memory, fit, time (when the token count is known) and cost of `setup` on `hardware`."""
     memory = calibrated_memory(memory_per_gpu(arch, setup, hardware, priors), calibration)
+    return _fit(arch, setup, hardware, memory, tokens, context_tokens, priors, calibration)
+
+
+def _fit(
+    arch: Architecture,
+    setup: Setup,
+    hardware: Hardware,
+    memory: Memory,
+    tokens: int | None,
+    context_tokens: int | None,
+    priors: Priors,
+    calibration: Calibration | None,
+) -> Fit:
+    """`evaluate` once the (calibrated) memory per GPU is known."""
     fits = memory.total <= hardware.memory_bytes
     reason = ""
     if not fits:
@@ -863,6 +915,69 @@ def evaluate(
     )
 
 
+class FitSearch:
+    """The fits of one model and setup on several hardware options, doing each piece of arithmetic once.
+
+    Memory per GPU depends on the hardware only through whether it is a CPU and whether it has bf16
+    (`resolve_precision`, `fp32_parameters`), so for each GPU count tried it is computed once per such
+    kind of hardware, not once per option; only the count that is answered gets a time and cost
+    estimate. The answers are those of `evaluate` on each candidate, exactly: the same functions on the
+    same inputs, in the same order (tests/estimation/test_cache.py compares them over the catalog).
+    """
+
+    def __init__(
+        self,
+        arch: Architecture,
+        setup: Setup,
+        tokens: int | None,
+        context_tokens: int | None = None,
+        priors: Priors = PRIORS,
+    ) -> None:
+        self.arch = arch
+        self.setup = setup
+        self.tokens = tokens
+        self.context_tokens = context_tokens
+        self.priors = priors
+        # (gpu count, strategy, is a CPU, has bf16) -> (candidate setup, uncalibrated memory per GPU)
+        self._memory: dict[tuple[int, str, bool, bool], tuple[Setup, Memory]] = {}
+
+    def _candidate(self, count: int, hardware: Hardware) -> tuple[Setup, Memory]:
+        setup = self.setup
+        strategy = setup.strategy
+        if count > 1 and strategy not in SHARDED_WEIGHTS:
+            strategy = "ddp" if setup.adapter == "qlora" else "zero3"
+        key = (count, strategy, hardware.is_cpu, hardware.supports_bf16)
+        found = self._memory.get(key)
+        if found is None:
+            candidate = replace(setup, gpu_count=count, strategy=strategy)
+            found = (candidate, memory_per_gpu(self.arch, candidate, hardware, self.priors))
+            self._memory[key] = found
+        return found
+
+    def smallest_fit(self, hardware: Hardware, calibration: Calibration | None = None) -> Fit:
+        """See `smallest_fit`."""
+        chosen: tuple[Setup, Memory] | None = None
+        for count in sorted(hardware.allowed_gpu_counts):
+            candidate, memory = self._candidate(count, hardware)
+            chosen = (candidate, calibrated_memory(memory, calibration))
+            if chosen[1].total <= hardware.memory_bytes:
+                break
+        assert chosen is not None, "a hardware option allows at least one GPU count"
+        candidate, memory = chosen
+        return _fit(
+            self.arch, candidate, hardware, memory, self.tokens, self.context_tokens, self.priors, calibration
+        )
+
+    def cheapest(
+        self, options: Sequence[Hardware], calibrations: Mapping[str, Calibration]
+    ) -> Fit | None:
+        """The cheapest (`cost_key`) of the smallest fits on `options`; None when none fits. Ties go to
+        the option listed first, as `min` gives them."""
+        fits = [self.smallest_fit(hw, calibrations.get(hw.gpu_type)) for hw in options]
+        fitting = [f for f in fits if f.fits]
+        return min(fitting, key=cost_key) if fitting else None
+
+
 def smallest_fit(
     arch: Architecture,
     setup: Setup,
@@ -876,17 +991,7 @@ def smallest_fit(
     More GPUs only help memory when they shard it: a spec without a sharding strategy is tried with ZeRO-3
     on more than one GPU (and the fit says so in its strategy). QLoRA's quantized weights cannot be sharded
     (tuneforge_core.compat.SHARDING_STRATEGIES), so QLoRA is tried with DDP instead."""
-    fit: Fit | None = None
-    for count in sorted(hardware.allowed_gpu_counts):
-        strategy = setup.strategy
-        if count > 1 and strategy not in SHARDED_WEIGHTS:
-            strategy = "ddp" if setup.adapter == "qlora" else "zero3"
-        candidate = replace(setup, gpu_count=count, strategy=strategy if count > 1 else setup.strategy)
-        fit = evaluate(arch, candidate, hardware, tokens, context_tokens, calibration=calibration)
-        if fit.fits:
-            return fit
-    assert fit is not None, "a hardware option allows at least one GPU count"
-    return fit
+    return FitSearch(arch, setup, tokens, context_tokens).smallest_fit(hardware, calibration)
 
 
 def cost_key(fit: Fit) -> tuple[float, int, int]:

@@ -11,26 +11,29 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from tuneforge.v1 import dataset_pb2, estimation_pb2, job_pb2
 
 from services.estimation.advice import suggestions
+from services.estimation.cache import MAX_KEY_BYTES, Memo
 from services.estimation.catalog import Catalog, CatalogModel, Hardware
 from services.estimation.estimator import (
     Architecture,
     Calibration,
     Fit,
+    FitSearch,
     Setup,
     cost_key,
     evaluate,
-    smallest_fit,
     training_tokens,
 )
 from services.estimation.jobs import JobRecord
 from services.estimation.spec import ADAPTERS, METHODS, ResolvedSetup, resolve_setup
 from services.kit.paging import decode_token, encode_token, page_size
+from services.kit.pools import BoundedPool
 from services.kit.validation import check_organization
 from tuneforge_core import states
 from tuneforge_core.errors import (
@@ -46,6 +49,13 @@ from tuneforge_core.reasons import Reason
 
 CHARS_PER_TOKEN = 4
 MODEL_TYPES = {1: "llm", 2: "vlm"}
+# How many resolved specs, and how many computed fits (and searches for one), are remembered
+# (services.estimation.cache): the most recently used; a few KiB each.
+RESOLUTIONS_KEPT = 2048
+FITS_KEPT = 8192
+# Threads that search for fits the memo does not hold, off the event loop. The arithmetic is pure Python
+# (it holds the GIL), so more threads would only queue: they keep the loop answering other calls meanwhile.
+ESTIMATE_THREADS = 2
 
 
 class DatasetLookup(Protocol):
@@ -155,6 +165,19 @@ class EstimationManager:
         self.datasets = datasets
         self.jobs = jobs
         self.calibrations: CalibrationSource = calibrations or NoCalibration()
+        # Answers worked out once: specs resolved against the catalog (by organization and the spec's
+        # deterministic serialization), and fits by every figure they are computed from. The catalog does
+        # not change while the process runs; calibrations are part of each fit's key.
+        self._resolutions: Memo[tuple[str, bytes], ResolvedSetup] = Memo(RESOLUTIONS_KEPT)
+        self._fits: Memo[Hashable, tuple[Any, ...]] = Memo(FITS_KEPT)
+        self._model_pages: Memo[tuple[str, int, int, str | None], tuple[tuple[CatalogModel, ...], bool]] = (
+            Memo(RESOLUTIONS_KEPT)
+        )
+        self.pool = BoundedPool("estimates", ESTIMATE_THREADS, None)
+
+    def close(self) -> None:
+        """Lets the estimate threads end (a later call starts new ones)."""
+        self.pool.shutdown()
 
     # ---- catalog ------------------------------------------------------------------------------------
 
@@ -164,22 +187,33 @@ class EstimationManager:
     def list_models(
         self, family: str, model_type: int, size: int, token: str
     ) -> tuple[list[CatalogModel], str]:
+        page, next_token = self.model_page(family, model_type, size, token)
+        return list(page), next_token
+
+    def model_page(
+        self, family: str, model_type: int, size: int, token: str
+    ) -> tuple[tuple[CatalogModel, ...], str]:
+        """`list_models`, the page a tuple that is the same object for the same query and position (the
+        catalog is fixed: each page is worked out once; the token is checked on every call)."""
         limit = page_size(size)
         query = {"family": family.lower(), "type": model_type}
         after = decode_token(token, query, cursor_type=str)
         wanted_type = MODEL_TYPES.get(model_type)
         if model_type and wanted_type is None:
             raise _invalid("type", "is not a ModelType")
-        models = [
-            m
-            for m in self.catalog.models()
-            if (not family or m.family.lower() == family.lower())
-            and (not wanted_type or m.model_type == wanted_type)
-            and (after is None or m.id.lower() > str(after))
-        ]
-        page = models[:limit]
-        next_token = encode_token(page[-1].id.lower(), query) if len(models) > limit else ""
-        return page, next_token
+        key = (family.lower(), model_type, limit, None if after is None else str(after))
+        found = self._model_pages.get(key)
+        if found is None:
+            models = [
+                m
+                for m in self.catalog.models()
+                if (not family or m.family.lower() == family.lower())
+                and (not wanted_type or m.model_type == wanted_type)
+                and (after is None or m.id.lower() > str(after))
+            ]
+            found = self._model_pages.put(key, (tuple(models[:limit]), len(models) > limit))
+        page, more = found
+        return page, encode_token(page[-1].id.lower(), query) if more else ""
 
     async def model_requirements(
         self,
@@ -217,14 +251,12 @@ class EstimationManager:
         needs: list[AdapterNeeds] = []
         for kind in sorted(ADAPTERS):  # LoRA, QLoRA, full, prompt tuning, in job.proto's order
             setup = replace(base, adapter=ADAPTERS[kind])
-            cheapest = self._cheapest(model.architecture, setup, None, calibrations)
+            cheapest = await self._cheapest(model.architecture, setup, None, calibrations)
             if cheapest is not None:
                 needs.append(AdapterNeeds(kind, cheapest, cheapest))
                 continue
             largest = max(self.catalog.gpus(), key=lambda h: h.memory_bytes)
-            fit = evaluate(
-                model.architecture, setup, largest, None, calibration=calibrations.get(largest.gpu_type)
-            )
+            fit = self._evaluate_setup(model.architecture, setup, largest, None, calibrations)
             needs.append(AdapterNeeds(kind, fit, None))
         chosen = next(n for n in needs if n.adapter == adapter)
         return Requirements(model=model, requested=chosen, adapters=needs)
@@ -238,14 +270,14 @@ class EstimationManager:
         tokens_per_epoch: int,
         dataset_size: estimation_pb2.DatasetSize | None = None,
     ) -> JobEstimate:
-        resolved = self._resolve(organization, spec, tokens_per_epoch)
+        resolved = await self._resolve(organization, spec, tokens_per_epoch)
         tokens = await self._tokens(organization, spec, tokens_per_epoch, dataset_size, required=False)
         notes = [*resolved.notes, *(tokens.notes if tokens else ())]
         resolved = _at_longest_example(resolved, tokens, notes)
         if tokens is None:
             notes.append("no dataset and no tokens_per_epoch: time and cost are not estimated")
         calibrations = await self.calibrations.for_family(resolved.model.family)
-        fit = self._on_spec_hardware(resolved, tokens, notes, calibrations)
+        fit = await self._on_spec_hardware(resolved, tokens, notes, calibrations)
         return JobEstimate(fit=fit, notes=notes)
 
     async def validate_hardware(
@@ -255,7 +287,7 @@ class EstimationManager:
         tokens_per_epoch: int,
         dataset_size: estimation_pb2.DatasetSize | None = None,
     ) -> HardwareCheck:
-        resolved = self._resolve(organization, spec, tokens_per_epoch)
+        resolved = await self._resolve(organization, spec, tokens_per_epoch)
         hardware = resolved.hardware
         if hardware is None:
             raise _invalid("spec.hardware.gpu_type", "is required to validate hardware")
@@ -267,12 +299,12 @@ class EstimationManager:
         requested = self._evaluate(resolved, hardware, tokens, calibrations)
         if requested.fits:
             return HardwareCheck(requested=requested, cheapest=None, suggestions=[], notes=notes)
-        cheapest = self._cheapest(arch, setup, tokens, calibrations)
+        cheapest = await self._cheapest(arch, setup, tokens, calibrations)
         return HardwareCheck(
             requested=requested,
             cheapest=cheapest,
             notes=notes,
-            suggestions=suggestions(arch, setup, hardware),
+            suggestions=await self._suggestions(arch, setup, hardware),
         )
 
     async def estimate_cost(
@@ -303,12 +335,12 @@ class EstimationManager:
             if job is None:
                 raise _job_not_found(organization, job_id)
             spec = job.spec
-        resolved = self._resolve(organization, spec, tokens_per_epoch)
+        resolved = await self._resolve(organization, spec, tokens_per_epoch)
         tokens = await self._tokens(organization, spec, tokens_per_epoch, None, required=job is None)
         notes = [*resolved.notes, *(tokens.notes if tokens else ())]
         resolved = _at_longest_example(resolved, tokens, notes)
         calibrations = await self.calibrations.for_family(resolved.model.family)
-        fit = self._on_spec_hardware(resolved, tokens, notes, calibrations)
+        fit = await self._on_spec_hardware(resolved, tokens, notes, calibrations)
         rate = fit.cost.hourly_usd * fit.gpu_count / 3600
         estimated_seconds = fit.time.total_seconds if fit.time else None
         if job is None:
@@ -335,7 +367,7 @@ class EstimationManager:
         )
 
     async def plan_job(self, organization: str, spec: job_pb2.JobSpec) -> Plan:
-        resolved = self._resolve(organization, spec, 0)
+        resolved = await self._resolve(organization, spec, 0)
         tokens = await self._tokens(organization, spec, 0, None, required=True)
         assert tokens is not None
         notes = [*resolved.notes, *tokens.notes]
@@ -343,19 +375,14 @@ class EstimationManager:
         arch, setup = resolved.model.architecture, resolved.setup
         calibrations = await self.calibrations.for_family(resolved.model.family)
         total = training_tokens(setup, tokens.per_epoch, tokens.examples)
-        fits = [
-            smallest_fit(
-                arch, replace(setup, gpu_count=1), hw, total, tokens.context, calibrations.get(hw.gpu_type)
-            )
-            for hw in self.catalog.hardware_options()
-        ]
+        fits = await self._smallest_fits(arch, setup, total, tokens.context, calibrations)
         gpu_fits = [f for f in fits if f.fits and not f.hardware.is_cpu]
         cheapest = min(gpu_fits, key=cost_key) if gpu_fits else None
         requested, advice = None, []
         if resolved.hardware is not None:
             requested = self._evaluate(resolved, resolved.hardware, tokens, calibrations)
             if not requested.fits:
-                advice = suggestions(arch, setup, resolved.hardware)
+                advice = await self._suggestions(arch, setup, resolved.hardware)
         return Plan(
             tokens_per_epoch=tokens.per_epoch,
             training_tokens=total,
@@ -370,12 +397,27 @@ class EstimationManager:
 
     # ---- helpers ------------------------------------------------------------------------------------
 
-    def _resolve(self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int) -> ResolvedSetup:
+    async def _resolve(
+        self, organization: str, spec: job_pb2.JobSpec, tokens_per_epoch: int
+    ) -> ResolvedSetup:
+        """The spec resolved against the catalog: remembered by organization and the spec's bytes, unless
+        a model's architecture came from a file; worked out off the event loop when not remembered."""
         v = Violations()
         check_organization(v, organization)
         v.check(tokens_per_epoch >= 0, "tokens_per_epoch", "must not be negative")
         v.raise_if_any("Invalid request")
-        return resolve_setup(spec, self.catalog, models=self.models, organization=organization)
+        key = None
+        if spec.ByteSize() <= MAX_KEY_BYTES:
+            key = (organization, spec.SerializeToString(deterministic=True))
+            found = self._resolutions.get(key)
+            if found is not None:
+                return found
+        resolved = await self.pool.run(
+            resolve_setup, spec, self.catalog, models=self.models, organization=organization
+        )
+        if key is not None and not resolved.from_files:
+            self._resolutions.put(key, resolved)
+        return resolved
 
     def _evaluate(
         self,
@@ -384,18 +426,30 @@ class EstimationManager:
         tokens: Tokens | None,
         calibrations: dict[str, Calibration],
     ) -> Fit:
-        setup = resolved.setup
-        total = training_tokens(setup, tokens.per_epoch, tokens.examples) if tokens else None
-        return evaluate(
-            resolved.model.architecture,
-            setup,
-            hardware,
-            total,
-            tokens.context if tokens else None,
-            calibration=calibrations.get(hardware.gpu_type),
-        )
+        arch, setup = resolved.model.architecture, resolved.setup
+        return self._evaluate_setup(arch, setup, hardware, tokens, calibrations)
 
-    def _on_spec_hardware(
+    def _evaluate_setup(
+        self,
+        arch: Architecture,
+        setup: Setup,
+        hardware: Hardware,
+        tokens: Tokens | None,
+        calibrations: dict[str, Calibration],
+    ) -> Fit:
+        """`evaluate` on one hardware option (one estimate: computed on the loop, then remembered)."""
+        total = training_tokens(setup, tokens.per_epoch, tokens.examples) if tokens else None
+        context = tokens.context if tokens else None
+        calibration = calibrations.get(hardware.gpu_type)
+        key = ("evaluate", arch, setup, hardware, total, context, calibration)
+        found = self._fits.get(key)
+        if found is None:
+            fit = evaluate(arch, setup, hardware, total, context, calibration=calibration)
+            found = self._fits.put(key, (fit,))
+        result: Fit = found[0]
+        return result
+
+    async def _on_spec_hardware(
         self,
         resolved: ResolvedSetup,
         tokens: Tokens | None,
@@ -405,7 +459,7 @@ class EstimationManager:
         """The estimate on the spec's GPU type, or on the cheapest that fits when the spec names none."""
         if resolved.hardware is not None:
             return self._evaluate(resolved, resolved.hardware, tokens, calibrations)
-        cheapest = self._cheapest(resolved.model.architecture, resolved.setup, tokens, calibrations)
+        cheapest = await self._cheapest(resolved.model.architecture, resolved.setup, tokens, calibrations)
         if cheapest is not None:
             notes.append(
                 "spec.hardware.gpu_type is empty: estimated on the cheapest configuration that "
@@ -416,18 +470,49 @@ class EstimationManager:
         notes.append(f"no hardware option fits this spec; estimated on {largest.display_name}")
         return self._evaluate(resolved, largest, tokens, calibrations)
 
-    def _cheapest(
+    async def _cheapest(
         self, arch: Architecture, setup: Setup, tokens: Tokens | None, calibrations: dict[str, Calibration]
     ) -> Fit | None:
         """The cheapest GPU configuration that fits (the CPU option is for development, never advised)."""
         total = training_tokens(setup, tokens.per_epoch, tokens.examples) if tokens else None
         context = tokens.context if tokens else None
-        fits = [
-            smallest_fit(arch, replace(setup, gpu_count=1), hw, total, context, calibrations.get(hw.gpu_type))
-            for hw in self.catalog.gpus()
-        ]
-        fitting = [f for f in fits if f.fits]
-        return min(fitting, key=cost_key) if fitting else None
+        key = ("cheapest", arch, setup, total, context, _calibration_key(calibrations))
+        found = self._fits.get(key)
+        if found is None:
+            search = FitSearch(arch, replace(setup, gpu_count=1), total, context)
+            cheapest = await self.pool.run(search.cheapest, self.catalog.gpus(), calibrations)
+            found = self._fits.put(key, (cheapest,))
+        answer: Fit | None = found[0]
+        return answer
+
+    async def _smallest_fits(
+        self,
+        arch: Architecture,
+        setup: Setup,
+        total: int,
+        context: int | None,
+        calibrations: dict[str, Calibration],
+    ) -> list[Fit]:
+        """The smallest fit on every hardware option, CPU included (PlanJob's table)."""
+        key = ("smallest", arch, setup, total, context, _calibration_key(calibrations))
+        found = self._fits.get(key)
+        if found is None:
+            search = FitSearch(arch, replace(setup, gpu_count=1), total, context)
+            options = self.catalog.hardware_options()
+
+            def fits() -> tuple[Fit, ...]:
+                return tuple(search.smallest_fit(hw, calibrations.get(hw.gpu_type)) for hw in options)
+
+            found = self._fits.put(key, await self.pool.run(fits))
+        return list(found)
+
+    async def _suggestions(self, arch: Architecture, setup: Setup, hardware: Hardware) -> list[str]:
+        """What to change so that the spec fits `hardware` (each change re-estimated: off the loop)."""
+        key = ("advice", arch, setup, hardware)
+        found = self._fits.get(key)
+        if found is None:
+            found = self._fits.put(key, tuple(await self.pool.run(suggestions, arch, setup, hardware)))
+        return list(found)
 
     async def _tokens(
         self,
@@ -512,6 +597,11 @@ def tokens_of(size: estimation_pb2.DatasetSize) -> Tokens:
         longest=stats.tokens.max or None,
         notes=tuple(notes),
     )
+
+
+def _calibration_key(calibrations: dict[str, Calibration]) -> tuple[tuple[str, Calibration], ...]:
+    """Calibrations as part of a memo key: a new measurement makes a new key."""
+    return tuple(sorted(calibrations.items()))
 
 
 def _job_not_found(organization: str, job_id: str) -> NotFound:

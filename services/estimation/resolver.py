@@ -63,7 +63,7 @@ def resolve_model(
             entry.license,
             "",
         )
-    if _is_location(ref):  # a path or URI: only where the rule lets the organization read it
+    if is_location(ref):  # a path or URI: only where the rule lets the organization read it
         policy = models or NO_LOCAL_MODELS
         config = _read_config(policy, policy.source(ref, organization, field), organization, field)
         if config is not None:
@@ -93,7 +93,8 @@ def resolve_model(
     )
 
 
-def _is_location(ref: str) -> bool:
+def is_location(ref: str) -> bool:
+    """Whether `ref` is a path or URI (its architecture is read from a file), not a catalog or hub id."""
     return ref.startswith(("/", ".", "~", "file:")) or "://" in ref
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc.aio
 from tuneforge.v1 import estimation_pb2, estimation_service_pb2, estimation_service_pb2_grpc
 
+from services.estimation.cache import Memo
 from services.estimation.converters import (
     fit_to_proto,
     hardware_to_proto,
@@ -16,6 +17,9 @@ from services.estimation.converters import (
 )
 from services.estimation.estimator import Fit
 from services.estimation.manager import AdapterNeeds, EstimationManager
+
+# ListBaseModels' family (lower case), type, page size and page token, and the next page's token.
+PageKey = tuple[str, int, int, str, str]
 
 
 def _source(*fits: Fit | None) -> estimation_pb2.EstimateSource.ValueType:
@@ -44,23 +48,39 @@ def _requirement(needs: AdapterNeeds) -> estimation_service_pb2.AdapterRequireme
 class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
     def __init__(self, manager: EstimationManager) -> None:
         self.manager = manager
+        # The catalog is fixed for the life of the process, so its answers are built once: each page of
+        # ListBaseModels and the one ListHardwareOptions answer. The same message goes to every caller;
+        # nothing modifies it.
+        self._model_pages: Memo[PageKey, estimation_service_pb2.ListBaseModelsResponse] = Memo(1024)
+        self._hardware: estimation_service_pb2.ListHardwareOptionsResponse | None = None
 
     async def ListBaseModels(
         self, request: estimation_service_pb2.ListBaseModelsRequest, context: grpc.aio.ServicerContext
     ) -> estimation_service_pb2.ListBaseModelsResponse:
-        models, token = self.manager.list_models(
+        # Checks the filters and the page token on every call (a bad one is INVALID_ARGUMENT as before).
+        models, token = self.manager.model_page(
             request.family, request.type, request.page_size, request.page_token
         )
-        return estimation_service_pb2.ListBaseModelsResponse(
-            models=[model_to_proto(m) for m in models], next_page_token=token
-        )
+        # A token that passed the check names one position of this query, so these fields name one page.
+        key = (request.family.lower(), request.type, request.page_size, request.page_token, token)
+        response = self._model_pages.get(key)
+        if response is None:
+            response = self._model_pages.put(
+                key,
+                estimation_service_pb2.ListBaseModelsResponse(
+                    models=[model_to_proto(m) for m in models], next_page_token=token
+                ),
+            )
+        return response
 
     async def ListHardwareOptions(
         self, request: estimation_service_pb2.ListHardwareOptionsRequest, context: grpc.aio.ServicerContext
     ) -> estimation_service_pb2.ListHardwareOptionsResponse:
-        return estimation_service_pb2.ListHardwareOptionsResponse(
-            options=[hardware_to_proto(h) for h in self.manager.list_hardware()]
-        )
+        if self._hardware is None:
+            self._hardware = estimation_service_pb2.ListHardwareOptionsResponse(
+                options=[hardware_to_proto(h) for h in self.manager.list_hardware()]
+            )
+        return self._hardware
 
     async def GetModelRequirements(
         self, request: estimation_service_pb2.GetModelRequirementsRequest, context: grpc.aio.ServicerContext

@@ -28,7 +28,7 @@ from services.estimation.estimator import (
     Strategy,
     lora_targets,
 )
-from services.estimation.resolver import NO_LOCAL_MODELS, ResolvedModel, resolve_model
+from services.estimation.resolver import NO_LOCAL_MODELS, ResolvedModel, is_location, resolve_model
 from tuneforge_core.compat import LORA_ADAPTERS, SUPPORTED_ADAPTERS, SUPPORTED_METHODS, SUPPORTED_STRATEGIES
 from tuneforge_core.errors import InvalidArgument, TuneForgeError, Violations
 from tuneforge_core.models import ModelPolicy, other_models
@@ -86,6 +86,9 @@ class ResolvedSetup:
     # The spec's GPU type; None when it left the choice to the scheduler.
     hardware: Hardware | None
     notes: tuple[str, ...]
+    # Whether a model's architecture was read from a path or URI (its config.json, which may change on
+    # disk): such a resolution is done again for each request, never remembered.
+    from_files: bool = False
 
 
 def check_hardware(v: Violations, hardware: job_pb2.HardwareConfig, catalog: Catalog) -> None:
@@ -167,7 +170,9 @@ def resolve_setup(
             "GRPO estimates are coarse: generating completions dominates and varies with the rewards"
         )
     hardware = catalog.hardware(resolved.hardware.gpu_type) if resolved.hardware.gpu_type else None
-    return ResolvedSetup(model=model, setup=setup, hardware=hardware, notes=tuple(notes))
+    refs = [resolved.base_model, *(ref for _, ref in other_models(resolved))]
+    return ResolvedSetup(model=model, setup=setup, hardware=hardware, notes=tuple(notes),
+                         from_files=any(is_location(ref) for ref in refs))
 
 
 def to_setup(resolved: job_pb2.JobSpec) -> Setup:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from google.rpc import status_pb2
 from tuneforge.v1 import job_pb2
 
 from services.jobs.models import JobRow, WorkerRow
+from services.jobs.repository import JobRecord
 from services.jobs.usage import job_usage
 from services.kit.protos import to_timestamp
 
 
-def job_to_proto(row: JobRow) -> job_pb2.Job:
+def job_to_proto(row: JobRow | JobRecord) -> job_pb2.Job:
+    """The Job of an ORM row, or of a read-only row of `JOB_COLUMNS` (GetJob and ListJobs read those:
+    services.jobs.repository.JobReader); both name their attributes as JobRow does."""
     job = job_pb2.Job(
         id=row.id, organization=row.organization, name=row.name, description=row.description,
         state=job_pb2.JobState.ValueType(row.state), attempt=row.attempt, worker_id=row.worker_id,
@@ -29,7 +34,8 @@ def job_to_proto(row: JobRow) -> job_pb2.Job:
                          ("end_time", row.end_time), ("update_time", row.update_time)):
         if value is not None:
             getattr(job, field).CopyFrom(to_timestamp(value))
-    job.usage.CopyFrom(job_usage(row))  # live: a running attempt counts up to now
+    # Live: a running attempt counts up to now. job_usage reads only JOB_COLUMNS' usage attributes.
+    job.usage.CopyFrom(job_usage(cast(JobRow, row)))
     return job
 
 

@@ -50,7 +50,7 @@ from services.jobs.datasets_client import DatasetLookup
 from services.jobs.estimation_client import HardwareCheck
 from services.jobs.models import JobInbox, JobOutbox, JobRow, WorkerRow
 from services.jobs.quotas import SLOT_STATES, JobQuotas, held_note
-from services.jobs.repository import JobRepository, WorkerRepository
+from services.jobs.repository import JobLookups, JobReader, JobRepository, WorkerRepository
 from services.jobs.usage import PriceBook
 from services.jobs.workers import (
     WorkerRules,
@@ -376,14 +376,11 @@ class JobManager:
 
     async def get(self, organization: str, ref: str) -> job_pb2.Job:
         self._check_ref(organization, ref)
-
-        def load(session: Session) -> job_pb2.Job:
-            row = JobRepository(session).find(organization, ref)
-            if row is None:
-                raise not_found("job", ref, organization)
-            return job_to_proto(row)
-
-        return await self.db.run(load)
+        # A light read (services.jobs.repository.JobLookups): no session, grouped with concurrent ones.
+        row = await JobLookups.of(self.db).find(organization, ref)
+        if row is None:
+            raise not_found("job", ref, organization)
+        return job_to_proto(row)
 
     async def list(self, organization: str, states: Sequence[int], size: int,
                    token: str) -> tuple[list[job_pb2.Job], str]:
@@ -397,13 +394,14 @@ class JobManager:
         query = {"org": organization, "states": sorted(states)}
         cursor = decode_token(token, query, cursor_type=str)  # id of the last job returned
 
-        def load(session: Session) -> tuple[list[job_pb2.Job], str]:
-            rows = JobRepository(session).list(organization, states, cursor, limit + 1)
+        def load() -> tuple[list[job_pb2.Job], str]:
+            with self.db.engine.connect() as connection:  # a light read: JobReader, no session
+                rows = JobReader(connection).list(organization, states, cursor, limit + 1)
             more = len(rows) > limit
             rows = rows[:limit]
             return [job_to_proto(r) for r in rows], encode_token(rows[-1].id, query) if more else ""
 
-        return await self.db.run(load)
+        return await self.db.pool.run(load)
 
     async def cancel(self, organization: str, ref: str) -> job_pb2.Job:
         self._check_ref(organization, ref)
