@@ -161,6 +161,16 @@ class Authenticator:
             return f"key prefix {token[:15]}…"
         return "bearer token"
 
+    def authenticate_fast(self, token: str | None) -> Principal | None:
+        """The principal when no I/O is needed to know it (the service token, or an API key verified
+        moments ago), for the event loop; None sends the call to `authenticate` on a database thread. A
+        refusal it can decide alone (a revoked or expired cached key) raises as `authenticate` would."""
+        if token is None:
+            return None
+        if self._service_token and hmac.compare_digest(token.encode(), self._service_token.encode()):
+            return SERVICE_PRINCIPAL
+        return self.store.authenticate_key_cached(token)
+
     def authenticate(self, token: str | None) -> Principal:
         if token is None:
             raise unauthenticated("this call carries no credential: send 'authorization: Bearer <API key>' "
@@ -296,7 +306,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         token: str | None = None
         try:
             token = self.authenticator.credential(handler_call_details.invocation_metadata)
-            principal = await self.authenticator.store.db.pool.run(self.authenticator.authenticate, token)
+            principal = self.authenticator.authenticate_fast(token)
+            if principal is None:  # the database is needed: off the event loop
+                principal = await self.authenticator.store.db.pool.run(self.authenticator.authenticate, token)
         except TuneForgeError as exc:
             organization = str(exc.metadata.get("organization", "")) if exc.metadata else ""
             return _refusing(handler, self._auditor(method, organization, self.authenticator.describe(token)),

@@ -263,6 +263,20 @@ class IdentityStore:
             self._cache.pop(lookup, None)
         return key
 
+    def authenticate_key_cached(self, secret: str) -> Principal | None:
+        """`authenticate_key` when it needs no database (the key verified within `cache_s` and its last use
+        recorded recently): cheap enough for the event loop. None when the database is needed."""
+        if not is_api_key(secret):
+            return None
+        now_mono = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(secret[:LOOKUP_CHARS])
+            if cached is None or now_mono - cached.fetched_at > self.cache_s:
+                return None
+            if now_mono - self._last_use.get(cached.id, -LAST_USE_EVERY_S) >= LAST_USE_EVERY_S:
+                return None
+        return self._verify(secret, cached, now_mono)
+
     def authenticate_key(self, secret: str) -> Principal:
         """The principal of an API key, or Unauthenticated saying why (never quoting the secret)."""
         if not is_api_key(secret):
@@ -284,6 +298,10 @@ class IdentityStore:
                                  _utc(row.revoked_at), now_mono)
             with self._lock:
                 self._cache[lookup] = cached
+        return self._verify(secret, cached, now_mono)
+
+    def _verify(self, secret: str, cached: _Cached, now_mono: float) -> Principal:
+        lookup = secret[:LOOKUP_CHARS]
         if not hmac.compare_digest(cached.secret_sha256, sha256(secret)):
             raise unauthenticated("the API key is not known (it may have been deleted or typed wrong)")
         if cached.revoked_at is not None:

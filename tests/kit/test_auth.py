@@ -189,6 +189,31 @@ def test_an_expired_key_is_refused(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_key_verified_moments_ago_authenticates_without_the_database(tmp_path: Path) -> None:
+    """The event loop's fast path (AuthInterceptor): a cached key needs no database thread; an unknown,
+    tampered, revoked or stale one goes to the database as before."""
+    store = IdentityStore.open(f"sqlite:///{tmp_path / 'identity.db'}", cache_s=60.0)
+    try:
+        key, secret = store.create_key("acme", "k", identity_pb2.ROLE_MEMBER, datetime.timedelta(days=1),
+                                       "tests")
+        assert store.authenticate_key_cached(secret) is None  # never verified here: the database decides
+        verified = store.authenticate_key(secret)
+        fast = store.authenticate_key_cached(secret)
+        assert fast == verified and fast.organization == "acme"
+        tampered = secret[:-1] + ("A" if secret[-1] != "A" else "B")
+        with pytest.raises(Exception, match="not known"):
+            store.authenticate_key_cached(tampered)  # same lookup prefix, another secret
+        assert store.authenticate_key_cached("not-a-key") is None
+        store.revoke_key("acme", key.id)
+        assert store.authenticate_key_cached(secret) is None  # revoking here drops the cached entry
+        with pytest.raises(Exception, match="revoked"):
+            store.authenticate_key(secret)
+        with pytest.raises(Exception, match="revoked"):
+            store.authenticate_key_cached(secret)  # now cached as revoked
+    finally:
+        store.close()
+
+
 # -- OIDC ------------------------------------------------------------------------------------------
 
 @pytest.fixture
