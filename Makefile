@@ -57,6 +57,24 @@ demo: venv
 up: venv
 	$(BIN)/tuneforge up
 
+# Ingest, fan-out and unary calls against their ceilings, on SQLite and PostgreSQL (benchmarks/README.md);
+# e.g. BENCH_ARGS=--quick for a 2-minute smoke run.
+.PHONY: bench-control-plane
+bench-control-plane: venv
+	$(BIN)/python benchmarks/bench_control_plane.py $(BENCH_ARGS)
+
+# The container images of deploy/docker/ (the names docker-compose.yml uses). Needs a Docker engine; without
+# one it says so and fails. IMAGE_BUILD_ARGS e.g. --build-arg FLASH_ATTN=0 --progress=plain.
+DOCKER ?= docker
+IMAGE_BUILD_ARGS ?=
+.PHONY: images
+images:
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "make images: no Docker engine reachable ('$(DOCKER) info' failed):" \
+		"start one or set DOCKER_HOST; nothing was built" >&2; exit 1; }
+	$(DOCKER) build $(IMAGE_BUILD_ARGS) -f deploy/docker/services.Dockerfile -t tuneforge-services:dev .
+	$(DOCKER) build $(IMAGE_BUILD_ARGS) -f deploy/docker/worker-cpu.Dockerfile -t tuneforge-worker:cpu .
+	$(DOCKER) build $(IMAGE_BUILD_ARGS) -f deploy/docker/worker-cuda.Dockerfile -t tuneforge-worker:cuda .
+
 # Re-pins the whole dependency tree after changing pyproject.toml.
 lock: venv
 	$(BIN)/pip freeze --exclude-editable | grep -v '^torch==' > constraints.txt

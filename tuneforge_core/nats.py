@@ -30,6 +30,8 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import BadRequestError, NotFoundError
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from tuneforge.events.v1 import events_pb2
 
 from tuneforge_core import subjects
@@ -39,6 +41,16 @@ log = logging.getLogger(__name__)
 
 # Duplicate-detection window: a re-published event id inside it is dropped by the server.
 DUPLICATE_WINDOW_S = 600.0
+
+
+class StreamSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEFORGE_NATS_", env_file=None, extra="ignore")
+
+    # TUNEFORGE_NATS_STREAM_REPLICAS: copies JetStream keeps of each stream (3 on a 3-node NATS cluster in
+    # production, deploy/k8s/overlays/production). 0: streams are created with the server's default (1)
+    # and an existing stream's replicas are left as they are, so a process without this setting (or
+    # without the right to update streams, the "worker" user) never asks to change them.
+    stream_replicas: int = Field(default=0, ge=0, le=5)
 
 
 # The embedded nats-server's users (services.kit.embedded.NatsAuth generates their passwords).
@@ -103,8 +115,9 @@ async def connect(url: str, name: str, *, user: str | None = None, password: str
     )
 
 
-def stream_configs(max_deliver_age_s: float = 7 * 24 * 3600) -> list[StreamConfig]:
-    return [
+def stream_configs(max_deliver_age_s: float = 7 * 24 * 3600, replicas: int = 0) -> list[StreamConfig]:
+    """The streams; `replicas` 0 leaves the replica count to the server (TUNEFORGE_NATS_STREAM_REPLICAS)."""
+    configs = [
         StreamConfig(
             # The legacy subject stays so that what an older version queued there can be moved on.
             name=subjects.STREAM_WORK,
@@ -127,6 +140,9 @@ def stream_configs(max_deliver_age_s: float = 7 * 24 * 3600) -> list[StreamConfi
             duplicate_window=DUPLICATE_WINDOW_S,
         ),
     ]
+    for config in configs:
+        config.num_replicas = replicas or None
+    return configs
 
 
 def _stream_differs(want: StreamConfig, have: StreamConfig) -> bool:
@@ -140,15 +156,20 @@ def _stream_differs(want: StreamConfig, have: StreamConfig) -> bool:
                 return True
         elif wanted != found:
             return True
+    if want.num_replicas and want.num_replicas != (have.num_replicas or 1):
+        return True
     return sorted(want.subjects or []) != sorted(have.subjects or [])
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
+async def ensure_streams(js: JetStreamContext, replicas: int | None = None) -> None:
     """Creates the streams, or updates them to this config; safe to call from every process at start.
 
     A stream whose config already matches is left alone, so a process without the right to create or
-    update streams (the "worker" user) only reads them."""
-    for config in stream_configs():
+    update streams (the "worker" user) only reads them. `replicas`: None reads
+    TUNEFORGE_NATS_STREAM_REPLICAS (StreamSettings)."""
+    if replicas is None:
+        replicas = StreamSettings().stream_replicas
+    for config in stream_configs(replicas=replicas):
         assert config.name is not None
         try:
             info = await js.stream_info(config.name)

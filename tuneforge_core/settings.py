@@ -6,11 +6,39 @@ starts itself), and every one can be pointed at real infrastructure without touc
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+# Settings that carry a secret. Each may come from a file instead of the environment: TUNEFORGE_<NAME>_FILE
+# names it (a Docker or compose secret under /run/secrets/, a Kubernetes secret volume), and its content,
+# without the trailing newline, is the value. TUNEFORGE_<NAME> itself, when set, wins. A name counts for the
+# settings classes that declare it (credentials_key: the datasets service's).
+SECRET_FILE_SETTINGS = ("database_url", "nats_password", "service_token", "page_token_key", "credentials_key")
+
+
+class SecretFilesSource(PydanticBaseSettingsSource):
+    """The SECRET_FILE_SETTINGS whose TUNEFORGE_<NAME>_FILE variable is set, read from those files."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # every value comes from __call__
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in SECRET_FILE_SETTINGS:
+            variable = f"TUNEFORGE_{name.upper()}_FILE"
+            path = os.environ.get(variable, "")
+            if not path or name not in self.settings_cls.model_fields:
+                continue
+            try:
+                values[name] = Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(f"{variable}: cannot read '{path}' ({exc.strerror or exc})") from None
+        return values
 
 
 class KitSettings(BaseSettings):
@@ -88,6 +116,19 @@ class KitSettings(BaseSettings):
     # Threads each service's database calls run on (services.kit.db), apart from any other work; calls
     # beyond them wait for one. Keep it within the database's connection pool (10 + 10 overflow).
     db_workers: int = Field(default=8, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Explicit values, then TUNEFORGE_<NAME>, then the TUNEFORGE_<NAME>_FILE of a secret setting."""
+        return (init_settings, env_settings, SecretFilesSource(settings_cls), dotenv_settings,
+                file_secret_settings)
 
     @field_validator("model_roots")
     @classmethod
