@@ -89,12 +89,16 @@ class NatsAuth:
         return f"authorization {{\n  users = {json.dumps([services, worker], indent=2)}\n}}\n"
 
     def write_config(self) -> Path:
-        path = self.folder / "nats-server.conf"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(self.config())
-        path.chmod(0o600)
-        return path
+        return write_private(self.folder / "nats-server.conf", self.config())
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Writes `text` to `path`, readable by this user only (it holds passwords)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    path.chmod(0o600)
+    return path
 
 
 def nats_server_binary() -> str:
@@ -118,11 +122,15 @@ class EmbeddedNats:
 
     `auth`: require these users' passwords (else anyone may connect). `pass_fds`: descriptors the server
     inherits (the platform's data-dir lock). `parent_death_signal`: the signal the server gets when the
-    process that started it dies (Linux), e.g. SIGTERM."""
+    process that started it dies (Linux), e.g. SIGTERM. `sync_always`: JetStream fsyncs every write before
+    acknowledging it (`sync_interval: always`); off, it syncs every 2 minutes and a crash of the machine can
+    lose acknowledged messages. The platform turns it on; the tests' throwaway servers leave it off."""
 
     def __init__(self, data_dir: Path, port: int = 0, *, auth: NatsAuth | None = None,
-                 pass_fds: Sequence[int] = (), parent_death_signal: int | None = None) -> None:
+                 pass_fds: Sequence[int] = (), parent_death_signal: int | None = None,
+                 sync_always: bool = False) -> None:
         self.data_dir = data_dir
+        self.sync_always = sync_always
         self.port = port
         self.url = ""
         self.auth = auth
@@ -137,7 +145,7 @@ class EmbeddedNats:
         for stale in ports_dir.glob("*.ports"):
             stale.unlink()
         # The config file first: the flags after it win over anything in it.
-        config = ["-c", str(self.auth.write_config())] if self.auth is not None else []
+        config = ["-c", str(self.write_config())] if self.auth is not None or self.sync_always else []
         log = open(self.data_dir / "nats-server.log", "ab")
         self._proc = subprocess.Popen(
             [nats_server_binary(), *config, "-js", "-sd", str(self.data_dir / "jetstream"), "-a",
@@ -162,6 +170,17 @@ class EmbeddedNats:
             time.sleep(0.02)
         self.stop()
         raise RuntimeError("nats-server did not start in time")
+
+    def config(self) -> str:
+        """The server's config file: the users (with `auth`) and JetStream's sync policy."""
+        text = self.auth.config() if self.auth is not None else ""
+        if self.sync_always:
+            text += "jetstream {\n  sync_interval: always\n}\n"
+        return text
+
+    def write_config(self) -> Path:
+        folder = self.auth.folder if self.auth is not None else self.data_dir
+        return write_private(folder / "nats-server.conf", self.config())
 
     @property
     def pid(self) -> int | None:

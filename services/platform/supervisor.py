@@ -245,7 +245,7 @@ class Platform:
             if not self.nats_url:
                 self.nats_auth = NatsAuth.load_or_create(self.data_dir / NATS_AUTH_DIR)
                 self.nats = _Nats(self.data_dir / "nats", auth=self.nats_auth, pass_fds=self._inherited_fds(),
-                                  parent_death_signal=PARENT_DEATH_SIGNAL)
+                                  parent_death_signal=PARENT_DEATH_SIGNAL, sync_always=True)
                 try:
                     self.nats_url = self.nats.start()
                 except RuntimeError as exc:

@@ -21,7 +21,8 @@ from nats.js.api import DeliverPolicy, StreamConfig
 from tuneforge.events.v1 import events_pb2
 
 from services.kit.embedded import EmbeddedNats, NatsAuth
-from services.platform.supervisor import Platform, PlatformConfig
+from services.platform.supervisor import NATS_AUTH_DIR, Platform, PlatformConfig
+from tests.platform.conftest import Seeded
 from tuneforge_core import nats as kit_nats
 from tuneforge_core import subjects
 from tuneforge_core.settings import KitSettings
@@ -306,3 +307,24 @@ def test_children_get_their_own_user_and_never_the_other(tmp_path: Path, auth: N
     assert auth.passwords["services"] not in worker_env.values()
     assert auth.passwords["worker"] not in services_env.values()
     assert "TUNEFORGE_NATS_PASSWORD" not in platform.child_env()
+
+
+def test_the_platform_nats_server_fsyncs_every_write(seeded_platform: Seeded) -> None:
+    """`tuneforge up`'s server syncs JetStream to disk before acknowledging (`sync_interval: always`),
+    with its users; a test's throwaway server does not."""
+    conf = (seeded_platform.platform.data_dir / NATS_AUTH_DIR / "nats-server.conf").read_text()
+    assert "sync_interval: always" in conf and "authorization" in conf
+    assert "sync_interval" not in EmbeddedNats(Path("/nonexistent"), auth=None).config()
+
+
+async def test_a_server_that_fsyncs_every_write_takes_publishes(tmp_path: Path, auth: NatsAuth) -> None:
+    server = EmbeddedNats(tmp_path / "synced", auth=auth, sync_always=True)
+    url = server.start()
+    try:
+        services = await open_as(url, auth, kit_nats.SERVICES_USER)
+        await kit_nats.ensure_streams(services.js)
+        ack = await services.js.publish(subjects.job_events(JOB), b"x")
+        assert ack.seq >= 1
+        await services.nc.close()
+    finally:
+        server.stop()
