@@ -1,14 +1,20 @@
-"""A durable JetStream pull consumer loop with explicit acks.
+"""Durable JetStream pull consumer loops with explicit acks.
 
-The handler returns normally to ack. `PermanentError` (an undecodable or impossible message) terminates
-the message so it is not redelivered forever; any other exception naks it with a delay.
+`consume` hands messages to its handler one at a time: the handler returns normally to ack.
+`PermanentError` (an undecodable or impossible message) terminates the message so it is not redelivered
+forever; any other exception naks it with a delay.
+
+`consume_batches` hands over everything one fetch returned (up to `batch` messages) at once, for handlers
+that write a whole batch in one transaction: the handler returns the messages that can never succeed
+(terminated alone), every other message is acked after the handler returned (i.e. after its commit), and
+an exception naks the whole batch for redelivery.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -21,6 +27,11 @@ log = logging.getLogger(__name__)
 
 class PermanentError(Exception):
     """The message can never be processed; it is terminated instead of redelivered."""
+
+
+# Handler of `consume_batches`: takes the batch, returns {index in the batch: why that message can never be
+# processed}; raises when the batch should be redelivered.
+BatchHandler = Callable[[Sequence[Msg]], Awaitable[Mapping[int, PermanentError]]]
 
 
 async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: str,
@@ -51,3 +62,60 @@ async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: s
             await sub.unsubscribe()
         except Exception:
             log.debug("unsubscribe failed", exc_info=True)
+
+
+async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, subject: str,
+                          handler: BatchHandler, batch: int = 256, fetch_wait_s: float = 1.0,
+                          ack_wait_s: float = 30.0, nak_delay_s: float = 1.0) -> None:
+    """Like `consume`, but the handler gets each fetch's messages together (see the module doc).
+
+    A fetch returns at once with whatever is pending (up to `batch`), waiting up to `fetch_wait_s` only when
+    nothing is: batches grow by themselves when messages arrive faster than they are handled, and a lone
+    message is not held back. `batch` must not exceed the consumer's max_ack_pending (1000 here).
+    """
+    await ensure_pull_consumer(js, stream, durable, subject, ack_wait_s=ack_wait_s,
+                               max_ack_pending=max(1000, batch))
+    sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=fetch_wait_s)
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            if msgs:
+                await _handle_batch(msgs, handler, nak_delay_s)
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:
+            log.debug("unsubscribe failed", exc_info=True)
+
+
+async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s: float) -> None:
+    try:
+        refused = await handler(msgs)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("batch handler failed for %d messages; will retry", len(msgs))
+        for msg in msgs:
+            await _settle(msg.nak(delay=nak_delay_s), msg)
+        return
+    for index, msg in enumerate(msgs):
+        reason = refused.get(index)
+        if reason is None:
+            await _settle(msg.ack(), msg)
+        else:
+            log.error("dropping message on %s: %s", msg.subject, reason)
+            await _settle(msg.term(), msg)
+
+
+async def _settle(outcome: Awaitable[None], msg: Msg) -> None:
+    """Acks, naks or terminates; a failure there (connection lost) only means JetStream redelivers the
+    message after ack_wait, which the handlers tolerate, so it must not stop the loop."""
+    try:
+        await outcome
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.warning("could not settle a message on %s; it will be redelivered", msg.subject, exc_info=True)

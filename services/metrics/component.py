@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from nats.aio.msg import Msg
 from tuneforge.events.v1 import events_pb2
-from tuneforge.v1 import metrics_service_pb2_grpc
 
-from services.kit.consumer import PermanentError, consume
+from services.kit.consumer import PermanentError, consume, consume_batches
 from services.kit.db import Database
 from services.kit.runtime import Component, Registration, Runtime
 from services.metrics.ingest import IngestHandlers
@@ -19,6 +19,7 @@ from services.metrics.jobs_client import JobsClient
 from services.metrics.live import NatsLiveFeed
 from services.metrics.manager import MetricsManager
 from services.metrics.servicer import MetricsServicer
+from services.metrics.servicer import add_to_server as add_metrics_servicer
 from services.metrics.settings import MetricsSettings
 from tuneforge_core import subjects
 
@@ -42,17 +43,18 @@ class MetricsComponent(Component):
         self.handlers = IngestHandlers(self.manager)
 
     def registrations(self) -> Sequence[Registration]:
-        return [Registration(SERVICE_NAME, MetricsServicer(self.manager),
-                             metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server)]
+        # Not the generated add function: the streams write pre-serialized bytes (see the servicer).
+        return [Registration(SERVICE_NAME, MetricsServicer(self.manager), add_metrics_servicer)]
 
     async def start(self) -> None:
         js = self.runtime.js
-        self.spawn(consume(js, stream=subjects.STREAM_WORKER, durable=subjects.METRICS_INGEST_CONSUMER,
-                           subject=subjects.ALL_WORKER_METRICS, handler=self.handlers.on_metrics),
-                   name="metrics-ingest")
-        self.spawn(consume(js, stream=subjects.STREAM_WORKER, durable=subjects.LOGS_INGEST_CONSUMER,
-                           subject=subjects.ALL_WORKER_LOGS, handler=self.handlers.on_logs),
-                   name="logs-ingest")
+        ingest = partial(consume_batches, js, stream=subjects.STREAM_WORKER, batch=self.settings.ingest_batch,
+                         fetch_wait_s=self.settings.ingest_fetch_wait_s,
+                         nak_delay_s=self.settings.ingest_retry_delay_s)
+        self.spawn(ingest(durable=subjects.METRICS_INGEST_CONSUMER, subject=subjects.ALL_WORKER_METRICS,
+                          handler=self.handlers.on_metrics_batch), name="metrics-ingest")
+        self.spawn(ingest(durable=subjects.LOGS_INGEST_CONSUMER, subject=subjects.ALL_WORKER_LOGS,
+                          handler=self.handlers.on_logs_batch), name="logs-ingest")
         self.spawn(consume(js, stream=subjects.STREAM_EVENTS, durable=subjects.METRICS_JOB_EVENTS_CONSUMER,
                            subject=subjects.ALL_JOB_EVENTS, handler=self.on_job_changed),
                    name="metrics-job-deletions")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tuneforge.v1 import metrics_pb2
@@ -17,18 +18,22 @@ OPTIONAL_VALUES = (
 )
 
 
-def point_to_values(point: metrics_pb2.MetricPoint) -> dict[str, Any]:
-    """Column values of a point, for an INSERT ... ON CONFLICT."""
-    values: dict[str, Any] = {
-        "job_id": point.job_id, "step": point.step, "kind": int(point.kind), "attempt": point.attempt,
-        "total_steps": point.total_steps, "epoch": point.epoch,
-        "time": from_timestamp(point.time) if point.HasField("time") else None,
-        "values": dict(point.values),
-    }
-    present = {field.name for field, _ in point.ListFields()}
-    for name in OPTIONAL_VALUES:
-        values[name] = getattr(point, name) if name in present else None
-    return values
+# Column order of the rows `point_to_row` and `entry_to_row` build (the repository's upserts bind by it).
+POINT_COLUMNS = ("job_id", "step", "kind", "attempt", "total_steps", "epoch", "time", *OPTIONAL_VALUES,
+                 "values")
+ENTRY_COLUMNS = ("job_id", "attempt", "sequence", "time", "level", "source", "message")
+
+
+def point_to_row(point: metrics_pb2.MetricPoint) -> tuple[Any, ...]:
+    """Column values of a point in POINT_COLUMNS order, for the ingest upsert (called once per stored point:
+    kept to plain attribute reads)."""
+    has: Callable[[str], bool] = point.HasField  # type: ignore[assignment]
+    return (
+        point.job_id, point.step, int(point.kind), point.attempt, point.total_steps, point.epoch,
+        from_timestamp(point.time) if has("time") else None,
+        *[getattr(point, name) if has(name) else None for name in OPTIONAL_VALUES],
+        dict(point.values),
+    )
 
 
 def row_to_point(row: MetricPointRow) -> metrics_pb2.MetricPoint:
@@ -45,12 +50,13 @@ def row_to_point(row: MetricPointRow) -> metrics_pb2.MetricPoint:
     return point
 
 
-def entry_to_values(entry: metrics_pb2.LogEntry) -> dict[str, Any]:
-    return {
-        "job_id": entry.job_id, "attempt": entry.attempt, "sequence": entry.sequence,
-        "time": from_timestamp(entry.time) if entry.HasField("time") else None,
-        "level": int(entry.level), "source": int(entry.source), "message": entry.message,
-    }
+def entry_to_row(entry: metrics_pb2.LogEntry) -> tuple[Any, ...]:
+    """Column values of a log entry in ENTRY_COLUMNS order, for the ingest upsert."""
+    return (
+        entry.job_id, entry.attempt, entry.sequence,
+        from_timestamp(entry.time) if entry.HasField("time") else None,
+        int(entry.level), int(entry.source), entry.message,
+    )
 
 
 def row_to_entry(row: LogEntryRow) -> metrics_pb2.LogEntry:

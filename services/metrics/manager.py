@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Generic, Protocol, TypeVar
+from functools import cached_property, partial
+from typing import Any, Generic, Protocol, TypeVar, cast
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import Message
 from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
@@ -22,11 +21,12 @@ from tuneforge.v1 import job_pb2, metrics_pb2
 from services.kit.db import Database
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.validation import check_organization
+from services.metrics.fanout import Chunk, FanoutHub, LiveItem, end_deadline, live_item
 from services.metrics.live import LiveMessage
 from services.metrics.repository import MetricsRepository
 from services.metrics.settings import MetricsSettings
 from tuneforge_core import states, subjects
-from tuneforge_core.errors import InvalidArgument, Unavailable, Violations
+from tuneforge_core.errors import InvalidArgument, Violations
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ class JobLookup(Protocol):
 
 
 class LiveFeed(Protocol):
+    """Where stored items are announced, and followed. The manager subscribes once per followed job and
+    subject in a process (services.metrics.fanout), however many streams follow it."""
+
     async def publish(self, subject: str, payload: bytes) -> None: ...
 
     def subscribe(self, subjects: Sequence[str]) -> AbstractAsyncContextManager[asyncio.Queue[LiveMessage]]:
@@ -78,9 +81,59 @@ class MetricsManager:
         self.repo = repository or MetricsRepository()
 
     # ---- ingest -------------------------------------------------------------------------------------
+    # The ingest consumer hands over a batch of reports at a time. A report is a function that decodes one
+    # message into (job id, points or entries), raising InvalidArgument when it can never be stored. All the
+    # per-item work (decoding, checks, rows, the announcement's bytes) runs on a database thread beside the
+    # write, never on the event loop; a batch is written in one transaction, then announced once per job.
 
     async def record_metrics(self, job_id: str, points: Sequence[metrics_pb2.MetricPoint]) -> int:
         """Stores a worker's points (a repeat of a key replaces it), then announces them to followers."""
+
+        def report() -> tuple[str, list[metrics_pb2.MetricPoint]]:
+            copies = [metrics_pb2.MetricPoint() for _ in points]
+            for copy, point in zip(copies, points, strict=True):
+                copy.CopyFrom(point)
+            return job_id, copies
+
+        refused, stored = await self.record_metrics_batch([report])
+        if refused:
+            raise InvalidArgument(refused[0])
+        return stored
+
+    async def record_logs(self, job_id: str, entries: Sequence[metrics_pb2.LogEntry]) -> int:
+        def report() -> tuple[str, list[metrics_pb2.LogEntry]]:
+            copies = [metrics_pb2.LogEntry() for _ in entries]
+            for copy, entry in zip(copies, entries, strict=True):
+                copy.CopyFrom(entry)
+            return job_id, copies
+
+        refused, stored = await self.record_logs_batch([report])
+        if refused:
+            raise InvalidArgument(refused[0])
+        return stored
+
+    async def record_metrics_batch(
+            self, reports: Sequence[Callable[[], tuple[str, Sequence[metrics_pb2.MetricPoint]]]],
+    ) -> tuple[dict[int, str], int]:
+        """Stores the points of many reports in one transaction (a repeat of a key replaces it unless it is of
+        an older attempt), then announces each job's points once. Returns {index of a report that can never
+        be stored: why} and how many points were stored; raises (nothing kept) when the database fails."""
+        return await self._ingest(
+            reports, self._accept_points, self.repo.upsert_points,
+            lambda points: events_pb2.MetricsStored(points=points).SerializeToString(), subjects.live_metrics)
+
+    async def record_logs_batch(
+            self, reports: Sequence[Callable[[], tuple[str, Sequence[metrics_pb2.LogEntry]]]],
+    ) -> tuple[dict[int, str], int]:
+        """`record_metrics_batch` for log entries."""
+        return await self._ingest(
+            reports, self._accept_entries, self.repo.upsert_entries,
+            lambda entries: events_pb2.LogsStored(entries=entries).SerializeToString(), subjects.live_logs)
+
+    @staticmethod
+    def _accept_points(job_id: str,
+                       points: Sequence[metrics_pb2.MetricPoint]) -> list[metrics_pb2.MetricPoint]:
+        """The points to store, stamped with the job id (in place: a report's points are ours to change)."""
         accepted: list[metrics_pb2.MetricPoint] = []
         for point in points:
             if point.job_id and point.job_id != job_id:
@@ -90,50 +143,67 @@ class MetricsManager:
                 log.warning("skipping a point of job %s with kind %s and step %s", job_id, point.kind,
                             point.step)
                 continue
-            stored = metrics_pb2.MetricPoint()
-            stored.CopyFrom(point)
-            stored.job_id = job_id
-            accepted.append(stored)
-        if accepted:
-            if not await self._store(job_id, partial(self.repo.upsert_points, points=accepted)):
-                return 0
-            payload = events_pb2.MetricsStored(points=accepted).SerializeToString()
-            await self.live.publish(subjects.live_metrics(job_id), payload)
-        return len(accepted)
+            point.job_id = job_id
+            accepted.append(point)
+        return accepted
 
-    async def record_logs(self, job_id: str, entries: Sequence[metrics_pb2.LogEntry]) -> int:
-        accepted: list[metrics_pb2.LogEntry] = []
+    @staticmethod
+    def _accept_entries(job_id: str, entries: Sequence[metrics_pb2.LogEntry]) -> list[metrics_pb2.LogEntry]:
         for entry in entries:
             if entry.job_id and entry.job_id != job_id:
                 raise InvalidArgument(f"a log entry of job '{entry.job_id}' was reported on the subject of "
                                       f"job '{job_id}'")
-            stored = metrics_pb2.LogEntry()
-            stored.CopyFrom(entry)
-            stored.job_id = job_id
-            accepted.append(stored)
-        if accepted:
-            if not await self._store(job_id, partial(self.repo.upsert_entries, entries=accepted)):
-                return 0
-            payload = events_pb2.LogsStored(entries=accepted).SerializeToString()
-            await self.live.publish(subjects.live_logs(job_id), payload)
-        return len(accepted)
+            entry.job_id = job_id
+        return list(entries)
 
-    async def _store(self, job_id: str, write: Callable[[Session], None]) -> bool:
-        """Runs `write` unless the job was deleted (DeleteJob); False when it was, and nothing is kept."""
+    async def _ingest(self, reports: Sequence[Callable[[], tuple[str, Sequence[T]]]],
+                      accept: Callable[[str, Sequence[T]], list[T]],
+                      write: Callable[[Session, list[T]], None],
+                      announcement: Callable[[list[T]], bytes],
+                      live_subject: Callable[[str], str]) -> tuple[dict[int, str], int]:
 
-        def apply(session: Session) -> bool:
-            if self.repo.is_deleted(session, job_id):
-                return False
-            write(session)
-            return True
+        def apply(session: Session) -> tuple[dict[int, str], dict[str, tuple[int, list[bytes]]]]:
+            refused: dict[int, str] = {}
+            by_job: dict[str, list[T]] = {}
+            for index, report in enumerate(reports):
+                try:
+                    job_id, items = report()
+                    accepted = accept(job_id, items)
+                except InvalidArgument as exc:
+                    refused[index] = exc.message
+                    continue
+                if accepted:
+                    by_job.setdefault(job_id, []).extend(accepted)
+            kept = self._store(session, by_job, write)
+            return refused, {job_id: (len(items), [announcement(part) for part in _announcement_parts(items)])
+                             for job_id, items in kept.items()}
 
-        if await self.db.run(apply) and not await self.db.run(partial(self.repo.is_deleted, job_id=job_id)):
-            return True
-        # The job is deleted; if its deletion committed while this was written, what this wrote goes too
-        # (`delete_job` marks first and deletes after, so one of the two sees the other).
-        await self.db.run(partial(self.repo.delete_job, job_id=job_id))
-        log.info("dropped points or log entries of deleted job %s", job_id)
-        return False
+        refused, stored = await self.db.run(apply)
+        if stored:
+            # A deletion that committed while this batch was written: what the batch wrote of that job goes
+            # too (`delete_job` marks first and deletes after, so one of the two sees the other).
+            for job_id in await self.db.run(partial(self.repo.deleted_among, job_ids=list(stored))):
+                await self.db.run(partial(self.repo.delete_job, job_id=job_id))
+                log.info("dropped points or log entries of deleted job %s", job_id)
+                del stored[job_id]
+        for job_id, (_, payloads) in stored.items():
+            for payload in payloads:
+                await self.live.publish(live_subject(job_id), payload)
+        return refused, sum(count for count, _ in stored.values())
+
+    def _store(self, session: Session, by_job: dict[str, list[T]],
+               write: Callable[[Session, list[T]], None]) -> dict[str, list[T]]:
+        """Writes the items of the jobs not deleted (DeleteJob), one query deciding for the whole batch;
+        returns what it wrote by job."""
+        if not by_job:
+            return {}
+        deleted = self.repo.deleted_among(session, list(by_job))
+        if deleted:
+            log.info("dropped points or log entries of deleted jobs %s", ", ".join(sorted(deleted)))
+        kept = {job_id: items for job_id, items in by_job.items() if job_id not in deleted}
+        if kept:
+            write(session, [item for items in kept.values() for item in items])
+        return kept
 
     async def delete_job(self, job_id: str) -> tuple[int, int]:
         """Forgets a job DeleteJob deleted: marks it deleted (ingest drops it from then on), then deletes its
@@ -164,6 +234,12 @@ class MetricsManager:
                        follow: bool) -> AsyncIterator[metrics_pb2.MetricPoint]:
         """Stored points in (step, kind) order, then (with `follow`) new ones until the job is final; each
         kind's steps only increase (a resumed attempt's repeated steps are stored, not streamed again)."""
+        return _items(self.stream_metric_chunks(organization, job, kinds, start_step, follow))
+
+    def stream_metric_chunks(self, organization: str, job: str, kinds: Sequence[int], start_step: int,
+                             follow: bool) -> AsyncGenerator[Chunk[metrics_pb2.MetricPoint], None]:
+        """`stream_metrics` as the servicer sends it: chunks of points with their bytes (a live point's
+        bytes are shared by every stream it goes to), and a mark after catching up from storage."""
         v = Violations()
         _check_job_ref(v, organization, job)
         _check_kinds(v, kinds)
@@ -199,6 +275,11 @@ class MetricsManager:
     def stream_logs(self, organization: str, job: str, min_level: int, sources: Sequence[int],
                     follow: bool) -> AsyncIterator[metrics_pb2.LogEntry]:
         """Stored entries in (attempt, sequence) order, then (with `follow`) new ones until the job ends."""
+        return _items(self.stream_log_chunks(organization, job, min_level, sources, follow))
+
+    def stream_log_chunks(self, organization: str, job: str, min_level: int, sources: Sequence[int],
+                          follow: bool) -> AsyncGenerator[Chunk[metrics_pb2.LogEntry], None]:
+        """`stream_logs` in chunks, as `stream_metric_chunks`."""
         v = Violations()
         _check_job_ref(v, organization, job)
         v.check(min_level in LOG_LEVELS, "min_level", "is not a LogLevel")
@@ -228,90 +309,87 @@ class MetricsManager:
 
     # ---- replay, then follow ------------------------------------------------------------------------
 
+    @cached_property
+    def hub(self) -> FanoutHub:
+        """The live feed shared by all the streams of this process (one subscription per followed job)."""
+        return FanoutHub(self.live, self.jobs.get_job, grace_s=self.settings.follow_grace_s,
+                         poll_interval_s=self.settings.job_poll_interval_s,
+                         capacity=self.settings.follower_buffer)
+
     async def _stream(self, organization: str, job_ref: str, follow: bool,
-                      feed: _Feed[T]) -> AsyncIterator[T]:
+                      feed: _Feed[T]) -> AsyncGenerator[Chunk[T], None]:
         job = await self.jobs.get_job(organization, job_ref)
         if not follow:
-            async for item in self._replay(job.id, feed):
-                yield item
+            async for page in self._replay(job.id, feed, None):
+                yield Chunk([_shared(item) for item in page])
             return
-        # Subscribe BEFORE reading the database: whatever is committed after the read is then announced
-        # to us, and whatever the read and the announcements both hold is dropped by `fresh`.
-        events_subject = subjects.job_events(job.id)
-        async with self.live.subscribe([feed.live_subject(job.id), events_subject]) as queue:
-            if not _is_final(job.state):
-                # The job may have ended between the first lookup and the subscription.
-                job = await self.jobs.get_job(organization, job.id)
-            async for item in self._replay(job.id, feed):
-                if feed.fresh(item):
-                    yield item
-            async for item in self._follow(organization, job, queue, events_subject, feed):
-                yield item
+        # Join the live feed BEFORE reading the database: whatever is committed after the read is then
+        # announced to us, and whatever the read and the announcements both hold is dropped by `fresh`.
+        # The hub's job watch says when the job ended (it looks the job up once as it subscribes: the job
+        # may have ended between our lookup and the subscription).
+        async with self.hub.follow(organization, job.id, feed.live_subject(job.id), feed.decode_live,
+                                   feed.matches, feed.cursor) as (follower, watch):
+            loop = asyncio.get_running_loop()
+            own_deadline = None
+            if _is_final(job.state):
+                own_deadline = end_deadline(job, loop.time(), self.settings.follow_grace_s)
+                loop.call_at(own_deadline, follower.wake.set)
+            replay, after, resumed = True, cast(Any, None), False
+            while True:
+                error = follower.error or watch.error
+                if error is not None:
+                    raise error
+                if replay:
+                    replay = False
+                    async for page in self._replay(job.id, feed, after):
+                        sent = [_shared(item) for item in page if feed.fresh(item)]
+                        if sent:
+                            yield Chunk(sent, resumed)
+                            resumed = False
+                    continue
+                if follower.lagged:
+                    # The client fell too far behind and the follower dropped what it held. Take the live
+                    # feed again first, then catch up from storage from the lowest cursor dropped: what
+                    # was committed before is read, what comes after is buffered, `fresh` drops repeats.
+                    low = follower.rejoin()
+                    after = (low[0], low[1] - 1) if low is not None else None  # cursors are int pairs
+                    replay = resumed = True
+                    continue
+                live = follower.take()
+                if live:
+                    sent = [shared for shared in live if feed.fresh(shared.item)]
+                    if sent:
+                        yield Chunk(sent, resumed)
+                        resumed = False
+                    continue
+                # Nothing waiting: end if the job ended more than the grace ago, else wait for more.
+                deadlines = [d for d in (own_deadline, watch.deadline) if d is not None]
+                if deadlines and loop.time() >= min(deadlines):
+                    return
+                follower.wake.clear()
+                await follower.wake.wait()
 
-    async def _replay(self, job_id: str, feed: _Feed[T]) -> AsyncIterator[T]:
-        after: Any = None
+    async def _replay(self, job_id: str, feed: _Feed[T], after: Any) -> AsyncIterator[list[T]]:
+        """Stored items strictly after the cursor `after` (all when None), a page at a time."""
         batch = self.settings.replay_batch
         while True:
             page = await self.db.run(partial(_call_read, feed.read_page, job_id, after, batch))
-            for item in page:
-                yield item
+            if page:
+                yield page
             if len(page) < batch:
                 return
             after = feed.cursor(page[-1])
 
-    async def _follow(self, organization: str, job: job_pb2.Job, queue: asyncio.Queue[LiveMessage],
-                      events_subject: str, feed: _Feed[T]) -> AsyncIterator[T]:
-        loop = asyncio.get_running_loop()
-        grace = self.settings.follow_grace_s
-        deadline = self._end_deadline(job, loop.time()) if _is_final(job.state) else None
-        next_poll = loop.time() + self.settings.job_poll_interval_s
 
-        def handle(subject: str, data: bytes) -> list[T]:
-            nonlocal deadline
-            try:
-                if subject == events_subject:
-                    changed = events_pb2.JobChanged.FromString(data)
-                    if _is_final(changed.job.state) and deadline is None:
-                        deadline = loop.time() + grace
-                    return []
-                return [item for item in feed.decode_live(data) if feed.matches(item) and feed.fresh(item)]
-            except DecodeError:
-                log.warning("ignoring an undecodable message on %s", subject)
-                return []
+def _shared(item: T) -> LiveItem[T]:
+    return cast(LiveItem[T], live_item(cast(Message, item)))
 
-        while True:
-            now = loop.time()
-            if deadline is None and now >= next_poll:  # even while points keep arriving
-                next_poll = now + self.settings.job_poll_interval_s
-                state = await self._poll_state(organization, job.id)
-                if state is not None and _is_final(state):
-                    deadline = loop.time() + grace
-                continue
-            if deadline is not None and now >= deadline:
-                while not queue.empty():  # what already arrived still goes out
-                    for item in handle(*queue.get_nowait()):
-                        yield item
-                return
-            wake = deadline if deadline is not None else next_poll
-            try:
-                subject, data = await asyncio.wait_for(queue.get(), timeout=max(wake - now, 0.001))
-            except TimeoutError:
-                continue
-            for item in handle(subject, data):
-                yield item
 
-    def _end_deadline(self, job: job_pb2.Job, now: float) -> float:
-        """When a stream of an already final job ends: at once if it ended longer ago than the grace."""
-        if job.HasField("end_time") and time.time() - job.end_time.ToSeconds() > self.settings.follow_grace_s:
-            return now
-        return now + self.settings.follow_grace_s
-
-    async def _poll_state(self, organization: str, job_id: str) -> int | None:
-        try:
-            return (await self.jobs.get_job(organization, job_id)).state
-        except Unavailable:
-            log.warning("jobs service unavailable while following job %s; still following", job_id)
-            return None
+async def _items(chunks: AsyncGenerator[Chunk[T], None]) -> AsyncIterator[T]:
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            for shared in chunk.items:
+                yield shared.item
 
 
 def _call_read(read_page: Callable[[Session, str, Any, int], list[T]], job_id: str, after: Any,
@@ -329,3 +407,22 @@ def _check_kinds(v: Violations, kinds: Sequence[int]) -> None:
         v.check(kind in METRIC_KINDS, f"kinds[{i}]", "is not a MetricKind")
 
 
+
+
+# Bytes of items per live announcement: well under NATS' default 1 MiB max_payload, so a batch of large
+# reports is announced in several messages instead of failing to publish (followers would miss it live).
+ANNOUNCEMENT_BYTES = 256 * 1024
+
+
+def _announcement_parts(items: list[T]) -> list[list[T]]:
+    """`items` in order, cut into runs of at most ANNOUNCEMENT_BYTES serialized (one oversized item alone)."""
+    parts: list[list[T]] = [[]]
+    size = 0
+    for item in items:
+        length = item.ByteSize() + 8  # type: ignore[attr-defined]  # protobuf messages; +tag and length
+        if parts[-1] and size + length > ANNOUNCEMENT_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(item)
+        size += length
+    return [part for part in parts if part]

@@ -1,44 +1,140 @@
-"""Persistence of metric points and log entries (synchronous; run through `Database.run`)."""
+"""Persistence of metric points and log entries (synchronous; run through `Database.run`).
+
+Ingest writes through one upsert statement per table and database dialect, compiled once and executed for
+many rows (the driver's executemany): no SQL is built or compiled per message or per batch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, and_, delete, or_, select
+from sqlalchemy import DateTime, Table, and_, bindparam, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
+from sqlalchemy.types import JSON
 from tuneforge.v1 import metrics_pb2
 
-from services.metrics.converters import entry_to_values, point_to_values, row_to_entry, row_to_point
+from services.kit.outbox import utcnow
+from services.metrics.converters import (
+    ENTRY_COLUMNS,
+    POINT_COLUMNS,
+    entry_to_row,
+    point_to_row,
+    row_to_entry,
+    row_to_point,
+)
 from services.metrics.models import DeletedJobRow, LogEntryRow, MetricPointRow
 
-# Rows per INSERT statement: well under SQLite's bound-parameter limit with ~22 columns a row.
-_CHUNK = 400
+
+@dataclass(frozen=True)
+class _Upsert:
+    """`INSERT ... ON CONFLICT (keys) DO UPDATE ... WHERE stored.attempt <= new.attempt` of one table on one
+    dialect, compiled once: a stored row is kept when a redelivery of an OLDER attempt would overwrite it,
+    so the newest attempt of a job wins whatever order the messages arrive in.
+
+    Rows come as tuples in the converter's column order (`columns`) plus `stored_at`; `bind` turns them into
+    the driver's parameters: reordered to the statement's positions (or named, for pyformat drivers), with
+    the dialect's own conversion applied where the storage form differs from the Python value (datetimes
+    on SQLite, JSON). Numbers and strings from the protos are already what the driver takes.
+    """
+
+    sql: str
+    columns: tuple[str, ...]  # the row's columns, then stored_at
+    # Row index of each of the statement's positional parameters; None when it takes named parameters.
+    positions: tuple[int, ...] | None
+    convert: tuple[tuple[int, Callable[[Any], Any]], ...]  # (row index, the dialect's conversion)
+    convert_stored_at: Callable[[Any], Any] | None
+
+    @staticmethod
+    def build(dialect: Dialect, table: Table, columns: Sequence[str], keys: Sequence[str]) -> _Upsert:
+        if dialect.name not in ("sqlite", "postgresql"):
+            raise NotImplementedError(f"upsert is not implemented for {dialect.name}")
+        insert = sqlite.insert if dialect.name == "sqlite" else postgresql.insert
+        all_columns = (*columns, "stored_at")
+        if set(all_columns) != {c.name for c in table.columns}:
+            raise ValueError(f"the row columns {all_columns} are not those of {table.name}")
+        stmt = insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys},
+            where=table.c.attempt <= stmt.excluded.attempt)
+        compiled = stmt.compile(dialect=dialect, column_keys=list(all_columns))
+        convert: dict[str, Callable[[Any], Any]] = {}
+        for name in all_columns:
+            column_type = table.c[name].type
+            if isinstance(column_type, DateTime | JSON):
+                processor = column_type.dialect_impl(dialect).bind_processor(dialect)
+                if processor is not None:
+                    convert[name] = _empty_once(processor) if isinstance(column_type, JSON) else processor
+        positions = None
+        if compiled.positional:
+            positions = tuple(all_columns.index(name) for name in compiled.positiontup or ())
+        return _Upsert(compiled.string, all_columns, positions,
+                       tuple((i, convert[name]) for i, name in enumerate(columns) if name in convert),
+                       convert.get("stored_at"))
+
+    def bind(self, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """The driver's parameters for each row (all stored now)."""
+        stored_at: Any = utcnow()
+        if self.convert_stored_at is not None:
+            stored_at = self.convert_stored_at(stored_at)
+        convert, positions = self.convert, self.positions
+        in_order = positions == tuple(range(len(self.columns)))
+        out: list[Any] = []
+        for row in rows:
+            values = [*row, stored_at]
+            for index, processor in convert:
+                values[index] = processor(values[index])
+            if in_order:
+                out.append(tuple(values))
+            elif positions is None:
+                out.append(dict(zip(self.columns, values, strict=True)))
+            else:
+                out.append(tuple([values[i] for i in positions]))
+        return out
 
 
-def _upsert(session: Session, table: Table, rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
-    """INSERT ... ON CONFLICT (keys) DO UPDATE, keeping a stored row a redelivery of an OLDER attempt would
-    overwrite: the newest attempt of a job wins whatever order the messages arrive in."""
-    dialect = session.get_bind().dialect.name
-    if dialect not in ("sqlite", "postgresql"):
-        raise NotImplementedError(f"upsert is not implemented for {dialect}")
-    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-    for start in range(0, len(rows), _CHUNK):
-        stmt = insert(table).values(rows[start:start + _CHUNK])
-        updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
-        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=updates,
-                                          where=table.c.attempt <= stmt.excluded.attempt)
-        session.execute(stmt)
+def _empty_once(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The JSON conversion, with the common empty value (a point without custom values) converted once."""
+    empty = processor({})
+
+    def convert(value: Any) -> Any:
+        return empty if value == {} else processor(value)
+
+    return convert
 
 
-def _newest_per_key(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per key (highest attempt, then the last reported): one INSERT may not touch a row twice."""
-    by_key: dict[tuple[Any, ...], dict[str, Any]] = {}
+_UPSERTS: dict[tuple[str, str, str, str], _Upsert] = {}
+_UPSERTS_LOCK = threading.Lock()
+
+
+def _upsert(session: Session, table: Table, columns: Sequence[str], keys: Sequence[str],
+            rows: Sequence[tuple[Any, ...]]) -> None:
+    connection = session.connection()
+    dialect = connection.dialect
+    # Per dialect, driver and paramstyle: SQLite and PostgreSQL may both be open in one process.
+    cache_key = (dialect.name, dialect.driver, dialect.paramstyle, table.name)
+    upsert = _UPSERTS.get(cache_key)
+    if upsert is None:
+        with _UPSERTS_LOCK:
+            upsert = _UPSERTS.get(cache_key)
+            if upsert is None:
+                upsert = _UPSERTS[cache_key] = _Upsert.build(dialect, table, columns, keys)
+    connection.exec_driver_sql(upsert.sql, upsert.bind(rows))
+
+
+def _newest_per_key(rows: list[tuple[Any, ...]], key: Sequence[int], attempt: int) -> list[tuple[Any, ...]]:
+    """One row per key (highest attempt, then the last reported), what applying them in order would leave."""
+    by_key: dict[tuple[Any, ...], tuple[Any, ...]] = {}
     for row in rows:
-        key = tuple(row[k] for k in keys)
-        if key not in by_key or row["attempt"] >= by_key[key]["attempt"]:
-            by_key[key] = row
+        k = tuple([row[i] for i in key])
+        kept = by_key.get(k)
+        if kept is None or row[attempt] >= kept[attempt]:
+            by_key[k] = row
     return list(by_key.values())
 
 
@@ -47,9 +143,12 @@ class MetricsRepository:
     ENTRY_KEY = ("job_id", "attempt", "sequence")
 
     def upsert_points(self, session: Session, points: Sequence[metrics_pb2.MetricPoint]) -> None:
-        rows = _newest_per_key([point_to_values(p) for p in points], self.POINT_KEY)
+        """Stores points (a repeat of a key replaces it unless it is of an older attempt) in one statement
+        executed for every row."""
+        rows = _newest_per_key([point_to_row(p) for p in points], _POINT_KEY_INDEX, _POINT_ATTEMPT_INDEX)
         if rows:
-            _upsert(session, MetricPointRow.__table__, rows, self.POINT_KEY)  # type: ignore[arg-type]
+            _upsert(session, MetricPointRow.__table__, POINT_COLUMNS, self.POINT_KEY,  # type: ignore[arg-type]
+                    rows)
 
     def list_points(self, session: Session, job_id: str, *, kinds: Sequence[int] = (), start_step: int = 0,
                     after: tuple[int, int] | None = None, limit: int = 500) -> list[metrics_pb2.MetricPoint]:
@@ -67,9 +166,11 @@ class MetricsRepository:
         return [row_to_point(row) for row in session.scalars(query)]
 
     def upsert_entries(self, session: Session, entries: Sequence[metrics_pb2.LogEntry]) -> None:
-        rows = _newest_per_key([entry_to_values(e) for e in entries], self.ENTRY_KEY)
+        """Stores log entries (a repeat of a key replaces it) in one statement executed for every row."""
+        rows = _newest_per_key([entry_to_row(e) for e in entries], _ENTRY_KEY_INDEX, _ENTRY_ATTEMPT_INDEX)
         if rows:
-            _upsert(session, LogEntryRow.__table__, rows, self.ENTRY_KEY)  # type: ignore[arg-type]
+            _upsert(session, LogEntryRow.__table__, ENTRY_COLUMNS, self.ENTRY_KEY,  # type: ignore[arg-type]
+                    rows)
 
     def list_entries(self, session: Session, job_id: str, *, min_level: int = 0, sources: Sequence[int] = (),
                      after: tuple[int, int] | None = None, limit: int = 500) -> list[metrics_pb2.LogEntry]:
@@ -91,6 +192,13 @@ class MetricsRepository:
     def is_deleted(self, session: Session, job_id: str) -> bool:
         return session.get(DeletedJobRow, job_id) is not None
 
+    def deleted_among(self, session: Session, job_ids: Sequence[str]) -> set[str]:
+        """Which of the jobs were deleted (one query for a whole ingest batch)."""
+        if not job_ids:
+            return set()
+        rows = session.connection().execute(_DELETED_AMONG, {"job_ids": sorted(set(job_ids))})
+        return {job_id for (job_id,) in rows}
+
     def mark_deleted(self, session: Session, job_id: str) -> None:
         """Records the job as deleted (idempotent); ingest drops its points and entries from then on."""
         if session.get(DeletedJobRow, job_id) is None:
@@ -102,3 +210,13 @@ class MetricsRepository:
         points = session.execute(delete(MetricPointRow).where(MetricPointRow.job_id == job_id))
         entries = session.execute(delete(LogEntryRow).where(LogEntryRow.job_id == job_id))
         return (int(getattr(points, "rowcount", 0) or 0), int(getattr(entries, "rowcount", 0) or 0))
+
+
+_POINT_KEY_INDEX = tuple(POINT_COLUMNS.index(k) for k in MetricsRepository.POINT_KEY)
+_POINT_ATTEMPT_INDEX = POINT_COLUMNS.index("attempt")
+_ENTRY_KEY_INDEX = tuple(ENTRY_COLUMNS.index(k) for k in MetricsRepository.ENTRY_KEY)
+_ENTRY_ATTEMPT_INDEX = ENTRY_COLUMNS.index("attempt")
+# Core, built once: this runs twice per ingest batch, where the ORM's per-query overhead would show.
+_DELETED_JOBS: Table = DeletedJobRow.__table__  # type: ignore[assignment]
+_DELETED_AMONG = select(_DELETED_JOBS.c.job_id).where(
+    _DELETED_JOBS.c.job_id.in_(bindparam("job_ids", expanding=True)))

@@ -19,3 +19,14 @@ class MetricsSettings(BaseSettings):
     replay_batch: int = Field(default=500, ge=1, le=10_000)
     # Deadline of each call to the jobs service.
     jobs_timeout_s: float = Field(default=10.0, gt=0.0)
+    # Live points or log entries held for one stream whose client reads more slowly than they arrive;
+    # past this the stream stops taking the live feed, catches up from the database, and takes it again.
+    follower_buffer: int = Field(default=2000, ge=1, le=1_000_000)
+    # Ingest of worker reports (TF_WORKER): at most this many messages are fetched, decoded and written in
+    # one transaction, then acked together (a fetch takes whatever is pending, so batches grow only under
+    # load). At most 1000, the consumer's max_ack_pending.
+    ingest_batch: int = Field(default=256, ge=1, le=1000)
+    # How long one fetch waits for a first message when none is pending.
+    ingest_fetch_wait_s: float = Field(default=1.0, gt=0.0, le=60.0)
+    # Redelivery of a batch whose write failed (the database) waits this long.
+    ingest_retry_delay_s: float = Field(default=1.0, ge=0.0)

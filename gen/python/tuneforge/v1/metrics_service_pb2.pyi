@@ -28,11 +28,17 @@ class StreamMetricsRequest(_message.Message):
     KINDS_FIELD_NUMBER: _builtins.int
     START_STEP_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
     job_id: _builtins.str
     start_step: _builtins.int
     """Replay points with step >= start_step."""
     follow: _builtins.bool
+    batch: _builtins.bool
+    """Send several points per message in `StreamMetricsResponse.points` (and leave `point` unset): the
+    stored points a page at a time, and the live points that are waiting when the stream can send. For
+    clients that follow many jobs or fall behind now and then; without it, one point per message.
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[_metrics_pb2.MetricKind.ValueType]:
         """Only these kinds; all when empty."""
@@ -45,10 +51,11 @@ class StreamMetricsRequest(_message.Message):
         kinds: _abc.Iterable[_metrics_pb2.MetricKind.ValueType] | None = ...,
         start_step: _builtins.int = ...,
         follow: _builtins.bool = ...,
+        batch: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "job_id", b"job_id", "kinds", b"kinds", "organization", b"organization", "start_step", b"start_step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "follow", b"follow", "job_id", b"job_id", "kinds", b"kinds", "organization", b"organization", "start_step", b"start_step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -59,16 +66,31 @@ class StreamMetricsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POINT_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    RESUMED_FROM_STORAGE_FIELD_NUMBER: _builtins.int
+    resumed_from_storage: _builtins.bool
+    """Set on the first message after the stream fell too far behind the live feed (the client read more
+    slowly than points arrived) and caught up from storage: nothing was left out or is sent twice, only
+    later than live.
+    """
     @_builtins.property
-    def point(self) -> _metrics_pb2.MetricPoint: ...
+    def point(self) -> _metrics_pb2.MetricPoint:
+        """The point of this message, when the request did not ask for `batch`."""
+
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.MetricPoint]:
+        """With `StreamMetricsRequest.batch`: the points of this message, in the order they are sent."""
+
     def __init__(
         self,
         *,
         point: _metrics_pb2.MetricPoint | None = ...,
+        points: _abc.Iterable[_metrics_pb2.MetricPoint] | None = ...,
+        resumed_from_storage: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["point", b"point"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["point", b"point"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["point", b"point", "points", b"points", "resumed_from_storage", b"resumed_from_storage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -139,11 +161,14 @@ class StreamLogsRequest(_message.Message):
     MIN_LEVEL_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
     job_id: _builtins.str
     min_level: _metrics_pb2.LogLevel.ValueType
     """Entries at this level or above; all when unset."""
     follow: _builtins.bool
+    batch: _builtins.bool
+    """Send several entries per message in `StreamLogsResponse.entries`, as StreamMetricsRequest.batch."""
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_metrics_pb2.LogSource.ValueType]: ...
     def __init__(
@@ -154,10 +179,11 @@ class StreamLogsRequest(_message.Message):
         min_level: _metrics_pb2.LogLevel.ValueType = ...,
         sources: _abc.Iterable[_metrics_pb2.LogSource.ValueType] | None = ...,
         follow: _builtins.bool = ...,
+        batch: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "job_id", b"job_id", "min_level", b"min_level", "organization", b"organization", "sources", b"sources"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "follow", b"follow", "job_id", b"job_id", "min_level", b"min_level", "organization", b"organization", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -168,16 +194,28 @@ class StreamLogsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRY_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    RESUMED_FROM_STORAGE_FIELD_NUMBER: _builtins.int
+    resumed_from_storage: _builtins.bool
+    """As StreamMetricsResponse.resumed_from_storage."""
     @_builtins.property
-    def entry(self) -> _metrics_pb2.LogEntry: ...
+    def entry(self) -> _metrics_pb2.LogEntry:
+        """The entry of this message, when the request did not ask for `batch`."""
+
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.LogEntry]:
+        """With `StreamLogsRequest.batch`: the entries of this message, in the order they are sent."""
+
     def __init__(
         self,
         *,
         entry: _metrics_pb2.LogEntry | None = ...,
+        entries: _abc.Iterable[_metrics_pb2.LogEntry] | None = ...,
+        resumed_from_storage: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "entry", b"entry", "resumed_from_storage", b"resumed_from_storage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

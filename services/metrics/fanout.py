@@ -1,0 +1,326 @@
+"""Live fan-out: what many followers of one job share in a process.
+
+Per followed job and live subject there is ONE subscription (`_Topic`), whoever follows: each message is
+decoded once, each item serialized once, and the same `LiveItem` (hence the same bytes) goes to every
+follower whose filters it matches. Per followed job there is one `JobWatch`: its JobChanged subscription
+and one poll of the jobs service per interval say when the job ended, for all its followers. Both are
+reference-counted and unsubscribed when the last follower leaves.
+
+A follower holds at most `capacity` items. One that falls further behind (its client reads more slowly
+than the job reports) never slows the hub or the others: its buffer is dropped, it is marked `lagged`, and
+remembers the lowest cursor it dropped. Its stream then replays from the database from there (every item
+announced was committed first) and takes the live feed again, exactly: see `MetricsManager._stream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+from tuneforge.events.v1 import events_pb2
+from tuneforge.v1 import job_pb2
+
+from services.metrics.live import LiveMessage
+from tuneforge_core import states, subjects
+from tuneforge_core.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+Cursor = tuple[int, int]
+
+
+class Subscriber(Protocol):
+    def subscribe(self, subjects: Sequence[str]) -> AbstractAsyncContextManager[asyncio.Queue[LiveMessage]]:
+        """Queues every message on `subjects` once the server has confirmed the interest."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveItem(Generic[T]):
+    """One point or log entry with its bytes, made once and shared by every stream it goes to.
+
+    `framed` is the wire form of a message holding only the item in its field 1, which is exactly
+    StreamMetricsResponse{point} or StreamLogsResponse{entry}: a stream writes these bytes as they are.
+    `repeated` is the same in field 2 (`points` / `entries`): a batched message is such fields one after
+    the other, since protobuf parses concatenated messages as one and appends to repeated fields.
+    """
+
+    item: T
+    framed: bytes
+    repeated: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk(Generic[T]):
+    """What a stream sends next: items in order, and whether they are the first after catching up from
+    storage (the stream had fallen too far behind the live feed)."""
+
+    items: list[LiveItem[T]]
+    resumed: bool = False
+
+
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+FIELD_1, FIELD_2 = b"\x0a", b"\x12"  # fields 1 and 2, length-delimited
+
+
+def live_item(item: M) -> LiveItem[M]:
+    """`item` serialized once, framed as field 1 and as field 2 (see LiveItem)."""
+    data = item.SerializeToString()
+    size = varint(len(data))
+    return LiveItem(item, FIELD_1 + size + data, FIELD_2 + size + data)
+
+
+def end_deadline(job: job_pb2.Job, now: float, grace_s: float) -> float:
+    """When streams of a job already final end: at once if it ended longer ago than the grace."""
+    if job.HasField("end_time") and time.time() - job.end_time.ToSeconds() > grace_s:
+        return now
+    return now + grace_s
+
+
+class Follower(Generic[T]):
+    """One stream's bounded buffer of live items; filled by the hub, drained by the stream."""
+
+    __slots__ = ("buffer", "capacity", "cursor", "dropped_from", "error", "lagged", "matches", "wake")
+
+    def __init__(self, matches: Callable[[T], bool], cursor: Callable[[T], Cursor], capacity: int) -> None:
+        self.matches = matches
+        self.cursor = cursor
+        self.capacity = capacity
+        self.buffer: deque[LiveItem[T]] = deque()
+        self.wake = asyncio.Event()
+        self.lagged = False
+        # The lowest cursor of what was dropped while lagged: the replay that catches up starts there.
+        self.dropped_from: Cursor | None = None
+        # Set when the shared subscription failed: the stream ends with it.
+        self.error: BaseException | None = None
+
+    def offer(self, live: LiveItem[T]) -> None:
+        if not self.matches(live.item):
+            return
+        if not self.lagged and len(self.buffer) < self.capacity:
+            self.buffer.append(live)
+            self.wake.set()
+            return
+        dropped = [live, *self.buffer] if not self.lagged else [live]
+        self.buffer.clear()
+        self.lagged = True
+        low = min(self.cursor(d.item) for d in dropped)
+        if self.dropped_from is None or low < self.dropped_from:
+            self.dropped_from = low
+        self.wake.set()
+
+    def take(self) -> list[LiveItem[T]]:
+        items = list(self.buffer)
+        self.buffer.clear()
+        return items
+
+    def rejoin(self) -> Cursor | None:
+        """Takes live items again from now on; returns where the replay that catches up starts."""
+        low, self.dropped_from, self.lagged = self.dropped_from, None, False
+        return low
+
+
+class _Topic:
+    """One live subject's subscription, shared by its followers."""
+
+    def __init__(self, subject: str, decode: Callable[[bytes], Sequence[Any]]) -> None:
+        self.subject = subject
+        self.decode = decode
+        self.followers: set[Follower[Any]] = set()
+        self.refs = 0
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    async def run(self, live: Subscriber) -> None:
+        try:
+            async with live.subscribe([self.subject]) as queue:
+                self.ready.set_result(None)
+                while True:
+                    _, data = await queue.get()
+                    self.dispatch(data)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the live feed of %s failed", self.subject)
+            self.error = Unavailable(f"the live feed of {self.subject} failed")
+            if not self.ready.done():
+                self.ready.set_exception(self.error)
+                self.ready.exception()  # retrieved: whoever waits gets it, nobody need
+            for follower in self.followers:
+                follower.error = self.error
+                follower.wake.set()
+
+    def dispatch(self, data: bytes) -> None:
+        try:
+            items = self.decode(data)
+        except DecodeError:
+            log.warning("ignoring an undecodable message on %s", self.subject)
+            return
+        followers = self.followers
+        for item in items:
+            shared = live_item(item)
+            for follower in followers:
+                follower.offer(shared)
+
+
+class JobWatch:
+    """When a followed job ended, learned once for all its followers in the process.
+
+    `deadline` is the loop time at which its streams end (None while it runs): the grace after the final
+    state was seen (from JobChanged, or a poll of the jobs service in case a JobChanged was lost), or at
+    once for a job that ended longer ago than the grace. `error` is set when the job can no longer be
+    followed (e.g. it was deleted), and streams end with it.
+    """
+
+    def __init__(self, organization: str, job_id: str) -> None:
+        self.job_id = job_id
+        self.organization = organization
+        self.deadline: float | None = None
+        self.error: BaseException | None = None
+        self.wakes: set[asyncio.Event] = set()
+        self.refs = 0
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[None] | None = None
+
+    def _end(self, deadline: float) -> None:
+        if self.deadline is not None:
+            return
+        self.deadline = deadline
+        loop = asyncio.get_running_loop()
+        self._wake_all()
+        loop.call_at(deadline, self._wake_all)
+
+    def _wake_all(self) -> None:
+        for wake in self.wakes:
+            wake.set()
+
+    async def run(self, live: Subscriber, lookup: Callable[[str, str], Awaitable[job_pb2.Job]],
+                  grace_s: float, poll_interval_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        events_subject = subjects.job_events(self.job_id)
+        try:
+            async with live.subscribe([events_subject]) as queue:
+                # The job may have ended before the subscription: one lookup, for everyone following it.
+                job = await self._poll(lookup)
+                if job is not None and states.is_final(job.state):
+                    self._end(end_deadline(job, loop.time(), grace_s))
+                self.ready.set_result(None)
+                next_poll = loop.time() + poll_interval_s
+                while self.deadline is None:
+                    try:
+                        _, data = await asyncio.wait_for(queue.get(),
+                                                         timeout=max(next_poll - loop.time(), 0.001))
+                    except TimeoutError:
+                        next_poll = loop.time() + poll_interval_s
+                        job = await self._poll(lookup)
+                        if job is not None and states.is_final(job.state):
+                            self._end(loop.time() + grace_s)
+                        continue
+                    try:
+                        changed = events_pb2.JobChanged.FromString(data)
+                    except DecodeError:
+                        log.warning("ignoring an undecodable message on %s", events_subject)
+                        continue
+                    if states.is_final(changed.job.state):
+                        self._end(loop.time() + grace_s)
+                # Ended: nothing more to learn; hold the subscription until the last follower leaves.
+                await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.error = exc
+            if not self.ready.done():
+                self.ready.set_exception(exc)
+                self.ready.exception()
+            self._wake_all()
+
+    async def _poll(self, lookup: Callable[[str, str], Awaitable[job_pb2.Job]]) -> job_pb2.Job | None:
+        try:
+            return await lookup(self.organization, self.job_id)
+        except Unavailable:
+            log.warning("jobs service unavailable while following job %s; still following", self.job_id)
+            return None
+
+
+class FanoutHub:
+    """The per-process registry of shared subscriptions and job watches."""
+
+    def __init__(self, live: Subscriber, lookup: Callable[[str, str], Awaitable[job_pb2.Job]], *,
+                 grace_s: float, poll_interval_s: float, capacity: int) -> None:
+        self.live = live
+        self.lookup = lookup
+        self.grace_s = grace_s
+        self.poll_interval_s = poll_interval_s
+        self.capacity = capacity
+        self.topics: dict[str, _Topic] = {}
+        self.watches: dict[str, JobWatch] = {}
+
+    @contextlib.asynccontextmanager
+    async def follow(self, organization: str, job_id: str, subject: str,
+                     decode: Callable[[bytes], Sequence[T]], matches: Callable[[T], bool],
+                     cursor: Callable[[T], Cursor]) -> AsyncIterator[tuple[Follower[T], JobWatch]]:
+        """Joins the live feed on `subject` and the watch of `job`; the block starts once both are
+        subscribed, so anything committed after that reaches the follower."""
+        follower: Follower[T] = Follower(matches, cursor, self.capacity)
+        topic = self.topics.get(subject)
+        if topic is None or topic.error is not None:
+            topic = self.topics[subject] = _Topic(subject, decode)
+            topic.task = asyncio.create_task(topic.run(self.live), name=f"live {subject}")
+        watch = self.watches.get(job_id)
+        if watch is None or watch.error is not None:
+            watch = self.watches[job_id] = JobWatch(organization, job_id)
+            watch.task = asyncio.create_task(
+                watch.run(self.live, self.lookup, self.grace_s, self.poll_interval_s), name=f"watch {job_id}")
+        topic.refs += 1
+        watch.refs += 1
+        topic.followers.add(follower)
+        watch.wakes.add(follower.wake)
+        try:
+            # Shielded: a follower that gives up while waiting must not cancel what others wait for.
+            await asyncio.shield(topic.ready)
+            await asyncio.shield(watch.ready)
+            yield follower, watch
+        finally:
+            topic.followers.discard(follower)
+            watch.wakes.discard(follower.wake)
+            topic.refs -= 1
+            watch.refs -= 1
+            done: list[asyncio.Task[None]] = []
+            if topic.refs == 0:
+                if self.topics.get(subject) is topic:
+                    del self.topics[subject]
+                if topic.task is not None:
+                    topic.task.cancel()
+                    done.append(topic.task)
+            if watch.refs == 0:
+                if self.watches.get(job_id) is watch:
+                    del self.watches[job_id]
+                if watch.task is not None:
+                    watch.task.cancel()
+                    done.append(watch.task)
+            if done:
+                # Unsubscribed when the stream's end is reported, not some time later.
+                await asyncio.wait(done)
+
+    def subscriptions(self) -> int:
+        """How many shared subscriptions are open (live subjects and job watches)."""
+        return len(self.topics) + len(self.watches)

@@ -1,0 +1,390 @@
+"""Batched ingest: many worker reports decoded, checked and written in one transaction, announced once a
+job.
+
+The storage part runs on SQLite and on PostgreSQL (real migrations applied); the consumer part on a real
+nats-server. The live feed and the jobs lookup are the manager's ports, played by small in-memory fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+
+import pytest
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+from tuneforge.events.v1 import events_pb2
+from tuneforge.v1 import job_pb2, metrics_pb2
+
+from services.kit.consumer import PermanentError, consume_batches
+from services.kit.db import Database
+from services.metrics.component import MIGRATIONS_DIR
+from services.metrics.ingest import IngestHandlers, decode_logs, decode_metrics
+from services.metrics.live import LiveMessage
+from services.metrics.manager import ANNOUNCEMENT_BYTES, MetricsManager
+from services.metrics.repository import MetricsRepository
+from services.metrics.settings import MetricsSettings
+from tests.metrics.conftest import EVAL, TRAIN, point
+from tuneforge_core import subjects
+from tuneforge_core.errors import not_found
+from tuneforge_core.ids import new_id
+from tuneforge_core.nats import connect, ensure_streams, publish
+
+Report = tuple[str, bytes]  # (subject, data) of one message on TF_WORKER
+
+
+class RecordingFeed:
+    """The live feed: records what is announced."""
+
+    def __init__(self) -> None:
+        self.published: list[LiveMessage] = []
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        self.published.append((subject, payload))
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, subjects: Sequence[str]) -> AsyncIterator[asyncio.Queue[LiveMessage]]:
+        yield asyncio.Queue()
+
+    def metrics_announced(self) -> dict[str, list[list[tuple[int, int]]]]:
+        """Per job, the (step, kind) keys of each MetricsStored announced for it."""
+        out: dict[str, list[list[tuple[int, int]]]] = {}
+        for subject, payload in self.published:
+            stored = events_pb2.MetricsStored.FromString(payload)
+            job_id = subject.rsplit(".", 1)[-1]
+            assert subject == subjects.live_metrics(job_id)
+            assert all(p.job_id == job_id for p in stored.points)
+            out.setdefault(job_id, []).append([(p.step, int(p.kind)) for p in stored.points])
+        return out
+
+
+class NoJobs:
+    async def get_job(self, organization: str, job: str) -> job_pb2.Job:
+        raise not_found("job", job, organization)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    url = (f"sqlite:///{tmp_path / 'metrics.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    database = Database(url, "metrics")
+    database.migrate(MIGRATIONS_DIR)
+    yield database
+    database.dispose()
+
+
+def make_manager(db: Database, feed: RecordingFeed,
+                 repository: MetricsRepository | None = None) -> MetricsManager:
+    return MetricsManager(db, NoJobs(), feed, MetricsSettings(), repository)
+
+
+def metrics_message(job_id: str, points: Sequence[metrics_pb2.MetricPoint]) -> Report:
+    event = events_pb2.MetricsReported(event_id=new_id("evt"), points=points)
+    return subjects.worker_metrics(job_id), event.SerializeToString()
+
+
+def logs_message(job_id: str, entries: Sequence[metrics_pb2.LogEntry]) -> Report:
+    event = events_pb2.LogsReported(event_id=new_id("evt"), entries=entries)
+    return subjects.worker_logs(job_id), event.SerializeToString()
+
+
+async def ingest_metrics(manager: MetricsManager, messages: Sequence[Report]) -> tuple[dict[int, str], int]:
+    return await manager.record_metrics_batch([partial(decode_metrics, s, d) for s, d in messages])
+
+
+async def ingest_logs(manager: MetricsManager, messages: Sequence[Report]) -> tuple[dict[int, str], int]:
+    return await manager.record_logs_batch([partial(decode_logs, s, d) for s, d in messages])
+
+
+def stored_points(db: Database, job_id: str) -> list[tuple[int, int, float, int]]:
+    def read(session: Session) -> list[tuple[int, int, float, int]]:
+        return [(p.step, int(p.kind), p.loss, p.attempt)
+                for p in MetricsRepository().list_points(session, job_id, limit=100_000)]
+
+    with db.session() as s:
+        return read(s)
+
+
+def stored_entries(db: Database, job_id: str) -> list[tuple[int, int, str]]:
+    with db.session() as s:
+        return [(e.attempt, e.sequence, e.message)
+                for e in MetricsRepository().list_entries(s, job_id, limit=100_000)]
+
+
+def interleaved_reports(jobs: Sequence[str], messages_per_job: int, points_per_message: int,
+                        attempt: int = 1, loss: float = 1.0) -> list[Report]:
+    """Messages of every job, interleaved; job j's message m holds steps m*ppm .. (m+1)*ppm - 1."""
+    out: list[Report] = []
+    for m in range(messages_per_job):
+        for job_id in jobs:
+            points = [point(m * points_per_message + i, TRAIN if i % 4 else EVAL, loss=loss, attempt=attempt)
+                      for i in range(points_per_message)]
+            out.append(metrics_message(job_id, points))
+    return out
+
+
+async def test_a_batch_across_jobs_stores_every_point_once_and_announces_each_job_once(db: Database) -> None:
+    feed = RecordingFeed()
+    manager = make_manager(db, feed)
+    jobs = ["job_a", "job_b", "job_c"]
+    batch = interleaved_reports(jobs, messages_per_job=10, points_per_message=20)
+    batch.append(batch[4])  # a redelivery inside the batch itself
+    refused, stored = await ingest_metrics(manager, batch)
+    assert refused == {}
+    assert stored == 3 * 10 * 20 + 20
+    expected = [(step, TRAIN if step % 20 % 4 else EVAL, 1.0, 1) for step in range(200)]
+    for job_id in jobs:
+        assert stored_points(db, job_id) == expected
+    # One announcement per job, after the commit, holding that job's points in the order reported.
+    announced = feed.metrics_announced()
+    assert sorted(announced) == jobs
+    for job_id in jobs:
+        assert len(announced[job_id]) == 1
+        keys = announced[job_id][0]
+        assert sorted(set(keys)) == sorted((step, kind) for step, kind, _, _ in expected)
+    assert [step for step, _ in announced["job_c"][0][:40]] == list(range(20)) + list(range(20, 40))
+
+    # The whole batch delivered again (a nak, or an ack lost before the server got it): nothing changes.
+    assert await ingest_metrics(manager, batch) == ({}, 3 * 10 * 20 + 20)
+    for job_id in jobs:
+        assert stored_points(db, job_id) == expected
+
+
+async def test_a_batch_too_big_for_one_nats_message_is_announced_in_several(db: Database) -> None:
+    """50 reports of 8 KB points: the announcement is cut under NATS' 1 MiB max_payload, in order, and
+    together the parts hold every point once."""
+    feed = RecordingFeed()
+    manager = make_manager(db, feed)
+    reports = []
+    for m in range(50):
+        big = point(m)
+        big.values.update({f"layer_{i:03d}.grad_norm": float(i) for i in range(300)})  # ~8 KB
+        reports.append(metrics_message("job_big", [big]))
+    assert await ingest_metrics(manager, reports) == ({}, 50)
+    sizes = [len(payload) for _, payload in feed.published]
+    assert len(sizes) > 1 and max(sizes) <= ANNOUNCEMENT_BYTES < 1024 * 1024
+    parts = feed.metrics_announced()["job_big"]
+    assert [key for part in parts for key in part] == [(m, TRAIN) for m in range(50)]
+
+
+async def test_the_newest_attempt_wins_whatever_order_batches_arrive_in(db: Database) -> None:
+    manager = make_manager(db, RecordingFeed())
+    first = interleaved_reports(["job_a", "job_b"], messages_per_job=3, points_per_message=5, attempt=1,
+                                loss=1.0)
+    resumed = interleaved_reports(["job_a"], messages_per_job=2, points_per_message=5, attempt=2, loss=2.0)
+    await ingest_metrics(manager, first)
+    await ingest_metrics(manager, resumed)
+    after_resume = stored_points(db, "job_a")
+    assert [(step, loss, attempt) for step, _, loss, attempt in after_resume] == (
+        [(step, 2.0, 2) for step in range(10)] + [(step, 1.0, 1) for step in range(10, 15)])
+    # The older attempt redelivered, alone and inside a batch with the newer one after it and before it.
+    await ingest_metrics(manager, first)
+    await ingest_metrics(manager, [*resumed, *first])
+    await ingest_metrics(manager, [*first, *resumed, *first])
+    assert stored_points(db, "job_a") == after_resume
+    assert [attempt for *_, attempt in stored_points(db, "job_b")] == [1] * 15
+
+
+async def test_a_bad_message_in_a_batch_is_refused_alone(db: Database) -> None:
+    feed = RecordingFeed()
+    manager = make_manager(db, feed)
+    stray = point(7)
+    stray.job_id = "job_x"
+    batch = [
+        metrics_message("job_a", [point(1), point(2)]),
+        (subjects.worker_metrics("job_b"), b"\xff\xffnot a protobuf"),
+        metrics_message("job_a", [point(3), stray]),  # a point of another job than the subject's
+        ("tuneforge.worker.jobs.metrics", metrics_message("job_a", [point(4)])[1]),  # no job id
+        metrics_message("job_b", [point(5), point(6, kind=0), point(-1)]),  # the last two skipped
+    ]
+    refused, stored = await ingest_metrics(manager, batch)
+    assert sorted(refused) == [1, 2, 3]
+    assert "undecodable MetricsReported" in refused[1]
+    assert "job_x" in refused[2]
+    assert "unexpected subject" in refused[3]
+    assert stored == 3
+    assert [step for step, *_ in stored_points(db, "job_a")] == [1, 2]
+    assert [step for step, *_ in stored_points(db, "job_b")] == [5]
+    assert {job: [sorted(keys) for keys in lists] for job, lists in feed.metrics_announced().items()} == {
+        "job_a": [[(1, TRAIN), (2, TRAIN)]], "job_b": [[(5, TRAIN)]]}
+
+
+async def test_a_deleted_jobs_points_in_a_batch_are_dropped(db: Database) -> None:
+    feed = RecordingFeed()
+    manager = make_manager(db, feed)
+    await ingest_metrics(manager, [metrics_message("job_b", [point(1)])])
+    assert await manager.delete_job("job_b") == (1, 0)
+    feed.published.clear()
+    refused, stored = await ingest_metrics(manager, interleaved_reports(["job_a", "job_b"], 2, 3))
+    assert (refused, stored) == ({}, 6)
+    assert len(stored_points(db, "job_a")) == 6
+    assert stored_points(db, "job_b") == []
+    assert list(feed.metrics_announced()) == ["job_a"]
+    refused, stored = await ingest_logs(manager, [logs_message("job_b", [metrics_pb2.LogEntry(sequence=1)])])
+    assert (refused, stored, stored_entries(db, "job_b")) == ({}, 0, [])
+
+
+class DeletedWhileWriting(MetricsRepository):
+    """A DeleteJob that commits between the batch's check and its commit: the batch's own check does not
+    see the deletion yet (and DeleteJob's cleanup ran before the batch's rows were there)."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def deleted_among(self, session: Session, job_ids: Sequence[str]) -> set[str]:
+        self.checks += 1
+        if self.checks == 1:
+            return set()
+        return super().deleted_among(session, job_ids)
+
+
+async def test_points_written_while_their_job_is_deleted_are_removed_after_the_commit(db: Database) -> None:
+    feed = RecordingFeed()
+    repository = DeletedWhileWriting()
+    manager = make_manager(db, feed, repository)
+    await manager.delete_job("job_b")
+    refused, stored = await ingest_metrics(manager, interleaved_reports(["job_a", "job_b"], 2, 3))
+    assert (refused, stored) == ({}, 6)
+    assert repository.checks == 2  # one query in the transaction, one after it: not one per message
+    assert len(stored_points(db, "job_a")) == 6
+    assert stored_points(db, "job_b") == []
+    assert list(feed.metrics_announced()) == ["job_a"]
+
+
+async def test_log_entries_are_batched_idempotently(db: Database) -> None:
+    feed = RecordingFeed()
+    manager = make_manager(db, feed)
+    info = metrics_pb2.LOG_LEVEL_INFO
+
+    def entries(attempt: int, first: int, text: str) -> list[metrics_pb2.LogEntry]:
+        return [metrics_pb2.LogEntry(attempt=attempt, sequence=q, level=info, message=f"{text} {q}")
+                for q in range(first, first + 5)]
+
+    batch = [logs_message("job_a", entries(1, 1, "a")), logs_message("job_b", entries(1, 1, "b")),
+             (subjects.worker_logs("job_a"), b"\xff\xff"), logs_message("job_a", entries(1, 6, "a")),
+             logs_message("job_a", entries(2, 1, "a2"))]
+    refused, stored = await ingest_logs(manager, batch)
+    assert sorted(refused) == [2] and stored == 20
+    expected_a = ([(1, q, f"a {q}") for q in range(1, 11)] + [(2, q, f"a2 {q}") for q in range(1, 6)])
+    assert stored_entries(db, "job_a") == expected_a
+    assert [(s, len(events_pb2.LogsStored.FromString(p).entries)) for s, p in feed.published] == [
+        (subjects.live_logs("job_a"), 15), (subjects.live_logs("job_b"), 5)]
+    assert (await ingest_logs(manager, batch))[1] == 20  # redelivered: the same rows, replaced
+    assert stored_entries(db, "job_a") == expected_a
+    assert len(stored_entries(db, "job_b")) == 5
+
+
+# ---- through a real nats-server ------------------------------------------------------------------------
+
+DURABLE = "test-metrics-ingest"
+
+
+class FailingOnce(MetricsRepository):
+    """The database fails the first write (e.g. it was unreachable), then works."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def upsert_points(self, session: Session, points: Sequence[metrics_pb2.MetricPoint]) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OperationalError("INSERT", {}, Exception("database is unreachable"))
+        super().upsert_points(session, points)
+
+
+async def settled(js: JetStreamContext, published: int) -> tuple[int, int]:
+    """Waits until the consumer has been delivered every message and none awaits an ack; returns how many
+    deliveries it made (redeliveries included) and its ack floor."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        with contextlib.suppress(NotFoundError):
+            info = await js.consumer_info(subjects.STREAM_WORKER, DURABLE)
+            if (info.delivered.stream_seq >= published and info.num_ack_pending == 0
+                    and info.num_pending == 0):
+                return int(info.delivered.consumer_seq or 0), int(info.ack_floor.stream_seq or 0)
+        assert asyncio.get_running_loop().time() < deadline, "the consumer did not settle in time"
+        await asyncio.sleep(0.05)
+
+
+async def run_consumer(js: JetStreamContext, handlers: IngestHandlers,
+                       batches: list[int]) -> asyncio.Task[None]:
+    async def recording(msgs: Sequence[Msg]) -> Mapping[int, PermanentError]:
+        batches.append(len(msgs))
+        return await handlers.on_metrics_batch(msgs)
+
+    handler: Callable[[Sequence[Msg]], Awaitable[Mapping[int, PermanentError]]] = recording
+    return asyncio.create_task(consume_batches(
+        js, stream=subjects.STREAM_WORKER, durable=DURABLE, subject=subjects.ALL_WORKER_METRICS,
+        handler=handler, batch=100, fetch_wait_s=0.2, nak_delay_s=0.05))
+
+
+async def test_the_consumer_acks_a_batch_after_its_commit_and_terminates_a_bad_message_alone(
+        nats_url: str, tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'metrics.db'}", "metrics")
+    db.migrate(MIGRATIONS_DIR)
+    feed = RecordingFeed()
+    nc = await connect(nats_url, "test-ingest")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    task: asyncio.Task[None] | None = None
+    try:
+        messages = interleaved_reports(["job_a", "job_b", "job_c"], messages_per_job=10,
+                                       points_per_message=10)
+        messages.insert(15, (subjects.worker_metrics("job_b"), b"\xff\xffnot a protobuf"))
+        for subject, data in messages:  # all pending before the consumer's first fetch: one batch
+            await publish(js, subject, data, new_id("evt"))
+        batches: list[int] = []
+        task = await run_consumer(js, IngestHandlers(make_manager(db, feed)), batches)
+        deliveries, ack_floor = await settled(js, len(messages))
+        assert batches == [len(messages)]
+        assert deliveries == len(messages)  # acked or terminated at the first delivery: none naked
+        assert ack_floor == len(messages)
+        for job_id in ("job_a", "job_b", "job_c"):
+            assert [step for step, *_ in stored_points(db, job_id)] == list(range(100))
+        assert sorted(feed.metrics_announced()) == ["job_a", "job_b", "job_c"]
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await nc.drain()
+        db.dispose()
+
+
+async def test_a_database_failure_naks_the_whole_batch_for_redelivery(nats_url: str, tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'metrics.db'}", "metrics")
+    db.migrate(MIGRATIONS_DIR)
+    feed = RecordingFeed()
+    nc = await connect(nats_url, "test-ingest")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    task: asyncio.Task[None] | None = None
+    try:
+        messages = interleaved_reports(["job_a", "job_b"], messages_per_job=5, points_per_message=4)
+        for subject, data in messages:
+            await publish(js, subject, data, new_id("evt"))
+        batches: list[int] = []
+        repository = FailingOnce()
+        task = await run_consumer(js, IngestHandlers(make_manager(db, feed, repository)), batches)
+        deliveries, _ = await settled(js, len(messages))
+        assert repository.failed
+        assert deliveries == 2 * len(messages)  # every message of the failed batch came back once
+        assert sum(batches) == 2 * len(messages)
+        for job_id in ("job_a", "job_b"):
+            assert [step for step, *_ in stored_points(db, job_id)] == list(range(20))
+        # Nothing was announced for the failed write: one announcement per job, from the retry.
+        announced = feed.metrics_announced()
+        assert {job: len(lists) for job, lists in announced.items()} == {"job_a": 1, "job_b": 1}
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await nc.drain()
+        db.dispose()
