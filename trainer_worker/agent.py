@@ -63,6 +63,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
+from pydantic import Field
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
@@ -93,7 +94,9 @@ from trainer_worker.reporting import (
 )
 from trainer_worker.run_config import RunConfig
 from trainer_worker.story import AttemptStory, size_of, store_training_log
-from tuneforge_core import states, subjects
+from trainer_worker.telemetry import WorkerTelemetry
+from trainer_worker.telemetry import serve as serve_metrics
+from tuneforge_core import logs, states, subjects
 from tuneforge_core.errors import InvalidArgument
 from tuneforge_core.models import ModelKind, ModelPolicy, ModelSource, other_models
 from tuneforge_core.nats import connect, ensure_route_consumer, ensure_streams, queued_routes
@@ -137,6 +140,10 @@ class AgentSettings(KitSettings):
     # Seconds between heartbeats (WorkerHeartbeat). The jobs service calls a worker gone after
     # TUNEFORGE_WORK_ACK_WAIT_S or three of these without one, whichever is longer.
     worker_heartbeat_interval_s: float = 5.0
+    # Port of this worker's Prometheus /metrics (trainer_worker.telemetry: step time, tokens/s, GPU), on
+    # metrics_host (empty: 127.0.0.1; 0.0.0.0 in a container). 0: none (the default). Give each worker on
+    # one host its own port; one that is taken is a warning, not a failure.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
 
 
 def _visible_gpu_count() -> int:
@@ -257,6 +264,7 @@ class Agent:
         # The job and delivery this worker runs now, as its heartbeats say.
         self.current: tuple[str, int] | None = None
         self._subs: dict[str, Any] = {}  # route -> pull subscription, in the order they are tried
+        self.telemetry = WorkerTelemetry(self.worker_id)
 
     def request_stop(self) -> None:
         if not self.stopping.is_set():
@@ -395,6 +403,8 @@ class Agent:
             with contextlib.suppress(Exception):  # the server redelivers after ack_wait anyway
                 await msg.nak(delay=self.settings.worker_retry_delay_s)
             return
+        logs.set_job(assignment.job_id)  # every log line of this delivery carries job_id
+        self.telemetry.job_started()
         claim = asyncio.create_task(self._keep_claim(msg))
         run = JobRun(self, assignment, msg.metadata.num_delivered)
         self.current = (assignment.job_id, run.attempt)
@@ -418,6 +428,8 @@ class Agent:
             log.warning("could not %s job %s", verdict.value, assignment.job_id, exc_info=True)
         finally:
             self.current = None
+            self.telemetry.job_ended()
+            logs.set_job("")
 
     async def _keep_claim(self, msg: Msg) -> None:
         while True:
@@ -731,6 +743,7 @@ class JobRun:
             case MetricEvent():
                 point = metric_point(event, self.job_id, self.attempt)
                 self.reporter.metric(point)
+                self.agent.telemetry.observe(point)
                 if point.kind == metrics_pb2.METRIC_KIND_TRAIN:
                     self.progress = progress_of(point)
             case ProgressEvent():  # the step reached between logging steps, and the last one at the end
@@ -912,6 +925,8 @@ async def run_agent(settings: AgentSettings) -> None:
     """Connect, serve jobs until SIGTERM/SIGINT, then drain the connection."""
     if not settings.nats_url:
         raise SystemExit("TUNEFORGE_NATS_URL is not set: the worker needs the platform's NATS server.")
+    if settings.worker_metrics_port:
+        serve_metrics(settings.metrics_host or "127.0.0.1", settings.worker_metrics_port)
     nc = await connect(settings.nats_url, name="trainer-worker")
     agent = Agent(settings, nc.jetstream(), store_from_settings(settings), nc)
     loop = asyncio.get_running_loop()
@@ -926,7 +941,5 @@ async def run_agent(settings: AgentSettings) -> None:
 
 def main() -> None:
     settings = AgentSettings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings.log_level, settings.log_format)  # text, or JSON lines with job_id
     asyncio.run(run_agent(settings))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
@@ -68,6 +68,13 @@ class KitSettings(BaseSettings):
     # Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    # Log lines as "text" (the default) or "json": one JSON object a line with timestamp, level, logger,
+    # message, and organization and job_id when known (tuneforge_core.logs).
+    log_format: Literal["text", "json"] = "text"
+    # Port of the Prometheus /metrics endpoint of a services process (services.kit.telemetry), on
+    # metrics_host (empty: grpc_host). 0: no endpoint (the default, also under `tuneforge up`).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = ""
     # Addresses of the other services, for services that call each other. Empty: this process' own server.
     datasets_address: str = ""
     jobs_address: str = ""

@@ -29,6 +29,7 @@ from services.jobs.models import JobOutbox
 from services.jobs.quotas import JobQuotas
 from services.jobs.servicer import JobServicer
 from services.jobs.settings import JobSettings
+from services.jobs.telemetry import fleet_snapshot
 from services.jobs.usage import PriceBook
 from services.jobs.workers import WorkerRules
 from services.kit.consumer import PermanentError, consume
@@ -36,6 +37,7 @@ from services.kit.db import Database
 from services.kit.identity import AuditRecord
 from services.kit.outbox import OutboxRelay, utcnow
 from services.kit.runtime import Component, Registration, Runtime
+from services.kit.telemetry import FleetCollector, register
 from tuneforge_core import subjects
 from tuneforge_core.models import ModelPolicy
 from tuneforge_core.nats import ensure_trainers_consumer, reroute_legacy_work
@@ -81,6 +83,7 @@ class JobsComponent(Component):
             runtime.store, default_ttl_s=settings.download_url_ttl_s,
             signer=DownloadSigner.from_setting(settings.download_key, settings.data_dir) if local else None)
         self.downloads: DownloadServer | None = None
+        self._unregister_metrics: Any = None
 
     def _audit_refused_update(self, job_id: str, organization: str, worker_id: str, reason: str) -> None:
         """A worker update the fence refused goes to the organization's audit log (read by an admin with
@@ -124,6 +127,10 @@ class JobsComponent(Component):
             subjects.WORKER_HEARTBEATS, queue=subjects.JOBS_HEARTBEATS_QUEUE, cb=self._on_heartbeat)
         self.manager.listening_since = utcnow()
         self._serve_downloads()
+        # /metrics (services.kit.telemetry): jobs by state, queues and workers, counted at each scrape.
+        self._unregister_metrics = register(FleetCollector(
+            lambda: fleet_snapshot(self.db, self.runtime.js, self.manager.listening_since),
+            asyncio.get_running_loop()))
         self.spawn(self._watch_workers(), "jobs-worker-watch")
         self.spawn(self.relay.run(), "jobs-outbox-relay")
         self.spawn(self.deletions.sweep_forever(), "jobs-deletion-sweep")
@@ -138,6 +145,8 @@ class JobsComponent(Component):
                            handler=self._on_max_deliveries), "jobs-lost-work")
 
     async def stop(self) -> None:
+        if self._unregister_metrics is not None:
+            self._unregister_metrics()
         if self._heartbeats is not None:
             with contextlib.suppress(Exception):
                 await self._heartbeats.unsubscribe()

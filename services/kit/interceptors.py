@@ -8,7 +8,10 @@ fits the trailers a client accepts (`bounded_status`) however much of the reques
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,6 +21,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from services.kit import telemetry
 from tuneforge_core.errors import InvalidArgument, status_from_exception
 
 # What a status may take of the trailers: gRPC clients refuse trailers over 8 KiB by default, and the call
@@ -216,4 +220,81 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
                     yield item
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, guarded, handler.response_serializer)
+        return handler
+
+
+def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+    """The gRPC code a call ended with: the one its context was aborted with (ErrorMappingInterceptor
+    aborts with the mapped status), CANCELLED when the client went away, else OK."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED.name
+    code: Any = None
+    with contextlib.suppress(Exception):
+        code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        return _CODE_NAMES.get(code, "UNKNOWN")
+    if exc is not None and not isinstance(exc, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN.name  # escaped every mapping: grpcio answers UNKNOWN
+    return grpc.StatusCode.OK.name
+
+
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call and its duration by service, method and final gRPC code
+    (services.kit.telemetry: tuneforge_rpc_requests_total, tuneforge_rpc_duration_seconds), for every RPC
+    shape. Registered outermost, so it sees the code ErrorMappingInterceptor chose; a streaming call counts
+    once, when its last response went out."""
+
+    async def intercept_service(self, continuation: Callable[..., Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = telemetry.split_method(handler_call_details.method)
+
+        def done(context: grpc.aio.ServicerContext, started: float, exc: BaseException | None) -> None:
+            telemetry.observe_rpc(service, method, _final_code(context, exc), time.perf_counter() - started)
+
+        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                try:
+                    response = await behavior(request, context)
+                except BaseException as exc:
+                    done(context, started, exc)
+                    raise
+                done(context, started, None)
+                return response
+
+            return wrapper
+
+        def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for item in _responses(behavior(request, context)):
+                        yield item
+                except BaseException as exc:
+                    done(context, started, exc)
+                    raise
+                done(context, started, None)
+
+            return wrapper
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
         return handler

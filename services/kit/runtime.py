@@ -48,7 +48,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from tuneforge.v1 import errors_pb2
 
-from services.kit import keyfiles, paging
+from services.kit import keyfiles, paging, telemetry
 from services.kit.auth import (
     Authenticator,
     AuthInterceptor,
@@ -57,7 +57,12 @@ from services.kit.auth import (
     check_access_declared,
 )
 from services.kit.identity import IdentityStore
-from services.kit.interceptors import ErrorMappingInterceptor, UndecodableRequestInterceptor
+from services.kit.interceptors import (
+    ErrorMappingInterceptor,
+    MetricsInterceptor,
+    UndecodableRequestInterceptor,
+)
+from tuneforge_core import logs
 from tuneforge_core.nats import connect, ensure_streams
 from tuneforge_core.settings import KitSettings
 from tuneforge_core.storage import ObjectStore, store_from_settings
@@ -357,10 +362,10 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
     identity = await open_identity(settings)
     auth = AuthInterceptor(Authenticator(identity, service_token(settings), oidc_verifier(settings)),
                            calls_per_second=settings.api_calls_per_second)
-    # Outermost first: errors raised by the guards are mapped like every other error, and a call is
-    # authenticated before its request is parsed.
+    # Outermost first: the metrics see the code every error was mapped to, errors raised by the guards are
+    # mapped like every other error, and a call is authenticated before its request is parsed.
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(), auth, UndecodableRequestInterceptor()],
+        interceptors=[MetricsInterceptor(), ErrorMappingInterceptor(), auth, UndecodableRequestInterceptor()],
         options=SERVER_OPTIONS)
     # Bind first: a taken address fails before anything starts, and components may open channels to
     # this process' own address while they are built.
@@ -368,10 +373,14 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
     if credentials is None and not is_loopback(settings.grpc_host):
         log.warning("%s listens on %s without TLS: API keys and data travel in plaintext; set "
                     "TUNEFORGE_TLS_CERT_FILE and TUNEFORGE_TLS_KEY_FILE", name, settings.grpc_host)
+    metrics: telemetry.MetricsEndpoint | None = None
     try:
+        metrics = start_metrics(settings, name)
         runtime = await open_runtime(settings, name, identity)
     except BaseException:
         identity.close()
+        if metrics is not None:
+            metrics.close()
         raise
     runtime.address = f"{settings.grpc_host}:{port}"
     components = [factory(runtime) for factory in factories]
@@ -405,13 +414,31 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
         for component in reversed(components):
             await component.stop()
         await runtime.close()
+        if metrics is not None:
+            metrics.close()
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    for noisy in ("nats", "grpc", "botocore", "urllib3", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def start_metrics(settings: KitSettings, name: str) -> telemetry.MetricsEndpoint | None:
+    """The process' Prometheus /metrics endpoint (services.kit.telemetry) when TUNEFORGE_METRICS_PORT is
+    set, on TUNEFORGE_METRICS_HOST (else the gRPC host); a taken port is a ListenError like the gRPC one."""
+    if not settings.metrics_port:
+        return None
+    host = settings.metrics_host or settings.grpc_host
+    check_address(host, settings.metrics_port)
+    try:
+        endpoint = telemetry.serve_metrics(host.strip("[]"), settings.metrics_port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"{host}:{settings.metrics_port}") from None
+        raise ListenError(f"cannot serve /metrics on {host}:{settings.metrics_port}: {exc}") from None
+    log.info("%s serving Prometheus metrics on http://%s:%d/metrics", name, host, endpoint.port)
+    return endpoint
+
+
+def configure_logging(level: str, log_format: str | None = None) -> None:
+    """Text or JSON log lines (TUNEFORGE_LOG_FORMAT; tuneforge_core.logs), with the organization of the
+    call being served on each line written while serving it."""
+    logs.configure(level, log_format or KitSettings().log_format, filters=[telemetry.OrganizationFilter()])
 
 
 def run_until_stopped(coro: Coroutine[Any, Any, None]) -> None:
@@ -427,5 +454,5 @@ def run_until_stopped(coro: Coroutine[Any, Any, None]) -> None:
 def main(factories: Sequence[ComponentFactory], name: str) -> None:
     """Entry point of `python -m services.<name>`."""
     settings = KitSettings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     run_until_stopped(serve(factories, settings, name=name))

@@ -20,6 +20,7 @@ from tuneforge.v1 import job_pb2, metrics_pb2
 
 from services.kit.db import Database
 from services.kit.paging import decode_token, encode_token, page_size
+from services.kit.telemetry import INGESTED_POINTS
 from services.kit.validation import check_organization
 from services.metrics.fanout import Chunk, FanoutHub, LiveItem, end_deadline, live_item
 from services.metrics.live import LiveMessage
@@ -118,9 +119,11 @@ class MetricsManager:
         """Stores the points of many reports in one transaction (a repeat of a key replaces it unless it is of
         an older attempt), then announces each job's points once. Returns {index of a report that can never
         be stored: why} and how many points were stored; raises (nothing kept) when the database fails."""
-        return await self._ingest(
+        refused, stored = await self._ingest(
             reports, self._accept_points, self.repo.upsert_points,
             lambda points: events_pb2.MetricsStored(points=points).SerializeToString(), subjects.live_metrics)
+        INGESTED_POINTS.inc(stored)
+        return refused, stored
 
     async def record_logs_batch(
             self, reports: Sequence[Callable[[], tuple[str, Sequence[metrics_pb2.LogEntry]]]],

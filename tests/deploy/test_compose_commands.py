@@ -87,6 +87,7 @@ class Stack:
     rewrites: Rewrites
     ports: dict[str, int]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def service(self, name: str) -> dict[str, Any]:
         service: dict[str, Any] = self.compose["services"][name]
@@ -104,6 +105,10 @@ class Stack:
         env = {k: os.environ[k] for k in HOST_ENV if k in os.environ} | OFFLINE
         for key, value in (service.get("environment") or {}).items():
             env[key] = rewrites.value("" if value is None else str(value))
+        for key in ("TUNEFORGE_METRICS_PORT", "TUNEFORGE_WORKER_METRICS_PORT"):  # one port each per container
+            if env.get(key, "0") != "0":
+                env[key] = str(self.metrics_ports.setdefault(name, free_port()))
+                env["TUNEFORGE_METRICS_HOST"] = "127.0.0.1"
         if "TUNEFORGE_GRPC_PORT" in env and name in self.ports:
             env["TUNEFORGE_GRPC_HOST"] = "127.0.0.1"  # 0.0.0.0 in a container; loopback here
             env["TUNEFORGE_GRPC_PORT"] = str(self.ports[name])
