@@ -331,14 +331,8 @@ class Evaluation:
             with self._inference():
                 logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
             logits = logits[:, -width:]  # a soft prompt (prompt tuning) adds virtual tokens in front
-            for row in range(len(ids)):
-                target = label_ids[row, 1:]
-                counted = target != -100
-                if not counted.any():
-                    continue
-                picked = logits[row, :-1][counted].float()
-                total += F.cross_entropy(picked, target[counted], reduction="sum").item()
-                count += int(counted.sum().item())
+            batch_total, batch_count = summed_token_loss(logits, label_ids)
+            total, count = total + batch_total, count + batch_count
         if count == 0:
             raise ValueError("no test example has a token that training's loss counts")
         return total / count
@@ -529,6 +523,21 @@ class Evaluation:
         finally:
             self.tokenizer.padding_side = side
         return answers
+
+
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """The summed next-token cross entropy of a batch over the counted tokens (labels != -100), and how
+    many tokens that is."""
+    total, count = 0.0, 0
+    for row in range(labels.shape[0]):
+        target = labels[row, 1:]
+        counted = target != -100
+        if not counted.any():
+            continue
+        picked = logits[row, :-1][counted].float()
+        total += F.cross_entropy(picked, target[counted], reduction="sum").item()
+        count += int(counted.sum().item())
+    return total, count
 
 
 def _last_user_turn(messages: Messages) -> str:

@@ -12,12 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from transformers import StoppingCriteriaList
 from trl.data_utils import prepare_multimodal_messages
 
-from trainer_worker.evaluation import Evaluation, StopRequested, _last_user_turn
+from trainer_worker.evaluation import Evaluation, StopRequested, _last_user_turn, summed_token_loss
 
 
 class VisionEvaluation(Evaluation):
@@ -49,15 +48,8 @@ class VisionEvaluation(Evaluation):
             inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with self._inference():
                 logits = model(**inputs, use_cache=False).logits
-            logits = logits[:, -labels.shape[1]:]
-            for row in range(labels.shape[0]):
-                target = labels[row, 1:]
-                counted = target != -100
-                if not counted.any():
-                    continue
-                picked = logits[row, :-1][counted].float()
-                total += F.cross_entropy(picked, target[counted], reduction="sum").item()
-                count += int(counted.sum().item())
+            batch_total, batch_count = summed_token_loss(logits[:, -labels.shape[1]:], labels)
+            total, count = total + batch_total, count + batch_count
         if count == 0:
             raise ValueError("no test example has a token that training's loss counts")
         return total / count
