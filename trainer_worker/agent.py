@@ -96,7 +96,7 @@ from trainer_worker.run_config import RunConfig
 from trainer_worker.story import AttemptStory, size_of, store_training_log
 from trainer_worker.telemetry import WorkerTelemetry
 from trainer_worker.telemetry import serve as serve_metrics
-from tuneforge_core import logs, states, subjects
+from tuneforge_core import logs, states, subjects, tracing
 from tuneforge_core.errors import InvalidArgument
 from tuneforge_core.models import ModelKind, ModelPolicy, ModelSource, other_models
 from tuneforge_core.nats import connect, ensure_route_consumer, ensure_streams, queued_routes
@@ -408,8 +408,15 @@ class Agent:
         claim = asyncio.create_task(self._keep_claim(msg))
         run = JobRun(self, assignment, msg.metadata.num_delivered)
         self.current = (assignment.job_id, run.attempt)
+        # The delivery's span continues the trace of the CreateJob call that queued it (its headers carry
+        # the context, tuneforge_core.tracing); the status updates published inside carry this span's.
+        delivery = tracing.consumer_span(f"assignment {assignment.job_id}", msg.headers, {
+            "messaging.system": "nats", "messaging.destination.name": msg.subject,
+            "tuneforge.job_id": assignment.job_id, "tuneforge.attempt": run.attempt,
+            "tuneforge.worker_id": self.worker_id})
         try:
-            verdict = await run.execute()
+            with delivery:
+                verdict = await run.execute()
         except Exception as exc:
             if is_retryable(exc):  # infrastructure: another delivery may well succeed
                 log.warning("job %s goes back to the queue: %s", assignment.job_id, exc)
@@ -506,7 +513,8 @@ class JobRun:
         await self.reporter.status(U.WORKER_UPDATE_KIND_PREPARING)
         self.reporter.log(f"Worker {self.agent.worker_id} claimed the job (attempt {self.attempt}).")
         try:
-            config = await self._prepare()
+            with tracing.span("prepare", attributes={"tuneforge.job_id": self.job_id}):
+                config = await self._prepare()
             if self.agent.stopping.is_set():
                 return Verdict.NAK
             if self.cancelled.is_set():
@@ -674,7 +682,9 @@ class JobRun:
         tail = EventTail(config.events_file)
         outcome = Outcome()
         try:
-            await self._supervise(process, tail, outcome)
+            with tracing.span("train", attributes={"tuneforge.job_id": self.job_id,
+                                                   "process.pid": process.pid}):
+                await self._supervise(process, tail, outcome)
         finally:
             if process.returncode is None:  # the agent failed: never leave a recipe training unwatched
                 await process.stop(self.settings.worker_stop_grace_s)
@@ -799,7 +809,8 @@ class JobRun:
         if recent and not self.story.phase_changed:
             return
         self._progress_sent, self._progress_sent_at = self.progress, now
-        await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
+        with tracing.detached():  # every few seconds: kept out of the job's trace (tuneforge_core.tracing)
+            await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
 
     def _crash_reason(self, returncode: int | None) -> tuple[Reason, str]:
         """Why a training process that wrote no error line ended; its output's tail goes to the job log."""
@@ -827,12 +838,14 @@ class JobRun:
         await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
         upload_started, upload_size = time.monotonic(), size_of(d for d, _ in uploads)
         uris = []
-        for directory, key in uploads:
-            self.reporter.log(f"Uploading {directory.name} to {store.uri(key)}.")
-            try:
-                uris.append(await asyncio.to_thread(store.put_dir, key, directory))
-            except Exception as exc:
-                raise Transient(f"could not upload {directory.name}: {exc}") from exc
+        with tracing.span("upload outputs", attributes={"tuneforge.job_id": self.job_id,
+                                                        "tuneforge.upload_bytes": upload_size}):
+            for directory, key in uploads:
+                self.reporter.log(f"Uploading {directory.name} to {store.uri(key)}.")
+                try:
+                    uris.append(await asyncio.to_thread(store.put_dir, key, directory))
+                except Exception as exc:
+                    raise Transient(f"could not upload {directory.name}: {exc}") from exc
         self.story.uploaded(upload_size, time.monotonic() - upload_started, uris)
         evaluation = evaluation_report.from_result(result.evaluation)
         try:  # stored before SUCCEEDED, so the job's artifacts hold it once the job says so
@@ -942,4 +955,5 @@ async def run_agent(settings: AgentSettings) -> None:
 def main() -> None:
     settings = AgentSettings()
     logs.configure(settings.log_level, settings.log_format)  # text, or JSON lines with job_id
+    tracing.configure(settings.tracing, settings.tracing_file, service_name="tuneforge-worker")
     asyncio.run(run_agent(settings))

@@ -3,8 +3,8 @@
 JSON lines (python-json-logger) carry `timestamp` (ISO 8601, UTC), `level`, `logger`, `message`, and, when
 known, `organization` (the caller of the RPC being served: services.kit.telemetry adds a filter for it),
 `job_id` (a log call's `extra={"job_id": ...}`, else the job this context works on: `job_context`) and
-`exc_info` for exceptions. A later `trace_id` (OpenTelemetry) goes in the same way: one more filter that
-sets the record attribute. Text lines stay as they always were.
+`exc_info` for exceptions, and `trace_id` / `span_id` while an OpenTelemetry span is recording
+(`TraceFilter`; tuneforge_core.tracing). Text lines stay as they always were.
 
 Both the services (services.kit.runtime.configure_logging) and the trainer worker use `configure`.
 """
@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Literal, TextIO
 
+from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
 LogFormat = Literal["text", "json"]
@@ -58,19 +59,33 @@ class JobFilter(logging.Filter):
         return True
 
 
+class TraceFilter(logging.Filter):
+    """Gives a record `trace_id` and `span_id` (hex, as exporters write them) of the span current where the
+    log call was made, when one is recording (tracing on: tuneforge_core.tracing)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            record.trace_id = trace.format_trace_id(ctx.trace_id)
+            record.span_id = trace.format_span_id(ctx.span_id)
+        return True
+
+
 def json_formatter() -> logging.Formatter:
     return JsonFormatter(JSON_FIELDS, rename_fields=JSON_RENAMES, timestamp=True)
 
 
 def handler(log_format: str = "text", filters: Sequence[logging.Filter] = (),
             stream: TextIO | None = None) -> logging.Handler:
-    """A handler writing `log_format` lines ("text" or "json") to `stream` (stderr), with `JobFilter` and
-    `filters` on it (handler filters see the records of every logger that propagates to it)."""
+    """A handler writing `log_format` lines ("text" or "json") to `stream` (stderr), with `JobFilter`,
+    `TraceFilter` and `filters` on it (handler filters see the records of every logger that propagates to
+    it)."""
     if log_format not in ("text", "json"):
         raise ValueError(f"unknown log format '{log_format}' (TUNEFORGE_LOG_FORMAT): use text or json")
     out = logging.StreamHandler(stream if stream is not None else sys.stderr)
     out.setFormatter(json_formatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     out.addFilter(JobFilter())
+    out.addFilter(TraceFilter())
     for extra in filters:
         out.addFilter(extra)
     return out

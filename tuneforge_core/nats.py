@@ -34,7 +34,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tuneforge.events.v1 import events_pb2
 
-from tuneforge_core import subjects
+from tuneforge_core import subjects, tracing
 from tuneforge_core.settings import KitSettings
 
 log = logging.getLogger(__name__)
@@ -198,9 +198,11 @@ async def ensure_pull_consumer(js: JetStreamContext, stream: str, durable: str, 
 
 async def publish(js: JetStreamContext, subject: str, message: Message | bytes, event_id: str, *,
                   attempts: int = 20, headers: dict[str, str] | None = None) -> None:
-    """Publishes to JetStream with Nats-Msg-Id=event_id, retrying until the server acknowledges it."""
+    """Publishes to JetStream with Nats-Msg-Id=event_id, retrying until the server acknowledges it. The
+    headers carry the current span's W3C traceparent when tracing is on and `headers` name none
+    (tuneforge_core.tracing), so the consumer's span continues the trace."""
     payload = message if isinstance(message, bytes) else message.SerializeToString()
-    all_headers = {"Nats-Msg-Id": event_id, **(headers or {})}
+    all_headers = tracing.inject({"Nats-Msg-Id": event_id, **(headers or {})})
     delay = 0.1
     for attempt in range(1, attempts + 1):
         try:

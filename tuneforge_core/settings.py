@@ -75,6 +75,11 @@ class KitSettings(BaseSettings):
     # metrics_host (empty: grpc_host). 0: no endpoint (the default, also under `tuneforge up`).
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = ""
+    # OpenTelemetry traces that follow a job (tuneforge_core.tracing): "off" (the default), "console" (JSON
+    # on stdout), "file" (JSON lines appended to tracing_file) or "otlp" (to the collector the standard
+    # OTEL_EXPORTER_OTLP_ENDPOINT names, default localhost:4317).
+    tracing: Literal["off", "console", "file", "otlp"] = "off"
+    tracing_file: str = ""
     # Addresses of the other services, for services that call each other. Empty: this process' own server.
     datasets_address: str = ""
     jobs_address: str = ""

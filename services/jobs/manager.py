@@ -65,7 +65,7 @@ from services.kit.outbox import OutboxRelay, add_event, first_time, utcnow
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.protos import as_utc, from_timestamp, to_timestamp
 from services.kit.validation import check_name, check_organization, check_request_id
-from tuneforge_core import states, subjects
+from tuneforge_core import states, subjects, tracing
 from tuneforge_core.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -323,7 +323,10 @@ class JobManager:
             return job_to_proto(row)
 
         try:
-            job = await self.db.run(insert)
+            # The outbox rows keep this span's context: the assignment and JobChanged continue its trace.
+            with tracing.span("store job and events", attributes={"tuneforge.job_id": job_id,
+                                                                  "tuneforge.organization": org}):
+                job = await self.db.run(insert)
         except IntegrityError:
             # A concurrent create with the same name or request_id won the race.
             replay = await self.db.run(lambda s: self._replay(s, org, request)) if request.request_id \

@@ -8,6 +8,9 @@ forever; any other exception naks it with a delay.
 that write a whole batch in one transaction: the handler returns the messages that can never succeed
 (terminated alone), every other message is acked after the handler returned (i.e. after its commit), and
 an exception naks the whole batch for redelivery.
+
+With tracing on, `consume` handles each message inside a CONSUMER span that continues the trace its
+headers carry (tuneforge_core.tracing), so what the handler writes (an outbox row) stays in that trace.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
+from tuneforge_core import tracing
 from tuneforge_core.nats import ensure_pull_consumer
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,11 @@ async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: s
                 continue
             for msg in msgs:
                 try:
-                    await handler(msg)
+                    with tracing.consumer_span(f"consume {msg.subject}", msg.headers,
+                                               {"messaging.system": "nats",
+                                                "messaging.destination.name": msg.subject,
+                                                "messaging.consumer.group.name": durable}):
+                        await handler(msg)
                     await msg.ack()
                 except asyncio.CancelledError:
                     raise

@@ -22,6 +22,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.kit import telemetry
+from tuneforge_core import tracing
 from tuneforge_core.errors import InvalidArgument, status_from_exception
 
 # What a status may take of the trailers: gRPC clients refuse trailers over 8 KiB by default, and the call
@@ -282,6 +283,82 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     done(context, started, exc)
                     raise
                 done(context, started, None)
+
+            return wrapper
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+class TracingInterceptor(grpc.aio.ServerInterceptor):
+    """A SERVER span per call (tuneforge_core.tracing), named by the full method ("tuneforge.v1.JobService/
+    CreateJob"), child of the `traceparent` a caller sent in its metadata, current while the servicer runs
+    (so an outbox row written by the call keeps its context) and ended with the call's final gRPC code
+    (`rpc.grpc.status_code`; an error status on anything but OK). A streaming call's span is not current
+    while it streams. Registered just inside
+    MetricsInterceptor, so it sees the code ErrorMappingInterceptor chose. Installed only while tracing is
+    on."""
+
+    async def intercept_service(self, continuation: Callable[..., Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        full = handler_call_details.method.lstrip("/")
+        service, method = telemetry.split_method(handler_call_details.method)
+        attributes: dict[str, str | int] = {"rpc.system": "grpc", "rpc.service": service,
+                                            "rpc.method": method}
+        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())
+                    if k == tracing.TRACEPARENT and isinstance(v, str)}
+
+        def finish(span: Any, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+            code = _final_code(context, exc)
+            span.set_attribute("rpc.grpc.status_code", getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+                               .value[0])
+            if code != "OK":
+                span.set_status(tracing.Status(tracing.StatusCode.ERROR, code))
+
+        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with tracing.span(full, parent=tracing.extract(metadata), kind=tracing.SpanKind.SERVER,
+                                  attributes=attributes) as span:
+                    try:
+                        response = await behavior(request, context)
+                    except BaseException as exc:
+                        finish(span, context, exc)
+                        raise
+                    finish(span, context, None)
+                    return response
+
+            return wrapper
+
+        def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                # Not made current: a response stream may be closed from another task, where the context
+                # it attached could not be detached.
+                span = tracing.tracer().start_span(full, context=tracing.extract(metadata),
+                                                   kind=tracing.SpanKind.SERVER, attributes=attributes)
+                try:
+                    async for item in _responses(behavior(request, context)):
+                        yield item
+                except BaseException as exc:
+                    finish(span, context, exc)
+                    raise
+                else:
+                    finish(span, context, None)
+                finally:
+                    span.end()
 
             return wrapper
 

@@ -8,6 +8,10 @@ Consumers record the ids they applied (`InboxMixin`) so a redelivered event has 
 A published row is never read again (the relay only reads unpublished ones), so the relay deletes rows
 published more than `retention_s` ago (a day by default), a batch at a time, at most once a minute: the
 table holds what is pending and the recent past, not every event the service ever sent.
+
+With tracing on (tuneforge_core.tracing) a row keeps the W3C `traceparent` of the span that wrote it (the
+CreateJob call, the worker update being applied), and the relay publishes it in a PRODUCER span that is that
+span's child, whose context goes out in the message's headers: the consumers continue the same trace.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from sqlalchemy import DateTime, Integer, LargeBinary, String, delete, select, u
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from services.kit.db import Database
+from tuneforge_core import tracing
 from tuneforge_core.nats import publish
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,8 @@ class OutboxMixin:
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True,
                                                           nullable=True)
+    # The W3C traceparent of the span that wrote the event (None while tracing is off).
+    traceparent: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class InboxMixin:
@@ -52,6 +59,7 @@ def add_event(session: Session, model: type[OutboxMixin], subject: str, message:
               event_id: str) -> None:
     row = model()
     row.event_id, row.subject, row.payload = event_id, subject, message.SerializeToString()
+    row.traceparent = tracing.current_traceparent()
     session.add(row)
 
 
@@ -108,9 +116,10 @@ class OutboxRelay:
         """Call after committing events so they go out now rather than at the next poll."""
         self._wake.set()
 
-    def _pending(self, session: Session) -> list[tuple[int, str, str, bytes]]:
+    def _pending(self, session: Session) -> list[tuple[int, str, str, bytes, str | None]]:
         rows = session.execute(
-            select(self.model.id, self.model.event_id, self.model.subject, self.model.payload)
+            select(self.model.id, self.model.event_id, self.model.subject, self.model.payload,
+                   self.model.traceparent)
             .where(self.model.published_at.is_(None)).order_by(self.model.id).limit(self.batch)
         ).all()
         return [tuple(r) for r in rows]  # type: ignore[misc]
@@ -122,8 +131,16 @@ class OutboxRelay:
         rows = await self.db.run(self._pending)
         sent: list[int] = []
         try:
-            for row_id, event_id, subject, payload in rows:
-                await publish(self.js, subject, payload, event_id)
+            for row_id, event_id, subject, payload, traceparent in rows:
+                if traceparent:  # publish's headers carry this span's context
+                    with tracing.span(f"outbox publish {subject}", parent=tracing.context_of(traceparent),
+                                      kind=tracing.SpanKind.PRODUCER,
+                                      attributes={"messaging.system": "nats",
+                                                  "messaging.destination.name": subject,
+                                                  "messaging.message.id": event_id}):
+                        await publish(self.js, subject, payload, event_id)
+                else:
+                    await publish(self.js, subject, payload, event_id)
                 sent.append(row_id)
         finally:
             if sent:

@@ -60,9 +60,10 @@ from services.kit.identity import IdentityStore
 from services.kit.interceptors import (
     ErrorMappingInterceptor,
     MetricsInterceptor,
+    TracingInterceptor,
     UndecodableRequestInterceptor,
 )
-from tuneforge_core import logs
+from tuneforge_core import logs, tracing
 from tuneforge_core.nats import connect, ensure_streams
 from tuneforge_core.settings import KitSettings
 from tuneforge_core.storage import ObjectStore, store_from_settings
@@ -357,6 +358,7 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
     """
     stop = stop or asyncio.Event()
     paging.configure_from_settings(settings)
+    configure_tracing(settings, name)
     credentials = server_credentials(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     identity = await open_identity(settings)
@@ -364,8 +366,11 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
                            calls_per_second=settings.api_calls_per_second)
     # Outermost first: the metrics see the code every error was mapped to, errors raised by the guards are
     # mapped like every other error, and a call is authenticated before its request is parsed.
+    # A span per call only while tracing is on (TUNEFORGE_TRACING; configure_tracing).
+    traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(), ErrorMappingInterceptor(), auth, UndecodableRequestInterceptor()],
+        interceptors=[MetricsInterceptor(), *traced, ErrorMappingInterceptor(), auth,
+                      UndecodableRequestInterceptor()],
         options=SERVER_OPTIONS)
     # Bind first: a taken address fails before anything starts, and components may open channels to
     # this process' own address while they are built.
@@ -439,6 +444,13 @@ def configure_logging(level: str, log_format: str | None = None) -> None:
     """Text or JSON log lines (TUNEFORGE_LOG_FORMAT; tuneforge_core.logs), with the organization of the
     call being served on each line written while serving it."""
     logs.configure(level, log_format or KitSettings().log_format, filters=[telemetry.OrganizationFilter()])
+
+
+def configure_tracing(settings: KitSettings, name: str) -> None:
+    """The process' OpenTelemetry tracing (TUNEFORGE_TRACING, TUNEFORGE_TRACING_FILE; tuneforge_core.tracing),
+    once per process; spans carry service.name `tuneforge-<name>` (`tuneforge` for all services in one)."""
+    service = name if name.startswith("tuneforge") else f"tuneforge-{name}"
+    tracing.configure(settings.tracing, settings.tracing_file, service_name=service)
 
 
 def run_until_stopped(coro: Coroutine[Any, Any, None]) -> None:
