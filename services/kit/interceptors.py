@@ -114,6 +114,24 @@ def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], Any]) -> Any:
+    """`handler` with its behaviour wrapped, same (de)serializers: `unary` wraps the calls that answer once
+    (unary and client-streaming), `stream` those that stream answers."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(
+            stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+    return handler
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """The one place where exceptions become gRPC statuses, for every RPC shape."""
 
@@ -122,21 +140,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream), handler.request_deserializer,
-                handler.response_serializer)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream), handler.request_deserializer,
-                handler.response_serializer)
-        return handler
+        return rewrap(handler, _wrap_unary, _wrap_stream)
 
 
 class _Undecodable:
@@ -286,19 +290,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return wrapper
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
-        return handler
+        return rewrap(handler, unary, stream)
 
 
 class TracingInterceptor(grpc.aio.ServerInterceptor):
@@ -362,16 +354,4 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
 
             return wrapper
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
-        return handler
+        return rewrap(handler, unary, stream)
