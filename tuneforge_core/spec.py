@@ -184,7 +184,7 @@ ADDED_SINCE_FIRST_RELEASE: frozenset[str] = frozenset({
     "grpo.normalize_rewards", "grpo.use_rloo", "grpo.overlong_filtering", "grpo.clip_epsilon_high",
     "grpo.ratio_clip_c", "grpo.token_level_loss", "grpo.num_prompts_per_step", "grpo.generation_batch_size",
     "grpo.importance_sampling_correction", "grpo.reward_model", "grpo.on_policy_kl_approximation",
-    "output.keep_optimizer_state",
+    "output.keep_optimizer_state", "hardware.pool",
     "evaluation", "warm_start", "model_type",
 })
 

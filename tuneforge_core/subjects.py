@@ -11,6 +11,11 @@ TF_WORK    tuneforge.work.jobs.<route>                 JobAssignment; work-queue
                                                         first), then "trainers-any", so a job waits for a
                                                         worker that has its GPU type and count instead of
                                                         being handed back and forth.
+                                                        A job that names a worker pool (hardware.pool)
+                                                        goes on "pool-<pool>.<route>" instead
+                                                        (`pooled_route`), consumer
+                                                        "trainers-pool-<pool>--<route>", which only that
+                                                        pool's workers pull (before the routes above).
 TF_WORKER  tuneforge.worker.jobs.<job_id>.status       WorkerJobUpdate  -> jobs service
            tuneforge.worker.jobs.<job_id>.metrics      MetricsReported  -> metrics service
            tuneforge.worker.jobs.<job_id>.logs         LogsReported     -> metrics service
@@ -42,6 +47,9 @@ WORK_JOBS_PREFIX = "tuneforge.work.jobs"
 # The routes of jobs on one GPU (and "any"), and of jobs on several ("<gpu type>.x<N>"); every route.
 ALL_WORK_JOBS = "tuneforge.work.jobs.*"
 ALL_MULTI_GPU_WORK_JOBS = "tuneforge.work.jobs.*.*"
+# Jobs for several GPUs in a named pool ("pool-<pool>.<gpu type>.x<N>"); one GPU or any in a named pool is
+# "pool-<pool>.<gpu type>", which ALL_MULTI_GPU_WORK_JOBS covers.
+ALL_POOLED_MULTI_GPU_WORK_JOBS = "tuneforge.work.jobs.*.*.*"
 EVERY_WORK_ROUTE = "tuneforge.work.jobs.>"
 # The route of jobs any worker may take (no GPU type, or "cpu": a GPU does not downgrade a CPU job).
 ANY_ROUTE = "any"
@@ -86,9 +94,43 @@ def work_route(gpu_type: str, gpu_count: int = 1) -> str:
     return f"{route}.x{gpu_count}"
 
 
+# Worker pools: the pool of a worker that names none, the route token prefix of a job that names one, and
+# what a pool name may be (one subject token, and "--" never inside so consumer names stay unambiguous).
+DEFAULT_POOL = "default"
+POOL_ROUTE_PREFIX = "pool-"
+POOL_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+POOL_NAME_MAX = 40
+
+
+def valid_pool(pool: str) -> bool:
+    """Whether `pool` is a pool name: 1-40 characters of a-z, 0-9 and single "-" between them."""
+    return len(pool) <= POOL_NAME_MAX and POOL_NAME.match(pool) is not None
+
+
+def pooled_route(pool: str, gpu_type: str, gpu_count: int = 1) -> str:
+    """The route of a job in worker pool `pool` (empty: no pool, `work_route` as it is):
+    "pool-<pool>.<work_route>"."""
+    route = work_route(gpu_type, gpu_count)
+    return f"{POOL_ROUTE_PREFIX}{pool}.{route}" if pool else route
+
+
+def route_pool(route: str) -> str:
+    """The pool a route is for ("" for a route of no pool)."""
+    head, _, rest = route.partition(".")
+    if head.startswith(POOL_ROUTE_PREFIX) and rest:
+        return head.removeprefix(POOL_ROUTE_PREFIX)
+    return ""
+
+
+def _unpooled(route: str) -> str:
+    return route.partition(".")[2] if route_pool(route) else route
+
+
 def route_gpu_count(route: str) -> int:
     """How many GPUs the jobs on `route` ask for: N for "<gpu type>.x<N>", 1 for a GPU type's own route,
-    0 for "any" (and for a route this version does not know, which no worker pulls for its count)."""
+    0 for "any" (and for a route this version does not know, which no worker pulls for its count). A
+    pool's prefix does not count."""
+    route = _unpooled(route)
     if route == ANY_ROUTE:
         return 0
     tail = route.partition(".")[2]
@@ -101,7 +143,7 @@ def route_gpu_count(route: str) -> int:
 
 def route_gpu_type(route: str) -> str:
     """The GPU type (as `gpu_route` writes it) of the jobs on `route`; "any" for "any"."""
-    return route.partition(".")[0]
+    return _unpooled(route).partition(".")[0]
 
 
 def route_subject(route: str) -> str:
@@ -111,18 +153,24 @@ def route_subject(route: str) -> str:
 
 def route_consumer(route: str) -> str:
     """The durable pull consumer of `route`: "trainers-<route>" with "." written "-" (a consumer name has
-    no dots): "trainers-nvidia-h100-x4"."""
+    no dots): "trainers-nvidia-h100-x4"; for a pool's route "trainers-pool-<pool>--<route>" (pool names
+    hold no "--")."""
+    pool = route_pool(route)
+    if pool:
+        rest = _unpooled(route).replace(".", "-")
+        return f"{TRAINERS_CONSUMER_PREFIX}{POOL_ROUTE_PREFIX}{pool}--{rest}"
     return f"{TRAINERS_CONSUMER_PREFIX}{route.replace('.', '-')}"
 
 
-def work_jobs(gpu_type: str, gpu_count: int = 1) -> str:
-    """The subject a job asking for `gpu_count` GPUs of `gpu_type` is queued on."""
-    return route_subject(work_route(gpu_type, gpu_count))
+def work_jobs(gpu_type: str, gpu_count: int = 1, pool: str = "") -> str:
+    """The subject a job asking for `gpu_count` GPUs of `gpu_type` (in worker pool `pool`) is queued on."""
+    return route_subject(pooled_route(pool, gpu_type, gpu_count))
 
 
-def trainers_consumer(gpu_type: str, gpu_count: int = 1) -> str:
-    """The durable pull consumer that hands out the jobs asking for `gpu_count` GPUs of `gpu_type`."""
-    return route_consumer(work_route(gpu_type, gpu_count))
+def trainers_consumer(gpu_type: str, gpu_count: int = 1, pool: str = "") -> str:
+    """The durable pull consumer that hands out the jobs asking for `gpu_count` GPUs of `gpu_type` (in
+    worker pool `pool`)."""
+    return route_consumer(pooled_route(pool, gpu_type, gpu_count))
 
 
 def worker_status(job_id: str) -> str:

@@ -23,6 +23,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _JobPriority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobPriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobPriority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_PRIORITY_UNSPECIFIED: _JobPriority.ValueType  # 0
+    """Treated as NORMAL."""
+    JOB_PRIORITY_LOW: _JobPriority.ValueType  # 1
+    JOB_PRIORITY_NORMAL: _JobPriority.ValueType  # 2
+    JOB_PRIORITY_HIGH: _JobPriority.ValueType  # 3
+
+class JobPriority(_JobPriority, metaclass=_JobPriorityEnumTypeWrapper):
+    """How urgent a job is among its own organization's queued jobs. It never moves a job ahead of another
+    organization's fair share.
+    """
+
+JOB_PRIORITY_UNSPECIFIED: JobPriority.ValueType  # 0
+"""Treated as NORMAL."""
+JOB_PRIORITY_LOW: JobPriority.ValueType  # 1
+JOB_PRIORITY_NORMAL: JobPriority.ValueType  # 2
+JOB_PRIORITY_HIGH: JobPriority.ValueType  # 3
+Global___JobPriority: _TypeAlias = JobPriority  # noqa: Y015
+
 class _JobPhase:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -415,6 +439,10 @@ class _WorkerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerSta
     """Running a job."""
     WORKER_STATE_STOPPED: _WorkerState.ValueType  # 3
     """Shut down cleanly (its last heartbeat said so); a job it held went back to the queue."""
+    WORKER_STATE_DRAINING: _WorkerState.ValueType  # 4
+    """Asked to stop (SIGTERM): it takes no new job and finishes the one it runs, or hands it back to the
+    queue when its drain time (TUNEFORGE_WORKER_DRAIN_TIMEOUT_S) runs out.
+    """
 
 class WorkerState(_WorkerState, metaclass=_WorkerStateEnumTypeWrapper): ...
 
@@ -425,6 +453,10 @@ WORKER_STATE_BUSY: WorkerState.ValueType  # 2
 """Running a job."""
 WORKER_STATE_STOPPED: WorkerState.ValueType  # 3
 """Shut down cleanly (its last heartbeat said so); a job it held went back to the queue."""
+WORKER_STATE_DRAINING: WorkerState.ValueType  # 4
+"""Asked to stop (SIGTERM): it takes no new job and finishes the one it runs, or hands it back to the
+queue when its drain time (TUNEFORGE_WORKER_DRAIN_TIMEOUT_S) runs out.
+"""
 Global___WorkerState: _TypeAlias = WorkerState  # noqa: Y015
 
 @_typing.final
@@ -473,6 +505,7 @@ class Job(_message.Message):
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Server-assigned, globally unique id ("job_" + 26 characters)."""
     organization: _builtins.str
@@ -497,6 +530,11 @@ class Job(_message.Message):
     """Output only. What a PREPARING or RUNNING (or CANCELLING) job is doing now; UNSPECIFIED once it is
     final or while it is QUEUED. Evaluation is a phase of RUNNING, so a client that knows only JobState
     still sees a running job.
+    """
+    priority: Global___JobPriority.ValueType
+    """Its place among its own organization's queued jobs (CreateJobRequest.priority; NORMAL when unset).
+    Organizations share the workers by weight first; within one organization a higher priority is
+    dispatched first, then the older job.
     """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
@@ -555,10 +593,11 @@ class Job(_message.Message):
         status_message: _builtins.str = ...,
         phase: Global___JobPhase.ValueType = ...,
         usage: Global___JobUsage | None = ...,
+        priority: Global___JobPriority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "output", b"output", "progress", b"progress", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "description", b"description", "end_time", b"end_time", "error", b"error", "id", b"id", "labels", b"labels", "name", b"name", "organization", b"organization", "output", b"output", "phase", b"phase", "progress", b"progress", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "state", b"state", "status_message", b"status_message", "update_time", b"update_time", "usage", b"usage", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "create_time", b"create_time", "description", b"description", "end_time", b"end_time", "error", b"error", "id", b"id", "labels", b"labels", "name", b"name", "organization", b"organization", "output", b"output", "phase", b"phase", "priority", b"priority", "progress", b"progress", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "state", b"state", "status_message", b"status_message", "update_time", b"update_time", "usage", b"usage", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1632,6 +1671,7 @@ class HardwareConfig(_message.Message):
     GPU_COUNT_FIELD_NUMBER: _builtins.int
     NODE_COUNT_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
     gpu_type: _builtins.str
     """A GPU type from EstimationService.ListHardwareOptions (e.g. "nvidia-a100-80gb"), or "cpu".
     Empty: any worker takes it.
@@ -1641,6 +1681,12 @@ class HardwareConfig(_message.Message):
     node_count: _builtins.int
     """Nodes, 1-64; default 1."""
     strategy: Global___DistributedStrategy.ValueType
+    pool: _builtins.str
+    """The worker pool to run in: a name its workers announce (TUNEFORGE_WORKER_POOL; "default" for workers
+    that name none), 1-40 characters of a-z, 0-9 and "-", starting with a letter or digit. The job goes
+    only to that pool's workers that also have its GPU type and count, and waits (Job.status_message
+    says why) while none is alive. Empty: any pool whose workers have the GPU type and count.
+    """
     def __init__(
         self,
         *,
@@ -1648,10 +1694,11 @@ class HardwareConfig(_message.Message):
         gpu_count: _builtins.int | None = ...,
         node_count: _builtins.int | None = ...,
         strategy: Global___DistributedStrategy.ValueType = ...,
+        pool: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_gpu_count", b"_gpu_count", "_node_count", b"_node_count", "gpu_count", b"gpu_count", "node_count", b"node_count"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_count", b"_gpu_count", "_node_count", b"_node_count", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "node_count", b"node_count", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gpu_count", b"_gpu_count", "_node_count", b"_node_count", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "node_count", b"node_count", "pool", b"pool", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__gpu_count: _TypeAlias = _typing.Literal["gpu_count"]  # noqa: Y015
     _WhichOneofArgType__gpu_count: _TypeAlias = _typing.Literal["_gpu_count", b"_gpu_count"]  # noqa: Y015
@@ -1964,6 +2011,9 @@ class Worker(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     LAST_HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
     ALIVE_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    GPU_NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The worker's id (TUNEFORGE_WORKER_ID, or "<hostname>-<pid>")."""
     hostname: _builtins.str
@@ -1983,6 +2033,12 @@ class Worker(_message.Message):
     """Whether it still sends heartbeats: false once it stopped, or went quiet for longer than a job's claim
     lasts (TUNEFORGE_WORK_ACK_WAIT_S, or three of its heartbeat intervals if that is longer).
     """
+    pool: _builtins.str
+    """The pool it serves (TUNEFORGE_WORKER_POOL), "default" when it names none."""
+    gpu_memory_bytes: _builtins.int
+    """Memory of each of its GPUs in bytes, as NVML reports it; 0 on a CPU worker or when unknown."""
+    gpu_name: _builtins.str
+    """Its GPUs' model as NVML names it (e.g. "NVIDIA H100 80GB HBM3"); empty on a CPU worker."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the worker process started."""
@@ -2004,11 +2060,78 @@ class Worker(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         last_heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
         alive: _builtins.bool = ...,
+        pool: _builtins.str = ...,
+        gpu_memory_bytes: _builtins.int = ...,
+        gpu_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_time", b"last_heartbeat_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "attempt", b"attempt", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "hostname", b"hostname", "id", b"id", "job", b"job", "last_heartbeat_time", b"last_heartbeat_time", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "attempt", b"attempt", "gpu_count", b"gpu_count", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_name", b"gpu_name", "gpu_type", b"gpu_type", "hostname", b"hostname", "id", b"id", "job", b"job", "last_heartbeat_time", b"last_heartbeat_time", "pool", b"pool", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Worker: _TypeAlias = Worker  # noqa: Y015
+
+@_typing.final
+class WorkerPool(_message.Message):
+    """A worker pool as the jobs service sees it: the workers heard from recently that announce one pool
+    name with one GPU type, and the queue of jobs they would take.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    MAX_GPU_COUNT_FIELD_NUMBER: _builtins.int
+    WORKERS_ALIVE_FIELD_NUMBER: _builtins.int
+    WORKERS_IDLE_FIELD_NUMBER: _builtins.int
+    WORKERS_BUSY_FIELD_NUMBER: _builtins.int
+    WORKERS_DRAINING_FIELD_NUMBER: _builtins.int
+    QUEUED_JOBS_FIELD_NUMBER: _builtins.int
+    QUEUED_JOBS_OWN_FIELD_NUMBER: _builtins.int
+    RUNNING_JOBS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The pool's name (TUNEFORGE_WORKER_POOL of its workers; "default" when they name none)."""
+    gpu_type: _builtins.str
+    """Its workers' GPU type (a hardware option such as "nvidia-h100"), "cpu", or empty for GPUs of unknown
+    type (which take jobs of every GPU type).
+    """
+    max_gpu_count: _builtins.int
+    """The most GPUs one of its alive workers has (per node); 0 for a CPU pool or one with no alive worker."""
+    workers_alive: _builtins.int
+    """Its workers that are alive, and of those how many are waiting for a job, running one, or draining
+    (finishing their job before they stop; they take no new one).
+    """
+    workers_idle: _builtins.int
+    workers_busy: _builtins.int
+    workers_draining: _builtins.int
+    queued_jobs: _builtins.int
+    """QUEUED jobs of every organization that this pool's workers would take (a job that names no pool
+    counts in every pool whose workers would take it). A job that names a pool no worker announces yet
+    is counted under that name, with no workers.
+    """
+    queued_jobs_own: _builtins.int
+    """Of those, the caller's organization's."""
+    running_jobs: _builtins.int
+    """Jobs its workers hold now (PREPARING, RUNNING or CANCELLING), of every organization."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        gpu_type: _builtins.str = ...,
+        max_gpu_count: _builtins.int = ...,
+        workers_alive: _builtins.int = ...,
+        workers_idle: _builtins.int = ...,
+        workers_busy: _builtins.int = ...,
+        workers_draining: _builtins.int = ...,
+        queued_jobs: _builtins.int = ...,
+        queued_jobs_own: _builtins.int = ...,
+        running_jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_type", b"gpu_type", "max_gpu_count", b"max_gpu_count", "name", b"name", "queued_jobs", b"queued_jobs", "queued_jobs_own", b"queued_jobs_own", "running_jobs", b"running_jobs", "workers_alive", b"workers_alive", "workers_busy", b"workers_busy", "workers_draining", b"workers_draining", "workers_idle", b"workers_idle"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerPool: _TypeAlias = WorkerPool  # noqa: Y015

@@ -70,6 +70,11 @@ class JobServiceStub:
                 request_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.ListPools = channel.unary_unary(
+                '/tuneforge.v1.JobService/ListPools',
+                request_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListPoolsRequest.SerializeToString,
+                response_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListPoolsResponse.FromString,
+                _registered_method=True)
         self.GetJobArtifacts = channel.unary_unary(
                 '/tuneforge.v1.JobService/GetJobArtifacts',
                 request_serializer=tuneforge_dot_v1_dot_job__service__pb2.GetJobArtifactsRequest.SerializeToString,
@@ -157,6 +162,15 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPools(self, request, context):
+        """The worker pools, each with its workers (alive, idle, busy, draining) and its queue depth: every
+        organization's queued jobs it would take, and the caller's own among them. Ordered by name, then
+        GPU type.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetJobArtifacts(self, request, context):
         """The job's stored outputs (adapter, merged model, complete checkpoints), each file with its size, its
         SHA-256 and a download URL that expires. A job that has not SUCCEEDED lists only its checkpoints.
@@ -236,6 +250,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersRequest.FromString,
                     response_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'ListPools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPools,
+                    request_deserializer=tuneforge_dot_v1_dot_job__service__pb2.ListPoolsRequest.FromString,
+                    response_serializer=tuneforge_dot_v1_dot_job__service__pb2.ListPoolsResponse.SerializeToString,
             ),
             'GetJobArtifacts': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJobArtifacts,
@@ -453,6 +472,33 @@ class JobService:
             '/tuneforge.v1.JobService/ListWorkers',
             tuneforge_dot_v1_dot_job__service__pb2.ListWorkersRequest.SerializeToString,
             tuneforge_dot_v1_dot_job__service__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tuneforge.v1.JobService/ListPools',
+            tuneforge_dot_v1_dot_job__service__pb2.ListPoolsRequest.SerializeToString,
+            tuneforge_dot_v1_dot_job__service__pb2.ListPoolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

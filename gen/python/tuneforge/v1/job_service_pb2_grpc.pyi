@@ -57,6 +57,11 @@ class JobServiceStub:
     """The trainer workers heard from recently (alive or not), ordered by id. Workers serve every
     organization; a worker's current job is shown only to the organization that owns it.
     """
+    ListPools: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListPoolsRequest, _job_service_pb2.ListPoolsResponse]
+    """The worker pools, each with its workers (alive, idle, busy, draining) and its queue depth: every
+    organization's queued jobs it would take, and the caller's own among them. Ordered by name, then
+    GPU type.
+    """
     GetJobArtifacts: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobArtifactsRequest, _job_service_pb2.GetJobArtifactsResponse]
     """The job's stored outputs (adapter, merged model, complete checkpoints), each file with its size, its
     SHA-256 and a download URL that expires. A job that has not SUCCEEDED lists only its checkpoints.
@@ -108,6 +113,11 @@ class JobServiceAsyncStub(JobServiceStub):
     ListWorkers: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListWorkersRequest, _job_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
     """The trainer workers heard from recently (alive or not), ordered by id. Workers serve every
     organization; a worker's current job is shown only to the organization that owns it.
+    """
+    ListPools: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListPoolsRequest, _job_service_pb2.ListPoolsResponse]  # type: ignore[assignment]
+    """The worker pools, each with its workers (alive, idle, busy, draining) and its queue depth: every
+    organization's queued jobs it would take, and the caller's own among them. Ordered by name, then
+    GPU type.
     """
     GetJobArtifacts: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobArtifactsRequest, _job_service_pb2.GetJobArtifactsResponse]  # type: ignore[assignment]
     """The job's stored outputs (adapter, merged model, complete checkpoints), each file with its size, its
@@ -199,6 +209,17 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_job_service_pb2.ListWorkersResponse, _abc.Awaitable[_job_service_pb2.ListWorkersResponse]]:
         """The trainer workers heard from recently (alive or not), ordered by id. Workers serve every
         organization; a worker's current job is shown only to the organization that owns it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPools(
+        self,
+        request: _job_service_pb2.ListPoolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_job_service_pb2.ListPoolsResponse, _abc.Awaitable[_job_service_pb2.ListPoolsResponse]]:
+        """The worker pools, each with its workers (alive, idle, busy, draining) and its queue depth: every
+        organization's queued jobs it would take, and the caller's own among them. Ordered by name, then
+        GPU type.
         """
 
     @_abc_1.abstractmethod

@@ -445,6 +445,9 @@ class WorkerHeartbeat(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    GPU_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    GPU_NAME_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     hostname: _builtins.str
     gpu_type: _builtins.str
@@ -458,6 +461,12 @@ class WorkerHeartbeat(_message.Message):
     """Seconds until the next heartbeat; the jobs service waits at least three of them before it calls the
     worker gone.
     """
+    pool: _builtins.str
+    """The pool it serves (TUNEFORGE_WORKER_POOL), "default" when it names none."""
+    gpu_memory_bytes: _builtins.int
+    """Memory of each GPU in bytes (NVML); 0 on a CPU worker."""
+    gpu_name: _builtins.str
+    """The GPUs' model as NVML names it; empty on a CPU worker."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the worker process started: a new value under the same worker_id means a new process, which
@@ -479,10 +488,13 @@ class WorkerHeartbeat(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         interval_seconds: _builtins.float = ...,
+        pool: _builtins.str = ...,
+        gpu_memory_bytes: _builtins.int = ...,
+        gpu_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "gpu_count", b"gpu_count", "gpu_type", b"gpu_type", "hostname", b"hostname", "interval_seconds", b"interval_seconds", "job_id", b"job_id", "started_at", b"started_at", "state", b"state", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "gpu_count", b"gpu_count", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_name", b"gpu_name", "gpu_type", b"gpu_type", "hostname", b"hostname", "interval_seconds", b"interval_seconds", "job_id", b"job_id", "pool", b"pool", "started_at", b"started_at", "state", b"state", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
