@@ -74,25 +74,35 @@ async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: s
 
 async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, subject: str,
                           handler: BatchHandler, batch: int = 256, fetch_wait_s: float = 1.0,
-                          ack_wait_s: float = 30.0, nak_delay_s: float = 1.0) -> None:
+                          ack_wait_s: float = 30.0, nak_delay_s: float = 1.0, in_flight: int = 1) -> None:
     """Like `consume`, but the handler gets each fetch's messages together (see the module doc).
 
     A fetch returns at once with whatever is pending (up to `batch`), waiting up to `fetch_wait_s` only when
     nothing is: batches grow by themselves when messages arrive faster than they are handled, and a lone
-    message is not held back. `batch` must not exceed the consumer's max_ack_pending (1000 here).
+    message is not held back. Up to `in_flight` batches are handled at once (the next is fetched while the
+    last is handled): a handler that allows more than one must keep whatever order it needs itself. Each
+    batch is settled when its own handler returns. `batch` x `in_flight` must not exceed the consumer's
+    max_ack_pending (1000 here, or more when they need it).
     """
     await ensure_pull_consumer(js, stream, durable, subject, ack_wait_s=ack_wait_s,
-                               max_ack_pending=max(1000, batch))
+                               max_ack_pending=max(1000, batch * max(1, in_flight)))
     sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
+    handling: set[asyncio.Task[None]] = set()
     try:
         while True:
+            while len(handling) >= max(1, in_flight):
+                _, handling = await asyncio.wait(handling, return_when=asyncio.FIRST_COMPLETED)
             try:
                 msgs = await sub.fetch(batch, timeout=fetch_wait_s)
             except (TimeoutError, NatsTimeoutError):
                 continue
             if msgs:
-                await _handle_batch(msgs, handler, nak_delay_s)
+                handling.add(asyncio.create_task(_handle_batch(msgs, handler, nak_delay_s)))
     finally:
+        for task in handling:
+            task.cancel()
+        if handling:
+            await asyncio.gather(*handling, return_exceptions=True)
         try:
             await sub.unsubscribe()
         except Exception:

@@ -50,7 +50,8 @@ class MetricsComponent(Component):
         js = self.runtime.js
         ingest = partial(consume_batches, js, stream=subjects.STREAM_WORKER, batch=self.settings.ingest_batch,
                          fetch_wait_s=self.settings.ingest_fetch_wait_s,
-                         nak_delay_s=self.settings.ingest_retry_delay_s)
+                         nak_delay_s=self.settings.ingest_retry_delay_s,
+                         in_flight=self.settings.ingest_in_flight)
         self.spawn(ingest(durable=subjects.METRICS_INGEST_CONSUMER, subject=subjects.ALL_WORKER_METRICS,
                           handler=self.handlers.on_metrics_batch), name="metrics-ingest")
         self.spawn(ingest(durable=subjects.LOGS_INGEST_CONSUMER, subject=subjects.ALL_WORKER_LOGS,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 from tuneforge.v1 import metrics_pb2
 
-from services.kit.protos import as_utc, from_timestamp, to_timestamp
+from services.kit.protos import as_utc, to_timestamp
 from services.metrics.models import LogEntryRow, MetricPointRow
 
 # The `optional double` fields of MetricPoint; each has a column of the same name.
@@ -24,16 +24,49 @@ POINT_COLUMNS = ("job_id", "step", "kind", "attempt", "total_steps", "epoch", "t
 ENTRY_COLUMNS = ("job_id", "attempt", "sequence", "time", "level", "source", "message")
 
 
-def point_to_row(point: metrics_pb2.MetricPoint) -> tuple[Any, ...]:
-    """Column values of a point in POINT_COLUMNS order, for the ingest upsert (called once per stored point:
-    kept to plain attribute reads)."""
-    has: Callable[[str], bool] = point.HasField  # type: ignore[assignment]
-    return (
-        point.job_id, point.step, int(point.kind), point.attempt, point.total_steps, point.epoch,
-        from_timestamp(point.time) if has("time") else None,
-        *[getattr(point, name) if has(name) else None for name in OPTIONAL_VALUES],
-        dict(point.values),
-    )
+def _row_layout(descriptor: Any, columns: Sequence[str]) -> tuple[dict[int, int], tuple[Any, ...], int]:
+    """(column index of each field by field number, the row of a message with no field set, the number of
+    the `values` map field or -1): what `_to_row` needs to build a row from `ListFields` alone."""
+    fields = {f.name: f for f in descriptor.fields}
+    if set(fields) != set(columns):
+        raise ValueError(f"the columns {columns} are not the fields of {descriptor.full_name}")
+    defaults: list[Any] = []
+    for name in columns:
+        field = fields[name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            defaults.append(_NO_VALUES)
+        elif field.message_type is not None or field.has_presence:
+            defaults.append(None)
+        else:
+            defaults.append(field.default_value)
+    values = fields["values"].number if "values" in fields else -1
+    return {f.number: columns.index(f.name) for f in descriptor.fields}, tuple(defaults), values
+
+
+# The `values` of a point that has none: one shared object, never changed (the repository converts it once).
+_NO_VALUES: dict[str, float] = {}
+
+
+def _to_row(message: Any, layout: tuple[dict[int, int], tuple[Any, ...], int]) -> list[Any]:
+    """The message's column values in its columns' order, from the fields it has set (ListFields: one call
+    into the protobuf runtime instead of one per field; this runs once per stored point). A Timestamp stays
+    a Timestamp: the repository converts it to its database's form."""
+    column_of, defaults, values = layout
+    row = list(defaults)
+    for field, value in message.ListFields():
+        number = field.number
+        row[column_of[number]] = dict(value) if number == values else value
+    return row
+
+
+_POINT_LAYOUT = _row_layout(metrics_pb2.MetricPoint.DESCRIPTOR, POINT_COLUMNS)
+_ENTRY_LAYOUT = _row_layout(metrics_pb2.LogEntry.DESCRIPTOR, ENTRY_COLUMNS)
+
+
+def point_to_row(point: metrics_pb2.MetricPoint) -> list[Any]:
+    """Column values of a point in POINT_COLUMNS order, for the ingest upsert; `time` as a Timestamp (or None
+    when unset) and `values` as a dict."""
+    return _to_row(point, _POINT_LAYOUT)
 
 
 def row_to_point(row: MetricPointRow) -> metrics_pb2.MetricPoint:
@@ -50,13 +83,10 @@ def row_to_point(row: MetricPointRow) -> metrics_pb2.MetricPoint:
     return point
 
 
-def entry_to_row(entry: metrics_pb2.LogEntry) -> tuple[Any, ...]:
-    """Column values of a log entry in ENTRY_COLUMNS order, for the ingest upsert."""
-    return (
-        entry.job_id, entry.attempt, entry.sequence,
-        from_timestamp(entry.time) if entry.HasField("time") else None,
-        int(entry.level), int(entry.source), entry.message,
-    )
+def entry_to_row(entry: metrics_pb2.LogEntry) -> list[Any]:
+    """Column values of a log entry in ENTRY_COLUMNS order, for the ingest upsert; `time` as a Timestamp (or
+    None when unset)."""
+    return _to_row(entry, _ENTRY_LAYOUT)
 
 
 def row_to_entry(row: LogEntryRow) -> metrics_pb2.LogEntry:

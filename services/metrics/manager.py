@@ -6,8 +6,9 @@ No gRPC here: the job lookup and the live feed come in as small interfaces (`Job
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -80,12 +81,14 @@ class MetricsManager:
         self.live = live
         self.settings = settings
         self.repo = repository or MetricsRepository()
+        # The write of the latest batch handed to ingest, which the next one waits for (`_write_turn`).
+        self._last_write: asyncio.Future[None] | None = None
 
     # ---- ingest -------------------------------------------------------------------------------------
     # The ingest consumer hands over a batch of reports at a time. A report is a function that decodes one
     # message into (job id, points or entries), raising InvalidArgument when it can never be stored. All the
-    # per-item work (decoding, checks, rows, the announcement's bytes) runs on a database thread beside the
-    # write, never on the event loop; a batch is written in one transaction, then announced once per job.
+    # per-item work (decoding, checks, rows, the announcement's bytes) runs on a thread, never on the event
+    # loop; a batch is written in one transaction, then announced once per job (see `_ingest`).
 
     async def record_metrics(self, job_id: str, points: Sequence[metrics_pb2.MetricPoint]) -> int:
         """Stores a worker's points (a repeat of a key replaces it), then announces them to followers."""
@@ -120,7 +123,7 @@ class MetricsManager:
         an older attempt), then announces each job's points once. Returns {index of a report that can never
         be stored: why} and how many points were stored; raises (nothing kept) when the database fails."""
         refused, stored = await self._ingest(
-            reports, self._accept_points, self.repo.upsert_points,
+            reports, self._accept_points, self.repo.point_rows, self.repo.upsert_point_rows,
             lambda points: events_pb2.MetricsStored(points=points).SerializeToString(), subjects.live_metrics)
         INGESTED_POINTS.inc(stored)
         return refused, stored
@@ -130,7 +133,7 @@ class MetricsManager:
     ) -> tuple[dict[int, str], int]:
         """`record_metrics_batch` for log entries."""
         return await self._ingest(
-            reports, self._accept_entries, self.repo.upsert_entries,
+            reports, self._accept_entries, self.repo.entry_rows, self.repo.upsert_entry_rows,
             lambda entries: events_pb2.LogsStored(entries=entries).SerializeToString(), subjects.live_logs)
 
     @staticmethod
@@ -139,14 +142,16 @@ class MetricsManager:
         """The points to store, stamped with the job id (in place: a report's points are ours to change)."""
         accepted: list[metrics_pb2.MetricPoint] = []
         for point in points:
-            if point.job_id and point.job_id != job_id:
-                raise InvalidArgument(f"a point of job '{point.job_id}' was reported on the subject of "
-                                      f"job '{job_id}'")
+            named = point.job_id
+            if named != job_id:
+                if named:
+                    raise InvalidArgument(f"a point of job '{named}' was reported on the subject of "
+                                          f"job '{job_id}'")
+                point.job_id = job_id
             if point.kind not in METRIC_KINDS or point.step < 0:
                 log.warning("skipping a point of job %s with kind %s and step %s", job_id, point.kind,
                             point.step)
                 continue
-            point.job_id = job_id
             accepted.append(point)
         return accepted
 
@@ -161,11 +166,17 @@ class MetricsManager:
 
     async def _ingest(self, reports: Sequence[Callable[[], tuple[str, Sequence[T]]]],
                       accept: Callable[[str, Sequence[T]], list[T]],
-                      write: Callable[[Session, list[T]], None],
+                      to_rows: Callable[[Sequence[T]], list[list[Any]]],
+                      write_rows: Callable[[Session, list[list[Any]]], None],
                       announcement: Callable[[list[T]], bytes],
                       live_subject: Callable[[str], str]) -> tuple[dict[int, str], int]:
+        """Two stages, so that consecutive batches overlap (the consumer keeps two in flight): the per-item
+        Python work (decoding, checks, rows, the announcement's bytes) on a thread of its own, then the write
+        on a database thread, where SQLite and PostgreSQL mostly run outside the GIL. Writes keep the order
+        the batches were handed over in (`_write_turn`), so a repeated key ends as applying them in order
+        would."""
 
-        def apply(session: Session) -> tuple[dict[int, str], dict[str, tuple[int, list[bytes]]]]:
+        def prepare() -> tuple[dict[int, str], dict[str, _Prepared]]:
             refused: dict[int, str] = {}
             by_job: dict[str, list[T]] = {}
             for index, report in enumerate(reports):
@@ -177,11 +188,25 @@ class MetricsManager:
                     continue
                 if accepted:
                     by_job.setdefault(job_id, []).extend(accepted)
-            kept = self._store(session, by_job, write)
-            return refused, {job_id: (len(items), [announcement(part) for part in _announcement_parts(items)])
-                             for job_id, items in kept.items()}
+            return refused, {job_id: _Prepared(len(items), to_rows(items),
+                                               [announcement(part) for part in _announcement_parts(items)])
+                             for job_id, items in by_job.items()}
 
-        refused, stored = await self.db.run(apply)
+        def write(session: Session, prepared: dict[str, _Prepared]) -> dict[str, _Prepared]:
+            if not prepared:
+                return {}
+            deleted = self.repo.deleted_among(session, list(prepared))
+            if deleted:
+                log.info("dropped points or log entries of deleted jobs %s", ", ".join(sorted(deleted)))
+            kept = {job_id: p for job_id, p in prepared.items() if job_id not in deleted}
+            if kept:
+                write_rows(session, [row for p in kept.values() for row in p.rows])
+            return kept
+
+        async with self._write_turn() as my_turn:
+            refused, prepared = await asyncio.to_thread(prepare)
+            await my_turn()
+            stored = await self.db.run(partial(write, prepared=prepared))
         if stored:
             # A deletion that committed while this batch was written: what the batch wrote of that job goes
             # too (`delete_job` marks first and deletes after, so one of the two sees the other).
@@ -189,24 +214,28 @@ class MetricsManager:
                 await self.db.run(partial(self.repo.delete_job, job_id=job_id))
                 log.info("dropped points or log entries of deleted job %s", job_id)
                 del stored[job_id]
-        for job_id, (_, payloads) in stored.items():
-            for payload in payloads:
+        for job_id, p in stored.items():
+            for payload in p.payloads:
                 await self.live.publish(live_subject(job_id), payload)
-        return refused, sum(count for count, _ in stored.values())
+        return refused, sum(p.count for p in stored.values())
 
-    def _store(self, session: Session, by_job: dict[str, list[T]],
-               write: Callable[[Session, list[T]], None]) -> dict[str, list[T]]:
-        """Writes the items of the jobs not deleted (DeleteJob), one query deciding for the whole batch;
-        returns what it wrote by job."""
-        if not by_job:
-            return {}
-        deleted = self.repo.deleted_among(session, list(by_job))
-        if deleted:
-            log.info("dropped points or log entries of deleted jobs %s", ", ".join(sorted(deleted)))
-        kept = {job_id: items for job_id, items in by_job.items() if job_id not in deleted}
-        if kept:
-            write(session, [item for items in kept.values() for item in items])
-        return kept
+    @contextlib.asynccontextmanager
+    async def _write_turn(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+        """A place in the order of writes, taken when a batch arrives: yields a function that waits until
+        every batch that arrived before it has written (or failed), and lets the next one go on exit."""
+        before, mine = self._last_write, asyncio.get_running_loop().create_future()
+        self._last_write = mine
+
+        async def wait() -> None:
+            if before is not None and not before.done():
+                await asyncio.shield(before)
+
+        try:
+            yield wait
+        finally:
+            mine.set_result(None)
+            if self._last_write is mine:
+                self._last_write = None
 
     async def delete_job(self, job_id: str) -> tuple[int, int]:
         """Forgets a job DeleteJob deleted: marks it deleted (ingest drops it from then on), then deletes its
@@ -414,6 +443,16 @@ def _check_kinds(v: Violations, kinds: Sequence[int]) -> None:
 
 # Bytes of items per live announcement: well under NATS' default 1 MiB max_payload, so a batch of large
 # reports is announced in several messages instead of failing to publish (followers would miss it live).
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One job's share of an ingest batch, ready to write: how many items, their rows, the announcements."""
+
+    count: int
+    rows: list[list[Any]]
+    payloads: list[bytes]
+
 ANNOUNCEMENT_BYTES = 256 * 1024
 
 

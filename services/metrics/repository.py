@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import DateTime, Table, and_, bindparam, delete, or_, select
@@ -36,10 +38,13 @@ class _Upsert:
     dialect, compiled once: a stored row is kept when a redelivery of an OLDER attempt would overwrite it,
     so the newest attempt of a job wins whatever order the messages arrive in.
 
-    Rows come as tuples in the converter's column order (`columns`) plus `stored_at`; `bind` turns them into
-    the driver's parameters: reordered to the statement's positions (or named, for pyformat drivers), with
-    the dialect's own conversion applied where the storage form differs from the Python value (datetimes
-    on SQLite, JSON). Numbers and strings from the protos are already what the driver takes.
+    Rows come as lists in the converter's column order (`columns`), their times as protobuf Timestamps;
+    `bind` turns them into the driver's parameters: `stored_at` appended, reordered to the statement's
+    positions (or named, for pyformat drivers), times in the dialect's storage form (`_time_converter`) and
+    JSON in the dialect's. Numbers and strings from the protos are already what the driver takes.
+
+    Executemany runs the statement once per row, in order, so a batch that repeats a key leaves what
+    applying its rows one by one would: the newest attempt, then the last reported.
     """
 
     sql: str
@@ -66,10 +71,11 @@ class _Upsert:
         convert: dict[str, Callable[[Any], Any]] = {}
         for name in all_columns:
             column_type = table.c[name].type
-            if isinstance(column_type, DateTime | JSON):
-                processor = column_type.dialect_impl(dialect).bind_processor(dialect)
-                if processor is not None:
-                    convert[name] = _empty_once(processor) if isinstance(column_type, JSON) else processor
+            processor = column_type.dialect_impl(dialect).bind_processor(dialect)
+            if isinstance(column_type, DateTime) and name != "stored_at":
+                convert[name] = _time_converter(dialect, processor)
+            elif isinstance(column_type, DateTime | JSON) and processor is not None:
+                convert[name] = _empty_once(processor) if isinstance(column_type, JSON) else processor
         positions = None
         if compiled.positional:
             positions = tuple(all_columns.index(name) for name in compiled.positiontup or ())
@@ -77,25 +83,54 @@ class _Upsert:
                        tuple((i, convert[name]) for i, name in enumerate(columns) if name in convert),
                        convert.get("stored_at"))
 
-    def bind(self, rows: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """The driver's parameters for each row (all stored now)."""
+    def bind(self, rows: Sequence[list[Any]]) -> list[Any]:
+        """The driver's parameters for each row (all stored now). The rows are the caller's to give away:
+        they are completed in place."""
         stored_at: Any = utcnow()
         if self.convert_stored_at is not None:
             stored_at = self.convert_stored_at(stored_at)
         convert, positions = self.convert, self.positions
-        in_order = positions == tuple(range(len(self.columns)))
-        out: list[Any] = []
         for row in rows:
-            values = [*row, stored_at]
+            row.append(stored_at)
             for index, processor in convert:
-                values[index] = processor(values[index])
-            if in_order:
-                out.append(tuple(values))
-            elif positions is None:
-                out.append(dict(zip(self.columns, values, strict=True)))
-            else:
-                out.append(tuple([values[i] for i in positions]))
-        return out
+                row[index] = processor(row[index])
+        if positions == tuple(range(len(self.columns))):
+            return [tuple(row) for row in rows]
+        if positions is None:
+            return [dict(zip(self.columns, row, strict=True)) for row in rows]
+        return [tuple([row[i] for i in positions]) for row in rows]
+
+
+def _time_converter(dialect: Dialect, processor: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
+    """Timestamp (or None) -> what the driver stores for a DateTime column of `dialect`. On SQLite that is
+    SQLAlchemy's own text form ("2026-12-01 10:00:00.123456", what its DateTime reads back), the date from
+    a small per-day cache; elsewhere a UTC datetime, built without protobuf's slower
+    ToDatetime."""
+    if dialect.name == "sqlite":
+        if processor is None or processor(EPOCH) != "1970-01-01 00:00:00.000000":
+            raise NotImplementedError("SQLite stores DateTime in a form this converter does not write")
+        day_text = lru_cache(maxsize=64)(lambda day: (EPOCH + timedelta(days=day)).strftime("%Y-%m-%d"))
+
+        def sqlite_text(ts: Any) -> Any:
+            if ts is None:
+                return None
+            day, second = divmod(ts.seconds, 86400)
+            hour, second = divmod(second, 3600)
+            minute, second = divmod(second, 60)
+            return f"{day_text(day)} {hour:02d}:{minute:02d}:{second:02d}.{ts.nanos // 1000:06d}"
+
+        return sqlite_text
+
+    def utc_datetime(ts: Any) -> Any:
+        if ts is None:
+            return None
+        value = EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+        return processor(value) if processor is not None else value
+
+    return utc_datetime
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _empty_once(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -113,7 +148,7 @@ _UPSERTS_LOCK = threading.Lock()
 
 
 def _upsert(session: Session, table: Table, columns: Sequence[str], keys: Sequence[str],
-            rows: Sequence[tuple[Any, ...]]) -> None:
+            rows: Sequence[list[Any]]) -> None:
     connection = session.connection()
     dialect = connection.dialect
     # Per dialect, driver and paramstyle: SQLite and PostgreSQL may both be open in one process.
@@ -127,17 +162,6 @@ def _upsert(session: Session, table: Table, columns: Sequence[str], keys: Sequen
     connection.exec_driver_sql(upsert.sql, upsert.bind(rows))
 
 
-def _newest_per_key(rows: list[tuple[Any, ...]], key: Sequence[int], attempt: int) -> list[tuple[Any, ...]]:
-    """One row per key (highest attempt, then the last reported), what applying them in order would leave."""
-    by_key: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-    for row in rows:
-        k = tuple([row[i] for i in key])
-        kept = by_key.get(k)
-        if kept is None or row[attempt] >= kept[attempt]:
-            by_key[k] = row
-    return list(by_key.values())
-
-
 class MetricsRepository:
     POINT_KEY = ("job_id", "step", "kind")
     ENTRY_KEY = ("job_id", "attempt", "sequence")
@@ -145,7 +169,16 @@ class MetricsRepository:
     def upsert_points(self, session: Session, points: Sequence[metrics_pb2.MetricPoint]) -> None:
         """Stores points (a repeat of a key replaces it unless it is of an older attempt) in one statement
         executed for every row."""
-        rows = _newest_per_key([point_to_row(p) for p in points], _POINT_KEY_INDEX, _POINT_ATTEMPT_INDEX)
+        self.upsert_point_rows(session, self.point_rows(points))
+
+    @staticmethod
+    def point_rows(points: Sequence[metrics_pb2.MetricPoint]) -> list[list[Any]]:
+        """The rows `upsert_point_rows` stores (built apart, so ingest can build them off the database
+        thread)."""
+        return [point_to_row(p) for p in points]
+
+    def upsert_point_rows(self, session: Session, rows: list[list[Any]]) -> None:
+        """`upsert_points` of rows from `point_rows` (which it completes in place)."""
         if rows:
             _upsert(session, MetricPointRow.__table__, POINT_COLUMNS, self.POINT_KEY,  # type: ignore[arg-type]
                     rows)
@@ -167,7 +200,15 @@ class MetricsRepository:
 
     def upsert_entries(self, session: Session, entries: Sequence[metrics_pb2.LogEntry]) -> None:
         """Stores log entries (a repeat of a key replaces it) in one statement executed for every row."""
-        rows = _newest_per_key([entry_to_row(e) for e in entries], _ENTRY_KEY_INDEX, _ENTRY_ATTEMPT_INDEX)
+        self.upsert_entry_rows(session, self.entry_rows(entries))
+
+    @staticmethod
+    def entry_rows(entries: Sequence[metrics_pb2.LogEntry]) -> list[list[Any]]:
+        """The rows `upsert_entry_rows` stores."""
+        return [entry_to_row(e) for e in entries]
+
+    def upsert_entry_rows(self, session: Session, rows: list[list[Any]]) -> None:
+        """`upsert_entries` of rows from `entry_rows` (which it completes in place)."""
         if rows:
             _upsert(session, LogEntryRow.__table__, ENTRY_COLUMNS, self.ENTRY_KEY,  # type: ignore[arg-type]
                     rows)
@@ -212,10 +253,6 @@ class MetricsRepository:
         return (int(getattr(points, "rowcount", 0) or 0), int(getattr(entries, "rowcount", 0) or 0))
 
 
-_POINT_KEY_INDEX = tuple(POINT_COLUMNS.index(k) for k in MetricsRepository.POINT_KEY)
-_POINT_ATTEMPT_INDEX = POINT_COLUMNS.index("attempt")
-_ENTRY_KEY_INDEX = tuple(ENTRY_COLUMNS.index(k) for k in MetricsRepository.ENTRY_KEY)
-_ENTRY_ATTEMPT_INDEX = ENTRY_COLUMNS.index("attempt")
 # Core, built once: this runs twice per ingest batch, where the ORM's per-query overhead would show.
 _DELETED_JOBS: Table = DeletedJobRow.__table__  # type: ignore[assignment]
 _DELETED_AMONG = select(_DELETED_JOBS.c.job_id).where(

@@ -26,6 +26,9 @@ class MetricsSettings(BaseSettings):
     # one transaction, then acked together (a fetch takes whatever is pending, so batches grow only under
     # load). At most 1000, the consumer's max_ack_pending.
     ingest_batch: int = Field(default=256, ge=1, le=1000)
+    # Batches handled at once: the next batch is decoded and turned into rows while the last one is written
+    # (writes keep their order). 1: one batch at a time.
+    ingest_in_flight: int = Field(default=2, ge=1, le=4)
     # How long one fetch waits for a first message when none is pending.
     ingest_fetch_wait_s: float = Field(default=1.0, gt=0.0, le=60.0)
     # Redelivery of a batch whose write failed (the database) waits this long.

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.msg import Msg
@@ -191,6 +193,24 @@ async def test_the_newest_attempt_wins_whatever_order_batches_arrive_in(db: Data
     assert [attempt for *_, attempt in stored_points(db, "job_b")] == [1] * 15
 
 
+async def test_batches_in_flight_together_are_written_in_the_order_they_arrived(db: Database) -> None:
+    """Ingest prepares the next batch while the last is written; a later batch whose preparation finishes
+    first still waits for the earlier one's write, so the same key (same attempt) ends as the later says."""
+    manager = make_manager(db, RecordingFeed())
+    first = metrics_message("job_a", [point(1, loss=1.0), point(2, loss=1.0)])
+    second = metrics_message("job_a", [point(2, loss=2.0)])
+
+    def slowly(subject: str, data: bytes) -> tuple[str, Sequence[metrics_pb2.MetricPoint]]:
+        time.sleep(0.3)  # its thread decodes it after the second batch is long ready
+        return decode_metrics(subject, data)
+
+    earlier = asyncio.ensure_future(manager.record_metrics_batch([partial(slowly, *first)]))
+    await asyncio.sleep(0)  # the first batch takes its turn before the second arrives
+    later = asyncio.ensure_future(ingest_metrics(manager, [second]))
+    assert (await earlier)[1] == 2 and (await later)[1] == 1
+    assert stored_points(db, "job_a") == [(1, TRAIN, 1.0, 1), (2, TRAIN, 2.0, 1)]
+
+
 async def test_a_bad_message_in_a_batch_is_refused_alone(db: Database) -> None:
     feed = RecordingFeed()
     manager = make_manager(db, feed)
@@ -291,11 +311,11 @@ class FailingOnce(MetricsRepository):
     def __init__(self) -> None:
         self.failed = False
 
-    def upsert_points(self, session: Session, points: Sequence[metrics_pb2.MetricPoint]) -> None:
+    def upsert_point_rows(self, session: Session, rows: list[list[Any]]) -> None:
         if not self.failed:
             self.failed = True
             raise OperationalError("INSERT", {}, Exception("database is unreachable"))
-        super().upsert_points(session, points)
+        super().upsert_point_rows(session, rows)
 
 
 async def settled(js: JetStreamContext, published: int) -> tuple[int, int]:
