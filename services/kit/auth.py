@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -73,6 +74,30 @@ _RESOURCE_FIELDS = ("job", "dataset", "api_key", "name", "deployment")
 
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("tuneforge_principal",
                                                                              default=None)
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """The call being served was authenticated and authorized: who it runs as, and its audit (mutating
+    calls only)."""
+
+    principal: Principal
+    audit: Callable[..., Any] | None
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """The call being served is refused: why, and its audit."""
+
+    audit: Callable[..., Any]
+    error: TuneForgeError
+
+
+# What AuthInterceptor decided for the call being served. grpc.aio runs a call's interceptors and its
+# handler in one task, so the per-call decision travels here while the handlers themselves are made once
+# per method.
+_call: contextvars.ContextVar[_Admitted | _Refused | None] = contextvars.ContextVar("tuneforge_call",
+                                                                                   default=None)
 
 
 def current_principal() -> Principal:
@@ -295,6 +320,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.authenticator = authenticator
         self.limiter = RateLimiter(calls_per_second)
         self.calls_per_second = calls_per_second
+        # (method, refused) -> (the inner handler, the handler made of it); see `_handlers`.
+        self._made: dict[tuple[str, bool], tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -311,13 +338,27 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 principal = await self.authenticator.store.db.pool.run(self.authenticator.authenticate, token)
         except TuneForgeError as exc:
             organization = str(exc.metadata.get("organization", "")) if exc.metadata else ""
-            return _refusing(handler, self._auditor(method, organization, self.authenticator.describe(token)),
-                             exc)
+            _call.set(_Refused(self._auditor(method, organization, self.authenticator.describe(token)), exc))
+            return self._handlers(method, handler, access, refused=True)
         try:
             self._authorize(principal, access, method)
         except TuneForgeError as exc:
-            return _refusing(handler, self._auditor(method, principal.organization, principal.name), exc)
-        return self._wrap(handler, principal, method, access)
+            _call.set(_Refused(self._auditor(method, principal.organization, principal.name), exc))
+            return self._handlers(method, handler, access, refused=True)
+        audit = self._auditor(method, principal.organization, principal.name) if mutating(access) else None
+        _call.set(_Admitted(principal, audit))
+        return self._handlers(method, handler, access, refused=False)
+
+    def _handlers(self, method: str, handler: Any, access: int, *, refused: bool) -> Any:
+        """The handler that serves (or refuses) every call of `method` whose inner handler is `handler`:
+        made once, it reads the call's own principal or refusal from `_call`, which `intercept_service` set
+        in the call's context. Making it per call costs more than the rest of this interceptor."""
+        key = (method, refused)
+        made = self._made.get(key)
+        if made is None or made[0] is not handler:
+            made = (handler, _refusing(handler) if refused else self._wrap(handler))
+            self._made[key] = made
+        return made[1]
 
     def _authorize(self, principal: Principal, access: int, method: str) -> None:
         if principal.service:
@@ -350,91 +391,99 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         return audit
 
-    def _wrap(self, handler: Any, principal: Principal, method: str, access: int) -> Any:
-        audit = self._auditor(method, principal.organization, principal.name) if mutating(access) else None
+    @staticmethod
+    def _wrap(handler: Any) -> Any:
+        """`handler` run as the admitted principal of the call (`_Admitted`): its organization scoped into
+        every request, the outcome of a mutating call audited."""
 
-        def enter(request: Any) -> None:
-            _principal.set(principal)
-            scope_request(request, principal)
+        def admitted() -> _Admitted:
+            call = _call.get()
+            assert isinstance(call, _Admitted), "a call reached its handler without being admitted"
+            _principal.set(call.principal)
+            return call
 
-        async def outcome(context: grpc.aio.ServicerContext, resource: str, response: Any,
+        def enter(request: Any) -> _Admitted:
+            call = admitted()
+            scope_request(request, call.principal)
+            return call
+
+        async def outcome(call: _Admitted, context: grpc.aio.ServicerContext, resource: str, response: Any,
                           exc: BaseException | None) -> None:
-            if audit is None:
+            if call.audit is None:
                 return
             if exc is None:
-                await audit(context, "OK", "", _resource(response) or resource)
+                await call.audit(context, "OK", "", _resource(response) or resource)
                 return
             code, message = _code_of(exc, context)
-            await audit(context, code, message, resource)
+            await call.audit(context, code, message, resource)
 
-        if handler.unary_unary or handler.unary_stream:
-            unary = handler.unary_unary or handler.unary_stream
-
-            if handler.unary_unary:
-                async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                    resource = _resource(request)
-                    try:
-                        enter(request)  # a request naming another organization is refused, and audited
-                        response = await unary(request, context)
-                    except BaseException as exc:
-                        await outcome(context, resource, None, exc)
-                        raise
-                    await outcome(context, resource, response, None)
-                    return response
-
-                return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                           handler.response_serializer)
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                resource = _resource(request)
-                try:
-                    enter(request)
-                    async for item in _responses(unary(request, context)):
-                        yield item
-                except BaseException as exc:
-                    await outcome(context, resource, None, exc)
-                    raise
-                await outcome(context, resource, None, None)
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, handler.request_deserializer,
-                                                        handler.response_serializer)
-
-        async def scoped(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async def scoped(requests: AsyncIterator[Any], principal: Principal) -> AsyncIterator[Any]:
             async for request in requests:
                 scope_request(request, principal)
                 yield request
 
+        deserializer, serializer = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary:
+            unary = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                call = admitted()
+                resource = _resource(request)
+                try:
+                    enter(request)  # a request naming another organization is refused, and audited
+                    response = await unary(request, context)
+                except BaseException as exc:
+                    await outcome(call, context, resource, None, exc)
+                    raise
+                await outcome(call, context, resource, response, None)
+                return response
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, serializer)
+        if handler.unary_stream:
+            streaming = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                call = admitted()
+                resource = _resource(request)
+                try:
+                    enter(request)
+                    async for item in _responses(streaming(request, context)):
+                        yield item
+                except BaseException as exc:
+                    await outcome(call, context, resource, None, exc)
+                    raise
+                await outcome(call, context, resource, None, None)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, deserializer, serializer)
         if handler.stream_unary:
             collect = handler.stream_unary
 
             async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                _principal.set(principal)
+                call = admitted()
                 try:
-                    response = await collect(scoped(requests), context)
+                    response = await collect(scoped(requests, call.principal), context)
                 except BaseException as exc:
-                    await outcome(context, "", None, exc)
+                    await outcome(call, context, "", None, exc)
                     raise
-                await outcome(context, "", response, None)
+                await outcome(call, context, "", response, None)
                 return response
 
-            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
-                                                        handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(stream_unary, deserializer, serializer)
         if handler.stream_stream:
             both = handler.stream_stream
 
             async def stream_stream(requests: AsyncIterator[Any],
                                     context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                _principal.set(principal)
+                call = admitted()
                 try:
-                    async for item in _responses(both(scoped(requests), context)):
+                    async for item in _responses(both(scoped(requests, call.principal), context)):
                         yield item
                 except BaseException as exc:
-                    await outcome(context, "", None, exc)
+                    await outcome(call, context, "", None, exc)
                     raise
-                await outcome(context, "", None, None)
+                await outcome(call, context, "", None, None)
 
-            return grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer,
-                                                         handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
         return handler
 
 
@@ -458,17 +507,18 @@ def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[str
     return "UNKNOWN", ""
 
 
-def _refusing(handler: Any, audit: Callable[..., Any], exc: TuneForgeError) -> Any:
-    """A handler of `handler`'s shape that never parses the request and answers `exc` (audited)."""
-    code = exc.code.name
+def _refusing(handler: Any) -> Any:
+    """A handler of `handler`'s shape that never parses the request and answers the call's refusal
+    (`_Refused`), audited."""
 
     async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await audit(context, code, exc.message)
-        raise exc
+        call = _call.get()
+        assert isinstance(call, _Refused), "a call reached its refusal without being refused"
+        await call.audit(context, call.error.code.name, call.error.message)
+        raise call.error
 
     async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await audit(context, code, exc.message)
-        raise exc
+        await refuse(_request, context)
         yield  # pragma: no cover - makes this an async generator
 
     def ignore(_raw: bytes) -> None:

@@ -132,15 +132,42 @@ def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], An
     return handler
 
 
+class MadeOnce:
+    """What an interceptor makes of each (method, inner handler), made on first use and kept.
+
+    Every call of a method gets its handler from the interceptors inside, which hand out the same few
+    objects each time (the servicer's own, or what they made once), so the wrapping around them need not be
+    remade per call either; making it per call cost more than the wrappers themselves. Bounded: should an
+    inner interceptor make a new handler per call, this starts over instead of growing."""
+
+    LIMIT = 4096
+
+    def __init__(self, make: Callable[[str, Any], Any]) -> None:
+        self._make = make
+        self._made: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def __call__(self, method: str, handler: Any) -> Any:
+        key = (method, id(handler))
+        made = self._made.get(key)
+        if made is None or made[0] is not handler:
+            if len(self._made) >= self.LIMIT:
+                self._made.clear()
+            made = self._made[key] = (handler, self._make(method, handler))
+        return made[1]
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """The one place where exceptions become gRPC statuses, for every RPC shape."""
+
+    def __init__(self) -> None:
+        self._wrapped = MadeOnce(lambda _method, handler: rewrap(handler, _wrap_unary, _wrap_stream))
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return rewrap(handler, _wrap_unary, _wrap_stream)
+        return self._wrapped(handler_call_details.method, handler)
 
 
 class _Undecodable:
@@ -170,13 +197,19 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
     InvalidArgument for it, which `ErrorMappingInterceptor` (outside this one) maps like any other error.
     """
 
+    def __init__(self) -> None:
+        self._guarded = MadeOnce(self._guard)
+
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
+        return self._guarded(handler_call_details.method, handler)
+
+    @staticmethod
+    def _guard(method: str, handler: Any) -> Any:
         deserialize = handler.request_deserializer
-        method = handler_call_details.method
 
         def guarded(raw: bytes) -> Any:
             try:
@@ -251,15 +284,22 @@ _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every call and its duration by service, method and final gRPC code
     (services.kit.telemetry: tuneforge_rpc_requests_total, tuneforge_rpc_duration_seconds), for every RPC
-    shape. Registered outermost, so it sees the code ErrorMappingInterceptor chose; a streaming call counts
-    once, when its last response went out."""
+    shape. Registered outside ErrorMappingInterceptor, so it sees the code that one chose; a streaming call
+    counts once, when its last response went out."""
+
+    def __init__(self) -> None:
+        self._counted = MadeOnce(self._count)
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        service, method = telemetry.split_method(handler_call_details.method)
+        return self._counted(handler_call_details.method, handler)
+
+    @staticmethod
+    def _count(full_method: str, handler: Any) -> Any:
+        service, method = telemetry.split_method(full_method)
 
         def done(context: grpc.aio.ServicerContext, started: float, exc: BaseException | None) -> None:
             telemetry.observe_rpc(service, method, _final_code(context, exc), time.perf_counter() - started)
@@ -298,9 +338,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
     CreateJob"), child of the `traceparent` a caller sent in its metadata, current while the servicer runs
     (so an outbox row written by the call keeps its context) and ended with the call's final gRPC code
     (`rpc.grpc.status_code`; an error status on anything but OK). A streaming call's span is not current
-    while it streams. Registered just inside
-    MetricsInterceptor, so it sees the code ErrorMappingInterceptor chose. Installed only while tracing is
-    on."""
+    while it streams. Registered outermost, so it sees the code ErrorMappingInterceptor chose. Installed only
+    while tracing is on."""
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:

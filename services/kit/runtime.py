@@ -365,11 +365,12 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
     auth = AuthInterceptor(Authenticator(identity, service_token(settings), oidc_verifier(settings)),
                            calls_per_second=settings.api_calls_per_second)
     # Outermost first: the metrics see the code every error was mapped to, errors raised by the guards are
-    # mapped like every other error, and a call is authenticated before its request is parsed.
-    # A span per call only while tracing is on (TUNEFORGE_TRACING; configure_tracing).
+    # mapped like every other error, and a call is authenticated before its request is parsed. A span per
+    # call only while tracing is on (TUNEFORGE_TRACING; configure_tracing), around everything else: the
+    # interceptors inside it make each method's handler once (MadeOnce), which a per-call span would defeat.
     traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(), *traced, ErrorMappingInterceptor(), auth,
+        interceptors=[*traced, MetricsInterceptor(), ErrorMappingInterceptor(), auth,
                       UndecodableRequestInterceptor()],
         options=SERVER_OPTIONS)
     # Bind first: a taken address fails before anything starts, and components may open channels to

@@ -371,3 +371,34 @@ async def test_list_fields_are_honoured(kit_settings: KitSettings) -> None:
         assert failures.events and all(e.code != "OK" for e in failures.events)
         assert any(e.code == "PERMISSION_DENIED" and e.method.endswith("/ListApiKeys")
                    for e in failures.events)
+
+
+async def test_concurrent_calls_each_run_as_their_own_caller(kit_settings: KitSettings) -> None:
+    """The interceptor makes each method's handler once and hands every call its own decision through the
+    call's context: interleaved calls of several organizations and roles, admitted and refused, never see
+    one another's caller."""
+    async with serving(kit_settings) as address, grpc.aio.insecure_channel(address) as channel:
+        stub = api_key_service_pb2_grpc.ApiKeyServiceStub(channel)
+        keys = {org: await create_key(stub, org, role, f"{org}-key")
+                for org, role in (("acme", identity_pb2.ROLE_ADMIN), ("globex", identity_pb2.ROLE_VIEWER),
+                                  ("initech", identity_pb2.ROLE_MEMBER))}
+
+        async def as_caller(org: str) -> tuple[str, str]:
+            caller = (await stub.GetCaller(api_key_service_pb2.GetCallerRequest(),
+                                           metadata=bearer(keys[org]))).caller
+            return org, caller.organization
+
+        async def listing(org: str) -> tuple[str, str]:
+            try:
+                listed = await stub.ListApiKeys(api_key_service_pb2.ListApiKeysRequest(),
+                                                metadata=bearer(keys[org]))
+            except grpc.aio.AioRpcError as exc:
+                return org, exc.code().name
+            return org, ",".join(k.name for k in listed.api_keys)
+
+        calls = [f(org) for _ in range(20) for org in keys for f in (as_caller, listing)]
+        results = await asyncio.gather(*calls)
+        assert all(org == seen for org, seen in results[0::2])
+        # ListApiKeys is an admin's: only acme's key may list, and it sees only acme's keys.
+        assert set(results[1::2]) == {("acme", "acme-key"), ("globex", "PERMISSION_DENIED"),
+                                      ("initech", "PERMISSION_DENIED")}
