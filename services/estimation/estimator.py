@@ -8,8 +8,9 @@ Memory follows the usual accounting (ZeRO paper, Korthikanti et al. 2022) for on
 layout the trainer worker really uses:
   weights + trainable copies + gradients + optimizer states + activations + logits + transient buffers
   + framework overhead,
-with ZeRO/FSDP dividing the sharded parts by the number of GPUs. The peak is the larger of the backward pass
-(activations alive) and the optimizer step (its temporaries alive), not their sum.
+with ZeRO/FSDP dividing the sharded parts by the number of GPUs of every node (gpu_count x node_count). The
+peak is the larger of the backward pass (activations alive) and the optimizer step (its temporaries alive),
+not their sum. On several nodes the time adds the traffic between them at the hardware's stated bandwidth.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class Priors:
     )
     # GRPO spends most of its time generating, far below peak.
     grpo_utilization_factor: float = 0.4
-    # Throughput kept per GPU when training on several (communication), by strategy family.
+    # Throughput kept per GPU when training on several (communication within a node), by strategy family.
+    # Between nodes the time is counted, not guessed: `inter_node_seconds_per_token`.
     scaling_efficiency: dict[str, float] = field(
         default_factory=lambda: {
             "none": 0.90,
@@ -90,7 +92,6 @@ class Priors:
             "zero3_offload": 0.45,
         }
     )
-    multi_node_efficiency: float = 0.90
     # Setup, evaluation and export on top of the training time (the 20-30% competitors quote) ...
     overhead_fraction: float = 0.20
     # ... plus a fixed start: worker claim, dataset fetch, process start ...
@@ -251,6 +252,10 @@ class Hardware:
     allowed_gpu_counts: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     min_storage_gb: int = 50
     max_storage_gb: int = 1000
+    # The network between two nodes of this type, as one node sends and receives at once (Gbit/s), and
+    # what it is, for the note that states it (catalog/hardware.json says why each value).
+    inter_node_gbps: float = 100.0
+    inter_node_network: str = "Ethernet"
 
     @property
     def is_cpu(self) -> bool:
@@ -379,6 +384,8 @@ class Time:
     training_seconds: float
     overhead_seconds: float
     tokens_per_second: float = 0.0
+    # The part of `training_seconds` spent moving gradients and parameters between nodes (0 on one node).
+    communication_seconds: float = 0.0
 
     @property
     def total_seconds(self) -> float:
@@ -797,8 +804,6 @@ def utilization(
         value *= priors.grpo_utilization_factor
     if setup.world_size > 1:
         value *= priors.scaling_efficiency[setup.strategy]
-    if setup.node_count > 1:
-        value *= priors.multi_node_efficiency
     if calibration is not None and calibration.throughput is not None:
         value *= calibration.throughput
     return min(value, 1.0)
@@ -812,10 +817,59 @@ def tokens_per_second(
     priors: Priors = PRIORS,
     calibration: Calibration | None = None,
 ) -> float:
-    """Training throughput over all GPUs: peak x utilisation / FLOPs per token."""
+    """Training throughput over all GPUs: peak x utilisation / FLOPs per token, slowed on several nodes by
+    the time their traffic takes (`inter_node_seconds_per_token`)."""
     util = utilization(setup, hardware, priors, calibration)
     peak = hardware.peak_tflops * 1e12 * setup.world_size
-    return peak * util / flops_per_token(arch, setup, context_tokens)
+    compute = peak * util / flops_per_token(arch, setup, context_tokens)
+    return 1.0 / (1.0 / compute + inter_node_seconds_per_token(arch, setup, hardware, context_tokens))
+
+
+def inter_node_bytes(arch: Architecture, setup: Setup, hardware: Hardware) -> tuple[float, float]:
+    """Bytes each node sends (and receives) over the inter-node network per micro-batch and per optimizer
+    step; (0, 0) on one node.
+
+    Collectives are taken as hierarchical rings (NCCL's): the GPUs of a node combine over NVLink first, then
+    each reduce-scatter or all-gather moves (nodes - 1) / nodes of the data across the network. By
+    strategy:
+    - DDP: one all-reduce of the gradients per optimizer step (2 x gradients: a reduce-scatter and an
+      all-gather; accumulation steps do not synchronise);
+    - ZeRO-1/2: a reduce-scatter of the gradients each micro-batch, an all-gather of the updated 16-bit
+      trainable parameters each step;
+    - ZeRO-3 / FSDP: the sharded weights gathered for the forward and again for the backward (and a third
+      time for the recomputed forward with gradient checkpointing), the gradients reduce-scattered, each
+      micro-batch.
+    A reference, teacher or reward model's gathers are not counted.
+    """
+    nodes = setup.node_count
+    if nodes <= 1:
+        return 0.0, 0.0
+    share = (nodes - 1) / nodes
+    width = PRECISION_BYTES[resolve_precision(setup, hardware)]
+    trainable = trainable_parameters(arch, setup)
+    gradients = trainable * (4 if fp32_parameters(setup, hardware) else width)
+    if setup.strategy in SHARDED_WEIGHTS:
+        gathers = 3 if setup.gradient_checkpointing else 2
+        return share * (gathers * arch.parameter_count * width + gradients), 0.0
+    if setup.strategy in SHARDED_OPTIMIZER or setup.strategy in SHARDED_GRADIENTS:
+        return share * gradients, share * trainable * width
+    return 0.0, share * 2 * gradients
+
+
+def inter_node_seconds_per_token(
+    arch: Architecture, setup: Setup, hardware: Hardware, context_tokens: int
+) -> float:
+    """Seconds of inter-node traffic per training token at `hardware.inter_node_gbps`, taken as NOT
+    overlapped with computation: an upper bound (DDP's bucketed all-reduce and FSDP's prefetch hide part
+    of it), which keeps a multi-node estimate from promising more than the network gives."""
+    per_micro_batch, per_step = inter_node_bytes(arch, setup, hardware)
+    if not per_micro_batch and not per_step:
+        return 0.0
+    sequence = setup.sequence_length if setup.packing else min(context_tokens, setup.sequence_length)
+    micro_batch_tokens = setup.world_size * setup.batch_size * setup.sequences_per_example * max(sequence, 1)
+    step_tokens = micro_batch_tokens * setup.gradient_accumulation_steps
+    bytes_per_second = hardware.inter_node_gbps * 1e9 / 8
+    return (per_micro_batch / micro_batch_tokens + per_step / step_tokens) / bytes_per_second
 
 
 def estimate_time(
@@ -832,6 +886,7 @@ def estimate_time(
     util = utilization(setup, hardware, priors, calibration)
     throughput = tokens_per_second(arch, setup, hardware, context_tokens, priors, calibration)
     training = tokens / throughput
+    communication = tokens * inter_node_seconds_per_token(arch, setup, hardware, context_tokens)
     overhead = (
         priors.overhead_fraction * training
         + priors.setup_seconds
@@ -844,7 +899,33 @@ def estimate_time(
         training_seconds=training,
         overhead_seconds=overhead,
         tokens_per_second=throughput,
+        communication_seconds=communication,
     )
+
+
+def multi_node_note(setup: Setup, fit: Fit) -> str | None:
+    """The assumptions behind a multi-node estimate, in a sentence for the response's notes; None on one
+    node. `fit` is the estimate of `setup` (its strategy may be the one the fit search chose)."""
+    if setup.node_count <= 1:
+        return None
+    hardware, world = fit.hardware, fit.gpu_count
+    per_node = world // setup.node_count
+    sharded = {
+        **dict.fromkeys(SHARDED_WEIGHTS, "weights, gradients and optimizer states"),
+        **dict.fromkeys(("zero2", "zero2_offload"), "gradients and optimizer states"),
+        "zero1": "optimizer states",
+    }.get(fit.strategy)
+    memory = f"{sharded} sharded over all {world} GPUs" if sharded else "no sharding (each GPU holds a copy)"
+    note = (
+        f"{setup.node_count} nodes x {per_node} GPUs: {memory}; inter-node bandwidth assumed "
+        f"{hardware.inter_node_gbps:g} Gb/s per node ({hardware.inter_node_network}), its traffic not "
+        "overlapped with computation"
+    )
+    if fit.time is not None:
+        note += (
+            f" ({fit.time.communication_seconds:.0f} s of the {fit.time.training_seconds:.0f} s of training)"
+        )
+    return note
 
 
 def estimate_cost(hardware: Hardware, setup: Setup, seconds: float | None) -> Cost:

@@ -28,6 +28,7 @@ from services.estimation.estimator import (
     Setup,
     cost_key,
     evaluate,
+    multi_node_note,
     training_tokens,
 )
 from services.estimation.jobs import JobRecord
@@ -278,6 +279,7 @@ class EstimationManager:
             notes.append("no dataset and no tokens_per_epoch: time and cost are not estimated")
         calibrations = await self.calibrations.for_family(resolved.model.family)
         fit = await self._on_spec_hardware(resolved, tokens, notes, calibrations)
+        _note_multi_node(resolved.setup, fit, notes)
         return JobEstimate(fit=fit, notes=notes)
 
     async def validate_hardware(
@@ -297,6 +299,7 @@ class EstimationManager:
         arch, setup = resolved.model.architecture, resolved.setup
         calibrations = await self.calibrations.for_family(resolved.model.family)
         requested = self._evaluate(resolved, hardware, tokens, calibrations)
+        _note_multi_node(setup, requested, notes)
         if requested.fits:
             return HardwareCheck(requested=requested, cheapest=None, suggestions=[], notes=notes)
         cheapest = await self._cheapest(arch, setup, tokens, calibrations)
@@ -341,6 +344,7 @@ class EstimationManager:
         resolved = _at_longest_example(resolved, tokens, notes)
         calibrations = await self.calibrations.for_family(resolved.model.family)
         fit = await self._on_spec_hardware(resolved, tokens, notes, calibrations)
+        _note_multi_node(resolved.setup, fit, notes)
         rate = fit.cost.hourly_usd * fit.gpu_count / 3600
         estimated_seconds = fit.time.total_seconds if fit.time else None
         if job is None:
@@ -381,6 +385,7 @@ class EstimationManager:
         requested, advice = None, []
         if resolved.hardware is not None:
             requested = self._evaluate(resolved, resolved.hardware, tokens, calibrations)
+            _note_multi_node(setup, requested, notes)
             if not requested.fits:
                 advice = await self._suggestions(arch, setup, resolved.hardware)
         return Plan(
@@ -639,6 +644,14 @@ def _job_pace(
         return elapsed, fraction, elapsed * (1 - fraction) / fraction
     notes.append("the job reports no progress yet: the rest is the estimate less the time run")
     return elapsed, fraction, max(0.0, (estimated_seconds or elapsed) - elapsed)
+
+
+def _note_multi_node(setup: Setup, fit: Fit, notes: list[str]) -> None:
+    """States what a multi-node estimate assumes (sharding over every node's GPUs, the inter-node
+    bandwidth), so a caller can weigh the time it promises."""
+    note = multi_node_note(setup, fit)
+    if note:
+        notes.append(note)
 
 
 def _at_longest_example(resolved: ResolvedSetup, tokens: Tokens | None, notes: list[str]) -> ResolvedSetup:

@@ -107,6 +107,9 @@ def _hardware(entry: dict[str, Any], defaults: dict[str, Any], prices: Mapping[s
         allowed_gpu_counts=tuple(int(c) for c in merged["allowed_gpu_counts"]),
         min_storage_gb=int(merged["min_storage_gb"]),
         max_storage_gb=int(merged["max_storage_gb"]),
+        # A catalog copy written before these keys existed keeps the estimator's defaults.
+        inter_node_gbps=float(merged.get("inter_node_gbps", Hardware.inter_node_gbps)),
+        inter_node_network=str(merged.get("inter_node_network", Hardware.inter_node_network)),
     )
 
 
