@@ -2,19 +2,27 @@
 
     python -m trainer_worker          # settings from TUNEFORGE_* environment variables
 
-One job at a time, pulled from TF_WORK (explicit acks). Jobs are queued by GPU type and count
-(`tuneforge_core.subjects`): a worker with C GPUs of a type pulls from that type's consumers for C, C-1,
-..., 2 GPUs (``trainers-<gpu type>-x<N>``) and for one (``trainers-<gpu type>``), largest first, then from
-``trainers-any`` (jobs that name no GPU type, or "cpu"). A CPU worker pulls from ``trainers-any`` only, so
-a job for two H100s waits in the queue for a worker with at least two instead of being handed to workers
-that must refuse it. A worker with a GPU of unknown type (TUNEFORGE_WORKER_GPU_TYPE unset on a GPU host)
-takes jobs of every GPU type, for as many GPUs as it counts: it also pulls from each such route that has
-jobs waiting, found from the stream's subjects every little while.
+One job at a time, pulled from TF_WORK (explicit acks). The worker knows its hardware from NVML
+(`trainer_worker.hardware`: GPU model, count and memory, mapped to a hardware option such as
+"nvidia-h100"; "cpu" without a GPU), unless TUNEFORGE_WORKER_GPU_TYPE / _GPU_COUNT say otherwise. Jobs are
+queued by GPU type and count (`tuneforge_core.subjects`): a worker with C GPUs of a type pulls from that
+type's consumers for C, C-1, ..., 2 GPUs (``trainers-<gpu type>-x<N>``) and for one
+(``trainers-<gpu type>``), largest first, then from ``trainers-any`` (jobs that name no GPU type, or
+"cpu"). A CPU worker pulls from ``trainers-any`` only, so a job for two H100s waits in the queue for a
+worker with at least two instead of being handed to workers that must refuse it. A worker with a GPU of
+unknown type takes jobs of every GPU type, for as many GPUs as it counts: it also pulls from each such
+route that has jobs waiting, found from the stream's subjects every little while.
+
+Pools: each worker serves one pool (TUNEFORGE_WORKER_POOL, "default" when unset). A job that names a pool
+(spec.hardware.pool) is queued on that pool's routes (``trainers-pool-<pool>--<route>``), which only that
+pool's workers pull, and before anything else: its pool's routes in the order above, then the routes of
+jobs that name no pool.
 
 0. Hand the job straight back (NAK, with a log line) if it names a GPU type this worker does not have, or
-   more GPUs than it has: it is never trained on other or fewer GPUs than it asked for. Routing makes this
-   the exception (an assignment published on the wrong subject), not the rule. The refusal sends no
-   update (Job.attempt does not change), but it is a JetStream delivery like any other.
+   more GPUs than it has, or another pool: it is never trained on other or fewer GPUs than it asked for,
+   nor outside its pool. Routing makes this the exception (an assignment published on the wrong subject),
+   not the rule. The refusal sends no update (Job.attempt does not change), but it is a JetStream
+   delivery like any other.
 1. Skip the job if its latest JobChanged (TF_EVENTS) says it is cancelled or final.
 2. PREPARING: fetch the data through the object store, and the model as `tuneforge_core.models` allows it
    for the job's organization: a hub id as it is, a folder under a model root in place, the
@@ -32,11 +40,16 @@ Infrastructure hiccups (storage or NATS unreachable) NAK the job instead of fail
 retries it; the jobs service fails a job that runs out of deliveries as WORKER_LOST.
 
 Heartbeats: every TUNEFORGE_WORKER_HEARTBEAT_INTERVAL_S the agent publishes a WorkerHeartbeat (core NATS,
-`subjects.WORKER_HEARTBEATS`): its id, host, GPU type and count, IDLE or BUSY with the job and attempt it
-runs. The jobs service lists workers from them, and puts a job back to QUEUED (with a reason) when the
-worker holding it goes quiet; a last heartbeat says STOPPED when the agent shuts down cleanly.
-On SIGTERM/SIGINT the agent stops pulling, stops the child and NAKs the job it holds, so another worker
-takes it at once.
+`subjects.WORKER_HEARTBEATS`): its id, host, pool, GPU type, count, memory and NVML name, IDLE or BUSY
+with the job and attempt it runs, DRAINING once asked to stop. The jobs service lists workers from them,
+and puts a job back to QUEUED (with a reason) when the worker holding it goes quiet; a last heartbeat says
+STOPPED when the agent shuts down cleanly.
+
+Draining: the first SIGTERM/SIGINT stops pulling at once and says DRAINING (a heartbeat goes out at once).
+An idle worker then exits. A busy one lets its job run for up to TUNEFORGE_WORKER_DRAIN_TIMEOUT_S (0, the
+default: not at all); if the job is still running then, or at a second signal, the agent stops the child
+(SIGTERM, grace, SIGKILL) and NAKs the job, so another worker takes it at once and resumes it from its last
+stored checkpoint. The job's log says which happened.
 
 This module never imports torch: the training stack loads only in the child.
 """
@@ -63,11 +76,11 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
-from pydantic import Field
+from pydantic import Field, field_validator
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
-from trainer_worker import evaluation_report, vision, warm_start
+from trainer_worker import evaluation_report, hardware, vision, warm_start
 from trainer_worker.checkpointing import CheckpointStore
 from trainer_worker.errors import TrainingError, Transient, is_retryable
 from trainer_worker.events import (
@@ -131,12 +144,20 @@ class AgentSettings(KitSettings):
     # Keep each attempt's work dir (RUN.json, events, train.log, outputs) after it ends, for debugging.
     worker_keep_work_dirs: bool = False
     # The hardware option this worker's GPUs are (as in ListHardwareOptions, e.g. "nvidia-h100"), or "cpu"
-    # for a worker without one. Empty: "cpu" when no NVIDIA GPU is visible, else a GPU of unknown type,
-    # which takes a job for any GPU type (set it on a fleet that mixes GPU types).
+    # for a worker without one. Empty: detected (trainer_worker.hardware: NVML's GPU model and memory;
+    # "cpu" when no NVIDIA GPU is visible), or a GPU of unknown type where detection cannot tell, which
+    # takes a job for any GPU type.
     worker_gpu_type: str = ""
     # GPUs this worker has, as its heartbeats report them and as many as it takes jobs for; 0: count the
     # visible NVIDIA GPUs.
     worker_gpu_count: int = 0
+    # The worker pool this worker serves: it takes the jobs that name it (spec.hardware.pool) first, then
+    # those that name no pool. 1-40 characters of a-z, 0-9 and single "-" between them.
+    worker_pool: str = subjects.DEFAULT_POOL
+    # Seconds a running job may go on after the first SIGTERM/SIGINT before it is handed back to the
+    # queue. 0: hand it back at once. Kubernetes' terminationGracePeriodSeconds must exceed it (plus
+    # TUNEFORGE_WORKER_STOP_GRACE_S), or the pod is killed before the job goes back.
+    worker_drain_timeout_s: float = Field(default=0.0, ge=0)
     # Seconds between heartbeats (WorkerHeartbeat). The jobs service calls a worker gone after
     # TUNEFORGE_WORK_ACK_WAIT_S or three of these without one, whichever is longer.
     worker_heartbeat_interval_s: float = 5.0
@@ -145,31 +166,15 @@ class AgentSettings(KitSettings):
     # one host its own port; one that is taken is a warning, not a failure.
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
 
-
-def _visible_gpu_count() -> int:
-    """NVIDIA GPUs visible to this process, without importing torch: CUDA_VISIBLE_DEVICES when set (up to
-    the first "-1", which hides the rest), else the driver's list."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = []
-        for item in (v.strip() for v in visible.split(",")):
-            if not item or item == "-1":
-                break
-            ids.append(item)
-        return len(ids)
-    gpus = Path("/proc/driver/nvidia/gpus")
-    if gpus.is_dir():
-        return sum(1 for _ in gpus.iterdir())
-    return 1 if Path("/dev/nvidia0").exists() else 0
-
-
-def _sees_a_gpu() -> bool:
-    """Whether an NVIDIA GPU is visible to this process, without importing torch (or waking the driver)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+    @field_validator("worker_pool")
+    @classmethod
+    def _pool_name(cls, value: str) -> str:
+        pool = value.strip() or subjects.DEFAULT_POOL
+        if not subjects.valid_pool(pool):
+            raise ValueError(f"TUNEFORGE_WORKER_POOL {value!r} is not a pool name: 1-"
+                             f"{subjects.POOL_NAME_MAX} characters of a-z, 0-9 and single '-' between them "
+                             "(e.g. 'h100-spot')")
+        return pool
 
 
 @dataclass(frozen=True)
@@ -179,45 +184,63 @@ class WorkerHardware:
     A job that names no GPU type, or "cpu", goes to any worker (a GPU does not downgrade a CPU job). A job
     that names a GPU type and count (per node) goes only to a worker with at least that many GPUs of that
     type, or of unknown type; anything else would train it on other or fewer GPUs than it asked for, which
-    CreateJob promised not to do. A worker that names a GPU type but counts none takes no GPU job.
+    CreateJob promised not to do. A worker that names a GPU type but counts none takes no GPU job. A job
+    that names a pool goes only to that pool's workers.
     """
 
     gpu_type: str  # "cpu", a hardware option, or "" for a GPU of unknown type
     gpu_count: int = 0
+    pool: str = subjects.DEFAULT_POOL
+    gpu_memory_bytes: int = 0  # of each GPU, as NVML reports it; 0 when unknown or on a CPU worker
+    gpu_name: str = ""  # NVML's model name
 
     @classmethod
-    def from_settings(cls, settings: AgentSettings) -> WorkerHardware:
+    def from_settings(cls, settings: AgentSettings, host: hardware.HostGpus | None = None) -> WorkerHardware:
+        """The settings' GPU type and count where they name them, else `host` (detected when not given)."""
+        host = host or hardware.detect()
         configured = settings.worker_gpu_type.strip().lower()
-        gpu_type = configured or ("" if _sees_a_gpu() else "cpu")
-        count = settings.worker_gpu_count or (0 if gpu_type == "cpu" else _visible_gpu_count())
+        if configured and host.gpu_type not in ("", configured):
+            log.warning("TUNEFORGE_WORKER_GPU_TYPE is %s but this worker detects %s; the setting wins",
+                        configured, host.describe())
+        gpu_type = configured or host.gpu_type
+        count = settings.worker_gpu_count or (0 if gpu_type == "cpu" else host.gpu_count)
         if gpu_type == "" and count < 1:  # it sees a GPU, so it has one at least
             count = 1
         if gpu_type not in ("", "cpu") and count < 1:
             log.warning("TUNEFORGE_WORKER_GPU_TYPE is %s but no GPU is visible: this worker takes only jobs "
                         "that name no GPU type (set TUNEFORGE_WORKER_GPU_COUNT)", gpu_type)
-        return cls(gpu_type, count)
+        return cls(gpu_type, count, settings.worker_pool, host.gpu_memory_bytes, host.gpu_name)
 
     @property
     def takes_every_gpu_type(self) -> bool:
         return self.gpu_type == ""
 
     def routes(self) -> list[str]:
-        """The routes (`subjects.work_route`) this worker pulls from, in order: its GPU type's for as many
-        GPUs as it has down to one (larger jobs first: a smaller worker cannot take them), then "any". A GPU
-        of unknown type starts with "any" alone, and adds the routes with jobs waiting that it takes as it
-        finds them (`takes_route`)."""
+        """The routes (`subjects.pooled_route`) this worker pulls from, in order: its pool's, then those of
+        jobs that name no pool; in each, its GPU type's for as many GPUs as it has down to one (larger jobs
+        first: a smaller worker cannot take them), then "any". A GPU of unknown type starts with the two
+        "any" routes alone, and adds the routes with jobs waiting that it takes as it finds them
+        (`takes_route`)."""
         own = subjects.gpu_route(self.gpu_type)
-        if own == subjects.ANY_ROUTE:
-            return [subjects.ANY_ROUTE]
-        counted = [subjects.work_route(own, n) for n in range(self.gpu_count, 0, -1)]
-        return [*counted, subjects.ANY_ROUTE]
+        counts = [] if own == subjects.ANY_ROUTE else list(range(self.gpu_count, 0, -1))
+        return [subjects.pooled_route(pool, gpu_type, n)
+                for pool in (self.pool, "")
+                for gpu_type, n in [*((own, n) for n in counts), (subjects.ANY_ROUTE, 0)]]
+
+    def route_order(self, route: str) -> tuple[bool, bool, int]:
+        """Sort key of the routes this worker pulls, in the order `routes` gives: its pool's first, then
+        in each the most GPUs first and "any" last."""
+        return (not subjects.route_pool(route), subjects.route_gpu_type(route) == subjects.ANY_ROUTE,
+                -subjects.route_gpu_count(route))
 
     def takes_route(self, route: str) -> bool:
-        """Whether the jobs queued on `route` are this worker's to train: its GPU type (any type, for a GPU
-        of unknown type) and no more GPUs than it has; "any" always."""
-        if route == subjects.ANY_ROUTE:
-            return True
+        """Whether the jobs queued on `route` are this worker's to train: no pool or its own, its GPU type
+        (any type, for a GPU of unknown type) and no more GPUs than it has; "any" always."""
+        if subjects.route_pool(route) not in ("", self.pool):
+            return False
         count = subjects.route_gpu_count(route)
+        if subjects.route_gpu_type(route) == subjects.ANY_ROUTE and count == 0:
+            return True
         if not 1 <= count <= self.gpu_count or self.gpu_type == "cpu":
             return False
         own = subjects.gpu_route(self.gpu_type)
@@ -229,9 +252,12 @@ class WorkerHardware:
         kind = self.gpu_type or "GPUs of unknown type"
         return f"{kind} x{self.gpu_count}" if self.gpu_count else kind
 
-    def refusal(self, wanted: str, wanted_count: int = 1) -> str | None:
+    def refusal(self, wanted: str, wanted_count: int = 1, wanted_pool: str = "") -> str | None:
         """Why this worker must not train a job asking for `wanted_count` GPUs (per node; unset counts as
-        one) of type `wanted`, or None when it may. A job that names no GPU type (or "cpu") it may always."""
+        one) of type `wanted` in pool `wanted_pool` (empty: any), or None when it may. A job that names no
+        GPU type (or "cpu") and no other pool it may always."""
+        if wanted_pool and wanted_pool != self.pool:
+            return f"the job asks for pool {wanted_pool} and this worker serves pool {self.pool}"
         wanted = wanted.strip().lower()
         if wanted in ("", "cpu"):
             return None
@@ -255,21 +281,53 @@ class Agent:
                  nc: NATS | None = None) -> None:
         self.settings, self.js, self.store, self.nc = settings, js, store, nc
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        # Set at the first SIGTERM/SIGINT: pull nothing more (DRAINING), exit once no job is held.
         self.stopping = asyncio.Event()
+        # Set when the drain time runs out, or at a second signal: stop the child and NAK its job.
+        self.handing_back = asyncio.Event()
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._drain_heartbeat: asyncio.Task[None] | None = None
         self.work_root = settings.data_dir.resolve() / "worker"
         self.ack_wait_s = settings.work_ack_wait_s
         self.models = ModelPolicy.from_settings(settings, store)
         self.hardware = WorkerHardware.from_settings(settings)
         self.started_at = timestamp()
-        # The job and delivery this worker runs now, as its heartbeats say.
+        # The job and delivery this worker runs now, as its heartbeats say, and its run (told of a drain).
         self.current: tuple[str, int] | None = None
+        self.current_run: JobRun | None = None
         self._subs: dict[str, Any] = {}  # route -> pull subscription, in the order they are tried
         self.telemetry = WorkerTelemetry(self.worker_id)
 
     def request_stop(self) -> None:
-        if not self.stopping.is_set():
-            log.info("stop requested: finishing the current pull, returning any held job to the queue")
-            self.stopping.set()
+        """SIGTERM/SIGINT. The first: drain (pull nothing more, say DRAINING at once, let a running job go
+        on for up to TUNEFORGE_WORKER_DRAIN_TIMEOUT_S, then hand it back). A second: hand it back now."""
+        if self.stopping.is_set():
+            self._hand_back("The worker was asked again to stop while draining")
+            return
+        self.stopping.set()
+        if self.nc is not None:  # the jobs service stops dispatching to it now, not at the next interval
+            self._drain_heartbeat = asyncio.ensure_future(self._send_heartbeat())
+        drain_s = self.settings.worker_drain_timeout_s
+        if self.current_run is None:
+            log.info("stop requested while idle: stopping")
+        elif drain_s > 0:
+            log.info("stop requested: draining, the running job has up to %gs to finish", drain_s)
+            self.current_run.reporter.log(
+                f"The worker is draining: it takes no new job and lets this one run for up to {drain_s:g}s "
+                "more before it goes back to the queue.")
+            self._drain_timer = asyncio.get_running_loop().call_later(
+                drain_s, self._hand_back, f"The worker drained for {drain_s:g}s and the job had not finished")
+        else:
+            self._hand_back("The worker shut down")
+
+    def _hand_back(self, why: str) -> None:
+        """Stop the running job (if any) and NAK it; `why` opens the line its log gets."""
+        if self.handing_back.is_set():
+            return
+        if self.current_run is not None:
+            log.info("handing job %s back to the queue: %s", self.current_run.job_id, why)
+            self.current_run.hand_back_reason = why
+        self.handing_back.set()
 
     async def run(self) -> None:
         await ensure_streams(self.js)
@@ -291,10 +349,15 @@ class Agent:
             for sub in self._subs.values():
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
             if heartbeats is not None:
                 heartbeats.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await heartbeats
+                if self._drain_heartbeat is not None:
+                    with contextlib.suppress(Exception):
+                        await self._drain_heartbeat
                 with contextlib.suppress(Exception):  # the jobs service then stops counting on this worker
                     await self._send_heartbeat(stopped=True)
 
@@ -315,7 +378,7 @@ class Agent:
             self._subs[route] = await self.js.pull_subscribe(
                 subjects.route_subject(route), durable=durable, stream=subjects.STREAM_WORK
             )
-        order = sorted(self._subs, key=lambda r: (r == subjects.ANY_ROUTE, -subjects.route_gpu_count(r)))
+        order = sorted(self._subs, key=self.hardware.route_order)
         self._subs = {route: self._subs[route] for route in order}
 
     async def _find_routes(self) -> None:
@@ -361,16 +424,22 @@ class Agent:
             await asyncio.sleep(interval)
 
     def heartbeat(self, *, stopped: bool = False) -> events_pb2.WorkerHeartbeat:
-        """What this worker is doing now, as the jobs service reads it."""
-        state = W.WORKER_STATE_STOPPED if stopped else (
-            W.WORKER_STATE_BUSY if self.current is not None else W.WORKER_STATE_IDLE
+        """What this worker is doing now, as the jobs service reads it: DRAINING (with the job it still
+        runs, if any) from the first stop request until the last heartbeat, STOPPED."""
+        state = (
+            W.WORKER_STATE_STOPPED if stopped
+            else W.WORKER_STATE_DRAINING if self.stopping.is_set()
+            else W.WORKER_STATE_BUSY if self.current is not None
+            else W.WORKER_STATE_IDLE
         )
         job_id, attempt = self.current if self.current is not None and not stopped else ("", 0)
+        hw = self.hardware
         return events_pb2.WorkerHeartbeat(
-            worker_id=self.worker_id, hostname=socket.gethostname(), gpu_type=self.hardware.gpu_type,
-            gpu_count=self.hardware.gpu_count, state=state, job_id=job_id, attempt=attempt,
+            worker_id=self.worker_id, hostname=socket.gethostname(), gpu_type=hw.gpu_type,
+            gpu_count=hw.gpu_count, state=state, job_id=job_id, attempt=attempt,
             started_at=self.started_at, time=timestamp(),
             interval_seconds=self.settings.worker_heartbeat_interval_s,
+            pool=hw.pool, gpu_memory_bytes=hw.gpu_memory_bytes, gpu_name=hw.gpu_name,
         )
 
     async def _send_heartbeat(self, *, stopped: bool = False) -> None:
@@ -395,8 +464,8 @@ class Agent:
             log.info("job %s was resolved by an earlier version; filling the defaults of newer fields",
                      assignment.job_id)
             assignment.spec.CopyFrom(upgraded)
-        hardware = assignment.spec.hardware
-        refusal = self.hardware.refusal(hardware.gpu_type, hardware.gpu_count)
+        wanted = assignment.spec.hardware
+        refusal = self.hardware.refusal(wanted.gpu_type, wanted.gpu_count, wanted.pool)
         if refusal is not None:  # on the wrong subject: never trained on other or fewer GPUs than it asked
             log.warning("job %s goes back to the queue (delivery %d, subject %s): %s", assignment.job_id,
                         msg.metadata.num_delivered, msg.subject, refusal)
@@ -407,7 +476,7 @@ class Agent:
         self.telemetry.job_started()
         claim = asyncio.create_task(self._keep_claim(msg))
         run = JobRun(self, assignment, msg.metadata.num_delivered)
-        self.current = (assignment.job_id, run.attempt)
+        self.current, self.current_run = (assignment.job_id, run.attempt), run
         # The delivery's span continues the trace of the CreateJob call that queued it (its headers carry
         # the context, tuneforge_core.tracing); the status updates published inside carry this span's.
         delivery = tracing.consumer_span(f"assignment {assignment.job_id}", msg.headers, {
@@ -429,12 +498,12 @@ class Agent:
         try:
             if verdict is Verdict.ACK:
                 await msg.ack_sync()
-            else:
+            else:  # a stopping worker hands back at once, for another worker to take now
                 await msg.nak(delay=None if self.stopping.is_set() else self.settings.worker_retry_delay_s)
         except Exception:  # the server redelivers after ack_wait anyway
             log.warning("could not %s job %s", verdict.value, assignment.job_id, exc_info=True)
         finally:
-            self.current = None
+            self.current, self.current_run = None, None
             self.telemetry.job_ended()
             logs.set_job("")
 
@@ -485,6 +554,11 @@ class JobRun:
         self._progress_sent: job_pb2.JobProgress | None = None
         self._progress_sent_at = 0.0
         self._uploads: asyncio.Task[None] | None = None  # the chain of checkpoint uploads, in step order
+        # Why the stopping worker hands this job back, should it (the first words of the job's log line).
+        self.hand_back_reason = "The worker shut down"
+        # The newest complete checkpoint stored for the job (fetched, or uploaded by this attempt): where a
+        # next delivery resumes.
+        self.stored_step: int | None = None
 
     async def execute(self) -> Verdict:
         watch = await self._watch_cancellation()
@@ -515,8 +589,8 @@ class JobRun:
         try:
             with tracing.span("prepare", attributes={"tuneforge.job_id": self.job_id}):
                 config = await self._prepare()
-            if self.agent.stopping.is_set():
-                return Verdict.NAK
+            if self.agent.handing_back.is_set():
+                return await self._hand_back()
             if self.cancelled.is_set():
                 return await self._report_cancelled()
             return await self._train(config)
@@ -591,6 +665,7 @@ class JobRun:
         if self.attempt > 1:
             self.story.restarted(step)
         if step is not None:
+            self.stored_step = step
             self.reporter.log(f"Resuming from the checkpoint of step {step}.")
             log.info("job %s attempt %d: resuming from step %d", self.job_id, self.attempt, step)
 
@@ -693,12 +768,8 @@ class JobRun:
 
         if self.cancelled.is_set():
             return await self._report_cancelled()
-        if self.agent.stopping.is_set():
-            self.reporter.log("The worker shut down; the job goes back to the queue.", "warning")
-            if self.story.has_news and self.progress is not None:  # the timeline so far is not lost
-                await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
-            await self.reporter.flush(force=True)
-            return Verdict.NAK
+        if self.agent.handing_back.is_set():
+            return await self._hand_back()
         if outcome.malformed is not None:
             return await self._fail(
                 Reason.TRAINING_FAILED,
@@ -721,10 +792,10 @@ class JobRun:
         """Forward the child's events until it exits; stop it on cancellation, shutdown or a bad event."""
         while not await process.wait_exit(self.settings.worker_poll_interval_s):
             await self._forward(tail, outcome)
-            if self.cancelled.is_set() or self.agent.stopping.is_set() or outcome.malformed is not None:
+            if self.cancelled.is_set() or self.agent.handing_back.is_set() or outcome.malformed is not None:
                 why = (
                     "cancellation was requested" if self.cancelled.is_set()
-                    else "the worker is stopping" if self.agent.stopping.is_set()
+                    else "the worker is stopping" if self.agent.handing_back.is_set()
                     else "it reported something the worker cannot read"
                 )
                 self.reporter.log(f"Stopping the training process: {why}.")
@@ -797,6 +868,7 @@ class JobRun:
                 shutil.rmtree(directory, ignore_errors=True)
             self.reporter.log(f"Stored the checkpoint of step {step} at {uri}.")
             self.story.checkpoint_saved(step, size, uri)
+            self.stored_step = max(step, self.stored_step or 0)
 
         self._uploads = asyncio.create_task(upload())
 
@@ -884,6 +956,19 @@ class JobRun:
         await self.reporter.status(U.WORKER_UPDATE_KIND_FAILED, error=failure_status(reason, message))
         log.info("job %s attempt %d: failed with %s", self.job_id, self.attempt, reason)
         return Verdict.ACK
+
+    async def _hand_back(self) -> Verdict:
+        """The worker stops before the job ended: say so in the job's log and NAK it, for another worker
+        to resume from the last stored checkpoint."""
+        resumes = ("starts again from the beginning (no checkpoint was stored)" if self.stored_step is None
+                   else f"resumes from the checkpoint of step {self.stored_step}")
+        self.reporter.log(f"{self.hand_back_reason}; the job goes back to the queue and {resumes}.",
+                          "warning")
+        if self.story.has_news and self.progress is not None:  # the timeline so far is not lost
+            await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
+        await self.reporter.flush(force=True)
+        log.info("job %s attempt %d: handed back to the queue", self.job_id, self.attempt)
+        return Verdict.NAK
 
     async def _report_cancelled(self) -> Verdict:
         self.reporter.log("The job was cancelled.")

@@ -233,7 +233,7 @@ async def test_a_job_for_a_gpu_this_worker_lacks_is_never_delivered_to_it(platfo
         await platform.js.consumer_info(subjects.STREAM_WORK, subjects.trainers_consumer("nvidia-h100"))
     consumer = await platform.js.consumer_info(subjects.STREAM_WORK, subjects.trainers_consumer(""))
     assert consumer.delivered.stream_seq == 0 and consumer.num_pending == 0
-    assert platform.logs().count("queues: any") == 1, platform.logs()
+    assert platform.logs().count("queues: pool-default.any, any") == 1, platform.logs()
 
 
 async def test_a_gpu_of_unknown_type_also_pulls_each_gpu_type_with_jobs_waiting(platform: Platform) -> None:
@@ -244,9 +244,9 @@ async def test_a_gpu_of_unknown_type_also_pulls_each_gpu_type_with_jobs_waiting(
     agent.hardware = WorkerHardware("", 1)  # as on a GPU host without TUNEFORGE_WORKER_GPU_TYPE
     try:
         await agent._subscribe(agent.hardware.routes())
-        assert list(agent._subs) == ["any"]
+        assert list(agent._subs) == ["pool-default.any", "any"]
         await agent._find_routes()
-        assert list(agent._subs) == ["nvidia-t4", "any"], "GPU jobs first"
+        assert list(agent._subs) == ["pool-default.any", "nvidia-t4", "any"], "its pool first, then GPU jobs"
         msg = await agent._next()
         assert msg is not None and events_pb2.JobAssignment.FromString(msg.data).job_id == "job_t4"
         await msg.nak()
@@ -272,7 +272,8 @@ async def test_a_job_for_more_gpus_than_a_worker_has_is_never_delivered_to_it(pl
     with pytest.raises(NotFoundError):  # nobody pulls that queue, so nothing was ever delivered from it
         await platform.js.consumer_info(subjects.STREAM_WORK, subjects.trainers_consumer("nvidia-h100", 4))
     assert subjects.trainers_consumer("nvidia-h100", 4) == "trainers-nvidia-h100-x4"
-    assert platform.logs().count("queues: nvidia-h100, any") == 1, platform.logs()
+    queues = "queues: pool-default.nvidia-h100, pool-default.any, nvidia-h100, any"
+    assert platform.logs().count(queues) == 1, platform.logs()
     one = subjects.trainers_consumer("nvidia-h100")
     consumer = await platform.js.consumer_info(subjects.STREAM_WORK, one)
     assert consumer.delivered.stream_seq == 0
@@ -295,8 +296,8 @@ async def test_a_worker_with_several_gpus_takes_the_largest_job_it_can_first(pla
     agent = gpu_agent(platform, "w4", WorkerHardware("nvidia-h100", 4))
     try:
         await agent._subscribe(agent.hardware.routes())
-        assert list(agent._subs) == ["nvidia-h100.x4", "nvidia-h100.x3", "nvidia-h100.x2", "nvidia-h100",
-                                     "any"]
+        unpooled = ["nvidia-h100.x4", "nvidia-h100.x3", "nvidia-h100.x2", "nvidia-h100", "any"]
+        assert list(agent._subs) == [*(f"pool-default.{r}" for r in unpooled), *unpooled]
         taken = []
         for _ in range(3):
             msg = await agent._next()
@@ -347,7 +348,8 @@ async def test_heartbeats_say_what_a_worker_has_and_a_last_one_says_it_stopped(p
     assert first.hostname and first.started_at.seconds > 0 and not first.job_id
     await heartbeats.wait_for("w1", job_pb2.WORKER_STATE_IDLE, count=3)  # every interval
     # A GPU worker pulls its own GPU type's queues first, most GPUs first, then the one any worker may take.
-    assert "queues: nvidia-h100.x2, nvidia-h100, any" in platform.logs()
+    assert "queues: pool-default.nvidia-h100.x2, pool-default.nvidia-h100, pool-default.any, " \
+           "nvidia-h100.x2, nvidia-h100, any" in platform.logs()
     agent.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(agent.wait, 20) == 0
     last = await heartbeats.wait_for("w1", job_pb2.WORKER_STATE_STOPPED)
@@ -418,8 +420,9 @@ async def test_failures_and_cancellations_end_jobs_and_the_agent_goes_on(platfor
     assert _failure(platform.events.update("job_nodes", U.WORKER_UPDATE_KIND_FAILED)) == (
         13,
         "TRAINING_FAILED",
-        "The job asks for 2 nodes but this worker was not started as part of a multi-node group "
-        "(no PET_RDZV_ENDPOINT or PET_MASTER_ADDR; see docs/multinode.md).",
+        "The job asks for 2 nodes but this worker runs jobs on one: set TUNEFORGE_RAY_ADDRESS on the worker "
+        "to run them on a Ray cluster, or start the worker in a torchrun multi-node group (PET_RDZV_ENDPOINT "
+        "or PET_MASTER_ADDR); see docs/multinode.md.",
     )
     assert _failure(platform.events.update("job_nodata", U.WORKER_UPDATE_KIND_FAILED))[:2] == (
         3,

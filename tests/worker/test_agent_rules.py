@@ -14,9 +14,9 @@ from google.protobuf.json_format import ParseDict
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2
 
-from trainer_worker import agent as agent_module
 from trainer_worker.agent import Agent, AgentSettings, JobRun, WorkerHardware
 from trainer_worker.errors import TrainingError
+from trainer_worker.hardware import HostGpus
 from tuneforge_core import subjects
 from tuneforge_core.reasons import Reason
 from tuneforge_core.spec import resolve_spec
@@ -143,29 +143,31 @@ def test_a_worker_takes_only_jobs_for_its_hardware(worker: tuple[str, int], job:
 
 
 def test_a_worker_pulls_its_gpu_types_routes_for_most_gpus_first_then_any() -> None:
-    assert WorkerHardware("nvidia-h100", 4).routes() == [
-        "nvidia-h100.x4", "nvidia-h100.x3", "nvidia-h100.x2", "nvidia-h100", "any"]
-    assert WorkerHardware("nvidia-h100", 1).routes() == ["nvidia-h100", "any"]
-    assert WorkerHardware("nvidia-h100", 0).routes() == ["any"]
-    assert WorkerHardware("cpu", 0).routes() == ["any"]
-    assert WorkerHardware("", 2).routes() == ["any"], "a GPU of unknown type finds its routes as jobs wait"
+    """In its pool's routes first ("default" for a worker that names none), then in those of no pool."""
+    unpooled = ["nvidia-h100.x4", "nvidia-h100.x3", "nvidia-h100.x2", "nvidia-h100", "any"]
+    assert WorkerHardware("nvidia-h100", 4).routes() == [*(f"pool-default.{r}" for r in unpooled), *unpooled]
+    assert WorkerHardware("nvidia-h100", 1, "h100-a").routes() == [
+        "pool-h100-a.nvidia-h100", "pool-h100-a.any", "nvidia-h100", "any"]
+    assert WorkerHardware("nvidia-h100", 0).routes() == ["pool-default.any", "any"]
+    assert WorkerHardware("cpu", 0, "cpu-b").routes() == ["pool-cpu-b.any", "any"]
+    assert WorkerHardware("", 2).routes() == ["pool-default.any", "any"], (
+        "a GPU of unknown type finds its routes as jobs wait")
+    h100 = WorkerHardware("nvidia-h100", 4)
+    assert sorted(reversed(h100.routes()), key=h100.route_order) == h100.routes()
     unknown = WorkerHardware("", 2)
     assert [r for r in ("nvidia-t4", "nvidia-t4.x2", "nvidia-a100.x3", "any") if unknown.takes_route(r)] == [
         "nvidia-t4", "nvidia-t4.x2", "any"]
 
 
-def test_an_unknown_gpu_type_counts_at_least_the_gpu_it_sees(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
-    monkeypatch.setattr(agent_module, "_sees_a_gpu", lambda: True)
-    assert WorkerHardware.from_settings(AgentSettings()) == WorkerHardware("", 3)
-    monkeypatch.setattr(agent_module, "_visible_gpu_count", lambda: 0)  # seen, but not counted
-    assert WorkerHardware.from_settings(AgentSettings()) == WorkerHardware("", 1)
-    monkeypatch.undo()
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
-    assert WorkerHardware.from_settings(AgentSettings(worker_gpu_type="nvidia-h100")) == WorkerHardware(
-        "nvidia-h100", 3)
-    assert WorkerHardware.from_settings(AgentSettings(worker_gpu_type="nvidia-h100", worker_gpu_count=2)) == (
-        WorkerHardware("nvidia-h100", 2))
+def test_an_unknown_gpu_type_counts_at_least_the_gpu_it_sees() -> None:
+    three = HostGpus("", 3)  # as detected without NVML: three GPUs of unknown type
+    assert WorkerHardware.from_settings(AgentSettings(), three) == WorkerHardware("", 3)
+    seen = HostGpus("", 0)  # seen, but not counted
+    assert WorkerHardware.from_settings(AgentSettings(), seen) == WorkerHardware("", 1)
+    h100 = AgentSettings(worker_gpu_type="nvidia-h100")
+    assert WorkerHardware.from_settings(h100, three) == WorkerHardware("nvidia-h100", 3)
+    assert WorkerHardware.from_settings(AgentSettings(worker_gpu_type="nvidia-h100", worker_gpu_count=2),
+                                        three) == WorkerHardware("nvidia-h100", 2)
 
 
 def test_the_worker_gpu_type_setting_wins_over_detection(monkeypatch: pytest.MonkeyPatch) -> None:

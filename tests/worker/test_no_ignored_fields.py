@@ -50,6 +50,7 @@ ALLOWED: dict[str, str] = {
     "hardware.gpu_count": "the launcher's process count (tests/worker/test_distributed.py)",
     "hardware.node_count": "the launcher's node count (tests/worker/test_distributed.py)",
     "hardware.strategy": "distributed.trainer_kwargs (deepspeed/fsdp), tests/worker/test_distributed.py",
+    "hardware.pool": "routing: only that pool's workers pull it, others refuse it (test_pools_worker.py)",
     "output.merge_adapter": "BaseRecipe.save merges (tests/worker/test_recipe.py)",
     "output.keep_optimizer_state": "the agent prunes checkpoints after the job (test_checkpointing.py)",
     "evaluation.enabled": "trainer_worker.evaluation after training (tests/worker/test_evaluation.py)",
