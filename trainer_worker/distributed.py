@@ -6,10 +6,12 @@ GPU (``hardware.gpu_count``), as DDP, DeepSpeed ZeRO 1/2/3 (optionally offloadin
 strategy is a launcher setting, never a fork of the recipe: recipes call :func:`trainer_kwargs` when they
 build their TrainingArguments and :func:`world` to decide who writes artifacts.
 
-Multi-node jobs use torchrun's own environment (``PET_NNODES``, ``PET_NODE_RANK``, ``PET_RDZV_ENDPOINT``,
-...): the launcher passes only what the environment leaves open, so the same code runs one node or many
-(see docs/multinode.md). This module imports neither torch nor deepspeed at import time: the agent uses it
-to build the command line.
+Multi-node jobs run on a Ray cluster when the worker has ``TUNEFORGE_RAY_ADDRESS``: the training process is
+then a Ray driver (:mod:`trainer_worker.ray_launch`) whose Ray Train workers run the same recipe entry as
+torchrun's ranks. Without it, a deployment can still start a torchrun group itself through torchrun's own
+environment (``PET_NNODES``, ``PET_NODE_RANK``, ``PET_RDZV_ENDPOINT``, ...): the launcher passes only what
+the environment leaves open (see docs/multinode.md). This module imports neither torch, deepspeed nor ray
+at import time: the agent uses it to build the command line.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ ZERO: dict[int, tuple[int, bool, bool]] = {
 # torchrun reads its arguments from PET_<NAME> when they are not on the command line; any of these means the
 # deployment runs a multi-node rendezvous.
 MULTINODE_ENV = ("PET_RDZV_ENDPOINT", "PET_MASTER_ADDR")
+# The worker's setting (read from the agent's environment; the training process gets the address on its
+# command line, since TUNEFORGE_* variables never reach it): a Ray cluster that runs multi-node jobs.
+RAY_ADDRESS_ENV = "TUNEFORGE_RAY_ADDRESS"
+# How often Ray Train restarts the ranks of a run after losing one (a node or a rank process) before the
+# attempt fails: TUNEFORGE_RAY_MAX_FAILURES.
+RAY_MAX_FAILURES_ENV = "TUNEFORGE_RAY_MAX_FAILURES"
+DEFAULT_RAY_MAX_FAILURES = 3
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,8 @@ class World:
         )
 
     def describe(self) -> dict[str, Any]:
-        """Who this rank is, for the events file: proof of how many processes trained, and where."""
+        """Who this rank is, for the events file: proof of how many processes trained, and where (with the
+        Ray node id when Ray Train started the rank)."""
         return {
             "rank": self.rank,
             "local_rank": self.local_rank,
@@ -73,7 +83,16 @@ class World:
             "node_rank": self.node_rank,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "ray_node_id": ray_node_id(),
         }
+
+
+def ray_node_id() -> str:
+    """The id of the Ray node this process runs on; empty outside a Ray worker (never imports ray)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return ""
+    return str(ray.get_runtime_context().get_node_id())
 
 
 def world() -> World:
@@ -99,6 +118,37 @@ def needs_launcher(spec: job_pb2.JobSpec) -> bool:
     return strategy(spec) not in SINGLE_PROCESS
 
 
+def uses_gpus(spec: job_pb2.JobSpec) -> bool:
+    """Whether the job's ranks train on GPUs: it names a GPU type (a CPU job's gpu_count is its ranks)."""
+    return spec.hardware.gpu_type not in ("", "cpu")
+
+
+def ray_address() -> str:
+    """The Ray cluster this worker runs multi-node jobs on (TUNEFORGE_RAY_ADDRESS); empty: none."""
+    return os.environ.get(RAY_ADDRESS_ENV, "").strip()
+
+
+def ray_max_failures() -> int:
+    """TUNEFORGE_RAY_MAX_FAILURES: restarts of a multi-node run after a lost node (default 3)."""
+    raw = os.environ.get(RAY_MAX_FAILURES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RAY_MAX_FAILURES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise TrainingError(
+            Reason.TRAINING_FAILED, f"{RAY_MAX_FAILURES_ENV}={raw!r} on the worker is not a number >= 0."
+        )
+    return value
+
+
+def runs_on_ray(spec: job_pb2.JobSpec) -> bool:
+    """Whether this worker runs the job on its Ray cluster: several nodes, and TUNEFORGE_RAY_ADDRESS set."""
+    return node_count(spec) > 1 and bool(ray_address())
+
+
 def check_supported(spec: job_pb2.JobSpec) -> None:
     """Reject distributed settings this worker cannot run, before torch is imported."""
     chosen = strategy(spec)
@@ -112,17 +162,30 @@ def check_supported(spec: job_pb2.JobSpec) -> None:
         )
     if chosen in ZERO and importlib.util.find_spec("deepspeed") is None:
         raise TrainingError(Reason.DEPENDENCY_ERROR, f"The {name} strategy needs DeepSpeed on the worker.")
-    if node_count(spec) > 1 and not any(os.environ.get(v) for v in MULTINODE_ENV):
+    # A torchrun rendezvous the deployment runs (PET_*), or a group that already spans the nodes (Ray Train
+    # started node_count x process_count ranks); anything else would train on one node while the job says
+    # it used several.
+    in_group = any(os.environ.get(v) for v in MULTINODE_ENV) or world().world_size > process_count(spec)
+    if node_count(spec) > 1 and not in_group:
         raise TrainingError(
             Reason.TRAINING_FAILED,
-            f"The job asks for {node_count(spec)} nodes but this worker was not started as part of a "
-            "multi-node group (no PET_RDZV_ENDPOINT or PET_MASTER_ADDR; see docs/multinode.md).",
+            f"The job asks for {node_count(spec)} nodes but this worker runs jobs on one: set "
+            f"{RAY_ADDRESS_ENV} on the worker to run them on a Ray cluster, or start the worker in a "
+            "torchrun multi-node group (PET_RDZV_ENDPOINT or PET_MASTER_ADDR); see docs/multinode.md.",
         )
 
 
 def launch_command(spec: job_pb2.JobSpec, config: Path) -> list[str]:
-    """The command line of the training process(es) for one attempt."""
+    """The command line of the training process(es) for one attempt.
+
+    A multi-node job on a worker with a Ray cluster gets a Ray driver (:mod:`trainer_worker.ray_launch`);
+    the cluster's address and the restart budget travel as arguments, since the training process's
+    environment keeps no TUNEFORGE_* variable.
+    """
     train = ["-m", "trainer_worker.train", "--config", str(config)]
+    if runs_on_ray(spec):
+        return [sys.executable, "-m", "trainer_worker.ray_launch", "--config", str(config),
+                "--address", ray_address(), "--max-failures", str(ray_max_failures())]
     if not needs_launcher(spec):
         return [sys.executable, *train]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={process_count(spec)}"]
@@ -141,15 +204,14 @@ def init_process_group(spec: job_pb2.JobSpec) -> None:
 
     DeepSpeed ZeRO-3 needs its process group before a model is built (``zero.Init``), and on CPU it must be
     gloo, which DeepSpeed would not pick by itself when asked through the Trainer. Accelerate and DeepSpeed
-    reuse a group that already exists.
+    reuse a group that already exists: under Ray Train the group is Ray's (made before the recipe starts),
+    and DeepSpeed is still initialized here, on top of it, so ZeRO runs the same way under both launchers.
     """
     if not needs_launcher(spec) or "RANK" not in os.environ:
         return
     import torch
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(world().local_rank)
@@ -157,8 +219,8 @@ def init_process_group(spec: job_pb2.JobSpec) -> None:
         import deepspeed
 
         torch.serialization.add_safe_globals(deepspeed_checkpoint_types())
-        deepspeed.init_distributed(dist_backend=backend)
-    else:
+        deepspeed.init_distributed(dist_backend=backend)  # joins the existing group when there is one
+    elif not dist.is_initialized():
         dist.init_process_group(backend=backend)
 
 

@@ -7,7 +7,7 @@ line into exactly one of them or fails with :class:`MalformedEvent`, which the a
 the job fails at once with a reason, it is not retried on another worker.
 
 - ``state``: the run started training (``running``) or stopped on a signal (``cancelled``)
-- ``rank``: one per training process (rank, world size, pid, host)
+- ``rank``: one per training process (rank, world size, pid, host, Ray node id under Ray)
 - ``metric``: a ``train``, ``eval`` or ``system`` point of one step
 - ``progress``: the optimizer step reached (about once a second, and once more when training ends), so the
   job's progress is exact even between logging steps
@@ -61,6 +61,8 @@ class RankEvent(Event, tag="rank", kw_only=True):
     node_rank: int = 0
     host: str = ""
     pid: int = 0
+    # The Ray node the rank ran on, when Ray Train started it (multi-node jobs); empty under torchrun.
+    ray_node_id: str = ""
 
 
 class MetricEvent(Event, tag="metric", kw_only=True):

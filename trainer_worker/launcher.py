@@ -1,11 +1,14 @@
 """Starts and stops the training process of one job attempt.
 
-One process (``python -m trainer_worker.train``), or ``torchrun`` with one rank per GPU: the command comes
-from :func:`trainer_worker.distributed.launch_command`, so a distributed strategy is another command line,
-not a fork of the recipe. The child gets its own session (and so its own process group) so that a Ctrl-C
-meant for the agent does not reach it, and so that a stop reaches every rank at once. On Linux the child
-also gets SIGTERM when the agent dies (``PR_SET_PDEATHSIG``): torchrun would otherwise outlive the agent,
-and its ranks, whose parent is torchrun, would never notice.
+One process (``python -m trainer_worker.train``), ``torchrun`` with one rank per GPU, or, for a multi-node
+job on a worker with a Ray cluster, a Ray driver (``python -m trainer_worker.ray_launch``) whose ranks run
+on the cluster's nodes: the command comes from :func:`trainer_worker.distributed.launch_command`, so a
+distributed strategy is another command line, not a fork of the recipe. The child gets its own session
+(and so its own process group) so that a Ctrl-C meant for the agent does not reach it, and so that a stop
+reaches every rank at once. On Linux the child also gets SIGTERM when the agent dies
+(``PR_SET_PDEATHSIG``): torchrun would otherwise outlive the agent, and its ranks, whose parent is torchrun,
+would never notice. Ranks on Ray are not in that process group: the driver stops them when it gets the
+signal, and Ray ends them when the driver dies.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def _die_with_parent() -> None:
 # The training process runs user-supplied models, data and (where allowed) reward code, so it gets none of
 # the platform's credentials: not the TUNEFORGE_* settings (database URL, NATS URL, keys), not the cloud
 # identities the agent reads storage with, not anything named like a secret. What it needs (PATH, CUDA,
-# torch and Hugging Face settings, torchrun's PET_* variables) passes through.
+# torch and Hugging Face settings, torchrun's PET_* variables) passes through; the one worker setting it
+# needs, TUNEFORGE_RAY_ADDRESS, travels on its command line (distributed.launch_command).
 KEPT_TUNEFORGE = frozenset({"TUNEFORGE_WORKER_ALLOW_USER_REWARD_CODE"})
 DROPPED_PREFIXES = ("TUNEFORGE_", "AWS_", "AZURE_", "GOOGLE_", "GCS_", "GCP_", "NATS_", "PG", "DATABASE_")
 DROPPED_WORDS = ("PASSWORD", "PASSWD", "SECRET", "CREDENTIAL", "PRIVATE_KEY", "ACCESS_KEY", "API_KEY")

@@ -122,11 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", type=Path, required=True, help="RUN.json written by the agent")
     args = parser.parse_args(argv)
+    return train_rank(args.config)
+
+
+def train_rank(config: Path, *, handle_signals: bool = True) -> int:
+    """One rank (or the only process) of an attempt, from its RUN.json; the process exit code.
+
+    ``handle_signals=False`` is for a rank that Ray Train runs on a thread of its worker process, where no
+    signal handler can be installed: Ray stops such ranks by ending their worker processes.
+    """
     # Every torch.load in this process (optimizer, scheduler, RNG state, DeepSpeed shards) unpickles only
     # tensors and allow-listed types, whatever its caller asked for: checkpoints come back from storage.
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = RunConfig.load(args.config)
+    cfg = RunConfig.load(config)
     me = distributed.world()
     sink = EventSink(cfg.events_file, main=me.is_main, rank=me.rank, sampler=SystemSampler(me.local_rank))
     sink.rank(**me.describe())
@@ -134,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).addHandler(forward)
     try:
-        return run(cfg, sink, StopSignal().install())
+        stop = StopSignal()
+        return run(cfg, sink, stop.install() if handle_signals else stop)
     except Cancelled:  # a signal that arrived before run() was ready to catch it
         sink.state("cancelled")
         return EXIT_CANCELLED

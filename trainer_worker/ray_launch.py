@@ -1,0 +1,279 @@
+"""Multi-node jobs on Ray: ``python -m trainer_worker.ray_launch --config RUN.json --address ADDRESS``.
+
+The agent starts this instead of torchrun when a job asks for several nodes and the worker has a Ray cluster
+(``TUNEFORGE_RAY_ADDRESS``; see :func:`trainer_worker.distributed.launch_command`). It is a Ray *driver*:
+``ray.init(address=...)`` attaches it to the Ray node on its own host (the GCS address of a cluster the
+worker's host has joined, e.g. as a node with no CPUs or GPUs; a ``ray://`` address would go through Ray
+Client, which these tests do not cover). It never starts a node, a dashboard or a job server itself. It
+runs Ray Train's ``TorchTrainer`` with one Ray Train worker per rank. Each worker runs the same recipe
+entry as a torchrun rank (:func:`trainer_worker.train.train_rank` over the same RUN.json) with
+torchrun's variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``) and
+the process group Ray Train made (gloo on CPUs, nccl on GPUs), which
+:func:`trainer_worker.distributed.init_process_group` joins, DeepSpeed included.
+
+Placement: ``node_count x ranks per node`` workers, gang-scheduled in one placement group. One rank per
+node (CPU jobs, one-GPU nodes) is ``STRICT_SPREAD``: every rank on its own Ray node. Several GPUs per node
+is ``PACK`` with one GPU per rank: Ray fills a node's GPUs before the next node's, so on nodes of
+``gpu_count`` GPUs (a KubeRay worker group sized like the job) the ranks land ``gpu_count`` to a node on
+``node_count`` nodes; the rank lines say where each one ran (the Ray node id).
+
+Storage: the worker's work dir (RUN.json, data, model, the events file, checkpoints, outputs) must be on a
+filesystem every Ray node mounts at the same path (a ReadWriteMany volume on Kubernetes). The agent then
+tails the events file and uploads checkpoints exactly as for a single-node job.
+
+Failures: Ray Train restarts all ranks when one is lost (a node, a killed process), up to
+``--max-failures`` times. A restarted rank resumes from the newest checkpoint this attempt completed (one
+the recipe announced with a ``checkpoint`` event, so every rank had written its part), or else from the
+checkpoint the agent fetched before the attempt. A failure the recipe reports itself (bad data, out of
+memory) is not retried: it would fail the same way again.
+
+Cancellation: the agent SIGTERMs this process's group; the driver (waiting for Ray Train in short steps, so
+the signal is handled at once) writes ``cancelled`` and leaves the cluster, and Ray ends every actor the
+driver owned, the ranks included (as it does when the driver is killed outright).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+from tuneforge.v1 import job_pb2
+
+from trainer_worker import checkpointing, distributed
+from trainer_worker.errors import Cancelled
+from trainer_worker.events import CheckpointEvent, EventSink, EventTail, MalformedEvent, RankEvent
+from trainer_worker.launcher import KEPT_TUNEFORGE
+from trainer_worker.run_config import RunConfig
+from trainer_worker.stop import EXIT_CANCELLED
+from tuneforge_core.reasons import Reason
+
+T = TypeVar("T")
+
+EXIT_FAILED = 1
+# The Trainer's own checkpoint folders (recipes.base: TrainingArguments.output_dir).
+TRAINER_CHECKPOINTS = "checkpoints"
+# What the ranks need from the driver's environment (which is already the agent's, less the platform's
+# secrets): Ray starts rank processes with the environment of each node's raylet, not the driver's.
+RANK_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_", "NCCL_", "GLOO_", "PYTORCH_")
+RANK_ENV_NAMES = frozenset({"PYTHONUNBUFFERED", *KEPT_TUNEFORGE})
+# Ray Train replaces print() in its workers with one that ignores ``file=``: libraries that print into a
+# buffer (datasets' fingerprinting disassembles functions that way) would flood the job's output.
+RANK_ENV_FIXED = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def scaling(spec: job_pb2.JobSpec) -> dict[str, Any]:
+    """ScalingConfig's arguments for the job: one Ray Train worker per rank, placed node by node."""
+    per_node = distributed.process_count(spec)
+    gpus = distributed.uses_gpus(spec)
+    return {
+        "num_workers": distributed.node_count(spec) * per_node,
+        "use_gpu": gpus,
+        "resources_per_worker": {"GPU": 1} if gpus else {"CPU": 1},
+        "placement_strategy": "STRICT_SPREAD" if per_node == 1 else "PACK",
+    }
+
+
+def rank_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of the driver's environment that the ranks get (Hugging Face, torch, NCCL settings)."""
+    source = os.environ if environ is None else environ
+    kept = {k: v for k, v in source.items() if k.startswith(RANK_ENV_PREFIXES) or k in RANK_ENV_NAMES}
+    return {**kept, **RANK_ENV_FIXED}
+
+
+# -- a rank -------------------------------------------------------------------------------------------
+
+
+def train_loop(config: dict[str, str]) -> int:
+    """One Ray Train worker: torchrun's node-rank variable, the newest checkpoint, then the recipe."""
+    import ray.train
+
+    from trainer_worker import train
+
+    context = ray.train.get_context()
+    # Ray Train sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and NODE_RANK; torchrun calls the node
+    # rank GROUP_RANK, which World.from_env reads.
+    os.environ["GROUP_RANK"] = str(context.get_node_rank())
+    path = Path(config["run_config"])
+    cfg = RunConfig.load(path)
+    started = starts(cfg.events_file)  # before this start's own rank lines
+    step = restore_checkpoint(cfg, rank=context.get_world_rank())
+    if started and context.get_world_rank() == 0:
+        resume = f"resuming from the checkpoint of step {step}" if step else "no checkpoint was complete yet"
+        sink = EventSink(cfg.events_file)
+        sink.log(f"Ray restarted the ranks (start {started + 1}); {resume}.", "warning")
+        sink.close()
+    return train.train_rank(path, handle_signals=False)
+
+
+def completed_steps(events_file: Path) -> list[int]:
+    """The steps whose checkpoints the recipe announced in this attempt (after every rank wrote its part)."""
+    try:
+        events = EventTail(events_file).read()
+    except MalformedEvent:  # the agent fails the job for it; a restart only falls back to older checkpoints
+        return []
+    return [e.step for e in events if isinstance(e, CheckpointEvent)]
+
+
+def restore_checkpoint(cfg: RunConfig, *, rank: int) -> int | None:
+    """Put this attempt's newest complete checkpoint where the recipe resumes from it; its step, or None.
+
+    After a Ray restart the Trainer's own checkpoint folder still holds what the lost run saved; the ones
+    the events file announced are complete. The newest one is hard-linked into the resume folder with the
+    ``COMPLETE`` marker (:func:`trainer_worker.checkpointing.resume_checkpoint` takes the newest marked
+    one there, so it wins over an older checkpoint the agent fetched). Every rank calls this at once and
+    reaches the same answer; each builds a private copy and the first rename wins.
+    """
+    trainer_dir = cfg.output_dir / TRAINER_CHECKPOINTS
+    steps = [s for s in completed_steps(cfg.events_file) if (trainer_dir / f"checkpoint-{s}").is_dir()]
+    if not steps:
+        return None
+    step = max(steps)
+    target = checkpointing.resume_dir(cfg.output_dir) / f"checkpoint-{step}"
+    if (target / checkpointing.COMPLETE).is_file():
+        return step
+    partial = target.with_name(f".partial-{target.name}-rank{rank}")
+    shutil.rmtree(partial, ignore_errors=True)
+    # Hard links, as when the recipe staged it: no copy of the weights, and safe from the Trainer's rotation.
+    shutil.copytree(trainer_dir / target.name, partial, copy_function=checkpointing._link_or_copy)
+    (partial / checkpointing.COMPLETE).write_text(str(step))
+    try:
+        partial.rename(target)
+    except OSError:  # another rank's copy is already in place
+        shutil.rmtree(partial, ignore_errors=True)
+    return step
+
+
+def starts(events_file: Path) -> int:
+    """How many times rank 0 has started in this attempt (1 for a run Ray never restarted)."""
+    try:
+        events = EventTail(events_file).read()
+    except MalformedEvent:
+        return 0
+    return sum(1 for e in events if isinstance(e, RankEvent) and e.rank == 0)
+
+
+# -- the driver -----------------------------------------------------------------------------------------
+
+
+def _stop_on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise Cancelled(f"received {signal.Signals(signum).name}")
+
+
+def handle_stop_signals() -> None:
+    """SIGTERM/SIGINT raise Cancelled in the driver's main thread (ray.init installs its own handlers, so
+    this runs again once connected)."""
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGINT, _stop_on_signal)
+
+
+def fit_interruptibly(fit: Callable[[], T]) -> T:
+    """``fit()`` on a thread of its own while the main thread waits in short steps.
+
+    A driver blocked in Ray's ``fit`` (a wait inside Ray's C++ core) would run no signal handler until
+    training ended; waiting here keeps SIGTERM prompt, so a cancellation stops the ranks at once.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = fit()
+        except BaseException as exc:  # handed to the main thread as it is
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    result: T = outcome["result"]
+    return result
+
+
+def drive(cfg: RunConfig, config: Path, address: str, max_failures: int, sink: EventSink) -> int:
+    """Run the ranks on the cluster at ``address`` and wait for them; the exit code of rank 0."""
+    import ray
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    # What ray.train exports under Train v2 (Ray's default), imported where it is defined: Ray 2.60's type
+    # hints on TorchTrainer still name Train v1's classes, hence the ignores below.
+    from ray.train.v2.api.config import FailureConfig, ScalingConfig
+    from ray.train.v2.api.config import RunConfig as RayRunConfig
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    spec = cfg.job_spec()
+    placement = scaling(spec)
+    # Attaches to the cluster; never starts a node of its own, nor a dashboard.
+    ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    handle_stop_signals()
+    sink.log(
+        f"Running {placement['num_workers']} ranks with Ray Train on the cluster at {address} "
+        f"({distributed.process_count(spec)} per node on {distributed.node_count(spec)} nodes, "
+        f"{placement['placement_strategy']}, up to {max_failures} restarts)."
+    )
+    trainer = TorchTrainer(
+        train_loop,  # type: ignore[arg-type]  # returns rank 0's exit code: Result.return_value
+        train_loop_config={"run_config": str(config)},
+        torch_config=TorchConfig(backend="nccl" if distributed.uses_gpus(spec) else "gloo"),
+        scaling_config=ScalingConfig(**placement),
+        run_config=RayRunConfig(  # type: ignore[arg-type]
+            name=f"{cfg.job_id}-attempt-{cfg.attempt}",
+            # Ray Train's own run state; beside the work dir, on the storage every node shares.
+            storage_path=str(config.parent / "ray"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            worker_runtime_env={"env_vars": rank_env()},
+        ),
+    )
+    try:
+        result = fit_interruptibly(trainer.fit)
+    except TrainingFailedError as exc:
+        message = f"Ray Train stopped the run after {starts(cfg.events_file)} start(s) of its ranks: {exc}"
+        sink.error(Reason.TRAINING_FAILED, message[:2000])
+        return EXIT_FAILED
+    code = result.return_value  # type: ignore[attr-defined]
+    return int(code) if code is not None else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer_worker.ray_launch",
+                                     description="Run one multi-node training job on a Ray cluster.")
+    parser.add_argument("--config", type=Path, required=True, help="RUN.json written by the agent")
+    parser.add_argument("--address", required=True, help="the Ray cluster (TUNEFORGE_RAY_ADDRESS)")
+    parser.add_argument("--max-failures", type=int, default=distributed.DEFAULT_RAY_MAX_FAILURES,
+                        help="restarts of the ranks after a lost node before the attempt fails")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = args.config.resolve()
+    cfg = RunConfig.load(config)
+    sink = EventSink(cfg.events_file)  # the driver speaks for the attempt as a whole, like rank 0
+    handle_stop_signals()
+    try:
+        return drive(cfg, config, args.address, args.max_failures, sink)
+    except Cancelled as exc:
+        sink.log(f"Stopping every rank: {exc}.")
+        sink.state("cancelled")
+        return EXIT_CANCELLED
+    except ConnectionError as exc:
+        sink.error(Reason.TRAINING_FAILED, f"Could not reach the Ray cluster at {args.address}: {exc}")
+        return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while leaving ends the driver
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            with contextlib.suppress(Exception):
+                ray.shutdown()  # Ray ends the actors this driver owned: the controller and every rank
+        sink.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
