@@ -74,11 +74,13 @@ def worker_permissions() -> dict[str, dict[str, list[str]]]:
         "publish": {"allow": [
             # ensure_streams reads each stream's config (and changes none that already matches).
             *(f"$JS.API.STREAM.INFO.{config.name}" for config in stream_configs()),
-            # The work queue: the trainers-<route> consumers (routes "<gpu type>", "<gpu type>.x<N>" and
-            # "any"), their pulls and acks (ack/nak/progress/term).
+            # The work queue: the trainers-<route> consumers (routes "<gpu type>", "<gpu type>.x<N>",
+            # "any", and each with a pool's "pool-<pool>." before it), their pulls and acks
+            # (ack/nak/progress/term).
             f"$JS.API.CONSUMER.DURABLE.CREATE.{work}.*",
             f"$JS.API.CONSUMER.CREATE.{work}.*.{subjects.ALL_WORK_JOBS}",
             f"$JS.API.CONSUMER.CREATE.{work}.*.{subjects.ALL_MULTI_GPU_WORK_JOBS}",
+            f"$JS.API.CONSUMER.CREATE.{work}.*.{subjects.ALL_POOLED_MULTI_GPU_WORK_JOBS}",
             f"$JS.API.CONSUMER.INFO.{work}.*",
             f"$JS.API.CONSUMER.MSG.NEXT.{work}.*",
             f"$JS.ACK.{work}.>",
@@ -121,7 +123,8 @@ def stream_configs(max_deliver_age_s: float = 7 * 24 * 3600, replicas: int = 0) 
         StreamConfig(
             # The legacy subject stays so that what an older version queued there can be moved on.
             name=subjects.STREAM_WORK,
-            subjects=[subjects.ALL_WORK_JOBS, subjects.ALL_MULTI_GPU_WORK_JOBS, subjects.LEGACY_WORK_JOBS],
+            subjects=[subjects.ALL_WORK_JOBS, subjects.ALL_MULTI_GPU_WORK_JOBS,
+                      subjects.ALL_POOLED_MULTI_GPU_WORK_JOBS, subjects.LEGACY_WORK_JOBS],
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
             duplicate_window=DUPLICATE_WINDOW_S,
         ),
@@ -235,7 +238,7 @@ async def ensure_trainers_consumer(js: JetStreamContext, gpu_type: str, ack_wait
 
 async def queued_routes(js: JetStreamContext) -> list[str]:
     """The routes that have jobs waiting in the work queue (delivered or not), from the stream's
-    per-subject counts: "any", "<gpu type>", "<gpu type>.x<N>"."""
+    per-subject counts: "any", "<gpu type>", "<gpu type>.x<N>", each also after "pool-<pool>."."""
     info = await js.stream_info(subjects.STREAM_WORK, subjects_filter=subjects.EVERY_WORK_ROUTE)
     prefix = subjects.WORK_JOBS_PREFIX + "."
     return sorted(subject.removeprefix(prefix) for subject, count in (info.state.subjects or {}).items()
@@ -259,8 +262,9 @@ async def reroute_legacy_work(js: JetStreamContext) -> int:
 
 
 def _route_of(assignment: events_pb2.JobAssignment) -> str:
+    """The route the assignment belongs on: its pool's, when it names one (which no move may leave)."""
     hardware = assignment.spec.hardware
-    return subjects.work_route(hardware.gpu_type, hardware.gpu_count)
+    return subjects.pooled_route(hardware.pool, hardware.gpu_type, hardware.gpu_count)
 
 
 async def _reroute_shared_subject(js: JetStreamContext) -> int:

@@ -18,6 +18,7 @@ import re
 from google.protobuf.message import Message
 from tuneforge.v1 import dataset_pb2, job_pb2
 
+from tuneforge_core import subjects
 from tuneforge_core.compat import (
     LORA_ADAPTERS,
     MERGEABLE_ADAPTERS,
@@ -807,6 +808,10 @@ def _resolve_hardware(v: Violations, out: job_pb2.JobSpec) -> None:
         hw.node_count = 1
     _range(v, "spec.hardware.gpu_count", hw.gpu_count, 1, 8)
     _range(v, "spec.hardware.node_count", hw.node_count, 1, 64)
+    # A pool name is one NATS subject token of the job's route (subjects.pooled_route).
+    v.check(not hw.pool or subjects.valid_pool(hw.pool), "spec.hardware.pool",
+            f"'{hw.pool[:64]}' is not a worker pool name: 1-40 characters of a-z, 0-9 and single '-' "
+            "between them")
     if hw.strategy == job_pb2.DISTRIBUTED_STRATEGY_UNSPECIFIED:
         hw.strategy = (
             job_pb2.DISTRIBUTED_STRATEGY_NONE

@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from tuneforge.v1 import dataset_pb2, dataset_service_pb2, identity_pb2, job_pb2, metrics_pb2
+from tuneforge.v1 import dataset_pb2, dataset_service_pb2, identity_pb2, job_pb2, job_service_pb2, metrics_pb2
 
 from services.cli import chat as chat_cli
 from services.cli import config_create
@@ -283,6 +283,7 @@ def build_spec(spec_file: Path | None, **flags: object) -> job_pb2.JobSpec:
         "lora_alpha": lambda v: setattr(lora, "alpha", v),
         "lora_dropout": lambda v: setattr(lora, "dropout", v),
         "merge": lambda v: setattr(spec.output, "merge_adapter", v),
+        "pool": lambda v: setattr(spec.hardware, "pool", v),
     }
     for key, value in flags.items():
         if value is not None:
@@ -312,6 +313,9 @@ def jobs_create(
     lora_alpha: Annotated[int | None, typer.Option()] = None,
     lora_dropout: Annotated[float | None, typer.Option()] = None,
     merge: MergeFlag = None,
+    pool: Annotated[str | None, typer.Option(help="The worker pool to run in (spec.hardware.pool).")] = None,
+    priority: Annotated[str | None, typer.Option(
+        help="low, normal or high: its place among the organization's own queued jobs.")] = None,
     validate_only: Annotated[bool, typer.Option(help="Check the spec, create nothing.")] = False,
     follow: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
     config_file: Annotated[Path | None, typer.Option(
@@ -331,18 +335,22 @@ def jobs_create(
             spec=spec_file, method=method, adapter=adapter, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, learning_rate=learning_rate, max_seq_length=max_seq_length,
             logging_steps=logging_steps, seed=seed, lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout, merge=merge)
+            lora_dropout=lora_dropout, merge=merge, pool=pool, priority=priority)
     elif examples is not None or dry_run or gpu_type is not None:
         raise typer.BadParameter("--examples, --dry-run and --gpu-type go with --config",
                                  param_hint="--config")
     spec = build_spec(spec_file, model=model, dataset=dataset, method=method, adapter=adapter, epochs=epochs,
                       max_steps=max_steps, batch_size=batch_size, learning_rate=learning_rate,
                       max_seq_length=max_seq_length, logging_steps=logging_steps, seed=seed,
-                      lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge=merge)
+                      lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge=merge,
+                      pool=pool)
+    if priority is not None and priority.lower() not in PRIORITIES:
+        raise typer.BadParameter(f"unknown value '{priority}': low, normal or high", param_hint="--priority")
     with api(address, org) as client:
         if config_file is None:
+            rank = job_pb2.JobPriority.ValueType(PRIORITIES[priority.lower()] if priority else 0)
             job = client.create_job(spec, name=name, request_id=str(uuid.uuid4()),
-                                    validate_only=validate_only)
+                                    validate_only=validate_only, priority=rank)
         else:
             made = config_create.create_from_config(
                 client, console, config_file, dataset=dataset, model=model, gpu_type=gpu_type,
@@ -446,6 +454,7 @@ def _choices(enum: Any, prefix: str) -> dict[str, int]:
 
 
 LEVELS = _choices(metrics_pb2.LogLevel, "LOG_LEVEL_")
+PRIORITIES = _choices(job_pb2.JobPriority, "JOB_PRIORITY_")
 SOURCES = _choices(metrics_pb2.LogSource, "LOG_SOURCE_")
 
 
@@ -507,23 +516,45 @@ def jobs_delete(ref: Annotated[str, typer.Argument(help="Job id or name.")],
 def workers(page_size: Annotated[int, typer.Option()] = 50,
             page_token: Annotated[str, typer.Option()] = "",
             address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False) -> None:
-    """List the trainer workers heard from recently: hardware, what each runs, and whether it is alive."""
+    """List the trainer workers heard from recently: pool, hardware, what each runs, and whether it is
+    alive."""
     with api(address, org) as client:
         response = client.list_workers(page_size, page_token)
     if as_json:
         console.print_json(to_json(response))
         return
-    table = Table("ID", "HOST", "GPU", "STATE", "JOB", "LAST HEARTBEAT", "ALIVE")
+    table = Table("ID", "HOST", "POOL", "GPU", "STATE", "JOB", "LAST HEARTBEAT", "ALIVE")
     for w in response.workers:
         gpu = "cpu" if w.gpu_type == "cpu" else f"{w.gpu_type or 'unknown GPU'} x{w.gpu_count}"
+        if w.gpu_memory_bytes:
+            gpu += f" ({w.gpu_memory_bytes / 2**30:.0f} GiB)"
         state = job_pb2.WorkerState.Name(w.state).removeprefix("WORKER_STATE_")
         job = f"{w.job} (attempt {w.attempt})" if w.job else "-"
         seen = w.last_heartbeat_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(escape(w.id), escape(w.hostname), escape(gpu), state, job, seen,
+        table.add_row(escape(w.id), escape(w.hostname), escape(w.pool), escape(gpu), state, job, seen,
                       "yes" if w.alive else "[red]no[/red]")
     console.print(whole_ids(table))
     if response.next_page_token:
         console.print(f"next page: --page-token {response.next_page_token}")
+
+
+@app.command("pools")
+def pools(address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False) -> None:
+    """List the worker pools: their workers (alive, idle, busy, draining) and queue depth, every
+    organization's queued jobs they would take and your organization's among them."""
+    with api(address, org) as client:
+        found = client.list_pools()
+    if as_json:
+        console.print_json(to_json(job_service_pb2.ListPoolsResponse(pools=found)))
+        return
+    table = Table("POOL", "GPU", "ALIVE", "IDLE", "BUSY", "DRAINING", "RUNNING", "QUEUED", "QUEUED (YOURS)")
+    for p in found:
+        gpu = "cpu" if p.gpu_type == "cpu" else f"{p.gpu_type or 'unknown GPU'} x{p.max_gpu_count}"
+        alive = str(p.workers_alive) if p.workers_alive else "[red]0[/red]"
+        counts = (p.workers_idle, p.workers_busy, p.workers_draining, p.running_jobs, p.queued_jobs,
+                  p.queued_jobs_own)
+        table.add_row(escape(p.name), escape(gpu), alive, *map(str, counts))
+    console.print(table)
 
 
 # -- artifacts -----------------------------------------------------------------------------------
@@ -543,7 +574,7 @@ def jobs_artifacts(ref: Annotated[str, typer.Argument(help="Job id or name.")],
                        "--json", help="Print them as JSON, with the download URLs.")] = False) -> None:
     """List the job's stored outputs (adapter, merged model, checkpoints): each file with its size and
     SHA-256. The first listing of a large model takes a while: the platform hashes it once."""
-    from tuneforge.v1 import artifact_pb2, job_service_pb2
+    from tuneforge.v1 import artifact_pb2
 
     with api(address, org) as client:
         artifacts = client.get_job_artifacts(ref)

@@ -212,10 +212,13 @@ class TuneForgeClient:
     # -- jobs ------------------------------------------------------------------------------------
 
     def create_job(self, spec: job_pb2.JobSpec, *, name: str = "", description: str = "",
-                   request_id: str = "", validate_only: bool = False) -> job_pb2.Job:
+                   request_id: str = "", validate_only: bool = False,
+                   priority: job_pb2.JobPriority.ValueType = job_pb2.JOB_PRIORITY_UNSPECIFIED) -> job_pb2.Job:
+        """Queues a job; `priority` orders it among the organization's own queued jobs (unset: NORMAL)."""
         request = job_service_pb2.CreateJobRequest(organization=self.organization, name=name,
                                                    description=description, spec=spec,
-                                                   request_id=request_id, validate_only=validate_only)
+                                                   request_id=request_id, validate_only=validate_only,
+                                                   priority=priority)
         return _call(lambda: self.jobs.CreateJob(request, timeout=self.timeout_s)).job
 
     def create_job_from_config(self, path_or_text: str | Path, *, dataset: str | None = None,
@@ -251,6 +254,11 @@ class TuneForgeClient:
         request = job_service_pb2.ListWorkersRequest(organization=self.organization, page_size=page_size,
                                                      page_token=page_token)
         return _call(lambda: self.jobs.ListWorkers(request, timeout=self.timeout_s))
+
+    def list_pools(self) -> list[job_pb2.WorkerPool]:
+        """The worker pools with their workers and queue depth (the organization's own queued jobs apart)."""
+        request = job_service_pb2.ListPoolsRequest(organization=self.organization)
+        return list(_call(lambda: self.jobs.ListPools(request, timeout=self.timeout_s)).pools)
 
     def get_usage(self, start: datetime | None = None, end: datetime | None = None,
                   period: job_service_pb2.UsagePeriodUnit.ValueType = job_service_pb2.USAGE_PERIOD_UNIT_DAY

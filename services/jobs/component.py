@@ -1,7 +1,7 @@
 """The jobs service as a runnable component: servicer, outbox relay, worker-update consumer (fenced: see
 services.jobs.manager), the watch for jobs that ran out of deliveries, and the workers' heartbeats with the
-periodic check that reads them (services.jobs.workers) and dispatches jobs held by their organization's
-running limit (services.jobs.quotas)."""
+periodic check that reads them (services.jobs.workers) and dispatches held jobs: by the fair scheduler
+(services.jobs.scheduler), or those held by their organization's running limit (services.jobs.quotas)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from services.jobs.estimation_client import HardwareCheck
 from services.jobs.manager import JobManager
 from services.jobs.models import JobOutbox
 from services.jobs.quotas import JobQuotas
+from services.jobs.scheduler import SchedulerConfig
 from services.jobs.servicer import JobServicer
 from services.jobs.settings import JobSettings
 from services.jobs.telemetry import fleet_snapshot
@@ -67,7 +68,9 @@ class JobsComponent(Component):
                                                       seen_window_s=settings.worker_seen_window_s,
                                                       forget_after_s=settings.worker_forget_after_s),
                                   quotas=JobQuotas(max_queued_jobs_per_org=settings.max_queued_jobs_per_org,
-                                                   max_running_jobs_per_org=settings.max_running_jobs_per_org))
+                                                   max_running_jobs_per_org=settings.max_running_jobs_per_org),
+                                  scheduler=SchedulerConfig.from_settings(
+                                      settings.scheduler, settings.org_weights, settings.worker_pools))
         self.manager.on_rejected_update = self._audit_refused_update
         # Job.usage prices (services.jobs.usage): the catalog's GPU prices and the CPU worker price.
         self.manager.prices = PriceBook(cpu_hourly_usd=settings.cpu_hourly_usd)

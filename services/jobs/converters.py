@@ -10,6 +10,7 @@ from tuneforge.v1 import job_pb2
 from services.jobs.models import JobRow, WorkerRow
 from services.jobs.repository import JobRecord
 from services.jobs.usage import job_usage
+from services.jobs.workers import pool_of
 from services.kit.protos import to_timestamp
 
 
@@ -22,6 +23,7 @@ def job_to_proto(row: JobRow | JobRecord) -> job_pb2.Job:
         revision=row.revision,
         labels=row.labels or {}, status_message=row.status_message or "",
         phase=job_pb2.JobPhase.ValueType(row.phase or 0),
+        priority=job_pb2.JobPriority.ValueType(row.priority or job_pb2.JOB_PRIORITY_NORMAL),
     )
     job.spec.ParseFromString(row.spec)
     if row.error:
@@ -43,7 +45,8 @@ def worker_to_proto(row: WorkerRow, organization: str, alive: bool) -> job_pb2.W
     """A worker as `organization` sees it: its job only when that job is the organization's own."""
     worker = job_pb2.Worker(
         id=row.id, hostname=row.hostname, gpu_type=row.gpu_type, gpu_count=row.gpu_count,
-        state=job_pb2.WorkerState.ValueType(row.state), alive=alive,
+        state=job_pb2.WorkerState.ValueType(row.state), alive=alive, pool=pool_of(row),
+        gpu_memory_bytes=row.gpu_memory_bytes or 0, gpu_name=row.gpu_name or "",
     )
     if row.job_id and row.job_organization == organization:
         worker.job, worker.attempt = row.job_id, row.attempt

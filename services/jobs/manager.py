@@ -21,7 +21,16 @@ a model the organization may not use, or that is not there (`tuneforge_core.mode
 spec that may land on a CPU worker (`resolve_spec`); early stopping without validation data, which only
 this service can tell, since it reads the dataset's splits here. It also keeps the organization's quotas
 (`services.jobs.quotas`): too many QUEUED jobs is refused, and a job beyond the running limit waits QUEUED
-with its assignment held back until one of the organization's jobs ends.
+with its assignment held back until one of the organization's jobs ends. With declared worker pools
+(TUNEFORGE_WORKER_POOLS) it refuses a job that no pool could ever run, naming the field.
+
+Dispatch (services.jobs.scheduler): under the fair scheduler a new job is held until a worker that would
+take it is free, and a scheduler pass (`dispatch`, `_schedule`) publishes held jobs by the organizations'
+weighted shares, then priority, then age. A pass runs when a job is created (in CreateJob's transaction),
+and after the transactions that may free a worker or a slot: a heartbeat of a worker newly IDLE, a worker
+update that starts or ends a job, a cancellation, a job failed for want of deliveries, and the periodic
+workers check (which also brings each held job's reason up to date). Under "fifo" every job within the
+running limit is published at CreateJob, as before.
 """
 
 from __future__ import annotations
@@ -51,12 +60,16 @@ from services.jobs.estimation_client import HardwareCheck
 from services.jobs.models import JobInbox, JobOutbox, JobRow, WorkerRow
 from services.jobs.quotas import SLOT_STATES, JobQuotas, held_note
 from services.jobs.repository import JobLookups, JobReader, JobRepository, WorkerRepository
+from services.jobs.scheduler import Candidate, SchedulerConfig, jobs_ahead, plan, unservable
 from services.jobs.usage import PriceBook
 from services.jobs.workers import (
     WorkerRules,
     is_alive,
+    is_free,
     lost_note,
+    pool_of,
     queued_message,
+    takes,
     waiting_note,
     when,
 )
@@ -89,6 +102,10 @@ U = events_pb2.WorkerUpdateKind
 W = job_pb2.WorkerState
 # The first updates of a delivery: only these may establish a newer delivery as the job's holder.
 DELIVERY_STARTS = frozenset({U.WORKER_UPDATE_KIND_PREPARING, U.WORKER_UPDATE_KIND_RUNNING})
+# Updates after which a scheduler pass may dispatch more: the worker took a job (maybe one counted for
+# another worker, which is free then) or ended one (it is free now, before its next heartbeat says so).
+FREES_OR_TAKES_WORKER = frozenset({U.WORKER_UPDATE_KIND_PREPARING, U.WORKER_UPDATE_KIND_SUCCEEDED,
+                                   U.WORKER_UPDATE_KIND_FAILED, U.WORKER_UPDATE_KIND_CANCELLED})
 # Where rejected worker updates go besides the log: (job_id, organization, worker_id, reason).
 RejectionHook = Callable[[str, str, str, str], None]
 
@@ -99,6 +116,20 @@ def _no_audit(job_id: str, organization: str, worker_id: str, reason: str) -> No
 
 def _split_uri(dataset: dataset_pb2.Dataset, kind: int) -> str:
     return next((s.uri for s in dataset.splits if s.kind == kind and s.example_count > 0), "")
+
+
+def _candidate(row: JobRow) -> Candidate:
+    """A queued job as the scheduler sees it."""
+    return Candidate(row.id, row.organization, row.priority or job_pb2.JOB_PRIORITY_NORMAL,
+                     as_utc(row.create_time), job_pb2.JobSpec.FromString(row.spec).hardware)
+
+
+def _job_holders(on_worker: Sequence[JobRow], queued: Sequence[JobRow]) -> Callable[[WorkerRow], bool]:
+    """Whether a worker holds a job: one on it by the jobs' records, or the unfinished one its latest
+    heartbeat says it is BUSY with (a job that has ended since does not count: the worker is free)."""
+    holding = {job.worker_id for job in on_worker}
+    unfinished = {job.id for job in on_worker} | {job.id for job in queued}
+    return lambda w: w.id in holding or (w.state == W.WORKER_STATE_BUSY and w.job_id in unfinished)
 
 
 def _request_hash(request: job_service_pb2.CreateJobRequest) -> str:
@@ -121,10 +152,12 @@ class JobManager:
     def __init__(self, db: Database, relay: OutboxRelay, datasets: DatasetLookup, store: ObjectStore,
                  nc: NATS, *, hardware: HardwareCheck | None = None,
                  allow_user_reward_code: bool = False, models: ModelPolicy | None = None,
-                 workers: WorkerRules | None = None, quotas: JobQuotas | None = None) -> None:
+                 workers: WorkerRules | None = None, quotas: JobQuotas | None = None,
+                 scheduler: SchedulerConfig | None = None) -> None:
         self.db = db
         self.worker_rules = workers or WorkerRules()
         self.quotas = quotas or JobQuotas()
+        self.scheduler = scheduler or SchedulerConfig()
         # Called (after the transaction) for every worker update refused by the fence; a no-op until an
         # audit log is wired in. Its failures are logged, never raised into the update consumer.
         self.on_rejected_update: RejectionHook = _no_audit
@@ -172,8 +205,9 @@ class JobManager:
         usage.on_move(session, row, state, self.prices)  # an attempt's clock starts or stops
         timeline.on_move(session, row, previous, state)  # phase, and CANCEL_REQUESTED or how it ended
         self._record_change(session, row, previous)
-        if state in FINAL and previous not in FINAL and row.dispatched:
+        if state in FINAL and previous not in FINAL and row.dispatched and not self.scheduler.fair:
             self._dispatch_held(session, row.organization)  # it held a running slot: the next may start
+        # (Under the fair scheduler the caller runs a pass once this transaction committed: `dispatch`.)
         if state in FINAL and previous not in FINAL:
             hook = self.on_job_ended
             sa_event.listen(session, "after_commit", lambda _session: hook(), once=True)
@@ -210,17 +244,109 @@ class JobManager:
             return 0
         workers = WorkerRepository(session).all()
         for row in held:
-            assert row.assignment is not None, f"held job {row.id} has no assignment"
-            assignment = events_pb2.JobAssignment.FromString(row.assignment)
-            row.dispatched, row.assignment = True, None
-            row.status_message = waiting_note(assignment.spec.hardware, workers, utcnow(),
-                                              self.listening_since, self.worker_rules)
+            self._publish(session, row, workers)
             self._record_change(session, row, row.state)
-            hardware = assignment.spec.hardware
-            add_event(session, JobOutbox, subjects.work_jobs(hardware.gpu_type, hardware.gpu_count),
-                      assignment, assignment.event_id)
             log.info("job %s of organization %s dispatched: a running slot freed", row.id, org)
         return len(held)
+
+    def _publish(self, session: Session, row: JobRow, workers: Sequence[WorkerRow]) -> None:
+        """Hands a held job's assignment to the work queue, on its pool's, GPU type's and count's route
+        (only the workers that would take it pull it); the caller records the change."""
+        assert row.assignment is not None, f"held job {row.id} has no assignment"
+        assignment = events_pb2.JobAssignment.FromString(row.assignment)
+        hardware = assignment.spec.hardware
+        row.dispatched, row.assignment, row.dispatch_time = True, None, utcnow()
+        row.status_message = queued_message(row.requeue_note, waiting_note(
+            hardware, workers, utcnow(), self.listening_since, self.worker_rules))
+        subject = subjects.work_jobs(hardware.gpu_type, hardware.gpu_count, hardware.pool)
+        add_event(session, JobOutbox, subject, assignment, assignment.event_id, row.assignment_traceparent)
+        row.assignment_traceparent = None
+
+    # -- the fair scheduler (services.jobs.scheduler) --------------------------------------------
+
+    async def dispatch(self) -> int:
+        """A scheduler pass in its own transaction (fair scheduler only); returns how many jobs it
+        changed. Failures are logged, not raised: the periodic workers check runs the next pass."""
+        if not self.scheduler.fair:
+            return 0
+        try:
+            changed = await self.db.run(lambda s: self._schedule(s))
+        except Exception:
+            log.exception("the scheduler pass failed; the workers check will run the next")
+            return 0
+        if changed:
+            self.relay.notify()
+        return changed
+
+    def _schedule(self, session: Session, *, notes: bool = False, new: JobRow | None = None) -> int:
+        """Publishes the held jobs that free workers will take, chosen by `scheduler.plan`; returns how
+        many jobs changed (dispatched, or their reason rewritten). Takes the scheduler's lock first (after
+        the organization's, in CreateJob), so passes take turns. `notes`: also bring every held job's
+        reason up to date (the periodic check); `new`: the job CreateJob is adding, whose reason is always
+        written and whose change CreateJob records itself."""
+        repo = JobRepository(session)
+        repo.lock_scheduler()
+        at = utcnow()
+        workers = WorkerRepository(session).all()
+        queued = repo.in_states([S.JOB_STATE_QUEUED])
+        held = [_candidate(job) for job in queued if not job.dispatched]
+        if not held:
+            return 0
+        outstanding = [_candidate(job) for job in queued if job.dispatched]
+        on_worker = repo.in_states(states.ON_WORKER)
+        holds = _job_holders(on_worker, queued)
+        free = [w for w in workers if is_free(w, at, self.listening_since, holds(w))]
+        active = repo.active_by_organization()
+        last = repo.last_dispatch_by_organization({job.organization for job in held})
+        decided = plan(free, held, outstanding, active, self.scheduler.weights,
+                       self.quotas.max_running_jobs_per_org, last)
+        changed = 0
+        for choice in decided.dispatch:
+            row = repo.get(choice.job.id, for_update=True)
+            if row is None or row.state != S.JOB_STATE_QUEUED or row.dispatched:
+                continue  # cancelled meanwhile
+            self._publish(session, row, workers)
+            if row is not new:
+                self._record_change(session, row, row.state)
+            changed += 1
+            log.info("job %s of organization %s dispatched for worker %s", row.id, row.organization,
+                     choice.worker_id)
+        waiting = [job for job in decided.waiting if notes or (new is not None and job.id == new.id)]
+        if waiting:
+            ahead = jobs_ahead(decided.waiting, outstanding, [w for w in workers if is_alive(
+                w, at, self.listening_since) and w.state != W.WORKER_STATE_DRAINING])
+            for job in waiting:
+                row = new if new is not None and job.id == new.id else repo.get(job.id, for_update=True)
+                if row is None or row.state != S.JOB_STATE_QUEUED or row.dispatched:
+                    continue
+                note = queued_message(row.requeue_note, self._held_reason(
+                    job, workers, at, ahead[job.id], active.get(job.organization, 0),
+                    job.organization in decided.at_limit))
+                if note != row.status_message:
+                    row.status_message = note
+                    if row is not new:
+                        self._record_change(session, row, row.state)
+                        changed += 1
+        return changed
+
+    def _held_reason(self, job: Candidate, workers: Sequence[WorkerRow], at: datetime, ahead: int,
+                     running: int, at_limit: bool) -> str:
+        """Why a held job waits: no alive worker would take it; its organization's running limit; or
+        every worker that would take it is busy (or draining), with `ahead` jobs before it."""
+        note = waiting_note(job.hardware, workers, at, self.listening_since, self.worker_rules)
+        if note:
+            return note
+        if at_limit:
+            return held_note(job.organization, running, self.quotas.max_running_jobs_per_org)
+        working = [w for w in workers if takes(w, job.hardware) and is_alive(w, at, self.listening_since)
+                   and w.state != W.WORKER_STATE_DRAINING]
+        if not working:
+            return ("waiting for a free worker: the alive workers that would take it are all draining "
+                    "(finishing their jobs before they stop)")
+        them = "the worker that would take it is" if len(working) == 1 else \
+            f"all {len(working)} workers that would take it are"
+        jobs = "job" if ahead == 1 else "jobs"
+        return f"waiting for a free worker: {them} busy; {ahead} {jobs} ahead of it"
 
     def _held_message(self, repo: JobRepository, org: str) -> str:
         return held_note(org, self._running(repo, org), self.quotas.max_running_jobs_per_org)
@@ -237,9 +363,15 @@ class JobManager:
         for key, value in request.labels.items():
             v.check(0 < len(key) <= 63 and len(value) <= 63, f"labels[{key}]",
                     "keys must be 1-63 characters and values at most 63")
+        v.check(request.priority in job_pb2.JobPriority.values(), "priority",
+                f"{request.priority} is not a JobPriority (LOW, NORMAL or HIGH)")
         v.raise_if_any("request is invalid")
         spec = resolve_spec(request.spec, allow_user_reward_code=self.allow_user_reward_code)
         org = request.organization
+        refusal = unservable(spec.hardware, self.scheduler.pools)
+        if refusal is not None:  # TUNEFORGE_WORKER_POOLS: no declared pool could ever run it
+            v.add(*refusal)
+            v.raise_if_any("no worker pool of this deployment can run the job")
 
         if request.request_id and not request.validate_only:
             existing = await self.db.run(lambda s: self._replay(s, org, request))
@@ -280,6 +412,7 @@ class JobManager:
             spec=spec.SerializeToString(), state=S.JOB_STATE_QUEUED, attempt=0, worker_id="", revision=0,
             labels=dict(request.labels), request_id=request.request_id or None,
             request_hash=_request_hash(request), create_time=now, update_time=now,
+            priority=request.priority or job_pb2.JOB_PRIORITY_NORMAL,
         )
         usage.record_estimate(row, admitted)
         if request.validate_only:
@@ -303,23 +436,22 @@ class JobManager:
                 raise AlreadyExists(f"a job named '{row.name}' already exists in organization '{org}'",
                                     metadata={"resource_type": "job", "resource": row.name})
             self._check_queued_quota(repo, org)
+            # Held until published: by the scheduler pass below (fair), or at once within the running
+            # limit (fifo), else when one of the organization's jobs ends.
+            row.dispatched, row.assignment = False, assignment.SerializeToString()
+            row.assignment_traceparent = tracing.current_traceparent()
             limit = self.quotas.max_running_jobs_per_org
-            row.dispatched = limit <= 0 or self._running(repo, org) < limit
-            if row.dispatched:
-                row.status_message = waiting_note(spec.hardware, WorkerRepository(session).all(), utcnow(),
-                                                  self.listening_since, self.worker_rules)
-            else:  # held: published when one of the organization's jobs ends
-                row.assignment = assignment.SerializeToString()
+            within_limit = limit <= 0 or self._running(repo, org) < limit
+            if not self.scheduler.fair and not within_limit:
                 row.status_message = self._held_message(repo, org)
             repo.add(row)
+            if self.scheduler.fair:
+                self._schedule(session, new=row)
+            elif within_limit:
+                # Queued by pool, GPU type and count: only the workers that would take it pull it.
+                self._publish(session, row, WorkerRepository(session).all())
             timeline.on_created(session, row)
             self._record_change(session, row, S.JOB_STATE_UNSPECIFIED)
-            if row.dispatched:
-                # Queued by GPU type and count: only workers with that many of that GPU (or any worker,
-                # when it names none) pull it.
-                hardware = spec.hardware
-                add_event(session, JobOutbox, subjects.work_jobs(hardware.gpu_type, hardware.gpu_count),
-                          assignment, assignment.event_id)
             return job_to_proto(row)
 
         try:
@@ -426,6 +558,7 @@ class JobManager:
 
         job = await self.db.run(apply)
         self.relay.notify()
+        await self.dispatch()  # a cancelled job frees its slot, and a worker that was to take it
         return job
 
     @staticmethod
@@ -450,6 +583,8 @@ class JobManager:
             return False
         if result:
             self.relay.notify()
+            if update.kind in FREES_OR_TAKES_WORKER:
+                await self.dispatch()  # its worker is free now (or took a job counted for another)
         return result
 
     def _refused(self, update: events_pb2.WorkerJobUpdate, organization: str, reason: str) -> None:
@@ -548,7 +683,9 @@ class JobManager:
         if row.state in FINAL:
             return f"the job already ended {states.name(row.state)}"
         if not row.dispatched:
-            return "the job was never handed to the work queue (its organization's running limit holds it)"
+            holder = ("the scheduler holds it until a worker that would take it is free"
+                      if self.scheduler.fair else "its organization's running limit holds it")
+            return f"the job was never handed to the work queue ({holder})"
         worker, attempt = update.worker_id, update.attempt
         if not 0 < len(worker) <= 255:
             return "the update names no usable worker id"
@@ -608,6 +745,7 @@ class JobManager:
         changed = await self.db.run(apply)
         if changed:
             self.relay.notify()
+            await self.dispatch()  # it held a slot
         return changed
 
     # -- workers ---------------------------------------------------------------------------------
@@ -621,20 +759,29 @@ class JobManager:
         that still runs the delivery of a job that was put back in the queue for it takes it back.
         """
         at = now or utcnow()
+        newly_idle = False
 
         def apply(session: Session) -> bool:
+            nonlocal newly_idle
             workers = WorkerRepository(session)
             row = workers.get(heartbeat.worker_id, for_update=True)
             started = from_timestamp(heartbeat.started_at) if heartbeat.HasField("started_at") else None
             restarted = (row is not None and started is not None and row.started_at is not None
                          and as_utc(row.started_at) != started)
             previous_heartbeat = as_utc(row.last_heartbeat) if row is not None else at
+            pool = heartbeat.pool.strip().lower()[:40] or subjects.DEFAULT_POOL
+            # A worker the scheduler may count as free from now on: new, back, or newly idle or moved.
+            newly_idle = heartbeat.state == W.WORKER_STATE_IDLE and (
+                row is None or restarted or row.state != W.WORKER_STATE_IDLE or pool_of(row) != pool
+                or not is_alive(row, at, self.listening_since))
             if row is None:
                 row = WorkerRow(id=heartbeat.worker_id)
                 workers.add(row)
             # Cut to the columns' sizes: a heartbeat is a worker's word, not validated input.
             row.hostname, row.gpu_type = heartbeat.hostname[:255], heartbeat.gpu_type.strip().lower()[:63]
             row.gpu_count, row.state = heartbeat.gpu_count, heartbeat.state
+            row.pool, row.gpu_name = pool, heartbeat.gpu_name[:255]
+            row.gpu_memory_bytes = max(0, heartbeat.gpu_memory_bytes)
             row.job_id, row.attempt, row.job_organization = heartbeat.job_id[:40], heartbeat.attempt, ""
             row.started_at, row.last_heartbeat = started, at
             row.lost_after_s = self.worker_rules.lost_after(heartbeat.interval_seconds)
@@ -661,6 +808,8 @@ class JobManager:
         changed = await self.db.run(apply)
         if changed:
             self.relay.notify()
+        if newly_idle:
+            await self.dispatch()  # its first heartbeat starts the job waiting for it at once
         return changed
 
     async def check_workers(self, now: datetime | None = None) -> int:
@@ -698,13 +847,17 @@ class JobManager:
                     continue  # a worker took it meanwhile
                 changed += self._lose(session, fresh, held[0], how, since, all_workers, at)
                 lost.add(job.id)
-            # A slot freed without a turn taken (a limit raised, a transaction that lost its turn).
-            for org in sorted({job.organization for job in jobs.held()}):
-                changed += self._dispatch_held(session, org)
+            if self.scheduler.fair:  # the scheduler pass, held jobs' reasons included
+                changed += self._schedule(session, notes=True)
+            else:  # a slot freed without a turn taken (a limit raised, a transaction that lost its turn)
+                for org in sorted({job.organization for job in jobs.held()}):
+                    changed += self._dispatch_held(session, org)
             held_notes: dict[str, str] = {}
             for job in jobs.in_states([S.JOB_STATE_QUEUED]):
                 if job.id in lost:
                     continue  # its message was written with the move
+                if not job.dispatched and self.scheduler.fair:
+                    continue  # the pass wrote it
                 if job.dispatched:
                     hardware = job_pb2.JobSpec.FromString(job.spec).hardware
                     note = waiting_note(hardware, all_workers, at, self.listening_since, rules)
@@ -772,6 +925,56 @@ class JobManager:
             rows = rows[:limit]
             out = [worker_to_proto(r, organization, is_alive(r, at, self.listening_since)) for r in rows]
             return out, encode_token(rows[-1].id, query) if more else ""
+
+        return await self.db.run(load)
+
+    async def list_pools(self, organization: str,
+                         now: datetime | None = None) -> builtins.list[job_pb2.WorkerPool]:
+        """The worker pools (see job.proto's WorkerPool): one per pool name and GPU type among the workers
+        heard from within the seen window, with their queue depth, and one per pool name that queued jobs
+        name but no such worker announces. Another organization's jobs count only as numbers."""
+        v = Violations()
+        check_organization(v, organization)
+        v.raise_if_any("request is invalid")
+        at = now or utcnow()
+        window = timedelta(seconds=self.worker_rules.seen_window_s)
+
+        def load(session: Session) -> builtins.list[job_pb2.WorkerPool]:
+            jobs = JobRepository(session)
+            recent = [w for w in WorkerRepository(session).all() if at - as_utc(w.last_heartbeat) <= window]
+            queued_rows = jobs.in_states([S.JOB_STATE_QUEUED])
+            queued = [(job.organization, job_pb2.JobSpec.FromString(job.spec).hardware)
+                      for job in queued_rows]
+            on_worker = jobs.in_states(states.ON_WORKER)
+            holds = _job_holders(on_worker, queued_rows)
+            groups: dict[tuple[str, str], builtins.list[WorkerRow]] = {}
+            for worker in recent:
+                groups.setdefault((pool_of(worker), worker.gpu_type), []).append(worker)
+            pools: builtins.list[job_pb2.WorkerPool] = []
+            for (name, gpu_type), members in groups.items():
+                alive = [w for w in members if is_alive(w, at, self.listening_since)]
+                free = [w for w in alive if is_free(w, at, self.listening_since, holds(w))]
+                draining = [w for w in alive if w.state == W.WORKER_STATE_DRAINING]
+                theirs = [org for org, hardware in queued if any(takes(w, hardware) for w in members)]
+                ids = {w.id for w in members}
+                pools.append(job_pb2.WorkerPool(
+                    name=name, gpu_type=gpu_type, max_gpu_count=max((w.gpu_count for w in alive), default=0),
+                    workers_alive=len(alive), workers_idle=len(free), workers_draining=len(draining),
+                    workers_busy=len(alive) - len(free) - len(draining), queued_jobs=len(theirs),
+                    queued_jobs_own=theirs.count(organization),
+                    running_jobs=sum(1 for job in on_worker if job.worker_id in ids)))
+            # Pools that only jobs name so far: counted under the name, by the GPU type they ask for.
+            announced = {name for name, _ in groups}
+            unserved: dict[tuple[str, str], builtins.list[str]] = {}
+            for org, hardware in queued:
+                if hardware.pool and hardware.pool not in announced:
+                    route = subjects.gpu_route(hardware.gpu_type)
+                    kind = "cpu" if route == subjects.ANY_ROUTE else hardware.gpu_type.strip().lower()
+                    unserved.setdefault((hardware.pool, kind), []).append(org)
+            for (name, gpu_type), orgs in unserved.items():
+                pools.append(job_pb2.WorkerPool(name=name, gpu_type=gpu_type, queued_jobs=len(orgs),
+                                                queued_jobs_own=orgs.count(organization)))
+            return sorted(pools, key=lambda p: (p.name, p.gpu_type))
 
         return await self.db.run(load)
 

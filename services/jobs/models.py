@@ -62,6 +62,12 @@ class JobRow(Base):
     # waits QUEUED without (services.jobs.quotas); its assignment is kept here until a slot frees.
     dispatched: Mapped[bool] = mapped_column(Boolean, default=True)
     assignment: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # When its assignment went to the work queue (the latest of an organization's is its place in the fair
+    # scheduler's round: services.jobs.scheduler); NULL while held, and for jobs from before it was kept.
+    dispatch_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # While held: the trace context of the CreateJob that queued it, so that its assignment, published
+    # later by whatever freed a worker, still continues the job's own trace (NULL with tracing off).
+    assignment_traceparent: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # When checkpoint retention (services.jobs.checkpoints) finished with the ended job: the resume-only
     # state of its non-final checkpoints pruned, or kept as the spec asked. NULL: still to do.
     retention_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -83,6 +89,9 @@ class JobRow(Base):
     estimated_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     # The last timeline sequence number given out (JobEventRow.sequence).
     event_sequence: Mapped[int] = mapped_column(Integer, default=0)
+    # Job.priority (tuneforge.v1.JobPriority, never UNSPECIFIED: that is stored as NORMAL): its place among
+    # its organization's held jobs (services.jobs.scheduler).
+    priority: Mapped[int] = mapped_column(Integer, default=2)
 
 
 class JobEventRow(Base):
@@ -122,11 +131,18 @@ class WorkerRow(Base):
     last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     # Seconds after last_heartbeat at which the worker counts as gone.
     lost_after_s: Mapped[float] = mapped_column(Float, default=60.0)
+    # The pool it serves ("default" when its heartbeat names none), each GPU's memory and the GPUs' model
+    # as NVML reports them (0 and "" on a CPU worker, or when unknown).
+    pool: Mapped[str] = mapped_column(String(40), default="default")
+    gpu_memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    gpu_name: Mapped[str] = mapped_column(String(255), default="")
 
 
 class OrganizationLock(Base):
     """One row per organization that created a job: CreateJob and the dispatch of waiting jobs lock it, so
-    two transactions never both take an organization's last queued or running slot."""
+    two transactions never both take an organization's last queued or running slot. One more row, named
+    "#scheduler" (no organization's name has a "#"), is the fair scheduler's: each of its passes locks it,
+    so two jobs-service replicas never both hand out the same free worker."""
 
     __tablename__ = "jobs_org_locks"
 

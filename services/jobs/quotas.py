@@ -11,6 +11,10 @@
   the transaction that ends one of the organization's dispatched jobs publishes the oldest held one, and
   the periodic workers check does the same for any slot freed otherwise (a limit raised, a missed turn).
 
+Under the fair scheduler (services.jobs.scheduler, the default) every new job is held until a worker that
+would take it is free, and the running limit caps what a scheduler pass dispatches for an organization;
+those passes take the scheduler's lock (`JobRepository.lock_scheduler`) instead of the organization's.
+
 Workers never see a held job, so nothing has to refuse one. Every decision that counts an organization's
 jobs first locks that organization's row (`JobRepository.lock_organization`), so two concurrent ones
 never both take its last slot. 0 means no limit, for either.

@@ -28,9 +28,13 @@ from sqlalchemy.orm import Session
 from tuneforge.v1 import job_pb2
 
 from services.jobs.models import JobRow, OrganizationLock, WorkerRow
+from services.jobs.quotas import SLOT_STATES
 from services.kit.db import Database
+from services.kit.protos import as_utc
 
 QUEUED = job_pb2.JOB_STATE_QUEUED
+# The fair scheduler's lock row among the organizations' (a "#" is in no organization's name).
+SCHEDULER_LOCK = "#scheduler"
 # A row of `JOB_COLUMNS`: read-only, its attributes named as JobRow's.
 JobRecord: TypeAlias = Row[*tuple[Any, ...]]
 
@@ -41,7 +45,7 @@ JOB_COLUMNS = (
     JobRow.create_time, JobRow.start_time, JobRow.end_time, JobRow.update_time, JobRow.status_message,
     JobRow.phase, JobRow.usage_hardware, JobRow.usage_gpu_count, JobRow.usage_hourly_usd,
     JobRow.usage_run_seconds, JobRow.usage_cost_usd, JobRow.usage_running_since, JobRow.usage_tokens,
-    JobRow.estimated_cost_usd, JobRow.estimated_seconds,
+    JobRow.estimated_cost_usd, JobRow.estimated_seconds, JobRow.priority,
 )
 _JOBS = select(*JOB_COLUMNS).where(JobRow.organization == bindparam("organization"))
 _BY_ID = _JOBS.where(JobRow.id == bindparam("ref"))
@@ -123,17 +127,38 @@ class JobRepository:
         """Locks the organization's quota row (created on first use) until the transaction ends: the
         decisions that count its jobs (CreateJob, dispatching a held job) then take turns. Done first in a
         transaction, this is its first write too, so SQLite serializes it the same way."""
+        self._lock(organization)
+
+    def lock_scheduler(self) -> None:
+        """Locks the fair scheduler's row (`OrganizationLock`, "#scheduler") until the transaction ends:
+        its passes take turns, across replicas too. Taken after an organization's lock, never before one."""
+        self._lock(SCHEDULER_LOCK)
+
+    def _lock(self, key: str) -> None:
         dialect = self.session.get_bind().dialect.name
-        values = {"organization": organization}
+        values = {"organization": key}
         if dialect == "postgresql":
             self.session.execute(postgresql.insert(OrganizationLock).values(values).on_conflict_do_nothing())
         elif dialect == "sqlite":
             self.session.execute(sqlite.insert(OrganizationLock).values(values).on_conflict_do_nothing())
-        elif self.session.get(OrganizationLock, organization) is None:
-            self.session.add(OrganizationLock(organization=organization))
+        elif self.session.get(OrganizationLock, key) is None:
+            self.session.add(OrganizationLock(organization=key))
             self.session.flush()
-        self.session.scalars(select(OrganizationLock).where(OrganizationLock.organization == organization)
+        self.session.scalars(select(OrganizationLock).where(OrganizationLock.organization == key)
                              .with_for_update()).first()
+
+    def active_by_organization(self) -> dict[str, int]:
+        """Each organization's jobs that hold a running slot (dispatched and not ended: `SLOT_STATES`)."""
+        query = (select(JobRow.organization, func.count()).where(
+            JobRow.dispatched.is_(True), JobRow.state.in_(list(SLOT_STATES))).group_by(JobRow.organization))
+        return {org: int(n) for org, n in self.session.execute(query)}
+
+    def last_dispatch_by_organization(self, organizations: Collection[str]) -> dict[str, datetime]:
+        """When each of `organizations` last had a job dispatched (those that never did are left out)."""
+        query = (select(JobRow.organization, func.max(JobRow.dispatch_time))
+                 .where(JobRow.organization.in_(list(organizations)), JobRow.dispatch_time.is_not(None))
+                 .group_by(JobRow.organization))
+        return {org: as_utc(at) for org, at in self.session.execute(query) if at is not None}
 
     def count(self, organization: str, states: Collection[int], *, dispatched: bool | None = None) -> int:
         query = select(func.count()).select_from(JobRow).where(

@@ -60,6 +60,10 @@ class JobServicer(job_service_pb2_grpc.JobServiceServicer):
                                                          request.page_token)
         return job_service_pb2.ListWorkersResponse(workers=workers, next_page_token=token)
 
+    async def ListPools(self, request: job_service_pb2.ListPoolsRequest,
+                        context: grpc.aio.ServicerContext) -> job_service_pb2.ListPoolsResponse:
+        return job_service_pb2.ListPoolsResponse(pools=await self.manager.list_pools(request.organization))
+
     async def GetJobArtifacts(self, request: job_service_pb2.GetJobArtifactsRequest,
                               context: grpc.aio.ServicerContext) -> job_service_pb2.GetJobArtifactsResponse:
         ttl_s = self.artifacts.check_request(list(request.kinds), request.url_ttl.seconds,

@@ -4,8 +4,11 @@ each organization may have waiting and running (services.jobs.quotas), and how i
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
 
+from pydantic import Field, field_validator
+
+from services.jobs.scheduler import parse_org_weights, parse_worker_pools
 from tuneforge_core.settings import KitSettings
 
 
@@ -27,6 +30,19 @@ class JobSettings(KitSettings):
     # TUNEFORGE_MAX_RUNNING_JOBS_PER_ORG: jobs of an organization handed to the work queue at once (running,
     # or queued for a worker); the next ones wait, QUEUED, until one of them ends. 0: no limit.
     max_running_jobs_per_org: int = Field(default=4, ge=0)
+    # TUNEFORGE_SCHEDULER (services.jobs.scheduler): "fair" holds each job until a worker that would take
+    # it is free and then shares the workers among organizations by weight (priorities within one); "fifo"
+    # publishes every job at CreateJob and the work queue hands them out in arrival order (for deployments
+    # that scale workers on the queue's depth).
+    scheduler: Literal["fair", "fifo"] = "fair"
+    # TUNEFORGE_ORG_WEIGHTS: the organizations' shares of the workers under the fair scheduler,
+    # "org-a=2,org-b=1"; an organization not named weighs 1.
+    org_weights: str = ""
+    # TUNEFORGE_WORKER_POOLS: the deployment's worker pools and their largest workers,
+    # "default:cpu,gpu-a:nvidia-h100x8,gpu-b:nvidia-t4x1". When set, CreateJob refuses a job that none of
+    # them could ever run, naming spec.hardware.pool, gpu_type or gpu_count. Empty: any job waits for a
+    # worker that would take it.
+    worker_pools: str = ""
     # TUNEFORGE_CPU_HOURLY_USD: the hourly price of a CPU worker in Job.usage and GetUsage (GPU workers are
     # priced by the estimation service's hardware catalog). Default: the catalog's nominal CPU price.
     cpu_hourly_usd: float = Field(default=0.10, ge=0.0)
@@ -46,3 +62,15 @@ class JobSettings(KitSettings):
     # TUNEFORGE_DOWNLOAD_KEY: HMAC key(s) signing local download URLs (comma-separated: the first signs,
     # any verifies). Empty: one generated once in <data_dir>/secrets/download.key.
     download_key: str = Field(default="", repr=False)
+
+    @field_validator("org_weights")
+    @classmethod
+    def _check_org_weights(cls, value: str) -> str:
+        parse_org_weights(value)
+        return value
+
+    @field_validator("worker_pools")
+    @classmethod
+    def _check_worker_pools(cls, value: str) -> str:
+        parse_worker_pools(value)
+        return value

@@ -35,10 +35,12 @@ def worker_state_name(state: int) -> str:
 
 
 def pool_hardware(pool: str) -> job_pb2.HardwareConfig:
-    """The hardware the jobs of a pool ask for: "nvidia-h100.x2" -> nvidia-h100, 2 GPUs; "any" -> none."""
-    base, _, count = pool.partition(".x")
-    gpu_type = "" if base == subjects.ANY_ROUTE else base
-    return job_pb2.HardwareConfig(gpu_type=gpu_type, gpu_count=int(count) if count.isdigit() else 1)
+    """The hardware the jobs of a work route ask for: "nvidia-h100.x2" -> nvidia-h100, 2 GPUs; "any" ->
+    none; "pool-gpu-a.nvidia-h100" -> one nvidia-h100 in worker pool gpu-a."""
+    gpu_type = subjects.route_gpu_type(pool)
+    return job_pb2.HardwareConfig(gpu_type="" if gpu_type == subjects.ANY_ROUTE else gpu_type,
+                                  gpu_count=max(1, subjects.route_gpu_count(pool)),
+                                  pool=subjects.route_pool(pool))
 
 
 def _database_counts(session: Session, snap: FleetSnapshot, now: datetime) -> list[WorkerRow]:

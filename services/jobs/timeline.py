@@ -102,8 +102,9 @@ def error_reason(status: status_pb2.Status) -> str:
 
 
 def on_created(session: Session, row: JobRow) -> None:
-    """CreateJob accepted the job: QUEUED."""
-    held = "" if row.dispatched else "; it waits for one of the organization's running slots"
+    """CreateJob accepted the job: QUEUED (held back, with its reason, when its assignment was not
+    published at once: by the fair scheduler or the organization's running limit)."""
+    held = "" if row.dispatched else f"; it is held back ({row.status_message})"
     _service_event(session, row, E.JOB_EVENT_TYPE_QUEUED, f"The job was accepted and queued{held}.")
 
 

@@ -12,13 +12,17 @@ service keeps the latest one per worker (`WorkerRow`, times on its own clock) an
 - Lost jobs: a job PREPARING or RUNNING on a worker that is gone (or that came back as a new process, or
   shut down) goes back to QUEUED with a reason and the attempt that comes next, or fails WORKER_LOST when
   that was its last delivery; a CANCELLING one is CANCELLED (nothing runs it any more).
-- Waiting jobs: a QUEUED job for which no alive worker would take it (its GPU type and count, or any
-  worker for a job that names none) says so in Job.status_message.
+- Waiting jobs: a QUEUED job for which no alive worker would take it (its pool, GPU type and count, or
+  any worker for a job that names none) says so in Job.status_message.
+- Free workers: an alive worker that is neither DRAINING nor holding a job (`is_free`) can take the next
+  one; the fair scheduler (services.jobs.scheduler) dispatches only as many jobs as there are free workers
+  to take them.
 
-Jobs match workers as the queue routes them (`subjects.work_route`): a job that names a GPU type goes only
-to a worker with at least as many GPUs (`gpu_count`, per node) of that type, or of unknown type (empty
-gpu_type: it takes every GPU type, up to the GPUs it counted); a job that names none (or "cpu") goes to
-any worker. A worker never trains a job on fewer GPUs than it asked for.
+Jobs match workers as the queue routes them (`subjects.pooled_route`): a job that names a worker pool goes
+only to that pool's workers (a heartbeat without a pool is the "default" pool's); a job that names a GPU
+type goes only to a worker with at least as many GPUs (`gpu_count`, per node) of that type, or of unknown
+type (empty gpu_type: it takes every GPU type, up to the GPUs it counted); a job that names none (or
+"cpu") goes to any worker. A worker never trains a job on fewer GPUs than it asked for.
 """
 
 from __future__ import annotations
@@ -76,21 +80,38 @@ def has_gpu_type(row: WorkerRow, gpu_type: str) -> bool:
     return subjects.gpu_route(row.gpu_type) == route
 
 
+def pool_of(row: WorkerRow) -> str:
+    """The pool a worker serves: what its heartbeat said, "default" when it said none."""
+    return row.pool or subjects.DEFAULT_POOL
+
+
 def takes(row: WorkerRow, hardware: job_pb2.HardwareConfig) -> bool:
-    """Whether the worker pulls from the queue of jobs asking for `hardware`: its GPU type (`has_gpu_type`)
-    and at least `hardware.gpu_count` GPUs of it (unset counts as one); any worker for a job that names no
-    GPU type."""
+    """Whether the worker pulls from the queue of jobs asking for `hardware`: its pool, when the job names
+    one; its GPU type (`has_gpu_type`) and at least `hardware.gpu_count` GPUs of it (unset counts as one);
+    any worker (of the pool) for a job that names no GPU type."""
+    if hardware.pool and pool_of(row) != hardware.pool:
+        return False
     if subjects.gpu_route(hardware.gpu_type) == subjects.ANY_ROUTE:
         return True
     return has_gpu_type(row, hardware.gpu_type) and row.gpu_count >= max(1, hardware.gpu_count)
 
 
+def is_free(row: WorkerRow, now: datetime, listening_since: datetime, holds_job: bool) -> bool:
+    """Whether the worker can take a job now: alive, not DRAINING, and holding none (`holds_job`: a job on
+    it by the jobs' own records, or the unfinished one its latest heartbeat names). A BUSY heartbeat
+    about a job that has since ended does not keep it busy: its next pull is for a new job."""
+    return (is_alive(row, now, listening_since) and row.state in (W.WORKER_STATE_IDLE, W.WORKER_STATE_BUSY)
+            and not holds_job)
+
+
 def wanted(hardware: job_pb2.HardwareConfig) -> str:
-    """The worker a job waits for, in words: "a worker", "a worker with nvidia-h100 x2"."""
+    """The worker a job waits for, in words: "a worker", "a worker with nvidia-h100 x2", "a worker in
+    pool cpu-b"."""
+    where = f" in pool {hardware.pool}" if hardware.pool else ""
     if subjects.gpu_route(hardware.gpu_type) == subjects.ANY_ROUTE:
-        return "a worker"
+        return f"a worker{where}"
     count = f" x{hardware.gpu_count}" if hardware.gpu_count > 1 else ""
-    return f"a worker with {hardware.gpu_type.strip().lower()}{count}"
+    return f"a worker with {hardware.gpu_type.strip().lower()}{count}{where}"
 
 
 def when(value: datetime) -> str:
@@ -128,7 +149,7 @@ def waiting_note(hardware: job_pb2.HardwareConfig, workers: Iterable[WorkerRow],
         note = f"waiting for {wanted(hardware)}; none seen in the last {span(heard_for)}"
     # Only a job that names a GPU type can wait for want of GPUs; these workers have its type, too few.
     too_small = [w.gpu_count for w in workers if has_gpu_type(w, hardware.gpu_type)
-                 and is_alive(w, now, listening_since)]
+                 and (not hardware.pool or pool_of(w) == hardware.pool) and is_alive(w, now, listening_since)]
     if too_small:
         most = max(too_small)
         note += f"; the alive workers of that GPU type have at most {most} GPU{'s' if most != 1 else ''}"

@@ -56,10 +56,12 @@ class InboxMixin:
 
 
 def add_event(session: Session, model: type[OutboxMixin], subject: str, message: Message,
-              event_id: str) -> None:
+              event_id: str, traceparent: str | None = None) -> None:
+    """Adds the event to the transaction's outbox, in the trace of the current span, or of `traceparent`
+    when given (an event decided now on behalf of an earlier call, such as a held job's assignment)."""
     row = model()
     row.event_id, row.subject, row.payload = event_id, subject, message.SerializeToString()
-    row.traceparent = tracing.current_traceparent()
+    row.traceparent = traceparent or tracing.current_traceparent()
     session.add(row)
 
 

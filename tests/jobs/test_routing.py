@@ -234,6 +234,23 @@ async def test_the_worker_user_may_pull_every_route_it_takes(tmp_path: Path) -> 
             await msg.in_progress()
             await msg.ack_sync()
             await sub.unsubscribe()
+            # A pool's routes, one token deeper still for several GPUs ("pool-<pool>.<type>.x<N>").
+            pooled = assignment("job_pool", "nvidia-h100", 4)
+            pooled.spec.hardware.pool = "gpu-a"
+            await kit_nats.publish(services.jetstream(), subjects.work_jobs("nvidia-h100", 4, "gpu-a"),
+                                   pooled, pooled.event_id)
+            route = subjects.pooled_route("gpu-a", "nvidia-h100", 4)
+            await kit_nats.ensure_route_consumer(js, route, 30.0, 5)
+            x2 = subjects.trainers_consumer("nvidia-h100", 2, "gpu-a")
+            await js.add_consumer(subjects.STREAM_WORK, ConsumerConfig(
+                name=x2, durable_name=x2, ack_policy=AckPolicy.EXPLICIT,
+                filter_subject=subjects.work_jobs("nvidia-h100", 2, "gpu-a")))
+            sub = await js.pull_subscribe(subjects.route_subject(route),
+                                          durable=subjects.route_consumer(route), stream=subjects.STREAM_WORK)
+            (msg,) = await sub.fetch(1, timeout=2)
+            assert events_pb2.JobAssignment.FromString(msg.data).job_id == "job_pool"
+            await msg.ack_sync()
+            await sub.unsubscribe()
             assert errors == []
             denied = [  # not a route: the legacy subject, and another stream
                 js.add_consumer(subjects.STREAM_WORK, ConsumerConfig(
@@ -249,6 +266,35 @@ async def test_the_worker_user_may_pull_every_route_it_takes(tmp_path: Path) -> 
             await services.close()
     finally:
         server.stop()
+
+
+async def test_an_existing_work_stream_gains_the_pooled_routes_in_place(nats_url: str) -> None:
+    """A deployment from before pools has TF_WORK without the pooled multi-GPU subjects: ensure_streams
+    updates it in place, keeping what is queued."""
+    nc = await kit_nats.connect(nats_url, "test")
+    js = nc.jetstream()
+    try:
+        await js.add_stream(StreamConfig(
+            name=subjects.STREAM_WORK, retention=RetentionPolicy.WORK_QUEUE,
+            subjects=[subjects.ALL_WORK_JOBS, subjects.ALL_MULTI_GPU_WORK_JOBS, subjects.LEGACY_WORK_JOBS]))
+        old = assignment("job_old", "nvidia-h100", 2)
+        await kit_nats.publish(js, subjects.work_jobs("nvidia-h100", 2), old, old.event_id)
+        await kit_nats.ensure_streams(js)
+        info = await js.stream_info(subjects.STREAM_WORK)
+        assert subjects.ALL_POOLED_MULTI_GPU_WORK_JOBS in (info.config.subjects or [])
+        assert info.state.messages == 1
+        for job_id, count in (("job_new", 2), ("job_one", 1)):
+            pooled = assignment(job_id, "nvidia-h100", count)
+            pooled.spec.hardware.pool = "gpu-a"
+            await kit_nats.publish(js, subjects.work_jobs("nvidia-h100", count, "gpu-a"), pooled,
+                                   pooled.event_id)
+        routes = ["nvidia-h100.x2", "pool-gpu-a.nvidia-h100", "pool-gpu-a.nvidia-h100.x2"]
+        assert sorted(await kit_nats.queued_routes(js)) == routes
+        # The start-up moves of older versions' work leave a pool's jobs on their pool's routes.
+        assert await kit_nats.reroute_legacy_work(js) == 0
+        assert sorted(await kit_nats.queued_routes(js)) == routes
+    finally:
+        await nc.close()
 
 
 async def test_the_jobs_service_queues_a_job_on_its_gpu_type_and_counts_route(tmp_path: Path) -> None:

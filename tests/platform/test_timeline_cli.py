@@ -44,8 +44,9 @@ def eventually(check: Callable[[], bool], timeout_s: float = 15.0) -> None:
         time.sleep(0.05)
 
 
-def send(seeded: Seeded, *updates: events_pb2.WorkerJobUpdate) -> None:
-    """Publishes the updates on the job's worker status subject, as a worker does."""
+def send(seeded: Seeded, *updates: events_pb2.WorkerJobUpdate, heartbeat: bool = False) -> None:
+    """Publishes the updates on the job's worker status subject, as a worker does; with `heartbeat`, first
+    the worker's IDLE heartbeat (the fair scheduler hands a job to the work queue only for a free worker)."""
     platform = seeded.platform
 
     async def publish() -> None:
@@ -53,6 +54,11 @@ def send(seeded: Seeded, *updates: events_pb2.WorkerJobUpdate) -> None:
         nc = await kit_nats.connect(platform.nats_url, "test-worker", user="worker",
                                     password=platform.nats_auth.passwords["worker"])
         try:
+            if heartbeat:
+                beat = events_pb2.WorkerHeartbeat(worker_id="w-cli", hostname="test", gpu_type="cpu",
+                                                  state=job_pb2.WORKER_STATE_IDLE, interval_seconds=5.0)
+                await nc.publish(subjects.WORKER_HEARTBEATS, beat.SerializeToString())
+                await nc.flush()
             js = nc.jetstream()
             for update in updates:
                 await kit_nats.publish(js, subjects.worker_status(update.job_id), update, update.event_id)
@@ -86,9 +92,11 @@ def test_jobs_events_and_eval(seeded_platform: Seeded) -> None:
     seeded = seeded_platform
     admin = make_key(seeded.address, seeded.platform.data_dir, ORG, "admin")
     with TuneForgeClient(seeded.address, api_key=admin) as client:
+        # HIGH: the organization's older jobs (the seeded ones) wait for a worker too; this one goes first.
         job_id, cancelled = (client.create_job(job_pb2.JobSpec(base_model="Qwen/Qwen2.5-0.5B",
                                                                dataset=seeded.dataset_ids[0]),
-                                               name=f"{name}-{uuid.uuid4().hex[:8]}").id
+                                               name=f"{name}-{uuid.uuid4().hex[:8]}",
+                                               priority=job_pb2.JOB_PRIORITY_HIGH).id
                              for name in ("story", "cancelled"))
         client.cancel_job(cancelled)
 
@@ -98,6 +106,9 @@ def test_jobs_events_and_eval(seeded_platform: Seeded) -> None:
     code, out = cli(seeded, admin, "jobs", "eval", job_id)
     assert code == 0 and "PENDING" in out and job_id in out, out
 
+    # A worker announces itself: the job goes to the work queue for it (its reason clears).
+    send(seeded, heartbeat=True)
+    eventually(lambda: '"status_message"' not in cli(seeded, admin, "jobs", "get", job_id, "--json")[1])
     send(seeded, update(job_id, U.WORKER_UPDATE_KIND_PREPARING,
                         job_pb2.JobEvent(type=E.JOB_EVENT_TYPE_MODEL_DOWNLOADED, size_bytes=2048)),
          update(job_id, U.WORKER_UPDATE_KIND_RUNNING,
