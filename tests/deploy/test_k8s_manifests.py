@@ -20,11 +20,14 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from services.jobs.scheduler import parse_worker_pools
 from services.serving.manifest import VllmSource, render
+from tuneforge_core import subjects
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ("dev", "production")
+# multinode: production plus components/ray (its KubeRay objects are checked by test_kuberay.py).
+OVERLAYS = ("dev", "production", "multinode")
 # The Kubernetes version the schemas are checked against (a version kubernetes-validate ships).
 KUBERNETES_VERSION = "1.32.0"
 # The images the base names logically; every overlay must map each to a built image with a tag.
@@ -83,8 +86,12 @@ def config_map(docs: tuple[Doc, ...], prefix: str) -> Doc:
 
 
 def validation_errors(docs: tuple[Doc, ...] | list[Doc]) -> list[str]:
+    """Every core object's schema violations. KubeRay's custom resources have no schema here: test_kuberay.py
+    checks them against KubeRay's CRD (and their pod templates against this schema)."""
     errors = []
     for doc in docs:
+        if doc["apiVersion"].startswith("ray.io/"):
+            continue
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -236,6 +243,8 @@ def test_worker_pools_declare_their_hardware(name: str) -> None:
         assert gpu_type in hardware_options(), gpu_type
         assert env["TUNEFORGE_NATS_USER"]["value"] == "worker"
         assert doc["metadata"]["labels"]["tuneforge.dev/pool"] == gpu_type
+        # The worker pool it serves is the one its label names.
+        assert env["TUNEFORGE_WORKER_POOL"]["value"] == gpu_type and subjects.valid_pool(gpu_type)
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
         if gpu_type == "cpu":
             assert gpu_count == 0 and "nvidia.com/gpu" not in limits
@@ -246,6 +255,20 @@ def test_worker_pools_declare_their_hardware(name: str) -> None:
         assert spec["nodeSelector"], doc["metadata"]["name"]
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
         assert container["image"].endswith("-cuda")
+
+
+@pytest.mark.parametrize("name", ["production", "multinode"])
+def test_the_jobs_service_knows_every_worker_pool_and_its_largest_worker(name: str) -> None:
+    """TUNEFORGE_WORKER_POOLS (what CreateJob refuses by) declares exactly the pools the Deployments run."""
+    docs = overlay(name)
+    deployed = set()
+    for doc in of_kind(docs, "Deployment"):
+        if doc["metadata"]["labels"].get("app.kubernetes.io/component") == "worker":
+            env = env_of(pod_spec(doc)["containers"][0])
+            deployed.add((env["TUNEFORGE_WORKER_POOL"]["value"], env["TUNEFORGE_WORKER_GPU_TYPE"]["value"],
+                          int(env["TUNEFORGE_WORKER_GPU_COUNT"]["value"])))
+    declared = parse_worker_pools(config_map(docs, "tuneforge-config")["data"]["TUNEFORGE_WORKER_POOLS"])
+    assert {(p.name, p.gpu_type, p.gpu_count) for p in declared} == deployed
 
 
 def test_production_has_gpu_pools_and_dev_a_cpu_worker_only() -> None:

@@ -34,7 +34,7 @@ SHARED_SETTINGS = ("TUNEFORGE_NATS_URL", "TUNEFORGE_NATS_STREAM_REPLICAS", "TUNE
                    "TUNEFORGE_S3_ENDPOINT_URL", "TUNEFORGE_S3_REGION", "TUNEFORGE_WORK_ACK_WAIT_S",
                    "TUNEFORGE_WORK_MAX_DELIVER", "TUNEFORGE_DATABASE_URL", "TUNEFORGE_SERVICE_TOKEN",
                    "TUNEFORGE_PAGE_TOKEN_KEY", "TUNEFORGE_DATASETS_ADDRESS", "TUNEFORGE_JOBS_ADDRESS",
-                   "TUNEFORGE_ESTIMATION_ADDRESS")
+                   "TUNEFORGE_ESTIMATION_ADDRESS", "TUNEFORGE_RAY_ADDRESS")
 
 
 def sources() -> list[Path]:
@@ -116,6 +116,17 @@ def example_secret(ref: dict[str, Any]) -> str:
     return value
 
 
+def kuberay_head_services(docs: tuple[Doc, ...]) -> dict[str, set[int]]:
+    """The Service the KubeRay operator makes for each RayCluster's head: `<name>-head-svc`, serving the
+    head container's ports. Not in the manifests, but an address a process may name
+    (TUNEFORGE_RAY_ADDRESS)."""
+    services = {}
+    for cluster in of_kind(docs, "RayCluster"):
+        (head,) = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+        services[f"{cluster['metadata']['name']}-head-svc"] = {p["containerPort"] for p in head["ports"]}
+    return services
+
+
 def host_port(name: str, value: str) -> tuple[str, int | None]:
     if name.endswith("_ADDRESS"):
         host, _, port = value.rpartition(":")
@@ -137,6 +148,7 @@ def test_k8s_addresses_point_at_services_of_the_same_deployment(name: str) -> No
     docs = build(f"overlays/{name}")
     services = {d["metadata"]["name"]: {p["port"] for p in d["spec"]["ports"]}
                 for d in of_kind(docs, "Service")}
+    services |= kuberay_head_services(docs)
     checked = set()
     for process, env in k8s_processes(name).items():
         for var, value in env.items():
