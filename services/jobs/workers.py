@@ -145,8 +145,13 @@ def waiting_note(hardware: job_pb2.HardwareConfig, workers: Iterable[WorkerRow],
         note = (f"waiting for {wanted(hardware)}; none is alive (the last one, {last.id}, {how} at "
                 f"{when(last.last_heartbeat)})")
     else:
-        heard_for = min(rules.seen_window_s, max(0.0, (now - listening_since).total_seconds()))
-        note = f"waiting for {wanted(hardware)}; none seen in the last {span(heard_for)}"
+        # Said so that it does not change while nothing happens (every change is a JobChanged event for
+        # each waiting job): since a fixed time until the window has passed, then the window.
+        if (now - listening_since).total_seconds() < rules.seen_window_s:
+            note = (f"waiting for {wanted(hardware)}; none seen since {when(listening_since)}, when the jobs "
+                    "service began listening")
+        else:
+            note = f"waiting for {wanted(hardware)}; none seen in the last {span(rules.seen_window_s)}"
     # Only a job that names a GPU type can wait for want of GPUs; these workers have its type, too few.
     too_small = [w.gpu_count for w in workers if has_gpu_type(w, hardware.gpu_type)
                  and (not hardware.pool or pool_of(w) == hardware.pool) and is_alive(w, now, listening_since)]

@@ -40,7 +40,7 @@ def test_each_job_trains_in_its_own_pool_and_one_for_a_pool_without_workers_wait
                 assert final.worker_id == worker
             waiting = client.get_job(jobs["cpu-c"].id)
             assert waiting.state == job_pb2.JOB_STATE_QUEUED and waiting.attempt == 0
-            reason = "waiting for a worker in pool cpu-c; none seen in the "
+            reason = "waiting for a worker in pool cpu-c; none seen "
             assert waiting.status_message.startswith(reason), waiting
             workers = {w.id: w.pool for w in client.list_workers().workers}
             assert workers == {"worker-a": "cpu-a", "worker-b": "cpu-b"}

@@ -60,7 +60,7 @@ def test_a_gpu_job_with_only_a_cpu_worker_waits_queued_with_a_reason(
         spec.hardware.gpu_type = "nvidia-t4"  # the tiny model fits it (the estimate admits it)
         job = client.create_job(spec)
         assert job.state == job_pb2.JOB_STATE_QUEUED
-        waiting = "waiting for a worker with nvidia-t4; none seen in the last "
+        waiting = "waiting for a worker with nvidia-t4; none seen "
         assert job.status_message.startswith(waiting), job
         time.sleep(3 * 3.0)  # three claims' worth: a delivery, refusal or WORKER_LOST would show by now
         job = client.get_job(job.id)

@@ -111,7 +111,7 @@ async def test_with_declared_pools_a_job_no_pool_can_run_is_refused(manager: Job
     waiting = await create(manager, pool="gpu-c", gpu_type="nvidia-a100", gpu_count=8)
     assert waiting.state == S.JOB_STATE_QUEUED
     assert waiting.status_message.startswith(
-        "waiting for a worker with nvidia-a100 x8 in pool gpu-c; none seen in the last")
+        "waiting for a worker with nvidia-a100 x8 in pool gpu-c; none seen ")
 
 
 def test_the_settings_validate_pools_weights_and_scheduler_at_start(monkeypatch: pytest.MonkeyPatch) -> None:

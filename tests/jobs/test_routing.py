@@ -314,7 +314,7 @@ async def test_the_jobs_service_queues_a_job_on_its_gpu_type_and_counts_route(tm
             spec.hardware.gpu_type, spec.hardware.gpu_count = gpu_type, gpu_count
             request = job_service_pb2.CreateJobRequest(organization="acme", spec=spec)
             jobs.append(await manager.create(request))
-        assert jobs[0].status_message.startswith("waiting for a worker with nvidia-h100 x4; none seen in ")
+        assert jobs[0].status_message.startswith("waiting for a worker with nvidia-h100 x4; none seen ")
         assert jobs[3].status_message.startswith("waiting: organization acme runs 3 jobs"), "held"
         await manager.cancel("acme", jobs[1].id)  # a slot frees: the held job goes to the work queue
         with db.session() as s:

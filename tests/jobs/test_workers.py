@@ -213,12 +213,13 @@ async def test_a_queued_job_says_when_no_worker_would_take_it(manager: JobManage
     assert (await manager.get("acme", "job_h100")).status_message == ""
 
 
-async def test_just_started_the_reason_says_how_long_it_listened(manager: JobManager) -> None:
+async def test_just_started_the_reason_says_since_when_it_listened(manager: JobManager) -> None:
     manager.listening_since = T0
     insert_job(manager, gpu_type="nvidia-t4")
     await manager.check_workers(now=T0 + timedelta(seconds=12))
     assert (await manager.get("acme", "job_1")).status_message == (
-        "waiting for a worker with nvidia-t4; none seen in the last 12 seconds")
+        "waiting for a worker with nvidia-t4; none seen since 2026-12-01T10:00:00Z, when the jobs service "
+        "began listening")
     assert [span(s) for s in (1, 59, 300, 7200)] == ["1 second", "59 seconds", "5 minutes", "2 hours"]
 
 
