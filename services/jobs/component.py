@@ -80,6 +80,7 @@ class JobsComponent(Component):
         self.retention = CheckpointRetention(self.db, runtime.store)
         self.manager.on_job_ended = self.retention.wake
         self._heartbeats: Any = None
+        self._changes: Any = None
         # GetJobArtifacts: S3 presigns its own download URLs; a local store's are served by this process.
         local = isinstance(runtime.store, LocalObjectStore)
         self.artifacts = ArtifactCatalog(
@@ -128,6 +129,8 @@ class JobsComponent(Component):
         await reroute_legacy_work(self.runtime.js)
         self._heartbeats = await self.runtime.nc.subscribe(
             subjects.WORKER_HEARTBEATS, queue=subjects.JOBS_HEARTBEATS_QUEUE, cb=self._on_heartbeat)
+        # Every replica's job changes, so that GetJob answers kept here never outlive them.
+        self._changes = await self.runtime.nc.subscribe(subjects.ALL_JOB_EVENTS, cb=self._on_job_changed)
         self.manager.listening_since = utcnow()
         self._serve_downloads()
         # /metrics (services.kit.telemetry): jobs by state, queues and workers, counted at each scrape.
@@ -150,13 +153,24 @@ class JobsComponent(Component):
     async def stop(self) -> None:
         if self._unregister_metrics is not None:
             self._unregister_metrics()
-        if self._heartbeats is not None:
-            with contextlib.suppress(Exception):
-                await self._heartbeats.unsubscribe()
+        for subscription in (self._heartbeats, self._changes):
+            if subscription is not None:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
         if self.downloads is not None:
             await asyncio.to_thread(self.downloads.stop)
         await super().stop()
         self.db.dispose()
+
+    async def _on_job_changed(self, msg: Msg) -> None:
+        try:
+            changed = events_pb2.JobChanged.FromString(msg.data)
+        except Exception:
+            # Nothing of it can be read, not even which job: every kept GetJob answer could be stale.
+            log.warning("an undecodable JobChanged on %s; forgetting every kept GetJob answer", msg.subject)
+            self.manager.read_cache.forget_all()
+            return
+        self.manager.read_cache.observe(changed.job.id)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:

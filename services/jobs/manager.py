@@ -59,6 +59,7 @@ from services.jobs.datasets_client import DatasetLookup
 from services.jobs.estimation_client import HardwareCheck
 from services.jobs.models import JobInbox, JobOutbox, JobRow, WorkerRow
 from services.jobs.quotas import SLOT_STATES, JobQuotas, held_note
+from services.jobs.read_cache import JobReadCache
 from services.jobs.repository import JobLookups, JobReader, JobRepository, WorkerRepository
 from services.jobs.scheduler import Candidate, SchedulerConfig, jobs_ahead, plan, unservable
 from services.jobs.usage import PriceBook
@@ -178,6 +179,10 @@ class JobManager:
         self.datasets = datasets
         self.store = store
         self.nc = nc
+        # GetJob's answers between changes (services.jobs.read_cache); this process' own changes reach it
+        # as they are flushed, other replicas' through `read_cache.observe` (the component feeds it).
+        self.read_cache = JobReadCache()
+        self.read_cache.watch(db)
 
     # -- changes ---------------------------------------------------------------------------------
 
@@ -511,11 +516,18 @@ class JobManager:
 
     async def get(self, organization: str, ref: str) -> job_pb2.Job:
         self._check_ref(organization, ref)
+        cached = self.read_cache.get(organization, ref)
+        if cached is not None:
+            return cached
+        generation = self.read_cache.generation(ref)  # before the read: a change meanwhile keeps it out
         # A light read (services.jobs.repository.JobLookups): no session, grouped with concurrent ones.
         row = await JobLookups.of(self.db).find(organization, ref)
         if row is None:
             raise not_found("job", ref, organization)
-        return job_to_proto(row)
+        job = job_to_proto(row)
+        if job.id == ref:  # kept by id only: a name may pass to another job once this one is deleted
+            self.read_cache.keep(job, generation)
+        return job
 
     async def list(self, organization: str, states: Sequence[int], size: int,
                    token: str) -> tuple[list[job_pb2.Job], str]:

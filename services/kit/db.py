@@ -59,6 +59,11 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.pool = BoundedPool(f"{service} database calls", workers, None, setting="TUNEFORGE_DB_WORKERS")
 
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """The session factory `session` uses (for session events, e.g. after_flush)."""
+        return self._sessions
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A unit of work: commits when the block ends normally, rolls back on any error."""
