@@ -1,5 +1,6 @@
 """The jobs service's fleet as Prometheus sees it (services.kit.telemetry.FleetCollector): jobs by state,
-the queue of each pool (work route) from its JetStream consumer, and the workers from their heartbeats,
+the queue of each pool (work route): what waits in its JetStream consumer plus the jobs the scheduler
+holds back for it, and the workers from their heartbeats,
 counted at each scrape (services.jobs.workers has the rules for alive and for which pool a worker takes)."""
 
 from __future__ import annotations
@@ -43,7 +44,19 @@ def pool_hardware(pool: str) -> job_pb2.HardwareConfig:
                                   pool=subjects.route_pool(pool))
 
 
-def _database_counts(session: Session, snap: FleetSnapshot, now: datetime) -> list[WorkerRow]:
+def _held_by_route(session: Session) -> Counter[str]:
+    """QUEUED jobs the scheduler holds back (not yet in JetStream: no worker is free for them), by the
+    route they will be published on."""
+    held: Counter[str] = Counter()
+    for (spec,) in session.execute(select(JobRow.spec).where(JobRow.state == job_pb2.JOB_STATE_QUEUED,
+                                                               JobRow.dispatched.is_(False))):
+        hardware = job_pb2.JobSpec.FromString(spec).hardware
+        held[subjects.pooled_route(hardware.pool, hardware.gpu_type, hardware.gpu_count)] += 1
+    return held
+
+
+def _database_counts(session: Session, snap: FleetSnapshot, now: datetime,
+                     held: Counter[str]) -> list[WorkerRow]:
     for value in job_pb2.JobState.values():
         if value:
             snap.jobs_by_state[state_name(value)] = 0
@@ -54,6 +67,7 @@ def _database_counts(session: Session, snap: FleetSnapshot, now: datetime) -> li
         snap.jobs_by_state[name] = int(count)
         if oldest is not None:
             snap.oldest_update_age_s[name] = max(0.0, (now - as_utc(oldest)).total_seconds())
+    held.update(_held_by_route(session))
     workers = list(session.scalars(select(WorkerRow)))
     session.expunge_all()
     return workers
@@ -63,7 +77,8 @@ async def fleet_snapshot(db: Database, js: JetStreamContext, listening_since: da
     """Counts the jobs by state, each pool's queue and workers, and the workers' heartbeats."""
     snap = FleetSnapshot()
     now = utcnow()
-    workers = await db.run(lambda session: _database_counts(session, snap, now))
+    held: Counter[str] = Counter()
+    workers = await db.run(lambda session: _database_counts(session, snap, now, held))
     prefix = subjects.WORK_JOBS_PREFIX + "."
     for info in await js.consumers_info(subjects.STREAM_WORK):
         subject = (info.config.filter_subject or "") if info.config else ""
@@ -71,6 +86,10 @@ async def fleet_snapshot(db: Database, js: JetStreamContext, listening_since: da
             continue  # the consumer of an older version, which no worker reads
         pool = subject.removeprefix(prefix)
         snap.queue[pool] = (int(info.num_pending or 0), int(info.num_ack_pending or 0))
+    # Under the fair scheduler most waiting jobs are held here, not in JetStream: they wait all the same.
+    for pool, count in held.items():
+        waiting, taken = snap.queue.get(pool, (0, 0))
+        snap.queue[pool] = (waiting + count, taken)
     alive = [row for row in workers if is_alive(row, now, listening_since)]
     for pool in snap.queue:
         hardware = pool_hardware(pool)

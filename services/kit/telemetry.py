@@ -136,7 +136,8 @@ class FleetCollector(Collector):
         for state, age in sorted(snap.oldest_update_age_s.items()):
             oldest.add_metric([state], age)
         pending = GaugeMetricFamily("tuneforge_work_queue_pending",
-                                    "Jobs queued for a pool (work route) that no worker has taken yet.",
+                                    "Jobs queued for a pool (work route) that no worker has taken yet "
+                                    "(held by the scheduler or waiting in JetStream).",
                                     labels=["pool"])
         taken = GaugeMetricFamily("tuneforge_work_queue_in_progress",
                                   "Jobs of a pool a worker holds (delivered, not yet finished).",

@@ -52,17 +52,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def seed_jobs(settings: KitSettings, states: dict[str, int]) -> None:
-    """Job rows in the jobs service's own database, as CreateJob and the workers left them."""
+def seed_jobs(settings: KitSettings, states: dict[str, int], held: dict[str, str] | None = None) -> None:
+    """Job rows in the jobs service's own database, as CreateJob and the workers left them; `held`: QUEUED
+    jobs the scheduler still holds (no worker free for them), by the worker pool they name."""
     db = Database(settings.database_url_for("jobs"), "jobs")
     db.migrate(MIGRATIONS)
     now = utcnow()
     with db.session() as s:
-        for job_id, state in states.items():
+        for job_id, state in {**states, **dict.fromkeys(held or {}, S.JOB_STATE_QUEUED)}.items():
             spec = job_pb2.JobSpec(base_model="meta-llama/Llama-3.2-1B-Instruct", dataset="ds_1")
+            spec.hardware.pool = (held or {}).get(job_id, "")
             s.add(JobRow(id=job_id, organization="acme", name=job_id, spec=spec.SerializeToString(),
                          state=state, revision=1, request_hash="", create_time=now - timedelta(hours=1),
-                         update_time=now - timedelta(minutes=10)))
+                         update_time=now - timedelta(minutes=10), dispatched=job_id not in (held or {}),
+                         assignment=b"" if job_id in (held or {}) else None))
         s.commit()
     db.dispose()
 
@@ -106,7 +109,8 @@ async def test_metrics_endpoint_counts_rpcs_by_code_and_jobs_by_state(kit_settin
     port = free_port()
     settings = kit_settings.model_copy(update={"metrics_port": port})
     seed_jobs(settings, {"job_q1": S.JOB_STATE_QUEUED, "job_q2": S.JOB_STATE_QUEUED,
-                         "job_r1": S.JOB_STATE_RUNNING, "job_s1": S.JOB_STATE_SUCCEEDED})
+                         "job_r1": S.JOB_STATE_RUNNING, "job_s1": S.JOB_STATE_SUCCEEDED},
+              held={"job_h1": "cpu-b", "job_h2": "cpu-b"})
     async with serving(settings) as address, grpc.aio.insecure_channel(address) as channel:
         before = await scrape(port)
         keys = api_key_service_pb2_grpc.ApiKeyServiceStub(channel)
@@ -114,7 +118,7 @@ async def test_metrics_endpoint_counts_rpcs_by_code_and_jobs_by_state(kit_settin
         jobs = job_service_pb2_grpc.JobServiceStub(channel)
         for _ in range(2):
             listed = await jobs.ListJobs(job_service_pb2.ListJobsRequest(), metadata=key)
-        assert len(listed.jobs) == 4
+        assert len(listed.jobs) == 6
         await jobs.GetJob(job_service_pb2.GetJobRequest(job="job_r1"), metadata=key)
         with pytest.raises(grpc.aio.AioRpcError) as bad:  # no model, no dataset: field violations
             await jobs.CreateJob(job_service_pb2.CreateJobRequest(), metadata=key)
@@ -145,7 +149,7 @@ async def test_metrics_endpoint_counts_rpcs_by_code_and_jobs_by_state(kit_settin
     assert value(after, "tuneforge_rpc_requests_total", **labels) == inf
     assert value(after, "tuneforge_rpc_duration_seconds_sum", **labels) > 0
     # Jobs by state from the jobs service's database, every state present.
-    assert value(after, "tuneforge_jobs", state="QUEUED") == 2
+    assert value(after, "tuneforge_jobs", state="QUEUED") == 4
     assert value(after, "tuneforge_jobs", state="RUNNING") == 1
     assert value(after, "tuneforge_jobs", state="SUCCEEDED") == 1
     assert ("tuneforge_jobs", frozenset({("state", "FAILED")})) in after
@@ -155,6 +159,9 @@ async def test_metrics_endpoint_counts_rpcs_by_code_and_jobs_by_state(kit_settin
     assert ("tuneforge_work_queue_pending", frozenset({("pool", "any")})) in after
     assert value(after, "tuneforge_work_queue_pending", pool="any") == 0
     assert value(after, "tuneforge_pool_workers", pool="any") == 0
+    # Jobs the fair scheduler holds back (no worker free) wait in their pool's queue all the same.
+    assert value(after, "tuneforge_work_queue_pending", pool="pool-cpu-b.any") == 2
+    assert value(after, "tuneforge_pool_workers", pool="pool-cpu-b.any") == 0
 
 
 async def test_a_taken_metrics_port_is_a_clear_error(kit_settings: KitSettings) -> None:
