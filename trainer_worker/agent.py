@@ -82,6 +82,7 @@ from tuneforge.v1 import job_pb2, metrics_pb2
 
 from trainer_worker import evaluation_report, hardware, vision, warm_start
 from trainer_worker.checkpointing import CheckpointStore
+from trainer_worker.distributed import MULTINODE_ENV
 from trainer_worker.errors import TrainingError, Transient, is_retryable
 from trainer_worker.events import (
     AnyEvent,
@@ -200,6 +201,9 @@ class WorkerHardware:
     pool: str = subjects.DEFAULT_POOL
     gpu_memory_bytes: int = 0  # of each GPU, as NVML reports it; 0 when unknown or on a CPU worker
     gpu_name: str = ""  # NVML's model name
+    # Whether it runs jobs on several nodes: a Ray cluster to drive (TUNEFORGE_RAY_ADDRESS), or started in a
+    # torchrun multi-node group (trainer_worker.distributed).
+    multi_node: bool = False
 
     @classmethod
     def from_settings(cls, settings: AgentSettings, host: hardware.HostGpus | None = None) -> WorkerHardware:
@@ -216,7 +220,8 @@ class WorkerHardware:
         if gpu_type not in ("", "cpu") and count < 1:
             log.warning("TUNEFORGE_WORKER_GPU_TYPE is %s but no GPU is visible: this worker takes only jobs "
                         "that name no GPU type (set TUNEFORGE_WORKER_GPU_COUNT)", gpu_type)
-        return cls(gpu_type, count, settings.worker_pool, host.gpu_memory_bytes, host.gpu_name)
+        multi_node = bool(settings.ray_address.strip()) or any(os.environ.get(v) for v in MULTINODE_ENV)
+        return cls(gpu_type, count, settings.worker_pool, host.gpu_memory_bytes, host.gpu_name, multi_node)
 
     @property
     def takes_every_gpu_type(self) -> bool:
@@ -259,12 +264,16 @@ class WorkerHardware:
         kind = self.gpu_type or "GPUs of unknown type"
         return f"{kind} x{self.gpu_count}" if self.gpu_count else kind
 
-    def refusal(self, wanted: str, wanted_count: int = 1, wanted_pool: str = "") -> str | None:
+    def refusal(self, wanted: str, wanted_count: int = 1, wanted_pool: str = "",
+                wanted_nodes: int = 1) -> str | None:
         """Why this worker must not train a job asking for `wanted_count` GPUs (per node; unset counts as
-        one) of type `wanted` in pool `wanted_pool` (empty: any), or None when it may. A job that names no
-        GPU type (or "cpu") and no other pool it may always."""
+        one) of type `wanted` in pool `wanted_pool` (empty: any) on `wanted_nodes` nodes, or None when it
+        may. A job on one node that names no GPU type (or "cpu") and no other pool it may always."""
         if wanted_pool and wanted_pool != self.pool:
             return f"the job asks for pool {wanted_pool} and this worker serves pool {self.pool}"
+        if wanted_nodes > 1 and not self.multi_node:
+            return (f"the job asks for {wanted_nodes} nodes and this worker runs no multi-node jobs (it has "
+                    "no TUNEFORGE_RAY_ADDRESS)")
         wanted = wanted.strip().lower()
         if wanted in ("", "cpu"):
             return None
@@ -447,6 +456,7 @@ class Agent:
             started_at=self.started_at, time=timestamp(),
             interval_seconds=self.settings.worker_heartbeat_interval_s,
             pool=hw.pool, gpu_memory_bytes=hw.gpu_memory_bytes, gpu_name=hw.gpu_name,
+            multi_node=hw.multi_node,
         )
 
     async def _send_heartbeat(self, *, stopped: bool = False) -> None:
@@ -472,7 +482,7 @@ class Agent:
                      assignment.job_id)
             assignment.spec.CopyFrom(upgraded)
         wanted = assignment.spec.hardware
-        refusal = self.hardware.refusal(wanted.gpu_type, wanted.gpu_count, wanted.pool)
+        refusal = self.hardware.refusal(wanted.gpu_type, wanted.gpu_count, wanted.pool, wanted.node_count)
         if refusal is not None:  # on the wrong subject: never trained on other or fewer GPUs than it asked
             log.warning("job %s goes back to the queue (delivery %d, subject %s): %s", assignment.job_id,
                         msg.metadata.num_delivered, msg.subject, refusal)

@@ -47,6 +47,7 @@ def worker_to_proto(row: WorkerRow, organization: str, alive: bool) -> job_pb2.W
         id=row.id, hostname=row.hostname, gpu_type=row.gpu_type, gpu_count=row.gpu_count,
         state=job_pb2.WorkerState.ValueType(row.state), alive=alive, pool=pool_of(row),
         gpu_memory_bytes=row.gpu_memory_bytes or 0, gpu_name=row.gpu_name or "",
+        multi_node=bool(row.multi_node),
     )
     if row.job_id and row.job_organization == organization:
         worker.job, worker.attempt = row.job_id, row.attempt

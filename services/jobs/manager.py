@@ -794,6 +794,7 @@ class JobManager:
             row.gpu_count, row.state = heartbeat.gpu_count, heartbeat.state
             row.pool, row.gpu_name = pool, heartbeat.gpu_name[:255]
             row.gpu_memory_bytes = max(0, heartbeat.gpu_memory_bytes)
+            row.multi_node = heartbeat.multi_node
             row.job_id, row.attempt, row.job_organization = heartbeat.job_id[:40], heartbeat.attempt, ""
             row.started_at, row.last_heartbeat = started, at
             row.lost_after_s = self.worker_rules.lost_after(heartbeat.interval_seconds)

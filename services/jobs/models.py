@@ -131,6 +131,8 @@ class WorkerRow(Base):
     last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     # Seconds after last_heartbeat at which the worker counts as gone.
     lost_after_s: Mapped[float] = mapped_column(Float, default=60.0)
+    # Whether it runs jobs on several nodes (WorkerHeartbeat.multi_node): only such a worker takes one.
+    multi_node: Mapped[bool] = mapped_column(Boolean, default=False)
     # The pool it serves ("default" when its heartbeat names none), each GPU's memory and the GPUs' model
     # as NVML reports them (0 and "" on a CPU worker, or when unknown).
     pool: Mapped[str] = mapped_column(String(40), default="default")

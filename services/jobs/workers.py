@@ -88,8 +88,11 @@ def pool_of(row: WorkerRow) -> str:
 def takes(row: WorkerRow, hardware: job_pb2.HardwareConfig) -> bool:
     """Whether the worker pulls from the queue of jobs asking for `hardware`: its pool, when the job names
     one; its GPU type (`has_gpu_type`) and at least `hardware.gpu_count` GPUs of it (unset counts as one);
-    any worker (of the pool) for a job that names no GPU type."""
+    any worker (of the pool) for a job that names no GPU type; for a job on several nodes, only a worker
+    that runs multi-node jobs (a Ray cluster to drive)."""
     if hardware.pool and pool_of(row) != hardware.pool:
+        return False
+    if hardware.node_count > 1 and not row.multi_node:
         return False
     if subjects.gpu_route(hardware.gpu_type) == subjects.ANY_ROUTE:
         return True
@@ -108,6 +111,8 @@ def wanted(hardware: job_pb2.HardwareConfig) -> str:
     """The worker a job waits for, in words: "a worker", "a worker with nvidia-h100 x2", "a worker in
     pool cpu-b"."""
     where = f" in pool {hardware.pool}" if hardware.pool else ""
+    if hardware.node_count > 1:
+        where += f" that runs jobs on {hardware.node_count} nodes (TUNEFORGE_RAY_ADDRESS)"
     if subjects.gpu_route(hardware.gpu_type) == subjects.ANY_ROUTE:
         return f"a worker{where}"
     count = f" x{hardware.gpu_count}" if hardware.gpu_count > 1 else ""

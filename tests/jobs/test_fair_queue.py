@@ -53,17 +53,21 @@ class Fleet:
         return self.component.manager
 
     async def create(self, org: str, name: str, *, pool: str = "",
-                     priority: int = P.JOB_PRIORITY_UNSPECIFIED) -> job_pb2.Job:
+                     priority: int = P.JOB_PRIORITY_UNSPECIFIED, nodes: int = 1) -> job_pb2.Job:
         spec = job_pb2.JobSpec(base_model="org/model", dataset="data")
         spec.hardware.pool = pool
+        if nodes > 1:
+            spec.hardware.node_count = nodes
         return await self.manager.create(job_service_pb2.CreateJobRequest(
             organization=org, name=name, spec=spec, priority=job_pb2.JobPriority.ValueType(priority)))
 
-    async def beat(self, worker: str, *, pool: str = "", through_nats: bool = False) -> None:
+    async def beat(self, worker: str, *, pool: str = "", through_nats: bool = False,
+                   multi_node: bool = False) -> None:
         """An IDLE CPU worker's heartbeat; through NATS (then waited for) or handed to the manager as the
         heartbeat subscription does (returns once its scheduler pass is done)."""
         heartbeat = events_pb2.WorkerHeartbeat(worker_id=worker, hostname="test", gpu_type="cpu",
-                                               state=W.WORKER_STATE_IDLE, interval_seconds=2.0, pool=pool)
+                                               state=W.WORKER_STATE_IDLE, interval_seconds=2.0, pool=pool,
+                                               multi_node=multi_node)
         heartbeat.started_at.CopyFrom(to_timestamp(utcnow()))
         if through_nats:
             await self.nc.publish(subjects.WORKER_HEARTBEATS, heartbeat.SerializeToString())
@@ -240,3 +244,17 @@ async def test_each_job_lands_in_its_own_pool_and_one_for_a_pool_without_workers
     assert cpu_c.gpu_type == "cpu"
     assert [(p.queued_jobs, p.queued_jobs_own) for p in await fleet.manager.list_pools("org-b")
             if p.name == "cpu-c"] == [(1, 1)]
+
+
+async def test_a_job_on_several_nodes_waits_for_a_worker_that_runs_them(fleet: Fleet) -> None:
+    """A worker without a Ray cluster is never handed a multi-node job, however idle; one with it is."""
+    await fleet.beat("plain")
+    job = await fleet.create("org-a", "two-nodes", nodes=2)
+    assert await fleet.nothing_to_pull()
+    waiting = await fleet.manager.get("org-a", job.id)
+    assert waiting.status_message.startswith(
+        "waiting for a worker that runs jobs on 2 nodes (TUNEFORGE_RAY_ADDRESS); none seen "), waiting
+    await fleet.beat("ray-driver", multi_node=True)
+    assert await fleet.pull("ray-driver") == job.id
+    workers = {w.id: w for w in (await fleet.manager.list_workers("org-a", 10, ""))[0]}
+    assert (workers["plain"].multi_node, workers["ray-driver"].multi_node) == (False, True)

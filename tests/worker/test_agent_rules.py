@@ -222,3 +222,19 @@ async def test_the_other_models_are_fetched_under_the_same_rule(
 def _write(path: Path) -> Path:
     path.write_text('{"prompt": [{"role": "user", "content": "hi"}]}\n')
     return path
+
+
+def test_only_a_worker_with_a_ray_cluster_takes_a_job_on_several_nodes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = HostGpus("cpu", 0)
+    monkeypatch.delenv("PET_RDZV_ENDPOINT", raising=False)
+    monkeypatch.delenv("PET_MASTER_ADDR", raising=False)
+    plain = WorkerHardware.from_settings(AgentSettings(), cpu)
+    driver = WorkerHardware.from_settings(AgentSettings(ray_address="127.0.0.1:6379"), cpu)
+    assert (plain.multi_node, driver.multi_node) == (False, True)
+    refusal = plain.refusal("", 1, "", 2)
+    assert refusal is not None and "2 nodes" in refusal and "TUNEFORGE_RAY_ADDRESS" in refusal
+    assert driver.refusal("", 1, "", 2) is None and plain.refusal("", 1, "", 1) is None
+    # A torchrun multi-node group counts too (the deployment owns its rendezvous).
+    monkeypatch.setenv("PET_RDZV_ENDPOINT", "node-0:29400")
+    assert WorkerHardware.from_settings(AgentSettings(), cpu).multi_node

@@ -2014,6 +2014,7 @@ class Worker(_message.Message):
     POOL_FIELD_NUMBER: _builtins.int
     GPU_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     GPU_NAME_FIELD_NUMBER: _builtins.int
+    MULTI_NODE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The worker's id (TUNEFORGE_WORKER_ID, or "<hostname>-<pid>")."""
     hostname: _builtins.str
@@ -2039,6 +2040,10 @@ class Worker(_message.Message):
     """Memory of each of its GPUs in bytes, as NVML reports it; 0 on a CPU worker or when unknown."""
     gpu_name: _builtins.str
     """Its GPUs' model as NVML names it (e.g. "NVIDIA H100 80GB HBM3"); empty on a CPU worker."""
+    multi_node: _builtins.bool
+    """Whether it runs jobs on several nodes (hardware.node_count > 1, through a Ray cluster); only such a
+    worker is handed one.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When the worker process started."""
@@ -2063,10 +2068,11 @@ class Worker(_message.Message):
         pool: _builtins.str = ...,
         gpu_memory_bytes: _builtins.int = ...,
         gpu_name: _builtins.str = ...,
+        multi_node: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat_time", b"last_heartbeat_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "attempt", b"attempt", "gpu_count", b"gpu_count", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_name", b"gpu_name", "gpu_type", b"gpu_type", "hostname", b"hostname", "id", b"id", "job", b"job", "last_heartbeat_time", b"last_heartbeat_time", "pool", b"pool", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "attempt", b"attempt", "gpu_count", b"gpu_count", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_name", b"gpu_name", "gpu_type", b"gpu_type", "hostname", b"hostname", "id", b"id", "job", b"job", "last_heartbeat_time", b"last_heartbeat_time", "multi_node", b"multi_node", "pool", b"pool", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

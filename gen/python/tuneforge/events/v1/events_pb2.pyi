@@ -448,6 +448,7 @@ class WorkerHeartbeat(_message.Message):
     POOL_FIELD_NUMBER: _builtins.int
     GPU_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     GPU_NAME_FIELD_NUMBER: _builtins.int
+    MULTI_NODE_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     hostname: _builtins.str
     gpu_type: _builtins.str
@@ -467,6 +468,10 @@ class WorkerHeartbeat(_message.Message):
     """Memory of each GPU in bytes (NVML); 0 on a CPU worker."""
     gpu_name: _builtins.str
     """The GPUs' model as NVML names it; empty on a CPU worker."""
+    multi_node: _builtins.bool
+    """Whether it runs jobs on several nodes (hardware.node_count > 1): it drives a Ray cluster
+    (TUNEFORGE_RAY_ADDRESS) or was started in a torchrun multi-node group.
+    """
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the worker process started: a new value under the same worker_id means a new process, which
@@ -491,10 +496,11 @@ class WorkerHeartbeat(_message.Message):
         pool: _builtins.str = ...,
         gpu_memory_bytes: _builtins.int = ...,
         gpu_name: _builtins.str = ...,
+        multi_node: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "gpu_count", b"gpu_count", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_name", b"gpu_name", "gpu_type", b"gpu_type", "hostname", b"hostname", "interval_seconds", b"interval_seconds", "job_id", b"job_id", "pool", b"pool", "started_at", b"started_at", "state", b"state", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "gpu_count", b"gpu_count", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_name", b"gpu_name", "gpu_type", b"gpu_type", "hostname", b"hostname", "interval_seconds", b"interval_seconds", "job_id", b"job_id", "multi_node", b"multi_node", "pool", b"pool", "started_at", b"started_at", "state", b"state", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
