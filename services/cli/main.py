@@ -528,6 +528,8 @@ def workers(page_size: Annotated[int, typer.Option()] = 50,
         gpu = "cpu" if w.gpu_type == "cpu" else f"{w.gpu_type or 'unknown GPU'} x{w.gpu_count}"
         if w.gpu_memory_bytes:
             gpu += f" ({w.gpu_memory_bytes / 2**30:.0f} GiB)"
+        if w.multi_node:
+            gpu += ", multi-node (Ray)"
         state = job_pb2.WorkerState.Name(w.state).removeprefix("WORKER_STATE_")
         job = f"{w.job} (attempt {w.attempt})" if w.job else "-"
         seen = w.last_heartbeat_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
