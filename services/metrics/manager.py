@@ -172,9 +172,9 @@ class MetricsManager:
                       live_subject: Callable[[str], str]) -> tuple[dict[int, str], int]:
         """Two stages, so that consecutive batches overlap (the consumer keeps two in flight): the per-item
         Python work (decoding, checks, rows, the announcement's bytes) on a thread of its own, then the write
-        on a database thread, where SQLite and PostgreSQL mostly run outside the GIL. Writes keep the order
-        the batches were handed over in (`_write_turn`), so a repeated key ends as applying them in order
-        would."""
+        on a database thread, where SQLite and PostgreSQL mostly run outside the GIL. Writes and their
+        announcements keep the order the batches were handed over in (`_write_turn`), so a repeated key ends
+        as applying them in order would, and followers get each job's items in order."""
 
         def prepare() -> tuple[dict[int, str], dict[str, _Prepared]]:
             refused: dict[int, str] = {}
@@ -207,16 +207,18 @@ class MetricsManager:
             refused, prepared = await asyncio.to_thread(prepare)
             await my_turn()
             stored = await self.db.run(partial(write, prepared=prepared))
-        if stored:
-            # A deletion that committed while this batch was written: what the batch wrote of that job goes
-            # too (`delete_job` marks first and deletes after, so one of the two sees the other).
-            for job_id in await self.db.run(partial(self.repo.deleted_among, job_ids=list(stored))):
-                await self.db.run(partial(self.repo.delete_job, job_id=job_id))
-                log.info("dropped points or log entries of deleted job %s", job_id)
-                del stored[job_id]
-        for job_id, p in stored.items():
-            for payload in p.payloads:
-                await self.live.publish(live_subject(job_id), payload)
+            if stored:
+                # A deletion that committed while this batch was written: what the batch wrote of that job
+                # goes too (`delete_job` marks first and deletes after, so one of the two sees the other).
+                for job_id in await self.db.run(partial(self.repo.deleted_among, job_ids=list(stored))):
+                    await self.db.run(partial(self.repo.delete_job, job_id=job_id))
+                    log.info("dropped points or log entries of deleted job %s", job_id)
+                    del stored[job_id]
+            # Announced within the turn too: followers see each job's items in the order they were stored
+            # (a stream that followed a later batch first would take an earlier one for old news).
+            for job_id, p in stored.items():
+                for payload in p.payloads:
+                    await self.live.publish(live_subject(job_id), payload)
         return refused, sum(p.count for p in stored.values())
 
     @contextlib.asynccontextmanager

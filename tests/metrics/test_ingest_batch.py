@@ -195,8 +195,10 @@ async def test_the_newest_attempt_wins_whatever_order_batches_arrive_in(db: Data
 
 async def test_batches_in_flight_together_are_written_in_the_order_they_arrived(db: Database) -> None:
     """Ingest prepares the next batch while the last is written; a later batch whose preparation finishes
-    first still waits for the earlier one's write, so the same key (same attempt) ends as the later says."""
-    manager = make_manager(db, RecordingFeed())
+    first still waits for the earlier one's write and announcement, so the same key (same attempt) ends as
+    the later says and followers hear them in order."""
+    feed = RecordingFeed()
+    manager = make_manager(db, feed)
     first = metrics_message("job_a", [point(1, loss=1.0), point(2, loss=1.0)])
     second = metrics_message("job_a", [point(2, loss=2.0)])
 
@@ -209,6 +211,8 @@ async def test_batches_in_flight_together_are_written_in_the_order_they_arrived(
     later = asyncio.ensure_future(ingest_metrics(manager, [second]))
     assert (await earlier)[1] == 2 and (await later)[1] == 1
     assert stored_points(db, "job_a") == [(1, TRAIN, 1.0, 1), (2, TRAIN, 2.0, 1)]
+    # Announced in the same order: a follower past the later batch would take the earlier for old news.
+    assert feed.metrics_announced() == {"job_a": [[(1, TRAIN), (2, TRAIN)], [(2, TRAIN)]]}
 
 
 async def test_a_bad_message_in_a_batch_is_refused_alone(db: Database) -> None:
