@@ -171,7 +171,7 @@ class EstimationManager:
         # not change while the process runs; calibrations are part of each fit's key.
         self._resolutions: Memo[tuple[str, bytes], ResolvedSetup] = Memo(RESOLUTIONS_KEPT)
         self._fits: Memo[Hashable, tuple[Any, ...]] = Memo(FITS_KEPT)
-        self._model_pages: Memo[tuple[str, int, int, str | None], tuple[tuple[CatalogModel, ...], bool]] = (
+        self._model_pages: Memo[tuple[str, int, int, str | None], tuple[tuple[CatalogModel, ...], str]] = (
             Memo(RESOLUTIONS_KEPT)
         )
         self.pool = BoundedPool("estimates", ESTIMATE_THREADS, None)
@@ -212,9 +212,11 @@ class EstimationManager:
                 and (not wanted_type or m.model_type == wanted_type)
                 and (after is None or m.id.lower() > str(after))
             ]
-            found = self._model_pages.put(key, (tuple(models[:limit]), len(models) > limit))
-        page, more = found
-        return page, encode_token(page[-1].id.lower(), query) if more else ""
+            page = tuple(models[:limit])
+            # The next page's token too: signing is deterministic, and costs more than the rest of a call.
+            found = self._model_pages.put(
+                key, (page, encode_token(page[-1].id.lower(), query) if len(models) > limit else ""))
+        return found
 
     async def model_requirements(
         self,
