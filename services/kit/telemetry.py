@@ -20,6 +20,7 @@ The worker's own metrics (training step time, tokens/s, GPU) are trainer_worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -63,8 +64,16 @@ def split_method(full_method: str) -> tuple[str, str]:
 
 
 def observe_rpc(service: str, method: str, code: str, seconds: float) -> None:
-    RPC_REQUESTS.labels(service, method, code).inc()
-    RPC_DURATION.labels(service, method, code).observe(seconds)
+    requests, duration = _rpc_series(service, method, code)
+    requests.inc()
+    duration.observe(seconds)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rpc_series(service: str, method: str, code: str) -> tuple[Any, Any]:
+    """The counter and histogram series of one (service, method, code), looked up once (`labels` takes a
+    lock and builds a key on every call)."""
+    return RPC_REQUESTS.labels(service, method, code), RPC_DURATION.labels(service, method, code)
 
 
 # -- the /metrics endpoint ------------------------------------------------------------------------------
