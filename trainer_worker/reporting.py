@@ -57,6 +57,12 @@ METRIC_KINDS = {
 # LogEntry.sequence is (attempt << SEQUENCE_BITS) + n, n = 1, 2, ... within the attempt: one number that
 # increases across the attempts of a job, so a job's log reads in sequence order whatever attempt wrote it.
 SEQUENCE_BITS = 32
+# MetricPoint's integer fields among POINT_FIELDS (its byte counts): the events file carries every number
+# as a float, and an int64 field takes only ints.
+INTEGER_POINT_FIELDS = frozenset(
+    f.name for f in metrics_pb2.MetricPoint.DESCRIPTOR.fields if f.name in POINT_FIELDS
+    and f.cpp_type in (f.CPPTYPE_INT64, f.CPPTYPE_INT32, f.CPPTYPE_UINT64, f.CPPTYPE_UINT32)
+)
 
 
 def timestamp(unix_seconds: float | None = None) -> Timestamp:
@@ -83,7 +89,7 @@ def metric_point(event: MetricEvent, job_id: str, attempt: int) -> metrics_pb2.M
     for name in POINT_FIELDS:
         value = getattr(event, name)
         if value is not None:
-            setattr(point, name, value)
+            setattr(point, name, round(value) if name in INTEGER_POINT_FIELDS else value)
     for name, value in event.values.items():
         if value is not None:
             point.values[name] = value

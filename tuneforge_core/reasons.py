@@ -1,8 +1,9 @@
 """Error reasons: the Python face of `tuneforge.v1.ErrorReason` (errors.proto).
 
 Every reason TuneForge puts into an ErrorInfo, a Job.error or a worker's failure is a member of `Reason`;
-its value is the proto value's name without the `ERROR_REASON_` prefix, which is what travels in
-`ErrorInfo.reason`. `tests/test_domain_core.py` fails when this list and the proto enum disagree, so a new
+its value is the proto value's name, which is exactly what travels in `ErrorInfo.reason` (the enum's values
+carry no `ERROR_REASON_` prefix, as google.api.ErrorReason's do, so the name is the reason in every
+language). `tests/core/test_domain_core.py` fails when this list and the proto enum disagree, so a new
 reason is added to errors.proto first.
 """
 
@@ -11,8 +12,6 @@ from __future__ import annotations
 from enum import StrEnum
 
 from tuneforge.v1 import errors_pb2
-
-PROTO_PREFIX = "ERROR_REASON_"
 
 
 class Reason(StrEnum):
@@ -47,7 +46,7 @@ class Reason(StrEnum):
     @property
     def proto_value(self) -> int:
         """The number of this reason in `tuneforge.v1.ErrorReason`."""
-        return errors_pb2.ErrorReason.Value(PROTO_PREFIX + self.value)
+        return errors_pb2.ErrorReason.Value(self.value)
 
 
 # Reasons a training run can end FAILED with (the worker's vocabulary).

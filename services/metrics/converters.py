@@ -10,7 +10,8 @@ from tuneforge.v1 import metrics_pb2
 from services.kit.protos import as_utc, to_timestamp
 from services.metrics.models import LogEntryRow, MetricPointRow
 
-# The `optional double` fields of MetricPoint; each has a column of the same name.
+# The `optional` number fields of MetricPoint (doubles, and the int64 byte counts gpu_memory_bytes and
+# memory_bytes); each has a column of the same name (a float column: bytes are exact in it up to 2^53).
 OPTIONAL_VALUES = (
     "loss", "learning_rate", "grad_norm", "tokens_per_second", "samples_per_second", "eta_seconds",
     "eval_loss", "eval_token_accuracy", "gpu_utilization", "gpu_memory_bytes", "gpu_temperature_celsius",
@@ -79,8 +80,16 @@ def row_to_point(row: MetricPointRow) -> metrics_pb2.MetricPoint:
     for name in OPTIONAL_VALUES:
         value = getattr(row, name)
         if value is not None:
-            setattr(point, name, value)
+            setattr(point, name, round(value) if name in _INTEGER_VALUES else value)
     return point
+
+
+# Those of OPTIONAL_VALUES that MetricPoint declares int64: their float column's value is rounded back.
+_INTEGER_VALUES = frozenset(
+    name for name in OPTIONAL_VALUES
+    if metrics_pb2.MetricPoint.DESCRIPTOR.fields_by_name[name].cpp_type
+    == metrics_pb2.MetricPoint.DESCRIPTOR.fields_by_name[name].CPPTYPE_INT64
+)
 
 
 def entry_to_row(entry: metrics_pb2.LogEntry) -> list[Any]:

@@ -10,7 +10,7 @@ import pytest
 from tuneforge.v1 import errors_pb2, job_pb2
 
 from tuneforge_core import errors, states
-from tuneforge_core.reasons import PROTO_PREFIX, Reason
+from tuneforge_core.reasons import Reason
 from tuneforge_core.spec import ensure_resolved, resolve_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,9 +23,11 @@ def _python_files(*roots: str) -> list[Path]:
 
 
 def test_reason_is_exactly_the_proto_enum() -> None:
-    proto = {name.removeprefix(PROTO_PREFIX) for name in errors_pb2.ErrorReason.keys()} - {"UNSPECIFIED"}
+    proto = set(errors_pb2.ErrorReason.keys()) - {"ERROR_REASON_UNSPECIFIED"}
     assert {r.value for r in Reason} == proto
-    assert all(errors_pb2.ErrorReason.Name(r.proto_value) == PROTO_PREFIX + r.value for r in Reason)
+    # The value's name is the ErrorInfo.reason string itself, in every language (no prefix to add).
+    assert all(errors_pb2.ErrorReason.Name(r.proto_value) == r.value for r in Reason)
+    assert errors_pb2.ErrorReason.Name(errors_pb2.DATASET_INVALID) == Reason.DATASET_INVALID
 
 
 def _reasons_in(path: Path) -> list[tuple[int, str]]:

@@ -61,6 +61,20 @@ def test_points_upsert_by_key_and_newest_attempt_wins(db: Database) -> None:
         assert repo.list_points(s, "job_other") == []
 
 
+def test_byte_counts_come_back_as_the_exact_int64_they_were(db: Database) -> None:
+    system = metrics_pb2.MetricPoint(job_id="job_b", kind=metrics_pb2.METRIC_KIND_SYSTEM, step=1,
+                                     memory_bytes=2**40 + 3, gpu_memory_bytes=81_920 * 2**20 - 1,
+                                     cpu_percent=12.5)
+    repo = MetricsRepository()
+    with db.session() as s:
+        repo.upsert_points(s, [system])
+    with db.session() as s:
+        (stored,) = repo.list_points(s, "job_b")
+    assert (stored.memory_bytes, stored.gpu_memory_bytes, stored.cpu_percent) == (
+        2**40 + 3, 81_920 * 2**20 - 1, 12.5)
+    assert not stored.HasField("gpu_utilization")
+
+
 def test_log_entries_upsert_and_filters(db: Database) -> None:
     repo = MetricsRepository()
     info, error = metrics_pb2.LOG_LEVEL_INFO, metrics_pb2.LOG_LEVEL_ERROR

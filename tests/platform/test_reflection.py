@@ -52,7 +52,7 @@ def test_error_reason_is_discoverable(database: ProtoReflectionDescriptorDatabas
     pool = DescriptorPool(database)
     reason = pool.FindEnumTypeByName("tuneforge.v1.ErrorReason")
     assert reason.file.name == "tuneforge/v1/errors.proto"
-    assert "ERROR_REASON_INVALID_PAGE_TOKEN" in reason.values_by_name
+    assert "INVALID_PAGE_TOKEN" in reason.values_by_name  # the ErrorInfo.reason string, no prefix
 
 
 def test_services_and_their_messages_are_described(database: ProtoReflectionDescriptorDatabase) -> None:

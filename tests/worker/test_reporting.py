@@ -39,7 +39,8 @@ def test_system_line_fills_the_resource_fields_of_a_system_point() -> None:
     event = {"type": "metric", "kind": "system", "step": 4, "cpu_percent": 180.0, "memory_bytes": 6.5e8}
     point = metric_point(decode(json.dumps(event).encode()), "job_1", 1)
     assert point.kind == metrics_pb2.METRIC_KIND_SYSTEM
-    assert (point.cpu_percent, point.memory_bytes) == (180.0, 6.5e8) and not point.values
+    assert (point.cpu_percent, point.memory_bytes) == (180.0, 650_000_000) and not point.values
+    assert type(point.memory_bytes) is int  # MetricPoint's byte counts are int64, though the line has a float
     assert not point.HasField("gpu_utilization")
 
 

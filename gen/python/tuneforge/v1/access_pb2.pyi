@@ -25,6 +25,7 @@ class _Access:
 class _AccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Access.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ACCESS_UNSPECIFIED: _Access.ValueType  # 0
+    """Never valid on an RPC: a server refuses to start when one of its RPCs states it (or states none)."""
     ACCESS_READ: _Access.ValueType  # 1
     """Reads the organization's resources."""
     ACCESS_WRITE: _Access.ValueType  # 2
@@ -39,6 +40,7 @@ class Access(_Access, metaclass=_AccessEnumTypeWrapper):
     """
 
 ACCESS_UNSPECIFIED: Access.ValueType  # 0
+"""Never valid on an RPC: a server refuses to start when one of its RPCs states it (or states none)."""
 ACCESS_READ: Access.ValueType  # 1
 """Reads the organization's resources."""
 ACCESS_WRITE: Access.ValueType  # 2

@@ -22,12 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from tuneforge.v1 import access_pb2 as tuneforge_dot_v1_dot_access__pb2
 from tuneforge.v1 import identity_pb2 as tuneforge_dot_v1_dot_identity__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tuneforge/v1/api_key_service.proto\x12\x0ctuneforge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x19tuneforge/v1/access.proto\x1a\x1btuneforge/v1/identity.proto\"\x83\x01\n\x13\x43reateApiKeyRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12 \n\x04role\x18\x03 \x01(\x0e\x32\x12.tuneforge.v1.Role\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"M\n\x14\x43reateApiKeyResponse\x12%\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.tuneforge.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"h\n\x12ListApiKeysRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x15\n\rshow_inactive\x18\x04 \x01(\x08\"V\n\x13ListApiKeysResponse\x12&\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.tuneforge.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x13RevokeApiKeyRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"=\n\x14RevokeApiKeyResponse\x12%\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.tuneforge.v1.ApiKey\"\x12\n\x10GetCallerRequest\"9\n\x11GetCallerResponse\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.tuneforge.v1.Caller2\xf7\x02\n\rApiKeyService\x12[\n\x0c\x43reateApiKey\x12!.tuneforge.v1.CreateApiKeyRequest\x1a\".tuneforge.v1.CreateApiKeyResponse\"\x04\xc8\xf3\x18\x03\x12X\n\x0bListApiKeys\x12 .tuneforge.v1.ListApiKeysRequest\x1a!.tuneforge.v1.ListApiKeysResponse\"\x04\xc8\xf3\x18\x03\x12[\n\x0cRevokeApiKey\x12!.tuneforge.v1.RevokeApiKeyRequest\x1a\".tuneforge.v1.RevokeApiKeyResponse\"\x04\xc8\xf3\x18\x03\x12R\n\tGetCaller\x12\x1e.tuneforge.v1.GetCallerRequest\x1a\x1f.tuneforge.v1.GetCallerResponse\"\x04\xc8\xf3\x18\x01\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tuneforge/v1/api_key_service.proto\x12\x0ctuneforge.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x19tuneforge/v1/access.proto\x1a\x1btuneforge/v1/identity.proto\"\x83\x01\n\x13\x43reateApiKeyRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12 \n\x04role\x18\x03 \x01(\x0e\x32\x12.tuneforge.v1.Role\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"M\n\x14\x43reateApiKeyResponse\x12%\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.tuneforge.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"h\n\x12ListApiKeysRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x15\n\rshow_inactive\x18\x04 \x01(\x08\"V\n\x13ListApiKeysResponse\x12&\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x14.tuneforge.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x13RevokeApiKeyRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"=\n\x14RevokeApiKeyResponse\x12%\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.tuneforge.v1.ApiKey\"\x12\n\x10GetCallerRequest\"9\n\x11GetCallerResponse\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.tuneforge.v1.Caller2\xdd\x03\n\rApiKeyService\x12r\n\x0c\x43reateApiKey\x12!.tuneforge.v1.CreateApiKeyRequest\x1a\".tuneforge.v1.CreateApiKeyResponse\"\x1b\xc8\xf3\x18\x03\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/api-keys:\x01*\x12l\n\x0bListApiKeys\x12 .tuneforge.v1.ListApiKeysRequest\x1a!.tuneforge.v1.ListApiKeysResponse\"\x18\xc8\xf3\x18\x03\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/api-keys\x12\x83\x01\n\x0cRevokeApiKey\x12!.tuneforge.v1.RevokeApiKeyRequest\x1a\".tuneforge.v1.RevokeApiKeyResponse\",\xc8\xf3\x18\x03\x82\xd3\xe4\x93\x02\"\"\x1d/v1/api-keys/{api_key}:revoke:\x01*\x12\x64\n\tGetCaller\x12\x1e.tuneforge.v1.GetCallerRequest\x1a\x1f.tuneforge.v1.GetCallerResponse\"\x16\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/callerBT\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tuneforge.v1P\001Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1'
   _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._loaded_options = None
-  _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._serialized_options = b'\310\363\030\003'
+  _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._serialized_options = b'\310\363\030\003\202\323\344\223\002\021\"\014/v1/api-keys:\001*'
   _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._loaded_options = None
-  _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\310\363\030\003'
+  _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\310\363\030\003\202\323\344\223\002\016\022\014/v1/api-keys'
   _globals['_APIKEYSERVICE'].methods_by_name['RevokeApiKey']._loaded_options = None
-  _globals['_APIKEYSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\310\363\030\003'
+  _globals['_APIKEYSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\310\363\030\003\202\323\344\223\002\"\"\035/v1/api-keys/{api_key}:revoke:\001*'
   _globals['_APIKEYSERVICE'].methods_by_name['GetCaller']._loaded_options = None
-  _globals['_APIKEYSERVICE'].methods_by_name['GetCaller']._serialized_options = b'\310\363\030\001'
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=141
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=272
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=274
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=351
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=353
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=457
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=459
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=545
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=547
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=607
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=609
-  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=670
-  _globals['_GETCALLERREQUEST']._serialized_start=672
-  _globals['_GETCALLERREQUEST']._serialized_end=690
-  _globals['_GETCALLERRESPONSE']._serialized_start=692
-  _globals['_GETCALLERRESPONSE']._serialized_end=749
-  _globals['_APIKEYSERVICE']._serialized_start=752
-  _globals['_APIKEYSERVICE']._serialized_end=1127
+  _globals['_APIKEYSERVICE'].methods_by_name['GetCaller']._serialized_options = b'\310\363\030\001\202\323\344\223\002\014\022\n/v1/caller'
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=171
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=302
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=304
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=381
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=383
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=487
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=489
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=575
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=577
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=637
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=639
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=700
+  _globals['_GETCALLERREQUEST']._serialized_start=702
+  _globals['_GETCALLERREQUEST']._serialized_end=720
+  _globals['_GETCALLERRESPONSE']._serialized_start=722
+  _globals['_GETCALLERRESPONSE']._serialized_end=779
+  _globals['_APIKEYSERVICE']._serialized_start=782
+  _globals['_APIKEYSERVICE']._serialized_end=1259
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class CreateApiKeyRequest(_message.Message):
+    """Request of ApiKeyService.CreateApiKey."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -56,6 +58,8 @@ Global___CreateApiKeyRequest: _TypeAlias = CreateApiKeyRequest  # noqa: Y015
 
 @_typing.final
 class CreateApiKeyResponse(_message.Message):
+    """Response of ApiKeyService.CreateApiKey."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     API_KEY_FIELD_NUMBER: _builtins.int
@@ -63,7 +67,9 @@ class CreateApiKeyResponse(_message.Message):
     secret: _builtins.str
     """The key itself ("tf_..."): send it as "authorization: Bearer <secret>". Shown only here."""
     @_builtins.property
-    def api_key(self) -> _identity_pb2.ApiKey: ...
+    def api_key(self) -> _identity_pb2.ApiKey:
+        """The key created (without its secret)."""
+
     def __init__(
         self,
         *,
@@ -80,6 +86,8 @@ Global___CreateApiKeyResponse: _TypeAlias = CreateApiKeyResponse  # noqa: Y015
 
 @_typing.final
 class ListApiKeysRequest(_message.Message):
+    """Request of ApiKeyService.ListApiKeys."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -87,9 +95,15 @@ class ListApiKeysRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     SHOW_INACTIVE_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     page_size: _builtins.int
     """1-1000; 0 means 50."""
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. Opaque, signed, and valid only for
+    the same query: another one is INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    """
     show_inactive: _builtins.bool
     """Also list revoked and expired keys."""
     def __init__(
@@ -110,13 +124,18 @@ Global___ListApiKeysRequest: _TypeAlias = ListApiKeysRequest  # noqa: Y015
 
 @_typing.final
 class ListApiKeysResponse(_message.Message):
+    """Response of ApiKeyService.ListApiKeys."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     API_KEYS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty when there are no more."""
     @_builtins.property
-    def api_keys(self) -> _containers.RepeatedCompositeFieldContainer[_identity_pb2.ApiKey]: ...
+    def api_keys(self) -> _containers.RepeatedCompositeFieldContainer[_identity_pb2.ApiKey]:
+        """The keys of this page (never their secrets)."""
+
     def __init__(
         self,
         *,
@@ -133,11 +152,16 @@ Global___ListApiKeysResponse: _TypeAlias = ListApiKeysResponse  # noqa: Y015
 
 @_typing.final
 class RevokeApiKeyRequest(_message.Message):
+    """Request of ApiKeyService.RevokeApiKey."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     API_KEY_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     api_key: _builtins.str
     """The key id, or its name within the organization."""
     def __init__(
@@ -156,11 +180,15 @@ Global___RevokeApiKeyRequest: _TypeAlias = RevokeApiKeyRequest  # noqa: Y015
 
 @_typing.final
 class RevokeApiKeyResponse(_message.Message):
+    """Response of ApiKeyService.RevokeApiKey."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     API_KEY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def api_key(self) -> _identity_pb2.ApiKey: ...
+    def api_key(self) -> _identity_pb2.ApiKey:
+        """The key as revoked (revoke_time set)."""
+
     def __init__(
         self,
         *,
@@ -176,6 +204,8 @@ Global___RevokeApiKeyResponse: _TypeAlias = RevokeApiKeyResponse  # noqa: Y015
 
 @_typing.final
 class GetCallerRequest(_message.Message):
+    """Request of ApiKeyService.GetCaller. The caller is the credential the call carries."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -191,11 +221,15 @@ Global___GetCallerRequest: _TypeAlias = GetCallerRequest  # noqa: Y015
 
 @_typing.final
 class GetCallerResponse(_message.Message):
+    """Response of ApiKeyService.GetCaller."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CALLER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def caller(self) -> _identity_pb2.Caller: ...
+    def caller(self) -> _identity_pb2.Caller:
+        """Who the platform authenticated the call as."""
+
     def __init__(
         self,
         *,

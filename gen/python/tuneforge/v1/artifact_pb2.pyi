@@ -27,6 +27,7 @@ class _ArtifactKind:
 class _ArtifactKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ArtifactKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ARTIFACT_KIND_UNSPECIFIED: _ArtifactKind.ValueType  # 0
+    """Never returned; the zero value."""
     ARTIFACT_KIND_ADAPTER: _ArtifactKind.ValueType  # 1
     """The trained adapter in the PEFT safetensors layout (named "adapter"), or the whole trained model for
     full fine-tuning (named "model"). Listed once the job SUCCEEDED.
@@ -47,11 +48,17 @@ class _ArtifactKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifact
     """The training process's log (named "logs": training.log, one line per entry, "<ISO time> <LEVEL>
     <message>", the attempts one after another), stored when an attempt ends, whatever its outcome.
     """
+    ARTIFACT_KIND_TENSORBOARD: _ArtifactKind.ValueType  # 6
+    """TensorBoard event files (named "tensorboard"), when the spec's integrations ask for TensorBoard: one
+    events file per attempt, stored when the attempt ends, whatever its outcome; `tensorboard --logdir`
+    reads the downloaded folder.
+    """
 
 class ArtifactKind(_ArtifactKind, metaclass=_ArtifactKindEnumTypeWrapper):
     """What a stored output of a job is."""
 
 ARTIFACT_KIND_UNSPECIFIED: ArtifactKind.ValueType  # 0
+"""Never returned; the zero value."""
 ARTIFACT_KIND_ADAPTER: ArtifactKind.ValueType  # 1
 """The trained adapter in the PEFT safetensors layout (named "adapter"), or the whole trained model for
 full fine-tuning (named "model"). Listed once the job SUCCEEDED.
@@ -72,6 +79,11 @@ ARTIFACT_KIND_TRAINING_LOG: ArtifactKind.ValueType  # 5
 """The training process's log (named "logs": training.log, one line per entry, "<ISO time> <LEVEL>
 <message>", the attempts one after another), stored when an attempt ends, whatever its outcome.
 """
+ARTIFACT_KIND_TENSORBOARD: ArtifactKind.ValueType  # 6
+"""TensorBoard event files (named "tensorboard"), when the spec's integrations ask for TensorBoard: one
+events file per attempt, stored when the attempt ends, whatever its outcome; `tensorboard --logdir`
+reads the downloaded folder.
+"""
 Global___ArtifactKind: _TypeAlias = ArtifactKind  # noqa: Y015
 
 @_typing.final
@@ -86,6 +98,7 @@ class JobArtifact(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     kind: Global___ArtifactKind.ValueType
+    """What the artifact is."""
     name: _builtins.str
     """"adapter", "model", "merged", "checkpoint-<step>", "evaluation" or "logs": unique among the job's artifacts, and the folder
     name a download uses.
@@ -129,6 +142,7 @@ class ArtifactFile(_message.Message):
     path: _builtins.str
     """Relative to the artifact's folder, "/"-separated (e.g. "adapter_model.safetensors")."""
     size_bytes: _builtins.int
+    """Size of the file in bytes."""
     sha256: _builtins.str
     """SHA-256 of the content, 64 lowercase hex digits; check it after downloading."""
     download_url: _builtins.str

@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from tuneforge.v1 import access_pb2 as tuneforge_dot_v1_dot_access__pb2
 from tuneforge.v1 import identity_pb2 as tuneforge_dot_v1_dot_identity__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tuneforge/v1/audit_service.proto\x12\x0ctuneforge.v1\x1a\x19tuneforge/v1/access.proto\x1a\x1btuneforge/v1/identity.proto\"|\n\x16ListAuditEventsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x15\n\rfailures_only\x18\x05 \x01(\x08\"\\\n\x17ListAuditEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.tuneforge.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2t\n\x0c\x41uditService\x12\x64\n\x0fListAuditEvents\x12$.tuneforge.v1.ListAuditEventsRequest\x1a%.tuneforge.v1.ListAuditEventsResponse\"\x04\xc8\xf3\x18\x03\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tuneforge/v1/audit_service.proto\x12\x0ctuneforge.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19tuneforge/v1/access.proto\x1a\x1btuneforge/v1/identity.proto\"|\n\x16ListAuditEventsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x15\n\rfailures_only\x18\x05 \x01(\x08\"\\\n\x17ListAuditEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.tuneforge.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x8c\x01\n\x0c\x41uditService\x12|\n\x0fListAuditEvents\x12$.tuneforge.v1.ListAuditEventsRequest\x1a%.tuneforge.v1.ListAuditEventsResponse\"\x1c\xc8\xf3\x18\x03\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/audit-eventsBT\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tuneforge.v1P\001Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1'
   _globals['_AUDITSERVICE'].methods_by_name['ListAuditEvents']._loaded_options = None
-  _globals['_AUDITSERVICE'].methods_by_name['ListAuditEvents']._serialized_options = b'\310\363\030\003'
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=106
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=230
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=232
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=324
-  _globals['_AUDITSERVICE']._serialized_start=326
-  _globals['_AUDITSERVICE']._serialized_end=442
+  _globals['_AUDITSERVICE'].methods_by_name['ListAuditEvents']._serialized_options = b'\310\363\030\003\202\323\344\223\002\022\022\020/v1/audit-events'
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=136
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=260
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=262
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=354
+  _globals['_AUDITSERVICE']._serialized_start=357
+  _globals['_AUDITSERVICE']._serialized_end=497
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class ListAuditEventsRequest(_message.Message):
+    """Request of AuditService.ListAuditEvents."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -29,9 +31,15 @@ class ListAuditEventsRequest(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     FAILURES_ONLY_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     page_size: _builtins.int
     """1-1000; 0 means 50."""
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. Opaque, signed, and valid only for
+    the same query: another one is INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    """
     method: _builtins.str
     """Only calls of this RPC: its name ("CreateJob") or full method ("/tuneforge.v1.JobService/CreateJob")."""
     failures_only: _builtins.bool
@@ -55,13 +63,18 @@ Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y0
 
 @_typing.final
 class ListAuditEventsResponse(_message.Message):
+    """Response of AuditService.ListAuditEvents."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty when there are no more."""
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[_identity_pb2.AuditEvent]: ...
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_identity_pb2.AuditEvent]:
+        """The calls of this page, newest first."""
+
     def __init__(
         self,
         *,

@@ -27,6 +27,7 @@ class _DatasetState:
 class _DatasetStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DATASET_STATE_UNSPECIFIED: _DatasetState.ValueType  # 0
+    """Never returned. In ListDatasetsRequest.state: every state."""
     DATASET_STATE_PROCESSING: _DatasetState.ValueType  # 1
     """Bytes received; validation and splitting are running."""
     DATASET_STATE_READY: _DatasetState.ValueType  # 2
@@ -34,9 +35,13 @@ class _DatasetStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetS
     DATASET_STATE_FAILED: _DatasetState.ValueType  # 3
     """Validation or import failed; see failure_message and the validation report."""
 
-class DatasetState(_DatasetState, metaclass=_DatasetStateEnumTypeWrapper): ...
+class DatasetState(_DatasetState, metaclass=_DatasetStateEnumTypeWrapper):
+    """Where a dataset is in its life. PROCESSING moves to READY or FAILED; both are final, except that a READY
+    dataset may be split again.
+    """
 
 DATASET_STATE_UNSPECIFIED: DatasetState.ValueType  # 0
+"""Never returned. In ListDatasetsRequest.state: every state."""
 DATASET_STATE_PROCESSING: DatasetState.ValueType  # 1
 """Bytes received; validation and splitting are running."""
 DATASET_STATE_READY: DatasetState.ValueType  # 2
@@ -72,7 +77,10 @@ class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dataset
     DATASET_FORMAT_KTO: _DatasetFormat.ValueType  # 9
     """Unpaired preference (KTO): {"prompt": ..., "completion": ..., "label": true|false}"""
 
-class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper): ...
+class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
+    """The record shape of a dataset's source file; each format belongs to a family (chat, prompt-completion,
+    text, preference, prompt-only, KTO) that decides which training methods can use it.
+    """
 
 DATASET_FORMAT_UNSPECIFIED: DatasetFormat.ValueType  # 0
 """On input: detect from content."""
@@ -103,16 +111,25 @@ class _DatasetSplitKind:
 class _DatasetSplitKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetSplitKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DATASET_SPLIT_KIND_UNSPECIFIED: _DatasetSplitKind.ValueType  # 0
+    """Never returned; the zero value."""
     DATASET_SPLIT_KIND_TRAIN: _DatasetSplitKind.ValueType  # 1
+    """What the job trains on."""
     DATASET_SPLIT_KIND_VALIDATION: _DatasetSplitKind.ValueType  # 2
+    """Evaluated during training (eval_loss, early stopping, the best checkpoint)."""
     DATASET_SPLIT_KIND_TEST: _DatasetSplitKind.ValueType  # 3
+    """Held out until training ends; the evaluation after training reads it."""
 
-class DatasetSplitKind(_DatasetSplitKind, metaclass=_DatasetSplitKindEnumTypeWrapper): ...
+class DatasetSplitKind(_DatasetSplitKind, metaclass=_DatasetSplitKindEnumTypeWrapper):
+    """Which part of a dataset a split is."""
 
 DATASET_SPLIT_KIND_UNSPECIFIED: DatasetSplitKind.ValueType  # 0
+"""Never returned; the zero value."""
 DATASET_SPLIT_KIND_TRAIN: DatasetSplitKind.ValueType  # 1
+"""What the job trains on."""
 DATASET_SPLIT_KIND_VALIDATION: DatasetSplitKind.ValueType  # 2
+"""Evaluated during training (eval_loss, early stopping, the best checkpoint)."""
 DATASET_SPLIT_KIND_TEST: DatasetSplitKind.ValueType  # 3
+"""Held out until training ends; the evaluation after training reads it."""
 Global___DatasetSplitKind: _TypeAlias = DatasetSplitKind  # noqa: Y015
 
 class _IssueSeverity:
@@ -122,14 +139,21 @@ class _IssueSeverity:
 class _IssueSeverityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IssueSeverity.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ISSUE_SEVERITY_UNSPECIFIED: _IssueSeverity.ValueType  # 0
+    """Never returned; the zero value."""
     ISSUE_SEVERITY_WARNING: _IssueSeverity.ValueType  # 1
+    """Worth a look; the example is kept and the dataset stays usable."""
     ISSUE_SEVERITY_ERROR: _IssueSeverity.ValueType  # 2
+    """The dataset is refused (an upload fails with DATASET_INVALID; an import ends FAILED)."""
 
-class IssueSeverity(_IssueSeverity, metaclass=_IssueSeverityEnumTypeWrapper): ...
+class IssueSeverity(_IssueSeverity, metaclass=_IssueSeverityEnumTypeWrapper):
+    """How bad a ValidationIssue is."""
 
 ISSUE_SEVERITY_UNSPECIFIED: IssueSeverity.ValueType  # 0
+"""Never returned; the zero value."""
 ISSUE_SEVERITY_WARNING: IssueSeverity.ValueType  # 1
+"""Worth a look; the example is kept and the dataset stays usable."""
 ISSUE_SEVERITY_ERROR: IssueSeverity.ValueType  # 2
+"""The dataset is refused (an upload fails with DATASET_INVALID; an import ends FAILED)."""
 Global___IssueSeverity: _TypeAlias = IssueSeverity  # noqa: Y015
 
 @_typing.final
@@ -172,6 +196,7 @@ class Dataset(_message.Message):
     size_bytes: _builtins.int
     """Output only. Size and checksum of the uploaded bytes."""
     sha256: _builtins.str
+    """Output only. Hex SHA-256 (64 lowercase digits) of the uploaded or imported bytes."""
     failure_message: _builtins.str
     """Output only. Filled when state is FAILED."""
     validation_dataset_id: _builtins.str
@@ -195,9 +220,13 @@ class Dataset(_message.Message):
         """Output only. Summary of the validation; the full report is GetValidationReport."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the dataset was created."""
+
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the dataset last changed (state, description, splits)."""
+
     @_builtins.property
     def options(self) -> Global___DatasetOptions:
         """The options the dataset was uploaded with. Those that act on the data (max_samples, system_prompt,
@@ -341,7 +370,9 @@ class ColumnMapping(_message.Message):
 
     COLUMNS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def columns(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def columns(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Dataset field name -> column name of the file."""
+
     def __init__(
         self,
         *,
@@ -365,7 +396,9 @@ class DatasetSplit(_message.Message):
     EXAMPLE_COUNT_FIELD_NUMBER: _builtins.int
     URI_FIELD_NUMBER: _builtins.int
     kind: Global___DatasetSplitKind.ValueType
+    """Which split it is."""
     example_count: _builtins.int
+    """Examples in the split."""
     uri: _builtins.str
     """Storage URI of the split file (file:// or s3://); readable by workers."""
     def __init__(
@@ -396,8 +429,11 @@ class SplitConfig(_message.Message):
     TEST_FRACTION_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     train_fraction: _builtins.float
+    """Share of the examples in the train split, (0, 1]; default 0.8 (0.95 with an external validation dataset)."""
     validation_fraction: _builtins.float
+    """Share in the validation split, [0, 1]; default 0.15 (must be 0 with an external validation dataset)."""
     test_fraction: _builtins.float
+    """Share in the test split, [0, 1]; default 0.05."""
     seed: _builtins.int
     """The same seed and the same data always give the same split."""
     def __init__(
@@ -507,6 +543,8 @@ Global___DatasetSource: _TypeAlias = DatasetSource  # noqa: Y015
 
 @_typing.final
 class DatasetStatistics(_message.Message):
+    """Output only. What a dataset holds, counted over its valid examples after max_samples."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EXAMPLE_COUNT_FIELD_NUMBER: _builtins.int
@@ -516,9 +554,11 @@ class DatasetStatistics(_message.Message):
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
     DROPPED_BY_MAX_SAMPLES_FIELD_NUMBER: _builtins.int
     example_count: _builtins.int
+    """Valid examples, over all splits."""
     mean_messages_per_example: _builtins.float
     """Messages per example (chat formats) and characters per example."""
     total_characters: _builtins.int
+    """Characters of text over all examples."""
     duplicate_count: _builtins.int
     """Exact duplicate examples (same normalized content)."""
     dropped_by_max_samples: _builtins.int
@@ -547,6 +587,8 @@ Global___DatasetStatistics: _TypeAlias = DatasetStatistics  # noqa: Y015
 
 @_typing.final
 class TokenStatistics(_message.Message):
+    """Output only. Tokens per example, counted with one tokenizer after the chat template is applied."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKENIZER_FIELD_NUMBER: _builtins.int
@@ -561,13 +603,19 @@ class TokenStatistics(_message.Message):
     tokenizer: _builtins.str
     """The tokenizer (model id or path) the counts were made with."""
     min: _builtins.int
+    """Tokens of the shortest example."""
     median: _builtins.int
+    """Median tokens per example (the lower median)."""
     p95: _builtins.int
+    """95th percentile of tokens per example (nearest rank)."""
     max: _builtins.int
+    """Tokens of the longest example."""
     total: _builtins.int
+    """Tokens of all examples, uncut."""
     truncated_count: _builtins.int
     """Examples longer than max_length tokens, which training would truncate."""
     max_length: _builtins.int
+    """The cutoff the counts were made with (UploadDatasetMetadata.max_length, default 2048)."""
     train_tokens: _builtins.int
     """Tokens one epoch trains on: the train split's examples, each cut at max_length. The estimation
     service turns this into time and cost.
@@ -595,14 +643,19 @@ Global___TokenStatistics: _TypeAlias = TokenStatistics  # noqa: Y015
 
 @_typing.final
 class ValidationSummary(_message.Message):
+    """Output only. The outcome of a dataset's validation, in short."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VALID_FIELD_NUMBER: _builtins.int
     ERROR_COUNT_FIELD_NUMBER: _builtins.int
     WARNING_COUNT_FIELD_NUMBER: _builtins.int
     valid: _builtins.bool
+    """True when validation found no errors (warnings allowed)."""
     error_count: _builtins.int
+    """Errors found (each one an example or a dataset-level problem)."""
     warning_count: _builtins.int
+    """Warnings found."""
     def __init__(
         self,
         *,
@@ -631,6 +684,7 @@ class ValidationIssue(_message.Message):
     FIELD_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     severity: Global___IssueSeverity.ValueType
+    """ERROR or WARNING."""
     code: _builtins.str
     """Stable machine-readable code, e.g. "INVALID_JSON", "MISSING_ASSISTANT_TURN", "TOO_FEW_EXAMPLES"."""
     line: _builtins.int
@@ -663,6 +717,8 @@ Global___ValidationIssue: _TypeAlias = ValidationIssue  # noqa: Y015
 
 @_typing.final
 class ValidationReport(_message.Message):
+    """Output only. Everything validation found in a dataset (GetValidationReport, ValidateDataset)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DATASET_ID_FIELD_NUMBER: _builtins.int
@@ -676,12 +732,19 @@ class ValidationReport(_message.Message):
     STATISTICS_FIELD_NUMBER: _builtins.int
     ISSUE_LIMIT_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
+    """The dataset validated; empty for ValidateDataset, which stores nothing."""
     format: Global___DatasetFormat.ValueType
+    """The format validated against (the one named, or the one detected)."""
     valid: _builtins.bool
+    """True when there are no errors (warnings allowed)."""
     examples_checked: _builtins.int
+    """Records read from the file."""
     error_count: _builtins.int
+    """Errors found, all of them (also those beyond issue_limit)."""
     warning_count: _builtins.int
+    """Warnings found, all of them."""
     issues_truncated: _builtins.bool
+    """True when more issues were found than `issues` lists."""
     issue_limit: _builtins.int
     """The cap on `issues` this report was made with (UploadDatasetMetadata.issue_limit, default 100)."""
     @_builtins.property
@@ -689,7 +752,9 @@ class ValidationReport(_message.Message):
         """At most `issue_limit` issues are listed; the counts above include all of them."""
 
     @_builtins.property
-    def statistics(self) -> Global___DatasetStatistics: ...
+    def statistics(self) -> Global___DatasetStatistics:
+        """The statistics of the valid examples."""
+
     def __init__(
         self,
         *,

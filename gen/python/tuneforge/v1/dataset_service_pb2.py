@@ -22,12 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from tuneforge.v1 import access_pb2 as tuneforge_dot_v1_dot_access__pb2
 from tuneforge.v1 import dataset_pb2 as tuneforge_dot_v1_dot_dataset__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tuneforge/v1/dataset_service.proto\x12\x0ctuneforge.v1\x1a google/protobuf/field_mask.proto\x1a\x19tuneforge/v1/access.proto\x1a\x1atuneforge/v1/dataset.proto\"\xee\x03\n\x15UploadDatasetMetadata\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12+\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x1b.tuneforge.v1.DatasetFormat\x12\x10\n\x08\x66ilename\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12(\n\x05split\x18\x08 \x01(\x0b\x32\x19.tuneforge.v1.SplitConfig\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x11\n\ttokenizer\x18\n \x01(\t\x12\x12\n\nmax_length\x18\x0b \x01(\x03\x12\x19\n\x0cmin_examples\x18\x0c \x01(\x03H\x00\x88\x01\x01\x12-\n\x07options\x18\r \x01(\x0b\x32\x1c.tuneforge.v1.DatasetOptions\x12\x33\n\x0e\x63olumn_mapping\x18\x0e \x01(\x0b\x32\x1b.tuneforge.v1.ColumnMapping\x12\x18\n\x0bissue_limit\x18\x0f \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\x12validation_dataset\x18\x10 \x01(\tB\x0f\n\r_min_examplesB\x0e\n\x0c_issue_limit\"k\n\x14UploadDatasetRequest\x12\x37\n\x08metadata\x18\x01 \x01(\x0b\x32#.tuneforge.v1.UploadDatasetMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"o\n\x15UploadDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\x12.\n\x06report\x18\x02 \x01(\x0b\x32\x1e.tuneforge.v1.ValidationReport\"\xfe\x03\n\x14\x43reateDatasetRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12+\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x1b.tuneforge.v1.DatasetFormat\x12+\n\x06source\x18\x05 \x01(\x0b\x32\x1b.tuneforge.v1.DatasetSource\x12(\n\x05split\x18\x06 \x01(\x0b\x32\x19.tuneforge.v1.SplitConfig\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x11\n\ttokenizer\x18\x08 \x01(\t\x12\x12\n\nmax_length\x18\t \x01(\x03\x12\x34\n\x0b\x63redentials\x18\n \x01(\x0b\x32\x1f.tuneforge.v1.SourceCredentials\x12\x19\n\x0cmin_examples\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12-\n\x07options\x18\x0c \x01(\x0b\x32\x1c.tuneforge.v1.DatasetOptions\x12\x33\n\x0e\x63olumn_mapping\x18\r \x01(\x0b\x32\x1b.tuneforge.v1.ColumnMapping\x12\x18\n\x0bissue_limit\x18\x0e \x01(\x05H\x01\x88\x01\x01\x42\x0f\n\r_min_examplesB\x0e\n\x0c_issue_limit\"w\n\x11SourceCredentials\x12\x15\n\raccess_key_id\x18\x01 \x01(\t\x12\x19\n\x11secret_access_key\x18\x02 \x01(\t\x12\x15\n\rsession_token\x18\x03 \x01(\t\x12\x19\n\x11huggingface_token\x18\x04 \x01(\t\"?\n\x15\x43reateDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\":\n\x11GetDatasetRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\"<\n\x12GetDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\"}\n\x13ListDatasetsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.tuneforge.v1.DatasetState\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.tuneforge.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x83\x01\n\x14UpdateDatasetRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"?\n\x15UpdateDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\"=\n\x14\x44\x65leteDatasetRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\"f\n\x13SplitDatasetRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12(\n\x05split\x18\x03 \x01(\x0b\x32\x19.tuneforge.v1.SplitConfig\">\n\x14SplitDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\"C\n\x1aGetValidationReportRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\"M\n\x1bGetValidationReportResponse\x12.\n\x06report\x18\x01 \x01(\x0b\x32\x1e.tuneforge.v1.ValidationReport\"m\n\x16ValidateDatasetRequest\x12\x37\n\x08metadata\x18\x01 \x01(\x0b\x32#.tuneforge.v1.UploadDatasetMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"I\n\x17ValidateDatasetResponse\x12.\n\x06report\x18\x01 \x01(\x0b\x32\x1e.tuneforge.v1.ValidationReport2\xfd\x06\n\x0e\x44\x61tasetService\x12`\n\rUploadDataset\x12\".tuneforge.v1.UploadDatasetRequest\x1a#.tuneforge.v1.UploadDatasetResponse\"\x04\xc8\xf3\x18\x02(\x01\x12^\n\rCreateDataset\x12\".tuneforge.v1.CreateDatasetRequest\x1a#.tuneforge.v1.CreateDatasetResponse\"\x04\xc8\xf3\x18\x02\x12U\n\nGetDataset\x12\x1f.tuneforge.v1.GetDatasetRequest\x1a .tuneforge.v1.GetDatasetResponse\"\x04\xc8\xf3\x18\x01\x12[\n\x0cListDatasets\x12!.tuneforge.v1.ListDatasetsRequest\x1a\".tuneforge.v1.ListDatasetsResponse\"\x04\xc8\xf3\x18\x01\x12^\n\rUpdateDataset\x12\".tuneforge.v1.UpdateDatasetRequest\x1a#.tuneforge.v1.UpdateDatasetResponse\"\x04\xc8\xf3\x18\x02\x12^\n\rDeleteDataset\x12\".tuneforge.v1.DeleteDatasetRequest\x1a#.tuneforge.v1.DeleteDatasetResponse\"\x04\xc8\xf3\x18\x02\x12[\n\x0cSplitDataset\x12!.tuneforge.v1.SplitDatasetRequest\x1a\".tuneforge.v1.SplitDatasetResponse\"\x04\xc8\xf3\x18\x02\x12p\n\x13GetValidationReport\x12(.tuneforge.v1.GetValidationReportRequest\x1a).tuneforge.v1.GetValidationReportResponse\"\x04\xc8\xf3\x18\x01\x12\x66\n\x0fValidateDataset\x12$.tuneforge.v1.ValidateDatasetRequest\x1a%.tuneforge.v1.ValidateDatasetResponse\"\x04\xc8\xf3\x18\x01(\x01\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tuneforge/v1/dataset_service.proto\x12\x0ctuneforge.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x19tuneforge/v1/access.proto\x1a\x1atuneforge/v1/dataset.proto\"\xee\x03\n\x15UploadDatasetMetadata\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12+\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x1b.tuneforge.v1.DatasetFormat\x12\x10\n\x08\x66ilename\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12(\n\x05split\x18\x08 \x01(\x0b\x32\x19.tuneforge.v1.SplitConfig\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x11\n\ttokenizer\x18\n \x01(\t\x12\x12\n\nmax_length\x18\x0b \x01(\x05\x12\x19\n\x0cmin_examples\x18\x0c \x01(\x03H\x00\x88\x01\x01\x12-\n\x07options\x18\r \x01(\x0b\x32\x1c.tuneforge.v1.DatasetOptions\x12\x33\n\x0e\x63olumn_mapping\x18\x0e \x01(\x0b\x32\x1b.tuneforge.v1.ColumnMapping\x12\x18\n\x0bissue_limit\x18\x0f \x01(\x05H\x01\x88\x01\x01\x12\x1a\n\x12validation_dataset\x18\x10 \x01(\tB\x0f\n\r_min_examplesB\x0e\n\x0c_issue_limit\"k\n\x14UploadDatasetRequest\x12\x37\n\x08metadata\x18\x01 \x01(\x0b\x32#.tuneforge.v1.UploadDatasetMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"o\n\x15UploadDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\x12.\n\x06report\x18\x02 \x01(\x0b\x32\x1e.tuneforge.v1.ValidationReport\"\xfe\x03\n\x14\x43reateDatasetRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12+\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x1b.tuneforge.v1.DatasetFormat\x12+\n\x06source\x18\x05 \x01(\x0b\x32\x1b.tuneforge.v1.DatasetSource\x12(\n\x05split\x18\x06 \x01(\x0b\x32\x19.tuneforge.v1.SplitConfig\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x11\n\ttokenizer\x18\x08 \x01(\t\x12\x12\n\nmax_length\x18\t \x01(\x05\x12\x34\n\x0b\x63redentials\x18\n \x01(\x0b\x32\x1f.tuneforge.v1.SourceCredentials\x12\x19\n\x0cmin_examples\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12-\n\x07options\x18\x0c \x01(\x0b\x32\x1c.tuneforge.v1.DatasetOptions\x12\x33\n\x0e\x63olumn_mapping\x18\r \x01(\x0b\x32\x1b.tuneforge.v1.ColumnMapping\x12\x18\n\x0bissue_limit\x18\x0e \x01(\x05H\x01\x88\x01\x01\x42\x0f\n\r_min_examplesB\x0e\n\x0c_issue_limit\"w\n\x11SourceCredentials\x12\x15\n\raccess_key_id\x18\x01 \x01(\t\x12\x19\n\x11secret_access_key\x18\x02 \x01(\t\x12\x15\n\rsession_token\x18\x03 \x01(\t\x12\x19\n\x11huggingface_token\x18\x04 \x01(\t\"?\n\x15\x43reateDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\":\n\x11GetDatasetRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\"<\n\x12GetDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\"}\n\x13ListDatasetsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12)\n\x05state\x18\x04 \x01(\x0e\x32\x1a.tuneforge.v1.DatasetState\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.tuneforge.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x83\x01\n\x14UpdateDatasetRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"?\n\x15UpdateDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\"=\n\x14\x44\x65leteDatasetRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponse\"f\n\x13SplitDatasetRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12(\n\x05split\x18\x03 \x01(\x0b\x32\x19.tuneforge.v1.SplitConfig\">\n\x14SplitDatasetResponse\x12&\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x15.tuneforge.v1.Dataset\"C\n\x1aGetValidationReportRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\"M\n\x1bGetValidationReportResponse\x12.\n\x06report\x18\x01 \x01(\x0b\x32\x1e.tuneforge.v1.ValidationReport\"m\n\x16ValidateDatasetRequest\x12\x37\n\x08metadata\x18\x01 \x01(\x0b\x32#.tuneforge.v1.UploadDatasetMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"I\n\x17ValidateDatasetResponse\x12.\n\x06report\x18\x01 \x01(\x0b\x32\x1e.tuneforge.v1.ValidationReport2\xa6\t\n\x0e\x44\x61tasetService\x12\x82\x01\n\rUploadDataset\x12\".tuneforge.v1.UploadDatasetRequest\x1a#.tuneforge.v1.UploadDatasetResponse\"&\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x1c\"\x13/v1/datasets:upload:\x05\x63hunk(\x01\x12u\n\rCreateDataset\x12\".tuneforge.v1.CreateDatasetRequest\x1a#.tuneforge.v1.CreateDatasetResponse\"\x1b\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/datasets:\x01*\x12s\n\nGetDataset\x12\x1f.tuneforge.v1.GetDatasetRequest\x1a .tuneforge.v1.GetDatasetResponse\"\"\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/datasets/{dataset}\x12o\n\x0cListDatasets\x12!.tuneforge.v1.ListDatasetsRequest\x1a\".tuneforge.v1.ListDatasetsResponse\"\x18\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/datasets\x12\x7f\n\rUpdateDataset\x12\".tuneforge.v1.UpdateDatasetRequest\x1a#.tuneforge.v1.UpdateDatasetResponse\"%\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x1b\x32\x16/v1/datasets/{dataset}:\x01*\x12|\n\rDeleteDataset\x12\".tuneforge.v1.DeleteDatasetRequest\x1a#.tuneforge.v1.DeleteDatasetResponse\"\"\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x18*\x16/v1/datasets/{dataset}\x12\x82\x01\n\x0cSplitDataset\x12!.tuneforge.v1.SplitDatasetRequest\x1a\".tuneforge.v1.SplitDatasetResponse\"+\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02!\"\x1c/v1/datasets/{dataset}:split:\x01*\x12\xa0\x01\n\x13GetValidationReport\x12(.tuneforge.v1.GetValidationReportRequest\x1a).tuneforge.v1.GetValidationReportResponse\"4\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02*\x12(/v1/datasets/{dataset}/validation-report\x12\x8a\x01\n\x0fValidateDataset\x12$.tuneforge.v1.ValidateDatasetRequest\x1a%.tuneforge.v1.ValidateDatasetResponse\"(\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x1e\"\x15/v1/datasets:validate:\x05\x63hunk(\x01\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,63 +37,63 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tuneforge.v1P\001Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1'
   _globals['_DATASETSERVICE'].methods_by_name['UploadDataset']._loaded_options = None
-  _globals['_DATASETSERVICE'].methods_by_name['UploadDataset']._serialized_options = b'\310\363\030\002'
+  _globals['_DATASETSERVICE'].methods_by_name['UploadDataset']._serialized_options = b'\310\363\030\002\202\323\344\223\002\034\"\023/v1/datasets:upload:\005chunk'
   _globals['_DATASETSERVICE'].methods_by_name['CreateDataset']._loaded_options = None
-  _globals['_DATASETSERVICE'].methods_by_name['CreateDataset']._serialized_options = b'\310\363\030\002'
+  _globals['_DATASETSERVICE'].methods_by_name['CreateDataset']._serialized_options = b'\310\363\030\002\202\323\344\223\002\021\"\014/v1/datasets:\001*'
   _globals['_DATASETSERVICE'].methods_by_name['GetDataset']._loaded_options = None
-  _globals['_DATASETSERVICE'].methods_by_name['GetDataset']._serialized_options = b'\310\363\030\001'
+  _globals['_DATASETSERVICE'].methods_by_name['GetDataset']._serialized_options = b'\310\363\030\001\202\323\344\223\002\030\022\026/v1/datasets/{dataset}'
   _globals['_DATASETSERVICE'].methods_by_name['ListDatasets']._loaded_options = None
-  _globals['_DATASETSERVICE'].methods_by_name['ListDatasets']._serialized_options = b'\310\363\030\001'
+  _globals['_DATASETSERVICE'].methods_by_name['ListDatasets']._serialized_options = b'\310\363\030\001\202\323\344\223\002\016\022\014/v1/datasets'
   _globals['_DATASETSERVICE'].methods_by_name['UpdateDataset']._loaded_options = None
-  _globals['_DATASETSERVICE'].methods_by_name['UpdateDataset']._serialized_options = b'\310\363\030\002'
+  _globals['_DATASETSERVICE'].methods_by_name['UpdateDataset']._serialized_options = b'\310\363\030\002\202\323\344\223\002\0332\026/v1/datasets/{dataset}:\001*'
   _globals['_DATASETSERVICE'].methods_by_name['DeleteDataset']._loaded_options = None
-  _globals['_DATASETSERVICE'].methods_by_name['DeleteDataset']._serialized_options = b'\310\363\030\002'
+  _globals['_DATASETSERVICE'].methods_by_name['DeleteDataset']._serialized_options = b'\310\363\030\002\202\323\344\223\002\030*\026/v1/datasets/{dataset}'
   _globals['_DATASETSERVICE'].methods_by_name['SplitDataset']._loaded_options = None
-  _globals['_DATASETSERVICE'].methods_by_name['SplitDataset']._serialized_options = b'\310\363\030\002'
+  _globals['_DATASETSERVICE'].methods_by_name['SplitDataset']._serialized_options = b'\310\363\030\002\202\323\344\223\002!\"\034/v1/datasets/{dataset}:split:\001*'
   _globals['_DATASETSERVICE'].methods_by_name['GetValidationReport']._loaded_options = None
-  _globals['_DATASETSERVICE'].methods_by_name['GetValidationReport']._serialized_options = b'\310\363\030\001'
+  _globals['_DATASETSERVICE'].methods_by_name['GetValidationReport']._serialized_options = b'\310\363\030\001\202\323\344\223\002*\022(/v1/datasets/{dataset}/validation-report'
   _globals['_DATASETSERVICE'].methods_by_name['ValidateDataset']._loaded_options = None
-  _globals['_DATASETSERVICE'].methods_by_name['ValidateDataset']._serialized_options = b'\310\363\030\001'
-  _globals['_UPLOADDATASETMETADATA']._serialized_start=142
-  _globals['_UPLOADDATASETMETADATA']._serialized_end=636
-  _globals['_UPLOADDATASETREQUEST']._serialized_start=638
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=745
-  _globals['_UPLOADDATASETRESPONSE']._serialized_start=747
-  _globals['_UPLOADDATASETRESPONSE']._serialized_end=858
-  _globals['_CREATEDATASETREQUEST']._serialized_start=861
-  _globals['_CREATEDATASETREQUEST']._serialized_end=1371
-  _globals['_SOURCECREDENTIALS']._serialized_start=1373
-  _globals['_SOURCECREDENTIALS']._serialized_end=1492
-  _globals['_CREATEDATASETRESPONSE']._serialized_start=1494
-  _globals['_CREATEDATASETRESPONSE']._serialized_end=1557
-  _globals['_GETDATASETREQUEST']._serialized_start=1559
-  _globals['_GETDATASETREQUEST']._serialized_end=1617
-  _globals['_GETDATASETRESPONSE']._serialized_start=1619
-  _globals['_GETDATASETRESPONSE']._serialized_end=1679
-  _globals['_LISTDATASETSREQUEST']._serialized_start=1681
-  _globals['_LISTDATASETSREQUEST']._serialized_end=1806
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=1808
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=1896
-  _globals['_UPDATEDATASETREQUEST']._serialized_start=1899
-  _globals['_UPDATEDATASETREQUEST']._serialized_end=2030
-  _globals['_UPDATEDATASETRESPONSE']._serialized_start=2032
-  _globals['_UPDATEDATASETRESPONSE']._serialized_end=2095
-  _globals['_DELETEDATASETREQUEST']._serialized_start=2097
-  _globals['_DELETEDATASETREQUEST']._serialized_end=2158
-  _globals['_DELETEDATASETRESPONSE']._serialized_start=2160
-  _globals['_DELETEDATASETRESPONSE']._serialized_end=2183
-  _globals['_SPLITDATASETREQUEST']._serialized_start=2185
-  _globals['_SPLITDATASETREQUEST']._serialized_end=2287
-  _globals['_SPLITDATASETRESPONSE']._serialized_start=2289
-  _globals['_SPLITDATASETRESPONSE']._serialized_end=2351
-  _globals['_GETVALIDATIONREPORTREQUEST']._serialized_start=2353
-  _globals['_GETVALIDATIONREPORTREQUEST']._serialized_end=2420
-  _globals['_GETVALIDATIONREPORTRESPONSE']._serialized_start=2422
-  _globals['_GETVALIDATIONREPORTRESPONSE']._serialized_end=2499
-  _globals['_VALIDATEDATASETREQUEST']._serialized_start=2501
-  _globals['_VALIDATEDATASETREQUEST']._serialized_end=2610
-  _globals['_VALIDATEDATASETRESPONSE']._serialized_start=2612
-  _globals['_VALIDATEDATASETRESPONSE']._serialized_end=2685
-  _globals['_DATASETSERVICE']._serialized_start=2688
-  _globals['_DATASETSERVICE']._serialized_end=3581
+  _globals['_DATASETSERVICE'].methods_by_name['ValidateDataset']._serialized_options = b'\310\363\030\001\202\323\344\223\002\036\"\025/v1/datasets:validate:\005chunk'
+  _globals['_UPLOADDATASETMETADATA']._serialized_start=172
+  _globals['_UPLOADDATASETMETADATA']._serialized_end=666
+  _globals['_UPLOADDATASETREQUEST']._serialized_start=668
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=775
+  _globals['_UPLOADDATASETRESPONSE']._serialized_start=777
+  _globals['_UPLOADDATASETRESPONSE']._serialized_end=888
+  _globals['_CREATEDATASETREQUEST']._serialized_start=891
+  _globals['_CREATEDATASETREQUEST']._serialized_end=1401
+  _globals['_SOURCECREDENTIALS']._serialized_start=1403
+  _globals['_SOURCECREDENTIALS']._serialized_end=1522
+  _globals['_CREATEDATASETRESPONSE']._serialized_start=1524
+  _globals['_CREATEDATASETRESPONSE']._serialized_end=1587
+  _globals['_GETDATASETREQUEST']._serialized_start=1589
+  _globals['_GETDATASETREQUEST']._serialized_end=1647
+  _globals['_GETDATASETRESPONSE']._serialized_start=1649
+  _globals['_GETDATASETRESPONSE']._serialized_end=1709
+  _globals['_LISTDATASETSREQUEST']._serialized_start=1711
+  _globals['_LISTDATASETSREQUEST']._serialized_end=1836
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=1838
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=1926
+  _globals['_UPDATEDATASETREQUEST']._serialized_start=1929
+  _globals['_UPDATEDATASETREQUEST']._serialized_end=2060
+  _globals['_UPDATEDATASETRESPONSE']._serialized_start=2062
+  _globals['_UPDATEDATASETRESPONSE']._serialized_end=2125
+  _globals['_DELETEDATASETREQUEST']._serialized_start=2127
+  _globals['_DELETEDATASETREQUEST']._serialized_end=2188
+  _globals['_DELETEDATASETRESPONSE']._serialized_start=2190
+  _globals['_DELETEDATASETRESPONSE']._serialized_end=2213
+  _globals['_SPLITDATASETREQUEST']._serialized_start=2215
+  _globals['_SPLITDATASETREQUEST']._serialized_end=2317
+  _globals['_SPLITDATASETRESPONSE']._serialized_start=2319
+  _globals['_SPLITDATASETRESPONSE']._serialized_end=2381
+  _globals['_GETVALIDATIONREPORTREQUEST']._serialized_start=2383
+  _globals['_GETVALIDATIONREPORTREQUEST']._serialized_end=2450
+  _globals['_GETVALIDATIONREPORTRESPONSE']._serialized_start=2452
+  _globals['_GETVALIDATIONREPORTRESPONSE']._serialized_end=2529
+  _globals['_VALIDATEDATASETREQUEST']._serialized_start=2531
+  _globals['_VALIDATEDATASETREQUEST']._serialized_end=2640
+  _globals['_VALIDATEDATASETRESPONSE']._serialized_start=2642
+  _globals['_VALIDATEDATASETRESPONSE']._serialized_end=2715
+  _globals['_DATASETSERVICE']._serialized_start=2718
+  _globals['_DATASETSERVICE']._serialized_end=3908
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,10 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class UploadDatasetMetadata(_message.Message):
+    """What UploadDataset and ValidateDataset are told about a file before its bytes: the first message of their
+    stream.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -41,11 +45,22 @@ class UploadDatasetMetadata(_message.Message):
     ISSUE_LIMIT_FIELD_NUMBER: _builtins.int
     VALIDATION_DATASET_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field. (the field path is
+    metadata.organization).
+    """
     name: _builtins.str
+    """The dataset's name: 1-63 characters of [a-z0-9-_.], starting with a letter or digit; unique within the
+    organization. Required by UploadDataset.
+    """
     description: _builtins.str
+    """Free text, at most 1024 characters."""
     format: _dataset_pb2.DatasetFormat.ValueType
     """Unset: detect from content."""
     filename: _builtins.str
+    """The original file name, at most 1024 characters; informational only (the container, JSONL, CSV,
+    Parquet or ZIP, is found from the bytes). Kept as DatasetSource.upload_filename.
+    """
     size_bytes: _builtins.int
     """Total size in bytes, if known; lets the server refuse an oversized upload before reading it."""
     sha256: _builtins.str
@@ -69,7 +84,9 @@ class UploadDatasetMetadata(_message.Message):
     (unset fractions default to 0.95 train / 0 validation / 0.05 test).
     """
     @_builtins.property
-    def split(self) -> _dataset_pb2.SplitConfig: ...
+    def split(self) -> _dataset_pb2.SplitConfig:
+        """How to divide the examples; unset fractions take their defaults (SplitConfig)."""
+
     @_builtins.property
     def options(self) -> _dataset_pb2.DatasetOptions:
         """Options stored with the dataset; some are applied to the examples (see DatasetOptions)."""
@@ -115,6 +132,10 @@ Global___UploadDatasetMetadata: _TypeAlias = UploadDatasetMetadata  # noqa: Y015
 
 @_typing.final
 class UploadDatasetRequest(_message.Message):
+    """Request of DatasetService.UploadDataset. The client streams the metadata first, then the file's bytes in
+    order.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     METADATA_FIELD_NUMBER: _builtins.int
@@ -122,7 +143,9 @@ class UploadDatasetRequest(_message.Message):
     chunk: _builtins.bytes
     """Raw file bytes; at most 4 MiB per message."""
     @_builtins.property
-    def metadata(self) -> Global___UploadDatasetMetadata: ...
+    def metadata(self) -> Global___UploadDatasetMetadata:
+        """The first message, and only the first."""
+
     def __init__(
         self,
         *,
@@ -141,12 +164,16 @@ Global___UploadDatasetRequest: _TypeAlias = UploadDatasetRequest  # noqa: Y015
 
 @_typing.final
 class UploadDatasetResponse(_message.Message):
+    """Response of DatasetService.UploadDataset."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DATASET_FIELD_NUMBER: _builtins.int
     REPORT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def dataset(self) -> _dataset_pb2.Dataset: ...
+    def dataset(self) -> _dataset_pb2.Dataset:
+        """The dataset created (READY), or the existing one for a repeated request_id."""
+
     @_builtins.property
     def report(self) -> _dataset_pb2.ValidationReport:
         """Warnings found during validation (errors fail the call instead)."""
@@ -167,6 +194,8 @@ Global___UploadDatasetResponse: _TypeAlias = UploadDatasetResponse  # noqa: Y015
 
 @_typing.final
 class CreateDatasetRequest(_message.Message):
+    """Request of DatasetService.CreateDataset. Imports a dataset from S3, GCS or the Hugging Face Hub."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -184,17 +213,25 @@ class CreateDatasetRequest(_message.Message):
     COLUMN_MAPPING_FIELD_NUMBER: _builtins.int
     ISSUE_LIMIT_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     name: _builtins.str
+    """As UploadDatasetMetadata.name. Required."""
     description: _builtins.str
+    """Free text, at most 1024 characters."""
     format: _dataset_pb2.DatasetFormat.ValueType
     """Unset: detect from content."""
     request_id: _builtins.str
     """Idempotency key: retrying with the same request_id returns the dataset created the first time."""
     tokenizer: _builtins.str
+    """As UploadDatasetMetadata.tokenizer: optional, for token statistics."""
     max_length: _builtins.int
+    """As UploadDatasetMetadata.max_length: the token cutoff, >= 0; 0 means 2048."""
     min_examples: _builtins.int
     """Fewer examples than this is an error; default 100."""
     issue_limit: _builtins.int
+    """How many issues the report lists (1-1000); unset: 100."""
     @_builtins.property
     def source(self) -> _dataset_pb2.DatasetSource:
         """Required: where to import from. The server checks it can read the source (it exists, the credentials
@@ -202,7 +239,9 @@ class CreateDatasetRequest(_message.Message):
         """
 
     @_builtins.property
-    def split(self) -> _dataset_pb2.SplitConfig: ...
+    def split(self) -> _dataset_pb2.SplitConfig:
+        """How to divide the examples; unset fractions take their defaults (SplitConfig)."""
+
     @_builtins.property
     def credentials(self) -> Global___SourceCredentials:
         """Input only, never returned by any RPC and never logged: the secrets that open the source. Stored
@@ -217,7 +256,9 @@ class CreateDatasetRequest(_message.Message):
         """
 
     @_builtins.property
-    def column_mapping(self) -> _dataset_pb2.ColumnMapping: ...
+    def column_mapping(self) -> _dataset_pb2.ColumnMapping:
+        """CSV and Parquet sources: which columns hold which fields."""
+
     def __init__(
         self,
         *,
@@ -287,11 +328,17 @@ Global___SourceCredentials: _TypeAlias = SourceCredentials  # noqa: Y015
 
 @_typing.final
 class CreateDatasetResponse(_message.Message):
+    """Response of DatasetService.CreateDataset."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DATASET_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def dataset(self) -> _dataset_pb2.Dataset: ...
+    def dataset(self) -> _dataset_pb2.Dataset:
+        """The dataset created, PROCESSING while the import runs (GetDataset or the CLI follow it to READY or
+        FAILED).
+        """
+
     def __init__(
         self,
         *,
@@ -307,11 +354,16 @@ Global___CreateDatasetResponse: _TypeAlias = CreateDatasetResponse  # noqa: Y015
 
 @_typing.final
 class GetDatasetRequest(_message.Message):
+    """Request of DatasetService.GetDataset."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     dataset: _builtins.str
     """The dataset id, or its name within the organization."""
     def __init__(
@@ -330,11 +382,15 @@ Global___GetDatasetRequest: _TypeAlias = GetDatasetRequest  # noqa: Y015
 
 @_typing.final
 class GetDatasetResponse(_message.Message):
+    """Response of DatasetService.GetDataset."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DATASET_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def dataset(self) -> _dataset_pb2.Dataset: ...
+    def dataset(self) -> _dataset_pb2.Dataset:
+        """The dataset."""
+
     def __init__(
         self,
         *,
@@ -350,6 +406,8 @@ Global___GetDatasetResponse: _TypeAlias = GetDatasetResponse  # noqa: Y015
 
 @_typing.final
 class ListDatasetsRequest(_message.Message):
+    """Request of DatasetService.ListDatasets."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -357,9 +415,15 @@ class ListDatasetsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     page_size: _builtins.int
     """1-1000; 0 means 50."""
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. Opaque, signed, and valid only for
+    the same query: another one is INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    """
     state: _dataset_pb2.DatasetState.ValueType
     """Only datasets in this state, when set."""
     def __init__(
@@ -380,6 +444,8 @@ Global___ListDatasetsRequest: _TypeAlias = ListDatasetsRequest  # noqa: Y015
 
 @_typing.final
 class ListDatasetsResponse(_message.Message):
+    """Response of DatasetService.ListDatasets."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DATASETS_FIELD_NUMBER: _builtins.int
@@ -387,7 +453,9 @@ class ListDatasetsResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty when there are no more pages."""
     @_builtins.property
-    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[_dataset_pb2.Dataset]: ...
+    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[_dataset_pb2.Dataset]:
+        """The datasets of this page, newest first."""
+
     def __init__(
         self,
         *,
@@ -404,6 +472,8 @@ Global___ListDatasetsResponse: _TypeAlias = ListDatasetsResponse  # noqa: Y015
 
 @_typing.final
 class UpdateDatasetRequest(_message.Message):
+    """Request of DatasetService.UpdateDataset."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -411,11 +481,17 @@ class UpdateDatasetRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     dataset: _builtins.str
+    """The dataset id, or its name within the organization."""
     description: _builtins.str
     """Only `description` may be updated."""
     @_builtins.property
-    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change; only "description" is accepted."""
+
     def __init__(
         self,
         *,
@@ -434,11 +510,15 @@ Global___UpdateDatasetRequest: _TypeAlias = UpdateDatasetRequest  # noqa: Y015
 
 @_typing.final
 class UpdateDatasetResponse(_message.Message):
+    """Response of DatasetService.UpdateDataset."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DATASET_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def dataset(self) -> _dataset_pb2.Dataset: ...
+    def dataset(self) -> _dataset_pb2.Dataset:
+        """The dataset as updated."""
+
     def __init__(
         self,
         *,
@@ -454,12 +534,18 @@ Global___UpdateDatasetResponse: _TypeAlias = UpdateDatasetResponse  # noqa: Y015
 
 @_typing.final
 class DeleteDatasetRequest(_message.Message):
+    """Request of DatasetService.DeleteDataset."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     dataset: _builtins.str
+    """The dataset id, or its name within the organization."""
     def __init__(
         self,
         *,
@@ -476,6 +562,8 @@ Global___DeleteDatasetRequest: _TypeAlias = DeleteDatasetRequest  # noqa: Y015
 
 @_typing.final
 class DeleteDatasetResponse(_message.Message):
+    """Response of DatasetService.DeleteDataset. Empty: the dataset and its files are gone."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -491,15 +579,23 @@ Global___DeleteDatasetResponse: _TypeAlias = DeleteDatasetResponse  # noqa: Y015
 
 @_typing.final
 class SplitDatasetRequest(_message.Message):
+    """Request of DatasetService.SplitDataset. Divides a READY dataset's examples anew."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     dataset: _builtins.str
+    """The dataset id, or its name within the organization."""
     @_builtins.property
-    def split(self) -> _dataset_pb2.SplitConfig: ...
+    def split(self) -> _dataset_pb2.SplitConfig:
+        """The new fractions and seed; unset fractions take their defaults."""
+
     def __init__(
         self,
         *,
@@ -517,11 +613,15 @@ Global___SplitDatasetRequest: _TypeAlias = SplitDatasetRequest  # noqa: Y015
 
 @_typing.final
 class SplitDatasetResponse(_message.Message):
+    """Response of DatasetService.SplitDataset."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DATASET_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def dataset(self) -> _dataset_pb2.Dataset: ...
+    def dataset(self) -> _dataset_pb2.Dataset:
+        """The dataset with its new splits."""
+
     def __init__(
         self,
         *,
@@ -537,12 +637,18 @@ Global___SplitDatasetResponse: _TypeAlias = SplitDatasetResponse  # noqa: Y015
 
 @_typing.final
 class GetValidationReportRequest(_message.Message):
+    """Request of DatasetService.GetValidationReport."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     dataset: _builtins.str
+    """The dataset id, or its name within the organization."""
     def __init__(
         self,
         *,
@@ -559,11 +665,15 @@ Global___GetValidationReportRequest: _TypeAlias = GetValidationReportRequest  # 
 
 @_typing.final
 class GetValidationReportResponse(_message.Message):
+    """Response of DatasetService.GetValidationReport."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPORT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def report(self) -> _dataset_pb2.ValidationReport: ...
+    def report(self) -> _dataset_pb2.ValidationReport:
+        """The full report stored with the dataset."""
+
     def __init__(
         self,
         *,
@@ -579,13 +689,18 @@ Global___GetValidationReportResponse: _TypeAlias = GetValidationReportResponse  
 
 @_typing.final
 class ValidateDatasetRequest(_message.Message):
+    """Request of DatasetService.ValidateDataset. The same stream as UploadDatasetRequest; nothing is stored."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     METADATA_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """Raw file bytes; at most 4 MiB per message."""
     @_builtins.property
-    def metadata(self) -> Global___UploadDatasetMetadata: ...
+    def metadata(self) -> Global___UploadDatasetMetadata:
+        """The first message, and only the first (name may be empty here)."""
+
     def __init__(
         self,
         *,
@@ -604,11 +719,15 @@ Global___ValidateDatasetRequest: _TypeAlias = ValidateDatasetRequest  # noqa: Y0
 
 @_typing.final
 class ValidateDatasetResponse(_message.Message):
+    """Response of DatasetService.ValidateDataset."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPORT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def report(self) -> _dataset_pb2.ValidationReport: ...
+    def report(self) -> _dataset_pb2.ValidationReport:
+        """What validation found; errors are reported here, not as a failed call."""
+
     def __init__(
         self,
         *,

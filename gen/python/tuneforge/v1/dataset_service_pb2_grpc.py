@@ -90,6 +90,8 @@ class DatasetServiceServicer:
         """Streams a file to the server. The first message carries `metadata`, the following ones `chunk`s.
         The dataset is validated and split before the call returns; a dataset that fails validation is not
         kept and the call fails with INVALID_ARGUMENT (reason DATASET_INVALID) naming the bad lines.
+        Over HTTP the body is the raw file (streamed on as chunks) and the UploadDatasetMetadata fields are
+        query parameters, e.g. POST /v1/datasets:upload?name=chat&filename=chat.jsonl.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,25 +105,30 @@ class DatasetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetDataset(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One dataset of the caller's organization, by id or name.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDatasets(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The organization's datasets, newest first, optionally only those in one state.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateDataset(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Changes the fields `update_mask` names (today: description).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteDataset(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes a dataset and its stored files. Refused with FAILED_PRECONDITION (reason DATASET_IN_USE) while
+        jobs that have not ended train on it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -141,7 +148,7 @@ class DatasetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ValidateDataset(self, request_iterator, context):
-        """Validates a file without storing it (same stream shape as UploadDataset).
+        """Validates a file without storing it (same stream shape as UploadDataset; over HTTP too).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

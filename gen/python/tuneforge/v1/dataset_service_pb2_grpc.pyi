@@ -37,19 +37,27 @@ class DatasetServiceStub:
     """Streams a file to the server. The first message carries `metadata`, the following ones `chunk`s.
     The dataset is validated and split before the call returns; a dataset that fails validation is not
     kept and the call fails with INVALID_ARGUMENT (reason DATASET_INVALID) naming the bad lines.
+    Over HTTP the body is the raw file (streamed on as chunks) and the UploadDatasetMetadata fields are
+    query parameters, e.g. POST /v1/datasets:upload?name=chat&filename=chat.jsonl.
     """
     CreateDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.CreateDatasetRequest, _dataset_service_pb2.CreateDatasetResponse]
     """Imports a dataset from S3, GCS or the Hugging Face Hub. Returns at once with state PROCESSING."""
     GetDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.GetDatasetRequest, _dataset_service_pb2.GetDatasetResponse]
+    """One dataset of the caller's organization, by id or name."""
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetsRequest, _dataset_service_pb2.ListDatasetsResponse]
+    """The organization's datasets, newest first, optionally only those in one state."""
     UpdateDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.UpdateDatasetRequest, _dataset_service_pb2.UpdateDatasetResponse]
+    """Changes the fields `update_mask` names (today: description)."""
     DeleteDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetRequest, _dataset_service_pb2.DeleteDatasetResponse]
+    """Deletes a dataset and its stored files. Refused with FAILED_PRECONDITION (reason DATASET_IN_USE) while
+    jobs that have not ended train on it.
+    """
     SplitDataset: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.SplitDatasetRequest, _dataset_service_pb2.SplitDatasetResponse]
     """Re-splits a READY dataset with new fractions or seed."""
     GetValidationReport: _grpc.UnaryUnaryMultiCallable[_dataset_service_pb2.GetValidationReportRequest, _dataset_service_pb2.GetValidationReportResponse]
     """The full validation report stored with the dataset."""
     ValidateDataset: _grpc.StreamUnaryMultiCallable[_dataset_service_pb2.ValidateDatasetRequest, _dataset_service_pb2.ValidateDatasetResponse]
-    """Validates a file without storing it (same stream shape as UploadDataset)."""
+    """Validates a file without storing it (same stream shape as UploadDataset; over HTTP too)."""
 
 @_typing.type_check_only
 class DatasetServiceAsyncStub(DatasetServiceStub):
@@ -60,19 +68,27 @@ class DatasetServiceAsyncStub(DatasetServiceStub):
     """Streams a file to the server. The first message carries `metadata`, the following ones `chunk`s.
     The dataset is validated and split before the call returns; a dataset that fails validation is not
     kept and the call fails with INVALID_ARGUMENT (reason DATASET_INVALID) naming the bad lines.
+    Over HTTP the body is the raw file (streamed on as chunks) and the UploadDatasetMetadata fields are
+    query parameters, e.g. POST /v1/datasets:upload?name=chat&filename=chat.jsonl.
     """
     CreateDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.CreateDatasetRequest, _dataset_service_pb2.CreateDatasetResponse]  # type: ignore[assignment]
     """Imports a dataset from S3, GCS or the Hugging Face Hub. Returns at once with state PROCESSING."""
     GetDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.GetDatasetRequest, _dataset_service_pb2.GetDatasetResponse]  # type: ignore[assignment]
+    """One dataset of the caller's organization, by id or name."""
     ListDatasets: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.ListDatasetsRequest, _dataset_service_pb2.ListDatasetsResponse]  # type: ignore[assignment]
+    """The organization's datasets, newest first, optionally only those in one state."""
     UpdateDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.UpdateDatasetRequest, _dataset_service_pb2.UpdateDatasetResponse]  # type: ignore[assignment]
+    """Changes the fields `update_mask` names (today: description)."""
     DeleteDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.DeleteDatasetRequest, _dataset_service_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
+    """Deletes a dataset and its stored files. Refused with FAILED_PRECONDITION (reason DATASET_IN_USE) while
+    jobs that have not ended train on it.
+    """
     SplitDataset: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.SplitDatasetRequest, _dataset_service_pb2.SplitDatasetResponse]  # type: ignore[assignment]
     """Re-splits a READY dataset with new fractions or seed."""
     GetValidationReport: _aio.UnaryUnaryMultiCallable[_dataset_service_pb2.GetValidationReportRequest, _dataset_service_pb2.GetValidationReportResponse]  # type: ignore[assignment]
     """The full validation report stored with the dataset."""
     ValidateDataset: _aio.StreamUnaryMultiCallable[_dataset_service_pb2.ValidateDatasetRequest, _dataset_service_pb2.ValidateDatasetResponse]  # type: ignore[assignment]
-    """Validates a file without storing it (same stream shape as UploadDataset)."""
+    """Validates a file without storing it (same stream shape as UploadDataset; over HTTP too)."""
 
 class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
     """Upload, validate, split and look up training datasets."""
@@ -86,6 +102,8 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams a file to the server. The first message carries `metadata`, the following ones `chunk`s.
         The dataset is validated and split before the call returns; a dataset that fails validation is not
         kept and the call fails with INVALID_ARGUMENT (reason DATASET_INVALID) naming the bad lines.
+        Over HTTP the body is the raw file (streamed on as chunks) and the UploadDatasetMetadata fields are
+        query parameters, e.g. POST /v1/datasets:upload?name=chat&filename=chat.jsonl.
         """
 
     @_abc_1.abstractmethod
@@ -101,28 +119,34 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _dataset_service_pb2.GetDatasetRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dataset_service_pb2.GetDatasetResponse, _abc.Awaitable[_dataset_service_pb2.GetDatasetResponse]]: ...
+    ) -> _typing.Union[_dataset_service_pb2.GetDatasetResponse, _abc.Awaitable[_dataset_service_pb2.GetDatasetResponse]]:
+        """One dataset of the caller's organization, by id or name."""
 
     @_abc_1.abstractmethod
     def ListDatasets(
         self,
         request: _dataset_service_pb2.ListDatasetsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dataset_service_pb2.ListDatasetsResponse, _abc.Awaitable[_dataset_service_pb2.ListDatasetsResponse]]: ...
+    ) -> _typing.Union[_dataset_service_pb2.ListDatasetsResponse, _abc.Awaitable[_dataset_service_pb2.ListDatasetsResponse]]:
+        """The organization's datasets, newest first, optionally only those in one state."""
 
     @_abc_1.abstractmethod
     def UpdateDataset(
         self,
         request: _dataset_service_pb2.UpdateDatasetRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dataset_service_pb2.UpdateDatasetResponse, _abc.Awaitable[_dataset_service_pb2.UpdateDatasetResponse]]: ...
+    ) -> _typing.Union[_dataset_service_pb2.UpdateDatasetResponse, _abc.Awaitable[_dataset_service_pb2.UpdateDatasetResponse]]:
+        """Changes the fields `update_mask` names (today: description)."""
 
     @_abc_1.abstractmethod
     def DeleteDataset(
         self,
         request: _dataset_service_pb2.DeleteDatasetRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_dataset_service_pb2.DeleteDatasetResponse, _abc.Awaitable[_dataset_service_pb2.DeleteDatasetResponse]]: ...
+    ) -> _typing.Union[_dataset_service_pb2.DeleteDatasetResponse, _abc.Awaitable[_dataset_service_pb2.DeleteDatasetResponse]]:
+        """Deletes a dataset and its stored files. Refused with FAILED_PRECONDITION (reason DATASET_IN_USE) while
+        jobs that have not ended train on it.
+        """
 
     @_abc_1.abstractmethod
     def SplitDataset(
@@ -146,6 +170,6 @@ class DatasetServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_dataset_service_pb2.ValidateDatasetRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_dataset_service_pb2.ValidateDatasetResponse, _abc.Awaitable[_dataset_service_pb2.ValidateDatasetResponse]]:
-        """Validates a file without storing it (same stream shape as UploadDataset)."""
+        """Validates a file without storing it (same stream shape as UploadDataset; over HTTP too)."""
 
 def add_DatasetServiceServicer_to_server(servicer: DatasetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,13 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from tuneforge.v1 import access_pb2 as tuneforge_dot_v1_dot_access__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tuneforge/v1/deployment_service.proto\x12\x0ctuneforge.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x19tuneforge/v1/access.proto\"\x9d\x03\n\nDeployment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0corganization\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03job\x18\x04 \x01(\t\x12.\n\x06target\x18\x05 \x01(\x0e\x32\x1e.tuneforge.v1.DeploymentTarget\x12\x0e\n\x06merged\x18\x06 \x01(\x08\x12,\n\x05state\x18\x07 \x01(\x0e\x32\x1d.tuneforge.v1.DeploymentState\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.Status\x12\x10\n\x08\x65ndpoint\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12,\n\x05\x63heck\x18\x0b \x01(\x0b\x32\x1d.tuneforge.v1.DeploymentCheck\x12\x10\n\x08manifest\x18\x0c \x01(\t\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbc\x01\n\x0f\x44\x65ploymentCheck\x12\x0e\n\x06loaded\x18\x01 \x01(\x08\x12\x11\n\tgenerated\x18\x02 \x01(\x08\x12\x1e\n\x16stopped_at_end_of_turn\x18\x03 \x01(\x08\x12\x19\n\x11\x65nd_of_turn_token\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x06 \x01(\t\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9e\x01\n\x17\x43reateDeploymentRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12.\n\x06target\x18\x04 \x01(\x0e\x32\x1e.tuneforge.v1.DeploymentTarget\x12\x0e\n\x06merged\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"H\n\x18\x43reateDeploymentResponse\x12,\n\ndeployment\x18\x01 \x01(\x0b\x32\x18.tuneforge.v1.Deployment\"@\n\x14GetDeploymentRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\"E\n\x15GetDeploymentResponse\x12,\n\ndeployment\x18\x01 \x01(\x0b\x32\x18.tuneforge.v1.Deployment\"b\n\x16ListDeploymentsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0b\n\x03job\x18\x04 \x01(\t\"a\n\x17ListDeploymentsResponse\x12-\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x18.tuneforge.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n\x17\x44\x65leteDeploymentRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\"G\n\x18\x44\x65leteDeploymentResponse\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_deleted\x18\x02 \x01(\x08*q\n\x10\x44\x65ploymentTarget\x12!\n\x1d\x44\x45PLOYMENT_TARGET_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45PLOYMENT_TARGET_EMBEDDED\x10\x01\x12\x1a\n\x16\x44\x45PLOYMENT_TARGET_VLLM\x10\x02*\x8a\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_PENDING\x10\x01\x12\x1a\n\x16\x44\x45PLOYMENT_STATE_READY\x10\x02\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x03\x32\xab\x03\n\x11\x44\x65ploymentService\x12g\n\x10\x43reateDeployment\x12%.tuneforge.v1.CreateDeploymentRequest\x1a&.tuneforge.v1.CreateDeploymentResponse\"\x04\xc8\xf3\x18\x02\x12^\n\rGetDeployment\x12\".tuneforge.v1.GetDeploymentRequest\x1a#.tuneforge.v1.GetDeploymentResponse\"\x04\xc8\xf3\x18\x01\x12\x64\n\x0fListDeployments\x12$.tuneforge.v1.ListDeploymentsRequest\x1a%.tuneforge.v1.ListDeploymentsResponse\"\x04\xc8\xf3\x18\x01\x12g\n\x10\x44\x65leteDeployment\x12%.tuneforge.v1.DeleteDeploymentRequest\x1a&.tuneforge.v1.DeleteDeploymentResponse\"\x04\xc8\xf3\x18\x02\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tuneforge/v1/deployment_service.proto\x12\x0ctuneforge.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x19tuneforge/v1/access.proto\"\x9d\x03\n\nDeployment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0corganization\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03job\x18\x04 \x01(\t\x12.\n\x06target\x18\x05 \x01(\x0e\x32\x1e.tuneforge.v1.DeploymentTarget\x12\x0e\n\x06merged\x18\x06 \x01(\x08\x12,\n\x05state\x18\x07 \x01(\x0e\x32\x1d.tuneforge.v1.DeploymentState\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.Status\x12\x10\n\x08\x65ndpoint\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12,\n\x05\x63heck\x18\x0b \x01(\x0b\x32\x1d.tuneforge.v1.DeploymentCheck\x12\x10\n\x08manifest\x18\x0c \x01(\t\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbc\x01\n\x0f\x44\x65ploymentCheck\x12\x0e\n\x06loaded\x18\x01 \x01(\x08\x12\x11\n\tgenerated\x18\x02 \x01(\x08\x12\x1e\n\x16stopped_at_end_of_turn\x18\x03 \x01(\x08\x12\x19\n\x11\x65nd_of_turn_token\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x06 \x01(\t\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9e\x01\n\x17\x43reateDeploymentRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12.\n\x06target\x18\x04 \x01(\x0e\x32\x1e.tuneforge.v1.DeploymentTarget\x12\x0e\n\x06merged\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"H\n\x18\x43reateDeploymentResponse\x12,\n\ndeployment\x18\x01 \x01(\x0b\x32\x18.tuneforge.v1.Deployment\"@\n\x14GetDeploymentRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\"E\n\x15GetDeploymentResponse\x12,\n\ndeployment\x18\x01 \x01(\x0b\x32\x18.tuneforge.v1.Deployment\"b\n\x16ListDeploymentsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0b\n\x03job\x18\x04 \x01(\t\"a\n\x17ListDeploymentsResponse\x12-\n\x0b\x64\x65ployments\x18\x01 \x03(\x0b\x32\x18.tuneforge.v1.Deployment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n\x17\x44\x65leteDeploymentRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\"G\n\x18\x44\x65leteDeploymentResponse\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x17\n\x0f\x61lready_deleted\x18\x02 \x01(\x08*q\n\x10\x44\x65ploymentTarget\x12!\n\x1d\x44\x45PLOYMENT_TARGET_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45PLOYMENT_TARGET_EMBEDDED\x10\x01\x12\x1a\n\x16\x44\x45PLOYMENT_TARGET_VLLM\x10\x02*\x8a\x01\n\x0f\x44\x65ploymentState\x12 \n\x1c\x44\x45PLOYMENT_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45PLOYMENT_STATE_PENDING\x10\x01\x12\x1a\n\x16\x44\x45PLOYMENT_STATE_READY\x10\x02\x12\x1b\n\x17\x44\x45PLOYMENT_STATE_FAILED\x10\x03\x32\xa7\x04\n\x11\x44\x65ploymentService\x12\x81\x01\n\x10\x43reateDeployment\x12%.tuneforge.v1.CreateDeploymentRequest\x1a&.tuneforge.v1.CreateDeploymentResponse\"\x1e\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/deployments:\x01*\x12\x82\x01\n\rGetDeployment\x12\".tuneforge.v1.GetDeploymentRequest\x1a#.tuneforge.v1.GetDeploymentResponse\"(\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/deployments/{deployment}\x12{\n\x0fListDeployments\x12$.tuneforge.v1.ListDeploymentsRequest\x1a%.tuneforge.v1.ListDeploymentsResponse\"\x1b\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/deployments\x12\x8b\x01\n\x10\x44\x65leteDeployment\x12%.tuneforge.v1.DeleteDeploymentRequest\x1a&.tuneforge.v1.DeleteDeploymentResponse\"(\xc8\xf3\x18\x02\x82\xd3\xe4\x93\x02\x1e*\x1c/v1/deployments/{deployment}BT\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,37 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tuneforge.v1P\001Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1'
   _globals['_DEPLOYMENTSERVICE'].methods_by_name['CreateDeployment']._loaded_options = None
-  _globals['_DEPLOYMENTSERVICE'].methods_by_name['CreateDeployment']._serialized_options = b'\310\363\030\002'
+  _globals['_DEPLOYMENTSERVICE'].methods_by_name['CreateDeployment']._serialized_options = b'\310\363\030\002\202\323\344\223\002\024\"\017/v1/deployments:\001*'
   _globals['_DEPLOYMENTSERVICE'].methods_by_name['GetDeployment']._loaded_options = None
-  _globals['_DEPLOYMENTSERVICE'].methods_by_name['GetDeployment']._serialized_options = b'\310\363\030\001'
+  _globals['_DEPLOYMENTSERVICE'].methods_by_name['GetDeployment']._serialized_options = b'\310\363\030\001\202\323\344\223\002\036\022\034/v1/deployments/{deployment}'
   _globals['_DEPLOYMENTSERVICE'].methods_by_name['ListDeployments']._loaded_options = None
-  _globals['_DEPLOYMENTSERVICE'].methods_by_name['ListDeployments']._serialized_options = b'\310\363\030\001'
+  _globals['_DEPLOYMENTSERVICE'].methods_by_name['ListDeployments']._serialized_options = b'\310\363\030\001\202\323\344\223\002\021\022\017/v1/deployments'
   _globals['_DEPLOYMENTSERVICE'].methods_by_name['DeleteDeployment']._loaded_options = None
-  _globals['_DEPLOYMENTSERVICE'].methods_by_name['DeleteDeployment']._serialized_options = b'\310\363\030\002'
-  _globals['_DEPLOYMENTTARGET']._serialized_start=1492
-  _globals['_DEPLOYMENTTARGET']._serialized_end=1605
-  _globals['_DEPLOYMENTSTATE']._serialized_start=1608
-  _globals['_DEPLOYMENTSTATE']._serialized_end=1746
-  _globals['_DEPLOYMENT']._serialized_start=173
-  _globals['_DEPLOYMENT']._serialized_end=586
-  _globals['_DEPLOYMENTCHECK']._serialized_start=589
-  _globals['_DEPLOYMENTCHECK']._serialized_end=777
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=780
-  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=938
-  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_start=940
-  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_end=1012
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1014
-  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1078
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=1080
-  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=1149
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1151
-  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1249
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1251
-  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1348
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1350
-  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1417
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=1419
-  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=1490
-  _globals['_DEPLOYMENTSERVICE']._serialized_start=1749
-  _globals['_DEPLOYMENTSERVICE']._serialized_end=2176
+  _globals['_DEPLOYMENTSERVICE'].methods_by_name['DeleteDeployment']._serialized_options = b'\310\363\030\002\202\323\344\223\002\036*\034/v1/deployments/{deployment}'
+  _globals['_DEPLOYMENTTARGET']._serialized_start=1522
+  _globals['_DEPLOYMENTTARGET']._serialized_end=1635
+  _globals['_DEPLOYMENTSTATE']._serialized_start=1638
+  _globals['_DEPLOYMENTSTATE']._serialized_end=1776
+  _globals['_DEPLOYMENT']._serialized_start=203
+  _globals['_DEPLOYMENT']._serialized_end=616
+  _globals['_DEPLOYMENTCHECK']._serialized_start=619
+  _globals['_DEPLOYMENTCHECK']._serialized_end=807
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_start=810
+  _globals['_CREATEDEPLOYMENTREQUEST']._serialized_end=968
+  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_start=970
+  _globals['_CREATEDEPLOYMENTRESPONSE']._serialized_end=1042
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_start=1044
+  _globals['_GETDEPLOYMENTREQUEST']._serialized_end=1108
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_start=1110
+  _globals['_GETDEPLOYMENTRESPONSE']._serialized_end=1179
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_start=1181
+  _globals['_LISTDEPLOYMENTSREQUEST']._serialized_end=1279
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_start=1281
+  _globals['_LISTDEPLOYMENTSRESPONSE']._serialized_end=1378
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_start=1380
+  _globals['_DELETEDEPLOYMENTREQUEST']._serialized_end=1447
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_start=1449
+  _globals['_DELETEDEPLOYMENTRESPONSE']._serialized_end=1520
+  _globals['_DEPLOYMENTSERVICE']._serialized_start=1779
+  _globals['_DEPLOYMENTSERVICE']._serialized_end=2330
 # @@protoc_insertion_point(module_scope)

@@ -40,7 +40,8 @@ class _DeploymentTargetEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Depl
     runs the self-check with transformers before marking it READY.
     """
 
-class DeploymentTarget(_DeploymentTarget, metaclass=_DeploymentTargetEnumTypeWrapper): ...
+class DeploymentTarget(_DeploymentTarget, metaclass=_DeploymentTargetEnumTypeWrapper):
+    """Where a deployment serves its model."""
 
 DEPLOYMENT_TARGET_UNSPECIFIED: DeploymentTarget.ValueType  # 0
 """EMBEDDED."""
@@ -62,6 +63,7 @@ class _DeploymentState:
 class _DeploymentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeploymentState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DEPLOYMENT_STATE_UNSPECIFIED: _DeploymentState.ValueType  # 0
+    """Never returned; the zero value."""
     DEPLOYMENT_STATE_PENDING: _DeploymentState.ValueType  # 1
     """Loading the model and running the self-check."""
     DEPLOYMENT_STATE_READY: _DeploymentState.ValueType  # 2
@@ -69,9 +71,11 @@ class _DeploymentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Deplo
     DEPLOYMENT_STATE_FAILED: _DeploymentState.ValueType  # 3
     """It did not load or failed its self-check; see Deployment.error."""
 
-class DeploymentState(_DeploymentState, metaclass=_DeploymentStateEnumTypeWrapper): ...
+class DeploymentState(_DeploymentState, metaclass=_DeploymentStateEnumTypeWrapper):
+    """Where a deployment stands."""
 
 DEPLOYMENT_STATE_UNSPECIFIED: DeploymentState.ValueType  # 0
+"""Never returned; the zero value."""
 DEPLOYMENT_STATE_PENDING: DeploymentState.ValueType  # 1
 """Loading the model and running the self-check."""
 DEPLOYMENT_STATE_READY: DeploymentState.ValueType  # 2
@@ -103,6 +107,7 @@ class Deployment(_message.Message):
     id: _builtins.str
     """Output only. "dep_" + 26 characters."""
     organization: _builtins.str
+    """The owning organization."""
     name: _builtins.str
     """Unique within the organization; generated from the id when left empty. Requests name the model by it
     (Deployment.model).
@@ -110,6 +115,7 @@ class Deployment(_message.Message):
     job: _builtins.str
     """The job whose model is served, by id."""
     target: Global___DeploymentTarget.ValueType
+    """Where it serves."""
     merged: _builtins.bool
     """Serve the merged model (the job's output.merge_adapter) instead of the adapter on its base model."""
     state: Global___DeploymentState.ValueType
@@ -131,9 +137,13 @@ class Deployment(_message.Message):
         """Output only. What the self-check saw."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it was created."""
+
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it last changed."""
+
     def __init__(
         self,
         *,
@@ -184,9 +194,13 @@ class DeploymentCheck(_message.Message):
     end_of_turn_token: _builtins.str
     """That token, e.g. "<|im_end|>"."""
     prompt: _builtins.str
+    """The prompt the self-check sent."""
     answer: _builtins.str
+    """What the model answered."""
     @_builtins.property
-    def duration(self) -> _duration_pb2.Duration: ...
+    def duration(self) -> _duration_pb2.Duration:
+        """How long loading and generating took."""
+
     def __init__(
         self,
         *,
@@ -208,6 +222,8 @@ Global___DeploymentCheck: _TypeAlias = DeploymentCheck  # noqa: Y015
 
 @_typing.final
 class CreateDeploymentRequest(_message.Message):
+    """Request of DeploymentService.CreateDeployment."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -217,12 +233,19 @@ class CreateDeploymentRequest(_message.Message):
     MERGED_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job: _builtins.str
     """The job, by id or name within the organization."""
     name: _builtins.str
     """Optional; unique within the organization (letters, digits, '.', '_' and '-', at most 63)."""
     target: Global___DeploymentTarget.ValueType
+    """Where to serve; default EMBEDDED."""
     merged: _builtins.bool
+    """Serve the merged model (needs the job's output.merge_adapter); default false: the adapter on its base
+    model.
+    """
     request_id: _builtins.str
     """Idempotency key: retrying with the same request_id returns the deployment created the first time."""
     def __init__(
@@ -245,11 +268,15 @@ Global___CreateDeploymentRequest: _TypeAlias = CreateDeploymentRequest  # noqa: 
 
 @_typing.final
 class CreateDeploymentResponse(_message.Message):
+    """Response of DeploymentService.CreateDeployment."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def deployment(self) -> Global___Deployment: ...
+    def deployment(self) -> Global___Deployment:
+        """The deployment created, or the existing one for a repeated request_id."""
+
     def __init__(
         self,
         *,
@@ -265,11 +292,16 @@ Global___CreateDeploymentResponse: _TypeAlias = CreateDeploymentResponse  # noqa
 
 @_typing.final
 class GetDeploymentRequest(_message.Message):
+    """Request of DeploymentService.GetDeployment."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     deployment: _builtins.str
     """The deployment id, or its name within the organization."""
     def __init__(
@@ -288,11 +320,15 @@ Global___GetDeploymentRequest: _TypeAlias = GetDeploymentRequest  # noqa: Y015
 
 @_typing.final
 class GetDeploymentResponse(_message.Message):
+    """Response of DeploymentService.GetDeployment."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def deployment(self) -> Global___Deployment: ...
+    def deployment(self) -> Global___Deployment:
+        """The deployment."""
+
     def __init__(
         self,
         *,
@@ -308,6 +344,8 @@ Global___GetDeploymentResponse: _TypeAlias = GetDeploymentResponse  # noqa: Y015
 
 @_typing.final
 class ListDeploymentsRequest(_message.Message):
+    """Request of DeploymentService.ListDeployments."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -315,9 +353,15 @@ class ListDeploymentsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     page_size: _builtins.int
     """1-1000; 0 means 50."""
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. Opaque, signed, and valid only for
+    the same query: another one is INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    """
     job: _builtins.str
     """Only deployments of this job (id or name), when set."""
     def __init__(
@@ -338,13 +382,18 @@ Global___ListDeploymentsRequest: _TypeAlias = ListDeploymentsRequest  # noqa: Y0
 
 @_typing.final
 class ListDeploymentsResponse(_message.Message):
+    """Response of DeploymentService.ListDeployments."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty when there are no more."""
     @_builtins.property
-    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deployment]: ...
+    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deployment]:
+        """The deployments of this page."""
+
     def __init__(
         self,
         *,
@@ -361,12 +410,18 @@ Global___ListDeploymentsResponse: _TypeAlias = ListDeploymentsResponse  # noqa: 
 
 @_typing.final
 class DeleteDeploymentRequest(_message.Message):
+    """Request of DeploymentService.DeleteDeployment."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     deployment: _builtins.str
+    """The deployment id, or its name within the organization."""
     def __init__(
         self,
         *,
@@ -383,6 +438,8 @@ Global___DeleteDeploymentRequest: _TypeAlias = DeleteDeploymentRequest  # noqa: 
 
 @_typing.final
 class DeleteDeploymentResponse(_message.Message):
+    """Response of DeploymentService.DeleteDeployment."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
@@ -390,6 +447,7 @@ class DeleteDeploymentResponse(_message.Message):
     deployment: _builtins.str
     """The id of the deleted deployment."""
     already_deleted: _builtins.bool
+    """True when an earlier DeleteDeployment had deleted it already: this call changed nothing."""
     def __init__(
         self,
         *,

@@ -74,7 +74,8 @@ class DeploymentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetDeployment(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One deployment of the caller's organization, with its state and endpoint.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -42,6 +42,7 @@ class DeploymentServiceStub:
     a target the platform cannot serve, is INVALID_ARGUMENT naming the field.
     """
     GetDeployment: _grpc.UnaryUnaryMultiCallable[_deployment_service_pb2.GetDeploymentRequest, _deployment_service_pb2.GetDeploymentResponse]
+    """One deployment of the caller's organization, with its state and endpoint."""
     ListDeployments: _grpc.UnaryUnaryMultiCallable[_deployment_service_pb2.ListDeploymentsRequest, _deployment_service_pb2.ListDeploymentsResponse]
     """Newest first."""
     DeleteDeployment: _grpc.UnaryUnaryMultiCallable[_deployment_service_pb2.DeleteDeploymentRequest, _deployment_service_pb2.DeleteDeploymentResponse]
@@ -61,6 +62,7 @@ class DeploymentServiceAsyncStub(DeploymentServiceStub):
     a target the platform cannot serve, is INVALID_ARGUMENT naming the field.
     """
     GetDeployment: _aio.UnaryUnaryMultiCallable[_deployment_service_pb2.GetDeploymentRequest, _deployment_service_pb2.GetDeploymentResponse]  # type: ignore[assignment]
+    """One deployment of the caller's organization, with its state and endpoint."""
     ListDeployments: _aio.UnaryUnaryMultiCallable[_deployment_service_pb2.ListDeploymentsRequest, _deployment_service_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
     """Newest first."""
     DeleteDeployment: _aio.UnaryUnaryMultiCallable[_deployment_service_pb2.DeleteDeploymentRequest, _deployment_service_pb2.DeleteDeploymentResponse]  # type: ignore[assignment]
@@ -88,7 +90,8 @@ class DeploymentServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _deployment_service_pb2.GetDeploymentRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_deployment_service_pb2.GetDeploymentResponse, _abc.Awaitable[_deployment_service_pb2.GetDeploymentResponse]]: ...
+    ) -> _typing.Union[_deployment_service_pb2.GetDeploymentResponse, _abc.Awaitable[_deployment_service_pb2.GetDeploymentResponse]]:
+        """One deployment of the caller's organization, with its state and endpoint."""
 
     @_abc_1.abstractmethod
     def ListDeployments(

@@ -23,161 +23,171 @@ class _ErrorReason:
 class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
-    ERROR_REASON_INVALID_ARGUMENT: _ErrorReason.ValueType  # 1
+    """Never sent; the zero value."""
+    INVALID_ARGUMENT: _ErrorReason.ValueType  # 1
     """A request field is missing, malformed or out of range. Code: INVALID_ARGUMENT."""
-    ERROR_REASON_NOT_FOUND: _ErrorReason.ValueType  # 2
+    NOT_FOUND: _ErrorReason.ValueType  # 2
     """The named resource does not exist in the organization. Code: NOT_FOUND."""
-    ERROR_REASON_ALREADY_EXISTS: _ErrorReason.ValueType  # 3
+    ALREADY_EXISTS: _ErrorReason.ValueType  # 3
     """A resource with this name already exists in the organization. Code: ALREADY_EXISTS."""
-    ERROR_REASON_DATASET_INVALID: _ErrorReason.ValueType  # 4
+    DATASET_INVALID: _ErrorReason.ValueType  # 4
     """The uploaded data failed validation; BadRequest names each bad line. Code: INVALID_ARGUMENT."""
-    ERROR_REASON_DATASET_NOT_READY: _ErrorReason.ValueType  # 5
+    DATASET_NOT_READY: _ErrorReason.ValueType  # 5
     """The dataset exists but is not READY (still processing, or failed). Code: FAILED_PRECONDITION."""
-    ERROR_REASON_CHECKSUM_MISMATCH: _ErrorReason.ValueType  # 6
+    CHECKSUM_MISMATCH: _ErrorReason.ValueType  # 6
     """The upload's checksum did not match the bytes received. Code: DATA_LOSS."""
-    ERROR_REASON_UPLOAD_TOO_LARGE: _ErrorReason.ValueType  # 7
+    UPLOAD_TOO_LARGE: _ErrorReason.ValueType  # 7
     """The upload is larger than the configured limit. Code: RESOURCE_EXHAUSTED."""
-    ERROR_REASON_JOB_STATE_CONFLICT: _ErrorReason.ValueType  # 8
+    JOB_STATE_CONFLICT: _ErrorReason.ValueType  # 8
     """The job is in a state that does not allow the operation (for example cancelling a finished job).
     Code: FAILED_PRECONDITION.
     """
-    ERROR_REASON_REQUEST_ID_REUSED: _ErrorReason.ValueType  # 9
+    REQUEST_ID_REUSED: _ErrorReason.ValueType  # 9
     """The same request_id was reused with a different request body. Code: ALREADY_EXISTS."""
-    ERROR_REASON_INVALID_PAGE_TOKEN: _ErrorReason.ValueType  # 10
+    INVALID_PAGE_TOKEN: _ErrorReason.ValueType  # 10
     """The page token is malformed or does not belong to this query. Code: INVALID_ARGUMENT."""
-    ERROR_REASON_NOT_IMPLEMENTED: _ErrorReason.ValueType  # 11
+    NOT_IMPLEMENTED: _ErrorReason.ValueType  # 11
     """The feature is part of the API but not served by this deployment yet. Code: UNIMPLEMENTED."""
-    ERROR_REASON_DEPENDENCY_UNAVAILABLE: _ErrorReason.ValueType  # 12
+    DEPENDENCY_UNAVAILABLE: _ErrorReason.ValueType  # 12
     """A dependency (database, NATS, object storage, another service) is unreachable. Code: UNAVAILABLE."""
-    ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 13
+    INTERNAL: _ErrorReason.ValueType  # 13
     """An unexpected server fault; the message never carries internals. Code: INTERNAL."""
-    ERROR_REASON_SOURCE_ACCESS_DENIED: _ErrorReason.ValueType  # 14
+    SOURCE_ACCESS_DENIED: _ErrorReason.ValueType  # 14
     """A dataset source (S3, GCS, Hugging Face) refused the credentials given for it, or they may not read
     it. Code: UNAUTHENTICATED (BadRequest names the credentials field) or PERMISSION_DENIED (names the
     source field).
     """
-    ERROR_REASON_INSUFFICIENT_HARDWARE: _ErrorReason.ValueType  # 15
+    INSUFFICIENT_HARDWARE: _ErrorReason.ValueType  # 15
     """CreateJob: the job's memory estimate does not fit the GPU type and count it asked for. Code:
     INVALID_ARGUMENT; BadRequest names spec.hardware.gpu_type with the estimate, the cheapest
     configuration that fits and the changes that would make the requested one fit.
     """
-    ERROR_REASON_DATASET_IN_USE: _ErrorReason.ValueType  # 16
+    DATASET_IN_USE: _ErrorReason.ValueType  # 16
     """DeleteDataset: jobs that have not ended train or validate on the dataset. Code: FAILED_PRECONDITION;
     ErrorInfo metadata "jobs" lists their ids.
     """
-    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 17
+    UNAUTHENTICATED: _ErrorReason.ValueType  # 17
     """The call carries no credential, or one the platform does not accept: unknown, malformed, expired or
     revoked API key, or an OIDC token that fails verification. Code: UNAUTHENTICATED; the message says
     which, never echoing the secret.
     """
-    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 18
+    PERMISSION_DENIED: _ErrorReason.ValueType  # 18
     """The credential is valid but its role does not allow the RPC, or the request names an organization
     other than the credential's. Code: PERMISSION_DENIED; ErrorInfo metadata "required" names the access
     the RPC needs and "role" the caller's role.
     """
-    ERROR_REASON_QUOTA_EXCEEDED: _ErrorReason.ValueType  # 19
+    QUOTA_EXCEEDED: _ErrorReason.ValueType  # 19
     """The organization is at one of its limits (calls per second, queued or running jobs, stored dataset
     bytes). Code: RESOURCE_EXHAUSTED; ErrorInfo metadata "limit" names the setting and "value" its value.
     """
-    ERROR_REASON_OUT_OF_MEMORY: _ErrorReason.ValueType  # 20
-    """Reasons a training job ends FAILED; found in Job.error's ErrorInfo.
+    OUT_OF_MEMORY: _ErrorReason.ValueType  # 20
+    """Reasons a training job ends FAILED (CANCELLED: cancelled); found in Job.error's ErrorInfo and in
+    the FAILED and RESTARTED JobEvents' reason.
     The training process ran out of accelerator memory.
     """
-    ERROR_REASON_MODEL_NOT_FOUND: _ErrorReason.ValueType  # 21
+    MODEL_NOT_FOUND: _ErrorReason.ValueType  # 21
     """The base model could not be found or loaded."""
-    ERROR_REASON_BAD_TRAINING_DATA: _ErrorReason.ValueType  # 22
+    BAD_TRAINING_DATA: _ErrorReason.ValueType  # 22
     """The training data could not be used (for example nothing left after templating)."""
-    ERROR_REASON_LOSS_DIVERGED: _ErrorReason.ValueType  # 23
+    LOSS_DIVERGED: _ErrorReason.ValueType  # 23
     """Loss became NaN/inf or diverged; the watchdog stopped the job."""
-    ERROR_REASON_DEPENDENCY_ERROR: _ErrorReason.ValueType  # 24
+    DEPENDENCY_ERROR: _ErrorReason.ValueType  # 24
     """A library the method needs is missing or incompatible on the worker."""
-    ERROR_REASON_CANCELLED: _ErrorReason.ValueType  # 25
+    CANCELLED: _ErrorReason.ValueType  # 25
     """The job was cancelled by a user."""
-    ERROR_REASON_WORKER_LOST: _ErrorReason.ValueType  # 26
+    WORKER_LOST: _ErrorReason.ValueType  # 26
     """Workers died or timed out on every delivery of the job."""
-    ERROR_REASON_TRAINING_FAILED: _ErrorReason.ValueType  # 27
+    TRAINING_FAILED: _ErrorReason.ValueType  # 27
     """The training process failed for a reason not classified above."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every error TuneForge returns is a google.rpc.Status with a canonical code. Its details carry a
     google.rpc.ErrorInfo whose `domain` is "tuneforge.dev" and whose `reason` is the name of one of these
-    values (for example "DATASET_INVALID"); invalid input also carries a google.rpc.BadRequest with one
-    FieldViolation per bad field, line or example. Clients branch on `reason`, never on message text.
+    values, exactly (for example "DATASET_INVALID"); invalid input also carries a google.rpc.BadRequest with
+    one FieldViolation per bad field, line or example. Clients branch on `reason`, never on message text.
+
+    The values carry no ERROR_REASON_ prefix (as google.api.ErrorReason does), so that in every language the
+    value's name is the reason string itself: ErrorReason.DATASET_INVALID.name == info.reason (Python:
+    ErrorReason.Name(v); Go: ErrorReason_name[v]; Java: ErrorReason.valueOf(info.getReason())). buf.yaml
+    exempts this file from ENUM_VALUE_PREFIX for that reason. New reasons are added here first; the wire
+    strings never change. Job.error and JobEvent.reason carry the same names.
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
-ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 1
+"""Never sent; the zero value."""
+INVALID_ARGUMENT: ErrorReason.ValueType  # 1
 """A request field is missing, malformed or out of range. Code: INVALID_ARGUMENT."""
-ERROR_REASON_NOT_FOUND: ErrorReason.ValueType  # 2
+NOT_FOUND: ErrorReason.ValueType  # 2
 """The named resource does not exist in the organization. Code: NOT_FOUND."""
-ERROR_REASON_ALREADY_EXISTS: ErrorReason.ValueType  # 3
+ALREADY_EXISTS: ErrorReason.ValueType  # 3
 """A resource with this name already exists in the organization. Code: ALREADY_EXISTS."""
-ERROR_REASON_DATASET_INVALID: ErrorReason.ValueType  # 4
+DATASET_INVALID: ErrorReason.ValueType  # 4
 """The uploaded data failed validation; BadRequest names each bad line. Code: INVALID_ARGUMENT."""
-ERROR_REASON_DATASET_NOT_READY: ErrorReason.ValueType  # 5
+DATASET_NOT_READY: ErrorReason.ValueType  # 5
 """The dataset exists but is not READY (still processing, or failed). Code: FAILED_PRECONDITION."""
-ERROR_REASON_CHECKSUM_MISMATCH: ErrorReason.ValueType  # 6
+CHECKSUM_MISMATCH: ErrorReason.ValueType  # 6
 """The upload's checksum did not match the bytes received. Code: DATA_LOSS."""
-ERROR_REASON_UPLOAD_TOO_LARGE: ErrorReason.ValueType  # 7
+UPLOAD_TOO_LARGE: ErrorReason.ValueType  # 7
 """The upload is larger than the configured limit. Code: RESOURCE_EXHAUSTED."""
-ERROR_REASON_JOB_STATE_CONFLICT: ErrorReason.ValueType  # 8
+JOB_STATE_CONFLICT: ErrorReason.ValueType  # 8
 """The job is in a state that does not allow the operation (for example cancelling a finished job).
 Code: FAILED_PRECONDITION.
 """
-ERROR_REASON_REQUEST_ID_REUSED: ErrorReason.ValueType  # 9
+REQUEST_ID_REUSED: ErrorReason.ValueType  # 9
 """The same request_id was reused with a different request body. Code: ALREADY_EXISTS."""
-ERROR_REASON_INVALID_PAGE_TOKEN: ErrorReason.ValueType  # 10
+INVALID_PAGE_TOKEN: ErrorReason.ValueType  # 10
 """The page token is malformed or does not belong to this query. Code: INVALID_ARGUMENT."""
-ERROR_REASON_NOT_IMPLEMENTED: ErrorReason.ValueType  # 11
+NOT_IMPLEMENTED: ErrorReason.ValueType  # 11
 """The feature is part of the API but not served by this deployment yet. Code: UNIMPLEMENTED."""
-ERROR_REASON_DEPENDENCY_UNAVAILABLE: ErrorReason.ValueType  # 12
+DEPENDENCY_UNAVAILABLE: ErrorReason.ValueType  # 12
 """A dependency (database, NATS, object storage, another service) is unreachable. Code: UNAVAILABLE."""
-ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 13
+INTERNAL: ErrorReason.ValueType  # 13
 """An unexpected server fault; the message never carries internals. Code: INTERNAL."""
-ERROR_REASON_SOURCE_ACCESS_DENIED: ErrorReason.ValueType  # 14
+SOURCE_ACCESS_DENIED: ErrorReason.ValueType  # 14
 """A dataset source (S3, GCS, Hugging Face) refused the credentials given for it, or they may not read
 it. Code: UNAUTHENTICATED (BadRequest names the credentials field) or PERMISSION_DENIED (names the
 source field).
 """
-ERROR_REASON_INSUFFICIENT_HARDWARE: ErrorReason.ValueType  # 15
+INSUFFICIENT_HARDWARE: ErrorReason.ValueType  # 15
 """CreateJob: the job's memory estimate does not fit the GPU type and count it asked for. Code:
 INVALID_ARGUMENT; BadRequest names spec.hardware.gpu_type with the estimate, the cheapest
 configuration that fits and the changes that would make the requested one fit.
 """
-ERROR_REASON_DATASET_IN_USE: ErrorReason.ValueType  # 16
+DATASET_IN_USE: ErrorReason.ValueType  # 16
 """DeleteDataset: jobs that have not ended train or validate on the dataset. Code: FAILED_PRECONDITION;
 ErrorInfo metadata "jobs" lists their ids.
 """
-ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 17
+UNAUTHENTICATED: ErrorReason.ValueType  # 17
 """The call carries no credential, or one the platform does not accept: unknown, malformed, expired or
 revoked API key, or an OIDC token that fails verification. Code: UNAUTHENTICATED; the message says
 which, never echoing the secret.
 """
-ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 18
+PERMISSION_DENIED: ErrorReason.ValueType  # 18
 """The credential is valid but its role does not allow the RPC, or the request names an organization
 other than the credential's. Code: PERMISSION_DENIED; ErrorInfo metadata "required" names the access
 the RPC needs and "role" the caller's role.
 """
-ERROR_REASON_QUOTA_EXCEEDED: ErrorReason.ValueType  # 19
+QUOTA_EXCEEDED: ErrorReason.ValueType  # 19
 """The organization is at one of its limits (calls per second, queued or running jobs, stored dataset
 bytes). Code: RESOURCE_EXHAUSTED; ErrorInfo metadata "limit" names the setting and "value" its value.
 """
-ERROR_REASON_OUT_OF_MEMORY: ErrorReason.ValueType  # 20
-"""Reasons a training job ends FAILED; found in Job.error's ErrorInfo.
+OUT_OF_MEMORY: ErrorReason.ValueType  # 20
+"""Reasons a training job ends FAILED (CANCELLED: cancelled); found in Job.error's ErrorInfo and in
+the FAILED and RESTARTED JobEvents' reason.
 The training process ran out of accelerator memory.
 """
-ERROR_REASON_MODEL_NOT_FOUND: ErrorReason.ValueType  # 21
+MODEL_NOT_FOUND: ErrorReason.ValueType  # 21
 """The base model could not be found or loaded."""
-ERROR_REASON_BAD_TRAINING_DATA: ErrorReason.ValueType  # 22
+BAD_TRAINING_DATA: ErrorReason.ValueType  # 22
 """The training data could not be used (for example nothing left after templating)."""
-ERROR_REASON_LOSS_DIVERGED: ErrorReason.ValueType  # 23
+LOSS_DIVERGED: ErrorReason.ValueType  # 23
 """Loss became NaN/inf or diverged; the watchdog stopped the job."""
-ERROR_REASON_DEPENDENCY_ERROR: ErrorReason.ValueType  # 24
+DEPENDENCY_ERROR: ErrorReason.ValueType  # 24
 """A library the method needs is missing or incompatible on the worker."""
-ERROR_REASON_CANCELLED: ErrorReason.ValueType  # 25
+CANCELLED: ErrorReason.ValueType  # 25
 """The job was cancelled by a user."""
-ERROR_REASON_WORKER_LOST: ErrorReason.ValueType  # 26
+WORKER_LOST: ErrorReason.ValueType  # 26
 """Workers died or timed out on every delivery of the job."""
-ERROR_REASON_TRAINING_FAILED: ErrorReason.ValueType  # 27
+TRAINING_FAILED: ErrorReason.ValueType  # 27
 """The training process failed for a reason not classified above."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -29,6 +29,7 @@ class _EstimateSource:
 class _EstimateSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EstimateSource.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ESTIMATE_SOURCE_UNSPECIFIED: _EstimateSource.ValueType  # 0
+    """Never returned; the zero value."""
     ESTIMATE_SOURCE_PRIOR: _EstimateSource.ValueType  # 1
     """From architecture arithmetic and published figures only."""
     ESTIMATE_SOURCE_CALIBRATED: _EstimateSource.ValueType  # 2
@@ -38,6 +39,7 @@ class EstimateSource(_EstimateSource, metaclass=_EstimateSourceEnumTypeWrapper):
     """The basis of an estimate's figures."""
 
 ESTIMATE_SOURCE_UNSPECIFIED: EstimateSource.ValueType  # 0
+"""Never returned; the zero value."""
 ESTIMATE_SOURCE_PRIOR: EstimateSource.ValueType  # 1
 """From architecture arithmetic and published figures only."""
 ESTIMATE_SOURCE_CALIBRATED: EstimateSource.ValueType  # 2
@@ -71,19 +73,31 @@ class BaseModel(_message.Message):
     id: _builtins.str
     """Hugging Face id, e.g. "meta-llama/Llama-3.1-8B-Instruct"."""
     family: _builtins.str
+    """The model family, e.g. "llama", "qwen"; calibration pools the measurements of a family."""
     type: _model_pb2.ModelType.ValueType
+    """LLM or VLM."""
     parameter_count: _builtins.int
+    """All parameters, embeddings included."""
     num_layers: _builtins.int
+    """Transformer layers (config num_hidden_layers)."""
     hidden_size: _builtins.int
+    """Width of the residual stream (config hidden_size)."""
     num_attention_heads: _builtins.int
+    """Query heads per layer."""
     num_key_value_heads: _builtins.int
+    """Key/value heads per layer (fewer than the query heads with grouped-query attention)."""
     intermediate_size: _builtins.int
+    """Width of the MLP (of one expert in a MoE layer)."""
     vocab_size: _builtins.int
+    """Tokens in the vocabulary."""
     tied_embeddings: _builtins.bool
+    """Whether the output layer shares the input embedding's weights."""
     num_experts: _builtins.int
     """Experts per MoE layer and experts active per token; 0 for dense models."""
     num_experts_per_token: _builtins.int
+    """Experts active per token (see num_experts); 0 for dense models."""
     max_context_length: _builtins.int
+    """Longest sequence the model supports, in tokens (config max_position_embeddings)."""
     license: _builtins.str
     """License of the weights, as the model card names it, with a note where it restricts use."""
     head_dim: _builtins.int
@@ -124,6 +138,8 @@ Global___BaseModel: _TypeAlias = BaseModel  # noqa: Y015
 
 @_typing.final
 class HardwareOption(_message.Message):
+    """A GPU type of the hardware catalog (ListHardwareOptions), with the figures estimates use."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GPU_TYPE_FIELD_NUMBER: _builtins.int
@@ -138,16 +154,23 @@ class HardwareOption(_message.Message):
     gpu_type: _builtins.str
     """e.g. "nvidia-a100-80gb"."""
     display_name: _builtins.str
+    """A name for people, e.g. "NVIDIA A100 80GB"."""
     memory_bytes: _builtins.int
+    """Memory of one GPU in bytes."""
     peak_tflops: _builtins.float
     """Dense peak throughput in TFLOP/s for bf16 (fp16 where there is no bf16)."""
     supports_bf16: _builtins.bool
+    """Whether the GPU computes in bf16 (Ampere and later)."""
     hourly_usd: _builtins.float
     """Hourly price of one GPU in USD (deployment-configurable)."""
     min_storage_gb: _builtins.int
+    """Smallest local disk a node of this type comes with, in GB (catalog figure; informational)."""
     max_storage_gb: _builtins.int
+    """Largest local disk a node of this type can have, in GB (catalog figure; informational)."""
     @_builtins.property
-    def allowed_gpu_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def allowed_gpu_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """GPU counts per node this type comes in, ascending (1-8 by default)."""
+
     def __init__(
         self,
         *,
@@ -189,12 +212,21 @@ class MemoryBreakdown(_message.Message):
     TRANSIENT_FIELD_NUMBER: _builtins.int
     CALIBRATION_ADJUSTMENT_FIELD_NUMBER: _builtins.int
     weights: _builtins.int
+    """The model's weights as loaded (quantized for QLoRA), shared over the GPUs when ZeRO-3/FSDP shards them."""
     trainable_parameters: _builtins.int
+    """The trained parameters' own copy: adapter or soft-prompt weights in fp32, or for full fine-tuning in
+    mixed precision DeepSpeed's fp32 master weights (0 when the model already trains in fp32).
+    """
     gradients: _builtins.int
+    """Gradients of the trained parameters."""
     optimizer_states: _builtins.int
+    """Optimizer state of the trained parameters (AdamW: two fp32 moments each)."""
     activations: _builtins.int
+    """Activations kept for the backward pass of one micro-batch."""
     logits: _builtins.int
+    """Logits of one micro-batch (batch x sequence x vocabulary) and their gradient."""
     framework_overhead: _builtins.int
+    """CUDA context and library workspaces, plus the allocator's slack over everything allocated."""
     total: _builtins.int
     """The sum of the terms above: what one GPU must hold at its peak."""
     reference_weights: _builtins.int
@@ -244,6 +276,8 @@ Global___MemoryBreakdown: _TypeAlias = MemoryBreakdown  # noqa: Y015
 
 @_typing.final
 class TimeEstimate(_message.Message):
+    """How long a job takes, and the figures that give it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRAINING_TOKENS_FIELD_NUMBER: _builtins.int
@@ -254,12 +288,21 @@ class TimeEstimate(_message.Message):
     TOTAL_SECONDS_FIELD_NUMBER: _builtins.int
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     training_tokens: _builtins.int
+    """Tokens training processes in all: epochs x tokens per epoch (each example cut at max_seq_length), or
+    max_steps x global batch x tokens per example; GRPO counts every generated completion.
+    """
     flops_per_token: _builtins.float
+    """Floating-point operations per trained token (forward and backward, plus reference, teacher or generation
+    passes).
+    """
     utilization: _builtins.float
+    """Fraction of peak_tflops the estimate assumes the GPUs reach (model FLOPs utilization), (0, 1]."""
     training_seconds: _builtins.float
+    """Seconds of the training loop: training_tokens / tokens_per_second."""
     overhead_seconds: _builtins.float
     """Setup, evaluation and export."""
     total_seconds: _builtins.float
+    """training_seconds plus overhead_seconds."""
     tokens_per_second: _builtins.float
     """Training throughput the estimate assumes, in tokens per second over all GPUs."""
     def __init__(
@@ -283,14 +326,19 @@ Global___TimeEstimate: _TypeAlias = TimeEstimate  # noqa: Y015
 
 @_typing.final
 class CostEstimate(_message.Message):
+    """What a job costs at the catalog's price."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HOURLY_USD_FIELD_NUMBER: _builtins.int
     GPU_COUNT_FIELD_NUMBER: _builtins.int
     TOTAL_USD_FIELD_NUMBER: _builtins.int
     hourly_usd: _builtins.float
+    """Price of all the job's GPUs per hour, in USD."""
     gpu_count: _builtins.int
+    """GPUs priced."""
     total_usd: _builtins.float
+    """hourly_usd x TimeEstimate.total_seconds / 3600, in USD."""
     def __init__(
         self,
         *,
@@ -308,6 +356,8 @@ Global___CostEstimate: _TypeAlias = CostEstimate  # noqa: Y015
 
 @_typing.final
 class HardwareFit(_message.Message):
+    """One GPU type and count, and whether and how a job fits on it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GPU_TYPE_FIELD_NUMBER: _builtins.int
@@ -321,8 +371,11 @@ class HardwareFit(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     CALIBRATION_JOBS_FIELD_NUMBER: _builtins.int
     gpu_type: _builtins.str
+    """The hardware option, e.g. "nvidia-a100-80gb"."""
     gpu_count: _builtins.int
+    """GPUs per node."""
     fits: _builtins.bool
+    """Whether memory_per_gpu.total fits in one GPU's memory."""
     reason: _builtins.str
     """Why it does not fit, in a sentence."""
     strategy: _job_pb2.DistributedStrategy.ValueType
@@ -334,11 +387,17 @@ class HardwareFit(_message.Message):
     calibration_jobs: _builtins.int
     """Finished jobs the calibration of this fit rests on; 0 for a prior."""
     @_builtins.property
-    def memory_per_gpu(self) -> Global___MemoryBreakdown: ...
+    def memory_per_gpu(self) -> Global___MemoryBreakdown:
+        """Memory one GPU needs at its peak, by term."""
+
     @_builtins.property
-    def time(self) -> Global___TimeEstimate: ...
+    def time(self) -> Global___TimeEstimate:
+        """How long the job would take on it."""
+
     @_builtins.property
-    def cost(self) -> Global___CostEstimate: ...
+    def cost(self) -> Global___CostEstimate:
+        """What the job would cost on it."""
+
     def __init__(
         self,
         *,

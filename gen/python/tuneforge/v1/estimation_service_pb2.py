@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from tuneforge.v1 import access_pb2 as tuneforge_dot_v1_dot_access__pb2
 from tuneforge.v1 import dataset_pb2 as tuneforge_dot_v1_dot_dataset__pb2
 from tuneforge.v1 import estimation_pb2 as tuneforge_dot_v1_dot_estimation__pb2
@@ -29,7 +30,7 @@ from tuneforge.v1 import job_pb2 as tuneforge_dot_v1_dot_job__pb2
 from tuneforge.v1 import model_pb2 as tuneforge_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tuneforge/v1/estimation_service.proto\x12\x0ctuneforge.v1\x1a\x19tuneforge/v1/access.proto\x1a\x1atuneforge/v1/dataset.proto\x1a\x1dtuneforge/v1/estimation.proto\x1a\x16tuneforge/v1/job.proto\x1a\x18tuneforge/v1/model.proto\"u\n\x15ListBaseModelsRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.tuneforge.v1.ModelType\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x16ListBaseModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tuneforge.v1.BaseModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1c\n\x1aListHardwareOptionsRequest\"L\n\x1bListHardwareOptionsResponse\x12-\n\x07options\x18\x01 \x03(\x0b\x32\x1c.tuneforge.v1.HardwareOption\"\xf5\x01\n\x1bGetModelRequirementsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12*\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0e\x32\x19.tuneforge.v1.AdapterType\x12\x16\n\x0emax_seq_length\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12,\n\x06method\x18\x05 \x01(\x0e\x32\x1c.tuneforge.v1.TrainingMethod\x12#\n\x16gradient_checkpointing\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x19\n\x17_gradient_checkpointing\"\xe1\x01\n\x1cGetModelRequirementsResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.tuneforge.v1.BaseModel\x12\x35\n\x0ememory_per_gpu\x18\x02 \x01(\x0b\x32\x1d.tuneforge.v1.MemoryBreakdown\x12.\n\x0brecommended\x18\x03 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12\x32\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32 .tuneforge.v1.AdapterRequirement\"\xa7\x01\n\x12\x41\x64\x61pterRequirement\x12*\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0e\x32\x19.tuneforge.v1.AdapterType\x12\x35\n\x0ememory_per_gpu\x18\x02 \x01(\x0b\x32\x1d.tuneforge.v1.MemoryBreakdown\x12.\n\x0brecommended\x18\x03 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\"\x9a\x01\n\x12\x45stimateJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12\x18\n\x10tokens_per_epoch\x18\x03 \x01(\x03\x12/\n\x0c\x64\x61taset_size\x18\x04 \x01(\x0b\x32\x19.tuneforge.v1.DatasetSize\"\x7f\n\x13\x45stimateJobResponse\x12+\n\x08\x65stimate\x18\x01 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12,\n\x06source\x18\x02 \x01(\x0e\x32\x1c.tuneforge.v1.EstimateSource\x12\r\n\x05notes\x18\x03 \x03(\t\"\x9f\x01\n\x17ValidateHardwareRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12\x18\n\x10tokens_per_epoch\x18\x03 \x01(\x03\x12/\n\x0c\x64\x61taset_size\x18\x04 \x01(\x0b\x32\x19.tuneforge.v1.DatasetSize\"\xcb\x01\n\x18ValidateHardwareResponse\x12,\n\trequested\x18\x01 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12/\n\x0c\x63heapest_fit\x18\x02 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12\x13\n\x0bsuggestions\x18\x03 \x03(\t\x12,\n\x06source\x18\x04 \x01(\x0e\x32\x1c.tuneforge.v1.EstimateSource\x12\r\n\x05notes\x18\x05 \x03(\t\"\x93\x01\n\x13\x45stimateCostRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12\x18\n\x10tokens_per_epoch\x18\x03 \x01(\x03\x12\x17\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06job_id\x18\x05 \x01(\t\"\xfb\x01\n\x14\x45stimateCostResponse\x12\x33\n\x0fprojected_total\x18\x01 \x01(\x0b\x32\x1a.tuneforge.v1.CostEstimate\x12\x13\n\x0b\x63urrent_usd\x18\x02 \x01(\x01\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.tuneforge.v1.TimeEstimate\x12,\n\x06source\x18\x04 \x01(\x0e\x32\x1c.tuneforge.v1.EstimateSource\x12\r\n\x05notes\x18\x05 \x03(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x06 \x01(\x01\x12\x19\n\x11\x66raction_complete\x18\x07 \x01(\x01\"K\n\x0ePlanJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\"\xf3\x02\n\x0fPlanJobResponse\x12\x18\n\x10tokens_per_epoch\x18\x01 \x01(\x03\x12\x17\n\x0ftraining_tokens\x18\x02 \x01(\x03\x12\'\n\x04\x66its\x18\x03 \x03(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12/\n\x0c\x63heapest_fit\x18\x04 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12,\n\x06source\x18\x05 \x01(\x0e\x32\x1c.tuneforge.v1.EstimateSource\x12\r\n\x05notes\x18\x06 \x03(\t\x12;\n\x12\x64\x61taset_validation\x18\x07 \x01(\x0b\x32\x1f.tuneforge.v1.ValidationSummary\x12,\n\trequested\x18\x08 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12\x16\n\x0etrain_examples\x18\t \x01(\x03\x12\x13\n\x0bsuggestions\x18\n \x03(\t2\xcb\x05\n\x11\x45stimationService\x12\x61\n\x0eListBaseModels\x12#.tuneforge.v1.ListBaseModelsRequest\x1a$.tuneforge.v1.ListBaseModelsResponse\"\x04\xc8\xf3\x18\x01\x12p\n\x13ListHardwareOptions\x12(.tuneforge.v1.ListHardwareOptionsRequest\x1a).tuneforge.v1.ListHardwareOptionsResponse\"\x04\xc8\xf3\x18\x01\x12s\n\x14GetModelRequirements\x12).tuneforge.v1.GetModelRequirementsRequest\x1a*.tuneforge.v1.GetModelRequirementsResponse\"\x04\xc8\xf3\x18\x01\x12X\n\x0b\x45stimateJob\x12 .tuneforge.v1.EstimateJobRequest\x1a!.tuneforge.v1.EstimateJobResponse\"\x04\xc8\xf3\x18\x01\x12g\n\x10ValidateHardware\x12%.tuneforge.v1.ValidateHardwareRequest\x1a&.tuneforge.v1.ValidateHardwareResponse\"\x04\xc8\xf3\x18\x01\x12[\n\x0c\x45stimateCost\x12!.tuneforge.v1.EstimateCostRequest\x1a\".tuneforge.v1.EstimateCostResponse\"\x04\xc8\xf3\x18\x01\x12L\n\x07PlanJob\x12\x1c.tuneforge.v1.PlanJobRequest\x1a\x1d.tuneforge.v1.PlanJobResponse\"\x04\xc8\xf3\x18\x01\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tuneforge/v1/estimation_service.proto\x12\x0ctuneforge.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19tuneforge/v1/access.proto\x1a\x1atuneforge/v1/dataset.proto\x1a\x1dtuneforge/v1/estimation.proto\x1a\x16tuneforge/v1/job.proto\x1a\x18tuneforge/v1/model.proto\"u\n\x15ListBaseModelsRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.tuneforge.v1.ModelType\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"Z\n\x16ListBaseModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tuneforge.v1.BaseModel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1c\n\x1aListHardwareOptionsRequest\"L\n\x1bListHardwareOptionsResponse\x12-\n\x07options\x18\x01 \x03(\x0b\x32\x1c.tuneforge.v1.HardwareOption\"\xf5\x01\n\x1bGetModelRequirementsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12*\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0e\x32\x19.tuneforge.v1.AdapterType\x12\x16\n\x0emax_seq_length\x18\x03 \x01(\x05\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12,\n\x06method\x18\x05 \x01(\x0e\x32\x1c.tuneforge.v1.TrainingMethod\x12#\n\x16gradient_checkpointing\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x19\n\x17_gradient_checkpointing\"\xe1\x01\n\x1cGetModelRequirementsResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.tuneforge.v1.BaseModel\x12\x35\n\x0ememory_per_gpu\x18\x02 \x01(\x0b\x32\x1d.tuneforge.v1.MemoryBreakdown\x12.\n\x0brecommended\x18\x03 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12\x32\n\x08\x61\x64\x61pters\x18\x04 \x03(\x0b\x32 .tuneforge.v1.AdapterRequirement\"\xa7\x01\n\x12\x41\x64\x61pterRequirement\x12*\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0e\x32\x19.tuneforge.v1.AdapterType\x12\x35\n\x0ememory_per_gpu\x18\x02 \x01(\x0b\x32\x1d.tuneforge.v1.MemoryBreakdown\x12.\n\x0brecommended\x18\x03 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\"\x9a\x01\n\x12\x45stimateJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12\x18\n\x10tokens_per_epoch\x18\x03 \x01(\x03\x12/\n\x0c\x64\x61taset_size\x18\x04 \x01(\x0b\x32\x19.tuneforge.v1.DatasetSize\"\x7f\n\x13\x45stimateJobResponse\x12+\n\x08\x65stimate\x18\x01 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12,\n\x06source\x18\x02 \x01(\x0e\x32\x1c.tuneforge.v1.EstimateSource\x12\r\n\x05notes\x18\x03 \x03(\t\"\x9f\x01\n\x17ValidateHardwareRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12\x18\n\x10tokens_per_epoch\x18\x03 \x01(\x03\x12/\n\x0c\x64\x61taset_size\x18\x04 \x01(\x0b\x32\x19.tuneforge.v1.DatasetSize\"\xcb\x01\n\x18ValidateHardwareResponse\x12,\n\trequested\x18\x01 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12/\n\x0c\x63heapest_fit\x18\x02 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12\x13\n\x0bsuggestions\x18\x03 \x03(\t\x12,\n\x06source\x18\x04 \x01(\x0e\x32\x1c.tuneforge.v1.EstimateSource\x12\r\n\x05notes\x18\x05 \x03(\t\"\x93\x01\n\x13\x45stimateCostRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\x12\x18\n\x10tokens_per_epoch\x18\x03 \x01(\x03\x12\x17\n\x0f\x65lapsed_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06job_id\x18\x05 \x01(\t\"\xfb\x01\n\x14\x45stimateCostResponse\x12\x33\n\x0fprojected_total\x18\x01 \x01(\x0b\x32\x1a.tuneforge.v1.CostEstimate\x12\x13\n\x0b\x63urrent_usd\x18\x02 \x01(\x01\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.tuneforge.v1.TimeEstimate\x12,\n\x06source\x18\x04 \x01(\x0e\x32\x1c.tuneforge.v1.EstimateSource\x12\r\n\x05notes\x18\x05 \x03(\t\x12\x17\n\x0f\x65lapsed_seconds\x18\x06 \x01(\x01\x12\x19\n\x11\x66raction_complete\x18\x07 \x01(\x01\"K\n\x0ePlanJobRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.tuneforge.v1.JobSpec\"\xf3\x02\n\x0fPlanJobResponse\x12\x18\n\x10tokens_per_epoch\x18\x01 \x01(\x03\x12\x17\n\x0ftraining_tokens\x18\x02 \x01(\x03\x12\'\n\x04\x66its\x18\x03 \x03(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12/\n\x0c\x63heapest_fit\x18\x04 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12,\n\x06source\x18\x05 \x01(\x0e\x32\x1c.tuneforge.v1.EstimateSource\x12\r\n\x05notes\x18\x06 \x03(\t\x12;\n\x12\x64\x61taset_validation\x18\x07 \x01(\x0b\x32\x1f.tuneforge.v1.ValidationSummary\x12,\n\trequested\x18\x08 \x01(\x0b\x32\x19.tuneforge.v1.HardwareFit\x12\x16\n\x0etrain_examples\x18\t \x01(\x03\x12\x13\n\x0bsuggestions\x18\n \x03(\t2\x92\x07\n\x11\x45stimationService\x12s\n\x0eListBaseModels\x12#.tuneforge.v1.ListBaseModelsRequest\x1a$.tuneforge.v1.ListBaseModelsResponse\"\x16\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12\x84\x01\n\x13ListHardwareOptions\x12(.tuneforge.v1.ListHardwareOptionsRequest\x1a).tuneforge.v1.ListHardwareOptionsResponse\"\x18\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/hardware\x12\xa0\x01\n\x14GetModelRequirements\x12).tuneforge.v1.GetModelRequirementsRequest\x1a*.tuneforge.v1.GetModelRequirementsResponse\"1\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\'\x12%/v1/models/{model_id=**}:requirements\x12t\n\x0b\x45stimateJob\x12 .tuneforge.v1.EstimateJobRequest\x1a!.tuneforge.v1.EstimateJobResponse\" \xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x16\"\x11/v1/jobs:estimate:\x01*\x12\x87\x01\n\x10ValidateHardware\x12%.tuneforge.v1.ValidateHardwareRequest\x1a&.tuneforge.v1.ValidateHardwareResponse\"$\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x1a\"\x15/v1/hardware:validate:\x01*\x12x\n\x0c\x45stimateCost\x12!.tuneforge.v1.EstimateCostRequest\x1a\".tuneforge.v1.EstimateCostResponse\"!\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x17\"\x12/v1/costs:estimate:\x01*\x12\x64\n\x07PlanJob\x12\x1c.tuneforge.v1.PlanJobRequest\x1a\x1d.tuneforge.v1.PlanJobResponse\"\x1c\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x12\"\r/v1/jobs:plan:\x01*BT\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,49 +39,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tuneforge.v1P\001Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1'
   _globals['_ESTIMATIONSERVICE'].methods_by_name['ListBaseModels']._loaded_options = None
-  _globals['_ESTIMATIONSERVICE'].methods_by_name['ListBaseModels']._serialized_options = b'\310\363\030\001'
+  _globals['_ESTIMATIONSERVICE'].methods_by_name['ListBaseModels']._serialized_options = b'\310\363\030\001\202\323\344\223\002\014\022\n/v1/models'
   _globals['_ESTIMATIONSERVICE'].methods_by_name['ListHardwareOptions']._loaded_options = None
-  _globals['_ESTIMATIONSERVICE'].methods_by_name['ListHardwareOptions']._serialized_options = b'\310\363\030\001'
+  _globals['_ESTIMATIONSERVICE'].methods_by_name['ListHardwareOptions']._serialized_options = b'\310\363\030\001\202\323\344\223\002\016\022\014/v1/hardware'
   _globals['_ESTIMATIONSERVICE'].methods_by_name['GetModelRequirements']._loaded_options = None
-  _globals['_ESTIMATIONSERVICE'].methods_by_name['GetModelRequirements']._serialized_options = b'\310\363\030\001'
+  _globals['_ESTIMATIONSERVICE'].methods_by_name['GetModelRequirements']._serialized_options = b'\310\363\030\001\202\323\344\223\002\'\022%/v1/models/{model_id=**}:requirements'
   _globals['_ESTIMATIONSERVICE'].methods_by_name['EstimateJob']._loaded_options = None
-  _globals['_ESTIMATIONSERVICE'].methods_by_name['EstimateJob']._serialized_options = b'\310\363\030\001'
+  _globals['_ESTIMATIONSERVICE'].methods_by_name['EstimateJob']._serialized_options = b'\310\363\030\001\202\323\344\223\002\026\"\021/v1/jobs:estimate:\001*'
   _globals['_ESTIMATIONSERVICE'].methods_by_name['ValidateHardware']._loaded_options = None
-  _globals['_ESTIMATIONSERVICE'].methods_by_name['ValidateHardware']._serialized_options = b'\310\363\030\001'
+  _globals['_ESTIMATIONSERVICE'].methods_by_name['ValidateHardware']._serialized_options = b'\310\363\030\001\202\323\344\223\002\032\"\025/v1/hardware:validate:\001*'
   _globals['_ESTIMATIONSERVICE'].methods_by_name['EstimateCost']._loaded_options = None
-  _globals['_ESTIMATIONSERVICE'].methods_by_name['EstimateCost']._serialized_options = b'\310\363\030\001'
+  _globals['_ESTIMATIONSERVICE'].methods_by_name['EstimateCost']._serialized_options = b'\310\363\030\001\202\323\344\223\002\027\"\022/v1/costs:estimate:\001*'
   _globals['_ESTIMATIONSERVICE'].methods_by_name['PlanJob']._loaded_options = None
-  _globals['_ESTIMATIONSERVICE'].methods_by_name['PlanJob']._serialized_options = b'\310\363\030\001'
-  _globals['_LISTBASEMODELSREQUEST']._serialized_start=191
-  _globals['_LISTBASEMODELSREQUEST']._serialized_end=308
-  _globals['_LISTBASEMODELSRESPONSE']._serialized_start=310
-  _globals['_LISTBASEMODELSRESPONSE']._serialized_end=400
-  _globals['_LISTHARDWAREOPTIONSREQUEST']._serialized_start=402
-  _globals['_LISTHARDWAREOPTIONSREQUEST']._serialized_end=430
-  _globals['_LISTHARDWAREOPTIONSRESPONSE']._serialized_start=432
-  _globals['_LISTHARDWAREOPTIONSRESPONSE']._serialized_end=508
-  _globals['_GETMODELREQUIREMENTSREQUEST']._serialized_start=511
-  _globals['_GETMODELREQUIREMENTSREQUEST']._serialized_end=756
-  _globals['_GETMODELREQUIREMENTSRESPONSE']._serialized_start=759
-  _globals['_GETMODELREQUIREMENTSRESPONSE']._serialized_end=984
-  _globals['_ADAPTERREQUIREMENT']._serialized_start=987
-  _globals['_ADAPTERREQUIREMENT']._serialized_end=1154
-  _globals['_ESTIMATEJOBREQUEST']._serialized_start=1157
-  _globals['_ESTIMATEJOBREQUEST']._serialized_end=1311
-  _globals['_ESTIMATEJOBRESPONSE']._serialized_start=1313
-  _globals['_ESTIMATEJOBRESPONSE']._serialized_end=1440
-  _globals['_VALIDATEHARDWAREREQUEST']._serialized_start=1443
-  _globals['_VALIDATEHARDWAREREQUEST']._serialized_end=1602
-  _globals['_VALIDATEHARDWARERESPONSE']._serialized_start=1605
-  _globals['_VALIDATEHARDWARERESPONSE']._serialized_end=1808
-  _globals['_ESTIMATECOSTREQUEST']._serialized_start=1811
-  _globals['_ESTIMATECOSTREQUEST']._serialized_end=1958
-  _globals['_ESTIMATECOSTRESPONSE']._serialized_start=1961
-  _globals['_ESTIMATECOSTRESPONSE']._serialized_end=2212
-  _globals['_PLANJOBREQUEST']._serialized_start=2214
-  _globals['_PLANJOBREQUEST']._serialized_end=2289
-  _globals['_PLANJOBRESPONSE']._serialized_start=2292
-  _globals['_PLANJOBRESPONSE']._serialized_end=2663
-  _globals['_ESTIMATIONSERVICE']._serialized_start=2666
-  _globals['_ESTIMATIONSERVICE']._serialized_end=3381
+  _globals['_ESTIMATIONSERVICE'].methods_by_name['PlanJob']._serialized_options = b'\310\363\030\001\202\323\344\223\002\022\"\r/v1/jobs:plan:\001*'
+  _globals['_LISTBASEMODELSREQUEST']._serialized_start=221
+  _globals['_LISTBASEMODELSREQUEST']._serialized_end=338
+  _globals['_LISTBASEMODELSRESPONSE']._serialized_start=340
+  _globals['_LISTBASEMODELSRESPONSE']._serialized_end=430
+  _globals['_LISTHARDWAREOPTIONSREQUEST']._serialized_start=432
+  _globals['_LISTHARDWAREOPTIONSREQUEST']._serialized_end=460
+  _globals['_LISTHARDWAREOPTIONSRESPONSE']._serialized_start=462
+  _globals['_LISTHARDWAREOPTIONSRESPONSE']._serialized_end=538
+  _globals['_GETMODELREQUIREMENTSREQUEST']._serialized_start=541
+  _globals['_GETMODELREQUIREMENTSREQUEST']._serialized_end=786
+  _globals['_GETMODELREQUIREMENTSRESPONSE']._serialized_start=789
+  _globals['_GETMODELREQUIREMENTSRESPONSE']._serialized_end=1014
+  _globals['_ADAPTERREQUIREMENT']._serialized_start=1017
+  _globals['_ADAPTERREQUIREMENT']._serialized_end=1184
+  _globals['_ESTIMATEJOBREQUEST']._serialized_start=1187
+  _globals['_ESTIMATEJOBREQUEST']._serialized_end=1341
+  _globals['_ESTIMATEJOBRESPONSE']._serialized_start=1343
+  _globals['_ESTIMATEJOBRESPONSE']._serialized_end=1470
+  _globals['_VALIDATEHARDWAREREQUEST']._serialized_start=1473
+  _globals['_VALIDATEHARDWAREREQUEST']._serialized_end=1632
+  _globals['_VALIDATEHARDWARERESPONSE']._serialized_start=1635
+  _globals['_VALIDATEHARDWARERESPONSE']._serialized_end=1838
+  _globals['_ESTIMATECOSTREQUEST']._serialized_start=1841
+  _globals['_ESTIMATECOSTREQUEST']._serialized_end=1988
+  _globals['_ESTIMATECOSTRESPONSE']._serialized_start=1991
+  _globals['_ESTIMATECOSTRESPONSE']._serialized_end=2242
+  _globals['_PLANJOBREQUEST']._serialized_start=2244
+  _globals['_PLANJOBREQUEST']._serialized_end=2319
+  _globals['_PLANJOBRESPONSE']._serialized_start=2322
+  _globals['_PLANJOBRESPONSE']._serialized_end=2693
+  _globals['_ESTIMATIONSERVICE']._serialized_start=2696
+  _globals['_ESTIMATIONSERVICE']._serialized_end=3610
 # @@protoc_insertion_point(module_scope)

@@ -24,6 +24,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class ListBaseModelsRequest(_message.Message):
+    """Request of EstimationService.ListBaseModels."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FAMILY_FIELD_NUMBER: _builtins.int
@@ -33,8 +35,13 @@ class ListBaseModelsRequest(_message.Message):
     family: _builtins.str
     """Filters; empty matches all."""
     type: _model_pb2.ModelType.ValueType
+    """Only models of this type; UNSPECIFIED: every type."""
     page_size: _builtins.int
+    """1-1000; 0 means 50."""
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. Opaque, signed, and valid only for
+    the same query: another one is INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    """
     def __init__(
         self,
         *,
@@ -53,13 +60,18 @@ Global___ListBaseModelsRequest: _TypeAlias = ListBaseModelsRequest  # noqa: Y015
 
 @_typing.final
 class ListBaseModelsResponse(_message.Message):
+    """Response of EstimationService.ListBaseModels."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty when there are no more."""
     @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[_estimation_pb2.BaseModel]: ...
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[_estimation_pb2.BaseModel]:
+        """The catalog's models of this page."""
+
     def __init__(
         self,
         *,
@@ -76,6 +88,8 @@ Global___ListBaseModelsResponse: _TypeAlias = ListBaseModelsResponse  # noqa: Y0
 
 @_typing.final
 class ListHardwareOptionsRequest(_message.Message):
+    """Request of EstimationService.ListHardwareOptions. No parameters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -91,11 +105,15 @@ Global___ListHardwareOptionsRequest: _TypeAlias = ListHardwareOptionsRequest  # 
 
 @_typing.final
 class ListHardwareOptionsResponse(_message.Message):
+    """Response of EstimationService.ListHardwareOptions."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OPTIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def options(self) -> _containers.RepeatedCompositeFieldContainer[_estimation_pb2.HardwareOption]: ...
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[_estimation_pb2.HardwareOption]:
+        """Every GPU type of the catalog, with this deployment's prices."""
+
     def __init__(
         self,
         *,
@@ -111,6 +129,8 @@ Global___ListHardwareOptionsResponse: _TypeAlias = ListHardwareOptionsResponse  
 
 @_typing.final
 class GetModelRequirementsRequest(_message.Message):
+    """Request of EstimationService.GetModelRequirements."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
@@ -120,10 +140,15 @@ class GetModelRequirementsRequest(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    """A model of the catalog (ListBaseModels), by id (case-insensitive); another is NOT_FOUND.
+    Required.
+    """
     adapter: _job_pb2.AdapterType.ValueType
+    """The adapter type to recommend hardware for; default LORA."""
     max_seq_length: _builtins.int
-    """Sequence length and micro-batch to assume; defaults 2048 and 1."""
+    """Sequence length to assume in tokens, 16-131072; 0 means 2048."""
     batch_size: _builtins.int
+    """Micro-batch to assume, 0-256; 0 means 1."""
     method: _job_pb2.TrainingMethod.ValueType
     """Default SFT."""
     gradient_checkpointing: _builtins.bool
@@ -150,6 +175,8 @@ Global___GetModelRequirementsRequest: _TypeAlias = GetModelRequirementsRequest  
 
 @_typing.final
 class GetModelRequirementsResponse(_message.Message):
+    """Response of EstimationService.GetModelRequirements."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -157,7 +184,9 @@ class GetModelRequirementsResponse(_message.Message):
     RECOMMENDED_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def model(self) -> _estimation_pb2.BaseModel: ...
+    def model(self) -> _estimation_pb2.BaseModel:
+        """The model and its architecture figures."""
+
     @_builtins.property
     def memory_per_gpu(self) -> _estimation_pb2.MemoryBreakdown:
         """For the requested adapter, on the GPU of `recommended` (or the largest when none fits)."""
@@ -196,8 +225,11 @@ class AdapterRequirement(_message.Message):
     MEMORY_PER_GPU_FIELD_NUMBER: _builtins.int
     RECOMMENDED_FIELD_NUMBER: _builtins.int
     adapter: _job_pb2.AdapterType.ValueType
+    """The adapter type."""
     @_builtins.property
-    def memory_per_gpu(self) -> _estimation_pb2.MemoryBreakdown: ...
+    def memory_per_gpu(self) -> _estimation_pb2.MemoryBreakdown:
+        """What one GPU needs with it, on the GPU of `recommended` (or the largest when none fits)."""
+
     @_builtins.property
     def recommended(self) -> _estimation_pb2.HardwareFit:
         """The cheapest configuration that fits; unset when none does."""
@@ -219,6 +251,8 @@ Global___AdapterRequirement: _TypeAlias = AdapterRequirement  # noqa: Y015
 
 @_typing.final
 class EstimateJobRequest(_message.Message):
+    """Request of EstimationService.EstimateJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -226,10 +260,15 @@ class EstimateJobRequest(_message.Message):
     TOKENS_PER_EPOCH_FIELD_NUMBER: _builtins.int
     DATASET_SIZE_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     tokens_per_epoch: _builtins.int
     """Training tokens per epoch; when 0 the dataset's token statistics are used."""
     @_builtins.property
-    def spec(self) -> _job_pb2.JobSpec: ...
+    def spec(self) -> _job_pb2.JobSpec:
+        """The job to estimate, as CreateJob would take it (defaults are filled in the same way)."""
+
     @_builtins.property
     def dataset_size(self) -> _estimation_pb2.DatasetSize:
         """The size of spec.dataset, for a caller that has read the dataset already: used instead of reading it
@@ -255,14 +294,19 @@ Global___EstimateJobRequest: _TypeAlias = EstimateJobRequest  # noqa: Y015
 
 @_typing.final
 class EstimateJobResponse(_message.Message):
+    """Response of EstimationService.EstimateJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ESTIMATE_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
     source: _estimation_pb2.EstimateSource.ValueType
+    """PRIOR, or CALIBRATED by finished jobs."""
     @_builtins.property
-    def estimate(self) -> _estimation_pb2.HardwareFit: ...
+    def estimate(self) -> _estimation_pb2.HardwareFit:
+        """The fit on the spec's hardware (or on the default when it names none)."""
+
     @_builtins.property
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Assumptions made (defaults filled in, model architecture guessed from the name, ...)."""
@@ -284,6 +328,8 @@ Global___EstimateJobResponse: _TypeAlias = EstimateJobResponse  # noqa: Y015
 
 @_typing.final
 class ValidateHardwareRequest(_message.Message):
+    """Request of EstimationService.ValidateHardware."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -291,10 +337,15 @@ class ValidateHardwareRequest(_message.Message):
     TOKENS_PER_EPOCH_FIELD_NUMBER: _builtins.int
     DATASET_SIZE_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     tokens_per_epoch: _builtins.int
     """Training tokens per epoch; when 0 the dataset's token statistics are used."""
     @_builtins.property
-    def spec(self) -> _job_pb2.JobSpec: ...
+    def spec(self) -> _job_pb2.JobSpec:
+        """The job to check, with the GPU type and count it asks for."""
+
     @_builtins.property
     def dataset_size(self) -> _estimation_pb2.DatasetSize:
         """As in EstimateJobRequest: the size of spec.dataset, so that CreateJob's check reads the dataset once."""
@@ -317,6 +368,8 @@ Global___ValidateHardwareRequest: _TypeAlias = ValidateHardwareRequest  # noqa: 
 
 @_typing.final
 class ValidateHardwareResponse(_message.Message):
+    """Response of EstimationService.ValidateHardware."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTED_FIELD_NUMBER: _builtins.int
@@ -325,8 +378,11 @@ class ValidateHardwareResponse(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
     source: _estimation_pb2.EstimateSource.ValueType
+    """PRIOR, or CALIBRATED by finished jobs."""
     @_builtins.property
-    def requested(self) -> _estimation_pb2.HardwareFit: ...
+    def requested(self) -> _estimation_pb2.HardwareFit:
+        """The fit on the requested hardware."""
+
     @_builtins.property
     def cheapest_fit(self) -> _estimation_pb2.HardwareFit:
         """The cheapest configuration that fits, when `requested` does not."""
@@ -336,7 +392,9 @@ class ValidateHardwareResponse(_message.Message):
         """A change to the spec that would make the requested hardware fit, in a sentence."""
 
     @_builtins.property
-    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Assumptions made (defaults filled in, architecture guessed, ...)."""
+
     def __init__(
         self,
         *,
@@ -356,6 +414,8 @@ Global___ValidateHardwareResponse: _TypeAlias = ValidateHardwareResponse  # noqa
 
 @_typing.final
 class EstimateCostRequest(_message.Message):
+    """Request of EstimationService.EstimateCost."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -364,7 +424,11 @@ class EstimateCostRequest(_message.Message):
     ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     tokens_per_epoch: _builtins.int
+    """Training tokens per epoch; when 0 the dataset's token statistics are used."""
     elapsed_seconds: _builtins.float
     """For a running job given by its spec: seconds it has run so far, to report the cost so far."""
     job_id: _builtins.str
@@ -395,6 +459,8 @@ Global___EstimateCostRequest: _TypeAlias = EstimateCostRequest  # noqa: Y015
 
 @_typing.final
 class EstimateCostResponse(_message.Message):
+    """Response of EstimationService.EstimateCost."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROJECTED_TOTAL_FIELD_NUMBER: _builtins.int
@@ -405,7 +471,9 @@ class EstimateCostResponse(_message.Message):
     ELAPSED_SECONDS_FIELD_NUMBER: _builtins.int
     FRACTION_COMPLETE_FIELD_NUMBER: _builtins.int
     current_usd: _builtins.float
+    """What the job has cost so far, in USD; 0 for a job that has not run."""
     source: _estimation_pb2.EstimateSource.ValueType
+    """PRIOR, or CALIBRATED by finished jobs."""
     elapsed_seconds: _builtins.float
     """Seconds the job has run (as given, or from the job's start time)."""
     fraction_complete: _builtins.float
@@ -417,7 +485,9 @@ class EstimateCostResponse(_message.Message):
         """
 
     @_builtins.property
-    def time(self) -> _estimation_pb2.TimeEstimate: ...
+    def time(self) -> _estimation_pb2.TimeEstimate:
+        """The time estimate the projection rests on."""
+
     @_builtins.property
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """How the figures were reached (progress used, fallbacks taken)."""
@@ -443,13 +513,20 @@ Global___EstimateCostResponse: _TypeAlias = EstimateCostResponse  # noqa: Y015
 
 @_typing.final
 class PlanJobRequest(_message.Message):
+    """Request of EstimationService.PlanJob. Everything a user needs to choose hardware before CreateJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     @_builtins.property
-    def spec(self) -> _job_pb2.JobSpec: ...
+    def spec(self) -> _job_pb2.JobSpec:
+        """The job to plan; its dataset must be READY."""
+
     def __init__(
         self,
         *,
@@ -466,6 +543,8 @@ Global___PlanJobRequest: _TypeAlias = PlanJobRequest  # noqa: Y015
 
 @_typing.final
 class PlanJobResponse(_message.Message):
+    """Response of EstimationService.PlanJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKENS_PER_EPOCH_FIELD_NUMBER: _builtins.int
@@ -479,16 +558,25 @@ class PlanJobResponse(_message.Message):
     TRAIN_EXAMPLES_FIELD_NUMBER: _builtins.int
     SUGGESTIONS_FIELD_NUMBER: _builtins.int
     tokens_per_epoch: _builtins.int
+    """Tokens one epoch trains on (the dataset's train split, each example cut at max_seq_length)."""
     training_tokens: _builtins.int
+    """Tokens the whole run trains on (see TimeEstimate.training_tokens)."""
     source: _estimation_pb2.EstimateSource.ValueType
+    """PRIOR, or CALIBRATED by finished jobs."""
     train_examples: _builtins.int
     """Examples in the train split, when known."""
     @_builtins.property
-    def fits(self) -> _containers.RepeatedCompositeFieldContainer[_estimation_pb2.HardwareFit]: ...
+    def fits(self) -> _containers.RepeatedCompositeFieldContainer[_estimation_pb2.HardwareFit]:
+        """The smallest fit on every hardware option, CPU included."""
+
     @_builtins.property
-    def cheapest_fit(self) -> _estimation_pb2.HardwareFit: ...
+    def cheapest_fit(self) -> _estimation_pb2.HardwareFit:
+        """The cheapest GPU fit among `fits`; unset when none fits."""
+
     @_builtins.property
-    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Assumptions made (defaults filled in, architecture guessed, ...)."""
+
     @_builtins.property
     def dataset_validation(self) -> _dataset_pb2.ValidationSummary:
         """The dataset's validation summary (errors and warnings found at upload)."""

@@ -77,13 +77,15 @@ class EstimationServiceServicer:
     """
 
     def ListBaseModels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The catalog of base models, optionally of one family or type, paged.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListHardwareOptions(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The GPU types the platform knows, with their memory and hourly price.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -110,7 +112,9 @@ class EstimationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EstimateCost(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The cost of a job spec, or of one of the organization's jobs (`job_id`): the projected total and, for
+        a running job, the cost so far.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -34,7 +34,9 @@ class EstimationServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EstimationServiceAsyncStub: ...
     ListBaseModels: _grpc.UnaryUnaryMultiCallable[_estimation_service_pb2.ListBaseModelsRequest, _estimation_service_pb2.ListBaseModelsResponse]
+    """The catalog of base models, optionally of one family or type, paged."""
     ListHardwareOptions: _grpc.UnaryUnaryMultiCallable[_estimation_service_pb2.ListHardwareOptionsRequest, _estimation_service_pb2.ListHardwareOptionsResponse]
+    """The GPU types the platform knows, with their memory and hourly price."""
     GetModelRequirements: _grpc.UnaryUnaryMultiCallable[_estimation_service_pb2.GetModelRequirementsRequest, _estimation_service_pb2.GetModelRequirementsResponse]
     """Minimum hardware per method for one catalog model."""
     EstimateJob: _grpc.UnaryUnaryMultiCallable[_estimation_service_pb2.EstimateJobRequest, _estimation_service_pb2.EstimateJobResponse]
@@ -42,6 +44,9 @@ class EstimationServiceStub:
     ValidateHardware: _grpc.UnaryUnaryMultiCallable[_estimation_service_pb2.ValidateHardwareRequest, _estimation_service_pb2.ValidateHardwareResponse]
     """Does the spec fit this hardware; if not, why, and the cheapest configuration that does."""
     EstimateCost: _grpc.UnaryUnaryMultiCallable[_estimation_service_pb2.EstimateCostRequest, _estimation_service_pb2.EstimateCostResponse]
+    """The cost of a job spec, or of one of the organization's jobs (`job_id`): the projected total and, for
+    a running job, the cost so far.
+    """
     PlanJob: _grpc.UnaryUnaryMultiCallable[_estimation_service_pb2.PlanJobRequest, _estimation_service_pb2.PlanJobResponse]
     """Everything a client checks before committing: token counts, fit per GPU type, time and cost."""
 
@@ -51,7 +56,9 @@ class EstimationServiceAsyncStub(EstimationServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListBaseModels: _aio.UnaryUnaryMultiCallable[_estimation_service_pb2.ListBaseModelsRequest, _estimation_service_pb2.ListBaseModelsResponse]  # type: ignore[assignment]
+    """The catalog of base models, optionally of one family or type, paged."""
     ListHardwareOptions: _aio.UnaryUnaryMultiCallable[_estimation_service_pb2.ListHardwareOptionsRequest, _estimation_service_pb2.ListHardwareOptionsResponse]  # type: ignore[assignment]
+    """The GPU types the platform knows, with their memory and hourly price."""
     GetModelRequirements: _aio.UnaryUnaryMultiCallable[_estimation_service_pb2.GetModelRequirementsRequest, _estimation_service_pb2.GetModelRequirementsResponse]  # type: ignore[assignment]
     """Minimum hardware per method for one catalog model."""
     EstimateJob: _aio.UnaryUnaryMultiCallable[_estimation_service_pb2.EstimateJobRequest, _estimation_service_pb2.EstimateJobResponse]  # type: ignore[assignment]
@@ -59,6 +66,9 @@ class EstimationServiceAsyncStub(EstimationServiceStub):
     ValidateHardware: _aio.UnaryUnaryMultiCallable[_estimation_service_pb2.ValidateHardwareRequest, _estimation_service_pb2.ValidateHardwareResponse]  # type: ignore[assignment]
     """Does the spec fit this hardware; if not, why, and the cheapest configuration that does."""
     EstimateCost: _aio.UnaryUnaryMultiCallable[_estimation_service_pb2.EstimateCostRequest, _estimation_service_pb2.EstimateCostResponse]  # type: ignore[assignment]
+    """The cost of a job spec, or of one of the organization's jobs (`job_id`): the projected total and, for
+    a running job, the cost so far.
+    """
     PlanJob: _aio.UnaryUnaryMultiCallable[_estimation_service_pb2.PlanJobRequest, _estimation_service_pb2.PlanJobResponse]  # type: ignore[assignment]
     """Everything a client checks before committing: token counts, fit per GPU type, time and cost."""
 
@@ -70,14 +80,16 @@ class EstimationServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _estimation_service_pb2.ListBaseModelsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_estimation_service_pb2.ListBaseModelsResponse, _abc.Awaitable[_estimation_service_pb2.ListBaseModelsResponse]]: ...
+    ) -> _typing.Union[_estimation_service_pb2.ListBaseModelsResponse, _abc.Awaitable[_estimation_service_pb2.ListBaseModelsResponse]]:
+        """The catalog of base models, optionally of one family or type, paged."""
 
     @_abc_1.abstractmethod
     def ListHardwareOptions(
         self,
         request: _estimation_service_pb2.ListHardwareOptionsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_estimation_service_pb2.ListHardwareOptionsResponse, _abc.Awaitable[_estimation_service_pb2.ListHardwareOptionsResponse]]: ...
+    ) -> _typing.Union[_estimation_service_pb2.ListHardwareOptionsResponse, _abc.Awaitable[_estimation_service_pb2.ListHardwareOptionsResponse]]:
+        """The GPU types the platform knows, with their memory and hourly price."""
 
     @_abc_1.abstractmethod
     def GetModelRequirements(
@@ -108,7 +120,10 @@ class EstimationServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _estimation_service_pb2.EstimateCostRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_estimation_service_pb2.EstimateCostResponse, _abc.Awaitable[_estimation_service_pb2.EstimateCostResponse]]: ...
+    ) -> _typing.Union[_estimation_service_pb2.EstimateCostResponse, _abc.Awaitable[_estimation_service_pb2.EstimateCostResponse]]:
+        """The cost of a job spec, or of one of the organization's jobs (`job_id`): the projected total and, for
+        a running job, the cost so far.
+        """
 
     @_abc_1.abstractmethod
     def PlanJob(

@@ -27,6 +27,7 @@ class _EvaluationStatus:
 class _EvaluationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EvaluationStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     EVALUATION_STATUS_UNSPECIFIED: _EvaluationStatus.ValueType  # 0
+    """Never returned; the zero value."""
     EVALUATION_STATUS_PENDING: _EvaluationStatus.ValueType  # 1
     """Training has not finished yet, or the evaluation is under way."""
     EVALUATION_STATUS_SUCCEEDED: _EvaluationStatus.ValueType  # 2
@@ -38,9 +39,11 @@ class _EvaluationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Eval
     EVALUATION_STATUS_FAILED: _EvaluationStatus.ValueType  # 4
     """The evaluation itself failed (the job still SUCCEEDED: its outputs are stored); `message` says why."""
 
-class EvaluationStatus(_EvaluationStatus, metaclass=_EvaluationStatusEnumTypeWrapper): ...
+class EvaluationStatus(_EvaluationStatus, metaclass=_EvaluationStatusEnumTypeWrapper):
+    """Where the evaluation after training stands (EvaluationReport.status)."""
 
 EVALUATION_STATUS_UNSPECIFIED: EvaluationStatus.ValueType  # 0
+"""Never returned; the zero value."""
 EVALUATION_STATUS_PENDING: EvaluationStatus.ValueType  # 1
 """Training has not finished yet, or the evaluation is under way."""
 EVALUATION_STATUS_SUCCEEDED: EvaluationStatus.ValueType  # 2
@@ -113,6 +116,7 @@ class EvaluationReport(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     status: Global___EvaluationStatus.ValueType
+    """Whether the evaluation ran, and how it ended."""
     message: _builtins.str
     """Why it was SKIPPED or FAILED, in a sentence; empty otherwise."""
     split: _builtins.str
@@ -141,9 +145,13 @@ class EvaluationReport(_message.Message):
         """Prompts of the test split answered by both models (greedy decoding, up to max_new_tokens)."""
 
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the evaluation started; unset when it did not run."""
+
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the evaluation ended; unset while PENDING or when it did not run."""
+
     def __init__(
         self,
         *,
@@ -180,7 +188,9 @@ class EvaluationSample(_message.Message):
     prompt: _builtins.str
     """The conversation up to the answer, rendered as text (the last user turn for chat data)."""
     base_answer: _builtins.str
+    """The base model's answer (greedy, at most JobSpec.evaluation.max_new_tokens tokens)."""
     tuned_answer: _builtins.str
+    """The tuned model's answer, decoded the same way."""
     reference: _builtins.str
     """The dataset's own answer for the prompt (the assistant turn, the completion, the chosen answer, or a
     GRPO row's "answer" column); empty when it has none.

@@ -25,6 +25,7 @@ class _Role:
 class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ROLE_UNSPECIFIED: _Role.ValueType  # 0
+    """Never granted; a request that must name a role and leaves it unset is INVALID_ARGUMENT."""
     ROLE_VIEWER: _Role.ValueType  # 1
     """Reads datasets, jobs, metrics, logs and estimates."""
     ROLE_MEMBER: _Role.ValueType  # 2
@@ -36,6 +37,7 @@ class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """What a credential may do within its organization."""
 
 ROLE_UNSPECIFIED: Role.ValueType  # 0
+"""Never granted; a request that must name a role and leaves it unset is INVALID_ARGUMENT."""
 ROLE_VIEWER: Role.ValueType  # 1
 """Reads datasets, jobs, metrics, logs and estimates."""
 ROLE_MEMBER: Role.ValueType  # 2
@@ -65,9 +67,11 @@ class ApiKey(_message.Message):
     id: _builtins.str
     """"key_" followed by 26 characters."""
     organization: _builtins.str
+    """Output only. The organization the key belongs to and acts in; a key never reaches another organization."""
     name: _builtins.str
     """Unique among the organization's keys."""
     role: Global___Role.ValueType
+    """What the key may do in its organization."""
     prefix: _builtins.str
     """The first characters of the secret ("tf_" and 12 more), enough to recognize a key, never enough to
     use it.
@@ -77,7 +81,9 @@ class ApiKey(_message.Message):
     "platform" for the first admin key `tuneforge up` creates).
     """
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the key was created."""
+
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """After this time the key authenticates nothing."""
@@ -123,7 +129,9 @@ class Caller(_message.Message):
     PRINCIPAL_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization the credential acts in."""
     role: Global___Role.ValueType
+    """The credential's role in that organization."""
     principal: _builtins.str
     """"key:<id>" for an API key, "oidc:<issuer>#<subject>" for an OIDC token."""
     @_builtins.property
@@ -164,6 +172,7 @@ class AuditEvent(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     PEER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Output only. Server-assigned id of the audit record."""
     organization: _builtins.str
     """Empty for a credential the platform could not tie to an organization."""
     principal: _builtins.str
@@ -181,7 +190,9 @@ class AuditEvent(_message.Message):
     peer: _builtins.str
     """The caller's address as the server saw it."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the server answered the call."""
+
     def __init__(
         self,
         *,

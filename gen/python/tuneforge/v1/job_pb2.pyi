@@ -32,8 +32,11 @@ class _JobPriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobPriori
     JOB_PRIORITY_UNSPECIFIED: _JobPriority.ValueType  # 0
     """Treated as NORMAL."""
     JOB_PRIORITY_LOW: _JobPriority.ValueType  # 1
+    """Dispatched after the organization's NORMAL and HIGH jobs."""
     JOB_PRIORITY_NORMAL: _JobPriority.ValueType  # 2
+    """The default."""
     JOB_PRIORITY_HIGH: _JobPriority.ValueType  # 3
+    """Dispatched before the organization's NORMAL and LOW jobs."""
 
 class JobPriority(_JobPriority, metaclass=_JobPriorityEnumTypeWrapper):
     """How urgent a job is among its own organization's queued jobs. It never moves a job ahead of another
@@ -43,8 +46,11 @@ class JobPriority(_JobPriority, metaclass=_JobPriorityEnumTypeWrapper):
 JOB_PRIORITY_UNSPECIFIED: JobPriority.ValueType  # 0
 """Treated as NORMAL."""
 JOB_PRIORITY_LOW: JobPriority.ValueType  # 1
+"""Dispatched after the organization's NORMAL and HIGH jobs."""
 JOB_PRIORITY_NORMAL: JobPriority.ValueType  # 2
+"""The default."""
 JOB_PRIORITY_HIGH: JobPriority.ValueType  # 3
+"""Dispatched before the organization's NORMAL and LOW jobs."""
 Global___JobPriority: _TypeAlias = JobPriority  # noqa: Y015
 
 class _JobPhase:
@@ -54,6 +60,7 @@ class _JobPhase:
 class _JobPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobPhase.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     JOB_PHASE_UNSPECIFIED: _JobPhase.ValueType  # 0
+    """No worker holds the job: it is QUEUED or final."""
     JOB_PHASE_DOWNLOADING: _JobPhase.ValueType  # 1
     """Fetching the base model and the dataset's splits."""
     JOB_PHASE_TRAINING: _JobPhase.ValueType  # 2
@@ -67,6 +74,7 @@ class JobPhase(_JobPhase, metaclass=_JobPhaseEnumTypeWrapper):
     """What a job that a worker holds is doing."""
 
 JOB_PHASE_UNSPECIFIED: JobPhase.ValueType  # 0
+"""No worker holds the job: it is QUEUED or final."""
 JOB_PHASE_DOWNLOADING: JobPhase.ValueType  # 1
 """Fetching the base model and the dataset's splits."""
 JOB_PHASE_TRAINING: JobPhase.ValueType  # 2
@@ -84,6 +92,7 @@ class _JobState:
 class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     JOB_STATE_UNSPECIFIED: _JobState.ValueType  # 0
+    """Never returned; the zero value."""
     JOB_STATE_QUEUED: _JobState.ValueType  # 1
     """Accepted and waiting in the work queue for a worker."""
     JOB_STATE_PREPARING: _JobState.ValueType  # 2
@@ -103,6 +112,7 @@ class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
     """States end in -ING while the job moves and in -ED when it is final. Final states never change."""
 
 JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
+"""Never returned; the zero value."""
 JOB_STATE_QUEUED: JobState.ValueType  # 1
 """Accepted and waiting in the work queue for a worker."""
 JOB_STATE_PREPARING: JobState.ValueType  # 2
@@ -136,9 +146,12 @@ class _TrainingMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Traini
     TRAINING_METHOD_DISTILLATION: _TrainingMethod.ValueType  # 4
     """Knowledge distillation from a teacher model."""
     TRAINING_METHOD_ORPO: _TrainingMethod.ValueType  # 5
+    """Odds-ratio preference optimization on preference pairs (OrpoConfig); no reference model."""
     TRAINING_METHOD_KTO: _TrainingMethod.ValueType  # 6
+    """Kahneman-Tversky optimization on completions labelled desirable or not (KtoConfig, KTO datasets)."""
 
-class TrainingMethod(_TrainingMethod, metaclass=_TrainingMethodEnumTypeWrapper): ...
+class TrainingMethod(_TrainingMethod, metaclass=_TrainingMethodEnumTypeWrapper):
+    """How the model learns from the data; each method needs a dataset of a matching format family."""
 
 TRAINING_METHOD_UNSPECIFIED: TrainingMethod.ValueType  # 0
 """Defaults to SFT."""
@@ -151,7 +164,9 @@ TRAINING_METHOD_GRPO: TrainingMethod.ValueType  # 3
 TRAINING_METHOD_DISTILLATION: TrainingMethod.ValueType  # 4
 """Knowledge distillation from a teacher model."""
 TRAINING_METHOD_ORPO: TrainingMethod.ValueType  # 5
+"""Odds-ratio preference optimization on preference pairs (OrpoConfig); no reference model."""
 TRAINING_METHOD_KTO: TrainingMethod.ValueType  # 6
+"""Kahneman-Tversky optimization on completions labelled desirable or not (KtoConfig, KTO datasets)."""
 Global___TrainingMethod: _TypeAlias = TrainingMethod  # noqa: Y015
 
 class _AdapterType:
@@ -163,6 +178,7 @@ class _AdapterTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AdapterTy
     ADAPTER_TYPE_UNSPECIFIED: _AdapterType.ValueType  # 0
     """Defaults to LoRA."""
     ADAPTER_TYPE_LORA: _AdapterType.ValueType  # 1
+    """Low-rank adapters on the base model's modules (LoraConfig); the base stays frozen."""
     ADAPTER_TYPE_QLORA: _AdapterType.ValueType  # 2
     """LoRA on a 4- or 8-bit quantized base model (bitsandbytes)."""
     ADAPTER_TYPE_FULL: _AdapterType.ValueType  # 3
@@ -170,11 +186,13 @@ class _AdapterTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AdapterTy
     ADAPTER_TYPE_PROMPT_TUNING: _AdapterType.ValueType  # 4
     """Soft prompt embeddings; the model stays frozen."""
 
-class AdapterType(_AdapterType, metaclass=_AdapterTypeEnumTypeWrapper): ...
+class AdapterType(_AdapterType, metaclass=_AdapterTypeEnumTypeWrapper):
+    """Which weights train."""
 
 ADAPTER_TYPE_UNSPECIFIED: AdapterType.ValueType  # 0
 """Defaults to LoRA."""
 ADAPTER_TYPE_LORA: AdapterType.ValueType  # 1
+"""Low-rank adapters on the base model's modules (LoraConfig); the base stays frozen."""
 ADAPTER_TYPE_QLORA: AdapterType.ValueType  # 2
 """LoRA on a 4- or 8-bit quantized base model (bitsandbytes)."""
 ADAPTER_TYPE_FULL: AdapterType.ValueType  # 3
@@ -190,16 +208,25 @@ class _QuantizationType:
 class _QuantizationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QuantizationType.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     QUANTIZATION_TYPE_UNSPECIFIED: _QuantizationType.ValueType  # 0
+    """Default: NF4 with 4 bits, INT8 with 8."""
     QUANTIZATION_TYPE_NF4: _QuantizationType.ValueType  # 1
+    """4-bit NormalFloat (needs bits 4)."""
     QUANTIZATION_TYPE_FP4: _QuantizationType.ValueType  # 2
+    """4-bit float (needs bits 4)."""
     QUANTIZATION_TYPE_INT8: _QuantizationType.ValueType  # 3
+    """8-bit integer, LLM.int8() (needs bits 8)."""
 
-class QuantizationType(_QuantizationType, metaclass=_QuantizationTypeEnumTypeWrapper): ...
+class QuantizationType(_QuantizationType, metaclass=_QuantizationTypeEnumTypeWrapper):
+    """How the base model's weights are quantized for QLoRA (bitsandbytes)."""
 
 QUANTIZATION_TYPE_UNSPECIFIED: QuantizationType.ValueType  # 0
+"""Default: NF4 with 4 bits, INT8 with 8."""
 QUANTIZATION_TYPE_NF4: QuantizationType.ValueType  # 1
+"""4-bit NormalFloat (needs bits 4)."""
 QUANTIZATION_TYPE_FP4: QuantizationType.ValueType  # 2
+"""4-bit float (needs bits 4)."""
 QUANTIZATION_TYPE_INT8: QuantizationType.ValueType  # 3
+"""8-bit integer, LLM.int8() (needs bits 8)."""
 Global___QuantizationType: _TypeAlias = QuantizationType  # noqa: Y015
 
 class _Precision:
@@ -211,16 +238,23 @@ class _PrecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Precision.V
     PRECISION_UNSPECIFIED: _Precision.ValueType  # 0
     """bf16 where the hardware has it, else fp32 on CPU and fp16 on older GPUs."""
     PRECISION_BF16: _Precision.ValueType  # 1
+    """bfloat16 mixed precision; needs a GPU that has it. Refused on a spec that may run on a CPU worker."""
     PRECISION_FP16: _Precision.ValueType  # 2
+    """float16 mixed precision; needs a GPU. Refused on a spec that may run on a CPU worker."""
     PRECISION_FP32: _Precision.ValueType  # 3
+    """Full float32."""
 
-class Precision(_Precision, metaclass=_PrecisionEnumTypeWrapper): ...
+class Precision(_Precision, metaclass=_PrecisionEnumTypeWrapper):
+    """Floating-point precision of training (and the compute dtype of a quantized base)."""
 
 PRECISION_UNSPECIFIED: Precision.ValueType  # 0
 """bf16 where the hardware has it, else fp32 on CPU and fp16 on older GPUs."""
 PRECISION_BF16: Precision.ValueType  # 1
+"""bfloat16 mixed precision; needs a GPU that has it. Refused on a spec that may run on a CPU worker."""
 PRECISION_FP16: Precision.ValueType  # 2
+"""float16 mixed precision; needs a GPU. Refused on a spec that may run on a CPU worker."""
 PRECISION_FP32: Precision.ValueType  # 3
+"""Full float32."""
 Global___Precision: _TypeAlias = Precision  # noqa: Y015
 
 class _LrScheduler:
@@ -232,22 +266,35 @@ class _LrSchedulerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LrSchedul
     LR_SCHEDULER_UNSPECIFIED: _LrScheduler.ValueType  # 0
     """Cosine."""
     LR_SCHEDULER_COSINE: _LrScheduler.ValueType  # 1
+    """Cosine decay to 0."""
     LR_SCHEDULER_LINEAR: _LrScheduler.ValueType  # 2
+    """Linear decay to 0."""
     LR_SCHEDULER_CONSTANT: _LrScheduler.ValueType  # 3
+    """Constant; no warmup."""
     LR_SCHEDULER_POLYNOMIAL: _LrScheduler.ValueType  # 4
+    """Polynomial decay (Hugging Face's defaults: power 1, down to 1e-7)."""
     LR_SCHEDULER_COSINE_WITH_MIN_LR: _LrScheduler.ValueType  # 5
+    """Cosine decay to Hyperparameters.min_learning_rate."""
     LR_SCHEDULER_CONSTANT_WITH_WARMUP: _LrScheduler.ValueType  # 6
+    """Warmup, then constant."""
 
-class LrScheduler(_LrScheduler, metaclass=_LrSchedulerEnumTypeWrapper): ...
+class LrScheduler(_LrScheduler, metaclass=_LrSchedulerEnumTypeWrapper):
+    """How the learning rate changes after warmup (Hugging Face scheduler names)."""
 
 LR_SCHEDULER_UNSPECIFIED: LrScheduler.ValueType  # 0
 """Cosine."""
 LR_SCHEDULER_COSINE: LrScheduler.ValueType  # 1
+"""Cosine decay to 0."""
 LR_SCHEDULER_LINEAR: LrScheduler.ValueType  # 2
+"""Linear decay to 0."""
 LR_SCHEDULER_CONSTANT: LrScheduler.ValueType  # 3
+"""Constant; no warmup."""
 LR_SCHEDULER_POLYNOMIAL: LrScheduler.ValueType  # 4
+"""Polynomial decay (Hugging Face's defaults: power 1, down to 1e-7)."""
 LR_SCHEDULER_COSINE_WITH_MIN_LR: LrScheduler.ValueType  # 5
+"""Cosine decay to Hyperparameters.min_learning_rate."""
 LR_SCHEDULER_CONSTANT_WITH_WARMUP: LrScheduler.ValueType  # 6
+"""Warmup, then constant."""
 Global___LrScheduler: _TypeAlias = LrScheduler  # noqa: Y015
 
 class _Optimizer:
@@ -259,22 +306,35 @@ class _OptimizerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Optimizer.V
     OPTIMIZER_UNSPECIFIED: _Optimizer.ValueType  # 0
     """AdamW (torch)."""
     OPTIMIZER_ADAMW: _Optimizer.ValueType  # 1
+    """AdamW (adamw_torch)."""
     OPTIMIZER_ADAMW_8BIT: _Optimizer.ValueType  # 2
+    """AdamW with 8-bit states (adamw_bnb_8bit); needs bitsandbytes on the worker."""
     OPTIMIZER_PAGED_ADAMW: _Optimizer.ValueType  # 3
+    """AdamW with paged 32-bit states (paged_adamw_32bit); needs bitsandbytes."""
     OPTIMIZER_PAGED_ADAMW_8BIT: _Optimizer.ValueType  # 4
+    """AdamW with paged 8-bit states (paged_adamw_8bit); needs bitsandbytes."""
     OPTIMIZER_SGD: _Optimizer.ValueType  # 5
+    """Plain SGD (sgd)."""
     OPTIMIZER_ADAFACTOR: _Optimizer.ValueType  # 6
+    """Adafactor (adafactor)."""
 
-class Optimizer(_Optimizer, metaclass=_OptimizerEnumTypeWrapper): ...
+class Optimizer(_Optimizer, metaclass=_OptimizerEnumTypeWrapper):
+    """The optimizer (Hugging Face Trainer optim names in brackets)."""
 
 OPTIMIZER_UNSPECIFIED: Optimizer.ValueType  # 0
 """AdamW (torch)."""
 OPTIMIZER_ADAMW: Optimizer.ValueType  # 1
+"""AdamW (adamw_torch)."""
 OPTIMIZER_ADAMW_8BIT: Optimizer.ValueType  # 2
+"""AdamW with 8-bit states (adamw_bnb_8bit); needs bitsandbytes on the worker."""
 OPTIMIZER_PAGED_ADAMW: Optimizer.ValueType  # 3
+"""AdamW with paged 32-bit states (paged_adamw_32bit); needs bitsandbytes."""
 OPTIMIZER_PAGED_ADAMW_8BIT: Optimizer.ValueType  # 4
+"""AdamW with paged 8-bit states (paged_adamw_8bit); needs bitsandbytes."""
 OPTIMIZER_SGD: Optimizer.ValueType  # 5
+"""Plain SGD (sgd)."""
 OPTIMIZER_ADAFACTOR: Optimizer.ValueType  # 6
+"""Adafactor (adafactor)."""
 Global___Optimizer: _TypeAlias = Optimizer  # noqa: Y015
 
 class _RewardFunction:
@@ -284,6 +344,7 @@ class _RewardFunction:
 class _RewardFunctionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RewardFunction.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     REWARD_FUNCTION_UNSPECIFIED: _RewardFunction.ValueType  # 0
+    """Never valid in reward_functions."""
     REWARD_FUNCTION_EXACT_MATCH: _RewardFunction.ValueType  # 1
     """1 when the completion equals the row's "answer" column after trimming."""
     REWARD_FUNCTION_REGEX: _RewardFunction.ValueType  # 2
@@ -301,9 +362,11 @@ class _RewardFunctionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reward
     on each prompt + completion.
     """
 
-class RewardFunction(_RewardFunction, metaclass=_RewardFunctionEnumTypeWrapper): ...
+class RewardFunction(_RewardFunction, metaclass=_RewardFunctionEnumTypeWrapper):
+    """A built-in reward of GRPO (GrpoConfig.reward_functions); the rewards of several are summed."""
 
 REWARD_FUNCTION_UNSPECIFIED: RewardFunction.ValueType  # 0
+"""Never valid in reward_functions."""
 REWARD_FUNCTION_EXACT_MATCH: RewardFunction.ValueType  # 1
 """1 when the completion equals the row's "answer" column after trimming."""
 REWARD_FUNCTION_REGEX: RewardFunction.ValueType  # 2
@@ -331,26 +394,43 @@ class _DistributedStrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_D
     DISTRIBUTED_STRATEGY_UNSPECIFIED: _DistributedStrategy.ValueType  # 0
     """One process per node unless gpu_count > 1, then DDP."""
     DISTRIBUTED_STRATEGY_NONE: _DistributedStrategy.ValueType  # 1
+    """One process; refused with more than one GPU."""
     DISTRIBUTED_STRATEGY_DDP: _DistributedStrategy.ValueType  # 2
+    """Distributed data parallel: every GPU holds the whole model."""
     DISTRIBUTED_STRATEGY_ZERO1: _DistributedStrategy.ValueType  # 3
+    """DeepSpeed ZeRO stage 1: optimizer states sharded. Not with QLoRA."""
     DISTRIBUTED_STRATEGY_ZERO2: _DistributedStrategy.ValueType  # 4
+    """DeepSpeed ZeRO stage 2: optimizer states and gradients sharded. Not with QLoRA."""
     DISTRIBUTED_STRATEGY_ZERO2_OFFLOAD: _DistributedStrategy.ValueType  # 5
+    """ZeRO stage 2 with the optimizer step on the CPU (MemoryBreakdown.offloaded_to_cpu). Not with QLoRA."""
     DISTRIBUTED_STRATEGY_ZERO3: _DistributedStrategy.ValueType  # 6
+    """DeepSpeed ZeRO stage 3: parameters, gradients and optimizer states sharded. Not with QLoRA."""
     DISTRIBUTED_STRATEGY_ZERO3_OFFLOAD: _DistributedStrategy.ValueType  # 7
+    """ZeRO stage 3 with parameters and optimizer states offloaded to the CPU. Not with QLoRA."""
     DISTRIBUTED_STRATEGY_FSDP: _DistributedStrategy.ValueType  # 8
+    """PyTorch fully sharded data parallel. Not with QLoRA."""
 
-class DistributedStrategy(_DistributedStrategy, metaclass=_DistributedStrategyEnumTypeWrapper): ...
+class DistributedStrategy(_DistributedStrategy, metaclass=_DistributedStrategyEnumTypeWrapper):
+    """How a job spreads over several GPUs or nodes."""
 
 DISTRIBUTED_STRATEGY_UNSPECIFIED: DistributedStrategy.ValueType  # 0
 """One process per node unless gpu_count > 1, then DDP."""
 DISTRIBUTED_STRATEGY_NONE: DistributedStrategy.ValueType  # 1
+"""One process; refused with more than one GPU."""
 DISTRIBUTED_STRATEGY_DDP: DistributedStrategy.ValueType  # 2
+"""Distributed data parallel: every GPU holds the whole model."""
 DISTRIBUTED_STRATEGY_ZERO1: DistributedStrategy.ValueType  # 3
+"""DeepSpeed ZeRO stage 1: optimizer states sharded. Not with QLoRA."""
 DISTRIBUTED_STRATEGY_ZERO2: DistributedStrategy.ValueType  # 4
+"""DeepSpeed ZeRO stage 2: optimizer states and gradients sharded. Not with QLoRA."""
 DISTRIBUTED_STRATEGY_ZERO2_OFFLOAD: DistributedStrategy.ValueType  # 5
+"""ZeRO stage 2 with the optimizer step on the CPU (MemoryBreakdown.offloaded_to_cpu). Not with QLoRA."""
 DISTRIBUTED_STRATEGY_ZERO3: DistributedStrategy.ValueType  # 6
+"""DeepSpeed ZeRO stage 3: parameters, gradients and optimizer states sharded. Not with QLoRA."""
 DISTRIBUTED_STRATEGY_ZERO3_OFFLOAD: DistributedStrategy.ValueType  # 7
+"""ZeRO stage 3 with parameters and optimizer states offloaded to the CPU. Not with QLoRA."""
 DISTRIBUTED_STRATEGY_FSDP: DistributedStrategy.ValueType  # 8
+"""PyTorch fully sharded data parallel. Not with QLoRA."""
 Global___DistributedStrategy: _TypeAlias = DistributedStrategy  # noqa: Y015
 
 class _JobEventType:
@@ -360,6 +440,7 @@ class _JobEventType:
 class _JobEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobEventType.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     JOB_EVENT_TYPE_UNSPECIFIED: _JobEventType.ValueType  # 0
+    """Never returned; the zero value."""
     JOB_EVENT_TYPE_QUEUED: _JobEventType.ValueType  # 1
     """CreateJob accepted the job."""
     JOB_EVENT_TYPE_WORKER_ASSIGNED: _JobEventType.ValueType  # 2
@@ -369,11 +450,13 @@ class _JobEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobEvent
     JOB_EVENT_TYPE_DATA_DOWNLOADED: _JobEventType.ValueType  # 4
     """The dataset's splits are on the worker (size_bytes, duration)."""
     JOB_EVENT_TYPE_TRAINING_STARTED: _JobEventType.ValueType  # 5
+    """The training loop began."""
     JOB_EVENT_TYPE_EPOCH_COMPLETED: _JobEventType.ValueType  # 6
     """An epoch ended (epoch, step, metrics: its evaluation when one ran)."""
     JOB_EVENT_TYPE_CHECKPOINT_SAVED: _JobEventType.ValueType  # 7
     """A checkpoint was stored (step, size_bytes, metrics)."""
     JOB_EVENT_TYPE_EVALUATION_STARTED: _JobEventType.ValueType  # 8
+    """The evaluation after training began."""
     JOB_EVENT_TYPE_EVALUATION_COMPLETED: _JobEventType.ValueType  # 9
     """The evaluation ended (duration, metrics: base_* and tuned_* of the report's primary metric)."""
     JOB_EVENT_TYPE_EARLY_STOPPED: _JobEventType.ValueType  # 10
@@ -387,13 +470,17 @@ class _JobEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobEvent
     JOB_EVENT_TYPE_CANCEL_REQUESTED: _JobEventType.ValueType  # 13
     """A user asked to cancel it."""
     JOB_EVENT_TYPE_CANCELLED: _JobEventType.ValueType  # 14
+    """The job stopped after a cancellation. Final."""
     JOB_EVENT_TYPE_FAILED: _JobEventType.ValueType  # 15
     """reason, message."""
     JOB_EVENT_TYPE_SUCCEEDED: _JobEventType.ValueType  # 16
+    """Training finished and the outputs are stored. Final."""
 
-class JobEventType(_JobEventType, metaclass=_JobEventTypeEnumTypeWrapper): ...
+class JobEventType(_JobEventType, metaclass=_JobEventTypeEnumTypeWrapper):
+    """The kind of a JobEvent; the comment of each says which JobEvent fields it fills."""
 
 JOB_EVENT_TYPE_UNSPECIFIED: JobEventType.ValueType  # 0
+"""Never returned; the zero value."""
 JOB_EVENT_TYPE_QUEUED: JobEventType.ValueType  # 1
 """CreateJob accepted the job."""
 JOB_EVENT_TYPE_WORKER_ASSIGNED: JobEventType.ValueType  # 2
@@ -403,11 +490,13 @@ JOB_EVENT_TYPE_MODEL_DOWNLOADED: JobEventType.ValueType  # 3
 JOB_EVENT_TYPE_DATA_DOWNLOADED: JobEventType.ValueType  # 4
 """The dataset's splits are on the worker (size_bytes, duration)."""
 JOB_EVENT_TYPE_TRAINING_STARTED: JobEventType.ValueType  # 5
+"""The training loop began."""
 JOB_EVENT_TYPE_EPOCH_COMPLETED: JobEventType.ValueType  # 6
 """An epoch ended (epoch, step, metrics: its evaluation when one ran)."""
 JOB_EVENT_TYPE_CHECKPOINT_SAVED: JobEventType.ValueType  # 7
 """A checkpoint was stored (step, size_bytes, metrics)."""
 JOB_EVENT_TYPE_EVALUATION_STARTED: JobEventType.ValueType  # 8
+"""The evaluation after training began."""
 JOB_EVENT_TYPE_EVALUATION_COMPLETED: JobEventType.ValueType  # 9
 """The evaluation ended (duration, metrics: base_* and tuned_* of the report's primary metric)."""
 JOB_EVENT_TYPE_EARLY_STOPPED: JobEventType.ValueType  # 10
@@ -421,9 +510,11 @@ checkpoint it resumes from).
 JOB_EVENT_TYPE_CANCEL_REQUESTED: JobEventType.ValueType  # 13
 """A user asked to cancel it."""
 JOB_EVENT_TYPE_CANCELLED: JobEventType.ValueType  # 14
+"""The job stopped after a cancellation. Final."""
 JOB_EVENT_TYPE_FAILED: JobEventType.ValueType  # 15
 """reason, message."""
 JOB_EVENT_TYPE_SUCCEEDED: JobEventType.ValueType  # 16
+"""Training finished and the outputs are stored. Final."""
 Global___JobEventType: _TypeAlias = JobEventType  # noqa: Y015
 
 class _WorkerState:
@@ -433,6 +524,7 @@ class _WorkerState:
 class _WorkerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     WORKER_STATE_UNSPECIFIED: _WorkerState.ValueType  # 0
+    """Never returned; the zero value."""
     WORKER_STATE_IDLE: _WorkerState.ValueType  # 1
     """Waiting for a job."""
     WORKER_STATE_BUSY: _WorkerState.ValueType  # 2
@@ -444,9 +536,11 @@ class _WorkerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerSta
     queue when its drain time (TUNEFORGE_WORKER_DRAIN_TIMEOUT_S) runs out.
     """
 
-class WorkerState(_WorkerState, metaclass=_WorkerStateEnumTypeWrapper): ...
+class WorkerState(_WorkerState, metaclass=_WorkerStateEnumTypeWrapper):
+    """What a worker's latest heartbeat said it was doing."""
 
 WORKER_STATE_UNSPECIFIED: WorkerState.ValueType  # 0
+"""Never returned; the zero value."""
 WORKER_STATE_IDLE: WorkerState.ValueType  # 1
 """Waiting for a job."""
 WORKER_STATE_BUSY: WorkerState.ValueType  # 2
@@ -509,9 +603,11 @@ class Job(_message.Message):
     id: _builtins.str
     """Output only. Server-assigned, globally unique id ("job_" + 26 characters)."""
     organization: _builtins.str
+    """The owning organization. Names are unique within it."""
     name: _builtins.str
     """User-chosen name, unique within the organization; generated from the id when left empty."""
     description: _builtins.str
+    """Free text for people, at most 1024 characters."""
     state: Global___JobState.ValueType
     """Output only."""
     attempt: _builtins.int
@@ -555,13 +651,21 @@ class Job(_message.Message):
         """Output only. Where the trained artifacts are; filled when SUCCEEDED."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When CreateJob accepted the job."""
+
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When a worker first took the job; unset while it has never left QUEUED."""
+
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the job reached a final state; unset until then."""
+
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the job last changed."""
+
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels for the user's own bookkeeping; keys and values at most 63 characters, at most 64 entries."""
@@ -644,7 +748,9 @@ class JobUsage(_message.Message):
         """Wall time the job held a worker (PREPARING, RUNNING, CANCELLING), over every attempt."""
 
     @_builtins.property
-    def estimated_duration(self) -> _duration_pb2.Duration: ...
+    def estimated_duration(self) -> _duration_pb2.Duration:
+        """The admitting estimate's total time (TimeEstimate.total_seconds); unset when none was made."""
+
     def __init__(
         self,
         *,
@@ -668,6 +774,13 @@ Global___JobUsage: _TypeAlias = JobUsage  # noqa: Y015
 
 @_typing.final
 class JobSpec(_message.Message):
+    """What a job trains and how. CreateJob validates it field by field (a bad field is INVALID_ARGUMENT with a
+    BadRequest naming it, e.g. "spec.hyperparameters.epochs") and fills in every default, so the spec a Job
+    returns states everything the worker used. Only the chosen method's config (dpo, grpo, orpo, kto,
+    distillation) and the chosen adapter's (lora, quantization, prompt_tuning) are read; a model reference in
+    another method's config (dpo.reference_model, grpo.reward_model) is refused.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BASE_MODEL_FIELD_NUMBER: _builtins.int
@@ -689,6 +802,7 @@ class JobSpec(_message.Message):
     EVALUATION_FIELD_NUMBER: _builtins.int
     WARM_START_FIELD_NUMBER: _builtins.int
     MODEL_TYPE_FIELD_NUMBER: _builtins.int
+    INTEGRATIONS_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """A Hugging Face model id ("org/name"), a local path, or an s3:// URI of a saved model folder."""
     dataset: _builtins.str
@@ -698,7 +812,9 @@ class JobSpec(_message.Message):
     dataset's own validation split.
     """
     method: Global___TrainingMethod.ValueType
+    """The training method; default SFT."""
     adapter: Global___AdapterType.ValueType
+    """Which weights train; default LORA."""
     model_type: _model_pb2.ModelType.ValueType
     """What to train. UNSPECIFIED: CreateJob fills it in from the base model (the catalog's type for a hub
     id, or a vision_config in the config.json of a local or stored model). VLM: the vision-language model
@@ -706,27 +822,49 @@ class JobSpec(_message.Message):
     language model's modules train, on text. An image dataset needs VLM.
     """
     @_builtins.property
-    def lora(self) -> Global___LoraConfig: ...
+    def lora(self) -> Global___LoraConfig:
+        """LoRA settings (LORA and QLORA)."""
+
     @_builtins.property
-    def quantization(self) -> Global___QuantizationConfig: ...
+    def quantization(self) -> Global___QuantizationConfig:
+        """Quantization of the base model (QLORA only)."""
+
     @_builtins.property
-    def prompt_tuning(self) -> Global___PromptTuningConfig: ...
+    def prompt_tuning(self) -> Global___PromptTuningConfig:
+        """Soft-prompt settings (PROMPT_TUNING only)."""
+
     @_builtins.property
-    def hyperparameters(self) -> Global___Hyperparameters: ...
+    def hyperparameters(self) -> Global___Hyperparameters:
+        """The training loop's settings."""
+
     @_builtins.property
-    def dpo(self) -> Global___DpoConfig: ...
+    def dpo(self) -> Global___DpoConfig:
+        """DPO settings (TRAINING_METHOD_DPO only)."""
+
     @_builtins.property
-    def grpo(self) -> Global___GrpoConfig: ...
+    def grpo(self) -> Global___GrpoConfig:
+        """GRPO settings (TRAINING_METHOD_GRPO only; reward_functions is required)."""
+
     @_builtins.property
-    def distillation(self) -> Global___DistillationConfig: ...
+    def distillation(self) -> Global___DistillationConfig:
+        """Distillation settings (TRAINING_METHOD_DISTILLATION only; teacher_model is required)."""
+
     @_builtins.property
-    def hardware(self) -> Global___HardwareConfig: ...
+    def hardware(self) -> Global___HardwareConfig:
+        """Where the job runs: GPU type and count, nodes, distributed strategy, worker pool."""
+
     @_builtins.property
-    def output(self) -> Global___OutputConfig: ...
+    def output(self) -> Global___OutputConfig:
+        """What is stored besides the adapter (or model)."""
+
     @_builtins.property
-    def orpo(self) -> Global___OrpoConfig: ...
+    def orpo(self) -> Global___OrpoConfig:
+        """ORPO settings (TRAINING_METHOD_ORPO only)."""
+
     @_builtins.property
-    def kto(self) -> Global___KtoConfig: ...
+    def kto(self) -> Global___KtoConfig:
+        """KTO settings (TRAINING_METHOD_KTO only)."""
+
     @_builtins.property
     def evaluation(self) -> Global___EvaluationConfig:
         """What to measure after training; on by default."""
@@ -735,6 +873,12 @@ class JobSpec(_message.Message):
     def warm_start(self) -> Global___WarmStartConfig:
         """Start from another job's weights instead of the base model's (adapter methods: the other job's
         adapter or checkpoint; full fine-tuning: its model).
+        """
+
+    @_builtins.property
+    def integrations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Integration]:
+        """Experiment trackers the job also reports its metrics to (OpenAI's fine-tuning `integrations`): at most
+        one of each type. The job's own metrics (MetricsService) are kept either way.
         """
 
     def __init__(
@@ -759,14 +903,158 @@ class JobSpec(_message.Message):
         evaluation: Global___EvaluationConfig | None = ...,
         warm_start: Global___WarmStartConfig | None = ...,
         model_type: _model_pb2.ModelType.ValueType = ...,
+        integrations: _abc.Iterable[Global___Integration] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "warm_start", b"warm_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "dataset", b"dataset", "distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "method", b"method", "model_type", b"model_type", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "validation_dataset", b"validation_dataset", "warm_start", b"warm_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "dataset", b"dataset", "distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "integrations", b"integrations", "kto", b"kto", "lora", b"lora", "method", b"method", "model_type", b"model_type", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "validation_dataset", b"validation_dataset", "warm_start", b"warm_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class Integration(_message.Message):
+    """One experiment tracker a job reports to: set exactly one of its fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WANDB_FIELD_NUMBER: _builtins.int
+    MLFLOW_FIELD_NUMBER: _builtins.int
+    TENSORBOARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def wandb(self) -> Global___WandbIntegration:
+        """Weights & Biases."""
+
+    @_builtins.property
+    def mlflow(self) -> Global___MlflowIntegration:
+        """MLflow."""
+
+    @_builtins.property
+    def tensorboard(self) -> Global___TensorboardIntegration:
+        """TensorBoard event files among the job's artifacts."""
+
+    def __init__(
+        self,
+        *,
+        wandb: Global___WandbIntegration | None = ...,
+        mlflow: Global___MlflowIntegration | None = ...,
+        tensorboard: Global___TensorboardIntegration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["integration", b"integration", "mlflow", b"mlflow", "tensorboard", b"tensorboard", "wandb", b"wandb"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["integration", b"integration", "mlflow", b"mlflow", "tensorboard", b"tensorboard", "wandb", b"wandb"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_integration: _TypeAlias = _typing.Literal["wandb", "mlflow", "tensorboard"]  # noqa: Y015
+    _WhichOneofArgType_integration: _TypeAlias = _typing.Literal["integration", b"integration"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_integration) -> _WhichOneofReturnType_integration | None: ...
+
+Global___Integration: _TypeAlias = Integration  # noqa: Y015
+
+@_typing.final
+class WandbIntegration(_message.Message):
+    """A Weights & Biases run per job attempt. The run's id is the job's id, so a retried attempt resumes it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    ENTITY_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
+    BASE_URL_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    """The W&B project, required: 1-128 characters, no "/", "\\\\", "#", "?", "%" or ":"."""
+    entity: _builtins.str
+    """The team or user that owns the project; the API key's default entity when empty."""
+    name: _builtins.str
+    """The run's display name; the job's id when empty. At most 128 characters."""
+    api_key: _builtins.str
+    """Input only: the W&B API key the run logs with. Sealed with the platform's credentials key as soon as
+    CreateJob reads it; never stored in the spec, returned by GetJob or written to the job's log; only the
+    worker that holds the job receives it. Empty: the run can only log where the workers run W&B offline
+    (WANDB_MODE=offline in their environment); online, the job fails DEPENDENCY_ERROR.
+    """
+    base_url: _builtins.str
+    """The W&B server, for a self-hosted one (https://...); empty means https://api.wandb.ai."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Run tags, at most 20, each 1-64 characters."""
+
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+        entity: _builtins.str = ...,
+        name: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        api_key: _builtins.str = ...,
+        base_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "base_url", b"base_url", "entity", b"entity", "name", b"name", "project", b"project", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WandbIntegration: _TypeAlias = WandbIntegration  # noqa: Y015
+
+@_typing.final
+class MlflowIntegration(_message.Message):
+    """An MLflow run per job attempt, in the job's experiment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRACKING_URI_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_NAME_FIELD_NUMBER: _builtins.int
+    RUN_NAME_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    tracking_uri: _builtins.str
+    """The tracking server (http:// or https://), required unless the deployment sets a default
+    (TUNEFORGE_MLFLOW_TRACKING_URI on the workers).
+    """
+    experiment_name: _builtins.str
+    """The experiment, at most 250 characters; created when missing. Empty: "tuneforge"."""
+    run_name: _builtins.str
+    """The run's name; the job's id when empty. At most 250 characters."""
+    token: _builtins.str
+    """Input only: a bearer token for the tracking server (MLFLOW_TRACKING_TOKEN). Sealed like
+    WandbIntegration.api_key; never stored in the spec or returned.
+    """
+    def __init__(
+        self,
+        *,
+        tracking_uri: _builtins.str = ...,
+        experiment_name: _builtins.str = ...,
+        run_name: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_name", b"experiment_name", "run_name", b"run_name", "token", b"token", "tracking_uri", b"tracking_uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MlflowIntegration: _TypeAlias = MlflowIntegration  # noqa: Y015
+
+@_typing.final
+class TensorboardIntegration(_message.Message):
+    """TensorBoard event files, written during training under the job's artifacts (tensorboard/) and listed by
+    GetJobArtifacts; point `tensorboard --logdir` at the downloaded folder.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorboardIntegration: _TypeAlias = TensorboardIntegration  # noqa: Y015
 
 @_typing.final
 class EvaluationConfig(_message.Message):
@@ -1048,15 +1336,19 @@ class Hyperparameters(_message.Message):
     warmup_ratio: _builtins.float
     """Warmup as a fraction of all steps, [0, 0.5]; default 0.03."""
     lr_scheduler: Global___LrScheduler.ValueType
+    """Learning-rate schedule after warmup; default COSINE."""
     optimizer: Global___Optimizer.ValueType
+    """The optimizer; default ADAMW."""
     adam_beta1: _builtins.float
     """(0, 1); defaults 0.9 and 0.999."""
     adam_beta2: _builtins.float
+    """Adam's second-moment decay, (0, 1); default 0.999."""
     weight_decay: _builtins.float
     """[0, 1]; default 0.01."""
     max_grad_norm: _builtins.float
     """> 0; default 1.0."""
     precision: Global___Precision.ValueType
+    """Training precision; default bf16 where the hardware has it, else fp32 on CPU and fp16 on older GPUs."""
     gradient_checkpointing: _builtins.bool
     """Default false."""
     packing: _builtins.bool
@@ -1064,6 +1356,7 @@ class Hyperparameters(_message.Message):
     for DPO, ORPO, KTO and GRPO).
     """
     group_by_length: _builtins.bool
+    """Batch examples of similar length together to save padding; default false. Refused for KTO and GRPO."""
     max_seq_length: _builtins.int
     """Tokens per example, 16-131072; default 2048. Longer examples are truncated."""
     seed: _builtins.int
@@ -1106,7 +1399,9 @@ class Hyperparameters(_message.Message):
     agree. Default: what the other two give.
     """
     @_builtins.property
-    def early_stopping(self) -> Global___EarlyStoppingConfig: ...
+    def early_stopping(self) -> Global___EarlyStoppingConfig:
+        """Stop when the validation metric stops improving; off by default."""
+
     def __init__(
         self,
         *,
@@ -1270,12 +1565,17 @@ Global___Hyperparameters: _TypeAlias = Hyperparameters  # noqa: Y015
 
 @_typing.final
 class EarlyStoppingConfig(_message.Message):
+    """Early stopping on the validation split (needs validation data). Training keeps the best evaluation's
+    weights.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ENABLED_FIELD_NUMBER: _builtins.int
     PATIENCE_FIELD_NUMBER: _builtins.int
     MIN_DELTA_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
+    """Turns early stopping on; default false."""
     patience: _builtins.int
     """Evaluations without improvement before stopping, >= 1; default 3."""
     min_delta: _builtins.float
@@ -1304,6 +1604,8 @@ Global___EarlyStoppingConfig: _TypeAlias = EarlyStoppingConfig  # noqa: Y015
 
 @_typing.final
 class DpoConfig(_message.Message):
+    """Direct preference optimization (TRAINING_METHOD_DPO), on preference datasets."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BETA_FIELD_NUMBER: _builtins.int
@@ -1358,6 +1660,10 @@ Global___DpoConfig: _TypeAlias = DpoConfig  # noqa: Y015
 
 @_typing.final
 class GrpoConfig(_message.Message):
+    """Group relative policy optimization (TRAINING_METHOD_GRPO), on prompt-only datasets: the model generates
+    num_generations completions per prompt and learns from their rewards.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NUM_GENERATIONS_FIELD_NUMBER: _builtins.int
@@ -1602,6 +1908,7 @@ class KtoConfig(_message.Message):
     desirable_weight: _builtins.float
     """Weights of the desirable and undesirable losses, (0, 10]; default 1.0 each."""
     undesirable_weight: _builtins.float
+    """Weight of the undesirable examples' loss, (0, 10]; default 1.0."""
     def __init__(
         self,
         *,
@@ -1630,6 +1937,10 @@ Global___KtoConfig: _TypeAlias = KtoConfig  # noqa: Y015
 
 @_typing.final
 class DistillationConfig(_message.Message):
+    """Knowledge distillation (TRAINING_METHOD_DISTILLATION): the student learns the teacher's output
+    distribution.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TEACHER_MODEL_FIELD_NUMBER: _builtins.int
@@ -1665,6 +1976,8 @@ Global___DistillationConfig: _TypeAlias = DistillationConfig  # noqa: Y015
 
 @_typing.final
 class HardwareConfig(_message.Message):
+    """Where a job runs. The GPU type and count must fit the job's memory estimate (else INSUFFICIENT_HARDWARE)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GPU_TYPE_FIELD_NUMBER: _builtins.int
@@ -1681,6 +1994,7 @@ class HardwareConfig(_message.Message):
     node_count: _builtins.int
     """Nodes, 1-64; default 1."""
     strategy: Global___DistributedStrategy.ValueType
+    """How the job spreads over its GPUs; default: one process on one GPU, DDP on several."""
     pool: _builtins.str
     """The worker pool to run in: a name its workers announce (TUNEFORGE_WORKER_POOL; "default" for workers
     that name none), 1-40 characters of a-z, 0-9 and "-", starting with a letter or digit. The job goes
@@ -1713,6 +2027,8 @@ Global___HardwareConfig: _TypeAlias = HardwareConfig  # noqa: Y015
 
 @_typing.final
 class OutputConfig(_message.Message):
+    """What a job stores besides its adapter (or model)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MERGE_ADAPTER_FIELD_NUMBER: _builtins.int
@@ -1740,6 +2056,8 @@ Global___OutputConfig: _TypeAlias = OutputConfig  # noqa: Y015
 
 @_typing.final
 class JobProgress(_message.Message):
+    """Output only. Where a running job is, as its worker last reported."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STEP_FIELD_NUMBER: _builtins.int
@@ -1750,12 +2068,17 @@ class JobProgress(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     ETA_SECONDS_FIELD_NUMBER: _builtins.int
     step: _builtins.int
+    """Optimizer steps done."""
     total_steps: _builtins.int
+    """Optimizer steps the run takes in all; 0 until known."""
     epoch: _builtins.float
+    """Fractional epoch reached (1.5: halfway through the second epoch)."""
     loss: _builtins.float
     """Latest training loss."""
     learning_rate: _builtins.float
+    """Latest learning rate."""
     tokens_per_second: _builtins.float
+    """Latest training throughput in tokens per second, all ranks."""
     eta_seconds: _builtins.float
     """Estimated seconds to finish."""
     def __init__(
@@ -1794,6 +2117,8 @@ Global___JobProgress: _TypeAlias = JobProgress  # noqa: Y015
 
 @_typing.final
 class JobOutput(_message.Message):
+    """Output only. Where a SUCCEEDED job's outputs are (GetJobArtifacts gives download URLs)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -1861,6 +2186,8 @@ Global___JobOutput: _TypeAlias = JobOutput  # noqa: Y015
 
 @_typing.final
 class EarlyStop(_message.Message):
+    """Output only. Why and where early stopping ended training."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STOPPED_STEP_FIELD_NUMBER: _builtins.int
@@ -1876,6 +2203,7 @@ class EarlyStop(_message.Message):
     metric: _builtins.str
     """The metric watched ("eval_loss") and its best value."""
     best_value: _builtins.float
+    """The metric's best value, at best_step."""
     patience: _builtins.int
     """Evaluations without an improvement of at least min_delta before stopping."""
     reason: _builtins.str
@@ -1941,6 +2269,7 @@ class JobEvent(_message.Message):
     sequence: _builtins.int
     """Position in the job's timeline, from 1, with no gaps."""
     type: Global___JobEventType.ValueType
+    """What happened."""
     attempt: _builtins.int
     """The delivery it belongs to; 0 before a worker took the job."""
     message: _builtins.str
@@ -2018,6 +2347,7 @@ class Worker(_message.Message):
     id: _builtins.str
     """The worker's id (TUNEFORGE_WORKER_ID, or "<hostname>-<pid>")."""
     hostname: _builtins.str
+    """The host it runs on."""
     gpu_type: _builtins.str
     """The hardware option of its GPUs (as in ListHardwareOptions, e.g. "nvidia-h100"), "cpu" for a worker
     without one, or empty for a GPU of unknown type (which takes jobs for any GPU type).
@@ -2109,8 +2439,11 @@ class WorkerPool(_message.Message):
     (finishing their job before they stop; they take no new one).
     """
     workers_idle: _builtins.int
+    """Of workers_alive, those waiting for a job."""
     workers_busy: _builtins.int
+    """Of workers_alive, those running a job."""
     workers_draining: _builtins.int
+    """Of workers_alive, those draining."""
     queued_jobs: _builtins.int
     """QUEUED jobs of every organization that this pool's workers would take (a job that names no pool
     counts in every pool whose workers would take it). A job that names a pool no worker announces yet

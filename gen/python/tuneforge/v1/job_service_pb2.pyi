@@ -33,16 +33,19 @@ class _UsagePeriodUnitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Usage
     USAGE_PERIOD_UNIT_UNSPECIFIED: _UsagePeriodUnit.ValueType  # 0
     """Days."""
     USAGE_PERIOD_UNIT_DAY: _UsagePeriodUnit.ValueType  # 1
+    """Days, from midnight UTC."""
     USAGE_PERIOD_UNIT_WEEK: _UsagePeriodUnit.ValueType  # 2
     """Weeks starting on Monday."""
     USAGE_PERIOD_UNIT_MONTH: _UsagePeriodUnit.ValueType  # 3
     """Calendar months."""
 
-class UsagePeriodUnit(_UsagePeriodUnit, metaclass=_UsagePeriodUnitEnumTypeWrapper): ...
+class UsagePeriodUnit(_UsagePeriodUnit, metaclass=_UsagePeriodUnitEnumTypeWrapper):
+    """The length of the periods GetUsage reports (UTC)."""
 
 USAGE_PERIOD_UNIT_UNSPECIFIED: UsagePeriodUnit.ValueType  # 0
 """Days."""
 USAGE_PERIOD_UNIT_DAY: UsagePeriodUnit.ValueType  # 1
+"""Days, from midnight UTC."""
 USAGE_PERIOD_UNIT_WEEK: UsagePeriodUnit.ValueType  # 2
 """Weeks starting on Monday."""
 USAGE_PERIOD_UNIT_MONTH: UsagePeriodUnit.ValueType  # 3
@@ -51,6 +54,8 @@ Global___UsagePeriodUnit: _TypeAlias = UsagePeriodUnit  # noqa: Y015
 
 @_typing.final
 class CreateJobRequest(_message.Message):
+    """Request of JobService.CreateJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -82,9 +87,13 @@ class CreateJobRequest(_message.Message):
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     name: _builtins.str
     """Optional; unique within the organization."""
     description: _builtins.str
+    """Free text for people, at most 1024 characters."""
     request_id: _builtins.str
     """Idempotency key: retrying with the same request_id returns the job created the first time."""
     validate_only: _builtins.bool
@@ -92,9 +101,13 @@ class CreateJobRequest(_message.Message):
     priority: _job_pb2.JobPriority.ValueType
     """Its place among the organization's own queued jobs; unset means NORMAL."""
     @_builtins.property
-    def spec(self) -> _job_pb2.JobSpec: ...
+    def spec(self) -> _job_pb2.JobSpec:
+        """What to train. Required; validated field by field (BadRequest names each bad field as "spec.<path>")."""
+
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels for the user's own bookkeeping; keys and values at most 63 characters, at most 64 entries."""
+
     def __init__(
         self,
         *,
@@ -117,11 +130,17 @@ Global___CreateJobRequest: _TypeAlias = CreateJobRequest  # noqa: Y015
 
 @_typing.final
 class CreateJobResponse(_message.Message):
+    """Response of JobService.CreateJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> _job_pb2.Job: ...
+    def job(self) -> _job_pb2.Job:
+        """The job created (QUEUED), the existing one for a repeated request_id, or with validate_only the job that
+        would be created.
+        """
+
     def __init__(
         self,
         *,
@@ -137,11 +156,16 @@ Global___CreateJobResponse: _TypeAlias = CreateJobResponse  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):
+    """Request of JobService.GetJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job: _builtins.str
     """The job id, or its name within the organization."""
     def __init__(
@@ -160,11 +184,15 @@ Global___GetJobRequest: _TypeAlias = GetJobRequest  # noqa: Y015
 
 @_typing.final
 class GetJobResponse(_message.Message):
+    """Response of JobService.GetJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> _job_pb2.Job: ...
+    def job(self) -> _job_pb2.Job:
+        """The job."""
+
     def __init__(
         self,
         *,
@@ -180,6 +208,8 @@ Global___GetJobResponse: _TypeAlias = GetJobResponse  # noqa: Y015
 
 @_typing.final
 class ListJobsRequest(_message.Message):
+    """Request of JobService.ListJobs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -187,9 +217,15 @@ class ListJobsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     page_size: _builtins.int
     """1-1000; 0 means 50."""
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. Opaque, signed, and valid only for
+    the same query: another one is INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_job_pb2.JobState.ValueType]:
         """Only jobs in these states, when set."""
@@ -212,11 +248,14 @@ Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
 
 @_typing.final
 class ListJobsResponse(_message.Message):
+    """Response of JobService.ListJobs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOBS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty when there are no more."""
     @_builtins.property
     def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.Job]:
         """Newest first."""
@@ -237,12 +276,18 @@ Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
 
 @_typing.final
 class CancelJobRequest(_message.Message):
+    """Request of JobService.CancelJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job: _builtins.str
+    """The job id, or its name within the organization."""
     def __init__(
         self,
         *,
@@ -259,11 +304,18 @@ Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
 
 @_typing.final
 class CancelJobResponse(_message.Message):
+    """Response of JobService.CancelJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> _job_pb2.Job: ...
+    def job(self) -> _job_pb2.Job:
+        """The job after the request: CANCELLED when it was QUEUED, CANCELLING when a worker holds it (the worker
+        stops it), unchanged when it was already CANCELLING or CANCELLED. A job that SUCCEEDED or FAILED is
+        FAILED_PRECONDITION (JOB_STATE_CONFLICT).
+        """
+
     def __init__(
         self,
         *,
@@ -279,11 +331,16 @@ Global___CancelJobResponse: _TypeAlias = CancelJobResponse  # noqa: Y015
 
 @_typing.final
 class DeleteJobRequest(_message.Message):
+    """Request of JobService.DeleteJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job: _builtins.str
     """The job id, or its name within the organization."""
     def __init__(
@@ -302,6 +359,8 @@ Global___DeleteJobRequest: _TypeAlias = DeleteJobRequest  # noqa: Y015
 
 @_typing.final
 class DeleteJobResponse(_message.Message):
+    """Response of JobService.DeleteJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
@@ -326,12 +385,18 @@ Global___DeleteJobResponse: _TypeAlias = DeleteJobResponse  # noqa: Y015
 
 @_typing.final
 class WatchJobRequest(_message.Message):
+    """Request of JobService.WatchJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job: _builtins.str
+    """The job id, or its name within the organization."""
     def __init__(
         self,
         *,
@@ -348,6 +413,8 @@ Global___WatchJobRequest: _TypeAlias = WatchJobRequest  # noqa: Y015
 
 @_typing.final
 class WatchJobResponse(_message.Message):
+    """One message of JobService.WatchJob's stream: the job after a change."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
@@ -378,15 +445,23 @@ Global___WatchJobResponse: _TypeAlias = WatchJobResponse  # noqa: Y015
 
 @_typing.final
 class ListWorkersRequest(_message.Message):
+    """Request of JobService.ListWorkers."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     page_size: _builtins.int
     """1-1000; 0 means 50."""
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. Opaque, signed, and valid only for
+    the same query: another one is INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    """
     def __init__(
         self,
         *,
@@ -404,11 +479,14 @@ Global___ListWorkersRequest: _TypeAlias = ListWorkersRequest  # noqa: Y015
 
 @_typing.final
 class ListWorkersResponse(_message.Message):
+    """Response of JobService.ListWorkers."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WORKERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty when there are no more."""
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.Worker]:
         """By id."""
@@ -429,10 +507,15 @@ Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
 
 @_typing.final
 class ListPoolsRequest(_message.Message):
+    """Request of JobService.ListPools."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     def __init__(
         self,
         *,
@@ -448,11 +531,15 @@ Global___ListPoolsRequest: _TypeAlias = ListPoolsRequest  # noqa: Y015
 
 @_typing.final
 class ListPoolsResponse(_message.Message):
+    """Response of JobService.ListPools."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     POOLS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def pools(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.WorkerPool]: ...
+    def pools(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.WorkerPool]:
+        """Every pool with a worker heard from recently or a queued job naming it, by name and GPU type."""
+
     def __init__(
         self,
         *,
@@ -468,6 +555,8 @@ Global___ListPoolsResponse: _TypeAlias = ListPoolsResponse  # noqa: Y015
 
 @_typing.final
 class GetJobArtifactsRequest(_message.Message):
+    """Request of JobService.GetJobArtifacts."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -475,6 +564,9 @@ class GetJobArtifactsRequest(_message.Message):
     KINDS_FIELD_NUMBER: _builtins.int
     URL_TTL_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job: _builtins.str
     """The job id, or its name within the organization."""
     @_builtins.property
@@ -507,6 +599,8 @@ Global___GetJobArtifactsRequest: _TypeAlias = GetJobArtifactsRequest  # noqa: Y0
 
 @_typing.final
 class GetJobArtifactsResponse(_message.Message):
+    """Response of JobService.GetJobArtifacts."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACTS_FIELD_NUMBER: _builtins.int
@@ -529,11 +623,16 @@ Global___GetJobArtifactsResponse: _TypeAlias = GetJobArtifactsResponse  # noqa: 
 
 @_typing.final
 class ListCheckpointsRequest(_message.Message):
+    """Request of JobService.ListCheckpoints."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job: _builtins.str
     """The job id, or its name within the organization."""
     def __init__(
@@ -552,6 +651,8 @@ Global___ListCheckpointsRequest: _TypeAlias = ListCheckpointsRequest  # noqa: Y0
 
 @_typing.final
 class ListCheckpointsResponse(_message.Message):
+    """Response of JobService.ListCheckpoints."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CHECKPOINTS_FIELD_NUMBER: _builtins.int
@@ -580,6 +681,8 @@ Global___ListCheckpointsResponse: _TypeAlias = ListCheckpointsResponse  # noqa: 
 
 @_typing.final
 class ListJobEventsRequest(_message.Message):
+    """Request of JobService.ListJobEvents."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -588,11 +691,17 @@ class ListJobEventsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job: _builtins.str
     """The job id, or its name within the organization."""
     page_size: _builtins.int
     """1-1000; 0 means 100."""
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. Opaque, signed, and valid only for
+    the same query: another one is INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    """
     after_sequence: _builtins.int
     """Only events with a larger sequence (for polling); 0 means from the start."""
     def __init__(
@@ -614,11 +723,14 @@ Global___ListJobEventsRequest: _TypeAlias = ListJobEventsRequest  # noqa: Y015
 
 @_typing.final
 class ListJobEventsResponse(_message.Message):
+    """Response of JobService.ListJobEvents."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty when there are no more."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.JobEvent]:
         """By sequence, oldest first."""
@@ -639,11 +751,16 @@ Global___ListJobEventsResponse: _TypeAlias = ListJobEventsResponse  # noqa: Y015
 
 @_typing.final
 class GetJobEvaluationRequest(_message.Message):
+    """Request of JobService.GetJobEvaluation."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job: _builtins.str
     """The job id, or its name within the organization."""
     def __init__(
@@ -662,6 +779,8 @@ Global___GetJobEvaluationRequest: _TypeAlias = GetJobEvaluationRequest  # noqa: 
 
 @_typing.final
 class GetJobEvaluationResponse(_message.Message):
+    """Response of JobService.GetJobEvaluation."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
@@ -669,7 +788,9 @@ class GetJobEvaluationResponse(_message.Message):
     job: _builtins.str
     """The job id."""
     @_builtins.property
-    def evaluation(self) -> _evaluation_pb2.EvaluationReport: ...
+    def evaluation(self) -> _evaluation_pb2.EvaluationReport:
+        """The evaluation after training; PENDING until the job has finished training."""
+
     def __init__(
         self,
         *,
@@ -686,6 +807,8 @@ Global___GetJobEvaluationResponse: _TypeAlias = GetJobEvaluationResponse  # noqa
 
 @_typing.final
 class GetUsageRequest(_message.Message):
+    """Request of JobService.GetUsage."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -693,7 +816,11 @@ class GetUsageRequest(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     PERIOD_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     period: Global___UsagePeriodUnit.ValueType
+    """The length of each period; default DAY."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Unset: 30 days before end_time. Periods are in UTC and aligned to the unit, so the first one may
@@ -722,6 +849,8 @@ Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
 
 @_typing.final
 class GetUsageResponse(_message.Message):
+    """Response of JobService.GetUsage."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PERIODS_FIELD_NUMBER: _builtins.int
@@ -767,14 +896,21 @@ class UsagePeriod(_message.Message):
     jobs_created: _builtins.int
     """Jobs created in the period."""
     gpu_hours: _builtins.float
+    """GPU hours of the jobs counted (JobUsage.gpu_hours)."""
     compute_hours: _builtins.float
     """Wall hours jobs held a worker, GPU or CPU."""
     cost_usd: _builtins.float
+    """What the jobs counted cost, in USD (JobUsage.cost_usd)."""
     tokens_trained: _builtins.int
+    """Tokens the jobs counted trained on (JobUsage.tokens_trained)."""
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the period (inclusive)."""
+
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the period (exclusive)."""
+
     @_builtins.property
     def jobs_by_state(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobStateCount]:
         """Jobs that ended in the period, by final state; jobs still running, under their current state."""
@@ -801,12 +937,16 @@ Global___UsagePeriod: _TypeAlias = UsagePeriod  # noqa: Y015
 
 @_typing.final
 class JobStateCount(_message.Message):
+    """How many jobs are in one state."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATE_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     state: _job_pb2.JobState.ValueType
+    """The state."""
     count: _builtins.int
+    """Jobs in it."""
     def __init__(
         self,
         *,

@@ -36,7 +36,9 @@ class JobServiceStub:
     CreateJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CreateJobRequest, _job_service_pb2.CreateJobResponse]
     """Validates the spec field by field and queues the job. Returns the job QUEUED."""
     GetJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]
+    """One job of the caller's organization, by id or name."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]
+    """The organization's jobs, newest first, optionally only those in the given states."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]
     """Requests cancellation. A QUEUED job becomes CANCELLED at once; a running one CANCELLING, then
     CANCELLED when its worker has stopped. Cancelling a CANCELLING or CANCELLED job is a no-op;
@@ -93,7 +95,9 @@ class JobServiceAsyncStub(JobServiceStub):
     CreateJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CreateJobRequest, _job_service_pb2.CreateJobResponse]  # type: ignore[assignment]
     """Validates the spec field by field and queues the job. Returns the job QUEUED."""
     GetJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]  # type: ignore[assignment]
+    """One job of the caller's organization, by id or name."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """The organization's jobs, newest first, optionally only those in the given states."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CancelJobRequest, _job_service_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Requests cancellation. A QUEUED job becomes CANCELLED at once; a running one CANCELLING, then
     CANCELLED when its worker has stopped. Cancelling a CANCELLING or CANCELLED job is a no-op;
@@ -158,14 +162,16 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _job_service_pb2.GetJobRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_job_service_pb2.GetJobResponse, _abc.Awaitable[_job_service_pb2.GetJobResponse]]: ...
+    ) -> _typing.Union[_job_service_pb2.GetJobResponse, _abc.Awaitable[_job_service_pb2.GetJobResponse]]:
+        """One job of the caller's organization, by id or name."""
 
     @_abc_1.abstractmethod
     def ListJobs(
         self,
         request: _job_service_pb2.ListJobsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_job_service_pb2.ListJobsResponse, _abc.Awaitable[_job_service_pb2.ListJobsResponse]]: ...
+    ) -> _typing.Union[_job_service_pb2.ListJobsResponse, _abc.Awaitable[_job_service_pb2.ListJobsResponse]]:
+        """The organization's jobs, newest first, optionally only those in the given states."""
 
     @_abc_1.abstractmethod
     def CancelJob(

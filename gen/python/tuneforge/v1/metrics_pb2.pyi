@@ -27,6 +27,7 @@ class _MetricKind:
 class _MetricKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MetricKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     METRIC_KIND_UNSPECIFIED: _MetricKind.ValueType  # 0
+    """Never stored. In a request filter: every kind."""
     METRIC_KIND_TRAIN: _MetricKind.ValueType  # 1
     """Reported every logging step during training."""
     METRIC_KIND_EVAL: _MetricKind.ValueType  # 2
@@ -34,9 +35,11 @@ class _MetricKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MetricKind
     METRIC_KIND_SYSTEM: _MetricKind.ValueType  # 3
     """Resource usage of the worker (GPU, CPU, memory), sampled over time."""
 
-class MetricKind(_MetricKind, metaclass=_MetricKindEnumTypeWrapper): ...
+class MetricKind(_MetricKind, metaclass=_MetricKindEnumTypeWrapper):
+    """Which series a MetricPoint belongs to."""
 
 METRIC_KIND_UNSPECIFIED: MetricKind.ValueType  # 0
+"""Never stored. In a request filter: every kind."""
 METRIC_KIND_TRAIN: MetricKind.ValueType  # 1
 """Reported every logging step during training."""
 METRIC_KIND_EVAL: MetricKind.ValueType  # 2
@@ -52,20 +55,33 @@ class _LogLevel:
 class _LogLevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LogLevel.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     LOG_LEVEL_UNSPECIFIED: _LogLevel.ValueType  # 0
+    """Not stated. In a request filter: every level."""
     LOG_LEVEL_DEBUG: _LogLevel.ValueType  # 1
+    """Detail for debugging."""
     LOG_LEVEL_INFO: _LogLevel.ValueType  # 2
+    """Normal progress."""
     LOG_LEVEL_WARNING: _LogLevel.ValueType  # 3
+    """Something unexpected that did not stop the job."""
     LOG_LEVEL_ERROR: _LogLevel.ValueType  # 4
+    """A failure of one operation."""
     LOG_LEVEL_CRITICAL: _LogLevel.ValueType  # 5
+    """A failure that ends the attempt."""
 
-class LogLevel(_LogLevel, metaclass=_LogLevelEnumTypeWrapper): ...
+class LogLevel(_LogLevel, metaclass=_LogLevelEnumTypeWrapper):
+    """Severity of a log line, as Python's logging levels."""
 
 LOG_LEVEL_UNSPECIFIED: LogLevel.ValueType  # 0
+"""Not stated. In a request filter: every level."""
 LOG_LEVEL_DEBUG: LogLevel.ValueType  # 1
+"""Detail for debugging."""
 LOG_LEVEL_INFO: LogLevel.ValueType  # 2
+"""Normal progress."""
 LOG_LEVEL_WARNING: LogLevel.ValueType  # 3
+"""Something unexpected that did not stop the job."""
 LOG_LEVEL_ERROR: LogLevel.ValueType  # 4
+"""A failure of one operation."""
 LOG_LEVEL_CRITICAL: LogLevel.ValueType  # 5
+"""A failure that ends the attempt."""
 Global___LogLevel: _TypeAlias = LogLevel  # noqa: Y015
 
 class _LogSource:
@@ -75,14 +91,17 @@ class _LogSource:
 class _LogSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LogSource.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     LOG_SOURCE_UNSPECIFIED: _LogSource.ValueType  # 0
+    """Not stated. In a request filter: every source."""
     LOG_SOURCE_WORKER: _LogSource.ValueType  # 1
     """The worker agent: claiming, fetching, uploading."""
     LOG_SOURCE_TRAINING: _LogSource.ValueType  # 2
     """The training process."""
 
-class LogSource(_LogSource, metaclass=_LogSourceEnumTypeWrapper): ...
+class LogSource(_LogSource, metaclass=_LogSourceEnumTypeWrapper):
+    """Which process wrote a log line."""
 
 LOG_SOURCE_UNSPECIFIED: LogSource.ValueType  # 0
+"""Not stated. In a request filter: every source."""
 LOG_SOURCE_WORKER: LogSource.ValueType  # 1
 """The worker agent: claiming, fetching, uploading."""
 LOG_SOURCE_TRAINING: LogSource.ValueType  # 2
@@ -139,28 +158,57 @@ class MetricPoint(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    """The job the point belongs to (its id)."""
     kind: Global___MetricKind.ValueType
+    """The series: TRAIN, EVAL or SYSTEM."""
     step: _builtins.int
     """Optimizer step the point belongs to."""
     total_steps: _builtins.int
+    """Optimizer steps the run will take in all (max_steps, or derived from the epochs and the data); 0 when not
+    known yet.
+    """
     epoch: _builtins.float
+    """Fractional epoch at this step (1.5: halfway through the second epoch)."""
     attempt: _builtins.int
     """Which delivery of the job produced the point."""
     loss: _builtins.float
+    """Training loss averaged over the logging interval. TRAIN points."""
     learning_rate: _builtins.float
+    """Learning rate at this step, after warmup and the scheduler. TRAIN points."""
     grad_norm: _builtins.float
+    """Gradient norm before clipping (see Hyperparameters.max_grad_norm). TRAIN points."""
     tokens_per_second: _builtins.float
+    """Input tokens the training loop consumed per second over the logging interval (the Trainer's
+    num_input_tokens_seen), all ranks. TRAIN points.
+    """
     samples_per_second: _builtins.float
+    """Training examples per second over the logging interval (batch_size x gradient_accumulation_steps x
+    ranks per step). TRAIN points.
+    """
     eta_seconds: _builtins.float
+    """Estimated seconds until training ends, from the average step time of the attempt so far. TRAIN points."""
     eval_loss: _builtins.float
+    """Loss on the validation split. EVAL points."""
     eval_token_accuracy: _builtins.float
+    """Share of validation tokens the model predicts exactly, in [0, 1] (TRL's mean_token_accuracy). EVAL
+    points of methods that report it (SFT).
+    """
     gpu_utilization: _builtins.float
-    gpu_memory_bytes: _builtins.float
+    """Utilization of the rank's GPU in percent, 0-100 (NVML). SYSTEM points, on GPU workers."""
+    gpu_memory_bytes: _builtins.int
+    """Memory in use on the rank's GPU, in bytes (NVML). SYSTEM points, on GPU workers."""
     gpu_temperature_celsius: _builtins.float
+    """Temperature of the rank's GPU in degrees Celsius (NVML). SYSTEM points, on GPU workers."""
     cpu_percent: _builtins.float
-    memory_bytes: _builtins.float
+    """CPU use of the training process in percent of one core (may exceed 100 with several threads). SYSTEM
+    points.
+    """
+    memory_bytes: _builtins.int
+    """Resident memory of the training process, in bytes. SYSTEM points."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the worker recorded the point."""
+
     @_builtins.property
     def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Anything else the trainer reported, by name."""
@@ -184,10 +232,10 @@ class MetricPoint(_message.Message):
         eval_loss: _builtins.float | None = ...,
         eval_token_accuracy: _builtins.float | None = ...,
         gpu_utilization: _builtins.float | None = ...,
-        gpu_memory_bytes: _builtins.float | None = ...,
+        gpu_memory_bytes: _builtins.int | None = ...,
         gpu_temperature_celsius: _builtins.float | None = ...,
         cpu_percent: _builtins.float | None = ...,
-        memory_bytes: _builtins.float | None = ...,
+        memory_bytes: _builtins.int | None = ...,
         values: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu_percent", b"_cpu_percent", "_eta_seconds", b"_eta_seconds", "_eval_loss", b"_eval_loss", "_eval_token_accuracy", b"_eval_token_accuracy", "_gpu_memory_bytes", b"_gpu_memory_bytes", "_gpu_temperature_celsius", b"_gpu_temperature_celsius", "_gpu_utilization", b"_gpu_utilization", "_grad_norm", b"_grad_norm", "_learning_rate", b"_learning_rate", "_loss", b"_loss", "_memory_bytes", b"_memory_bytes", "_samples_per_second", b"_samples_per_second", "_tokens_per_second", b"_tokens_per_second", "cpu_percent", b"cpu_percent", "eta_seconds", b"eta_seconds", "eval_loss", b"eval_loss", "eval_token_accuracy", b"eval_token_accuracy", "gpu_memory_bytes", b"gpu_memory_bytes", "gpu_temperature_celsius", b"gpu_temperature_celsius", "gpu_utilization", b"gpu_utilization", "grad_norm", b"grad_norm", "learning_rate", b"learning_rate", "loss", b"loss", "memory_bytes", b"memory_bytes", "samples_per_second", b"samples_per_second", "time", b"time", "tokens_per_second", b"tokens_per_second"]  # noqa: Y015
@@ -251,6 +299,8 @@ Global___MetricPoint: _TypeAlias = MetricPoint  # noqa: Y015
 
 @_typing.final
 class LogEntry(_message.Message):
+    """One line of a job's log, as a worker reported it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
@@ -261,16 +311,23 @@ class LogEntry(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    """The job the line belongs to (its id)."""
     sequence: _builtins.int
     """Position of the entry in the job's log, increasing across attempts: a worker numbers the lines of an
     attempt (attempt << 32) + 1, + 2, ..., so a later attempt's lines follow an earlier one's.
     """
     level: Global___LogLevel.ValueType
+    """The line's severity."""
     source: Global___LogSource.ValueType
+    """The process that wrote it."""
     message: _builtins.str
+    """The text of the line, without time or level."""
     attempt: _builtins.int
+    """The delivery of the job that wrote it (1 for the first)."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the line was written, on the worker."""
+
     def __init__(
         self,
         *,

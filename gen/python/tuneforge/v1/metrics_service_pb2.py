@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from tuneforge.v1 import access_pb2 as tuneforge_dot_v1_dot_access__pb2
 from tuneforge.v1 import metrics_pb2 as tuneforge_dot_v1_dot_metrics__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tuneforge/v1/metrics_service.proto\x12\x0ctuneforge.v1\x1a\x19tuneforge/v1/access.proto\x1a\x1atuneforge/v1/metrics.proto\"\x98\x01\n\x14StreamMetricsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\'\n\x05kinds\x18\x03 \x03(\x0e\x32\x18.tuneforge.v1.MetricKind\x12\x12\n\nstart_step\x18\x04 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x05 \x01(\x08\x12\r\n\x05\x62\x61tch\x18\x06 \x01(\x08\"\x8a\x01\n\x15StreamMetricsResponse\x12(\n\x05point\x18\x01 \x01(\x0b\x32\x19.tuneforge.v1.MetricPoint\x12)\n\x06points\x18\x02 \x03(\x0b\x32\x19.tuneforge.v1.MetricPoint\x12\x1c\n\x14resumed_from_storage\x18\x03 \x01(\x08\"\x8a\x01\n\x12ListMetricsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\'\n\x05kinds\x18\x03 \x03(\x0e\x32\x18.tuneforge.v1.MetricKind\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"Y\n\x13ListMetricsResponse\x12)\n\x06points\x18\x01 \x03(\x0b\x32\x19.tuneforge.v1.MetricPoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xad\x01\n\x11StreamLogsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12)\n\tmin_level\x18\x03 \x01(\x0e\x32\x16.tuneforge.v1.LogLevel\x12(\n\x07sources\x18\x04 \x03(\x0e\x32\x17.tuneforge.v1.LogSource\x12\x0e\n\x06\x66ollow\x18\x05 \x01(\x08\x12\r\n\x05\x62\x61tch\x18\x06 \x01(\x08\"\x82\x01\n\x12StreamLogsResponse\x12%\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x16.tuneforge.v1.LogEntry\x12\'\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x16.tuneforge.v1.LogEntry\x12\x1c\n\x14resumed_from_storage\x18\x03 \x01(\x08\x32\xa5\x02\n\x0eMetricsService\x12`\n\rStreamMetrics\x12\".tuneforge.v1.StreamMetricsRequest\x1a#.tuneforge.v1.StreamMetricsResponse\"\x04\xc8\xf3\x18\x01\x30\x01\x12X\n\x0bListMetrics\x12 .tuneforge.v1.ListMetricsRequest\x1a!.tuneforge.v1.ListMetricsResponse\"\x04\xc8\xf3\x18\x01\x12W\n\nStreamLogs\x12\x1f.tuneforge.v1.StreamLogsRequest\x1a .tuneforge.v1.StreamLogsResponse\"\x04\xc8\xf3\x18\x01\x30\x01\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tuneforge/v1/metrics_service.proto\x12\x0ctuneforge.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19tuneforge/v1/access.proto\x1a\x1atuneforge/v1/metrics.proto\"\x98\x01\n\x14StreamMetricsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\'\n\x05kinds\x18\x03 \x03(\x0e\x32\x18.tuneforge.v1.MetricKind\x12\x12\n\nstart_step\x18\x04 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x05 \x01(\x08\x12\r\n\x05\x62\x61tch\x18\x06 \x01(\x08\"\x8a\x01\n\x15StreamMetricsResponse\x12(\n\x05point\x18\x01 \x01(\x0b\x32\x19.tuneforge.v1.MetricPoint\x12)\n\x06points\x18\x02 \x03(\x0b\x32\x19.tuneforge.v1.MetricPoint\x12\x1c\n\x14resumed_from_storage\x18\x03 \x01(\x08\"\x8a\x01\n\x12ListMetricsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\'\n\x05kinds\x18\x03 \x03(\x0e\x32\x18.tuneforge.v1.MetricKind\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"Y\n\x13ListMetricsResponse\x12)\n\x06points\x18\x01 \x03(\x0b\x32\x19.tuneforge.v1.MetricPoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xad\x01\n\x11StreamLogsRequest\x12\x14\n\x0corganization\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12)\n\tmin_level\x18\x03 \x01(\x0e\x32\x16.tuneforge.v1.LogLevel\x12(\n\x07sources\x18\x04 \x03(\x0e\x32\x17.tuneforge.v1.LogSource\x12\x0e\n\x06\x66ollow\x18\x05 \x01(\x08\x12\r\n\x05\x62\x61tch\x18\x06 \x01(\x08\"\x82\x01\n\x12StreamLogsResponse\x12%\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x16.tuneforge.v1.LogEntry\x12\'\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x16.tuneforge.v1.LogEntry\x12\x1c\n\x14resumed_from_storage\x18\x03 \x01(\x08\x32\x94\x03\n\x0eMetricsService\x12\x88\x01\n\rStreamMetrics\x12\".tuneforge.v1.StreamMetricsRequest\x1a#.tuneforge.v1.StreamMetricsResponse\",\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\"\x12 /v1/jobs/{job_id}/metrics:stream0\x01\x12y\n\x0bListMetrics\x12 .tuneforge.v1.ListMetricsRequest\x1a!.tuneforge.v1.ListMetricsResponse\"%\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/jobs/{job_id}/metrics\x12|\n\nStreamLogs\x12\x1f.tuneforge.v1.StreamLogsRequest\x1a .tuneforge.v1.StreamLogsResponse\")\xc8\xf3\x18\x01\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/jobs/{job_id}/logs:stream0\x01\x42T\n\x10\x64\x65v.tuneforge.v1P\x01Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,23 +36,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tuneforge.v1P\001Z>github.com/tuneforge/tuneforge/gen/go/tuneforge/v1;tuneforgev1'
   _globals['_METRICSSERVICE'].methods_by_name['StreamMetrics']._loaded_options = None
-  _globals['_METRICSSERVICE'].methods_by_name['StreamMetrics']._serialized_options = b'\310\363\030\001'
+  _globals['_METRICSSERVICE'].methods_by_name['StreamMetrics']._serialized_options = b'\310\363\030\001\202\323\344\223\002\"\022 /v1/jobs/{job_id}/metrics:stream'
   _globals['_METRICSSERVICE'].methods_by_name['ListMetrics']._loaded_options = None
-  _globals['_METRICSSERVICE'].methods_by_name['ListMetrics']._serialized_options = b'\310\363\030\001'
+  _globals['_METRICSSERVICE'].methods_by_name['ListMetrics']._serialized_options = b'\310\363\030\001\202\323\344\223\002\033\022\031/v1/jobs/{job_id}/metrics'
   _globals['_METRICSSERVICE'].methods_by_name['StreamLogs']._loaded_options = None
-  _globals['_METRICSSERVICE'].methods_by_name['StreamLogs']._serialized_options = b'\310\363\030\001'
-  _globals['_STREAMMETRICSREQUEST']._serialized_start=108
-  _globals['_STREAMMETRICSREQUEST']._serialized_end=260
-  _globals['_STREAMMETRICSRESPONSE']._serialized_start=263
-  _globals['_STREAMMETRICSRESPONSE']._serialized_end=401
-  _globals['_LISTMETRICSREQUEST']._serialized_start=404
-  _globals['_LISTMETRICSREQUEST']._serialized_end=542
-  _globals['_LISTMETRICSRESPONSE']._serialized_start=544
-  _globals['_LISTMETRICSRESPONSE']._serialized_end=633
-  _globals['_STREAMLOGSREQUEST']._serialized_start=636
-  _globals['_STREAMLOGSREQUEST']._serialized_end=809
-  _globals['_STREAMLOGSRESPONSE']._serialized_start=812
-  _globals['_STREAMLOGSRESPONSE']._serialized_end=942
-  _globals['_METRICSSERVICE']._serialized_start=945
-  _globals['_METRICSSERVICE']._serialized_end=1238
+  _globals['_METRICSSERVICE'].methods_by_name['StreamLogs']._serialized_options = b'\310\363\030\001\202\323\344\223\002\037\022\035/v1/jobs/{job_id}/logs:stream'
+  _globals['_STREAMMETRICSREQUEST']._serialized_start=138
+  _globals['_STREAMMETRICSREQUEST']._serialized_end=290
+  _globals['_STREAMMETRICSRESPONSE']._serialized_start=293
+  _globals['_STREAMMETRICSRESPONSE']._serialized_end=431
+  _globals['_LISTMETRICSREQUEST']._serialized_start=434
+  _globals['_LISTMETRICSREQUEST']._serialized_end=572
+  _globals['_LISTMETRICSRESPONSE']._serialized_start=574
+  _globals['_LISTMETRICSRESPONSE']._serialized_end=663
+  _globals['_STREAMLOGSREQUEST']._serialized_start=666
+  _globals['_STREAMLOGSREQUEST']._serialized_end=839
+  _globals['_STREAMLOGSRESPONSE']._serialized_start=842
+  _globals['_STREAMLOGSRESPONSE']._serialized_end=972
+  _globals['_METRICSSERVICE']._serialized_start=975
+  _globals['_METRICSSERVICE']._serialized_end=1379
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class StreamMetricsRequest(_message.Message):
+    """Request of MetricsService.StreamMetrics."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -30,10 +32,17 @@ class StreamMetricsRequest(_message.Message):
     FOLLOW_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job_id: _builtins.str
+    """The job id (or its name within the organization). Required."""
     start_step: _builtins.int
     """Replay points with step >= start_step."""
     follow: _builtins.bool
+    """After the stored points, keep sending new ones as they arrive, until the job ends; false: only what is
+    stored, then the stream ends.
+    """
     batch: _builtins.bool
     """Send several points per message in `StreamMetricsResponse.points` (and leave `point` unset): the
     stored points a page at a time, and the live points that are waiting when the stream can send. For
@@ -63,6 +72,8 @@ Global___StreamMetricsRequest: _TypeAlias = StreamMetricsRequest  # noqa: Y015
 
 @_typing.final
 class StreamMetricsResponse(_message.Message):
+    """One message of MetricsService.StreamMetrics's stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     POINT_FIELD_NUMBER: _builtins.int
@@ -98,6 +109,8 @@ Global___StreamMetricsResponse: _TypeAlias = StreamMetricsResponse  # noqa: Y015
 
 @_typing.final
 class ListMetricsRequest(_message.Message):
+    """Request of MetricsService.ListMetrics."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -106,12 +119,21 @@ class ListMetricsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job_id: _builtins.str
+    """The job id (or its name within the organization). Required."""
     page_size: _builtins.int
     """1-10000; 0 means 1000."""
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. Opaque, signed, and valid only for
+    the same query: another one is INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    """
     @_builtins.property
-    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_metrics_pb2.MetricKind.ValueType]: ...
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_metrics_pb2.MetricKind.ValueType]:
+        """Only these kinds; all when empty."""
+
     def __init__(
         self,
         *,
@@ -131,13 +153,18 @@ Global___ListMetricsRequest: _TypeAlias = ListMetricsRequest  # noqa: Y015
 
 @_typing.final
 class ListMetricsResponse(_message.Message):
+    """Response of MetricsService.ListMetrics."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     POINTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token to get the next page; empty when there are no more."""
     @_builtins.property
-    def points(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.MetricPoint]: ...
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.MetricPoint]:
+        """The stored points of this page, by step, then kind."""
+
     def __init__(
         self,
         *,
@@ -154,6 +181,8 @@ Global___ListMetricsResponse: _TypeAlias = ListMetricsResponse  # noqa: Y015
 
 @_typing.final
 class StreamLogsRequest(_message.Message):
+    """Request of MetricsService.StreamLogs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -163,14 +192,23 @@ class StreamLogsRequest(_message.Message):
     FOLLOW_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
+    """The organization to act in. Empty: the caller's (from its credential); any other value must be the
+    caller's own organization, else PERMISSION_DENIED naming this field.
+    """
     job_id: _builtins.str
+    """The job id (or its name within the organization). Required."""
     min_level: _metrics_pb2.LogLevel.ValueType
     """Entries at this level or above; all when unset."""
     follow: _builtins.bool
+    """After the stored entries, keep sending new ones as they arrive, until the job ends; false: only what is
+    stored, then the stream ends.
+    """
     batch: _builtins.bool
     """Send several entries per message in `StreamLogsResponse.entries`, as StreamMetricsRequest.batch."""
     @_builtins.property
-    def sources(self) -> _containers.RepeatedScalarFieldContainer[_metrics_pb2.LogSource.ValueType]: ...
+    def sources(self) -> _containers.RepeatedScalarFieldContainer[_metrics_pb2.LogSource.ValueType]:
+        """Only entries from these sources; all when empty."""
+
     def __init__(
         self,
         *,
@@ -191,6 +229,8 @@ Global___StreamLogsRequest: _TypeAlias = StreamLogsRequest  # noqa: Y015
 
 @_typing.final
 class StreamLogsResponse(_message.Message):
+    """One message of MetricsService.StreamLogs's stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRY_FIELD_NUMBER: _builtins.int

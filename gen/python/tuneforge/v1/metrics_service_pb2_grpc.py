@@ -65,7 +65,8 @@ class MetricsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListMetrics(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A page of a job's stored metric points in step order.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

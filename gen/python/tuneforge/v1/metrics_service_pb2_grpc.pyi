@@ -38,6 +38,7 @@ class MetricsServiceStub:
     stream ends after the stored points; with it set, the stream ends when the job reaches a final state.
     """
     ListMetrics: _grpc.UnaryUnaryMultiCallable[_metrics_service_pb2.ListMetricsRequest, _metrics_service_pb2.ListMetricsResponse]
+    """A page of a job's stored metric points in step order."""
     StreamLogs: _grpc.UnaryStreamMultiCallable[_metrics_service_pb2.StreamLogsRequest, _metrics_service_pb2.StreamLogsResponse]
     """Same shape as StreamMetrics, for log entries."""
 
@@ -51,6 +52,7 @@ class MetricsServiceAsyncStub(MetricsServiceStub):
     stream ends after the stored points; with it set, the stream ends when the job reaches a final state.
     """
     ListMetrics: _aio.UnaryUnaryMultiCallable[_metrics_service_pb2.ListMetricsRequest, _metrics_service_pb2.ListMetricsResponse]  # type: ignore[assignment]
+    """A page of a job's stored metric points in step order."""
     StreamLogs: _aio.UnaryStreamMultiCallable[_metrics_service_pb2.StreamLogsRequest, _metrics_service_pb2.StreamLogsResponse]  # type: ignore[assignment]
     """Same shape as StreamMetrics, for log entries."""
 
@@ -72,7 +74,8 @@ class MetricsServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _metrics_service_pb2.ListMetricsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_metrics_service_pb2.ListMetricsResponse, _abc.Awaitable[_metrics_service_pb2.ListMetricsResponse]]: ...
+    ) -> _typing.Union[_metrics_service_pb2.ListMetricsResponse, _abc.Awaitable[_metrics_service_pb2.ListMetricsResponse]]:
+        """A page of a job's stored metric points in step order."""
 
     @_abc_1.abstractmethod
     def StreamLogs(

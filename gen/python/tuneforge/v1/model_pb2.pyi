@@ -23,7 +23,9 @@ class _ModelType:
 class _ModelTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelType.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     MODEL_TYPE_UNSPECIFIED: _ModelType.ValueType  # 0
+    """Not stated. In JobSpec.model_type: filled in by CreateJob from the base model."""
     MODEL_TYPE_LLM: _ModelType.ValueType  # 1
+    """Text-only causal language model."""
     MODEL_TYPE_VLM: _ModelType.ValueType  # 2
     """Vision-language model."""
 
@@ -33,7 +35,9 @@ class ModelType(_ModelType, metaclass=_ModelTypeEnumTypeWrapper):
     """
 
 MODEL_TYPE_UNSPECIFIED: ModelType.ValueType  # 0
+"""Not stated. In JobSpec.model_type: filled in by CreateJob from the base model."""
 MODEL_TYPE_LLM: ModelType.ValueType  # 1
+"""Text-only causal language model."""
 MODEL_TYPE_VLM: ModelType.ValueType  # 2
 """Vision-language model."""
 Global___ModelType: _TypeAlias = ModelType  # noqa: Y015

@@ -36,6 +36,7 @@ class _WorkerUpdateKind:
 class _WorkerUpdateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerUpdateKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     WORKER_UPDATE_KIND_UNSPECIFIED: _WorkerUpdateKind.ValueType  # 0
+    """Never sent; the zero value."""
     WORKER_UPDATE_KIND_PREPARING: _WorkerUpdateKind.ValueType  # 1
     """The worker claimed the job and is preparing it."""
     WORKER_UPDATE_KIND_RUNNING: _WorkerUpdateKind.ValueType  # 2
@@ -43,13 +44,17 @@ class _WorkerUpdateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Work
     WORKER_UPDATE_KIND_PROGRESS: _WorkerUpdateKind.ValueType  # 3
     """Periodic progress while running."""
     WORKER_UPDATE_KIND_SUCCEEDED: _WorkerUpdateKind.ValueType  # 4
+    """Training finished and the outputs are stored (output, evaluation)."""
     WORKER_UPDATE_KIND_FAILED: _WorkerUpdateKind.ValueType  # 5
+    """The attempt failed and will not be retried (error)."""
     WORKER_UPDATE_KIND_CANCELLED: _WorkerUpdateKind.ValueType  # 6
     """The worker stopped the job after a cancellation request."""
 
-class WorkerUpdateKind(_WorkerUpdateKind, metaclass=_WorkerUpdateKindEnumTypeWrapper): ...
+class WorkerUpdateKind(_WorkerUpdateKind, metaclass=_WorkerUpdateKindEnumTypeWrapper):
+    """What a WorkerJobUpdate reports."""
 
 WORKER_UPDATE_KIND_UNSPECIFIED: WorkerUpdateKind.ValueType  # 0
+"""Never sent; the zero value."""
 WORKER_UPDATE_KIND_PREPARING: WorkerUpdateKind.ValueType  # 1
 """The worker claimed the job and is preparing it."""
 WORKER_UPDATE_KIND_RUNNING: WorkerUpdateKind.ValueType  # 2
@@ -57,7 +62,9 @@ WORKER_UPDATE_KIND_RUNNING: WorkerUpdateKind.ValueType  # 2
 WORKER_UPDATE_KIND_PROGRESS: WorkerUpdateKind.ValueType  # 3
 """Periodic progress while running."""
 WORKER_UPDATE_KIND_SUCCEEDED: WorkerUpdateKind.ValueType  # 4
+"""Training finished and the outputs are stored (output, evaluation)."""
 WORKER_UPDATE_KIND_FAILED: WorkerUpdateKind.ValueType  # 5
+"""The attempt failed and will not be retried (error)."""
 WORKER_UPDATE_KIND_CANCELLED: WorkerUpdateKind.ValueType  # 6
 """The worker stopped the job after a cancellation request."""
 Global___WorkerUpdateKind: _TypeAlias = WorkerUpdateKind  # noqa: Y015
@@ -76,7 +83,9 @@ class JobChanged(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     DELETED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
+    """Unique id of this event, also its Nats-Msg-Id (JetStream drops a republished duplicate)."""
     previous_state: _job_pb2.JobState.ValueType
+    """The job's state before this change; UNSPECIFIED on the event of its creation."""
     deleted: _builtins.bool
     """Set on the last event of a job: DeleteJob deleted it. `job` is then the job as it was when deleted (a
     final state, so a consumer that does not know this field stops following it and treats it as ended),
@@ -84,7 +93,9 @@ class JobChanged(_message.Message):
     ignore any older event of it that arrives later.
     """
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed."""
+
     @_builtins.property
     def job(self) -> _job_pb2.Job:
         """The job as committed, including its new revision."""
@@ -117,11 +128,17 @@ class DatasetChanged(_message.Message):
     DATASET_FIELD_NUMBER: _builtins.int
     DELETED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
+    """Unique id of this event, also its Nats-Msg-Id."""
     deleted: _builtins.bool
+    """Set on the last event of a dataset: DeleteDataset deleted it. Consumers forget it."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed."""
+
     @_builtins.property
-    def dataset(self) -> _dataset_pb2.Dataset: ...
+    def dataset(self) -> _dataset_pb2.Dataset:
+        """The dataset as committed (as it was when deleted, with `deleted`)."""
+
     def __init__(
         self,
         *,
@@ -160,25 +177,39 @@ class JobAssignment(_message.Message):
     ADMISSION_ESTIMATE_FIELD_NUMBER: _builtins.int
     TEST_URI_FIELD_NUMBER: _builtins.int
     WARM_START_FIELD_NUMBER: _builtins.int
+    SEALED_TRACKER_SECRETS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
+    """Unique id of this assignment, also its Nats-Msg-Id."""
     job_id: _builtins.str
+    """The job to run (its id)."""
     organization: _builtins.str
+    """The organization that owns the job."""
     train_uri: _builtins.str
     """Storage URIs of the normalized JSONL splits."""
     validation_uri: _builtins.str
+    """Storage URI of the normalized JSONL validation split; empty when the dataset has none."""
     dataset_format: _dataset_pb2.DatasetFormat.ValueType
+    """The format family of the splits (they hold normalized examples of it; see dataset.proto)."""
     output_prefix: _builtins.str
     """Storage URI prefix under which the worker writes checkpoints and outputs."""
     test_uri: _builtins.str
     """Storage URI of the normalized JSONL test split the evaluation after training reads; empty when the
     dataset has none (the evaluation is then SKIPPED).
     """
+    sealed_tracker_secrets: _builtins.bytes
+    """The job's tracker secrets (JobSpec.integrations: W&B api_key, MLflow token), which CreateJob took out
+    of the spec, sealed with the jobs service's credentials key (TUNEFORGE_CREDENTIALS_KEY, which workers
+    never hold); empty when the spec carried none. The worker holding the job trades it for the secrets
+    (TrackerSecretsRequest).
+    """
     @_builtins.property
     def spec(self) -> _job_pb2.JobSpec:
         """The spec with every default filled in."""
 
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the job was created."""
+
     @_builtins.property
     def admission_estimate(self) -> _estimation_pb2.HardwareFit:
         """The estimate the job was admitted with: EstimationService.ValidateHardware's fit on the GPU type the
@@ -207,14 +238,93 @@ class JobAssignment(_message.Message):
         admission_estimate: _estimation_pb2.HardwareFit | None = ...,
         test_uri: _builtins.str = ...,
         warm_start: Global___WarmStartSource | None = ...,
+        sealed_tracker_secrets: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["admission_estimate", b"admission_estimate", "create_time", b"create_time", "spec", b"spec", "warm_start", b"warm_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_estimate", b"admission_estimate", "create_time", b"create_time", "dataset_format", b"dataset_format", "event_id", b"event_id", "job_id", b"job_id", "organization", b"organization", "output_prefix", b"output_prefix", "spec", b"spec", "test_uri", b"test_uri", "train_uri", b"train_uri", "validation_uri", b"validation_uri", "warm_start", b"warm_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admission_estimate", b"admission_estimate", "create_time", b"create_time", "dataset_format", b"dataset_format", "event_id", b"event_id", "job_id", b"job_id", "organization", b"organization", "output_prefix", b"output_prefix", "sealed_tracker_secrets", b"sealed_tracker_secrets", "spec", b"spec", "test_uri", b"test_uri", "train_uri", b"train_uri", "validation_uri", b"validation_uri", "warm_start", b"warm_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobAssignment: _TypeAlias = JobAssignment  # noqa: Y015
+
+@_typing.final
+class TrackerSecretsRequest(_message.Message):
+    """Core NATS request on tuneforge.secrets.jobs.<job_id>, answered by the jobs service (queue group
+    "jobs-service"): the worker holding a job's current delivery asks for the job's tracker secrets. They
+    come back encrypted to the key pair the worker made for this one request, so neither NATS nor another
+    connection of the "worker" user can read them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job whose secrets are asked for."""
+    worker_id: _builtins.str
+    """The asking worker, which must hold the job's current delivery."""
+    attempt: _builtins.int
+    """That delivery (JetStream's delivery count, as in WorkerJobUpdate.attempt)."""
+    sealed: _builtins.bytes
+    """JobAssignment.sealed_tracker_secrets as the worker received it."""
+    public_key: _builtins.bytes
+    """The worker's one-time X25519 public key (32 raw bytes) the reply is encrypted to."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        worker_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        sealed: _builtins.bytes = ...,
+        public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "public_key", b"public_key", "sealed", b"sealed", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackerSecretsRequest: _TypeAlias = TrackerSecretsRequest  # noqa: Y015
+
+@_typing.final
+class TrackerSecretsReply(_message.Message):
+    """The answer to a TrackerSecretsRequest: the secrets, or why not."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    public_key: _builtins.bytes
+    """The jobs service's one-time X25519 public key (32 raw bytes)."""
+    encrypted: _builtins.bytes
+    """The secrets as JSON ({"WANDB_API_KEY": ..., "MLFLOW_TRACKING_TOKEN": ...}), encrypted with AES-GCM
+    under a key derived (HKDF-SHA256) from the two one-time keys: 12 bytes of nonce, then the ciphertext.
+    """
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Set instead when the request was refused (not the holder, a blob of another job, a key the service
+        lacks); its details carry an ErrorInfo with the reason.
+        """
+
+    def __init__(
+        self,
+        *,
+        public_key: _builtins.bytes = ...,
+        encrypted: _builtins.bytes = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted", b"encrypted", "error", b"error", "public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrackerSecretsReply: _TypeAlias = TrackerSecretsReply  # noqa: Y015
 
 @_typing.final
 class WarmStartSource(_message.Message):
@@ -270,19 +380,27 @@ class WorkerJobUpdate(_message.Message):
     EVALUATION_FIELD_NUMBER: _builtins.int
     TOKENS_TRAINED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
+    """Unique id of this update, also its Nats-Msg-Id (fixed per delivery for the transitions)."""
     job_id: _builtins.str
+    """The job it is about (its id)."""
     worker_id: _builtins.str
+    """The worker that holds the job."""
     attempt: _builtins.int
     """The JetStream delivery count of the assignment (1 on the first delivery)."""
     kind: Global___WorkerUpdateKind.ValueType
+    """What the update reports."""
     phase: _job_pb2.JobPhase.ValueType
     """What the job is doing now (with PREPARING, RUNNING and PROGRESS)."""
     tokens_trained: _builtins.int
     """Non-padding tokens trained so far in this attempt (with PROGRESS and SUCCEEDED)."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the worker sent it."""
+
     @_builtins.property
-    def progress(self) -> _job_pb2.JobProgress: ...
+    def progress(self) -> _job_pb2.JobProgress:
+        """Latest progress (with RUNNING and PROGRESS)."""
+
     @_builtins.property
     def output(self) -> _job_pb2.JobOutput:
         """With SUCCEEDED."""
@@ -338,8 +456,11 @@ class MetricsReported(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     POINTS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
+    """Unique id of this batch, also its Nats-Msg-Id."""
     @_builtins.property
-    def points(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.MetricPoint]: ...
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.MetricPoint]:
+        """The points of one job, in the order they were recorded."""
+
     def __init__(
         self,
         *,
@@ -363,8 +484,11 @@ class LogsReported(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
+    """Unique id of this batch, also its Nats-Msg-Id."""
     @_builtins.property
-    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.LogEntry]: ...
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.LogEntry]:
+        """The log lines of one job, in sequence order."""
+
     def __init__(
         self,
         *,
@@ -389,7 +513,9 @@ class MetricsStored(_message.Message):
 
     POINTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def points(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.MetricPoint]: ...
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.MetricPoint]:
+        """The points just stored, of one job."""
+
     def __init__(
         self,
         *,
@@ -411,7 +537,9 @@ class LogsStored(_message.Message):
 
     ENTRIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.LogEntry]: ...
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_metrics_pb2.LogEntry]:
+        """The log lines just stored, of one job."""
+
     def __init__(
         self,
         *,
@@ -450,14 +578,19 @@ class WorkerHeartbeat(_message.Message):
     GPU_NAME_FIELD_NUMBER: _builtins.int
     MULTI_NODE_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
+    """The worker's id (TUNEFORGE_WORKER_ID, or "<hostname>-<pid>")."""
     hostname: _builtins.str
+    """The host the worker runs on."""
     gpu_type: _builtins.str
     """The hardware option of its GPUs (e.g. "nvidia-h100"), "cpu", or empty for a GPU of unknown type."""
     gpu_count: _builtins.int
+    """GPUs it sees; 0 on a CPU worker."""
     state: _job_pb2.WorkerState.ValueType
+    """What the worker is doing: IDLE, BUSY, DRAINING, or STOPPED on its last heartbeat."""
     job_id: _builtins.str
     """While BUSY: the job it runs and the delivery (attempt) of it."""
     attempt: _builtins.int
+    """The delivery of job_id it runs (1 for the first); 0 when not BUSY."""
     interval_seconds: _builtins.float
     """Seconds until the next heartbeat; the jobs service waits at least three of them before it calls the
     worker gone.
@@ -479,7 +612,9 @@ class WorkerHeartbeat(_message.Message):
         """
 
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the heartbeat was sent."""
+
     def __init__(
         self,
         *,
