@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -80,7 +81,7 @@ from pydantic import Field, field_validator
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
-from trainer_worker import evaluation_report, hardware, vision, warm_start
+from trainer_worker import evaluation_report, hardware, trackers, vision, warm_start
 from trainer_worker.checkpointing import CheckpointStore
 from trainer_worker.distributed import MULTINODE_ENV
 from trainer_worker.errors import TrainingError, Transient, is_retryable
@@ -118,6 +119,7 @@ from tuneforge_core.reasons import Reason
 from tuneforge_core.settings import KitSettings
 from tuneforge_core.spec import upgrade_resolved
 from tuneforge_core.storage import ObjectStore, store_from_settings
+from tuneforge_core.tracker_secrets import OneTimeKey
 
 log = logging.getLogger("trainer_worker.agent")
 
@@ -173,6 +175,13 @@ class AgentSettings(KitSettings):
     # metrics_host (empty: 127.0.0.1; 0.0.0.0 in a container). 0: none (the default). Give each worker on
     # one host its own port; one that is taken is a warning, not a failure.
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # TUNEFORGE_MLFLOW_TRACKING_URI: the MLflow tracking server of jobs whose mlflow integration names
+    # none (any URI MLflow reads: http(s)://, sqlite:///, databricks). Empty: such a job fails
+    # DEPENDENCY_ERROR.
+    mlflow_tracking_uri: str = ""
+    # Seconds the worker keeps asking the jobs service for its job's tracker secrets (the service knows
+    # the worker holds the job once it has read the worker's PREPARING) before the attempt is retried.
+    worker_secrets_timeout_s: float = Field(default=30.0, gt=0)
 
     @field_validator("worker_pool")
     @classmethod
@@ -576,6 +585,8 @@ class JobRun:
         # The newest complete checkpoint stored for the job (fetched, or uploaded by this attempt): where a
         # next delivery resumes.
         self.stored_step: int | None = None
+        # The training process's tracker variables (JobSpec.integrations), secrets included; set in _prepare.
+        self.tracker_env: dict[str, str] = {}
 
     async def execute(self) -> Verdict:
         watch = await self._watch_cancellation()
@@ -594,6 +605,7 @@ class JobRun:
             with contextlib.suppress(Exception):
                 await watch.unsubscribe()
             if self._ran:
+                await self._store_tensorboard()
                 await self._store_training_log()
             if not self.settings.worker_keep_work_dirs:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -667,7 +679,51 @@ class JobRun:
         )
         await self._fetch_checkpoint(config.output_dir)
         config.dump(self.work_dir / "RUN.json")
+        await self._prepare_trackers(config)
         return config
+
+    async def _prepare_trackers(self, config: RunConfig) -> None:
+        """The training process's tracker variables (trainer_worker.trackers), with the job's own secrets,
+        and a line in the job's log saying which trackers it reports to (never the secrets)."""
+        spec = self.assignment.spec
+        if not spec.integrations:
+            return
+        secrets = await self._tracker_secrets() if self.assignment.sealed_tracker_secrets else {}
+        tracker_dir = _private_dir(self.work_dir / "trackers")  # W&B's run files, per attempt
+        self.tracker_env = trackers.child_env(spec, self.job_id, config.output_dir, tracker_dir, secrets,
+                                              self.settings.mlflow_tracking_uri)
+        self.reporter.log(trackers.describe(spec, secrets, self.settings.mlflow_tracking_uri))
+
+    async def _tracker_secrets(self) -> dict[str, str]:
+        """The job's tracker secrets from the jobs service, which answers only the worker holding the job
+        (tuneforge_core.tracker_secrets). Asked again while the service has not yet seen this delivery's
+        PREPARING; a refusal that stays past worker_secrets_timeout_s is a transient failure (the next
+        delivery asks again), a jobs service that cannot open them fails the job."""
+        nc = self.agent.nc
+        if nc is None:
+            raise Transient("the worker has no NATS connection to ask for the job's tracker secrets")
+        key = OneTimeKey()
+        request = events_pb2.TrackerSecretsRequest(
+            job_id=self.job_id, worker_id=self.agent.worker_id, attempt=self.attempt,
+            sealed=self.assignment.sealed_tracker_secrets, public_key=key.public).SerializeToString()
+        deadline = time.monotonic() + self.settings.worker_secrets_timeout_s
+        why = "no answer"
+        while True:
+            try:
+                msg = await nc.request(subjects.tracker_secrets(self.job_id), request, timeout=5)
+                reply = events_pb2.TrackerSecretsReply.FromString(msg.data)
+            except Exception as exc:  # no responder yet, a timeout, a reconnect
+                why = f"no answer ({type(exc).__name__})"
+            else:
+                if not reply.HasField("error"):
+                    return dict(json.loads(key.unbox(reply.public_key, reply.encrypted)))
+                why = reply.error.message
+                if "do not open" in why:  # the jobs service lacks the key they were sealed with
+                    raise TrainingError(Reason.DEPENDENCY_ERROR,
+                                        f"The job's tracker secrets could not be read: {why}.")
+            if time.monotonic() >= deadline:
+                raise Transient(f"the jobs service did not hand over the job's tracker secrets: {why}")
+            await asyncio.sleep(0.5)
 
     def _checkpoints(self) -> CheckpointStore:
         store, prefix = self.agent.locate(self.assignment.output_prefix)
@@ -712,6 +768,19 @@ class JobRun:
             await asyncio.to_thread(store_training_log, store, prefix, list(self.story.log_lines))
         except Exception:
             log.warning("job %s attempt %d: the training log was not stored", self.job_id, self.attempt,
+                        exc_info=True)
+
+    async def _store_tensorboard(self) -> None:
+        """TensorBoard's event files of the attempt to ``<output_prefix>/tensorboard/`` (beside earlier
+        attempts' files), whatever the outcome. A failure here changes nothing of the job's outcome."""
+        folder = self.work_dir / "out" / trackers.TENSORBOARD_DIR
+        if not folder.is_dir():
+            return
+        try:
+            store, prefix = self.agent.locate(self.assignment.output_prefix)
+            await asyncio.to_thread(store.put_dir, f"{prefix}/{trackers.TENSORBOARD_DIR}", folder)
+        except Exception:
+            log.warning("job %s attempt %d: the TensorBoard files were not stored", self.job_id, self.attempt,
                         exc_info=True)
 
     def _model_source(self, ref: str, field: str) -> ModelSource:
@@ -768,7 +837,8 @@ class JobRun:
 
     async def _train(self, config: RunConfig) -> Verdict:
         process = await TrainingProcess.start(
-            self.work_dir / "RUN.json", self.work_dir / "train.log", self.assignment.spec, self._child_env()
+            self.work_dir / "RUN.json", self.work_dir / "train.log", self.assignment.spec,
+            {**self._child_env(), **self.tracker_env},
         )
         self.reporter.log(f"Started the training process (pid {process.pid}).")
         tail = EventTail(config.events_file)

@@ -93,6 +93,8 @@ def worker_permissions() -> dict[str, dict[str, list[str]]]:
             subjects.ALL_WORKER_METRICS,
             subjects.ALL_WORKER_LOGS,
             subjects.WORKER_HEARTBEATS,
+            # Its job's tracker secrets (a request; the reply comes to its inbox).
+            subjects.ALL_TRACKER_SECRETS,
         ]},
         "subscribe": {"allow": [f"{inbox_prefix(WORKER_USER)}.>"]},
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from urllib.parse import urlsplit
 
 from google.protobuf.message import Message
 from tuneforge.v1 import dataset_pb2, job_pb2
@@ -112,6 +113,7 @@ def resolve_spec(
     _resolve_method(v, out, allow_user_reward_code=allow_user_reward_code)
     _resolve_evaluation(v, out)
     _check_warm_start(v, out)
+    _check_integrations(v, out)
     check_model_type(v, out)  # VLM: SFT with LoRA/QLoRA only (tuneforge_core.model_types)
     _check_precision_on_cpu(v, out)
     if out.output.merge_adapter and out.adapter not in MERGEABLE_ADAPTERS:
@@ -186,7 +188,7 @@ ADDED_SINCE_FIRST_RELEASE: frozenset[str] = frozenset({
     "grpo.ratio_clip_c", "grpo.token_level_loss", "grpo.num_prompts_per_step", "grpo.generation_batch_size",
     "grpo.importance_sampling_correction", "grpo.reward_model", "grpo.on_policy_kl_approximation",
     "output.keep_optimizer_state", "hardware.pool",
-    "evaluation", "warm_start", "model_type",
+    "evaluation", "warm_start", "model_type", "integrations",
 })
 
 
@@ -607,6 +609,70 @@ def _check_warm_start(v: Violations, out: job_pb2.JobSpec) -> None:
     elif w.restore_optimizer_state:
         v.add(f + "restore_optimizer_state", "needs spec.warm_start.checkpoint_step: only a checkpoint "
                                              "stores optimizer state")
+
+
+# Experiment trackers (JobSpec.integrations): W&B's own limits on names, and what the worker hands over.
+WANDB_NAME_RE = re.compile(r"^[^/\\#?%:\s][^/\\#?%:]{0,127}\Z")
+MAX_TRACKER_TAGS = 20
+MAX_TRACKER_SECRET = 512
+
+
+def _check_url(v: Violations, value: str, field: str) -> None:
+    """An http(s) URL with a host and no user info (secrets go in their own fields)."""
+    parsed = urlsplit(value)
+    v.check(len(value) <= 2048 and parsed.scheme in ("http", "https") and bool(parsed.hostname)
+            and not parsed.username and not parsed.password and not any(c.isspace() for c in value),
+            field, f"'{value[:128]}' is not an http:// or https:// URL with a host (and no user info)")
+
+
+def _check_secret(v: Violations, value: str, field: str) -> None:
+    """A token's shape only; never echoed back in the message."""
+    v.check(len(value) <= MAX_TRACKER_SECRET and value.isprintable() and not any(c.isspace() for c in value),
+            field, f"must be at most {MAX_TRACKER_SECRET} printable characters without spaces")
+
+
+def _check_integrations(v: Violations, out: job_pb2.JobSpec) -> None:
+    """JobSpec.integrations: one of each tracker at most, each with what it needs (job.proto)."""
+    seen: dict[str, int] = {}
+    for i, integration in enumerate(out.integrations):
+        f = f"spec.integrations[{i}]"
+        kind = integration.WhichOneof("integration")
+        if kind is None:
+            v.add(f, "set one of wandb, mlflow or tensorboard")
+            continue
+        if kind in seen:
+            v.add(f, f"{kind} is already spec.integrations[{seen[kind]}]; at most one {kind} integration")
+            continue
+        seen[kind] = i
+        if kind == "wandb":
+            w, f = integration.wandb, f + ".wandb."
+            if not w.project:
+                v.add(f + "project", "is required: the W&B project the run logs to")
+            else:
+                v.check(bool(WANDB_NAME_RE.match(w.project)), f + "project",
+                        f"'{w.project[:128]}' is not a W&B project name: 1-128 characters, none of "
+                        "/ \\ # ? % : and no leading space")
+            v.check(not w.entity or bool(WANDB_NAME_RE.match(w.entity)), f + "entity",
+                    f"'{w.entity[:128]}' is not a W&B entity: 1-128 characters, none of / \\ # ? % :")
+            v.check(len(w.name) <= 128 and w.name.isprintable(), f + "name",
+                    "must be at most 128 printable characters")
+            v.check(len(w.tags) <= MAX_TRACKER_TAGS, f + "tags",
+                    f"at most {MAX_TRACKER_TAGS} tags, got {len(w.tags)}")
+            for j, tag in enumerate(w.tags[:MAX_TRACKER_TAGS]):
+                v.check(0 < len(tag) <= 64 and tag.isprintable(), f"{f}tags[{j}]",
+                        "must be 1-64 printable characters")
+            _check_secret(v, w.api_key, f + "api_key")
+            if w.base_url:
+                _check_url(v, w.base_url, f + "base_url")
+        elif kind == "mlflow":
+            m, f = integration.mlflow, f + ".mlflow."
+            if m.tracking_uri:  # empty: the workers' TUNEFORGE_MLFLOW_TRACKING_URI
+                _check_url(v, m.tracking_uri, f + "tracking_uri")
+            v.check(len(m.experiment_name) <= 250 and m.experiment_name.isprintable(), f + "experiment_name",
+                    "must be at most 250 printable characters")
+            v.check(len(m.run_name) <= 250 and m.run_name.isprintable(), f + "run_name",
+                    "must be at most 250 printable characters")
+            _check_secret(v, m.token, f + "token")
 
 
 def _defaults(message: object, **values: float | int | bool) -> None:

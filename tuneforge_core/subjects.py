@@ -28,6 +28,8 @@ core NATS  tuneforge.live.metrics.<job_id>             MetricsStored, after the 
            tuneforge.live.logs.<job_id>                LogsStored
            tuneforge.worker.heartbeats                 WorkerHeartbeat, every few seconds from each worker
                                                         -> jobs service (queue group "jobs-service")
+           tuneforge.secrets.jobs.<job_id>             TrackerSecretsRequest from the job's worker, replied
+                                                        to by the jobs service (queue group "jobs-service")
 """
 
 from __future__ import annotations
@@ -204,4 +206,11 @@ def live_logs(job_id: str) -> str:
 ALL_WORKER_STATUS = "tuneforge.worker.jobs.*.status"
 ALL_WORKER_METRICS = "tuneforge.worker.jobs.*.metrics"
 ALL_WORKER_LOGS = "tuneforge.worker.jobs.*.logs"
+# Core NATS requests of a worker for its job's tracker secrets (TrackerSecretsRequest), answered by the jobs
+# service in its queue group JOBS_HEARTBEATS_QUEUE.
+ALL_TRACKER_SECRETS = "tuneforge.secrets.jobs.*"
+
+
+def tracker_secrets(job_id: str) -> str:
+    return f"tuneforge.secrets.jobs.{job_id}"
 ALL_JOB_EVENTS = "tuneforge.events.jobs.*"

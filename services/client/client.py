@@ -354,7 +354,8 @@ class TuneForgeClient:
         job = self.get_job(ref)
         what = {artifact_pb2.ARTIFACT_KIND_ADAPTER: "adapter", artifact_pb2.ARTIFACT_KIND_MERGED_MODEL:
                 "merged model", artifact_pb2.ARTIFACT_KIND_TRAINING_LOG: "training log",
-                artifact_pb2.ARTIFACT_KIND_EVALUATION_REPORT: "evaluation report"}.get(
+                artifact_pb2.ARTIFACT_KIND_EVALUATION_REPORT: "evaluation report",
+                artifact_pb2.ARTIFACT_KIND_TENSORBOARD: "TensorBoard event files"}.get(
                     kind, f"checkpoint of step {step}" if step else "complete checkpoint")
         state = job_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
         raise NotFound(f"job '{job.id}' has no {what} (it is {state})",

@@ -32,7 +32,6 @@ from tuneforge.v1 import dataset_service_pb2
 
 from services.datasets.cleanup import delete_objects, succeeded, to_the_end
 from services.datasets.converters import report_to_proto
-from services.datasets.credentials import CredentialCipher, CredentialsKeyError
 from services.datasets.domain import (
     DatasetFormat,
     DatasetRecord,
@@ -55,6 +54,7 @@ from services.datasets.sources import (
     parse_source,
 )
 from services.datasets.uploads import UploadManager, invalid_dataset, request_fingerprint
+from services.kit.credentials import CredentialCipher, CredentialsKeyError
 from services.kit.outbox import utcnow
 from services.kit.pools import BoundedPool, Slot
 from tuneforge_core.errors import (

@@ -40,6 +40,7 @@ COMPLETE = "COMPLETE"  # trainer_worker.checkpointing.COMPLETE: the worker's mar
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"  # the training log (trainer_worker.story: logs/training.log), stored when an attempt ends
 EVALUATION = "evaluation"  # evaluation/evaluation.json (trainer_worker.evaluation_report)
+TENSORBOARD = "tensorboard"  # TensorBoard event files (trainer_worker.trackers), stored when an attempt ends
 MANIFESTS = "manifests"
 MANIFEST_VERSION = 1
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
@@ -132,7 +133,7 @@ class ArtifactCatalog:
             if any(o.key == marker for o in entry.objects):
                 entry.objects = [o for o in entry.objects if o.key != marker]
                 found.append(entry)
-        folders = [(K.ARTIFACT_KIND_TRAINING_LOG, LOGS)]
+        folders = [(K.ARTIFACT_KIND_TRAINING_LOG, LOGS), (K.ARTIFACT_KIND_TENSORBOARD, TENSORBOARD)]
         if job.state == job_pb2.JOB_STATE_SUCCEEDED:
             folders.append((K.ARTIFACT_KIND_EVALUATION_REPORT, EVALUATION))
         for kind, name in folders:

@@ -31,9 +31,14 @@ from services.jobs.scheduler import SchedulerConfig
 from services.jobs.servicer import JobServicer
 from services.jobs.settings import JobSettings
 from services.jobs.telemetry import fleet_snapshot
+from services.jobs.tracker_secrets import TrackerSecretKeeper
 from services.jobs.usage import PriceBook
 from services.jobs.workers import WorkerRules
 from services.kit.consumer import PermanentError, consume
+
+# The deployment's one cipher of sealed credentials (TUNEFORGE_CREDENTIALS_KEY), with the datasets service,
+# which sealed first; both services run from the same settings and data dir. Only this wiring imports it.
+from services.kit.credentials import CredentialCipher
 from services.kit.db import Database
 from services.kit.identity import AuditRecord
 from services.kit.outbox import OutboxRelay, utcnow
@@ -79,6 +84,10 @@ class JobsComponent(Component):
         # Once a job ends, its non-final checkpoints lose their optimizer state (services.jobs.checkpoints).
         self.retention = CheckpointRetention(self.db, runtime.store)
         self.manager.on_job_ended = self.retention.wake
+        # Tracker secrets (JobSpec.integrations): sealed at CreateJob, handed to the holding worker only.
+        self.manager.tracker_secrets = TrackerSecretKeeper(self.db, lambda: CredentialCipher.from_settings(
+            settings.credentials_key.get_secret_value(), settings.data_dir))
+        self._secrets: Any = None
         self._heartbeats: Any = None
         self._changes: Any = None
         # GetJobArtifacts: S3 presigns its own download URLs; a local store's are served by this process.
@@ -131,6 +140,8 @@ class JobsComponent(Component):
             subjects.WORKER_HEARTBEATS, queue=subjects.JOBS_HEARTBEATS_QUEUE, cb=self._on_heartbeat)
         # Every replica's job changes, so that GetJob answers kept here never outlive them.
         self._changes = await self.runtime.nc.subscribe(subjects.ALL_JOB_EVENTS, cb=self._on_job_changed)
+        self._secrets = await self.runtime.nc.subscribe(
+            subjects.ALL_TRACKER_SECRETS, queue=subjects.JOBS_HEARTBEATS_QUEUE, cb=self._on_secrets_request)
         self.manager.listening_since = utcnow()
         self._serve_downloads()
         # /metrics (services.kit.telemetry): jobs by state, queues and workers, counted at each scrape.
@@ -153,7 +164,7 @@ class JobsComponent(Component):
     async def stop(self) -> None:
         if self._unregister_metrics is not None:
             self._unregister_metrics()
-        for subscription in (self._heartbeats, self._changes):
+        for subscription in (self._heartbeats, self._changes, self._secrets):
             if subscription is not None:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
@@ -171,6 +182,14 @@ class JobsComponent(Component):
             self.manager.read_cache.forget_all()
             return
         self.manager.read_cache.observe(changed.job.id)
+
+    async def _on_secrets_request(self, msg: Msg) -> None:
+        """A worker asks for its job's tracker secrets (services.jobs.tracker_secrets)."""
+        assert self.manager.tracker_secrets is not None
+        try:
+            await msg.respond(await self.manager.tracker_secrets.answer(msg.data))
+        except Exception:  # the worker asks again, then fails the job saying so
+            log.exception("could not answer a tracker secrets request on %s", msg.subject)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:

@@ -62,6 +62,7 @@ from services.jobs.quotas import SLOT_STATES, JobQuotas, held_note
 from services.jobs.read_cache import JobReadCache
 from services.jobs.repository import JobLookups, JobReader, JobRepository, WorkerRepository
 from services.jobs.scheduler import Candidate, SchedulerConfig, jobs_ahead, plan, unservable
+from services.jobs.tracker_secrets import TrackerSecretKeeper
 from services.jobs.usage import PriceBook
 from services.jobs.workers import (
     WorkerRules,
@@ -95,6 +96,7 @@ from tuneforge_core.reasons import Reason
 from tuneforge_core.spec import check_dataset_fit, check_dataset_options, resolve_spec
 from tuneforge_core.states import FINAL, cancelled_status
 from tuneforge_core.storage import ObjectStore
+from tuneforge_core.tracker_secrets import take_secrets
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,8 @@ class JobManager:
         # Called (from a database thread) after each commit that ended a job: checkpoint retention
         # (services.jobs.checkpoints) wakes on it. A no-op until one is wired in.
         self.on_job_ended: Callable[[], None] = lambda: None
+        # Seals the tracker secrets of new jobs (services.jobs.tracker_secrets); set by the component.
+        self.tracker_secrets: TrackerSecretKeeper | None = None
         # Since when this process hears heartbeats (the component resets it after a NATS reconnect): a
         # worker's silence only counts from here.
         self.listening_since = utcnow()
@@ -372,6 +376,11 @@ class JobManager:
                 f"{request.priority} is not a JobPriority (LOW, NORMAL or HIGH)")
         v.raise_if_any("request is invalid")
         spec = resolve_spec(request.spec, allow_user_reward_code=self.allow_user_reward_code)
+        # Tracker secrets leave the spec before anything else sees it (tuneforge_core.tracker_secrets).
+        secrets = take_secrets(spec)
+        if secrets and self.tracker_secrets is None:
+            raise FailedPrecondition("spec.integrations: this jobs service cannot keep tracker secrets (no "
+                                     "credentials key); leave api_key and token empty")
         org = request.organization
         refusal = unservable(spec.hardware, self.scheduler.pools)
         if refusal is not None:  # TUNEFORGE_WORKER_POOLS: no declared pool could ever run it
@@ -431,6 +440,8 @@ class JobManager:
             test_uri=_split_uri(dataset, dataset_pb2.DATASET_SPLIT_KIND_TEST),
             output_prefix=self.store.uri(f"jobs/{org}/{job_id}"),
             admission_estimate=admitted, warm_start=warm,
+            sealed_tracker_secrets=(self.tracker_secrets.seal(job_id, secrets)
+                                    if self.tracker_secrets is not None else b""),
         )
         assignment.create_time.CopyFrom(to_timestamp(now))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from services.jobs.scheduler import parse_org_weights, parse_worker_pools
 from tuneforge_core.settings import KitSettings
@@ -62,6 +62,11 @@ class JobSettings(KitSettings):
     # TUNEFORGE_DOWNLOAD_KEY: HMAC key(s) signing local download URLs (comma-separated: the first signs,
     # any verifies). Empty: one generated once in <data_dir>/secrets/download.key.
     download_key: str = Field(default="", repr=False)
+    # TUNEFORGE_CREDENTIALS_KEY: the Fernet key(s) that seal the tracker secrets of jobs
+    # (JobSpec.integrations; services.jobs.tracker_secrets), the same setting and generated key file as the
+    # datasets service's import credentials. Workers never get it
+    # (services.platform.supervisor.WORKER_WITHHELD).
+    credentials_key: SecretStr = SecretStr("")
 
     @field_validator("org_weights")
     @classmethod

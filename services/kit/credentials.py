@@ -1,4 +1,5 @@
-"""Encryption of the secrets a dataset import needs while it runs.
+"""Encryption of the secrets the platform keeps for later: a dataset import's source credentials and a
+job's experiment-tracker keys (services/jobs/tracker_secrets.py).
 
 An import outlives its CreateDataset call (it runs in the background, and resumes after a restart), so
 the request that started it, credentials included, is kept as an object next to the dataset, sealed with

@@ -23,7 +23,6 @@ from tuneforge.v1.dataset_service_pb2_grpc import DatasetServiceStub
 
 from services.datasets.component import MIGRATIONS
 from services.datasets.converters import source_to_proto
-from services.datasets.credentials import KEY_FILE, CredentialCipher, CredentialsKeyError
 from services.datasets.domain import DatasetState
 from services.datasets.imports import IMPORT_MANIFEST
 from services.datasets.manager import DatasetManager
@@ -41,6 +40,7 @@ from services.datasets.sources import (
     import_request_from_proto,
     parse_source,
 )
+from services.kit.credentials import KEY_FILE, CredentialCipher, CredentialsKeyError
 from services.kit.db import Database
 from tests.auth import service_credentials
 from tests.datasets.helpers import (

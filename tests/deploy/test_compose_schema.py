@@ -175,7 +175,7 @@ def test_every_secret_file_is_one_make_secrets_writes(tmp_path: Path) -> None:
     assert (tmp_path / "secrets" / "postgres_password").read_text() == before
     assert before.strip() in (tmp_path / "secrets" / "database_url").read_text()
     # The credentials key is one the datasets service accepts.
-    from services.datasets.credentials import CredentialCipher
+    from services.kit.credentials import CredentialCipher
 
     cipher = CredentialCipher.from_settings((tmp_path / "secrets" / "credentials_key").read_text().strip(),
                                             tmp_path / "unused")

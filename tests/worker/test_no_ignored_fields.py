@@ -62,6 +62,15 @@ ALLOWED: dict[str, str] = {
     "warm_start.restore_optimizer_state": "trainer_worker.warm_start.restore_optimizer_state",
     "method": "picks the recipe; every other case here builds one",
     "adapter": "picks the PEFT config; the lora/quantization/prompt_tuning cases build each",
+    # Experiment trackers: TrainingArguments.report_to plus the runs trainer_worker.trackers starts from the
+    # training process's environment; each read back from the tracker in tests/worker/test_trackers.py and
+    # tests/e2e/test_trackers.py.
+    **{f"integrations.{field}": "trainer_worker.trackers (tests/worker/test_trackers.py)" for field in (
+        "wandb.project", "wandb.entity", "wandb.name", "wandb.tags", "wandb.base_url",
+        "mlflow.tracking_uri", "mlflow.experiment_name", "mlflow.run_name")},
+    "integrations.wandb.api_key": "taken out at CreateJob, sealed, handed to the job's worker only "
+    "(tests/e2e/test_trackers.py: W&B receives it)",
+    "integrations.mlflow.token": "as wandb.api_key; MLFLOW_TRACKING_TOKEN in the training process",
 }
 # (field, method) pairs that are accepted without a trainer setting, with why. Keep this short.
 ALLOWED_FOR_METHOD: dict[tuple[str, str], str] = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import math
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,7 +35,7 @@ from transformers import (
 )
 from tuneforge.v1 import job_pb2
 
-from trainer_worker import checkpointing, distributed, warm_start
+from trainer_worker import checkpointing, distributed, trackers, warm_start
 from trainer_worker.errors import Cancelled, TrainingError
 from trainer_worker.events import EarlyStopInfo, EventSink
 from trainer_worker.recipes.callbacks import DivergenceWatchdog, MetricsCallback, StopCallback
@@ -105,14 +106,22 @@ class BaseRecipe(ABC):
 
     def run(self) -> tuple[Path, Path | None, dict[str, float]]:
         """setup -> train -> save -> evaluate -> cleanup; returns (adapter_dir, merged_dir, final_metrics)."""
+        runs = trackers.TrackerRuns(self.spec, self.cfg.job_id, self.cfg.attempt, os.environ)
+        succeeded = False
         try:
+            trackers.check_installed(self.spec)  # before anything loads
             self.setup()
+            if self.spec.integrations and distributed.world().is_main:  # before the first step
+                for started in runs.start():
+                    self.sink.log(f"Started the {started}.")
             self.train()
             adapter_dir, merged_dir = self.save()
             metrics = self.final_metrics()
             self.evaluate()
+            succeeded = True
             return adapter_dir, merged_dir, metrics
         finally:
+            runs.finish(succeeded)
             self.cleanup()
 
     def evaluate(self) -> None:
@@ -467,7 +476,9 @@ class BaseRecipe(ABC):
             "load_best_model_at_end": keep_best,
             "metric_for_best_model": hp.metric_for_best_model if keep_best else None,
             "greater_is_better": greater_is_better(hp.metric_for_best_model) if keep_best else None,
-            "report_to": "none",
+            # JobSpec.integrations (trainer_worker.trackers starts the runs these callbacks log to).
+            "report_to": trackers.report_to(self.spec),
+            "run_name": self.cfg.job_id,
             "disable_tqdm": True,
             **distributed.trainer_kwargs(self.spec),
         }
