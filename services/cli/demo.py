@@ -58,7 +58,8 @@ def run_demo(data_dir: Path, *, examples: int, epochs: int, console: Console) ->
     roots = {"TUNEFORGE_MODEL_ROOTS": str(model_dir.parent.resolve())}
     platform = Platform(PlatformConfig(data_dir=data_dir / "platform", grpc_port=0, workers=1, env=roots))
     platform.start()
-    console.print(f"[bold]2/5[/bold] platform up on {platform.address} (NATS {platform.nats_url})")
+    console.print(f"[bold]2/5[/bold] platform up on {platform.address} (NATS {platform.nats_url}; REST/JSON "
+                  f"and web console on {platform.http_url}/)")
     try:
         # `tuneforge up` wrote the default organization's first admin key into its data dir.
         with TuneForgeClient(platform.address, api_key=read_admin_key(platform.data_dir)) as client:

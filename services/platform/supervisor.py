@@ -2,8 +2,10 @@
 end-to-end tests run.
 
 Processes: a nats-server (unless a NATS URL is given), one services process hosting the four services,
-and N trainer workers. Each default (NATS, database, storage) can point at real infrastructure through the
-same TUNEFORGE_* variables the services read.
+the HTTP/JSON gateway (services.gateway: REST routes, OpenAPI and the web console, a gRPC client of the
+services on `http_host:http_port`; `Platform.http_url` once started), and N trainer workers. Each
+default (NATS, database, storage) can point at real infrastructure through the same TUNEFORGE_* variables
+the services read.
 
 One platform per data dir: `Platform.start` takes an exclusive lock (flock) on <data_dir>/platform.lock,
 which holds the supervisor's pid, and a second platform on the same data dir fails at once naming that
@@ -68,6 +70,11 @@ class PlatformConfig:
     data_dir: Path
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
+    # The HTTP/JSON gateway's address. None: 8080, or any free port when grpc_port is 0 (tests, the demo)
+    # so that platforms started side by side never share a port. `http=False` starts no gateway.
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    http: bool = True
     nats_url: str = ""
     workers: int = 1
     # Extra TUNEFORGE_* (or other) variables for every child, e.g. DATABASE_URL, STORAGE_URL.
@@ -82,6 +89,15 @@ class PlatformConfig:
 WORKER_WITHHELD = ("TUNEFORGE_DATABASE_URL", "TUNEFORGE_SERVICE_TOKEN", "TUNEFORGE_CREDENTIALS_KEY",
                    "TUNEFORGE_PAGE_TOKEN_KEY", "TUNEFORGE_TLS_KEY_FILE", "TUNEFORGE_TLS_CLIENT_CA_FILE",
                    "TUNEFORGE_OIDC_ISSUERS", "TUNEFORGE_BOOTSTRAP_ADMIN_KEY_FILE")
+
+# What the HTTP gateway never gets: it is a gRPC client carrying each caller's own key, so none of the
+# services' secrets and no NATS credentials (it has no NATS user). It keeps the TLS files: with TLS its
+# channel to the services is TLS too, and with a client CA it shows the services' certificate, as the
+# services' own channels do (services.kit.runtime.channel_credentials).
+GATEWAY_WITHHELD = (*(name for name in WORKER_WITHHELD if not name.startswith("TUNEFORGE_TLS_")),
+                    "TUNEFORGE_PAGE_TOKEN_KEY_FILE", "TUNEFORGE_SERVICE_TOKEN_FILE",
+                    "TUNEFORGE_DATABASE_URL_FILE", "TUNEFORGE_CREDENTIALS_KEY_FILE", "TUNEFORGE_NATS_USER",
+                    "TUNEFORGE_NATS_PASSWORD", "TUNEFORGE_NATS_PASSWORD_FILE")
 
 # Where the embedded platform keeps the first admin key of the default organization (mode 0600); the CLI
 # reads it from the same data dir when TUNEFORGE_API_KEY is not set.
@@ -147,6 +163,10 @@ class Platform:
         self.nats_url = config.nats_url
         self.address = ""
         self.services: subprocess.Popen[bytes] | None = None
+        self.http_url = ""  # the gateway's URL once it serves, e.g. http://127.0.0.1:8080
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self._gateway_restarts = _Restarts(config.restart_delay_s)
+        self._gateway_serving = False
         # One entry per worker slot; a restarted worker replaces its slot's process.
         self.workers: list[subprocess.Popen[bytes]] = []
         self._slots: list[_WorkerSlot] = []
@@ -242,6 +262,12 @@ class Platform:
                     check_address(self.config.grpc_host, self.config.grpc_port)
                 except AddressInUse as exc:
                     raise PlatformStartError(f"{exc}{_HINT}") from None
+            if self.config.http and self.http_port:
+                try:
+                    check_address(self.config.http_host, self.http_port)
+                except AddressInUse as exc:
+                    raise PlatformStartError(f"{exc} (another TuneForge may be running there; choose another "
+                                             "with --http-port or TUNEFORGE_HTTP_PORT)") from None
             if not self.nats_url:
                 self.nats_auth = NatsAuth.load_or_create(self.data_dir / NATS_AUTH_DIR)
                 self.nats = _Nats(self.data_dir / "nats", auth=self.nats_auth, pass_fds=self._inherited_fds(),
@@ -268,8 +294,11 @@ class Platform:
                 time.sleep(0.05)
             self.address = ready.read_text().strip()
             self._services_serving = True
+            gateway_ready = self._start_gateway() if self.config.http else None
             for _ in range(self.config.workers):
                 self.start_worker()
+            if gateway_ready is not None:
+                self._wait_gateway(gateway_ready, deadline)
             self._write_state()
         except BaseException:
             self.stop()
@@ -288,12 +317,81 @@ class Platform:
         self._services_serving = False
         return ready
 
+    @property
+    def http_port(self) -> int:
+        """The port the gateway is asked to listen on (its first port again after a restart)."""
+        if self.http_url:
+            return int(self.http_url.rsplit(":", 1)[1].rstrip("/"))
+        if self.config.http_port is not None:
+            return self.config.http_port
+        return 0 if self.config.grpc_port == 0 else 8080
+
+    def _start_gateway(self) -> Path:
+        """Starts the HTTP gateway (a gRPC client of the services' address, holding no secret of theirs);
+        it writes its URL to the returned file once it listens."""
+        ready = self.data_dir / "gateway.address"
+        ready.unlink(missing_ok=True)
+        host = self.address.rsplit(":", 1)[0]
+        if host in ("0.0.0.0", "[::]", "::"):
+            host = "127.0.0.1"
+        env = {"TUNEFORGE_READY_FILE": str(ready), "TUNEFORGE_HTTP_HOST": self.config.http_host,
+               "TUNEFORGE_HTTP_PORT": str(self.http_port),
+               "TUNEFORGE_GATEWAY_GRPC_TARGET": f"{host}:{self.address.rsplit(':', 1)[1]}"}
+        self.gateway = self._spawn(["-m", "services.gateway"], "gateway.log", env,
+                                   withhold=GATEWAY_WITHHELD)
+        self._gateway_serving = False
+        return ready
+
+    def _wait_gateway(self, ready: Path, deadline: float) -> None:
+        gateway = self.gateway
+        assert gateway is not None
+        while not ready.exists():
+            code = gateway.poll()
+            where = f"{self.config.http_host}:{self.http_port}"
+            if code == EXIT_ADDRESS_IN_USE:
+                raise PlatformStartError(f"address {where} is already in use (another TuneForge may be "
+                                         "running there; choose another with --http-port or "
+                                         "TUNEFORGE_HTTP_PORT)")
+            if code is not None:
+                raise PlatformStartError(f"the HTTP gateway exited with {code}; see "
+                                         f"{self.logs_dir / 'gateway.log'}")
+            if time.monotonic() > deadline:
+                raise PlatformStartError(f"the HTTP gateway did not start in time; see "
+                                         f"{self.logs_dir / 'gateway.log'}")
+            time.sleep(0.05)
+        self.http_url = ready.read_text().strip()
+        self._gateway_serving = True
+
+    def _supervise_gateway(self, now: float) -> list[str]:
+        """Restarts a gateway that died, on the same port, after its delay."""
+        assert self.gateway is not None
+        restarts = self._gateway_restarts
+        code = self.gateway.poll()
+        if code is None:
+            ready = self.data_dir / "gateway.address"
+            if self._gateway_serving or not ready.exists():
+                return []
+            self.http_url, self._gateway_serving = ready.read_text().strip(), True
+            self._write_state()
+            return [f"HTTP gateway restarted (pid {self.gateway.pid}, {self.http_url}, restart "
+                    f"{restarts.count})"]
+        if restarts.due_at is None:
+            delay = restarts.schedule(now, self.config.restart_delay_s)
+            return [f"HTTP gateway (pid {self.gateway.pid}) exited with {_exit(code)}; restarting it in "
+                    f"{delay:g} s"]
+        if now < restarts.due_at:
+            return []
+        self._start_gateway()
+        restarts.started(now)
+        return []
+
     def _write_state(self) -> None:
         assert self.services is not None
         (self.data_dir / "platform.json").write_text(json.dumps({
             "address": self.address, "nats_url": self.nats_url,
             "nats_pid": self.nats.pid if self.nats else None,
-            "services_pid": self.services.pid, "worker_pids": [w.pid for w in self.workers]}))
+            "services_pid": self.services.pid, "worker_pids": [w.pid for w in self.workers],
+            "http_url": self.http_url, "gateway_pid": self.gateway.pid if self.gateway else None}))
 
     def _spawn_worker(self, index: int, worker_id: str) -> subprocess.Popen[bytes]:
         env = {"TUNEFORGE_WORKER_ID": worker_id} if worker_id else {}
@@ -319,6 +417,8 @@ class Platform:
             lines += self._supervise_nats(now)
         if self.services is not None:
             lines += self._supervise_services(now)
+        if self.gateway is not None:
+            lines += self._supervise_gateway(now)
         for slot in self._slots:
             worker = self.workers[slot.index]
             code = worker.poll()
@@ -410,6 +510,8 @@ class Platform:
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM everything (workers first, so they hand their jobs back), wait, then SIGKILL."""
         children = [w for w in self.workers if w.poll() is None]
+        if self.gateway and self.gateway.poll() is None:
+            children.append(self.gateway)
         if self.services and self.services.poll() is None:
             children.append(self.services)
         for child in children:

@@ -325,12 +325,14 @@ def test_network_policies_deny_by_default_and_follow_the_service_graph(name: str
                             callers.add(component)
         return callers
 
-    # README's service graph: jobs -> datasets, estimation; estimation -> datasets; metrics, serving -> jobs.
-    assert allowed_callers("datasets") == {"jobs", "estimation"}
-    assert allowed_callers("estimation") == {"jobs"}
-    assert allowed_callers("jobs") == {"metrics", "serving"}
+    # README's service graph: jobs -> datasets, estimation; estimation -> datasets; metrics, serving -> jobs;
+    # and the HTTP gateway's gRPC router (`gateway`, base/http.yaml) -> every service
+    # (test_k8s_http_gateway.py checks who reaches the router, port by port).
+    assert allowed_callers("datasets") == {"jobs", "estimation", "gateway"}
+    assert allowed_callers("estimation") == {"jobs", "gateway"}
+    assert allowed_callers("jobs") == {"metrics", "serving", "gateway"}
     for service in ("identity", "metrics", "serving"):
-        assert allowed_callers(service) == set()
+        assert allowed_callers(service) == {"gateway"}
     # Workers take no connections; they reach NATS (and S3) by their labels.
     worker_labels = named(docs, "Deployment", "worker-cpu")["spec"]["template"]["metadata"]["labels"]
     assert worker_labels["tuneforge.dev/nats-client"] == "true"

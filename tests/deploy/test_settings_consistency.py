@@ -28,6 +28,11 @@ PACKAGES = ("services", "trainer_worker", "tuneforge_core")
 COMPOSE = ROOT / "docker-compose.yml"
 # Settings whose value is a network address of another part of the same deployment.
 URL_SETTINGS = ("TUNEFORGE_NATS_URL", "TUNEFORGE_S3_ENDPOINT_URL", "TUNEFORGE_DATABASE_URL")
+# host:port addresses not named *_ADDRESS (the HTTP gateway's gRPC target).
+HOST_PORT_SETTINGS = ("TUNEFORGE_GATEWAY_GRPC_TARGET",)
+# Processes that are neither services nor workers: the HTTP gateway and its gRPC router (base/http.yaml).
+# They hold no secret and reach no NATS, database or store (the HTTP gateway forwards callers' keys).
+GATEWAY_PROCESSES = ("http/", "gateway/")
 # Settings every process of one deployment must see alike (one work queue, one NATS, one store, one
 # database, tokens every replica must verify).
 SHARED_SETTINGS = ("TUNEFORGE_NATS_URL", "TUNEFORGE_NATS_STREAM_REPLICAS", "TUNEFORGE_STORAGE_URL",
@@ -127,8 +132,13 @@ def kuberay_head_services(docs: tuple[Doc, ...]) -> dict[str, set[int]]:
     return services
 
 
+def is_address(var: str) -> bool:
+    named_address = var.startswith("TUNEFORGE_") and var.endswith("_ADDRESS")
+    return named_address or var in URL_SETTINGS + HOST_PORT_SETTINGS
+
+
 def host_port(name: str, value: str) -> tuple[str, int | None]:
-    if name.endswith("_ADDRESS"):
+    if name.endswith("_ADDRESS") or name in HOST_PORT_SETTINGS:
         host, _, port = value.rpartition(":")
         return host, int(port)
     url = urlsplit(value)
@@ -152,7 +162,7 @@ def test_k8s_addresses_point_at_services_of_the_same_deployment(name: str) -> No
     checked = set()
     for process, env in k8s_processes(name).items():
         for var, value in env.items():
-            if not (var.endswith("_ADDRESS") and var.startswith("TUNEFORGE_")) and var not in URL_SETTINGS:
+            if not is_address(var):
                 continue
             if isinstance(value, dict):  # from a Secret: the example shows its shape
                 value = example_secret(value)
@@ -163,7 +173,8 @@ def test_k8s_addresses_point_at_services_of_the_same_deployment(name: str) -> No
             assert port is None or port in services[host], f"{process}: {var}={value}: port not served"
             checked.add(var)
     assert {"TUNEFORGE_NATS_URL", "TUNEFORGE_DATABASE_URL", "TUNEFORGE_S3_ENDPOINT_URL",
-            "TUNEFORGE_JOBS_ADDRESS", "TUNEFORGE_DATASETS_ADDRESS", "TUNEFORGE_ESTIMATION_ADDRESS"} <= checked
+            "TUNEFORGE_JOBS_ADDRESS", "TUNEFORGE_DATASETS_ADDRESS", "TUNEFORGE_ESTIMATION_ADDRESS",
+            "TUNEFORGE_GATEWAY_GRPC_TARGET"} <= checked
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -175,6 +186,11 @@ def test_k8s_processes_agree_on_shared_settings_and_have_what_they_need(name: st
     for process, env in processes.items():
         if process.startswith("tuneforge-migrations/"):
             assert "TUNEFORGE_DATABASE_URL" in env
+            continue
+        if process.startswith(GATEWAY_PROCESSES):
+            held = {"TUNEFORGE_NATS_URL", "TUNEFORGE_NATS_PASSWORD", "TUNEFORGE_DATABASE_URL",
+                    "TUNEFORGE_SERVICE_TOKEN", "TUNEFORGE_PAGE_TOKEN_KEY", "TUNEFORGE_STORAGE_URL"} & set(env)
+            assert held == set(), f"{process} holds {held}"
             continue
         for var in ("TUNEFORGE_NATS_URL", "TUNEFORGE_NATS_USER", "TUNEFORGE_NATS_PASSWORD",
                     "TUNEFORGE_STORAGE_URL", "TUNEFORGE_WORK_ACK_WAIT_S", "TUNEFORGE_WORK_MAX_DELIVER"):
@@ -225,7 +241,7 @@ def test_compose_addresses_point_at_compose_services() -> None:
     checked = set()
     for name, service in services.items():
         for var, value in compose_environment(service).items():
-            if not (var.endswith("_ADDRESS") and var.startswith("TUNEFORGE_")) and var not in URL_SETTINGS:
+            if not is_address(var):
                 continue
             if not value or "${" in value:
                 continue
@@ -245,9 +261,12 @@ def test_compose_services_agree_on_shared_settings() -> None:
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_compose_and_k8s_name_the_services_alike(name: str) -> None:
     """The same service names and ports in both (a client or script written for one works on the other)."""
-    k8s = {var: env[var] for env in k8s_processes(name).values() for var in env if var.endswith("_ADDRESS")}
+    k8s = {var: env[var] for env in k8s_processes(name).values() for var in env
+           if var.endswith("_ADDRESS") or var in HOST_PORT_SETTINGS}
     in_compose = {var: value for s in compose()["services"].values()
-                  for var, value in compose_environment(s).items() if var.endswith("_ADDRESS")}
+                  for var, value in compose_environment(s).items()
+                  if var.endswith("_ADDRESS") or var in HOST_PORT_SETTINGS}
     assert k8s and in_compose
+    assert "TUNEFORGE_GATEWAY_GRPC_TARGET" in k8s.keys() & in_compose.keys()
     for var in k8s.keys() & in_compose.keys():
         assert k8s[var] == in_compose[var], var

@@ -1,0 +1,339 @@
+"""The aiohttp application: the REST/JSON routes of every RPC, OpenAPI, and the web console at `/`.
+
+A gRPC client of the services, nothing more: each HTTP request becomes one call on the services' address
+carrying the caller's `Authorization` header as `authorization` metadata, so authentication, roles and
+organization scoping are the services' own, exactly as for a gRPC client.
+
+- Unary RPCs: JSON in (body and/or query parameters and path variables), JSON out.
+- Server-streaming RPCs (WatchJob, StreamMetrics, StreamLogs): server-sent events, one `data:` line of JSON
+  per response message; a failure after the stream began is an `event: error` with the Status JSON. An
+  error before the first message (unknown job, missing key) is a plain HTTP error. A comment line every
+  KEEPALIVE_S keeps proxies from closing a quiet stream and tells the gateway when the client went away;
+  the gRPC call is cancelled then (or as soon as aiohttp sees the connection close).
+- Client-streaming RPCs (UploadDataset, ValidateDataset): the raw request body is the file, streamed on in
+  CHUNK_BYTES messages as it arrives (never held whole in memory); the metadata message's fields are query
+  parameters (`?name=chat&filename=chat.jsonl&split.trainFraction=0.9`).
+
+Input the gateway refuses before calling a service (bad JSON, an unknown field, a value of the wrong type,
+an unknown enum name) is 400 with a google.rpc.BadRequest naming the field; a JSON body over
+`max_body_bytes` is 413 (RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from aiohttp import web
+from google.protobuf import message, message_factory
+from google.protobuf.descriptor import FieldDescriptor
+from google.rpc import code_pb2, status_pb2
+
+from services.gateway import errors, transcode
+from services.gateway.rules import Route, TemplateError, all_routes
+from tuneforge_core.reasons import Reason
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the services' limit on one message (services.kit.runtime)
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+UNARY_TIMEOUT_S = 120.0
+UPLOAD_TIMEOUT_S = 3600.0
+KEEPALIVE_S = 15.0
+# How long a stream waits for its first message before it sends its headers: errors the service raises at
+# once (unknown job, no key) become plain HTTP errors; a quiet stream starts anyway after this.
+FIRST_MESSAGE_WAIT_S = 1.0
+
+OPENAPI_FILE = Path(__file__).resolve().parents[2] / "gen" / "openapi" / "tuneforge.v1.openapi.json"
+
+CHANNEL_KEY: web.AppKey[grpc.aio.Channel] = web.AppKey("gateway_channel", grpc.aio.Channel)
+ACTIVE_STREAMS: web.AppKey[dict[str, int]] = web.AppKey("gateway_active_streams", dict)
+_JSON = "application/json"
+
+
+def _message_class(desc: Any) -> type[message.Message]:
+    cls: type[message.Message] = message_factory.GetMessageClass(desc)
+    return cls
+
+
+def _error_response(status: status_pb2.Status, http: int | None = None,
+                    headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=http or errors.http_status(status.code), body=errors.status_json(status),
+                        content_type=_JSON, headers=headers)
+
+
+def _metadata(request: web.Request) -> list[tuple[str, str]]:
+    metadata = []
+    authorization = request.headers.get("Authorization")
+    if authorization:
+        metadata.append(("authorization", authorization))
+    request_id = request.headers.get("X-Request-Id")
+    if request_id:
+        metadata.append(("x-request-id", request_id))
+    return metadata
+
+
+def _query(request: web.Request) -> dict[str, list[str]]:
+    query: dict[str, list[str]] = {}
+    for key, value in request.query.items():
+        query.setdefault(key, []).append(value)
+    return query
+
+
+class Gateway:
+    """The routes and the handlers; one per application."""
+
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None = None, *,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, openapi_file: Path = OPENAPI_FILE) -> None:
+        self.target = target
+        self.credentials = credentials
+        self.max_body_bytes = max_body_bytes
+        self.openapi_file = openapi_file
+        self.routes = all_routes()
+        for route in self.routes:
+            if route.client_streaming and not route.server_streaming:
+                _upload_fields(route)  # refuse at start a client stream this gateway cannot carry
+            elif route.client_streaming:
+                raise TemplateError(f"{route.method.full_name}: bidirectional streams have no HTTP form")
+        self.channel: grpc.aio.Channel | None = None
+        self._callables: dict[str, Callable[..., Any]] = {}
+        self._openapi: bytes | None = None
+
+    # -- lifecycle --
+    async def start(self, app: web.Application) -> None:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self.channel = (
+            grpc.aio.secure_channel(self.target, self.credentials, options=options)
+            if self.credentials is not None else grpc.aio.insecure_channel(self.target, options=options))
+        app[CHANNEL_KEY] = self.channel
+
+    async def close(self, _app: web.Application) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    def _callable(self, route: Route) -> Callable[..., Any]:
+        key = route.full_name
+        if key not in self._callables:
+            assert self.channel is not None
+            request_cls = _message_class(route.method.input_type)
+            response_cls = _message_class(route.method.output_type)
+            kinds = {(False, False): self.channel.unary_unary, (False, True): self.channel.unary_stream,
+                     (True, False): self.channel.stream_unary}
+            kind = kinds[(route.client_streaming, route.server_streaming)]
+            self._callables[key] = kind(key, request_serializer=request_cls.SerializeToString,
+                                        response_deserializer=response_cls.FromString)
+        return self._callables[key]
+
+    # -- dispatch --
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        raw_path = request.rel_url.raw_path
+        allowed: set[str] = set()
+        for route in self.routes:
+            variables = route.path.match(raw_path)
+            if variables is None:
+                continue
+            if route.http_method != request.method:
+                allowed.add(route.http_method)
+                continue
+            try:
+                if route.client_streaming:
+                    return await self._client_stream(route, variables, request)
+                built = await self._build(route, variables, request)
+                if route.server_streaming:
+                    return await self._server_stream(route, built, request)
+                return await self._unary(route, built, request)
+            except transcode.BadInput as exc:
+                return _error_response(errors.bad_request(exc.violations))
+            except web.HTTPRequestEntityTooLarge:
+                return _error_response(errors.simple(
+                    code_pb2.RESOURCE_EXHAUSTED, f"the request body is larger than {self.max_body_bytes} "
+                    "bytes (TUNEFORGE_HTTP_MAX_BODY_BYTES); upload files with POST /v1/datasets:upload",
+                    Reason.UPLOAD_TOO_LARGE, limit_bytes=str(self.max_body_bytes)), http=413)
+        if allowed:
+            return _error_response(errors.simple(
+                code_pb2.UNIMPLEMENTED, f"{request.method} is not allowed on {request.path}; allowed: "
+                f"{', '.join(sorted(allowed))}", Reason.NOT_IMPLEMENTED), http=405,
+                headers={"Allow": ", ".join(sorted(allowed))})
+        return _error_response(errors.simple(
+            code_pb2.NOT_FOUND, f"no API route {request.method} {request.path} (see /v1/openapi.json)",
+            Reason.NOT_FOUND, path=request.path))
+
+    async def _build(self, route: Route, variables: dict[str, str], request: web.Request) -> message.Message:
+        msg = _message_class(route.method.input_type)()
+        if route.body:
+            raw = await request.read()
+            if route.body == "*":
+                transcode.parse_json_into(msg, raw)
+            else:
+                transcode.parse_json_into(getattr(msg, route.body), raw, prefix=route.body)
+        elif request.can_read_body and request.method in ("GET", "DELETE"):
+            raw = await request.read()
+            if raw.strip():
+                raise transcode.BadInput([("body", f"{request.method} {route.path.template} takes no body; "
+                                                   "give the fields as query parameters")])
+        transcode.apply_query(msg, _query(request), skip=frozenset(variables))
+        for name, value in variables.items():
+            transcode.set_path_field(msg, name, value)
+        return msg
+
+    async def _unary(self, route: Route, msg: message.Message, request: web.Request) -> web.Response:
+        try:
+            response = await self._callable(route)(msg, metadata=_metadata(request), timeout=UNARY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            return _error_response(errors.status_of(exc))
+        if route.response_body:
+            response = getattr(response, route.response_body)
+        return web.Response(body=transcode.to_json_bytes(response), content_type=_JSON)
+
+    async def _server_stream(self, route: Route, msg: message.Message,
+                             request: web.Request) -> web.StreamResponse:
+        call = self._callable(route)(msg, metadata=_metadata(request))
+        active = request.app[ACTIVE_STREAMS]
+        active[route.method.name] = active.get(route.method.name, 0) + 1
+        pending: asyncio.Future[Any] = asyncio.ensure_future(call.read())
+        try:
+            await asyncio.wait({pending}, timeout=FIRST_MESSAGE_WAIT_S)
+            if pending.done() and isinstance(pending.exception(), grpc.aio.AioRpcError):
+                error = pending.exception()
+                assert isinstance(error, grpc.aio.AioRpcError)
+                return _error_response(errors.status_of(error))
+            response = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            await response.prepare(request)
+            while True:
+                while not pending.done():
+                    await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+                    if not pending.done():
+                        await response.write(b": keep-alive\n\n")  # raises once the client has gone
+                try:
+                    item = pending.result()
+                except grpc.aio.AioRpcError as exc:
+                    await response.write(errors.sse_error(errors.status_of(exc)))
+                    break
+                if item is grpc.aio.EOF:
+                    break
+                await response.write(_event(item))
+                pending = asyncio.ensure_future(call.read())
+            await response.write_eof()
+            return response
+        except (ConnectionResetError, asyncio.CancelledError):
+            log.info("%s: the HTTP client went away; cancelling the call", route.method.name)
+            raise
+        finally:
+            pending.cancel()
+            call.cancel()
+            active[route.method.name] -= 1
+
+    async def _client_stream(self, route: Route, variables: dict[str, str],
+                             request: web.Request) -> web.Response:
+        metadata_field, chunk_field = _upload_fields(route)
+        request_cls = _message_class(route.method.input_type)
+        head = request_cls()
+        first = getattr(head, metadata_field.name)
+        transcode.apply_query(first, _query(request))
+        for name, value in variables.items():
+            transcode.set_path_field(first, name, value)
+        size = first.DESCRIPTOR.fields_by_name.get("size_bytes")
+        if size is not None and request.content_length and not getattr(first, size.name):
+            setattr(first, size.name, request.content_length)  # lets the service refuse a file too large
+        head_message = request_cls(**{metadata_field.name: first})
+
+        async def messages() -> AsyncIterator[message.Message]:
+            yield head_message
+            buffer = bytearray()
+            while True:
+                block = await request.content.read(CHUNK_BYTES)
+                if not block:
+                    break
+                buffer += block
+                if len(buffer) >= CHUNK_BYTES:
+                    yield request_cls(**{chunk_field.name: bytes(buffer)})
+                    buffer.clear()
+            if buffer:
+                yield request_cls(**{chunk_field.name: bytes(buffer)})
+
+        try:
+            response = await self._callable(route)(messages(), metadata=_metadata(request),
+                                                   timeout=UPLOAD_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            return _error_response(errors.status_of(exc))
+        return web.Response(body=transcode.to_json_bytes(response), content_type=_JSON)
+
+    async def openapi(self, _request: web.Request) -> web.Response:
+        """gen/openapi/ as committed; where it is not shipped (an installed package, the container image),
+        the same document built from the descriptors, without the protos' comments."""
+        if self._openapi is None:
+            try:
+                self._openapi = self.openapi_file.read_bytes()
+            except OSError:
+                from services.gateway.openapi import build_document
+
+                self._openapi = json.dumps(build_document(), indent=1).encode()
+        return web.Response(body=self._openapi, content_type=_JSON)
+
+
+def _upload_fields(route: Route) -> tuple[FieldDescriptor, FieldDescriptor]:
+    """(metadata field, bytes field) of a client-streaming request: the route's body names the bytes field,
+    the request's one message field carries the metadata."""
+    fields = route.method.input_type.fields_by_name
+    chunk = fields.get(route.body)
+    messages = [f for f in route.method.input_type.fields if f.message_type is not None]
+    if chunk is None or chunk.type != FieldDescriptor.TYPE_BYTES or len(messages) != 1:
+        raise TemplateError(f"{route.method.full_name}: a client stream needs `body` naming its bytes field "
+                            "and one message field for the metadata")
+    return messages[0], chunk
+
+
+def _event(msg: message.Message) -> bytes:
+    return b"data: " + transcode.to_json_bytes(msg) + b"\n\n"
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    """Whatever goes wrong inside the gateway is still a google.rpc.Status in JSON (logged), never an HTML
+    page; aiohttp's own HTTP errors (unknown path outside /v1, 405) keep their status."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error_response(errors.simple(
+            code_pb2.NOT_FOUND if exc.status == 404 else code_pb2.INVALID_ARGUMENT, exc.reason,
+            Reason.NOT_FOUND if exc.status == 404 else Reason.INVALID_ARGUMENT), http=exc.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("%s %s failed inside the gateway", request.method, request.path)
+        return _error_response(errors.simple(code_pb2.INTERNAL, "the HTTP gateway failed to handle this "
+                                             "request; see its log", Reason.INTERNAL), http=500)
+
+
+async def _health(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "SERVING"})
+
+
+def create_app(target: str, credentials: grpc.ChannelCredentials | None = None, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, console: bool = True) -> web.Application:
+    """The gateway's application for the services at `target` (host:port)."""
+    gateway = Gateway(target, credentials, max_body_bytes=max_body_bytes)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors])
+    app[ACTIVE_STREAMS] = {}
+    app.on_startup.append(gateway.start)
+    app.on_cleanup.append(gateway.close)
+    app.router.add_get("/v1/openapi.json", gateway.openapi)
+    app.router.add_get("/healthz", _health)
+    app.router.add_route("*", "/v1/{tail:.*}", gateway.dispatch)
+    if console:
+        from services.console import install
+
+        install(app)
+    return app
