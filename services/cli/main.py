@@ -21,7 +21,7 @@ from rich.table import Table
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2, identity_pb2, job_pb2, job_service_pb2, metrics_pb2
 
 from services.cli import chat as chat_cli
-from services.cli import config_create
+from services.cli import config_create, datasets_cli
 from services.cli import metrics as metrics_cli
 from services.cli import timeline as timeline_cli
 from services.cli import usage as usage_cli
@@ -88,12 +88,16 @@ def up(
     workers: Annotated[int, typer.Option(help="CPU/GPU trainer workers to start.")] = 1,
     nats_url: Annotated[str, typer.Option(envvar="TUNEFORGE_NATS_URL",
                                           help="Use this NATS instead of an embedded one.")] = "",
+    http_host: Annotated[str, typer.Option(envvar="TUNEFORGE_HTTP_HOST",
+                                           help="REST/JSON gateway and web console host.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(envvar="TUNEFORGE_HTTP_PORT",
+                                           help="REST/JSON and console port (0: a free port).")] = 8080,
 ) -> None:
     """Start the platform and keep it running until Ctrl-C; a worker, the services process or the embedded
     nats-server that dies is restarted (with a line here and in logs/platform.log). The first start on a
     data dir prints the default organization's admin API key, kept in <data dir>/admin.key for the CLI."""
     platform = Platform(PlatformConfig(data_dir=data_dir, grpc_host=host, grpc_port=port, workers=workers,
-                                       nats_url=nats_url))
+                                       nats_url=nats_url, http_host=http_host, http_port=http_port))
     key_file = admin_key_path(data_dir)
     had_key = key_file.exists()
     try:
@@ -103,6 +107,9 @@ def up(
         raise typer.Exit(1) from None
     console.print(f"TuneForge is up on [bold]{platform.address}[/bold] (NATS {platform.nats_url}, "
                   f"data in {platform.data_dir}, logs in {platform.logs_dir}). Ctrl-C stops it.")
+    console.print(f"REST/JSON API on [bold]{platform.http_url}/v1/[/bold] (OpenAPI: "
+                  f"{platform.http_url}/v1/openapi.json); web console on [bold]{platform.http_url}/[/bold]",
+                  highlight=False, soft_wrap=True)
     if not had_key and key_file.exists():
         console.print(f"Created the first admin API key of organization 'default' (shown once; the CLI "
                       f"reads it from {key_file}):\n  {key_file.read_text().strip()}", highlight=False)
@@ -147,33 +154,8 @@ def demo(
 
 # -- datasets ------------------------------------------------------------------------------------
 
-@datasets_app.command("upload")
-def datasets_upload(
-    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    name: Annotated[str, typer.Option(help="Unique within the organization.")],
-    description: Annotated[str, typer.Option()] = "",
-    train: Annotated[float, typer.Option(help="Train fraction.")] = 0.8,
-    validation: Annotated[float, typer.Option(help="Validation fraction.")] = 0.15,
-    test: Annotated[float, typer.Option(help="Test fraction.")] = 0.05,
-    seed: Annotated[int, typer.Option(help="Split seed.")] = 42,
-    min_examples: Annotated[int | None, typer.Option(help="Fewer is an error (default 100).")] = None,
-    tokenizer: Annotated[str, typer.Option(help="Count tokens with this model's tokenizer.")] = "",
-    max_length: Annotated[int, typer.Option(help="Token cutoff for the statistics (0: 2048).")] = 0,
-    address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False,
-) -> None:
-    """Upload a dataset file; it is validated and split before the command returns."""
-    split = dataset_pb2.SplitConfig(train_fraction=train, validation_fraction=validation,
-                                    test_fraction=test, seed=seed)
-    with api(address, org) as client:
-        response = client.upload_dataset(path, name, description=description, split=split,
-                                         min_examples=min_examples, tokenizer=tokenizer,
-                                         max_length=max_length, request_id=str(uuid.uuid4()))
-    if as_json:
-        console.print_json(to_json(response.dataset))
-        return
-    console.print(dataset_table([response.dataset]))
-    for issue in response.report.issues:
-        console.print(f"[yellow]warning[/yellow] {issue.code} line {issue.line}: {issue.message}")
+# tuneforge datasets upload, datasets validate (services.cli.datasets_cli)
+datasets_cli.register(datasets_app, console, err_console, api)
 
 
 def dataset_source(uri: str, **options: object) -> dataset_pb2.DatasetSource:
@@ -327,9 +309,39 @@ def jobs_create(
         help="--config: show the resolved spec and plan, create nothing.")] = False,
     gpu_type: Annotated[str | None, typer.Option(
         help="--config: the GPU type, for files that cannot say it.")] = None,
+    wandb_project: Annotated[str | None, typer.Option(
+        help="Report to Weights & Biases, in this project (spec.integrations).")] = None,
+    wandb_entity: Annotated[str | None, typer.Option(help="W&B team or user.")] = None,
+    wandb_name: Annotated[str | None, typer.Option(help="W&B run name (default: the job id).")] = None,
+    wandb_tag: Annotated[list[str] | None, typer.Option(help="W&B run tag (repeat for more).")] = None,
+    wandb_base_url: Annotated[str | None, typer.Option(help="A self-hosted W&B server.")] = None,
+    wandb_api_key: Annotated[str | None, typer.Option(
+        envvar="WANDB_API_KEY", show_default=False,
+        help="W&B API key; prefer the WANDB_API_KEY variable. Sealed by the server, never shown.")] = None,
+    mlflow: Annotated[bool, typer.Option(
+        "--mlflow",
+        help="Report to MLflow (the workers' default server unless --mlflow-tracking-uri).")] = False,
+    mlflow_tracking_uri: Annotated[str | None, typer.Option(help="MLflow server, http(s)://.")] = None,
+    mlflow_experiment: Annotated[str | None, typer.Option(
+        help="MLflow experiment (default tuneforge).")] = None,
+    mlflow_run_name: Annotated[str | None, typer.Option(
+        help="MLflow run name (default: the job id).")] = None,
+    mlflow_token: Annotated[str | None, typer.Option(
+        envvar="MLFLOW_TRACKING_TOKEN", show_default=False,
+        help="MLflow bearer token; prefer the MLFLOW_TRACKING_TOKEN variable. Sealed, never shown.")] = None,
+    tensorboard: Annotated[bool, typer.Option(
+        "--tensorboard", help="Write TensorBoard event files among the job's artifacts.")] = False,
     address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False,
 ) -> None:
     """Validate a job spec and queue the job."""
+    trackers = tracker_integrations(
+        wandb_project=wandb_project, wandb_entity=wandb_entity, wandb_name=wandb_name, wandb_tags=wandb_tag,
+        wandb_base_url=wandb_base_url, wandb_api_key=wandb_api_key, mlflow=mlflow,
+        mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
+        mlflow_run_name=mlflow_run_name, mlflow_token=mlflow_token, tensorboard=tensorboard)
+    if trackers and config_file is not None:
+        raise typer.BadParameter("the --wandb-*, --mlflow* and --tensorboard options go with --spec or the "
+                                 "flags, not --config", param_hint="--config")
     if config_file is not None:  # services.cli.config_create
         config_create.refuse_with_config(
             spec=spec_file, method=method, adapter=adapter, epochs=epochs, max_steps=max_steps,
@@ -344,6 +356,7 @@ def jobs_create(
                       max_seq_length=max_seq_length, logging_steps=logging_steps, seed=seed,
                       lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge=merge,
                       pool=pool)
+    spec.integrations.extend(trackers)  # after the spec file's own; CreateJob refuses a second of a kind
     if priority is not None and priority.lower() not in PRIORITIES:
         raise typer.BadParameter(f"unknown value '{priority}': low, normal or high", param_hint="--priority")
     with api(address, org) as client:
@@ -358,15 +371,61 @@ def jobs_create(
             if made is None:
                 return
             job = made
+        if validate_only:  # the server made the job up to check it, and kept nothing: no id, no state
+            show_validated_spec(job, as_json)
+            return
         if as_json:
             console.print_json(to_json(job))
         else:
             console.print(job_table([job]))
-        if follow and not validate_only:
+        if follow:
             final = watch(client, job, console)
             outcome(final, console)
             if final.state != job_pb2.JOB_STATE_SUCCEEDED:
                 raise typer.Exit(1)
+
+
+def tracker_integrations(*, wandb_project: str | None, wandb_entity: str | None, wandb_name: str | None,
+                         wandb_tags: list[str] | None, wandb_base_url: str | None, wandb_api_key: str | None,
+                         mlflow: bool, mlflow_tracking_uri: str | None, mlflow_experiment: str | None,
+                         mlflow_run_name: str | None, mlflow_token: str | None,
+                         tensorboard: bool) -> list[job_pb2.Integration]:
+    """spec.integrations from `jobs create`'s tracker options (OpenAI's fine-tuning `integrations`). A
+    key or token from the environment goes only with its tracker's options; the server checks the rest."""
+    out: list[job_pb2.Integration] = []
+    wandb_given = any(v is not None for v in (wandb_entity, wandb_name, wandb_tags, wandb_base_url))
+    if wandb_project is not None or wandb_given:
+        if wandb_project is None:
+            raise typer.BadParameter("is required with the other --wandb-* options",
+                                     param_hint="--wandb-project")
+        out.append(job_pb2.Integration(wandb=job_pb2.WandbIntegration(
+            project=wandb_project, entity=wandb_entity or "", name=wandb_name or "", tags=wandb_tags or [],
+            base_url=wandb_base_url or "", api_key=wandb_api_key or "")))
+    if mlflow or any(v is not None for v in (mlflow_tracking_uri, mlflow_experiment, mlflow_run_name)):
+        out.append(job_pb2.Integration(mlflow=job_pb2.MlflowIntegration(
+            tracking_uri=mlflow_tracking_uri or "", experiment_name=mlflow_experiment or "",
+            run_name=mlflow_run_name or "", token=mlflow_token or "")))
+    if tensorboard:
+        out.append(job_pb2.Integration(tensorboard=job_pb2.TensorboardIntegration()))
+    return out
+
+
+def show_validated_spec(job: job_pb2.Job, as_json: bool) -> None:
+    """What `jobs create --validate-only` learnt: the spec is valid, nothing was created, and the spec the
+    server would run (its defaults filled, dataset and model resolved), with the estimate it was admitted
+    with when there is one."""
+    usage = job.usage
+    estimate = ({"cost_usd": usage.estimated_cost_usd, "hours": usage.estimated_duration.seconds / 3600}
+                if usage.HasField("estimated_duration") else None)
+    if as_json:
+        spec = json_format.MessageToDict(job.spec, preserving_proto_field_name=True)
+        console.print_json(data={"valid": True, "created": False, "estimate": estimate, "spec": spec})
+        return
+    console.print("[green]valid[/green]: nothing was created. The spec the platform would run "
+                  "(defaults filled in):", highlight=False)
+    console.print_json(json_format.MessageToJson(job.spec, preserving_proto_field_name=True))
+    if estimate is not None:
+        console.print(f"estimate: {estimate['hours']:.2f} h, ${estimate['cost_usd']:.2f}", highlight=False)
 
 
 @app.command("plan")
@@ -556,7 +615,7 @@ def pools(address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = F
         counts = (p.workers_idle, p.workers_busy, p.workers_draining, p.running_jobs, p.queued_jobs,
                   p.queued_jobs_own)
         table.add_row(escape(p.name), escape(gpu), alive, *map(str, counts))
-    console.print(table)
+    console.print(whole_ids(table))
 
 
 # -- artifacts -----------------------------------------------------------------------------------
@@ -617,11 +676,7 @@ def jobs_checkpoints(ref: Annotated[str, typer.Argument(help="Job id or name.")]
                       loss(c.train_loss, c.HasField("train_loss")),
                       loss(c.eval_loss, c.HasField("eval_loss")), _size(c.size_bytes), "*" if c.best else "",
                       "kept" if c.optimizer_state_kept else "pruned")
-    for column in table.columns:  # names and steps are printed whole, never cut
-        if str(column.header) in ("NAME", "STEP"):
-            column.no_wrap = True
-            column.min_width = max(len(str(column.header)), *(len(str(x)) for x in column._cells))
-    console.print(table)
+    console.print(whole_ids(table))  # names and steps are printed whole, never cut
     if response.best_metric:
         console.print(f"best (*) by {response.best_metric}", highlight=False)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf import json_format
 from rich.cells import cell_len
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from tuneforge.v1 import dataset_pb2, estimation_pb2, estimation_service_pb2, job_pb2, metrics_pb2
@@ -31,17 +31,45 @@ def as_json(message: Any) -> str:
 
 
 # Columns printed whole however narrow the terminal: ids and names are copied into the next command.
-WHOLE_COLUMNS = frozenset({"ID", "NAME", "JOB", "PRINCIPAL", "RESOURCE", "PREFIX", "PATH", "SHA256"})
+WHOLE_COLUMNS = frozenset({"ID", "NAME", "JOB", "PRINCIPAL", "RESOURCE", "PREFIX", "PATH", "SHA256", "POOL",
+                           "MODEL", "DATASET", "DEPLOYMENT", "STEP"})
+
+
+class WholeTable(Table):
+    """A table that never cuts a cell: on a terminal wide enough for every cell on one line it is a table;
+    on a narrower one each row is printed as its own block of `HEADER  value` lines, since rich would
+    otherwise end long ids (and squeezed headers) with an ellipsis."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        natural = Table.__rich_measure__(self, console, options.update(width=10**6)).maximum
+        if natural <= options.max_width or not self.columns:
+            yield from Table.__rich_console__(self, console, options)
+            return
+        headers = [str(c.header) for c in self.columns]
+        rows = list(zip(*(c._cells for c in self.columns), strict=True))
+        for k, row in enumerate(rows):
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(style="bold", no_wrap=True)
+            grid.add_column(overflow="fold")
+            for header, cell in zip(headers, row, strict=True):
+                grid.add_row(header, cell)
+            if k:
+                yield ""
+            yield grid
 
 
 def whole_ids(table: Table) -> Table:
-    """`table` with its id-like columns never cut: each is as wide as its longest cell and never wraps,
-    and the other columns wrap to make room (rich would otherwise end a long id with an ellipsis)."""
+    """`table` with nothing cut, however narrow the terminal: its id-like columns are as wide as their
+    longest cell and never wrap, and a table too wide for the terminal prints as one block per row
+    (WholeTable)."""
     for column in table.columns:
         if str(column.header) in WHOLE_COLUMNS:
             cells = [cell_len(str(c)) for c in column._cells]
             column.no_wrap = True
             column.min_width = max([cell_len(str(column.header)), *cells])
+        else:
+            column.overflow = "fold"
+    table.__class__ = WholeTable  # same attributes, another way to render: no copy of the rows needed
     return table
 
 
@@ -78,7 +106,7 @@ def plan_table(plan: estimation_service_pb2.PlanJobResponse) -> Table:
             f"{fit.cost.total_usd:.2f}",
             enum_name(estimation_pb2.EstimateSource, fit.source, "ESTIMATE_SOURCE_"),
         )
-    return table
+    return whole_ids(table)
 
 
 def _fmt(value: float | None, spec: str) -> str:

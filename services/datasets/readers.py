@@ -65,6 +65,36 @@ IssueSink = Callable[..., None]
 UNREADABLE: Any = object()
 
 
+# Byte-order marks of the encodings a text file is saved in instead of UTF-8; UTF-32 LE before UTF-16 LE,
+# which it starts like.
+_WIDE_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32", "little-endian, with a byte-order mark"),
+    (b"\x00\x00\xfe\xff", "UTF-32", "big-endian, with a byte-order mark"),
+    (b"\xff\xfe", "UTF-16", "little-endian, with a byte-order mark"),
+    (b"\xfe\xff", "UTF-16", "big-endian, with a byte-order mark"),
+)
+
+
+def wide_encoding(head: bytes) -> tuple[str, str] | None:
+    """(encoding, byte order) when a file's first bytes are UTF-16 or UTF-32 text rather than UTF-8: a
+    byte-order mark, or (UTF-16 without one) a NUL in nearly every other byte; None otherwise. ZIP and
+    Parquet files are binary by design and never named here. Such a file would otherwise read as one
+    line of invalid UTF-8 and "0 examples", which hides the cause."""
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"PAR1")):
+        return None
+    for bom, encoding, order in _WIDE_BOMS:
+        if head.startswith(bom):
+            return encoding, order
+    sample = head[:1024]
+    if len(sample) >= 8:
+        even, odd = sample[0::2], sample[1::2]
+        if odd.count(0) > 0.9 * len(odd) and even.count(0) < 0.1 * len(even):
+            return "UTF-16", "little-endian, no byte-order mark"
+        if even.count(0) > 0.9 * len(even) and odd.count(0) < 0.1 * len(odd):
+            return "UTF-16", "big-endian, no byte-order mark"
+    return None
+
+
 class SourceKind(StrEnum):
     JSONL = "jsonl"
     CSV = "csv"

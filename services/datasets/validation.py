@@ -62,6 +62,7 @@ from services.datasets.readers import (
     parquet_records,
     parse_json_line,
     sniff,
+    wide_encoding,
 )
 
 ISSUE_LIMIT = 100
@@ -282,6 +283,13 @@ def validate_source(
         add_file(
             IssueCode.EMPTY_FILE, "The file is empty (0 bytes); upload a file with one example per line."
         )
+        result.report = _report(format or DatasetFormat.OPENAI_CHAT, 0, issues, Statistics())
+        return result
+    with path.open("rb") as start:
+        wide = wide_encoding(start.read(4096))
+    if wide is not None:  # the cause, once, rather than invalid UTF-8 on line 1 and "0 examples"
+        add_file(IssueCode.INVALID_UTF8, f"The file is {wide[0]} ({wide[1]}), not UTF-8; save it as UTF-8 "
+                 f"(e.g. iconv -f {wide[0]} -t UTF-8).")
         result.report = _report(format or DatasetFormat.OPENAI_CHAT, 0, issues, Statistics())
         return result
     records: Iterator[tuple[int, Any]]
