@@ -44,6 +44,10 @@ class RunConfig(BaseModel):
     admission_estimate: dict[str, Any] | None = None
     # JobAssignment.warm_start, downloaded by the agent (trainer_worker.warm_start); None: a fresh start.
     warm_start: WarmStart | None = None
+    # JobSpec.speed as this worker resolved it (trainer_worker.speed.ResolvedSpeed.to_dict: each option used
+    # or not, and why): None in the RUN.json the agent writes; the recipe fills it in at setup, so that
+    # whoever runs the worker (benchmarks/bench_worker.py) reads back which options were used.
+    speed: dict[str, Any] | None = None
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:

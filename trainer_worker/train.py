@@ -149,6 +149,8 @@ def train_rank(config: Path, *, handle_signals: bool = True) -> int:
         sink.state("cancelled")
         return EXIT_CANCELLED
     finally:
+        if me.is_main and cfg.speed is not None:  # the speed options the recipe resolved (RunConfig.speed)
+            cfg.dump(config)
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).removeHandler(forward)
         sink.close()

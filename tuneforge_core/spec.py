@@ -116,6 +116,7 @@ def resolve_spec(
     _check_integrations(v, out)
     check_model_type(v, out)  # VLM: SFT with LoRA/QLoRA only (tuneforge_core.model_types)
     _check_precision_on_cpu(v, out)
+    _check_speed(v, out)
     if out.output.merge_adapter and out.adapter not in MERGEABLE_ADAPTERS:
         why = (
             "full fine-tuning already produces a whole model"
@@ -188,7 +189,7 @@ ADDED_SINCE_FIRST_RELEASE: frozenset[str] = frozenset({
     "grpo.ratio_clip_c", "grpo.token_level_loss", "grpo.num_prompts_per_step", "grpo.generation_batch_size",
     "grpo.importance_sampling_correction", "grpo.reward_model", "grpo.on_policy_kl_approximation",
     "output.keep_optimizer_state", "hardware.pool",
-    "evaluation", "warm_start", "model_type", "integrations",
+    "evaluation", "warm_start", "model_type", "integrations", "speed",
 })
 
 
@@ -864,6 +865,52 @@ def _check_precision_on_cpu(v: Violations, out: job_pb2.JobSpec) -> None:
                 f"{_name(job_pb2.Precision, precision)} needs a GPU, but spec.hardware.gpu_type is {where}; "
                 "name a GPU type, or leave the precision unset (bf16 where the hardware has it)",
             )
+
+
+# JobSpec.speed: the methods whose TRL trainers have activation offloading (SFTConfig, DPOConfig, KTOConfig;
+# distillation trains with an SFTTrainer) and padding-free packing (SFT's packing).
+OFFLOADING_METHODS = frozenset({
+    job_pb2.TRAINING_METHOD_SFT, job_pb2.TRAINING_METHOD_DISTILLATION, job_pb2.TRAINING_METHOD_DPO,
+    job_pb2.TRAINING_METHOD_KTO,
+})
+PADDING_FREE_METHODS = frozenset({job_pb2.TRAINING_METHOD_SFT, job_pb2.TRAINING_METHOD_DISTILLATION})
+
+
+def _check_speed(v: Violations, out: job_pb2.JobSpec) -> None:
+    """What CreateJob can tell in advance about JobSpec.speed: an option set ON that no worker could honour
+    for this spec. What depends on the worker (a package not installed, an older GPU) fails the job there
+    with DEPENDENCY_ERROR naming the option (trainer_worker.speed)."""
+    speed, f = out.speed, "spec.speed."
+    on = job_pb2.SPEED_MODE_ON
+    method = _name(job_pb2.TrainingMethod, out.method)
+    cpu_pool = out.hardware.gpu_type.strip().lower() in CPU_ONLY_GPU_TYPES
+    where = "'cpu'" if out.hardware.gpu_type else "empty (any worker, CPU ones included)"
+    if speed.padding_free == on:
+        v.check(out.method in PADDING_FREE_METHODS, f + "padding_free",
+                f"is ON, but padding-free batches are for SFT and distillation only, not {method}")
+        v.check(out.hyperparameters.packing, f + "padding_free",
+                "is ON, which needs spec.hyperparameters.packing = true (it packs examples without padding)")
+    if speed.activation_offloading == on:
+        v.check(out.method in OFFLOADING_METHODS, f + "activation_offloading",
+                f"is ON, but TRL offloads activations for SFT, distillation, DPO and KTO only, not {method}")
+        v.check(not cpu_pool, f + "activation_offloading",
+                f"is ON, which moves activations from a GPU to host memory, but spec.hardware.gpu_type is "
+                f"{where}; name a GPU type, or leave it unset (the worker chooses)")
+    if speed.attention == job_pb2.ATTENTION_IMPLEMENTATION_FLASH_ATTENTION_2:
+        precisions = [("spec.hyperparameters.precision", out.hyperparameters.precision)]
+        if out.adapter == job_pb2.ADAPTER_TYPE_QLORA and out.quantization.compute_dtype:
+            precisions = [("spec.quantization.compute_dtype", out.quantization.compute_dtype)]
+        for field, precision in precisions:
+            v.check(precision != job_pb2.PRECISION_FP32, f + "attention",
+                    f"FLASH_ATTENTION_2 takes fp16 or bf16 only, but {field} is PRECISION_FP32; use SDPA, or "
+                    "leave the precision unset")
+        v.check(not cpu_pool, f + "attention",
+                f"FLASH_ATTENTION_2 needs a GPU, but spec.hardware.gpu_type is {where}; name a GPU type, or "
+                "use SDPA (or leave it unset: the worker chooses)")
+    if speed.liger_kernels == on:
+        v.check(not cpu_pool, f + "liger_kernels",
+                f"is ON, but Liger's kernels run on CUDA GPUs only and spec.hardware.gpu_type is {where}; "
+                "name a GPU type, or leave it unset (the worker chooses)")
 
 
 def _resolve_hardware(v: Violations, out: job_pb2.JobSpec) -> None:

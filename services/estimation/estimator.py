@@ -98,6 +98,21 @@ class Priors:
     setup_seconds: float = 60.0
     # ... and loading the base weights at this rate.
     load_bytes_per_second: float = 250 * 1024**2
+    # Throughput factor of each speed option (JobSpec.speed) a spec sets explicitly, on top of
+    # `utilization` (measured with the worker's defaults: SDPA attention, nothing else). UNMEASURED PRIORS
+    # from the peers' published claims, discounted (TRL's Liger integration +20%, FlashAttention-2 over SDPA
+    # +10-20% at 2k tokens, torch.compile +10-30% once compiled, offloading's copies not fully overlapped,
+    # eager attention's materialised scores): benchmarks/bench_worker.py --cuda is to calibrate them.
+    speed_throughput: dict[str, float] = field(
+        default_factory=lambda: {
+            "liger_kernels": 1.10,
+            "flash_attention_2": 1.10,
+            "eager": 0.85,
+            "torch_compile": 1.10,
+            "activation_offloading": 0.90,
+            "padding_free": 1.0,  # its gain (no padding) is in the token count, not the rate
+        }
+    )
 
 
 PRIORS = Priors()
@@ -295,6 +310,15 @@ class Setup:
     # DPO's own reference model (spec.dpo.reference_model) and GRPO's reward model; None: none is named.
     reference: Architecture | None = None
     reward_model: Architecture | None = None
+    # JobSpec.speed as the estimate counts it: options the spec turns ON (AUTO is counted as the worker's
+    # plain default, so that an estimate never banks on a package a worker may lack), attention as set
+    # ("auto": SDPA or FlashAttention-2, both without seq x seq scores; "eager": materialised scores), and
+    # padding-free where the worker always uses it (packing with SFT or distillation, unless OFF).
+    liger_kernels: bool = False
+    attention: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    torch_compile: bool = False
+    activation_offloading: bool = False
+    padding_free: bool = False
 
     @property
     def world_size(self) -> int:
@@ -609,7 +633,12 @@ def activation_bytes_per_token_layer(
     h, i = arch.hidden_size, arch.intermediate_size
     experts = arch.num_experts_per_token if arch.num_experts else 1
     attention = 2 * arch.attention_dim + 2 * arch.kv_dim
-    scores = arch.num_attention_heads * setup.sequence_length * arch.attention_score_bytes
+    score_bytes = arch.attention_score_bytes
+    if setup.attention == "eager":
+        # The fp32 softmax kept for its backward and, in 16-bit training, its cast that the product with v
+        # keeps: per head and key position (the whole seq x seq matrix, not its causal half).
+        score_bytes = max(score_bytes, 4 + (0 if precision == "fp32" else PRECISION_BYTES[precision]))
+    scores = arch.num_attention_heads * setup.sequence_length * score_bytes
     norm_bytes = arch.norms_per_layer * h * (8 if autocast else 4)
     if setup.adapter == "full":
         mlp = (4 if arch.gated_mlp else 2) * i * experts
@@ -627,6 +656,22 @@ def activation_bytes_per_token_layer(
             cast = 0 if autocast and matrix.norm_fed else 4
             total += share * (matrix.n_in * (cast + dropout) + setup.lora_rank * 4)
     return total
+
+
+# Layers' activations that stay on the GPU under activation offloading (the one at work, the one prefetched).
+OFFLOAD_LAYERS_ON_GPU = 2
+
+
+def liger_loss_bytes(arch: Architecture, setup: Setup, tokens: int) -> int:
+    """Liger's fused linear cross-entropy never holds the logits: it runs the lm_head and the loss over
+    chunks of about tokens x hidden / vocab tokens (rounded up to a power of two: up to 2x), each chunk's
+    logits in the compute dtype and fp32, and keeps the gradient of the hidden states (fp32) and, training
+    the lm_head, of its weight. An unmeasured prior: benchmarks/measure_memory.py --cuda is to check it."""
+    chunk_elements = 2 * tokens * arch.hidden_size  # chunk x vocab, at most twice tokens x hidden
+    out = chunk_elements * (2 + 4) + tokens * arch.hidden_size * 4
+    if setup.adapter == "full":
+        out += arch.vocab_size * arch.hidden_size * 4
+    return out
 
 
 def memory_per_gpu(arch: Architecture, setup: Setup, hardware: Hardware, priors: Priors = PRIORS) -> Memory:
@@ -696,6 +741,8 @@ def memory_per_gpu(arch: Architecture, setup: Setup, hardware: Hardware, priors:
             expert_delta = width * arch.mlp_expert_parameters
     logit_bytes = LOGIT_BYTES[precision] + (width if arch.logit_softcapping else 0)
     logits = tokens * arch.vocab_size * logit_bytes
+    if setup.liger_kernels and setup.method == "sft":
+        logits = min(logits, liger_loss_bytes(arch, setup, tokens))
     if setup.method == "distillation":
         logits += tokens * (setup.teacher or arch).vocab_size * LOGIT_BYTES[precision]
 
@@ -717,6 +764,16 @@ def memory_per_gpu(arch: Architecture, setup: Setup, hardware: Hardware, priors:
     else:
         activations = tokens * arch.num_layers * per_layer + arch.num_layers * expert_delta
         casts += arch.num_layers * layer_casts
+    if setup.activation_offloading and arch.num_layers > OFFLOAD_LAYERS_ON_GPU:
+        # TRL's offloading moves each saved activation to pinned host memory and brings it back in backward
+        # one layer ahead: about two layers' worth stay on the GPU, the rest is host memory.
+        if setup.gradient_checkpointing:
+            residual_bytes = tokens * arch.hidden_size * (4 if in_fp32 or precision == "fp32" else 2)
+            kept = OFFLOAD_LAYERS_ON_GPU * residual_bytes + (activations - arch.num_layers * residual_bytes)
+        else:
+            kept = OFFLOAD_LAYERS_ON_GPU * (tokens * per_layer + expert_delta)
+        offloaded += max(0, activations - kept)
+        activations = min(activations, kept)
     # The step's buffers come after backward has freed the activations: only their excess adds to the peak.
     transient = casts + max(0, step_buffers - activations - logits - casts)
     allocated = weights + trainable_bytes + gradients + optimizer + activations + logits + transient
@@ -796,10 +853,22 @@ def flops_per_token(arch: Architecture, setup: Setup, context_tokens: int) -> fl
     return total
 
 
+def speed_factor(setup: Setup, priors: Priors = PRIORS) -> float:
+    """The product of the throughput priors of the speed options the setup uses (1.0 with none)."""
+    used = [name for name in ("liger_kernels", "torch_compile", "activation_offloading", "padding_free")
+            if getattr(setup, name)]
+    if setup.attention in ("eager", "flash_attention_2"):
+        used.append(setup.attention)
+    value = 1.0
+    for name in used:
+        value *= priors.speed_throughput.get(name, 1.0)
+    return value
+
+
 def utilization(
     setup: Setup, hardware: Hardware, priors: Priors = PRIORS, calibration: Calibration | None = None
 ) -> float:
-    value = priors.utilization[setup.adapter]
+    value = priors.utilization[setup.adapter] * speed_factor(setup, priors)
     if setup.method == "grpo":
         value *= priors.grpo_utilization_factor
     if setup.world_size > 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
-from typing import cast, get_args
+from typing import Literal, cast, get_args
 
 from tuneforge.v1 import job_pb2
 
@@ -175,6 +175,31 @@ def resolve_setup(
                          from_files=any(is_location(ref) for ref in refs))
 
 
+ATTENTION: dict[int, Literal["auto", "eager", "sdpa", "flash_attention_2"]] = {
+    job_pb2.ATTENTION_IMPLEMENTATION_UNSPECIFIED: "auto",
+    job_pb2.ATTENTION_IMPLEMENTATION_EAGER: "eager",
+    job_pb2.ATTENTION_IMPLEMENTATION_SDPA: "sdpa",
+    job_pb2.ATTENTION_IMPLEMENTATION_FLASH_ATTENTION_2: "flash_attention_2",
+}
+
+
+def with_speed(setup: Setup, resolved: job_pb2.JobSpec) -> Setup:
+    """JobSpec.speed as `Setup` counts it: an option counts where the spec turns it ON (AUTO depends on
+    what the worker has installed, so the estimate does not bank on it), padding-free also where the worker
+    always uses it (AUTO with packing, for SFT and distillation: trainer_worker.speed)."""
+    speed, on = resolved.speed, job_pb2.SPEED_MODE_ON
+    packs = (resolved.hyperparameters.packing and resolved.adapter != job_pb2.ADAPTER_TYPE_PROMPT_TUNING
+             and resolved.method in (job_pb2.TRAINING_METHOD_SFT, job_pb2.TRAINING_METHOD_DISTILLATION))
+    return replace(
+        setup,
+        liger_kernels=speed.liger_kernels == on,
+        attention=ATTENTION.get(speed.attention, "auto"),
+        torch_compile=speed.torch_compile == on,
+        activation_offloading=speed.activation_offloading == on,
+        padding_free=packs and speed.padding_free != job_pb2.SPEED_MODE_OFF,
+    )
+
+
 def to_setup(resolved: job_pb2.JobSpec) -> Setup:
     """The `Setup` of a spec `resolve_spec` returned: every value read from it, none defaulted here.
 
@@ -203,6 +228,7 @@ def to_setup(resolved: job_pb2.JobSpec) -> Setup:
         gpu_count=hw.gpu_count,
         node_count=hw.node_count,
     )
+    setup = with_speed(setup, resolved)
     if resolved.adapter in LORA_ADAPTERS:
         lora = resolved.lora
         setup = replace(

@@ -175,6 +175,13 @@ VALUES: dict[str, tuple[Any, dict[str, Any]]] = {
     "kto.beta": (0.3, {}),
     "kto.desirable_weight": (2.0, {}),
     "kto.undesirable_weight": (2.0, {}),
+    # JobSpec.speed (trainer_worker.speed): AUTO on this CPU is SDPA and nothing else; what a CPU pool cannot
+    # honour (Liger, offloading) and padding-free without packing are refused at CreateJob.
+    "speed.liger_kernels": ("SPEED_MODE_ON", {}),
+    "speed.attention": ("ATTENTION_IMPLEMENTATION_EAGER", {}),
+    "speed.torch_compile": ("SPEED_MODE_ON", {}),
+    "speed.activation_offloading": ("SPEED_MODE_ON", {}),
+    "speed.padding_free": ("SPEED_MODE_ON", {}),
 }
 # Which methods read a section; top-level sections missing here apply to every method.
 SECTION_METHODS = {

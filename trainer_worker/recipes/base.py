@@ -42,6 +42,7 @@ from trainer_worker.recipes.callbacks import DivergenceWatchdog, MetricsCallback
 from trainer_worker.recipes.data import read_rows
 from trainer_worker.recipes.story import StoryCallback
 from trainer_worker.run_config import RunConfig
+from trainer_worker.speed import ResolvedSpeed, SpeedHardware, resolve_speed
 from trainer_worker.stop import StopSignal
 from tuneforge_core.compat import METHOD_FAMILIES, Family
 from tuneforge_core.reasons import Reason
@@ -103,6 +104,7 @@ class BaseRecipe(ABC):
         self.early_stop: EarlyStopInfo | None = None
         self.tokens_trained = 0
         self.evaluation_report: dict[str, object] | None = None
+        self._speed: ResolvedSpeed | None = None  # JobSpec.speed for this worker: `speed`
 
     def run(self) -> tuple[Path, Path | None, dict[str, float]]:
         """setup -> train -> save -> evaluate -> cleanup; returns (adapter_dir, merged_dir, final_metrics)."""
@@ -168,6 +170,7 @@ class BaseRecipe(ABC):
 
     def setup(self) -> None:
         self.check_hardware()  # before anything loads: a job this worker cannot honour fails at once
+        self.sink.log(self.speed.log_line())
         self.tokenizer = self.load_tokenizer(self.cfg.model_path)
         train, validation = self.load_data()  # before the model: bad data should fail fast
         self.check_early_stopping(has_validation=validation is not None)
@@ -217,6 +220,26 @@ class BaseRecipe(ABC):
         self.compute_dtype()
         if self.quantized and self.spec.quantization.compute_dtype:
             self.quantization_compute_dtype()
+        _ = self.speed  # a speed option set ON that this worker cannot use fails here, naming it
+
+    @property
+    def speed(self) -> ResolvedSpeed:
+        """JobSpec.speed resolved for this worker (trainer_worker.speed), once; kept in RunConfig.speed so
+        that whoever ran the worker can read back what was used."""
+        if self._speed is None:
+            self._speed = resolve_speed(self.spec, self.speed_hardware())
+            self.cfg.speed = self._speed.to_dict()
+        return self._speed
+
+    def speed_hardware(self) -> SpeedHardware:
+        """What `resolve_speed` needs to know about this worker and the base model."""
+        dtype = self.quantization_compute_dtype() if self.quantized else self.compute_dtype()
+        try:
+            config = AutoConfig.from_pretrained(self.cfg.model_path, trust_remote_code=False)
+        except (OSError, ValueError):
+            config = None  # loading the model reports it, as MODEL_NOT_FOUND
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+        return SpeedHardware.detect(dtype=name, model_config=config, model_class=self.auto_model_class)
 
     def check_early_stopping(self, *, has_validation: bool) -> None:
         """Early stopping and keeping the best model watch an evaluation metric; without validation data
@@ -304,20 +327,22 @@ class BaseRecipe(ABC):
         except (OSError, ValueError) as exc:
             raise TrainingError(Reason.MODEL_NOT_FOUND, f"Could not load the model at {path}: {exc}") from exc
 
-    def model_overrides(self, path: str | None = None) -> dict[str, float]:
-        """Model config attributes the spec overrides at load (hidden_dropout, attention_dropout); a
-        dropout the model's config has no attribute for is refused, not dropped."""
+    def model_overrides(self, path: str | None = None) -> dict[str, Any]:
+        """What the spec sets at load: the attention kernel (spec.speed.attention, as resolved) and model
+        config attributes (hidden_dropout, attention_dropout); a dropout the model's config has no
+        attribute for is refused, not dropped."""
         given = {field.name for field, _ in self.hp.ListFields()}
         wanted = {name: getattr(self.hp, name) for name in DROPOUT_ATTRIBUTES if name in given}
+        attention = {"attn_implementation": self.speed.attention}
         if not wanted:
-            return {}
+            return attention
         path = path or self.cfg.model_path
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise TrainingError(Reason.MODEL_NOT_FOUND,
                                 f"Could not load the config of {path}: {exc}") from exc
-        overrides: dict[str, float] = {}
+        overrides: dict[str, Any] = {}
         for name, value in wanted.items():
             attribute = next((a for a in DROPOUT_ATTRIBUTES[name] if hasattr(config, a)), None)
             if attribute is None:
@@ -327,7 +352,7 @@ class BaseRecipe(ABC):
                     f"no such dropout (none of {', '.join(DROPOUT_ATTRIBUTES[name])}); leave it unset.",
                 )
             overrides[attribute] = value
-        return overrides
+        return {**attention, **overrides}
 
     def keeps_dropout(self) -> bool:
         """Whether the spec asks for any dropout (LoRA's, or the model's overrides). TRL's DPO, ORPO and KTO
@@ -461,6 +486,10 @@ class BaseRecipe(ABC):
             "fp16": dtype == torch.float16,
             "use_cpu": not self.cuda,
             "activation_checkpointing": hp.gradient_checkpointing,
+            # JobSpec.speed as resolved (trainer_worker.speed); attention is set at load, the rest in the
+            # method's config (trainer_config).
+            "use_liger_kernel": self.speed.liger_kernels,
+            "torch_compile": self.speed.torch_compile,
             "train_sampling_strategy": "group_by_length" if hp.group_by_length else "random",
             "seed": hp.seed,
             "dataloader_num_workers": hp.dataloader_workers,

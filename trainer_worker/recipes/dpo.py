@@ -36,6 +36,7 @@ class DPORecipe(BaseRecipe):
             loss_weights=loss_weights,
             max_length=self.hp.max_seq_length,
             disable_dropout=not self.keeps_dropout(),  # TRL's default turns LoRA's dropout off too
+            activation_offloading=self.speed.activation_offloading,  # JobSpec.speed (trainer_worker.speed)
         )
 
     def trainer_extras(self, train: Dataset) -> dict[str, Any]:

@@ -36,4 +36,5 @@ class KTORecipe(BaseRecipe):
             undesirable_weight=kto.undesirable_weight,
             max_length=self.hp.max_seq_length,
             disable_dropout=not self.keeps_dropout(),  # TRL's default turns LoRA's dropout off too
+            activation_offloading=self.speed.activation_offloading,  # JobSpec.speed (trainer_worker.speed)
         )

@@ -53,9 +53,16 @@ class SFTRecipe(BaseRecipe):
             # The soft prompt goes in front of each sequence once: packed examples after the first lack it.
             self.sink.log("Packing does not apply to prompt tuning; training without it.", "warning")
             packing = False
+        speed = self.speed
         return SFTConfig(
             **args,
             packing=packing,
+            # TRL's best-fit packing is padding-free (each example attends within itself through its
+            # position ids); with spec.speed.padding_free OFF, rows are concatenated and cut instead, and
+            # attend across each other as classic packing does.
+            packing_strategy="bfd" if speed.padding_free or not packing else "wrapped",
+            padding_free=speed.padding_free,
+            activation_offloading=speed.activation_offloading,
             max_length=self.hp.max_seq_length,
             assistant_only_loss=self.assistant_only_loss,
         )

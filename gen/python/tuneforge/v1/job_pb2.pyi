@@ -201,6 +201,62 @@ ADAPTER_TYPE_PROMPT_TUNING: AdapterType.ValueType  # 4
 """Soft prompt embeddings; the model stays frozen."""
 Global___AdapterType: _TypeAlias = AdapterType  # noqa: Y015
 
+class _SpeedMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SpeedModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SpeedMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SPEED_MODE_UNSPECIFIED: _SpeedMode.ValueType  # 0
+    """The worker decides: on where it is available and pays for this job on this hardware, else off."""
+    SPEED_MODE_ON: _SpeedMode.ValueType  # 1
+    """Always on; the job fails with DEPENDENCY_ERROR naming the option where the worker cannot use it."""
+    SPEED_MODE_OFF: _SpeedMode.ValueType  # 2
+    """Never used."""
+
+class SpeedMode(_SpeedMode, metaclass=_SpeedModeEnumTypeWrapper):
+    """A speed option's setting."""
+
+SPEED_MODE_UNSPECIFIED: SpeedMode.ValueType  # 0
+"""The worker decides: on where it is available and pays for this job on this hardware, else off."""
+SPEED_MODE_ON: SpeedMode.ValueType  # 1
+"""Always on; the job fails with DEPENDENCY_ERROR naming the option where the worker cannot use it."""
+SPEED_MODE_OFF: SpeedMode.ValueType  # 2
+"""Never used."""
+Global___SpeedMode: _TypeAlias = SpeedMode  # noqa: Y015
+
+class _AttentionImplementation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AttentionImplementationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttentionImplementation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ATTENTION_IMPLEMENTATION_UNSPECIFIED: _AttentionImplementation.ValueType  # 0
+    """The worker decides: FlashAttention-2 where installed and the GPU and dtype allow it, else SDPA, else
+    eager.
+    """
+    ATTENTION_IMPLEMENTATION_EAGER: _AttentionImplementation.ValueType  # 1
+    """The model's plain PyTorch attention."""
+    ATTENTION_IMPLEMENTATION_SDPA: _AttentionImplementation.ValueType  # 2
+    """torch.nn.functional.scaled_dot_product_attention."""
+    ATTENTION_IMPLEMENTATION_FLASH_ATTENTION_2: _AttentionImplementation.ValueType  # 3
+    """The flash-attn package's FlashAttention-2 (CUDA, fp16/bf16 only); refused where the worker lacks it."""
+
+class AttentionImplementation(_AttentionImplementation, metaclass=_AttentionImplementationEnumTypeWrapper):
+    """The attention kernel the model runs with."""
+
+ATTENTION_IMPLEMENTATION_UNSPECIFIED: AttentionImplementation.ValueType  # 0
+"""The worker decides: FlashAttention-2 where installed and the GPU and dtype allow it, else SDPA, else
+eager.
+"""
+ATTENTION_IMPLEMENTATION_EAGER: AttentionImplementation.ValueType  # 1
+"""The model's plain PyTorch attention."""
+ATTENTION_IMPLEMENTATION_SDPA: AttentionImplementation.ValueType  # 2
+"""torch.nn.functional.scaled_dot_product_attention."""
+ATTENTION_IMPLEMENTATION_FLASH_ATTENTION_2: AttentionImplementation.ValueType  # 3
+"""The flash-attn package's FlashAttention-2 (CUDA, fp16/bf16 only); refused where the worker lacks it."""
+Global___AttentionImplementation: _TypeAlias = AttentionImplementation  # noqa: Y015
+
 class _QuantizationType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -803,6 +859,7 @@ class JobSpec(_message.Message):
     WARM_START_FIELD_NUMBER: _builtins.int
     MODEL_TYPE_FIELD_NUMBER: _builtins.int
     INTEGRATIONS_FIELD_NUMBER: _builtins.int
+    SPEED_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     """A Hugging Face model id ("org/name"), a local path, or an s3:// URI of a saved model folder."""
     dataset: _builtins.str
@@ -881,6 +938,12 @@ class JobSpec(_message.Message):
         one of each type. The job's own metrics (MetricsService) are kept either way.
         """
 
+    @_builtins.property
+    def speed(self) -> Global___SpeedConfig:
+        """How the training runs fast: kernels, attention, compilation and offloading. Each option left at AUTO is
+        chosen by the worker where it pays on the hardware it runs on; the job's log says which were used.
+        """
+
     def __init__(
         self,
         *,
@@ -904,14 +967,59 @@ class JobSpec(_message.Message):
         warm_start: Global___WarmStartConfig | None = ...,
         model_type: _model_pb2.ModelType.ValueType = ...,
         integrations: _abc.Iterable[Global___Integration] | None = ...,
+        speed: Global___SpeedConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "warm_start", b"warm_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "kto", b"kto", "lora", b"lora", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "speed", b"speed", "warm_start", b"warm_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "dataset", b"dataset", "distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "integrations", b"integrations", "kto", b"kto", "lora", b"lora", "method", b"method", "model_type", b"model_type", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "validation_dataset", b"validation_dataset", "warm_start", b"warm_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base_model", b"base_model", "dataset", b"dataset", "distillation", b"distillation", "dpo", b"dpo", "evaluation", b"evaluation", "grpo", b"grpo", "hardware", b"hardware", "hyperparameters", b"hyperparameters", "integrations", b"integrations", "kto", b"kto", "lora", b"lora", "method", b"method", "model_type", b"model_type", "orpo", b"orpo", "output", b"output", "prompt_tuning", b"prompt_tuning", "quantization", b"quantization", "speed", b"speed", "validation_dataset", b"validation_dataset", "warm_start", b"warm_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class SpeedConfig(_message.Message):
+    """Speed options of the training run; all default to AUTO (the worker chooses)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIGER_KERNELS_FIELD_NUMBER: _builtins.int
+    ATTENTION_FIELD_NUMBER: _builtins.int
+    TORCH_COMPILE_FIELD_NUMBER: _builtins.int
+    ACTIVATION_OFFLOADING_FIELD_NUMBER: _builtins.int
+    PADDING_FREE_FIELD_NUMBER: _builtins.int
+    liger_kernels: Global___SpeedMode.ValueType
+    """Liger kernels (fused linear cross-entropy, RMSNorm, RoPE, SwiGLU) through TRL's use_liger_kernel; CUDA
+    only, for the architectures liger-kernel supports.
+    """
+    attention: Global___AttentionImplementation.ValueType
+    """The attention implementation."""
+    torch_compile: Global___SpeedMode.ValueType
+    """torch.compile of the model. AUTO leaves it off until a benchmark shows it pays."""
+    activation_offloading: Global___SpeedMode.ValueType
+    """Activations kept in CPU memory between the forward and backward passes (long sequences): GPU workers
+    only, for SFT, distillation, DPO and KTO. AUTO turns it on from 8192 tokens per sequence.
+    """
+    padding_free: Global___SpeedMode.ValueType
+    """With packing: padding-free batches whose examples attend only within themselves (variable-length
+    attention through position ids), SFT and distillation only.
+    """
+    def __init__(
+        self,
+        *,
+        liger_kernels: Global___SpeedMode.ValueType = ...,
+        attention: Global___AttentionImplementation.ValueType = ...,
+        torch_compile: Global___SpeedMode.ValueType = ...,
+        activation_offloading: Global___SpeedMode.ValueType = ...,
+        padding_free: Global___SpeedMode.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_offloading", b"activation_offloading", "attention", b"attention", "liger_kernels", b"liger_kernels", "padding_free", b"padding_free", "torch_compile", b"torch_compile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpeedConfig: _TypeAlias = SpeedConfig  # noqa: Y015
 
 @_typing.final
 class Integration(_message.Message):
