@@ -141,6 +141,18 @@ up: venv
 bench-control-plane: venv
 	$(BIN)/python benchmarks/bench_control_plane.py $(BENCH_ARGS)
 
+# Python 3.12 wheels the GPU machine lacks (benchmarks/gpu/wheels.txt, versions from constraints.txt) into
+# the ignored .cache/gpu-wheels, slimmed to fit the device tool's carry limit; benchmarks/gpu/run_all.sh
+# installs them offline there (benchmarks/README.md, "On a GPU").
+GPU_WHEELS ?= .cache/gpu-wheels
+.PHONY: gpu-wheels
+gpu-wheels: venv
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip download --quiet --no-deps -c constraints.txt -d $(GPU_WHEELS) --python-version 3.12 \
+		--implementation cp --only-binary=:all: --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -r benchmarks/gpu/wheels.txt
+	$(BIN)/python benchmarks/gpu/slim_wheels.py $(GPU_WHEELS)
+
 # The container images of deploy/docker/ (the names docker-compose.yml uses). Needs a Docker engine; without
 # one it says so and fails. IMAGE_BUILD_ARGS e.g. --build-arg FLASH_ATTN=0 --progress=plain.
 DOCKER ?= docker

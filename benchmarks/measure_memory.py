@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/measure_memory.py            # CPU: states per term, and peaks
     .venv/bin/python benchmarks/measure_memory.py --cuda     # + peak GPU memory over a grid (needs a GPU)
+    python benchmarks/measure_memory.py --cuda-only --json OUT.json   # the GPU grid alone (~2 min, H200)
+    .venv/bin/python benchmarks/measure_memory.py --cuda-only --device cpu --tiny   # its CPU dry run
 
 Real architectures from the catalog are built with random weights from configs made of the catalog's
 figures (no download), scaled down on CPU (2 layers, narrower, a smaller vocabulary) so they run in seconds.
@@ -17,6 +19,10 @@ figures (no download), scaled down on CPU (2 layers, narrower, a smaller vocabul
 4. Peak (CUDA, --cuda): torch.cuda.max_memory_allocated over method x sequence length x batch on a
    0.5B-1.5B architecture at full size, against the same prediction; the p90 of the error, and whether any
    run needed more than the prediction (a job the estimator would have admitted and that then failed).
+   The peak of the second training step (optimizer states exist), less what was allocated before the
+   model was built (the cuBLAS workspaces a warm-up step left), with the catalog entry of the device
+   (H200: "NVIDIA H200 141GB"). ``--device cpu --tiny`` runs the same grid code on a scaled-down model
+   on the CPU, tracked as in 3., predicted for the GPU: a check that the code runs, not a measurement.
 
 The training step is the one the worker's Trainer takes: autocast to the compute dtype when the parameters
 are fp32, loss on shifted labels, backward, gradient clipping, optimizer step, gradients set to None.
@@ -25,7 +31,10 @@ are fp32, loss on shifted labels, backward, gradient clipping, optimizer step, g
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -149,21 +158,30 @@ def build(
     torch.manual_seed(0)
     config = hf_config(arch, family)
     if not quantize:
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
-    # bitsandbytes quantises at load time, so the random model goes through a folder, like a hub model.
+        with torch.device(device):  # random init where the model trains: seconds, not a minute, at 1B
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # bitsandbytes quantises at load time, so the random model goes through a folder, like a hub model;
+    # one folder per architecture and dtype, kept for the run.
     from transformers import BitsAndBytesConfig
 
-    with tempfile.TemporaryDirectory() as folder:
-        AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(folder)
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-        return AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=quant, dtype=dtype, device_map={"": device}
-        )
+    key = (repr(arch), family, str(dtype))
+    if key not in SAVED:
+        SAVED[key] = tempfile.mkdtemp(prefix="measure-memory-")
+        with torch.device(device):
+            AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(SAVED[key])
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        SAVED[key], quantization_config=quant, dtype=dtype, device_map={"": device}
+    )
+
+
+# Saved random models for quantised loading, by (architecture, family, dtype); removed at exit.
+SAVED: dict[tuple[str, str, str], str] = {}
 
 
 # ---- one configuration --------------------------------------------------------------------------------
@@ -315,6 +333,13 @@ def measure_states(case: Case) -> dict[str, tuple[int, int]]:
 def measure_peak(case: Case, device: str) -> tuple[int, int, int]:
     """(predicted allocations, predicted allocations with the allocator slack, measured) peak bytes of one
     training step after a first one (optimizer states exist)."""
+    cuda = device.startswith("cuda")
+    before = 0
+    if cuda:  # whatever an earlier configuration left (and the cuBLAS workspaces) is not this one's
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
     model, optimizer = prepare(case, device)
     train_step(model, optimizer, case, device)
     optimizer.zero_grad(set_to_none=True)
@@ -322,13 +347,14 @@ def measure_peak(case: Case, device: str) -> tuple[int, int, int]:
     # The admission bound without the fixed CUDA-context part (which a scaled-down model would dwarf):
     # what the allocations may reach before the estimate is exceeded.
     predicted, total = memory.measured_part, memory.total - PRIORS.framework_overhead_bytes
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         train_step(model, optimizer, case, device)
         torch.cuda.synchronize()
-        measured = torch.cuda.max_memory_allocated()
+        measured = torch.cuda.max_memory_allocated() - before
         del model, optimizer
+        gc.collect()
         torch.cuda.empty_cache()
         return predicted, total, measured
     existing = [
@@ -445,7 +471,7 @@ def peak_cases(
 ) -> list[Case]:
     cases: list[Case] = []
     gpu = not hardware.is_cpu
-    for adapter in ("lora", "qlora", "full", "prompt_tuning"):
+    for adapter in ("lora", "full", "qlora", "prompt_tuning"):  # the slow QLoRA loads after the others
         if adapter == "qlora" and not gpu:
             continue  # bitsandbytes' CPU kernels are for correctness, not representative allocations
         for length in lengths:
@@ -468,17 +494,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def report_peaks(title: str, cases: list[Case], run: Callable[[Case], tuple[int, int, int]]) -> None:
-    print(f"\n{title}")
+def report_peaks(
+    title: str,
+    cases: list[Case],
+    run: Callable[[Case], tuple[int, int, int]],
+    deadline: float | None = None,
+) -> dict[str, Any]:
+    """Runs and prints each case (none after ``deadline``, a time.monotonic()); returns the rows and the
+    summary (for --json)."""
+    print(f"\n{title}", flush=True)
+    rows: list[dict[str, Any]] = []
     print(f"{'configuration':<70} {'predicted':>10} {'measured':>10} {'error':>8}")
     errors: list[float] = []
     under: list[str] = []
     overflow: list[str] = []  # the estimate with its allocator slack below the measured peak
     for case in cases:
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"{case.label:<70} skipped: past the time budget (--budget-s)", flush=True)
+            rows.append({"configuration": case.label, "skipped": "past the time budget (--budget-s)"})
+            continue
         try:
             predicted, total, measured = run(case)
         except Exception as exc:  # one configuration that cannot run here must not hide the others
-            print(f"{case.label:<70} skipped: {type(exc).__name__}: {str(exc)[:60]}")
+            print(f"{case.label:<70} skipped: {type(exc).__name__}: {str(exc)[:60]}", flush=True)
+            rows.append({"configuration": case.label, "skipped": f"{type(exc).__name__}: {exc}"[:300]})
+            if torch.cuda.is_available():
+                gc.collect()
+                torch.cuda.empty_cache()
             continue
         error = (predicted - measured) / measured
         errors.append(error)
@@ -486,25 +528,112 @@ def report_peaks(title: str, cases: list[Case], run: Callable[[Case], tuple[int,
             under.append(case.label)
         if total < measured:
             overflow.append(case.label)
-        print(f"{case.label:<70} {predicted / 2**20:>8.1f}Mi {measured / 2**20:>8.1f}Mi {error:>+8.1%}")
+        print(
+            f"{case.label:<70} {predicted / 2**20:>8.1f}Mi {measured / 2**20:>8.1f}Mi {error:>+8.1%}",
+            flush=True,
+        )
+        rows.append(
+            {
+                "configuration": case.label,
+                "predicted": predicted,
+                "with_slack": total,
+                "measured": measured,
+                "error": error,
+            }
+        )
+    summary: dict[str, Any] = {"title": title, "rows": rows}
     if errors:
         absolute = [abs(e) for e in errors]
+        summary.update(
+            runs=len(errors),
+            p50=statistics.median(absolute),
+            p90=percentile(absolute, 0.9),
+            under=len(under),
+            beyond_slack=len(overflow),
+        )
         print(
             f"runs {len(errors)}: p50 |error| {statistics.median(absolute):.1%}, "
             f"p90 |error| {percentile(absolute, 0.9):.1%}, max over-estimate {max(errors):+.1%}, "
             f"under-estimated {len(under)} (largest {min(errors):+.1%}); beyond the estimate with its "
             f"allocator slack (admitted, then out of memory, CUDA context not even counted): {len(overflow)}"
         )
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--cuda", action="store_true", help="also measure peak GPU memory over a grid")
     parser.add_argument("--cuda-model", default="Qwen/Qwen2.5-0.5B", help="architecture for the GPU grid")
+    parser.add_argument("--cuda-only", action="store_true", help="the GPU grid (4.) alone, not 1.-3.")
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="4. on the CPU: a dry run (with --tiny)"
+    )
+    parser.add_argument("--tiny", action="store_true", help="4. on a scaled-down model, short sequences")
+    parser.add_argument("--lengths", default="512,2048", help="4.: sequence lengths (comma-separated)")
+    parser.add_argument("--batches", default="1,4", help="4.: batch sizes (comma-separated)")
+    parser.add_argument("--json", default="", help="write 4.'s rows and p50/p90 here")
+    parser.add_argument("--budget-s", type=float, default=0.0, help="4.: start no configuration after this")
     args = parser.parse_args()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.monotonic()
+    try:
+        if not args.cuda_only:
+            cpu_sections()
+        if args.cuda or args.cuda_only:
+            summary = cuda_section(args)
+            if args.json:
+                Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+                print(f"results: {args.json}")
+    finally:
+        for folder in SAVED.values():
+            shutil.rmtree(folder, ignore_errors=True)
+    print(f"\n{time.monotonic() - started:.0f} s")
 
+
+def cuda_section(args: argparse.Namespace) -> dict[str, Any]:
+    """4.: the estimator's predicted peak against torch.cuda.max_memory_allocated over the grid."""
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    lengths = tuple(int(n) for n in args.lengths.split(",") if n)
+    batches = tuple(int(n) for n in args.batches.split(",") if n)
+    if args.device == "cpu":
+        # The code of 4. on a CPU: the GPU's catalog entry for the prediction, a scaled-down model, the
+        # tracked peak of 3. for the measurement. Checks that it runs; the figures mean nothing.
+        gpu = CATALOG.hardware("nvidia-h200") or A100
+        if args.tiny:
+            lengths, batches = (32,), (1, 2)
+        summary = report_peaks(
+            f"4. (CPU dry run: tracked tensor storages, not GPU memory) {args.cuda_model} scaled down, "
+            f"predicted for {gpu.display_name}",
+            peak_cases(args.cuda_model, gpu, lengths, batches, scale=True),
+            lambda case: measure_peak(case, "cpu"),
+            deadline,
+        )
+        return {"device": "cpu (dry run)", "hardware": gpu.display_name, **summary}
+    if not torch.cuda.is_available():
+        sys.exit("--cuda: no CUDA device (--device cpu --tiny runs the same code on the CPU)")
+    # The catalog's entry for this card: its name, then the memory size closest to the device's.
+    name, size = torch.cuda.get_device_name().lower(), torch.cuda.mem_get_info()[1]
+    named = [h for h in CATALOG.gpus() if h.display_name.split()[1].lower() in name] or [A100]
+    gpu = min(named, key=lambda h: abs(h.memory_bytes - size))
+    # A warm-up forward and backward, so the cuBLAS workspaces exist before the first measurement.
+    warm = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    (warm @ warm).float().sum().backward()
+    del warm
+    summary = report_peaks(
+        f"4. peak GPU memory (torch.cuda.max_memory_allocated), {args.cuda_model} at full size, "
+        f"{torch.cuda.get_device_name()} as {gpu.display_name}",
+        peak_cases(args.cuda_model, gpu, lengths, batches, scale=args.tiny),
+        lambda case: measure_peak(case, "cuda"),
+        deadline,
+    )
+    return {"device": torch.cuda.get_device_name(), "hardware": gpu.display_name, **summary}
+
+
+def cpu_sections() -> None:
+    """1.-3.: states, activations and peaks on the CPU."""
     print("1. states after one optimizer step, CPU, scaled-down architectures (bytes predicted vs allocated)")
     print(f"{'configuration':<70} {'weights':>9} {'grads':>9} {'optim':>9}")
     for case in state_cases():
@@ -563,21 +692,6 @@ def main() -> None:
     report_peaks(
         "3b. the same for other families, 256 tokens x 4", others, lambda case: measure_peak(case, "cpu")
     )
-
-    if args.cuda:
-        if not torch.cuda.is_available():
-            sys.exit("--cuda: no CUDA device")
-        # The catalog's entry for this card: its name, then the memory size closest to the device's.
-        name, size = torch.cuda.get_device_name().lower(), torch.cuda.mem_get_info()[1]
-        named = [h for h in CATALOG.gpus() if h.display_name.split()[1].lower() in name] or [A100]
-        gpu = min(named, key=lambda h: abs(h.memory_bytes - size))
-        report_peaks(
-            f"4. peak GPU memory (torch.cuda.max_memory_allocated), {args.cuda_model} at full size, "
-            f"{torch.cuda.get_device_name()}",
-            peak_cases(args.cuda_model, gpu, (512, 1024, 2048), (1, 4), scale=False),
-            lambda case: measure_peak(case, "cuda"),
-        )
-    print(f"\n{time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":
