@@ -1,5 +1,6 @@
-"""What `tuneforge datasets upload` and `datasets validate` send: UploadDatasetMetadata from the options,
-each checked here with an error that names the option; and the cause of a file that cannot be read at all.
+"""What `tuneforge datasets upload`, `datasets validate` and `datasets import` send: UploadDatasetMetadata or
+CreateDatasetRequest from the same options, each checked here once with an error that names the option;
+and the cause of a file that cannot be read at all.
 
 Pure and cheap to import (no services.datasets): shell completion runs the CLI on every Tab.
 """
@@ -46,6 +47,32 @@ def option_of(field: str) -> str:
     return OPTION_OF_FIELD.get(field, field)
 
 
+# `datasets import`: CreateDatasetRequest names the shared fields without "metadata." ("options.max_samples"),
+# and has the source and its credentials besides.
+IMPORT_OPTION_OF_FIELD = {
+    "source": "SOURCE", "source.s3_uri": "SOURCE", "source.gcs_uri": "SOURCE",
+    "source.huggingface_id": "SOURCE", "source.upload_filename": "SOURCE",
+    "source.region": "--region", "source.endpoint_url": "--endpoint-url",
+    "source.huggingface_config": "--hf-config", "source.huggingface_split": "--hf-split",
+    "source.streaming": "--streaming", "source.max_rows": "--max-rows",
+    "credentials": "--env-credentials",
+    "credentials.access_key_id": "--env-credentials (AWS_ACCESS_KEY_ID)",
+    "credentials.secret_access_key": "--env-credentials (AWS_SECRET_ACCESS_KEY)",
+    "credentials.session_token": "--env-credentials (AWS_SESSION_TOKEN)",
+    "credentials.huggingface_token": "--env-credentials (HF_TOKEN)",
+    "organization": "--org",
+}
+
+
+def import_option_of(field: str) -> str:
+    """The option of `datasets import` that sets a CreateDatasetRequest field ("options.max_samples" ->
+    "--max-samples", "source.endpoint_url" -> "--endpoint-url"), or the field itself when no option does."""
+    if field in IMPORT_OPTION_OF_FIELD:
+        return IMPORT_OPTION_OF_FIELD[field]
+    shared = option_of(f"metadata.{field}")
+    return field if shared == f"metadata.{field}" else shared
+
+
 def parse_format(value: str | None) -> int:
     """--format: a DatasetFormat by short name, any case, '-' or '_'; None or "auto": detect it."""
     if value is None or value.strip().lower() in ("", "auto"):
@@ -88,14 +115,11 @@ def parse_column_mapping(values: list[str] | None) -> dict[str, str]:
     return mapping
 
 
-def build_metadata(path: Path, *, name: str = "", description: str = "", format: str | None = None,
-                   column_mapping: list[str] | None = None, train: float | None = None,
-                   validation: float | None = None, test: float | None = None, seed: int | None = None,
-                   min_examples: int | None = None, tokenizer: str = "", max_length: int = 0,
-                   max_samples: int | None = None, system_prompt: str = "", prompt_template: str = "",
-                   issue_limit: int | None = None, validation_dataset: str = "",
-                   request_id: str = "") -> dataset_service_pb2.UploadDatasetMetadata:
-    """The metadata of an upload (or a validation) of `path`, every option checked on its own here; the
+def check_options(*, train: float | None = None, validation: float | None = None, test: float | None = None,
+                  seed: int | None = None, min_examples: int | None = None, max_length: int = 0,
+                  max_samples: int | None = None, prompt_template: str = "", issue_limit: int | None = None,
+                  validation_dataset: str = "") -> None:
+    """Each option on its own, as upload, validate and import take it (typer.BadParameter naming it); the
     rules that need the server's code (fractions that sum to 1, templates) are checked by it."""
     def positive(value: int | None, option: str, what: str = "at least 1") -> None:
         if value is not None and value < 1:
@@ -124,23 +148,73 @@ def build_metadata(path: Path, *, name: str = "", description: str = "", format:
                                  "examples", param_hint="--validation")
     if prompt_template and "{prompt}" not in prompt_template:
         raise typer.BadParameter("must contain the placeholder {prompt}", param_hint="--prompt-template")
-    metadata = dataset_service_pb2.UploadDatasetMetadata(
-        name=name, description=description, format=parse_format(format),  # type: ignore[arg-type]
-        filename=path.name, size_bytes=path.stat().st_size, request_id=request_id, tokenizer=tokenizer,
-        max_length=max_length, validation_dataset=validation_dataset,
-        options=dataset_pb2.DatasetOptions(system_prompt=system_prompt, prompt_template=prompt_template),
-        column_mapping=dataset_pb2.ColumnMapping(columns=parse_column_mapping(column_mapping)))
+
+
+def _fill(message: dataset_service_pb2.UploadDatasetMetadata | dataset_service_pb2.CreateDatasetRequest, *,
+          name: str, description: str, format: str | None, column_mapping: list[str] | None,
+          train: float | None, validation: float | None, test: float | None, seed: int | None,
+          min_examples: int | None, tokenizer: str, max_length: int, max_samples: int | None,
+          system_prompt: str, prompt_template: str, issue_limit: int | None, request_id: str) -> None:
+    """Sets the fields UploadDatasetMetadata and CreateDatasetRequest share (same names, same meaning)."""
+    message.name, message.description, message.request_id = name, description, request_id
+    message.format = parse_format(format)  # type: ignore[assignment]
+    message.tokenizer, message.max_length = tokenizer, max_length
+    message.options.system_prompt, message.options.prompt_template = system_prompt, prompt_template
+    message.column_mapping.columns.update(parse_column_mapping(column_mapping))
     for field, value in (("train_fraction", train), ("validation_fraction", validation),
                          ("test_fraction", test), ("seed", seed)):
         if value is not None:
-            setattr(metadata.split, field, value)
+            setattr(message.split, field, value)
     if min_examples is not None:
-        metadata.min_examples = min_examples
+        message.min_examples = min_examples
     if max_samples is not None:
-        metadata.options.max_samples = max_samples
+        message.options.max_samples = max_samples
     if issue_limit is not None:
-        metadata.issue_limit = issue_limit
+        message.issue_limit = issue_limit
+
+
+def build_metadata(path: Path, *, name: str = "", description: str = "", format: str | None = None,
+                   column_mapping: list[str] | None = None, train: float | None = None,
+                   validation: float | None = None, test: float | None = None, seed: int | None = None,
+                   min_examples: int | None = None, tokenizer: str = "", max_length: int = 0,
+                   max_samples: int | None = None, system_prompt: str = "", prompt_template: str = "",
+                   issue_limit: int | None = None, validation_dataset: str = "",
+                   request_id: str = "") -> dataset_service_pb2.UploadDatasetMetadata:
+    """The metadata of an upload (or a validation) of `path`, every option checked on its own here; the
+    rules that need the server's code (fractions that sum to 1, templates) are checked by it."""
+    check_options(train=train, validation=validation, test=test, seed=seed, min_examples=min_examples,
+                  max_length=max_length, max_samples=max_samples, prompt_template=prompt_template,
+                  issue_limit=issue_limit, validation_dataset=validation_dataset)
+    metadata = dataset_service_pb2.UploadDatasetMetadata(
+        filename=path.name, size_bytes=path.stat().st_size, validation_dataset=validation_dataset)
+    _fill(metadata, name=name, description=description, format=format, column_mapping=column_mapping,
+          train=train, validation=validation, test=test, seed=seed, min_examples=min_examples,
+          tokenizer=tokenizer, max_length=max_length, max_samples=max_samples, system_prompt=system_prompt,
+          prompt_template=prompt_template, issue_limit=issue_limit, request_id=request_id)
     return metadata
+
+
+def build_import_request(source: dataset_pb2.DatasetSource, *, name: str = "", description: str = "",
+                         format: str | None = None, column_mapping: list[str] | None = None,
+                         train: float | None = None, validation: float | None = None,
+                         test: float | None = None, seed: int | None = None, min_examples: int | None = None,
+                         tokenizer: str = "", max_length: int = 0, max_samples: int | None = None,
+                         system_prompt: str = "", prompt_template: str = "", issue_limit: int | None = None,
+                         request_id: str = "",
+                         credentials: dataset_service_pb2.SourceCredentials | None = None,
+                         ) -> dataset_service_pb2.CreateDatasetRequest:
+    """The CreateDatasetRequest of `tuneforge datasets import`: the upload's options, checked by the same
+    code with the same errors. (CreateDatasetRequest has no validation_dataset: imports have no
+    --validation-dataset.)"""
+    check_options(train=train, validation=validation, test=test, seed=seed, min_examples=min_examples,
+                  max_length=max_length, max_samples=max_samples, prompt_template=prompt_template,
+                  issue_limit=issue_limit)
+    request = dataset_service_pb2.CreateDatasetRequest(source=source, credentials=credentials)
+    _fill(request, name=name, description=description, format=format, column_mapping=column_mapping,
+          train=train, validation=validation, test=test, seed=seed, min_examples=min_examples,
+          tokenizer=tokenizer, max_length=max_length, max_samples=max_samples, system_prompt=system_prompt,
+          prompt_template=prompt_template, issue_limit=issue_limit, request_id=request_id)
+    return request
 
 
 def encoding_problem(path: Path) -> str | None:

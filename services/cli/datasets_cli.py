@@ -56,8 +56,8 @@ Format = Annotated[str | None, typer.Option(
     "openai_preference, prompt_only, kto (default: detected from the content).")]
 ColumnMap = Annotated[list[str] | None, typer.Option(
     "--column-mapping", metavar="COLUMN=FIELD[,...]",
-    help="CSV/Parquet: which column holds which field, e.g. question=prompt,answer=completion "
-    "(repeatable). Unmapped columns keep their own name.")]
+    help="Which CSV/Parquet column or JSONL key holds which field, e.g. question=prompt,answer=completion "
+    "(repeatable). Unmapped ones keep their own name.")]
 MinExamples = Annotated[int | None, typer.Option(help="Fewer valid examples is an error (default 100).")]
 Tokenizer = Annotated[str, typer.Option(
     help="Count tokens with this model's tokenizer (a local folder or a model in the Hugging Face cache).")]

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import grpc
 import typer
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -26,9 +27,12 @@ from services.cli import metrics as metrics_cli
 from services.cli import timeline as timeline_cli
 from services.cli import usage as usage_cli
 from services.cli.credentials import admin_key_path, api_key
+from services.cli.dataset_options import build_import_request, import_option_of
+from services.cli.dataset_report import report_lines
 from services.cli.render import as_json as to_json
 from services.cli.render import dataset_table, job_table, outcome, plan_table, watch, whole_ids
 from services.client import TuneForgeClient, TuneForgeError
+from services.client.errors import from_rpc_error
 from services.platform.supervisor import Platform, PlatformConfig, PlatformStartError
 
 app = typer.Typer(help="TuneForge: fine-tune LLMs with validated data, estimates and live metrics.",
@@ -191,24 +195,76 @@ def datasets_import(
     env_credentials: Annotated[bool, typer.Option(
         "--env-credentials", help="Send AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (S3; "
         "GCS HMAC keys) or HF_TOKEN from the environment. Secrets are never taken as flags.")] = False,
-    min_examples: Annotated[int | None, typer.Option(help="Fewer is an error (default 100).")] = None,
+    format: datasets_cli.Format = None,
+    column_mapping: datasets_cli.ColumnMap = None,
+    train: Annotated[float | None, typer.Option(help="Train fraction (default 0.8).")] = None,
+    validation: Annotated[float | None, typer.Option(help="Validation fraction (default 0.15).")] = None,
+    test: Annotated[float | None, typer.Option(help="Test fraction (default 0.05).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Split seed (default 42).")] = None,
+    min_examples: datasets_cli.MinExamples = None,
+    tokenizer: datasets_cli.Tokenizer = "",
+    max_length: datasets_cli.MaxLength = 0,
+    max_samples: datasets_cli.MaxSamples = None,
+    system_prompt: datasets_cli.SystemPrompt = "",
+    prompt_template: datasets_cli.PromptTemplate = "",
+    issue_limit: datasets_cli.IssueLimit = None,
+    request_id: Annotated[str, typer.Option(
+        help="Idempotency key: a retry with the same one returns the dataset made the first time "
+        "(default: a new one).")] = "",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until READY or FAILED.")] = True,
     address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = False,
 ) -> None:
-    """Import a dataset from S3, GCS or the Hugging Face Hub; it is validated and split like an upload."""
+    """Import a dataset from S3, GCS or the Hugging Face Hub; it is validated and split like an upload,
+    with the same options (--format, --column-mapping, ...). A bad option is refused by its name."""
     options = {"region": region, "endpoint_url": endpoint_url, "huggingface_config": hf_config,
                "huggingface_split": hf_split, "streaming": streaming, "max_rows": max_rows}
     where = dataset_source(source, **options)
+    request = build_import_request(
+        where, name=name, description=description, format=format, column_mapping=column_mapping,
+        train=train, validation=validation, test=test, seed=seed, min_examples=min_examples,
+        tokenizer=tokenizer, max_length=max_length, max_samples=max_samples, system_prompt=system_prompt,
+        prompt_template=prompt_template, issue_limit=issue_limit, request_id=request_id or str(uuid.uuid4()),
+        credentials=credentials_from_env(where) if env_credentials else None)
+    report: dataset_pb2.ValidationReport | None = None
     with api(address, org) as client:
-        dataset = client.import_dataset(name, where, description=description,
-                                        credentials=credentials_from_env(where) if env_credentials else None,
-                                        min_examples=min_examples, request_id=str(uuid.uuid4()))
+        request.organization = client.organization
+        try:
+            response = client.datasets.CreateDataset(request, timeout=client.timeout_s)
+        except grpc.RpcError as err:
+            refused = from_rpc_error(err)
+            if not refused.violations:
+                raise refused from None  # printed as any other error by api()
+            # As upload says it: the message, then each field as the option that sets it.
+            err_console.print(f"[red]error[/red] {escape(str(refused.message).split(': ')[0])}",
+                              highlight=False, soft_wrap=True)
+            for v in refused.violations:
+                err_console.print(f"  - {escape(import_option_of(v.field))}: {escape(v.description)}",
+                                  highlight=False, soft_wrap=True)
+            raise typer.Exit(2 if refused.code.name in USER_ERRORS else 1) from None
+        dataset = response.dataset
         while wait and dataset.state == dataset_pb2.DATASET_STATE_PROCESSING:
             time.sleep(0.5)
             dataset = client.get_dataset(dataset.id)
-    console.print_json(to_json(dataset)) if as_json else console.print(dataset_table([dataset]))
+        ready = dataset.state == dataset_pb2.DATASET_STATE_READY
+        if not as_json and (ready or dataset.validation.error_count):
+            try:  # what upload prints after its table; an import that failed before reading has none
+                report = client.datasets.GetValidationReport(dataset_service_pb2.GetValidationReportRequest(
+                    organization=client.organization, dataset=dataset.id), timeout=client.timeout_s).report
+            except grpc.RpcError:
+                report = None
+    if as_json:
+        console.print_json(to_json(dataset))
+    else:
+        console.print(dataset_table([dataset]))
+        if dataset.state == dataset_pb2.DATASET_STATE_READY and report is not None:
+            for line in report_lines(report)[1:]:
+                console.print(escape(line), highlight=False, soft_wrap=True)
     if dataset.state == dataset_pb2.DATASET_STATE_FAILED:
-        err_console.print(f"[red]failed[/red] {dataset.failure_message}")
+        # The cause first, once (as upload says it), then what the report adds.
+        first = dataset.failure_message.split(". First:")[0].split("; the first")[0]
+        err_console.print(f"[red]failed[/red] {escape(first)}", highlight=False, soft_wrap=True)
+        for line in report_lines(report)[1:] if report is not None else []:
+            err_console.print(escape(line), highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 

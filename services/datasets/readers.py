@@ -1,9 +1,11 @@
 """Reading an uploaded file, whatever its container: JSONL, CSV, Parquet, or a ZIP of images + train.jsonl.
 
 The container is found from the bytes, never from the file name: ZIP and Parquet by their magic
-numbers, JSONL when one of the first non-blank lines starts with "{", CSV otherwise (or when a column
-mapping is given). Every reader yields `(line, object)` pairs and reports what it cannot read through an
-`IssueSink`, with a 1-based line (the CSV line a record starts on, the Parquet row number).
+numbers, JSONL when one of the first non-blank lines starts with "{", CSV otherwise (and, with a column
+mapping, whenever no line starts with "{": a one-column CSV need not name a known field). A column mapping
+renames CSV and Parquet columns and JSONL keys alike. Every reader yields `(line, object)` pairs and
+reports what it cannot read through an `IssueSink`, with a 1-based line (the CSV line a record starts on,
+the Parquet row number).
 
 ZIP archives are untrusted: entries with `..`, absolute paths, drive letters or backslashes, symbolic
 links, encrypted entries, too many entries, and anything that would expand past the extraction limit
@@ -22,6 +24,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import chain, islice
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -112,11 +115,11 @@ def sniff(path: Path, *, has_mapping: bool = False) -> SourceKind:
             f.seek(-4, io.SEEK_END)
             if f.read(4) == b"PAR1":
                 return SourceKind.PARQUET
-    if has_mapping:
-        return SourceKind.CSV
     lines = [line.strip() for line in head.removeprefix(BOM).splitlines() if line.strip()]
     if not lines or any(line.startswith(b"{") for line in lines[:DETECTION_SAMPLE_LINES]):
         return SourceKind.JSONL
+    if has_mapping:
+        return SourceKind.CSV
     first = lines[0]
     single_column = first.decode("utf-8", "replace") in FIELD_NAMES
     return SourceKind.CSV if b"," in first or b"\t" in first or single_column else SourceKind.JSONL
@@ -320,6 +323,31 @@ def _columns(header: list[str], mapping: dict[str, str], line: int, add: IssueSi
         return None
     renamed = {column: field for field, column in mapping.items()}
     return [renamed.get(column, column) for column in header]
+
+
+def mapped_objects(
+    records: Iterator[tuple[int, Any]], mapping: dict[str, str], add: IssueSink, sample: int
+) -> Iterator[tuple[int, Any]]:
+    """JSONL objects with the mapped keys renamed (`{field: key}` like a CSV column mapping). A mapped key
+    that none of the first `sample` objects has is reported once, as a CSV's missing column is, and
+    nothing is read."""
+    renamed = {key: field for field, key in mapping.items()}
+    head = list(islice(records, sample))
+    seen = {key for _, obj in head if isinstance(obj, dict) for key in obj}
+    missing = [f"{field} <- {key}" for field, key in mapping.items() if key not in seen]
+    if missing and any(isinstance(obj, dict) for _, obj in head):
+        add(
+            IssueCode.MISSING_COLUMN,
+            f"The column mapping names keys no line has ({', '.join(missing)}); the lines' keys are: "
+            f"{', '.join(sorted(seen))}.",
+            head[0][0],
+            "column_mapping",
+        )
+        return
+    for number, obj in chain(head, records):
+        if isinstance(obj, dict):
+            obj = {renamed.get(key, key): value for key, value in obj.items()}
+        yield number, obj
 
 
 def _row(fields: list[str], values: list[Any]) -> dict[str, Any]:

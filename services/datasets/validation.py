@@ -59,6 +59,7 @@ from services.datasets.readers import (
     extract_zip,
     image_problem,
     jsonl_chunks,
+    mapped_objects,
     parquet_records,
     parse_json_line,
     sniff,
@@ -309,6 +310,9 @@ def validate_source(
     else:
         jsonl = _JsonlRecords(path, max_line_bytes, add_file)
         records = iter(jsonl)
+    if jsonl is not None and mapping:  # keys renamed object by object, so never the raw-line fast path
+        records = mapped_objects(records, mapping, add_file, DETECTION_SAMPLE_LINES)
+        jsonl = None
 
     head = list(islice(records, DETECTION_SAMPLE_LINES))
     detected = format or detect(obj for _, obj in head if isinstance(obj, dict)) or DatasetFormat.OPENAI_CHAT

@@ -300,6 +300,36 @@ def test_csv_with_a_column_mapping(tmp_path: Path) -> None:
     assert (IssueCode.MISSING_COLUMN, 1, "column_mapping") in issues
 
 
+def test_jsonl_with_a_column_mapping_renames_keys(tmp_path: Path) -> None:
+    # What a Hugging Face import writes (JSONL rows with the source's own column names), or a user's JSONL.
+    path = tmp_path / "d.jsonl"
+    rows = [{"question": f"q {i}", "answer": f"a {i}", "source": "web"} for i in range(3)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "[1]\n")
+    assert r.sniff(path, has_mapping=True) is r.SourceKind.JSONL
+    out = io.BytesIO()
+    report = v.validate_file(
+        path, min_examples=1, normalized_out=out, column_mapping={"prompt": "question", "completion": "answer"}
+    )
+    assert report.format is DatasetFormat.PROMPT_COMPLETION and report.examples_checked == 4
+    assert [(i.code, i.line) for i in report.issues if i.severity is Severity.ERROR] == [
+        (IssueCode.NOT_AN_OBJECT, 4)
+    ]
+    assert [json.loads(x) for x in out.getvalue().splitlines()] == [
+        {"prompt": f"q {i}", "completion": f"a {i}"} for i in range(3)
+    ]
+    missing = v.validate_file(path, min_examples=1, column_mapping={"prompt": "nope"})
+    (issue,) = [i for i in missing.issues if i.code is IssueCode.MISSING_COLUMN]
+    assert (issue.line, issue.field) == (1, "column_mapping") and "prompt <- nope" in issue.message
+    assert "answer, question, source" in issue.message and missing.examples_checked == 0
+
+
+def test_a_one_column_csv_with_a_mapping_is_still_csv(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("text\nhello\n")
+    assert r.sniff(path, has_mapping=True) is r.SourceKind.CSV
+    assert r.sniff(path) is r.SourceKind.CSV
+
+
 def test_csv_cells_holding_json_messages(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     messages = json.dumps([U, A]).replace('"', '""')
