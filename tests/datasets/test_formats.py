@@ -307,9 +307,8 @@ def test_jsonl_with_a_column_mapping_renames_keys(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "[1]\n")
     assert r.sniff(path, has_mapping=True) is r.SourceKind.JSONL
     out = io.BytesIO()
-    report = v.validate_file(
-        path, min_examples=1, normalized_out=out, column_mapping={"prompt": "question", "completion": "answer"}
-    )
+    mapping = {"prompt": "question", "completion": "answer"}
+    report = v.validate_file(path, min_examples=1, normalized_out=out, column_mapping=mapping)
     assert report.format is DatasetFormat.PROMPT_COMPLETION and report.examples_checked == 4
     assert [(i.code, i.line) for i in report.issues if i.severity is Severity.ERROR] == [
         (IssueCode.NOT_AN_OBJECT, 4)
