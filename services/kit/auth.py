@@ -50,7 +50,7 @@ from services.kit.identity import (
     is_api_key,
     unauthenticated,
 )
-from services.kit.interceptors import _responses
+from services.kit.interceptors import run_stream
 from tuneforge_core.errors import (
     FieldViolation,
     PermissionDenied,
@@ -442,13 +442,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             streaming = handler.unary_stream
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
                 call = admitted()
                 resource = _resource(request)
                 try:
                     enter(request)
-                    async for item in _responses(streaming(request, context)):
-                        yield item
+                    await run_stream(streaming(request, context), context)
                 except BaseException as exc:
                     await outcome(call, context, resource, None, exc)
                     raise
@@ -472,12 +471,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream:
             both = handler.stream_stream
 
-            async def stream_stream(requests: AsyncIterator[Any],
-                                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
                 call = admitted()
                 try:
-                    async for item in _responses(both(scoped(requests, call.principal), context)):
-                        yield item
+                    await run_stream(both(scoped(requests, call.principal), context), context)
                 except BaseException as exc:
                     await outcome(call, context, "", None, exc)
                     raise

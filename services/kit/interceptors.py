@@ -102,10 +102,9 @@ def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
         try:
-            async for item in _responses(behavior(request, context)):
-                yield item
+            await run_stream(behavior(request, context), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
@@ -179,14 +178,20 @@ class _Undecodable:
         self.error = error
 
 
-async def _responses(result: Any) -> AsyncIterator[Any]:
-    """A streaming handler's responses, whether it yields them or writes them with `context.write` (as
-    grpcio's own health servicer does) and returns a coroutine."""
+async def run_stream(result: Any, context: grpc.aio.ServicerContext) -> None:
+    """Runs a streaming handler's call to its end, whether the handler writes its responses with
+    `context.write` (a coroutine, as grpcio's own health servicer and our metric streams do) or yields them
+    (an async generator: each is written here).
+
+    Every interceptor's stream wrapper is a coroutine built on this, so grpc.aio takes every streaming call
+    through its reader-writer API, and a response written deep inside resumes a few plain coroutine frames
+    instead of a chain of async generators, one per interceptor (a stream with a thousand followers pays
+    that chain per response per follower)."""
     if inspect.isawaitable(result):
         await result
         return
     async for item in result:
-        yield item
+        await context.write(item)
 
 
 class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
@@ -237,9 +242,8 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             stream = handler.unary_stream
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async for item in _responses(stream(check(request), context)):
-                    yield item
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+                await run_stream(stream(check(request), context), context)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, guarded, handler.response_serializer)
         if handler.stream_unary:
@@ -252,10 +256,8 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream:
             both = handler.stream_stream
 
-            async def stream_stream(requests: AsyncIterator[Any],
-                                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async for item in _responses(both(checked(requests), context)):
-                    yield item
+            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+                await run_stream(both(checked(requests), context), context)
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, guarded, handler.response_serializer)
         return handler
@@ -318,11 +320,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return wrapper
 
         def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
                 started = time.perf_counter()
                 try:
-                    async for item in _responses(behavior(request, context)):
-                        yield item
+                    await run_stream(behavior(request, context), context)
                 except BaseException as exc:
                     done(context, started, exc)
                     raise
@@ -375,14 +376,13 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             return wrapper
 
         def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
                 # Not made current: a response stream may be closed from another task, where the context
                 # it attached could not be detached.
                 span = tracing.tracer().start_span(full, context=tracing.extract(metadata),
                                                    kind=tracing.SpanKind.SERVER, attributes=attributes)
                 try:
-                    async for item in _responses(behavior(request, context)):
-                        yield item
+                    await run_stream(behavior(request, context), context)
                 except BaseException as exc:
                     finish(span, context, exc)
                     raise
