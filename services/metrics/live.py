@@ -1,10 +1,18 @@
-"""Core NATS as the live feed: what the metrics service announces after a commit, and what streams follow."""
+"""Core NATS as the live feed: what the metrics service announces after a commit, and what streams follow.
+
+Announcements also loop back inside the process: a stream of this process following a job hears what this
+process stored straight from `publish`, not after a round trip through the NATS server (a publish, the
+server, the socket read, the subscription's callback task: each a turn of an event loop that may be busy
+writing to a thousand streams). The copy the server sends back carries this feed's origin and is dropped by
+the subscriptions that had it already; other processes (other replicas of the service) hear it from NATS.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from nats.aio.client import Client as NATS
@@ -14,28 +22,48 @@ from nats.aio.subscription import Subscription
 log = logging.getLogger(__name__)
 
 LiveMessage = tuple[str, bytes]
+# The header naming the feed (one per process) that published an announcement.
+ORIGIN_HEADER = "Tuneforge-Live-Origin"
+
+
+def _exact(subject: str) -> bool:
+    return not any(token in ("*", ">") for token in subject.split("."))
 
 
 class NatsLiveFeed:
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
+        self.origin = uuid.uuid4().hex
+        # Queues of this process' subscriptions by exact subject: what `publish` hands its payload to.
+        self._local: dict[str, list[asyncio.Queue[LiveMessage]]] = {}
 
     async def publish(self, subject: str, payload: bytes) -> None:
-        """Fire and forget: a follower that misses it still finds the data in the database."""
-        await self._nc.publish(subject, payload)
+        """Fire and forget: a follower that misses it still finds the data in the database. This process'
+        own subscriptions to `subject` have it before this returns."""
+        for queue in self._local.get(subject, ()):
+            queue.put_nowait((subject, payload))
+        await self._nc.publish(subject, payload, headers={ORIGIN_HEADER: self.origin})
 
     @contextlib.asynccontextmanager
     async def subscribe(self, subjects: Sequence[str]) -> AsyncIterator[asyncio.Queue[LiveMessage]]:
-        """Queues every message on `subjects` until the block ends.
+        """Queues every message on `subjects` until the block ends, each once.
 
         The block starts only after the server has confirmed the interest (a flush round trip), so
-        anything published after it is queued: reading the database next is then free of gaps.
+        anything published after it is queued: reading the database next is then free of gaps. (This
+        process' own announcements are queued from before the subscription is made.)
         """
         queue: asyncio.Queue[LiveMessage] = asyncio.Queue()
+        exact = {subject for subject in subjects if _exact(subject)}
+        origin = self.origin
 
         async def on_message(msg: Msg) -> None:
+            headers = msg.headers
+            if headers and msg.subject in exact and headers.get(ORIGIN_HEADER) == origin:
+                return  # queued by `publish` already
             queue.put_nowait((msg.subject, msg.data))
 
+        for subject in exact:
+            self._local.setdefault(subject, []).append(queue)
         subscriptions: list[Subscription] = []
         try:
             for subject in subjects:
@@ -43,6 +71,12 @@ class NatsLiveFeed:
             await self._nc.flush()
             yield queue
         finally:
+            for subject in exact:
+                queues = self._local.get(subject, [])
+                with contextlib.suppress(ValueError):
+                    queues.remove(queue)
+                if not queues:
+                    self._local.pop(subject, None)
             for sub in subscriptions:
                 try:
                     await sub.unsubscribe()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -53,6 +53,21 @@ class LiveFeed(Protocol):
 
     def subscribe(self, subjects: Sequence[str]) -> AbstractAsyncContextManager[asyncio.Queue[LiveMessage]]:
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Turn:
+    """A batch's place in the order of writes: `wait` returns once every batch that arrived before it has
+    written (or failed); `free` says whether that is so already."""
+
+    before: asyncio.Future[None] | None
+
+    def free(self) -> bool:
+        return self.before is None or self.before.done()
+
+    async def wait(self) -> None:
+        if self.before is not None and not self.before.done():
+            await asyncio.shield(self.before)
 
 
 @dataclass(frozen=True)
@@ -203,17 +218,35 @@ class MetricsManager:
                 write_rows(session, [row for p in kept.values() for row in p.rows])
             return kept
 
-        async with self._write_turn() as my_turn:
-            refused, prepared = await asyncio.to_thread(prepare)
-            await my_turn()
-            stored = await self.db.run(partial(write, prepared=prepared))
+        def write_then_recheck(prepared: dict[str, _Prepared]) -> dict[str, _Prepared]:
+            with self.db.session() as session:
+                stored = write(session, prepared)
             if stored:
                 # A deletion that committed while this batch was written: what the batch wrote of that job
                 # goes too (`delete_job` marks first and deletes after, so one of the two sees the other).
-                for job_id in await self.db.run(partial(self.repo.deleted_among, job_ids=list(stored))):
-                    await self.db.run(partial(self.repo.delete_job, job_id=job_id))
+                # Checked after the commit, on the same database thread (no second trip to it).
+                with self.db.session() as session:
+                    gone = self.repo.deleted_among(session, list(stored))
+                for job_id in gone:
+                    with self.db.session() as session:
+                        self.repo.delete_job(session, job_id)
                     log.info("dropped points or log entries of deleted job %s", job_id)
                     del stored[job_id]
+            return stored
+
+        def prepare_and_write() -> tuple[dict[int, str], dict[str, _Prepared]]:
+            refused, prepared = prepare()
+            return refused, write_then_recheck(prepared)
+
+        async with self._write_turn() as turn:
+            if turn.free():
+                # No batch before this one is still writing: one trip to a database thread does it all
+                # (under load, each trip is a turn of a busy event loop for the followers waiting on it).
+                refused, stored = await self.db.pool.run(prepare_and_write)
+            else:
+                refused, prepared = await asyncio.to_thread(prepare)
+                await turn.wait()
+                stored = await self.db.pool.run(partial(write_then_recheck, prepared))
             # Announced within the turn too: followers see each job's items in the order they were stored
             # (a stream that followed a later batch first would take an earlier one for old news).
             for job_id, p in stored.items():
@@ -222,18 +255,13 @@ class MetricsManager:
         return refused, sum(p.count for p in stored.values())
 
     @contextlib.asynccontextmanager
-    async def _write_turn(self) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-        """A place in the order of writes, taken when a batch arrives: yields a function that waits until
-        every batch that arrived before it has written (or failed), and lets the next one go on exit."""
+    async def _write_turn(self) -> AsyncIterator[_Turn]:
+        """A place in the order of writes, taken when a batch arrives (see _Turn); lets the next one go on
+        exit."""
         before, mine = self._last_write, asyncio.get_running_loop().create_future()
         self._last_write = mine
-
-        async def wait() -> None:
-            if before is not None and not before.done():
-                await asyncio.shield(before)
-
         try:
-            yield wait
+            yield _Turn(before)
         finally:
             mine.set_result(None)
             if self._last_write is mine:

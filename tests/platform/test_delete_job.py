@@ -110,7 +110,10 @@ def test_delete_job_removes_its_objects_rows_and_metrics(seeded_platform: Seeded
                 and count(data / "metrics.db", "metrics_log_entries", doomed.id) == 5
                 and rows(data / "datasets.db", "SELECT ended FROM datasets_job_usage WHERE job_id = ?",
                          doomed.id) == [(1,)]
-                and count(data / "estimation.db", "estimation_jobs", doomed.id, "id") == 1)
+                and count(data / "estimation.db", "estimation_jobs", doomed.id, "id") == 1
+                # The other job's report too: what is checked of it at the end must have arrived.
+                and count(data / "metrics.db", "metrics_points", kept.id) == 2
+                and count(data / "metrics.db", "metrics_log_entries", kept.id) == 2)
 
     eventually(everything_is_there)
     assert len(list(acme.stream_metrics(doomed.id, follow=False))) == 5
