@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import ipaddress
 import logging
 import secrets
@@ -350,8 +351,10 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
 
 async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *, name: str,
                 on_ready: Callable[[str], None] | None = None,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None, freeze_heap: bool = False) -> None:
     """Runs the components behind one gRPC server until `stop` is set or SIGTERM/SIGINT arrives.
+
+    `freeze_heap` (a service's own process, never a test's): once serving, `settle_heap`.
 
     Shutdown: health turns NOT_SERVING, the server stops accepting calls and gives in-flight ones
     `shutdown_grace_s` to finish, then background tasks stop and NATS drains.
@@ -409,6 +412,8 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     log.info("%s serving %s on %s", name, ", ".join(names), runtime.address)
+    if freeze_heap:
+        settle_heap()
     if on_ready:
         on_ready(runtime.address)
     try:
@@ -422,6 +427,16 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
         await runtime.close()
         if metrics is not None:
             metrics.close()
+
+
+def settle_heap() -> None:
+    """Moves everything alive once the process is serving (imported modules, catalogs, the components) out of
+    the garbage collector's sight (`gc.freeze`). Those objects live as long as the process; without this,
+    every full collection walks them all: 120-155 ms stop-the-world pauses in the services process,
+    measured with gc.callbacks while it fanned metrics out to 1,000 streams, each one delaying every
+    stream's next point by as much."""
+    gc.collect()
+    gc.freeze()
 
 
 def start_metrics(settings: KitSettings, name: str) -> telemetry.MetricsEndpoint | None:
@@ -468,4 +483,4 @@ def main(factories: Sequence[ComponentFactory], name: str) -> None:
     """Entry point of `python -m services.<name>`."""
     settings = KitSettings()
     configure_logging(settings.log_level, settings.log_format)
-    run_until_stopped(serve(factories, settings, name=name))
+    run_until_stopped(serve(factories, settings, name=name, freeze_heap=True))

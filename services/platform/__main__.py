@@ -25,7 +25,8 @@ def main() -> None:
             tmp.write_text(address)
             tmp.replace(ready_file)
 
-    run_until_stopped(serve(all_components(), settings, name="tuneforge", on_ready=on_ready))
+    run_until_stopped(serve(all_components(), settings, name="tuneforge", on_ready=on_ready,
+                            freeze_heap=True))
 
 
 if __name__ == "__main__":

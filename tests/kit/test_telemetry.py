@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -71,11 +72,11 @@ def seed_jobs(settings: KitSettings, states: dict[str, int], held: dict[str, str
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: KitSettings) -> AsyncIterator[str]:
+async def serving(settings: KitSettings, freeze_heap: bool = False) -> AsyncIterator[str]:
     stop = asyncio.Event()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve([IdentityComponent, JobsComponent], settings, name="telemetry-test",
-                                     on_ready=ready.set_result, stop=stop))
+                                     on_ready=ready.set_result, stop=stop, freeze_heap=freeze_heap))
     waiting: set[asyncio.Future[Any]] = {ready, task}
     done, _ = await asyncio.wait(waiting, timeout=60, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
@@ -214,3 +215,16 @@ def test_json_log_lines_carry_organization_and_job_id() -> None:
 def test_an_unknown_log_format_is_refused() -> None:
     with pytest.raises(ValueError, match="TUNEFORGE_LOG_FORMAT"):
         logs.handler("xml")
+
+
+async def test_a_service_process_freezes_its_heap_once_serving(kit_settings: KitSettings) -> None:
+    """What lives once a service serves is kept out of the collector's full passes (gc.freeze): without it,
+    each full collection of the services process paused it 120-155 ms while it fanned points out."""
+    gc.unfreeze()
+    try:
+        async with serving(kit_settings):
+            assert gc.get_freeze_count() == 0  # in a test process only when asked
+        async with serving(kit_settings, freeze_heap=True):
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
