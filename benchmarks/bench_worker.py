@@ -126,8 +126,6 @@ def resolved_spec(spec: dict[str, Any], model: Path) -> dict[str, Any]:
 
 
 def run_worker(model: Path, data: Path, work: Path, shape: dict[str, Any]) -> dict[str, float]:
-    from trainer_worker.run_config import RunConfig
-
     spec = {
         "method": "TRAINING_METHOD_SFT",
         "lora": {"rank": LORA["r"], "alpha": LORA["lora_alpha"], "dropout": LORA["lora_dropout"]},
@@ -142,9 +140,20 @@ def run_worker(model: Path, data: Path, work: Path, shape: dict[str, Any]) -> di
             "save_steps": shape["steps"] * 10,  # one checkpoint, at the end; the plain script does the same
         },
     }
+    events, _ = train_with_worker("bench", resolved_spec(spec, model), model, data, work)
+    (result,) = [e for e in events if e["type"] == "result"]
+    return result["final_metrics"]
+
+
+def train_with_worker(job_id: str, spec: dict[str, Any], model: Path, data: Path,
+                      work: Path) -> tuple[list[dict[str, Any]], Path]:
+    """Runs the worker's training process (as the agent starts it) on a resolved spec; returns its events
+    and the RunConfig file (where the worker writes back what it used)."""
+    from trainer_worker.run_config import RunConfig
+
     cfg = RunConfig(
-        job_id="bench",
-        spec=resolved_spec(spec, model),
+        job_id=job_id,
+        spec=spec,
         model_path=str(model),
         train_file=data,
         output_dir=work / "out",
@@ -152,9 +161,7 @@ def run_worker(model: Path, data: Path, work: Path, shape: dict[str, Any]) -> di
     )
     config = cfg.dump(work / "RUN.json")
     _run([sys.executable, "-m", "trainer_worker.train", "--config", str(config)], work)
-    events = [json.loads(line) for line in cfg.events_file.read_text().splitlines()]
-    (result,) = [e for e in events if e["type"] == "result"]
-    return result["final_metrics"]
+    return [json.loads(line) for line in cfg.events_file.read_text().splitlines()], config
 
 
 def run_plain(model: Path, data: Path, work: Path, shape: dict[str, Any]) -> dict[str, float]:
@@ -541,19 +548,8 @@ def worker_windows(events: list[dict[str, Any]]) -> list[tuple[int, int, float]]
 def run_worker_cuda(
     model: Path, data: Path, work: Path, method: str, mode: str, shape: dict[str, Any]
 ) -> dict[str, Any]:
-    from trainer_worker.run_config import RunConfig
-
-    cfg = RunConfig(
-        job_id=f"bench-{method}-{mode}",
-        spec=resolved_spec(worker_spec(method, mode, shape), model),
-        model_path=str(model),
-        train_file=data,
-        output_dir=work / "out",
-        events_file=work / "events.jsonl",
-    )
-    config = cfg.dump(work / "RUN.json")
-    _run([sys.executable, "-m", "trainer_worker.train", "--config", str(config)], work)
-    events = [json.loads(line) for line in cfg.events_file.read_text().splitlines()]
+    spec = resolved_spec(worker_spec(method, mode, shape), model)
+    events, config = train_with_worker(f"bench-{method}-{mode}", spec, model, data, work)
     (result,) = [e for e in events if e["type"] == "result"]
     metrics = dict(result["final_metrics"])
     speed = next(
