@@ -35,6 +35,7 @@ from tuneforge.v1 import job_pb2
 
 from trainer_worker.errors import TrainingError
 from tuneforge_core.reasons import Reason
+from tuneforge_core.spec import OFFLOADING_METHODS, PADDING_FREE_METHODS
 
 ON, OFF, AUTO = job_pb2.SPEED_MODE_ON, job_pb2.SPEED_MODE_OFF, job_pb2.SPEED_MODE_UNSPECIFIED
 EAGER, SDPA, FLASH_ATTENTION_2 = "eager", "sdpa", "flash_attention_2"
@@ -50,13 +51,6 @@ LIGER_MODEL_TYPES = frozenset({
     "llama", "mllama", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "gemma3_text", "qwen2", "qwen2_vl",
     "qwen2_5_vl", "qwen3", "qwen3_moe", "phi3", "olmo2", "glm4", "granite", "paligemma", "llava",
 })
-# Methods whose TRL config has activation_offloading (TRL 1.16: SFTConfig, DPOConfig, KTOConfig); the
-# distillation recipe is an SFTTrainer.
-OFFLOADING_METHODS = frozenset({
-    job_pb2.TRAINING_METHOD_SFT, job_pb2.TRAINING_METHOD_DISTILLATION, job_pb2.TRAINING_METHOD_DPO,
-    job_pb2.TRAINING_METHOD_KTO,
-})
-PADDING_FREE_METHODS = frozenset({job_pb2.TRAINING_METHOD_SFT, job_pb2.TRAINING_METHOD_DISTILLATION})
 # AUTO turns activation offloading on from this many tokens per sequence (on CUDA): below it the
 # activations are small next to the weights and the copies cost more than they save. A prior.
 AUTO_OFFLOAD_MIN_SEQ_LEN = 8192

@@ -11,12 +11,9 @@ import pytest
 from google.protobuf import json_format
 from tuneforge.v1 import job_pb2
 
-from services.estimation.catalog import Catalog
 from services.estimation.estimator import (
     OFFLOAD_LAYERS_ON_GPU,
     PRIORS,
-    Architecture,
-    Hardware,
     Memory,
     Setup,
     evaluate,
@@ -24,26 +21,10 @@ from services.estimation.estimator import (
     speed_factor,
 )
 from services.estimation.spec import to_setup
+from tests.estimation.test_estimator import LLAMA_1B, LLAMA_8B, gpu
 from tuneforge_core.spec import resolve_spec
 
-CATALOG = Catalog.load()
-
-
-def _model(model_id: str) -> Architecture:
-    entry = CATALOG.model(model_id)
-    assert entry is not None
-    return entry.architecture
-
-
-def _gpu(gpu_type: str) -> Hardware:
-    hardware = CATALOG.hardware(gpu_type)
-    assert hardware is not None
-    return hardware
-
-
-LLAMA_8B = _model("meta-llama/Llama-3.1-8B")
-LLAMA_1B = _model("meta-llama/Llama-3.2-1B")
-H100 = _gpu("nvidia-h100")
+H100 = gpu("nvidia-h100")
 BASE = Setup(batch_size=4, max_seq_length=4096)
 
 
