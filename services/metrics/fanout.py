@@ -22,13 +22,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2
 
-from services.metrics.live import LiveMessage
+from services.metrics.live import Deliver, LiveMessage
 from tuneforge_core import states, subjects
 from tuneforge_core.errors import Unavailable
 
@@ -42,6 +42,10 @@ Cursor = tuple[int, int]
 class Subscriber(Protocol):
     def subscribe(self, subjects: Sequence[str]) -> AbstractAsyncContextManager[asyncio.Queue[LiveMessage]]:
         """Queues every message on `subjects` once the server has confirmed the interest."""
+
+    def listen(self, subjects: Sequence[str], deliver: Deliver) -> AbstractAsyncContextManager[None]:
+        """Hands every message on `subjects` to `deliver` once the server has confirmed the interest (this
+        process' own announcements from within their publish)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +63,10 @@ class LiveItem(Generic[T]):
     repeated: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk(Generic[T]):
+class Chunk(NamedTuple, Generic[T]):
     """What a stream sends next: items in order, and whether they are the first after catching up from
-    storage (the stream had fallen too far behind the live feed)."""
+    storage (the stream had fallen too far behind the live feed). A tuple: one is made per point per
+    follower."""
 
     items: list[LiveItem[T]]
     resumed: bool = False
@@ -96,28 +100,44 @@ def end_deadline(job: job_pb2.Job, now: float, grace_s: float) -> float:
 
 
 class Follower(Generic[T]):
-    """One stream's bounded buffer of live items; filled by the hub, drained by the stream."""
+    """One stream's bounded buffer of live items; filled by the hub, drained by the stream.
 
-    __slots__ = ("buffer", "capacity", "cursor", "dropped_from", "error", "lagged", "matches", "wake")
+    The stream waits on `wait()` (one future at a time, cheaper than an Event: this runs once per point per
+    follower); `wake()` ends that wait, from the hub, the job watch or a timer."""
+
+    __slots__ = ("_waiter", "buffer", "capacity", "cursor", "dropped_from", "error", "lagged", "matches")
 
     def __init__(self, matches: Callable[[T], bool], cursor: Callable[[T], Cursor], capacity: int) -> None:
         self.matches = matches
         self.cursor = cursor
         self.capacity = capacity
         self.buffer: deque[LiveItem[T]] = deque()
-        self.wake = asyncio.Event()
         self.lagged = False
         # The lowest cursor of what was dropped while lagged: the replay that catches up starts there.
         self.dropped_from: Cursor | None = None
         # Set when the shared subscription failed: the stream ends with it.
         self.error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def wait(self) -> asyncio.Future[None]:
+        """Done at the next `wake()`. A wake while nobody waits is lost: the stream checks what a wake stands
+        for (its buffer, lagging, an error, the job's end) right before it waits, with no await between."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        return waiter
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def offer(self, live: LiveItem[T]) -> None:
         if not self.matches(live.item):
             return
         if not self.lagged and len(self.buffer) < self.capacity:
             self.buffer.append(live)
-            self.wake.set()
+            self.wake()
             return
         dropped = [live, *self.buffer] if not self.lagged else [live]
         self.buffer.clear()
@@ -125,7 +145,7 @@ class Follower(Generic[T]):
         low = min(self.cursor(d.item) for d in dropped)
         if self.dropped_from is None or low < self.dropped_from:
             self.dropped_from = low
-        self.wake.set()
+        self.wake()
 
     def take(self) -> list[LiveItem[T]]:
         items = list(self.buffer)
@@ -152,11 +172,11 @@ class _Topic:
 
     async def run(self, live: Subscriber) -> None:
         try:
-            async with live.subscribe([self.subject]) as queue:
+            # Dispatched as delivered: an announcement of this process reaches the followers' buffers
+            # within its publish, not one turn of a busy event loop later.
+            async with live.listen([self.subject], lambda _subject, data: self.dispatch(data)):
                 self.ready.set_result(None)
-                while True:
-                    _, data = await queue.get()
-                    self.dispatch(data)
+                await asyncio.Event().wait()  # until the last follower leaves (cancelled)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -167,7 +187,7 @@ class _Topic:
                 self.ready.exception()  # retrieved: whoever waits gets it, nobody need
             for follower in self.followers:
                 follower.error = self.error
-                follower.wake.set()
+                follower.wake()
 
     def dispatch(self, data: bytes) -> None:
         try:
@@ -196,7 +216,7 @@ class JobWatch:
         self.organization = organization
         self.deadline: float | None = None
         self.error: BaseException | None = None
-        self.wakes: set[asyncio.Event] = set()
+        self.followers: set[Follower[Any]] = set()
         self.refs = 0
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task[None] | None = None
@@ -210,8 +230,8 @@ class JobWatch:
         loop.call_at(deadline, self._wake_all)
 
     def _wake_all(self) -> None:
-        for wake in self.wakes:
-            wake.set()
+        for follower in self.followers:
+            follower.wake()
 
     async def run(self, live: Subscriber, lookup: Callable[[str, str], Awaitable[job_pb2.Job]],
                   grace_s: float, poll_interval_s: float) -> None:
@@ -293,7 +313,7 @@ class FanoutHub:
         topic.refs += 1
         watch.refs += 1
         topic.followers.add(follower)
-        watch.wakes.add(follower.wake)
+        watch.followers.add(follower)
         try:
             # Shielded: a follower that gives up while waiting must not cancel what others wait for.
             await asyncio.shield(topic.ready)
@@ -301,7 +321,7 @@ class FanoutHub:
             yield follower, watch
         finally:
             topic.followers.discard(follower)
-            watch.wakes.discard(follower.wake)
+            watch.followers.discard(follower)
             topic.refs -= 1
             watch.refs -= 1
             done: list[asyncio.Task[None]] = []

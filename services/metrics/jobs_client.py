@@ -26,9 +26,17 @@ class JobsClient:
     def __init__(self, channel: Callable[[], grpc.aio.Channel], timeout_s: float = 10.0) -> None:
         self._channel = channel
         self._timeout_s = timeout_s
+        # The stub of the channel last resolved (a stub makes a callable per method: not once per call).
+        self._stub: tuple[grpc.aio.Channel, job_service_pb2_grpc.JobServiceStub] | None = None
+
+    def _jobs(self) -> job_service_pb2_grpc.JobServiceStub:
+        channel = self._channel()
+        if self._stub is None or self._stub[0] is not channel:
+            self._stub = (channel, job_service_pb2_grpc.JobServiceStub(channel))
+        return self._stub[1]
 
     async def get_job(self, organization: str, job: str) -> job_pb2.Job:
-        stub = job_service_pb2_grpc.JobServiceStub(self._channel())
+        stub = self._jobs()
         try:
             response = await stub.GetJob(job_service_pb2.GetJobRequest(organization=organization, job=job),
                                          timeout=self._timeout_s)

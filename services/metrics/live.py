@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -30,52 +30,68 @@ def _exact(subject: str) -> bool:
     return not any(token in ("*", ">") for token in subject.split("."))
 
 
+# What `listen` hands each message to: (subject, payload). It runs inside `publish` for this process' own
+# announcements, so it must be quick and must not raise.
+Deliver = Callable[[str, bytes], None]
+
+
 class NatsLiveFeed:
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
         self.origin = uuid.uuid4().hex
-        # Queues of this process' subscriptions by exact subject: what `publish` hands its payload to.
-        self._local: dict[str, list[asyncio.Queue[LiveMessage]]] = {}
+        # This process' listeners by exact subject: what `publish` hands its payload to.
+        self._local: dict[str, list[Deliver]] = {}
 
     async def publish(self, subject: str, payload: bytes) -> None:
         """Fire and forget: a follower that misses it still finds the data in the database. This process'
-        own subscriptions to `subject` have it before this returns."""
-        for queue in self._local.get(subject, ()):
-            queue.put_nowait((subject, payload))
+        own listeners on `subject` have it before this returns."""
+        for deliver in self._local.get(subject, ()):
+            try:
+                deliver(subject, payload)
+            except Exception:
+                log.exception("a listener on %s failed", subject)
         await self._nc.publish(subject, payload, headers={ORIGIN_HEADER: self.origin})
 
     @contextlib.asynccontextmanager
     async def subscribe(self, subjects: Sequence[str]) -> AsyncIterator[asyncio.Queue[LiveMessage]]:
-        """Queues every message on `subjects` until the block ends, each once.
+        """Queues every message on `subjects` until the block ends, each once (see `listen`)."""
+        queue: asyncio.Queue[LiveMessage] = asyncio.Queue()
+        async with self.listen(subjects, lambda subject, data: queue.put_nowait((subject, data))):
+            yield queue
+
+    @contextlib.asynccontextmanager
+    async def listen(self, subjects: Sequence[str], deliver: Deliver) -> AsyncIterator[None]:
+        """Hands every message on `subjects` to `deliver` until the block ends, each once: this process' own
+        announcements from within `publish` (no turn of the event loop in between), the others' as NATS
+        delivers them.
 
         The block starts only after the server has confirmed the interest (a flush round trip), so
-        anything published after it is queued: reading the database next is then free of gaps. (This
-        process' own announcements are queued from before the subscription is made.)
+        anything published after it is delivered: reading the database next is then free of gaps. (This
+        process' own announcements are delivered from before the subscription is made.)
         """
-        queue: asyncio.Queue[LiveMessage] = asyncio.Queue()
         exact = {subject for subject in subjects if _exact(subject)}
         origin = self.origin
 
         async def on_message(msg: Msg) -> None:
             headers = msg.headers
             if headers and msg.subject in exact and headers.get(ORIGIN_HEADER) == origin:
-                return  # queued by `publish` already
-            queue.put_nowait((msg.subject, msg.data))
+                return  # delivered by `publish` already
+            deliver(msg.subject, msg.data)
 
         for subject in exact:
-            self._local.setdefault(subject, []).append(queue)
+            self._local.setdefault(subject, []).append(deliver)
         subscriptions: list[Subscription] = []
         try:
             for subject in subjects:
                 subscriptions.append(await self._nc.subscribe(subject, cb=on_message))
             await self._nc.flush()
-            yield queue
+            yield
         finally:
             for subject in exact:
-                queues = self._local.get(subject, [])
+                listeners = self._local.get(subject, [])
                 with contextlib.suppress(ValueError):
-                    queues.remove(queue)
-                if not queues:
+                    listeners.remove(deliver)
+                if not listeners:
                     self._local.pop(subject, None)
             for sub in subscriptions:
                 try:

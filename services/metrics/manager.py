@@ -19,12 +19,12 @@ from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
-from services.kit.db import Database
+from services.kit.db import Database, DriverConnection
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.telemetry import INGESTED_POINTS
 from services.kit.validation import check_organization
 from services.metrics.fanout import Chunk, FanoutHub, LiveItem, end_deadline, live_item
-from services.metrics.live import LiveMessage
+from services.metrics.live import Deliver, LiveMessage
 from services.metrics.repository import MetricsRepository
 from services.metrics.settings import MetricsSettings
 from tuneforge_core import states, subjects
@@ -53,6 +53,8 @@ class LiveFeed(Protocol):
 
     def subscribe(self, subjects: Sequence[str]) -> AbstractAsyncContextManager[asyncio.Queue[LiveMessage]]:
         ...
+
+    def listen(self, subjects: Sequence[str], deliver: Deliver) -> AbstractAsyncContextManager[None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +184,7 @@ class MetricsManager:
     async def _ingest(self, reports: Sequence[Callable[[], tuple[str, Sequence[T]]]],
                       accept: Callable[[str, Sequence[T]], list[T]],
                       to_rows: Callable[[Sequence[T]], list[list[Any]]],
-                      write_rows: Callable[[Session, list[list[Any]]], None],
+                      write_rows: Callable[[DriverConnection, list[list[Any]]], None],
                       announcement: Callable[[list[T]], bytes],
                       live_subject: Callable[[str], str]) -> tuple[dict[int, str], int]:
         """Two stages, so that consecutive batches overlap (the consumer keeps two in flight): the per-item
@@ -207,26 +209,28 @@ class MetricsManager:
                                                [announcement(part) for part in _announcement_parts(items)])
                              for job_id, items in by_job.items()}
 
-        def write(session: Session, prepared: dict[str, _Prepared]) -> dict[str, _Prepared]:
+        def write(conn: DriverConnection, prepared: dict[str, _Prepared]) -> dict[str, _Prepared]:
             if not prepared:
                 return {}
-            deleted = self.repo.deleted_among(session, list(prepared))
+            deleted = self.repo.deleted_among(conn, list(prepared))
             if deleted:
                 log.info("dropped points or log entries of deleted jobs %s", ", ".join(sorted(deleted)))
             kept = {job_id: p for job_id, p in prepared.items() if job_id not in deleted}
             if kept:
-                write_rows(session, [row for p in kept.values() for row in p.rows])
+                write_rows(conn, [row for p in kept.values() for row in p.rows])
             return kept
 
         def write_then_recheck(prepared: dict[str, _Prepared]) -> dict[str, _Prepared]:
-            with self.db.session() as session:
-                stored = write(session, prepared)
+            # On the driver's connection, not an ORM session: for a small batch the session's own work was
+            # most of the time spent here, all of it holding the GIL the event loop's streams wait for.
+            with self.db.driver_connection() as conn:
+                stored = write(conn, prepared)
             if stored:
                 # A deletion that committed while this batch was written: what the batch wrote of that job
                 # goes too (`delete_job` marks first and deletes after, so one of the two sees the other).
                 # Checked after the commit, on the same database thread (no second trip to it).
-                with self.db.session() as session:
-                    gone = self.repo.deleted_among(session, list(stored))
+                with self.db.driver_connection() as conn:
+                    gone = self.repo.deleted_among(conn, list(stored))
                 for job_id in gone:
                     with self.db.session() as session:
                         self.repo.delete_job(session, job_id)
@@ -395,8 +399,9 @@ class MetricsManager:
             own_deadline = None
             if _is_final(job.state):
                 own_deadline = end_deadline(job, loop.time(), self.settings.follow_grace_s)
-                loop.call_at(own_deadline, follower.wake.set)
+                loop.call_at(own_deadline, follower.wake)
             replay, after, resumed = True, cast(Any, None), False
+            fresh, buffer = feed.fresh, follower.buffer
             while True:
                 error = follower.error or watch.error
                 if error is not None:
@@ -404,7 +409,7 @@ class MetricsManager:
                 if replay:
                     replay = False
                     async for page in self._replay(job.id, feed, after):
-                        sent = [_shared(item) for item in page if feed.fresh(item)]
+                        sent = [_shared(item) for item in page if fresh(item)]
                         if sent:
                             yield Chunk(sent, resumed)
                             resumed = False
@@ -417,19 +422,18 @@ class MetricsManager:
                     after = (low[0], low[1] - 1) if low is not None else None  # cursors are int pairs
                     replay = resumed = True
                     continue
-                live = follower.take()
-                if live:
-                    sent = [shared for shared in live if feed.fresh(shared.item)]
+                if buffer:
+                    sent = [shared for shared in follower.take() if fresh(shared.item)]
                     if sent:
                         yield Chunk(sent, resumed)
                         resumed = False
                     continue
                 # Nothing waiting: end if the job ended more than the grace ago, else wait for more.
-                deadlines = [d for d in (own_deadline, watch.deadline) if d is not None]
-                if deadlines and loop.time() >= min(deadlines):
-                    return
-                follower.wake.clear()
-                await follower.wake.wait()
+                if own_deadline is not None or watch.deadline is not None:
+                    deadline = min(d for d in (own_deadline, watch.deadline) if d is not None)
+                    if loop.time() >= deadline:
+                        return
+                await follower.wait()
 
     async def _replay(self, job_id: str, feed: _Feed[T], after: Any) -> AsyncIterator[list[T]]:
         """Stored items strictly after the cursor `after` (all when None), a page at a time."""

@@ -59,11 +59,14 @@ async def _send(chunks: AsyncGenerator[Chunk[Any], None], context: grpc.aio.Serv
     try:
         async with aclosing(chunks):
             async for chunk in chunks:
+                items = chunk.items
                 if batch:
+                    if len(items) == 1 and not chunk.resumed:  # a live point, as most are
+                        await context.write(items[0].repeated)
+                        continue
                     for message in _batched(chunk):
                         await context.write(message)
                     continue
-                items = chunk.items
                 if chunk.resumed:
                     await context.write(items[0].framed + RESUMED)
                     items = items[1:]

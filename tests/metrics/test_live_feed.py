@@ -45,3 +45,28 @@ async def test_own_announcements_arrive_once_at_once_and_others_hear_them_from_n
     finally:
         await nc_a.close()
         await nc_b.close()
+
+
+async def test_a_listener_gets_own_announcements_within_publish_and_a_failing_one_harms_nothing(
+        nats_url: str) -> None:
+    nc_a, nc_b = await connect(nats_url, "feed-a"), await connect(nats_url, "feed-b")
+    try:
+        a, b = NatsLiveFeed(nc_a), NatsLiveFeed(nc_b)
+        heard: list[tuple[str, bytes]] = []
+
+        def broken(_subject: str, _data: bytes) -> None:
+            raise RuntimeError("a listener's bug")
+
+        async with a.listen([SUBJECT], broken), a.listen([SUBJECT], lambda s, d: heard.append((s, d))), \
+                b.subscribe([SUBJECT]) as theirs:
+            await a.publish(SUBJECT, b"one")
+            # Delivered by publish itself; the broken listener neither stopped the other nor the publish.
+            assert heard == [(SUBJECT, b"one")]
+            await b.publish(SUBJECT, b"two")
+            await asyncio.sleep(0.3)
+            assert heard == [(SUBJECT, b"one"), (SUBJECT, b"two")]  # the server's copy of "one" dropped
+            assert sorted(await drain(theirs)) == [b"one", b"two"]
+        assert a._local == {}
+    finally:
+        await nc_a.close()
+        await nc_b.close()

@@ -12,7 +12,7 @@ from tuneforge.v1 import job_pb2, metrics_pb2
 
 from services.kit.db import Database
 from services.metrics.component import MIGRATIONS_DIR
-from services.metrics.live import LiveMessage
+from services.metrics.live import Deliver, LiveMessage
 from services.metrics.manager import MetricsManager
 from services.metrics.settings import MetricsSettings
 from tests.metrics.conftest import point
@@ -35,22 +35,29 @@ class DictJobs:
 
 
 class MemoryFeed:
-    """Delivers what is published to the subscribers of that subject, like core NATS."""
+    """Delivers what is published to the subscribers of that subject, like core NATS (to listeners from
+    within `publish`, as NatsLiveFeed does for its own process)."""
 
     def __init__(self) -> None:
-        self.subscribers: list[tuple[set[str], asyncio.Queue[LiveMessage]]] = []
+        self.subscribers: list[tuple[set[str], Deliver]] = []
 
     async def publish(self, subject: str, payload: bytes) -> None:
-        for subjects, queue in self.subscribers:
+        for subjects, deliver in list(self.subscribers):
             if subject in subjects:
-                queue.put_nowait((subject, payload))
+                deliver(subject, payload)
 
     @contextlib.asynccontextmanager
     async def subscribe(self, subjects: Sequence[str]) -> AsyncIterator[asyncio.Queue[LiveMessage]]:
-        entry: tuple[set[str], asyncio.Queue[LiveMessage]] = (set(subjects), asyncio.Queue())
+        queue: asyncio.Queue[LiveMessage] = asyncio.Queue()
+        async with self.listen(subjects, lambda subject, data: queue.put_nowait((subject, data))):
+            yield queue
+
+    @contextlib.asynccontextmanager
+    async def listen(self, subjects: Sequence[str], deliver: Deliver) -> AsyncIterator[None]:
+        entry = (set(subjects), deliver)
         self.subscribers.append(entry)
         try:
-            yield entry[1]
+            yield
         finally:
             self.subscribers.remove(entry)
 
