@@ -507,6 +507,9 @@ class FanoutRun:
     streams: int
     bad_streams: int
     ready_s: float
+    # CPU seconds of the serving process while the points were published and delivered, per point delivered
+    # to one stream, in microseconds.
+    cpu_us_per_delivery: float = float("nan")
 
     @property
     def exact(self) -> bool:
@@ -529,7 +532,7 @@ async def store_hello(run: Running, nc: NATS, jobs: Sequence[str], step: int) ->
 
 async def fanout_once(address: str, api_key: str, jobs: Sequence[str], followers: int, points: int,
                       base: int, args: argparse.Namespace, publish: Callable[[str, int], Awaitable[None]],
-                      workdir: Path) -> FanoutRun:
+                      workdir: Path, server_pid: int) -> FanoutRun:
     """`followers` streams per job in client processes; once every one has replayed its hello point,
     `points` points in total at --fanout-rate, round robin over the jobs; then the clients' verdicts."""
     per_job = points // len(jobs)
@@ -553,6 +556,7 @@ async def fanout_once(address: str, api_key: str, jobs: Sequence[str], followers
             if not line.startswith("READY"):
                 raise RuntimeError(f"a follower process did not get ready: {line.strip()!r}")
         ready_s = time.monotonic() - t0
+        cpu0 = cpu_seconds(server_pid)
         start = time.monotonic()
         for n in range(per_job * len(jobs)):
             due = start + n / args.fanout_rate
@@ -560,8 +564,10 @@ async def fanout_once(address: str, api_key: str, jobs: Sequence[str], followers
             await publish(jobs[n % len(jobs)], base + 1 + n // len(jobs))
         latencies: list[float] = []
         bad = 0
-        for child, out in children:
+        for child, _ in children:
             await asyncio.to_thread(child.wait, timeout_s + 30)
+        cpu = cpu_seconds(server_pid) - cpu0
+        for _, out in children:
             verdict = json.loads(out.read_text())
             latencies += verdict["latencies_ms"]
             bad += verdict["bad_streams"]
@@ -572,7 +578,8 @@ async def fanout_once(address: str, api_key: str, jobs: Sequence[str], followers
             if child.poll() is None:
                 child.kill()
                 child.wait()
-    return FanoutRun(latencies, len(streams), bad, ready_s)
+    delivered = sum(1 for latency in latencies if math.isfinite(latency))
+    return FanoutRun(latencies, len(streams), bad, ready_s, cpu * 1e6 / max(delivered, 1))
 
 
 async def bench_fanout(run: Running, args: argparse.Namespace, ceiling: CeilingServer, workdir: Path,
@@ -600,18 +607,22 @@ async def bench_fanout(run: Running, args: argparse.Namespace, ceiling: CeilingS
                 base = round_ * STEP_BASE
                 await store_hello(run, nc, jobs, base)
                 platform_runs.append(await fanout_once(run.address, run.api_key, jobs, followers,
-                                                       args.fanout_points, base, args, to_platform, workdir))
+                                                       args.fanout_points, base, args, to_platform, workdir,
+                                                       run.services_pid))
                 bare_runs.append(await fanout_once(ceiling.address, "", jobs, followers, args.fanout_points,
-                                                   base, args, to_ceiling, workdir))
+                                                   base, args, to_ceiling, workdir, ceiling.process.pid))
             p50 = median([percentile(r.latencies_ms, 0.5) for r in platform_runs])
             p99 = median([percentile(r.latencies_ms, 0.99) for r in platform_runs])
             c50 = median([percentile(r.latencies_ms, 0.5) for r in bare_runs])
             c99 = median([percentile(r.latencies_ms, 0.99) for r in bare_runs])
             exact = all(r.exact for r in platform_runs)
             ready = median([r.ready_s for r in platform_runs])
+            cpu = median([r.cpu_us_per_delivery for r in platform_runs])
+            bare_cpu = median([r.cpu_us_per_delivery for r in bare_runs])
             say(f"[{b}] {name}, {args.fanout_points} points at {args.fanout_rate:g}/s: platform p50 "
-                f"{p50:.1f} ms p99 {p99:.1f} ms (all streams following after {ready:.1f} s); bare grpc.aio "
-                f"p50 {c50:.1f} ms p99 {c99:.1f} ms")
+                f"{p50:.1f} ms p99 {p99:.1f} ms (all streams following after {ready:.1f} s), {cpu:.1f} us "
+                f"services CPU per point delivered to a stream; bare grpc.aio p50 {c50:.1f} ms p99 {c99:.1f} "
+                f"ms, {bare_cpu:.1f} us")
             say(f"[{b}] {name}: every follower got every point exactly once, in order: "
                 f"{'PASS' if exact else 'FAIL'} (platform: "
                 f"{', '.join(f'{r.bad_streams} of {r.streams} streams wrong' for r in platform_runs)}; "

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.kit.pools import BoundedPool
@@ -48,6 +50,22 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
+@dataclass(frozen=True)
+class DriverConnection:
+    """A connection of the database's own driver (DBAPI), and the dialect its statements are written in:
+    for the few hot paths whose statements are compiled once (services.metrics.repository), where an ORM
+    session's own bookkeeping would cost more than the statements."""
+
+    dbapi: Any
+    dialect: Dialect
+
+    @classmethod
+    def of(cls, session: Session) -> DriverConnection:
+        """The driver connection under `session`, in the session's transaction."""
+        connection = session.connection()
+        return cls(connection.connection, connection.dialect)
+
+
 class Database:
     """One service's database: its engine, a session factory, its migrations, and `workers` threads of
     its own on which `run` calls it (calls beyond them wait for a thread; none is refused)."""
@@ -76,6 +94,20 @@ class Database:
             raise
         finally:
             session.close()
+
+    @contextmanager
+    def driver_connection(self) -> Iterator[DriverConnection]:
+        """`session`, for statements written for the driver (see DriverConnection): a connection from the
+        engine's pool, in a transaction committed when the block ends normally, rolled back on any error."""
+        dbapi = self.engine.raw_connection()
+        try:
+            yield DriverConnection(dbapi, self.engine.dialect)
+            dbapi.commit()
+        except BaseException:
+            dbapi.rollback()
+            raise
+        finally:
+            dbapi.close()
 
     async def run(self, fn: Callable[[Session], T]) -> T:
         """Runs `fn` in one transaction on one of the database's own threads."""

@@ -1,11 +1,13 @@
 """Persistence of metric points and log entries (synchronous; run through `Database.run`).
 
 Ingest writes through one upsert statement per table and database dialect, compiled once and executed for
-many rows (the driver's executemany): no SQL is built or compiled per message or per batch.
+many rows (the driver's executemany) on the driver's own connection: no SQL is built or compiled per
+message or per batch, and no ORM session is made for it.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,13 +15,14 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import DateTime, Table, and_, bindparam, delete, or_, select
+from sqlalchemy import DateTime, Table, and_, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 from sqlalchemy.types import JSON
 from tuneforge.v1 import metrics_pb2
 
+from services.kit.db import DriverConnection
 from services.kit.outbox import utcnow
 from services.metrics.converters import (
     ENTRY_COLUMNS,
@@ -147,10 +150,9 @@ _UPSERTS: dict[tuple[str, str, str, str], _Upsert] = {}
 _UPSERTS_LOCK = threading.Lock()
 
 
-def _upsert(session: Session, table: Table, columns: Sequence[str], keys: Sequence[str],
+def _upsert(conn: DriverConnection, table: Table, columns: Sequence[str], keys: Sequence[str],
             rows: Sequence[list[Any]]) -> None:
-    connection = session.connection()
-    dialect = connection.dialect
+    dialect = conn.dialect
     # Per dialect, driver and paramstyle: SQLite and PostgreSQL may both be open in one process.
     cache_key = (dialect.name, dialect.driver, dialect.paramstyle, table.name)
     upsert = _UPSERTS.get(cache_key)
@@ -159,7 +161,24 @@ def _upsert(session: Session, table: Table, columns: Sequence[str], keys: Sequen
             upsert = _UPSERTS.get(cache_key)
             if upsert is None:
                 upsert = _UPSERTS[cache_key] = _Upsert.build(dialect, table, columns, keys)
-    connection.exec_driver_sql(upsert.sql, upsert.bind(rows))
+    cursor = conn.dbapi.cursor()
+    try:
+        cursor.executemany(upsert.sql, upsert.bind(rows))
+    finally:
+        cursor.close()
+
+
+@lru_cache(maxsize=8)
+def _deleted_among_sql(dialect_name: str, driver: str, paramstyle: str) -> str:
+    """`SELECT job_id FROM metrics_deleted_jobs` of the ids bound as ONE parameter (whatever their number,
+    one statement text, so the driver's statement cache keeps it): a JSON array on SQLite, an array on
+    PostgreSQL."""
+    table = _DELETED_JOBS
+    if dialect_name == "sqlite" and paramstyle == "qmark":
+        return f"SELECT job_id FROM {table.name} WHERE job_id IN (SELECT value FROM json_each(?))"
+    if dialect_name == "postgresql" and paramstyle == "pyformat":
+        return f"SELECT job_id FROM {table.name} WHERE job_id = ANY(%(job_ids)s::VARCHAR[])"
+    raise NotImplementedError(f"no deleted-jobs query for {dialect_name} ({driver}, {paramstyle})")
 
 
 class MetricsRepository:
@@ -169,7 +188,7 @@ class MetricsRepository:
     def upsert_points(self, session: Session, points: Sequence[metrics_pb2.MetricPoint]) -> None:
         """Stores points (a repeat of a key replaces it unless it is of an older attempt) in one statement
         executed for every row."""
-        self.upsert_point_rows(session, self.point_rows(points))
+        self.upsert_point_rows(DriverConnection.of(session), self.point_rows(points))
 
     @staticmethod
     def point_rows(points: Sequence[metrics_pb2.MetricPoint]) -> list[list[Any]]:
@@ -177,10 +196,11 @@ class MetricsRepository:
         thread)."""
         return [point_to_row(p) for p in points]
 
-    def upsert_point_rows(self, session: Session, rows: list[list[Any]]) -> None:
-        """`upsert_points` of rows from `point_rows` (which it completes in place)."""
+    def upsert_point_rows(self, conn: DriverConnection, rows: list[list[Any]]) -> None:
+        """`upsert_points` of rows from `point_rows` (which it completes in place), on the driver's
+        connection (ingest: no ORM session)."""
         if rows:
-            _upsert(session, MetricPointRow.__table__, POINT_COLUMNS, self.POINT_KEY,  # type: ignore[arg-type]
+            _upsert(conn, MetricPointRow.__table__, POINT_COLUMNS, self.POINT_KEY,  # type: ignore[arg-type]
                     rows)
 
     def list_points(self, session: Session, job_id: str, *, kinds: Sequence[int] = (), start_step: int = 0,
@@ -200,17 +220,17 @@ class MetricsRepository:
 
     def upsert_entries(self, session: Session, entries: Sequence[metrics_pb2.LogEntry]) -> None:
         """Stores log entries (a repeat of a key replaces it) in one statement executed for every row."""
-        self.upsert_entry_rows(session, self.entry_rows(entries))
+        self.upsert_entry_rows(DriverConnection.of(session), self.entry_rows(entries))
 
     @staticmethod
     def entry_rows(entries: Sequence[metrics_pb2.LogEntry]) -> list[list[Any]]:
         """The rows `upsert_entry_rows` stores."""
         return [entry_to_row(e) for e in entries]
 
-    def upsert_entry_rows(self, session: Session, rows: list[list[Any]]) -> None:
+    def upsert_entry_rows(self, conn: DriverConnection, rows: list[list[Any]]) -> None:
         """`upsert_entries` of rows from `entry_rows` (which it completes in place)."""
         if rows:
-            _upsert(session, LogEntryRow.__table__, ENTRY_COLUMNS, self.ENTRY_KEY,  # type: ignore[arg-type]
+            _upsert(conn, LogEntryRow.__table__, ENTRY_COLUMNS, self.ENTRY_KEY,  # type: ignore[arg-type]
                     rows)
 
     def list_entries(self, session: Session, job_id: str, *, min_level: int = 0, sources: Sequence[int] = (),
@@ -233,12 +253,20 @@ class MetricsRepository:
     def is_deleted(self, session: Session, job_id: str) -> bool:
         return session.get(DeletedJobRow, job_id) is not None
 
-    def deleted_among(self, session: Session, job_ids: Sequence[str]) -> set[str]:
+    def deleted_among(self, conn: DriverConnection, job_ids: Sequence[str]) -> set[str]:
         """Which of the jobs were deleted (one query for a whole ingest batch)."""
         if not job_ids:
             return set()
-        rows = session.connection().execute(_DELETED_AMONG, {"job_ids": sorted(set(job_ids))})
-        return {job_id for (job_id,) in rows}
+        dialect = conn.dialect
+        sql = _deleted_among_sql(dialect.name, dialect.driver, dialect.paramstyle)
+        ids = sorted(set(job_ids))
+        params: Any = (json.dumps(ids),) if dialect.name == "sqlite" else {"job_ids": ids}
+        cursor = conn.dbapi.cursor()
+        try:
+            cursor.execute(sql, params)
+            return {job_id for (job_id,) in cursor.fetchall()}
+        finally:
+            cursor.close()
 
     def mark_deleted(self, session: Session, job_id: str) -> None:
         """Records the job as deleted (idempotent); ingest drops its points and entries from then on."""
@@ -253,7 +281,4 @@ class MetricsRepository:
         return (int(getattr(points, "rowcount", 0) or 0), int(getattr(entries, "rowcount", 0) or 0))
 
 
-# Core, built once: this runs twice per ingest batch, where the ORM's per-query overhead would show.
 _DELETED_JOBS: Table = DeletedJobRow.__table__  # type: ignore[assignment]
-_DELETED_AMONG = select(_DELETED_JOBS.c.job_id).where(
-    _DELETED_JOBS.c.job_id.in_(bindparam("job_ids", expanding=True)))

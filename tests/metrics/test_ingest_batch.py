@@ -25,10 +25,10 @@ from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
 from services.kit.consumer import PermanentError, consume_batches
-from services.kit.db import Database
+from services.kit.db import Database, DriverConnection
 from services.metrics.component import MIGRATIONS_DIR
 from services.metrics.ingest import IngestHandlers, decode_logs, decode_metrics
-from services.metrics.live import LiveMessage
+from services.metrics.live import Deliver, LiveMessage
 from services.metrics.manager import ANNOUNCEMENT_BYTES, MetricsManager
 from services.metrics.repository import MetricsRepository
 from services.metrics.settings import MetricsSettings
@@ -53,6 +53,10 @@ class RecordingFeed:
     @contextlib.asynccontextmanager
     async def subscribe(self, subjects: Sequence[str]) -> AsyncIterator[asyncio.Queue[LiveMessage]]:
         yield asyncio.Queue()
+
+    @contextlib.asynccontextmanager
+    async def listen(self, subjects: Sequence[str], deliver: Deliver) -> AsyncIterator[None]:
+        yield
 
     def metrics_announced(self) -> dict[str, list[list[tuple[int, int]]]]:
         """Per job, the (step, kind) keys of each MetricsStored announced for it."""
@@ -261,11 +265,11 @@ class DeletedWhileWriting(MetricsRepository):
     def __init__(self) -> None:
         self.checks = 0
 
-    def deleted_among(self, session: Session, job_ids: Sequence[str]) -> set[str]:
+    def deleted_among(self, conn: DriverConnection, job_ids: Sequence[str]) -> set[str]:
         self.checks += 1
         if self.checks == 1:
             return set()
-        return super().deleted_among(session, job_ids)
+        return super().deleted_among(conn, job_ids)
 
 
 async def test_points_written_while_their_job_is_deleted_are_removed_after_the_commit(db: Database) -> None:
@@ -315,11 +319,11 @@ class FailingOnce(MetricsRepository):
     def __init__(self) -> None:
         self.failed = False
 
-    def upsert_point_rows(self, session: Session, rows: list[list[Any]]) -> None:
+    def upsert_point_rows(self, conn: DriverConnection, rows: list[list[Any]]) -> None:
         if not self.failed:
             self.failed = True
             raise OperationalError("INSERT", {}, Exception("database is unreachable"))
-        super().upsert_point_rows(session, rows)
+        super().upsert_point_rows(conn, rows)
 
 
 async def settled(js: JetStreamContext, published: int) -> tuple[int, int]:
