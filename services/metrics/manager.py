@@ -23,7 +23,7 @@ from services.kit.db import Database, DriverConnection
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.telemetry import INGESTED_POINTS
 from services.kit.validation import check_organization
-from services.metrics.fanout import Chunk, FanoutHub, LiveItem, end_deadline, live_item
+from services.metrics.fanout import FIELD_1, Chunk, FanoutHub, LiveItem, end_deadline, live_item, varint
 from services.metrics.live import Deliver, LiveMessage
 from services.metrics.repository import MetricsRepository
 from services.metrics.settings import MetricsSettings
@@ -141,7 +141,7 @@ class MetricsManager:
         be stored: why} and how many points were stored; raises (nothing kept) when the database fails."""
         refused, stored = await self._ingest(
             reports, self._accept_points, self.repo.point_rows, self.repo.upsert_point_rows,
-            lambda points: events_pb2.MetricsStored(points=points).SerializeToString(), subjects.live_metrics)
+            subjects.live_metrics)
         INGESTED_POINTS.inc(stored)
         return refused, stored
 
@@ -151,7 +151,7 @@ class MetricsManager:
         """`record_metrics_batch` for log entries."""
         return await self._ingest(
             reports, self._accept_entries, self.repo.entry_rows, self.repo.upsert_entry_rows,
-            lambda entries: events_pb2.LogsStored(entries=entries).SerializeToString(), subjects.live_logs)
+            subjects.live_logs)
 
     @staticmethod
     def _accept_points(job_id: str,
@@ -185,7 +185,6 @@ class MetricsManager:
                       accept: Callable[[str, Sequence[T]], list[T]],
                       to_rows: Callable[[Sequence[T]], list[list[Any]]],
                       write_rows: Callable[[DriverConnection, list[list[Any]]], None],
-                      announcement: Callable[[list[T]], bytes],
                       live_subject: Callable[[str], str]) -> tuple[dict[int, str], int]:
         """Two stages, so that consecutive batches overlap (the consumer keeps two in flight): the per-item
         Python work (decoding, checks, rows, the announcement's bytes) on a thread of its own, then the write
@@ -205,8 +204,7 @@ class MetricsManager:
                     continue
                 if accepted:
                     by_job.setdefault(job_id, []).extend(accepted)
-            return refused, {job_id: _Prepared(len(items), to_rows(items),
-                                               [announcement(part) for part in _announcement_parts(items)])
+            return refused, {job_id: _Prepared(len(items), to_rows(items), _announcements(cast(Any, items)))
                              for job_id, items in by_job.items()}
 
         def write(conn: DriverConnection, prepared: dict[str, _Prepared]) -> dict[str, _Prepared]:
@@ -474,11 +472,6 @@ def _check_kinds(v: Violations, kinds: Sequence[int]) -> None:
 
 
 
-
-# Bytes of items per live announcement: well under NATS' default 1 MiB max_payload, so a batch of large
-# reports is announced in several messages instead of failing to publish (followers would miss it live).
-
-
 @dataclass(frozen=True)
 class _Prepared:
     """One job's share of an ingest batch, ready to write: how many items, their rows, the announcements."""
@@ -487,18 +480,27 @@ class _Prepared:
     rows: list[list[Any]]
     payloads: list[bytes]
 
+
+# Bytes of items per live announcement: well under NATS' default 1 MiB max_payload, so a batch of large
+# reports is announced in several messages instead of failing to publish (followers would miss it live).
 ANNOUNCEMENT_BYTES = 256 * 1024
 
 
-def _announcement_parts(items: list[T]) -> list[list[T]]:
-    """`items` in order, cut into runs of at most ANNOUNCEMENT_BYTES serialized (one oversized item alone)."""
-    parts: list[list[T]] = [[]]
+def _announcements(items: Sequence[Message]) -> list[bytes]:
+    """The MetricsStored / LogsStored messages announcing `items` (both hold them in repeated field 1, so a
+    message is the items' framed bytes one after the other), in order, cut into messages of at most
+    ANNOUNCEMENT_BYTES (an oversized item alone)."""
+    messages: list[bytes] = []
+    parts: list[bytes] = []
     size = 0
     for item in items:
-        length = item.ByteSize() + 8  # type: ignore[attr-defined]  # protobuf messages; +tag and length
-        if parts[-1] and size + length > ANNOUNCEMENT_BYTES:
-            parts.append([])
-            size = 0
-        parts[-1].append(item)
-        size += length
-    return [part for part in parts if part]
+        data = item.SerializeToString()
+        framed = FIELD_1 + varint(len(data)) + data
+        if parts and size + len(framed) > ANNOUNCEMENT_BYTES:
+            messages.append(b"".join(parts))
+            parts, size = [], 0
+        parts.append(framed)
+        size += len(framed)
+    if parts:
+        messages.append(b"".join(parts))
+    return messages

@@ -106,21 +106,19 @@ class _Upsert:
 
 def _time_converter(dialect: Dialect, processor: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
     """Timestamp (or None) -> what the driver stores for a DateTime column of `dialect`. On SQLite that is
-    SQLAlchemy's own text form ("2026-12-01 10:00:00.123456", what its DateTime reads back), the date from
-    a small per-day cache; elsewhere a UTC datetime, built without protobuf's slower
-    ToDatetime."""
+    SQLAlchemy's own text form ("2026-12-01 10:00:00.123456", what its DateTime reads back), the text up to
+    the second from a small cache (a report's points are seconds apart at most); elsewhere a UTC datetime,
+    built without protobuf's slower ToDatetime."""
     if dialect.name == "sqlite":
         if processor is None or processor(EPOCH) != "1970-01-01 00:00:00.000000":
             raise NotImplementedError("SQLite stores DateTime in a form this converter does not write")
-        day_text = lru_cache(maxsize=64)(lambda day: (EPOCH + timedelta(days=day)).strftime("%Y-%m-%d"))
+        second_text = lru_cache(maxsize=1024)(
+            lambda seconds: (EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%d %H:%M:%S."))
 
         def sqlite_text(ts: Any) -> Any:
             if ts is None:
                 return None
-            day, second = divmod(ts.seconds, 86400)
-            hour, second = divmod(second, 3600)
-            minute, second = divmod(second, 60)
-            return f"{day_text(day)} {hour:02d}:{minute:02d}:{second:02d}.{ts.nanos // 1000:06d}"
+            return f"{second_text(ts.seconds)}{ts.nanos // 1000:06d}"
 
         return sqlite_text
 

@@ -91,3 +91,29 @@ def test_log_entries_upsert_and_filters(db: Database) -> None:
         assert [e.sequence for e in repo.list_entries(s, "job_a", min_level=error)] == [2]
         assert [e.attempt for e in repo.list_entries(s, "job_a", sources=[training])] == [1, 2]
         assert [e.attempt for e in repo.list_entries(s, "job_a", after=(1, 2))] == [2]
+
+
+@pytest.mark.parametrize("dialect_name", ["sqlite", "postgresql"])
+def test_point_times_are_bound_as_sqlalchemy_would_bind_them(dialect_name: str) -> None:
+    """Ingest converts Timestamps itself (cached text on SQLite): the same value SQLAlchemy's DateTime would
+    bind for the same instant, so the ORM reads back what ingest wrote."""
+    from datetime import UTC, datetime
+
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    from services.metrics.models import MetricPointRow
+    from services.metrics.repository import _time_converter
+
+    dialect = sqlite.dialect() if dialect_name == "sqlite" else postgresql.dialect()
+    column_type = MetricPointRow.__table__.c.time.type  # type: ignore[attr-defined]
+    processor = column_type.dialect_impl(dialect).bind_processor(dialect)
+    convert = _time_converter(dialect, processor)
+    assert convert(None) is None
+    for seconds, nanos in [(0, 0), (1_700_000_000, 123_456_789), (1_709_164_799, 999_999_999),  # a leap day
+                           (1_709_164_800, 1_000), (1_796_300_000, 500), (-86_401, 250_000_000)]:
+        ts = Timestamp(seconds=seconds, nanos=nanos)
+        instant = datetime.fromtimestamp(seconds, UTC).replace(microsecond=nanos // 1000)
+        expected = processor(instant) if processor is not None else instant
+        for _ in range(2):  # the second from the cache
+            assert convert(ts) == expected
