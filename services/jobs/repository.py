@@ -22,7 +22,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, TypeAlias
 
-from sqlalchemy import Connection, Row, bindparam, delete, func, select, tuple_
+from sqlalchemy import Connection, Row, Select, bindparam, delete, func, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from tuneforge.v1 import job_pb2
@@ -64,6 +64,24 @@ _PAGES = {
 }
 
 
+def locking(session: Session, query: Select[Any]) -> Select[Any]:
+    """`query`, locking what it reads until the transaction ends.
+
+    SQLite has no FOR UPDATE, and pysqlite runs a SELECT that comes before a transaction's first write
+    outside any transaction: a read-modify-write (a job's next event sequence, its state) could then be
+    made on a row another writer changed in between, and lose or collide with that change (CancelJob right
+    after a worker took the job: UNIQUE constraint failed on jobs_events). There the transaction starts
+    with a write that changes nothing (SQLite takes its write lock at a write statement, whether rows
+    match or not), so the read sees every earlier commit and no other writer can come in between; others
+    wait for the commit (busy_timeout), as they would for PostgreSQL's row lock."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(_SQLITE_WRITE_LOCK)
+    return query.with_for_update()
+
+
+_SQLITE_WRITE_LOCK = text(f"UPDATE {JobRow.__tablename__} SET id = id WHERE 0")
+
+
 class JobRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -73,12 +91,12 @@ class JobRepository:
         query = select(JobRow).where(JobRow.organization == organization)
         by_id = query.where(JobRow.id == ref)
         if for_update:
-            by_id = by_id.with_for_update()
+            by_id = locking(self.session, by_id)
         row = self.session.scalars(by_id).first()
         if row is None:
             by_name = query.where(JobRow.name == ref)
             if for_update:
-                by_name = by_name.with_for_update()
+                by_name = by_name.with_for_update()  # the write lock is held already
             row = self.session.scalars(by_name).first()
         return row
 
@@ -86,7 +104,7 @@ class JobRepository:
         """By id; with `for_update`, locked and read again even if this session read it before."""
         query = select(JobRow).where(JobRow.id == job_id)
         if for_update:
-            query = query.with_for_update().execution_options(populate_existing=True)
+            query = locking(self.session, query).execution_options(populate_existing=True)
         return self.session.scalars(query).first()
 
     def by_request_id(self, organization: str, request_id: str) -> JobRow | None:
@@ -118,7 +136,7 @@ class JobRepository:
         if worker_id is not None:
             query = query.where(JobRow.worker_id == worker_id)
         if for_update:
-            query = query.with_for_update()
+            query = locking(self.session, query)
         return list(self.session.scalars(query.order_by(JobRow.id)))
 
     # -- quotas (services.jobs.quotas) -----------------------------------------------------------
@@ -178,7 +196,7 @@ class JobRepository:
         if limit is not None:
             query = query.limit(limit)
         if for_update:
-            query = query.with_for_update().execution_options(populate_existing=True)
+            query = locking(self.session, query).execution_options(populate_existing=True)
         return list(self.session.scalars(query))
 
 
@@ -301,7 +319,7 @@ class WorkerRepository:
     def get(self, worker_id: str, *, for_update: bool = False) -> WorkerRow | None:
         query = select(WorkerRow).where(WorkerRow.id == worker_id)
         if for_update:
-            query = query.with_for_update()
+            query = locking(self.session, query)
         return self.session.scalars(query).first()
 
     def add(self, row: WorkerRow) -> None:
