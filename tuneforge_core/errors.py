@@ -1,11 +1,11 @@
 """The one error hierarchy of TuneForge, on both sides of the wire.
 
-Domain code raises these (it knows nothing of gRPC servers); the kit's `ErrorMappingInterceptor` turns them
-into a google.rpc.Status with an ErrorInfo (domain "tuneforge.dev", reason a `Reason`) and, for invalid
-input, a BadRequest listing every field violation. A full disk or database (ENOSPC, EDQUOT, SQLITE_FULL,
-PostgreSQL's disk_full) becomes RESOURCE_EXHAUSTED saying so, for the caller to retry later. Anything else
-becomes INTERNAL with a generic message: internals never leak to callers, and the traceback goes to the log
-with an incident id.
+Domain code raises these (it knows nothing of gRPC servers); the kit's call pipeline (services.kit.pipeline)
+turns them into a google.rpc.Status with an ErrorInfo (domain "tuneforge.dev", reason a `Reason`) and, for
+invalid input, a BadRequest listing every field violation. A full disk or database (ENOSPC, EDQUOT,
+SQLITE_FULL, PostgreSQL's disk_full) becomes RESOURCE_EXHAUSTED saying so, for the caller to retry later.
+Anything else becomes INTERNAL with a generic message: internals never leak to callers, and the traceback
+goes to the log with an incident id.
 
 The way back is the same classes: `error_from_status` rebuilds the typed error from an RPC's status, so the
 Python client raises `NotFound` with `.reason` and `.violations`, and a service calling another one re-raises

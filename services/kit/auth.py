@@ -2,7 +2,7 @@
 
 Each call carries `authorization: Bearer <credential>`: an API key (services.kit.identity), an OIDC token
 of a configured issuer (services.kit.oidc), or the platform's service token (the services' calls to each
-other). `AuthInterceptor` checks it before the request is even parsed, then:
+other). `CallAuth` checks it before the request is even parsed, then:
 
 - the RPC's `(tuneforge.v1.access)` option (protos/tuneforge/v1/access.proto) says what it needs; a
   viewer may READ, a member also WRITE, an admin also ADMIN. A role without the right is
@@ -30,8 +30,7 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -50,7 +49,6 @@ from services.kit.identity import (
     is_api_key,
     unauthenticated,
 )
-from services.kit.interceptors import run_stream
 from tuneforge_core.errors import (
     FieldViolation,
     PermissionDenied,
@@ -76,32 +74,8 @@ _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("t
                                                                              default=None)
 
 
-@dataclass(frozen=True)
-class _Admitted:
-    """The call being served was authenticated and authorized: who it runs as, and its audit (mutating
-    calls only)."""
-
-    principal: Principal
-    audit: Callable[..., Any] | None
-
-
-@dataclass(frozen=True)
-class _Refused:
-    """The call being served is refused: why, and its audit."""
-
-    audit: Callable[..., Any]
-    error: TuneForgeError
-
-
-# What AuthInterceptor decided for the call being served. grpc.aio runs a call's interceptors and its
-# handler in one task, so the per-call decision travels here while the handlers themselves are made once
-# per method.
-_call: contextvars.ContextVar[_Admitted | _Refused | None] = contextvars.ContextVar("tuneforge_call",
-                                                                                   default=None)
-
-
 def current_principal() -> Principal:
-    """The principal of the call being served (set by AuthInterceptor)."""
+    """The principal of the call being served (set by its MethodGate)."""
     principal = _principal.get()
     if principal is None:
         raise unauthenticated("this call was not authenticated")
@@ -294,7 +268,8 @@ def scope_request(request: Any, principal: Principal) -> None:
         holder.organization = principal.organization
 
 
-def _resource(message: Any) -> str:
+def resource_of(message: Any) -> str:
+    """The resource a request or response names (its job, dataset, ...), for the audit log."""
     if not isinstance(message, Message):
         return ""
     for name in _RESOURCE_FIELDS:
@@ -313,54 +288,22 @@ def _resource(message: Any) -> str:
 
 # -- the interceptor ----------------------------------------------------------------------------------
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates, authorizes, scopes, rate-limits and audits every call; see the module docstring."""
+class CallAuth:
+    """Authenticates, authorizes, scopes, rate-limits and audits every call; see the module docstring.
+
+    `for_method` gives each method its `MethodGate` (None for the open ones), which the server's call
+    pipeline (services.kit.pipeline) runs inside the method's handler before the request is parsed."""
 
     def __init__(self, authenticator: Authenticator, *, calls_per_second: float = 0.0) -> None:
         self.authenticator = authenticator
         self.limiter = RateLimiter(calls_per_second)
         self.calls_per_second = calls_per_second
-        # (method, refused) -> (the inner handler, the handler made of it); see `_handlers`.
-        self._made: dict[tuple[str, bool], tuple[Any, Any]] = {}
 
-    async def intercept_service(self, continuation: Callable[..., Any],
-                                handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(PUBLIC_PREFIXES):
-            return handler
-        access = method_access(method)
-        token: str | None = None
-        try:
-            token = self.authenticator.credential(handler_call_details.invocation_metadata)
-            principal = self.authenticator.authenticate_fast(token)
-            if principal is None:  # the database is needed: off the event loop
-                principal = await self.authenticator.store.db.pool.run(self.authenticator.authenticate, token)
-        except TuneForgeError as exc:
-            organization = str(exc.metadata.get("organization", "")) if exc.metadata else ""
-            _call.set(_Refused(self._auditor(method, organization, self.authenticator.describe(token)), exc))
-            return self._handlers(method, handler, access, refused=True)
-        try:
-            self._authorize(principal, access, method)
-        except TuneForgeError as exc:
-            _call.set(_Refused(self._auditor(method, principal.organization, principal.name), exc))
-            return self._handlers(method, handler, access, refused=True)
-        audit = self._auditor(method, principal.organization, principal.name) if mutating(access) else None
-        _call.set(_Admitted(principal, audit))
-        return self._handlers(method, handler, access, refused=False)
+    def for_method(self, method: str) -> MethodGate | None:
+        """The gate of "/package.Service/Method"; None for health checking and reflection."""
+        return None if method.startswith(PUBLIC_PREFIXES) else MethodGate(self, method)
 
-    def _handlers(self, method: str, handler: Any, access: int, *, refused: bool) -> Any:
-        """The handler that serves (or refuses) every call of `method` whose inner handler is `handler`:
-        made once, it reads the call's own principal or refusal from `_call`, which `intercept_service` set
-        in the call's context. Making it per call costs more than the rest of this interceptor."""
-        key = (method, refused)
-        made = self._made.get(key)
-        if made is None or made[0] is not handler:
-            made = (handler, _refusing(handler) if refused else self._wrap(handler))
-            self._made[key] = made
-        return made[1]
-
-    def _authorize(self, principal: Principal, access: int, method: str) -> None:
+    def authorize(self, principal: Principal, access: int, method: str) -> None:
         if principal.service:
             return
         if access == access_pb2.ACCESS_UNSPECIFIED or principal.role < access:
@@ -377,111 +320,83 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 reason=Reason.QUOTA_EXCEEDED,
                 metadata={"limit": "api_calls_per_second", "value": f"{self.calls_per_second:g}"})
 
-    def _auditor(self, method: str, organization: str, who: str) -> Callable[..., Any]:
+    async def audit(self, context: grpc.aio.ServicerContext, method: str, organization: str, who: str,
+                    code: str, message: str = "", resource: str = "") -> None:
         store = self.authenticator.store
+        record = AuditRecord(method=method, code=code, organization=organization, principal=who,
+                             resource=resource, message=message, peer=_peer(context))
+        try:
+            await store.db.pool.run(store.record, [record])
+        except Exception:
+            log.exception("could not write the audit event of %s", method)
 
-        async def audit(context: grpc.aio.ServicerContext, code: str, message: str = "",
-                        resource: str = "") -> None:
-            record = AuditRecord(method=method, code=code, organization=organization, principal=who,
-                                 resource=resource, message=message, peer=_peer(context))
-            try:
-                await store.db.pool.run(store.record, [record])
-            except Exception:
-                log.exception("could not write the audit event of %s", method)
 
-        return audit
+class MethodGate:
+    """What one method's calls go through before their request is parsed (made once per method)."""
 
-    @staticmethod
-    def _wrap(handler: Any) -> Any:
-        """`handler` run as the admitted principal of the call (`_Admitted`): its organization scoped into
-        every request, the outcome of a mutating call audited."""
+    __slots__ = ("access", "auth", "method", "mutating")
 
-        def admitted() -> _Admitted:
-            call = _call.get()
-            assert isinstance(call, _Admitted), "a call reached its handler without being admitted"
-            _principal.set(call.principal)
-            return call
+    def __init__(self, auth: CallAuth, method: str) -> None:
+        self.auth = auth
+        self.method = method
+        self.access = method_access(method)
+        self.mutating = mutating(self.access)
 
-        def enter(request: Any) -> _Admitted:
-            call = admitted()
-            scope_request(request, call.principal)
-            return call
+    def admit_fast(self, context: grpc.aio.ServicerContext) -> Principal | None:
+        """The call's principal, set as the running call's, when the event loop alone can tell it is let in
+        (a credential verified moments ago, its role enough, its organization under its rate). None: the
+        call goes through `admit`, which needs the database or refuses it."""
+        authenticator = self.auth.authenticator
+        try:
+            token = authenticator.credential(context.invocation_metadata())
+            principal = authenticator.authenticate_fast(token)
+            if principal is None:
+                return None
+            self.auth.authorize(principal, self.access, self.method)
+        except TuneForgeError:
+            return None  # `admit` refuses it again, and audits the refusal
+        _principal.set(principal)
+        return principal
 
-        async def outcome(call: _Admitted, context: grpc.aio.ServicerContext, resource: str, response: Any,
-                          exc: BaseException | None) -> None:
-            if call.audit is None:
-                return
-            if exc is None:
-                await call.audit(context, "OK", "", _resource(response) or resource)
-                return
-            code, message = _code_of(exc, context)
-            await call.audit(context, code, message, resource)
+    async def admit(self, context: grpc.aio.ServicerContext) -> Principal:
+        """`admit_fast` the whole way: the credential checked on a database thread when it must be, a
+        refusal audited and raised (PermissionDenied, Unauthenticated, ResourceExhausted)."""
+        authenticator = self.auth.authenticator
+        token: str | None = None
+        try:
+            token = authenticator.credential(context.invocation_metadata())
+            principal = authenticator.authenticate_fast(token)
+            if principal is None:  # the database is needed: off the event loop
+                principal = await authenticator.store.db.pool.run(authenticator.authenticate, token)
+        except TuneForgeError as exc:
+            organization = str(exc.metadata.get("organization", "")) if exc.metadata else ""
+            await self.auth.audit(context, self.method, organization, authenticator.describe(token),
+                                  exc.code.name, exc.message)
+            raise
+        try:
+            self.auth.authorize(principal, self.access, self.method)
+        except TuneForgeError as exc:
+            await self.auth.audit(context, self.method, principal.organization, principal.name, exc.code.name,
+                                  exc.message)
+            raise
+        _principal.set(principal)
+        return principal
 
-        async def scoped(requests: AsyncIterator[Any], principal: Principal) -> AsyncIterator[Any]:
-            async for request in requests:
-                scope_request(request, principal)
-                yield request
+    def enter(self, request: Any, principal: Principal) -> None:
+        """Scopes a parsed request into the principal's organization (PermissionDenied when it names
+        another)."""
+        scope_request(request, principal)
 
-        deserializer, serializer = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary:
-            unary = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = admitted()
-                resource = _resource(request)
-                try:
-                    enter(request)  # a request naming another organization is refused, and audited
-                    response = await unary(request, context)
-                except BaseException as exc:
-                    await outcome(call, context, resource, None, exc)
-                    raise
-                await outcome(call, context, resource, response, None)
-                return response
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, serializer)
-        if handler.unary_stream:
-            streaming = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
-                call = admitted()
-                resource = _resource(request)
-                try:
-                    enter(request)
-                    await run_stream(streaming(request, context), context)
-                except BaseException as exc:
-                    await outcome(call, context, resource, None, exc)
-                    raise
-                await outcome(call, context, resource, None, None)
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, deserializer, serializer)
-        if handler.stream_unary:
-            collect = handler.stream_unary
-
-            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                call = admitted()
-                try:
-                    response = await collect(scoped(requests, call.principal), context)
-                except BaseException as exc:
-                    await outcome(call, context, "", None, exc)
-                    raise
-                await outcome(call, context, "", response, None)
-                return response
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, deserializer, serializer)
-        if handler.stream_stream:
-            both = handler.stream_stream
-
-            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-                call = admitted()
-                try:
-                    await run_stream(both(scoped(requests, call.principal), context), context)
-                except BaseException as exc:
-                    await outcome(call, context, "", None, exc)
-                    raise
-                await outcome(call, context, "", None, None)
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
-        return handler
+    async def outcome(self, context: grpc.aio.ServicerContext, principal: Principal, resource: str,
+                      response: Any, exc: BaseException | None) -> None:
+        """Audits the end of a call that may change something (WRITE and ADMIN methods)."""
+        if exc is None:
+            await self.auth.audit(context, self.method, principal.organization, principal.name, "OK", "",
+                                  resource_of(response) or resource)
+            return
+        code, message = _code_of(exc, context)
+        await self.auth.audit(context, self.method, principal.organization, principal.name, code, message,
+                              resource)
 
 
 def _peer(context: grpc.aio.ServicerContext) -> str:
@@ -502,33 +417,6 @@ def _code_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[str
         names = {code.value[0]: code.name for code in grpc.StatusCode}
         return names.get(status.code, "UNKNOWN"), status.message
     return "UNKNOWN", ""
-
-
-def _refusing(handler: Any) -> Any:
-    """A handler of `handler`'s shape that never parses the request and answers the call's refusal
-    (`_Refused`), audited."""
-
-    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _call.get()
-        assert isinstance(call, _Refused), "a call reached its refusal without being refused"
-        await call.audit(context, call.error.code.name, call.error.message)
-        raise call.error
-
-    async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await refuse(_request, context)
-        yield  # pragma: no cover - makes this an async generator
-
-    def ignore(_raw: bytes) -> None:
-        return None
-
-    serializer = handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse, ignore, serializer)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, ignore, serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, ignore, serializer)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, ignore, serializer)
 
 
 # -- the client side: services calling services ------------------------------------------------------

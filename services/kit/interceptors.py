@@ -1,29 +1,25 @@
-"""The kit's server interceptors: exceptions become gRPC statuses in one place, for every RPC shape, and a
-request that does not even parse is answered as the caller's error.
+"""What the server's call handling shares (services.kit.pipeline), and the tracing interceptor.
 
-Domain code raises `tuneforge_core.errors` exceptions (it knows nothing of gRPC); this interceptor turns
-them, and anything unexpected, into a google.rpc.Status (see `status_from_exception`), bounded so that it
-fits the trailers a client accepts (`bounded_status`) however much of the request it quotes.
+Domain code raises `tuneforge_core.errors` exceptions (it knows nothing of gRPC); `abort_with` turns them,
+and anything unexpected, into a google.rpc.Status (see `status_from_exception`), bounded so that it fits
+the trailers a client accepts (`bounded_status`) however much of the request it quotes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import grpc.aio
-from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.kit import telemetry
 from tuneforge_core import tracing
-from tuneforge_core.errors import InvalidArgument, status_from_exception
+from tuneforge_core.errors import status_from_exception
 
 # What a status may take of the trailers: gRPC clients refuse trailers over 8 KiB by default, and the call
 # then fails with RESOURCE_EXHAUSTED and says nothing of why it was refused.
@@ -84,33 +80,10 @@ def bounded_status(status: status_pb2.Status) -> status_pb2.Status:
     return out
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Ends the call with the status of `exc` (raises grpc.aio.AbortError)."""
     status = bounded_status(status_from_exception(exc))
     await context.abort_with_status(rpc_status.to_status(status))
-
-
-def _wrap_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
-
-    return wrapper
-
-
-def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
-        try:
-            await run_stream(behavior(request, context), context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
-
-    return wrapper
 
 
 def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], Any]) -> Any:
@@ -131,62 +104,15 @@ def rewrap(handler: Any, unary: Callable[[Any], Any], stream: Callable[[Any], An
     return handler
 
 
-class MadeOnce:
-    """What an interceptor makes of each (method, inner handler), made on first use and kept.
-
-    Every call of a method gets its handler from the interceptors inside, which hand out the same few
-    objects each time (the servicer's own, or what they made once), so the wrapping around them need not be
-    remade per call either; making it per call cost more than the wrappers themselves. Bounded: should an
-    inner interceptor make a new handler per call, this starts over instead of growing."""
-
-    LIMIT = 4096
-
-    def __init__(self, make: Callable[[str, Any], Any]) -> None:
-        self._make = make
-        self._made: dict[tuple[str, int], tuple[Any, Any]] = {}
-
-    def __call__(self, method: str, handler: Any) -> Any:
-        key = (method, id(handler))
-        made = self._made.get(key)
-        if made is None or made[0] is not handler:
-            if len(self._made) >= self.LIMIT:
-                self._made.clear()
-            made = self._made[key] = (handler, self._make(method, handler))
-        return made[1]
-
-
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """The one place where exceptions become gRPC statuses, for every RPC shape."""
-
-    def __init__(self) -> None:
-        self._wrapped = MadeOnce(lambda _method, handler: rewrap(handler, _wrap_unary, _wrap_stream))
-
-    async def intercept_service(self, continuation: Callable[..., Any],
-                                handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return self._wrapped(handler_call_details.method, handler)
-
-
-class _Undecodable:
-    """What the guarded deserializer hands on instead of raising (grpcio would answer UNKNOWN)."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
 async def run_stream(result: Any, context: grpc.aio.ServicerContext) -> None:
     """Runs a streaming handler's call to its end, whether the handler writes its responses with
     `context.write` (a coroutine, as grpcio's own health servicer and our metric streams do) or yields them
     (an async generator: each is written here).
 
-    Every interceptor's stream wrapper is a coroutine built on this, so grpc.aio takes every streaming call
-    through its reader-writer API, and a response written deep inside resumes a few plain coroutine frames
-    instead of a chain of async generators, one per interceptor (a stream with a thousand followers pays
-    that chain per response per follower)."""
+    Every streaming handler the pipeline builds (and the tracing interceptor's) is a coroutine built on
+    this, so grpc.aio takes every streaming call through its reader-writer API, and a response written deep
+    inside resumes a few plain coroutine frames instead of a chain of async generators, one per wrapper (a
+    stream with a thousand followers pays that chain per response per follower)."""
     if inspect.isawaitable(result):
         await result
         return
@@ -194,83 +120,15 @@ async def run_stream(result: Any, context: grpc.aio.ServicerContext) -> None:
         await context.write(item)
 
 
-class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
-    """A request that does not parse (bad UTF-8 in a string field, truncated bytes) is the caller's error.
-
-    grpcio runs the request deserializer outside any handler and answers UNKNOWN with the parser's
-    exception text. Here the deserializer never raises: it passes a marker on, and the handler raises
-    InvalidArgument for it, which `ErrorMappingInterceptor` (outside this one) maps like any other error.
-    """
-
-    def __init__(self) -> None:
-        self._guarded = MadeOnce(self._guard)
-
-    async def intercept_service(self, continuation: Callable[..., Any],
-                                handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        return self._guarded(handler_call_details.method, handler)
-
-    @staticmethod
-    def _guard(method: str, handler: Any) -> Any:
-        deserialize = handler.request_deserializer
-
-        def guarded(raw: bytes) -> Any:
-            try:
-                return deserialize(raw)
-            except Exception as exc:
-                return _Undecodable(exc)
-
-        def check(request: Any) -> Any:
-            if isinstance(request, _Undecodable):
-                detail = f" ({request.error})" if isinstance(request.error, DecodeError) else ""
-                raise InvalidArgument(f"the request to {method} is not a valid protobuf message{detail}")
-            return request
-
-        async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-            async for request in requests:
-                yield check(request)
-
-        if handler.unary_unary:
-            behavior = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                return await behavior(check(request), context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, guarded, handler.response_serializer)
-        if handler.unary_stream:
-            stream = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
-                await run_stream(stream(check(request), context), context)
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, guarded, handler.response_serializer)
-        if handler.stream_unary:
-            collect = handler.stream_unary
-
-            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                return await collect(checked(requests), context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, guarded, handler.response_serializer)
-        if handler.stream_stream:
-            both = handler.stream_stream
-
-            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-                await run_stream(both(checked(requests), context), context)
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, guarded, handler.response_serializer)
-        return handler
-
-
-def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
-    """The gRPC code a call ended with: the one its context was aborted with (ErrorMappingInterceptor
-    aborts with the mapped status), CANCELLED when the client went away, else OK."""
+def final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+    """The gRPC code a call ended with: the one its context was aborted with (`abort_with` aborts with the
+    mapped status), CANCELLED when the client went away, else OK."""
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return grpc.StatusCode.CANCELLED.name
-    code: Any = None
-    with contextlib.suppress(Exception):
-        code = context.code()
+    try:
+        code: Any = context.code()
+    except Exception:
+        code = None
     if isinstance(code, grpc.StatusCode):
         return code.name
     if isinstance(code, int):
@@ -283,64 +141,13 @@ def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None) ->
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every call and its duration by service, method and final gRPC code
-    (services.kit.telemetry: tuneforge_rpc_requests_total, tuneforge_rpc_duration_seconds), for every RPC
-    shape. Registered outside ErrorMappingInterceptor, so it sees the code that one chose; a streaming call
-    counts once, when its last response went out."""
-
-    def __init__(self) -> None:
-        self._counted = MadeOnce(self._count)
-
-    async def intercept_service(self, continuation: Callable[..., Any],
-                                handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return self._counted(handler_call_details.method, handler)
-
-    @staticmethod
-    def _count(full_method: str, handler: Any) -> Any:
-        service, method = telemetry.split_method(full_method)
-
-        def done(context: grpc.aio.ServicerContext, started: float, exc: BaseException | None) -> None:
-            telemetry.observe_rpc(service, method, _final_code(context, exc), time.perf_counter() - started)
-
-        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.perf_counter()
-                try:
-                    response = await behavior(request, context)
-                except BaseException as exc:
-                    done(context, started, exc)
-                    raise
-                done(context, started, None)
-                return response
-
-            return wrapper
-
-        def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> None:
-                started = time.perf_counter()
-                try:
-                    await run_stream(behavior(request, context), context)
-                except BaseException as exc:
-                    done(context, started, exc)
-                    raise
-                done(context, started, None)
-
-            return wrapper
-
-        return rewrap(handler, unary, stream)
-
-
 class TracingInterceptor(grpc.aio.ServerInterceptor):
     """A SERVER span per call (tuneforge_core.tracing), named by the full method ("tuneforge.v1.JobService/
     CreateJob"), child of the `traceparent` a caller sent in its metadata, current while the servicer runs
     (so an outbox row written by the call keeps its context) and ended with the call's final gRPC code
     (`rpc.grpc.status_code`; an error status on anything but OK). A streaming call's span is not current
-    while it streams. Registered outermost, so it sees the code ErrorMappingInterceptor chose. Installed only
-    while tracing is on."""
+    while it streams. It wraps the handlers services.kit.pipeline built, so it sees the code their error
+    mapping chose. Installed only while tracing is on."""
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -355,7 +162,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
                     if k == tracing.TRACEPARENT and isinstance(v, str)}
 
         def finish(span: Any, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
-            code = _final_code(context, exc)
+            code = final_code(context, exc)
             span.set_attribute("rpc.grpc.status_code", getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
                                .value[0])
             if code != "OK":

@@ -8,7 +8,7 @@ second server start on a port already in use and take half the connections): a t
 `AddressInUse`, and the entry points exit with `EXIT_ADDRESS_IN_USE` and one clear line. The server
 answers gRPC reflection in both versions, `grpc.reflection.v1` and the older `v1alpha`, and its pool
 holds errors.proto, so `tuneforge.v1.ErrorReason` can be looked up like the services. A request that
-does not even parse is INVALID_ARGUMENT (`UndecodableRequestInterceptor`), not grpcio's UNKNOWN. The
+does not even parse is INVALID_ARGUMENT (services.kit.pipeline), not grpcio's UNKNOWN. The
 process-wide page token key (`services.kit.paging`) is set from the settings before anything is served.
 
 A message is at most MAX_MESSAGE_BYTES (16 MiB) each way, on the server and on the channels between
@@ -52,18 +52,14 @@ from tuneforge.v1 import errors_pb2
 from services.kit import keyfiles, paging, telemetry
 from services.kit.auth import (
     Authenticator,
-    AuthInterceptor,
+    CallAuth,
     OidcLike,
     bearer_interceptors,
     check_access_declared,
 )
 from services.kit.identity import IdentityStore
-from services.kit.interceptors import (
-    ErrorMappingInterceptor,
-    MetricsInterceptor,
-    TracingInterceptor,
-    UndecodableRequestInterceptor,
-)
+from services.kit.interceptors import TracingInterceptor
+from services.kit.pipeline import CallPipeline, Registrar
 from tuneforge_core import logs, tracing
 from tuneforge_core.nats import connect, ensure_streams
 from tuneforge_core.settings import KitSettings
@@ -107,7 +103,7 @@ class Registration:
 
     name: str
     servicer: Any
-    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    add_to_server: Callable[[Any, Any], None]  # generated: the servicer, and the server (a Registrar)
 
 
 @dataclass
@@ -332,7 +328,7 @@ def _reflection_v1_file(pool: descriptor_pool.DescriptorPool) -> None:
     pool.AddSerializedFile(proto.SerializeToString())
 
 
-def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
+def enable_reflection(server: grpc.aio.Server | Registrar, service_names: Sequence[str]) -> None:
     """Serves reflection as grpc.reflection.v1 and v1alpha, listing `service_names` and both versions."""
     pool = descriptor_pool.Default()
     _reflection_v1_file(pool)
@@ -365,17 +361,15 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
     credentials = server_credentials(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     identity = await open_identity(settings)
-    auth = AuthInterceptor(Authenticator(identity, service_token(settings), oidc_verifier(settings)),
-                           calls_per_second=settings.api_calls_per_second)
-    # Outermost first: the metrics see the code every error was mapped to, errors raised by the guards are
-    # mapped like every other error, and a call is authenticated before its request is parsed. A span per
-    # call only while tracing is on (TUNEFORGE_TRACING; configure_tracing), around everything else: the
-    # interceptors inside it make each method's handler once (MadeOnce), which a per-call span would defeat.
-    traced: list[grpc.aio.ServerInterceptor] = [TracingInterceptor()] if tracing.enabled() else []
-    server = grpc.aio.server(
-        interceptors=[*traced, MetricsInterceptor(), ErrorMappingInterceptor(), auth,
-                      UndecodableRequestInterceptor()],
-        options=SERVER_OPTIONS)
+    auth = CallAuth(Authenticator(identity, service_token(settings), oidc_verifier(settings)),
+                    calls_per_second=settings.api_calls_per_second)
+    # Every handler is built around its servicer when it is registered (services.kit.pipeline: telemetry,
+    # errors, authentication before the request is parsed, the audit), so a call runs through no
+    # interceptor. A span per call only while tracing is on (TUNEFORGE_TRACING; configure_tracing), the one
+    # interceptor, around the built handlers.
+    pipeline = CallPipeline(auth)
+    server = grpc.aio.server(interceptors=[TracingInterceptor()] if tracing.enabled() else None,
+                             options=SERVER_OPTIONS)
     # Bind first: a taken address fails before anything starts, and components may open channels to
     # this process' own address while they are built.
     port = _bind(server, settings.grpc_host, settings.grpc_port, credentials)
@@ -393,15 +387,16 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
         raise
     runtime.address = f"{settings.grpc_host}:{port}"
     components = [factory(runtime) for factory in factories]
+    registrar = pipeline.registrar(server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     names = []
     for component in components:
         for reg in component.registrations():
-            reg.add_to_server(reg.servicer, server)
+            reg.add_to_server(reg.servicer, registrar)
             names.append(reg.name)
     check_access_declared(names)
-    enable_reflection(server, [*names, health.SERVICE_NAME])
+    enable_reflection(registrar, [*names, health.SERVICE_NAME])
     await server.start()
     for component in components:
         await component.start()

@@ -5,7 +5,7 @@ TUNEFORGE_METRICS_PORT is set (`serve_metrics`, started by services.kit.runtime.
 
 - `tuneforge_rpc_requests_total{service,method,code}` and `tuneforge_rpc_duration_seconds{service,method,
   code}` (a histogram): every RPC the kit server answers, with its final gRPC code, counted by
-  `services.kit.interceptors.MetricsInterceptor` (the outermost interceptor, so the codes the error
+  the call pipeline every handler is built in (services.kit.pipeline: outermost, so the codes the error
   mapping chose, refused credentials included).
 - `tuneforge_metric_points_ingested_total`: metric points the metrics service stored (`INGESTED_POINTS`).
 - The jobs service's fleet, counted from its database and JetStream at each scrape

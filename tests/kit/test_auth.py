@@ -190,7 +190,7 @@ def test_an_expired_key_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_key_verified_moments_ago_authenticates_without_the_database(tmp_path: Path) -> None:
-    """The event loop's fast path (AuthInterceptor): a cached key needs no database thread; an unknown,
+    """The event loop's fast path (MethodGate.admit_fast): a cached key needs no database thread; an unknown,
     tampered, revoked or stale one goes to the database as before."""
     store = IdentityStore.open(f"sqlite:///{tmp_path / 'identity.db'}", cache_s=60.0)
     try:
