@@ -14,8 +14,10 @@ store drops the entry at once, other processes notice within `cache_s`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import re
 import secrets
 import string
 import threading
@@ -132,6 +134,16 @@ class _Cached:
     revoked_at: datetime | None
     fetched_at: float
 
+    @functools.cached_property
+    def principal(self) -> Principal:
+        """Who the key's calls run as (one object for every call while this entry is cached)."""
+        return Principal(organization=self.organization, role=self.role, name=f"key:{self.id}",
+                         expires_at=self.expires_at)
+
+    @functools.cached_property
+    def expires_epoch(self) -> float:
+        return self.expires_at.timestamp()
+
 
 def _utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes for what was stored as UTC."""
@@ -160,10 +172,12 @@ def sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+_KEY_SHAPE = re.compile(rf"{re.escape(KEY_PREFIX)}[A-Za-z0-9]{{{_SECRET_CHARS}}}")
+
+
 def is_api_key(token: str) -> bool:
     """Whether `token` has an API key's shape (prefix, length, alphabet)."""
-    return (len(token) == KEY_LENGTH and token.startswith(KEY_PREFIX)
-            and all(c in _ALPHABET for c in token[len(KEY_PREFIX):]))
+    return _KEY_SHAPE.fullmatch(token) is not None
 
 
 def unauthenticated(message: str, **metadata: str) -> Unauthenticated:
@@ -307,15 +321,13 @@ class IdentityStore:
         if cached.revoked_at is not None:
             raise unauthenticated(f"API key {lookup}… was revoked at {cached.revoked_at:%Y-%m-%d %H:%M:%S} "
                                   "UTC", organization=cached.organization)
-        now = _now()
-        if cached.expires_at <= now:
+        if cached.expires_epoch <= time.time():
             raise unauthenticated(f"API key {lookup}… expired at {cached.expires_at:%Y-%m-%d %H:%M:%S} UTC",
                                   organization=cached.organization)
-        self._touch(cached.id, now_mono, now)
-        return Principal(organization=cached.organization, role=cached.role, name=f"key:{cached.id}",
-                         expires_at=cached.expires_at)
+        self._touch(cached.id, now_mono)
+        return cached.principal
 
-    def _touch(self, key_id: str, now_mono: float, now: datetime) -> None:
+    def _touch(self, key_id: str, now_mono: float) -> None:
         with self._lock:
             if now_mono - self._last_use.get(key_id, -LAST_USE_EVERY_S) < LAST_USE_EVERY_S:
                 return
@@ -323,7 +335,7 @@ class IdentityStore:
         with self.db.session() as session:
             row = session.get(ApiKeyRow, key_id)
             if row is not None:
-                row.last_used_at = now
+                row.last_used_at = _now()
 
     def key_organization(self, lookup: str) -> str:
         """The organization of the key with this lookup prefix, or "" (for auditing a refused key)."""
