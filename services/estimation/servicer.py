@@ -17,6 +17,7 @@ from services.estimation.converters import (
 )
 from services.estimation.estimator import Fit
 from services.estimation.manager import AdapterNeeds, EstimationManager
+from services.kit.pipeline import freeze
 
 # ListBaseModels' family (lower case), type, page size and page token, and the next page's token.
 PageKey = tuple[str, int, int, str, str]
@@ -50,9 +51,13 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
         self.manager = manager
         # The catalog is fixed for the life of the process, so its answers are built once: each page of
         # ListBaseModels and the one ListHardwareOptions answer. The same message goes to every caller;
-        # nothing modifies it.
+        # nothing modifies it, and its bytes are kept too (services.kit.pipeline.freeze).
         self._model_pages: Memo[PageKey, estimation_service_pb2.ListBaseModelsResponse] = Memo(1024)
         self._hardware: estimation_service_pb2.ListHardwareOptionsResponse | None = None
+        # EstimateJob's answers by (id of the manager's Fit, notes); the Fit is kept with its answer, so the
+        # id names that object while the entry lives.
+        self._estimates: Memo[tuple[int, tuple[str, ...]],
+                              tuple[Fit, estimation_service_pb2.EstimateJobResponse]] = Memo(1024)
 
     async def ListBaseModels(
         self, request: estimation_service_pb2.ListBaseModelsRequest, context: grpc.aio.ServicerContext
@@ -67,9 +72,9 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
         if response is None:
             response = self._model_pages.put(
                 key,
-                estimation_service_pb2.ListBaseModelsResponse(
+                freeze(estimation_service_pb2.ListBaseModelsResponse(
                     models=[model_to_proto(m) for m in models], next_page_token=token
-                ),
+                )),
             )
         return response
 
@@ -77,9 +82,9 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
         self, request: estimation_service_pb2.ListHardwareOptionsRequest, context: grpc.aio.ServicerContext
     ) -> estimation_service_pb2.ListHardwareOptionsResponse:
         if self._hardware is None:
-            self._hardware = estimation_service_pb2.ListHardwareOptionsResponse(
+            self._hardware = freeze(estimation_service_pb2.ListHardwareOptionsResponse(
                 options=[hardware_to_proto(h) for h in self.manager.list_hardware()]
-            )
+            ))
         return self._hardware
 
     async def GetModelRequirements(
@@ -108,9 +113,15 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
         estimate = await self.manager.estimate_job(
             request.organization, request.spec, request.tokens_per_epoch, _dataset_size(request)
         )
-        return estimation_service_pb2.EstimateJobResponse(
-            estimate=fit_to_proto(estimate.fit), source=_source(estimate.fit), notes=estimate.notes
-        )
+        # The manager answers the same question with the same Fit object (its memo): the answer built of
+        # it, and its bytes, are kept for the next caller who gets that object and those notes.
+        key = (id(estimate.fit), tuple(estimate.notes))
+        kept = self._estimates.get(key)
+        if kept is None or kept[0] is not estimate.fit:
+            kept = self._estimates.put(key, (estimate.fit, freeze(estimation_service_pb2.EstimateJobResponse(
+                estimate=fit_to_proto(estimate.fit), source=_source(estimate.fit), notes=estimate.notes
+            ))))
+        return kept[1]
 
     async def ValidateHardware(
         self, request: estimation_service_pb2.ValidateHardwareRequest, context: grpc.aio.ServicerContext

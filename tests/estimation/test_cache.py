@@ -342,6 +342,30 @@ async def test_list_hardware_options_is_built_once() -> None:
     assert await servicer.ListHardwareOptions(request, None) is first
 
 
+async def test_estimate_job_answers_equal_freshly_built_ones_and_are_kept_per_fit() -> None:
+    """EstimateJob keeps the answer built of the manager's (memoized) Fit: the same answer as building it,
+    the same object for the same question, another for another question or other notes."""
+    from services.estimation.converters import fit_to_proto
+    from services.estimation.servicer import _source
+
+    estimates = manager()
+    servicer = EstimationServicer(estimates)
+    answers = {}
+    for gpu_type in HARDWARE:
+        for tokens in (TOKENS_PER_EPOCH, 2 * TOKENS_PER_EPOCH):
+            job = spec(CATALOG.models()[0].id, A.ADAPTER_TYPE_LORA, M.TRAINING_METHOD_SFT, gpu_type, False)
+            request = estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=job,
+                                                                tokens_per_epoch=tokens)
+            first = await servicer.EstimateJob(request, None)
+            estimate = await estimates.estimate_job(ORG, request.spec, tokens)
+            built = estimation_service_pb2.EstimateJobResponse(
+                estimate=fit_to_proto(estimate.fit), source=_source(estimate.fit), notes=estimate.notes)
+            assert first == built
+            assert await servicer.EstimateJob(request, None) is first
+            answers[(gpu_type, tokens)] = first
+    assert len({id(a) for a in answers.values()}) == len(answers)
+
+
 # ---- what the database holds -------------------------------------------------------------------------
 
 
