@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -107,13 +108,19 @@ class _Upsert:
 def _time_converter(dialect: Dialect, processor: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
     """Timestamp (or None) -> what the driver stores for a DateTime column of `dialect`. On SQLite that is
     SQLAlchemy's own text form ("2026-12-01 10:00:00.123456", what its DateTime reads back), the text up to
-    the second from a small cache (a report's points are seconds apart at most); elsewhere a UTC datetime,
-    built without protobuf's slower ToDatetime."""
+    the second from a small cache (a report's points are seconds apart at most) and, when it is not there,
+    from the C library's gmtime and strftime (a third of the time datetime arithmetic took); elsewhere a UTC
+    datetime, built without protobuf's slower ToDatetime. A time outside what a datetime holds (years 1 to
+    9999) raises OverflowError on both."""
     if dialect.name == "sqlite":
         if processor is None or processor(EPOCH) != "1970-01-01 00:00:00.000000":
             raise NotImplementedError("SQLite stores DateTime in a form this converter does not write")
-        second_text = lru_cache(maxsize=1024)(
-            lambda seconds: (EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%d %H:%M:%S."))
+
+        @lru_cache(maxsize=1024)
+        def second_text(seconds: int) -> str:
+            if not _FIRST_SECOND <= seconds <= _LAST_SECOND:
+                raise OverflowError(f"a time {seconds} s from 1970 is outside years 1 to 9999")
+            return time.strftime("%Y-%m-%d %H:%M:%S.", time.gmtime(seconds))
 
         def sqlite_text(ts: Any) -> Any:
             if ts is None:
@@ -132,6 +139,9 @@ def _time_converter(dialect: Dialect, processor: Callable[[Any], Any] | None) ->
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# 0001-01-01 00:00:00 and 9999-12-31 23:59:59 UTC, in seconds from EPOCH.
+_FIRST_SECOND = int((datetime(1, 1, 1, tzinfo=UTC) - EPOCH).total_seconds())
+_LAST_SECOND = int((datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC) - EPOCH).total_seconds())
 
 
 def _empty_once(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:

@@ -111,9 +111,14 @@ def test_point_times_are_bound_as_sqlalchemy_would_bind_them(dialect_name: str) 
     convert = _time_converter(dialect, processor)
     assert convert(None) is None
     for seconds, nanos in [(0, 0), (1_700_000_000, 123_456_789), (1_709_164_799, 999_999_999),  # a leap day
-                           (1_709_164_800, 1_000), (1_796_300_000, 500), (-86_401, 250_000_000)]:
+                           (1_709_164_800, 1_000), (1_796_300_000, 500), (-86_401, 250_000_000),
+                           (-30_610_224_000, 0), (253_402_300_799, 999_999_000)]:  # years 1000 and 9999
         ts = Timestamp(seconds=seconds, nanos=nanos)
         instant = datetime.fromtimestamp(seconds, UTC).replace(microsecond=nanos // 1000)
         expected = processor(instant) if processor is not None else instant
         for _ in range(2):  # the second from the cache
             assert convert(ts) == expected
+    # Past what a datetime holds (SQLAlchemy could not bind it either): refused the same way on both.
+    for seconds in (253_402_300_800, -62_135_596_801, 10**15):
+        with pytest.raises(OverflowError):
+            convert(Timestamp(seconds=seconds))
