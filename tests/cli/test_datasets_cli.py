@@ -236,6 +236,7 @@ def test_listed_ids_are_whole_on_a_narrow_terminal(platform: Seeded, key: str) -
 
 def test_shell_completion_completes_commands_options_and_formats() -> None:
     import os
+    import shlex
     import subprocess
     import sys
 
@@ -251,6 +252,9 @@ def test_shell_completion_completes_commands_options_and_formats() -> None:
     assert "--column-mapping" in complete("tuneforge datasets upload x.csv --col")
     assert complete("tuneforge datasets upload x.csv --format prompt_") == [
         "prompt_completion", "prompt_only"]
-    shown = subprocess.run([tuneforge, "--show-completion", "bash"], capture_output=True, text=True,
-                           timeout=60, check=False)
+    # --show-completion takes no value: it finds the shell it runs under among its parent processes, so it
+    # runs here as a user's bash runs it (`; true` keeps bash from exec-ing it in its own place; run straight
+    # from pytest under make, no shell is found and it fails with "Shell  not supported").
+    shown = subprocess.run(["bash", "-c", f"{shlex.quote(tuneforge)} --show-completion; true"],
+                           capture_output=True, text=True, timeout=60, check=False)
     assert shown.returncode == 0 and "_TUNEFORGE_COMPLETE=complete_bash" in shown.stdout, shown
