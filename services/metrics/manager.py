@@ -25,7 +25,7 @@ from services.kit.telemetry import INGESTED_POINTS
 from services.kit.validation import check_organization
 from services.metrics.fanout import FIELD_1, Chunk, FanoutHub, LiveItem, end_deadline, live_item, varint
 from services.metrics.live import Deliver, LiveMessage
-from services.metrics.repository import MetricsRepository
+from services.metrics.repository import MetricsRepository, storable_time
 from services.metrics.settings import MetricsSettings
 from tuneforge_core import states, subjects
 from tuneforge_core.errors import InvalidArgument, Violations
@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 METRIC_KINDS = frozenset(v for v in metrics_pb2.MetricKind.values() if v)
+
+
+def _bad_time(what: str, job_id: str, ts: Any) -> str:
+    """Why a report with an item whose time cannot be stored is refused (the whole report: a worker that
+    sends one such time is broken, and a time that cannot be stored would fail every batch it is in)."""
+    return (f"a {what} of job '{job_id}' has the time {ts.seconds} s {ts.nanos} ns, outside years 1 to 9999 "
+            "or with nanos outside 0 to 999,999,999")
 LOG_LEVELS = frozenset(metrics_pb2.LogLevel.values())
 LOG_SOURCES = frozenset(v for v in metrics_pb2.LogSource.values() if v)
 LIST_DEFAULT_PAGE, LIST_MAX_PAGE = 1000, 10_000
@@ -165,6 +172,8 @@ class MetricsManager:
                     raise InvalidArgument(f"a point of job '{named}' was reported on the subject of "
                                           f"job '{job_id}'")
                 point.job_id = job_id
+            if point.HasField("time") and not storable_time(point.time):
+                raise InvalidArgument(_bad_time("point", job_id, point.time))
             if point.kind not in METRIC_KINDS or point.step < 0:
                 log.warning("skipping a point of job %s with kind %s and step %s", job_id, point.kind,
                             point.step)
@@ -178,6 +187,8 @@ class MetricsManager:
             if entry.job_id and entry.job_id != job_id:
                 raise InvalidArgument(f"a log entry of job '{entry.job_id}' was reported on the subject of "
                                       f"job '{job_id}'")
+            if entry.HasField("time") and not storable_time(entry.time):
+                raise InvalidArgument(_bad_time("log entry", job_id, entry.time))
             entry.job_id = job_id
         return list(entries)
 

@@ -144,6 +144,11 @@ _FIRST_SECOND = int((datetime(1, 1, 1, tzinfo=UTC) - EPOCH).total_seconds())
 _LAST_SECOND = int((datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC) - EPOCH).total_seconds())
 
 
+def storable_time(ts: Any) -> bool:
+    """Whether a Timestamp can be stored (and read back): within years 1 to 9999, nanos within a second."""
+    return _FIRST_SECOND <= ts.seconds <= _LAST_SECOND and 0 <= ts.nanos < 1_000_000_000
+
+
 def _empty_once(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """The JSON conversion, with the common empty value (a point without custom values) converted once."""
     empty = processor({})

@@ -243,6 +243,40 @@ async def test_a_bad_message_in_a_batch_is_refused_alone(db: Database) -> None:
         "job_a": [[(1, TRAIN), (2, TRAIN)]], "job_b": [[(5, TRAIN)]]}
 
 
+async def test_a_report_with_a_time_that_cannot_be_stored_is_refused_alone(db: Database) -> None:
+    """A time past year 9999, before year 1 or with nanos outside a second would fail the batch's write
+    (and every redelivery of it): the report holding it is refused, the rest of the batch is stored."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    manager = make_manager(db, RecordingFeed())
+
+    def at(step: int, seconds: int, nanos: int = 0) -> metrics_pb2.MetricPoint:
+        p = point(step)
+        p.time.CopyFrom(Timestamp(seconds=seconds, nanos=nanos))
+        return p
+
+    batch = [
+        metrics_message("job_a", [point(1)]),
+        metrics_message("job_a", [point(2), at(3, 10**15)]),
+        metrics_message("job_a", [at(4, -62_135_596_801)]),
+        metrics_message("job_a", [at(5, 1_790_000_000, -1)]),
+        metrics_message("job_a", [at(6, 1_790_000_000, 10**9)]),
+        metrics_message("job_a", [at(7, 253_402_300_799, 999_999_999)]),  # the last storable instant
+    ]
+    refused, stored = await ingest_metrics(manager, batch)
+    assert sorted(refused) == [1, 2, 3, 4]
+    assert all("outside years 1 to 9999" in why for why in refused.values())
+    assert stored == 2 and [step for step, *_ in stored_points(db, "job_a")] == [1, 7]
+
+    info = metrics_pb2.LOG_LEVEL_INFO
+    late = metrics_pb2.LogEntry(attempt=1, sequence=2, level=info, message="late")
+    late.time.CopyFrom(Timestamp(seconds=10**15))
+    refused, stored = await ingest_logs(manager, [
+        logs_message("job_a", [metrics_pb2.LogEntry(attempt=1, sequence=1, level=info, message="ok")]),
+        logs_message("job_a", [late])])
+    assert list(refused) == [1] and stored == 1
+
+
 async def test_a_deleted_jobs_points_in_a_batch_are_dropped(db: Database) -> None:
     feed = RecordingFeed()
     manager = make_manager(db, feed)
