@@ -73,7 +73,9 @@ def point_to_row(point: metrics_pb2.MetricPoint) -> list[Any]:
 def row_to_point(row: MetricPointRow) -> metrics_pb2.MetricPoint:
     point = metrics_pb2.MetricPoint(
         job_id=row.job_id, kind=metrics_pb2.MetricKind.ValueType(row.kind), step=row.step,
-        total_steps=row.total_steps, epoch=row.epoch, attempt=row.attempt, values=row.extra_values or {},
+        total_steps=row.total_steps, epoch=row.epoch, attempt=row.attempt,
+        # float(): ingest stores what JSON cannot hold (NaN, infinities) as its name.
+        values={name: float(value) for name, value in (row.extra_values or {}).items()},
     )
     if row.time is not None:
         point.time.CopyFrom(to_timestamp(as_utc(row.time)))

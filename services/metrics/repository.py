@@ -8,6 +8,7 @@ message or per batch, and no ORM session is made for it.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -79,7 +80,7 @@ class _Upsert:
             if isinstance(column_type, DateTime) and name != "stored_at":
                 convert[name] = _time_converter(dialect, processor)
             elif isinstance(column_type, DateTime | JSON) and processor is not None:
-                convert[name] = _empty_once(processor) if isinstance(column_type, JSON) else processor
+                convert[name] = _json_values(processor) if isinstance(column_type, JSON) else processor
         positions = None
         if compiled.positional:
             positions = tuple(all_columns.index(name) for name in compiled.positiontup or ())
@@ -149,12 +150,18 @@ def storable_time(ts: Any) -> bool:
     return _FIRST_SECOND <= ts.seconds <= _LAST_SECOND and 0 <= ts.nanos < 1_000_000_000
 
 
-def _empty_once(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """The JSON conversion, with the common empty value (a point without custom values) converted once."""
+def _json_values(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The JSON conversion of a point's `values`: the common empty value converted once, and a value JSON
+    cannot hold (NaN, infinities: PostgreSQL refuses the document) stored as its name ("nan", "inf",
+    "-inf"), which `row_to_point` reads back as the number."""
     empty = processor({})
 
     def convert(value: Any) -> Any:
-        return empty if value == {} else processor(value)
+        if value == {}:
+            return empty
+        if not all(map(math.isfinite, value.values())):
+            value = {k: v if math.isfinite(v) else repr(v) for k, v in value.items()}
+        return processor(value)
 
     return convert
 

@@ -277,6 +277,24 @@ async def test_a_report_with_a_time_that_cannot_be_stored_is_refused_alone(db: D
     assert list(refused) == [1] and stored == 1
 
 
+async def test_values_json_cannot_hold_are_stored_and_read_back(db: Database) -> None:
+    """A custom value that is NaN or infinite (a diverged run) is stored on both databases (PostgreSQL's
+    JSON refuses the NaN token: the whole batch failed on every redelivery) and read back as the number."""
+    import math
+
+    manager = make_manager(db, RecordingFeed())
+    p = point(1)
+    p.values.update({"nan": math.nan, "up": math.inf, "down": -math.inf, "plain": 1.5})
+    refused, stored = await ingest_metrics(manager, [metrics_message("job_a", [p]),
+                                                     metrics_message("job_a", [point(2)])])
+    assert refused == {} and stored == 2
+    with db.session() as session:
+        first, second = MetricsRepository().list_points(session, "job_a")
+    assert math.isnan(first.values["nan"]) and first.values["up"] == math.inf
+    assert first.values["down"] == -math.inf and first.values["plain"] == 1.5
+    assert dict(second.values) == dict(point(2).values)
+
+
 async def test_a_deleted_jobs_points_in_a_batch_are_dropped(db: Database) -> None:
     feed = RecordingFeed()
     manager = make_manager(db, feed)
