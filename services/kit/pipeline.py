@@ -209,31 +209,10 @@ def _unary(behavior: Behavior, parse: Callable[[bytes], Any], gate: MethodGate |
 
 
 def _server_stream(behavior: Behavior, parse: Callable[[bytes], Any], gate: MethodGate | None) -> Behavior:
-    if gate is None:
-        async def open_stream(raw: bytes, context: grpc.aio.ServicerContext) -> None:
-            await run_stream(behavior(parse(raw), context), context)
+    async def streamed(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await run_stream(behavior(request, context), context)
 
-        return open_stream
-
-    async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> None:
-        principal = gate.admit_fast(context) or await gate.admit(context)
-        if not gate.mutating:
-            request = parse(raw)
-            gate.enter(request, principal)
-            await run_stream(behavior(request, context), context)
-            return
-        resource = ""
-        try:
-            request = parse(raw)
-            resource = resource_of(request)
-            gate.enter(request, principal)
-            await run_stream(behavior(request, context), context)
-        except BaseException as exc:
-            await gate.outcome(context, principal, resource, None, exc)
-            raise
-        await gate.outcome(context, principal, resource, None, None)
-
-    return stream
+    return _unary(streamed, parse, gate)  # answered when its stream ends; audited with the request's resource
 
 
 async def _parsed(requests: AsyncIterator[bytes], parse: Callable[[bytes], Any], gate: MethodGate | None,
@@ -264,19 +243,7 @@ def _client_stream(behavior: Behavior, parse: Callable[[bytes], Any], gate: Meth
 
 
 def _bidi_stream(behavior: Behavior, parse: Callable[[bytes], Any], gate: MethodGate | None) -> Behavior:
-    async def both(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        if gate is None:
-            await run_stream(behavior(_parsed(requests, parse, None, None), context), context)
-            return
-        principal = gate.admit_fast(context) or await gate.admit(context)
-        if not gate.mutating:
-            await run_stream(behavior(_parsed(requests, parse, gate, principal), context), context)
-            return
-        try:
-            await run_stream(behavior(_parsed(requests, parse, gate, principal), context), context)
-        except BaseException as exc:
-            await gate.outcome(context, principal, "", None, exc)
-            raise
-        await gate.outcome(context, principal, "", None, None)
+    async def streamed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        await run_stream(behavior(requests, context), context)
 
-    return both
+    return _client_stream(streamed, parse, gate)
