@@ -25,6 +25,7 @@ from services.kit.telemetry import INGESTED_POINTS
 from services.kit.validation import check_organization
 from services.metrics.fanout import FIELD_1, Chunk, FanoutHub, LiveItem, end_deadline, live_item, varint
 from services.metrics.live import Deliver, LiveMessage
+from services.metrics.models import MetricPointRow
 from services.metrics.repository import MetricsRepository, storable_time
 from services.metrics.settings import MetricsSettings
 from tuneforge_core import states, subjects
@@ -35,6 +36,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 METRIC_KINDS = frozenset(v for v in metrics_pb2.MetricKind.values() if v)
+
+
+# The columns' limits on PostgreSQL (SQLite would store more): a job id's length, a log level's and
+# source's range (SMALLINT). A report past them would fail its whole batch's write on every redelivery.
+_MAX_JOB_ID = MetricPointRow.__table__.c.job_id.type.length  # type: ignore[attr-defined]
+_SMALLINT_MIN, _SMALLINT_MAX = -(2**15), 2**15 - 1
+
+
+def _check_job_id(job_id: str) -> None:
+    if len(job_id) > _MAX_JOB_ID:
+        raise InvalidArgument(f"the job id of the subject has {len(job_id)} characters, at most "
+                              f"{_MAX_JOB_ID} are stored")
 
 
 def _bad_time(what: str, job_id: str, ts: Any) -> str:
@@ -164,6 +177,7 @@ class MetricsManager:
     def _accept_points(job_id: str,
                        points: Sequence[metrics_pb2.MetricPoint]) -> list[metrics_pb2.MetricPoint]:
         """The points to store, stamped with the job id (in place: a report's points are ours to change)."""
+        _check_job_id(job_id)
         accepted: list[metrics_pb2.MetricPoint] = []
         for point in points:
             named = point.job_id
@@ -183,6 +197,10 @@ class MetricsManager:
 
     @staticmethod
     def _accept_entries(job_id: str, entries: Sequence[metrics_pb2.LogEntry]) -> list[metrics_pb2.LogEntry]:
+        """The entries to store, stamped with the job id; a NUL in a message (PostgreSQL's text cannot hold
+        one) becomes U+FFFD, on both databases."""
+        _check_job_id(job_id)
+        accepted: list[metrics_pb2.LogEntry] = []
         for entry in entries:
             if entry.job_id and entry.job_id != job_id:
                 raise InvalidArgument(f"a log entry of job '{entry.job_id}' was reported on the subject of "
@@ -190,7 +208,15 @@ class MetricsManager:
             if entry.HasField("time") and not storable_time(entry.time):
                 raise InvalidArgument(_bad_time("log entry", job_id, entry.time))
             entry.job_id = job_id
-        return list(entries)
+            level, source = entry.level, entry.source
+            if not (_SMALLINT_MIN <= level <= _SMALLINT_MAX and _SMALLINT_MIN <= source <= _SMALLINT_MAX):
+                log.warning("skipping a log entry of job %s with level %s and source %s", job_id, level,
+                            source)
+                continue
+            if "\x00" in entry.message:
+                entry.message = entry.message.replace("\x00", "\ufffd")
+            accepted.append(entry)
+        return accepted
 
     async def _ingest(self, reports: Sequence[Callable[[], tuple[str, Sequence[T]]]],
                       accept: Callable[[str, Sequence[T]], list[T]],

@@ -295,6 +295,29 @@ async def test_values_json_cannot_hold_are_stored_and_read_back(db: Database) ->
     assert dict(second.values) == dict(point(2).values)
 
 
+async def test_what_a_column_cannot_hold_never_fails_a_batch(db: Database) -> None:
+    """On both databases as PostgreSQL's columns require: a job id past 64 characters refuses its report, a
+    log level or source past SMALLINT skips its entry, a NUL in a message is stored as U+FFFD. Before, each
+    failed the whole batch's write on PostgreSQL, on every redelivery."""
+    manager = make_manager(db, RecordingFeed())
+    refused, stored = await ingest_metrics(manager, [metrics_message("j" * 65, [point(1)]),
+                                                     metrics_message("job_a", [point(2)])])
+    assert list(refused) == [0] and "65 characters" in refused[0] and stored == 1
+
+    info = metrics_pb2.LOG_LEVEL_INFO
+    loud = metrics_pb2.LogEntry(attempt=1, sequence=1, message="loud")
+    loud.level = 40000  # type: ignore[assignment]
+    odd = metrics_pb2.LogEntry(attempt=1, sequence=2, level=info, message="odd")
+    odd.source = -40000  # type: ignore[assignment]
+    nul = metrics_pb2.LogEntry(attempt=1, sequence=3, level=info, message="a\x00b")
+    refused, stored = await ingest_logs(manager, [logs_message("job_a", [loud, odd, nul]),
+                                                  logs_message("j" * 65, [nul])])
+    assert list(refused) == [1] and stored == 1
+    with db.session() as session:
+        (kept,) = MetricsRepository().list_entries(session, "job_a")
+    assert (kept.sequence, kept.message) == (3, "a\ufffdb")
+
+
 async def test_a_deleted_jobs_points_in_a_batch_are_dropped(db: Database) -> None:
     feed = RecordingFeed()
     manager = make_manager(db, feed)
