@@ -1,4 +1,4 @@
-"""Authentication, authorization and the audit trail of every RPC, in one server interceptor.
+"""Authentication, authorization and the audit trail of every RPC, in one gate per method.
 
 Each call carries `authorization: Bearer <credential>`: an API key (services.kit.identity), an OIDC token
 of a configured issuer (services.kit.oidc), or the platform's service token (the services' calls to each
@@ -286,7 +286,7 @@ def resource_of(message: Any) -> str:
     return ""
 
 
-# -- the interceptor ----------------------------------------------------------------------------------
+# -- the gate ---------------------------------------------------------------------------------------
 
 class CallAuth:
     """Authenticates, authorizes, scopes, rate-limits and audits every call; see the module docstring.

@@ -189,6 +189,35 @@ def test_an_expired_key_is_refused(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_cached_key_is_refused_once_it_expires(tmp_path: Path) -> None:
+    """The event loop's check of a key verified moments ago still sees its expiry come (the entry stays
+    cached for a minute here, the key lives two seconds)."""
+    import time
+
+    store = IdentityStore.open(f"sqlite:///{tmp_path / 'identity.db'}", cache_s=60.0)
+    try:
+        key, secret = store.create_key("acme", "brief", identity_pb2.ROLE_MEMBER,
+                                       datetime.timedelta(seconds=2), "tests")
+        first = store.authenticate_key(secret)
+        cached = store.authenticate_key_cached(secret)
+        assert cached is not None and cached == first
+        assert (cached.organization, cached.role, cached.name) == ("acme", identity_pb2.ROLE_MEMBER,
+                                                                   f"key:{key.id}")
+        time.sleep(2.1)
+        with pytest.raises(Exception, match="expired"):
+            store.authenticate_key_cached(secret)
+    finally:
+        store.close()
+
+
+def test_only_an_api_keys_exact_shape_is_one() -> None:
+    good = "tf_" + "aZ09" * 13
+    assert is_api_key(good)
+    for bad in (good[:-1], good + "a", good + "\n", "tx_" + good[3:], good[:-1] + "é", good[:-1] + "\uff11",
+                good[:-1] + "-", good.upper()):
+        assert not is_api_key(bad), bad
+
+
 def test_a_key_verified_moments_ago_authenticates_without_the_database(tmp_path: Path) -> None:
     """The event loop's fast path (MethodGate.admit_fast): a cached key needs no database thread; an unknown,
     tampered, revoked or stale one goes to the database as before."""
