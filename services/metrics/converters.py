@@ -73,8 +73,9 @@ def point_to_row(point: metrics_pb2.MetricPoint) -> list[Any]:
 def row_to_point(row: MetricPointRow) -> metrics_pb2.MetricPoint:
     point = metrics_pb2.MetricPoint(
         job_id=row.job_id, kind=metrics_pb2.MetricKind.ValueType(row.kind), step=row.step,
-        total_steps=row.total_steps, epoch=row.epoch, attempt=row.attempt,
-        # float(): ingest stores what JSON cannot hold (NaN, infinities) as its name.
+        # float(): on SQLite, ingest stores a NaN as the text "NaN" (repository._Upsert.nan_columns), and
+        # in `values` what JSON cannot hold (NaN, infinities) as its name.
+        total_steps=row.total_steps, epoch=float(row.epoch), attempt=row.attempt,
         values={name: float(value) for name, value in (row.extra_values or {}).items()},
     )
     if row.time is not None:
@@ -82,7 +83,7 @@ def row_to_point(row: MetricPointRow) -> metrics_pb2.MetricPoint:
     for name in OPTIONAL_VALUES:
         value = getattr(row, name)
         if value is not None:
-            setattr(point, name, round(value) if name in _INTEGER_VALUES else value)
+            setattr(point, name, round(value) if name in _INTEGER_VALUES else float(value))
     return point
 
 

@@ -7,8 +7,10 @@ message or per batch, and no ORM session is made for it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import DateTime, Table, and_, delete, or_, select
+from sqlalchemy import DateTime, Float, Table, and_, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
@@ -58,6 +60,10 @@ class _Upsert:
     positions: tuple[int, ...] | None
     convert: tuple[tuple[int, Callable[[Any], Any]], ...]  # (row index, the dialect's conversion)
     convert_stored_at: Callable[[Any], Any] | None
+    # Row indexes of the float columns whose NaN is stored as the text "NaN" (SQLite only: it binds a NaN
+    # as NULL, which lost a diverged run's loss and failed a NaN epoch's NOT NULL on every redelivery).
+    # A REAL column keeps that text as text; SQLAlchemy's Float reads it back as float("NaN").
+    nan_columns: tuple[int, ...] = ()
 
     @staticmethod
     def build(dialect: Dialect, table: Table, columns: Sequence[str], keys: Sequence[str]) -> _Upsert:
@@ -84,9 +90,12 @@ class _Upsert:
         positions = None
         if compiled.positional:
             positions = tuple(all_columns.index(name) for name in compiled.positiontup or ())
+        nan_columns: tuple[int, ...] = ()
+        if dialect.name == "sqlite":
+            nan_columns = tuple(i for i, name in enumerate(columns) if isinstance(table.c[name].type, Float))
         return _Upsert(compiled.string, all_columns, positions,
                        tuple((i, convert[name]) for i, name in enumerate(columns) if name in convert),
-                       convert.get("stored_at"))
+                       convert.get("stored_at"), nan_columns)
 
     def bind(self, rows: Sequence[list[Any]]) -> list[Any]:
         """The driver's parameters for each row (all stored now). The rows are the caller's to give away:
@@ -94,16 +103,33 @@ class _Upsert:
         stored_at: Any = utcnow()
         if self.convert_stored_at is not None:
             stored_at = self.convert_stored_at(stored_at)
-        convert, positions = self.convert, self.positions
+        convert, positions, nan_columns = self.convert, self.positions, self.nan_columns
         for row in rows:
             row.append(stored_at)
             for index, processor in convert:
                 row[index] = processor(row[index])
+        if nan_columns:
+            _nan_as_text(rows, nan_columns)
         if positions == tuple(range(len(self.columns))):
             return [tuple(row) for row in rows]
         if positions is None:
             return [dict(zip(self.columns, row, strict=True)) for row in rows]
         return [tuple([row[i] for i in positions]) for row in rows]
+
+
+def _nan_as_text(rows: Sequence[list[Any]], columns: tuple[int, ...]) -> None:
+    """Each NaN in `columns` of the rows replaced by the text "NaN" (see _Upsert.nan_columns). Whether there
+    is one at all is asked of the sum of every number in those columns, in C (the sum is NaN when one is,
+    or when an infinity meets its opposite): the rows are looked at one by one only then."""
+    values = operator.itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
+    total = sum(filter(None, itertools.chain.from_iterable(map(values, rows))))
+    if total == total:
+        return
+    for row in rows:
+        for index in columns:
+            value = row[index]
+            if value != value:  # NaN only
+                row[index] = "NaN"
 
 
 def _time_converter(dialect: Dialect, processor: Callable[[Any], Any] | None) -> Callable[[Any], Any]:

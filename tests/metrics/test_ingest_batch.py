@@ -491,3 +491,23 @@ async def test_a_database_failure_naks_the_whole_batch_for_redelivery(nats_url: 
                 await task
         await nc.drain()
         db.dispose()
+
+
+async def test_nan_and_infinite_numbers_are_stored_and_read_back(db: Database) -> None:
+    """A diverged run reports a NaN loss (or grad norm, or epoch): stored and read back as NaN on both
+    databases, as a live follower sees it. SQLite turns a bound NaN into NULL: the loss read back was
+    missing, and a NaN epoch (a NOT NULL column) failed the whole batch on every redelivery."""
+    import math
+
+    manager = make_manager(db, RecordingFeed())
+    diverged = point(1)
+    diverged.loss, diverged.grad_norm, diverged.epoch = math.nan, math.inf, math.nan
+    diverged.eval_loss = -math.inf
+    refused, stored = await ingest_metrics(manager, [metrics_message("job_a", [diverged]),
+                                                     metrics_message("job_a", [point(2)])])
+    assert refused == {} and stored == 2
+    with db.session() as session:
+        first, second = MetricsRepository().list_points(session, "job_a")
+    assert math.isnan(first.loss) and math.isnan(first.epoch)
+    assert first.grad_norm == math.inf and first.eval_loss == -math.inf
+    assert second.loss == point(2).loss and second.epoch == point(2).epoch
