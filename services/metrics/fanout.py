@@ -164,7 +164,11 @@ class _Topic:
     def __init__(self, subject: str, decode: Callable[[bytes], Sequence[Any]]) -> None:
         self.subject = subject
         self.decode = decode
-        self.followers: set[Follower[Any]] = set()
+        # In the order they joined (a dict, not a set): each point is handed to the followers, and their
+        # streams write it, in that order. Against a set's order (by address), measured side by side in
+        # alternating runs (benchmarks/README.md, run I), 1 job x 1,000 followers on SQLite: p50 53 -> 45 ms,
+        # p99 136 -> 100 ms (medians of 3), the CPU per delivery unchanged.
+        self.followers: dict[Follower[Any], None] = {}
         self.refs = 0
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task[None] | None = None
@@ -312,7 +316,7 @@ class FanoutHub:
                 watch.run(self.live, self.lookup, self.grace_s, self.poll_interval_s), name=f"watch {job_id}")
         topic.refs += 1
         watch.refs += 1
-        topic.followers.add(follower)
+        topic.followers[follower] = None
         watch.followers.add(follower)
         try:
             # Shielded: a follower that gives up while waiting must not cancel what others wait for.
@@ -320,7 +324,7 @@ class FanoutHub:
             await asyncio.shield(watch.ready)
             yield follower, watch
         finally:
-            topic.followers.discard(follower)
+            topic.followers.pop(follower, None)
             watch.followers.discard(follower)
             topic.refs -= 1
             watch.refs -= 1
