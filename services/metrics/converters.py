@@ -83,7 +83,7 @@ def row_to_point(row: MetricPointRow) -> metrics_pb2.MetricPoint:
     for name in OPTIONAL_VALUES:
         value = getattr(row, name)
         if value is not None:
-            setattr(point, name, round(value) if name in _INTEGER_VALUES else float(value))
+            setattr(point, name, _int64(value) if name in _INTEGER_VALUES else float(value))
     return point
 
 
@@ -93,6 +93,15 @@ _INTEGER_VALUES = frozenset(
     if metrics_pb2.MetricPoint.DESCRIPTOR.fields_by_name[name].cpp_type
     == metrics_pb2.MetricPoint.DESCRIPTOR.fields_by_name[name].CPPTYPE_INT64
 )
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _int64(value: float) -> int:
+    """An int64 field's value back from its float column. A float holds it exactly up to 2^53; above, the
+    float nearest 2^63 - 1 is 2^63, which the field cannot take (every read of the job failed): clamped."""
+    return min(max(round(value), _INT64_MIN), _INT64_MAX)
 
 
 def entry_to_row(entry: metrics_pb2.LogEntry) -> list[Any]:

@@ -511,3 +511,19 @@ async def test_nan_and_infinite_numbers_are_stored_and_read_back(db: Database) -
     assert math.isnan(first.loss) and math.isnan(first.epoch)
     assert first.grad_norm == math.inf and first.eval_loss == -math.inf
     assert second.loss == point(2).loss and second.epoch == point(2).epoch
+
+
+async def test_the_largest_byte_counts_are_read_back(db: Database) -> None:
+    """gpu_memory_bytes and memory_bytes are int64 kept in float columns: the largest int64 came back as 2^63,
+    which the field cannot take, and every read of the job's points failed. Read back clamped, on both
+    databases; a NUL or a line separator in a custom value's name is stored too."""
+    manager = make_manager(db, RecordingFeed())
+    huge = point(1)
+    huge.gpu_memory_bytes, huge.memory_bytes = 2**63 - 1, -(2**63)
+    huge.values.update({"a\x00b": 1.0, "\u2028": 2.0})
+    refused, stored = await ingest_metrics(manager, [metrics_message("job_a", [huge])])
+    assert (refused, stored) == ({}, 1)
+    with db.session() as session:
+        (back,) = MetricsRepository().list_points(session, "job_a")
+    assert (back.gpu_memory_bytes, back.memory_bytes) == (2**63 - 1, -(2**63))
+    assert dict(back.values) == {"a\x00b": 1.0, "\u2028": 2.0}
