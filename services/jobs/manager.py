@@ -78,7 +78,7 @@ from services.jobs.workers import (
 from services.kit.db import Database
 from services.kit.outbox import OutboxRelay, add_event, first_time, utcnow
 from services.kit.paging import decode_token, encode_token, page_size
-from services.kit.protos import as_utc, from_timestamp, to_timestamp
+from services.kit.protos import as_utc, from_timestamp, replace_nul, to_timestamp
 from services.kit.validation import check_name, check_organization, check_request_id
 from tuneforge_core import states, subjects, tracing
 from tuneforge_core.errors import (
@@ -599,7 +599,10 @@ class JobManager:
 
         An update the fence refuses (`_fence`; also one that came on another job's `subject`, when given)
         changes nothing, is not recorded as applied (a forged copy cannot use up a genuine update's event
-        id), and is logged at WARNING and passed to `on_rejected_update`."""
+        id), and is logged at WARNING and passed to `on_rejected_update`. A NUL in any of its strings (an
+        exception's text, say) is stored as U+FFFD: PostgreSQL's text cannot hold one, and such an update
+        failed on every redelivery."""
+        replace_nul(update)
         result = await self.db.run(lambda s: self._apply_with_timeline(s, update, subject))
         if isinstance(result, _Refusal):
             self._refused(update, result.organization, result.reason)
@@ -779,8 +782,10 @@ class JobManager:
 
         A worker that came back as a new process (another started_at under the same id), or that says it
         shut down, holds none of the jobs the old one did: they go back to the queue at once. A worker
-        that still runs the delivery of a job that was put back in the queue for it takes it back.
+        that still runs the delivery of a job that was put back in the queue for it takes it back. A NUL
+        in its strings is stored as U+FFFD (see `apply_worker_update`).
         """
+        replace_nul(heartbeat)
         at = now or utcnow()
         newly_idle = False
 

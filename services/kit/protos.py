@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 
@@ -20,3 +23,54 @@ def from_timestamp(ts: Timestamp) -> datetime:
 def as_utc(value: datetime) -> datetime:
     """SQLite hands datetimes back naive; everything TuneForge stores is UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+NUL, REPLACEMENT = "\x00", "\ufffd"
+
+
+def replace_nul(message: Message) -> int:
+    """Every NUL character in the message's strings (nested messages, repeated fields and maps, their keys
+    too) replaced by U+FFFD, in place; returns how many strings changed. PostgreSQL's text cannot hold a
+    NUL: a worker's message carrying one (an exception's text, a log line) failed its transaction on every
+    redelivery. Proto strings are otherwise valid UTF-8 already (a parse refuses anything else)."""
+    changed = 0
+    for field, value in message.ListFields():
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            changed += _replace_nul_in_map(field, value)
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            if field.is_repeated:
+                for i, item in enumerate(value):
+                    if NUL in item:
+                        value[i] = item.replace(NUL, REPLACEMENT)
+                        changed += 1
+            elif NUL in value:
+                setattr(message, field.name, value.replace(NUL, REPLACEMENT))
+                changed += 1
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            items = value if field.is_repeated else [value]
+            changed += sum(replace_nul(item) for item in items)
+    return changed
+
+
+def _replace_nul_in_map(field: FieldDescriptor, mapping: Any) -> int:
+    entry = field.message_type
+    assert entry is not None  # a map field's type is its entry message
+    key_field, value_field = entry.fields_by_name["key"], entry.fields_by_name["value"]
+    changed = 0
+    if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+        changed += sum(replace_nul(item) for item in mapping.values())
+    elif value_field.type == FieldDescriptor.TYPE_STRING:
+        for key in list(mapping):
+            if NUL in mapping[key]:
+                mapping[key] = mapping[key].replace(NUL, REPLACEMENT)
+                changed += 1
+    if key_field.type == FieldDescriptor.TYPE_STRING:
+        for key in [k for k in mapping if NUL in k]:
+            clean = key.replace(NUL, REPLACEMENT)
+            if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                mapping[clean].CopyFrom(mapping[key])
+            else:
+                mapping[clean] = mapping[key]
+            del mapping[key]
+            changed += 1
+    return changed

@@ -30,3 +30,30 @@ async def test_migrations_and_lifecycle_on_postgres(postgres_url: str) -> None:
     job = await manager.cancel("acme", "pg")
     assert job.state == job_pb2.JOB_STATE_CANCELLING and job.revision == 3
     db.dispose()
+
+
+async def test_a_worker_update_carrying_nul_characters_applies_on_postgres(postgres_url: str) -> None:
+    """PostgreSQL's text cannot hold a NUL: an update with one in its worker id, an event's message or its
+    error (an exception's text) failed on every redelivery and the job never moved. Stored as U+FFFD."""
+    from google.rpc import status_pb2
+
+    db = Database(postgres_url, "jobs")
+    db.migrate(MIGRATIONS)
+    manager = JobManager(db, OutboxRelay(db, js=None, model=JobOutbox),  # type: ignore[arg-type]
+                         datasets=None, store=None, nc=None)  # type: ignore[arg-type]
+    with db.session() as s:
+        s.add(JobRow(id="job_nul", organization="acme", name="nul", revision=1, request_hash="",
+                     spec=job_pb2.JobSpec(base_model="org/m").SerializeToString(),
+                     state=job_pb2.JOB_STATE_QUEUED))
+    running = events_pb2.WorkerJobUpdate(event_id="n1", job_id="job_nul", attempt=1, worker_id="w\x00",
+                                         kind=events_pb2.WORKER_UPDATE_KIND_RUNNING)
+    running.events.add(message="model\x00downloaded")
+    assert await manager.apply_worker_update(running)
+    failed = events_pb2.WorkerJobUpdate(event_id="n2", job_id="job_nul", attempt=1, worker_id="w\x00",
+                                        kind=events_pb2.WORKER_UPDATE_KIND_FAILED,
+                                        error=status_pb2.Status(code=13, message="CUDA\x00error"))
+    assert await manager.apply_worker_update(failed)
+    job = await manager.get("acme", "job_nul")
+    assert job.state == job_pb2.JOB_STATE_FAILED and job.worker_id == "w\ufffd"
+    assert job.error.message == "CUDA\ufffderror"
+    db.dispose()
