@@ -9,7 +9,8 @@ For each call, outermost first:
 3. the gate (services.kit.auth.MethodGate), before the request is even parsed: the credential, the role,
    the rate, the audit of a refusal; health checking and reflection have none;
 4. the request parsed: bytes that do not parse (bad UTF-8 in a string field, truncated bytes) are
-   INVALID_ARGUMENT naming the method, not grpcio's UNKNOWN; then scoped into the caller's organization;
+   INVALID_ARGUMENT naming the method, not grpcio's UNKNOWN, and so is a string holding a NUL character
+   (naming its field: PostgreSQL's text cannot store one); then scoped into the caller's organization;
 5. the servicer, and the audit of a call that may change something;
 6. the answer serialized, unless it is one `freeze` kept the bytes of (an answer built once and sent to
    every caller, like a page of the model catalog).
@@ -35,7 +36,8 @@ from google.protobuf.message import DecodeError, Message
 from services.kit import telemetry
 from services.kit.auth import CallAuth, MethodGate, resource_of
 from services.kit.interceptors import abort_with, final_code, run_stream
-from tuneforge_core.errors import InvalidArgument
+from services.kit.protos import find_nul
+from tuneforge_core.errors import InvalidArgument, Violations
 
 Behavior = Callable[..., Any]
 M = TypeVar("M", bound=Message)
@@ -75,11 +77,20 @@ def _parser(method: str, deserialize: Callable[[bytes], Any] | None) -> Callable
 
     def parse(raw: bytes) -> Any:
         try:
-            return deserialize(raw)
+            request = deserialize(raw)
         except Exception as exc:
             detail = f" ({exc})" if isinstance(exc, DecodeError) else ""
             message = f"the request to {method} is not a valid protobuf message{detail}"
             raise InvalidArgument(message) from None
+        # A string holding a NUL holds this byte (most requests hold none at all, and are not walked).
+        # PostgreSQL's text cannot store one: refused here, naming the field, for every method at once.
+        if b"\x00" in raw and isinstance(request, Message):
+            path = find_nul(request)
+            if path is not None:
+                violations = Violations()
+                violations.add(path, "must not contain a NUL character (U+0000)")
+                violations.raise_if_any(f"Invalid request to {method}")
+        return request
 
     return parse
 

@@ -74,3 +74,41 @@ def _replace_nul_in_map(field: FieldDescriptor, mapping: Any) -> int:
             del mapping[key]
             changed += 1
     return changed
+
+
+def find_nul(message: Message, prefix: str = "") -> str | None:
+    """The path of the first string of the message (nested messages, repeated fields and maps, their keys
+    too) that holds a NUL character, e.g. "spec.labels[team]" or "messages[2].content"; None when none
+    does."""
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            for key, item in value.items():
+                where = f"{path}[{key}]".replace(NUL, "\\x00")  # the path is quoted in an error message
+                if isinstance(key, str) and NUL in key:
+                    return where
+                if value_field.type == FieldDescriptor.TYPE_STRING and NUL in item:
+                    return where
+                if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                    found = find_nul(item, f"{where}.")
+                    if found:
+                        return found
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            if field.is_repeated:
+                for i, item in enumerate(value):
+                    if NUL in item:
+                        return f"{path}[{i}]"
+            elif NUL in value:
+                return path
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.is_repeated:
+                for i, item in enumerate(value):
+                    found = find_nul(item, f"{path}[{i}].")
+                    if found:
+                        return found
+            else:
+                found = find_nul(value, f"{path}.")
+                if found:
+                    return found
+    return None

@@ -122,3 +122,31 @@ def test_a_frozen_answer_is_serialized_once_and_only_for_that_object(monkeypatch
     freeze(estimation_service_pb2.ListBaseModelsResponse(next_page_token="a"))
     freeze(estimation_service_pb2.ListBaseModelsResponse(next_page_token="b"))
     assert send(page) == page.SerializeToString() and serialized == [twin, page]
+
+
+async def test_a_string_holding_a_nul_is_refused_naming_its_field(kit_settings: KitSettings) -> None:
+    """PostgreSQL's text cannot store a NUL: every method refuses a request holding one in any string,
+    INVALID_ARGUMENT naming the field, before the servicer runs (on SQLite it was stored; on PostgreSQL
+    it was INTERNAL)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    async with serving(kit_settings) as address, grpc.aio.insecure_channel(address) as channel:
+        stub = api_key_service_pb2_grpc.ApiKeyServiceStub(channel)
+        admin = await create_key(stub, "acme", identity_pb2.ROLE_ADMIN, "boss")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CreateApiKey(api_key_service_pb2.CreateApiKeyRequest(
+                organization="acme", name="ci\x00bot", role=identity_pb2.ROLE_VIEWER), metadata=bearer(admin))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "name: must not contain a NUL character" in refused.value.details()
+        status = rpc_status.from_call(refused.value)
+        assert status is not None
+        fields = []
+        for detail in status.details:
+            bad = error_details_pb2.BadRequest()
+            if detail.Unpack(bad):
+                fields = [v.field for v in bad.field_violations]
+        assert fields == ["name"]
+        listed = await stub.ListApiKeys(api_key_service_pb2.ListApiKeysRequest(organization="acme"),
+                                        metadata=bearer(admin))
+        assert [k.name for k in listed.api_keys] == ["boss"]  # nothing was created

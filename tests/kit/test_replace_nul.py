@@ -28,3 +28,20 @@ def test_repeated_strings_and_string_maps() -> None:
     assert replace_nul(job) == 3
     assert list(job.spec.lora.target_modules) == ["q_proj", "v\ufffdproj"]
     assert dict(job.labels) == {"team\ufffd": "a\ufffdb", "ok": "fine"}
+
+
+def test_find_nul_names_the_first_field_holding_one() -> None:
+    from services.kit.protos import find_nul
+
+    update = events_pb2.WorkerJobUpdate(event_id="e", job_id="j")
+    assert find_nul(update) is None
+    update.events.add(message="fine")
+    update.events.add(message="x\x00")
+    assert find_nul(update) == "events[1].message"
+    job = job_pb2.Job(id="j")
+    job.spec.lora.target_modules.extend(["q_proj", "v\x00"])
+    assert find_nul(job) == "spec.lora.target_modules[1]"
+    job = job_pb2.Job(id="j", labels={"team": "a\x00"})
+    assert find_nul(job) == "labels[team]"
+    job = job_pb2.Job(id="j", labels={"t\x00": "a"})
+    assert find_nul(job) == "labels[t\\x00]"
