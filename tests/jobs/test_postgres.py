@@ -13,16 +13,22 @@ from services.kit.db import Database
 from services.kit.outbox import OutboxRelay
 
 pytestmark = pytest.mark.postgres
-async def test_migrations_and_lifecycle_on_postgres(postgres_url: str) -> None:
+def queued_job(postgres_url: str, job_id: str, name: str) -> tuple[Database, JobManager]:
+    """The jobs schema migrated (twice: it is idempotent) and one QUEUED job, with a manager on it."""
     db = Database(postgres_url, "jobs")
     db.migrate(MIGRATIONS)
     db.migrate(MIGRATIONS)
     manager = JobManager(db, OutboxRelay(db, js=None, model=JobOutbox),  # type: ignore[arg-type]
                          datasets=None, store=None, nc=None)  # type: ignore[arg-type]
     with db.session() as s:
-        s.add(JobRow(id="job_pg", organization="acme", name="pg", revision=1, request_hash="",
+        s.add(JobRow(id=job_id, organization="acme", name=name, revision=1, request_hash="",
                      spec=job_pb2.JobSpec(base_model="org/m").SerializeToString(),
                      state=job_pb2.JOB_STATE_QUEUED))
+    return db, manager
+
+
+async def test_migrations_and_lifecycle_on_postgres(postgres_url: str) -> None:
+    db, manager = queued_job(postgres_url, "job_pg", "pg")
     running = events_pb2.WorkerJobUpdate(event_id="e1", job_id="job_pg", attempt=1, worker_id="w",
                                          kind=events_pb2.WORKER_UPDATE_KIND_RUNNING)
     assert await manager.apply_worker_update(running)
@@ -37,14 +43,7 @@ async def test_a_worker_update_carrying_nul_characters_applies_on_postgres(postg
     error (an exception's text) failed on every redelivery and the job never moved. Stored as U+FFFD."""
     from google.rpc import status_pb2
 
-    db = Database(postgres_url, "jobs")
-    db.migrate(MIGRATIONS)
-    manager = JobManager(db, OutboxRelay(db, js=None, model=JobOutbox),  # type: ignore[arg-type]
-                         datasets=None, store=None, nc=None)  # type: ignore[arg-type]
-    with db.session() as s:
-        s.add(JobRow(id="job_nul", organization="acme", name="nul", revision=1, request_hash="",
-                     spec=job_pb2.JobSpec(base_model="org/m").SerializeToString(),
-                     state=job_pb2.JOB_STATE_QUEUED))
+    db, manager = queued_job(postgres_url, "job_nul", "nul")
     running = events_pb2.WorkerJobUpdate(event_id="n1", job_id="job_nul", attempt=1, worker_id="w\x00",
                                          kind=events_pb2.WORKER_UPDATE_KIND_RUNNING)
     running.events.add(message="model\x00downloaded")
