@@ -76,7 +76,7 @@ from services.jobs.workers import (
     when,
 )
 from services.kit.db import Database
-from services.kit.outbox import OutboxRelay, add_event, first_time, utcnow
+from services.kit.outbox import OutboxRelay, add_event, first_time, seen_before, utcnow
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.protos import as_utc, from_timestamp, replace_nul, to_timestamp
 from services.kit.validation import check_name, check_organization, check_request_id
@@ -624,7 +624,7 @@ class JobManager:
 
     def _apply(self, session: Session, update: events_pb2.WorkerJobUpdate,
                subject: str | None = None) -> bool | _Refusal:
-        if session.get(JobInbox, update.event_id) is not None:
+        if seen_before(session, JobInbox, update.event_id):
             return False  # applied before: a redelivery
         row = JobRepository(session).get(update.job_id, for_update=True)
         if row is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -50,8 +51,11 @@ class OutboxMixin:
     traceparent: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
+INBOX_KEY_CHARS = 128  # InboxMixin.event_id
+
+
 class InboxMixin:
-    event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(INBOX_KEY_CHARS), primary_key=True)
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -65,12 +69,25 @@ def add_event(session: Session, model: type[OutboxMixin], subject: str, message:
     session.add(row)
 
 
+def inbox_key(event_id: str) -> str:
+    """The key an event id is recorded under: itself, or "sha256:<hex>" of it when longer than the column
+    (an event id comes from another process; PostgreSQL refuses a longer value, on every redelivery)."""
+    if len(event_id) <= INBOX_KEY_CHARS:
+        return event_id
+    return "sha256:" + hashlib.sha256(event_id.encode()).hexdigest()
+
+
+def seen_before(session: Session, model: type[InboxMixin], event_id: str) -> bool:
+    """Whether `event_id` was recorded as processed (`first_time`)."""
+    return session.get(model, inbox_key(event_id)) is not None
+
+
 def first_time(session: Session, model: type[InboxMixin], event_id: str) -> bool:
     """Records `event_id` as processed in this transaction; False if it was processed before."""
-    if session.get(model, event_id) is not None:
+    if seen_before(session, model, event_id):
         return False
     row = model()
-    row.event_id = event_id
+    row.event_id = inbox_key(event_id)
     session.add(row)
     return True
 

@@ -13,6 +13,8 @@ from services.kit.db import Database
 from services.kit.outbox import OutboxRelay
 
 pytestmark = pytest.mark.postgres
+
+
 def queued_job(postgres_url: str, job_id: str, name: str) -> tuple[Database, JobManager]:
     """The jobs schema migrated (twice: it is idempotent) and one QUEUED job, with a manager on it."""
     db = Database(postgres_url, "jobs")
@@ -55,4 +57,23 @@ async def test_a_worker_update_carrying_nul_characters_applies_on_postgres(postg
     job = await manager.get("acme", "job_nul")
     assert job.state == job_pb2.JOB_STATE_FAILED and job.worker_id == "w\ufffd"
     assert job.error.message == "CUDA\ufffderror"
+    db.dispose()
+
+
+async def test_a_worker_update_with_an_event_id_longer_than_its_column_applies_once_on_postgres(
+        postgres_url: str) -> None:
+    """The inbox keeps event ids in 128 characters: a longer one failed the update's transaction on every
+    redelivery on PostgreSQL (SQLite does not enforce the length). It is kept as its SHA-256, so the update
+    applies, and only once."""
+    db, manager = queued_job(postgres_url, "job_long_event", "long-event")
+    running = events_pb2.WorkerJobUpdate(event_id="e" * 300, job_id="job_long_event", attempt=1,
+                                         worker_id="w", kind=events_pb2.WORKER_UPDATE_KIND_RUNNING)
+    running.events.add(message="started")
+    assert await manager.apply_worker_update(running)
+    assert not await manager.apply_worker_update(running)
+    other = events_pb2.WorkerJobUpdate(event_id="e" * 299 + "f", job_id="job_long_event", attempt=1,
+                                       worker_id="w", kind=events_pb2.WORKER_UPDATE_KIND_SUCCEEDED)
+    assert await manager.apply_worker_update(other)
+    job = await manager.get("acme", "job_long_event")
+    assert job.state == job_pb2.JOB_STATE_SUCCEEDED
     db.dispose()
