@@ -2,7 +2,10 @@
 
 `consume` hands messages to its handler one at a time: the handler returns normally to ack.
 `PermanentError` (an undecodable or impossible message) terminates the message so it is not redelivered
-forever; any other exception naks it with a delay.
+forever, and so does a database `DataError` (a value the database refuses, e.g. too long for its column:
+the same message fails the same way on every delivery); any other exception naks it with a delay that
+doubles with each delivery of the message (`nak_delay`), so a message failing for a reason not yet known
+is retried, but cannot spin.
 
 `consume_batches` hands over everything one fetch returned (up to `batch` messages) at once, for handlers
 that write a whole batch in one transaction: the handler returns the messages that can never succeed
@@ -22,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from sqlalchemy.exc import DataError
 
 from tuneforge_core import tracing
 from tuneforge_core.nats import ensure_pull_consumer
@@ -61,10 +65,15 @@ async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: s
                     raise
                 except PermanentError as exc:
                     log.error("dropping message on %s: %s", msg.subject, exc)
-                    await msg.term()
+                    await _settle(msg.term(), msg)
+                except DataError as exc:
+                    log.error("dropping message on %s: the database refuses a value it holds: %s",
+                              msg.subject, exc.orig)
+                    await _settle(msg.term(), msg)
                 except Exception:
-                    log.exception("handler failed for %s; will retry", msg.subject)
-                    await msg.nak(delay=nak_delay_s)
+                    delay = nak_delay(msg, nak_delay_s)
+                    log.exception("handler failed for %s; will retry in %.0f s", msg.subject, delay)
+                    await _settle(msg.nak(delay=delay), msg)
     finally:
         try:
             await sub.unsubscribe()
@@ -117,7 +126,7 @@ async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s:
     except Exception:
         log.exception("batch handler failed for %d messages; will retry", len(msgs))
         for msg in msgs:
-            await _settle(msg.nak(delay=nak_delay_s), msg)
+            await _settle(msg.nak(delay=nak_delay(msg, nak_delay_s)), msg)
         return
     for index, msg in enumerate(msgs):
         reason = refused.get(index)
@@ -126,6 +135,19 @@ async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s:
         else:
             log.error("dropping message on %s: %s", msg.subject, reason)
             await _settle(msg.term(), msg)
+
+
+MAX_NAK_DELAY_S = 60.0
+
+
+def nak_delay(msg: Msg, first_s: float) -> float:
+    """How long JetStream waits before redelivering a failed message: `first_s` after its first delivery,
+    doubling with each further one, at most `MAX_NAK_DELAY_S` (or `first_s` when that is more)."""
+    try:
+        delivered = max(1, int(msg.metadata.num_delivered or 1))
+    except Exception:  # not a JetStream message (no metadata to read)
+        delivered = 1
+    return min(first_s * 2 ** min(delivered - 1, 16), max(MAX_NAK_DELAY_S, first_s))
 
 
 async def _settle(outcome: Awaitable[None], msg: Msg) -> None:
