@@ -21,6 +21,7 @@ from tuneforge.v1 import job_pb2, metrics_pb2
 
 from services.kit.db import Database, DriverConnection
 from services.kit.paging import decode_token, encode_token, page_size
+from services.kit.protos import NUL, REPLACEMENT
 from services.kit.telemetry import INGESTED_POINTS
 from services.kit.validation import check_organization
 from services.metrics.fanout import FIELD_1, Chunk, FanoutHub, LiveItem, end_deadline, live_item, varint
@@ -213,8 +214,8 @@ class MetricsManager:
                 log.warning("skipping a log entry of job %s with level %s and source %s", job_id, level,
                             source)
                 continue
-            if "\x00" in entry.message:
-                entry.message = entry.message.replace("\x00", "\ufffd")
+            if NUL in entry.message:
+                entry.message = entry.message.replace(NUL, REPLACEMENT)
             accepted.append(entry)
         return accepted
 
