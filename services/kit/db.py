@@ -65,6 +65,26 @@ class DriverConnection:
         connection = session.connection()
         return cls(connection.connection, connection.dialect)
 
+    @contextmanager
+    def after_commit(self) -> Iterator[None]:
+        """Commits what the connection wrote, then runs the block outside a transaction where the driver
+        has no implicit one (PostgreSQL in autocommit: a read there costs no BEGIN and COMMIT round trips;
+        SQLite's driver begins one only before a write). The connection is as before afterwards, or, when
+        it cannot be put back so, invalidated (never returned to the pool in autocommit)."""
+        self.dbapi.commit()
+        if self.dialect.name != "postgresql":
+            yield
+            return
+        raw = getattr(self.dbapi, "dbapi_connection", self.dbapi)
+        raw.autocommit = True
+        try:
+            yield
+        finally:
+            try:
+                raw.autocommit = False
+            except Exception:
+                self.dbapi.invalidate()
+
 
 class Database:
     """One service's database: its engine, a session factory, its migrations, and `workers` threads of

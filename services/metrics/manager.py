@@ -245,33 +245,25 @@ class MetricsManager:
             return refused, {job_id: _Prepared(len(items), to_rows(items), _announcements(cast(Any, items)))
                              for job_id, items in by_job.items()}
 
-        def write(conn: DriverConnection, prepared: dict[str, _Prepared]) -> dict[str, _Prepared]:
+        def write_then_recheck(prepared: dict[str, _Prepared]) -> dict[str, _Prepared]:
             if not prepared:
                 return {}
-            deleted = self.repo.deleted_among(conn, list(prepared))
-            if deleted:
-                log.info("dropped points or log entries of deleted jobs %s", ", ".join(sorted(deleted)))
-            kept = {job_id: p for job_id, p in prepared.items() if job_id not in deleted}
-            if kept:
-                write_rows(conn, [row for p in kept.values() for row in p.rows])
-            return kept
-
-        def write_then_recheck(prepared: dict[str, _Prepared]) -> dict[str, _Prepared]:
             # On the driver's connection, not an ORM session: for a small batch the session's own work was
             # most of the time spent here, all of it holding the GIL the event loop's streams wait for.
             with self.db.driver_connection() as conn:
-                stored = write(conn, prepared)
-            if stored:
-                # A deletion that committed while this batch was written: what the batch wrote of that job
-                # goes too (`delete_job` marks first and deletes after, so one of the two sees the other).
-                # Checked after the commit, on the same database thread (no second trip to it).
-                with self.db.driver_connection() as conn:
-                    gone = self.repo.deleted_among(conn, list(stored))
-                for job_id in gone:
-                    with self.db.session() as session:
-                        self.repo.delete_job(session, job_id)
-                    log.info("dropped points or log entries of deleted job %s", job_id)
-                    del stored[job_id]
+                write_rows(conn, [row for p in prepared.values() for row in p.rows])
+                # A job deleted before or while this batch was written: what the batch wrote of it goes
+                # (`delete_job` marks first and deletes after, so one of the two sees the other). Asked once,
+                # after the commit, on the same connection: on PostgreSQL each round trip of an ingest
+                # batch waits for the GIL while the event loop writes the streams.
+                with conn.after_commit():
+                    gone = self.repo.deleted_among(conn, list(prepared))
+            stored = dict(prepared)
+            for job_id in sorted(gone):
+                with self.db.session() as session:
+                    self.repo.delete_job(session, job_id)
+                log.info("dropped points or log entries of deleted job %s", job_id)
+                del stored[job_id]
             return stored
 
         def prepare_and_write() -> tuple[dict[int, str], dict[str, _Prepared]]:

@@ -334,27 +334,32 @@ async def test_a_deleted_jobs_points_in_a_batch_are_dropped(db: Database) -> Non
 
 
 class DeletedWhileWriting(MetricsRepository):
-    """A DeleteJob that commits between the batch's check and its commit: the batch's own check does not
-    see the deletion yet (and DeleteJob's cleanup ran before the batch's rows were there)."""
+    """A DeleteJob of job_b that commits while the batch is being written: its cleanup ran before the
+    batch's rows were there, so only the batch's own check after its commit can remove them."""
 
-    def __init__(self) -> None:
+    def __init__(self, db: Database) -> None:
+        self.db = db
         self.checks = 0
+
+    def upsert_point_rows(self, conn: DriverConnection, rows: list[list[Any]]) -> None:
+        with self.db.session() as session:
+            self.mark_deleted(session, "job_b")
+        with self.db.session() as session:
+            self.delete_job(session, "job_b")
+        super().upsert_point_rows(conn, rows)
 
     def deleted_among(self, conn: DriverConnection, job_ids: Sequence[str]) -> set[str]:
         self.checks += 1
-        if self.checks == 1:
-            return set()
         return super().deleted_among(conn, job_ids)
 
 
 async def test_points_written_while_their_job_is_deleted_are_removed_after_the_commit(db: Database) -> None:
     feed = RecordingFeed()
-    repository = DeletedWhileWriting()
+    repository = DeletedWhileWriting(db)
     manager = make_manager(db, feed, repository)
-    await manager.delete_job("job_b")
     refused, stored = await ingest_metrics(manager, interleaved_reports(["job_a", "job_b"], 2, 3))
     assert (refused, stored) == ({}, 6)
-    assert repository.checks == 2  # one query in the transaction, one after it: not one per message
+    assert repository.checks == 1  # one query for the whole batch, after its commit: not one per message
     assert len(stored_points(db, "job_a")) == 6
     assert stored_points(db, "job_b") == []
     assert list(feed.metrics_announced()) == ["job_a"]
