@@ -10,7 +10,8 @@ is retried, but cannot spin.
 `consume_batches` hands over everything one fetch returned (up to `batch` messages) at once, for handlers
 that write a whole batch in one transaction: the handler returns the messages that can never succeed
 (terminated alone), every other message is acked after the handler returned (i.e. after its commit), and
-an exception naks the whole batch for redelivery.
+an exception naks the whole batch for redelivery when the database is unreachable, or else hands it over
+again in halves, so that one failing message does not hold back the rest (`_handle_batch`).
 
 With tracing on, `consume` handles each message inside a CONSUMER span that continues the trace its
 headers carry (tuneforge_core.tracing), so what the handler writes (an outbox row) stays in that trace.
@@ -23,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from sqlalchemy.exc import DataError
@@ -119,11 +121,22 @@ async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, su
 
 
 async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s: float) -> None:
+    """Hands the batch over and settles each message. When the handler fails for a reason that is not the
+    database being unreachable (`unreachable`), the batch is handed over again in halves, and so on down
+    to single messages: one message that makes the handler fail (a value nothing checked for yet) is
+    redelivered alone, and the rest of its batch is stored, not held back with it on every redelivery."""
     try:
         refused = await handler(msgs)
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception as exc:
+        if len(msgs) > 1 and not unreachable(exc):
+            log.warning("batch handler failed for %d messages (%s: %s); handling each half alone", len(msgs),
+                        type(exc).__name__, exc)
+            half = len(msgs) // 2
+            await _handle_batch(msgs[:half], handler, nak_delay_s)
+            await _handle_batch(msgs[half:], handler, nak_delay_s)
+            return
         log.exception("batch handler failed for %d messages; will retry", len(msgs))
         for msg in msgs:
             await _settle(msg.nak(delay=nak_delay(msg, nak_delay_s)), msg)
@@ -138,6 +151,15 @@ async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s:
 
 
 MAX_NAK_DELAY_S = 60.0
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says a server the handler needs (or the network to it) failed rather than something
+    in the batch: a DB-API OperationalError or InterfaceError, raised by the driver or wrapped by
+    SQLAlchemy, a NATS error, or an OSError. Splitting a batch cannot help then; it is retried whole."""
+    if isinstance(exc, OSError | NatsError):
+        return True
+    return any(cls.__name__ in ("OperationalError", "InterfaceError") for cls in type(exc).__mro__)
 
 
 def nak_delay(msg: Msg, first_s: float) -> float:

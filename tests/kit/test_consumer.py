@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import nats
+import psycopg
 import pytest
 from nats.aio.msg import Msg
-from sqlalchemy.exc import DataError
+from nats.errors import ConnectionClosedError
+from sqlalchemy.exc import DataError, OperationalError
 
-from services.kit.consumer import MAX_NAK_DELAY_S, consume, nak_delay
+from services.kit.consumer import (
+    MAX_NAK_DELAY_S,
+    PermanentError,
+    consume,
+    consume_batches,
+    nak_delay,
+    unreachable,
+)
 
 STREAM, SUBJECT = "CONSUMER_TEST", "consumer-test.>"
 
@@ -75,3 +86,67 @@ async def test_a_value_the_database_refuses_is_terminated_and_a_transient_failur
 @pytest.mark.parametrize("count", [0, -3])
 def test_a_nonsense_delivery_count_gives_the_first_delay(count: int) -> None:
     assert nak_delay(delivered(count), 1.0) == 1.0
+
+
+def test_what_says_the_database_is_unreachable() -> None:
+    assert unreachable(OperationalError("INSERT", {}, Exception("connection refused")))
+    assert unreachable(psycopg.OperationalError("server closed the connection unexpectedly"))
+    assert unreachable(psycopg.InterfaceError("the connection is closed"))
+    assert unreachable(sqlite3.OperationalError("database is locked"))
+    assert unreachable(ConnectionRefusedError()) and unreachable(TimeoutError())
+    assert unreachable(ConnectionClosedError())
+    assert not unreachable(DataError("INSERT", {}, Exception("value too long")))
+    assert not unreachable(ValueError("a value nothing checked for"))
+    assert not unreachable(KeyError("x"))
+
+
+async def test_one_message_failing_its_batch_is_retried_alone_and_the_rest_is_handled_once(
+        nats_url: str) -> None:
+    """A batch whose handler fails for a reason other than an unreachable database is handed over again in
+    halves: the message that fails is redelivered alone (with growing delays), every other message of its
+    batch is handled, and acked, at its first delivery."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    with contextlib.suppress(Exception):
+        await js.delete_stream(STREAM)
+    await js.add_stream(name=STREAM, subjects=[SUBJECT])
+    batches: list[list[bytes]] = []
+    handled: list[bytes] = []
+    deliveries: dict[bytes, int] = {}
+
+    redeliveries: list[bool] = []
+
+    async def handler(msgs: Sequence[Msg]) -> Mapping[int, PermanentError]:
+        batch = [m.data for m in msgs]
+        batches.append(batch)
+        redeliveries.append(any(int(m.metadata.num_delivered or 0) > 1 for m in msgs))
+        for m in msgs:
+            deliveries[m.data] = max(deliveries.get(m.data, 0), int(m.metadata.num_delivered or 0))
+        if b"poison" in batch:
+            raise ValueError("a value the database refuses in a way nothing checked for")
+        handled.extend(batch)
+        return {}
+
+    messages = [f"m{i:02d}".encode() for i in range(12)]
+    messages.insert(7, b"poison")
+    for data in messages:  # all pending before the consumer's first fetch: one batch
+        await js.publish("consumer-test.x", data)
+    task = asyncio.create_task(consume_batches(js, stream=STREAM, durable="consumer-test-batches",
+                                               subject=SUBJECT, handler=handler, batch=100,
+                                               fetch_wait_s=0.2, nak_delay_s=0.05))
+    try:
+        deadline = asyncio.get_running_loop().time() + 20
+        while len(handled) < 12 or deliveries.get(b"poison", 0) < 3:
+            assert asyncio.get_running_loop().time() < deadline, (batches, deliveries)
+            await asyncio.sleep(0.05)
+        assert batches[0] == messages
+        assert sorted(handled) == sorted(m for m in messages if m != b"poison")  # each once
+        assert all(deliveries[m] == 1 for m in messages if m != b"poison")
+        assert all(batch == [b"poison"] for batch, redelivered in zip(batches, redeliveries, strict=True)
+                   if redelivered)  # only it comes back
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await js.delete_stream(STREAM)
+        await nc.drain()
