@@ -2,16 +2,17 @@
 
 `consume` hands messages to its handler one at a time: the handler returns normally to ack.
 `PermanentError` (an undecodable or impossible message) terminates the message so it is not redelivered
-forever, and so does a database `DataError` (a value the database refuses, e.g. too long for its column:
-the same message fails the same way on every delivery); any other exception naks it with a delay that
-doubles with each delivery of the message (`nak_delay`), so a message failing for a reason not yet known
-is retried, but cannot spin.
+forever, and so does a database `DataError` (`refused_value`: a value the database refuses, e.g. too long
+for its column: the same message fails the same way on every delivery); any other exception naks it with
+a delay that doubles with each delivery of the message (`nak_delay`), so a message failing for a reason
+not yet known is retried, but cannot spin.
 
 `consume_batches` hands over everything one fetch returned (up to `batch` messages) at once, for handlers
 that write a whole batch in one transaction: the handler returns the messages that can never succeed
 (terminated alone), every other message is acked after the handler returned (i.e. after its commit), and
 an exception naks the whole batch for redelivery when the database is unreachable, or else hands it over
-again in halves, so that one failing message does not hold back the rest (`_handle_batch`).
+again in halves, so that one failing message does not hold back the rest (`_handle_batch`); a message
+failing alone with a `DataError` is terminated.
 
 With tracing on, `consume` handles each message inside a CONSUMER span that continues the trace its
 headers carry (tuneforge_core.tracing), so what the handler writes (an outbox row) stays in that trace.
@@ -27,7 +28,6 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from sqlalchemy.exc import DataError
 
 from tuneforge_core import tracing
 from tuneforge_core.nats import ensure_pull_consumer
@@ -68,11 +68,12 @@ async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: s
                 except PermanentError as exc:
                     log.error("dropping message on %s: %s", msg.subject, exc)
                     await _settle(msg.term(), msg)
-                except DataError as exc:
-                    log.error("dropping message on %s: the database refuses a value it holds: %s",
-                              msg.subject, exc.orig)
-                    await _settle(msg.term(), msg)
-                except Exception:
+                except Exception as exc:
+                    if refused_value(exc):
+                        log.error("dropping message on %s: the database refuses a value it holds: %s",
+                                  msg.subject, exc)
+                        await _settle(msg.term(), msg)
+                        continue
                     delay = nak_delay(msg, nak_delay_s)
                     log.exception("handler failed for %s; will retry in %.0f s", msg.subject, delay)
                     await _settle(msg.nak(delay=delay), msg)
@@ -137,6 +138,11 @@ async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s:
             await _handle_batch(msgs[:half], handler, nak_delay_s)
             await _handle_batch(msgs[half:], handler, nak_delay_s)
             return
+        if len(msgs) == 1 and refused_value(exc):
+            log.error("dropping message on %s: the database refuses a value it holds: %s", msgs[0].subject,
+                      exc)
+            await _settle(msgs[0].term(), msgs[0])
+            return
         log.exception("batch handler failed for %d messages; will retry", len(msgs))
         for msg in msgs:
             await _settle(msg.nak(delay=nak_delay(msg, nak_delay_s)), msg)
@@ -151,6 +157,13 @@ async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s:
 
 
 MAX_NAK_DELAY_S = 60.0
+
+
+def refused_value(exc: BaseException) -> bool:
+    """Whether `exc` is the database refusing a value (a DB-API DataError, from the driver or wrapped by
+    SQLAlchemy: too long for its column, out of its type's range): the same message fails the same way
+    on every delivery."""
+    return any(cls.__name__ == "DataError" for cls in type(exc).__mro__)
 
 
 def unreachable(exc: BaseException) -> bool:

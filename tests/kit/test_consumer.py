@@ -22,6 +22,7 @@ from services.kit.consumer import (
     consume,
     consume_batches,
     nak_delay,
+    refused_value,
     unreachable,
 )
 
@@ -100,11 +101,21 @@ def test_what_says_the_database_is_unreachable() -> None:
     assert not unreachable(KeyError("x"))
 
 
+def test_what_says_the_database_refuses_a_value() -> None:
+    assert refused_value(DataError("INSERT", {}, Exception("value too long for type character varying(128)")))
+    assert refused_value(psycopg.errors.StringDataRightTruncation("value too long"))
+    assert refused_value(psycopg.errors.NumericValueOutOfRange("integer out of range"))
+    assert refused_value(sqlite3.DataError("string or blob too big"))
+    assert not refused_value(OperationalError("INSERT", {}, Exception("connection refused")))
+    assert not refused_value(ValueError("x"))
+
+
 async def test_one_message_failing_its_batch_is_retried_alone_and_the_rest_is_handled_once(
         nats_url: str) -> None:
     """A batch whose handler fails for a reason other than an unreachable database is handed over again in
-    halves: the message that fails is redelivered alone (with growing delays), every other message of its
-    batch is handled, and acked, at its first delivery."""
+    halves: the message that fails is redelivered alone (with growing delays), or terminated when the
+    database refused a value of it (DataError), and every other message of its batch is handled, and
+    acked, at its first delivery."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     with contextlib.suppress(Exception):
@@ -124,11 +135,14 @@ async def test_one_message_failing_its_batch_is_retried_alone_and_the_rest_is_ha
             deliveries[m.data] = max(deliveries.get(m.data, 0), int(m.metadata.num_delivered or 0))
         if b"poison" in batch:
             raise ValueError("a value the database refuses in a way nothing checked for")
+        if b"refused" in batch:
+            raise psycopg.errors.StringDataRightTruncation("value too long for type character varying(64)")
         handled.extend(batch)
         return {}
 
     messages = [f"m{i:02d}".encode() for i in range(12)]
     messages.insert(7, b"poison")
+    messages.insert(2, b"refused")  # a DataError: terminated once found alone, never redelivered
     for data in messages:  # all pending before the consumer's first fetch: one batch
         await js.publish("consumer-test.x", data)
     task = asyncio.create_task(consume_batches(js, stream=STREAM, durable="consumer-test-batches",
@@ -140,8 +154,10 @@ async def test_one_message_failing_its_batch_is_retried_alone_and_the_rest_is_ha
             assert asyncio.get_running_loop().time() < deadline, (batches, deliveries)
             await asyncio.sleep(0.05)
         assert batches[0] == messages
-        assert sorted(handled) == sorted(m for m in messages if m != b"poison")  # each once
+        assert sorted(handled) == sorted(m for m in messages if m not in (b"poison", b"refused"))  # once
         assert all(deliveries[m] == 1 for m in messages if m != b"poison")
+        assert [b"refused"] in batches and not any(b"refused" in batch for batch, again in
+                                                   zip(batches, redeliveries, strict=True) if again)
         assert all(batch == [b"poison"] for batch, redelivered in zip(batches, redeliveries, strict=True)
                    if redelivered)  # only it comes back
     finally:
