@@ -4,8 +4,8 @@
 `PermanentError` (an undecodable or impossible message) terminates the message so it is not redelivered
 forever, and so does a database `DataError` (`refused_value`: a value the database refuses, e.g. too long
 for its column: the same message fails the same way on every delivery); any other exception naks it with
-a delay that doubles with each delivery of the message (`nak_delay`), so a message failing for a reason
-not yet known is retried, but cannot spin.
+a delay that doubles with each delivery of the message, up to a minute, or 5 s while a server is
+unreachable (`nak_delay`), so a message failing for a reason not yet known is retried, but cannot spin.
 
 `consume_batches` hands over everything one fetch returned (up to `batch` messages) at once, for handlers
 that write a whole batch in one transaction: the handler returns the messages that can never succeed
@@ -74,7 +74,7 @@ async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: s
                                   msg.subject, exc)
                         await _settle(msg.term(), msg)
                         continue
-                    delay = nak_delay(msg, nak_delay_s)
+                    delay = nak_delay(msg, nak_delay_s, exc)
                     log.exception("handler failed for %s; will retry in %.0f s", msg.subject, delay)
                     await _settle(msg.nak(delay=delay), msg)
     finally:
@@ -145,7 +145,7 @@ async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s:
             return
         log.exception("batch handler failed for %d messages; will retry", len(msgs))
         for msg in msgs:
-            await _settle(msg.nak(delay=nak_delay(msg, nak_delay_s)), msg)
+            await _settle(msg.nak(delay=nak_delay(msg, nak_delay_s, exc)), msg)
         return
     for index, msg in enumerate(msgs):
         reason = refused.get(index)
@@ -157,6 +157,7 @@ async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s:
 
 
 MAX_NAK_DELAY_S = 60.0
+UNREACHABLE_NAK_DELAY_S = 5.0
 
 
 def refused_value(exc: BaseException) -> bool:
@@ -175,14 +176,17 @@ def unreachable(exc: BaseException) -> bool:
     return any(cls.__name__ in ("OperationalError", "InterfaceError") for cls in type(exc).__mro__)
 
 
-def nak_delay(msg: Msg, first_s: float) -> float:
-    """How long JetStream waits before redelivering a failed message: `first_s` after its first delivery,
-    doubling with each further one, at most `MAX_NAK_DELAY_S` (or `first_s` when that is more)."""
+def nak_delay(msg: Msg, first_s: float, exc: BaseException | None = None) -> float:
+    """How long JetStream waits before redelivering a message that failed with `exc`: `first_s` after its
+    first delivery, doubling with each further one, at most `MAX_NAK_DELAY_S`, or `UNREACHABLE_NAK_DELAY_S`
+    when `exc` says a server was unreachable (`unreachable`: the message is not at fault, and it should go
+    through soon after the server is back); never less than `first_s`."""
     try:
         delivered = max(1, int(msg.metadata.num_delivered or 1))
     except Exception:  # not a JetStream message (no metadata to read)
         delivered = 1
-    return min(first_s * 2 ** min(delivered - 1, 16), max(MAX_NAK_DELAY_S, first_s))
+    cap = UNREACHABLE_NAK_DELAY_S if exc is not None and unreachable(exc) else MAX_NAK_DELAY_S
+    return min(first_s * 2 ** min(delivered - 1, 16), max(cap, first_s))
 
 
 async def _settle(outcome: Awaitable[None], msg: Msg) -> None:

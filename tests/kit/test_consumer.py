@@ -20,6 +20,7 @@ from sqlalchemy.exc import DataError, OperationalError
 
 from services.kit.consumer import (
     MAX_NAK_DELAY_S,
+    UNREACHABLE_NAK_DELAY_S,
     PermanentError,
     consume,
     consume_batches,
@@ -71,6 +72,14 @@ def test_the_redelivery_delay_doubles_with_each_delivery_up_to_a_minute() -> Non
     assert nak_delay(delivered(None), 0.5) == 0.5
     assert nak_delay(delivered(3), 120.0) == 120.0  # a configured first delay above the cap is kept
     assert nak_delay(SimpleNamespace(), 1.0) == 1.0  # no JetStream metadata: the first delay
+
+
+def test_while_a_server_is_unreachable_the_delay_stays_short() -> None:
+    down = OperationalError("INSERT", {}, Exception("connection refused"))
+    assert [nak_delay(delivered(n), 1.0, down) for n in (1, 2, 3, 4, 50)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert UNREACHABLE_NAK_DELAY_S == 5.0 < MAX_NAK_DELAY_S
+    assert nak_delay(delivered(50), 1.0, ValueError("x")) == MAX_NAK_DELAY_S
+    assert nak_delay(delivered(50), 8.0, down) == 8.0  # never under the configured first delay
 
 
 @pytest.mark.parametrize("count", [0, -3])
