@@ -21,7 +21,6 @@ order of the changes, and a change and its events commit together or not at all.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,7 +35,7 @@ from services.jobs.converters import job_to_proto
 from services.jobs.models import JobEventRow, JobRow
 from services.jobs.repository import JobRepository
 from services.kit.db import Database
-from services.kit.outbox import utcnow
+from services.kit.outbox import column_key, utcnow
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.protos import from_timestamp, to_timestamp
 from services.kit.validation import check_organization
@@ -177,10 +176,7 @@ def unannounced(session: Session) -> JobRow | None:
 
 
 def _source(update: events_pb2.WorkerJobUpdate, index: int) -> str:
-    source = f"{update.event_id}/{index}"
-    if len(source) > MAX_SOURCE_CHARS:
-        source = "sha256:" + hashlib.sha256(source.encode()).hexdigest()
-    return source
+    return column_key(f"{update.event_id}/{index}", MAX_SOURCE_CHARS)
 
 
 def _store_worker_events(session: Session, row: JobRow, update: events_pb2.WorkerJobUpdate) -> bool:

@@ -10,9 +10,10 @@ unreachable (`nak_delay`), so a message failing for a reason not yet known is re
 `consume_batches` hands over everything one fetch returned (up to `batch` messages) at once, for handlers
 that write a whole batch in one transaction: the handler returns the messages that can never succeed
 (terminated alone), every other message is acked after the handler returned (i.e. after its commit), and
-an exception naks the whole batch for redelivery when the database is unreachable, or else hands it over
-again in halves, so that one failing message does not hold back the rest (`_handle_batch`); a message
-failing alone with a `DataError` is terminated.
+an exception naks the whole batch for redelivery when it says a server is unreachable (`unreachable`: the
+database, NATS, a socket error), or else hands the batch over again in halves, so that one failing
+message does not hold back the rest (`_handle_batch`); a message failing alone with a `DataError` is
+terminated.
 
 With tracing on, `consume` handles each message inside a CONSUMER span that continues the trace its
 headers carry (tuneforge_core.tracing), so what the handler writes (an outbox row) stays in that trace.

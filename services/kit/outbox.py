@@ -69,12 +69,18 @@ def add_event(session: Session, model: type[OutboxMixin], subject: str, message:
     session.add(row)
 
 
+def column_key(key: str, limit: int) -> str:
+    """`key` as a column of `limit` characters keeps it: itself, or "sha256:<hex>" of it when longer (a
+    key built from what another process sent: PostgreSQL refuses a longer value, on every redelivery,
+    where SQLite would store it whole). Two keys stay distinct, and the same key maps to the same value."""
+    if len(key) <= limit:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
 def inbox_key(event_id: str) -> str:
-    """The key an event id is recorded under: itself, or "sha256:<hex>" of it when longer than the column
-    (an event id comes from another process; PostgreSQL refuses a longer value, on every redelivery)."""
-    if len(event_id) <= INBOX_KEY_CHARS:
-        return event_id
-    return "sha256:" + hashlib.sha256(event_id.encode()).hexdigest()
+    """The key an event id is recorded under in an inbox (`column_key`)."""
+    return column_key(event_id, INBOX_KEY_CHARS)
 
 
 def seen_before(session: Session, model: type[InboxMixin], event_id: str) -> bool:

@@ -11,7 +11,7 @@ from tuneforge.v1 import job_pb2
 from services.jobs.component import MIGRATIONS
 from services.jobs.models import JobOutbox
 from services.kit.db import Database
-from services.kit.outbox import OutboxRelay, add_event, utcnow
+from services.kit.outbox import OutboxRelay, add_event, column_key, utcnow
 
 
 def test_published_rows_older_than_the_retention_are_deleted_and_pending_ones_never(tmp_path: Path) -> None:
@@ -37,3 +37,10 @@ def test_published_rows_older_than_the_retention_are_deleted_and_pending_ones_ne
     with db.session() as session:
         assert keep_all.prune(session, now + timedelta(days=365)) == 0
     db.dispose()
+
+
+def test_a_key_longer_than_its_column_is_kept_as_its_sha256() -> None:
+    assert column_key("e" * 128, 128) == "e" * 128
+    long_a, long_b = column_key("e" * 129, 128), column_key("e" * 128 + "f", 128)
+    assert long_a.startswith("sha256:") and len(long_a) == 71 <= 128
+    assert long_a != long_b and long_a == column_key("e" * 129, 128)
