@@ -141,18 +141,39 @@ class CallPipeline:
 
 
 class Registrar:
-    """A server as generated code registers servicers on it, each handler built by the pipeline."""
+    """A server as generated code registers servicers on it, each handler built by the pipeline.
+
+    Generated code registers each service twice: as a generic handler and as "registered methods". grpc.aio
+    keeps one pending request per registered method and, for every call it accepts, waits on all of them
+    at once (`asyncio.wait` over ~50 futures: a check, a callback added and one removed, each): with every
+    service registered so, that wait cost ListBaseModels a fifth of its throughput at 16 calls in flight
+    (benchmarks/README.md, run K). So no method is registered with grpc: the methods go to one table, the
+    first generic handler of the server, which finds a call's handler with one dictionary look-up; grpc
+    then waits on its one generic request only."""
 
     def __init__(self, server: grpc.aio.Server, pipeline: CallPipeline) -> None:
         self._server = server
         self._pipeline = pipeline
+        self._table = _Table()
+        server.add_generic_rpc_handlers((self._table,))
 
     def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         self._server.add_generic_rpc_handlers(tuple(_Generic(h, self._pipeline) for h in handlers))
 
     def add_registered_method_handlers(self, service: str, handlers: Mapping[str, Any]) -> None:
-        self._server.add_registered_method_handlers(
-            service, {name: self._pipeline.handler(f"/{service}/{name}", h) for name, h in handlers.items()})
+        for name, handler in handlers.items():
+            method = f"/{service}/{name}"
+            self._table.handlers[method] = self._pipeline.handler(method, handler)
+
+
+class _Table(grpc.GenericRpcHandler):
+    """The built handlers by full method name ("/tuneforge.v1.JobService/GetJob")."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        return self.handlers.get(handler_call_details.method)
 
 
 class _Generic(grpc.GenericRpcHandler):

@@ -100,6 +100,37 @@ async def test_each_methods_handler_is_built_once_and_no_interceptor_runs(
     assert len(built) == len(set(built))
 
 
+async def test_no_method_is_registered_with_grpc_and_every_one_is_served(
+    kit_settings: KitSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpc.aio waits on one pending request per registered method for every call it accepts: the
+    methods are served through one generic table instead (services.kit.pipeline.Registrar)."""
+    registered: list[str] = []
+    make_server = grpc.aio.server
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        server = make_server(*args, **kwargs)
+        register = server.add_registered_method_handlers
+
+        def add_registered_method_handlers(service: str, handlers: Any) -> None:
+            registered.append(service)
+            register(service, handlers)
+
+        server.add_registered_method_handlers = add_registered_method_handlers  # type: ignore[method-assign]
+        return server
+
+    monkeypatch.setattr(grpc.aio, "server", recording)
+    async with serving(kit_settings) as address, grpc.aio.insecure_channel(address) as channel:
+        stub = api_key_service_pb2_grpc.ApiKeyServiceStub(channel)
+        admin = await create_key(stub, "acme", identity_pb2.ROLE_ADMIN)
+        caller = await stub.GetCaller(api_key_service_pb2.GetCallerRequest(), metadata=bearer(admin))
+        assert caller.caller.organization == "acme"
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await _raw(channel, "/tuneforge.v1.ApiKeyService/NoSuchMethod")(b"", metadata=bearer(admin))
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert registered == []
+
+
 def test_a_frozen_answer_is_serialized_once_and_only_for_that_object(monkeypatch: pytest.MonkeyPatch) -> None:
     from tuneforge.v1 import estimation_service_pb2
 
