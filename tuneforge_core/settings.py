@@ -128,6 +128,10 @@ class KitSettings(BaseSettings):
     # Threads each service's database calls run on (services.kit.db), apart from any other work; calls
     # beyond them wait for one. Keep it within the database's connection pool (10 + 10 overflow).
     db_workers: int = Field(default=8, gt=0)
+    # How long a thread may hold the GIL while another waits for it (sys.setswitchinterval), in a service's
+    # own process. Python's 5 ms made each database round trip of a metric ingest batch wait up to 5 ms
+    # for the GIL while the event loop wrote to a thousand streams (services.kit.runtime.tune_interpreter).
+    gil_switch_interval_ms: float = Field(default=0.5, gt=0.0, le=100.0)
 
     @classmethod
     def settings_customise_sources(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from services.kit.runtime import configure_logging, run_until_stopped, serve
+from services.kit.runtime import configure_logging, run_until_stopped, serve, tune_interpreter
 from services.platform.components import all_components
 from tuneforge_core.settings import KitSettings
 
@@ -17,6 +17,7 @@ from tuneforge_core.settings import KitSettings
 def main() -> None:
     settings = KitSettings()
     configure_logging(settings.log_level)
+    tune_interpreter(settings)
     ready_file = os.environ.get("TUNEFORGE_READY_FILE")
 
     def on_ready(address: str) -> None:

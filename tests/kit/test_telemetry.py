@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import socket
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -36,7 +37,7 @@ from services.kit import auth
 from services.kit.db import Database
 from services.kit.identity import Principal
 from services.kit.outbox import utcnow
-from services.kit.runtime import AddressInUse, ListenError, serve
+from services.kit.runtime import AddressInUse, ListenError, serve, tune_interpreter
 from services.kit.telemetry import OrganizationFilter
 from tests.kit.test_auth import bearer, create_key
 from tuneforge_core import logs
@@ -228,3 +229,19 @@ async def test_a_service_process_freezes_its_heap_once_serving(kit_settings: Kit
             assert gc.get_freeze_count() > 10_000
     finally:
         gc.unfreeze()
+
+
+def test_a_service_process_sets_the_gil_switch_interval_from_its_settings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    before = sys.getswitchinterval()
+    try:
+        tune_interpreter(KitSettings())
+        assert sys.getswitchinterval() == pytest.approx(0.0005)  # the default, 0.5 ms
+        monkeypatch.setenv("TUNEFORGE_GIL_SWITCH_INTERVAL_MS", "2")
+        tune_interpreter(KitSettings())
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+        monkeypatch.setenv("TUNEFORGE_GIL_SWITCH_INTERVAL_MS", "0")
+        with pytest.raises(ValueError, match="gil_switch_interval_ms"):
+            KitSettings()
+    finally:
+        sys.setswitchinterval(before)
