@@ -2,7 +2,8 @@
 
 Ingest writes through one upsert statement per table and database dialect, compiled once and executed for
 many rows (the driver's executemany) on the driver's own connection: no SQL is built or compiled per
-message or per batch, and no ORM session is made for it.
+message or per batch, and no ORM session is made for it. On PostgreSQL a batch of COPY_MIN_ROWS rows or
+more is copied into a temporary table instead (COPY) and upserted from there in one statement (`_Copy`).
 """
 
 from __future__ import annotations
@@ -100,21 +101,26 @@ class _Upsert:
     def bind(self, rows: Sequence[list[Any]]) -> list[Any]:
         """The driver's parameters for each row (all stored now). The rows are the caller's to give away:
         they are completed in place."""
+        self.convert_rows(rows)
+        positions = self.positions
+        if positions == tuple(range(len(self.columns))):
+            return [tuple(row) for row in rows]
+        if positions is None:
+            return [dict(zip(self.columns, row, strict=True)) for row in rows]
+        return [tuple([row[i] for i in positions]) for row in rows]
+
+    def convert_rows(self, rows: Sequence[list[Any]]) -> None:
+        """Each row completed in place into `columns` order and the dialect's storage forms (`bind`)."""
         stored_at: Any = utcnow()
         if self.convert_stored_at is not None:
             stored_at = self.convert_stored_at(stored_at)
-        convert, positions, nan_columns = self.convert, self.positions, self.nan_columns
+        convert, nan_columns = self.convert, self.nan_columns
         for row in rows:
             row.append(stored_at)
             for index, processor in convert:
                 row[index] = processor(row[index])
         if nan_columns:
             _nan_as_text(rows, nan_columns)
-        if positions == tuple(range(len(self.columns))):
-            return [tuple(row) for row in rows]
-        if positions is None:
-            return [dict(zip(self.columns, row, strict=True)) for row in rows]
-        return [tuple([row[i] for i in positions]) for row in rows]
 
 
 def _nan_as_text(rows: Sequence[list[Any]], columns: tuple[int, ...]) -> None:
@@ -207,11 +213,71 @@ def _upsert(conn: DriverConnection, table: Table, columns: Sequence[str], keys: 
             upsert = _UPSERTS.get(cache_key)
             if upsert is None:
                 upsert = _UPSERTS[cache_key] = _Upsert.build(dialect, table, columns, keys)
+    if dialect.name == "postgresql" and len(rows) >= COPY_MIN_ROWS:
+        _Copy.of(table, upsert.columns, tuple(keys)).write(conn, upsert, rows)
+        return
     cursor = conn.dbapi.cursor()
     try:
         cursor.executemany(upsert.sql, upsert.bind(rows))
     finally:
         cursor.close()
+
+
+# PostgreSQL: a batch of at least this many rows is COPYed (`_Copy`), a smaller one executemany'd. The
+# COPY costs two round trips more (the temporary table's COPY and its INSERT ... SELECT against one
+# executemany in pipeline mode) and less than half the client CPU a row (4.2 against 8-10 us, 20,000
+# rows of metrics_points in batches of 2,000: 118,000 against 69,000-78,000 rows/s).
+COPY_MIN_ROWS = 500
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """A batch upserted through a temporary table: COPY into it (the driver's fastest way in), then one
+    statement that empties it into the table: `INSERT ... SELECT DISTINCT ON (keys) ... ON CONFLICT (keys)
+    DO UPDATE ... WHERE stored.attempt <= new.attempt`. Of a batch's rows with the same key, the one with
+    the highest attempt, the last of those, is the one inserted: what executemany leaves applying them one
+    by one (one statement may not touch a row twice). The temporary table is made once per connection (a
+    pooler that hands one session's transactions to different server connections would lose it: not
+    supported) and holds rows only inside the transaction that copies them."""
+
+    create: str
+    copy: str
+    insert: str
+
+    @staticmethod
+    @lru_cache(maxsize=8)
+    def of(table: Table, columns: tuple[str, ...], keys: tuple[str, ...]) -> _Copy:
+        quote = postgresql.dialect().identifier_preparer.quote
+        name, temp = quote(table.name), quote(f"tf_incoming_{table.name}")
+        listed = ", ".join(quote(c) for c in columns)
+        key_list = ", ".join(quote(k) for k in keys)
+        updates = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in columns if c not in keys)
+        attempt = quote("attempt")
+        return _Copy(
+            create=f"CREATE TEMPORARY TABLE IF NOT EXISTS {temp} (LIKE {name}, tf_order BIGINT NOT NULL) "
+                   "ON COMMIT DELETE ROWS",
+            copy=f"COPY {temp} ({listed}, tf_order) FROM STDIN",
+            insert=f"WITH batch AS (DELETE FROM {temp} RETURNING *) "
+                   f"INSERT INTO {name} ({listed}) SELECT DISTINCT ON ({key_list}) {listed} FROM batch "
+                   f"ORDER BY {key_list}, {attempt} DESC, tf_order DESC "
+                   f"ON CONFLICT ({key_list}) DO UPDATE SET {updates} "
+                   f"WHERE {name}.{attempt} <= excluded.{attempt}")
+
+    def write(self, conn: DriverConnection, upsert: _Upsert, rows: Sequence[list[Any]]) -> None:
+        upsert.convert_rows(rows)  # now in upsert.columns order, the order `of` was given
+        info = conn.dbapi.info
+        cursor = conn.dbapi.cursor()
+        try:
+            if not info.get(self.create):
+                cursor.execute(self.create)
+                info[self.create] = True
+            with cursor.copy(self.copy) as copy:
+                for order, row in enumerate(rows):
+                    row.append(order)
+                    copy.write_row(row)
+            cursor.execute(self.insert)
+        finally:
+            cursor.close()
 
 
 @lru_cache(maxsize=8)

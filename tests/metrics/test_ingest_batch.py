@@ -26,6 +26,7 @@ from tuneforge.v1 import job_pb2, metrics_pb2
 
 from services.kit.consumer import PermanentError, consume_batches
 from services.kit.db import Database, DriverConnection
+from services.metrics import repository
 from services.metrics.component import MIGRATIONS_DIR
 from services.metrics.ingest import IngestHandlers, decode_logs, decode_metrics
 from services.metrics.live import Deliver, LiveMessage
@@ -75,10 +76,14 @@ class NoJobs:
         raise not_found("job", job, organization)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+# "postgresql-copy": every batch through the COPY path (repository.COPY_MIN_ROWS), not only large ones.
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres),
+                        pytest.param("postgresql-copy", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Database]:
     url = (f"sqlite:///{tmp_path / 'metrics.db'}" if request.param == "sqlite"
            else request.getfixturevalue("postgres_url"))
+    if request.param == "postgresql-copy":
+        monkeypatch.setattr(repository, "COPY_MIN_ROWS", 1)
     database = Database(url, "metrics")
     database.migrate(MIGRATIONS_DIR)
     yield database

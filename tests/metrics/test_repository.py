@@ -9,13 +9,18 @@ import pytest
 from tuneforge.v1 import metrics_pb2
 
 from services.kit.db import Database
+from services.metrics import repository
 from services.metrics.component import MIGRATIONS_DIR
 from services.metrics.repository import MetricsRepository
 from tests.metrics.conftest import EVAL, TRAIN, point
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+# "postgresql-copy": every batch through the COPY path (repository.COPY_MIN_ROWS), not only large ones.
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres),
+                        pytest.param("postgresql-copy", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Database]:
+    if request.param == "postgresql-copy":
+        monkeypatch.setattr(repository, "COPY_MIN_ROWS", 1)
     if request.param == "sqlite":
         database = Database(f"sqlite:///{tmp_path / 'metrics.db'}", "metrics")
         database.migrate(MIGRATIONS_DIR)
