@@ -145,11 +145,11 @@ class Registrar:
 
     Generated code registers each service twice: as a generic handler and as "registered methods". grpc.aio
     keeps one pending request per registered method and, for every call it accepts, waits on all of them
-    at once (`asyncio.wait` over ~50 futures: a check, a callback added and one removed, each): with every
-    service registered so, that wait cost ListBaseModels a fifth of its throughput at 16 calls in flight
-    (benchmarks/README.md, run K). So no method is registered with grpc: the methods go to one table, the
-    first generic handler of the server, which finds a call's handler with one dictionary look-up; grpc
-    then waits on its one generic request only."""
+    at once (`asyncio.wait` over ~50 futures: a check, a callback added and one removed, each). So no
+    method is registered with grpc: the methods go to one table, the first generic handler of the server,
+    which finds a call's handler with one dictionary look-up, and grpc waits on its one generic request.
+    ListBaseModels at 16 calls in flight, six alternating rounds each: 228-266 us of services CPU a call
+    against 271-334 registered (benchmarks/README.md, run K)."""
 
     def __init__(self, server: grpc.aio.Server, pipeline: CallPipeline) -> None:
         self._server = server

@@ -479,8 +479,8 @@ def tune_interpreter(settings: KitSettings) -> None:
     (TUNEFORGE_GIL_SWITCH_INTERVAL_MS). The event loop runs Python for long stretches (writing a point to a
     thousand streams) while database threads need the GIL back after each round trip; a thread waiting
     for it asks the holder to let go only after the interval. At 5 ms (Python's default) against 0.5 ms,
-    alternating fan-out runs of 1 job x 1,000 followers on PostgreSQL (benchmarks/README.md, run K): p99
-    111.3 / 126.9 / 93.9 ms against 96.1 / 103.7 / 97.9; unary calls unchanged."""
+    six alternating fan-out runs each of 1 job x 1,000 followers on PostgreSQL (benchmarks/README.md, run
+    K): p99 median 104.4 against 98.3 ms; unary calls and SQLite ingest unchanged."""
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
 
 
