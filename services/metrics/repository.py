@@ -224,8 +224,8 @@ def _upsert(conn: DriverConnection, table: Table, columns: Sequence[str], keys: 
 
 
 # PostgreSQL: a batch of at least this many rows is COPYed (`_Copy`), a smaller one executemany'd. The
-# COPY costs two round trips more (the temporary table's COPY and its INSERT ... SELECT against one
-# executemany in pipeline mode) and less than half the client CPU a row (4.2 against 8-10 us, 20,000
+# COPY takes more round trips (the temporary table's CREATE IF NOT EXISTS, the COPY, the INSERT ... SELECT
+# where executemany takes one pipeline) and less than half the client CPU a row (4.2 against 8-10 us, 20,000
 # rows of metrics_points in batches of 2,000: 118,000 against 69,000-78,000 rows/s).
 COPY_MIN_ROWS = 500
 
@@ -236,9 +236,9 @@ class _Copy:
     statement that empties it into the table: `INSERT ... SELECT DISTINCT ON (keys) ... ON CONFLICT (keys)
     DO UPDATE ... WHERE stored.attempt <= new.attempt`. Of a batch's rows with the same key, the one with
     the highest attempt, the last of those, is the one inserted: what executemany leaves applying them one
-    by one (one statement may not touch a row twice). The temporary table is made once per connection (a
-    pooler that hands one session's transactions to different server connections would lose it: not
-    supported) and holds rows only inside the transaction that copies them."""
+    by one (one statement may not touch a row twice). The temporary table lives as long as its connection
+    (`CREATE ... IF NOT EXISTS` in each batch's transaction) and holds rows only inside the transaction that
+    copies them."""
 
     create: str
     copy: str
@@ -265,12 +265,11 @@ class _Copy:
 
     def write(self, conn: DriverConnection, upsert: _Upsert, rows: Sequence[list[Any]]) -> None:
         upsert.convert_rows(rows)  # now in upsert.columns order, the order `of` was given
-        info = conn.dbapi.info
         cursor = conn.dbapi.cursor()
         try:
-            if not info.get(self.create):
-                cursor.execute(self.create)
-                info[self.create] = True
+            # In every batch's transaction (a round trip more, for 500 rows or more): made in a transaction
+            # that then failed, the table went with its rollback.
+            cursor.execute(self.create)
             with cursor.copy(self.copy) as copy:
                 for order, row in enumerate(rows):
                     row.append(order)

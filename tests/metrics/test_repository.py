@@ -127,3 +127,28 @@ def test_point_times_are_bound_as_sqlalchemy_would_bind_them(dialect_name: str) 
     for seconds in (253_402_300_800, -62_135_596_801, 10**15):
         with pytest.raises(OverflowError):
             convert(Timestamp(seconds=seconds))
+
+
+@pytest.mark.postgres
+def test_a_copy_that_failed_leaves_the_next_batch_on_its_connection_stored(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The COPY's temporary table is made inside the batch's transaction: a batch that fails on a fresh
+    connection takes it back with its rollback, and the next batch on that connection makes it again."""
+    monkeypatch.setattr(repository, "COPY_MIN_ROWS", 1)
+    db = Database(postgres_url, "metrics")
+    db.migrate(MIGRATIONS_DIR)
+    repo = MetricsRepository()
+    try:
+        too_long = point(1)
+        too_long.job_id = "j" * 65  # over the column's 64 characters: PostgreSQL refuses the COPY
+        with pytest.raises(Exception, match="too long"), db.driver_connection() as conn:
+            repo.upsert_point_rows(conn, repo.point_rows([too_long]))
+        good = [point(step) for step in range(3)]
+        for p in good:
+            p.job_id = "job_a"
+        with db.driver_connection() as conn:
+            repo.upsert_point_rows(conn, repo.point_rows(good))
+        with db.session() as s:
+            assert [p.step for p in repo.list_points(s, "job_a")] == [0, 1, 2]
+    finally:
+        db.dispose()
