@@ -3,6 +3,7 @@ dies, and a services process that is restarted on the same address."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,6 +42,17 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def alive(pids: list[int]) -> list[str]:
+    """What each pid still running is: its command line and state (a failure says which child lingered)."""
+    out = []
+    for pid in pids:
+        if not gone(pid):
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                out.append(f"{pid} {process.status()} {' '.join(process.cmdline())[:200]}")
+    return out
 
 
 def serving(address: str) -> bool:
@@ -91,7 +103,12 @@ def test_every_child_dies_with_a_killed_supervisor_and_the_data_dir_is_free_agai
 
         up.send_signal(signal.SIGKILL)
         up.wait(10)
-        eventually(lambda: all(gone(pid) for pid in children), 30, "every child to die with the supervisor")
+        try:
+            eventually(lambda: all(gone(pid) for pid in children), 30,
+                       "every child to die with the supervisor")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; still alive: {alive(children)}; the log's end: "
+                                 f"{output.read_text()[-2000:]}") from None
     finally:
         if up.poll() is None:
             up.kill()
