@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # Duplicate-detection window: a re-published event id inside it is dropped by the server.
 DUPLICATE_WINDOW_S = 600.0
+DEAD_LETTERS_MAX_BYTES = 1 << 30
 
 
 class StreamSettings(BaseSettings):
@@ -143,6 +144,13 @@ def stream_configs(max_deliver_age_s: float = 7 * 24 * 3600, replicas: int = 0) 
             name=subjects.STREAM_EVENTS, subjects=["tuneforge.events.>"],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, max_age=max_deliver_age_s,
             duplicate_window=DUPLICATE_WINDOW_S,
+        ),
+        # Kept twice as long as what they came from, and bounded in size (the oldest go first): a flood of
+        # bad messages cannot fill the server's disk.
+        StreamConfig(
+            name=subjects.STREAM_DEAD_LETTERS, subjects=[subjects.ALL_DEAD_LETTERS],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, max_age=2 * max_deliver_age_s,
+            max_bytes=DEAD_LETTERS_MAX_BYTES, duplicate_window=DUPLICATE_WINDOW_S,
         ),
     ]
     for config in configs:

@@ -24,6 +24,9 @@ TF_EVENTS  tuneforge.events.jobs.<job_id>              JobChanged (jobs outbox) 
            tuneforge.events.datasets.<dataset_id>      DatasetChanged (datasets outbox)
 TF_ADVISORIES  $JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TF_WORK.*  -> jobs service (WORKER_LOST), for
                                                         every trainers-<route> consumer
+TF_DEAD_LETTERS  tuneforge.dead.<stream>.<consumer>  a message a service's consumer gave up on (it can never
+                                                        be processed, or failed too many deliveries), as it
+                                                        was, with why in its headers (services.kit.consumer)
 core NATS  tuneforge.live.metrics.<job_id>             MetricsStored, after the metrics service stored points
            tuneforge.live.logs.<job_id>                LogsStored
            tuneforge.worker.heartbeats                 WorkerHeartbeat, every few seconds from each worker
@@ -42,6 +45,9 @@ STREAM_EVENTS = "TF_EVENTS"
 # JetStream's own advisory that a work item ran out of deliveries, captured in a stream so that a jobs
 # service that was down when it was sent still sees it.
 STREAM_ADVISORIES = "TF_ADVISORIES"
+# What the services' consumers gave up on, kept for an operator (services.kit.consumer.bury).
+STREAM_DEAD_LETTERS = "TF_DEAD_LETTERS"
+ALL_DEAD_LETTERS = "tuneforge.dead.>"
 # The last token is the consumer's name: one subject covers every trainers-<route> consumer.
 WORK_MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.TF_WORK.*"
 
@@ -193,6 +199,11 @@ def job_events(job_id: str) -> str:
 
 def dataset_events(dataset_id: str) -> str:
     return f"tuneforge.events.datasets.{dataset_id}"
+
+
+def dead_letters(stream: str, consumer: str) -> str:
+    """Where a message of `stream` that `consumer` gave up on is kept (both names are NATS tokens)."""
+    return f"tuneforge.dead.{stream}.{consumer}"
 
 
 def live_metrics(job_id: str) -> str:

@@ -1,19 +1,28 @@
 """Durable JetStream pull consumer loops with explicit acks.
 
 `consume` hands messages to its handler one at a time: the handler returns normally to ack.
-`PermanentError` (an undecodable or impossible message) terminates the message so it is not redelivered
-forever, and so does a database `DataError` (`refused_value`: a value the database refuses, e.g. too long
-for its column: the same message fails the same way on every delivery); any other exception naks it with
-a delay that doubles with each delivery of the message, up to a minute, or 5 s while a server is
-unreachable (`nak_delay`), so a message failing for a reason not yet known is retried, but cannot spin.
+`PermanentError` (an undecodable or impossible message) ends the message's deliveries so it is not
+redelivered forever, and so does a database `DataError` (`refused_value`: a value the database refuses,
+e.g. too long for its column: the same message fails the same way on every delivery); any other exception
+naks it with a delay that doubles with each delivery of the message, up to a minute, or 5 s while a server
+is unreachable (`nak_delay`), so a message failing for a reason not yet known is retried, but cannot spin.
+
+A message whose deliveries end that way is first kept, as it came, in the dead-letter stream
+(TF_DEAD_LETTERS, subject `tuneforge.dead.<stream>.<consumer>`; `bury`), its headers saying from where,
+why and after how many deliveries; only then is it terminated. So is a message that failed
+`dead_after` deliveries (20 by default, about a quarter of an hour with the doubling delays) for any
+reason but an unreachable server: an outage is waited out however long it lasts, a message that keeps
+failing is set aside where an operator finds it (`nats stream view TF_DEAD_LETTERS`) and can publish it
+again once the fault is fixed. When it cannot be kept (NATS is failing too), it is redelivered instead:
+nothing is dropped unseen.
 
 `consume_batches` hands over everything one fetch returned (up to `batch` messages) at once, for handlers
-that write a whole batch in one transaction: the handler returns the messages that can never succeed
-(terminated alone), every other message is acked after the handler returned (i.e. after its commit), and
-an exception naks the whole batch for redelivery when it says a server is unreachable (`unreachable`: the
-database, NATS, a socket error), or else hands the batch over again in halves, so that one failing
-message does not hold back the rest (`_handle_batch`); a message failing alone with a `DataError` is
-terminated.
+that write a whole batch in one transaction: the handler returns the messages that can never succeed (kept
+as dead letters and terminated, alone), every other message is acked after the handler returned (i.e. after
+its commit), and an exception naks the whole batch for redelivery when it says a server is unreachable
+(`unreachable`: the database, NATS, a socket error), or else hands the batch over again in halves, so that
+one failing message does not hold back the rest (`_handle_batch`); a message failing alone with a
+`DataError`, or for the `dead_after`th time, is kept as a dead letter and terminated.
 
 With tracing on, `consume` handles each message inside a CONSUMER span that continues the trace its
 headers carry (tuneforge_core.tracing), so what the handler writes (an outbox row) stays in that trace.
@@ -24,13 +33,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
-from tuneforge_core import tracing
+from services.kit.telemetry import DEAD_LETTERS
+from tuneforge_core import subjects, tracing
 from tuneforge_core.nats import ensure_pull_consumer
 
 log = logging.getLogger(__name__)
@@ -40,6 +51,21 @@ class PermanentError(Exception):
     """The message can never be processed; it is terminated instead of redelivered."""
 
 
+# Deliveries after which a message failing for any reason but an unreachable server is given up on (kept as
+# a dead letter): with the delays doubling from 1 s up to a minute, about 14 minutes of retries.
+DEAD_AFTER_DELIVERIES = 20
+# The headers a dead letter carries besides the original's own (those not starting with "Nats-").
+DEAD_SUBJECT = "Tuneforge-Dead-Subject"  # the subject it was published on
+DEAD_CONSUMER = "Tuneforge-Dead-Consumer"  # the durable consumer that gave up on it
+DEAD_CAUSE = "Tuneforge-Dead-Cause"  # "permanent", "refused_value" or "deliveries"
+DEAD_REASON = "Tuneforge-Dead-Reason"  # why, one line
+DEAD_DELIVERIES = "Tuneforge-Dead-Deliveries"  # how many times it was delivered
+DEAD_SEQUENCE = "Tuneforge-Dead-Sequence"  # its sequence in its stream
+_REASON_CHARS = 1000
+
+# Gives a message up (see the module): (message, cause, reason).
+Bury = Callable[[Msg, str, str], Awaitable[None]]
+
 # Handler of `consume_batches`: takes the batch, returns {index in the batch: why that message can never be
 # processed}; raises when the batch should be redelivered.
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[Mapping[int, PermanentError]]]
@@ -47,9 +73,13 @@ BatchHandler = Callable[[Sequence[Msg]], Awaitable[Mapping[int, PermanentError]]
 
 async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: str,
                   handler: Callable[[Msg], Awaitable[None]], batch: int = 64,
-                  ack_wait_s: float = 30.0, nak_delay_s: float = 1.0) -> None:
+                  ack_wait_s: float = 30.0, nak_delay_s: float = 1.0,
+                  dead_after: int = DEAD_AFTER_DELIVERIES) -> None:
+    """Hands each message to `handler` (see the module); `dead_after` 0: a failing message is retried for
+    as long as it fails."""
     await ensure_pull_consumer(js, stream, durable, subject, ack_wait_s=ack_wait_s)
     sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
+    bury: Bury = partial(_bury, js, durable)
     try:
         while True:
             try:
@@ -67,13 +97,14 @@ async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: s
                 except asyncio.CancelledError:
                     raise
                 except PermanentError as exc:
-                    log.error("dropping message on %s: %s", msg.subject, exc)
-                    await _settle(msg.term(), msg)
+                    await bury(msg, "permanent", str(exc))
                 except Exception as exc:
                     if refused_value(exc):
-                        log.error("dropping message on %s: the database refuses a value it holds: %s",
-                                  msg.subject, exc)
-                        await _settle(msg.term(), msg)
+                        await bury(msg, "refused_value", f"the database refuses a value it holds: {exc}")
+                        continue
+                    if out_of_deliveries(msg, exc, dead_after):
+                        log.exception("handler failed for %s at its last delivery", msg.subject)
+                        await bury(msg, "deliveries", _given_up(msg, exc))
                         continue
                     delay = nak_delay(msg, nak_delay_s, exc)
                     log.exception("handler failed for %s; will retry in %.0f s", msg.subject, delay)
@@ -87,7 +118,8 @@ async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: s
 
 async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, subject: str,
                           handler: BatchHandler, batch: int = 256, fetch_wait_s: float = 1.0,
-                          ack_wait_s: float = 30.0, nak_delay_s: float = 1.0, in_flight: int = 1) -> None:
+                          ack_wait_s: float = 30.0, nak_delay_s: float = 1.0, in_flight: int = 1,
+                          dead_after: int = DEAD_AFTER_DELIVERIES) -> None:
     """Like `consume`, but the handler gets each fetch's messages together (see the module doc).
 
     A fetch returns at once with whatever is pending (up to `batch`), waiting up to `fetch_wait_s` only when
@@ -100,6 +132,7 @@ async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, su
     await ensure_pull_consumer(js, stream, durable, subject, ack_wait_s=ack_wait_s,
                                max_ack_pending=max(1000, batch * max(1, in_flight)))
     sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
+    bury: Bury = partial(_bury, js, durable)
     handling: set[asyncio.Task[None]] = set()
     try:
         while True:
@@ -110,7 +143,7 @@ async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, su
             except (TimeoutError, NatsTimeoutError):
                 continue
             if msgs:
-                handling.add(asyncio.create_task(_handle_batch(msgs, handler, nak_delay_s)))
+                handling.add(asyncio.create_task(_handle_batch(msgs, handler, nak_delay_s, bury, dead_after)))
     finally:
         for task in handling:
             task.cancel()
@@ -122,11 +155,13 @@ async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, su
             log.debug("unsubscribe failed", exc_info=True)
 
 
-async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s: float) -> None:
+async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s: float, bury: Bury,
+                        dead_after: int) -> None:
     """Hands the batch over and settles each message. When the handler fails for a reason that is not the
     database being unreachable (`unreachable`), the batch is handed over again in halves, and so on down
     to single messages: one message that makes the handler fail (a value nothing checked for yet) is
-    redelivered alone, and the rest of its batch is stored, not held back with it on every redelivery."""
+    redelivered alone (until its `dead_after`th delivery), and the rest of its batch is stored, not held
+    back with it on every redelivery."""
     try:
         refused = await handler(msgs)
     except asyncio.CancelledError:
@@ -136,15 +171,18 @@ async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s:
             log.warning("batch handler failed for %d messages (%s: %s); handling each half alone", len(msgs),
                         type(exc).__name__, exc)
             half = len(msgs) // 2
-            await _handle_batch(msgs[:half], handler, nak_delay_s)
-            await _handle_batch(msgs[half:], handler, nak_delay_s)
+            await _handle_batch(msgs[:half], handler, nak_delay_s, bury, dead_after)
+            await _handle_batch(msgs[half:], handler, nak_delay_s, bury, dead_after)
             return
         if len(msgs) == 1 and refused_value(exc):
-            log.error("dropping message on %s: the database refuses a value it holds: %s", msgs[0].subject,
-                      exc)
-            await _settle(msgs[0].term(), msgs[0])
+            await bury(msgs[0], "refused_value", f"the database refuses a value it holds: {exc}")
             return
-        log.exception("batch handler failed for %d messages; will retry", len(msgs))
+        last = len(msgs) == 1 and out_of_deliveries(msgs[0], exc, dead_after)
+        log.exception("batch handler failed for %d messages; %s", len(msgs),
+                      "that was its last delivery" if last else "will retry")
+        if last:
+            await bury(msgs[0], "deliveries", _given_up(msgs[0], exc))
+            return
         for msg in msgs:
             await _settle(msg.nak(delay=nak_delay(msg, nak_delay_s, exc)), msg)
         return
@@ -153,8 +191,7 @@ async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s:
         if reason is None:
             await _settle(msg.ack(), msg)
         else:
-            log.error("dropping message on %s: %s", msg.subject, reason)
-            await _settle(msg.term(), msg)
+            await bury(msg, "permanent", str(reason))
 
 
 MAX_NAK_DELAY_S = 60.0
@@ -182,12 +219,55 @@ def nak_delay(msg: Msg, first_s: float, exc: BaseException | None = None) -> flo
     first delivery, doubling with each further one, at most `MAX_NAK_DELAY_S`, or `UNREACHABLE_NAK_DELAY_S`
     when `exc` says a server was unreachable (`unreachable`: the message is not at fault, and it should go
     through soon after the server is back); never less than `first_s`."""
-    try:
-        delivered = max(1, int(msg.metadata.num_delivered or 1))
-    except Exception:  # not a JetStream message (no metadata to read)
-        delivered = 1
+    delivered = _delivered(msg)
     cap = UNREACHABLE_NAK_DELAY_S if exc is not None and unreachable(exc) else MAX_NAK_DELAY_S
     return min(first_s * 2 ** min(delivered - 1, 16), max(cap, first_s))
+
+
+def _delivered(msg: Msg) -> int:
+    try:
+        return max(1, int(msg.metadata.num_delivered or 1))
+    except Exception:  # not a JetStream message (no metadata to read)
+        return 1
+
+
+def out_of_deliveries(msg: Msg, exc: BaseException, dead_after: int) -> bool:
+    """Whether a message that failed with `exc` has had its last delivery: its `dead_after`th (0: never),
+    and `exc` not an unreachable server (an outage is waited out)."""
+    return dead_after > 0 and _delivered(msg) >= dead_after and not unreachable(exc)
+
+
+def _given_up(msg: Msg, exc: BaseException) -> str:
+    return f"failed {_delivered(msg)} deliveries, the last with {type(exc).__name__}: {exc}"
+
+
+async def _bury(js: JetStreamContext, durable: str, msg: Msg, cause: str, reason: str) -> None:
+    """Keeps `msg` in the dead-letter stream (see the module), then terminates it; naks it instead when it
+    could not be kept. Published with a Nats-Msg-Id of its stream, consumer and sequence: a message given up
+    on twice (its termination lost) is kept once."""
+    try:
+        stream, sequence = msg.metadata.stream, int(msg.metadata.sequence.stream or 0)
+    except Exception:  # not a JetStream message
+        stream, sequence = "", 0
+    headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
+    headers.update({DEAD_SUBJECT: msg.subject, DEAD_CONSUMER: durable, DEAD_CAUSE: cause,
+                    DEAD_REASON: " ".join(reason.split())[:_REASON_CHARS],
+                    DEAD_DELIVERIES: str(_delivered(msg)), DEAD_SEQUENCE: str(sequence)})
+    if sequence:
+        headers["Nats-Msg-Id"] = f"{stream}.{durable}.{sequence}"
+    kept_in = subjects.dead_letters(stream or "unknown", durable)
+    try:
+        await js.publish(kept_in, msg.data, headers=headers)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.warning("could not keep the message on %s as a dead letter (%s: %s); it will be redelivered",
+                    msg.subject, cause, reason, exc_info=True)
+        await _settle(msg.nak(delay=UNREACHABLE_NAK_DELAY_S), msg)
+        return
+    DEAD_LETTERS.labels(durable, cause).inc()
+    log.error("gave up on the message on %s (%s: %s); kept on %s", msg.subject, cause, reason, kept_in)
+    await _settle(msg.term(), msg)
 
 
 async def _settle(outcome: Awaitable[None], msg: Msg) -> None:

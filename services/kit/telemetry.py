@@ -8,6 +8,7 @@ TUNEFORGE_METRICS_PORT is set (`serve_metrics`, started by services.kit.runtime.
   the call pipeline every handler is built in (services.kit.pipeline: outermost, so the codes the error
   mapping chose, refused credentials included).
 - `tuneforge_metric_points_ingested_total`: metric points the metrics service stored (`INGESTED_POINTS`).
+- `tuneforge_dead_letters_total{consumer,cause}`: messages a consumer gave up on (services.kit.consumer).
 - The jobs service's fleet, counted from its database and JetStream at each scrape
   (services.jobs.telemetry, through `FleetCollector`): `tuneforge_jobs{state}`,
   `tuneforge_jobs_oldest_update_age_seconds{state}`, `tuneforge_work_queue_pending{pool}`,
@@ -47,6 +48,11 @@ RPC_DURATION = Histogram("tuneforge_rpc_duration_seconds",
 INGESTED_POINTS = Counter("tuneforge_metric_points_ingested",
                           "Training metric points the metrics service stored.")
 
+# services.kit.consumer counts each message it gives up on and keeps in TF_DEAD_LETTERS.
+DEAD_LETTERS = Counter("tuneforge_dead_letters",
+                       "Messages a service's consumer gave up on and kept in the TF_DEAD_LETTERS stream, by "
+                       "consumer and cause (permanent, refused_value, deliveries).", ("consumer", "cause"))
+
 # Every metric name this module (and the fleet collector) exports, as Prometheus shows them; the dashboard
 # and alert rules may use these only (tests/deploy/test_observability.py checks).
 FLEET_METRICS = ("tuneforge_jobs", "tuneforge_jobs_oldest_update_age_seconds", "tuneforge_work_queue_pending",
@@ -54,7 +60,7 @@ FLEET_METRICS = ("tuneforge_jobs", "tuneforge_jobs_oldest_update_age_seconds", "
                  "tuneforge_worker_last_heartbeat_age_seconds")
 SERVICE_METRICS = ("tuneforge_rpc_requests_total", "tuneforge_rpc_duration_seconds_bucket",
                    "tuneforge_rpc_duration_seconds_sum", "tuneforge_rpc_duration_seconds_count",
-                   "tuneforge_metric_points_ingested_total", *FLEET_METRICS)
+                   "tuneforge_metric_points_ingested_total", "tuneforge_dead_letters_total", *FLEET_METRICS)
 
 
 def split_method(full_method: str) -> tuple[str, str]:

@@ -52,10 +52,10 @@ def rules() -> dict[str, Any]:
 def test_alert_rules_are_well_formed_groups(rules: dict[str, Any]) -> None:
     assert set(rules) == {"groups"}
     groups = {group["name"]: group for group in rules["groups"]}
-    assert set(groups) == {"tuneforge-jobs", "tuneforge-rpc"}
+    assert set(groups) == {"tuneforge-jobs", "tuneforge-rpc", "tuneforge-messages"}
     alerts = {rule["alert"]: rule for group in groups.values() for rule in group["rules"]}
     assert {"TuneForgeJobStuckRunning", "TuneForgeJobQueuedWithoutWorker", "TuneForgeNoWorkerForPool",
-            "TuneForgeRPCErrorRate"} <= set(alerts)
+            "TuneForgeRPCErrorRate", "TuneForgeDeadLetters"} <= set(alerts)
     for name, rule in alerts.items():
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations", "keep_firing_for"}, name
         assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", name)
@@ -74,6 +74,7 @@ def test_the_alerts_watch_what_the_issue_asks(rules: dict[str, Any]) -> None:
         alerts["TuneForgeNoWorkerForPool"])
     assert 'state="QUEUED"' in alerts["TuneForgeJobQueuedWithoutWorker"]
     assert "tuneforge_rpc_requests_total" in alerts["TuneForgeRPCErrorRate"]
+    assert "tuneforge_dead_letters_total" in alerts["TuneForgeDeadLetters"]
 
 
 def test_the_dashboard_parses_and_uses_only_exported_metrics() -> None:

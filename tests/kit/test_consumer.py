@@ -18,7 +18,14 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from sqlalchemy.exc import DataError, OperationalError
 
+from services.kit import consumer
 from services.kit.consumer import (
+    DEAD_CAUSE,
+    DEAD_CONSUMER,
+    DEAD_DELIVERIES,
+    DEAD_REASON,
+    DEAD_SEQUENCE,
+    DEAD_SUBJECT,
     MAX_NAK_DELAY_S,
     UNREACHABLE_NAK_DELAY_S,
     PermanentError,
@@ -28,6 +35,8 @@ from services.kit.consumer import (
     refused_value,
     unreachable,
 )
+from tuneforge_core import subjects
+from tuneforge_core.nats import stream_configs
 
 STREAM, SUBJECT = "CONSUMER_TEST", "consumer-test.>"
 
@@ -36,18 +45,23 @@ def delivered(count: int | None) -> Any:
     return SimpleNamespace(metadata=SimpleNamespace(num_delivered=count))
 
 
+DEAD_LETTERS_CONFIG = next(c for c in stream_configs() if c.name == subjects.STREAM_DEAD_LETTERS)
+
+
 @contextlib.asynccontextmanager
-async def consuming(nats_url: str, messages: Sequence[bytes],
-                    loop: Any) -> AsyncIterator[JetStreamContext]:
+async def consuming(nats_url: str, messages: Sequence[bytes], loop: Any, *,
+                    dead_letters: bool = True) -> AsyncIterator[JetStreamContext]:
     """A fresh stream holding `messages`, and `loop(js)` consuming it (a consumer loop, cancelled on exit;
-    the stream is deleted)."""
+    the stream is deleted). With `dead_letters`, the platform's dead-letter stream exists too."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     with contextlib.suppress(Exception):
         await js.delete_stream(STREAM)
     await js.add_stream(name=STREAM, subjects=[SUBJECT])
+    if dead_letters:
+        await js.add_stream(DEAD_LETTERS_CONFIG)
     for data in messages:  # all pending before the consumer's first fetch
-        await js.publish("consumer-test.x", data)
+        await js.publish("consumer-test.x", data, headers={"Job": data.decode()})
     task = asyncio.create_task(loop(js))
     try:
         yield js
@@ -57,6 +71,16 @@ async def consuming(nats_url: str, messages: Sequence[bytes],
             await task
         await js.delete_stream(STREAM)
         await nc.drain()
+
+
+async def kept(js: JetStreamContext) -> list[Any]:
+    """What the dead-letter stream holds, oldest first."""
+    try:
+        state = (await js.stream_info(subjects.STREAM_DEAD_LETTERS)).state
+    except NotFoundError:
+        return []
+    return [await js.get_msg(subjects.STREAM_DEAD_LETTERS, seq)
+            for seq in range(state.first_seq, state.last_seq + 1) if state.messages]
 
 
 async def until(done: Any, what: Any) -> None:
@@ -137,8 +161,20 @@ async def test_a_value_the_database_refuses_is_terminated_and_a_transient_failur
 
         await until(settled, (attempts, handled))
         await asyncio.sleep(0.3)  # a naked "too-long" would be back by now
+        dead = await kept(js)
     assert sorted(handled) == [b"fine", b"flaky"]
     assert attempts == {b"too-long": 1, b"flaky": 2, b"fine": 1}
+    # Kept as it came, the original headers with it, saying from where, why and after how many deliveries.
+    assert [m.data for m in dead] == [b"too-long"]
+    letter = dead[0]
+    assert letter.subject == f"tuneforge.dead.{STREAM}.consumer-test"
+    assert letter.headers["Job"] == "too-long"
+    assert letter.headers[DEAD_SUBJECT] == "consumer-test.x"
+    assert letter.headers[DEAD_CONSUMER] == "consumer-test"
+    assert letter.headers[DEAD_CAUSE] == "refused_value"
+    assert "value too long for type character varying(128)" in letter.headers[DEAD_REASON]
+    assert letter.headers[DEAD_DELIVERIES] == "1"
+    assert letter.headers[DEAD_SEQUENCE] == "1"
 
 
 async def test_one_message_failing_its_batch_is_retried_alone_and_the_rest_is_handled_once(
@@ -172,13 +208,135 @@ async def test_one_message_failing_its_batch_is_retried_alone_and_the_rest_is_ha
     messages = [f"m{i:02d}".encode() for i in range(12)]
     messages.insert(7, b"poison")
     messages.insert(2, b"refused")  # a DataError: terminated once found alone, never redelivered
-    async with consuming(nats_url, messages, loop):
+    async with consuming(nats_url, messages, loop) as js:
         async def settled() -> bool:
             return len(handled) == 12 and deliveries.get(b"poison", 0) >= 3
 
         await until(settled, (batches, deliveries))
+        dead = await kept(js)
+    assert [(m.data, m.headers[DEAD_CAUSE]) for m in dead] == [(b"refused", "refused_value")]
     assert batches[0] == messages  # one batch first
     assert sorted(handled) == sorted(m for m in messages if m not in (b"poison", b"refused"))  # each once
     assert all(deliveries[m] == 1 for m in messages if m != b"poison")
     assert [b"refused"] in batches
     assert all(batch == [b"poison"] for batch, again in zip(batches, redeliveries, strict=True) if again)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["consume", "consume_batches"])
+async def test_a_message_failing_every_delivery_is_kept_as_a_dead_letter_after_its_last(
+        nats_url: str, batched: bool) -> None:
+    """A message that fails for a reason nothing names (not a server out of reach) is delivered `dead_after`
+    times, then kept in TF_DEAD_LETTERS and never delivered again; one the handler refuses outright is kept
+    at its first delivery; the others are handled once."""
+    deliveries: dict[bytes, int] = {}
+    handled: list[bytes] = []
+
+    def delivered(msg: Msg) -> None:
+        deliveries[msg.data] = max(deliveries.get(msg.data, 0), int(msg.metadata.num_delivered or 0))
+
+    async def one(msg: Msg) -> None:
+        delivered(msg)
+        if msg.data == b"poison":
+            raise ValueError("a value nothing checked for")
+        if msg.data == b"undecodable":
+            raise PermanentError("undecodable Thing on consumer-test.x")
+        handled.append(msg.data)
+
+    async def many(msgs: Sequence[Msg]) -> Mapping[int, PermanentError]:
+        """All or nothing, as one transaction: a poison message fails the batch it is in."""
+        for msg in msgs:
+            delivered(msg)
+        if any(msg.data == b"poison" for msg in msgs):
+            raise ValueError("a value nothing checked for")
+        handled.extend(msg.data for msg in msgs if msg.data != b"undecodable")
+        return {i: PermanentError("undecodable Thing on consumer-test.x")
+                for i, msg in enumerate(msgs) if msg.data == b"undecodable"}
+
+    def loop(js: JetStreamContext) -> Any:
+        if batched:
+            return consume_batches(js, stream=STREAM, durable="consumer-dead", subject=SUBJECT, handler=many,
+                                   batch=10, fetch_wait_s=0.2, nak_delay_s=0.02, dead_after=3)
+        return consume(js, stream=STREAM, durable="consumer-dead", subject=SUBJECT, handler=one, batch=10,
+                       nak_delay_s=0.02, dead_after=3)
+
+    async with consuming(nats_url, [b"a", b"poison", b"undecodable", b"b"], loop) as js:
+        async def settled() -> bool:
+            return len(await kept(js)) == 2
+
+        await until(settled, (deliveries, handled))
+        await asyncio.sleep(0.5)  # a fourth delivery of "poison" would be here by now
+        dead = await kept(js)
+    assert deliveries[b"poison"] == 3
+    assert deliveries[b"undecodable"] == 1
+    assert sorted(handled) == [b"a", b"b"]
+    letters = {m.data: m.headers for m in dead}
+    assert letters[b"undecodable"][DEAD_CAUSE] == "permanent"
+    assert letters[b"undecodable"][DEAD_REASON] == "undecodable Thing on consumer-test.x"
+    assert letters[b"poison"][DEAD_CAUSE] == "deliveries"
+    assert letters[b"poison"][DEAD_DELIVERIES] == "3"
+    assert letters[b"poison"][DEAD_REASON] == ("failed 3 deliveries, the last with ValueError: a value "
+                                               "nothing checked for")
+    assert {m.subject for m in dead} == {f"tuneforge.dead.{STREAM}.consumer-dead"}
+
+
+async def test_an_unreachable_server_is_waited_out_past_the_last_delivery(nats_url: str) -> None:
+    """A message that fails because a server is out of reach is not given up on, however many deliveries
+    it takes."""
+    deliveries: list[int] = []
+
+    async def handler(msg: Msg) -> None:
+        deliveries.append(int(msg.metadata.num_delivered or 0))
+        if len(deliveries) < 5:
+            raise OperationalError("INSERT", {}, Exception("connection refused"))
+
+    def loop(js: JetStreamContext) -> Any:
+        return consume(js, stream=STREAM, durable="consumer-outage", subject=SUBJECT, handler=handler,
+                       nak_delay_s=0.02, dead_after=2)
+
+    original = consumer.UNREACHABLE_NAK_DELAY_S
+    consumer.UNREACHABLE_NAK_DELAY_S = 0.05  # type: ignore[misc]
+    try:
+        async with consuming(nats_url, [b"waits"], loop) as js:
+            async def handled() -> bool:
+                return len(deliveries) == 5
+
+            await until(handled, deliveries)
+            dead = await kept(js)
+    finally:
+        consumer.UNREACHABLE_NAK_DELAY_S = original  # type: ignore[misc]
+    assert deliveries == [1, 2, 3, 4, 5]
+    assert dead == []
+
+
+async def test_a_message_that_cannot_be_kept_is_redelivered_not_dropped(
+        nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nowhere to keep it (the dead-letter stream missing, NATS failing), a message given up on is
+    delivered again; once it can be kept, it is, and its deliveries end."""
+    monkeypatch.setattr(consumer, "UNREACHABLE_NAK_DELAY_S", 0.05)
+    deliveries: list[int] = []
+
+    async def handler(msg: Msg) -> None:
+        deliveries.append(int(msg.metadata.num_delivered or 0))
+        raise PermanentError("undecodable Thing on consumer-test.x")
+
+    def loop(js: JetStreamContext) -> Any:
+        return consume(js, stream=STREAM, durable="consumer-nowhere", subject=SUBJECT, handler=handler,
+                       nak_delay_s=0.02)
+
+    async with consuming(nats_url, [b"lost?"], loop, dead_letters=False) as js:
+        async def redelivered() -> bool:
+            return len(deliveries) >= 3
+
+        await until(redelivered, deliveries)
+        await js.add_stream(DEAD_LETTERS_CONFIG)
+
+        async def kept_once() -> bool:
+            return len(await kept(js)) == 1
+
+        await until(kept_once, deliveries)
+        settled = len(deliveries)
+        await asyncio.sleep(0.5)
+        dead = await kept(js)
+    assert len(deliveries) == settled  # terminated once kept
+    assert [m.data for m in dead] == [b"lost?"]
+    assert dead[0].headers[DEAD_DELIVERIES] == str(deliveries[-1])

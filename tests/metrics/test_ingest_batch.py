@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
-from services.kit.consumer import PermanentError, consume_batches
+from services.kit.consumer import DEAD_CAUSE, DEAD_REASON, DEAD_SUBJECT, PermanentError, consume_batches
 from services.kit.db import Database, DriverConnection
 from services.metrics import repository
 from services.metrics.component import MIGRATIONS_DIR
@@ -458,6 +458,14 @@ async def test_the_consumer_acks_a_batch_after_its_commit_and_terminates_a_bad_m
         assert batches == [len(messages)]
         assert deliveries == len(messages)  # acked or terminated at the first delivery: none naked
         assert ack_floor == len(messages)
+        # The bad message is kept as it came, saying why, where an operator finds it.
+        dead = await js.get_last_msg(subjects.STREAM_DEAD_LETTERS,
+                                     subjects.dead_letters(subjects.STREAM_WORKER, DURABLE))
+        assert dead.data == b"\xff\xffnot a protobuf"
+        assert dead.headers is not None
+        assert dead.headers[DEAD_CAUSE] == "permanent"
+        assert dead.headers[DEAD_SUBJECT] == subjects.worker_metrics("job_b")
+        assert "undecodable MetricsReported" in dead.headers[DEAD_REASON]
         for job_id in ("job_a", "job_b", "job_c"):
             assert [step for step, *_ in stored_points(db, job_id)] == list(range(100))
         assert sorted(feed.metrics_announced()) == ["job_a", "job_b", "job_c"]
