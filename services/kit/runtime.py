@@ -77,6 +77,11 @@ GRPC_OPTIONS = [
 # A server owns its port: with SO_REUSEPORT on (grpcio's default) a second server binds the same
 # address and the kernel splits connections between the two.
 SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+# Channels between services spread their calls over every address their target resolves to (gRPC's
+# round_robin; its default, pick_first, keeps them all on the first). A Kubernetes ClusterIP resolves to
+# one address, and one HTTP/2 connection then stays on one pod; the manifests name each service's headless
+# Service instead ("dns:///jobs-pods:50051"), which resolves to every ready pod (deploy/k8s/base).
+CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
 # The exit status of a service process whose address is taken (EADDRINUSE on Linux).
 EXIT_ADDRESS_IN_USE = 98
 
@@ -120,16 +125,17 @@ class Runtime:
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        """A channel to another service, carrying the service token; an empty address means this
-        process' own server."""
+        """A channel to another service, carrying the service token, its calls spread over every address
+        `address` resolves to (CHANNEL_OPTIONS); an empty address means this process' own server."""
         target = address or self.address
         if target not in self._channels:
             interceptors = bearer_interceptors(self.service_token)
             credentials = channel_credentials(self.settings)
+            options = CHANNEL_OPTIONS
             self._channels[target] = (
-                grpc.aio.secure_channel(target, credentials, options=GRPC_OPTIONS, interceptors=interceptors)
+                grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
                 if credentials is not None
-                else grpc.aio.insecure_channel(target, options=GRPC_OPTIONS, interceptors=interceptors))
+                else grpc.aio.insecure_channel(target, options=options, interceptors=interceptors))
         return self._channels[target]
 
     async def close(self) -> None:

@@ -102,6 +102,16 @@ def envoy_routes(config: Doc) -> dict[str, tuple[str, int]]:
     return {r["match"]["prefix"]: clusters[r["route"]["cluster"]] for r in host["routes"]}
 
 
+def headless_upstreams(config: Doc) -> Doc:
+    """Compose's Envoy config with each upstream host `<name>` named `<name>-pods` (the Kubernetes copy)."""
+    for cluster in config["static_resources"]["clusters"]:
+        for group in cluster["load_assignment"]["endpoints"]:
+            for endpoint in group["lb_endpoints"]:
+                address = endpoint["endpoint"]["address"]["socket_address"]
+                address["address"] = f"{address['address']}-pods"
+    return config
+
+
 def compose() -> dict[str, Any]:
     if not COMPOSE.exists():
         pytest.skip("docker-compose.yml does not exist")
@@ -162,8 +172,9 @@ def test_the_http_gateway_calls_the_router_which_is_composes_envoy(name: str) ->
     assert router["metadata"]["name"] == "gateway"
     envoy = container(docs, "gateway")
     config = envoy_config(docs)
-    # The same config as compose's Envoy (comments aside), mounted where the command reads it.
-    assert config == yaml.safe_load(COMPOSE_ENVOY.read_text())
+    # The same config as compose's Envoy (comments aside) but for the upstream hosts, which are the
+    # services' headless Services here, mounted where the command reads it.
+    assert config == headless_upstreams(yaml.safe_load(COMPOSE_ENVOY.read_text()))
     args = envoy["command"]
     config_path = Path(args[args.index("-c") + 1])
     (mount,) = [m for m in envoy["volumeMounts"] if m["mountPath"] == str(config_path.parent)]
@@ -198,10 +209,15 @@ def test_the_router_routes_every_grpc_service_as_the_ingress_does(name: str) -> 
                for rule in grpc_ingress["spec"]["rules"] for path in rule["http"]["paths"]}
     assert set(routes) == set(ingress)
     for prefix, (host, port) in routes.items():
-        assert host == ingress[prefix], prefix
+        # The headless twin of the Service the Ingress names: every ready pod of the same Deployment, so
+        # Envoy spreads the calls over the replicas (a ClusterIP keeps an HTTP/2 connection on one).
+        assert host == f"{ingress[prefix]}-pods", prefix
+        assert named(docs, "Service", host)["spec"]["clusterIP"] == "None", host
         service_port, deployment = service_target(docs, f"{host}:{port}")
         assert service_port["name"] == "grpc" and port == GRPC_PORT
         assert deployment["metadata"]["name"] in SERVICES
+        _, ingress_deployment = service_target(docs, f"{ingress[prefix]}:{port}")
+        assert deployment is ingress_deployment, prefix
 
 
 # -- who may reach whom ----------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def is_address(var: str) -> bool:
 
 def host_port(name: str, value: str) -> tuple[str, int | None]:
     if name.endswith("_ADDRESS") or name in HOST_PORT_SETTINGS:
-        host, _, port = value.rpartition(":")
+        host, _, port = value.removeprefix("dns:///").rpartition(":")
         return host, int(port)
     url = urlsplit(value)
     assert url.hostname, f"{name}={value}: no host"
@@ -260,7 +260,9 @@ def test_compose_services_agree_on_shared_settings() -> None:
 
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_compose_and_k8s_name_the_services_alike(name: str) -> None:
-    """The same service names and ports in both (a client or script written for one works on the other)."""
+    """The same service names and ports in both (a client or script written for one works on the other).
+    Kubernetes' services reach each other through each Service's headless twin, "dns:///<name>-pods:port"
+    (every replica; base/services.yaml), which names the same service."""
     k8s = {var: env[var] for env in k8s_processes(name).values() for var in env
            if var.endswith("_ADDRESS") or var in HOST_PORT_SETTINGS}
     in_compose = {var: value for s in compose()["services"].values()
@@ -269,4 +271,12 @@ def test_compose_and_k8s_name_the_services_alike(name: str) -> None:
     assert k8s and in_compose
     assert "TUNEFORGE_GATEWAY_GRPC_TARGET" in k8s.keys() & in_compose.keys()
     for var in k8s.keys() & in_compose.keys():
-        assert k8s[var] == in_compose[var], var
+        assert same_service(k8s[var]) == in_compose[var], var
+
+
+def same_service(address: Any) -> Any:
+    """A "dns:///<name>-pods:port" address as "<name>:port"; any other as it is."""
+    if not isinstance(address, str) or not address.startswith("dns:///"):
+        return address
+    host, _, port = address.removeprefix("dns:///").rpartition(":")
+    return f"{host.removesuffix('-pods')}:{port}"
