@@ -24,6 +24,10 @@ its commit), and an exception naks the whole batch for redelivery when it says a
 one failing message does not hold back the rest (`_handle_batch`); a message failing alone with a
 `DataError`, or for the `dead_after`th time, is kept as a dead letter and terminated.
 
+While a fetch is handled, its messages not settled yet get an in-progress ack every third of the ack
+wait (`_in_progress`): one handled for longer (a slow database, a batch halved down to its failing message)
+is not handed to another replica of the service meanwhile.
+
 With tracing on, `consume` handles each message inside a CONSUMER span that continues the trace its
 headers carry (tuneforge_core.tracing), so what the handler writes (an outbox row) stays in that trace.
 """
@@ -86,29 +90,33 @@ async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: s
                 msgs = await sub.fetch(batch, timeout=1.0)
             except (TimeoutError, NatsTimeoutError):
                 continue
-            for msg in msgs:
-                try:
-                    with tracing.consumer_span(f"consume {msg.subject}", msg.headers,
-                                               {"messaging.system": "nats",
-                                                "messaging.destination.name": msg.subject,
-                                                "messaging.consumer.group.name": durable}):
-                        await handler(msg)
-                    await msg.ack()
-                except asyncio.CancelledError:
-                    raise
-                except PermanentError as exc:
-                    await bury(msg, "permanent", str(exc))
-                except Exception as exc:
-                    if refused_value(exc):
-                        await bury(msg, "refused_value", f"the database refuses a value it holds: {exc}")
-                        continue
-                    if out_of_deliveries(msg, exc, dead_after):
-                        log.exception("handler failed for %s at its last delivery", msg.subject)
-                        await bury(msg, "deliveries", _given_up(msg, exc))
-                        continue
-                    delay = nak_delay(msg, nak_delay_s, exc)
-                    log.exception("handler failed for %s; will retry in %.0f s", msg.subject, delay)
-                    await _settle(msg.nak(delay=delay), msg)
+            progress = asyncio.create_task(_in_progress(msgs, ack_wait_s))
+            try:
+                for msg in msgs:
+                    try:
+                        with tracing.consumer_span(f"consume {msg.subject}", msg.headers,
+                                                   {"messaging.system": "nats",
+                                                    "messaging.destination.name": msg.subject,
+                                                    "messaging.consumer.group.name": durable}):
+                            await handler(msg)
+                        await msg.ack()
+                    except asyncio.CancelledError:
+                        raise
+                    except PermanentError as exc:
+                        await bury(msg, "permanent", str(exc))
+                    except Exception as exc:
+                        if refused_value(exc):
+                            await bury(msg, "refused_value", f"the database refuses a value it holds: {exc}")
+                            continue
+                        if out_of_deliveries(msg, exc, dead_after):
+                            log.exception("handler failed for %s at its last delivery", msg.subject)
+                            await bury(msg, "deliveries", _given_up(msg, exc))
+                            continue
+                        delay = nak_delay(msg, nak_delay_s, exc)
+                        log.exception("handler failed for %s; will retry in %.0f s", msg.subject, delay)
+                        await _settle(msg.nak(delay=delay), msg)
+            finally:
+                progress.cancel()
     finally:
         try:
             await sub.unsubscribe()
@@ -143,7 +151,8 @@ async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, su
             except (TimeoutError, NatsTimeoutError):
                 continue
             if msgs:
-                handling.add(asyncio.create_task(_handle_batch(msgs, handler, nak_delay_s, bury, dead_after)))
+                handling.add(asyncio.create_task(_in_time(
+                    msgs, ack_wait_s, _handle_batch(msgs, handler, nak_delay_s, bury, dead_after))))
     finally:
         for task in handling:
             task.cancel()
@@ -222,6 +231,30 @@ def nak_delay(msg: Msg, first_s: float, exc: BaseException | None = None) -> flo
     delivered = _delivered(msg)
     cap = UNREACHABLE_NAK_DELAY_S if exc is not None and unreachable(exc) else MAX_NAK_DELAY_S
     return min(first_s * 2 ** min(delivered - 1, 16), max(cap, first_s))
+
+
+async def _in_progress(msgs: Sequence[Msg], ack_wait_s: float) -> None:
+    """Tells JetStream, every third of `ack_wait_s`, that the messages not settled yet are still being
+    handled (an in-progress ack, +WPI): a fetch handled for longer than the ack wait (a slow database, a
+    batch halved down to its failing message, the last messages of a `consume` fetch) is then not handed
+    to another replica of the service meanwhile. Runs until cancelled."""
+    while True:
+        await asyncio.sleep(ack_wait_s / 3)
+        for msg in msgs:
+            if not msg.is_acked:  # neither acked, naked nor terminated yet
+                try:
+                    await msg.in_progress()
+                except Exception:  # only means JetStream may redeliver it after the ack wait
+                    log.debug("in-progress ack failed for %s", msg.subject, exc_info=True)
+
+
+async def _in_time(msgs: Sequence[Msg], ack_wait_s: float, handling: Awaitable[None]) -> None:
+    """Awaits `handling` of `msgs` while telling JetStream they are in progress (`_in_progress`)."""
+    progress = asyncio.create_task(_in_progress(msgs, ack_wait_s))
+    try:
+        await handling
+    finally:
+        progress.cancel()
 
 
 def _delivered(msg: Msg) -> int:

@@ -279,7 +279,8 @@ async def test_a_message_failing_every_delivery_is_kept_as_a_dead_letter_after_i
     assert {m.subject for m in dead} == {f"tuneforge.dead.{STREAM}.consumer-dead"}
 
 
-async def test_an_unreachable_server_is_waited_out_past_the_last_delivery(nats_url: str) -> None:
+async def test_an_unreachable_server_is_waited_out_past_the_last_delivery(
+        nats_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A message that fails because a server is out of reach is not given up on, however many deliveries
     it takes."""
     deliveries: list[int] = []
@@ -293,17 +294,13 @@ async def test_an_unreachable_server_is_waited_out_past_the_last_delivery(nats_u
         return consume(js, stream=STREAM, durable="consumer-outage", subject=SUBJECT, handler=handler,
                        nak_delay_s=0.02, dead_after=2)
 
-    original = consumer.UNREACHABLE_NAK_DELAY_S
-    consumer.UNREACHABLE_NAK_DELAY_S = 0.05  # type: ignore[misc]
-    try:
-        async with consuming(nats_url, [b"waits"], loop) as js:
-            async def handled() -> bool:
-                return len(deliveries) == 5
+    monkeypatch.setattr(consumer, "UNREACHABLE_NAK_DELAY_S", 0.05)
+    async with consuming(nats_url, [b"waits"], loop) as js:
+        async def handled() -> bool:
+            return len(deliveries) == 5
 
-            await until(handled, deliveries)
-            dead = await kept(js)
-    finally:
-        consumer.UNREACHABLE_NAK_DELAY_S = original  # type: ignore[misc]
+        await until(handled, deliveries)
+        dead = await kept(js)
     assert deliveries == [1, 2, 3, 4, 5]
     assert dead == []
 
@@ -340,3 +337,49 @@ async def test_a_message_that_cannot_be_kept_is_redelivered_not_dropped(
     assert len(deliveries) == settled  # terminated once kept
     assert [m.data for m in dead] == [b"lost?"]
     assert dead[0].headers[DEAD_DELIVERIES] == str(deliveries[-1])
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["consume", "consume_batches"])
+async def test_a_message_handled_past_the_ack_wait_is_not_handed_to_another_replica(
+        nats_url: str, batched: bool) -> None:
+    """Two replicas of a service pull from one durable consumer; a message whose handling takes longer than
+    the ack wait stays with the replica handling it (in-progress acks), and is handled once."""
+    handled: list[tuple[str, bytes, int]] = []
+
+    def handler_of(replica: str) -> Any:
+        async def one(msg: Msg) -> None:
+            handled.append((replica, msg.data, int(msg.metadata.num_delivered or 0)))
+            if msg.data == b"slow":
+                await asyncio.sleep(2.5)  # over twice the ack wait
+
+        async def many(msgs: Sequence[Msg]) -> Mapping[int, PermanentError]:
+            for msg in msgs:
+                await one(msg)
+            return {}
+
+        return many if batched else one
+
+    def replica(js: JetStreamContext, name: str) -> Any:
+        if batched:
+            return consume_batches(js, stream=STREAM, durable="consumer-slow", subject=SUBJECT,
+                                   handler=handler_of(name), batch=10, fetch_wait_s=0.2, ack_wait_s=1.0)
+        return consume(js, stream=STREAM, durable="consumer-slow", subject=SUBJECT, handler=handler_of(name),
+                       batch=10, ack_wait_s=1.0)
+
+    async with consuming(nats_url, [b"slow", b"next"], lambda js: replica(js, "a")) as js:
+        async def fetched() -> bool:  # replica a has the fetch
+            return bool(handled)
+
+        await until(fetched, handled)
+        other = asyncio.create_task(replica(js, "b"))
+        try:
+            await asyncio.sleep(3.5)
+            info = await js.consumer_info(STREAM, "consumer-slow")
+        finally:
+            other.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await other
+    assert sorted(data for _, data, _ in handled) == [b"next", b"slow"], handled
+    assert all(delivery == 1 for *_, delivery in handled), handled
+    assert info.num_redelivered == 0
+    assert info.num_ack_pending == 0
