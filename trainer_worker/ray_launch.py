@@ -11,11 +11,12 @@ torchrun's variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SI
 the process group Ray Train made (gloo on CPUs, nccl on GPUs), which
 :func:`trainer_worker.distributed.init_process_group` joins, DeepSpeed included.
 
-Placement: ``node_count x ranks per node`` workers, gang-scheduled in one placement group. One rank per
-node (CPU jobs, one-GPU nodes) is ``STRICT_SPREAD``: every rank on its own Ray node. Several GPUs per node
-is ``PACK`` with one GPU per rank: Ray fills a node's GPUs before the next node's, so on nodes of
-``gpu_count`` GPUs (a KubeRay worker group sized like the job) the ranks land ``gpu_count`` to a node on
-``node_count`` nodes; the rank lines say where each one ran (the Ray node id).
+Placement: ``node_count x ranks per node`` workers, gang-scheduled in one placement group, on nodes with the
+job's GPU type (:data:`GPU_TYPE_LABEL`). One rank per node (CPU jobs, one-GPU nodes) is ``STRICT_SPREAD``:
+every rank on its own Ray node. Several GPUs per node is ``PACK`` with one GPU per rank: Ray fills a node's
+GPUs before the next node's, so on nodes of ``gpu_count`` GPUs (a KubeRay worker group sized like the job)
+the ranks land ``gpu_count`` to a node on ``node_count`` nodes; the rank lines say where each one ran (the
+Ray node id).
 
 Storage: the worker's work dir (RUN.json, data, model, the events file, checkpoints, outputs) must be on a
 filesystem every Ray node mounts at the same path (a ReadWriteMany volume on Kubernetes). The agent then
@@ -71,16 +72,28 @@ RANK_ENV_NAMES = frozenset({"PYTHONUNBUFFERED", *KEPT_TUNEFORGE})
 RANK_ENV_FIXED = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+# The Ray node label naming a node's GPU type, as the catalog's hardware option (nvidia-h100,
+# nvidia-a100-80gb, ...): each GPU group of deploy/k8s/components/ray/raycluster.yaml sets it, and a node
+# started by hand takes it with `ray start --labels=tuneforge.dev/gpu-type=<option>`. A GPU job's ranks ask
+# for it (Ray Train's label_selector), so a job for H100s runs on H100 nodes only, never on whatever GPU a
+# mixed cluster has free; a cluster with no node of the job's type leaves it waiting.
+GPU_TYPE_LABEL = "tuneforge.dev/gpu-type"
+
+
 def scaling(spec: job_pb2.JobSpec) -> dict[str, Any]:
-    """ScalingConfig's arguments for the job: one Ray Train worker per rank, placed node by node."""
+    """ScalingConfig's arguments for the job: one Ray Train worker per rank, placed node by node, on
+    nodes labelled with the job's GPU type (`GPU_TYPE_LABEL`)."""
     per_node = distributed.process_count(spec)
     gpus = distributed.uses_gpus(spec)
-    return {
+    config: dict[str, Any] = {
         "num_workers": distributed.node_count(spec) * per_node,
         "use_gpu": gpus,
         "resources_per_worker": {"GPU": 1} if gpus else {"CPU": 1},
         "placement_strategy": "STRICT_SPREAD" if per_node == 1 else "PACK",
     }
+    if gpus:
+        config["label_selector"] = {GPU_TYPE_LABEL: spec.hardware.gpu_type}
+    return config
 
 
 def rank_env(environ: dict[str, str] | None = None) -> dict[str, str]:

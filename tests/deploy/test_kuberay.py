@@ -34,6 +34,7 @@ from tests.deploy.test_k8s_manifests import (
     pod_spec,
     validation_errors,
 )
+from trainer_worker import ray_launch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = Path(__file__).with_name("kuberay") / "raycluster-v1.schema.json"
@@ -214,8 +215,8 @@ def test_one_gpu_group_per_gpu_pool_on_the_same_nodes_and_gpus() -> None:
         gpus = int(env_of(worker)["TUNEFORGE_WORKER_GPU_COUNT"]["value"])
         for kind in ("requests", "limits"):
             assert ray_worker["resources"][kind]["nvidia.com/gpu"] == gpus, name
-        # Ray labels the node with the pool's hardware option (a label selector can pick the type).
-        assert group["labels"] == {"tuneforge.dev/gpu-type": name}
+        # Ray labels the node with the pool's hardware option, which a GPU job's ranks select.
+        assert group["labels"] == {ray_launch.GPU_TYPE_LABEL: name}
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         # The probes check the raylet on the port its rayStartParams pin.
         port = int(group["rayStartParams"]["node-manager-port"])

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import pytest
 from ray.cluster_utils import Cluster
+from ray.train.v2.api.config import ScalingConfig
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
 
@@ -262,9 +263,13 @@ def test_ranks_are_placed_one_per_node_or_packed_by_gpu() -> None:
         "num_workers": 2, "use_gpu": False, "resources_per_worker": {"CPU": 1},
         "placement_strategy": "STRICT_SPREAD",
     }
-    gpus = ray_launch.scaling(_spec(node_count=4, gpu_count=8, gpu_type="nvidia-h100"))
+    gpus = ray_launch.scaling(_spec(node_count=4, gpu_count=8, gpu_type="nvidia-a100-80gb"))
     assert gpus == {"num_workers": 32, "use_gpu": True, "resources_per_worker": {"GPU": 1},
-                    "placement_strategy": "PACK"}
+                    "placement_strategy": "PACK",
+                    "label_selector": {"tuneforge.dev/gpu-type": "nvidia-a100-80gb"}}
+    # Every rank asks for a node of the job's GPU type, as Ray Train's own config hands it to placement.
+    selectors = ScalingConfig(**gpus)._label_selector_per_worker(32)
+    assert selectors == [{"tuneforge.dev/gpu-type": "nvidia-a100-80gb"}] * 32
     env = ray_launch.rank_env({"HF_HUB_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": "/x",
                                "NCCL_SOCKET_IFNAME": "eth0", "PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0",
                                "HOSTNAME": "worker-0"})
