@@ -3,8 +3,9 @@
 1. One transaction (`JobDeletions.delete`): the job is looked up in the caller's organization (another
    organization's job is NOT_FOUND, as everywhere), must have ended (else FAILED_PRECONDITION with reason
    JOB_STATE_CONFLICT naming its state), and then its row is deleted, a tombstone (`JobDeletionRow`: id,
-   organization, name, when) is written, and a last JobChanged with `deleted` set goes into the outbox.
-   From that commit on GetJob, ListJobs and WatchJob no longer see the job, and its name is free.
+   organization, name, request_id, when) is written, and a last JobChanged with `deleted` set goes into
+   the outbox. From that commit on GetJob, ListJobs and WatchJob no longer see the job, and its name is
+   free.
 2. The purge (`JobDeletions.purge`), right after, and again from the sweep until it completes: every object
    under jobs/<organization>/<job id>/ in the object store (checkpoints, adapter, merged weights); once the
    deletion event is published, the job's messages that JetStream still holds (its worker subjects on
@@ -17,7 +18,9 @@
    late worker message delivered afterwards cannot bring anything back.
 
 Deleting again is OK (`already_deleted`), by id, or by name while no newer job took the name; it also runs a
-purge that has not completed. The tombstones hold no data of the job and are kept.
+purge that has not completed. The tombstones hold no data of the job (its id, organization and name, and
+the CreateJob request_id that made it: a create retried with it is told the job was deleted instead of
+making it again) and are kept.
 """
 
 from __future__ import annotations
@@ -128,7 +131,8 @@ class JobDeletions:
         event.time.CopyFrom(to_timestamp(row.update_time))
         add_event(session, JobOutbox, subjects.job_events(row.id), event, event.event_id)
         session.add(JobDeletionRow(job_id=row.id, organization=row.organization, name=row.name,
-                                   deleted_at=row.update_time))
+                                   deleted_at=row.update_time, request_id=row.request_id,
+                                   request_hash=row.request_hash))
         # A worker whose last heartbeat named the job shows it no longer.
         session.execute(update(WorkerRow).where(WorkerRow.job_id == row.id)
                         .values(job_id="", job_organization="", attempt=0))

@@ -48,6 +48,7 @@ import grpc
 from google.rpc import status_pb2
 from nats.aio.client import Client as NATS
 from sqlalchemy import event as sa_event
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tuneforge.events.v1 import events_pb2
@@ -57,7 +58,7 @@ from services.jobs import model_types, timeline, usage, warm_start
 from services.jobs.converters import job_to_proto, worker_to_proto
 from services.jobs.datasets_client import DatasetLookup
 from services.jobs.estimation_client import HardwareCheck
-from services.jobs.models import JobInbox, JobOutbox, JobRow, WorkerRow
+from services.jobs.models import JobDeletionRow, JobInbox, JobOutbox, JobRow, WorkerRow
 from services.jobs.quotas import SLOT_STATES, JobQuotas, held_note
 from services.jobs.read_cache import JobReadCache
 from services.jobs.repository import JobLookups, JobReader, JobRepository, WorkerRepository
@@ -133,6 +134,11 @@ def _job_holders(on_worker: Sequence[JobRow], queued: Sequence[JobRow]) -> Calla
     holding = {job.worker_id for job in on_worker}
     unfinished = {job.id for job in on_worker} | {job.id for job in queued}
     return lambda w: w.id in holding or (w.state == W.WORKER_STATE_BUSY and w.job_id in unfinished)
+
+
+def _request_id_reused(request_id: str) -> AlreadyExists:
+    return AlreadyExists("request_id was already used for a different request",
+                         reason=Reason.REQUEST_ID_REUSED, metadata={"request_id": request_id})
 
 
 def _request_hash(request: job_service_pb2.CreateJobRequest) -> str:
@@ -490,10 +496,22 @@ class JobManager:
                 request: job_service_pb2.CreateJobRequest) -> job_pb2.Job | None:
         row = JobRepository(session).by_request_id(org, request.request_id)
         if row is None:
-            return None
+            # The job it made may have been deleted since: a retried create does not make it again.
+            gone = session.scalars(select(JobDeletionRow).where(
+                JobDeletionRow.organization == org, JobDeletionRow.request_id == request.request_id)
+                .order_by(JobDeletionRow.deleted_at.desc()).limit(1)).first()
+            if gone is None:
+                return None
+            if gone.request_hash != _request_hash(request):
+                raise _request_id_reused(request.request_id)
+            raise AlreadyExists(
+                f"request_id '{request.request_id}' already created job {gone.job_id}, which was deleted at "
+                f"{as_utc(gone.deleted_at):%Y-%m-%d %H:%M:%S} UTC; send a new request_id to create another "
+                "job",
+                reason=Reason.REQUEST_ID_REUSED,
+                metadata={"request_id": request.request_id, "job": gone.job_id, "deleted": "true"})
         if row.request_hash != _request_hash(request):
-            raise AlreadyExists("request_id was already used for a different request",
-                                reason=Reason.REQUEST_ID_REUSED, metadata={"request_id": request.request_id})
+            raise _request_id_reused(request.request_id)
         return job_to_proto(row)
 
     @staticmethod

@@ -157,12 +157,18 @@ class JobDeletionRow(Base):
     objects and leftover rows are gone; until then the sweep finishes what a crash interrupted."""
 
     __tablename__ = "jobs_deletions"
-    __table_args__ = (Index("ix_jobs_deletions_org_name", "organization", "name"),)
+    __table_args__ = (Index("ix_jobs_deletions_org_name", "organization", "name"),
+                      Index("ix_jobs_deletions_org_request_id", "organization", "request_id"))
 
     job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     organization: Mapped[str] = mapped_column(String(63))
     # So that deleting again by name is OK too (while no newer job took the name).
     name: Mapped[str] = mapped_column(String(63))
+    # The CreateJob request_id (and request hash) that made the job: a create retried with it after the
+    # deletion is told so, instead of making the job again (JobManager._replay). NULL: none, or deleted
+    # before these were kept.
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    request_hash: Mapped[str] = mapped_column(String(64), default="")
     deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
 

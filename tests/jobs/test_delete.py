@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 from tuneforge.events.v1 import events_pb2
-from tuneforge.v1 import job_pb2
+from tuneforge.v1 import job_pb2, job_service_pb2
 
 from services.jobs.component import MIGRATIONS
 from services.jobs.deletion import JobDeletions
@@ -19,8 +19,9 @@ from services.jobs.manager import JobManager
 from services.jobs.models import JobDeletionRow, JobOutbox, JobRow
 from services.kit.db import Database
 from services.kit.outbox import OutboxRelay, add_event, utcnow
+from tests.jobs.test_create import Datasets
 from tuneforge_core import subjects
-from tuneforge_core.errors import FailedPrecondition, NotFound, Unavailable
+from tuneforge_core.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from tuneforge_core.reasons import Reason
 from tuneforge_core.storage import LocalObjectStore
 
@@ -178,3 +179,46 @@ async def test_a_job_that_has_not_ended_is_refused(
         assert store.list_keys(f"jobs/{ORG}/{job_id}/") and await tombstone(db, job_id) is None
     with pytest.raises(NotFound):
         await jobs.delete(ORG, "never-was")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_create_retried_after_its_job_was_deleted_does_not_make_it_again(
+        request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> None:
+    """CreateJob with a request_id is idempotent while its job exists (the same job), and after the job was
+    deleted too: the retry is refused, naming the deleted job, instead of creating it anew."""
+    url = (f"sqlite:///{tmp_path / 'jobs.db'}" if backend == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    db = Database(url, "jobs")
+    db.migrate(MIGRATIONS)
+    js = FakeJetStream()
+    relay = OutboxRelay(db, js, JobOutbox)  # type: ignore[arg-type]
+    store = CrashingStore(tmp_path / "objects")
+    datasets = Datasets()
+    datasets.add("data", validation=False)
+    jobs = JobManager(db, relay, datasets, store, nc=None)  # type: ignore[arg-type]
+    try:
+        create = job_service_pb2.CreateJobRequest(
+            organization=ORG, spec=job_pb2.JobSpec(base_model="org/model", dataset="data"), request_id="once")
+        job = await jobs.create(create)
+        assert (await jobs.create(create)).id == job.id  # retried while it exists: the same job
+        await jobs.cancel(ORG, job.id)
+        await deletions(db, relay, store, js).delete(ORG, job.id)
+
+        with pytest.raises(AlreadyExists) as info:
+            await jobs.create(create)
+        error = info.value
+        assert error.reason == Reason.REQUEST_ID_REUSED
+        assert error.metadata == {"request_id": "once", "job": job.id, "deleted": "true"}
+        assert f"request_id 'once' already created job {job.id}, which was deleted at" in error.message
+        # Another request under that request_id is refused as before; a new request_id makes a new job.
+        other = job_service_pb2.CreateJobRequest(organization=ORG, name="other", spec=create.spec,
+                                                 request_id="once")
+        with pytest.raises(AlreadyExists, match="already used for a different request"):
+            await jobs.create(other)
+        assert (await jobs.create(job_service_pb2.CreateJobRequest(
+            organization=ORG, spec=create.spec, request_id="twice"))).id != job.id
+        # Another organization's request_ids are its own.
+        assert (await jobs.create(job_service_pb2.CreateJobRequest(
+            organization="umbrella", spec=create.spec, request_id="once"))).organization == "umbrella"
+    finally:
+        db.dispose()

@@ -97,7 +97,9 @@ type CreateJobRequest struct {
 	Spec *JobSpec `protobuf:"bytes,4,opt,name=spec,proto3" json:"spec,omitempty"`
 	// Labels for the user's own bookkeeping; keys and values at most 63 characters, at most 64 entries.
 	Labels map[string]string `protobuf:"bytes,5,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key,proto3" protobuf_val:"bytes,2,opt,name=value,proto3"`
-	// Idempotency key: retrying with the same request_id returns the job created the first time.
+	// Idempotency key: retrying with the same request_id returns the job created the first time; once that
+	// job was deleted, ALREADY_EXISTS (reason REQUEST_ID_REUSED, metadata "job" naming it, "deleted" "true").
+	// A different request under a used request_id is ALREADY_EXISTS too (reason REQUEST_ID_REUSED).
 	RequestId string `protobuf:"bytes,6,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// Validate and return the job that would be created, without creating it.
 	ValidateOnly bool `protobuf:"varint,7,opt,name=validate_only,json=validateOnly,proto3" json:"validate_only,omitempty"`

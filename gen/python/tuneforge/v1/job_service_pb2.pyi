@@ -95,7 +95,10 @@ class CreateJobRequest(_message.Message):
     description: _builtins.str
     """Free text for people, at most 1024 characters."""
     request_id: _builtins.str
-    """Idempotency key: retrying with the same request_id returns the job created the first time."""
+    """Idempotency key: retrying with the same request_id returns the job created the first time; once that
+    job was deleted, ALREADY_EXISTS (reason REQUEST_ID_REUSED, metadata "job" naming it, "deleted" "true").
+    A different request under a used request_id is ALREADY_EXISTS too (reason REQUEST_ID_REUSED).
+    """
     validate_only: _builtins.bool
     """Validate and return the job that would be created, without creating it."""
     priority: _job_pb2.JobPriority.ValueType

@@ -65,7 +65,9 @@ export type CreateJobRequest = Message<"tuneforge.v1.CreateJobRequest"> & {
   labels: { [key: string]: string };
 
   /**
-   * Idempotency key: retrying with the same request_id returns the job created the first time.
+   * Idempotency key: retrying with the same request_id returns the job created the first time; once that
+   * job was deleted, ALREADY_EXISTS (reason REQUEST_ID_REUSED, metadata "job" naming it, "deleted" "true").
+   * A different request under a used request_id is ALREADY_EXISTS too (reason REQUEST_ID_REUSED).
    *
    * @generated from field: string request_id = 6;
    */
