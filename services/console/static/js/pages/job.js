@@ -478,15 +478,26 @@ function renderEvaluation(report) {
 // ---- artifacts ----------------------------------------------------------------------------------------
 
 let artifactsLoading = false;
+let artifactsAgain = false;
 
+// One listing at a time; one asked for meanwhile (the job ended while a checkpoint's listing was on its
+// way) runs once that one is back, so the last listing shown is never older than the last reason to list.
 async function loadArtifacts() {
-  if (artifactsLoading) return;
+  if (artifactsLoading) {
+    artifactsAgain = true;
+    return;
+  }
   artifactsLoading = true;
   try {
-    const res = await get(`${jobPath}/artifacts`);
-    renderArtifacts(res.artifacts || []);
-  } catch (err) {
-    replace(artifactBody, errorBox(err, "Could not list the artifacts"));
+    do {
+      artifactsAgain = false;
+      try {
+        const res = await get(`${jobPath}/artifacts`);
+        renderArtifacts(res.artifacts || []);
+      } catch (err) {
+        replace(artifactBody, errorBox(err, "Could not list the artifacts"));
+      }
+    } while (artifactsAgain);
   } finally {
     artifactsLoading = false;
   }
