@@ -45,7 +45,7 @@ STREAM_EVENTS = "TF_EVENTS"
 # JetStream's own advisory that a work item ran out of deliveries, captured in a stream so that a jobs
 # service that was down when it was sent still sees it.
 STREAM_ADVISORIES = "TF_ADVISORIES"
-# What the services' consumers gave up on, kept for an operator (services.kit.consumer.bury).
+# What the services' consumers gave up on, kept for an operator (services.kit.consumer._bury).
 STREAM_DEAD_LETTERS = "TF_DEAD_LETTERS"
 ALL_DEAD_LETTERS = "tuneforge.dead.>"
 # The last token is the consumer's name: one subject covers every trainers-<route> consumer.

@@ -8,7 +8,7 @@ naks it with a delay that doubles with each delivery of the message, up to a min
 is unreachable (`nak_delay`), so a message failing for a reason not yet known is retried, but cannot spin.
 
 A message whose deliveries end that way is first kept, as it came, in the dead-letter stream
-(TF_DEAD_LETTERS, subject `tuneforge.dead.<stream>.<consumer>`; `bury`), its headers saying from where,
+(TF_DEAD_LETTERS, subject `tuneforge.dead.<stream>.<consumer>`; `_bury`), its headers saying from where,
 why and after how many deliveries; only then is it terminated. So is a message that failed
 `dead_after` deliveries (20 by default, about a quarter of an hour with the doubling delays) for any
 reason but an unreachable server: an outage is waited out however long it lasts, a message that keeps
