@@ -10,12 +10,12 @@ does, and calls the gRPC API with an API key, as a user does. Each measurement a
 its ceiling --repeat times (3) and prints the median of each and their ratio:
 
   ingest     synthetic MetricsReported messages (1 and 100 points each) published to TF_WORKER; points/s
-             until every point is a row of metrics_points (polled in the database), and the services
-             process' CPU time per point. Ceilings: raw JetStream publish (here) + pull-consume-ack (in
-             the ceiling server's process) of the same messages on the same nats-server, and plain
-             executemany (sqlite3 / psycopg) of the same rows into the same table with the same ON
-             CONFLICT upsert, --executemany-rows (1,000) rows a transaction (also printed: one
-             transaction per message).
+             until every point is a row of metrics_points (polled in the database), and the CPU time per
+             point of the services process and its children (ingest's preparing processes). Ceilings: raw
+             JetStream publish (here) + pull-consume-ack (in the ceiling server's process) of the same
+             messages on the same nats-server, and plain executemany (sqlite3 / psycopg) of the same rows
+             into the same table with the same ON CONFLICT upsert, --executemany-rows (1,000) rows a
+             transaction (also printed: one transaction per message).
   fan-out    N followers (StreamMetrics follow=true) of one job, and J jobs x F followers, while points
              arrive at --fanout-rate points/s in total (one point a message); latency from publish to
              receipt (p50/p99), and whether every follower got every point exactly once and in order.
@@ -331,8 +331,16 @@ def start_platform(backend: Backend, fanout_jobs: int) -> Running:
 
 
 def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+    """CPU time of the process and of the processes it started (the metrics service's preparing ones)."""
+    process = psutil.Process(pid)
+    total = 0.0
+    for each in [process, *process.children(recursive=True)]:
+        try:
+            times = each.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 # ---- 1. ingest ---------------------------------------------------------------------------------------

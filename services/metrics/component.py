@@ -18,6 +18,8 @@ from services.metrics.ingest import IngestHandlers
 from services.metrics.jobs_client import JobsClient
 from services.metrics.live import NatsLiveFeed
 from services.metrics.manager import MetricsManager
+from services.metrics.prepare import PreparingProcesses, default_processes
+from services.metrics.repository import StorageForm
 from services.metrics.servicer import MetricsServicer
 from services.metrics.servicer import add_to_server as add_metrics_servicer
 from services.metrics.settings import MetricsSettings
@@ -39,7 +41,11 @@ class MetricsComponent(Component):
         self.db.migrate(MIGRATIONS_DIR)
         jobs_address = runtime.settings.jobs_address
         jobs = JobsClient(lambda: runtime.channel(jobs_address), timeout_s=self.settings.jobs_timeout_s)
-        self.manager = MetricsManager(self.db, jobs, NatsLiveFeed(runtime.nc), self.settings)
+        processes = self.settings.ingest_processes
+        self.preparing = PreparingProcesses(default_processes() if processes is None else processes,
+                                            self.settings.ingest_process_min_bytes)
+        self.manager = MetricsManager(self.db, jobs, NatsLiveFeed(runtime.nc), self.settings,
+                                      preparing=self.preparing)
         self.handlers = IngestHandlers(self.manager)
 
     def registrations(self) -> Sequence[Registration]:
@@ -47,6 +53,7 @@ class MetricsComponent(Component):
         return [Registration(SERVICE_NAME, MetricsServicer(self.manager), add_metrics_servicer)]
 
     async def start(self) -> None:
+        self.preparing.start(StorageForm.of(self.db.engine.dialect))
         js = self.runtime.js
         ingest = partial(consume_batches, js, stream=subjects.STREAM_WORKER, batch=self.settings.ingest_batch,
                          fetch_wait_s=self.settings.ingest_fetch_wait_s,
@@ -75,4 +82,5 @@ class MetricsComponent(Component):
 
     async def stop(self) -> None:
         await super().stop()
+        self.preparing.close()
         self.db.dispose()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -21,13 +21,21 @@ from tuneforge.v1 import job_pb2, metrics_pb2
 
 from services.kit.db import Database, DriverConnection
 from services.kit.paging import decode_token, encode_token, page_size
-from services.kit.protos import NUL, REPLACEMENT
 from services.kit.telemetry import INGESTED_POINTS
 from services.kit.validation import check_organization
-from services.metrics.fanout import FIELD_1, Chunk, FanoutHub, LiveItem, end_deadline, live_item, varint
+from services.metrics.fanout import Chunk, FanoutHub, LiveItem, end_deadline, live_item
 from services.metrics.live import Deliver, LiveMessage
-from services.metrics.models import MetricPointRow
-from services.metrics.repository import MetricsRepository, storable_time
+from services.metrics.prepare import (
+    ANNOUNCEMENT_BYTES,
+    METRIC_KINDS,
+    Batch,
+    Kind,
+    Prepared,
+    PreparingProcesses,
+    Report,
+    prepare,
+)
+from services.metrics.repository import MetricsRepository, StorageForm
 from services.metrics.settings import MetricsSettings
 from tuneforge_core import states, subjects
 from tuneforge_core.errors import InvalidArgument, Violations
@@ -36,26 +44,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-METRIC_KINDS = frozenset(v for v in metrics_pb2.MetricKind.values() if v)
-
-
-# The columns' limits on PostgreSQL (SQLite would store more): a job id's length, a log level's and
-# source's range (SMALLINT). A report past them would fail its whole batch's write on every redelivery.
-_MAX_JOB_ID = MetricPointRow.__table__.c.job_id.type.length  # type: ignore[attr-defined]
-_SMALLINT_MIN, _SMALLINT_MAX = -(2**15), 2**15 - 1
-
-
-def _check_job_id(job_id: str) -> None:
-    if len(job_id) > _MAX_JOB_ID:
-        raise InvalidArgument(f"the job id of the subject has {len(job_id)} characters, at most "
-                              f"{_MAX_JOB_ID} are stored")
-
-
-def _bad_time(what: str, job_id: str, ts: Any) -> str:
-    """Why a report with an item whose time cannot be stored is refused (the whole report: a worker that
-    sends one such time is broken, and a time that cannot be stored would fail every batch it is in)."""
-    return (f"a {what} of job '{job_id}' has the time {ts.seconds} s {ts.nanos} ns, outside years 1 to 9999 "
-            "or with nanos outside 0 to 999,999,999")
 LOG_LEVELS = frozenset(metrics_pb2.LogLevel.values())
 LOG_SOURCES = frozenset(v for v in metrics_pb2.LogSource.values() if v)
 LIST_DEFAULT_PAGE, LIST_MAX_PAGE = 1000, 10_000
@@ -113,20 +101,25 @@ def _is_final(state: int) -> bool:
 
 class MetricsManager:
     def __init__(self, db: Database, jobs: JobLookup, live: LiveFeed, settings: MetricsSettings,
-                 repository: MetricsRepository | None = None) -> None:
+                 repository: MetricsRepository | None = None, preparing: PreparingProcesses | None = None
+                 ) -> None:
         self.db = db
         self.jobs = jobs
         self.live = live
         self.settings = settings
         self.repo = repository or MetricsRepository()
+        # Where large batches of worker messages are prepared (None: always on a thread).
+        self.preparing = preparing
+        self._form = StorageForm.of(db.engine.dialect)
         # The write of the latest batch handed to ingest, which the next one waits for (`_write_turn`).
         self._last_write: asyncio.Future[None] | None = None
 
     # ---- ingest -------------------------------------------------------------------------------------
-    # The ingest consumer hands over a batch of reports at a time. A report is a function that decodes one
-    # message into (job id, points or entries), raising InvalidArgument when it can never be stored. All the
-    # per-item work (decoding, checks, rows, the announcement's bytes) runs on a thread, never on the event
-    # loop; a batch is written in one transaction, then announced once per job (see `_ingest`).
+    # The ingest consumer hands over a batch of reports at a time (services.metrics.prepare.Report: a worker
+    # message as (subject, payload), or a function returning (job id, points or entries)). All the per-item
+    # work (decoding, checks, rows, the announcement's bytes) runs on a thread or in a process of its own,
+    # never on the event loop; a batch is written in one transaction, then announced once per job
+    # (see `_ingest`).
 
     async def record_metrics(self, job_id: str, points: Sequence[metrics_pb2.MetricPoint]) -> int:
         """Stores a worker's points (a repeat of a key replaces it), then announces them to followers."""
@@ -154,131 +147,89 @@ class MetricsManager:
             raise InvalidArgument(refused[0])
         return stored
 
-    async def record_metrics_batch(
-            self, reports: Sequence[Callable[[], tuple[str, Sequence[metrics_pb2.MetricPoint]]]],
-    ) -> tuple[dict[int, str], int]:
+    async def record_metrics_batch(self, reports: Sequence[Report]) -> tuple[dict[int, str], int]:
         """Stores the points of many reports in one transaction (a repeat of a key replaces it unless it is of
         an older attempt), then announces each job's points once. Returns {index of a report that can never
         be stored: why} and how many points were stored; raises (nothing kept) when the database fails."""
-        refused, stored = await self._ingest(
-            reports, self._accept_points, self.repo.point_rows, self.repo.upsert_point_rows,
-            subjects.live_metrics)
+        refused, stored = await self._ingest("metrics", reports, self.repo.write_point_rows,
+                                             subjects.live_metrics)
         INGESTED_POINTS.inc(stored)
         return refused, stored
 
-    async def record_logs_batch(
-            self, reports: Sequence[Callable[[], tuple[str, Sequence[metrics_pb2.LogEntry]]]],
-    ) -> tuple[dict[int, str], int]:
+    async def record_logs_batch(self, reports: Sequence[Report]) -> tuple[dict[int, str], int]:
         """`record_metrics_batch` for log entries."""
-        return await self._ingest(
-            reports, self._accept_entries, self.repo.entry_rows, self.repo.upsert_entry_rows,
-            subjects.live_logs)
+        return await self._ingest("logs", reports, self.repo.write_entry_rows, subjects.live_logs)
 
-    @staticmethod
-    def _accept_points(job_id: str,
-                       points: Sequence[metrics_pb2.MetricPoint]) -> list[metrics_pb2.MetricPoint]:
-        """The points to store, stamped with the job id (in place: a report's points are ours to change)."""
-        _check_job_id(job_id)
-        accepted: list[metrics_pb2.MetricPoint] = []
-        for point in points:
-            named = point.job_id
-            if named != job_id:
-                if named:
-                    raise InvalidArgument(f"a point of job '{named}' was reported on the subject of "
-                                          f"job '{job_id}'")
-                point.job_id = job_id
-            if point.HasField("time") and not storable_time(point.time):
-                raise InvalidArgument(_bad_time("point", job_id, point.time))
-            if point.kind not in METRIC_KINDS or point.step < 0:
-                log.warning("skipping a point of job %s with kind %s and step %s", job_id, point.kind,
-                            point.step)
-                continue
-            accepted.append(point)
-        return accepted
-
-    @staticmethod
-    def _accept_entries(job_id: str, entries: Sequence[metrics_pb2.LogEntry]) -> list[metrics_pb2.LogEntry]:
-        """The entries to store, stamped with the job id; a NUL in a message (PostgreSQL's text cannot hold
-        one) becomes U+FFFD, on both databases."""
-        _check_job_id(job_id)
-        accepted: list[metrics_pb2.LogEntry] = []
-        for entry in entries:
-            if entry.job_id and entry.job_id != job_id:
-                raise InvalidArgument(f"a log entry of job '{entry.job_id}' was reported on the subject of "
-                                      f"job '{job_id}'")
-            if entry.HasField("time") and not storable_time(entry.time):
-                raise InvalidArgument(_bad_time("log entry", job_id, entry.time))
-            entry.job_id = job_id
-            level, source = entry.level, entry.source
-            if not (_SMALLINT_MIN <= level <= _SMALLINT_MAX and _SMALLINT_MIN <= source <= _SMALLINT_MAX):
-                log.warning("skipping a log entry of job %s with level %s and source %s", job_id, level,
-                            source)
-                continue
-            if NUL in entry.message:
-                entry.message = entry.message.replace(NUL, REPLACEMENT)
-            accepted.append(entry)
-        return accepted
-
-    async def _ingest(self, reports: Sequence[Callable[[], tuple[str, Sequence[T]]]],
-                      accept: Callable[[str, Sequence[T]], list[T]],
-                      to_rows: Callable[[Sequence[T]], list[list[Any]]],
-                      write_rows: Callable[[DriverConnection, list[list[Any]]], None],
+    async def _ingest(self, kind: Kind, reports: Sequence[Report],
+                      write_rows: Callable[[DriverConnection, Iterable[list[list[Any]]]], None],
                       live_subject: Callable[[str], str]) -> tuple[dict[int, str], int]:
         """Two stages, so that consecutive batches overlap (the consumer keeps two in flight): the per-item
-        Python work (decoding, checks, rows, the announcement's bytes) on a thread of its own, then the write
-        on a database thread, where SQLite and PostgreSQL mostly run outside the GIL. Writes and their
+        Python work (services.metrics.prepare: decoding, checks, rows, the announcement's bytes) on a thread
+        of its own, or for a large batch of worker messages in a process of its own (`preparing`), then the
+        write on a database thread, where SQLite and PostgreSQL mostly run outside the GIL. Writes and their
         announcements keep the order the batches were handed over in (`_write_turn`), so a repeated key ends
         as applying them in order would, and followers get each job's items in order."""
+        form = self._form
 
-        def prepare() -> tuple[dict[int, str], dict[str, _Prepared]]:
+        def prepare_here() -> Batch:
+            return prepare(kind, form, reports)
+
+        def write_then_recheck(parts: Iterable[Batch]) -> tuple[dict[int, str], dict[str, Prepared]]:
+            """Writes the parts of a batch in one transaction, as they come; the refused reports and what
+            was stored of each job."""
             refused: dict[int, str] = {}
-            by_job: dict[str, list[T]] = {}
-            for index, report in enumerate(reports):
-                try:
-                    job_id, items = report()
-                    accepted = accept(job_id, items)
-                except InvalidArgument as exc:
-                    refused[index] = exc.message
-                    continue
-                if accepted:
-                    by_job.setdefault(job_id, []).extend(accepted)
-            return refused, {job_id: _Prepared(len(items), to_rows(items), _announcements(cast(Any, items)))
-                             for job_id, items in by_job.items()}
+            shares: dict[str, list[Prepared]] = {}
+            gone: set[str] = set()
 
-        def write_then_recheck(prepared: dict[str, _Prepared]) -> dict[str, _Prepared]:
-            if not prepared:
-                return {}
+            def rows_of_parts() -> Iterator[list[list[Any]]]:
+                for part_refused, prepared in parts:
+                    refused.update(part_refused)
+                    for job_id, p in prepared.items():
+                        shares.setdefault(job_id, []).append(p)
+                    yield [row for p in prepared.values() for row in p.rows]
+
             # On the driver's connection, not an ORM session: for a small batch the session's own work was
             # most of the time spent here, all of it holding the GIL the event loop's streams wait for.
             with self.db.driver_connection() as conn:
-                write_rows(conn, [row for p in prepared.values() for row in p.rows])
+                write_rows(conn, rows_of_parts())
                 # A job deleted before or while this batch was written: what the batch wrote of it goes
                 # (`delete_job` marks first and deletes after, so one of the two sees the other). Asked once,
                 # after the commit, on the same connection: on PostgreSQL each round trip of an ingest
                 # batch waits for the GIL while the event loop writes the streams.
-                with conn.after_commit():
-                    gone = self.repo.deleted_among(conn, list(prepared))
-            stored = dict(prepared)
+                if shares:
+                    with conn.after_commit():
+                        gone = self.repo.deleted_among(conn, list(shares))
             for job_id in sorted(gone):
                 with self.db.session() as session:
                     self.repo.delete_job(session, job_id)
                 log.info("dropped points or log entries of deleted job %s", job_id)
-                del stored[job_id]
-            return stored
+                del shares[job_id]
+            return refused, {job_id: _merged(ps) for job_id, ps in shares.items()}
 
-        def prepare_and_write() -> tuple[dict[int, str], dict[str, _Prepared]]:
-            refused, prepared = prepare()
-            return refused, write_then_recheck(prepared)
+        def write_part(part: Batch) -> tuple[dict[int, str], dict[str, Prepared]]:
+            refused, prepared = part
+            # Nothing to store (every report refused): the database is not asked, and need not be up.
+            return write_then_recheck([part]) if prepared else (refused, {})
 
         async with self._write_turn() as turn:
-            if turn.free():
+            submitted = None
+            if self.preparing is not None and all(isinstance(report, tuple) for report in reports):
+                submitted = self.preparing.submit(kind, form, cast(Sequence[tuple[str, bytes]], reports))
+            if submitted is not None:
+                # Prepared in processes of their own, a chunk at a time, written as they come.
+                try:
+                    await turn.wait()
+                    refused, stored = await self.db.pool.run(lambda: write_then_recheck(submitted.parts()))
+                finally:
+                    submitted.cancel()
+            elif turn.free():
                 # No batch before this one is still writing: one trip to a database thread does it all
                 # (under load, each trip is a turn of a busy event loop for the followers waiting on it).
-                refused, stored = await self.db.pool.run(prepare_and_write)
+                refused, stored = await self.db.pool.run(lambda: write_part(prepare_here()))
             else:
-                refused, prepared = await asyncio.to_thread(prepare)
+                part = await asyncio.to_thread(prepare_here)
                 await turn.wait()
-                stored = await self.db.pool.run(partial(write_then_recheck, prepared))
+                refused, stored = await self.db.pool.run(partial(write_part, part))
             # Announced within the turn too: followers see each job's items in the order they were stored
             # (a stream that followed a later batch first would take an earlier one for old news).
             for job_id, p in stored.items():
@@ -501,36 +452,19 @@ def _check_kinds(v: Violations, kinds: Sequence[int]) -> None:
         v.check(kind in METRIC_KINDS, f"kinds[{i}]", "is not a MetricKind")
 
 
-
-@dataclass(frozen=True)
-class _Prepared:
-    """One job's share of an ingest batch, ready to write: how many items, their rows, the announcements."""
-
-    count: int
-    rows: list[list[Any]]
-    payloads: list[bytes]
-
-
-# Bytes of items per live announcement: well under NATS' default 1 MiB max_payload, so a batch of large
-# reports is announced in several messages instead of failing to publish (followers would miss it live).
-ANNOUNCEMENT_BYTES = 256 * 1024
-
-
-def _announcements(items: Sequence[Message]) -> list[bytes]:
-    """The MetricsStored / LogsStored messages announcing `items` (both hold them in repeated field 1, so a
-    message is the items' framed bytes one after the other), in order, cut into messages of at most
-    ANNOUNCEMENT_BYTES (an oversized item alone)."""
-    messages: list[bytes] = []
-    parts: list[bytes] = []
+def _merged(shares: Sequence[Prepared]) -> Prepared:
+    """One job's shares of a batch's parts as one (its rows already written: not kept), their announcements
+    joined up to ANNOUNCEMENT_BYTES a message (each is its items' framed bytes, so joined they announce the
+    items of both): a batch prepared in parts is announced in as few messages as one prepared whole."""
+    if len(shares) == 1:
+        return shares[0]
+    groups: list[list[bytes]] = []
     size = 0
-    for item in items:
-        data = item.SerializeToString()
-        framed = FIELD_1 + varint(len(data)) + data
-        if parts and size + len(framed) > ANNOUNCEMENT_BYTES:
-            messages.append(b"".join(parts))
-            parts, size = [], 0
-        parts.append(framed)
-        size += len(framed)
-    if parts:
-        messages.append(b"".join(parts))
-    return messages
+    for payload in (payload for share in shares for payload in share.payloads):
+        if groups and size + len(payload) <= ANNOUNCEMENT_BYTES:
+            groups[-1].append(payload)
+            size += len(payload)
+        else:
+            groups.append([payload])
+            size = len(payload)
+    return Prepared(sum(p.count for p in shares), [], [b"".join(group) for group in groups])

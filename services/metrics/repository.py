@@ -4,6 +4,8 @@ Ingest writes through one upsert statement per table and database dialect, compi
 many rows (the driver's executemany) on the driver's own connection: no SQL is built or compiled per
 message or per batch, and no ORM session is made for it. On PostgreSQL a batch of COPY_MIN_ROWS rows or
 more is copied into a temporary table instead (COPY) and upserted from there in one statement (`_Copy`).
+Rows are made apart from the write (`point_rows`, `entry_rows`), in a `StorageForm` alone, so that ingest
+can make them in another process (services.metrics.prepare).
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ import math
 import operator
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import DateTime, Float, Table, and_, delete, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.types import JSON
 from tuneforge.v1 import metrics_pb2
@@ -47,9 +49,10 @@ class _Upsert:
     so the newest attempt of a job wins whatever order the messages arrive in.
 
     Rows come as lists in the converter's column order (`columns`), their times as protobuf Timestamps;
-    `bind` turns them into the driver's parameters: `stored_at` appended, reordered to the statement's
-    positions (or named, for pyformat drivers), times in the dialect's storage form (`_time_converter`) and
-    JSON in the dialect's. Numbers and strings from the protos are already what the driver takes.
+    `convert_rows` completes them into the dialect's storage form (`stored_at` appended, times as
+    `_time_converter` writes them, JSON as the dialect's), and `parameters` makes the driver's parameters of
+    them (reordered to the statement's positions, or named for pyformat drivers). Numbers and strings from
+    the protos are already what the driver takes.
 
     Executemany runs the statement once per row, in order, so a batch that repeats a key leaves what
     applying its rows one by one would: the newest attempt, then the last reported.
@@ -98,19 +101,20 @@ class _Upsert:
                        tuple((i, convert[name]) for i, name in enumerate(columns) if name in convert),
                        convert.get("stored_at"), nan_columns)
 
-    def bind(self, rows: Sequence[list[Any]]) -> list[Any]:
-        """The driver's parameters for each row (all stored now). The rows are the caller's to give away:
-        they are completed in place."""
-        self.convert_rows(rows)
+    def parameters(self, rows: Sequence[list[Any]]) -> Sequence[Any]:
+        """The driver's parameters for rows `convert_rows` completed: the rows themselves when the statement
+        takes them in their order (SQLite), else reordered or named."""
         positions = self.positions
         if positions == tuple(range(len(self.columns))):
-            return [tuple(row) for row in rows]
+            return rows
         if positions is None:
             return [dict(zip(self.columns, row, strict=True)) for row in rows]
         return [tuple([row[i] for i in positions]) for row in rows]
 
     def convert_rows(self, rows: Sequence[list[Any]]) -> None:
-        """Each row completed in place into `columns` order and the dialect's storage forms (`bind`)."""
+        """Each row completed in place into `columns` order and the dialect's storage forms: `stored_at`
+        (now) appended, times, JSON and (SQLite) NaNs converted. Pure Python on the rows alone, so ingest
+        may run it in another process (services.metrics.prepare)."""
         stored_at: Any = utcnow()
         if self.convert_stored_at is not None:
             stored_at = self.convert_stored_at(stored_at)
@@ -140,25 +144,28 @@ def _nan_as_text(rows: Sequence[list[Any]], columns: tuple[int, ...]) -> None:
 
 def _time_converter(dialect: Dialect, processor: Callable[[Any], Any] | None) -> Callable[[Any], Any]:
     """Timestamp (or None) -> what the driver stores for a DateTime column of `dialect`. On SQLite that is
-    SQLAlchemy's own text form ("2026-12-01 10:00:00.123456", what its DateTime reads back), the text up to
-    the second from a small cache (a report's points are seconds apart at most) and, when it is not there,
-    from the C library's gmtime and strftime (a third of the time datetime arithmetic took); elsewhere a UTC
-    datetime, built without protobuf's slower ToDatetime. A time outside what a datetime holds (years 1 to
-    9999) raises OverflowError on both."""
+    SQLAlchemy's own text form ("2026-12-01 10:00:00.123456", what its DateTime reads back): the day's text
+    from a small cache (the C library's gmtime), the time of day from tables of every minute
+    and second (half the time that gmtime and strftime for every distinct second took); elsewhere a
+    UTC datetime, built without protobuf's slower ToDatetime. A time outside what a datetime holds (years 1
+    to 9999) raises OverflowError on both."""
     if dialect.name == "sqlite":
         if processor is None or processor(EPOCH) != "1970-01-01 00:00:00.000000":
             raise NotImplementedError("SQLite stores DateTime in a form this converter does not write")
 
-        @lru_cache(maxsize=1024)
-        def second_text(seconds: int) -> str:
-            if not _FIRST_SECOND <= seconds <= _LAST_SECOND:
-                raise OverflowError(f"a time {seconds} s from 1970 is outside years 1 to 9999")
-            return time.strftime("%Y-%m-%d %H:%M:%S.", time.gmtime(seconds))
+        @lru_cache(maxsize=64)
+        def day_text(day: int) -> str:
+            if not _FIRST_SECOND <= day * 86_400 <= _LAST_SECOND:
+                raise OverflowError(f"day {day} from 1970 is outside years 1 to 9999")
+            date = time.gmtime(day * 86_400)
+            return f"{date.tm_year:04d}-{date.tm_mon:02d}-{date.tm_mday:02d} "  # strftime's %Y: "1" for 0001
 
         def sqlite_text(ts: Any) -> Any:
             if ts is None:
                 return None
-            return f"{second_text(ts.seconds)}{ts.nanos // 1000:06d}"
+            day, second = divmod(ts.seconds, 86_400)
+            minute, second = divmod(second, 60)
+            return f"{day_text(day)}{_MINUTES[minute]}{_SECONDS[second]}{ts.nanos // 1000:06d}"
 
         return sqlite_text
 
@@ -175,6 +182,9 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # 0001-01-01 00:00:00 and 9999-12-31 23:59:59 UTC, in seconds from EPOCH.
 _FIRST_SECOND = int((datetime(1, 1, 1, tzinfo=UTC) - EPOCH).total_seconds())
 _LAST_SECOND = int((datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC) - EPOCH).total_seconds())
+# "HH:MM:" of each minute of a day, and "SS." of each second of a minute (`_time_converter`).
+_MINUTES = tuple(f"{hour:02d}:{minute:02d}:" for hour in range(24) for minute in range(60))
+_SECONDS = tuple(f"{second:02d}." for second in range(60))
 
 
 def storable_time(ts: Any) -> bool:
@@ -198,27 +208,62 @@ def _json_values(processor: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return convert
 
 
-_UPSERTS: dict[tuple[str, str, str, str], _Upsert] = {}
+class StorageForm(NamedTuple):
+    """What the rows of a database are converted for: its dialect, driver and parameter style. Picklable,
+    so rows can be made in another process than the one that writes them (`dialect_of` there)."""
+
+    dialect: str
+    driver: str
+    paramstyle: str
+
+    @staticmethod
+    def of(dialect: Dialect) -> StorageForm:
+        return StorageForm(dialect.name, dialect.driver, dialect.paramstyle)
+
+
+def dialect_of(form: StorageForm) -> Dialect:
+    """A dialect of `form` without an engine (what `_Upsert.build` needs of one, in a process with none)."""
+    dialect_class: Any = make_url(f"{form.dialect}+{form.driver}://").get_dialect()
+    dialect: Dialect = dialect_class(paramstyle=form.paramstyle)
+    return dialect
+
+
+_UPSERTS: dict[tuple[StorageForm, str], _Upsert] = {}
 _UPSERTS_LOCK = threading.Lock()
 
 
-def _upsert(conn: DriverConnection, table: Table, columns: Sequence[str], keys: Sequence[str],
-            rows: Sequence[list[Any]]) -> None:
-    dialect = conn.dialect
-    # Per dialect, driver and paramstyle: SQLite and PostgreSQL may both be open in one process.
-    cache_key = (dialect.name, dialect.driver, dialect.paramstyle, table.name)
+def _upsert_of(form: StorageForm, table: Table, columns: Sequence[str], keys: Sequence[str],
+               dialect: Dialect | None = None) -> _Upsert:
+    """The upsert of `table` for `form` (built once per process: `dialect`, or one made for `form`).
+    Per form: SQLite and PostgreSQL may both be open in one process."""
+    cache_key = (form, table.name)
     upsert = _UPSERTS.get(cache_key)
     if upsert is None:
         with _UPSERTS_LOCK:
             upsert = _UPSERTS.get(cache_key)
             if upsert is None:
-                upsert = _UPSERTS[cache_key] = _Upsert.build(dialect, table, columns, keys)
-    if dialect.name == "postgresql" and len(rows) >= COPY_MIN_ROWS:
-        _Copy.of(table, upsert.columns, tuple(keys)).write(conn, upsert, rows)
-        return
+                upsert = _Upsert.build(dialect or dialect_of(form), table, columns, keys)
+                _UPSERTS[cache_key] = upsert
+    return upsert
+
+
+def _write(conn: DriverConnection, table: Table, columns: Sequence[str], keys: Sequence[str],
+           parts: Iterable[list[list[Any]]]) -> None:
+    """Upserts rows `_Upsert.convert_rows` completed for this connection's form, in parts taken as they come
+    (ingest writes a batch's first parts while its last ones are being made). SQLite writes each part as it
+    comes; PostgreSQL takes them all, then writes them in one COPY (or one executemany when few)."""
+    dialect = conn.dialect
+    upsert = _upsert_of(StorageForm.of(dialect), table, columns, keys, dialect)
+    if dialect.name == "postgresql":
+        parts = [[row for part in parts for row in part]]
+        if len(parts[0]) >= COPY_MIN_ROWS:
+            _Copy.of(table, upsert.columns, tuple(keys)).write(conn, parts[0])
+            return
     cursor = conn.dbapi.cursor()
     try:
-        cursor.executemany(upsert.sql, upsert.bind(rows))
+        for rows in parts:
+            if rows:
+                cursor.executemany(upsert.sql, upsert.parameters(rows))
     finally:
         cursor.close()
 
@@ -263,8 +308,8 @@ class _Copy:
                    f"ON CONFLICT ({key_list}) DO UPDATE SET {updates} "
                    f"WHERE {name}.{attempt} <= excluded.{attempt}")
 
-    def write(self, conn: DriverConnection, upsert: _Upsert, rows: Sequence[list[Any]]) -> None:
-        upsert.convert_rows(rows)  # now in upsert.columns order, the order `of` was given
+    def write(self, conn: DriverConnection, rows: Sequence[list[Any]]) -> None:
+        """Rows `_Upsert.convert_rows` completed (in the columns order `of` was given)."""
         cursor = conn.dbapi.cursor()
         try:
             # In every batch's transaction (a round trip more, for 500 rows or more): made in a transaction
@@ -299,20 +344,22 @@ class MetricsRepository:
     def upsert_points(self, session: Session, points: Sequence[metrics_pb2.MetricPoint]) -> None:
         """Stores points (a repeat of a key replaces it unless it is of an older attempt) in one statement
         executed for every row."""
-        self.upsert_point_rows(DriverConnection.of(session), self.point_rows(points))
+        conn = DriverConnection.of(session)
+        self.write_point_rows(conn, [self.point_rows(StorageForm.of(conn.dialect), points)])
 
     @staticmethod
-    def point_rows(points: Sequence[metrics_pb2.MetricPoint]) -> list[list[Any]]:
-        """The rows `upsert_point_rows` stores (built apart, so ingest can build them off the database
-        thread)."""
-        return [point_to_row(p) for p in points]
-
-    def upsert_point_rows(self, conn: DriverConnection, rows: list[list[Any]]) -> None:
-        """`upsert_points` of rows from `point_rows` (which it completes in place), on the driver's
-        connection (ingest: no ORM session)."""
+    def point_rows(form: StorageForm, points: Sequence[metrics_pb2.MetricPoint]) -> list[list[Any]]:
+        """The rows `write_point_rows` stores, in the storage form of `form`'s databases (made apart from
+        the write: ingest makes them off the database thread, or in another process)."""
+        rows = [point_to_row(p) for p in points]
         if rows:
-            _upsert(conn, MetricPointRow.__table__, POINT_COLUMNS, self.POINT_KEY,  # type: ignore[arg-type]
-                    rows)
+            _upsert_of(form, _POINTS, POINT_COLUMNS, MetricsRepository.POINT_KEY).convert_rows(rows)
+        return rows
+
+    def write_point_rows(self, conn: DriverConnection, parts: Iterable[list[list[Any]]]) -> None:
+        """Upserts rows from `point_rows`, in parts taken as they come, on the driver's connection (ingest:
+        no ORM session)."""
+        _write(conn, _POINTS, POINT_COLUMNS, self.POINT_KEY, parts)
 
     def list_points(self, session: Session, job_id: str, *, kinds: Sequence[int] = (), start_step: int = 0,
                     after: tuple[int, int] | None = None, limit: int = 500) -> list[metrics_pb2.MetricPoint]:
@@ -331,18 +378,20 @@ class MetricsRepository:
 
     def upsert_entries(self, session: Session, entries: Sequence[metrics_pb2.LogEntry]) -> None:
         """Stores log entries (a repeat of a key replaces it) in one statement executed for every row."""
-        self.upsert_entry_rows(DriverConnection.of(session), self.entry_rows(entries))
+        conn = DriverConnection.of(session)
+        self.write_entry_rows(conn, [self.entry_rows(StorageForm.of(conn.dialect), entries)])
 
     @staticmethod
-    def entry_rows(entries: Sequence[metrics_pb2.LogEntry]) -> list[list[Any]]:
-        """The rows `upsert_entry_rows` stores."""
-        return [entry_to_row(e) for e in entries]
-
-    def upsert_entry_rows(self, conn: DriverConnection, rows: list[list[Any]]) -> None:
-        """`upsert_entries` of rows from `entry_rows` (which it completes in place)."""
+    def entry_rows(form: StorageForm, entries: Sequence[metrics_pb2.LogEntry]) -> list[list[Any]]:
+        """The rows `write_entry_rows` stores (see `point_rows`)."""
+        rows = [entry_to_row(e) for e in entries]
         if rows:
-            _upsert(conn, LogEntryRow.__table__, ENTRY_COLUMNS, self.ENTRY_KEY,  # type: ignore[arg-type]
-                    rows)
+            _upsert_of(form, _ENTRIES, ENTRY_COLUMNS, MetricsRepository.ENTRY_KEY).convert_rows(rows)
+        return rows
+
+    def write_entry_rows(self, conn: DriverConnection, parts: Iterable[list[list[Any]]]) -> None:
+        """Upserts rows from `entry_rows`, in parts taken as they come."""
+        _write(conn, _ENTRIES, ENTRY_COLUMNS, self.ENTRY_KEY, parts)
 
     def list_entries(self, session: Session, job_id: str, *, min_level: int = 0, sources: Sequence[int] = (),
                      after: tuple[int, int] | None = None, limit: int = 500) -> list[metrics_pb2.LogEntry]:
@@ -393,3 +442,5 @@ class MetricsRepository:
 
 
 _DELETED_JOBS: Table = DeletedJobRow.__table__  # type: ignore[assignment]
+_POINTS: Table = MetricPointRow.__table__  # type: ignore[assignment]
+_ENTRIES: Table = LogEntryRow.__table__  # type: ignore[assignment]

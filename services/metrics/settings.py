@@ -31,5 +31,13 @@ class MetricsSettings(BaseSettings):
     ingest_in_flight: int = Field(default=2, ge=1, le=4)
     # How long one fetch waits for a first message when none is pending.
     ingest_fetch_wait_s: float = Field(default=1.0, gt=0.0, le=60.0)
+    # Processes of its own in which the service prepares large ingest batches (decoding, checks, rows:
+    # services.metrics.prepare), beside the thread that writes them. Unset: one when the service may run on
+    # two CPUs or more, else none; 0: always on a thread. Set it to 0 where a container is limited to one CPU.
+    ingest_processes: int | None = Field(default=None, ge=0, le=16)
+    # A batch goes to those processes when its messages hold this many bytes or more (about 600 points of a
+    # worker's usual report), in chunks of about this size: a smaller batch is prepared sooner on a thread
+    # than sent there and back.
+    ingest_process_min_bytes: int = Field(default=32 * 1024, ge=1)
     # Redelivery of a batch whose write failed (the database) waits this long.
     ingest_retry_delay_s: float = Field(default=1.0, ge=0.0)

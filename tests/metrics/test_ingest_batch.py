@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,15 @@ from tuneforge.v1 import job_pb2, metrics_pb2
 
 from services.kit.consumer import DEAD_CAUSE, DEAD_REASON, DEAD_SUBJECT, PermanentError, consume_batches
 from services.kit.db import Database, DriverConnection
+from services.metrics import manager as manager_module
+from services.metrics import prepare as prepare_module
 from services.metrics import repository
 from services.metrics.component import MIGRATIONS_DIR
-from services.metrics.ingest import IngestHandlers, decode_logs, decode_metrics
+from services.metrics.ingest import IngestHandlers
 from services.metrics.live import Deliver, LiveMessage
-from services.metrics.manager import ANNOUNCEMENT_BYTES, MetricsManager
-from services.metrics.repository import MetricsRepository
+from services.metrics.manager import MetricsManager
+from services.metrics.prepare import ANNOUNCEMENT_BYTES, PreparingProcesses, decode_logs, decode_metrics
+from services.metrics.repository import MetricsRepository, StorageForm
 from services.metrics.settings import MetricsSettings
 from tests.metrics.conftest import EVAL, TRAIN, point
 from tuneforge_core import subjects
@@ -346,12 +349,12 @@ class DeletedWhileWriting(MetricsRepository):
         self.db = db
         self.checks = 0
 
-    def upsert_point_rows(self, conn: DriverConnection, rows: list[list[Any]]) -> None:
+    def write_point_rows(self, conn: DriverConnection, parts: Iterable[list[list[Any]]]) -> None:
         with self.db.session() as session:
             self.mark_deleted(session, "job_b")
         with self.db.session() as session:
             self.delete_job(session, "job_b")
-        super().upsert_point_rows(conn, rows)
+        super().write_point_rows(conn, parts)
 
     def deleted_among(self, conn: DriverConnection, job_ids: Sequence[str]) -> set[str]:
         self.checks += 1
@@ -404,11 +407,11 @@ class FailingOnce(MetricsRepository):
     def __init__(self) -> None:
         self.failed = False
 
-    def upsert_point_rows(self, conn: DriverConnection, rows: list[list[Any]]) -> None:
+    def write_point_rows(self, conn: DriverConnection, parts: Iterable[list[list[Any]]]) -> None:
         if not self.failed:
             self.failed = True
             raise OperationalError("INSERT", {}, Exception("database is unreachable"))
-        super().upsert_point_rows(conn, rows)
+        super().write_point_rows(conn, parts)
 
 
 async def settled(js: JetStreamContext, published: int) -> tuple[int, int]:
@@ -545,3 +548,123 @@ async def test_the_largest_byte_counts_are_read_back(db: Database) -> None:
         (back,) = MetricsRepository().list_points(session, "job_a")
     assert (back.gpu_memory_bytes, back.memory_bytes) == (2**63 - 1, -(2**63))
     assert dict(back.values) == {"a\x00b": 1.0, "\u2028": 2.0}
+
+
+# ---- large batches, prepared in a process of their own -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def processes() -> Iterator[PreparingProcesses]:
+    """One preparing process for the module (its start takes a second or two); chunks of 1 KB."""
+    preparing = PreparingProcesses(1, min_bytes=1024)
+    yield preparing
+    preparing.close()
+
+
+async def started(preparing: PreparingProcesses, db: Database) -> PreparingProcesses:
+    preparing.start(StorageForm.of(db.engine.dialect))
+    deadline = time.monotonic() + 60
+    while not preparing.ready:
+        assert time.monotonic() < deadline, "the preparing process did not start"
+        await asyncio.sleep(0.05)
+    return preparing
+
+
+def only_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preparing a batch in this process fails from now on: what is stored was prepared in another."""
+    def here(*_args: Any) -> Any:
+        raise AssertionError("a batch was prepared in the test's own process")
+
+    monkeypatch.setattr(manager_module, "prepare", here)
+    monkeypatch.setattr(prepare_module, "prepare", here)
+
+
+def varied_batch() -> list[Report]:
+    """Two jobs' reports over several 1 KB chunks, with times, extra values and a NaN loss, and in later
+    chunks an undecodable message and one naming another job (both refused alone)."""
+    batch = interleaved_reports(["job_a", "job_b"], messages_per_job=10, points_per_message=20)
+    special = point(500, TRAIN, loss=float("nan"))
+    special.time.FromSeconds(1_790_000_000)
+    special.values.update({"reward": 0.5, "kl": float("inf")})
+    batch.insert(3, metrics_message("job_a", [special]))
+    foreign = point(501)
+    foreign.job_id = "job_z"
+    batch.insert(13, (subjects.worker_metrics("job_a"), b"\xff\xff"))
+    batch.insert(17, metrics_message("job_b", [foreign]))
+    return batch
+
+
+def stored_protos(db: Database, job_id: str) -> list[metrics_pb2.MetricPoint]:
+    with db.session() as s:
+        return MetricsRepository().list_points(s, job_id, limit=100_000)
+
+
+async def test_a_large_batch_prepared_in_a_process_of_its_own_is_stored_and_announced_as_on_a_thread(
+        db: Database, processes: PreparingProcesses, monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = varied_batch()
+    assert sum(len(data) for _, data in batch) > 4 * 1024  # several chunks
+    here = RecordingFeed()
+    outcome = await make_manager(db, here).record_metrics_batch(batch)
+    assert sorted(outcome[0]) == [13, 17] and outcome[1] == 10 * 20 * 2 + 1
+    rows = {job_id: stored_protos(db, job_id) for job_id in ("job_a", "job_b")}
+    for job_id in rows:
+        with db.session() as s:
+            MetricsRepository().delete_job(s, job_id)
+
+    await started(processes, db)
+    only_elsewhere(monkeypatch)
+    there = RecordingFeed()
+    manager = MetricsManager(db, NoJobs(), there, MetricsSettings(), preparing=processes)
+    assert await manager.record_metrics_batch(batch) == outcome
+    assert {job_id: stored_protos(db, job_id) for job_id in rows} == rows
+    # Each job's points announced in order, in as many messages (its chunks' announcements joined).
+    assert there.metrics_announced() == here.metrics_announced()
+    # Redelivered: the same rows, replaced.
+    assert await manager.record_metrics_batch(batch) == outcome
+    assert {job_id: stored_protos(db, job_id) for job_id in rows} == rows
+
+
+async def test_log_entries_are_prepared_in_a_process_of_its_own_too(
+        db: Database, processes: PreparingProcesses, monkeypatch: pytest.MonkeyPatch) -> None:
+    await started(processes, db)
+    only_elsewhere(monkeypatch)
+    manager = MetricsManager(db, NoJobs(), RecordingFeed(), MetricsSettings(), preparing=processes)
+    info = metrics_pb2.LOG_LEVEL_INFO
+    batch = [logs_message("job_a", [metrics_pb2.LogEntry(attempt=1, sequence=m * 50 + q, level=info,
+                                                         message=f"line {m * 50 + q} " + "x" * 40)
+                                    for q in range(50)]) for m in range(8)]
+    assert await manager.record_logs_batch(batch) == ({}, 400)
+    assert stored_entries(db, "job_a") == [(1, q, f"line {q} " + "x" * 40) for q in range(400)]
+
+
+@pytest.mark.parametrize("noticed", [False, True], ids=["died-meanwhile", "died-before"])
+async def test_a_batch_whose_preparing_process_died_is_stored_and_new_processes_take_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, noticed: bool) -> None:
+    """The process killed while the batch is handed over (its chunks fail), or long enough before for the
+    pool to know it is broken (handing the chunks over fails): either way the batch is prepared here."""
+    db = Database(f"sqlite:///{tmp_path / 'metrics.db'}", "metrics")
+    db.migrate(MIGRATIONS_DIR)
+    preparing = PreparingProcesses(1, min_bytes=1024)
+    try:
+        await started(preparing, db)
+        manager = MetricsManager(db, NoJobs(), RecordingFeed(), MetricsSettings(), preparing=preparing)
+        first = list(preparing._pool._processes.values())  # type: ignore[union-attr]
+        for process in first:
+            process.kill()
+        if noticed:
+            for process in first:
+                process.join(10)
+            await asyncio.sleep(0.5)
+        batch = interleaved_reports(["job_a"], messages_per_job=10, points_per_message=20)
+        assert await manager.record_metrics_batch(batch) == ({}, 200)
+        assert len(stored_points(db, "job_a")) == 200
+        # The next large batch starts new processes (prepared on a thread meanwhile).
+        later = interleaved_reports(["job_b"], messages_per_job=10, points_per_message=20)
+        assert await manager.record_metrics_batch(later) == ({}, 200)
+        await started(preparing, db)
+        assert not set(preparing._pool._processes.values()) & set(first)  # type: ignore[union-attr]
+        only_elsewhere(monkeypatch)
+        assert await manager.record_metrics_batch(interleaved_reports(["job_c"], 10, 20)) == ({}, 200)
+        assert len(stored_points(db, "job_c")) == 200
+    finally:
+        preparing.close()
+        db.dispose()

@@ -11,7 +11,7 @@ from tuneforge.v1 import metrics_pb2
 from services.kit.db import Database
 from services.metrics import repository
 from services.metrics.component import MIGRATIONS_DIR
-from services.metrics.repository import MetricsRepository
+from services.metrics.repository import MetricsRepository, StorageForm
 from tests.metrics.conftest import EVAL, TRAIN, point
 
 
@@ -117,11 +117,12 @@ def test_point_times_are_bound_as_sqlalchemy_would_bind_them(dialect_name: str) 
     assert convert(None) is None
     for seconds, nanos in [(0, 0), (1_700_000_000, 123_456_789), (1_709_164_799, 999_999_999),  # a leap day
                            (1_709_164_800, 1_000), (1_796_300_000, 500), (-86_401, 250_000_000),
-                           (-30_610_224_000, 0), (253_402_300_799, 999_999_000)]:  # years 1000 and 9999
+                           (-30_610_224_000, 0), (253_402_300_799, 999_999_000),  # years 1000 and 9999
+                           (-62_135_596_800, 0), (-30_641_760_001, 7_000)]:  # years 1 and 999: four digits
         ts = Timestamp(seconds=seconds, nanos=nanos)
         instant = datetime.fromtimestamp(seconds, UTC).replace(microsecond=nanos // 1000)
         expected = processor(instant) if processor is not None else instant
-        for _ in range(2):  # the second from the cache
+        for _ in range(2):  # the day from the cache
             assert convert(ts) == expected
     # Past what a datetime holds (SQLAlchemy could not bind it either): refused the same way on both.
     for seconds in (253_402_300_800, -62_135_596_801, 10**15):
@@ -142,12 +143,12 @@ def test_a_copy_that_failed_leaves_the_next_batch_on_its_connection_stored(
         too_long = point(1)
         too_long.job_id = "j" * 65  # over the column's 64 characters: PostgreSQL refuses the COPY
         with pytest.raises(Exception, match="too long"), db.driver_connection() as conn:
-            repo.upsert_point_rows(conn, repo.point_rows([too_long]))
+            repo.write_point_rows(conn, [repo.point_rows(StorageForm.of(conn.dialect), [too_long])])
         good = [point(step) for step in range(3)]
         for p in good:
             p.job_id = "job_a"
         with db.driver_connection() as conn:
-            repo.upsert_point_rows(conn, repo.point_rows(good))
+            repo.write_point_rows(conn, [repo.point_rows(StorageForm.of(conn.dialect), good)])
         with db.session() as s:
             assert [p.step for p in repo.list_points(s, "job_a")] == [0, 1, 2]
     finally:
