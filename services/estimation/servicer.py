@@ -21,6 +21,7 @@ from services.kit.pipeline import freeze
 
 # ListBaseModels' family (lower case), type, page size and page token, and the next page's token.
 PageKey = tuple[str, int, int, str, str]
+AskedKey = tuple[str, int, int, str]  # ListBaseModelsRequest's family, type, page_size, page_token
 
 
 def _source(*fits: Fit | None) -> estimation_pb2.EstimateSource.ValueType:
@@ -53,6 +54,8 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
         # ListBaseModels and the one ListHardwareOptions answer. The same message goes to every caller;
         # nothing modifies it, and its bytes are kept too (services.kit.pipeline.freeze).
         self._model_pages: Memo[PageKey, estimation_service_pb2.ListBaseModelsResponse] = Memo(1024)
+        # The same pages by the request's own fields (see ListBaseModels).
+        self._answers: Memo[AskedKey, estimation_service_pb2.ListBaseModelsResponse] = Memo(1024)
         self._hardware: estimation_service_pb2.ListHardwareOptionsResponse | None = None
         # EstimateJob's answers by (id of the manager's Fit, notes); the Fit is kept with its answer, so the
         # id names that object while the entry lives.
@@ -62,7 +65,13 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
     async def ListBaseModels(
         self, request: estimation_service_pb2.ListBaseModelsRequest, context: grpc.aio.ServicerContext
     ) -> estimation_service_pb2.ListBaseModelsResponse:
-        # Checks the filters and the page token on every call (a bad one is INVALID_ARGUMENT as before).
+        # A request with these very fields was answered before: the same answer (the catalog is fixed, and a
+        # page token that passed its check once always does). Otherwise the filters and the page token are
+        # checked (a bad one is INVALID_ARGUMENT) and the page is built once.
+        asked = (request.family, request.type, request.page_size, request.page_token)
+        response = self._answers.get(asked)
+        if response is not None:
+            return response
         models, token = self.manager.model_page(
             request.family, request.type, request.page_size, request.page_token
         )
@@ -76,7 +85,7 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
                     models=[model_to_proto(m) for m in models], next_page_token=token
                 )),
             )
-        return response
+        return self._answers.put(asked, response)
 
     async def ListHardwareOptions(
         self, request: estimation_service_pb2.ListHardwareOptionsRequest, context: grpc.aio.ServicerContext

@@ -28,7 +28,7 @@ def _raw(channel: grpc.aio.Channel, method: str) -> Any:
 
 def _count(method: str, code: str) -> float:
     service, name = telemetry.split_method(method)
-    return float(telemetry.RPC_REQUESTS.labels(service, name, code)._value.get())
+    return float(telemetry.RPC_STATS.count(service, name, code))
 
 
 async def test_a_call_is_authenticated_before_its_request_is_parsed(kit_settings: KitSettings) -> None:

@@ -38,7 +38,7 @@ from services.kit.db import Database
 from services.kit.identity import Principal
 from services.kit.outbox import utcnow
 from services.kit.runtime import AddressInUse, ListenError, serve, tune_interpreter
-from services.kit.telemetry import OrganizationFilter
+from services.kit.telemetry import OrganizationFilter, RpcStats
 from tests.kit.test_auth import bearer, create_key
 from tuneforge_core import logs
 from tuneforge_core.settings import KitSettings
@@ -245,3 +245,32 @@ def test_a_service_process_sets_the_gil_switch_interval_from_its_settings(
             KitSettings()
     finally:
         sys.setswitchinterval(before)
+
+
+def test_rpc_durations_fall_in_the_buckets_prometheus_would_put_them_in() -> None:
+    """RpcStats counts without prometheus_client's Histogram: a duration equal to a bound is in that bound's
+    bucket (`le`), the buckets are cumulative, past the last bound only in +Inf, and the request counter is
+    the histogram's count."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    stats = RpcStats()
+    registry = CollectorRegistry()
+    registry.register(stats)
+    for seconds in (0.0005, 0.001, 0.0011, 0.05, 400.0):
+        stats.observe("tuneforge.v1.JobService", "GetJob", "OK", seconds)
+    stats.observe("tuneforge.v1.JobService", "GetJob", "NOT_FOUND", 0.002)
+    samples = {(sample.name, frozenset(sample.labels.items())): sample.value
+               for family in text_string_to_metric_families(generate_latest(registry).decode())
+               for sample in family.samples}
+    ok = {"service": "tuneforge.v1.JobService", "method": "GetJob", "code": "OK"}
+
+    def bucket(le: str) -> float:
+        return samples[("tuneforge_rpc_duration_seconds_bucket", frozenset({**ok, "le": le}.items()))]
+
+    assert [bucket(le) for le in ("0.001", "0.0025", "0.01", "0.05", "0.1", "300.0", "+Inf")] == [
+        2, 3, 3, 4, 4, 4, 5]
+    assert samples[("tuneforge_rpc_duration_seconds_count", frozenset(ok.items()))] == 5
+    assert samples[("tuneforge_rpc_requests_total", frozenset(ok.items()))] == 5
+    assert samples[("tuneforge_rpc_duration_seconds_sum", frozenset(ok.items()))] == pytest.approx(400.0526)
+    assert stats.count("tuneforge.v1.JobService", "GetJob", "NOT_FOUND") == 1
+    assert stats.count("tuneforge.v1.JobService", "GetJob", "CANCELLED") == 0
