@@ -43,7 +43,9 @@ class MetricsComponent(Component):
         jobs = JobsClient(lambda: runtime.channel(jobs_address), timeout_s=self.settings.jobs_timeout_s)
         processes = self.settings.ingest_processes
         self.preparing = PreparingProcesses(default_processes() if processes is None else processes,
-                                            self.settings.ingest_process_min_bytes)
+                                            self.settings.ingest_process_min_bytes,
+                                            log_level=runtime.settings.log_level,
+                                            log_format=runtime.settings.log_format)
         self.manager = MetricsManager(self.db, jobs, NatsLiveFeed(runtime.nc), self.settings,
                                       preparing=self.preparing)
         self.handlers = IngestHandlers(self.manager)

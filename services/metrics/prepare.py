@@ -28,6 +28,7 @@ from services.kit.protos import NUL, REPLACEMENT
 from services.metrics.fanout import FIELD_1, varint
 from services.metrics.models import MetricPointRow
 from services.metrics.repository import MetricsRepository, StorageForm, storable_time
+from tuneforge_core import logs
 from tuneforge_core.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -235,9 +236,11 @@ class PreparingProcesses:
     the batch is prepared on a thread. A process that dies (killed, out of memory) breaks the pool: the
     chunks it held are prepared on the writing thread, and the next large batch starts new processes."""
 
-    def __init__(self, processes: int, min_bytes: int) -> None:
+    def __init__(self, processes: int, min_bytes: int, *, log_level: str = "INFO",
+                 log_format: str = "text") -> None:
         self.processes = processes
         self.min_bytes = max(1, min_bytes)
+        self.log_level, self.log_format = log_level, log_format  # the processes log as the service does
         self._pool: ProcessPoolExecutor | None = None
         self._ready = False
         self._closed = False
@@ -282,11 +285,12 @@ class PreparingProcesses:
 
     def start(self, form: StorageForm) -> None:
         """Starts the processes (when there are to be some, and they are not running), in the background:
-        `prepare` uses them once each has imported what it needs."""
+        `submit` uses them once each has imported what it needs."""
         if self.processes <= 0 or self._closed or self._pool is not None:
             return
         # spawn: the service runs grpc's and the database's threads, which a fork would copy mid-work.
-        pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=logs.configure, initargs=(self.log_level, self.log_format))
         self._pool, self._ready = pool, False
         warming = [pool.submit(_warm, form) for _ in range(self.processes)]
 

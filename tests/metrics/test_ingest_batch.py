@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
@@ -668,3 +669,22 @@ async def test_a_batch_whose_preparing_process_died_is_stored_and_new_processes_
     finally:
         preparing.close()
         db.dispose()
+
+
+async def test_a_preparing_process_logs_as_the_service_does(tmp_path: Path,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    """Its log lines (here: a point of no kind, skipped) in the service's format and at its level."""
+    db = Database(f"sqlite:///{tmp_path / 'metrics.db'}", "metrics")
+    db.migrate(MIGRATIONS_DIR)
+    preparing = PreparingProcesses(1, min_bytes=1024, log_level="WARNING", log_format="json")
+    try:
+        await started(preparing, db)
+        manager = MetricsManager(db, NoJobs(), RecordingFeed(), MetricsSettings(), preparing=preparing)
+        batch = interleaved_reports(["job_a"], messages_per_job=10, points_per_message=20)
+        batch.append(metrics_message("job_a", [point(900, kind=0)]))
+        assert await manager.record_metrics_batch(batch) == ({}, 200)
+    finally:
+        preparing.close()
+        db.dispose()
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if "skipping a point" in line]
+    assert len(lines) == 1 and lines[0]["level"] == "WARNING" and "job_a" in lines[0]["message"]
