@@ -430,14 +430,37 @@ const logs = {
 
 // ---- evaluation ---------------------------------------------------------------------------------------
 
-async function loadEvaluation() {
+// One load of a panel at a time; one asked for meanwhile (the job ended while a checkpoint's listing was on
+// its way) runs once that one is back, so what the panel shows is never older than the last reason to load
+// it, and two loads never render out of order.
+function oneAtATime(load) {
+  let running = false;
+  let again = false;
+  return async function run() {
+    if (running) {
+      again = true;
+      return;
+    }
+    running = true;
+    try {
+      do {
+        again = false;
+        await load();
+      } while (again);
+    } finally {
+      running = false;
+    }
+  };
+}
+
+const loadEvaluation = oneAtATime(async () => {
   try {
     const res = await get(`${jobPath}/evaluation`);
     renderEvaluation(res.evaluation || {});
   } catch (err) {
     replace(evalBody, errorBox(err, "Could not read the evaluation"));
   }
-}
+});
 
 function renderEvaluation(report) {
   const status = report.status || "EVALUATION_STATUS_PENDING";
@@ -477,31 +500,14 @@ function renderEvaluation(report) {
 
 // ---- artifacts ----------------------------------------------------------------------------------------
 
-let artifactsLoading = false;
-let artifactsAgain = false;
-
-// One listing at a time; one asked for meanwhile (the job ended while a checkpoint's listing was on its
-// way) runs once that one is back, so the last listing shown is never older than the last reason to list.
-async function loadArtifacts() {
-  if (artifactsLoading) {
-    artifactsAgain = true;
-    return;
-  }
-  artifactsLoading = true;
+const loadArtifacts = oneAtATime(async () => {
   try {
-    do {
-      artifactsAgain = false;
-      try {
-        const res = await get(`${jobPath}/artifacts`);
-        renderArtifacts(res.artifacts || []);
-      } catch (err) {
-        replace(artifactBody, errorBox(err, "Could not list the artifacts"));
-      }
-    } while (artifactsAgain);
-  } finally {
-    artifactsLoading = false;
+    const res = await get(`${jobPath}/artifacts`);
+    renderArtifacts(res.artifacts || []);
+  } catch (err) {
+    replace(artifactBody, errorBox(err, "Could not list the artifacts"));
   }
-}
+});
 
 function renderArtifacts(artifacts) {
   artifactBody.dataset.count = String(artifacts.length);
