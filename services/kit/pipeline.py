@@ -126,7 +126,7 @@ class CallPipeline:
 
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _observed_unary(handler.unary_unary, parse, gate, observe), None, _with_frozen(serializer))
+                _observed(_unary(handler.unary_unary, parse, gate), observe), None, _with_frozen(serializer))
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 _observed(_client_stream(handler.stream_unary, parse, gate), observe), None,
@@ -197,34 +197,6 @@ def _observed(inner: Behavior, observe: Callable[..., None]) -> Behavior:
         try:
             try:
                 response = await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                await abort_with(context, exc)
-        except BaseException as exc:
-            observe(context, started, exc)
-            raise
-        observe(context, started, None)
-        return response
-
-    return call
-
-
-def _observed_unary(behavior: Behavior, parse: Callable[[bytes], Any], gate: MethodGate | None,
-                    observe: Callable[..., None]) -> Behavior:
-    """`_observed(_unary(...))` as one coroutine for a unary method that changes nothing (most calls): a
-    coroutine less to make and await on every call, on the thread every call waits for."""
-    if gate is None or gate.mutating:
-        return _observed(_unary(behavior, parse, gate), observe)
-
-    async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
-        try:
-            try:
-                principal = gate.admit_fast(context) or await gate.admit(context)
-                request = parse(raw)
-                gate.enter(request, principal)
-                response = await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
