@@ -169,8 +169,13 @@ class LocalObjectStore(ObjectStore):
         start = base if base.is_dir() else base.parent
         if not start.exists():
             return []
-        keys = [p.relative_to(self.root).as_posix() for p in start.rglob("*")
-                if p.is_file() and not p.name.startswith(".tmp-")]
+        # os.walk, not Path.rglob: a folder removed while it is walked (a checkpoint the trainer prunes
+        # while its job's artifacts are listed) is skipped, where rglob raised FileNotFoundError.
+        keys = []
+        for folder, _, names in os.walk(start):
+            here = Path(folder)
+            keys += [(here / n).relative_to(self.root).as_posix() for n in names
+                     if not n.startswith(".tmp-") and (here / n).is_file()]
         return sorted(k for k in keys if k.startswith(prefix))
 
     def exists(self, key: str) -> bool:

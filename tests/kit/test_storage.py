@@ -61,3 +61,25 @@ def test_keys_cannot_escape_the_store(tmp_path: Path, key: str) -> None:
     store = LocalObjectStore(tmp_path / "objects")
     with pytest.raises(InvalidArgument):
         store.put_bytes(key, b"x")
+
+
+def test_a_folder_removed_while_it_is_listed_is_skipped(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running job's listing races the trainer pruning its oldest checkpoint: the folder goes between
+    being seen and being read. The listing is what is there, never FileNotFoundError (an INTERNAL)."""
+    import shutil
+
+    store = LocalObjectStore(tmp_path / "objects")
+    for step in (10, 20):
+        store.put_bytes(f"jobs/acme/job_1/checkpoints/checkpoint-{step}/model.bin", b"m")
+    scandir = os.scandir
+
+    def pruning(path):  # type: ignore[no-untyped-def]
+        if str(path).endswith("checkpoint-10"):
+            shutil.rmtree(path)  # the prune, just as the listing reaches the folder
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", pruning)
+    assert store.list_keys("jobs/acme/job_1/") == ["jobs/acme/job_1/checkpoints/checkpoint-20/model.bin"]
+    assert [o.key for o in store.list_objects("jobs/acme/")] == [
+        "jobs/acme/job_1/checkpoints/checkpoint-20/model.bin"]
