@@ -30,7 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tuneforge.v1 import artifact_pb2, job_pb2
 
 from services.jobs.downloads import DownloadSigner, download_url, safe_filename
-from tuneforge_core.errors import FailedPrecondition, InvalidArgument, invalid
+from tuneforge_core.errors import FailedPrecondition, InvalidArgument, Unavailable, invalid
 from tuneforge_core.storage import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,13 @@ TENSORBOARD = "tensorboard"  # TensorBoard event files (trainer_worker.trackers)
 MANIFESTS = "manifests"
 MANIFEST_VERSION = 1
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
+# A running job's checkpoints come and go (the trainer prunes the oldest as it saves the next): a file gone
+# between the listing and its hashing sends the whole listing round again, at most this many times.
+LIST_ATTEMPTS = 3
+
+
+class _Vanished(Exception):
+    """A listed file was gone when read: the artifacts changed during the listing."""
 
 
 def job_prefix(job: job_pb2.Job) -> str:
@@ -98,12 +105,20 @@ class ArtifactCatalog:
         return await asyncio.to_thread(self._list, job, set(kinds), ttl_s)
 
     def _list(self, job: job_pb2.Job, kinds: set[int], ttl_s: int) -> list[artifact_pb2.JobArtifact]:
+        """One consistent listing: a checkpoint pruned while it was being hashed is simply not in the
+        next round's listing. UNAVAILABLE (retryable) only if every round saw something vanish."""
         prefix = job_prefix(job)
-        objects = self.store.list_objects(prefix)
-        found = [a for a in self._locate(job, prefix, objects) if not kinds or a.kind in kinds]
-        self._drop_stale_manifests(prefix, objects)
-        expires_at = int(self.clock()) + ttl_s
-        return [self._artifact(prefix, a, ttl_s, expires_at) for a in found]
+        for _ in range(LIST_ATTEMPTS):
+            objects = self.store.list_objects(prefix)
+            found = [a for a in self._locate(job, prefix, objects) if not kinds or a.kind in kinds]
+            self._drop_stale_manifests(prefix, objects)
+            expires_at = int(self.clock()) + ttl_s
+            try:
+                return [self._artifact(prefix, a, ttl_s, expires_at) for a in found]
+            except _Vanished as gone:
+                log.info("artifact %s changed while it was listed; listing again", gone)
+        raise Unavailable(f"job {job.id}'s artifacts kept changing while they were listed "
+                          f"({LIST_ATTEMPTS} tries); try again")
 
     def _locate(self, job: job_pb2.Job, prefix: str, objects: list[ObjectInfo]) -> list[_Found]:
         found: list[_Found] = []
@@ -211,9 +226,7 @@ class ArtifactCatalog:
                 try:
                     sha = self._sha256(obj.key)
                 except FileNotFoundError:
-                    raise FailedPrecondition(
-                        f"artifact {found.name} changed while it was listed; try again",
-                        metadata={"artifact": found.name}) from None
+                    raise _Vanished(found.name) from None
                 changed = True
             out[path] = sha
             entries[path] = {"size": obj.size, "version": obj.version, "sha256": sha}

@@ -28,7 +28,7 @@ from tuneforge.v1 import artifact_pb2, identity_pb2, job_pb2
 from typer.testing import CliRunner
 
 from services.cli.main import app
-from services.client import NotFound, TuneForgeClient
+from services.client import NotFound, TuneForgeClient, Unavailable
 from services.jobs.component import JobsComponent
 from services.jobs.downloads import DownloadSigner, TokenRefused, parse_range
 from services.jobs.models import JobRow
@@ -295,6 +295,40 @@ def test_a_job_that_has_not_succeeded_lists_only_its_complete_checkpoints(local:
         assert not local.store.exists(f"jobs/{ORG}/{job.id}/manifests/checkpoint-10.json")
         with pytest.raises(NotFound, match="has no adapter \\(it is RUNNING\\)"):
             acme.get_job_artifact(job.id)
+
+
+def test_a_checkpoint_pruned_while_it_is_listed_is_left_out(local: Served,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer prunes its oldest checkpoint as it saves the next, at any moment: one that goes while the
+    listing reads it is not there, as a listing a moment later would say; never an error (the console lists
+    the artifacts at every CHECKPOINT_SAVED)."""
+    job = store_job(local, state=job_pb2.JOB_STATE_RUNNING)
+    prefix = f"jobs/{ORG}/{job.id}/checkpoints"
+    local.store.put_bytes(f"{prefix}/checkpoint-40/model.bin", b"forty")
+    local.store.put_bytes(f"{prefix}/checkpoint-40/COMPLETE", b"40")
+    opened = local.store.open_object
+    pruned: list[str] = []
+
+    def pruning(key: str):  # type: ignore[no-untyped-def]
+        if key.startswith(f"{prefix}/checkpoint-10/") and not pruned:
+            local.store.delete_prefix(f"{prefix}/checkpoint-10/")  # the trainer's prune, just then
+            pruned.append(key)
+        return opened(key)
+
+    monkeypatch.setattr(local.store, "open_object", pruning)
+    with local.client() as acme:
+        assert [a.name for a in acme.get_job_artifacts(job.id)] == ["checkpoint-20", "checkpoint-40"]
+        assert pruned
+
+        # A file that is never there however often it is listed: a retryable UNAVAILABLE, not a 400.
+        def missing(key: str):  # type: ignore[no-untyped-def]
+            raise FileNotFoundError(key)
+
+        local.store.put_bytes(f"{prefix}/checkpoint-50/model.bin", b"fifty")
+        local.store.put_bytes(f"{prefix}/checkpoint-50/COMPLETE", b"50")
+        monkeypatch.setattr(local.store, "open_object", missing)
+        with pytest.raises(Unavailable, match="kept changing while they were listed"):
+            acme.get_job_artifacts(job.id)
 
 
 def test_the_cli_downloads_the_adapter_with_checksums_and_resumes(local: Served, tmp_path: Path) -> None:
