@@ -45,8 +45,19 @@ page.on("console", (msg) => {
   if (msg.type() === "error") result.problems.push(`console error: ${msg.text()}`);
 });
 page.on("pageerror", (err) => result.problems.push(`page error: ${err.message}`));
-page.on("response", (res) => {
-  if (res.status() >= 500) result.problems.push(`HTTP ${res.status()} for ${res.url()}`);
+// Every refused request is named with its answer (the console's own "Failed to load resource" line names
+// neither); only the deliberately wrong key's 401 at sign-in is expected.
+page.on("response", async (res) => {
+  if (res.status() < 400) return;
+  const auth = res.request().headers()["authorization"] || "";
+  if (res.status() === 401 && auth.includes("tf_not_a_real_key")) return;
+  let body = "";
+  try {
+    body = (await res.text()).slice(0, 400);
+  } catch {
+    // the body may be gone with the page
+  }
+  result.problems.push(`HTTP ${res.status()} for ${res.request().method()} ${res.url()}: ${body}`);
 });
 await context.addInitScript(() => {
   document.addEventListener("securitypolicyviolation", (e) => {
