@@ -163,11 +163,14 @@ class AgentSettings(KitSettings):
     worker_drain_timeout_s: float = Field(default=0.0, ge=0)
     # The Ray cluster (its GCS address, "host:6379") that jobs with hardware.node_count > 1 run on, through
     # Ray Train (trainer_worker.ray_launch); a Ray node must run on this worker's host. Empty: no Ray.
-    # trainer_worker.distributed reads these two from the environment; they are declared here so a bad
+    # trainer_worker.distributed reads these three from the environment; they are declared here so a bad
     # value stops the worker at start instead of failing a job.
     ray_address: str = ""
     # Restarts of a multi-node run after a lost node or rank, before the attempt fails.
     ray_max_failures: int = Field(default=3, ge=0)
+    # Seconds a multi-node run's ranks may wait to be placed on the cluster (nodes of the job's GPU type,
+    # free) before the attempt fails with INSUFFICIENT_HARDWARE; 0: no limit.
+    ray_placement_timeout_s: float = Field(default=1800.0, ge=0)
     # Seconds between heartbeats (WorkerHeartbeat). The jobs service calls a worker gone after
     # TUNEFORGE_WORK_ACK_WAIT_S or three of these without one, whichever is longer.
     worker_heartbeat_interval_s: float = 5.0

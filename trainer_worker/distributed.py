@@ -20,14 +20,17 @@ import importlib.util
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tuneforge.v1 import job_pb2
 
 from trainer_worker.errors import TrainingError
 from tuneforge_core.reasons import Reason
+
+N = TypeVar("N", int, float)
 
 D = job_pb2.DistributedStrategy
 SINGLE_PROCESS = (D.DISTRIBUTED_STRATEGY_UNSPECIFIED, D.DISTRIBUTED_STRATEGY_NONE)
@@ -49,6 +52,11 @@ RAY_ADDRESS_ENV = "TUNEFORGE_RAY_ADDRESS"
 # attempt fails: TUNEFORGE_RAY_MAX_FAILURES.
 RAY_MAX_FAILURES_ENV = "TUNEFORGE_RAY_MAX_FAILURES"
 DEFAULT_RAY_MAX_FAILURES = 3
+# How long a run's ranks may wait to be placed on the Ray cluster (nodes of the job's GPU type with the GPUs
+# free) before the attempt fails with INSUFFICIENT_HARDWARE: TUNEFORGE_RAY_PLACEMENT_TIMEOUT_S; 0 waits
+# without limit. Long enough by default for an autoscaler to add nodes.
+RAY_PLACEMENT_TIMEOUT_ENV = "TUNEFORGE_RAY_PLACEMENT_TIMEOUT_S"
+DEFAULT_RAY_PLACEMENT_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -128,20 +136,29 @@ def ray_address() -> str:
     return os.environ.get(RAY_ADDRESS_ENV, "").strip()
 
 
+def _ray_setting(name: str, default: N, parse: Callable[[str], N]) -> N:
+    """A worker's Ray setting from the environment: a number >= 0, `default` when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = parse(raw)
+    except ValueError:
+        value = parse("-1")
+    if not value >= 0:  # NaN too
+        raise TrainingError(Reason.TRAINING_FAILED, f"{name}={raw!r} on the worker is not a number >= 0.")
+    return value
+
+
 def ray_max_failures() -> int:
     """TUNEFORGE_RAY_MAX_FAILURES: restarts of a multi-node run after a lost node (default 3)."""
-    raw = os.environ.get(RAY_MAX_FAILURES_ENV, "").strip()
-    if not raw:
-        return DEFAULT_RAY_MAX_FAILURES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise TrainingError(
-            Reason.TRAINING_FAILED, f"{RAY_MAX_FAILURES_ENV}={raw!r} on the worker is not a number >= 0."
-        )
-    return value
+    return _ray_setting(RAY_MAX_FAILURES_ENV, DEFAULT_RAY_MAX_FAILURES, int)
+
+
+def ray_placement_timeout_s() -> float:
+    """TUNEFORGE_RAY_PLACEMENT_TIMEOUT_S: how long the ranks may wait to be placed (default 1800; 0: no
+    limit)."""
+    return _ray_setting(RAY_PLACEMENT_TIMEOUT_ENV, DEFAULT_RAY_PLACEMENT_TIMEOUT_S, float)
 
 
 def runs_on_ray(spec: job_pb2.JobSpec) -> bool:
@@ -179,13 +196,14 @@ def launch_command(spec: job_pb2.JobSpec, config: Path) -> list[str]:
     """The command line of the training process(es) for one attempt.
 
     A multi-node job on a worker with a Ray cluster gets a Ray driver (:mod:`trainer_worker.ray_launch`);
-    the cluster's address and the restart budget travel as arguments, since the training process's
-    environment keeps no TUNEFORGE_* variable.
+    the cluster's address, the restart budget and the placement timeout travel as arguments, since the
+    training process's environment keeps no TUNEFORGE_* variable.
     """
     train = ["-m", "trainer_worker.train", "--config", str(config)]
     if runs_on_ray(spec):
         return [sys.executable, "-m", "trainer_worker.ray_launch", "--config", str(config),
-                "--address", ray_address(), "--max-failures", str(ray_max_failures())]
+                "--address", ray_address(), "--max-failures", str(ray_max_failures()),
+                "--placement-timeout", f"{ray_placement_timeout_s():g}"]
     if not needs_launcher(spec):
         return [sys.executable, *train]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={process_count(spec)}"]

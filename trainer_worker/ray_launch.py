@@ -16,7 +16,9 @@ job's GPU type (:data:`GPU_TYPE_LABEL`). One rank per node (CPU jobs, one-GPU no
 every rank on its own Ray node. Several GPUs per node is ``PACK`` with one GPU per rank: Ray fills a node's
 GPUs before the next node's, so on nodes of ``gpu_count`` GPUs (a KubeRay worker group sized like the job)
 the ranks land ``gpu_count`` to a node on ``node_count`` nodes; the rank lines say where each one ran (the
-Ray node id).
+Ray node id). A cluster that lacks the nodes as it stands is said in the job's log at once; ranks not
+placed within ``--placement-timeout`` seconds (TUNEFORGE_RAY_PLACEMENT_TIMEOUT_S, 30 minutes: time for an
+autoscaler to add nodes) fail the attempt with INSUFFICIENT_HARDWARE, naming what the cluster lacks.
 
 Storage: the worker's work dir (RUN.json, data, model, the events file, checkpoints, outputs) must be on a
 filesystem every Ray node mounts at the same path (a ReadWriteMany volume on Kubernetes). The agent then
@@ -43,7 +45,8 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -59,6 +62,7 @@ from trainer_worker.stop import EXIT_CANCELLED
 from tuneforge_core.reasons import Reason
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 EXIT_FAILED = 1
 # The Trainer's own checkpoint folders (recipes.base: TrainingArguments.output_dir).
@@ -76,7 +80,8 @@ RANK_ENV_FIXED = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # nvidia-a100-80gb, ...): each GPU group of deploy/k8s/components/ray/raycluster.yaml sets it, and a node
 # started by hand takes it with `ray start --labels=tuneforge.dev/gpu-type=<option>`. A GPU job's ranks ask
 # for it (Ray Train's label_selector), so a job for H100s runs on H100 nodes only, never on whatever GPU a
-# mixed cluster has free; a cluster with no node of the job's type leaves it waiting.
+# mixed cluster has free; a cluster with no node of the job's type leaves it waiting (the job's log says
+# so at once), until nodes join or the placement timeout ends the attempt (INSUFFICIENT_HARDWARE).
 GPU_TYPE_LABEL = "tuneforge.dev/gpu-type"
 
 
@@ -94,6 +99,79 @@ def scaling(spec: job_pb2.JobSpec) -> dict[str, Any]:
     if gpus:
         config["label_selector"] = {GPU_TYPE_LABEL: spec.hardware.gpu_type}
     return config
+
+
+def placement_shortfall(spec: job_pb2.JobSpec, nodes: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why a cluster of these nodes (``ray.nodes()``) could never place the job's ranks as it stands, even
+    idle: too few live nodes of the job's GPU type, or too few GPUs (CPUs) on them. None when it could
+    (the ranks may still wait for nodes busy with other work)."""
+    placement = scaling(spec)
+    wanted: int = placement["num_workers"]
+    resource, per_rank = next(iter(placement["resources_per_worker"].items()))
+    selector: dict[str, str] = placement.get("label_selector", {})
+    eligible = [n for n in nodes if n.get("Alive")
+                and all((n.get("Labels") or {}).get(k) == v for k, v in selector.items())]
+    capacity = [int(float((n.get("Resources") or {}).get(resource, 0)) // per_rank) for n in eligible]
+    spread = placement["placement_strategy"] == "STRICT_SPREAD"
+    if (sum(1 for c in capacity if c) if spread else sum(capacity)) >= wanted:
+        return None
+    kind = "".join(f" labelled {k}={v}" for k, v in selector.items())
+    need = f"{wanted} nodes with a {resource} each" if spread else f"{wanted} {resource}s"
+    holding = sum(1 for c in capacity if c)
+    return (f"the cluster has {holding} live node(s){kind} with {resource}s, {sum(capacity)} {resource}(s) "
+            f"in all; the job's {wanted} ranks need {need}")
+
+
+class PlacementTimeout(Exception):
+    """No rank of the run was placed within the placement timeout."""
+
+
+def placement_watch(placed: Callable[[], bool], timeout_s: float,
+                    clock: Callable[[], float] = time.monotonic) -> Callable[[], None]:
+    """A check for `fit_interruptibly`: raises PlacementTimeout once `timeout_s` passed (from now) and
+    `placed()` never said yes; 0: never. Once placed it costs nothing."""
+    since = clock()
+    done = timeout_s <= 0
+
+    def check() -> None:
+        nonlocal done
+        if done:
+            return
+        if placed():
+            done = True
+        elif clock() - since >= timeout_s:
+            raise PlacementTimeout(f"no rank was placed within {timeout_s:g} s")
+
+    return check
+
+
+def ranks_placed(events_file: Path) -> bool:
+    """Whether this driver's ranks have a place on the cluster: Ray made a placement group of this driver's
+    Ray job (a placement group id ends with its job's id), or a rank already started."""
+    import ray
+    from ray.util import placement_group_table
+
+    try:
+        job = ray.get_runtime_context().get_job_id()
+        if any(pg_id.endswith(job) and pg.get("state") == "CREATED"
+               for pg_id, pg in placement_group_table().items()):
+            return True
+    except Exception:  # the GCS out of reach for a moment: asked again in half a second
+        log.debug("could not read the cluster's placement groups", exc_info=True)
+    return starts(events_file) > 0
+
+
+def cluster_shortfall(spec: job_pb2.JobSpec) -> str | None:
+    """`placement_shortfall` of the cluster this driver is attached to; None where its nodes cannot be
+    read (that says nothing about placement)."""
+    import ray
+
+    try:
+        nodes = ray.nodes()
+    except Exception:
+        log.debug("could not list the cluster's nodes", exc_info=True)
+        return None
+    return placement_shortfall(spec, nodes)
 
 
 def rank_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -189,8 +267,9 @@ def handle_stop_signals() -> None:
     signal.signal(signal.SIGINT, _stop_on_signal)
 
 
-def fit_interruptibly(fit: Callable[[], T]) -> T:
-    """``fit()`` on a thread of its own while the main thread waits in short steps.
+def fit_interruptibly(fit: Callable[[], T], check: Callable[[], None] = lambda: None) -> T:
+    """``fit()`` on a thread of its own while the main thread waits in short steps, calling ``check``
+    after each (an exception it raises ends the wait; the driver then leaves the cluster).
 
     A driver blocked in Ray's ``fit`` (a wait inside Ray's C++ core) would run no signal handler until
     training ended; waiting here keeps SIGTERM prompt, so a cancellation stops the ranks at once.
@@ -207,13 +286,15 @@ def fit_interruptibly(fit: Callable[[], T]) -> T:
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
+        check()
     if "error" in outcome:
         raise outcome["error"]
     result: T = outcome["result"]
     return result
 
 
-def drive(cfg: RunConfig, config: Path, address: str, max_failures: int, sink: EventSink) -> int:
+def drive(cfg: RunConfig, config: Path, address: str, max_failures: int, sink: EventSink,
+          placement_timeout_s: float = distributed.DEFAULT_RAY_PLACEMENT_TIMEOUT_S) -> int:
     """Run the ranks on the cluster at ``address`` and wait for them; the exit code of rank 0."""
     import ray
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -234,6 +315,12 @@ def drive(cfg: RunConfig, config: Path, address: str, max_failures: int, sink: E
         f"({distributed.process_count(spec)} per node on {distributed.node_count(spec)} nodes, "
         f"{placement['placement_strategy']}, up to {max_failures} restarts)."
     )
+    wait = (f"up to {placement_timeout_s:g} s ({distributed.RAY_PLACEMENT_TIMEOUT_ENV}), then fails"
+            if placement_timeout_s > 0 else f"without limit ({distributed.RAY_PLACEMENT_TIMEOUT_ENV}=0)")
+    shortfall = cluster_shortfall(spec)
+    if shortfall:
+        sink.log(f"The Ray cluster cannot place this job now: {shortfall}. It waits for nodes to join (an "
+                 f"autoscaler may add them) {wait}.", "warning")
     trainer = TorchTrainer(
         train_loop,  # type: ignore[arg-type]  # returns rank 0's exit code: Result.return_value
         train_loop_config={"run_config": str(config)},
@@ -248,7 +335,16 @@ def drive(cfg: RunConfig, config: Path, address: str, max_failures: int, sink: E
         ),
     )
     try:
-        result = fit_interruptibly(trainer.fit)
+        watch = placement_watch(lambda: ranks_placed(cfg.events_file), placement_timeout_s)
+        result = fit_interruptibly(trainer.fit, watch)
+    except PlacementTimeout:
+        now = cluster_shortfall(spec)
+        why = f": {now}" if now else " (its nodes of this kind stayed busy with other work)"
+        sink.error(Reason.INSUFFICIENT_HARDWARE,
+                   f"Ray could not place this job's {placement['num_workers']} ranks on the cluster at "
+                   f"{address} within {placement_timeout_s:g} s "
+                   f"({distributed.RAY_PLACEMENT_TIMEOUT_ENV}){why}.")
+        return EXIT_FAILED
     except TrainingFailedError as exc:
         message = f"Ray Train stopped the run after {starts(cfg.events_file)} start(s) of its ranks: {exc}"
         sink.error(Reason.TRAINING_FAILED, message[:2000])
@@ -264,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", required=True, help="the Ray cluster (TUNEFORGE_RAY_ADDRESS)")
     parser.add_argument("--max-failures", type=int, default=distributed.DEFAULT_RAY_MAX_FAILURES,
                         help="restarts of the ranks after a lost node before the attempt fails")
+    parser.add_argument("--placement-timeout", type=float,
+                        default=distributed.DEFAULT_RAY_PLACEMENT_TIMEOUT_S,
+                        help="seconds the ranks may wait to be placed before the attempt fails (0: no limit)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = args.config.resolve()
@@ -271,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     sink = EventSink(cfg.events_file)  # the driver speaks for the attempt as a whole, like rank 0
     handle_stop_signals()
     try:
-        return drive(cfg, config, args.address, args.max_failures, sink)
+        return drive(cfg, config, args.address, args.max_failures, sink, args.placement_timeout)
     except Cancelled as exc:
         sink.log(f"Stopping every rank: {exc}.")
         sink.state("cancelled")

@@ -40,6 +40,7 @@ REASON_CODES: dict[Reason, grpc.StatusCode] = {
     Reason.BAD_TRAINING_DATA: grpc.StatusCode.INVALID_ARGUMENT,
     Reason.LOSS_DIVERGED: grpc.StatusCode.ABORTED,
     Reason.DEPENDENCY_ERROR: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.INSUFFICIENT_HARDWARE: grpc.StatusCode.FAILED_PRECONDITION,  # a Ray cluster that cannot place it
     Reason.TRAINING_FAILED: grpc.StatusCode.INTERNAL,
 }
 LOG_LEVELS = {

@@ -52,13 +52,15 @@ def ray_cluster() -> Iterator[Cluster]:
         cluster.shutdown()
 
 
-def start_ray_agent(platform: Platform, cluster: Cluster, name: str = "w1") -> Path:  # noqa: F811
+def start_ray_agent(platform: Platform, cluster: Cluster, name: str = "w1",  # noqa: F811
+                    env: dict[str, str] | None = None) -> Path:
     """An agent with the cluster's address; its work dirs are kept so the test can read the events file."""
     platform.start_agent(name, {
         "TUNEFORGE_RAY_ADDRESS": cluster.address,
         "TUNEFORGE_RAY_MAX_FAILURES": "2",
         "TUNEFORGE_WORKER_KEEP_WORK_DIRS": "true",
         "TORCH_EXTENSIONS_DIR": str(TORCH_EXTENSIONS_DIR),
+        **(env or {}),
     })
     return platform.tmp_path / name / "worker" / "jobs"
 
@@ -170,6 +172,32 @@ async def test_cancelling_stops_every_rank(platform: Platform, ray_cluster: Clus
     assert any(e.get("message", "").startswith("Stopping every rank") for e in events)
 
 
+@pytest.mark.slow
+async def test_a_job_the_cluster_cannot_place_says_so_and_fails_after_the_placement_timeout(
+    platform: Platform, ray_cluster: Cluster  # noqa: F811
+) -> None:
+    """Four ranks one to a node on a cluster of three one-CPU nodes: the job's log says at once what the
+    cluster lacks, and when the placement timeout ends the job fails with INSUFFICIENT_HARDWARE, naming it;
+    it never waits without end, and the cluster is left free."""
+    # Long enough for a job the cluster can place to be placed on this machine, however loaded.
+    jobs = start_ray_agent(platform, ray_cluster, env={"TUNEFORGE_RAY_PLACEMENT_TIMEOUT_S": "30"})
+    await platform.assign("job_wide", FAST_HYPERPARAMETERS, hardware={"node_count": 4})
+
+    await platform.events.wait_for("job_wide", "FAILED", within_s=180)
+    code, reason, message = _failure(platform.events.update("job_wide", U.WORKER_UPDATE_KIND_FAILED))
+    lacks = f"the cluster has {WORKER_NODES} live node(s) with CPUs, {WORKER_NODES} CPU(s) in all; " \
+            "the job's 4 ranks need 4 nodes with a CPU each"
+    assert (code, reason) == (9, "INSUFFICIENT_HARDWARE"), (code, reason, message)
+    assert "within 30 s (TUNEFORGE_RAY_PLACEMENT_TIMEOUT_S)" in message and lacks in message, message
+    events = events_of(jobs, "job_wide")
+    warned = [e["message"] for e in events if e["type"] == "log" and e.get("level") == "warning"]
+    assert any(m.startswith("The Ray cluster cannot place this job now: " + lacks) for m in warned), warned
+    assert not ranks(events), "no rank ever started"
+    # The driver left: its placement request is gone and a two-node job runs at once.
+    await platform.assign("job_after", {**FAST_HYPERPARAMETERS, "max_steps": 2}, hardware={"node_count": 2})
+    await platform.events.wait_for("job_after", "SUCCEEDED", within_s=300)
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -234,7 +262,8 @@ def _spec(**hardware: Any) -> job_pb2.JobSpec:
 def test_a_multi_node_job_runs_on_ray_only_where_the_worker_has_a_cluster(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for var in (*distributed.MULTINODE_ENV, "WORLD_SIZE", distributed.RAY_MAX_FAILURES_ENV):
+    for var in (*distributed.MULTINODE_ENV, "WORLD_SIZE", distributed.RAY_MAX_FAILURES_ENV,
+                distributed.RAY_PLACEMENT_TIMEOUT_ENV):
         monkeypatch.delenv(var, raising=False)
     spec = _spec(node_count=2)
     monkeypatch.delenv(distributed.RAY_ADDRESS_ENV, raising=False)
@@ -245,12 +274,19 @@ def test_a_multi_node_job_runs_on_ray_only_where_the_worker_has_a_cluster(
     monkeypatch.setenv(distributed.RAY_ADDRESS_ENV, "10.0.0.5:6379")
     command = distributed.launch_command(spec, Path("RUN.json"))
     assert command[1:] == ["-m", "trainer_worker.ray_launch", "--config", "RUN.json", "--address",
-                           "10.0.0.5:6379", "--max-failures", "3"]
+                           "10.0.0.5:6379", "--max-failures", "3", "--placement-timeout", "1800"]
     # The address reaches the driver on its command line; the training env keeps no TUNEFORGE_* setting.
     assert distributed.RAY_ADDRESS_ENV not in training_env()
     one_node = distributed.launch_command(_spec(), Path("RUN.json"))
     assert one_node[1:3] == ["-m", "trainer_worker.train"], "one node never goes through Ray"
 
+    monkeypatch.setenv(distributed.RAY_PLACEMENT_TIMEOUT_ENV, "90.5")
+    assert distributed.launch_command(spec, Path("RUN.json"))[-2:] == ["--placement-timeout", "90.5"]
+    for bad in ("-1", "nan", "soon"):
+        monkeypatch.setenv(distributed.RAY_PLACEMENT_TIMEOUT_ENV, bad)
+        with pytest.raises(TrainingError, match=f"TUNEFORGE_RAY_PLACEMENT_TIMEOUT_S='{bad}'"):
+            distributed.launch_command(spec, Path("RUN.json"))
+    monkeypatch.delenv(distributed.RAY_PLACEMENT_TIMEOUT_ENV)
     monkeypatch.setenv(distributed.RAY_MAX_FAILURES_ENV, "-1")
     with pytest.raises(TrainingError, match="TUNEFORGE_RAY_MAX_FAILURES"):
         distributed.launch_command(spec, Path("RUN.json"))
@@ -275,6 +311,54 @@ def test_ranks_are_placed_one_per_node_or_packed_by_gpu() -> None:
                                "HOSTNAME": "worker-0"})
     assert env == {"HF_HUB_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": "/x", "NCCL_SOCKET_IFNAME": "eth0",
                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}, "nothing that belongs to the driver's own node"
+
+
+def _node(alive: bool = True, labels: dict[str, str] | None = None, **resources: float) -> dict[str, Any]:
+    """A node as ray.nodes() lists it (the keys read here)."""
+    return {"Alive": alive, "Labels": {"ray.io/node-id": "x", **(labels or {})},
+            "Resources": {"memory": 1e9, **resources}}
+
+
+def test_what_a_cluster_lacks_to_place_a_job_is_named() -> None:
+    two = _spec(node_count=2)
+    assert ray_launch.placement_shortfall(two, [_node(CPU=0), _node(CPU=1), _node(CPU=1)]) is None
+    # A dead node, and the head with no CPU, hold no rank; one rank a node, so 2 CPUs on one node are not 2.
+    assert ray_launch.placement_shortfall(two, [_node(CPU=0), _node(CPU=1), _node(False, CPU=1)]) == (
+        "the cluster has 1 live node(s) with CPUs, 1 CPU(s) in all; "
+        "the job's 2 ranks need 2 nodes with a CPU each")
+    assert "need 2 nodes" in (ray_launch.placement_shortfall(two, [_node(CPU=2)]) or "")
+
+    h100 = {"tuneforge.dev/gpu-type": "nvidia-h100"}
+    gpus = _spec(node_count=2, gpu_count=4, gpu_type="nvidia-h100")  # PACK: 8 GPUs, on H100 nodes only
+    whole = [_node(labels=h100, GPU=4), _node(labels=h100, GPU=4)]
+    assert ray_launch.placement_shortfall(gpus, whole) is None
+    lacking = [_node(labels=h100, GPU=4), _node(labels={"tuneforge.dev/gpu-type": "nvidia-a100-80gb"}, GPU=8),
+               _node(GPU=8)]
+    assert ray_launch.placement_shortfall(gpus, lacking) == (
+        "the cluster has 1 live node(s) labelled tuneforge.dev/gpu-type=nvidia-h100 with GPUs, "
+        "4 GPU(s) in all; "
+        "the job's 8 ranks need 8 GPUs")
+    assert "0 live node(s)" in (ray_launch.placement_shortfall(gpus, []) or "")
+
+
+def test_the_placement_watch_ends_a_wait_with_no_placement_and_nothing_else() -> None:
+    now = [100.0]
+    placed = [False]
+    watch = ray_launch.placement_watch(lambda: placed[0], 30, clock=lambda: now[0])
+    now[0] = 129.9
+    watch()
+    now[0] = 130.0
+    with pytest.raises(ray_launch.PlacementTimeout, match="within 30 s"):
+        watch()
+
+    watch = ray_launch.placement_watch(lambda: placed[0], 30, clock=lambda: now[0])
+    placed[0] = True
+    watch()
+    placed[0], now[0] = False, 1e9
+    watch()  # placed once: no limit on how long the run then takes, nor is it asked again
+    never = ray_launch.placement_watch(lambda: False, 0, clock=lambda: now[0])
+    now[0] = 1e12
+    never()
 
 
 def test_a_restarted_rank_resumes_from_the_newest_announced_checkpoint(
