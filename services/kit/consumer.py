@@ -65,6 +65,13 @@ DEAD_CAUSE = "Tuneforge-Dead-Cause"  # "permanent", "refused_value" or "deliveri
 DEAD_REASON = "Tuneforge-Dead-Reason"  # why, one line
 DEAD_DELIVERIES = "Tuneforge-Dead-Deliveries"  # how many times it was delivered
 DEAD_SEQUENCE = "Tuneforge-Dead-Sequence"  # its sequence in its stream
+DEAD_TRUNCATED = "Tuneforge-Dead-Truncated"  # its size in bytes, where only its start is kept (too large)
+DEAD_HEADERS_DROPPED = "Tuneforge-Dead-Headers-Dropped"  # the size of its own headers, too large to keep
+# Room left below the server's max_payload when a dead letter is cut to fit (the header estimate's slack).
+_PAYLOAD_MARGIN = 256
+# The most header bytes JetStream stores with a message (nats-server refuses more: "header size exceeds
+# maximum allowed of 64k").
+_MAX_HEADER_BYTES = 64 * 1024
 _REASON_CHARS = 1000
 
 # Gives a message up (see the module): (message, cause, reason).
@@ -282,15 +289,16 @@ async def _bury(js: JetStreamContext, durable: str, msg: Msg, cause: str, reason
         stream, sequence = msg.metadata.stream, int(msg.metadata.sequence.stream or 0)
     except Exception:  # not a JetStream message
         stream, sequence = "", 0
-    headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
-    headers.update({DEAD_SUBJECT: msg.subject, DEAD_CONSUMER: durable, DEAD_CAUSE: cause,
-                    DEAD_REASON: " ".join(reason.split())[:_REASON_CHARS],
-                    DEAD_DELIVERIES: str(_delivered(msg)), DEAD_SEQUENCE: str(sequence)})
+    own = {DEAD_SUBJECT: msg.subject, DEAD_CONSUMER: durable, DEAD_CAUSE: cause,
+           DEAD_REASON: " ".join(reason.split())[:_REASON_CHARS],
+           DEAD_DELIVERIES: str(_delivered(msg)), DEAD_SEQUENCE: str(sequence)}
     if sequence:
-        headers["Nats-Msg-Id"] = f"{stream}.{durable}.{sequence}"
+        own["Nats-Msg-Id"] = f"{stream}.{durable}.{sequence}"
+    headers, data = _fitted(js, {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")},
+                            own, msg.data)
     kept_in = subjects.dead_letters(stream or "unknown", durable)
     try:
-        await js.publish(kept_in, msg.data, headers=headers)
+        await js.publish(kept_in, data, headers=headers)
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -301,6 +309,29 @@ async def _bury(js: JetStreamContext, durable: str, msg: Msg, cause: str, reason
     DEAD_LETTERS.labels(durable, cause).inc()
     log.error("gave up on the message on %s (%s: %s); kept on %s", msg.subject, cause, reason, kept_in)
     await _settle(msg.term(), msg)
+
+
+def _header_bytes(headers: Mapping[str, str]) -> int:
+    """The size of `headers` as NATS sends them ("NATS/1.0", a line each, a blank line)."""
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def _fitted(js: JetStreamContext, theirs: dict[str, str], own: dict[str, str],
+            data: bytes) -> tuple[dict[str, str], bytes]:
+    """The dead letter's headers and body within the server's max_payload, which counts both: a message
+    published near that size has no room left for the dead letter's headers, and the server would refuse
+    the whole (closing the connection) each time the message came back. Nor may the headers pass
+    JetStream's 64 KiB: original headers that leave no room for the dead letter's own are dropped
+    (DEAD_HEADERS_DROPPED: their size); a body too large keeps its start (DEAD_TRUNCATED: its size). The
+    original stays in its own stream, at DEAD_SEQUENCE, while that stream keeps it."""
+    headers = {**theirs, **own}
+    if _header_bytes(headers) > _MAX_HEADER_BYTES - _PAYLOAD_MARGIN:
+        headers = {**own, DEAD_HEADERS_DROPPED: str(_header_bytes(theirs))}
+    limit = int(getattr(getattr(js, "_nc", None), "max_payload", 0) or 0) - _PAYLOAD_MARGIN
+    if limit <= 0 or _header_bytes(headers) + len(data) <= limit:
+        return headers, data
+    headers[DEAD_TRUNCATED] = str(len(data))
+    return headers, data[:max(limit - _header_bytes(headers), 0)]
 
 
 async def _settle(outcome: Awaitable[None], msg: Msg) -> None:

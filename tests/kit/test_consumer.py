@@ -23,9 +23,11 @@ from services.kit.consumer import (
     DEAD_CAUSE,
     DEAD_CONSUMER,
     DEAD_DELIVERIES,
+    DEAD_HEADERS_DROPPED,
     DEAD_REASON,
     DEAD_SEQUENCE,
     DEAD_SUBJECT,
+    DEAD_TRUNCATED,
     MAX_NAK_DELAY_S,
     UNREACHABLE_NAK_DELAY_S,
     PermanentError,
@@ -49,10 +51,11 @@ DEAD_LETTERS_CONFIG = next(c for c in stream_configs() if c.name == subjects.STR
 
 
 @contextlib.asynccontextmanager
-async def consuming(nats_url: str, messages: Sequence[bytes], loop: Any, *,
-                    dead_letters: bool = True) -> AsyncIterator[JetStreamContext]:
+async def consuming(nats_url: str, messages: Sequence[bytes], loop: Any, *, dead_letters: bool = True,
+                    named: bool = True) -> AsyncIterator[JetStreamContext]:
     """A fresh stream holding `messages`, and `loop(js)` consuming it (a consumer loop, cancelled on exit;
-    the stream is deleted). With `dead_letters`, the platform's dead-letter stream exists too."""
+    the stream is deleted). With `dead_letters`, the platform's dead-letter stream exists too; `named`:
+    each message carries its data in a header too."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     with contextlib.suppress(Exception):
@@ -61,7 +64,7 @@ async def consuming(nats_url: str, messages: Sequence[bytes], loop: Any, *,
     if dead_letters:
         await js.add_stream(DEAD_LETTERS_CONFIG)
     for data in messages:  # all pending before the consumer's first fetch
-        await js.publish("consumer-test.x", data, headers={"Job": data.decode()})
+        await js.publish("consumer-test.x", data, headers={"Job": data.decode()} if named else None)
     task = asyncio.create_task(loop(js))
     try:
         yield js
@@ -337,6 +340,47 @@ async def test_a_message_that_cannot_be_kept_is_redelivered_not_dropped(
     assert len(deliveries) == settled  # terminated once kept
     assert [m.data for m in dead] == [b"lost?"]
     assert dead[0].headers[DEAD_DELIVERIES] == str(deliveries[-1])
+
+
+async def test_a_message_too_large_to_keep_whole_is_kept_cut_to_fit(nats_url: str) -> None:
+    """A message of the server's whole max_payload cannot be kept whole with the dead letter's headers
+    beside it (the server would refuse it and close the connection, and the message would come back for
+    ever), nor one whose headers leave no room for them below JetStream's 64 KiB: each is kept cut to fit,
+    saying so and how large it was, and its deliveries end."""
+    nc = await nats.connect(nats_url)
+    limit = nc.max_payload
+    await nc.close()
+    big = b"x" * (limit - 200)
+    deliveries: list[int] = []
+
+    async def handler(msg: Msg) -> None:
+        deliveries.append(int(msg.metadata.num_delivered or 0))
+        raise PermanentError("undecodable Thing on consumer-test.x")
+
+    def loop(js: JetStreamContext) -> Any:
+        return consume(js, stream=STREAM, durable="consumer-big", subject=SUBJECT, handler=handler,
+                       nak_delay_s=0.02)
+
+    async with consuming(nats_url, [big, b"small"], loop, named=False) as js:
+        # Headers just under JetStream's 64 KiB: stored, but with no room for the dead letter's own.
+        await js.publish("consumer-test.x", b"headed", headers={"Big": "h" * (64 * 1024 - 12 - 7 - 100)})
+
+        async def kept_all() -> bool:
+            return len(await kept(js)) == 3
+
+        await until(kept_all, deliveries)
+        await asyncio.sleep(0.5)
+        dead = {m.data[:6]: m for m in await kept(js)}
+    assert deliveries == [1, 1, 1], "each delivered once, then kept"
+    cut = dead[b"xxxxxx"]
+    assert big.startswith(cut.data) and limit - 4096 < len(cut.data) < len(big), len(cut.data)
+    assert cut.headers[DEAD_TRUNCATED] == str(len(big)) and cut.headers[DEAD_CAUSE] == "permanent"
+    assert DEAD_HEADERS_DROPPED not in cut.headers
+    headed = dead[b"headed"]
+    assert headed.data == b"headed" and "Big" not in headed.headers and DEAD_TRUNCATED not in headed.headers
+    assert headed.headers[DEAD_HEADERS_DROPPED] == str(64 * 1024 - 100)
+    assert headed.headers[DEAD_SEQUENCE] == "3"
+    assert not {DEAD_TRUNCATED, DEAD_HEADERS_DROPPED} & set(dead[b"small"].headers)
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["consume", "consume_batches"])
