@@ -153,11 +153,12 @@ class CheckpointCatalog:
         """(the checkpoints by step, the metric that picked the best one or "" when none is marked)."""
         return await asyncio.to_thread(self._list, job)
 
-    def _state(self, key: str) -> dict[str, Any]:
+    def _state(self, key: str) -> dict[str, Any] | None:
+        """The checkpoint's trainer_state.json; None when it is not there (any longer)."""
         try:
             data = json.loads(self.store.get_bytes(f"{key}/{TRAINER_STATE}"))
         except FileNotFoundError:
-            return {}
+            return None
         except (ValueError, OSError):
             log.warning("ignoring the unreadable %s/%s", key, TRAINER_STATE)
             return {}
@@ -170,6 +171,10 @@ class CheckpointCatalog:
         newest_state: dict[str, Any] = {}
         for entry in stored:
             state = self._state(entry.key)
+            if state is None:
+                if not self.store.exists(f"{entry.key}/{COMPLETE}"):
+                    continue  # pruned by the trainer (it saved a newer one) while this listing read it
+                state = {}
             newest_state = state
             checkpoint = describe(entry.name, entry.step, state)
             checkpoint.size_bytes = sum(o.size for o in entry.objects)

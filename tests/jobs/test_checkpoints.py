@@ -142,6 +142,27 @@ def test_checkpoints_are_listed_with_their_metrics(local: Served) -> None:
     assert [c.best for c in checkpoints] == [False, True, False] and response.best_metric == "eval_loss"
 
 
+def test_a_checkpoint_pruned_while_it_is_listed_is_left_out(local: Served,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer prunes its oldest checkpoint as it saves the next: one gone between the listing and the
+    read of its trainer_state.json is not listed (as a listing a moment later would say), where a complete
+    checkpoint without that file is, with what is known of it."""
+    job_id = store_checkpoints(local)
+    prefix = f"jobs/{ORG}/{job_id}/checkpoints"
+    local.store.delete_prefix(f"{prefix}/checkpoint-30/trainer_state.json")
+    read = local.store.get_bytes
+
+    def pruning(key: str) -> bytes:
+        if key == f"{prefix}/checkpoint-10/trainer_state.json":
+            local.store.delete_prefix(f"{prefix}/checkpoint-10/")  # the prune, just then
+        return read(key)
+
+    monkeypatch.setattr(local.store, "get_bytes", pruning)
+    with local.client() as acme:
+        listed = [(c.step, c.epoch) for c in acme.list_checkpoints(job_id).checkpoints]
+    assert listed == [(20, 1.0), (30, 0.0)]
+
+
 def test_the_trainers_best_model_checkpoint_wins(local: Served) -> None:
     # With early stopping the Trainer tracks the best checkpoint itself (here, as it saw it: step 10).
     job_id = store_checkpoints(local, best=10)
