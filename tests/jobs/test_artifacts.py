@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from tuneforge.v1 import artifact_pb2, identity_pb2, job_pb2
@@ -309,7 +310,7 @@ def test_a_checkpoint_pruned_while_it_is_listed_is_left_out(local: Served,
     opened = local.store.open_object
     pruned: list[str] = []
 
-    def pruning(key: str):  # type: ignore[no-untyped-def]
+    def pruning(key: str) -> BinaryIO:
         if key.startswith(f"{prefix}/checkpoint-10/") and not pruned:
             local.store.delete_prefix(f"{prefix}/checkpoint-10/")  # the trainer's prune, just then
             pruned.append(key)
@@ -321,7 +322,7 @@ def test_a_checkpoint_pruned_while_it_is_listed_is_left_out(local: Served,
         assert pruned
 
         # A file that is never there however often it is listed: a retryable UNAVAILABLE, not a 400.
-        def missing(key: str):  # type: ignore[no-untyped-def]
+        def missing(key: str) -> BinaryIO:
             raise FileNotFoundError(key)
 
         local.store.put_bytes(f"{prefix}/checkpoint-50/model.bin", b"fifty")

@@ -74,7 +74,7 @@ def test_a_folder_removed_while_it_is_listed_is_skipped(tmp_path: Path,
         store.put_bytes(f"jobs/acme/job_1/checkpoints/checkpoint-{step}/model.bin", b"m")
     scandir = os.scandir
 
-    def pruning(path):  # type: ignore[no-untyped-def]
+    def pruning(path: str) -> Iterator[os.DirEntry[str]]:
         if str(path).endswith("checkpoint-10"):
             shutil.rmtree(path)  # the prune, just as the listing reaches the folder
         return scandir(path)
