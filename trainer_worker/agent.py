@@ -83,7 +83,11 @@ from tuneforge.v1 import job_pb2, metrics_pb2
 
 from trainer_worker import evaluation_report, hardware, trackers, vision, warm_start
 from trainer_worker.checkpointing import CheckpointStore
-from trainer_worker.distributed import MULTINODE_ENV
+from trainer_worker.distributed import (
+    DEFAULT_RAY_MAX_FAILURES,
+    DEFAULT_RAY_PLACEMENT_TIMEOUT_S,
+    MULTINODE_ENV,
+)
 from trainer_worker.errors import TrainingError, Transient, is_retryable
 from trainer_worker.events import (
     AnyEvent,
@@ -167,10 +171,10 @@ class AgentSettings(KitSettings):
     # value stops the worker at start instead of failing a job.
     ray_address: str = ""
     # Restarts of a multi-node run after a lost node or rank, before the attempt fails.
-    ray_max_failures: int = Field(default=3, ge=0)
+    ray_max_failures: int = Field(default=DEFAULT_RAY_MAX_FAILURES, ge=0)
     # Seconds a multi-node run's ranks may wait to be placed on the cluster (nodes of the job's GPU type,
     # free) before the attempt fails with INSUFFICIENT_HARDWARE; 0: no limit.
-    ray_placement_timeout_s: float = Field(default=1800.0, ge=0)
+    ray_placement_timeout_s: float = Field(default=DEFAULT_RAY_PLACEMENT_TIMEOUT_S, ge=0)
     # Seconds between heartbeats (WorkerHeartbeat). The jobs service calls a worker gone after
     # TUNEFORGE_WORK_ACK_WAIT_S or three of these without one, whichever is longer.
     worker_heartbeat_interval_s: float = 5.0

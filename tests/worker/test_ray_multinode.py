@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
+from pydantic import ValidationError
 from ray.cluster_utils import Cluster
 from ray.train.v2.api.config import ScalingConfig
 from tuneforge.events.v1 import events_pb2
@@ -26,6 +27,7 @@ from tuneforge.v1 import job_pb2, metrics_pb2
 from tests.worker.helpers import FAST_HYPERPARAMETERS, make_run_config, read_events, resolved
 from tests.worker.test_agent import Platform, _failure, platform  # noqa: F401  (the fixture, reused)
 from trainer_worker import checkpointing, distributed, ray_launch
+from trainer_worker.agent import AgentSettings
 from trainer_worker.errors import TrainingError
 from trainer_worker.events import EventSink
 from trainer_worker.launcher import training_env
@@ -287,6 +289,11 @@ def test_a_multi_node_job_runs_on_ray_only_where_the_worker_has_a_cluster(
         with pytest.raises(TrainingError, match=f"TUNEFORGE_RAY_PLACEMENT_TIMEOUT_S='{bad}'"):
             distributed.launch_command(spec, Path("RUN.json"))
     monkeypatch.delenv(distributed.RAY_PLACEMENT_TIMEOUT_ENV)
+    # The worker's own settings take the same default and refuse the same values when it starts.
+    assert AgentSettings().ray_placement_timeout_s == distributed.DEFAULT_RAY_PLACEMENT_TIMEOUT_S
+    for refused in (-1.0, float("nan")):
+        with pytest.raises(ValidationError, match="ray_placement_timeout_s"):
+            AgentSettings(ray_placement_timeout_s=refused)
     monkeypatch.setenv(distributed.RAY_MAX_FAILURES_ENV, "-1")
     with pytest.raises(TrainingError, match="TUNEFORGE_RAY_MAX_FAILURES"):
         distributed.launch_command(spec, Path("RUN.json"))
