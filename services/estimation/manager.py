@@ -595,8 +595,13 @@ def tokens_of(size: estimation_pb2.DatasetSize) -> Tokens:
         )
     else:
         total = round(math.ceil(stats.total_characters / CHARS_PER_TOKEN) * share)
+        # Without a longest example in tokens, memory is estimated at max_seq_length: the note says so, since
+        # for short examples that is far above the real peak, and how to get the tighter figure.
         notes.append(
-            f"dataset '{name}' has no token statistics: assumed {CHARS_PER_TOKEN} characters per token"
+            f"dataset '{name}' has no token statistics: assumed {CHARS_PER_TOKEN} characters per token for "
+            "time and cost, and memory as if an example filled max_seq_length; upload it with a tokenizer "
+            "(UploadDatasetMetadata.tokenizer, `tuneforge datasets upload --tokenizer MODEL`) for memory "
+            "at its longest example, or lower spec.hyperparameters.max_seq_length"
         )
     return Tokens(
         per_epoch=int(total),

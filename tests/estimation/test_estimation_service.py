@@ -232,6 +232,10 @@ async def test_estimate_job_from_tokens_or_from_the_dataset(estimation_stack: Es
     )
     assert response.estimate.time.training_tokens == 3 * 1_000_000
     assert any("4 characters per token" in note for note in response.notes)
+    # Memory at max_seq_length (no longest example is known), and the note says how to get a tighter one.
+    assert any("memory as if an example filled max_seq_length" in note and "tokenizer" in note
+               for note in response.notes)
+    assert not any("longest example (" in note for note in response.notes)
 
     # No GPU type: the cheapest configuration that fits, said in a note.
     response = await stub.EstimateJob(
