@@ -774,7 +774,8 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
         v.add(f + "warmup_ratio", "set warmup_steps or warmup_ratio, not both")
     if not hp.HasField("warmup_steps") and not hp.HasField("warmup_ratio"):
         hp.warmup_ratio = 0.03
-    if not hp.HasField("min_learning_rate"):
+    min_lr_derived = not hp.HasField("min_learning_rate")
+    if min_lr_derived:
         hp.min_learning_rate = 0.1 * hp.learning_rate
     if hp.lr_scheduler == job_pb2.LR_SCHEDULER_UNSPECIFIED:
         hp.lr_scheduler = job_pb2.LR_SCHEDULER_COSINE
@@ -807,11 +808,16 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
             "is only used with keep_best_model or early_stopping; set one of them")
     _check_method_hyperparameters(v, out)
     _range(v, f + "learning_rate", hp.learning_rate, 0.0, 1e-2, lo_open=True)
-    v.check(
-        0 <= hp.min_learning_rate < hp.learning_rate and math.isfinite(hp.min_learning_rate),
-        f + "min_learning_rate",
-        "must be at least 0 and lower than learning_rate",
-    )
+    # Compared with learning_rate only when that is valid, and not judged at all when it was derived from an
+    # invalid one: the learning_rate violation alone says what to fix.
+    lr_valid = 0.0 < hp.learning_rate <= 1e-2
+    if lr_valid or not min_lr_derived:
+        v.check(
+            math.isfinite(hp.min_learning_rate) and 0 <= hp.min_learning_rate
+            and (not lr_valid or hp.min_learning_rate < hp.learning_rate),
+            f + "min_learning_rate",
+            "must be at least 0 and lower than learning_rate",
+        )
     if hp.HasField("warmup_steps"):
         _range(v, f + "warmup_steps", hp.warmup_steps, 0, MAX_STEPS)
     if hp.HasField("warmup_ratio"):

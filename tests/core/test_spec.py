@@ -87,6 +87,36 @@ def test_every_problem_is_reported_at_once() -> None:
     } <= fields_of(info.value)
 
 
+@pytest.mark.parametrize("learning_rate", [-1.0, 0.5, float("nan"), float("inf")])
+def test_a_bad_learning_rate_is_named_alone(learning_rate: float) -> None:
+    """min_learning_rate, left to its default (a tenth of learning_rate), is not also refused for it."""
+    spec = valid_spec()
+    spec.hyperparameters.learning_rate = learning_rate
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(spec)
+    assert fields_of(info.value) == {"spec.hyperparameters.learning_rate"}
+
+
+def test_min_learning_rate_is_checked_against_a_valid_learning_rate_and_on_its_own() -> None:
+    spec = valid_spec()
+    spec.hyperparameters.learning_rate = 1e-4
+    spec.hyperparameters.min_learning_rate = 2e-4
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(spec)
+    assert fields_of(info.value) == {"spec.hyperparameters.min_learning_rate"}
+    # With learning_rate wrong too, a min_learning_rate the caller set is still judged on its own.
+    spec.hyperparameters.learning_rate = -1.0
+    spec.hyperparameters.min_learning_rate = -1e-5
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(spec)
+    assert fields_of(info.value) == {"spec.hyperparameters.learning_rate",
+                                     "spec.hyperparameters.min_learning_rate"}
+    spec.hyperparameters.min_learning_rate = 1e-5
+    with pytest.raises(InvalidArgument) as info:
+        resolve_spec(spec)
+    assert fields_of(info.value) == {"spec.hyperparameters.learning_rate"}
+
+
 def test_warmup_steps_and_ratio_are_exclusive() -> None:
     spec = valid_spec()
     spec.hyperparameters.warmup_steps = 10
