@@ -40,6 +40,8 @@ from tuneforge_core.models import ref_problem
 # Upper bounds that keep every number a worker is handed meaningful (and within 32-bit counters).
 MAX_STEPS = 10_000_000
 MAX_SEED = 2**32 - 1
+# learning_rate is in (0, MAX_LEARNING_RATE].
+MAX_LEARNING_RATE = 1e-2
 MAX_SPEC_BYTES = 64 * 1024
 MAX_TARGET_MODULES = 64
 MODULE_RE = re.compile(r"^[A-Za-z0-9_.*\-]+\Z")
@@ -807,10 +809,10 @@ def _resolve_hyperparameters(v: Violations, out: job_pb2.JobSpec) -> None:
             f + "metric_for_best_model",
             "is only used with keep_best_model or early_stopping; set one of them")
     _check_method_hyperparameters(v, out)
-    _range(v, f + "learning_rate", hp.learning_rate, 0.0, 1e-2, lo_open=True)
+    _range(v, f + "learning_rate", hp.learning_rate, 0.0, MAX_LEARNING_RATE, lo_open=True)
     # Compared with learning_rate only when that is valid, and not judged at all when it was derived from an
     # invalid one: the learning_rate violation alone says what to fix.
-    lr_valid = 0.0 < hp.learning_rate <= 1e-2
+    lr_valid = 0.0 < hp.learning_rate <= MAX_LEARNING_RATE
     if lr_valid or not min_lr_derived:
         v.check(
             math.isfinite(hp.min_learning_rate) and 0 <= hp.min_learning_rate
