@@ -85,7 +85,8 @@ def statistics_to_proto(stats: Statistics) -> dataset_pb2.DatasetStatistics:
         example_count=stats.example_count, mean_messages_per_example=stats.mean_messages_per_example,
         total_characters=stats.total_characters, duplicate_count=stats.duplicate_count,
         tokens=tokens_to_proto(stats.tokens) if stats.tokens else None,
-        dropped_by_max_samples=stats.dropped_by_max_samples)
+        dropped_by_max_samples=stats.dropped_by_max_samples,
+        longest_example_bytes=stats.longest_example_bytes)
 
 
 def statistics_from_proto(proto: dataset_pb2.DatasetStatistics) -> Statistics:
@@ -93,7 +94,8 @@ def statistics_from_proto(proto: dataset_pb2.DatasetStatistics) -> Statistics:
                       mean_messages_per_example=proto.mean_messages_per_example,
                       total_characters=proto.total_characters, duplicate_count=proto.duplicate_count,
                       tokens=tokens_from_proto(proto.tokens) if proto.HasField("tokens") else None,
-                      dropped_by_max_samples=proto.dropped_by_max_samples)
+                      dropped_by_max_samples=proto.dropped_by_max_samples,
+                      longest_example_bytes=proto.longest_example_bytes)
 
 
 def options_to_proto(options: DatasetOptions) -> dataset_pb2.DatasetOptions:

@@ -102,6 +102,8 @@ class Statistics:
     duplicate_count: int = 0
     tokens: TokenStats | None = None
     dropped_by_max_samples: int = 0
+    # DatasetStatistics.longest_example_bytes: 0 when not known.
+    longest_example_bytes: int = 0
 
 
 @dataclass(frozen=True)

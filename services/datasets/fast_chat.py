@@ -63,6 +63,8 @@ class FastBatch:
     rows: list[FastChat]
     messages: int
     characters: int
+    # Bytes of each row's line as read (without its line end): DatasetStatistics.longest_example_bytes.
+    lengths: list[int]
 
 
 def fast_chat_batch(start: int, lines: list[bytes]) -> FastBatch | None:
@@ -87,7 +89,7 @@ def fast_chat_batch(start: int, lines: list[bytes]) -> FastBatch | None:
         or not all(map(_ROLE_ORDERS.__contains__, map(tuple, map(map, repeat(_role), conversations))))
     ):
         return None
-    return FastBatch(start, rows, len(messages), sum(map(len, contents)))
+    return FastBatch(start, rows, len(messages), sum(map(len, contents)), list(map(len, lines)))
 
 
 def chat_counts(rows: list[FastChat]) -> tuple[int, int]:

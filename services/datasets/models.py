@@ -61,6 +61,7 @@ class DatasetRow(Base):
     total_characters: Mapped[int] = mapped_column(BigInteger, default=0)
     duplicate_count: Mapped[int] = mapped_column(BigInteger, default=0)
     dropped_by_max_samples: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    longest_example_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # tuneforge.v1.TokenStatistics, when a tokenizer was given.
     token_statistics: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     # tuneforge.v1.DatasetOptions

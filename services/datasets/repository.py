@@ -57,7 +57,8 @@ def _record(row: DatasetRow) -> DatasetRecord:
             total_characters=row.total_characters, duplicate_count=row.duplicate_count,
             tokens=tokens_from_proto(dataset_pb2.TokenStatistics.FromString(row.token_statistics))
             if row.token_statistics else None,
-            dropped_by_max_samples=row.dropped_by_max_samples),
+            dropped_by_max_samples=row.dropped_by_max_samples,
+            longest_example_bytes=row.longest_example_bytes),
         splits=splits, error_count=row.error_count, warning_count=row.warning_count,
         split_plan=SplitPlan((row.train_fraction, row.validation_fraction, row.test_fraction),
                              int(row.split_seed)),
@@ -129,6 +130,7 @@ class DatasetRepository:
             total_characters=record.statistics.total_characters,
             duplicate_count=record.statistics.duplicate_count,
             dropped_by_max_samples=record.statistics.dropped_by_max_samples,
+            longest_example_bytes=record.statistics.longest_example_bytes,
             token_statistics=_tokens_bytes(record.statistics),
             options=options_to_proto(record.options).SerializeToString(),
             validation_dataset_id=record.validation_dataset_id,

@@ -330,6 +330,8 @@ def validate_source(
     add = _LineSink(issues)
 
     checked = examples = kept = dropped = messages = characters = duplicates = first_duplicate = 0
+    longest = 0  # bytes of the longest kept example's line (DatasetStatistics.longest_example_bytes)
+    with_images = False
     decoded = 0  # bytes of the normalized examples
     budget = max_extracted_bytes if kind is SourceKind.ZIP else max_decoded_bytes
     targets: Counter[str] | None = Counter()
@@ -357,6 +359,7 @@ def validate_source(
             kept += take
             messages += batch_messages
             characters += batch_characters
+            longest = max(longest, max(obj.lengths[:take]))
             digests = list(map(hash, rows))
             fresh = set(digests)
             if len(fresh) == take and seen.isdisjoint(fresh):
@@ -431,6 +434,8 @@ def validate_source(
         characters += example.characters
         encoded = msgspec.json.encode(record)
         decoded += len(encoded) + 1
+        longest = max(longest, len(encoded))
+        with_images = with_images or bool(example.images)
         if decoded > budget:
             decoded_too_large(add_file, budget, f"the examples up to line {number}", number)
             break
@@ -484,6 +489,8 @@ def validate_source(
         total_characters=characters,
         duplicate_count=duplicates,
         dropped_by_max_samples=dropped,
+        # Image tokens are not in the bytes: no bound is given for a dataset with images.
+        longest_example_bytes=0 if with_images else longest,
     )
     result.report = _report(detected, checked, issues, stats)
     return result

@@ -49,6 +49,9 @@ from tuneforge_core.models import ModelPolicy
 from tuneforge_core.reasons import Reason
 
 CHARS_PER_TOKEN = 4
+# Tokens a chat template may add to an example beyond one per byte of its JSON line (a default system
+# prompt, tool instructions, BOS): what the bound from DatasetStatistics.longest_example_bytes allows for.
+TEMPLATE_TOKENS = 256
 MODEL_TYPES = {1: "llm", 2: "vlm"}
 # How many resolved specs, and how many computed fits (and searches for one), are remembered
 # (services.estimation.cache): the most recently used; a few KiB each.
@@ -89,8 +92,10 @@ class Tokens:
     per_epoch: int
     # Examples in the train split, when known (a dataset, not a bare token count).
     examples: int | None
-    # Tokens of the longest example, when the dataset was tokenized.
+    # Tokens of the longest example, when the dataset was tokenized; else at most this many, bounded from
+    # the bytes of its line (`longest_bound`), when those are known.
     longest: int | None = None
+    longest_bound: bool = False
     notes: tuple[str, ...] = ()
     validation: dataset_pb2.ValidationSummary | None = None
 
@@ -571,6 +576,7 @@ def check_dataset_size(size: estimation_pb2.DatasetSize) -> None:
         ("dataset_size.statistics.tokens.train_tokens", stats.tokens.train_tokens),
         ("dataset_size.statistics.tokens.total", stats.tokens.total),
         ("dataset_size.statistics.tokens.max", stats.tokens.max),
+        ("dataset_size.statistics.longest_example_bytes", stats.longest_example_bytes),
     ):
         v.check(value >= 0, path, f"must not be negative, got {value}")
     v.raise_if_any("Invalid request")
@@ -595,20 +601,24 @@ def tokens_of(size: estimation_pb2.DatasetSize) -> Tokens:
         )
     else:
         total = round(math.ceil(stats.total_characters / CHARS_PER_TOKEN) * share)
-        # Without a longest example in tokens, memory is estimated at max_seq_length: the note says so, since
-        # for short examples that is far above the real peak, and how to get the tighter figure.
+        # Memory: at most a token per byte of the longest example's line, plus a template's own, when its
+        # bytes are known; else as if an example filled max_seq_length. Either is above the real peak,
+        # which a tokenizer at upload gives.
+        if stats.longest_example_bytes > 0:
+            memory = (f"for memory at most one token per byte of its longest example "
+                      f"({stats.longest_example_bytes:,} bytes) plus {TEMPLATE_TOKENS} of a chat template")
+        else:
+            memory = "memory as if an example filled max_seq_length"
         notes.append(
             f"dataset '{name}' has no token statistics: assumed {CHARS_PER_TOKEN} characters per token for "
-            "time and cost, and memory as if an example filled max_seq_length; upload it with a tokenizer "
-            "(UploadDatasetMetadata.tokenizer, `tuneforge datasets upload --tokenizer MODEL`) for memory "
-            "at its longest example, or lower spec.hyperparameters.max_seq_length"
+            f"time and cost, and {memory}; upload it with a tokenizer (UploadDatasetMetadata.tokenizer, "
+            "`tuneforge datasets upload --tokenizer MODEL`) for memory at its longest example in tokens"
         )
-    return Tokens(
-        per_epoch=int(total),
-        examples=examples,
-        longest=stats.tokens.max or None,
-        notes=tuple(notes),
-    )
+    if stats.tokens.max > 0:
+        return Tokens(per_epoch=int(total), examples=examples, longest=stats.tokens.max, notes=tuple(notes))
+    bound = stats.longest_example_bytes + TEMPLATE_TOKENS if stats.longest_example_bytes > 0 else None
+    return Tokens(per_epoch=int(total), examples=examples, longest=bound, longest_bound=bound is not None,
+                  notes=tuple(notes))
 
 
 def _calibration_key(calibrations: dict[str, Calibration]) -> tuple[tuple[str, Calibration], ...]:
@@ -667,10 +677,16 @@ def _at_longest_example(resolved: ResolvedSetup, tokens: Tokens | None, notes: l
     setup = resolved.setup
     if tokens is None or not tokens.longest or setup.packing or tokens.longest >= setup.max_seq_length:
         return resolved
-    notes.append(
-        f"memory peaks at the dataset's longest example ({tokens.longest} tokens), below "
-        f"max_seq_length {setup.max_seq_length}"
-    )
+    if tokens.longest_bound:
+        notes.append(
+            f"memory peaks at most at {tokens.longest} tokens (the dataset's longest example, bounded from "
+            f"its bytes), below max_seq_length {setup.max_seq_length}"
+        )
+    else:
+        notes.append(
+            f"memory peaks at the dataset's longest example ({tokens.longest} tokens), below "
+            f"max_seq_length {setup.max_seq_length}"
+        )
     return replace(resolved, setup=replace(setup, max_seq_length=tokens.longest))
 
 

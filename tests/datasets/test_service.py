@@ -76,6 +76,9 @@ async def test_upload_in_chunks_makes_a_ready_dataset_with_three_splits(
         lines += content
     assert len(set(lines)) == 200  # disjoint and complete
     assert all(json.loads(line)["messages"][-1]["role"] == "assistant" for line in lines)
+    # The longest example's line, as uploaded or as normalized (which drops json.dumps' spaces).
+    longest = dataset.statistics.longest_example_bytes
+    assert max(map(len, lines)) <= longest <= max(map(len, data.splitlines()))
     assert (local_path(dataset.splits[0].uri).parent / "source.jsonl").read_bytes() == data
     assert object_files(datasets_settings.data_dir / "tmp") == []
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from services.datasets import validation as v
-from services.datasets.domain import DatasetFormat, Severity
+from services.datasets.domain import DatasetFormat, DatasetOptions, Severity
 from services.datasets.issues import IssueCode
 from tests.datasets.helpers import chat_lines, write_jsonl
+from trainer_worker.tiny_vlm import write_image_dataset_zip
 
 
 def _with_line_3(tmp_path: Path, line: str, n: int = 5) -> Path:
@@ -148,6 +149,38 @@ def test_statistics_and_normalized_output(tmp_path: Path) -> None:
         '{"messages":[{"role":"user","content":"ab"},{"role":"assistant","content":"cde","weight":1}]}',
         '{"messages":[{"role":"system","content":"s"},{"role":"user","content":"é"},'
         '{"role":"assistant","content":"ok"}]}']
+
+
+def test_the_longest_example_in_bytes_on_either_path(tmp_path: Path) -> None:
+    """DatasetStatistics.longest_example_bytes: the longest kept example's line, as read on the fast path
+    (windows of plain chat lines past the first 100), as normalized where validation rewrote it."""
+    lines = chat_lines(600)
+    long_line = json.dumps({"messages": [{"role": "user", "content": "é" * 2000},
+                                         {"role": "assistant", "content": "y"}]}, ensure_ascii=False)
+    lines[400] = long_line
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    assert v.validate_file(path, min_examples=1).statistics.longest_example_bytes == len(long_line.encode())
+    # Only kept examples count: max_samples leaves the long one out.
+    cut = v.validate_file(path, min_examples=1, options=DatasetOptions(max_samples=300)).statistics
+    assert cut.example_count == 300
+    assert cut.longest_example_bytes == max(len(line.encode()) for line in lines[:300])
+    # A system prompt rewrites every example: the normalized line, with it, is what is measured.
+    out = io.BytesIO()
+    prompted = v.validate_file(path, min_examples=1, normalized_out=out,
+                               options=DatasetOptions(system_prompt="Be brief.")).statistics
+    assert prompted.longest_example_bytes == max(map(len, out.getvalue().splitlines()))
+    # The first 100 lines take the per-line path: measured there too.
+    lines = chat_lines(50)
+    lines[10] = long_line
+    compact = long_line.replace(", ", ",").replace(": ", ":")  # as normalized
+    stats = v.validate_file(write_jsonl(tmp_path / "e.jsonl", lines), min_examples=1).statistics
+    assert stats.longest_example_bytes == len(compact.encode())
+
+
+def test_no_longest_example_bytes_for_a_dataset_with_images(tmp_path: Path) -> None:
+    archive = write_image_dataset_zip(tmp_path / "pictures.zip", n=20)
+    stats = v.validate_file(archive, min_examples=1).statistics
+    assert stats.example_count == 20 and stats.longest_example_bytes == 0
 
 
 @pytest.mark.parametrize(("record", "expected"), [

@@ -50,6 +50,7 @@ class FakeDatasetService(dataset_service_pb2_grpc.DatasetServiceServicer):
         characters: int = 0,
         longest: int = 0,
         train_tokens: int = 0,
+        longest_bytes: int = 0,
         warnings: int = 0,
         state: int = dataset_pb2.DATASET_STATE_READY,
     ) -> dataset_pb2.Dataset:
@@ -63,6 +64,7 @@ class FakeDatasetService(dataset_service_pb2_grpc.DatasetServiceServicer):
                 example_count=examples,
                 total_characters=characters,
                 tokens=dataset_pb2.TokenStatistics(total=tokens, max=longest, train_tokens=train_tokens),
+                longest_example_bytes=longest_bytes,
             ),
             splits=[
                 dataset_pb2.DatasetSplit(kind=dataset_pb2.DATASET_SPLIT_KIND_TRAIN, example_count=train),

@@ -235,7 +235,31 @@ async def test_estimate_job_from_tokens_or_from_the_dataset(estimation_stack: Es
     # Memory at max_seq_length (no longest example is known), and the note says how to get a tighter one.
     assert any("memory as if an example filled max_seq_length" in note and "tokenizer" in note
                for note in response.notes)
-    assert not any("longest example (" in note for note in response.notes)
+    assert not any("longest example" in note and "peaks" in note for note in response.notes)
+    at_max_length = response.estimate.memory_per_gpu
+
+    # The bytes of its longest example's line known: memory at most a token per byte plus a template's own
+    # (300 + 256 tokens), below what max_seq_length (2048) gives; time and cost from characters / 4.
+    estimation_stack.datasets.add("support-chats", examples=1000, train=1000, characters=200_000,
+                                  longest_bytes=300)
+    response = await stub.EstimateJob(
+        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec())
+    )
+    assert response.estimate.time.training_tokens == 3 * 50_000
+    assert any("one token per byte of its longest example (300 bytes)" in note for note in response.notes)
+    assert any("memory peaks at most at 556 tokens" in note for note in response.notes)
+    bounded = response.estimate.memory_per_gpu
+    assert bounded.activations < at_max_length.activations and bounded.total < at_max_length.total
+    assert bounded.weights == at_max_length.weights
+
+    # Token statistics win over the bytes: the longest example in tokens is exact.
+    estimation_stack.datasets.add("support-chats", examples=1000, train=1000, tokens=900_000, longest=120,
+                                  longest_bytes=300)
+    response = await stub.EstimateJob(
+        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec())
+    )
+    assert any("longest example (120 tokens)" in note for note in response.notes)
+    assert not any("bounded from" in note for note in response.notes)
 
     # No GPU type: the cheapest configuration that fits, said in a note.
     response = await stub.EstimateJob(

@@ -873,7 +873,8 @@ type DatasetSize struct {
 	// The dataset's id or name, as notes name it.
 	Dataset string `protobuf:"bytes,1,opt,name=dataset,proto3" json:"dataset,omitempty"`
 	// The dataset's Dataset.statistics: example_count, total_characters and the token counts (train_tokens,
-	// else total scaled to the train split, else characters / 4; max, the longest example) are read.
+	// else total scaled to the train split, else characters / 4; max, the longest example, else a bound
+	// from longest_example_bytes) are read.
 	Statistics *DatasetStatistics `protobuf:"bytes,2,opt,name=statistics,proto3" json:"statistics,omitempty"`
 	// Examples in the dataset's train split (the DATASET_SPLIT_KIND_TRAIN entries of Dataset.splits); 0 when
 	// not known, and then every example counts as training.

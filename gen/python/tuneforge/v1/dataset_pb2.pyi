@@ -553,6 +553,7 @@ class DatasetStatistics(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
     DROPPED_BY_MAX_SAMPLES_FIELD_NUMBER: _builtins.int
+    LONGEST_EXAMPLE_BYTES_FIELD_NUMBER: _builtins.int
     example_count: _builtins.int
     """Valid examples, over all splits."""
     mean_messages_per_example: _builtins.float
@@ -563,6 +564,13 @@ class DatasetStatistics(_message.Message):
     """Exact duplicate examples (same normalized content)."""
     dropped_by_max_samples: _builtins.int
     """Valid examples left out because of DatasetOptions.max_samples."""
+    longest_example_bytes: _builtins.int
+    """Bytes of the longest example's JSON line, without the line end: as uploaded, or as normalized where
+    validation rewrote it (CSV, Parquet and ZIP rows, examples DatasetOptions changed). The line holds the
+    example's text in UTF-8 or in longer escapes, so no byte-level tokenizer makes more tokens of that text:
+    without token statistics the estimation service bounds memory with it. 0 when not known (datasets with
+    images, whose image tokens it does not bound, and datasets made before it was kept).
+    """
     @_builtins.property
     def tokens(self) -> Global___TokenStatistics:
         """Filled when token statistics were computed with a tokenizer."""
@@ -576,10 +584,11 @@ class DatasetStatistics(_message.Message):
         tokens: Global___TokenStatistics | None = ...,
         duplicate_count: _builtins.int = ...,
         dropped_by_max_samples: _builtins.int = ...,
+        longest_example_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_by_max_samples", b"dropped_by_max_samples", "duplicate_count", b"duplicate_count", "example_count", b"example_count", "mean_messages_per_example", b"mean_messages_per_example", "tokens", b"tokens", "total_characters", b"total_characters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_by_max_samples", b"dropped_by_max_samples", "duplicate_count", b"duplicate_count", "example_count", b"example_count", "longest_example_bytes", b"longest_example_bytes", "mean_messages_per_example", b"mean_messages_per_example", "tokens", b"tokens", "total_characters", b"total_characters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -441,7 +441,8 @@ class DatasetSize(_message.Message):
     @_builtins.property
     def statistics(self) -> _dataset_pb2.DatasetStatistics:
         """The dataset's Dataset.statistics: example_count, total_characters and the token counts (train_tokens,
-        else total scaled to the train split, else characters / 4; max, the longest example) are read.
+        else total scaled to the train split, else characters / 4; max, the longest example, else a bound
+        from longest_example_bytes) are read.
         """
 
     def __init__(

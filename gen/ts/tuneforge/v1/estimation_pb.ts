@@ -548,7 +548,8 @@ export type DatasetSize = Message<"tuneforge.v1.DatasetSize"> & {
 
   /**
    * The dataset's Dataset.statistics: example_count, total_characters and the token counts (train_tokens,
-   * else total scaled to the train split, else characters / 4; max, the longest example) are read.
+   * else total scaled to the train split, else characters / 4; max, the longest example, else a bound
+   * from longest_example_bytes) are read.
    *
    * @generated from field: tuneforge.v1.DatasetStatistics statistics = 2;
    */
