@@ -369,6 +369,23 @@ async def test_a_dataset_size_sent_with_the_request_spares_reading_the_dataset(
             estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec(), dataset_size=bad)
         )
     assert error_details(caught.value) == ("INVALID_ARGUMENT", ["dataset_size.train_examples"])
+    bad = estimation_pb2.DatasetSize(dataset="support-chats",
+                                     statistics=dataset_pb2.DatasetStatistics(longest_example_bytes=-1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.estimation.EstimateJob(
+            estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec(), dataset_size=bad)
+        )
+    assert error_details(caught.value) == ("INVALID_ARGUMENT",
+                                           ["dataset_size.statistics.longest_example_bytes"])
+    # The bytes of the longest example, sent with the request, bound memory as when read from the dataset.
+    sized = estimation_pb2.DatasetSize(dataset="support-chats", train_examples=800,
+                                       statistics=dataset_pb2.DatasetStatistics(
+                                           example_count=1000, total_characters=200_000,
+                                           longest_example_bytes=300))
+    answer = await stack.estimation.EstimateJob(
+        estimation_service_pb2.EstimateJobRequest(organization=ORG, spec=spec(), dataset_size=sized)
+    )
+    assert any("memory peaks at most at 556 tokens" in note for note in answer.notes)
     assert stack.datasets.calls == 1
 
 
