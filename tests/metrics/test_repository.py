@@ -66,6 +66,29 @@ def test_points_upsert_by_key_and_newest_attempt_wins(db: Database) -> None:
         assert repo.list_points(s, "job_other") == []
 
 
+def test_a_write_of_many_rows_leaves_what_writing_them_one_by_one_would(db: Database) -> None:
+    """More rows than one of SQLite's many-row statements takes, keys repeated within a statement and
+    across statements, attempts out of order: the newest attempt of each key, then the last reported."""
+    repo = MetricsRepository()
+    count = 3 * repository.ROWS_PER_STATEMENT + 7
+    points = []
+    for i in range(count):
+        p = point(i % 23, TRAIN if i % 3 else EVAL, loss=float(i), attempt=(7 * i) % 4)
+        p.job_id = "job_many"
+        points.append(p)
+    expected: dict[tuple[int, int], tuple[float, int]] = {}
+    for p in points:
+        key = (p.step, int(p.kind))
+        if key not in expected or expected[key][1] <= p.attempt:
+            expected[key] = (p.loss, p.attempt)
+    with db.session() as s:
+        repo.upsert_points(s, points)
+    with db.session() as s:
+        stored = repo.list_points(s, "job_many", limit=1000)
+    assert {(p.step, int(p.kind)): (p.loss, p.attempt) for p in stored} == expected
+    assert len(stored) == len(expected)
+
+
 def test_byte_counts_come_back_as_the_exact_int64_they_were(db: Database) -> None:
     system = metrics_pb2.MetricPoint(job_id="job_b", kind=metrics_pb2.METRIC_KIND_SYSTEM, step=1,
                                      memory_bytes=2**40 + 3, gpu_memory_bytes=81_920 * 2**20 - 1,
