@@ -188,6 +188,48 @@ async def test_a_batch_too_big_for_one_nats_message_is_announced_in_several(db: 
     assert [key for part in parts for key in part] == [(m, TRAIN) for m in range(50)]
 
 
+async def test_a_report_stored_as_it_came_is_announced_in_its_own_bytes_and_a_changed_one_as_stored(
+        db: Database) -> None:
+    """A worker's message whose points are all stored unchanged is announced with the message's own bytes of
+    them; one with points stamped with the job id, or a point skipped, is announced as stored."""
+    feed = RecordingFeed()
+    manager = make_manager(db, feed)
+    job = "job_wire"
+
+    def named(p: metrics_pb2.MetricPoint) -> metrics_pb2.MetricPoint:
+        p.job_id = job
+        return p
+
+    as_sent = [named(point(step)) for step in range(3)]
+    unnamed = [point(step) for step in range(3, 5)]  # no job id: stamped
+    skipped = metrics_pb2.MetricPoint(job_id=job, step=6)  # no kind: skipped
+    reports = [metrics_message(job, as_sent), metrics_message(job, unnamed),
+               metrics_message(job, [named(point(5)), skipped])]
+    # As the consumer hands them over: (subject, payload).
+    assert await manager.record_metrics_batch(reports) == ({}, 6)
+    ((subject, payload),) = feed.published
+    assert subject == subjects.live_metrics(job)
+    assert payload.startswith(events_pb2.MetricsStored(points=as_sent).SerializeToString())
+    assert [(p.job_id, p.step) for p in events_pb2.MetricsStored.FromString(payload).points] == [
+        (job, step) for step in range(6)]
+    assert [step for step, *_ in stored_points(db, job)] == list(range(6))
+
+
+async def test_log_entries_rewritten_for_storage_are_announced_as_stored(db: Database) -> None:
+    feed = RecordingFeed()
+    manager = make_manager(db, feed)
+    info = metrics_pb2.LOG_LEVEL_INFO
+    clean = metrics_pb2.LogEntry(job_id="job_l", attempt=1, sequence=1, level=info, message="clean")
+    with_nul = metrics_pb2.LogEntry(job_id="job_l", attempt=1, sequence=2, level=info, message="a\x00b")
+    unnamed = metrics_pb2.LogEntry(attempt=1, sequence=3, level=info, message="unnamed")
+    reports = [logs_message("job_l", [clean]), logs_message("job_l", [with_nul]),
+               logs_message("job_l", [unnamed])]
+    assert await manager.record_logs_batch(reports) == ({}, 3)
+    ((_, payload),) = feed.published
+    assert [(e.job_id, e.message) for e in events_pb2.LogsStored.FromString(payload).entries] == [
+        ("job_l", "clean"), ("job_l", "a\ufffdb"), ("job_l", "unnamed")]
+
+
 async def test_the_newest_attempt_wins_whatever_order_batches_arrive_in(db: Database) -> None:
     manager = make_manager(db, RecordingFeed())
     first = interleaved_reports(["job_a", "job_b"], messages_per_job=3, points_per_message=5, attempt=1,
