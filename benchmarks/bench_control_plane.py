@@ -214,6 +214,14 @@ class Backend:
                            "table_schema = current_schema() order by ordinal_position", (TABLE,))
         return [row[0] for row in cur.fetchall()]
 
+    def has_step(self, conn: Any, job_id: str, step: int) -> bool:
+        """Whether a point of the job at `step` is stored (a lookup in the primary key)."""
+        sql = f"select 1 from {TABLE} where job_id = {self.placeholder} and step = {self.placeholder} limit 1"
+        row = conn.execute(sql, (job_id, step)).fetchone()
+        if self.name != "sqlite":
+            conn.rollback()
+        return row is not None
+
     def count(self, conn: Any, job_ids: Sequence[str], min_step: int = 0) -> int:
         marks = ",".join(self.placeholder for _ in job_ids)
         sql = f"select count(*) from {TABLE} where job_id in ({marks}) and step >= {self.placeholder}"
@@ -361,19 +369,35 @@ def ingest_messages(job_id: str, messages: int, size: int, subject: str) -> tupl
     return [(subject, *report(b)) for b in batches], batches
 
 
+# How often ingest_platform looks for the last point published, and how often it counts before it is seen.
+INGEST_POLL_S, INGEST_COUNT_S = 0.002, 0.2
+
+
 async def ingest_platform(run: Running, nc: NATS, messages: int, size: int, stall_s: float) -> IngestRun:
-    """Points/s until every point is stored, or until no new one was for `stall_s` (then incomplete)."""
+    """Points/s until every point is stored, or until no new one was for `stall_s` (then incomplete).
+
+    Every INGEST_POLL_S it looks the last point published up in the primary key, and counts the job's
+    points once that one is stored (messages may be stored out of order); until then it counts every
+    INGEST_COUNT_S, to see progress. A count of 20,000 rows takes about 0.8 ms of this process' CPU, on
+    the cores the platform runs on: counted every 10 ms, as before 2026-12-06, the polling took about 8% of
+    a core, and the end was seen up to 10 ms late."""
     job_id = f"bench-ingest-{uuid.uuid4().hex[:12]}"
     payloads, _ = ingest_messages(job_id, messages, size, subjects.worker_metrics(job_id))
     total = messages * size
-    conn = run.backend.connect()
+    backend = run.backend
+    conn = backend.connect()
     try:
         cpu0, t0 = cpu_seconds(run.services_pid), time.perf_counter()
         publishing = asyncio.ensure_future(publish_all(nc, payloads))
-        stored, progress_at = 0, t0
+        stored, progress_at, counted_at, last_seen = 0, t0, t0, False
         while stored < total and time.perf_counter() - progress_at < stall_s:
-            await asyncio.sleep(0.01)
-            now_stored = await asyncio.to_thread(run.backend.count, conn, [job_id])
+            await asyncio.sleep(INGEST_POLL_S)
+            if not last_seen:
+                last_seen = await asyncio.to_thread(backend.has_step, conn, job_id, total - 1)
+            if not last_seen and time.perf_counter() - counted_at < INGEST_COUNT_S:
+                continue
+            counted_at = time.perf_counter()
+            now_stored = await asyncio.to_thread(backend.count, conn, [job_id])
             if now_stored > stored:
                 stored, progress_at = now_stored, time.perf_counter()
         t1, cpu1 = time.perf_counter(), cpu_seconds(run.services_pid)
