@@ -57,6 +57,7 @@ from services.datasets.uploads import UploadManager, invalid_dataset, request_fi
 from services.kit.credentials import CredentialCipher, CredentialsKeyError
 from services.kit.outbox import utcnow
 from services.kit.pools import BoundedPool, Slot
+from services.kit.tasks import cancel_and_wait
 from tuneforge_core.errors import (
     AlreadyExists,
     FieldViolation,
@@ -329,9 +330,4 @@ class ImportManager:
 
     async def close(self) -> None:
         """Stops the running imports (at shutdown): each removes what it stored but its sealed request."""
-        tasks = [task for task, _ in self.running.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([task for task, _ in self.running.values()])

@@ -44,6 +44,7 @@ from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
+from services.kit.tasks import cancel_and_wait
 from services.kit.telemetry import DEAD_LETTERS
 from tuneforge_core import subjects, tracing
 from tuneforge_core.nats import ensure_pull_consumer
@@ -161,10 +162,7 @@ async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, su
                 handling.add(asyncio.create_task(_in_time(
                     msgs, ack_wait_s, _handle_batch(msgs, handler, nak_delay_s, bury, dead_after))))
     finally:
-        for task in handling:
-            task.cancel()
-        if handling:
-            await asyncio.gather(*handling, return_exceptions=True)
+        await cancel_and_wait(handling)
         try:
             await sub.unsubscribe()
         except Exception:

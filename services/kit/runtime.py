@@ -32,10 +32,12 @@ import errno
 import gc
 import ipaddress
 import logging
+import os
 import secrets
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +62,7 @@ from services.kit.auth import (
 from services.kit.identity import IdentityStore
 from services.kit.interceptors import TracingInterceptor
 from services.kit.pipeline import CallPipeline, Registrar
+from services.kit.tasks import cancel_and_wait
 from tuneforge_core import logs, tracing
 from tuneforge_core.nats import connect, ensure_streams
 from tuneforge_core.settings import KitSettings
@@ -172,11 +175,7 @@ class Component:
         self._tasks.append(asyncio.create_task(guarded(), name=name))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
 
 
 ComponentFactory = Callable[[Runtime], Component]
@@ -353,10 +352,13 @@ def enable_reflection(server: grpc.aio.Server | Registrar, service_names: Sequen
 
 async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *, name: str,
                 on_ready: Callable[[str], None] | None = None,
-                stop: asyncio.Event | None = None, freeze_heap: bool = False) -> None:
+                stop: asyncio.Event | None = None, freeze_heap: bool = False,
+                end_stuck_shutdown: bool = False) -> None:
     """Runs the components behind one gRPC server until `stop` is set or SIGTERM/SIGINT arrives.
 
     `freeze_heap` (a service's own process, never a test's): once serving, `settle_heap`.
+    `end_stuck_shutdown` (a service's own process, never a test's): a shutdown still running
+    SHUTDOWN_BACKSTOP_S past `shutdown_grace_s` ends the process (`end_process`).
 
     Shutdown: health turns NOT_SERVING, the server stops accepting calls and gives in-flight ones
     `shutdown_grace_s` to finish, then background tasks stop and NATS drains.
@@ -421,13 +423,36 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
         await stop.wait()
     finally:
         log.info("%s shutting down", name)
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(settings.shutdown_grace_s)
-        for component in reversed(components):
-            await component.stop()
-        await runtime.close()
-        if metrics is not None:
-            metrics.close()
+        backstop: threading.Timer | None = None
+        if end_stuck_shutdown:
+            after_s = settings.shutdown_grace_s + SHUTDOWN_BACKSTOP_S
+            backstop = threading.Timer(after_s, lambda: end_process(name, after_s))
+            backstop.daemon = True
+            backstop.start()
+        try:
+            await health_servicer.enter_graceful_shutdown()
+            await server.stop(settings.shutdown_grace_s)
+            for component in reversed(components):
+                await component.stop()
+            await runtime.close()
+            if metrics is not None:
+                metrics.close()
+        finally:
+            if backstop is not None:
+                backstop.cancel()
+
+
+# How long past its grace for in-flight calls the shutdown of a service's own process may run before the
+# process ends itself: the supervisor that started it may be gone (it stops its children with SIGTERM when
+# it dies), and a process stuck there outlived it, holding its port and data dir.
+SHUTDOWN_BACKSTOP_S = 30.0
+
+
+def end_process(name: str, after_s: float) -> None:
+    """Ends a process whose shutdown is stuck (from the backstop's thread), saying so."""
+    log.error("%s: the shutdown is still running %.0f s after it began; ending the process", name, after_s)
+    logging.shutdown()
+    os._exit(1)
 
 
 def settle_heap() -> None:
@@ -495,4 +520,4 @@ def main(factories: Sequence[ComponentFactory], name: str) -> None:
     settings = KitSettings()
     configure_logging(settings.log_level, settings.log_format)
     tune_interpreter(settings)
-    run_until_stopped(serve(factories, settings, name=name, freeze_heap=True))
+    run_until_stopped(serve(factories, settings, name=name, freeze_heap=True, end_stuck_shutdown=True))

@@ -27,7 +27,7 @@ def main() -> None:
             tmp.replace(ready_file)
 
     run_until_stopped(serve(all_components(), settings, name="tuneforge", on_ready=on_ready,
-                            freeze_heap=True))
+                            freeze_heap=True, end_stuck_shutdown=True))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ deployments that were PENDING or READY start loading again (PENDING), so the end
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import shutil
@@ -33,6 +32,7 @@ from tuneforge.v1 import job_pb2
 
 from services.kit import paging
 from services.kit.outbox import utcnow
+from services.kit.tasks import cancel_and_wait
 from services.kit.validation import check_name, check_request_id
 from services.serving.converters import deployment_to_proto
 from services.serving.jobs_client import JobsClient
@@ -268,11 +268,7 @@ class DeploymentManager:
 
     async def stop_all(self) -> None:
         self.stopping = True
-        for task in list(self._launches.values()):
-            task.cancel()
-        for task in list(self._launches.values()):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(list(self._launches.values()))
         await asyncio.gather(*(self._forget_process(d) for d in list(self.processes)),
                              return_exceptions=True)
 
@@ -344,9 +340,7 @@ class DeploymentManager:
     async def _stop_serving(self, deployment_id: str) -> None:
         task = self._launches.pop(deployment_id, None)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await cancel_and_wait([task])
         await self._forget_process(deployment_id)
         await asyncio.to_thread(shutil.rmtree, self._folder(deployment_id), True)
 
