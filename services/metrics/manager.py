@@ -68,17 +68,32 @@ class LiveFeed(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class _Turn:
-    """A batch's place in the order of writes: `wait` returns once every batch that arrived before it has
-    written (or failed); `free` says whether that is so already."""
+    """A batch's place in the order of ingest: `wait` returns once every batch that arrived before it has
+    written (or failed), `free` says whether that is so already; `wait_announced` returns once they have
+    also been announced. `written` lets the next batch write (its own announcement still waits for this
+    one's)."""
 
     before: asyncio.Future[None] | None
+    announced_before: asyncio.Future[None] | None
+    mine: asyncio.Future[None]
 
     def free(self) -> bool:
         return self.before is None or self.before.done()
 
     async def wait(self) -> None:
-        if self.before is not None and not self.before.done():
-            await asyncio.shield(self.before)
+        await _after(self.before)
+
+    async def wait_announced(self) -> None:
+        await _after(self.announced_before)
+
+    def written(self) -> None:
+        if not self.mine.done():
+            self.mine.set_result(None)
+
+
+async def _after(before: asyncio.Future[None] | None) -> None:
+    if before is not None and not before.done():
+        await asyncio.shield(before)
 
 
 @dataclass(frozen=True)
@@ -111,8 +126,10 @@ class MetricsManager:
         # Where large batches of worker messages are prepared (None: always on a thread).
         self.preparing = preparing
         self._form = StorageForm.of(db.engine.dialect)
-        # The write of the latest batch handed to ingest, which the next one waits for (`_write_turn`).
+        # The write, and the announcement, of the latest batch handed to ingest, which the next one waits
+        # for before its own (`_write_turn`).
         self._last_write: asyncio.Future[None] | None = None
+        self._last_announced: asyncio.Future[None] | None = None
 
     # ---- ingest -------------------------------------------------------------------------------------
     # The ingest consumer hands over a batch of reports at a time (services.metrics.prepare.Report: a worker
@@ -230,8 +247,11 @@ class MetricsManager:
                 part = await asyncio.to_thread(prepare_here)
                 await turn.wait()
                 refused, stored = await self.db.pool.run(partial(write_part, part))
-            # Announced within the turn too: followers see each job's items in the order they were stored
-            # (a stream that followed a later batch first would take an earlier one for old news).
+            # The next batch may write while this one is announced; announcements keep the order of the
+            # writes too: followers see each job's items in the order they were stored (a stream that
+            # followed a later batch first would take an earlier one for old news).
+            turn.written()
+            await turn.wait_announced()
             for job_id, p in stored.items():
                 for payload in p.payloads:
                     await self.live.publish(live_subject(job_id), payload)
@@ -239,16 +259,20 @@ class MetricsManager:
 
     @contextlib.asynccontextmanager
     async def _write_turn(self) -> AsyncIterator[_Turn]:
-        """A place in the order of writes, taken when a batch arrives (see _Turn); lets the next one go on
-        exit."""
-        before, mine = self._last_write, asyncio.get_running_loop().create_future()
-        self._last_write = mine
+        """A place in the order of writes and announcements, taken when a batch arrives (see _Turn): the
+        next batch may write once this one says it has `written` (or exits), and announce once this one
+        exits."""
+        loop = asyncio.get_running_loop()
+        turn = _Turn(self._last_write, self._last_announced, loop.create_future())
+        announced = loop.create_future()
+        self._last_write, self._last_announced = turn.mine, announced
         try:
-            yield _Turn(before)
+            yield turn
         finally:
-            mine.set_result(None)
-            if self._last_write is mine:
-                self._last_write = None
+            turn.written()
+            announced.set_result(None)
+            if self._last_announced is announced:
+                self._last_write = self._last_announced = None
 
     async def delete_job(self, job_id: str) -> tuple[int, int]:
         """Forgets a job DeleteJob deleted: marks it deleted (ingest drops it from then on), then deletes its

@@ -270,6 +270,39 @@ async def test_batches_in_flight_together_are_written_in_the_order_they_arrived(
     assert feed.metrics_announced() == {"job_a": [[(1, TRAIN), (2, TRAIN)], [(2, TRAIN)]]}
 
 
+class HeldFeed(RecordingFeed):
+    """Holds the first announcement until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding, self.release = asyncio.Event(), asyncio.Event()
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        if not self.holding.is_set():
+            self.holding.set()
+            await self.release.wait()
+        await super().publish(subject, payload)
+
+
+async def test_the_next_batch_writes_while_one_is_announced_and_is_announced_after_it(db: Database) -> None:
+    """A batch lets the next one write as soon as its own write is committed, not only once its followers
+    have been told; the next one's announcement still waits for it."""
+    feed = HeldFeed()
+    manager = make_manager(db, feed)
+    earlier = asyncio.ensure_future(ingest_metrics(manager, [metrics_message("job_a", [point(1)])]))
+    await asyncio.wait_for(feed.holding.wait(), 10)
+    later = asyncio.ensure_future(ingest_metrics(manager, [metrics_message("job_a", [point(2)])]))
+    for _ in range(500):  # stored while the earlier batch's announcement is still held
+        if len(stored_points(db, "job_a")) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert [key[:2] for key in stored_points(db, "job_a")] == [(1, TRAIN), (2, TRAIN)]
+    assert not later.done() and feed.published == []
+    feed.release.set()
+    assert (await earlier)[1] == 1 and (await later)[1] == 1
+    assert feed.metrics_announced() == {"job_a": [[(1, TRAIN)], [(2, TRAIN)]]}
+
+
 async def test_a_bad_message_in_a_batch_is_refused_alone(db: Database) -> None:
     feed = RecordingFeed()
     manager = make_manager(db, feed)
