@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,6 +88,49 @@ def test_a_write_of_many_rows_leaves_what_writing_them_one_by_one_would(db: Data
         stored = repo.list_points(s, "job_many", limit=1000)
     assert {(p.step, int(p.kind)): (p.loss, p.attempt) for p in stored} == expected
     assert len(stored) == len(expected)
+
+
+# Optional fields a point may or may not hold (each a nullable column of its own).
+OPTIONAL_FIELDS = ("loss", "learning_rate", "grad_norm", "eval_loss", "gpu_utilization", "cpu_percent")
+
+
+def test_a_point_replaced_by_one_holding_other_fields_keeps_only_the_new_ones(db: Database) -> None:
+    """SQLite's statements name only the columns their rows hold a value in; a field the newer point does
+    not hold is gone after it replaces the older one, whichever statement each came in and whatever the
+    rows beside it hold."""
+    repo = MetricsRepository()
+    rng = random.Random(7)
+    count = 3 * repository.ROWS_PER_STATEMENT + 11
+    points = []
+    for i in range(count):
+        p = metrics_pb2.MetricPoint(job_id="job_fields", step=i % 29, kind=TRAIN if i % 2 else EVAL,
+                                    attempt=rng.randrange(3))
+        p.time.FromSeconds(1_700_000_000 + i)
+        # Runs of rows holding the same fields (whole statements of them), and rows holding any.
+        held = OPTIONAL_FIELDS[:2] if i < repository.ROWS_PER_STATEMENT else [
+            name for name in OPTIONAL_FIELDS if rng.random() < 0.4]
+        for name in held:
+            setattr(p, name, float(i))
+        points.append(p)
+    expected: dict[tuple[int, int], metrics_pb2.MetricPoint] = {}
+    for p in points:
+        key = (p.step, int(p.kind))
+        if key not in expected or expected[key].attempt <= p.attempt:
+            expected[key] = p
+    half = len(points) // 2
+    with db.session() as s:
+        repo.upsert_points(s, points[:half])
+    with db.session() as s:
+        repo.upsert_points(s, points[half:])
+    with db.session() as s:
+        stored = {(p.step, int(p.kind)): p for p in repo.list_points(s, "job_fields", limit=1000)}
+    assert stored.keys() == expected.keys()
+    def held(p: metrics_pb2.MetricPoint) -> list[tuple[str, float | bool]]:
+        return [(name, p.HasField(name) and getattr(p, name)) for name in OPTIONAL_FIELDS]
+
+    for key, p in expected.items():
+        assert held(stored[key]) == held(p), key
+        assert (stored[key].attempt, stored[key].time.seconds) == (p.attempt, p.time.seconds), key
 
 
 def test_byte_counts_come_back_as_the_exact_int64_they_were(db: Database) -> None:
