@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import pickle
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
@@ -213,6 +214,25 @@ async def test_a_report_stored_as_it_came_is_announced_in_its_own_bytes_and_a_ch
     assert [(p.job_id, p.step) for p in events_pb2.MetricsStored.FromString(payload).points] == [
         (job, step) for step in range(6)]
     assert [step for step, *_ in stored_points(db, job)] == list(range(6))
+
+
+def test_a_chunk_prepared_in_a_process_sends_back_rows_not_the_reports_it_announces_as_they_came() -> None:
+    """What a preparing process sends back for a chunk: the rows, and for a report stored as it came its
+    index, not its bytes again (the writing process holds them); made into the same batch as `prepare`'s."""
+    job = "job_wire"
+    as_sent = [metrics_pb2.MetricPoint(job_id=job, kind=TRAIN, step=step, loss=1.0) for step in range(40)]
+    reports = [metrics_message(job, as_sent[:20]), metrics_message(job, [point(99)]),
+               metrics_message(job, as_sent[20:])]
+    form = StorageForm("sqlite", "pysqlite", "qmark")
+    refused, packed = prepare_module._prepare_packed("metrics", form, reports)
+    ((rows, pieces),) = pickle.loads(packed).values()
+    assert refused == {} and len(rows) == 41
+    assert pieces[0] == 0 and pieces[-1] == 2 and isinstance(pieces[1], bytes)  # the unnamed point: framed
+    assert not any(data[-200:] in packed for _, data in (reports[0], reports[2]))
+    (made,) = prepare_module.announced((refused, pickle.loads(packed)), reports)[1].values()
+    (whole,) = prepare_module.prepare("metrics", form, reports)[1].values()
+    assert made.payloads == whole.payloads and made.count == whole.count == 41
+    assert [row[:-1] for row in made.rows] == [row[:-1] for row in whole.rows]  # all but stored_at
 
 
 async def test_log_entries_rewritten_for_storage_are_announced_as_stored(db: Database) -> None:
