@@ -72,7 +72,8 @@ class _Upsert:
     # A REAL column keeps that text as text; SQLAlchemy's Float reads it back as float("NaN").
     nan_columns: tuple[int, ...] = ()
     # SQLite: the statement with `rows_per_statement` rows in its VALUES, its parameters the rows' values one
-    # row after the other (`write_many`); "" elsewhere.
+    # row after the other, naming every column (`write_many` makes those naming fewer, and with fewer rows,
+    # alike: `_statement`); "" elsewhere.
     sql_many: str = ""
     rows_per_statement: int = 1
     # SQLite: row indexes of the columns a statement leaves out when each of its rows holds None there
@@ -179,10 +180,12 @@ class _Upsert:
 
     def _statement(self, named: tuple[int, ...], rows: int) -> str:
         """SQLite: the upsert of `rows` rows naming the columns at `named` (compiled once per process)."""
+        if rows == self.rows_per_statement and len(named) == len(self.columns):
+            return self.sql_many
         key = (named, rows)
         sql = self._statements.get(key)
         if sql is None:
-            if named == tuple(range(len(self.columns))):
+            if len(named) == len(self.columns):
                 one = self.sql
             else:
                 assert self.compile_named is not None
