@@ -405,7 +405,8 @@ async def ingest_platform(run: Running, nc: NATS, messages: int, size: int, stal
             now_stored, counted = await asyncio.to_thread(count)
             if now_stored > stored:
                 stored, progress_at = now_stored, counted
-        t1, cpu1 = progress_at, cpu_seconds(run.services_pid)
+        # Stalled: the rate up to now, as before (and never a division by zero when nothing was stored).
+        t1, cpu1 = progress_at if stored == total else time.perf_counter(), cpu_seconds(run.services_pid)
         await publishing
     finally:
         conn.close()

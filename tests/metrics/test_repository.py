@@ -107,9 +107,9 @@ def test_a_point_replaced_by_one_holding_other_fields_keeps_only_the_new_ones(db
                                     attempt=rng.randrange(3))
         p.time.FromSeconds(1_700_000_000 + i)
         # Runs of rows holding the same fields (whole statements of them), and rows holding any.
-        held = OPTIONAL_FIELDS[:2] if i < repository.ROWS_PER_STATEMENT else [
+        fields = OPTIONAL_FIELDS[:2] if i < repository.ROWS_PER_STATEMENT else [
             name for name in OPTIONAL_FIELDS if rng.random() < 0.4]
-        for name in held:
+        for name in fields:
             setattr(p, name, float(i))
         points.append(p)
     expected: dict[tuple[int, int], metrics_pb2.MetricPoint] = {}
@@ -125,6 +125,7 @@ def test_a_point_replaced_by_one_holding_other_fields_keeps_only_the_new_ones(db
     with db.session() as s:
         stored = {(p.step, int(p.kind)): p for p in repo.list_points(s, "job_fields", limit=1000)}
     assert stored.keys() == expected.keys()
+
     def held(p: metrics_pb2.MetricPoint) -> list[tuple[str, float | bool]]:
         return [(name, p.HasField(name) and getattr(p, name)) for name in OPTIONAL_FIELDS]
 
