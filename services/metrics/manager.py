@@ -23,7 +23,7 @@ from services.kit.db import Database, DriverConnection
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.telemetry import INGESTED_POINTS
 from services.kit.validation import check_organization
-from services.metrics.fanout import Chunk, FanoutHub, LiveItem, end_deadline, live_item
+from services.metrics.fanout import Chunk, Cursor, FanoutHub, Key, LiveItem, end_deadline, live_item
 from services.metrics.live import Deliver, LiveMessage
 from services.metrics.prepare import (
     ANNOUNCEMENT_BYTES,
@@ -103,11 +103,15 @@ class _Feed(Generic[T]):
     live_subject: Callable[[str], str]
     # (session, job_id, cursor after which to read, limit) -> items in cursor order, filters applied.
     read_page: Callable[[Session, str, Any, int], list[T]]
-    cursor: Callable[[T], Any]
+    # What the rest read of an item, read once (services.metrics.fanout.Key).
+    key: Callable[[T], Key]
+    # The item's place in the order of storage, from its key.
+    cursor: Callable[[Key], Cursor]
     decode_live: Callable[[bytes], Sequence[T]]
-    matches: Callable[[T], bool]
-    # Dedupe: True when the item was not sent yet (and records it as sent).
-    fresh: Callable[[T], bool]
+    # Whether the stream asked for the item, from its key.
+    matches: Callable[[Key], bool]
+    # Dedupe, from the key: True when the item was not sent yet (and records it as sent).
+    fresh: Callable[[Key], bool]
 
 
 def _is_final(state: int) -> bool:
@@ -323,20 +327,22 @@ class MetricsManager:
         # stream show it, but a follower's series never goes backwards.
         last_step: dict[int, int] = {}
 
-        def fresh(point: metrics_pb2.MetricPoint) -> bool:
-            kind = int(point.kind)
-            if kind in last_step and point.step <= last_step[kind]:
+        def fresh(key: Key) -> bool:  # (step, kind)
+            step, kind = key
+            if kind in last_step and step <= last_step[kind]:
                 return False
-            last_step[kind] = point.step
+            last_step[kind] = step
             return True
 
         feed: _Feed[metrics_pb2.MetricPoint] = _Feed(
             live_subject=subjects.live_metrics,
             read_page=lambda s, job_id, after, limit: self.repo.list_points(
                 s, job_id, kinds=sorted(wanted), start_step=start_step, after=after, limit=limit),
-            cursor=lambda p: (p.step, int(p.kind)),
+            key=_point_key,
+            cursor=_point_cursor,
             decode_live=lambda data: events_pb2.MetricsStored.FromString(data).points,
-            matches=lambda p: (not wanted or p.kind in wanted) and p.step >= start_step,
+            matches=(lambda key: key[0] >= start_step) if not wanted else
+            (lambda key: key[1] in wanted and key[0] >= start_step),
             fresh=fresh,
         )
         return self._stream(organization, job, follow, feed)
@@ -356,22 +362,23 @@ class MetricsManager:
             v.check(source in LOG_SOURCES, f"sources[{i}]", "is not a LogSource")
         v.raise_if_any("Invalid StreamLogs request")
         wanted = frozenset(sources)
-        sent: set[tuple[int, int]] = set()
+        sent: set[Cursor] = set()
 
-        def fresh(entry: metrics_pb2.LogEntry) -> bool:
-            key = (entry.attempt, entry.sequence)
-            if key in sent:
+        def fresh(key: Key) -> bool:  # (attempt, sequence, level, source)
+            cursor = _entry_cursor(key)
+            if cursor in sent:
                 return False
-            sent.add(key)
+            sent.add(cursor)
             return True
 
         feed: _Feed[metrics_pb2.LogEntry] = _Feed(
             live_subject=subjects.live_logs,
             read_page=lambda s, job_id, after, limit: self.repo.list_entries(
                 s, job_id, min_level=min_level, sources=sorted(wanted), after=after, limit=limit),
-            cursor=lambda e: (e.attempt, e.sequence),
+            key=_entry_key,
+            cursor=_entry_cursor,
             decode_live=lambda data: events_pb2.LogsStored.FromString(data).entries,
-            matches=lambda e: e.level >= min_level and (not wanted or e.source in wanted),
+            matches=lambda key: key[2] >= min_level and (not wanted or key[3] in wanted),
             fresh=fresh,
         )
         return self._stream(organization, job, follow, feed)
@@ -390,14 +397,14 @@ class MetricsManager:
         job = await self.jobs.get_job(organization, job_ref)
         if not follow:
             async for page in self._replay(job.id, feed, None):
-                yield Chunk([_shared(item) for item in page])
+                yield Chunk([_shared(item, feed.key(item)) for item in page])
             return
         # Join the live feed BEFORE reading the database: whatever is committed after the read is then
         # announced to us, and whatever the read and the announcements both hold is dropped by `fresh`.
         # The hub's job watch says when the job ended (it looks the job up once as it subscribes: the job
         # may have ended between our lookup and the subscription).
         async with self.hub.follow(organization, job.id, feed.live_subject(job.id), feed.decode_live,
-                                   feed.matches, feed.cursor) as (follower, watch):
+                                   feed.key, feed.matches, feed.cursor) as (follower, watch):
             loop = asyncio.get_running_loop()
             own_deadline = None
             if _is_final(job.state):
@@ -412,7 +419,8 @@ class MetricsManager:
                 if replay:
                     replay = False
                     async for page in self._replay(job.id, feed, after):
-                        sent = [_shared(item) for item in page if fresh(item)]
+                        keyed = ((item, feed.key(item)) for item in page)
+                        sent = [_shared(item, key) for item, key in keyed if fresh(key)]
                         if sent:
                             yield Chunk(sent, resumed)
                             resumed = False
@@ -426,7 +434,7 @@ class MetricsManager:
                     replay = resumed = True
                     continue
                 if buffer:
-                    sent = [shared for shared in follower.take() if fresh(shared.item)]
+                    sent = [shared for shared in follower.take() if fresh(shared.key)]
                     if sent:
                         yield Chunk(sent, resumed)
                         resumed = False
@@ -447,11 +455,27 @@ class MetricsManager:
                 yield page
             if len(page) < batch:
                 return
-            after = feed.cursor(page[-1])
+            after = feed.cursor(feed.key(page[-1]))
 
 
-def _shared(item: T) -> LiveItem[T]:
-    return cast(LiveItem[T], live_item(cast(Message, item)))
+def _shared(item: T, key: Key) -> LiveItem[T]:
+    return cast(LiveItem[T], live_item(cast(Message, item), key))
+
+
+def _point_key(point: metrics_pb2.MetricPoint) -> Key:
+    return point.step, int(point.kind)
+
+
+def _point_cursor(key: Key) -> Cursor:
+    return key[0], key[1]
+
+
+def _entry_key(entry: metrics_pb2.LogEntry) -> Key:
+    return entry.attempt, entry.sequence, int(entry.level), int(entry.source)
+
+
+def _entry_cursor(key: Key) -> Cursor:
+    return key[0], key[1]
 
 
 async def _items(chunks: AsyncGenerator[Chunk[T], None]) -> AsyncIterator[T]:

@@ -92,27 +92,27 @@ def test_frames_are_the_responses_protobuf_would_write() -> None:
     points = [point(1), point(300, loss=0.25), point(2**40)]
     response = metrics_service_pb2.StreamMetricsResponse
     for p in points:
-        assert live_item(p).framed == response(point=p).SerializeToString()
-        assert live_item(p).repeated == response(points=[p]).SerializeToString()
+        assert live_item(p, ()).framed == response(point=p).SerializeToString()
+        assert live_item(p, ()).repeated == response(points=[p]).SerializeToString()
     for n in (1, 127, 128, 300, 2**35):
         # start_step is field 4, a varint: its encoding is one tag byte, then the varint.
         assert varint(n) == metrics_service_pb2.StreamMetricsRequest(start_step=n).SerializeToString()[1:]
     assert varint(0) == b"\x00"
-    chunk = Chunk([live_item(p) for p in points], resumed=True)
+    chunk = Chunk([live_item(p, ()) for p in points], resumed=True)
     (batched,) = list(_batched(chunk))
     parsed = metrics_service_pb2.StreamMetricsResponse.FromString(batched)
     assert list(parsed.points) == points and parsed.resumed_from_storage and not parsed.HasField("point")
     single = metrics_service_pb2.StreamMetricsResponse.FromString(chunk.items[0].framed + RESUMED)
     assert single.point == points[0] and single.resumed_from_storage
     entry = metrics_pb2.LogEntry(sequence=7, message="héllo")
-    batched_logs = b"".join(_batched(Chunk([live_item(entry)] * 3)))
+    batched_logs = b"".join(_batched(Chunk([live_item(entry, ())] * 3)))
     logs = metrics_service_pb2.StreamLogsResponse.FromString(batched_logs)
     assert list(logs.entries) == [entry] * 3 and not logs.resumed_from_storage
 
 
 def test_batches_respect_the_message_limits() -> None:
     from services.metrics import servicer
-    items = [live_item(point(step)) for step in range(2500)]
+    items = [live_item(point(step), ()) for step in range(2500)]
     messages = list(_batched(Chunk(items)))
     assert len(messages) == 3 and all(len(m) <= servicer.BATCH_MAX_BYTES for m in messages)
     steps = [p.step for m in messages for p in metrics_service_pb2.StreamMetricsResponse.FromString(m).points]
@@ -145,13 +145,13 @@ async def test_each_point_is_handed_to_the_followers_in_the_order_they_joined(tm
     offered: list[int] = []
 
     def follower(n: int) -> Follower[Point]:
-        def matches(_point: Point) -> bool:
+        def matches(_key: tuple[int, ...]) -> bool:
             offered.append(n)
             return True
 
-        return Follower(matches, lambda p: (p.step, int(p.kind)), capacity=10)
+        return Follower(matches, lambda key: (key[0], key[1]), capacity=10)
 
-    topic = _Topic("live.job_a", lambda data: [Point.FromString(data)])
+    topic = _Topic("live.job_a", lambda data: [Point.FromString(data)], lambda p: (p.step, int(p.kind)))
     joined = [follower(n) for n in range(200)]
     for f in joined:
         topic.followers[f] = None
