@@ -118,6 +118,31 @@ class DriverConnection:
             except Exception:
                 self.dbapi.invalidate()
 
+    @contextmanager
+    def pipelined(self) -> Iterator[Callable[[], None]]:
+        """PostgreSQL (psycopg): everything the block sends goes to the server in one pipeline, one round
+        trip for all of it at the block's end; the block reads its results after. It runs in a transaction
+        of its own, which the block commits by calling what it gets: what it sends after that runs outside
+        a transaction (in autocommit). An error rolls the transaction back and is raised. The connection is
+        as before afterwards, or, when it cannot be put back so, invalidated."""
+        raw = getattr(self.dbapi, "dbapi_connection", self.dbapi)
+        raw.autocommit = True
+        try:
+            with raw.pipeline():
+                raw.execute("BEGIN")
+                yield lambda: raw.execute("COMMIT")
+        except BaseException:
+            try:
+                raw.rollback()  # the transaction the failed statement left open, if any
+            except Exception:
+                self.dbapi.invalidate()
+            raise
+        finally:
+            try:
+                raw.autocommit = False
+            except Exception:
+                self.dbapi.invalidate()
+
 
 class Database:
     """One service's database: its engine, a session factory, its migrations, and `workers` threads of

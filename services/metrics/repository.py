@@ -529,8 +529,13 @@ class MetricsRepository:
 
     def deleted_among(self, conn: DriverConnection, job_ids: Sequence[str]) -> set[str]:
         """Which of the jobs were deleted (one query for a whole ingest batch)."""
+        return self.ask_deleted_among(conn, job_ids)()
+
+    def ask_deleted_among(self, conn: DriverConnection, job_ids: Sequence[str]) -> Callable[[], set[str]]:
+        """Sends `deleted_among`'s query; what it returns reads the answer (in a pipeline: once the pipeline
+        has sent it, see DriverConnection.pipelined)."""
         if not job_ids:
-            return set()
+            return set
         dialect = conn.dialect
         sql = _deleted_among_sql(dialect.name, dialect.driver, dialect.paramstyle)
         ids = sorted(set(job_ids))
@@ -538,9 +543,24 @@ class MetricsRepository:
         cursor = conn.dbapi.cursor()
         try:
             cursor.execute(sql, params)
-            return {job_id for (job_id,) in cursor.fetchall()}
-        finally:
+        except BaseException:
             cursor.close()
+            raise
+
+        def answer() -> set[str]:
+            try:
+                return {job_id for (job_id,) in cursor.fetchall()}
+            finally:
+                cursor.close()
+
+        return answer
+
+    @staticmethod
+    def pipelines(conn: DriverConnection, rows: int) -> bool:
+        """Whether a batch of `rows` rows is written in one pipeline with its commit and the check that
+        follows (DriverConnection.pipelined): on PostgreSQL, a batch small enough for executemany (COPY
+        cannot be pipelined)."""
+        return conn.dialect.name == "postgresql" and 0 < rows < COPY_MIN_ROWS
 
     def mark_deleted(self, session: Session, job_id: str) -> None:
         """Records the job as deleted (idempotent); ingest drops its points and entries from then on."""

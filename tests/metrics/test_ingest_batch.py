@@ -452,9 +452,9 @@ class DeletedWhileWriting(MetricsRepository):
             self.delete_job(session, "job_b")
         super().write_point_rows(conn, parts)
 
-    def deleted_among(self, conn: DriverConnection, job_ids: Sequence[str]) -> set[str]:
+    def ask_deleted_among(self, conn: DriverConnection, job_ids: Sequence[str]) -> Callable[[], set[str]]:
         self.checks += 1
-        return super().deleted_among(conn, job_ids)
+        return super().ask_deleted_among(conn, job_ids)
 
 
 async def test_points_written_while_their_job_is_deleted_are_removed_after_the_commit(db: Database) -> None:
