@@ -10,6 +10,25 @@ A follower holds at most `capacity` items. One that falls further behind (its cl
 than the job reports) never slows the hub or the others: its buffer is dropped, it is marked `lagged`, and
 remembers the lowest cursor it dropped. Its stream then replays from the database from there (every item
 announced was committed first) and takes the live feed again, exactly: see `MetricsManager._stream`.
+
+Early delivery (`EarlyFeed`): a topic also hears the job's reports as workers publish them (the subject the
+ingest consumes from JetStream: core NATS delivers each publish to plain subscribers too), and hands their
+items to its followers then, instead of after the ingest fetched, wrote and announced them (one follower
+of a job got its points in half the time: benchmarks/README.md). The stored announcement still comes, and
+stays the truth for whoever was not following early:
+- A follower starts on the stored feed only (what its replay of the database and the announcements cover
+  exactly). Each item handed out early waits in `_Topic.pending` until its announcement comes (`_settle`).
+- When an announcement settles an early item, every stored-only follower is offered the items still
+  pending, in order, and takes the early feed from then on (`_promote`). Reports of a job are stored in the
+  order they were published (one consumer, batches written in order), so by then the follower has every
+  item published before the pending ones; whatever was published before the early subscription was made is
+  stored before any early item is, hence before anyone is promoted.
+- An announced item that was handed out early goes to the stored-only followers alone; one that was not
+  (its report came before the early subscription, or was stored by other means) goes to all.
+- A follower that fell behind drops back to the stored feed (`rejoin`) and catches up from storage.
+- An early item whose announcement never comes (its report was refused by JetStream, or its job deleted)
+  is forgotten after EARLY_TTL_S; if it is announced after all, the streams' own dedupe drops the repeat.
+Each stream's dedupe (`fresh`, per series) drops an item it was offered twice.
 """
 
 from __future__ import annotations
@@ -30,7 +49,7 @@ from tuneforge.v1 import job_pb2
 
 from services.metrics.live import Deliver, LiveMessage
 from tuneforge_core import states, subjects
-from tuneforge_core.errors import Unavailable
+from tuneforge_core.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +59,13 @@ Cursor = tuple[int, int]
 # What a feed reads of each item to filter, dedupe and place it, as plain ints (a point's (step, kind), a
 # log entry's (attempt, sequence, level, source)): made once per item, whatever the followers.
 Key = tuple[int, ...]
+
+
+# How long an item handed out early waits for its announcement after the commit (see the module doc), and
+# how many such items a topic keeps at most (the oldest go first): a follower promoted to the early feed
+# is offered those still waiting.
+EARLY_TTL_S = 60.0
+EARLY_MAX_PENDING = 10_000
 
 
 class Subscriber(Protocol):
@@ -68,6 +94,28 @@ class LiveItem(Generic[T]):
     # follower. Read from the message per follower, the filter alone took 8.5% of the event loop's samples
     # (py-spy) in a fan-out of one job to 1,000 streams.
     key: Key
+
+
+@dataclass(frozen=True, slots=True)
+class EarlyFeed(Generic[T]):
+    """Where a followed job's items are reported before they are stored (a worker's MetricsReported or
+    LogsReported subject), and its reports read as the items the ingest would store of them: none for a
+    report it would refuse, the same items otherwise (see the module doc)."""
+
+    subject: str
+    decode: Callable[[str, bytes], Sequence[T]]
+
+
+class _Early:
+    """An item handed out early, until its announcement after the commit settles it."""
+
+    __slots__ = ("deadline", "key", "live", "settled")
+
+    def __init__(self, key: Key, live: LiveItem[Any], deadline: float) -> None:
+        self.key = key
+        self.live = live
+        self.deadline = deadline
+        self.settled = False
 
 
 class Chunk(NamedTuple, Generic[T]):
@@ -112,7 +160,8 @@ class Follower(Generic[T]):
     The stream waits on `wait()` (one future at a time, cheaper than an Event: this runs once per point per
     follower); `wake()` ends that wait, from the hub, the job watch or a timer."""
 
-    __slots__ = ("_waiter", "buffer", "capacity", "cursor", "dropped_from", "error", "lagged", "matches")
+    __slots__ = ("_waiter", "buffer", "capacity", "cursor", "dropped_from", "early", "error", "lagged",
+                 "matches")
 
     def __init__(self, matches: Callable[[Key], bool], cursor: Callable[[Key], Cursor],
                  capacity: int) -> None:
@@ -125,6 +174,9 @@ class Follower(Generic[T]):
         self.dropped_from: Cursor | None = None
         # Set when the shared subscription failed: the stream ends with it.
         self.error: BaseException | None = None
+        # Whether it takes the items of reports as they are published (see the module doc), or only
+        # once they are stored.
+        self.early = False
         self._waiter: asyncio.Future[None] | None = None
 
     def wait(self) -> asyncio.Future[None]:
@@ -161,19 +213,25 @@ class Follower(Generic[T]):
         return items
 
     def rejoin(self) -> Cursor | None:
-        """Takes live items again from now on; returns where the replay that catches up starts."""
-        low, self.dropped_from, self.lagged = self.dropped_from, None, False
+        """Takes live items again from now on, stored ones only until promoted again (what it dropped may
+        not be stored yet: the replay would miss it); returns where the replay that catches up starts."""
+        low, self.dropped_from, self.lagged, self.early = self.dropped_from, None, False, False
         return low
 
 
 class _Topic:
-    """One live subject's subscription, shared by its followers."""
+    """One live subject's subscription, shared by its followers, and its early feed's (see the module doc)."""
 
     def __init__(self, subject: str, decode: Callable[[bytes], Sequence[Any]],
-                 key: Callable[[Any], Key]) -> None:
+                 key: Callable[[Any], Key], early: EarlyFeed[Any] | None = None) -> None:
         self.subject = subject
         self.decode = decode
         self.key = key
+        self.early = early
+        # Items handed out early, in the order they were, until settled or forgotten; and how many of
+        # them wait per key.
+        self.pending: deque[_Early] = deque()
+        self.pending_keys: dict[Key, int] = {}
         # In the order they joined (a dict, not a set): each point is handed to the followers, and their
         # streams write it, in that order. Against a set's order (by address), measured side by side in
         # alternating runs (benchmarks/README.md, run I), 1 job x 1,000 followers on SQLite: p50 53 -> 45 ms,
@@ -188,7 +246,11 @@ class _Topic:
         try:
             # Dispatched as delivered: an announcement of this process reaches the followers' buffers
             # within its publish, not one turn of a busy event loop later.
-            async with live.listen([self.subject], lambda _subject, data: self.dispatch(data)):
+            async with contextlib.AsyncExitStack() as stack:
+                await stack.enter_async_context(
+                    live.listen([self.subject], lambda _subject, data: self.dispatch(data)))
+                if self.early is not None:
+                    await stack.enter_async_context(live.listen([self.early.subject], self.dispatch_early))
                 self.ready.set_result(None)
                 await asyncio.Event().wait()  # until the last follower leaves (cancelled)
         except asyncio.CancelledError:
@@ -204,16 +266,105 @@ class _Topic:
                 follower.wake()
 
     def dispatch(self, data: bytes) -> None:
+        """An announcement of stored items (see the module doc for who is offered what)."""
         try:
             items = self.decode(data)
         except DecodeError:
             log.warning("ignoring an undecodable message on %s", self.subject)
             return
         followers, key = self.followers, self.key
+        if not self.pending:
+            for item in items:
+                shared = live_item(item, key(item))
+                for follower in followers:
+                    follower.offer(shared)
+            return
+        self._forget(time.monotonic())
+        stored_only = [follower for follower in followers if not follower.early]
+        settled = False
         for item in items:
-            shared = live_item(item, key(item))
+            k = key(item)
+            if self._settle(k):
+                settled = True
+                if stored_only:
+                    shared = live_item(item, k)
+                    for follower in stored_only:
+                        follower.offer(shared)
+                continue
+            shared = live_item(item, k)
             for follower in followers:
                 follower.offer(shared)
+        if settled and stored_only:
+            self._promote(stored_only)
+
+    def dispatch_early(self, subject: str, data: bytes) -> None:
+        """A report as its worker published it: its items to the followers on the early feed, and kept
+        until their announcement (see the module doc)."""
+        assert self.early is not None
+        try:
+            items = self.early.decode(subject, data)
+        except InvalidArgument as exc:  # the ingest refuses it too, and says so
+            log.debug("not handing out a report on %s early: %s", subject, exc.message)
+            return
+        except Exception:
+            log.exception("could not read a report on %s early; its items come once stored", subject)
+            return
+        if not items:
+            return
+        now = time.monotonic()
+        self._forget(now)
+        early = [follower for follower in self.followers if follower.early]
+        key, pending, counts = self.key, self.pending, self.pending_keys
+        for item in items:
+            k = key(item)
+            shared = live_item(item, k)
+            pending.append(_Early(k, shared, now + EARLY_TTL_S))
+            counts[k] = counts.get(k, 0) + 1
+            for follower in early:
+                follower.offer(shared)
+        self._forget(now)
+
+    def _settle(self, key: Key) -> bool:
+        """Whether an announced item with `key` was handed out early (it is then no longer pending)."""
+        counts = self.pending_keys
+        left = counts.get(key)
+        if not left:
+            return False
+        if left == 1:
+            del counts[key]
+        else:
+            counts[key] = left - 1
+        pending = self.pending
+        for waiting in pending:  # announced in the order handed out: the first, unless a report was refused
+            if not waiting.settled and waiting.key == key:
+                waiting.settled = True
+                break
+        while pending and pending[0].settled:
+            pending.popleft()
+        return True
+
+    def _forget(self, now: float) -> None:
+        """Drops early items past EARLY_TTL_S, and the oldest past EARLY_MAX_PENDING."""
+        pending, counts = self.pending, self.pending_keys
+        while pending and (pending[0].deadline <= now or len(pending) > EARLY_MAX_PENDING):
+            waiting = pending.popleft()
+            if not waiting.settled:
+                left = counts[waiting.key] - 1
+                if left:
+                    counts[waiting.key] = left
+                else:
+                    del counts[waiting.key]
+
+    def _promote(self, stored_only: list[Follower[Any]]) -> None:
+        """Moves stored-only followers to the early feed, each first offered what is still pending."""
+        waiting = [p.live for p in self.pending if not p.settled]
+        for follower in stored_only:
+            if follower.lagged:
+                continue  # it catches up from storage first (`rejoin`)
+            for shared in waiting:
+                follower.offer(shared)
+            if not follower.lagged:
+                follower.early = True
 
 
 class JobWatch:
@@ -311,15 +462,16 @@ class FanoutHub:
     @contextlib.asynccontextmanager
     async def follow(self, organization: str, job_id: str, subject: str,
                      decode: Callable[[bytes], Sequence[T]], key: Callable[[T], Key],
-                     matches: Callable[[Key], bool], cursor: Callable[[Key], Cursor]
-                     ) -> AsyncIterator[tuple[Follower[T], JobWatch]]:
-        """Joins the live feed on `subject` and the watch of `job`; the block starts once both are
-        subscribed, so anything committed after that reaches the follower. `decode` and `key` are the same
-        for every follower of a subject (its first one's are used); `matches` and `cursor` read the key."""
+                     matches: Callable[[Key], bool], cursor: Callable[[Key], Cursor],
+                     early: EarlyFeed[T] | None = None) -> AsyncIterator[tuple[Follower[T], JobWatch]]:
+        """Joins the live feed on `subject` (and `early`, see the module doc) and the watch of `job`; the
+        block starts once all are subscribed, so anything committed after that reaches the follower.
+        `decode`, `key` and `early` are the same for every follower of a subject (its first one's are
+        used); `matches` and `cursor` read the key."""
         follower: Follower[T] = Follower(matches, cursor, self.capacity)
         topic = self.topics.get(subject)
         if topic is None or topic.error is not None:
-            topic = self.topics[subject] = _Topic(subject, decode, key)
+            topic = self.topics[subject] = _Topic(subject, decode, key, early)
             topic.task = asyncio.create_task(topic.run(self.live), name=f"live {subject}")
         watch = self.watches.get(job_id)
         if watch is None or watch.error is not None:

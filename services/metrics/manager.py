@@ -23,7 +23,16 @@ from services.kit.db import Database, DriverConnection
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.telemetry import INGESTED_POINTS
 from services.kit.validation import check_organization
-from services.metrics.fanout import Chunk, Cursor, FanoutHub, Key, LiveItem, end_deadline, live_item
+from services.metrics.fanout import (
+    Chunk,
+    Cursor,
+    EarlyFeed,
+    FanoutHub,
+    Key,
+    LiveItem,
+    end_deadline,
+    live_item,
+)
 from services.metrics.live import Deliver, LiveMessage
 from services.metrics.prepare import (
     ANNOUNCEMENT_BYTES,
@@ -34,6 +43,7 @@ from services.metrics.prepare import (
     PreparingProcesses,
     Report,
     prepare,
+    stored_items,
 )
 from services.metrics.repository import MetricsRepository, StorageForm
 from services.metrics.settings import MetricsSettings
@@ -108,6 +118,8 @@ class _Feed(Generic[T]):
     # The item's place in the order of storage, from its key.
     cursor: Callable[[Key], Cursor]
     decode_live: Callable[[bytes], Sequence[T]]
+    # The job's reports, to hand their items out before they are stored (None: only once stored).
+    early: Callable[[str], EarlyFeed[T]] | None
     # Whether the stream asked for the item, from its key.
     matches: Callable[[Key], bool]
     # Dedupe, from the key: True when the item was not sent yet (and records it as sent).
@@ -353,6 +365,7 @@ class MetricsManager:
             key=_point_key,
             cursor=_point_cursor,
             decode_live=lambda data: events_pb2.MetricsStored.FromString(data).points,
+            early=self._early("metrics", subjects.worker_metrics),
             matches=(lambda key: key[0] >= start_step) if not wanted else
             (lambda key: key[1] in wanted and key[0] >= start_step),
             fresh=fresh,
@@ -390,12 +403,20 @@ class MetricsManager:
             key=_entry_key,
             cursor=_entry_cursor,
             decode_live=lambda data: events_pb2.LogsStored.FromString(data).entries,
+            early=self._early("logs", subjects.worker_logs),
             matches=lambda key: key[2] >= min_level and (not wanted or key[3] in wanted),
             fresh=fresh,
         )
         return self._stream(organization, job, follow, feed)
 
     # ---- replay, then follow ------------------------------------------------------------------------
+
+    def _early(self, kind: Kind, reports: Callable[[str], str]) -> Callable[[str], EarlyFeed[Any]] | None:
+        """A job's worker reports of `kind`, read as the ingest would store them (`live_from_reports`)."""
+        if not self.settings.live_from_reports:
+            return None
+        decode = partial(stored_items, kind, self._form)
+        return lambda job_id: EarlyFeed(reports(job_id), decode)
 
     @cached_property
     def hub(self) -> FanoutHub:
@@ -415,8 +436,9 @@ class MetricsManager:
         # announced to us, and whatever the read and the announcements both hold is dropped by `fresh`.
         # The hub's job watch says when the job ended (it looks the job up once as it subscribes: the job
         # may have ended between our lookup and the subscription).
+        early = feed.early(job.id) if feed.early is not None else None
         async with self.hub.follow(organization, job.id, feed.live_subject(job.id), feed.decode_live,
-                                   feed.key, feed.matches, feed.cursor) as (follower, watch):
+                                   feed.key, feed.matches, feed.cursor, early) as (follower, watch):
             loop = asyncio.get_running_loop()
             own_deadline = None
             if _is_final(job.state):

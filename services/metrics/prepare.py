@@ -258,6 +258,15 @@ KINDS: dict[Kind, _Kind] = {
 }
 
 
+def stored_items(kind: Kind, form: StorageForm, subject: str, data: bytes) -> list[Any]:
+    """The items the ingest would store of one worker report of `kind` on `subject`, as it would announce
+    them (stamped with the job id, those it skips left out); InvalidArgument for a report it would refuse.
+    What a stream following the job hands out before the report is stored (services.metrics.fanout)."""
+    spec = KINDS[kind]
+    job_id, items = spec.decode(subject, data)
+    return spec.accept(form, job_id, items).items
+
+
 # A piece of an announcement: bytes, or the index of a report (a worker message) whose own bytes, as
 # announced (`as_announced`), are the piece.
 Piece = bytes | int

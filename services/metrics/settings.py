@@ -15,6 +15,11 @@ class MetricsSettings(BaseSettings):
     # While following, ask the jobs service for the job's state this often, in case a JobChanged was lost
     # (core NATS delivers at most once, e.g. not across a reconnect).
     job_poll_interval_s: float = Field(default=15.0, gt=0.0)
+    # Followers get a worker's points and log lines from its report as it is published, before they are
+    # stored (services.metrics.fanout, "early delivery"): what a stream shows live is stored moments
+    # later, unless its job is deleted first, and ListMetrics may not list it yet. False: streams get
+    # items only once they are stored.
+    live_from_reports: bool = True
     # Rows read from the database per query while replaying stored points or entries.
     replay_batch: int = Field(default=500, ge=1, le=10_000)
     # Deadline of each call to the jobs service.

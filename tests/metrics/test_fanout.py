@@ -126,8 +126,9 @@ async def test_many_followers_share_one_subscription_and_each_get_every_point_on
     await manager.record_metrics("job_a", [point(step) for step in range(5)])
     readers = [Reader(manager.stream_metric_chunks(ORG, "job_a", [], 0, True)) for _ in range(50)]
     await wait_until(lambda: all(r.steps == list(range(5)) for r in readers))
-    # One subscription for the points and one for the job's events, whoever follows.
-    assert len(feed.subscribers) == 2 and manager.hub.subscriptions() == 2
+    # One subscription for the stored points, one for the worker's reports (early delivery) and one for
+    # the job's events, whoever follows.
+    assert len(feed.subscribers) == 3 and manager.hub.subscriptions() == 2
     for step in range(5, 40):
         await manager.record_metrics("job_a", [point(step)])
     await finish(manager, jobs, feed)
@@ -316,7 +317,8 @@ async def test_many_grpc_followers_one_subscription_every_point_once_in_order(st
     tasks = [asyncio.create_task(follow(i)) for i in range(30)]
     stack.tasks.extend(tasks)
     await wait_until(lambda: all(len(r) == 1 for r in received))
-    assert live_subscriptions(stack, job.id) == 2  # points and job events, shared by all 30
+    # Stored points, the worker's reports of them (early delivery) and job events, shared by all 30.
+    assert live_subscriptions(stack, job.id) == 3
     for step in range(1, 100, 3):
         await stack.report(job.id, [point(s) for s in range(step, step + 3)])
     await stack.wait_stored(job.id, 100)
@@ -385,12 +387,13 @@ async def test_the_shared_subscription_goes_with_the_last_follower(stack: Stack)
 
     logs = asyncio.create_task(follow_logs())
     stack.tasks.append(logs)
-    await wait_until(lambda: live_subscriptions(stack, job.id) == 3)  # metrics, logs, job events
+    # Metrics and logs, stored and reported (early delivery), and job events.
+    await wait_until(lambda: live_subscriptions(stack, job.id) == 5)
     for task in metrics[:3]:
         task.cancel()
     await asyncio.sleep(0.3)
-    assert live_subscriptions(stack, job.id) == 3
+    assert live_subscriptions(stack, job.id) == 5
     metrics[3].cancel()
-    await wait_until(lambda: live_subscriptions(stack, job.id) == 2)  # logs and job events
+    await wait_until(lambda: live_subscriptions(stack, job.id) == 3)  # logs (both) and job events
     logs.cancel()
     await wait_until(lambda: live_subscriptions(stack, job.id) == 0 and hub.subscriptions() == 0)

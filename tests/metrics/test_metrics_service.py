@@ -226,7 +226,7 @@ async def test_client_cancel_unsubscribes(stack: Stack) -> None:
 
     received: list[metrics_pb2.MetricPoint] = []
     task = stack.collect(stream_request(job.id), received)
-    await wait_until(lambda: live_subscriptions() == 2)  # live points and job events
+    await wait_until(lambda: live_subscriptions() == 3)  # points stored and reported, job events
     task.cancel()
     await wait_until(lambda: live_subscriptions() == 0)
 

@@ -19,6 +19,8 @@ const _ = grpc.SupportPackageIsVersion7
 type MetricsServiceClient interface {
 	// Sends the stored points of a job in step order, then follows new points live. With `follow` unset the
 	// stream ends after the stored points; with it set, the stream ends when the job reaches a final state.
+	// Live points come as the worker reports them, as they will be stored: ListMetrics may list one a
+	// moment after this stream sent it.
 	StreamMetrics(ctx context.Context, in *StreamMetricsRequest, opts ...grpc.CallOption) (MetricsService_StreamMetricsClient, error)
 	// A page of a job's stored metric points in step order.
 	ListMetrics(ctx context.Context, in *ListMetricsRequest, opts ...grpc.CallOption) (*ListMetricsResponse, error)
@@ -113,6 +115,8 @@ func (x *metricsServiceStreamLogsClient) Recv() (*StreamLogsResponse, error) {
 type MetricsServiceServer interface {
 	// Sends the stored points of a job in step order, then follows new points live. With `follow` unset the
 	// stream ends after the stored points; with it set, the stream ends when the job reaches a final state.
+	// Live points come as the worker reports them, as they will be stored: ListMetrics may list one a
+	// moment after this stream sent it.
 	StreamMetrics(*StreamMetricsRequest, MetricsService_StreamMetricsServer) error
 	// A page of a job's stored metric points in step order.
 	ListMetrics(context.Context, *ListMetricsRequest) (*ListMetricsResponse, error)

@@ -59,6 +59,8 @@ class MetricsServiceServicer:
     def StreamMetrics(self, request, context):
         """Sends the stored points of a job in step order, then follows new points live. With `follow` unset the
         stream ends after the stored points; with it set, the stream ends when the job reaches a final state.
+        Live points come as the worker reports them, as they will be stored: ListMetrics may list one a
+        moment after this stream sent it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,6 +36,8 @@ class MetricsServiceStub:
     StreamMetrics: _grpc.UnaryStreamMultiCallable[_metrics_service_pb2.StreamMetricsRequest, _metrics_service_pb2.StreamMetricsResponse]
     """Sends the stored points of a job in step order, then follows new points live. With `follow` unset the
     stream ends after the stored points; with it set, the stream ends when the job reaches a final state.
+    Live points come as the worker reports them, as they will be stored: ListMetrics may list one a
+    moment after this stream sent it.
     """
     ListMetrics: _grpc.UnaryUnaryMultiCallable[_metrics_service_pb2.ListMetricsRequest, _metrics_service_pb2.ListMetricsResponse]
     """A page of a job's stored metric points in step order."""
@@ -50,6 +52,8 @@ class MetricsServiceAsyncStub(MetricsServiceStub):
     StreamMetrics: _aio.UnaryStreamMultiCallable[_metrics_service_pb2.StreamMetricsRequest, _metrics_service_pb2.StreamMetricsResponse]  # type: ignore[assignment]
     """Sends the stored points of a job in step order, then follows new points live. With `follow` unset the
     stream ends after the stored points; with it set, the stream ends when the job reaches a final state.
+    Live points come as the worker reports them, as they will be stored: ListMetrics may list one a
+    moment after this stream sent it.
     """
     ListMetrics: _aio.UnaryUnaryMultiCallable[_metrics_service_pb2.ListMetricsRequest, _metrics_service_pb2.ListMetricsResponse]  # type: ignore[assignment]
     """A page of a job's stored metric points in step order."""
@@ -67,6 +71,8 @@ class MetricsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_metrics_service_pb2.StreamMetricsResponse], _abc.AsyncIterator[_metrics_service_pb2.StreamMetricsResponse]]:
         """Sends the stored points of a job in step order, then follows new points live. With `follow` unset the
         stream ends after the stored points; with it set, the stream ends when the job reaches a final state.
+        Live points come as the worker reports them, as they will be stored: ListMetrics may list one a
+        moment after this stream sent it.
         """
 
     @_abc_1.abstractmethod

@@ -294,6 +294,8 @@ export const MetricsService: GenService<{
   /**
    * Sends the stored points of a job in step order, then follows new points live. With `follow` unset the
    * stream ends after the stored points; with it set, the stream ends when the job reaches a final state.
+   * Live points come as the worker reports them, as they will be stored: ListMetrics may list one a
+   * moment after this stream sent it.
    *
    * @generated from rpc tuneforge.v1.MetricsService.StreamMetrics
    */
