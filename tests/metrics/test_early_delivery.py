@@ -51,13 +51,13 @@ def follow(manager: MetricsManager) -> Reader[metrics_pb2.MetricPoint]:
     return Reader(manager.stream_metric_chunks(ORG, "job_a", [], 0, True))
 
 
-async def following(manager: MetricsManager, followers: int) -> None:
+async def following(manager: MetricsManager, followers: int, topic_name: str = TOPIC) -> None:
     """Until `followers` streams are subscribed (the live feed, the reports and the job's events)."""
     def ready() -> bool:
-        topic = manager.hub.topics.get(TOPIC)
-        return topic is not None and topic.ready.done() and len(topic.followers) == followers
+        topic, watch = manager.hub.topics.get(topic_name), manager.hub.watches.get("job_a")
+        return (topic is not None and topic.ready.done() and len(topic.followers) == followers
+                and watch is not None and watch.ready.done())
     await wait_until(ready)
-    await asyncio.sleep(0.05)  # and past their replay of what is stored
 
 
 async def test_a_reported_point_reaches_its_followers_before_it_is_stored(tmp_path: Path) -> None:
@@ -98,7 +98,7 @@ async def test_a_follower_joining_while_reports_wait_to_be_stored_gets_each_once
 
     late = follow(manager)  # 1 and 2 are neither stored (its replay) nor announced (its live feed) yet
     await following(manager, 2)
-    assert late.steps == [0]
+    await wait_until(lambda: late.steps == [0])
     await feed.publish(*r3)
     await wait_until(lambda: early.steps == [0, 1, 2, 3])
     assert late.steps == [0]
@@ -211,8 +211,7 @@ async def test_without_live_from_reports_streams_get_stored_points_only(tmp_path
 async def test_log_lines_are_handed_out_early_too(tmp_path: Path) -> None:
     manager, jobs, feed = make_manager(tmp_path)
     reader = Reader(manager.stream_log_chunks(ORG, "job_a", 0, [], True))
-    await wait_until(lambda: "tuneforge.live.logs.job_a" in manager.hub.topics)
-    await asyncio.sleep(0.05)
+    await following(manager, 1, "tuneforge.live.logs.job_a")
 
     def logs(sequence: int) -> Report:
         entry = metrics_pb2.LogEntry(attempt=1, sequence=sequence, message=f"line {sequence}\x00")
