@@ -49,9 +49,13 @@ def make_run_config(
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
+    """The events written so far: each ends with a newline, so a last line without one is still being
+    written (read while a rank appends it) and is left for the next read."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    complete = text[:text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def start_recipe(cfg: RunConfig, tmp_path: Path) -> subprocess.Popen[bytes]:
