@@ -21,6 +21,7 @@ from services.metrics import fanout
 from services.metrics.manager import MetricsManager
 from tests.metrics.conftest import ORG, point, wait_until
 from tests.metrics.test_fanout import Reader, finish, make_manager
+from tests.metrics.test_manager import MemoryFeed
 from tuneforge_core import subjects
 
 Report = tuple[str, bytes]
@@ -58,6 +59,16 @@ async def following(manager: MetricsManager, followers: int, topic_name: str = T
         return (topic is not None and topic.ready.done() and len(topic.followers) == followers
                 and watch is not None and watch.ready.done())
     await wait_until(ready)
+
+
+async def promoted(manager: MetricsManager, feed: MemoryFeed) -> Reader[metrics_pb2.MetricPoint]:
+    """A follower on the early feed: step 0 reported, then stored (its announcement promotes it)."""
+    reader = follow(manager)
+    await following(manager, 1)
+    await feed.publish(*reported(0))
+    await store(manager, reported(0))
+    await wait_until(lambda: reader.steps == [0])
+    return reader
 
 
 async def test_a_reported_point_reaches_its_followers_before_it_is_stored(tmp_path: Path) -> None:
@@ -116,12 +127,7 @@ async def test_a_follower_joining_while_reports_wait_to_be_stored_gets_each_once
 
 async def test_a_report_the_ingest_would_refuse_or_skip_is_not_handed_out(tmp_path: Path) -> None:
     manager, jobs, feed = make_manager(tmp_path)
-    reader = follow(manager)
-    await following(manager, 1)
-    await feed.publish(*reported(0))
-    await store(manager, reported(0))
-    await wait_until(lambda: reader.steps == [0])
-
+    reader = await promoted(manager, feed)
     subject = subjects.worker_metrics("job_a")
     await feed.publish(*reported(1, named="job_b"))  # points of another job on this job's subject
     await feed.publish(subject, b"\xff\xff not a MetricsReported")
@@ -173,11 +179,7 @@ async def test_a_slow_follower_on_reports_catches_up_from_storage_exactly(tmp_pa
 async def test_a_forgotten_early_point_announced_after_all_is_not_sent_twice(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manager, jobs, feed = make_manager(tmp_path)
-    early = follow(manager)
-    await following(manager, 1)
-    await feed.publish(*reported(0))
-    await store(manager, reported(0))
-    await wait_until(lambda: early.steps == [0])
+    early = await promoted(manager, feed)
     monkeypatch.setattr(fanout, "EARLY_TTL_S", 0.0)  # its announcement is "never" coming
     await feed.publish(*reported(1))
     await wait_until(lambda: early.steps == [0, 1])
