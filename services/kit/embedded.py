@@ -39,11 +39,19 @@ def die_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None] | None:
     parent = os.getpid()
 
     def preexec() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
-        if os.getppid() != parent:  # the parent died between fork and prctl
-            os.kill(os.getpid(), signum)
+        end_with_parent(parent, signum)
 
     return preexec
+
+
+def end_with_parent(parent: int, signum: int = signal.SIGTERM) -> None:
+    """Makes this process get `signum` when `parent`, which started it, dies (Linux; nothing elsewhere): for
+    children that run code of ours at their start (a process pool's initializer), see `die_with_parent`."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    if os.getppid() != parent:  # the parent died before the call
+        os.kill(os.getpid(), signum)
 
 
 class NatsAuth:

@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError, Message
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import metrics_pb2
 
+from services.kit.embedded import end_with_parent
 from services.kit.protos import NUL, REPLACEMENT
 from services.metrics.converters import POINT_COLUMNS, point_to_row
 from services.metrics.fanout import FIELD_1, varint
@@ -398,7 +399,8 @@ class PreparingProcesses:
             return
         # spawn: the service runs grpc's and the database's threads, which a fork would copy mid-work.
         pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=logs.configure, initargs=(self.log_level, self.log_format))
+                                   initializer=_start_worker,
+                                   initargs=(self.log_level, self.log_format, os.getpid()))
         self._pool, self._ready = pool, False
         warming = [pool.submit(_warm, form) for _ in range(self.processes)]
 
@@ -430,6 +432,13 @@ class PreparingProcesses:
         pool, self._pool, self._ready = self._pool, None, False
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _start_worker(log_level: str, log_format: str, parent: int) -> None:
+    """A preparing process logs as the service does, and ends when the service does (a pool's workers wait
+    on its queue, which they hold both ends of: a service that was killed would leave them waiting)."""
+    logs.configure(log_level, log_format)
+    end_with_parent(parent)
 
 
 def _prepare_packed(kind: Kind, form: StorageForm, reports: Sequence[tuple[str, bytes]]) -> tuple[
