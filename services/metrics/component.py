@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 from nats.aio.msg import Msg
 from tuneforge.events.v1 import events_pb2
 
-from services.kit.consumer import PermanentError, consume, consume_batches
+from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
 from services.kit.runtime import Component, Registration, Runtime
-from services.metrics.ingest import IngestHandlers
+from services.metrics.ingest import IngestHandlers, consumers, preparing_processes
+from services.metrics.ingester import IngestProcess
 from services.metrics.jobs_client import JobsClient
 from services.metrics.live import NatsLiveFeed
 from services.metrics.manager import MetricsManager
-from services.metrics.prepare import PreparingProcesses, default_processes
 from services.metrics.repository import StorageForm
 from services.metrics.servicer import MetricsServicer
 from services.metrics.servicer import add_to_server as add_metrics_servicer
@@ -41,33 +40,28 @@ class MetricsComponent(Component):
         self.db.migrate(MIGRATIONS_DIR)
         jobs_address = runtime.settings.jobs_address
         jobs = JobsClient(lambda: runtime.channel(jobs_address), timeout_s=self.settings.jobs_timeout_s)
-        processes = self.settings.ingest_processes
-        self.preparing = PreparingProcesses(default_processes() if processes is None else processes,
-                                            self.settings.ingest_process_min_bytes,
-                                            log_level=runtime.settings.log_level,
-                                            log_format=runtime.settings.log_format)
+        self.preparing = preparing_processes(self.settings, runtime.settings)
         self.manager = MetricsManager(self.db, jobs, NatsLiveFeed(runtime.nc), self.settings,
                                       preparing=self.preparing)
         self.handlers = IngestHandlers(self.manager)
+        self.ingester: IngestProcess | None = None
 
     def registrations(self) -> Sequence[Registration]:
         # Not the generated add function: the streams write pre-serialized bytes (see the servicer).
         return [Registration(SERVICE_NAME, MetricsServicer(self.manager), add_metrics_servicer)]
 
     async def start(self) -> None:
-        self.preparing.start(StorageForm.of(self.db.engine.dialect))
         js = self.runtime.js
-        ingest = partial(consume_batches, js, stream=subjects.STREAM_WORKER, batch=self.settings.ingest_batch,
-                         fetch_wait_s=self.settings.ingest_fetch_wait_s,
-                         nak_delay_s=self.settings.ingest_retry_delay_s,
-                         in_flight=self.settings.ingest_in_flight)
-        self.spawn(ingest(durable=subjects.METRICS_INGEST_CONSUMER, subject=subjects.ALL_WORKER_METRICS,
-                          handler=self.handlers.on_metrics_batch), name="metrics-ingest")
-        self.spawn(ingest(durable=subjects.LOGS_INGEST_CONSUMER, subject=subjects.ALL_WORKER_LOGS,
-                          handler=self.handlers.on_logs_batch), name="logs-ingest")
         self.spawn(consume(js, stream=subjects.STREAM_EVENTS, durable=subjects.METRICS_JOB_EVENTS_CONSUMER,
                            subject=subjects.ALL_JOB_EVENTS, handler=self.on_job_changed),
                    name="metrics-job-deletions")
+        if self.settings.ingest_in_own_process(self.db.engine.dialect.name):
+            self.ingester = IngestProcess(self.runtime.settings, self.settings)
+            self.ingester.start()
+            return
+        self.preparing.start(StorageForm.of(self.db.engine.dialect))
+        for name, consumer in consumers(js, self.settings, self.handlers):
+            self.spawn(consumer, name=name)
 
     async def on_job_changed(self, msg: Msg) -> None:
         """Deletes what is stored of a deleted job; every other change is acked unread."""
@@ -83,6 +77,8 @@ class MetricsComponent(Component):
         log.info("job %s deleted: %d points and %d log entries removed", event.job.id, points, entries)
 
     async def stop(self) -> None:
+        if self.ingester is not None:
+            await self.ingester.stop()
         await super().stop()
         self.preparing.close()
         self.db.dispose()

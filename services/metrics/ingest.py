@@ -11,12 +11,19 @@ newer one).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
+from functools import partial
+from typing import Any
 
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
-from services.kit.consumer import PermanentError
+from services.kit.consumer import PermanentError, consume_batches
 from services.metrics.manager import MetricsManager
+from services.metrics.prepare import PreparingProcesses, default_processes
+from services.metrics.settings import MetricsSettings
+from tuneforge_core import subjects
+from tuneforge_core.settings import KitSettings
 
 
 class IngestHandlers:
@@ -45,6 +52,28 @@ class IngestHandlers:
         refused = await self.on_logs_batch([msg])
         if refused:
             raise refused[0]
+
+
+def preparing_processes(settings: MetricsSettings, kit: KitSettings) -> PreparingProcesses:
+    """Where the ingest prepares large batches (services.metrics.prepare), as the settings say."""
+    processes = settings.ingest_processes
+    return PreparingProcesses(default_processes() if processes is None else processes,
+                              settings.ingest_process_min_bytes, log_level=kit.log_level,
+                              log_format=kit.log_format)
+
+
+def consumers(js: JetStreamContext, settings: MetricsSettings,
+              handlers: IngestHandlers) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+    """The two ingest consumers (worker metrics, worker logs) as (name, coroutine), to run as tasks: in the
+    serving process or in the ingest's own (services.metrics.ingester)."""
+    ingest = partial(consume_batches, js, stream=subjects.STREAM_WORKER, batch=settings.ingest_batch,
+                     fetch_wait_s=settings.ingest_fetch_wait_s, nak_delay_s=settings.ingest_retry_delay_s,
+                     in_flight=settings.ingest_in_flight)
+    metrics = ingest(durable=subjects.METRICS_INGEST_CONSUMER, subject=subjects.ALL_WORKER_METRICS,
+                     handler=handlers.on_metrics_batch)
+    logs = ingest(durable=subjects.LOGS_INGEST_CONSUMER, subject=subjects.ALL_WORKER_LOGS,
+                  handler=handlers.on_logs_batch)
+    return [("metrics-ingest", metrics), ("logs-ingest", logs)]
 
 
 def _permanent(refused: Mapping[int, str], msgs: Sequence[Msg]) -> dict[int, PermanentError]:

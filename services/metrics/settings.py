@@ -44,5 +44,14 @@ class MetricsSettings(BaseSettings):
     # worker's usual report), in chunks of about this size: a smaller batch is prepared sooner on a thread
     # than sent there and back.
     ingest_process_min_bytes: int = Field(default=32 * 1024, ge=1)
+    # Run the ingest of worker reports in a process of its own (services.metrics.ingester), beside the one
+    # that serves the API and the streams, so that neither holds up the other's event loop and GIL. Unset:
+    # where the metrics database is PostgreSQL (its round trips contend with the streams for the GIL; with
+    # SQLite a second process measured no better); true or false: always, never.
+    ingest_process: bool | None = None
+
+    def ingest_in_own_process(self, dialect: str) -> bool:
+        """Whether the ingest runs in a process of its own, for a metrics database of `dialect`."""
+        return self.ingest_process if self.ingest_process is not None else dialect == "postgresql"
     # Redelivery of a batch whose write failed (the database) waits this long.
     ingest_retry_delay_s: float = Field(default=1.0, ge=0.0)

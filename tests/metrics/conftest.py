@@ -159,9 +159,25 @@ async def wait_until(predicate: object, timeout_s: float = 10.0) -> None:
 
 @pytest.fixture
 async def stack(kit_settings: KitSettings) -> AsyncIterator[Stack]:
+    """The service with its ingest in the serving process (MetricsSettings.ingest_process off): tests that
+    reach into the ingest, or wait for it a fixed moment, are not slowed or raced by a second process."""
+    async with serving(kit_settings, MetricsSettings(follow_grace_s=1.0, job_poll_interval_s=5.0,
+                                                     ingest_process=False)) as running:
+        yield running
+
+
+@pytest.fixture
+async def process_stack(kit_settings: KitSettings) -> AsyncIterator[Stack]:
+    """The service as deployed: its ingest in a process of its own (services.metrics.ingester)."""
+    async with serving(kit_settings, MetricsSettings(follow_grace_s=1.0, job_poll_interval_s=5.0,
+                                                     ingest_process=True)) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def serving(kit_settings: KitSettings, settings: MetricsSettings) -> AsyncIterator[Stack]:
     fake = FakeJobService()
     components: list[MetricsComponent] = []
-    settings = MetricsSettings(follow_grace_s=1.0, job_poll_interval_s=5.0)
 
     def metrics_factory(runtime: Runtime) -> MetricsComponent:
         components.append(MetricsComponent(runtime, settings))
