@@ -49,9 +49,9 @@ class MetricsSettings(BaseSettings):
     # where the metrics database is PostgreSQL (its round trips contend with the streams for the GIL; with
     # SQLite a second process measured no better); true or false: always, never.
     ingest_process: bool | None = None
+    # Redelivery of a batch whose write failed (the database) waits this long.
+    ingest_retry_delay_s: float = Field(default=1.0, ge=0.0)
 
     def ingest_in_own_process(self, dialect: str) -> bool:
         """Whether the ingest runs in a process of its own, for a metrics database of `dialect`."""
         return self.ingest_process if self.ingest_process is not None else dialect == "postgresql"
-    # Redelivery of a batch whose write failed (the database) waits this long.
-    ingest_retry_delay_s: float = Field(default=1.0, ge=0.0)
