@@ -153,8 +153,21 @@ async def test_with_postgresql_the_ingest_has_a_process_of_its_own_by_default(
         job = stack.jobs.add()
         for step in range(1, 6):
             await stack.report(job.id, [point(step)])
+            if step == 3:  # a worker's broken report is given up on, alone; the rest are stored
+                await stack.js.publish(subjects.worker_metrics(job.id), b"\xff not a MetricsReported")
+        await stack.report_logs(job.id, [metrics_pb2.LogEntry(sequence=1, message="line 1", attempt=1,
+                                                               level=metrics_pb2.LOG_LEVEL_INFO)])
         stored = await stack.wait_stored(job.id, 5, timeout_s=STARTED_S)
         assert [p.step for p in stored] == [1, 2, 3, 4, 5]
+        lines: list[str] = []
+        deadline = time.monotonic() + STARTED_S
+        while not lines and time.monotonic() < deadline:  # logs are the child's other consumer
+            lines = [r.entry.message async for r in stack.metrics.StreamLogs(
+                metrics_service_pb2.StreamLogsRequest(organization=ORG, job_id=job.id))]
+            await asyncio.sleep(0.05)
+        assert lines == ["line 1"]
+        rss_mb = psutil.Process(ingester.process.pid).memory_info().rss / 2**20
+        print(f"ingest process resident memory: {rss_mb:.0f} MB")
 
 
 def test_the_ingest_has_a_process_of_its_own_by_default_only_with_postgresql() -> None:
