@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import faulthandler
 import json
 import math
 import os
@@ -250,7 +251,10 @@ def backends(names: Sequence[str], root: Path) -> Iterator[list[Backend]]:
             import psycopg
 
             if admin is None:
-                admin = psycopg.connect(_conninfo(POSTGRES_URL), connect_timeout=3, autocommit=True)
+                # A lock the schema's drop waits for (a connection left in a transaction) fails it after
+                # 30 s, said, rather than hanging the run.
+                admin = psycopg.connect(_conninfo(POSTGRES_URL), connect_timeout=3, autocommit=True,
+                                        options="-c lock_timeout=30s")
         except Exception as exc:
             say(f"PostgreSQL skipped: not reachable at {POSTGRES_URL} ({type(exc).__name__}: {exc}); "
                 "set TUNEFORGE_BENCH_POSTGRES_URL to measure it")
@@ -265,8 +269,10 @@ def backends(names: Sequence[str], root: Path) -> Iterator[list[Backend]]:
         yield found
     finally:
         for schema in dropped:
-            with contextlib.suppress(Exception):
+            try:
                 admin.execute(f'drop schema "{schema}" cascade')
+            except Exception as exc:
+                say(f"PostgreSQL schema {schema} not dropped: {type(exc).__name__}: {exc}")
         if admin is not None:
             admin.close()
 
@@ -1095,6 +1101,30 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> bool:
     return print_summary(rows)
 
 
+def awaiting(task: asyncio.Task[Any]) -> str:
+    """Where a task waits: each coroutine of its await chain (Task.print_stack shows the outermost only)."""
+    lines: list[str] = []
+    step: Any = task.get_coro()
+    while step is not None:
+        frame = getattr(step, "cr_frame", None) or getattr(step, "gi_frame", None)
+        if frame is not None:
+            lines.append(f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        following = getattr(step, "cr_await", None) or getattr(step, "gi_yieldfrom", None)
+        if following is None and step is not task.get_coro():
+            lines.append(f"    awaits {step!r}"[:300])
+        step = following
+    return f"task {task.get_name()}:\n" + "\n".join(lines)
+
+
+def interrupted(signum: int, frame: Any) -> None:
+    say(f"stopped by signal {signum}; where it was:")
+    with contextlib.suppress(RuntimeError):  # no event loop running
+        for task in asyncio.all_tasks(asyncio.get_running_loop()):
+            say(awaiting(task))
+    faulthandler.dump_traceback(sys.stdout, all_threads=True)
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str]) -> int:
     if argv and argv[0] == "_followers":  # spec file, verdict file
         verdict = asyncio.run(followers_main(json.loads(Path(argv[1]).read_text())))
@@ -1104,8 +1134,9 @@ def main(argv: Sequence[str]) -> int:
         asyncio.run(ceiling_main(json.loads(Path(argv[1]).read_text())))
         return 0
     args = parse_args(argv)
-    # SIGTERM stops the run as Ctrl-C does: the platforms stop and the PostgreSQL schema is dropped.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM stops the run as Ctrl-C does (the platforms stop and the PostgreSQL schema is dropped), after
+    # it printed where each task and thread was: a run that hangs says where.
+    signal.signal(signal.SIGTERM, interrupted)
     with tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
