@@ -135,7 +135,8 @@ async def consume(js: JetStreamContext, *, stream: str, durable: str, subject: s
 async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, subject: str,
                           handler: BatchHandler, batch: int = 256, fetch_wait_s: float = 1.0,
                           ack_wait_s: float = 30.0, nak_delay_s: float = 1.0, in_flight: int = 1,
-                          dead_after: int = DEAD_AFTER_DELIVERIES) -> None:
+                          dead_after: int = DEAD_AFTER_DELIVERIES,
+                          until: asyncio.Event | None = None) -> None:
     """Like `consume`, but the handler gets each fetch's messages together (see the module doc).
 
     A fetch returns at once with whatever is pending (up to `batch`), waiting up to `fetch_wait_s` only when
@@ -144,6 +145,9 @@ async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, su
     last is handled): a handler that allows more than one must keep whatever order it needs itself. Each
     batch is settled when its own handler returns. `batch` x `in_flight` must not exceed the consumer's
     max_ack_pending (1000 here, or more when they need it).
+
+    Once `until` is set it fetches no more: it returns when the batches it holds are handled and settled
+    (cancel it to stop sooner; what it fetched and did not settle is redelivered after the ack wait).
     """
     await ensure_pull_consumer(js, stream, durable, subject, ack_wait_s=ack_wait_s,
                                max_ack_pending=max(1000, batch * max(1, in_flight)))
@@ -151,9 +155,11 @@ async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, su
     bury: Bury = partial(_bury, js, durable)
     handling: set[asyncio.Task[None]] = set()
     try:
-        while True:
+        while until is None or not until.is_set():
             while len(handling) >= max(1, in_flight):
                 _, handling = await asyncio.wait(handling, return_when=asyncio.FIRST_COMPLETED)
+            if until is not None and until.is_set():
+                break
             try:
                 msgs = await sub.fetch(batch, timeout=fetch_wait_s)
             except (TimeoutError, NatsTimeoutError):
@@ -161,6 +167,8 @@ async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, su
             if msgs:
                 handling.add(asyncio.create_task(_in_time(
                     msgs, ack_wait_s, _handle_batch(msgs, handler, nak_delay_s, bury, dead_after))))
+        if handling:
+            await asyncio.wait(handling)
     finally:
         await cancel_and_wait(handling)
         try:

@@ -3,6 +3,7 @@ consumer of JobChanged that deletes the points and log entries of a job DeleteJo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,8 @@ from tuneforge.events.v1 import events_pb2
 from services.kit.consumer import PermanentError, consume
 from services.kit.db import Database
 from services.kit.runtime import Component, Registration, Runtime
-from services.metrics.ingest import IngestHandlers, consumers, preparing_processes
+from services.kit.tasks import cancel_and_wait
+from services.metrics.ingest import HANDOVER_S, IngestHandlers, preparing_processes, run_ingest
 from services.metrics.ingester import IngestProcess
 from services.metrics.jobs_client import JobsClient
 from services.metrics.live import NatsLiveFeed
@@ -45,6 +47,8 @@ class MetricsComponent(Component):
                                       preparing=self.preparing)
         self.handlers = IngestHandlers(self.manager)
         self.ingester: IngestProcess | None = None
+        self._stop_ingest = asyncio.Event()
+        self._ingesting: asyncio.Task[None] | None = None
 
     def registrations(self) -> Sequence[Registration]:
         # Not the generated add function: the streams write pre-serialized bytes (see the servicer).
@@ -60,8 +64,9 @@ class MetricsComponent(Component):
             self.ingester.start()
             return
         self.preparing.start(StorageForm.of(self.db.engine.dialect))
-        for name, consumer in consumers(js, self.settings, self.handlers):
-            self.spawn(consumer, name=name)
+        self._ingesting = asyncio.create_task(
+            run_ingest(js, self.settings, self.handlers, self._stop_ingest), name="metrics-ingest")
+        self._ingesting.add_done_callback(_crashed)
 
     async def on_job_changed(self, msg: Msg) -> None:
         """Deletes what is stored of a deleted job; every other change is acked unread."""
@@ -79,6 +84,16 @@ class MetricsComponent(Component):
     async def stop(self) -> None:
         if self.ingester is not None:
             await self.ingester.stop()
+        if self._ingesting is not None:
+            # What it fetched is stored and acked, and the lease released, before the rest stops.
+            self._stop_ingest.set()
+            await asyncio.wait([self._ingesting], timeout=HANDOVER_S + 5)
+            await cancel_and_wait([self._ingesting])
         await super().stop()
         self.preparing.close()
         self.db.dispose()
+
+
+def _crashed(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the metrics ingest stopped: %r", task.exception(), exc_info=task.exception())

@@ -7,10 +7,20 @@ cannot be decoded, or names another job than its subject, can never succeed: it 
 the rest of its batch is stored and acked. Anything else that fails (the database) naks the whole batch,
 which is redelivered; storing is idempotent (a repeated key replaces, an older attempt never overwrites a
 newer one).
+
+One replica of the service ingests at a time: the one holding the "metrics-ingest" lease (`run_ingest`,
+services.kit.lease); the others wait for it. Followers rely on a job's reports being stored, and announced,
+in the order they were published (services.metrics.fanout); two replicas pulling from the same consumer
+would store them in whatever order their batches commit, and a follower drops a point older than one it
+already has. A replica that stops, or loses the lease, stores and acks what it fetched first. When the
+holder dies, another takes over once its lease expires (`MetricsSettings.ingest_lease_s`); what the dead
+one had fetched comes again after the ack wait, later than what was published after it: a live follower
+does not get those points (ListMetrics and a new stream do).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -19,11 +29,19 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from services.kit.consumer import PermanentError, consume_batches
+from services.kit.lease import Lease, holder_name
+from services.kit.tasks import cancel_and_wait
 from services.metrics.manager import MetricsManager
 from services.metrics.prepare import PreparingProcesses, default_processes
 from services.metrics.settings import MetricsSettings
 from tuneforge_core import subjects
 from tuneforge_core.settings import KitSettings
+
+# The lease (services.kit.lease) that one replica of the metrics service at a time holds to ingest.
+INGEST_LEASE = "metrics-ingest"
+# How long a replica that stops ingesting (it stops, or lost the lease) may take to store and ack what it
+# fetched before it cancels that (redelivered after the ack wait).
+HANDOVER_S = 10.0
 
 
 class IngestHandlers:
@@ -62,18 +80,44 @@ def preparing_processes(settings: MetricsSettings, kit: KitSettings) -> Preparin
                               log_format=kit.log_format)
 
 
-def consumers(js: JetStreamContext, settings: MetricsSettings,
-              handlers: IngestHandlers) -> list[tuple[str, Coroutine[Any, Any, None]]]:
-    """The two ingest consumers (worker metrics, worker logs) as (name, coroutine), to run as tasks: in the
-    serving process or in the ingest's own (services.metrics.ingester)."""
+def consumers(js: JetStreamContext, settings: MetricsSettings, handlers: IngestHandlers,
+              until: asyncio.Event | None = None) -> list[tuple[str, Coroutine[Any, Any, None]]]:
+    """The two ingest consumers (worker metrics, worker logs) as (name, coroutine), to run as tasks; once
+    `until` is set they fetch no more and end when what they fetched is stored and acked."""
     ingest = partial(consume_batches, js, stream=subjects.STREAM_WORKER, batch=settings.ingest_batch,
                      fetch_wait_s=settings.ingest_fetch_wait_s, nak_delay_s=settings.ingest_retry_delay_s,
-                     in_flight=settings.ingest_in_flight)
+                     in_flight=settings.ingest_in_flight, until=until)
     metrics = ingest(durable=subjects.METRICS_INGEST_CONSUMER, subject=subjects.ALL_WORKER_METRICS,
                      handler=handlers.on_metrics_batch)
     logs = ingest(durable=subjects.LOGS_INGEST_CONSUMER, subject=subjects.ALL_WORKER_LOGS,
                   handler=handlers.on_logs_batch)
     return [("metrics-ingest", metrics), ("logs-ingest", logs)]
+
+
+async def run_ingest(js: JetStreamContext, settings: MetricsSettings, handlers: IngestHandlers,
+                     stop: asyncio.Event, holder: str | None = None) -> None:
+    """The ingest of this replica, while it holds the ingest lease (see the module doc), until `stop` is
+    set: in the serving process or in the ingest's own (services.metrics.ingester). Raises when a consumer
+    fails."""
+    lease = Lease(js, INGEST_LEASE, holder or holder_name(), settings.ingest_lease_s)
+    while await lease.acquire(stop):
+        enough = asyncio.Event()
+        tasks = [asyncio.create_task(consumer, name=name)
+                 for name, consumer in consumers(js, settings, handlers, until=enough)]
+        keeping = asyncio.create_task(lease.keep(), name="metrics-ingest-lease")
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([keeping, stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:  # a consumer only ends on its own by failing
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise RuntimeError(f"{task.get_name()} failed") from task.exception()
+            # Stopping, or the lease lost: what was fetched is stored and acked before another replica
+            # takes over, so that reports stay stored in order across the handover.
+            enough.set()
+            await asyncio.wait(tasks, timeout=HANDOVER_S)
+        finally:
+            await cancel_and_wait([keeping, stopping, *tasks])
+            await lease.release()
 
 
 def _permanent(refused: Mapping[int, str], msgs: Sequence[Msg]) -> dict[int, PermanentError]:

@@ -27,7 +27,7 @@ from tuneforge.v1 import job_pb2
 
 from services.kit.db import Database
 from services.kit.tasks import cancel_and_wait
-from services.metrics.ingest import IngestHandlers, consumers, preparing_processes
+from services.metrics.ingest import IngestHandlers, preparing_processes, run_ingest
 from services.metrics.live import NatsLiveFeed
 from services.metrics.manager import MetricsManager
 from services.metrics.repository import StorageForm
@@ -144,17 +144,12 @@ async def _serve(kit: KitSettings, settings: MetricsSettings, watched: Connectio
     manager = MetricsManager(db, _NoJobLookups(), NatsLiveFeed(nc), settings, preparing=preparing)
     handlers = IngestHandlers(manager)
     preparing.start(StorageForm.of(db.engine.dialect))
-    tasks = [asyncio.create_task(consumer, name=name)
-             for name, consumer in consumers(nc.jetstream(), settings, handlers)]
-    stopping = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:  # a consumer only ends by failing: the service starts the process again
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                log.error("%s failed: %r; the ingest process ends", task.get_name(), task.exception())
-                raise SystemExit(1)
+        await run_ingest(nc.jetstream(), settings, handlers, stop)
+    except Exception as exc:  # a consumer failed: the service starts the process again
+        log.error("%r; the ingest process ends", exc, exc_info=exc)
+        raise SystemExit(1) from exc
     finally:
-        await cancel_and_wait([stopping, *tasks])
         preparing.close()
         with contextlib.suppress(Exception):
             await nc.drain()

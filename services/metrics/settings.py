@@ -49,6 +49,9 @@ class MetricsSettings(BaseSettings):
     # where the metrics database is PostgreSQL (its round trips contend with the streams for the GIL; with
     # SQLite a second process measured no better); true or false: always, never.
     ingest_process: bool | None = None
+    # One replica at a time ingests: the one holding a lease (services.metrics.ingest), renewed every third
+    # of this; when its holder dies, another replica takes over within about this long.
+    ingest_lease_s: float = Field(default=10.0, ge=2.0, le=300.0)
     # Redelivery of a batch whose write failed (the database) waits this long.
     ingest_retry_delay_s: float = Field(default=1.0, ge=0.0)
 

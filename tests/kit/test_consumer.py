@@ -427,3 +427,53 @@ async def test_a_message_handled_past_the_ack_wait_is_not_handed_to_another_repl
     assert all(delivery == 1 for *_, delivery in handled), handled
     assert info.num_redelivered == 0
     assert info.num_ack_pending == 0
+
+
+async def test_once_told_to_stop_a_batch_consumer_fetches_no_more_and_settles_what_it_holds(
+        nats_url: str) -> None:
+    """`until`: the batch in hand is handled to its end and acked, nothing more is fetched, and the loop
+    returns by itself (a replica handing its work over to another, services.metrics.ingest)."""
+    enough = asyncio.Event()
+    started = asyncio.Event()
+    release = asyncio.Event()
+    handled: list[bytes] = []
+
+    async def handler(msgs: Sequence[Msg]) -> Mapping[int, PermanentError]:
+        started.set()
+        await release.wait()
+        handled.extend(m.data for m in msgs)
+        return {}
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    with contextlib.suppress(Exception):
+        await js.delete_stream(STREAM)
+    await js.add_stream(name=STREAM, subjects=[SUBJECT])
+    try:
+        for i in range(3):
+            await js.publish("consumer-test.x", f"a{i}".encode())
+        # Two batches in flight: the loop goes on fetching while the first is handled.
+        task = asyncio.create_task(consume_batches(
+            js, stream=STREAM, durable="consumer-test-until", subject=SUBJECT, handler=handler, batch=3,
+            fetch_wait_s=0.2, in_flight=2, until=enough))
+        await started.wait()
+        enough.set()
+        await asyncio.sleep(0.5)  # a fetch in flight then has ended
+        for i in range(3):
+            await js.publish("consumer-test.x", f"b{i}".encode())
+        await asyncio.sleep(0.5)
+        assert not task.done()  # the batch in hand is still being handled
+        release.set()
+        await asyncio.wait_for(task, 10)
+        assert handled == [b"a0", b"a1", b"a2"]
+
+        async def acked() -> bool:
+            info = await js.consumer_info(STREAM, "consumer-test-until")
+            return info.num_ack_pending == 0
+
+        await until(acked, "the batch in hand is acked")
+        info = await js.consumer_info(STREAM, "consumer-test-until")
+        assert info.num_pending == 3  # the rest left for another
+    finally:
+        await js.delete_stream(STREAM)
+        await nc.drain()
