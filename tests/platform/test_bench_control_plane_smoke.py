@@ -1,6 +1,7 @@
 """benchmarks/bench_control_plane.py at its tiniest sizes: it starts the platform (SQLite, and PostgreSQL
-where one is reachable), runs every measurement against its ceiling and prints the summary. The figures are
-not checked (they are timings); that it completes, and that the followers got every point once, are."""
+where one is reachable) and a metrics service apart from it, runs every measurement against its ceiling
+and prints the summary. The figures are not checked (they are timings); that it completes, and that the
+followers got every point once, are."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--repeat", "1", "--ingest-messages-1", "5", "--ingest-messages-100", "2", "--followers", "3",
         "--fanout-jobs", "2", "--followers-per-job", "2", "--fanout-points", "4", "--fanout-rate", "100",
-        "--client-procs", "1", "--channels", "2", "--unary-seconds", "0.1"]
+        "--client-procs", "1", "--channels", "2", "--unary-seconds", "0.1", "--metrics-apart"]
 
 
 # It takes about 30 s here; a run still going after this long hangs.
@@ -58,4 +59,6 @@ def test_benchmark_runs_every_measurement_and_prints_the_summary(tmp_path: Path)
         for scenario in ("1 job x 3", "2 jobs x 2"):
             assert (f"[{backend}] fan-out {scenario}: every follower got every point exactly once, in order: "
                     "PASS") in out, out[-3000:]
+            assert any(line.startswith(backend) and f"fan-out {scenario} exactly once (metrics apart)" in line
+                       and line.rstrip().endswith("PASS") for line in summary.splitlines()), summary
     assert "failed calls" not in out, out[-3000:]
