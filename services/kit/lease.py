@@ -7,14 +7,15 @@ lease is a key of the JetStream key-value bucket `LEASE_BUCKET`, written with a 
 - `acquire` creates the key; it succeeds only when no one holds it (the key is absent: never written,
   released, or expired). Until then it tries again every quarter of the TTL.
 - `keep` writes the key again every third of the TTL, each write expecting the revision of the holder's
-  last (JetStream's `Nats-Expected-Last-Subject-Sequence`). It returns when a write is refused (someone
-  else holds the key: this holder was paused for longer than the TTL) or when no write got through for
-  longer than the TTL minus one renewal (NATS unreachable: by then someone else may hold it).
-- `release` deletes the key, expecting the holder's revision: a replica that stops hands the role over
-  at once rather than after the TTL.
-A holder that dies leaves the key to expire: the role moves after at most the TTL and one try of another
-replica. A holder paused for longer than its TTL (a stopped process, a long GC) may act for a moment
-beside the next one; whoever relies on a lease says what that costs it.
+  last (JetStream's `Nats-Expected-Last-Subject-Sequence`). It returns when a write is refused and the key
+  does not hold this holder's name (someone else holds it: this holder was paused for longer than the
+  TTL; a write that got through but whose answer was lost is taken for what it is), or when no write got
+  through for the TTL less one renewal (NATS unreachable: by then someone else may hold it).
+- `release` deletes the key, expecting the holder's revision: a replica that stops hands the role over at
+  the next try of one that waits, not after the TTL.
+A holder that dies leaves the key to expire: the role moves within the TTL and a quarter. A holder paused
+for longer than its TTL (a stopped process, a long GC pause) may act for a moment beside the next one;
+whoever relies on a lease says what that costs it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ event loop, a NATS connection, a database engine and preparing processes of its 
 announces on NATS, where the serving process hears it as it hears another replica's (services.metrics.live),
 and its streams take the reports themselves from NATS as the worker publishes them (early delivery).
 
+The child ingests while it holds the ingest lease, one replica's at a time (services.metrics.ingest); one
+that was killed leaves the lease to expire, so the child started after it waits up to
+`MetricsSettings.ingest_lease_s` for it.
+
 `IngestProcess` starts the child, starts it again when it dies (after `RESTART_DELAY_S`), and stops it with
 the service. The child ends when the service that started it ends, however that happens: it watches a pipe
 whose other end only the service holds.
