@@ -662,7 +662,7 @@ class MetricsApart:
             ready = grpc.channel_ready_future(channel)
             while not ready.done():
                 if process.poll() is not None or time.monotonic() > deadline:
-                    process.kill()
+                    terminate(process, 0)
                     raise RuntimeError(f"the metrics service apart did not start: {log.read_text()[-2000:]}")
                 with contextlib.suppress(grpc.FutureTimeoutError):
                     ready.result(timeout=0.5)
@@ -670,12 +670,7 @@ class MetricsApart:
         return cls(process, address, log)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, 30)
 
 
 async def bench_fanout(run: Running, args: argparse.Namespace, ceiling: CeilingServer, workdir: Path,
@@ -768,6 +763,16 @@ def encoded(p: metrics_pb2.MetricPoint) -> tuple[bytes, bytes]:
         if not size:
             break
     return b"\x0a" + bytes(length) + data, b"\x12" + bytes(length) + data
+
+
+def terminate(process: subprocess.Popen[Any], grace_s: float) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`; returns once the process is reaped."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def spawn(*args: str) -> subprocess.Popen[str]:
@@ -979,12 +984,7 @@ class CeilingServer:
         return cls(process, line.split()[1])
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, 10)
 
 
 async def ceiling_main(spec: dict[str, Any]) -> None:

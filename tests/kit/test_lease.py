@@ -53,7 +53,7 @@ async def test_a_kept_lease_stays_and_one_no_longer_renewed_expires_to_the_next(
     keeping.cancel()  # a stops renewing, as a killed holder does
     started = asyncio.get_running_loop().time()
     assert await asyncio.wait_for(waiting, 10)
-    assert asyncio.get_running_loop().time() - started < 2 + 1.5
+    assert asyncio.get_running_loop().time() - started < 2 + 4  # the TTL, a try, a loaded machine
 
 
 async def test_a_holder_taken_over_while_paused_finds_out_at_its_next_renewal(js: JetStreamContext) -> None:
