@@ -557,6 +557,8 @@ class FanoutRun:
     # CPU seconds of the serving process while the points were published and delivered, per point delivered
     # to one stream, in microseconds.
     cpu_us_per_delivery: float = float("nan")
+    # The same of the follower processes together, per point received.
+    client_cpu_us_per_delivery: float = float("nan")
 
     @property
     def exact(self) -> bool:
@@ -611,6 +613,7 @@ async def fanout_once(address: str, api_key: str, jobs: Sequence[str], followers
             await publish(jobs[n % len(jobs)], base + 1 + n // len(jobs))
         latencies: list[float] = []
         bad = 0
+        client_cpu = 0.0
         for child, _ in children:
             await asyncio.to_thread(child.wait, timeout_s + 30)
         cpu = cpu_seconds(server_pid) - cpu0
@@ -618,6 +621,7 @@ async def fanout_once(address: str, api_key: str, jobs: Sequence[str], followers
             verdict = json.loads(out.read_text())
             latencies += verdict["latencies_ms"]
             bad += verdict["bad_streams"]
+            client_cpu += verdict["cpu_s"]
             for line in verdict["problems"][:3]:
                 say(f"    follower problem: {line}")
     finally:
@@ -626,7 +630,8 @@ async def fanout_once(address: str, api_key: str, jobs: Sequence[str], followers
                 child.kill()
                 child.wait()
     delivered = sum(1 for latency in latencies if math.isfinite(latency))
-    return FanoutRun(latencies, len(streams), bad, ready_s, cpu * 1e6 / max(delivered, 1))
+    return FanoutRun(latencies, len(streams), bad, ready_s, cpu * 1e6 / max(delivered, 1),
+                     client_cpu * 1e6 / max(delivered, 1))
 
 
 @dataclass
@@ -718,10 +723,13 @@ async def bench_fanout(run: Running, args: argparse.Namespace, ceiling: CeilingS
             ready = median([r.ready_s for r in platform_runs])
             cpu = median([r.cpu_us_per_delivery for r in platform_runs])
             bare_cpu = median([r.cpu_us_per_delivery for r in bare_runs])
+            clients = median([r.client_cpu_us_per_delivery for r in platform_runs])
+            bare_clients = median([r.client_cpu_us_per_delivery for r in bare_runs])
             say(f"[{b}] {name}, {args.fanout_points} points at {args.fanout_rate:g}/s: platform p50 "
                 f"{p50:.1f} ms p99 {p99:.1f} ms (all streams following after {ready:.1f} s), {cpu:.1f} us "
                 f"services CPU per point delivered to a stream; bare grpc.aio p50 {c50:.1f} ms p99 {c99:.1f} "
-                f"ms, {bare_cpu:.1f} us")
+                f"ms, {bare_cpu:.1f} us; the follower processes' CPU per point received: {clients:.1f} us "
+                f"(bare: {bare_clients:.1f} us)")
             say(f"[{b}] {name}: every follower got every point exactly once, in order: "
                 f"{'PASS' if exact else 'FAIL'} (platform: "
                 f"{', '.join(f'{r.bad_streams} of {r.streams} streams wrong' for r in platform_runs)}; "
@@ -850,10 +858,13 @@ async def followers_main(spec: dict[str, Any]) -> dict[str, Any]:
     tasks = [asyncio.ensure_future(follow(i, job, base)) for i, (job, base) in enumerate(spec["streams"])]
     try:
         await asyncio.wait_for(ready.wait(), timeout=300)
+        cpu0 = time.process_time()
         print("READY", flush=True)
     except TimeoutError:
+        cpu0 = time.process_time()
         print(f"NOT READY after 300 s: {hello_left} streams got nothing", flush=True)
     done, pending = await asyncio.wait(tasks, timeout=spec["timeout_s"])
+    cpu_s = time.process_time() - cpu0
     for task in pending:
         task.cancel()
     results = [t.result() if t in done else False for t in tasks]
@@ -862,7 +873,8 @@ async def followers_main(spec: dict[str, Any]) -> dict[str, Any]:
             await task
     for channel in channels:
         await channel.close()
-    return {"latencies_ms": latencies, "bad_streams": results.count(False), "problems": problems}
+    return {"latencies_ms": latencies, "bad_streams": results.count(False), "problems": problems,
+            "cpu_s": cpu_s}
 
 
 # ---- 3. unary ----------------------------------------------------------------------------------------
