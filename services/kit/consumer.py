@@ -43,6 +43,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from services.kit.tasks import cancel_and_wait
 from services.kit.telemetry import DEAD_LETTERS
@@ -175,6 +176,34 @@ async def consume_batches(js: JetStreamContext, *, stream: str, durable: str, su
             await sub.unsubscribe()
         except Exception:
             log.debug("unsubscribe failed", exc_info=True)
+
+
+async def unsettled(js: JetStreamContext, stream: str, durable: str,
+                    filter_subject: str) -> list[tuple[str, bytes]]:
+    """What the consumer handed out and is not acked yet, nor anything after it that it handed out, in
+    stream order, as (subject, data) read from the stream (one that keeps acked messages: limits
+    retention). For the new holder of a lease to store first what a holder that died had fetched, instead
+    of after the ack wait, behind what came next (services.metrics.ingest). Some of it may have been handled
+    already (acks come in any order, and one may have been lost): the handler must be idempotent. Empty
+    when the consumer does not exist yet."""
+    try:
+        info = await js.consumer_info(stream, durable)
+    except NotFoundError:
+        return []
+    first = (info.ack_floor.stream_seq or 0) + 1 if info.ack_floor else 1
+    last = (info.delivered.stream_seq or 0) if info.delivered else 0
+    found: list[tuple[str, bytes]] = []
+    seq = first
+    while seq <= last:
+        try:
+            raw = await js.get_msg(stream, seq, subject=filter_subject, next=True)
+        except NotFoundError:  # nothing on the subject from `seq` on (removed by the stream's limits)
+            break
+        if raw.seq is None or raw.seq > last:
+            break
+        found.append((raw.subject or "", raw.data or b""))
+        seq = raw.seq + 1
+    return found
 
 
 async def _handle_batch(msgs: Sequence[Msg], handler: BatchHandler, nak_delay_s: float, bury: Bury,

@@ -13,14 +13,17 @@ services.kit.lease); the others wait for it. Followers rely on a job's reports b
 in the order they were published (services.metrics.fanout); two replicas pulling from the same consumer
 would store them in whatever order their batches commit, and a follower drops a point older than one it
 already has. A replica that stops, or loses the lease, stores and acks what it fetched first. When the
-holder dies, another takes over once its lease expires (`MetricsSettings.ingest_lease_s`); what the dead
-one had fetched comes again after the ack wait, later than what was published after it: a live follower
-does not get those points (ListMetrics and a new stream do).
+holder dies, another takes over once its lease expires (`MetricsSettings.ingest_lease_s`). What the dead
+one had fetched and not acked would come again only after the ack wait, behind what was published after
+it, and a live follower would never get it: so a new holder first reads what the consumers handed out and
+is not acked from the stream itself and stores it (`store_unsettled`), then consumes. When those messages
+come again, they store nothing new.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -28,7 +31,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from services.kit.consumer import PermanentError, consume_batches
+from services.kit.consumer import PermanentError, consume_batches, unsettled
 from services.kit.lease import Lease, holder_name
 from services.kit.tasks import cancel_and_wait
 from services.metrics.manager import MetricsManager
@@ -36,6 +39,8 @@ from services.metrics.prepare import PreparingProcesses, default_processes
 from services.metrics.settings import MetricsSettings
 from tuneforge_core import subjects
 from tuneforge_core.settings import KitSettings
+
+log = logging.getLogger(__name__)
 
 # The lease (services.kit.lease) that one replica of the metrics service at a time holds to ingest.
 INGEST_LEASE = "metrics-ingest"
@@ -101,6 +106,7 @@ async def run_ingest(js: JetStreamContext, settings: MetricsSettings, handlers: 
     fails."""
     lease = Lease(js, INGEST_LEASE, holder or holder_name(), settings.ingest_lease_s)
     while await lease.acquire(stop):
+        await store_unsettled(js, handlers.manager, settings.ingest_batch)
         enough = asyncio.Event()
         tasks = [asyncio.create_task(consumer, name=name)
                  for name, consumer in consumers(js, settings, handlers, until=enough)]
@@ -118,6 +124,26 @@ async def run_ingest(js: JetStreamContext, settings: MetricsSettings, handlers: 
         finally:
             await cancel_and_wait([keeping, stopping, *tasks])
             await lease.release()
+
+
+async def store_unsettled(js: JetStreamContext, manager: MetricsManager, batch: int) -> None:
+    """Stores what the ingest consumers handed out and is not acked (services.kit.consumer.unsettled), in
+    order, a batch at a time: run by a new holder of the ingest lease before it consumes (see the module
+    doc). A report that can never be stored is left to the consumer, which keeps it as a dead letter when
+    it comes again; a failure (the database) leaves the rest to come again after the ack wait."""
+    for durable, subject, record in (
+            (subjects.METRICS_INGEST_CONSUMER, subjects.ALL_WORKER_METRICS, manager.record_metrics_batch),
+            (subjects.LOGS_INGEST_CONSUMER, subjects.ALL_WORKER_LOGS, manager.record_logs_batch)):
+        try:
+            reports = await unsettled(js, subjects.STREAM_WORKER, durable, subject)
+            for start in range(0, len(reports), batch):
+                await record(reports[start:start + batch])
+        except Exception:
+            log.warning("could not store what %s handed out and no one acked; it comes again after the ack "
+                        "wait", durable, exc_info=True)
+            continue
+        if reports:
+            log.info("stored %d reports that %s had handed out and no one had acked", len(reports), durable)
 
 
 def _permanent(refused: Mapping[int, str], msgs: Sequence[Msg]) -> dict[int, PermanentError]:

@@ -36,6 +36,7 @@ from services.kit.consumer import (
     nak_delay,
     refused_value,
     unreachable,
+    unsettled,
 )
 from tuneforge_core import subjects
 from tuneforge_core.nats import stream_configs
@@ -474,6 +475,37 @@ async def test_once_told_to_stop_a_batch_consumer_fetches_no_more_and_settles_wh
         await until(acked, "the batch in hand is acked")
         info = await js.consumer_info(STREAM, "consumer-test-until")
         assert info.num_pending == 3  # the rest left for another
+    finally:
+        await js.delete_stream(STREAM)
+        await nc.drain()
+
+
+async def test_what_a_consumer_handed_out_and_no_one_acked_is_read_back_in_order(nats_url: str) -> None:
+    """`unsettled`: from the first message not acked to the last handed out, in stream order, on the
+    consumer's subject only; what was acked before stays out, and a consumer not made yet has none."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    with contextlib.suppress(Exception):
+        await js.delete_stream(STREAM)
+    await js.add_stream(name=STREAM, subjects=[SUBJECT])
+    try:
+        filtered = "consumer-test.x.*"
+        assert await unsettled(js, STREAM, "consumer-test-unsettled", filtered) == []
+        for i in range(8):
+            await js.publish(f"consumer-test.x.{i}", f"m{i}".encode())
+            await js.publish("consumer-test.y", f"other{i}".encode())  # not the consumer's
+        sub = await js.pull_subscribe(filtered, durable="consumer-test-unsettled", stream=STREAM)
+        assert await unsettled(js, STREAM, "consumer-test-unsettled", filtered) == []  # nothing handed out
+        msgs = await sub.fetch(6, timeout=5)
+        assert [m.data for m in msgs] == [f"m{i}".encode() for i in range(6)]
+        for m in (msgs[0], msgs[1], msgs[3]):  # m2 is the first not acked; m3 was acked out of order
+            await m.ack_sync()
+        assert await unsettled(js, STREAM, "consumer-test-unsettled", filtered) == [
+            (f"consumer-test.x.{i}", f"m{i}".encode()) for i in (2, 3, 4, 5)]
+        for m in (msgs[2], msgs[4], msgs[5]):
+            await m.ack_sync()
+        assert await unsettled(js, STREAM, "consumer-test-unsettled", filtered) == []
+        await sub.unsubscribe()
     finally:
         await js.delete_stream(STREAM)
         await nc.drain()
