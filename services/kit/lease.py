@@ -13,7 +13,8 @@ lease is a key of the JetStream key-value bucket `LEASE_BUCKET`, written with a 
   through for the TTL less one renewal (NATS unreachable: by then someone else may hold it).
 - `release` deletes the key, expecting the holder's revision: a replica that stops hands the role over at
   the next try of one that waits, not after the TTL.
-A holder that dies leaves the key to expire: the role moves within the TTL and a quarter. A holder paused
+A holder that dies leaves the key to expire: the role moves within the TTL and a quarter, or at once where
+something that saw it die releases it for it (`release_for_the_dead`). A holder paused
 for longer than its TTL (a stopped process, a long GC pause) may act for a moment beside the next one;
 whoever relies on a lease says what that costs it.
 """
@@ -137,6 +138,16 @@ class Lease:
         except Exception as exc:  # it expires after the TTL anyway
             log.warning("could not release the %s lease (%s: %s); it expires within %d s", self.role,
                         type(exc).__name__, exc, self.ttl_s)
+
+    async def release_for_the_dead(self) -> bool:
+        """For whoever knows that this holder is gone (the parent that saw its process die): deletes the key
+        if it still names this holder, so that the next holder takes the role at once instead of after the
+        TTL. True when it did."""
+        self.revision = await self._own_revision()
+        if not self.revision:
+            return False
+        await self.release()
+        return True
 
     async def _own_revision(self) -> int:
         """The key's revision if this holder wrote its value, else 0."""

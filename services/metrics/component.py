@@ -60,7 +60,7 @@ class MetricsComponent(Component):
                            subject=subjects.ALL_JOB_EVENTS, handler=self.on_job_changed),
                    name="metrics-job-deletions")
         if self.settings.ingest_in_own_process(self.db.engine.dialect.name):
-            self.ingester = IngestProcess(self.runtime.settings, self.settings)
+            self.ingester = IngestProcess(self.runtime.settings, self.settings, js)
             self.ingester.start()
             return
         self.preparing.start(StorageForm.of(self.db.engine.dialect))

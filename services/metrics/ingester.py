@@ -7,9 +7,10 @@ event loop, a NATS connection, a database engine and preparing processes of its 
 announces on NATS, where the serving process hears it as it hears another replica's (services.metrics.live),
 and its streams take the reports themselves from NATS as the worker publishes them (early delivery).
 
-The child ingests while it holds the ingest lease, one replica's at a time (services.metrics.ingest); one
-that was killed leaves the lease to expire, so the child started after it waits up to
-`MetricsSettings.ingest_lease_s` for it.
+The child ingests while it holds the ingest lease, one replica's at a time (services.metrics.ingest), under
+a holder name the service gave it. When it dies the service releases the lease for it if it still held it,
+so the child started after it (or another replica) takes it at once, not after `ingest_lease_s`, and first
+stores what the dead one had fetched and not acked.
 
 `IngestProcess` starts the child, starts it again when it dies (after `RESTART_DELAY_S`), and stops it with
 the service. The child ends when the service that started it ends, however that happens: it watches a pipe
@@ -27,11 +28,13 @@ import signal
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
+from nats.js import JetStreamContext
 from tuneforge.v1 import job_pb2
 
 from services.kit.db import Database
+from services.kit.lease import Lease, holder_name
 from services.kit.tasks import cancel_and_wait
-from services.metrics.ingest import IngestHandlers, preparing_processes, run_ingest
+from services.metrics.ingest import INGEST_LEASE, IngestHandlers, preparing_processes, run_ingest
 from services.metrics.live import NatsLiveFeed
 from services.metrics.manager import MetricsManager
 from services.metrics.repository import StorageForm
@@ -54,9 +57,10 @@ STOP_GRACE_S = 10.0
 class IngestProcess:
     """The ingest's child process, kept running from `start` to `stop`."""
 
-    def __init__(self, kit: KitSettings, settings: MetricsSettings) -> None:
-        self.kit, self.settings = kit, settings
+    def __init__(self, kit: KitSettings, settings: MetricsSettings, js: JetStreamContext) -> None:
+        self.kit, self.settings, self.js = kit, settings, js
         self.process: BaseProcess | None = None
+        self.holder = ""  # the lease holder name of the last child started
         self.starts = 0
         self._keep: Connection | None = None  # the service's end of the pipe the child watches
         self._watch: asyncio.Task[None] | None = None
@@ -82,17 +86,28 @@ class IngestProcess:
             finally:
                 loop.remove_reader(process.sentinel)
             process.join()
+            await self._release_for(process)
             delay = RESTART_DELAY_S if loop.time() - started >= STABLE_S else delay
             log.error("the metrics ingest process (pid %s) ended with exit code %s; starting it again in "
                       "%.0f s", process.pid, process.exitcode, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RESTART_DELAY_S)
 
+    async def _release_for(self, process: BaseProcess) -> None:
+        lease = Lease(self.js, INGEST_LEASE, self.holder, self.settings.ingest_lease_s)
+        try:
+            if await lease.release_for_the_dead():
+                log.info("released the ingest lease that process %s held", process.pid)
+        except Exception as exc:  # it expires after its TTL anyway
+            log.warning("could not release the ingest lease that process %s held (%s: %s)", process.pid,
+                        type(exc).__name__, exc)
+
     def _spawn(self) -> BaseProcess:
         # spawn: the service runs grpc's and the database's threads, which a fork would copy mid-work.
         context = multiprocessing.get_context("spawn")
         watched, self._keep = context.Pipe(duplex=False)
-        process = context.Process(target=serve, args=(self.kit, self.settings, watched),
+        self.holder = f"{holder_name()}:ingest-{self.starts + 1}"
+        process = context.Process(target=serve, args=(self.kit, self.settings, watched, self.holder),
                                   name="tuneforge-metrics-ingest")
         process.start()
         watched.close()  # the child holds its copy: the pipe ends (EOF there) once ours is closed
@@ -125,17 +140,18 @@ class _NoJobLookups:
         raise RuntimeError("the metrics ingest process does not look jobs up")
 
 
-def serve(kit: KitSettings, settings: MetricsSettings, watched: Connection) -> None:
-    """The child's entry point: consumes worker reports until `watched` ends (or SIGTERM / SIGINT)."""
+def serve(kit: KitSettings, settings: MetricsSettings, watched: Connection, holder: str) -> None:
+    """The child's entry point: consumes worker reports until `watched` ends (or SIGTERM / SIGINT),
+    holding the ingest lease as `holder`."""
     logs.configure(kit.log_level, kit.log_format)
-    asyncio.run(_serve(kit, settings, watched))
+    asyncio.run(_serve(kit, settings, watched, holder))
     # Its batches are written and acked, its connections closed. An exit as usual would wait for the
     # preparing processes to wind down (seconds, while one still starts); they end with this process.
     logging.shutdown()
     os._exit(0)
 
 
-async def _serve(kit: KitSettings, settings: MetricsSettings, watched: Connection) -> None:
+async def _serve(kit: KitSettings, settings: MetricsSettings, watched: Connection, holder: str) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_reader(watched.fileno(), stop.set)  # readable at EOF: the service closed its end, or died
@@ -149,7 +165,7 @@ async def _serve(kit: KitSettings, settings: MetricsSettings, watched: Connectio
     handlers = IngestHandlers(manager)
     preparing.start(StorageForm.of(db.engine.dialect))
     try:
-        await run_ingest(nc.jetstream(), settings, handlers, stop)
+        await run_ingest(nc.jetstream(), settings, handlers, stop, holder)
     except Exception as exc:  # a consumer failed: the service starts the process again
         log.error("%r; the ingest process ends", exc, exc_info=exc)
         raise SystemExit(1) from exc

@@ -89,3 +89,19 @@ async def test_a_renewal_written_but_unanswered_is_not_taken_for_a_loss(js: JetS
     await asyncio.sleep(2.5)  # past the TTL of the write a knows of: renewed meanwhile
     assert not keeping.done() and a.held and a.revision > written.seq
     keeping.cancel()
+
+
+async def test_a_holder_that_died_is_released_for_by_whoever_saw_it_die(js: JetStreamContext) -> None:
+    """`release_for_the_dead`: the key goes only while it names that holder; the next takes it at once."""
+    dead, other, waiting = await leases(js, "dead", "other", "waiting", ttl_s=30)
+    assert await dead.acquire(asyncio.Event())
+    assert not await other.release_for_the_dead()  # not other's: nothing changes
+    assert (await (await dead.bucket()).get(dead.role)).value == b"dead"
+    stop = asyncio.Event()
+    taking = asyncio.create_task(waiting.acquire(stop))
+    await asyncio.sleep(0.2)
+    seen_die = Lease(js, dead.role, "dead", 30)  # the parent's view of its child, sharing its name
+    assert await seen_die.release_for_the_dead()
+    assert await asyncio.wait_for(taking, 30 / 4 + 4)  # at its next try, not after the TTL
+    assert not await seen_die.release_for_the_dead()  # now waiting's
+    assert (await (await waiting.bucket()).get(waiting.role)).value == b"waiting"

@@ -13,7 +13,6 @@ from multiprocessing.queues import Queue
 from urllib.parse import urlsplit
 
 import psutil
-import pytest
 from tuneforge.v1 import metrics_pb2, metrics_service_pb2
 
 from services.metrics.ingester import IngestProcess
@@ -58,24 +57,29 @@ async def test_reports_are_stored_by_the_ingest_process_and_followed_exactly_onc
     await sub.unsubscribe()
 
 
-@pytest.mark.slow  # what the killed process had fetched is redelivered after the consumer's ack wait (30 s)
 async def test_an_ingest_process_that_dies_is_started_again_and_stores_what_was_reported(
-        process_stack: Stack) -> None:
-    stack = process_stack
-    ingester = stack.component.ingester
-    assert ingester is not None
-    job = stack.jobs.add()
-    await stack.report(job.id, [point(1)])
-    assert len(await stack.wait_stored(job.id, 1, timeout_s=STARTED_S)) == 1
-    first = ingester.process
-    assert first is not None and first.pid is not None
-    os.kill(first.pid, signal.SIGKILL)
-    for step in range(2, 11):  # while it is down, and while the next one starts
-        await stack.report(job.id, [point(step)])
-    stored = await stack.wait_stored(job.id, 10, timeout_s=STARTED_S)
-    assert [p.step for p in stored] == list(range(1, 11))
-    assert ingester.starts == 2
-    assert ingester.process is not None and ingester.process.pid != first.pid
+        kit_settings: KitSettings) -> None:
+    """The service releases the ingest lease the killed process held: the next one takes it at once, not
+    after the lease's TTL (a minute here)."""
+    settings = MetricsSettings(follow_grace_s=1.0, job_poll_interval_s=5.0, ingest_process=True,
+                               ingest_lease_s=60)
+    async with serving(kit_settings, settings) as stack:
+        ingester = stack.component.ingester
+        assert ingester is not None
+        job = stack.jobs.add()
+        await stack.report(job.id, [point(1)])
+        assert len(await stack.wait_stored(job.id, 1, timeout_s=STARTED_S)) == 1
+        first = ingester.process
+        assert first is not None and first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        for step in range(2, 11):  # while it is down, and while the next one starts
+            await stack.report(job.id, [point(step)])
+        stored = await stack.wait_stored(job.id, 10, timeout_s=STARTED_S)
+        assert [p.step for p in stored] == list(range(1, 11))
+        assert time.monotonic() - killed < 40  # the lease's TTL is 60 s
+        assert ingester.starts == 2
+        assert ingester.process is not None and ingester.process.pid != first.pid
 
 
 async def test_the_ingest_process_ends_when_its_service_stops(kit_settings: KitSettings) -> None:
@@ -95,7 +99,7 @@ def _start_and_wait(kit: KitSettings, pids: Queue[int]) -> None:
     async def run() -> None:
         nc = await connect(kit.nats_url, "stand-in")
         await ensure_streams(nc.jetstream())  # as a service's runtime does before its components start
-        ingester = IngestProcess(kit, MetricsSettings(ingest_processes=1))
+        ingester = IngestProcess(kit, MetricsSettings(ingest_processes=1), nc.jetstream())
         ingester.start()
         await wait_until(lambda: ingester.process is not None and ingester.process.pid is not None,
                          timeout_s=STARTED_S)
