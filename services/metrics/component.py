@@ -63,9 +63,11 @@ class MetricsComponent(Component):
             self.ingester = IngestProcess(self.runtime.settings, self.settings, js)
             self.ingester.start()
             return
-        self.preparing.start(StorageForm.of(self.db.engine.dialect))
+        # The preparing processes start once this replica holds the ingest lease: one that waits needs none.
+        form = StorageForm.of(self.db.engine.dialect)
         self._ingesting = asyncio.create_task(
-            run_ingest(js, self.settings, self.handlers, self._stop_ingest), name="metrics-ingest")
+            run_ingest(js, self.settings, self.handlers, self._stop_ingest,
+                       on_held=lambda: self.preparing.start(form)), name="metrics-ingest")
         self._ingesting.add_done_callback(_crashed)
 
     async def on_job_changed(self, msg: Msg) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -100,12 +100,16 @@ def consumers(js: JetStreamContext, settings: MetricsSettings, handlers: IngestH
 
 
 async def run_ingest(js: JetStreamContext, settings: MetricsSettings, handlers: IngestHandlers,
-                     stop: asyncio.Event, holder: str | None = None) -> None:
+                     stop: asyncio.Event, holder: str | None = None,
+                     on_held: Callable[[], None] | None = None) -> None:
     """The ingest of this replica, while it holds the ingest lease (see the module doc), until `stop` is
-    set: in the serving process or in the ingest's own (services.metrics.ingester). Raises when a consumer
-    fails."""
+    set: in the serving process or in the ingest's own (services.metrics.ingester). `on_held` is called
+    each time the lease is taken, before anything is stored: the preparing processes start there, so a
+    replica that only waits runs none. Raises when a consumer fails."""
     lease = Lease(js, INGEST_LEASE, holder or holder_name(), settings.ingest_lease_s)
     while await lease.acquire(stop):
+        if on_held is not None:
+            on_held()
         await store_unsettled(js, handlers.manager, settings.ingest_batch)
         enough = asyncio.Event()
         tasks = [asyncio.create_task(consumer, name=name)

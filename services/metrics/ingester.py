@@ -163,9 +163,11 @@ async def _serve(kit: KitSettings, settings: MetricsSettings, watched: Connectio
     preparing = preparing_processes(settings, kit)
     manager = MetricsManager(db, _NoJobLookups(), NatsLiveFeed(nc), settings, preparing=preparing)
     handlers = IngestHandlers(manager)
-    preparing.start(StorageForm.of(db.engine.dialect))
+    form = StorageForm.of(db.engine.dialect)
     try:
-        await run_ingest(nc.jetstream(), settings, handlers, stop, holder)
+        # The preparing processes start once the lease is held: a child that waits needs none.
+        await run_ingest(nc.jetstream(), settings, handlers, stop, holder,
+                         on_held=lambda: preparing.start(form))
     except Exception as exc:  # a consumer failed: the service starts the process again
         log.error("%r; the ingest process ends", exc, exc_info=exc)
         raise SystemExit(1) from exc

@@ -340,10 +340,11 @@ class PreparingProcesses:
     chunks of about `min_bytes`: the processes prepare a batch's chunks while a database thread writes the
     ones already prepared (`Submitted`), in one transaction.
 
-    Started with the service (`start`); until they are ready (their imports take a second or two), and for
-    small batches, whose round trip to a process would cost more than it saves, `submit` answers None and
-    the batch is prepared on a thread. A process that dies (killed, out of memory) breaks the pool: the
-    chunks it held are prepared on the writing thread, and the next large batch starts new processes."""
+    Started once the service holds the ingest lease (`start`); until they are ready (their imports take a
+    second or two), and for small batches, whose round trip to a process would cost more than it saves,
+    `submit` answers None and the batch is prepared on a thread. A process that dies (killed, out of
+    memory) breaks the pool: the chunks it held are prepared on the writing thread, and the next large
+    batch starts new processes."""
 
     def __init__(self, processes: int, min_bytes: int, *, log_level: str = "INFO",
                  log_format: str = "text") -> None:
@@ -357,6 +358,11 @@ class PreparingProcesses:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def started(self) -> bool:
+        """Whether the processes run (or are starting)."""
+        return self._pool is not None
 
     def submit(self, kind: Kind, form: StorageForm,
                messages: Sequence[tuple[str, bytes]]) -> Submitted | None:

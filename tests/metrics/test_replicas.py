@@ -53,9 +53,10 @@ async def test_a_follower_gets_every_point_once_in_order_with_two_replicas_inges
 async def test_when_the_ingesting_replica_stops_the_other_takes_over_at_once(
         kit_settings: KitSettings) -> None:
     """The replica that ingests hands the lease over as it stops (not after the lease's TTL): the other
-    stores what comes next, and its follower misses nothing."""
+    stores what comes next, and its follower misses nothing. A replica starts its preparing processes only
+    once it ingests."""
     settings = MetricsSettings(follow_grace_s=1.0, job_poll_interval_s=5.0, ingest_process=False,
-                               ingest_lease_s=30)
+                               ingest_lease_s=30, ingest_processes=1)
     async with contextlib.AsyncExitStack() as first:
         a = await first.enter_async_context(serving(kit_settings, settings))
         job = a.jobs.add()
@@ -70,6 +71,7 @@ async def test_when_the_ingesting_replica_stops_the_other_takes_over_at_once(
             for step in range(1, 51):
                 await b.report(job.id, [point(step)])
             await b.wait_stored(job.id, 51)
+            assert a.component.preparing.started and not b.component.preparing.started
             await first.aclose()  # a stops
             started = asyncio.get_running_loop().time()
             for step in range(51, 101):
@@ -77,6 +79,7 @@ async def test_when_the_ingesting_replica_stops_the_other_takes_over_at_once(
             assert len(await b.wait_stored(job.id, 101, timeout_s=30)) == 101
             # b took it within a quarter of the TTL (how often a waiting replica tries), not the TTL.
             assert asyncio.get_running_loop().time() - started < 30 / 4 + 8
+            assert b.component.preparing.started
             await wait_until(lambda: len(got) == 101)
             assert [p.step for p in got] == list(range(101))
 
