@@ -27,7 +27,7 @@ from tuneforge.v1 import job_pb2
 from services.estimation.cache import Expiring
 from services.estimation.catalog import Catalog
 from services.estimation.estimator import Calibration, memory_per_gpu, tokens_per_second
-from services.estimation.models import CalibrationRow, DeletedJobRow
+from services.estimation.models import CalibrationRow, DeletedJobRow, record_deleted
 from services.estimation.spec import resolve_setup
 from services.kit.db import Database
 from tuneforge_core.errors import TuneForgeError
@@ -178,11 +178,11 @@ class CalibrationStore:
         organization and later estimates of its family still need it, but no longer under the job's id
         (an anonymous `cal_…` id instead) nor naming its base model (which may be the organization's own
         output). Records the job as deleted, so that a late event of it is not measured again. Returns
-        whether a measurement was detached; idempotent."""
+        whether a measurement was detached; idempotent, and safe beside the job copy's `forget` recording the
+        same deletion at the same time (models.record_deleted)."""
 
         def _detach(session: Session) -> bool:
-            if session.get(DeletedJobRow, job_id) is None:
-                session.add(DeletedJobRow(job_id=job_id))
+            record_deleted(session, job_id)
             moved = session.execute(update(CalibrationRow).where(CalibrationRow.job_id == job_id)
                                     .values(job_id=new_id("cal"), base_model="")
                                     .execution_options(synchronize_session=False))

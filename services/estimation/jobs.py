@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tuneforge.v1 import job_pb2
 
-from services.estimation.models import DeletedJobRow, JobRow
+from services.estimation.models import DeletedJobRow, JobRow, record_deleted
 from services.kit.db import Database
 from services.kit.outbox import utcnow
 
@@ -125,11 +125,11 @@ class JobStore:
 
     async def forget(self, job_id: str) -> bool:
         """Drops a deleted job's copy and remembers that it was deleted; returns whether a copy was there.
-        Idempotent (a concurrent first tombstone loses with an IntegrityError, and the consumer retries)."""
+        Idempotent, and safe beside calibration's `detach` recording the same deletion at the same time
+        (models.record_deleted)."""
 
         def _forget(session: Session) -> bool:
-            if session.get(DeletedJobRow, job_id) is None:
-                session.add(DeletedJobRow(job_id=job_id))
+            record_deleted(session, job_id)
             gone = session.execute(delete(JobRow).where(JobRow.id == job_id)
                                    .execution_options(synchronize_session=False))
             return bool(gone.rowcount)  # type: ignore[attr-defined]

@@ -11,7 +11,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import BigInteger, DateTime, Float, Index, Integer, LargeBinary, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from services.kit.outbox import utcnow
 
@@ -67,3 +68,18 @@ class DeletedJobRow(Base):
 
     job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def record_deleted(session: Session, job_id: str) -> None:
+    """Records the job as deleted, once: a row already there (another handler of the same event, another
+    replica, a redelivery) is kept as it is, its `deleted_at` the first. Both handlers of a deleting
+    JobChanged (jobs.py `forget`, calibration.py `detach`) call this concurrently, so it is one INSERT that
+    does nothing on a conflict, never a read and then an INSERT, which lost that race with an IntegrityError
+    (and an ERROR logged before the consumer's retry)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        session.execute(postgresql.insert(DeletedJobRow).values(job_id=job_id).on_conflict_do_nothing())
+    elif dialect == "sqlite":
+        session.execute(sqlite.insert(DeletedJobRow).values(job_id=job_id).on_conflict_do_nothing())
+    else:
+        raise NotImplementedError(f"recording a deleted job is not implemented for {dialect}")

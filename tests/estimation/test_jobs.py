@@ -100,3 +100,29 @@ async def test_a_deleted_job_is_forgotten_and_its_calibration_detached(database_
         assert len(rows) == 1 and rows[0][0].startswith("cal_") and rows[0][1:] == ("", 900.0)
     finally:
         db.dispose()
+
+
+async def test_both_handlers_of_one_deletion_record_it_once(database_url: str) -> None:
+    """The service consumes each JobChanged twice (the job copy's handler and calibration's), concurrently:
+    for a deleted job both record it as deleted, and neither may fail for the other having done so first
+    (a failed handler is retried, but logs an ERROR on every DeleteJob)."""
+    from sqlalchemy import func, select
+
+    from services.estimation.calibration import CalibrationStore
+    from services.estimation.models import DeletedJobRow
+
+    db = Database(database_url, "estimation")
+    try:
+        db.migrate(MIGRATIONS_DIR)
+        store, calibrations = JobStore(db), CalibrationStore(db)
+        ids = [f"job_{n}" for n in range(20)]
+        for _ in range(2):  # and once more, as a redelivery would
+            await asyncio.gather(*(step for job_id in ids
+                                   for step in (store.forget(job_id), calibrations.detach(job_id))))
+        counts = await db.run(lambda s: dict(s.execute(
+            select(DeletedJobRow.job_id, func.count()).group_by(DeletedJobRow.job_id)).tuples().all()))
+        assert counts == {job_id: 1 for job_id in ids}
+        assert not await store.record(job(3, step=50))  # a late event of a deleted job is still ignored
+        assert await store.get("acme", "job_1") is None
+    finally:
+        db.dispose()
