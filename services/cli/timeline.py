@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from tuneforge.v1 import evaluation_pb2, job_pb2, job_service_pb2
 
-from services.cli.render import enum_name
+from services.cli.render import enum_name, whole_ids
 
 Address = Annotated[str, typer.Option("--address", envvar="TUNEFORGE_ADDRESS",
                                       help="gRPC address of the platform.")]
@@ -63,15 +63,13 @@ def _time(event: job_pb2.JobEvent) -> str:
 
 
 def events_table(events: Iterable[job_pb2.JobEvent]) -> Table:
-    """SEQ | TIME (UTC) | TYPE | ATTEMPT | MESSAGE; only the message wraps."""
+    """SEQ | TIME (UTC) | TYPE | ATTEMPT | MESSAGE. Nothing is cut: on a terminal too narrow for the table,
+    each event is printed as its own block, its message wrapped (whole_ids)."""
     table = Table("SEQ", "TIME (UTC)", "TYPE", "ATTEMPT", "MESSAGE")
     for e in events:
         table.add_row(str(e.sequence), _time(e), event_type(e), str(e.attempt) if e.attempt else "-",
                       Text(event_text(e)))
-    for column in table.columns[:4]:
-        column.no_wrap = True
-        column.min_width = max([len(str(column.header)), *(len(str(c)) for c in column._cells)])
-    return table
+    return whole_ids(table)
 
 
 def event_line(event: job_pb2.JobEvent) -> Text:

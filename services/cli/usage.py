@@ -9,6 +9,8 @@ import typer
 from rich.table import Table
 from tuneforge.v1 import job_pb2, job_service_pb2
 
+from services.cli.render import whole_ids
+
 P = job_service_pb2.UsagePeriodUnit
 UNITS = {"day": P.USAGE_PERIOD_UNIT_DAY, "week": P.USAGE_PERIOD_UNIT_WEEK, "month": P.USAGE_PERIOD_UNIT_MONTH}
 # The states a usage table has a column for; any other state a job is in is added after them.
@@ -47,7 +49,8 @@ def period_label(period: job_service_pb2.UsagePeriod, unit: int) -> str:
 
 def usage_table(response: job_service_pb2.GetUsageResponse, unit: int) -> Table:
     """One row per period (empty ones too) and a TOTAL row: jobs created, jobs by the state they ended in
-    (or are in, for the current period), GPU-hours, compute hours, cost and tokens."""
+    (or are in, for the current period), GPU-hours, compute hours, cost and tokens. Nothing is cut: on a
+    terminal too narrow for the table, each period is printed as its own block (whole_ids)."""
     seen = {c.state for p in response.periods for c in p.jobs_by_state}
     states = [*STATE_COLUMNS, *sorted(seen - set(STATE_COLUMNS))]
     table = Table("PERIOD", "CREATED", *(state_name(s) for s in states), "GPU-H", "COMPUTE-H", "COST USD",
@@ -62,7 +65,7 @@ def usage_table(response: job_service_pb2.GetUsageResponse, unit: int) -> Table:
         table.add_row(*row(period_label(period, unit), period))
     table.add_section()
     table.add_row(*row("TOTAL", response.total), style="bold")
-    return table
+    return whole_ids(table)
 
 
 def register(app: typer.Typer) -> None:
