@@ -12,7 +12,6 @@ the time spent and what the server is doing.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -273,22 +272,13 @@ def upload(stub: Any, path: Path, metadata: dataset_service_pb2.UploadDatasetMet
 def validate_locally(path: Path, metadata: dataset_service_pb2.UploadDatasetMetadata, console: Console, *,
                      show: bool) -> dataset_pb2.ValidationReport:
     """The report UploadDataset / ValidateDataset would make of `path`, made here by the same code
-    (services.datasets: the metadata checks, then processing.validate_only) with the server's default
-    limits. An option the server would refuse exits 2 naming it."""
-    from services.datasets.converters import report_to_proto, upload_spec_from_proto
-    from services.datasets.processing import ProcessOptions, validate_only
-    from services.datasets.splitting import DEFAULT_FRACTIONS, resolve_split
-    from services.datasets.tokens import DEFAULT_MAX_LENGTH
-    from services.datasets.uploads import _check_options
-    from services.datasets.validation import DEFAULT_MIN_EXAMPLES, ISSUE_LIMIT
-    from tuneforge_core.errors import TuneForgeError, Violations
+    (services.datasets.local) with the server's default limits. An option the server would refuse exits 2
+    naming it."""
+    from services.datasets.local import options_of, validate_file
+    from tuneforge_core.errors import TuneForgeError
 
     try:
-        spec = upload_spec_from_proto(metadata)
-        v = Violations()
-        _check_options(v, spec)
-        resolve_split(spec.split, v, "metadata.split", defaults=DEFAULT_FRACTIONS)
-        v.raise_if_any("invalid options")
+        opts, _ = options_of(metadata)
     except TuneForgeError as err:
         for violation in err.violations:
             console.print(f"[red]error[/red] {escape(option_of(violation.field))}: "
@@ -296,20 +286,14 @@ def validate_locally(path: Path, metadata: dataset_service_pb2.UploadDatasetMeta
         if not err.violations:
             console.print(f"[red]error[/red] {escape(err.message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    opts = ProcessOptions(format=spec.format, options=spec.options, column_mapping=dict(spec.column_mapping),
-                          min_examples=spec.min_examples or DEFAULT_MIN_EXAMPLES,
-                          issue_limit=spec.issue_limit or ISSUE_LIMIT, tokenizer=spec.tokenizer,
-                          max_length=spec.max_length or DEFAULT_MAX_LENGTH)
-    work = "validating, counting tokens" if spec.tokenizer else "validating"
+    work = "validating, counting tokens" if opts.tokenizer else "validating"
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   disable=not show, transient=True) as bar:
         bar.add_task(f"{work} {path.name}", total=None)
-        with tempfile.TemporaryDirectory(prefix="tuneforge-validate-") as scratch:
-            try:
-                report = validate_only(path, work_dir=Path(scratch), opts=opts)
-            except TuneForgeError as err:  # e.g. a tokenizer that cannot be loaded
-                bar.stop()
-                console.print(f"[red]error[/red] {escape(as_options(err.message))}", highlight=False,
-                              soft_wrap=True)
-                raise typer.Exit(2) from None
-    return report_to_proto(report)
+        try:
+            return validate_file(path, opts)
+        except TuneForgeError as err:  # e.g. a tokenizer that cannot be loaded
+            bar.stop()
+            console.print(f"[red]error[/red] {escape(as_options(err.message))}", highlight=False,
+                          soft_wrap=True)
+            raise typer.Exit(2) from None

@@ -29,6 +29,7 @@ from tuneforge.v1 import (
     dataset_service_pb2_grpc,
     deployment_service_pb2,
     deployment_service_pb2_grpc,
+    estimation_pb2,
     estimation_service_pb2,
     estimation_service_pb2_grpc,
     identity_pb2,
@@ -416,9 +417,12 @@ class TuneForgeClient:
         request = estimation_service_pb2.EstimateJobRequest(organization=self.organization, spec=spec)
         return _call(lambda: self.estimation.EstimateJob(request, timeout=self.timeout_s))
 
-    def plan_job(self, spec: job_pb2.JobSpec) -> estimation_service_pb2.PlanJobResponse:
-        """What a client checks before committing: token counts, fit per GPU type, time and cost."""
-        request = estimation_service_pb2.PlanJobRequest(organization=self.organization, spec=spec)
+    def plan_job(self, spec: job_pb2.JobSpec, *, dataset_size: estimation_pb2.DatasetSize | None = None
+                 ) -> estimation_service_pb2.PlanJobResponse:
+        """What a client checks before committing: token counts, fit per GPU type, time and cost.
+        `dataset_size`: the dataset's size read by the caller, instead of spec.dataset's."""
+        request = estimation_service_pb2.PlanJobRequest(organization=self.organization, spec=spec,
+                                                        dataset_size=dataset_size)
         return _call(lambda: self.estimation.PlanJob(request, timeout=self.timeout_s))
 
     # -- keys and audit --------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneforge.v1 import dataset_pb2, estimation_service_pb2, job_pb2
+from tuneforge.v1 import dataset_pb2, dataset_service_pb2, estimation_pb2, estimation_service_pb2, job_pb2
 
 from tuneforge_core.config_files import ConfigJob, load_config
 from tuneforge_core.errors import FieldViolation, InvalidArgument, TuneForgeError, Violations
@@ -179,7 +179,8 @@ def dry_run_config(client: TuneForgeClient, path_or_text: str | Path, *, dataset
                    model: str | None = None, gpu_type: str | None = None,
                    examples: int | None = None, name: str = "") -> ConfigDryRun:
     """Everything a run would do except creating anything: the platform's CreateJob(validate_only) when the
-    dataset is already on it (else the same resolution done here), and its plan (time, cost, fit)."""
+    dataset is already on it (else the same resolution done here), and its plan (time, cost, fit), a local
+    dataset file counted here as its upload would count it (`local_size`)."""
     config, uploads = read(path_or_text, dataset=dataset, model=model, gpu_type=gpu_type, examples=examples)
     spec = job_pb2.JobSpec()
     spec.CopyFrom(config.spec)
@@ -190,12 +191,36 @@ def dry_run_config(client: TuneForgeClient, path_or_text: str | Path, *, dataset
     else:
         resolved, by_platform = resolve_spec(spec, allow_user_reward_code=True, require_dataset=False), False
     plan, plan_error = None, ""
-    try:
-        plan = client.plan_job(spec)
+    train = next((u for u in uploads if u.purpose == "train"), None)
+    try:  # a local file is counted here, as the upload would count it
+        plan = client.plan_job(spec, dataset_size=local_size(train) if train is not None else None)
     except TuneForgeError as err:  # a model the estimator does not know: the spec itself is still fine
         plan_error = str(err)
     return ConfigDryRun(config=config, spec=resolved, checked_by_platform=by_platform, plan=plan,
                         uploads=uploads, plan_error=plan_error)
+
+
+def local_size(upload: Upload) -> estimation_pb2.DatasetSize:
+    """The size of an upload's file as the datasets service would count it (services.datasets.local), for
+    a plan made before the file is uploaded; InvalidArgument naming the config key when the file would be
+    refused."""
+    from services.datasets.local import options_of, size_of_file, validate_file
+
+    metadata = dataset_service_pb2.UploadDatasetMetadata(name=upload.name, split=upload.split,
+                                                         options=upload.options)
+    if upload.min_examples is not None:
+        metadata.min_examples = upload.min_examples
+    opts, split = options_of(metadata)
+    report = validate_file(upload.path, opts)
+    if not report.valid:
+        first = next((i for i in report.issues if i.severity == dataset_pb2.ISSUE_SEVERITY_ERROR), None)
+        where = f"line {first.line}: " if first is not None and first.line else ""
+        why = f", the first: {where}{first.message}" if first is not None else ""
+        raise InvalidArgument(
+            f"the upload would refuse {upload.path} ({report.error_count} errors{why}); `tuneforge datasets "
+            f"validate {upload.path}` prints the whole report",
+            violations=[FieldViolation(upload.key, f"{upload.path} is not a valid dataset")])
+    return size_of_file(report, split, upload.name)
 
 
 __all__ = ["ConfigDryRun", "Upload", "create_job_from_config", "dry_run_config", "read"]

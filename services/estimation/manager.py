@@ -377,9 +377,11 @@ class EstimationManager:
             notes=notes,
         )
 
-    async def plan_job(self, organization: str, spec: job_pb2.JobSpec) -> Plan:
+    async def plan_job(self, organization: str, spec: job_pb2.JobSpec,
+                       dataset_size: estimation_pb2.DatasetSize | None = None) -> Plan:
         resolved = await self._resolve(organization, spec, 0)
-        tokens = await self._tokens(organization, spec, 0, None, required=True)
+        tokens = await self._tokens(organization, spec, 0, dataset_size, required=True,
+                                    instead="dataset_size")
         assert tokens is not None
         notes = [*resolved.notes, *tokens.notes]
         resolved = _at_longest_example(resolved, tokens, notes)
@@ -534,18 +536,18 @@ class EstimationManager:
         dataset_size: estimation_pb2.DatasetSize | None,
         *,
         required: bool,
+        instead: str = "tokens_per_epoch",
     ) -> Tokens | None:
         """Tokens per epoch: as given, else from the dataset's size (sent with the request, else read from
-        the datasets service, which must say the dataset is READY)."""
+        the datasets service, which must say the dataset is READY). `instead`: the request's field that
+        can stand in for a dataset, as an error names it."""
         if tokens_per_epoch > 0:
             return Tokens(per_epoch=tokens_per_epoch, examples=None)
         if dataset_size is not None:
             return tokens_of(dataset_size)
         if not spec.dataset:
             if required:
-                raise _invalid(
-                    "spec.dataset", "is required to count training tokens (or set tokens_per_epoch)"
-                )
+                raise _invalid("spec.dataset", f"is required to count training tokens (or set {instead})")
             return None
         dataset = await self.datasets.get_dataset(organization, spec.dataset)
         if dataset.state != dataset_pb2.DATASET_STATE_READY:

@@ -32,7 +32,8 @@ def _source(*fits: Fit | None) -> estimation_pb2.EstimateSource.ValueType:
 
 
 def _dataset_size(
-    request: estimation_service_pb2.EstimateJobRequest | estimation_service_pb2.ValidateHardwareRequest,
+    request: estimation_service_pb2.EstimateJobRequest | estimation_service_pb2.ValidateHardwareRequest
+    | estimation_service_pb2.PlanJobRequest,
 ) -> estimation_pb2.DatasetSize | None:
     return request.dataset_size if request.HasField("dataset_size") else None
 
@@ -175,7 +176,7 @@ class EstimationServicer(estimation_service_pb2_grpc.EstimationServiceServicer):
     async def PlanJob(
         self, request: estimation_service_pb2.PlanJobRequest, context: grpc.aio.ServicerContext
     ) -> estimation_service_pb2.PlanJobResponse:
-        plan = await self.manager.plan_job(request.organization, request.spec)
+        plan = await self.manager.plan_job(request.organization, request.spec, _dataset_size(request))
         response = estimation_service_pb2.PlanJobResponse(
             tokens_per_epoch=int64(plan.tokens_per_epoch),
             training_tokens=int64(plan.training_tokens),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tuneforge.v1 import dataset_pb2, dataset_service_pb2, estimation_service_pb2, job_pb2
+from tuneforge.v1 import dataset_pb2, dataset_service_pb2, estimation_pb2, estimation_service_pb2, job_pb2
 from typer.testing import CliRunner
 
 from services.cli import main as cli_main
@@ -48,8 +48,9 @@ class RecordingClient(TuneForgeClient):
         return job_pb2.Job(id="job_x", name=name or "job_x", spec=resolve_spec(spec),
                            state=job_pb2.JOB_STATE_QUEUED)
 
-    def plan_job(self, spec: job_pb2.JobSpec) -> estimation_service_pb2.PlanJobResponse:
-        self.calls.append(("plan_job", spec))
+    def plan_job(self, spec: job_pb2.JobSpec, *, dataset_size: estimation_pb2.DatasetSize | None = None
+                 ) -> estimation_service_pb2.PlanJobResponse:
+        self.calls.append(("plan_job", (spec, dataset_size)))
         return estimation_service_pb2.PlanJobResponse(tokens_per_epoch=1234, training_tokens=2468)
 
     def upload_dataset(self, path: Path, name: str,
@@ -90,6 +91,10 @@ def test_dry_run_with_a_local_file_uploads_nothing(recorder: type[RecordingClien
     assert "would job.data: upload" in out and "first 2 examples" in out
     assert "would data.validation_path: upload" in out
     assert "ADAPTER_TYPE_FULL" in out and "training tokens: 2,468" in out and "nothing was created" in out
+    # The file counted here, as its upload would count it: its first 2 rows, all of them train (the
+    # validation file replaces its validation part).
+    _, size = next(c[1] for c in recorder.calls if c[0] == "plan_job")
+    assert size is not None and size.statistics.example_count == 2 and size.train_examples == 2
 
 
 def test_dry_run_with_a_platform_dataset_asks_create_job_validate_only(

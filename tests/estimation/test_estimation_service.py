@@ -389,6 +389,38 @@ async def test_a_dataset_size_sent_with_the_request_spares_reading_the_dataset(
     assert stack.datasets.calls == 1
 
 
+async def test_plan_job_sizes_a_dataset_sent_with_the_request_without_reading_one(
+    estimation_stack: EstimationStack,
+) -> None:
+    """PlanJob's dataset_size (a dry run of a local file): the plan is the one the stored dataset would
+    get, the datasets service is not asked, the spec need name no dataset, and a bad size is refused by
+    field."""
+    stack = estimation_stack
+    dataset = stack.datasets.add("support-chats", examples=1000, train=800, tokens=500_000, longest=900)
+    read = await stack.estimation.PlanJob(
+        estimation_service_pb2.PlanJobRequest(organization=ORG, spec=spec()))
+    assert stack.datasets.calls == 1
+    size = estimation_pb2.DatasetSize(dataset="support-chats", statistics=dataset.statistics,
+                                      train_examples=800)
+    unnamed = spec()
+    unnamed.ClearField("dataset")
+    sent = await stack.estimation.PlanJob(
+        estimation_service_pb2.PlanJobRequest(organization=ORG, spec=unnamed, dataset_size=size))
+    assert stack.datasets.calls == 1
+    assert (sent.tokens_per_epoch, sent.training_tokens, sent.train_examples) == (
+        read.tokens_per_epoch, read.training_tokens, 800)
+    assert list(sent.fits) == list(read.fits) and sent.cheapest_fit == read.cheapest_fit
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.estimation.PlanJob(estimation_service_pb2.PlanJobRequest(organization=ORG, spec=unnamed))
+    assert error_details(caught.value) == ("INVALID_ARGUMENT", ["spec.dataset"])
+    assert "(or set dataset_size)" in (caught.value.details() or "")
+    bad = estimation_pb2.DatasetSize(dataset="support-chats", train_examples=-1)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.estimation.PlanJob(
+            estimation_service_pb2.PlanJobRequest(organization=ORG, spec=unnamed, dataset_size=bad))
+    assert error_details(caught.value) == ("INVALID_ARGUMENT", ["dataset_size.train_examples"])
+
+
 async def test_the_hardware_check_of_create_job_sends_its_dataset(estimation_stack: EstimationStack) -> None:
     """The jobs service's client of ValidateHardware against the real service: the dataset CreateJob read
     travels with the request (the datasets service is not asked again), the fit that admits the job comes

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tuneforge.v1 import job_pb2
+from tuneforge.v1 import dataset_pb2, job_pb2
 from typer.testing import CliRunner
 
 from services.cli.main import app
@@ -85,6 +85,38 @@ def test_dry_run_resolves_on_the_platform_and_creates_nothing(platform: Seeded, 
     assert jobs_of(platform, key) == before
 
 
+def test_a_dry_run_of_a_local_file_plans_it_as_its_upload_would_count_it(platform: Seeded, key: str,
+                                                                         config: Path) -> None:
+    """The file is checked and counted here (services.datasets.local) and PlanJob gets its size: the plan
+    is the one a real run's upload would get, and nothing is uploaded or created."""
+    with TuneForgeClient(platform.address, api_key=key) as client:
+        datasets = len(client.list_datasets(page_size=100).datasets)
+    before = jobs_of(platform, key)
+    code, out = cli(platform, key, "--config", str(config), "--examples", "120", "--dry-run", "--json")
+    assert code == 0, out
+    shown = json.loads(out)
+    assert shown["checked_by_platform"] is False and shown["plan_error"] == "", shown["plan_error"]
+    plan = shown["plan"]
+    # 120 examples split as an upload splits them by default (0.8 / 0.15 / 0.05): 96 train on, twice.
+    assert plan["train_examples"] == "96"
+    assert int(plan["training_tokens"]) == 2 * int(plan["tokens_per_epoch"]) > 0
+    assert plan["fits"]
+    assert jobs_of(platform, key) == before
+    with TuneForgeClient(platform.address, api_key=key) as client:
+        assert len(client.list_datasets(page_size=100).datasets) == datasets
+
+
+def test_a_dry_run_of_a_file_the_upload_would_refuse_says_why_instead_of_a_plan(platform: Seeded, key: str,
+                                                                                config: Path) -> None:
+    (config.parent / "data" / "chat.jsonl").write_text('{"messages": "not a list"}\n' * 150)
+    code, out = cli(platform, key, "--config", str(config), "--dry-run", "--json")
+    assert code == 0, out
+    shown = json.loads(out)
+    assert shown["plan"] is None
+    assert "the upload would refuse" in shown["plan_error"] and "line 1" in shown["plan_error"]
+    assert "tuneforge datasets validate" in shown["plan_error"]
+
+
 def test_create_uploads_the_first_n_rows_and_queues_the_job(platform: Seeded, key: str, config: Path) -> None:
     code, out = cli(platform, key, "--config", str(config), "--examples", "120", "--name", "from-synth",
                     "--json")
@@ -98,6 +130,9 @@ def test_create_uploads_the_first_n_rows_and_queues_the_job(platform: Seeded, ke
     assert created.spec.hyperparameters.learning_rate == 1e-5
     assert dataset.options.max_samples == 120
     assert dataset.statistics.example_count == 120 and dataset.statistics.dropped_by_max_samples == 30
+    # What a dry run of the same file counted (the test before).
+    train = dataset_pb2.DATASET_SPLIT_KIND_TRAIN
+    assert sum(s.example_count for s in dataset.splits if s.kind == train) == 96
 
 
 def test_a_key_it_cannot_honour_is_refused_by_name(platform: Seeded, key: str, config: Path) -> None:

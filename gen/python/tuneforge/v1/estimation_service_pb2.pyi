@@ -519,23 +519,32 @@ class PlanJobRequest(_message.Message):
 
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
+    DATASET_SIZE_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
     """The organization to act in. Empty: the caller's (from its credential); any other value must be the
     caller's own organization, else PERMISSION_DENIED naming this field.
     """
     @_builtins.property
     def spec(self) -> _job_pb2.JobSpec:
-        """The job to plan; its dataset must be READY."""
+        """The job to plan; its dataset must be READY, unless dataset_size is given."""
+
+    @_builtins.property
+    def dataset_size(self) -> _estimation_pb2.DatasetSize:
+        """The size of the job's dataset, for a caller that has read it itself (a dry run of a config file whose
+        dataset is a local file, not uploaded yet: `tuneforge jobs create --config F --dry-run`): used instead
+        of reading spec.dataset from the datasets service, which then need not name a dataset at all.
+        """
 
     def __init__(
         self,
         *,
         organization: _builtins.str = ...,
         spec: _job_pb2.JobSpec | None = ...,
+        dataset_size: _estimation_pb2.DatasetSize | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset_size", b"dataset_size", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization", b"organization", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_size", b"dataset_size", "organization", b"organization", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
