@@ -62,15 +62,6 @@ def size_of(paths: Iterable[Path | str | None]) -> int:
     return total
 
 
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TB"  # pragma: no cover
-
-
 def log_line(entry: metrics_pb2.LogEntry) -> str:
     """"<ISO time> <LEVEL> <message>"; a message's further lines are indented, so each entry starts a line."""
     when = entry.time.ToDatetime(tzinfo=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -98,7 +89,11 @@ class AttemptStory:
             size_bytes: int = 0, duration_s: float | None = None,
             metrics: Mapping[str, float | None] | None = None, worker_id: str = "", reason: str = "",
             first: bool = False) -> job_pb2.JobEvent:
-        """Queue one JobEvent (``kind`` a JobEventType name without its prefix) for the next update."""
+        """Queue one JobEvent (``kind`` a JobEventType name without its prefix) for the next update.
+
+        A message does not state the size or the duration: they travel in the event's own fields, which
+        whoever shows the timeline writes beside the message (`tuneforge jobs events`: "Fetched the data.
+        (36.5 KiB, 0.4 s)"; the console likewise), so a message that said them too said them twice."""
         event = job_pb2.JobEvent(
             time=timestamp(at), type=E.Value(f"JOB_EVENT_TYPE_{kind}"), attempt=self.attempt, message=message,
             step=step, epoch=epoch, size_bytes=size_bytes, worker_id=worker_id, reason=reason,
@@ -123,7 +118,7 @@ class AttemptStory:
 
     def downloaded(self, kind: str, what: str, size_bytes: int, duration_s: float, *, how: str = "") -> None:
         """MODEL_DOWNLOADED or DATA_DOWNLOADED."""
-        how = how or f"Fetched {what} ({human_bytes(size_bytes)}) in {duration_s:.1f} s."
+        how = how or f"Fetched {what}."
         self.add(kind, how, size_bytes=size_bytes, duration_s=duration_s)
 
     def model_ready(self, ref: str, path: str, duration_s: float) -> None:
@@ -134,8 +129,8 @@ class AttemptStory:
                      "process.", duration_s=duration_s)
             return
         size = size_of([path])
-        self.add("MODEL_DOWNLOADED", f"The base model {ref} is ready ({human_bytes(size)}) after "
-                 f"{duration_s:.1f} s.", size_bytes=size, duration_s=duration_s)
+        self.add("MODEL_DOWNLOADED", f"The base model {ref} is ready.", size_bytes=size,
+                 duration_s=duration_s)
 
     def result(self, output: job_pb2.JobOutput, result: ResultEvent) -> None:
         """The SUCCEEDED update's share of the result: kept step, early stop, tokens trained."""
@@ -146,12 +141,12 @@ class AttemptStory:
         evaluation = self.evaluation_at(step)
         loss = evaluation.get("eval_loss")
         tail = f"; eval_loss {loss:.4f}" if loss is not None else ""
-        self.add("CHECKPOINT_SAVED", f"Stored the checkpoint of step {step} ({human_bytes(size_bytes)}) at "
-                 f"{uri}{tail}.", step=step, size_bytes=size_bytes, metrics=evaluation)
+        self.add("CHECKPOINT_SAVED", f"Stored the checkpoint of step {step} at {uri}{tail}.", step=step,
+                 size_bytes=size_bytes, metrics=evaluation)
 
     def uploaded(self, size_bytes: int, duration_s: float, uris: list[str]) -> None:
-        self.add("UPLOADING", f"Stored the outputs ({human_bytes(size_bytes)}) in {duration_s:.1f} s: "
-                 f"{', '.join(uris)}.", size_bytes=size_bytes, duration_s=duration_s)
+        self.add("UPLOADING", f"Stored the outputs: {', '.join(uris)}.", size_bytes=size_bytes,
+                 duration_s=duration_s)
 
     def observe(self, event: AnyEvent) -> None:
         """What an event of the training process adds to the story."""

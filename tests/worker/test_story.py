@@ -136,7 +136,7 @@ def test_the_attempt_story_goes_out_in_order_with_phase_and_tokens() -> None:
     restarted, data, _, _, checkpoint = update.events
     assert (restarted.step, restarted.worker_id, restarted.attempt) == (40, "w1", 2)
     assert (data.size_bytes, data.duration.ToNanoseconds()) == (2048, 500_000_000)
-    assert "2.0 KB" in data.message
+    assert data.message == "Fetched the data."  # its size and time are the event's fields, not repeated
     assert checkpoint.step == 50 and checkpoint.size_bytes == 4096
     assert dict(checkpoint.metrics) == {"eval_loss": 1.5, "eval_rewards/margins": 0.2}
     assert update.phase == job_pb2.JOB_PHASE_TRAINING and update.tokens_trained == 12345
@@ -149,6 +149,31 @@ def test_the_attempt_story_goes_out_in_order_with_phase_and_tokens() -> None:
     story.fill(final)
     assert [e.type for e in final.events] == [E.JOB_EVENT_TYPE_UPLOADING]
     assert final.phase == job_pb2.JOB_PHASE_UNSPECIFIED and final.tokens_trained == 0  # not a phase update
+
+
+def test_the_timeline_says_each_size_and_time_once_in_binary_units(tmp_path: Path) -> None:
+    """As `tuneforge jobs events` shows the story's events: the message, then the event's size (KiB, MiB,
+    GiB: powers of 1024) and duration, once."""
+    from services.cli.timeline import event_text
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"\0" * 812_082)
+    story = AttemptStory(1, "w1")
+    story.downloaded("DATA_DOWNLOADED", "the data", 37_395, 0.04)
+    story.downloaded("DATA_DOWNLOADED", "the data", 0, 0.0)
+    story.model_ready("acme/tiny", str(model), 1.5)
+    story.checkpoint_saved(50, 3 * 1024**2, "file:///o/checkpoint-50")
+    story.uploaded(3 * 1024**3 + 512 * 1024**2, 61.3, ["file:///o/adapter", "file:///o/merged"])
+    update = events_pb2.WorkerJobUpdate(kind=U.WORKER_UPDATE_KIND_PROGRESS)
+    story.fill(update)
+    assert [event_text(e) for e in update.events] == [
+        "Fetched the data. (36.5 KiB, 0.0 s)",  # 37,395 bytes: 36.5 KiB (37.4 kB)
+        "Fetched the data. (0.0 s)",
+        "The base model acme/tiny is ready. (793.0 KiB, 1.5 s)",  # 812,082 bytes
+        "Stored the checkpoint of step 50 at file:///o/checkpoint-50. (step 50, 3.0 MiB)",
+        "Stored the outputs: file:///o/adapter, file:///o/merged. (3.5 GiB, 61.3 s)",
+    ]
 
 
 def test_the_result_fills_kept_step_and_early_stop() -> None:
