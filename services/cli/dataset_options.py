@@ -7,6 +7,7 @@ Pure and cheap to import (no services.datasets): shell completion runs the CLI o
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
@@ -227,8 +228,9 @@ def encoding_problem(path: Path) -> str | None:
     if wide is None:
         return None
     encoding, order = wide
+    converted = path.with_name(f"{path.stem}.utf8{path.suffix}")
     return (f"{path.name} is {encoding} ({order}), not UTF-8: save it as UTF-8, e.g. "
-            f"iconv -f {encoding} -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}")
+            f"iconv -f {encoding} -t UTF-8 {shlex.quote(str(path))} > {shlex.quote(str(converted))}")
 
 
 def csv_header(path: Path) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tuneforge.v1 import dataset_pb2
 
-from services.cli.dataset_options import csv_header, encoding_problem, option_of
+from services.cli.dataset_options import csv_header, encoding_problem, import_option_of, option_of
 
 EXAMPLES_SHOWN = 3
 # Issues that follow from others: printed after them.
@@ -77,6 +77,15 @@ _FIELD = re.compile(r"\bmetadata\.[a-z_.]+[a-z]")
 def as_options(text: str) -> str:
     """`text` with each metadata field it names written as the option that sets it."""
     return _FIELD.sub(lambda m: option_of(m.group(0)), text)
+
+
+_IMPORT_FIELD = re.compile(r"\b(?:source|credentials|options)\.[a-z_.]*[a-z]")
+
+
+def import_as_options(text: str) -> str:
+    """`text` with each CreateDatasetRequest field it names written as the option of `datasets import`
+    that sets it ("check source.endpoint_url" -> "check --endpoint-url")."""
+    return _IMPORT_FIELD.sub(lambda m: import_option_of(m.group(0)), text)
 
 
 def summary_lines(problems: Sequence[Problem], *, examples_checked: int = 0, error_count: int | None = None,

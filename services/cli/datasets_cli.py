@@ -12,6 +12,7 @@ the time spent and what the server is doing.
 from __future__ import annotations
 
 import hashlib
+import shlex
 import threading
 import uuid
 from collections.abc import Iterator
@@ -118,7 +119,7 @@ def register(datasets_app: typer.Typer, console: Console, err_console: Console, 
         cause = encoding_problem(path)
         if cause:  # nothing is sent: the server could only say that no line is UTF-8
             err_console.print(f"[red]error[/red] {escape(cause)}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
+            raise typer.Exit(1)  # the file is invalid (as `datasets validate` exits), not an option
         show = not json_out and err_console.is_terminal
         with api(address, org) as client:
             metadata.organization = client.organization
@@ -129,7 +130,7 @@ def register(datasets_app: typer.Typer, console: Console, err_console: Console, 
                 if refused.error.code.name not in EXPLAINED:
                     raise refused.error from None  # printed as any other error by main's api()
                 _explain(err_console, refused.error, path, dict(metadata.column_mapping.columns))
-                raise typer.Exit(2) from None
+                raise typer.Exit(1 if _invalid_file(refused.error) else 2) from None
         if json_out:
             console.print_json(as_json(response.dataset))
             return
@@ -178,6 +179,14 @@ class _Refused(Exception):
         self.error = error
 
 
+def _invalid_file(error: Any) -> bool:
+    """Whether the server refused the file itself (exit 1, as `datasets validate` exits for it), not an
+    option (exit 2)."""
+    from services.client import Reason
+
+    return getattr(error, "reason", None) == Reason.DATASET_INVALID
+
+
 def _explain(err_console: Console, error: Any, path: Path, mapping: dict[str, str]) -> None:
     """An upload the server refused: which option is wrong, or what is wrong with the file (cause first)."""
     from services.client import Reason
@@ -191,7 +200,8 @@ def _explain(err_console: Console, error: Any, path: Path, mapping: dict[str, st
         for line in summary_lines(problems, error_count=count, truncated=count > len(problems), path=path,
                                   column_mapping=mapping):
             err_console.print(escape(line), highlight=False, soft_wrap=True)
-        err_console.print(f"(tuneforge datasets validate {escape(path.name)} prints the whole report)",
+        err_console.print(f"(tuneforge datasets validate {escape(shlex.quote(str(path)))} prints the whole "
+                          "report)",
                           highlight=False, soft_wrap=True)
         return
     message = str(error.message)

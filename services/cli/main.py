@@ -28,7 +28,7 @@ from services.cli import timeline as timeline_cli
 from services.cli import usage as usage_cli
 from services.cli.credentials import admin_key_path, api_key
 from services.cli.dataset_options import build_import_request, import_option_of
-from services.cli.dataset_report import report_lines
+from services.cli.dataset_report import import_as_options, report_lines
 from services.cli.render import as_json as to_json
 from services.cli.render import dataset_table, job_table, outcome, plan_table, watch, whole_ids
 from services.client import TuneForgeClient, TuneForgeError
@@ -232,6 +232,7 @@ def datasets_import(
             response = client.datasets.CreateDataset(request, timeout=client.timeout_s)
         except grpc.RpcError as err:
             refused = from_rpc_error(err)
+            refused.message = import_as_options(refused.message)  # "check --endpoint-url", not the field
             if not refused.violations:
                 raise refused from None  # printed as any other error by api()
             # As upload says it: the message, then each field as the option that sets it.
@@ -261,7 +262,7 @@ def datasets_import(
                 console.print(escape(line), highlight=False, soft_wrap=True)
     if dataset.state == dataset_pb2.DATASET_STATE_FAILED:
         # The cause first, once (as upload says it), then what the report adds.
-        first = dataset.failure_message.split(". First:")[0].split("; the first")[0]
+        first = import_as_options(dataset.failure_message.split(". First:")[0].split("; the first")[0])
         err_console.print(f"[red]failed[/red] {escape(first)}", highlight=False, soft_wrap=True)
         for line in report_lines(report)[1:] if report is not None else []:
             err_console.print(escape(line), highlight=False, soft_wrap=True)

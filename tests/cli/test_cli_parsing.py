@@ -4,6 +4,7 @@ the encoding check, the cause-first summary of a report, and tables that never c
 from __future__ import annotations
 
 import json
+import shlex
 from io import StringIO
 from pathlib import Path
 
@@ -20,7 +21,14 @@ from services.cli.dataset_options import (
     parse_column_mapping,
     parse_format,
 )
-from services.cli.dataset_report import Problem, as_options, from_violations, report_lines, summary_lines
+from services.cli.dataset_report import (
+    Problem,
+    as_options,
+    from_violations,
+    import_as_options,
+    report_lines,
+    summary_lines,
+)
 from services.cli.render import dataset_table, whole_ids
 from services.datasets.uploads import bounded_violations
 
@@ -142,7 +150,9 @@ def test_a_wide_encoding_is_named(tmp_path: Path, encoding: str, named: str, ord
     path.write_text("\n".join(ROWS), encoding=encoding)
     problem = encoding_problem(path)
     assert problem is not None and f"chat.jsonl is {named} (" in problem and order in problem
-    assert f"iconv -f {named} -t UTF-8 chat.jsonl" in problem
+    # The command works from any folder: the file as given, the converted one beside it.
+    converted = shlex.quote(str(tmp_path / "chat.utf8.jsonl"))
+    assert f"iconv -f {named} -t UTF-8 {shlex.quote(str(path))} > {converted}" in problem
 
 
 def test_utf8_with_or_without_a_bom_is_fine(tmp_path: Path) -> None:
@@ -259,3 +269,13 @@ def test_whole_ids_keeps_a_table_that_fits() -> None:
     table = Table("ID", "STATE")
     table.add_row("job_1", "QUEUED")
     assert "│ job_1 │ QUEUED │" in render(whole_ids(table), 80)
+
+
+def test_an_import_error_names_the_options_not_the_request_fields() -> None:
+    assert import_as_options("Could not reach S3 at AWS to read s3://b/qa.csv; check source.endpoint_url, "
+                             "or retry later.") == ("Could not reach S3 at AWS to read s3://b/qa.csv; check "
+                                                    "--endpoint-url, or retry later.")
+    assert import_as_options("options.max_samples must be at least 1; see credentials.huggingface_token") == (
+        "--max-samples must be at least 1; see --env-credentials (HF_TOKEN)")
+    unchanged = "s3://bucket/source.csv stays as it is"
+    assert import_as_options(unchanged) == unchanged

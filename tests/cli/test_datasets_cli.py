@@ -92,11 +92,12 @@ def test_an_unmapped_csv_is_refused_with_the_cause_once_and_the_mapping_to_use(
         platform: Seeded, key: str, tmp_path: Path) -> None:
     path = qa_csv(tmp_path / "qa.csv")
     code, out = cli(platform, key, "datasets", "upload", str(path), "--name", "qa-unmapped")
-    assert code == 2, out
+    assert code == 1, out  # the file is invalid (as `datasets validate` exits for it), not an option
     assert "error Dataset 'qa-unmapped' is invalid: 150 errors" in out
     assert out.count('has no "messages" field') == 1, out  # once, with the count, not once per line
     assert "MISSING_MESSAGES" in out and "e.g. lines 2, 3, 4, …" in out
     assert "--column-mapping question=prompt,answer=completion" in out
+    assert f"(tuneforge datasets validate {path} prints the whole report)" in " ".join(out.split()), out
     assert len(out.splitlines()) < 12, out
     assert "qa-unmapped" not in dataset_names(platform, key)
 
@@ -105,7 +106,7 @@ def test_a_utf16_file_is_named_as_utf16_and_not_sent(platform: Seeded, key: str,
     path = tmp_path / "chat16.jsonl"
     path.write_text(chat_file(tmp_path / "chat.jsonl").read_text(), encoding="utf-16")
     code, out = cli(platform, key, "datasets", "upload", str(path), "--name", "utf16")
-    assert code == 2, out
+    assert code == 1, out
     assert "chat16.jsonl is UTF-16 (little-endian, with a byte-order mark), not UTF-8" in out
     assert "0 examples" not in out and "utf16" not in dataset_names(platform, key)
     # The server says the same of it, once (ValidateDataset), rather than "0 examples".
