@@ -1,4 +1,4 @@
-"""`tuneforge chat JOB` and `tuneforge deployments list|get|delete` (DeploymentService, and the
+"""`tuneforge chat JOB` and `tuneforge deployments create|list|get|delete` (DeploymentService, and the
 OpenAI-compatible endpoint of EMBEDDED deployments through the `openai` client)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from services.cli.render import as_json, enum_name, whole_ids
 if TYPE_CHECKING:
     from services.client import TuneForgeClient
 
-deployments_app = typer.Typer(help="List, inspect and delete deployments (served models).",
+deployments_app = typer.Typer(help="Create, list, inspect and delete deployments (served models).",
                               no_args_is_help=True)
 Address = Annotated[str, typer.Option("--address", envvar="TUNEFORGE_ADDRESS",
                                       help="gRPC address of the platform.")]
@@ -143,6 +143,44 @@ def register(app: typer.Typer) -> None:
         except openai.APIError as exc:
             err_console.print(f"[red]error[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(1) from None
+
+    @deployments_app.command("create")
+    def deployments_create(
+        job: Annotated[str, typer.Argument(help="The SUCCEEDED job whose model to serve (id or name).")],
+        name: Annotated[str, typer.Option(
+            help="The deployment's name, which requests send as `model` (unique within the organization; "
+            "default: made from its id).")] = "",
+        merged: Annotated[bool, typer.Option(
+            help="Serve the merged model, not the adapter on its base.")] = False,
+        wait: Annotated[bool, typer.Option(help="Wait until it is READY (or FAILED).")] = True,
+        timeout: Annotated[float, typer.Option(help="Seconds to wait for the model to load.")] = 600.0,
+        request_id: Annotated[str, typer.Option(
+            help="Idempotency key: a retry with the same one returns the deployment made the first time "
+            "(default: a new one).")] = "",
+        address: Address = DEFAULT_ADDRESS, org: Org = "", json_out: AsJson = False,
+    ) -> None:
+        """Serve a job's model on the OpenAI-compatible endpoint (an EMBEDDED deployment); exits 1 when it
+        does not turn READY."""
+        from services.cli.main import api, console, err_console
+
+        with api(address, org) as client:
+            d = client.create_deployment(job, name=name, merged=merged,
+                                         request_id=request_id or str(uuid.uuid4()))
+            if wait:
+                if d.state == dpb.DEPLOYMENT_STATE_PENDING and not json_out:
+                    err_console.print(f"loading the model of job {escape(job)} (deployment "
+                                      f"{escape(d.name)})…", highlight=False)
+                d = wait_ready(client, d, timeout)
+        if json_out:
+            console.print_json(as_json(d))
+        else:
+            console.print(deployment_table([d]))
+            if d.state == dpb.DEPLOYMENT_STATE_READY:
+                console.print(f"model {escape(d.model)} at {escape(d.endpoint)}", highlight=False)
+        if wait and d.state != dpb.DEPLOYMENT_STATE_READY:
+            why = d.error.message or f"still {state(d)} after {timeout:g} s"
+            err_console.print(f"[red]error[/red] deployment {escape(d.name)}: {escape(why)}", highlight=False)
+            raise typer.Exit(1)
 
     @deployments_app.command("list")
     def deployments_list(

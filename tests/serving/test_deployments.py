@@ -162,6 +162,16 @@ def test_a_finished_job_is_served_behind_an_openai_endpoint(
         assert listed_json.exit_code == 0, listed_json.output
         assert [d["id"] for d in json.loads(listed_json.stdout)["deployments"]] == \
             [doomed.id, vllm.id, created.id]
+        # `deployments create --name`: the name requests send as `model`, READY before it returns.
+        made = cli.invoke(app, ["deployments", "create", "tiny", "--name", "tiny-cli", "--json",
+                                "--address", platform.address])
+        assert made.exit_code == 0, made.output
+        shown = json.loads(made.stdout)
+        assert shown["state"] == "DEPLOYMENT_STATE_READY" and shown["model"] == "tiny-cli", shown
+        again = ai.chat.completions.create(model="tiny-cli", messages=messages, max_tokens=64, temperature=0)
+        assert again.choices[0].message.content == check.answer
+        gone = cli.invoke(app, ["deployments", "delete", "tiny-cli", "--address", platform.address])
+        assert gone.exit_code == 0, gone.output
 
         # Auth: no key is 401, another organization's key finds no such model (404).
         with pytest.raises(openai.AuthenticationError):
