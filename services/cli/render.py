@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from google.protobuf import json_format
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderResult
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from tuneforge.v1 import dataset_pb2, estimation_pb2, estimation_service_pb2, job_pb2, metrics_pb2
 
@@ -120,25 +124,110 @@ def _eta(seconds: float | None) -> str:
     return f"{minutes}:{secs:02d}"
 
 
-def watch(client: TuneForgeClient, job: job_pb2.Job, console: Console) -> job_pb2.Job:
-    """Shows the job's progress until it ends: a live bar on a terminal, one line per point otherwise."""
-    fields: dict[str, Any] = {"state": job_state(job), "loss": "-", "lr": "-", "tps": "-", "eta": "-"}
-    live = console.is_terminal
-    progress = Progress(
-        TextColumn("[bold]{task.fields[state]:<10}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-        TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn(),
-        console=console, disable=not live,
-    )
-    task = progress.add_task("train", total=None, **fields)
-    lock = threading.Lock()
-    last_step = [-1]
+# Once the job ended, how long `watch` waits for its metrics stream to end before it prints the outcome. The
+# stream ends by itself: the metrics service's follow grace (TUNEFORGE_METRICS_FOLLOW_GRACE_S, 1 s) after the
+# job ended, or after the service's next look at the job (every 15 s) if the announcement of the end was lost.
+METRICS_END_WAIT_S = 30.0
+# How long points that came while the job was shown QUEUED or PREPARING wait for its RUNNING before they
+# are printed anyway. The points come from the metrics service, the state from the jobs service; the first
+# points usually come first, RUNNING a moment later (WatchJob looks at the job every 5 s even if its
+# announcement was lost).
+HOLD_FOR_RUNNING_S = 10.0
+# States shown before the job trains: points that come while one of them is shown wait for RUNNING.
+BEFORE_TRAINING = frozenset({JS.JOB_STATE_UNSPECIFIED, JS.JOB_STATE_QUEUED, JS.JOB_STATE_PREPARING})
 
-    def on_point(point: metrics_pb2.MetricPoint) -> None:
-        if point.kind == metrics_pb2.METRIC_KIND_EVAL:
-            console.print(f"  eval  step {point.step}: eval_loss {_fmt(point.eval_loss, '.4f')}")
+
+def _pump(source: str, items: Callable[[], Iterable[Any]], out: queue.Queue[tuple[str, Any]]) -> None:
+    """Puts each item of a stream on `out` as (source, item), then (source + "_end", the error or None)."""
+    try:
+        for item in items():
+            out.put((source, item))
+    except Exception as exc:  # handed to the thread that prints, which decides
+        out.put((source + "_end", exc))
+        return
+    out.put((source + "_end", None))
+
+
+class _WatchView:
+    """What `watch` shows, printed by one thread in the order it decides: a line per state change (from
+    WatchJob) and per train or eval point (from StreamMetrics), and the bar on a terminal.
+
+    The two streams race: a job's first points usually arrive before WatchJob says RUNNING. Points that
+    arrive while the job is shown QUEUED or PREPARING are held until a state change is shown (RUNNING:
+    its line, then the points; any other: the points, then its line) or `hold_s` passed. The final state's
+    line waits until the metrics stream ended, so it comes after the last step."""
+
+    def __init__(self, job: job_pb2.Job, console: Console, progress: Progress, task: TaskID,
+                 hold_s: float) -> None:
+        self.console, self.progress, self.task, self.hold_s = console, progress, task, hold_s
+        self.shown = job.state  # the state last printed (the one given is not: the caller showed it)
+        self.final: job_pb2.Job | None = None
+        self.held: list[metrics_pb2.MetricPoint] = []
+        self.held_since = 0.0
+        self.last_step: dict[int, int] = {}  # per kind: each series only moves forward
+
+    def release_at(self) -> float | None:
+        """When the points held are printed if no RUNNING came; None when none are held."""
+        return self.held_since + self.hold_s if self.held else None
+
+    def point(self, point: metrics_pb2.MetricPoint, now: float) -> None:
+        if point.kind not in (metrics_pb2.METRIC_KIND_TRAIN, metrics_pb2.METRIC_KIND_EVAL):
             return
-        if point.kind != metrics_pb2.METRIC_KIND_TRAIN:
+        if point.step <= self.last_step.get(point.kind, -1):
+            return  # a repeat (a redelivered report, an attempt resumed from a checkpoint)
+        self.last_step[point.kind] = point.step
+        if self.final is None and self.shown in BEFORE_TRAINING:
+            if not self.held:
+                self.held_since = now
+            self.held.append(point)
+            return
+        self._print_point(point)
+
+    def job(self, job: job_pb2.Job) -> None:
+        if states.is_final(job.state):
+            self.final = job  # its line once the metrics stream ended (finish)
+            self.release()
+            return
+        if job.state != self.shown:
+            if job.state == JS.JOB_STATE_RUNNING:
+                self._print_state(job.state)
+                self.release()
+            else:
+                self.release()
+                self._print_state(job.state)
+        self._bar(job)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for point in held:
+            self._print_point(point)
+
+    def finish(self, final: job_pb2.Job) -> None:
+        self.release()
+        if final.state != self.shown:
+            self._print_state(final.state)
+        self._bar(final)
+
+    def _bar(self, job: job_pb2.Job) -> None:
+        """The bar's state, and its total when the job knows it (a SUCCEEDED job's bar is full)."""
+        total = job.progress.total_steps
+        if not total:
+            self.progress.update(self.task, state=self._name())
+        elif job.state == JS.JOB_STATE_SUCCEEDED:
+            self.progress.update(self.task, state=self._name(), total=total, completed=total)
+        else:
+            self.progress.update(self.task, state=self._name(), total=total)
+
+    def _name(self) -> str:
+        return enum_name(JS, self.shown, "JOB_STATE_")
+
+    def _print_state(self, state: job_pb2.JobState.ValueType) -> None:
+        self.shown = state
+        self.console.print(f"[bold]{self._name()}[/bold]")
+
+    def _print_point(self, point: metrics_pb2.MetricPoint) -> None:
+        if point.kind == metrics_pb2.METRIC_KIND_EVAL:
+            self.console.print(f"  eval  step {point.step}: eval_loss {_fmt(point.eval_loss, '.4f')}")
             return
         get = point.HasField
         values: dict[str, Any] = {
@@ -147,41 +236,80 @@ def watch(client: TuneForgeClient, job: job_pb2.Job, console: Console) -> job_pb
             "tps": _fmt(point.tokens_per_second if get("tokens_per_second") else None, ",.0f"),
             "eta": _eta(point.eta_seconds if get("eta_seconds") else None),
         }
-        with lock:
-            if point.step <= last_step[0]:
-                return
-            last_step[0] = point.step
-            progress.update(task, completed=point.step, total=point.total_steps or None, **values)
-        if not live:
-            console.print(f"  step {point.step}/{point.total_steps}  epoch {point.epoch:.2f}  "
-                          f"loss {values['loss']}  lr {values['lr']}  grad_norm "
-                          f"{_fmt(point.grad_norm if get('grad_norm') else None, '.3f')}  "
-                          f"{values['tps']} tok/s  ETA {values['eta']}")
+        self.progress.update(self.task, completed=point.step, total=point.total_steps or None, **values)
+        self.console.print(f"  step {point.step}/{point.total_steps}  epoch {point.epoch:.2f}  "
+                           f"loss {values['loss']}  lr {values['lr']}  grad_norm "
+                           f"{_fmt(point.grad_norm if get('grad_norm') else None, '.3f')}  "
+                           f"{values['tps']} tok/s  ETA {values['eta']}")
 
-    def follow_metrics() -> None:
-        try:
-            for point in client.stream_metrics(job.id, follow=True):
-                on_point(point)
-        except TuneForgeError:
-            pass  # the job view below still reports the outcome
 
-    threading.Thread(target=follow_metrics, daemon=True).start()
-    final = job
+def watch(client: TuneForgeClient, job: job_pb2.Job, console: Console, *,
+          end_wait_s: float = METRICS_END_WAIT_S, hold_s: float = HOLD_FOR_RUNNING_S) -> job_pb2.Job:
+    """Shows the job's progress until it ends, and returns it as it ended: a line per state change and per
+    train or eval point (on a terminal, under a live bar), every point the job reported once, in step
+    order, before the caller prints the outcome.
+
+    WatchJob and StreamMetrics (with follow; it ends by itself a little after the job) are each read by a
+    thread of their own; this thread prints what they bring (_WatchView says in what order). Once WatchJob
+    says the job ended, the points still on their way are waited for, `end_wait_s` at most."""
+    live = console.is_terminal
+    progress = Progress(
+        TextColumn("[bold]{task.fields[state]:<10}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA {task.fields[eta]}"), TimeElapsedColumn(),
+        console=console, disable=not live,
+    )
+    task = progress.add_task("train", total=job.progress.total_steps or None, state=job_state(job), loss="-",
+                             lr="-", tps="-", eta="-")
+    view = _WatchView(job, console, progress, task, hold_s)
+    events: queue.Queue[tuple[str, Any]] = queue.Queue()
+    for source, items in (("metrics", lambda: client.stream_metrics(job.id, follow=True)),
+                          ("job", lambda: client.watch_job(job.id))):
+        threading.Thread(target=_pump, args=(source, items, events), name=f"watch-{source}",
+                         daemon=True).start()
+    last = job
+    final: job_pb2.Job | None = None  # the job as WatchJob said it ended
+    ended_at = 0.0
+    metrics_open = True
     with progress:
-        for update in client.watch_job(job.id):
-            final = update
-            with lock:
-                state = job_state(update)
-                if state != fields["state"] and not live:
-                    console.print(f"[bold]{state}[/bold]")
-                fields["state"] = state
-                total = update.progress.total_steps or None
-                if update.state == JS.JOB_STATE_SUCCEEDED and total:
-                    progress.update(task, state=state, total=total, completed=total)
-                else:
-                    progress.update(task, state=state, total=total)
-            if states.is_final(update.state):
-                break
+        while True:
+            now = time.monotonic()
+            release_at = view.release_at()
+            if release_at is not None and now >= release_at:
+                view.release()  # RUNNING is late: the points are printed under the state shown
+            if final is not None:
+                if not metrics_open:
+                    break
+                if now >= ended_at + end_wait_s:
+                    console.print(f"[dim]the job's metrics stream had not ended {end_wait_s:g} s after the "
+                                  f"job; stopped waiting for it[/dim]")
+                    break
+            deadlines = [d for d in (view.release_at(), ended_at + end_wait_s if final is not None else None)
+                         if d is not None]
+            try:  # at most a second at a time: Ctrl-C is seen at once
+                source, item = events.get(timeout=min([1.0, *(max(d - now, 0.0) for d in deadlines)]))
+            except queue.Empty:
+                continue
+            if source == "metrics":
+                view.point(item, time.monotonic())
+            elif source == "job":
+                last = item
+                view.job(item)
+                if states.is_final(item.state) and final is None:
+                    final, ended_at = item, time.monotonic()
+            elif source == "job_end":
+                if final is None:
+                    if item is not None:
+                        raise item
+                    final, ended_at = last, time.monotonic()  # ended without a final state: as it was last
+            elif source == "metrics_end":
+                metrics_open = False
+                if isinstance(item, TuneForgeError):
+                    console.print(f"[yellow]the job's metrics stream failed[/yellow]: {escape(str(item))}")
+                elif item is not None:
+                    raise item
+        final = final if final is not None else last  # (the loop only ends once it is set)
+        view.finish(final)
     return final
 
 
