@@ -40,6 +40,7 @@ from tuneforge.v1 import job_pb2
 from services.jobs.converters import job_to_proto
 from services.jobs.models import JobDeletionRow, JobEventRow, JobOutbox, WorkerRow
 from services.jobs.repository import JobRepository
+from services.jobs.usage import totals
 from services.kit.db import Database
 from services.kit.outbox import OutboxRelay, add_event, utcnow
 from services.kit.protos import to_timestamp
@@ -130,9 +131,14 @@ class JobDeletions:
                                       previous_state=job_pb2.JobState.ValueType(previous))
         event.time.CopyFrom(to_timestamp(row.update_time))
         add_event(session, JobOutbox, subjects.job_events(row.id), event, event.event_id)
+        usage = totals(row, row.update_time)  # its last attempt ended with it: nothing runs on
         session.add(JobDeletionRow(job_id=row.id, organization=row.organization, name=row.name,
                                    deleted_at=row.update_time, request_id=row.request_id,
-                                   request_hash=row.request_hash))
+                                   request_hash=row.request_hash, state=row.state,
+                                   create_time=row.create_time, end_time=row.end_time or row.update_time,
+                                   usage_gpu_count=row.usage_gpu_count or 0,
+                                   usage_run_seconds=usage.seconds, usage_cost_usd=usage.cost_usd,
+                                   usage_tokens=row.usage_tokens or 0))
         # A worker whose last heartbeat named the job shows it no longer.
         session.execute(update(WorkerRow).where(WorkerRow.job_id == row.id)
                         .values(job_id="", job_organization="", attempt=0))

@@ -4,6 +4,7 @@ proto is the schema of record, and columns exist only for what queries filter or
 from __future__ import annotations
 
 from datetime import datetime
+from typing import ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -158,7 +159,8 @@ class JobDeletionRow(Base):
 
     __tablename__ = "jobs_deletions"
     __table_args__ = (Index("ix_jobs_deletions_org_name", "organization", "name"),
-                      Index("ix_jobs_deletions_org_request_id", "organization", "request_id"))
+                      Index("ix_jobs_deletions_org_request_id", "organization", "request_id"),
+                      Index("ix_jobs_deletions_org_end_time", "organization", "end_time"))
 
     job_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     organization: Mapped[str] = mapped_column(String(63))
@@ -171,6 +173,18 @@ class JobDeletionRow(Base):
     request_hash: Mapped[str] = mapped_column(String(64), default="")
     deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    # What the job used, as its row had it (it had ended: nothing more comes), so that GetUsage keeps
+    # counting it (services.jobs.usage). NULL state: deleted before these were kept, not counted.
+    state: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    create_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    end_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    usage_gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    usage_run_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    usage_cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    usage_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    # As JobRow has them, for the same arithmetic (services.jobs.usage.totals): an ended job runs no more.
+    usage_running_since: ClassVar[datetime | None] = None
+    usage_hourly_usd: ClassVar[float] = 0.0
 
 
 class JobOutbox(OutboxMixin, Base):

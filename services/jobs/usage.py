@@ -29,7 +29,9 @@ the latest attempt's GPU count, as the proto defines them.
 GetUsage (`usage_report`) buckets the organization's jobs into UTC periods aligned to the unit (day, week
 from Monday, calendar month): jobs_created by create_time; a job's compute, cost and tokens, and its final
 state in jobs_by_state, count in the period it ended in; a job still holding a worker (or queued) counts
-under its current state in the period holding now, with its usage up to now.
+under its current state in the period holding now, with its usage up to now. A deleted job counts as it
+did before: DeleteJob keeps its final state, times and usage in its tombstone (JobDeletionRow), since what
+it used was used; jobs deleted before tombstones kept these are not counted.
 """
 
 from __future__ import annotations
@@ -39,13 +41,14 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import grpc.aio
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 from tuneforge.v1 import estimation_service_pb2, estimation_service_pb2_grpc, job_pb2, job_service_pb2
 
-from services.jobs.models import JobRow, WorkerRow
+from services.jobs.models import JobDeletionRow, JobRow, WorkerRow
 from services.kit.db import Database
 from services.kit.protos import as_utc, from_timestamp, to_timestamp
 from services.kit.validation import check_organization
@@ -195,7 +198,30 @@ class Totals:
     cost_usd: float
 
 
-def totals(row: JobRow, now: datetime | None = None) -> Totals:
+class UsageRow(Protocol):
+    """What GetUsage reads of a job: its row (JobRow), or a deleted one's tombstone (JobDeletionRow)."""
+
+    @property
+    def state(self) -> int | None: ...
+    @property
+    def create_time(self) -> datetime | None: ...
+    @property
+    def end_time(self) -> datetime | None: ...
+    @property
+    def usage_gpu_count(self) -> int: ...
+    @property
+    def usage_run_seconds(self) -> float: ...
+    @property
+    def usage_cost_usd(self) -> float: ...
+    @property
+    def usage_tokens(self) -> int: ...
+    @property
+    def usage_running_since(self) -> datetime | None: ...
+    @property
+    def usage_hourly_usd(self) -> float: ...
+
+
+def totals(row: UsageRow, now: datetime | None = None) -> Totals:
     seconds, cost = row.usage_run_seconds or 0.0, row.usage_cost_usd or 0.0
     if row.usage_running_since is not None:
         running = max(0.0, ((now or utcnow()) - as_utc(row.usage_running_since)).total_seconds())
@@ -292,9 +318,10 @@ class _Bucket:
     cost_usd: float = 0.0
     tokens: int = 0
 
-    def add(self, row: JobRow, now: datetime) -> None:
+    def add(self, row: UsageRow, now: datetime) -> None:
         t = totals(row, now)
-        self.by_state[row.state] = self.by_state.get(row.state, 0) + 1
+        state = row.state or S.JOB_STATE_UNSPECIFIED  # a tombstone without one is never read
+        self.by_state[state] = self.by_state.get(state, 0) + 1
         self.gpu_hours += t.gpu_hours
         self.compute_hours += t.seconds / 3600
         self.cost_usd += t.cost_usd
@@ -320,7 +347,7 @@ class _Bucket:
         return period
 
 
-def usage_report(query: UsageQuery, rows: Iterable[JobRow], now: datetime | None = None
+def usage_report(query: UsageQuery, rows: Iterable[UsageRow], now: datetime | None = None
                  ) -> job_service_pb2.GetUsageResponse:
     """Buckets the organization's jobs (those created before the range's end) into the query's periods."""
     at = now or utcnow()
@@ -342,7 +369,7 @@ def usage_report(query: UsageQuery, rows: Iterable[JobRow], now: datetime | None
         return low
 
     for row in rows:
-        created = index(row.create_time)
+        created = index(row.create_time) if row.create_time is not None else None
         if created is not None:
             buckets[created].created += 1
         ended = row.state in states.FINAL
@@ -367,9 +394,13 @@ async def get_usage(db: Database, request: job_service_pb2.GetUsageRequest, now:
     first, last = query.periods[0][0], query.periods[-1][1]
 
     def load(session: Session) -> job_service_pb2.GetUsageResponse:
-        rows = session.scalars(select(JobRow).where(
+        rows: list[UsageRow] = list(session.scalars(select(JobRow).where(
             JobRow.organization == query.organization, JobRow.create_time < last,
-            or_(JobRow.end_time.is_(None), JobRow.end_time >= first))).all()
+            or_(JobRow.end_time.is_(None), JobRow.end_time >= first))).all())
+        # Deleted jobs count too: what they used was used (their tombstones keep it).
+        rows += session.scalars(select(JobDeletionRow).where(
+            JobDeletionRow.organization == query.organization, JobDeletionRow.state.is_not(None),
+            JobDeletionRow.create_time < last, JobDeletionRow.end_time >= first)).all()
         return usage_report(query, rows, at)
 
     return await db.run(load)

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import select
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import estimation_pb2, job_pb2, job_service_pb2
 
 from services.estimation.catalog import Catalog
 from services.jobs import usage
 from services.jobs.component import MIGRATIONS
+from services.jobs.deletion import JobDeletions
 from services.jobs.manager import JobManager
 from services.jobs.models import JobOutbox, JobRow
 from services.jobs.usage import PriceBook, get_usage
@@ -25,6 +27,7 @@ from services.kit.db import Database
 from services.kit.outbox import OutboxRelay
 from tuneforge_core.errors import InvalidArgument
 from tuneforge_core.settings import KitSettings
+from tuneforge_core.storage import LocalObjectStore
 
 S = job_pb2.JobState
 U = events_pb2.WorkerUpdateKind
@@ -274,6 +277,31 @@ async def test_get_usage_buckets_jobs_by_the_period_they_ended_in(manager: JobMa
     bounds = [(p.start_time.ToDatetime(UTC).month, p.end_time.ToDatetime(UTC).month) for p in months.periods]
     assert bounds == [(11, 12), (12, 1), (1, 2)]
     assert months.periods[1].cost_usd == pytest.approx(4.05) and months.periods[1].jobs_created == 3
+
+
+async def test_a_deleted_job_still_counts_in_get_usage(manager: JobManager, clock: Clock,
+                                                       tmp_path: Path) -> None:
+    """What a job used was used: DeleteJob's tombstone keeps its final state, times and usage, and GetUsage
+    counts them as it counted the job (another organization's deleted job stays out)."""
+    day = timedelta(days=1)
+    insert_job(manager, "a", create_time=T0, end_time=T0 + day, state=S.JOB_STATE_SUCCEEDED,
+               usage_run_seconds=3600.0, usage_cost_usd=3.0, usage_gpu_count=2, usage_tokens=500)
+    insert_job(manager, "b", create_time=T0 + day, end_time=T0 + day, state=S.JOB_STATE_CANCELLED,
+               usage_run_seconds=1800.0, usage_cost_usd=0.05, usage_tokens=10)
+    insert_job(manager, "theirs", organization="other", create_time=T0, end_time=T0 + day,
+               state=S.JOB_STATE_SUCCEEDED, usage_run_seconds=99999.0, usage_cost_usd=999.0)
+    now = T0 + 2 * day
+    clock.now = now
+    before = await get_usage(manager.db, request(T0, now), now=now)
+    deletions = JobDeletions(manager.db, manager.relay, LocalObjectStore(tmp_path / "objects"))
+    for organization, ref in (("acme", "a"), ("acme", "b"), ("other", "theirs")):
+        await manager.db.run(lambda session, o=organization, r=ref: deletions._delete(session, o, r))
+    assert not await manager.db.run(lambda session: session.scalars(select(JobRow)).all())
+    after = await get_usage(manager.db, request(T0, now), now=now)
+    assert after == before
+    assert after.total.cost_usd == pytest.approx(3.05) and after.total.gpu_hours == pytest.approx(2.0)
+    assert after.total.tokens_trained == 510 and after.total.jobs_created == 2
+    assert counts(after.periods[1]) == {S.JOB_STATE_SUCCEEDED: 1, S.JOB_STATE_CANCELLED: 1}
 
 
 async def test_get_usage_refuses_empty_and_too_long_ranges(manager: JobManager) -> None:
