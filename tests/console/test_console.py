@@ -238,3 +238,15 @@ def test_console_follows_a_training_job_in_chromium(tmp_path: Path, assets: tupl
               f"{SCREENSHOT_FOR_README.relative_to(REPO)}")
     else:
         print(f"screenshots in {ARTIFACTS}: {shots}")
+
+
+def test_sizes_are_said_in_binary_units_as_the_cli_says_them() -> None:
+    """format.js fmtBytes divides by 1024, so it says KiB, MiB, GiB (not KB: 37,395 bytes are 36.5 KiB but
+    37.4 KB)."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    script = (f"import {{fmtBytes}} from {json.dumps((STATIC_DIR / 'js' / 'format.js').as_uri())};"
+              "console.log(JSON.stringify([0, 37395, 812082, 5 * 1024 ** 2, 3 * 1024 ** 3].map(fmtBytes)));")
+    run = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert json.loads(run.stdout) == ["0 B", "36.5 KiB", "793 KiB", "5.0 MiB", "3.0 GiB"]

@@ -41,7 +41,7 @@ export function fmtUsd(value) {
 
 export function fmtBytes(value) {
   let n = num(value);
-  const units = ["B", "KB", "MB", "GB", "TB"];
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];  // powers of 1024, as the CLI says them
   let i = 0;
   while (n >= 1024 && i < units.length - 1) {
     n /= 1024;
