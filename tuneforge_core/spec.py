@@ -437,6 +437,12 @@ def _resolve_method(v: Violations, out: job_pb2.JobSpec, *, allow_user_reward_co
         v.add("spec.dpo.reference_model", f"is only used by TRAINING_METHOD_DPO, not {method}")
     if out.grpo.reward_model and out.method != job_pb2.TRAINING_METHOD_GRPO:
         v.add("spec.grpo.reward_model", f"is only used by TRAINING_METHOD_GRPO, not {method}")
+    if out.distillation.teacher_model and out.method != job_pb2.TRAINING_METHOD_DISTILLATION:
+        v.add("spec.distillation.teacher_model",
+              f"is only used by TRAINING_METHOD_DISTILLATION, not {method}")
+    # Code is never kept where nothing would run it.
+    if out.grpo.reward_code and out.method != job_pb2.TRAINING_METHOD_GRPO:
+        v.add("spec.grpo.reward_code", f"is only used by TRAINING_METHOD_GRPO, not {method}")
 
 
 def _resolve_grpo(v: Violations, out: job_pb2.JobSpec, *, allow_user_reward_code: bool) -> None:

@@ -62,8 +62,34 @@ def test_a_reference_model_is_refused_for_other_methods(method: str) -> None:
     spec.distillation.teacher_model = "org/teacher"
     spec.dpo.reference_model = "org/reference"
     problems = refused(spec)
-    assert list(problems) == ["spec.dpo.reference_model"]
+    teacher = [] if method == "DISTILLATION" else ["spec.distillation.teacher_model"]
+    assert sorted(problems) == sorted(["spec.dpo.reference_model", *teacher])
     assert "only used by TRAINING_METHOD_DPO" in problems["spec.dpo.reference_model"]
+
+
+@pytest.mark.parametrize("method", ["SFT", "DPO", "ORPO", "KTO", "GRPO"])
+def test_a_teacher_model_is_refused_for_other_methods(method: str) -> None:
+    """Not kept in the spec unread: a model reference is checked against the model roots only where its
+    method loads it, so one another method would never load is refused, as DPO's reference model is."""
+    spec = grpo(job_pb2.REWARD_FUNCTION_JSON_VALID)
+    spec.method = job_pb2.TrainingMethod.Value(f"TRAINING_METHOD_{method}")
+    for teacher in ("/etc/passwd", "file:///etc", "org/teacher"):
+        spec.distillation.teacher_model = teacher
+        problems = refused(spec)
+        assert list(problems) == ["spec.distillation.teacher_model"], problems
+        assert "only used by TRAINING_METHOD_DISTILLATION" in problems["spec.distillation.teacher_model"]
+
+
+@pytest.mark.parametrize("method", ["SFT", "DPO", "DISTILLATION"])
+def test_reward_code_is_refused_for_other_methods(method: str) -> None:
+    spec = job_pb2.JobSpec(base_model="org/base", dataset="ds_1",
+                           method=job_pb2.TrainingMethod.Value(f"TRAINING_METHOD_{method}"))
+    if method == "DISTILLATION":
+        spec.distillation.teacher_model = "org/teacher"
+    spec.grpo.reward_code = "import os; os.system('id')"
+    problems = refused(spec)
+    assert list(problems) == ["spec.grpo.reward_code"]
+    assert "only used by TRAINING_METHOD_GRPO" in problems["spec.grpo.reward_code"]
 
 
 def test_the_reward_model_function_requires_a_reward_model() -> None:

@@ -272,8 +272,9 @@ export const JobUsageSchema: GenMessage<JobUsage> = /*@__PURE__*/
  * What a job trains and how. CreateJob validates it field by field (a bad field is INVALID_ARGUMENT with a
  * BadRequest naming it, e.g. "spec.hyperparameters.epochs") and fills in every default, so the spec a Job
  * returns states everything the worker used. Only the chosen method's config (dpo, grpo, orpo, kto,
- * distillation) and the chosen adapter's (lora, quantization, prompt_tuning) are read; a model reference in
- * another method's config (dpo.reference_model, grpo.reward_model) is refused.
+ * distillation) and the chosen adapter's (lora, quantization, prompt_tuning) are read; a model reference or
+ * code in another method's config (dpo.reference_model, grpo.reward_model, grpo.reward_code,
+ * distillation.teacher_model) is refused.
  *
  * @generated from message tuneforge.v1.JobSpec
  */
