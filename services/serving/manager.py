@@ -14,6 +14,7 @@ deployments that were PENDING or READY start loading again (PENDING), so the end
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import shutil
@@ -43,6 +44,7 @@ from services.serving.settings import ServingSettings
 from tuneforge_core.errors import (
     AlreadyExists,
     FailedPrecondition,
+    FieldViolation,
     NotFound,
     TuneForgeError,
     Violations,
@@ -93,7 +95,7 @@ class DeploymentManager:
                                                      "DEPLOYMENT_TARGET_VLLM")
         v.raise_if_any("the deployment is invalid")
         if request.request_id:
-            replay = await self.db.run(lambda s: self._replay(s, org, request.request_id))
+            replay = await self.db.run(lambda s: self._replay(s, org, request))
             if replay is not None:
                 return replay
         job = await self.jobs.get_job(org, request.job)
@@ -110,7 +112,8 @@ class DeploymentManager:
                                      reason=Reason.JOB_STATE_CONFLICT)
         target = TARGETS[request.target]
         row = DeploymentRow(id=new_id("dep"), organization=org, job_id=job.id, target=target,
-                            merged=request.merged, state=PENDING, request_id=request.request_id or None)
+                            merged=request.merged, state=PENDING, request_id=request.request_id or None,
+                            request_hash=request_hash(request))
         row.name = request.name or row.id.lower()
         source = self._source(org, job, request.merged)
         row.source = json.dumps(source)
@@ -122,31 +125,50 @@ class DeploymentManager:
                 image=self.settings.serving_vllm_image, s3_region=self.settings.s3_region,
                 s3_endpoint_url=self.settings.s3_endpoint_url))
 
-        def insert(s: Session) -> pb.Deployment:
+        def insert(s: Session) -> tuple[pb.Deployment, bool]:
             if s.scalar(select(DeploymentRow.id).where(DeploymentRow.organization == org,
                                                        DeploymentRow.name == row.name)) is not None:
+                # A retry that raced the first create (which made the deployment since the check above)
+                # finds its name taken: by that deployment.
+                replay = self._replay(s, org, request) if request.request_id else None
+                if replay is not None:
+                    return replay, False
                 raise AlreadyExists(f"a deployment named '{row.name}' already exists in organization '{org}'",
                                     metadata={"resource_type": "deployment", "resource": row.name})
             s.add(row)
             s.flush()
-            return deployment_to_proto(row)
+            return deployment_to_proto(row), True
 
         try:
-            deployment = await self.db.run(insert)
+            deployment, created = await self.db.run(insert)
         except IntegrityError:
-            replay = (await self.db.run(lambda s: self._replay(s, org, request.request_id))
+            # A concurrent create with the same name or request_id won the race.
+            replay = (await self.db.run(lambda s: self._replay(s, org, request))
                       if request.request_id else None)
             if replay is not None:
                 return replay
             raise AlreadyExists(f"a deployment named '{row.name}' already exists in organization '{org}'",
                                 metadata={"resource_type": "deployment", "resource": row.name}) from None
-        self._launch(row.id, row.target, source)
+        if created:
+            self._launch(row.id, row.target, source)
         return deployment
 
-    def _replay(self, s: Session, org: str, request_id: str) -> pb.Deployment | None:
+    def _replay(self, s: Session, org: str, request: pb.CreateDeploymentRequest) -> pb.Deployment | None:
+        """The deployment an earlier create under this request_id made (None if there is none); another
+        request under it is ALREADY_EXISTS (REQUEST_ID_REUSED). A row from before request hashes were kept
+        ("") is taken as the same request."""
         row = s.scalar(select(DeploymentRow).where(DeploymentRow.organization == org,
-                                                   DeploymentRow.request_id == request_id))
-        return deployment_to_proto(row) if row is not None else None
+                                                   DeploymentRow.request_id == request.request_id))
+        if row is None:
+            return None
+        if row.request_hash and row.request_hash != request_hash(request):
+            raise AlreadyExists(
+                f"request_id '{request.request_id}' was already used to create deployment '{row.name}' "
+                "with a different request; use a new request_id for a new deployment",
+                reason=Reason.REQUEST_ID_REUSED,
+                metadata={"request_id": request.request_id, "deployment": row.id},
+                violations=[FieldViolation("request_id", "was already used for a different request")])
+        return deployment_to_proto(row)
 
     def _source(self, org: str, job: job_pb2.Job, merged: bool) -> dict[str, Any]:
         """What the model process loads, fixed now: the output's storage key and the base model as the
@@ -383,6 +405,17 @@ class DeploymentManager:
             state = pb.DeploymentState.Name(row.state).removeprefix("DEPLOYMENT_STATE_")
             raise FailedPrecondition(f"The model '{model}' is not ready (its deployment is {state})")
         return process
+
+
+def request_hash(request: pb.CreateDeploymentRequest) -> str:
+    """SHA-256 of what a CreateDeploymentRequest asks for: less its request_id and organization (the row
+    is the organization's already), with the default target spelled out, so that a retry matches."""
+    clean = pb.CreateDeploymentRequest()
+    clean.CopyFrom(request)
+    clean.request_id = ""
+    clean.organization = ""
+    clean.target = TARGETS.get(request.target, request.target)
+    return hashlib.sha256(clean.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _set_pending(s: Session, deployment_id: str) -> None:

@@ -41,6 +41,9 @@ class DeploymentRow(Base):
     # platform loads the same model again.
     source: Mapped[str] = mapped_column(Text, default="{}")
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # SHA-256 of the CreateDeploymentRequest that made it (services.serving.manager.request_hash), so a
+    # retry under its request_id is told apart from another request; "" for rows made before it was kept.
+    request_hash: Mapped[str] = mapped_column(String(64), default="")
     create_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     update_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
