@@ -163,6 +163,12 @@ class ImportManager:
     async def _create(self, request: ImportRequest, source: Source, spec: UploadSpec, plan: SplitPlan,
                       manifest: bytes, slot: Slot) -> tuple[DatasetRecord, bool]:
         """create() within its place in the pool; True when the import started, and took the place over."""
+        # The tokenizer is checked as an upload checks it (a model reference this deployment allows, that
+        # loads from a local folder or this machine's Hugging Face cache), before the source is read.
+        try:
+            await self.uploads.check_tokenizer(spec, slot)
+        except InvalidArgument as exc:
+            raise _as_create_fields(exc) from None
         reader = open_reader(source, request.credentials, self._fetch_settings())
         await to_the_end(slot.run(reader.check))
         now = utcnow()

@@ -554,6 +554,33 @@ async def test_hub_id_naming_a_server_path_is_refused(stub: DatasetServiceStub) 
     assert (err.code, err.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["source.huggingface_id"])
 
 
+async def test_a_tokenizer_an_upload_refuses_is_refused_before_the_import_starts(
+    stub: DatasetServiceStub, settings: DatasetSettings
+) -> None:
+    """CreateDataset checks `tokenizer` as UploadDataset checks metadata.tokenizer, and names it as
+    CreateDatasetRequest does; the import never starts (it used to, and said nothing until it failed)."""
+    refused = (
+        "../../etc",  # relative
+        "/etc/passwd",  # outside every model root
+        "file:///etc/passwd",
+        "/proc/self/environ",
+        "someorg/not-a-cached-model",  # a hub id that cannot be loaded here
+    )
+    for tokenizer in refused:
+        request = hf_request("someorg/somedata")
+        request.tokenizer = tokenizer
+        err = await failure(stub.CreateDataset(request))
+        assert (err.code, err.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["tokenizer"]), (
+            tokenizer,
+            err.message,
+        )
+        assert "tokenizer" in err.message and "metadata." not in err.message, err.message
+    listed = await stub.ListDatasets(pb.ListDatasetsRequest(organization="acme"))
+    assert list(listed.datasets) == []
+    assert object_files(Path(settings.resolved_storage_url().removeprefix("file://"))) == []
+    assert object_files(settings.data_dir / "tmp") == []
+
+
 @pytest.mark.postgres
 async def test_hugging_face_import_on_postgresql(
     settings: DatasetSettings, saved_dataset: Path, postgres_url: str
