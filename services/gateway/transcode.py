@@ -26,6 +26,10 @@ _FORMS = {"google.protobuf.Timestamp": "an RFC 3339 time such as 2026-01-31T00:0
           "google.protobuf.FieldMask": "a comma-separated list of field names"}
 _WRAPPERS = {f"google.protobuf.{n}Value" for n in
              ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")}
+# The deepest JSON body read, counting arrays and objects: protobuf's own default recursion limit
+# (json_format's max_recursion_depth), far past any request message's nesting. Deeper input is refused
+# before json_format or the field checks see it (they recurse); Python's JSON decoder gives up near 1000.
+MAX_JSON_DEPTH = 100
 
 
 class BadInput(ValueError):
@@ -111,6 +115,25 @@ def _explain(error: json_format.ParseError, prefix: str) -> tuple[str, str]:
     return path, reason.rstrip(".") or "cannot be parsed"
 
 
+def _too_deep(prefix: str) -> BadInput:
+    return BadInput([(prefix or "body", f"is nested too deeply: at most {MAX_JSON_DEPTH} levels of JSON "
+                                        "arrays and objects")])
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether decoded JSON `value` nests arrays and objects more than `limit` deep (without recursing)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def parse_json_into(target: message.Message, raw: bytes, *, prefix: str = "") -> None:
     """Merges the JSON object `raw` into `target`, or raises BadInput naming the field."""
     if not raw.strip():
@@ -122,11 +145,15 @@ def parse_json_into(target: message.Message, raw: bytes, *, prefix: str = "") ->
     except json.JSONDecodeError as exc:
         raise BadInput([(prefix or "body", f"is not valid JSON: {exc.msg} at line {exc.lineno} "
                                            f"column {exc.colno}")]) from None
+    except RecursionError:  # the decoder's own limit, near 1000 levels
+        raise _too_deep(prefix) from None
     parse_value_into(target, value, prefix=prefix)
 
 
 def parse_value_into(target: message.Message, value: Any, *, prefix: str = "") -> None:
     """Merges decoded JSON `value` into `target`, or raises BadInput naming the field."""
+    if _depth_over(value, MAX_JSON_DEPTH):
+        raise _too_deep(prefix)
     desc = target.DESCRIPTOR
     if not isinstance(value, dict) and desc.full_name not in _STRING_MESSAGES | _WRAPPERS:
         raise BadInput([(prefix or "body", f"must be a JSON object ({desc.full_name}), not "
@@ -137,7 +164,11 @@ def parse_value_into(target: message.Message, value: Any, *, prefix: str = "") -
     try:
         json_format.ParseDict(value, target)
     except json_format.ParseError as exc:
+        if "Message too deep" in str(exc):  # json_format's max_recursion_depth, past ours
+            raise _too_deep(prefix) from None
         raise BadInput([_explain(exc, prefix)]) from None
+    except RecursionError:
+        raise _too_deep(prefix) from None
     except (TypeError, ValueError, AttributeError) as exc:  # odd values json_format does not wrap
         raise BadInput([(prefix or "body", f"cannot be read as {desc.full_name}: {exc}")]) from None
 

@@ -1,0 +1,182 @@
+"""Hostile input to the gateway alone (no platform): a stand-in gRPC server records every call, so a test
+sees both the HTTP answer and whether any call was made. Each mistake is a google.rpc.Status naming the
+field, never a 500, and never a logged traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from aiohttp import web
+
+from services.gateway import app as gateway_app
+from services.gateway import transcode
+from services.gateway.rules import all_routes
+from tests.gateway.conftest import violations
+
+# Every unary route that takes a JSON body, with a path whose variables are filled in.
+# The field a bad body is named by: "body" for `body: "*"`, else the field the body is.
+BODY_ROUTES = sorted({(r.http_method, r.path.template.replace("{", "").replace("}", "").replace("=**", ""),
+                       "body" if r.body == "*" else r.body)
+                      for r in all_routes() if r.body and not r.client_streaming})
+
+
+@dataclass
+class Backend:
+    """The calls the gateway made: (RPC name, request bytes or the list of streamed messages)."""
+
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+
+    def rpcs(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+class _Recorder(grpc.GenericRpcHandler):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        name = details.method.rsplit("/", 1)[-1]
+        backend = self.backend
+
+        async def unary(request: bytes, _context: Any) -> bytes:
+            backend.calls.append((name, request))
+            return b""  # the empty response message
+
+        async def client_stream(requests: AsyncIterator[bytes], _context: Any) -> bytes:
+            backend.calls.append((name, [r async for r in requests]))
+            return b""
+
+        if name in ("UploadDataset", "ValidateDataset"):
+            return grpc.stream_unary_rpc_method_handler(client_stream)
+        return grpc.unary_unary_rpc_method_handler(unary)
+
+
+@dataclass
+class Gateway:
+    port: int
+    backend: Backend
+
+    async def raw(self, method: str, target: bytes | str, body: bytes | None = None,
+                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP/1.1 request written byte for byte (URLs aiohttp's client would re-encode or refuse):
+        the status, the headers (lower-case names) and the body."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        target_bytes = target.encode() if isinstance(target, str) else target
+        lines = [method.encode() + b" " + target_bytes + b" HTTP/1.1", b"Host: 127.0.0.1",
+                 b"Connection: close"]
+        lines += [f"{k}: {v}".encode() for k, v in (headers or {}).items()]
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}".encode())
+        writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + (body or b""))
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        found = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+        return int(status_line.split()[1]), found, payload
+
+    async def json(self, method: str, target: bytes | str, body: bytes | None = None,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        status, found, payload = await self.raw(method, target, body, headers)
+        assert found.get("content-type", "").startswith("application/json"), (status, found, payload[:300])
+        return status, json.loads(payload)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Gateway]:
+    backend = Backend()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_Recorder(backend),))
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    app = gateway_app.create_app(f"127.0.0.1:{grpc_port}", console=False)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = int(runner.addresses[0][1])
+    try:
+        yield Gateway(port, backend)
+    finally:
+        await runner.cleanup()
+        await server.stop(None)
+
+
+def _no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not loud, [(r.name, r.getMessage()[:200]) for r in loud]
+
+
+def _deep_array(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def _deep_object(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+# -- 1. JSON nested too deeply --
+
+@pytest.mark.parametrize(("method", "path", "named"), BODY_ROUTES)
+async def test_a_body_nested_thousands_deep_is_400_naming_body_on_every_route(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture, method: str, path: str, named: str) -> None:
+    for raw in (_deep_array(10_000), _deep_object(10_000), b'{"name": ' + _deep_array(10_000) + b"}"):
+        status, answer = await gateway.json(method, path, raw, {"Content-Type": "application/json"})
+        assert status == 400 and answer["code"] == 3, (status, answer)
+        assert "nested too deeply" in violations(answer)[named], answer
+    assert gateway.backend.calls == []
+    _no_traceback(caplog)
+
+
+async def test_a_deep_body_that_json_decodes_is_refused_before_protobuf_parses_it(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    depth = transcode.MAX_JSON_DEPTH + 1
+    for raw in (b'{"spec": ' + _deep_object(depth) + b"}", b'{"labels": {"a": ' + _deep_array(depth) + b"}}",
+                b'{"spec": {"method": ' + _deep_array(700) + b"}}", _deep_array(900)):
+        status, answer = await gateway.json("POST", "/v1/jobs", raw, {"Content-Type": "application/json"})
+        assert status == 400 and "nested too deeply" in violations(answer)["body"], answer
+        assert str(transcode.MAX_JSON_DEPTH) in violations(answer)["body"]
+    # At the limit, the body is read as usual (here: an unknown field, named).
+    status, answer = await gateway.json("POST", "/v1/jobs", b'{"spec": ' + _deep_object(
+        transcode.MAX_JSON_DEPTH - 2) + b"}", {"Content-Type": "application/json"})
+    assert status == 400 and "unknown field" in violations(answer)["spec.a"], answer
+    assert gateway.backend.calls == []
+    _no_traceback(caplog)
+
+
+def test_protobufs_own_recursion_limit_is_named_like_the_gateways() -> None:
+    """json_format refuses messages nested over its max_recursion_depth with a ParseError ("Message too
+    deep"); the gateway's own limit comes first, but where json_format's is reached, it is the same 400."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    pool = descriptor_pool.DescriptorPool()
+    proto = descriptor_pb2.FileDescriptorProto(name="deep_test.proto", package="deeptest", syntax="proto3")
+    node = proto.message_type.add(name="Node")
+    node.field.add(name="child", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+                   type_name=".deeptest.Node", label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool.Add(proto)
+    node_cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("deeptest.Node"))
+    value: dict[str, Any] = {}
+    for _ in range(150):
+        value = {"child": value}
+    with pytest.raises(transcode.BadInput) as refused:
+        transcode.parse_value_into(node_cls(), value)
+    assert refused.value.violations[0][0] == "body" and "nested too deeply" in refused.value.violations[0][1]
+    original = transcode.MAX_JSON_DEPTH
+    transcode.MAX_JSON_DEPTH = 1000  # past json_format's own limit (100)
+    try:
+        with pytest.raises(transcode.BadInput) as refused:
+            transcode.parse_value_into(node_cls(), value, prefix="spec")
+    finally:
+        transcode.MAX_JSON_DEPTH = original
+    assert refused.value.violations == [("spec", refused.value.violations[0][1])]
+    assert "nested too deeply" in refused.value.violations[0][1]
