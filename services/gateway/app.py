@@ -81,6 +81,9 @@ def _metadata(request: web.Request) -> list[tuple[str, str]]:
 
 
 def _query(request: web.Request) -> dict[str, list[str]]:
+    """The query parameters; BadInput naming any that is not UTF-8 (which `request.query` would have
+    turned into U+FFFD and passed on)."""
+    transcode.check_query_utf8(request.rel_url.raw_query_string)
     query: dict[str, list[str]] = {}
     for key, value in request.query.items():
         query.setdefault(key, []).append(value)

@@ -40,11 +40,14 @@ class PathTemplate:
     literal_segments: int  # for ordering: more literal segments first
 
     def match(self, raw_path: str) -> dict[str, str] | None:
-        """The variables' values (percent-decoded) when `raw_path` (still percent-encoded) matches."""
+        """The variables' values (percent-decoded) when `raw_path` (still percent-encoded) matches. Bytes
+        that are not UTF-8 become lone surrogates (errors="surrogateescape", as aiohttp decodes the request
+        line), never U+FFFD, so that `transcode.set_path_field` can refuse them."""
         m = self.regex.fullmatch(raw_path)
         if m is None:
             return None
-        return {name: unquote(m.group(f"v{i}")) for i, name in enumerate(self.variables)}
+        return {name: unquote(m.group(f"v{i}"), errors="surrogateescape")
+                for i, name in enumerate(self.variables)}
 
 
 def _segments_regex(segments: str, *, in_variable: bool) -> tuple[str, int]:

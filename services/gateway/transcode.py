@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 from google.protobuf import json_format, message
 from google.protobuf.descriptor import FieldDescriptor
@@ -113,6 +114,33 @@ def _explain(error: json_format.ParseError, prefix: str) -> tuple[str, str]:
             path = located
     path = ".".join(p for p in (prefix, path) if p)
     return path, reason.rstrip(".") or "cannot be parsed"
+
+
+NOT_UTF8 = "is not UTF-8 text (once percent-decoded)"
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text`, decoded with errors="surrogateescape" (as aiohttp reads the request line and
+    `rules.PathTemplate.match` percent-decodes), came from UTF-8: other bytes became lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(text: str) -> str:
+    """`text` fit to name in an error: bytes that were not UTF-8 shown as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def check_query_utf8(raw_query: str) -> None:
+    """Raises BadInput naming each query parameter whose name or value is not UTF-8 once decoded
+    (aiohttp's `request.query` would have replaced those bytes with U+FFFD)."""
+    bad = [name for name, value in parse_qsl(raw_query, keep_blank_values=True, errors="surrogateescape")
+           if not (is_utf8(name) and is_utf8(value))]
+    if bad:
+        raise BadInput([(shown(name), NOT_UTF8) for name in dict.fromkeys(bad)])
 
 
 def _too_deep(prefix: str) -> BadInput:
@@ -310,6 +338,8 @@ def _merge_replacing(target: message.Message, source: message.Message, given: di
 
 def set_path_field(target: message.Message, dotted: str, value: str) -> None:
     """Sets the (string) field a path variable binds, or raises BadInput naming it."""
+    if not is_utf8(value):
+        raise BadInput([(dotted, NOT_UTF8)])
     *parents, leaf = dotted.split(".")
     current = target
     for part in parents:

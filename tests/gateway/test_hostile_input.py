@@ -180,3 +180,34 @@ def test_protobufs_own_recursion_limit_is_named_like_the_gateways() -> None:
         transcode.MAX_JSON_DEPTH = original
     assert refused.value.violations == [("spec", refused.value.violations[0][1])]
     assert "nested too deeply" in refused.value.violations[0][1]
+
+
+# -- 2. Query and path parameters that are not UTF-8 --
+
+async def test_query_and_path_parameters_that_are_not_utf8_are_400_naming_them(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    upload = b"/v1/datasets:upload?name=chat&filename=chat.jsonl&description=ab%FF%FEcd"
+    status, answer = await gateway.json("POST", upload, b'{"messages": []}\n')
+    assert status == 400 and "is not UTF-8" in violations(answer)["description"], answer
+    status, answer = await gateway.json("GET", b"/v1/jobs?organization=%FF%FE&pageSize=%C3%28")
+    assert status == 400 and set(violations(answer)) == {"organization", "pageSize"}, answer
+    status, answer = await gateway.json("GET", b"/v1/jobs?pageToken=%FF&page%FF=1")
+    assert status == 400 and set(violations(answer)) == {"pageToken", "page\ufffd"}, answer
+    status, answer = await gateway.json("GET", b"/v1/jobs/%FF%FE")
+    assert status == 400 and "is not UTF-8" in violations(answer)["job"], answer
+    status, answer = await gateway.json("POST", b"/v1/jobs/%ED%A0%80:cancel")  # a surrogate, in UTF-8
+    assert status == 400 and "is not UTF-8" in violations(answer)["job"], answer
+    status, answer = await gateway.json("POST", b"/v1/datasets:upload?name=a%FF", b"x")
+    assert status == 400 and "is not UTF-8" in violations(answer)["name"], answer
+    assert gateway.backend.calls == []
+    # Percent-encoded UTF-8, U+FFFD itself included, is read as given.
+    status, _ = await gateway.json("GET", b"/v1/jobs/caf%C3%A9%EF%BF%BD?organization=%E2%82%AC")
+    assert status == 200
+    assert gateway.backend.calls[-1] == ("GetJob", _get_job("café\ufffd", "€"))
+    _no_traceback(caplog)
+
+
+def _get_job(job: str, organization: str) -> bytes:
+    from tuneforge.v1 import job_service_pb2
+
+    return job_service_pb2.GetJobRequest(job=job, organization=organization).SerializeToString()
