@@ -9,6 +9,7 @@ conversation for chat, prompt + completion, the text, or the prompt alone for pr
 from __future__ import annotations
 
 import functools
+import re
 import statistics
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,22 +37,73 @@ def _auto_tokenizer() -> Any:
     return AutoTokenizer
 
 
+# A hub model id as the cache stores it: "name" or "org/name" (never a path: no "..", no leading "/").
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?\Z")
+_REVISION_RE = re.compile(r"^[\w-][\w.-]*\Z")
+
+
+def hub_cache() -> tuple[Path, Path]:
+    """This machine's Hugging Face home (HF_HOME) and the hub cache in it (HF_HUB_CACHE)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME), Path(constants.HF_HUB_CACHE)
+
+
+def cached_snapshot(model_id: str) -> Path | None:
+    """The folder of hub model `model_id`'s main revision in the local Hugging Face cache, or None when it
+    is not there. Reads the cache's folders only: huggingface_hub's own lookups (hf_hub_download, even with
+    local_files_only) build request headers first, which may fetch a registry from huggingface.co."""
+    if not _HUB_ID_RE.match(model_id) or ".." in model_id:
+        return None
+    repo = hub_cache()[1] / f"models--{model_id.replace('/', '--')}"
+    try:
+        commit = (repo / "refs" / "main").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    snapshot = repo / "snapshots" / commit
+    return snapshot if _REVISION_RE.match(commit) and snapshot.is_dir() else None
+
+
+def _not_cached(name: str, field: str) -> InvalidArgument:
+    home, cache = hub_cache()
+    return InvalidArgument(
+        f"The tokenizer '{name}' is not in this machine's Hugging Face cache ({cache}, HF_HOME={home}); "
+        "models are not downloaded here. Download it into that cache first, or give a local model folder.",
+        violations=[FieldViolation(field, f"not in this machine's Hugging Face cache (HF_HOME={home})")],
+    )
+
+
 @functools.lru_cache(maxsize=TOKENIZER_CACHE)
 def load_tokenizer(name: str, field: str = "metadata.tokenizer") -> Any:
     """A tokenizer from a local folder or the local Hugging Face cache, never from the network and never
-    with remote code; INVALID_ARGUMENT naming `field` when it cannot be loaded.
+    with remote code; INVALID_ARGUMENT naming `field` when it cannot be loaded (at once for a hub id that
+    is not in the cache: no request is made to find it).
 
     Cached (failures are not): the upload checks it before reading the stream and processing uses it
     again. Sharing one between threads is safe here because every call tokenizes with the same settings,
-    so the Rust tokenizer is never reconfigured while another thread uses it."""
+    so the Rust tokenizer is never reconfigured while another thread uses it.
+
+    The trainer worker loads its models on its own (it may download them); this loader is for validation."""
+    if Path(name).is_dir():
+        folder = Path(name)
+    elif (snapshot := cached_snapshot(name)) is not None:
+        folder = snapshot
+    elif _HUB_ID_RE.match(name) and ".." not in name:
+        raise _not_cached(name, field)
+    else:
+        raise InvalidArgument(
+            f"The tokenizer '{name}' cannot be loaded: no folder exists there, and it is not a hub model id.",
+            violations=[FieldViolation(field, "no such folder, nor a hub model id")],
+        )
     auto_tokenizer = _auto_tokenizer()
     try:
-        return auto_tokenizer.from_pretrained(name, trust_remote_code=False, local_files_only=True)
+        # A folder: transformers reads its files and asks no hub for them.
+        return auto_tokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad tokenizer
         reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise InvalidArgument(
             f"The tokenizer '{name}' cannot be loaded ({reason}); give a local model folder or a model id "
-            "that is in this server's Hugging Face cache.",
+            "that is in this machine's Hugging Face cache.",
             violations=[FieldViolation(field, "cannot be loaded offline as a tokenizer")],
         ) from None
 

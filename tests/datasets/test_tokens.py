@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import grpc
+import huggingface_hub.constants
 import pytest
 from tuneforge.v1 import dataset_pb2
 from tuneforge.v1 import dataset_service_pb2 as pb
@@ -155,3 +159,59 @@ async def test_a_tokenizer_outside_the_model_roots_is_refused_before_any_byte_is
         await stub.UploadDataset(upload_requests(meta(tokenizer=where), jsonl(chat_lines(100))))  # type: ignore[arg-type]
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "tokenizer" in (caught.value.details() or "")
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    """A server with the hub in reach, as far as huggingface_hub knows (not HF_HUB_OFFLINE), an empty Hugging
+    Face cache, and no name resolved but loopback: the hosts asked for are listed instead."""
+    asked: list[str] = []
+    resolve = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host in ("localhost", "127.0.0.1", "::1"):
+            return resolve(host, *args, **kwargs)
+        asked.append(str(host))
+        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    try:  # huggingface_hub keeps the registry it fetched for its user agent; forget it, so it would ask
+        from huggingface_hub.utils import _detect_agent
+
+        monkeypatch.setattr(_detect_agent, "_registry", None, raising=False)
+    except ImportError:
+        pass
+    return asked
+
+
+async def test_a_hub_id_not_in_the_cache_is_refused_at_once_without_the_network(
+    stub: DatasetServiceStub, no_network: list[str]
+) -> None:
+    """A hub id is loaded from this machine's Hugging Face cache only: one that is not there is refused in
+    well under a second, naming the field and the cache (it used to ask huggingface.co, 50 s offline)."""
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.UploadDataset(
+            upload_requests(meta(tokenizer="meta-llama/Llama-3.2-1B-Instruct"), jsonl(chat_lines(100)))  # type: ignore[arg-type]
+        )
+    elapsed = time.monotonic() - started
+    err = ErrorDetails(caught.value)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.fields == ["metadata.tokenizer"]
+    assert "not in this machine's Hugging Face cache" in err.message, err.message
+    assert f"HF_HOME={huggingface_hub.constants.HF_HOME}" in err.message, err.message
+    assert no_network == [] and elapsed < 5, (no_network, elapsed)
+
+
+def test_a_hub_id_in_the_cache_loads_from_it_without_the_network(
+    tiny_model: Path, no_network: list[str]
+) -> None:
+    repo = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--acme--tiny-chat"
+    shutil.copytree(tiny_model, repo / "snapshots" / "c0ffee")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c0ffee")
+    tokenizer = load_tokenizer("acme/tiny-chat")
+    assert tokenizer.chat_template == load_tokenizer(str(tiny_model)).chat_template
+    assert no_network == []
