@@ -7,6 +7,12 @@ self-check, or FAILED with the reason. EMBEDDED deployments are then served by t
 (services.serving.http); a VLLM deployment carries the Kubernetes manifest to apply
 (services.serving.manifest), and its model process stops after the check.
 
+An organization may have TUNEFORGE_SERVING_MAX_DEPLOYMENTS_PER_ORG live deployments (PENDING or READY), and
+the platform TUNEFORGE_SERVING_MAX_MODEL_PROCESSES model processes when set: CreateDeployment beyond either
+is RESOURCE_EXHAUSTED (QUOTA_EXCEEDED). It counts them after locking the organization's row in
+`serving_org_locks` (and then "#platform"), in the transaction that inserts, so two concurrent creates never
+both take the last place.
+
 A model process belongs to the services process that started it. When the platform restarts, the
 deployments that were PENDING or READY start loading again (PENDING), so the endpoint serves them as before.
 """
@@ -25,7 +31,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
-from sqlalchemy import or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from tuneforge.v1 import deployment_service_pb2 as pb
@@ -38,7 +45,7 @@ from services.kit.validation import check_name, check_request_id
 from services.serving.converters import deployment_to_proto
 from services.serving.jobs_client import JobsClient
 from services.serving.manifest import VllmSource, render
-from services.serving.models import DeletedDeploymentRow, DeploymentRow
+from services.serving.models import DeletedDeploymentRow, DeploymentRow, OrganizationLock
 from services.serving.processes import ModelProcess, RunnerFailed
 from services.serving.settings import ServingSettings
 from tuneforge_core.errors import (
@@ -46,6 +53,7 @@ from tuneforge_core.errors import (
     FailedPrecondition,
     FieldViolation,
     NotFound,
+    ResourceExhausted,
     TuneForgeError,
     Violations,
     error_status,
@@ -126,15 +134,16 @@ class DeploymentManager:
                 s3_endpoint_url=self.settings.s3_endpoint_url))
 
         def insert(s: Session) -> tuple[pb.Deployment, bool]:
+            _lock(s, org)  # first: the creates of one organization take turns from here
+            # A retry that raced the first create (which made the deployment since the check above).
+            replay = self._replay(s, org, request) if request.request_id else None
+            if replay is not None:
+                return replay, False
             if s.scalar(select(DeploymentRow.id).where(DeploymentRow.organization == org,
                                                        DeploymentRow.name == row.name)) is not None:
-                # A retry that raced the first create (which made the deployment since the check above)
-                # finds its name taken: by that deployment.
-                replay = self._replay(s, org, request) if request.request_id else None
-                if replay is not None:
-                    return replay, False
                 raise AlreadyExists(f"a deployment named '{row.name}' already exists in organization '{org}'",
                                     metadata={"resource_type": "deployment", "resource": row.name})
+            self._check_quotas(s, org)
             s.add(row)
             s.flush()
             return deployment_to_proto(row), True
@@ -152,6 +161,36 @@ class DeploymentManager:
         if created:
             self._launch(row.id, row.target, source)
         return deployment
+
+    def _check_quotas(self, s: Session, org: str) -> None:
+        """RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) when one more deployment would take the organization past
+        its limit of live deployments, or the platform past its limit of model processes. The caller
+        holds the organization's lock; the platform's is taken here, after it."""
+        limit = self.settings.serving_max_deployments_per_org
+        if limit > 0:
+            live = int(s.scalar(select(func.count()).select_from(DeploymentRow).where(
+                DeploymentRow.organization == org, DeploymentRow.state.in_([PENDING, READY]))) or 0)
+            if live >= limit:
+                raise ResourceExhausted(
+                    f"organization {org} has {live} live deployments (PENDING or READY), its limit "
+                    f"(TUNEFORGE_SERVING_MAX_DEPLOYMENTS_PER_ORG = {limit}); delete one it no longer "
+                    "needs (FAILED ones do not count) to free a place",
+                    reason=Reason.QUOTA_EXCEEDED,
+                    metadata={"limit": "serving_max_deployments_per_org", "value": str(limit),
+                              "live": str(live)})
+        processes = self.settings.serving_max_model_processes
+        if processes > 0:
+            _lock(s, PLATFORM_LOCK)
+            running = int(s.scalar(select(func.count()).select_from(DeploymentRow).where(
+                _HOLDS_PROCESS)) or 0)
+            if running >= processes:
+                raise ResourceExhausted(
+                    f"the platform runs {running} model processes, its limit "
+                    f"(TUNEFORGE_SERVING_MAX_MODEL_PROCESSES = {processes}); deleting a deployment frees "
+                    "one, or ask the platform's operator for a larger limit",
+                    reason=Reason.QUOTA_EXCEEDED,
+                    metadata={"limit": "serving_max_model_processes", "value": str(processes),
+                              "live": str(running)})
 
     def _replay(self, s: Session, org: str, request: pb.CreateDeploymentRequest) -> pb.Deployment | None:
         """The deployment an earlier create under this request_id made (None if there is none); another
@@ -281,9 +320,7 @@ class DeploymentManager:
 
     async def resume(self) -> None:
         """Loads again the deployments a previous run of the platform was serving or loading."""
-        rows = await self.db.run(lambda s: list(s.scalars(select(DeploymentRow).where(
-            DeploymentRow.state.in_([PENDING, READY]),
-            or_(DeploymentRow.target == EMBEDDED, DeploymentRow.state == PENDING)))))
+        rows = await self.db.run(lambda s: list(s.scalars(select(DeploymentRow).where(_HOLDS_PROCESS))))
         for row in rows:
             await self.db.run(lambda s, i=row.id: _set_pending(s, i))
             self._launch(row.id, row.target, json.loads(row.source or "{}"))
@@ -405,6 +442,28 @@ class DeploymentManager:
             state = pb.DeploymentState.Name(row.state).removeprefix("DEPLOYMENT_STATE_")
             raise FailedPrecondition(f"The model '{model}' is not ready (its deployment is {state})")
         return process
+
+
+# The deployments that hold a model process: loading (PENDING, either target), or serving (READY EMBEDDED).
+_HOLDS_PROCESS: ColumnElement[bool] = or_(
+    DeploymentRow.state == PENDING, and_(DeploymentRow.state == READY, DeploymentRow.target == EMBEDDED))
+# The row of `serving_org_locks` that the platform-wide limit locks (no organization's name has a "#").
+PLATFORM_LOCK = "#platform"
+
+
+def _lock(s: Session, key: str) -> None:
+    """Locks `key`'s row of `serving_org_locks` (made on first use) until the transaction ends. Done first
+    in a transaction, this is its first write too, so SQLite (which has no FOR UPDATE) serializes it."""
+    dialect = s.get_bind().dialect.name
+    values = {"organization": key}
+    if dialect == "postgresql":
+        s.execute(postgresql.insert(OrganizationLock).values(values).on_conflict_do_nothing())
+    elif dialect == "sqlite":
+        s.execute(sqlite.insert(OrganizationLock).values(values).on_conflict_do_nothing())
+    elif s.get(OrganizationLock, key) is None:
+        s.add(OrganizationLock(organization=key))
+        s.flush()
+    s.scalars(select(OrganizationLock).where(OrganizationLock.organization == key).with_for_update()).first()
 
 
 def request_hash(request: pb.CreateDeploymentRequest) -> str:

@@ -59,3 +59,14 @@ class DeletedDeploymentRow(Base):
     organization: Mapped[str] = mapped_column(String(63))
     name: Mapped[str] = mapped_column(String(63))
     deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class OrganizationLock(Base):
+    """One row per organization that created a deployment: CreateDeployment locks it before counting the
+    organization's live deployments, so two concurrent creates never both take its last place. One more
+    row, "#platform" (no organization's name has a "#"), is locked after it when the platform-wide limit
+    on model processes is on."""
+
+    __tablename__ = "serving_org_locks"
+
+    organization: Mapped[str] = mapped_column(String(63), primary_key=True)

@@ -1,5 +1,6 @@
 """Settings of the serving service: the kit's TUNEFORGE_* settings plus where the OpenAI-compatible HTTP
-endpoint listens and how model processes are run (services.serving.runner)."""
+endpoint listens, how model processes are run (services.serving.runner), and how many deployments an
+organization (and the platform) may have live."""
 
 from __future__ import annotations
 
@@ -32,3 +33,11 @@ class ServingSettings(KitSettings):
     serving_stop_grace_s: float = Field(default=5.0, ge=0)
     # Deadline of each call to the jobs service.
     serving_jobs_timeout_s: float = Field(default=10.0, gt=0)
+    # TUNEFORGE_SERVING_MAX_DEPLOYMENTS_PER_ORG: live deployments (PENDING or READY; FAILED and deleted
+    # ones do not count) an organization may have; each EMBEDDED one is a process holding a model in
+    # memory. CreateDeployment beyond it answers RESOURCE_EXHAUSTED (reason QUOTA_EXCEEDED). 0: no limit.
+    serving_max_deployments_per_org: int = Field(default=4, ge=0)
+    # TUNEFORGE_SERVING_MAX_MODEL_PROCESSES: model processes the platform runs for all organizations
+    # together (PENDING deployments, and READY EMBEDDED ones); CreateDeployment beyond it answers
+    # RESOURCE_EXHAUSTED (reason QUOTA_EXCEEDED). 0: no limit (size it to the serving host's memory).
+    serving_max_model_processes: int = Field(default=0, ge=0)

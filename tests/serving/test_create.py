@@ -1,7 +1,7 @@
 """CreateDeployment's rules on a real SQLite database with the serving service's real migrations (and on
-PostgreSQL where one is reachable): request_id replays, and the limit on an organization's live
-deployments. The jobs service is a stand-in that knows one SUCCEEDED job per organization, and no model
-process is started (the launches are recorded instead)."""
+PostgreSQL where one is reachable): request_id replays, and the limits on an organization's live
+deployments (3 here) and on the platform's model processes. The jobs service is a stand-in that knows one
+SUCCEEDED job per organization, and no model process is started (the launches are recorded instead)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from services.serving.component import MIGRATIONS
 from services.serving.manager import DeploymentManager
 from services.serving.models import DeploymentRow
 from services.serving.settings import ServingSettings
-from tuneforge_core.errors import AlreadyExists, NotFound
+from tuneforge_core.errors import AlreadyExists, NotFound, ResourceExhausted
 from tuneforge_core.models import ModelPolicy
 from tuneforge_core.reasons import Reason
 from tuneforge_core.storage import LocalObjectStore
@@ -48,7 +48,7 @@ def manager(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployme
     db = Database(url, "serving")
     db.migrate(MIGRATIONS)
     store = LocalObjectStore(tmp_path / "objects")
-    settings = ServingSettings(data_dir=tmp_path / "data")
+    settings = ServingSettings(data_dir=tmp_path / "data", serving_max_deployments_per_org=3)
     manager = DeploymentManager(db, Jobs(store), store, settings,  # type: ignore[arg-type]
                                 ModelPolicy((), store, tmp_path / "data"))
     launched: list[str] = []
@@ -101,3 +101,69 @@ async def test_concurrent_retries_under_one_request_id_make_one_deployment(
         manager: DeploymentManager) -> None:
     made = await asyncio.gather(*(create(manager, name="d-98a3", request_id="R") for _ in range(4)))
     assert len({d.id for d in made}) == 1
+
+
+def set_state(manager: DeploymentManager, deployment_id: str, state: int) -> None:
+    """What the model process's outcome does to the row (DeploymentManager._finish)."""
+    with manager.db.session() as s:
+        s.get(DeploymentRow, deployment_id).state = state  # type: ignore[union-attr]
+
+
+async def test_an_organization_has_at_most_its_limit_of_live_deployments(manager: DeploymentManager) -> None:
+    made = [await create(manager, name=f"d{i}", request_id=f"r{i}") for i in range(3)]
+    with pytest.raises(ResourceExhausted) as refused:
+        await create(manager, name="d3")
+    assert refused.value.reason == Reason.QUOTA_EXCEEDED
+    assert refused.value.metadata == {"limit": "serving_max_deployments_per_org", "value": "3", "live": "3"}
+    assert "TUNEFORGE_SERVING_MAX_DEPLOYMENTS_PER_ORG = 3" in refused.value.message
+    assert "delete one" in refused.value.message
+    assert manager.launched == [d.id for d in made]  # type: ignore[attr-defined]
+    # A retry of a create that was admitted is still answered with its deployment.
+    assert (await create(manager, name="d0", request_id="r0")).id == made[0].id
+    # READY ones count; FAILED and deleted ones do not.
+    set_state(manager, made[0].id, pb.DEPLOYMENT_STATE_READY)
+    set_state(manager, made[1].id, pb.DEPLOYMENT_STATE_FAILED)
+    d3 = await create(manager, name="d3")
+    with pytest.raises(ResourceExhausted):
+        await create(manager, name="d4")
+    await manager.delete("acme", d3.id)
+    assert (await create(manager, name="d4")).name == "d4"
+    # 0: no limit.
+    manager.settings = manager.settings.model_copy(update={"serving_max_deployments_per_org": 0})
+    assert (await create(manager, name="d5")).name == "d5"
+
+
+async def test_one_organizations_deployments_do_not_block_another(manager: DeploymentManager) -> None:
+    for i in range(3):
+        await create(manager, "acme", name=f"d{i}")
+    with pytest.raises(ResourceExhausted):
+        await create(manager, "acme", name="d3")
+    made = [await create(manager, "globex", name=f"d{i}") for i in range(3)]
+    assert [d.name for d in made] == ["d0", "d1", "d2"]
+    with pytest.raises(ResourceExhausted) as refused:
+        await create(manager, "globex", name="d3")
+    assert refused.value.metadata["live"] == "3"
+
+
+async def test_concurrent_creates_never_both_take_the_last_place(manager: DeploymentManager) -> None:
+    await create(manager, name="d0")
+    outcomes = await asyncio.gather(*(create(manager, name=f"c{i}") for i in range(6)),
+                                    return_exceptions=True)
+    made = [o for o in outcomes if isinstance(o, pb.Deployment)]
+    assert len(made) == 2, outcomes
+    assert all(isinstance(o, ResourceExhausted) for o in outcomes if o not in made), outcomes
+    assert len((await manager.list_page("acme", 100, "", ""))[0]) == 3
+
+
+async def test_the_platform_runs_at_most_its_limit_of_model_processes(manager: DeploymentManager) -> None:
+    manager.settings = manager.settings.model_copy(update={"serving_max_model_processes": 4})
+    made = [await create(manager, "acme", name=f"d{i}") for i in range(3)]
+    await create(manager, "globex", name="g0")
+    with pytest.raises(ResourceExhausted) as refused:
+        await create(manager, "globex", name="g1")
+    assert refused.value.metadata == {"limit": "serving_max_model_processes", "value": "4", "live": "4"}
+    # A READY VLLM deployment holds no model process here (its check ran and stopped).
+    set_state(manager, made[0].id, pb.DEPLOYMENT_STATE_FAILED)
+    vllm = await create(manager, "globex", name="g1", target=pb.DEPLOYMENT_TARGET_VLLM)
+    set_state(manager, vllm.id, pb.DEPLOYMENT_STATE_READY)
+    assert (await create(manager, "globex", name="g2")).name == "g2"
