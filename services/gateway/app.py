@@ -15,8 +15,9 @@ organization scoping are the services' own, exactly as for a gRPC client.
   parameters (`?name=chat&filename=chat.jsonl&split.trainFraction=0.9`).
 
 Input the gateway refuses before calling a service (bad JSON, an unknown field, a value of the wrong type,
-an unknown enum name) is 400 with a google.rpc.BadRequest naming the field; a JSON body over
-`max_body_bytes` is 413 (RESOURCE_EXHAUSTED).
+an unknown enum name, a parameter that is not UTF-8) is 400 with a google.rpc.BadRequest naming the field;
+a body whose Content-Type is not JSON (`application/json`, `application/*+json`, or none) is 415 naming
+the header; a JSON body over `max_body_bytes` is 413 (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -78,6 +79,24 @@ def _metadata(request: web.Request) -> list[tuple[str, str]]:
     if request_id:
         metadata.append(("x-request-id", request_id))
     return metadata
+
+
+def _check_json_content_type(request: web.Request) -> None:
+    """A JSON body must say it is JSON, or say nothing: `application/json` or `application/*+json`, in
+    UTF-8; no Content-Type is read as JSON. Anything else (a form, text/plain, XML) is 415 naming the
+    header, rather than read as JSON regardless of what the client said it sent."""
+    if "Content-Type" not in request.headers:
+        return
+    media = request.content_type  # lower-case, without parameters
+    kind, _, subtype = media.partition("/")
+    if media != _JSON and not (kind == "application" and subtype.endswith("+json")):
+        given = transcode.shown(request.headers["Content-Type"])
+        raise transcode.BadInput([("Content-Type", f"is {given!r}; this route takes a JSON body: send "
+                                                   f"Content-Type: {_JSON}")], http_status=415)
+    charset = transcode.shown(request.charset or "utf-8")
+    if charset.lower() not in ("utf-8", "utf8"):
+        raise transcode.BadInput([("Content-Type", f"says charset={charset}; JSON bodies are UTF-8 (send "
+                                                   f"Content-Type: {_JSON})")], http_status=415)
 
 
 def _query(request: web.Request) -> dict[str, list[str]]:
@@ -154,7 +173,7 @@ class Gateway:
                     return await self._server_stream(route, built, request)
                 return await self._unary(route, built, request)
             except transcode.BadInput as exc:
-                return _error_response(errors.bad_request(exc.violations))
+                return _error_response(errors.bad_request(exc.violations), http=exc.http_status)
             except web.HTTPRequestEntityTooLarge:
                 return _error_response(errors.simple(
                     code_pb2.RESOURCE_EXHAUSTED, f"the request body is larger than {self.max_body_bytes} "
@@ -173,6 +192,8 @@ class Gateway:
         msg = _message_class(route.method.input_type)()
         if route.body:
             raw = await request.read()
+            if raw.strip():
+                _check_json_content_type(request)
             if route.body == "*":
                 transcode.parse_json_into(msg, raw)
             else:

@@ -34,10 +34,12 @@ MAX_JSON_DEPTH = 100
 
 
 class BadInput(ValueError):
-    """The request cannot become a message; `violations` are (field, description) pairs."""
+    """The request cannot become a message; `violations` are (field, description) pairs, answered with
+    `http_status` (400, or e.g. 415 for a body that is not JSON)."""
 
-    def __init__(self, violations: list[tuple[str, str]]) -> None:
+    def __init__(self, violations: list[tuple[str, str]], *, http_status: int = 400) -> None:
         self.violations = violations
+        self.http_status = http_status
         super().__init__("; ".join(f"{f}: {d}" if f else d for f, d in violations))
 
 

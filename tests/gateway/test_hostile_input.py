@@ -211,3 +211,41 @@ def _get_job(job: str, organization: str) -> bytes:
     from tuneforge.v1 import job_service_pb2
 
     return job_service_pb2.GetJobRequest(job=job, organization=organization).SerializeToString()
+
+
+# -- 3. Content-Type --
+
+@pytest.mark.parametrize("content_type", [
+    "text/plain", "application/xml", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded",
+    "application/octet-stream", "application/json; charset=latin-1", "application/jsonx"])
+async def test_a_body_that_is_not_declared_json_is_415_naming_the_header(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture, content_type: str) -> None:
+    for method, path, _ in BODY_ROUTES:
+        status, answer = await gateway.json(method, path, b"{}", {"Content-Type": content_type})
+        assert status == 415 and answer["code"] == 3, (method, path, status, answer)
+        assert "Content-Type" in violations(answer), answer
+    assert gateway.backend.calls == []
+    _no_traceback(caplog)
+
+
+@pytest.mark.parametrize("content_type", [
+    None, "application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8",
+    "application/merge-patch+json", "application/vnd.tuneforge+json"])
+async def test_json_bodies_and_bodies_with_no_content_type_are_read(
+        gateway: Gateway, content_type: str | None) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    status, _ = await gateway.json("POST", "/v1/jobs", b'{"name": "x"}', headers)
+    assert status == 200 and gateway.backend.rpcs() == ["CreateJob"]
+    # An empty body is no body, whatever it is labelled.
+    status, _ = await gateway.json("POST", "/v1/jobs/x:cancel", b"", {"Content-Type": "text/plain"})
+    assert status == 200 and gateway.backend.rpcs() == ["CreateJob", "CancelJob"]
+
+
+@pytest.mark.parametrize("content_type", [
+    None, "application/octet-stream", "application/x-www-form-urlencoded", "text/plain", "application/jsonl"])
+async def test_uploads_take_the_raw_file_whatever_its_content_type(
+        gateway: Gateway, content_type: str | None) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    status, _ = await gateway.json("POST", "/v1/datasets:upload?name=chat&filename=chat.jsonl",
+                                   b'{"messages": []}\n', headers)
+    assert status == 200 and gateway.backend.rpcs() == ["UploadDataset"]
