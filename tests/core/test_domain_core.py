@@ -166,7 +166,8 @@ def test_resolving_twice_changes_nothing_and_the_worker_accepts_only_resolved_sp
         if method == job_pb2.TRAINING_METHOD_UNSPECIFIED:
             continue
         spec = job_pb2.JobSpec(base_model="org/model", dataset="ds_1", method=method)
-        spec.distillation.teacher_model = "org/teacher"
+        if method == job_pb2.TRAINING_METHOD_DISTILLATION:  # another method's model is refused
+            spec.distillation.teacher_model = "org/teacher"
         spec.grpo.reward_functions.append(job_pb2.REWARD_FUNCTION_JSON_VALID)
         once = resolve_spec(spec)
         assert resolve_spec(once) == once

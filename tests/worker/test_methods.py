@@ -71,9 +71,10 @@ def _spec(method: str, adapter: str, teacher: Path) -> dict[str, Any]:
             "reward_functions": ["REWARD_FUNCTION_EXACT_MATCH", "REWARD_FUNCTION_LENGTH"],
             "target_length": 16,
         },
-        "distillation": {"teacher_model": str(teacher), "temperature": 2.0, "alpha": 0.5},
         "output": {"merge_adapter": adapter in ("LORA", "QLORA")},
     }
+    if method == "DISTILLATION":  # another method's teacher is refused
+        spec["distillation"] = {"teacher_model": str(teacher), "temperature": 2.0, "alpha": 0.5}
     resolve_spec(ParseDict(spec, job_pb2.JobSpec()))  # the matrix is what the jobs service accepts
     return spec
 
