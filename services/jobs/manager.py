@@ -85,6 +85,7 @@ from tuneforge_core import states, subjects, tracing
 from tuneforge_core.errors import (
     AlreadyExists,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     ResourceExhausted,
     Violations,
@@ -138,7 +139,9 @@ def _job_holders(on_worker: Sequence[JobRow], queued: Sequence[JobRow]) -> Calla
 
 def _request_id_reused(request_id: str) -> AlreadyExists:
     return AlreadyExists("request_id was already used for a different request",
-                         reason=Reason.REQUEST_ID_REUSED, metadata={"request_id": request_id})
+                         reason=Reason.REQUEST_ID_REUSED, metadata={"request_id": request_id},
+                         violations=[FieldViolation("request_id", "was already used for a different request: "
+                                                                  "send a new one for a new job")])
 
 
 def _request_hash(request: job_service_pb2.CreateJobRequest) -> str:
@@ -509,7 +512,9 @@ class JobManager:
                 f"{as_utc(gone.deleted_at):%Y-%m-%d %H:%M:%S} UTC; send a new request_id to create another "
                 "job",
                 reason=Reason.REQUEST_ID_REUSED,
-                metadata={"request_id": request.request_id, "job": gone.job_id, "deleted": "true"})
+                metadata={"request_id": request.request_id, "job": gone.job_id, "deleted": "true"},
+                violations=[FieldViolation("request_id",
+                                           f"already created job {gone.job_id}, since deleted")])
         if row.request_hash != _request_hash(request):
             raise _request_id_reused(request.request_id)
         return job_to_proto(row)

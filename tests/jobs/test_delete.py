@@ -210,11 +210,14 @@ async def test_a_create_retried_after_its_job_was_deleted_does_not_make_it_again
         assert error.reason == Reason.REQUEST_ID_REUSED
         assert error.metadata == {"request_id": "once", "job": job.id, "deleted": "true"}
         assert f"request_id 'once' already created job {job.id}, which was deleted at" in error.message
+        assert [v.field for v in error.violations] == ["request_id"]
         # Another request under that request_id is refused as before; a new request_id makes a new job.
         other = job_service_pb2.CreateJobRequest(organization=ORG, name="other", spec=create.spec,
                                                  request_id="once")
-        with pytest.raises(AlreadyExists, match="already used for a different request"):
+        with pytest.raises(AlreadyExists, match="already used for a different request") as reused:
             await jobs.create(other)
+        assert [(v.field, v.description.split(":")[0]) for v in reused.value.violations] == [
+            ("request_id", "was already used for a different request")]
         assert (await jobs.create(job_service_pb2.CreateJobRequest(
             organization=ORG, spec=create.spec, request_id="twice"))).id != job.id
         # Another organization's request_ids are its own.
