@@ -91,6 +91,8 @@ class ArtifactCatalog:
                 raise invalid(f"kinds[{i}]", "is not an artifact kind")
         if ttl_seconds == 0 and ttl_nanos == 0:
             return self.default_ttl_s
+        if not -999_999_999 <= ttl_nanos <= 999_999_999:
+            raise invalid("url_ttl.nanos", f"must be between -999999999 and 999999999, got {ttl_nanos}")
         ttl = ttl_seconds + (1 if ttl_nanos > 0 else 0)
         if ttl_seconds < 0 or ttl_nanos < 0 or ttl < 1:
             raise invalid("url_ttl", "must be positive")

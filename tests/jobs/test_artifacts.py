@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from services.cli.main import app
 from services.client import NotFound, TuneForgeClient, Unavailable
+from services.jobs.artifacts import ArtifactCatalog
 from services.jobs.component import JobsComponent
 from services.jobs.downloads import DownloadSigner, TokenRefused, parse_range
 from services.jobs.models import JobRow
@@ -37,9 +38,10 @@ from services.jobs.settings import JobSettings
 from services.kit.identity import IdentityStore
 from services.kit.runtime import Runtime, serve
 from tests.seaweed import seaweedfs
+from tuneforge_core.errors import InvalidArgument
 from tuneforge_core.ids import new_id
 from tuneforge_core.settings import KitSettings
-from tuneforge_core.storage import ObjectStore, S3ObjectStore
+from tuneforge_core.storage import LocalObjectStore, ObjectStore, S3ObjectStore
 
 K = artifact_pb2.ArtifactKind
 ORG, OTHER = "acme", "bravo"
@@ -423,3 +425,15 @@ def test_on_s3_the_urls_are_presigned_and_expire(kit_settings: KitSettings, s3_e
             assert status == 403 and b"expired" in body.lower(), body[:300]
         with served.client(served.bravo_key) as bravo, pytest.raises(NotFound):
             bravo.get_job_artifacts(job.id)
+
+
+@pytest.mark.parametrize(("seconds", "nanos", "field"), [
+    (1, 2_000_000_000, "url_ttl.nanos"), (0, -1_000_000_000, "url_ttl.nanos"), (-5, 0, "url_ttl"),
+    (7200, 0, "url_ttl")])
+def test_a_url_ttl_that_is_not_a_duration_or_out_of_range_is_refused_naming_it(
+        tmp_path: Path, seconds: int, nanos: int, field: str) -> None:
+    catalog = ArtifactCatalog(LocalObjectStore(tmp_path), default_ttl_s=3600)
+    with pytest.raises(InvalidArgument) as caught:
+        catalog.check_request([], seconds, nanos)
+    assert [v.field for v in caught.value.violations] == [field]
+    assert catalog.check_request([], 0, 0) == 3600 and catalog.check_request([], 1, 500) == 2
