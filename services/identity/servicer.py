@@ -22,7 +22,7 @@ from tuneforge.v1 import (
 from services.kit import paging
 from services.kit.auth import current_principal
 from services.kit.identity import ROLE_NAMES, IdentityStore
-from services.kit.validation import check_organization
+from services.kit.validation import ID_LIKE_NAME, ID_LIKE_RE, check_organization
 from tuneforge_core.errors import Violations
 from tuneforge_core.settings import KitSettings
 
@@ -43,6 +43,8 @@ class ApiKeyServicer(api_key_service_pb2_grpc.ApiKeyServiceServicer):
         check_organization(v, request.organization)
         if not KEY_NAME_RE.match(request.name):
             v.add("name", "must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        elif ID_LIKE_RE.match(request.name):
+            v.add("name", ID_LIKE_NAME)
         if request.role not in ROLE_NAMES:
             v.add("role", "must be ROLE_VIEWER, ROLE_MEMBER or ROLE_ADMIN")
         ttl = self.default_ttl

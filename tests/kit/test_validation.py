@@ -22,3 +22,16 @@ def test_good_organizations_and_names_pass(value: str) -> None:
     check_organization(v, value)
     check_name(v, value)
     assert not v
+
+
+def test_a_name_shaped_like_an_id_is_refused() -> None:
+    from tuneforge_core.ids import new_id
+
+    for prefix in ("ds", "job", "dep", "key", "evt"):
+        v = Violations()
+        check_name(v, new_id(prefix))
+        assert [i.field for i in v.items] == ["name"] and "must not look like an id" in v.items[0].description
+    for value in ("ds_small", "job_1", "chat-01m975e04pejx5vapcnkf797ye", "ds_" + "a" * 25):
+        v = Violations()
+        check_name(v, value)
+        assert not v, value
