@@ -137,7 +137,9 @@ def dataset_to_proto(record: DatasetRecord, uri_for: UriFor) -> dataset_pb2.Data
         statistics=statistics_to_proto(record.statistics),
         splits=[dataset_pb2.DatasetSplit(kind=split_kind_to_proto(s.kind), example_count=s.example_count,
                                          uri=uri_for(s.key)) for s in record.splits],
-        validation=dataset_pb2.ValidationSummary(valid=record.error_count == 0,
+        # Valid only once validated: not while PROCESSING, nor an import that failed before it validated.
+        validation=dataset_pb2.ValidationSummary(valid=record.state is DatasetState.READY
+                                                 and record.error_count == 0,
                                                  error_count=record.error_count,
                                                  warning_count=record.warning_count),
         failure_message=record.failure_message,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -51,6 +52,9 @@ def test_dataset_to_proto() -> None:
     assert proto.statistics.total_characters == 400 and not proto.statistics.HasField("tokens")
     assert (proto.validation.valid, proto.validation.warning_count) == (True, 1)
     assert proto.create_time.ToDatetime(tzinfo=UTC) == NOW
+    # Valid only once validated: neither while PROCESSING nor after failing before validation.
+    for state in (c.DatasetState.PROCESSING, c.DatasetState.FAILED):
+        assert not c.dataset_to_proto(replace(_record(), state=state), str).validation.valid
 
 
 def test_every_domain_enum_has_a_proto_value() -> None:

@@ -545,6 +545,8 @@ async def test_unreachable_hub_dataset_ends_failed(
     assert dataset.state == FAILED
     assert "hf://someone/some-dataset" in dataset.failure_message, dataset.failure_message
     assert "hf_secret_token_123" not in dataset.failure_message + caplog.text
+    # Nothing was validated: not "valid" for having no errors.
+    assert not dataset.validation.valid and dataset.validation.error_count == 0
 
 
 async def test_hub_id_naming_a_server_path_is_refused(stub: DatasetServiceStub) -> None:

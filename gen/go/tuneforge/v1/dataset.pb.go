@@ -1178,7 +1178,9 @@ type ValidationSummary struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	// True when validation found no errors (warnings allowed).
+	// True when validation ran and found no errors (warnings allowed): false while the dataset is PROCESSING,
+	// and for one that FAILED, by its errors or before it was validated (an import that could not read its
+	// source).
 	Valid bool `protobuf:"varint,1,opt,name=valid,proto3" json:"valid,omitempty"`
 	// Errors found (each one an example or a dataset-level problem).
 	ErrorCount int64 `protobuf:"varint,2,opt,name=error_count,json=errorCount,proto3" json:"error_count,omitempty"`

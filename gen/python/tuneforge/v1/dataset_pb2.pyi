@@ -660,7 +660,10 @@ class ValidationSummary(_message.Message):
     ERROR_COUNT_FIELD_NUMBER: _builtins.int
     WARNING_COUNT_FIELD_NUMBER: _builtins.int
     valid: _builtins.bool
-    """True when validation found no errors (warnings allowed)."""
+    """True when validation ran and found no errors (warnings allowed): false while the dataset is PROCESSING,
+    and for one that FAILED, by its errors or before it was validated (an import that could not read its
+    source).
+    """
     error_count: _builtins.int
     """Errors found (each one an example or a dataset-level problem)."""
     warning_count: _builtins.int

@@ -571,7 +571,9 @@ export const TokenStatisticsSchema: GenMessage<TokenStatistics> = /*@__PURE__*/
  */
 export type ValidationSummary = Message<"tuneforge.v1.ValidationSummary"> & {
   /**
-   * True when validation found no errors (warnings allowed).
+   * True when validation ran and found no errors (warnings allowed): false while the dataset is PROCESSING,
+   * and for one that FAILED, by its errors or before it was validated (an import that could not read its
+   * source).
    *
    * @generated from field: bool valid = 1;
    */
