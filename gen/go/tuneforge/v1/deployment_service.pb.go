@@ -427,7 +427,8 @@ type CreateDeploymentRequest struct {
 	// Serve the merged model (needs the job's output.merge_adapter); default false: the adapter on its base
 	// model.
 	Merged bool `protobuf:"varint,5,opt,name=merged,proto3" json:"merged,omitempty"`
-	// Idempotency key: retrying with the same request_id returns the deployment created the first time.
+	// Idempotency key: retrying with the same request_id returns the deployment created the first time; a
+	// different request under it is ALREADY_EXISTS (reason REQUEST_ID_REUSED) naming this field.
 	RequestId string `protobuf:"bytes,6,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 }
 

@@ -247,7 +247,9 @@ class CreateDeploymentRequest(_message.Message):
     model.
     """
     request_id: _builtins.str
-    """Idempotency key: retrying with the same request_id returns the deployment created the first time."""
+    """Idempotency key: retrying with the same request_id returns the deployment created the first time; a
+    different request under it is ALREADY_EXISTS (reason REQUEST_ID_REUSED) naming this field.
+    """
     def __init__(
         self,
         *,

@@ -240,7 +240,8 @@ export type CreateDeploymentRequest = Message<"tuneforge.v1.CreateDeploymentRequ
   merged: boolean;
 
   /**
-   * Idempotency key: retrying with the same request_id returns the deployment created the first time.
+   * Idempotency key: retrying with the same request_id returns the deployment created the first time; a
+   * different request under it is ALREADY_EXISTS (reason REQUEST_ID_REUSED) naming this field.
    *
    * @generated from field: string request_id = 6;
    */
