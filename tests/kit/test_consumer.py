@@ -77,6 +77,21 @@ async def consuming(nats_url: str, messages: Sequence[bytes], loop: Any, *, dead
         await nc.drain()
 
 
+@contextlib.asynccontextmanager
+async def fresh_stream(nats_url: str) -> AsyncIterator[JetStreamContext]:
+    """An empty stream on SUBJECT for the test's own consumers; deleted afterwards."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    with contextlib.suppress(Exception):
+        await js.delete_stream(STREAM)
+    await js.add_stream(name=STREAM, subjects=[SUBJECT])
+    try:
+        yield js
+    finally:
+        await js.delete_stream(STREAM)
+        await nc.drain()
+
+
 async def kept(js: JetStreamContext) -> list[Any]:
     """What the dead-letter stream holds, oldest first."""
     try:
@@ -445,12 +460,7 @@ async def test_once_told_to_stop_a_batch_consumer_fetches_no_more_and_settles_wh
         handled.extend(m.data for m in msgs)
         return {}
 
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    with contextlib.suppress(Exception):
-        await js.delete_stream(STREAM)
-    await js.add_stream(name=STREAM, subjects=[SUBJECT])
-    try:
+    async with fresh_stream(nats_url) as js:
         for i in range(3):
             await js.publish("consumer-test.x", f"a{i}".encode())
         # Two batches in flight: the loop goes on fetching while the first is handled.
@@ -475,20 +485,12 @@ async def test_once_told_to_stop_a_batch_consumer_fetches_no_more_and_settles_wh
         await until(acked, "the batch in hand is acked")
         info = await js.consumer_info(STREAM, "consumer-test-until")
         assert info.num_pending == 3  # the rest left for another
-    finally:
-        await js.delete_stream(STREAM)
-        await nc.drain()
 
 
 async def test_what_a_consumer_handed_out_and_no_one_acked_is_read_back_in_order(nats_url: str) -> None:
     """`unsettled`: from the first message not acked to the last handed out, in stream order, on the
     consumer's subject only; what was acked before stays out, and a consumer not made yet has none."""
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    with contextlib.suppress(Exception):
-        await js.delete_stream(STREAM)
-    await js.add_stream(name=STREAM, subjects=[SUBJECT])
-    try:
+    async with fresh_stream(nats_url) as js:
         filtered = "consumer-test.x.*"
         assert await unsettled(js, STREAM, "consumer-test-unsettled", filtered) == []
         for i in range(8):
@@ -506,6 +508,3 @@ async def test_what_a_consumer_handed_out_and_no_one_acked_is_read_back_in_order
             await m.ack_sync()
         assert await unsettled(js, STREAM, "consumer-test-unsettled", filtered) == []
         await sub.unsubscribe()
-    finally:
-        await js.delete_stream(STREAM)
-        await nc.drain()
