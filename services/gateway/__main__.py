@@ -27,7 +27,7 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import Field
 
-from services.gateway.app import DEFAULT_MAX_BODY_BYTES, create_app
+from services.gateway.app import DEFAULT_MAX_BODY_BYTES, create_app, create_runner
 from services.kit.runtime import (
     EXIT_ADDRESS_IN_USE,
     channel_credentials,
@@ -76,7 +76,7 @@ def _write_ready(path: Path, url: str) -> None:
 async def serve(settings: GatewaySettings) -> None:
     app = create_app(settings.grpc_target(), channel_credentials(settings),
                      max_body_bytes=settings.http_max_body_bytes)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = create_runner(app)
     await runner.setup()
     tls = ssl_context(settings)
     site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=False, ssl_context=tls)

@@ -17,7 +17,8 @@ organization scoping are the services' own, exactly as for a gRPC client.
 Input the gateway refuses before calling a service (bad JSON, an unknown field, a value of the wrong type,
 an unknown enum name, a parameter that is not UTF-8) is 400 with a google.rpc.BadRequest naming the field;
 a body whose Content-Type is not JSON (`application/json`, `application/*+json`, or none) is 415 naming
-the header; a JSON body over `max_body_bytes` is 413 (RESOURCE_EXHAUSTED).
+the header; a JSON body over `max_body_bytes` is 413 (RESOURCE_EXHAUSTED); a URL over MAX_URL_BYTES is
+414 naming its longest parameter.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import grpc
 import grpc.aio
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import message, message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from google.rpc import code_pb2, status_pb2
@@ -52,6 +55,12 @@ KEEPALIVE_S = 15.0
 # once (unknown job, no key) become plain HTTP errors; a quiet stream starts anyway after this.
 FIRST_MESSAGE_WAIT_S = 1.0
 
+# The longest request URL (path and query, percent-encoded) the gateway reads: aiohttp's default limit on a
+# request line, so no URL that was read before is refused. aiohttp itself reads lines up to MAX_LINE_BYTES,
+# so that a longer URL is answered by the gateway, a Status naming its longest parameter, rather than by
+# aiohttp's plain-text 400 (which names nothing).
+MAX_URL_BYTES = 8190
+MAX_LINE_BYTES = 1024 * 1024
 OPENAPI_FILE = Path(__file__).resolve().parents[2] / "gen" / "openapi" / "tuneforge.v1.openapi.json"
 
 CHANNEL_KEY: web.AppKey[grpc.aio.Channel] = web.AppKey("gateway_channel", grpc.aio.Channel)
@@ -157,6 +166,9 @@ class Gateway:
     # -- dispatch --
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.rel_url.raw_path
+        too_long = self._url_too_long(request)
+        if too_long is not None:
+            return _error_response(errors.bad_request(too_long.violations), http=too_long.http_status)
         allowed: set[str] = set()
         for route in self.routes:
             variables = route.path.match(raw_path)
@@ -187,6 +199,24 @@ class Gateway:
         return _error_response(errors.simple(
             code_pb2.NOT_FOUND, f"no API route {request.method} {request.path} (see /v1/openapi.json)",
             Reason.NOT_FOUND, path=request.path))
+
+    def _url_too_long(self, request: web.Request) -> transcode.BadInput | None:
+        """414 naming the longest parameter (path variable or query parameter) of a URL over MAX_URL_BYTES,
+        or None."""
+        size = len(request.raw_path)  # path and query, as sent
+        if size <= MAX_URL_BYTES:
+            return None
+        query = parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True, errors="surrogateescape")
+        parts = [(name, _size(value)) for name, value in query]
+        for route in self.routes:
+            variables = route.path.match(request.rel_url.raw_path)
+            if variables is not None:
+                parts += [(name, _size(value)) for name, value in variables.items()]
+                break
+        name, longest = max(parts, key=lambda part: part[1], default=("path", len(request.rel_url.raw_path)))
+        return transcode.BadInput([(transcode.shown(name)[:200], f"is {longest} bytes long, making the URL "
+                                   f"{size} bytes; the gateway reads URLs of at most {MAX_URL_BYTES} bytes")],
+                                  http_status=414)
 
     async def _build(self, route: Route, variables: dict[str, str], request: web.Request) -> message.Message:
         msg = _message_class(route.method.input_type)()
@@ -304,6 +334,10 @@ class Gateway:
         return web.Response(body=self._openapi, content_type=_JSON)
 
 
+def _size(decoded: str) -> int:
+    return len(decoded.encode("utf-8", "surrogateescape"))
+
+
 def _upload_fields(route: Route) -> tuple[FieldDescriptor, FieldDescriptor]:
     """(metadata field, bytes field) of a client-streaming request: the route's body names the bytes field,
     the request's one message field carries the metadata."""
@@ -343,6 +377,34 @@ async def _json_errors(request: web.Request, handler: Callable[[web.Request], An
 
 async def _health(_request: web.Request) -> web.Response:
     return web.json_response({"status": "SERVING"})
+
+
+class _ClientErrorsOnOneLine(logging.Filter):
+    """aiohttp logs a request its parser refuses (a line over MAX_LINE_BYTES, a header over 8190 bytes, a
+    byte not allowed in a URL) with a full traceback at ERROR, though it is the client's mistake, answered
+    400: one WARNING line instead. aiohttp answers those itself, in plain text, before any handler or
+    middleware runs; it has no hook to shape that answer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(str(exc.message or exc).split())[:300]
+            record.msg, record.args = "%s: refused, %s %s: %s", (record.getMessage(), exc.code,
+                                                                  type(exc).__name__, reason)
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+SERVER_LOG = logging.getLogger("services.gateway.http")
+SERVER_LOG.addFilter(_ClientErrorsOnOneLine())
+
+
+def create_runner(app: web.Application) -> web.AppRunner:
+    """The runner the gateway serves `app` with: request lines up to MAX_LINE_BYTES (the gateway answers
+    URLs over MAX_URL_BYTES itself), and aiohttp's server log on SERVER_LOG."""
+    return web.AppRunner(app, handler_cancellation=True, access_log=None, max_line_size=MAX_LINE_BYTES,
+                         logger=SERVER_LOG)
 
 
 def create_app(target: str, credentials: grpc.ChannelCredentials | None = None, *,

@@ -99,7 +99,7 @@ async def gateway() -> AsyncIterator[Gateway]:
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     app = gateway_app.create_app(f"127.0.0.1:{grpc_port}", console=False)
-    runner = web.AppRunner(app)
+    runner = gateway_app.create_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -249,3 +249,37 @@ async def test_uploads_take_the_raw_file_whatever_its_content_type(
     status, _ = await gateway.json("POST", "/v1/datasets:upload?name=chat&filename=chat.jsonl",
                                    b'{"messages": []}\n', headers)
     assert status == 200 and gateway.backend.rpcs() == ["UploadDataset"]
+
+
+# -- 4. Lines longer than aiohttp reads by default --
+
+async def test_a_64kb_path_segment_or_query_value_is_414_naming_it(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    long = "x" * 65_536
+    status, answer = await gateway.json("GET", f"/v1/jobs/{long}")
+    assert status == 414 and answer["code"] == 3, (status, answer)
+    assert "65536 bytes" in violations(answer)["job"], answer
+    status, answer = await gateway.json("POST", f"/v1/jobs?organization={long}&requestId=1", b"{}")
+    assert status == 414 and set(violations(answer)) == {"organization"}, answer
+    status, answer = await gateway.json("POST", f"/v1/datasets:upload?name=a&description={long}", b"x")
+    assert status == 414 and set(violations(answer)) == {"description"}, answer
+    # Up to the limit (aiohttp's own default), a URL is read as before.
+    fits = "y" * (gateway_app.MAX_URL_BYTES - len("/v1/jobs/"))
+    status, _ = await gateway.json("GET", f"/v1/jobs/{fits}")
+    assert status == 200 and gateway.backend.rpcs() == ["GetJob"]
+    _no_traceback(caplog)
+
+
+async def test_what_aiohttp_refuses_itself_is_logged_on_one_line_without_a_traceback(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    huge = "z" * (gateway_app.MAX_LINE_BYTES + 10)
+    for target, headers in ((f"/v1/jobs/{huge}", None), ("/v1/jobs", {"X-Long": "h" * 70_000}),
+                            (b"/v1/jobs?organization=\xff", None)):
+        status, _, _ = await gateway.raw("GET", target, headers=headers)
+        assert status == 400
+    assert gateway.backend.calls == []
+    _no_traceback(caplog)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 3, [r.getMessage() for r in caplog.records]
+    assert all(len(r.getMessage()) < 600 and "\n" not in r.getMessage() for r in warned)
