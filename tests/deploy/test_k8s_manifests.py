@@ -361,3 +361,15 @@ def test_the_gateway_routes_every_grpc_service_to_the_deployment_serving_it(name
         assert any(service_name in f.read_text() for f in package.glob("*.py")), \
             f"{service_name} routed to {backend['name']}, which does not serve it"
     assert routes["/v1/"] == {"name": "serving", "port": {"name": "http"}}
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_namespaced_object_is_in_the_tuneforge_namespace(name: str) -> None:
+    """An object without a namespace goes to kubectl's current one (usually `default`), away from the
+    ConfigMap, Secrets, ServiceAccounts and Services it names."""
+    cluster_wide = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+                    "PriorityClass", "StorageClass", "PersistentVolume", "IngressClass"}
+    astray = [f"{d['kind']} {d['metadata']['name']}: {d['metadata'].get('namespace')!r}"
+              for d in build(f"overlays/{name}")
+              if d["kind"] not in cluster_wide and d["metadata"].get("namespace") != "tuneforge"]
+    assert astray == []
