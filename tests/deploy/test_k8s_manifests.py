@@ -373,3 +373,20 @@ def test_every_namespaced_object_is_in_the_tuneforge_namespace(name: str) -> Non
               for d in build(f"overlays/{name}")
               if d["kind"] not in cluster_wide and d["metadata"].get("namespace") != "tuneforge"]
     assert astray == []
+
+
+@pytest.mark.parametrize("name", ["production", "multinode"])
+def test_the_migrations_step_applies_all_the_job_needs(name: str) -> None:
+    """deploy/k8s/README.md step 1 applies what carries the label `app.kubernetes.io/component in
+    (migrations,postgres)`: the Job, its ServiceAccount, and the `postgres` Service its database URL names.
+    The Secrets are created by hand before (their names are checked elsewhere)."""
+    docs = build(f"overlays/{name}")
+    selected = [d for d in docs if (d["metadata"].get("labels") or {}).get("app.kubernetes.io/component")
+                in ("migrations", "postgres")]
+    names = {(d["kind"], d["metadata"]["name"]) for d in selected}
+    jobs = [d for d in selected if d["kind"] == "Job"]
+    assert [j["metadata"]["name"] for j in jobs] == ["tuneforge-migrations"]
+    account = jobs[0]["spec"]["template"]["spec"]["serviceAccountName"]
+    assert ("ServiceAccount", account) in names
+    assert ("Service", "postgres") in names
+    assert "migrations,postgres" in (K8S / "README.md").read_text()
