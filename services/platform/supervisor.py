@@ -44,6 +44,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,10 @@ class PlatformStartError(RuntimeError):
 
 
 _HINT = " (another TuneForge may be running there; choose another with --port or TUNEFORGE_GRPC_PORT)"
+# The line a service process that could not listen ends with (services.kit.runtime.run_until_stopped).
+_TAKEN = re.compile(r"address (\S+) is already in use")
+# The other ports the services process listens on, by the setting that chooses each.
+_PORT_SETTINGS = ("TUNEFORGE_METRICS_PORT", "TUNEFORGE_DOWNLOAD_PORT", "TUNEFORGE_SERVING_PORT")
 
 
 @dataclass
@@ -283,8 +288,7 @@ class Platform:
             while not ready.exists():
                 code = services.poll()
                 if code == EXIT_ADDRESS_IN_USE:
-                    raise PlatformStartError(f"address {self.config.grpc_host}:{self.config.grpc_port} is "
-                                             f"already in use{_HINT}")
+                    raise PlatformStartError(self._taken(self.logs_dir / "services.log"))
                 if code is not None:
                     raise PlatformStartError(f"the services process exited with {code}; "
                                              f"see {self.logs_dir / 'services.log'}")
@@ -341,6 +345,25 @@ class Platform:
                                    withhold=GATEWAY_WITHHELD)
         self._gateway_serving = False
         return ready
+
+    def _taken(self, log: Path) -> str:
+        """What to say of a services process that could not listen: the address its log names (the gRPC
+        port, or another port it serves: its Prometheus endpoint, downloads, the model endpoint), with the
+        setting that chooses it."""
+        grpc_address = f"{self.config.grpc_host}:{self.config.grpc_port}"
+        try:
+            found = _TAKEN.findall(log.read_text(errors="replace")[-4096:])
+        except OSError:
+            found = []
+        taken = found[-1] if found else grpc_address
+        if taken == grpc_address:
+            return f"address {taken} is already in use{_HINT}"
+        env = {**os.environ, **self.config.env}
+        port = taken.rsplit(":", 1)[-1]
+        setting = next((name for name in _PORT_SETTINGS if env.get(name) == port), "")
+        which = f"{setting}: choose another port, or leave it unset" if setting else \
+            f"one of the services process' ports; see {log}"
+        return f"address {taken} is already in use ({which})"
 
     def _wait_gateway(self, ready: Path, deadline: float) -> None:
         gateway = self.gateway

@@ -116,3 +116,22 @@ def test_second_up_on_the_same_port_fails_and_up_reads_the_port_setting(
     assert first.poll() is None and serving(address)  # the first one is untouched
     first.send_signal(signal.SIGTERM)
     assert first.wait(60) == 0
+
+
+def test_up_names_the_port_that_is_taken_when_it_is_not_the_grpc_one(tmp_path: Path) -> None:
+    """The services process serves more than gRPC (its Prometheus endpoint here): a taken one is named with
+    its setting, not reported as the gRPC port."""
+    port, http_port = free_port(), free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*CLI, "up", "--workers", "0", "--data-dir", str(tmp_path / "up"), "--port", str(port),
+             "--http-port", str(http_port)], capture_output=True, text=True, timeout=120,
+            env=env(COLUMNS="200", TUNEFORGE_METRICS_PORT=str(metrics_port)))
+    assert result.returncode != 0, result.stdout
+    said = " ".join(result.stderr.split())
+    assert f"address 127.0.0.1:{metrics_port} is already in use (TUNEFORGE_METRICS_PORT" in said, said
+    assert f"127.0.0.1:{port} is already in use" not in said
+    assert "Traceback" not in result.stderr + result.stdout
