@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import signal
 import ssl
@@ -36,6 +37,8 @@ from services.kit.runtime import (
     tls_enabled,
 )
 from tuneforge_core.settings import KitSettings
+
+log = logging.getLogger("services.gateway")
 
 
 class GatewaySettings(KitSettings):
@@ -97,12 +100,12 @@ async def serve(settings: GatewaySettings) -> None:
         break
     url = url_of(settings.http_host, port, tls=tls is not None)
     if tls is None and not is_loopback(settings.http_host):
-        print(f"warning: the HTTP gateway listens on {settings.http_host} without TLS: API keys travel in "
-              "plaintext; put a TLS-terminating proxy in front of it", file=sys.stderr, flush=True)
+        log.warning("the HTTP gateway listens on %s without TLS: API keys travel in plaintext; put a "
+                    "TLS-terminating proxy in front of it", settings.http_host)
     ready_file = os.environ.get("TUNEFORGE_READY_FILE")
     if ready_file:
         _write_ready(Path(ready_file), url)
-    print(f"HTTP gateway on {url} -> gRPC {settings.grpc_target()}", flush=True)
+    log.info("HTTP gateway on %s -> gRPC %s", url, settings.grpc_target())  # as JSON with the JSON log format
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -115,7 +118,7 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main() -> None:
     settings = GatewaySettings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 
