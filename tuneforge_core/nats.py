@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from google.protobuf.message import Message
@@ -38,6 +40,9 @@ from tuneforge_core import subjects, tracing
 from tuneforge_core.settings import KitSettings
 
 log = logging.getLogger(__name__)
+
+# How often a NATS error that keeps coming (a server that cannot be reached) is logged again.
+REPEAT_LOG_S = 30.0
 
 # Duplicate-detection window: a re-published event id inside it is dropped by the server.
 DUPLICATE_WINDOW_S = 600.0
@@ -108,8 +113,22 @@ async def connect(url: str, name: str, *, user: str | None = None, password: str
         settings = KitSettings()
         user, password = settings.nats_user, settings.nats_password
 
+    shown = _redacted(url)
+    said: dict[str, float] = {}  # each error's text: when it was last logged
+    repeats: dict[str, int] = {}
+
     async def _on_error(exc: Exception) -> None:
-        log.warning("nats error: %s", exc)
+        # Reconnecting every half second repeats one error: it is logged once, then every REPEAT_LOG_S
+        # with how often it came meanwhile.
+        text, now = str(exc) or type(exc).__name__, time.monotonic()
+        last = said.get(text)
+        if last is not None and now - last < REPEAT_LOG_S:
+            repeats[text] = repeats.get(text, 0) + 1
+            return
+        again = repeats.pop(text, 0)
+        said[text] = now
+        log.warning("nats error (%s): %s%s", shown, text,
+                    f" ({again} more times in the last {now - last:.0f} s)" if again and last else "")
 
     credentials: dict[str, str] = {}
     if user:
@@ -118,6 +137,16 @@ async def connect(url: str, name: str, *, user: str | None = None, password: str
         servers=[url], name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
         error_cb=_on_error, **credentials,
     )
+
+
+def _redacted(url: str) -> str:
+    """`url` without the password it may carry."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def stream_configs(max_deliver_age_s: float = 7 * 24 * 3600, replicas: int = 0) -> list[StreamConfig]:
