@@ -108,15 +108,17 @@ async def run_ingest(js: JetStreamContext, settings: MetricsSettings, handlers: 
     replica that only waits runs none. Raises when a consumer fails."""
     lease = Lease(js, INGEST_LEASE, holder or holder_name(), settings.ingest_lease_s)
     while await lease.acquire(stop):
-        if on_held is not None:
-            on_held()
-        await store_unsettled(js, handlers.manager, settings.ingest_batch)
-        enough = asyncio.Event()
-        tasks = [asyncio.create_task(consumer, name=name)
-                 for name, consumer in consumers(js, settings, handlers, until=enough)]
+        # Kept from the start: storing what a dead holder left may take longer than the lease's TTL.
         keeping = asyncio.create_task(lease.keep(), name="metrics-ingest-lease")
         stopping = asyncio.create_task(stop.wait())
+        tasks: list[asyncio.Task[None]] = []
         try:
+            if on_held is not None:
+                on_held()
+            await store_unsettled(js, handlers.manager, settings.ingest_batch)
+            enough = asyncio.Event()
+            tasks = [asyncio.create_task(consumer, name=name)
+                     for name, consumer in consumers(js, settings, handlers, until=enough)]
             await asyncio.wait([keeping, stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:  # a consumer only ends on its own by failing
                 if task.done() and not task.cancelled() and task.exception() is not None:

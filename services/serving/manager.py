@@ -170,27 +170,17 @@ class DeploymentManager:
         if limit > 0:
             live = int(s.scalar(select(func.count()).select_from(DeploymentRow).where(
                 DeploymentRow.organization == org, DeploymentRow.state.in_([PENDING, READY]))) or 0)
-            if live >= limit:
-                raise ResourceExhausted(
-                    f"organization {org} has {live} live deployments (PENDING or READY), its limit "
-                    f"(TUNEFORGE_SERVING_MAX_DEPLOYMENTS_PER_ORG = {limit}); delete one it no longer "
-                    "needs (FAILED ones do not count) to free a place",
-                    reason=Reason.QUOTA_EXCEEDED,
-                    metadata={"limit": "serving_max_deployments_per_org", "value": str(limit),
-                              "live": str(live)})
+            _refuse_at(live, limit, "serving_max_deployments_per_org",
+                       f"organization {org} has {live} live deployments (PENDING or READY)",
+                       "delete one it no longer needs (FAILED ones do not count) to free a place")
         processes = self.settings.serving_max_model_processes
         if processes > 0:
             _lock(s, PLATFORM_LOCK)
             running = int(s.scalar(select(func.count()).select_from(DeploymentRow).where(
                 _HOLDS_PROCESS)) or 0)
-            if running >= processes:
-                raise ResourceExhausted(
-                    f"the platform runs {running} model processes, its limit "
-                    f"(TUNEFORGE_SERVING_MAX_MODEL_PROCESSES = {processes}); deleting a deployment frees "
-                    "one, or ask the platform's operator for a larger limit",
-                    reason=Reason.QUOTA_EXCEEDED,
-                    metadata={"limit": "serving_max_model_processes", "value": str(processes),
-                              "live": str(running)})
+            _refuse_at(running, processes, "serving_max_model_processes",
+                       f"the platform runs {running} model processes",
+                       "deleting a deployment frees one, or ask the platform's operator for a larger limit")
 
     def _replay(self, s: Session, org: str, request: pb.CreateDeploymentRequest) -> pb.Deployment | None:
         """The deployment an earlier create under this request_id made (None if there is none); another
@@ -449,6 +439,14 @@ _HOLDS_PROCESS: ColumnElement[bool] = or_(
     DeploymentRow.state == PENDING, and_(DeploymentRow.state == READY, DeploymentRow.target == EMBEDDED))
 # The row of `serving_org_locks` that the platform-wide limit locks (no organization's name has a "#").
 PLATFORM_LOCK = "#platform"
+
+
+def _refuse_at(live: int, limit: int, setting: str, what: str, remedy: str) -> None:
+    """RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) naming the setting and its value when `live` has reached it."""
+    if live >= limit:
+        raise ResourceExhausted(f"{what}, its limit (TUNEFORGE_{setting.upper()} = {limit}); {remedy}",
+                                reason=Reason.QUOTA_EXCEEDED,
+                                metadata={"limit": setting, "value": str(limit), "live": str(live)})
 
 
 def _lock(s: Session, key: str) -> None:
