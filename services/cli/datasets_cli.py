@@ -25,21 +25,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     Progress,
     SpinnerColumn,
     Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TransferSpeedColumn,
 )
 from rich.text import Text
 from tuneforge.v1 import dataset_pb2, dataset_service_pb2
 
 from services.cli.dataset_options import FORMATS, build_metadata, encoding_problem, option_of
 from services.cli.dataset_report import as_options, from_violations, report_lines, summary_lines
-from services.cli.render import as_json, dataset_table
+from services.cli.render import BytesColumn, SpeedColumn, as_json, dataset_table
 
 # Refusals explained here, option by option or cause first (the others: as every command prints errors).
 EXPLAINED = frozenset({"INVALID_ARGUMENT", "ALREADY_EXISTS"})
@@ -213,14 +211,14 @@ def _explain(err_console: Console, error: Any, path: Path, mapping: dict[str, st
                           soft_wrap=True)
 
 
-class _Bytes(DownloadColumn):
+class _Bytes(BytesColumn):
     """Bytes done of the total; nothing for the server's phase, which has no byte count."""
 
     def render(self, task: Task) -> Text:
         return Text("") if task.fields.get("server") else super().render(task)
 
 
-class _Speed(TransferSpeedColumn):
+class _Speed(SpeedColumn):
     def render(self, task: Task) -> Text:
         return Text("") if task.fields.get("server") else super().render(task)
 

@@ -29,8 +29,18 @@ from services.cli import usage as usage_cli
 from services.cli.credentials import admin_key_path, api_key
 from services.cli.dataset_options import build_import_request, import_option_of
 from services.cli.dataset_report import import_as_options, report_lines
+from services.cli.render import (
+    BytesColumn,
+    SpeedColumn,
+    dataset_table,
+    job_table,
+    outcome,
+    plan_table,
+    size_text,
+    watch,
+    whole_ids,
+)
 from services.cli.render import as_json as to_json
-from services.cli.render import dataset_table, job_table, outcome, plan_table, watch, whole_ids
 from services.client import TuneForgeClient, TuneForgeError
 from services.client.errors import from_rpc_error
 from services.platform.supervisor import Platform, PlatformConfig, PlatformStartError
@@ -677,14 +687,6 @@ def pools(address: Address = DEFAULT_ADDRESS, org: Org = "", as_json: AsJson = F
 
 # -- artifacts -----------------------------------------------------------------------------------
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 @jobs_app.command("artifacts")
 def jobs_artifacts(ref: Annotated[str, typer.Argument(help="Job id or name.")],
                    address: Address = DEFAULT_ADDRESS, org: Org = "",
@@ -704,10 +706,10 @@ def jobs_artifacts(ref: Annotated[str, typer.Argument(help="Job id or name.")],
     for artifact in artifacts:
         kind = artifact_pb2.ArtifactKind.Name(artifact.kind).removeprefix("ARTIFACT_KIND_").lower()
         console.print(f"[bold]{escape(artifact.name)}[/bold] ({kind}, {len(artifact.files)} files, "
-                      f"{_size(artifact.size_bytes)})", highlight=False, soft_wrap=True)
+                      f"{size_text(artifact.size_bytes)})", highlight=False, soft_wrap=True)
         for f in artifact.files:
-            console.print(f"  {escape(f.path)}  {_size(f.size_bytes)}  sha256 {f.sha256}", highlight=False,
-                          soft_wrap=True)
+            console.print(f"  {escape(f.path)}  {size_text(f.size_bytes)}  sha256 {f.sha256}",
+                          highlight=False, soft_wrap=True)
 
 
 @jobs_app.command("checkpoints")
@@ -731,8 +733,8 @@ def jobs_checkpoints(ref: Annotated[str, typer.Argument(help="Job id or name.")]
     for c in response.checkpoints:
         table.add_row(escape(c.name), str(c.step), f"{c.epoch:.2f}",
                       loss(c.train_loss, c.HasField("train_loss")),
-                      loss(c.eval_loss, c.HasField("eval_loss")), _size(c.size_bytes), "*" if c.best else "",
-                      "kept" if c.optimizer_state_kept else "pruned")
+                      loss(c.eval_loss, c.HasField("eval_loss")), size_text(c.size_bytes),
+                      "*" if c.best else "", "kept" if c.optimizer_state_kept else "pruned")
     console.print(whole_ids(table))  # names and steps are printed whole, never cut
     if response.best_metric:
         console.print(f"best (*) by {response.best_metric}", highlight=False)
@@ -755,11 +757,9 @@ def jobs_download(
     again."""
     from rich.progress import (
         BarColumn,
-        DownloadColumn,
         Progress,
         TextColumn,
         TimeRemainingColumn,
-        TransferSpeedColumn,
     )
     from tuneforge.v1 import artifact_pb2
 
@@ -775,7 +775,7 @@ def jobs_download(
     with api(address, org) as client:
         artifact = client.get_job_artifact(ref, kind, checkpoint or 0)
         done: dict[str, int] = {}
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        columns = (TextColumn("{task.description}"), BarColumn(), BytesColumn(), SpeedColumn(),
                    TimeRemainingColumn())
         with Progress(*columns, console=console) as bar:
             task = bar.add_task(artifact.name, total=artifact.size_bytes)
@@ -795,7 +795,7 @@ def jobs_download(
                 bar.stop()
                 err_console.print(f"[red]error[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
-    console.print(f"{escape(artifact.name)}: {len(artifact.files)} files, {_size(artifact.size_bytes)}, "
+    console.print(f"{escape(artifact.name)}: {len(artifact.files)} files, {size_text(artifact.size_bytes)}, "
                   f"sha256 verified, in {escape(str(directory))}", highlight=False, soft_wrap=True)
 
 

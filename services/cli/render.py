@@ -12,8 +12,19 @@ from google.protobuf import json_format
 from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 from tuneforge.v1 import dataset_pb2, estimation_pb2, estimation_service_pb2, job_pb2, metrics_pb2
 
 from services.client import TuneForgeClient, TuneForgeError
@@ -32,6 +43,30 @@ def job_state(job: job_pb2.Job) -> str:
 
 def as_json(message: Any) -> str:
     return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=2)
+
+
+def size_text(n: float) -> str:
+    """A byte count in binary units (KiB, MiB...), as every size the CLI prints is."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class BytesColumn(DownloadColumn):
+    """Bytes done of the total, in the binary units of the sizes the CLI prints beside the bar."""
+
+    def __init__(self) -> None:
+        super().__init__(binary_units=True)
+
+
+class SpeedColumn(TransferSpeedColumn):
+    """Transfer speed in binary units (rich's own column has decimal ones only)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{size_text(speed)}/s", style="progress.data.speed")
 
 
 # Columns printed whole however narrow the terminal: ids and names are copied into the next command.

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from tuneforge.v1 import evaluation_pb2, job_pb2, job_service_pb2
 
-from services.cli.render import enum_name, whole_ids
+from services.cli.render import enum_name, size_text, whole_ids
 
 Address = Annotated[str, typer.Option("--address", envvar="TUNEFORGE_ADDRESS",
                                       help="gRPC address of the platform.")]
@@ -30,14 +30,6 @@ def event_type(event: job_pb2.JobEvent) -> str:
     return enum_name(job_pb2.JobEventType, event.type, "JOB_EVENT_TYPE_")
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def event_text(event: job_pb2.JobEvent) -> str:
     """The event's sentence, and the numbers that go with it."""
     extras: list[str] = []
@@ -46,7 +38,7 @@ def event_text(event: job_pb2.JobEvent) -> str:
     if event.epoch:
         extras.append(f"epoch {event.epoch:g}")
     if event.size_bytes:
-        extras.append(_size(event.size_bytes))
+        extras.append(size_text(event.size_bytes))
     if event.HasField("duration"):
         extras.append(f"{event.duration.ToTimedelta().total_seconds():.1f} s")
     if event.worker_id and event.worker_id not in event.message:

@@ -143,8 +143,8 @@ def test_the_progress_bar_shows_checksum_bytes_sent_and_the_servers_phase(
         response = upload(c.datasets, path, metadata, terminal, show=True, timeout_s=120)
     assert response.dataset.state == dataset_pb2.DATASET_STATE_READY
     text = out.getvalue()
-    size_mb = f"{path.stat().st_size / 1e6:.1f}/{path.stat().st_size / 1e6:.1f} MB"
-    assert "checksum chat.jsonl" in text and "upload chat.jsonl" in text and size_mb in text, text
+    size_mib = f"{path.stat().st_size / 2**20:.1f}/{path.stat().st_size / 2**20:.1f} MiB"
+    assert "checksum chat.jsonl" in text and "upload chat.jsonl" in text and size_mib in text, text
     assert "server: validating, splitting" in text
     # Not a terminal (CliRunner, a pipe): no bar at all.
     code, out_text = cli(platform, key, "datasets", "upload", str(path), "--name", "no-progress")
