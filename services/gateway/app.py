@@ -18,7 +18,13 @@ Input the gateway refuses before calling a service (bad JSON, an unknown field, 
 an unknown enum name, a parameter that is not UTF-8) is 400 with a google.rpc.BadRequest naming the field;
 a body whose Content-Type is not JSON (`application/json`, `application/*+json`, or none) is 415 naming
 the header; a JSON body over `max_body_bytes` is 413 (RESOURCE_EXHAUSTED); a URL over MAX_URL_BYTES is
-414 naming its longest parameter.
+414 naming its longest parameter; a body in a Content-Encoding the gateway does not decode is 415 naming
+that header, and one that does not decode (not the gzip it claims to be) is 400 naming `body` (an upload's
+call is then cancelled, never ended as if the file were whole).
+
+Left to aiohttp, which answers them in plain text before any handler or middleware runs (it has no hook to
+shape that answer; aio-libs/aiohttp#3287): a malformed request line or header, a header over 8190 bytes,
+bad chunked framing in the first packet of a body.
 """
 
 from __future__ import annotations
@@ -63,9 +69,18 @@ MAX_URL_BYTES = 8190
 MAX_LINE_BYTES = 1024 * 1024
 OPENAPI_FILE = Path(__file__).resolve().parents[2] / "gen" / "openapi" / "tuneforge.v1.openapi.json"
 
+# What reading a request's body raises when the body itself is malformed: a Content-Encoding it does not
+# decode to (gzip, deflate), a bad chunk of a chunked body, a Transfer-Encoding aiohttp refuses. aiohttp
+# parses the body while the handler reads it, so these reach the handler (unlike errors in the request line
+# or headers, which aiohttp answers before any handler runs) and are the client's 400, not the gateway's 500.
+BODY_ERRORS = (web.RequestPayloadError, HttpProcessingError)
+
 CHANNEL_KEY: web.AppKey[grpc.aio.Channel] = web.AppKey("gateway_channel", grpc.aio.Channel)
 ACTIVE_STREAMS: web.AppKey[dict[str, int]] = web.AppKey("gateway_active_streams", dict)
 _JSON = "application/json"
+# The content codings aiohttp decodes (br and zstd where their packages are installed; aiohttp refuses them
+# itself otherwise). A body in any other coding would be read as if it were not encoded at all.
+CONTENT_CODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
 
 
 def _message_class(desc: Any) -> type[message.Message]:
@@ -77,6 +92,17 @@ def _error_response(status: status_pb2.Status, http: int | None = None,
                     headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=http or errors.http_status(status.code), body=errors.status_json(status),
                         content_type=_JSON, headers=headers)
+
+
+def _unreadable_body(exc: Exception) -> web.Response:
+    """400 naming `body` for a body aiohttp could not read (one of BODY_ERRORS), with its reason. The
+    connection is closed after it: the rest of such a body cannot be told from the next request."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+    reason = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
+    reason = " ".join(str(reason).split())[:300] or type(cause).__name__
+    response = _error_response(errors.bad_request([("body", f"could not be read: {reason}")]))
+    response.force_close()
+    return response
 
 
 def _metadata(request: web.Request) -> list[tuple[str, str]]:
@@ -106,6 +132,17 @@ def _check_json_content_type(request: web.Request) -> None:
     if charset.lower() not in ("utf-8", "utf8"):
         raise transcode.BadInput([("Content-Type", f"says charset={charset}; JSON bodies are UTF-8 (send "
                                                    f"Content-Type: {_JSON})")], http_status=415)
+
+
+def _check_content_encoding(request: web.Request) -> None:
+    """415 naming Content-Encoding for a body in a coding the gateway cannot decode (e.g. "compress", or
+    two codings stacked), rather than that body passed on still encoded, as if it were the JSON or file."""
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding and coding not in CONTENT_CODINGS:
+        given = transcode.shown(request.headers["Content-Encoding"])[:100]
+        raise transcode.BadInput([("Content-Encoding", f"is {given!r}; the gateway decodes "
+                                   f"{', '.join(sorted(CONTENT_CODINGS))} bodies only")],
+                                 http_status=415)
 
 
 def _query(request: web.Request) -> dict[str, list[str]]:
@@ -178,6 +215,8 @@ class Gateway:
                 allowed.add(route.http_method)
                 continue
             try:
+                if request.can_read_body:
+                    _check_content_encoding(request)
                 if route.client_streaming:
                     return await self._client_stream(route, variables, request)
                 built = await self._build(route, variables, request)
@@ -186,6 +225,8 @@ class Gateway:
                 return await self._unary(route, built, request)
             except transcode.BadInput as exc:
                 return _error_response(errors.bad_request(exc.violations), http=exc.http_status)
+            except BODY_ERRORS as exc:
+                return _unreadable_body(exc)
             except web.HTTPRequestEntityTooLarge:
                 return _error_response(errors.simple(
                     code_pb2.RESOURCE_EXHAUSTED, f"the request body is larger than {self.max_body_bytes} "
@@ -296,15 +337,27 @@ class Gateway:
         for name, value in variables.items():
             transcode.set_path_field(first, name, value)
         size = first.DESCRIPTOR.fields_by_name.get("size_bytes")
-        if size is not None and request.content_length and not getattr(first, size.name):
-            setattr(first, size.name, request.content_length)  # lets the service refuse a file too large
+        # Content-Length lets the service refuse a file too large before it is sent; it is the file's size
+        # only when the body is not encoded (a gzip body's is the compressed size, which the decoded file
+        # received would then fail to match).
+        encoded = request.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
+        if size is not None and request.content_length and not encoded and not getattr(first, size.name):
+            setattr(first, size.name, request.content_length)
         head_message = request_cls(**{metadata_field.name: first})
+        # A body that breaks off unreadable (see BODY_ERRORS) cancels the call, so that the service never
+        # takes the part read so far for the whole file; the client is answered 400 naming the body.
+        unreadable: list[Exception] = []
 
         async def messages() -> AsyncIterator[message.Message]:
             yield head_message
             buffer = bytearray()
             while True:
-                block = await request.content.read(CHUNK_BYTES)
+                try:
+                    block = await request.content.read(CHUNK_BYTES)
+                except BODY_ERRORS as exc:
+                    unreadable.append(exc)
+                    call.cancel()
+                    return
                 if not block:
                     break
                 buffer += block
@@ -314,11 +367,16 @@ class Gateway:
             if buffer:
                 yield request_cls(**{chunk_field.name: bytes(buffer)})
 
+        call = self._callable(route)(messages(), metadata=_metadata(request), timeout=UPLOAD_TIMEOUT_S)
         try:
-            response = await self._callable(route)(messages(), metadata=_metadata(request),
-                                                   timeout=UPLOAD_TIMEOUT_S)
+            response = await call
         except grpc.aio.AioRpcError as exc:
             return _error_response(errors.status_of(exc))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if unreadable and not (task is not None and task.cancelling()):
+                return _unreadable_body(unreadable[0])  # cancelled above, not by the client going away
+            raise
         return web.Response(body=transcode.to_json_bytes(response), content_type=_JSON)
 
     async def openapi(self, _request: web.Request) -> web.Response:
@@ -381,12 +439,17 @@ async def _health(_request: web.Request) -> web.Response:
 
 class _ClientErrorsOnOneLine(logging.Filter):
     """aiohttp logs a request its parser refuses (a line over MAX_LINE_BYTES, a header over 8190 bytes, a
-    byte not allowed in a URL) with a full traceback at ERROR, though it is the client's mistake, answered
-    400: one WARNING line instead. aiohttp answers those itself, in plain text, before any handler or
-    middleware runs; it has no hook to shape that answer."""
+    byte not allowed in a URL, a body that does not decode) with a full traceback at ERROR, though it is the
+    client's mistake, answered 400: one WARNING line instead. aiohttp answers the request line's and the
+    headers' errors itself, in plain text, before any handler or middleware runs; it has no hook to shape
+    that answer."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, web.RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError):
+            # A body that could not be read (BODY_ERRORS): the handler answered 400, then aiohttp, reading
+            # the rest of the body before closing ("lingering"), met the same error again.
+            exc = exc.__cause__
         if isinstance(exc, HttpProcessingError):
             reason = " ".join(str(exc.message or exc).split())[:300]
             record.msg, record.args = "%s: refused, %s %s: %s", (record.getMessage(), exc.code,

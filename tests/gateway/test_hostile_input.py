@@ -51,7 +51,11 @@ class _Recorder(grpc.GenericRpcHandler):
             return b""  # the empty response message
 
         async def client_stream(requests: AsyncIterator[bytes], _context: Any) -> bytes:
-            backend.calls.append((name, [r async for r in requests]))
+            received = [r async for r in requests]
+            # A stream the client cancelled ends here as if it were complete; the cancellation reaches this
+            # task at its next await. A call is recorded only if it was not cancelled.
+            await asyncio.sleep(0.05)
+            backend.calls.append((name, received))
             return b""
 
         if name in ("UploadDataset", "ValidateDataset"):
@@ -283,3 +287,50 @@ async def test_what_aiohttp_refuses_itself_is_logged_on_one_line_without_a_trace
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 3, [r.getMessage() for r in caplog.records]
     assert all(len(r.getMessage()) < 600 and "\n" not in r.getMessage() for r in warned)
+
+
+# -- 5. Bodies aiohttp cannot read: a Content-Encoding that does not decode, or that it does not know --
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decode_is_400_naming_the_body_not_a_500(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture, coding: str) -> None:
+    """aiohttp decodes the body while the handler reads it, so a body that is not the gzip it claims to be
+    raised inside the gateway: a 500 INTERNAL with a logged traceback on JSON routes, and on uploads a
+    connection closed with no answer at all. Now it is 400 naming the body, and no call is made (an upload's
+    call is cancelled, so the service never takes the bytes read so far for the whole file)."""
+    headers = {"Content-Encoding": coding, "Content-Type": "application/json"}
+    for path in ("/v1/jobs", "/v1/datasets:upload?name=chat&filename=chat.jsonl"):
+        status, answer = await gateway.json("POST", path, b"this is not " + coding.encode(), headers)
+        assert status == 400 and answer["code"] == 3, (path, status, answer)
+        assert f"content-encoding: {coding}" in violations(answer)["body"], answer
+    await asyncio.sleep(0.2)  # an upload's call, had it been made, would be recorded by now
+    assert gateway.backend.calls == []
+    _no_traceback(caplog)
+
+
+async def test_a_gzip_body_is_read_decoded(gateway: Gateway) -> None:
+    import gzip
+
+    data = b'{"messages": []}\n' * 1000
+    status, _ = await gateway.json("POST", "/v1/datasets:upload?name=chat&filename=chat.jsonl",
+                                   gzip.compress(data), {"Content-Encoding": "gzip"})
+    assert status == 200 and gateway.backend.rpcs() == ["UploadDataset"]
+    from tuneforge.v1 import dataset_service_pb2 as pb
+
+    head, *chunks = [pb.UploadDatasetRequest.FromString(m) for m in gateway.backend.calls[0][1]]
+    assert b"".join(c.chunk for c in chunks) == data
+    # Content-Length is the compressed size: not passed on as the file's size, which it is not.
+    assert head.metadata.size_bytes == 0
+
+
+@pytest.mark.parametrize("coding", ["compress", "gzip, gzip", "x-custom", "zstdx"])
+async def test_a_body_in_a_coding_the_gateway_does_not_decode_is_415_naming_the_header(
+        gateway: Gateway, caplog: pytest.LogCaptureFixture, coding: str) -> None:
+    """aiohttp passes a body in a coding it does not know on as it came: the still-encoded bytes were read
+    as the JSON body or stored as the dataset file."""
+    for method, path, _ in [*BODY_ROUTES[:3], ("POST", "/v1/datasets:upload?name=chat", "")]:
+        status, answer = await gateway.json(method, path, b"{}", {"Content-Encoding": coding})
+        assert status == 415 and answer["code"] == 3, (method, path, status, answer)
+        assert coding in violations(answer)["Content-Encoding"], answer
+    assert gateway.backend.calls == []
+    _no_traceback(caplog)
