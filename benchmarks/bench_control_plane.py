@@ -317,9 +317,11 @@ class Running:
 
 
 def start_platform(backend: Backend, fanout_jobs: int) -> Running:
-    # No calls-per-second limit (the unary load), no limit on queued jobs (the fan-out's jobs never run).
+    # No calls-per-second limit (the unary load), no limit on open streams (--followers may pass it), no
+    # limit on queued jobs (the fan-out's jobs never run).
     platform = Platform(PlatformConfig(data_dir=backend.data_dir, grpc_port=0, workers=0, env={
-        "TUNEFORGE_API_CALLS_PER_SECOND": "0", "TUNEFORGE_MAX_QUEUED_JOBS_PER_ORG": "0",
+        "TUNEFORGE_API_CALLS_PER_SECOND": "0", "TUNEFORGE_API_STREAMS_PER_ORGANIZATION": "0",
+        "TUNEFORGE_MAX_QUEUED_JOBS_PER_ORG": "0",
         **backend.platform_env}))
     started = time.monotonic()
     platform.start()

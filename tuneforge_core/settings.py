@@ -112,6 +112,10 @@ class KitSettings(BaseSettings):
     # Calls per second one organization may make to one service process (a burst of twice as many is
     # allowed); beyond it RESOURCE_EXHAUSTED names this setting. 0: unlimited.
     api_calls_per_second: float = 50.0
+    # Streams (server-streaming and bidirectional calls: StreamMetrics, WatchJob...) one organization may
+    # hold open at once on one service process; one more is RESOURCE_EXHAUSTED naming this setting. A
+    # stream holds memory and a share of every point fanned out for as long as it is open. 0: unlimited.
+    api_streams_per_organization: int = 2000
     # API key lifetimes: the default when CreateApiKey leaves ttl unset, and the longest allowed.
     api_key_default_ttl_days: int = 90
     api_key_max_ttl_days: int = 365

@@ -13,7 +13,9 @@ other). `CallAuth` checks it before the request is even parsed, then:
   caller's organization, and another organization's resources are simply not found. Only the service
   principal acts in the organization its request names.
 - an organization may make `api_calls_per_second` calls per second to one process (burst of twice as
-  many); past that, RESOURCE_EXHAUSTED with reason QUOTA_EXCEEDED names the setting.
+  many); past that, RESOURCE_EXHAUSTED with reason QUOTA_EXCEEDED names the setting. It may also hold
+  `api_streams_per_organization` streams (server-streaming and bidirectional calls: StreamMetrics,
+  WatchJob...) open at once on one process; one more is refused the same way, naming that setting.
 - every call that may change something (WRITE and ADMIN RPCs) and every refused credential or role is
   written to the audit log: principal, organization, method, resource, status code, peer.
 
@@ -30,7 +32,8 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import grpc
@@ -224,6 +227,32 @@ class RateLimiter:
             return True
 
 
+class StreamLimiter:
+    """Streams open per organization in this process, at most `limit` each (0: no limit). Used from the
+    event loop's thread only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def open(self, organization: str) -> bool:
+        held = self._open.get(organization, 0)
+        if 0 < self.limit <= held:
+            return False
+        self._open[organization] = held + 1
+        return True
+
+    def close(self, organization: str) -> None:
+        held = self._open.get(organization, 0) - 1
+        if held > 0:
+            self._open[organization] = held
+        else:
+            self._open.pop(organization, None)
+
+    def held(self, organization: str) -> int:
+        return self._open.get(organization, 0)
+
+
 # -- the organization of a request --------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=512)
@@ -294,10 +323,33 @@ class CallAuth:
     `for_method` gives each method its `MethodGate` (None for the open ones), which the server's call
     pipeline (services.kit.pipeline) runs inside the method's handler before the request is parsed."""
 
-    def __init__(self, authenticator: Authenticator, *, calls_per_second: float = 0.0) -> None:
+    def __init__(self, authenticator: Authenticator, *, calls_per_second: float = 0.0,
+                 streams_per_organization: int = 0) -> None:
         self.authenticator = authenticator
         self.limiter = RateLimiter(calls_per_second)
         self.calls_per_second = calls_per_second
+        self.streams = StreamLimiter(streams_per_organization)
+
+    @contextmanager
+    def stream_held(self, principal: Principal) -> Iterator[None]:
+        """Counts a stream of `principal`'s organization while it is open; RESOURCE_EXHAUSTED when the
+        organization already holds `api_streams_per_organization` here (the service principal has no
+        limit)."""
+        if principal.service:
+            yield
+            return
+        organization = principal.organization
+        if not self.streams.open(organization):
+            limit = self.streams.limit
+            raise ResourceExhausted(
+                f"organization '{organization}' already holds {limit} open streams on this service process, "
+                "its limit (TUNEFORGE_API_STREAMS_PER_ORGANIZATION); close one, or retry later",
+                reason=Reason.QUOTA_EXCEEDED,
+                metadata={"limit": "api_streams_per_organization", "value": str(limit)})
+        try:
+            yield
+        finally:
+            self.streams.close(organization)
 
     def for_method(self, method: str) -> MethodGate | None:
         """The gate of "/package.Service/Method"; None for health checking and reflection."""

@@ -34,7 +34,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError, Message
 
 from services.kit import telemetry
-from services.kit.auth import CallAuth, MethodGate, resource_of
+from services.kit.auth import CallAuth, MethodGate, current_principal, resource_of
 from services.kit.interceptors import abort_with, final_code, run_stream
 from services.kit.protos import find_nul
 from tuneforge_core.errors import InvalidArgument, Violations
@@ -241,8 +241,16 @@ def _unary(behavior: Behavior, parse: Callable[[bytes], Any], gate: MethodGate |
 
 
 def _server_stream(behavior: Behavior, parse: Callable[[bytes], Any], gate: MethodGate | None) -> Behavior:
+    if gate is None:
+        async def open_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await run_stream(behavior(request, context), context)
+
+        return _unary(open_stream, parse, None)
+    auth = gate.auth
+
     async def streamed(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await run_stream(behavior(request, context), context)
+        with auth.stream_held(current_principal()):  # at most api_streams_per_organization open
+            await run_stream(behavior(request, context), context)
 
     return _unary(streamed, parse, gate)  # answered when its stream ends; audited with the request's resource
 
@@ -275,7 +283,13 @@ def _client_stream(behavior: Behavior, parse: Callable[[bytes], Any], gate: Meth
 
 
 def _bidi_stream(behavior: Behavior, parse: Callable[[bytes], Any], gate: MethodGate | None) -> Behavior:
+    auth = gate.auth if gate is not None else None
+
     async def streamed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-        await run_stream(behavior(requests, context), context)
+        if auth is None:
+            await run_stream(behavior(requests, context), context)
+            return
+        with auth.stream_held(current_principal()):
+            await run_stream(behavior(requests, context), context)
 
     return _client_stream(streamed, parse, gate)

@@ -370,7 +370,8 @@ async def serve(factories: Sequence[ComponentFactory], settings: KitSettings, *,
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     identity = await open_identity(settings)
     auth = CallAuth(Authenticator(identity, service_token(settings), oidc_verifier(settings)),
-                    calls_per_second=settings.api_calls_per_second)
+                    calls_per_second=settings.api_calls_per_second,
+                    streams_per_organization=settings.api_streams_per_organization)
     # Every handler is built around its servicer when it is registered (services.kit.pipeline: telemetry,
     # errors, authentication before the request is parsed, the audit), so a call runs through no
     # interceptor. A span per call only while tracing is on (TUNEFORGE_TRACING; configure_tracing), the one
