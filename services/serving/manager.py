@@ -13,6 +13,9 @@ is RESOURCE_EXHAUSTED (QUOTA_EXCEEDED). It counts them after locking the organiz
 `serving_org_locks` (and then "#platform"), in the transaction that inserts, so two concurrent creates never
 both take the last place.
 
+A request_id stays used once its deployment is deleted (as a deleted job's does): the same create again is
+ALREADY_EXISTS (REQUEST_ID_REUSED) naming the deleted deployment, not a new deployment.
+
 A model process belongs to the services process that started it. When the platform restarts, the
 deployments that were PENDING or READY start loading again (PENDING), so the endpoint serves them as before.
 """
@@ -40,6 +43,7 @@ from tuneforge.v1 import job_pb2
 
 from services.kit import paging
 from services.kit.outbox import utcnow
+from services.kit.protos import as_utc
 from services.kit.tasks import cancel_and_wait
 from services.kit.validation import check_name, check_request_id
 from services.serving.converters import deployment_to_proto
@@ -185,18 +189,33 @@ class DeploymentManager:
     def _replay(self, s: Session, org: str, request: pb.CreateDeploymentRequest) -> pb.Deployment | None:
         """The deployment an earlier create under this request_id made (None if there is none); another
         request under it is ALREADY_EXISTS (REQUEST_ID_REUSED). A row from before request hashes were kept
-        ("") is taken as the same request."""
+        ("") is taken as the same request.
+
+        The request_id of a deleted deployment stays used, as a deleted job's does (JobManager._replay): the
+        same request again is ALREADY_EXISTS (REQUEST_ID_REUSED, metadata `deleted` "true") naming the
+        deleted deployment, instead of making it anew; another request is refused as above. Only the
+        organization's own deployments, live or deleted, are looked at."""
         row = s.scalar(select(DeploymentRow).where(DeploymentRow.organization == org,
                                                    DeploymentRow.request_id == request.request_id))
         if row is None:
-            return None
-        if row.request_hash and row.request_hash != request_hash(request):
+            gone = s.scalars(select(DeletedDeploymentRow).where(
+                DeletedDeploymentRow.organization == org,
+                DeletedDeploymentRow.request_id == request.request_id)
+                .order_by(DeletedDeploymentRow.deleted_at.desc()).limit(1)).first()
+            if gone is None:
+                return None
+            if gone.request_hash and gone.request_hash != request_hash(request):
+                raise _request_id_reused(request.request_id, gone.name, gone.id)
             raise AlreadyExists(
-                f"request_id '{request.request_id}' was already used to create deployment '{row.name}' "
-                "with a different request; use a new request_id for a new deployment",
+                f"request_id '{request.request_id}' already created deployment {gone.id}, which was deleted "
+                f"at {as_utc(gone.deleted_at):%Y-%m-%d %H:%M:%S} UTC; send a new request_id to create "
+                "another deployment",
                 reason=Reason.REQUEST_ID_REUSED,
-                metadata={"request_id": request.request_id, "deployment": row.id},
-                violations=[FieldViolation("request_id", "was already used for a different request")])
+                metadata={"request_id": request.request_id, "deployment": gone.id, "deleted": "true"},
+                violations=[FieldViolation("request_id",
+                                           f"already created deployment {gone.id}, since deleted")])
+        if row.request_hash and row.request_hash != request_hash(request):
+            raise _request_id_reused(request.request_id, row.name, row.id)
         return deployment_to_proto(row)
 
     def _source(self, org: str, job: job_pb2.Job, merged: bool) -> dict[str, Any]:
@@ -370,7 +389,7 @@ class DeploymentManager:
         def remove(s: Session) -> tuple[str, bool]:
             row = self._lookup(s, org, ref)
             if row is not None:
-                s.add(DeletedDeploymentRow(id=row.id, organization=org, name=row.name))
+                s.add(_tombstone(row))
                 s.delete(row)
                 return row.id, False
             gone = s.scalar(select(DeletedDeploymentRow.id).where(
@@ -398,7 +417,7 @@ class DeploymentManager:
         def remove(s: Session) -> list[str]:
             rows = list(s.scalars(select(DeploymentRow).where(DeploymentRow.job_id == job_id)))
             for row in rows:
-                s.add(DeletedDeploymentRow(id=row.id, organization=row.organization, name=row.name))
+                s.add(_tombstone(row))
                 s.delete(row)
             return [r.id for r in rows]
 
@@ -439,6 +458,21 @@ _HOLDS_PROCESS: ColumnElement[bool] = or_(
     DeploymentRow.state == PENDING, and_(DeploymentRow.state == READY, DeploymentRow.target == EMBEDDED))
 # The row of `serving_org_locks` that the platform-wide limit locks (no organization's name has a "#").
 PLATFORM_LOCK = "#platform"
+
+
+def _request_id_reused(request_id: str, name: str, deployment_id: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"request_id '{request_id}' was already used to create deployment '{name}' with a different "
+        "request; use a new request_id for a new deployment",
+        reason=Reason.REQUEST_ID_REUSED, metadata={"request_id": request_id, "deployment": deployment_id},
+        violations=[FieldViolation("request_id", "was already used for a different request")])
+
+
+def _tombstone(row: DeploymentRow) -> DeletedDeploymentRow:
+    """What is kept of a deleted deployment: enough to answer DeleteDeployment again, and a create retried
+    under its request_id (in its organization)."""
+    return DeletedDeploymentRow(id=row.id, organization=row.organization, name=row.name,
+                                request_id=row.request_id, request_hash=row.request_hash)
 
 
 def _refuse_at(live: int, limit: int, setting: str, what: str, remedy: str) -> None:

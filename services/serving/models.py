@@ -50,14 +50,20 @@ class DeploymentRow(Base):
 
 class DeletedDeploymentRow(Base):
     """A deleted deployment, so that deleting it again (by id or name) answers already_deleted rather than
-    NOT_FOUND; its name is free for a new deployment."""
+    NOT_FOUND; its name is free for a new deployment, its request_id is not (as with a deleted job)."""
 
     __tablename__ = "serving_deleted_deployments"
-    __table_args__ = (Index("ix_serving_deleted_org_name", "organization", "name"),)
+    __table_args__ = (Index("ix_serving_deleted_org_name", "organization", "name"),
+                      Index("ix_serving_deleted_org_request_id", "organization", "request_id"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     organization: Mapped[str] = mapped_column(String(63))
     name: Mapped[str] = mapped_column(String(63))
+    # The CreateDeployment request_id (and request hash) that made the deployment: a create retried with it
+    # after the deletion is told so, instead of making the deployment again (DeploymentManager._replay).
+    # NULL: none, or deleted before these were kept.
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    request_hash: Mapped[str] = mapped_column(String(64), default="")
     deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -1,7 +1,8 @@
 """CreateDeployment's rules on a real SQLite database with the serving service's real migrations (and on
-PostgreSQL where one is reachable): request_id replays, and the limits on an organization's live
-deployments (3 here) and on the platform's model processes. The jobs service is a stand-in that knows one
-SUCCEEDED job per organization, and no model process is started (the launches are recorded instead)."""
+PostgreSQL where one is reachable): request_id replays (after a deletion too), and the limits on an
+organization's live deployments (3 here) and on the platform's model processes.
+The jobs service is a stand-in that knows one SUCCEEDED job per organization, and no model process is
+started (the launches are recorded instead)."""
 
 from __future__ import annotations
 
@@ -167,3 +168,63 @@ async def test_the_platform_runs_at_most_its_limit_of_model_processes(manager: D
     vllm = await create(manager, "globex", name="g1", target=pb.DEPLOYMENT_TARGET_VLLM)
     set_state(manager, vllm.id, pb.DEPLOYMENT_STATE_READY)
     assert (await create(manager, "globex", name="g2")).name == "g2"
+
+
+async def test_a_create_retried_after_its_deployment_was_deleted_does_not_make_it_again(
+        manager: DeploymentManager) -> None:
+    """As CreateJob after its job was deleted: the retry is ALREADY_EXISTS (REQUEST_ID_REUSED) naming the
+    deleted deployment, instead of a second deployment."""
+    first = await create(manager, name="d-98a3", request_id="R")
+    assert (await create(manager, name="d-98a3", request_id="R")).id == first.id
+    await manager.delete("acme", first.id)
+
+    with pytest.raises(AlreadyExists) as info:
+        await create(manager, name="d-98a3", request_id="R")
+    error = info.value
+    assert error.reason == Reason.REQUEST_ID_REUSED
+    assert error.metadata == {"request_id": "R", "deployment": first.id, "deleted": "true"}
+    assert f"request_id 'R' already created deployment {first.id}, which was deleted at" in error.message
+    assert [(v.field, v.description) for v in error.violations] == [
+        ("request_id", f"already created deployment {first.id}, since deleted")]
+    assert manager.launched == [first.id]  # type: ignore[attr-defined]
+    assert (await manager.list_page("acme", 10, "", ""))[0] == []
+    # Another request under that request_id is refused as before.
+    with pytest.raises(AlreadyExists) as reused:
+        await create(manager, name="e-98a3", request_id="R")
+    assert reused.value.reason == Reason.REQUEST_ID_REUSED
+    assert reused.value.metadata == {"request_id": "R", "deployment": first.id}
+    assert [(v.field, v.description) for v in reused.value.violations] == \
+        [("request_id", "was already used for a different request")]
+    # The name is free again, under a new request_id.
+    again = await create(manager, name="d-98a3", request_id="R2")
+    assert again.id != first.id and again.name == "d-98a3"
+    # Another organization's request_ids are its own: acme's deleted "R" neither blocks nor shows there.
+    theirs = await create(manager, "globex", name="d-98a3", request_id="R")
+    assert theirs.organization == "globex" and theirs.id != first.id
+    assert (await create(manager, "globex", name="d-98a3", request_id="R")).id == theirs.id
+    await manager.delete("globex", theirs.id)
+    with pytest.raises(AlreadyExists) as their_retry:
+        await create(manager, "globex", name="d-98a3", request_id="R")
+    assert their_retry.value.metadata["deployment"] == theirs.id  # its own deleted deployment, not acme's
+
+
+async def test_the_request_id_of_a_deployment_deleted_with_its_job_stays_used(
+        manager: DeploymentManager) -> None:
+    made = await create(manager, name="d-98a3", request_id="R")
+    other = await create(manager, "globex", name="d-98a3", request_id="R")
+    assert await manager.delete_job("job_acme") == 1
+    with pytest.raises(AlreadyExists) as info:
+        await create(manager, name="d-98a3", request_id="R")
+    assert info.value.metadata == {"request_id": "R", "deployment": made.id, "deleted": "true"}
+    assert (await create(manager, "globex", name="d-98a3", request_id="R")).id == other.id
+
+
+async def test_a_deleted_deployment_from_before_request_hashes_matches_any_retry(
+        manager: DeploymentManager) -> None:
+    first = await create(manager, name="d-98a3", request_id="R")
+    with manager.db.session() as s:
+        s.get(DeploymentRow, first.id).request_hash = ""  # type: ignore[union-attr]
+    await manager.delete("acme", first.id)
+    with pytest.raises(AlreadyExists) as info:
+        await create(manager, name="e-98a3", request_id="R")
+    assert info.value.metadata["deleted"] == "true"
