@@ -59,6 +59,18 @@ ALLOWLIST_SETTING = "TUNEFORGE_IMPORT_ENDPOINT_ALLOWLIST"
 # Bucket names of S3 (3-63) and GCS (up to 222 with dots); the server gives the precise rule on use.
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]\Z")
 MAX_KEY_BYTES = 1024
+# The longest source address a CreateDataset call may give: source.s3_uri, gcs_uri, huggingface_id and
+# endpoint_url. Far above any real one (an S3 URI is at most about 1,250: a 222-character bucket and a
+# 1,024-byte key), it bounds what the server parses, keeps as the dataset's source and carries into every
+# DatasetChanged event.
+MAX_SOURCE_ADDRESS = 2048
+# C0 control characters and DEL: urlparse silently drops tabs and line breaks (and leading ones of the
+# others), so "s3://buc\nket/key" was read as another object than the one written; none belongs in an
+# address or a credential.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Each credential of SourceCredentials. STS session tokens are the longest (AWS sets no fixed size; they
+# run to a few KB); the whole request is stored sealed while the import runs.
+MAX_CREDENTIAL = 16 * 1024
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?\Z")
 SPLIT_RE = re.compile(r"^[\w.-]{1,64}\Z")
 # A folder written by Dataset.save_to_disk / DatasetDict.save_to_disk holds one of these.
@@ -258,10 +270,36 @@ def _is_internal(host: str) -> bool:
     return not address.is_global
 
 
+def _check_address(v: Violations, value: str, field_path: str) -> bool:
+    """Whether a source address is short enough and free of control characters; else adds why."""
+    if len(value) > MAX_SOURCE_ADDRESS:
+        v.add(field_path, f"must be at most {MAX_SOURCE_ADDRESS} characters (it is {len(value)})")
+        return False
+    if CONTROL_RE.search(value):
+        v.add(field_path, "must not contain control characters (a tab, a line break, ...)")
+        return False
+    return True
+
+
+def _parse_url(v: Violations, value: str, field_path: str) -> Any:
+    """urlparse(value), or None with the reason added: it raises ValueError on a bracketed host that is not
+    an IPv6 address ("http://[x") or a host that NFKC normalization turns into '/', '?', '#', '@' or ':'."""
+    if value[:1].isspace():
+        v.add(field_path, "must not begin with whitespace")
+        return None
+    try:
+        return urlparse(value)
+    except ValueError as exc:
+        v.add(field_path, f"is not a well-formed URL: {exc}")
+        return None
+
+
 def _check_endpoint(v: Violations, endpoint: str, allowlist: EndpointAllowlist | None) -> None:
-    if not endpoint:
+    if not endpoint or not _check_address(v, endpoint, "source.endpoint_url"):
         return
-    parsed = urlparse(endpoint)
+    parsed = _parse_url(v, endpoint, "source.endpoint_url")
+    if parsed is None:
+        return
     well_formed = v.check(
         parsed.scheme in ("http", "https") and bool(parsed.hostname) and _port(parsed) is not None,
         "source.endpoint_url",
@@ -287,7 +325,9 @@ def _parse_object_uri(
     v: Violations, uri: str, provider: Literal["s3", "gcs"], field_path: str
 ) -> tuple[str, str] | None:
     scheme = "s3" if provider == "s3" else "gs"
-    parsed = urlparse(uri)
+    parsed = _parse_url(v, uri, field_path)
+    if parsed is None:
+        return None
     if parsed.scheme != scheme or not parsed.netloc:
         v.add(field_path, f"must look like {scheme}://bucket/path/to/file.jsonl")
         return None
@@ -386,6 +426,14 @@ def parse_source(
         )
         return None
     v.check(proto.max_rows >= 0, "source.max_rows", "must not be negative")
+    for name in ("access_key_id", "secret_access_key", "session_token", "huggingface_token"):
+        secret = getattr(credentials, name)  # named in the error, never shown
+        v.check(len(secret) <= MAX_CREDENTIAL, f"credentials.{name}",
+                f"must be at most {MAX_CREDENTIAL} characters")
+        v.check(not CONTROL_RE.search(secret), f"credentials.{name}",
+                "must not contain control characters (a tab, a line break, ...)")
+    if not _check_address(v, getattr(proto, kind), f"source.{kind}"):
+        return None
     if kind == "huggingface_id":
         for name in ("region", "endpoint_url"):
             v.check(not getattr(proto, name), f"source.{name}", "applies to s3_uri and gcs_uri only")

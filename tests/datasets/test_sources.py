@@ -29,6 +29,8 @@ from services.datasets.manager import DatasetManager
 from services.datasets.settings import DatasetSettings
 from services.datasets.sources import (
     HUB_ID_RE,
+    MAX_CREDENTIAL,
+    MAX_SOURCE_ADDRESS,
     Credentials,
     EndpointAllowlist,
     FetchSettings,
@@ -740,6 +742,73 @@ def test_malformed_sources_name_their_field(source: dataset_pb2.DatasetSource, f
     v = Violations()
     assert parse_source(v, source, Credentials(), None) is None
     assert field in [item.field for item in v.items]
+
+
+LONG = MAX_SOURCE_ADDRESS + 1
+Source = dataset_pb2.DatasetSource
+
+
+@pytest.mark.parametrize(
+    ("source", "field", "why"),
+    [
+        # Addresses over MAX_SOURCE_ADDRESS: a hub path and an endpoint had no limit at all.
+        (Source(huggingface_id="/data/" + "a/" * LONG), "source.huggingface_id", "at most"),
+        (Source(s3_uri="s3://bucket/k", endpoint_url="https://s3.amazonaws.com/" + "p" * LONG),
+         "source.endpoint_url", "at most 2048 characters"),
+        (dataset_pb2.DatasetSource(s3_uri="s3://bucket/" + "k" * LONG), "source.s3_uri", "at most 2048"),
+        # urlparse drops tabs and line breaks, and leading blanks: these named another object than written.
+        (dataset_pb2.DatasetSource(s3_uri="s3://buc\nket/key.jsonl"), "source.s3_uri", "control characters"),
+        (dataset_pb2.DatasetSource(gcs_uri="gs://bucket/a\tb.jsonl"), "source.gcs_uri", "control characters"),
+        (Source(s3_uri=" s3://bucket/key.jsonl"), "source.s3_uri", "begin with whitespace"),
+        (dataset_pb2.DatasetSource(huggingface_id="/data/a\x01b"), "source.huggingface_id", "control"),
+        (dataset_pb2.DatasetSource(s3_uri="s3://bucket/k", endpoint_url="http://minio\r\n.local"),
+         "source.endpoint_url", "control characters"),
+        # urlparse raised ValueError on these: the call failed INTERNAL.
+        (Source(s3_uri="s3://[bucket/key.jsonl"), "source.s3_uri", "not a well-formed URL"),
+        (Source(gcs_uri="gs://buck\uff0fet/key"), "source.gcs_uri", "not a well-formed URL"),
+        (dataset_pb2.DatasetSource(s3_uri="s3://bucket/k", endpoint_url="http://[minio.local"),
+         "source.endpoint_url", "not a well-formed URL"),
+        (dataset_pb2.DatasetSource(s3_uri="s3://bucket/k", endpoint_url="https://s3\uff03.amazonaws.com/"),
+         "source.endpoint_url", "not a well-formed URL"),
+    ],
+)
+def test_overlong_and_malformed_addresses_are_refused_naming_their_field(
+        source: dataset_pb2.DatasetSource, field: str, why: str) -> None:
+    v = Violations()
+    allowlist = EndpointAllowlist.parse("minio.local")
+    assert parse_source(v, source, Credentials(), Path("/data"), allowlist) is None
+    assert [(item.field, why in item.description) for item in v.items] == [(field, True)], v.items
+
+
+def test_addresses_up_to_the_limit_are_read_as_before() -> None:
+    v = Violations()
+    bucket, key = "b" * 222, "k/" * 511 + "k"  # the longest S3 allows: about 1,250 characters
+    parsed = parse_source(v, dataset_pb2.DatasetSource(s3_uri=f"s3://{bucket}/{key}"), Credentials(), None)
+    assert not v.items and parsed is not None and parsed.uri == f"s3://{bucket}/{key}"
+    local = "/data/" + "a/" * ((MAX_SOURCE_ADDRESS - 6) // 2)
+    hub = parse_source(v, dataset_pb2.DatasetSource(huggingface_id=local), Credentials(), Path("/data"))
+    assert len(local) <= MAX_SOURCE_ADDRESS and not v.items and isinstance(hub, HubSource)
+
+
+@pytest.mark.parametrize("name", ["access_key_id", "secret_access_key", "session_token"])
+def test_overlong_or_control_character_credentials_are_refused_without_showing_them(name: str) -> None:
+    for secret in ("s" * (MAX_CREDENTIAL + 1), "line\nbreak"):
+        v = Violations()
+        given = {"access_key_id": "AKIA", "secret_access_key": "s3cr3t", name: secret}
+        source = dataset_pb2.DatasetSource(s3_uri="s3://bucket/key.jsonl")
+        assert parse_source(v, source, Credentials(**given), None) is None
+        assert [item.field for item in v.items] == [f"credentials.{name}"]
+        assert secret not in str(v.items)
+
+
+async def test_create_dataset_answers_a_malformed_address_invalid_argument_not_internal(
+        stub: DatasetServiceStub) -> None:
+    for source, field in ((Source(s3_uri="s3://[bucket/a.jsonl"), "source.s3_uri"),
+                          (Source(huggingface_id="/" + "x" * 5000), "source.huggingface_id")):
+        err = await failure(stub.CreateDataset(pb.CreateDatasetRequest(organization="acme", name="imported",
+                                                                       source=source)))
+        assert (err.code, err.fields) == (grpc.StatusCode.INVALID_ARGUMENT, [field]), err.message
+    assert not (await stub.ListDatasets(pb.ListDatasetsRequest(organization="acme"))).datasets
 
 
 @pytest.mark.parametrize(
