@@ -17,7 +17,10 @@ A request_id stays used once its deployment is deleted (as a deleted job's does)
 ALREADY_EXISTS (REQUEST_ID_REUSED) naming the deleted deployment, not a new deployment.
 
 A model process belongs to the services process that started it. When the platform restarts, the
-deployments that were PENDING or READY start loading again (PENDING), so the endpoint serves them as before.
+deployments that held one (PENDING, or READY EMBEDDED) start loading again (PENDING), oldest first, so the
+endpoint serves them as before; beyond TUNEFORGE_SERVING_MAX_MODEL_PROCESSES the rest turn FAILED
+(RESOURCE_EXHAUSTED, naming the setting). The limit per organization is not applied again to deployments it
+already admitted: a lowered one only refuses new deployments.
 """
 
 from __future__ import annotations
@@ -328,11 +331,44 @@ class DeploymentManager:
         return found
 
     async def resume(self) -> None:
-        """Loads again the deployments a previous run of the platform was serving or loading."""
-        rows = await self.db.run(lambda s: list(s.scalars(select(DeploymentRow).where(_HOLDS_PROCESS))))
-        for row in rows:
-            await self.db.run(lambda s, i=row.id: _set_pending(s, i))
-            self._launch(row.id, row.target, json.loads(row.source or "{}"))
+        """Loads again the deployments a previous run of the platform was serving or loading (PENDING, and
+        READY EMBEDDED: those that hold a model process), oldest first.
+
+        TUNEFORGE_SERVING_MAX_MODEL_PROCESSES is a cap on the serving host's resources, so it holds here too:
+        the oldest deployments up to it load again (PENDING), and the rest turn FAILED with a
+        RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) error naming the setting, rather than all loading past it (a
+        lowered cap, or one set since). TUNEFORGE_SERVING_MAX_DEPLOYMENTS_PER_ORG is not checked again:
+        deployments already admitted stay admitted, and a lowered limit only refuses new ones until the
+        organization is back under it. The choice is made in one transaction holding the platform's lock,
+        so a CreateDeployment meanwhile counts the same model processes."""
+        cap = self.settings.serving_max_model_processes
+
+        def choose(s: Session) -> list[tuple[str, int, str]]:
+            if cap > 0:
+                _lock(s, PLATFORM_LOCK)
+            rows = list(s.scalars(select(DeploymentRow).where(_HOLDS_PROCESS)
+                                  .order_by(DeploymentRow.create_time, DeploymentRow.id)))
+            keep, refuse = (rows[:cap], rows[cap:]) if cap > 0 else (rows, [])
+            now = utcnow()
+            for row in keep:
+                row.state, row.endpoint, row.error, row.update_time = PENDING, "", None, now
+            for row in refuse:
+                message = (f"the platform restarted with {len(rows)} deployments to load again, more than "
+                           f"its limit of model processes (TUNEFORGE_SERVING_MAX_MODEL_PROCESSES = {cap}); "
+                           f"the {cap} oldest were loaded again. Delete this deployment and create it "
+                           "again once a model process is free, or ask the platform's operator for a "
+                           "larger limit")
+                row.state, row.endpoint, row.update_time = FAILED, "", now
+                row.error = error_status(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, message, Reason.QUOTA_EXCEEDED,
+                    metadata={"deployment": row.id, "limit": "serving_max_model_processes",
+                              "value": str(cap), "live": str(len(rows))}).SerializeToString()
+                log.warning("deployment %s is FAILED: %s", row.id, message)
+            return [(r.id, r.target, r.source) for r in keep]
+
+        chosen: list[tuple[str, int, str]] = await self.db.run(choose)
+        for deployment_id, target, source in chosen:
+            self._launch(deployment_id, target, json.loads(source or "{}"))
 
     async def stop_all(self) -> None:
         self.stopping = True
@@ -507,12 +543,6 @@ def request_hash(request: pb.CreateDeploymentRequest) -> str:
     clean.organization = ""
     clean.target = TARGETS.get(request.target, request.target)
     return hashlib.sha256(clean.SerializeToString(deterministic=True)).hexdigest()
-
-
-def _set_pending(s: Session, deployment_id: str) -> None:
-    row = s.get(DeploymentRow, deployment_id)
-    if row is not None:
-        row.state, row.endpoint, row.error, row.update_time = PENDING, "", None, utcnow()
 
 
 def check_proto(check: dict[str, Any]) -> pb.DeploymentCheck:

@@ -1,6 +1,6 @@
 """CreateDeployment's rules on a real SQLite database with the serving service's real migrations (and on
 PostgreSQL where one is reachable): request_id replays (after a deletion too), and the limits on an
-organization's live deployments (3 here) and on the platform's model processes.
+organization's live deployments (3 here) and on the platform's model processes, at create and at restart.
 The jobs service is a stand-in that knows one SUCCEEDED job per organization, and no model process is
 started (the launches are recorded instead)."""
 
@@ -11,12 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from google.rpc import error_details_pb2
 from tuneforge.v1 import deployment_service_pb2 as pb
 from tuneforge.v1 import job_pb2
 
 from services.kit.db import Database
 from services.serving.component import MIGRATIONS
+from services.serving.converters import deployment_to_proto
 from services.serving.manager import DeploymentManager
 from services.serving.models import DeploymentRow
 from services.serving.settings import ServingSettings
@@ -228,3 +231,57 @@ async def test_a_deleted_deployment_from_before_request_hashes_matches_any_retry
     with pytest.raises(AlreadyExists) as info:
         await create(manager, name="e-98a3", request_id="R")
     assert info.value.metadata["deleted"] == "true"
+
+
+def state_of(manager: DeploymentManager, deployment_id: str) -> pb.Deployment:
+    with manager.db.session() as s:
+        return deployment_to_proto(s.get(DeploymentRow, deployment_id))  # type: ignore[arg-type]
+
+
+async def test_a_restart_loads_live_deployments_again_oldest_first_up_to_the_process_limit(
+        manager: DeploymentManager) -> None:
+    """TUNEFORGE_SERVING_MAX_MODEL_PROCESSES holds at a restart too (the oldest load, the rest FAIL naming
+    it); TUNEFORGE_SERVING_MAX_DEPLOYMENTS_PER_ORG does not take back what it admitted."""
+    a0 = await create(manager, "acme", name="a0")
+    g0 = await create(manager, "globex", name="g0")
+    a1 = await create(manager, "acme", name="a1")
+    g1 = await create(manager, "globex", name="g1", target=pb.DEPLOYMENT_TARGET_VLLM)
+    a2 = await create(manager, "acme", name="a2")
+    g2 = await create(manager, "globex", name="g2")
+    set_state(manager, a0.id, pb.DEPLOYMENT_STATE_READY)
+    set_state(manager, a1.id, pb.DEPLOYMENT_STATE_FAILED)
+    set_state(manager, g1.id, pb.DEPLOYMENT_STATE_READY)  # a READY VLLM deployment holds no process
+    set_state(manager, g2.id, pb.DEPLOYMENT_STATE_READY)
+    holders = [a0.id, g0.id, a2.id, g2.id]
+
+    # A lowered limit per organization (acme has 2 live, globex 3): both keep theirs.
+    manager.settings = manager.settings.model_copy(update={"serving_max_deployments_per_org": 1})
+    manager.launched.clear()  # type: ignore[attr-defined]
+    await manager.resume()
+    assert manager.launched == holders  # type: ignore[attr-defined]
+    assert [state_of(manager, d).state for d in holders] == [pb.DEPLOYMENT_STATE_PENDING] * 4
+    assert state_of(manager, g1.id).state == pb.DEPLOYMENT_STATE_READY
+
+    # A process limit below what was live: the two oldest load again, the two newest FAIL saying why.
+    manager.settings = manager.settings.model_copy(update={"serving_max_model_processes": 2})
+    manager.launched.clear()  # type: ignore[attr-defined]
+    await manager.resume()
+    assert manager.launched == [a0.id, g0.id]  # type: ignore[attr-defined]
+    for kept in (a0, g0):
+        assert state_of(manager, kept.id).state == pb.DEPLOYMENT_STATE_PENDING
+    for refused in (a2, g2):
+        deployment = state_of(manager, refused.id)
+        assert deployment.state == pb.DEPLOYMENT_STATE_FAILED
+        assert deployment.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "TUNEFORGE_SERVING_MAX_MODEL_PROCESSES = 2" in deployment.error.message
+        info = error_details_pb2.ErrorInfo()
+        assert deployment.error.details[0].Unpack(info)
+        assert info.reason == Reason.QUOTA_EXCEEDED
+        assert info.metadata["limit"] == "serving_max_model_processes" and info.metadata["value"] == "2"
+    assert state_of(manager, a1.id).state == pb.DEPLOYMENT_STATE_FAILED and \
+        not state_of(manager, a1.id).error.message  # FAILED before: untouched
+    assert state_of(manager, g1.id).state == pb.DEPLOYMENT_STATE_READY
+    # The platform is at its limit: a new create is refused.
+    with pytest.raises(ResourceExhausted) as full:
+        await create(manager, "umbrella", name="u0")
+    assert full.value.metadata["limit"] == "serving_max_model_processes"
