@@ -8,8 +8,8 @@ Anything else becomes INTERNAL with a generic message: internals never leak to c
 goes to the log with an incident id.
 
 The way back is the same classes: `error_from_status` rebuilds the typed error from an RPC's status, so the
-Python client raises `NotFound` with `.reason` and `.violations`, and a service calling another one re-raises
-the callee's error as its own (`error_from_rpc_error`).
+Python client raises `NotFound` with `.reason`, `.violations` and `.retry_after_s`, and a service calling
+another one re-raises the callee's error as its own (`error_from_rpc_error`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -58,12 +58,16 @@ class TuneForgeError(Exception):
         reason: Reason | None = None,
         violations: list[FieldViolation] | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason: Reason | str = reason or self.default_reason
         self.violations = list(violations or [])
         self.metadata = dict(metadata or {})
+        # When retrying makes sense, and after how long: a google.rpc.RetryInfo on the wire (the REST
+        # gateway's Retry-After header). None: the server does not say.
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         lines = [f"{self.code.name}: {self.message}"]
@@ -160,8 +164,10 @@ class Violations:
 
 def error_status(code: grpc.StatusCode, message: str, reason: Reason | str,
                  metadata: Mapping[str, str] | None = None,
-                 violations: list[FieldViolation] | None = None) -> status_pb2.Status:
-    """Builds the google.rpc.Status that both RPC errors and Job.error use."""
+                 violations: list[FieldViolation] | None = None,
+                 retry_after_s: float | None = None) -> status_pb2.Status:
+    """Builds the google.rpc.Status that both RPC errors and Job.error use: an ErrorInfo, a BadRequest
+    with the violations, a RetryInfo with `retry_after_s`."""
     details = []
     info = error_details_pb2.ErrorInfo(reason=str(reason), domain=ERROR_DOMAIN,
                                        metadata={k: str(v) for k, v in (metadata or {}).items() if v})
@@ -176,6 +182,12 @@ def error_status(code: grpc.StatusCode, message: str, reason: Reason | str,
         packed_bad = any_pb2.Any()
         packed_bad.Pack(bad)
         details.append(packed_bad)
+    if retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(0, round(retry_after_s * 1e9)))
+        packed_retry = any_pb2.Any()
+        packed_retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(packed_retry)
     return status_pb2.Status(code=code.value[0], message=message, details=details)
 
 
@@ -215,7 +227,8 @@ def status_from_exception(exc: BaseException) -> status_pb2.Status:
     (`full_storage`), so the caller retries later; INTERNAL with an incident id for anything else. The
     last two are logged with their incident id and traceback."""
     if isinstance(exc, TuneForgeError):
-        return error_status(exc.code, exc.message, exc.reason, exc.metadata, exc.violations)
+        return error_status(exc.code, exc.message, exc.reason, exc.metadata, exc.violations,
+                            exc.retry_after_s)
     incident = new_id("err")
     full = full_storage(exc)
     if full is not None:
@@ -249,15 +262,19 @@ def error_from_status(code: grpc.StatusCode, message: str, status: status_pb2.St
     reason: Reason | str = ""
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
+    retry_after_s: float | None = None
     for detail in status.details if status is not None else ():
-        info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+        info, bad, retry = (error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest(),
+                            error_details_pb2.RetryInfo())
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) and detail.Unpack(info):
             reason, metadata = _reason(info.reason), dict(info.metadata)
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR) and detail.Unpack(bad):
             violations = [FieldViolation((field_map or {}).get(v.field, v.field), v.description)
                           for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR) and detail.Unpack(retry):
+            retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
     cls = ERROR_CLASSES.get(code, TuneForgeError)
-    error = cls(message or code.name, violations=violations, metadata=metadata)
+    error = cls(message or code.name, violations=violations, metadata=metadata, retry_after_s=retry_after_s)
     if reason:
         error.reason = reason
     if cls is TuneForgeError:  # a code without a class of its own (CANCELLED, DEADLINE_EXCEEDED, ...)

@@ -13,7 +13,8 @@ other). `CallAuth` checks it before the request is even parsed, then:
   caller's organization, and another organization's resources are simply not found. Only the service
   principal acts in the organization its request names.
 - an organization may make `api_calls_per_second` calls per second to one process (burst of twice as
-  many); past that, RESOURCE_EXHAUSTED with reason QUOTA_EXCEEDED names the setting. It may also hold
+  many); past that, RESOURCE_EXHAUSTED with reason QUOTA_EXCEEDED names the setting, and its RetryInfo
+  says when the organization's next call is let in. It may also hold
   `api_streams_per_organization` streams (server-streaming and bidirectional calls: StreamMetrics,
   WatchJob...) open at once on one process; one more is refused the same way, naming that setting.
 - every call that may change something (WRITE and ADMIN RPCs) and every refused credential or role is
@@ -214,17 +215,22 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def allow(self, organization: str) -> bool:
+        return self.wait_s(organization) == 0.0
+
+    def wait_s(self, organization: str) -> float:
+        """0.0: the call is let in (and takes a token); else the seconds until the organization's next
+        token, and the call is not let in."""
         if self.rate <= 0:
-            return True
+            return 0.0
         now = time.monotonic()
         with self._lock:
             tokens, at = self._buckets.get(organization, (self.burst, now))
             tokens = min(self.burst, tokens + (now - at) * self.rate)
             if tokens < 1:
                 self._buckets[organization] = (tokens, now)
-                return False
+                return (1 - tokens) / self.rate
             self._buckets[organization] = (tokens - 1, now)
-            return True
+            return 0.0
 
 
 class StreamLimiter:
@@ -365,12 +371,14 @@ class CallAuth:
                 f"role {role} may not call {method.rsplit('/', 1)[-1]} (it needs {needed} or above)",
                 reason=Reason.PERMISSION_DENIED,
                 metadata={"role": role, "required": ACCESS_NAMES.get(access, "UNSPECIFIED")})
-        if not self.limiter.allow(principal.organization):
+        wait_s = self.limiter.wait_s(principal.organization)
+        if wait_s:
             raise ResourceExhausted(
                 f"organization '{principal.organization}' is over its limit of {self.calls_per_second:g} "
-                "calls per second (TUNEFORGE_API_CALLS_PER_SECOND); retry after a short wait",
+                f"calls per second (TUNEFORGE_API_CALLS_PER_SECOND); retry in {wait_s:.2f} s",
                 reason=Reason.QUOTA_EXCEEDED,
-                metadata={"limit": "api_calls_per_second", "value": f"{self.calls_per_second:g}"})
+                metadata={"limit": "api_calls_per_second", "value": f"{self.calls_per_second:g}"},
+                retry_after_s=wait_s)
 
     async def audit(self, context: grpc.aio.ServicerContext, method: str, organization: str, who: str,
                     code: str, message: str = "", resource: str = "") -> None:

@@ -29,7 +29,7 @@ from services.kit.auth import RateLimiter, scope_request
 from services.kit.identity import SERVICE_PRINCIPAL, IdentityStore, Principal, is_api_key
 from services.kit.runtime import serve
 from tests.auth import SERVICE_METADATA
-from tuneforge_core.errors import PermissionDenied
+from tuneforge_core.errors import PermissionDenied, error_from_rpc_error
 from tuneforge_core.settings import KitSettings
 
 
@@ -144,7 +144,14 @@ async def test_an_organization_over_its_calls_per_second_is_told_which_limit(
                 codes.append(err.code())
                 assert "api_calls_per_second" in (err.details() or "").lower() or \
                     "TUNEFORGE_API_CALLS_PER_SECOND" in (err.details() or "")
+                # It says when to retry: a RetryInfo, read back by the typed errors the client raises.
+                typed = error_from_rpc_error(err, service="identity")
+                assert typed.retry_after_s is not None and 0 < typed.retry_after_s <= 0.5, typed.retry_after_s
+                retry_after_s = typed.retry_after_s
         assert codes[:4] == [grpc.StatusCode.OK] * 4 and grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+        # Waiting that long is enough: the next call is let in.
+        await asyncio.sleep(retry_after_s)
+        await stub.GetCaller(api_key_service_pb2.GetCallerRequest(), metadata=bearer(acme))
         # Another organization has its own allowance.
         await stub.GetCaller(api_key_service_pb2.GetCallerRequest(), metadata=bearer(other))
 
@@ -153,6 +160,7 @@ def test_rate_limiter_refills() -> None:
     limiter = RateLimiter(1.0)  # bursts of 2
     assert limiter.allow("a") and limiter.allow("a")
     assert not limiter.allow("a")
+    assert 0.9 < limiter.wait_s("a") <= 1.0  # a whole token away: a second at 1 a second
     assert limiter.allow("b")
     assert all(RateLimiter(0).allow("a") for _ in range(10_000))
 

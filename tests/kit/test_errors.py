@@ -14,7 +14,7 @@ import sqlalchemy.exc
 from google.rpc import error_details_pb2, status_pb2
 from sqlalchemy import create_engine, text
 
-from tuneforge_core.errors import full_storage, status_from_exception
+from tuneforge_core.errors import ResourceExhausted, error_from_status, full_storage, status_from_exception
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
@@ -97,3 +97,17 @@ def test_other_failures_stay_internal(exc: Exception) -> None:
     assert full_storage(exc) is None
     status = status_from_exception(exc)
     assert status.code == INTERNAL and info(status).reason == "INTERNAL"
+
+
+def test_retry_after_travels_as_retry_info_and_back() -> None:
+    """An error that says when to retry carries a google.rpc.RetryInfo (what gRPC clients in any language
+    read), and the typed error rebuilt from the status has it again; one that does not say carries none."""
+    status = status_from_exception(ResourceExhausted("slow down", retry_after_s=0.25))
+    retry = error_details_pb2.RetryInfo()
+    assert [d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR)] == [True]
+    assert retry.retry_delay.ToMilliseconds() == 250
+    back = error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, status.message, status)
+    assert isinstance(back, ResourceExhausted) and back.retry_after_s == 0.25
+    plain = status_from_exception(ResourceExhausted("no hint"))
+    assert not any(d.Is(retry.DESCRIPTOR) for d in plain.details)
+    assert error_from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "x", plain).retry_after_s is None
