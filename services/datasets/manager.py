@@ -26,7 +26,7 @@ from services.datasets.processing import dataset_prefix, resplit, resplit_prefix
 from services.datasets.repository import DatasetRepository, ListCursor
 from services.datasets.settings import DatasetSettings
 from services.datasets.splitting import resolve_split
-from services.datasets.uploads import MAX_DESCRIPTION, UploadManager
+from services.datasets.uploads import MAX_DATASET_REF, MAX_DESCRIPTION, UploadManager
 from services.kit.db import Database
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.pools import Slot
@@ -46,6 +46,8 @@ def _check_ref(organization: str, ref: str) -> None:
     v = Violations()
     check_organization(v, organization)
     v.check(bool(ref), "dataset", "is required (a dataset id or name)")
+    v.check(len(ref) <= MAX_DATASET_REF, "dataset",
+            f"must be a dataset id or name (at most {MAX_DATASET_REF} characters)")
     v.raise_if_any("invalid request")
 
 

@@ -81,6 +81,13 @@ MAX_DESCRIPTION = 1024
 # options are bounded, each far above any real one.
 MAX_FILENAME = 1024
 MAX_OPTION_TEXT = 32 * 1024
+# metadata.column_mapping: fields a dataset has (a few), and column names; an unknown one is named in the
+# report's MISSING_COLUMN issue, so each is bounded as well as their number.
+MAX_COLUMN_MAPPINGS = 64
+MAX_COLUMN_NAME = 256
+# metadata.validation_dataset, and the `dataset` of every request that names one: an id or a name, neither
+# of which is longer (kit.validation.NAME_RE; ids are shorter).
+MAX_DATASET_REF = 63
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}\Z")
 # Bytes of BadRequest field violations in a DATASET_INVALID status; see bounded_violations.
 VIOLATIONS_BUDGET_BYTES = 5000
@@ -210,9 +217,23 @@ def _check_options(v: Violations, spec: UploadSpec) -> None:
             v.add("metadata.options.prompt_template", problem)
     v.check(spec.issue_limit is None or 1 <= spec.issue_limit <= MAX_ISSUE_LIMIT, "metadata.issue_limit",
             f"must be between 1 and {MAX_ISSUE_LIMIT}")
-    for target, column in spec.column_mapping.items():
-        v.check(bool(target.strip()) and bool(column.strip()), f"metadata.column_mapping.columns[{target}]",
-                "field and column names must not be empty")
+    mapping = spec.column_mapping
+    v.check(len(mapping) <= MAX_COLUMN_MAPPINGS, "metadata.column_mapping.columns",
+            f"must map at most {MAX_COLUMN_MAPPINGS} fields (it maps {len(mapping)})")
+    fields_of: dict[str, list[str]] = {}
+    for target, column in list(mapping.items())[:MAX_COLUMN_MAPPINGS]:
+        where = f"metadata.column_mapping.columns[{target[:MAX_COLUMN_NAME]}]"
+        if not v.check(bool(target.strip()) and bool(column.strip()), where,
+                       "field and column names must not be empty"):
+            continue
+        if v.check(len(target) <= MAX_COLUMN_NAME and len(column) <= MAX_COLUMN_NAME, where,
+                   f"field and column names must be at most {MAX_COLUMN_NAME} characters"):
+            fields_of.setdefault(column, []).append(target)
+    for column, targets in fields_of.items():
+        # Renaming is by column, so only one of the fields would get it and the others would be dropped.
+        v.check(len(targets) == 1, f"metadata.column_mapping.columns[{sorted(targets)[-1]}]",
+                f"column '{column}' is mapped to {len(targets)} fields ({', '.join(sorted(targets))}); "
+                "a column gives one field, and all but one would be dropped")
 
 
 class UploadManager:
@@ -254,6 +275,8 @@ class UploadManager:
         _check_options(v, spec)
         if spec.validation_dataset:
             v.check(upload, "metadata.validation_dataset", "is only used by UploadDataset")
+            v.check(len(spec.validation_dataset) <= MAX_DATASET_REF, "metadata.validation_dataset",
+                    f"must be a dataset id or name (at most {MAX_DATASET_REF} characters)")
             v.check(not spec.split.validation_fraction, "metadata.split.validation_fraction",
                     "must be 0 when metadata.validation_dataset gives the validation examples")
         plan = resolve_split(spec.split, v, "metadata.split", defaults=EXTERNAL_VALIDATION_FRACTIONS

@@ -64,3 +64,49 @@ async def test_a_reused_request_id_with_other_bytes_is_refused(stub: DatasetServ
                                                       ["metadata.request_id"])
     listed = await stub.ListDatasets(pb.ListDatasetsRequest(organization="acme"))
     assert [d.id for d in listed.datasets] == [first.dataset.id]
+
+
+async def test_a_column_mapped_to_two_fields_is_refused_not_half_applied(stub: DatasetServiceStub) -> None:
+    """Mapped columns are renamed by column: {"messages": "conv", "prompt": "conv"} renamed conv to prompt
+    only, and the upload went on as PROMPT_ONLY with the messages mapping silently dropped."""
+    mapping = dataset_pb2.ColumnMapping(columns={"messages": "conv", "prompt": "conv"})
+    metadata = meta(min_examples=1, column_mapping=mapping)
+    for call in (stub.UploadDataset(upload_requests(metadata, jsonl(chat_lines(5)))),  # type: ignore[arg-type]
+                 stub.ValidateDataset(validate_requests(metadata, jsonl(chat_lines(5))))):  # type: ignore[arg-type]
+        err = await _failure(call)
+        assert (err.code, err.fields) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                          ["metadata.column_mapping.columns[prompt]"]), err.message
+        assert "column 'conv' is mapped to 2 fields (messages, prompt)" in err.message
+
+
+@pytest.mark.parametrize(("columns", "field", "why"), [
+    ({f"f{i}": f"c{i}" for i in range(65)}, "metadata.column_mapping.columns", "at most 64 fields"),
+    ({"prompt": "q" * 257}, "metadata.column_mapping.columns[prompt]", "at most 256 characters"),
+    ({"p" * 100_000: "q"}, "metadata.column_mapping.columns[" + "p" * 256 + "]", "at most 256 characters"),
+])
+async def test_an_oversized_column_mapping_is_refused_before_reading(
+        stub: DatasetServiceStub, columns: dict[str, str], field: str, why: str) -> None:
+    """20,000 mappings, or 100 KB names, were taken, and every one was listed in the report's message."""
+    metadata = meta(min_examples=1, column_mapping=dataset_pb2.ColumnMapping(columns=columns))
+    err = await _failure(stub.ValidateDataset(validate_requests(metadata, jsonl(chat_lines(5)))))  # type: ignore[arg-type]
+    assert (err.code, err.fields) == (grpc.StatusCode.INVALID_ARGUMENT, [field]), err.message
+    assert why in err.bad_request.field_violations[0].description
+
+
+async def test_a_dataset_reference_longer_than_any_id_or_name_is_refused(stub: DatasetServiceStub) -> None:
+    """A 100 KB `dataset` was looked up in the database (and echoed, cut, in a NOT_FOUND)."""
+    ref = "x" * 100_000
+    for call in (stub.GetDataset(pb.GetDatasetRequest(organization="acme", dataset=ref)),
+                 stub.DeleteDataset(pb.DeleteDatasetRequest(organization="acme", dataset=ref)),
+                 stub.UpdateDataset(pb.UpdateDatasetRequest(organization="acme", dataset=ref)),
+                 stub.SplitDataset(pb.SplitDatasetRequest(organization="acme", dataset=ref)),
+                 stub.GetValidationReport(pb.GetValidationReportRequest(organization="acme", dataset=ref))):
+        err = await _failure(call)
+        assert (err.code, err.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["dataset"]), err.message
+    metadata = meta(min_examples=1, validation_dataset=ref)
+    err = await _failure(stub.UploadDataset(upload_requests(metadata, jsonl(chat_lines(5)))))  # type: ignore[arg-type]
+    assert (err.code, err.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["metadata.validation_dataset"])
+    assert "at most 63 characters" in err.bad_request.field_violations[0].description  # before any read
+    # 63 characters, the longest name, is still looked up.
+    err = await _failure(stub.GetDataset(pb.GetDatasetRequest(organization="acme", dataset="n" * 63)))
+    assert err.code == grpc.StatusCode.NOT_FOUND
