@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import ssl
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +44,7 @@ from tuneforge.v1 import (
 
 from services.client import config_jobs
 from services.client.downloads import Progress, download_artifact_files
-from services.client.errors import NotFound, from_rpc_error
+from services.client.errors import NotFound, ResourceExhausted, from_rpc_error
 
 T = TypeVar("T")
 CHUNK_BYTES = 1024 * 1024
@@ -56,11 +57,25 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# A call refused for its organization's calls per second is made again after the wait the server's
+# RetryInfo names (the gate refuses it before the request is read, so nothing was done), at most this many
+# times and only for a wait this short; then the ResourceExhausted is raised, with its `retry_after_s`.
+RATE_LIMIT_RETRIES = 3
+RATE_LIMIT_MAX_WAIT_S = 5.0
+
+
 def _call(fn: Callable[[], T]) -> T:
-    try:
-        return fn()
-    except grpc.RpcError as err:
-        raise from_rpc_error(err) from None
+    for attempt in range(RATE_LIMIT_RETRIES + 1):
+        try:
+            return fn()
+        except grpc.RpcError as err:
+            error = from_rpc_error(err)
+            wait_s = error.retry_after_s
+            if (attempt == RATE_LIMIT_RETRIES or not isinstance(error, ResourceExhausted) or wait_s is None
+                    or wait_s > RATE_LIMIT_MAX_WAIT_S):
+                raise error from None
+            time.sleep(wait_s)
+    raise AssertionError("unreachable")
 
 
 def _stream(it: Any) -> Iterator[Any]:

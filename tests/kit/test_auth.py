@@ -24,12 +24,14 @@ from cryptography.x509.oid import NameOID
 from google.protobuf.duration_pb2 import Duration
 from tuneforge.v1 import api_key_service_pb2, api_key_service_pb2_grpc, identity_pb2
 
+from services.client import TuneForgeClient
+from services.client import client as client_module
 from services.identity.component import IdentityComponent
 from services.kit.auth import RateLimiter, scope_request
 from services.kit.identity import SERVICE_PRINCIPAL, IdentityStore, Principal, is_api_key
 from services.kit.runtime import serve
 from tests.auth import SERVICE_METADATA
-from tuneforge_core.errors import PermissionDenied, error_from_rpc_error
+from tuneforge_core.errors import PermissionDenied, ResourceExhausted, error_from_rpc_error
 from tuneforge_core.settings import KitSettings
 
 
@@ -154,6 +156,27 @@ async def test_an_organization_over_its_calls_per_second_is_told_which_limit(
         await stub.GetCaller(api_key_service_pb2.GetCallerRequest(), metadata=bearer(acme))
         # Another organization has its own allowance.
         await stub.GetCaller(api_key_service_pb2.GetCallerRequest(), metadata=bearer(other))
+
+
+async def test_the_python_client_waits_out_the_calls_per_second_it_is_told(
+        kit_settings: KitSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TuneForgeClient makes a call refused for the calls per second again after the RetryInfo's wait (at
+    most RATE_LIMIT_RETRIES times); with no retries left, the ResourceExhausted says how long to wait."""
+    settings = kit_settings.model_copy(update={"api_calls_per_second": 2.0})
+    async with serving(settings) as address, grpc.aio.insecure_channel(address) as channel:
+        key = await create_key(api_key_service_pb2_grpc.ApiKeyServiceStub(channel), "acme",
+                               identity_pb2.ROLE_VIEWER)
+
+        def calls(n: int) -> None:
+            with TuneForgeClient(address, api_key=key) as client:
+                for _ in range(n):
+                    client.whoami()
+
+        await asyncio.to_thread(calls, 12)  # a burst of 4, then about 2 a second: every call answered
+        monkeypatch.setattr(client_module, "RATE_LIMIT_RETRIES", 0)
+        with pytest.raises(ResourceExhausted) as refused:
+            await asyncio.to_thread(calls, 12)
+        assert refused.value.retry_after_s is not None and refused.value.retry_after_s > 0
 
 
 def test_rate_limiter_refills() -> None:
