@@ -90,6 +90,9 @@ def _message_class(desc: Any) -> type[message.Message]:
 
 def _error_response(status: status_pb2.Status, http: int | None = None,
                     headers: dict[str, str] | None = None) -> web.Response:
+    retry_after = errors.retry_after(status)
+    if retry_after is not None:  # RFC 9110's header for what the status's RetryInfo says
+        headers = {**(headers or {}), "Retry-After": retry_after}
     return web.Response(status=http or errors.http_status(status.code), body=errors.status_json(status),
                         content_type=_JSON, headers=headers)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 import grpc
@@ -71,6 +72,16 @@ def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
         status.message = f"the TuneForge services cannot be reached right now: {message}"
         status.details.add().Pack(info)
     return status
+
+
+def retry_after(status: status_pb2.Status) -> str | None:
+    """The Retry-After header (whole seconds, at least 1) of a status whose RetryInfo says when to retry
+    (RESOURCE_EXHAUSTED over the calls per second); None when it says nothing."""
+    retry = error_details_pb2.RetryInfo()
+    for detail in status.details:
+        if detail.Is(retry.DESCRIPTOR) and detail.Unpack(retry):
+            return str(max(1, math.ceil(retry.retry_delay.ToNanoseconds() / 1e9)))
+    return None
 
 
 def status_json(status: status_pb2.Status) -> bytes:

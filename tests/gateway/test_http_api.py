@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from services.gateway.app import ACTIVE_STREAMS, create_app
 from services.gateway.rules import all_routes
 from services.platform.supervisor import Platform
+from tests.auth import make_key
 from tests.e2e.conftest import lora_spec
 from tests.gateway.conftest import Api, error_reason, violations
 
@@ -230,6 +231,29 @@ async def test_errors_are_status_json_with_the_mapped_http_status(
         assert status == 400 and set(violations(answer)) == {"colour"}
         status, answer = await api.call("GET", "/v1/jobs", params={"startTime": "x"})
         assert status == 400 and "startTime" in violations(answer)
+
+
+async def test_over_its_calls_per_second_an_organization_gets_429_with_retry_after(
+        platform: Platform) -> None:
+    """The services' RetryInfo becomes the Retry-After header (whole seconds, at least 1) beside the JSON
+    status; a caller that waits that long is let in again."""
+    key = make_key(platform.address, platform.data_dir, "gw-rate")  # its own allowance: no other test's
+    async with aiohttp.ClientSession(platform.http_url, headers={"Authorization": f"Bearer {key}"}) as http:
+
+        async def caller() -> tuple[int, str | None, Any]:
+            async with http.get("/v1/caller") as response:
+                return response.status, response.headers.get("Retry-After"), await response.json()
+
+        answers = await asyncio.gather(*(caller() for _ in range(250)))
+        refused = [(after, body) for status, after, body in answers if status == 429]
+        assert refused and {status for status, _, _ in answers} == {200, 429}
+        for after, body in refused:
+            assert after is not None and int(after) >= 1, after
+            assert error_reason(body) == "QUOTA_EXCEEDED"
+            assert "TUNEFORGE_API_CALLS_PER_SECOND" in body["message"]
+            assert any(d["@type"].endswith("google.rpc.RetryInfo") for d in body["details"]), body
+        await asyncio.sleep(max(int(after) for after, _ in refused))
+        assert (await caller())[0] == 200
 
 
 async def test_organizations_do_not_see_each_others_jobs_over_http(
