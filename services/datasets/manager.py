@@ -30,7 +30,7 @@ from services.datasets.uploads import MAX_DATASET_REF, MAX_DESCRIPTION, UploadMa
 from services.kit.db import Database
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.pools import Slot
-from services.kit.validation import check_organization
+from services.kit.validation import check_organization, check_text
 from tuneforge_core.errors import FailedPrecondition, Violations, not_found
 from tuneforge_core.ids import new_id
 from tuneforge_core.reasons import Reason
@@ -121,8 +121,7 @@ class DatasetManager:
         for path in paths:
             v.check(path in UPDATABLE_FIELDS, "update_mask",
                     f"'{path}' cannot be updated; only {', '.join(UPDATABLE_FIELDS)} can")
-        v.check(len(description) <= MAX_DESCRIPTION, "description",
-                f"must be at most {MAX_DESCRIPTION} characters")
+        check_text(v, description, "description", max_chars=MAX_DESCRIPTION)
         v.raise_if_any("invalid update")
 
         def apply(session: Session) -> DatasetRecord:

@@ -59,7 +59,7 @@ from services.datasets.validation import DEFAULT_MIN_EXAMPLES, ISSUE_LIMIT, MAX_
 from services.kit.db import Database
 from services.kit.outbox import utcnow
 from services.kit.pools import BoundedPool, Slot
-from services.kit.validation import check_name, check_organization, check_request_id
+from services.kit.validation import check_name, check_organization, check_request_id, check_text
 from tuneforge_core.compat import same_family
 from tuneforge_core.errors import (
     AlreadyExists,
@@ -259,10 +259,8 @@ class UploadManager:
         if upload:
             check_name(v, spec.name, "metadata.name")
             check_request_id(v, spec.request_id, "metadata.request_id")
-            v.check(len(spec.description) <= MAX_DESCRIPTION, "metadata.description",
-                    f"must be at most {MAX_DESCRIPTION} characters")
-        v.check(len(spec.filename) <= MAX_FILENAME, "metadata.filename",
-                f"must be at most {MAX_FILENAME} characters")
+            check_text(v, spec.description, "metadata.description", max_chars=MAX_DESCRIPTION)
+        check_text(v, spec.filename, "metadata.filename", max_chars=MAX_FILENAME, one_line=True)
         if spec.format is not None and spec.format not in CHECKERS:
             v.add("metadata.format", f"{spec.format.value} is not accepted yet; accepted: "
                   f"{', '.join(f.value for f in CHECKERS)} (or leave it unset to detect it)")

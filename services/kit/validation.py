@@ -15,6 +15,26 @@ ID_LIKE_NAME = "must not look like an id (letters, '_', then 26 letters or digit
     "looked up in one place"
 
 
+# Control characters, but for tab, line feed and carriage return (C0, DEL and C1). A terminal obeys them
+# when it prints the text (an ESC sequence clears the screen, moves the cursor, sets the window title), so
+# free text one caller writes and another reads with the CLI must not hold them.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_LINE_BREAK_RE = re.compile(r"[\t\n\r]")
+
+
+def check_text(v: Violations, value: str, field: str, *, max_chars: int, one_line: bool = False) -> None:
+    """Free text (a description, a file name): at most `max_chars` characters, no control characters (with
+    `one_line`, not even tabs or line breaks). The violation names the first one found and where."""
+    if len(value) > max_chars:
+        v.add(field, f"must be at most {max_chars} characters")
+        return
+    found = _CONTROL_RE.search(value) or (_LINE_BREAK_RE.search(value) if one_line else None)
+    if found is not None:
+        allowed = "" if one_line else " other than tab and line breaks"
+        v.add(field, f"must not contain control characters{allowed} (U+{ord(found.group()):04X} at character "
+              f"{found.start() + 1})")
+
+
 def check_organization(v: Violations, value: str, field: str = "organization") -> None:
     if not value:
         v.add(field, "is required (every resource belongs to an organization)")

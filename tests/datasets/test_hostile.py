@@ -110,3 +110,34 @@ async def test_a_dataset_reference_longer_than_any_id_or_name_is_refused(stub: D
     # 63 characters, the longest name, is still looked up.
     err = await _failure(stub.GetDataset(pb.GetDatasetRequest(organization="acme", dataset="n" * 63)))
     assert err.code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(("field", "value", "where"), [
+    ("description", "nice data\x1b[2J\x1b]0;pwned\x07", "U+001B at character 10"),
+    ("description", "a\x00b", "U+0000"),  # refused by the call pipeline, before the service
+    ("description", "ok\u009bc", "U+009B at character 3"),
+    ("filename", "chat\x1b[31m.jsonl", "U+001B at character 5"),
+    ("filename", "two\nlines.jsonl", "U+000A at character 4"),
+])
+async def test_free_text_with_control_characters_is_refused(stub: DatasetServiceStub, field: str, value: str,
+                                                            where: str) -> None:
+    """A description or file name another user reads with the CLI must not carry terminal control sequences
+    (clear the screen, set the title...): refused naming the field and the character, nothing stored.
+    Descriptions keep their tabs and line breaks."""
+    data = jsonl(chat_lines(5))
+    err = await _failure(stub.UploadDataset(upload_requests(  # type: ignore[arg-type]
+        meta(min_examples=1, **{field: value}), data)))
+    assert (err.code, err.fields) == (grpc.StatusCode.INVALID_ARGUMENT, [f"metadata.{field}"])
+    assert where in err.bad_request.field_violations[0].description
+    assert not (await stub.ListDatasets(pb.ListDatasetsRequest(organization="acme"))).datasets
+
+
+async def test_a_description_keeps_tabs_and_line_breaks_and_updates_are_checked_too(
+        stub: DatasetServiceStub) -> None:
+    data = jsonl(chat_lines(5))
+    created = await stub.UploadDataset(upload_requests(  # type: ignore[arg-type]
+        meta(min_examples=1, description="line one\n\tline two\r\n"), data))
+    assert created.dataset.description == "line one\n\tline two\r\n"
+    err = await _failure(stub.UpdateDataset(pb.UpdateDatasetRequest(
+        organization="acme", dataset=created.dataset.id, description="x\x1b[2J")))
+    assert (err.code, err.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["description"])

@@ -284,7 +284,7 @@ type Dataset struct {
 	Organization string `protobuf:"bytes,2,opt,name=organization,proto3" json:"organization,omitempty"`
 	// User-chosen name: 1-63 characters of [a-z0-9-_.], starting with a letter or digit.
 	Name string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
-	// Free text, at most 1024 characters.
+	// Free text, at most 1024 characters; no control characters but tab and line breaks.
 	Description string `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
 	// Output only.
 	State DatasetState `protobuf:"varint,5,opt,name=state,proto3,enum=tuneforge.v1.DatasetState" json:"state,omitempty"`

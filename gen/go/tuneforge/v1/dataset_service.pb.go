@@ -36,12 +36,13 @@ type UploadDatasetMetadata struct {
 	// The dataset's name: 1-63 characters of [a-z0-9-_.], starting with a letter or digit; unique within the
 	// organization. Required by UploadDataset.
 	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	// Free text, at most 1024 characters.
+	// Free text, at most 1024 characters; no control characters but tab and line breaks.
 	Description string `protobuf:"bytes,3,opt,name=description,proto3" json:"description,omitempty"`
 	// Unset: detect from content.
 	Format DatasetFormat `protobuf:"varint,4,opt,name=format,proto3,enum=tuneforge.v1.DatasetFormat" json:"format,omitempty"`
-	// The original file name, at most 1024 characters; informational only (the container, JSONL, CSV,
-	// Parquet or ZIP, is found from the bytes). Kept as DatasetSource.upload_filename.
+	// The original file name, at most 1024 characters on one line, no control characters; informational
+	// only (the container, JSONL, CSV, Parquet or ZIP, is found from the bytes). Kept as
+	// DatasetSource.upload_filename.
 	Filename string `protobuf:"bytes,5,opt,name=filename,proto3" json:"filename,omitempty"`
 	// Total size in bytes, if known; lets the server refuse an oversized upload before reading it.
 	SizeBytes int64 `protobuf:"varint,6,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
@@ -371,7 +372,7 @@ type CreateDatasetRequest struct {
 	Organization string `protobuf:"bytes,1,opt,name=organization,proto3" json:"organization,omitempty"`
 	// As UploadDatasetMetadata.name. Required.
 	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	// Free text, at most 1024 characters.
+	// Free text, at most 1024 characters; no control characters but tab and line breaks.
 	Description string `protobuf:"bytes,3,opt,name=description,proto3" json:"description,omitempty"`
 	// Unset: detect from content.
 	Format DatasetFormat `protobuf:"varint,4,opt,name=format,proto3,enum=tuneforge.v1.DatasetFormat" json:"format,omitempty"`

@@ -188,7 +188,7 @@ class Dataset(_message.Message):
     name: _builtins.str
     """User-chosen name: 1-63 characters of [a-z0-9-_.], starting with a letter or digit."""
     description: _builtins.str
-    """Free text, at most 1024 characters."""
+    """Free text, at most 1024 characters; no control characters but tab and line breaks."""
     state: Global___DatasetState.ValueType
     """Output only."""
     format: Global___DatasetFormat.ValueType

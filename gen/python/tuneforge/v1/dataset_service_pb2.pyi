@@ -54,12 +54,13 @@ class UploadDatasetMetadata(_message.Message):
     organization. Required by UploadDataset.
     """
     description: _builtins.str
-    """Free text, at most 1024 characters."""
+    """Free text, at most 1024 characters; no control characters but tab and line breaks."""
     format: _dataset_pb2.DatasetFormat.ValueType
     """Unset: detect from content."""
     filename: _builtins.str
-    """The original file name, at most 1024 characters; informational only (the container, JSONL, CSV,
-    Parquet or ZIP, is found from the bytes). Kept as DatasetSource.upload_filename.
+    """The original file name, at most 1024 characters on one line, no control characters; informational
+    only (the container, JSONL, CSV, Parquet or ZIP, is found from the bytes). Kept as
+    DatasetSource.upload_filename.
     """
     size_bytes: _builtins.int
     """Total size in bytes, if known; lets the server refuse an oversized upload before reading it."""
@@ -219,7 +220,7 @@ class CreateDatasetRequest(_message.Message):
     name: _builtins.str
     """As UploadDatasetMetadata.name. Required."""
     description: _builtins.str
-    """Free text, at most 1024 characters."""
+    """Free text, at most 1024 characters; no control characters but tab and line breaks."""
     format: _dataset_pb2.DatasetFormat.ValueType
     """Unset: detect from content."""
     request_id: _builtins.str

@@ -43,7 +43,7 @@ export type Dataset = Message<"tuneforge.v1.Dataset"> & {
   name: string;
 
   /**
-   * Free text, at most 1024 characters.
+   * Free text, at most 1024 characters; no control characters but tab and line breaks.
    *
    * @generated from field: string description = 4;
    */

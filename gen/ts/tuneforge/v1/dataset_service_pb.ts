@@ -43,7 +43,7 @@ export type UploadDatasetMetadata = Message<"tuneforge.v1.UploadDatasetMetadata"
   name: string;
 
   /**
-   * Free text, at most 1024 characters.
+   * Free text, at most 1024 characters; no control characters but tab and line breaks.
    *
    * @generated from field: string description = 3;
    */
@@ -57,8 +57,9 @@ export type UploadDatasetMetadata = Message<"tuneforge.v1.UploadDatasetMetadata"
   format: DatasetFormat;
 
   /**
-   * The original file name, at most 1024 characters; informational only (the container, JSONL, CSV,
-   * Parquet or ZIP, is found from the bytes). Kept as DatasetSource.upload_filename.
+   * The original file name, at most 1024 characters on one line, no control characters; informational
+   * only (the container, JSONL, CSV, Parquet or ZIP, is found from the bytes). Kept as
+   * DatasetSource.upload_filename.
    *
    * @generated from field: string filename = 5;
    */
@@ -241,7 +242,7 @@ export type CreateDatasetRequest = Message<"tuneforge.v1.CreateDatasetRequest"> 
   name: string;
 
   /**
-   * Free text, at most 1024 characters.
+   * Free text, at most 1024 characters; no control characters but tab and line breaks.
    *
    * @generated from field: string description = 3;
    */
