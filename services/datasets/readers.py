@@ -98,6 +98,29 @@ def wide_encoding(head: bytes) -> tuple[str, str] | None:
     return None
 
 
+# Containers a dataset file may not come in, by their first bytes (a tar archive's "ustar" is at 257).
+_UNSUPPORTED_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed", "gunzip it"),
+    (b"BZh", "bzip2-compressed", "bunzip2 it"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "unxz it"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "unzstd it"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", "extract it"),
+    (b"Rar!\x1a\x07", "a RAR archive", "extract it"),
+)
+
+
+def unsupported_container(head: bytes) -> str | None:
+    """What a file is when its first bytes say it is compressed or archived in a form the platform does
+    not read (gzip, bzip2, xz, zstd, 7-Zip, RAR, tar), with what to do instead; None otherwise. Such a file
+    would otherwise read as invalid UTF-8 on line 1, which hides the cause."""
+    for magic, what, undo in _UNSUPPORTED_MAGIC:
+        if head.startswith(magic):
+            return f"The file is {what}; {undo} and upload the file itself, or upload a ZIP archive."
+    if head[257:262] == b"ustar":
+        return "The file is a tar archive; extract it and upload the file itself, or upload a ZIP archive."
+    return None
+
+
 class SourceKind(StrEnum):
     JSONL = "jsonl"
     CSV = "csv"

@@ -63,6 +63,7 @@ from services.datasets.readers import (
     parquet_records,
     parse_json_line,
     sniff,
+    unsupported_container,
     wide_encoding,
 )
 
@@ -287,10 +288,16 @@ def validate_source(
         result.report = _report(format or DatasetFormat.OPENAI_CHAT, 0, issues, Statistics())
         return result
     with path.open("rb") as start:
-        wide = wide_encoding(start.read(4096))
+        head_bytes = start.read(4096)
+    wide = wide_encoding(head_bytes)
     if wide is not None:  # the cause, once, rather than invalid UTF-8 on line 1 and "0 examples"
         add_file(IssueCode.INVALID_UTF8, f"The file is {wide[0]} ({wide[1]}), not UTF-8; save it as UTF-8 "
                  f"(e.g. iconv -f {wide[0]} -t UTF-8).")
+        result.report = _report(format or DatasetFormat.OPENAI_CHAT, 0, issues, Statistics())
+        return result
+    unsupported = unsupported_container(head_bytes) if kind is not SourceKind.ZIP else None
+    if unsupported is not None:  # likewise: not "invalid UTF-8 (byte 0x8b)" on line 1
+        add_file(IssueCode.UNSUPPORTED_CONTAINER, unsupported)
         result.report = _report(format or DatasetFormat.OPENAI_CHAT, 0, issues, Statistics())
         return result
     records: Iterator[tuple[int, Any]]

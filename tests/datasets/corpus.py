@@ -6,9 +6,13 @@ service in seconds. `location` is the BadRequest field the first violation with 
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
+import lzma
 import stat
+import tarfile
 import zipfile
 from dataclasses import dataclass, field
 
@@ -74,6 +78,15 @@ class Bad:
     code: str
     location: str
     metadata: dict[str, object] = field(default_factory=dict)
+
+
+def _tar_of(data: bytes) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        info = tarfile.TarInfo("train.jsonl")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 def _parquet_garbage() -> bytes:
@@ -311,6 +324,11 @@ CORPUS: list[Bad] = [
         "line 3: images",
     ),
     Bad("corrupt zip", b"PK\x03\x04" + b"\x00" * 200, "INVALID_ARCHIVE", "file"),
+    # A compressed file is named for what it is, not "invalid UTF-8 (byte 0x8b)" on line 1.
+    Bad("gzip file", gzip.compress(msgs(U, A).encode() * 20), "UNSUPPORTED_CONTAINER", "file"),
+    Bad("bzip2 file", bz2.compress(msgs(U, A).encode() * 20), "UNSUPPORTED_CONTAINER", "file"),
+    Bad("xz file", lzma.compress(msgs(U, A).encode() * 20), "UNSUPPORTED_CONTAINER", "file"),
+    Bad("tar file", _tar_of(msgs(U, A).encode() * 20), "UNSUPPORTED_CONTAINER", "file"),
     # Hostile input: each of these once made the service answer INTERNAL or expand without bound.
     Bad(
         "non-utf8 on the fast path",
