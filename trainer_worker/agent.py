@@ -317,6 +317,12 @@ class Agent:
         self.stopping = asyncio.Event()
         # Set when the drain time runs out, or at a second signal: stop the child and NAK its job.
         self.handing_back = asyncio.Event()
+        # Set TUNEFORGE_WORKER_STOP_GRACE_S after handing back began: the job's reports stop retrying (an
+        # unreachable NATS, e.g. the platform's own nats-server gone with `tuneforge up`, held a stopping
+        # worker for minutes, and with it the data dir's lock), so the job goes back and the worker exits.
+        self.give_up_reporting = asyncio.Event()
+        # Each work consumer's max deliveries (TUNEFORGE_WORK_MAX_DELIVER as the server has it), by name.
+        self.max_deliver: dict[str, int] = {}
         self._drain_timer: asyncio.TimerHandle | None = None
         self._drain_heartbeat: asyncio.Task[None] | None = None
         self.work_root = settings.data_dir.resolve() / "worker"
@@ -360,6 +366,7 @@ class Agent:
             log.info("handing job %s back to the queue: %s", self.current_run.job_id, why)
             self.current_run.hand_back_reason = why
         self.handing_back.set()
+        asyncio.get_running_loop().call_later(self.settings.worker_stop_grace_s, self.give_up_reporting.set)
 
     async def run(self) -> None:
         await ensure_streams(self.js)
@@ -407,6 +414,7 @@ class Agent:
                                                   self.settings.work_max_deliver)
             info = await self.js.consumer_info(subjects.STREAM_WORK, durable)
             self.ack_wait_s = min(self.ack_wait_s, info.config.ack_wait or self.ack_wait_s)
+            self.max_deliver[durable] = info.config.max_deliver or 0
             self._subs[route] = await self.js.pull_subscribe(
                 subjects.route_subject(route), durable=durable, stream=subjects.STREAM_WORK
             )
@@ -508,7 +516,8 @@ class Agent:
         logs.set_job(assignment.job_id)  # every log line of this delivery carries job_id
         self.telemetry.job_started()
         claim = asyncio.create_task(self._keep_claim(msg))
-        run = JobRun(self, assignment, msg.metadata.num_delivered)
+        run = JobRun(self, assignment, msg.metadata.num_delivered,
+                     self.max_deliver.get(msg.metadata.consumer or "", self.settings.work_max_deliver))
         self.current, self.current_run = (assignment.job_id, run.attempt), run
         # The delivery's span continues the trace of the CreateJob call that queued it (its headers carry
         # the context, tuneforge_core.tracing); the status updates published inside carry this span's.
@@ -573,11 +582,15 @@ class Outcome:
 class JobRun:
     """One delivery of one job: prepare, train, report, clean up."""
 
-    def __init__(self, agent: Agent, assignment: events_pb2.JobAssignment, attempt: int) -> None:
+    def __init__(self, agent: Agent, assignment: events_pb2.JobAssignment, attempt: int,
+                 max_deliver: int = 0) -> None:
         self.agent, self.assignment, self.attempt = agent, assignment, attempt
+        # The work queue's deliveries of the job (0: no limit): the last one fails instead of retrying.
+        self.max_deliver = max_deliver
         self.job_id = assignment.job_id
         self.settings = agent.settings
-        self.reporter = JobReporter(agent.js, self.job_id, attempt, agent.worker_id)
+        self.reporter = JobReporter(agent.js, self.job_id, attempt, agent.worker_id,
+                                    give_up=agent.give_up_reporting)
         self.story = AttemptStory(attempt, agent.worker_id)  # phase, timeline, tokens, log lines
         self.reporter.story = self.story
         self._ran = False  # whether the attempt got as far as preparing (then its log is stored)
@@ -608,6 +621,10 @@ class JobRun:
                 log.info("job %s is already %s; dropping the stale delivery", self.job_id, states.name(state))
                 return Verdict.ACK
             return await self._run()
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            return await self._retry(exc)
         finally:
             with contextlib.suppress(Exception):
                 await watch.unsubscribe()
@@ -1054,14 +1071,48 @@ class JobRun:
     async def _hand_back(self) -> Verdict:
         """The worker stops before the job ended: say so in the job's log and NAK it, for another worker
         to resume from the last stored checkpoint."""
-        resumes = ("starts again from the beginning (no checkpoint was stored)" if self.stored_step is None
-                   else f"resumes from the checkpoint of step {self.stored_step}")
-        self.reporter.log(f"{self.hand_back_reason}; the job goes back to the queue and {resumes}.",
+        self.reporter.log(f"{self.hand_back_reason}; the job goes back to the queue and {self._resumes()}.",
                           "warning")
-        if self.story.has_news and self.progress is not None:  # the timeline so far is not lost
-            await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
-        await self.reporter.flush(force=True)
+        try:  # best effort: the job goes back whether or not NATS takes these (give_up_reporting)
+            if self.story.has_news and self.progress is not None:  # the timeline so far is not lost
+                await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
+            await self.reporter.flush(force=True)
+        except Exception as exc:
+            log.warning("job %s attempt %d: the hand-back was not reported: %s", self.job_id, self.attempt,
+                        exc)
         log.info("job %s attempt %d: handed back to the queue", self.job_id, self.attempt)
+        return Verdict.NAK
+
+    def _resumes(self) -> str:
+        return ("starts again from the beginning (no checkpoint was stored)" if self.stored_step is None
+                else f"resumes from the checkpoint of step {self.stored_step}")
+
+    async def _retry(self, exc: Exception) -> Verdict:
+        """An infrastructure failure (object storage or NATS unavailable) ended this delivery. Say so in the
+        job's log and hand the job back for another delivery; on the work queue's last delivery, fail it
+        with DEPENDENCY_UNAVAILABLE naming the cause. (It used to go back silently, and after the last
+        delivery the job failed WORKER_LOST, "the workers died or stopped sending heartbeats", with the
+        cause only in the worker's own log.) A stopping worker just hands the job back."""
+        if self.agent.handing_back.is_set():
+            return await self._hand_back()
+        log.warning("job %s attempt %d could not go on: %s", self.job_id, self.attempt, exc)
+        limit = self.max_deliver
+        if 0 < limit <= self.attempt:
+            try:
+                return await self._fail(
+                    Reason.DEPENDENCY_UNAVAILABLE,
+                    f"Attempt {self.attempt}, the last of the job's {limit} deliveries, could not go on: "
+                    f"{exc}. The worker could not reach the object storage or NATS it needs; it is not "
+                    "retried further.")
+            except Exception:
+                log.warning("could not report job %s as failed; it goes back to the queue", self.job_id,
+                            exc_info=True)
+                return Verdict.NAK
+        of = f" of {limit}" if limit > 0 else ""
+        self.reporter.log(f"Attempt {self.attempt} could not go on: {exc}. The job goes back to the queue "
+                          f"for attempt {self.attempt + 1}{of}, which {self._resumes()}.", "warning")
+        with contextlib.suppress(Exception):
+            await self.reporter.flush(force=True)
         return Verdict.NAK
 
     async def _report_cancelled(self) -> Verdict:
@@ -1127,7 +1178,13 @@ async def run_agent(settings: AgentSettings) -> None:
     try:
         await agent.run()
     finally:
-        await nc.drain()
+        try:
+            await nc.drain()
+        except Exception as exc:  # NATS gone (e.g. with `tuneforge up`): nothing left to drain
+            log.info("worker %s: NATS connection closed without draining (%s)", agent.worker_id,
+                     type(exc).__name__)
+            with contextlib.suppress(Exception):
+                await nc.close()
         log.info("worker %s stopped", agent.worker_id)
 
 

@@ -6,10 +6,15 @@ it unguessable, so nobody can publish a forged update under it first and have th
 The jobs service accepts them only from the delivery that holds the job (services.jobs.manager). Metric
 points and log lines are batched and sent at least once a second, so a chatty run costs a few messages a
 second, not one per line.
+
+A stopping worker does not wait on an unreachable NATS for long: once the agent sets the reporter's
+``give_up`` event (TUNEFORGE_WORKER_STOP_GRACE_S after it began to hand its job back), a publish under way
+and every later one raise :class:`~trainer_worker.errors.Transient` at once instead of retrying for minutes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -21,6 +26,7 @@ from nats.js import JetStreamContext
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import evaluation_pb2, job_pb2, metrics_pb2
 
+from trainer_worker.errors import Transient
 from trainer_worker.events import POINT_FIELDS, MetricEvent, ProgressEvent
 from tuneforge_core import subjects
 from tuneforge_core.errors import error_status
@@ -133,8 +139,11 @@ class JobReporter:
         worker_id: str,
         *,
         flush_interval_s: float = 1.0,
+        give_up: asyncio.Event | None = None,
     ) -> None:
         self._js = js
+        # Set by a stopping agent: stop retrying publishes (see the module's docstring).
+        self.give_up = give_up
         self.job_id, self.attempt, self.worker_id = job_id, attempt, worker_id
         self._flush_interval_s = flush_interval_s
         self._points: list[metrics_pb2.MetricPoint] = []
@@ -176,7 +185,30 @@ class JobReporter:
         )
         if self.story is not None:
             self.story.fill(update)
-        await publish(self._js, subjects.worker_status(self.job_id), update, event_id)
+        await self._publish(subjects.worker_status(self.job_id), update, event_id)
+
+    async def _publish(self, subject: str, message: events_pb2.WorkerJobUpdate | events_pb2.MetricsReported
+                       | events_pb2.LogsReported, event_id: str) -> None:
+        """`tuneforge_core.nats.publish` (retried until the server acknowledges it), unless `give_up` is
+        set before it succeeds: then it raises Transient at once."""
+        if self.give_up is None:
+            await publish(self._js, subject, message, event_id)
+            return
+        if self.give_up.is_set():
+            raise Transient(f"the worker is stopping and gave up publishing to {subject}")
+        sending = asyncio.ensure_future(publish(self._js, subject, message, event_id))
+        stopping = asyncio.ensure_future(self.give_up.wait())
+        try:
+            await asyncio.wait({sending, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            gave_up = not sending.done()
+            if gave_up:
+                sending.cancel()
+        if gave_up:
+            raise Transient(f"the worker is stopping and gave up publishing to {subject}: NATS did not "
+                            "acknowledge it in time")
+        sending.result()
 
     def metric(self, point: metrics_pb2.MetricPoint) -> None:
         self._points.append(point)
@@ -212,9 +244,9 @@ class JobReporter:
             points, self._points = self._points, []
             event_id = new_id("evt")
             message = events_pb2.MetricsReported(event_id=event_id, points=points)
-            await publish(self._js, subjects.worker_metrics(self.job_id), message, event_id)
+            await self._publish(subjects.worker_metrics(self.job_id), message, event_id)
         if self._entries:
             entries, self._entries = self._entries, []
             event_id = new_id("evt")
             logs = events_pb2.LogsReported(event_id=event_id, entries=entries)
-            await publish(self._js, subjects.worker_logs(self.job_id), logs, event_id)
+            await self._publish(subjects.worker_logs(self.job_id), logs, event_id)
