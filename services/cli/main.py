@@ -23,6 +23,7 @@ from tuneforge.v1 import dataset_pb2, dataset_service_pb2, identity_pb2, job_pb2
 
 from services.cli import chat as chat_cli
 from services.cli import config_create, datasets_cli
+from services.cli import dead_letters as dead_letters_cli
 from services.cli import metrics as metrics_cli
 from services.cli import timeline as timeline_cli
 from services.cli import usage as usage_cli
@@ -58,6 +59,7 @@ usage_cli.register(app)  # tuneforge usage (services.cli.usage)
 metrics_cli.register(jobs_app)  # tuneforge jobs metrics (services.cli.metrics)
 timeline_cli.register(jobs_app)  # tuneforge jobs events, jobs eval (services.cli.timeline)
 chat_cli.register(app)  # tuneforge chat, tuneforge deployments (services.cli.chat)
+dead_letters_cli.register(app)  # tuneforge dead-letters (services.cli.dead_letters)
 
 console = Console()
 err_console = Console(stderr=True)

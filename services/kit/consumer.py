@@ -12,7 +12,7 @@ A message whose deliveries end that way is first kept, as it came, in the dead-l
 why and after how many deliveries; only then is it terminated. So is a message that failed
 `dead_after` deliveries (20 by default, about a quarter of an hour with the doubling delays) for any
 reason but an unreachable server: an outage is waited out however long it lasts, a message that keeps
-failing is set aside where an operator finds it (`nats stream view TF_DEAD_LETTERS`) and can publish it
+failing is set aside where an operator finds it (`tuneforge dead-letters list`) and can publish it
 again once the fault is fixed. When it cannot be kept (NATS is failing too), it is redelivered instead:
 nothing is dropped unseen.
 
