@@ -80,7 +80,7 @@ from services.kit.db import Database
 from services.kit.outbox import OutboxRelay, add_event, first_time, seen_before, utcnow
 from services.kit.paging import decode_token, encode_token, page_size
 from services.kit.protos import as_utc, from_timestamp, replace_nul, to_timestamp
-from services.kit.validation import check_name, check_organization, check_request_id
+from services.kit.validation import check_name, check_organization, check_request_id, check_text
 from tuneforge_core import states, subjects, tracing
 from tuneforge_core.errors import (
     AlreadyExists,
@@ -105,6 +105,8 @@ log = logging.getLogger(__name__)
 S = job_pb2.JobState
 U = events_pb2.WorkerUpdateKind
 W = job_pb2.WorkerState
+# CreateJobRequest.description: free text, at most this many characters.
+MAX_DESCRIPTION = 1024
 # The first updates of a delivery: only these may establish a newer delivery as the job's holder.
 DELIVERY_STARTS = frozenset({U.WORKER_UPDATE_KIND_PREPARING, U.WORKER_UPDATE_KIND_RUNNING})
 # Updates after which a scheduler pass may dispatch more: the worker took a job (maybe one counted for
@@ -376,7 +378,8 @@ class JobManager:
         check_organization(v, request.organization)
         check_name(v, request.name, required=False)
         check_request_id(v, request.request_id)
-        v.check(len(request.description) <= 1024, "description", "must be at most 1024 characters")
+        # Shown as it is by `tuneforge jobs get` and the console: no terminal escapes (tab, line breaks kept).
+        check_text(v, request.description, "description", max_chars=MAX_DESCRIPTION)
         v.check(len(request.labels) <= 64, "labels", "at most 64 labels")
         for key, value in request.labels.items():
             v.check(0 < len(key) <= 63 and len(value) <= 63, f"labels[{key}]",

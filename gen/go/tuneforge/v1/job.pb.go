@@ -1040,7 +1040,7 @@ type Job struct {
 	Organization string `protobuf:"bytes,2,opt,name=organization,proto3" json:"organization,omitempty"`
 	// User-chosen name, unique within the organization; generated from the id when left empty.
 	Name string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
-	// Free text for people, at most 1024 characters.
+	// Free text for people, at most 1024 characters; no control characters but tab and line breaks.
 	Description string `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
 	// What to train. Immutable after creation.
 	Spec *JobSpec `protobuf:"bytes,5,opt,name=spec,proto3" json:"spec,omitempty"`

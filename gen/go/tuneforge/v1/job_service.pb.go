@@ -91,7 +91,7 @@ type CreateJobRequest struct {
 	Organization string `protobuf:"bytes,1,opt,name=organization,proto3" json:"organization,omitempty"`
 	// Optional; unique within the organization.
 	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
-	// Free text for people, at most 1024 characters.
+	// Free text for people, at most 1024 characters; no control characters but tab and line breaks.
 	Description string `protobuf:"bytes,3,opt,name=description,proto3" json:"description,omitempty"`
 	// What to train. Required; validated field by field (BadRequest names each bad field as "spec.<path>").
 	Spec *JobSpec `protobuf:"bytes,4,opt,name=spec,proto3" json:"spec,omitempty"`

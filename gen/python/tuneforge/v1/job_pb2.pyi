@@ -663,7 +663,7 @@ class Job(_message.Message):
     name: _builtins.str
     """User-chosen name, unique within the organization; generated from the id when left empty."""
     description: _builtins.str
-    """Free text for people, at most 1024 characters."""
+    """Free text for people, at most 1024 characters; no control characters but tab and line breaks."""
     state: Global___JobState.ValueType
     """Output only."""
     attempt: _builtins.int

@@ -93,7 +93,7 @@ class CreateJobRequest(_message.Message):
     name: _builtins.str
     """Optional; unique within the organization."""
     description: _builtins.str
-    """Free text for people, at most 1024 characters."""
+    """Free text for people, at most 1024 characters; no control characters but tab and line breaks."""
     request_id: _builtins.str
     """Idempotency key: retrying with the same request_id returns the job created the first time; once that
     job was deleted, ALREADY_EXISTS (reason REQUEST_ID_REUSED, metadata "job" naming it, "deleted" "true").

@@ -46,7 +46,7 @@ export type Job = Message<"tuneforge.v1.Job"> & {
   name: string;
 
   /**
-   * Free text for people, at most 1024 characters.
+   * Free text for people, at most 1024 characters; no control characters but tab and line breaks.
    *
    * @generated from field: string description = 4;
    */

@@ -44,7 +44,7 @@ export type CreateJobRequest = Message<"tuneforge.v1.CreateJobRequest"> & {
   name: string;
 
   /**
-   * Free text for people, at most 1024 characters.
+   * Free text for people, at most 1024 characters; no control characters but tab and line breaks.
    *
    * @generated from field: string description = 3;
    */
