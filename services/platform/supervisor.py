@@ -241,10 +241,10 @@ class Platform:
                     # A dead holder's children still hold it while they stop: wait for them a little.
                     if _alive(holder) or time.monotonic() > deadline:
                         who = f"pid {holder}" if holder else "pid unknown"
-                        gone = "" if _alive(holder) else ", which has exited while its processes still run"
+                        gone, advice = ("", "stop it first") if _alive(holder) else _orphans(self.lock_path)
                         raise PlatformStartError(
                             f"another TuneForge ({who}{gone}) holds {self.data_dir} (lock "
-                            f"{self.lock_path}); stop it first, or choose another --data-dir") from None
+                            f"{self.lock_path}); {advice}, or choose another --data-dir") from None
                     time.sleep(0.1)
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -565,6 +565,41 @@ def _read_pid(fd: int) -> int:
         return int(os.pread(fd, 32, 0).decode().strip() or 0)
     except (OSError, ValueError):
         return 0
+
+
+def _orphans(lock_path: Path) -> tuple[str, str]:
+    """What to say of a lock whose supervisor has exited: which of its processes still hold it, and what
+    to do about them."""
+    still = _lock_holders(lock_path)
+    if not still:
+        return ", which has exited while its processes still run", "wait for its processes to stop"
+    named = ", ".join(f"pid {pid} ({what})" for pid, what in still)
+    pids = " ".join(str(pid) for pid, _ in still)
+    return (f", which has exited while its processes still run: {named}",
+            f"wait for them to stop, or stop them (kill {pids})")
+
+
+def _lock_holders(lock_path: Path) -> list[tuple[int, str]]:
+    """The other processes that have the lock file open (Linux: /proc/<pid>/fd), with their command lines
+    cut short; [] where that cannot be read."""
+    try:
+        target = os.stat(lock_path)
+    except OSError:
+        return []
+    found: list[tuple[int, str]] = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if proc.name == str(os.getpid()):  # this process opened it to ask for the lock
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                st = os.stat(fd)
+                if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    found.append((int(proc.name), " ".join(command.split())[:80] or "?"))
+                    break
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return sorted(found)
 
 
 def _alive(pid: int) -> bool:

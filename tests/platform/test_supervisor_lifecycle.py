@@ -19,6 +19,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.platform import supervisor
 from services.platform.supervisor import Platform, PlatformConfig, PlatformStartError
 
 T = TypeVar("T")
@@ -80,6 +81,35 @@ def test_a_second_platform_on_the_same_data_dir_is_refused_at_once(tmp_path: Pat
     third = Platform(PlatformConfig(data_dir=tmp_path / "data", grpc_port=0, workers=0))
     third.start()  # the lock went with the first one
     third.stop()
+
+
+def test_a_dead_supervisors_processes_still_holding_the_lock_are_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock names a supervisor that has exited, but a process it started still holds the lock (a worker
+    slow to stop): after ORPHAN_LOCK_WAIT_S the refusal names that process and how to stop it."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    lock = data_dir / supervisor.LOCK_FILE
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    lock.write_text(f"{dead.stdout.strip()}\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                               f"fd = os.open({str(lock)!r}, os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(supervisor, "ORPHAN_LOCK_WAIT_S", 0.5)
+        platform = Platform(PlatformConfig(data_dir=data_dir, grpc_port=0, workers=0))
+        assert platform.lock_path == lock
+        with pytest.raises(PlatformStartError) as refused:
+            platform.start()
+        message = str(refused.value)
+        assert f"which has exited while its processes still run: pid {holder.pid} (" in message, message
+        assert f"kill {holder.pid}" in message and platform.services is None
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_every_child_dies_with_a_killed_supervisor_and_the_data_dir_is_free_again(tmp_path: Path) -> None:
