@@ -49,7 +49,9 @@ Draining: the first SIGTERM/SIGINT stops pulling at once and says DRAINING (a he
 An idle worker then exits. A busy one lets its job run for up to TUNEFORGE_WORKER_DRAIN_TIMEOUT_S (0, the
 default: not at all); if the job is still running then, or at a second signal, the agent stops the child
 (SIGTERM, grace, SIGKILL) and NAKs the job, so another worker takes it at once and resumes it from its last
-stored checkpoint. The job's log says which happened.
+stored checkpoint. The job's log says which happened. Its last update of the delivery is the hand-back (a
+PROGRESS carrying an UNAVAILABLE error that says why: `reporting.hand_back_status`), so the jobs service's
+timeline tells the next delivery's restart as a drain, not as a lost worker.
 
 This module never imports torch: the training stack loads only in the child.
 """
@@ -107,6 +109,7 @@ from trainer_worker.reporting import (
     JobReporter,
     advance_progress,
     failure_status,
+    hand_back_status,
     metric_point,
     progress_of,
     timestamp,
@@ -1074,8 +1077,12 @@ class JobRun:
         self.reporter.log(f"{self.hand_back_reason}; the job goes back to the queue and {self._resumes()}.",
                           "warning")
         try:  # best effort: the job goes back whether or not NATS takes these (give_up_reporting)
-            if self.story.has_news and self.progress is not None:  # the timeline so far is not lost
-                await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress)
+            if self._ran:  # the jobs service knows of this delivery (PREPARING): tell it the delivery ends
+                # The hand-back update (services.jobs.timeline.is_hand_back): a PROGRESS carrying an error,
+                # and the timeline so far. The next delivery's RESTARTED then says this worker was drained,
+                # not lost.
+                error = hand_back_status(self.agent.worker_id, self.hand_back_reason)
+                await self.reporter.status(U.WORKER_UPDATE_KIND_PROGRESS, progress=self.progress, error=error)
             await self.reporter.flush(force=True)
         except Exception as exc:
             log.warning("job %s attempt %d: the hand-back was not reported: %s", self.job_id, self.attempt,

@@ -82,6 +82,15 @@ def failure_status(reason: Reason, message: str) -> status_pb2.Status:
     return error_status(REASON_CODES.get(reason, grpc.StatusCode.INTERNAL), message, reason)
 
 
+def hand_back_status(worker_id: str, why: str) -> status_pb2.Status:
+    """The `error` of a hand-back update: a PROGRESS carrying it is the last update of a delivery whose
+    worker was drained and handed the job back to the queue (services.jobs.timeline.is_hand_back). No
+    ErrorInfo: the job did not fail, and the next delivery resumes it."""
+    return status_pb2.Status(code=grpc.StatusCode.UNAVAILABLE.value[0],
+                             message=f"{why}: worker {worker_id} was drained and handed the job back to the "
+                                     "queue.")
+
+
 def metric_point(event: MetricEvent, job_id: str, attempt: int) -> metrics_pb2.MetricPoint:
     """A MetricPoint from a ``metric`` event of the events file (null values are left unset)."""
     point = metrics_pb2.MetricPoint(

@@ -662,8 +662,10 @@ class JobManager:
             return _Refusal(row.organization, refusal)
         first_time(session, JobInbox, update.event_id)
         kind = update.kind
+        hand_back = timeline.is_hand_back(update)
         if (row.state == S.JOB_STATE_QUEUED and row.requeue_note and update.attempt == row.attempt
-                and update.worker_id == row.worker_id and kind != U.WORKER_UPDATE_KIND_PREPARING):
+                and update.worker_id == row.worker_id and kind != U.WORKER_UPDATE_KIND_PREPARING
+                and not hand_back and not self._handed_back(row)):
             self._revive(session, row)  # the worker thought lost still runs this delivery
         timeline.on_worker_update(session, row, update)  # events, phase, evaluation (services.jobs.timeline)
         if kind in (U.WORKER_UPDATE_KIND_PREPARING, U.WORKER_UPDATE_KIND_RUNNING):
@@ -685,7 +687,12 @@ class JobManager:
             return False
         usage.record_tokens(row, update.tokens_trained)
         if kind == U.WORKER_UPDATE_KIND_PROGRESS:
-            row.progress = update.progress.SerializeToString()
+            if hand_back:  # the delivery ends here; the next one's RESTARTED says it was drained
+                row.handed_back_attempt, row.handed_back_by = update.attempt, update.worker_id
+                log.info("job %s: worker %s was drained and handed attempt %d back to the queue (%s)", row.id,
+                         update.worker_id, update.attempt, update.error.message)
+            if not hand_back or update.HasField("progress"):
+                row.progress = update.progress.SerializeToString()
             self._record_change(session, row, row.state)
             return True
         if kind == U.WORKER_UPDATE_KIND_SUCCEEDED:
@@ -848,7 +855,7 @@ class JobManager:
                     row.job_organization = job.organization
                     usage.fill_hardware(job, row, self.prices)
                     if (job.state == S.JOB_STATE_QUEUED and job.requeue_note and job.worker_id == row.id
-                            and job.attempt == heartbeat.attempt):
+                            and job.attempt == heartbeat.attempt and not self._handed_back(job)):
                         self._revive(session, job)
                         changed = True
             stopped = heartbeat.state == W.WORKER_STATE_STOPPED
@@ -942,6 +949,8 @@ class JobManager:
         if row.state == S.JOB_STATE_CANCELLING:
             self._move(session, row, S.JOB_STATE_CANCELLED, error=cancelled_status())
             return True
+        if self._handed_back(row):  # gone, but the job's state and checkpoint were left in order
+            how = "was drained and handed the job back"
         rules = self.worker_rules
         if 0 < rules.max_deliver <= row.attempt:
             self._move(session, row, S.JOB_STATE_FAILED, error=error_status(
@@ -957,6 +966,12 @@ class JobManager:
             note, waiting_note(hardware, workers, now, self.listening_since, rules)))
         log.warning("job %s back in the queue: %s", row.id, note)
         return True
+
+    @staticmethod
+    def _handed_back(row: JobRow) -> bool:
+        """Whether the delivery holding `row` handed it back (its worker was drained): it runs no more."""
+        return bool(row.handed_back_attempt) and (row.handed_back_attempt, row.handed_back_by) == (
+            row.attempt, row.worker_id)
 
     def _revive(self, session: Session, row: JobRow) -> None:
         """A job put back in the queue whose worker turns out to run it still: back where it was."""

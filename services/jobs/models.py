@@ -59,6 +59,11 @@ class JobRow(Base):
     status_message: Mapped[str] = mapped_column(Text, default="")
     # Set when the job went back to QUEUED because its worker was lost; cleared when a worker takes it.
     requeue_note: Mapped[str] = mapped_column(Text, default="")
+    # The delivery (attempt) whose worker was drained and handed the job back to the queue (its hand-back
+    # update: services.jobs.timeline.is_hand_back), and that worker; 0 and "" when the latest delivery that
+    # held the job did not end so. The next delivery's RESTARTED event reads it: drained, not WORKER_LOST.
+    handed_back_attempt: Mapped[int] = mapped_column(Integer, default=0)
+    handed_back_by: Mapped[str] = mapped_column(String(255), default="")
     # Whether its JobAssignment went to the work queue. A job beyond its organization's running limit
     # waits QUEUED without (services.jobs.quotas); its assignment is kept here until a slot frees.
     dispatched: Mapped[bool] = mapped_column(Boolean, default=True)

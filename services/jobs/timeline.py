@@ -13,6 +13,9 @@ order of the changes, and a change and its events commit together or not at all.
   service's event of that update's delivery and before the final state the update brings. Each is recorded
   once however often the update is delivered: its `source` is "<update event id>/<index>", unique per job.
   Types the service records itself are not taken from a worker.
+- A RESTARTED event a worker sends without a reason gets WORKER_LOST (its worker died or went quiet),
+  unless the previous delivery's worker was drained and handed the job back (its hand-back update,
+  `is_hand_back`): then the reason stays empty and the message names that worker and says it was drained.
 - Phase: what the worker says (WorkerJobUpdate.phase), else DOWNLOADING while PREPARING and TRAINING while
   RUNNING; UNSPECIFIED while QUEUED and once final.
 - Evaluation: the EvaluationReport a SUCCEEDED update carries, kept as its bytes (`JobRow.evaluation`).
@@ -70,6 +73,27 @@ KIND_STATES: dict[int, int] = {U.WORKER_UPDATE_KIND_PREPARING: S.JOB_STATE_PREPA
 PHASED_KINDS = frozenset({*DELIVERY_STARTS, U.WORKER_UPDATE_KIND_PROGRESS})
 # Session.info key: the row whose timeline or phase changed in an update, and its revision then.
 _UNANNOUNCED = "tuneforge.jobs.timeline.unannounced"
+
+
+def is_hand_back(update: events_pb2.WorkerJobUpdate) -> bool:
+    """Whether `update` is a worker's hand-back: the last update of a delivery whose worker was drained
+    (SIGTERM/SIGINT) and handed the job back to the queue, for another delivery to resume from its last
+    checkpoint. The worker (trainer_worker.agent, JobRun._hand_back) says so with a PROGRESS that carries
+    an `error` (google.rpc.Status, UNAVAILABLE, its message the hand-back's cause); no other PROGRESS
+    carries one, and a jobs service from before this ignores it."""
+    return update.kind == U.WORKER_UPDATE_KIND_PROGRESS and update.HasField("error")
+
+
+def handed_back(row: JobRow, attempt: int) -> bool:
+    """Whether the delivery before `attempt` ended by its worker handing the job back (`row` records the
+    hand-back of the latest delivery that held the job, until one that did not hand it back takes it)."""
+    return 0 < (row.handed_back_attempt or 0) < attempt and bool(row.handed_back_by)
+
+
+def drained_note(row: JobRow) -> str:
+    """Why the handed-back delivery ended, for the next one's RESTARTED."""
+    return f"attempt {row.handed_back_attempt} ended because worker {row.handed_back_by} was drained and " \
+        "handed the job back"
 
 
 # -- recording (inside the change's transaction) --------------------------------------------------
@@ -146,12 +170,16 @@ def on_worker_update(session: Session, row: JobRow, update: events_pb2.WorkerJob
         return False  # the manager does not hand a job being cancelled to a new delivery
     changed = False
     if starts:
+        if row.handed_back_attempt and row.handed_back_attempt != row.attempt:
+            # The delivery that held the job last (row.attempt, still the previous one here) did not hand
+            # it back: that one was lost, and the restart is told as such.
+            row.handed_back_attempt, row.handed_back_by = 0, ""
         _service_event(session, row, E.JOB_EVENT_TYPE_WORKER_ASSIGNED,
                        f"Worker {update.worker_id} took the job (attempt {update.attempt}).",
                        worker_id=update.worker_id, attempt=update.attempt)
         changed = True
     changed |= _store_worker_events(session, row, update)
-    if kind in PHASED_KINDS:
+    if kind in PHASED_KINDS and not is_hand_back(update):  # a hand-back leaves the job, it does no phase
         phase: int = update.phase if update.phase in P.values() else P.JOB_PHASE_UNSPECIFIED
         phase = phase or DEFAULT_PHASES.get(KIND_STATES.get(kind, S.JOB_STATE_UNSPECIFIED), 0)
         if phase and phase != row.phase:
@@ -205,7 +233,14 @@ def _store_worker_events(session: Session, row: JobRow, update: events_pb2.Worke
             event.time.CopyFrom(update.time)
         if event.type == E.JOB_EVENT_TYPE_RESTARTED:
             event.worker_id = event.worker_id or update.worker_id
-            event.reason = event.reason or "WORKER_LOST"
+            if event.reason:
+                pass  # the worker's own word
+            elif handed_back(row, event.attempt):  # drained, not lost: no reason
+                note = drained_note(row)
+                event.message = (f"{event.message} {note[0].upper()}{note[1:]}." if event.message
+                                 else f"Attempt {event.attempt} began: {note}.")
+            else:
+                event.reason = "WORKER_LOST"
             if not event.message:
                 why = row.requeue_note or "the previous delivery ended without an outcome"
                 event.message = f"Attempt {event.attempt} began: {why}."

@@ -24,6 +24,7 @@ from services.jobs.models import JobEventRow, JobOutbox, JobRow
 from services.jobs.timeline import JobTimeline
 from services.kit.db import Database
 from services.kit.outbox import OutboxRelay
+from trainer_worker.reporting import hand_back_status
 from tuneforge_core.errors import InvalidArgument, NotFound, error_status
 from tuneforge_core.reasons import Reason
 from tuneforge_core.storage import LocalObjectStore
@@ -196,6 +197,93 @@ async def test_a_requeued_job_restarts_with_the_requeue_note(manager: JobManager
     assert types(events) == ["QUEUED", "WORKER_ASSIGNED", "WORKER_ASSIGNED", "RESTARTED"]
     assert events[3].reason == "WORKER_LOST"
     assert "w1" in events[3].message and "shut down" in events[3].message
+
+
+def hand_back(event_id: str, *events: job_pb2.JobEvent, attempt: int = 1,
+              worker: str = "w1") -> events_pb2.WorkerJobUpdate:
+    """A drained worker's last update of its delivery, as trainer_worker sends it (JobRun._hand_back)."""
+    last = update(U.WORKER_UPDATE_KIND_PROGRESS, event_id, *events, attempt=attempt, worker=worker,
+                  phase=P.JOB_PHASE_TRAINING)
+    last.progress.step = 12
+    last.error.CopyFrom(hand_back_status(worker, "The worker shut down"))
+    return last
+
+
+def resumed(step: int, attempt: int, worker: str) -> job_pb2.JobEvent:
+    """The RESTARTED event a worker sends (trainer_worker.story.AttemptStory.restarted): no reason."""
+    return event(E.JOB_EVENT_TYPE_RESTARTED, step=step, worker_id=worker, attempt=attempt,
+                 message=f"Attempt {attempt} started on worker {worker}, resuming from the checkpoint of "
+                         f"step {step}.")
+
+
+async def test_a_drained_workers_hand_back_restarts_the_job_as_drained_not_lost(
+    manager: JobManager, story: JobTimeline
+) -> None:
+    """A worker drained by SIGTERM hands its job back (a PROGRESS carrying an error) and then says STOPPED;
+    the next delivery's RESTARTED names it as drained, with no reason. A worker that then dies (no
+    hand-back) still makes the next restart WORKER_LOST."""
+    insert_job(manager)
+    apply = manager.apply_worker_update
+    assert await apply(update(U.WORKER_UPDATE_KIND_RUNNING, "a1"))
+    assert await apply(hand_back("a2", event(E.JOB_EVENT_TYPE_CHECKPOINT_SAVED, step=10)))
+    job = await manager.get(ORG, "job_1")
+    assert (job.state, job.progress.step, job.phase) == (S.JOB_STATE_RUNNING, 12, P.JOB_PHASE_TRAINING)
+    # Its DRAINING heartbeats, and then its last one: the job goes back to the queue, said as a hand-back.
+    draining = events_pb2.WorkerHeartbeat(worker_id="w1", state=job_pb2.WORKER_STATE_DRAINING, job_id="job_1",
+                                          attempt=1, interval_seconds=5)
+    await manager.record_heartbeat(draining)
+    assert await manager.record_heartbeat(events_pb2.WorkerHeartbeat(
+        worker_id="w1", state=job_pb2.WORKER_STATE_STOPPED, interval_seconds=5))
+    job = await manager.get(ORG, "job_1")
+    assert job.state == S.JOB_STATE_QUEUED
+    assert job.status_message.startswith("worker w1 was drained and handed the job back at ")
+    # A DRAINING heartbeat that comes late does not take the handed-back job back to its worker.
+    assert not await manager.record_heartbeat(draining)
+    assert (await manager.get(ORG, "job_1")).state == S.JOB_STATE_QUEUED
+
+    assert await apply(update(U.WORKER_UPDATE_KIND_PREPARING, "b1", attempt=2, worker="w2"))
+    assert await apply(update(U.WORKER_UPDATE_KIND_PROGRESS, "b2", resumed(10, 2, "w2"), attempt=2,
+                              worker="w2"))
+    restarted = (await events_of(story))[-1]
+    assert types([restarted]) == ["RESTARTED"]
+    assert (restarted.reason, restarted.worker_id, restarted.step, restarted.attempt) == ("", "w2", 10, 2)
+    assert restarted.message == ("Attempt 2 started on worker w2, resuming from the checkpoint of step 10. "
+                                 "Attempt 1 ended because worker w1 was drained and handed the job back.")
+
+    # w2 dies (its process comes back as a new one): no hand-back, so attempt 3 restarts WORKER_LOST.
+    for started in (1, 2):
+        beat = events_pb2.WorkerHeartbeat(worker_id="w2", state=job_pb2.WORKER_STATE_IDLE, interval_seconds=5)
+        beat.started_at.FromSeconds(started)
+        await manager.record_heartbeat(beat)
+    assert (await manager.get(ORG, "job_1")).state == S.JOB_STATE_QUEUED
+    assert await apply(update(U.WORKER_UPDATE_KIND_PREPARING, "c1", attempt=3, worker="w3"))
+    assert await apply(update(U.WORKER_UPDATE_KIND_PROGRESS, "c2", resumed(10, 3, "w3"), attempt=3,
+                              worker="w3"))
+    lost = (await events_of(story))[-1]
+    assert (types([lost]), lost.reason, lost.worker_id) == (["RESTARTED"], "WORKER_LOST", "w3")
+    assert "drained" not in lost.message
+
+
+async def test_a_hand_back_counts_even_when_the_next_delivery_starts_first(
+    manager: JobManager, story: JobTimeline
+) -> None:
+    """The work queue hands the job on at once (NAK): the next worker may start before the drained one's
+    STOPPED heartbeat arrives, or without it ever arriving."""
+    insert_job(manager)
+    apply = manager.apply_worker_update
+    assert await apply(update(U.WORKER_UPDATE_KIND_RUNNING, "a1"))
+    assert await apply(hand_back("a2"))
+    assert await apply(update(U.WORKER_UPDATE_KIND_PREPARING, "b1", attempt=2, worker="w2"))
+    assert await apply(update(U.WORKER_UPDATE_KIND_RUNNING, "b2", resumed(0, 2, "w2"), attempt=2,
+                              worker="w2"))
+    restarted = (await events_of(story))[-1]
+    assert (types([restarted]), restarted.reason) == (["RESTARTED"], "")
+    assert "worker w1 was drained and handed the job back" in restarted.message
+    job = await manager.get(ORG, "job_1")
+    assert (job.state, job.worker_id, job.attempt) == (S.JOB_STATE_RUNNING, "w2", 2)
+    # The drained worker's STOPPED now changes nothing: the job is w2's.
+    assert not await manager.record_heartbeat(events_pb2.WorkerHeartbeat(
+        worker_id="w1", state=job_pb2.WORKER_STATE_STOPPED, interval_seconds=5))
 
 
 async def test_events_or_a_phase_alone_are_a_change(manager: JobManager) -> None:

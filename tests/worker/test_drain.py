@@ -9,18 +9,58 @@ import asyncio
 import signal
 import subprocess
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2
 
+from services.jobs.component import JobsComponent
+from services.jobs.models import JobRow
+from services.jobs.settings import JobSettings
+from services.jobs.timeline import JobTimeline
+from services.kit.runtime import Runtime, serve
 from tests.worker.test_agent import FAST_HYPERPARAMETERS, Heartbeats, Platform, platform  # noqa: F401
 from trainer_worker.agent import Agent, AgentSettings
 from trainer_worker.checkpointing import CheckpointStore
 from tuneforge_core import subjects
+from tuneforge_core.settings import KitSettings
 
 U = events_pb2.WorkerUpdateKind
 W = job_pb2.WorkerState
+E = job_pb2.JobEventType
+
+
+@pytest.fixture
+async def jobs_service(kit_settings: KitSettings, platform: Platform) -> AsyncIterator[JobsComponent]:  # noqa: F811
+    """The real jobs component on the platform's nats-server and object store: it reads the workers'
+    updates and heartbeats and keeps the jobs' timelines."""
+    assert kit_settings.storage_url == platform.store.root.resolve().as_uri()
+    settings = JobSettings(**kit_settings.model_dump())
+    built: list[JobsComponent] = []
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+
+    def factory(runtime: Runtime) -> JobsComponent:
+        built.append(JobsComponent(runtime, settings))
+        return built[0]
+
+    server = asyncio.create_task(serve([factory], kit_settings, name="jobs-drain-test",
+                                       on_ready=ready.set_result, stop=stop))
+    await asyncio.wait_for(ready, 15)
+    try:
+        yield built[0]
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 15)
+
+
+def _insert_job(jobs: JobsComponent, job_id: str) -> None:
+    """The job's row as CreateJob leaves it (its assignment is what `Platform.assign` publishes)."""
+    spec = job_pb2.JobSpec(base_model="acme/m", dataset="ds_1")
+    with jobs.manager.db.session() as s:
+        s.add(JobRow(id=job_id, organization="acme", name=job_id, spec=spec.SerializeToString(),
+                     state=job_pb2.JOB_STATE_QUEUED, revision=1, request_hash=""))
 
 
 def _messages(tf: Platform, job_id: str) -> list[str]:
@@ -91,10 +131,13 @@ async def test_a_draining_worker_finishes_its_job_and_takes_no_other(platform: P
 
 @pytest.mark.slow
 async def test_with_no_drain_time_the_job_goes_back_and_another_worker_resumes_it(
-    platform: Platform,  # noqa: F811
+    platform: Platform, jobs_service: JobsComponent,  # noqa: F811
 ) -> None:
+    """...and the job's timeline says the restart followed a drain, not a lost worker (it said
+    WORKER_LOST, as if the worker had died): the drained worker's last update is its hand-back."""
     heartbeats = await platform.heartbeats()
     hp = {**FAST_HYPERPARAMETERS, "max_steps": 200, "save_steps": 10, "save_total_limit": 2}
+    _insert_job(jobs_service, "job_moved")
     await platform.assign("job_moved", hp)
     first = await _start_running(platform, heartbeats, "w1", "job_moved", drain_timeout_s=0)
     checkpoints = CheckpointStore(platform.store, "jobs/acme/job_moved")
@@ -120,6 +163,21 @@ async def test_with_no_drain_time_the_job_goes_back_and_another_worker_resumes_i
     resumed = [m for m in _messages(platform, "job_moved") if m.startswith("Resuming from the checkpoint")]
     assert resumed == [f"Resuming from the checkpoint of step {stored}."]
     assert await platform.pending_work() == 0
+
+    last = [u for u in platform.events.updates if u.job_id == "job_moved" and u.attempt == 1][-1]
+    assert (last.kind, last.worker_id, last.error.message) == (
+        U.WORKER_UPDATE_KIND_PROGRESS, "w1",
+        "The worker shut down: worker w1 was drained and handed the job back to the queue.")
+    deadline = time.monotonic() + 30
+    while (job := await jobs_service.manager.get("acme", "job_moved")).state != job_pb2.JOB_STATE_SUCCEEDED:
+        assert time.monotonic() < deadline, job
+        await asyncio.sleep(0.1)
+    events, _ = await JobTimeline(jobs_service.db).list_events("acme", "job_moved", 1000, "")
+    (restarted,) = [e for e in events if e.type == E.JOB_EVENT_TYPE_RESTARTED]
+    assert (restarted.reason, restarted.worker_id, restarted.attempt, restarted.step) == ("", "w2", 2, stored)
+    assert restarted.message == (
+        f"Attempt 2 started on worker w2, resuming from the checkpoint of step {stored}. Attempt 1 ended "
+        "because worker w1 was drained and handed the job back.")
 
 
 @pytest.mark.slow

@@ -884,8 +884,9 @@ const (
 	JobEventType_JOB_EVENT_TYPE_EARLY_STOPPED JobEventType = 10
 	// The outputs are being stored (size_bytes, duration when done).
 	JobEventType_JOB_EVENT_TYPE_UPLOADING JobEventType = 11
-	// Another delivery began after the last one ended without an outcome (reason, worker_id, step: the
-	// checkpoint it resumes from).
+	// Another delivery began after the last one ended without an outcome (reason: WORKER_LOST when that
+	// delivery's worker died or went quiet, empty when it was drained and handed the job back, as the
+	// message then says; worker_id; step: the checkpoint it resumes from).
 	JobEventType_JOB_EVENT_TYPE_RESTARTED JobEventType = 12
 	// A user asked to cancel it.
 	JobEventType_JOB_EVENT_TYPE_CANCEL_REQUESTED JobEventType = 13

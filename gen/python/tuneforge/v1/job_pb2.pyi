@@ -520,8 +520,9 @@ class _JobEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobEvent
     JOB_EVENT_TYPE_UPLOADING: _JobEventType.ValueType  # 11
     """The outputs are being stored (size_bytes, duration when done)."""
     JOB_EVENT_TYPE_RESTARTED: _JobEventType.ValueType  # 12
-    """Another delivery began after the last one ended without an outcome (reason, worker_id, step: the
-    checkpoint it resumes from).
+    """Another delivery began after the last one ended without an outcome (reason: WORKER_LOST when that
+    delivery's worker died or went quiet, empty when it was drained and handed the job back, as the
+    message then says; worker_id; step: the checkpoint it resumes from).
     """
     JOB_EVENT_TYPE_CANCEL_REQUESTED: _JobEventType.ValueType  # 13
     """A user asked to cancel it."""
@@ -560,8 +561,9 @@ JOB_EVENT_TYPE_EARLY_STOPPED: JobEventType.ValueType  # 10
 JOB_EVENT_TYPE_UPLOADING: JobEventType.ValueType  # 11
 """The outputs are being stored (size_bytes, duration when done)."""
 JOB_EVENT_TYPE_RESTARTED: JobEventType.ValueType  # 12
-"""Another delivery began after the last one ended without an outcome (reason, worker_id, step: the
-checkpoint it resumes from).
+"""Another delivery began after the last one ended without an outcome (reason: WORKER_LOST when that
+delivery's worker died or went quiet, empty when it was drained and handed the job back, as the
+message then says; worker_id; step: the checkpoint it resumes from).
 """
 JOB_EVENT_TYPE_CANCEL_REQUESTED: JobEventType.ValueType  # 13
 """A user asked to cancel it."""

@@ -2834,8 +2834,9 @@ export enum JobEventType {
   UPLOADING = 11,
 
   /**
-   * Another delivery began after the last one ended without an outcome (reason, worker_id, step: the
-   * checkpoint it resumes from).
+   * Another delivery began after the last one ended without an outcome (reason: WORKER_LOST when that
+   * delivery's worker died or went quiet, empty when it was drained and handed the job back, as the
+   * message then says; worker_id; step: the checkpoint it resumes from).
    *
    * @generated from enum value: JOB_EVENT_TYPE_RESTARTED = 12;
    */
