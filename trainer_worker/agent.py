@@ -118,6 +118,7 @@ from trainer_worker.run_config import RunConfig
 from trainer_worker.story import AttemptStory, size_of, store_training_log
 from trainer_worker.telemetry import WorkerTelemetry
 from trainer_worker.telemetry import serve as serve_metrics
+from trainer_worker.work_dirs import AttemptLock, sweep
 from tuneforge_core import logs, states, subjects, tracing
 from tuneforge_core.errors import InvalidArgument
 from tuneforge_core.models import ModelKind, ModelPolicy, ModelSource, other_models
@@ -135,6 +136,9 @@ S = job_pb2.JobState
 W = job_pb2.WorkerState
 # How often a worker with a GPU of unknown type looks for GPU types with jobs waiting.
 ROUTE_REFRESH_S = 10.0
+# How often a worker deletes the work folders of attempts no running worker holds (trainer_worker.work_dirs),
+# besides when it starts.
+WORK_SWEEP_INTERVAL_S = 300.0
 TRAIN_LOG_TAIL_BYTES = 4000
 
 
@@ -371,7 +375,20 @@ class Agent:
         self.handing_back.set()
         asyncio.get_running_loop().call_later(self.settings.worker_stop_grace_s, self.give_up_reporting.set)
 
+    async def sweep_work_dirs(self) -> None:
+        """Delete the work folders of attempts that no running worker holds: left by workers killed
+        outright (kill -9, out of memory), here or by another worker sharing this data dir. Not with
+        TUNEFORGE_WORKER_KEEP_WORK_DIRS, which keeps them for debugging."""
+        if self.settings.worker_keep_work_dirs:
+            return
+        try:
+            await asyncio.to_thread(sweep, self.work_root)
+        except Exception:  # never a reason to stop the worker
+            log.warning("could not clean up the work folders of dead attempts", exc_info=True)
+
     async def run(self) -> None:
+        await self.sweep_work_dirs()
+        swept = asyncio.get_running_loop().time()
         await ensure_streams(self.js)
         heartbeats = asyncio.create_task(self._heartbeats()) if self.nc is not None else None
         try:
@@ -384,6 +401,9 @@ class Agent:
                 if self.hardware.takes_every_gpu_type and now - refreshed > ROUTE_REFRESH_S:
                     refreshed = now
                     await self._find_routes()
+                if now - swept > WORK_SWEEP_INTERVAL_S:
+                    swept = now
+                    await self.sweep_work_dirs()
                 msg = await self._next()
                 if msg is not None:
                     await self.handle(msg)
@@ -598,6 +618,8 @@ class JobRun:
         self.reporter.story = self.story
         self._ran = False  # whether the attempt got as far as preparing (then its log is stored)
         self.work_dir = agent.work_root / "jobs" / self.job_id / f"attempt-{attempt}"
+        # Held while the attempt runs (from _prepare): no worker's sweep deletes the folder meanwhile.
+        self.work_lock: AttemptLock | None = None
         self.cancelled = asyncio.Event()
         self.progress: job_pb2.JobProgress | None = None
         self._progress_sent: job_pb2.JobProgress | None = None
@@ -636,6 +658,10 @@ class JobRun:
                 await self._store_training_log()
             if not self.settings.worker_keep_work_dirs:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
+            if self.work_lock is not None:
+                if self.settings.worker_keep_work_dirs:
+                    self.work_lock.keep()  # kept on purpose: no sweep, this worker's or another's
+                self.work_lock.release()
 
     async def _run(self) -> Verdict:
         log.info("job %s attempt %d: preparing", self.job_id, self.attempt)
@@ -658,7 +684,7 @@ class JobRun:
     async def _prepare(self) -> RunConfig:
         spec = self.assignment.spec
         data_dir = self.work_dir / "data"
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.work_lock = await asyncio.to_thread(AttemptLock.acquire, self.work_dir)  # creates the folder
         data_started = time.monotonic()
         train_file = await self._download(self.assignment.train_uri, data_dir / "train.jsonl")
         validation_file = None
@@ -866,6 +892,7 @@ class JobRun:
         process = await TrainingProcess.start(
             self.work_dir / "RUN.json", self.work_dir / "train.log", self.assignment.spec,
             {**self._child_env(), **self.tracker_env},
+            keep_fds=[self.work_lock.fd] if self.work_lock is not None else [],
         )
         self.reporter.log(f"Started the training process (pid {process.pid}).")
         tail = EventTail(config.events_file)

@@ -19,7 +19,7 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tuneforge.v1 import job_pb2
@@ -73,7 +73,10 @@ class TrainingProcess:
         log_path: Path,
         spec: job_pb2.JobSpec,
         env: Mapping[str, str] | None = None,
+        keep_fds: Sequence[int] = (),
     ) -> TrainingProcess:
+        """`keep_fds`: descriptors the child inherits (the attempt's work folder lock, so that an orphaned
+        child still keeps its folder: trainer_worker.work_dirs)."""
         with log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
                 *launch_command(spec, config),
@@ -83,6 +86,7 @@ class TrainingProcess:
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
                 env=training_env(env),
+                pass_fds=tuple(fd for fd in keep_fds if fd >= 0),
             )
         return cls(process)
 

@@ -138,13 +138,16 @@ class Platform:
         changed = events_pb2.JobChanged(event_id=new_id("evt"), job=job_pb2.Job(id=job_id, state=state))
         await kit_nats.publish(self.js, subjects.job_events(job_id), changed, changed.event_id)
 
-    def start_agent(self, name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start_agent(self, name: str, extra_env: dict[str, str] | None = None,
+                    data_dir: Path | None = None) -> subprocess.Popen[bytes]:
+        """A worker process `name`; its data dir is its own unless `data_dir` names one (workers on one
+        host may share it)."""
         env = {
             **os.environ,
             **(extra_env or {}),
             "TUNEFORGE_NATS_URL": self.nats_url,
             "TUNEFORGE_STORAGE_URL": self.store.root.as_uri(),
-            "TUNEFORGE_DATA_DIR": str(self.tmp_path / name),
+            "TUNEFORGE_DATA_DIR": str(data_dir or self.tmp_path / name),
             "TUNEFORGE_WORKER_ID": name,
             "TUNEFORGE_WORK_ACK_WAIT_S": str(ACK_WAIT_S),
             "TUNEFORGE_WORKER_PROGRESS_INTERVAL_S": "0.3",
