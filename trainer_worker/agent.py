@@ -684,7 +684,8 @@ class JobRun:
     async def _prepare(self) -> RunConfig:
         spec = self.assignment.spec
         data_dir = self.work_dir / "data"
-        self.work_lock = await asyncio.to_thread(AttemptLock.acquire, self.work_dir)  # creates the folder
+        if self.work_lock is None:  # held once per delivery: a second flock of it here would wait forever
+            self.work_lock = await asyncio.to_thread(AttemptLock.acquire, self.work_dir)  # creates the folder
         data_started = time.monotonic()
         train_file = await self._download(self.assignment.train_uri, data_dir / "train.jsonl")
         validation_file = None
