@@ -131,7 +131,7 @@ def test_tuneforge_up_restarts_a_dead_worker_and_nats_server(
            "TUNEFORGE_MODEL_ROOTS": str(tiny_assets[0].parent.resolve())}
     with output.open("wb") as log:
         command = [sys.executable, "-m", "services.cli.main", "up", "--data-dir", str(data_dir),
-                   "--port", "0", "--workers", "1"]
+                   "--port", "0", "--http-port", "0", "--workers", "1"]
         up = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         state_file = data_dir / "platform.json"

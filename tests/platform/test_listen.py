@@ -77,7 +77,8 @@ def test_service_process_exits_with_one_line_when_its_port_is_taken(tmp_path: Pa
 def first_up(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """`tuneforge up` on a free port given only through TUNEFORGE_GRPC_PORT; yields its address."""
     port = free_port()
-    proc = subprocess.Popen([*CLI, "up", "--workers", "0", "--data-dir", str(tmp_path / "first")],
+    proc = subprocess.Popen([*CLI, "up", "--workers", "0", "--data-dir", str(tmp_path / "first"),
+                             "--http-port", "0"],
                             env=env(TUNEFORGE_GRPC_PORT=str(port), COLUMNS="200"), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -106,7 +107,8 @@ def test_second_up_on_the_same_port_fails_and_up_reads_the_port_setting(
     assert serving(address)
     for args, extra in ((["--port", port], {}), ([], {"TUNEFORGE_GRPC_PORT": port})):
         started = time.monotonic()
-        second = subprocess.run([*CLI, "up", "--workers", "0", "--data-dir", str(tmp_path / "second"), *args],
+        second = subprocess.run([*CLI, "up", "--workers", "0", "--data-dir", str(tmp_path / "second"),
+                                 "--http-port", "0", *args],
                                 env=env(COLUMNS="200", **extra), capture_output=True, text=True, timeout=120)
         assert second.returncode != 0, second.stdout
         assert f"address {address} is already in use" in second.stderr, second.stderr

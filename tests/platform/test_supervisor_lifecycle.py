@@ -117,7 +117,7 @@ def test_every_child_dies_with_a_killed_supervisor_and_the_data_dir_is_free_agai
     output = tmp_path / "up.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     command = [sys.executable, "-m", "services.cli.main", "up", "--data-dir", str(data_dir), "--port", "0",
-               "--workers", "1"]
+               "--http-port", "0", "--workers", "1"]
     with output.open("wb") as log:
         up = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
