@@ -144,6 +144,8 @@ async def _letter(nc: NATS, sequence: int) -> RawStreamMsg:
         return await nc.jetstream().get_msg(STREAM, sequence)
     except NotFoundError:
         info = await nc.jetstream().stream_info(STREAM)  # NotFoundError again: no stream at all
+        if not info.state.messages:
+            raise Problem(f"no dead letter {sequence}: {STREAM} is empty") from None
         raise Problem(f"no dead letter {sequence}: {STREAM} holds sequences {info.state.first_seq} to "
                       f"{info.state.last_seq} (some may have been deleted); see `tuneforge dead-letters "
                       "list`") from None

@@ -184,13 +184,23 @@ def dataset_source(uri: str, **options: object) -> dataset_pb2.DatasetSource:
 
 
 def credentials_from_env(source: dataset_pb2.DatasetSource) -> dataset_service_pb2.SourceCredentials:
-    """The caller's secrets for `source`, from the environment (flags would stay in shell history)."""
+    """The caller's secrets for `source`, from the environment (flags would stay in shell history); a
+    BadParameter naming the variables when the environment holds none of them (--env-credentials would
+    otherwise send empty credentials, and the import fail later as if the secrets were wrong)."""
+    names: tuple[str, ...]
     if source.WhichOneof("source") == "huggingface_id":
-        return dataset_service_pb2.SourceCredentials(huggingface_token=os.environ.get("HF_TOKEN", ""))
+        names = ("HF_TOKEN",)
+    else:
+        names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    values = {name: os.environ.get(name, "") for name in names}
+    if not any(values.values()):
+        raise typer.BadParameter(f"none of {', '.join(names)} is set in the environment",
+                                 param_hint="--env-credentials")
+    if source.WhichOneof("source") == "huggingface_id":
+        return dataset_service_pb2.SourceCredentials(huggingface_token=values["HF_TOKEN"])
     return dataset_service_pb2.SourceCredentials(
-        access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", ""),
-        secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-        session_token=os.environ.get("AWS_SESSION_TOKEN", ""))
+        access_key_id=values["AWS_ACCESS_KEY_ID"], secret_access_key=values["AWS_SECRET_ACCESS_KEY"],
+        session_token=values["AWS_SESSION_TOKEN"])
 
 
 @datasets_app.command("import")

@@ -157,6 +157,14 @@ def test_bad_options_are_refused_by_their_names_and_create_nothing(s3_stack: Sta
     # The source's own problems: a wrong secret is the option that sent it, at the call (nothing runs).
     code, out = s3_import(stack, uri, "qa-bad", *MAPPED, secret="wrong")
     assert code == 2 and "--env-credentials (AWS_SECRET_ACCESS_KEY): rejected by" in out, out
+    # --env-credentials with none of them set: said at once, not sent empty.
+    result = runner.invoke(app, ["datasets", "import", uri, "--name", "qa-bad", "--endpoint-url",
+                                 stack.endpoint, "--env-credentials", *MAPPED, "--address", stack.address],
+                           env={"TUNEFORGE_API_KEY": stack.key, "COLUMNS": "200", "AWS_ACCESS_KEY_ID": "",
+                                "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": ""})
+    assert result.exit_code == 2, result.output
+    assert "none of AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN is set" in " ".join(
+        result.output.split()), result.output
     code, out = cli(stack, "datasets", "import", uri, "--name", "qa-bad", "--endpoint-url",
                     "http://10.9.8.7:9000", *MAPPED)
     assert code == 2 and "--endpoint-url: " in out, out

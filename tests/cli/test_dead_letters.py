@@ -133,6 +133,8 @@ def test_a_dead_letter_is_listed_shown_replayed_and_deleted(platform_dir: tuple[
     assert code == 0 and "dead letter 2 deleted" in out
     code, out = cli("list", *at)
     assert code == 0 and "no dead letters (0 kept)" in out
+    code, out = cli("show", "2", *at)
+    assert code == 1 and "no dead letter 2: TF_DEAD_LETTERS is empty" in out, out
 
 
 def test_mistakes_are_one_clear_line(platform_dir: tuple[Path, EmbeddedNats], tmp_path: Path) -> None:
