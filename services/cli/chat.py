@@ -229,11 +229,14 @@ def register(app: typer.Typer) -> None:
     @deployments_app.command("delete")
     def deployments_delete(
         ref: Annotated[str, typer.Argument(help="Deployment id or name.")],
+        yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask first.")] = False,
         address: Address = DEFAULT_ADDRESS, org: Org = "",
     ) -> None:
         """Stop serving and forget the deployment (deleting a deleted one succeeds)."""
         from services.cli.main import api, console
 
+        if not yes and not typer.confirm(f"Stop serving deployment {ref} and delete it?"):
+            raise typer.Exit(1)
         with api(address, org) as client:
             response = client.delete_deployment(ref)
         console.print(f"deployment {response.deployment} "

@@ -300,6 +300,20 @@ def datasets_get(ref: Annotated[str, typer.Argument(help="Dataset id or name.")]
     console.print_json(to_json(dataset)) if as_json else console.print(dataset_table([dataset]))
 
 
+@datasets_app.command("delete")
+def datasets_delete(ref: Annotated[str, typer.Argument(help="Dataset id or name.")],
+                    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask first.")] = False,
+                    address: Address = DEFAULT_ADDRESS, org: Org = "") -> None:
+    """Delete a dataset and its stored files. Refused while a job that has not ended trains on it; jobs
+    that ended keep what they made. Cannot be undone."""
+    if not yes and not typer.confirm(f"Delete dataset {ref} and its stored files?"):
+        raise typer.Exit(1)
+    with api(address, org) as client:
+        dataset = client.get_dataset(ref)
+        client.delete_dataset(dataset.id)
+    console.print(f"deleted dataset {escape(dataset.id)} ({escape(dataset.name)})", highlight=False)
+
+
 @datasets_app.command("list")
 def datasets_list(page_size: Annotated[int, typer.Option()] = 50,
                   page_token: Annotated[str, typer.Option()] = "",

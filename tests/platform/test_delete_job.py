@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 from tuneforge.events.v1 import events_pb2
 from tuneforge.v1 import job_pb2, metrics_pb2
+from typer.testing import CliRunner
 
+from services.cli.main import app
 from services.client import TuneForgeClient
-from tests.auth import org_client
-from tests.platform.conftest import ORG, Seeded
+from tests.auth import make_key, org_client
+from tests.platform.conftest import ORG, Seeded, chat_file
 from tuneforge_core import nats as kit_nats
 from tuneforge_core import subjects
 from tuneforge_core.errors import FailedPrecondition, NotFound
@@ -185,3 +187,33 @@ def test_delete_job_removes_its_objects_rows_and_metrics(seeded_platform: Seeded
     assert not acme.delete_job(kept.id).already_deleted
     eventually(lambda: not store.list_keys(f"jobs/{ORG}/{kept.id}/")
                and count(data / "metrics.db", "metrics_points", kept.id) == 0)
+
+
+def test_tuneforge_datasets_delete_asks_first_and_refuses_a_dataset_in_use(seeded_platform: Seeded,
+                                                                         tmp_path: Path) -> None:
+    """`tuneforge datasets delete`: asks first (no: nothing deleted, exit 1), --yes deletes it and its files
+    (GetDataset is NOT_FOUND after); a dataset a queued job trains on is refused with the reason;
+    another organization's dataset is not found."""
+    address, data_dir = seeded_platform.address, seeded_platform.platform.data_dir
+    key = make_key(address, data_dir, ORG, "admin")
+    runner = CliRunner()
+
+    def cli(*args: str, answer: str | None = None, as_key: str = key) -> tuple[int, str]:
+        result = runner.invoke(app, ["datasets", "delete", *args, "--address", address], input=answer,
+                               env={"TUNEFORGE_API_KEY": as_key, "COLUMNS": "200",
+                                    "TUNEFORGE_DATA_DIR": "/nonexistent"})
+        return result.exit_code, " ".join(result.output.split())
+
+    name = f"to-delete-{uuid.uuid4().hex[:8]}"
+    with org_client(address, data_dir, ORG) as client:
+        dataset = client.upload_dataset(chat_file(tmp_path / "chat.jsonl"), name).dataset
+    code, out = cli(name, answer="n\n")
+    assert code == 1 and "Delete dataset" in out, out
+    code, out = cli(name, as_key=make_key(address, data_dir, "other-org", "admin"), answer="y\n")
+    assert code == 2 and f"NOT_FOUND: dataset '{name}' was not found in organization 'other-org'" in out, out
+    code, out = cli(name, "--yes")
+    assert code == 0 and f"deleted dataset {dataset.id} ({name})" in out, out
+    with org_client(address, data_dir, ORG) as client, pytest.raises(NotFound):
+        client.get_dataset(dataset.id)
+    code, out = cli(seeded_platform.dataset_ids[0], "--yes")  # the seeded jobs are queued on it
+    assert code == 2 and "FAILED_PRECONDITION" in out and "is used by jobs that have not ended" in out, out

@@ -170,7 +170,10 @@ def test_a_finished_job_is_served_behind_an_openai_endpoint(
         assert shown["state"] == "DEPLOYMENT_STATE_READY" and shown["model"] == "tiny-cli", shown
         again = ai.chat.completions.create(model="tiny-cli", messages=messages, max_tokens=64, temperature=0)
         assert again.choices[0].message.content == check.answer
-        gone = cli.invoke(app, ["deployments", "delete", "tiny-cli", "--address", platform.address])
+        gone = cli.invoke(app, ["deployments", "delete", "tiny-cli", "--address", platform.address],
+                          input="n\n")
+        assert gone.exit_code == 1, gone.output  # asked first, and told no
+        gone = cli.invoke(app, ["deployments", "delete", "tiny-cli", "--yes", "--address", platform.address])
         assert gone.exit_code == 0, gone.output
 
         # Auth: no key is 401, another organization's key finds no such model (404).
