@@ -374,7 +374,10 @@ class TuneForgeClient:
                 artifact_pb2.ARTIFACT_KIND_TENSORBOARD: "TensorBoard event files"}.get(
                     kind, f"checkpoint of step {step}" if step else "complete checkpoint")
         state = job_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
-        raise NotFound(f"job '{job.id}' has no {what} (it is {state})",
+        why = f"it is {state}"
+        if kind == artifact_pb2.ARTIFACT_KIND_MERGED_MODEL and not job.spec.output.merge_adapter:
+            why += "; it was created without --merge (spec.output.merge_adapter), so none is made"
+        raise NotFound(f"job '{job.id}' has no {what} ({why})",
                        metadata={"resource_type": "artifact", "job": job.id})
 
     def download_artifact(self, ref: str, directory: Path, *,

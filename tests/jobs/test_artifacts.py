@@ -375,6 +375,7 @@ def test_the_cli_downloads_the_adapter_with_checksums_and_resumes(local: Served,
     assert result.exit_code == 0 and sha(content) in result.output and "checkpoint-20" in result.output
     result = runner.invoke(app, ["jobs", "download", job.id, str(tmp_path / "m"), "--merged"], env=env)
     assert result.exit_code == 2 and "has no merged model" in result.output
+    assert "created without --merge (spec.output.merge_adapter)" in " ".join(result.output.split())
 
 
 # -- S3 ----------------------------------------------------------------------------------------------------
