@@ -90,6 +90,9 @@ def api(address: str, org: str) -> Iterator[TuneForgeClient]:
         if err.code.name == "UNAUTHENTICATED" and not key:
             err_console.print(f"set TUNEFORGE_API_KEY, or run where `tuneforge up` keeps its data "
                               f"({admin_key_path()} holds the first admin key)", highlight=False)
+        if err.code.name == "UNAVAILABLE" and "failed to connect" in err.message.lower():
+            err_console.print(f"nothing answers at {escape(address)}: start the platform (`tuneforge up`), "
+                              "or point --address (TUNEFORGE_ADDRESS) at it", highlight=False)
         raise typer.Exit(2 if err.code.name in USER_ERRORS else 1) from None
 
 
