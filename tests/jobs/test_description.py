@@ -6,7 +6,6 @@ dataset."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,10 +15,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tuneforge.v1 import dataset_pb2, job_pb2, job_service_pb2, job_service_pb2_grpc
 
-from services.jobs.component import JobsComponent
-from services.jobs.settings import JobSettings
-from services.kit.runtime import Runtime, serve
 from tests.auth import service_credentials
+from tests.jobs.served import served_jobs
 from tuneforge_core.settings import KitSettings
 
 ORG = "acme"
@@ -38,25 +35,10 @@ class Datasets:
 
 @pytest.fixture
 async def stub(kit_settings: KitSettings) -> AsyncIterator[job_service_pb2_grpc.JobServiceStub]:
-    settings = JobSettings(**kit_settings.model_dump())
-    built: list[JobsComponent] = []
-    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    stop = asyncio.Event()
-
-    def factory(runtime: Runtime) -> JobsComponent:
-        built.append(JobsComponent(runtime, settings))
-        return built[0]
-
-    server = asyncio.create_task(serve([factory], kit_settings, name="jobs-description-test",
-                                       on_ready=ready.set_result, stop=stop))
-    address = await asyncio.wait_for(ready, 15)
-    built[0].manager.datasets = Datasets()  # type: ignore[assignment]
-    try:
+    async with served_jobs(kit_settings, "jobs-description-test") as (jobs, address):
+        jobs.manager.datasets = Datasets()  # type: ignore[assignment]
         async with grpc.aio.insecure_channel(address, interceptors=service_credentials()) as channel:
             yield job_service_pb2_grpc.JobServiceStub(channel)
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 15)
 
 
 def request(description: str, *, validate_only: bool = True) -> job_service_pb2.CreateJobRequest:

@@ -24,11 +24,10 @@ from services.jobs.converters import job_to_proto
 from services.jobs.manager import JobManager
 from services.jobs.models import JobOutbox, JobRow
 from services.jobs.repository import JobRepository
-from services.jobs.settings import JobSettings
 from services.kit.db import Database
 from services.kit.outbox import OutboxRelay
-from services.kit.runtime import Runtime, serve
 from tests.auth import service_credentials
+from tests.jobs.served import served_jobs
 from tuneforge_core.errors import InvalidArgument, NotFound
 from tuneforge_core.settings import KitSettings
 
@@ -227,23 +226,8 @@ async def test_a_read_after_a_write_sees_the_write(db: Database, manager: JobMan
 
 @pytest.fixture
 async def served(kit_settings: KitSettings) -> AsyncIterator[tuple[JobsComponent, str]]:
-    settings = JobSettings(**kit_settings.model_dump())
-    built: list[JobsComponent] = []
-    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    stop = asyncio.Event()
-
-    def factory(runtime: Runtime) -> JobsComponent:
-        built.append(JobsComponent(runtime, settings))
-        return built[0]
-
-    server = asyncio.create_task(serve([factory], kit_settings, name="jobs-light-reads-test",
-                                       on_ready=ready.set_result, stop=stop))
-    address = await asyncio.wait_for(ready, 15)
-    try:
-        yield built[0], address
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 15)
+    async with served_jobs(kit_settings, "jobs-light-reads-test") as running:
+        yield running
 
 
 def violations(exc: grpc.aio.AioRpcError) -> list[str]:

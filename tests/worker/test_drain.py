@@ -17,9 +17,8 @@ from tuneforge.v1 import job_pb2
 
 from services.jobs.component import JobsComponent
 from services.jobs.models import JobRow
-from services.jobs.settings import JobSettings
 from services.jobs.timeline import JobTimeline
-from services.kit.runtime import Runtime, serve
+from tests.jobs.served import served_jobs
 from tests.worker.test_agent import FAST_HYPERPARAMETERS, Heartbeats, Platform, platform  # noqa: F401
 from trainer_worker.agent import Agent, AgentSettings
 from trainer_worker.checkpointing import CheckpointStore
@@ -36,23 +35,8 @@ async def jobs_service(kit_settings: KitSettings, platform: Platform) -> AsyncIt
     """The real jobs component on the platform's nats-server and object store: it reads the workers'
     updates and heartbeats and keeps the jobs' timelines."""
     assert kit_settings.storage_url == platform.store.root.resolve().as_uri()
-    settings = JobSettings(**kit_settings.model_dump())
-    built: list[JobsComponent] = []
-    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    stop = asyncio.Event()
-
-    def factory(runtime: Runtime) -> JobsComponent:
-        built.append(JobsComponent(runtime, settings))
-        return built[0]
-
-    server = asyncio.create_task(serve([factory], kit_settings, name="jobs-drain-test",
-                                       on_ready=ready.set_result, stop=stop))
-    await asyncio.wait_for(ready, 15)
-    try:
-        yield built[0]
-    finally:
-        stop.set()
-        await asyncio.wait_for(server, 15)
+    async with served_jobs(kit_settings, "jobs-drain-test") as (jobs, _address):
+        yield jobs
 
 
 def _insert_job(jobs: JobsComponent, job_id: str) -> None:
