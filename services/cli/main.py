@@ -860,8 +860,14 @@ def keys_create(
     if role not in ROLES:
         raise typer.BadParameter(f"'{role}' is not one of {', '.join(ROLES)}", param_hint="--role")
     with api(address, org) as client:
-        response = client.create_api_key(name, identity_pb2.Role.ValueType(ROLES[role]),
-                                         ttl_s=ttl_days * 86400)
+        try:
+            response = client.create_api_key(name, identity_pb2.Role.ValueType(ROLES[role]),
+                                             ttl_s=ttl_days * 86400)
+        except TuneForgeError as err:  # the server's `ttl` is this command's --ttl-days
+            ttl = [v.description for v in err.violations if v.field == "ttl"]
+            if ttl:
+                raise typer.BadParameter(ttl[0], param_hint="--ttl-days") from None
+            raise
     if as_json:
         console.print_json(to_json(response))
         return

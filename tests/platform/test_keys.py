@@ -43,6 +43,9 @@ def test_tuneforge_up_leaves_an_admin_key_the_cli_finds(seeded_platform: Seeded)
 def test_keys_create_list_revoke_through_the_cli(seeded_platform: Seeded) -> None:
     address = seeded_platform.address
     admin = make_key(address, seeded_platform.platform.data_dir, ORG, "admin")
+    code, out = cli(address, "keys", "create", "ci-bot", "--role", "viewer", "--ttl-days", "400", key=admin)
+    said = " ".join(out.split())  # refused by the option's name, not the request's field (ttl)
+    assert code == 2 and "--ttl-days" in said and "must be between 1 hour and 365 days" in said, said
     code, out = cli(address, "keys", "create", "ci-bot", "--role", "viewer", "--ttl-days", "7", key=admin)
     assert code == 0, out
     secret = out.strip().splitlines()[-1].strip()
